@@ -1,0 +1,202 @@
+"""Counters of the data plane: drops by reason, per-peer traffic, events; Prometheus text.
+
+Rules:
+- A misbehaving peer never raises: every dropped packet increments exactly one drop reason
+  (RFC 2890 §1.1: a silently discarded packet SHOULD be counted).
+- Counters are plain ints in preallocated lists indexed by module-level constants, so the
+  hot path does `counters.drops[R_TTL] += 1` and allocates nothing per packet.
+- Per-peer counters are lists indexed by the peer's index in the configuration.
+- `snapshot()` returns a JSON-able dict; `prometheus()` renders the Prometheus text
+  exposition format 0.0.4 (`# HELP`, `# TYPE`, `name{label="v"} value`).
+
+Theory of operation: the pipeline owns one `Counters`. Reasons and events are fixed tuples
+here; their index constants (R_*, E_*) are what the pipeline uses. Rendering walks the lists
+once; label values are escaped per the exposition format (backslash, quote, newline).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "DROP_REASONS",
+    "EVENTS",
+    "Counters",
+    "R_MALFORMED",
+    "R_BAD_VERSION",
+    "R_BAD_FLAGS",
+    "R_BAD_PROTO",
+    "R_UNKNOWN_PEER",
+    "R_WRONG_KEY",
+    "R_SPOOFED_SOURCE",
+    "R_SEQUENCE",
+    "R_CHECKSUM",
+    "R_TTL",
+    "R_TOO_BIG",
+    "R_NO_ROUTE",
+    "R_LOOP",
+    "R_PEER_DOWN",
+    "E_ICMP_SENT",
+    "E_ICMP_RATE_LIMITED",
+    "E_KEEPALIVE_TX",
+    "E_KEEPALIVE_RX",
+    "E_FRAGMENTED",
+    "E_MSS_CLAMPED",
+    "E_REORDER_HELD",
+    "E_REORDER_FLUSHED",
+    "E_PEER_UP",
+    "E_PEER_DOWN",
+]
+
+# Drop reasons; the index of each is its R_* constant below.
+DROP_REASONS: tuple[str, ...] = (
+    "malformed",  # truncated / inconsistent IP or GRE header, wrong inner version
+    "bad_version",  # GRE version != 0 (RFC 2784 §2.3.1)
+    "bad_flags",  # GRE reserved0 bits 1-5 set: R, s, recursion bit 5 (RFC 2784 §2.5)
+    "bad_proto",  # GRE protocol type neither 0x0800 nor 0x86DD (nor keepalive 0)
+    "unknown_peer",  # datagram from an address no peer is configured with
+    "wrong_key",  # GRE K bit / key value does not match the peer's key_in (RFC 2890 §2.1)
+    "spoofed_source",  # inner source outside the peer's prefixes (WireGuard AllowedIPs)
+    "sequence",  # late / duplicate / missing S bit under a sequence policy (RFC 2890 §2.2)
+    "checksum",  # GRE checksum wrong, or C bit presence differs from the config
+    "ttl",  # TTL / hop limit exhausted (RFC 2003 §3.1)
+    "too_big",  # larger than the tunnel MTU and not fragmentable (RFC 4459)
+    "no_route",  # no peer prefix covers the destination
+    "loop",  # destination is a tunnel endpoint (RFC 2003 §4)
+    "peer_down",  # peer is down and its down_action is "withdraw"
+)
+(
+    R_MALFORMED,
+    R_BAD_VERSION,
+    R_BAD_FLAGS,
+    R_BAD_PROTO,
+    R_UNKNOWN_PEER,
+    R_WRONG_KEY,
+    R_SPOOFED_SOURCE,
+    R_SEQUENCE,
+    R_CHECKSUM,
+    R_TTL,
+    R_TOO_BIG,
+    R_NO_ROUTE,
+    R_LOOP,
+    R_PEER_DOWN,
+) = range(len(DROP_REASONS))
+
+# Things that happen and are worth counting, but are not drops.
+EVENTS: tuple[str, ...] = (
+    "icmp_sent",
+    "icmp_rate_limited",
+    "keepalive_tx",
+    "keepalive_rx",
+    "fragmented",
+    "mss_clamped",
+    "reorder_held",
+    "reorder_flushed",
+    "peer_up",
+    "peer_down",
+)
+(
+    E_ICMP_SENT,
+    E_ICMP_RATE_LIMITED,
+    E_KEEPALIVE_TX,
+    E_KEEPALIVE_RX,
+    E_FRAGMENTED,
+    E_MSS_CLAMPED,
+    E_REORDER_HELD,
+    E_REORDER_FLUSHED,
+    E_PEER_UP,
+    E_PEER_DOWN,
+) = range(len(EVENTS))
+
+_PEER_METRICS = (
+    ("rx_packets", "grebe_peer_rx_packets_total", "Inner packets received from the peer"),
+    ("rx_bytes", "grebe_peer_rx_bytes_total", "UDP payload bytes received from the peer"),
+    ("tx_packets", "grebe_peer_tx_packets_total", "Datagrams sent to the peer"),
+    ("tx_bytes", "grebe_peer_tx_bytes_total", "UDP payload bytes sent to the peer"),
+)
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Counters:
+    """Preallocated counters. Mutate the lists directly on the hot path."""
+
+    __slots__ = ("drops", "events", "peer_names", "rx_packets", "rx_bytes", "tx_packets",
+                 "tx_bytes")
+
+    def __init__(self, peer_names: list[str] | tuple[str, ...]) -> None:
+        self.drops: list[int] = [0] * len(DROP_REASONS)
+        self.events: list[int] = [0] * len(EVENTS)
+        self.peer_names: tuple[str, ...] = tuple(peer_names)
+        n = len(self.peer_names)
+        self.rx_packets: list[int] = [0] * n
+        self.rx_bytes: list[int] = [0] * n
+        self.tx_packets: list[int] = [0] * n
+        self.tx_bytes: list[int] = [0] * n
+
+    def drop(self, reason: str) -> int:
+        """Return the count of one drop reason by name. Raises KeyError for unknown names."""
+        try:
+            return self.drops[DROP_REASONS.index(reason)]
+        except ValueError:
+            raise KeyError(reason) from None
+
+    def event(self, name: str) -> int:
+        """Return the count of one event by name. Raises KeyError for unknown names."""
+        try:
+            return self.events[EVENTS.index(name)]
+        except ValueError:
+            raise KeyError(name) from None
+
+    @property
+    def total_drops(self) -> int:
+        return sum(self.drops)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Return {"drops": {reason: n}, "events": {...}, "peers": {name: {...}}}."""
+        peers = {
+            name: {
+                "rx_packets": self.rx_packets[i],
+                "rx_bytes": self.rx_bytes[i],
+                "tx_packets": self.tx_packets[i],
+                "tx_bytes": self.tx_bytes[i],
+            }
+            for i, name in enumerate(self.peer_names)
+        }
+        return {
+            "drops": dict(zip(DROP_REASONS, self.drops, strict=True)),
+            "events": dict(zip(EVENTS, self.events, strict=True)),
+            "peers": peers,
+        }
+
+    def prometheus(self, peer_up: list[bool] | None = None) -> str:
+        """Render the Prometheus text exposition (format 0.0.4), ending in a newline.
+
+        `peer_up`, if given (one bool per peer), adds the `grebe_peer_up` gauge.
+        """
+        lines = [
+            "# HELP grebe_drops_total Packets dropped by the data plane, by reason.",
+            "# TYPE grebe_drops_total counter",
+        ]
+        lines += [f'grebe_drops_total{{reason="{r}"}} {n}'
+                  for r, n in zip(DROP_REASONS, self.drops, strict=True)]
+        lines += [
+            "# HELP grebe_events_total Data-plane events that are not drops.",
+            "# TYPE grebe_events_total counter",
+        ]
+        lines += [f'grebe_events_total{{event="{e}"}} {n}'
+                  for e, n in zip(EVENTS, self.events, strict=True)]
+        for attr, metric, help_text in _PEER_METRICS:
+            values: list[int] = getattr(self, attr)
+            lines.append(f"# HELP {metric} {help_text}.")
+            lines.append(f"# TYPE {metric} counter")
+            lines += [f'{metric}{{peer="{_label(name)}"}} {values[i]}'
+                      for i, name in enumerate(self.peer_names)]
+        if peer_up is not None:
+            lines.append("# HELP grebe_peer_up 1 if the peer was heard from recently.")
+            lines.append("# TYPE grebe_peer_up gauge")
+            lines += [f'grebe_peer_up{{peer="{_label(name)}"}} {int(peer_up[i])}'
+                      for i, name in enumerate(self.peer_names)]
+        return "\n".join(lines) + "\n"
