@@ -1,0 +1,466 @@
+"""Flow selection: `[[inspect]]` rules, the FlowSelector and the per-flow verdict cache.
+
+Rules of this module
+- Pure: no sockets, no clock, no logging on the packet path. `now` is always passed in.
+- A rule is chosen **once per flow, on its first SYN** (RFC 9293 §3.5: a connection starts with a
+  SYN without ACK). The verdict is cached in `FlowTable` under both directions of the 4-tuple so
+  the reply direction (SYN-ACK, data, FIN) finds the same decision with one dict lookup.
+- A flow whose first packet we see is not a SYN is FORWARD and is never cached: connections that
+  started before a rule existed (or before grebe started) pass untouched.
+- FORWARD decisions are not stored either (the absence of an entry *is* FORWARD), so a flood of
+  forwarded flows can never evict the entry of an inspected one from the bounded table.
+- Malformed, truncated, fragmented or non-TCP packets are FORWARD and counted by reason; nothing
+  that arrives from the network raises. Only a bad configuration raises (ConfigError with the key
+  path, e.g. "inspect[2].dst_ports[1]").
+- Rules are first-match in file order. `action = "inspect"` (default) gives INSPECT, `"forward"`
+  carves out an exception before a broader rule, `"drop"` gives DROP.
+
+Theory of operation
+`parse_rules(raw, path)` turns the TOML list of tables into frozen `InspectRule`s. `FlowSelector`
+matches a `FlowKey` = (ip version, src bytes, dst bytes, sport, dport) against them: prefixes are
+kept as (network int, mask int) pairs per family, ports as inclusive ranges. `FlowTable` wraps a
+selector for the data plane: `classify_packet(pkt, now)` reads the IP version, protocol, the two
+addresses, the ports and the TCP flags with `unpack_from`, looks the key up once, and only on a
+pure SYN asks the selector. Entries live in an OrderedDict kept in last-seen order: a hit moves
+the entry to the end, `expire(now)` pops idle ones from the front, and inserting past `max_flows`
+evicts the least recently used flow (counted). An RST removes the entry after it is classified
+(RFC 9293 §3.10.7: the connection is gone); a FIN shortens its idle timeout to `fin_timeout`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import struct
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from types import MappingProxyType
+from typing import Any
+
+from bridge.errors import ConfigError
+
+# (version, src address bytes, dst address bytes, src port, dst port): a plain tuple for speed.
+FlowKey = tuple[int, bytes, bytes, int, int]
+
+IPPROTO_TCP = 6
+# TCP header from the source port to the flags byte (RFC 9293 §3.1).
+_TCP_PORTS_FLAGS = struct.Struct("!HH8xxB")
+_V4_FRAG = struct.Struct("!H")
+TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
+
+BUILTIN_INSPECTORS = frozenset({"log", "http", "tls", "pcap", "block", "replace"})
+_CLASS_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_KNOWN_KEYS = frozenset({
+    "name", "src", "dst", "dst_ports", "inspectors", "fail_open", "backend", "action",
+    "log_path", "pcap_path", "block", "block_dst", "replace", "max_buffer", "options",
+})
+
+
+class Verdict(Enum):
+    """What the data plane does with a TCP flow."""
+
+    FORWARD = "forward"
+    INSPECT = "inspect"
+    DROP = "drop"
+
+
+class Backend(Enum):
+    """Where an inspected flow is terminated."""
+
+    USERSPACE = "userspace"   # grebe's own TCP stack (stack/), on the TUN path
+    KERNEL = "kernel"         # nftables TPROXY + kernel sockets (bridge/tproxy.py)
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class InspectRule:
+    """One `[[inspect]]` table, validated."""
+
+    name: str
+    src: tuple[Network, ...] = ()
+    dst: tuple[Network, ...] = ()
+    dst_ports: tuple[tuple[int, int], ...] = ()
+    inspectors: tuple[str, ...] = ()
+    fail_open: bool = True
+    backend: Backend = Backend.USERSPACE
+    action: Verdict = Verdict.INSPECT
+    log_path: str | None = None
+    pcap_path: str | None = None
+    block: tuple[bytes, ...] = ()
+    block_dst: tuple[Network, ...] = ()
+    replace: tuple[tuple[bytes, bytes], ...] = ()
+    max_buffer: int = 1 << 20
+    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    def matches(self, key: FlowKey) -> bool:
+        """True when `key` falls inside this rule's src, dst and dst_ports (empty = any)."""
+        version, src, dst, _sport, dport = key
+        if self.dst_ports and not any(lo <= dport <= hi for lo, hi in self.dst_ports):
+            return False
+        return _in_any(version, src, self.src) and _in_any(version, dst, self.dst)
+
+
+def _in_any(version: int, addr: bytes, nets: tuple[Network, ...]) -> bool:
+    if not nets:
+        return True
+    value = int.from_bytes(addr, "big")
+    for net in nets:
+        if net.version == version and value & int(net.netmask) == int(net.network_address):
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing the TOML tables
+# ---------------------------------------------------------------------------------------------
+
+def parse_rules(raw: list[dict[str, Any]], path: str = "inspect") -> tuple[InspectRule, ...]:
+    """Validate the `[[inspect]]` tables.
+
+    Returns the rules in file order. Raises ConfigError naming the key path ("inspect[1].src[0]")
+    on the first problem: unknown key, wrong type, bad prefix, port or range, bad regex, unknown
+    backend/action, an inspector name that is neither built in nor `module:Class`, duplicate names.
+    """
+    if not isinstance(raw, list):
+        raise ConfigError(path, "must be an array of tables ([[inspect]])")
+    rules: list[InspectRule] = []
+    seen: set[str] = set()
+    for i, table in enumerate(raw):
+        rule = _parse_rule(table, f"{path}[{i}]")
+        if rule.name in seen:
+            raise ConfigError(f"{path}[{i}].name", f"duplicate rule name {rule.name!r}")
+        seen.add(rule.name)
+        rules.append(rule)
+    return tuple(rules)
+
+
+def _parse_rule(t: Any, p: str) -> InspectRule:
+    if not isinstance(t, dict):
+        raise ConfigError(p, "must be a table")
+    for k in t:
+        if k not in _KNOWN_KEYS:
+            raise ConfigError(f"{p}.{k}", "unknown key (custom inspector settings go in options)")
+    name = t.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{p}.name", "required, a non-empty string")
+    inspectors = tuple(_str_list(t.get("inspectors", []), f"{p}.inspectors"))
+    for j, ref in enumerate(inspectors):
+        if ref not in BUILTIN_INSPECTORS and not _CLASS_REF.match(ref):
+            raise ConfigError(f"{p}.inspectors[{j}]",
+                              f"{ref!r} is not a built-in ({', '.join(sorted(BUILTIN_INSPECTORS))})"
+                              " nor module:Class")
+    if len(set(inspectors)) != len(inspectors):
+        raise ConfigError(f"{p}.inspectors", "an inspector is listed twice")
+    try:
+        backend = Backend(_typed(t, "backend", str, p, "userspace"))
+    except ValueError:
+        raise ConfigError(f"{p}.backend", "must be \"userspace\" or \"kernel\"") from None
+    try:
+        action = Verdict(_typed(t, "action", str, p, "inspect"))
+    except ValueError:
+        raise ConfigError(f"{p}.action", "must be \"inspect\", \"forward\" or \"drop\"") from None
+    max_buffer = _typed(t, "max_buffer", int, p, 1 << 20)
+    if not 4096 <= max_buffer <= 1 << 30:
+        raise ConfigError(f"{p}.max_buffer", "must be between 4096 and 2**30 bytes")
+    options = t.get("options", {})
+    if not isinstance(options, dict):
+        raise ConfigError(f"{p}.options", "must be a table")
+    rule = InspectRule(
+        name=name,
+        src=_prefixes(t.get("src", []), f"{p}.src"),
+        dst=_prefixes(t.get("dst", []), f"{p}.dst"),
+        dst_ports=_ports(t.get("dst_ports", []), f"{p}.dst_ports"),
+        inspectors=inspectors,
+        fail_open=_typed(t, "fail_open", bool, p, True),
+        backend=backend,
+        action=action,
+        log_path=_typed(t, "log_path", str, p, None),
+        pcap_path=_typed(t, "pcap_path", str, p, None),
+        block=_patterns(t.get("block", []), f"{p}.block"),
+        block_dst=_prefixes(t.get("block_dst", []), f"{p}.block_dst"),
+        replace=_pairs(t.get("replace", []), f"{p}.replace"),
+        max_buffer=max_buffer,
+        options=MappingProxyType(dict(options)),
+    )
+    _check_needs(rule, p)
+    return rule
+
+
+def _check_needs(rule: InspectRule, p: str) -> None:
+    if "block" in rule.inspectors and not (rule.block or rule.block_dst):
+        raise ConfigError(f"{p}.block", "the block inspector needs block patterns or block_dst")
+    if "replace" in rule.inspectors and not rule.replace:
+        raise ConfigError(f"{p}.replace", "the replace inspector needs replace pairs")
+    if "pcap" in rule.inspectors and not rule.pcap_path:
+        raise ConfigError(f"{p}.pcap_path", "the pcap inspector needs pcap_path")
+    if rule.action is Verdict.INSPECT and not rule.inspectors:
+        raise ConfigError(f"{p}.inspectors", "an inspect rule needs at least one inspector")
+
+
+def _typed(t: dict[str, Any], key: str, kind: type, p: str, default: Any) -> Any:
+    value = t.get(key, default)
+    if value is None and default is None:
+        return None
+    # bool is a subclass of int: reject true/false where a number is wanted, and vice versa.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{p}.{key}", f"must be a {kind.__name__}")
+    return value
+
+
+def _str_list(value: Any, p: str) -> list[str]:
+    if not isinstance(value, list):
+        raise ConfigError(p, "must be a list of strings")
+    for j, item in enumerate(value):
+        if not isinstance(item, str):
+            raise ConfigError(f"{p}[{j}]", "must be a string")
+    return value
+
+
+def _prefixes(value: Any, p: str) -> tuple[Network, ...]:
+    nets: list[Network] = []
+    for j, item in enumerate(_str_list(value, p)):
+        try:
+            nets.append(ipaddress.ip_network(item, strict=True))
+        except ValueError as exc:
+            raise ConfigError(f"{p}[{j}]", f"not an IP prefix: {exc}") from None
+    return tuple(nets)
+
+
+def _ports(value: Any, p: str) -> tuple[tuple[int, int], ...]:
+    if not isinstance(value, list):
+        raise ConfigError(p, "must be a list of ports and \"lo-hi\" ranges")
+    out: list[tuple[int, int]] = []
+    for j, item in enumerate(value):
+        if isinstance(item, int) and not isinstance(item, bool):
+            lo = hi = item
+        elif isinstance(item, str) and re.fullmatch(r"\d{1,5}-\d{1,5}", item):
+            lo, hi = (int(x) for x in item.split("-"))
+        else:
+            raise ConfigError(f"{p}[{j}]", f"{item!r} is not a port or \"lo-hi\" range")
+        if not (1 <= lo <= hi <= 65535):
+            raise ConfigError(f"{p}[{j}]", f"{item!r}: ports are 1-65535 and lo <= hi")
+        out.append((lo, hi))
+    return tuple(out)
+
+
+def _patterns(value: Any, p: str) -> tuple[bytes, ...]:
+    out: list[bytes] = []
+    for j, item in enumerate(_str_list(value, p)):
+        pat = item.encode("utf-8", "surrogateescape")
+        try:
+            re.compile(pat)
+        except re.error as exc:
+            raise ConfigError(f"{p}[{j}]", f"bad regular expression: {exc}") from None
+        out.append(pat)
+    return tuple(out)
+
+
+def _pairs(value: Any, p: str) -> tuple[tuple[bytes, bytes], ...]:
+    if not isinstance(value, list):
+        raise ConfigError(p, "must be a list of [pattern, replacement] pairs")
+    out: list[tuple[bytes, bytes]] = []
+    for j, item in enumerate(value):
+        if (not isinstance(item, list) or len(item) != 2
+                or not all(isinstance(s, str) for s in item)):
+            raise ConfigError(f"{p}[{j}]", "must be a [pattern, replacement] pair of strings")
+        if not item[0]:
+            raise ConfigError(f"{p}[{j}][0]", "the pattern must not be empty")
+        out.append((item[0].encode(), item[1].encode()))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection and the verdict cache
+# ---------------------------------------------------------------------------------------------
+
+SelectHook = Callable[[FlowKey, Verdict, "InspectRule | None"],
+                      "tuple[Verdict, InspectRule | None]"]
+
+
+class FlowSelector:
+    """First-match rule lookup.
+
+    `hook`, if given, may override each decision (mitmproxy's next_layer).
+    """
+
+    __slots__ = ("rules", "hook")
+
+    def __init__(self, rules: tuple[InspectRule, ...], hook: SelectHook | None = None) -> None:
+        self.rules = rules
+        self.hook = hook
+
+    def classify(self, key: FlowKey) -> tuple[Verdict, InspectRule | None]:
+        """Return (verdict, matching rule or None). No rule matching -> (FORWARD, None)."""
+        verdict, found = Verdict.FORWARD, None
+        for rule in self.rules:
+            if rule.matches(key):
+                verdict, found = rule.action, rule
+                break
+        if self.hook is not None:
+            verdict, found = self.hook(key, verdict, found)
+        return verdict, found
+
+
+def flow_key(src: str, dst: str, sport: int, dport: int) -> FlowKey:
+    """Build a FlowKey from textual addresses (for adapters that have sockets, not packets)."""
+    s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    if s.version != d.version:
+        raise ValueError("src and dst must be the same IP version")
+    return (s.version, s.packed, d.packed, sport, dport)
+
+
+def reverse_key(key: FlowKey) -> FlowKey:
+    """The key of the reply direction."""
+    return (key[0], key[2], key[1], key[4], key[3])
+
+
+class FlowTable:
+    """Verdict cache for the data plane. Entries are [verdict, rule, last_seen, timeout, key]."""
+
+    def __init__(self, selector: FlowSelector, *, max_flows: int = 65536,
+                 idle_timeout: float = 300.0, fin_timeout: float = 30.0) -> None:
+        if max_flows < 1 or idle_timeout <= 0 or fin_timeout <= 0:
+            raise ValueError("max_flows, idle_timeout and fin_timeout must be positive")
+        self.selector = selector
+        self.max_flows = max_flows
+        self.idle_timeout = idle_timeout
+        self.fin_timeout = fin_timeout
+        self._table: OrderedDict[FlowKey, list[Any]] = OrderedDict()
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("syn_classified", "forward", "inspect", "drop", "midstream", "not_tcp",
+             "malformed", "fragment", "expired", "evicted", "reset"), 0)
+
+    def __len__(self) -> int:
+        """Number of cached flows (each flow is stored under both directions)."""
+        return len(self._table) // 2
+
+    def set_selector(self, selector: FlowSelector) -> None:
+        """Hot reload: new SYNs use the new rules; cached flows keep their decision."""
+        self.selector = selector
+
+    def lookup(self, key: FlowKey) -> tuple[Verdict, InspectRule | None] | None:
+        """The cached decision for a flow (either direction), or None when not cached."""
+        entry = self._table.get(key)
+        return None if entry is None else (entry[0], entry[1])
+
+    def classify(self, key: FlowKey, flags: int, now: float) -> Verdict:
+        """Decide for one TCP segment of flow `key` with TCP `flags`. See the module docstring."""
+        table = self._table
+        entry = table.get(key)
+        if entry is not None:
+            entry[2] = now
+            table.move_to_end(key)
+            table.move_to_end(reverse_key(key))
+            if flags & TCP_RST:
+                self._remove(entry)
+                self.counters["reset"] += 1
+            elif flags & TCP_FIN:
+                entry[3] = self.fin_timeout
+            verdict: Verdict = entry[0]
+            return verdict
+        if flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN:
+            self.counters["midstream"] += 1
+            return Verdict.FORWARD
+        self.counters["syn_classified"] += 1
+        verdict, rule = self.selector.classify(key)
+        if verdict is Verdict.FORWARD:
+            self.counters["forward"] += 1
+            return verdict
+        self.counters[verdict.value] += 1
+        self.expire(now)
+        while len(table) >= 2 * self.max_flows:
+            _, oldest = table.popitem(last=False)
+            self._remove(oldest)
+            self.counters["evicted"] += 1
+        entry = [verdict, rule, now, self.idle_timeout, key]
+        table[key] = entry
+        table[reverse_key(key)] = entry
+        return verdict
+
+    def classify_packet(self, pkt: memoryview | bytes, now: float) -> Verdict:
+        """Fast path: the verdict for one inner IP packet. Never raises on packet content."""
+        n = len(pkt)
+        if n < 20:
+            self.counters["malformed"] += 1
+            return Verdict.FORWARD
+        b0 = pkt[0]
+        version = b0 >> 4
+        if version == 4:
+            off = (b0 & 0x0F) << 2
+            if pkt[9] != IPPROTO_TCP:
+                self.counters["not_tcp"] += 1
+                return Verdict.FORWARD
+            if _V4_FRAG.unpack_from(pkt, 6)[0] & 0x1FFF:
+                self.counters["fragment"] += 1    # RFC 791: only offset 0 carries the ports
+                return Verdict.FORWARD
+            src, dst = bytes(pkt[12:16]), bytes(pkt[16:20])
+        elif version == 6:
+            if n < 40:
+                self.counters["malformed"] += 1
+                return Verdict.FORWARD
+            if pkt[6] != IPPROTO_TCP:   # extension headers are not walked: forwarded as-is
+                self.counters["not_tcp"] += 1
+                return Verdict.FORWARD
+            off = 40
+            src, dst = bytes(pkt[8:24]), bytes(pkt[24:40])
+        else:
+            self.counters["malformed"] += 1
+            return Verdict.FORWARD
+        if off < 20 or n < off + 14:
+            self.counters["malformed"] += 1
+            return Verdict.FORWARD
+        sport, dport, flags = _TCP_PORTS_FLAGS.unpack_from(pkt, off)
+        return self.classify((version, src, dst, sport, dport), flags, now)
+
+    def expire(self, now: float) -> int:
+        """Drop entries idle past their timeout; returns how many flows expired."""
+        table = self._table
+        gone = 0
+        while table:
+            entry = next(iter(table.values()))
+            if entry[2] + entry[3] > now:
+                # Entries with the short FIN timeout may hide behind a younger one: they go
+                # when they reach the front, which bounds the table all the same.
+                break
+            self._remove(entry)
+            gone += 1
+        self.counters["expired"] += gone
+        return gone
+
+    def next_expiry(self) -> float | None:
+        """When `expire` next has work (the oldest entry's deadline), or None if empty."""
+        if not self._table:
+            return None
+        entry = next(iter(self._table.values()))
+        deadline: float = entry[2] + entry[3]
+        return deadline
+
+    def remove(self, key: FlowKey) -> None:
+        """Forget a flow (both directions); unknown keys are ignored."""
+        entry = self._table.get(key)
+        if entry is not None:
+            self._remove(entry)
+
+    def _remove(self, entry: list[Any]) -> None:
+        key = entry[4]
+        self._table.pop(key, None)
+        self._table.pop(reverse_key(key), None)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """JSON-able list of cached flows, one per connection, for `grebe flows`."""
+        out = []
+        for key, entry in self._table.items():
+            if key != entry[4]:
+                continue
+            version, src, dst, sport, dport = key
+            out.append({
+                "src": str(ipaddress.ip_address(src)), "sport": sport,
+                "dst": str(ipaddress.ip_address(dst)), "dport": dport, "ip": version,
+                "verdict": entry[0].value, "rule": entry[1].name if entry[1] else None,
+                "last_seen": entry[2],
+            })
+        return out

@@ -1,0 +1,246 @@
+"""bridge/flows.py: [[inspect]] rule parsing, first-match selection, the verdict cache."""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+import tomllib
+
+import pytest
+
+from bridge.errors import ConfigError
+from bridge.flows import (
+    Backend,
+    FlowSelector,
+    FlowTable,
+    InspectRule,
+    Verdict,
+    flow_key,
+    parse_rules,
+    reverse_key,
+)
+
+GOOD = """
+[[inspect]]
+name = "web"
+src = ["198.18.1.0/24"]
+dst = ["198.18.2.10/32", "2001:db8:2::/64"]
+dst_ports = [80, "8000-8080", 22]
+inspectors = ["log", "http", "mymod:MyClass"]
+fail_open = false
+backend = "kernel"
+log_path = "/tmp/x.jsonl"
+max_buffer = 65536
+[inspect.options]
+colour = "blue"
+
+[[inspect]]
+name = "deny-evil"
+action = "drop"
+dst = ["198.18.66.0/24"]
+
+[[inspect]]
+name = "all-tls"
+dst_ports = [443]
+inspectors = ["tls", "block", "replace", "pcap"]
+block = ["evil\\\\.example"]
+replace = [["foo", "bar"]]
+pcap_path = "/tmp/x.pcap"
+"""
+
+
+def rules_from(text: str) -> tuple[InspectRule, ...]:
+    return parse_rules(tomllib.loads(text)["inspect"], "inspect")
+
+
+def test_good_config_parses_every_field() -> None:
+    web, deny, tls = rules_from(GOOD)
+    assert web.name == "web" and web.backend is Backend.KERNEL and web.fail_open is False
+    assert web.src == (ipaddress.ip_network("198.18.1.0/24"),)
+    assert web.dst_ports == ((80, 80), (8000, 8080), (22, 22))
+    assert web.inspectors == ("log", "http", "mymod:MyClass")
+    assert web.log_path == "/tmp/x.jsonl" and web.max_buffer == 65536
+    assert web.options["colour"] == "blue"
+    assert deny.action is Verdict.DROP and deny.backend is Backend.USERSPACE and deny.fail_open
+    assert tls.block == (rb"evil\.example",) and tls.replace == ((b"foo", b"bar"),)
+
+
+@pytest.mark.parametrize(("text", "where"), [
+    ('[[inspect]]\nsrc=["1.2.3.4/8"]\nname="x"\ninspectors=["log"]', "inspect[0].src[0]"),
+    ('[[inspect]]\nname="x"\ninspectors=["log"]\ndst_ports=[80, "90-70"]',
+     "inspect[0].dst_ports[1]"),
+    ('[[inspect]]\nname="x"\ninspectors=["log"]\ndst_ports=[0]', "inspect[0].dst_ports[0]"),
+    ('[[inspect]]\nname="x"\ninspectors=["log"]\ndst_ports=[true]', "inspect[0].dst_ports[0]"),
+    ('[[inspect]]\nname="x"\ninspectors=["lgo"]', "inspect[0].inspectors[0]"),
+    ('[[inspect]]\nname="x"\ninspectors=["log"]\nbackend="ebpf"', "inspect[0].backend"),
+    ('[[inspect]]\nname="x"\ninspectors=["log"]\nfail_open="yes"', "inspect[0].fail_open"),
+    ('[[inspect]]\nname="x"\ninspectors=["log"]\nlog_pth="/x"', "inspect[0].log_pth"),
+    ('[[inspect]]\nname="x"\ninspectors=["block"]\nblock=["(unclosed"]', "inspect[0].block[0]"),
+    ('[[inspect]]\nname="x"\ninspectors=["block"]', "inspect[0].block"),
+    ('[[inspect]]\nname="x"\ninspectors=["replace"]\nreplace=[["a"]]', "inspect[0].replace[0]"),
+    ('[[inspect]]\nname="x"\ninspectors=["pcap"]', "inspect[0].pcap_path"),
+    ('[[inspect]]\nname="x"\ninspectors=["log"]\nmax_buffer=10', "inspect[0].max_buffer"),
+    ('[[inspect]]\ninspectors=["log"]', "inspect[0].name"),
+    ('[[inspect]]\nname="x"', "inspect[0].inspectors"),
+    ('[[inspect]]\nname="x"\ninspectors=["log"]\n[[inspect]]\nname="x"\ninspectors=["log"]',
+     "inspect[1].name"),
+])
+def test_bad_config_names_the_key_path(text: str, where: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        rules_from(text)
+    assert info.value.path == where
+
+
+def test_not_a_list() -> None:
+    with pytest.raises(ConfigError, match="array of tables"):
+        parse_rules({"name": "x"}, "inspect")  # type: ignore[arg-type]
+
+
+def test_first_match_and_forward_carve_out() -> None:
+    rules = rules_from("""
+[[inspect]]
+name = "not-this-host"
+action = "forward"
+dst = ["198.18.2.99/32"]
+[[inspect]]
+name = "web"
+dst = ["198.18.2.0/24"]
+dst_ports = [80]
+inspectors = ["log"]
+""")
+    sel = FlowSelector(rules)
+    assert sel.classify(flow_key("198.18.1.5", "198.18.2.10", 40000, 80))[0] is Verdict.INSPECT
+    assert sel.classify(flow_key("198.18.1.5", "198.18.2.99", 40000, 80)) == (
+        Verdict.FORWARD, rules[0])
+    assert sel.classify(flow_key("198.18.1.5", "198.18.2.10", 40000, 81)) == (Verdict.FORWARD, None)
+    # v6 flow never matches a v4 prefix
+    assert sel.classify(flow_key("2001:db8::1", "2001:db8::2", 1, 80)) == (Verdict.FORWARD, None)
+
+
+def test_hook_overrides() -> None:
+    rules = rules_from('[[inspect]]\nname="w"\ninspectors=["log"]\ndst_ports=[80]')
+    sel = FlowSelector(rules, hook=lambda k, v, r: (Verdict.DROP, r) if k[3] == 666 else (v, r))
+    assert sel.classify(flow_key("198.18.1.1", "198.18.2.1", 666, 80))[0] is Verdict.DROP
+    assert sel.classify(flow_key("198.18.1.1", "198.18.2.1", 667, 80))[0] is Verdict.INSPECT
+
+
+# --- packets -------------------------------------------------------------------------------
+
+SYN, ACK, FIN, RST = 0x02, 0x10, 0x01, 0x04
+
+
+def tcp4(src: str, dst: str, sport: int, dport: int, flags: int, frag: int = 0) -> bytes:
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 1, frag, 64, 6, 0,
+                     ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed)
+    return ip + struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 0x50, flags, 65535, 0, 0)
+
+
+def tcp6(src: str, dst: str, sport: int, dport: int, flags: int, nh: int = 6) -> bytes:
+    ip = struct.pack("!IHBB16s16s", 0x60000000, 20, nh, 64,
+                     ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed)
+    return ip + struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 0x50, flags, 65535, 0, 0)
+
+
+WEB = '[[inspect]]\nname="web"\ninspectors=["log"]\ndst=["198.18.2.0/24","2001:db8:2::/64"]\n' \
+      'dst_ports=[80]'
+
+
+def table(**kw: float) -> FlowTable:
+    return FlowTable(FlowSelector(rules_from(WEB)), **kw)  # type: ignore[arg-type]
+
+
+def test_verdict_decided_on_syn_and_cached_both_directions() -> None:
+    ft = table()
+    syn = tcp4("198.18.1.5", "198.18.2.10", 40000, 80, SYN)
+    assert ft.classify_packet(memoryview(syn), 0.0) is Verdict.INSPECT
+    synack = tcp4("198.18.2.10", "198.18.1.5", 80, 40000, SYN | ACK)
+    assert ft.classify_packet(synack, 0.1) is Verdict.INSPECT
+    data = tcp4("198.18.1.5", "198.18.2.10", 40000, 80, ACK)
+    assert ft.classify_packet(data, 0.2) is Verdict.INSPECT
+    assert len(ft) == 1 and ft.counters["syn_classified"] == 1
+    assert ft.snapshot()[0]["rule"] == "web"
+
+
+def test_flow_started_before_the_rule_passes_untouched() -> None:
+    ft = table()
+    # mid-stream packets of a flow we never saw the SYN of: FORWARD and not cached
+    for t in range(5):
+        p = tcp4("198.18.1.5", "198.18.2.10", 40001, 80, ACK)
+        assert ft.classify_packet(p, float(t)) is Verdict.FORWARD
+    assert len(ft) == 0 and ft.counters["midstream"] == 5
+    # the same host's new connection is inspected
+    assert ft.classify_packet(tcp4("198.18.1.5", "198.18.2.10", 40002, 80, SYN), 6.0) \
+        is Verdict.INSPECT
+
+
+def test_hot_reload_keeps_cached_decisions() -> None:
+    ft = FlowTable(FlowSelector(()))
+    assert ft.classify_packet(tcp4("198.18.1.5", "198.18.2.10", 1, 80, SYN), 0) is Verdict.FORWARD
+    ft.set_selector(FlowSelector(rules_from(WEB)))
+    # old flow continues as FORWARD; a new SYN is inspected
+    assert ft.classify_packet(tcp4("198.18.1.5", "198.18.2.10", 1, 80, ACK), 1) is Verdict.FORWARD
+    assert ft.classify_packet(tcp4("198.18.1.5", "198.18.2.10", 2, 80, SYN), 1) is Verdict.INSPECT
+
+
+def test_idle_expiry_fin_timeout_and_rst() -> None:
+    ft = table(idle_timeout=10.0, fin_timeout=1.0)
+    a = tcp4("198.18.1.5", "198.18.2.10", 1, 80, SYN)
+    b = tcp4("198.18.1.5", "198.18.2.10", 2, 80, SYN)
+    ft.classify_packet(a, 0.0)
+    ft.classify_packet(b, 5.0)
+    assert ft.next_expiry() == 10.0
+    assert ft.expire(9.9) == 0 and ft.expire(10.0) == 1 and len(ft) == 1
+    ft.classify_packet(tcp4("198.18.2.10", "198.18.1.5", 80, 2, FIN | ACK), 11.0)
+    assert ft.expire(11.5) == 0 and ft.expire(12.0) == 1 and len(ft) == 0
+    ft.classify_packet(a, 20.0)
+    rst = tcp4("198.18.1.5", "198.18.2.10", 1, 80, RST)
+    assert ft.classify_packet(rst, 20.5) is Verdict.INSPECT
+    assert len(ft) == 0 and ft.counters["reset"] == 1
+
+
+def test_bounded_lru() -> None:
+    ft = table(max_flows=3)
+    for port in range(1, 6):
+        ft.classify_packet(tcp4("198.18.1.5", "198.18.2.10", port, 80, SYN), float(port))
+        # touch flow 1 so it stays the most recently used
+        ft.classify_packet(tcp4("198.18.2.10", "198.18.1.5", 80, 1, ACK), float(port))
+    assert len(ft) == 3 and ft.counters["evicted"] == 2
+    assert ft.lookup(flow_key("198.18.1.5", "198.18.2.10", 1, 80)) is not None
+    assert ft.lookup(flow_key("198.18.1.5", "198.18.2.10", 2, 80)) is None
+
+
+def test_forward_flood_never_evicts_inspected_flow() -> None:
+    ft = table(max_flows=2)
+    ft.classify_packet(tcp4("198.18.1.5", "198.18.2.10", 1, 80, SYN), 0.0)
+    for port in range(1000, 1100):
+        assert ft.classify_packet(tcp4("198.18.1.5", "198.18.3.1", port, 80, SYN), 0.0) \
+            is Verdict.FORWARD
+    assert ft.lookup(flow_key("198.18.1.5", "198.18.2.10", 1, 80))[0] is Verdict.INSPECT  # type: ignore[index]
+
+
+def test_v6_and_odd_packets_never_raise() -> None:
+    ft = table()
+    assert ft.classify_packet(tcp6("2001:db8:1::5", "2001:db8:2::10", 5, 80, SYN), 0) \
+        is Verdict.INSPECT
+    assert ft.classify_packet(tcp6("2001:db8:1::5", "2001:db8:2::10", 5, 80, SYN, nh=0), 0) \
+        is Verdict.FORWARD
+    frag = tcp4("198.18.1.5", "198.18.2.10", 1, 80, SYN, frag=10)
+    cases = [b"", b"\x45" * 19, b"\x45" + bytes(30), b"\x95" + bytes(40), b"\x60" + bytes(30),
+             b"\x41" + bytes(59), tcp4("198.18.1.5", "198.18.2.10", 1, 80, SYN)[:30], frag]
+    for pkt in cases:
+        assert ft.classify_packet(pkt, 0) is Verdict.FORWARD
+    assert ft.counters["malformed"] >= 5 and ft.counters["fragment"] == 1
+
+
+def test_drop_rule_is_cached() -> None:
+    ft = FlowTable(FlowSelector(rules_from('[[inspect]]\nname="d"\naction="drop"\ndst_ports=[25]')))
+    assert ft.classify_packet(tcp4("198.18.1.5", "198.18.2.10", 1, 25, SYN), 0) is Verdict.DROP
+    assert ft.classify_packet(tcp4("198.18.1.5", "198.18.2.10", 1, 25, SYN), 1) is Verdict.DROP
+    assert ft.counters["drop"] == 1
+
+
+def test_reverse_key() -> None:
+    k = flow_key("198.18.1.5", "198.18.2.10", 1, 80)
+    assert reverse_key(reverse_key(k)) == k and reverse_key(k)[3] == 80
+    with pytest.raises(ValueError):
+        flow_key("198.18.1.5", "2001:db8::1", 1, 2)
