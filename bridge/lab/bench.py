@@ -1,0 +1,312 @@
+"""`./netns-lab.sh bench`: throughput and RTT of grebe against the anchors, in one lab run.
+
+Usage: python -m bridge.lab bench [--quick] [--only NAME...] [--json PATH] [--list]
+
+Rules:
+- One lab (instance "bench": namespaces gb-bench-*), one line client -- gw-a -- wan -- gw-b --
+  server (topologies/two-sites-plain.toml). Variants run one after another in it; each is set
+  up, measured and torn down (processes stopped, devices and routes removed) before the next.
+  The lab is destroyed at the end, also on error, Ctrl-C or SIGTERM.
+- Every variant is measured the same way, client -> server (198.18.2.10): iperf3 -J with
+  1 stream, 4 streams and reverse, then the mean RTT of N pings. Inspection variants: curl
+  downloads a 100 MB file from nginx on the server (MB/s) and the median time to first byte
+  of small GETs, each on a new connection.
+- Numbers are only compared within one run (the machine is shared): the tables give
+  absolute figures and ratios to wireguard-go and vxlan (tunnels) and to mitmproxy-wg
+  (inspection). A variant that cannot run is a row "unavailable: why"; one that breaks is
+  "failed: why" and its logs stay in the printed temp dir. Neither stops the run.
+- Progress lines go to stderr while it runs (minutes); the tables go to stdout; the same
+  figures are written as JSON (bench-results/bench-<UTC timestamp>.json or --json PATH).
+
+Theory of operation: `main()` parses the options, opens the lab (`open_lab`), starts the
+long-lived measuring servers (iperf3, later nginx) on the server node, then for each selected
+variant calls `setup()`, waits until the client reaches the server through it, measures,
+and calls `teardown()`. `Bench` is the toolbox variants use: netlink changes with pyroute2
+inside the lab namespaces, each with its undo, and processes with their logs. The pure half
+(parsing, ratios, tables, JSON) is `bench_report.py`; the variants are `bench_variants.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bridge.lab.bench_lab import Bench, open_lab
+from bridge.lab.bench_report import (
+    CURL_WRITE_OUT,
+    BenchParseError,
+    InspectRow,
+    Status,
+    TunnelRow,
+    median,
+    parse_curl,
+    parse_iperf3_json,
+    parse_ping,
+    render_inspect_table,
+    render_tunnel_table,
+    results_document,
+)
+from bridge.lab.bench_variants import (
+    ALL_VARIANTS,
+    INSPECT_VARIANTS,
+    SERVER_V4,
+    TUNNEL_VARIANTS,
+    Variant,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+BIG_FILE_BYTES = 100_000_000
+
+
+class Options(argparse.Namespace):
+    quick: bool
+    only: list[str]
+    json: str | None
+    list: bool
+    instance: str
+
+    @property
+    def seconds(self) -> int:
+        return 3 if self.quick else 10
+
+    @property
+    def pings(self) -> int:
+        return 20 if self.quick else 50
+
+    @property
+    def gets(self) -> int:
+        return 10 if self.quick else 30
+
+    @property
+    def downloads(self) -> int:
+        return 1 if self.quick else 3
+
+
+def parse_args(argv: list[str]) -> Options:
+    p = argparse.ArgumentParser(prog="netns-lab.sh bench", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="3 s iperf3 runs, 20 pings")
+    p.add_argument("--only", nargs="+", default=[], metavar="NAME",
+                   help="run only these variants (see --list)")
+    p.add_argument("--json", metavar="PATH", help="where to write the results JSON")
+    p.add_argument("--list", action="store_true", help="list the variants and exit")
+    p.add_argument("--instance", default="bench", help="lab instance name (gb-INSTANCE-*)")
+    return p.parse_args(argv, namespace=Options())
+
+
+def log(msg: str) -> None:
+    ts = dt.datetime.now(dt.UTC).strftime("%H:%M:%S")
+    print(f"[bench {ts}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def iperf(b: Bench, opts: Options, *extra: str) -> float:
+    argv = ["iperf3", "-c", SERVER_V4, "-J", "-t", str(opts.seconds), *extra]
+    cp = b.run("client", argv, timeout=opts.seconds + 30, check=False)
+    return parse_iperf3_json(cp.stdout).mbps
+
+
+def measure_tunnel(b: Bench, v: Variant, opts: Options) -> TunnelRow:
+    b.wait_for(lambda: b.pings("client", SERVER_V4), 30, f"{v.name}: client reaches server")
+    cp = b.run("client", ["ping", "-q", "-c", str(opts.pings), "-i", "0.01", "-W", "2",
+                          SERVER_V4], timeout=opts.pings + 30, check=False)
+    rtt = parse_ping(cp.stdout).avg_ms
+    one = iperf(b, opts)
+    log(f"{v.name}: 1 stream {one:,.0f} Mb/s")
+    four = iperf(b, opts, "-P", "4")
+    log(f"{v.name}: 4 streams {four:,.0f} Mb/s")
+    rev = iperf(b, opts, "-R")
+    log(f"{v.name}: reverse {rev:,.0f} Mb/s, RTT {rtt:.3f} ms")
+    return TunnelRow(v.name, v.label, Status.OK, mbps_1=one, mbps_4=four, mbps_rev=rev,
+                     rtt_ms=rtt)
+
+
+def curl(b: Bench, path: str, timeout: float = 120) -> Any:
+    argv = ["curl", "-sS", "--noproxy", "*", "-o", "/dev/null", "-w", CURL_WRITE_OUT,
+            "--max-time", str(int(timeout)), f"http://{SERVER_V4}/{path}"]
+    cp = b.run("client", argv, timeout=timeout + 10, check=False)
+    if cp.returncode != 0:
+        raise BenchParseError(f"curl exit {cp.returncode}: {cp.stderr.strip()[-200:]}")
+    return parse_curl(cp.stdout)
+
+
+def measure_inspect(b: Bench, v: Variant, opts: Options) -> InspectRow:
+    b.wait_for(lambda: _get_ok(b), 30, f"{v.name}: client GETs from the server")
+    ttfb = median([curl(b, "small").ttfb_s * 1000 for _ in range(opts.gets)])
+    rates = []
+    for _ in range(opts.downloads):
+        r = curl(b, "big")
+        if r.size_bytes != BIG_FILE_BYTES:
+            raise BenchParseError(f"download truncated: {r.size_bytes} bytes")
+        rates.append(r.mbytes_per_s)
+    mbs = median(rates)
+    log(f"{v.name}: download {mbs:,.1f} MB/s, TTFB {ttfb:.2f} ms")
+    return InspectRow(v.name, v.label, Status.OK, mbytes_per_s=mbs, ttfb_ms=ttfb)
+
+
+def _get_ok(b: Bench) -> bool:
+    try:
+        curl(b, "small", timeout=5)
+    except BenchParseError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- servers on the server node
+
+
+def start_iperf_server(b: Bench) -> None:
+    b.spawn("server", ["iperf3", "-s", "-B", SERVER_V4], "iperf3-server", persistent=True)
+    b.wait_for(lambda: b.tcp_listening("server", 5201), 10, "iperf3 server listening")
+
+
+def start_http_server(b: Bench) -> None:
+    www = b.tmp / "www"
+    www.mkdir()
+    with open(www / "big", "wb") as f:
+        f.truncate(BIG_FILE_BYTES)
+    (www / "small").write_bytes(b"x" * 1024)
+    for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (b.tmp / "nginx" / d).mkdir(parents=True)
+    temp = "".join(f"  {d}_temp_path {b.tmp / 'nginx' / d};\n"
+                   for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    conf = b.tmp / "nginx.conf"
+    conf.write_text(
+        f"daemon off;\nuser root;\nworker_processes 1;\npid {b.tmp / 'nginx.pid'};\n"
+        f"error_log {b.tmp / 'nginx-error.log'} warn;\nevents {{ worker_connections 1024; }}\n"
+        f"http {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n  keepalive_timeout 0;\n"
+        f"  default_type application/octet-stream;\n{temp}"
+        f"  server {{ listen {SERVER_V4}:80; root {www}; }}\n}}\n")
+    b.spawn("server", ["nginx", "-c", str(conf), "-p", str(b.tmp)], "nginx", persistent=True)
+    b.wait_for(lambda: b.tcp_listening("server", 80), 10, "nginx listening")
+
+
+# ---------------------------------------------------------------- the run
+
+
+def run_variant(b: Bench, v: Variant, opts: Options) -> TunnelRow | InspectRow:
+    row_type = TunnelRow if v.table == "tunnel" else InspectRow
+    reason = v.unavailable(b)
+    if reason is not None:
+        log(f"{v.name}: unavailable: {reason}")
+        return row_type(v.name, v.label, Status.UNAVAILABLE, reason)
+    log(f"{v.name}: setting up ({v.label})")
+    try:
+        v.setup(b)
+        if v.table == "tunnel":
+            return measure_tunnel(b, v, opts)
+        return measure_inspect(b, v, opts)
+    except (BenchParseError, TimeoutError, RuntimeError, OSError) as e:
+        detail = f"{type(e).__name__}: {e}".replace("\n", " ")[:300]
+        log(f"{v.name}: FAILED: {detail} (logs in {b.tmp})")
+        b.keep_tmp = True
+        return row_type(v.name, v.label, Status.FAILED, detail)
+    finally:
+        log(f"{v.name}: tearing down")
+        v.teardown(b)
+
+
+def select(opts: Options) -> list[Variant]:
+    if not opts.only:
+        return [*TUNNEL_VARIANTS, *INSPECT_VARIANTS]
+    unknown = [n for n in opts.only if n not in ALL_VARIANTS]
+    if unknown:
+        raise SystemExit(f"bench: unknown variant(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(ALL_VARIANTS)}")
+    return [v for v in ALL_VARIANTS.values() if v.name in opts.only]
+
+
+_MAIN_PID = os.getpid()
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    if os.getpid() != _MAIN_PID:
+        # A forked helper (pyroute2 forks to create namespaces and stops it with SIGTERM):
+        # die as if no handler were installed, never run the bench's cleanup in it.
+        os._exit(128 + signum)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str]) -> int:
+    """Run the bench. Returns 0 when every selected variant was measured or unavailable,
+    1 if one failed, 2 on a usage error, 130 when interrupted (the lab is destroyed anyway)."""
+    opts = parse_args(argv)
+    if opts.list:
+        for v in ALL_VARIANTS.values():
+            print(f"{v.name:20} {v.table:8} {v.label}")
+        return 0
+    variants = select(opts)
+    if os.geteuid() != 0:
+        print("bench: must run as root (network namespaces)", file=sys.stderr)
+        return 2
+    missing = [t for t in ("iperf3", "ping", "curl", "nginx", "ss") if not shutil.which(t)]
+    if missing:
+        print(f"bench: missing tools: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    started = dt.datetime.now(dt.UTC)
+    tunnels: list[TunnelRow] = []
+    inspects: list[InspectRow] = []
+    interrupted = False
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
+    old = signal.signal(signal.SIGTERM, _on_sigterm)
+    tmp = Path(tempfile.mkdtemp(prefix="grebe-bench-"))
+    b: Bench | None = None
+    try:
+        log(f"bringing the lab up (instance {opts.instance!r}); scratch dir {tmp}")
+        b = Bench(open_lab(opts.instance, log), tmp, REPO)
+        if any(v.table == "tunnel" for v in variants):
+            start_iperf_server(b)
+        for v in (v for v in variants if v.table == "tunnel"):
+            tunnels.append(run_variant(b, v, opts))  # type: ignore[arg-type]
+        if any(v.table == "inspect" and v.unavailable(b) is None for v in variants):
+            start_http_server(b)
+        for v in (v for v in variants if v.table == "inspect"):
+            inspects.append(run_variant(b, v, opts))  # type: ignore[arg-type]
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted: tearing everything down")
+    finally:
+        if b is not None:
+            b.close()
+        signal.signal(signal.SIGTERM, old)
+        if b is not None and b.keep_tmp:
+            log(f"logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return report(opts, started, tunnels, inspects, interrupted)
+
+
+def report(opts: Options, started: dt.datetime, tunnels: list[TunnelRow],
+           inspects: list[InspectRow], interrupted: bool) -> int:
+    meta = {"started": started.isoformat(timespec="seconds"), "quick": opts.quick,
+            "iperf3_seconds": opts.seconds, "pings": opts.pings, "small_gets": opts.gets,
+            "downloads": opts.downloads, "download_bytes": BIG_FILE_BYTES,
+            "interrupted": interrupted, "cpus": os.cpu_count(), "kernel": os.uname().release}
+    if tunnels:
+        print(render_tunnel_table(tunnels))
+    if inspects:
+        print()
+        print(render_inspect_table(inspects))
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    path = Path(opts.json) if opts.json else REPO / "bench-results" / f"bench-{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results_document(meta, tunnels, inspects), indent=2) + "\n")
+    log(f"results written to {path}")
+    if interrupted:
+        return 130
+    failed = any(r.status is Status.FAILED for r in (*tunnels, *inspects))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,240 @@
+"""The bench's toolbox: the lab it runs in, and undoable changes inside its namespaces.
+
+Rules:
+- `open_lab()` brings up `topologies/two-sites-plain.toml` with the lab engine
+  (`Lab.up(topology, instance=...)`); while the engine or that topology is not in the tree it
+  falls back to the bench's own identical line (`bench_line.BenchLine`).
+- Netlink work is pyroute2 (`IPRoute(netns=...)`) inside the lab's namespaces only. Each
+  change a variant makes is registered with its undo; `undo_all()` stops the variant's
+  processes first (their devices vanish with them) and then undoes in reverse order,
+  ignoring only "already gone" (ENOENT, ESRCH, ENODEV).
+- Processes go through `spawn()`: argv inside a node, output to `<tmp>/<name>.log`, stdin
+  closed. While waiting for a condition, a spawned process that died turns the wait into a
+  RuntimeError quoting the end of its log, instead of a long timeout.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from bridge.lab.bench_line import BenchLine, stop_processes
+
+TOPOLOGY = "two-sites-plain"
+GONE = (errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EADDRNOTAVAIL)
+
+
+class LabLike(Protocol):
+    def ns(self, node: str) -> str: ...
+    def run(self, node: str, argv: Sequence[str], timeout: float = ..., check: bool = ...,
+            input: str | None = ...) -> subprocess.CompletedProcess[str]: ...
+    def popen(self, node: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]: ...
+    def wait_for(self, predicate: Callable[[], object], timeout: float, what: str) -> None: ...
+    def destroy(self) -> None: ...
+
+
+def open_lab(instance: str, log: Callable[[str], None]) -> LabLike:
+    """The lab engine's Lab on two-sites-plain if both exist, else the bench's own line."""
+    try:
+        from bridge.lab import netlink, topology
+        topo = topology.load(TOPOLOGY)
+    except Exception as e:  # engine or topology not landed yet (or broken): own line
+        log(f"lab engine not usable ({type(e).__name__}: {e}); using the bench's own line")
+        return BenchLine.up(instance)
+    lab: LabLike = netlink.Lab.up(topo, instance=instance)
+    return lab
+
+
+class Bench:
+    """What variants may do to the lab: undoable netlink changes and logged processes."""
+
+    def __init__(self, lab: LabLike, tmp: Path, repo: Path) -> None:
+        self.lab, self.tmp, self.repo = lab, tmp, repo
+        self.mitmdump = repo / ".bench" / "mitmproxy-venv" / "bin" / "mitmdump"
+        self.keep_tmp = False
+        self._undo: list[Callable[[], None]] = []
+        self._procs: list[tuple[subprocess.Popen[Any], Path]] = []
+        self._persistent: list[tuple[subprocess.Popen[Any], Path]] = []
+        self._keys: dict[str, tuple[Path, str]] = {}
+        self._certs: dict[str, tuple[Path, Path, str]] = {}
+
+    # ---- processes
+
+    def run(self, node: str, argv: Sequence[str], timeout: float = 30,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+        cp = self.lab.run(node, list(argv), timeout=timeout, check=False)
+        if check and cp.returncode != 0:
+            raise RuntimeError(f"{node}: {' '.join(argv)} -> exit {cp.returncode}: "
+                               f"{(cp.stderr or cp.stdout).strip()[-300:]}")
+        return cp
+
+    def spawn(self, node: str, argv: Sequence[str], name: str,
+              env: dict[str, str] | None = None, persistent: bool = False) -> subprocess.Popen[Any]:
+        path = self.tmp / f"{name}.log"
+        with open(path, "ab") as out:
+            p = self.lab.popen(node, list(argv), stdout=out, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL,
+                               env={**os.environ, **env} if env else None)
+        (self._persistent if persistent else self._procs).append((p, path))
+        return p
+
+    def _check_alive(self) -> None:
+        for p, path in (*self._procs, *self._persistent):
+            if p.poll() is not None:
+                tail = path.read_text(errors="replace").strip().splitlines()[-5:]
+                raise RuntimeError(f"{path.stem} exited with {p.returncode}: "
+                                   + " | ".join(tail))
+
+    def wait_for(self, predicate: Callable[[], object], timeout: float, what: str) -> None:
+        def check() -> object:
+            self._check_alive()
+            return predicate()
+        self.lab.wait_for(check, timeout, what)
+
+    # ---- netlink, undoable
+
+    def ipr(self, node: str) -> IPRoute:
+        return IPRoute(netns=self.lab.ns(node))
+
+    def ifindex(self, node: str, ifname: str) -> int:
+        with self.ipr(node) as ip:
+            found = ip.link_lookup(ifname=ifname)
+        if not found:
+            raise RuntimeError(f"{node}: no interface {ifname}")
+        return int(found[0])
+
+    def link_add(self, node: str, ifname: str, **kw: Any) -> None:
+        with self.ipr(node) as ip:
+            ip.link("add", ifname=ifname, **kw)
+
+        def undo() -> None:
+            with self.ipr(node) as ip:
+                for idx in ip.link_lookup(ifname=ifname):
+                    ip.link("del", index=idx)
+        self._undo.append(undo)
+
+    def addr(self, node: str, ifname: str, *cidrs: str) -> None:
+        """Add addresses (IPv6 without DAD) to a device this variant owns, and set it up."""
+        with self.ipr(node) as ip:
+            idx = ip.link_lookup(ifname=ifname)[0]
+            for cidr in cidrs:
+                a, plen = cidr.split("/")
+                kw: dict[str, Any] = {"flags": 0x02} if ":" in a else {}  # IFA_F_NODAD
+                ip.addr("add", index=idx, address=a, prefixlen=int(plen), **kw)
+            ip.link("set", index=idx, state="up")
+
+    def route(self, node: str, dst: str, gateway: str | None = None,
+              oif: str | None = None) -> None:
+        spec: dict[str, Any] = {"dst": dst, "family": 10 if ":" in dst else 2}
+        if gateway:
+            spec["gateway"] = gateway
+        if oif:
+            spec["oif"] = self.ifindex(node, oif)
+        with self.ipr(node) as ip:
+            ip.route("add", **spec)
+
+        def undo() -> None:
+            with self.ipr(node) as ip:
+                ip.route("del", **spec)
+        self._undo.append(undo)
+
+    def undo_all(self) -> None:
+        stop_processes([p for p, _ in self._procs])
+        self._procs.clear()
+        while self._undo:
+            try:
+                self._undo.pop()()
+            except NetlinkError as e:
+                if e.code not in GONE:
+                    raise
+            except IndexError:
+                pass
+
+    def close(self) -> None:
+        try:
+            self.undo_all()
+        finally:
+            stop_processes([p for p, _ in self._persistent])
+            self._persistent.clear()
+            self.lab.destroy()
+
+    # ---- probes
+
+    def has_route(self, node: str, dst: str) -> bool:
+        net, plen = dst.split("/")
+        with self.ipr(node) as ip:
+            routes = ip.route("dump", family=10 if ":" in net else 2)
+            return any(r.get("dst") == net and r["dst_len"] == int(plen) for r in routes)
+
+    def has_address(self, node: str, ifname: str) -> bool:
+        with self.ipr(node) as ip:
+            idx = ip.link_lookup(ifname=ifname)
+            return bool(idx) and bool(list(ip.addr("dump", index=idx[0])))
+
+    def link_up(self, node: str, ifname: str) -> bool:
+        with self.ipr(node) as ip:
+            idx = ip.link_lookup(ifname=ifname)
+            if not idx:
+                return False
+            return bool(ip.link("get", index=idx[0])[0]["flags"] & 1)  # IFF_UP
+
+    def pings(self, node: str, dst: str) -> bool:
+        return self.run(node, ["ping", "-c", "1", "-W", "1", dst], check=False).returncode == 0
+
+    def _listening(self, node: str, proto: str, port: int) -> bool:
+        cp = self.run(node, ["ss", "-Hn", f"-l{proto}", f"sport = :{port}"], check=False)
+        return bool(cp.stdout.strip())
+
+    def tcp_listening(self, node: str, port: int) -> bool:
+        return self._listening(node, "t", port)
+
+    def udp_listening(self, node: str, port: int) -> bool:
+        return self._listening(node, "u", port)
+
+    # ---- keys and certificates (files in the scratch dir; no network involved)
+
+    def wg_keypair(self, node: str, name: str | None = None) -> tuple[Path, str]:
+        """(private key file, public key) for a WireGuard peer, made with `wg genkey`."""
+        name = name or node
+        if name not in self._keys:
+            priv = subprocess.run(["wg", "genkey"], capture_output=True, text=True,
+                                  check=True).stdout.strip()
+            pub = subprocess.run(["wg", "pubkey"], input=priv, capture_output=True, text=True,
+                                 check=True).stdout.strip()
+            path = self.tmp / f"wg-{name}.key"
+            path.write_text(priv + "\n")
+            path.chmod(0o600)
+            self._keys[name] = (path, pub)
+        return self._keys[name]
+
+    def start_wireguard_go(self, node: str, ifname: str) -> None:
+        self.spawn(node, ["wireguard-go", ifname], f"wireguard-go-{ifname}",
+                   env={"WG_PROCESS_FOREGROUND": "1"})
+        self.wait_for(lambda: self.ifindex_or_none(node, ifname) is not None, 10,
+                      f"wireguard-go device {ifname} on {node}")
+
+    def ifindex_or_none(self, node: str, ifname: str) -> int | None:
+        with self.ipr(node) as ip:
+            found = ip.link_lookup(ifname=ifname)
+        return int(found[0]) if found else None
+
+    def self_signed(self, name: str) -> tuple[Path, Path, str]:
+        """(cert, key, SHA-256 fingerprint "AB:CD:...") of a throwaway P-256 certificate."""
+        if name not in self._certs:
+            cert, key = self.tmp / f"{name}.crt", self.tmp / f"{name}.key"
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                            "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
+                            "-subj", f"/CN=grebe-bench-{name}", "-keyout", str(key),
+                            "-out", str(cert)], capture_output=True, check=True)
+            out = subprocess.run(["openssl", "x509", "-noout", "-fingerprint", "-sha256",
+                                  "-in", str(cert)], capture_output=True, text=True,
+                                 check=True).stdout
+            self._certs[name] = (cert, key, out.strip().split("=", 1)[1])
+        return self._certs[name]

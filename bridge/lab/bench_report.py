@@ -1,0 +1,307 @@
+"""The pure half of `./netns-lab.sh bench`: parse tool output, compute ratios, render tables.
+
+Rules:
+- Nothing here runs a process, touches a namespace or reads the clock: text in, values out.
+  That is what lets `tests/unit/lab/test_bench.py` check it without root.
+- A tool's output that cannot be read raises `BenchParseError` naming the tool and the reason;
+  the runner turns it into a "failed: ..." row instead of a crash.
+- Figures are reported as measured: iperf3 throughput is the *receiver's* figure
+  (`end.sum_received`), ping RTT is iputils' `avg`, curl throughput is bytes / total time.
+- A ratio is `value / reference` from the same run, for every metric alike (so for RTT and
+  time to first byte, above 1.00 means slower than the reference). A ratio is `None` when
+  either side is missing or the reference is zero.
+
+Theory of operation: the runner (`bench.py`) collects one `TunnelRow` per tunnel variant and
+one `InspectRow` per inspection variant. `tunnel_ratios()` / `inspect_ratios()` relate each row
+to the reference rows (wireguard-go and vxlan; mitmproxy-wg), `render_*_table()` prints the
+human table, and `results_document()` builds the JSON written next to it. Both views come from
+the same rows, so the table and the JSON cannot disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from enum import Enum
+from typing import Any
+
+
+class BenchParseError(ValueError):
+    """The output of a measuring tool could not be read."""
+
+
+class Status(Enum):
+    OK = "ok"
+    UNAVAILABLE = "unavailable"  # the variant cannot run here (missing tool, feature not built)
+    FAILED = "failed"  # it was set up or measured and something went wrong
+
+
+@dataclass(frozen=True, slots=True)
+class IperfResult:
+    mbps: float  # receiver-side throughput, megabits per second
+    seconds: float
+    retransmits: int | None  # sender retransmits (TCP), if iperf3 reported them
+
+
+@dataclass(frozen=True, slots=True)
+class PingResult:
+    sent: int
+    received: int
+    min_ms: float
+    avg_ms: float
+    max_ms: float
+    mdev_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class CurlResult:
+    http_code: int
+    size_bytes: int
+    ttfb_s: float  # time_starttransfer: request sent on a new connection -> first byte
+    total_s: float
+
+    @property
+    def mbytes_per_s(self) -> float:
+        return self.size_bytes / self.total_s / 1e6 if self.total_s > 0 else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelRow:
+    name: str
+    label: str
+    status: Status
+    detail: str = ""  # why unavailable/failed, or a note
+    mbps_1: float | None = None  # 1 stream, Mb/s
+    mbps_4: float | None = None  # 4 parallel streams, Mb/s (sum)
+    mbps_rev: float | None = None  # 1 stream, server -> client (iperf3 -R), Mb/s
+    rtt_ms: float | None = None  # mean ping RTT client -> server
+
+
+@dataclass(frozen=True, slots=True)
+class InspectRow:
+    name: str
+    label: str
+    status: Status
+    detail: str = ""
+    mbytes_per_s: float | None = None  # large HTTP download, MB/s (10^6 bytes)
+    ttfb_ms: float | None = None  # median time to first byte of a small GET, new connection
+
+
+TUNNEL_METRICS = ("mbps_1", "mbps_4", "mbps_rev", "rtt_ms")
+INSPECT_METRICS = ("mbytes_per_s", "ttfb_ms")
+TUNNEL_REFERENCES = ("wireguard-go", "vxlan")
+INSPECT_REFERENCES = ("mitmproxy-wg",)
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def parse_iperf3_json(text: str) -> IperfResult:
+    """Read `iperf3 -c ... -J` output. Returns the receiver's throughput; raises BenchParseError."""
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BenchParseError(f"iperf3: not JSON ({e.msg} at {e.pos})") from None
+    if not isinstance(doc, dict):
+        raise BenchParseError("iperf3: JSON is not an object")
+    if doc.get("error"):
+        raise BenchParseError(f"iperf3: {doc['error']}")
+    end = doc.get("end")
+    received = end.get("sum_received") if isinstance(end, dict) else None
+    if not isinstance(received, dict):
+        raise BenchParseError("iperf3: no end.sum_received (TCP test did not finish?)")
+    bps = received.get("bits_per_second")
+    seconds = received.get("seconds", 0.0)
+    if not isinstance(bps, int | float) or not math.isfinite(bps) or bps < 0:
+        raise BenchParseError(f"iperf3: bad bits_per_second {bps!r}")
+    sent = end.get("sum_sent") if isinstance(end, dict) else None
+    retr = sent.get("retransmits") if isinstance(sent, dict) else None
+    return IperfResult(
+        mbps=float(bps) / 1e6,
+        seconds=float(seconds) if isinstance(seconds, int | float) else 0.0,
+        retransmits=int(retr) if isinstance(retr, int) else None,
+    )
+
+
+_PING_COUNTS = re.compile(r"(\d+) packets transmitted, (\d+) (?:packets )?received")
+_PING_RTT = re.compile(
+    r"(?:rtt|round-trip) min/avg/max/(?:mdev|stddev) = "
+    r"([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) ms"
+)
+
+
+def parse_ping(text: str) -> PingResult:
+    """Read the summary of iputils (or BusyBox) `ping`. Raises BenchParseError if no reply came."""
+    counts = _PING_COUNTS.search(text)
+    if counts is None:
+        raise BenchParseError("ping: no statistics line")
+    sent, received = int(counts.group(1)), int(counts.group(2))
+    if received == 0:
+        raise BenchParseError(f"ping: 0 of {sent} replies")
+    rtt = _PING_RTT.search(text)
+    if rtt is None:
+        raise BenchParseError("ping: no rtt line")
+    lo, avg, hi, mdev = (float(rtt.group(i)) for i in range(1, 5))
+    return PingResult(sent, received, lo, avg, hi, mdev)
+
+
+CURL_WRITE_OUT = "%{http_code} %{size_download} %{time_starttransfer} %{time_total}\n"
+
+
+def parse_curl(text: str) -> CurlResult:
+    """Read the line curl prints for `-w CURL_WRITE_OUT`. Raises BenchParseError on HTTP != 200."""
+    fields = text.strip().splitlines()[-1].split() if text.strip() else []
+    if len(fields) != 4:
+        raise BenchParseError(f"curl: expected 4 fields, got {text.strip()!r}")
+    try:
+        code, size = int(fields[0]), int(float(fields[1]))
+        ttfb, total = float(fields[2]), float(fields[3])
+    except ValueError:
+        raise BenchParseError(f"curl: unreadable figures {fields!r}") from None
+    if code != 200:
+        raise BenchParseError(f"curl: HTTP status {code}")
+    return CurlResult(code, size, ttfb, total)
+
+
+def median(values: Sequence[float]) -> float:
+    """Median of a non-empty sequence; raises ValueError on an empty one."""
+    if not values:
+        raise ValueError("median of nothing")
+    s = sorted(values)
+    mid = len(s) // 2
+    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+
+
+# ---------------------------------------------------------------- ratios
+
+
+def ratio(value: float | None, reference: float | None) -> float | None:
+    """value / reference, or None when either is missing or the reference is 0."""
+    if value is None or reference is None or reference == 0:
+        return None
+    return value / reference
+
+
+def _ratios(
+    rows: Sequence[TunnelRow] | Sequence[InspectRow],
+    references: Sequence[str],
+    metrics: Sequence[str],
+) -> dict[str, dict[str, dict[str, float | None]]]:
+    by_name = {r.name: r for r in rows}
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    for row in rows:
+        out[row.name] = {}
+        for ref_name in references:
+            ref = by_name.get(ref_name)
+            ok = ref is not None and ref.status is Status.OK and row.status is Status.OK
+            out[row.name][ref_name] = {
+                m: ratio(getattr(row, m), getattr(ref, m)) if ok else None for m in metrics
+            }
+    return out
+
+
+def tunnel_ratios(
+    rows: Sequence[TunnelRow], references: Sequence[str] = TUNNEL_REFERENCES
+) -> dict[str, dict[str, dict[str, float | None]]]:
+    """{variant: {reference: {metric: ratio}}} for every tunnel row."""
+    return _ratios(rows, references, TUNNEL_METRICS)
+
+
+def inspect_ratios(
+    rows: Sequence[InspectRow], references: Sequence[str] = INSPECT_REFERENCES
+) -> dict[str, dict[str, dict[str, float | None]]]:
+    """{variant: {reference: {metric: ratio}}} for every inspection row."""
+    return _ratios(rows, references, INSPECT_METRICS)
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def fmt_mbps(v: float | None) -> str:
+    return "-" if v is None else f"{v:,.0f}"
+
+
+def fmt_ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def fmt_ratio(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _grid(header: Sequence[str], body: Sequence[Sequence[str]], notes: Sequence[str]) -> str:
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    line = "  ".join
+
+    def fmt(cells: Sequence[str]) -> str:
+        return line(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(
+            zip(cells, widths, strict=True))).rstrip()
+
+    out = [fmt(header), line("-" * w for w in widths)]
+    out += [fmt(r) for r in body]
+    out += notes
+    return "\n".join(out)
+
+
+def _status_note(row: TunnelRow | InspectRow) -> str:
+    return f"{row.name}: {row.status.value}: {row.detail}"
+
+
+def render_tunnel_table(rows: Sequence[TunnelRow]) -> str:
+    """The tunnel table: absolute figures, then ratios (1 stream/4 streams/reverse/RTT)."""
+    ratios = tunnel_ratios(rows)
+    header = ["variant", "1 stream Mb/s", "4 streams", "reverse", "RTT ms",
+              *(f"x {ref} (1/4/rev/rtt)" for ref in TUNNEL_REFERENCES)]
+    body: list[list[str]] = []
+    notes: list[str] = []
+    for r in rows:
+        if r.status is not Status.OK:
+            body.append([r.name, r.status.value, "", "", "", *("" for _ in TUNNEL_REFERENCES)])
+            notes.append(_status_note(r))
+            continue
+        rel = ["/".join(fmt_ratio(ratios[r.name][ref][m]) for m in TUNNEL_METRICS)
+               for ref in TUNNEL_REFERENCES]
+        body.append([r.name, fmt_mbps(r.mbps_1), fmt_mbps(r.mbps_4), fmt_mbps(r.mbps_rev),
+                     fmt_ms(r.rtt_ms), *rel])
+    return _grid(header, body, notes)
+
+
+def render_inspect_table(rows: Sequence[InspectRow]) -> str:
+    """The inspection table: download MB/s and new-connection TTFB, ratios to mitmproxy-wg."""
+    ratios = inspect_ratios(rows)
+    header = ["variant", "download MB/s", "TTFB ms",
+              *(f"x {ref} (MB/s, ttfb)" for ref in INSPECT_REFERENCES)]
+    body: list[list[str]] = []
+    notes: list[str] = []
+    for r in rows:
+        if r.status is not Status.OK:
+            body.append([r.name, r.status.value, "", *("" for _ in INSPECT_REFERENCES)])
+            notes.append(_status_note(r))
+            continue
+        rel = [", ".join(fmt_ratio(ratios[r.name][ref][m]) for m in INSPECT_METRICS)
+               for ref in INSPECT_REFERENCES]
+        body.append([r.name, f"{r.mbytes_per_s:,.1f}" if r.mbytes_per_s is not None else "-",
+                     fmt_ms(r.ttfb_ms), *rel])
+    return _grid(header, body, notes)
+
+
+def _row_dict(row: TunnelRow | InspectRow) -> dict[str, Any]:
+    d = asdict(row)
+    d["status"] = row.status.value
+    return d
+
+
+def results_document(
+    meta: Mapping[str, Any], tunnels: Sequence[TunnelRow], inspects: Sequence[InspectRow]
+) -> dict[str, Any]:
+    """The JSON document: run metadata, rows, and the same ratios the tables show."""
+    return {
+        "meta": dict(meta),
+        "tunnels": [_row_dict(r) for r in tunnels],
+        "tunnel_ratios": tunnel_ratios(tunnels),
+        "inspection": [_row_dict(r) for r in inspects],
+        "inspection_ratios": inspect_ratios(inspects),
+    }
