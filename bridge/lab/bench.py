@@ -36,6 +36,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +257,7 @@ def main(argv: list[str]) -> int:
     tunnels: list[TunnelRow] = []
     inspects: list[InspectRow] = []
     interrupted = False
+    crashed = ""
     global _MAIN_PID
     _MAIN_PID = os.getpid()
     old = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -263,7 +265,7 @@ def main(argv: list[str]) -> int:
     b: Bench | None = None
     try:
         log(f"bringing the lab up (instance {opts.instance!r}); scratch dir {tmp}")
-        b = Bench(open_lab(opts.instance, log), tmp, REPO)
+        b = Bench(open_lab(opts.instance), tmp, REPO)
         if any(v.table == "tunnel" for v in variants):
             start_iperf_server(b)
         for v in (v for v in variants if v.table == "tunnel"):
@@ -275,6 +277,10 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: tearing everything down")
+    except Exception as e:  # the lab itself broke: report what was measured, then fail
+        crashed = f"{type(e).__name__}: {e}"
+        log(f"ERROR: {crashed}")
+        traceback.print_exc(file=sys.stderr)
     finally:
         if b is not None:
             b.close()
@@ -283,15 +289,17 @@ def main(argv: list[str]) -> int:
             log(f"logs kept in {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    return report(opts, started, tunnels, inspects, interrupted)
+    rc = report(opts, started, tunnels, inspects, interrupted, crashed)
+    return 1 if crashed and rc == 0 else rc
 
 
 def report(opts: Options, started: dt.datetime, tunnels: list[TunnelRow],
-           inspects: list[InspectRow], interrupted: bool) -> int:
+           inspects: list[InspectRow], interrupted: bool, crashed: str = "") -> int:
     meta = {"started": started.isoformat(timespec="seconds"), "quick": opts.quick,
             "iperf3_seconds": opts.seconds, "pings": opts.pings, "small_gets": opts.gets,
             "downloads": opts.downloads, "download_bytes": BIG_FILE_BYTES,
-            "interrupted": interrupted, "cpus": os.cpu_count(), "kernel": os.uname().release}
+            "interrupted": interrupted, "error": crashed or None,
+            "cpus": os.cpu_count(), "kernel": os.uname().release}
     if tunnels:
         print(render_tunnel_table(tunnels))
     if inspects:

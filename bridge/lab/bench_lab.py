@@ -2,8 +2,7 @@
 
 Rules:
 - `open_lab()` brings up `topologies/two-sites-plain.toml` with the lab engine
-  (`Lab.up(topology, instance=...)`); while the engine or that topology is not in the tree it
-  falls back to the bench's own identical line (`bench_line.BenchLine`).
+  (`Lab.up(topology, instance=...)`, bridge/lab/netlink.py): namespaces gb-<instance>-*.
 - Netlink work is pyroute2 (`IPRoute(netns=...)`) inside the lab's namespaces only. Each
   change a variant makes is registered with its undo; `undo_all()` stops the variant's
   processes first (their devices vanish with them) and then undoes in reverse order,
@@ -18,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from bridge.lab.bench_line import BenchLine, stop_processes
+from bridge.lab import netlink, topology
 
 TOPOLOGY = "two-sites-plain"
 GONE = (errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EADDRNOTAVAIL)
@@ -40,16 +40,24 @@ class LabLike(Protocol):
     def destroy(self) -> None: ...
 
 
-def open_lab(instance: str, log: Callable[[str], None]) -> LabLike:
-    """The lab engine's Lab on two-sites-plain if both exist, else the bench's own line."""
-    try:
-        from bridge.lab import netlink, topology
-        topo = topology.load(TOPOLOGY)
-    except Exception as e:  # engine or topology not landed yet (or broken): own line
-        log(f"lab engine not usable ({type(e).__name__}: {e}); using the bench's own line")
-        return BenchLine.up(instance)
-    lab: LabLike = netlink.Lab.up(topo, instance=instance)
+def open_lab(instance: str) -> LabLike:
+    """The lab engine's Lab on two-sites-plain (raises the engine's LabError/ConfigErrors)."""
+    lab: LabLike = netlink.Lab.up(topology.load(TOPOLOGY), instance=instance, start=False)
     return lab
+
+
+def stop_processes(procs: Sequence[subprocess.Popen[Any]], grace: float = 3.0) -> None:
+    """SIGTERM each live process (so nginx/openvpn clean up), SIGKILL what outlives `grace`."""
+    live = [p for p in procs if p.poll() is None]
+    for p in live:
+        p.terminate()
+    deadline = time.monotonic() + grace
+    for p in live:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout=5)
 
 
 class Bench:
@@ -78,10 +86,13 @@ class Bench:
     def spawn(self, node: str, argv: Sequence[str], name: str,
               env: dict[str, str] | None = None, persistent: bool = False) -> subprocess.Popen[Any]:
         path = self.tmp / f"{name}.log"
+        kw: dict[str, Any] = {}
+        if env:
+            lab_env = getattr(self.lab, "env", None)
+            kw["env"] = {**(lab_env(node) if lab_env else os.environ), **env}
         with open(path, "ab") as out:
             p = self.lab.popen(node, list(argv), stdout=out, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL,
-                               env={**os.environ, **env} if env else None)
+                               stdin=subprocess.DEVNULL, **kw)
         (self._persistent if persistent else self._procs).append((p, path))
         return p
 
