@@ -12,7 +12,7 @@ Rules:
   encapsulation = "gre"; IPIP (RFC 2003, Linux FOU layout) has no header of its own.
 - Sequence policy: "off" | "drop-late" (Linux iseq: gaps accepted, late packets dropped)
   | "reorder" (RFC 2890 §2.2 buffer with max_packets_held / outoforder_timer_ms).
-- `[[inspect]]` tables are kept raw; `bridge.flows.parse_rules(raw, path)` validates them
+- `[[inspect]]` tables are kept raw; `bridge.flows.parse_rules(raw, "inspect")` checks them
   when that module exists (imported lazily, so this file works without it).
 
 Theory of operation: `parse_config(data)` walks the TOML dict with a small `_Reader` that
@@ -141,14 +141,14 @@ class Config:
     path: str | None = None
 
     def inspect_rules(self) -> Any:
-        """Return `bridge.flows.parse_rules(inspect, path)`, or None without bridge.flows.
+        """Return `bridge.flows.parse_rules(inspect, "inspect")`, or None without bridge.flows.
 
         Raises whatever parse_rules raises for bad rules (ConfigError / ConfigErrors).
         """
         parse_rules = _flows_parse_rules()
         if parse_rules is None:
             return None
-        return parse_rules(list(self.inspect), self.path or "<config>")
+        return parse_rules(list(self.inspect), "inspect")
 
 
 EXAMPLE = """\
@@ -484,11 +484,13 @@ def parse_config(data: dict[str, Any], file: str | None = None) -> tuple[Config 
         parse_rules = _flows_parse_rules()
         if parse_rules is not None and inspect:
             try:
-                parse_rules(list(inspect), file or "<config>")
+                parse_rules(list(inspect), "inspect")  # its path argument is the key path
             except ConfigErrors as e:
                 r.errors.extend(e.errors)
             except ConfigError as e:
                 r.errors.append(e)
+            for e in r.errors:
+                e.file = e.file or file
     if r.errors:
         return None, r.errors
     cfg = Config(tun=tun, listen=listen, peers=tuple(p for _, p in peers), mss_clamp=mss,
