@@ -128,8 +128,8 @@ def parse_iperf3_json(text: str) -> IperfResult:
 
 _PING_COUNTS = re.compile(r"(\d+) packets transmitted, (\d+) (?:packets )?received")
 _PING_RTT = re.compile(
-    r"(?:rtt|round-trip) min/avg/max/(?:mdev|stddev) = "
-    r"([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) ms"
+    r"(?:rtt|round-trip) min/avg/max(?:/(?:mdev|stddev))? = "
+    r"([\d.]+)/([\d.]+)/([\d.]+)(?:/([\d.]+))? ms"
 )
 
 
@@ -144,7 +144,8 @@ def parse_ping(text: str) -> PingResult:
     rtt = _PING_RTT.search(text)
     if rtt is None:
         raise BenchParseError("ping: no rtt line")
-    lo, avg, hi, mdev = (float(rtt.group(i)) for i in range(1, 5))
+    lo, avg, hi = (float(rtt.group(i)) for i in range(1, 4))
+    mdev = float(rtt.group(4)) if rtt.group(4) else 0.0  # BusyBox prints no mdev
     return PingResult(sent, received, lo, avg, hi, mdev)
 
 

@@ -1,0 +1,390 @@
+"""The bench harness without root: parsing, ratios, tables, JSON, and the per-variant lifecycle
+(set up, measure, tear down, unavailable/failed rows) against a fake lab."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.lab import bench
+from bridge.lab.bench_grebe import ENDPOINTS, config_text, grebe_unavailable
+from bridge.lab.bench_lab import Bench, stop_processes
+from bridge.lab.bench_report import (
+    BenchParseError,
+    InspectRow,
+    Status,
+    TunnelRow,
+    median,
+    parse_curl,
+    parse_iperf3_json,
+    parse_ping,
+    ratio,
+    render_inspect_table,
+    render_tunnel_table,
+    results_document,
+    tunnel_ratios,
+)
+from bridge.lab.bench_variants import ALL_VARIANTS, INSPECT_VARIANTS, TUNNEL_VARIANTS, Variant
+
+
+def iperf_doc(bps: float, retransmits: int = 7, seconds: float = 3.0) -> str:
+    """The parts of a real `iperf3 -c -J` document the parser reads, plus neighbours."""
+    return json.dumps({
+        "start": {"connected": [{"socket": 5}], "version": "iperf 3.12"},
+        "intervals": [{"sum": {"bits_per_second": bps * 1.1}}],
+        "end": {
+            "sum_sent": {"seconds": seconds, "bytes": 1, "bits_per_second": bps * 1.01,
+                         "retransmits": retransmits},
+            "sum_received": {"seconds": seconds, "bytes": 1, "bits_per_second": bps},
+            "cpu_utilization_percent": {"host_total": 50.0},
+        },
+    })
+
+
+# ---------------------------------------------------------------- iperf3
+
+
+def test_iperf3_reports_the_receiver_figure_in_mbps() -> None:
+    r = parse_iperf3_json(iperf_doc(632_000_000.0))
+    assert r.mbps == pytest.approx(632.0)
+    assert r.retransmits == 7
+    assert r.seconds == 3.0
+
+
+@pytest.mark.parametrize("text, needle", [
+    ('{"start": {}, "intervals": [], "end": {}, '
+     '"error": "unable to connect to server: Connection refused"}', "Connection refused"),
+    ("iperf3: error - unable to connect", "not JSON"),
+    ('{"end": {"sum_sent": {"bits_per_second": 1}}}', "sum_received"),
+    ('{"end": {"sum_received": {"bits_per_second": "fast"}}}', "bad bits_per_second"),
+    ('{"end": {"sum_received": {"bits_per_second": -1}}}', "bad bits_per_second"),
+    ("[]", "not an object"),
+])
+def test_iperf3_failures_raise_a_parse_error_naming_the_cause(text: str, needle: str) -> None:
+    with pytest.raises(BenchParseError, match=needle):
+        parse_iperf3_json(text)
+
+
+# ---------------------------------------------------------------- ping
+
+IPUTILS = """PING 198.18.2.10 (198.18.2.10) 56(84) bytes of data.
+
+--- 198.18.2.10 ping statistics ---
+20 packets transmitted, 20 received, 0% packet loss, time 196ms
+rtt min/avg/max/mdev = 0.040/0.066/0.121/0.018 ms
+"""
+BUSYBOX = """--- 198.18.2.10 ping statistics ---
+3 packets transmitted, 3 packets received, 0% packet loss
+round-trip min/avg/max = 0.101/0.202/0.303 ms
+"""
+ALL_LOST = """--- 198.18.2.10 ping statistics ---
+20 packets transmitted, 0 received, 100% packet loss, time 1999ms
+"""
+
+
+def test_ping_mean_rtt_is_iputils_avg() -> None:
+    r = parse_ping(IPUTILS)
+    assert (r.sent, r.received) == (20, 20)
+    assert r.avg_ms == pytest.approx(0.066)
+    assert (r.min_ms, r.max_ms, r.mdev_ms) == (0.040, 0.121, 0.018)
+
+
+def test_ping_busybox_summary_without_mdev() -> None:
+    r = parse_ping(BUSYBOX)
+    assert r.avg_ms == pytest.approx(0.202)
+    assert r.mdev_ms == 0.0
+
+
+@pytest.mark.parametrize("text, needle", [
+    (ALL_LOST, "0 of 20"), ("ping: connect: Network is unreachable\n", "no statistics"),
+    ("1 packets transmitted, 1 received\n", "no rtt"),
+])
+def test_ping_without_replies_is_an_error(text: str, needle: str) -> None:
+    with pytest.raises(BenchParseError, match=needle):
+        parse_ping(text)
+
+
+# ---------------------------------------------------------------- curl
+
+
+def test_curl_write_out_line() -> None:
+    r = parse_curl("200 100000000 0.004512 1.250000\n")
+    assert r.size_bytes == 100_000_000
+    assert r.ttfb_s == pytest.approx(0.004512)
+    assert r.mbytes_per_s == pytest.approx(80.0)
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("404 153 0.001 0.001", "HTTP status 404"), ("", "expected 4 fields"),
+    ("200 x 0.1 0.2", "unreadable"), ("000 0 0 0", "HTTP status 0"),
+])
+def test_curl_bad_lines(text: str, needle: str) -> None:
+    with pytest.raises(BenchParseError, match=needle):
+        parse_curl(text)
+
+
+def test_median() -> None:
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    assert median([4.0, 1.0, 2.0, 3.0]) == 2.5
+    with pytest.raises(ValueError):
+        median([])
+
+
+# ---------------------------------------------------------------- ratios and tables
+
+
+def rows() -> list[TunnelRow]:
+    return [
+        TunnelRow("plain", "plain", Status.OK, mbps_1=18000, mbps_4=30000, mbps_rev=18000,
+                  rtt_ms=0.06),
+        TunnelRow("vxlan", "vxlan", Status.OK, mbps_1=15000, mbps_4=20000, mbps_rev=15000,
+                  rtt_ms=0.08),
+        TunnelRow("wireguard-go", "wg", Status.OK, mbps_1=600, mbps_4=600, mbps_rev=500,
+                  rtt_ms=0.4),
+        TunnelRow("grebe-gre", "grebe", Status.UNAVAILABLE, "bridge.cli missing"),
+        TunnelRow("openvpn-none", "ovpn", Status.FAILED, "TimeoutError: handshake"),
+    ]
+
+
+def test_ratio_edges() -> None:
+    assert ratio(3.0, 2.0) == 1.5
+    assert ratio(None, 2.0) is None
+    assert ratio(1.0, None) is None
+    assert ratio(1.0, 0.0) is None
+
+
+def test_tunnel_ratios_relate_each_metric_to_each_reference() -> None:
+    r = tunnel_ratios(rows())
+    assert r["plain"]["wireguard-go"]["mbps_1"] == pytest.approx(30.0)
+    assert r["plain"]["vxlan"]["mbps_4"] == pytest.approx(1.5)
+    assert r["plain"]["wireguard-go"]["rtt_ms"] == pytest.approx(0.15)
+    assert r["vxlan"]["vxlan"] == {"mbps_1": 1.0, "mbps_4": 1.0, "mbps_rev": 1.0, "rtt_ms": 1.0}
+    assert set(r["grebe-gre"]["vxlan"].values()) == {None}
+
+
+def test_ratios_are_none_when_the_reference_did_not_run() -> None:
+    only = [rows()[0], TunnelRow("wireguard-go", "wg", Status.FAILED, "boom")]
+    r = tunnel_ratios(only)
+    assert set(r["plain"]["wireguard-go"].values()) == {None}
+    assert set(r["plain"]["vxlan"].values()) == {None}  # vxlan absent from the run
+
+
+def test_tunnel_table_shows_figures_ratios_and_why_rows_are_empty() -> None:
+    text = render_tunnel_table(rows())
+    lines = text.splitlines()
+    assert "1 stream Mb/s" in lines[0] and "x wireguard-go" in lines[0] and "x vxlan" in lines[0]
+    plain = next(ln for ln in lines if ln.startswith("plain"))
+    assert "18,000" in plain and "30,000" in plain and "0.060" in plain
+    assert "30.00/50.00/36.00/0.15" in plain  # vs wireguard-go: 1 stream/4/rev/rtt
+    assert "1.20/1.50/1.20/0.75" in plain  # vs vxlan
+    wg = next(ln for ln in lines if ln.startswith("wireguard-go"))
+    assert "1.00/1.00/1.00/1.00" in wg
+    assert "grebe-gre: unavailable: bridge.cli missing" in lines
+    assert "openvpn-none: failed: TimeoutError: handshake" in lines
+    widths = {len(lines[0]), len(lines[1])}
+    assert len(widths) == 1  # the rule under the header is as wide as the header
+
+
+def test_inspect_table_ratios_to_mitmproxy() -> None:
+    inspect = [
+        InspectRow("direct", "d", Status.OK, mbytes_per_s=700.0, ttfb_ms=0.25),
+        InspectRow("mitmproxy-wg", "m", Status.OK, mbytes_per_s=70.0, ttfb_ms=5.0),
+        InspectRow("inspect-userspace", "u", Status.UNAVAILABLE, "not built yet"),
+    ]
+    text = render_inspect_table(inspect)
+    direct = next(ln for ln in text.splitlines() if ln.startswith("direct"))
+    assert "700.0" in direct and "0.250" in direct and "10.00, 0.05" in direct
+    assert "inspect-userspace: unavailable: not built yet" in text
+
+
+def test_results_document_is_json_and_matches_the_table() -> None:
+    doc = results_document({"quick": True}, rows(), [])
+    back = json.loads(json.dumps(doc))
+    assert back["meta"] == {"quick": True}
+    assert [t["status"] for t in back["tunnels"]] == ["ok", "ok", "ok", "unavailable", "failed"]
+    assert back["tunnels"][0]["mbps_1"] == 18000
+    assert back["tunnel_ratios"]["plain"]["vxlan"]["mbps_1"] == pytest.approx(1.2)
+    assert back["inspection"] == [] and back["inspection_ratios"] == {}
+
+
+# ---------------------------------------------------------------- options and variants
+
+
+def test_options_quick_and_full() -> None:
+    q = bench.parse_args(["--quick", "--only", "plain", "vxlan", "--json", "/tmp/x.json"])
+    assert (q.seconds, q.pings, q.only, q.json) == (3, 20, ["plain", "vxlan"], "/tmp/x.json")
+    full = bench.parse_args([])
+    assert (full.seconds, full.pings) == (10, 50)
+    assert [v.name for v in bench.select(full)] == list(ALL_VARIANTS)
+
+
+def test_only_rejects_unknown_names() -> None:
+    with pytest.raises(SystemExit, match="unknown variant.*nope"):
+        bench.select(bench.parse_args(["--only", "plain", "nope"]))
+
+
+def test_list_needs_no_root(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("plain", "vxlan", "wireguard-go", "openvpn-none", "openvpn-aes256gcm",
+                 "grebe-gre", "grebe-ipip", "direct", "mitmproxy-wg", "inspect-userspace",
+                 "inspect-kernel"):
+        assert name in out
+
+
+def test_variant_registry_is_consistent() -> None:
+    assert {v.table for v in TUNNEL_VARIANTS} == {"tunnel"}
+    assert {v.table for v in INSPECT_VARIANTS} == {"inspect"}
+    assert {"wireguard-go", "vxlan", "mitmproxy-wg"} <= set(ALL_VARIANTS)  # the references
+    ifnames = [n for v in ALL_VARIANTS.values()
+               for n in [*getattr(v, "ifnames", {}).values(), getattr(v, "ifname", None),
+                         getattr(v, "client_if", None)] if n]
+    ifnames += [e[0] for e in ENDPOINTS.values()]
+    assert len(ifnames) == len(set(ifnames))
+    assert all(len(n) <= 15 for n in ifnames)  # IFNAMSIZ
+
+
+@pytest.mark.parametrize("mode", ["gre", "ipip"])
+def test_grebe_configs_are_accepted_by_bridge_config(mode: str) -> None:
+    from bridge import config
+    for gw in ENDPOINTS:
+        cfg = config.loads_config(config_text(gw, mode), file=f"{gw}.toml")
+        assert cfg.peers[0].encapsulation.value == mode
+        assert cfg.listen.port == 4754
+
+
+def test_grebe_unavailable_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+    real = importlib.import_module
+
+    def fake(name: str, *a: Any) -> Any:
+        if name == "bridge.io.loop":
+            raise ImportError("No module named 'bridge.io.loop'")
+        return real(name, *a)
+
+    monkeypatch.setattr(importlib, "import_module", fake)
+    reason = grebe_unavailable("gre")
+    assert reason is not None and "bridge.io.loop" in reason
+
+
+# ---------------------------------------------------------------- lifecycle, on a fake lab
+
+
+class FakeLab:
+    """Runs argv on the host: enough to drive Bench's process and teardown logic."""
+
+    def __init__(self) -> None:
+        self.destroyed = False
+        self.popens: list[subprocess.Popen[Any]] = []
+
+    def ns(self, node: str) -> str:
+        return f"gb-fake-{node}"
+
+    def run(self, node: str, argv: Sequence[str], timeout: float = 30, check: bool = True,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
+                              check=check, input=input)
+
+    def popen(self, node: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
+        p = subprocess.Popen(list(argv), **kw)
+        self.popens.append(p)
+        return p
+
+    def wait_for(self, predicate: Callable[[], object], timeout: float, what: str) -> None:
+        from bridge.lab.netlink import wait_for
+        wait_for(predicate, timeout, what)
+
+    def destroy(self) -> None:
+        stop_processes(self.popens)
+        self.destroyed = True
+
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
+
+
+class Recorder(Variant):
+    name, label = "fake", "fake variant"
+
+    def __init__(self, events: list[str], fail: Exception | None = None,
+                 missing: str | None = None) -> None:
+        self.events, self.fail, self.missing = events, fail, missing
+
+    def unavailable(self, b: Bench) -> str | None:
+        return self.missing
+
+    def setup(self, b: Bench) -> None:
+        self.events.append("setup")
+        self.proc = b.spawn("gw-a", SLEEPER, "sleeper")
+        b._undo.append(lambda: self.events.append("undo"))
+        if self.fail:
+            raise self.fail
+
+    def teardown(self, b: Bench) -> None:
+        self.events.append("teardown")
+        super().teardown(b)
+
+
+def test_failed_setup_gives_a_failed_row_and_still_tears_down(tmp_path: Path) -> None:
+    events: list[str] = []
+    v = Recorder(events, fail=RuntimeError("openvpn exited with 1"))
+    b = Bench(FakeLab(), tmp_path, tmp_path)
+    row = bench.run_variant(b, v, bench.parse_args(["--quick"]))
+    assert row.status is Status.FAILED and "openvpn exited with 1" in row.detail
+    assert events == ["setup", "teardown", "undo"]
+    assert v.proc.poll() is not None  # the variant's process was stopped
+    assert b.keep_tmp  # logs are kept for a failure
+
+
+def test_unavailable_variant_is_never_set_up(tmp_path: Path) -> None:
+    events: list[str] = []
+    b = Bench(FakeLab(), tmp_path, tmp_path)
+    row = bench.run_variant(b, Recorder(events, missing="no tool"), bench.parse_args([]))
+    assert (row.status, row.detail, events) == (Status.UNAVAILABLE, "no tool", [])
+
+
+def test_a_process_that_dies_ends_the_wait_with_its_log(tmp_path: Path) -> None:
+    b = Bench(FakeLab(), tmp_path, tmp_path)
+    b.spawn("gw-a", [sys.executable, "-c", "print('bad config line 3'); raise SystemExit(3)"],
+            "dying")
+    with pytest.raises(RuntimeError, match="dying exited with 3: bad config line 3"):
+        b.wait_for(lambda: False, 10, "never")
+    b.close()
+
+
+def test_close_stops_everything_and_destroys_the_lab(tmp_path: Path) -> None:
+    lab = FakeLab()
+    b = Bench(lab, tmp_path, tmp_path)
+    p1 = b.spawn("server", SLEEPER, "iperf3-server", persistent=True)
+    p2 = b.spawn("gw-a", SLEEPER, "tunnel")
+    b.close()
+    assert p1.poll() is not None and p2.poll() is not None
+    assert lab.destroyed
+
+
+def test_measure_tunnel_runs_ping_and_three_iperf3_runs(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[list[str]] = []
+    figures = iter([900e6, 1200e6, 800e6])
+
+    def fake_run(self: Bench, node: str, argv: Sequence[str], timeout: float = 30,
+                 check: bool = True) -> subprocess.CompletedProcess[str]:
+        calls.append(list(argv))
+        out = IPUTILS if argv[0] == "ping" else iperf_doc(next(figures))
+        return subprocess.CompletedProcess(list(argv), 0, out, "")
+
+    monkeypatch.setattr(Bench, "run", fake_run)
+    b = Bench(FakeLab(), tmp_path, tmp_path)
+    row = bench.measure_tunnel(b, Recorder([]), bench.parse_args(["--quick"]))
+    assert (row.mbps_1, row.mbps_4, row.mbps_rev, row.rtt_ms) == (900.0, 1200.0, 800.0, 0.066)
+    iperfs = [c for c in calls if c[0] == "iperf3"]
+    assert len(iperfs) == 3 and all("-J" in c and c[c.index("-t") + 1] == "3" for c in iperfs)
+    assert "-P" in iperfs[1] and iperfs[1][iperfs[1].index("-P") + 1] == "4"
+    assert "-R" in iperfs[2]
+    pings = [c for c in calls if c[0] == "ping" and "-q" in c]
+    assert pings and pings[0][pings[0].index("-c") + 1] == "20"
