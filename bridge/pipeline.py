@@ -1,17 +1,47 @@
-"""Bridge: the sans-I/O data plane (batches in, batches out). INTERFACE FIRST VERSION.
+"""Bridge: the sans-I/O data plane of one endpoint (batches in, batches out).
 
 Contract (docs/DESIGN.md):
-    bridge = Bridge(config, now, underlay_mtu=None)
+    bridge = Bridge(config, now, underlay_mtu=None)   # pure: no sockets, no clock
     out = Output()                        # reused per batch; out.clear()
-    bridge.from_tun(packets, now, out)    # inner IP packets
+    bridge.from_tun(packets, now, out)    # inner IP packets read from the TUN
     bridge.from_udp(datagrams, now, out)  # [(payload, (host, port)), ...]
     bridge.handle_timer(now, out); bridge.get_timer() -> float | None
-    out.udp: dict[(host, port), list[bytes]]   datagrams per destination, in order
+    out.udp: dict[(host, port), list[bytes | bytearray]]  datagrams per peer, in order
     out.udp_sport: dict[(host, port), list[int]]  only for peers with source_port =
         "flow-hash": the RFC 8086 §3.2.1 source port of each datagram in out.udp[dest]
-        (same index). An I/O layer that cannot pick source ports may ignore it.
-    out.tun: list[bytes]                  inner packets (and ICMP errors) for the TUN
-    bridge.counters; bridge.status(now) -> dict; bridge.tun_mtu -> int
+        (same index). An I/O layer that cannot choose source ports may ignore it.
+    out.tun: list[bytes | bytearray]      inner packets and ICMP errors for the TUN
+    bridge.counters; bridge.status(now) -> dict; bridge.metrics_text(now) -> str
+    bridge.tun_mtu -> int                 the MTU to set on the TUN device
+
+Outbound flow (TUN -> peer), per packet, in this order:
+ 1. IP length checks (`packet_length`); malformed -> drop "malformed".
+ 2. Loop guard, RFC 2003 §4: destination is a tunnel endpoint -> drop "loop".
+ 3. Longest-prefix match on the destination -> peer; none -> "no_route" + ICMP unreachable.
+ 4. Peer down with down_action "withdraw" -> "peer_down" + ICMP unreachable.
+ 5. RFC 2003 §3.1 / RFC 1812 §5.3.1: TTL (hop limit) <= 1 -> "ttl" + ICMP Time Exceeded;
+    otherwise decrement it (IPv4 checksum fixed incrementally, RFC 1624).
+ 6. MTU (RFC 2003 §5.1, RFC 4459): larger than the peer's tunnel MTU -> IPv6: ICMPv6 Packet
+    Too Big (RFC 4443 §3.2, MTU at least 1280: smaller tunnels let the underlay fragment);
+    IPv4 with DF: ICMP Fragmentation Needed with the tunnel MTU (RFC 1191 §4); IPv4
+    without DF: fragmented before encapsulation (RFC 4459 §3, "inner fragmentation", the
+    end host reassembles; `pmtu.fragment = false` drops "too_big" instead).
+ 7. MSS clamp of SYN / SYN-ACK (bridge/mss.py), then encapsulate (bridge/encap.py) and
+    append to out.udp[peer endpoint]. Per-peer tx counters.
+Inbound flow (peer -> TUN):
+ 1. Source address -> peer (no roaming; port ignored, RFC 8086 §3.2.1) else "unknown_peer".
+ 2. GRE checks (version, flags, checksum, key, protocol) or IPIP version nibble;
+    keepalives end here (liveness only).
+ 3. Inner IP length checks; inner source must route back to that peer ("spoofed_source",
+    WireGuard AllowedIPs); inner TTL 0 -> "ttl" (RFC 2003 §3.1: MUST discard; the
+    decapsulator does not decrement); inner destination a tunnel endpoint -> "loop".
+ 4. MSS clamp, then the peer's sequence policy (bridge/seqpolicy.py) delivers to out.tun.
+Every drop increments exactly one reason; nothing a peer sends can raise.
+
+Liveness: each peer gets a keepalive (bridge/encap.py) when nothing was sent to it for
+`keepalive` seconds; a peer not heard from for `dead_after` seconds is down (up again on
+the next valid datagram). ICMP errors to the TUN share one token bucket (pmtu.icmp_rate,
+pmtu.icmp_burst) refilled from `now`.
 """
 
 from __future__ import annotations
@@ -19,12 +49,21 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from bridge.config import Config
+from bridge import counters as C
+from bridge.config import Config, DownAction, Encapsulation, SeqPolicy, SourcePort
 from bridge.counters import Counters
+from bridge.encap import KEEPALIVE, GreEncoder, decode_gre, flow_source_port, overhead
+from bridge.mss import clamp_packet
+from bridge.peers import PeerTable
+from bridge.seqpolicy import SeqReceiver
+from stack.wire import icmp
+from stack.wire.ip import DF, OFFSET_MASK, PROTO_TCP, decrement_ttl_v4, fragment_v4, packet_length
 
-__all__ = ["Bridge", "Output"]
+__all__ = ["Bridge", "Output", "PeerState"]
 
 Addr = tuple[str, int]
+Buf = bytes | bytearray | memoryview
+IPV6_MIN_MTU = 1280  # RFC 8200 §5
 
 
 class Output:
@@ -33,9 +72,9 @@ class Output:
     __slots__ = ("udp", "udp_sport", "tun")
 
     def __init__(self) -> None:
-        self.udp: dict[Addr, list[bytes]] = {}
+        self.udp: dict[Addr, list[bytes | bytearray]] = {}
         self.udp_sport: dict[Addr, list[int]] = {}
-        self.tun: list[bytes] = []
+        self.tun: list[bytes | bytearray] = []
 
     def clear(self) -> None:
         self.udp.clear()
@@ -46,31 +85,375 @@ class Output:
         return bool(self.udp or self.tun)
 
 
+class PeerState:
+    """Runtime state of one peer (one object per peer, not per packet)."""
+
+    __slots__ = ("index", "name", "addr", "gre", "encoder", "key_in", "csum_in", "mtu",
+                 "seq", "reorder", "up", "heard", "last_rx", "last_tx", "keepalive",
+                 "dead_after", "withdraw", "flow_sport", "keepalive_payload")
+
+    def __init__(self, index: int, cfg: Any, mtu: int, now: float) -> None:
+        self.index = index
+        self.name: str = cfg.name
+        self.addr: Addr = (cfg.host, cfg.port)
+        self.gre = cfg.encapsulation is Encapsulation.GRE
+        self.encoder = GreEncoder(cfg.key_out, cfg.sequence is not SeqPolicy.OFF, cfg.checksum)
+        self.key_in: int | None = cfg.key_in
+        self.csum_in: bool = cfg.checksum
+        self.mtu = mtu
+        self.seq = SeqReceiver(cfg.sequence, cfg.max_packets_held,
+                               cfg.outoforder_timer_ms / 1000.0)
+        self.reorder = cfg.sequence is SeqPolicy.REORDER
+        self.up = True  # until dead_after passes without a word from it
+        self.heard = False
+        self.last_rx = now
+        self.last_tx = now
+        self.keepalive: float = cfg.keepalive
+        self.dead_after: float = cfg.dead_after
+        self.withdraw = cfg.down_action is DownAction.WITHDRAW
+        self.flow_sport = cfg.source_port is SourcePort.FLOW_HASH
+        self.keepalive_payload = self.encoder.keepalive() if self.gre else b""
+
+
 class Bridge:
     """The data plane of one endpoint. Pure: no sockets, no clock (`now` is passed in)."""
 
     def __init__(self, config: Config, now: float, underlay_mtu: int | None = None) -> None:
         self.config = config
+        underlay = underlay_mtu or config.pmtu.underlay_mtu
+        self.underlay_mtu = underlay
+        self.table = PeerTable(config.peers, local=[config.listen.address])
         self.counters = Counters([p.name for p in config.peers])
-        self.tun_mtu = config.tun.mtu or (underlay_mtu or config.pmtu.underlay_mtu) - 56
+        self.peers: list[PeerState] = []
+        for i, p in enumerate(config.peers):
+            gre = p.encapsulation is Encapsulation.GRE
+            ovh = overhead(gre, p.ipv6, p.key_out is not None, p.sequence is not SeqPolicy.OFF,
+                           p.checksum)
+            self.peers.append(PeerState(i, p, config.tun.mtu or underlay - ovh, now))
+        mtus = [p.mtu for p in self.peers]
+        self.tun_mtu: int = config.tun.mtu or (min(mtus) if mtus else underlay - 28)
+        self.mss_clamp = config.mss_clamp
+        self.fragment = config.pmtu.fragment
+        self.icmp_rate = config.pmtu.icmp_rate
+        self.icmp_burst = float(config.pmtu.icmp_burst)
+        self._tokens = self.icmp_burst
+        self._tokens_at = now
+        self._src4 = self._src6 = b""
+        for a in config.tun.addresses:
+            if a.version == 4 and not self._src4:
+                self._src4 = a.ip.packed
+            elif a.version == 6 and not self._src6:
+                self._src6 = a.ip.packed
+        self.started = now
 
-    def from_tun(self, packets: Iterable[bytes | bytearray | memoryview], now: float,
+    # ---------------------------------------------------------------- TUN -> peers
+
+    def from_tun(self, packets: Iterable[Buf], now: float, out: Output) -> None:
+        """Encapsulate inner packets toward their peers (out.udp); ICMP errors to out.tun.
+
+        Never raises for bad packets: each drop is counted by reason.
+        """
+        drops = self.counters.drops
+        table = self.table
+        peers = self.peers
+        for pkt in packets:
+            n = packet_length(pkt)
+            if not n:
+                drops[C.R_MALFORMED] += 1
+                continue
+            v6 = pkt[0] >> 4 == 6
+            if v6:
+                dst = pkt[24:40]
+                ttl = pkt[7]
+            else:
+                dst = pkt[16:20]
+                ttl = pkt[8]
+            if table.is_endpoint(dst):
+                drops[C.R_LOOP] += 1  # RFC 2003 §4: never tunnel to a tunnel endpoint
+                continue
+            idx = table.lookup(dst)
+            if idx < 0:
+                drops[C.R_NO_ROUTE] += 1
+                self._unreachable(pkt, v6, now, out)
+                continue
+            peer = peers[idx]
+            if peer.withdraw and not peer.up:
+                drops[C.R_PEER_DOWN] += 1
+                self._unreachable(pkt, v6, now, out)
+                continue
+            if ttl <= 1:  # RFC 2003 §3.1, RFC 1812 §5.3.1
+                drops[C.R_TTL] += 1
+                if v6:
+                    self._icmp(pkt, True, icmp.ICMP6_TIME_EXCEEDED, 0, 0, now, out)
+                else:
+                    self._icmp(pkt, False, icmp.ICMP4_TIME_EXCEEDED, 0, 0, now, out)
+                continue
+            if n > peer.mtu:
+                self._too_big(peer, pkt, n, v6, now, out)
+                continue
+            self._send(peer, pkt if n == len(pkt) else memoryview(pkt)[:n], v6, now, out)
+
+    def _send(self, peer: PeerState, pkt: Buf, v6: bool, now: float, out: Output) -> None:
+        if peer.gre:
+            enc = peer.encoder
+            dgram = enc.wrap(pkt, v6)
+            off = enc.hlen
+        else:
+            dgram = bytearray(pkt)
+            off = 0
+        if v6:
+            dgram[off + 7] -= 1  # hop limit: not covered by any checksum
+        else:
+            decrement_ttl_v4(dgram, off)
+        if self.mss_clamp and clamp_packet(dgram, off, peer.mtu):
+            self.counters.events[C.E_MSS_CLAMPED] += 1
+        if peer.gre:
+            peer.encoder.seal(dgram)
+        self._emit(peer, dgram, now, out)
+        if peer.flow_sport:
+            sports = out.udp_sport.get(peer.addr)
+            if sports is None:
+                sports = out.udp_sport[peer.addr] = []
+            sports.append(flow_source_port(pkt))
+
+    def _emit(self, peer: PeerState, dgram: bytes | bytearray, now: float, out: Output) -> None:
+        lst = out.udp.get(peer.addr)
+        if lst is None:
+            lst = out.udp[peer.addr] = []
+        lst.append(dgram)
+        c = self.counters
+        c.tx_packets[peer.index] += 1
+        c.tx_bytes[peer.index] += len(dgram)
+        peer.last_tx = now
+
+    def _too_big(self, peer: PeerState, pkt: Buf, n: int, v6: bool, now: float,
                  out: Output) -> None:
-        """Encapsulate inner packets toward their peers (out.udp), ICMP errors to out.tun."""
-        raise NotImplementedError
+        drops = self.counters.drops
+        if v6:
+            limit = max(peer.mtu, IPV6_MIN_MTU)
+            if n <= limit:  # RFC 8200 §5: the tunnel carries 1280; the underlay fragments
+                self._send(peer, memoryview(pkt)[:n], True, now, out)
+                return
+            drops[C.R_TOO_BIG] += 1
+            self._icmp(pkt, True, icmp.ICMP6_PACKET_TOO_BIG, 0, limit, now, out)
+            return
+        flags = (pkt[6] << 8) | pkt[7]
+        if flags & DF:
+            drops[C.R_TOO_BIG] += 1  # RFC 1191 §4: report the tunnel MTU
+            self._icmp(pkt, False, icmp.ICMP4_UNREACH, icmp.UNREACH_FRAG_NEEDED,
+                       peer.mtu & 0xFFFF, now, out)
+            return
+        if not self.fragment or peer.mtu < 68:
+            drops[C.R_TOO_BIG] += 1
+            return
+        self.counters.events[C.E_FRAGMENTED] += 1  # RFC 4459 §3: fragment the inner packet
+        for frag in fragment_v4(memoryview(pkt)[:n], peer.mtu):
+            self._send(peer, frag, False, now, out)
 
-    def from_udp(self, datagrams: Iterable[tuple[bytes | bytearray | memoryview, Addr]],
-                 now: float, out: Output) -> None:
-        """Decapsulate datagrams; inner packets go to out.tun. Never raises for bad input."""
-        raise NotImplementedError
+    # ---------------------------------------------------------------- ICMP errors
+
+    def _unreachable(self, pkt: Buf, v6: bool, now: float, out: Output) -> None:
+        if v6:
+            self._icmp(pkt, True, icmp.ICMP6_UNREACH, icmp.UNREACH6_NO_ROUTE, 0, now, out)
+        else:
+            self._icmp(pkt, False, icmp.ICMP4_UNREACH, icmp.UNREACH_HOST, 0, now, out)
+
+    def _icmp(self, pkt: Buf, v6: bool, typ: int, code: int, info: int, now: float,
+              out: Output) -> None:
+        """Write an ICMP error about `pkt` to the TUN, if allowed and within the rate."""
+        ev = self.counters.events
+        src = self._src6 if v6 else self._src4
+        if not src:
+            return  # no address of that family on the TUN to speak from
+        if v6:
+            if not icmp.error_allowed_v6(pkt, typ == icmp.ICMP6_PACKET_TOO_BIG):
+                return
+        elif not icmp.error_allowed_v4(pkt):
+            return
+        tokens = min(self.icmp_burst, self._tokens + (now - self._tokens_at) * self.icmp_rate)
+        self._tokens_at = now
+        if tokens < 1.0:
+            self._tokens = tokens
+            ev[C.E_ICMP_RATE_LIMITED] += 1
+            return
+        self._tokens = tokens - 1.0
+        build = icmp.icmp6_error if v6 else icmp.icmp4_error
+        out.tun.append(build(pkt, typ, code, src, info))
+        ev[C.E_ICMP_SENT] += 1
+
+    # ---------------------------------------------------------------- peers -> TUN
+
+    def from_udp(self, datagrams: Iterable[tuple[Buf, Addr]], now: float, out: Output) -> None:
+        """Decapsulate datagrams; inner packets go to out.tun. Never raises for bad input.
+
+        Inner packets are copied out of the datagram, so the I/O layer may reuse its
+        receive buffers as soon as this returns.
+        """
+        c = self.counters
+        drops = c.drops
+        table = self.table
+        peers = self.peers
+        for payload, addr in datagrams:
+            cands = table.by_host(addr[0]) if isinstance(addr, tuple) and addr else ()
+            if not cands:
+                drops[C.R_UNKNOWN_PEER] += 1
+                continue
+            peer = peers[cands[0]] if len(cands) == 1 else self._pick(cands, payload)
+            n = len(payload)
+            if peer.gre:
+                status, off, seq = decode_gre(payload, peer.key_in, peer.csum_in)
+                if status != -1:
+                    if status == KEEPALIVE:
+                        self._heard(peer, now)
+                        c.events[C.E_KEEPALIVE_RX] += 1
+                    else:
+                        drops[status] += 1
+                    continue
+                inner = memoryview(payload)[off:]
+            else:
+                if n == 0:  # IPIP keepalive: an empty datagram
+                    self._heard(peer, now)
+                    c.events[C.E_KEEPALIVE_RX] += 1
+                    continue
+                seq = -1
+                inner = memoryview(payload)
+            tot = packet_length(inner)
+            if not tot:
+                drops[C.R_MALFORMED] += 1
+                continue
+            self._heard(peer, now)
+            if inner[0] >> 4 == 4:
+                src = inner[12:16]
+                dst = inner[16:20]
+                ttl = inner[8]
+            else:
+                src = inner[8:24]
+                dst = inner[24:40]
+                ttl = inner[7]
+            if not table.allowed(peer.index, src):
+                drops[C.R_SPOOFED_SOURCE] += 1
+                continue
+            if ttl == 0:
+                drops[C.R_TTL] += 1  # RFC 2003 §3.1: MUST discard, do not decrement
+                continue
+            if table.is_endpoint(dst):
+                drops[C.R_LOOP] += 1
+                continue
+            pkt: bytes | bytearray
+            if self.mss_clamp and _maybe_syn(inner, tot):
+                pkt = bytearray(inner[:tot])
+                if clamp_packet(pkt, 0, peer.mtu):
+                    c.events[C.E_MSS_CLAMPED] += 1
+            else:
+                pkt = bytes(inner[:tot])
+            if peer.seq.policy is SeqPolicy.OFF:
+                out.tun.append(pkt)
+            else:
+                flushes = peer.seq.flushes
+                held = len(peer.seq.held)
+                reason = peer.seq.receive(seq, pkt, now, out.tun)
+                if reason >= 0:
+                    drops[reason] += 1
+                    continue
+                if len(peer.seq.held) > held:
+                    c.events[C.E_REORDER_HELD] += 1
+                c.events[C.E_REORDER_FLUSHED] += peer.seq.flushes - flushes
+            c.rx_packets[peer.index] += 1
+            c.rx_bytes[peer.index] += n
+
+    def _pick(self, cands: tuple[int, ...], payload: Buf) -> PeerState:
+        """Several peers share the source host: the GRE key tells them apart (RFC 2890 §2.1)."""
+        key: int | None = None
+        if len(payload) >= 4 and payload[0] & 0x20:
+            koff = 8 if payload[0] & 0x80 else 4
+            if len(payload) >= koff + 4:
+                key = int.from_bytes(payload[koff : koff + 4], "big")
+        for i in cands:
+            if self.peers[i].gre and self.peers[i].key_in == key:
+                return self.peers[i]
+        return self.peers[cands[0]]
+
+    def _heard(self, peer: PeerState, now: float) -> None:
+        peer.last_rx = now
+        peer.heard = True
+        if not peer.up:
+            peer.up = True
+            self.counters.events[C.E_PEER_UP] += 1
+
+    # ---------------------------------------------------------------- timers
 
     def get_timer(self) -> float | None:
         """The next deadline (keepalive, liveness, reorder flush), or None."""
-        return None
+        best: float | None = None
+        for p in self.peers:
+            for t in (
+                p.last_tx + p.keepalive if p.keepalive > 0 else None,
+                p.last_rx + p.dead_after if p.up and p.dead_after > 0 else None,
+                p.seq.deadline(),
+            ):
+                if t is not None and (best is None or t < best):
+                    best = t
+        return best
 
     def handle_timer(self, now: float, out: Output) -> None:
-        """Run everything due at `now` (keepalives to out.udp, reorder flushes to out.tun)."""
+        """Run everything due at `now`: reorder flushes to out.tun, keepalives to out.udp,
+        peers going down. Safe to call early or often."""
+        ev = self.counters.events
+        for p in self.peers:
+            if p.reorder:
+                released = p.seq.expire(now, out.tun)
+                if released:
+                    ev[C.E_REORDER_FLUSHED] += 1
+            if p.keepalive > 0 and now >= p.last_tx + p.keepalive:
+                self._emit(p, p.keepalive_payload, now, out)
+                ev[C.E_KEEPALIVE_TX] += 1
+            if p.up and p.dead_after > 0 and now >= p.last_rx + p.dead_after:
+                p.up = False
+                ev[C.E_PEER_DOWN] += 1
+
+    # ---------------------------------------------------------------- status
 
     def status(self, now: float) -> dict[str, Any]:
-        """JSON-able status for `grebe status`."""
-        return {"tun_mtu": self.tun_mtu, "counters": self.counters.snapshot()}
+        """JSON-able status for `grebe status`: TUN, peers, counters."""
+        snap = self.counters.snapshot()
+        peers = []
+        for p, cfg in zip(self.peers, self.config.peers, strict=True):
+            peers.append({
+                "name": p.name,
+                "endpoint": f"[{p.addr[0]}]:{p.addr[1]}" if ":" in p.addr[0]
+                else f"{p.addr[0]}:{p.addr[1]}",
+                "encapsulation": cfg.encapsulation.value,
+                "prefixes": [str(n) for n in cfg.prefixes],
+                "up": p.up,
+                "last_seen_s": round(now - p.last_rx, 3) if p.heard else None,
+                "mtu": p.mtu,
+                "sequence": {"policy": cfg.sequence.value, "held": len(p.seq.held),
+                             "flushes": p.seq.flushes, "next_tx": p.encoder.seq},
+                **snap["peers"][p.name],
+            })
+        return {
+            "tun": {"name": self.config.tun.name, "mtu": self.tun_mtu},
+            "underlay_mtu": self.underlay_mtu,
+            "mss_clamp": self.mss_clamp,
+            "uptime_s": round(now - self.started, 3),
+            "peers": peers,
+            "drops": snap["drops"],
+            "events": snap["events"],
+        }
+
+    def metrics_text(self) -> str:
+        """Prometheus text exposition of the counters plus per-peer up gauges."""
+        return self.counters.prometheus(peer_up=[p.up for p in self.peers])
+
+
+def _maybe_syn(inner: memoryview, tot: int) -> bool:
+    """Cheap test: could this be a TCP SYN whose MSS needs clamping (RFC 9293 §3.7.1)?"""
+    if inner[0] >> 4 == 4:
+        if inner[9] != PROTO_TCP or ((inner[6] << 8) | inner[7]) & OFFSET_MASK:
+            return False
+        t = (inner[0] & 0x0F) * 4
+    else:
+        if inner[6] != PROTO_TCP:
+            return False
+        t = 40
+    return tot > t + 20 and bool(inner[t + 13] & 0x02)

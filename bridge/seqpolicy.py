@@ -1,0 +1,137 @@
+"""GRE sequence-number policies on receive: off, drop-late (Linux), reorder (RFC 2890 §2.2).
+
+Rules:
+- Serial-number arithmetic modulo 2**32 (RFC 1982 §3.2): `a` is after `b` when
+  0 < (a - b) mod 2**32 < 2**31.
+- off: sequence numbers are ignored (a packet with S is accepted like one without).
+- drop-late (Linux `iseq`, net/ipv4/ip_tunnel.c ip_tunnel_rcv): a packet without S is
+  dropped; the first packet is accepted whatever its number; after that a packet behind
+  the expected number ((s32)(seq - expected) < 0) is dropped, gaps are accepted, and
+  expected = seq + 1.
+- reorder (RFC 2890 §2.2): last = 2**32 - 1 at start. seq == last + 1 is delivered at once
+  (then any held successors in order). seq not after last (duplicate or late) SHOULD be
+  silently discarded (counted "sequence"). seq beyond last + 1 is held, sorted; held
+  packets never exceed MAX_PACKETS_HELD nor wait longer than OUTOFORDER_TIMER: when either
+  limit trips the whole buffer is delivered in order, ignoring gaps, and last = the last
+  delivered. A duplicate of a held packet is discarded. Packets without S are dropped
+  (the receiver asked for sequencing, like Linux iseq).
+
+Theory of operation: one `SeqReceiver` per peer (one key per peer, so the RFC's
+per-key sequence space is per peer). `receive(seq, packet, now, deliver)` appends what may
+be delivered now to `deliver` (the pipeline passes `out.tun`) and returns -1, or a drop
+reason. The reorder buffer is a dict seq -> packet plus the time its oldest entry arrived;
+`deadline()` is that time + OUTOFORDER_TIMER; `expire(now, deliver)` flushes when due.
+Sorting happens only on a flush (at most MAX_PACKETS_HELD entries).
+"""
+
+from __future__ import annotations
+
+from bridge.config import SeqPolicy
+from bridge.counters import R_SEQUENCE
+
+__all__ = ["SeqReceiver", "seq_after", "seq_diff"]
+
+_MOD = 1 << 32
+_HALF = 1 << 31
+
+
+def seq_diff(a: int, b: int) -> int:
+    """Signed serial difference a - b in [-2**31, 2**31) (RFC 1982 §3.2)."""
+    d = (a - b) & 0xFFFFFFFF
+    return d - _MOD if d >= _HALF else d
+
+
+def seq_after(a: int, b: int) -> bool:
+    """True if `a` comes after `b` in serial-number order."""
+    return 0 < ((a - b) & 0xFFFFFFFF) < _HALF
+
+
+class SeqReceiver:
+    """Receive-side sequence policy of one peer."""
+
+    __slots__ = ("policy", "max_held", "timer", "last", "started", "held", "held_since",
+                 "flushes")
+
+    def __init__(self, policy: SeqPolicy, max_held: int = 5, timer_s: float = 0.1) -> None:
+        if max_held < 1 or timer_s <= 0:
+            raise ValueError("max_held must be >= 1 and timer_s > 0")
+        self.policy = policy
+        self.max_held = max_held
+        self.timer = timer_s
+        self.last = 0xFFFFFFFF  # RFC 2890 §2.2: initialised to 2**32 - 1
+        self.started = False  # drop-late: Linux accepts the first packet whatever its seq
+        self.held: dict[int, bytes | bytearray] = {}
+        self.held_since = 0.0
+        self.flushes = 0
+
+    def receive(
+        self, seq: int, packet: bytes | bytearray, now: float,
+        deliver: list[bytes | bytearray],
+    ) -> int:
+        """Apply the policy to one packet (seq = -1: no S bit). Returns -1 or R_SEQUENCE."""
+        policy = self.policy
+        if policy is SeqPolicy.OFF:
+            deliver.append(packet)
+            return -1
+        if seq < 0:
+            return R_SEQUENCE
+        if policy is SeqPolicy.DROP_LATE:
+            if self.started and seq_diff(seq, (self.last + 1) & 0xFFFFFFFF) < 0:
+                return R_SEQUENCE
+            self.started = True
+            self.last = seq
+            deliver.append(packet)
+            return -1
+        return self._reorder(seq, packet, now, deliver)
+
+    def _reorder(
+        self, seq: int, packet: bytes | bytearray, now: float,
+        deliver: list[bytes | bytearray],
+    ) -> int:
+        d = (seq - self.last) & 0xFFFFFFFF
+        if d == 0 or d >= _HALF:
+            return R_SEQUENCE  # RFC 2890 §2.2: not after last -> silently discard
+        held = self.held
+        if d == 1:
+            deliver.append(packet)
+            self.last = seq
+            nxt = (seq + 1) & 0xFFFFFFFF
+            while nxt in held:  # the gap closed: release held successors in order
+                deliver.append(held.pop(nxt))
+                self.last = nxt
+                nxt = (nxt + 1) & 0xFFFFFFFF
+            # Packets still held keep held_since: the oldest remaining one arrived no earlier,
+            # so the deadline can only be early, never late (RFC 2890 §2.2 bounds the wait).
+            return -1
+        if seq in held:
+            return R_SEQUENCE  # duplicate of a held packet
+        if not held:
+            self.held_since = now
+        held[seq] = packet
+        if len(held) > self.max_held:  # RFC 2890 §2.2: MAX_PACKETS_HELD tripped
+            self.flush(deliver)
+        return -1
+
+    def flush(self, deliver: list[bytes | bytearray]) -> int:
+        """Deliver every held packet in serial order, ignoring gaps. Returns how many."""
+        held = self.held
+        if not held:
+            return 0
+        base = self.last
+        order = sorted(held, key=lambda s: (s - base) & 0xFFFFFFFF)
+        for s in order:
+            deliver.append(held[s])
+        self.last = order[-1]
+        held.clear()
+        self.flushes += 1
+        return len(order)
+
+    def deadline(self) -> float | None:
+        """When the oldest held packet reaches OUTOFORDER_TIMER, or None if none is held."""
+        return self.held_since + self.timer if self.held else None
+
+    def expire(self, now: float, deliver: list[bytes | bytearray]) -> int:
+        """Flush if the OUTOFORDER_TIMER of the oldest held packet ran out. Returns count."""
+        if self.held and now >= self.held_since + self.timer:
+            return self.flush(deliver)
+        return 0
