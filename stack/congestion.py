@@ -1,0 +1,117 @@
+"""Congestion control: RFC 5681 slow start and congestion avoidance, RFC 6582 NewReno.
+
+Rules:
+- RFC 5681 §3.1 (IW, as updated by RFC 3390): the initial window is
+  min(4*SMSS, max(2*SMSS, 4380)) bytes; ssthresh starts arbitrarily high.
+- RFC 5681 §3.1 eq. 2: in slow start (cwnd < ssthresh) each ACK of new data adds
+  min(N, SMSS) (N = bytes newly acknowledged; appropriate byte counting, RFC 3465, limit
+  L = 2*SMSS for stretch ACKs).
+- RFC 5681 §3.1 eq. 3: in congestion avoidance cwnd grows by about SMSS per RTT: bytes are
+  counted and cwnd += SMSS once a full cwnd has been acknowledged (RFC 3465 §2.1).
+- RFC 5681 §3.1 eq. 4 / §3.2 step 2: on a loss, ssthresh = max(FlightSize/2, 2*SMSS).
+- RFC 5681 §3.1: after an RTO, cwnd = LW = 1 SMSS.
+- RFC 5681 §3.2 + RFC 6582 §3.2: the third duplicate ACK starts fast retransmit and fast
+  recovery: recover = highest sequence sent, cwnd = ssthresh + 3*SMSS; each further
+  duplicate ACK inflates cwnd by SMSS; a partial ACK (below recover) retransmits the first
+  unacknowledged segment and deflates cwnd by the amount acknowledged, adding back SMSS;
+  a full ACK (covering recover) ends recovery with cwnd = min(ssthresh,
+  max(FlightSize, SMSS) + SMSS).
+- RFC 6582 §4.1: after an RTO, duplicate ACKs for data sent before it do not start a new
+  fast retransmit (recover is set to the highest sequence sent).
+- RFC 5681 §4.1: after an idle period longer than the RTO, cwnd = min(cwnd, IW).
+
+Theory of operation: `NewReno` keeps cwnd and ssthresh in bytes and the recovery point in
+absolute positions (stack/seq.py). The connection tells it what happened (`on_ack`,
+`on_dupack`, `on_timeout`, `on_idle`) and asks what to do: `on_dupack` and `on_ack` return
+True when a segment must be retransmitted at SND.UNA now.
+"""
+
+from __future__ import annotations
+
+__all__ = ["NewReno", "initial_window"]
+
+DUPTHRESH = 3
+
+
+def initial_window(smss: int) -> int:
+    """RFC 5681 §3.1 (RFC 3390) initial window in bytes."""
+    return min(4 * smss, max(2 * smss, 4380))
+
+
+class NewReno:
+    """Per-connection RFC 5681 + RFC 6582 state in bytes."""
+
+    __slots__ = ("smss", "cwnd", "ssthresh", "recover", "in_recovery", "dupacks", "_ca_acc")
+
+    def __init__(self, smss: int, initial_cwnd: int | None = None) -> None:
+        self.smss = smss
+        self.cwnd = initial_cwnd if initial_cwnd is not None else initial_window(smss)
+        self.ssthresh = 1 << 30
+        self.recover = 0
+        self.in_recovery = False
+        self.dupacks = 0
+        self._ca_acc = 0
+
+    def set_smss(self, smss: int) -> None:
+        """The handshake fixed SMSS: recompute the initial window (RFC 5681 §3.1)."""
+        self.smss = smss
+        self.cwnd = initial_window(smss)
+
+    def on_ack(self, acked: int, snd_una: int, flight: int) -> bool:
+        """New data acknowledged up to `snd_una` (absolute); `flight` is what remains out.
+
+        Returns True when a partial ACK in recovery asks for a retransmission at SND.UNA.
+        """
+        self.dupacks = 0
+        smss = self.smss
+        if self.in_recovery:
+            if snd_una >= self.recover:
+                # RFC 6582 §3.2 step 3, full acknowledgment.
+                self.in_recovery = False
+                self.cwnd = min(self.ssthresh, max(flight, smss) + smss)
+                return False
+            # RFC 6582 §3.2 step 3, partial acknowledgment.
+            self.cwnd = max(self.cwnd - acked, smss) + smss
+            return True
+        if self.cwnd < self.ssthresh:
+            self.cwnd += min(acked, 2 * smss)  # RFC 5681 eq. 2 with RFC 3465 L = 2*SMSS
+        else:
+            self._ca_acc += acked
+            if self._ca_acc >= self.cwnd:  # RFC 5681 eq. 3 by byte counting
+                self._ca_acc -= self.cwnd
+                self.cwnd += smss
+        return False
+
+    def on_dupack(self, snd_una: int, snd_max: int, flight: int) -> bool:
+        """A duplicate ACK (RFC 5681 §2 definition). Returns True to fast-retransmit now."""
+        self.dupacks += 1
+        if self.in_recovery:
+            self.cwnd += self.smss  # RFC 5681 §3.2 step 4 (inflation)
+            return False
+        if self.dupacks == DUPTHRESH:
+            if snd_una < self.recover:
+                return False  # RFC 6582 §4.1: loss of data sent before the last RTO
+            self.ssthresh = max(flight // 2, 2 * self.smss)
+            self.recover = snd_max
+            self.in_recovery = True
+            self.cwnd = self.ssthresh + DUPTHRESH * self.smss
+            return True
+        return False
+
+    def on_timeout(self, snd_max: int, flight: int, first: bool) -> None:
+        """The retransmission timer expired (RFC 5681 §3.1 eq. 4, LW = 1 SMSS).
+
+        `first` is False for a repeated expiry of the same segment: ssthresh is then kept
+        (RFC 5681 §3.1, "ssthresh is held constant" on a retransmission's loss).
+        """
+        if first:
+            self.ssthresh = max(flight // 2, 2 * self.smss)
+        self.cwnd = self.smss
+        self.in_recovery = False
+        self.recover = snd_max
+        self.dupacks = 0
+        self._ca_acc = 0
+
+    def on_idle(self) -> None:
+        """Idle for more than an RTO: restart from at most the initial window (RFC 5681 §4.1)."""
+        self.cwnd = min(self.cwnd, initial_window(self.smss))

@@ -1,0 +1,592 @@
+"""TcpConnection: a sans-I/O TCP endpoint (RFC 9293) driven by segments and `now`.
+
+Rules (each handler cites the clause it implements):
+- Segments and the caller's clock go in (`receive_segment(seg, now)`, `handle_timer(now)`);
+  segments, events and one deadline come out (`segments_to_send(now)`, `next_event()`,
+  `get_timer()`). No sockets, threads, globals or clock inside (aioquic's shape).
+- A misbehaving peer never raises: its segment is dropped and counted in `drops`, or
+  answered with an ACK or a RST, or ends the connection with an event. Misuse of this API
+  raises LocalProtocolError.
+- Input follows RFC 9293 §3.10.7 ("SEGMENT ARRIVES") state by state, with RFC 5961 (RST
+  and SYN challenge ACKs, ACK range check), RFC 7323 (PAWS, TS.Recent) and RFC 2018 (SACK)
+  woven in; output is built by stack/tcp_output.py (SWS avoidance, Nagle, window
+  advertisement, retransmission) and timers by stack/tcp_timers.py.
+
+Theory of operation: positions are absolute ints (stack/seq.py): our SYN is 0, our first
+data byte 1, our FIN 1 + stream length; likewise for the peer from IRS. A 32-bit number
+from a segment is unwrapped once against RCV.NXT or SND.UNA, so that the acceptability
+tests, windows and buffers need no modular arithmetic. `receive_segment` first tries the
+header-prediction fast path (RFC 9293 §3.10 note, Van Jacobson): ESTABLISHED, only ACK
+(and PSH) set, the expected sequence number, nothing out of order, an ACK within range;
+then either in-order data (appended to the receive queue, ACK delayed) or a pure ACK of
+new data. Everything else takes the per-state slow path. Output is pulled: receiving only
+updates state and sets flags (ACK now, retransmit, RST to send); `segments_to_send`
+turns state into segments, so ACKs for a whole batch of input are aggregated (MUST-58/59).
+"""
+
+from __future__ import annotations
+
+from stack.events import (
+    Connected,
+    ConnectionReset,
+    DataReceived,
+    Event,
+    LocalProtocolError,
+    PeerFinished,
+)
+from stack.seq import HALF, MASK, isn_rfc6528
+from stack.state import CAN_RECEIVE, CAN_SEND, State
+from stack.tcp_core import Endpoint
+from stack.tcp_output import OutputMixin
+from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpSegment
+
+__all__ = ["TcpConnection", "Endpoint"]
+
+_DATA = object()  # marker in the event queue: "deliver the receive queue here"
+_FAST_FLAGS = (ACK, ACK | PSH)
+
+
+class TcpConnection(OutputMixin):
+    """One TCP connection between `local` and `remote` (packed address, port)."""
+
+    # ------------------------------------------------------------------ API: opening
+
+    @property
+    def state(self) -> State:
+        """The RFC 9293 state."""
+        return self._state
+
+    @property
+    def send_mss(self) -> int:
+        """Payload bytes per wire segment (RFC 9293 MUST-16); the adapter's GSO size."""
+        return self._send_mss
+
+    def connect(self, now: float) -> None:
+        """Active OPEN (RFC 9293 §3.10.1): send a SYN. Raises LocalProtocolError unless CLOSED."""
+        if self._state is not State.CLOSED or self._snd_max:
+            raise LocalProtocolError(f"connect() in state {self._state}")
+        self._choose_iss(now)
+        self._state = State.SYN_SENT
+        self._snd_una = self._snd_nxt = 0
+
+    def listen(self) -> None:
+        """Passive OPEN (RFC 9293 §3.10.1): wait for a SYN. Raises unless CLOSED."""
+        if self._state is not State.CLOSED or self._snd_max:
+            raise LocalProtocolError(f"listen() in state {self._state}")
+        self._state = State.LISTEN
+        self._passive = True
+
+    def _choose_iss(self, now: float) -> None:
+        if self._iss_given is None:
+            self._iss = isn_rfc6528(self.config.isn_key, self.local, self.remote, now)
+
+    # ------------------------------------------------------------------ API: data
+
+    def send(self, data: bytes | bytearray | memoryview) -> int:
+        """Queue bytes to send; return how many fit in the send buffer (0 when full).
+
+        Raises LocalProtocolError after close() or when the connection cannot send.
+        """
+        st = self._state
+        if self._close_requested or not (
+            st in CAN_SEND or st is State.SYN_SENT or st is State.SYN_RECEIVED
+        ):
+            raise LocalProtocolError(f"send() in state {st}")
+        return self._sendbuf.append(data)
+
+    @property
+    def send_buffer_free(self) -> int:
+        """Bytes send() would accept now."""
+        return self._sendbuf.free
+
+    def read(self, max_bytes: int = -1) -> bytes:
+        """Take up to `max_bytes` (all if negative) of in-order received bytes."""
+        if not self._rx:
+            return b""
+        data = b"".join(self._rx)
+        if 0 <= max_bytes < len(data):
+            rest = data[max_bytes:]
+            data = data[:max_bytes]
+            self._rx = [rest]
+        else:
+            self._rx = []
+        self._rx_len -= len(data)
+        if not self.config.auto_consume:
+            self._rx_held += len(data)
+        self._maybe_window_update()
+        return data
+
+    def consumed(self, n: int) -> None:
+        """The application processed `n` delivered bytes: reopen that much window."""
+        if n < 0 or n > self._rx_held:
+            raise LocalProtocolError(f"consumed({n}) but {self._rx_held} bytes are held")
+        self._rx_held -= n
+        self._maybe_window_update()
+
+    def close(self) -> None:
+        """CLOSE (RFC 9293 §3.10.4): send FIN after the queued data (half-close).
+
+        Raises LocalProtocolError if close() was already called or the connection is closed.
+        """
+        st = self._state
+        if self._close_requested or st is State.CLOSED:
+            raise LocalProtocolError(f"close() in state {st}")
+        self._close_requested = True
+        if st is State.LISTEN or st is State.SYN_SENT:
+            self._enter_closed()
+            return
+        self._fin_abs = 1 + self._sendbuf.end
+        if st is State.ESTABLISHED:
+            self._state = State.FIN_WAIT_1
+        elif st is State.CLOSE_WAIT:
+            self._state = State.LAST_ACK
+        # SYN-RECEIVED: the FIN goes out once ESTABLISHED (RFC 9293 §3.10.4).
+
+    def abort(self) -> None:
+        """ABORT (RFC 9293 §3.10.5): send RST <SEQ=SND.NXT> if synchronized, then CLOSED."""
+        st = self._state
+        if st is State.CLOSED:
+            return
+        if st is not State.LISTEN and st is not State.SYN_SENT:
+            self._queue_rst(self._seq_of(self._snd_nxt), None)
+        self._enter_closed()
+
+    def next_event(self) -> Event | None:
+        """Return the next event, or None when there is none for now."""
+        while self._events:
+            ev = self._events.popleft()
+            if ev is _DATA:
+                if not self._rx:
+                    continue
+                data = b"".join(self._rx)
+                self._rx = []
+                self._rx_len = 0
+                if not self.config.auto_consume:
+                    self._rx_held += len(data)
+                self._maybe_window_update()
+                return DataReceived(data)
+            assert isinstance(ev, Event)
+            return ev
+        return None
+
+    # ------------------------------------------------------------------ input
+
+    def receive_segment(self, seg: TcpSegment, now: float) -> None:
+        """Process one segment addressed to this connection (RFC 9293 §3.10.7). Never raises."""
+        # Header prediction (RFC 9293 §3.10 note; Van Jacobson).
+        if (
+            self._state is State.ESTABLISHED
+            and seg.flags in _FAST_FLAGS
+            and seg.seq == (self._irs + self._rcv_nxt) & MASK
+            and not self._ooo
+        ):
+            ts = seg.ts
+            if self._ts_on:
+                if ts is None or (
+                    self._ts_recent is not None and (ts[0] - self._ts_recent) & MASK >= HALF
+                ):
+                    self._slow_path(seg, now)
+                    return
+            d = (seg.ack - self._iss - self._snd_una) & MASK
+            n = len(seg.payload)
+            wnd = seg.window << self._snd_wscale
+            if n and d == 0 and wnd == self._snd_wnd and n <= self._rcv_adv - self._rcv_nxt:
+                if ts is not None and self._rcv_nxt <= self._last_ack_sent:
+                    self._ts_recent = ts[0]  # RFC 7323 §4.3
+                    self._ts_recent_at = now
+                self._accept_in_order(seg.payload, n, now)
+                return
+            if not n and 0 < d <= self._snd_max - self._snd_una:
+                if ts is not None and self._rcv_nxt <= self._last_ack_sent:
+                    self._ts_recent = ts[0]  # RFC 7323 §4.3
+                    self._ts_recent_at = now
+                ack_abs = self._snd_una + d
+                self._new_ack(ack_abs, d, ts, now)
+                self._update_window(wnd, self._rcv_nxt, ack_abs)  # WL1 <= RCV.NXT, WL2 < ack
+                return
+        self._slow_path(seg, now)
+
+    def _slow_path(self, seg: TcpSegment, now: float) -> None:
+        st = self._state
+        if st is State.CLOSED:
+            self._drop("closed")
+            if not seg.flags & RST:
+                self._reset_for(seg)  # RFC 9293 §3.10.7.1
+        elif st is State.LISTEN:
+            self._on_listen(seg, now)
+        elif st is State.SYN_SENT:
+            self._on_syn_sent(seg, now)
+        else:
+            self._on_synchronized(seg, now)
+
+    def _on_listen(self, seg: TcpSegment, now: float) -> None:
+        """RFC 9293 §3.10.7.2."""
+        f = seg.flags
+        if f & RST:
+            self._drop("rst_in_listen")  # "An incoming RST should be ignored."
+            return
+        if f & ACK:
+            self._drop("ack_in_listen")
+            self._queue_rst(seg.ack, None)  # <SEQ=SEG.ACK><CTL=RST>
+            return
+        if not f & SYN:
+            self._drop("no_syn_in_listen")
+            return
+        self._choose_iss(now)
+        self._take_syn(seg, now)
+        self._snd_wnd = seg.window  # never scaled in a SYN (RFC 7323 §2.2)
+        self._snd_wl1, self._snd_wl2 = 0, 0
+        self._max_snd_wnd = self._snd_wnd
+        self._state = State.SYN_RECEIVED
+        self._snd_una = self._snd_nxt = 0  # the SYN-ACK is produced by the output
+
+    def _take_syn(self, seg: TcpSegment, now: float) -> None:
+        """Record IRS and negotiate options from the peer's SYN (RFC 9293 §3.10.7.2/3)."""
+        cfg = self.config
+        self._irs = seg.seq
+        self._rcv_nxt = 1
+        self._last_ack_sent = 1
+        if seg.mss is not None and seg.mss > 0:  # MUST-14: the peer's MSS bounds ours
+            self._peer_mss = seg.mss
+        self._ts_on = cfg.timestamps and seg.ts is not None
+        if self._ts_on and seg.ts is not None:
+            self._ts_recent = seg.ts[0]
+            self._ts_recent_at = now
+        self._sack_on = cfg.sack and seg.sack_perm
+        self._ws_on = cfg.window_scaling and seg.wscale is not None
+        if self._ws_on and seg.wscale is not None:
+            self._snd_wscale = min(seg.wscale, 14)  # RFC 7323 §2.3
+            self._rcv_wscale = cfg.rcv_wscale
+        else:
+            self._snd_wscale = self._rcv_wscale = 0
+        # MUST-16: effective send MSS less the TCP options we always send.
+        self._send_mss = max(min(self._peer_mss, cfg.mss) - (12 if self._ts_on else 0), 64)
+        self._cc.set_smss(self._send_mss)
+        if cfg.initial_cwnd:
+            self._cc.cwnd = cfg.initial_cwnd
+
+    def _on_syn_sent(self, seg: TcpSegment, now: float) -> None:
+        """RFC 9293 §3.10.7.3."""
+        f = seg.flags
+        acceptable = False
+        if f & ACK:
+            d = (seg.ack - self._iss) & MASK
+            if d == 0 or d > self._snd_max:  # SEG.ACK =< ISS or > SND.NXT
+                if not f & RST:
+                    self._queue_rst(seg.ack, None)
+                self._drop("bad_ack_in_syn_sent")
+                return
+            acceptable = True
+        if f & RST:
+            if acceptable:  # RFC 5961 §3: only an RST that acknowledges our SYN
+                self._events.append(ConnectionReset("refused"))
+                self._enter_closed()
+            else:
+                self._drop("rst_in_syn_sent")
+            return
+        if not f & SYN:
+            self._drop("no_syn_in_syn_sent")
+            return
+        self._take_syn(seg, now)
+        if acceptable:
+            self._snd_una = 1
+            self._sacked = []
+            self._rto_at = None
+            self._rtt_sample_syn(seg, now)
+            self._snd_wnd = seg.window  # a SYN's window is never scaled (RFC 7323 §2.2)
+            self._snd_wl1, self._snd_wl2 = 0, 1
+            self._max_snd_wnd = self._snd_wnd
+            self._establish()
+            self._ack_now = True
+        else:
+            # MUST-10: simultaneous open; answer <SEQ=ISS><ACK=RCV.NXT><CTL=SYN,ACK>.
+            self._state = State.SYN_RECEIVED
+            self._snd_wnd = seg.window
+            self._max_snd_wnd = seg.window
+            self._snd_nxt = 0
+            self._rto_at = None
+
+    def _rtt_sample_syn(self, seg: TcpSegment, now: float) -> None:
+        if self._ts_on and seg.ts is not None and seg.ts[1]:
+            self._rto.sample(((self._ts_clock(now) - seg.ts[1]) & MASK) / 1000.0)
+        elif self._rtt_abs is not None:
+            self._rto.sample(now - self._rtt_at)
+        self._rtt_abs = None
+        if self._retries:
+            self._rto.syn_timed_out()  # RFC 6298 §5.7
+        self._retries = 0
+
+    def _establish(self) -> None:
+        self._state = State.ESTABLISHED
+        self._events.append(Connected())
+        if self._close_requested:
+            self._fin_abs = 1 + self._sendbuf.end
+            self._state = State.FIN_WAIT_1
+
+    def _on_synchronized(self, seg: TcpSegment, now: float) -> None:
+        """RFC 9293 §3.10.7.4, SYN-RECEIVED and every synchronized state."""
+        f = seg.flags
+        st = self._state
+        if st is State.SYN_RECEIVED and f & SYN and not f & (ACK | RST) and seg.seq == self._irs:
+            self._snd_nxt = 0  # the peer lost our SYN-ACK: send it again
+            return
+        # RFC 7323 §3.2 / §5.3: timestamps, then PAWS, before the sequence test.
+        ts = seg.ts
+        if self._ts_on and not f & RST:
+            if ts is None:
+                self._drop("missing_timestamp")  # SHOULD silently drop
+                return
+            if self._ts_recent is not None and (ts[0] - self._ts_recent) & MASK >= HALF:
+                if now - self._ts_recent_at <= 24 * 86400:
+                    self._drop("paws")
+                    self._ack_now = True  # R1: send an ACK, drop the segment
+                    return
+        rcv_nxt = self._rcv_nxt
+        seg_abs = self._unwrap_rcv(seg.seq)
+        payload = seg.payload
+        seg_len = len(payload) + (1 if f & SYN else 0) + (1 if f & FIN else 0)
+        wnd = max(self._rcv_adv - rcv_nxt, 0)
+        # First: the acceptability test, four cases (RFC 9293 §3.10.7.4 table).
+        if seg_len == 0:
+            ok = seg_abs == rcv_nxt if wnd == 0 else rcv_nxt <= seg_abs < rcv_nxt + wnd
+        elif wnd == 0:
+            ok = False
+        else:
+            end = seg_abs + seg_len - 1
+            ok = rcv_nxt <= seg_abs < rcv_nxt + wnd or rcv_nxt <= end < rcv_nxt + wnd
+        zero_wnd_ack = not ok and wnd == 0 and seg_abs == rcv_nxt and bool(f & ACK)
+        if not ok and not zero_wnd_ack:
+            if f & RST:
+                self._drop("rst_out_of_window")
+                return
+            self._drop("unacceptable")
+            self._ack_now = True  # "<SEQ=SND.NXT><ACK=RCV.NXT><CTL=ACK>"
+            return
+        # Second: RST (RFC 9293 §3.10.7.4 with RFC 5961 §3.2).
+        if f & RST:
+            if seg_abs != rcv_nxt:
+                self._drop("rst_challenged")
+                self._challenge_ack(now)
+                return
+            self._on_reset()
+            return
+        # Fourth: SYN in a synchronized state gets a challenge ACK (RFC 5961 §4.2).
+        if f & SYN:
+            self._drop("syn_challenged")
+            self._challenge_ack(now)
+            return
+        # Fifth: the ACK field.
+        if not f & ACK:
+            self._drop("no_ack")
+            return
+        if ts is not None and ts[0] != self._ts_recent and seg_abs <= self._last_ack_sent:
+            if self._ts_recent is None or (ts[0] - self._ts_recent) & MASK < HALF:
+                self._ts_recent = ts[0]  # RFC 7323 §4.3 (TS.Recent update rule)
+                self._ts_recent_at = now
+        if st is State.SYN_RECEIVED:
+            d = (seg.ack - self._iss) & MASK
+            if d == 0 or d > self._snd_max:
+                self._drop("bad_ack_in_syn_received")
+                self._queue_rst(seg.ack, None)
+                return
+            self._snd_una = 1
+            self._rto_at = None
+            self._rtt_sample_syn(seg, now)
+            self._snd_wnd = seg.window << self._snd_wscale
+            self._snd_wl1, self._snd_wl2 = seg_abs, 1
+            self._max_snd_wnd = self._snd_wnd
+            self._establish()
+            st = self._state
+        if not self._process_ack(seg, seg_abs, now):
+            return
+        st = self._state
+        if st is State.CLOSED:
+            return
+        # Seventh: segment text (RFC 9293 §3.10.7.4).
+        if payload and not zero_wnd_ack:
+            if st in CAN_RECEIVE:
+                self._receive_text(seg_abs, payload, now)
+            else:
+                self._drop("data_after_fin")
+        elif zero_wnd_ack and payload:
+            self._drop("zero_window")
+            self._ack_now = True
+        # Eighth: FIN.
+        if f & FIN and not zero_wnd_ack:
+            fin_pos = seg_abs + len(payload)
+            if fin_pos < self._rcv_adv or fin_pos == self._rcv_nxt:
+                if fin_pos == self._rcv_nxt:
+                    self._on_fin(now)
+                elif st in CAN_RECEIVE:
+                    self._ooo_fin = fin_pos  # FIN after a gap: take it when the gap fills
+                    self._ack_now = True
+
+    def _on_reset(self) -> None:
+        st = self._state
+        if st is State.SYN_RECEIVED and self._passive:
+            # MUST-11: return to LISTEN.
+            self._reset_to_listen()
+            return
+        if st is not State.TIME_WAIT:
+            self._events.append(
+                ConnectionReset("refused" if st is State.SYN_RECEIVED else "reset")
+            )
+        self._enter_closed()
+
+    def _reset_to_listen(self) -> None:
+        self._state = State.LISTEN
+        self._snd_una = self._snd_nxt = self._snd_max = 0
+        self._rto_at = None
+        self._retries = 0
+        self._ts_recent = None
+
+    def _process_ack(self, seg: TcpSegment, seg_abs: int, now: float) -> bool:
+        """RFC 9293 §3.10.7.4 fifth step. Returns False when the segment is finished."""
+        d = (seg.ack - self._iss - self._snd_una) & MASK
+        outstanding = self._snd_max - self._snd_una
+        wnd = seg.window << self._snd_wscale
+        if d > outstanding:
+            if d < HALF:
+                # Acknowledges something not yet sent (RFC 9293; RFC 5961 §5.2).
+                self._drop("ack_of_unsent")
+                self._ack_now = True
+                return False
+            behind = 0x100000000 - d
+            if behind > self._max_snd_wnd:
+                self._drop("ack_too_old")  # RFC 5961 §5.2: challenge ACK, drop
+                self._challenge_ack(now)
+                return False
+            return True  # an old duplicate ACK: ignore it, keep the text
+        ack_abs = self._snd_una + d
+        if self._sack_on and seg.sack:
+            self._update_scoreboard(seg.sack)
+        if d:
+            self._new_ack(ack_abs, d, seg.ts, now)
+        elif (
+            outstanding
+            and not seg.payload
+            and not seg.flags & (SYN | FIN)
+            and wnd == self._snd_wnd
+        ):
+            # RFC 5681 §2 duplicate ACK.
+            flight = self._snd_nxt - self._snd_una
+            if self._cc.on_dupack(self._snd_una, self._snd_max, flight):
+                self._retx_pending = True
+            elif self._cc.in_recovery and self._sack_on:
+                self._retx_pending = self._next_hole() is not None
+        if self._snd_wl1 < seg_abs or (self._snd_wl1 == seg_abs and self._snd_wl2 <= ack_abs):
+            self._update_window(wnd, seg_abs, ack_abs)
+        st = self._state
+        if self._fin_abs is not None and self._snd_una > self._fin_abs:
+            if st is State.FIN_WAIT_1:
+                self._state = State.FIN_WAIT_2
+            elif st is State.CLOSING:
+                self._enter_time_wait(now)
+            elif st is State.LAST_ACK:
+                self._enter_closed()
+                return False
+        if st is State.TIME_WAIT and seg.flags & FIN:
+            self._ack_now = True  # the peer's FIN again: ACK it and restart 2MSL
+            self._timewait_at = now + 2 * self.config.msl
+        return True
+
+    def _new_ack(self, ack_abs: int, acked: int, ts: tuple[int, int] | None, now: float) -> None:
+        """New data acknowledged (RFC 9293 §3.10.7.4; RFC 6298 §5.2-5.3; RFC 5681)."""
+        buf = self._sendbuf
+        buf.release(min(ack_abs - 1, buf.end))
+        self._snd_una = ack_abs
+        if self._snd_nxt < ack_abs:
+            self._snd_nxt = ack_abs
+        if self._ts_on and ts is not None and ts[1]:
+            self._rto.sample(((self._ts_clock(now) - ts[1]) & MASK) / 1000.0)  # RTTM
+        elif self._rtt_abs is not None and ack_abs >= self._rtt_abs:
+            self._rto.sample(now - self._rtt_at)
+            self._rtt_abs = None
+        self._rto.reset_backoff()
+        self._retries = 0
+        self.bytes_out = buf.base
+        if self._sacked and self._sacked[0][0] < ack_abs:
+            self._sacked = [(max(s, ack_abs), e) for s, e in self._sacked if e > ack_abs]
+        if self._cc.on_ack(acked, ack_abs, self._snd_nxt - ack_abs):
+            self._retx_pending = True  # RFC 6582 partial ACK
+        if ack_abs >= self._snd_max:
+            self._rto_at = None  # RFC 6298 §5.2
+        else:
+            self._rto_at = now + self._rto.rto  # RFC 6298 §5.3
+
+    def _update_window(self, wnd: int, seg_abs: int, ack_abs: int) -> None:
+        """SND.WND update (RFC 9293 §3.10.7.4: SND.WL1/SND.WL2 rule); MUST-34 shrink-safe."""
+        self._snd_wnd = wnd
+        self._snd_wl1 = seg_abs
+        self._snd_wl2 = ack_abs
+        if wnd > self._max_snd_wnd:
+            self._max_snd_wnd = wnd
+        if wnd:
+            self._persist_at = None
+            self._persist_backoff = 0
+
+    def _accept_in_order(self, payload: bytes | memoryview, n: int, now: float) -> None:
+        """In-order text (RFC 9293 §3.10.7.4 seventh step) and the ACK policy (§3.8.6.3)."""
+        self._rcv_nxt += n
+        self.bytes_in += n
+        self._rx.append(payload)
+        self._rx_len += n
+        if not self._events or self._events[-1] is not _DATA:
+            self._events.append(_DATA)
+        self._unacked_bytes += n
+        if self._unacked_bytes >= 2 * self._rcv_mss():  # SHLD-19: every second full segment
+            self._ack_now = True
+        elif self._delack_at is None:
+            self._delack_at = now + self.config.delayed_ack  # MUST-40: < 0.5 s
+
+    def _receive_text(self, seg_abs: int, payload: bytes | memoryview, now: float) -> None:
+        rcv_nxt = self._rcv_nxt
+        if seg_abs < rcv_nxt:  # trim what we already have
+            payload = memoryview(payload)[rcv_nxt - seg_abs :]
+            seg_abs = rcv_nxt
+        room = self._rcv_adv - seg_abs
+        if len(payload) > room:  # trim to the window
+            payload = memoryview(payload)[: max(room, 0)]
+        if not payload:
+            self._ack_now = True
+            return
+        if seg_abs == rcv_nxt:
+            had_gap = bool(self._ooo)
+            self._accept_in_order(payload, len(payload), now)
+            if had_gap:
+                nxt, pieces = self._ooo.pop_ready(self._rcv_nxt)
+                for piece in pieces:
+                    self._accept_in_order(piece, len(piece), now)
+                self._rcv_nxt = nxt
+                self._ack_now = True  # RFC 5681 §4.2: ACK at once when a gap fills
+                if self._ooo_fin is not None and self._ooo_fin == self._rcv_nxt:
+                    self._ooo_fin = None
+                    self._on_fin(now)
+            return
+        # Out of order: queue it (SHLD-31) and send a duplicate ACK at once (RFC 5681 §4.2).
+        if self._ooo.insert(seg_abs, payload) < 0:
+            self._drop("reassembly_full")
+        self._ack_now = True
+
+    def _on_fin(self, now: float) -> None:
+        """RFC 9293 §3.10.7.4 eighth step: the peer's FIN at RCV.NXT."""
+        self._rcv_nxt += 1
+        self._ack_now = True
+        if self._peer_fin:
+            return
+        self._peer_fin = True
+        self._events.append(PeerFinished())
+        st = self._state
+        if st is State.ESTABLISHED or st is State.SYN_RECEIVED:
+            self._state = State.CLOSE_WAIT
+        elif st is State.FIN_WAIT_1:
+            if self._fin_abs is not None and self._snd_una > self._fin_abs:
+                self._enter_time_wait(now)
+            else:
+                self._state = State.CLOSING
+        elif st is State.FIN_WAIT_2:
+            self._enter_time_wait(now)
+
+    def _unwrap_rcv(self, seq: int) -> int:
+        d = (seq - self._irs - self._rcv_nxt) & MASK
+        return self._rcv_nxt + (d - 0x100000000 if d >= HALF else d)

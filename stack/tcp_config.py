@@ -1,0 +1,90 @@
+"""TcpConfig: the frozen settings of one TcpConnection (or of every one a TcpDemux makes).
+
+Rules (the defaults and the RFC clause each one honours):
+- `mss` (RFC 9293 §3.7.1, MUST-14/MUST-67): the MSS we advertise in our SYN, the largest
+  segment we accept without complaint, and the cap on the MSS we send with (MMS_S). The
+  peer's MSS option, or 536 (IPv4) / 1220 (IPv6) without one (MUST-15), bounds what we send.
+- `tx_max_segment`: the largest payload in one *output* segment. 0 means one send MSS.
+  An adapter that writes to a TUN with GSO may ask for 64 KB super-segments; congestion
+  and flow control stay in bytes and SMSS, so the wire sees MSS-sized segments.
+- `delayed_ack` < 0.5 s (RFC 9293 §3.8.6.3 MUST-40); an ACK is sent at least for every
+  second full-sized segment (SHLD-19).
+- `msl`: TIME-WAIT lasts 2*MSL (RFC 9293 §3.6.1 MUST-13; MSL = 2 minutes by default).
+- `rto_initial`/`rto_min`/`rto_max`: RFC 6298 §2 (1 s, 1 s, 60 s).
+- `syn_retries`/`max_retries`: R2 for SYN and data (RFC 9293 §3.8.3 MUST-20..23; with the
+  backoff, the defaults give more than 3 minutes and 100 s).
+- `nagle` (RFC 9293 §3.7.4 SHLD-7, MUST-17 may be disabled).
+- `window_scaling`, `timestamps` (RFC 7323), `sack` (RFC 2018): offered in our SYN and
+  used only when the peer offers them too.
+- `challenge_ack_limit` per second (RFC 5961 §7 rate limit).
+- `isn_key`: the RFC 6528 secret; a fresh random one per config unless given.
+- `auto_consume`: when True, delivering data (DataReceived or read()) reopens the window;
+  when False the application calls `consumed(n)` (back-pressure).
+
+Theory of operation: a frozen slotted dataclass checked once in `__post_init__`; values that
+break an RFC MUST raise ValueError there, so a running connection never meets them.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+__all__ = ["TcpConfig"]
+
+
+def _random_key() -> bytes:
+    return secrets.token_bytes(16)
+
+
+@dataclass(frozen=True, slots=True)
+class TcpConfig:
+    """Settings for TcpConnection; see the module docstring for each field's rule."""
+
+    mss: int = 1460
+    tx_max_segment: int = 0
+    recv_buffer: int = 1 << 20
+    send_buffer: int = 1 << 20
+    reassembly_cap: int = 0  # 0: recv_buffer
+    reassembly_ranges: int = 64
+    window_scaling: bool = True
+    timestamps: bool = True
+    sack: bool = True
+    nagle: bool = True
+    delayed_ack: float = 0.04
+    msl: float = 120.0
+    rto_initial: float = 1.0
+    rto_min: float = 1.0
+    rto_max: float = 60.0
+    syn_retries: int = 6
+    max_retries: int = 15
+    initial_cwnd: int = 0  # 0: RFC 5681 IW
+    challenge_ack_limit: int = 10
+    auto_consume: bool = True
+    isn_key: bytes = field(default_factory=_random_key, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 88 <= self.mss <= 65495:
+            raise ValueError(f"mss {self.mss} outside 88..65495")
+        if self.tx_max_segment < 0 or self.tx_max_segment > 65535 * 4:
+            raise ValueError(f"tx_max_segment {self.tx_max_segment} outside 0..262140")
+        if not 0 < self.delayed_ack < 0.5:
+            raise ValueError("delayed_ack must be in (0, 0.5) s (RFC 9293 MUST-40)")
+        if self.recv_buffer < self.mss or self.send_buffer < 1:
+            raise ValueError("recv_buffer must hold one MSS and send_buffer one byte")
+        if self.recv_buffer > (1 << 30):
+            raise ValueError("recv_buffer above 2**30 (RFC 7323 §2.3 window limit)")
+        if not 0 < self.rto_min <= self.rto_initial <= self.rto_max:
+            raise ValueError("need 0 < rto_min <= rto_initial <= rto_max")
+        if self.msl <= 0 or self.syn_retries < 1 or self.max_retries < 1:
+            raise ValueError("msl, syn_retries and max_retries must be positive")
+        if not 1 <= len(self.isn_key) <= 32:
+            raise ValueError("isn_key must be 1..32 bytes")
+
+    @property
+    def rcv_wscale(self) -> int:
+        """Our window shift: the smallest that lets recv_buffer fit 16 bits (max 14)."""
+        s = 0
+        while (self.recv_buffer >> s) > 0xFFFF and s < 14:
+            s += 1
+        return s

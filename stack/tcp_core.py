@@ -1,0 +1,318 @@
+"""ConnectionCore: the state of one TCP connection, its timers, and shared helpers.
+
+Rules:
+- RFC 9293 §3.3.1: the send and receive sequence variables (SND.UNA, SND.NXT, SND.WND,
+  SND.WL1, SND.WL2, ISS, RCV.NXT, RCV.WND, IRS), kept as absolute positions
+  (stack/seq.py): our SYN is 0, our first data byte 1; the peer's likewise from IRS.
+- Timers (RFC 9293 §3.8): retransmission (RFC 6298 §5), delayed ACK (§3.8.6.3, MUST-40),
+  persist / zero-window probe (§3.8.6.1, MUST-35/36/37: probing goes on while the window
+  stays zero, without counting toward R2), TIME-WAIT 2*MSL (MUST-13). `get_timer()` is
+  the earliest deadline; `handle_timer(now)` acts on every expired one.
+- RFC 6298 §5.4-5.6 on expiry: retransmit the earliest unacknowledged segment (go back to
+  SND.UNA), double the RTO, restart the timer; RFC 5681 §3.1: cwnd = 1 SMSS; RFC 2018 §8:
+  forget SACK information. R2 (`max_retries`, `syn_retries`) ends the connection with
+  ConnectionReset("timeout") (MUST-20..23).
+- RFC 9293 §3.10.7.1: a segment for a CLOSED connection gets <SEQ=SEG.ACK><CTL=RST> if it
+  has ACK, else <SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>; an RST is never answered.
+
+Theory of operation: the connection is three classes in a line, one concern per module:
+ConnectionCore (state, timers, helpers) <- OutputMixin (stack/tcp_output.py: turning state
+into segments) <- TcpConnection (stack/connection.py: API and input). Input only sets
+flags and deadlines; output and timers read them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from stack.buffers import ReassemblyBuffer, SendBuffer
+from stack.congestion import NewReno
+from stack.events import Closed, ConnectionReset
+from stack.rto import RtoEstimator
+from stack.seq import MASK, ts_offset
+from stack.state import State
+from stack.tcp_config import TcpConfig
+from stack.wire.tcp import ACK, RST, TcpSegment
+
+__all__ = ["ConnectionCore", "Endpoint", "reset_reply"]
+
+Endpoint = tuple[bytes, int]  # (packed IPv4/IPv6 address, port)
+
+
+def reset_reply(seg: TcpSegment) -> TcpSegment | None:
+    """The RST answering `seg` when no connection takes it (RFC 9293 §3.10.7.1).
+
+    Returns None for an RST ("never answer an RST with an RST").
+    """
+    f = seg.flags
+    if f & RST:
+        return None
+    if f & ACK:
+        return TcpSegment(seg.dst_port, seg.src_port, seg.ack, 0, RST, 0)
+    return TcpSegment(
+        seg.dst_port, seg.src_port, 0, (seg.seq + seg.seg_len) & MASK, RST | ACK, 0
+    )
+
+
+class ConnectionCore:
+    """State, timers and helpers shared by input and output. Use TcpConnection."""
+
+    def __init__(
+        self,
+        local: Endpoint,
+        remote: Endpoint,
+        config: TcpConfig | None = None,
+        *,
+        iss: int | None = None,
+    ) -> None:
+        cfg = config if config is not None else TcpConfig()
+        self.config = cfg
+        self.local = local
+        self.remote = remote
+        self._state = State.CLOSED
+        self._iss_given = iss
+        self._iss = iss if iss is not None else 0
+        self._irs = 0
+        self._passive = False
+        # Send side (absolute positions; RFC 9293 §3.3.1 names).
+        self._snd_una = 0
+        self._snd_nxt = 0
+        self._snd_max = 0
+        self._snd_wnd = 0
+        self._snd_wl1 = 0
+        self._snd_wl2 = 0
+        self._max_snd_wnd = 0
+        self._snd_wscale = 0
+        self._sendbuf = SendBuffer(cfg.send_buffer)
+        self._fin_abs: int | None = None
+        default_mss = 536 if len(local[0]) == 4 else 1220  # MUST-15
+        self._peer_mss = default_mss
+        self._send_mss = min(default_mss, cfg.mss)
+        # Receive side.
+        self._rcv_nxt = 0
+        self._rcv_adv = 0
+        self._rcv_wscale = 0
+        self._rx: list[bytes | memoryview] = []
+        self._rx_len = 0
+        self._rx_held = 0
+        self._ooo = ReassemblyBuffer(cfg.reassembly_cap or cfg.recv_buffer, cfg.reassembly_ranges)
+        self._ooo_fin: int | None = None
+        self._peer_fin = False
+        # Negotiated options (RFC 7323, RFC 2018).
+        self._ts_on = False
+        self._sack_on = False
+        self._ws_on = False
+        self._ts_recent: int | None = None
+        self._ts_recent_at = 0.0
+        self._ts_off = ts_offset(cfg.isn_key, local, remote)
+        self._last_ack_sent = 0
+        self._sacked: list[tuple[int, int]] = []
+        self._recovery_pt = 0
+        # ACK generation (RFC 9293 §3.8.6.3, RFC 5681 §4.2).
+        self._ack_now = False
+        self._delack_at: float | None = None
+        self._unacked_bytes = 0
+        # Timers and recovery.
+        self._rto_at: float | None = None
+        self._persist_at: float | None = None
+        self._persist_backoff = 0
+        self._timewait_at: float | None = None
+        self._rto = RtoEstimator(cfg.rto_initial, cfg.rto_min, cfg.rto_max)
+        self._cc = NewReno(self._send_mss, cfg.initial_cwnd or None)
+        self._rtt_abs: int | None = None
+        self._rtt_at = 0.0
+        self._retries = 0
+        self._retx_pending = False
+        self._probe_pending = False
+        self._rst_out: list[TcpSegment] = []
+        self._last_send_at = 0.0
+        self._chal_start = 0.0
+        self._chal_count = 0
+        self._close_requested = False
+        # Events and counters.
+        self._events: deque[object] = deque()
+        self.drops: dict[str, int] = {}
+        self.retransmissions = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+
+    # ------------------------------------------------------------------ small helpers
+
+    def _seq_of(self, pos: int) -> int:
+        return (self._iss + pos) & MASK
+
+    def _ts_clock(self, now: float) -> int:
+        """TSval clock: 1 ms ticks from `now`, offset per connection (RFC 7323 §5.4)."""
+        return (int(now * 1000) + self._ts_off) & MASK
+
+    def _rcv_mss(self) -> int:
+        """Full-sized segment from the peer: our MSS less the options it sends."""
+        return self.config.mss - (12 if self._ts_on else 0)
+
+    def _queue_rst(self, seq: int, ack: int | None) -> None:
+        flags = RST if ack is None else RST | ACK
+        self._rst_out.append(
+            TcpSegment(self.local[1], self.remote[1], seq & MASK, (ack or 0) & MASK, flags, 0)
+        )
+
+    def _reset_for(self, seg: TcpSegment) -> None:
+        rst = reset_reply(seg)
+        if rst is not None:
+            self._rst_out.append(rst)
+
+    def _maybe_window_update(self) -> None:
+        """After the application freed space, announce a window that grew by a useful
+        amount (RFC 9293 §3.8.6.2.2: by min(RCV.BUFF/2, 2 MSS), so no silly updates)."""
+        cfg = self.config
+        space = cfg.recv_buffer - self._rx_len - self._rx_held
+        grow = self._rcv_nxt + space - self._rcv_adv
+        if grow >= min(cfg.recv_buffer // 2, 2 * cfg.mss) and self._state in (
+            State.ESTABLISHED, State.FIN_WAIT_1, State.FIN_WAIT_2
+        ):
+            self._ack_now = True
+
+    # ------------------------------------------------------------------ timers
+
+    def get_timer(self) -> float | None:
+        """The earliest deadline (seconds, the caller's clock) or None when idle."""
+        best: float | None = None
+        for t in (self._rto_at, self._delack_at, self._persist_at, self._timewait_at):
+            if t is not None and (best is None or t < best):
+                best = t
+        return best
+
+    def handle_timer(self, now: float) -> None:
+        """Act on every deadline at or before `now`; call segments_to_send(now) after."""
+        if self._timewait_at is not None and now >= self._timewait_at:
+            self._timewait_at = None
+            self._enter_closed()  # MUST-13: 2*MSL elapsed
+            return
+        if self._delack_at is not None and now >= self._delack_at:
+            self._delack_at = None
+            self._ack_now = True
+        if self._persist_at is not None and now >= self._persist_at:
+            self._persist_at = None
+            self._persist_backoff += 1
+            self._probe_pending = True  # MUST-35/36: zero-window probe
+        if self._rto_at is not None and now >= self._rto_at:
+            self._rto_at = None
+            self._on_rto(now)
+
+    def _on_rto(self, now: float) -> None:
+        st = self._state
+        if st is State.SYN_SENT or st is State.SYN_RECEIVED:
+            self._retries += 1
+            if self._retries > self.config.syn_retries:  # MUST-22/23
+                self._events.append(ConnectionReset("timeout"))
+                self._enter_closed()
+                return
+            self._rto.backoff()
+            self._snd_nxt = 0  # send the SYN (or SYN-ACK) again
+            self._rtt_abs = None  # Karn
+            self.retransmissions += 1
+            return
+        if self._snd_max <= self._snd_una:
+            return
+        if self._snd_wnd == 0:
+            # MUST-37: the window may stay zero indefinitely; probe, never give up.
+            self._rto.backoff()
+            self._probe_pending = True
+            return
+        self._retries += 1
+        if self._retries > self.config.max_retries:  # MUST-20: R2
+            self._events.append(ConnectionReset("timeout"))
+            self._enter_closed()
+            return
+        self._cc.on_timeout(self._snd_max, self._snd_max - self._snd_una, self._retries == 1)
+        self._rto.backoff()  # RFC 6298 §5.5
+        self._sacked = []  # RFC 2018 §8: forget SACK information after an RTO
+        self._recovery_pt = self._snd_una
+        self._snd_nxt = self._snd_una  # RFC 6298 §5.4: go back to the earliest unACKed
+        self._rtt_abs = None  # Karn (MUST-18)
+
+    # ------------------------------------------------------------------ introspection
+
+    def info(self) -> dict[str, object]:
+        """A JSON-able snapshot: state, RTT, windows, counters and negotiated options."""
+        rto = self._rto
+        return {
+            "state": str(self._state),
+            "srtt": rto.srtt,
+            "rto": rto.rto,
+            "cwnd": self._cc.cwnd,
+            "ssthresh": self._cc.ssthresh,
+            "in_recovery": self._cc.in_recovery,
+            "retransmissions": self.retransmissions,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "mss": self._send_mss,
+            "wscale": (self._snd_wscale, self._rcv_wscale) if self._ws_on else None,
+            "sack": self._sack_on,
+            "ts": self._ts_on,
+            "snd_wnd": self._snd_wnd,
+            "rcv_wnd": max(self._rcv_adv - self._rcv_nxt, 0),
+            "unsent": max(self._sendbuf.end - max(self._snd_nxt - 1, 0), 0),
+            "in_flight": self._snd_nxt - self._snd_una,
+            "out_of_order": self._ooo.nbytes,
+            "drops": dict(self.drops),
+        }
+
+    def _update_scoreboard(self, blocks: tuple[tuple[int, int], ...]) -> None:
+        """Record SACKed ranges (RFC 2018 §5; kept until cumulatively ACKed, §8)."""
+        una, top = self._snd_una, self._snd_max
+        base = (self._iss + una) & MASK
+        merged = list(self._sacked)
+        for left, right in blocks[:4]:
+            s = una + ((left - base) & MASK)
+            e = una + ((right - base) & MASK)
+            if una < s < e <= top:
+                merged.append((s, e))
+        merged.sort()
+        out: list[tuple[int, int]] = []
+        for s, e in merged:
+            if out and s <= out[-1][1]:
+                if e > out[-1][1]:
+                    out[-1] = (out[-1][0], e)
+            else:
+                out.append((s, e))
+        self._sacked = out[:32]
+
+    def _next_hole(self) -> int | None:
+        """RFC 6675 §4 NextSeg rule 1 (simplified): the first position not SACKed, below the
+        highest SACKed one, and not yet retransmitted in this recovery; None if none."""
+        pos = max(self._snd_una, self._recovery_pt)
+        for s, e in self._sacked:
+            if pos < s:
+                return pos
+            pos = max(pos, e)
+        return None
+
+    def _enter_time_wait(self, now: float) -> None:
+        self._state = State.TIME_WAIT
+        self._timewait_at = now + 2 * self.config.msl  # MUST-13
+        self._rto_at = self._persist_at = None
+
+    def _enter_closed(self) -> None:
+        if self._state is State.CLOSED:
+            return
+        self._state = State.CLOSED
+        self._rto_at = self._persist_at = self._timewait_at = self._delack_at = None
+        self._ack_now = self._retx_pending = self._probe_pending = False
+        self._ooo.clear()
+        self._events.append(Closed())
+
+    def _challenge_ack(self, now: float) -> None:
+        """RFC 5961 §3.2/§4.2/§5.2 challenge ACK, rate limited (§7)."""
+        if now - self._chal_start >= 1.0:
+            self._chal_start = now
+            self._chal_count = 0
+        if self._chal_count < self.config.challenge_ack_limit:
+            self._chal_count += 1
+            self._ack_now = True
+        else:
+            self._drop("challenge_ack_limited")
+
+    def _drop(self, reason: str) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+

@@ -1,0 +1,316 @@
+"""OutputMixin: turning a connection's state into the segments it sends now.
+
+Rules:
+- RFC 9293 §3.10.7 replies are queued by input and come out first (RSTs), then the SYN or
+  SYN-ACK (§3.5; options MSS MUST-14, WSopt/TSopt RFC 7323 §2.2/§3.2, SACK-permitted
+  RFC 2018 §2; the window of a SYN is never scaled), then retransmissions, probes and new
+  data, then a pure ACK if one is owed and no other segment carried it (MUST-58 aggregate).
+- Every segment after the SYN carries ACK, the current RCV.NXT and window (RFC 9293 §3.1),
+  TSopt when negotiated (RFC 7323 §3.2: "MUST be sent in every non-<RST> segment"; TSecr =
+  TS.Recent) and SACK blocks while data is held out of order (RFC 2018 §4, 3 blocks next
+  to a TSopt, 4 without).
+- Receiver SWS avoidance (RFC 9293 §3.8.6.2.2, MUST-39): the right edge only moves by at
+  least min(RCV.BUFF/2, MSS); it never moves left (window shrinking is avoided).
+- Sender SWS avoidance (§3.8.6.2.1, MUST-38): send a segment if it is full (>= SMSS), or
+  if it is all the data queued and Nagle allows, or if it is at least half the largest
+  window the peer ever offered; otherwise wait (for an ACK or the override/persist timer).
+- Nagle (§3.7.4, SHLD-7, MUST-17 can be disabled): a short segment waits while data is
+  unacknowledged.
+- Flow and congestion control: nothing beyond SND.WL2 + SND.WND (RFC 9293 §3.8.6) or
+  SND.UNA + cwnd (RFC 5681 §3.1) is sent, except a fast retransmission (RFC 5681 §3.2) and
+  a one-byte zero-window probe (MUST-36).
+- RFC 6298 §5.1: the retransmission timer is started when a segment is sent and it is not
+  running. Karn (MUST-18): a retransmitted segment is not timed.
+- RFC 5681 §4.1: after idling more than one RTO, restart from at most the initial window.
+- `tx_max_segment` lets one output segment carry several SMSS (a TSO/GSO super-segment
+  for a TUN); its size is a whole number of SMSS, so the kernel cuts wire-sized pieces.
+
+Theory of operation: `segments_to_send(now)` computes the ACK fields (ack number, window,
+TSopt, SACK blocks) once per call and builds TcpSegments with payload slices taken from
+the SendBuffer without copying; sending anything with ACK clears the owed ACK and the
+delayed-ACK deadline.
+"""
+
+from __future__ import annotations
+
+from stack.seq import MASK
+from stack.state import State
+from stack.tcp_core import ConnectionCore
+from stack.wire.tcp import ACK, FIN, PSH, SYN, TcpSegment
+
+__all__ = ["OutputMixin"]
+
+_SENDING = frozenset(
+    {State.ESTABLISHED, State.CLOSE_WAIT, State.FIN_WAIT_1, State.CLOSING, State.LAST_ACK}
+)
+
+
+class OutputMixin(ConnectionCore):
+    """segments_to_send() and the rules of what may be sent."""
+
+    def segments_to_send(self, now: float) -> list[TcpSegment]:
+        """Return the segments to transmit now, in order (possibly empty). Never raises."""
+        out = self._rst_out
+        if out:
+            self._rst_out = []
+        else:
+            out = []
+        st = self._state
+        if st is State.CLOSED or st is State.LISTEN:
+            return out
+        if self._snd_nxt == 0 and (st is State.SYN_SENT or st is State.SYN_RECEIVED):
+            out.append(self._syn_segment(now))
+            if st is State.SYN_SENT:
+                return out
+            self._ack_sent()
+        if st is State.SYN_SENT:
+            return out
+        n0 = len(out)
+        if st in _SENDING:
+            ack = (self._irs + self._rcv_nxt) & MASK
+            win = self._window_field()
+            ts = (self._ts_clock(now), self._ts_recent or 0) if self._ts_on else None
+            sack = self._sack_blocks() if self._sack_on and self._ooo else ()
+            if self._retx_pending:
+                self._retransmit_one(now, out, ack, win, ts, sack)
+            if self._probe_pending:
+                self._send_probe(now, out, ack, win, ts, sack)
+            self._send_data(now, out, ack, win, ts, sack)
+        if len(out) > n0:
+            self._ack_sent()
+        elif self._ack_now:
+            out.append(self._pure_ack(now))
+            self._ack_sent()
+        return out
+
+    # ------------------------------------------------------------------ building
+
+    def _syn_segment(self, now: float) -> TcpSegment:
+        cfg = self.config
+        synack = self._state is State.SYN_RECEIVED
+        if self._snd_max:
+            self.retransmissions += 1
+            self._rtt_abs = None  # Karn
+        else:
+            self._rtt_abs = 1
+            self._rtt_at = now
+        self._snd_nxt = 1
+        if self._snd_max < 1:
+            self._snd_max = 1
+        if self._rto_at is None:
+            self._rto_at = now + self._rto.rto
+        win = min(cfg.recv_buffer, 0xFFFF)
+        self._rcv_adv = max(self._rcv_adv, 1 + win)
+        if synack:
+            return TcpSegment(
+                self.local[1], self.remote[1], self._iss, (self._irs + 1) & MASK, SYN | ACK,
+                win, b"", 0, cfg.mss,
+                self._rcv_wscale if self._ws_on else None,
+                self._sack_on,
+                (self._ts_clock(now), self._ts_recent or 0) if self._ts_on else None,
+            )
+        return TcpSegment(
+            self.local[1], self.remote[1], self._iss, 0, SYN, win, b"", 0, cfg.mss,
+            cfg.rcv_wscale if cfg.window_scaling else None,
+            cfg.sack,
+            (self._ts_clock(now), 0) if cfg.timestamps else None,
+        )
+
+    def _pure_ack(self, now: float) -> TcpSegment:
+        return TcpSegment(
+            self.local[1], self.remote[1], (self._iss + self._snd_nxt) & MASK,
+            (self._irs + self._rcv_nxt) & MASK, ACK, self._window_field(), b"", 0,
+            None, None, False,
+            (self._ts_clock(now), self._ts_recent or 0) if self._ts_on else None,
+            self._sack_blocks() if self._sack_on and self._ooo else (),
+        )
+
+    def _ack_sent(self) -> None:
+        self._ack_now = False
+        self._delack_at = None
+        self._unacked_bytes = 0
+        self._last_ack_sent = self._rcv_nxt
+
+    def _window_field(self) -> int:
+        """The 16-bit window to advertise; moves RCV.ADV (RFC 9293 §3.8.6.2.2, RFC 7323 §2.3)."""
+        cfg = self.config
+        rcv_nxt = self._rcv_nxt
+        space = cfg.recv_buffer - self._rx_len - self._rx_held
+        if space < min(cfg.recv_buffer // 2, cfg.mss):
+            space = 0  # MUST-39: no small window increments
+        edge = rcv_nxt + space
+        if edge < self._rcv_adv:
+            edge = self._rcv_adv  # never shrink the window
+        s = self._rcv_wscale
+        field = (edge - rcv_nxt + (1 << s) - 1) >> s
+        if field > 0xFFFF:
+            field = 0xFFFF
+        self._rcv_adv = rcv_nxt + (field << s)
+        return field
+
+    def _sack_blocks(self) -> tuple[tuple[int, int], ...]:
+        irs = self._irs
+        blocks = self._ooo.blocks(3 if self._ts_on else 4)
+        return tuple(((irs + s) & MASK, (irs + e) & MASK) for s, e in blocks)
+
+    def _segment(
+        self,
+        pos: int,
+        flags: int,
+        payload: bytes | memoryview,
+        ack: int,
+        win: int,
+        ts: tuple[int, int] | None,
+        sack: tuple[tuple[int, int], ...],
+    ) -> TcpSegment:
+        return TcpSegment(
+            self.local[1], self.remote[1], (self._iss + pos) & MASK, ack, flags, win,
+            payload, 0, None, None, False, ts, sack,
+        )
+
+    # ------------------------------------------------------------------ sending
+
+    def _max_segment(self) -> int:
+        mss = self._send_mss
+        tx = self.config.tx_max_segment
+        return mss if tx <= mss else tx - tx % mss
+
+    def _send_data(
+        self,
+        now: float,
+        out: list[TcpSegment],
+        ack: int,
+        win: int,
+        ts: tuple[int, int] | None,
+        sack: tuple[tuple[int, int], ...],
+    ) -> None:
+        buf = self._sendbuf
+        mss = self._send_mss
+        maxseg = self._max_segment()
+        fin_abs = self._fin_abs
+        cc = self._cc
+        if self._snd_una == self._snd_max and now - self._last_send_at > self._rto.rto:
+            if self._last_send_at:
+                cc.on_idle()  # RFC 5681 §4.1
+        while True:
+            nxt = self._snd_nxt
+            off = nxt - 1
+            avail = buf.end - off
+            if avail <= 0:
+                if fin_abs is not None and nxt == fin_abs:
+                    out.append(self._segment(nxt, ACK | FIN, b"", ack, win, ts, sack))
+                    self._advance(nxt + 1, now)
+                return
+            wnd_edge = self._snd_wl2 + self._snd_wnd
+            usable = min(wnd_edge, self._snd_una + cc.cwnd) - nxt
+            n = min(avail, usable, maxseg)
+            if n <= 0:
+                if wnd_edge <= nxt:
+                    self._arm_persist(now)
+                return
+            if n < mss:
+                if n < avail:  # window- or cwnd-limited with more queued (MUST-38)
+                    if n < self._max_snd_wnd // 2 or usable == self._snd_una + cc.cwnd - nxt:
+                        self._arm_persist(now)
+                        return
+                elif self.config.nagle and nxt > self._snd_una and fin_abs is None:
+                    return  # Nagle: wait for the outstanding data to be acknowledged
+            payload = buf.peek(off, n)
+            flags = ACK | PSH if n == avail else ACK
+            if fin_abs is not None and off + n == buf.end:
+                flags |= FIN
+                n1 = n + 1
+            else:
+                n1 = n
+            out.append(self._segment(nxt, flags, payload, ack, win, ts, sack))
+            self._advance(nxt + n1, now)
+
+    def _advance(self, new_nxt: int, now: float) -> None:
+        """SND.NXT moves to `new_nxt` after a transmission; time it and arm the timer."""
+        if self._snd_nxt < self._snd_max:
+            self.retransmissions += 1
+            if self._rtt_abs is not None and self._rtt_abs > self._snd_nxt:
+                self._rtt_abs = None  # Karn: the timed segment is being resent
+        elif self._rtt_abs is None and not self._ts_on:
+            self._rtt_abs = new_nxt
+            self._rtt_at = now
+        if new_nxt > self._snd_max:
+            self._snd_max = new_nxt
+        self._snd_nxt = new_nxt
+        self._last_send_at = now
+        if self._rto_at is None:
+            self._rto_at = now + self._rto.rto  # RFC 6298 §5.1
+
+    def _arm_persist(self, now: float) -> None:
+        """Nothing can be sent and nothing is in flight: the persist timer will probe."""
+        if self._snd_nxt == self._snd_una and self._rto_at is None and self._persist_at is None:
+            delay = max(self._rto.rto, 0.2) * (1 << min(self._persist_backoff, 8))
+            self._persist_at = now + min(delay, self._rto.maximum)
+
+    def _retransmit_one(
+        self,
+        now: float,
+        out: list[TcpSegment],
+        ack: int,
+        win: int,
+        ts: tuple[int, int] | None,
+        sack: tuple[tuple[int, int], ...],
+    ) -> None:
+        """Fast retransmit / NewReno partial ACK / SACK hole (RFC 5681 §3.2, RFC 6582,
+        RFC 6675 NextSeg): one segment, outside cwnd, not timed (Karn)."""
+        self._retx_pending = False
+        pos: int | None = self._snd_una
+        if self._sack_on and self._sacked and self._cc.in_recovery:
+            pos = self._next_hole()
+        if pos is None or pos >= self._snd_max:
+            return
+        buf = self._sendbuf
+        off = pos - 1
+        n = max(min(buf.end - off, self._send_mss), 0)
+        for s, _e in self._sacked:
+            if s > pos:
+                n = min(n, s - pos)
+                break
+        fin = self._fin_abs is not None and pos + n == self._fin_abs
+        if n <= 0 and not fin:
+            return
+        payload = buf.peek(off, n) if n > 0 else b""
+        out.append(self._segment(pos, ACK | FIN if fin else ACK, payload, ack, win, ts, sack))
+        self._recovery_pt = pos + n + fin
+        self.retransmissions += 1
+        self._rtt_abs = None
+        self._last_send_at = now
+        if self._rto_at is None:
+            self._rto_at = now + self._rto.rto
+
+    def _send_probe(
+        self,
+        now: float,
+        out: list[TcpSegment],
+        ack: int,
+        win: int,
+        ts: tuple[int, int] | None,
+        sack: tuple[tuple[int, int], ...],
+    ) -> None:
+        """Zero-window probe (RFC 9293 §3.8.6.1, MUST-36) or SWS override: send one byte
+        (or what the window allows) even though the window says no."""
+        self._probe_pending = False
+        buf = self._sendbuf
+        if self._snd_una < self._snd_nxt:
+            pos = self._snd_una  # resend the first unacknowledged byte
+            if pos - 1 < buf.end:
+                out.append(self._segment(pos, ACK, buf.peek(pos - 1, 1), ack, win, ts, sack))
+                self.retransmissions += 1
+            elif self._fin_abs is not None:
+                out.append(self._segment(pos, ACK | FIN, b"", ack, win, ts, sack))
+            if self._rto_at is None:
+                self._rto_at = now + self._rto.rto
+            return
+        off = self._snd_nxt - 1
+        avail = buf.end - off
+        if avail <= 0:
+            return
+        n = max(1, min(avail, self._snd_wl2 + self._snd_wnd - self._snd_nxt, self._send_mss))
+        flags = ACK | PSH if n == avail else ACK
+        out.append(self._segment(self._snd_nxt, flags, buf.peek(off, n), ack, win, ts, sack))
+        self._advance(self._snd_nxt + n, now)
