@@ -200,14 +200,12 @@ class Lab:
                 for route in node.routes:
                     spec: dict[str, Any] = {
                         "dst": str(route.dst),
-                        "family": AF_INET6 if route.version == 6 else AF_INET,
+                        "family": AF_INET6 if route.dst.version == 6 else AF_INET,
                     }
                     if route.via is not None:
                         spec["gateway"] = str(route.via)
                     if route.dev is not None:
                         spec["oif"] = ipr[node.name].link_lookup(ifname=route.dev)[0]
-                    if route.metric is not None:
-                        spec["priority"] = route.metric
                     ipr[node.name].route("add", **spec)
         self._apply_impairments(topo)
 
@@ -236,7 +234,7 @@ class Lab:
             index = ipr.link_lookup(ifname=addr.interface)[0]
             ipr.addr("add", index=index, address=str(addr.address.ip),
                      prefixlen=addr.address.network.prefixlen,
-                     flags=IFA_F_NODAD if addr.version == 6 else 0)
+                     flags=IFA_F_NODAD if addr.address.version == 6 else 0)
 
     def _apply_impairments(self, topo: Topology) -> None:
         links = [lk for lk in topo.links if lk.impair is not None]

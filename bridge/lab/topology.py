@@ -3,50 +3,33 @@
 Rules
 -----
 - A topology is data, separate from building it (mininet `topo.py` vs `net.py`; containerlab's
-  `"node:iface"` endpoint pairs). This module only reads TOML files and validates them;
-  `bridge/lab/netlink.py` is the only code that applies a topology to the kernel.
-- File format (containerlab-like)::
-
-      name = "two-sites-plain"          # optional, default: the file's stem
-      description = "..."               # optional, free text
-      extends = "other-topology"        # optional: a name in the same directory, or a path
-
-      [nodes.gw-a]
-      kind = "host"                     # or "bridge": a Linux bridge br0 enslaves every link port
-      addresses = {lan0 = ["198.18.1.1/24", "2001:db8:1::1/64"], wan0 = ["198.18.0.1/24"]}
-      routes = [{dst = "default", via = "198.18.0.2"}, {dst = "198.18.4.0/24", dev = "wan0"}]
-      sysctl = {"net.ipv4.ip_forward" = 1}
-      mtu = {wan0 = 1400}               # per interface; overrides the link's mtu
-      run = ["grebe up -c two-sites/gw-a.toml"]   # lives until `down`
-
-      [[links]]
-      endpoints = ["client:eth0", "gw-a:lan0"]
-      name = "lan-a"                    # optional, default "client:eth0--gw-a:lan0"
-      mtu = 1500                        # optional, both ends
-      impair = {rate = "100mbit"}       # optional, parsed by bridge.lab.impair if it exists
-
-- `extends` merges per node: in a node table the child's dict-valued keys (addresses, sysctl,
-  mtu) are merged entry by entry over the parent's; other keys (run, routes, kind) replace the
-  parent's. A child link whose name equals a parent link's name is merged key by key over it;
-  other child links are appended. So a `run` line is added to a node by extending.
-- `run` commands are split with shlex. Each keeps the directory of the file that defined it:
-  the process runs there (cwd), and arguments (or `--opt=` values) starting with `./` or `../`
-  are made absolute against it. `{lab}` is replaced by the lab's state directory at start time.
-- Safety: every address and route (destination and gateway) must be inside the lab ranges
-  198.18.0.0/15 (RFC 2544 benchmarking range) and 2001:db8::/32 (RFC 3849 documentation
-  prefix), so a lab can never collide with real networks. Only `net.*` sysctls (the per
-  network namespace ones) are accepted.
-- Names: interface names follow the kernel's IFNAMSIZ (at most 15 bytes, no '/', ':' or
-  spaces; RFC-free, see linux/if.h); node names are short enough that the namespace name
-  `gb-<instance>-<node>` stays readable (MAX_NODE_NAME, MAX_INSTANCE_NAME).
-- Errors never stop at the first one: every problem becomes a ConfigError(file, key path,
-  message) and all are raised together as ConfigErrors.
+  `"node:iface"` endpoints). Only `bridge/lab/netlink.py` applies one to the kernel. Keys: top
+  `name`, `description`, `extends`, `[nodes.X]`, `[[links]]`; a node has `kind` ("host", or
+  "bridge": a Linux bridge br0 enslaves all its link ports), `addresses = {ifname = [prefixes]}`,
+  `routes = [{dst = "default" | prefix, via = addr, dev = ifname}]`, `sysctl = {"net.x" = v}`,
+  `mtu = {ifname = n}` (over the link's), `run = ["cmd args"]` (processes living until `down`);
+  a link has `endpoints = ["a:ifa", "b:ifb"]`, `name` (default "a:ifa--b:ifb"), `mtu`, and
+  `impair = {...}` (given to bridge.lab.impair.parse_impairment(table, path) when it exists).
+  topologies/two-sites-plain.toml is the worked example.
+- `extends` merges per node: dict-valued keys (addresses, sysctl, mtu) merge entry by entry
+  over the parent's, other keys (run, routes, kind) replace them; a child link with a parent
+  link's name is merged key by key, other links are appended. So `run` is added by extending.
+- `run` lines are split with shlex and remember the directory of the file that defined them:
+  the process runs there, and arguments (or `--opt=` values) starting with `./` or `../` are made
+  absolute against it. `{lab}` becomes the lab's state directory when the process starts.
+- Safety: addresses and routes (destination and gateway) must lie in the lab ranges
+  198.18.0.0/15 (RFC 2544 §C.2.2 benchmarking) and 2001:db8::/32 (RFC 3849 documentation).
+  Only `net.*` sysctls (the per-namespace ones) are accepted.
+- Names: interface names fit IFNAMSIZ (linux/if.h: 15 bytes) and avoid '/', ':' and spaces;
+  node names stay short so `gb-<instance>-<node>` stays within MAX_NS_NAME.
+- Nothing stops at the first problem: each becomes a ConfigError(file, key path, message) and
+  all are raised together as ConfigErrors. Errors name the file that set the key.
 
 Theory of operation
 -------------------
-`load(name_or_path)` reads the file chain (child -> extends -> ...), checks each file's keys
-and shapes against its own file name, merges the raw tables root-first, then checks the merged
-result (endpoints, duplicates, ranges) and builds the dataclasses.
+`load()` reads the chain child -> extends -> ..., checks each file's keys and shapes, merges the
+raw tables root first (recording which file set each node key), then checks the merged result
+(endpoints, duplicates, ranges) and builds the dataclasses.
 """
 
 from __future__ import annotations
@@ -56,6 +39,7 @@ import ipaddress
 import re
 import shlex
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -70,10 +54,8 @@ LAB_NETS: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
     ipaddress.ip_network("2001:db8::/32"),  # RFC 3849 documentation prefix
 )
 IFNAMSIZ = 16  # linux/if.h: names are at most 15 bytes plus NUL
-MAX_NODE_NAME = 20
-MAX_INSTANCE_NAME = 16
-# "gb-" + instance + "-" + node: kept short enough to read and to type.
-MAX_NS_NAME = 3 + MAX_INSTANCE_NAME + 1 + MAX_NODE_NAME
+MAX_NODE_NAME, MAX_INSTANCE_NAME = 20, 16
+MAX_NS_NAME = 3 + MAX_INSTANCE_NAME + 1 + MAX_NODE_NAME  # "gb-" instance "-" node
 BRIDGE_IFNAME = "br0"
 
 _NODE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -84,7 +66,7 @@ _TOP_KEYS = frozenset({"name", "description", "extends", "nodes", "links"})
 _NODE_KEYS = frozenset({"kind", "addresses", "routes", "sysctl", "run", "mtu", "description"})
 _MERGED_NODE_KEYS = frozenset({"addresses", "sysctl", "mtu"})
 _LINK_KEYS = frozenset({"endpoints", "name", "mtu", "impair"})
-_ROUTE_KEYS = frozenset({"dst", "via", "dev", "metric"})
+_ROUTE_KEYS = frozenset({"dst", "via", "dev"})
 
 IpInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -103,10 +85,6 @@ class Address:
     interface: str
     address: IpInterface
 
-    @property
-    def version(self) -> int:
-        return self.address.version
-
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -115,19 +93,11 @@ class Route:
     dst: IpNetwork
     via: IpAddress | None = None
     dev: str | None = None
-    metric: int | None = None
-
-    @property
-    def version(self) -> int:
-        return self.dst.version
 
 
 @dataclass(frozen=True, slots=True)
 class RunCommand:
-    """A process started in a node at `up` and killed at `down`.
-
-    `cwd` is the directory of the topology file that defined it.
-    """
+    """A process started in a node at `up`, killed at `down`; `cwd`: its file's directory."""
 
     argv: tuple[str, ...]
     cwd: str
@@ -172,13 +142,10 @@ class Node:
     mtu: tuple[tuple[str, int], ...] = ()
     run: tuple[RunCommand, ...] = ()
 
-    def addresses_of(self, interface: str) -> tuple[Address, ...]:
-        return tuple(a for a in self.addresses if a.interface == interface)
-
     def address(self, interface: str, version: int = 4) -> IpAddress:
         """Return the first address of `version` on `interface`; raises KeyError if none."""
         for a in self.addresses:
-            if a.interface == interface and a.version == version:
+            if a.interface == interface and a.address.version == version:
                 return a.address.ip
         raise KeyError(f"{self.name}:{interface} has no IPv{version} address")
 
@@ -193,17 +160,17 @@ class Topology:
 
     def node(self, name: str) -> Node:
         """Return the node called `name`; raises KeyError."""
-        for n in self.nodes:
-            if n.name == name:
-                return n
-        raise KeyError(f"topology {self.name} has no node {name!r}")
+        found = [n for n in self.nodes if n.name == name]
+        if not found:
+            raise KeyError(f"topology {self.name} has no node {name!r}")
+        return found[0]
 
     def link(self, name: str) -> Link:
         """Return the link called `name`; raises KeyError."""
-        for link in self.links:
-            if link.name == name:
-                return link
-        raise KeyError(f"topology {self.name} has no link {name!r}")
+        found = [lk for lk in self.links if lk.name == name]
+        if not found:
+            raise KeyError(f"topology {self.name} has no link {name!r}")
+        return found[0]
 
     def links_of(self, node: str) -> tuple[Link, ...]:
         return tuple(lk for lk in self.links if node in (lk.a.node, lk.b.node))
@@ -214,10 +181,11 @@ class Topology:
 
 @dataclass(slots=True)
 class _Errors:
+    file: str
     items: list[ConfigError] = field(default_factory=list)
 
-    def add(self, file: str, path: str, message: str) -> None:
-        self.items.append(ConfigError(path, message, file=file))
+    def add(self, path: str, message: str, file: str | None = None) -> None:
+        self.items.append(ConfigError(path, message, file=file or self.file))
 
 
 def resolve_path(name_or_path: str | Path, base: Path = TOPOLOGY_DIR) -> Path:
@@ -228,42 +196,14 @@ def resolve_path(name_or_path: str | Path, base: Path = TOPOLOGY_DIR) -> Path:
     return base / f"{p.name}.toml"
 
 
-def available(base: Path = TOPOLOGY_DIR) -> list[str]:
-    """Names of the topologies shipped in `base`."""
-    return sorted(p.stem for p in base.glob("*.toml"))
-
-
 def load(name_or_path: str | Path, base: Path = TOPOLOGY_DIR) -> Topology:
-    """Load and validate a topology by name or path.
-
-    Returns the Topology. Raises ConfigErrors listing every problem found.
-    """
+    """Load and validate a topology by name or path; raises ConfigErrors listing every problem."""
     path = resolve_path(name_or_path, base).resolve()
-    errors = _Errors()
+    errors = _Errors(str(path))
     raw = _load_chain(path, errors, [])
-    if raw is None:
+    topo = _build(raw, errors) if raw is not None else None
+    if errors.items or topo is None:
         raise ConfigErrors(errors.items)
-    topo = _build(raw, str(path), errors)
-    if errors.items:
-        raise ConfigErrors(errors.items)
-    assert topo is not None
-    return topo
-
-
-def loads(text: str, file: str = "<string>") -> Topology:
-    """Validate a topology given as TOML text (no `extends`); raises ConfigErrors."""
-    errors = _Errors()
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigErrors([ConfigError("", f"TOML syntax: {e}", file=file)]) from None
-    if "extends" in data:
-        errors.add(file, "extends", "not supported for topologies given as text")
-    raw = _check_file(data, file, str(Path(file).parent), errors)
-    topo = _build(raw, file, errors)
-    if errors.items:
-        raise ConfigErrors(errors.items)
-    assert topo is not None
     return topo
 
 
@@ -271,77 +211,64 @@ def _load_chain(path: Path, errors: _Errors, seen: list[Path]) -> dict[str, Any]
     file = str(path)
     if path in seen:
         chain = " -> ".join(str(p) for p in [*seen, path])
-        errors.add(file, "extends", f"extends cycle: {chain}")
+        errors.add("extends", f"extends cycle: {chain}", str(seen[-1]))
         return None
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         where = str(seen[-1]) if seen else file
-        errors.add(where, "extends" if seen else "", f"topology file not found: {file}")
+        errors.add("extends" if seen else "", f"topology file not found: {file}", where)
         return None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        errors.add(file, "", f"cannot read: {e}")
+        errors.add("", f"cannot read: {e}", file)
         return None
     raw = _check_file(data, file, str(path.parent), errors)
-    parent_name = data.get("extends")
-    if parent_name is None:
+    if not isinstance(parent_name := data.get("extends"), str):
+        if parent_name is not None:
+            errors.add("extends", "must be a topology name or path", file)
         return raw
-    if not isinstance(parent_name, str):
-        errors.add(file, "extends", "must be a topology name or path")
-        return raw
-    parent_path = resolve_path(parent_name, path.parent).resolve()
-    parent = _load_chain(parent_path, errors, [*seen, path])
-    if parent is None:
+    parent = _load_chain(resolve_path(parent_name, path.parent).resolve(), errors, [*seen, path])
+    return None if parent is None else _merge(parent, raw)
+
+
+def _check_keys(table: Any, allowed: frozenset[str], where: str, file: str,
+                errors: _Errors) -> dict[str, Any] | None:
+    if not isinstance(table, dict):
+        errors.add(where, "must be a table", file)
         return None
-    return _merge(parent, raw)
+    for key in table:
+        if key not in allowed:
+            errors.add(f"{where}.{key}" if where else key, "unknown key", file)
+    return {k: v for k, v in table.items() if k in allowed}
 
 
 def _check_file(data: dict[str, Any], file: str, directory: str, errors: _Errors) -> dict[str, Any]:
-    """Check one file's keys and value shapes; return a normalized raw table.
-
-    Run commands get the file's directory attached here, so merging keeps their origin.
-    """
-    for key in data:
-        if key not in _TOP_KEYS:
-            errors.add(file, key, "unknown key")
-    out: dict[str, Any] = {"nodes": {}, "links": [], "file": file}
-    for key in ("name", "description"):
-        if key in data:
-            if isinstance(data[key], str):
-                out[key] = data[key]
-            else:
-                errors.add(file, key, "must be a string")
+    """Check one file's keys and shapes; return its raw table (nodes record `_origin` files)."""
+    out: dict[str, Any] = {"nodes": {}, "links": []}
+    for key, value in (_check_keys(data, _TOP_KEYS, "", file, errors) or {}).items():
+        if key in ("name", "description") and not isinstance(value, str):
+            errors.add(key, "must be a string", file)
+        elif key in ("name", "description"):
+            out[key] = value
     nodes = data.get("nodes", {})
     if not isinstance(nodes, dict):
-        errors.add(file, "nodes", "must be a table of node tables")
+        errors.add("nodes", "must be a table of node tables", file)
         nodes = {}
     for name, table in nodes.items():
-        where = f"nodes.{name}"
-        if not isinstance(table, dict):
-            errors.add(file, where, "must be a table")
+        if (node := _check_keys(table, _NODE_KEYS, f"nodes.{name}", file, errors)) is None:
             continue
-        for key in table:
-            if key not in _NODE_KEYS:
-                errors.add(file, f"{where}.{key}", "unknown key")
-        node = {k: v for k, v in table.items() if k in _NODE_KEYS}
         if "run" in node:
-            node["run"] = _check_run(node["run"], file, f"{where}.run", directory, errors)
+            node["run"] = _check_run(node["run"], file, f"nodes.{name}.run", directory, errors)
+        node["_origin"] = dict.fromkeys(node, file)
         out["nodes"][name] = node
     links = data.get("links", [])
     if not isinstance(links, list):
-        errors.add(file, "links", "must be an array of tables ([[links]])")
+        errors.add("links", "must be an array of tables ([[links]])", file)
         links = []
     for i, table in enumerate(links):
-        where = f"links[{i}]"
-        if not isinstance(table, dict):
-            errors.add(file, where, "must be a table")
-            continue
-        for key in table:
-            if key not in _LINK_KEYS:
-                errors.add(file, f"{where}.{key}", "unknown key")
-        link = {k: v for k, v in table.items() if k in _LINK_KEYS}
-        link["_where"] = (file, where)
-        out["links"].append(link)
+        if (link := _check_keys(table, _LINK_KEYS, f"links[{i}]", file, errors)) is not None:
+            link["_where"] = (file, f"links[{i}]")
+            out["links"].append(link)
     return out
 
 
@@ -349,20 +276,17 @@ def _check_run(
     value: Any, file: str, where: str, directory: str, errors: _Errors
 ) -> list[RunCommand]:
     if not isinstance(value, list):
-        errors.add(file, where, "must be an array of command strings")
+        errors.add(where, "must be an array of command strings", file)
         return []
     cmds: list[RunCommand] = []
     for i, line in enumerate(value):
-        if not isinstance(line, str):
-            errors.add(file, f"{where}[{i}]", "must be a command string")
-            continue
         try:
-            argv = shlex.split(line)
+            argv = shlex.split(line) if isinstance(line, str) else None
         except ValueError as e:
-            errors.add(file, f"{where}[{i}]", f"cannot split command: {e}")
+            errors.add(f"{where}[{i}]", f"cannot split command: {e}", file)
             continue
         if not argv:
-            errors.add(file, f"{where}[{i}]", "empty command")
+            errors.add(f"{where}[{i}]", "must be a non-empty command string", file)
             continue
         cmds.append(RunCommand(tuple(_absolute(a, directory) for a in argv), directory))
     return cmds
@@ -376,40 +300,35 @@ def _absolute(arg: str, directory: str) -> str:
     return f"{prefix}{sep}{value}"
 
 
-def _link_key(link: dict[str, Any]) -> str | None:
-    if isinstance(link.get("name"), str):
-        return str(link["name"])
+def _link_key(link: dict[str, Any]) -> str:
     ends = link.get("endpoints")
-    if isinstance(ends, list) and len(ends) == 2 and all(isinstance(e, str) for e in ends):
-        return f"{ends[0]}--{ends[1]}"
-    return None
+    return str(link.get("name") or (f"{ends[0]}--{ends[1]}" if isinstance(ends, list)
+                                     and len(ends) == 2 else repr(ends)))
 
 
 def _merge(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     """Merge a child's raw table over its parent's (see the module docstring)."""
     out: dict[str, Any] = {
-        "nodes": {n: dict(t) for n, t in parent["nodes"].items()},
+        "nodes": {n: {**t, "_origin": dict(t["_origin"])} for n, t in parent["nodes"].items()},
         "links": [dict(lk) for lk in parent["links"]],
-        "file": child["file"],
     }
-    for key in ("name", "description"):
-        if key in child:
-            out[key] = child[key]
-        elif key == "description" and key in parent:
-            out[key] = parent[key]
+    out.update({k: child[k] for k in ("name", "description") if k in child})
+    out.setdefault("description", parent.get("description", ""))
     for name, table in child["nodes"].items():
-        node = out["nodes"].setdefault(name, {})
+        node = out["nodes"].setdefault(name, {"_origin": {}})
         for key, value in table.items():
             old = node.get(key)
-            if key in _MERGED_NODE_KEYS and isinstance(old, dict) and isinstance(value, dict):
+            if key == "_origin":
+                node[key].update(value)
+            elif key in _MERGED_NODE_KEYS and isinstance(old, dict) and isinstance(value, dict):
                 node[key] = {**old, **value}
             else:
                 node[key] = value
     index = {_link_key(lk): i for i, lk in enumerate(out["links"])}
     for link in child["links"]:
-        lkey = _link_key(link)
-        if lkey is not None and lkey in index:
-            out["links"][index[lkey]] = {**out["links"][index[lkey]], **link}
+        if _link_key(link) in index:
+            i = index[_link_key(link)]
+            out["links"][i] = {**out["links"][i], **link}
         else:
             out["links"].append(link)
     return out
@@ -418,20 +337,20 @@ def _merge(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- validation and building
 
 
-def _build(raw: dict[str, Any], file: str, errors: _Errors) -> Topology | None:
-    name = str(raw.get("name") or Path(file).stem)
+def _build(raw: dict[str, Any], errors: _Errors) -> Topology | None:
     links, ports = _build_links(raw["links"], raw["nodes"], errors)
     seen_addr: dict[Any, str] = {}
     nodes: list[Node] = []
-    for node_name, table in raw["nodes"].items():
-        node = _build_node(node_name, table, ports.get(node_name, []), file, seen_addr, errors)
+    for name, table in raw["nodes"].items():
+        node = _build_node(name, table, ports.get(name, []), seen_addr, errors)
         if node is not None:
             nodes.append(node)
-    if not nodes:
-        errors.add(file, "nodes", "a topology needs at least one node")
+    if not raw["nodes"]:
+        errors.add("nodes", "a topology needs at least one node")
     if errors.items:
         return None
-    return Topology(name=name, file=file, nodes=tuple(nodes), links=tuple(links),
+    return Topology(name=str(raw.get("name") or Path(errors.file).stem), file=errors.file,
+                    nodes=tuple(nodes), links=tuple(links),
                     description=str(raw.get("description", "")))
 
 
@@ -441,31 +360,28 @@ def _build_links(
     links: list[Link] = []
     ports: dict[str, list[str]] = {}
     used: dict[tuple[str, str], str] = {}
-    names: set[str] = set()
     for raw in raw_links:
         file, where = raw["_where"]
         ends = _parse_endpoints(raw.get("endpoints"), nodes, file, where, errors)
         if ends is None:
             continue
-        a, b = ends
-        name = raw.get("name", f"{a}--{b}")
+        name = raw.get("name", f"{ends[0]}--{ends[1]}")
         if not isinstance(name, str) or not name:
-            errors.add(file, f"{where}.name", "must be a non-empty string")
+            errors.add(f"{where}.name", "must be a non-empty string", file)
             continue
-        if name in names:
-            errors.add(file, f"{where}.name", f"duplicate link name {name!r}")
-        names.add(name)
+        if any(lk.name == name for lk in links):
+            errors.add(f"{where}.name", f"duplicate link name {name!r}", file)
         for i, ep in enumerate(ends):
             key = (ep.node, ep.interface)
             if key in used:
-                errors.add(file, f"{where}.endpoints[{i}]",
-                           f"interface {ep} is already used by link {used[key]!r}")
+                errors.add(f"{where}.endpoints[{i}]",
+                           f"interface {ep} is already used by link {used[key]!r}", file)
             else:
                 used[key] = name
                 ports.setdefault(ep.node, []).append(ep.interface)
-        mtu = _check_mtu(raw.get("mtu"), file, f"{where}.mtu", errors)
-        impair = _parse_impair(raw.get("impair"), file, f"{where}.impair", errors)
-        links.append(Link(name=name, a=a, b=b, mtu=mtu, impair=impair))
+        mtu = _check_mtu(raw.get("mtu"), f"{where}.mtu", file, errors)
+        impair = _parse_impair(raw.get("impair"), f"{where}.impair", file, errors)
+        links.append(Link(name=name, a=ends[0], b=ends[1], mtu=mtu, impair=impair))
     return links, ports
 
 
@@ -473,256 +389,209 @@ def _parse_endpoints(
     value: Any, nodes: dict[str, Any], file: str, where: str, errors: _Errors
 ) -> tuple[Endpoint, Endpoint] | None:
     if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
-        errors.add(file, f"{where}.endpoints", 'must be two "node:interface" strings')
+        errors.add(f"{where}.endpoints", 'must be two "node:interface" strings', file)
         return None
     out: list[Endpoint] = []
     for i, text in enumerate(value):
         node, sep, ifname = text.partition(":")
         path = f"{where}.endpoints[{i}]"
         if not sep or not node or not ifname:
-            errors.add(file, path, f'{text!r} is not "node:interface"')
-            continue
-        if node not in nodes:
-            errors.add(file, path, f"unknown node {node!r}")
-            continue
-        if _check_ifname(ifname, file, path, errors):
+            errors.add(path, f'{text!r} is not "node:interface"', file)
+        elif node not in nodes:
+            errors.add(path, f"unknown node {node!r}", file)
+        elif _check_ifname(ifname, path, file, errors):
             out.append(Endpoint(node, ifname))
     if len(out) != 2:
         return None
     if out[0].node == out[1].node:
-        errors.add(file, f"{where}.endpoints", "a link must join two different nodes")
+        errors.add(f"{where}.endpoints", "a link must join two different nodes", file)
         return None
     return out[0], out[1]
 
 
-def _check_ifname(name: str, file: str, path: str, errors: _Errors) -> bool:
-    if len(name.encode()) >= IFNAMSIZ:
-        errors.add(file, path, f"interface name {name!r} is longer than {IFNAMSIZ - 1} bytes")
-        return False
-    if not _IFNAME.match(name):
-        errors.add(file, path, f"bad interface name {name!r} (letters, digits, '_', '-')")
-        return False
-    return True
+def _check_ifname(name: str, path: str, file: str, errors: _Errors) -> bool:
+    ok = len(name.encode()) < IFNAMSIZ and _IFNAME.match(name) is not None
+    if not ok:
+        errors.add(path, f"bad interface name {name!r}: at most {IFNAMSIZ - 1} bytes of "
+                   "letters, digits, '_' and '-'", file)
+    return ok
 
 
-def _check_mtu(value: Any, file: str, path: str, errors: _Errors) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 68 <= value <= 65535:
-        errors.add(file, path, "mtu must be an integer in 68..65535 (RFC 791 minimum 68)")
+_BAD_MTU = "mtu must be an integer in 68..65535 (RFC 791: at least 68)"
+
+
+def _check_mtu(value: Any, path: str, file: str, errors: _Errors) -> int | None:
+    if value is not None and (type(value) is not int or not 68 <= value <= 65535):
+        errors.add(path, _BAD_MTU, file)
         return None
     return value
 
 
-def _parse_impair(value: Any, file: str, path: str, errors: _Errors) -> Any:
+def _parse_impair(value: Any, path: str, file: str, errors: _Errors) -> Any:
     if value is None:
         return None
     if not isinstance(value, dict):
-        errors.add(file, path, "must be a table")
+        errors.add(path, "must be a table", file)
         return None
     try:  # bridge/lab/impair.py is written separately; optional until it exists
-        impair = importlib.import_module("bridge.lab.impair")
-    except ImportError:
-        return dict(value)
-    parse = getattr(impair, "parse_impairment", None)
-    if parse is None:
+        parse = importlib.import_module("bridge.lab.impair").parse_impairment
+    except ModuleNotFoundError as e:
+        if e.name != "bridge.lab.impair":
+            raise
         return dict(value)
     try:
         return parse(value, path)
-    except ConfigErrors as e:
-        for err in e.errors:
-            errors.add(file, err.path or path, err.message)
-    except ConfigError as e:
-        errors.add(file, e.path or path, e.message)
+    except (ConfigError, ConfigErrors) as e:
+        for one in e.errors if isinstance(e, ConfigErrors) else [e]:
+            errors.add(one.path or path, one.message, file)
     return None
 
 
-def _build_node(
-    name: str, table: dict[str, Any], ports: list[str], file: str,
-    seen_addr: dict[Any, str], errors: _Errors,
-) -> Node | None:
-    where = f"nodes.{name}"
+def _build_node(name: str, table: dict[str, Any], ports: list[str], seen_addr: dict[Any, str],
+                errors: _Errors) -> Node | None:
+    where, origin = f"nodes.{name}", table.get("_origin", {})
+
+    def err(key: str) -> Callable[[str, str], None]:
+        file = origin.get(key, next(iter(origin.values()), errors.file))
+        return lambda path, msg: errors.add(path, msg, file)
+
     ok = True
     if len(name) > MAX_NODE_NAME:
-        errors.add(file, where, f"node name longer than {MAX_NODE_NAME} characters: namespace "
-                   f"'gb-<instance>-{name}' would exceed {MAX_NS_NAME}")
+        err("")(where, f"node name longer than {MAX_NODE_NAME} characters: namespace "
+                f"'gb-<instance>-{name}' would exceed {MAX_NS_NAME}")
         ok = False
     elif not _NODE_NAME.match(name):
-        errors.add(file, where, "node names use lowercase letters, digits, '_' and '-'")
+        err("")(where, "node names use lowercase letters, digits, '_' and '-'")
         ok = False
     kind_text = table.get("kind", "host")
     try:
         kind = NodeKind(kind_text)
     except ValueError:
-        errors.add(file, f"{where}.kind", f"must be 'host' or 'bridge', not {kind_text!r}")
+        err("kind")(f"{where}.kind", f"must be 'host' or 'bridge', not {kind_text!r}")
         kind, ok = NodeKind.HOST, False
     if kind is NodeKind.BRIDGE and not ports:
-        errors.add(file, f"{where}.kind", "a bridge node needs at least one link")
+        err("kind")(f"{where}.kind", "a bridge node needs at least one link")
     known = {*ports, "lo"} | ({BRIDGE_IFNAME} if kind is NodeKind.BRIDGE else set())
-    addresses = _build_addresses(table.get("addresses", {}), known, file, where, seen_addr, errors)
-    routes = _build_routes(table.get("routes", []), known, file, f"{where}.routes", errors)
-    sysctl = _build_sysctl(table.get("sysctl", {}), file, f"{where}.sysctl", errors)
-    mtu = _build_mtu(table.get("mtu", {}), known, file, f"{where}.mtu", errors)
-    run = table.get("run", [])
+    addresses = _build_addresses(table.get("addresses", {}), known, f"{where}.addresses",
+                                 seen_addr, err("addresses"))
+    routes = _build_routes(table.get("routes", []), known, f"{where}.routes", err("routes"))
+    sysctl = _build_sysctl(table.get("sysctl", {}), f"{where}.sysctl", err("sysctl"))
+    mtu = _build_mtu(table.get("mtu", {}), known, f"{where}.mtu", err("mtu"))
     if not ok:
         return None
     return Node(name=name, kind=kind, interfaces=tuple(ports), addresses=addresses,
-                routes=routes, sysctl=sysctl, mtu=mtu, run=tuple(run))
+                routes=routes, sysctl=sysctl, mtu=mtu, run=tuple(table.get("run", [])))
 
 
-def _in_lab(addr: IpAddress | IpNetwork) -> bool:
-    for net in LAB_NETS:
-        if net.version != addr.version:
-            continue
-        if isinstance(addr, ipaddress.IPv4Network | ipaddress.IPv6Network):
-            if addr.subnet_of(net):  # type: ignore[arg-type]
-                return True
-        elif addr in net:
-            return True
-    return False
-
-
+Report = Callable[[str, str], None]
 _RANGES = "198.18.0.0/15 or 2001:db8::/32"
 
 
-def _build_addresses(
-    value: Any, known: set[str], file: str, where: str, seen: dict[Any, str], errors: _Errors
-) -> tuple[Address, ...]:
-    path = f"{where}.addresses"
+def _lab_prefix(text: Any, path: str, err: Report, network: bool) -> Any:
+    """Parse "ADDR/LEN" (an interface, or a network if `network`) inside the lab ranges."""
+    try:
+        if not isinstance(text, str) or "/" not in text:
+            raise ValueError("not ADDRESS/PREFIXLEN")
+        value: Any = ipaddress.ip_network(text) if network else ipaddress.ip_interface(text)
+    except ValueError as e:
+        err(path, f"bad prefix {text!r}: {e}")
+        return None
+    net = value if network else value.network
+    if not any(n.version == net.version and net.subnet_of(n) for n in LAB_NETS):
+        err(path, f"{text} is outside the lab ranges {_RANGES}")
+        return None
+    return value
+
+
+def _build_addresses(value: Any, known: set[str], path: str, seen: dict[Any, str],
+                     err: Report) -> tuple[Address, ...]:
     if not isinstance(value, dict):
-        errors.add(file, path, 'must be a table: {eth0 = ["198.18.1.10/24", ...]}')
+        err(path, 'must be a table: {eth0 = ["198.18.1.10/24", ...]}')
         return ()
     out: list[Address] = []
     for ifname, addrs in value.items():
         ipath = f"{path}.{ifname}"
+        addrs = [addrs] if isinstance(addrs, str) else addrs
         if ifname not in known:
-            has = ", ".join(sorted(known))
-            errors.add(file, ipath, f"no such interface on this node (has: {has})")
-            continue
-        if isinstance(addrs, str):
-            addrs = [addrs]
-        if not isinstance(addrs, list):
-            errors.add(file, ipath, "must be an address string or an array of them")
-            continue
-        for i, text in enumerate(addrs):
-            apath = f"{ipath}[{i}]"
-            if not isinstance(text, str) or "/" not in text:
-                errors.add(file, apath, f"{text!r} is not ADDRESS/PREFIXLEN")
-                continue
-            try:
-                iface = ipaddress.ip_interface(text)
-            except ValueError as e:
-                errors.add(file, apath, f"bad prefix {text!r}: {e}")
-                continue
-            if not _in_lab(iface.ip):
-                errors.add(file, apath, f"{text} is outside the lab ranges {_RANGES}")
-                continue
-            if iface.ip in seen:
-                errors.add(file, apath, f"duplicate address {iface.ip} (also at {seen[iface.ip]})")
-                continue
-            seen[iface.ip] = apath
-            out.append(Address(ifname, iface))
+            err(ipath, f"no such interface on this node (has: {', '.join(sorted(known))})")
+        elif not isinstance(addrs, list):
+            err(ipath, "must be an address string or an array of them")
+        for i, text in enumerate(addrs if ifname in known and isinstance(addrs, list) else []):
+            iface = _lab_prefix(text, f"{ipath}[{i}]", err, network=False)
+            if iface is not None and iface.ip in seen:
+                err(f"{ipath}[{i}]", f"duplicate address {iface.ip} (also at {seen[iface.ip]})")
+            elif iface is not None:
+                seen[iface.ip] = f"{ipath}[{i}]"
+                out.append(Address(ifname, iface))
     return tuple(out)
 
 
-def _build_routes(
-    value: Any, known: set[str], file: str, where: str, errors: _Errors
-) -> tuple[Route, ...]:
+def _build_routes(value: Any, known: set[str], where: str, err: Report) -> tuple[Route, ...]:
     if not isinstance(value, list):
-        errors.add(file, where, 'must be an array: [{dst = "default", via = "198.18.1.1"}]')
+        err(where, 'must be an array: [{dst = "default", via = "198.18.1.1"}]')
         return ()
-    out: list[Route] = []
-    for i, table in enumerate(value):
-        path = f"{where}[{i}]"
-        if not isinstance(table, dict):
-            errors.add(file, path, "must be a table {dst = ..., via = ...}")
-            continue
-        bad = [k for k in table if k not in _ROUTE_KEYS]
-        for k in bad:
-            errors.add(file, f"{path}.{k}", "unknown key")
-        route = _build_route(table, known, file, path, errors)
-        if route is not None and not bad:
-            out.append(route)
-    return tuple(out)
+    routes = [_build_route(table, known, f"{where}[{i}]", err) for i, table in enumerate(value)]
+    return tuple(r for r in routes if r is not None)
 
 
-def _build_route(
-    table: dict[str, Any], known: set[str], file: str, path: str, errors: _Errors
-) -> Route | None:
-    via: IpAddress | None = None
-    if "via" in table:
-        try:
-            via = ipaddress.ip_address(table["via"])
-        except ValueError:
-            errors.add(file, f"{path}.via", f"bad gateway address {table['via']!r}")
-            return None
-        if not _in_lab(via):
-            errors.add(file, f"{path}.via", f"{via} is outside the lab ranges {_RANGES}")
-            return None
-    dev = table.get("dev")
+def _build_route(table: Any, known: set[str], path: str, err: Report) -> Route | None:
+    if not isinstance(table, dict):
+        err(path, "must be a table {dst = ..., via = ...}")
+        return None
+    for k in (bad := [k for k in table if k not in _ROUTE_KEYS]):
+        err(f"{path}.{k}", "unknown key")
+    try:
+        via = ipaddress.ip_address(table["via"]) if "via" in table else None
+    except ValueError:
+        err(f"{path}.via", f"bad gateway address {table['via']!r}")
+        return None
+    if via is not None and _lab_prefix(f"{via}/{via.max_prefixlen}", f"{path}.via", err,
+                                       network=True) is None:
+        return None
+    dev, dst_text = table.get("dev"), table.get("dst")
     if dev is not None and dev not in known:
-        errors.add(file, f"{path}.dev", f"no such interface on this node: {dev!r}")
+        err(f"{path}.dev", f"no such interface on this node: {dev!r}")
         return None
-    dst_text = table.get("dst")
-    if dst_text in ("default", "default6", "default4"):
-        version = via.version if via else (6 if dst_text == "default6" else 4)
-        dst: IpNetwork = ipaddress.ip_network("::/0" if version == 6 else "0.0.0.0/0")
+    if dst_text in ("default", "default6"):
         if via is None and dev is None:
-            errors.add(file, path, "a default route needs `via` or `dev`")
+            err(path, "a default route needs `via` or `dev`")
             return None
-    else:
-        if not isinstance(dst_text, str) or "/" not in dst_text:
-            errors.add(file, f"{path}.dst", f"{dst_text!r} is not 'default' or NETWORK/PREFIXLEN")
-            return None
-        try:
-            dst = ipaddress.ip_network(dst_text)
-        except ValueError as e:
-            errors.add(file, f"{path}.dst", f"bad prefix {dst_text!r}: {e}")
-            return None
-        if not _in_lab(dst):
-            errors.add(file, f"{path}.dst", f"{dst} is outside the lab ranges {_RANGES}")
-            return None
+        v6 = via.version == 6 if via else dst_text == "default6"
+        dst: IpNetwork = ipaddress.ip_network("::/0" if v6 else "0.0.0.0/0")
+    elif (dst := _lab_prefix(dst_text, f"{path}.dst", err, network=True)) is None:
+        return None
     if via is not None and via.version != dst.version:
-        errors.add(file, f"{path}.via", f"gateway {via} is not IPv{dst.version} like {dst}")
+        err(f"{path}.via", f"gateway {via} is not IPv{dst.version} like {dst}")
         return None
-    metric = table.get("metric")
-    if metric is not None and (type(metric) is not int or metric < 0):
-        errors.add(file, f"{path}.metric", "must be a non-negative integer")
-        return None
-    return Route(dst=dst, via=via, dev=dev, metric=metric)
+    return None if bad else Route(dst=dst, via=via, dev=dev)
 
 
-def _build_sysctl(
-    value: Any, file: str, where: str, errors: _Errors
-) -> tuple[tuple[str, str], ...]:
+def _build_sysctl(value: Any, where: str, err: Report) -> tuple[tuple[str, str], ...]:
     if not isinstance(value, dict):
-        errors.add(file, where, 'must be a table {"net.ipv4.ip_forward" = 1}')
+        err(where, 'must be a table {"net.ipv4.ip_forward" = 1}')
         return ()
     out: list[tuple[str, str]] = []
     for key, val in value.items():
         path = f'{where}."{key}"'
         if not _SYSCTL.match(key) or ".." in key:
-            errors.add(file, path, "only net.* sysctls exist per network namespace")
-            continue
-        if isinstance(val, bool) or not isinstance(val, int | str):
-            errors.add(file, path, "value must be an integer or a string")
-            continue
-        out.append((key, str(val)))
+            err(path, "only net.* sysctls exist per network namespace")
+        elif isinstance(val, bool) or not isinstance(val, int | str):
+            err(path, "value must be an integer or a string")
+        else:
+            out.append((key, str(val)))
     return tuple(out)
 
 
-def _build_mtu(
-    value: Any, known: set[str], file: str, where: str, errors: _Errors
-) -> tuple[tuple[str, int], ...]:
+def _build_mtu(value: Any, known: set[str], where: str, err: Report) -> tuple[tuple[str, int], ...]:
     if not isinstance(value, dict):
-        errors.add(file, where, "must be a table {eth0 = 1400}")
+        err(where, "must be a table {eth0 = 1400}")
         return ()
     out: list[tuple[str, int]] = []
     for ifname, mtu in value.items():
         if ifname not in known:
-            errors.add(file, f"{where}.{ifname}", "no such interface on this node")
-            continue
-        checked = _check_mtu(mtu, file, f"{where}.{ifname}", errors)
-        if checked is not None:
-            out.append((ifname, checked))
+            err(f"{where}.{ifname}", "no such interface on this node")
+        elif type(mtu) is not int or not 68 <= mtu <= 65535:
+            err(f"{where}.{ifname}", _BAD_MTU)
+        else:
+            out.append((ifname, mtu))
     return tuple(out)
