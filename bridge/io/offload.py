@@ -33,6 +33,7 @@ Nothing here raises on malformed input: `split_frame` returns False and the call
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 from stack.wire.checksum import checksum, partial, pseudo_sum_v4, pseudo_sum_v6
@@ -341,7 +342,7 @@ class _Group:
         self.closed = self.size == 0 or bool(pkt[ihl + 13] & _PSH)
 
 
-def coalesce(packets: list[bytes], out: list[bytes]) -> int:
+def coalesce(packets: Sequence[bytes | bytearray | memoryview], out: list[bytes]) -> int:
     """Append TUN frames (vnet header + packet) for `packets` to `out`; return frames written.
 
     Consecutive segments of one TCP flow become one GSO frame (rules in the module
@@ -351,6 +352,8 @@ def coalesce(packets: list[bytes], out: list[bytes]) -> int:
     groups: list[_Group | bytes] = []
     open_by_key: dict[bytes, _Group] = {}
     for p in packets:
+        if type(p) is not bytes:
+            p = bytes(p)  # keys must be hashable; bytearray/memoryview from the core
         k = _tcp_key(p)
         if k is None:
             groups.append(p)

@@ -1,0 +1,203 @@
+"""The TUN device: open, configure with pyroute2, read and write batches. I/O adapter, no logic.
+
+Rules:
+- Opened with TUNSETIFF IFF_TUN|IFF_NO_PI (Linux Documentation/networking/tuntap.rst), and
+  by default IFF_VNET_HDR with TUNSETVNETHDRSZ 10 and TUNSETOFFLOAD TUN_F_CSUM|TSO4|TSO6:
+  the kernel then hands us TCP super-packets of up to 64 KB (split by `offload.split_frame`)
+  and accepts coalesced GSO writes (`offload.coalesce`).
+- The fd is non-blocking; reads go into one preallocated buffer until EAGAIN (or a batch
+  limit), writes go out one frame per write(2) (the TUN has no batch write).
+- A second process on the same TUN gets EBUSY from TUNSETIFF; that becomes
+  TunBusyError("grebe: TUN grebe0 is already in use by another process").
+- Addresses, MTU, link up and the routes of the peers' prefixes are set with pyroute2 in
+  the current network namespace; `close()` deletes the routes it added, then closes the fd,
+  which deletes the (non-persistent) device with its addresses.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import ipaddress
+import logging
+import os
+import struct
+from collections.abc import Iterable, Sequence
+
+from bridge.io import offload
+
+log = logging.getLogger("grebe.tun")
+
+TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+IFF_MULTI_QUEUE = 0x0100
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+
+READ_BUF = 65536 + offload.VNET_HDR_LEN + 64
+
+
+class TunBusyError(OSError):
+    """The TUN is attached to another process."""
+
+
+class TunDevice:
+    """One TUN queue. `read_packets`/`write_packets` are the whole data API."""
+
+    def __init__(self, name: str, vnet_hdr: bool = True, multi_queue: bool = False) -> None:
+        self.name = name
+        self.vnet_hdr = vnet_hdr
+        self.bad_frames = 0  # frames from the kernel that offload could not split
+        self.write_errors = 0  # packets the kernel refused (EINVAL, EIO, ...)
+        self._routes: list[tuple[str, int]] = []
+        self._buf = bytearray(READ_BUF)
+        self._view = memoryview(self._buf)
+        self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+        flags = IFF_TUN | IFF_NO_PI
+        if vnet_hdr:
+            flags |= IFF_VNET_HDR
+        if multi_queue:
+            flags |= IFF_MULTI_QUEUE
+        ifr = struct.pack("16sH22x", name.encode(), flags)
+        try:
+            fcntl.ioctl(self.fd, TUNSETIFF, ifr)
+            if vnet_hdr:
+                fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", offload.VNET_HDR_LEN))
+                fcntl.ioctl(self.fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+        except OSError as e:
+            os.close(self.fd)
+            if e.errno == errno.EBUSY:
+                raise TunBusyError(
+                    errno.EBUSY, f"grebe: TUN {name} is already in use by another process"
+                ) from None
+            raise
+        os.set_blocking(self.fd, False)
+        self.index = 0
+
+    def fileno(self) -> int:
+        return self.fd
+
+    # -- configuration (pyroute2) ------------------------------------------------------
+
+    def configure(self, addresses: Sequence[str], mtu: int,
+                  routes: Iterable[str] = ()) -> None:
+        """Set MTU, addresses, link up, and one route per prefix into the TUN."""
+        from pyroute2 import IPRoute  # type: ignore[import-untyped]
+
+        with IPRoute() as ipr:
+            self.index = ipr.link_lookup(ifname=self.name)[0]
+            ipr.link("set", index=self.index, mtu=mtu)
+            for a in addresses:
+                iface = ipaddress.ip_interface(a)
+                ipr.addr("add", index=self.index, address=str(iface.ip),
+                         prefixlen=iface.network.prefixlen)
+            ipr.link("set", index=self.index, state="up")
+            for r in routes:
+                net = ipaddress.ip_network(r, strict=False)
+                try:
+                    ipr.route("add", dst=str(net), oif=self.index)
+                except Exception as e:  # pyroute2 NetlinkError: an existing route is kept
+                    if getattr(e, "code", None) != errno.EEXIST:
+                        raise
+                    log.warning("route %s exists already; left as it is", net)
+                    continue
+                self._routes.append((str(net), self.index))
+        log.info("TUN %s up: mtu %d, addresses %s, routes %s", self.name, mtu,
+                 ", ".join(addresses) or "-", ", ".join(r for r, _ in self._routes) or "-")
+
+    def set_mtu(self, mtu: int) -> None:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            ipr.link("set", index=self.index, mtu=mtu)
+
+    def close(self) -> None:
+        """Remove our routes, then close the fd (the kernel deletes the device)."""
+        if self._routes:
+            try:
+                from pyroute2 import IPRoute
+
+                with IPRoute() as ipr:
+                    for dst, oif in self._routes:
+                        try:
+                            ipr.route("del", dst=dst, oif=oif)
+                        except Exception:  # already gone with the device
+                            pass
+            finally:
+                self._routes.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # -- data ---------------------------------------------------------------------------
+
+    def read_packets(self, out: list[bytes], limit: int = 64) -> int:
+        """Read up to `limit` frames (until EAGAIN); append the inner packets to `out`.
+
+        Returns the number of frames read. Never raises for EAGAIN.
+        """
+        fd = self.fd
+        view = self._view
+        bufs = [self._buf]
+        reads = 0
+        split = offload.split_frame
+        while reads < limit:
+            try:
+                n = os.readv(fd, bufs)
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            reads += 1
+            if self.vnet_hdr:
+                if not split(view[:n], out):
+                    self.bad_frames += 1
+            else:
+                out.append(bytes(view[:n]))
+        return reads
+
+    def write_packets(self, packets: Sequence[bytes | bytearray | memoryview]) -> int:
+        """Write inner packets (coalesced into GSO frames with the vnet header); return frames."""
+        if not packets:
+            return 0
+        frames: Sequence[bytes | bytearray | memoryview]
+        if self.vnet_hdr:
+            coalesced: list[bytes] = []
+            offload.coalesce(packets, coalesced)
+            frames = coalesced
+        else:
+            frames = packets
+        fd = self.fd
+        for f in frames:
+            try:
+                os.write(fd, f)
+            except BlockingIOError:
+                self.write_errors += 1
+            except OSError as e:
+                self.write_errors += 1
+                log.debug("TUN write refused: %s", e)
+        return len(frames)
+
+
+def route_mtu(host: str) -> int | None:
+    """MTU toward `host` in this namespace: the route's mtu metric, else its device's MTU."""
+    from pyroute2 import IPRoute
+
+    try:
+        with IPRoute() as ipr:
+            r = ipr.route("get", dst=host)[0]
+            metrics = r.get_attr("RTA_METRICS")
+            if metrics is not None:
+                m = metrics.get_attr("RTAX_MTU")
+                if m:
+                    return int(m)
+            oif = r.get_attr("RTA_OIF")
+            link = ipr.link("get", index=oif)[0]
+            return int(link.get_attr("IFLA_MTU"))
+    except Exception:
+        return None

@@ -1,0 +1,142 @@
+"""UdpEndpoint (GSO runs, GRO split, plain fallback) on loopback; control socket; CLI parts."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import threading
+
+import pytest
+
+from bridge import cli
+from bridge.io.control import ControlServer, MetricsServer, request
+from bridge.io.udp import UdpEndpoint
+
+
+def _drain(ep: UdpEndpoint, want: int) -> list[tuple[bytes, tuple[str, int]]]:
+    got: list[tuple[bytes, tuple[str, int]]] = []
+    p = select.poll()
+    p.register(ep.fileno(), select.POLLIN)
+    while len(got) < want and p.poll(2000):
+        ep.recv_datagrams(got)
+    return got
+
+
+@pytest.mark.parametrize("gso", [True, False])
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_gso_send_gro_receive_keep_datagrams(host: str, gso: bool) -> None:
+    a = UdpEndpoint(host, 0, gso=gso)
+    b = UdpEndpoint(host, 0, gro=gso)
+    dest = b.sock.getsockname()[:2]
+    # runs of equal size, a shorter one ending a run, a larger one starting the next
+    sizes = [1000] * 70 + [500] + [1200] * 3 + [7] + [1400]
+    dgrams = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+    calls = a.send_datagrams(dest, dgrams)
+    got = _drain(b, len(dgrams))
+    assert [d for d, _ in got] == dgrams
+    assert {addr for _, addr in got} == {a.sock.getsockname()[:2]}
+    if gso:
+        assert calls < len(dgrams) // 10  # batched: 64 + (6 + 500) + (3 + 7) + 1400
+    assert a.send_errors == {}
+    a.close()
+    b.close()
+
+
+def test_oversized_datagram_counted_not_raised() -> None:
+    a = UdpEndpoint("127.0.0.1", 0)
+    a.send_datagrams(("127.0.0.1", 9), [bytes(70000)])
+    assert a.send_errors == {"emsgsize": 1}
+    a.close()
+
+
+def _serve(srv: ControlServer | MetricsServer, n: int) -> threading.Thread:
+    def run() -> None:
+        p = select.poll()
+        p.register(srv.fileno(), select.POLLIN)
+        for _ in range(n):
+            if p.poll(5000):
+                srv.on_readable()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_control_socket_commands() -> None:
+    name = f"@grebe-test/{os.getpid()}"
+    srv = ControlServer(name)
+    srv.register("status", lambda req: {"ok": True, "req": req})
+    t = _serve(srv, 2)
+    assert request(name, "status") == {"ok": True, "req": {"cmd": "status"}}
+    assert "unknown command" in request(name, "nope")["error"]
+    t.join()
+    assert srv.handle(b"not json")["error"].startswith("bad request")
+    assert srv.handle(b"[1]")["error"].startswith("bad request")
+    srv.close()
+    with pytest.raises(OSError):
+        request(name, "status", timeout=1)
+
+
+def test_metrics_http() -> None:
+    import socket
+
+    m = MetricsServer("127.0.0.1:0", lambda: "grebe_x 1\n")
+    t = _serve(m, 1)
+    with socket.create_connection(m.address, timeout=5) as s:
+        s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    t.join()
+    m.close()
+    assert data.startswith(b"HTTP/1.0 200 OK")
+    assert data.endswith(b"\r\n\r\ngrebe_x 1\n")
+
+
+def test_cli_status_table_and_json(capsys: pytest.CaptureFixture[str]) -> None:
+    name = f"@grebe-test-status/{os.getpid()}"
+    srv = ControlServer(name)
+    st = {"tun": {"name": "grebe0", "mtu": 1424, "mtu_source": "auto"},
+          "peers": [{"name": "site-b", "endpoint": "198.18.0.2:4754", "up": True,
+                     "last_seen_s": 0.5, "rx_packets": 3, "rx_bytes": 300, "tx_packets": 4,
+                     "tx_bytes": 400}],
+          "drops": {"wrong_key": 2, "malformed": 0}, "events": {}, "io": {"udp_sends": 1}}
+    srv.register("status", lambda req: st)
+    t = _serve(srv, 2)
+    assert cli.main(["status", "-s", name]) == 0
+    out = capsys.readouterr().out
+    assert "site-b" in out and "wrong_key=2" in out and "malformed" not in out
+    assert cli.main(["status", "--json", "-s", name]) == 0
+    assert json.loads(capsys.readouterr().out) == st
+    t.join()
+    srv.close()
+    assert cli.main(["status", "-s", name]) == 1
+    assert "no grebe on" in capsys.readouterr().err
+
+
+def test_check_config_reports_every_error(tmp_path: object, capsys: pytest.CaptureFixture[str]
+                                          ) -> None:
+    import pathlib
+
+    p = pathlib.Path(str(tmp_path)) / "bad.toml"
+    p.write_text('[tun]\nname = "x"\nmtu = 5\n[listen]\naddress = "nope"\n'
+                 '[[peers]]\nname = "b"\nendpoint = "198.18.0.2:4754"\nprefixes = ["1.2.3.4/8"]\n')
+    assert cli.main(["check-config", str(p)]) == 1
+    err = capsys.readouterr().err
+    for key in ("tun.mtu", "listen.address", "peers[0].prefixes[0]"):
+        assert key in err
+    good = pathlib.Path(__file__).parents[3] / "topologies" / "two-sites" / "gw-a.toml"
+    if good.exists():
+        assert cli.main(["check-config", str(good)]) == 0
+
+
+def test_subcommand_table_is_extensible() -> None:
+    calls = []
+    cli.register("hello", "test", lambda p: p.add_argument("--x"),
+                 lambda a: calls.append(a.x) or 7)
+    try:
+        assert cli.main(["hello", "--x", "1"]) == 7
+        assert calls == ["1"]
+    finally:
+        del cli.COMMANDS["hello"]
