@@ -34,9 +34,11 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,7 @@ class Options(argparse.Namespace):
     json: str | None
     list: bool
     instance: str
+    keep_logs: bool
 
     @property
     def seconds(self) -> int:
@@ -99,6 +102,8 @@ def parse_args(argv: list[str]) -> Options:
     p.add_argument("--json", metavar="PATH", help="where to write the results JSON")
     p.add_argument("--list", action="store_true", help="list the variants and exit")
     p.add_argument("--instance", default="bench", help="lab instance name (gb-INSTANCE-*)")
+    p.add_argument("--keep-logs", action="store_true",
+                   help="keep the scratch dir (configs, process logs) even if all went well")
     return p.parse_args(argv, namespace=Options())
 
 
@@ -195,25 +200,33 @@ def start_http_server(b: Bench) -> None:
 
 
 def run_variant(b: Bench, v: Variant, opts: Options) -> TunnelRow | InspectRow:
+    """Set up, measure and tear down one variant; never raises for the variant's own faults."""
     row_type = TunnelRow if v.table == "tunnel" else InspectRow
     reason = v.unavailable(b)
     if reason is not None:
         log(f"{v.name}: unavailable: {reason}")
         return row_type(v.name, v.label, Status.UNAVAILABLE, reason)
     log(f"{v.name}: setting up ({v.label})")
+    before = b.footprint()
+    row: TunnelRow | InspectRow
     try:
         v.setup(b)
-        if v.table == "tunnel":
-            return measure_tunnel(b, v, opts)
-        return measure_inspect(b, v, opts)
-    except (BenchParseError, TimeoutError, RuntimeError, OSError) as e:
+        row = measure_tunnel(b, v, opts) if v.table == "tunnel" else measure_inspect(b, v, opts)
+    except (BenchParseError, TimeoutError, RuntimeError, OSError,
+            subprocess.SubprocessError) as e:
         detail = f"{type(e).__name__}: {e}".replace("\n", " ")[:300]
         log(f"{v.name}: FAILED: {detail} (logs in {b.tmp})")
         b.keep_tmp = True
-        return row_type(v.name, v.label, Status.FAILED, detail)
+        row = row_type(v.name, v.label, Status.FAILED, detail)
     finally:
         log(f"{v.name}: tearing down")
         v.teardown(b)
+    leaked = {n: sorted(b.footprint()[n] - items) for n, items in before.items()}
+    leaked = {n: items for n, items in leaked.items() if items}
+    if leaked:  # the next variant would run on a dirty lab: say so in this row
+        log(f"{v.name}: teardown LEFT BEHIND {leaked}")
+        row = replace(row, detail=f"{row.detail} teardown left {leaked}".strip())
+    return row
 
 
 def select(opts: Options) -> list[Variant]:
@@ -266,6 +279,8 @@ def main(argv: list[str]) -> int:
     try:
         log(f"bringing the lab up (instance {opts.instance!r}); scratch dir {tmp}")
         b = Bench(open_lab(opts.instance), tmp, REPO)
+        b.keep_tmp = opts.keep_logs
+        b.log = log
         if any(v.table == "tunnel" for v in variants):
             start_iperf_server(b)
         for v in (v for v in variants if v.table == "tunnel"):

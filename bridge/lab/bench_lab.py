@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -67,6 +68,7 @@ class Bench:
         self.lab, self.tmp, self.repo = lab, tmp, repo
         self.mitmdump = repo / ".bench" / "mitmproxy-venv" / "bin" / "mitmdump"
         self.keep_tmp = False
+        self.log: Callable[[str], None] = lambda msg: None
         self._undo: list[Callable[[], None]] = []
         self._procs: list[tuple[subprocess.Popen[Any], Path]] = []
         self._persistent: list[tuple[subprocess.Popen[Any], Path]] = []
@@ -112,7 +114,8 @@ class Bench:
     # ---- netlink, undoable
 
     def ipr(self, node: str) -> IPRoute:
-        return IPRoute(netns=self.lab.ns(node))
+        # flags=0: never create a missing namespace (pyroute2 defaults to O_CREAT)
+        return IPRoute(netns=self.lab.ns(node), flags=0)
 
     def ifindex(self, node: str, ifname: str) -> int:
         with self.ipr(node) as ip:
@@ -178,6 +181,20 @@ class Bench:
 
     # ---- probes
 
+    def footprint(self, nodes: Sequence[str] = ("client", "gw-a", "gw-b", "server")
+                  ) -> dict[str, frozenset[str]]:
+        """Links and routes of `nodes`, to check that a teardown left nothing behind."""
+        out: dict[str, frozenset[str]] = {}
+        for node in nodes:
+            with self.ipr(node) as ip:
+                items = {f"link {ln.get('ifname')}" for ln in ip.get_links()}
+                for fam in (2, 10):
+                    items |= {f"route {r.get('dst')}/{r['dst_len']}"
+                              for r in ip.route("dump", family=fam)
+                              if r.get("table") == 254 and r.get("dst")}
+            out[node] = frozenset(items)
+        return out
+
     def has_route(self, node: str, dst: str) -> bool:
         net, plen = dst.split("/")
         with self.ipr(node) as ip:
@@ -208,6 +225,25 @@ class Bench:
 
     def udp_listening(self, node: str, port: int) -> bool:
         return self._listening(node, "u", port)
+
+    def ensure_mitmproxy(self) -> str | None:
+        """Install mitmproxy into its own venv on first use. Returns why it can't, or None."""
+        if self.mitmdump.exists():
+            return None
+        venv = self.mitmdump.parents[1]
+        self.log(f"installing mitmproxy into {venv} (first use only; needs PyPI)")
+        base = getattr(sys, "_base_executable", sys.executable)
+        try:
+            subprocess.run([base, "-m", "venv", str(venv)], check=True, capture_output=True,
+                           timeout=300)
+            subprocess.run([str(venv / "bin" / "pip"), "install", "-q",
+                            "--disable-pip-version-check", "mitmproxy"],
+                           check=True, capture_output=True, text=True, timeout=900)
+        except subprocess.CalledProcessError as e:
+            return f"pip install mitmproxy failed: {str(e.stderr).strip()[-200:]}"
+        except (OSError, subprocess.SubprocessError) as e:
+            return f"could not install mitmproxy into {venv}: {e}"
+        return None if self.mitmdump.exists() else f"{self.mitmdump} missing after install"
 
     # ---- keys and certificates (files in the scratch dir; no network involved)
 

@@ -223,10 +223,7 @@ class MitmproxyWg(Variant):
         missing = _need("wireguard-go", "wg")
         if missing:
             return missing
-        if not b.mitmdump.exists():
-            return (f"{b.mitmdump} not found "
-                    "(python3 -m venv .bench/mitmproxy-venv && .../pip install mitmproxy)")
-        return None
+        return b.ensure_mitmproxy()
 
     def setup(self, b: Bench) -> None:
         plain_routes(b)  # mitmproxy on gw-a reaches the server over plain routing

@@ -308,6 +308,12 @@ class FakeLab:
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
 
 
+@pytest.fixture(autouse=True)
+def no_netlink(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fake lab has no namespaces: footprints are empty unless a test says otherwise."""
+    monkeypatch.setattr(Bench, "footprint", lambda self, nodes=(): {"gw-a": frozenset()})
+
+
 class Recorder(Variant):
     name, label = "fake", "fake variant"
 
@@ -339,6 +345,16 @@ def test_failed_setup_gives_a_failed_row_and_still_tears_down(tmp_path: Path) ->
     assert events == ["setup", "teardown", "undo"]
     assert v.proc.poll() is not None  # the variant's process was stopped
     assert b.keep_tmp  # logs are kept for a failure
+
+
+def test_a_teardown_that_leaves_a_device_is_reported_in_the_row(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    prints = iter([{"gw-a": frozenset({"link lo"})},
+                   {"gw-a": frozenset({"link lo", "link gbb-wg-a"})}])
+    monkeypatch.setattr(Bench, "footprint", lambda self, nodes=(): next(prints))
+    b = Bench(FakeLab(), tmp_path, tmp_path)
+    row = bench.run_variant(b, Recorder([], fail=RuntimeError("x")), bench.parse_args([]))
+    assert "teardown left {'gw-a': ['link gbb-wg-a']}" in row.detail
 
 
 def test_unavailable_variant_is_never_set_up(tmp_path: Path) -> None:
