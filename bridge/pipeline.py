@@ -433,6 +433,7 @@ class Bridge:
             })
         return {
             "tun": {"name": self.config.tun.name, "mtu": self.tun_mtu},
+            "tun_mtu": self.tun_mtu,
             "underlay_mtu": self.underlay_mtu,
             "mss_clamp": self.mss_clamp,
             "uptime_s": round(now - self.started, 3),
