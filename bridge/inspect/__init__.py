@@ -1,0 +1,1 @@
+"""Inspectors: the API (api.py), the chain/manager (manager.py) and the built-ins."""

@@ -1,0 +1,74 @@
+"""Built-in `log` inspector: one JSON line per flow, written when the flow ends.
+
+Rules
+- The line holds the 5-tuple, bytes each way (as received, before any rewrite), duration, close
+  reason, rule and backend, plus whatever the other inspectors left in `flow.metadata` (the
+  `http` inspector's requests, the `tls` inspector's SNI/ALPN, `errors`, `blocked`...).
+- `runs_last`: the chain calls this flow_end after the other inspectors'.
+- No I/O on the data path: lines go to an in-memory buffer; `flush()` (called by the adapter on a
+  timer and at exit) appends them to `log_path`. Without `log_path` the lines go to the Python
+  logger "grebe.inspect.flows" at INFO.
+- Metadata values that JSON cannot encode are written with repr(); the writer never raises on
+  account of what another inspector stored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from bridge.flows import InspectRule
+from bridge.inspect.api import CloseReason, Flow, Inspector
+
+flow_log = logging.getLogger("grebe.inspect.flows")
+
+
+def flow_record(flow: Flow, reason: CloseReason) -> dict[str, Any]:
+    """The JSON-able summary of a finished flow."""
+    end = flow.end if flow.end is not None else flow.last_seen
+    rec: dict[str, Any] = {
+        "id": flow.id, "rule": flow.rule, "backend": flow.backend,
+        "src": flow.src, "sport": flow.sport, "dst": flow.dst, "dport": flow.dport,
+        "start": round(flow.start, 6), "duration": round(max(0.0, end - flow.start), 6),
+        "bytes_c2s": flow.bytes_c2s, "bytes_s2c": flow.bytes_s2c, "close": reason.value,
+    }
+    for k, v in flow.metadata.items():
+        rec.setdefault(k, v)
+    return rec
+
+
+class LogInspector(Inspector):
+    """Buffers one JSON line per finished flow; see the module docstring."""
+
+    runs_last = True
+
+    def __init__(self, rule: InspectRule, max_buffered: int = 1 << 20) -> None:
+        self.path = rule.log_path
+        self.max_buffered = max_buffered
+        self._lines: list[str] = []
+        self._size = 0
+        self.dropped_lines = 0
+
+    def flow_end(self, flow: Flow, reason: CloseReason) -> None:
+        line = json.dumps(flow_record(flow, reason), default=repr, separators=(",", ":"))
+        if self._size + len(line) > self.max_buffered:
+            self.dropped_lines += 1     # the disk is not keeping up: bounded memory wins
+            return
+        self._lines.append(line)
+        self._size += len(line) + 1
+
+    def pending(self) -> list[str]:
+        """Lines not yet flushed (for tests and for the userspace backend's status)."""
+        return list(self._lines)
+
+    def flush(self) -> None:
+        if not self._lines:
+            return
+        lines, self._lines, self._size = self._lines, [], 0
+        if self.path is None:
+            for line in lines:
+                flow_log.info("%s", line)
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")

@@ -1,0 +1,71 @@
+"""Custom inspectors loaded by "module:Class" in the chain tests."""
+
+from __future__ import annotations
+
+from bridge.inspect.api import Direction, Flow, Inspector
+
+
+class Boom(Inspector):
+    """Raises in the hook named by rule.options["boom"]."""
+
+    def __init__(self, rule) -> None:  # type: ignore[no-untyped-def]
+        self.where = rule.options.get("boom", "data")
+        self.calls = 0
+
+    def flow_start(self, flow: Flow):  # type: ignore[no-untyped-def]
+        if self.where == "flow_start":
+            raise RuntimeError("boom at start")
+        return super().flow_start(flow)
+
+    def data(self, flow: Flow, direction: Direction, data: bytes):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.where == "data":
+            raise RuntimeError("boom in data")
+        return None
+
+    def flow_end(self, flow, reason):  # type: ignore[no-untyped-def]
+        if self.where == "flow_end":
+            raise RuntimeError("boom at end")
+
+
+class Upper:
+    """No base class, no constructor argument: duck typing is enough."""
+
+    def flow_start(self, flow):  # type: ignore[no-untyped-def]
+        from bridge.inspect.api import ALLOW
+        return ALLOW
+
+    def data(self, flow, direction, data):  # type: ignore[no-untyped-def]
+        flow.metadata["upper"] = True
+        return data.upper()
+
+    def eof(self, flow, direction):  # type: ignore[no-untyped-def]
+        return None
+
+    def flow_end(self, flow, reason):  # type: ignore[no-untyped-def]
+        return None
+
+    def flush(self):  # type: ignore[no-untyped-def]
+        return None
+
+    def close(self):  # type: ignore[no-untyped-def]
+        return None
+
+
+class Dropper:
+    def __init__(self) -> None:
+        pass
+
+    def flow_start(self, flow):  # type: ignore[no-untyped-def]
+        from bridge.inspect.api import ALLOW
+        return ALLOW
+
+    def data(self, flow, direction, data):  # type: ignore[no-untyped-def]
+        from bridge.inspect.api import DROP
+        return DROP if b"drop" in data else None
+
+    def eof(self, flow, direction):  # type: ignore[no-untyped-def]
+        return None
+
+    def flow_end(self, flow, reason):  # type: ignore[no-untyped-def]
+        return None
