@@ -64,7 +64,8 @@ def test_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(t._cache) <= 10
 
 
-def _syn(mss: int | None, flags: str = "S", v6: bool = False, extra: list | None = None) -> bytearray:
+def _syn(mss: int | None, flags: str = "S", v6: bool = False,
+         extra: list | None = None) -> bytearray:
     opts = ([("MSS", mss)] if mss is not None else []) + (extra or [])
     ip = IPv6(src="2001:db8::1", dst="2001:db8::2") if v6 else IP(src="198.18.1.1",
                                                                    dst="198.18.2.2")
