@@ -221,6 +221,7 @@ def run_variant(b: Bench, v: Variant, opts: Options) -> TunnelRow | InspectRow:
     finally:
         log(f"{v.name}: tearing down")
         v.teardown(b)
+        b.flush_route_caches()
     leaked = {n: sorted(b.footprint()[n] - items) for n, items in before.items()}
     leaked = {n: items for n, items in leaked.items() if items}
     if leaked:  # the next variant would run on a dirty lab: say so in this row

@@ -29,6 +29,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from bridge.lab import netlink, topology
 
 TOPOLOGY = "two-sites-plain"
+RTM_F_CLONED = 0x200  # linux/rtnetlink.h: a cached clone (e.g. a PMTU exception), not config
 GONE = (errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EADDRNOTAVAIL)
 
 
@@ -191,7 +192,8 @@ class Bench:
                 for fam in (2, 10):
                     items |= {f"route {r.get('dst')}/{r['dst_len']}"
                               for r in ip.route("dump", family=fam)
-                              if r.get("table") == 254 and r.get("dst")}
+                              if r.get("table") == 254 and r.get("dst")
+                              and not r["flags"] & RTM_F_CLONED}
             out[node] = frozenset(items)
         return out
 
@@ -225,6 +227,15 @@ class Bench:
 
     def udp_listening(self, node: str, port: int) -> bool:
         return self._listening(node, "u", port)
+
+    def flush_route_caches(self, nodes: Sequence[str] = ("client", "gw-a", "gw-b", "server")
+                           ) -> None:
+        """Forget learned PMTUs and redirects, so that one variant's ICMP "fragmentation
+        needed" (VXLAN's 1450, WireGuard's 1420) does not shape the next variant's packets.
+        Writing net.ipv4.route.flush also invalidates the nexthop exceptions."""
+        for node in nodes:
+            self.run(node, ["sysctl", "-qw", "net.ipv4.route.flush=1",
+                            "net.ipv6.route.flush=1"], check=False)
 
     def ensure_mitmproxy(self) -> str | None:
         """Install mitmproxy into its own venv on first use. Returns why it can't, or None."""

@@ -288,8 +288,8 @@ class FakeLab:
 
     def run(self, node: str, argv: Sequence[str], timeout: float = 30, check: bool = True,
             input: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                              check=check, input=input)
+        # Never run lab commands (sysctl, ping, ...) on the host: that is the root namespace.
+        raise AssertionError(f"FakeLab.run({node}, {argv}) reached the host")
 
     def popen(self, node: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
         p = subprocess.Popen(list(argv), **kw)
@@ -312,6 +312,7 @@ SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
 def no_netlink(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fake lab has no namespaces: footprints are empty unless a test says otherwise."""
     monkeypatch.setattr(Bench, "footprint", lambda self, nodes=(): {"gw-a": frozenset()})
+    monkeypatch.setattr(Bench, "flush_route_caches", lambda self, nodes=(): None)
 
 
 class Recorder(Variant):
