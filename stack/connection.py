@@ -57,6 +57,16 @@ class TcpConnection(OutputMixin):
         return self._state
 
     @property
+    def passive(self) -> bool:
+        """True if this connection was opened by listen() (a SYN created it)."""
+        return self._passive
+
+    @property
+    def rcv_nxt_seq(self) -> int:
+        """RCV.NXT as a 32-bit sequence number."""
+        return (self._irs + self._rcv_nxt) & MASK
+
+    @property
     def send_mss(self) -> int:
         """Payload bytes per wire segment (RFC 9293 MUST-16); the adapter's GSO size."""
         return self._send_mss
@@ -327,9 +337,20 @@ class TcpConnection(OutputMixin):
         """RFC 9293 §3.10.7.4, SYN-RECEIVED and every synchronized state."""
         f = seg.flags
         st = self._state
-        if st is State.SYN_RECEIVED and f & SYN and not f & (ACK | RST) and seg.seq == self._irs:
-            self._snd_nxt = 0  # the peer lost our SYN-ACK: send it again
-            return
+        if st is State.SYN_RECEIVED and f & SYN and not f & RST and seg.seq == self._irs:
+            if not f & ACK:
+                self._snd_nxt = 0  # the peer lost our SYN-ACK: send it again
+                return
+            if seg.ack == (self._iss + 1) & MASK and not self._passive:
+                # MUST-10, RFC 9293 Figure 8 line 6: the crossing SYN-ACK of a simultaneous
+                # open (its SYN is old news; Linux tcp_validate_incoming lets it pass too).
+                self._snd_una = 1
+                self._rto_at = None
+                self._rtt_sample_syn(seg, now)
+                self._snd_wnd = seg.window
+                self._snd_wl1, self._snd_wl2 = 0, 1
+                self._establish()
+                return
         # RFC 7323 §3.2 / §5.3: timestamps, then PAWS, before the sequence test.
         ts = seg.ts
         if self._ts_on and not f & RST:
@@ -464,6 +485,7 @@ class TcpConnection(OutputMixin):
             self._new_ack(ack_abs, d, seg.ts, now)
         elif (
             outstanding
+            and wnd  # a zero-window probe's ACK is not a loss signal
             and not seg.payload
             and not seg.flags & (SYN | FIN)
             and wnd == self._snd_wnd

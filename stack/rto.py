@@ -79,5 +79,6 @@ class RtoEstimator:
 
     def syn_timed_out(self) -> None:
         """RFC 6298 §5.7: the SYN was retransmitted and no sample exists: use 3 s."""
-        if self.srtt is None and self.base_rto < 3.0:
-            self.base_rto = 3.0
+        if self.srtt is None:
+            self.base_rto = max(self.base_rto, 3.0)
+            self.backoffs = 0
