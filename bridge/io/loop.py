@@ -174,6 +174,22 @@ class Runner:
                 os.eventfd_write(self._wake, 1)
 
     def _data(self, fd: int, pump: Callable[[int], int], name: str) -> None:
+        prof_dir = os.environ.get("GREBE_PROFILE")  # developer aid: cProfile per data thread
+        if prof_dir:
+            import cProfile
+
+            prof = cProfile.Profile()
+            prof.enable()
+            try:
+                self._data_loop(fd, pump, name)
+            finally:
+                prof.disable()
+                tag = f"{os.getpid()}-{name.replace('>', '')}"
+                prof.dump_stats(os.path.join(prof_dir, f"{tag}.prof"))
+        else:
+            self._data_loop(fd, pump, name)
+
+    def _data_loop(self, fd: int, pump: Callable[[int], int], name: str) -> None:
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         poller.register(self._stop_fd, select.POLLIN)
