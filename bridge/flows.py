@@ -34,7 +34,7 @@ import re
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from types import MappingProxyType
 from typing import Any
@@ -303,6 +303,20 @@ class FlowSelector:
         if self.hook is not None:
             verdict, found = self.hook(key, verdict, found)
         return verdict, found
+
+
+def selector_for(rules: tuple[InspectRule, ...], backend: Backend,
+                 hook: SelectHook | None = None) -> FlowSelector:
+    """A selector for one termination backend.
+
+    Rules of the other backend keep their place in the first-match order but become FORWARD
+    carve-outs: the userspace pipeline must forward (not terminate) the flows the kernel TPROXY
+    backend terminates, including the kernel relay's own upstream connections, and the kernel
+    backend must leave the userspace rules' flows alone.
+    """
+    mine = tuple(r if r.backend is backend or r.action is Verdict.FORWARD
+                 else replace(r, action=Verdict.FORWARD) for r in rules)
+    return FlowSelector(mine, hook)
 
 
 def flow_key(src: str, dst: str, sport: int, dport: int) -> FlowKey:

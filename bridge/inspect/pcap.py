@@ -95,9 +95,9 @@ class PcapWriter:
         return len(self._buf)
 
     def take(self) -> bytes:
-        out = bytes(self._buf)
-        self._buf.clear()
-        return out
+        """Hand out the buffered bytes (swapped, so a writer thread may call it safely)."""
+        buf, self._buf = self._buf, bytearray()
+        return bytes(buf)
 
 
 class TcpStreamSynth:

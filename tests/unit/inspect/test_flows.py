@@ -244,3 +244,26 @@ def test_reverse_key() -> None:
     assert reverse_key(reverse_key(k)) == k and reverse_key(k)[3] == 80
     with pytest.raises(ValueError):
         flow_key("198.18.1.5", "2001:db8::1", 1, 2)
+
+
+def test_selector_for_backend_turns_other_backend_into_carve_outs() -> None:
+    from bridge.flows import selector_for
+    rules = rules_from("""
+[[inspect]]
+name = "k"
+backend = "kernel"
+dst_ports = [80]
+inspectors = ["log"]
+[[inspect]]
+name = "u"
+dst_ports = [80, 443]
+inspectors = ["log"]
+""")
+    user = selector_for(rules, Backend.USERSPACE)
+    kern = selector_for(rules, Backend.KERNEL)
+    k80 = flow_key("198.18.1.5", "198.18.2.10", 1, 80)
+    k443 = flow_key("198.18.1.5", "198.18.2.10", 1, 443)
+    assert user.classify(k80)[0] is Verdict.FORWARD       # the kernel backend owns port 80
+    assert user.classify(k443)[0] is Verdict.INSPECT
+    assert kern.classify(k80) == (Verdict.INSPECT, rules[0])
+    assert kern.classify(k443)[0] is Verdict.FORWARD

@@ -1,0 +1,550 @@
+"""Kernel termination backend: nftables TPROXY + IP_TRANSPARENT sockets + an asyncio relay.
+
+This is an I/O adapter (like bridge/io/): the decisions live in bridge/flows.py (which flows)
+and bridge/inspect/ (what happens to their bytes); this module moves bytes between sockets.
+
+Rules
+- Runs inside the gateway's network namespace and changes only that namespace. At start it
+  loads one nftables table (`inet grebe_tproxy`, via `nft -f -`: nftables is not netlink
+  routing) and adds, with pyroute2, one policy rule per family (`fwmark MARK lookup TABLE`) and
+  a `local default dev lo` route in TABLE; at exit it removes exactly those (and a stale table
+  of the same name left by a crashed run is replaced).
+- Interception (kernel Documentation/networking/tproxy.rst): in prerouting, a packet that
+  belongs to an existing transparent socket is marked (`socket transparent 1`) and a new flow a
+  kernel rule selects is handed to our listener (`tproxy ... to :PORT`), both marked so that
+  the policy route delivers them locally. Rules keep the first-match order of `[[inspect]]`:
+  a userspace-backend or `action = "forward"` rule in front of a kernel rule becomes an
+  `accept` carve-out; `action = "drop"` kernel rules drop. Only packets arriving on
+  `iifnames` (the LAN side) are intercepted when given.
+- The listener (v4 and v6, IP_TRANSPARENT / IPV6_TRANSPARENT) reads the original destination
+  with getsockname(). For each accepted flow the upstream socket is IP_TRANSPARENT and bound to
+  the client's own address, so the server sees the client; its packets leave through the
+  normal routing (the WAN in a plain lab, the grebe TUN on a grebe gateway) and the replies,
+  addressed to the client, are caught by the `socket transparent` rule.
+- Relay: bytes pass through the rule's InspectorChain each way. A FIN is propagated as a FIN
+  (shutdown(SHUT_WR)) after whatever the chain still holds; an RST (ECONNRESET) is propagated
+  as an RST (SO_LINGER 0 + close); an inspector RESET or a Deny resets the client (and the
+  server if connected). Back-pressure: a side's write buffer is bounded by the rule's
+  `max_buffer`; when it fills, we stop reading from the other side until it drains.
+- A failed upstream connect (refused, unreachable, timeout) resets the client: the client
+  sees what it would have seen without us (RST), a little later.
+- Writers (log, pcap) flush on a timer in a worker thread, never in a hook.
+
+Theory of operation
+`TproxyBackend.start()` installs the interception, opens the listeners with
+`loop.create_server(sock=...)` and starts the flush timer. Each accepted connection gets a
+`Relay` with two `_Side` protocols; the client side is paused until the upstream connects and
+the chain's flow_start allowed the flow. `stop()` closes the listeners, ends every relay
+(CloseReason.SHUTDOWN), closes the inspectors and removes the interception.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bridge.errors import ConfigError
+from bridge.flows import Backend, FlowSelector, InspectRule, Verdict, flow_key, parse_rules
+from bridge.flows import selector_for as _selector_for
+from bridge.inspect.api import RESET, CloseReason, Deny, Direction, Flow
+from bridge.inspect.manager import InspectorChain, InspectorManager
+
+log = logging.getLogger("grebe.tproxy")
+
+IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+IPV6_TRANSPARENT = 75
+_LINGER0 = struct.pack("ii", 1, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class TproxySettings:
+    """Where and how the kernel backend intercepts."""
+
+    port: int = 15001
+    mark: int = 0x4754
+    table: int = 4754
+    rule_priority: int = 4754
+    nft_table: str = "grebe_tproxy"
+    iifnames: tuple[str, ...] = ()
+    connect_timeout: float = 10.0
+    flush_interval: float = 1.0
+    backlog: int = 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# nftables ruleset (pure)
+# ---------------------------------------------------------------------------------------------
+
+def _set(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
+
+
+def _rule_lines(rule: InspectRule, s: TproxySettings, verdict_v4: str,
+                verdict_v6: str) -> list[str]:
+    lines = []
+    quoted = ['"' + n + '"' for n in s.iifnames]
+    iif = f"iifname {_set(quoted)} " if quoted else ""
+    ports = (f"tcp dport {_set([str(a) if a == b else f'{a}-{b}' for a, b in rule.dst_ports])} "
+             if rule.dst_ports else "")
+    for version, fam, verdict in ((4, "ip", verdict_v4), (6, "ip6", verdict_v6)):
+        src = [str(n) for n in rule.src if n.version == version]
+        dst = [str(n) for n in rule.dst if n.version == version]
+        if (rule.src and not src) or (rule.dst and not dst):
+            continue            # the rule has prefixes, none of this family
+        match = f"meta nfproto {'ipv4' if version == 4 else 'ipv6'} meta l4proto tcp "
+        if src:
+            match += f"{fam} saddr {_set(src)} "
+        if dst:
+            match += f"{fam} daddr {_set(dst)} "
+        lines.append(f"        {iif}{match}{ports}{verdict}  # rule {rule.name}")
+    return lines
+
+
+def nft_ruleset(rules: Sequence[InspectRule], s: TproxySettings) -> str:
+    """The `nft -f -` input that installs the interception (replacing an old table)."""
+    mark = f"0x{s.mark:x}"
+    out = [f"table inet {s.nft_table}", f"delete table inet {s.nft_table}",
+           f"table inet {s.nft_table} {{",
+           "    chain prerouting {",
+           "        type filter hook prerouting priority mangle; policy accept;",
+           # packets of connections we already own (both legs): deliver locally
+           f"        meta l4proto tcp socket transparent 1 meta mark set {mark} accept"]
+    last_kernel = max((i for i, r in enumerate(rules) if r.backend is Backend.KERNEL),
+                      default=-1)
+    for rule in rules[:last_kernel + 1]:
+        if rule.backend is Backend.KERNEL and rule.action is Verdict.INSPECT:
+            v4 = f"tproxy ip to :{s.port} meta mark set {mark} accept"
+            v6 = f"tproxy ip6 to :{s.port} meta mark set {mark} accept"
+        elif rule.backend is Backend.KERNEL and rule.action is Verdict.DROP:
+            v4 = v6 = "drop"
+        else:
+            v4 = v6 = "accept"
+        out += _rule_lines(rule, s, v4, v6)
+    out += ["    }", "}"]
+    return "\n".join(out) + "\n"
+
+
+def nft_delete(s: TproxySettings) -> str:
+    return f"table inet {s.nft_table}\ndelete table inet {s.nft_table}\n"
+
+
+def _nft(script: str) -> None:
+    cp = subprocess.run(["nft", "-f", "-"], input=script, text=True, capture_output=True,
+                        timeout=30, check=False)
+    if cp.returncode != 0:
+        raise RuntimeError(f"nft failed: {cp.stderr.strip()}\n--- ruleset ---\n{script}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Policy routing (pyroute2)
+# ---------------------------------------------------------------------------------------------
+
+def _routing(action: str, s: TproxySettings) -> None:
+    from pyroute2 import IPRoute  # type: ignore[import-untyped]
+    from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
+
+    with IPRoute() as ipr:
+        lo = ipr.link_lookup(ifname="lo")[0]
+        for family, default in ((socket.AF_INET, "0.0.0.0/0"), (socket.AF_INET6, "::/0")):
+            steps: list[tuple[Any, dict[str, Any]]] = [
+                (ipr.rule, dict(family=family, fwmark=s.mark, table=s.table,
+                                priority=s.rule_priority)),
+                # RTN_LOCAL routes are host-scoped (the kernel refuses scope universe for v4)
+                (ipr.route, dict(family=family, dst=default, type="local", table=s.table,
+                                 oif=lo, scope=254)),
+            ]
+            if action == "del":
+                steps.reverse()
+            for fn, spec in steps:
+                try:
+                    fn(action, **spec)
+                except NetlinkError as exc:
+                    # add: EEXIST from a crashed run is fine; del: ENOENT/ESRCH is fine
+                    if exc.code not in (17, 2, 3):
+                        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# The relay
+# ---------------------------------------------------------------------------------------------
+
+def _abort(transport: asyncio.BaseTransport | None) -> None:
+    """Close with an RST (SO_LINGER 0), RFC 9293 §3.10.4 ABORT."""
+    if transport is None or transport.is_closing():
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+        except OSError:
+            pass
+    transport.abort()  # type: ignore[attr-defined]
+
+
+class _Side(asyncio.Protocol):
+    """One socket of a relayed flow. `incoming` is the direction of the bytes it reads."""
+
+    def __init__(self, relay: Relay, incoming: Direction) -> None:
+        self.relay = relay
+        self.incoming = incoming
+        self.transport: asyncio.Transport | None = None
+        self.eof = False        # the peer of this socket sent FIN
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        high = self.relay.chain.rule.max_buffer if self.relay.chain else 1 << 20
+        transport.set_write_buffer_limits(high=high, low=high // 4)
+
+    def data_received(self, data: bytes) -> None:
+        self.relay.on_data(self, data)
+
+    def eof_received(self) -> bool:
+        self.relay.on_eof(self)
+        return True             # keep the socket open for the other direction (half-close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.relay.on_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        self.relay.other(self).pause()
+
+    def resume_writing(self) -> None:
+        self.relay.other(self).resume()
+
+    def pause(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+
+class Relay:
+    """One inspected flow: client socket <-> chain <-> upstream socket."""
+
+    def __init__(self, backend: TproxyBackend, flow: Flow, chain: InspectorChain | None) -> None:
+        self.backend = backend
+        self.flow = flow
+        self.chain = chain
+        self.client = _Side(self, Direction.CLIENT_TO_SERVER)
+        self.server = _Side(self, Direction.SERVER_TO_CLIENT)
+        self.finished = False
+
+    def other(self, side: _Side) -> _Side:
+        return self.server if side is self.client else self.client
+
+    def on_data(self, side: _Side, data: bytes) -> None:
+        if self.finished:
+            return
+        flow = self.flow
+        flow.last_seen = time.time()
+        if side is self.client:
+            flow.bytes_c2s += len(data)
+        else:
+            flow.bytes_s2c += len(data)
+        out: Any = data if self.chain is None else self.chain.data(flow, side.incoming, data)
+        if out is RESET:
+            self.reset(CloseReason.INSPECTOR_RESET)
+        elif out:
+            dst = self.other(side).transport
+            if dst is not None and not dst.is_closing():
+                dst.write(out)
+
+    def on_eof(self, side: _Side) -> None:
+        if self.finished or side.eof:
+            return
+        side.eof = True
+        self.flow.last_seen = time.time()
+        tail: Any = b"" if self.chain is None else self.chain.eof(self.flow, side.incoming)
+        if tail is RESET:
+            self.reset(CloseReason.INSPECTOR_RESET)
+            return
+        dst = self.other(side).transport
+        if dst is not None and not dst.is_closing():
+            if tail:
+                dst.write(tail)
+            if dst.can_write_eof():
+                dst.write_eof()     # RFC 9293 §3.6: half-close, the other way stays open
+        if self.client.eof and self.server.eof:
+            self.finish(CloseReason.CLOSED)
+
+    def on_lost(self, side: _Side, exc: Exception | None) -> None:
+        if self.finished:
+            return
+        if exc is None and side.eof and self.other(side).eof:
+            self.finish(CloseReason.CLOSED)
+            return
+        # The peer reset (or the socket failed): propagate as a reset.
+        self.reset(CloseReason.CLIENT_RESET if side is self.client else CloseReason.SERVER_RESET)
+
+    def reset(self, reason: CloseReason) -> None:
+        """Abort both sockets with RST and end the flow."""
+        _abort(self.client.transport)
+        _abort(self.server.transport)
+        self.finish(reason)
+
+    def finish(self, reason: CloseReason) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        for side in (self.client, self.server):
+            if side.transport is not None and not side.transport.is_closing():
+                side.transport.close()
+        self.flow.end = time.time()
+        if self.chain is not None:
+            self.chain.end(self.flow, self.flow.close_reason
+                           if reason is CloseReason.INSPECTOR_RESET and self.flow.close_reason
+                           else reason)
+        self.backend.relays.pop(self.flow.id, None)
+        self.backend.counters[reason.value] = self.backend.counters.get(reason.value, 0) + 1
+
+
+class _Accepted(asyncio.Protocol):
+    """Protocol of a freshly accepted client socket until its Relay takes over."""
+
+    def __init__(self, backend: TproxyBackend) -> None:
+        self.backend = backend
+        self.side: _Side | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()
+        self.side = self.backend.accepted(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.side is not None:
+            self.side.data_received(data)
+
+    def eof_received(self) -> bool:
+        return self.side.eof_received() if self.side is not None else False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.side is not None:
+            self.side.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.side is not None:
+            self.side.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.side is not None:
+            self.side.resume_writing()
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend
+# ---------------------------------------------------------------------------------------------
+
+class TproxyBackend:
+    """Owns the interception, the listeners and the live relays."""
+
+    def __init__(self, rules: Sequence[InspectRule], settings: TproxySettings | None = None,
+                 *, install: bool = True) -> None:
+        self.rules = tuple(rules)
+        self.settings = settings or TproxySettings()
+        self.install = install
+        self.selector: FlowSelector = _selector_for(self.rules, Backend.KERNEL)
+        self.manager = InspectorManager(self.rules)
+        self.relays: dict[int, Relay] = {}
+        self.counters: dict[str, int] = {"accepted": 0, "unmatched": 0}
+        self._servers: list[asyncio.AbstractServer] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._flusher: asyncio.Task[None] | None = None
+        self._installed = False
+
+    async def start(self) -> None:
+        """Install nft + policy routing, listen, start flushing. Undoes itself on failure."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        try:
+            if self.install:
+                # pyroute2's sync IPRoute runs its own event loop: give it a thread.
+                await loop.run_in_executor(None, _routing, "add", s)
+                self._installed = True
+                _nft(nft_ruleset(self.rules, s))
+            for family, addr, opt_level, opt in (
+                    (socket.AF_INET, "0.0.0.0", socket.SOL_IP, IP_TRANSPARENT),
+                    (socket.AF_INET6, "::", socket.IPPROTO_IPV6, IPV6_TRANSPARENT)):
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.setsockopt(opt_level, opt, 1)
+                sock.bind((addr, s.port))
+                sock.listen(s.backlog)
+                sock.setblocking(False)
+                self._servers.append(await loop.create_server(
+                    lambda: _Accepted(self), sock=sock, backlog=s.backlog))
+        except BaseException:
+            await self.stop()
+            raise
+        self._flusher = loop.create_task(self._flush_loop())
+        log.info("tproxy listening on :%d (mark 0x%x, table %d)", s.port, s.mark, s.table)
+
+    def accepted(self, transport: asyncio.Transport) -> _Side:
+        """A client connection arrived: build its flow and relay, start the upstream."""
+        self.counters["accepted"] += 1
+        peer = transport.get_extra_info("peername")
+        orig = transport.get_extra_info("sockname")   # TPROXY keeps the original destination
+        key = flow_key(peer[0], orig[0], peer[1], orig[1])
+        verdict, rule = self.selector.classify(key)
+        chain = None
+        if verdict is Verdict.INSPECT and rule is not None:
+            chain = self.manager.chain(rule.name)
+        else:
+            self.counters["unmatched"] += 1     # nft sent it, no rule now: relay untouched
+        flow = Flow(key, rule.name if rule else "-", "kernel", time.time())
+        relay = Relay(self, flow, chain)
+        self.relays[flow.id] = relay
+        relay.client.connection_made(transport)
+        task = asyncio.get_running_loop().create_task(self._open_upstream(relay))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return relay.client
+
+    async def _open_upstream(self, relay: Relay) -> None:
+        flow = relay.flow
+        if relay.chain is not None:
+            verdict = relay.chain.start(flow)
+            if isinstance(verdict, Deny):
+                relay.reset(CloseReason.DENIED)
+                return
+        family = socket.AF_INET if flow.version == 4 else socket.AF_INET6
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            if family == socket.AF_INET:
+                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+            sock.bind((flow.src, 0))        # the server sees the client's address
+            loop = asyncio.get_running_loop()
+            await asyncio.wait_for(loop.sock_connect(sock, (flow.dst, flow.dport)),
+                                   self.settings.connect_timeout)
+            await loop.create_connection(lambda: relay.server, sock=sock)
+        except (TimeoutError, OSError) as exc:
+            sock.close()
+            flow.metadata["connect_error"] = repr(exc)
+            relay.reset(CloseReason.CONNECT_FAILED)
+            return
+        if relay.finished:      # the client went away meanwhile
+            _abort(relay.server.transport)
+            return
+        relay.client.resume()
+
+    async def _flush_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.settings.flush_interval)   # a timer, not a wait
+            await loop.run_in_executor(None, self.manager.flush)
+
+    def status(self) -> dict[str, Any]:
+        """JSON-able state: counters, per-rule chain counters, live flows."""
+        return {"counters": dict(self.counters), "rules": self.manager.counters(),
+                "flows": [{"id": r.flow.id, "src": r.flow.src, "sport": r.flow.sport,
+                           "dst": r.flow.dst, "dport": r.flow.dport, "rule": r.flow.rule,
+                           "bytes_c2s": r.flow.bytes_c2s, "bytes_s2c": r.flow.bytes_s2c}
+                          for r in self.relays.values()]}
+
+    async def stop(self) -> None:
+        """Stop listening, end every relay (SHUTDOWN), flush and remove the interception."""
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
+        for relay in list(self.relays.values()):
+            relay.reset(CloseReason.SHUTDOWN)
+        for task in list(self._tasks):
+            task.cancel()
+        self.manager.close()
+        if self._installed:
+            self._installed = False
+            try:
+                _nft(nft_delete(self.settings))
+            except RuntimeError as exc:
+                log.warning("%s", exc)
+            await asyncio.get_running_loop().run_in_executor(None, _routing, "del",
+                                                             self.settings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: python -m bridge.tproxy -c endpoint.toml
+# ---------------------------------------------------------------------------------------------
+
+def load_rules(path: str) -> tuple[InspectRule, ...]:
+    """The `[[inspect]]` rules of an endpoint TOML file. Raises ConfigError."""
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    try:
+        return parse_rules(data.get("inspect", []), "inspect")
+    except ConfigError as exc:
+        exc.file = path
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bridge.tproxy",
+                                description="grebe kernel termination backend (TPROXY)")
+    p.add_argument("-c", "--config", required=True, help="endpoint TOML with [[inspect]] rules")
+    defaults = TproxySettings()
+    p.add_argument("--port", type=int, default=defaults.port)
+    p.add_argument("--iif", action="append", default=[], help="intercept only on this interface")
+    p.add_argument("--mark", type=lambda v: int(v, 0), default=defaults.mark)
+    p.add_argument("--table", type=int, default=defaults.table)
+    p.add_argument("--ready-file", help="touch this file once listening")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.verbose:
+        logging.getLogger("grebe").setLevel(logging.DEBUG)
+    try:
+        rules = load_rules(args.config)
+    except (ConfigError, OSError, tomllib.TOMLDecodeError) as exc:
+        print(f"grebe tproxy: {exc}", file=sys.stderr)
+        return 2
+    if not any(r.backend is Backend.KERNEL and r.action is Verdict.INSPECT for r in rules):
+        print("grebe tproxy: no [[inspect]] rule with backend = \"kernel\"", file=sys.stderr)
+        return 2
+    settings = TproxySettings(port=args.port, mark=args.mark, table=args.table,
+                              iifnames=tuple(args.iif))
+    return asyncio.run(_serve(rules, settings, args.ready_file))
+
+
+async def _serve(rules: Sequence[InspectRule], settings: TproxySettings,
+                 ready_file: str | None) -> int:
+    backend = TproxyBackend(rules, settings)
+    await backend.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready_file:
+        with open(ready_file, "w") as f:
+            f.write(f"{settings.port}\n")
+    try:
+        await stop.wait()
+    finally:
+        await backend.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
