@@ -489,8 +489,8 @@ def parse_config(data: dict[str, Any], file: str | None = None) -> tuple[Config 
                 r.errors.extend(e.errors)
             except ConfigError as e:
                 r.errors.append(e)
-            for e in r.errors:
-                e.file = e.file or file
+            for err in r.errors:
+                err.file = err.file or file
     if r.errors:
         return None, r.errors
     cfg = Config(tun=tun, listen=listen, peers=tuple(p for _, p in peers), mss_clamp=mss,

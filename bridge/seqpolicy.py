@@ -112,6 +112,12 @@ class SeqReceiver:
             self.flush(deliver)
         return -1
 
+    def reset(self) -> None:
+        """Forget all state, as at tunnel establishment (held packets are discarded)."""
+        self.last = 0xFFFFFFFF
+        self.started = False
+        self.held.clear()
+
     def flush(self, deliver: list[bytes | bytearray]) -> int:
         """Deliver every held packet in serial order, ignoring gaps. Returns how many."""
         held = self.held
