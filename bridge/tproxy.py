@@ -80,6 +80,7 @@ class TproxySettings:
     connect_timeout: float = 10.0
     flush_interval: float = 1.0
     backlog: int = 1024
+    transparent: bool = True        # False only for tests on loopback without privileges
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,6 +367,7 @@ class TproxyBackend:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._flusher: asyncio.Task[None] | None = None
         self._installed = False
+        self.listening: list[tuple[str, int]] = []
 
     async def start(self) -> None:
         """Install nft + policy routing, listen, start flushing. Undoes itself on failure."""
@@ -384,9 +386,11 @@ class TproxyBackend:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.setsockopt(opt_level, opt, 1)
+                if s.transparent:
+                    sock.setsockopt(opt_level, opt, 1)
                 sock.bind((addr, s.port))
                 sock.listen(s.backlog)
+                self.listening.append(sock.getsockname()[:2])
                 sock.setblocking(False)
                 self._servers.append(await loop.create_server(
                     lambda: _Accepted(self), sock=sock, backlog=s.backlog))
@@ -400,7 +404,7 @@ class TproxyBackend:
         """A client connection arrived: build its flow and relay, start the upstream."""
         self.counters["accepted"] += 1
         peer = transport.get_extra_info("peername")
-        orig = transport.get_extra_info("sockname")   # TPROXY keeps the original destination
+        orig = self.original_destination(transport)
         key = flow_key(peer[0], orig[0], peer[1], orig[1])
         verdict, rule = self.selector.classify(key)
         chain = None
@@ -417,6 +421,11 @@ class TproxyBackend:
         task.add_done_callback(self._tasks.discard)
         return relay.client
 
+    def original_destination(self, transport: asyncio.Transport) -> tuple[str, int]:
+        """Where the client was going: TPROXY keeps it as our socket's local address."""
+        name = transport.get_extra_info("sockname")
+        return name[0], name[1]
+
     async def _open_upstream(self, relay: Relay) -> None:
         flow = relay.flow
         if relay.chain is not None:
@@ -428,7 +437,9 @@ class TproxyBackend:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
-            if family == socket.AF_INET:
+            if not self.settings.transparent:
+                pass
+            elif family == socket.AF_INET:
                 sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
             else:
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
