@@ -382,6 +382,9 @@ class TcpConnection(OutputMixin):
                 return
             self._drop("unacceptable")
             self._ack_now = True  # "<SEQ=SND.NXT><ACK=RCV.NXT><CTL=ACK>"
+            if st is State.TIME_WAIT and f & FIN and seg_abs + seg_len == rcv_nxt:
+                # RFC 9293 §3.10.7.4 TIME-WAIT: the peer's FIN again: ACK, restart 2 MSL.
+                self._timewait_at = now + 2 * self.config.msl
             return
         # Second: RST (RFC 9293 §3.10.7.4 with RFC 5961 §3.2).
         if f & RST:
@@ -507,9 +510,6 @@ class TcpConnection(OutputMixin):
             elif st is State.LAST_ACK:
                 self._enter_closed()
                 return False
-        if st is State.TIME_WAIT and seg.flags & FIN:
-            self._ack_now = True  # the peer's FIN again: ACK it and restart 2MSL
-            self._timewait_at = now + 2 * self.config.msl
         return True
 
     def _new_ack(self, ack_abs: int, acked: int, ts: tuple[int, int] | None, now: float) -> None:
@@ -556,7 +556,9 @@ class TcpConnection(OutputMixin):
         if not self._events or self._events[-1] is not _DATA:
             self._events.append(_DATA)
         self._unacked_bytes += n
-        if self._unacked_bytes >= 2 * self._rcv_mss():  # SHLD-19: every second full segment
+        if n > self._rcv_big:  # estimate the peer's full segment size (Linux rcv_mss)
+            self._rcv_big = min(n, self._rcv_mss())
+        if self._unacked_bytes >= 2 * self._rcv_big:  # SHLD-19: every second full segment
             self._ack_now = True
         elif self._delack_at is None:
             self._delack_at = now + self.config.delayed_ack  # MUST-40: < 0.5 s

@@ -112,6 +112,7 @@ class ConnectionCore:
         self._ack_now = False
         self._delack_at: float | None = None
         self._unacked_bytes = 0
+        self._rcv_big = 536  # largest in-order segment seen, at most one MSS
         # Timers and recovery.
         self._rto_at: float | None = None
         self._persist_at: float | None = None
