@@ -37,6 +37,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from dataclasses import replace
 from pathlib import Path
@@ -126,14 +127,19 @@ def measure_tunnel(b: Bench, v: Variant, opts: Options) -> TunnelRow:
     cp = b.run("client", ["ping", "-q", "-c", str(opts.pings), "-i", "0.01", "-W", "2",
                           SERVER_V4], timeout=opts.pings + 30, check=False)
     rtt = parse_ping(cp.stdout).avg_ms
+    ticks, t0 = b.cpu_ticks(), time.monotonic()
     one = iperf(b, opts)
-    log(f"{v.name}: 1 stream {one:,.0f} Mb/s")
+    cpu = None
+    if b.has_processes:
+        cpu = 100 * (b.cpu_ticks() - ticks) / os.sysconf("SC_CLK_TCK") / (time.monotonic() - t0)
+    log(f"{v.name}: 1 stream {one:,.0f} Mb/s"
+        + (f", its processes {cpu:.0f} % of a core" if cpu is not None else ""))
     four = iperf(b, opts, "-P", "4")
     log(f"{v.name}: 4 streams {four:,.0f} Mb/s")
     rev = iperf(b, opts, "-R")
     log(f"{v.name}: reverse {rev:,.0f} Mb/s, RTT {rtt:.3f} ms")
     return TunnelRow(v.name, v.label, Status.OK, mbps_1=one, mbps_4=four, mbps_rev=rev,
-                     rtt_ms=rtt)
+                     rtt_ms=rtt, cpu_pct=cpu)
 
 
 def curl(b: Bench, path: str, timeout: float = 120) -> Any:

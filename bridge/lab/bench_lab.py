@@ -27,6 +27,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from bridge.lab import netlink, topology
+from bridge.lab.bench_report import BenchParseError, parse_proc_stat
 
 TOPOLOGY = "two-sites-plain"
 RTM_F_CLONED = 0x200  # linux/rtnetlink.h: a cached clone (e.g. a PMTU exception), not config
@@ -181,6 +182,33 @@ class Bench:
             self.lab.destroy()
 
     # ---- probes
+
+    def cpu_ticks(self) -> int:
+        """CPU clock ticks used so far by this variant's processes and their descendants."""
+        stats: dict[int, tuple[int, int]] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stats[int(entry.name)] = parse_proc_stat((entry / "stat").read_text())
+                except (OSError, BenchParseError):
+                    continue  # exited meanwhile
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _) in stats.items():
+            children.setdefault(ppid, []).append(pid)
+        todo = [p.pid for p, _ in self._procs]
+        total, seen = 0, set()
+        while todo:
+            pid = todo.pop()
+            if pid in seen or pid not in stats:
+                continue
+            seen.add(pid)
+            total += stats[pid][1]
+            todo += children.get(pid, [])
+        return total
+
+    @property
+    def has_processes(self) -> bool:
+        return bool(self._procs)
 
     def footprint(self, nodes: Sequence[str] = ("client", "gw-a", "gw-b", "server")
                   ) -> dict[str, frozenset[str]]:

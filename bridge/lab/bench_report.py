@@ -78,6 +78,9 @@ class TunnelRow:
     mbps_4: float | None = None  # 4 parallel streams, Mb/s (sum)
     mbps_rev: float | None = None  # 1 stream, server -> client (iperf3 -R), Mb/s
     rtt_ms: float | None = None  # mean ping RTT client -> server
+    # CPU used by the variant's own processes (both gateways, with their children) during
+    # the 1-stream run, in % of one core; None for kernel-only variants (plain, vxlan).
+    cpu_pct: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +170,23 @@ def parse_curl(text: str) -> CurlResult:
     return CurlResult(code, size, ttfb, total)
 
 
+def parse_proc_stat(text: str) -> tuple[int, int]:
+    """(ppid, utime + stime in clock ticks) from the text of /proc/<pid>/stat.
+
+    The command name (field 2) may hold spaces and parentheses, so fields are counted from
+    the last ')'. Raises BenchParseError on anything else.
+    """
+    head, sep, rest = text.rpartition(")")
+    fields = rest.split()
+    if not sep or len(fields) < 13:
+        raise BenchParseError("/proc/pid/stat: unreadable")
+    # after ')': state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime
+    try:
+        return int(fields[1]), int(fields[11]) + int(fields[12])
+    except ValueError:
+        raise BenchParseError("/proc/pid/stat: unreadable") from None
+
+
 def median(values: Sequence[float]) -> float:
     """Median of a non-empty sequence; raises ValueError on an empty one."""
     if not values:
@@ -252,21 +272,24 @@ def _status_note(row: TunnelRow | InspectRow) -> str:
 
 
 def render_tunnel_table(rows: Sequence[TunnelRow]) -> str:
-    """The tunnel table: absolute figures, then ratios (1 stream/4 streams/reverse/RTT)."""
+    """The tunnel table: absolute figures, then ratios (1 stream/4 streams/reverse/RTT).
+
+    CPU % is what the variant's own processes used during the 1-stream run ("-": kernel)."""
     ratios = tunnel_ratios(rows)
-    header = ["variant", "1 stream Mb/s", "4 streams", "reverse", "RTT ms",
+    header = ["variant", "1 stream Mb/s", "4 streams", "reverse", "RTT ms", "CPU %",
               *(f"x {ref} (1/4/rev/rtt)" for ref in TUNNEL_REFERENCES)]
     body: list[list[str]] = []
     notes: list[str] = []
     for r in rows:
         if r.status is not Status.OK:
-            body.append([r.name, r.status.value, "", "", "", *("" for _ in TUNNEL_REFERENCES)])
+            body.append([r.name, r.status.value, "", "", "", "",
+                         *("" for _ in TUNNEL_REFERENCES)])
             notes.append(_status_note(r))
             continue
         rel = ["/".join(fmt_ratio(ratios[r.name][ref][m]) for m in TUNNEL_METRICS)
                for ref in TUNNEL_REFERENCES]
         body.append([r.name, fmt_mbps(r.mbps_1), fmt_mbps(r.mbps_4), fmt_mbps(r.mbps_rev),
-                     fmt_ms(r.rtt_ms), *rel])
+                     fmt_ms(r.rtt_ms), "-" if r.cpu_pct is None else f"{r.cpu_pct:.0f}", *rel])
     return _grid(header, body, notes)
 
 

@@ -24,6 +24,7 @@ from bridge.lab.bench_report import (
     parse_curl,
     parse_iperf3_json,
     parse_ping,
+    parse_proc_stat,
     ratio,
     render_inspect_table,
     render_tunnel_table,
@@ -129,6 +130,20 @@ def test_curl_bad_lines(text: str, needle: str) -> None:
         parse_curl(text)
 
 
+def test_proc_stat_fields_are_counted_after_the_last_parenthesis() -> None:
+    text = ("4242 (wireguard-go (x) y) S 17 4242 4242 0 -1 4194560 100 0 0 0 "
+            "250 125 0 0 20 0 9 0 12345 1000000 500 18446744073709551615")
+    assert parse_proc_stat(text) == (17, 375)
+    with pytest.raises(BenchParseError):
+        parse_proc_stat("4242 (x) S 1")
+
+
+def test_proc_stat_of_this_process() -> None:
+    import os
+    ppid, ticks = parse_proc_stat(Path(f"/proc/{os.getpid()}/stat").read_text())
+    assert ppid == os.getppid() and ticks >= 0
+
+
 def test_median() -> None:
     assert median([3.0, 1.0, 2.0]) == 2.0
     assert median([4.0, 1.0, 2.0, 3.0]) == 2.5
@@ -146,7 +161,7 @@ def rows() -> list[TunnelRow]:
         TunnelRow("vxlan", "vxlan", Status.OK, mbps_1=15000, mbps_4=20000, mbps_rev=15000,
                   rtt_ms=0.08),
         TunnelRow("wireguard-go", "wg", Status.OK, mbps_1=600, mbps_4=600, mbps_rev=500,
-                  rtt_ms=0.4),
+                  rtt_ms=0.4, cpu_pct=151.4),
         TunnelRow("grebe-gre", "grebe", Status.UNAVAILABLE, "bridge.cli missing"),
         TunnelRow("openvpn-none", "ovpn", Status.FAILED, "TimeoutError: handshake"),
     ]
@@ -184,7 +199,8 @@ def test_tunnel_table_shows_figures_ratios_and_why_rows_are_empty() -> None:
     assert "30.00/50.00/36.00/0.15" in plain  # vs wireguard-go: 1 stream/4/rev/rtt
     assert "1.20/1.50/1.20/0.75" in plain  # vs vxlan
     wg = next(ln for ln in lines if ln.startswith("wireguard-go"))
-    assert "1.00/1.00/1.00/1.00" in wg
+    assert "1.00/1.00/1.00/1.00" in wg and " 151 " in wg  # CPU % of the tunnel processes
+    assert "CPU %" in lines[0] and plain.split()[5] == "-"  # kernel-only: no process CPU
     assert "grebe-gre: unavailable: bridge.cli missing" in lines
     assert "openvpn-none: failed: TimeoutError: handshake" in lines
     widths = {len(lines[0]), len(lines[1])}
@@ -399,6 +415,7 @@ def test_measure_tunnel_runs_ping_and_three_iperf3_runs(tmp_path: Path,
     b = Bench(FakeLab(), tmp_path, tmp_path)
     row = bench.measure_tunnel(b, Recorder([]), bench.parse_args(["--quick"]))
     assert (row.mbps_1, row.mbps_4, row.mbps_rev, row.rtt_ms) == (900.0, 1200.0, 800.0, 0.066)
+    assert row.cpu_pct is None  # the variant started no process
     iperfs = [c for c in calls if c[0] == "iperf3"]
     assert len(iperfs) == 3 and all("-J" in c and c[c.index("-t") + 1] == "3" for c in iperfs)
     assert "-P" in iperfs[1] and iperfs[1][iperfs[1].index("-P") + 1] == "4"
