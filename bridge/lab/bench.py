@@ -334,7 +334,8 @@ def report(opts: Options, started: dt.datetime, tunnels: list[TunnelRow],
     log(f"results written to {path}")
     if interrupted:
         return 130
-    failed = any(r.status is Status.FAILED for r in (*tunnels, *inspects))
+    statuses = [r.status for r in tunnels] + [r.status for r in inspects]
+    failed = Status.FAILED in statuses
     return 1 if failed else 0
 
 

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from typing import TYPE_CHECKING
 
 from bridge.lab.bench_grebe import grebe_command, grebe_unavailable, write_grebe_configs
 
 if TYPE_CHECKING:
-    from bridge.lab.bench import Bench
+    from bridge.lab.bench_lab import Bench
 
 SERVER_V4 = "198.18.2.10"
 SITE_A = ("198.18.1.0/24", "2001:db8:1::/64")
@@ -145,7 +146,7 @@ class OpenVpn(Variant):
             b.spawn(gw, argv, f"{self.name}-{gw}")
         for gw, site in (("gw-a", SITE_B), ("gw-b", SITE_A)):
             ifname = self.ifnames[gw]
-            b.wait_for(lambda gw=gw, ifname=ifname: b.has_address(gw, ifname),
+            b.wait_for(partial(b.has_address, gw, ifname),
                        20, f"{self.name}: {ifname} configured on {gw}")
             b.route(gw, site[0], oif=ifname)
         b.wait_for(lambda: b.pings("gw-a", f"{net}.2"), 30, f"{self.name}: tunnel handshake")
@@ -187,7 +188,7 @@ class Grebe(Variant):
         grebe = grebe_command() or ["grebe"]
         for gw, (path, tun) in configs.items():
             b.spawn(gw, [*grebe, "up", "-c", str(path)], f"{self.name}-{gw}")
-            b.wait_for(lambda gw=gw, tun=tun: b.link_up(gw, tun), 20, f"grebe TUN {tun} on {gw}")
+            b.wait_for(partial(b.link_up, gw, tun), 20, f"grebe TUN {tun} on {gw}")
         for gw, site in (("gw-a", SITE_B), ("gw-b", SITE_A)):
             tun = configs[gw][1]
             if not b.has_route(gw, site[0]):
