@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 
 from bridge.lab import bench
-from bridge.lab.bench_grebe import ENDPOINTS, config_text, grebe_unavailable
 from bridge.lab.bench_lab import Bench, stop_processes
 from bridge.lab.bench_report import (
     BenchParseError,
@@ -31,7 +30,15 @@ from bridge.lab.bench_report import (
     results_document,
     tunnel_ratios,
 )
-from bridge.lab.bench_variants import ALL_VARIANTS, INSPECT_VARIANTS, TUNNEL_VARIANTS, Variant
+from bridge.lab.bench_variants import (
+    ALL_VARIANTS,
+    ENDPOINTS,
+    INSPECT_VARIANTS,
+    TUNNEL_VARIANTS,
+    Variant,
+    config_text,
+    grebe_unavailable,
+)
 
 
 def iperf_doc(bps: float, retransmits: int = 7, seconds: float = 3.0) -> str:
