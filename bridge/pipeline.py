@@ -40,7 +40,9 @@ Every drop increments exactly one reason; nothing a peer sends can raise.
 
 Liveness: each peer gets a keepalive (bridge/encap.py) when nothing was sent to it for
 `keepalive` seconds; a peer not heard from for `dead_after` seconds is down (up again on
-the next valid datagram). ICMP errors to the TUN share one token bucket (pmtu.icmp_rate,
+the next datagram that passes the GRE/IPIP checks). A peer starts up: the dead_after clock
+starts at construction, so a peer never heard from goes down after dead_after.
+ICMP errors to the TUN share one token bucket (pmtu.icmp_rate,
 pmtu.icmp_burst) refilled from `now`.
 """
 
