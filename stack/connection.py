@@ -524,8 +524,7 @@ class TcpConnection(OutputMixin):
         elif self._rtt_abs is not None and ack_abs >= self._rtt_abs:
             self._rto.sample(now - self._rtt_at)
             self._rtt_abs = None
-        self._rto.reset_backoff()
-        self._retries = 0
+        self._retries = 0  # (the RTO backoff ends only with a valid sample: RFC 6298 §5.7)
         self.bytes_out = buf.base
         if self._sacked and self._sacked[0][0] < ack_abs:
             self._sacked = [(max(s, ack_abs), e) for s, e in self._sacked if e > ack_abs]

@@ -126,7 +126,7 @@ class ConnectionCore:
         self._retx_pending = False
         self._probe_pending = False
         self._rst_out: list[TcpSegment] = []
-        self._last_send_at = 0.0
+        self._last_send_at: float | None = None
         self._chal_start = 0.0
         self._chal_count = 0
         self._close_requested = False

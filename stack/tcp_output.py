@@ -189,9 +189,9 @@ class OutputMixin(ConnectionCore):
         maxseg = self._max_segment()
         fin_abs = self._fin_abs
         cc = self._cc
-        if self._snd_una == self._snd_max and now - self._last_send_at > self._rto.rto:
-            if self._last_send_at:
-                cc.on_idle()  # RFC 5681 §4.1
+        last = self._last_send_at
+        if last is not None and self._snd_una == self._snd_max and now - last > self._rto.rto:
+            cc.on_idle()  # RFC 5681 §4.1
         while True:
             nxt = self._snd_nxt
             off = nxt - 1

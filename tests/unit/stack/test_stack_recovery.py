@@ -1,0 +1,203 @@
+"""Loss recovery: RFC 6298 RTO and Karn, RFC 5681 fast retransmit, RFC 6582 NewReno,
+RFC 6675-style SACK holes, and R2 (RFC 9293 §3.8.3)."""
+
+from __future__ import annotations
+
+import pytest
+from tcp_script import (
+    active,
+    cfg,
+    events,
+    expect,
+    lseq,
+    recv,
+    recv_nothing,
+    recv_one,
+    rseq,
+    send,
+)
+
+from stack.congestion import NewReno, initial_window
+from stack.events import Closed, ConnectionReset
+from stack.rto import RtoEstimator
+from stack.state import State
+
+MSS = 1460
+
+
+def _sizes(segs: list) -> list[int]:  # type: ignore[type-arg]
+    return [len(s.payload) for s in segs]
+
+
+def test_rfc5681_initial_window() -> None:
+    assert initial_window(1460) == 4380
+    assert initial_window(536) == 2144
+    assert initial_window(2500) == 5000
+
+
+def test_rfc5681_slow_start_then_window_grows() -> None:
+    conn = active(cfg(nagle=False), window=65535)
+    conn.send(bytes(40 * MSS))
+    assert _sizes(recv(conn, 1.0)) == [MSS] * 3  # IW = 3 segments for SMSS 1460
+    send(conn, 1.1, seq=rseq(1), ack=lseq(1 + 2 * MSS), window=65535)
+    # cwnd += min(acked, 2 SMSS) = 3 + 2 = 5 segments, 1 still out: 4 new ones.
+    assert _sizes(recv(conn, 1.1)) == [MSS] * 4
+
+
+def test_rfc6298_initial_rto_is_one_second_and_doubles() -> None:
+    est = RtoEstimator()
+    assert est.rto == 1.0
+    est.backoff()
+    est.backoff()
+    assert est.rto == 4.0
+    est.sample(0.1)
+    assert est.srtt == 0.1 and est.rttvar == 0.05
+    assert est.rto == 1.0  # 0.1 + 4 * 0.05 = 0.3, rounded up to the 1 s minimum (§2.4)
+    fine = RtoEstimator(minimum=0.2)
+    fine.sample(0.1)
+    fine.sample(0.2)
+    assert fine.rttvar == pytest.approx(0.75 * 0.05 + 0.25 * 0.1)  # RTTVAR first (§2.3)
+    assert fine.srtt == pytest.approx(0.875 * 0.1 + 0.125 * 0.2)
+    for _ in range(20):
+        fine.backoff()
+    assert fine.rto == 60.0  # the maximum (§2.5)
+
+
+def test_rfc6298_retransmission_timer_go_back_and_backoff() -> None:
+    conn = active(cfg(nagle=False), window=65535)
+    conn.send(bytes(3 * MSS))
+    recv(conn, 0.0)
+    assert conn.get_timer() == pytest.approx(1.0)  # §5.1
+    conn.handle_timer(1.0)
+    segs = recv(conn, 1.0)
+    # §5.4: the earliest unacknowledged segment; RFC 5681: cwnd = 1 SMSS.
+    assert _sizes(segs) == [MSS] and segs[0].seq == lseq(1)
+    assert conn.get_timer() == pytest.approx(3.0)  # §5.5: RTO doubled
+    info = conn.info()
+    assert info["cwnd"] == MSS and info["ssthresh"] == 2 * MSS
+    send(conn, 3.5, seq=rseq(1), ack=lseq(1 + MSS), window=65535)
+    assert conn.get_timer() == pytest.approx(3.5 + 2.0)  # §5.3 restart, still backed off
+
+
+def test_rfc9293_must_18_karn_no_sample_from_retransmission() -> None:
+    conn = active(cfg(nagle=False), window=65535)
+    srtt0 = conn.info()["srtt"]
+    conn.send(b"x" * 100)
+    recv(conn, 0.0)
+    conn.handle_timer(1.0)
+    recv(conn, 1.0)
+    send(conn, 1.9, seq=rseq(1), ack=lseq(101), window=65535)  # ambiguous ACK
+    assert conn.info()["srtt"] == srtt0
+
+
+def test_rfc9293_must_20_r2_gives_up_with_timeout() -> None:
+    conn = active(cfg(max_retries=2), window=65535)
+    events(conn)
+    conn.send(b"x")
+    recv(conn, 0.0)
+    for _ in range(2):
+        t = conn.get_timer()
+        assert t is not None
+        conn.handle_timer(t)
+        assert len(recv(conn, t)) == 1
+    t = conn.get_timer()
+    assert t is not None
+    conn.handle_timer(t)
+    assert conn.state is State.CLOSED
+    assert events(conn) == [ConnectionReset("timeout"), Closed()]
+
+
+def _flight(n: int) -> tuple:  # type: ignore[type-arg]
+    conn = active(cfg(nagle=False, initial_cwnd=20 * MSS), window=65535)
+    conn.send(bytes(n * MSS))
+    segs = recv(conn, 0.0)
+    assert len(segs) == n
+    return conn, segs
+
+
+def test_rfc5681_fast_retransmit_on_third_duplicate_ack() -> None:
+    conn, _ = _flight(10)
+    send(conn, 0.1, seq=rseq(1), ack=lseq(1 + MSS), window=65535)  # segment 2 lost
+    recv(conn, 0.1)
+    for i in range(2):
+        send(conn, 0.1 + i / 100, seq=rseq(1), ack=lseq(1 + MSS), window=65535)
+        recv_nothing(conn, 0.1)
+    send(conn, 0.13, seq=rseq(1), ack=lseq(1 + MSS), window=65535)
+    segs = recv(conn, 0.13)
+    assert segs[0].seq == lseq(1 + MSS) and len(segs[0].payload) == MSS
+    info = conn.info()
+    # ssthresh = FlightSize / 2 = 9 * MSS / 2; cwnd = ssthresh + 3 SMSS.
+    assert info["ssthresh"] == 9 * MSS // 2 and info["in_recovery"]
+    assert info["cwnd"] == 9 * MSS // 2 + 3 * MSS
+
+
+def test_rfc6582_newreno_partial_ack_retransmits_next_hole() -> None:
+    conn, _ = _flight(10)  # segments 2 and 5 lost
+    send(conn, 0.1, seq=rseq(1), ack=lseq(1 + MSS), window=65535)
+    for i in range(3):
+        send(conn, 0.11 + i / 100, seq=rseq(1), ack=lseq(1 + MSS), window=65535)
+    segs = recv(conn, 0.14)
+    assert segs[0].seq == lseq(1 + MSS)
+    # The retransmission arrives: a partial ACK up to the next hole (segment 5).
+    send(conn, 0.2, seq=rseq(1), ack=lseq(1 + 4 * MSS), window=65535)
+    segs = recv(conn, 0.2)
+    assert segs[0].seq == lseq(1 + 4 * MSS)
+    assert conn.info()["in_recovery"]
+    # Full ACK beyond `recover` ends recovery: cwnd = min(ssthresh, FlightSize + SMSS).
+    send(conn, 0.3, seq=rseq(1), ack=lseq(1 + 10 * MSS), window=65535)
+    info = conn.info()
+    assert not info["in_recovery"]
+    assert info["cwnd"] <= info["ssthresh"]  # type: ignore[operator]
+
+
+def test_rfc6582_no_second_fast_retransmit_for_data_before_an_rto() -> None:
+    cc = NewReno(1000)
+    cc.on_timeout(snd_max=50_000, flight=40_000, first=True)
+    for _ in range(3):
+        assert not cc.on_dupack(snd_una=20_000, snd_max=50_000, flight=30_000)
+
+
+def test_rfc6675_sack_holes_are_retransmitted_one_per_dupack() -> None:
+    conn = active(cfg(nagle=False, initial_cwnd=20 * MSS, sack=True), window=65535,
+                  sack_perm=True)
+    conn.send(bytes(10 * MSS))
+    recv(conn, 0.0)
+
+    def sack_ack(t: float, *blocks: tuple[int, int]) -> None:
+        send(conn, t, seq=rseq(1), ack=lseq(1 + MSS), window=65535,
+             sack=tuple((lseq(1 + a * MSS), lseq(1 + b * MSS)) for a, b in blocks))
+
+    # Segments 1 and 3 lost (0-based), the rest SACKed as they arrive.
+    send(conn, 0.1, seq=rseq(1), ack=lseq(1 + MSS), window=65535)
+    recv(conn, 0.1)
+    sack_ack(0.1, (2, 3))
+    sack_ack(0.1, (2, 3), (4, 5))
+    sack_ack(0.1, (2, 3), (4, 6))
+    first = recv(conn, 0.1)
+    assert first[0].seq == lseq(1 + MSS)  # fast retransmit of the first hole
+    sack_ack(0.11, (2, 3), (4, 7))
+    second = recv(conn, 0.11)
+    assert second[0].seq == lseq(1 + 3 * MSS)  # the next hole, without waiting an RTT
+    assert conn.info()["retransmissions"] == 2
+
+
+def test_rfc2018_8_sack_information_is_forgotten_after_rto() -> None:
+    conn = active(cfg(nagle=False, initial_cwnd=20 * MSS, sack=True), window=65535,
+                  sack_perm=True)
+    conn.send(bytes(4 * MSS))
+    recv(conn, 0.0)
+    send(conn, 0.1, seq=rseq(1), ack=lseq(1), window=65535,
+         sack=((lseq(1 + MSS), lseq(1 + 2 * MSS)),))
+    assert conn._sacked
+    conn.handle_timer(conn.get_timer() or 0.0)
+    assert conn._sacked == []
+    expect(recv_one(conn, 2.0), seq=lseq(1))
+
+
+def test_rfc5681_4_1_idle_restart_window() -> None:
+    conn = active(cfg(nagle=False, initial_cwnd=30 * MSS), window=65535)
+    conn.send(bytes(MSS))
+    recv(conn, 0.0)
+    send(conn, 0.1, seq=rseq(1), ack=lseq(1 + MSS), window=65535)
+    conn.send(bytes(20 * MSS))
+    assert len(recv(conn, 100.0)) == 3  # idle > RTO: back to IW (3 segments)
