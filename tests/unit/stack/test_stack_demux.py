@@ -1,0 +1,118 @@
+"""TcpDemux: 4-tuple routing, passive opens, RSTs for strangers (RFC 9293 §3.10.7.1-2)."""
+
+from __future__ import annotations
+
+from tcp_script import BASE, cfg
+
+from stack.demux import TcpDemux
+from stack.events import Connected, DataReceived
+from stack.state import State
+from stack.wire.tcp import ACK, RST, SYN, TcpSegment, emit_tcp
+
+SRV = bytes([198, 18, 1, 1])
+CLI = bytes([198, 18, 2, 2])
+
+
+def _pump(a: TcpDemux, b: TcpDemux, now: float) -> int:
+    n = 0
+    for src, dst, seg in a.segments_to_send(now):
+        b.receive_packet(src, dst, emit_tcp(seg, src, dst), now)
+        n += 1
+    for src, dst, seg in b.segments_to_send(now):
+        a.receive_packet(src, dst, emit_tcp(seg, src, dst), now)
+        n += 1
+    return n
+
+
+def test_demux_passive_open_and_data_both_ways() -> None:
+    server = TcpDemux(BASE)
+    server.listen(80)
+    client = TcpDemux(BASE)
+    c = client.connect((CLI, 40000), (SRV, 80), 0.0)
+    while _pump(client, server, 0.0):
+        pass
+    s = server.accept()
+    assert s is not None and s.state is State.ESTABLISHED and server.accept() is None
+    c.send(b"GET / HTTP/1.0\r\n\r\n")
+    while _pump(client, server, 0.1):
+        pass
+    assert [type(e) for e in iter(s.next_event, None)] == [Connected, DataReceived]
+    assert c.next_event() == Connected()
+
+
+def test_rfc9293_3_10_7_1_unknown_segment_gets_rst_but_rst_does_not() -> None:
+    demux = TcpDemux(BASE)
+    demux.receive(CLI, SRV, TcpSegment(5555, 81, 100, 200, ACK, 10, b"x"), 0.0)
+    demux.receive(CLI, SRV, TcpSegment(5555, 81, 100, 0, SYN, 10), 0.0)  # port not listening
+    demux.receive(CLI, SRV, TcpSegment(5555, 81, 100, 0, RST, 10), 0.0)
+    out = demux.segments_to_send(0.0)
+    assert [(s.flags, s.seq, s.ack) for _, _, s in out] == [(RST, 200, 0), (RST | ACK, 0, 101)]
+    assert all(src == SRV and dst == CLI for src, dst, _ in out)
+    assert demux.drops["no_connection"] == 3
+
+
+def test_rfc9293_must_57_must_63_syn_to_or_from_multicast_is_discarded() -> None:
+    demux = TcpDemux(BASE, accept_any=True)
+    demux.receive(CLI, bytes([224, 0, 0, 1]), TcpSegment(1, 80, 1, 0, SYN, 10), 0.0)
+    demux.receive(bytes([255, 255, 255, 255]), SRV, TcpSegment(1, 80, 1, 0, SYN, 10), 0.0)
+    assert demux.segments_to_send(0.0) == []
+    assert demux.drops["syn_bad_address"] == 2 and not demux.connections
+
+
+def test_demux_bad_checksum_is_counted_not_raised() -> None:
+    demux = TcpDemux(BASE, accept_any=True)
+    raw = bytearray(emit_tcp(TcpSegment(1, 80, 1, 0, SYN, 10), CLI, SRV))
+    raw[4] ^= 0xFF
+    assert demux.receive_packet(CLI, SRV, bytes(raw), 0.0) is None
+    assert demux.drops == {"bad_checksum": 1}
+
+
+def test_demux_table_is_bounded() -> None:
+    demux = TcpDemux(BASE, accept_any=True, max_connections=2)
+    for port in range(3):
+        demux.receive(CLI, SRV, TcpSegment(1000 + port, 80, 1, 0, SYN, 10), 0.0)
+    assert len(demux.connections) == 2 and demux.drops["table_full"] == 1
+
+
+def test_rfc9293_may_2_new_syn_in_time_wait_reopens() -> None:
+    server = TcpDemux(cfg(msl=30.0))
+    server.listen(80)
+    client = TcpDemux(BASE)
+    c = client.connect((CLI, 40000), (SRV, 80), 0.0)
+    while _pump(client, server, 0.0):
+        pass
+    s = server.accept()
+    assert s is not None
+    s.close()  # the server closes first: it ends in TIME-WAIT
+    while _pump(client, server, 0.1):
+        pass
+    c.close()
+    while _pump(client, server, 0.2):
+        pass
+    assert s.state is State.TIME_WAIT
+    new_syn = TcpSegment(40000, 80, (s.rcv_nxt_seq + 100_000) & 0xFFFFFFFF, 0, SYN, 1000)
+    fresh = server.receive(CLI, SRV, new_syn, 1.0)
+    assert fresh is not None and fresh is not s and fresh.state is State.SYN_RECEIVED
+
+
+def test_demux_timers_and_closed_connections_are_forgotten() -> None:
+    server = TcpDemux(cfg(msl=1.0))
+    server.listen(80)
+    client = TcpDemux(cfg(msl=1.0))
+    c = client.connect((CLI, 40000), (SRV, 80), 0.0)
+    while _pump(client, server, 0.0):
+        pass
+    c.close()
+    s = server.accept()
+    assert s is not None
+    while _pump(client, server, 0.1):
+        pass
+    s.close()
+    while _pump(client, server, 0.2):
+        pass
+    assert not server.connections  # LAST-ACK -> CLOSED, forgotten
+    t = client.get_timer()
+    assert t is not None
+    client.handle_timer(t)
+    client.segments_to_send(t)
+    assert not client.connections and c.state is State.CLOSED
