@@ -90,7 +90,7 @@ class Output:
 class PeerState:
     """Runtime state of one peer (one object per peer, not per packet)."""
 
-    __slots__ = ("index", "name", "addr", "gre", "encoder", "key_in", "csum_in", "mtu",
+    __slots__ = ("index", "name", "addr", "gre", "encoder", "key_in", "csum_in", "mtu", "overhead",
                  "seq", "reorder", "up", "heard", "last_rx", "last_tx", "keepalive",
                  "dead_after", "withdraw", "flow_sport", "keepalive_payload")
 
@@ -103,6 +103,7 @@ class PeerState:
         self.key_in: int | None = cfg.key_in
         self.csum_in: bool = cfg.checksum
         self.mtu = mtu
+        self.overhead = 0
         self.seq = SeqReceiver(cfg.sequence, cfg.max_packets_held,
                                cfg.outoforder_timer_ms / 1000.0)
         self.reorder = cfg.sequence is SeqPolicy.REORDER
@@ -132,6 +133,7 @@ class Bridge:
             ovh = overhead(gre, p.ipv6, p.key_out is not None, p.sequence is not SeqPolicy.OFF,
                            p.checksum)
             self.peers.append(PeerState(i, p, config.tun.mtu or underlay - ovh, now))
+            self.peers[-1].overhead = ovh
         mtus = [p.mtu for p in self.peers]
         self.tun_mtu: int = config.tun.mtu or (min(mtus) if mtus else underlay - 28)
         self.mss_clamp = config.mss_clamp
@@ -147,6 +149,25 @@ class Bridge:
             elif a.version == 6 and not self._src6:
                 self._src6 = a.ip.packed
         self.started = now
+
+    def set_path_mtu(self, underlay_mtu: int, addr: Addr | None = None) -> int:
+        """The underlay path MTU toward peer endpoint `addr` (None: every peer) is now
+        `underlay_mtu`, as the I/O layer learned it (EMSGSIZE / IP_MTU, RFC 1191, RFC 8201).
+
+        RFC 2003 §5.1 soft state: the peer's tunnel MTU becomes underlay - overhead (never
+        above a configured tun.mtu), so later too-big packets get ICMP with the new value and
+        SYNs are clamped to it. Returns the new `tun_mtu` (minimum over peers), which the
+        I/O layer may set on the TUN. Raises ValueError for an MTU below 576 (our misuse).
+        """
+        if underlay_mtu < 576:
+            raise ValueError(f"underlay MTU {underlay_mtu} below the IPv4 minimum 576")
+        for p in self.peers:
+            if addr is None or p.addr == addr or p.addr[0] == addr[0]:
+                mtu = underlay_mtu - p.overhead
+                p.mtu = min(mtu, self.config.tun.mtu) if self.config.tun.mtu else mtu
+        if self.peers:
+            self.tun_mtu = min(p.mtu for p in self.peers)
+        return self.tun_mtu
 
     # ---------------------------------------------------------------- TUN -> peers
 

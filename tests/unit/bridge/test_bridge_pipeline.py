@@ -352,3 +352,18 @@ def test_status_and_metrics() -> None:
     assert 'grebe_peer_rx_packets_total{peer="site-a"} 2' in text
     assert 'grebe_drops_total{reason="spoofed_source"} 0' in text
     assert 'grebe_peer_up{peer="site-a"} 1' in text
+
+
+def test_path_mtu_update_lowers_tunnel_mtu_and_icmp() -> None:
+    b = Bridge(site_config("a", "key = 1"), 0)
+    assert b.tun_mtu == 1464
+    assert b.set_path_mtu(1400, B_ADDR) == 1364
+    out = Output()
+    b.from_tun([v4(size=1400), syn4(1460)], 0, out)
+    assert IP(bytes(out.tun[0]))[ICMP].nexthopmtu == 1364
+    assert dict(IP(bytes(out.udp[B_ADDR][0][8:]))[TCP].options)["MSS"] == 1324
+    assert b.set_path_mtu(1500, ("198.18.0.99", 1)) == 1364  # not our peer: unchanged
+    fixed = Bridge(site_config("a", mtu="1400"), 0)
+    assert fixed.set_path_mtu(9000) == 1400 and fixed.set_path_mtu(1300) == 1268
+    with pytest.raises(ValueError):
+        fixed.set_path_mtu(500)
