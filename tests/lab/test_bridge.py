@@ -197,9 +197,9 @@ from scapy.all import GRE, IP, UDP, Raw, send
 peer, gwb, srv = "198.18.0.1", "198.18.0.2", "198.18.2.10"
 def inner(src="198.18.1.10"):
     return bytes(IP(src=src, dst=srv) / UDP(sport=7, dport=9999) / b"HOSTILE")
-def gre(**kw):  # sequence number 1: never moves the receiver's window forward
+def gre(**kw):  # a sequence number 2**28 behind: late, never moves the receiver's window
     return GRE(**{"chksum_present": 1, "key_present": 1, "seqnum_present": 1,
-                  "key": 42, "seqence_number": 1, "proto": 0x0800, **kw})
+                  "key": 42, "seqence_number": 0xF0000000, "proto": 0x0800, **kw})
 def out(payload, src=peer):
     send(IP(src=src, dst=gwb) / UDP(sport=4754, dport=4754) / payload, verbose=0)
 case = sys.argv[1]
