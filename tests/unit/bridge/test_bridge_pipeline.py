@@ -367,3 +367,25 @@ def test_path_mtu_update_lowers_tunnel_mtu_and_icmp() -> None:
     assert fixed.set_path_mtu(9000) == 1400 and fixed.set_path_mtu(1300) == 1268
     with pytest.raises(ValueError):
         fixed.set_path_mtu(500)
+
+
+@pytest.mark.parametrize("extra", VARIANTS)
+def test_memoryviews_of_a_reused_buffer(extra: str) -> None:
+    """The I/O layer may pass views into one receive buffer it reuses: outputs must be copies."""
+    pair = Pair(extra)
+    buf = bytearray(4096)
+    out_a = Output()
+    for pkt in (v4(ttl=9), syn6()):
+        buf[: len(pkt)] = pkt
+        pair.a.from_tun([memoryview(buf)[: len(pkt)]], 0, out_a)
+    buf[:] = bytes(4096)  # the I/O layer reuses its buffer
+    dgrams = [bytes(d) for d in out_a.udp[B_ADDR]]
+    out_b = Output()
+    rx = bytearray(4096)
+    for d in dgrams:
+        rx[: len(d)] = d
+        pair.b.from_udp([(memoryview(rx)[: len(d)], A_ADDR)], 0, out_b)
+    rx[:] = bytes(4096)
+    assert len(out_b.tun) == 2, _drops(pair.b)
+    assert IP(bytes(out_b.tun[0])).ttl == 8
+    assert IPv6(bytes(out_b.tun[1]))[TCP].flags == "S"
