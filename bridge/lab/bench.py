@@ -77,6 +77,7 @@ class Options(argparse.Namespace):
     list: bool
     instance: str
     keep_logs: bool
+    repeat: int
 
     @property
     def seconds(self) -> int:
@@ -103,9 +104,14 @@ def parse_args(argv: list[str]) -> Options:
     p.add_argument("--json", metavar="PATH", help="where to write the results JSON")
     p.add_argument("--list", action="store_true", help="list the variants and exit")
     p.add_argument("--instance", default="bench", help="lab instance name (gb-INSTANCE-*)")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="run each iperf3 measurement N times and report the median")
     p.add_argument("--keep-logs", action="store_true",
                    help="keep the scratch dir (configs, process logs) even if all went well")
-    return p.parse_args(argv, namespace=Options())
+    opts = p.parse_args(argv, namespace=Options())
+    if opts.repeat < 1:
+        p.error("--repeat must be at least 1")
+    return opts
 
 
 def log(msg: str) -> None:
@@ -127,19 +133,23 @@ def measure_tunnel(b: Bench, v: Variant, opts: Options) -> TunnelRow:
     cp = b.run("client", ["ping", "-q", "-c", str(opts.pings), "-i", "0.01", "-W", "2",
                           SERVER_V4], timeout=opts.pings + 30, check=False)
     rtt = parse_ping(cp.stdout).avg_ms
-    ticks, t0 = b.cpu_ticks(), time.monotonic()
-    one = iperf(b, opts)
-    cpu = None
-    if b.has_processes:
-        cpu = 100 * (b.cpu_ticks() - ticks) / os.sysconf("SC_CLK_TCK") / (time.monotonic() - t0)
-    log(f"{v.name}: 1 stream {one:,.0f} Mb/s"
-        + (f", its processes {cpu:.0f} % of a core" if cpu is not None else ""))
-    four = iperf(b, opts, "-P", "4")
-    log(f"{v.name}: 4 streams {four:,.0f} Mb/s")
-    rev = iperf(b, opts, "-R")
-    log(f"{v.name}: reverse {rev:,.0f} Mb/s, RTT {rtt:.3f} ms")
-    return TunnelRow(v.name, v.label, Status.OK, mbps_1=one, mbps_4=four, mbps_rev=rev,
-                     rtt_ms=rtt, cpu_pct=cpu)
+    ones, fours, revs, cpus = [], [], [], []
+    for i in range(opts.repeat):
+        rnd = f" (round {i + 1}/{opts.repeat})" if opts.repeat > 1 else ""
+        ticks, t0 = b.cpu_ticks(), time.monotonic()
+        ones.append(iperf(b, opts))
+        if b.has_processes:
+            used = (b.cpu_ticks() - ticks) / os.sysconf("SC_CLK_TCK")
+            cpus.append(100 * used / (time.monotonic() - t0))
+        log(f"{v.name}: 1 stream {ones[-1]:,.0f} Mb/s"
+            + (f", its processes {cpus[-1]:.0f} % of a core" if cpus else "") + rnd)
+        fours.append(iperf(b, opts, "-P", "4"))
+        log(f"{v.name}: 4 streams {fours[-1]:,.0f} Mb/s{rnd}")
+        revs.append(iperf(b, opts, "-R"))
+        log(f"{v.name}: reverse {revs[-1]:,.0f} Mb/s{rnd}")
+    log(f"{v.name}: RTT {rtt:.3f} ms")
+    return TunnelRow(v.name, v.label, Status.OK, mbps_1=median(ones), mbps_4=median(fours),
+                     mbps_rev=median(revs), rtt_ms=rtt, cpu_pct=median(cpus) if cpus else None)
 
 
 def curl(b: Bench, path: str, timeout: float = 120) -> Any:
@@ -274,6 +284,7 @@ def main(argv: list[str]) -> int:
         print(f"bench: missing tools: {', '.join(missing)}", file=sys.stderr)
         return 2
     started = dt.datetime.now(dt.UTC)
+    load_start = os.getloadavg()[0]
     tunnels: list[TunnelRow] = []
     inspects: list[InspectRow] = []
     interrupted = False
@@ -311,22 +322,28 @@ def main(argv: list[str]) -> int:
             log(f"logs kept in {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    rc = report(opts, started, tunnels, inspects, interrupted, crashed)
+    rc = report(opts, started, tunnels, inspects, interrupted, crashed, load_start)
     return 1 if crashed and rc == 0 else rc
 
 
 def report(opts: Options, started: dt.datetime, tunnels: list[TunnelRow],
-           inspects: list[InspectRow], interrupted: bool, crashed: str = "") -> int:
+           inspects: list[InspectRow], interrupted: bool, crashed: str = "",
+           load_start: float = 0.0) -> int:
     meta = {"started": started.isoformat(timespec="seconds"), "quick": opts.quick,
             "iperf3_seconds": opts.seconds, "pings": opts.pings, "small_gets": opts.gets,
             "downloads": opts.downloads, "download_bytes": BIG_FILE_BYTES,
             "interrupted": interrupted, "error": crashed or None,
-            "cpus": os.cpu_count(), "kernel": os.uname().release}
+            "cpus": os.cpu_count(), "kernel": os.uname().release, "repeat": opts.repeat,
+            "loadavg_1m_start": load_start, "loadavg_1m_end": os.getloadavg()[0]}
     if tunnels:
         print(render_tunnel_table(tunnels))
     if inspects:
         print()
         print(render_inspect_table(inspects))
+    busy = max(load_start, os.getloadavg()[0])
+    if busy > (os.cpu_count() or 1) * 0.75:
+        print(f"\nnote: load average {busy:.1f} on {os.cpu_count()} CPUs during the run: the "
+              "absolute figures are contended; compare ratios, or rerun when idle")
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     path = Path(opts.json) if opts.json else REPO / "bench-results" / f"bench-{stamp}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

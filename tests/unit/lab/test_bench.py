@@ -247,6 +247,27 @@ def test_options_quick_and_full() -> None:
     assert [v.name for v in bench.select(full)] == list(ALL_VARIANTS)
 
 
+def test_repeat_takes_the_median_of_each_iperf3_figure(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # rounds of (1 stream, 4 streams, reverse); the medians are 500, 1000 and 300
+    figures = iter([100e6, 900e6, 300e6, 500e6, 1000e6, 200e6, 700e6, 1100e6, 400e6])
+
+    def fake_run(self: Bench, node: str, argv: Sequence[str], timeout: float = 30,
+                 check: bool = True) -> subprocess.CompletedProcess[str]:
+        out = IPUTILS if argv[0] == "ping" else iperf_doc(next(figures))
+        return subprocess.CompletedProcess(list(argv), 0, out, "")
+
+    monkeypatch.setattr(Bench, "run", fake_run)
+    b = Bench(FakeLab(), tmp_path, tmp_path)
+    row = bench.measure_tunnel(b, Recorder([]), bench.parse_args(["--repeat", "3"]))
+    assert (row.mbps_1, row.mbps_4, row.mbps_rev) == (500.0, 1000.0, 300.0)
+
+
+def test_repeat_must_be_positive() -> None:
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--repeat", "0"])
+
+
 def test_only_rejects_unknown_names() -> None:
     with pytest.raises(SystemExit, match="unknown variant.*nope"):
         bench.select(bench.parse_args(["--only", "plain", "nope"]))
