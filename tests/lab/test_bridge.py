@@ -126,7 +126,7 @@ def test_ping_and_100mb_download(lab: Lab, blob: str, variant: str) -> None:
         ping(lab, SERVER6)
         assert download(lab, SERVER4) == blob
         assert download(lab, SERVER6) == blob
-        st = gw.status("gw-b")
+        st = gw.status("gw-a")  # the downloads came from site B: gw-a received them
         assert st is not None
         peer = st["peers"][0]
         assert peer["up"] and peer["rx_bytes"] > 2 * BLOB_MB * 1_000_000
