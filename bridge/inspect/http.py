@@ -27,6 +27,7 @@ mirrors finish the cycle and `start_next_cycle()`, which releases the next pipel
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from typing import Any
 
@@ -35,6 +36,7 @@ import h11
 from bridge.inspect.api import Direction, Flow, Inspector
 
 MAX_EXCHANGES = 64
+SKIP_MIN = 64 * 1024        # Content-Length bodies from this size on are counted, not parsed
 MAX_HEADERS = 64
 HOLD_LIMIT = 256 * 1024
 _FRAMING = {b"content-length", b"transfer-encoding", b"expect"}
@@ -42,6 +44,17 @@ _FRAMING = {b"content-length", b"transfer-encoding", b"expect"}
 
 def _headers(raw: Any) -> list[list[str]]:
     return [[n.decode("latin-1"), v.decode("latin-1")] for n, v in list(raw)[:MAX_HEADERS]]
+
+
+def _content_length(raw: Any) -> int | None:
+    """The Content-Length of a message framed by it alone (RFC 9112 §6.3), else None."""
+    values = [v for n, v in raw if n == b"content-length"]
+    if len(values) != 1 or any(n == b"transfer-encoding" for n, _ in raw):
+        return None
+    try:
+        return int(values[0])
+    except ValueError:
+        return None
 
 
 def _header_only(raw: Any, *, length: bool) -> list[tuple[bytes, bytes]]:
@@ -55,9 +68,27 @@ class _Stop(Exception):
     """Internal: give up parsing this flow."""
 
 
+# RFC 9112 §3: request-line = method SP request-target SP HTTP-version (method is a token);
+# §4: status-line = HTTP-version SP status-code SP [reason-phrase]
+_REQUEST_START = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}( |$)")
+_RESPONSE_START = re.compile(rb"H(T(T(P(/|$)|$)|$)|$)")
+
+
+def _sniff(head: bytes, start: re.Pattern[bytes], what: str) -> bool:
+    """Fail fast on a stream that cannot be HTTP/1.x (SSH, TLS...).
+
+    `head` is the stream's first bytes so far. Returns True once they look like HTTP, False
+    while undecided; raises _Stop when they cannot be.
+    """
+    m = start.match(head[:40])
+    if m is None:
+        raise _Stop(f"not HTTP/1.x (does not start with {what})")
+    return m.end() < len(head) or m.group(0).endswith((b" ", b"/"))
+
+
 class _HttpFlow:
     __slots__ = ("srv", "cli", "pending", "queue", "exchanges", "answering", "requesting",
-                 "stopped")
+                 "stopped", "skip", "close_after", "head_c2s", "head_s2c")
 
     def __init__(self) -> None:
         self.srv = h11.Connection(h11.SERVER)
@@ -68,6 +99,10 @@ class _HttpFlow:
         self.answering: dict[str, Any] | None = None
         self.requesting: dict[str, Any] | None = None
         self.stopped = False
+        self.skip = 0               # response body bytes still to count without h11
+        self.close_after = False    # the skipped response ends the connection (no keep-alive)
+        self.head_c2s: bytes | None = b""    # first bytes, until they look like HTTP
+        self.head_s2c: bytes | None = b""
 
 
 class HttpInspector(Inspector):
@@ -89,9 +124,21 @@ class HttpInspector(Inspector):
             return None
         try:
             if direction is Direction.CLIENT_TO_SERVER:
+                if st.head_c2s is not None:
+                    st.head_c2s += data[:40]
+                    if _sniff(st.head_c2s, _REQUEST_START, "a request line"):
+                        st.head_c2s = None
                 st.srv.receive_data(data)
                 self._pump_requests(flow, st)
-            elif st.cli.our_state is not h11.IDLE:
+                return None
+            if st.head_s2c is not None:
+                st.head_s2c += data[:40]
+                if _sniff(st.head_s2c, _RESPONSE_START, "a status line"):
+                    st.head_s2c = None
+            if st.skip:
+                self._skip_body(flow, st, data)
+                return None
+            if st.cli.our_state is not h11.IDLE:
                 st.cli.receive_data(data)
                 self._pump_responses(flow, st)
             else:
@@ -193,11 +240,54 @@ class HttpInspector(Inspector):
                 no_body = ev.status_code in (204, 304) or ex.get("method") == "HEAD"
                 st.srv.send(h11.Response(status_code=ev.status_code,
                                          headers=_header_only(ev.headers, length=not no_body)))
+                length = None if no_body else _content_length(ev.headers)
+                if length is not None and length >= SKIP_MIN:
+                    self._start_skip(flow, st, ev, length)
+                    return
             elif isinstance(ev, h11.Data):
                 if st.answering is not None:
                     st.answering["response_body"] += len(ev.data)
             elif isinstance(ev, h11.EndOfMessage):
                 self._end_cycle(flow, st)
+
+    # -- large bodies: counted, not parsed ---------------------------------------------------
+
+    def _start_skip(self, flow: Flow, st: _HttpFlow, resp: h11.Response, length: int) -> None:
+        """Count a Content-Length body ourselves: h11 would copy every byte three times.
+
+        The `cli` mirror is replaced by a fresh connection (what it would be after
+        start_next_cycle); the body bytes h11 already buffered are taken back from it.
+        """
+        buffered, _closed = st.cli.trailing_data
+        req_headers = st.answering.get("headers", []) if st.answering else []
+        tokens = ",".join(v.lower() for n, v in req_headers if n == "connection")
+        tokens += "," + ",".join(v.decode("latin-1").lower()
+                                 for n, v in resp.headers if n == b"connection")
+        st.close_after = ("close" in tokens or resp.http_version != b"1.1"
+                          or (st.answering or {}).get("version") != "1.1")
+        st.cli = h11.Connection(h11.CLIENT)
+        st.skip = length
+        self._skip_body(flow, st, bytes(buffered))
+
+    def _skip_body(self, flow: Flow, st: _HttpFlow, data: bytes) -> None:
+        """Count up to `st.skip` body bytes of `data`; what follows goes to `pending`.
+
+        Raises _Stop on data after a response that closes the connection.
+        """
+        n = min(st.skip, len(data))
+        st.skip -= n
+        if st.answering is not None:
+            st.answering["response_body"] += n
+        if st.skip:
+            return
+        if st.close_after and len(data) > n:
+            raise _Stop("data after the response that closes the connection")
+        # What follows the body answers the next request: it waits in `pending` until
+        # _end_cycle -> _pump_requests -> _register tells the fresh mirror that request.
+        st.pending += data[n:]
+        self._end_cycle(flow, st)     # with close_after the srv mirror is now MUST_CLOSE
+        if len(st.pending) > HOLD_LIMIT:
+            raise _Stop("server data without a request")
 
     def _end_cycle(self, flow: Flow, st: _HttpFlow) -> None:
         st.srv.send(h11.EndOfMessage())
@@ -212,8 +302,10 @@ class HttpInspector(Inspector):
     def _next_cycle(st: _HttpFlow) -> bool:
         """Start the next exchange once both mirrors finished this one (keep-alive)."""
         done = {h11.CLIENT: h11.DONE, h11.SERVER: h11.DONE}
-        if st.srv.states != done or st.cli.states != done:
+        fresh = st.cli.states == {h11.CLIENT: h11.IDLE, h11.SERVER: h11.IDLE}
+        if st.srv.states != done or not (fresh or st.cli.states == done):
             return False    # MUST_CLOSE (Connection: close / HTTP/1.0) or a message unfinished
         st.srv.start_next_cycle()
-        st.cli.start_next_cycle()
+        if not fresh:       # a fresh mirror (after a counted body) is already at a cycle start
+            st.cli.start_next_cycle()
         return True

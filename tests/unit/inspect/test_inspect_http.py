@@ -120,3 +120,30 @@ def test_connection_close_then_more_requests_is_noted() -> None:
     h.data(f, C2S, b"GET /again HTTP/1.1\r\nHost: x\r\n\r\n")
     assert len(f.metadata["http"]) == 1
     assert f.metadata["http"][0]["status"] == 200
+
+
+@pytest.mark.parametrize("size", [1000, 7001, 300_000])
+def test_large_bodies_are_counted_and_keepalive_continues(size: int) -> None:
+    big = 200_000
+    reqs = b"GET /big HTTP/1.1\r\nHost: x\r\n\r\nGET /next HTTP/1.1\r\nHost: x\r\n\r\n"
+    resps = (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % big + b"z" * big
+             + b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\n\r\nno!")
+    for order in ("c2s-first", "interleave"):
+        md = run(chunks(reqs, size), chunks(resps, size), order=order)
+        ex = md["http"]
+        assert [(e["target"], e["status"], e["response_body"]) for e in ex] == \
+            [("/big", 200, big), ("/next", 404, 3)], order
+        assert "http_stopped" not in md
+
+
+def test_large_body_then_connection_close() -> None:
+    md = run([b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"],
+             [b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n", b"y" * 100_000],
+             order="c2s-first")
+    assert md["http"][0]["response_body"] == 100_000 and "http_stopped" not in md
+
+
+def test_ssh_is_recognised_at_once() -> None:
+    h, f = HttpInspector(), flow(22)
+    h.data(f, S2C, b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n")
+    assert "status line" in f.metadata["http_stopped"]
