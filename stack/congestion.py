@@ -16,8 +16,11 @@ Rules:
   unacknowledged segment and deflates cwnd by the amount acknowledged, adding back SMSS;
   a full ACK (covering recover) ends recovery with cwnd = min(ssthresh,
   max(FlightSize, SMSS) + SMSS).
-- RFC 6582 §4.1: after an RTO, duplicate ACKs for data sent before it do not start a new
-  fast retransmit (recover is set to the highest sequence sent).
+- RFC 6582 §3.2 step 2 and §4: after an RTO, duplicate ACKs that do not cover `recover`
+  (the highest sequence sent at the RTO) do not start a new fast retransmit, unless the
+  timestamp heuristic (§4.2) shows them caused by a segment sent after the RTO.
+- RFC 3042 (limited transmit): on the first two duplicate ACKs one new segment each may
+  be sent beyond cwnd (`limited_transmit` gives the allowance in bytes).
 - RFC 5681 §4.1: after an idle period longer than the RTO, cwnd = min(cwnd, IW).
 
 Theory of operation: `NewReno` keeps cwnd and ssthresh in bytes and the recovery point in
@@ -82,21 +85,34 @@ class NewReno:
                 self.cwnd += smss
         return False
 
-    def on_dupack(self, snd_una: int, snd_max: int, flight: int) -> bool:
-        """A duplicate ACK (RFC 5681 §2 definition). Returns True to fast-retransmit now."""
+    def on_dupack(
+        self, snd_una: int, snd_max: int, flight: int, new_loss: bool = False
+    ) -> bool:
+        """A duplicate ACK (RFC 5681 §2 definition). Returns True to fast-retransmit now.
+
+        `new_loss` is the caller's proof (RFC 6582 §4.2 timestamp heuristic: the ACK echoes
+        a segment sent after the last RTO) that the loss is not an old one.
+        """
         self.dupacks += 1
         if self.in_recovery:
             self.cwnd += self.smss  # RFC 5681 §3.2 step 4 (inflation)
             return False
         if self.dupacks == DUPTHRESH:
-            if snd_una < self.recover:
-                return False  # RFC 6582 §4.1: loss of data sent before the last RTO
+            if snd_una < self.recover and not new_loss:
+                return False  # RFC 6582 §3.2 step 2: ACK does not cover `recover`
             self.ssthresh = max(flight // 2, 2 * self.smss)
             self.recover = snd_max
             self.in_recovery = True
             self.cwnd = self.ssthresh + DUPTHRESH * self.smss
             return True
         return False
+
+    @property
+    def limited_transmit(self) -> int:
+        """Bytes beyond cwnd allowed by RFC 3042 (one SMSS per duplicate ACK, at most two)."""
+        if self.in_recovery or not self.dupacks:
+            return 0
+        return min(self.dupacks, 2) * self.smss
 
     def on_timeout(self, snd_max: int, flight: int, first: bool) -> None:
         """The retransmission timer expired (RFC 5681 §3.1 eq. 4, LW = 1 SMSS).

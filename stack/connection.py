@@ -495,7 +495,11 @@ class TcpConnection(OutputMixin):
         ):
             # RFC 5681 §2 duplicate ACK.
             flight = self._snd_nxt - self._snd_una
-            if self._cc.on_dupack(self._snd_una, self._snd_max, flight):
+            rto_ts = self._rto_tsval
+            new_loss = (
+                rto_ts is not None and seg.ts is not None and (seg.ts[1] - rto_ts) & MASK < HALF
+            )
+            if self._cc.on_dupack(self._snd_una, self._snd_max, flight, new_loss):
                 self._retx_pending = True
             elif self._cc.in_recovery and self._sack_on:
                 self._retx_pending = self._next_hole() is not None

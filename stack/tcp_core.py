@@ -108,6 +108,7 @@ class ConnectionCore:
         self._last_ack_sent = 0
         self._sacked: list[tuple[int, int]] = []
         self._recovery_pt = 0
+        self._rto_tsval: int | None = None  # our TSval when the last RTO fired
         # ACK generation (RFC 9293 §3.8.6.3, RFC 5681 §4.2).
         self._ack_now = False
         self._delack_at: float | None = None
@@ -226,6 +227,8 @@ class ConnectionCore:
             self._enter_closed()
             return
         self._cc.on_timeout(self._snd_max, self._snd_max - self._snd_una, self._retries == 1)
+        if self._ts_on:
+            self._rto_tsval = self._ts_clock(now)
         self._rto.backoff()  # RFC 6298 §5.5
         self._sacked = []  # RFC 2018 §8: forget SACK information after an RTO
         self._recovery_pt = self._snd_una

@@ -202,7 +202,7 @@ class OutputMixin(ConnectionCore):
                     self._advance(nxt + 1, now)
                 return
             wnd_edge = self._snd_wl2 + self._snd_wnd
-            usable = min(wnd_edge, self._snd_una + cc.cwnd) - nxt
+            usable = min(wnd_edge, self._snd_una + cc.cwnd + cc.limited_transmit) - nxt
             n = min(avail, usable, maxseg)
             if n <= 0:
                 if wnd_edge <= nxt:
@@ -210,7 +210,7 @@ class OutputMixin(ConnectionCore):
                 return
             if n < mss:
                 if n < avail:  # window- or cwnd-limited with more queued (MUST-38)
-                    if n < self._max_snd_wnd // 2 or usable == self._snd_una + cc.cwnd - nxt:
+                    if n < self._max_snd_wnd // 2 or wnd_edge - nxt > usable:
                         self._arm_persist(now)
                         return
                 elif self.config.nagle and nxt > self._snd_una and fin_abs is None:
