@@ -29,9 +29,10 @@ from collections.abc import Sequence
 
 from bridge.config import PeerConfig
 
-__all__ = ["PeerTable", "CACHE_MAX", "canonical_host"]
+__all__ = ["PeerTable", "CACHE_MAX", "LOOP", "canonical_host"]
 
 CACHE_MAX = 65536
+LOOP = -2  # route(): the destination is a tunnel endpoint
 
 
 def canonical_host(host: str) -> str | None:
@@ -51,7 +52,8 @@ def canonical_host(host: str) -> str | None:
 class PeerTable:
     """Routing and identification of the configured peers (indices into `peers`)."""
 
-    __slots__ = ("peers", "_v4", "_v6", "_cache", "_hosts", "_host_cache", "_endpoints")
+    __slots__ = ("peers", "_v4", "_v6", "_cache", "_route_cache", "_hosts", "_host_cache",
+                 "_endpoints")
 
     def __init__(self, peers: Sequence[PeerConfig], local: Sequence[str] = ()) -> None:
         self.peers = tuple(peers)
@@ -66,6 +68,7 @@ class PeerTable:
         self._v6 = [(plen, _mask(plen, 128), nets) for plen, nets in sorted(v6.items(),
                                                                             reverse=True)]
         self._cache: dict[bytes, int] = {}
+        self._route_cache: dict[bytes, int] = {}
         hosts: dict[str, list[int]] = {}
         for i, peer in enumerate(self.peers):
             hosts.setdefault(peer.host, []).append(i)
@@ -99,6 +102,18 @@ class PeerTable:
         if len(cache) >= CACHE_MAX:
             cache.clear()
         cache[key] = idx
+        return idx
+
+    def route(self, dst: bytes | bytearray | memoryview) -> int:
+        """Outbound decision for an inner destination in one cached lookup: the peer index,
+        -1 for no route, or LOOP (-2) if `dst` is a tunnel endpoint (RFC 2003 §4)."""
+        key = bytes(dst)
+        idx = self._route_cache.get(key)
+        if idx is None:
+            idx = LOOP if key in self._endpoints else self.lookup(key)
+            if len(self._route_cache) >= CACHE_MAX:
+                self._route_cache.clear()
+            self._route_cache[key] = idx
         return idx
 
     def allowed(self, peer: int, src: bytes | bytearray | memoryview) -> bool:

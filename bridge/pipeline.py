@@ -56,7 +56,7 @@ from bridge.config import Config, DownAction, Encapsulation, SeqPolicy, SourcePo
 from bridge.counters import Counters
 from bridge.encap import KEEPALIVE, GreEncoder, decode_gre, flow_source_port, overhead
 from bridge.mss import clamp_packet
-from bridge.peers import PeerTable
+from bridge.peers import LOOP, PeerTable
 from bridge.seqpolicy import SeqReceiver
 from stack.wire import icmp
 from stack.wire.ip import DF, OFFSET_MASK, PROTO_TCP, decrement_ttl_v4, fragment_v4, packet_length
@@ -191,11 +191,11 @@ class Bridge:
             else:
                 dst = pkt[16:20]
                 ttl = pkt[8]
-            if table.is_endpoint(dst):
-                drops[C.R_LOOP] += 1  # RFC 2003 §4: never tunnel to a tunnel endpoint
-                continue
-            idx = table.lookup(dst)
+            idx = table.route(dst)
             if idx < 0:
+                if idx == LOOP:
+                    drops[C.R_LOOP] += 1  # RFC 2003 §4: never tunnel to a tunnel endpoint
+                    continue
                 drops[C.R_NO_ROUTE] += 1
                 self._unreachable(pkt, v6, now, out)
                 continue
@@ -232,7 +232,14 @@ class Bridge:
             self.counters.events[C.E_MSS_CLAMPED] += 1
         if peer.gre:
             peer.encoder.seal(dgram)
-        self._emit(peer, dgram, now, out)
+        lst = out.udp.get(peer.addr)
+        if lst is None:
+            lst = out.udp[peer.addr] = []
+        lst.append(dgram)
+        c = self.counters
+        c.tx_packets[peer.index] += 1
+        c.tx_bytes[peer.index] += len(dgram)
+        peer.last_tx = now
         if peer.flow_sport:
             sports = out.udp_sport.get(peer.addr)
             if sports is None:
@@ -332,27 +339,26 @@ class Bridge:
                     else:
                         drops[status] += 1
                     continue
-                inner = memoryview(payload)[off:]
             else:
                 if n == 0:  # IPIP keepalive: an empty datagram
                     self._heard(peer, now)
                     c.events[C.E_KEEPALIVE_RX] += 1
                     continue
+                off = 0
                 seq = -1
-                inner = memoryview(payload)
-            tot = packet_length(inner)
+            tot = packet_length(payload, off)
             if not tot:
                 drops[C.R_MALFORMED] += 1
                 continue
             self._heard(peer, now)
-            if inner[0] >> 4 == 4:
-                src = inner[12:16]
-                dst = inner[16:20]
-                ttl = inner[8]
+            if payload[off] >> 4 == 4:
+                src = bytes(payload[off + 12 : off + 16])
+                dst = bytes(payload[off + 16 : off + 20])
+                ttl = payload[off + 8]
             else:
-                src = inner[8:24]
-                dst = inner[24:40]
-                ttl = inner[7]
+                src = bytes(payload[off + 8 : off + 24])
+                dst = bytes(payload[off + 24 : off + 40])
+                ttl = payload[off + 7]
             if not table.allowed(peer.index, src):
                 drops[C.R_SPOOFED_SOURCE] += 1
                 continue
@@ -363,12 +369,12 @@ class Bridge:
                 drops[C.R_LOOP] += 1
                 continue
             pkt: bytes | bytearray
-            if self.mss_clamp and _maybe_syn(inner, tot):
-                pkt = bytearray(inner[:tot])
+            if self.mss_clamp and _maybe_syn(payload, off, tot):
+                pkt = bytearray(payload[off : off + tot])
                 if clamp_packet(pkt, 0, peer.mtu):
                     c.events[C.E_MSS_CLAMPED] += 1
             else:
-                pkt = bytes(inner[:tot])
+                pkt = bytes(payload[off : off + tot])  # a copy: the I/O layer reuses buffers
             if peer.seq.policy is SeqPolicy.OFF:
                 out.tun.append(pkt)
             else:
@@ -470,14 +476,14 @@ class Bridge:
         return self.counters.prometheus(peer_up=[p.up for p in self.peers])
 
 
-def _maybe_syn(inner: memoryview, tot: int) -> bool:
+def _maybe_syn(buf: Buf, off: int, tot: int) -> bool:
     """Cheap test: could this be a TCP SYN whose MSS needs clamping (RFC 9293 §3.7.1)?"""
-    if inner[0] >> 4 == 4:
-        if inner[9] != PROTO_TCP or ((inner[6] << 8) | inner[7]) & OFFSET_MASK:
+    if buf[off] >> 4 == 4:
+        if buf[off + 9] != PROTO_TCP or ((buf[off + 6] << 8) | buf[off + 7]) & OFFSET_MASK:
             return False
-        t = (inner[0] & 0x0F) * 4
+        t = (buf[off] & 0x0F) * 4
     else:
-        if inner[6] != PROTO_TCP:
+        if buf[off + 6] != PROTO_TCP:
             return False
         t = 40
-    return tot > t + 20 and bool(inner[t + 13] & 0x02)
+    return tot > t + 20 and bool(buf[off + t + 13] & 0x02)

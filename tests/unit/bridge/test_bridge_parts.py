@@ -40,6 +40,14 @@ def test_longest_prefix_match(addr: str, peer: int) -> None:
     assert TABLE.lookup(_a(addr)) == peer  # cached answer is the same
 
 
+def test_route_combines_loop_guard_and_lpm() -> None:
+    assert TABLE.route(_a("198.18.20.7")) == 2 and TABLE.route(_a("198.18.20.8")) == 1
+    assert TABLE.route(_a("198.18.0.1")) == peers_mod.LOOP  # our own listen address
+    assert TABLE.route(_a("198.18.0.3")) == peers_mod.LOOP  # a peer endpoint, inside /15
+    assert TABLE.route(_a("2001:db9::1")) == -1
+    assert TABLE.lookup(_a("198.18.0.3")) == 0  # lookup itself is pure LPM
+
+
 def test_allowed_sources() -> None:
     assert TABLE.allowed(1, _a("198.18.20.8"))
     assert not TABLE.allowed(0, _a("198.18.20.8"))  # a more specific prefix is peer 1's
