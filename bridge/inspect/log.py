@@ -7,7 +7,8 @@ Rules
 - `runs_last`: the chain calls this flow_end after the other inspectors'.
 - No I/O on the data path: lines go to an in-memory buffer; `flush()` (called by the adapter on a
   timer and at exit) appends them to `log_path`. Without `log_path` the lines go to the Python
-  logger "grebe.inspect.flows" at INFO.
+  logger "grebe.inspect.flows" at INFO. `$VARS` in the path are expanded once at start
+  (e.g. "${GREBE_LAB_DIR}/flows.jsonl" in the lab).
 - Metadata values that JSON cannot encode are written with repr(); the writer never raises on
   account of what another inspector stored.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any
 
 from bridge.flows import InspectRule
@@ -44,7 +46,7 @@ class LogInspector(Inspector):
     runs_last = True
 
     def __init__(self, rule: InspectRule, max_buffered: int = 1 << 20) -> None:
-        self.path = rule.log_path
+        self.path = os.path.expandvars(rule.log_path) if rule.log_path else None
         self.max_buffered = max_buffered
         self._lines: list[str] = []
         self._size = 0

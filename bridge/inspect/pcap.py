@@ -142,7 +142,7 @@ class PcapInspector(Inspector):
     def __init__(self, rule: InspectRule) -> None:
         if not rule.pcap_path:
             raise ValueError("the pcap inspector needs pcap_path")
-        self.path = rule.pcap_path
+        self.path = os.path.expandvars(rule.pcap_path)
         self.mss = int(rule.options.get("pcap_mss", 1460))
         self.max_buffered = int(rule.options.get("pcap_max_buffer", 64 << 20))
         self.writer = PcapWriter(with_header=False)
