@@ -43,7 +43,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bridge.lab.bench_lab import Bench, open_lab
+from bridge.lab.bench_lab import Bench, open_lab, ping_command
 from bridge.lab.bench_report import (
     CURL_WRITE_OUT,
     BenchParseError,
@@ -130,8 +130,8 @@ def iperf(b: Bench, opts: Options, *extra: str) -> float:
 
 def measure_tunnel(b: Bench, v: Variant, opts: Options) -> TunnelRow:
     b.wait_for(lambda: b.pings("client", SERVER_V4), 30, f"{v.name}: client reaches server")
-    cp = b.run("client", ["ping", "-q", "-c", str(opts.pings), "-i", "0.01", "-W", "2",
-                          SERVER_V4], timeout=opts.pings + 30, check=False)
+    cp = b.run("client", ping_command(SERVER_V4, opts.pings, 0.01), timeout=opts.pings + 30,
+               check=False)
     rtt = parse_ping(cp.stdout).avg_ms
     ones, fours, revs, cpus = [], [], [], []
     for i in range(opts.repeat):
@@ -279,7 +279,7 @@ def main(argv: list[str]) -> int:
     if os.geteuid() != 0:
         print("bench: must run as root (network namespaces)", file=sys.stderr)
         return 2
-    missing = [t for t in ("iperf3", "ping", "curl", "nginx", "ss") if not shutil.which(t)]
+    missing = [t for t in ("iperf3", "curl", "nginx", "ss") if not shutil.which(t)]
     if missing:
         print(f"bench: missing tools: {', '.join(missing)}", file=sys.stderr)
         return 2

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -28,8 +31,10 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from bridge.lab import netlink, topology
 from bridge.lab.bench_report import BenchParseError, parse_proc_stat
+from stack.wire.checksum import checksum
 
 TOPOLOGY = "two-sites-plain"
+ECHO = struct.Struct("!BBHHH")  # ICMP echo: type, code, checksum, identifier, sequence (RFC 792)
 RTM_F_CLONED = 0x200  # linux/rtnetlink.h: a cached clone (e.g. a PMTU exception), not config
 GONE = (errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EADDRNOTAVAIL)
 
@@ -244,7 +249,8 @@ class Bench:
             return bool(ip.link("get", index=idx[0])[0]["flags"] & 1)  # IFF_UP
 
     def pings(self, node: str, dst: str) -> bool:
-        return self.run(node, ["ping", "-c", "1", "-W", "1", dst], check=False).returncode == 0
+        cp = self.run(node, ping_command(dst, 1, 0), check=False)
+        return cp.returncode == 0 and " 1 received" in cp.stdout
 
     def _listening(self, node: str, proto: str, port: int) -> bool:
         cp = self.run(node, ["ss", "-Hn", f"-l{proto}", f"sport = :{port}"], check=False)
@@ -324,3 +330,50 @@ class Bench:
                                  check=True).stdout
             self._certs[name] = (cert, key, out.strip().split("=", 1)[1])
         return self._certs[name]
+
+
+# ---- a stand-in for iputils ping, for machines without it
+
+
+def ping_command(dst: str, count: int, interval: float) -> list[str]:
+    """argv measuring RTT to `dst`: iputils `ping -q` if installed, else `ping_main` below.
+    Both print the iputils summary that bench_report.parse_ping reads."""
+    if shutil.which("ping"):
+        return ["ping", "-q", "-c", str(count), "-i", str(interval), "-W", "2", dst]
+    return [sys.executable, "-c", "from bridge.lab.bench_lab import ping_main; ping_main()",
+            dst, str(count), str(interval)]
+
+
+def ping_main() -> None:
+    """ICMP echo over a raw socket (the bench runs as root), argv: DST COUNT INTERVAL.
+
+    Prints "N packets transmitted, M received" and "rtt min/avg/max/mdev = ... ms" like
+    iputils. Python adds a few microseconds to each RTT compared with iputils.
+    """
+    dst, count, interval = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    ident = os.getpid() & 0xFFFF
+    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    rtts: list[float] = []
+    for seq in range(count):
+        body = ECHO.pack(8, 0, 0, ident, seq) + b"grebe-bench-ping"
+        pkt = ECHO.pack(8, 0, checksum(body), ident, seq) + body[ECHO.size:]
+        t0 = time.perf_counter()
+        sock.sendto(pkt, (dst, 0))
+        deadline = t0 + 2.0
+        while (left := deadline - time.perf_counter()) > 0:
+            sock.settimeout(left)
+            try:
+                data = sock.recv(2048)
+            except TimeoutError:
+                break
+            ihl = (data[0] & 0x0F) * 4  # raw IPv4 sockets deliver the IP header too
+            typ, _, _, rid, rseq = ECHO.unpack_from(data, ihl)
+            if typ == 0 and rid == ident and rseq == seq:
+                rtts.append((time.perf_counter() - t0) * 1000)
+                break
+        time.sleep(interval)
+    print(f"{count} packets transmitted, {len(rtts)} received")
+    if rtts:
+        avg = sum(rtts) / len(rtts)
+        mdev = (sum((r - avg) ** 2 for r in rtts) / len(rtts)) ** 0.5
+        print(f"rtt min/avg/max/mdev = {min(rtts):.3f}/{avg:.3f}/{max(rtts):.3f}/{mdev:.3f} ms")

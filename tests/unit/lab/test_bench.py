@@ -151,6 +151,17 @@ def test_proc_stat_of_this_process() -> None:
     assert ppid == os.getppid() and ticks >= 0
 
 
+def test_ping_falls_back_to_the_python_pinger_without_iputils(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from bridge.lab import bench_lab
+    monkeypatch.setattr(bench_lab.shutil, "which", lambda name: "/usr/bin/ping")
+    assert bench_lab.ping_command("198.18.2.10", 20, 0.01)[:3] == ["ping", "-q", "-c"]
+    monkeypatch.setattr(bench_lab.shutil, "which", lambda name: None)
+    argv = bench_lab.ping_command("198.18.2.10", 20, 0.01)
+    assert argv[0] == sys.executable and "ping_main()" in argv[2]
+    assert argv[3:] == ["198.18.2.10", "20", "0.01"]
+
+
 def test_median() -> None:
     assert median([3.0, 1.0, 2.0]) == 2.0
     assert median([4.0, 1.0, 2.0, 3.0]) == 2.5
