@@ -182,7 +182,11 @@ class TcpConnection(OutputMixin):
     # ------------------------------------------------------------------ input
 
     def receive_segment(self, seg: TcpSegment, now: float) -> None:
-        """Process one segment addressed to this connection (RFC 9293 §3.10.7). Never raises."""
+        """Process one segment addressed to this connection (RFC 9293 §3.10.7). Never raises.
+
+        What the connection keeps of the payload is copied, so the caller may reuse the
+        buffer behind `seg.payload` as soon as this returns.
+        """
         # Header prediction (RFC 9293 §3.10 note; Van Jacobson).
         if (
             self._state is State.ESTABLISHED
@@ -554,7 +558,8 @@ class TcpConnection(OutputMixin):
         """In-order text (RFC 9293 §3.10.7.4 seventh step) and the ACK policy (§3.8.6.3)."""
         self._rcv_nxt += n
         self.bytes_in += n
-        self._rx.append(payload)
+        # Keep a copy: the caller may reuse its receive buffer once we return.
+        self._rx.append(payload if type(payload) is bytes else bytes(payload))
         self._rx_len += n
         if not self._events or self._events[-1] is not _DATA:
             self._events.append(_DATA)

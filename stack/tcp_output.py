@@ -66,7 +66,13 @@ class OutputMixin(ConnectionCore):
         if st is State.SYN_SENT:
             return out
         n0 = len(out)
-        if st in _SENDING:
+        nxt = self._snd_nxt
+        if st in _SENDING and (
+            self._sendbuf.end >= nxt  # unsent data (data byte k is at position k + 1)
+            or self._retx_pending
+            or self._probe_pending
+            or (self._fin_abs is not None and nxt <= self._fin_abs)
+        ):
             ack = (self._irs + self._rcv_nxt) & MASK
             win = self._window_field()
             ts = (self._ts_clock(now), self._ts_recent or 0) if self._ts_on else None
