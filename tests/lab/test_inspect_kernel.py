@@ -331,6 +331,21 @@ def test_200_concurrent_inspected_connections(lab: Any) -> None:
         "200 log lines")
 
 
+def test_bench_relay_vs_direct(lab: Any) -> None:
+    """Benchmark (prints, never asserts on time): 100 MB direct vs through the relay."""
+    def speed(port: int) -> float:
+        out = lab.run("client", ["curl", "-sS", "--max-time", "120", "-o", "/dev/null", "-w",
+                                 "%{speed_download}", f"http://{SERVER}:{port}/big.bin"],
+                      timeout=150).stdout
+        return float(out) / 1e6
+
+    direct = max(speed(8081) for _ in range(3))
+    relayed = max(speed(80) for _ in range(3))
+    print(f"\n100 MB GET, best of 3: direct {direct:.0f} MB/s, TPROXY relay (log+http) "
+          f"{relayed:.0f} MB/s, ratio relay/direct {relayed / direct:.2f}")
+    assert relayed > 0 and direct > 0
+
+
 def test_zz_exit_removes_interception(lab: Any) -> None:
     """Last: SIGTERM to the backend removes its nft table, policy rules and routes."""
     assert "grebe_tproxy" in lab.run("gw-a", ["nft", "list", "tables"]).stdout
@@ -341,4 +356,3 @@ def test_zz_exit_removes_interception(lab: Any) -> None:
     assert "0x4754" not in rules
     # and the network still works, now without the relay
     assert _curl(lab, f"http://{SERVER}/small.txt").stdout == "a small file\n"
-
