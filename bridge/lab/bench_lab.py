@@ -30,7 +30,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from bridge.lab import netlink, topology
-from bridge.lab.bench_report import BenchParseError, parse_proc_stat
+from bridge.lab.bench_report import BenchParseError, parse_ping, parse_proc_stat
 from stack.wire.checksum import checksum
 
 TOPOLOGY = "two-sites-plain"
@@ -250,7 +250,10 @@ class Bench:
 
     def pings(self, node: str, dst: str) -> bool:
         cp = self.run(node, ping_command(dst, 1, 0), check=False)
-        return cp.returncode == 0 and " 1 received" in cp.stdout
+        try:
+            return parse_ping(cp.stdout).received > 0
+        except BenchParseError:
+            return False
 
     def _listening(self, node: str, proto: str, port: int) -> bool:
         cp = self.run(node, ["ss", "-Hn", f"-l{proto}", f"sport = :{port}"], check=False)
