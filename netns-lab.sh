@@ -27,9 +27,9 @@ die() { echo "netns-lab: $*" >&2; exit 2; }
 
 # Debian packages the lab, its tests and the benchmark use as real peers and dissectors.
 APT_PACKAGES=(iproute2 nftables iperf3 tshark tcpdump nginx-light curl openssh-server openssh-client
-              wireguard-go wireguard-tools openvpn procps psmisc python3-venv)
+              wireguard-go wireguard-tools openvpn procps psmisc iputils-ping openssl python3-venv)
 # One command each package provides, to tell quickly whether it is installed.
-APT_PROBES=(ip nft iperf3 tshark tcpdump nginx curl sshd ssh wireguard-go wg openvpn pkill fuser)
+APT_PROBES=(ip nft iperf3 tshark tcpdump nginx curl sshd ssh wireguard-go wg openvpn pkill fuser ping openssl)
 
 bootstrap_apt() {
     local missing=0 c
