@@ -96,6 +96,9 @@ class Impairment:
             t["seed"] = self.seed
         return t
 
+    def __str__(self) -> str:
+        return self.describe()
+
     def describe(self) -> str:
         """Human-readable summary, e.g. "delay 20 ms ± 5 ms, loss 2% (each direction)"."""
         if self.is_off:
@@ -349,6 +352,8 @@ def _start_emulator(lab: Any, link_name: str, end: _End, imp: Impairment,
 }}
 """)
     _tc(lab, end.node, "qdisc", "add", "dev", end.ifname, "clsact")
+    emu["clsact"] = True  # ours now: clear() may delete it
+    _save(path, state)
     _tc(lab, end.node, "filter", "add", "dev", end.ifname, "egress", "prio", "1", "bpf",
         "bytecode", _NOT_MARKED, "action", "mirred", "egress", "redirect", "dev", vea)
 
@@ -392,7 +397,8 @@ def clear(lab: Any, link_name: str) -> None:
     emu = state.get("emulator")
     if emu:
         node = emu["node"]
-        _tc(lab, node, "qdisc", "del", "dev", emu["dev"], "clsact", check=False)
+        if emu.get("clsact"):
+            _tc(lab, node, "qdisc", "del", "dev", emu["dev"], "clsact", check=False)
         lab.run(node, ["nft", "delete", "table", "netdev", _table("gb_emu", link_name)],
                 check=False)
         if emu.get("pid"):

@@ -64,6 +64,7 @@ ETH_P_ALL = 0x0003
 SOL_PACKET = 263
 PACKET_VNET_HDR = 15
 PACKET_IGNORE_OUTGOING = 23
+PACKET_STATISTICS = 6
 SO_ATTACH_FILTER = 26
 SO_RCVBUFFORCE = 33
 SO_SNDBUFFORCE = 32
@@ -237,6 +238,8 @@ class Runner:
         self.sched_in = Scheduler(params, random.Random(seed * 2))
         self.sched_out = Scheduler(params, random.Random(seed * 2 + 1))
         self.tx_refused = {"in": 0, "out": 0}
+        self.rx_errors = 0
+        self.rx_overrun = {"in": 0, "out": 0}
         self._buf = bytearray(1 << 17)
 
     def _read(self, sock: socket.socket, sched: Scheduler, now: float) -> None:
@@ -247,6 +250,9 @@ class Runner:
             try:
                 n = recv_into(view)
             except BlockingIOError:
+                return
+            except OSError:  # ENETDOWN and friends are reported once; the next read blocks
+                self.rx_errors += 1
                 return
             push(bytes(view[:n]), now)
 
@@ -265,9 +271,17 @@ class Runner:
                     self.tx_refused[name] += 1
 
     def stats(self) -> dict[str, object]:
-        """Counters of both directions as a JSON-able dict."""
+        """Counters of both directions as a JSON-able dict.
+
+        `rx_overrun`: frames the kernel dropped because a socket's receive buffer was full
+        (PACKET_STATISTICS, which resets on reading, so it is accumulated here).
+        """
+        for name, sock in (("in", self.dev_sock), ("out", self.tap_sock)):
+            _, drops = struct.unpack("II", sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+            self.rx_overrun[name] += drops
         return {"pid": os.getpid(), "in": self.sched_in.stats(), "out": self.sched_out.stats(),
-                "tx_refused": dict(self.tx_refused)}
+                "tx_refused": dict(self.tx_refused), "rx_overrun": dict(self.rx_overrun),
+                "rx_errors": self.rx_errors}
 
     def loop(self, stats_path: str | None, until: float | None = None) -> None:
         """Relay until SIGTERM/SIGINT (or `until`, a monotonic time, for tests).
