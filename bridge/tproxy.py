@@ -325,7 +325,12 @@ class _Accepted(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         transport.pause_reading()
-        self.side = self.backend.accepted(transport)
+        try:
+            self.side = self.backend.accepted(transport)
+        except Exception:  # noqa: BLE001 - one bad connection must not stop the listener
+            log.exception("cannot relay connection from %s",
+                          transport.get_extra_info("peername"))
+            _abort(transport)
 
     def data_received(self, data: bytes) -> None:
         if self.side is not None:

@@ -41,9 +41,18 @@ RULES = """
 name = "web"
 backend = "kernel"
 dst = ["198.18.2.0/24", "2001:db8:2::/64"]
-dst_ports = [80, 22, 9000]
+dst_ports = [80, 22]
 inspectors = ["log", "http"]
 log_path = "{state}/flows.jsonl"
+
+[[inspect]]
+name = "raw"
+backend = "kernel"
+dst = ["198.18.2.0/24"]
+dst_ports = [9000]
+inspectors = ["pcap", "log"]
+log_path = "{state}/flows.jsonl"
+pcap_path = "{state}/raw.pcap"
 
 [[inspect]]
 name = "rewrite"
@@ -304,7 +313,15 @@ def test_client_abort_reaches_server_and_server_close_reaches_client(lab: Any) -
     assert rec["bytes_c2s"] == 5
     out = lab.run("client", [sys.executable, str(d / "abort_client.py"), "close"]).stdout
     assert out.strip() == "got bye eof"
-    _wait_flow(lab, lambda f: f["dport"] == 9000 and f["close"] == "closed", "closed log line")
+    rec = _wait_flow(lab, lambda f: f["dport"] == 9000 and f["close"] == "closed",
+                     "closed log line")
+    # the pcap inspector's synthesized packets: Wireshark follows the stream of this flow
+    pcap = d / "raw.pcap"
+    lab.wait_for(lambda: pcap.exists() and pcap.stat().st_size > 24, 10, "pcap flushed")
+    ends = f"{CLIENT}:{rec['sport']},{SERVER}:9000"
+    out = subprocess.run(["tshark", "-r", str(pcap), "-q", "-z", f"follow,tcp,ascii,{ends}"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "close" in out and "bye" in out
 
 
 def test_ssh_through_inspected_flow(lab: Any) -> None:

@@ -280,3 +280,29 @@ def test_back_pressure_bounds_the_relay_buffer() -> None:
     buffered, sent = run(main())
     assert buffered <= 65536 + 262144       # bounded: max_buffer + one read
     assert sent < 64 << 20                  # the server was stopped well before the end
+
+
+def test_deny_at_flow_start_resets_client_and_never_connects() -> None:
+    accepted: list[int] = []
+
+    async def main() -> object:
+        async def server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.append(1)
+            writer.close()
+
+        srv = await asyncio.start_server(server, "127.0.0.1", 0)
+        b = await start_backend('inspectors = ["block"]\nblock_dst = ["127.0.0.0/8"]',
+                                srv.sockets[0].getsockname())
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(b))
+        try:
+            res: object = await reader.read()
+        except ConnectionResetError as exc:
+            res = exc
+        await wait_until(lambda: not b.relays, "relay finished")
+        assert b.counters["denied"] == 1
+        await b.stop()
+        srv.close()
+        return res
+
+    assert isinstance(run(main()), ConnectionResetError)
+    assert accepted == []
