@@ -18,8 +18,8 @@ Rules:
 Theory of operation: `parse_config(data)` walks the TOML dict with a small `_Reader` that
 pops known keys, converts and range-checks them, and records errors with their key path
 instead of raising, so that one pass reports everything. If no error was recorded the
-frozen `Config` is returned. The example file in the module docstring of `EXAMPLE` below
-is the reference format (docs/ and tests/unit/bridge/fixtures/ hold copies).
+frozen `Config` is returned. `EXAMPLE` below is the reference file, every key commented
+(tests/unit/bridge/fixtures/site-a.toml is a copy, checked equal by the tests).
 """
 
 from __future__ import annotations
