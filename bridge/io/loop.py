@@ -36,7 +36,7 @@ from bridge.pipeline import Bridge, Output
 log = logging.getLogger("grebe.loop")
 
 Addr = tuple[str, int]
-BATCH = 64
+BATCH = int(os.environ.get("GREBE_BATCH", "64"))  # reads per drain round
 
 
 class TunLike(Protocol):

@@ -135,6 +135,18 @@ def test_ping_and_100mb_download(lab: Lab, blob: str, variant: str) -> None:
         assert gw.stop() == {"gw-a": 0, "gw-b": 0}
 
 
+def with_gre_checksum(lab: Lab) -> tuple[Path, Path]:
+    """The two-sites GRE configs with the GRE checksum turned on (written to the lab dir)."""
+    out = []
+    for cfg in VARIANTS["gre-v4underlay"]:
+        text = (TOPO / cfg).read_text()
+        assert "\nchecksum = false" in text
+        p = lab.state_dir / ("csum-" + Path(cfg).name)
+        p.write_text(text.replace("\nchecksum = false", "\nchecksum = true"))
+        out.append(p)
+    return out[0], out[1]
+
+
 def _capture(lab: Lab, node: str, iface: str, bpf: str, path: str,
              count: int) -> subprocess.Popen[Any]:
     log = str(lab.state_dir / f"tcpdump-{node}-{iface}.log")
@@ -150,7 +162,7 @@ def test_wire_format_tshark_and_scapy(lab: Lab) -> None:
     from scapy.layers.l2 import GRE
     from scapy.utils import rdpcap
 
-    gw = Gateways(lab, *VARIANTS["gre-v4underlay"])
+    gw = Gateways(lab, *with_gre_checksum(lab))
     pcap = str(lab.state_dir / "wire.pcap")
     try:
         # GRE protocol type IPv4 (keepalives carry none)
@@ -163,8 +175,8 @@ def test_wire_format_tshark_and_scapy(lab: Lab) -> None:
     fields = ["gre.flags.checksum", "gre.flags.key", "gre.flags.sequence_number",
               "gre.flags.version", "gre.key", "gre.sequence_number", "gre.checksum.status",
               "gre.proto", "ip.src", "ip.dst"]
-    cp = subprocess.run(["tshark", "-r", pcap, "-d", "udp.port==4754,gre", "-T", "fields", "-E", "separator=/t",
-                         *[x for f in fields for x in ("-e", f)]],
+    cp = subprocess.run(["tshark", "-r", pcap, "-d", "udp.port==4754,gre", "-T", "fields",
+                         "-E", "separator=/t", *[x for f in fields for x in ("-e", f)]],
                         capture_output=True, text=True, timeout=60, check=True)
     rows = [dict(zip(fields, line.split("\t"), strict=True)) for line in cp.stdout.splitlines()]
     assert len(rows) == 4
@@ -234,7 +246,7 @@ EXPECTED = {  # case: drop reason in `grebe status --json` of gw-b
 
 
 def test_hostile_datagrams_are_dropped_and_counted(lab: Lab) -> None:
-    gw = Gateways(lab, *VARIANTS["gre-v4underlay"])
+    gw = Gateways(lab, *with_gre_checksum(lab))
     script = str(lab.state_dir / "hostile.py")
     Path(script).write_text(HOSTILE)
     pcap = str(lab.state_dir / "lan-b.pcap")
@@ -277,7 +289,7 @@ def test_pmtu_with_a_narrow_wan(lab: Lab, blob: str) -> None:
             st = gw.status("gw-a")
             assert st is not None
             mtu = st["tun"]["mtu"]
-            assert mtu == 1400 - 20 - 8 - 16  # IPv4 + UDP + GRE with checksum, key, sequence
+            assert mtu == 1400 - 20 - 8 - 12  # IPv4 + UDP + GRE with key and sequence number
             assert "route to 198.18.0.2" in st["tun"]["mtu_source"]
             assert download(lab, SERVER4) == blob  # MSS clamped: no black hole
             assert gw.status("gw-b")["events"]["mss_clamped"] >= 1  # type: ignore[index]
