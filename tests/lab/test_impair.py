@@ -16,6 +16,8 @@ import selectors
 import socket
 import statistics
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -56,7 +58,7 @@ def wan_a(lab: Lab) -> Iterator[str]:
 
 def udp(lab: Lab, node: str, addr: str) -> socket.socket:
     def make() -> socket.socket:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         s.bind((addr, 0))
@@ -190,6 +192,8 @@ def test_delay_raises_rtt_by_twice_the_one_way_delay(lab: Lab, wan_a: str) -> No
     assert statistics.median(base_rtt) < 5
     assert 20 <= min(one_way) and statistics.median(one_way) < 24
     assert 40 <= min(rtt) and statistics.median(rtt) < 46
+    v6 = exchange(lab, ("gw-a", "2001:db8::1"), ("gw-b", "2001:db8::2"), 30, 0.01, echo=True)
+    assert len(v6.echoed) == 30 and min(v6.rtt_ms()) >= 40  # neighbour discovery passes too
 
 
 def test_jitter_widens_the_rtt_spread(lab: Lab, wan_a: str) -> None:
@@ -357,3 +361,22 @@ def test_tcp_through_the_emulator_and_a_rate_limit(lab: Lab, wan_a: str) -> None
           f"delay 5ms + 40mbit: {capped[0]:.1f} / {capped[1]:.1f} Mbit/s; counters {stats}")
     assert min(free) > 40  # the emulator is not the bottleneck of a 40 Mbit/s link
     assert all(30 <= c <= 42 for c in capped)
+
+
+def test_cli_in_other_processes_attaches_to_the_running_lab(lab: Lab, wan_a: str) -> None:
+    """`netns-lab.sh impair` runs in a process of its own: set there, measured here, then off."""
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        code = ("import sys; from bridge.lab import impair; from bridge.lab.netlink import Lab; "
+                f"sys.exit(impair.cli(Lab.attach({lab.instance!r}), sys.argv[1:]))")
+        return subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
+                              text=True, timeout=30, check=True)
+
+    warm(lab)
+    assert "delay 15 ms" in cli(wan_a, "delay=15ms").stdout
+    rtt = ab(lab, 40, 0.01, echo=True).rtt_ms()
+    assert len(rtt) == 40 and min(rtt) >= 30
+    state = json.loads(next(Path(lab.state_dir, "impair").glob("*.json")).read_text())
+    pid = state["emulator"]["pid"]
+    assert "off" in cli(wan_a, "off").stdout
+    assert procs.start_time(pid) is None or procs.is_zombie(pid)
+    assert max(ab(lab, 40, 0.005, echo=True).rtt_ms()) < 5
