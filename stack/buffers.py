@@ -18,12 +18,13 @@ finds a chunk with `bisect` and usually returns a zero-copy memoryview slice; re
 acknowledged data advances a head index and compacts lazily. `ReassemblyBuffer` keeps a
 sorted list of disjoint [start, end) ranges with their bytes; an insert trims the new data
 against the ranges it overlaps, so duplicates cost nothing, and `pop_ready` hands back
-the pieces that became contiguous with RCV.NXT.
+the pieces that became contiguous with RCV.NXT. Adjacent ranges merge (each range keeps
+a list of chunks), so a long run of segments after one hole is one range, one SACK block.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 
 __all__ = ["SendBuffer", "ReassemblyBuffer"]
 
@@ -118,7 +119,7 @@ class ReassemblyBuffer:
         self.nbytes = 0
         self._starts: list[int] = []
         self._ends: list[int] = []
-        self._data: list[bytes] = []
+        self._data: list[list[bytes]] = []  # per range, its chunks in order
         self._recent: list[int] = []  # starts of recently touched blocks, newest last
 
     def __bool__(self) -> bool:
@@ -130,7 +131,8 @@ class ReassemblyBuffer:
     def insert(self, start: int, data: bytes | memoryview) -> int:
         """Store `data` at absolute position `start`; return the count of new bytes kept.
 
-        Overlaps with held ranges are trimmed. Returns -1 when the caps refuse the data
+        Overlaps with held ranges are trimmed and adjacent ranges merge (their chunk lists
+        are joined, no bytes are copied twice). Returns -1 when the caps refuse the data
         (nothing stored); 0 when it was all duplicate.
         """
         end = start + len(data)
@@ -150,13 +152,35 @@ class ReassemblyBuffer:
         if new == 0:
             self._touch(start)
             return 0
-        if self.nbytes + new > self.cap_bytes or len(starts) + len(pieces) > self.cap_ranges:
+        ranges = len(starts)
+        for s, e in pieces:
+            k = bisect_left(ends, s)
+            ranges += 1 - (k < len(ends) and ends[k] == s)
+            k = bisect_left(starts, e)
+            ranges -= k < len(starts) and starts[k] == e
+        if self.nbytes + new > self.cap_bytes or ranges > self.cap_ranges:
             return -1
-        for s, e in reversed(pieces):
+        blobs = self._data
+        for s, e in pieces:
+            chunk = bytes(data[s - start : e - start])
             k = bisect_right(starts, s)
-            starts.insert(k, s)
-            ends.insert(k, e)
-            self._data.insert(k, bytes(data[s - start : e - start]))
+            left = k > 0 and ends[k - 1] == s
+            right = k < len(starts) and starts[k] == e
+            if left and right:
+                ends[k - 1] = ends[k]
+                blobs[k - 1].append(chunk)
+                blobs[k - 1].extend(blobs[k])
+                del starts[k], ends[k], blobs[k]
+            elif left:
+                ends[k - 1] = e
+                blobs[k - 1].append(chunk)
+            elif right:
+                starts[k] = s
+                blobs[k].insert(0, chunk)
+            else:
+                starts.insert(k, s)
+                ends.insert(k, e)
+                blobs.insert(k, [chunk])
         self.nbytes += new
         self._touch(start)
         return new
@@ -174,11 +198,18 @@ class ReassemblyBuffer:
         out: list[bytes] = []
         starts, ends, data = self._starts, self._ends, self._data
         while starts and starts[0] <= rcv_nxt:
-            s, e, d = starts.pop(0), ends.pop(0), data.pop(0)
+            s, e, chunks = starts.pop(0), ends.pop(0), data.pop(0)
             self.nbytes -= e - s
-            if e > rcv_nxt:
-                out.append(d[rcv_nxt - s :] if s < rcv_nxt else d)
-                rcv_nxt = e
+            if e <= rcv_nxt:
+                continue
+            skip = rcv_nxt - s
+            for chunk in chunks:
+                if skip >= len(chunk):
+                    skip -= len(chunk)
+                    continue
+                out.append(chunk[skip:] if skip else chunk)
+                skip = 0
+            rcv_nxt = e
         return rcv_nxt, out
 
     def blocks(self, limit: int) -> list[tuple[int, int]]:

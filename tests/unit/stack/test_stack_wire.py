@@ -205,3 +205,17 @@ def test_reassembly_caps_bytes_and_ranges() -> None:
     assert ooo.insert(100, b"y" * 3) == -1  # bytes cap
     assert ooo.insert(100, b"y") == 1
     assert ooo.insert(200, b"z") == -1  # range cap
+
+
+def test_reassembly_merges_adjacent_segments_into_one_range() -> None:
+    ooo = ReassemblyBuffer(1 << 20, cap_ranges=2)
+    for i in range(100):  # a long run after one hole: one range, not 100
+        assert ooo.insert(1000 + 10 * i, bytes([i]) * 10) == 10
+    assert len(ooo) == 1 and ooo.blocks(4) == [(1000, 2000)]
+    assert ooo.insert(500, b"x" * 10) == 10  # a second range fits
+    assert ooo.insert(990, b"y" * 10) == 10  # touching both: 2 ranges stay 2
+    assert ooo.insert(100, b"z") == -1  # a third does not
+    nxt, pieces = ooo.pop_ready(505)
+    assert nxt == 510 and pieces == [b"x" * 5]
+    nxt, pieces = ooo.pop_ready(995)
+    assert nxt == 2000 and b"".join(pieces) == b"y" * 5 + b"".join(bytes([i]) * 10 for i in range(100))

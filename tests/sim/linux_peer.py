@@ -1,0 +1,135 @@
+"""A real Linux TCP peer for the sans-I/O stack: a TUN device in a private namespace.
+
+LinuxPeer creates a network namespace `gb-h6-<pid>-<hex>` (lab rules: gb- prefix,
+198.18.0.0/15 addresses, nothing in the root namespace), a TUN device inside it with
+198.18.77.1/24, and hands the TUN file descriptor to this process. Whatever the kernel in
+that namespace sends to 198.18.77.2 comes out of the TUN; `pump()` parses it, gives the
+TCP segments to a TcpDemux (our stack plays 198.18.77.2) and writes the stack's answers
+back, optionally dropping a seeded fraction of packets both ways. Real tools run inside
+the namespace with `popen()`. Only needs root and /dev/net/tun; the bridge is not involved.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import random
+import secrets
+import select
+import struct
+import subprocess
+import time
+from collections.abc import Callable
+
+from pyroute2 import IPRoute, netns
+
+from stack.demux import TcpDemux
+from stack.wire.ip import Ipv4Header, build_ipv4, parse_ipv4
+from stack.wire.tcp import emit_tcp
+
+TUNSETIFF = 0x400454CA
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+KERNEL_ADDR = "198.18.77.1"
+STACK_ADDR = "198.18.77.2"
+KERNEL = bytes([198, 18, 77, 1])
+STACK = bytes([198, 18, 77, 2])
+
+
+def available() -> bool:
+    return os.geteuid() == 0 and os.path.exists("/dev/net/tun")
+
+
+class LinuxPeer:
+    """A namespace with a TUN whose far side is our TcpDemux."""
+
+    def __init__(self, demux: TcpDemux, *, loss: float = 0.0, seed: int = 1,
+                 mtu: int = 1500) -> None:
+        self.demux = demux
+        self.loss = loss
+        self.rng = random.Random(seed)
+        self.name = f"gb-h6-{os.getpid()}-{secrets.token_hex(2)}"
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.dropped = 0
+        self.packets_in = 0
+        self.packets_out = 0
+        netns.create(self.name)
+        self.fd = -1
+        try:
+            netns.pushns(self.name)
+            try:
+                self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+                fcntl.ioctl(self.fd, TUNSETIFF, struct.pack("16sH", b"gbh6tun", IFF_TUN | IFF_NO_PI))
+            finally:
+                netns.popns()
+            with IPRoute(netns=self.name) as ipr:
+                lo = ipr.link_lookup(ifname="lo")[0]
+                ipr.link("set", index=lo, state="up")
+                idx = ipr.link_lookup(ifname="gbh6tun")[0]
+                ipr.link("set", index=idx, mtu=mtu)
+                ipr.addr("add", index=idx, address=KERNEL_ADDR, prefixlen=24)
+                ipr.link("set", index=idx, state="up")
+        except BaseException:
+            self.close()
+            raise
+
+    def popen(self, argv: list[str]) -> subprocess.Popen[bytes]:
+        """Start argv inside the namespace; close() kills it if still running."""
+        p = subprocess.Popen(["ip", "netns", "exec", self.name, *argv],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.procs.append(p)
+        return p
+
+    def pump(self, step: Callable[[float], None], done: Callable[[], bool],
+             timeout: float = 60.0) -> None:
+        """Move packets between the TUN and the demux until done() or the timeout.
+
+        `step(now)` runs the application once per round. Raises TimeoutError.
+        """
+        demux, fd = self.demux, self.fd
+        end = time.monotonic() + timeout
+        while not done():
+            now = time.monotonic()
+            if now > end:
+                raise TimeoutError(f"interop did not finish in {timeout} s")
+            t = demux.get_timer()
+            wait = 0.02 if t is None else min(max(t - now, 0.0), 0.02)
+            select.select([fd], [], [], wait)
+            now = time.monotonic()
+            for _ in range(256):
+                try:
+                    pkt = os.read(fd, 65536)
+                except BlockingIOError:
+                    break
+                parsed = parse_ipv4(pkt)
+                if parsed is None or parsed[0].proto != 6:
+                    continue
+                if self.loss and self.rng.random() < self.loss:
+                    self.dropped += 1
+                    continue
+                self.packets_in += 1
+                demux.receive_packet(parsed[0].src, parsed[0].dst, parsed[1], now)
+            t = demux.get_timer()
+            if t is not None and t <= now:
+                demux.handle_timer(now)
+            step(now)
+            for src, dst, seg in demux.segments_to_send(now):
+                if self.loss and self.rng.random() < self.loss:
+                    self.dropped += 1
+                    continue
+                pkt = build_ipv4(Ipv4Header(src, dst, 6, df=True), emit_tcp(seg, src, dst))
+                os.write(fd, pkt)
+                self.packets_out += 1
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=10)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            netns.remove(self.name)
+        except OSError:
+            pass
