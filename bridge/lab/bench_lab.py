@@ -22,6 +22,7 @@ import struct
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -294,6 +295,12 @@ class Bench:
         return None if self.mitmdump.exists() else f"{self.mitmdump} missing after install"
 
     # ---- keys and certificates (files in the scratch dir; no network involved)
+
+    def wg_name(self, suffix: str) -> str:
+        """A WireGuard interface name unique to this lab instance ("gbw" + 4 hex + suffix):
+        wireguard-go's UAPI socket /var/run/wireguard/<name>.sock is shared by all netns."""
+        tag = zlib.crc32(self.lab.ns("client").encode()) & 0xFFFF
+        return f"gbw{tag:04x}{suffix}"
 
     def wg_keypair(self, node: str, name: str | None = None) -> tuple[Path, str]:
         """(private key file, public key) for a WireGuard peer, made with `wg genkey`."""

@@ -98,7 +98,9 @@ class Vxlan(Variant):
 
 class WireguardGo(Variant):
     name, label = "wireguard-go", "wireguard-go (userspace) + wg"
-    ifnames = {"gw-a": "gbb-wg-a", "gw-b": "gbb-wg-b"}
+    # wireguard-go's UAPI sockets live in the shared /var/run/wireguard: names carry the
+    # lab instance's tag (Bench.wg_name), so two bench labs at once never collide.
+    ifnames = {"gw-a": "a", "gw-b": "b"}
 
     def unavailable(self, b: Bench) -> str | None:
         return _need("wireguard-go", "wg")
@@ -108,7 +110,7 @@ class WireguardGo(Variant):
         for gw, other, me, endpoint, site in (
             ("gw-a", "gw-b", 1, WAN_B[0], SITE_B), ("gw-b", "gw-a", 2, WAN_A[0], SITE_A)
         ):
-            ifname = self.ifnames[gw]
+            ifname = b.wg_name(self.ifnames[gw])
             b.start_wireguard_go(gw, ifname)
             peer_net = f"198.19.1.{3 - me}/32"
             b.run(gw, ["wg", "set", ifname, "private-key", str(keys[gw][0]),
@@ -294,7 +296,7 @@ class MitmproxyWg(Variant):
     """mitmproxy `--mode wireguard` on gw-a; the client joins it with wireguard-go."""
 
     name, label, table = "mitmproxy-wg", "mitmproxy --mode wireguard (gw-a)", "inspect"
-    client_if = "gbb-wg-c"
+    client_if = "c"  # see WireguardGo.ifnames
 
     def unavailable(self, b: Bench) -> str | None:
         missing = _need("wireguard-go", "wg")
@@ -314,12 +316,13 @@ class MitmproxyWg(Variant):
                          "--set", f"confdir={b.tmp / 'mitm-confdir'}",
                          "--set", "stream_large_bodies=1m"], "mitmdump")
         b.wait_for(lambda: b.udp_listening("gw-a", WG_PORT), 60, "mitmdump WireGuard port")
-        b.start_wireguard_go("client", self.client_if)
-        b.run("client", ["wg", "set", self.client_if, "private-key", str(client_priv),
+        wg = b.wg_name(self.client_if)
+        b.start_wireguard_go("client", wg)
+        b.run("client", ["wg", "set", wg, "private-key", str(client_priv),
                          "peer", server_pub, "endpoint", f"198.18.1.1:{WG_PORT}",
                          "allowed-ips", SITE_B[0]])
-        b.addr("client", self.client_if, "198.19.4.1/32")
-        b.route("client", SITE_B[0], oif=self.client_if)
+        b.addr("client", wg, "198.19.4.1/32")
+        b.route("client", SITE_B[0], oif=wg)
 
 
 class NotBuiltYet(Variant):

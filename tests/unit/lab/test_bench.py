@@ -297,9 +297,12 @@ def test_variant_registry_is_consistent() -> None:
     assert {v.table for v in TUNNEL_VARIANTS} == {"tunnel"}
     assert {v.table for v in INSPECT_VARIANTS} == {"inspect"}
     assert {"wireguard-go", "vxlan", "mitmproxy-wg"} <= set(ALL_VARIANTS)  # the references
-    ifnames = [n for v in ALL_VARIANTS.values()
-               for n in [*getattr(v, "ifnames", {}).values(), getattr(v, "ifname", None),
-                         getattr(v, "client_if", None)] if n]
+    ifnames = [n for v in ALL_VARIANTS.values() if v.name not in ("wireguard-go", "mitmproxy-wg")
+               for n in [*getattr(v, "ifnames", {}).values(), getattr(v, "ifname", None)] if n]
+    wg = Bench(FakeLab(), Path("/nonexistent"), Path("/nonexistent"))
+    ifnames += [wg.wg_name(s) for s in ("a", "b", "c")]
+    other = Bench(FakeLab("other"), Path("/nonexistent"), Path("/nonexistent"))
+    assert other.wg_name("a") != wg.wg_name("a")  # per lab instance
     ifnames += [e[0] for e in ENDPOINTS.values()]
     assert len(ifnames) == len(set(ifnames))
     assert all(len(n) <= 15 for n in ifnames)  # IFNAMSIZ
@@ -334,12 +337,13 @@ def test_grebe_unavailable_names_what_is_missing(monkeypatch: pytest.MonkeyPatch
 class FakeLab:
     """Runs argv on the host: enough to drive Bench's process and teardown logic."""
 
-    def __init__(self) -> None:
+    def __init__(self, instance: str = "fake") -> None:
+        self.instance = instance
         self.destroyed = False
         self.popens: list[subprocess.Popen[Any]] = []
 
     def ns(self, node: str) -> str:
-        return f"gb-fake-{node}"
+        return f"gb-{self.instance}-{node}"
 
     def run(self, node: str, argv: Sequence[str], timeout: float = 30, check: bool = True,
             input: str | None = None) -> subprocess.CompletedProcess[str]:
