@@ -59,7 +59,8 @@ class LinuxPeer:
             netns.pushns(self.name)
             try:
                 self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
-                fcntl.ioctl(self.fd, TUNSETIFF, struct.pack("16sH", b"gbh6tun", IFF_TUN | IFF_NO_PI))
+                ifr = struct.pack("16sH", b"gbh6tun", IFF_TUN | IFF_NO_PI)
+                fcntl.ioctl(self.fd, TUNSETIFF, ifr)
             finally:
                 netns.popns()
             with IPRoute(netns=self.name) as ipr:

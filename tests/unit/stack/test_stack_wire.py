@@ -218,4 +218,5 @@ def test_reassembly_merges_adjacent_segments_into_one_range() -> None:
     nxt, pieces = ooo.pop_ready(505)
     assert nxt == 510 and pieces == [b"x" * 5]
     nxt, pieces = ooo.pop_ready(995)
-    assert nxt == 2000 and b"".join(pieces) == b"y" * 5 + b"".join(bytes([i]) * 10 for i in range(100))
+    run = b"".join(bytes([i]) * 10 for i in range(100))
+    assert nxt == 2000 and b"".join(pieces) == b"y" * 5 + run
