@@ -363,22 +363,29 @@ class FlowTable:
 
     def classify(self, key: FlowKey, flags: int, now: float) -> Verdict:
         """Decide for one TCP segment of flow `key` with TCP `flags`. See the module docstring."""
-        table = self._table
-        entry = table.get(key)
+        entry = self._table.get(key)
         if entry is not None:
-            entry[2] = now
-            table.move_to_end(key)
-            table.move_to_end(reverse_key(key))
-            if flags & TCP_RST:
-                self._remove(entry)
-                self.counters["reset"] += 1
-            elif flags & TCP_FIN:
-                entry[3] = self.fin_timeout
-            verdict: Verdict = entry[0]
-            return verdict
+            return self._hit(key, entry, flags, now)
         if flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN:
             self.counters["midstream"] += 1
             return Verdict.FORWARD
+        return self._new(key, now)
+
+    def _hit(self, key: FlowKey, entry: list[Any], flags: int, now: float) -> Verdict:
+        table = self._table
+        entry[2] = now
+        table.move_to_end(key)
+        table.move_to_end(reverse_key(key))
+        if flags & TCP_RST:
+            self._remove(entry)
+            self.counters["reset"] += 1
+        elif flags & TCP_FIN:
+            entry[3] = self.fin_timeout
+        verdict: Verdict = entry[0]
+        return verdict
+
+    def _new(self, key: FlowKey, now: float) -> Verdict:
+        table = self._table
         self.counters["syn_classified"] += 1
         verdict, rule = self.selector.classify(key)
         if verdict is Verdict.FORWARD:
@@ -428,7 +435,15 @@ class FlowTable:
             self.counters["malformed"] += 1
             return Verdict.FORWARD
         sport, dport, flags = _TCP_PORTS_FLAGS.unpack_from(pkt, off)
-        return self.classify((version, src, dst, sport, dport), flags, now)
+        key = (version, src, dst, sport, dport)
+        # Inlined from classify(): most packets are a hit or a forwarded flow's non-SYN.
+        entry = self._table.get(key)
+        if entry is not None:
+            return self._hit(key, entry, flags, now)
+        if flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN:
+            self.counters["midstream"] += 1
+            return Verdict.FORWARD
+        return self._new(key, now)
 
     def expire(self, now: float) -> int:
         """Drop entries idle past their timeout; returns how many flows expired."""

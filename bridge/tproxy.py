@@ -371,6 +371,7 @@ class TproxyBackend:
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._flusher: asyncio.Task[None] | None = None
+        self._flushing: asyncio.Future[None] | None = None
         self._installed = False
         self.listening: list[tuple[str, int]] = []
 
@@ -467,7 +468,9 @@ class TproxyBackend:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.settings.flush_interval)   # a timer, not a wait
-            await loop.run_in_executor(None, self.manager.flush)
+            self._flushing = loop.run_in_executor(None, self.manager.flush)
+            await self._flushing
+            self._flushing = None
 
     def status(self) -> dict[str, Any]:
         """JSON-able state: counters, per-rule chain counters, live flows."""
@@ -485,6 +488,9 @@ class TproxyBackend:
         if self._flusher is not None:
             self._flusher.cancel()
             self._flusher = None
+        if self._flushing is not None:      # let a flush in its thread finish: one writer
+            await asyncio.wait([self._flushing])
+            self._flushing = None
         for relay in list(self.relays.values()):
             relay.reset(CloseReason.SHUTDOWN)
         for task in list(self._tasks):

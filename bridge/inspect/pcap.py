@@ -88,8 +88,7 @@ class PcapWriter:
         usec = int(round((ts - sec) * 1e6))
         if usec >= 1_000_000:
             sec, usec = sec + 1, usec - 1_000_000
-        self._buf += RECORD_HEADER.pack(sec, usec, len(pkt), len(pkt))
-        self._buf += pkt
+        self._buf += RECORD_HEADER.pack(sec, usec, len(pkt), len(pkt)) + pkt
 
     def __len__(self) -> int:
         return len(self._buf)

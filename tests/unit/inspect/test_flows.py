@@ -267,3 +267,28 @@ inspectors = ["log"]
     assert user.classify(k443)[0] is Verdict.INSPECT
     assert kern.classify(k80) == (Verdict.INSPECT, rules[0])
     assert kern.classify(k443)[0] is Verdict.FORWARD
+
+
+def test_bench_classify_packet() -> None:
+    """Benchmark (prints, never asserts on time): per-packet cost of the pipeline's entry point."""
+    import time
+
+    ft = table()
+    syn = tcp4("198.18.1.5", "198.18.2.10", 1, 80, SYN)
+    ft.classify_packet(syn, 0.0)
+    hit = memoryview(tcp4("198.18.1.5", "198.18.2.10", 1, 80, ACK) + bytes(1400))
+    miss = memoryview(tcp4("198.18.1.5", "198.18.3.10", 1, 443, ACK) + bytes(1400))
+    udp = memoryview(bytearray(tcp4("198.18.1.5", "198.18.3.10", 1, 443, ACK)))
+    udp[9] = 17
+    n = 100_000
+    res = {}
+    for name, pkt in (("inspected flow (cache hit)", hit), ("forwarded flow (miss)", miss),
+                      ("not TCP", udp)):
+        t = time.perf_counter()
+        for _ in range(n):
+            ft.classify_packet(pkt, 1.0)
+        res[name] = (time.perf_counter() - t) / n * 1e9
+    base = res["not TCP"]
+    print("\nclassify_packet ns/packet: " + ", ".join(
+        f"{k} {v:.0f} ({v / base:.1f}x not-TCP)" for k, v in res.items()))
+    assert ft.lookup(flow_key("198.18.1.5", "198.18.2.10", 1, 80)) is not None
