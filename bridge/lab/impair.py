@@ -6,6 +6,11 @@ Rules
   way, so a ping across the link sees its RTT grow by 40 ms; `loss=2%` loses 2% each way, so a
   round trip fails with probability 1 - 0.98**2 (about 3.96%); `rate=100mbit` caps each
   direction at 100 Mbit/s. Zero (or a missing key) means off.
+- Meanings (linkemu.py has the exact rules): jitter draws each frame's delay uniformly from
+  [delay - jitter, delay + jitter] (clamped at 0) but never reorders; `reorder=10%` holds 10%
+  of frames back until the next frame has passed them (at most 50 ms beyond their due time),
+  so a receiver sees about 10% arrive late; `duplicate=1%` sends 1% of frames twice, back to
+  back; `seed` makes jitter/reorder/duplicate reproducible (loss uses the kernel's numgen).
 - `apply()` replaces whatever impairment the link had (it clears first); `clear()` is
   idempotent and also works from another process (it reads the state file the lab keeps in
   `<lab state dir>/impair/<link>.json` and removes our objects by their fixed names).
