@@ -46,6 +46,14 @@ inspectors = ["log", "http"]
 log_path = "{state}/flows.jsonl"
 
 [[inspect]]
+name = "tls"
+backend = "kernel"
+dst = ["198.18.2.0/24"]
+dst_ports = [443]
+inspectors = ["log", "tls"]
+log_path = "{state}/flows.jsonl"
+
+[[inspect]]
 name = "raw"
 backend = "kernel"
 dst = ["198.18.2.0/24"]
@@ -214,11 +222,18 @@ def _start_servers(lab: Any, d: Path) -> None:
     os.makedirs("/run/sshd", exist_ok=True)      # sshd's privilege separation directory
     lab.popen("server", [shutil.which("sshd") or "/usr/sbin/sshd", "-D", "-e", "-f",
                          str(d / "sshd_config")], log=str(d / "sshd.log"))
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=secure.example.test",
+                    "-days", "1", "-keyout", str(d / "tls.key"), "-out", str(d / "tls.crt")],
+                   check=True, capture_output=True)
+    lab.popen("server", ["openssl", "s_server", "-quiet", "-accept", "198.18.2.10:443",
+                         "-cert", str(d / "tls.crt"), "-key", str(d / "tls.key"), "-www"],
+              log=str(d / "s_server.log"))
     (d / "abort_server.py").write_text(ABORT_SERVER)
     lab.abort_log = d / "abort_server.log"
     lab.popen("server", [sys.executable, "-u", str(d / "abort_server.py")],
               log=str(lab.abort_log))
-    for port in (80, 8080, 8081, 22, 9000):
+    for port in (80, 8080, 8081, 22, 9000, 443):
         lab.wait_for(lambda p=port: _listening(lab, "server", p), 20, f"server port {port}")
 
 
@@ -322,6 +337,16 @@ def test_client_abort_reaches_server_and_server_close_reaches_client(lab: Any) -
     out = subprocess.run(["tshark", "-r", str(pcap), "-q", "-z", f"follow,tcp,ascii,{ends}"],
                          capture_output=True, text=True, timeout=60, check=True).stdout
     assert "close" in out and "bye" in out
+
+
+def test_tls_client_hello_sni_and_alpn(lab: Any) -> None:
+    cp = lab.run("client", ["curl", "-sSk", "--max-time", "20", "--resolve",
+                            f"secure.example.test:443:{SERVER}",
+                            "https://secure.example.test/"], check=False)
+    assert cp.returncode == 0, cp.stderr
+    rec = _wait_flow(lab, lambda f: f["rule"] == "tls", "tls flow log line")
+    assert rec["tls"]["sni"] == "secure.example.test"
+    assert "http/1.1" in rec["tls"]["alpn"] and rec["close"] in ("closed", "client_reset")
 
 
 def test_ssh_through_inspected_flow(lab: Any) -> None:
