@@ -44,8 +44,9 @@ class LinuxPeer:
     """A namespace with a TUN whose far side is our TcpDemux."""
 
     def __init__(self, demux: TcpDemux, *, loss: float = 0.0, seed: int = 1,
-                 mtu: int = 1500) -> None:
+                 mtu: int = 1500, record: list[dict[str, object]] | None = None) -> None:
         self.demux = demux
+        self.record = record  # per pump round: t, segments in, timer run, segments out
         self.loss = loss
         self.rng = random.Random(seed)
         self.name = f"gb-h6-{os.getpid()}-{secrets.token_hex(2)}"
@@ -97,6 +98,7 @@ class LinuxPeer:
             wait = 0.02 if t is None else min(max(t - now, 0.0), 0.02)
             select.select([fd], [], [], wait)
             now = time.monotonic()
+            ins: list[str] = []
             for _ in range(256):
                 try:
                     pkt = os.read(fd, 65536)
@@ -109,18 +111,27 @@ class LinuxPeer:
                     self.dropped += 1
                     continue
                 self.packets_in += 1
+                if self.record is not None:
+                    ins.append(parsed[0].src.hex() + ":" + parsed[0].dst.hex() + ":"
+                               + parsed[1].hex())
                 demux.receive_packet(parsed[0].src, parsed[0].dst, parsed[1], now)
             t = demux.get_timer()
-            if t is not None and t <= now:
+            timer = t is not None and t <= now
+            if timer:
                 demux.handle_timer(now)
             step(now)
+            outs: list[str] = []
             for src, dst, seg in demux.segments_to_send(now):
+                tcp = emit_tcp(seg, src, dst)
+                if self.record is not None:
+                    outs.append(src.hex() + ":" + dst.hex() + ":" + tcp.hex())
                 if self.loss and self.rng.random() < self.loss:
                     self.dropped += 1
                     continue
-                pkt = build_ipv4(Ipv4Header(src, dst, 6, df=True), emit_tcp(seg, src, dst))
-                os.write(fd, pkt)
+                os.write(fd, build_ipv4(Ipv4Header(src, dst, 6, df=True), tcp))
                 self.packets_out += 1
+            if self.record is not None and (ins or outs or timer):
+                self.record.append({"t": now, "in": ins, "timer": timer, "out": outs})
 
     def close(self) -> None:
         for p in self.procs:
