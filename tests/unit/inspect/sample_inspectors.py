@@ -69,3 +69,10 @@ class Dropper:
 
     def flow_end(self, flow, reason):  # type: ignore[no-untyped-def]
         return None
+
+
+class EndNote(Inspector):
+    """Adds metadata only in flow_end: the log (runs_last) must still see it."""
+
+    def flow_end(self, flow, reason):  # type: ignore[no-untyped-def]
+        flow.metadata["end_note"] = reason.value

@@ -122,3 +122,11 @@ def test_log_line_has_everything(tmp_path) -> None:  # type: ignore[no-untyped-d
     assert rec["backend"] == "kernel" and rec["close"] == "closed" and rec["duration"] == 1.5
     assert rec["bytes_c2s"] == len(req) and rec["bytes_s2c"] == 40
     assert rec["http"][0]["target"] == "/index.html" and rec["http"][0]["status"] == 200
+
+
+def test_log_runs_last_and_sees_flow_end_metadata() -> None:
+    m = manager('inspectors=["log", "sample_inspectors:EndNote"]')
+    f = flow()
+    m.chain("r").end(f, CloseReason.SERVER_RESET)
+    line = json.loads(m.chain("r").inspectors[0].pending()[0])
+    assert line["end_note"] == "server_reset" and line["close"] == "server_reset"
