@@ -231,9 +231,11 @@ class Runner:
 
     BATCH = 256  # frames read per socket per wakeup, so that timers stay on time
 
-    def __init__(self, dev: str, tap: str, params: EmuParams, seed: int) -> None:
-        self.dev_sock = open_port(dev, skip_marked=True)
-        self.tap_sock = open_port(tap, skip_marked=False)
+    def __init__(self, dev_sock: socket.socket, tap_sock: socket.socket, params: EmuParams,
+                 seed: int) -> None:
+        """Relay between two non-blocking datagram sockets (AF_PACKET, or a fake pair)."""
+        self.dev_sock = dev_sock
+        self.tap_sock = tap_sock
         # "in": arriving on DEV, delivered via TAP; "out": leaving via TAP, sent on DEV.
         self.sched_in = Scheduler(params, random.Random(seed * 2))
         self.sched_out = Scheduler(params, random.Random(seed * 2 + 1))
@@ -277,6 +279,8 @@ class Runner:
         (PACKET_STATISTICS, which resets on reading, so it is accumulated here).
         """
         for name, sock in (("in", self.dev_sock), ("out", self.tap_sock)):
+            if sock.family != socket.AF_PACKET:
+                continue
             _, drops = struct.unpack("II", sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
             self.rx_overrun[name] += drops
         return {"pid": os.getpid(), "in": self.sched_in.stats(), "out": self.sched_out.stats(),
@@ -345,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
                        max_bytes=args.max_bytes)
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
-    runner = Runner(args.dev, args.tap, params, args.seed)
+    runner = Runner(open_port(args.dev, skip_marked=True),
+                    open_port(args.tap, skip_marked=False), params, args.seed)
     if args.ready:
         _write_json(args.ready, {"pid": os.getpid()})
     runner.loop(args.stats)
