@@ -334,7 +334,8 @@ def _start_emulator(lab: Any, link_name: str, end: _End, imp: Impairment,
             f"{imp.duplicate_pct:g}", "--seed", str(imp.seed), "--ready", str(ready),
             "--stats", str(stats)]
     proc = lab.popen(end.node, argv, log=str(path.with_suffix(".log")))
-    emu.update(pid=proc.pid, start_time=procs.start_time(proc.pid), stats=str(stats))
+    emu.update(pid=proc.pid, start_time=procs.start_time(proc.pid), stats=str(stats),
+               log=str(path.with_suffix(".log")))
     _save(path, state)
 
     def started() -> bool:
@@ -444,14 +445,19 @@ def _show(lab: Any, link_name: str) -> str:
     a, b, emu_index = _ends(lab, link_name)
     imp, stats = current(lab, link_name)
     line = f"{link_name} ({a.node}:{a.ifname} <-> {b.node}:{b.ifname}): {imp.describe()}"
-    if imp.needs_emulator:
-        line += f"; emulator in {(a, b)[emu_index].node}"
-        if stats:
-            cnt = {d: stats.get(d, {}) for d in ("in", "out")}
-            line += "; " + ", ".join(
-                f"{d}: {c.get('released', 0)} frames, {c.get('reordered', 0)} reordered, "
-                f"{c.get('duplicated', 0)} duplicated, {c.get('dropped_full', 0)} dropped"
-                for d, c in cnt.items())
+    if not imp.needs_emulator:
+        return line
+    here, there = (a, b)[emu_index].node, (a, b)[1 - emu_index].node
+    emu = (_load(_state_path(lab, link_name)) or {}).get("emulator") or {}
+    pid, started = emu.get("pid"), emu.get("start_time")
+    if pid is None or procs.start_time(pid) != started or procs.is_zombie(pid):
+        return line + f"; emulator in {here} NOT RUNNING (log: {emu.get('log', '?')})"
+    line += f"; emulator pid {pid} in {here}"
+    for direction, label in (("in", f"{there}->{here}"), ("out", f"{here}->{there}")):
+        c = stats.get(direction, {})
+        line += (f"; {label}: {c.get('released', 0)} frames, {c.get('reordered', 0)} "
+                 f"reordered, {c.get('duplicated', 0)} duplicated, "
+                 f"{c.get('dropped_full', 0)} dropped")
     return line
 
 

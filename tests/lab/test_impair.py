@@ -299,7 +299,7 @@ def test_cli_sets_shows_and_removes(lab: Lab, wan_a: str,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     assert impair.cli(lab, [wan_a, "delay=10ms", "loss=1%", "seed=7"]) == 0
     out = capsys.readouterr().out
-    assert "delay 10 ms" in out and "loss 1%" in out and "emulator in wan" in out
+    assert "delay 10 ms" in out and "loss 1%" in out and " in wan; gw-a->wan: " in out
     assert impair.current(lab, wan_a)[0] == impair.Impairment(
         delay_ms=10, loss_pct=1, seed=7)
     assert impair.cli(lab, [wan_a]) == 0
@@ -308,6 +308,10 @@ def test_cli_sets_shows_and_removes(lab: Lab, wan_a: str,
     assert "impair wan-a.delay" in capsys.readouterr().err
     assert impair.current(lab, wan_a)[0].delay_ms == 10  # a bad command changes nothing
     assert impair.cli(lab, ["no-such-link", "delay=1ms"]) == 2
+    state = json.loads(next(Path(lab.state_dir, "impair").glob("*.json")).read_text())
+    procs.kill_pids({state["emulator"]["pid"]: state["emulator"]["start_time"]})
+    assert impair.cli(lab, [wan_a]) == 0
+    assert "NOT RUNNING" in capsys.readouterr().out  # a dead emulator is not hidden
     assert impair.cli(lab, [wan_a, "off"]) == 0
     assert f"{wan_a} (gw-a:wan0 <-> wan:gw-a): off" in capsys.readouterr().out
 
