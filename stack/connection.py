@@ -29,20 +29,17 @@ from __future__ import annotations
 from stack.events import (
     Connected,
     ConnectionReset,
-    DataReceived,
-    Event,
     LocalProtocolError,
     PeerFinished,
 )
 from stack.seq import HALF, MASK, isn_rfc6528
 from stack.state import CAN_RECEIVE, CAN_SEND, State
-from stack.tcp_core import Endpoint
+from stack.tcp_core import DATA_MARK, Endpoint
 from stack.tcp_output import OutputMixin
 from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpSegment
 
 __all__ = ["TcpConnection", "Endpoint"]
 
-_DATA = object()  # marker in the event queue: "deliver the receive queue here"
 _FAST_FLAGS = (ACK, ACK | PSH)
 
 
@@ -109,30 +106,6 @@ class TcpConnection(OutputMixin):
         """Bytes send() would accept now."""
         return self._sendbuf.free
 
-    def read(self, max_bytes: int = -1) -> bytes:
-        """Take up to `max_bytes` (all if negative) of in-order received bytes."""
-        if not self._rx:
-            return b""
-        data = b"".join(self._rx)
-        if 0 <= max_bytes < len(data):
-            rest = data[max_bytes:]
-            data = data[:max_bytes]
-            self._rx = [rest]
-        else:
-            self._rx = []
-        self._rx_len -= len(data)
-        if not self.config.auto_consume:
-            self._rx_held += len(data)
-        self._maybe_window_update()
-        return data
-
-    def consumed(self, n: int) -> None:
-        """The application processed `n` delivered bytes: reopen that much window."""
-        if n < 0 or n > self._rx_held:
-            raise LocalProtocolError(f"consumed({n}) but {self._rx_held} bytes are held")
-        self._rx_held -= n
-        self._maybe_window_update()
-
     def close(self) -> None:
         """CLOSE (RFC 9293 §3.10.4): send FIN after the queued data (half-close).
 
@@ -161,24 +134,6 @@ class TcpConnection(OutputMixin):
             self._queue_rst(self._seq_of(self._snd_nxt), None)
         self._enter_closed()
 
-    def next_event(self) -> Event | None:
-        """Return the next event, or None when there is none for now."""
-        while self._events:
-            ev = self._events.popleft()
-            if ev is _DATA:
-                if not self._rx:
-                    continue
-                data = b"".join(self._rx)
-                self._rx = []
-                self._rx_len = 0
-                if not self.config.auto_consume:
-                    self._rx_held += len(data)
-                self._maybe_window_update()
-                return DataReceived(data)
-            assert isinstance(ev, Event)
-            return ev
-        return None
-
     # ------------------------------------------------------------------ input
 
     def receive_segment(self, seg: TcpSegment, now: float) -> None:
@@ -205,12 +160,14 @@ class TcpConnection(OutputMixin):
             n = len(seg.payload)
             wnd = seg.window << self._snd_wscale
             if n and d == 0 and wnd == self._snd_wnd and n <= self._rcv_adv - self._rcv_nxt:
+                self.fast_path += 1
                 if ts is not None and self._rcv_nxt <= self._last_ack_sent:
                     self._ts_recent = ts[0]  # RFC 7323 §4.3
                     self._ts_recent_at = now
                 self._accept_in_order(seg.payload, n, now)
                 return
             if not n and 0 < d <= self._snd_max - self._snd_una:
+                self.fast_path += 1
                 if ts is not None and self._rcv_nxt <= self._last_ack_sent:
                     self._ts_recent = ts[0]  # RFC 7323 §4.3
                     self._ts_recent_at = now
@@ -561,8 +518,8 @@ class TcpConnection(OutputMixin):
         # Keep a copy: the caller may reuse its receive buffer once we return.
         self._rx.append(payload if type(payload) is bytes else bytes(payload))
         self._rx_len += n
-        if not self._events or self._events[-1] is not _DATA:
-            self._events.append(_DATA)
+        if not self._events or self._events[-1] is not DATA_MARK:
+            self._events.append(DATA_MARK)
         self._unacked_bytes += n
         if n > self._rcv_big:  # estimate the peer's full segment size (Linux rcv_mss)
             self._rcv_big = min(n, self._rcv_mss())

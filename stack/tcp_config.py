@@ -11,8 +11,9 @@ Rules (the defaults and the RFC clause each one honours):
   second full-sized segment (SHLD-19).
 - `msl`: TIME-WAIT lasts 2*MSL (RFC 9293 §3.6.1 MUST-13; MSL = 2 minutes by default).
 - `rto_initial`/`rto_min`/`rto_max`: RFC 6298 §2 (1 s, 1 s, 60 s).
-- `syn_retries`/`max_retries`: R2 for SYN and data (RFC 9293 §3.8.3 MUST-20..23; with the
-  backoff, the defaults give more than 3 minutes and 100 s).
+- `syn_retries`/`max_retries`: R2 for SYN and data (RFC 9293 §3.8.3 MUST-20..23: with
+  RFC 6298 backoff capped at 60 s, 8 SYN retries last 243 s >= 3 minutes (MUST-23) and
+  15 data retries far more than 100 s (SHLD-11)).
 - `nagle` (RFC 9293 §3.7.4 SHLD-7, MUST-17 may be disabled).
 - `window_scaling`, `timestamps` (RFC 7323), `sack` (RFC 2018): offered in our SYN and
   used only when the peer offers them too.
@@ -56,7 +57,7 @@ class TcpConfig:
     rto_initial: float = 1.0
     rto_min: float = 1.0
     rto_max: float = 60.0
-    syn_retries: int = 6
+    syn_retries: int = 8
     max_retries: int = 15
     initial_cwnd: int = 0  # 0: RFC 5681 IW
     challenge_ack_limit: int = 10

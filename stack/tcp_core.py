@@ -27,16 +27,23 @@ from collections import deque
 
 from stack.buffers import ReassemblyBuffer, SendBuffer
 from stack.congestion import NewReno
-from stack.events import Closed, ConnectionReset
+from stack.events import (
+    Closed,
+    ConnectionReset,
+    DataReceived,
+    Event,
+    LocalProtocolError,
+)
 from stack.rto import RtoEstimator
 from stack.seq import MASK, ts_offset
 from stack.state import State
 from stack.tcp_config import TcpConfig
 from stack.wire.tcp import ACK, RST, TcpSegment
 
-__all__ = ["ConnectionCore", "Endpoint", "reset_reply"]
+__all__ = ["ConnectionCore", "Endpoint", "reset_reply", "DATA_MARK"]
 
 Endpoint = tuple[bytes, int]  # (packed IPv4/IPv6 address, port)
+DATA_MARK = object()  # in the event queue: "deliver the receive queue here"
 
 
 def reset_reply(seg: TcpSegment) -> TcpSegment | None:
@@ -135,9 +142,54 @@ class ConnectionCore:
         self._events: deque[object] = deque()
         self.drops: dict[str, int] = {}
         self.retransmissions = 0
+        self.fast_path = 0  # segments handled by header prediction
         self.bytes_in = 0
         self.bytes_out = 0
 
+
+    # ------------------------------------------------------------------ application side
+
+    def read(self, max_bytes: int = -1) -> bytes:
+        """Take up to `max_bytes` (all if negative) of in-order received bytes."""
+        if not self._rx:
+            return b""
+        data = b"".join(self._rx)
+        if 0 <= max_bytes < len(data):
+            rest = data[max_bytes:]
+            data = data[:max_bytes]
+            self._rx = [rest]
+        else:
+            self._rx = []
+        self._rx_len -= len(data)
+        if not self.config.auto_consume:
+            self._rx_held += len(data)
+        self._maybe_window_update()
+        return data
+
+    def consumed(self, n: int) -> None:
+        """The application processed `n` delivered bytes: reopen that much window."""
+        if n < 0 or n > self._rx_held:
+            raise LocalProtocolError(f"consumed({n}) but {self._rx_held} bytes are held")
+        self._rx_held -= n
+        self._maybe_window_update()
+
+    def next_event(self) -> Event | None:
+        """Return the next event, or None when there is none for now."""
+        while self._events:
+            ev = self._events.popleft()
+            if ev is DATA_MARK:
+                if not self._rx:
+                    continue
+                data = b"".join(self._rx)
+                self._rx = []
+                self._rx_len = 0
+                if not self.config.auto_consume:
+                    self._rx_held += len(data)
+                self._maybe_window_update()
+                return DataReceived(data)
+            assert isinstance(ev, Event)
+            return ev
+        return None
 
     # ------------------------------------------------------------------ small helpers
 
@@ -248,6 +300,7 @@ class ConnectionCore:
             "ssthresh": self._cc.ssthresh,
             "in_recovery": self._cc.in_recovery,
             "retransmissions": self.retransmissions,
+            "fast_path": self.fast_path,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "mss": self._send_mss,

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 from linux_peer import KERNEL, KERNEL_ADDR, STACK, STACK_ADDR, LinuxPeer, available
+from replay import CLIENT, Echo
 
-from stack.connection import TcpConnection
 from stack.demux import TcpDemux
 from stack.events import Closed, ConnectionReset, DataReceived, PeerFinished
 from stack.tcp_config import TcpConfig
@@ -26,23 +26,7 @@ pytestmark = [
 
 SIZE = 3_000_000
 
-# A Linux client: sends SIZE pseudo-random bytes (in a thread), half-closes, reads the
-# echo to EOF and checks it.
-CLIENT = r"""
-import hashlib, random, socket, sys, threading
-size = int(sys.argv[1])
-data = random.Random(7).randbytes(size)
-s = socket.create_connection((sys.argv[2], 8080), timeout=60)
-def sender():
-    s.sendall(data)
-    s.shutdown(socket.SHUT_WR)
-threading.Thread(target=sender, daemon=True).start()
-got = bytearray()
-while chunk := s.recv(1 << 20):
-    got += chunk
-s.close()
-print("OK" if bytes(got) == data else f"BAD {len(got)}", hashlib.sha256(data).hexdigest())
-"""
+# CLIENT (replay.py): a Linux client that sends SIZE bytes, half-closes and checks the echo.
 
 # A Linux echo server for our active open: echoes until EOF, then closes.
 SERVER = r"""
@@ -58,37 +42,6 @@ while chunk := c.recv(1 << 20):
     c.sendall(chunk)
 c.close()
 """
-
-
-class Echo:
-    """Our application: echo everything, close after the peer's FIN."""
-
-    def __init__(self, conn: TcpConnection) -> None:
-        self.conn = conn
-        self.pending = bytearray()
-        self.received = 0
-        self.peer_done = False
-        self.closed = False
-        self.reset = False
-
-    def step(self) -> None:
-        conn = self.conn
-        while (ev := conn.next_event()) is not None:
-            if isinstance(ev, DataReceived):
-                self.pending += ev.data
-                self.received += len(ev.data)
-            elif isinstance(ev, PeerFinished):
-                self.peer_done = True
-            elif isinstance(ev, ConnectionReset):
-                self.reset = True
-            elif isinstance(ev, Closed):
-                self.closed = True
-        if self.pending and not self.closed and not self.reset:
-            n = conn.send(self.pending)
-            del self.pending[:n]
-        if self.peer_done and not self.pending and not self.closed and not self.reset:
-            if str(conn.state) == "CLOSE-WAIT":
-                conn.close()
 
 
 CFG = TcpConfig(recv_buffer=1 << 20, send_buffer=1 << 20, rto_min=0.2, delayed_ack=0.04)

@@ -253,3 +253,44 @@ def test_read_with_limit_keeps_the_rest() -> None:
     assert conn.read(4) == b"abcd"
     assert conn.read() == b"ef"
     assert events(conn) == [Connected()]  # data taken by read() makes no event
+
+
+def test_rfc9293_must_66_zero_window_still_takes_ack_and_rst() -> None:
+    conn = passive(cfg(recv_buffer=2000, mss=1000, auto_consume=False, nagle=False))
+    events(conn)
+    send(conn, 1.0, seq=rseq(1), ack=lseq(1), payload=b"a" * 2000)  # fills our window
+    recv(conn, 1.0)
+    conn.send(b"ours")
+    recv(conn, 1.0)
+    # Window 0: the text is refused, but the ACK of our data is processed...
+    send(conn, 1.1, seq=rseq(2001), ack=lseq(5), payload=b"more")
+    assert conn.info()["in_flight"] == 0
+    expect(recv_one(conn, 1.1), ack=rseq(2001), window=0)
+    # ...and so is an RST at RCV.NXT.
+    send(conn, 1.2, flags=0x04, seq=rseq(2001))
+    assert conn.state.name == "CLOSED"
+
+
+def test_rfc9293_must_1_window_is_unsigned_and_scaled_to_2_30() -> None:
+    conn = active(cfg(window_scaling=True), wscale=14, window=0xFFFF)
+    send(conn, 1.0, seq=rseq(1), ack=lseq(1), window=0xFFFF)
+    assert conn.info()["snd_wnd"] == 0xFFFF << 14  # 2**30 - 2**14, never negative
+
+
+def test_urgent_data_is_delivered_inline() -> None:
+    # URG (RFC 9293 §3.8.5) is not signalled to the application: urgent octets stay in
+    # the stream, like SO_OOBINLINE. Nothing is lost or reordered.
+    conn = passive()
+    send(conn, 1.0, flags=0x20 | ACK, seq=rseq(1), ack=lseq(1), payload=b"!urgent", urg=1)
+    assert conn.read() == b"!urgent"
+
+
+def test_header_prediction_takes_in_order_data_and_pure_acks() -> None:
+    conn = passive(cfg(nagle=False))
+    for i in range(10):
+        send(conn, 1.0, seq=rseq(1 + 100 * i), ack=lseq(1), payload=b"p" * 100)
+    conn.send(b"x" * 100)
+    recv(conn, 1.0)
+    send(conn, 1.1, seq=rseq(1001), ack=lseq(101))
+    assert conn.fast_path == 11
+    assert conn.read() == b"p" * 1000 and conn.info()["in_flight"] == 0

@@ -256,3 +256,17 @@ def test_closed_connection_answers_with_rst() -> None:
     expect(recv_one(conn, 0.0), flags=RST | ACK, seq=0, ack=78)
     send(conn, 0.0, flags=RST, seq=77)
     recv_nothing(conn, 0.0)
+
+
+def test_rfc9293_must_23_syn_retried_for_at_least_3_minutes() -> None:
+    conn = TcpConnection(LOCAL, REMOTE, cfg(), iss=LOCAL_SEQ)
+    conn.connect(0.0)
+    recv(conn, 0.0)
+    last = 0.0
+    while conn.state is State.SYN_SENT:
+        t = conn.get_timer()
+        assert t is not None
+        conn.handle_timer(t)
+        recv(conn, t)
+        last = t
+    assert last >= 180.0
