@@ -118,8 +118,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        log.info("grebe up: %s, listening %s:%d, %d peer(s), tun mtu %d (%s), control %s%s",
-                 cfg.tun.name, cfg.listen.address, cfg.listen.port, len(cfg.peers), mtu, how,
+        listen = (f"[{cfg.listen.address}]" if ":" in cfg.listen.address
+                  else cfg.listen.address) + f":{cfg.listen.port}"
+        log.info("grebe up: %s, listening %s, %d peer(s), tun mtu %d (%s), control %s%s",
+                 cfg.tun.name, listen, len(cfg.peers), mtu, how,
                  ctl.name, f", metrics {cfg.metrics_listen}" if metrics else "")
         runner.run()
     finally:

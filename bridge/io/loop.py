@@ -36,6 +36,7 @@ from bridge.pipeline import Bridge, Output
 log = logging.getLogger("grebe.loop")
 
 Addr = tuple[str, int]
+SWITCH_INTERVAL = "0.005"
 BATCH = int(os.environ.get("GREBE_BATCH", "64"))  # reads per drain round
 
 
@@ -204,6 +205,11 @@ class Runner:
 
     def run(self) -> None:
         """Block until stop(): data threads plus timers and `extra` fds on this thread."""
+        import sys
+
+        # A thread that wants the GIL waits up to one switch interval (default 5 ms); ACKs
+        # queued behind a busy opposite direction would add that to every RTT.
+        sys.setswitchinterval(float(os.environ.get("GREBE_SWITCH_INTERVAL", SWITCH_INTERVAL)))
         e = self.engine
         for fd, pump, name in ((e.tun.fileno(), e.pump_tun, "tun->udp"),
                                (e.udp.fileno(), e.pump_udp, "udp->tun")):

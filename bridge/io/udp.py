@@ -23,6 +23,7 @@ import logging
 import select
 import socket
 import struct
+import time
 from collections.abc import Callable, Sequence
 
 log = logging.getLogger("grebe.udp")
@@ -42,6 +43,22 @@ _GSO_SIZE = struct.Struct("=H")
 _GRO_SIZE = struct.Struct("=i")
 
 Addr = tuple[str, int]
+
+
+def _bind(s: socket.socket, address: str, port: int, patience: float = 5.0) -> None:
+    """bind(); an IPv6 address still in duplicate address detection (RFC 4862 §5.4) gives
+    EADDRNOTAVAIL for a moment: retry for up to `patience` seconds, then raise."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            s.bind((address, port))
+            return
+        except OSError as e:
+            if e.errno != errno.EADDRNOTAVAIL or time.monotonic() >= deadline:
+                s.close()
+                raise OSError(e.errno, f"cannot listen on {address} port {port}: "
+                              f"{e.strerror}") from None
+        time.sleep(0.1)
 
 
 class UdpEndpoint:
@@ -67,7 +84,7 @@ class UdpEndpoint:
             s.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO)
         else:
             s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
-        s.bind((address, port))
+        _bind(s, address, port)
         s.setblocking(False)
         self.dual = self.v6 and address == "::"
         self.gso = gso
