@@ -180,15 +180,22 @@ def io_prometheus(status: dict[str, Any]) -> str:
     io = status.get("io", {})
     lines = ["# HELP grebe_io_total I/O layer counters (system calls, packets, errors).",
              "# TYPE grebe_io_total counter"]
+    flags = []
     for k in sorted(io):
         v = io[k]
-        if isinstance(v, int):
+        if isinstance(v, bool):
+            flags.append(f'grebe_io_offload{{what="{k}"}} {int(v)}')
+        elif isinstance(v, int):
             lines.append(f'grebe_io_total{{what="{k}"}} {v}')
         elif isinstance(v, dict):
             for kk, vv in sorted(v.items()):
                 if isinstance(vv, int):
                     lines.append(f'grebe_io_total{{what="{k}_{kk}"}} {vv}')
-    if "tun_mtu" in status:
+    if flags:
+        lines += ["# HELP grebe_io_offload 1 if the offload (UDP GSO/GRO) is in use.",
+                  "# TYPE grebe_io_offload gauge", *flags]
+    mtu = status.get("tun", {}).get("mtu")
+    if isinstance(mtu, int):
         lines += ["# HELP grebe_tun_mtu MTU of the TUN device.", "# TYPE grebe_tun_mtu gauge",
-                  f"grebe_tun_mtu {status['tun_mtu']}"]
+                  f"grebe_tun_mtu {mtu}"]
     return "\n".join(lines) + "\n"

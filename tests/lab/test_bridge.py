@@ -326,6 +326,12 @@ def test_sigterm_cleans_up_and_a_second_instance_fails(lab: Lab) -> None:
         assert cp.returncode != 0
         assert "grebe: TUN grebe0 is already in use by another process" in cp.stderr
         ping(lab, SERVER4, count=1)  # the first instance is unharmed
+        # the same counters in Prometheus text on metrics_listen
+        metrics = lab.run("gw-a", ["curl", "-sf", "http://127.0.0.1:9108/metrics"]).stdout
+        assert 'grebe_drops_total{reason="wrong_key"} 0' in metrics
+        assert re.search(r'grebe_peer_tx_packets_total\{peer="site-b"\} [1-9]', metrics)
+        assert 'grebe_io_offload{what="udp_gso"} 1' in metrics
+        assert re.search(r"^grebe_tun_mtu \d+$", metrics, re.M)
     finally:
         assert gw.stop() == {"gw-a": 0, "gw-b": 0}
     assert _tun_and_routes(lab) == (False, [])
