@@ -146,8 +146,8 @@ class Lab:
         self.state_dir = STATE_ROOT / instance
         self.processes: list[procs.TrackedProcess] = []
         self._popens: list[subprocess.Popen[Any]] = []
+        self.owner_pid = os.getpid()  # the process that built it (leak checks in tests)
         self._lock = threading.Lock()
-        self._destroyed = False
 
     # ------------------------------------------------------------ building
 
@@ -240,7 +240,7 @@ class Lab:
         links = [lk for lk in topo.links if lk.impair is not None]
         if not links:
             return
-        from bridge.lab import impair  # type: ignore[attr-defined]  # optional module
+        from bridge.lab import impair  # optional module (written separately)
 
         for link in links:
             impair.apply(self, link.name, link.impair)
@@ -285,8 +285,9 @@ class Lab:
         """A pyroute2 IPRoute inside `node`; the caller closes it (use `with`)."""
         return IPRoute(netns=self.ns(node))
 
-    def env(self, node: str) -> dict[str, str]:
-        env = dict(os.environ)
+    def env(self, node: str, base: dict[str, str] | None = None) -> dict[str, str]:
+        """Environment for a process in `node`: `base` (default os.environ) + the lab's."""
+        env = dict(os.environ if base is None else base)
         env["PATH"] = _VENV_BIN + os.pathsep + env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         env["GREBE_LAB_DIR"] = str(self.state_dir)
         env["GREBE_LAB_INSTANCE"] = self.instance
@@ -303,7 +304,7 @@ class Lab:
         """
         kw.setdefault("capture_output", "stdout" not in kw and "stderr" not in kw)
         kw.setdefault("text", not isinstance(input, bytes))
-        kw.setdefault("env", self.env(node))
+        kw["env"] = self.env(node, kw.get("env"))
         cp = subprocess.run(list(argv), input=input, timeout=timeout, check=False,
                             preexec_fn=procs.enter_netns(self.ns_path(node)), **kw)
         if check and cp.returncode != 0:
@@ -317,7 +318,7 @@ class Lab:
         Output goes to `log` (a file) when given and no stdout/stderr is passed. The process
         leads its own session (its group is killed at destroy). Returns the Popen.
         """
-        kw.setdefault("env", self.env(node))
+        kw["env"] = self.env(node, kw.get("env"))
         kw.setdefault("start_new_session", True)
         logf = None
         if log is not None and "stdout" not in kw:
@@ -363,6 +364,7 @@ class Lab:
     def _save(self) -> None:
         state = {
             "instance": self.instance,
+            "owner_pid": self.owner_pid,
             "topology_file": self.topology_file,
             "topology": self.topology.name if self.topology else None,
             "nodes": list(self.nodes),
@@ -394,6 +396,7 @@ class Lab:
             except (GrebeError, OSError):
                 topo = None
         lab = cls(topo, instance, state["nodes"], topology_file=state.get("topology_file"))
+        lab.owner_pid = int(state.get("owner_pid", 0))
         lab.processes = [
             procs.TrackedProcess(p["node"], p["pid"], p["start_time"], tuple(p["argv"]), p["log"])
             for p in state.get("processes", [])
@@ -413,7 +416,6 @@ class Lab:
         for node in self.nodes:
             _remove_netns(ns_name(self.instance, node))
         shutil.rmtree(self.state_dir, ignore_errors=True)
-        self._destroyed = True
 
     def __enter__(self) -> Lab:
         return self
@@ -445,6 +447,18 @@ def _remove_netns(name: str) -> None:
     if not path.exists():
         return
     _ignore_gone(lambda: netns.remove(name))
+
+
+def lab_owners() -> dict[str, int]:
+    """instance -> pid of the process that built it, from every lab state file."""
+    owners: dict[str, int] = {}
+    for state_dir in STATE_ROOT.iterdir() if STATE_ROOT.exists() else []:
+        try:
+            owners[state_dir.name] = int(
+                json.loads((state_dir / "state.json").read_text()).get("owner_pid", 0))
+        except (OSError, ValueError):
+            continue
+    return owners
 
 
 def clean_all(instance: str | None = None) -> list[str]:

@@ -99,7 +99,8 @@ def test_shipped_topologies_load_with_fixed_addresses() -> None:
     assert plain.node("wan").kind is NodeKind.BRIDGE
     assert plain.node("wan").addresses == ()  # the WAN knows nothing of the sites
     assert {lk.name for lk in plain.links} == {"lan-a", "lan-b", "wan-a", "wan-b", "wan-x"}
-    assert plain.link("wan-x").endpoints == (Endpoint("attacker", "eth0"), Endpoint("wan", "attacker"))
+    assert plain.link("wan-x").endpoints == (Endpoint("attacker", "eth0"),
+                                             Endpoint("wan", "attacker"))
     for gw in ("gw-a", "gw-b"):
         assert dict(plain.node(gw).sysctl)["net.ipv4.ip_forward"] == "1"
     two = load("two-sites")
