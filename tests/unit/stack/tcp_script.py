@@ -123,3 +123,6 @@ def active(config: TcpConfig = BASE, t: float = 0.0, **synack: Any) -> TcpConnec
     assert ack.flags == ACK
     assert conn.state is State.ESTABLISHED
     return conn
+
+
+ALL_OPTIONS = cfg(window_scaling=True, timestamps=True, sack=True, recv_buffer=1 << 20)

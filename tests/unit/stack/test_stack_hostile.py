@@ -1,0 +1,87 @@
+"""A misbehaving peer never raises: random segments against connections in every state."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tcp_script import ALL_OPTIONS, BASE, LOCAL, LOCAL_SEQ, REMOTE, active, passive, rseq
+
+from stack.connection import TcpConnection
+from stack.demux import TcpDemux
+from stack.wire.tcp import TcpSegment, emit_tcp
+
+U32 = st.integers(0, 0xFFFFFFFF)
+
+
+@st.composite
+def segments(draw: st.DrawFn) -> TcpSegment:
+    near = st.sampled_from([rseq(1), rseq(2), rseq(100), rseq(0), rseq(-1), rseq(70000)])
+    seq = draw(st.one_of(near, U32))
+    ack = draw(st.one_of(st.integers(LOCAL_SEQ - 5, LOCAL_SEQ + 3000), U32))
+    return TcpSegment(
+        REMOTE[1], LOCAL[1], seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
+        draw(st.integers(0, 0xFF)), draw(st.integers(0, 0xFFFF)),
+        draw(st.binary(max_size=3000)), draw(st.integers(0, 0xFFFF)),
+        draw(st.one_of(st.none(), st.integers(0, 0xFFFF))),
+        draw(st.one_of(st.none(), st.integers(0, 255))),
+        draw(st.booleans()),
+        draw(st.one_of(st.none(), st.tuples(U32, U32))),
+        tuple(draw(st.lists(st.tuples(U32, U32), max_size=3))),
+    )
+
+
+def _invariants(conn: TcpConnection) -> None:
+    assert conn._snd_una <= conn._snd_nxt <= conn._snd_max or conn._snd_max == 0
+    assert conn._rcv_adv >= conn._rcv_nxt or conn._rcv_adv == 0
+    assert conn._ooo.nbytes <= conn._ooo.cap_bytes
+    assert len(conn._sendbuf) <= conn._sendbuf.capacity
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 4), st.lists(segments(), min_size=1, max_size=12),
+       st.lists(st.floats(0, 5), min_size=1, max_size=12))
+def test_random_segments_never_raise(kind: int, segs: list[TcpSegment],
+                                     gaps: list[float]) -> None:
+    if kind == 0:
+        conn = TcpConnection(LOCAL, REMOTE, BASE, iss=LOCAL_SEQ)
+        conn.listen()
+    elif kind == 1:
+        conn = TcpConnection(LOCAL, REMOTE, BASE, iss=LOCAL_SEQ)
+        conn.connect(0.0)
+        conn.segments_to_send(0.0)
+    elif kind == 2:
+        conn = passive(ALL_OPTIONS, wscale=3, sack_perm=True, ts=(5, 0))
+        conn.send(b"d" * 5000)
+    elif kind == 3:
+        conn = active(BASE)
+        conn.send(b"d" * 5000)
+        conn.close()
+    else:
+        conn = passive(BASE)
+        conn.close()
+    now = 0.0
+    for i, seg in enumerate(segs):
+        now += gaps[i % len(gaps)]
+        conn.receive_segment(seg, now)
+        _invariants(conn)
+        for out in conn.segments_to_send(now):
+            emit_tcp(out, LOCAL[0], REMOTE[0])  # everything we send is well-formed
+        t = conn.get_timer()
+        if t is not None and t <= now + 1:
+            conn.handle_timer(max(t, now))
+            conn.segments_to_send(max(t, now))
+        while conn.next_event() is not None:
+            pass
+        _invariants(conn)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.binary(min_size=0, max_size=80), min_size=1, max_size=10))
+def test_demux_random_bytes_never_raise(packets: list[bytes]) -> None:
+    demux = TcpDemux(BASE, accept_any=True)
+    for raw in packets:
+        demux.receive_packet(REMOTE[0], LOCAL[0], raw, 0.0)
+        demux.receive_packet(REMOTE[0], LOCAL[0], emit_tcp(
+            TcpSegment(1, 80, len(raw), 0, raw[0] if raw else 2, 100, raw), REMOTE[0],
+            LOCAL[0]), 0.0)
+    demux.segments_to_send(0.0)
