@@ -1,0 +1,354 @@
+"""Terminator: the userspace termination backend of one endpoint (its Splices, keyed by 4-tuple).
+
+Rules of this module (pure, sans-I/O: inner IP packets and `now` in, packets and deadlines out)
+- Which flows: the first SYN of a TCP flow from the local site (read from the TUN) is classified
+  once by a `FlowTable` over `selector_for(rules, Backend.USERSPACE)` (bridge/flows.py): only
+  INSPECT with backend "userspace" creates a Splice; DROP rules drop the SYN (counted); every
+  other packet, and every non-SYN packet of an unknown flow, is not ours (`from_tun` returns
+  False) and stays on the Bridge's fast path untouched. Flows that start on the far site (their
+  SYN arrives from the tunnel) are never terminated here.
+- The client leg's segments are written to `out.tun` inside an IPv4 (RFC 791 §3.1, DF set, TTL
+  64) or IPv6 (RFC 8200 §3, hop limit 64) header from the server's address to the client's; the
+  server leg's go to `send_to_peer` (the Bridge's own encapsulation, `Bridge.send_inner`) from
+  the client's address to the server's.
+- MSS (RFC 9293 §3.7.1 MUST-14/16): the server leg advertises and sends at most the tunnel MTU
+  toward that server less 40 (IPv4) or 60 (IPv6) bytes; the client leg the TUN MTU less the
+  same. `tx_max_segment` asks the client leg for larger output segments when the TUN takes TSO
+  super-packets (0: one MSS per segment; the TUN adapter coalesces them, GRO-style).
+- Memory per flow: the rule's `max_buffer` split over the four leg buffers (bridge/splice.py).
+  `max_splices` bounds the number of flows: a SYN beyond it is answered with a RST (counted).
+- A packet for a terminated 4-tuple whose splice is gone and that is not a SYN gets the RST of
+  a closed connection (RFC 9293 §3.10.7.1); an RST is never answered.
+- Reaping: a splice whose legs are both CLOSED is forgotten; one idle for `idle_timeout` is
+  aborted (CloseReason.TIMEOUT). TIME-WAIT uses `msl` (default 15 s, not the 2 minutes of RFC
+  9293 §3.6.1: the splice is a middlebox whose legs both see the real endpoints' TIME-WAIT).
+- Malformed packets (bad lengths, checksums) are dropped and counted in `drops`; nothing a peer
+  sends raises. Inspector output is flushed by the adapter (`flush_inspectors`), off this path.
+
+Theory of operation
+`from_tun(pkt, n, now)` and `from_peer(pkt, n, now)` route one inner packet to its splice's leg
+and mark the splice touched; `flush(now, out)` (end of each batch) steps every touched splice
+once (so a batch's data crosses the inspector chain as one chunk and its ACKs aggregate) and
+emits both legs' segments. `divert(out, start, now)` takes back, from `out.tun[start:]`, the
+decapsulated packets that belong to a splice's server leg (the Bridge calls it after its
+sequence policy delivered them). Timers: `get_timer()` is the minimum over the splices and the
+next reap scan; `handle_timer(now, out)` runs them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from bridge.flows import Backend, FlowKey, FlowTable, InspectRule, Verdict, selector_for
+from bridge.inspect.api import CloseReason
+from bridge.inspect.manager import InspectorManager
+from bridge.splice import Splice
+from stack.tcp_config import TcpConfig
+from stack.tcp_core import reset_reply
+from stack.wire.checksum import checksum
+from stack.wire.ip import DF, IPV4_HEADER, IPV6_HEADER, PROTO_TCP
+from stack.wire.tcp import ACK, RST, SYN, TcpSegment, emit_tcp_parts, parse_tcp
+
+__all__ = ["Terminator", "SendToPeer"]
+
+SendToPeer = Callable[[bytes, float, Any], bool]  # (inner packet, now, out) -> sent
+_U16 = struct.Struct("!H")
+_PORTS_FLAGS = struct.Struct("!HH8xxB")
+_V6_FIRST = 0x60000000
+
+
+def _has_userspace(rules: Iterable[InspectRule]) -> bool:
+    return any(r.backend is Backend.USERSPACE and r.action is not Verdict.FORWARD for r in rules)
+
+
+class Terminator:
+    """All userspace-terminated flows of one endpoint."""
+
+    def __init__(self, rules: tuple[InspectRule, ...], send_to_peer: SendToPeer,
+                 mtu_for: Callable[[bytes], int], tun_mtu: Callable[[], int], *,
+                 manager: InspectorManager | None = None, tx_max_segment: int = 0,
+                 idle_timeout: float = 300.0, msl: float = 15.0, max_splices: int = 10_000,
+                 syn_retries: int = 5) -> None:
+        self.rules = rules
+        self.table = FlowTable(selector_for(rules, Backend.USERSPACE), idle_timeout=idle_timeout)
+        self.manager = manager if manager is not None else InspectorManager(rules)
+        self.send_to_peer = send_to_peer
+        self.mtu_for = mtu_for
+        self.tun_mtu = tun_mtu
+        self.tx_max_segment = tx_max_segment
+        self.idle_timeout = idle_timeout
+        self.msl = msl
+        self.max_splices = max_splices
+        self.syn_retries = syn_retries
+        self.splices: dict[FlowKey, Splice] = {}
+        self.touched: dict[FlowKey, Splice] = {}
+        self.drops: dict[str, int] = {}
+        self.counters: dict[str, int] = {"splices": 0, "to_client": 0, "to_server": 0,
+                                         "from_client": 0, "from_server": 0, "refused_rst": 0}
+        self.ended: dict[str, int] = {}
+        self._ident = 0
+        self._pending_rst: list[tuple[FlowKey, TcpSegment]] = []
+        self._next_scan: float | None = None
+        self._configs: dict[tuple[int, int, int, int], tuple[TcpConfig, TcpConfig]] = {}
+
+    @classmethod
+    def for_bridge(cls, bridge: Any, now: float) -> Terminator | None:
+        """A Terminator wired to a Bridge, or None when no rule uses the userspace backend."""
+        rules = bridge.config.inspect_rules()
+        if not rules or not _has_userspace(rules):
+            return None
+
+        def mtu_for(dst: bytes) -> int:
+            idx = bridge.table.route(dst)
+            return int(bridge.peers[idx].mtu) if idx >= 0 else int(bridge.tun_mtu)
+
+        return cls(tuple(rules), bridge.send_inner, mtu_for, lambda: int(bridge.tun_mtu))
+
+    # ------------------------------------------------------------------ input
+
+    def _drop(self, reason: str) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+
+    @staticmethod
+    def _key(pkt: bytes | bytearray | memoryview, n: int) -> tuple[FlowKey, int, int] | None:
+        """(flow key, TCP offset, flags) of a TCP packet, or None (not TCP, fragment, short)."""
+        if n < 40:
+            return None
+        b0 = pkt[0]
+        if b0 >> 4 == 4:
+            if pkt[9] != PROTO_TCP or (pkt[6] & 0x3F) or pkt[7]:  # MF or offset: fragment
+                return None
+            off = (b0 & 0x0F) << 2
+            src, dst, version = bytes(pkt[12:16]), bytes(pkt[16:20]), 4
+        elif b0 >> 4 == 6:
+            if n < 60 or pkt[6] != PROTO_TCP:
+                return None
+            off, src, dst, version = 40, bytes(pkt[8:24]), bytes(pkt[24:40]), 6
+        else:
+            return None
+        if n < off + 20:
+            return None
+        sport, dport, flags = _PORTS_FLAGS.unpack_from(pkt, off)
+        return (version, src, dst, sport, dport), off, flags
+
+    def _segment(self, pkt: bytes | bytearray | memoryview, n: int, off: int,
+                 key: FlowKey) -> TcpSegment | None:
+        mv = pkt if isinstance(pkt, memoryview) else memoryview(pkt)
+        return parse_tcp(mv[off:n], key[1], key[2], drops=self.drops)
+
+    def from_tun(self, pkt: bytes | bytearray | memoryview, n: int, now: float) -> bool:
+        """An inner packet from the local site. True when it was ours (consumed)."""
+        k = self._key(pkt, n)
+        if k is None:
+            return False
+        key, off, flags = k
+        sp = self.splices.get(key)
+        if sp is not None:
+            seg = self._segment(pkt, n, off, key)
+            if seg is not None:
+                self.counters["from_client"] += 1
+                sp.from_client(seg, now)
+                self.touched[key] = sp
+            return True
+        verdict = self.table.classify(key, flags, now)
+        if verdict is Verdict.FORWARD:
+            return False
+        if verdict is Verdict.DROP:
+            self._drop("rule_drop")
+            return True
+        seg = self._segment(pkt, n, off, key)
+        if seg is None:
+            return True
+        if flags & (SYN | ACK | RST) != SYN:
+            self._stray(key, seg)  # a terminated flow whose splice is gone
+            return True
+        self._new_splice(key, seg, now)
+        return True
+
+    def _stray(self, key: FlowKey, seg: TcpSegment) -> None:
+        self._drop("no_splice")
+        rst = reset_reply(seg)  # RFC 9293 §3.10.7.1
+        if rst is not None:
+            self._pending_rst.append((key, rst))
+
+    def _configs_for(self, key: FlowKey, rule: InspectRule | None) -> tuple[TcpConfig, TcpConfig]:
+        v6 = key[0] == 6
+        hdr = 60 if v6 else 40
+        server_mss = max(self.mtu_for(key[2]) - hdr, 88)
+        client_mss = max(self.tun_mtu() - hdr, 88)
+        buf = (rule.max_buffer if rule is not None else 1 << 20) // 4
+        ck = (server_mss, client_mss, buf, self.tx_max_segment)
+        cached = self._configs.get(ck)
+        if cached is None:
+            rbuf = max(buf, server_mss, client_mss)
+            common: dict[str, Any] = dict(recv_buffer=rbuf, send_buffer=max(buf, 1),
+                                          auto_consume=False, msl=self.msl)
+            cached = (TcpConfig(mss=client_mss, tx_max_segment=self.tx_max_segment, **common),
+                      TcpConfig(mss=server_mss, syn_retries=self.syn_retries, **common))
+            self._configs[ck] = cached
+        return cached
+
+    def _new_splice(self, key: FlowKey, syn: TcpSegment, now: float) -> None:
+        if len(self.splices) >= self.max_splices:
+            self._drop("too_many_splices")
+            rst = reset_reply(syn)
+            if rst is not None:
+                self._pending_rst.append((key, rst))
+            return
+        found = self.table.lookup(key)
+        rule = found[1] if found is not None else None
+        chain = self.manager.chains.get(rule.name) if rule is not None else None
+        ccfg, scfg = self._configs_for(key, rule)
+        sp = Splice(key, syn, rule, chain, ccfg, scfg, now)
+        self.counters["splices"] += 1
+        sp.open(now)
+        self.splices[key] = sp
+        self.touched[key] = sp
+
+    def from_peer(self, pkt: bytes | bytearray | memoryview, n: int, now: float) -> bool:
+        """A decapsulated packet from the tunnel. True when it belonged to a server leg."""
+        k = self._key(pkt, n)
+        if k is None:
+            return False
+        key, off, _flags = k
+        ck = (key[0], key[2], key[1], key[4], key[3])
+        sp = self.splices.get(ck)
+        if sp is None:
+            return False
+        seg = self._segment(pkt, n, off, key)
+        if seg is not None:
+            self.counters["from_server"] += 1
+            sp.from_server(seg, now)
+            self.touched[ck] = sp
+        return True
+
+    def divert(self, out: Any, start: int, now: float) -> None:
+        """Take the server legs' packets back from `out.tun[start:]`, then flush."""
+        tun = out.tun
+        if len(tun) > start and self.splices:
+            pkts = tun[start:]
+            del tun[start:]
+            for pkt in pkts:
+                if not self.from_peer(pkt, len(pkt), now):
+                    tun.append(pkt)
+        if self.touched or self._pending_rst:
+            self.flush(now, out)
+
+    # ------------------------------------------------------------------ output
+
+    def flush(self, now: float, out: Any) -> None:
+        """Step every touched splice once and emit both legs' segments."""
+        for key, rst in self._pending_rst:
+            out.tun.append(self._packet(key[2], key[1], rst))
+            self.counters["refused_rst"] += 1
+        self._pending_rst.clear()
+        touched = self.touched
+        if not touched:
+            return
+        self.touched = {}
+        for sp in touched.values():
+            sp.step(now)
+            self._emit(sp, now, out)
+
+    def _emit(self, sp: Splice, now: float, out: Any) -> None:
+        key = sp.key
+        _v, caddr, saddr = key[0], key[1], key[2]
+        segs = sp.to_client(now)
+        if segs:
+            tun = out.tun
+            for seg in segs:
+                tun.append(self._packet(saddr, caddr, seg))
+            self.counters["to_client"] += len(segs)
+        segs = sp.to_server(now)
+        if segs:
+            send = self.send_to_peer
+            for seg in segs:
+                if not send(self._packet(caddr, saddr, seg), now, out):
+                    self._drop("no_peer")
+            self.counters["to_server"] += len(segs)
+        if sp.dead:
+            self._forget(sp)
+
+    def _forget(self, sp: Splice) -> None:
+        if self.splices.get(sp.key) is sp:
+            del self.splices[sp.key]
+            self.touched.pop(sp.key, None)
+            reason = sp.flow.close_reason.value if sp.flow.close_reason else "closed"
+            self.ended[reason] = self.ended.get(reason, 0) + 1
+
+    def _packet(self, src: bytes, dst: bytes, seg: TcpSegment) -> bytes:
+        """IP header (stack/wire/ip.py layout) + TCP header + payload."""
+        hdr, payload = emit_tcp_parts(seg, src, dst)
+        tl = len(hdr) + len(payload)
+        if len(src) == 4:
+            self._ident = (self._ident + 1) & 0xFFFF
+            ip = bytearray(IPV4_HEADER.pack(0x45, 0, 20 + tl, self._ident, DF, 64, PROTO_TCP, 0,
+                                            src, dst))
+            _U16.pack_into(ip, 10, checksum(ip))
+            return b"".join((ip, hdr, payload))
+        return b"".join((IPV6_HEADER.pack(_V6_FIRST, tl, PROTO_TCP, 64, src, dst), hdr, payload))
+
+    # ------------------------------------------------------------------ timers
+
+    def get_timer(self) -> float | None:
+        """The earliest deadline of any splice, or of the next idle scan; None when idle."""
+        best = self._next_scan if self.splices else None
+        for sp in self.splices.values():
+            t = sp.get_timer()
+            if t is not None and (best is None or t < best):
+                best = t
+        return best
+
+    def handle_timer(self, now: float, out: Any) -> None:
+        """Run expired splice timers, reap dead and idle splices, emit what they produced."""
+        for sp in list(self.splices.values()):
+            t = sp.get_timer()
+            if t is not None and t <= now:
+                sp.handle_timer(now)
+                self.touched[sp.key] = sp
+        if self._next_scan is None or now >= self._next_scan:
+            self._next_scan = now + 1.0
+            limit = now - self.idle_timeout
+            for sp in list(self.splices.values()):
+                if not sp.finished and sp.last_seen < limit:
+                    sp.abort(CloseReason.TIMEOUT, now)
+                    self.touched[sp.key] = sp
+                elif sp.dead:
+                    self._forget(sp)
+            self.table.expire(now)
+        self.flush(now, out)
+
+    def shutdown(self, now: float, out: Any) -> None:
+        """grebe stops: RST every flow (CloseReason.SHUTDOWN), emit, close the inspectors."""
+        for sp in list(self.splices.values()):
+            if not sp.finished:
+                sp.abort(CloseReason.SHUTDOWN, now)
+            self.touched[sp.key] = sp
+        self.flush(now, out)
+        self.manager.close()
+
+    def flush_inspectors(self) -> None:
+        """Write what the inspectors buffered (log lines, pcap); the adapter calls it on a
+        timer, off the data path."""
+        self.manager.flush()
+
+    # ------------------------------------------------------------------ introspection
+
+    def flows(self, now: float) -> list[dict[str, Any]]:
+        """One JSON-able record per live splice, for `grebe flows`."""
+        return [sp.info(now) for sp in self.splices.values()]
+
+    def status(self) -> dict[str, Any]:
+        """Counters of the backend, the flow table and the inspector chains."""
+        return {"live": len(self.splices), "counters": dict(self.counters),
+                "ended": dict(self.ended), "drops": dict(self.drops),
+                "flow_table": dict(self.table.counters), "rules": self.manager.counters()}
+
+
+def describe_key(key: FlowKey) -> str:
+    """"src:sport -> dst:dport" for logs and errors."""
+    return (f"{ipaddress.ip_address(key[1])}:{key[3]} -> "
+            f"{ipaddress.ip_address(key[2])}:{key[4]}")

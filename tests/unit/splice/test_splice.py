@@ -1,0 +1,265 @@
+"""Splice through the Terminator: client TcpConnection <-> splice <-> server TcpConnection."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from splice_harness import C_ADDR, S_ADDR, Harness, finished
+
+from bridge.flows import InspectRule
+from bridge.inspect.api import RESET, CloseReason, Deny, Direction, Flow, Inspector
+from bridge.inspect.replace import ReplaceInspector
+from stack.events import Closed, ConnectionReset, PeerFinished
+from stack.state import State
+from stack.tcp_config import TcpConfig
+
+
+class Recorder(Inspector):
+    def __init__(self) -> None:
+        self.ends: list[CloseReason] = []
+        self.chunks: dict[Direction, bytearray] = {}
+        self.flows: list[Flow] = []
+
+    def flow_start(self, flow: Flow) -> Any:
+        self.flows.append(flow)
+        return super().flow_start(flow)
+
+    def data(self, flow: Flow, direction: Direction, data: bytes) -> None:
+        self.chunks.setdefault(direction, bytearray()).extend(data)
+        return None
+
+    def flow_end(self, flow: Flow, reason: CloseReason) -> None:
+        self.ends.append(reason)
+
+
+class Denier(Inspector):
+    def flow_start(self, flow: Flow) -> Deny:
+        return Deny("not today")
+
+
+class Boom(Inspector):
+    def data(self, flow: Flow, direction: Direction, data: bytes) -> None:
+        raise RuntimeError("boom")
+
+
+class ResetOn(Inspector):
+    def __init__(self, needle: bytes) -> None:
+        self.needle = needle
+
+    def data(self, flow: Flow, direction: Direction, data: bytes) -> Any:
+        return RESET if self.needle in data else None
+
+
+def rule(**kw: Any) -> InspectRule:
+    return InspectRule(name="t", inspectors=("x",), **kw)
+
+
+def both_done(h: Harness) -> bool:
+    assert h.server is not None
+    return finished(h.client) and finished(h.server)
+
+
+def test_data_both_ways_byte_exact_and_half_close() -> None:
+    up = os.urandom(300_000)
+    down = os.urandom(700_000)
+    rec = Recorder()
+    h = Harness(rule(), [rec], client_data=up, server_data=down,
+                client_close=True, server_close=True)
+    assert h.run(both_done, max_time=30)
+    assert h.server is not None
+    assert bytes(h.server.rx) == up and bytes(h.client.rx) == down
+    assert h.client.has(PeerFinished) and h.server.has(PeerFinished)
+    assert bytes(rec.chunks[Direction.CLIENT_TO_SERVER]) == up
+    assert rec.ends == [CloseReason.CLOSED]
+    flow = rec.flows[0]
+    assert (flow.bytes_c2s, flow.bytes_s2c) == (len(up), len(down))
+    # the server saw the client's own address and ISN, the client the server's ISN
+    assert h.server_syns[0].seq == h.client.conn._iss
+    assert h.client_syns[0].seq == h.server.conn._iss
+    # both legs reaped once CLOSED (TIME-WAIT of msl)
+    assert h.run(lambda h: not h.term.splices, max_time=200)
+    assert h.term.ended == {"closed": 1}
+
+
+def test_half_close_keeps_other_direction_open() -> None:
+    """The client sends FIN first; the server keeps sending for a while, then closes."""
+    h = Harness(rule(), [Recorder()], client_data=b"GET / HTTP/1.0\r\n\r\n", client_close=True)
+    assert h.server is not None
+    assert h.run(lambda h: h.server is not None and h.server.has(PeerFinished))
+    assert h.server.conn.state is State.CLOSE_WAIT
+    h.server.to_send = memoryview(b"late reply " * 10_000)
+    h.server.close_after = True
+    assert h.run(both_done)
+    assert bytes(h.client.rx) == b"late reply " * 10_000
+    assert h.server.rx == b"GET / HTTP/1.0\r\n\r\n"
+
+
+def test_rewrite_by_replace() -> None:
+    r = InspectRule(name="t", inspectors=("replace",), replace=((b"hello", b"HOWDY"),))
+    body = b"hello world, " * 5000 + b"hel"
+    h = Harness(r, [ReplaceInspector(r)], server_data=body, server_close=True,
+                client_close=True)
+    assert h.run(both_done)
+    assert bytes(h.client.rx) == body.replace(b"hello", b"HOWDY")
+
+
+def test_growing_rewrite_is_byte_exact() -> None:
+    r = InspectRule(name="t", inspectors=("replace",), replace=((b"a", b"aaaa"),),
+                    max_buffer=16384)
+    body = os.urandom(20_000) + b"a" * 50_000
+    h = Harness(r, [ReplaceInspector(r)], server_data=body, server_close=True,
+                client_close=True)
+    assert h.run(both_done)
+    assert bytes(h.client.rx) == body.replace(b"a", b"aaaa")
+
+
+def test_deny_resets_client_and_never_reaches_server() -> None:
+    rec = Recorder()
+    h = Harness(rule(), [Denier(), rec], client_data=b"x")
+    assert h.run(lambda h: finished(h.client))
+    assert h.client.has(ConnectionReset) and not h.server_syns
+    assert rec.ends == [CloseReason.DENIED]
+    assert h.run(lambda h: not h.term.splices)
+
+
+def test_connect_refused_upstream_resets_client() -> None:
+    rec = Recorder()
+    h = Harness(rule(), [rec], server_cfg=None, client_data=b"x")
+    assert h.run(lambda h: finished(h.client))
+    assert [type(e).__name__ for e in h.client.events] == ["ConnectionReset", "Closed"]
+    assert h.client.events[0] == ConnectionReset("refused")
+    assert rec.ends == [CloseReason.CONNECT_FAILED]
+    assert h.term.status()["ended"] == {"connect_failed": 1}
+
+
+def test_upstream_silent_times_out_with_rst() -> None:
+    h = Harness(rule(), [Recorder()], server_cfg=None, terminator_kw={"syn_retries": 1})
+    h.t2s.loss = 1.0  # the server never answers
+    assert h.run(lambda h: finished(h.client), max_time=30)
+    assert h.client.has(ConnectionReset)
+
+
+def test_client_rst_reaches_server() -> None:
+    rec = Recorder()
+    h = Harness(rule(), [rec], server_data=b"x" * 2_000_000)
+    assert h.server is not None
+    assert h.run(lambda h: len(h.client.rx) > 100_000)
+    h.client.conn.abort()
+    assert h.run(lambda h: h.server is not None and finished(h.server))
+    assert h.server.has(ConnectionReset)
+    assert rec.ends == [CloseReason.CLIENT_RESET]
+
+
+def test_server_rst_reaches_client() -> None:
+    rec = Recorder()
+    h = Harness(rule(), [rec], client_data=b"y" * 2_000_000)
+    assert h.server is not None
+    assert h.run(lambda h: h.server is not None and len(h.server.rx) > 100_000)
+    h.server.conn.abort()
+    assert h.run(lambda h: finished(h.client))
+    assert h.client.has(ConnectionReset)
+    assert rec.ends == [CloseReason.SERVER_RESET]
+
+
+def test_inspector_reset_aborts_both() -> None:
+    h = Harness(rule(), [ResetOn(b"EVIL")], client_data=b"fine " * 100 + b"EVIL")
+    assert h.run(both_done)
+    assert h.server is not None
+    assert h.client.has(ConnectionReset) and h.server.has(ConnectionReset)
+    assert b"EVIL" not in h.server.rx
+
+
+def test_inspector_raises_fail_open_passes_data() -> None:
+    rec = Recorder()
+    data = os.urandom(50_000)
+    h = Harness(rule(fail_open=True), [Boom(), rec], client_data=data, client_close=True,
+                server_close=True)
+    assert h.run(both_done)
+    assert h.server is not None and bytes(h.server.rx) == data
+    assert rec.ends == [CloseReason.CLOSED]
+    assert "Boom.data" in rec.flows[0].metadata["errors"][0]
+
+
+def test_inspector_raises_fail_closed_resets() -> None:
+    rec = Recorder()
+    h = Harness(rule(fail_open=False), [Boom(), rec], client_data=b"z" * 5000)
+    assert h.run(both_done)
+    assert h.client.has(ConnectionReset)
+    assert h.server is not None and h.server.has(ConnectionReset)
+    assert rec.ends == [CloseReason.INSPECTOR_ERROR]
+
+
+def test_back_pressure_bounds_memory_and_closes_client_window() -> None:
+    """The server stops reading: the splice holds at most max_buffer, the client sees 0."""
+    max_buffer = 64 * 1024
+    data = os.urandom(2_000_000)
+    h = Harness(rule(max_buffer=max_buffer), [Recorder()], client_data=data,
+                client_cfg=TcpConfig(mss=1400, msl=1.0, send_buffer=64 * 1024),
+                server_cfg=TcpConfig(auto_consume=False, recv_buffer=32 * 1024, msl=1.0),
+                server_reading=False)
+    assert h.server is not None
+    peak = [0]
+    zero_window_seen = [False]
+
+    def watch(h: Harness) -> None:
+        for sp in h.term.splices.values():
+            held = sp.held_bytes()
+            for leg in (sp.client, sp.server):
+                if leg is not None:
+                    i = leg.info()
+                    held += int(i["unsent"]) + int(i["in_flight"])  # type: ignore[call-overload]
+                    held += leg._rx_len + leg._rx_held + leg._ooo.nbytes
+            peak[0] = max(peak[0], held)
+        if h.client.conn._snd_wnd == 0 and h.client.conn.state is State.ESTABLISHED:
+            zero_window_seen[0] = True
+
+    h.hooks.append(watch)
+    h.run(lambda h: False, max_time=20)
+    assert zero_window_seen[0], "the client never saw a zero window"
+    assert len(h.server.rx) <= 32 * 1024
+    # the client is held back, not buffered: what left it is bounded by the buffers on the way
+    moved = len(data) - len(h.client.to_send)
+    assert moved <= 64 * 1024 + max_buffer + 32 * 1024 + 3000, moved
+    assert peak[0] <= max_buffer + 2 * 1500, peak[0]
+    # the reader wakes up: everything arrives byte-exact
+    h.server.reading = True
+    h.server.conn.consumed(h.server.conn._rx_held)
+    h.client.close_after = True
+    h.server.close_after = True
+    assert h.run(both_done, max_time=200)
+    assert bytes(h.server.rx) == data
+
+
+def test_flows_table_has_both_legs() -> None:
+    h = Harness(rule(), [Recorder()], server_data=b"q" * 100_000)
+    assert h.run(lambda h: len(h.client.rx) == 100_000)
+    (info,) = h.term.flows(h.now)
+    assert info["src"] == "198.18.1.10" and info["dport"] == 80 and info["phase"] == "open"
+    assert info["client_leg"]["state"] == "ESTABLISHED"
+    assert info["server_leg"]["bytes_in"] >= 100_000
+    assert info["inspectors"] == ["Recorder"]
+    assert {"srtt", "rto", "cwnd", "retransmissions"} <= set(info["server_leg"])
+
+
+def test_unselected_flow_is_not_taken() -> None:
+    r = rule(dst_ports=((443, 443),))
+    h = Harness(r, [Recorder()])
+    h.run(lambda h: bool(h.forwarded), max_time=1)
+    assert h.forwarded and not h.term.splices
+    assert bytes(h.forwarded[0][12:20]) == C_ADDR + S_ADDR
+
+
+def test_stray_segment_of_reaped_flow_gets_rst() -> None:
+    h = Harness(rule(), [Recorder()], client_close=True, server_close=True)
+    assert h.run(both_done)
+    assert h.run(lambda h: not h.term.splices, max_time=200)
+    # the flow table still says INSPECT; a late ACK for the dead connection gets a RST
+    from stack.wire.tcp import ACK, TcpSegment
+
+    late = TcpSegment(40000, 80, 12345, 678, ACK, 100)
+    pkt = h.term._packet(C_ADDR, S_ADDR, late)
+    assert h.term.from_tun(pkt, len(pkt), h.now)
+    h.term.flush(h.now, h.out)
+    assert len(h.out.tun) == 1 and h.out.tun[0][33] & 0x04  # RST
+    assert h.client.has(Closed)
