@@ -33,8 +33,9 @@ Rules
 Theory of operation
 `TproxyBackend.start()` installs the interception, opens the listeners with
 `loop.create_server(sock=...)` and starts the flush timer. Each accepted connection gets a
-`Relay` with two `_Side` protocols; the client side is paused until the upstream connects and
-the chain's flow_start allowed the flow. `stop()` closes the listeners, ends every relay
+`Relay`: two `_Side` protocols around an `InspectSession` (bridge/inspect/session.py, the
+sans-I/O stream life shared with the userspace splice), whose actions it performs on the
+sockets. The client side is paused until flow_start allowed the flow and the upstream connected. `stop()` closes the listeners, ends every relay
 (CloseReason.SHUTDOWN), closes the inspectors and removes the interception.
 """
 
@@ -57,8 +58,9 @@ from typing import Any
 from bridge.errors import ConfigError
 from bridge.flows import Backend, FlowSelector, InspectRule, Verdict, flow_key, parse_rules
 from bridge.flows import selector_for as _selector_for
-from bridge.inspect.api import RESET, CloseReason, Deny, Direction, Flow
+from bridge.inspect.api import CloseReason, Direction, Flow
 from bridge.inspect.manager import InspectorChain, InspectorManager
+from bridge.inspect.session import Abort, Action, Deliver, HalfClose, InspectSession
 
 log = logging.getLogger("grebe.tproxy")
 
@@ -236,83 +238,68 @@ class _Side(asyncio.Protocol):
 
 
 class Relay:
-    """One inspected flow: client socket <-> chain <-> upstream socket."""
+    """One inspected flow: client socket <-> InspectSession (chain) <-> upstream socket."""
 
     def __init__(self, backend: TproxyBackend, flow: Flow, chain: InspectorChain | None) -> None:
         self.backend = backend
         self.flow = flow
         self.chain = chain
+        self.session = InspectSession(flow, chain)
         self.client = _Side(self, Direction.CLIENT_TO_SERVER)
         self.server = _Side(self, Direction.SERVER_TO_CLIENT)
-        self.finished = False
+        self._done = False
+
+    @property
+    def finished(self) -> bool:
+        return self.session.finished
 
     def other(self, side: _Side) -> _Side:
         return self.server if side is self.client else self.client
 
+    def receiver(self, direction: Direction) -> _Side:
+        return self.server if direction is Direction.CLIENT_TO_SERVER else self.client
+
     def on_data(self, side: _Side, data: bytes) -> None:
-        if self.finished:
-            return
-        flow = self.flow
-        flow.last_seen = time.time()
-        if side is self.client:
-            flow.bytes_c2s += len(data)
-        else:
-            flow.bytes_s2c += len(data)
-        out: Any = data if self.chain is None else self.chain.data(flow, side.incoming, data)
-        if out is RESET:
-            self.reset(CloseReason.INSPECTOR_RESET)
-        elif out:
-            dst = self.other(side).transport
-            if dst is not None and not dst.is_closing():
-                dst.write(out)
+        self.execute(self.session.received(side.incoming, data, time.time()))
 
     def on_eof(self, side: _Side) -> None:
-        if self.finished or side.eof:
-            return
-        side.eof = True
-        self.flow.last_seen = time.time()
-        tail: Any = b"" if self.chain is None else self.chain.eof(self.flow, side.incoming)
-        if tail is RESET:
-            self.reset(CloseReason.INSPECTOR_RESET)
-            return
-        dst = self.other(side).transport
-        if dst is not None and not dst.is_closing():
-            if tail:
-                dst.write(tail)
-            if dst.can_write_eof():
-                dst.write_eof()     # RFC 9293 §3.6: half-close, the other way stays open
-        if self.client.eof and self.server.eof:
-            self.finish(CloseReason.CLOSED)
+        self.execute(self.session.eof(side.incoming, time.time()))
 
     def on_lost(self, side: _Side, exc: Exception | None) -> None:
-        if self.finished:
-            return
-        if exc is None and side.eof and self.other(side).eof:
-            self.finish(CloseReason.CLOSED)
-            return
-        # The peer reset (or the socket failed): propagate as a reset.
-        self.reset(CloseReason.CLIENT_RESET if side is self.client else CloseReason.SERVER_RESET)
+        # Lost before the session finished: the peer reset, or the socket failed.
+        self.execute(self.session.reset(side.incoming, time.time()))
 
-    def reset(self, reason: CloseReason) -> None:
-        """Abort both sockets with RST and end the flow."""
-        _abort(self.client.transport)
-        _abort(self.server.transport)
-        self.finish(reason)
+    def abort(self, reason: CloseReason) -> None:
+        self.execute(self.session.abort(reason, time.time()))
 
-    def finish(self, reason: CloseReason) -> None:
-        if self.finished:
+    def execute(self, actions: list[Action]) -> None:
+        """Perform the session's actions on the two sockets."""
+        for act in actions:
+            if isinstance(act, Deliver):
+                dst = self.receiver(act.direction).transport
+                if dst is not None and not dst.is_closing():
+                    dst.write(act.data)
+            elif isinstance(act, HalfClose):
+                dst = self.receiver(act.direction).transport
+                if dst is not None and not dst.is_closing() and dst.can_write_eof():
+                    dst.write_eof()     # RFC 9293 §3.6: half-close, the other way stays open
+            elif isinstance(act, Abort):
+                _abort(self.client.transport)
+                _abort(self.server.transport)
+                self.ended(act.reason)
+            else:   # Closed: both FINs exchanged; close() flushes what is still buffered
+                for side in (self.client, self.server):
+                    if side.transport is not None and not side.transport.is_closing():
+                        side.transport.close()
+                self.ended(CloseReason.CLOSED)
+
+    def ended(self, reason: CloseReason) -> None:
+        if self._done:
             return
-        self.finished = True
-        for side in (self.client, self.server):
-            if side.transport is not None and not side.transport.is_closing():
-                side.transport.close()
-        self.flow.end = time.time()
-        if self.chain is not None:
-            self.chain.end(self.flow, self.flow.close_reason
-                           if reason is CloseReason.INSPECTOR_RESET and self.flow.close_reason
-                           else reason)
+        self._done = True
         self.backend.relays.pop(self.flow.id, None)
-        self.backend.counters[reason.value] = self.backend.counters.get(reason.value, 0) + 1
+        key = (self.flow.close_reason or reason).value
+        self.backend.counters[key] = self.backend.counters.get(key, 0) + 1
 
 
 class _Accepted(asyncio.Protocol):
@@ -434,11 +421,10 @@ class TproxyBackend:
 
     async def _open_upstream(self, relay: Relay) -> None:
         flow = relay.flow
-        if relay.chain is not None:
-            verdict = relay.chain.start(flow)
-            if isinstance(verdict, Deny):
-                relay.reset(CloseReason.DENIED)
-                return
+        if not relay.session.start(time.time()):
+            _abort(relay.client.transport)      # denied at flow start
+            relay.ended(CloseReason.DENIED)
+            return
         family = socket.AF_INET if flow.version == 4 else socket.AF_INET6
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -457,7 +443,7 @@ class TproxyBackend:
         except (TimeoutError, OSError) as exc:
             sock.close()
             flow.metadata["connect_error"] = repr(exc)
-            relay.reset(CloseReason.CONNECT_FAILED)
+            relay.abort(CloseReason.CONNECT_FAILED)
             return
         if relay.finished:      # the client went away meanwhile
             _abort(relay.server.transport)
@@ -492,7 +478,7 @@ class TproxyBackend:
             await asyncio.wait([self._flushing])
             self._flushing = None
         for relay in list(self.relays.values()):
-            relay.reset(CloseReason.SHUTDOWN)
+            relay.abort(CloseReason.SHUTDOWN)
         for task in list(self._tasks):
             task.cancel()
         self.manager.close()
