@@ -308,3 +308,22 @@ def test_no_lab_process_escapes_into_the_root_namespace(lab_factory: LabFactory)
     p = lab.popen("attacker", ["sleep", "306"])
     root = os.stat("/proc/self/ns/net").st_ino
     assert os.stat(f"/proc/{p.pid}/ns/net").st_ino != root
+
+
+def test_session_leak_check_fails_a_run_that_leaks(tmp_path: Path,
+                                                   lab_instance_names: Callable[[], str]) -> None:
+    prefix = f"{lab_instance_names()}l"
+    (tmp_path / "test_leaky.py").write_text(
+        "from bridge.lab.netlink import Lab\n"
+        "def test_leaks():\n"
+        f"    lab = Lab.up('two-sites-plain', instance='{prefix}0', start=False)\n"
+        "    lab.popen('client', ['sleep', '307'])\n")
+    cp = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest",
+         "--rootdir", str(tmp_path), str(tmp_path / "test_leaky.py")],
+        cwd=REPO, text=True, capture_output=True, timeout=120,
+        env={**os.environ, "GREBE_TEST_PREFIX": prefix})
+    assert "1 passed" in cp.stdout  # the test itself passed ...
+    assert cp.returncode == 1, cp.stdout + cp.stderr  # ... but the run fails
+    assert f"gb-{prefix}0-client" in cp.stdout and "sleep 307" in cp.stdout
+    assert lab_is_gone(f"{prefix}0")  # and the leftovers were removed
