@@ -1,6 +1,6 @@
 """Scripted TCP traces with explicit time (smoltcp send!/recv! style).
 
-A test feeds a TcpConnection segments built from SEND_TEMPL with dataclasses.replace(),
+A test feeds a TcpConnection segments built from SEND_TEMPL with `_replace()`,
 and checks what it answers against RECV_TEMPL variants. LOCAL is the connection under
 test, REMOTE the scripted peer. REMOTE_SEQ sits just below 2**32 so that every script
 crosses the sequence-number wrap.
@@ -61,7 +61,7 @@ def wire(seg: TcpSegment, src: bytes = REMOTE[0], dst: bytes = LOCAL[0]) -> TcpS
 
 def send(conn: TcpConnection, t: float, **kw: Any) -> None:
     """The peer sends SEND_TEMPL with `kw` replaced, through the wire format."""
-    conn.receive_segment(wire(replace(SEND_TEMPL, **kw)), t)
+    conn.receive_segment(wire(SEND_TEMPL._replace(**kw)), t)
 
 
 def recv(conn: TcpConnection, t: float) -> list[TcpSegment]:
