@@ -41,6 +41,10 @@ from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpSegment
 __all__ = ["TcpConnection", "Endpoint"]
 
 _FAST_FLAGS = (ACK, ACK | PSH)
+_ABORT_SENDS_RST = frozenset(
+    {State.SYN_RECEIVED, State.ESTABLISHED, State.FIN_WAIT_1, State.FIN_WAIT_2,
+     State.CLOSE_WAIT}
+)
 
 
 class TcpConnection(OutputMixin):
@@ -126,11 +130,12 @@ class TcpConnection(OutputMixin):
         # SYN-RECEIVED: the FIN goes out once ESTABLISHED (RFC 9293 §3.10.4).
 
     def abort(self) -> None:
-        """ABORT (RFC 9293 §3.10.5): send RST <SEQ=SND.NXT> if synchronized, then CLOSED."""
+        """ABORT (RFC 9293 §3.10.5): send RST <SEQ=SND.NXT> in SYN-RECEIVED, ESTABLISHED,
+        FIN-WAIT-1/2 and CLOSE-WAIT; in the other states just delete the TCB. Then CLOSED."""
         st = self._state
         if st is State.CLOSED:
             return
-        if st is not State.LISTEN and st is not State.SYN_SENT:
+        if st in _ABORT_SENDS_RST:
             self._queue_rst(self._seq_of(self._snd_nxt), None)
         self._enter_closed()
 

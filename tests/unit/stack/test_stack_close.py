@@ -144,3 +144,15 @@ def test_close_in_syn_received_sends_fin_after_establishment() -> None:
     send(conn, 0.1, seq=rseq(1), ack=lseq(1))
     assert conn.state is State.FIN_WAIT_1
     expect(recv_one(conn, 0.1), flags=ACK | FIN, seq=lseq(1))
+
+
+def test_rfc9293_abort_in_time_wait_sends_no_rst() -> None:
+    conn = active(cfg(msl=10.0))
+    conn.close()
+    recv(conn, 1.0)
+    send(conn, 1.1, flags=ACK | FIN, seq=rseq(1), ack=lseq(2))
+    recv(conn, 1.1)
+    assert conn.state is State.TIME_WAIT
+    conn.abort()
+    recv_nothing(conn, 1.2)
+    assert conn.state is State.CLOSED
