@@ -120,7 +120,7 @@ class HttpInspector(Inspector):
 
     def data(self, flow: Flow, direction: Direction, data: bytes) -> None:
         st = self._state(flow)
-        if st.stopped:
+        if st.stopped or not data:      # h11 takes b"" for end of stream: never pass it on
             return None
         try:
             if direction is Direction.CLIENT_TO_SERVER:
@@ -147,7 +147,7 @@ class HttpInspector(Inspector):
                     raise _Stop("server data without a request")
         except h11.RemoteProtocolError as exc:
             self._stop(flow, st, f"{direction.value}: not HTTP/1.x ({exc})")
-        except h11.LocalProtocolError as exc:
+        except (h11.LocalProtocolError, RuntimeError) as exc:
             self._stop(flow, st, f"{direction.value}: cannot follow ({exc})")
         except _Stop as exc:
             self._stop(flow, st, f"{direction.value}: {exc}")
@@ -166,7 +166,7 @@ class HttpInspector(Inspector):
                 self._pump_requests(flow, st)
             else:
                 self._pump_responses(flow, st)
-        except (h11.ProtocolError, _Stop) as exc:
+        except (h11.ProtocolError, RuntimeError, _Stop) as exc:
             self._stop(flow, st, f"{direction.value}: at close: {exc}")
         return None
 
