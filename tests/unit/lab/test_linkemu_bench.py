@@ -11,7 +11,7 @@ from collections import deque
 
 from bridge.lab.linkemu import EmuParams, Scheduler
 
-N = 20000
+N = 10000
 FRAME = bytes(1400)
 
 
@@ -38,14 +38,14 @@ def _scheduler(params: EmuParams) -> tuple[float, int]:
 
 
 def test_scheduler_cost_per_frame() -> None:
-    base = min(_deque_baseline() for _ in range(3))
+    base = min(_deque_baseline() for _ in range(2))
     rows = []
     for name, params in [
         ("delay", EmuParams(delay=0.01)),
         ("delay+jitter", EmuParams(delay=0.01, jitter=0.002)),
         ("all", EmuParams(delay=0.01, jitter=0.002, reorder_pct=5, duplicate_pct=5)),
     ]:
-        cost, released = min(_scheduler(params) for _ in range(3))
+        cost, released = min(_scheduler(params) for _ in range(2))
         assert released >= N  # everything pushed comes out (plus duplicates)
         rows.append(f"{name:13} {cost / N * 1e6:6.2f} us/frame  {cost / base:5.1f}x deque")
     print(f"\nlinkemu scheduler, {N} frames (deque baseline {base / N * 1e6:.2f} us/frame)")
