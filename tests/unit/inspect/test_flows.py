@@ -292,3 +292,17 @@ def test_bench_classify_packet() -> None:
     print("\nclassify_packet ns/packet: " + ", ".join(
         f"{k} {v:.0f} ({v / base:.1f}x not-TCP)" for k, v in res.items()))
     assert ft.lookup(flow_key("198.18.1.5", "198.18.2.10", 1, 80)) is not None
+
+
+def test_random_packets_never_raise() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    ft = table()
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.binary(max_size=80), st.sampled_from([b"", b"\x45", b"\x46", b"\x60", b"\x4f"]))
+    def check(data: bytes, head: bytes) -> None:
+        assert isinstance(ft.classify_packet(memoryview(head + data), 0.0), Verdict)
+
+    check()
