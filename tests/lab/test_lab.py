@@ -327,3 +327,15 @@ def test_session_leak_check_fails_a_run_that_leaks(tmp_path: Path,
     assert cp.returncode == 1, cp.stdout + cp.stderr  # ... but the run fails
     assert f"gb-{prefix}0-client" in cp.stdout and "sleep 307" in cp.stdout
     assert lab_is_gone(f"{prefix}0")  # and the leftovers were removed
+
+
+def test_link_impairment_from_the_topology_is_applied_at_up(
+        lab_factory: LabFactory, tmp_path: Path) -> None:
+    impair = pytest.importorskip("bridge.lab.impair", reason="bridge/lab/impair.py not there")
+    path = tmp_path / "slow.toml"
+    path.write_text(f'extends = "{REPO / "topologies" / "two-sites-plain.toml"}"\n'
+                    '[[links]]\nname = "wan-x"\nimpair = { rate = "10mbit" }\n')
+    lab = lab_factory(path, start=False)
+    assert isinstance(lab.link("wan-x").impair, impair.Impairment)
+    assert impair.current(lab, "wan-x")[0].rate_mbit == 10
+    assert impair.current(lab, "wan-a")[0].is_off
