@@ -172,6 +172,9 @@ def measure_inspect(b: Bench, v: Variant, opts: Options) -> InspectRow:
         rates.append(r.mbytes_per_s)
     mbs = median(rates)
     log(f"{v.name}: download {mbs:,.1f} MB/s, TTFB {ttfb:.2f} ms")
+    problem = v.verify(b, opts.gets + opts.downloads)
+    if problem:
+        raise RuntimeError(problem)
     return InspectRow(v.name, v.label, Status.OK, mbytes_per_s=mbs, ttfb_ms=ttfb)
 
 
@@ -187,6 +190,9 @@ def _get_ok(b: Bench) -> bool:
 
 
 def start_iperf_server(b: Bench) -> None:
+    """A fresh iperf3 server for each variant: when a tunnel is torn down right after a test,
+    the client's last control message can die with it, and the old server stays "busy"."""
+    b.stop_persistent("iperf3-server")
     b.spawn("server", ["iperf3", "-s", "-B", SERVER_V4], "iperf3-server", persistent=True)
     b.wait_for(lambda: b.tcp_listening("server", 5201), 10, "iperf3 server listening")
 
@@ -299,9 +305,8 @@ def main(argv: list[str]) -> int:
         b = Bench(open_lab(opts.instance), tmp, REPO)
         b.keep_tmp = opts.keep_logs
         b.log = log
-        if any(v.table == "tunnel" for v in variants):
-            start_iperf_server(b)
         for v in (v for v in variants if v.table == "tunnel"):
+            start_iperf_server(b)
             tunnels.append(run_variant(b, v, opts))  # type: ignore[arg-type]
         if any(v.table == "inspect" and v.unavailable(b) is None for v in variants):
             start_http_server(b)

@@ -106,6 +106,12 @@ class Bench:
         (self._persistent if persistent else self._procs).append((p, path))
         return p
 
+    def stop_persistent(self, name: str) -> None:
+        """Stop the long-lived process spawned as `name` (if any), e.g. to restart it."""
+        mine = [(p, path) for p, path in self._persistent if path.stem == name]
+        stop_processes([p for p, _ in mine])
+        self._persistent = [e for e in self._persistent if e not in mine]
+
     def _check_alive(self) -> None:
         for p, path in (*self._procs, *self._persistent):
             if p.poll() is not None:

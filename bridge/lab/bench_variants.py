@@ -4,7 +4,7 @@ Rules:
 - A variant only sets up and tears down the path between the two sites on the gateways
   (and, for the inspection table, a proxy and a client-side tunnel). Measuring is the
   runner's job (`bench.py`), the same for every variant, so rows are comparable.
-- Every change goes through `Bench` (`bench.py`): netlink changes with pyroute2 inside the
+- Every change goes through `Bench` (`bench_lab.py`): netlink changes with pyroute2 inside the
   lab's namespaces, each registered with its undo; processes through `Bench.spawn`, which
   keeps their logs in the run's temp dir. `teardown()` undoes all of it, so variants run
   one after another in the same lab without leaking routes, devices or processes.
@@ -16,8 +16,9 @@ Rules:
 Adding a variant: subclass `Variant` (table "tunnel": measured with iperf3 and ping
 client -> server; table "inspect": measured with curl downloads from the server's HTTP),
 implement `setup()` (and `unavailable()` if it needs something optional), and append an
-instance to `TUNNEL_VARIANTS` or `INSPECT_VARIANTS`. `inspect-userspace` and `inspect-kernel`
-are placeholders there, waiting for grebe's inspection (bridge/inspect, bridge/tproxy).
+instance to `TUNNEL_VARIANTS` or `INSPECT_VARIANTS`. `inspect-userspace` is a placeholder
+there (`NotBuiltYet`), waiting for grebe's userspace termination; replace it with a variant
+like `InspectKernel` whose rule says backend = "userspace".
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ class Variant:
     def setup(self, b: Bench) -> None:
         raise NotImplementedError
 
+    def verify(self, b: Bench, flows: int) -> str | None:
+        """After measuring (`flows` TCP connections were made): why the traffic did not take
+        this variant's path, or None. Default: the topology already guarantees it."""
+        return None
+
     def teardown(self, b: Bench) -> None:
         b.undo_all()
 
@@ -67,10 +73,9 @@ def _need(*tools: str) -> str | None:
 
 def plain_routes(b: Bench) -> None:
     """Route each remote site via the peer gateway's WAN address (no tunnel)."""
-    for v4, v6, gw, peer in ((0, 1, "gw-a", WAN_B), (0, 1, "gw-b", WAN_A)):
-        remote = SITE_B if gw == "gw-a" else SITE_A
-        b.route(gw, remote[v4], gateway=peer[v4])
-        b.route(gw, remote[v6], gateway=peer[v6])
+    for gw, remote, peer in (("gw-a", SITE_B, WAN_B), ("gw-b", SITE_A, WAN_A)):
+        for dst, via in zip(remote, peer, strict=True):  # IPv4, then IPv6
+            b.route(gw, dst, gateway=via)
 
 
 class Plain(Variant):
@@ -205,8 +210,9 @@ def grebe_command() -> list[str] | None:
     return [found] if found else None
 
 
-def config_text(gw: str, mode: str) -> str:
-    """The TOML endpoint config of one gateway, encapsulation `mode` ("gre" or "ipip")."""
+def config_text(gw: str, mode: str, extra: str = "") -> str:
+    """The TOML endpoint config of one gateway, encapsulation `mode` ("gre" or "ipip"),
+    followed by `extra` TOML (e.g. [[inspect]] rules)."""
     tun, tun_addr, listen, endpoint, prefixes = ENDPOINTS[gw]
     peer = "site-b" if gw == "gw-a" else "site-a"
     plist = ", ".join(f'"{p}"' for p in prefixes)
@@ -215,7 +221,7 @@ def config_text(gw: str, mode: str) -> str:
         f'[tun]\nname = "{tun}"\naddresses = ["{tun_addr}"]\nmtu = "auto"\n\n'
         f'[listen]\naddress = "{listen}"\nport = 4754\n\n'
         f'[[peers]]\nname = "{peer}"\nendpoint = "{endpoint}"\nprefixes = [{plist}]\n'
-        f'encapsulation = "{mode}"\n'
+        f'encapsulation = "{mode}"\n' + (f"\n{extra}" if extra else "")
     )
 
 
@@ -242,15 +248,32 @@ def grebe_unavailable(mode: str = "gre") -> str | None:
     return None
 
 
-def write_grebe_configs(directory: Path, mode: str) -> dict[str, tuple[Path, str]]:
+def write_grebe_configs(directory: Path, mode: str,
+                        extra: dict[str, str] | None = None) -> dict[str, tuple[Path, str]]:
     """Write both gateways' configs; returns {gateway: (config path, tun name)}."""
     directory.mkdir(parents=True, exist_ok=True)
     out: dict[str, tuple[Path, str]] = {}
     for gw in ENDPOINTS:
         path = directory / f"{gw}.toml"
-        path.write_text(config_text(gw, mode))
+        path.write_text(config_text(gw, mode, (extra or {}).get(gw, "")))
         out[gw] = (path, ENDPOINTS[gw][0])
     return out
+
+
+def start_grebe(b: Bench, name: str, mode: str,
+                extra: dict[str, str] | None = None) -> dict[str, tuple[Path, str]]:
+    """`grebe up` on both gateways until the client reaches the server through it."""
+    configs = write_grebe_configs(b.tmp / name, mode, extra)
+    grebe = grebe_command() or ["grebe"]
+    for gw, (path, tun) in configs.items():
+        b.spawn(gw, [*grebe, "up", "-c", str(path)], f"{name}-{gw}")
+        b.wait_for(partial(b.link_up, gw, tun), 20, f"grebe TUN {tun} on {gw}")
+    for gw, site in (("gw-a", SITE_B), ("gw-b", SITE_A)):
+        tun = configs[gw][1]
+        if not b.has_route(gw, site[0]):  # grebe routes its peers' prefixes itself
+            b.route(gw, site[0], oif=tun)
+    b.wait_for(lambda: b.pings("client", SERVER_V4), 20, f"{name}: site A -> site B")
+    return configs
 
 
 class Grebe(Variant):
@@ -262,16 +285,7 @@ class Grebe(Variant):
         return grebe_unavailable(self.mode)
 
     def setup(self, b: Bench) -> None:
-        configs = write_grebe_configs(b.tmp / self.name, self.mode)
-        grebe = grebe_command() or ["grebe"]
-        for gw, (path, tun) in configs.items():
-            b.spawn(gw, [*grebe, "up", "-c", str(path)], f"{self.name}-{gw}")
-            b.wait_for(partial(b.link_up, gw, tun), 20, f"grebe TUN {tun} on {gw}")
-        for gw, site in (("gw-a", SITE_B), ("gw-b", SITE_A)):
-            tun = configs[gw][1]
-            if not b.has_route(gw, site[0]):
-                b.route(gw, site[0], oif=tun)
-        b.wait_for(lambda: b.pings("client", SERVER_V4), 20, f"{self.name}: site A -> site B")
+        start_grebe(b, self.name, self.mode)
 
 
 class GrebeGre(Grebe):
@@ -325,6 +339,60 @@ class MitmproxyWg(Variant):
         b.route("client", SITE_B[0], oif=wg)
 
 
+# The rule inspect-kernel adds to gw-a: the server's HTTP, terminated by the kernel backend
+# (bridge/tproxy.py: nftables TPROXY + an asyncio relay) and parsed by the `http` inspector,
+# so that it does about what mitmproxy does with the same download.
+# The `log` inspector writes one line per flow: the proof that the flows took this path.
+KERNEL_RULE = """[[inspect]]
+name = "bench-http"
+backend = "kernel"
+dst = ["198.18.2.10/32"]
+dst_ports = [80]
+inspectors = ["log", "http"]
+log_path = "{log}"
+"""
+
+
+class InspectKernel(Variant):
+    """grebe GRE-in-UDP between the gateways, and gw-a terminating the client's HTTP in the
+    kernel backend (`python -m bridge.tproxy`) before re-originating it through the tunnel."""
+
+    name, label, table = "inspect-kernel", "grebe + TPROXY kernel relay, http inspector", "inspect"
+
+    def unavailable(self, b: Bench) -> str | None:
+        reason = grebe_unavailable("gre") or _need("nft")
+        if reason:
+            return reason
+        try:
+            importlib.import_module("bridge.tproxy")
+            config = importlib.import_module("bridge.config")
+            rule = KERNEL_RULE.format(log=b.tmp / "flows.jsonl")
+            config.loads_config(config_text("gw-a", "gre", rule)).inspect_rules()
+        except Exception as e:  # not built yet, or the rule format moved on
+            return f"grebe kernel inspection not usable: {type(e).__name__}: {e}"
+        return None
+
+    def setup(self, b: Bench) -> None:
+        self.flow_log = b.tmp / "inspect-kernel-flows.jsonl"
+        rule = KERNEL_RULE.format(log=self.flow_log)
+        configs = start_grebe(b, self.name, "gre", {"gw-a": rule})
+        ready = b.tmp / "tproxy.ready"
+        b.spawn("gw-a", [sys.executable, "-m", "bridge.tproxy", "-c", str(configs["gw-a"][0]),
+                         "--iif", "lan0", "--ready-file", str(ready)], "tproxy-gw-a")
+        b.wait_for(ready.exists, 20, "bridge.tproxy listening on gw-a")
+
+    def verify(self, b: Bench, flows: int) -> str | None:
+        # the log inspector writes a flow's line when it ends; give the last one a moment
+        def logged() -> bool:
+            return self.flow_log.exists() and len(self.flow_log.read_bytes().splitlines()) >= flows
+        try:
+            b.wait_for(logged, 5, "flow log lines")
+        except TimeoutError:
+            n = len(self.flow_log.read_bytes().splitlines()) if self.flow_log.exists() else 0
+            return f"the relay logged {n} flows for {flows} requests: traffic bypassed it"
+        return None
+
+
 class NotBuiltYet(Variant):
     """Hook for grebe's own inspection paths (issue 4): shown as unavailable until built."""
 
@@ -334,7 +402,8 @@ class NotBuiltYet(Variant):
         self.name, self.label = name, label
 
     def unavailable(self, b: Bench) -> str | None:
-        return "not built yet: grebe inspection (bridge/inspect, bridge/tproxy) is issue 4"
+        return ("not built yet: the data plane does not terminate flows in stack/ "
+                "(backend = \"userspace\") yet")
 
 
 TUNNEL_VARIANTS: list[Variant] = [
@@ -343,6 +412,6 @@ TUNNEL_VARIANTS: list[Variant] = [
 INSPECT_VARIANTS: list[Variant] = [
     Direct(), MitmproxyWg(),
     NotBuiltYet("inspect-userspace", "grebe, flow terminated in stack/ (userspace TCP)"),
-    NotBuiltYet("inspect-kernel", "grebe, TPROXY to a kernel-TCP relay"),
+    InspectKernel(),
 ]
 ALL_VARIANTS = {v.name: v for v in (*TUNNEL_VARIANTS, *INSPECT_VARIANTS)}

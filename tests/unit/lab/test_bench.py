@@ -317,6 +317,17 @@ def test_grebe_configs_are_accepted_by_bridge_config(mode: str) -> None:
         assert cfg.listen.port == 4754
 
 
+def test_inspect_kernel_rule_is_a_kernel_rule_for_the_servers_http() -> None:
+    from bridge import config
+    from bridge.lab.bench_variants import KERNEL_RULE
+    rule = KERNEL_RULE.format(log="/tmp/flows.jsonl")
+    cfg = config.loads_config(config_text("gw-a", "gre", rule), file="gw-a.toml")
+    (parsed,) = cfg.inspect_rules()
+    assert parsed.backend.value == "kernel" and parsed.dst_ports == ((80, 80),)
+    assert [str(n) for n in parsed.dst] == ["198.18.2.10/32"] and "http" in parsed.inspectors
+    assert parsed.log_path == "/tmp/flows.jsonl"
+
+
 def test_grebe_unavailable_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib
     real = importlib.import_module
@@ -433,6 +444,17 @@ def test_a_process_that_dies_ends_the_wait_with_its_log(tmp_path: Path) -> None:
     b.close()
 
 
+def test_a_persistent_server_can_be_restarted_alone(tmp_path: Path) -> None:
+    b = Bench(FakeLab(), tmp_path, tmp_path)
+    old = b.spawn("server", SLEEPER, "iperf3-server", persistent=True)
+    other = b.spawn("server", SLEEPER, "nginx", persistent=True)
+    b.stop_persistent("iperf3-server")
+    assert old.poll() is not None and other.poll() is None
+    new = b.spawn("server", SLEEPER, "iperf3-server", persistent=True)
+    b.close()
+    assert new.poll() is not None and other.poll() is not None
+
+
 def test_close_stops_everything_and_destroys_the_lab(tmp_path: Path) -> None:
     lab = FakeLab()
     b = Bench(lab, tmp_path, tmp_path)
@@ -465,3 +487,29 @@ def test_measure_tunnel_runs_ping_and_three_iperf3_runs(tmp_path: Path,
     assert "-R" in iperfs[2]
     counts = [c[c.index("-c") + 1] for c in calls if c[0] == "ping"]
     assert counts == ["1", "20"]  # reachability first, then the measured 20 pings
+
+
+class Bypassed(Recorder):
+    table = "inspect"
+
+    def setup(self, b: Bench) -> None:
+        self.events.append("setup")
+
+    def verify(self, b: Bench, flows: int) -> str | None:
+        self.events.append(f"verify {flows}")
+        return "the relay logged 0 flows"
+
+
+def test_inspection_row_fails_when_the_traffic_bypassed_the_proxy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_run(self: Bench, node: str, argv: Sequence[str], timeout: float = 30,
+                 check: bool = True) -> subprocess.CompletedProcess[str]:
+        size = bench.BIG_FILE_BYTES if argv[-1].endswith("/big") else 1024
+        return subprocess.CompletedProcess(list(argv), 0, f"200 {size} 0.001 0.5\n", "")
+
+    monkeypatch.setattr(Bench, "run", fake_run)
+    events: list[str] = []
+    b = Bench(FakeLab(), tmp_path, tmp_path)
+    row = bench.run_variant(b, Bypassed(events), bench.parse_args(["--quick"]))
+    assert row.status is Status.FAILED and "logged 0 flows" in row.detail
+    assert events == ["setup", "verify 11", "teardown"]  # 10 small GETs + 1 download
