@@ -40,6 +40,7 @@ from bridge.lab.netlink import (
     check_instance,
     clean_all,
     lab_namespaces,
+    lab_owners,
     ns_name,
 )
 from bridge.lab.topology import TOPOLOGY_DIR, NodeKind
@@ -203,17 +204,29 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 def cmd_test(argv: list[str]) -> int:
-    """pytest from the repo root with this Python; then fail if the run leaked a lab."""
+    """pytest from the repo root with this Python; then fail if the run leaked a lab.
+
+    A lab belongs to the run if its instance has the run's prefix (GREBE_TEST_PREFIX, used by
+    tests/conftest.py) or its state file says the pytest process built it.
+    """
     prefix = f"t{os.getpid()}x"
     env = {**os.environ, "GREBE_TEST_PREFIX": prefix}
-    rc = subprocess.call([sys.executable, "-m", "pytest", *argv], cwd=REPO, env=env)
-    leaked = [n for n in lab_namespaces() if n.startswith(f"{NS_PREFIX}{prefix}")]
-    if leaked:
-        say(f"netns-lab test: the run left namespaces behind: {' '.join(leaked)}")
-        for instance in sorted({n[len(NS_PREFIX):].partition("-")[0] for n in leaked}):
-            clean_all(instance)
-        return rc or 1
-    return rc
+    child = subprocess.Popen([sys.executable, "-m", "pytest", *argv], cwd=REPO, env=env)
+    while True:
+        try:
+            rc = child.wait()
+            break
+        except KeyboardInterrupt:  # pytest got the Ctrl-C too; let it finish its teardown
+            continue
+    ours = {i for i, pid in lab_owners().items() if pid == child.pid}
+    leaked = [n for n in lab_namespaces() if n.startswith(f"{NS_PREFIX}{prefix}")
+              or n[len(NS_PREFIX):].partition("-")[0] in ours]
+    if not leaked:
+        return rc
+    say(f"netns-lab test: the run left namespaces behind: {' '.join(leaked)}")
+    for instance in sorted({n[len(NS_PREFIX):].partition("-")[0] for n in leaked}):
+        clean_all(instance)
+    return rc or 1
 
 
 # ---------------------------------------------------------------- demo

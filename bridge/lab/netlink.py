@@ -404,18 +404,23 @@ class Lab:
         return lab
 
     def destroy(self) -> None:
-        """Kill every process of the lab, delete its namespaces and state. Idempotent."""
+        """Kill every process of the lab, delete its namespaces and state. Idempotent.
+
+        Raises LabError (after doing all of that) if a process survived SIGKILL.
+        """
         tracked: dict[int, int | None] = {p.pid: p.start_time for p in self.processes}
-        procs.kill_pids(tracked, groups=tracked)
-        procs.kill_pids(dict.fromkeys(self.pids()))
+        survivors = procs.kill_pids(tracked, groups=tracked)
+        survivors += procs.kill_pids(dict.fromkeys(self.pids()))
         for p in self._popens:
             try:
                 p.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                pass
+                survivors.append(p.pid)
         for node in self.nodes:
             _remove_netns(ns_name(self.instance, node))
         shutil.rmtree(self.state_dir, ignore_errors=True)
+        if survivors:
+            raise LabError(f"lab {self.instance}: processes survived SIGKILL: {survivors}")
 
     def __enter__(self) -> Lab:
         return self
