@@ -49,7 +49,7 @@ pmtu.icmp_burst) refilled from `now`.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bridge import counters as C
 from bridge.config import Config, DownAction, Encapsulation, SeqPolicy, SourcePort
@@ -60,6 +60,9 @@ from bridge.peers import LOOP, PeerTable
 from bridge.seqpolicy import SeqReceiver
 from stack.wire import icmp
 from stack.wire.ip import DF, OFFSET_MASK, PROTO_TCP, decrement_ttl_v4, fragment_v4, packet_length
+
+if TYPE_CHECKING:
+    from bridge.terminate import Terminator
 
 __all__ = ["Bridge", "Output", "PeerState"]
 
@@ -149,6 +152,13 @@ class Bridge:
             elif a.version == 6 and not self._src6:
                 self._src6 = a.ip.packed
         self.started = now
+        # issue 4: flows an [[inspect]] rule terminates in userspace (bridge/terminate.py);
+        # None without such a rule, and then nothing below looks at TCP (nor imports it).
+        self.terminator: Terminator | None = None
+        if config.inspect:
+            from bridge.terminate import Terminator
+
+            self.terminator = Terminator.for_bridge(self, now)
 
     def set_path_mtu(self, underlay_mtu: int, addr: Addr | None = None) -> int:
         """The underlay path MTU toward peer endpoint `addr` (None: every peer) is now
@@ -169,6 +179,26 @@ class Bridge:
             self.tun_mtu = min(p.mtu for p in self.peers)
         return self.tun_mtu
 
+    def send_inner(self, pkt: bytes, now: float, out: Output) -> bool:
+        """Encapsulate one inner packet this endpoint originated (the server leg of a
+        userspace-terminated flow) toward the peer its destination routes to; False (and
+        counted) when there is no usable route. The caller sizes it to the tunnel MTU."""
+        v6 = pkt[0] >> 4 == 6
+        idx = self.table.route(pkt[24:40] if v6 else pkt[16:20])
+        if idx < 0:
+            self.counters.drops[C.R_LOOP if idx == LOOP else C.R_NO_ROUTE] += 1
+            return False
+        peer = self.peers[idx]
+        if peer.withdraw and not peer.up:
+            self.counters.drops[C.R_PEER_DOWN] += 1
+            return False
+        self._send(peer, pkt, v6, now, out)
+        return True
+
+    def flows(self, now: float) -> list[dict[str, Any]]:
+        """The userspace-terminated flows, for `grebe flows` (empty without such rules)."""
+        return self.terminator.flows(now) if self.terminator is not None else []
+
     # ---------------------------------------------------------------- TUN -> peers
 
     def from_tun(self, packets: Iterable[Buf], now: float, out: Output) -> None:
@@ -179,11 +209,14 @@ class Bridge:
         drops = self.counters.drops
         table = self.table
         peers = self.peers
+        term = self.terminator
         for pkt in packets:
             n = packet_length(pkt)
             if not n:
                 drops[C.R_MALFORMED] += 1
                 continue
+            if term is not None and term.from_tun(pkt, n, now):
+                continue  # a flow terminated in userspace (bridge/terminate.py)
             v6 = pkt[0] >> 4 == 6
             if v6:
                 dst = pkt[24:40]
@@ -215,6 +248,8 @@ class Bridge:
                 self._too_big(peer, pkt, n, v6, now, out)
                 continue
             self._send(peer, pkt if n == len(pkt) else memoryview(pkt)[:n], v6, now, out)
+        if term is not None:
+            term.flush(now, out)
 
     def _send(self, peer: PeerState, pkt: Buf, v6: bool, now: float, out: Output) -> None:
         if peer.gre:
@@ -323,6 +358,7 @@ class Bridge:
         drops = c.drops
         table = self.table
         peers = self.peers
+        start = len(out.tun)
         for payload, addr in datagrams:
             cands = table.by_host(addr[0]) if isinstance(addr, tuple) and addr else ()
             if not cands:
@@ -389,6 +425,8 @@ class Bridge:
                 c.events[C.E_REORDER_FLUSHED] += peer.seq.flushes - flushes
             c.rx_packets[peer.index] += 1
             c.rx_bytes[peer.index] += n
+        if self.terminator is not None:  # server legs of terminated flows take theirs back
+            self.terminator.divert(out, start, now)
 
     def _pick(self, cands: tuple[int, ...], payload: Buf) -> PeerState:
         """Several peers share the source host: the GRE key tells them apart (RFC 2890 §2.1)."""
@@ -422,12 +460,17 @@ class Bridge:
             ):
                 if t is not None and (best is None or t < best):
                     best = t
+        if self.terminator is not None:
+            t = self.terminator.get_timer()
+            if t is not None and (best is None or t < best):
+                best = t
         return best
 
     def handle_timer(self, now: float, out: Output) -> None:
         """Run everything due at `now`: reorder flushes to out.tun, keepalives to out.udp,
         peers going down. Safe to call early or often."""
         ev = self.counters.events
+        start = len(out.tun)
         for p in self.peers:
             if p.reorder:
                 released = p.seq.expire(now, out.tun)
@@ -439,6 +482,9 @@ class Bridge:
             if p.up and p.dead_after > 0 and now >= p.last_rx + p.dead_after:
                 p.up = False
                 ev[C.E_PEER_DOWN] += 1
+        if self.terminator is not None:
+            self.terminator.divert(out, start, now)
+            self.terminator.handle_timer(now, out)
 
     # ---------------------------------------------------------------- status
 
@@ -469,6 +515,7 @@ class Bridge:
             "peers": peers,
             "drops": snap["drops"],
             "events": snap["events"],
+            **({"inspect": self.terminator.status()} if self.terminator is not None else {}),
         }
 
     def metrics_text(self) -> str:
