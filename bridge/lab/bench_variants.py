@@ -326,9 +326,11 @@ class MitmproxyWg(Variant):
         keys.write_text(json.dumps({"server_key": server_priv.read_text().strip(),
                                     "client_key": client_priv.read_text().strip()}))
         keys.chmod(0o600)
-        b.spawn("gw-a", [str(b.mitmdump), "-q", "--mode", f"wireguard:{keys}@{WG_PORT}",
+        # Not -q: mitmdump prints one line per flow, which verify() counts.
+        b.spawn("gw-a", [str(b.mitmdump), "--mode", f"wireguard:{keys}@{WG_PORT}",
                          "--set", f"confdir={b.tmp / 'mitm-confdir'}",
-                         "--set", "stream_large_bodies=1m"], "mitmdump")
+                         "--set", "stream_large_bodies=1m"], "mitmdump",
+                env={"PYTHONUNBUFFERED": "1"})
         b.wait_for(lambda: b.udp_listening("gw-a", WG_PORT), 60, "mitmdump WireGuard port")
         wg = b.wg_name(self.client_if)
         b.start_wireguard_go("client", wg)
@@ -337,6 +339,18 @@ class MitmproxyWg(Variant):
                          "allowed-ips", SITE_B[0]])
         b.addr("client", wg, "198.19.4.1/32")
         b.route("client", SITE_B[0], oif=wg)
+
+    def verify(self, b: Bench, flows: int) -> str | None:
+        log = b.tmp / "mitmdump.log"
+
+        def seen() -> int:
+            text = log.read_text(errors="replace") if log.exists() else ""
+            return text.count(f"GET http://{SERVER_V4}/")
+        try:
+            b.wait_for(lambda: seen() >= flows, 5, "mitmdump flow lines")
+        except TimeoutError:
+            return f"mitmdump showed {seen()} requests of {flows}: traffic bypassed it"
+        return None
 
 
 # The rule inspect-kernel adds to gw-a: the server's HTTP, terminated by the kernel backend
