@@ -236,7 +236,7 @@ class TcpConnection(OutputMixin):
         else:
             self._snd_wscale = self._rcv_wscale = 0
         # MUST-16: effective send MSS less the TCP options we always send.
-        self._send_mss = max(min(self._peer_mss, cfg.mss) - (12 if self._ts_on else 0), 64)
+        self._send_mss = max(min(self._peer_mss, self._my_mss) - (12 if self._ts_on else 0), 64)
         self._cc.set_smss(self._send_mss)
         if cfg.initial_cwnd:
             self._cc.cwnd = cfg.initial_cwnd

@@ -1,9 +1,10 @@
 """TcpConfig: the frozen settings of one TcpConnection (or of every one a TcpDemux makes).
 
 Rules (the defaults and the RFC clause each one honours):
-- `mss` (RFC 9293 §3.7.1, MUST-14/MUST-67): the MSS we advertise in our SYN, the largest
-  segment we accept without complaint, and the cap on the MSS we send with (MMS_S). The
-  peer's MSS option, or 536 (IPv4) / 1220 (IPv6) without one (MUST-15), bounds what we send.
+- `mtu` and `mss` (RFC 9293 §3.7.1, MUST-14/MUST-67): the MSS we advertise in our SYN and
+  the cap on the MSS we send with (MMS_S) is `mss` if set, else MTU - 40 for IPv4 and
+  MTU - 60 for IPv6 (the fixed headers). The peer's MSS option, or 536 (IPv4) / 1220
+  (IPv6) without one (MUST-15), bounds what we send.
 - `tx_max_segment`: the largest payload in one *output* segment. 0 means one send MSS.
   An adapter that writes to a TUN with GSO may ask for 64 KB super-segments; congestion
   and flow control stay in bytes and SMSS, so the wire sees MSS-sized segments.
@@ -42,7 +43,8 @@ def _random_key() -> bytes:
 class TcpConfig:
     """Settings for TcpConnection; see the module docstring for each field's rule."""
 
-    mss: int = 1460
+    mtu: int = 1500
+    mss: int = 0  # 0: from mtu and the address family
     tx_max_segment: int = 0
     recv_buffer: int = 1 << 20
     send_buffer: int = 1 << 20
@@ -65,13 +67,15 @@ class TcpConfig:
     isn_key: bytes = field(default_factory=_random_key, repr=False)
 
     def __post_init__(self) -> None:
-        if not 88 <= self.mss <= 65495:
+        if self.mss and not 88 <= self.mss <= 65495:
             raise ValueError(f"mss {self.mss} outside 88..65495")
+        if not 1280 <= self.mtu <= 65535 and not self.mss:
+            raise ValueError(f"mtu {self.mtu} outside 1280..65535")
         if self.tx_max_segment < 0 or self.tx_max_segment > 65535 * 4:
             raise ValueError(f"tx_max_segment {self.tx_max_segment} outside 0..262140")
         if not 0 < self.delayed_ack < 0.5:
             raise ValueError("delayed_ack must be in (0, 0.5) s (RFC 9293 MUST-40)")
-        if self.recv_buffer < self.mss or self.send_buffer < 1:
+        if self.recv_buffer < self.mss_for(16) or self.send_buffer < 1:
             raise ValueError("recv_buffer must hold one MSS and send_buffer one byte")
         if self.recv_buffer > (1 << 30):
             raise ValueError("recv_buffer above 2**30 (RFC 7323 §2.3 window limit)")
@@ -81,6 +85,12 @@ class TcpConfig:
             raise ValueError("msl, syn_retries and max_retries must be positive")
         if not 1 <= len(self.isn_key) <= 32:
             raise ValueError("isn_key must be 1..32 bytes")
+
+    def mss_for(self, addr_len: int) -> int:
+        """The MSS to advertise for 4-byte (IPv4) or 16-byte (IPv6) addresses."""
+        if self.mss:
+            return self.mss
+        return self.mtu - (40 if addr_len == 4 else 60)
 
     @property
     def rcv_wscale(self) -> int:

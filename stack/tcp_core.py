@@ -94,7 +94,8 @@ class ConnectionCore:
         self._fin_abs: int | None = None
         default_mss = 536 if len(local[0]) == 4 else 1220  # MUST-15
         self._peer_mss = default_mss
-        self._send_mss = min(default_mss, cfg.mss)
+        self._my_mss = cfg.mss_for(len(local[0]))  # MMS_R and MMS_S (MUST-67)
+        self._send_mss = min(default_mss, self._my_mss)
         # Receive side.
         self._rcv_nxt = 0
         self._rcv_adv = 0
@@ -202,7 +203,7 @@ class ConnectionCore:
 
     def _rcv_mss(self) -> int:
         """Full-sized segment from the peer: our MSS less the options it sends."""
-        return self.config.mss - (12 if self._ts_on else 0)
+        return self._my_mss - (12 if self._ts_on else 0)
 
     def _queue_rst(self, seq: int, ack: int | None) -> None:
         flags = RST if ack is None else RST | ACK
@@ -221,7 +222,7 @@ class ConnectionCore:
         cfg = self.config
         space = cfg.recv_buffer - self._rx_len - self._rx_held
         grow = self._rcv_nxt + space - self._rcv_adv
-        if grow >= min(cfg.recv_buffer // 2, 2 * cfg.mss) and self._state in (
+        if grow >= min(cfg.recv_buffer // 2, 2 * self._my_mss) and self._state in (
             State.ESTABLISHED, State.FIN_WAIT_1, State.FIN_WAIT_2
         ):
             self._ack_now = True
@@ -304,6 +305,7 @@ class ConnectionCore:
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "mss": self._send_mss,
+            "rcv_mss": self._my_mss,
             "wscale": (self._snd_wscale, self._rcv_wscale) if self._ws_on else None,
             "sack": self._sack_on,
             "ts": self._ts_on,

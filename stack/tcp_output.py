@@ -110,13 +110,13 @@ class OutputMixin(ConnectionCore):
         if synack:
             return TcpSegment(
                 self.local[1], self.remote[1], self._iss, (self._irs + 1) & MASK, SYN | ACK,
-                win, b"", 0, cfg.mss,
+                win, b"", 0, self._my_mss,
                 self._rcv_wscale if self._ws_on else None,
                 self._sack_on,
                 (self._ts_clock(now), self._ts_recent or 0) if self._ts_on else None,
             )
         return TcpSegment(
-            self.local[1], self.remote[1], self._iss, 0, SYN, win, b"", 0, cfg.mss,
+            self.local[1], self.remote[1], self._iss, 0, SYN, win, b"", 0, self._my_mss,
             cfg.rcv_wscale if cfg.window_scaling else None,
             cfg.sack,
             (self._ts_clock(now), 0) if cfg.timestamps else None,
@@ -142,7 +142,7 @@ class OutputMixin(ConnectionCore):
         cfg = self.config
         rcv_nxt = self._rcv_nxt
         space = cfg.recv_buffer - self._rx_len - self._rx_held
-        if space < min(cfg.recv_buffer // 2, cfg.mss):
+        if space < min(cfg.recv_buffer // 2, self._my_mss):
             space = 0  # MUST-39: no small window increments
         edge = rcv_nxt + space
         if edge < self._rcv_adv:

@@ -2,9 +2,10 @@
 
 LinuxPeer creates a network namespace `gb-h6-<pid>-<hex>` (lab rules: gb- prefix,
 198.18.0.0/15 addresses, nothing in the root namespace), a TUN device inside it with
-198.18.77.1/24, and hands the TUN file descriptor to this process. Whatever the kernel in
-that namespace sends to 198.18.77.2 comes out of the TUN; `pump()` parses it, gives the
-TCP segments to a TcpDemux (our stack plays 198.18.77.2) and writes the stack's answers
+198.18.77.1/24 and 2001:db8:77::1/64, and hands the TUN file descriptor to this process.
+Whatever the kernel in that namespace sends to 198.18.77.2 or 2001:db8:77::2 comes out of
+the TUN; `pump()` parses it, gives the TCP segments to a TcpDemux (our stack) and writes
+the stack's answers
 back, optionally dropping a seeded fraction of packets both ways. Real tools run inside
 the namespace with `popen()`. Only needs root and /dev/net/tun; the bridge is not involved.
 """
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from pyroute2 import IPRoute, netns
 
 from stack.demux import TcpDemux
-from stack.wire.ip import Ipv4Header, build_ipv4, parse_ipv4
+from stack.wire.ip import Ipv4Header, Ipv6Header, build_ipv4, build_ipv6, parse_ipv4, parse_ipv6
 from stack.wire.tcp import emit_tcp
 
 TUNSETIFF = 0x400454CA
@@ -34,6 +35,11 @@ KERNEL_ADDR = "198.18.77.1"
 STACK_ADDR = "198.18.77.2"
 KERNEL = bytes([198, 18, 77, 1])
 STACK = bytes([198, 18, 77, 2])
+KERNEL6_ADDR = "2001:db8:77::1"
+STACK6_ADDR = "2001:db8:77::2"
+KERNEL6 = bytes.fromhex("20010db8007700000000000000000001")
+STACK6 = bytes.fromhex("20010db8007700000000000000000002")
+IFA_F_NODAD = 0x02
 
 
 def available() -> bool:
@@ -70,6 +76,8 @@ class LinuxPeer:
                 idx = ipr.link_lookup(ifname="gbh6tun")[0]
                 ipr.link("set", index=idx, mtu=mtu)
                 ipr.addr("add", index=idx, address=KERNEL_ADDR, prefixlen=24)
+                ipr.addr("add", index=idx, address=KERNEL6_ADDR, prefixlen=64,
+                         flags=IFA_F_NODAD)
                 ipr.link("set", index=idx, state="up")
         except BaseException:
             self.close()
@@ -104,17 +112,23 @@ class LinuxPeer:
                     pkt = os.read(fd, 65536)
                 except BlockingIOError:
                     break
-                parsed = parse_ipv4(pkt)
-                if parsed is None or parsed[0].proto != 6:
-                    continue
+                if pkt and pkt[0] >> 4 == 6:
+                    p6 = parse_ipv6(pkt)
+                    if p6 is None or p6[0].next_header != 6:
+                        continue
+                    src, dst, tcp = p6[0].src, p6[0].dst, p6[1]
+                else:
+                    p4 = parse_ipv4(pkt)
+                    if p4 is None or p4[0].proto != 6:
+                        continue
+                    src, dst, tcp = p4[0].src, p4[0].dst, p4[1]
                 if self.loss and self.rng.random() < self.loss:
                     self.dropped += 1
                     continue
                 self.packets_in += 1
                 if self.record is not None:
-                    ins.append(parsed[0].src.hex() + ":" + parsed[0].dst.hex() + ":"
-                               + parsed[1].hex())
-                demux.receive_packet(parsed[0].src, parsed[0].dst, parsed[1], now)
+                    ins.append(src.hex() + ":" + dst.hex() + ":" + tcp.hex())
+                demux.receive_packet(src, dst, tcp, now)
             t = demux.get_timer()
             timer = t is not None and t <= now
             if timer:
@@ -128,7 +142,10 @@ class LinuxPeer:
                 if self.loss and self.rng.random() < self.loss:
                     self.dropped += 1
                     continue
-                os.write(fd, build_ipv4(Ipv4Header(src, dst, 6, df=True), tcp))
+                if len(src) == 4:
+                    os.write(fd, build_ipv4(Ipv4Header(src, dst, 6, df=True), tcp))
+                else:
+                    os.write(fd, build_ipv6(Ipv6Header(src, dst, 6), tcp))
                 self.packets_out += 1
             if self.record is not None and (ins or outs or timer):
                 self.record.append({"t": now, "in": ins, "timer": timer, "out": outs})

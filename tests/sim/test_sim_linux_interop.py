@@ -9,10 +9,22 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
-from linux_peer import KERNEL, KERNEL_ADDR, STACK, STACK_ADDR, LinuxPeer, available
+from linux_peer import (
+    KERNEL,
+    KERNEL6,
+    KERNEL6_ADDR,
+    KERNEL_ADDR,
+    STACK,
+    STACK6,
+    STACK6_ADDR,
+    STACK_ADDR,
+    LinuxPeer,
+    available,
+)
 from replay import CLIENT, Echo
 
 from stack.demux import TcpDemux
@@ -31,7 +43,7 @@ SIZE = 3_000_000
 # A Linux echo server for our active open: echoes until EOF, then closes.
 SERVER = r"""
 import socket, sys
-ls = socket.socket()
+ls = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
 ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 ls.bind((sys.argv[1], 9000))
 ls.listen(1)
@@ -118,5 +130,58 @@ def test_our_client_to_linux_server_echo(loss: float) -> None:
         print(f"\nstack -> Linux server, loss {loss}: {conn.info()}")
         assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
         assert str(conn.state) == "TIME-WAIT"  # we closed first, then took their FIN
+    finally:
+        peer.close()
+
+
+def test_linux_client_to_our_server_ipv6() -> None:
+    demux = TcpDemux(CFG)
+    demux.listen(8080)
+    peer = LinuxPeer(demux, seed=13)
+    try:
+        client = peer.popen([sys.executable, "-c", CLIENT, str(SIZE), STACK6_ADDR])
+        apps: list[Echo] = []
+
+        def step(now: float) -> None:
+            while (c := demux.accept()) is not None:
+                apps.append(Echo(c))
+            for app in apps:
+                app.step()
+
+        peer.pump(step, lambda: client.poll() is not None, timeout=120)
+        out, err = client.communicate(timeout=10)
+        [app] = apps
+        print(f"\nLinux client -> stack over IPv6: {app.conn.info()}")
+        assert out.startswith(b"OK"), (out, err)
+        assert app.conn.local[0] == STACK6 and app.conn.remote[0] == KERNEL6
+        assert app.conn.send_mss == 1440 - 12  # 1500 - 60 (MSS option) - 12 (TSopt)
+        assert app.conn.info()["rcv_mss"] == 1440  # what we advertised for IPv6
+    finally:
+        peer.close()
+
+
+def test_our_client_to_linux_server_ipv6() -> None:
+    demux = TcpDemux(CFG)
+    peer = LinuxPeer(demux, seed=14)
+    try:
+        server = peer.popen([sys.executable, "-u", "-c", SERVER, KERNEL6_ADDR])
+        assert server.stdout is not None
+        assert server.stdout.readline().strip() == b"LISTENING"
+        conn = demux.connect((STACK6, 40001), (KERNEL6, 9000), time.monotonic())
+        got = bytearray()
+        done = []
+
+        def step(now: float) -> None:
+            if str(conn.state) == "ESTABLISHED":
+                conn.send(b"ping over IPv6")  # (close() in SYN-SENT would delete the TCB)
+                conn.close()
+            while (ev := conn.next_event()) is not None:
+                if isinstance(ev, DataReceived):
+                    got.extend(ev.data)
+                elif isinstance(ev, (PeerFinished, Closed, ConnectionReset)):
+                    done.append(ev)
+
+        peer.pump(step, lambda: bool(done), timeout=60)
+        assert bytes(got) == b"ping over IPv6" and isinstance(done[0], PeerFinished)
     finally:
         peer.close()
