@@ -15,7 +15,8 @@ Rules
   the policy route delivers them locally. Rules keep the first-match order of `[[inspect]]`:
   a userspace-backend or `action = "forward"` rule in front of a kernel rule becomes an
   `accept` carve-out; `action = "drop"` kernel rules drop. Only packets arriving on
-  `iifnames` (the LAN side) are intercepted when given.
+  `iifnames` (the LAN side) are intercepted when given, and only a connection's first SYN is
+  selected: connections open before the backend started pass untouched (as in flows.py).
 - The listener (v4 and v6, IP_TRANSPARENT / IPV6_TRANSPARENT) reads the original destination
   with getsockname(). For each accepted flow the upstream socket is IP_TRANSPARENT and bound to
   the client's own address, so the server sees the client; its packets leave through the
@@ -35,8 +36,9 @@ Theory of operation
 `loop.create_server(sock=...)` and starts the flush timer. Each accepted connection gets a
 `Relay`: two `_Side` protocols around an `InspectSession` (bridge/inspect/session.py, the
 sans-I/O stream life shared with the userspace splice), whose actions it performs on the
-sockets. The client side is paused until flow_start allowed the flow and the upstream connected. `stop()` closes the listeners, ends every relay
-(CloseReason.SHUTDOWN), closes the inspectors and removes the interception.
+sockets. The client side is paused until flow_start allowed the flow and the upstream
+connected. `stop()` closes the listeners, ends every relay (CloseReason.SHUTDOWN), closes the
+inspectors and removes the interception.
 """
 
 from __future__ import annotations
@@ -93,6 +95,12 @@ def _set(items: Sequence[str]) -> str:
     return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
 
 
+# RFC 9293 §3.5: a connection starts with a SYN without ACK. Only that packet is selected: later
+# packets of our flows match `socket transparent`, and packets of connections that existed
+# before the backend started are forwarded untouched (diverted, the listener would RST them).
+_SYN_ONLY = "tcp flags & (fin | syn | rst | ack) == syn"
+
+
 def _rule_lines(rule: InspectRule, s: TproxySettings, verdict_v4: str,
                 verdict_v6: str) -> list[str]:
     lines = []
@@ -105,7 +113,8 @@ def _rule_lines(rule: InspectRule, s: TproxySettings, verdict_v4: str,
         dst = [str(n) for n in rule.dst if n.version == version]
         if (rule.src and not src) or (rule.dst and not dst):
             continue            # the rule has prefixes, none of this family
-        match = f"meta nfproto {'ipv4' if version == 4 else 'ipv6'} meta l4proto tcp "
+        nfproto = "ipv4" if version == 4 else "ipv6"
+        match = f"meta nfproto {nfproto} meta l4proto tcp {_SYN_ONLY} "
         if src:
             match += f"{fam} saddr {_set(src)} "
         if dst:

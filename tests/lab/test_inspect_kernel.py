@@ -118,6 +118,12 @@ while True:
             print("eof", peer[0], flush=True)
         except ConnectionResetError:
             print("reset", peer[0], flush=True)
+    elif mode == b"echo ":                     # echo until EOF (a long-lived connection)
+        try:
+            while data := c.recv(65536):
+                c.sendall(data)
+        except ConnectionResetError:
+            pass
     elif mode == b"close":                     # we close: the client must see data then EOF
         c.sendall(b"bye")
         c.close()
@@ -143,6 +149,25 @@ else:
             break
         data += chunk
     print("got", data.decode(), "eof")
+"""
+
+PRE_CLIENT = r"""
+import os, socket, sys, time
+ready, go, out = sys.argv[1:4]
+c = socket.create_connection(("198.18.2.10", 9000), timeout=30)
+c.sendall(b"echo a\n")
+assert c.recv(100) == b"a\n"
+open(ready, "w").close()                       # established before the backend starts
+deadline = time.monotonic() + 120
+while not os.path.exists(go) and time.monotonic() < deadline:
+    time.sleep(0.05)
+try:
+    c.sendall(b"after\n")
+    res = "ok" if c.recv(100) == b"after\n" else "wrong"
+except OSError as exc:
+    res = repr(exc)
+with open(out, "w") as f:
+    f.write(res)
 """
 
 MANY_CLIENT = r"""
@@ -180,6 +205,11 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     try:
         _plain_routes(lab)
         _start_servers(lab, d)
+        # a connection that exists before the backend starts must survive it
+        (d / "pre_client.py").write_text(PRE_CLIENT)
+        lab.popen("client", [sys.executable, str(d / "pre_client.py"), str(d / "pre.ready"),
+                             str(d / "pre.go"), str(d / "pre.out")], log=str(d / "pre.log"))
+        lab.wait_for(lambda: (d / "pre.ready").exists(), 20, "pre-existing connection")
         conf = d / "gw-a.toml"
         conf.write_text(RULES.format(state=d))
         lab.tproxy = lab.popen(
@@ -259,6 +289,13 @@ def _curl(lab: Any, url: str, *extra: str, timeout: float = 120) -> subprocess.C
 
 
 # --------------------------------------------------------------------------------------------
+
+
+def test_connection_from_before_the_backend_passes_untouched(lab: Any) -> None:
+    d: Path = lab.tmp
+    (d / "pre.go").touch()
+    lab.wait_for(lambda: (d / "pre.out").exists(), 30, "the old connection's echo")
+    assert (d / "pre.out").read_text() == "ok"
 
 
 def test_100mb_download_sha256_and_http_log(lab: Any) -> None:

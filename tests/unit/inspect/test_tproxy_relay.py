@@ -62,6 +62,7 @@ inspectors = ["log"]
     assert "ip6 daddr 2001:db8:2::/64" in lines[4] and "tproxy ip6 to :15001" in lines[4]
     assert "ip6 daddr 2001:db8:66::/64" in lines[5] and lines[5].split("  #")[0].endswith("drop")
     assert "socket transparent 1 meta mark set 0x10 accept" in text
+    assert all("tcp flags & (fin | syn | rst | ack) == syn" in ln for ln in lines)
     assert text.startswith("table inet grebe_tproxy\ndelete table inet grebe_tproxy\n")
 
 
