@@ -19,7 +19,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,12 +27,10 @@ import pytest
 
 from bridge.lab import impair, procs
 from bridge.lab.netlink import Lab
-from bridge.lab.topology import load
 
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root"),
-]
+LabFactory = Callable[..., Lab]  # tests/lab/conftest.py's lab_factory
+
+pytestmark = pytest.mark.netns  # conftest.py skips these without root and /dev/net/tun
 
 GW_A, GW_B = "198.18.0.1", "198.18.0.2"  # two-sites-plain: wan-a and wan-b meet in `wan`
 SEQ = struct.Struct("!I")
@@ -41,12 +39,9 @@ TIMESPEC = struct.Struct("qq")
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    lab = Lab.up(load("two-sites-plain"), instance=f"imp{os.getpid()}", start=False)
-    try:
-        yield lab
-    finally:
-        lab.destroy()
+def lab(two_sites_plain: Lab) -> Lab:
+    """client - gw-a - wan (bridge) - gw-b - server, shared by this module's tests."""
+    return two_sites_plain
 
 
 @pytest.fixture
@@ -316,7 +311,8 @@ def test_cli_sets_shows_and_removes(lab: Lab, wan_a: str,
     assert f"{wan_a} (gw-a:wan0 <-> wan:gw-a): off" in capsys.readouterr().out
 
 
-def test_topology_impairment_on_a_host_to_host_link(tmp_path: Path) -> None:
+def test_topology_impairment_on_a_host_to_host_link(tmp_path: Path,
+                                                    lab_factory: LabFactory) -> None:
     """`impair = {...}` in a topology is applied at `up`; the emulator sits in a host."""
     topo = tmp_path / "pair.toml"
     topo.write_text("""
@@ -330,16 +326,12 @@ name = "wire"
 endpoints = ["left:eth0", "right:eth0"]
 impair = { delay = "15ms", seed = 1 }
 """)
-    pair = Lab.up(load(topo), instance=f"imq{os.getpid()}", start=False)
-    try:
-        t = exchange(pair, ("left", "198.18.9.1"), ("right", "198.18.9.2"), 60, 0.01,
-                     echo=True)
-        rtt = t.rtt_ms()
-        print(f"host-to-host rtt median {statistics.median(rtt):.2f} ms")
-        assert len(rtt) == 60 and 30 <= min(rtt) and statistics.median(rtt) < 36
-        assert "delay 15 ms" in impair._show(pair, "wire")
-    finally:
-        pair.destroy()
+    pair = lab_factory(topo, start=False)
+    t = exchange(pair, ("left", "198.18.9.1"), ("right", "198.18.9.2"), 60, 0.01, echo=True)
+    rtt = t.rtt_ms()
+    print(f"host-to-host rtt median {statistics.median(rtt):.2f} ms")
+    assert len(rtt) == 60 and 30 <= min(rtt) and statistics.median(rtt) < 36
+    assert "delay 15 ms" in impair._show(pair, "wire")
 
 
 def test_two_emulated_links_in_one_bridge_add_up(lab: Lab, wan_a: str) -> None:
