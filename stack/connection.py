@@ -68,6 +68,11 @@ class TcpConnection(OutputMixin):
         return (self._irs + self._rcv_nxt) & MASK
 
     @property
+    def receive_window(self) -> int:
+        """Bytes of window we last advertised beyond RCV.NXT (RCV.WND)."""
+        return max(self._rcv_adv - self._rcv_nxt, 0)
+
+    @property
     def send_mss(self) -> int:
         """Payload bytes per wire segment (RFC 9293 MUST-16); the adapter's GSO size."""
         return self._send_mss

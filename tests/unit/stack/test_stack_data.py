@@ -96,7 +96,7 @@ def test_rfc9293_shld_19_ack_every_second_full_segment() -> None:
     expect(recv_one(conn, 1.0), ack=rseq(2921))
 
 
-def test_rfc9293_must_58_acks_are_aggregated_over_a_batch() -> None:
+def test_rfc9293_must_58_59_acks_are_aggregated_over_a_batch() -> None:
     conn = passive()
     for i in range(6):
         send(conn, 1.0, seq=rseq(1 + 1460 * i), ack=lseq(1), payload=b"z" * 1460)
@@ -294,3 +294,22 @@ def test_header_prediction_takes_in_order_data_and_pure_acks() -> None:
     send(conn, 1.1, seq=rseq(1001), ack=lseq(101))
     assert conn.fast_path == 11
     assert conn.read() == b"p" * 1000 and conn.info()["in_flight"] == 0
+
+
+def test_rfc9293_must_34_peer_shrinking_its_window_is_survived() -> None:
+    conn = active(cfg(nagle=False, initial_cwnd=10 * 1460), window=10_000)
+    conn.send(bytes(20_000))
+    assert sum(len(s.payload) for s in recv(conn, 1.0)) == 6 * 1460  # SWS: 1240 left waits
+    # The peer takes back its window (acks 1000 bytes, offers 500): we must not send
+    # beyond the new right edge, and we must not fail.
+    send(conn, 1.1, seq=rseq(1), ack=lseq(1001), window=500)
+    recv_nothing(conn, 1.1)
+    assert conn.receive_window == 65535
+    t = conn.get_timer()
+    assert t is not None
+    conn.handle_timer(t)  # RTO: back to SND.UNA; 500 bytes < SMSS and < max window / 2
+    recv_nothing(conn, t)
+    t2 = conn.get_timer()
+    assert t2 is not None and t2 > t
+    conn.handle_timer(t2)  # the persist / SWS override timer sends what fits
+    assert [(s.seq, len(s.payload)) for s in recv(conn, t2)] == [(lseq(1001), 500)]
