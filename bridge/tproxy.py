@@ -30,6 +30,8 @@ Rules
 - A failed upstream connect (refused, unreachable, timeout) resets the client: the client
   sees what it would have seen without us (RST), a little later.
 - Writers (log, pcap) flush on a timer in a worker thread, never in a hook.
+- SIGHUP reloads the rules without dropping flows: new flows follow the new rules, live ones
+  keep their inspectors; a bad file is refused and logged, the old rules stay.
 
 Theory of operation
 `TproxyBackend.start()` installs the interception, opens the listeners with
@@ -49,12 +51,10 @@ import logging
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import time
 import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from bridge.errors import ConfigError
@@ -63,128 +63,16 @@ from bridge.flows import selector_for as _selector_for
 from bridge.inspect.api import CloseReason, Direction, Flow
 from bridge.inspect.manager import InspectorChain, InspectorManager
 from bridge.inspect.session import Abort, Action, Deliver, HalfClose, InspectSession
+from bridge.tproxy_setup import TproxySettings, _nft, _routing, nft_delete, nft_ruleset
+
+__all__ = ["TproxyBackend", "TproxySettings", "Relay", "load_rules", "main", "nft_delete",
+           "nft_ruleset"]
 
 log = logging.getLogger("grebe.tproxy")
 
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
 IPV6_TRANSPARENT = 75
 _LINGER0 = struct.pack("ii", 1, 0)
-
-
-@dataclass(frozen=True, slots=True)
-class TproxySettings:
-    """Where and how the kernel backend intercepts."""
-
-    port: int = 15001
-    mark: int = 0x4754
-    table: int = 4754
-    rule_priority: int = 4754
-    nft_table: str = "grebe_tproxy"
-    iifnames: tuple[str, ...] = ()
-    connect_timeout: float = 10.0
-    flush_interval: float = 1.0
-    backlog: int = 1024
-    transparent: bool = True        # False only for tests on loopback without privileges
-
-
-# ---------------------------------------------------------------------------------------------
-# nftables ruleset (pure)
-# ---------------------------------------------------------------------------------------------
-
-def _set(items: Sequence[str]) -> str:
-    return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
-
-
-# RFC 9293 §3.5: a connection starts with a SYN without ACK. Only that packet is selected: later
-# packets of our flows match `socket transparent`, and packets of connections that existed
-# before the backend started are forwarded untouched (diverted, the listener would RST them).
-_SYN_ONLY = "tcp flags & (fin | syn | rst | ack) == syn"
-
-
-def _rule_lines(rule: InspectRule, s: TproxySettings, verdict_v4: str,
-                verdict_v6: str) -> list[str]:
-    lines = []
-    quoted = ['"' + n + '"' for n in s.iifnames]
-    iif = f"iifname {_set(quoted)} " if quoted else ""
-    ports = (f"tcp dport {_set([str(a) if a == b else f'{a}-{b}' for a, b in rule.dst_ports])} "
-             if rule.dst_ports else "")
-    for version, fam, verdict in ((4, "ip", verdict_v4), (6, "ip6", verdict_v6)):
-        src = [str(n) for n in rule.src if n.version == version]
-        dst = [str(n) for n in rule.dst if n.version == version]
-        if (rule.src and not src) or (rule.dst and not dst):
-            continue            # the rule has prefixes, none of this family
-        nfproto = "ipv4" if version == 4 else "ipv6"
-        match = f"meta nfproto {nfproto} meta l4proto tcp {_SYN_ONLY} "
-        if src:
-            match += f"{fam} saddr {_set(src)} "
-        if dst:
-            match += f"{fam} daddr {_set(dst)} "
-        lines.append(f"        {iif}{match}{ports}{verdict}  # rule {rule.name}")
-    return lines
-
-
-def nft_ruleset(rules: Sequence[InspectRule], s: TproxySettings) -> str:
-    """The `nft -f -` input that installs the interception (replacing an old table)."""
-    mark = f"0x{s.mark:x}"
-    out = [f"table inet {s.nft_table}", f"delete table inet {s.nft_table}",
-           f"table inet {s.nft_table} {{",
-           "    chain prerouting {",
-           "        type filter hook prerouting priority mangle; policy accept;",
-           # packets of connections we already own (both legs): deliver locally
-           f"        meta l4proto tcp socket transparent 1 meta mark set {mark} accept"]
-    last_kernel = max((i for i, r in enumerate(rules) if r.backend is Backend.KERNEL),
-                      default=-1)
-    for rule in rules[:last_kernel + 1]:
-        if rule.backend is Backend.KERNEL and rule.action is Verdict.INSPECT:
-            v4 = f"tproxy ip to :{s.port} meta mark set {mark} accept"
-            v6 = f"tproxy ip6 to :{s.port} meta mark set {mark} accept"
-        elif rule.backend is Backend.KERNEL and rule.action is Verdict.DROP:
-            v4 = v6 = "drop"
-        else:
-            v4 = v6 = "accept"
-        out += _rule_lines(rule, s, v4, v6)
-    out += ["    }", "}"]
-    return "\n".join(out) + "\n"
-
-
-def nft_delete(s: TproxySettings) -> str:
-    return f"table inet {s.nft_table}\ndelete table inet {s.nft_table}\n"
-
-
-def _nft(script: str) -> None:
-    cp = subprocess.run(["nft", "-f", "-"], input=script, text=True, capture_output=True,
-                        timeout=30, check=False)
-    if cp.returncode != 0:
-        raise RuntimeError(f"nft failed: {cp.stderr.strip()}\n--- ruleset ---\n{script}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Policy routing (pyroute2)
-# ---------------------------------------------------------------------------------------------
-
-def _routing(action: str, s: TproxySettings) -> None:
-    from pyroute2 import IPRoute  # type: ignore[import-untyped]
-    from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
-
-    with IPRoute() as ipr:
-        lo = ipr.link_lookup(ifname="lo")[0]
-        for family, default in ((socket.AF_INET, "0.0.0.0/0"), (socket.AF_INET6, "::/0")):
-            steps: list[tuple[Any, dict[str, Any]]] = [
-                (ipr.rule, dict(family=family, fwmark=s.mark, table=s.table,
-                                priority=s.rule_priority)),
-                # RTN_LOCAL routes are host-scoped (the kernel refuses scope universe for v4)
-                (ipr.route, dict(family=family, dst=default, type="local", table=s.table,
-                                 oif=lo, scope=254)),
-            ]
-            if action == "del":
-                steps.reverse()
-            for fn, spec in steps:
-                try:
-                    fn(action, **spec)
-                except NetlinkError as exc:
-                    # add: EEXIST from a crashed run is fine; del: ENOENT/ESRCH is fine
-                    if exc.code not in (17, 2, 3):
-                        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,6 +250,7 @@ class TproxyBackend:
         self.install = install
         self.selector: FlowSelector = _selector_for(self.rules, Backend.KERNEL)
         self.manager = InspectorManager(self.rules)
+        self._retired: list[InspectorManager] = []
         self.relays: dict[int, Relay] = {}
         self.counters: dict[str, int] = {"accepted": 0, "unmatched": 0}
         self._servers: list[asyncio.AbstractServer] = []
@@ -463,9 +352,29 @@ class TproxyBackend:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.settings.flush_interval)   # a timer, not a wait
-            self._flushing = loop.run_in_executor(None, self.manager.flush)
+            self._flushing = loop.run_in_executor(None, self._flush_all)
             await self._flushing
             self._flushing = None
+
+    def reload(self, rules: Sequence[InspectRule]) -> None:
+        """Hot reload: new flows follow `rules`; live flows keep their chain until they end.
+
+        Loads the new inspectors first (a ConfigError leaves everything as it was), then
+        replaces the nft table in one transaction. Old inspectors are flushed and closed at stop.
+        """
+        manager = InspectorManager(rules)
+        if self._installed:
+            _nft(nft_ruleset(tuple(rules), self.settings))
+        self._retired.append(self.manager)
+        self.rules = tuple(rules)
+        self.selector = _selector_for(self.rules, Backend.KERNEL)
+        self.manager = manager
+        self.counters["reloads"] = self.counters.get("reloads", 0) + 1
+        log.info("tproxy: reloaded %d rule(s)", len(self.rules))
+
+    def _flush_all(self) -> None:
+        for manager in (*self._retired, self.manager):
+            manager.flush()
 
     def status(self) -> dict[str, Any]:
         """JSON-able state: counters, per-rule chain counters, live flows."""
@@ -490,7 +399,9 @@ class TproxyBackend:
             relay.abort(CloseReason.SHUTDOWN)
         for task in list(self._tasks):
             task.cancel()
-        self.manager.close()
+        for manager in (*self._retired, self.manager):
+            manager.close()
+        self._retired.clear()
         if self._installed:
             self._installed = False
             try:
@@ -542,17 +453,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     settings = TproxySettings(port=args.port, mark=args.mark, table=args.table,
                               iifnames=tuple(args.iif))
-    return asyncio.run(_serve(rules, settings, args.ready_file))
+    return asyncio.run(_serve(rules, settings, args.ready_file, args.config))
+
+
+def _reload(backend: TproxyBackend, path: str) -> None:
+    """SIGHUP: re-read the rules; a bad file is reported and the old rules stay."""
+    try:
+        backend.reload(load_rules(path))
+    except (ConfigError, OSError, tomllib.TOMLDecodeError, RuntimeError) as exc:
+        log.error("tproxy: reload of %s refused, keeping the old rules: %s", path, exc)
 
 
 async def _serve(rules: Sequence[InspectRule], settings: TproxySettings,
-                 ready_file: str | None) -> int:
+                 ready_file: str | None, config_path: str | None = None) -> int:
     backend = TproxyBackend(rules, settings)
     await backend.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if config_path is not None:
+        loop.add_signal_handler(signal.SIGHUP, _reload, backend, config_path)
     if ready_file:
         with open(ready_file, "w") as f:
             f.write(f"{settings.port}\n")

@@ -410,6 +410,22 @@ def test_200_concurrent_inspected_connections(lab: Any) -> None:
         "200 log lines")
 
 
+def test_sighup_reloads_rules_and_refuses_a_bad_file(lab: Any) -> None:
+    d: Path = lab.tmp
+    conf = d / "gw-a.toml"
+    good = conf.read_text()
+    conf.write_text("[[inspect]]\nname = 'broken'\nsrc = ['not an address']\n")
+    lab.tproxy.send_signal(signal.SIGHUP)
+    lab.wait_for(lambda: "reload of" in (d / "tproxy.log").read_text(), 10, "refusal logged")
+    assert "Welcome to grebe!" in _curl(lab, f"http://{SERVER}:8080/index.html").stdout
+    conf.write_text(good.replace("Welcome to grebe!", "Welcome to GREBE!"))
+    lab.tproxy.send_signal(signal.SIGHUP)
+    lab.wait_for(lambda: "Welcome to GREBE!" in _curl(lab, f"http://{SERVER}:8080/index.html")
+                 .stdout, 10, "the reloaded replace rule")
+    conf.write_text(good)
+    lab.tproxy.send_signal(signal.SIGHUP)
+
+
 def test_bench_relay_vs_direct(lab: Any) -> None:
     """Benchmark (prints, never asserts on time): 100 MB direct vs through the relay."""
     def speed(port: int) -> float:

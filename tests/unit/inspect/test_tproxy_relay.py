@@ -307,3 +307,35 @@ def test_deny_at_flow_start_resets_client_and_never_connects() -> None:
 
     assert isinstance(run(main()), ConnectionResetError)
     assert accepted == []
+
+
+def test_reload_changes_new_flows_only() -> None:
+    async def main() -> tuple[bytes, bytes, bytes]:
+        async def server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while data := await reader.read(100):
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        srv = await asyncio.start_server(server, "127.0.0.1", 0)
+        b = await start_backend('inspectors = ["replace"]\nreplace = [["cat", "dog"]]',
+                                srv.sockets[0].getsockname())
+        r1, w1 = await asyncio.open_connection("127.0.0.1", port_of(b))
+        w1.write(b"cat\n")
+        first = await r1.readline()
+        b.reload([rule('dst = ["127.0.0.0/8"]\nbackend = "kernel"\n'
+                       'inspectors = ["replace"]\nreplace = [["cat", "cow"]]')])
+        w1.write(b"cat\n")                       # the live flow keeps its old inspectors
+        old = await r1.readline()
+        r2, w2 = await asyncio.open_connection("127.0.0.1", port_of(b))
+        w2.write(b"cat\n")
+        new = await r2.readline()
+        for w in (w1, w2):
+            w.close()
+        await wait_until(lambda: not b.relays, "relays finished")
+        assert b.counters["reloads"] == 1
+        await b.stop()
+        srv.close()
+        return first, old, new
+
+    assert run(main()) == (b"dog\n", b"dog\n", b"cow\n")
