@@ -53,6 +53,9 @@ class LinuxPeer:
                  mtu: int = 1500, record: list[dict[str, object]] | None = None) -> None:
         self.demux = demux
         self.record = record  # per pump round: t, segments in, timer run, segments out
+        # Packets read per round before the stack's output is collected: the ACK clock of
+        # a Linux sender needs ACKs more often than once per 256 segments.
+        self.batch = 64
         self.loss = loss
         self.rng = random.Random(seed)
         self.name = f"gb-h6-{os.getpid()}-{secrets.token_hex(2)}"
@@ -107,7 +110,7 @@ class LinuxPeer:
             select.select([fd], [], [], wait)
             now = time.monotonic()
             ins: list[str] = []
-            for _ in range(256):
+            for _ in range(self.batch):
                 try:
                     pkt = os.read(fd, 65536)
                 except BlockingIOError:

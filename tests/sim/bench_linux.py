@@ -1,0 +1,130 @@
+"""Throughput of the stack terminating a real Linux TCP flow through a plain TUN (root).
+
+Run: sudo .venv/bin/python tests/sim/bench_linux.py [--mb 50]
+
+Linux (in a private gb-h6-* namespace) sends N MB to our sink over a TUN without offloads
+(one packet per read/write), then our stack sends N MB to a Linux sink. Prints MB/s for
+each direction (wall, and per CPU-second of this process, which the load of a shared
+machine disturbs less), next to the goal of 66-73 MB/s (mitmproxy's smoltcp WireGuard mode, one
+terminated flow; ANCHORS.md). The bridge's TUN with TSO/GRO would hand over 64 KB
+super-segments instead; see bench_stack.py for that path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from linux_peer import KERNEL, KERNEL_ADDR, STACK, STACK_ADDR, LinuxPeer  # noqa: E402
+
+from stack.demux import TcpDemux  # noqa: E402
+from stack.events import Closed, ConnectionReset, DataReceived, PeerFinished  # noqa: E402
+from stack.tcp_config import TcpConfig  # noqa: E402
+
+CFG = TcpConfig(recv_buffer=4 << 20, send_buffer=4 << 20, rto_min=0.2)
+
+LINUX_SENDER = r"""
+import socket, sys, time
+n = int(sys.argv[1]); block = bytes(1 << 20)
+s = socket.create_connection((sys.argv[2], 8080), timeout=60)
+t0 = time.monotonic()
+for _ in range(n):
+    s.sendall(block)
+s.shutdown(socket.SHUT_WR)
+s.recv(1)
+print(time.monotonic() - t0)
+"""
+
+LINUX_SINK = r"""
+import socket, sys
+ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind((sys.argv[1], 9000)); ls.listen(1); print("LISTENING", flush=True)
+c, _ = ls.accept(); total = 0
+while chunk := c.recv(1 << 20):
+    total += len(chunk)
+print(total, flush=True); c.close()
+"""
+
+
+def linux_to_stack(mb: int) -> tuple[float, float]:
+    demux = TcpDemux(CFG)
+    demux.listen(8080)
+    peer = LinuxPeer(demux)
+    got = [0]
+    conns = []
+    try:
+        proc = peer.popen([sys.executable, "-c", LINUX_SENDER, str(mb), STACK_ADDR])
+
+        def step(now: float) -> None:
+            while (c := demux.accept()) is not None:
+                conns.append(c)
+            for c in conns:
+                while (ev := c.next_event()) is not None:
+                    if isinstance(ev, DataReceived):
+                        got[0] += len(ev.data)
+                    elif isinstance(ev, PeerFinished):
+                        c.close()
+
+        t0, c0 = time.monotonic(), time.process_time()
+        peer.pump(step, lambda: proc.poll() is not None, timeout=300)
+        dt, cpu = time.monotonic() - t0, time.process_time() - c0
+        assert got[0] == mb << 20, got[0]
+        return (mb << 20) / dt / 1e6, (mb << 20) / cpu / 1e6
+    finally:
+        peer.close()
+
+
+def stack_to_linux(mb: int) -> tuple[float, float]:
+    demux = TcpDemux(CFG)
+    peer = LinuxPeer(demux)
+    try:
+        sink = peer.popen([sys.executable, "-u", "-c", LINUX_SINK, KERNEL_ADDR])
+        assert sink.stdout is not None and sink.stdout.readline().strip() == b"LISTENING"
+        conn = demux.connect((STACK, 40000), (KERNEL, 9000), time.monotonic())
+        block = bytes(1 << 20)
+        state = {"sent": 0, "off": 0, "done": False}
+
+        def step(now: float) -> None:
+            if str(conn.state) == "ESTABLISHED" and state["sent"] < mb:
+                while state["sent"] < mb:
+                    n = conn.send(memoryview(block)[state["off"]:])
+                    if not n:
+                        break
+                    state["off"] += n
+                    if state["off"] == len(block):
+                        state["sent"] += 1
+                        state["off"] = 0
+                if state["sent"] == mb:
+                    conn.close()
+            while (ev := conn.next_event()) is not None:
+                if isinstance(ev, (PeerFinished, Closed, ConnectionReset)):
+                    state["done"] = True
+
+        t0, c0 = time.monotonic(), time.process_time()
+        peer.pump(step, lambda: bool(state["done"]), timeout=300)
+        dt, cpu = time.monotonic() - t0, time.process_time() - c0
+        return (mb << 20) / dt / 1e6, (mb << 20) / cpu / 1e6
+    finally:
+        peer.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mb", type=int, default=50)
+    mb = ap.parse_args().mb
+    a = linux_to_stack(mb)
+    b = stack_to_linux(mb)
+    print(f"Linux -> stack: {a[0]:6.1f} MB/s wall, {a[1]:6.1f} MB per CPU-second of this "
+          f"process (TUN I/O included)")
+    print(f"stack -> Linux: {b[0]:6.1f} MB/s wall, {b[1]:6.1f} MB per CPU-second")
+    print(f"(goal 66-73 MB/s for one terminated flow; plain TUN, no offloads, {mb} MB; the "
+          "machine's load decides the wall numbers)")
+
+
+if __name__ == "__main__":
+    main()
