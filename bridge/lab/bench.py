@@ -1,6 +1,8 @@
 """`./netns-lab.sh bench`: throughput and RTT of grebe against the anchors, in one lab run.
 
-Usage: python -m bridge.lab bench [--quick] [--only NAME...] [--json PATH] [--list]
+Usage: ./netns-lab.sh bench [--quick] [--only NAME...] [--json PATH] [--repeat N]
+                            [--keep-logs] [--instance NAME] [--list]
+(the same as `python -m bridge.lab bench ...` as root)
 
 Rules:
 - One lab (instance "bench": namespaces gb-bench-*), one line client -- gw-a -- wan -- gw-b --
@@ -43,6 +45,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from bridge.lab import netlink
 from bridge.lab.bench_lab import Bench, open_lab, ping_command
 from bridge.lab.bench_report import (
     CURL_WRITE_OUT,
@@ -315,6 +318,10 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: tearing everything down")
+    except netlink.LabError as e:  # e.g. a killed run left the instance up
+        crashed = f"LabError: {e}"
+        log(f"ERROR: {e}; `./netns-lab.sh clean --instance {opts.instance}` removes a "
+            "leftover bench lab")
     except Exception as e:  # the lab itself broke: report what was measured, then fail
         crashed = f"{type(e).__name__}: {e}"
         log(f"ERROR: {crashed}")
