@@ -20,12 +20,14 @@ Rules:
 - Progress lines go to stderr while it runs (minutes); the tables go to stdout; the same
   figures are written as JSON (bench-results/bench-<UTC timestamp>.json or --json PATH).
 
-Theory of operation: `main()` parses the options, opens the lab (`open_lab`), starts the
-long-lived measuring servers (iperf3, later nginx) on the server node, then for each selected
-variant calls `setup()`, waits until the client reaches the server through it, measures,
-and calls `teardown()`. `Bench` is the toolbox variants use: netlink changes with pyroute2
-inside the lab namespaces, each with its undo, and processes with their logs. The pure half
-(parsing, ratios, tables, JSON) is `bench_report.py`; the variants are `bench_variants.py`.
+Theory of operation: `main()` parses the options and opens the lab (`open_lab`). For each
+selected tunnel variant it starts a fresh iperf3 server on the server node, calls `setup()`,
+waits until the client reaches the server through it, measures, calls `teardown()` and
+checks that nothing was left behind; then nginx starts for the inspection variants, which
+go the same way with curl (and `verify()` that the flows took the proxy). `Bench` is the
+toolbox variants use (`bench_lab.py`): netlink changes with pyroute2 inside the lab
+namespaces, each with its undo, and processes with their logs. The pure half (parsing,
+ratios, tables, JSON) is `bench_report.py`; the variants are `bench_variants.py`.
 """
 
 from __future__ import annotations
@@ -327,9 +329,15 @@ def main(argv: list[str]) -> int:
         log(f"ERROR: {crashed}")
         traceback.print_exc(file=sys.stderr)
     finally:
-        if b is not None:
-            b.close()
-        signal.signal(signal.SIGTERM, old)
+        # A second Ctrl-C must not cut the teardown short: ignore both signals meanwhile.
+        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            if b is not None:
+                b.close()
+        finally:
+            signal.signal(signal.SIGINT, old_int)
+            signal.signal(signal.SIGTERM, old)
         if b is not None and b.keep_tmp:
             log(f"logs kept in {tmp}")
         else:
