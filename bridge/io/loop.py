@@ -68,6 +68,10 @@ class Engine:
         self._out_t, self._out_u, self._out_timer = Output(), Output(), Output()
         self._pk_t: list[bytes] = []
         self._dg_u: list[tuple[bytes, Addr]] = []
+        self._peer_events = self._peer_event_counts()
+        self._peer_state: dict[str, str] = {
+            p.get("name"): "up" if p.get("up") else "down"
+            for p in bridge.status(clock()).get("peers", [])}
         self.stats = {"tun_reads": 0, "tun_packets": 0, "udp_recvs": 0, "udp_datagrams": 0,
                       "udp_sends": 0, "tun_writes": 0}
 
@@ -109,8 +113,28 @@ class Engine:
                 except Exception as e:  # a core bug: keep the bridge running
                     self._internal(e)
                 t = self.bridge.get_timer()
+            self._log_peer_changes(now)
         self._execute(out)
         return t
+
+    def _peer_event_counts(self) -> tuple[int, int]:
+        c = self.bridge.counters
+        try:
+            return c.event("peer_up"), c.event("peer_down")
+        except KeyError:  # a core without these events: nothing to log
+            return (0, 0)
+
+    def _log_peer_changes(self, now: float) -> None:
+        """One log line per peer state change (called with the lock held, on timer ticks)."""
+        counts = self._peer_event_counts()
+        if counts == self._peer_events:
+            return
+        self._peer_events = counts
+        for p in self.bridge.status(now).get("peers", []):
+            state = "up" if p.get("up") else "down"
+            if self._peer_state.get(p.get("name")) != state:
+                self._peer_state[p.get("name")] = state
+                log.info("peer %s (%s) is %s", p.get("name"), p.get("endpoint"), state)
 
     def status(self) -> dict[str, Any]:
         with self.lock:

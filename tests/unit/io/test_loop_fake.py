@@ -112,3 +112,24 @@ def test_timer_sends_keepalives() -> None:
     eb.pump_udp()
     assert len(net.log) == before + 1
     assert eb.status()["events"]["keepalive_rx"] == 1
+
+
+def test_peer_state_changes_are_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    ea, eb, net, clock = _pair("gre")
+    caplog.set_level("INFO", logger="grebe.loop")
+
+    def lines(word: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if word in r.getMessage()]
+
+    eb.pump_timer()
+    assert lines("peer") == []  # no change yet: nothing logged
+    clock.t += 10  # keepalive 1 s -> down after 3 s without a word from A
+    eb.pump_timer()
+    eb.pump_timer()
+    assert lines("is down") == ["peer to-b (198.18.0.1:4754) is down"]
+    ea.tun.inject(_packets(64)[0])  # type: ignore[attr-defined]
+    drive([ea, eb])
+    eb.pump_timer()
+    eb.pump_timer()
+    assert lines("is up") == ["peer to-b (198.18.0.1:4754) is up"]
+    assert len(lines("peer")) == 2
