@@ -22,6 +22,8 @@ Rules of this module (pure, sans-I/O: inner IP packets and `now` in, packets and
 - Reaping: a splice whose legs are both CLOSED is forgotten; one idle for `idle_timeout` is
   aborted (CloseReason.TIMEOUT). TIME-WAIT uses `msl` (default 15 s, not the 2 minutes of RFC
   9293 §3.6.1: the splice is a middlebox whose legs both see the real endpoints' TIME-WAIT).
+- RTO floor `rto_min` 0.2 s (Linux's TCP_RTO_MIN) instead of RFC 6298 §2.4's 1 s SHOULD: both
+  legs face real stacks a few ms away, and a 1 s floor turns every tail loss into a stall.
 - Malformed packets (bad lengths, checksums) are dropped and counted in `drops`; nothing a peer
   sends raises. Inspector output is flushed by the adapter (`flush_inspectors`), off this path.
 
@@ -71,7 +73,7 @@ class Terminator:
                  mtu_for: Callable[[bytes], int], tun_mtu: Callable[[], int], *,
                  manager: InspectorManager | None = None, tx_max_segment: int = 0,
                  idle_timeout: float = 300.0, msl: float = 15.0, max_splices: int = 10_000,
-                 syn_retries: int = 5) -> None:
+                 syn_retries: int = 5, rto_min: float = 0.2) -> None:
         self.rules = rules
         self.table = FlowTable(selector_for(rules, Backend.USERSPACE), idle_timeout=idle_timeout)
         self.manager = manager if manager is not None else InspectorManager(rules)
@@ -83,6 +85,7 @@ class Terminator:
         self.msl = msl
         self.max_splices = max_splices
         self.syn_retries = syn_retries
+        self.rto_min = rto_min
         self.splices: dict[FlowKey, Splice] = {}
         self.touched: dict[FlowKey, Splice] = {}
         self.drops: dict[str, int] = {}
@@ -185,7 +188,8 @@ class Terminator:
         if cached is None:
             rbuf = max(buf, server_mss, client_mss)
             common: dict[str, Any] = dict(recv_buffer=rbuf, send_buffer=max(buf, 1),
-                                          auto_consume=False, msl=self.msl)
+                                          auto_consume=False, msl=self.msl,
+                                          rto_min=self.rto_min)
             cached = (TcpConfig(mss=client_mss, tx_max_segment=self.tx_max_segment, **common),
                       TcpConfig(mss=server_mss, syn_retries=self.syn_retries, **common))
             self._configs[ck] = cached

@@ -38,7 +38,7 @@ class Digest(Inspector):
         self.reason = reason
 
 
-@pytest.mark.parametrize("loss,reorder,seed", [(0.03, 0.05, 7), (0.02, 0.05, 11)])
+@pytest.mark.parametrize("loss,reorder,seed", [(0.03, 0.05, 7)])
 def test_10mb_through_lossy_splice(loss: float, reorder: float, seed: int) -> None:
     rng = random.Random(seed)
     down = rng.randbytes(10 * 1024 * 1024)
@@ -48,6 +48,13 @@ def test_10mb_through_lossy_splice(loss: float, reorder: float, seed: int) -> No
                 client_data=up, server_data=down, client_close=True, server_close=True,
                 delay=0.005, loss=loss, reorder=reorder, seed=seed)
     t0 = time.process_time()
+    last_byte = [0.0]
+
+    def watch(h: Harness) -> None:
+        if not last_byte[0] and len(h.client.rx) == len(down):
+            last_byte[0] = h.now
+
+    h.hooks.append(watch)
 
     def done(h: Harness) -> bool:
         return h.server is not None and finished(h.client) and finished(h.server)
@@ -63,7 +70,8 @@ def test_10mb_through_lossy_splice(loss: float, reorder: float, seed: int) -> No
     sent = sum(x.sent for x in links)
     assert dropped > 0
     print(f"\nsplice sim loss={loss:.0%} reorder={reorder:.0%}: {len(down) / 1e6:.1f} MB down + "
-          f"{len(up) / 1e6:.1f} MB up in {h.now:.2f} s virtual = "
-          f"{len(down) / h.now / 1e6:.2f} MB/s goodput; CPU {cpu:.2f} s = "
+          f"{len(up) / 1e6:.1f} MB up in {last_byte[0]:.2f} s virtual = "
+          f"{len(down) / last_byte[0] / 1e6:.2f} MB/s goodput to the last byte "
+          f"(links 12.5 MB/s, RTT 10 ms per leg); CPU {cpu:.2f} s = "
           f"{(len(down) + len(up)) / cpu / 1e6:.2f} MB/s of Python; "
           f"{dropped}/{sent} packets dropped")

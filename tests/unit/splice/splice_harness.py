@@ -70,11 +70,13 @@ class App:
 
 
 class Link:
-    """One direction: delay, seeded loss and reordering."""
+    """One direction: serialisation at `rate` bytes/s, delay, seeded loss and reordering."""
 
     def __init__(self, delay: float, rng: random.Random, loss: float = 0.0,
-                 reorder: float = 0.0, reorder_delay: float = 0.003) -> None:
-        self.delay, self.rng, self.loss = delay, rng, loss
+                 reorder: float = 0.0, reorder_delay: float = 0.003,
+                 rate: float = 12.5e6) -> None:
+        self.delay, self.rng, self.loss, self.rate = delay, rng, loss, rate
+        self.free_at = 0.0
         self.reorder, self.reorder_delay = reorder, reorder_delay
         self.q: list[tuple[float, int, bytes]] = []
         self.n = 0
@@ -86,7 +88,8 @@ class Link:
         if self.loss and self.rng.random() < self.loss:
             self.dropped += 1
             return
-        t = now + self.delay
+        self.free_at = max(self.free_at, now) + len(pkt) / self.rate
+        t = self.free_at + self.delay
         if self.reorder and self.rng.random() < self.reorder:
             t += self.rng.random() * self.reorder_delay
         self.n += 1
