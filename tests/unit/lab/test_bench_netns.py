@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,9 +32,10 @@ NEEDED = ("iperf3", "curl", "nginx", "ss", "wireguard-go", "wg")
 
 @pytest.mark.skipif(any(shutil.which(t) is None for t in NEEDED),
                     reason=f"needs {', '.join(NEEDED)} (netns-lab.sh installs them)")
-def test_quick_bench_measures_and_leaves_nothing_behind(tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    instance = f"bt{os.getpid() % 100000}"
+def test_quick_bench_measures_and_leaves_nothing_behind(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        lab_instance_names: Callable[[], str]) -> None:
+    instance = lab_instance_names()  # tests/conftest.py: unique to this run, leak-checked
     out = tmp_path / "bench.json"
     rc = bench.main(["--quick", "--only", "plain", "wireguard-go", "--json", str(out),
                      "--instance", instance])
