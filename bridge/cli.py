@@ -101,6 +101,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             return st
 
         ctl.register("status", status)
+        from bridge.terminate_cli import attach  # `flows` + inspector flushing (issue 4)
+
+        detach = attach(engine, ctl)
         extra = [(ctl.fileno(), ctl.on_readable)]
         if cfg.metrics_listen:
             def render() -> str:
@@ -124,6 +127,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                  cfg.tun.name, listen, len(cfg.peers), mtu, how,
                  ctl.name, f", metrics {cfg.metrics_listen}" if metrics else "")
         runner.run()
+        detach()  # reset the userspace-terminated flows, final flush of the inspectors
     finally:
         for x in (metrics, ctl, udp):
             if x is not None:
@@ -229,7 +233,7 @@ def _load_plugins() -> None:
     """Import modules that register subcommands of their own (if they exist)."""
     import importlib
 
-    for mod in ("bridge.inspect.cli",):
+    for mod in ("bridge.inspect.cli", "bridge.terminate_cli"):
         try:
             importlib.import_module(mod)
         except ImportError:

@@ -1,0 +1,121 @@
+"""`grebe flows` and the running endpoint's side of it (an I/O adapter for bridge/terminate.py).
+
+Rules
+- `attach(engine, ctl)` (called by `grebe up` when the Bridge has a Terminator) registers the
+  control-socket command `flows` -> {"flows": [...], "inspect": {...}}, read under the engine's
+  lock, and starts a daemon thread that flushes the inspectors' buffered output (log lines,
+  pcap) every `interval` seconds, off the data path (bridge/inspect/api.py: hooks never do
+  I/O). The returned `detach(now)` stops the thread, resets every live flow (CloseReason
+  SHUTDOWN, the RSTs written through the engine) and closes the inspectors (final flush).
+- `grebe flows [--json] [-i TUN | -s SOCKET]` prints one line per userspace-terminated flow:
+  5-tuple, rule, phase, age, bytes each way, and both legs' state / SRTT / RTO / cwnd /
+  retransmissions, then the inspectors attached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from bridge.cli import register
+
+
+def attach(engine: Any, ctl: Any, interval: float = 1.0) -> Callable[[], None]:
+    """Wire a running Engine's Terminator to the control socket; returns `detach()`."""
+    bridge = engine.bridge
+    term = bridge.terminator
+    if term is None:
+        return lambda: None
+
+    def flows(_req: dict[str, Any]) -> dict[str, Any]:
+        with engine.lock:
+            now = engine.clock()
+            return {"flows": term.flows(now), "inspect": term.status()}
+
+    ctl.register("flows", flows)
+    stop = threading.Event()
+
+    def flusher() -> None:
+        while not stop.wait(interval):     # a timer, not a poll for a condition
+            term.flush_inspectors()
+
+    th = threading.Thread(target=flusher, name="inspect-flush", daemon=True)
+    th.start()
+
+    def detach() -> None:
+        stop.set()
+        th.join(timeout=5)
+        out = engine._out_timer
+        with engine.lock:
+            term.shutdown(engine.clock(), out)
+        engine._execute(out)
+
+    return detach
+
+
+def _setup_flows(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-i", "--interface", default="grebe0", help="TUN name (default grebe0)")
+    g.add_argument("-s", "--socket", help="control socket (@abstract or path)")
+
+
+def _leg(info: dict[str, Any] | None) -> str:
+    if not info:
+        return "-"
+    srtt = info.get("srtt")
+    srtt_s = f"{srtt * 1000:.1f}ms" if isinstance(srtt, float) and srtt else "-"
+    return (f"{info.get('state', '?')} srtt={srtt_s} rto={info.get('rto', 0):.2f}s"
+            f" cwnd={info.get('cwnd', 0)} retx={info.get('retransmissions', 0)}"
+            f" in={info.get('bytes_in', 0)} out={info.get('bytes_out', 0)}")
+
+
+def format_flows(answer: dict[str, Any]) -> str:
+    """The human table of `grebe flows` from the JSON answer."""
+    flows = answer.get("flows", [])
+    lines = [f"{'id':>5} {'client':<40} {'server':<40} {'rule':<12} {'phase':<10}"
+             f" {'age':>8} {'c2s':>11} {'s2c':>11}"]
+    for f in flows:
+        def ep(addr: str, port: int) -> str:
+            return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+        lines.append(f"{f['id']:>5} {ep(f['src'], f['sport']):<40} {ep(f['dst'], f['dport']):<40}"
+                     f" {f['rule']:<12} {f['phase']:<10} {f['age']:>7.1f}s"
+                     f" {f['bytes_c2s']:>11} {f['bytes_s2c']:>11}")
+        lines.append(f"      client leg: {_leg(f.get('client_leg'))}")
+        lines.append(f"      server leg: {_leg(f.get('server_leg'))}")
+        lines.append(f"      inspectors: {', '.join(f.get('inspectors', [])) or '-'}")
+    st = answer.get("inspect", {})
+    lines.append(f"{len(flows)} flow(s); ended: "
+                 + (", ".join(f"{k}={v}" for k, v in sorted(st.get("ended", {}).items()))
+                    or "none"))
+    return "\n".join(lines)
+
+
+def cmd_flows(args: argparse.Namespace) -> int:
+    from bridge.io.control import request, socket_name
+
+    name = args.socket or socket_name(args.interface)
+    try:
+        answer = request(name, "flows")
+    except OSError as e:
+        print(f"grebe: no grebe on {name}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    if "error" in answer:
+        msg = answer["error"]
+        if "unknown command" in msg:
+            msg = "this endpoint has no userspace [[inspect]] rule"
+        print(f"grebe: {msg}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+    else:
+        print(format_flows(answer))
+    return 0
+
+
+register("flows", "show userspace-inspected TCP flows of a running endpoint", _setup_flows,
+         cmd_flows)

@@ -1,0 +1,70 @@
+"""`grebe flows`: the control command a running endpoint answers, and the printed table."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+from test_terminate_bridge import World
+
+from bridge.pipeline import Output
+from bridge.terminate_cli import attach, format_flows
+from stack.events import ConnectionReset
+from stack.state import State
+
+
+class _Ctl:
+    def __init__(self) -> None:
+        self.commands: dict[str, Any] = {}
+
+    def register(self, name: str, fn: Any) -> None:
+        self.commands[name] = fn
+
+
+class _Engine:
+    def __init__(self, w: World) -> None:
+        self.bridge = w.a
+        self.lock = threading.Lock()
+        self.clock = lambda: w.now
+        self._out_timer = Output()
+        self.executed: list[Output] = []
+
+    def _execute(self, out: Output) -> None:
+        self.executed.append(out)
+
+
+def test_flows_command_table_and_shutdown() -> None:
+    w = World(80)
+    assert w.run(lambda: w.server.state is State.ESTABLISHED)
+    w.server.send(b"secret" * 1000)
+    assert w.run(lambda: len(w.client_rx) >= 6000)
+    eng, ctl = _Engine(w), _Ctl()
+    detach = attach(eng, ctl, interval=3600)
+    answer = ctl.commands["flows"]({})
+    json.dumps(answer)      # JSON-able for the control socket
+    (f,) = answer["flows"]
+    assert f["dst"] == "198.18.20.7" and f["server_leg"]["bytes_in"] == 6000
+    text = format_flows(answer)
+    assert "198.18.10.5:40001" in text and "198.18.20.7:80" in text
+    assert "client leg: ESTABLISHED" in text and "ReplaceInspector" in text
+    detach()    # shutdown: every live flow is reset toward both sides
+    out = eng.executed[0]
+    assert out.tun and out.udp
+    w.client.receive_segment(_tcp(out.tun[0]), w.now)
+    events = list(iter(w.client.next_event, None))
+    assert any(isinstance(e, ConnectionReset) for e in events), events
+
+
+def _tcp(pkt: Any) -> Any:
+    from test_terminate_bridge import tcp_of
+
+    return tcp_of(bytes(pkt))
+
+
+def test_attach_without_terminator_is_a_no_op() -> None:
+    w = World(80)
+    w.a.terminator = None
+    ctl = _Ctl()
+    attach(_Engine(w), ctl)()
+    assert "flows" not in ctl.commands
