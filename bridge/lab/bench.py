@@ -346,6 +346,21 @@ def main(argv: list[str]) -> int:
     return 1 if crashed and rc == 0 else rc
 
 
+def tree_version() -> dict[str, Any]:
+    """Which grebe was measured: the checkout's commit, and whether bridge/ or stack/ had
+    uncommitted changes (None when this is not a git checkout)."""
+    def git(*args: str) -> str | None:
+        try:
+            cp = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True,
+                                text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return cp.stdout.strip() if cp.returncode == 0 else None
+    status = git("status", "--porcelain", "--", "bridge", "stack")
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "uncommitted_changes": None if status is None else bool(status)}
+
+
 def report(opts: Options, started: dt.datetime, tunnels: list[TunnelRow],
            inspects: list[InspectRow], interrupted: bool, crashed: str = "",
            load_start: float = 0.0) -> int:
@@ -354,7 +369,8 @@ def report(opts: Options, started: dt.datetime, tunnels: list[TunnelRow],
             "downloads": opts.downloads, "download_bytes": BIG_FILE_BYTES,
             "interrupted": interrupted, "error": crashed or None,
             "cpus": os.cpu_count(), "kernel": os.uname().release, "repeat": opts.repeat,
-            "loadavg_1m_start": load_start, "loadavg_1m_end": os.getloadavg()[0]}
+            "loadavg_1m_start": load_start, "loadavg_1m_end": os.getloadavg()[0],
+            **tree_version()}
     if tunnels:
         print(render_tunnel_table(tunnels))
     if inspects:

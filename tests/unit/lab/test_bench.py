@@ -513,3 +513,10 @@ def test_inspection_row_fails_when_the_traffic_bypassed_the_proxy(
     row = bench.run_variant(b, Bypassed(events), bench.parse_args(["--quick"]))
     assert row.status is Status.FAILED and "logged 0 flows" in row.detail
     assert events == ["setup", "verify 11", "teardown"]  # 10 small GETs + 1 download
+
+
+def test_results_say_which_tree_was_measured() -> None:
+    v = bench.tree_version()
+    assert set(v) == {"commit", "uncommitted_changes"}
+    if v["commit"] is not None:  # in a git checkout
+        assert len(v["commit"]) >= 7 and isinstance(v["uncommitted_changes"], bool)
