@@ -21,6 +21,9 @@ Rules:
   timestamp heuristic (§4.2) shows them caused by a segment sent after the RTO.
 - RFC 3042 (limited transmit): on the first two duplicate ACKs one new segment each may
   be sent beyond cwnd (`limited_transmit` gives the allowance in bytes).
+- RFC 6675 §5 (when SACK is in use, `sack`): entering recovery sets cwnd = ssthresh with
+  no inflation, and partial ACKs change nothing here: the sender's pipe estimate
+  (stack/tcp_sack.py) decides what may be sent.
 - RFC 5681 §4.1: after an idle period longer than the RTO, cwnd = min(cwnd, IW).
 
 Theory of operation: `NewReno` keeps cwnd and ssthresh in bytes and the recovery point in
@@ -44,7 +47,9 @@ def initial_window(smss: int) -> int:
 class NewReno:
     """Per-connection RFC 5681 + RFC 6582 state in bytes."""
 
-    __slots__ = ("smss", "cwnd", "ssthresh", "recover", "in_recovery", "dupacks", "_ca_acc")
+    __slots__ = (
+        "smss", "cwnd", "ssthresh", "recover", "in_recovery", "dupacks", "_ca_acc", "sack"
+    )
 
     def __init__(self, smss: int, initial_cwnd: int | None = None) -> None:
         self.smss = smss
@@ -54,6 +59,7 @@ class NewReno:
         self.in_recovery = False
         self.dupacks = 0
         self._ca_acc = 0
+        self.sack = False  # RFC 6675 recovery: no inflation, the sender's pipe decides
 
     def set_smss(self, smss: int) -> None:
         """The handshake fixed SMSS: recompute the initial window (RFC 5681 §3.1)."""
@@ -73,6 +79,8 @@ class NewReno:
                 self.in_recovery = False
                 self.cwnd = min(self.ssthresh, max(flight, smss) + smss)
                 return False
+            if self.sack:
+                return False  # RFC 6675 §5: the pipe loop decides what to (re)send
             # RFC 6582 §3.2 step 3, partial acknowledgment.
             self.cwnd = max(self.cwnd - acked, smss) + smss
             return True
@@ -95,7 +103,8 @@ class NewReno:
         """
         self.dupacks += 1
         if self.in_recovery:
-            self.cwnd += self.smss  # RFC 5681 §3.2 step 4 (inflation)
+            if not self.sack:
+                self.cwnd += self.smss  # RFC 5681 §3.2 step 4 (inflation)
             return False
         if self.dupacks == DUPTHRESH:
             if snd_una < self.recover and not new_loss:
@@ -103,7 +112,8 @@ class NewReno:
             self.ssthresh = max(flight // 2, 2 * self.smss)
             self.recover = snd_max
             self.in_recovery = True
-            self.cwnd = self.ssthresh + DUPTHRESH * self.smss
+            # RFC 6675 §5 step 4.2: cwnd = ssthresh; RFC 5681 §3.2 step 3: + 3 SMSS.
+            self.cwnd = self.ssthresh + (0 if self.sack else DUPTHRESH * self.smss)
             return True
         return False
 

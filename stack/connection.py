@@ -243,6 +243,7 @@ class TcpConnection(OutputMixin):
         # MUST-16: effective send MSS less the TCP options we always send.
         self._send_mss = max(min(self._peer_mss, self._my_mss) - (12 if self._ts_on else 0), 64)
         self._cc.set_smss(self._send_mss)
+        self._cc.sack = self._sack_on
         if cfg.initial_cwnd:
             self._cc.cwnd = cfg.initial_cwnd
 
@@ -472,8 +473,7 @@ class TcpConnection(OutputMixin):
             )
             if self._cc.on_dupack(self._snd_una, self._snd_max, flight, new_loss):
                 self._retx_pending = True
-            elif self._cc.in_recovery and self._sack_on:
-                self._retx_pending = self._next_hole() is not None
+                self._recovery_pt = self._snd_una  # HighRxt (RFC 6675 §5 step 4)
         if self._snd_wl1 < seg_abs or (self._snd_wl1 == seg_abs and self._snd_wl2 <= ack_abs):
             self._update_window(wnd, seg_abs, ack_abs)
         st = self._state

@@ -337,16 +337,6 @@ class ConnectionCore:
                 out.append((s, e))
         self._sacked = out[:32]
 
-    def _next_hole(self) -> int | None:
-        """RFC 6675 §4 NextSeg rule 1 (simplified): the first position not SACKed, below the
-        highest SACKed one, and not yet retransmitted in this recovery; None if none."""
-        pos = max(self._snd_una, self._recovery_pt)
-        for s, e in self._sacked:
-            if pos < s:
-                return pos
-            pos = max(pos, e)
-        return None
-
     def _enter_time_wait(self, now: float) -> None:
         self._state = State.TIME_WAIT
         self._timewait_at = now + 2 * self.config.msl  # MUST-13

@@ -17,8 +17,11 @@ Rules:
 - Nagle (§3.7.4, SHLD-7, MUST-17 can be disabled): a short segment waits while data is
   unacknowledged.
 - Flow and congestion control: nothing beyond SND.WL2 + SND.WND (RFC 9293 §3.8.6) or
-  SND.UNA + cwnd (RFC 5681 §3.1) is sent, except a fast retransmission (RFC 5681 §3.2) and
-  a one-byte zero-window probe (MUST-36).
+  SND.UNA + cwnd (RFC 5681 §3.1; + 2 SMSS of RFC 3042 limited transmit) is sent, except a
+  fast retransmission (RFC 5681 §3.2) and a one-byte zero-window probe (MUST-36).
+- With SACK, loss recovery follows RFC 6675 §5: retransmit SND.UNA's segment on entry, then
+  send while cwnd - pipe >= SMSS: lost holes first, then new data, then other holes
+  (NextSeg rules 1-3, stack/tcp_sack.py). Without SACK it is NewReno (RFC 6582).
 - RFC 6298 §5.1: the retransmission timer is started when a segment is sent and it is not
   running. Karn (MUST-18): a retransmitted segment is not timed.
 - RFC 5681 §4.1: after idling more than one RTO, restart from at most the initial window.
@@ -36,6 +39,7 @@ from __future__ import annotations
 from stack.seq import MASK
 from stack.state import State
 from stack.tcp_core import ConnectionCore
+from stack.tcp_sack import lost_edge, next_hole, pipe
 from stack.wire.tcp import ACK, FIN, PSH, SYN, TcpSegment
 
 __all__ = ["OutputMixin"]
@@ -71,17 +75,22 @@ class OutputMixin(ConnectionCore):
             self._sendbuf.end >= nxt  # unsent data (data byte k is at position k + 1)
             or self._retx_pending
             or self._probe_pending
+            or self._cc.in_recovery
             or (self._fin_abs is not None and nxt <= self._fin_abs)
         ):
             ack = (self._irs + self._rcv_nxt) & MASK
             win = self._window_field()
             ts = (self._ts_clock(now), self._ts_recent or 0) if self._ts_on else None
             sack = self._sack_blocks() if self._sack_on and self._ooo else ()
-            if self._retx_pending:
-                self._retransmit_one(now, out, ack, win, ts, sack)
-            if self._probe_pending:
-                self._send_probe(now, out, ack, win, ts, sack)
-            self._send_data(now, out, ack, win, ts, sack)
+            if self._sack_on and self._cc.in_recovery:
+                self._sack_recovery(now, out, ack, win, ts, sack)
+            else:
+                if self._retx_pending:
+                    self._retx_pending = False
+                    self._retransmit_at(self._snd_una, now, out, ack, win, ts, sack)
+                if self._probe_pending:
+                    self._send_probe(now, out, ack, win, ts, sack)
+                self._send_data(now, out, ack, win, ts, sack)
         if len(out) > n0:
             self._ack_sent()
         elif self._ack_now:
@@ -189,7 +198,10 @@ class OutputMixin(ConnectionCore):
         win: int,
         ts: tuple[int, int] | None,
         sack: tuple[tuple[int, int], ...],
+        budget: int = -1,
     ) -> None:
+        """New data (and FIN) within the windows; `budget` >= 0 replaces the cwnd limit
+        by that many bytes from SND.NXT (one segment for the RFC 6675 loop)."""
         buf = self._sendbuf
         mss = self._send_mss
         maxseg = self._max_segment()
@@ -208,7 +220,11 @@ class OutputMixin(ConnectionCore):
                     self._advance(nxt + 1, now)
                 return
             wnd_edge = self._snd_wl2 + self._snd_wnd
-            usable = min(wnd_edge, self._snd_una + cc.cwnd + cc.limited_transmit) - nxt
+            if budget >= 0:
+                usable = min(wnd_edge - nxt, budget)
+                budget = 0
+            else:
+                usable = min(wnd_edge, self._snd_una + cc.cwnd + cc.limited_transmit) - nxt
             n = min(avail, usable, maxseg)
             if n <= 0:
                 if wnd_edge <= nxt:
@@ -253,23 +269,21 @@ class OutputMixin(ConnectionCore):
             delay = max(self._rto.rto, 0.2) * (1 << min(self._persist_backoff, 8))
             self._persist_at = now + min(delay, self._rto.maximum)
 
-    def _retransmit_one(
+    def _retransmit_at(
         self,
+        pos: int,
         now: float,
         out: list[TcpSegment],
         ack: int,
         win: int,
         ts: tuple[int, int] | None,
         sack: tuple[tuple[int, int], ...],
-    ) -> None:
-        """Fast retransmit / NewReno partial ACK / SACK hole (RFC 5681 §3.2, RFC 6582,
-        RFC 6675 NextSeg): one segment, outside cwnd, not timed (Karn)."""
-        self._retx_pending = False
-        pos: int | None = self._snd_una
-        if self._sack_on and self._sacked and self._cc.in_recovery:
-            pos = self._next_hole()
-        if pos is None or pos >= self._snd_max:
-            return
+    ) -> bool:
+        """Resend one segment from `pos` (fast retransmit, RFC 5681 §3.2; NewReno partial
+        ACK, RFC 6582; an RFC 6675 hole): up to SMSS, stopping at the next SACKed range,
+        not timed (Karn). Moves HighRxt. Returns False if there was nothing to send."""
+        if pos >= self._snd_max:
+            return False
         buf = self._sendbuf
         off = pos - 1
         n = max(min(buf.end - off, self._send_mss), 0)
@@ -279,7 +293,7 @@ class OutputMixin(ConnectionCore):
                 break
         fin = self._fin_abs is not None and pos + n == self._fin_abs
         if n <= 0 and not fin:
-            return
+            return False
         payload = buf.peek(off, n) if n > 0 else b""
         out.append(self._segment(pos, ACK | FIN if fin else ACK, payload, ack, win, ts, sack))
         self._recovery_pt = pos + n + fin
@@ -288,6 +302,42 @@ class OutputMixin(ConnectionCore):
         self._last_send_at = now
         if self._rto_at is None:
             self._rto_at = now + self._rto.rto
+        return True
+
+    def _sack_recovery(
+        self,
+        now: float,
+        out: list[TcpSegment],
+        ack: int,
+        win: int,
+        ts: tuple[int, int] | None,
+        sack: tuple[tuple[int, int], ...],
+    ) -> None:
+        """RFC 6675 §5: on entry retransmit SND.UNA's segment (step 4.3), then while
+        cwnd - pipe >= SMSS send what NextSeg() names (step 4.4 / rule C)."""
+        smss = self._send_mss
+        if self._retx_pending:
+            self._retx_pending = False
+            self._retransmit_at(self._snd_una, now, out, ack, win, ts, sack)
+        for _ in range(1024):
+            una, sacked = self._snd_una, self._sacked
+            edge = lost_edge(una, sacked, smss)
+            in_flight = pipe(una, self._snd_max, self._recovery_pt, sacked, edge)
+            if self._cc.cwnd - in_flight < smss:
+                return
+            start = max(una, self._recovery_pt)
+            pos = next_hole(start, edge, sacked)  # rule 1: a lost segment
+            if pos is None:
+                n0 = len(out)
+                self._send_data(now, out, ack, win, ts, sack, budget=smss)  # rule 2
+                if len(out) > n0:
+                    continue
+                top = sacked[-1][1] if sacked else una
+                pos = next_hole(start, top, sacked)  # rule 3
+                if pos is None:
+                    return
+            if not self._retransmit_at(pos, now, out, ack, win, ts, sack):
+                return
 
     def _send_probe(
         self,

@@ -175,8 +175,14 @@ def test_rfc6675_sack_holes_are_retransmitted_one_per_dupack() -> None:
     sack_ack(0.1, (2, 3), (4, 6))
     first = recv(conn, 0.1)
     assert first[0].seq == lseq(1 + MSS)  # fast retransmit of the first hole
+    info = conn.info()
+    assert info["cwnd"] == info["ssthresh"] == 9 * MSS // 2  # RFC 6675: no inflation
+    # Segment 3 has only 2 SMSS SACKed above it: not yet lost (IsLost), and pipe
+    # (4 SMSS) leaves no room under cwnd (4.5 SMSS).
     sack_ack(0.11, (2, 3), (4, 7))
-    second = recv(conn, 0.11)
+    recv_nothing(conn, 0.11)
+    sack_ack(0.12, (2, 3), (4, 8))
+    second = recv(conn, 0.12)
     assert second[0].seq == lseq(1 + 3 * MSS)  # the next hole, without waiting an RTT
     assert conn.info()["retransmissions"] == 2
 
