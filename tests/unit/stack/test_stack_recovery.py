@@ -207,3 +207,25 @@ def test_rfc5681_4_1_idle_restart_window() -> None:
     send(conn, 0.1, seq=rseq(1), ack=lseq(1 + MSS), window=65535)
     conn.send(bytes(20 * MSS))
     assert len(recv(conn, 100.0)) == 3  # idle > RTO: back to IW (3 segments)
+
+
+def test_rfc6675_islost_setpipe_nextseg_arithmetic() -> None:
+    from stack.tcp_sack import lost_edge, next_hole, pipe, sacked_between
+
+    m = 1000
+    sacked = [(2 * m, 3 * m), (4 * m, 7 * m)]  # holes: [0,2m) [3m,4m) [7m,10m)
+    assert sacked_between(sacked, 0, 10 * m) == 4 * m
+    # IsLost: more than 2 SMSS SACKed above: true below 5m (3m..5m of the top range).
+    edge = lost_edge(0, sacked, m)
+    assert edge == 5 * m
+    assert lost_edge(0, [(4 * m, 6 * m)], m) == 0  # exactly 2 SMSS above: not lost
+    # SetPipe: unSACKed and not lost [5m,10m) minus SACKed [5m,7m) = 3m; nothing resent.
+    assert pipe(0, 10 * m, 0, sacked, edge) == 3 * m
+    # After resending [0, 2m): those octets count too.
+    assert pipe(0, 10 * m, 2 * m, sacked, edge) == 5 * m
+    # NextSeg rule 1 from HighRxt = 2m: the hole at 3m; rule 3 up to the top SACK: none
+    # above 7m below 7m.
+    assert next_hole(2 * m, edge, sacked) == 3 * m
+    assert next_hole(4 * m, edge, sacked) is None
+    assert next_hole(4 * m, 7 * m, sacked) is None
+    assert next_hole(0, edge, sacked) == 0
