@@ -192,6 +192,25 @@ class ConnectionCore:
             return ev
         return None
 
+    def path_mtu(self, mtu: int) -> None:
+        """An ICMP Fragmentation Needed / Packet Too Big reported `mtu` for this path
+        (RFC 1191 §6.3, RFC 8201 §5.2; RFC 9293 MUST-54/56: act on it, never abort).
+
+        Lowers the send MSS (never below the RFC 9293 MUST-15 defaults 536 / 1220 less
+        options) and resends what is in flight with the new size. Larger values are
+        ignored (an attacker cannot raise the MSS above what the peer offered)."""
+        hdr = 40 if len(self.local[0]) == 4 else 60
+        floor = (536 if hdr == 40 else 1220) - (12 if self._ts_on else 0)
+        new = max(mtu - hdr - (12 if self._ts_on else 0), floor)
+        if new >= self._send_mss:
+            return
+        self._send_mss = new
+        self._cc.smss = new
+        self._cc.cwnd = max(min(self._cc.cwnd, self._cc.ssthresh), 2 * new)
+        if self._snd_nxt > self._snd_una and self._state is not State.SYN_SENT:
+            self._snd_nxt = self._snd_una  # RFC 1191 §6.3: retransmit with the smaller size
+            self._rtt_abs = None
+
     # ------------------------------------------------------------------ small helpers
 
     def _seq_of(self, pos: int) -> int:

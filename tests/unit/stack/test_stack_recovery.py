@@ -229,3 +229,18 @@ def test_rfc6675_islost_setpipe_nextseg_arithmetic() -> None:
     assert next_hole(4 * m, edge, sacked) is None
     assert next_hole(4 * m, 7 * m, sacked) is None
     assert next_hole(0, edge, sacked) == 0
+
+
+def test_rfc1191_rfc8201_packet_too_big_lowers_the_send_mss() -> None:
+    conn = active(cfg(nagle=False, initial_cwnd=10 * MSS), window=65535)
+    conn.send(bytes(4 * MSS))
+    assert _sizes(recv(conn, 1.0)) == [MSS] * 4
+    conn.path_mtu(1280)  # e.g. an ICMP Fragmentation Needed from a tunnel on the path
+    assert conn.send_mss == 1240
+    segs = recv(conn, 1.01)  # what was in flight goes again, in smaller segments
+    assert segs[0].seq == lseq(1) and max(_sizes(segs)) == 1240
+    assert sum(_sizes(segs)) == 4 * MSS
+    conn.path_mtu(9000)  # never raised
+    conn.path_mtu(100)  # never below the RFC 9293 MUST-15 default
+    assert conn.send_mss == 536
+    assert conn.state is State.ESTABLISHED  # MUST-56: not a reason to abort
