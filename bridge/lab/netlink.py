@@ -60,6 +60,7 @@ STATE_ROOT = Path("/run/grebe-lab")
 NETNS_DIR = Path(procs.NETNS_DIR)
 NS_PREFIX = "gb-"
 IFA_F_NODAD = 0x02  # linux/if_addr.h
+RT_SCOPE_LINK = 253  # linux/rtnetlink.h
 _INSTANCE = re.compile(rf"^[a-z0-9_]{{1,{MAX_INSTANCE_NAME}}}$")
 _GONE = {errno.ENOENT, errno.ENODEV, errno.ESRCH}
 _VENV_BIN = str(Path(sys.executable).parent)
@@ -204,6 +205,8 @@ class Lab:
                     }
                     if route.via is not None:
                         spec["gateway"] = str(route.via)
+                    else:  # on-link, as `ip route add PREFIX dev IF` does
+                        spec["scope"] = RT_SCOPE_LINK
                     if route.dev is not None:
                         spec["oif"] = ipr[node.name].link_lookup(ifname=route.dev)[0]
                     ipr[node.name].route("add", **spec)

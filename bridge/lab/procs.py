@@ -166,14 +166,6 @@ def _signal(pid: int, sig: int, group: bool) -> None:
             raise
 
 
-def _reap(pid: int) -> None:
-    """Collect `pid` if it is our child, so it does not linger as a zombie."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-
-
 def kill_pids(
     pids: dict[int, int | None], groups: Iterable[int] = (), timeout: float = 3.0
 ) -> list[int]:
@@ -198,11 +190,9 @@ def _wait_gone(pids: dict[int, int | None], deadline: float) -> dict[int, int | 
     delay = 0.005
     while remaining:
         for pid in list(remaining):
-            _reap(pid)
             st = start_time(pid)
             recycled = remaining[pid] is not None and st != remaining[pid]
-            if st is None or recycled or is_zombie(pid):
-                _reap(pid)
+            if st is None or recycled or is_zombie(pid):  # a zombie is dead; its parent reaps
                 del remaining[pid]
         if not remaining or time.monotonic() >= deadline:
             break

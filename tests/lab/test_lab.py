@@ -140,7 +140,10 @@ def _topology_with_runs(tmp_path: Path) -> Path:
         'name = "lan-b"\n'
         "mtu = 1400\n"
         "[nodes.gw-b]\n"
-        "mtu = { wan0 = 1300 }\n")
+        "mtu = { wan0 = 1300 }\n"
+        "[nodes.gw-a]\n"
+        'routes = [{ dst = "198.18.2.0/24", dev = "wan0" }, { dst = "2001:db8:2::/64", '
+        'via = "2001:db8::2" }]\n')
     return path
 
 
@@ -163,6 +166,10 @@ def test_run_processes_start_in_their_node_and_die_with_destroy(
     assert "mtu 1400" in lab.run("server", ["ip", "link", "show", "eth0"]).stdout
     assert "mtu 1400" in lab.run("gw-b", ["ip", "link", "show", "lan0"]).stdout
     assert "mtu 1300" in lab.run("gw-b", ["ip", "link", "show", "wan0"]).stdout
+    assert "198.18.2.0/24 dev wan0 proto static scope link" in lab.run(
+        "gw-a", ["ip", "route"]).stdout
+    assert "2001:db8:2::/64 via 2001:db8::2 dev wan0" in lab.run(
+        "gw-a", ["ip", "-6", "route"]).stdout
     extra = lab.popen("gw-a", ["sleep", "303"])
     tracked = [*lab.processes]
     assert by_node["wan"].pid in inside
