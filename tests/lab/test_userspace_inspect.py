@@ -1,0 +1,290 @@
+"""The userspace termination backend (bridge/terminate.py) end to end, through grebe.
+
+Lab: `two-sites` (client - gw-a =grebe= gw-b - server), with gw-a running grebe with the rules of
+tests/lab/userspace-inspect/gw-a.toml: TCP from site A to the server's ports 80/22 (log, http),
+8080 (log, http, replace) and 9000 (log) is terminated inside grebe by its own TCP stack and
+re-originated through the tunnel with the client's address; 8081 is selected by no rule.
+Real peers: nginx, curl, OpenSSH and small Python sockets (helpers shared with the kernel
+backend's test). Throughput and time to first byte are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_inspect_kernel import ABORT_CLIENT, ABORT_SERVER, MANY_CLIENT, NGINX, SSHD
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
+                       reason="needs root and /dev/net/tun"),
+    pytest.mark.skipif(any(shutil.which(t) is None for t in ("nginx", "curl", "sshd", "tcpdump")),
+                       reason="needs nginx, curl, sshd and tcpdump"),
+]
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent / "userspace-inspect"
+SERVER, SERVER6, CLIENT = "198.18.2.10", "2001:db8:2::10", "198.18.1.10"
+BIG = 100 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from bridge.lab.netlink import Lab
+
+    d = tmp_path_factory.mktemp("userspace-inspect")
+    lab = Lab.up("two-sites", instance=f"usin{os.getpid() % 100000}", start=False)
+    lab.tmp = d
+    try:
+        conf = d / "gw-a.toml"
+        conf.write_text((HERE / "gw-a.toml").read_text().replace("{state}", str(d)))
+        for node, cfg in (("gw-a", conf), ("gw-b", ROOT / "topologies/two-sites/gw-b.toml")):
+            lab.popen(node, [sys.executable, "-m", "bridge", "up", "-c", str(cfg)],
+                      log=str(d / f"{node}.log"), cwd=str(ROOT))
+        _start_servers(lab, d)
+        lab.wait_for(lambda: _curl(lab, f"http://{SERVER}:8081/small.txt", timeout=2,
+                                   check=False).returncode == 0, 30, "HTTP through grebe")
+        yield lab
+    finally:
+        lab.destroy()
+
+
+def _start_servers(lab: Any, d: Path) -> None:
+    www = d / "www"
+    www.mkdir()
+    with open(www / "big.bin", "wb") as f:
+        for _ in range(BIG // (1 << 20)):
+            f.write(os.urandom(1 << 20))
+    (www / "index.html").write_text("<html><h1>Welcome to nginx!</h1></html>\n")
+    (www / "small.txt").write_text("a small file\n")
+    (d / "nginx.conf").write_text(NGINX.format(d=d))
+    lab.popen("server", ["nginx", "-c", str(d / "nginx.conf"), "-g", "daemon off;"],
+              log=str(d / "nginx.out"))
+    for key in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)],
+                       check=True)
+    shutil.copy(d / "client_key.pub", d / "authorized_keys")
+    (d / "sshd_config").write_text(SSHD.format(d=d))
+    os.makedirs("/run/sshd", exist_ok=True)
+    lab.popen("server", [shutil.which("sshd") or "/usr/sbin/sshd", "-D", "-e", "-f",
+                         str(d / "sshd_config")], log=str(d / "sshd.log"))
+    (d / "abort_server.py").write_text(ABORT_SERVER)
+    lab.abort_log = d / "abort_server.log"
+    lab.popen("server", [sys.executable, "-u", str(d / "abort_server.py")],
+              log=str(lab.abort_log))
+    for port in (80, 8080, 8081, 22, 9000):
+        lab.wait_for(lambda p=port: lab.run("server", ["ss", "-Htln", f"sport = :{p}"])
+                     .stdout.strip(), 20, f"server port {port}")
+
+
+def _curl(lab: Any, url: str, *extra: str, timeout: float = 120,
+          check: bool = True) -> subprocess.CompletedProcess[str]:
+    return lab.run("client", ["curl", "-sS", "--max-time", str(int(timeout)), *extra, url],
+                   timeout=timeout + 10, check=check)
+
+
+def _flows(lab: Any) -> list[dict[str, Any]]:
+    path = lab.tmp / "flows.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _wait_flow(lab: Any, pred: Any, what: str) -> dict[str, Any]:
+    found: dict[str, Any] = lab.wait_for(
+        lambda: next((f for f in _flows(lab) if pred(f)), None), 20, what)
+    return found
+
+
+def _grebe_flows(lab: Any) -> dict[str, Any]:
+    cp = lab.run("gw-a", [sys.executable, "-m", "bridge", "flows", "--json"], timeout=20)
+    answer: dict[str, Any] = json.loads(cp.stdout)
+    return answer
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def test_100mb_download_sha256_http_log_and_speed(lab: Any) -> None:
+    d: Path = lab.tmp
+    want = hashlib.sha256((d / "www" / "big.bin").read_bytes()).hexdigest()
+    speeds = {}
+    for port in (80, 8081):      # inspected, then the plain tunnel for comparison
+        out = lab.run("client", ["sh", "-c",
+                                 f"curl -sS --max-time 300 -w '%{{stderr}}%{{speed_download}}'"
+                                 f" http://{SERVER}:{port}/big.bin | sha256sum"],
+                      timeout=330)
+        assert out.stdout.split()[0] == want, f"port {port}: sha256 differs"
+        speeds[port] = float(out.stderr.strip().splitlines()[-1]) / 1e6
+    print(f"\n100 MB download: userspace-inspected {speeds[80]:.1f} MB/s, plain grebe tunnel "
+          f"{speeds[8081]:.1f} MB/s (ratio {speeds[80] / speeds[8081]:.2f})")
+    rec = _wait_flow(lab, lambda f: any(h.get("target") == "/big.bin"
+                                        for h in f.get("http", [])), "big.bin log line")
+    assert rec["backend"] == "userspace" and rec["rule"] == "web" and rec["src"] == CLIENT
+    assert rec["close"] == "closed" and rec["bytes_s2c"] > BIG
+    assert rec["http"][0]["method"] == "GET" and rec["http"][0]["status"] == 200
+    # the server saw the client's own address
+    access = (d / "nginx-access.log").read_text()
+    assert re.search(rf'^{re.escape(CLIENT)} .*"GET /big.bin HTTP/1.1" 200', access, re.M)
+
+
+def test_time_to_first_byte(lab: Any) -> None:
+    res = {}
+    for port in (80, 8081):
+        times = []
+        for _ in range(15):
+            out = _curl(lab, f"http://{SERVER}:{port}/small.txt", "-o", "/dev/null", "-w",
+                        "%{time_connect} %{time_starttransfer}").stdout.split()
+            times.append((float(out[0]), float(out[1])))
+        res[port] = (statistics.median(t[0] for t in times) * 1000,
+                     statistics.median(t[1] for t in times) * 1000)
+    print(f"\nmedian of 15, connect / first byte: inspected {res[80][0]:.2f} / {res[80][1]:.2f} ms,"
+          f" plain tunnel {res[8081][0]:.2f} / {res[8081][1]:.2f} ms")
+
+
+def test_replace_changes_the_response(lab: Any) -> None:
+    out = _curl(lab, f"http://{SERVER}:8080/").stdout
+    assert "Welcome to grebe!" in out and "nginx!" not in out
+    assert "Welcome to nginx!" in _curl(lab, f"http://{SERVER}:8081/").stdout
+    rec = _wait_flow(lab, lambda f: f["rule"] == "rewrite", "rewrite log line")
+    assert rec["replaced"] == 1
+
+
+def test_ipv6_flow_is_inspected(lab: Any) -> None:
+    out = _curl(lab, f"http://[{SERVER6}]/small.txt").stdout
+    assert out == "a small file\n"
+    rec = _wait_flow(lab, lambda f: f["dst"] == SERVER6, "IPv6 log line")
+    assert rec["src"] == "2001:db8:1::10" and rec["http"][0]["status"] == 200
+
+
+def _syn_line(lab: Any, node: str, port: int, pcap: Path) -> str:
+    out = lab.run(node, ["tcpdump", "-r", str(pcap), "-nn", "-S", "-v",
+                         f"tcp[tcpflags] & tcp-syn != 0 and tcp[tcpflags] & tcp-ack == 0"
+                         f" and dst port {port}"], check=False).stdout
+    return " ".join(out.split())
+
+
+def test_unselected_flow_passes_untouched_inspected_is_terminated(lab: Any) -> None:
+    d: Path = lab.tmp
+    seen = {}
+    for port in (8081, 80):
+        caps = []
+        for node, ifname in (("client", "eth0"), ("server", "eth0")):
+            pcap = d / f"syn-{node}-{port}.pcap"
+            caps.append((node, pcap, lab.popen(node, [
+                "tcpdump", "-i", ifname, "-U", "-c", "1", "-w", str(pcap),
+                f"tcp[tcpflags] & tcp-syn != 0 and tcp[tcpflags] & tcp-ack == 0"
+                f" and dst port {port}"], log=str(d / f"tcpdump-{node}-{port}.log"))))
+        for node, _pcap, _p in caps:
+            lab.wait_for(lambda n=node, p=port: "listening" in (
+                d / f"tcpdump-{n}-{p}.log").read_text(), 10, f"tcpdump on {node}")
+        assert _curl(lab, f"http://{SERVER}:{port}/small.txt").stdout == "a small file\n"
+        for _node, _pcap, proc in caps:
+            proc.wait(timeout=10)
+        seen[port] = [_syn_line(lab, node, port, pcap) for node, pcap, _p in caps]
+
+    def fields(line: str) -> tuple[str, str, str]:
+        seq = re.search(r"seq (\d+)", line)
+        ts = re.search(r"TS val (\d+)", line)
+        ws = re.search(r"wscale (\d+)", line)
+        assert seq and ts and ws, line
+        return seq.group(1), ts.group(1), ws.group(1)
+
+    client, server = seen[8081]
+    # not terminated: ISN, timestamp and window scale arrive as the client sent them (only the
+    # MSS may be clamped to the tunnel by grebe's mss_clamp)
+    assert fields(client) == fields(server), (client, server)
+    client, server = seen[80]
+    # terminated: the ISN is carried over on purpose, the options are the server leg's own
+    assert fields(client)[0] == fields(server)[0]
+    assert fields(client)[1] != fields(server)[1], (client, server)
+
+
+def test_client_abort_reaches_server_and_server_close_reaches_client(lab: Any) -> None:
+    d: Path = lab.tmp
+    (d / "abort_client.py").write_text(ABORT_CLIENT)
+    out = lab.run("client", [sys.executable, str(d / "abort_client.py"), "abort"]).stdout
+    assert "aborted" in out
+    lab.wait_for(lambda: f"reset {CLIENT}" in lab.abort_log.read_text(), 10,
+                 "the server to see the client's RST")
+    rec = _wait_flow(lab, lambda f: f["dport"] == 9000 and f["close"] == "client_reset",
+                     "client_reset log line")
+    assert rec["bytes_c2s"] == 5
+    out = lab.run("client", [sys.executable, str(d / "abort_client.py"), "close"]).stdout
+    assert out.strip() == "got bye eof"
+    _wait_flow(lab, lambda f: f["dport"] == 9000 and f["close"] == "closed", "closed log line")
+
+
+def test_ssh_through_inspected_flow(lab: Any) -> None:
+    d: Path = lab.tmp
+    cp = lab.run("client", ["ssh", "-i", str(d / "client_key"), "-o", "BatchMode=yes",
+                            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                            "-o", "ConnectTimeout=10", f"root@{SERVER}", "echo", "ok"],
+                 timeout=60, check=False)
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout.strip() == "ok"
+    rec = _wait_flow(lab, lambda f: f["dport"] == 22, "ssh flow log line")
+    assert rec["close"] == "closed" and rec["backend"] == "userspace"
+
+
+def test_200_concurrent_inspected_connections(lab: Any) -> None:
+    d: Path = lab.tmp
+    (d / "many.py").write_text(MANY_CLIENT)
+
+    def small() -> int:
+        return sum(1 for f in _flows(lab) if any(h.get("target") == "/small.txt"
+                                                 for h in f.get("http", [])))
+    before = small()
+    out = lab.run("client", [sys.executable, str(d / "many.py"), "200"], timeout=120).stdout
+    assert out.strip() == "200 ok of 200"
+    lab.wait_for(lambda: small() >= before + 200, 20, "200 log lines")
+
+
+def test_grebe_flows_shows_both_legs(lab: Any) -> None:
+    d: Path = lab.tmp
+    code = ("import socket,time\nc=socket.create_connection(('198.18.2.10',9000))\n"
+            "c.sendall(b'echo hello\\n'); c.recv(100)\nopen('" + str(d / "echo.ready") +
+            "','w').close()\ntime.sleep(30)\n")
+    (d / "echo_client.py").write_text(code)
+    proc = lab.popen("client", [sys.executable, str(d / "echo_client.py")],
+                     log=str(d / "echo_client.log"))
+    try:
+        lab.wait_for(lambda: (d / "echo.ready").exists(), 20, "echo connection")
+        answer = _grebe_flows(lab)
+        (f,) = [f for f in answer["flows"] if f["dport"] == 9000 and f["phase"] == "open"]
+        assert f["src"] == CLIENT and f["inspectors"] == ["LogInspector"]
+        for leg in ("client_leg", "server_leg"):
+            assert f[leg]["state"] == "ESTABLISHED" and f[leg]["srtt"] > 0
+        text = lab.run("gw-a", [sys.executable, "-m", "bridge", "flows"], timeout=20).stdout
+        assert f"{CLIENT}:{f['sport']}" in text and "server leg: ESTABLISHED" in text
+    finally:
+        proc.kill()
+
+
+def test_zz_download_over_lossy_reordering_wan(lab: Any) -> None:
+    from bridge.lab import impair
+
+    d: Path = lab.tmp
+    want = hashlib.sha256((d / "www" / "big.bin").read_bytes()).hexdigest()
+    impair.apply(lab, "wan-a", impair.parse_impairment(
+        {"loss": "2%", "reorder": "5%", "seed": 4754}, "t"))
+    try:
+        out = lab.run("client", ["sh", "-c",
+                                 f"curl -sS --max-time 600 -w '%{{stderr}}%{{speed_download}}'"
+                                 f" http://{SERVER}/big.bin | sha256sum"], timeout=630)
+    finally:
+        impair.clear(lab, "wan-a")
+    assert out.stdout.split()[0] == want
+    print(f"\n100 MB over 2 % loss + 5 % reordering: "
+          f"{float(out.stderr.strip().splitlines()[-1]) / 1e6:.2f} MB/s")
