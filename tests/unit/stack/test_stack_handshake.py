@@ -166,7 +166,7 @@ def test_rfc6298_5_7_rto_is_3s_after_a_syn_timeout() -> None:
     assert conn.info()["rto"] == 3.0
 
 
-def test_rfc9293_must_8_isn_clock_driven_and_rfc6528_keyed() -> None:
+def test_rfc9293_must_8_must_9_isn_clock_driven_and_rfc6528_keyed() -> None:
     key = b"secret"
     a = isn_rfc6528(key, LOCAL, REMOTE, 100.0)
     assert isn_rfc6528(key, LOCAL, REMOTE, 100.0 + 4e-6 * 1000) == (a + 1000) & 0xFFFFFFFF
@@ -211,7 +211,7 @@ def test_rfc5961_ack_of_unsent_data_gets_ack_and_is_dropped() -> None:
     assert conn.read() == b""
 
 
-def test_active_handshake_negotiates_options() -> None:
+def test_rfc9293_must_16_effective_send_mss_and_negotiated_options() -> None:
     conn = active(
         cfg(window_scaling=True, timestamps=True, sack=True, recv_buffer=1 << 20),
         wscale=7, sack_perm=True, ts=(5000, 0), mss=1400,

@@ -170,3 +170,14 @@ def test_rfc2018_no_sack_blocks_unless_permitted() -> None:
 def test_options_handshake_then_data_event() -> None:
     conn = active(ALL, ts=(7, 0), sack_perm=True, wscale=2)
     assert events(conn) == [Connected()]
+
+
+def test_rfc9293_must_67_advertised_mss_comes_from_the_mtu() -> None:
+    conn6 = TcpConnection(IPV6_LOCAL, IPV6_REMOTE, cfg(mss=0, mtu=1500), iss=LOCAL_SEQ)
+    conn6.connect(0.0)
+    [syn6] = conn6.segments_to_send(0.0)
+    assert syn6.mss == 1440  # 1500 - 40 (IPv6) - 20 (TCP)
+    conn4 = TcpConnection(LOCAL, REMOTE, cfg(mss=0, mtu=9000), iss=LOCAL_SEQ)
+    conn4.connect(0.0)
+    [syn4] = conn4.segments_to_send(0.0)
+    assert syn4.mss == 8960

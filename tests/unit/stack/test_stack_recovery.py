@@ -63,7 +63,7 @@ def test_rfc6298_initial_rto_is_one_second_and_doubles() -> None:
     assert fine.rto == 60.0  # the maximum (§2.5)
 
 
-def test_rfc6298_retransmission_timer_go_back_and_backoff() -> None:
+def test_rfc9293_must_19_rfc6298_timer_go_back_backoff_and_slow_start() -> None:
     conn = active(cfg(nagle=False), window=65535)
     conn.send(bytes(3 * MSS))
     recv(conn, 0.0)
@@ -231,7 +231,7 @@ def test_rfc6675_islost_setpipe_nextseg_arithmetic() -> None:
     assert next_hole(0, edge, sacked) == 0
 
 
-def test_rfc1191_rfc8201_packet_too_big_lowers_the_send_mss() -> None:
+def test_rfc9293_must_54_56_packet_too_big_lowers_the_send_mss() -> None:
     conn = active(cfg(nagle=False, initial_cwnd=10 * MSS), window=65535)
     conn.send(bytes(4 * MSS))
     assert _sizes(recv(conn, 1.0)) == [MSS] * 4

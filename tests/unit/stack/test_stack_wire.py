@@ -99,7 +99,7 @@ def test_payload_is_a_zero_copy_view_and_super_segments_parse() -> None:
     assert seg.payload.obj is raw and bytes(seg.payload) == blob
 
 
-def test_rfc9293_must_4_eol_nop_mss_and_must_6_unknown_skipped() -> None:
+def test_rfc9293_must_4_must_6_must_68_eol_nop_mss_unknown_skipped_by_length() -> None:
     opts = bytes([1, 1, 99, 4, 0xAA, 0xBB, 2, 4, 0x05, 0xB4, 0, 2, 4, 0, 0])
     assert parse_options(opts, 0, len(opts)) == (1460, None, False, None, ())
 
@@ -220,3 +220,16 @@ def test_reassembly_merges_adjacent_segments_into_one_range() -> None:
     nxt, pieces = ooo.pop_ready(995)
     run = b"".join(bytes([i]) * 10 for i in range(100))
     assert nxt == 2000 and b"".join(pieces) == b"y" * 5 + run
+
+
+def test_rfc9293_must_64_options_at_any_alignment() -> None:
+    # One NOP puts MSS at an odd offset, then TSopt and SACK-permitted unaligned too.
+    opts = bytes([1, 2, 4, 0x05, 0xB4, 4, 2, 8, 10]) + (7).to_bytes(4, "big") + bytes(4)
+    opts += bytes(-len(opts) % 4)
+    assert parse_options(opts, 0, len(opts)) == (1460, None, True, (7, 0), ())
+    seg = TcpSegment(1, 2, 3, 4, SYN, 5)
+    raw = bytearray(emit_tcp(seg, V4_SRC, V4_DST))
+    raw[12] = ((20 + len(opts)) // 4) << 4
+    raw[16:18] = b"\0\0"
+    parsed = parse_tcp(bytes(raw) + opts, V4_SRC, V4_DST, verify_checksum=False)
+    assert parsed is not None and parsed.mss == 1460 and parsed.ts == (7, 0)
