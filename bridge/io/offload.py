@@ -329,17 +329,65 @@ def _tcp_key(p: bytes) -> tuple[bytes, int, int] | None:
     return None
 
 
+def _mask(ihl: int, doff: int) -> int:
+    """Header bytes a continuing segment must share with its group's first (as one int).
+
+    Zero where segments of one run differ: IPv4 total length, identification and header
+    checksum, or the IPv6 flow label's low bytes and payload length; the TCP sequence number
+    and checksum. The TCP flags byte may differ only in PSH.
+    """
+    m = bytearray(b"\xff" * (ihl + doff))
+    skip = (2, 3, 4, 5, 10, 11) if ihl == 20 else (2, 3, 4, 5)
+    for i in (*skip, ihl + 4, ihl + 5, ihl + 6, ihl + 7, ihl + 16, ihl + 17):
+        m[i] = 0
+    m[ihl + 13] = 0xFF & ~_PSH
+    return int.from_bytes(m, "big")
+
+
+_MASKS: dict[tuple[int, int], int] = {}
+
+
 class _Group:
-    __slots__ = ("pkts", "next_seq", "size", "total", "closed", "ihl", "doff")
+    __slots__ = ("pkts", "next_seq", "size", "total", "closed", "ihl", "doff", "hl", "tmpl",
+                 "mask", "v4")
 
     def __init__(self, pkt: bytes, ihl: int, doff: int, seq: int) -> None:
         self.pkts = [pkt]
         self.ihl = ihl
         self.doff = doff
-        self.size = len(pkt) - ihl - doff
+        self.hl = hl = ihl + doff
+        self.v4 = ihl == 20
+        self.size = len(pkt) - hl
         self.next_seq = (seq + self.size) & 0xFFFFFFFF
         self.total = len(pkt)
         self.closed = self.size == 0 or bool(pkt[ihl + 13] & _PSH)
+        self.tmpl = int.from_bytes(pkt[:hl], "big")
+        mask = _MASKS.get((ihl, doff))
+        if mask is None:
+            mask = _MASKS[(ihl, doff)] = _mask(ihl, doff)
+        self.mask = mask
+
+    def extends(self, p: bytes) -> int:
+        """Payload size if `p` is the next segment of this (open) group, else 0."""
+        n = len(p)
+        hl = self.hl
+        size = n - hl
+        if not 0 < size <= self.size or self.total + size > _MAX_IP_LEN:
+            return 0
+        if (int.from_bytes(p[:hl], "big") ^ self.tmpl) & self.mask:
+            return 0
+        if (p[2] << 8 | p[3]) != n if self.v4 else (p[4] << 8 | p[5]) != n - 40:
+            return 0
+        if _U32.unpack_from(p, self.ihl + 4)[0] != self.next_seq:
+            return 0
+        return size
+
+    def add(self, p: bytes, size: int) -> None:
+        self.pkts.append(p)
+        self.total += size
+        self.next_seq = (self.next_seq + size) & 0xFFFFFFFF
+        if size < self.size or p[self.ihl + 13] & _PSH:
+            self.closed = True
 
 
 def coalesce(packets: Sequence[bytes | bytearray | memoryview], out: list[bytes]) -> int:
@@ -347,32 +395,37 @@ def coalesce(packets: Sequence[bytes | bytearray | memoryview], out: list[bytes]
 
     Consecutive segments of one TCP flow become one GSO frame (rules in the module
     docstring); everything else becomes a frame with an empty vnet header. The relative
-    order of the packets of each flow is kept.
+    order of the packets of each flow is kept. Fast path: a segment that continues the
+    group of the previous one is recognised by one masked integer comparison of headers.
     """
     groups: list[_Group | bytes] = []
     open_by_key: dict[bytes, _Group] = {}
+    last: _Group | None = None
     for p in packets:
         if type(p) is not bytes:
             p = bytes(p)  # keys must be hashable; bytearray/memoryview from the core
+        if last is not None and not last.closed and len(p) > last.hl:
+            size = last.extends(p)
+            if size:
+                last.add(p, size)
+                continue
         k = _tcp_key(p)
         if k is None:
             groups.append(p)
+            last = None
             continue
         key, ihl, doff = k
-        seq = _U32.unpack_from(p, ihl + 4)[0]
-        size = len(p) - ihl - doff
         g = open_by_key.get(key)
-        if (g is not None and not g.closed and seq == g.next_seq and 0 < size <= g.size
-                and g.total + size <= _MAX_IP_LEN):
-            g.pkts.append(p)
-            g.total += size
-            g.next_seq = (seq + size) & 0xFFFFFFFF
-            if size < g.size or p[ihl + 13] & _PSH:
-                g.closed = True
-            continue
-        g = _Group(p, ihl, doff, seq)
+        if g is not None and not g.closed:
+            size = g.extends(p)
+            if size:
+                g.add(p, size)
+                last = g
+                continue
+        g = _Group(p, ihl, doff, _U32.unpack_from(p, ihl + 4)[0])
         open_by_key[key] = g
         groups.append(g)
+        last = g
     before = len(out)
     for item in groups:
         if isinstance(item, bytes):
