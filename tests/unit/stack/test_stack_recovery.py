@@ -244,3 +244,18 @@ def test_rfc9293_must_54_56_packet_too_big_lowers_the_send_mss() -> None:
     conn.path_mtu(100)  # never below the RFC 9293 MUST-15 default
     assert conn.send_mss == 536
     assert conn.state is State.ESTABLISHED  # MUST-56: not a reason to abort
+
+
+def test_rfc9293_shld_11_data_r2_lasts_at_least_100_seconds() -> None:
+    conn = active(cfg(), window=65535)
+    conn.send(b"x")
+    recv(conn, 0.0)
+    last = 0.0
+    while conn.state is State.ESTABLISHED:
+        t = conn.get_timer()
+        assert t is not None
+        conn.handle_timer(t)
+        recv(conn, t)
+        last = t
+    assert last >= 100.0
+    assert events(conn)[-2:] == [ConnectionReset("timeout"), Closed()]
