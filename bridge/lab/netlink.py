@@ -52,6 +52,7 @@ from bridge.lab.topology import (
     MAX_INSTANCE_NAME,
     Link,
     NodeKind,
+    Route,
     Topology,
     load,
 )
@@ -117,10 +118,22 @@ def _ignore_gone(fn: Callable[[], object]) -> None:
             raise
 
 
+@contextmanager
+def _step(what: str) -> Iterator[None]:
+    """Turn a kernel refusal during `what` into a LabError that names it."""
+    try:
+        yield
+    except NetlinkError as e:
+        raise LabError(f"{what}: {os.strerror(e.code) if e.code else e}") from e
+    except OSError as e:  # TimeoutError (pyroute2 poll) included
+        raise LabError(f"{what}: {e.strerror or e}") from e
+
+
 def _write_sysctls(ns_path: str, items: Sequence[tuple[str, str]]) -> None:
     def body() -> None:
         for key, value in items:
-            with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
+            with _step(f"{os.path.basename(ns_path)}: sysctl {key} = {value}"), \
+                    open("/proc/sys/" + key.replace(".", "/"), "w") as f:
                 f.write(value)
 
     procs.in_netns(ns_path, body)
@@ -178,16 +191,18 @@ class Lab:
 
     def _build(self, topo: Topology) -> None:
         for node in topo.nodes:
-            netns.create(self.ns(node.name))
+            with _step(f"{node.name}: create namespace {self.ns(node.name)}"):
+                netns.create(self.ns(node.name))
             _write_sysctls(self.ns_path(node.name), _BASE_SYSCTLS)
         with self._iprs() as ipr:
             for node in topo.nodes:
-                ipr[node.name].link("set", index=ipr[node.name].link_lookup(ifname="lo")[0],
-                                    state="up")
+                lo = ipr[node.name].link_lookup(ifname="lo")[0]
+                ipr[node.name].link("set", index=lo, state="up")
             for link in topo.links:
-                ipr[link.a.node].link("add", ifname=link.a.interface, kind="veth",
-                                      peer={"ifname": link.b.interface,
-                                            "net_ns_fd": self.ns(link.b.node)})
+                with _step(f"link {link.name}: veth {link.a} -- {link.b}"):
+                    ipr[link.a.node].link("add", ifname=link.a.interface, kind="veth",
+                                          peer={"ifname": link.b.interface,
+                                                "net_ns_fd": self.ns(link.b.node)})
             for node in topo.nodes:
                 self._configure_node(ipr[node.name], node.name, topo)
             for node in topo.nodes:
@@ -195,22 +210,27 @@ class Lab:
                     _write_sysctls(self.ns_path(node.name), node.sysctl)
             for node in topo.nodes:
                 for ifname in node.interfaces:
-                    ipr[node.name].poll(ipr[node.name].link, "dump", ifname=ifname,
-                                        operstate="UP", timeout=10, interval=0.01)
+                    with _step(f"{node.name}: waiting for carrier on {ifname}"):
+                        ipr[node.name].poll(ipr[node.name].link, "dump", ifname=ifname,
+                                            operstate="UP", timeout=10, interval=0.01)
             for node in topo.nodes:
                 for route in node.routes:
-                    spec: dict[str, Any] = {
-                        "dst": str(route.dst),
-                        "family": AF_INET6 if route.dst.version == 6 else AF_INET,
-                    }
-                    if route.via is not None:
-                        spec["gateway"] = str(route.via)
-                    else:  # on-link, as `ip route add PREFIX dev IF` does
-                        spec["scope"] = RT_SCOPE_LINK
-                    if route.dev is not None:
-                        spec["oif"] = ipr[node.name].link_lookup(ifname=route.dev)[0]
-                    ipr[node.name].route("add", **spec)
+                    self._add_route(ipr[node.name], node.name, route)
         self._apply_impairments(topo)
+
+    @staticmethod
+    def _add_route(ipr: IPRoute, node: str, route: Route) -> None:
+        spec: dict[str, Any] = {"dst": str(route.dst),
+                                "family": AF_INET6 if route.dst.version == 6 else AF_INET}
+        if route.via is not None:
+            spec["gateway"] = str(route.via)
+        else:  # on-link, as `ip route add PREFIX dev IF` does
+            spec["scope"] = RT_SCOPE_LINK
+        if route.dev is not None:
+            spec["oif"] = ipr.link_lookup(ifname=route.dev)[0]
+        via = f" via {route.via}" if route.via else ""
+        with _step(f"{node}: route {route.dst}{via}{f' dev {route.dev}' if route.dev else ''}"):
+            ipr.route("add", **spec)
 
     def _configure_node(self, ipr: IPRoute, name: str, topo: Topology) -> None:
         node = topo.node(name)
@@ -231,13 +251,15 @@ class Lab:
         for ifname in ifnames:
             index = ipr.link_lookup(ifname=ifname)[0]
             if ifname in mtu:
-                ipr.link("set", index=index, mtu=mtu[ifname])
+                with _step(f"{name}: mtu {mtu[ifname]} on {ifname}"):
+                    ipr.link("set", index=index, mtu=mtu[ifname])
             ipr.link("set", index=index, state="up")
         for addr in node.addresses:
             index = ipr.link_lookup(ifname=addr.interface)[0]
-            ipr.addr("add", index=index, address=str(addr.address.ip),
-                     prefixlen=addr.address.network.prefixlen,
-                     flags=IFA_F_NODAD if addr.address.version == 6 else 0)
+            with _step(f"{name}: address {addr.address} on {addr.interface}"):
+                ipr.addr("add", index=index, address=str(addr.address.ip),
+                         prefixlen=addr.address.network.prefixlen,
+                         flags=IFA_F_NODAD if addr.address.version == 6 else 0)
 
     def _apply_impairments(self, topo: Topology) -> None:
         links = [lk for lk in topo.links if lk.impair is not None]

@@ -346,3 +346,19 @@ def test_link_impairment_from_the_topology_is_applied_at_up(
     assert isinstance(lab.link("wan-x").impair, impair.Impairment)
     assert impair.current(lab, "wan-x")[0].rate_mbit == 10
     assert impair.current(lab, "wan-a")[0].is_off
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ('[nodes.gw-a]\nsysctl = { "net.ipv4.no_such_knob" = 1 }\n',
+     "gw-a: sysctl net.ipv4.no_such_knob = 1"),
+    ('[nodes.attacker]\nroutes = [{ dst = "198.18.9.0/24", via = "198.18.7.1" }]\n',
+     "attacker: route 198.18.9.0/24 via 198.18.7.1"),
+])
+def test_a_kernel_refusal_names_the_step_and_leaves_nothing(
+        tmp_path: Path, lab_instance_names: Callable[[], str], extra: str, message: str) -> None:
+    path = tmp_path / "refused.toml"
+    path.write_text(f'extends = "{REPO / "topologies" / "two-sites-plain.toml"}"\n{extra}')
+    instance = lab_instance_names()
+    with pytest.raises(LabError, match=message):
+        Lab.up(load(path), instance=instance)
+    assert lab_is_gone(instance)
