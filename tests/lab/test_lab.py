@@ -362,3 +362,17 @@ def test_a_kernel_refusal_names_the_step_and_leaves_nothing(
     with pytest.raises(LabError, match=message):
         Lab.up(load(path), instance=instance)
     assert lab_is_gone(instance)
+
+
+def test_nft_ruleset_loads_inside_one_node_only(lab_factory: LabFactory) -> None:
+    lab = lab_factory("two-sites-plain", start=False)
+    assert ping(lab, "gw-a", "198.18.0.66").returncode == 0
+    lab.nft("attacker", "table inet gbtest {\n chain input {\n"
+                        "  type filter hook input priority 0; policy accept;\n"
+                        "  icmp type echo-request drop\n }\n}\n")
+    assert ping(lab, "gw-a", "198.18.0.66").returncode != 0
+    assert ping(lab, "gw-a", "2001:db8::66").returncode == 0  # only ICMPv4 was dropped
+    assert "gbtest" in lab.run("attacker", ["nft", "list", "tables"]).stdout
+    assert "gbtest" not in lab.run("gw-a", ["nft", "list", "tables"]).stdout
+    with pytest.raises(LabCommandError, match=r"\[attacker\] nft -f -"):
+        lab.nft("attacker", "this is not nft\n")
