@@ -152,6 +152,8 @@ class TcpConnection(OutputMixin):
         What the connection keeps of the payload is copied, so the caller may reuse the
         buffer behind `seg.payload` as soon as this returns.
         """
+        self._last_rx = now
+        self._ka_sent = 0
         # Header prediction (RFC 9293 §3.10 note; Van Jacobson).
         if (
             self._state is State.ESTABLISHED

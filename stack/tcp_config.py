@@ -19,6 +19,10 @@ Rules (the defaults and the RFC clause each one honours):
 - `window_scaling`, `timestamps` (RFC 7323), `sack` (RFC 2018): offered in our SYN and
   used only when the peer offers them too.
 - `challenge_ack_limit` per second (RFC 5961 §7 rate limit).
+- Keep-alives (RFC 9293 §3.8.4, MAY-5): off unless `keepalive` (MUST-24/26); sent only
+  after `keepalive_idle` seconds without any segment from the peer (MUST-25), default two
+  hours (MUST-28), configurable (MUST-27); `keepalive_probes` unanswered probes, one per
+  `keepalive_interval`, end the connection, so one lost ACK is no failure (MUST-29).
 - `isn_key`: the RFC 6528 secret; a fresh random one per config unless given.
 - `auto_consume`: when True, delivering data (DataReceived or read()) reopens the window;
   when False the application calls `consumed(n)` (back-pressure).
@@ -63,6 +67,10 @@ class TcpConfig:
     max_retries: int = 15
     initial_cwnd: int = 0  # 0: RFC 5681 IW
     challenge_ack_limit: int = 10
+    keepalive: bool = False
+    keepalive_idle: float = 7200.0
+    keepalive_interval: float = 75.0
+    keepalive_probes: int = 9
     auto_consume: bool = True
     isn_key: bytes = field(default_factory=_random_key, repr=False)
 
@@ -83,6 +91,8 @@ class TcpConfig:
             raise ValueError("need 0 < rto_min <= rto_initial <= rto_max")
         if self.msl <= 0 or self.syn_retries < 1 or self.max_retries < 1:
             raise ValueError("msl, syn_retries and max_retries must be positive")
+        if self.keepalive_idle <= 0 or self.keepalive_interval <= 0 or self.keepalive_probes < 1:
+            raise ValueError("keep-alive idle, interval and probes must be positive")
         if not 1 <= len(self.isn_key) <= 32:
             raise ValueError("isn_key must be 1..32 bytes")
 

@@ -127,6 +127,9 @@ class ConnectionCore:
         self._persist_at: float | None = None
         self._persist_backoff = 0
         self._timewait_at: float | None = None
+        self._last_rx = 0.0  # time of the last segment from the peer (keep-alive idle)
+        self._ka_sent = 0
+        self._ka_pending = False
         self._rto = RtoEstimator(cfg.rto_initial, cfg.rto_min, cfg.rto_max)
         self._cc = NewReno(self._send_mss, cfg.initial_cwnd or None)
         self._rtt_abs: int | None = None
@@ -254,7 +257,21 @@ class ConnectionCore:
         for t in (self._rto_at, self._delack_at, self._persist_at, self._timewait_at):
             if t is not None and (best is None or t < best):
                 best = t
+        if self.config.keepalive:
+            t = self._keepalive_at()
+            if t is not None and (best is None or t < best):
+                best = t
         return best
+
+    def _keepalive_at(self) -> float | None:
+        """When the next keep-alive is due (RFC 9293 §3.8.4): only on an idle connection."""
+        st = self._state
+        if (st is not State.ESTABLISHED and st is not State.CLOSE_WAIT) or (
+            self._snd_max != self._snd_una or self._sendbuf.end >= self._snd_nxt
+        ):
+            return None
+        cfg = self.config
+        return self._last_rx + cfg.keepalive_idle + self._ka_sent * cfg.keepalive_interval
 
     def handle_timer(self, now: float) -> None:
         """Act on every deadline at or before `now`; call segments_to_send(now) after."""
@@ -272,6 +289,15 @@ class ConnectionCore:
         if self._rto_at is not None and now >= self._rto_at:
             self._rto_at = None
             self._on_rto(now)
+        if self.config.keepalive:
+            t = self._keepalive_at()
+            if t is not None and now >= t:
+                if self._ka_sent >= self.config.keepalive_probes:  # MUST-29: not one loss
+                    self._events.append(ConnectionReset("timeout"))
+                    self._enter_closed()
+                    return
+                self._ka_sent += 1
+                self._ka_pending = True
 
     def _on_rto(self, now: float) -> None:
         st = self._state
@@ -366,7 +392,7 @@ class ConnectionCore:
             return
         self._state = State.CLOSED
         self._rto_at = self._persist_at = self._timewait_at = self._delack_at = None
-        self._ack_now = self._retx_pending = self._probe_pending = False
+        self._ack_now = self._retx_pending = self._probe_pending = self._ka_pending = False
         self._ooo.clear()
         self._events.append(Closed())
 

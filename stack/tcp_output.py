@@ -91,7 +91,13 @@ class OutputMixin(ConnectionCore):
                 if self._probe_pending:
                     self._send_probe(now, out, ack, win, ts, sack)
                 self._send_data(now, out, ack, win, ts, sack)
-        if len(out) > n0:
+        if self._ka_pending:
+            # RFC 9293 §3.8.4: SEG.SEQ = SND.NXT - 1 makes the peer answer with an ACK.
+            self._ka_pending = False
+            ka = self._pure_ack(now)
+            out.append(ka._replace(seq=(ka.seq - 1) & MASK))
+            self._ack_sent()
+        elif len(out) > n0:
             self._ack_sent()
         elif self._ack_now:
             out.append(self._pure_ack(now))

@@ -17,7 +17,14 @@ from tcp_script import (
     send,
 )
 
-from stack.events import Closed, Connected, DataReceived, LocalProtocolError, PeerFinished
+from stack.events import (
+    Closed,
+    Connected,
+    ConnectionReset,
+    DataReceived,
+    LocalProtocolError,
+    PeerFinished,
+)
 from stack.state import State
 from stack.wire.tcp import ACK, FIN, PSH
 
@@ -156,3 +163,27 @@ def test_rfc9293_abort_in_time_wait_sends_no_rst() -> None:
     conn.abort()
     recv_nothing(conn, 1.2)
     assert conn.state is State.CLOSED
+
+
+def test_rfc9293_must_24_to_29_keepalive() -> None:
+    assert cfg().keepalive is False and cfg().keepalive_idle >= 7200  # MUST-26, MUST-28
+    conn = passive(cfg(keepalive=True, keepalive_idle=60.0, keepalive_interval=5.0,
+                       keepalive_probes=2))
+    events(conn)
+    conn.send(b"busy")
+    recv(conn, 0.0)
+    send(conn, 10.0, seq=rseq(1), ack=lseq(5))  # acked at t=10: idle from now on
+    assert conn.get_timer() == pytest.approx(70.0)  # MUST-25: only after idle time
+    conn.handle_timer(70.0)
+    ka = recv_one(conn, 70.0)
+    expect(ka, flags=ACK, seq=lseq(4), payload=b"")  # SND.NXT - 1
+    # The answer was lost (MUST-29: that alone is no failure): a second probe.
+    conn.handle_timer(75.0)
+    expect(recv_one(conn, 75.0), seq=lseq(4))
+    send(conn, 76.0, seq=rseq(1), ack=lseq(5))  # answered: idle again from 76
+    assert conn.get_timer() == pytest.approx(136.0)
+    for t in (136.0, 141.0, 146.0):
+        conn.handle_timer(t)
+        recv(conn, t)
+    assert conn.state is State.CLOSED  # two unanswered probes, then the third deadline
+    assert events(conn)[-2:] == [ConnectionReset("timeout"), Closed()]
