@@ -178,7 +178,10 @@ class Lab:
         if lab_namespaces(instance) or (STATE_ROOT / instance).exists():
             raise LabError(f"lab instance {instance!r} is already up (down or clean it first)")
         lab = cls(topo, instance, [n.name for n in topo.nodes])
-        lab.state_dir.mkdir(parents=True, exist_ok=False)
+        try:
+            lab.state_dir.mkdir(parents=True, exist_ok=False)
+        except FileExistsError:  # another process won the race for this instance
+            raise LabError(f"lab instance {instance!r} is already up") from None
         lab._save()
         try:
             lab._build(topo)
