@@ -6,8 +6,9 @@ Rules:
 - Deterministic: no threads, no clock. `MemoryNet` delivers a datagram to the endpoint bound
   at its destination immediately, through an optional `impair(payload, src, dst)` hook that
   returns the datagrams to deliver (empty list = lost, two = duplicated).
-- `fileno()` returns an eventfd that is readable while something is queued, so a Runner
-  could poll them too; Engine-driven tests just call the pumps.
+- `fileno()` returns an eventfd that is readable while something is queued, so the threaded
+  `loop.Runner` runs over them too (deques are thread-safe for append/popleft); Engine-driven
+  tests just call the pumps.
 """
 
 from __future__ import annotations
@@ -54,12 +55,13 @@ class MemoryTun:
         return self._ready.fd
 
     def read_packets(self, out: list[bytes], limit: int = 64) -> int:
+        self._ready.clear()  # before draining: a packet injected meanwhile sets it again
         n = 0
         while self.inbound and n < limit:
             out.append(self.inbound.popleft())
             n += 1
-        if not self.inbound:
-            self._ready.clear()
+        if self.inbound:
+            self._ready.set()
         return n
 
     def write_packets(self, packets: Sequence[bytes | bytearray | memoryview]) -> int:
@@ -116,12 +118,13 @@ class MemoryUdp:
         return self._ready.fd
 
     def recv_datagrams(self, out: list[tuple[bytes, Addr]], limit: int = 64) -> int:
+        self._ready.clear()  # before draining: a datagram delivered meanwhile sets it again
         n = 0
         while self.inbound and n < limit:
             out.append(self.inbound.popleft())
             n += 1
-        if not self.inbound:
-            self._ready.clear()
+        if self.inbound:
+            self._ready.set()
         return n
 
     def send_datagrams(self, addr: Addr, datagrams: Sequence[bytes | bytearray]) -> int:

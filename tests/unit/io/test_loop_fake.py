@@ -6,6 +6,8 @@ Site A (198.18.1.0/24, 2001:db8:1::/48) at 198.18.0.1, site B (198.18.2.0/24,
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
@@ -31,6 +33,18 @@ prefixes = {prefixes!r}
 encapsulation = "{encap}"
 keepalive = 1
 {extra}"""
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `predicate` (backing off to 50 ms) until true; AssertionError naming `what`."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    delay = 0.002
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 class Clock:
@@ -133,3 +147,39 @@ def test_peer_state_changes_are_logged_once(caplog: pytest.LogCaptureFixture) ->
     eb.pump_timer()
     assert lines("is up") == ["peer to-b (198.18.0.1:4754) is up"]
     assert len(lines("peer")) == 2
+
+
+def test_threaded_runner_over_the_fakes() -> None:
+    """The real Runner (one thread per direction + timer thread) between two fake sites."""
+    import threading
+    import time
+
+    from bridge.io.loop import Runner
+
+    ea, eb, net, _ = _pair("gre")
+    ea.clock = eb.clock = time.monotonic  # real time: keepalives run on the timer thread
+    runners = [Runner(ea), Runner(eb)]
+    threads = [threading.Thread(target=r.run, daemon=True) for r in runners]
+    for t in threads:
+        t.start()
+    try:
+        segs = [_ip("198.18.1.10", "198.18.2.10", 64, 1 + i * 1300) for i in range(300)]
+        ea.tun.inject(*segs)  # type: ignore[attr-defined]
+        want = [_ip("198.18.1.10", "198.18.2.10", 63, 1 + i * 1300) for i in range(300)]
+        got: list[bytes] = []
+
+        def arrived() -> bool:
+            got.extend(eb.tun.take())  # type: ignore[attr-defined]
+            return len(got) >= len(want)
+
+        wait_for(arrived, 20, "300 segments through two threaded Runners")
+        assert got == want
+        # the timer thread sends keepalives (interval 1 s) without any traffic
+        before = eb.status()["events"]["keepalive_rx"]
+        wait_for(lambda: eb.status()["events"]["keepalive_rx"] > before, 10, "a keepalive")
+    finally:
+        for r in runners:
+            r.stop()
+        for t in threads:
+            t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads)
