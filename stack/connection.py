@@ -356,6 +356,8 @@ class TcpConnection(OutputMixin):
                 return
             self._drop("unacceptable")
             self._ack_now = True  # "<SEQ=SND.NXT><ACK=RCV.NXT><CTL=ACK>"
+            if payload and seg_abs + len(payload) <= rcv_nxt and self._sack_on:
+                self._dsack = (seg_abs, seg_abs + len(payload))  # RFC 2883 §4: duplicate
             if st is State.TIME_WAIT and f & FIN and seg_abs + seg_len == rcv_nxt:
                 # RFC 9293 §3.10.7.4 TIME-WAIT: the peer's FIN again: ACK, restart 2 MSL.
                 self._timewait_at = now + 2 * self.config.msl
@@ -543,6 +545,8 @@ class TcpConnection(OutputMixin):
     def _receive_text(self, seg_abs: int, payload: bytes | memoryview, now: float) -> None:
         rcv_nxt = self._rcv_nxt
         if seg_abs < rcv_nxt:  # trim what we already have
+            if self._sack_on:
+                self._dsack = (seg_abs, rcv_nxt)  # RFC 2883 §4: report the duplicate part
             payload = memoryview(payload)[rcv_nxt - seg_abs :]
             seg_abs = rcv_nxt
         room = self._rcv_adv - seg_abs

@@ -115,6 +115,7 @@ class ConnectionCore:
         self._ts_off = ts_offset(cfg.isn_key, local, remote)
         self._last_ack_sent = 0
         self._sacked: list[tuple[int, int]] = []
+        self._dsack: tuple[int, int] | None = None  # a duplicate to report (RFC 2883)
         self._recovery_pt = 0
         self._rto_tsval: int | None = None  # our TSval when the last RTO fired
         # ACK generation (RFC 9293 §3.8.6.3, RFC 5681 §4.2).

@@ -8,7 +8,7 @@ Rules:
 - Every segment after the SYN carries ACK, the current RCV.NXT and window (RFC 9293 §3.1),
   TSopt when negotiated (RFC 7323 §3.2: "MUST be sent in every non-<RST> segment"; TSecr =
   TS.Recent) and SACK blocks while data is held out of order (RFC 2018 §4, 3 blocks next
-  to a TSopt, 4 without).
+  to a TSopt, 4 without), led by a D-SACK block once after a duplicate (RFC 2883 §4).
 - Receiver SWS avoidance (RFC 9293 §3.8.6.2.2, MUST-39): the right edge only moves by at
   least min(RCV.BUFF/2, MSS); it never moves left (window shrinking is avoided).
 - Sender SWS avoidance (§3.8.6.2.1, MUST-38): send a segment if it is full (>= SMSS), or
@@ -81,7 +81,7 @@ class OutputMixin(ConnectionCore):
             ack = (self._irs + self._rcv_nxt) & MASK
             win = self._window_field()
             ts = (self._ts_clock(now), self._ts_recent or 0) if self._ts_on else None
-            sack = self._sack_blocks() if self._sack_on and self._ooo else ()
+            sack = self._sack_blocks() if self._sack_on and (self._ooo or self._dsack) else ()
             if self._sack_on and self._cc.in_recovery:
                 self._sack_recovery(now, out, ack, win, ts, sack)
             else:
@@ -143,7 +143,7 @@ class OutputMixin(ConnectionCore):
             (self._irs + self._rcv_nxt) & MASK, ACK, self._window_field(), b"", 0,
             None, None, False,
             (self._ts_clock(now), self._ts_recent or 0) if self._ts_on else None,
-            self._sack_blocks() if self._sack_on and self._ooo else (),
+            self._sack_blocks() if self._sack_on and (self._ooo or self._dsack) else (),
         )
 
     def _ack_sent(self) -> None:
@@ -170,8 +170,16 @@ class OutputMixin(ConnectionCore):
         return field
 
     def _sack_blocks(self) -> tuple[tuple[int, int], ...]:
+        """SACK blocks, most recent first (RFC 2018 §4), behind a D-SACK block naming a
+        duplicate just received (RFC 2883 §4: first, reported once)."""
         irs = self._irs
-        blocks = self._ooo.blocks(3 if self._ts_on else 4)
+        limit = 3 if self._ts_on else 4
+        blocks = []
+        if self._dsack is not None:
+            blocks.append(self._dsack)
+            self._dsack = None
+            limit -= 1
+        blocks.extend(self._ooo.blocks(limit))
         return tuple(((irs + s) & MASK, (irs + e) & MASK) for s, e in blocks)
 
     def _segment(

@@ -181,3 +181,19 @@ def test_rfc9293_must_67_advertised_mss_comes_from_the_mtu() -> None:
     conn4.connect(0.0)
     [syn4] = conn4.segments_to_send(0.0)
     assert syn4.mss == 8960
+
+
+def test_rfc2883_dsack_reports_a_duplicate_once() -> None:
+    conn = passive(ALL, sack_perm=True, ts=(10, 0))
+    send(conn, 1.0, seq=rseq(1), ack=lseq(1), ts=(11, 0), payload=b"a" * 100)
+    recv(conn, 1.0)
+    send(conn, 1.1, seq=rseq(1), ack=lseq(1), ts=(12, 0), payload=b"a" * 100)  # again
+    dup = recv_one(conn, 1.1)
+    assert dup.sack == ((rseq(1), rseq(101)),) and dup.ack == rseq(101)
+    send(conn, 1.2, seq=rseq(51), ack=lseq(1), ts=(13, 0), payload=b"a" * 50 + b"b" * 50)
+    conn.handle_timer(2.0)
+    part = recv_one(conn, 2.0)  # the overlapping half is reported, the rest taken
+    assert part.sack == ((rseq(51), rseq(101)),) and part.ack == rseq(151)
+    send(conn, 2.5, seq=rseq(151), ack=lseq(1), ts=(14, 0), payload=b"c" * 10)
+    conn.handle_timer(3.0)
+    assert recv_one(conn, 3.0).sack == ()  # reported once only
