@@ -4,11 +4,23 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tcp_script import ALL_OPTIONS, BASE, LOCAL, LOCAL_SEQ, REMOTE, active, passive, rseq
+from tcp_script import (
+    ALL_OPTIONS,
+    BASE,
+    LOCAL,
+    LOCAL_SEQ,
+    REMOTE,
+    active,
+    cfg,
+    lseq,
+    passive,
+    rseq,
+    send,
+)
 
 from stack.connection import TcpConnection
 from stack.demux import TcpDemux
-from stack.wire.tcp import TcpSegment, emit_tcp
+from stack.wire.tcp import ACK, FIN, TcpSegment, emit_tcp
 
 U32 = st.integers(0, 0xFFFFFFFF)
 
@@ -38,7 +50,7 @@ def _invariants(conn: TcpConnection) -> None:
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.integers(0, 4), st.lists(segments(), min_size=1, max_size=12),
+@given(st.integers(0, 6), st.lists(segments(), min_size=1, max_size=12),
        st.lists(st.floats(0, 5), min_size=1, max_size=12))
 def test_random_segments_never_raise(kind: int, segs: list[TcpSegment],
                                      gaps: list[float]) -> None:
@@ -56,9 +68,19 @@ def test_random_segments_never_raise(kind: int, segs: list[TcpSegment],
         conn = active(BASE)
         conn.send(b"d" * 5000)
         conn.close()
-    else:
+    elif kind == 4:
         conn = passive(BASE)
         conn.close()
+    elif kind == 5:  # TIME-WAIT, keep-alives on
+        conn = active(cfg(keepalive=True, keepalive_idle=1.0, keepalive_interval=0.5))
+        conn.close()
+        conn.segments_to_send(0.0)
+        send(conn, 0.0, flags=ACK | FIN, seq=rseq(1), ack=lseq(2))
+    else:  # CLOSE-WAIT with data out of order held
+        conn = passive(ALL_OPTIONS, sack_perm=True, ts=(5, 0))
+        send(conn, 0.0, seq=rseq(500), ack=lseq(1), payload=b"o" * 700, ts=(6, 0))
+        send(conn, 0.0, flags=ACK | FIN, seq=rseq(1), ack=lseq(1), payload=b"i" * 10,
+             ts=(6, 0))
     now = 0.0
     for i, seg in enumerate(segs):
         now += gaps[i % len(gaps)]
