@@ -50,14 +50,14 @@ from bridge.inspect.manager import InspectorManager
 from bridge.splice import Splice
 from stack.tcp_config import TcpConfig
 from stack.tcp_core import reset_reply
-from stack.wire.checksum import checksum
+from stack.wire.checksum import checksum, partial
 from stack.wire.ip import DF, IPV4_HEADER, IPV6_HEADER, PROTO_TCP
 from stack.wire.tcp import ACK, RST, SYN, TcpSegment, emit_tcp_parts, parse_tcp
 
 __all__ = ["Terminator", "SendToPeer"]
 
 SendToPeer = Callable[[bytes, float, Any], bool]  # (inner packet, now, out) -> sent
-_U16 = struct.Struct("!H")
+_LEN_ID = struct.Struct("!HH")
 _PORTS_FLAGS = struct.Struct("!HH8xxB")
 _V6_FIRST = 0x60000000
 
@@ -94,6 +94,7 @@ class Terminator:
         self.ended: dict[str, int] = {}
         self._ident = 0
         self._pending_rst: list[tuple[FlowKey, TcpSegment]] = []
+        self._v4sum: dict[tuple[bytes, bytes], int] = {}
         self._next_scan: float | None = None
         self._configs: dict[tuple[int, int, int, int], tuple[TcpConfig, TcpConfig]] = {}
 
@@ -288,10 +289,15 @@ class Terminator:
         hdr, payload = emit_tcp_parts(seg, src, dst)
         tl = len(hdr) + len(payload)
         if len(src) == 4:
-            self._ident = (self._ident + 1) & 0xFFFF
-            ip = bytearray(IPV4_HEADER.pack(0x45, 0, 20 + tl, self._ident, DF, 64, PROTO_TCP, 0,
-                                            src, dst))
-            _U16.pack_into(ip, 10, checksum(ip))
+            ident = self._ident = (self._ident + 1) & 0xFFFF
+            base = self._v4sum.get((src, dst))
+            if base is None:  # the sum of the header words that never change (RFC 1071 §2)
+                if len(self._v4sum) > 4096:
+                    self._v4sum.clear()
+                base = self._v4sum[(src, dst)] = partial(
+                    IPV4_HEADER.pack(0x45, 0, 0, 0, DF, 64, PROTO_TCP, 0, src, dst))
+            csum = checksum(_LEN_ID.pack(20 + tl, ident), base)
+            ip = IPV4_HEADER.pack(0x45, 0, 20 + tl, ident, DF, 64, PROTO_TCP, csum, src, dst)
             return b"".join((ip, hdr, payload))
         return b"".join((IPV6_HEADER.pack(_V6_FIRST, tl, PROTO_TCP, 64, src, dst), hdr, payload))
 
