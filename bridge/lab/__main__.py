@@ -364,6 +364,11 @@ def parser() -> argparse.ArgumentParser:
     dm = add("demo", "two sites in the lab, shown and torn down", instance=False)
     dm.add_argument("--instance", "-i", default="demo")
     dm.add_argument("--topology", default=None, help="show only this topology")
+    # Listed for --help only: main() hands their arguments over untouched before parsing.
+    sub.add_parser("test", help="every test (pytest args pass through), then a leak check",
+                   add_help=False)
+    sub.add_parser("bench", help="throughput/RTT of grebe against the anchors (--quick, --only)",
+                   add_help=False)
     return p
 
 
