@@ -10,7 +10,8 @@ Rules (each handler cites the clause it implements):
 - Input follows RFC 9293 §3.10.7 ("SEGMENT ARRIVES") state by state, with RFC 5961 (RST
   and SYN challenge ACKs, ACK range check), RFC 7323 (PAWS, TS.Recent) and RFC 2018 (SACK)
   woven in; output is built by stack/tcp_output.py (SWS avoidance, Nagle, window
-  advertisement, retransmission) and timers by stack/tcp_timers.py.
+  advertisement, retransmission, RFC 6675 recovery) and timers live in stack/tcp_core.py.
+- The payload a connection keeps is copied on receipt: callers may reuse their buffers.
 
 Theory of operation: positions are absolute ints (stack/seq.py): our SYN is 0, our first
 data byte 1, our FIN 1 + stream length; likewise for the peer from IRS. A 32-bit number

@@ -6,8 +6,11 @@ Rules:
   (stack/seq.py): our SYN is 0, our first data byte 1; the peer's likewise from IRS.
 - Timers (RFC 9293 §3.8): retransmission (RFC 6298 §5), delayed ACK (§3.8.6.3, MUST-40),
   persist / zero-window probe (§3.8.6.1, MUST-35/36/37: probing goes on while the window
-  stays zero, without counting toward R2), TIME-WAIT 2*MSL (MUST-13). `get_timer()` is
-  the earliest deadline; `handle_timer(now)` acts on every expired one.
+  stays zero, without counting toward R2), TIME-WAIT 2*MSL (MUST-13), keep-alive
+  (§3.8.4, off by default). `get_timer()` is the earliest deadline; `handle_timer(now)`
+  acts on every expired one.
+- RFC 1191 §6.3 / RFC 8201 §5.2 (`path_mtu`): a smaller path MTU lowers the send MSS and
+  what is in flight is sent again; an ICMP error never aborts (RFC 9293 MUST-56).
 - RFC 6298 §5.4-5.6 on expiry: retransmit the earliest unacknowledged segment (go back to
   SND.UNA), double the RTO, restart the timer; RFC 5681 §3.1: cwnd = 1 SMSS; RFC 2018 §8:
   forget SACK information. R2 (`max_retries`, `syn_retries`) ends the connection with
@@ -18,7 +21,10 @@ Rules:
 Theory of operation: the connection is three classes in a line, one concern per module:
 ConnectionCore (state, timers, helpers) <- OutputMixin (stack/tcp_output.py: turning state
 into segments) <- TcpConnection (stack/connection.py: API and input). Input only sets
-flags and deadlines; output and timers read them.
+flags and deadlines; output and timers read them. The application side of the receive
+queue is here too: in-order bytes wait in `_rx` as a list of chunks, and a marker in the
+event queue says where they are delivered, so that DataReceived keeps its place between
+Connected and PeerFinished while read() can take the same bytes directly.
 """
 
 from __future__ import annotations
