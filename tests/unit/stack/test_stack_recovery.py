@@ -259,3 +259,14 @@ def test_rfc9293_shld_11_data_r2_lasts_at_least_100_seconds() -> None:
         last = t
     assert last >= 100.0
     assert events(conn)[-2:] == [ConnectionReset("timeout"), Closed()]
+
+
+def test_rfc2018_sack_blocks_on_a_new_ack_reach_the_scoreboard() -> None:
+    conn = active(cfg(nagle=False, initial_cwnd=20 * MSS, sack=True), window=65535,
+                  sack_perm=True)
+    conn.send(bytes(6 * MSS))
+    recv(conn, 0.0)
+    # A cumulative ACK of one segment that also SACKs segments 3-4 (2 is missing).
+    send(conn, 0.1, seq=rseq(1), ack=lseq(1 + MSS), window=65535,
+         sack=((lseq(1 + 2 * MSS), lseq(1 + 4 * MSS)),))
+    assert conn._sacked == [(1 + 2 * MSS, 1 + 4 * MSS)]
