@@ -152,11 +152,17 @@ class Terminator:
         sp = self.splices.get(key)
         if sp is not None:
             seg = self._segment(pkt, n, off, key)
-            if seg is not None:
+            if seg is None:
+                return True
+            if sp.finished and flags & (SYN | ACK | RST) == SYN and seg.seq != sp.syn.seq:
+                # a new connection on the 4-tuple of an ended one whose legs linger in
+                # TIME-WAIT (RFC 9293 §3.6.1 MAY-2, RFC 6191): the old splice gives way
+                self._forget(sp)
+            else:
                 self.counters["from_client"] += 1
                 sp.from_client(seg, now)
                 self.touched[key] = sp
-            return True
+                return True
         verdict = self.table.classify(key, flags, now)
         if verdict is Verdict.FORWARD:
             return False

@@ -263,3 +263,25 @@ def test_stray_segment_of_reaped_flow_gets_rst() -> None:
     h.term.flush(h.now, h.out)
     assert len(h.out.tun) == 1 and h.out.tun[0][33] & 0x04  # RST
     assert h.client.has(Closed)
+
+
+def test_new_syn_on_lingering_4tuple_gets_a_new_splice() -> None:
+    h = Harness(rule(), [Recorder()], server_data=b"first", client_close=True,
+                server_close=True, terminator_kw={"msl": 60.0})
+    assert h.run(both_done)
+    (old,) = h.term.splices.values()
+    assert old.finished and not old.dead     # a leg lingers in TIME-WAIT for 2 * msl
+    from splice_harness import C_PORT, S_PORT, App
+
+    from stack.connection import TcpConnection
+
+    assert h.server is not None
+    h.client = App(TcpConnection((C_ADDR, C_PORT), (S_ADDR, S_PORT), h.client.conn.config))
+    server = TcpConnection((S_ADDR, S_PORT), (C_ADDR, C_PORT), h.server.conn.config)
+    server.listen()
+    h.server = App(server, b"second", True)
+    h.client.close_after = True
+    h.client.conn.connect(h.now)
+    assert h.run(both_done, max_time=h.now + 30)
+    assert bytes(h.client.rx) == b"second"
+    assert h.term.counters["splices"] == 2
