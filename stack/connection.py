@@ -161,6 +161,7 @@ class TcpConnection(OutputMixin):
             and seg.flags in _FAST_FLAGS
             and seg.seq == (self._irs + self._rcv_nxt) & MASK
             and not self._ooo
+            and not seg.sack  # SACK information goes to the scoreboard (slow path)
         ):
             ts = seg.ts
             if self._ts_on:
@@ -179,7 +180,7 @@ class TcpConnection(OutputMixin):
                     self._ts_recent_at = now
                 self._accept_in_order(seg.payload, n, now)
                 return
-            if not n and 0 < d <= self._snd_max - self._snd_una and not seg.sack:
+            if not n and 0 < d <= self._snd_max - self._snd_una:
                 self.fast_path += 1
                 if ts is not None and self._rcv_nxt <= self._last_ack_sent:
                     self._ts_recent = ts[0]  # RFC 7323 §4.3
