@@ -95,6 +95,7 @@ class Terminator:
         self._ident = 0
         self._pending_rst: list[tuple[FlowKey, TcpSegment]] = []
         self._v4sum: dict[tuple[bytes, bytes], int] = {}
+        self._clients: dict[bytes, int] = {}  # client address -> live splices (divert filter)
         self._next_scan: float | None = None
         self._configs: dict[tuple[int, int, int, int], tuple[TcpConfig, TcpConfig]] = {}
 
@@ -217,10 +218,13 @@ class Terminator:
         self.counters["splices"] += 1
         sp.open(now)
         self.splices[key] = sp
+        self._clients[key[1]] = self._clients.get(key[1], 0) + 1
         self.touched[key] = sp
 
     def from_peer(self, pkt: bytes | bytearray | memoryview, n: int, now: float) -> bool:
         """A decapsulated packet from the tunnel. True when it belonged to a server leg."""
+        if n < 40 or bytes(pkt[16:20] if pkt[0] >> 4 == 4 else pkt[24:40]) not in self._clients:
+            return False  # not addressed to a client of a live splice: the fast path
         k = self._key(pkt, n)
         if k is None:
             return False
@@ -286,6 +290,9 @@ class Terminator:
     def _forget(self, sp: Splice) -> None:
         if self.splices.get(sp.key) is sp:
             del self.splices[sp.key]
+            left = self._clients.pop(sp.key[1], 1) - 1
+            if left:
+                self._clients[sp.key[1]] = left
             self.touched.pop(sp.key, None)
             reason = sp.flow.close_reason.value if sp.flow.close_reason else "closed"
             self.ended[reason] = self.ended.get(reason, 0) + 1

@@ -285,3 +285,16 @@ def test_new_syn_on_lingering_4tuple_gets_a_new_splice() -> None:
     assert h.run(both_done, max_time=h.now + 30)
     assert bytes(h.client.rx) == b"second"
     assert h.term.counters["splices"] == 2
+
+
+def test_from_peer_leaves_other_flows_alone_while_a_splice_lives() -> None:
+    from stack.wire.tcp import ACK, TcpSegment
+
+    h = Harness(rule(), [Recorder()], server_data=b"x" * 1000)
+    assert h.run(lambda h: len(h.client.rx) == 1000)
+    other_client = bytes([198, 18, 1, 11])
+    for dst, dport in ((other_client, 40000), (C_ADDR, 40001)):
+        pkt = h.term._packet(S_ADDR, dst, TcpSegment(80, dport, 1, 2, ACK, 100, b"data"))
+        assert not h.term.from_peer(pkt, len(pkt), h.now)
+    mine = h.term._packet(S_ADDR, C_ADDR, TcpSegment(80, 40000, 1, 2, ACK, 100))
+    assert h.term.from_peer(mine, len(mine), h.now)
