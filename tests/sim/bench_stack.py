@@ -7,11 +7,12 @@ Run: .venv/bin/python tests/sim/bench_stack.py [--segments N]
 2. receive: bytes -> parse_tcp -> receive_segment -> (one ACK per two segments)
    segments_to_send + emit_tcp -> next_event (the data handed to the application).
 3. receive of 64 KB super-segments (what a TUN with GRO hands over).
-4. send: send() -> segments_to_send -> emit_tcp, the peer's ACK parsed and processed per
-   two segments.
+4. send: segments_to_send -> emit_tcp of each data segment, and per two segments the
+   peer's ACK (bytes prepared beforehand) parsed and processed.
 5. the loss-free simulation of tests/sim/netsim.py (both ends in this process), with
    MSS segments and with 64 KB super-segments.
-Numbers depend on the machine's load; compare the ratios printed in one run.
+Numbers depend on the machine's load; compare the ratios printed in one run (each figure
+is the best of --rounds interleaved rounds).
 """
 
 from __future__ import annotations
@@ -106,20 +107,26 @@ def bench_send(n: int) -> float:
     conn.segments_to_send(0.0)
     data = bytes(1448 * n)
     conn.send(data)
+    # The peer's ACKs (one per two segments) are built before the clock starts.
+    acks = [
+        emit_tcp(TcpSegment(R[1], L[1], 5001, (1001 + 2 * 1448 * (k + 1)) & MASK, ACK, 65535,
+                            b"", 0, ts=(2, 1)), R[0], L[0])
+        for k in range(n // 2)
+    ]
     sent = 0
+    k = 0
     t0 = time.perf_counter()
     now = 0.001
     while sent < n:
         segs = conn.segments_to_send(now)
         if not segs:
             break
-        for i, seg in enumerate(segs):
+        for seg in segs:
             emit_tcp(seg, L[0], R[0])
             sent += 1
-            if i % 2:
-                ack = TcpSegment(R[1], L[1], 5001, (seg.seq + len(seg.payload)) & MASK, ACK,
-                                 65535, b"", 0, ts=(2, seg.ts[0] if seg.ts else 0))
-                conn.receive_segment(parse_tcp(emit_tcp(ack, R[0], L[0]), R[0], L[0]), now)  # type: ignore[arg-type]
+            if not sent % 2 and k < len(acks):
+                conn.receive_segment(parse_tcp(acks[k], R[0], L[0]), now)  # type: ignore[arg-type]
+                k += 1
         now += 0.0001
     return (time.perf_counter() - t0) / max(sent, 1) * 1e6
 
@@ -127,11 +134,18 @@ def bench_send(n: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--segments", type=int, default=20000)
-    n = ap.parse_args().segments
-    floor = bench_floor(n)
-    recv_us, acks = bench_receive(n, 1448)
-    big_us, _ = bench_receive(max(n // 40, 50), 65000)
-    send_us = bench_send(n)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    n = args.segments
+    # Interleaved rounds, best of each: a shared machine's load comes and goes.
+    floor = recv_us = big_us = send_us = float("inf")
+    acks = 0
+    for _ in range(args.rounds):
+        floor = min(floor, bench_floor(n))
+        r, acks = bench_receive(n, 1448)
+        recv_us = min(recv_us, r)
+        big_us = min(big_us, bench_receive(max(n // 40, 50), 65000)[0])
+        send_us = min(send_us, bench_send(n))
     print(f"floor (parse+verify 1448 B, emit ACK):   {floor:6.2f} µs/segment")
     print(f"receive in-order + ACK every 2nd + event: {recv_us:6.2f} µs/segment "
           f"= {recv_us / floor:.2f} x floor, {1448 / recv_us:.0f} MB/s, {acks} ACKs")
