@@ -69,7 +69,9 @@ class NewReno:
     def on_ack(self, acked: int, snd_una: int, flight: int) -> bool:
         """New data acknowledged up to `snd_una` (absolute); `flight` is what remains out.
 
-        Returns True when a partial ACK in recovery asks for a retransmission at SND.UNA.
+        Returns True for a partial ACK in recovery: NewReno retransmits at SND.UNA; with
+        SACK the sender does so only if it holds no SACK information (a peer or middlebox
+        that negotiated SACK but sends no blocks), else its pipe loop decides.
         """
         self.dupacks = 0
         smss = self.smss
@@ -80,7 +82,7 @@ class NewReno:
                 self.cwnd = min(self.ssthresh, max(flight, smss) + smss)
                 return False
             if self.sack:
-                return False  # RFC 6675 §5: the pipe loop decides what to (re)send
+                return True  # RFC 6675 §5: no deflation; the sender's pipe loop decides
             # RFC 6582 §3.2 step 3, partial acknowledgment.
             self.cwnd = max(self.cwnd - acked, smss) + smss
             return True

@@ -510,7 +510,8 @@ class TcpConnection(OutputMixin):
         if self._sacked and self._sacked[0][0] < ack_abs:
             self._sacked = [(max(s, ack_abs), e) for s, e in self._sacked if e > ack_abs]
         if self._cc.on_ack(acked, ack_abs, self._snd_nxt - ack_abs):
-            self._retx_pending = True  # RFC 6582 partial ACK
+            if not (self._sack_on and self._sacked):
+                self._retx_pending = True  # RFC 6582 partial ACK (or SACK without blocks)
         if ack_abs >= self._snd_max:
             self._rto_at = None  # RFC 6298 §5.2
         else:

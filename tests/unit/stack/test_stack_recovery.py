@@ -270,3 +270,16 @@ def test_rfc2018_sack_blocks_on_a_new_ack_reach_the_scoreboard() -> None:
     send(conn, 0.1, seq=rseq(1), ack=lseq(1 + MSS), window=65535,
          sack=((lseq(1 + 2 * MSS), lseq(1 + 4 * MSS)),))
     assert conn._sacked == [(1 + 2 * MSS, 1 + 4 * MSS)]
+
+
+def test_sack_negotiated_but_no_blocks_falls_back_to_newreno_partial_acks() -> None:
+    conn = active(cfg(nagle=False, initial_cwnd=20 * MSS, sack=True), window=65535,
+                  sack_perm=True)
+    conn.send(bytes(10 * MSS))
+    recv(conn, 0.0)
+    send(conn, 0.1, seq=rseq(1), ack=lseq(1 + MSS), window=65535)  # 2 and 5 lost, no SACK
+    for i in range(3):
+        send(conn, 0.11 + i / 100, seq=rseq(1), ack=lseq(1 + MSS), window=65535)
+    assert recv(conn, 0.14)[0].seq == lseq(1 + MSS)
+    send(conn, 0.2, seq=rseq(1), ack=lseq(1 + 4 * MSS), window=65535)  # partial ACK
+    assert recv(conn, 0.2)[0].seq == lseq(1 + 4 * MSS)  # the next hole, no RTO needed
