@@ -14,7 +14,13 @@ Theory of operation (why threads): ANCHORS.md measured the per-packet kernel wor
 UDP send, UDP receive, TUN write) as the bottleneck, and one thread per direction as +60 %
 over one select loop: while one thread sits in a system call (which releases the GIL),
 the other runs Python. So `Runner` runs three threads: TUN->UDP, UDP->TUN, and the main
-thread for timers, the control socket, the metrics listener and signals. Each data thread
+thread for timers, the control socket, the metrics listener and signals. Each direction
+also hands its output to a `Writer` thread: a TUN write of a 64 KB GSO frame, or a GSO
+sendmsg, runs the downstream kernel path (forwarding, the receiving namespace's TCP) in the
+caller, GIL released, for ~0.2-0.5 ms; overlapped with the next batch's Python it gave
++21 to +43 % single-stream throughput in paired iperf3 runs (GREBE_WRITER_THREADS=0 turns
+it off). The I/O counters in `stats` are updated from several threads without a lock, so
+they may lose an increment now and then; the Bridge's own counters are exact. Each data thread
 blocks in poll(2) on its fd plus a stop eventfd, then drains its fd in batches. `Engine`
 holds the pumps and no threads, so tests can drive two Engines deterministically over the
 in-memory fakes (`bridge/io/fake.py`).
@@ -22,6 +28,7 @@ in-memory fakes (`bridge/io/fake.py`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -37,6 +44,7 @@ log = logging.getLogger("grebe.loop")
 
 Addr = tuple[str, int]
 SWITCH_INTERVAL = "0.005"
+WRITER_THREADS = os.environ.get("GREBE_WRITER_THREADS", "1") == "1"
 BATCH = int(os.environ.get("GREBE_BATCH", "64"))  # reads per drain round
 
 
@@ -50,6 +58,50 @@ class UdpLike(Protocol):
     def fileno(self) -> int: ...
     def recv_datagrams(self, out: list[tuple[bytes, Addr]], limit: int = ...) -> int: ...
     def send_datagrams(self, addr: Addr, datagrams: Sequence[bytes | bytearray]) -> int: ...
+
+
+class Writer:
+    """A thread that runs output batches in order (bounded queue: the producer waits when
+    `depth` batches are pending). A TUN write or a GSO sendmsg does the downstream kernel work
+    (forwarding, the peer namespace's receive path) synchronously in the calling thread, with
+    the GIL released; done here, it overlaps the Python work on the next batch."""
+
+    def __init__(self, name: str, depth: int = 32) -> None:
+        self._q: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = \
+            collections.deque()
+        self._cv = threading.Condition()
+        self._depth = depth
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def put(self, fn: Callable[..., Any], *args: Any) -> None:
+        with self._cv:
+            while len(self._q) >= self._depth and not self._stopping:
+                self._cv.wait()
+            self._q.append((fn, args))
+            self._cv.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._q and not self._stopping:
+                    self._cv.wait()
+                if not self._q:
+                    return
+                fn, args = self._q.popleft()
+                self._cv.notify_all()
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("writer %s", self._thread.name)
+
+    def stop(self) -> None:
+        """Finish what is queued, then end the thread."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        self._thread.join(timeout=5)
 
 
 class Engine:
@@ -72,6 +124,7 @@ class Engine:
         self._peer_state: dict[str, str] = {
             p.get("name"): "up" if p.get("up") else "down"
             for p in bridge.status(clock()).get("peers", [])}
+        self.writers: dict[int, Writer] = {}  # id(Output) -> its writer (Runner sets them)
         self.stats = {"tun_reads": 0, "tun_packets": 0, "udp_recvs": 0, "udp_datagrams": 0,
                       "udp_sends": 0, "tun_writes": 0}
 
@@ -159,13 +212,30 @@ class Engine:
             self._seen_errors.add(name)
             log.exception("internal error in the data plane (%s); batch dropped", name)
 
+    def _send(self, addr: Addr, dgs: Sequence[bytes | bytearray]) -> None:
+        self.stats["udp_sends"] += self.udp.send_datagrams(addr, dgs)
+
+    def _write(self, pkts: Sequence[bytes | bytearray | memoryview]) -> None:
+        self.stats["tun_writes"] += self.tun.write_packets(pkts)
+
+    def use_writers(self) -> list[Writer]:
+        """Execute each direction's output on its own Writer thread; returns them."""
+        self.writers = {id(self._out_t): Writer("tun->udp writer"),
+                        id(self._out_u): Writer("udp->tun writer")}
+        return list(self.writers.values())
+
     def _execute(self, out: Output) -> None:
-        if out.udp:
-            send = self.udp.send_datagrams
+        w = self.writers.get(id(out))
+        if w is None:
             for addr, dgs in out.udp.items():
-                self.stats["udp_sends"] += send(addr, dgs)
-        if out.tun:
-            self.stats["tun_writes"] += self.tun.write_packets(out.tun)
+                self._send(addr, dgs)
+            if out.tun:
+                self._write(out.tun)
+        else:  # the core makes new lists per batch: out.udp's lists can be handed over
+            for addr, dgs in out.udp.items():
+                w.put(self._send, addr, dgs)
+            if out.tun:
+                w.put(self._write, list(out.tun))
         out.clear()
 
 
@@ -176,8 +246,10 @@ class Runner:
     """
 
     def __init__(self, engine: Engine,
-                 extra: list[tuple[int, Callable[[], None]]] | None = None) -> None:
+                 extra: list[tuple[int, Callable[[], None]]] | None = None,
+                 writer_threads: bool = WRITER_THREADS) -> None:
         self.engine = engine
+        self.writer_threads = writer_threads
         self.extra = extra or []
         self._stop = threading.Event()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -235,6 +307,7 @@ class Runner:
         # queued behind a busy opposite direction would add that to every RTT.
         sys.setswitchinterval(float(os.environ.get("GREBE_SWITCH_INTERVAL", SWITCH_INTERVAL)))
         e = self.engine
+        writers = e.use_writers() if self.writer_threads else []
         for fd, pump, name in ((e.tun.fileno(), e.pump_tun, "tun->udp"),
                                (e.udp.fileno(), e.pump_udp, "udp->tun")):
             th = threading.Thread(target=self._data, args=(fd, pump, name), name=name,
@@ -268,5 +341,8 @@ class Runner:
                 os.eventfd_write(self._stop_fd, 1)
             for th in self._threads:
                 th.join(timeout=5)
+            for w in writers:
+                w.stop()
+            e.writers = {}
             os.close(self._wake)
             os.close(self._stop_fd)
