@@ -56,6 +56,7 @@ from bridge.lab.bench_report import (
     Status,
     TunnelRow,
     median,
+    merge_rounds,
     parse_curl,
     parse_iperf3_json,
     parse_ping,
@@ -110,7 +111,7 @@ def parse_args(argv: list[str]) -> Options:
     p.add_argument("--list", action="store_true", help="list the variants and exit")
     p.add_argument("--instance", default="bench", help="lab instance name (gb-INSTANCE-*)")
     p.add_argument("--repeat", type=int, default=1, metavar="N",
-                   help="run each iperf3 measurement N times and report the median")
+                   help="measure every variant in N interleaved rounds; report medians")
     p.add_argument("--keep-logs", action="store_true",
                    help="keep the scratch dir (configs, process logs) even if all went well")
     opts = p.parse_args(argv, namespace=Options())
@@ -138,23 +139,19 @@ def measure_tunnel(b: Bench, v: Variant, opts: Options) -> TunnelRow:
     cp = b.run("client", ping_command(SERVER_V4, opts.pings, 0.01), timeout=opts.pings + 30,
                check=False)
     rtt = parse_ping(cp.stdout).avg_ms
-    ones, fours, revs, cpus = [], [], [], []
-    for i in range(opts.repeat):
-        rnd = f" (round {i + 1}/{opts.repeat})" if opts.repeat > 1 else ""
-        ticks, t0 = b.cpu_ticks(), time.monotonic()
-        ones.append(iperf(b, opts))
-        if b.has_processes:
-            used = (b.cpu_ticks() - ticks) / os.sysconf("SC_CLK_TCK")
-            cpus.append(100 * used / (time.monotonic() - t0))
-        log(f"{v.name}: 1 stream {ones[-1]:,.0f} Mb/s"
-            + (f", its processes {cpus[-1]:.0f} % of a core" if cpus else "") + rnd)
-        fours.append(iperf(b, opts, "-P", "4"))
-        log(f"{v.name}: 4 streams {fours[-1]:,.0f} Mb/s{rnd}")
-        revs.append(iperf(b, opts, "-R"))
-        log(f"{v.name}: reverse {revs[-1]:,.0f} Mb/s{rnd}")
-    log(f"{v.name}: RTT {rtt:.3f} ms")
-    return TunnelRow(v.name, v.label, Status.OK, mbps_1=median(ones), mbps_4=median(fours),
-                     mbps_rev=median(revs), rtt_ms=rtt, cpu_pct=median(cpus) if cpus else None)
+    ticks, t0 = b.cpu_ticks(), time.monotonic()
+    one = iperf(b, opts)
+    cpu = None
+    if b.has_processes:
+        cpu = 100 * (b.cpu_ticks() - ticks) / os.sysconf("SC_CLK_TCK") / (time.monotonic() - t0)
+    log(f"{v.name}: 1 stream {one:,.0f} Mb/s"
+        + (f", its processes {cpu:.0f} % of a core" if cpu is not None else ""))
+    four = iperf(b, opts, "-P", "4")
+    log(f"{v.name}: 4 streams {four:,.0f} Mb/s")
+    rev = iperf(b, opts, "-R")
+    log(f"{v.name}: reverse {rev:,.0f} Mb/s, RTT {rtt:.3f} ms")
+    return TunnelRow(v.name, v.label, Status.OK, mbps_1=one, mbps_4=four, mbps_rev=rev,
+                     rtt_ms=rtt, cpu_pct=cpu)
 
 
 def curl(b: Bench, path: str, timeout: float = 120) -> Any:
@@ -257,6 +254,12 @@ def run_variant(b: Bench, v: Variant, opts: Options) -> TunnelRow | InspectRow:
     return row
 
 
+def skip(rounds: dict[str, list[Any]], v: Variant) -> bool:
+    """An unavailable variant is asked once, not again every round."""
+    done = rounds.get(v.name, [])
+    return bool(done) and done[0].status is Status.UNAVAILABLE
+
+
 def select(opts: Options) -> list[Variant]:
     if not opts.only:
         return [*TUNNEL_VARIANTS, *INSPECT_VARIANTS]
@@ -296,8 +299,8 @@ def main(argv: list[str]) -> int:
         return 2
     started = dt.datetime.now(dt.UTC)
     load_start = os.getloadavg()[0]
-    tunnels: list[TunnelRow] = []
-    inspects: list[InspectRow] = []
+    rounds: dict[str, list[Any]] = {}  # variant -> its row from each round, in run order
+    http_started = False
     interrupted = False
     crashed = ""
     global _MAIN_PID
@@ -310,13 +313,22 @@ def main(argv: list[str]) -> int:
         b = Bench(open_lab(opts.instance), tmp, REPO)
         b.keep_tmp = opts.keep_logs
         b.log = log
-        for v in (v for v in variants if v.table == "tunnel"):
-            start_iperf_server(b)
-            tunnels.append(run_variant(b, v, opts))  # type: ignore[arg-type]
-        if any(v.table == "inspect" and v.unavailable(b) is None for v in variants):
-            start_http_server(b)
-        for v in (v for v in variants if v.table == "inspect"):
-            inspects.append(run_variant(b, v, opts))  # type: ignore[arg-type]
+        tunnel_v = [v for v in variants if v.table == "tunnel"]
+        inspect_v = [v for v in variants if v.table == "inspect"]
+        for rnd in range(1, opts.repeat + 1):
+            if opts.repeat > 1:
+                log(f"round {rnd} of {opts.repeat}")
+            for v in tunnel_v:
+                if not skip(rounds, v):
+                    start_iperf_server(b)
+                    rounds.setdefault(v.name, []).append(run_variant(b, v, opts))
+            if not http_started and any(not skip(rounds, v) and v.unavailable(b) is None
+                                        for v in inspect_v):
+                start_http_server(b)
+                http_started = True
+            for v in inspect_v:
+                if not skip(rounds, v):
+                    rounds.setdefault(v.name, []).append(run_variant(b, v, opts))
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: tearing everything down")
@@ -342,6 +354,9 @@ def main(argv: list[str]) -> int:
             log(f"logs kept in {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+    merged = {name: merge_rounds(rows) for name, rows in rounds.items()}
+    tunnels = [r for r in merged.values() if isinstance(r, TunnelRow)]
+    inspects = [r for r in merged.values() if isinstance(r, InspectRow)]
     rc = report(opts, started, tunnels, inspects, interrupted, crashed, load_start)
     return 1 if crashed and rc == 0 else rc
 

@@ -24,9 +24,9 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 
 class BenchParseError(ValueError):
@@ -194,6 +194,32 @@ def median(values: Sequence[float]) -> float:
     s = sorted(values)
     mid = len(s) // 2
     return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+
+
+# ---------------------------------------------------------------- rounds
+
+Row = TypeVar("Row", TunnelRow, InspectRow)
+
+
+def merge_rounds(rounds: Sequence[Row]) -> Row:
+    """One row from the same variant measured in several rounds: the median of each figure
+    over the rounds that succeeded. A row stays OK if any round did; the failed rounds are
+    counted in `detail`. Raises ValueError for no rounds or rows of different variants."""
+    if not rounds or len({r.name for r in rounds}) != 1:
+        raise ValueError("merge_rounds needs rows of one variant")
+    ok = [r for r in rounds if r.status is Status.OK]
+    failed = [r for r in rounds if r.status is not Status.OK]
+    if not ok:
+        return rounds[-1]
+    figures: dict[str, Any] = {}
+    for f in fields(ok[0]):
+        if f.name in ("name", "label", "status", "detail"):
+            continue
+        values = [v for r in ok if (v := getattr(r, f.name)) is not None]
+        figures[f.name] = median(values) if values else None
+    detail = (f"{len(failed)} of {len(rounds)} rounds failed ({failed[0].detail})"
+              if failed else "")
+    return replace(ok[0], detail=detail, **figures)
 
 
 # ---------------------------------------------------------------- ratios

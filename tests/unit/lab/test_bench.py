@@ -20,6 +20,7 @@ from bridge.lab.bench_report import (
     Status,
     TunnelRow,
     median,
+    merge_rounds,
     parse_curl,
     parse_iperf3_json,
     parse_ping,
@@ -258,20 +259,59 @@ def test_options_quick_and_full() -> None:
     assert [v.name for v in bench.select(full)] == list(ALL_VARIANTS)
 
 
-def test_repeat_takes_the_median_of_each_iperf3_figure(tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    # rounds of (1 stream, 4 streams, reverse); the medians are 500, 1000 and 300
-    figures = iter([100e6, 900e6, 300e6, 500e6, 1000e6, 200e6, 700e6, 1100e6, 400e6])
+def test_rounds_merge_into_medians_and_count_failures() -> None:
+    def ok(one: float, rtt: float, cpu: float | None) -> TunnelRow:
+        return TunnelRow("wireguard-go", "wg", Status.OK, mbps_1=one, mbps_4=2 * one,
+                         mbps_rev=one / 2, rtt_ms=rtt, cpu_pct=cpu)
+    bad = TunnelRow("wireguard-go", "wg", Status.FAILED, "TimeoutError: handshake")
+    row = merge_rounds([ok(100, 0.5, 90), bad, ok(300, 0.3, None), ok(200, 0.4, 110)])
+    assert row.status is Status.OK
+    assert (row.mbps_1, row.mbps_4, row.mbps_rev, row.rtt_ms) == (200, 400, 100, 0.4)
+    assert row.cpu_pct == 100  # median of the rounds that measured it
+    assert row.detail == "1 of 4 rounds failed (TimeoutError: handshake)"
+    assert merge_rounds([bad, bad]) is bad  # never measured: stays failed
+    one = InspectRow("direct", "d", Status.OK, mbytes_per_s=700.0, ttfb_ms=0.2)
+    assert merge_rounds([one]) == one
+    with pytest.raises(ValueError):
+        merge_rounds([one, bad])  # type: ignore[list-item]
 
-    def fake_run(self: Bench, node: str, argv: Sequence[str], timeout: float = 30,
-                 check: bool = True) -> subprocess.CompletedProcess[str]:
-        out = IPUTILS if argv[0] == "ping" else iperf_doc(next(figures))
-        return subprocess.CompletedProcess(list(argv), 0, out, "")
 
-    monkeypatch.setattr(Bench, "run", fake_run)
-    b = Bench(FakeLab(), tmp_path, tmp_path)
-    row = bench.measure_tunnel(b, Recorder([]), bench.parse_args(["--repeat", "3"]))
-    assert (row.mbps_1, row.mbps_4, row.mbps_rev) == (500.0, 1000.0, 300.0)
+def test_repeat_interleaves_rounds_and_asks_unavailable_variants_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    order: list[str] = []
+    figures = iter([100.0, 300.0, 200.0, 50.0])
+
+    class Measured(Variant):
+        def __init__(self, name: str) -> None:
+            self.name, self.label = name, name
+
+        def setup(self, b: Bench) -> None:
+            order.append(self.name)
+
+    class Missing(Variant):
+        name = label = "missing"
+
+        def unavailable(self, b: Bench) -> str | None:
+            order.append("asked missing")
+            return "no tool"
+
+    def fake_measure(b: Bench, v: Variant, opts: bench.Options) -> TunnelRow:
+        return TunnelRow(v.name, v.label, Status.OK, mbps_1=next(figures))
+
+    lab = FakeLab()
+    monkeypatch.setattr(bench, "select", lambda opts: [Measured("a"), Missing(), Measured("b")])
+    monkeypatch.setattr(bench, "open_lab", lambda instance: lab)
+    monkeypatch.setattr(bench, "start_iperf_server", lambda b: None)
+    monkeypatch.setattr(bench, "measure_tunnel", fake_measure)
+    monkeypatch.setattr(bench.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(bench.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    out = tmp_path / "r.json"
+    assert bench.main(["--repeat", "2", "--json", str(out)]) == 0
+    assert order == ["a", "asked missing", "b", "a", "b"]  # round 1, then round 2
+    doc = json.loads(out.read_text())
+    assert {r["name"]: r["mbps_1"] for r in doc["tunnels"]} == {
+        "a": 150.0, "missing": None, "b": 175.0}
+    assert doc["meta"]["repeat"] == 2 and lab.destroyed
 
 
 def test_repeat_must_be_positive() -> None:
