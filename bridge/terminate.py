@@ -33,8 +33,9 @@ and mark the splice touched; `flush(now, out)` (end of each batch) steps every t
 once (so a batch's data crosses the inspector chain as one chunk and its ACKs aggregate) and
 emits both legs' segments. `divert(out, start, now)` takes back, from `out.tun[start:]`, the
 decapsulated packets that belong to a splice's server leg (the Bridge calls it after its
-sequence policy delivered them). Timers: `get_timer()` is the minimum over the splices and the
-next reap scan; `handle_timer(now, out)` runs them.
+sequence policy delivered them). Timers: each splice's deadline is recorded when it is
+emitted (every change to a splice ends in `flush`); `get_timer()` is the minimum of those and
+of the next reap scan; `handle_timer(now, out)` runs the due ones.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class Terminator:
         self._pending_rst: list[tuple[FlowKey, TcpSegment]] = []
         self._v4sum: dict[tuple[bytes, bytes], int] = {}
         self._clients: dict[bytes, int] = {}  # client address -> live splices (divert filter)
+        self._deadlines: dict[FlowKey, float] = {}  # each splice's timer, as of its last emit
         self._next_scan: float | None = None
         self._configs: dict[tuple[int, int, int, int], tuple[TcpConfig, TcpConfig]] = {}
 
@@ -219,6 +221,8 @@ class Terminator:
         sp.open(now)
         self.splices[key] = sp
         self._clients[key[1]] = self._clients.get(key[1], 0) + 1
+        if self._next_scan is None:
+            self._next_scan = now + 1.0
         self.touched[key] = sp
 
     def from_peer(self, pkt: bytes | bytearray | memoryview, n: int, now: float) -> bool:
@@ -286,10 +290,17 @@ class Terminator:
             self.counters["to_server"] += len(segs)
         if sp.dead:
             self._forget(sp)
+            return
+        t = sp.get_timer()  # every change to a splice's timers ends here (flush)
+        if t is None:
+            self._deadlines.pop(key, None)
+        else:
+            self._deadlines[key] = t
 
     def _forget(self, sp: Splice) -> None:
         if self.splices.get(sp.key) is sp:
             del self.splices[sp.key]
+            self._deadlines.pop(sp.key, None)
             left = self._clients.pop(sp.key[1], 1) - 1
             if left:
                 self._clients[sp.key[1]] = left
@@ -318,20 +329,19 @@ class Terminator:
 
     def get_timer(self) -> float | None:
         """The earliest deadline of any splice, or of the next idle scan; None when idle."""
-        best = self._next_scan if self.splices else None
-        for sp in self.splices.values():
-            t = sp.get_timer()
-            if t is not None and (best is None or t < best):
-                best = t
-        return best
+        if not self.splices:
+            return None
+        best = min(self._deadlines.values(), default=None)
+        scan = self._next_scan
+        return scan if best is None or (scan is not None and scan < best) else best
 
     def handle_timer(self, now: float, out: Any) -> None:
         """Run expired splice timers, reap dead and idle splices, emit what they produced."""
-        for sp in list(self.splices.values()):
-            t = sp.get_timer()
-            if t is not None and t <= now:
-                sp.handle_timer(now)
-                self.touched[sp.key] = sp
+        due = [k for k, t in self._deadlines.items() if t <= now]
+        for key in due:
+            sp = self.splices[key]
+            sp.handle_timer(now)
+            self.touched[key] = sp
         if self._next_scan is None or now >= self._next_scan:
             self._next_scan = now + 1.0
             limit = now - self.idle_timeout

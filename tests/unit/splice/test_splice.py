@@ -298,3 +298,13 @@ def test_from_peer_leaves_other_flows_alone_while_a_splice_lives() -> None:
         assert not h.term.from_peer(pkt, len(pkt), h.now)
     mine = h.term._packet(S_ADDR, C_ADDR, TcpSegment(80, 40000, 1, 2, ACK, 100))
     assert h.term.from_peer(mine, len(mine), h.now)
+
+
+def test_idle_flow_is_reset_after_idle_timeout() -> None:
+    rec = Recorder()
+    h = Harness(rule(), [rec], server_data=b"hi", terminator_kw={"idle_timeout": 5.0})
+    assert h.run(lambda h: h.client.rx == b"hi")
+    assert h.run(both_done, max_time=30)
+    assert h.client.has(ConnectionReset)
+    assert h.server is not None and h.server.has(ConnectionReset)
+    assert rec.ends == [CloseReason.TIMEOUT] and 5.0 <= h.now < 8.0
