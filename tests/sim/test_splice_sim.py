@@ -21,6 +21,10 @@ from splice_harness import Harness, finished  # noqa: E402
 
 from bridge.flows import InspectRule  # noqa: E402
 from bridge.inspect.api import CloseReason, Direction, Flow, Inspector  # noqa: E402
+from stack.tcp_config import TcpConfig  # noqa: E402
+
+# the endpoints stand in for Linux hosts: 200 ms RTO floor (TCP_RTO_MIN), short TIME-WAIT
+LINUX_LIKE = TcpConfig(mss=1400, rto_min=0.2, msl=1.0)
 
 
 class Digest(Inspector):
@@ -46,7 +50,8 @@ def test_10mb_through_lossy_splice(loss: float, reorder: float, seed: int) -> No
     dig = Digest()
     h = Harness(InspectRule(name="sim", inspectors=("digest",)), [dig],
                 client_data=up, server_data=down, client_close=True, server_close=True,
-                delay=0.005, loss=loss, reorder=reorder, seed=seed)
+                delay=0.005, loss=loss, reorder=reorder, seed=seed,
+                client_cfg=LINUX_LIKE, server_cfg=LINUX_LIKE)
     t0 = time.process_time()
     last_byte = [0.0]
 
