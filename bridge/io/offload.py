@@ -438,32 +438,14 @@ def coalesce(packets: Sequence[bytes | bytearray | memoryview], out: list[bytes]
 
 
 def _emit_group(g: _Group, out: list[bytes]) -> None:
+    """Append one GSO frame for the group, or its packets one by one if a checksum is bad."""
     ihl, doff = g.ihl, g.doff
     hl = ihl + doff
     first = g.pkts[0]
     v4 = ihl == 20 and first[0] >> 4 == 4
-    payload = b"".join([memoryview(p)[hl:] for p in g.pkts])
-    # Aggregate verification: each intact segment sums to 0 mod 0xFFFF over pseudo-header,
-    # TCP header and payload; the payloads are all even-sized but maybe the last, so their
-    # joined sum equals the sum of their sums (16-bit words stay on even offsets).
-    if g.size & 1:
-        ok = all(_tcp_ok(p, v4, ihl) for p in g.pkts)
-    else:
-        n = len(g.pkts)
-        full_tlen = doff + g.size
-        last_tlen = len(g.pkts[-1]) - ihl
-        pseudo = pseudo_sum_v4 if v4 else pseudo_sum_v6
-        a, b = (first[12:16], first[16:20]) if v4 else (first[8:24], first[24:40])
-        s = (_sum(payload) + _sum(b"".join([p[ihl:hl] for p in g.pkts]))
-             + (n - 1) * pseudo(a, b, _TCP, full_tlen) + pseudo(a, b, _TCP, last_tlen))
-        ok = s % 0xFFFF == 0
-    if not ok:
-        for p in g.pkts:
-            out.append(VNET_NONE + p)
-        return
+    total = g.total
     h = bytearray(first[:hl])
     h[ihl + 13] |= g.pkts[-1][ihl + 13] & _PSH
-    total = hl + len(payload)
     if v4:
         _fix_lengths(h, True, ihl, total)
         ps = pseudo_sum_v4(first[12:16], first[16:20], _TCP, total - ihl)
@@ -475,7 +457,26 @@ def _emit_group(g: _Group, out: list[bytes]) -> None:
     # NEEDS_CSUM: the field holds the folded pseudo-header sum, not its complement.
     _U16.pack_into(h, ihl + 16, ps)
     vh = VNET.pack(F_NEEDS_CSUM, gso_type, hl, g.size, ihl, 16)
-    out.append(vh + h + payload)
+    frame = b"".join([vh, h, *[memoryview(p)[hl:] for p in g.pkts]])  # the one copy
+    # Aggregate verification: each intact segment sums to 0 mod 0xFFFF over pseudo-header,
+    # TCP header and payload; the payloads are all even-sized but maybe the last, so their
+    # joined sum equals the sum of their sums (16-bit words stay on even offsets).
+    if g.size & 1:
+        ok = all(_tcp_ok(p, v4, ihl) for p in g.pkts)
+    else:
+        n = len(g.pkts)
+        pseudo = pseudo_sum_v4 if v4 else pseudo_sum_v6
+        a, b = (first[12:16], first[16:20]) if v4 else (first[8:24], first[24:40])
+        s = (_sum(memoryview(frame)[VNET_HDR_LEN + hl:])
+             + _sum(b"".join([p[ihl:hl] for p in g.pkts]))
+             + (n - 1) * pseudo(a, b, _TCP, doff + g.size)
+             + pseudo(a, b, _TCP, len(g.pkts[-1]) - ihl))
+        ok = s % 0xFFFF == 0
+    if ok:
+        out.append(frame)
+    else:
+        for p in g.pkts:
+            out.append(VNET_NONE + p)
 
 
 def _tcp_ok(p: bytes, v4: bool, ihl: int) -> bool:
@@ -487,7 +488,7 @@ def _tcp_ok(p: bytes, v4: bool, ihl: int) -> bool:
     return partial(memoryview(p)[ihl:], ps) == 0xFFFF
 
 
-def _sum(buf: bytes) -> int:
+def _sum(buf: bytes | memoryview) -> int:
     """One's complement sum of `buf` modulo 0xFFFF (numpy over 32-bit words when available)."""
     if _np is None:
         return partial(buf)
@@ -496,5 +497,5 @@ def _sum(buf: bytes) -> int:
     s = int(_np.frombuffer(buf, dtype="<u4", count=m >> 2).sum(dtype=_np.uint64)) if m else 0
     v = _swap16(s % 0xFFFF)  # RFC 1071 §2(B): byte order independence
     if m != n:
-        v += int.from_bytes(buf[m:] + bytes(4 - (n - m)), "big") % 0xFFFF
+        v += int.from_bytes(bytes(buf[m:]) + bytes(4 - (n - m)), "big") % 0xFFFF
     return v
