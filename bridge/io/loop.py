@@ -66,7 +66,7 @@ class Writer:
     (forwarding, the peer namespace's receive path) synchronously in the calling thread, with
     the GIL released; done here, it overlaps the Python work on the next batch."""
 
-    def __init__(self, name: str, depth: int = 32) -> None:
+    def __init__(self, name: str, depth: int = 8) -> None:
         self._q: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = \
             collections.deque()
         self._cv = threading.Condition()
