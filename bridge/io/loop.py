@@ -290,14 +290,19 @@ class Runner:
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         poller.register(self._stop_fd, select.POLLIN)
+        seen: set[str] = set()
         while not self._stop.is_set():
             try:
                 if pump(BATCH) >= BATCH:
                     continue  # more is waiting: do not sleep
                 poller.poll()
-            except Exception:  # never let a data thread die silently
-                log.exception("%s thread error", name)
-                time.sleep(0.01)
+            except Exception as e:  # never let a data thread die silently, nor log a flood
+                self.engine.internal_errors += 1
+                if type(e).__name__ not in seen:
+                    seen.add(type(e).__name__)
+                    log.exception("%s thread error (logged once per kind; counted in "
+                                  "internal_errors)", name)
+                self._stop.wait(0.01)  # back off; a stop still ends the thread at once
 
     def run(self) -> None:
         """Block until stop(): data threads plus timers and `extra` fds on this thread."""
