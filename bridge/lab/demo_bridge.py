@@ -28,9 +28,10 @@ def say(msg: str = "") -> None:
 def _grebe_ready(lab: Lab) -> bool:
     try:
         for node in ("gw-a", "gw-b"):
-            lab.wait_for(lambda n=node: lab.run(n, ["grebe", "status", "--json"],
-                                                check=False).returncode == 0,
-                         timeout=20, what=f"grebe on {node}")
+            def answers(n: str = node) -> bool:
+                return lab.run(n, ["grebe", "status", "--json"], check=False).returncode == 0
+
+            lab.wait_for(answers, timeout=20, what=f"grebe on {node}")
     except TimeoutError as e:
         say(f"  [UNEXPECTED] {e}")
         return False
