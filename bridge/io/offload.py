@@ -153,7 +153,9 @@ def _split_full_numpy(hdr: bytearray, payload: memoryview, ihl: int, mss: int, n
         a[:, 10:12] = ipc.astype(">u2").view(np.uint8).reshape(n, 2)
     tsum = a[:, ihl:].view("<u4").sum(axis=1, dtype=np.uint64) + _swap16(pseudo)
     a[:, ihl + 16:ihl + 18] = _fold_le_to_csum(tsum).astype(">u2").view(np.uint8).reshape(n, 2)
-    out.extend([row[:width].tobytes() for row in a])
+    flat = a.tobytes()  # one copy out of numpy, then one slice per segment
+    w4 = a.shape[1]
+    out.extend([flat[i:i + width] for i in range(0, n * w4, w4)])
 
 
 def tso_split(pkt: memoryview, gso_size: int, csum_start: int, out: list[bytes],
