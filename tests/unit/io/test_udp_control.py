@@ -152,3 +152,16 @@ def test_io_prometheus_renders_counters_and_flags() -> None:
     assert 'grebe_io_offload{what="udp_gso"} 1' in text
     assert "grebe_tun_mtu 1400" in text
     assert "True" not in text
+
+
+def test_dual_stack_socket_speaks_plain_ipv4_addresses() -> None:
+    dual = UdpEndpoint("::", 0)
+    v4 = UdpEndpoint("127.0.0.1", 0)
+    port = dual.sock.getsockname()[1]
+    v4.send_datagrams(("127.0.0.1", port), [b"ping"])
+    got = _drain(dual, 1)
+    assert got == [(b"ping", v4.sock.getsockname())]  # not ::ffff:127.0.0.1
+    dual.send_datagrams(got[0][1], [b"pong"])
+    assert _drain(v4, 1) == [(b"pong", ("127.0.0.1", port))]
+    dual.close()
+    v4.close()
