@@ -25,7 +25,10 @@ Rules of this module (pure, sans-I/O: inner IP packets and `now` in, packets and
 - RTO floor `rto_min` 0.2 s (Linux's TCP_RTO_MIN) instead of RFC 6298 §2.4's 1 s SHOULD: both
   legs face real stacks a few ms away, and a 1 s floor turns every tail loss into a stall.
 - Malformed packets (bad lengths, checksums) are dropped and counted in `drops`; nothing a peer
-  sends raises. Inspector output is flushed by the adapter (`flush_inspectors`), off this path.
+  sends raises. An exception from a splice (a bug of ours) resets that flow only, counted as
+  "internal_error" and recorded in the flow's metadata, so one broken flow cannot make every
+  batch of the endpoint fail. Inspector output is flushed by the adapter
+  (`flush_inspectors`), off this path.
 
 Theory of operation
 `from_tun(pkt, n, now)` and `from_peer(pkt, n, now)` route one inner packet to its splice's leg
@@ -269,8 +272,16 @@ class Terminator:
             return
         self.touched = {}
         for sp in touched.values():
-            sp.step(now)
-            self._emit(sp, now, out)
+            try:
+                sp.step(now)
+                self._emit(sp, now, out)
+            except Exception as exc:  # noqa: BLE001 - a bug of ours costs this flow only
+                self._drop("internal_error")
+                sp.fail(exc, now)
+                try:
+                    self._emit(sp, now, out)     # the RSTs of the aborted legs
+                except Exception:  # noqa: BLE001
+                    self._forget(sp)
 
     def _emit(self, sp: Splice, now: float, out: Any) -> None:
         key = sp.key

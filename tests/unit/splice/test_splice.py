@@ -308,3 +308,51 @@ def test_idle_flow_is_reset_after_idle_timeout() -> None:
     assert h.client.has(ConnectionReset)
     assert h.server is not None and h.server.has(ConnectionReset)
     assert rec.ends == [CloseReason.TIMEOUT] and 5.0 <= h.now < 8.0
+
+
+def test_client_syn_retransmit_and_ack_in_one_batch() -> None:
+    """Under load the client retransmits its SYN (our SYN-ACK waits for the server) and the
+    retransmission reaches the client leg in the same batch as the client's ACK of our SYN-ACK,
+    while the server's first bytes (an SSH banner) are already queued on the client leg."""
+    h = Harness(rule(), [Recorder()], server_data=b"SSH-2.0-banner\r\n", client_close=True,
+                server_close=True)
+    syn_pkt = h.term._packet(C_ADDR, S_ADDR, h.client.conn.segments_to_send(0.0)[0])
+    h.client.conn._snd_nxt = 0  # the harness sends this SYN (again) as usual
+    assert h.run(lambda h: bool(h.client_syns))   # the client has our SYN-ACK
+    h.step()                                        # ... and its ACK is on the wire: hold it
+    held = [p for _, _, p in h.c2t.q]
+    h.c2t.q.clear()
+
+    def banner_queued(h: Harness) -> bool:
+        sp = next(iter(h.term.splices.values()))
+        return sp.client is not None and sp.client.info()["unsent"] > 0
+
+    assert h.run(banner_queued)
+    for pkt in [syn_pkt, *held]:                    # one batch: the old SYN, then the ACK
+        assert h.term.from_tun(pkt, len(pkt), h.now)
+    h.term.flush(h.now, h.out)
+    assert h.run(both_done)
+    assert h.client.rx == b"SSH-2.0-banner\r\n"
+
+
+def test_a_bug_in_one_splice_resets_that_flow_only() -> None:
+    rec = Recorder()
+    h = Harness(rule(), [rec], server_data=b"z" * 100_000)
+    assert h.run(lambda h: len(h.client.rx) > 10_000)
+    (sp,) = h.term.splices.values()
+    assert sp.client is not None
+
+    leg = sp.client
+    real = leg.segments_to_send
+
+    def broken(now: float) -> list[Any]:
+        leg.segments_to_send = real  # type: ignore[method-assign]
+        raise ValueError("a bug")
+
+    leg.segments_to_send = broken  # type: ignore[method-assign]
+    assert h.run(lambda h: finished(h.client) and h.server is not None
+                 and finished(h.server), max_time=30)
+    assert h.server is not None and h.server.has(ConnectionReset)
+    assert h.term.drops["internal_error"] == 1 and not h.term.splices
+    assert "internal: ValueError('a bug')" in rec.flows[0].metadata["errors"]
+    assert rec.ends == [CloseReason.SHUTDOWN]
