@@ -16,9 +16,8 @@ Rules:
 Adding a variant: subclass `Variant` (table "tunnel": measured with iperf3 and ping
 client -> server; table "inspect": measured with curl downloads from the server's HTTP),
 implement `setup()` (and `unavailable()` if it needs something optional), and append an
-instance to `TUNNEL_VARIANTS` or `INSPECT_VARIANTS`. `inspect-userspace` is a placeholder
-there (`NotBuiltYet`), waiting for grebe's userspace termination; replace it with a variant
-like `InspectKernel` whose rule says backend = "userspace".
+instance to `TUNNEL_VARIANTS` or `INSPECT_VARIANTS`. grebe's two termination backends share
+`GrebeInspect`: the same rule on gw-a, `backend = "userspace"` or `"kernel"`.
 """
 
 from __future__ import annotations
@@ -353,13 +352,13 @@ class MitmproxyWg(Variant):
         return None
 
 
-# The rule inspect-kernel adds to gw-a: the server's HTTP, terminated by the kernel backend
-# (bridge/tproxy.py: nftables TPROXY + an asyncio relay) and parsed by the `http` inspector,
-# so that it does about what mitmproxy does with the same download.
-# The `log` inspector writes one line per flow: the proof that the flows took this path.
-KERNEL_RULE = """[[inspect]]
+# The rule an inspection variant adds to gw-a: the server's HTTP, terminated by one of grebe's
+# backends and parsed by the `http` inspector, so that it does about what mitmproxy does with
+# the same download. The `log` inspector writes one line per flow: the proof that the flows
+# took this path.
+INSPECT_RULE = """[[inspect]]
 name = "bench-http"
-backend = "kernel"
+backend = "{backend}"
 dst = ["198.18.2.10/32"]
 dst_ports = [80]
 inspectors = ["log", "http"]
@@ -367,33 +366,31 @@ log_path = "{log}"
 """
 
 
-class InspectKernel(Variant):
-    """grebe GRE-in-UDP between the gateways, and gw-a terminating the client's HTTP in the
-    kernel backend (`python -m bridge.tproxy`) before re-originating it through the tunnel."""
+class GrebeInspect(Variant):
+    """grebe GRE-in-UDP between the gateways, and gw-a terminating the client's HTTP in one of
+    its backends before re-originating it through the tunnel with the client's address."""
 
-    name, label, table = "inspect-kernel", "grebe + TPROXY kernel relay, http inspector", "inspect"
+    table = "inspect"
+    backend = "userspace"
+
+    def rule(self, log: Path) -> str:
+        return INSPECT_RULE.format(backend=self.backend, log=log)
 
     def unavailable(self, b: Bench) -> str | None:
-        reason = grebe_unavailable("gre") or _need("nft")
+        reason = grebe_unavailable("gre")
         if reason:
             return reason
         try:
-            importlib.import_module("bridge.tproxy")
             config = importlib.import_module("bridge.config")
-            rule = KERNEL_RULE.format(log=b.tmp / "flows.jsonl")
-            config.loads_config(config_text("gw-a", "gre", rule)).inspect_rules()
-        except Exception as e:  # not built yet, or the rule format moved on
-            return f"grebe kernel inspection not usable: {type(e).__name__}: {e}"
+            config.loads_config(config_text("gw-a", "gre", self.rule(b.tmp / "f.jsonl"))
+                                ).inspect_rules()
+        except Exception as e:  # the rule format moved on
+            return f"grebe {self.backend} inspection not usable: {type(e).__name__}: {e}"
         return None
 
     def setup(self, b: Bench) -> None:
-        self.flow_log = b.tmp / "inspect-kernel-flows.jsonl"
-        rule = KERNEL_RULE.format(log=self.flow_log)
-        configs = start_grebe(b, self.name, "gre", {"gw-a": rule})
-        ready = b.tmp / "tproxy.ready"
-        b.spawn("gw-a", [sys.executable, "-m", "bridge.tproxy", "-c", str(configs["gw-a"][0]),
-                         "--iif", "lan0", "--ready-file", str(ready)], "tproxy-gw-a")
-        b.wait_for(ready.exists, 20, "bridge.tproxy listening on gw-a")
+        self.flow_log = b.tmp / f"{self.name}-flows.jsonl"
+        self.configs = start_grebe(b, self.name, "gre", {"gw-a": self.rule(self.flow_log)})
 
     def verify(self, b: Bench, flows: int) -> str | None:
         # the log inspector writes a flow's line when it ends; give the last one a moment
@@ -403,29 +400,40 @@ class InspectKernel(Variant):
             b.wait_for(logged, 5, "flow log lines")
         except TimeoutError:
             n = len(self.flow_log.read_bytes().splitlines()) if self.flow_log.exists() else 0
-            return f"the relay logged {n} flows for {flows} requests: traffic bypassed it"
+            return f"{self.backend} inspection logged {n} flows for {flows} requests: bypassed"
         return None
 
 
-class NotBuiltYet(Variant):
-    """Hook for grebe's own inspection paths (issue 4): shown as unavailable until built."""
+class InspectUserspace(GrebeInspect):
+    """The flow is terminated inside grebe by stack/, our own TCP (bridge/terminate.py)."""
 
-    table = "inspect"
+    name, label = "inspect-userspace", "grebe, flow terminated in stack/ (userspace TCP), http"
+    backend = "userspace"
 
-    def __init__(self, name: str, label: str) -> None:
-        self.name, self.label = name, label
+
+class InspectKernel(GrebeInspect):
+    """The kernel terminates the flow (`python -m bridge.tproxy`: nftables TPROXY and an
+    asyncio relay); the same inspectors run on the byte streams."""
+
+    name, label = "inspect-kernel", "grebe + TPROXY kernel relay, http inspector"
+    backend = "kernel"
 
     def unavailable(self, b: Bench) -> str | None:
-        return ("not built yet: the data plane does not terminate flows in stack/ "
-                "(backend = \"userspace\") yet")
+        return _need("nft") or super().unavailable(b)
+
+    def setup(self, b: Bench) -> None:
+        super().setup(b)
+        ready = b.tmp / "tproxy.ready"
+        b.spawn("gw-a", [sys.executable, "-m", "bridge.tproxy", "-c",
+                         str(self.configs["gw-a"][0]), "--iif", "lan0", "--ready-file",
+                         str(ready)], "tproxy-gw-a")
+        b.wait_for(ready.exists, 20, "bridge.tproxy listening on gw-a")
 
 
 TUNNEL_VARIANTS: list[Variant] = [
     Plain(), Vxlan(), WireguardGo(), OpenVpnNone(), OpenVpnGcm(), GrebeGre(), GrebeIpip(),
 ]
 INSPECT_VARIANTS: list[Variant] = [
-    Direct(), MitmproxyWg(),
-    NotBuiltYet("inspect-userspace", "grebe, flow terminated in stack/ (userspace TCP)"),
-    InspectKernel(),
+    Direct(), MitmproxyWg(), InspectUserspace(), InspectKernel(),
 ]
 ALL_VARIANTS = {v.name: v for v in (*TUNNEL_VARIANTS, *INSPECT_VARIANTS)}

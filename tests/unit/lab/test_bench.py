@@ -357,13 +357,19 @@ def test_grebe_configs_are_accepted_by_bridge_config(mode: str) -> None:
         assert cfg.listen.port == 4754
 
 
-def test_inspect_kernel_rule_is_a_kernel_rule_for_the_servers_http() -> None:
+@pytest.mark.parametrize("variant", ["inspect-kernel", "inspect-userspace"])
+def test_inspect_rule_selects_the_servers_http_in_its_backend(variant: str) -> None:
+    from pathlib import Path
+
     from bridge import config
-    from bridge.lab.bench_variants import KERNEL_RULE
-    rule = KERNEL_RULE.format(log="/tmp/flows.jsonl")
+    from bridge.lab.bench_variants import ALL_VARIANTS, GrebeInspect
+    v = ALL_VARIANTS[variant]
+    assert isinstance(v, GrebeInspect)
+    rule = v.rule(Path("/tmp/flows.jsonl"))
     cfg = config.loads_config(config_text("gw-a", "gre", rule), file="gw-a.toml")
     (parsed,) = cfg.inspect_rules()
-    assert parsed.backend.value == "kernel" and parsed.dst_ports == ((80, 80),)
+    assert parsed.backend.value == variant.removeprefix("inspect-")
+    assert parsed.dst_ports == ((80, 80),)
     assert [str(n) for n in parsed.dst] == ["198.18.2.10/32"] and "http" in parsed.inspectors
     assert parsed.log_path == "/tmp/flows.jsonl"
 
