@@ -303,6 +303,10 @@ class TcpConnection(OutputMixin):
         self._retries = 0
 
     def _establish(self) -> None:
+        # A SYN(-ACK) resend still pending (SND.NXT = 0 after the peer's SYN again or our
+        # RTO) is obsolete once the SYN is acknowledged: SND.NXT never trails SND.UNA.
+        if self._snd_nxt < self._snd_una:
+            self._snd_nxt = self._snd_una
         self._state = State.ESTABLISHED
         self._events.append(Connected())
         if self._close_requested:

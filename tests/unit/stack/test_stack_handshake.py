@@ -270,3 +270,37 @@ def test_rfc9293_must_23_syn_retried_for_at_least_3_minutes() -> None:
         recv(conn, t)
         last = t
     assert last >= 180.0
+
+
+def test_retransmitted_syn_then_ack_in_one_batch_establishes_at_snd_nxt_1() -> None:
+    # Regression (commit 22b36ed): the client's SYN again, then its ACK, before any output.
+    # The SYN asked for the SYN-ACK to be resent (SND.NXT = 0); the ACK then established the
+    # connection with SND.NXT behind SND.UNA, and segments_to_send raised.
+    conn = TcpConnection(LOCAL, REMOTE, BASE, iss=LOCAL_SEQ)
+    conn.listen()
+    send(conn, 0.0, flags=SYN, seq=REMOTE_SEQ)
+    expect(recv_one(conn, 0.0), flags=SYN | ACK)
+    send(conn, 1.0, flags=SYN, seq=REMOTE_SEQ)
+    send(conn, 1.0, seq=rseq(1), ack=lseq(1), payload=b"hi")
+    assert conn.state is State.ESTABLISHED
+    assert conn._snd_una == conn._snd_nxt == 1
+    assert conn.send(b"data") == 4
+    out = recv(conn, 1.0)
+    assert [s.flags & SYN for s in out] == [0]  # no stale SYN-ACK once established
+    expect(out[0], seq=lseq(1), ack=rseq(3), payload=b"data")
+    assert events(conn)[0] == Connected()
+
+
+def test_syn_ack_rto_then_ack_before_output_establishes_at_snd_nxt_1() -> None:
+    # The same hole by the other door: the SYN-ACK's RTO fires, the ACK arrives first.
+    conn = TcpConnection(LOCAL, REMOTE, BASE, iss=LOCAL_SEQ)
+    conn.listen()
+    send(conn, 0.0, flags=SYN, seq=REMOTE_SEQ)
+    recv_one(conn, 0.0)
+    t = conn.get_timer()
+    assert t is not None
+    conn.handle_timer(t)
+    send(conn, t, seq=rseq(1), ack=lseq(1))
+    assert conn.state is State.ESTABLISHED
+    conn.send(b"x")
+    expect(recv_one(conn, t), seq=lseq(1), payload=b"x")
