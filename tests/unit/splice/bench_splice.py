@@ -1,6 +1,6 @@
 """Micro-benchmark of the userspace termination backend (not a test: prints, never asserts).
 
-    .venv/bin/python tests/sim/bench_splice.py [MB]
+    .venv/bin/python tests/unit/splice/bench_splice.py [MB]
 
 A server TcpConnection sends MB megabytes through a Terminator (one Splice) to a client
 TcpConnection, in memory, as real IP packets in batches (what the Bridge hands over per
@@ -19,7 +19,7 @@ import timeit
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from bridge.flows import InspectRule  # noqa: E402
 from bridge.inspect.http import HttpInspector  # noqa: E402
