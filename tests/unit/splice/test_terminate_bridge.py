@@ -195,3 +195,38 @@ def test_bridge_without_userspace_rules_has_no_terminator() -> None:
     a, b = bridges()
     assert a.terminator is not None and b.terminator is None
     assert b.flows(0.0) == [] and "inspect" not in b.status(0.0)
+
+
+def test_midstream_packet_of_inspected_port_is_forwarded_untouched() -> None:
+    """A connection that began before the rule (or before grebe) is not terminated."""
+    from stack.wire.tcp import ACK, TcpSegment
+
+    a, _b = bridges()
+    pkt = ip_packet(a, CLIENT, SERVER, TcpSegment(40002, 80, 1000, 2000, ACK, 500, b"late"))
+    out = Output()
+    a.from_tun([pkt], 0.0, out)
+    assert not out.tun and not a.flows(0.0)
+    (dgram,) = out.udp[("198.18.0.2", 4754)]
+    assert bytes(dgram).endswith(b"late")
+    assert a.status(0.0)["inspect"]["flow_table"]["midstream"] == 1
+
+
+def test_userspace_drop_rule_drops_the_syn() -> None:
+    from bridge.config import loads_config
+    from stack.wire.tcp import SYN, TcpSegment
+
+    text = SITE.format(side="a", tun4="198.18.100.1/30", tun6="2001:db8:100::1/64",
+                       listen="198.18.0.1", endpoint="198.18.0.2", seq="off",
+                       prefixes='"198.18.20.0/24"') + """
+[[inspect]]
+name = "no-telnet"
+dst_ports = [23]
+action = "drop"
+backend = "userspace"
+"""
+    a = Bridge(loads_config(text), 0.0)
+    assert a.terminator is not None
+    pkt = ip_packet(a, CLIENT, SERVER, TcpSegment(40003, 23, 1, 0, SYN, 500, mss=1400))
+    out = Output()
+    a.from_tun([pkt], 0.0, out)
+    assert not out and a.status(0.0)["inspect"]["drops"] == {"rule_drop": 1}
