@@ -43,7 +43,6 @@ of the next reap scan; `handle_timer(now, out)` runs the due ones.
 
 from __future__ import annotations
 
-import ipaddress
 import struct
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -391,8 +390,3 @@ class Terminator:
                 "ended": dict(self.ended), "drops": dict(self.drops),
                 "flow_table": dict(self.table.counters), "rules": self.manager.counters()}
 
-
-def describe_key(key: FlowKey) -> str:
-    """"src:sport -> dst:dport" for logs and errors."""
-    return (f"{ipaddress.ip_address(key[1])}:{key[3]} -> "
-            f"{ipaddress.ip_address(key[2])}:{key[4]}")
