@@ -1,4 +1,4 @@
-"""The kernel termination backend on a grebe gateway: topologies/two-sites-inspect.toml.
+"""The kernel termination backend on a grebe gateway: topologies/two-sites-inspect-kernel.toml.
 
 gw-a runs grebe (the only route to site B is the grebe TUN) and `python -m bridge.tproxy`:
 TPROXY on the LAN side diverts the client's TCP to the server's port 80 into the relay, whose
@@ -35,7 +35,7 @@ SIZE = 20 * 1024 * 1024
 def lab() -> Iterator[Any]:
     from bridge.lab.netlink import Lab
 
-    lab = Lab.up(ROOT / "topologies" / "two-sites-inspect.toml",
+    lab = Lab.up(ROOT / "topologies" / "two-sites-inspect-kernel.toml",
                  instance=f"insg{os.getpid() % 100000}")
     try:
         state = Path(lab.state_dir)

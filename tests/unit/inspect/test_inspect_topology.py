@@ -1,31 +1,37 @@
-"""topologies/two-sites-inspect: its gw-a config is two-sites' gw-a plus [[inspect]] (no drift)."""
+"""topologies/two-sites-inspect{,-kernel}: each gw-a config is two-sites' gw-a plus [[inspect]]
+(no drift), with the backend its topology names, and the topology starts what that backend needs."""
 
 from __future__ import annotations
 
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from bridge.flows import Backend, parse_rules
 from bridge.lab.topology import load
 
 TOPO = Path(__file__).resolve().parents[3] / "topologies"
+CASES = [("two-sites-inspect", Backend.USERSPACE), ("two-sites-inspect-kernel", Backend.KERNEL)]
 
 
-def test_gw_a_config_is_two_sites_plus_inspect_rules() -> None:
-    ours = tomllib.loads((TOPO / "two-sites-inspect" / "gw-a.toml").read_text())
+@pytest.mark.parametrize(("name", "backend"), CASES)
+def test_gw_a_config_is_two_sites_plus_inspect_rules(name: str, backend: Backend) -> None:
+    ours = tomllib.loads((TOPO / name / "gw-a.toml").read_text())
     base = tomllib.loads((TOPO / "two-sites" / "gw-a.toml").read_text())
     rules = parse_rules(ours.pop("inspect"), "inspect")
-    assert ours == base, "two-sites-inspect/gw-a.toml drifted from two-sites/gw-a.toml"
+    assert ours == base, f"{name}/gw-a.toml drifted from two-sites/gw-a.toml"
     (rule,) = rules
-    assert rule.backend is Backend.KERNEL and rule.inspectors == ("log", "http")
+    assert rule.backend is backend and rule.inspectors == ("log", "http")
     assert {lo for lo, _ in rule.dst_ports} == {80, 22}
     assert rule.log_path == "${GREBE_LAB_DIR}/inspect-gw-a.jsonl"
 
 
-def test_topology_runs_grebe_and_the_kernel_backend_on_gw_a() -> None:
-    topo = load(TOPO / "two-sites-inspect.toml")
+@pytest.mark.parametrize(("name", "backend"), CASES)
+def test_topology_runs_what_its_backend_needs_on_gw_a(name: str, backend: Backend) -> None:
+    topo = load(TOPO / f"{name}.toml")
     gw_a = next(n for n in topo.nodes if n.name == "gw-a")
     argvs = [" ".join(r.argv) for r in gw_a.run]
-    assert any(a.startswith("grebe up -c") and a.endswith("two-sites-inspect/gw-a.toml")
-               for a in argvs)
-    assert any("-m bridge.tproxy" in a and "--iif lan0" in a for a in argvs)
+    assert any(a.startswith("grebe up -c") and a.endswith(f"{name}/gw-a.toml") for a in argvs)
+    tproxy = any("-m bridge.tproxy" in a and "--iif lan0" in a for a in argvs)
+    assert tproxy == (backend is Backend.KERNEL)
