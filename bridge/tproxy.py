@@ -157,17 +157,17 @@ class Relay:
         return self.server if direction is Direction.CLIENT_TO_SERVER else self.client
 
     def on_data(self, side: _Side, data: bytes) -> None:
-        self.execute(self.session.received(side.incoming, data, time.time()))
+        self.execute(self.session.received(side.incoming, data, time.monotonic()))
 
     def on_eof(self, side: _Side) -> None:
-        self.execute(self.session.eof(side.incoming, time.time()))
+        self.execute(self.session.eof(side.incoming, time.monotonic()))
 
     def on_lost(self, side: _Side, exc: Exception | None) -> None:
         # Lost before the session finished: the peer reset, or the socket failed.
-        self.execute(self.session.reset(side.incoming, time.time()))
+        self.execute(self.session.reset(side.incoming, time.monotonic()))
 
     def abort(self, reason: CloseReason) -> None:
-        self.execute(self.session.abort(reason, time.time()))
+        self.execute(self.session.abort(reason, time.monotonic()))
 
     def execute(self, actions: list[Action]) -> None:
         """Perform the session's actions on the two sockets."""
@@ -303,7 +303,7 @@ class TproxyBackend:
             chain = self.manager.chain(rule.name)
         else:
             self.counters["unmatched"] += 1     # nft sent it, no rule now: relay untouched
-        flow = Flow(key, rule.name if rule else "-", "kernel", time.time())
+        flow = Flow(key, rule.name if rule else "-", "kernel", time.monotonic())
         relay = Relay(self, flow, chain)
         self.relays[flow.id] = relay
         relay.client.connection_made(transport)
@@ -319,7 +319,7 @@ class TproxyBackend:
 
     async def _open_upstream(self, relay: Relay) -> None:
         flow = relay.flow
-        if not relay.session.start(time.time()):
+        if not relay.session.start(time.monotonic()):
             _abort(relay.client.transport)      # denied at flow start
             relay.ended(CloseReason.DENIED)
             return

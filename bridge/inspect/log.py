@@ -9,15 +9,19 @@ Rules
   timer and at exit) appends them to `log_path`. Without `log_path` the lines go to the Python
   logger "grebe.inspect.flows" at INFO. `$VARS` in the path are expanded once at start
   (e.g. "${GREBE_LAB_DIR}/flows.jsonl" in the lab).
+- `start` and `duration` are on the endpoint's monotonic clock (the `now` both backends pass);
+  `flush()`, which is I/O and may read clocks, adds `start_utc`, the wall-clock start in ISO 8601.
 - Metadata values that JSON cannot encode are written with repr(); the writer never raises on
   account of what another inspector stored.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
+import time
 from typing import Any
 
 from bridge.flows import InspectRule
@@ -48,26 +52,33 @@ class LogInspector(Inspector):
     def __init__(self, rule: InspectRule, max_buffered: int = 1 << 20) -> None:
         self.path = os.path.expandvars(rule.log_path) if rule.log_path else None
         self.max_buffered = max_buffered
-        self._lines: list[str] = []
+        self._records: list[dict[str, Any]] = []
         self._size = 0
         self.dropped_lines = 0
 
     def flow_end(self, flow: Flow, reason: CloseReason) -> None:
-        line = json.dumps(flow_record(flow, reason), default=repr, separators=(",", ":"))
-        if self._size + len(line) > self.max_buffered:
+        rec = flow_record(flow, reason)
+        size = len(json.dumps(rec, default=repr, separators=(",", ":"))) + 1
+        if self._size + size > self.max_buffered:
             self.dropped_lines += 1     # the disk is not keeping up: bounded memory wins
             return
-        self._lines.append(line)
-        self._size += len(line) + 1
+        self._records.append(rec)
+        self._size += size
 
     def pending(self) -> list[str]:
         """Lines not yet flushed (for tests and for the userspace backend's status)."""
-        return list(self._lines)
+        return [json.dumps(r, default=repr, separators=(",", ":")) for r in self._records]
 
     def flush(self) -> None:
-        if not self._lines:
+        if not self._records:
             return
-        lines, self._lines, self._size = self._lines, [], 0
+        records, self._records, self._size = self._records, [], 0
+        offset = time.time() - time.monotonic()  # monotonic `now` -> wall clock
+        lines = []
+        for rec in records:
+            start = dt.datetime.fromtimestamp(rec["start"] + offset, dt.UTC)
+            rec["start_utc"] = start.isoformat(timespec="milliseconds")
+            lines.append(json.dumps(rec, default=repr, separators=(",", ":")))
         if self.path is None:
             for line in lines:
                 flow_log.info("%s", line)

@@ -122,6 +122,8 @@ def test_log_line_has_everything(tmp_path) -> None:  # type: ignore[no-untyped-d
     assert rec["backend"] == "kernel" and rec["close"] == "closed" and rec["duration"] == 1.5
     assert rec["bytes_c2s"] == len(req) and rec["bytes_s2c"] == 40
     assert rec["http"][0]["target"] == "/index.html" and rec["http"][0]["status"] == 200
+    # `start` is the endpoint's monotonic clock; flush adds the wall-clock start in ISO 8601
+    assert rec["start_utc"].endswith("+00:00") and rec["start_utc"][:2] == "20"
 
 
 def test_log_runs_last_and_sees_flow_end_metadata() -> None:
