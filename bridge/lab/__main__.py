@@ -313,24 +313,39 @@ def _bridge_checks() -> Callable[[Lab], Sequence[Callable[[], bool]]] | None:
     return demo_bridge.checks
 
 
+INSPECT_TOPOLOGY = "two-sites-inspect"
+
+
+def _checks_for(topology: str) -> Callable[[Lab], Sequence[Callable[[], bool]]]:
+    """The demo steps that fit a topology: plain, bridged, or bridged with inspection."""
+    if topology.startswith(INSPECT_TOPOLOGY):
+        from bridge.lab import demo_inspect
+        return demo_inspect.checks
+    if topology == DEMO_TOPOLOGY:
+        return demo_checks
+    return _bridge_checks() or demo_checks
+
+
 def full_demo(instance: str = "demo", topology: str | None = None) -> int:
-    """`./netns-lab.sh demo`: the sites apart without a tunnel, then joined by grebe.
+    """`./netns-lab.sh demo`: the sites apart, joined by grebe, then a flow inspected.
 
     Part 1 is `demo(two-sites-plain)`; part 2 is `demo(two-sites)` with the checks of
-    bridge/lab/demo_bridge.py (skipped while that module is missing). With `topology`, only
-    that topology is shown (with the bridge checks unless it is two-sites-plain).
+    bridge/lab/demo_bridge.py; part 3 is `demo(two-sites-inspect)` with those of
+    bridge/lab/demo_inspect.py (a flow terminated in grebe, `grebe flows`, the flow log).
+    With `topology`, only that topology is shown, with the steps that fit it.
     Returns 0 if every check went as expected, 130 on Ctrl-C, else 1.
     """
-    bridge = _bridge_checks()
     if topology is not None:
-        plain = topology == DEMO_TOPOLOGY or bridge is None
-        return demo(topology, instance, demo_checks if plain or bridge is None else bridge)
-    rc = demo(DEMO_TOPOLOGY, instance, demo_checks)
-    if rc == 130 or bridge is None:
-        return rc
-    say("")
-    rc2 = demo(DEFAULT_TOPOLOGY, instance, bridge)
-    return rc2 if rc2 == 130 else (rc or rc2)
+        return demo(topology, instance, _checks_for(topology))
+    rc = 0
+    for part in (DEMO_TOPOLOGY, DEFAULT_TOPOLOGY, INSPECT_TOPOLOGY):
+        if part != DEMO_TOPOLOGY:
+            say("")
+        part_rc = demo(part, instance, _checks_for(part))
+        if part_rc == 130:
+            return 130
+        rc = rc or part_rc
+    return rc
 
 
 # ---------------------------------------------------------------- argument parsing
