@@ -272,6 +272,17 @@ class GreEncoder:
             self.seq = (self.seq + 1) & 0xFFFFFFFF
         return dgram
 
+    def prefix(self, v6: bool) -> tuple[bytes, int]:
+        """(header template, offset of its sequence number or -1) for a batch builder
+        (bridge/gso.py) that patches consecutive sequence numbers itself; it must then call
+        `advance(count)`. Not for peers with checksums (the builder does not seal)."""
+        return (self._tmpl6 if v6 else self._tmpl4), (self._seq_off if self.seq_on else -1)
+
+    def advance(self, count: int) -> None:
+        """`count` datagrams were built from `prefix()` with sequence numbers from `seq`."""
+        if self.seq_on:
+            self.seq = (self.seq + count) & 0xFFFFFFFF
+
     def seal(self, dgram: bytearray) -> None:
         """Fill the GRE checksum (RFC 2784 §2.5.1) after the inner packet was edited."""
         if self.csum:

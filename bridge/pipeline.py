@@ -55,6 +55,7 @@ from bridge import counters as C
 from bridge.config import Config, DownAction, Encapsulation, SeqPolicy, SourcePort
 from bridge.counters import Counters
 from bridge.encap import KEEPALIVE, GreEncoder, decode_gre, flow_source_port, overhead
+from bridge.gso import SuperPacket, encap_segments, parse_tcp
 from bridge.mss import clamp_packet
 from bridge.peers import LOOP, PeerTable
 from bridge.seqpolicy import SeqReceiver
@@ -201,16 +202,25 @@ class Bridge:
 
     # ---------------------------------------------------------------- TUN -> peers
 
-    def from_tun(self, packets: Iterable[Buf], now: float, out: Output) -> None:
+    def from_tun(self, packets: Iterable[Buf | SuperPacket], now: float, out: Output) -> None:
         """Encapsulate inner packets toward their peers (out.udp); ICMP errors to out.tun.
 
-        Never raises for bad packets: each drop is counted by reason.
+        `packets` may hold `SuperPacket`s (TCP TSO frames): see `_tso`. Never raises for bad
+        packets: each drop is counted by reason.
         """
         drops = self.counters.drops
         table = self.table
         peers = self.peers
         term = self.terminator
         for pkt in packets:
+            if type(pkt) is SuperPacket:
+                if not self._tso(pkt, now, out):
+                    segs: list[bytes] = []
+                    if pkt.split(segs):
+                        self.from_tun(segs, now, out)  # the per-packet path, segment by segment
+                    else:
+                        drops[C.R_MALFORMED] += 1
+                continue
             n = packet_length(pkt)
             if not n:
                 drops[C.R_MALFORMED] += 1
@@ -250,6 +260,58 @@ class Bridge:
             self._send(peer, pkt if n == len(pkt) else memoryview(pkt)[:n], v6, now, out)
         if term is not None:
             term.flush(now, out)
+
+    def _tso(self, sp: SuperPacket, now: float, out: Output) -> bool:
+        """The super-packet fast path: the per-flow decisions of `from_tun` once, then every
+        segment segmented and encapsulated at once (bridge/gso.py). False, having done
+        nothing, whenever a segment could need per-packet treatment: a userspace-terminated
+        flow, no route / peer down / TTL <= 1 (per-segment drops and ICMP), segments above
+        the tunnel MTU, SYN or RST (MSS clamping, never TSO'd anyway), GRE checksums."""
+        if self.terminator is not None:
+            return False
+        pkt = sp.packet()
+        parsed = parse_tcp(pkt)
+        g = sp.gso_size
+        if parsed is None or g <= 0:
+            return False
+        v4, ihl, doff = parsed
+        if pkt[ihl + 13] & 0x06:  # SYN or RST
+            return False
+        if v4:
+            idx = self.table.route(pkt[16:20])
+            ttl = pkt[8]
+        else:
+            idx = self.table.route(pkt[24:40])
+            ttl = pkt[7]
+        if idx < 0 or ttl <= 1:
+            return False
+        peer = self.peers[idx]
+        if (peer.withdraw and not peer.up) or ihl + doff + g > peer.mtu:
+            return False
+        enc = peer.encoder
+        if peer.gre:
+            if enc.csum:
+                return False
+            prefix, seq_at = enc.prefix(not v4)
+        else:
+            prefix, seq_at = b"", -1
+        lst = out.udp.get(peer.addr)
+        if lst is None:
+            lst = out.udp[peer.addr] = []
+        start = len(lst)
+        k = encap_segments(pkt, v4, ihl, doff, g, prefix, seq_at, enc.seq, lst)
+        if peer.gre:
+            enc.advance(k)
+        c = self.counters
+        c.tx_packets[peer.index] += k
+        c.tx_bytes[peer.index] += sum(map(len, lst[start:]))
+        peer.last_tx = now
+        if peer.flow_sport:
+            sports = out.udp_sport.get(peer.addr)
+            if sports is None:
+                sports = out.udp_sport[peer.addr] = []
+            sports.extend([flow_source_port(pkt)] * k)
+        return True
 
     def _send(self, peer: PeerState, pkt: Buf, v6: bool, now: float, out: Output) -> None:
         if peer.gre:

@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from bridge.gso import SuperPacket
 from bridge.pipeline import Bridge, Output
 
 log = logging.getLogger("grebe.loop")
@@ -46,6 +47,8 @@ Addr = tuple[str, int]
 SWITCH_INTERVAL = "0.005"
 WRITER_THREADS = os.environ.get("GREBE_WRITER_THREADS", "1") == "1"
 BATCH = int(os.environ.get("GREBE_BATCH", "64"))  # reads per drain round
+SUPER_PACKETS = os.environ.get("GREBE_SUPER_PACKETS", "1") == "1"  # bridge/gso.py fast path
+INLINE_MAX = int(os.environ.get("GREBE_INLINE_MAX", "4"))  # see _small()
 
 
 class TunLike(Protocol):
@@ -72,6 +75,7 @@ class Writer:
         self._cv = threading.Condition()
         self._depth = depth
         self._stopping = False
+        self._busy = False  # an item is running (set and cleared under _cv)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -82,14 +86,22 @@ class Writer:
             self._q.append((fn, args))
             self._cv.notify_all()
 
+    def idle(self) -> bool:
+        """Nothing queued and nothing running: the (single) producer may then run a batch
+        itself without reordering anything (no lock: a stale True is impossible, since
+        only the producer adds work)."""
+        return not self._q and not self._busy
+
     def _run(self) -> None:
         while True:
             with self._cv:
+                self._busy = False
                 while not self._q and not self._stopping:
                     self._cv.wait()
                 if not self._q:
                     return
                 fn, args = self._q.popleft()
+                self._busy = True
                 self._cv.notify_all()
             try:
                 fn(*args)
@@ -125,6 +137,8 @@ class Engine:
             p.get("name"): "up" if p.get("up") else "down"
             for p in bridge.status(clock()).get("peers", [])}
         self.writers: dict[int, Writer] = {}  # id(Output) -> its writer (Runner sets them)
+        if hasattr(tun, "super_packets") and SUPER_PACKETS:  # Bridge.from_tun takes them
+            tun.super_packets = SuperPacket
         self.stats = {"tun_reads": 0, "tun_packets": 0, "udp_recvs": 0, "udp_datagrams": 0,
                       "udp_sends": 0, "tun_writes": 0}
 
@@ -226,6 +240,8 @@ class Engine:
 
     def _execute(self, out: Output) -> None:
         w = self.writers.get(id(out))
+        if w is not None and w.idle() and _small(out):
+            w = None  # latency: a handoff to a sleeping writer costs a thread wake-up
         if w is None:
             for addr, dgs in out.udp.items():
                 self._send(addr, dgs)
@@ -237,6 +253,15 @@ class Engine:
             if out.tun:
                 w.put(self._write, list(out.tun))
         out.clear()
+
+
+def _small(out: Output) -> bool:
+    """A batch worth executing inline when its writer is idle: a ping, an ACK or two.
+    Overlap only pays for big batches; for small ones the wake-up is the added RTT."""
+    n = len(out.tun)
+    for dgs in out.udp.values():
+        n += len(dgs)
+    return n <= INLINE_MAX
 
 
 class Runner:

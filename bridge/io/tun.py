@@ -24,7 +24,10 @@ import os
 import struct
 from collections.abc import Iterable, Sequence
 
+from bridge.gso import SuperPacket
 from bridge.io import offload
+
+_TSO = (offload.GSO_TCPV4, offload.GSO_TCPV6)
 
 log = logging.getLogger("grebe.tun")
 
@@ -52,6 +55,9 @@ class TunDevice:
     def __init__(self, name: str, vnet_hdr: bool = True, multi_queue: bool = False) -> None:
         self.name = name
         self.vnet_hdr = vnet_hdr
+        # Set by the loop when its core takes SuperPackets: TSO frames are then handed over
+        # whole (bridge/gso.py) instead of being split here.
+        self.super_packets: type[SuperPacket] | None = None
         self.bad_frames = 0  # frames from the kernel that offload could not split
         self.write_errors = 0  # packets the kernel refused (EINVAL, EIO, ...)
         self._routes: list[tuple[str, int]] = []
@@ -146,6 +152,7 @@ class TunDevice:
         bufs = [self._buf]
         reads = 0
         split = offload.split_frame
+        sp = self.super_packets
         while reads < limit:
             try:
                 n = os.readv(fd, bufs)
@@ -155,7 +162,11 @@ class TunDevice:
                 continue
             reads += 1
             if self.vnet_hdr:
-                if not split(view[:n], out):
+                if sp is not None and view[1] & ~offload.GSO_ECN in _TSO and n > 64:
+                    # one copy of the whole frame; the core segments it (bridge/gso.py)
+                    out.append(sp(bytes(view[:n]), offload.VNET_HDR_LEN,  # type: ignore[arg-type]
+                                  view[4] | view[5] << 8, split))
+                elif not split(view[:n], out):
                     self.bad_frames += 1
             else:
                 out.append(bytes(view[:n]))

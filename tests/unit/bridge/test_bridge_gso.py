@@ -1,0 +1,204 @@
+"""The super-packet fast path (bridge/gso.py, Bridge._tso) sends exactly what TSO splitting
+followed by the per-packet path sends: same datagrams, GRE sequence numbers, counters, flow
+source ports; and it steps aside (falls back) wherever per-packet treatment is needed."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from grebe_sites import Pair, site_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
+
+from bridge.gso import SuperPacket, encap_segments, parse_tcp
+from bridge.io import offload as ol
+from bridge.pipeline import Bridge, Output
+from stack.wire.checksum import pseudo_sum_v4, pseudo_sum_v6
+
+SRC4, DST4 = "198.18.10.5", "198.18.20.7"
+SRC6, DST6 = "2001:db8:10::5", "2001:db8:20::7"
+VARIANTS = ["", "key = 7", 'key = 7\nsequence = "drop-late"', 'sequence = "reorder"',
+            'encapsulation = "ipip"', 'source_port = "flow-hash"',
+            'encapsulation = "ipip"\nsource_port = "flow-hash"']
+
+
+def _super(v6: bool, size: int, flags: str = "PA", seq: int = 1000, ip_id: int = 7,
+           ttl: int = 64, opts: list | None = None, seed: int = 1, dst: str | None = None,
+           tos: int = 0) -> bytes:
+    tcp = TCP(sport=40000, dport=80, seq=seq, ack=55, flags=flags, window=500,
+              options=opts or [])
+    data = random.Random(seed).randbytes(size)
+    if v6:
+        return bytes(IPv6(src=SRC6, dst=dst or DST6, hlim=ttl, tc=tos) / tcp / data)
+    return bytes(IP(src=SRC4, dst=dst or DST4, id=ip_id, ttl=ttl, flags="DF", tos=tos)
+                 / tcp / data)
+
+
+def _frame(pkt: bytes, v6: bool, mss: int) -> bytes:
+    """What the kernel hands us: pseudo-header sum (no length) in the TCP field, NEEDS_CSUM."""
+    b = bytearray(pkt)
+    ihl = 40 if v6 else (b[0] & 15) * 4
+    ps = pseudo_sum_v6(b[8:24], b[24:40], 6, 0) if v6 else \
+        pseudo_sum_v4(b[12:16], b[16:20], 6, 0)
+    b[ihl + 16:ihl + 18] = ps.to_bytes(2, "big")
+    doff = (b[ihl + 12] >> 4) * 4
+    gso = ol.GSO_TCPV6 if v6 else ol.GSO_TCPV4
+    return ol.build_vnet(ol.F_NEEDS_CSUM, gso, ihl + doff, mss, ihl, 16) + bytes(b)
+
+
+def _sp(frame: bytes) -> SuperPacket:
+    return SuperPacket(frame, ol.VNET_HDR_LEN, ol.parse_vnet(frame)[3], ol.split_frame)
+
+
+CALLS: list[int] = []
+
+
+@pytest.fixture(autouse=True)
+def _count_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Count the super-packets the fast path took (so a silent fallback cannot pass)."""
+    import bridge.pipeline as pl
+
+    def counting(*a: object, **k: object) -> int:
+        n = encap_segments(*a, **k)  # type: ignore[arg-type]
+        CALLS.append(n)
+        return n
+
+    CALLS.clear()
+    monkeypatch.setattr(pl, "encap_segments", counting)
+
+
+def _both(extra: str, frames: list[bytes], **kw: object) -> tuple[Bridge, Output, Bridge, Output]:
+    """Bridge `fast` gets SuperPackets; `ref` gets the split segments (the old path)."""
+    fast = Bridge(site_config("a", extra, **kw), 0)  # type: ignore[arg-type]
+    ref = Bridge(site_config("a", extra, **kw), 0)  # type: ignore[arg-type]
+    of, orf = Output(), Output()
+    fast.from_tun([_sp(f) for f in frames], 1.0, of)
+    segs: list[bytes] = []
+    for f in frames:
+        assert ol.split_frame(f, segs)
+    ref.from_tun(segs, 1.0, orf)
+    return fast, of, ref, orf
+
+
+def _same(fast: Bridge, of: Output, ref: Bridge, orf: Output) -> None:
+    assert {k: [bytes(d) for d in v] for k, v in of.udp.items()} == \
+        {k: [bytes(d) for d in v] for k, v in orf.udp.items()}
+    assert of.udp_sport == orf.udp_sport
+    assert [bytes(p) for p in of.tun] == [bytes(p) for p in orf.tun]
+    assert fast.counters.snapshot() == ref.counters.snapshot()
+    assert [p.encoder.seq for p in fast.peers] == [p.encoder.seq for p in ref.peers]
+
+
+@pytest.mark.parametrize("extra", VARIANTS)
+@pytest.mark.parametrize("v6", [False, True])
+@pytest.mark.parametrize("size,mss", [(20000, 1400), (64000, 1388), (2776, 1388), (900, 1388),
+                                      (4000, 1000), (5001, 1000)])
+def test_fast_path_equals_split_then_per_packet(extra: str, v6: bool, size: int,
+                                                mss: int) -> None:
+    frames = [_frame(_super(v6, size, seq=2**32 - 3000, ip_id=65530), v6, mss),
+              _frame(_super(v6, size // 2 + 1, flags="FPA", seq=7, seed=2), v6, mss)]
+    fast, of, ref, orf = _both(extra, frames)
+    _same(fast, of, ref, orf)
+    assert len(CALLS) == 2 and sum(CALLS) == fast.counters.tx_packets[0]
+
+
+@settings(max_examples=150, deadline=None)
+@given(size=st.integers(1, 30000), mss=st.integers(536, 1400), v6=st.booleans(),
+       seed=st.integers(0, 2**16), ttl=st.integers(2, 255), ip_id=st.integers(0, 0xFFFF),
+       seq=st.integers(0, 2**32 - 1), flags=st.sampled_from(["A", "PA", "FPA", "CEA", "EA"]),
+       tos=st.integers(0, 255), variant=st.sampled_from(VARIANTS),
+       opts=st.sampled_from([[], [("NOP", None), ("NOP", None), ("Timestamp", (5, 9))]]))
+def test_fast_path_equals_split_hypothesis(size: int, mss: int, v6: bool, seed: int, ttl: int,
+                                           ip_id: int, seq: int, flags: str, tos: int,
+                                           variant: str, opts: list) -> None:
+    frame = _frame(_super(v6, size, flags, seq, ip_id, ttl, opts, seed, tos=tos), v6, mss)
+    CALLS.clear()
+    _same(*_both(variant, [frame]))
+    assert len(CALLS) == 1
+
+
+@settings(max_examples=80, deadline=None)
+@given(size=st.integers(1, 30000), mss=st.integers(536, 1400), v6=st.booleans(),
+       seed=st.integers(0, 2**16), gre=st.sampled_from([(b"", -1), (bytes(8), 4),
+                                                        (b"\x30\x00\x08\x00" + bytes(8), 8)]))
+def test_numpy_and_python_rows_equal(size: int, mss: int, v6: bool, seed: int,
+                                     gre: tuple[bytes, int]) -> None:
+    pkt = memoryview(_super(v6, size, seed=seed))
+    parsed = parse_tcp(pkt)
+    assert parsed is not None
+    a: list[bytes | bytearray] = []
+    b: list[bytes | bytearray] = []
+    na = encap_segments(pkt, *parsed, mss, gre[0], gre[1], 2**32 - 2, a, use_numpy=True)
+    nb = encap_segments(pkt, *parsed, mss, gre[0], gre[1], 2**32 - 2, b, use_numpy=False)
+    assert na == nb == len(a) and a == b
+
+
+@pytest.mark.parametrize("case", ["ttl1", "no_route", "mtu", "csum", "syn"])
+def test_fallbacks_still_do_per_packet_work(case: str) -> None:
+    extra, kw, pkt = "", {}, _super(False, 6000)
+    mss = 1400
+    if case == "ttl1":
+        pkt = _super(False, 6000, ttl=1)  # per segment: Time Exceeded (rate limited)
+    elif case == "no_route":
+        pkt = _super(False, 6000, dst="198.18.99.1")
+    elif case == "mtu":
+        kw = {"mtu": "1200"}  # segments too big for the tunnel: per-packet ICMP / frag
+    elif case == "csum":
+        extra = "checksum = true"
+    elif case == "syn":
+        pkt = _super(False, 3000, flags="S", opts=[("MSS", 1460)])
+    fast, of, ref, orf = _both(extra, [_frame(pkt, False, mss)], **kw)
+    _same(fast, of, ref, orf)
+    assert not CALLS
+
+
+def test_terminated_flows_take_the_per_packet_path() -> None:
+    """With userspace [[inspect]] rules the Terminator must see every segment."""
+    seen: list[int] = []
+
+    class FakeTerminator:
+        def from_tun(self, pkt: bytes, n: int, now: float) -> bool:
+            seen.append(n)
+            return False
+
+        def flush(self, now: float, out: Output) -> None:
+            pass
+
+    b = Bridge(site_config("a"), 0)
+    b.terminator = FakeTerminator()  # type: ignore[assignment]
+    out = Output()
+    b.from_tun([_sp(_frame(_super(False, 5000), False, 1000))], 0, out)
+    assert not CALLS and len(seen) == 5 and len(out.udp[("198.18.0.2", 4754)]) == 5
+
+
+def test_bad_super_packet_counted_malformed() -> None:
+    b = Bridge(site_config("a"), 0)
+    out = Output()
+    junk = ol.build_vnet(0, ol.GSO_TCPV4, 40, 1000, 20, 16) + b"\x45" + bytes(30)
+    b.from_tun([_sp(junk)], 0, out)
+    assert b.counters.drop("malformed") == 1 and not out
+
+
+def test_decapsulated_at_the_peer() -> None:
+    """What the fast path sends, B decapsulates into valid TCP segments (TTL - 1)."""
+    pair = Pair('key = 3\nsequence = "drop-late"')
+    pkt = _super(False, 10000, ttl=30)
+    oa = Output()
+    pair.a.from_tun([_sp(_frame(pkt, False, 1000))], 0, oa)
+    ob = Output()
+    pair.b.from_udp([(d, pair.a_addr) for d in oa.udp[pair.b_addr]], 0, ob)
+    assert len(ob.tun) == 10
+    data = b""
+    for p in ob.tun:
+        ip = IP(bytes(p))
+        assert ip.ttl == 29
+        chk = ip[TCP].chksum
+        del ip[TCP].chksum
+        del ip.chksum
+        again = IP(bytes(ip))
+        assert again[TCP].chksum == chk and again.chksum == IP(bytes(p)).chksum
+        data += bytes(ip[TCP].payload)
+    assert data == bytes(IP(pkt)[TCP].payload)
