@@ -137,6 +137,7 @@ class ConnectionCore:
         self._last_rx = 0.0  # time of the last segment from the peer (keep-alive idle)
         self._ka_sent = 0
         self._ka_pending = False
+        self._ka_at = 0.0  # when the next keep-alive probe is due (after the first)
         self._rto = RtoEstimator(cfg.rto_initial, cfg.rto_min, cfg.rto_max)
         self._cc = NewReno(self._send_mss, cfg.initial_cwnd or None)
         self._rtt_abs: int | None = None
@@ -277,8 +278,9 @@ class ConnectionCore:
             self._snd_max != self._snd_una or self._sendbuf.end >= self._snd_nxt
         ):
             return None
-        cfg = self.config
-        return self._last_rx + cfg.keepalive_idle + self._ka_sent * cfg.keepalive_interval
+        if self._ka_sent:
+            return self._ka_at  # an interval after the last probe, even if it went out late
+        return self._last_rx + self.config.keepalive_idle
 
     def handle_timer(self, now: float) -> None:
         """Act on every deadline at or before `now`; call segments_to_send(now) after."""
@@ -304,6 +306,7 @@ class ConnectionCore:
                     self._enter_closed()
                     return
                 self._ka_sent += 1
+                self._ka_at = now + self.config.keepalive_interval
                 self._ka_pending = True
 
     def _on_rto(self, now: float) -> None:

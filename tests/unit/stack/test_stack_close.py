@@ -187,3 +187,18 @@ def test_rfc9293_must_24_to_29_keepalive() -> None:
         recv(conn, t)
     assert conn.state is State.CLOSED  # two unanswered probes, then the third deadline
     assert events(conn)[-2:] == [ConnectionReset("timeout"), Closed()]
+
+
+def test_rfc9293_must_29_late_keepalive_timer_probes_once_then_waits_an_interval() -> None:
+    # Found by the random traces: a keep-alive deadline handled late (a busy loop, a
+    # suspended host) used to leave the next probe's deadline in the past, so the same
+    # handle_timer call site fired every probe back to back and declared a timeout at once.
+    conn = passive(cfg(keepalive=True, keepalive_idle=5.0, keepalive_interval=1.0,
+                       keepalive_probes=2))
+    events(conn)
+    conn.handle_timer(30.0)  # due at 5.0, handled at 30.0
+    expect(recv_one(conn, 30.0), seq=lseq(0))
+    assert conn.get_timer() == pytest.approx(31.0)  # one interval after this probe
+    conn.handle_timer(30.0)
+    recv_nothing(conn, 30.0)
+    assert conn.state is State.ESTABLISHED
