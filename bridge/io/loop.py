@@ -137,6 +137,7 @@ class Engine:
             p.get("name"): "up" if p.get("up") else "down"
             for p in bridge.status(clock()).get("peers", [])}
         self.writers: dict[int, Writer] = {}  # id(Output) -> its writer (Runner sets them)
+        self._sports_ok = hasattr(udp, "sport_pool")  # an adapter that can choose ports
         if hasattr(tun, "super_packets") and SUPER_PACKETS:  # Bridge.from_tun takes them
             tun.super_packets = SuperPacket
         self.stats = {"tun_reads": 0, "tun_packets": 0, "udp_recvs": 0, "udp_datagrams": 0,
@@ -226,8 +227,13 @@ class Engine:
             self._seen_errors.add(name)
             log.exception("internal error in the data plane (%s); batch dropped", name)
 
-    def _send(self, addr: Addr, dgs: Sequence[bytes | bytearray]) -> None:
-        self.stats["udp_sends"] += self.udp.send_datagrams(addr, dgs)
+    def _send(self, addr: Addr, dgs: Sequence[bytes | bytearray],
+              sports: list[int] | None = None) -> None:
+        if sports and self._sports_ok:  # RFC 8086 §3.2.1 flow-hash ports (udp.py pool)
+            self.stats["udp_sends"] += self.udp.send_datagrams(addr, dgs,  # type: ignore[call-arg]
+                                                               sports)
+        else:
+            self.stats["udp_sends"] += self.udp.send_datagrams(addr, dgs)
 
     def _write(self, pkts: Sequence[bytes | bytearray | memoryview]) -> None:
         self.stats["tun_writes"] += self.tun.write_packets(pkts)
@@ -242,14 +248,15 @@ class Engine:
         w = self.writers.get(id(out))
         if w is not None and w.idle() and _small(out):
             w = None  # latency: a handoff to a sleeping writer costs a thread wake-up
+        sports = out.udp_sport
         if w is None:
             for addr, dgs in out.udp.items():
-                self._send(addr, dgs)
+                self._send(addr, dgs, sports.get(addr))
             if out.tun:
                 self._write(out.tun)
         else:  # the core makes new lists per batch: out.udp's lists can be handed over
             for addr, dgs in out.udp.items():
-                w.put(self._send, addr, dgs)
+                w.put(self._send, addr, dgs, sports.get(addr))
             if out.tun:
                 w.put(self._write, list(out.tun))
         out.clear()

@@ -18,6 +18,7 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import select
@@ -38,6 +39,7 @@ IPV6_PMTUDISC_DO = 2
 GSO_MAX_SEGMENTS = 64
 BUFSIZE = 4 * 1024 * 1024
 RECV_BUF = 65536 + 64
+SPORT_POOL = 8  # flow-hash source port sockets (RFC 8086 §3.2.1); 0 turns them off
 
 _GSO_SIZE = struct.Struct("=H")
 _GRO_SIZE = struct.Struct("=i")
@@ -65,7 +67,7 @@ class UdpEndpoint:
     """The bridge's UDP socket. `recv_datagrams`/`send_datagrams` are the whole data API."""
 
     def __init__(self, address: str, port: int, reuseport: bool = False,
-                 gso: bool = True, gro: bool = True) -> None:
+                 gso: bool = True, gro: bool = True, sport_pool: int = SPORT_POOL) -> None:
         self.v6 = ":" in address
         fam = socket.AF_INET6 if self.v6 else socket.AF_INET
         s = socket.socket(fam, socket.SOCK_DGRAM)
@@ -100,11 +102,19 @@ class UdpEndpoint:
         self._anc = socket.CMSG_SPACE(_GRO_SIZE.size)
         self.send_errors: dict[str, int] = {}
         self.max_payload = 65507 if not self.v6 else 65527
+        self.address = address
+        # RFC 8086 §3.2.1 flow-hash source ports: send-only sockets, created on first use
+        self.sport_pool = sport_pool
+        self._pool: dict[int, socket.socket] = {}
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def close(self) -> None:
+        for s in self._pool.values():
+            if s is not self.sock:
+                s.close()
+        self._pool.clear()
         self.sock.close()
 
     def _err(self, e: OSError) -> None:
@@ -154,12 +164,67 @@ class UdpEndpoint:
             return ("::ffff:" + addr[0], addr[1])
         return addr
 
-    def send_datagrams(self, addr: Addr, datagrams: Sequence[bytes | bytearray]) -> int:
-        """Send datagrams to `addr` in order, GSO runs where sizes allow; return sendmsg calls."""
+    def send_datagrams(self, addr: Addr, datagrams: Sequence[bytes | bytearray],
+                       sports: Sequence[int] | None = None) -> int:
+        """Send datagrams to `addr` in order, GSO runs where sizes allow; return sendmsg calls.
+
+        `sports` (RFC 8086 §3.2.1 flow-hash ports, one per datagram, from the core): each
+        run of equal ports leaves through the pool socket of that port (`_pool_socket`)."""
         dest = self._dest(addr)
+        if not sports or not self.sport_pool or len(sports) != len(datagrams):
+            return self._send_run(self.sock, datagrams, dest)
+        calls = 0
+        i = 0
+        n = len(datagrams)
+        while i < n:
+            port = sports[i]
+            j = i + 1
+            while j < n and sports[j] == port:
+                j += 1
+            run = datagrams if i == 0 and j == n else datagrams[i:j]
+            calls += self._send_run(self._pool_socket(port), run, dest)
+            i = j
+        return calls
+
+    def _pool_socket(self, port: int) -> socket.socket:
+        """The send-only socket for flow-hash port `port`: slot port % sport_pool, bound on
+        first use to a free port in 49152-65535 (RFC 8086 §3.2.1), `port` itself if it is
+        free. Falls back to the main socket if no port can be bound."""
+        slot = port % self.sport_pool
+        s = self._pool.get(slot)
+        if s is not None:
+            return s
+        fam = socket.AF_INET6 if self.v6 else socket.AF_INET
+        s = socket.socket(fam, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFSIZE)
+        with contextlib.suppress(OSError, AttributeError):
+            s.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_SNDBUFFORCE", 32), BUFSIZE)
+        if self.v6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if self.dual else 1)
+            s.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO)
+        else:
+            s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+        for k in range(64):
+            p = 49152 + (port - 49152 + k * 257) % 16384
+            try:
+                s.bind((self.address, p))
+                break
+            except OSError:
+                continue
+        else:
+            s.close()
+            log.warning("no free source port for flow-hash slot %d; using the main socket", slot)
+            self._pool[slot] = self.sock
+            return self.sock
+        s.setblocking(False)
+        self._pool[slot] = s
+        return s
+
+    def _send_run(self, sock: socket.socket, datagrams: Sequence[bytes | bytearray],
+                  dest: Addr) -> int:
         if not self.gso:
             for d in datagrams:
-                self._send_one(d, dest)
+                self._send_one(d, dest, sock)
             return len(datagrams)
         calls = 0
         i = 0
@@ -179,34 +244,35 @@ class UdpEndpoint:
                 if ln < size:
                     break
             if j - i == 1:
-                self._send_one(datagrams[i], dest)
+                self._send_one(datagrams[i], dest, sock)
             else:
-                self._send_gso(datagrams[i:j], size, dest)
+                self._send_gso(datagrams[i:j], size, dest, sock)
             calls += 1
             i = j
         return calls
 
-    def _send_gso(self, run: Sequence[bytes | bytearray], size: int, dest: Addr) -> None:
+    def _send_gso(self, run: Sequence[bytes | bytearray], size: int, dest: Addr,
+                  sock: socket.socket) -> None:
         cmsg = [(SOL_UDP, UDP_SEGMENT, _GSO_SIZE.pack(size))]
         data = [b"".join(run)]
         try:
-            self._retry(lambda: self.sock.sendmsg(data, cmsg, 0, dest))
+            self._retry(sock, lambda: sock.sendmsg(data, cmsg, 0, dest))
         except OSError as e:
             if e.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
                 log.info("UDP GSO refused (%s); plain sends from now on", e)
                 self.gso = False
                 for d in run:
-                    self._send_one(d, dest)
+                    self._send_one(d, dest, sock)
                 return
             self._err(e)
 
-    def _send_one(self, d: bytes | bytearray, dest: Addr) -> None:
+    def _send_one(self, d: bytes | bytearray, dest: Addr, sock: socket.socket) -> None:
         try:
-            self._retry(lambda: self.sock.sendto(d, dest))
+            self._retry(sock, lambda: sock.sendto(d, dest))
         except OSError as e:
             self._err(e)
 
-    def _retry(self, fn: Callable[[], int]) -> None:
+    def _retry(self, sock: socket.socket, fn: Callable[[], int]) -> None:
         """Call fn; on EAGAIN wait up to 50 ms for room in the socket buffer, once."""
         try:
             fn()
@@ -214,7 +280,7 @@ class UdpEndpoint:
         except BlockingIOError:
             pass
         p = select.poll()
-        p.register(self.sock.fileno(), select.POLLOUT)
+        p.register(sock.fileno(), select.POLLOUT)
         if p.poll(50):
             fn()
         else:

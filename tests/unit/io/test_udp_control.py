@@ -43,6 +43,41 @@ def test_gso_send_gro_receive_keep_datagrams(host: str, gso: bool) -> None:
     b.close()
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_flow_hash_source_ports_leave_through_the_pool(host: str) -> None:
+    """RFC 8086 §3.2.1: each flow-hash port maps to one pool socket bound in 49152-65535;
+    two flows get different source ports, one flow keeps its port, order is kept."""
+    a = UdpEndpoint(host, 0, sport_pool=8)
+    b = UdpEndpoint(host, 0)
+    dest = b.sock.getsockname()[:2]
+    flows = [50001, 50002, 50001, 50001, 50002, 50003]  # slots 1, 2, 1, 1, 2, 3
+    dgrams = [bytes([i]) * 1000 for i in range(len(flows))]
+    for _ in range(2):
+        a.send_datagrams(dest, dgrams, flows)
+    got = _drain(b, 2 * len(dgrams))
+    assert [d for d, _ in got] == dgrams * 2
+    ports = [addr[1] for _, addr in got]
+    by_flow: dict[int, set[int]] = {}
+    for f, port in zip(flows * 2, ports, strict=True):
+        by_flow.setdefault(f, set()).add(port)
+    assert all(len(v) == 1 for v in by_flow.values())  # stable per flow
+    assert len({next(iter(v)) for v in by_flow.values()}) == 3  # distinct flows, ports
+    assert all(49152 <= p <= 65535 for p in ports)
+    assert a.sock.getsockname()[1] not in ports
+    a.close()
+    b.close()
+
+
+def test_without_a_pool_the_listen_port_sends() -> None:
+    a = UdpEndpoint("127.0.0.1", 0, sport_pool=0)
+    b = UdpEndpoint("127.0.0.1", 0)
+    a.send_datagrams(b.sock.getsockname()[:2], [b"x", b"y"], [50001, 50002])
+    got = _drain(b, 2)
+    assert {addr for _, addr in got} == {a.sock.getsockname()[:2]}
+    a.close()
+    b.close()
+
+
 def test_oversized_datagram_counted_not_raised() -> None:
     a = UdpEndpoint("127.0.0.1", 0)
     a.send_datagrams(("127.0.0.1", 9), [bytes(70000)])
