@@ -7,6 +7,8 @@ Rules:
   byte of the peer's stream (RFC 9293 §3.10.7.4 "eighth, check the FIN bit": the FIN is
   signalled after all preceding text); `ConnectionReset` when the peer reset or the
   connection timed out (RFC 9293 MUST-12: aborts are reported); `Closed` is always last.
+- `SoftError` reports an ICMP soft error (RFC 9293 §3.9.1.4 SHLD-25: make the information
+  available to the application); the connection goes on (MUST-56).
 - `LocalProtocolError` is raised only for misuse of our own API (sending after close,
   connecting twice, ...); a misbehaving peer never raises (h11 `LocalProtocolError`).
 """
@@ -14,6 +16,7 @@ Rules:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 __all__ = [
     "Event",
@@ -22,6 +25,8 @@ __all__ = [
     "PeerFinished",
     "ConnectionReset",
     "Closed",
+    "SoftError",
+    "IcmpKind",
     "LocalProtocolError",
 ]
 
@@ -55,7 +60,8 @@ class PeerFinished(Event):
 @dataclass(frozen=True, slots=True)
 class ConnectionReset(Event):
     """The connection was aborted: `reason` is "reset" (peer RST), "timeout" (R2 reached,
-    RFC 9293 §3.8.3) or "refused" (RST answering our SYN)."""
+    RFC 9293 §3.8.3), "refused" (RST answering our SYN) or "unreachable" (an ICMP hard
+    error, RFC 9293 §3.9.1.4 SHLD-26)."""
 
     reason: str = "reset"
 
@@ -63,3 +69,22 @@ class ConnectionReset(Event):
 @dataclass(frozen=True, slots=True)
 class Closed(Event):
     """The connection reached CLOSED; no event follows."""
+
+
+class IcmpKind(str, Enum):
+    """What an ICMP/ICMPv6 error said about a connection (`conn.icmp_error`)."""
+
+    UNREACHABLE = "unreachable"  # ICMP type 3 / ICMPv6 type 1 (code in the family's terms)
+    PACKET_TOO_BIG = "packet_too_big"  # ICMPv6 type 2 (IPv4: unreachable code 4 with MTU)
+    TIME_EXCEEDED = "time_exceeded"  # ICMP type 11 / ICMPv6 type 3
+    PARAMETER_PROBLEM = "parameter_problem"  # ICMP type 12 / ICMPv6 type 4
+    SOURCE_QUENCH = "source_quench"  # ICMP type 4 (deprecated, RFC 6633)
+
+
+@dataclass(frozen=True, slots=True)
+class SoftError(Event):
+    """An ICMP soft error arrived for this connection (RFC 9293 §3.9.1.4, SHLD-25); it
+    goes on (MUST-56). `kind` and `code` are as passed to `icmp_error`."""
+
+    kind: IcmpKind
+    code: int

@@ -11,6 +11,15 @@ Rules:
   acts on every expired one.
 - RFC 1191 §6.3 / RFC 8201 §5.2 (`path_mtu`): a smaller path MTU lowers the send MSS and
   what is in flight is sent again; an ICMP error never aborts (RFC 9293 MUST-56).
+- RFC 9293 §3.9.1.4 (`icmp_error`): MUST-54, act on ICMP errors for this connection.
+  Destination Unreachable codes 0, 1, 5, Time Exceeded and Parameter Problem are soft
+  errors: never abort (MUST-56), report a SoftError event (SHLD-25). Unreachable codes 2
+  and 3 (protocol, port) abort with ConnectionReset("unreachable") (SHLD-26); so does
+  ICMPv6 code 4 (port unreachable, RFC 4443 §3.1), the other ICMPv6 codes are soft.
+  IPv4 code 4 is Fragmentation Needed: with an MTU it is path MTU discovery (RFC 1191),
+  never an abort (aborting would let PMTUD kill the connection). Source Quench is
+  ignored (MUST-55, RFC 6633). RFC 5927 §4.1: when the caller passes the quoted segment's
+  sequence number, an error for a number outside [SND.UNA, SND.NXT] is dropped.
 - RFC 6298 §5.4-5.6 on expiry: retransmit the earliest unacknowledged segment (go back to
   SND.UNA), double the RTO, restart the timer; RFC 5681 §3.1: cwnd = 1 SMSS; RFC 2018 §8:
   forget SACK information. R2 (`max_retries`, `syn_retries`) ends the connection with
@@ -38,7 +47,9 @@ from stack.events import (
     ConnectionReset,
     DataReceived,
     Event,
+    IcmpKind,
     LocalProtocolError,
+    SoftError,
 )
 from stack.rto import RtoEstimator
 from stack.seq import MASK, ts_offset
@@ -150,6 +161,7 @@ class ConnectionCore:
         self._chal_start = 0.0
         self._chal_count = 0
         self._close_requested = False
+        self._soft_error: tuple[str, int, float] | None = None  # the last ICMP soft error
         # Events and counters.
         self._events: deque[object] = deque()
         self.drops: dict[str, int] = {}
@@ -221,6 +233,43 @@ class ConnectionCore:
         if self._snd_nxt > self._snd_una and self._state is not State.SYN_SENT:
             self._snd_nxt = self._snd_una  # RFC 1191 §6.3: retransmit with the smaller size
             self._rtt_abs = None
+
+    def icmp_error(
+        self,
+        kind: IcmpKind | str,
+        code: int,
+        mtu: int | None = None,
+        now: float = 0.0,
+        *,
+        seq: int | None = None,
+    ) -> None:
+        """An ICMP error for this connection (RFC 9293 §3.9.1.4, MUST-54). Never raises for
+        what the ICMP says; an unknown `kind` is our caller's error (ValueError)."""
+        k = IcmpKind(kind)
+        st = self._state
+        if st is State.CLOSED or st is State.LISTEN:
+            self._drop("icmp_no_connection")
+            return
+        if k is IcmpKind.SOURCE_QUENCH:
+            self._drop("icmp_source_quench")  # MUST-55: silently discarded
+            return
+        if seq is not None:
+            d = (seq - self._iss - self._snd_una) & MASK
+            if d > max(self._snd_max - self._snd_una, 1):  # RFC 5927 §4.1
+                self._drop("icmp_out_of_window")
+                return
+        v4 = len(self.local[0]) == 4
+        if k is IcmpKind.PACKET_TOO_BIG or (k is IcmpKind.UNREACHABLE and v4 and code == 4):
+            if mtu:
+                self.path_mtu(mtu)
+            return
+        if k is IcmpKind.UNREACHABLE and (code in (2, 3) if v4 else code == 4):
+            self._drop("icmp_hard_error")  # SHLD-26: abort
+            self._events.append(ConnectionReset("unreachable"))
+            self._enter_closed()
+            return
+        self._soft_error = (k.value, code, now)
+        self._events.append(SoftError(k, code))  # MUST-56 / SHLD-25
 
     # ------------------------------------------------------------------ small helpers
 
@@ -370,6 +419,7 @@ class ConnectionCore:
             "in_flight": self._snd_nxt - self._snd_una,
             "out_of_order": self._ooo.nbytes,
             "drops": dict(self.drops),
+            "soft_error": self._soft_error,
         }
 
     def _update_scoreboard(self, blocks: tuple[tuple[int, int], ...]) -> None:
