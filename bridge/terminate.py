@@ -11,6 +11,14 @@ Rules of this module (pure, sans-I/O: inner IP packets and `now` in, packets and
   64) or IPv6 (RFC 8200 §3, hop limit 64) header from the server's address to the client's; the
   server leg's go to `send_to_peer` (the Bridge's own encapsulation, `Bridge.send_inner`) from
   the client's address to the server's.
+- With `use_tun_offload()` (the adapter's word that the TUN was opened with IFF_VNET_HDR and
+  TUN_F_CSUM|TSO4|TSO6) the client leg's segments go to `out.tun` as `TunFrame`s (virtio 1.x
+  §5.1.6 header + packet): the TCP checksum is left to the kernel (NEEDS_CSUM, csum_start at
+  the TCP header, csum_offset 16, the field holding the pseudo-header sum, RFC 9293 §3.1), and
+  the leg sends super-segments of up to ~64 KB that the kernel cuts into MSS-sized ones
+  (gso_type TCPV4/TCPV6, gso_size = the leg's send MSS; IPv4 identification advanced by the
+  segment count, as Linux TSO numbers them, RFC 6864 §4.1). The server leg's packets cross
+  the tunnel and always carry complete checksums.
 - MSS (RFC 9293 §3.7.1 MUST-14/16): the server leg advertises and sends at most the tunnel MTU
   toward that server less 40 (IPv4) or 60 (IPv6) bytes; the client leg the TUN MTU less the
   same. `tx_max_segment` asks the client leg for larger output segments when the TUN takes TSO
@@ -51,6 +59,7 @@ from bridge.flows import Backend, FlowKey, FlowTable, InspectRule, Verdict, sele
 from bridge.inspect.api import CloseReason
 from bridge.inspect.manager import InspectorManager
 from bridge.splice import Splice
+from bridge.tunframe import TunFrame
 from stack.tcp_config import TcpConfig
 from stack.tcp_core import reset_reply
 from stack.wire.checksum import checksum, partial
@@ -63,6 +72,15 @@ SendToPeer = Callable[[bytes, float, Any], bool]  # (inner packet, now, out) -> 
 _LEN_ID = struct.Struct("!HH")
 _PORTS_FLAGS = struct.Struct("!HH8xxB")
 _V6_FIRST = 0x60000000
+# virtio 1.x §5.1.6 struct virtio_net_hdr: flags, gso_type, hdr_len, gso_size, csum_start,
+# csum_offset (little-endian on a TUN with TUNSETVNETHDRSZ 10)
+_VNET = struct.Struct("<BBHHHH")
+_NEEDS_CSUM = 1
+_GSO_TCPV4, _GSO_TCPV6, _GSO_ECN = 1, 4, 0x80
+_CWR = 0x80
+# the largest client-leg output segment with a TUN that takes GSO writes: an IPv4 total
+# length fits 16 bits with a 20-byte IP header and 60 bytes of TCP header
+TSO_MAX_SEGMENT = 65535 - 20 - 60
 
 
 def _has_userspace(rules: Iterable[InspectRule]) -> bool:
@@ -102,6 +120,14 @@ class Terminator:
         self._deadlines: dict[FlowKey, float] = {}  # each splice's timer, as of its last emit
         self._next_scan: float | None = None
         self._configs: dict[tuple[int, int, int, int], tuple[TcpConfig, TcpConfig]] = {}
+        self.tun_offload = False
+
+    def use_tun_offload(self, on: bool = True) -> None:
+        """The TUN takes vnet-header writes with checksum and TSO offload (the I/O adapter
+        calls this): client-leg segments become `TunFrame`s, up to TSO_MAX_SEGMENT long.
+        Splices that exist keep their configuration."""
+        self.tun_offload = on
+        self.tx_max_segment = TSO_MAX_SEGMENT if on else 0
 
     @classmethod
     def for_bridge(cls, bridge: Any, now: float) -> Terminator | None:
@@ -288,8 +314,14 @@ class Terminator:
         segs = sp.to_client(now)
         if segs:
             tun = out.tun
-            for seg in segs:
-                tun.append(self._packet(saddr, caddr, seg))
+            if self.tun_offload:
+                client = sp.client
+                mss = client.send_mss if client is not None else 0xFFFF
+                for seg in segs:
+                    tun.append(self._frame(saddr, caddr, seg, mss))
+            else:
+                for seg in segs:
+                    tun.append(self._packet(saddr, caddr, seg))
             self.counters["to_client"] += len(segs)
         segs = sp.to_server(now)
         if segs:
@@ -318,22 +350,54 @@ class Terminator:
             reason = sp.flow.close_reason.value if sp.flow.close_reason else "closed"
             self.ended[reason] = self.ended.get(reason, 0) + 1
 
+    def _ip4(self, src: bytes, dst: bytes, tl: int, ident: int) -> bytes:
+        """IPv4 header (RFC 791 §3.1, no options, DF, TTL 64) for a TCP payload of `tl`."""
+        base = self._v4sum.get((src, dst))
+        if base is None:  # the sum of the header words that never change (RFC 1071 §2)
+            if len(self._v4sum) > 4096:
+                self._v4sum.clear()
+            base = self._v4sum[(src, dst)] = partial(
+                IPV4_HEADER.pack(0x45, 0, 0, 0, DF, 64, PROTO_TCP, 0, src, dst))
+        csum = checksum(_LEN_ID.pack(20 + tl, ident), base)
+        return IPV4_HEADER.pack(0x45, 0, 20 + tl, ident, DF, 64, PROTO_TCP, csum, src, dst)
+
     def _packet(self, src: bytes, dst: bytes, seg: TcpSegment) -> bytes:
         """IP header (stack/wire/ip.py layout) + TCP header + payload."""
         hdr, payload = emit_tcp_parts(seg, src, dst)
         tl = len(hdr) + len(payload)
         if len(src) == 4:
             ident = self._ident = (self._ident + 1) & 0xFFFF
-            base = self._v4sum.get((src, dst))
-            if base is None:  # the sum of the header words that never change (RFC 1071 §2)
-                if len(self._v4sum) > 4096:
-                    self._v4sum.clear()
-                base = self._v4sum[(src, dst)] = partial(
-                    IPV4_HEADER.pack(0x45, 0, 0, 0, DF, 64, PROTO_TCP, 0, src, dst))
-            csum = checksum(_LEN_ID.pack(20 + tl, ident), base)
-            ip = IPV4_HEADER.pack(0x45, 0, 20 + tl, ident, DF, 64, PROTO_TCP, csum, src, dst)
-            return b"".join((ip, hdr, payload))
+            return b"".join((self._ip4(src, dst, tl, ident), hdr, payload))
         return b"".join((IPV6_HEADER.pack(_V6_FIRST, tl, PROTO_TCP, 64, src, dst), hdr, payload))
+
+    def _frame(self, src: bytes, dst: bytes, seg: TcpSegment, mss: int) -> TunFrame:
+        """A client-leg segment as a vnet TUN write: NEEDS_CSUM, and GSO when it carries more
+        than one `mss` of payload (rules in the module docstring)."""
+        hdr, payload = emit_tcp_parts(seg, src, dst, partial_csum=True)
+        hl = len(hdr)
+        pl = len(payload)
+        tl = hl + pl
+        if len(src) == 4:
+            ihl = 20
+            ident = (self._ident + 1) & 0xFFFF
+            ip = self._ip4(src, dst, tl, ident)
+            gso = _GSO_TCPV4
+        else:
+            ihl = 40
+            ident = 0
+            ip = IPV6_HEADER.pack(_V6_FIRST, tl, PROTO_TCP, 64, src, dst)
+            gso = _GSO_TCPV6
+        if pl > mss:
+            nseg = -(-pl // mss)
+            if seg.flags & _CWR:
+                gso |= _GSO_ECN
+            vh = _VNET.pack(_NEEDS_CSUM, gso, ihl + hl, mss, ihl, 16)
+        else:
+            nseg = 1
+            vh = _VNET.pack(_NEEDS_CSUM, 0, 0, 0, ihl, 16)
+        if ihl == 20:
+            self._ident = (ident + nseg - 1) & 0xFFFF
+        return TunFrame(b"".join((vh, ip, hdr, payload)))
 
     # ------------------------------------------------------------------ timers
 

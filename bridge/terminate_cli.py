@@ -7,6 +7,8 @@ Rules
   pcap) every `interval` seconds, off the data path (bridge/inspect/api.py: hooks never do
   I/O). The returned `detach(now)` stops the thread, resets every live flow (CloseReason
   SHUTDOWN, the RSTs written through the engine) and closes the inspectors (final flush).
+  On a TUN opened with the vnet header (`tun.vnet_hdr`: checksum and TSO offload) it tells
+  the Terminator so (`use_tun_offload`): client-leg segments then go out as TunFrames.
 - `grebe flows [--json] [-i TUN | -s SOCKET]` prints one line per userspace-terminated flow:
   5-tuple, rule, phase, age, bytes each way, and both legs' state / SRTT / RTO / cwnd /
   retransmissions, then the inspectors attached.
@@ -30,6 +32,9 @@ def attach(engine: Any, ctl: Any, interval: float = 1.0) -> Callable[[], None]:
     term = bridge.terminator
     if term is None:
         return lambda: None
+    if getattr(getattr(engine, "tun", None), "vnet_hdr", False):  # TUN_F_CSUM|TSO4|TSO6 (tun.py)
+        with engine.lock:
+            term.use_tun_offload()
 
     def flows(_req: dict[str, Any]) -> dict[str, Any]:
         with engine.lock:

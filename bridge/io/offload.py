@@ -36,6 +36,7 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
+from bridge.tunframe import TunFrame
 from stack.wire.checksum import checksum, partial, pseudo_sum_v4, pseudo_sum_v6
 
 try:  # numpy is a declared dependency; the fallback keeps the module importable without it
@@ -404,6 +405,11 @@ def coalesce(packets: Sequence[bytes | bytearray | memoryview], out: list[bytes]
     open_by_key: dict[bytes, _Group] = {}
     last: _Group | None = None
     for p in packets:
+        if type(p) is TunFrame:  # framed by the core (bridge/tunframe.py): as it is, in order
+            groups.append(p)
+            open_by_key.clear()
+            last = None
+            continue
         if type(p) is not bytes:
             p = bytes(p)  # keys must be hashable; bytearray/memoryview from the core
         if last is not None and not last.closed and len(p) > last.hl:
@@ -430,7 +436,9 @@ def coalesce(packets: Sequence[bytes | bytearray | memoryview], out: list[bytes]
         last = g
     before = len(out)
     for item in groups:
-        if isinstance(item, bytes):
+        if type(item) is TunFrame:
+            out.append(item)
+        elif isinstance(item, bytes):
             out.append(VNET_NONE + item)
         elif len(item.pkts) == 1:
             out.append(VNET_NONE + item.pkts[0])

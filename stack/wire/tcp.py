@@ -177,11 +177,13 @@ def parse_tcp(
 
 
 def emit_tcp_parts(
-    seg: TcpSegment, src: bytes, dst: bytes
+    seg: TcpSegment, src: bytes, dst: bytes, *, partial_csum: bool = False
 ) -> tuple[bytes, bytes | memoryview]:
     """Return (header with options and checksum, payload) for `seg` from src to dst.
 
-    Raises ValueError if the options exceed 40 bytes (our own misuse).
+    `partial_csum=True` leaves the checksum to a device (Linux CHECKSUM_PARTIAL, virtio
+    VIRTIO_NET_HDR_F_NEEDS_CSUM): the field holds the folded pseudo-header sum and no payload
+    byte is summed here. Raises ValueError if the options exceed 40 bytes (our own misuse).
     """
     ts = seg.ts
     if seg.mss is None and seg.wscale is None and not seg.sack_perm and not seg.sack:
@@ -198,6 +200,9 @@ def emit_tcp_parts(
         seg.window, 0, seg.urg,
     ) + opts
     initial = _pseudo(src, dst, hlen + len(payload))
+    if partial_csum:
+        ps = initial.to_bytes(2, "big")
+        return header[:OFF_CHECKSUM] + ps + header[OFF_CHECKSUM + 2 :], payload
     if payload:
         initial = partial(payload, initial)
     c = checksum(header, initial)

@@ -16,7 +16,9 @@ from typing import Any
 
 from bridge.flows import InspectRule
 from bridge.inspect.manager import InspectorChain, InspectorManager
+from bridge.io.offload import split_frame
 from bridge.terminate import Terminator
+from bridge.tunframe import TunFrame
 from stack.connection import TcpConnection
 from stack.events import Closed, ConnectionReset, DataReceived, Event, PeerFinished
 from stack.state import State
@@ -128,7 +130,7 @@ class Harness:
                  client_close: bool = False, server_close: bool = False,
                  server_reading: bool = True, delay: float = 0.001, loss: float = 0.0,
                  reorder: float = 0.0, seed: int = 1, terminator_kw: dict[str, Any] | None = None,
-                 ) -> None:
+                 tun_offload: bool = False) -> None:
         self.now = 0.0
         rng = random.Random(seed)
         rules = (rule,) if rule is not None else ()
@@ -137,6 +139,10 @@ class Harness:
             mgr.chains[rule.name] = InspectorChain(rule, list(inspectors or []))
         self.term = Terminator(rules, self._to_peer, lambda dst: TUN_MTU, lambda: TUN_MTU,
                                manager=mgr, **(terminator_kw or {}))
+        if tun_offload:
+            self.term.use_tun_offload()
+        self.tun_frames = 0       # TunFrames the Terminator wrote (tun_offload)
+        self.gso_frames = 0       # ... of which GSO super-segments
         self.out = _Out()
         self.c2t = Link(delay, rng, loss, reorder)
         self.t2c = Link(delay, rng, loss, reorder)
@@ -171,7 +177,17 @@ class Harness:
     def _term_out(self) -> None:
         out = self.out
         for p in out.tun:
-            self.t2c.put(p, self.now)
+            if type(p) is TunFrame:
+                # what the kernel does with a vnet TUN write: segment (GSO) and complete the
+                # checksum (NEEDS_CSUM); bridge/io/offload.py's splitter does exactly that
+                self.tun_frames += 1
+                self.gso_frames += p[1] != 0
+                segs: list[bytes] = []
+                assert split_frame(p, segs), "a TunFrame the kernel would refuse"
+                for q in segs:
+                    self.t2c.put(q, self.now)
+            else:
+                self.t2c.put(p, self.now)
         for p in out.peer:
             self.t2s.put(p, self.now)
         out.tun.clear()

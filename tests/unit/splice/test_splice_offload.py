@@ -1,0 +1,139 @@
+"""The client leg on a vnet TUN (Terminator.use_tun_offload): TunFrames with NEEDS_CSUM and GSO.
+
+The harness hands every TunFrame to bridge/io/offload.split_frame, which does what the kernel
+does with such a write (segment at gso_size, complete the checksum); the client's stack then
+parses each segment with checksum verification, so a wrong pseudo-header sum, length, offset
+or sequence fails the transfer.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from typing import Any
+
+from splice_harness import C_ADDR, S_ADDR, Harness, finished
+
+from bridge.flows import InspectRule
+from bridge.io.offload import VNET, coalesce, split_frame
+from bridge.terminate import TSO_MAX_SEGMENT, Terminator
+from bridge.tunframe import TunFrame
+from stack.wire.tcp import ACK, PSH, TcpSegment, parse_tcp
+
+
+def rule(**kw: Any) -> InspectRule:
+    return InspectRule(name="t", inspectors=("x",), **kw)
+
+
+def both_done(h: Harness) -> bool:
+    assert h.server is not None
+    return finished(h.client) and finished(h.server)
+
+
+def _term() -> Terminator:
+    t = Terminator((), lambda p, n, o: True, lambda d: 1500, lambda: 1500)
+    t.use_tun_offload()
+    return t
+
+
+def test_download_through_gso_frames_is_byte_exact() -> None:
+    up = b"GET / HTTP/1.1\r\n\r\n"
+    down = os.urandom(2_000_000)
+    h = Harness(rule(max_buffer=4 << 20), [], client_data=up, server_data=down,
+                client_close=True, server_close=True, tun_offload=True)
+    # the client's side is the slower one: bytes queue in the client leg, which then sends
+    # them in super-segments as its window opens
+    h.t2c.rate = h.c2t.rate = 2.5e6
+    assert h.run(both_done, max_time=60)
+    assert h.server is not None
+    assert bytes(h.client.rx) == down and bytes(h.server.rx) == up
+    assert h.tun_frames > 0 and h.gso_frames > 0   # super-segments, not one write per MSS
+    assert h.term.drops == {}
+
+
+def test_gso_frames_survive_loss_and_reordering() -> None:
+    down = os.urandom(500_000)
+    h = Harness(rule(), [], server_data=down, client_close=True, server_close=True,
+                loss=0.02, reorder=0.05, seed=7, tun_offload=True)
+    assert h.run(both_done, max_time=120)
+    assert bytes(h.client.rx) == down
+
+
+def test_without_offload_no_frames() -> None:
+    h = Harness(rule(), [], server_data=os.urandom(100_000), client_close=True,
+                server_close=True)
+    assert h.run(both_done, max_time=60)
+    assert h.tun_frames == 0
+
+
+def _check_frame(frame: bytes, src: bytes, dst: bytes, seg: TcpSegment, mss: int) -> None:
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = VNET.unpack_from(frame, 0)
+    assert flags == 1 and csum_offset == 16
+    assert csum_start == (20 if len(src) == 4 else 40)
+    pl = len(seg.payload)
+    if pl > mss:
+        assert gso_type == (1 if len(src) == 4 else 4) and gso_size == mss
+        assert hdr_len == csum_start + 32  # TSopt header
+    else:
+        assert gso_type == 0
+    segs: list[bytes] = []
+    assert split_frame(frame, segs)
+    assert len(segs) == max(1, -(-pl // mss))
+    data = bytearray()
+    seq = seg.seq
+    for i, p in enumerate(segs):
+        ihl = csum_start
+        got = parse_tcp(memoryview(p)[ihl:], src, dst)   # checksum verified
+        assert got is not None
+        assert got.seq == seq and got.ack == seg.ack and got.ts == seg.ts
+        assert bool(got.flags & PSH) == (i == len(segs) - 1)
+        if len(src) == 4:
+            assert int.from_bytes(p[2:4], "big") == len(p)
+        else:
+            assert int.from_bytes(p[4:6], "big") == len(p) - 40
+        data += got.payload
+        seq += len(got.payload)
+    assert bytes(data) == bytes(seg.payload)
+
+
+def test_frame_v4_and_v6_split_to_valid_segments() -> None:
+    t = _term()
+    payload = os.urandom(60_000)
+    v6s = ipaddress.ip_address("2001:db8:2::10").packed
+    v6c = ipaddress.ip_address("2001:db8:1::10").packed
+    for src, dst in ((S_ADDR, C_ADDR), (v6s, v6c)):
+        for n in (0, 1, 1387, 1388, 1389, 2 * 1388, 60_000):
+            seg = TcpSegment(80, 40000, 123456, 777, ACK | PSH, 500, payload[:n],
+                             ts=(11, 22))
+            frame = t._frame(src, dst, seg, 1388)
+            assert type(frame) is TunFrame
+            _check_frame(frame, src, dst, seg, 1388)
+
+
+def test_ipv4_ident_advances_by_segment_count() -> None:
+    t = _term()
+    seg = TcpSegment(80, 40000, 1, 1, ACK, 500, os.urandom(5000), ts=(1, 2))
+    f1 = t._frame(S_ADDR, C_ADDR, seg, 1000)
+    f2 = t._frame(S_ADDR, C_ADDR, seg, 1000)
+    id1 = int.from_bytes(f1[10 + 4:10 + 6], "big")
+    id2 = int.from_bytes(f2[10 + 4:10 + 6], "big")
+    assert id2 == id1 + 5
+
+
+def test_tso_max_segment_fits_ipv4_total_length() -> None:
+    assert TSO_MAX_SEGMENT + 20 + 60 <= 65535
+    t = _term()
+    assert t.tx_max_segment == TSO_MAX_SEGMENT
+    t.use_tun_offload(False)
+    assert t.tx_max_segment == 0 and not t.tun_offload
+
+
+def test_coalesce_writes_tun_frames_unchanged_and_in_order() -> None:
+    t = _term()
+    seg = TcpSegment(80, 40000, 1, 1, ACK, 500, os.urandom(3000), ts=(1, 2))
+    frame = t._frame(S_ADDR, C_ADDR, seg, 1000)
+    plain = t._packet(S_ADDR, C_ADDR, seg._replace(payload=b"x" * 100, seq=3001))
+    out: list[bytes] = []
+    assert coalesce([plain, frame, plain], out) == 3
+    assert out[1] is frame
+    assert out[0][10:] == plain and out[2][10:] == plain
