@@ -16,7 +16,7 @@ Rules:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 __all__ = [
     "Event",
@@ -71,7 +71,7 @@ class Closed(Event):
     """The connection reached CLOSED; no event follows."""
 
 
-class IcmpKind(str, Enum):
+class IcmpKind(StrEnum):
     """What an ICMP/ICMPv6 error said about a connection (`conn.icmp_error`)."""
 
     UNREACHABLE = "unreachable"  # ICMP type 3 / ICMPv6 type 1 (code in the family's terms)
