@@ -109,6 +109,8 @@ class TcpConnection(OutputMixin):
             st in CAN_SEND or st is State.SYN_SENT or st is State.SYN_RECEIVED
         ):
             raise LocalProtocolError(f"send() in state {st}")
+        if self._watch is not None:
+            self._watch(self)
         return self._sendbuf.append(data)
 
     @property
@@ -125,6 +127,8 @@ class TcpConnection(OutputMixin):
         if self._close_requested or st is State.CLOSED:
             raise LocalProtocolError(f"close() in state {st}")
         self._close_requested = True
+        if self._watch is not None:
+            self._watch(self)
         if st is State.LISTEN or st is State.SYN_SENT:
             self._enter_closed()
             return
@@ -141,6 +145,8 @@ class TcpConnection(OutputMixin):
         st = self._state
         if st is State.CLOSED:
             return
+        if self._watch is not None:
+            self._watch(self)
         if st in _ABORT_SENDS_RST:
             self._queue_rst(self._seq_of(self._snd_nxt), None)
         self._enter_closed()

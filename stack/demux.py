@@ -17,14 +17,23 @@ Rules:
 
 Theory of operation: a dict from (local address, local port, remote address, remote port)
 to TcpConnection. `receive` routes one parsed segment; `segments_to_send(now)` collects
-(src, dst, segment) triples from every connection plus the demux's own RSTs and forgets
-connections that reached CLOSED (the application keeps its reference for the last
-events). Timers: `get_timer()` is the minimum over connections; `handle_timer(now)` runs
-the expired ones.
+(src, dst, segment) triples from the connections touched since the last call plus the
+demux's own RSTs, and forgets connections that reached CLOSED (the application keeps its
+reference for the last events). Only touched connections can have output: a connection is
+touched when the demux routes a segment to it, runs its timer, or opens it, and when the
+application calls one of its API methods that may produce output (send, close, abort,
+read/consumed/next_event reopening the window, icmp_error, path_mtu: each calls the
+connection's `_watch` hook, which is the dirty set's `add`). Deadlines sit in a heap of
+(deadline, n, connection) with the current deadline of each connection in a dict; a heap
+entry that no longer matches is stale and skipped when it reaches the top. A touched
+connection's deadline is re-read before the heap is consulted. So one batch costs
+O(touched · log n), not O(connections): 200 idle connections cost nothing per batch.
+Drive a demux's connections through the demux (`handle_timer`), not one by one.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 
 from stack.connection import TcpConnection
@@ -66,6 +75,11 @@ class TcpDemux:
         self.drops: dict[str, int] = {}
         self._accepted: deque[TcpConnection] = deque()
         self._out: list[Outgoing] = []
+        self._touched: set[TcpConnection] = set()  # may have output or a new deadline
+        self._retime: list[TcpConnection] = []  # output taken; deadline to re-read
+        self._deadline: dict[TcpConnection, float] = {}  # current deadline per connection
+        self._heap: list[tuple[float, int, TcpConnection]] = []
+        self._tick = 0  # heap tie-breaker (connections do not compare)
 
     def listen(self, port: int) -> None:
         """Accept SYNs to `port` on any local address."""
@@ -82,8 +96,13 @@ class TcpDemux:
             raise LocalProtocolError(f"4-tuple {key!r} is in use")
         conn = TcpConnection(local, remote, config or self.config, iss=iss)
         conn.connect(now)
-        self.connections[key] = conn
+        self._adopt(key, conn)
         return conn
+
+    def _adopt(self, key: FlowKey, conn: TcpConnection) -> None:
+        self.connections[key] = conn
+        conn._watch = self._touched.add
+        self._touched.add(conn)
 
     def accept(self) -> TcpConnection | None:
         """The next connection created by an incoming SYN, or None."""
@@ -119,6 +138,7 @@ class TcpDemux:
                 conn.abort()
             elif conn.state is not State.CLOSED:
                 conn.receive_segment(seg, now)
+                self._touched.add(conn)
                 return conn
         if is_syn and (self.accept_any or seg.dst_port in self.listening):
             if not is_unicast(dst) or not is_unicast(src):
@@ -130,7 +150,7 @@ class TcpDemux:
             conn = TcpConnection((dst, seg.dst_port), (src, seg.src_port), self.config)
             conn.listen()
             conn.receive_segment(seg, now)
-            self.connections[key] = conn
+            self._adopt(key, conn)
             self._accepted.append(conn)
             return conn
         self._drop("no_connection")
@@ -140,34 +160,75 @@ class TcpDemux:
         return None
 
     def segments_to_send(self, now: float) -> list[Outgoing]:
-        """Every segment due now from every connection, as (src, dst, segment)."""
+        """Every segment due now from every touched connection, as (src, dst, segment)."""
         out = self._out
         self._out = []
-        dead: list[FlowKey] = []
-        for key, conn in self.connections.items():
+        touched = self._touched
+        if not touched:
+            return out
+        conns = list(touched)
+        touched.clear()
+        retime = self._retime
+        table = self.connections
+        for conn in conns:
             segs = conn.segments_to_send(now)
+            la, ra = conn.local[0], conn.remote[0]
             if segs:
-                la, ra = key[0], key[2]
-                out.extend((la, ra, s) for s in segs)
+                out.extend([(la, ra, s) for s in segs])
             st = conn.state
             if st is State.CLOSED or (st is State.LISTEN and conn.passive):
-                dead.append(key)
-        for key in dead:
-            del self.connections[key]
+                key = (la, conn.local[1], ra, conn.remote[1])
+                if table.get(key) is conn:
+                    del table[key]
+                conn._watch = None
+                self._deadline.pop(conn, None)
+            else:
+                retime.append(conn)
         return out
+
+    def _refresh(self) -> None:
+        """Re-read the deadline of every connection touched since the last look."""
+        dl = self._deadline
+        heap = self._heap
+        for group in (self._retime, self._touched):
+            for conn in group:
+                if conn._watch is None:
+                    continue  # forgotten (closed)
+                t = conn.get_timer()
+                if t is None:
+                    dl.pop(conn, None)
+                elif dl.get(conn) != t:
+                    dl[conn] = t
+                    self._tick += 1
+                    heapq.heappush(heap, (t, self._tick, conn))
+        self._retime.clear()
+        if len(heap) > 64 and len(heap) > 4 * len(dl):
+            # Mostly stale entries: rebuild from the current deadlines.
+            self._heap = heap = [(t, i, c) for i, (c, t) in enumerate(dl.items())]
+            heapq.heapify(heap)
+
+    def _top(self) -> tuple[float, TcpConnection] | None:
+        heap = self._heap
+        dl = self._deadline
+        while heap:
+            t, _n, conn = heap[0]
+            if dl.get(conn) == t:
+                return t, conn
+            heapq.heappop(heap)  # stale
+        return None
 
     def get_timer(self) -> float | None:
         """The earliest deadline of any connection, or None."""
-        best: float | None = None
-        for conn in self.connections.values():
-            t = conn.get_timer()
-            if t is not None and (best is None or t < best):
-                best = t
-        return best
+        self._refresh()
+        top = self._top()
+        return None if top is None else top[0]
 
     def handle_timer(self, now: float) -> None:
         """Run every connection whose deadline is at or before `now`."""
-        for conn in list(self.connections.values()):
-            t = conn.get_timer()
-            if t is not None and t <= now:
-                conn.handle_timer(now)
+        self._refresh()
+        while (top := self._top()) is not None and top[0] <= now:
+            t, conn = top
+            heapq.heappop(self._heap)
+            del self._deadline[conn]
+            conn.handle_timer(now)
+            self._touched.add(conn)

@@ -39,6 +39,8 @@ Connected and PeerFinished while read() can take the same bytes directly.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
+from typing import Any
 
 from stack.buffers import ReassemblyBuffer, SendBuffer
 from stack.congestion import NewReno
@@ -162,6 +164,9 @@ class ConnectionCore:
         self._chal_count = 0
         self._close_requested = False
         self._soft_error: tuple[str, int, float] | None = None  # the last ICMP soft error
+        # Called with this connection when an API call may have made output or moved a
+        # deadline (a TcpDemux's dirty set); None when nobody watches.
+        self._watch: Callable[[Any], None] | None = None
         # Events and counters.
         self._events: deque[object] = deque()
         self.drops: dict[str, int] = {}
@@ -227,6 +232,8 @@ class ConnectionCore:
         new = max(mtu - hdr - (12 if self._ts_on else 0), floor)
         if new >= self._send_mss:
             return
+        if self._watch is not None:
+            self._watch(self)
         self._send_mss = new
         self._cc.smss = new
         self._cc.cwnd = max(min(self._cc.cwnd, self._cc.ssthresh), 2 * new)
@@ -246,6 +253,8 @@ class ConnectionCore:
         """An ICMP error for this connection (RFC 9293 §3.9.1.4, MUST-54). Never raises for
         what the ICMP says; an unknown `kind` is our caller's error (ValueError)."""
         k = IcmpKind(kind)
+        if self._watch is not None:
+            self._watch(self)
         st = self._state
         if st is State.CLOSED or st is State.LISTEN:
             self._drop("icmp_no_connection")
@@ -305,6 +314,8 @@ class ConnectionCore:
             State.ESTABLISHED, State.FIN_WAIT_1, State.FIN_WAIT_2
         ):
             self._ack_now = True
+            if self._watch is not None:
+                self._watch(self)
 
     # ------------------------------------------------------------------ timers
 

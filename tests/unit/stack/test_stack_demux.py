@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 from tcp_script import BASE, cfg
 
+from stack.connection import TcpConnection
 from stack.demux import TcpDemux
 from stack.events import Connected, DataReceived
 from stack.state import State
-from stack.wire.tcp import ACK, RST, SYN, TcpSegment, emit_tcp
+from stack.wire.tcp import ACK, FIN, RST, SYN, TcpSegment, emit_tcp
 
 SRV = bytes([198, 18, 1, 1])
 CLI = bytes([198, 18, 2, 2])
@@ -116,3 +120,95 @@ def test_demux_timers_and_closed_connections_are_forgotten() -> None:
     client.handle_timer(t)
     client.segments_to_send(t)
     assert not client.connections and c.state is State.CLOSED
+
+
+def _open_many(n: int) -> tuple[TcpDemux, TcpDemux, list[TcpConnection]]:
+    server = TcpDemux(cfg(delayed_ack=0.04))
+    server.listen(80)
+    client = TcpDemux(cfg())
+    conns = [client.connect((CLI, 20000 + i), (SRV, 80), 0.0) for i in range(n)]
+    while _pump(client, server, 0.0):
+        pass
+    assert all(c.state is State.ESTABLISHED for c in conns)
+    return server, client, conns
+
+
+class _Calls:
+    """Counts segments_to_send/get_timer/handle_timer calls on every connection of a demux."""
+
+    def __init__(self, demux: TcpDemux) -> None:
+        self.n = 0
+        for conn in demux.connections.values():
+            for name in ("segments_to_send", "get_timer", "handle_timer"):
+                orig = getattr(conn, name)
+                setattr(conn, name, self._wrap(orig))
+
+    def _wrap(self, orig: Any) -> Any:
+        def call(*a: Any) -> Any:
+            self.n += 1
+            return orig(*a)
+        return call
+
+
+def test_demux_batch_cost_is_per_touched_connection_not_per_connection() -> None:
+    server, client, conns = _open_many(250)
+    server.segments_to_send(0.0)
+    assert server.get_timer() is None  # everything idle: no deadline at all
+    calls = _Calls(server)
+    for _ in range(5):  # idle batches: no connection is looked at
+        assert server.segments_to_send(1.0) == []
+        assert server.get_timer() is None
+        server.handle_timer(1.0)
+    assert calls.n == 0
+    # One client sends: only its server connection is visited (output, then its deadline).
+    conns[7].send(b"hello")
+    for src, dst, seg in client.segments_to_send(1.0):
+        server.receive_packet(src, dst, emit_tcp(seg, src, dst), 1.0)
+    assert server.segments_to_send(1.0) == []  # the ACK is delayed ...
+    assert server.get_timer() == pytest.approx(1.04)  # ... until the delayed-ACK deadline
+    assert calls.n <= 3
+    server.handle_timer(1.04)
+    out = server.segments_to_send(1.04)
+    assert [(s.dst_port, s.flags) for _a, _b, s in out] == [(20007, ACK)]
+    assert calls.n <= 7
+
+
+def test_demux_application_calls_on_an_idle_connection_are_seen() -> None:
+    server, client, conns = _open_many(5)
+    server.segments_to_send(0.0)
+    client.segments_to_send(0.0)
+    conns[3].send(b"late")  # no segment arrived: the demux learns through the hook
+    out = client.segments_to_send(2.0)
+    assert [bytes(s.payload) for _a, _b, s in out] == [b"late"]
+    assert client.get_timer() == pytest.approx(3.0)  # the RTO of that segment
+    conns[1].close()
+    assert [s.flags & FIN for _a, _b, s in client.segments_to_send(2.0)] == [FIN]
+    conns[2].abort()
+    assert [s.flags for _a, _b, s in client.segments_to_send(2.0)] == [RST]
+    assert len(client.connections) == 4  # the aborted one is forgotten
+
+
+def _deliver(a: TcpDemux, b: TcpDemux, now: float) -> list[TcpSegment]:
+    out = a.segments_to_send(now)
+    for src, dst, seg in out:
+        b.receive_packet(src, dst, emit_tcp(seg, src, dst), now)
+    return [seg for _s, _d, seg in out]
+
+
+def test_demux_timer_heap_follows_moving_deadlines() -> None:
+    server, client, conns = _open_many(3)
+    server.segments_to_send(0.0)
+    client.segments_to_send(0.0)
+    conns[0].send(b"a")
+    _deliver(client, server, 0.0)  # RTO at 1.0
+    conns[1].send(b"b")
+    client.segments_to_send(0.5)  # RTO at 1.5 (this one is lost)
+    assert client.get_timer() == pytest.approx(1.0)
+    # conns[0] is acknowledged (delayed ACK): its deadline goes away, conns[1]'s is next.
+    server.handle_timer(0.6)
+    assert len(_deliver(server, client, 0.6)) == 1
+    client.segments_to_send(0.6)
+    assert client.get_timer() == pytest.approx(1.5)
+    client.handle_timer(1.5)  # the RTO fires: retransmission, timer backed off
+    assert [bytes(s.payload) for s in _deliver(client, server, 1.5)] == [b"b"]
+    assert client.get_timer() == pytest.approx(3.5)
