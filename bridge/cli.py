@@ -9,6 +9,8 @@ Other parts add subcommands with `register(name, setup, run)` (inspection adds `
 
 Logs go through `logging` to stderr, one line per state change (never per packet).
 SIGTERM and SIGINT stop `up` cleanly: routes and the TUN are removed, exit status 0.
+With kernel-backend `[[inspect]]` rules `up` also runs the TPROXY backend (bridge/tproxy_run.py)
+and removes its nft table and policy rules on exit; SIGHUP reloads those rules.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     except TunBusyError as e:
         log.error("%s", e.strerror)
         return 1
-    ctl = metrics = udp = None
+    ctl = metrics = udp = kernel = None
     try:
         tun.configure([str(a) for a in cfg.tun.addresses], mtu,
                       [str(n) for p in cfg.peers for n in p.prefixes])
@@ -104,12 +106,26 @@ def cmd_up(args: argparse.Namespace) -> int:
         from bridge.terminate_cli import attach  # `flows` + inspector flushing (issue 4)
 
         detach = attach(engine, ctl)
+        # kernel-backend [[inspect]] rules: TPROXY + relay on their own loop (bridge/tproxy_run)
+        from bridge.tproxy_run import start_for_config
+
+        try:
+            kernel = start_for_config(cfg, ctl)
+        except (RuntimeError, OSError) as e:
+            log.error("kernel inspection backend: %s", e)
+            detach()
+            return 1
         extra = [(ctl.fileno(), ctl.on_readable)]
         if cfg.metrics_listen:
             def render() -> str:
                 with engine.lock:
                     text: str = bridge.metrics_text()
-                return text + io_prometheus(status({}))
+                text += io_prometheus(status({}))
+                if kernel is not None:
+                    from bridge.tproxy_info import prometheus
+
+                    text += prometheus(kernel.status(with_flows=False))
+                return text
 
             metrics = MetricsServer(cfg.metrics_listen, render)
             extra.append((metrics.fileno(), metrics.on_readable))
@@ -121,6 +137,14 @@ def cmd_up(args: argparse.Namespace) -> int:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        if kernel is not None:
+            reload_rules = kernel.reload
+
+            def on_hup(_signum: int, _frame: Any) -> None:
+                log.info("SIGHUP: reloading the kernel-backend [[inspect]] rules")
+                reload_rules()
+
+            signal.signal(signal.SIGHUP, on_hup)
         listen = (f"[{cfg.listen.address}]" if ":" in cfg.listen.address
                   else cfg.listen.address) + f":{cfg.listen.port}"
         log.info("grebe up: %s, listening %s, %d peer(s), tun mtu %d (%s), control %s%s",
@@ -129,6 +153,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         runner.run()
         detach()  # reset the userspace-terminated flows, final flush of the inspectors
     finally:
+        if kernel is not None:
+            kernel.stop()   # relays reset, nft table + policy routing removed
         for x in (metrics, ctl, udp):
             if x is not None:
                 x.close()
@@ -170,6 +196,10 @@ def _fmt_status(st: dict[str, Any]) -> str:
     io = st.get("io", {})
     if io:
         lines.append("io: " + ", ".join(f"{k}={v}" for k, v in io.items()))
+    if "inspect_kernel" in st:
+        from bridge.tproxy_info import format_status
+
+        lines.append(format_status(st["inspect_kernel"]))
     return "\n".join(lines)
 
 
@@ -240,8 +270,35 @@ def _load_plugins() -> None:
             pass
 
 
+def cmd_flows(args: argparse.Namespace) -> int:
+    """`grebe flows`: the userspace backend's table, then the kernel backend's flows."""
+    from bridge.io.control import request, socket_name
+    from bridge.tproxy_info import format_flows
+
+    name = args.socket or socket_name(args.interface)
+    try:
+        answer = request(name, "flows")
+    except OSError as e:
+        print(f"grebe: no grebe on {name}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    if "error" in answer:
+        msg = answer["error"]
+        if "unknown command" in msg:
+            msg = "this endpoint has no [[inspect]] rule"
+        print(f"grebe: {msg}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+    else:
+        print(format_flows(answer))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     _load_plugins()
+    # after the plugins: bridge/terminate_cli registers a userspace-only `flows`
+    register("flows", "show inspected TCP flows (both backends) of a running endpoint",
+             _setup_status, cmd_flows)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s",

@@ -13,7 +13,10 @@ Rules of this module
   that arrives from the network raises. Only a bad configuration raises (ConfigError with the key
   path, e.g. "inspect[2].dst_ports[1]").
 - Rules are first-match in file order. `action = "inspect"` (default) gives INSPECT, `"forward"`
-  carves out an exception before a broader rule, `"drop"` gives DROP.
+  carves out an exception before a broader rule, `"drop"` gives DROP: the flow's SYN is answered
+  with an RST, as a closed port would (RFC 9293 §3.10.7.1), by whichever backend owns the rule.
+- `iif` (kernel backend) limits a rule to packets arriving on those interfaces (the LAN side);
+  `idle_timeout` (seconds, default 300) ends a terminated flow idle in both directions.
 
 Theory of operation
 `parse_rules(raw, path)` turns the TOML list of tables into frozen `InspectRule`s. `FlowSelector`
@@ -55,7 +58,11 @@ _CLASS_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _KNOWN_KEYS = frozenset({
     "name", "src", "dst", "dst_ports", "inspectors", "fail_open", "backend", "action",
     "log_path", "pcap_path", "block", "block_dst", "replace", "max_buffer", "options",
+    "iif", "idle_timeout",
 })
+# Interface names go into nft rule text: Linux IFNAMSIZ (15 chars), no quotes or blanks.
+_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+DEFAULT_IDLE_TIMEOUT = 300.0
 
 
 class Verdict(Enum):
@@ -94,6 +101,8 @@ class InspectRule:
     block_dst: tuple[Network, ...] = ()
     replace: tuple[tuple[bytes, bytes], ...] = ()
     max_buffer: int = 1 << 20
+    iif: tuple[str, ...] = ()               # kernel backend: intercept only on these interfaces
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # no byte either way for this long: reset
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     def matches(self, key: FlowKey) -> bool:
@@ -166,6 +175,14 @@ def _parse_rule(t: Any, p: str) -> InspectRule:
     max_buffer = _typed(t, "max_buffer", int, p, 1 << 20)
     if not 4096 <= max_buffer <= 1 << 30:
         raise ConfigError(f"{p}.max_buffer", "must be between 4096 and 2**30 bytes")
+    idle = t.get("idle_timeout", DEFAULT_IDLE_TIMEOUT)
+    if (not isinstance(idle, int | float) or isinstance(idle, bool)
+            or not 0 < idle <= 7 * 86400):
+        raise ConfigError(f"{p}.idle_timeout", "must be a number of seconds, 0 < t <= 604800")
+    iif = tuple(_str_list(t.get("iif", []), f"{p}.iif"))
+    for j, name_ in enumerate(iif):
+        if not _IFNAME.match(name_):
+            raise ConfigError(f"{p}.iif[{j}]", f"{name_!r} is not an interface name")
     options = t.get("options", {})
     if not isinstance(options, dict):
         raise ConfigError(f"{p}.options", "must be a table")
@@ -184,6 +201,8 @@ def _parse_rule(t: Any, p: str) -> InspectRule:
         block_dst=_prefixes(t.get("block_dst", []), f"{p}.block_dst"),
         replace=_pairs(t.get("replace", []), f"{p}.replace"),
         max_buffer=max_buffer,
+        iif=iif,
+        idle_timeout=float(idle),
         options=MappingProxyType(dict(options)),
     )
     _check_needs(rule, p)

@@ -58,12 +58,28 @@ from collections.abc import Sequence
 from typing import Any
 
 from bridge.errors import ConfigError
-from bridge.flows import Backend, FlowSelector, InspectRule, Verdict, flow_key, parse_rules
+from bridge.flows import (
+    DEFAULT_IDLE_TIMEOUT,
+    Backend,
+    FlowSelector,
+    InspectRule,
+    Verdict,
+    flow_key,
+    parse_rules,
+)
 from bridge.flows import selector_for as _selector_for
 from bridge.inspect.api import CloseReason, Direction, Flow
 from bridge.inspect.manager import InspectorChain, InspectorManager
 from bridge.inspect.session import Abort, Action, Deliver, HalfClose, InspectSession
-from bridge.tproxy_setup import TproxySettings, _nft, _routing, nft_delete, nft_ruleset
+from bridge.tproxy_info import flow_record, summary
+from bridge.tproxy_setup import (
+    TproxySettings,
+    _nft,
+    _routing,
+    nft_delete,
+    nft_ruleset,
+    nft_table_exists,
+)
 
 __all__ = ["TproxyBackend", "TproxySettings", "Relay", "load_rules", "main", "nft_delete",
            "nft_ruleset"]
@@ -142,6 +158,7 @@ class Relay:
         self.flow = flow
         self.chain = chain
         self.session = InspectSession(flow, chain)
+        self.created = flow.start
         self.client = _Side(self, Direction.CLIENT_TO_SERVER)
         self.server = _Side(self, Direction.SERVER_TO_CLIENT)
         self._done = False
@@ -196,7 +213,10 @@ class Relay:
         self._done = True
         self.backend.relays.pop(self.flow.id, None)
         key = (self.flow.close_reason or reason).value
-        self.backend.counters[key] = self.backend.counters.get(key, 0) + 1
+        counters = self.backend.counters
+        counters[key] = counters.get(key, 0) + 1
+        counters["bytes_c2s"] += self.flow.bytes_c2s
+        counters["bytes_s2c"] += self.flow.bytes_s2c
 
 
 class _Accepted(asyncio.Protocol):
@@ -212,6 +232,7 @@ class _Accepted(asyncio.Protocol):
         try:
             self.side = self.backend.accepted(transport)
         except Exception:  # noqa: BLE001 - one bad connection must not stop the listener
+            self.backend.counters["relay_errors"] += 1
             log.exception("cannot relay connection from %s",
                           transport.get_extra_info("peername"))
             _abort(transport)
@@ -252,10 +273,12 @@ class TproxyBackend:
         self.manager = InspectorManager(self.rules)
         self._retired: list[InspectorManager] = []
         self.relays: dict[int, Relay] = {}
-        self.counters: dict[str, int] = {"accepted": 0, "unmatched": 0}
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("accepted", "unmatched", "relay_errors", "bytes_c2s", "bytes_s2c"), 0)
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._flusher: asyncio.Task[None] | None = None
+        self._idler: asyncio.Task[None] | None = None
         self._flushing: asyncio.Future[None] | None = None
         self._installed = False
         self.listening: list[tuple[str, int]] = []
@@ -289,6 +312,7 @@ class TproxyBackend:
             await self.stop()
             raise
         self._flusher = loop.create_task(self._flush_loop())
+        self._idler = loop.create_task(self._idle_loop())
         log.info("tproxy listening on :%d (mark 0x%x, table %d)", s.port, s.mark, s.table)
 
     def accepted(self, transport: asyncio.Transport) -> _Side:
@@ -340,6 +364,7 @@ class TproxyBackend:
             await loop.create_connection(lambda: relay.server, sock=sock)
         except (TimeoutError, OSError) as exc:
             sock.close()
+            self.counters["relay_errors"] += 1
             flow.metadata["connect_error"] = repr(exc)
             relay.abort(CloseReason.CONNECT_FAILED)
             return
@@ -355,6 +380,34 @@ class TproxyBackend:
             self._flushing = loop.run_in_executor(None, self._flush_all)
             await self._flushing
             self._flushing = None
+
+    def expire_idle(self, now: float) -> int:
+        """Reset the flows idle in both directions for their rule's `idle_timeout`.
+
+        TCP itself has no idle limit (RFC 9293 §3.8.4 keep-alives are optional and off by
+        default): like a stateful firewall we bound the state a silent flow holds, and end it
+        with an RST both ways so that neither end waits on a dead relay. Returns how many.
+        """
+        gone = 0
+        for relay in list(self.relays.values()):
+            limit = relay.chain.rule.idle_timeout if relay.chain else DEFAULT_IDLE_TIMEOUT
+            if not relay.finished and now - relay.flow.last_seen >= limit:
+                log.info("tproxy: flow %d %s:%d -> %s:%d idle for %.0fs: reset",
+                         relay.flow.id, relay.flow.src, relay.flow.sport, relay.flow.dst,
+                         relay.flow.dport, now - relay.flow.last_seen)
+                relay.abort(CloseReason.IDLE)
+                gone += 1
+        return gone
+
+    def _idle_tick(self) -> float:
+        """Scan often enough to reset a flow within a quarter of its timeout (at most 1 s)."""
+        shortest = min((r.idle_timeout for r in self.rules), default=DEFAULT_IDLE_TIMEOUT)
+        return min(1.0, shortest / 4)
+
+    async def _idle_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._idle_tick())     # a timer, not a wait for a condition
+            self.expire_idle(time.monotonic())
 
     def reload(self, rules: Sequence[InspectRule]) -> None:
         """Hot reload: new flows follow `rules`; live flows keep their chain until they end.
@@ -376,22 +429,27 @@ class TproxyBackend:
         for manager in (*self._retired, self.manager):
             manager.flush()
 
-    def status(self) -> dict[str, Any]:
-        """JSON-able state: counters, per-rule chain counters, live flows."""
-        return {"counters": dict(self.counters), "rules": self.manager.counters(),
-                "flows": [{"id": r.flow.id, "src": r.flow.src, "sport": r.flow.sport,
-                           "dst": r.flow.dst, "dport": r.flow.dport, "rule": r.flow.rule,
-                           "bytes_c2s": r.flow.bytes_c2s, "bytes_s2c": r.flow.bytes_s2c}
-                          for r in self.relays.values()]}
+    def status(self, rejected: int | None = None) -> dict[str, Any]:
+        """JSON-able state: summary, counters, per-rule chain counters, live flows with the
+        kernel's TCP_INFO of both legs. Call it on the backend's loop (it reads live state).
+        `rejected` is the nft drop rules' counter (bridge.tproxy_setup.nft_rejected)."""
+        now = time.monotonic()
+        live = list(self.relays.values())
+        return {"summary": summary(self.counters, len(live),
+                                   sum(r.flow.bytes_c2s for r in live),
+                                   sum(r.flow.bytes_s2c for r in live), rejected),
+                "counters": dict(self.counters), "rules": self.manager.counters(),
+                "flows": [flow_record(r, now) for r in live]}
 
     async def stop(self) -> None:
         """Stop listening, end every relay (SHUTDOWN), flush and remove the interception."""
         for server in self._servers:
             server.close()
         self._servers.clear()
-        if self._flusher is not None:
-            self._flusher.cancel()
-            self._flusher = None
+        for timer in (self._flusher, self._idler):
+            if timer is not None:
+                timer.cancel()
+        self._flusher = self._idler = None
         if self._flushing is not None:      # let a flush in its thread finish: one writer
             await asyncio.wait([self._flushing])
             self._flushing = None
@@ -466,12 +524,24 @@ def _reload(backend: TproxyBackend, path: str) -> None:
 
 async def _serve(rules: Sequence[InspectRule], settings: TproxySettings,
                  ready_file: str | None, config_path: str | None = None) -> int:
-    backend = TproxyBackend(rules, settings)
-    await backend.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if await loop.run_in_executor(None, nft_table_exists, settings):
+        # `grebe up` runs the backend for its kernel rules (bridge/tproxy_run.py): a second
+        # instance must neither replace its rules nor, failing to bind, delete them. Stand by
+        # until told to stop, so that scripts which still start this tool keep working.
+        log.warning("tproxy: table inet %s exists: the kernel backend already runs in this "
+                    "namespace (grebe up starts it); standing by, nothing installed",
+                    settings.nft_table)
+        if ready_file:
+            with open(ready_file, "w") as f:
+                f.write(f"{settings.port}\n")
+        await stop.wait()
+        return 0
+    backend = TproxyBackend(rules, settings)
+    await backend.start()
     if config_path is not None:
         loop.add_signal_handler(signal.SIGHUP, _reload, backend, config_path)
     if ready_file:

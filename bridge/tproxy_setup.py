@@ -8,11 +8,16 @@ Rules
   `local default dev lo` route in TABLE (kernel Documentation/networking/tproxy.rst), so
   marked packets are delivered to local sockets. Adding what exists and deleting what is gone
   are not errors (a crashed run may have left them).
+- A kernel `action = "drop"` rule answers the SYN with `reject with tcp reset` (RFC 9293
+  §3.10.7.1, as a closed port would) and counts it in the named counter `rejected`.
+- A rule's `iif` list limits it to those input interfaces; without one, the settings' `iifnames`
+  (`--iif` of `python -m bridge.tproxy`) apply; with neither, every interface.
 - `nft_ruleset` is pure and keeps the first-match order of `[[inspect]]` (see bridge/tproxy.py).
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 from collections.abc import Sequence
@@ -46,6 +51,8 @@ def _set(items: Sequence[str]) -> str:
     return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
 
 
+REJECTED = "rejected"       # named nft counter of the SYNs the drop rules answered with an RST
+
 # RFC 9293 §3.5: a connection starts with a SYN without ACK. Only that packet is selected: later
 # packets of our flows match `socket transparent`, and packets of connections that existed
 # before the backend started are forwarded untouched (diverted, the listener would RST them).
@@ -55,7 +62,7 @@ _SYN_ONLY = "tcp flags & (fin | syn | rst | ack) == syn"
 def _rule_lines(rule: InspectRule, s: TproxySettings, verdict_v4: str,
                 verdict_v6: str) -> list[str]:
     lines = []
-    quoted = ['"' + n + '"' for n in s.iifnames]
+    quoted = ['"' + n + '"' for n in (rule.iif or s.iifnames)]
     iif = f"iifname {_set(quoted)} " if quoted else ""
     ports = (f"tcp dport {_set([str(a) if a == b else f'{a}-{b}' for a, b in rule.dst_ports])} "
              if rule.dst_ports else "")
@@ -79,6 +86,7 @@ def nft_ruleset(rules: Sequence[InspectRule], s: TproxySettings) -> str:
     mark = f"0x{s.mark:x}"
     out = [f"table inet {s.nft_table}", f"delete table inet {s.nft_table}",
            f"table inet {s.nft_table} {{",
+           f"    counter {REJECTED} {{ }}",
            "    chain prerouting {",
            "        type filter hook prerouting priority mangle; policy accept;",
            # packets of connections we already own (both legs): deliver locally
@@ -90,12 +98,39 @@ def nft_ruleset(rules: Sequence[InspectRule], s: TproxySettings) -> str:
             v4 = f"tproxy ip to :{s.port} meta mark set {mark} accept"
             v6 = f"tproxy ip6 to :{s.port} meta mark set {mark} accept"
         elif rule.backend is Backend.KERNEL and rule.action is Verdict.DROP:
-            v4 = v6 = "drop"
+            # RFC 9293 §3.10.7.1: a SYN to a closed port is answered with <SEQ=0><ACK=SEG.SEQ+
+            # SEG.LEN><CTL=RST,ACK>; `reject with tcp reset` does exactly that (a client sees
+            # "connection refused" at once instead of retrying its SYN for a minute).
+            v4 = v6 = f'counter name "{REJECTED}" reject with tcp reset'
+        elif rule.backend is Backend.KERNEL:
+            v4 = v6 = "accept"      # action = "forward": a carve-out
         else:
             v4 = v6 = "accept"
         out += _rule_lines(rule, s, v4, v6)
     out += ["    }", "}"]
     return "\n".join(out) + "\n"
+
+
+def nft_rejected(s: TproxySettings) -> int | None:
+    """Packets the drop rules answered with an RST (the named counter), None without a table."""
+    cp = subprocess.run(["nft", "-j", "list", "counter", "inet", s.nft_table, REJECTED],
+                        capture_output=True, text=True, timeout=10, check=False)
+    if cp.returncode != 0:
+        return None
+    try:
+        for item in json.loads(cp.stdout).get("nftables", []):
+            if "counter" in item:
+                return int(item["counter"]["packets"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return None
+
+
+def nft_table_exists(s: TproxySettings) -> bool:
+    """True when this namespace already has our table (another backend instance runs here)."""
+    cp = subprocess.run(["nft", "list", "table", "inet", s.nft_table], capture_output=True,
+                        text=True, timeout=10, check=False)
+    return cp.returncode == 0
 
 
 def nft_delete(s: TproxySettings) -> str:

@@ -70,7 +70,8 @@ class CloseReason(Enum):
     DENIED = "denied"                    # an inspector's flow_start said Deny
     INSPECTOR_RESET = "inspector_reset"  # an inspector returned RESET (e.g. block matched)
     INSPECTOR_ERROR = "inspector_error"  # an inspector raised and fail_open is false
-    TIMEOUT = "timeout"                  # idle timeout
+    IDLE = "idle"                        # no byte either way for the rule's idle_timeout
+    TIMEOUT = "idle"                     # alias of IDLE (the userspace backend's older name)
     SHUTDOWN = "shutdown"                # grebe stopped
 
 

@@ -1,9 +1,12 @@
 """The kernel termination backend on a grebe gateway: topologies/two-sites-inspect-kernel.toml.
 
-gw-a runs grebe (the only route to site B is the grebe TUN) and `python -m bridge.tproxy`:
-TPROXY on the LAN side diverts the client's TCP to the server's port 80 into the relay, whose
-upstream leg (bound to the client's address) is routed into the TUN like any other packet, and
-whose replies come back out of the TUN to the transparent socket.
+gw-a runs only `grebe up` (the only route to site B is the grebe TUN), which runs the kernel
+backend for its `backend = "kernel"` rules itself: TPROXY on the LAN side diverts the client's
+TCP to the server's port 80 into the relay, whose upstream leg (bound to the client's address)
+is routed into the TUN like any other packet, and whose replies come back out of the TUN to the
+transparent socket. `grebe flows` shows the live relayed flow with the kernel's TCP_INFO, the
+drop rule (port 8088) refuses at once, `grebe status` and the metrics carry the backend's
+counters, and SIGTERM to grebe leaves no nft table or policy rule behind.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,7 +48,14 @@ def lab() -> Iterator[Any]:
         with open(state / "big.bin", "wb") as f:
             for _ in range(SIZE // (1 << 20)):
                 f.write(os.urandom(1 << 20))
-        lab.wait_for(lambda: (state / "gw-a-tproxy.ready").exists(), 30, "tproxy on gw-a")
+        (state / "small.txt").write_text("a small file\n")
+        lab.wait_for(lambda: "grebe_tproxy" in lab.run("gw-a", ["nft", "list", "tables"]).stdout,
+                     30, "grebe up's kernel backend on gw-a")
+        # something listens on 8088, so only the drop rule can refuse a connection to it
+        lab.popen("server", ["python", "-m", "http.server", "8088", "--bind", "::",
+                             "--directory", str(state)], log=str(state / "server-8088.log"))
+        lab.wait_for(lambda: lab.run("server", ["ss", "-Htln", "sport = :8088"]).stdout.strip(),
+                     20, "server on 8088")
         lab.wait_for(lambda: lab.run("client", ["curl", "-s", "-o", "/dev/null", "-m", "2",
                                                 f"http://{SERVER}/"], check=False)
                      .returncode == 0, 30, "HTTP through grebe")
@@ -79,8 +92,94 @@ def test_download_through_tproxy_and_grebe(lab: Any) -> None:
 
 def test_ipv6_through_tproxy_and_grebe(lab: Any) -> None:
     out = lab.run("client", ["curl", "-sS", "-m", "20", "-o", "/dev/null", "-w", "%{http_code}",
-                             f"http://[{SERVER6}]/gw-a-tproxy.ready"]).stdout
+                             f"http://[{SERVER6}]/small.txt"]).stdout
     assert out == "200"
     rec = lab.wait_for(lambda: next((f for f in flows(lab) if f["dst"] == SERVER6), None), 20,
                        "IPv6 log line")
     assert rec["src"] == "2001:db8:1::10" and rec["http"][0]["status"] == 200
+
+
+def grebe_json(lab: Any, cmd: str) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(lab.run("gw-a", ["grebe", cmd, "--json"]).stdout)
+    return out
+
+
+def test_grebe_flows_shows_the_live_kernel_flow_with_tcp_info(lab: Any) -> None:
+    # a rate-limited download keeps one relayed flow open for ~20 s
+    curl = lab.popen("client", ["curl", "-sS", "-o", "/dev/null", "--limit-rate", "1M",
+                                f"http://{SERVER}/big.bin"])
+    try:
+        def live() -> dict[str, Any] | None:
+            return next((f for f in grebe_json(lab, "flows")["flows"]
+                         if f.get("backend") == "kernel" and f["bytes_s2c"] > 100_000), None)
+
+        f = lab.wait_for(live, 20, "a live kernel flow in grebe flows")
+        assert f["src"] == "198.18.1.10" and f["dst"] == SERVER and f["dport"] == 80
+        assert f["rule"] == "server-web-ssh" and f["phase"] == "open" and f["age"] > 0
+        assert set(f["inspectors"]) == {"LogInspector", "HttpInspector"}, f["inspectors"]
+        for leg in ("client_leg", "server_leg"):
+            info = f[leg]
+            assert info["state"] == "ESTABLISHED", f
+            assert info["srtt"] > 0 and info["rto"] >= 0.2 and info["cwnd"] > 0, f
+            assert info["retransmissions"] >= 0
+        assert f["client_leg"]["bytes_out"] > 100_000      # what the client acked so far
+        table = lab.run("gw-a", ["grebe", "flows"]).stdout
+        assert "kernel" in table and "client leg (kernel TCP_INFO): ESTABLISHED" in table
+        assert "198.18.1.10:" in table and f"{SERVER}:80" in table
+        st = grebe_json(lab, "status")["inspect_kernel"]["summary"]
+        assert st["active"] >= 1 and st["accepted"] >= 1
+    finally:
+        curl.kill()
+        curl.wait(10)
+
+
+def test_drop_rule_refuses_at_once(lab: Any) -> None:
+    before = grebe_json(lab, "status")["inspect_kernel"]["summary"]["rejected"]
+    t0 = time.monotonic()
+    cp = lab.run("client", ["curl", "-sS", "-m", "10", f"http://{SERVER}:8088/small.txt"],
+                 check=False)
+    took = time.monotonic() - t0
+    assert cp.returncode == 7 and "refused" in cp.stderr.lower(), cp.stderr    # ECONNREFUSED
+    assert took < 3, took               # an RST, not a silently dropped SYN retried for 10 s
+    cp6 = lab.run("client", ["curl", "-sS", "-m", "10", f"http://[{SERVER6}]:8088/"],
+                  check=False)
+    assert cp6.returncode == 7, cp6.stderr
+    after = grebe_json(lab, "status")["inspect_kernel"]["summary"]["rejected"]
+    assert after >= before + 2
+    # the server side is reachable from gw-a itself (the rule is on lan0 only): it listens
+    assert lab.run("gw-a", ["curl", "-sS", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}",
+                            f"http://{SERVER}:8088/small.txt"]).stdout == "200"
+
+
+def test_status_table_and_metrics_carry_the_kernel_counters(lab: Any) -> None:
+    lab.run("client", ["curl", "-sS", "-m", "20", "-o", "/dev/null", f"http://{SERVER}/small.txt"])
+    text = lab.run("gw-a", ["grebe", "status"]).stdout
+    line = next(ln for ln in text.splitlines() if ln.startswith("inspect kernel (tproxy):"))
+    assert "accepted=" in line and "relay_errors=" in line and "bytes_s2c=" in line
+    st = grebe_json(lab, "status")["inspect_kernel"]["summary"]
+    assert st["accepted"] >= 1 and st["bytes_s2c"] > 0
+    metrics = lab.run("gw-a", ["curl", "-sS", "-m", "10", "http://127.0.0.1:9108/metrics"]).stdout
+    assert "grebe_tproxy_active " in metrics
+    assert 'grebe_tproxy_total{what="accepted"}' in metrics
+
+
+def _grebe_up(lab: Any) -> subprocess.Popen[Any]:
+    for p, t in zip(lab._popens, lab.processes, strict=True):
+        if (t.node == "gw-a" and len(t.argv) > 1 and os.path.basename(t.argv[0]) == "grebe"
+                and t.argv[1] == "up"):
+            return p    # type: ignore[no-any-return]
+    raise AssertionError("no grebe up on gw-a")
+
+
+def test_zz_sigterm_removes_the_interception(lab: Any) -> None:
+    """Last: SIGTERM to grebe up removes its nft table, policy rules and local routes."""
+    grebe = _grebe_up(lab)
+    assert "grebe_tproxy" in lab.run("gw-a", ["nft", "list", "tables"]).stdout
+    grebe.send_signal(signal.SIGTERM)
+    assert grebe.wait(30) == 0
+    assert "grebe_tproxy" not in lab.run("gw-a", ["nft", "list", "tables"]).stdout
+    rules = lab.run("gw-a", ["ip", "rule"]).stdout + lab.run("gw-a", ["ip", "-6", "rule"]).stdout
+    assert "0x4754" not in rules and "lookup 4754" not in rules
+    for fam in ("-4", "-6"):
+        assert not lab.run("gw-a", ["ip", fam, "route", "show", "table", "4754"],
+                           check=False).stdout.strip()

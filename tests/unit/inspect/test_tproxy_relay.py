@@ -60,7 +60,8 @@ inspectors = ["log"]
     assert lines[0].split("  #")[0].endswith("accept") and "tproxy" not in lines[0]
     assert "tcp dport { 80, 8000-8080 } tproxy ip to :15001 meta mark set 0x10 accept" in lines[3]
     assert "ip6 daddr 2001:db8:2::/64" in lines[4] and "tproxy ip6 to :15001" in lines[4]
-    assert "ip6 daddr 2001:db8:66::/64" in lines[5] and lines[5].split("  #")[0].endswith("drop")
+    assert "ip6 daddr 2001:db8:66::/64" in lines[5]
+    assert lines[5].split("  #")[0].endswith("reject with tcp reset")
     assert "socket transparent 1 meta mark set 0x10 accept" in text
     assert all("tcp flags & (fin | syn | rst | ack) == syn" in ln for ln in lines)
     assert text.startswith("table inet grebe_tproxy\ndelete table inet grebe_tproxy\n")
