@@ -62,9 +62,9 @@ from bridge.splice import Splice
 from bridge.tunframe import TunFrame
 from stack.tcp_config import TcpConfig
 from stack.tcp_core import reset_reply
-from stack.wire.checksum import checksum, partial
+from stack.wire.checksum import checksum, partial, pseudo_sum_v4, pseudo_sum_v6
 from stack.wire.ip import DF, IPV4_HEADER, IPV6_HEADER, PROTO_TCP
-from stack.wire.tcp import ACK, RST, SYN, TcpSegment, emit_tcp_parts, parse_tcp
+from stack.wire.tcp import ACK, PSH, RST, SYN, TcpSegment, emit_tcp_parts, parse_tcp
 
 __all__ = ["Terminator", "SendToPeer"]
 
@@ -72,6 +72,11 @@ SendToPeer = Callable[[bytes, float, Any], bool]  # (inner packet, now, out) -> 
 _LEN_ID = struct.Struct("!HH")
 _PORTS_FLAGS = struct.Struct("!HH8xxB")
 _V6_FIRST = 0x60000000
+_U32 = struct.Struct("!I")
+_TCP_HDR = struct.Struct("!HHIIBBHHH")  # RFC 9293 §3.1 fixed header
+_TS = struct.Struct("!II")
+_NOP_NOP_TS = b"\x01\x01\x08\x0a"
+_NOT_PSH = 0xFF & ~0x08
 # virtio 1.x §5.1.6 struct virtio_net_hdr: flags, gso_type, hdr_len, gso_size, csum_start,
 # csum_offset (little-endian on a TUN with TUNSETVNETHDRSZ 10)
 _VNET = struct.Struct("<BBHHHH")
@@ -253,18 +258,27 @@ class Terminator:
             self._next_scan = now + 1.0
         self.touched[key] = sp
 
-    def from_peer(self, pkt: bytes | bytearray | memoryview, n: int, now: float) -> bool:
-        """A decapsulated packet from the tunnel. True when it belonged to a server leg."""
+    def _server_side(self, pkt: bytes | bytearray | memoryview, n: int
+                     ) -> tuple[Splice, FlowKey, FlowKey, int, int] | None:
+        """(splice, its key, the packet's key, TCP offset, flags) of a server leg's packet."""
         if n < 40 or bytes(pkt[16:20] if pkt[0] >> 4 == 4 else pkt[24:40]) not in self._clients:
-            return False  # not addressed to a client of a live splice: the fast path
+            return None  # not addressed to a client of a live splice: the fast path
         k = self._key(pkt, n)
         if k is None:
-            return False
-        key, off, _flags = k
+            return None
+        key, off, flags = k
         ck = (key[0], key[2], key[1], key[4], key[3])
         sp = self.splices.get(ck)
         if sp is None:
+            return None
+        return sp, ck, key, off, flags
+
+    def from_peer(self, pkt: bytes | bytearray | memoryview, n: int, now: float) -> bool:
+        """A decapsulated packet from the tunnel. True when it belonged to a server leg."""
+        found = self._server_side(pkt, n)
+        if found is None:
             return False
+        sp, ck, key, off, _flags = found
         seg = self._segment(pkt, n, off, key)
         if seg is not None:
             self.counters["from_server"] += 1
@@ -273,16 +287,121 @@ class Terminator:
         return True
 
     def divert(self, out: Any, start: int, now: float) -> None:
-        """Take the server legs' packets back from `out.tun[start:]`, then flush."""
+        """Take the server legs' packets back from `out.tun[start:]`, then flush.
+
+        Consecutive in-order data segments of one server leg (a GRO batch of the tunnel)
+        reach the leg as one segment (`_server_run`)."""
         tun = out.tun
         if len(tun) > start and self.splices:
             pkts = tun[start:]
             del tun[start:]
+            run: list[bytes] = []
+            run_sp: Splice | None = None
+            run_tmpl = b""
+            run_next = 0
+            run_off = 0
             for pkt in pkts:
-                if not self.from_peer(pkt, len(pkt), now):
-                    tun.append(pkt)
+                n = len(pkt)
+                found = self._server_side(pkt, n)
+                if found is None:
+                    tun.append(pkt)  # another flow's: order against ours does not matter
+                    continue
+                sp, ck, key, off, flags = found
+                hl = (pkt[off + 12] >> 4) << 2
+                pl = n - off - hl
+                if flags & _NOT_PSH == ACK and pl > 0 and hl in (20, 32):
+                    seq = _U32.unpack_from(pkt, off + 4)[0]
+                    # every TCP header byte but seq, flags' PSH and checksum must match
+                    tmpl = bytes(pkt[off + 8:off + 13]) + bytes(pkt[off + 14:off + 16]) + \
+                        bytes(pkt[off + 18:off + hl])
+                    if run and run_sp is sp and seq == run_next and tmpl == run_tmpl and \
+                            off == run_off:
+                        run.append(pkt)
+                        run_next = (seq + pl) & 0xFFFFFFFF
+                        if pl & 1:  # only a run's last payload may be odd (word alignment)
+                            self._server_run(run, run_sp, off, now)
+                            run = []
+                        continue
+                    if run:
+                        self._server_run(run, run_sp, run_off, now)
+                    run = [pkt]
+                    run_sp, run_tmpl, run_off = sp, tmpl, off
+                    run_next = (seq + pl) & 0xFFFFFFFF
+                    if pl & 1:
+                        self._server_run(run, run_sp, off, now)
+                        run = []
+                    continue
+                if run:
+                    self._server_run(run, run_sp, run_off, now)
+                    run = []
+                seg = self._segment(pkt, n, off, key)
+                if seg is not None:
+                    self.counters["from_server"] += 1
+                    sp.from_server(seg, now)
+                    self.touched[ck] = sp
+            if run:
+                self._server_run(run, run_sp, run_off, now)
         if self.touched or self._pending_rst:
             self.flush(now, out)
+
+    def _server_run(self, run: list[bytes], sp: Splice | None, off: int, now: float) -> None:
+        """Hand a run of contiguous data segments of one server leg to it as one segment
+        (what Linux GRO does before TCP sees them; the stack takes segments above the MSS).
+        Every segment's checksum is checked (RFC 9293 MUST-3) by one sum over the run: the
+        pseudo-headers (linear in the length, RFC 1071 §2), the headers and the payloads,
+        each payload but the last even-sized so that all stay on 16-bit word boundaries;
+        a run whose sum is off is handed over packet by packet, each checked on its own."""
+        assert sp is not None
+        key = sp.key
+        ck = key
+        if len(run) == 1:
+            pkt = run[0]
+            skey = (key[0], key[2], key[1], key[4], key[3])
+            seg = self._segment(pkt, len(pkt), off, skey)
+            if seg is not None:
+                self.counters["from_server"] += 1
+                sp.from_server(seg, now)
+                self.touched[ck] = sp
+            return
+        first = run[0]
+        hl = (first[off + 12] >> 4) << 2
+        pay = b"".join([memoryview(p)[off + hl:] for p in run])
+        hdrs = b"".join([memoryview(p)[off:off + hl] for p in run])
+        tcp_len = len(pay) + len(hdrs)
+        saddr, caddr = key[2], key[1]
+        if off == 20:
+            base = pseudo_sum_v4(saddr, caddr, PROTO_TCP, 0)
+        else:
+            base = pseudo_sum_v6(saddr, caddr, PROTO_TCP, 0)
+        total = partial(pay, partial(hdrs, (len(run) * base + tcp_len) % 0xFFFF))
+        if total % 0xFFFF:
+            skey = (key[0], key[2], key[1], key[4], key[3])
+            for pkt in run:
+                seg = self._segment(pkt, len(pkt), off, skey)
+                if seg is not None:
+                    self.counters["from_server"] += 1
+                    sp.from_server(seg, now)
+            self.touched[ck] = sp
+            return
+        if hl == 32 and first[off + 20:off + 24] != _NOP_NOP_TS:
+            skey = (key[0], key[2], key[1], key[4], key[3])
+            for pkt in run:  # options other than the timestamps: the ordinary path
+                seg = self._segment(pkt, len(pkt), off, skey)
+                if seg is not None:
+                    self.counters["from_server"] += 1
+                    sp.from_server(seg, now)
+            self.touched[ck] = sp
+            return
+        flags = ACK
+        for p in run:
+            flags |= p[off + 13] & PSH
+        sport, dport, seq, ack, _o, _f, window, _c, urg = _TCP_HDR.unpack_from(first, off)
+        ts = _TS.unpack_from(first, off + 24) if hl == 32 else None
+        self.counters["from_server"] += len(run)
+        self.counters["server_runs"] = self.counters.get("server_runs", 0) + 1
+        sp.from_server(TcpSegment(sport, dport, seq, ack, flags, window, pay, urg,
+                                  ts=ts), now)
+        self.touched[ck] = sp
 
     # ------------------------------------------------------------------ output
 

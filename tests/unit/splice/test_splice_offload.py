@@ -137,3 +137,42 @@ def test_coalesce_writes_tun_frames_unchanged_and_in_order() -> None:
     assert coalesce([plain, frame, plain], out) == 3
     assert out[1] is frame
     assert out[0][10:] == plain and out[2][10:] == plain
+
+
+def _burst_server(h: Harness) -> None:
+    """The server's segments reach the Terminator in bursts, as a UDP GRO batch does."""
+    h.s2t.rate = float("inf")  # no serialisation: a send burst arrives at once
+
+
+def test_server_runs_reach_the_leg_as_one_segment() -> None:
+    down = os.urandom(1_000_000)
+    h = Harness(rule(max_buffer=4 << 20), [], server_data=down, client_close=True,
+                server_close=True)
+    _burst_server(h)
+    assert h.run(both_done, max_time=60)
+    assert bytes(h.client.rx) == down
+    assert h.term.counters.get("server_runs", 0) > 0
+    assert h.term.drops == {}
+
+
+def test_corrupt_segment_in_a_run_is_dropped_alone() -> None:
+    down = os.urandom(300_000)
+    h = Harness(rule(), [], server_data=down, client_close=True, server_close=True)
+    _burst_server(h)
+    put = h.s2t.put
+    state = {"n": 0}
+
+    def corrupt(pkt: bytes, now: float) -> None:
+        if len(pkt) > 1000:
+            state["n"] += 1
+            if state["n"] in (5, 40):  # inside a burst: flip one payload bit
+                b = bytearray(pkt)
+                b[-7] ^= 0x10
+                pkt = bytes(b)
+        put(pkt, now)
+
+    h.s2t.put = corrupt  # type: ignore[method-assign]
+    assert h.run(both_done, max_time=60)
+    assert bytes(h.client.rx) == down
+    assert h.term.drops.get("bad_checksum") == 2
+    assert h.term.counters.get("server_runs", 0) > 0
