@@ -172,6 +172,23 @@ def _grebe_up(lab: Any) -> subprocess.Popen[Any]:
     raise AssertionError("no grebe up on gw-a")
 
 
+def test_sighup_reloads_the_kernel_rules_and_grebe_keeps_running(lab: Any) -> None:
+    grebe = _grebe_up(lab)
+    log = Path(lab.state_dir) / "gw-a.run0.log"
+    grebe.send_signal(signal.SIGHUP)
+    lab.wait_for(lambda: "tproxy: reloaded 2 rule(s)" in log.read_text(), 10, "reload logged")
+    assert grebe.poll() is None
+    before = grebe_json(lab, "status")["inspect_kernel"]["summary"]
+    assert before["reloads"] >= 1
+    # the reloaded rules are in force: the new nft table still diverts and still refuses
+    assert lab.run("client", ["curl", "-sS", "-m", "20", f"http://{SERVER}/small.txt"]
+                   ).stdout == "a small file\n"
+    after = grebe_json(lab, "status")["inspect_kernel"]["summary"]
+    assert after["accepted"] == before["accepted"] + 1
+    assert lab.run("client", ["curl", "-sS", "-m", "10", f"http://{SERVER}:8088/"],
+                   check=False).returncode == 7
+
+
 def test_zz_sigterm_removes_the_interception(lab: Any) -> None:
     """Last: SIGTERM to grebe up removes its nft table, policy rules and local routes."""
     grebe = _grebe_up(lab)

@@ -306,3 +306,25 @@ def test_start_failure_leaves_no_thread() -> None:
     busy.close()
     assert not kb.running
     kb.stop()       # idempotent
+
+
+def test_reload_from_the_endpoint_file_and_refusal(tmp_path: Path, caplog: Any) -> None:
+    conf = tmp_path / "gw.toml"
+    conf.write_text('[[inspect]]\nname = "a"\nbackend = "kernel"\ninspectors = ["log"]\n')
+    r = parse_rules(tomllib.loads(conf.read_text())["inspect"])
+    kb = KernelBackendThread(r, TproxySettings(port=0, transparent=False), str(conf),
+                             install=False)
+    kb.start()
+    try:
+        conf.write_text('[[inspect]]\nname = "b"\nbackend = "kernel"\ninspectors = ["log"]\n'
+                        'idle_timeout = 9\n')
+        kb.reload()         # what grebe up's SIGHUP handler calls
+        _wait(lambda: kb.call(lambda: kb.backend.counters.get("reloads") == 1), "reloaded")
+        assert kb.call(lambda: [x.name for x in kb.backend.rules]) == ["b"]
+        conf.write_text('[[inspect]]\nname = "c"\nsrc = ["not an address"]\n')
+        with caplog.at_level("ERROR", logger="grebe.tproxy"):
+            kb.reload()
+            _wait(lambda: "reload of" in caplog.text, "refusal logged")
+        assert kb.call(lambda: [x.name for x in kb.backend.rules]) == ["b"]
+    finally:
+        kb.stop()
