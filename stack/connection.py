@@ -11,6 +11,12 @@ Rules (each handler cites the clause it implements):
   and SYN challenge ACKs, ACK range check), RFC 7323 (PAWS, TS.Recent) and RFC 2018 (SACK)
   woven in; output is built by stack/tcp_output.py (SWS avoidance, Nagle, window
   advertisement, retransmission, RFC 6675 recovery) and timers live in stack/tcp_core.py.
+- Urgent data (RFC 9293 §3.8.5, MUST-30..33): the sixth step keeps RCV.UP (a stream
+  offset, only moving forward) and queues UrgentData(end) whenever it advances (MUST-32);
+  the urgent bytes are delivered inline, in order; `urgent_remaining` counts those not yet
+  read (MUST-33); `send(data, urgent=True)` moves SND.UP (MUST-31, RFC 6093 semantics).
+  Not done: no out-of-band byte (SO_OOBINLINE is the only mode), and urgent data does
+  not bypass Nagle or the windows.
 - The payload a connection keeps is copied on receipt: callers may reuse their buffers.
 
 Theory of operation: positions are absolute ints (stack/seq.py): our SYN is 0, our first
@@ -32,12 +38,13 @@ from stack.events import (
     ConnectionReset,
     LocalProtocolError,
     PeerFinished,
+    UrgentData,
 )
 from stack.seq import HALF, MASK, isn_rfc6528
 from stack.state import CAN_RECEIVE, CAN_SEND, State
 from stack.tcp_core import DATA_MARK, Endpoint
 from stack.tcp_output import OutputMixin
-from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpSegment
+from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, URG, TcpSegment
 
 __all__ = ["TcpConnection", "Endpoint"]
 
@@ -99,10 +106,13 @@ class TcpConnection(OutputMixin):
 
     # ------------------------------------------------------------------ API: data
 
-    def send(self, data: bytes | bytearray | memoryview) -> int:
+    def send(self, data: bytes | bytearray | memoryview, *, urgent: bool = False) -> int:
         """Queue bytes to send; return how many fit in the send buffer (0 when full).
 
-        Raises LocalProtocolError after close() or when the connection cannot send.
+        With `urgent`, the accepted bytes are urgent data (RFC 9293 §3.8.5): segments
+        before their end carry URG and an urgent pointer to the first non-urgent octet
+        (MUST-31), up to 0xFFFF ahead. Raises LocalProtocolError after close() or when the
+        connection cannot send.
         """
         st = self._state
         if self._close_requested or not (
@@ -111,7 +121,10 @@ class TcpConnection(OutputMixin):
             raise LocalProtocolError(f"send() in state {st}")
         if self._watch is not None:
             self._watch(self)
-        return self._sendbuf.append(data)
+        n = self._sendbuf.append(data)
+        if urgent and n:
+            self._snd_up = 1 + self._sendbuf.end  # SND.UP (MUST-31)
+        return n
 
     @property
     def send_buffer_free(self) -> int:
@@ -414,6 +427,13 @@ class TcpConnection(OutputMixin):
         st = self._state
         if st is State.CLOSED:
             return
+        # Sixth: the URG bit (RFC 9293 §3.10.7.4; §3.8.5 MUST-30..32). RCV.UP only moves
+        # forward; each advance is an event; the bytes stay inline (any length, MUST-30).
+        if f & URG and seg.urg and st in CAN_RECEIVE and not zero_wnd_ack:  # 0: none
+            end = seg_abs + seg.urg - 1  # the first non-urgent octet, as a stream offset
+            if end > self._rcv_up:
+                self._rcv_up = end
+                self._events.append(UrgentData(end))
         # Seventh: segment text (RFC 9293 §3.10.7.4).
         if payload and not zero_wnd_ack:
             if st in CAN_RECEIVE:

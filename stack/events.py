@@ -7,6 +7,9 @@ Rules:
   byte of the peer's stream (RFC 9293 §3.10.7.4 "eighth, check the FIN bit": the FIN is
   signalled after all preceding text); `ConnectionReset` when the peer reset or the
   connection timed out (RFC 9293 MUST-12: aborts are reported); `Closed` is always last.
+- `UrgentData` marks urgent data (RFC 9293 §3.8.5, MUST-30..33): it is queued when the
+  peer's urgent pointer first appears or advances (MUST-32), before the DataReceived that
+  carries those bytes; the bytes themselves stay inline in the stream.
 - `SoftError` reports an ICMP soft error (RFC 9293 §3.9.1.4 SHLD-25: make the information
   available to the application); the connection goes on (MUST-56).
 - `LocalProtocolError` is raised only for misuse of our own API (sending after close,
@@ -26,6 +29,7 @@ __all__ = [
     "ConnectionReset",
     "Closed",
     "SoftError",
+    "UrgentData",
     "IcmpKind",
     "LocalProtocolError",
 ]
@@ -88,3 +92,13 @@ class SoftError(Event):
 
     kind: IcmpKind
     code: int
+
+
+@dataclass(frozen=True, slots=True)
+class UrgentData(Event):
+    """The peer's urgent data now extends to stream offset `end` (exclusive: the urgent
+    pointer names the first non-urgent octet, MUST-31). The urgent bytes are delivered
+    inline, in order, by DataReceived / read(); `conn.urgent_remaining` says how many of
+    them are still to be read (MUST-33)."""
+
+    end: int

@@ -124,6 +124,8 @@ class ConnectionCore:
         self._rx_held = 0
         self._ooo = ReassemblyBuffer(cfg.reassembly_cap or cfg.recv_buffer, cfg.reassembly_ranges)
         self._ooo_fin: int | None = None
+        self._rcv_up = 0  # stream offset where the peer's urgent data ends (RCV.UP)
+        self._snd_up = 0  # position of our first non-urgent octet (SND.UP); 0: none
         self._peer_fin = False
         # Negotiated options (RFC 7323, RFC 2018).
         self._ts_on = False
@@ -201,6 +203,11 @@ class ConnectionCore:
             raise LocalProtocolError(f"consumed({n}) but {self._rx_held} bytes are held")
         self._rx_held -= n
         self._maybe_window_update()
+
+    @property
+    def urgent_remaining(self) -> int:
+        """Bytes of the peer's urgent data not yet read by the application (MUST-33)."""
+        return max(self._rcv_up - (self.bytes_in - self._rx_len), 0)
 
     def next_event(self) -> Event | None:
         """Return the next event, or None when there is none for now."""

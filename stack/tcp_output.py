@@ -22,6 +22,8 @@ Rules:
 - With SACK, loss recovery follows RFC 6675 §5: retransmit SND.UNA's segment on entry, then
   send while cwnd - pipe >= SMSS: lost holes first, then new data, then other holes
   (NextSeg rules 1-3, stack/tcp_sack.py). Without SACK it is NewReno (RFC 6582).
+- Urgent data (RFC 9293 §3.8.5, MUST-31): every data segment before SND.UP carries URG
+  and SEG.UP = SND.UP - SEG.SEQ (the first non-urgent octet), capped at 0xFFFF.
 - RFC 6298 §5.1: the retransmission timer is started when a segment is sent and it is not
   running. Karn (MUST-18): a retransmitted segment is not timed.
 - RFC 5681 §4.1: after idling more than one RTO, restart from at most the initial window.
@@ -40,7 +42,7 @@ from stack.seq import MASK
 from stack.state import State
 from stack.tcp_core import ConnectionCore
 from stack.tcp_sack import lost_edge, next_hole, pipe
-from stack.wire.tcp import ACK, FIN, PSH, SYN, TcpSegment
+from stack.wire.tcp import ACK, FIN, PSH, SYN, URG, TcpSegment
 
 __all__ = ["OutputMixin"]
 
@@ -192,9 +194,16 @@ class OutputMixin(ConnectionCore):
         ts: tuple[int, int] | None,
         sack: tuple[tuple[int, int], ...],
     ) -> TcpSegment:
+        urg = self._snd_up - pos
+        if urg > 0:  # RFC 9293 MUST-31: points at the first non-urgent octet
+            flags |= URG
+            if urg > 0xFFFF:
+                urg = 0xFFFF  # further than 16 bits reach: "urgent data follows"
+        else:
+            urg = 0
         return TcpSegment(
             self.local[1], self.remote[1], (self._iss + pos) & MASK, ack, flags, win,
-            payload, 0, None, None, False, ts, sack,
+            payload, urg, None, None, False, ts, sack,
         )
 
     # ------------------------------------------------------------------ sending
