@@ -45,9 +45,12 @@ def parse_tcp_info(raw: bytes) -> dict[str, Any] | None:
         return None
     v = _TCP_INFO.unpack_from(raw, 0)
     state, _ca, retransmits = v[0], v[1], v[2]
-    u = v[8:32]             # u32 fields from tcpi_rto
+    # u32 fields from tcpi_rto: rto ato snd_mss rcv_mss | unacked sacked lost retrans fackets |
+    # last_data_sent last_ack_sent last_data_recv last_ack_recv | pmtu rcv_ssthresh rtt rttvar
+    # snd_ssthresh snd_cwnd advmss reordering | rcv_rtt rcv_space | total_retrans
+    u = v[8:32]
     rto, snd_mss = u[0], u[2]
-    rtt, rttvar, ssthresh, cwnd = u[14], u[15], u[16], u[17]
+    rtt, rttvar, ssthresh, cwnd = u[15], u[16], u[17], u[18]
     total_retrans = u[23]
     bytes_acked, bytes_received = v[34], v[35]
     return {

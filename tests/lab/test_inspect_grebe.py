@@ -117,9 +117,11 @@ def test_grebe_flows_shows_the_live_kernel_flow_with_tcp_info(lab: Any) -> None:
         assert f["src"] == "198.18.1.10" and f["dst"] == SERVER and f["dport"] == 80
         assert f["rule"] == "server-web-ssh" and f["phase"] == "open" and f["age"] > 0
         assert set(f["inspectors"]) == {"LogInspector", "HttpInspector"}, f["inspectors"]
+        # the server may have sent its FIN while the relay still holds bytes for the client
+        assert f["client_leg"]["state"] == "ESTABLISHED", f
+        assert f["server_leg"]["state"] in ("ESTABLISHED", "CLOSE-WAIT"), f
         for leg in ("client_leg", "server_leg"):
             info = f[leg]
-            assert info["state"] == "ESTABLISHED", f
             assert info["srtt"] > 0 and info["rto"] >= 0.2 and info["cwnd"] > 0, f
             assert info["retransmissions"] >= 0
         assert f["client_leg"]["bytes_out"] > 100_000      # what the client acked so far

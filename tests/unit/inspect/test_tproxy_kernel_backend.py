@@ -107,8 +107,9 @@ def test_parse_tcp_info_fields_and_units() -> None:
     u32 = [0] * 24
     u32[0] = 204000         # rto µs
     u32[2] = 1448           # snd_mss
-    u32[14], u32[15] = 1500, 750   # rtt, rttvar µs
-    u32[16], u32[17] = 2147483647, 10   # ssthresh, cwnd
+    u32[14] = 64000         # rcv_ssthresh (not reported)
+    u32[15], u32[16] = 1500, 750   # rtt, rttvar µs
+    u32[17], u32[18] = 2147483647, 10   # snd_ssthresh, snd_cwnd
     u32[23] = 3             # total_retrans
     raw = struct.pack("=8B24I4Q", 1, 0, 1, 0, 0, 0, 0, 0, *u32, 0, 0, 5000, 7000)
     assert len(raw) == TCP_INFO_LEN == 136
@@ -132,7 +133,10 @@ def test_tcp_info_of_a_real_socket() -> None:
     assert conn.recv(2000)
     info = tcp_info(conn)
     assert info is not None and info["state"] == "ESTABLISHED" and info["bytes_in"] >= 1000
-    assert info["rto"] > 0 and info["cwnd"] > 0
+    # a fresh loopback connection: the initial window (RFC 6928: 10 segments), ssthresh not
+    # yet set (infinite), a loopback RTT, an RTO at Linux's 200 ms floor plus a little
+    assert info["cwnd"] == 10 and info["ssthresh"] == 0x7FFFFFFF, info
+    assert 0 < info["srtt"] < 0.05 and 0.2 <= info["rto"] < 1.0, info
     for s in (cli, conn, srv):
         s.close()
     assert tcp_info(cli) is None and tcp_info(None) is None
