@@ -38,6 +38,7 @@ import struct
 from collections.abc import Callable
 from typing import Any, final
 
+from bridge.tunframe import TunFrame
 from stack.wire.checksum import (
     checksum,
     incremental_update16,
@@ -51,7 +52,8 @@ try:  # numpy is a declared dependency; without it everything takes the Python p
 except ImportError:  # pragma: no cover
     _np = None  # type: ignore[assignment]
 
-__all__ = ["SuperPacket", "parse_tcp", "encap_segments", "NUMPY_MIN_SEGMENTS"]
+__all__ = ["SuperPacket", "GroBatch", "parse_tcp", "encap_segments", "coalesce_rows",
+           "NUMPY_MIN_SEGMENTS"]
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -243,3 +245,168 @@ def _rows_numpy(pkt: memoryview, v4: bool, ihl: int, doff: int, g: int, rows: in
             .reshape(rows, 4)
     flat = a.tobytes()  # one copy out of numpy, then one slice per datagram
     out.extend([flat[i:i + width] for i in range(0, rows * w4, w4)])
+
+
+# ------------------------------------------------------------------ receive: GRO batches
+
+_VNET = struct.Struct("<BBHHHH")  # virtio 1.x §5.1.6 struct virtio_net_hdr (TUN byte order)
+_VNET_LEN = 10
+_NEEDS_CSUM, _GSO_TCPV4, _GSO_TCPV6 = 1, 1, 4
+_ACK = 0x10
+
+
+@final
+class GroBatch:
+    """Datagrams of one source glued by UDP GRO (udp(7) UDP_GRO): `buf` holds equal-size
+    datagrams of `seg` bytes (the last may be shorter). Handed to `Bridge.from_udp` as the
+    payload of a (payload, addr) pair; `split()` gives the datagrams one by one."""
+
+    __slots__ = ("buf", "seg")
+
+    def __init__(self, buf: bytes, seg: int) -> None:
+        self.buf = buf
+        self.seg = seg
+
+    def split(self) -> list[bytes]:
+        b, s = self.buf, self.seg
+        return [b[o:o + s] for o in range(0, len(b), s)]
+
+
+def _sum_rows(a: Any) -> Any:
+    """numpy: one's complement sum (0..0xFFFF, big-endian value) of each row of uint8 `a`
+    (even width), via little-endian 16-bit words (RFC 1071 §2(B))."""
+    return _fold(a.view("<u2").sum(axis=1, dtype=_np.uint64))
+
+
+def coalesce_rows(buf: bytes, rows: int, seg: int, off: int, gseq_at: int,
+                  v4: bool, ihl: int, doff: int) -> tuple[TunFrame, int, int] | None:
+    """Merge `rows` datagrams of `seg` bytes (encapsulation header of `off` bytes, then one
+    TCP segment each) into one TUN frame (bridge/tunframe.py: virtio-net header, GSO
+    TCPV4/TCPV6 with gso_size = the segments' payload, NEEDS_CSUM, then the merged packet
+    with the lengths of the whole and the pseudo-header sum in the TCP checksum field),
+    the last GRE sequence number merged (or -1) and the bytes consumed; None if they are not
+    one contiguous run. A shorter datagram after the rows (GRO's run end) joins if it
+    continues the run.
+
+    The rules of the per-packet path plus TUN coalescing, checked over all rows at once:
+    encapsulation headers equal but for the GRE sequence number, which must count up by
+    one (RFC 2890 §2.2; returned: the last one, or -1); inner headers equal but for IPv4
+    identification and checksum, TCP sequence number and checksum (like Linux GRO); exact
+    IP lengths (no padding); contiguous TCP sequence numbers; ACK-only segments, PSH allowed
+    on the last; every IPv4 header checksum and every TCP checksum (with pseudo-header, RFC
+    9293 §3.1) intact, since the kernel will not check a NEEDS_CSUM packet.
+    """
+    if _np is None:
+        return None
+    np = _np
+    hl = ihl + doff
+    plen = seg - off - hl
+    if plen <= 0 or (seg - off - ihl) & 1 or ihl & 1 or hl + rows * plen > 0xFFFF:
+        return None
+    a = np.frombuffer(buf, dtype=np.uint8, count=rows * seg).reshape(rows, seg)
+    h = a[:, :off + hl]
+    mask = np.full(off + hl, 0xFF, dtype=np.uint8)
+    if gseq_at >= 0:
+        mask[gseq_at:gseq_at + 4] = 0
+    t = off + ihl
+    mask[t + 4:t + 8] = 0
+    mask[t + 13] = 0
+    mask[t + 16:t + 18] = 0
+    if v4:
+        mask[off + 4:off + 6] = 0
+        mask[off + 10:off + 12] = 0
+    if ((h ^ h[0]) & mask).any():
+        return None
+    fl = a[:, t + 13]
+    if (fl[:-1] != _ACK).any() or (int(fl[-1]) & ~0x08) != _ACK:
+        return None
+    last_flags = int(fl[-1])
+    ln_at = off + 2 if v4 else off + 4
+    want = seg - off if v4 else seg - off - 40
+    if int.from_bytes(buf[ln_at:ln_at + 2], "big") != want:
+        return None  # rows are equal there (not masked)
+    idx = np.arange(rows, dtype=np.uint64)
+    tseq = a[:, t + 4:t + 8].copy().view(">u4").reshape(rows).astype(np.uint64)
+    if ((tseq - tseq[0] - idx * plen) & 0xFFFFFFFF).any():
+        return None
+    last_gseq = -1
+    if gseq_at >= 0:
+        gs = a[:, gseq_at:gseq_at + 4].copy().view(">u4").reshape(rows).astype(np.uint64)
+        if ((gs - gs[0] - idx) & 0xFFFFFFFF).any():
+            return None
+        last_gseq = int(gs[-1])
+    if v4:
+        src, dst = bytes(buf[off + 12:off + 16]), bytes(buf[off + 16:off + 20])
+        if (_sum_rows(a[:, off:t]) != 0xFFFF).any():
+            return None
+        ps = pseudo_sum_v4(src, dst, _TCP, seg - t)
+    else:
+        src, dst = bytes(buf[off + 8:off + 24]), bytes(buf[off + 24:off + 40])
+        ps = pseudo_sum_v6(src, dst, _TCP, seg - t)
+    sums = a[:, t:].view("<u2").sum(axis=1, dtype=np.uint64) + (((ps & 0xFF) << 8) | (ps >> 8))
+    if (_fold(sums) != 0xFFFF).any():
+        return None
+    # A shorter last datagram (GRO ends a run with it) joins if it continues the run.
+    tail = len(buf) - rows * seg
+    tplen = tail - off - hl
+    if tail and last_flags == _ACK and 0 < tplen < plen and _tail_ok(
+            buf, rows * seg, h[0], mask, v4, off, ihl, tail, src, dst,
+            (int(tseq[0]) + rows * plen) & 0xFFFFFFFF, last_gseq):
+        last_flags = buf[rows * seg + t + 13]
+        if last_gseq >= 0:
+            last_gseq = (last_gseq + 1) & 0xFFFFFFFF
+    else:
+        tail = tplen = 0
+    total = hl + rows * plen + tplen
+    out = bytearray(_VNET_LEN + total)
+    o = np.frombuffer(out, dtype=np.uint8)
+    end = _VNET_LEN + hl + rows * plen
+    o[_VNET_LEN + hl:end] = a[:, off + hl:].reshape(-1)
+    if tplen:
+        out[end:] = buf[len(buf) - tplen:]
+    hdr = bytearray(buf[off:off + hl])
+    hdr[ihl + 13] = last_flags
+    if v4:
+        _U16.pack_into(hdr, 2, total)
+        hdr[10] = hdr[11] = 0
+        _U16.pack_into(hdr, 10, checksum(memoryview(hdr)[:ihl]))
+        tps = pseudo_sum_v4(src, dst, _TCP, total - ihl)
+    else:
+        _U16.pack_into(hdr, 4, total - 40)
+        tps = pseudo_sum_v6(src, dst, _TCP, total - ihl)
+    _U16.pack_into(hdr, ihl + 16, tps)  # NEEDS_CSUM: the folded pseudo-header sum
+    out[_VNET_LEN:_VNET_LEN + hl] = hdr
+    _VNET.pack_into(out, 0, _NEEDS_CSUM, _GSO_TCPV4 if v4 else _GSO_TCPV6, hl, plen, ihl, 16)
+    return TunFrame(out), last_gseq, rows * seg + tail
+
+
+def _tail_ok(buf: bytes, at: int, h0: Any, mask: Any, v4: bool, off: int, ihl: int,
+             tail: int, src: bytes, dst: bytes, tseq: int, last_gseq: int) -> bool:
+    """The short last datagram at `buf[at:]` continues the run: same headers under `mask`,
+    exact length, the next TCP (and GRE) sequence number, intact checksums, ACK or ACK+PSH."""
+    np = _np
+    n = len(h0)
+    th = np.frombuffer(buf, dtype=np.uint8, count=n, offset=at)
+    mask = mask.copy()
+    ln = off + 2 if v4 else off + 4
+    mask[ln:ln + 2] = 0  # its own length, checked below
+    if ((th ^ h0) & mask).any():
+        return False
+    t = at + off + ihl
+    if (buf[t + 13] & ~0x08) != _ACK:
+        return False
+    if v4:
+        if _U16.unpack_from(buf, at + off + 2)[0] != tail - off:
+            return False
+        if partial(buf[at + off:t]) != 0xFFFF:
+            return False
+        ps = pseudo_sum_v4(src, dst, _TCP, tail - off - ihl)
+    else:
+        if _U16.unpack_from(buf, at + off + 4)[0] != tail - off - 40:
+            return False
+        ps = pseudo_sum_v6(src, dst, _TCP, tail - off - ihl)
+    if _U32.unpack_from(buf, t + 4)[0] != tseq:
+        return False
+    if last_gseq >= 0 and _U32.unpack_from(buf, at + off - 4)[0] != (last_gseq + 1) & 0xFFFFFFFF:
+        return False
+    return partial(buf[t:], ps) == 0xFFFF

@@ -48,17 +48,17 @@ pmtu.icmp_burst) refilled from `now`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from bridge import counters as C
 from bridge.config import Config, DownAction, Encapsulation, SeqPolicy, SourcePort
 from bridge.counters import Counters
 from bridge.encap import KEEPALIVE, GreEncoder, decode_gre, flow_source_port, overhead
-from bridge.gso import SuperPacket, encap_segments, parse_tcp
+from bridge.gso import GroBatch, SuperPacket, coalesce_rows, encap_segments, parse_tcp
 from bridge.mss import clamp_packet
 from bridge.peers import LOOP, PeerTable
-from bridge.seqpolicy import SeqReceiver
+from bridge.seqpolicy import SeqReceiver, seq_diff
 from stack.wire import icmp
 from stack.wire.ip import DF, OFFSET_MASK, PROTO_TCP, decrement_ttl_v4, fragment_v4, packet_length
 
@@ -410,7 +410,8 @@ class Bridge:
 
     # ---------------------------------------------------------------- peers -> TUN
 
-    def from_udp(self, datagrams: Iterable[tuple[Buf, Addr]], now: float, out: Output) -> None:
+    def from_udp(self, datagrams: Iterable[tuple[Buf | GroBatch, Addr]], now: float,
+                 out: Output) -> None:
         """Decapsulate datagrams; inner packets go to out.tun. Never raises for bad input.
 
         Inner packets are copied out of the datagram, so the I/O layer may reuse its
@@ -421,7 +422,7 @@ class Bridge:
         table = self.table
         peers = self.peers
         start = len(out.tun)
-        for payload, addr in datagrams:
+        for payload, addr in self._expand(datagrams, now, out):
             cands = table.by_host(addr[0]) if isinstance(addr, tuple) and addr else ()
             if not cands:
                 drops[C.R_UNKNOWN_PEER] += 1
@@ -489,6 +490,75 @@ class Bridge:
             c.rx_bytes[peer.index] += n
         if self.terminator is not None:  # server legs of terminated flows take theirs back
             self.terminator.divert(out, start, now)
+
+    def _expand(self, datagrams: Iterable[tuple[Buf | GroBatch, Addr]], now: float,
+                out: Output) -> Iterator[tuple[Buf, Addr]]:
+        """The datagrams one by one; a `GroBatch` goes through `_gro` first, and what that
+        leaves (all of it, or a short last datagram) comes out one by one, in order."""
+        for payload, addr in datagrams:
+            if type(payload) is GroBatch:
+                done = self._gro(payload, addr, now, out)
+                buf, seg = payload.buf, payload.seg
+                for o in range(done, len(buf), seg):
+                    yield buf[o:o + seg], addr
+            else:
+                yield payload, addr
+
+    def _gro(self, b: GroBatch, addr: Addr, now: float, out: Output) -> int:
+        """The receive fast path: a GRO batch of one TCP flow becomes one InnerSuper in
+        out.tun (bridge/gso.py `coalesce_rows` checks every row at once). The per-peer
+        decisions of `from_udp` (peer, GRE header, sequence policy, AllowedIPs, TTL, loop)
+        are made once, on the first datagram. Returns the bytes consumed: 0 whenever any
+        datagram could need per-packet treatment (terminated flows, reorder policy, GRE
+        checksums, a sequence number that drop-late could refuse, anything not one
+        contiguous TCP run); a shorter last datagram is left to the per-packet path.
+        Only an I/O layer whose TUN takes TunFrames (vnet header) hands GroBatches in."""
+        if self.terminator is not None:
+            return 0
+        cands = self.table.by_host(addr[0]) if isinstance(addr, tuple) and addr else ()
+        if len(cands) != 1:
+            return 0
+        peer = self.peers[cands[0]]
+        policy = peer.seq.policy
+        buf, seg = b.buf, b.seg
+        rows = len(buf) // seg
+        if rows < 2 or policy is SeqPolicy.REORDER or peer.csum_in:
+            return 0
+        first = memoryview(buf)[:seg]
+        off, gseq, gseq_at = 0, -1, -1
+        if peer.gre:
+            status, off, gseq = decode_gre(first, peer.key_in, False)
+            if status != -1:
+                return 0
+            gseq_at = off - 4 if gseq >= 0 else -1
+        if policy is SeqPolicy.DROP_LATE:
+            sr = peer.seq
+            if gseq < 0 or (sr.started and seq_diff(gseq, (sr.last + 1) & 0xFFFFFFFF) < 0):
+                return 0
+        parsed = parse_tcp(first[off:])
+        if parsed is None:
+            return 0
+        v4, ihl, doff = parsed
+        if v4:
+            src, dst, ttl = first[off + 12:off + 16], first[off + 16:off + 20], first[off + 8]
+        else:
+            src, dst, ttl = first[off + 8:off + 24], first[off + 24:off + 40], first[off + 7]
+        table = self.table
+        if ttl == 0 or not table.allowed(peer.index, src) or table.is_endpoint(dst):
+            return 0
+        r = coalesce_rows(buf, rows, seg, off, gseq_at, v4, ihl, doff)
+        if r is None:
+            return 0
+        sup, last, used = r
+        if policy is SeqPolicy.DROP_LATE:
+            peer.seq.started = True
+            peer.seq.last = last
+        self._heard(peer, now)
+        out.tun.append(sup)  # a TunFrame: the TUN adapter writes it whole
+        c = self.counters
+        c.rx_packets[peer.index] += rows + (used > rows * seg)
+        c.rx_bytes[peer.index] += used
+        return used
 
     def _pick(self, cands: tuple[int, ...], payload: Buf) -> PeerState:
         """Several peers share the source host: the GRE key tells them apart (RFC 2890 §2.1)."""

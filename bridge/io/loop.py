@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from bridge.gso import SuperPacket
+from bridge.gso import GroBatch, SuperPacket
 from bridge.pipeline import Bridge, Output
 
 log = logging.getLogger("grebe.loop")
@@ -48,6 +48,7 @@ SWITCH_INTERVAL = "0.005"
 WRITER_THREADS = os.environ.get("GREBE_WRITER_THREADS", "1") == "1"
 BATCH = int(os.environ.get("GREBE_BATCH", "64"))  # reads per drain round
 SUPER_PACKETS = os.environ.get("GREBE_SUPER_PACKETS", "1") == "1"  # bridge/gso.py fast path
+GRO_BATCHES = os.environ.get("GREBE_GRO_BATCHES", "1") == "1"  # bridge/gso.py receive path
 INLINE_MAX = int(os.environ.get("GREBE_INLINE_MAX", "4"))  # see _small()
 
 
@@ -137,9 +138,15 @@ class Engine:
             p.get("name"): "up" if p.get("up") else "down"
             for p in bridge.status(clock()).get("peers", [])}
         self.writers: dict[int, Writer] = {}  # id(Output) -> its writer (Runner sets them)
+        # Called with the lock held after each core call, with its Output: a hook for output
+        # that must leave in the order the core made it across threads (bridge/terminate_cli.py)
+        self.under_lock: Callable[[Output], None] | None = None
         self._sports_ok = hasattr(udp, "sport_pool")  # an adapter that can choose ports
         if hasattr(tun, "super_packets") and SUPER_PACKETS:  # Bridge.from_tun takes them
             tun.super_packets = SuperPacket
+            if hasattr(udp, "gro_batches") and GRO_BATCHES and getattr(tun, "vnet_hdr", False):
+                # from_udp then hands TunFrames (vnet header first) to the TUN
+                udp.gro_batches = GroBatch
         self.stats = {"tun_reads": 0, "tun_packets": 0, "udp_recvs": 0, "udp_datagrams": 0,
                       "udp_sends": 0, "tun_writes": 0}
 
@@ -181,6 +188,8 @@ class Engine:
                 except Exception as e:  # a core bug: keep the bridge running
                     self._internal(e)
                 t = self.bridge.get_timer()
+            if self.under_lock is not None:
+                self.under_lock(out)
             self._log_peer_changes(now)
         self._execute(out)
         return t
@@ -216,6 +225,8 @@ class Engine:
                 fn(batch, self.clock(), out)
             except Exception as e:  # a core bug: drop this batch, keep the bridge running
                 self._internal(e)
+            if self.under_lock is not None:
+                self.under_lock(out)
             t = self.bridge.get_timer()
         if t is not None and self.on_timer_change is not None:
             self.on_timer_change(t)

@@ -27,6 +27,8 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 
+from bridge.gso import GroBatch
+
 log = logging.getLogger("grebe.udp")
 
 SOL_UDP = 17
@@ -103,6 +105,9 @@ class UdpEndpoint:
         self.send_errors: dict[str, int] = {}
         self.max_payload = 65507 if not self.v6 else 65527
         self.address = address
+        # Set by the loop when its core takes GroBatch payloads (bridge/gso.py): a GRO
+        # buffer is then handed over whole instead of being cut into datagrams here.
+        self.gro_batches: type[GroBatch] | None = None
         # RFC 8086 §3.2.1 flow-hash source ports: send-only sockets, created on first use
         self.sport_pool = sport_pool
         self._pool: dict[int, socket.socket] = {}
@@ -131,6 +136,7 @@ class UdpEndpoint:
         anc = self._anc
         calls = 0
         dual = self.dual
+        gb = self.gro_batches
         while calls < limit:
             try:
                 n, ancdata, _flags, addr = sock.recvmsg_into(bufs, anc)
@@ -150,7 +156,9 @@ class UdpEndpoint:
             for level, typ, data in ancdata:
                 if level == SOL_UDP and typ == UDP_GRO:
                     seg = _GRO_SIZE.unpack_from(data.ljust(4, b"\0"))[0]
-            if seg and seg < n:
+            if seg and seg < n and gb is not None:  # one copy; the core takes it whole
+                out.append((gb(bytes(view[:n]), seg), a))  # type: ignore[arg-type]
+            elif seg and seg < n:
                 for off in range(0, n, seg):
                     out.append((bytes(view[off:min(off + seg, n)]), a))
             else:
