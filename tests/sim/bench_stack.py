@@ -9,6 +9,9 @@ Run: .venv/bin/python tests/sim/bench_stack.py [--segments N]
 3. receive of 64 KB super-segments (what a TUN with GRO hands over).
 4. send: segments_to_send -> emit_tcp of each data segment, and per two segments the
    peer's ACK (bytes prepared beforehand) parsed and processed.
+2b/4b. the same two paths with the segments parsed beforehand and nothing emitted: the
+   stack's own µs per segment (receive_segment, segments_to_send, next_event), which is
+   what header prediction and the ACK-clocked send path decide.
 5. the loss-free simulation of tests/sim/netsim.py (both ends in this process), with
    MSS segments and with 64 KB super-segments.
 Numbers depend on the machine's load; compare the ratios printed in one run (each figure
@@ -95,7 +98,25 @@ def bench_receive(n: int, size: int) -> tuple[float, int]:
     return dt / n * 1e6, acks
 
 
-def bench_send(n: int) -> float:
+def bench_receive_core(n: int, size: int) -> float:
+    """Like bench_receive, with parse_tcp done beforehand and the ACKs not emitted."""
+    conn, seq0 = _established_receiver()
+    segs = [parse_tcp(raw, R[0], L[0]) for raw in _data_segments(n, size, seq0)]
+    total = 0
+    t0 = time.perf_counter()
+    now = 0.001
+    for seg in segs:
+        conn.receive_segment(seg, now)  # type: ignore[arg-type]
+        conn.segments_to_send(now)
+        ev = conn.next_event()
+        if ev is not None:
+            total += len(ev.data)  # type: ignore[attr-defined]
+    dt = time.perf_counter() - t0
+    assert total == n * size
+    return dt / n * 1e6
+
+
+def bench_send(n: int, core: bool = False) -> float:
     conn = TcpConnection(L, R, TcpConfig(recv_buffer=1 << 22, send_buffer=1 << 24, nagle=False,
                                          initial_cwnd=1 << 22, isn_key=b"b"), iss=1000)
     conn.connect(0.0)
@@ -113,6 +134,7 @@ def bench_send(n: int) -> float:
                             b"", 0, ts=(2, 1)), R[0], L[0])
         for k in range(n // 2)
     ]
+    parsed = [parse_tcp(a, R[0], L[0]) for a in acks] if core else []
     sent = 0
     k = 0
     t0 = time.perf_counter()
@@ -122,10 +144,14 @@ def bench_send(n: int) -> float:
         if not segs:
             break
         for seg in segs:
-            emit_tcp(seg, L[0], R[0])
+            if not core:
+                emit_tcp(seg, L[0], R[0])
             sent += 1
             if not sent % 2 and k < len(acks):
-                conn.receive_segment(parse_tcp(acks[k], R[0], L[0]), now)  # type: ignore[arg-type]
+                if core:
+                    conn.receive_segment(parsed[k], now)  # type: ignore[arg-type]
+                else:
+                    conn.receive_segment(parse_tcp(acks[k], R[0], L[0]), now)  # type: ignore[arg-type]
                 k += 1
         now += 0.0001
     return (time.perf_counter() - t0) / max(sent, 1) * 1e6
@@ -138,21 +164,25 @@ def main() -> None:
     args = ap.parse_args()
     n = args.segments
     # Interleaved rounds, best of each: a shared machine's load comes and goes.
-    floor = recv_us = big_us = send_us = float("inf")
+    floor = recv_us = big_us = send_us = rcore = score = float("inf")
     acks = 0
     for _ in range(args.rounds):
         floor = min(floor, bench_floor(n))
         r, acks = bench_receive(n, 1448)
         recv_us = min(recv_us, r)
+        rcore = min(rcore, bench_receive_core(n, 1448))
         big_us = min(big_us, bench_receive(max(n // 40, 50), 65000)[0])
         send_us = min(send_us, bench_send(n))
+        score = min(score, bench_send(n, core=True))
     print(f"floor (parse+verify 1448 B, emit ACK):   {floor:6.2f} µs/segment")
     print(f"receive in-order + ACK every 2nd + event: {recv_us:6.2f} µs/segment "
           f"= {recv_us / floor:.2f} x floor, {1448 / recv_us:.0f} MB/s, {acks} ACKs")
+    print(f"  stack only (pre-parsed, nothing emitted): {rcore:6.2f} µs/segment")
     print(f"receive 65,000 B super-segments:          {big_us:6.2f} µs/segment "
           f"= {65000 / big_us:.0f} MB/s")
     print(f"send 1448 B segments (ACK per 2 parsed):  {send_us:6.2f} µs/segment "
           f"= {send_us / floor:.2f} x floor, {1448 / send_us:.0f} MB/s")
+    print(f"  stack only (pre-parsed ACKs, nothing emitted): {score:6.2f} µs/segment")
     for name, cfg in (
         ("simulation, MSS segments", None),
         ("simulation, 64 KB super-segments", TcpConfig(rto_min=0.2, tx_max_segment=65536,
