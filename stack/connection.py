@@ -48,7 +48,8 @@ from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, URG, TcpSegment
 
 __all__ = ["TcpConnection", "Endpoint"]
 
-_FAST_FLAGS = (ACK, ACK | PSH)
+_ACK_PSH = ACK | PSH
+_ESTABLISHED = State.ESTABLISHED
 _ABORT_SENDS_RST = frozenset(
     {State.SYN_RECEIVED, State.ESTABLISHED, State.FIN_WAIT_1, State.FIN_WAIT_2,
      State.CLOSE_WAIT}
@@ -174,39 +175,73 @@ class TcpConnection(OutputMixin):
         """
         self._last_rx = now
         self._ka_sent = 0
-        # Header prediction (RFC 9293 §3.10 note; Van Jacobson).
+        # Header prediction (RFC 9293 §3.10 note; Van Jacobson). One unpack of the tuple
+        # and locals instead of repeated attribute lookups: this is the per-segment cost.
+        (_sp, _dp, seq, ack, flags, window, payload, _urg, _mss, _ws, _sp2, ts, sack) = seg
+        rcv_nxt = self._rcv_nxt
         if (
-            self._state is State.ESTABLISHED
-            and seg.flags in _FAST_FLAGS
-            and seg.seq == (self._irs + self._rcv_nxt) & MASK
-            and not self._ooo
-            and not seg.sack  # SACK information goes to the scoreboard (slow path)
+            self._state is _ESTABLISHED
+            and (flags == ACK or flags == _ACK_PSH)
+            and seq == (self._irs + rcv_nxt) & MASK
+            and not sack  # SACK information goes to the scoreboard (slow path)
+            and not self._ooo.nbytes
         ):
-            ts = seg.ts
             if self._ts_on:
-                if ts is None or (
-                    self._ts_recent is not None and (ts[0] - self._ts_recent) & MASK >= HALF
-                ):
+                if ts is None:
                     self._slow_path(seg, now)
                     return
-            d = (seg.ack - self._iss - self._snd_una) & MASK
-            n = len(seg.payload)
-            wnd = seg.window << self._snd_wscale
-            if n and d == 0 and wnd == self._snd_wnd and n <= self._rcv_adv - self._rcv_nxt:
+                recent = self._ts_recent
+                if recent is not None and (ts[0] - recent) & MASK >= HALF:
+                    self._slow_path(seg, now)
+                    return
+            una = self._snd_una
+            d = (ack - self._iss - una) & MASK
+            n = len(payload)
+            if n:
+                if (
+                    d == 0
+                    and window << self._snd_wscale == self._snd_wnd
+                    and n <= self._rcv_adv - rcv_nxt
+                ):
+                    self.fast_path += 1
+                    if ts is not None and rcv_nxt <= self._last_ack_sent:
+                        self._ts_recent = ts[0]  # RFC 7323 §4.3
+                        self._ts_recent_at = now
+                    # In-order text (§3.10.7.4 seventh step), _accept_in_order inlined.
+                    self._rcv_nxt = rcv_nxt + n
+                    self.bytes_in += n
+                    self._rx.append(payload if type(payload) is bytes else bytes(payload))
+                    self._rx_len += n
+                    ev = self._events
+                    if not ev or ev[-1] is not DATA_MARK:
+                        ev.append(DATA_MARK)
+                    u = self._unacked_bytes + n
+                    self._unacked_bytes = u
+                    big = self._rcv_big
+                    if n > big:  # estimate the peer's full segment size (Linux rcv_mss)
+                        big = self._rcv_big = min(n, self._rcv_mss())
+                    if u >= 2 * big:  # SHLD-19: ACK every second full segment
+                        self._ack_now = True
+                    elif self._delack_at is None:
+                        self._delack_at = now + self.config.delayed_ack  # MUST-40: < 0.5 s
+                    return
+            elif 0 < d <= self._snd_max - una:
                 self.fast_path += 1
-                if ts is not None and self._rcv_nxt <= self._last_ack_sent:
+                if ts is not None and rcv_nxt <= self._last_ack_sent:
                     self._ts_recent = ts[0]  # RFC 7323 §4.3
                     self._ts_recent_at = now
-                self._accept_in_order(seg.payload, n, now)
-                return
-            if not n and 0 < d <= self._snd_max - self._snd_una:
-                self.fast_path += 1
-                if ts is not None and self._rcv_nxt <= self._last_ack_sent:
-                    self._ts_recent = ts[0]  # RFC 7323 §4.3
-                    self._ts_recent_at = now
-                ack_abs = self._snd_una + d
+                ack_abs = una + d
                 self._new_ack(ack_abs, d, ts, now)
-                self._update_window(wnd, self._rcv_nxt, ack_abs)  # WL1 <= RCV.NXT, WL2 < ack
+                # SND.WND update (WL1 <= RCV.NXT, WL2 < ack), _update_window inlined.
+                wnd = window << self._snd_wscale
+                self._snd_wnd = wnd
+                self._snd_wl1 = rcv_nxt
+                self._snd_wl2 = ack_abs
+                if wnd > self._max_snd_wnd:
+                    self._max_snd_wnd = wnd
+                if wnd:
+                    self._persist_at = None
+                    self._persist_backoff = 0
                 return
         self._slow_path(seg, now)
 

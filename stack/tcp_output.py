@@ -46,6 +46,12 @@ from stack.wire.tcp import ACK, FIN, PSH, SYN, URG, TcpSegment
 
 __all__ = ["OutputMixin"]
 
+_ACK_PSH = ACK | PSH
+_CLOSED = State.CLOSED
+_LISTEN = State.LISTEN
+_SYN_SENT = State.SYN_SENT
+_SYN_RECEIVED = State.SYN_RECEIVED
+_ESTABLISHED = State.ESTABLISHED
 _SENDING = frozenset(
     {State.ESTABLISHED, State.CLOSE_WAIT, State.FIN_WAIT_1, State.CLOSING, State.LAST_ACK}
 )
@@ -57,22 +63,33 @@ class OutputMixin(ConnectionCore):
     def segments_to_send(self, now: float) -> list[TcpSegment]:
         """Return the segments to transmit now, in order (possibly empty). Never raises."""
         out = self._rst_out
+        st = self._state
+        nxt = self._snd_nxt
+        if (
+            st is _ESTABLISHED
+            and not out
+            and not self._ack_now
+            and self._sendbuf.end < nxt
+            and not (self._retx_pending or self._probe_pending or self._ka_pending)
+            and self._fin_abs is None
+            and not self._cc.in_recovery
+        ):
+            return []  # the common "nothing due" case, without the general checks below
         if out:
             self._rst_out = []
         else:
             out = []
-        st = self._state
-        if st is State.CLOSED or st is State.LISTEN:
+        if st is _CLOSED or st is _LISTEN:
             return out
-        if self._snd_nxt == 0 and (st is State.SYN_SENT or st is State.SYN_RECEIVED):
+        if nxt == 0 and (st is _SYN_SENT or st is _SYN_RECEIVED):
             out.append(self._syn_segment(now))
-            if st is State.SYN_SENT:
+            if st is _SYN_SENT:
                 return out
             self._ack_sent()
-        if st is State.SYN_SENT:
+            nxt = self._snd_nxt
+        if st is _SYN_SENT:
             return out
         n0 = len(out)
-        nxt = self._snd_nxt
         if st in _SENDING and (
             self._sendbuf.end >= nxt  # unsent data (data byte k is at position k + 1)
             or self._retx_pending
@@ -233,6 +250,12 @@ class OutputMixin(ConnectionCore):
         last = self._last_send_at
         if last is not None and self._snd_una == self._snd_max and now - last > self._rto.rto:
             cc.on_idle()  # RFC 5681 §4.1
+        # Loop invariants in locals: the windows do not move while we send.
+        wnd_edge = self._snd_wl2 + self._snd_wnd
+        cwnd_edge = self._snd_una + cc.cwnd + cc.limited_transmit
+        lport, rport = self.local[1], self.remote[1]
+        iss = self._iss
+        up = self._snd_up
         while True:
             nxt = self._snd_nxt
             off = nxt - 1
@@ -242,13 +265,14 @@ class OutputMixin(ConnectionCore):
                     out.append(self._segment(nxt, ACK | FIN, b"", ack, win, ts, sack))
                     self._advance(nxt + 1, now)
                 return
-            wnd_edge = self._snd_wl2 + self._snd_wnd
             if budget >= 0:
                 usable = min(wnd_edge - nxt, budget)
                 budget = 0
             else:
-                usable = min(wnd_edge, self._snd_una + cc.cwnd + cc.limited_transmit) - nxt
-            n = min(avail, usable, maxseg)
+                usable = (wnd_edge if wnd_edge < cwnd_edge else cwnd_edge) - nxt
+            n = avail if avail < usable else usable
+            if n > maxseg:
+                n = maxseg
             if n <= 0:
                 if wnd_edge <= nxt:
                     self._arm_persist(now)
@@ -261,14 +285,25 @@ class OutputMixin(ConnectionCore):
                 elif self.config.nagle and nxt > self._snd_una and fin_abs is None:
                     return  # Nagle: wait for the outstanding data to be acknowledged
             payload = buf.peek(off, n)
-            flags = ACK | PSH if n == avail else ACK
+            flags = _ACK_PSH if n == avail else ACK
             if fin_abs is not None and off + n == buf.end:
                 flags |= FIN
                 n1 = n + 1
             else:
                 n1 = n
-            out.append(self._segment(nxt, flags, payload, ack, win, ts, sack))
-            self._advance(nxt + n1, now)
+            if up > nxt:
+                out.append(self._segment(nxt, flags, payload, ack, win, ts, sack))
+            else:  # _segment inlined for the common case (no urgent data)
+                out.append(TcpSegment(lport, rport, (iss + nxt) & MASK, ack, flags, win,
+                                      payload, 0, None, None, False, ts, sack))
+            new_nxt = nxt + n1
+            if nxt < self._snd_max or (self._rtt_abs is None and not self._ts_on):
+                self._advance(new_nxt, now)
+            else:  # _advance for new data, already timed or timed by TSopt
+                self._snd_max = self._snd_nxt = new_nxt
+                self._last_send_at = now
+                if self._rto_at is None:
+                    self._rto_at = now + self._rto.rto  # RFC 6298 §5.1
 
     def _advance(self, new_nxt: int, now: float) -> None:
         """SND.NXT moves to `new_nxt` after a transmission; time it and arm the timer."""
