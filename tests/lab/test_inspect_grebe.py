@@ -192,6 +192,25 @@ def test_sighup_reloads_the_kernel_rules_and_grebe_keeps_running(lab: Any) -> No
                    check=False).returncode == 7
 
 
+def test_standalone_tool_stands_by_beside_grebe(lab: Any) -> None:
+    """`python -m bridge.tproxy` (still started by older scripts, e.g. the bench) must not
+    replace or, failing to bind, delete the interception grebe up runs."""
+    d = Path(lab.state_dir)
+    tool = lab.popen("gw-a", ["python", "-m", "bridge.tproxy", "-c",
+                              "./two-sites-inspect-kernel/gw-a.toml", "--ready-file",
+                              str(d / "standby.ready")], cwd=str(ROOT / "topologies"),
+                     log=str(d / "standby.log"))
+    lab.wait_for(lambda: (d / "standby.ready").exists(), 20, "the standalone tool ready")
+    assert "standing by" in (d / "standby.log").read_text()
+    tool.send_signal(signal.SIGTERM)
+    assert tool.wait(20) == 0
+    assert "grebe_tproxy" in lab.run("gw-a", ["nft", "list", "tables"]).stdout
+    before = grebe_json(lab, "status")["inspect_kernel"]["summary"]["accepted"]
+    assert lab.run("client", ["curl", "-sS", "-m", "20", f"http://{SERVER}/small.txt"]
+                   ).stdout == "a small file\n"
+    assert grebe_json(lab, "status")["inspect_kernel"]["summary"]["accepted"] == before + 1
+
+
 def test_zz_sigterm_removes_the_interception(lab: Any) -> None:
     """Last: SIGTERM to grebe up removes its nft table, policy rules and local routes."""
     grebe = _grebe_up(lab)

@@ -332,3 +332,12 @@ def test_reload_from_the_endpoint_file_and_refusal(tmp_path: Path, caplog: Any) 
         assert kb.call(lambda: [x.name for x in kb.backend.rules]) == ["b"]
     finally:
         kb.stop()
+
+
+def test_flows_table_without_kernel_backend_is_the_userspace_one() -> None:
+    from bridge.terminate_cli import format_flows as user_table
+
+    answer: dict[str, Any] = {"flows": [], "inspect": {"ended": {"closed": 2}}}
+    assert format_flows(answer) == user_table(answer)
+    both = format_flows({"flows": [], "inspect": {}, "inspect_kernel": {"summary": {}}})
+    assert "0 flow(s)" not in both and "0 kernel flow(s)" in both
