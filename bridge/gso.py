@@ -278,32 +278,37 @@ def _sum_rows(a: Any) -> Any:
     return _fold(a.view("<u2").sum(axis=1, dtype=_np.uint64))
 
 
-def coalesce_rows(buf: bytes, rows: int, seg: int, off: int, gseq_at: int,
-                  v4: bool, ihl: int, doff: int) -> tuple[TunFrame, int, int] | None:
-    """Merge `rows` datagrams of `seg` bytes (encapsulation header of `off` bytes, then one
-    TCP segment each) into one TUN frame (bridge/tunframe.py: virtio-net header, GSO
-    TCPV4/TCPV6 with gso_size = the segments' payload, NEEDS_CSUM, then the merged packet
-    with the lengths of the whole and the pseudo-header sum in the TCP checksum field),
-    the last GRE sequence number merged (or -1) and the bytes consumed; None if they are not
-    one contiguous run. A shorter datagram after the rows (GRO's run end) joins if it
-    continues the run.
+def coalesce_rows(buf: bytes, start: int, seg: int, off: int, gseq_at: int,
+                  v4: bool, ihl: int, doff: int) -> tuple[TunFrame, int, int, int] | None:
+    """Merge the longest run of datagrams of `seg` bytes from `buf[start:]` (encapsulation
+    header of `off` bytes, then one TCP segment each) into one TUN frame (bridge/tunframe.py:
+    virtio-net header, GSO TCPV4/TCPV6 with gso_size = the segments' payload, NEEDS_CSUM,
+    then the merged packet with the lengths of the whole and the pseudo-header sum in the TCP
+    checksum field). Returns (frame, datagrams merged, last GRE sequence number or -1, bytes
+    consumed), or None when not even the first two datagrams make a run. A shorter datagram
+    after all the rows (GRO's run end) joins if it continues the run.
 
-    The rules of the per-packet path plus TUN coalescing, checked over all rows at once:
-    encapsulation headers equal but for the GRE sequence number, which must count up by
-    one (RFC 2890 §2.2; returned: the last one, or -1); inner headers equal but for IPv4
-    identification and checksum, TCP sequence number and checksum (like Linux GRO); exact
-    IP lengths (no padding); contiguous TCP sequence numbers; ACK-only segments, PSH allowed
-    on the last; every IPv4 header checksum and every TCP checksum (with pseudo-header, RFC
-    9293 §3.1) intact, since the kernel will not check a NEEDS_CSUM packet.
+    The rules of the per-packet path plus TUN coalescing, checked over all rows at once (a
+    row breaking one ends the run before it): encapsulation headers equal but for the GRE
+    sequence number, which must count up by one (RFC 2890 §2.2); inner headers equal but for
+    IPv4 identification and checksum, TCP sequence number and checksum (like Linux GRO, so
+    a changed window or timestamp ends a run); exact IP lengths (no padding); contiguous TCP
+    sequence numbers; ACK-only segments, PSH ends a run (it is kept on the merged packet);
+    every IPv4 header checksum and every TCP checksum (with pseudo-header, RFC 9293 §3.1)
+    intact, since the kernel will not check a NEEDS_CSUM packet.
     """
     if _np is None:
         return None
     np = _np
     hl = ihl + doff
     plen = seg - off - hl
-    if plen <= 0 or (seg - off - ihl) & 1 or ihl & 1 or hl + rows * plen > 0xFFFF:
+    rows = min((len(buf) - start) // seg, (0xFFFF - hl) // max(plen, 1))
+    if rows < 2 or plen <= 0 or (seg - off - ihl) & 1 or ihl & 1:
         return None
-    a = np.frombuffer(buf, dtype=np.uint8, count=rows * seg).reshape(rows, seg)
+    ln_at = start + off + (2 if v4 else 4)
+    if int.from_bytes(buf[ln_at:ln_at + 2], "big") != (seg - off if v4 else seg - off - 40):
+        return None  # padded or short: the per-packet path decides
+    a = np.frombuffer(buf, dtype=np.uint8, count=rows * seg, offset=start).reshape(rows, seg)
     h = a[:, :off + hl]
     mask = np.full(off + hl, 0xFF, dtype=np.uint8)
     if gseq_at >= 0:
@@ -315,48 +320,51 @@ def coalesce_rows(buf: bytes, rows: int, seg: int, off: int, gseq_at: int,
     if v4:
         mask[off + 4:off + 6] = 0
         mask[off + 10:off + 12] = 0
-    if ((h ^ h[0]) & mask).any():
-        return None
+    bad = ((h ^ h[0]) & mask).any(axis=1)
     fl = a[:, t + 13]
-    if (fl[:-1] != _ACK).any() or (int(fl[-1]) & ~0x08) != _ACK:
-        return None
-    last_flags = int(fl[-1])
-    ln_at = off + 2 if v4 else off + 4
-    want = seg - off if v4 else seg - off - 40
-    if int.from_bytes(buf[ln_at:ln_at + 2], "big") != want:
-        return None  # rows are equal there (not masked)
+    bad |= (fl & 0xF7) != _ACK
     idx = np.arange(rows, dtype=np.uint64)
     tseq = a[:, t + 4:t + 8].copy().view(">u4").reshape(rows).astype(np.uint64)
-    if ((tseq - tseq[0] - idx * plen) & 0xFFFFFFFF).any():
-        return None
-    last_gseq = -1
+    bad |= ((tseq - tseq[0] - idx * plen) & 0xFFFFFFFF) != 0
+    gs = None
     if gseq_at >= 0:
         gs = a[:, gseq_at:gseq_at + 4].copy().view(">u4").reshape(rows).astype(np.uint64)
-        if ((gs - gs[0] - idx) & 0xFFFFFFFF).any():
-            return None
-        last_gseq = int(gs[-1])
+        bad |= ((gs - gs[0] - idx) & 0xFFFFFFFF) != 0
     if v4:
-        src, dst = bytes(buf[off + 12:off + 16]), bytes(buf[off + 16:off + 20])
-        if (_sum_rows(a[:, off:t]) != 0xFFFF).any():
-            return None
+        src, dst = bytes(buf[start + off + 12:start + off + 16]), \
+            bytes(buf[start + off + 16:start + off + 20])
+        bad |= _sum_rows(a[:, off:t]) != 0xFFFF
         ps = pseudo_sum_v4(src, dst, _TCP, seg - t)
     else:
-        src, dst = bytes(buf[off + 8:off + 24]), bytes(buf[off + 24:off + 40])
+        src, dst = bytes(buf[start + off + 8:start + off + 24]), \
+            bytes(buf[start + off + 24:start + off + 40])
         ps = pseudo_sum_v6(src, dst, _TCP, seg - t)
     sums = a[:, t:].view("<u2").sum(axis=1, dtype=np.uint64) + (((ps & 0xFF) << 8) | (ps >> 8))
-    if (_fold(sums) != 0xFFFF).any():
+    bad |= _fold(sums) != 0xFFFF
+    k = int(bad.argmax()) if bad.any() else rows
+    psh = np.flatnonzero(fl[:k] & 0x08)
+    if psh.size:
+        k = int(psh[0]) + 1
+    if k < 2:
         return None
+    last_flags = int(fl[k - 1])
+    last_gseq = int(gs[k - 1]) if gs is not None else -1
+    used = k * seg
     # A shorter last datagram (GRO ends a run with it) joins if it continues the run.
-    tail = len(buf) - rows * seg
+    end_at = start + used
+    tail = len(buf) - end_at
     tplen = tail - off - hl
-    if tail and last_flags == _ACK and 0 < tplen < plen and _tail_ok(
-            buf, rows * seg, h[0], mask, v4, off, ihl, tail, src, dst,
-            (int(tseq[0]) + rows * plen) & 0xFFFFFFFF, last_gseq):
-        last_flags = buf[rows * seg + t + 13]
+    if k == rows and tail and last_flags == _ACK and 0 < tplen < plen and _tail_ok(
+            buf, end_at, h[0], mask, v4, off, ihl, tail, src, dst,
+            (int(tseq[0]) + k * plen) & 0xFFFFFFFF, last_gseq):
+        last_flags = buf[end_at + t + 13]
         if last_gseq >= 0:
             last_gseq = (last_gseq + 1) & 0xFFFFFFFF
+        used += tail
     else:
-        tail = tplen = 0
+        tplen = 0
+    rows = k
+    a = a[:k]
     total = hl + rows * plen + tplen
     out = bytearray(_VNET_LEN + total)
     o = np.frombuffer(out, dtype=np.uint8)
@@ -364,7 +372,7 @@ def coalesce_rows(buf: bytes, rows: int, seg: int, off: int, gseq_at: int,
     o[_VNET_LEN + hl:end] = a[:, off + hl:].reshape(-1)
     if tplen:
         out[end:] = buf[len(buf) - tplen:]
-    hdr = bytearray(buf[off:off + hl])
+    hdr = bytearray(buf[start + off:start + off + hl])
     hdr[ihl + 13] = last_flags
     if v4:
         _U16.pack_into(hdr, 2, total)
@@ -377,7 +385,7 @@ def coalesce_rows(buf: bytes, rows: int, seg: int, off: int, gseq_at: int,
     _U16.pack_into(hdr, ihl + 16, tps)  # NEEDS_CSUM: the folded pseudo-header sum
     out[_VNET_LEN:_VNET_LEN + hl] = hdr
     _VNET.pack_into(out, 0, _NEEDS_CSUM, _GSO_TCPV4 if v4 else _GSO_TCPV6, hl, plen, ihl, 16)
-    return TunFrame(out), last_gseq, rows * seg + tail
+    return TunFrame(out), k + (tplen > 0), last_gseq, used
 
 
 def _tail_ok(buf: bytes, at: int, h0: Any, mask: Any, v4: bool, off: int, ihl: int,

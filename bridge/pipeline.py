@@ -497,34 +497,44 @@ class Bridge:
         leaves (all of it, or a short last datagram) comes out one by one, in order."""
         for payload, addr in datagrams:
             if type(payload) is GroBatch:
-                done = self._gro(payload, addr, now, out)
                 buf, seg = payload.buf, payload.seg
-                for o in range(done, len(buf), seg):
-                    yield buf[o:o + seg], addr
+                pos, n = 0, len(buf)
+                while pos < n:
+                    used = self._gro(payload, pos, addr, now, out)
+                    if used > 0:
+                        pos += used
+                        continue
+                    if used < 0:  # nothing in this batch can take the fast path
+                        for o in range(pos, n, seg):
+                            yield buf[o:o + seg], addr
+                        break
+                    yield buf[pos:pos + seg], addr  # one by one until a run starts
+                    pos += seg
             else:
                 yield payload, addr
 
-    def _gro(self, b: GroBatch, addr: Addr, now: float, out: Output) -> int:
+    def _gro(self, b: GroBatch, start: int, addr: Addr, now: float, out: Output) -> int:
         """The receive fast path: a GRO batch of one TCP flow becomes one InnerSuper in
         out.tun (bridge/gso.py `coalesce_rows` checks every row at once). The per-peer
         decisions of `from_udp` (peer, GRE header, sequence policy, AllowedIPs, TTL, loop)
-        are made once, on the first datagram. Returns the bytes consumed: 0 whenever any
-        datagram could need per-packet treatment (terminated flows, reorder policy, GRE
-        checksums, a sequence number that drop-late could refuse, anything not one
-        contiguous TCP run); a shorter last datagram is left to the per-packet path.
-        Only an I/O layer whose TUN takes TunFrames (vnet header) hands GroBatches in."""
-        if self.terminator is not None:
-            return 0
+        are made once, on the first datagram of a run. Starts at `buf[start:]`; returns
+        the bytes consumed (a run), 0 when the datagram at `start` must go alone through the
+        per-packet path (a sequence number drop-late could refuse, not the start of a
+        contiguous TCP run, ...), -1 when no datagram of this batch can take the fast path
+        (reorder policy, GRE checksums, unknown or ambiguous peer). A terminated flow's
+        run is taken back from out.tun by `Terminator.divert` (one segment for its server
+        leg). Only an I/O layer whose TUN takes TunFrames (vnet header) hands GroBatches in."""
         cands = self.table.by_host(addr[0]) if isinstance(addr, tuple) and addr else ()
         if len(cands) != 1:
-            return 0
+            return -1
         peer = self.peers[cands[0]]
         policy = peer.seq.policy
         buf, seg = b.buf, b.seg
-        rows = len(buf) // seg
-        if rows < 2 or policy is SeqPolicy.REORDER or peer.csum_in:
+        if policy is SeqPolicy.REORDER or peer.csum_in:
+            return -1
+        if len(buf) - start < 2 * seg:
             return 0
-        first = memoryview(buf)[:seg]
+        first = memoryview(buf)[start:start + seg]
         off, gseq, gseq_at = 0, -1, -1
         if peer.gre:
             status, off, gseq = decode_gre(first, peer.key_in, False)
@@ -546,17 +556,17 @@ class Bridge:
         table = self.table
         if ttl == 0 or not table.allowed(peer.index, src) or table.is_endpoint(dst):
             return 0
-        r = coalesce_rows(buf, rows, seg, off, gseq_at, v4, ihl, doff)
+        r = coalesce_rows(buf, start, seg, off, gseq_at, v4, ihl, doff)
         if r is None:
             return 0
-        sup, last, used = r
+        sup, merged, last, used = r
         if policy is SeqPolicy.DROP_LATE:
             peer.seq.started = True
             peer.seq.last = last
         self._heard(peer, now)
         out.tun.append(sup)  # a TunFrame: the TUN adapter writes it whole
         c = self.counters
-        c.rx_packets[peer.index] += rows + (used > rows * seg)
+        c.rx_packets[peer.index] += merged
         c.rx_bytes[peer.index] += used
         return used
 
