@@ -133,7 +133,20 @@ def cmd_up(args: argparse.Namespace) -> int:
 
         def on_signal(signum: int, _frame: Any) -> None:
             log.info("%s: stopping", signal.Signals(signum).name)
-            runner.stop()
+            if kernel is not None:
+                # the relays' RSTs to servers leave through the TUN: reset them (off the
+                # signal handler, it waits on the backend's loop) while the data plane runs
+                import threading
+
+                stopping = kernel
+
+                def stop_kernel_first() -> None:
+                    stopping.stop()
+                    runner.stop()
+
+                threading.Thread(target=stop_kernel_first, name="stop", daemon=True).start()
+            else:
+                runner.stop()
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)

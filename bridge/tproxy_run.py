@@ -57,6 +57,7 @@ class KernelBackendThread:
         self.backend = backend or TproxyBackend(rules, self.settings, install=install)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._stop_lock = threading.Lock()     # a second SIGTERM waits for the first stop
 
     @property
     def running(self) -> bool:
@@ -109,17 +110,19 @@ class KernelBackendThread:
         self._loop.call_soon_threadsafe(_reload, self.backend, self.config_path)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """End every relay, remove the interception, stop the thread. Idempotent."""
-        loop = self._loop
-        if loop is None:
-            return
-        try:
-            if self.running:
-                asyncio.run_coroutine_threadsafe(self.backend.stop(), loop).result(timeout)
-        except Exception:  # noqa: BLE001 - report, then still stop the thread
-            log.exception("tproxy: stopping the kernel backend failed")
-        finally:
-            self._end_loop()
+        """End every relay, remove the interception, stop the thread. Idempotent and safe
+        from two threads at once (the second returns when the first is done)."""
+        with self._stop_lock:
+            loop = self._loop
+            if loop is None:
+                return
+            try:
+                if self.running:
+                    asyncio.run_coroutine_threadsafe(self.backend.stop(), loop).result(timeout)
+            except Exception:  # noqa: BLE001 - report, then still stop the thread
+                log.exception("tproxy: stopping the kernel backend failed")
+            finally:
+                self._end_loop()
 
     def _end_loop(self) -> None:
         loop, thread = self._loop, self._thread

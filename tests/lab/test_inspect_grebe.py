@@ -215,8 +215,21 @@ def test_zz_sigterm_removes_the_interception(lab: Any) -> None:
     """Last: SIGTERM to grebe up removes its nft table, policy rules and local routes."""
     grebe = _grebe_up(lab)
     assert "grebe_tproxy" in lab.run("gw-a", ["nft", "list", "tables"]).stdout
+    # a live relayed download: grebe resets it toward both ends before the tunnel goes
+    curl = lab.popen("client", ["curl", "-sS", "-o", "/dev/null", "--limit-rate", "500K",
+                                f"http://{SERVER}/big.bin"])
+
+    def server_conns() -> str:
+        out: str = lab.run("server", ["ss", "-Htn", "state", "established",
+                                      "( sport = :80 )"]).stdout
+        return out.strip()
+
+    lab.wait_for(lambda: "198.18.1.10" in server_conns(), 20, "the download at the server")
     grebe.send_signal(signal.SIGTERM)
     assert grebe.wait(30) == 0
+    assert curl.wait(20) != 0           # reset, not finished
+    # the server got the relay's RST through the tunnel (else: ESTABLISHED for minutes)
+    lab.wait_for(lambda: "198.18.1.10" not in server_conns(), 10, "the server's socket reset")
     assert "grebe_tproxy" not in lab.run("gw-a", ["nft", "list", "tables"]).stdout
     rules = lab.run("gw-a", ["ip", "rule"]).stdout + lab.run("gw-a", ["ip", "-6", "rule"]).stdout
     assert "0x4754" not in rules and "lookup 4754" not in rules
