@@ -301,6 +301,10 @@ class Terminator:
             run_next = 0
             run_off = 0
             for pkt in pkts:
+                if type(pkt) is TunFrame:  # a run the Bridge merged and checked (bridge/gso.py)
+                    if not self._server_frame(pkt, now):
+                        tun.append(pkt)
+                    continue
                 n = len(pkt)
                 found = self._server_side(pkt, n)
                 if found is None:
@@ -343,6 +347,29 @@ class Terminator:
                 self._server_run(run, run_sp, run_off, now)
         if self.touched or self._pending_rst:
             self.flush(now, out)
+
+    def _server_frame(self, frame: TunFrame, now: float) -> bool:
+        """A `TunFrame` from the Bridge's receive fast path (bridge/gso.py coalesce_rows:
+        one contiguous TCP run, every segment's checksum checked there, the merged packet's
+        checksum field holding the pseudo-header sum, NEEDS_CSUM). When it is a server leg's,
+        the leg takes it as one segment (no second checksum pass) and True is returned."""
+        mv = memoryview(frame)[_VNET.size:]
+        n = len(mv)
+        if frame[0] != _NEEDS_CSUM:
+            return False
+        found = self._server_side(mv, n)
+        if found is None:
+            return False
+        sp, ck, key, off, _flags = found
+        seg = parse_tcp(mv[off:n], key[1], key[2], drops=self.drops, verify_checksum=False)
+        if seg is not None:
+            gso_size = frame[4] | frame[5] << 8  # virtio_net_hdr.gso_size
+            k = -(-len(seg.payload) // gso_size) if gso_size else 1
+            self.counters["from_server"] += k
+            self.counters["server_runs"] = self.counters.get("server_runs", 0) + 1
+            sp.from_server(seg, now)
+            self.touched[ck] = sp
+        return True
 
     def _server_run(self, run: list[bytes], sp: Splice | None, off: int, now: float) -> None:
         """Hand a run of contiguous data segments of one server leg to it as one segment
