@@ -14,9 +14,11 @@ Rules
   kernel rule selects is handed to our listener (`tproxy ... to :PORT`), both marked so that
   the policy route delivers them locally. Rules keep the first-match order of `[[inspect]]`:
   a userspace-backend or `action = "forward"` rule in front of a kernel rule becomes an
-  `accept` carve-out; `action = "drop"` kernel rules drop. Only packets arriving on
-  `iifnames` (the LAN side) are intercepted when given, and only a connection's first SYN is
-  selected: connections open before the backend started pass untouched (as in flows.py).
+  `accept` carve-out; `action = "drop"` kernel rules answer the SYN with an RST (RFC 9293
+  §3.10.7.1, nft `reject with tcp reset`, counted as `rejected`). Only packets arriving on a
+  rule's `iif` (else `iifnames`, the LAN side) are intercepted when given, and only a
+  connection's first SYN is selected: connections open before the backend started pass
+  untouched (as in flows.py).
 - The listener (v4 and v6, IP_TRANSPARENT / IPV6_TRANSPARENT) reads the original destination
   with getsockname(). For each accepted flow the upstream socket is IP_TRANSPARENT and bound to
   the client's own address, so the server sees the client; its packets leave through the
@@ -29,7 +31,12 @@ Rules
   `max_buffer`; when it fills, we stop reading from the other side until it drains.
 - A failed upstream connect (refused, unreachable, timeout) resets the client: the client
   sees what it would have seen without us (RST), a little later.
+- A flow idle in both directions for its rule's `idle_timeout` (default 300 s) is reset both
+  ways and ends with close reason "idle" (counted, logged).
 - Writers (log, pcap) flush on a timer in a worker thread, never in a hook.
+- `grebe up` runs this backend on a thread for its kernel rules (bridge/tproxy_run.py);
+  `python -m bridge.tproxy` stays as a standalone tool and stands by, installing nothing, when
+  the namespace already has the table (a second instance must not replace or delete it).
 - SIGHUP reloads the rules without dropping flows: new flows follow the new rules, live ones
   keep their inspectors; a bad file is refused and logged, the old rules stay.
 
@@ -39,8 +46,9 @@ Theory of operation
 `Relay`: two `_Side` protocols around an `InspectSession` (bridge/inspect/session.py, the
 sans-I/O stream life shared with the userspace splice), whose actions it performs on the
 sockets. The client side is paused until flow_start allowed the flow and the upstream
-connected. `stop()` closes the listeners, ends every relay (CloseReason.SHUTDOWN), closes the
-inspectors and removes the interception.
+connected. `status()` gives the counters and the live flows with both sockets' TCP_INFO
+(bridge/tproxy_info.py). `stop()` closes the listeners, ends every relay
+(CloseReason.SHUTDOWN), closes the inspectors and removes the interception.
 """
 
 from __future__ import annotations
