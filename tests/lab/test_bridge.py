@@ -336,3 +336,61 @@ def test_sigterm_cleans_up_and_a_second_instance_fails(lab: Lab) -> None:
         assert gw.stop() == {"gw-a": 0, "gw-b": 0}
     assert _tun_and_routes(lab) == (False, [])
     assert "grebe down" in gw.log("gw-a")
+
+
+SEND_UDP = r"""
+import socket, sys
+dst, ports = sys.argv[1], [int(p) for p in sys.argv[2:]]
+socks = []
+for p in ports:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", p))
+    socks.append(s)
+for i in range(5):  # interleaved: the two flows alternate
+    for s in socks:
+        s.sendto(b"flow-hash %d" % i, (dst, 9))
+"""
+
+
+def test_flow_hash_source_ports_on_the_wire(lab: Lab) -> None:
+    """RFC 8086 §3.2.1 with source_port = "flow-hash": two inner flows leave gw-a from two
+    different UDP source ports in 49152-65535, each flow always from the same one."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import GRE
+    from scapy.utils import rdpcap
+
+    from bridge.encap import flow_source_port
+    from bridge.io.udp import SPORT_POOL
+
+    cfgs = []
+    for cfg in VARIANTS["gre-v4underlay"]:
+        text = (TOPO / cfg).read_text()
+        assert "\ndead_after = 6" in text
+        p = lab.state_dir / ("fh-" + Path(cfg).name)
+        p.write_text(text.replace("\ndead_after = 6",
+                                  '\ndead_after = 6\nsource_port = "flow-hash"'))
+        cfgs.append(p)
+
+    def slot(port: int) -> int:  # the pool socket a flow lands on (bridge/io/udp.py)
+        inner = bytes(IP(src=CLIENT4, dst=SERVER4, ttl=63) / UDP(sport=port, dport=9))
+        return flow_source_port(inner) % SPORT_POOL
+
+    ports = [40001]
+    ports.append(next(p for p in range(40002, 41000) if slot(p) != slot(40001)))
+    gw = Gateways(lab, *cfgs)
+    pcap = str(lab.state_dir / "flowhash.pcap")
+    try:
+        cap = _capture(lab, "gw-b", "wan0", "udp dst port 4754 and src host 198.18.0.1 "
+                       "and udp[10:2] = 0x0800", pcap, 10)
+        lab.run("client", ["python", "-c", SEND_UDP, SERVER4, *map(str, ports)])
+        cap.wait(timeout=20)
+    finally:
+        assert gw.stop() == {"gw-a": 0, "gw-b": 0}
+    outer_by_flow: dict[int, set[int]] = {}
+    for pkt in rdpcap(pcap):
+        inner = GRE(bytes(pkt[UDP].payload))[IP]
+        outer_by_flow.setdefault(inner[UDP].sport, set()).add(pkt[UDP].sport)
+    assert sorted(outer_by_flow) == sorted(ports)
+    assert all(len(v) == 1 for v in outer_by_flow.values()), outer_by_flow  # stable
+    outer = [next(iter(v)) for v in outer_by_flow.values()]
+    assert len(set(outer)) == 2 and all(49152 <= p <= 65535 for p in outer), outer
