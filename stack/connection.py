@@ -565,8 +565,8 @@ class TcpConnection(OutputMixin):
         self._snd_una = ack_abs
         if self._snd_nxt < ack_abs:
             self._snd_nxt = ack_abs
-        if self._ts_on and ts is not None and ts[1]:
-            self._rto.sample(((self._ts_clock(now) - ts[1]) & MASK) / 1000.0)  # RTTM
+        if self._ts_on and ts is not None and ts[1]:  # RTTM (_ts_clock inlined)
+            self._rto.sample((((int(now * 1000) + self._ts_off) - ts[1]) & MASK) / 1000.0)
         elif self._rtt_abs is not None and ack_abs >= self._rtt_abs:
             self._rto.sample(now - self._rtt_at)
             self._rtt_abs = None

@@ -63,6 +63,7 @@ __all__ = ["ConnectionCore", "Endpoint", "reset_reply", "DATA_MARK"]
 
 Endpoint = tuple[bytes, int]  # (packed IPv4/IPv6 address, port)
 DATA_MARK = object()  # in the event queue: "deliver the receive queue here"
+_OPEN_RECEIVE = frozenset({State.ESTABLISHED, State.FIN_WAIT_1, State.FIN_WAIT_2})
 
 
 def reset_reply(seg: TcpSegment) -> TcpSegment | None:
@@ -114,6 +115,11 @@ class ConnectionCore:
         default_mss = 536 if len(local[0]) == 4 else 1220  # MUST-15
         self._peer_mss = default_mss
         self._my_mss = cfg.mss_for(len(local[0]))  # MMS_R and MMS_S (MUST-67)
+        # Receive-window constants (RFC 9293 §3.8.6.2.2): the smallest window opening we
+        # announce (MUST-39) and the growth that is worth a window update.
+        self._rcv_buf = cfg.recv_buffer
+        self._sws_min = min(cfg.recv_buffer // 2, self._my_mss)
+        self._wu_min = min(cfg.recv_buffer // 2, 2 * self._my_mss)
         self._send_mss = min(default_mss, self._my_mss)
         # Receive side.
         self._rcv_nxt = 0
@@ -211,12 +217,14 @@ class ConnectionCore:
 
     def next_event(self) -> Event | None:
         """Return the next event, or None when there is none for now."""
-        while self._events:
-            ev = self._events.popleft()
+        events = self._events
+        while events:
+            ev = events.popleft()
             if ev is DATA_MARK:
-                if not self._rx:
+                rx = self._rx
+                if not rx:
                     continue
-                data = b"".join(self._rx)
+                data = rx[0] if len(rx) == 1 and type(rx[0]) is bytes else b"".join(rx)
                 self._rx = []
                 self._rx_len = 0
                 if not self.config.auto_consume:
@@ -314,12 +322,8 @@ class ConnectionCore:
     def _maybe_window_update(self) -> None:
         """After the application freed space, announce a window that grew by a useful
         amount (RFC 9293 §3.8.6.2.2: by min(RCV.BUFF/2, 2 MSS), so no silly updates)."""
-        cfg = self.config
-        space = cfg.recv_buffer - self._rx_len - self._rx_held
-        grow = self._rcv_nxt + space - self._rcv_adv
-        if grow >= min(cfg.recv_buffer // 2, 2 * self._my_mss) and self._state in (
-            State.ESTABLISHED, State.FIN_WAIT_1, State.FIN_WAIT_2
-        ):
+        grow = self._rcv_nxt + self._rcv_buf - self._rx_len - self._rx_held - self._rcv_adv
+        if grow >= self._wu_min and self._state in _OPEN_RECEIVE:
             self._ack_now = True
             if self._watch is not None:
                 self._watch(self)

@@ -120,7 +120,10 @@ class OutputMixin(ConnectionCore):
             self._ack_sent()
         elif self._ack_now:
             out.append(self._pure_ack(now))
-            self._ack_sent()
+            self._ack_now = False  # _ack_sent inlined
+            self._delack_at = None
+            self._unacked_bytes = 0
+            self._last_ack_sent = self._rcv_nxt
         return out
 
     # ------------------------------------------------------------------ building
@@ -161,8 +164,9 @@ class OutputMixin(ConnectionCore):
             self.local[1], self.remote[1], (self._iss + self._snd_nxt) & MASK,
             (self._irs + self._rcv_nxt) & MASK, ACK, self._window_field(), b"", 0,
             None, None, False,
-            (self._ts_clock(now), self._ts_recent or 0) if self._ts_on else None,
-            self._sack_blocks() if self._sack_on and (self._ooo or self._dsack) else (),
+            ((int(now * 1000) + self._ts_off) & MASK, self._ts_recent or 0)
+            if self._ts_on else None,  # _ts_clock inlined
+            self._sack_blocks() if self._sack_on and (self._ooo.nbytes or self._dsack) else (),
         )
 
     def _ack_sent(self) -> None:
@@ -173,10 +177,9 @@ class OutputMixin(ConnectionCore):
 
     def _window_field(self) -> int:
         """The 16-bit window to advertise; moves RCV.ADV (RFC 9293 §3.8.6.2.2, RFC 7323 §2.3)."""
-        cfg = self.config
         rcv_nxt = self._rcv_nxt
-        space = cfg.recv_buffer - self._rx_len - self._rx_held
-        if space < min(cfg.recv_buffer // 2, self._my_mss):
+        space = self._rcv_buf - self._rx_len - self._rx_held
+        if space < self._sws_min:
             space = 0  # MUST-39: no small window increments
         edge = rcv_nxt + space
         if edge < self._rcv_adv:
