@@ -15,6 +15,13 @@ Rules:
   limit trips the whole buffer is delivered in order, ignoring gaps, and last = the last
   delivered. A duplicate of a held packet is discarded. Packets without S are dropped
   (the receiver asked for sequencing, like Linux iseq).
+- Resynchronisation (grebe's, not in RFC 2890 nor Linux): after RESYNC_AFTER consecutive
+  packets that are all "late", the sender has restarted its numbering (a restarted peer
+  starts at 0 again); the packet is accepted as a new start (held packets are delivered
+  first) and `resyncs` counts it. Without this a peer restarted within `dead_after` stays
+  black-holed until its numbers pass the old ones, which may be never (Linux `iseq` has
+  exactly that failure). A stray late duplicate or reordered packet never comes 8 in a row
+  without an accepted one between them.
 
 Theory of operation: one `SeqReceiver` per peer (one key per peer, so the RFC's
 per-key sequence space is per peer). `receive(seq, packet, now, deliver)` appends what may
@@ -33,6 +40,7 @@ __all__ = ["SeqReceiver", "seq_after", "seq_diff"]
 
 _MOD = 1 << 32
 _HALF = 1 << 31
+RESYNC_AFTER = 8
 
 
 def seq_diff(a: int, b: int) -> int:
@@ -50,7 +58,7 @@ class SeqReceiver:
     """Receive-side sequence policy of one peer."""
 
     __slots__ = ("policy", "max_held", "timer", "last", "started", "held", "held_since",
-                 "flushes")
+                 "flushes", "late_run", "resyncs")
 
     def __init__(self, policy: SeqPolicy, max_held: int = 5, timer_s: float = 0.1) -> None:
         if max_held < 1 or timer_s <= 0:
@@ -63,6 +71,8 @@ class SeqReceiver:
         self.held: dict[int, bytes | bytearray] = {}
         self.held_since = 0.0
         self.flushes = 0
+        self.late_run = 0  # consecutive late packets (resynchronisation, module docstring)
+        self.resyncs = 0
 
     def receive(
         self, seq: int, packet: bytes | bytearray, now: float,
@@ -77,20 +87,37 @@ class SeqReceiver:
             return R_SEQUENCE
         if policy is SeqPolicy.DROP_LATE:
             if self.started and seq_diff(seq, (self.last + 1) & 0xFFFFFFFF) < 0:
-                return R_SEQUENCE
+                if not self._resync(deliver):
+                    return R_SEQUENCE
             self.started = True
             self.last = seq
+            self.late_run = 0
             deliver.append(packet)
             return -1
         return self._reorder(seq, packet, now, deliver)
+
+    def _resync(self, deliver: list[bytes | bytearray]) -> bool:
+        """Count one late packet; True when it is the RESYNC_AFTER-th in a row: the state
+        is then reset (held packets delivered first) so that this packet starts afresh."""
+        self.late_run += 1
+        if self.late_run < RESYNC_AFTER:
+            return False
+        self.flush(deliver)
+        self.reset()
+        self.resyncs += 1
+        return True
 
     def _reorder(
         self, seq: int, packet: bytes | bytearray, now: float,
         deliver: list[bytes | bytearray],
     ) -> int:
         d = (seq - self.last) & 0xFFFFFFFF
-        if d == 0 or d >= _HALF:
-            return R_SEQUENCE  # RFC 2890 §2.2: not after last -> silently discard
+        if d == 0 or d >= _HALF:  # RFC 2890 §2.2: not after last -> silently discard
+            if not self._resync(deliver):
+                return R_SEQUENCE
+            self.last = (seq - 1) & 0xFFFFFFFF
+            d = 1
+        self.late_run = 0
         held = self.held
         if d == 1:
             deliver.append(packet)
@@ -116,6 +143,7 @@ class SeqReceiver:
         """Forget all state, as at tunnel establishment (held packets are discarded)."""
         self.last = 0xFFFFFFFF
         self.started = False
+        self.late_run = 0
         self.held.clear()
 
     def flush(self, deliver: list[bytes | bytearray]) -> int:

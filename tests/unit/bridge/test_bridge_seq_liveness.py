@@ -199,3 +199,35 @@ def test_timer_never_in_the_past_after_handling() -> None:
         pair.a.handle_timer(now, out)
         nxt = pair.a.get_timer()
         assert nxt is None or nxt > now
+
+
+@pytest.mark.parametrize("policy", [SeqPolicy.DROP_LATE, SeqPolicy.REORDER])
+def test_restarted_sender_is_resynchronised_after_8_late_packets(policy: SeqPolicy) -> None:
+    # The peer ran up to 1000, restarted and counts from 0 again: 7 late packets are dropped
+    # as the policy says, the 8th in a row is taken as a new start, and the rest flow.
+    old = list(range(990, 1001))
+    new = list(range(0, 12))
+    got, drops = _run(policy, old + new)
+    assert got == old + new[7:] and drops == 7
+    r = SeqReceiver(policy, 5, 0.1)
+    out: list[bytes | bytearray] = []
+    for s in old + new:
+        r.receive(s, s.to_bytes(4, "big"), 0.0, out)
+    assert r.resyncs == 1
+
+
+@pytest.mark.parametrize("policy", [SeqPolicy.DROP_LATE, SeqPolicy.REORDER])
+def test_scattered_late_packets_never_resynchronise(policy: SeqPolicy) -> None:
+    # A late duplicate now and then (with accepted packets between) stays a drop.
+    seqs = list(range(100))
+    for i in range(100, 200):
+        seqs += [i, i - 50]
+    got, drops = _run(policy, seqs)
+    assert got == list(range(200)) and drops == 100
+
+
+def test_reorder_resync_delivers_what_was_held_first() -> None:
+    # 103 and 104 wait for 102 when the sender restarts: 0..6 are late and dropped, the 8th
+    # late packet (7) resynchronises, the held packets go out first, then 7 onwards.
+    got, drops = _run(SeqPolicy.REORDER, list(range(102)) + [103, 104] + list(range(12)))
+    assert got == list(range(102)) + [103, 104] + list(range(7, 12)) and drops == 7
