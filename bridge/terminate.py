@@ -80,7 +80,7 @@ _NOT_PSH = 0xFF & ~0x08
 # virtio 1.x §5.1.6 struct virtio_net_hdr: flags, gso_type, hdr_len, gso_size, csum_start,
 # csum_offset (little-endian on a TUN with TUNSETVNETHDRSZ 10)
 _VNET = struct.Struct("<BBHHHH")
-_NEEDS_CSUM = 1
+_NEEDS_CSUM, _DATA_VALID = 1, 2
 _GSO_TCPV4, _GSO_TCPV6, _GSO_ECN = 1, 4, 0x80
 _CWR = 0x80
 # the largest client-leg output segment with a TUN that takes GSO writes: an IPv4 total
@@ -212,6 +212,34 @@ class Terminator:
             self._stray(key, seg)  # a terminated flow whose splice is gone
             return True
         self._new_splice(key, seg, now)
+        return True
+
+    def from_tun_super(self, sp: Any, now: float) -> bool:
+        """A TCP TSO frame from the TUN (bridge/gso.py SuperPacket: `frame`, `offset`, the
+        packet after the vnet header) of a live splice's client: the leg takes its whole
+        payload as one segment (the stack accepts segments above the MSS) and True is
+        returned. The kernel built it (NEEDS_CSUM: the checksum field holds only the
+        pseudo-header sum; or DATA_VALID), so no byte is summed. False, having done
+        nothing, for anything else: the caller splits it and takes the per-packet path."""
+        frame = sp.frame
+        if not frame[0] & (_NEEDS_CSUM | _DATA_VALID):
+            return False
+        pkt = memoryview(frame)[sp.offset:]
+        n = len(pkt)
+        k = self._key(pkt, n)
+        if k is None:
+            return False
+        key, off, flags = k
+        splice = self.splices.get(key)
+        if splice is None or flags & (SYN | RST):
+            return False
+        seg = parse_tcp(pkt[off:n], key[1], key[2], drops=self.drops, verify_checksum=False)
+        if seg is None:
+            return True
+        g = sp.gso_size
+        self.counters["from_client"] += -(-len(seg.payload) // g) if g > 0 else 1
+        splice.from_client(seg, now)
+        self.touched[key] = splice
         return True
 
     def _stray(self, key: FlowKey, seg: TcpSegment) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bridge.flows import InspectRule
+from bridge.gso import SuperPacket
 from bridge.inspect.manager import InspectorChain, InspectorManager
 from bridge.io.offload import split_frame
 from bridge.terminate import Terminator
@@ -197,6 +198,15 @@ class Harness:
         now = self.now
         term = self.term
         for pkt in self.c2t.due(now):
+            if type(pkt) is SuperPacket:  # a TSO frame from the TUN, as the Bridge hands it
+                if term.from_tun_super(pkt, now):
+                    continue
+                segs: list[bytes] = []
+                assert pkt.split(segs)
+                for q in segs:
+                    if not term.from_tun(q, len(q), now):
+                        self.forwarded.append(q)
+                continue
             if not term.from_tun(pkt, len(pkt), now):
                 self.forwarded.append(pkt)
         term.flush(now, self.out)

@@ -97,7 +97,7 @@ def test_tun_writes_leave_in_core_order_from_every_thread() -> None:
         assert eng.under_lock is not None
         counter = iter(range(10**9))
 
-        def produce(eng: _OrderEngine = eng) -> None:
+        def produce(eng: _OrderEngine = eng, counter: Any = counter) -> None:
             out = Output()
             for i in range(300):
                 with eng.lock:

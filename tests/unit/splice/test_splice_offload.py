@@ -15,6 +15,7 @@ from typing import Any
 from splice_harness import C_ADDR, S_ADDR, Harness, finished
 
 from bridge.flows import InspectRule
+from bridge.gso import SuperPacket
 from bridge.io.offload import VNET, coalesce, split_frame
 from bridge.terminate import TSO_MAX_SEGMENT, Terminator
 from bridge.tunframe import TunFrame
@@ -195,22 +196,32 @@ def _merge(run: list[bytes]) -> TunFrame:
     return TunFrame(vh + bytes(h) + payload)
 
 
-def _runs_as_frames(h: Harness) -> None:
-    due = h.s2t.due
+def _runs_as_frames(h: Harness, tso: bool = False) -> None:
+    """Merge the runs of the server's bursts into TunFrames (the Bridge's GRO path), or with
+    `tso` the client's bursts into SuperPackets (the TUN's TSO frames)."""
+    link = h.c2t if tso else h.s2t
+    due = link.due
 
     def merged(now: float) -> list[bytes]:
         out: list[bytes] = []
         run: list[bytes] = []
         for p in due(now) + [b""]:
             ok = len(p) > 52 and p[33] & ~PSH == ACK
-            if run and ok and len(run) < 40 and p[24:28] != b"" and int.from_bytes(p[24:28], "big") == \
-                    int.from_bytes(run[-1][24:28], "big") + len(run[-1]) - 52 and \
-                    p[28:33] + p[34:36] + p[38:52] == run[-1][28:33] + run[-1][34:36] + \
-                    run[-1][38:52]:
+            last = run[-1] if run else b""
+            if run and ok and len(run) < 40 and int.from_bytes(p[24:28], "big") == \
+                    int.from_bytes(last[24:28], "big") + len(last) - 52 and \
+                    p[28:33] + p[34:36] + p[38:52] == last[28:33] + last[34:36] + last[38:52]:
                 run.append(p)
                 continue
             if run:
-                out.append(_merge(run) if len(run) > 1 else run[0])
+                if len(run) == 1:
+                    out.append(run[0])
+                elif tso:
+                    m = _merge(run)
+                    out.append(SuperPacket(bytes(m), 10, len(run[0]) - 52,  # type: ignore[arg-type]
+                                           split_frame))
+                else:
+                    out.append(_merge(run))
                 run = []
             if ok:
                 run = [p]
@@ -218,7 +229,7 @@ def _runs_as_frames(h: Harness) -> None:
                 out.append(p)
         return out
 
-    h.s2t.due = merged  # type: ignore[method-assign]
+    link.due = merged  # type: ignore[method-assign]
 
 
 def test_merged_server_frames_reach_the_leg_as_one_segment() -> None:
@@ -233,3 +244,25 @@ def test_merged_server_frames_reach_the_leg_as_one_segment() -> None:
     # a merged frame counts as the segments it carries
     assert h.term.counters["from_server"] == h.s2t.sent
 
+
+
+def test_client_tso_frames_reach_the_leg_as_one_segment() -> None:
+    up = os.urandom(1_000_000)
+    h = Harness(rule(max_buffer=4 << 20), [], client_data=up, client_close=True,
+                server_close=True, tun_offload=True)
+    h.c2t.rate = float("inf")  # the client's bursts arrive at once, as one TSO frame would
+    _runs_as_frames(h, tso=True)
+    sent = []
+    orig = h.term.from_tun_super
+
+    def spy(sp: SuperPacket, now: float) -> bool:
+        took = orig(sp, now)
+        sent.append(took)
+        return took
+
+    h.term.from_tun_super = spy  # type: ignore[method-assign]
+    assert h.run(both_done, max_time=60)
+    assert h.server is not None and bytes(h.server.rx) == up
+    assert sent and all(sent)
+    # every packet counted once (a frame as the segments it carries), but the splice's SYN
+    assert h.term.counters["from_client"] == h.c2t.sent - 1 and h.term.drops == {}
