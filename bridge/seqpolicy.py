@@ -20,8 +20,9 @@ Rules:
   starts at 0 again); the packet is accepted as a new start (held packets are delivered
   first) and `resyncs` counts it. Without this a peer restarted within `dead_after` stays
   black-holed until its numbers pass the old ones, which may be never (Linux `iseq` has
-  exactly that failure). A stray late duplicate or reordered packet never comes 8 in a row
-  without an accepted one between them.
+  exactly that failure). Stray late duplicates or reordered packets never come 32 in a row
+  without an accepted one between them; a replayed burst shorter than RESYNC_AFTER is still
+  dropped whole (GRE has no authentication, so this is tidiness, not security).
 
 Theory of operation: one `SeqReceiver` per peer (one key per peer, so the RFC's
 per-key sequence space is per peer). `receive(seq, packet, now, deliver)` appends what may
@@ -40,7 +41,7 @@ __all__ = ["SeqReceiver", "seq_after", "seq_diff"]
 
 _MOD = 1 << 32
 _HALF = 1 << 31
-RESYNC_AFTER = 8
+RESYNC_AFTER = 32
 
 
 def seq_diff(a: int, b: int) -> int:
