@@ -23,7 +23,7 @@ reference for the last events). Only touched connections can have output: a conn
 touched when the demux routes a segment to it, runs its timer, or opens it, and when the
 application calls one of its API methods that may produce output (send, close, abort,
 read/consumed/next_event reopening the window, icmp_error, path_mtu: each calls the
-connection's `_watch` hook, which is the dirty set's `add`). Deadlines sit in a heap of
+connection's `_watch` hook, which adds it to the dirty set). Deadlines sit in a heap of
 (deadline, n, connection) with the current deadline of each connection in a dict; a heap
 entry that no longer matches is stale and skipped when it reaches the top. A touched
 connection's deadline is re-read before the heap is consulted. So one batch costs
@@ -75,7 +75,9 @@ class TcpDemux:
         self.drops: dict[str, int] = {}
         self._accepted: deque[TcpConnection] = deque()
         self._out: list[Outgoing] = []
-        self._touched: set[TcpConnection] = set()  # may have output or a new deadline
+        # May have output or a new deadline; a dict, so output order is the order of touch
+        # (deterministic, unlike a set of objects hashed by address).
+        self._touched: dict[TcpConnection, None] = {}
         self._retime: list[TcpConnection] = []  # output taken; deadline to re-read
         self._deadline: dict[TcpConnection, float] = {}  # current deadline per connection
         self._heap: list[tuple[float, int, TcpConnection]] = []
@@ -101,8 +103,8 @@ class TcpDemux:
 
     def _adopt(self, key: FlowKey, conn: TcpConnection) -> None:
         self.connections[key] = conn
-        conn._watch = self._touched.add
-        self._touched.add(conn)
+        conn._watch = self._touched.setdefault
+        self._touched[conn] = None
 
     def accept(self) -> TcpConnection | None:
         """The next connection created by an incoming SYN, or None."""
@@ -138,7 +140,7 @@ class TcpDemux:
                 conn.abort()
             elif conn.state is not State.CLOSED:
                 conn.receive_segment(seg, now)
-                self._touched.add(conn)
+                self._touched[conn] = None
                 return conn
         if is_syn and (self.accept_any or seg.dst_port in self.listening):
             if not is_unicast(dst) or not is_unicast(src):
@@ -231,4 +233,4 @@ class TcpDemux:
             heapq.heappop(self._heap)
             del self._deadline[conn]
             conn.handle_timer(now)
-            self._touched.add(conn)
+            self._touched[conn] = None

@@ -212,3 +212,14 @@ def test_demux_timer_heap_follows_moving_deadlines() -> None:
     client.handle_timer(1.5)  # the RTO fires: retransmission, timer backed off
     assert [bytes(s.payload) for s in _deliver(client, server, 1.5)] == [b"b"]
     assert client.get_timer() == pytest.approx(3.5)
+
+
+def test_demux_output_follows_the_order_connections_were_touched() -> None:
+    server, client, conns = _open_many(6)
+    server.segments_to_send(0.0)
+    client.segments_to_send(0.0)
+    order = [3, 1, 5, 0, 4]
+    for i in order:
+        conns[i].send(bytes([i]))
+    out = client.segments_to_send(0.1)
+    assert [s.src_port - 20000 for _a, _b, s in out] == order  # deterministic, not by hash
