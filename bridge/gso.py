@@ -52,7 +52,7 @@ try:  # numpy is a declared dependency; without it everything takes the Python p
 except ImportError:  # pragma: no cover
     _np = None  # type: ignore[assignment]
 
-__all__ = ["SuperPacket", "GroBatch", "parse_tcp", "encap_segments", "coalesce_rows",
+__all__ = ["SuperPacket", "GroBatch", "UdpRun", "parse_tcp", "encap_segments", "coalesce_rows",
            "NUMPY_MIN_SEGMENTS"]
 
 _U16 = struct.Struct(">H")
@@ -155,12 +155,25 @@ def _row(prefix: bytes, seq_at: int, gseq: int, hdr: bytearray, payload: memoryv
     return b"".join((prefix, h, payload))
 
 
+class UdpRun(bytes):
+    """bytes: equal-size datagrams of `seg` bytes back to back (the last may be shorter),
+    one item of `Output.udp` standing for all of them: the I/O layer sends it with UDP GSO
+    as it is (no per-datagram bytes objects, no join). `datagrams()` cuts it."""
+
+    seg: int
+
+    def datagrams(self) -> list[bytes]:
+        s = self.seg
+        return [self[o:o + s] for o in range(0, len(self), s)]
+
+
 def encap_segments(pkt: memoryview, v4: bool, ihl: int, doff: int, gso_size: int,
                    prefix: bytes, seq_at: int, gseq: int, out: list[bytes | bytearray],
-                   use_numpy: bool = True) -> int:
+                   use_numpy: bool = True, run: bool = False) -> int:
     """Append one datagram per segment of `pkt` (prefix + TSO segment, TTL decremented) to
     `out`; return how many. `seq_at` is the offset of the GRE sequence number in `prefix`
     (-1: none), `gseq` the first one to use. The caller checked TTL > 1 and the sizes.
+    With `run`, the numpy path appends one `UdpRun` holding all the datagrams instead.
     """
     hl = ihl + doff
     plen = len(pkt) - hl
@@ -180,8 +193,14 @@ def encap_segments(pkt: memoryview, v4: bool, ihl: int, doff: int, gso_size: int
         last_len = gso_size
     first = 0
     if use_numpy and _np is not None and n_full >= NUMPY_MIN_SEGMENTS:
+        start = hl + n_full * gso_size
+        last_row = _row(prefix, seq_at, gseq + n_full, bytearray(hdr), pkt[start:], v4, ihl,
+                        doff, ip_id + n_full, tseq + n_full * gso_size,
+                        flags & ~_CWR, src, dst) if run else None
         _rows_numpy(pkt, v4, ihl, doff, gso_size, n_full, prefix, seq_at, gseq, hdr, tseq,
-                    flags, ip_id, src, dst, out)
+                    flags, ip_id, src, dst, out, last_row)
+        if last_row is not None and type(out[-1]) is UdpRun:
+            return n_full + 1
         first = n_full
     for i in range(first, n_full + 1):
         start = hl + i * gso_size
@@ -198,13 +217,14 @@ def encap_segments(pkt: memoryview, v4: bool, ihl: int, doff: int, gso_size: int
 def _rows_numpy(pkt: memoryview, v4: bool, ihl: int, doff: int, g: int, rows: int,
                 prefix: bytes, seq_at: int, gseq: int, hdr0: bytearray, tseq: int,
                 flags: int, ip_id: int, src: bytes, dst: bytes,
-                out: list[bytes | bytearray]) -> None:
-    """The `rows` full-size datagrams at once, one numpy row each (see the module doc)."""
+                out: list[bytes | bytearray], last_row: bytes | None = None) -> None:
+    """The `rows` full-size datagrams at once, one numpy row each (see the module doc).
+    With `last_row` (the short last datagram) and even-size rows, one UdpRun of all."""
     np = _np
     hl = ihl + doff
-    p = len(prefix)  # 0 (IPIP) or 4..16 (GRE): IP header stays on a 4-byte boundary
+    p = len(prefix)  # 0 (IPIP) or 4..16 (GRE)
     width = p + hl + g
-    w4 = p + ((hl + g + 3) & ~3)
+    w4 = width + (g & 1)  # TCP part summed in 16-bit words: pad an odd one with a zero
     hdr = bytearray(hdr0)
     if v4:
         _U16.pack_into(hdr, 2, hl + g)
@@ -212,7 +232,14 @@ def _rows_numpy(pkt: memoryview, v4: bool, ihl: int, doff: int, g: int, rows: in
     else:
         _U16.pack_into(hdr, 4, hl - 40 + g)
     hdr[ihl + 16] = hdr[ihl + 17] = 0
-    a = np.zeros((rows, w4), dtype=np.uint8)
+    flat_run = last_row is not None and w4 == width
+    if flat_run:
+        assert last_row is not None
+        buf = np.empty(rows * width + len(last_row), dtype=np.uint8)
+        buf[rows * width:] = np.frombuffer(last_row, dtype=np.uint8)
+        a = buf[:rows * width].reshape(rows, width)
+    else:
+        a = np.zeros((rows, w4), dtype=np.uint8)
     if p:
         a[:, :p] = np.frombuffer(prefix, dtype=np.uint8)
     a[:, p:p + hl] = np.frombuffer(hdr, dtype=np.uint8)
@@ -225,7 +252,7 @@ def _rows_numpy(pkt: memoryview, v4: bool, ihl: int, doff: int, g: int, rows: in
     a[:, t + 13] = flags & _NOT_LAST & ~_CWR
     a[0, t + 13] = flags & _NOT_LAST
     ps = (pseudo_sum_v4 if v4 else pseudo_sum_v6)(src, dst, _TCP, doff + g)
-    tsum = _fold(a[:, t:].view("<u4").sum(axis=1, dtype=np.uint64)
+    tsum = _fold(a[:, t:].view("<u2").sum(axis=1, dtype=np.uint64)
                  + (((ps & 0xFF) << 8) | (ps >> 8)))
     a[:, t + 16:t + 18] = ((~tsum) & 0xFFFF).astype(">u2").view(np.uint8).reshape(rows, 2)
     if v4:
@@ -243,6 +270,11 @@ def _rows_numpy(pkt: memoryview, v4: bool, ihl: int, doff: int, g: int, rows: in
     if seq_at >= 0:
         a[:, seq_at:seq_at + 4] = ((idx + gseq) & 0xFFFFFFFF).astype(">u4").view(np.uint8) \
             .reshape(rows, 4)
+    if flat_run:
+        r = UdpRun(buf.data)  # the one copy out of numpy
+        r.seg = width
+        out.append(r)
+        return
     flat = a.tobytes()  # one copy out of numpy, then one slice per datagram
     out.extend([flat[i:i + width] for i in range(0, rows * w4, w4)])
 

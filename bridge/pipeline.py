@@ -6,9 +6,11 @@ Contract (docs/DESIGN.md):
     bridge.from_tun(packets, now, out)    # inner IP packets read from the TUN
     bridge.from_udp(datagrams, now, out)  # [(payload, (host, port)), ...]
     bridge.handle_timer(now, out); bridge.get_timer() -> float | None
-    out.udp: dict[(host, port), list[bytes | bytearray]]  datagrams per peer, in order
+    out.udp: dict[(host, port), list[bytes | bytearray]]  datagrams per peer, in order;
+        an item may be a `bridge.gso.UdpRun` (bytes: equal-size datagrams back to back,
+        `.seg` bytes each, the last maybe shorter) from a TSO super-packet (see `_tso`)
     out.udp_sport: dict[(host, port), list[int]]  only for peers with source_port =
-        "flow-hash": the RFC 8086 §3.2.1 source port of each datagram in out.udp[dest]
+        "flow-hash": the RFC 8086 §3.2.1 source port of each item in out.udp[dest]
         (same index). An I/O layer that cannot choose source ports may ignore it.
     out.tun: list[bytes | bytearray]      inner packets and ICMP errors for the TUN
     bridge.counters; bridge.status(now) -> dict; bridge.metrics_text(now) -> str
@@ -299,7 +301,7 @@ class Bridge:
         if lst is None:
             lst = out.udp[peer.addr] = []
         start = len(lst)
-        k = encap_segments(pkt, v4, ihl, doff, g, prefix, seq_at, enc.seq, lst)
+        k = encap_segments(pkt, v4, ihl, doff, g, prefix, seq_at, enc.seq, lst, run=True)
         if peer.gre:
             enc.advance(k)
         c = self.counters
@@ -310,7 +312,7 @@ class Bridge:
             sports = out.udp_sport.get(peer.addr)
             if sports is None:
                 sports = out.udp_sport[peer.addr] = []
-            sports.extend([flow_source_port(pkt)] * k)
+            sports.extend([flow_source_port(pkt)] * (len(lst) - start))  # one per item
         return True
 
     def _send(self, peer: PeerState, pkt: Buf, v6: bool, now: float, out: Output) -> None:

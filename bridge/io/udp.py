@@ -27,7 +27,7 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 
-from bridge.gso import GroBatch
+from bridge.gso import GroBatch, UdpRun
 
 log = logging.getLogger("grebe.udp")
 
@@ -228,22 +228,55 @@ class UdpEndpoint:
         self._pool[slot] = s
         return s
 
+    def _send_udprun(self, sock: socket.socket, r: UdpRun, dest: Addr) -> int:
+        """A core-built run of equal datagrams: GSO sendmsg straight from its buffer, in
+        chunks of at most 64 datagrams and 64 KB; datagram by datagram without GSO."""
+        seg = r.seg
+        mv = memoryview(r)
+        n = len(r)
+        if not self.gso or seg <= 0:
+            for o in range(0, n, max(seg, 1)):
+                self._send_one(mv[o:o + seg], dest, sock)
+            return (n + seg - 1) // seg if seg > 0 else 1
+        per = min(GSO_MAX_SEGMENTS, self.max_payload // seg) * seg
+        calls = 0
+        for o in range(0, n, per):
+            chunk = mv[o:o + per]
+            if len(chunk) <= seg:
+                self._send_one(chunk, dest, sock)
+            else:
+                self._send_gso([chunk], seg, dest, sock)
+            calls += 1
+        return calls
+
     def _send_run(self, sock: socket.socket, datagrams: Sequence[bytes | bytearray],
                   dest: Addr) -> int:
         if not self.gso:
+            calls = 0
             for d in datagrams:
-                self._send_one(d, dest, sock)
-            return len(datagrams)
+                if type(d) is UdpRun:
+                    calls += self._send_udprun(sock, d, dest)
+                else:
+                    self._send_one(d, dest, sock)
+                    calls += 1
+            return calls
         calls = 0
         i = 0
         n = len(datagrams)
         maxp = self.max_payload
         while i < n:
-            size = len(datagrams[i])
+            first = datagrams[i]
+            if type(first) is UdpRun:
+                calls += self._send_udprun(sock, first, dest)
+                i += 1
+                continue
+            size = len(first)
             j = i + 1
             total = size
             # equal sizes; a shorter one may end the run (udp(7) UDP_SEGMENT)
             while (j < n and j - i < GSO_MAX_SEGMENTS and total + len(datagrams[j]) <= maxp):
+                if type(datagrams[j]) is UdpRun:
+                    break
                 ln = len(datagrams[j])
                 if ln > size:
                     break
@@ -259,10 +292,10 @@ class UdpEndpoint:
             i = j
         return calls
 
-    def _send_gso(self, run: Sequence[bytes | bytearray], size: int, dest: Addr,
-                  sock: socket.socket) -> None:
+    def _send_gso(self, run: Sequence[bytes | bytearray | memoryview], size: int,
+                  dest: Addr, sock: socket.socket) -> None:
         cmsg = [(SOL_UDP, UDP_SEGMENT, _GSO_SIZE.pack(size))]
-        data = [b"".join(run)]
+        data = [run[0] if len(run) == 1 else b"".join(run)]
         try:
             self._retry(sock, lambda: sock.sendmsg(data, cmsg, 0, dest))
         except OSError as e:
@@ -270,11 +303,13 @@ class UdpEndpoint:
                 log.info("UDP GSO refused (%s); plain sends from now on", e)
                 self.gso = False
                 for d in run:
-                    self._send_one(d, dest, sock)
+                    for o in range(0, len(d), size):  # a joined chunk: cut it again
+                        self._send_one(memoryview(d)[o:o + size], dest, sock)
                 return
             self._err(e)
 
-    def _send_one(self, d: bytes | bytearray, dest: Addr, sock: socket.socket) -> None:
+    def _send_one(self, d: bytes | bytearray | memoryview, dest: Addr,
+                  sock: socket.socket) -> None:
         try:
             self._retry(sock, lambda: sock.sendto(d, dest))
         except OSError as e:

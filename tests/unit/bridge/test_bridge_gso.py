@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 
-from bridge.gso import SuperPacket, encap_segments, parse_tcp
+from bridge.gso import SuperPacket, UdpRun, encap_segments, parse_tcp
 from bridge.io import offload as ol
 from bridge.pipeline import Bridge, Output
 from stack.wire.checksum import pseudo_sum_v4, pseudo_sum_v6
@@ -83,10 +83,29 @@ def _both(extra: str, frames: list[bytes], **kw: object) -> tuple[Bridge, Output
     return fast, of, ref, orf
 
 
+def _flat(items: list[bytes | bytearray]) -> list[bytes]:
+    """out.udp items as datagrams (a UdpRun stands for several)."""
+    dg: list[bytes] = []
+    for d in items:
+        if isinstance(d, UdpRun):
+            assert d.seg > 0 and len(d) > d.seg
+            dg += d.datagrams()
+        else:
+            dg.append(bytes(d))
+    return dg
+
+
+def _flat_sports(items: list[bytes | bytearray], sports: list[int]) -> list[int]:
+    assert len(items) == len(sports)  # one port per item
+    return [p for d, p in zip(items, sports, strict=True)
+            for _ in (d.datagrams() if isinstance(d, UdpRun) else [d])]
+
+
 def _same(fast: Bridge, of: Output, ref: Bridge, orf: Output) -> None:
-    assert {k: [bytes(d) for d in v] for k, v in of.udp.items()} == \
-        {k: [bytes(d) for d in v] for k, v in orf.udp.items()}
-    assert of.udp_sport == orf.udp_sport
+    assert {k: _flat(v) for k, v in of.udp.items()} == \
+        {k: _flat(v) for k, v in orf.udp.items()}
+    assert {k: _flat_sports(of.udp[k], v) for k, v in of.udp_sport.items()} == \
+        {k: _flat_sports(orf.udp[k], v) for k, v in orf.udp_sport.items()}
     assert [bytes(p) for p in of.tun] == [bytes(p) for p in orf.tun]
     assert fast.counters.snapshot() == ref.counters.snapshot()
     assert [p.encoder.seq for p in fast.peers] == [p.encoder.seq for p in ref.peers]
@@ -135,9 +154,11 @@ def test_numpy_and_python_rows_equal(size: int, mss: int, v6: bool, seed: int,
     assert parsed is not None
     a: list[bytes | bytearray] = []
     b: list[bytes | bytearray] = []
+    c: list[bytes | bytearray] = []
     na = encap_segments(pkt, *parsed, mss, gre[0], gre[1], 2**32 - 2, a, use_numpy=True)
     nb = encap_segments(pkt, *parsed, mss, gre[0], gre[1], 2**32 - 2, b, use_numpy=False)
-    assert na == nb == len(a) and a == b
+    nc = encap_segments(pkt, *parsed, mss, gre[0], gre[1], 2**32 - 2, c, run=True)
+    assert na == nb == nc == len(a) and a == b == _flat(c)
 
 
 @pytest.mark.parametrize("case", ["ttl1", "no_route", "mtu", "csum", "syn"])
@@ -168,6 +189,9 @@ def test_terminated_flows_take_the_per_packet_path() -> None:
             seen.append(n)
             return False
 
+        def from_tun_super(self, sp: SuperPacket, now: float) -> bool:
+            return False  # not one of its flows: the Bridge goes on with it
+
         def flush(self, now: float, out: Output) -> None:
             pass
 
@@ -193,7 +217,7 @@ def test_decapsulated_at_the_peer() -> None:
     oa = Output()
     pair.a.from_tun([_sp(_frame(pkt, False, 1000))], 0, oa)
     ob = Output()
-    pair.b.from_udp([(d, pair.a_addr) for d in oa.udp[pair.b_addr]], 0, ob)
+    pair.b.from_udp([(d, pair.a_addr) for d in _flat(oa.udp[pair.b_addr])], 0, ob)
     assert len(ob.tun) == 10
     data = b""
     for p in ob.tun:
@@ -218,7 +242,7 @@ def _sent(extra: str, pkt: bytes, v6: bool, mss: int) -> tuple[Pair, list[bytes]
     pair = Pair(extra)
     oa = Output()
     pair.a.from_tun([_sp(_frame(pkt, v6, mss))], 0, oa)
-    return pair, [bytes(d) for d in oa.udp[pair.b_addr]]
+    return pair, _flat(oa.udp[pair.b_addr])
 
 
 def _rx_both(extra: str, dgrams: list[bytes], seg: int) -> tuple[Bridge, list[bytes], Bridge,
@@ -282,6 +306,18 @@ def test_gro_batch_hypothesis_with_corruption(size: int, mss: int, v6: bool, see
         return
     # A damaged datagram may be grouped differently (the coalescer sends its whole group
     # alone; the fast path only the damaged one): the same packets must reach the kernel.
+    # One known difference: the fast path checks every IPv4 header checksum, the coalescer
+    # rebuilds a merged header from the first packet, so it "repairs" a damaged one that
+    # the fast path leaves alone for the kernel to drop.
+    peer = fast.peers[0]
+    off = peer.encoder.hlen if peer.gre else 0
+    joined_len = sum(map(len, dgrams))
+    if not v6 and (pos % joined_len) % seg in (off + 10, off + 11):
+        return
+    # Likewise the coalescer lets the IPv6 flow label's low bytes differ within a group
+    # (the merged packet keeps the first one's); the fast path ends a run there instead.
+    if v6 and (pos % joined_len) % seg in (off + 2, off + 3):
+        return
     assert _packets(ff) == _packets(rf)
     assert fast.counters.snapshot()["drops"] == ref.counters.snapshot()["drops"]
 
@@ -332,7 +368,7 @@ def test_gro_batch_of_two_bursts_makes_two_runs(v6: bool) -> None:
     pair, d1 = _sent("", first, v6, 1000)
     oa = Output()
     pair.a.from_tun([_sp(_frame(bytes(pkt2), v6, 1000))], 0, oa)
-    dgrams = d1 + [bytes(d) for d in oa.udp[pair.b_addr]]
+    dgrams = d1 + _flat(oa.udp[pair.b_addr])
     fast, ff, ref, rf = _rx_both("", dgrams, len(dgrams[0]))
     _rx_same(fast, ff, ref, rf)
     assert len(ff) == 2 and all(ol.parse_vnet(f)[1] for f in ff)  # two GSO frames
