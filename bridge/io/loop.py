@@ -10,6 +10,14 @@ Rules:
 - A bug in the core must not kill the bridge: an exception from a Bridge call is logged
   once per exception type, counted in `internal_errors`, and that batch is dropped.
 
+Fast paths (bridge/gso.py): the TUN hands TCP TSO frames to `Bridge.from_tun` whole
+(`SuperPacket`), and the UDP socket hands GRO buffers to `Bridge.from_udp` whole
+(`GroBatch`, only with a vnet-header TUN since the core answers with `TunFrame`s);
+GREBE_SUPER_PACKETS=0 / GREBE_GRO_BATCHES=0 turn them off. Latency: a batch of at most
+INLINE_MAX (4) packets runs on the data thread itself when its writer is idle (nothing
+queued or running, so order is kept): waking the writer was a thread switch added to every
+ping and lone ACK.
+
 Theory of operation (why threads): ANCHORS.md measured the per-packet kernel work (TUN read,
 UDP send, UDP receive, TUN write) as the bottleneck, and one thread per direction as +60 %
 over one select loop: while one thread sits in a system call (which releases the GIL),

@@ -10,7 +10,17 @@ Rules:
   (the last may be shorter), at most 64 segments and 64 KB, goes out in one sendmsg; the
   kernel cuts it into ordinary datagrams, so the wire still carries one GRE/IPIP packet
   per UDP datagram. UDP GRO (UDP_GRO): one recvmsg may return several datagrams of one
-  source glued together; the cmsg gives their size, and they are cut here.
+  source glued together; the cmsg gives their size, and they are cut here, or handed to
+  the core whole as a `bridge.gso.GroBatch` when the loop sets `gro_batches`. A core-built
+  `bridge.gso.UdpRun` (equal datagrams back to back) is sent straight from its buffer.
+- RFC 8086 §3.2.1 flow-hash source ports (peer `source_port = "flow-hash"`): the core gives
+  one port per datagram (out.udp_sport); they select one of `sport_pool` (8) send-only
+  sockets, each bound on first use to a free port in 49152-65535, so each inner flow keeps
+  one source port and flows spread over up to 8 (a receiver ignores the source port and
+  replies go to the listen port). Cost: a run of equal ports is one GSO send, as before;
+  a TCP flow's datagrams share a port, so bulk transfers lose nothing. The config default
+  stays "fixed" (bridge/config.py is not this module's); choosing "flow-hash" for GRE
+  lets the peer's NIC RSS and ECMP in the underlay spread flows (RFC 8086 §3.2.1's aim).
 - Both are probed once: if setsockopt/sendmsg refuse them, plain sendto/recvfrom is used.
 - Send errors never raise: EAGAIN waits briefly for room, then drops; EMSGSIZE and
   others are counted in `send_errors` by errno name.
