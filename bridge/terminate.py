@@ -44,50 +44,43 @@ and mark the splice touched; `flush(now, out)` (end of each batch) steps every t
 once (so a batch's data crosses the inspector chain as one chunk and its ACKs aggregate) and
 emits both legs' segments. `divert(out, start, now)` takes back, from `out.tun[start:]`, the
 decapsulated packets that belong to a splice's server leg (the Bridge calls it after its
-sequence policy delivered them). Timers: each splice's deadline is recorded when it is
+sequence policy delivered them): consecutive in-order data segments of one server leg, and a
+`TunFrame` the Bridge's GRO path merged (and checked), reach the leg as one segment
+(bridge/legwire.py merge_run: every checksum still checked, by one sum over the run), and
+`from_tun_super(sp, now)` gives a client's TSO frame to its leg whole (the kernel built it;
+nothing is summed). The legs' IP framing (plain packets, TunFrames) is bridge/legwire.py.
+Timers: each splice's deadline is recorded when it is
 emitted (every change to a splice ends in `flush`); `get_timer()` is the minimum of those and
 of the next reap scan; `handle_timer(now, out)` runs the due ones.
 """
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from bridge.flows import Backend, FlowKey, FlowTable, InspectRule, Verdict, selector_for
 from bridge.inspect.api import CloseReason
 from bridge.inspect.manager import InspectorManager
+from bridge.legwire import (
+    DATA_VALID,
+    NEEDS_CSUM,
+    TSO_MAX_SEGMENT,
+    VNET,
+    LegFramer,
+    merge_run,
+    run_part,
+    tcp_key,
+)
 from bridge.splice import Splice
 from bridge.tunframe import TunFrame
 from stack.tcp_config import TcpConfig
 from stack.tcp_core import reset_reply
-from stack.wire.checksum import checksum, partial, pseudo_sum_v4, pseudo_sum_v6
-from stack.wire.ip import DF, IPV4_HEADER, IPV6_HEADER, PROTO_TCP
-from stack.wire.tcp import ACK, PSH, RST, SYN, TcpSegment, emit_tcp_parts, parse_tcp
+from stack.wire.tcp import ACK, RST, SYN, TcpSegment, parse_tcp
 
-__all__ = ["Terminator", "SendToPeer"]
+__all__ = ["Terminator", "SendToPeer", "TSO_MAX_SEGMENT"]
 
 SendToPeer = Callable[[bytes, float, Any], bool]  # (inner packet, now, out) -> sent
-_LEN_ID = struct.Struct("!HH")
-_PORTS_FLAGS = struct.Struct("!HH8xxB")
-_V6_FIRST = 0x60000000
-_U32 = struct.Struct("!I")
-_TCP_HDR = struct.Struct("!HHIIBBHHH")  # RFC 9293 §3.1 fixed header
-_TS = struct.Struct("!II")
-_NOP_NOP_TS = b"\x01\x01\x08\x0a"
-_NOT_PSH = 0xFF & ~0x08
-# virtio 1.x §5.1.6 struct virtio_net_hdr: flags, gso_type, hdr_len, gso_size, csum_start,
-# csum_offset (little-endian on a TUN with TUNSETVNETHDRSZ 10)
-_VNET = struct.Struct("<BBHHHH")
-_NEEDS_CSUM, _DATA_VALID = 1, 2
-_GSO_TCPV4, _GSO_TCPV6, _GSO_ECN = 1, 4, 0x80
-_CWR = 0x80
-# the largest client-leg output segment with a TUN that takes GSO writes: an IPv4 total
-# length fits 16 bits with a 20-byte IP header and 60 bytes of TCP header
-TSO_MAX_SEGMENT = 65535 - 20 - 60
-
-
 def _has_userspace(rules: Iterable[InspectRule]) -> bool:
     return any(r.backend is Backend.USERSPACE and r.action is not Verdict.FORWARD for r in rules)
 
@@ -118,9 +111,10 @@ class Terminator:
         self.counters: dict[str, int] = {"splices": 0, "to_client": 0, "to_server": 0,
                                          "from_client": 0, "from_server": 0, "refused_rst": 0}
         self.ended: dict[str, int] = {}
-        self._ident = 0
+        framer = LegFramer()
+        self._packet = framer.packet  # IP framing of the legs' segments (bridge/legwire.py)
+        self._frame = framer.frame
         self._pending_rst: list[tuple[FlowKey, TcpSegment]] = []
-        self._v4sum: dict[tuple[bytes, bytes], int] = {}
         self._clients: dict[bytes, int] = {}  # client address -> live splices (divert filter)
         self._deadlines: dict[FlowKey, float] = {}  # each splice's timer, as of its last emit
         self._next_scan: float | None = None
@@ -152,27 +146,7 @@ class Terminator:
     def _drop(self, reason: str) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
 
-    @staticmethod
-    def _key(pkt: bytes | bytearray | memoryview, n: int) -> tuple[FlowKey, int, int] | None:
-        """(flow key, TCP offset, flags) of a TCP packet, or None (not TCP, fragment, short)."""
-        if n < 40:
-            return None
-        b0 = pkt[0]
-        if b0 >> 4 == 4:
-            if pkt[9] != PROTO_TCP or (pkt[6] & 0x3F) or pkt[7]:  # MF or offset: fragment
-                return None
-            off = (b0 & 0x0F) << 2
-            src, dst, version = bytes(pkt[12:16]), bytes(pkt[16:20]), 4
-        elif b0 >> 4 == 6:
-            if n < 60 or pkt[6] != PROTO_TCP:
-                return None
-            off, src, dst, version = 40, bytes(pkt[8:24]), bytes(pkt[24:40]), 6
-        else:
-            return None
-        if n < off + 20:
-            return None
-        sport, dport, flags = _PORTS_FLAGS.unpack_from(pkt, off)
-        return (version, src, dst, sport, dport), off, flags
+    _key = staticmethod(tcp_key)
 
     def _segment(self, pkt: bytes | bytearray | memoryview, n: int, off: int,
                  key: FlowKey) -> TcpSegment | None:
@@ -222,7 +196,7 @@ class Terminator:
         pseudo-header sum; or DATA_VALID), so no byte is summed. False, having done
         nothing, for anything else: the caller splits it and takes the per-packet path."""
         frame = sp.frame
-        if not frame[0] & (_NEEDS_CSUM | _DATA_VALID):
+        if not frame[0] & (NEEDS_CSUM | DATA_VALID):
             return False
         pkt = memoryview(frame)[sp.offset:]
         n = len(pkt)
@@ -339,13 +313,9 @@ class Terminator:
                     tun.append(pkt)  # another flow's: order against ours does not matter
                     continue
                 sp, ck, key, off, flags = found
-                hl = (pkt[off + 12] >> 4) << 2
-                pl = n - off - hl
-                if flags & _NOT_PSH == ACK and pl > 0 and hl in (20, 32):
-                    seq = _U32.unpack_from(pkt, off + 4)[0]
-                    # every TCP header byte but seq, flags' PSH and checksum must match
-                    tmpl = bytes(pkt[off + 8:off + 13]) + bytes(pkt[off + 14:off + 16]) + \
-                        bytes(pkt[off + 18:off + hl])
+                r = run_part(pkt, n, off, flags)
+                if r is not None:
+                    seq, pl, tmpl = r
                     if run and run_sp is sp and seq == run_next and tmpl == run_tmpl and \
                             off == run_off:
                         run.append(pkt)
@@ -381,9 +351,9 @@ class Terminator:
         one contiguous TCP run, every segment's checksum checked there, the merged packet's
         checksum field holding the pseudo-header sum, NEEDS_CSUM). When it is a server leg's,
         the leg takes it as one segment (no second checksum pass) and True is returned."""
-        mv = memoryview(frame)[_VNET.size:]
+        mv = memoryview(frame)[VNET.size:]
         n = len(mv)
-        if frame[0] != _NEEDS_CSUM:
+        if frame[0] != NEEDS_CSUM:
             return False
         found = self._server_side(mv, n)
         if found is None:
@@ -401,62 +371,23 @@ class Terminator:
 
     def _server_run(self, run: list[bytes], sp: Splice | None, off: int, now: float) -> None:
         """Hand a run of contiguous data segments of one server leg to it as one segment
-        (what Linux GRO does before TCP sees them; the stack takes segments above the MSS).
-        Every segment's checksum is checked (RFC 9293 MUST-3) by one sum over the run: the
-        pseudo-headers (linear in the length, RFC 1071 §2), the headers and the payloads,
-        each payload but the last even-sized so that all stay on 16-bit word boundaries;
-        a run whose sum is off is handed over packet by packet, each checked on its own."""
+        (bridge/legwire.py merge_run checks every checksum); packet by packet when the run
+        is one packet or does not merge (each then checked on its own, a bad one dropped)."""
         assert sp is not None
         key = sp.key
-        ck = key
-        if len(run) == 1:
-            pkt = run[0]
-            skey = (key[0], key[2], key[1], key[4], key[3])
-            seg = self._segment(pkt, len(pkt), off, skey)
-            if seg is not None:
-                self.counters["from_server"] += 1
-                sp.from_server(seg, now)
-                self.touched[ck] = sp
-            return
-        first = run[0]
-        hl = (first[off + 12] >> 4) << 2
-        pay = b"".join([memoryview(p)[off + hl:] for p in run])
-        hdrs = b"".join([memoryview(p)[off:off + hl] for p in run])
-        tcp_len = len(pay) + len(hdrs)
-        saddr, caddr = key[2], key[1]
-        if off == 20:
-            base = pseudo_sum_v4(saddr, caddr, PROTO_TCP, 0)
-        else:
-            base = pseudo_sum_v6(saddr, caddr, PROTO_TCP, 0)
-        total = partial(pay, partial(hdrs, (len(run) * base + tcp_len) % 0xFFFF))
-        if total % 0xFFFF:
+        seg = merge_run(run, off, key[2], key[1]) if len(run) > 1 else None
+        if seg is None:
             skey = (key[0], key[2], key[1], key[4], key[3])
             for pkt in run:
-                seg = self._segment(pkt, len(pkt), off, skey)
-                if seg is not None:
+                s1 = self._segment(pkt, len(pkt), off, skey)
+                if s1 is not None:
                     self.counters["from_server"] += 1
-                    sp.from_server(seg, now)
-            self.touched[ck] = sp
-            return
-        if hl == 32 and first[off + 20:off + 24] != _NOP_NOP_TS:
-            skey = (key[0], key[2], key[1], key[4], key[3])
-            for pkt in run:  # options other than the timestamps: the ordinary path
-                seg = self._segment(pkt, len(pkt), off, skey)
-                if seg is not None:
-                    self.counters["from_server"] += 1
-                    sp.from_server(seg, now)
-            self.touched[ck] = sp
-            return
-        flags = ACK
-        for p in run:
-            flags |= p[off + 13] & PSH
-        sport, dport, seq, ack, _o, _f, window, _c, urg = _TCP_HDR.unpack_from(first, off)
-        ts = _TS.unpack_from(first, off + 24) if hl == 32 else None
-        self.counters["from_server"] += len(run)
-        self.counters["server_runs"] = self.counters.get("server_runs", 0) + 1
-        sp.from_server(TcpSegment(sport, dport, seq, ack, flags, window, pay, urg,
-                                  ts=ts), now)
-        self.touched[ck] = sp
+                    sp.from_server(s1, now)
+        else:
+            self.counters["from_server"] += len(run)
+            self.counters["server_runs"] = self.counters.get("server_runs", 0) + 1
+            sp.from_server(seg, now)
+        self.touched[key] = sp
 
     # ------------------------------------------------------------------ output
 
@@ -523,55 +454,6 @@ class Terminator:
             self.touched.pop(sp.key, None)
             reason = sp.flow.close_reason.value if sp.flow.close_reason else "closed"
             self.ended[reason] = self.ended.get(reason, 0) + 1
-
-    def _ip4(self, src: bytes, dst: bytes, tl: int, ident: int) -> bytes:
-        """IPv4 header (RFC 791 §3.1, no options, DF, TTL 64) for a TCP payload of `tl`."""
-        base = self._v4sum.get((src, dst))
-        if base is None:  # the sum of the header words that never change (RFC 1071 §2)
-            if len(self._v4sum) > 4096:
-                self._v4sum.clear()
-            base = self._v4sum[(src, dst)] = partial(
-                IPV4_HEADER.pack(0x45, 0, 0, 0, DF, 64, PROTO_TCP, 0, src, dst))
-        csum = checksum(_LEN_ID.pack(20 + tl, ident), base)
-        return IPV4_HEADER.pack(0x45, 0, 20 + tl, ident, DF, 64, PROTO_TCP, csum, src, dst)
-
-    def _packet(self, src: bytes, dst: bytes, seg: TcpSegment) -> bytes:
-        """IP header (stack/wire/ip.py layout) + TCP header + payload."""
-        hdr, payload = emit_tcp_parts(seg, src, dst)
-        tl = len(hdr) + len(payload)
-        if len(src) == 4:
-            ident = self._ident = (self._ident + 1) & 0xFFFF
-            return b"".join((self._ip4(src, dst, tl, ident), hdr, payload))
-        return b"".join((IPV6_HEADER.pack(_V6_FIRST, tl, PROTO_TCP, 64, src, dst), hdr, payload))
-
-    def _frame(self, src: bytes, dst: bytes, seg: TcpSegment, mss: int) -> TunFrame:
-        """A client-leg segment as a vnet TUN write: NEEDS_CSUM, and GSO when it carries more
-        than one `mss` of payload (rules in the module docstring)."""
-        hdr, payload = emit_tcp_parts(seg, src, dst, partial_csum=True)
-        hl = len(hdr)
-        pl = len(payload)
-        tl = hl + pl
-        if len(src) == 4:
-            ihl = 20
-            ident = (self._ident + 1) & 0xFFFF
-            ip = self._ip4(src, dst, tl, ident)
-            gso = _GSO_TCPV4
-        else:
-            ihl = 40
-            ident = 0
-            ip = IPV6_HEADER.pack(_V6_FIRST, tl, PROTO_TCP, 64, src, dst)
-            gso = _GSO_TCPV6
-        if pl > mss:
-            nseg = -(-pl // mss)
-            if seg.flags & _CWR:
-                gso |= _GSO_ECN
-            vh = _VNET.pack(_NEEDS_CSUM, gso, ihl + hl, mss, ihl, 16)
-        else:
-            nseg = 1
-            vh = _VNET.pack(_NEEDS_CSUM, 0, 0, 0, ihl, 16)
-        if ihl == 20:
-            self._ident = (ident + nseg - 1) & 0xFFFF
-        return TunFrame(b"".join((vh, ip, hdr, payload)))
 
     # ------------------------------------------------------------------ timers
 

@@ -1,0 +1,182 @@
+"""IP framing of the splice legs' segments (bridge/terminate.py): what the legs send, what
+they take in runs. Pure: segments and bytes in, bytes and segments out.
+
+Rules:
+- Client-leg and server-leg packets get an IPv4 header (RFC 791 §3.1: no options, DF set,
+  TTL 64, identification counting up per packet, header checksum over the constant words
+  cached per address pair, RFC 1071 §2) or an IPv6 header (RFC 8200 §3, hop limit 64, flow
+  label 0). `packet()` carries a complete TCP checksum (RFC 9293 §3.1, MUST-2).
+- `frame()` is for a TUN opened with IFF_VNET_HDR and TUN_F_CSUM|TSO4|TSO6: a `TunFrame`
+  (virtio 1.x §5.1.6 header + packet) with VIRTIO_NET_HDR_F_NEEDS_CSUM (csum_start at the
+  TCP header, csum_offset 16, the field holding the pseudo-header sum; the kernel completes
+  it), and, when the payload exceeds the MSS, gso_type TCPV4/TCPV6 (ECN bit with CWR) and
+  gso_size = the MSS: the kernel cuts it like TSO, numbering the IPv4 identification one per
+  segment (RFC 6864 §4.1), so the counter advances by the segment count.
+- `tcp_key()` reads the flow key of a plain TCP packet: IPv4 without fragment bits (MF or an
+  offset: never TCP-parsed, RFC 791 §3.2), IPv6 whose next header is TCP (extension headers
+  are left to the ordinary path), at least a fixed TCP header.
+- `run_part()` says whether a packet may join a run (ACK-only flags but PSH, a payload, a
+  header of 20 bytes or 20 + TSopt) and gives what must be equal within a run: every TCP
+  header byte but seq, the PSH bit and the checksum (what Linux GRO compares).
+- `merge_run()` turns a run of contiguous data segments of one flow (the caller checked:
+  same addresses, ports and TCP header but for seq, PSH and checksum; ACK-only flags;
+  every payload but the last even-sized) into one segment, as Linux GRO does before TCP
+  sees them. Every segment's checksum is still checked (RFC 9293 MUST-3), by one sum over
+  the run: the pseudo-headers are linear in the length (RFC 1071 §2), so n of them are
+  n * base + the lengths; headers and payloads are summed joined (16-bit words stay
+  aligned). None when the sum is off (the caller then checks packet by packet and drops
+  the bad one) or the options are other than the timestamps (RFC 7323 Appendix A layout).
+
+Theory of operation: one `LegFramer` per Terminator holds the identification counter and
+the per-address header sums; `packet`/`frame` prepend the IP header to `emit_tcp_parts`'s
+output with one join. `merge_run` joins payloads once (the leg copies what it keeps).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from bridge.tunframe import TunFrame
+from stack.wire.checksum import checksum, partial, pseudo_sum_v4, pseudo_sum_v6
+from stack.wire.ip import DF, IPV4_HEADER, IPV6_HEADER, PROTO_TCP
+from stack.wire.tcp import ACK, PSH, TcpSegment, emit_tcp_parts
+
+__all__ = ["LegFramer", "merge_run", "run_part", "tcp_key", "TSO_MAX_SEGMENT", "VNET",
+           "NEEDS_CSUM", "DATA_VALID"]
+
+_LEN_ID = struct.Struct("!HH")
+_PORTS_FLAGS = struct.Struct("!HH8xxB")
+_U32 = struct.Struct("!I")
+_NOT_PSH = 0xFF & ~PSH
+_V6_FIRST = 0x60000000
+_TCP_HDR = struct.Struct("!HHIIBBHHH")  # RFC 9293 §3.1 fixed header
+_TS = struct.Struct("!II")
+_NOP_NOP_TS = b"\x01\x01\x08\x0a"
+# virtio 1.x §5.1.6 struct virtio_net_hdr: flags, gso_type, hdr_len, gso_size, csum_start,
+# csum_offset (little-endian on a TUN with TUNSETVNETHDRSZ 10)
+VNET = struct.Struct("<BBHHHH")
+NEEDS_CSUM, DATA_VALID = 1, 2
+_GSO_TCPV4, _GSO_TCPV6, _GSO_ECN = 1, 4, 0x80
+_CWR = 0x80
+# the largest client-leg output segment with a TUN that takes GSO writes: an IPv4 total
+# length fits 16 bits with a 20-byte IP header and 60 bytes of TCP header
+TSO_MAX_SEGMENT = 65535 - 20 - 60
+
+
+class LegFramer:
+    """IP headers for the legs' segments (IPv4 identification counter, header sum cache)."""
+
+    __slots__ = ("ident", "_v4sum")
+
+    def __init__(self) -> None:
+        self.ident = 0
+        self._v4sum: dict[tuple[bytes, bytes], int] = {}
+
+    def ip4(self, src: bytes, dst: bytes, tl: int, ident: int) -> bytes:
+        """IPv4 header (RFC 791 §3.1, no options, DF, TTL 64) for a TCP payload of `tl`."""
+        base = self._v4sum.get((src, dst))
+        if base is None:  # the sum of the header words that never change (RFC 1071 §2)
+            if len(self._v4sum) > 4096:
+                self._v4sum.clear()
+            base = self._v4sum[(src, dst)] = partial(
+                IPV4_HEADER.pack(0x45, 0, 0, 0, DF, 64, PROTO_TCP, 0, src, dst))
+        csum = checksum(_LEN_ID.pack(20 + tl, ident), base)
+        return IPV4_HEADER.pack(0x45, 0, 20 + tl, ident, DF, 64, PROTO_TCP, csum, src, dst)
+
+    def packet(self, src: bytes, dst: bytes, seg: TcpSegment) -> bytes:
+        """IP header (stack/wire/ip.py layout) + TCP header + payload."""
+        hdr, payload = emit_tcp_parts(seg, src, dst)
+        tl = len(hdr) + len(payload)
+        if len(src) == 4:
+            ident = self.ident = (self.ident + 1) & 0xFFFF
+            return b"".join((self.ip4(src, dst, tl, ident), hdr, payload))
+        return b"".join((IPV6_HEADER.pack(_V6_FIRST, tl, PROTO_TCP, 64, src, dst), hdr, payload))
+
+    def frame(self, src: bytes, dst: bytes, seg: TcpSegment, mss: int) -> TunFrame:
+        """A segment as a vnet TUN write: NEEDS_CSUM, and GSO when it carries more than one
+        `mss` of payload (rules in the module docstring)."""
+        hdr, payload = emit_tcp_parts(seg, src, dst, partial_csum=True)
+        hl = len(hdr)
+        pl = len(payload)
+        tl = hl + pl
+        if len(src) == 4:
+            ihl = 20
+            ident = (self.ident + 1) & 0xFFFF
+            ip = self.ip4(src, dst, tl, ident)
+            gso = _GSO_TCPV4
+        else:
+            ihl = 40
+            ident = 0
+            ip = IPV6_HEADER.pack(_V6_FIRST, tl, PROTO_TCP, 64, src, dst)
+            gso = _GSO_TCPV6
+        if pl > mss:
+            nseg = -(-pl // mss)
+            if seg.flags & _CWR:
+                gso |= _GSO_ECN
+            vh = VNET.pack(NEEDS_CSUM, gso, ihl + hl, mss, ihl, 16)
+        else:
+            nseg = 1
+            vh = VNET.pack(NEEDS_CSUM, 0, 0, 0, ihl, 16)
+        if ihl == 20:
+            self.ident = (ident + nseg - 1) & 0xFFFF
+        return TunFrame(b"".join((vh, ip, hdr, payload)))
+
+
+def merge_run(run: list[bytes], off: int, src: bytes, dst: bytes) -> TcpSegment | None:
+    """One segment for a checked run of segments from `src` to `dst` (TCP header at `off`
+    in each packet), or None: a checksum is off, or options other than NOP NOP TSopt."""
+    first = run[0]
+    hl = (first[off + 12] >> 4) << 2
+    if hl == 32 and first[off + 20:off + 24] != _NOP_NOP_TS:
+        return None
+    pay = b"".join([memoryview(p)[off + hl:] for p in run])
+    hdrs = b"".join([memoryview(p)[off:off + hl] for p in run])
+    if off == 20:
+        base = pseudo_sum_v4(src, dst, PROTO_TCP, 0)
+    else:
+        base = pseudo_sum_v6(src, dst, PROTO_TCP, 0)
+    total = partial(pay, partial(hdrs, (len(run) * base + len(pay) + len(hdrs)) % 0xFFFF))
+    if total % 0xFFFF:
+        return None
+    flags = ACK
+    for p in run:
+        flags |= p[off + 13] & PSH
+    sport, dport, seq, ack, _o, _f, window, _c, urg = _TCP_HDR.unpack_from(first, off)
+    ts = _TS.unpack_from(first, off + 24) if hl == 32 else None
+    return TcpSegment(sport, dport, seq, ack, flags, window, pay, urg, ts=ts)
+
+
+def tcp_key(pkt: bytes | bytearray | memoryview, n: int
+            ) -> tuple[tuple[int, bytes, bytes, int, int], int, int] | None:
+    """((version, src, dst, sport, dport), TCP offset, flags) of a TCP packet, or None."""
+    if n < 40:
+        return None
+    b0 = pkt[0]
+    if b0 >> 4 == 4:
+        if pkt[9] != PROTO_TCP or (pkt[6] & 0x3F) or pkt[7]:  # MF or offset: fragment
+            return None
+        off = (b0 & 0x0F) << 2
+        src, dst, version = bytes(pkt[12:16]), bytes(pkt[16:20]), 4
+    elif b0 >> 4 == 6:
+        if n < 60 or pkt[6] != PROTO_TCP:
+            return None
+        off, src, dst, version = 40, bytes(pkt[8:24]), bytes(pkt[24:40]), 6
+    else:
+        return None
+    if n < off + 20:
+        return None
+    sport, dport, flags = _PORTS_FLAGS.unpack_from(pkt, off)
+    return (version, src, dst, sport, dport), off, flags
+
+
+def run_part(pkt: bytes | bytearray | memoryview, n: int, off: int, flags: int
+             ) -> tuple[int, int, bytes] | None:
+    """(seq, payload length, header template) of a packet that may join a run, else None."""
+    hl = (pkt[off + 12] >> 4) << 2
+    pl = n - off - hl
+    if flags & _NOT_PSH != ACK or pl <= 0 or hl not in (20, 32):
+        return None
+    seq = _U32.unpack_from(pkt, off + 4)[0]
+    tmpl = bytes(pkt[off + 8:off + 13]) + bytes(pkt[off + 14:off + 16]) + \
+        bytes(pkt[off + 18:off + hl])
+    return seq, pl, tmpl
