@@ -216,6 +216,8 @@ class Bridge:
         term = self.terminator
         for pkt in packets:
             if type(pkt) is SuperPacket:
+                if term is not None and term.from_tun_super(pkt, now):
+                    continue  # a terminated flow's client leg takes it whole
                 if not self._tso(pkt, now, out):
                     segs: list[bytes] = []
                     if pkt.split(segs):
