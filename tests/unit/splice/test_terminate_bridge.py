@@ -230,3 +230,67 @@ backend = "userspace"
     out = Output()
     a.from_tun([pkt], 0.0, out)
     assert not out and a.status(0.0)["inspect"]["drops"] == {"rule_drop": 1}
+
+
+class _TsoWorld(World):
+    """The client's data segments of each step reach Bridge A as one TSO super-packet, as
+    the TUN hands them (vnet header NEEDS_CSUM + GSO, the pseudo-header sum in the field)."""
+
+    frames = 0
+
+    def step(self) -> bool:
+        from bridge.gso import SuperPacket
+        from bridge.io.offload import VNET, split_frame
+        from stack.wire.checksum import pseudo_sum_v4
+
+        segs = self.client.segments_to_send(self.now)
+        data = [s for s in segs if s.payload and not s.flags & SYN]
+        if len(data) < 2:  # nothing to merge: the ordinary path
+            return self._step_with(segs)
+        pkts = [ip_packet(self.a, self.c, self.s, s) for s in data]
+        first = pkts[0]
+        hl = 20 + (first[32] >> 4) * 4
+        payload = b"".join(p[hl:] for p in pkts)
+        h = bytearray(first[:hl])
+        h[2:4] = (hl + len(payload)).to_bytes(2, "big")
+        h[36:38] = pseudo_sum_v4(self.c, self.s, 6, hl - 20 + len(payload)).to_bytes(2, "big")
+        frame = VNET.pack(1, 1, hl, len(first) - hl, 20, 16) + bytes(h) + payload
+        self.frames += 1
+        rest = [s for s in segs if s not in data]
+        return self._step_with(rest, SuperPacket(frame, 10, len(first) - hl, split_frame))
+
+    def _step_with(self, segs: list[Any], sp: Any = None) -> bool:
+        orig = self.client.segments_to_send
+        self.client.segments_to_send = lambda now: segs  # type: ignore[method-assign]
+        real_from_tun = self.a.from_tun
+
+        def from_tun(pk: list[Any], now: float, out: Output) -> None:
+            real_from_tun(([sp] if sp is not None else []) + pk, now, out)
+
+        self.a.from_tun = from_tun  # type: ignore[method-assign]
+        try:
+            return super().step() or sp is not None
+        finally:
+            self.client.segments_to_send = orig  # type: ignore[method-assign]
+            del self.a.from_tun
+
+
+def test_client_tso_super_packet_is_taken_whole_by_the_terminator() -> None:
+    w = _TsoWorld(80)
+    assert w.run(lambda: w.server.state is State.ESTABLISHED)
+    term = w.a.terminator
+    assert term is not None
+    taken: list[bool] = []
+    real = term.from_tun_super
+
+    def spy(sp: Any, now: float) -> bool:
+        taken.append(real(sp, now))
+        return taken[-1]
+
+    term.from_tun_super = spy  # type: ignore[method-assign]
+    body = os.urandom(200_000).replace(b"secret", b"xxxxxx") + b"a secret"
+    w.client.send(body)
+    assert w.run(lambda: len(w.server_rx) >= len(body))
+    assert bytes(w.server_rx) == body.replace(b"secret", b"SECRET")
+    assert w.frames > 0 and len(taken) == w.frames and all(taken)
+    assert term.drops == {}
