@@ -27,9 +27,10 @@ Rules:
 - RFC 9293 §3.10.7.1: a segment for a CLOSED connection gets <SEQ=SEG.ACK><CTL=RST> if it
   has ACK, else <SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>; an RST is never answered.
 
-Theory of operation: the connection is three classes in a line, one concern per module:
+Theory of operation: the connection is four classes in a line, one concern per module:
 ConnectionCore (state, timers, helpers) <- OutputMixin (stack/tcp_output.py: turning state
-into segments) <- TcpConnection (stack/connection.py: API and input). Input only sets
+into segments) <- OpenMixin (stack/tcp_open.py: connect/listen, LISTEN and SYN-SENT
+input) <- TcpConnection (stack/connection.py: API and input). Input only sets
 flags and deadlines; output and timers read them. The application side of the receive
 queue is here too: in-order bytes wait in `_rx` as a list of chunks, and a marker in the
 event queue says where they are delivered, so that DataReceived keeps its place between
