@@ -109,7 +109,8 @@ class Terminator:
         self.touched: dict[FlowKey, Splice] = {}
         self.drops: dict[str, int] = {}
         self.counters: dict[str, int] = {"splices": 0, "to_client": 0, "to_server": 0,
-                                         "from_client": 0, "from_server": 0, "refused_rst": 0}
+                                         "from_client": 0, "from_server": 0, "refused_rst": 0,
+                                         "server_runs": 0}
         self.ended: dict[str, int] = {}
         framer = LegFramer()
         self._packet = framer.packet  # IP framing of the legs' segments (bridge/legwire.py)
@@ -364,7 +365,7 @@ class Terminator:
             gso_size = frame[4] | frame[5] << 8  # virtio_net_hdr.gso_size
             k = -(-len(seg.payload) // gso_size) if gso_size else 1
             self.counters["from_server"] += k
-            self.counters["server_runs"] = self.counters.get("server_runs", 0) + 1
+            self.counters["server_runs"] += 1
             sp.from_server(seg, now)
             self.touched[ck] = sp
         return True
@@ -385,7 +386,7 @@ class Terminator:
                     sp.from_server(s1, now)
         else:
             self.counters["from_server"] += len(run)
-            self.counters["server_runs"] = self.counters.get("server_runs", 0) + 1
+            self.counters["server_runs"] += 1
             sp.from_server(seg, now)
         self.touched[key] = sp
 
