@@ -294,7 +294,10 @@ class ConnectionCore:
             self._enter_closed()
             return
         self._soft_error = (k.value, code, now)
-        self._events.append(SoftError(k, code))  # MUST-56 / SHLD-25
+        ev = SoftError(k, code)
+        events = self._events
+        if not events or events[-1] != ev:  # a burst of the same error is one event
+            events.append(ev)  # MUST-56 / SHLD-25
 
     # ------------------------------------------------------------------ small helpers
 

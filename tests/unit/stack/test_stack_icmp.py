@@ -108,3 +108,13 @@ def test_icmp_for_closed_or_listening_connection_is_dropped() -> None:
 def test_icmp_error_unknown_kind_is_our_misuse() -> None:
     with pytest.raises(ValueError):
         passive().icmp_error("bogus", 0, now=0.0)
+
+
+def test_a_burst_of_the_same_soft_error_is_one_event() -> None:
+    conn = passive()
+    events(conn)
+    for _ in range(1000):  # e.g. spoofed ICMP: the event queue does not grow with it
+        conn.icmp_error(IcmpKind.TIME_EXCEEDED, 0, now=0.0)
+    conn.icmp_error(IcmpKind.UNREACHABLE, 1, now=0.0)
+    assert events(conn) == [SoftError(IcmpKind.TIME_EXCEEDED, 0),
+                            SoftError(IcmpKind.UNREACHABLE, 1)]
