@@ -116,8 +116,7 @@ def parse_tcp(pkt: memoryview) -> tuple[bool, int, int] | None:
 def _fold(sums: Any) -> Any:
     """numpy: little-endian 32-bit word sums per row -> one's complement sum (big-endian
     value, 0xFFFF for a non-zero multiple of 0xFFFF, as `checksum.partial`)."""
-    v = sums % 0xFFFF
-    v[v == 0] = 0xFFFF
+    v = (sums - 1) % 0xFFFF + 1  # 1..0xFFFF: a zero remainder becomes 0xFFFF (sums > 0)
     return ((v & 0xFF) << 8) | (v >> 8)
 
 
@@ -304,12 +303,6 @@ class GroBatch:
         return [b[o:o + s] for o in range(0, len(b), s)]
 
 
-def _sum_rows(a: Any) -> Any:
-    """numpy: one's complement sum (0..0xFFFF, big-endian value) of each row of uint8 `a`
-    (even width), via little-endian 16-bit words (RFC 1071 §2(B))."""
-    return _fold(a.view("<u2").sum(axis=1, dtype=_np.uint64))
-
-
 def coalesce_rows(buf: bytes, start: int, seg: int, off: int, gseq_at: int,
                   v4: bool, ihl: int, doff: int) -> tuple[TunFrame, int, int, int] | None:
     """Merge the longest run of datagrams of `seg` bytes from `buf[start:]` (encapsulation
@@ -365,14 +358,14 @@ def coalesce_rows(buf: bytes, start: int, seg: int, off: int, gseq_at: int,
     if v4:
         src, dst = bytes(buf[start + off + 12:start + off + 16]), \
             bytes(buf[start + off + 16:start + off + 20])
-        bad |= _sum_rows(a[:, off:t]) != 0xFFFF
+        bad |= a[:, off:t].view("<u2").sum(axis=1, dtype=np.uint64) % 0xFFFF != 0
         ps = pseudo_sum_v4(src, dst, _TCP, seg - t)
     else:
         src, dst = bytes(buf[start + off + 8:start + off + 24]), \
             bytes(buf[start + off + 24:start + off + 40])
         ps = pseudo_sum_v6(src, dst, _TCP, seg - t)
     sums = a[:, t:].view("<u2").sum(axis=1, dtype=np.uint64) + (((ps & 0xFF) << 8) | (ps >> 8))
-    bad |= _fold(sums) != 0xFFFF
+    bad |= sums % 0xFFFF != 0  # intact: the sum is "negative zero" (RFC 1071)
     k = int(bad.argmax()) if bad.any() else rows
     psh = np.flatnonzero(fl[:k] & 0x08)
     if psh.size:
