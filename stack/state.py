@@ -38,6 +38,10 @@ class State(Enum):
     def __str__(self) -> str:
         return self.value
 
+    # Members are singletons compared by identity: hash them by identity too, in C.
+    # (Enum.__hash__ is Python code hashing the name; `state in SOME_SET` runs per segment.)
+    __hash__ = object.__hash__
+
 
 SYNCHRONIZED = frozenset(
     {
