@@ -57,10 +57,11 @@ from bridge import counters as C
 from bridge.config import Config, DownAction, Encapsulation, SeqPolicy, SourcePort
 from bridge.counters import Counters
 from bridge.encap import KEEPALIVE, GreEncoder, decode_gre, flow_source_port, overhead
-from bridge.gso import GroBatch, SuperPacket, coalesce_rows, encap_segments, parse_tcp
+from bridge.fastpath import receive_run, send_super
+from bridge.gso import GroBatch, SuperPacket
 from bridge.mss import clamp_packet
 from bridge.peers import LOOP, PeerTable
-from bridge.seqpolicy import SeqReceiver, seq_diff
+from bridge.seqpolicy import SeqReceiver
 from stack.wire import icmp
 from stack.wire.ip import DF, OFFSET_MASK, PROTO_TCP, decrement_ttl_v4, fragment_v4, packet_length
 
@@ -266,56 +267,8 @@ class Bridge:
             term.flush(now, out)
 
     def _tso(self, sp: SuperPacket, now: float, out: Output) -> bool:
-        """The super-packet fast path: the per-flow decisions of `from_tun` once, then every
-        segment segmented and encapsulated at once (bridge/gso.py). False, having done
-        nothing, whenever a segment could need per-packet treatment: a userspace-terminated
-        flow, no route / peer down / TTL <= 1 (per-segment drops and ICMP), segments above
-        the tunnel MTU, SYN or RST (MSS clamping, never TSO'd anyway), GRE checksums."""
-        if self.terminator is not None:
-            return False
-        pkt = sp.packet()
-        parsed = parse_tcp(pkt)
-        g = sp.gso_size
-        if parsed is None or g <= 0:
-            return False
-        v4, ihl, doff = parsed
-        if pkt[ihl + 13] & 0x06:  # SYN or RST
-            return False
-        if v4:
-            idx = self.table.route(pkt[16:20])
-            ttl = pkt[8]
-        else:
-            idx = self.table.route(pkt[24:40])
-            ttl = pkt[7]
-        if idx < 0 or ttl <= 1:
-            return False
-        peer = self.peers[idx]
-        if (peer.withdraw and not peer.up) or ihl + doff + g > peer.mtu:
-            return False
-        enc = peer.encoder
-        if peer.gre:
-            if enc.csum:
-                return False
-            prefix, seq_at = enc.prefix(not v4)
-        else:
-            prefix, seq_at = b"", -1
-        lst = out.udp.get(peer.addr)
-        if lst is None:
-            lst = out.udp[peer.addr] = []
-        start = len(lst)
-        k = encap_segments(pkt, v4, ihl, doff, g, prefix, seq_at, enc.seq, lst, run=True)
-        if peer.gre:
-            enc.advance(k)
-        c = self.counters
-        c.tx_packets[peer.index] += k
-        c.tx_bytes[peer.index] += sum(map(len, lst[start:]))
-        peer.last_tx = now
-        if peer.flow_sport:
-            sports = out.udp_sport.get(peer.addr)
-            if sports is None:
-                sports = out.udp_sport[peer.addr] = []
-            sports.extend([flow_source_port(pkt)] * (len(lst) - start))  # one per item
-        return True
+        """The super-packet fast path (bridge/fastpath.py `send_super`)."""
+        return send_super(self, sp, now, out)
 
     def _send(self, peer: PeerState, pkt: Buf, v6: bool, now: float, out: Output) -> None:
         if peer.gre:
@@ -518,61 +471,8 @@ class Bridge:
                 yield payload, addr
 
     def _gro(self, b: GroBatch, start: int, addr: Addr, now: float, out: Output) -> int:
-        """The receive fast path: a GRO batch of one TCP flow becomes one InnerSuper in
-        out.tun (bridge/gso.py `coalesce_rows` checks every row at once). The per-peer
-        decisions of `from_udp` (peer, GRE header, sequence policy, AllowedIPs, TTL, loop)
-        are made once, on the first datagram of a run. Starts at `buf[start:]`; returns
-        the bytes consumed (a run), 0 when the datagram at `start` must go alone through the
-        per-packet path (a sequence number drop-late could refuse, not the start of a
-        contiguous TCP run, ...), -1 when no datagram of this batch can take the fast path
-        (reorder policy, GRE checksums, unknown or ambiguous peer). A terminated flow's
-        run is taken back from out.tun by `Terminator.divert` (one segment for its server
-        leg). Only an I/O layer whose TUN takes TunFrames (vnet header) hands GroBatches in."""
-        cands = self.table.by_host(addr[0]) if isinstance(addr, tuple) and addr else ()
-        if len(cands) != 1:
-            return -1
-        peer = self.peers[cands[0]]
-        policy = peer.seq.policy
-        buf, seg = b.buf, b.seg
-        if policy is SeqPolicy.REORDER or peer.csum_in:
-            return -1
-        if len(buf) - start < 2 * seg:
-            return 0
-        first = memoryview(buf)[start:start + seg]
-        off, gseq, gseq_at = 0, -1, -1
-        if peer.gre:
-            status, off, gseq = decode_gre(first, peer.key_in, False)
-            if status != -1:
-                return 0
-            gseq_at = off - 4 if gseq >= 0 else -1
-        if policy is SeqPolicy.DROP_LATE:
-            sr = peer.seq
-            if gseq < 0 or (sr.started and seq_diff(gseq, (sr.last + 1) & 0xFFFFFFFF) < 0):
-                return 0
-        parsed = parse_tcp(first[off:])
-        if parsed is None:
-            return 0
-        v4, ihl, doff = parsed
-        if v4:
-            src, dst, ttl = first[off + 12:off + 16], first[off + 16:off + 20], first[off + 8]
-        else:
-            src, dst, ttl = first[off + 8:off + 24], first[off + 24:off + 40], first[off + 7]
-        table = self.table
-        if ttl == 0 or not table.allowed(peer.index, src) or table.is_endpoint(dst):
-            return 0
-        r = coalesce_rows(buf, start, seg, off, gseq_at, v4, ihl, doff)
-        if r is None:
-            return 0
-        sup, merged, last, used = r
-        if policy is SeqPolicy.DROP_LATE:
-            peer.seq.started = True
-            peer.seq.last = last
-        self._heard(peer, now)
-        out.tun.append(sup)  # a TunFrame: the TUN adapter writes it whole
-        c = self.counters
-        c.rx_packets[peer.index] += merged
-        c.rx_bytes[peer.index] += used
-        return used
+        """The receive fast path (bridge/fastpath.py `receive_run`)."""
+        return receive_run(self, b, start, addr, now, out)
 
     def _pick(self, cands: tuple[int, ...], payload: Buf) -> PeerState:
         """Several peers share the source host: the GRE key tells them apart (RFC 2890 §2.1)."""

@@ -59,7 +59,7 @@ CALLS: list[int] = []
 @pytest.fixture(autouse=True)
 def _count_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """Count the super-packets the fast path took (so a silent fallback cannot pass)."""
-    import bridge.pipeline as pl
+    import bridge.fastpath as pl
 
     def counting(*a: object, **k: object) -> int:
         n = encap_segments(*a, **k)  # type: ignore[arg-type]

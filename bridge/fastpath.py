@@ -1,0 +1,155 @@
+"""The data plane's fast paths: a TSO super-packet out, a GRO batch in (bridge/gso.py).
+
+Rules: each function makes the per-flow (send) or per-peer (receive) decisions of
+`Bridge.from_tun` / `Bridge.from_udp` (bridge/pipeline.py) once, and hands the per-segment
+work to bridge/gso.py; whenever a segment or datagram could need per-packet treatment it
+returns without having done anything (False / 0 / -1), and the Bridge takes its per-packet
+path. Sending steps aside for:
+- a destination without a route or a peer down and withdrawn (per-segment ICMP
+  unreachable, rate limited), an inner TTL <= 1 (RFC 2003 §3.1, RFC 1812 §5.3.1: Time
+  Exceeded per segment), a tunnel endpoint as destination (RFC 2003 §4, "loop");
+- segments above the peer's tunnel MTU (RFC 2003 §5.1, RFC 4459: ICMP or inner
+  fragmentation per segment);
+- SYN or RST (MSS clamping, RFC 9293 §3.7.1; never TSO'd anyway) and GRE checksums (RFC
+  2784 §2.5.1, sealed per datagram).
+Receiving steps aside for: userspace-terminated flows, several peers behind one host (the
+GRE key picks, RFC 2890 §2.1), the reorder policy and a drop-late window the first sequence
+number would fail (RFC 2890 §2.2), GRE checksums, a spoofed inner source (AllowedIPs), TTL 0
+(RFC 2003 §3.1), a tunnel endpoint as inner destination (RFC 2003 §4), and anything that is
+not a contiguous run of one TCP flow (see `coalesce_rows`).
+tests/unit/bridge/test_bridge_gso.py proves both paths put the same bytes on the wire and
+into the TUN, with the same counters.
+
+Theory of operation: sending, `send_super` checks route, peer state, TTL, MTU, flags and
+GRE options on the super-packet's header, then `encap_segments` builds every datagram
+(one `UdpRun`), GRE sequence numbers advance by the count, counters and flow-hash ports are
+updated once. Receiving, `receive_run` checks peer, GRE header, drop-late window (RFC 2890
+§2.2), AllowedIPs, TTL (RFC 2003 §3.1) and loop guard (RFC 2003 §4) on the first datagram
+of a run, and `coalesce_rows` checks all rows at once and builds one `TunFrame`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from bridge.config import SeqPolicy
+from bridge.encap import decode_gre, flow_source_port
+from bridge.gso import GroBatch, SuperPacket, coalesce_rows, encap_segments, parse_tcp
+from bridge.seqpolicy import seq_diff
+
+if TYPE_CHECKING:
+    from bridge.pipeline import Addr, Bridge, Output
+
+__all__ = ["send_super", "receive_run"]
+
+
+def send_super(bridge: Bridge, sp: SuperPacket, now: float, out: Output) -> bool:
+    """The super-packet fast path: the per-flow decisions of `from_tun` once, then every
+    segment segmented and encapsulated at once (bridge/gso.py). False, having done
+    nothing, whenever a segment could need per-packet treatment: a userspace-terminated
+    flow, no route / peer down / TTL <= 1 (per-segment drops and ICMP), segments above
+    the tunnel MTU, SYN or RST (MSS clamping, never TSO'd anyway), GRE checksums."""
+    if bridge.terminator is not None:
+        return False
+    pkt = sp.packet()
+    parsed = parse_tcp(pkt)
+    g = sp.gso_size
+    if parsed is None or g <= 0:
+        return False
+    v4, ihl, doff = parsed
+    if pkt[ihl + 13] & 0x06:  # SYN or RST
+        return False
+    if v4:
+        idx = bridge.table.route(pkt[16:20])
+        ttl = pkt[8]
+    else:
+        idx = bridge.table.route(pkt[24:40])
+        ttl = pkt[7]
+    if idx < 0 or ttl <= 1:
+        return False
+    peer = bridge.peers[idx]
+    if (peer.withdraw and not peer.up) or ihl + doff + g > peer.mtu:
+        return False
+    enc = peer.encoder
+    if peer.gre:
+        if enc.csum:
+            return False
+        prefix, seq_at = enc.prefix(not v4)
+    else:
+        prefix, seq_at = b"", -1
+    lst = out.udp.get(peer.addr)
+    if lst is None:
+        lst = out.udp[peer.addr] = []
+    start = len(lst)
+    k = encap_segments(pkt, v4, ihl, doff, g, prefix, seq_at, enc.seq, lst, run=True)
+    if peer.gre:
+        enc.advance(k)
+    c = bridge.counters
+    c.tx_packets[peer.index] += k
+    c.tx_bytes[peer.index] += sum(map(len, lst[start:]))
+    peer.last_tx = now
+    if peer.flow_sport:
+        sports = out.udp_sport.get(peer.addr)
+        if sports is None:
+            sports = out.udp_sport[peer.addr] = []
+        sports.extend([flow_source_port(pkt)] * (len(lst) - start))  # one per item
+    return True
+
+
+def receive_run(bridge: Bridge, b: GroBatch, start: int, addr: Addr, now: float,
+                out: Output) -> int:
+    """The receive fast path: a GRO batch of one TCP flow becomes one InnerSuper in
+    out.tun (bridge/gso.py `coalesce_rows` checks every row at once). The per-peer
+    decisions of `from_udp` (peer, GRE header, sequence policy, AllowedIPs, TTL, loop)
+    are made once, on the first datagram of a run. Starts at `buf[start:]`; returns
+    the bytes consumed (a run), 0 when the datagram at `start` must go alone through the
+    per-packet path (a sequence number drop-late could refuse, not the start of a
+    contiguous TCP run, ...), -1 when no datagram of this batch can take the fast path
+    (reorder policy, GRE checksums, unknown or ambiguous peer). A terminated flow's
+    run is taken back from out.tun by `Terminator.divert` (one segment for its server
+    leg). Only an I/O layer whose TUN takes TunFrames (vnet header) hands GroBatches in."""
+    cands = bridge.table.by_host(addr[0]) if isinstance(addr, tuple) and addr else ()
+    if len(cands) != 1:
+        return -1
+    peer = bridge.peers[cands[0]]
+    policy = peer.seq.policy
+    buf, seg = b.buf, b.seg
+    if policy is SeqPolicy.REORDER or peer.csum_in:
+        return -1
+    if len(buf) - start < 2 * seg:
+        return 0
+    first = memoryview(buf)[start:start + seg]
+    off, gseq, gseq_at = 0, -1, -1
+    if peer.gre:
+        status, off, gseq = decode_gre(first, peer.key_in, False)
+        if status != -1:
+            return 0
+        gseq_at = off - 4 if gseq >= 0 else -1
+    if policy is SeqPolicy.DROP_LATE:
+        sr = peer.seq
+        if gseq < 0 or (sr.started and seq_diff(gseq, (sr.last + 1) & 0xFFFFFFFF) < 0):
+            return 0
+    parsed = parse_tcp(first[off:])
+    if parsed is None:
+        return 0
+    v4, ihl, doff = parsed
+    if v4:
+        src, dst, ttl = first[off + 12:off + 16], first[off + 16:off + 20], first[off + 8]
+    else:
+        src, dst, ttl = first[off + 8:off + 24], first[off + 24:off + 40], first[off + 7]
+    table = bridge.table
+    if ttl == 0 or not table.allowed(peer.index, src) or table.is_endpoint(dst):
+        return 0
+    r = coalesce_rows(buf, start, seg, off, gseq_at, v4, ihl, doff)
+    if r is None:
+        return 0
+    sup, merged, last, used = r
+    if policy is SeqPolicy.DROP_LATE:
+        peer.seq.started = True
+        peer.seq.last = last
+    bridge._heard(peer, now)
+    out.tun.append(sup)  # a TunFrame: the TUN adapter writes it whole
+    c = bridge.counters
+    c.rx_packets[peer.index] += merged
+    c.rx_bytes[peer.index] += used
+    return used
