@@ -223,3 +223,25 @@ def test_demux_output_follows_the_order_connections_were_touched() -> None:
         conns[i].send(bytes([i]))
     out = client.segments_to_send(0.1)
     assert [s.src_port - 20000 for _a, _b, s in out] == order  # deterministic, not by hash
+
+
+def test_demux_sees_a_window_reopened_by_the_application() -> None:
+    # No segment arrives and no timer runs: only consumed() makes output (a window update).
+    server = TcpDemux(cfg(recv_buffer=8192, auto_consume=False))
+    server.listen(80)
+    client = TcpDemux(cfg(nagle=False))
+    c = client.connect((CLI, 40000), (SRV, 80), 0.0)
+    while _pump(client, server, 0.0):
+        pass
+    s = server.accept()
+    assert s is not None
+    c.send(bytes(20000))
+    now = 0.0
+    while _pump(client, server, now) or _pump(server, client, now):
+        pass
+    assert s.receive_window < 1460  # the client is stalled: the window is (nearly) closed
+    got = b"".join(ev.data for ev in iter(s.next_event, None) if isinstance(ev, DataReceived))
+    assert server.segments_to_send(now) == []
+    s.consumed(len(got))
+    out = server.segments_to_send(now)
+    assert len(out) == 1 and out[0][2].window >= 4096
