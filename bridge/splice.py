@@ -55,14 +55,13 @@ from stack.seq import MASK
 from stack.state import State
 from stack.tcp_config import TcpConfig
 from stack.tcp_core import reset_reply
-from stack.wire.tcp import ACK, RST, SYN, TcpSegment
+from stack.wire.tcp import TcpSegment
 
 __all__ = ["Splice", "Phase"]
 
 _CAN_SEND = frozenset({State.SYN_SENT, State.SYN_RECEIVED, State.ESTABLISHED,
                        State.CLOSE_WAIT})
 _DONE = frozenset({State.CLOSED, State.TIME_WAIT})
-_SYN_ACK_RST = SYN | ACK | RST
 
 
 class Phase:
@@ -140,12 +139,6 @@ class Splice:
         client = self.client
         if client is None:
             return      # a retransmitted SYN while the server leg opens: the kept one answers
-        if client.state is State.SYN_RECEIVED and seg.flags & _SYN_ACK_RST == SYN:
-            # The client's SYN again: our SYN-ACK's own retransmission timer answers it.
-            # (Adapter: stack/ restarts the SYN-ACK at SND.NXT = 0, and an ACK in the same
-            # batch then establishes with SND.NXT = 0, which makes segments_to_send raise.)
-            client.drops["syn_in_syn_received"] = client.drops.get("syn_in_syn_received", 0) + 1
-            return
         client.receive_segment(seg, now)
 
     def from_server(self, seg: TcpSegment, now: float) -> None:
