@@ -158,9 +158,8 @@ class Engine:
         self._sports_ok = hasattr(udp, "sport_pool")  # an adapter that can choose ports
         if hasattr(tun, "super_packets") and SUPER_PACKETS:  # Bridge.from_tun takes them
             tun.super_packets = SuperPacket
-            if hasattr(udp, "gro_batches") and GRO_BATCHES and getattr(tun, "vnet_hdr", False):
-                # from_udp then hands TunFrames (vnet header first) to the TUN
-                udp.gro_batches = GroBatch
+        if hasattr(udp, "gro_batches") and GRO_BATCHES and getattr(tun, "vnet_hdr", False):
+            udp.gro_batches = GroBatch  # from_udp then hands TunFrames to the (vnet) TUN
         self.stats = {"tun_reads": 0, "tun_packets": 0, "udp_recvs": 0, "udp_datagrams": 0,
                       "udp_sends": 0, "tun_writes": 0}
 
