@@ -117,7 +117,7 @@ class PeerConfig:
     keepalive: float = 10.0  # seconds between keepalives; 0 = none
     dead_after: float = 30.0  # seconds without any datagram -> down
     down_action: DownAction = DownAction.NONE
-    source_port: SourcePort = SourcePort.FIXED
+    source_port: SourcePort = SourcePort.FLOW_HASH  # RFC 8086 §3.2.1: entropy per flow
 
     @property
     def endpoint(self) -> tuple[str, int]:
@@ -185,7 +185,7 @@ checksum = false
 keepalive = 10                        # seconds; 0 disables
 dead_after = 30                       # seconds of silence before the peer is down
 down_action = "none"                  # "none" | "withdraw"
-source_port = "fixed"                 # "fixed" | "flow-hash"
+source_port = "flow-hash"             # RFC 8086 §3.2.1 entropy per inner flow; or "fixed"
 """
 
 

@@ -333,8 +333,11 @@ def test_flow_hash_source_ports_align_with_datagrams() -> None:
     ports = out.udp_sport[B_ADDR]
     assert len(ports) == len(out.udp[B_ADDR]) == 3
     assert ports[0] == ports[2] and all(49152 <= p <= 65535 for p in ports)
+    default = Output()  # flow-hash is the default (RFC 8086 §3.2.1)
+    Bridge(site_config("a"), 0).from_tun(pkts, 0, default)
+    assert default.udp_sport == out.udp_sport
     plain = Output()
-    Bridge(site_config("a"), 0).from_tun(pkts, 0, plain)
+    Bridge(site_config("a", 'source_port = "fixed"'), 0).from_tun(pkts, 0, plain)
     assert plain.udp_sport == {}
 
 
