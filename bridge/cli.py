@@ -3,8 +3,9 @@
     grebe up -c FILE                       run an endpoint in the foreground
     grebe status [--json] [-i TUN | -s SOCKET]   peers, traffic, drops by reason
     grebe check-config FILE                every error with its key path; exit 1 if any
+    grebe flows [--json] [-i TUN | -s SOCKET]    inspected TCP flows, both backends
 
-Other parts add subcommands with `register(name, setup, run)` (inspection adds `flows`):
+Subcommands are registered with `register(name, setup, run)`:
 `setup(parser)` declares its arguments, `run(args) -> int` is the exit status.
 
 Logs go through `logging` to stderr, one line per state change (never per packet).
@@ -272,17 +273,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_plugins() -> None:
-    """Import modules that register subcommands of their own (if they exist)."""
-    import importlib
-
-    for mod in ("bridge.inspect.cli", "bridge.terminate_cli"):
-        try:
-            importlib.import_module(mod)
-        except ImportError:
-            pass
-
-
 def cmd_flows(args: argparse.Namespace) -> int:
     """`grebe flows`: the userspace backend's table, then the kernel backend's flows."""
     from bridge.io.control import request, socket_name
@@ -307,11 +297,11 @@ def cmd_flows(args: argparse.Namespace) -> int:
     return 0
 
 
+register("flows", "show inspected TCP flows (both backends) of a running endpoint",
+         _setup_status, cmd_flows)
+
+
 def main(argv: list[str] | None = None) -> int:
-    _load_plugins()
-    # after the plugins: bridge/terminate_cli registers a userspace-only `flows`
-    register("flows", "show inspected TCP flows (both backends) of a running endpoint",
-             _setup_status, cmd_flows)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s",

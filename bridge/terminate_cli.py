@@ -9,21 +9,17 @@ Rules
   SHUTDOWN, the RSTs written through the engine) and closes the inspectors (final flush).
   On a TUN opened with the vnet header (`tun.vnet_hdr`: checksum and TSO offload) it tells
   the Terminator so (`use_tun_offload`): client-leg segments then go out as TunFrames.
-- `grebe flows [--json] [-i TUN | -s SOCKET]` prints one line per userspace-terminated flow:
-  5-tuple, rule, phase, age, bytes each way, and both legs' state / SRTT / RTO / cwnd /
-  retransmissions, then the inspectors attached.
+- `format_flows(answer)` is the userspace part of the `grebe flows` table (bridge/cli.py owns
+  the subcommand): one line per terminated flow, 5-tuple, rule, phase, age, bytes each way,
+  and both legs' state / SRTT / RTO / cwnd / retransmissions, then the inspectors attached.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import threading
 from collections.abc import Callable
 from typing import Any
-
-from bridge.cli import register
 
 
 def attach(engine: Any, ctl: Any, interval: float = 1.0) -> Callable[[], None]:
@@ -89,13 +85,6 @@ def _tun_in_order(engine: Any) -> Callable[[Any], None]:
     return in_order
 
 
-def _setup_flows(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print the raw JSON")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("-i", "--interface", default="grebe0", help="TUN name (default grebe0)")
-    g.add_argument("-s", "--socket", help="control socket (@abstract or path)")
-
-
 def _leg(info: dict[str, Any] | None) -> str:
     if not info:
         return "-"
@@ -125,29 +114,3 @@ def format_flows(answer: dict[str, Any]) -> str:
                  + (", ".join(f"{k}={v}" for k, v in sorted(st.get("ended", {}).items()))
                     or "none"))
     return "\n".join(lines)
-
-
-def cmd_flows(args: argparse.Namespace) -> int:
-    from bridge.io.control import request, socket_name
-
-    name = args.socket or socket_name(args.interface)
-    try:
-        answer = request(name, "flows")
-    except OSError as e:
-        print(f"grebe: no grebe on {name}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    if "error" in answer:
-        msg = answer["error"]
-        if "unknown command" in msg:
-            msg = "this endpoint has no userspace [[inspect]] rule"
-        print(f"grebe: {msg}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(answer, indent=2, sort_keys=True))
-    else:
-        print(format_flows(answer))
-    return 0
-
-
-register("flows", "show userspace-inspected TCP flows of a running endpoint", _setup_flows,
-         cmd_flows)
