@@ -3,7 +3,8 @@
 Rules of this module (pure, sans-I/O: inner IP packets and `now` in, packets and deadlines out)
 - Which flows: the first SYN of a TCP flow from the local site (read from the TUN) is classified
   once by a `FlowTable` over `selector_for(rules, Backend.USERSPACE)` (bridge/flows.py): only
-  INSPECT with backend "userspace" creates a Splice; DROP rules drop the SYN (counted); every
+  INSPECT with backend "userspace" creates a Splice; DROP rules answer the SYN with an RST,
+  as a closed port would (counted); every
   other packet, and every non-SYN packet of an unknown flow, is not ours (`from_tun` returns
   False) and stays on the Bridge's fast path untouched. Flows that start on the far site (their
   SYN arrives from the tunnel) are never terminated here.
@@ -177,11 +178,14 @@ class Terminator:
         verdict = self.table.classify(key, flags, now)
         if verdict is Verdict.FORWARD:
             return False
-        if verdict is Verdict.DROP:
-            self._drop("rule_drop")
-            return True
         seg = self._segment(pkt, n, off, key)
         if seg is None:
+            return True
+        if verdict is Verdict.DROP:  # answered like a closed port (RFC 9293 §3.10.7.1)
+            self._drop("rule_drop")
+            rst = reset_reply(seg)
+            if rst is not None:
+                self._pending_rst.append((key, rst))
             return True
         if flags & (SYN | ACK | RST) != SYN:
             self._stray(key, seg)  # a terminated flow whose splice is gone

@@ -13,7 +13,7 @@ from stack.connection import TcpConnection
 from stack.events import DataReceived
 from stack.state import State
 from stack.tcp_config import TcpConfig
-from stack.wire.tcp import SYN, parse_tcp
+from stack.wire.tcp import ACK, RST, SYN, parse_tcp
 
 CLIENT = ipaddress.ip_address("198.18.10.5").packed
 SERVER = ipaddress.ip_address("198.18.20.7").packed
@@ -211,7 +211,7 @@ def test_midstream_packet_of_inspected_port_is_forwarded_untouched() -> None:
     assert a.status(0.0)["inspect"]["flow_table"]["midstream"] == 1
 
 
-def test_userspace_drop_rule_drops_the_syn() -> None:
+def test_userspace_drop_rule_answers_the_syn_with_rst() -> None:
     from bridge.config import loads_config
     from stack.wire.tcp import SYN, TcpSegment
 
@@ -229,7 +229,11 @@ backend = "userspace"
     pkt = ip_packet(a, CLIENT, SERVER, TcpSegment(40003, 23, 1, 0, SYN, 500, mss=1400))
     out = Output()
     a.from_tun([pkt], 0.0, out)
-    assert not out and a.status(0.0)["inspect"]["drops"] == {"rule_drop": 1}
+    assert not out.udp and a.status(0.0)["inspect"]["drops"] == {"rule_drop": 1}
+    (reply,) = out.tun                  # RFC 9293 §3.10.7.1: a closed port's answer
+    rst = tcp_of(bytes(reply))
+    assert rst.flags & RST and rst.flags & ACK and rst.ack == 2
+    assert (rst.src_port, rst.dst_port) == (23, 40003)
 
 
 class _TsoWorld(World):
