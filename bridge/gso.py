@@ -43,8 +43,10 @@ from stack.wire.checksum import (
     checksum,
     incremental_update16,
     partial,
+    partial_le_rows,
     pseudo_sum_v4,
     pseudo_sum_v6,
+    swap16,
 )
 
 try:  # numpy is a declared dependency; without it everything takes the Python path
@@ -111,13 +113,6 @@ def parse_tcp(pkt: memoryview) -> tuple[bool, int, int] | None:
     if doff < 20 or n < ihl + doff:
         return None
     return v4, ihl, doff
-
-
-def _fold(sums: Any) -> Any:
-    """numpy: little-endian 32-bit word sums per row -> one's complement sum (big-endian
-    value, 0xFFFF for a non-zero multiple of 0xFFFF, as `checksum.partial`)."""
-    v = (sums - 1) % 0xFFFF + 1  # 1..0xFFFF: a zero remainder becomes 0xFFFF (sums > 0)
-    return ((v & 0xFF) << 8) | (v >> 8)
 
 
 def _row(prefix: bytes, seq_at: int, gseq: int, hdr: bytearray, payload: memoryview,
@@ -251,13 +246,14 @@ def _rows_numpy(pkt: memoryview, v4: bool, ihl: int, doff: int, g: int, rows: in
     a[:, t + 13] = flags & _NOT_LAST & ~_CWR
     a[0, t + 13] = flags & _NOT_LAST
     ps = (pseudo_sum_v4 if v4 else pseudo_sum_v6)(src, dst, _TCP, doff + g)
-    tsum = _fold(a[:, t:].view("<u2").sum(axis=1, dtype=np.uint64)
-                 + (((ps & 0xFF) << 8) | (ps >> 8)))
+    tsum = partial_le_rows(a[:, t:].view("<u2").sum(axis=1, dtype=np.uint64)
+                 + swap16(ps))
     a[:, t + 16:t + 18] = ((~tsum) & 0xFFFF).astype(">u2").view(np.uint8).reshape(rows, 2)
     if v4:
         a[:, p + 4:p + 6] = ((idx + ip_id) & 0xFFFF).astype(">u2").view(np.uint8) \
             .reshape(rows, 2)
-        ipc = (~_fold(a[:, p:p + ihl].view("<u4").sum(axis=1, dtype=np.uint64))) & 0xFFFF
+        ipc = (~partial_le_rows(a[:, p:p + ihl].view("<u4").sum(axis=1, dtype=np.uint64))
+               ) & 0xFFFF
         old = (hdr[8] << 8) | hdr[9]  # RFC 1624 eqn. 3 for the TTL decrement
         s = ((~ipc) & 0xFFFF) + ((~old) & 0xFFFF) + (old - 0x100)
         s = (s & 0xFFFF) + (s >> 16)
@@ -364,7 +360,7 @@ def coalesce_rows(buf: bytes, start: int, seg: int, off: int, gseq_at: int,
         src, dst = bytes(buf[start + off + 8:start + off + 24]), \
             bytes(buf[start + off + 24:start + off + 40])
         ps = pseudo_sum_v6(src, dst, _TCP, seg - t)
-    sums = a[:, t:].view("<u2").sum(axis=1, dtype=np.uint64) + (((ps & 0xFF) << 8) | (ps >> 8))
+    sums = a[:, t:].view("<u2").sum(axis=1, dtype=np.uint64) + swap16(ps)
     bad |= sums % 0xFFFF != 0  # intact: the sum is "negative zero" (RFC 1071)
     k = int(bad.argmax()) if bad.any() else rows
     psh = np.flatnonzero(fl[:k] & 0x08)

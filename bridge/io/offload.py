@@ -37,7 +37,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from bridge.tunframe import TunFrame
-from stack.wire.checksum import checksum, partial, pseudo_sum_v4, pseudo_sum_v6
+from stack.wire.checksum import (
+    checksum,
+    partial,
+    partial_le_rows,
+    pseudo_sum_v4,
+    pseudo_sum_v6,
+    swap16,
+)
 
 try:  # numpy is a declared dependency; the fallback keeps the module importable without it
     import numpy as _np
@@ -111,21 +118,8 @@ def complete_checksum(pkt: bytearray, csum_start: int, csum_offset: int) -> bool
 
 
 def _fold_le_to_csum(sums: Any) -> Any:
-    """numpy: little-endian 32-bit word sums per row -> the Internet checksum of each row.
-
-    RFC 1071 §2(B): the sum is byte-order independent, so rows are summed as native
-    little-endian words and the folded result is byte-swapped. 2**16 = 1 (mod 0xFFFF), so
-    32-bit words fold like pairs of 16-bit words. A zero remainder of non-zero data is the
-    one's complement "negative zero" 0xFFFF, as `stack.wire.checksum.partial` returns it.
-    """
-    v = sums % 0xFFFF
-    v[v == 0] = 0xFFFF
-    be = ((v & 0xFF) << 8) | (v >> 8)
-    return (~be) & 0xFFFF
-
-
-def _swap16(v: int) -> int:
-    return ((v & 0xFF) << 8) | (v >> 8)
+    """numpy: little-endian word sums per row -> the Internet checksum of each row."""
+    return (~partial_le_rows(sums)) & 0xFFFF
 
 
 def _split_full_numpy(hdr: bytearray, payload: memoryview, ihl: int, mss: int, n: int,
@@ -152,7 +146,7 @@ def _split_full_numpy(hdr: bytearray, payload: memoryview, ihl: int, mss: int, n
         a[:, 4:6] = ids.view(np.uint8).reshape(n, 2)
         ipc = _fold_le_to_csum(a[:, :ihl].view("<u4").sum(axis=1, dtype=np.uint64))
         a[:, 10:12] = ipc.astype(">u2").view(np.uint8).reshape(n, 2)
-    tsum = a[:, ihl:].view("<u4").sum(axis=1, dtype=np.uint64) + _swap16(pseudo)
+    tsum = a[:, ihl:].view("<u4").sum(axis=1, dtype=np.uint64) + swap16(pseudo)
     a[:, ihl + 16:ihl + 18] = _fold_le_to_csum(tsum).astype(">u2").view(np.uint8).reshape(n, 2)
     flat = a.tobytes()  # one copy out of numpy, then one slice per segment
     w4 = a.shape[1]
@@ -505,7 +499,7 @@ def _sum(buf: bytes | memoryview) -> int:
     n = len(buf)
     m = n & ~3
     s = int(_np.frombuffer(buf, dtype="<u4", count=m >> 2).sum(dtype=_np.uint64)) if m else 0
-    v = _swap16(s % 0xFFFF)  # RFC 1071 §2(B): byte order independence
+    v: int = swap16(s % 0xFFFF)  # RFC 1071 §2(B): byte order independence
     if m != n:
         v += int.from_bytes(bytes(buf[m:]) + bytes(4 - (n - m)), "big") % 0xFFFF
     return v

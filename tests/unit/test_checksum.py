@@ -79,3 +79,14 @@ def test_rfc1624_incremental_update(data: bytes, word_index: int, new_word: int)
     updated = ck.incremental_update16(old_csum, old_word, new_word)
     # RFC 1624 §3: the result may differ from a recomputation only in the +0/-0 representation.
     assert updated == ck.checksum(buf) or {updated, ck.checksum(buf)} <= {0, 0xFFFF}
+
+
+def test_batch_rows_fold_like_partial() -> None:
+    import numpy as np
+
+    rows = [os.urandom(64) for _ in range(50)] + [b"\0" * 64, b"\xff" * 64]
+    a = np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(len(rows), 64)
+    for word in ("<u2", "<u4"):
+        sums = a.view(word).sum(axis=1, dtype=np.uint64)
+        assert [int(v) for v in ck.partial_le_rows(sums)] == [ck.partial(r) for r in rows]
+    assert ck.swap16(0x1234) == 0x3412
