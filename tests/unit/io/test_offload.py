@@ -250,3 +250,67 @@ def test_coalesce_keeps_non_tcp_and_order_within_flows() -> None:
     assert frames[0] == ol.VNET_NONE + udp
     assert _n_segments(frames[1]) == 2
     assert partial(b"") == 0
+
+
+# IPv4 header damage (RFC 791 §3.1): the coalescer rebuilds a merged header from the first
+# packet with fresh lengths, identification and checksum, so a damaged header must never
+# join a group: it goes alone, unchanged, and the kernel drops it as it would have.
+IPV4_DAMAGE = [  # (segment index of 5, header byte, xor)
+    (0, 4, 0x01), (0, 10, 0x80), (0, 11, 0xFF),   # identification, checksum of the first
+    (2, 4, 0x10), (2, 5, 0x01), (2, 10, 0x01), (2, 11, 0x40),  # of a middle one
+    (4, 5, 0x02), (4, 10, 0xFF),                   # of the (full-size) last one
+    (2, 1, 0x04), (2, 8, 0x01), (2, 12, 0x01), (2, 19, 0x01),  # TOS, TTL, addresses
+    (1, 3, 0x01), (3, 6, 0x40),                    # total length; DF
+]
+
+
+@pytest.mark.parametrize("k,at,xor", IPV4_DAMAGE)
+def test_coalesce_never_merges_a_damaged_ipv4_header(k: int, at: int, xor: int) -> None:
+    segs = _segments(False, 5 * 1448, 1448, "A")
+    bad = bytearray(segs[k])
+    bad[at] ^= xor
+    assert partial(bytes(bad[:20])) != 0xFFFF  # the header checksum no longer holds
+    pkts = [*segs[:k], bytes(bad), *segs[k + 1:]]
+    frames = _frames_of(pkts)
+    assert frames.count(ol.VNET_NONE + bytes(bad)) == 1  # alone and unchanged
+    # every other packet still reaches the kernel, the intact ones on each side merged
+    again: list[bytes] = []
+    for f in frames:
+        assert ol.split_frame(f, again)
+    assert again == pkts
+    merged = [f for f in frames if ol.parse_vnet(f)[1]]
+    assert sum(map(_n_segments, merged)) + len(frames) - len(merged) == 5
+    before, after = k, 4 - k
+    assert len(merged) == (before >= 2) + (after >= 2)
+
+
+def test_coalesce_damaged_ipv4_header_in_another_flow_between() -> None:
+    """A damaged packet interleaved with a flow's run (the per-key, not the fast, path)."""
+    a = _segments(False, 3 * 1448, 1448, "A")
+    other = bytearray(_segments(False, 1448, 1448, "A", seq=10**6)[0])
+    other[21] ^= 0x01  # the other flow: source port differs -> its own key
+    other[10] ^= 0x01  # ... and its IPv4 header checksum is broken
+    # TCP checksum no longer matters: the packet must go alone before any grouping
+    frames = _frames_of([a[0], bytes(other), a[1], a[2]])
+    assert frames[1] == ol.VNET_NONE + bytes(other)
+    assert _n_segments(frames[0]) == 3 and len(frames) == 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(k=st.integers(0, 5), at=st.integers(0, 19), xor=st.integers(1, 255),
+       v_size=st.sampled_from([(1448, 6 * 1448), (1001, 5 * 1001 + 7)]))
+def test_coalesce_ipv4_header_damage_hypothesis(k: int, at: int, xor: int,
+                                                v_size: tuple[int, int]) -> None:
+    """Any one-byte change of any IPv4 header: that packet reaches the kernel as it is."""
+    mss, size = v_size
+    segs = _segments(False, size, mss, "A")
+    k %= len(segs)
+    bad = bytearray(segs[k])
+    bad[at] ^= xor
+    pkts = [*segs[:k], bytes(bad), *segs[k + 1:]]
+    frames = _frames_of(pkts)
+    assert ol.VNET_NONE + bytes(bad) in frames
+    again: list[bytes] = []  # what the kernel gets: a merged frame is split as TSO would
+    for f in frames:
+        assert ol.split_frame(f, again)
+    assert again == pkts  # nothing repaired, nothing lost, order kept
