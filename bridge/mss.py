@@ -9,14 +9,27 @@ Rules:
   536 (IPv4) / 1220 (IPv6), which fits any tunnel MTU of at least 576 / 1280.
 - The TCP checksum is fixed incrementally for the one changed word (RFC 1624 eqn. 3), so the
   payload is not re-summed.
-- Only unfragmented (or first-fragment) IPv4, and IPv6 whose Next Header is TCP directly
-  (extension headers are not walked), with a complete TCP header, are clamped. Malformed
-  options stop the scan without change: never raise on peer input.
+- Only unfragmented (or first-fragment) IPv4 and IPv6 with a complete TCP header are
+  clamped. Malformed options stop the scan without change: never raise on peer input.
+- IPv6 (RFC 8200 §4): the extension header chain before TCP is walked (`v6_tcp_offset`):
+  Hop-by-Hop Options (0; only directly after the IPv6 header, §4.3), Routing (43, §4.4) and
+  Destination Options (60, §4.6) are (Hdr Ext Len + 1) * 8 bytes; Fragment (44, §4.5) is 8
+  bytes, and only a first fragment (offset 0) carries the TCP header (§4.5 requires the
+  whole chain up to the upper-layer header in it); AH (51, RFC 4302 §2.2) is (Payload Len
+  + 2) * 4 bytes. No Next Header (59), ESP (50) and anything else end the walk: no TCP
+  header to see. The walk is bounded by `MAX_EXT_HEADERS` and by the IPv6 payload length
+  (and the buffer); a header running past the end is malformed: the packet is left alone.
+- A SYN behind AH is found but never rewritten: AH's ICV covers the TCP header (RFC 4302
+  §3.3.3.1), so a clamped SYN would fail authentication and be dropped at the receiver.
 
 Theory of operation: `clamp(buf, ip_hlen, mss_max)` takes a mutable packet and the offset of
 the TCP header, checks the SYN flag, walks the options (EOL, NOP, kind/length records) and
 rewrites the MSS value with `pack_into`. It returns True when it changed the packet, so
-the pipeline can count "mss_clamped".
+the pipeline can count "mss_clamped". `clamp_packet` finds the TCP header: IPv4's IHL, or
+IPv6's fixed header plus the extension chain (`v6_tcp_offset`, a loop over at most eight
+headers reading two bytes each, so the common case of TCP directly after the IPv6 header
+costs one comparison). `V6_EXT_HEADERS` lets a caller's cheap SYN pre-check send such
+packets here.
 """
 
 from __future__ import annotations
@@ -24,9 +37,10 @@ from __future__ import annotations
 import struct
 
 from stack.wire.checksum import incremental_update16
-from stack.wire.ip import OFFSET_MASK, PROTO_TCP, V4_FLAGS, V4_PROTO, V6_NXT
+from stack.wire.ip import OFFSET_MASK, PROTO_TCP, V4_FLAGS, V4_PROTO, V6_NXT, V6_PLEN
 
-__all__ = ["clamp", "clamp_packet", "mss_for_mtu", "TCP_SYN"]
+__all__ = ["clamp", "clamp_packet", "mss_for_mtu", "v6_tcp_offset", "TCP_SYN",
+           "V6_EXT_HEADERS", "MAX_EXT_HEADERS"]
 
 TCP_SYN = 0x02
 _TCP_FLAGS = 13
@@ -35,6 +49,16 @@ _OPT_EOL = 0
 _OPT_NOP = 1
 _OPT_MSS = 2
 _U16 = struct.Struct("!H")
+
+# RFC 8200 §4 extension headers (and AH, RFC 4302) that may stand between IPv6 and TCP
+_HOP_BY_HOP = 0
+_ROUTING = 43
+_FRAGMENT = 44
+_AH = 51
+_DEST_OPTS = 60
+V6_EXT_HEADERS = frozenset((_HOP_BY_HOP, _ROUTING, _FRAGMENT, _AH, _DEST_OPTS))
+MAX_EXT_HEADERS = 8  # §4.1 allows each once (Destination Options twice): 6 in a sane chain
+_FRAG_OFFSET_MASK = 0xFFF8  # RFC 8200 §4.5: 13-bit fragment offset, then 2 reserved, M
 
 
 def mss_for_mtu(mtu: int, v6: bool) -> int:
@@ -79,6 +103,47 @@ def clamp(buf: bytearray, tcp: int, mss_max: int) -> bool:
     return False
 
 
+def v6_tcp_offset(buf: bytes | bytearray | memoryview, start: int) -> tuple[int, bool]:
+    """(offset of the TCP header, behind AH) of the IPv6 packet at `buf[start]`; offset -1
+    when there is none to see: another upper layer, ESP, No Next Header, a non-first
+    fragment, a malformed or over-long chain (RFC 8200 §4; rules in the module docstring).
+
+    Never raises: every read is checked against the packet's end first.
+    """
+    n = len(buf)
+    if n < start + 40:
+        return -1, False
+    end = start + 40 + ((buf[start + V6_PLEN] << 8) | buf[start + V6_PLEN + 1])
+    if end > n:
+        return -1, False  # truncated (or a jumbogram, RFC 2675: not for us)
+    nxt = buf[start + V6_NXT]
+    i = start + 40
+    ah = False
+    for hops in range(MAX_EXT_HEADERS + 1):
+        if nxt == PROTO_TCP:
+            return (i, ah) if i + 20 <= end else (-1, False)
+        if hops == MAX_EXT_HEADERS or i + 8 > end:
+            return -1, False  # every extension header is at least 8 bytes
+        if nxt == _ROUTING or nxt == _DEST_OPTS:
+            size = (buf[i + 1] + 1) * 8  # RFC 8200 §4.4, §4.6
+        elif nxt == _HOP_BY_HOP:
+            if hops:
+                return -1, False  # §4.3: only immediately after the IPv6 header
+            size = (buf[i + 1] + 1) * 8
+        elif nxt == _FRAGMENT:
+            if ((buf[i + 2] << 8) | buf[i + 3]) & _FRAG_OFFSET_MASK:
+                return -1, False  # §4.5: not the first fragment, no TCP header here
+            size = 8
+        elif nxt == _AH:
+            size = (buf[i + 1] + 2) * 4  # RFC 4302 §2.2: 32-bit words, minus 2
+            ah = True
+        else:
+            return -1, False  # ESP (50), No Next Header (59), another upper layer, unknown
+        nxt = buf[i]
+        i += size
+    return -1, False  # not reached: the loop returns at hops == MAX_EXT_HEADERS
+
+
 def clamp_packet(buf: bytearray, start: int, mtu: int) -> bool:
     """Clamp the IP packet that begins at `buf[start]` (IPv4 or IPv6) for a path of `mtu`.
 
@@ -91,6 +156,11 @@ def clamp_packet(buf: bytearray, start: int, mtu: int) -> bool:
         if ((buf[start + V4_FLAGS] << 8) | buf[start + V4_FLAGS + 1]) & OFFSET_MASK:
             return False  # not the first fragment: no TCP header here
         return clamp(buf, start + (buf[start] & 0x0F) * 4, mss_for_mtu(mtu, False))
-    if version == 6 and buf[start + V6_NXT] == PROTO_TCP:
-        return clamp(buf, start + 40, mss_for_mtu(mtu, True))
+    if version == 6:
+        if buf[start + V6_NXT] == PROTO_TCP:
+            return clamp(buf, start + 40, mss_for_mtu(mtu, True))
+        tcp, ah = v6_tcp_offset(buf, start)
+        if tcp < 0 or ah:
+            return False  # nothing to clamp, or AH-protected (RFC 4302 §3.3.3.1)
+        return clamp(buf, tcp, mss_for_mtu(mtu, True))
     return False

@@ -59,7 +59,7 @@ from bridge.counters import Counters
 from bridge.encap import KEEPALIVE, GreEncoder, decode_gre, flow_source_port, overhead
 from bridge.fastpath import receive_run, send_super
 from bridge.gso import GroBatch, SuperPacket
-from bridge.mss import clamp_packet
+from bridge.mss import V6_EXT_HEADERS, clamp_packet
 from bridge.peers import LOOP, PeerTable
 from bridge.seqpolicy import SeqReceiver
 from stack.wire import icmp
@@ -577,6 +577,6 @@ def _maybe_syn(buf: Buf, off: int, tot: int) -> bool:
         t = (buf[off] & 0x0F) * 4
     else:
         if buf[off + 6] != PROTO_TCP:
-            return False
+            return buf[off + 6] in V6_EXT_HEADERS  # RFC 8200 §4: clamp_packet walks them
         t = 40
     return tot > t + 20 and bool(buf[off + t + 13] & 0x02)
