@@ -28,6 +28,16 @@ Rules of this module (pure, sans-I/O: segments and `now` in, segments and deadli
   the other leg's send buffer, then the first leg's receive buffer, and its sender sees a zero
   window (RFC 9293 §3.8.6.1). Per flow: four buffers of `max_buffer // 4` (the rule's
   max_buffer), plus at most one inspector-expanded chunk per direction.
+- Observer chains (time to first byte): when every inspector of the rule only watches
+  (`InspectorChain.observe_only`: `observer = True` on each, fail_open), a chunk a leg delivers
+  is handed to the other leg at once, and the chain sees it just after, in `drain(now)`:
+  the request and the response then leave in the core call that received them, and h11
+  parsing (~0.3 ms a message warm, more cold) runs after the output left. The chunks wait
+  in a tap, in arrival order, at most TAP_MAX bytes; a chunk that would overflow it drains
+  the tap and is inspected inline (bulk transfers keep today's path and bounded memory).
+  `get_timer()` reports a non-empty tap as due at once (the owner's timer runs `drain`), and
+  the tap is drained before `chain.eof` and before `flow_end`, so the inspectors see every
+  byte, in order, with `flow.last_seen` at the chunk's arrival.
 - Never raises on account of either peer: bad segments are the legs' business (dropped and
   counted there). Only misuse of this API raises (LocalProtocolError from the stack).
 
@@ -57,7 +67,9 @@ from stack.tcp_config import TcpConfig
 from stack.tcp_core import reset_reply
 from stack.wire.tcp import TcpSegment
 
-__all__ = ["Splice", "Phase"]
+__all__ = ["Splice", "Phase", "TAP_MAX"]
+
+TAP_MAX = 16 * 1024  # bytes an observer chain may be behind the forwarded stream (per flow)
 
 _CAN_SEND = frozenset({State.SYN_SENT, State.SYN_RECEIVED, State.ESTABLISHED,
                        State.CLOSE_WAIT})
@@ -77,7 +89,8 @@ class Splice:
 
     __slots__ = ("key", "flow", "chain", "client", "server", "syn", "phase", "finished",
                  "_client_cfg", "_server_cfg", "_q", "_eof", "_fin_sent", "_rst_client",
-                 "_client_addr", "_server_addr", "created", "last_seen", "_server_up")
+                 "_client_addr", "_server_addr", "created", "last_seen", "_server_up",
+                 "_observe", "_tap", "_tap_bytes")
 
     def __init__(self, key: FlowKey, syn: TcpSegment, rule: InspectRule | None,
                  chain: InspectorChain | None, client_cfg: TcpConfig, server_cfg: TcpConfig,
@@ -102,6 +115,10 @@ class Splice:
         self._eof = {C2S: False, S2C: False}        # the sender's FIN arrived
         self._fin_sent = {C2S: False, S2C: False}   # ... and was passed on (close())
         self._rst_client: list[TcpSegment] = []
+        # observer chains: chunks forwarded before inspection, (arrival, direction, bytes)
+        self._observe = chain is not None and chain.observe_only
+        self._tap: deque[tuple[float, Direction, bytes]] = deque()
+        self._tap_bytes = 0
         self.created = now
         self.last_seen = now
 
@@ -152,7 +169,10 @@ class Splice:
         self._step(now)
 
     def get_timer(self) -> float | None:
-        """The earliest deadline of either leg, or None."""
+        """The earliest deadline of either leg, or None; a waiting tap is due at once (the
+        arrival time of its first chunk)."""
+        if self._tap:
+            return self._tap[0][0]
         t = self.server.get_timer()
         if self.client is not None:
             c = self.client.get_timer()
@@ -161,11 +181,35 @@ class Splice:
         return t
 
     def handle_timer(self, now: float) -> None:
-        """Run both legs' expired timers (retransmission, delayed ACK, persist, TIME-WAIT)."""
+        """Inspect what the tap holds, then run both legs' expired timers (retransmission,
+        delayed ACK, persist, TIME-WAIT)."""
+        if self._tap:
+            self.drain(now)
         self.server.handle_timer(now)
         if self.client is not None:
             self.client.handle_timer(now)
         self._step(now)
+
+    def drain(self, now: float) -> None:
+        """Run the observer chain on the chunks that were forwarded before it saw them, in
+        arrival order. A RESET (an observer that broke its word) aborts both legs."""
+        tap = self._tap
+        chain = self.chain
+        if not tap or chain is None:
+            return
+        flow = self.flow
+        last = flow.last_seen
+        while tap:
+            t, d, data = tap.popleft()
+            self._tap_bytes -= len(data)
+            flow.last_seen = t
+            if chain.data(flow, d, data) is RESET and not self.finished:
+                tap.clear()
+                self._tap_bytes = 0
+                flow.last_seen = last
+                self._abort_both(flow.close_reason or CloseReason.INSPECTOR_RESET, now)
+                return
+        flow.last_seen = last
 
     def fail(self, exc: BaseException, now: float) -> None:
         """A bug of ours broke this flow: abort both legs, record it, end the flow (SHUTDOWN)."""
@@ -270,6 +314,16 @@ class Splice:
         if self.finished:
             self._release(d, n)
             return
+        if self._observe:
+            if self._tap_bytes + n <= TAP_MAX:  # forward now, inspect in drain()
+                self._tap.append((now, d, data))
+                self._tap_bytes += n
+                self._q[d].append([data, n])
+                return
+            self.drain(now)  # order: the tapped chunks first
+            if self.finished:
+                self._release(d, n)
+                return
         out: Any = data if self.chain is None else self.chain.data(flow, d, data)
         if out is RESET:
             self._release(d, n)
@@ -282,6 +336,10 @@ class Splice:
             return
         self._eof[d] = True
         if self.chain is not None:
+            if self._tap:
+                self.drain(now)  # the inspectors see every byte before the end of stream
+                if self.finished:
+                    return
             tail: Any = self.chain.eof(self.flow, d)
             if tail is RESET:
                 self._abort_both(self.flow.close_reason or CloseReason.INSPECTOR_RESET, now)
@@ -336,6 +394,10 @@ class Splice:
     def _finish(self, reason: CloseReason, now: float) -> None:
         if self.finished:
             return
+        if self._tap:
+            self.drain(now)  # flow_end after the inspectors saw every forwarded byte
+            if self.finished:
+                return
         self.finished = True
         self.phase = Phase.ENDED
         flow = self.flow

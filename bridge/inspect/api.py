@@ -27,6 +27,10 @@ Hooks (all optional; the `Inspector` base class provides pass-through defaults)
     flush()                                 write buffered output (called off the data path)
     close()                                 final flush at shutdown
 
+Class attributes: `runs_last` (flow_end after the others: the log writer), `observer` (the
+inspector never changes, holds back or stops a byte; a backend may then run data() just after
+the chunk moved on instead of before: http, tls, pcap and log are observers).
+
 Constructor: `cls(rule)` where `rule` is the `bridge.flows.InspectRule` (options in
 `rule.options`); a class whose __init__ takes no argument is called as `cls()`.
 """
@@ -143,6 +147,10 @@ class Inspector:
 
     #: run flow_end after every other inspector of the chain (the log writer sets this)
     runs_last = False
+    #: only watches: data() always returns None and eof() returns nothing (no rewrite, drop,
+    #: RESET, nor held-back bytes), so a backend may pass a chunk on first and run the hook on
+    #: it afterwards, off the latency path (bridge/splice.py "observer chains")
+    observer = False
 
     def flow_start(self, flow: Flow) -> Allow | Deny:
         return ALLOW

@@ -47,6 +47,8 @@ def flow_record(flow: Flow, reason: CloseReason) -> dict[str, Any]:
 class LogInspector(Inspector):
     """Buffers one JSON line per finished flow; see the module docstring."""
 
+    observer = True  # only watches (bridge/inspect/api.py)
+
     runs_last = True
 
     def __init__(self, rule: InspectRule, max_buffered: int = 1 << 20) -> None:

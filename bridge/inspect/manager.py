@@ -11,6 +11,10 @@ Rules of this module
   updated), while `fail_open = false` resets the flow (CloseReason.INSPECTOR_ERROR).
 - The chain never raises on account of an inspector and never does I/O; `flush()` does (called
   by the adapter on a timer, off the data path).
+- `observe_only`: every inspector of the rule declares `observer = True` (bridge/inspect/api.py)
+  and `fail_open` is true, so `data()` returns its input unchanged whatever happens: a backend
+  may then forward a chunk first and inspect it just after (the userspace splice does, for
+  small chunks, to keep h11 parsing off the time to first byte).
 
 Theory of operation
 For each chunk a backend read, `data()` passes the bytes through the inspectors in order, each
@@ -75,7 +79,8 @@ def load_inspector(ref: str, rule: InspectRule) -> Any:
 class InspectorChain:
     """The inspectors of one rule, with its fail_open policy. Shared by all flows of the rule."""
 
-    __slots__ = ("rule", "inspectors", "names", "fail_open", "counters", "_end_order")
+    __slots__ = ("rule", "inspectors", "names", "fail_open", "counters", "_end_order",
+                 "observe_only")
 
     def __init__(self, rule: InspectRule, inspectors: list[Any]) -> None:
         self.rule = rule
@@ -85,6 +90,10 @@ class InspectorChain:
         self.counters = {"flows": 0, "denied": 0, "errors": 0, "resets": 0}
         order = [i for i, x in enumerate(inspectors) if not getattr(x, "runs_last", False)]
         self._end_order = order + [i for i in range(len(inspectors)) if i not in order]
+        # every inspector only watches, and an error cannot reset the flow: a backend may
+        # forward a chunk before the chain sees it (bridge/splice.py "observer chains")
+        self.observe_only = bool(inspectors) and rule.fail_open and all(
+            getattr(i, "observer", False) is True for i in inspectors)
 
     def _disabled(self, flow: Flow) -> set[int]:
         off: set[int] | None = flow.state.get(self)

@@ -138,6 +138,8 @@ class TcpStreamSynth:
 class PcapInspector(Inspector):
     """Records inspected flows (synthesized from the streams) into `pcap_path`."""
 
+    observer = True  # only watches (bridge/inspect/api.py)
+
     def __init__(self, rule: InspectRule) -> None:
         if not rule.pcap_path:
             raise ValueError("the pcap inspector needs pcap_path")
