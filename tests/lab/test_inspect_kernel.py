@@ -248,10 +248,7 @@ def _start_servers(lab: Any, d: Path) -> None:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "client_key")],
                    check=True)
     shutil.copy(d / "client_key.pub", d / "authorized_keys")
-    (d / "sshd_config").write_text(SSHD.format(d=d))
-    os.makedirs("/run/sshd", exist_ok=True)      # sshd's privilege separation directory
-    lab.popen("server", [shutil.which("sshd") or "/usr/sbin/sshd", "-D", "-e", "-f",
-                         str(d / "sshd_config")], log=str(d / "sshd.log"))
+    lab.sshd = start_sshd(lab, "server", d)
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
                     "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=secure.example.test",
                     "-days", "1", "-keyout", str(d / "tls.key"), "-out", str(d / "tls.crt")],
@@ -265,6 +262,35 @@ def _start_servers(lab: Any, d: Path) -> None:
               log=str(lab.abort_log))
     for port in (80, 8080, 8081, 22, 9000, 443):
         lab.wait_for(lambda p=port: _listening(lab, "server", p), 20, f"server port {port}")
+
+
+# sshd's privilege separation directory /run/sshd is compiled in; it must exist, owned by root.
+# sshd runs in a mount namespace of its own (unshare -m: private propagation), with tmpfs on
+# /run (for /run/sshd, utmp) and /var/log (wtmp, lastlog): nothing lands on the host's disk.
+SSHD_PRIVATE_MOUNTS = (
+    "mount -t tmpfs -o mode=0755,size=1m grebe-sshd-run /run && mkdir -m 0755 /run/sshd"
+    " && mount -t tmpfs -o mode=0755,size=1m grebe-sshd-log /var/log"
+    ' && exec "$0" -D -e -f "$1"'
+)
+
+
+def start_sshd(lab: Any, node: str, d: Path) -> subprocess.Popen[Any]:
+    """Start OpenSSH's sshd (config SSHD, files in `d`) in `node`, in its own mount namespace."""
+    (d / "sshd_config").write_text(SSHD.format(d=d))
+    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+    return lab.popen(node, ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                            SSHD_PRIVATE_MOUNTS, sshd, str(d / "sshd_config")],
+                     log=str(d / "sshd.log"))
+
+
+def assert_sshd_mounts_private(p: subprocess.Popen[Any]) -> None:
+    """sshd (the pid itself, after exec) sees tmpfs on /run in another mount namespace."""
+    assert os.readlink(f"/proc/{p.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+    assert os.path.basename(os.readlink(f"/proc/{p.pid}/exe")) == "sshd"
+    theirs = Path(f"/proc/{p.pid}/mountinfo").read_text().splitlines()
+    on_run = [ln.split(" - ")[1].split()[:2] for ln in theirs if ln.split()[4] == "/run"]
+    assert on_run and on_run[-1] == ["tmpfs", "grebe-sshd-run"]  # the last one is what it sees
+    assert "grebe-sshd" not in Path("/proc/self/mountinfo").read_text()  # not in ours
 
 
 def _listening(lab: Any, node: str, port: int) -> bool:
@@ -394,6 +420,7 @@ def test_ssh_through_inspected_flow(lab: Any) -> None:
                  timeout=60, check=False)
     assert cp.returncode == 0, cp.stderr
     assert cp.stdout.strip() == "ok"
+    assert_sshd_mounts_private(lab.sshd)
     rec = _wait_flow(lab, lambda f: f["dport"] == 22, "ssh flow log line")
     assert rec["close"] == "closed" and "not HTTP" in rec["http_stopped"]
 

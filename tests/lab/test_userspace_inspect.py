@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_inspect_kernel import ABORT_CLIENT, ABORT_SERVER, MANY_CLIENT, NGINX, SSHD
+from test_inspect_kernel import (
+    ABORT_CLIENT,
+    ABORT_SERVER,
+    MANY_CLIENT,
+    NGINX,
+    assert_sshd_mounts_private,
+    start_sshd,
+)
 
 pytestmark = [
     pytest.mark.netns,
@@ -77,10 +84,7 @@ def _start_servers(lab: Any, d: Path) -> None:
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)],
                        check=True)
     shutil.copy(d / "client_key.pub", d / "authorized_keys")
-    (d / "sshd_config").write_text(SSHD.format(d=d))
-    os.makedirs("/run/sshd", exist_ok=True)
-    lab.popen("server", [shutil.which("sshd") or "/usr/sbin/sshd", "-D", "-e", "-f",
-                         str(d / "sshd_config")], log=str(d / "sshd.log"))
+    lab.sshd = start_sshd(lab, "server", d)  # own mount namespace: /run/sshd on tmpfs
     (d / "abort_server.py").write_text(ABORT_SERVER)
     lab.abort_log = d / "abort_server.log"
     lab.popen("server", [sys.executable, "-u", str(d / "abort_server.py")],
@@ -245,6 +249,7 @@ def test_ssh_through_inspected_flow(lab: Any) -> None:
                  timeout=60, check=False)
     assert cp.returncode == 0, cp.stderr
     assert cp.stdout.strip() == "ok"
+    assert_sshd_mounts_private(lab.sshd)
     rec = _wait_flow(lab, lambda f: f["dport"] == 22, "ssh flow log line")
     assert rec["close"] == "closed" and rec["backend"] == "userspace"
 
