@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -130,7 +131,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
             metrics = MetricsServer(cfg.metrics_listen, render)
             extra.append((metrics.fileno(), metrics.on_readable))
-        runner = Runner(engine, extra)
+        warm = cfg.keep_warm and os.environ.get("GREBE_KEEP_WARM", "1") == "1"
+        runner = Runner(engine, extra, keep_warm=warm)
 
         def on_signal(signum: int, _frame: Any) -> None:
             log.info("%s: stopping", signal.Signals(signum).name)

@@ -134,6 +134,7 @@ class Config:
     listen: ListenConfig
     peers: tuple[PeerConfig, ...]
     mss_clamp: bool = True
+    keep_warm: bool = True  # bridge/io/warm.py: low RTT for sparse traffic, a little CPU
     pmtu: PmtuConfig = field(default_factory=PmtuConfig)
     control_socket: str | None = None
     metrics_listen: str | None = None
@@ -154,6 +155,7 @@ class Config:
 EXAMPLE = """\
 # grebe endpoint configuration (site A)
 mss_clamp = true                      # clamp TCP MSS in SYN / SYN-ACK, both directions
+keep_warm = true                      # keep the packet path in CPU cache for 1 s after traffic
 control_socket = "@grebe/grebe0"      # optional; default: abstract @grebe/<tun name>
 metrics_listen = "127.0.0.1:9108"     # optional Prometheus text endpoint
 
@@ -458,6 +460,7 @@ def parse_config(data: dict[str, Any], file: str | None = None) -> tuple[Config 
     listen = _parse_listen(r, data)
     pmtu = _parse_pmtu(r, data)
     mss = r.get(data, "mss_clamp", "", bool, True)
+    keep_warm = r.get(data, "keep_warm", "", bool, True)
     control = r.get(data, "control_socket", "", str, None)
     metrics = r.get(data, "metrics_listen", "", str, None)
     if metrics is not None:
@@ -494,7 +497,7 @@ def parse_config(data: dict[str, Any], file: str | None = None) -> tuple[Config 
     if r.errors:
         return None, r.errors
     cfg = Config(tun=tun, listen=listen, peers=tuple(p for _, p in peers), mss_clamp=mss,
-                 pmtu=pmtu, control_socket=control, metrics_listen=metrics,
+                 keep_warm=keep_warm, pmtu=pmtu, control_socket=control, metrics_listen=metrics,
                  inspect=tuple(inspect), path=file)
     return cfg, []
 

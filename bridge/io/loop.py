@@ -47,6 +47,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from bridge.gso import GroBatch, SuperPacket
+from bridge.io.warm import WARM_FOR, WARM_TICK_MS, Warmer
 from bridge.pipeline import Bridge, Output
 
 log = logging.getLogger("grebe.loop")
@@ -155,6 +156,7 @@ class Engine:
         # Called with the lock held after each core call, with its Output: a hook for output
         # that must leave in the order the core made it across threads (bridge/terminate_cli.py)
         self.under_lock: Callable[[Output], None] | None = None
+        self.warmer: Warmer | None = None  # keep-warm (bridge/io/warm.py); Runner sets it
         self._sports_ok = hasattr(udp, "sport_pool")  # an adapter that can choose ports
         if hasattr(tun, "super_packets") and SUPER_PACKETS:  # Bridge.from_tun takes them
             tun.super_packets = SuperPacket
@@ -176,6 +178,8 @@ class Engine:
                 self.stats["tun_reads"] += reads
                 self.stats["tun_packets"] += len(pkts)
                 out = self._out_t
+                if self.warmer is not None:
+                    self.warmer.note_tun(pkts)
                 self._call(self.bridge.from_tun, pkts, out)
                 pkts.clear()
                 self._execute(out)
@@ -196,6 +200,8 @@ class Engine:
                 self.stats["udp_recvs"] += calls
                 self.stats["udp_datagrams"] += len(dgs)
                 out = self._out_u
+                if self.warmer is not None:
+                    self.warmer.note_udp(dgs)
                 self._call(self.bridge.from_udp, dgs, out)
                 dgs.clear()
                 self._execute(out)
@@ -244,6 +250,8 @@ class Engine:
         with self.lock:
             st = self.bridge.status(self.clock())
         st["io"] = dict(self.stats, internal_errors=self.internal_errors)
+        w = self.warmer  # keep-warm shadow calls (bridge/io/warm.py); 0 when off
+        st["io"]["keep_warm_ticks"] = w.ticks if w is not None else 0
         return st
 
     def _call(self, fn: Callable[[Any, float, Output], None], batch: Any, out: Output) -> None:
@@ -317,8 +325,10 @@ class Runner:
 
     def __init__(self, engine: Engine,
                  extra: list[tuple[int, Callable[[], None]]] | None = None,
-                 writer_threads: bool = WRITER_THREADS) -> None:
+                 writer_threads: bool = WRITER_THREADS, keep_warm: bool = False) -> None:
         self.engine = engine
+        if keep_warm and engine.warmer is None:
+            engine.warmer = Warmer(engine.bridge)
         self.writer_threads = writer_threads
         self.extra = extra or []
         self._stop = threading.Event()
@@ -340,7 +350,8 @@ class Runner:
             with contextlib.suppress(OSError):
                 os.eventfd_write(self._wake, 1)
 
-    def _data(self, fd: int, pump: Callable[[int], int], name: str) -> None:
+    def _data(self, fd: int, pump: Callable[[int], int], name: str,
+              warm: Callable[[], None] | None = None) -> None:
         prof_dir = os.environ.get("GREBE_PROFILE")  # developer aid: cProfile per data thread
         if prof_dir:
             import cProfile
@@ -348,28 +359,43 @@ class Runner:
             prof = cProfile.Profile()
             prof.enable()
             try:
-                self._data_loop(fd, pump, name)
+                self._data_loop(fd, pump, name, warm)
             finally:
                 prof.disable()
                 tag = f"{os.getpid()}-{name.replace('>', '')}"
                 prof.dump_stats(os.path.join(prof_dir, f"{tag}.prof"))
         else:
-            self._data_loop(fd, pump, name)
+            self._data_loop(fd, pump, name, warm)
 
-    def _data_loop(self, fd: int, pump: Callable[[int], int], name: str) -> None:
+    def _data_loop(self, fd: int, pump: Callable[[int], int], name: str,
+                   warm: Callable[[], None] | None = None) -> None:
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         poller.register(self._stop_fd, select.POLLIN)
-        seen: set[str] = set()
+        errors: set[str] = set()
+        clock = time.monotonic
+        wm = self.engine.warmer
+        seen = 0  # wm.traffic when this thread last looked
+        last = -WARM_FOR  # when traffic (either direction) was last seen
         while not self._stop.is_set():
             try:
                 if pump(BATCH) >= BATCH:
                     continue  # more is waiting: do not sleep
-                poller.poll()
+                if warm is None or wm is None:
+                    poller.poll()
+                    continue
+                if wm.traffic != seen:
+                    seen = wm.traffic
+                    last = clock()
+                if clock() - last < WARM_FOR:  # keep-warm (bridge/io/warm.py)
+                    if not poller.poll(WARM_TICK_MS):
+                        warm()
+                else:
+                    poller.poll()
             except Exception as e:  # never let a data thread die silently, nor log a flood
                 self.engine.internal_errors += 1
-                if type(e).__name__ not in seen:
-                    seen.add(type(e).__name__)
+                if type(e).__name__ not in errors:
+                    errors.add(type(e).__name__)
                     log.exception("%s thread error (logged once per kind; counted in "
                                   "internal_errors)", name)
                 self._stop.wait(0.01)  # back off; a stop still ends the thread at once
@@ -383,9 +409,11 @@ class Runner:
         sys.setswitchinterval(float(os.environ.get("GREBE_SWITCH_INTERVAL", SWITCH_INTERVAL)))
         e = self.engine
         writers = e.use_writers() if self.writer_threads else []
-        for fd, pump, name in ((e.tun.fileno(), e.pump_tun, "tun->udp"),
-                               (e.udp.fileno(), e.pump_udp, "udp->tun")):
-            th = threading.Thread(target=self._data, args=(fd, pump, name), name=name,
+        wm = e.warmer
+        for fd, pump, name, warm in (
+                (e.tun.fileno(), e.pump_tun, "tun->udp", wm.tun if wm else None),
+                (e.udp.fileno(), e.pump_udp, "udp->tun", wm.udp if wm else None)):
+            th = threading.Thread(target=self._data, args=(fd, pump, name, warm), name=name,
                                   daemon=True)
             th.start()
             self._threads.append(th)

@@ -209,14 +209,14 @@ def grebe_command() -> list[str] | None:
     return [found] if found else None
 
 
-def config_text(gw: str, mode: str, extra: str = "") -> str:
+def config_text(gw: str, mode: str, extra: str = "", top: str = "") -> str:
     """The TOML endpoint config of one gateway, encapsulation `mode` ("gre" or "ipip"),
-    followed by `extra` TOML (e.g. [[inspect]] rules)."""
+    followed by `extra` TOML (e.g. [[inspect]] rules); `top`: more top-level keys."""
     tun, tun_addr, listen, endpoint, prefixes = ENDPOINTS[gw]
     peer = "site-b" if gw == "gw-a" else "site-a"
     plist = ", ".join(f'"{p}"' for p in prefixes)
     return (
-        "mss_clamp = true\n\n"
+        "mss_clamp = true\n" + (f"{top}\n" if top else "") + "\n"
         f'[tun]\nname = "{tun}"\naddresses = ["{tun_addr}"]\nmtu = "auto"\n\n'
         f'[listen]\naddress = "{listen}"\nport = 4754\n\n'
         f'[[peers]]\nname = "{peer}"\nendpoint = "{endpoint}"\nprefixes = [{plist}]\n'
@@ -247,22 +247,22 @@ def grebe_unavailable(mode: str = "gre") -> str | None:
     return None
 
 
-def write_grebe_configs(directory: Path, mode: str,
-                        extra: dict[str, str] | None = None) -> dict[str, tuple[Path, str]]:
+def write_grebe_configs(directory: Path, mode: str, extra: dict[str, str] | None = None,
+                        top: str = "") -> dict[str, tuple[Path, str]]:
     """Write both gateways' configs; returns {gateway: (config path, tun name)}."""
     directory.mkdir(parents=True, exist_ok=True)
     out: dict[str, tuple[Path, str]] = {}
     for gw in ENDPOINTS:
         path = directory / f"{gw}.toml"
-        path.write_text(config_text(gw, mode, (extra or {}).get(gw, "")))
+        path.write_text(config_text(gw, mode, (extra or {}).get(gw, ""), top))
         out[gw] = (path, ENDPOINTS[gw][0])
     return out
 
 
-def start_grebe(b: Bench, name: str, mode: str,
-                extra: dict[str, str] | None = None) -> dict[str, tuple[Path, str]]:
+def start_grebe(b: Bench, name: str, mode: str, extra: dict[str, str] | None = None,
+                top: str = "") -> dict[str, tuple[Path, str]]:
     """`grebe up` on both gateways until the client reaches the server through it."""
-    configs = write_grebe_configs(b.tmp / name, mode, extra)
+    configs = write_grebe_configs(b.tmp / name, mode, extra, top)
     grebe = grebe_command() or ["grebe"]
     for gw, (path, tun) in configs.items():
         b.spawn(gw, [*grebe, "up", "-c", str(path)], f"{name}-{gw}")
@@ -279,16 +279,24 @@ class Grebe(Variant):
     """`grebe up -c CONFIG` on each gateway, configs generated into the run's temp dir."""
 
     mode = "gre"
+    top = ""  # more top-level config keys
 
     def unavailable(self, b: Bench) -> str | None:
         return grebe_unavailable(self.mode)
 
     def setup(self, b: Bench) -> None:
-        start_grebe(b, self.name, self.mode)
+        start_grebe(b, self.name, self.mode, top=self.top)
 
 
 class GrebeGre(Grebe):
     name, label, mode = "grebe-gre", "grebe, GRE-in-UDP (RFC 8086)", "gre"
+
+
+class GrebeGreCold(Grebe):
+    """grebe-gre without keep-warm (bridge/io/warm.py): what it buys, in the same run."""
+
+    name, label, mode = "grebe-gre-cold", "grebe, GRE-in-UDP, keep_warm = false", "gre"
+    top = "keep_warm = false"
 
 
 class GrebeIpip(Grebe):
@@ -431,7 +439,8 @@ class InspectKernel(GrebeInspect):
 
 
 TUNNEL_VARIANTS: list[Variant] = [
-    Plain(), Vxlan(), WireguardGo(), OpenVpnNone(), OpenVpnGcm(), GrebeGre(), GrebeIpip(),
+    Plain(), Vxlan(), WireguardGo(), OpenVpnNone(), OpenVpnGcm(), GrebeGre(), GrebeGreCold(),
+    GrebeIpip(),
 ]
 INSPECT_VARIANTS: list[Variant] = [
     Direct(), MitmproxyWg(), InspectUserspace(), InspectKernel(),

@@ -566,3 +566,18 @@ def test_results_say_which_tree_was_measured() -> None:
     assert set(v) == {"commit", "uncommitted_changes"}
     if v["commit"] is not None:  # in a git checkout
         assert len(v["commit"]) >= 7 and isinstance(v["uncommitted_changes"], bool)
+
+
+def test_keep_warm_pair_differs_only_in_keep_warm(tmp_path: Path) -> None:
+    """grebe-gre and grebe-gre-cold run the same endpoints, keep-warm on and off, so the
+    table shows what keep-warm (bridge/io/warm.py) buys in the same run."""
+    from bridge.config import loads_config
+    from bridge.lab.bench_variants import write_grebe_configs
+
+    warm = write_grebe_configs(tmp_path / "w", "gre", top=ALL_VARIANTS["grebe-gre"].top)
+    cold = write_grebe_configs(tmp_path / "c", "gre", top=ALL_VARIANTS["grebe-gre-cold"].top)
+    for gw in warm:
+        a = loads_config(warm[gw][0].read_text())
+        b = loads_config(cold[gw][0].read_text())
+        assert a.keep_warm and not b.keep_warm
+        assert a.peers == b.peers and a.tun == b.tun
