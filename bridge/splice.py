@@ -35,9 +35,12 @@ Rules of this module (pure, sans-I/O: segments and `now` in, segments and deadli
   parsing (~0.3 ms a message warm, more cold) runs after the output left. The chunks wait
   in a tap, in arrival order, at most TAP_MAX bytes; a chunk that would overflow it drains
   the tap and is inspected inline (bulk transfers keep today's path and bounded memory).
-  `get_timer()` reports a non-empty tap as due at once (the owner's timer runs `drain`), and
-  the tap is drained before `chain.eof` and before `flow_end`, so the inspectors see every
-  byte, in order, with `flow.last_seen` at the chunk's arrival.
+  The tap is due TAP_DELAY after its first chunk arrived (`get_timer()`; the owner's timer
+  runs `drain`): the interpreter runs one thread at a time, so a request parsed at once
+  would hold up its own response, which a LAN server sends within a millisecond or two;
+  parsed a few ms later, both go through in one drain. The tap is also drained before
+  `chain.eof` and before `flow_end`, so the inspectors see every byte, in order, with
+  `flow.last_seen` at the chunk's arrival.
 - Never raises on account of either peer: bad segments are the legs' business (dropped and
   counted there). Only misuse of this API raises (LocalProtocolError from the stack).
 
@@ -67,9 +70,10 @@ from stack.tcp_config import TcpConfig
 from stack.tcp_core import reset_reply
 from stack.wire.tcp import TcpSegment
 
-__all__ = ["Splice", "Phase", "TAP_MAX"]
+__all__ = ["Splice", "Phase", "TAP_MAX", "TAP_DELAY"]
 
 TAP_MAX = 16 * 1024  # bytes an observer chain may be behind the forwarded stream (per flow)
+TAP_DELAY = 0.005  # seconds from a tap's first chunk to its inspection (drain)
 
 _CAN_SEND = frozenset({State.SYN_SENT, State.SYN_RECEIVED, State.ESTABLISHED,
                        State.CLOSE_WAIT})
@@ -169,21 +173,22 @@ class Splice:
         self._step(now)
 
     def get_timer(self) -> float | None:
-        """The earliest deadline of either leg, or None; a waiting tap is due at once (the
-        arrival time of its first chunk)."""
-        if self._tap:
-            return self._tap[0][0]
+        """The earliest deadline of either leg or of the tap's inspection, or None."""
         t = self.server.get_timer()
         if self.client is not None:
             c = self.client.get_timer()
             if c is not None and (t is None or c < t):
                 t = c
+        if self._tap:
+            d = self._tap[0][0] + TAP_DELAY
+            if t is None or d < t:
+                t = d
         return t
 
     def handle_timer(self, now: float) -> None:
-        """Inspect what the tap holds, then run both legs' expired timers (retransmission,
-        delayed ACK, persist, TIME-WAIT)."""
-        if self._tap:
+        """Inspect what the tap holds once due, then run both legs' expired timers
+        (retransmission, delayed ACK, persist, TIME-WAIT)."""
+        if self._tap and now >= self._tap[0][0] + TAP_DELAY:
             self.drain(now)
         self.server.handle_timer(now)
         if self.client is not None:

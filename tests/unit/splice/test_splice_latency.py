@@ -1,8 +1,9 @@
 """Time to first byte through a splice: what leaves in which core call (explicit `now`).
 
 Observer chains (every inspector `observer = True`, fail_open): a chunk is handed to the other
-leg in the very call that received it and inspected just after (`drain`, run by the timer that
-`get_timer()` reports due at once). Other chains inspect first, as before.
+leg in the very call that received it and inspected TAP_DELAY later (`drain`, run by the timer
+`get_timer()` reports), so that a request's parse does not hold up its response. Other chains
+inspect first, as before.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from splice_harness import C_ADDR, S_ADDR, Harness, _Out, _tcp_of
 from bridge.flows import InspectRule
 from bridge.inspect.api import RESET, CloseReason, Direction, Flow, Inspector
 from bridge.inspect.http import HttpInspector
-from bridge.splice import TAP_MAX, Phase
+from bridge.splice import TAP_DELAY, TAP_MAX, Phase
 from stack.state import State
 from stack.wire.tcp import parse_tcp
 
@@ -106,15 +107,17 @@ def test_observer_chain_forwards_the_request_in_the_call_that_receives_it() -> N
     assert payloads(out.peer) == REQUEST          # upstream within the same core call ...
     assert w.calls == []                          # ... before any inspector ran
     t = h.term.get_timer()
-    assert t is not None and t <= now             # the inspection is due at once
+    assert t == now + TAP_DELAY                   # the inspection is due a little later
+    h.term.handle_timer(now + TAP_DELAY / 2, _Out())
+    assert w.calls == []                          # not before
     out2 = _Out()
-    h.term.handle_timer(now, out2)
+    h.term.handle_timer(now + TAP_DELAY, out2)
     assert w.seen(C2S) == REQUEST and w.calls[0][3] == now
     (sp,) = h.term.splices.values()
     assert sp.flow.metadata["http"][0]["target"] == "/small.txt"
     assert payloads(out2.peer) == b""             # nothing forwarded twice
     t = h.term.get_timer()
-    assert t is None or t > now                   # drained: no busy timer
+    assert t is None or t > now + TAP_DELAY       # drained: no busy timer
 
 
 def test_observer_chain_forwards_the_response_in_the_divert_call() -> None:
@@ -122,13 +125,12 @@ def test_observer_chain_forwards_the_response_in_the_divert_call() -> None:
     h = established([HttpInspector(), w])
     now = h.now + 0.01
     client_sends(h, REQUEST, now)
-    h.term.handle_timer(now, _Out())
-    now += 0.001
-    out = server_sends(h, RESPONSE, now)
+    out = server_sends(h, RESPONSE, now + 0.001)
     assert payloads(out.tun) == RESPONSE          # to the client within the divert call
-    assert w.seen(S2C) == b""
-    h.term.handle_timer(now, _Out())
-    assert w.seen(S2C) == RESPONSE
+    assert w.calls == []                          # the request is not parsed yet either
+    h.term.handle_timer(now + TAP_DELAY, _Out())  # one drain: request, then response
+    assert [c[1] for c in w.calls] == [C2S, S2C]
+    assert w.seen(C2S) == REQUEST and w.seen(S2C) == RESPONSE
     (sp,) = h.term.splices.values()
     assert sp.flow.metadata["http"][0]["status"] == 200
 
@@ -185,7 +187,7 @@ def test_an_observer_that_answers_reset_in_drain_aborts_the_flow() -> None:
     now = h.now + 0.01
     client_sends(h, REQUEST, now)
     out = _Out()
-    h.term.handle_timer(now, out)
+    h.term.handle_timer(now + TAP_DELAY, out)
     (sp,) = h.term.splices.values() or [None]
     assert sp is None or sp.finished
     assert h.term.ended.get("inspector_reset", 0) + (sp is not None) >= 1
