@@ -36,6 +36,7 @@ __all__ = [
     "R_NO_ROUTE",
     "R_LOOP",
     "R_PEER_DOWN",
+    "R_LINK_LOCAL",
     "E_ICMP_SENT",
     "E_ICMP_RATE_LIMITED",
     "E_KEEPALIVE_TX",
@@ -64,6 +65,7 @@ DROP_REASONS: tuple[str, ...] = (
     "no_route",  # no peer prefix covers the destination
     "loop",  # destination is a tunnel endpoint (RFC 2003 §4)
     "peer_down",  # peer is down and its down_action is "withdraw"
+    "link_local",  # no route, link-scope destination (the kernel's own RS/MLD on the TUN)
 )
 (
     R_MALFORMED,
@@ -80,6 +82,7 @@ DROP_REASONS: tuple[str, ...] = (
     R_NO_ROUTE,
     R_LOOP,
     R_PEER_DOWN,
+    R_LINK_LOCAL,
 ) = range(len(DROP_REASONS))
 
 # Things that happen and are worth counting, but are not drops.

@@ -14,6 +14,11 @@ Rules:
   is unauthenticated (RFC 2890 §3) and learning endpoints would be an injection vector.
 - Loop guard (RFC 2003 §4): `is_endpoint(dst)` tells the pipeline that an inner address is
   one of the tunnel endpoints (a peer's or our own listen address).
+- `link_scope(dst)`: a destination no router forwards off its link: IPv6 multicast of
+  interface- or link-local scope (RFC 4291 §2.7, e.g. MLD reports to ff02::16, router
+  solicitations to ff02::2) and link-local unicast fe80::/10 (§2.5.6), IPv4 224.0.0.0/24
+  (RFC 5771 §4) and 169.254.0.0/16 (RFC 3927 §2.7). Unrouted, the pipeline counts them
+  "link_local" instead of "no_route": they are the host's own link chatter on the TUN.
 
 Theory of operation: per family, a dict {prefix length: {masked network int: peer index}},
 lengths probed longest first. Results are cached per address (bytes -> index, -1 for no
@@ -29,10 +34,19 @@ from collections.abc import Sequence
 
 from bridge.config import PeerConfig
 
-__all__ = ["PeerTable", "CACHE_MAX", "LOOP", "canonical_host"]
+__all__ = ["PeerTable", "CACHE_MAX", "LOOP", "canonical_host", "link_scope"]
 
 CACHE_MAX = 65536
 LOOP = -2  # route(): the destination is a tunnel endpoint
+
+
+def link_scope(dst: bytes | bytearray | memoryview) -> bool:
+    """True for a 4- or 16-byte destination of link (or interface) scope (module docstring)."""
+    if len(dst) == 16:
+        return (dst[0] == 0xFF and dst[1] & 0x0F <= 2) or (dst[0] == 0xFE
+                                                          and dst[1] & 0xC0 == 0x80)
+    return (dst[0] == 224 and dst[1] == 0 and dst[2] == 0) or (dst[0] == 169
+                                                                and dst[1] == 254)
 
 
 def canonical_host(host: str) -> str | None:

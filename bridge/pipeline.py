@@ -19,7 +19,8 @@ Contract (docs/DESIGN.md):
 Outbound flow (TUN -> peer), per packet, in this order:
  1. IP length checks (`packet_length`); malformed -> drop "malformed".
  2. Loop guard, RFC 2003 §4: destination is a tunnel endpoint -> drop "loop".
- 3. Longest-prefix match on the destination -> peer; none -> "no_route" + ICMP unreachable.
+ 3. Longest-prefix match on the destination -> peer; none -> "no_route" + ICMP unreachable,
+    or "link_local" (no ICMP) for a link-scope destination (`peers.link_scope`).
  4. Peer down with down_action "withdraw" -> "peer_down" + ICMP unreachable.
  5. RFC 2003 §3.1 / RFC 1812 §5.3.1: TTL (hop limit) <= 1 -> "ttl" + ICMP Time Exceeded;
     otherwise decrement it (IPv4 checksum fixed incrementally, RFC 1624).
@@ -60,7 +61,7 @@ from bridge.encap import KEEPALIVE, GreEncoder, decode_gre, flow_source_port, ov
 from bridge.fastpath import receive_run, send_super
 from bridge.gso import GroBatch, SuperPacket
 from bridge.mss import V6_EXT_HEADERS, clamp_packet
-from bridge.peers import LOOP, PeerTable
+from bridge.peers import LOOP, PeerTable, link_scope
 from bridge.seqpolicy import SeqReceiver
 from stack.wire import icmp
 from stack.wire.ip import DF, OFFSET_MASK, PROTO_TCP, decrement_ttl_v4, fragment_v4, packet_length
@@ -243,6 +244,9 @@ class Bridge:
             if idx < 0:
                 if idx == LOOP:
                     drops[C.R_LOOP] += 1  # RFC 2003 §4: never tunnel to a tunnel endpoint
+                    continue
+                if link_scope(dst):  # the host's own RS/MLD on the TUN: not a routing failure
+                    drops[C.R_LINK_LOCAL] += 1
                     continue
                 drops[C.R_NO_ROUTE] += 1
                 self._unreachable(pkt, v6, now, out)

@@ -12,6 +12,12 @@ Rules:
 - Addresses, MTU, link up and the routes of the peers' prefixes are set with pyroute2 in
   the current network namespace; `close()` deletes the routes it added, then closes the fd,
   which deletes the (non-persistent) device with its addresses.
+- Before the link goes up, the TUN's IPv6 address generation mode is set to none
+  (IFLA_INET6_ADDR_GEN_MODE = IN6_ADDR_GEN_MODE_NONE, what the kernel's wg_open() sets on a
+  WireGuard device): no link-local address, so no router solicitations (RFC 4861 §6.3.7)
+  and no MLD reports from one. A router still reports the groups it joins (ff02::2) from
+  :: at link up (RFC 3810 §5.2.13), IFF_MULTICAST or not; the Bridge counts such
+  link-scope packets from the TUN as "link_local", not "no_route" (bridge/peers.py).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import logging
 import os
 import struct
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from bridge.gso import SuperPacket
 from bridge.io import offload
@@ -35,6 +42,7 @@ TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
 IFF_TUN = 0x0001
+IN6_ADDR_GEN_MODE_NONE = 1  # linux/if_link.h
 IFF_NO_PI = 0x1000
 IFF_MULTI_QUEUE = 0x0100
 IFF_VNET_HDR = 0x4000
@@ -98,6 +106,7 @@ class TunDevice:
         with IPRoute() as ipr:
             self.index = ipr.link_lookup(ifname=self.name)[0]
             ipr.link("set", index=self.index, mtu=mtu)
+            self._quiet(ipr)
             for a in addresses:
                 iface = ipaddress.ip_interface(a)
                 ipr.addr("add", index=self.index, address=str(iface.ip),
@@ -115,6 +124,15 @@ class TunDevice:
                 self._routes.append((str(net), self.index))
         log.info("TUN %s up: mtu %d, addresses %s, routes %s", self.name, mtu,
                  ", ".join(addresses) or "-", ", ".join(r for r, _ in self._routes) or "-")
+
+    def _quiet(self, ipr: Any) -> None:
+        """IPv6 address generation mode none: no link-local address (module docstring)."""
+        try:
+            ipr.link("set", index=self.index, IFLA_AF_SPEC={"attrs": [
+                ("AF_INET6", {"attrs": [("IFLA_INET6_ADDR_GEN_MODE", IN6_ADDR_GEN_MODE_NONE)]}),
+            ]})
+        except Exception as e:  # IPv6 disabled in this namespace: nothing to quieten
+            log.debug("TUN %s: IPv6 address generation mode not set: %s", self.name, e)
 
     def set_mtu(self, mtu: int) -> None:
         from pyroute2 import IPRoute
