@@ -314,3 +314,25 @@ def test_coalesce_ipv4_header_damage_hypothesis(k: int, at: int, xor: int,
     for f in frames:
         assert ol.split_frame(f, again)
     assert again == pkts  # nothing repaired, nothing lost, order kept
+
+
+@pytest.mark.parametrize("at", [4, 5, 10, 11])
+def test_gro_batch_rows_stop_before_a_damaged_ipv4_header(at: int) -> None:
+    """bridge/gso.py coalesce_rows (the GRO-batch path) checks every row's IPv4 header
+    checksum too: a run ends before the damaged row, which never starts one."""
+    from bridge.gso import coalesce_rows
+
+    segs = _segments(False, 5 * 1448, 1448, "A")
+    seg = len(segs[0])
+    bad = bytearray(segs[2])
+    bad[at] ^= 0x01
+    buf = b"".join([*segs[:2], bytes(bad), *segs[3:]])
+    r = coalesce_rows(buf, 0, seg, 0, -1, True, 20, 20)
+    assert r is not None
+    frame, merged, _gseq, used = r
+    assert merged == 2 and used == 2 * seg
+    again: list[bytes] = []
+    assert ol.split_frame(bytes(frame), again) and again == segs[:2]
+    assert coalesce_rows(buf, used, seg, 0, -1, True, 20, 20) is None  # the damaged row
+    r = coalesce_rows(buf, used + seg, seg, 0, -1, True, 20, 20)
+    assert r is not None and r[1] == 2  # the intact rows after it merge again
