@@ -157,8 +157,11 @@ def clamp_packet(buf: bytearray, start: int, mtu: int) -> bool:
             return False  # not the first fragment: no TCP header here
         return clamp(buf, start + (buf[start] & 0x0F) * 4, mss_for_mtu(mtu, False))
     if version == 6:
-        if buf[start + V6_NXT] == PROTO_TCP:
+        nxt = buf[start + V6_NXT]
+        if nxt == PROTO_TCP:
             return clamp(buf, start + 40, mss_for_mtu(mtu, True))
+        if nxt not in V6_EXT_HEADERS:
+            return False  # UDP, ICMPv6, ...: one set lookup on the send path
         tcp, ah = v6_tcp_offset(buf, start)
         if tcp < 0 or ah:
             return False  # nothing to clamp, or AH-protected (RFC 4302 §3.3.3.1)
