@@ -290,16 +290,16 @@ class GroBatch:
 
     __slots__ = ("buf", "seg")
 
-    def __init__(self, buf: bytes, seg: int) -> None:
-        self.buf = buf
+    def __init__(self, buf: bytes | bytearray, seg: int) -> None:
+        self.buf = buf  # a bytearray from the UDP adapter, which may join consecutive batches
         self.seg = seg
 
-    def split(self) -> list[bytes]:
+    def split(self) -> list[bytes | bytearray]:
         b, s = self.buf, self.seg
         return [b[o:o + s] for o in range(0, len(b), s)]
 
 
-def coalesce_rows(buf: bytes, start: int, seg: int, off: int, gseq_at: int,
+def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_at: int,
                   v4: bool, ihl: int, doff: int) -> tuple[TunFrame, int, int, int] | None:
     """Merge the longest run of datagrams of `seg` bytes from `buf[start:]` (encapsulation
     header of `off` bytes, then one TCP segment each) into one TUN frame (bridge/tunframe.py:
@@ -409,7 +409,7 @@ def coalesce_rows(buf: bytes, start: int, seg: int, off: int, gseq_at: int,
     return TunFrame(out), k + (tplen > 0), last_gseq, used
 
 
-def _tail_ok(buf: bytes, at: int, h0: Any, mask: Any, v4: bool, off: int, ihl: int,
+def _tail_ok(buf: bytes | bytearray, at: int, h0: Any, mask: Any, v4: bool, off: int, ihl: int,
              tail: int, src: bytes, dst: bytes, tseq: int, last_gseq: int) -> bool:
     """The short last datagram at `buf[at:]` continues the run: same headers under `mask`,
     exact length, the next TCP (and GRE) sequence number, intact checksums, ACK or ACK+PSH."""

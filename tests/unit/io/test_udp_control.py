@@ -200,3 +200,39 @@ def test_dual_stack_socket_speaks_plain_ipv4_addresses() -> None:
     assert _drain(v4, 1) == [(b"pong", ("127.0.0.1", port))]
     dual.close()
     v4.close()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_consecutive_gro_batches_of_one_source_are_joined(host: str) -> None:
+    """Several GSO sends of equal datagrams queue several GRO buffers; one recv_datagrams call
+    hands them to the core as one GroBatch (datagrams intact, in order), up to JOIN_MAX, and
+    never joins across a short datagram or another source."""
+    from bridge.gso import GroBatch
+    from bridge.io.udp import JOIN_MAX
+
+    a = UdpEndpoint(host, 0)
+    c = UdpEndpoint(host, 0)
+    b = UdpEndpoint(host, 0)
+    assert b.gro  # this kernel has UDP GRO (without it the adapter builds no batches)
+    b.gro_batches = GroBatch
+    dest = b.sock.getsockname()[:2]
+    run = [bytes([i]) * 1000 for i in range(40)]
+    for _ in range(3):
+        a.send_datagrams(dest, run)
+    a.send_datagrams(dest, [b"s" * 300])  # a short one: ends the joinable stretch
+    a.send_datagrams(dest, run)
+    c.send_datagrams(dest, run)  # another source: its own batch
+    got: list = []
+    b.recv_datagrams(got)
+    flat: list[tuple[bytes, tuple]] = []
+    for payload, addr in got:
+        parts = payload.split() if type(payload) is GroBatch else [payload]
+        flat += [(bytes(p), addr) for p in parts]
+    sa, sc = a.sock.getsockname()[:2], c.sock.getsockname()[:2]
+    assert flat == [(d, sa) for d in run * 3 + [b"s" * 300] + run] + [(d, sc) for d in run]
+    batches = [p for p, _ in got if type(p) is GroBatch]
+    assert len(got) < 6  # joined: not one entry per GRO buffer
+    assert max(len(p.buf) for p in batches) >= 3 * 40 * 1000 + 300
+    assert all(len(p.buf) <= JOIN_MAX for p in batches)
+    for e in (a, b, c):
+        e.close()
