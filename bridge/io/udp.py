@@ -52,7 +52,8 @@ IPV6_PMTUDISC_DO = 2
 GSO_MAX_SEGMENTS = 64
 BUFSIZE = 4 * 1024 * 1024
 RECV_BUF = 65536 + 64
-JOIN_MAX = int(os.environ.get("GREBE_JOIN_MAX", str(256 * 1024)))  # consecutive GRO batches of one source joined up to this many bytes
+# consecutive GRO batches of one source are joined up to this many bytes (0: never)
+JOIN_MAX = int(os.environ.get("GREBE_JOIN_MAX", str(256 * 1024)))
 SPORT_POOL = 8  # flow-hash source port sockets (RFC 8086 §3.2.1); 0 turns them off
 
 _GSO_SIZE = struct.Struct("=H")
