@@ -37,6 +37,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from bridge.gso import GroBatch, UdpRun
 
@@ -176,7 +177,8 @@ class UdpEndpoint:
                 # datagram. The core then coalesces up to 64 KB per call instead of one
                 # GRO buffer (~20 datagrams here) per call: numpy's per-call cost is paid
                 # half as often (see JOIN_MAX).
-                pb, pa = out[-1]
+                pb: Any = out[-1][0]  # a GroBatch we appended, or bytes
+                pa = out[-1][1]
                 if (type(pb) is gb and pa == a and len(pb.buf) + n <= JOIN_MAX
                         and (seg == pb.seg if seg and seg < n else 0 < n <= pb.seg)
                         and not len(pb.buf) % pb.seg):
