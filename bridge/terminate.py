@@ -52,7 +52,9 @@ sequence policy delivered them): consecutive in-order data segments of one serve
 nothing is summed). The legs' IP framing (plain packets, TunFrames) is bridge/legwire.py.
 Timers: each splice's deadline is recorded when it is
 emitted (every change to a splice ends in `flush`); `get_timer()` is the minimum of those and
-of the next reap scan; `handle_timer(now, out)` runs the due ones.
+of the next reap scan; `handle_timer(now, out)` runs the due ones. `warm(now, lane)` is the
+keep-warm hook: one hop of a throw-away connection through a private shadow
+(bridge/terminate_warm.py), never this Terminator's own state.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ from stack.wire.tcp import ACK, RST, SYN, TcpSegment, parse_tcp
 __all__ = ["Terminator", "SendToPeer", "TSO_MAX_SEGMENT"]
 
 SendToPeer = Callable[[bytes, float, Any], bool]  # (inner packet, now, out) -> sent
+WARM_WINDOW = 1.0  # warm() works while a splice is live or for this long after one opened
 def _has_userspace(rules: Iterable[InspectRule]) -> bool:
     return any(r.backend is Backend.USERSPACE and r.action is not Verdict.FORWARD for r in rules)
 
@@ -122,6 +125,8 @@ class Terminator:
         self._next_scan: float | None = None
         self._configs: dict[tuple[int, int, int, int], tuple[TcpConfig, TcpConfig]] = {}
         self.tun_offload = False
+        self._warm: dict[int, Any] = {}  # lane -> WarmCycle (bridge/terminate_warm.py)
+        self._last_new = float("-inf")  # when the last splice was opened (warm)
 
     def use_tun_offload(self, on: bool = True) -> None:
         """The TUN takes vnet-header writes with checksum and TSO offload (the I/O adapter
@@ -258,6 +263,7 @@ class Terminator:
         ccfg, scfg = self._configs_for(key, rule)
         sp = Splice(key, syn, rule, chain, ccfg, scfg, now)
         self.counters["splices"] += 1
+        self._last_new = now
         sp.open(now)
         self.splices[key] = sp
         self._clients[key[1]] = self._clients.get(key[1], 0) + 1
@@ -505,6 +511,21 @@ class Terminator:
 
     # ------------------------------------------------------------------ introspection
 
+    def warm(self, now: float, lane: int = 0) -> None:
+        """Keep-warm hook (bridge/io/warm.py): one hop of a throw-away connection through a
+        private shadow of this Terminator (bridge/terminate_warm.py), so that the next real
+        new connection finds this code in the CPU caches. A no-op unless a splice is live or
+        one was opened in the last WARM_WINDOW seconds. Touches no real splice, counter,
+        timer or inspector; each `lane` (one per calling thread) has its own shadow."""
+        if not self.splices and now - self._last_new > WARM_WINDOW:
+            return
+        w = self._warm.get(lane)
+        if w is None:
+            from bridge.terminate_warm import WarmCycle
+
+            w = self._warm[lane] = WarmCycle(self)
+        w.step(now)
+
     def flows(self, now: float) -> list[dict[str, Any]]:
         """One JSON-able record per live splice, for `grebe flows`."""
         return [sp.info(now) for sp in self.splices.values()]
@@ -514,4 +535,5 @@ class Terminator:
         return {"live": len(self.splices), "counters": dict(self.counters),
                 "ended": dict(self.ended), "drops": dict(self.drops),
                 "flow_table": dict(self.table.counters), "rules": self.manager.counters()}
+
 
