@@ -39,7 +39,35 @@ def _address(name: str) -> str:
     return "\0" + name[1:] if name.startswith("@") else name
 
 
-class ControlServer:
+class _Listener:
+    """A non-blocking listening socket polled by the main thread: one short client at a time
+    (CLIENT_TIMEOUT), never blocking the loop on a slow or silent client."""
+
+    sock: socket.socket
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def on_readable(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        with conn:
+            conn.settimeout(CLIENT_TIMEOUT)
+            try:
+                self.serve(conn)
+            except OSError as e:
+                log.debug("%s client: %s", type(self).__name__, e)
+
+    def serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class ControlServer(_Listener):
     """A unix stream socket answering JSON-lines commands."""
 
     def __init__(self, name: str) -> None:
@@ -58,21 +86,8 @@ class ControlServer:
     def register(self, name: str, fn: Command) -> None:
         self.commands[name] = fn
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def on_readable(self) -> None:
-        try:
-            conn, _ = self.sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        with conn:
-            conn.settimeout(CLIENT_TIMEOUT)
-            try:
-                data = _read_line(conn)
-                conn.sendall(json.dumps(self.handle(data)).encode() + b"\n")
-            except OSError as e:
-                log.debug("control client: %s", e)
+    def serve(self, conn: socket.socket) -> None:
+        conn.sendall(json.dumps(self.handle(_read_line(conn))).encode() + b"\n")
 
     def handle(self, line: bytes) -> Any:
         """Answer one request line (never raises)."""
@@ -127,7 +142,7 @@ def request(name: str, cmd: str = "status", timeout: float = 5.0, **args: Any) -
     return json.loads(data)
 
 
-class MetricsServer:
+class MetricsServer(_Listener):
     """Minimal HTTP listener serving `render()` as Prometheus text."""
 
     def __init__(self, listen: str, render: Callable[[], str]) -> None:
@@ -142,37 +157,22 @@ class MetricsServer:
         self.sock.setblocking(False)
         self.address = self.sock.getsockname()[:2]
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def on_readable(self) -> None:
-        try:
-            conn, _ = self.sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        with conn:
-            conn.settimeout(CLIENT_TIMEOUT)
-            try:
-                req = b""
-                while b"\r\n\r\n" not in req and len(req) < 16384:
-                    chunk = conn.recv(4096)
-                    if not chunk:
-                        break
-                    req += chunk
-                if req.startswith(b"GET "):
-                    body = self.render().encode()
-                    head = ("HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
-                            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
-                else:
-                    body = b"only GET\n"
-                    head = (f"HTTP/1.0 405 Method Not Allowed\r\nContent-Length: {len(body)}"
-                            "\r\nConnection: close\r\n\r\n")
-                conn.sendall(head.encode() + body)
-            except OSError as e:
-                log.debug("metrics client: %s", e)
-
-    def close(self) -> None:
-        self.sock.close()
+    def serve(self, conn: socket.socket) -> None:
+        req = b""
+        while b"\r\n\r\n" not in req and len(req) < 16384:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            req += chunk
+        if req.startswith(b"GET "):
+            body = self.render().encode()
+            head = ("HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+        else:
+            body = b"only GET\n"
+            head = (f"HTTP/1.0 405 Method Not Allowed\r\nContent-Length: {len(body)}"
+                    "\r\nConnection: close\r\n\r\n")
+        conn.sendall(head.encode() + body)
 
 
 def io_prometheus(status: dict[str, Any]) -> str:
