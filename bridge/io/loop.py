@@ -328,7 +328,7 @@ class Runner:
                  writer_threads: bool = WRITER_THREADS, keep_warm: bool = False) -> None:
         self.engine = engine
         if keep_warm and engine.warmer is None:
-            engine.warmer = Warmer(engine.bridge)
+            engine.warmer = Warmer(engine.bridge, engine.clock)
         self.writer_threads = writer_threads
         self.extra = extra or []
         self._stop = threading.Event()

@@ -7,6 +7,9 @@ Rules:
   the output away. The real Bridge, its counters, sequence numbers and timers are untouched;
   the shadow is never reported. One shadow per direction, since each data thread ticks its own.
 - A shadow that raises is a bug of ours: it is logged once and keep-warm turns itself off.
+- With `[[inspect]]` rules of the userspace backend, the TUN thread's tick also moves one hop
+  of a throw-away connection through the Terminator's private shadow (`Terminator.warm`,
+  bridge/terminate_warm.py): a new inspected connection crosses that code four times.
 - `keep_warm = false` in the endpoint's TOML turns it off.
 
 Theory of operation. Measured on this lab's machine (a 2-vCPU VM, `tests` and bench lab):
@@ -26,6 +29,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 from bridge.config import Config
@@ -52,9 +57,10 @@ class Warmer:
     """Shadow Bridges fed the last small packet of each direction. `tun()` and `udp()` are
     called by that direction's data thread only; `note_*` by the pumps (cheap)."""
 
-    def __init__(self, real: Bridge) -> None:
+    def __init__(self, real: Bridge, clock: Callable[[], float] = time.monotonic) -> None:
         cfg = _shadow_config(real.config)
         self._real = real
+        self._clock = clock
         self._t = Bridge(cfg, 0.0)
         self._u = Bridge(cfg, 0.0)
         self.enabled = True
@@ -88,10 +94,19 @@ class Warmer:
         self.traffic += 1
 
     def tun(self) -> None:
-        """One warm-up of the TUN -> peers path."""
-        if self.pkt is None or not self.enabled:
+        """One warm-up of the TUN -> peers path, and one hop of the Terminator's own
+        throw-away connection when flows are terminated here (bridge/terminate_warm.py)."""
+        if not self.enabled:
             return
-        self._run(self._t.from_tun, [self.pkt])
+        if self.pkt is not None:
+            self._run(self._t.from_tun, [self.pkt])
+        term = self._real.terminator
+        if term is not None:
+            try:
+                term.warm(self._clock(), 0)
+            except Exception:  # a bug of ours; the data plane must not notice
+                self.enabled = False
+                log.exception("keep-warm of the Terminator raised; keep-warm is off from now on")
 
     def udp(self) -> None:
         """One warm-up of the peers -> TUN path."""

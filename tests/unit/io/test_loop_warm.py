@@ -111,3 +111,37 @@ def test_keep_warm_off_by_default_in_the_runner_api() -> None:
     e = Engine(ea.bridge, tun, net.endpoint("198.18.0.9"), clock)
     Runner(e)
     assert e.warmer is None and e.status()["io"]["keep_warm_ticks"] == 0
+
+
+def test_the_tun_tick_also_warms_the_terminator() -> None:
+    """With userspace [[inspect]] rules, the TUN thread's tick moves the Terminator's own
+    throw-away connection one hop (Terminator.warm, lane 0) with the engine's clock."""
+    from bridge.config import loads_config
+
+    cfg = loads_config("""
+[tun]
+name = "grebe-w"
+mtu = 1400
+[listen]
+address = "198.18.0.1"
+[[peers]]
+name = "b"
+endpoint = "198.18.0.2:4754"
+prefixes = ["198.18.2.0/24"]
+[[inspect]]
+name = "web"
+dst = ["198.18.2.10/32"]
+dst_ports = [80]
+inspectors = ["log"]
+log_path = "/dev/null"
+""")
+    real = Bridge(cfg, 5.0)
+    assert real.terminator is not None
+    calls: list[tuple[float, int]] = []
+    real.terminator.warm = lambda now, lane=0: calls.append((now, lane))  # type: ignore[method-assign]
+    w = Warmer(real, clock=lambda: 7.5)
+    w.tun()  # no sample packet yet: the Terminator still gets its hop
+    w.pkt = PING
+    w.tun()
+    assert calls == [(7.5, 0), (7.5, 0)]
+    assert w._t.terminator is None  # noqa: SLF001  # the shadow Bridge terminates nothing
