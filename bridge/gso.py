@@ -17,8 +17,15 @@ path would send; tests/unit/bridge/test_bridge_gso.py proves it with hypothesis)
   the IPv4 header checksum is first computed over the segment, then patched incrementally
   for the decrement (RFC 1624 eqn. 3), exactly as the per-packet path does.
 - RFC 2890 §2.2: with sequence numbers on, consecutive segments take consecutive GRE
-  sequence numbers (a vector patch of the prefix). GRE checksums (RFC 2784 §2.5.1) are not
-  built here: the caller keeps such peers on the per-packet path.
+  sequence numbers (a vector patch of the prefix).
+- RFC 2784 §2.5 / §2.1: with GRE checksums on, each datagram's checksum covers its GRE header
+  (checksum field zero) and the whole inner segment, as `GreEncoder.seal` computes it. The
+  numpy rows get it without reading the payload again (Linux's "local checksum offload",
+  Documentation/networking/checksum-offloads.rst): modulo 0xFFFF a row's words sum to
+  prefix + IP header + TCP segment, where a valid IPv4 header sums to 0 and a TCP segment
+  with its checksum to minus its pseudo-header sum (RFC 1071 §2, RFC 9293 §3.1); only the
+  sequence number (2**16 = 1, so its value mod 0xFFFF) differs between rows. The Python row
+  builder sums the datagram directly, and the tests compare the two.
 - The wire stays one GRE/IPIP packet per UDP datagram; the I/O layer sends the equal-size
   datagrams with one UDP GSO sendmsg.
 
@@ -30,6 +37,7 @@ reshape, ids/sequence numbers/checksums as column vectors; 32-bit word sums fold
 one copy out of numpy and slices it per datagram; the short last segment (and everything,
 with `use_numpy=False` or few segments) goes through the pure-Python row builder, which
 calls `stack.wire.checksum`. The numpy and Python paths give equal bytes (tested).
+Receiving (`coalesce_rows`) verifies GRE checksums per row by the same identity.
 """
 
 from __future__ import annotations
@@ -117,8 +125,10 @@ def parse_tcp(pkt: memoryview) -> tuple[bool, int, int] | None:
 
 def _row(prefix: bytes, seq_at: int, gseq: int, hdr: bytearray, payload: memoryview,
          v4: bool, ihl: int, doff: int, ip_id: int, tseq: int, flags: int, src: bytes,
-         dst: bytes) -> bytes:
-    """One datagram built in Python: prefix + segment header + payload (hdr is scratch)."""
+         dst: bytes, csum_at: int = -1) -> bytes:
+    """One datagram built in Python: prefix + segment header + payload (hdr is scratch).
+    With `csum_at` >= 0 (the GRE checksum field in `prefix`, which reads zero there) the
+    GRE checksum over the whole datagram (RFC 2784 §2.5) is filled in."""
     hl = ihl + doff
     plen = len(payload)
     h = hdr
@@ -133,7 +143,8 @@ def _row(prefix: bytes, seq_at: int, gseq: int, hdr: bytearray, payload: memoryv
     h[ihl + 13] = flags
     h[ihl + 16] = h[ihl + 17] = 0
     ps = (pseudo_sum_v4 if v4 else pseudo_sum_v6)(src, dst, _TCP, doff + plen)
-    _U16.pack_into(h, ihl + 16, checksum(memoryview(h)[ihl:], (ps + partial(payload)) % 0xFFFF))
+    pp = partial(payload)
+    _U16.pack_into(h, ihl + 16, checksum(memoryview(h)[ihl:], (ps + pp) % 0xFFFF))
     if v4:  # RFC 1624: the TTL decrement patched into the fresh header checksum
         ttl = h[8]
         old = (ttl << 8) | h[9]
@@ -142,9 +153,12 @@ def _row(prefix: bytes, seq_at: int, gseq: int, hdr: bytearray, payload: memoryv
                                                    old - 0x100))
     else:
         h[7] -= 1
-    if seq_at >= 0:
+    if seq_at >= 0 or csum_at >= 0:
         pre = bytearray(prefix)
-        _U32.pack_into(pre, seq_at, gseq & 0xFFFFFFFF)
+        if seq_at >= 0:
+            _U32.pack_into(pre, seq_at, gseq & 0xFFFFFFFF)
+        if csum_at >= 0:  # prefix and header lengths are even: the partial sums add up
+            _U16.pack_into(pre, csum_at, checksum(pre, (partial(h) + pp) % 0xFFFF))
         return bytes(pre + h + payload)
     return b"".join((prefix, h, payload))
 
@@ -163,12 +177,15 @@ class UdpRun(bytes):
 
 def encap_segments(pkt: memoryview, v4: bool, ihl: int, doff: int, gso_size: int,
                    prefix: bytes, seq_at: int, gseq: int, out: list[bytes | bytearray],
-                   use_numpy: bool = True, run: bool = False) -> int:
+                   use_numpy: bool = True, run: bool = False, csum_at: int = -1) -> int:
     """Append one datagram per segment of `pkt` (prefix + TSO segment, TTL decremented) to
     `out`; return how many. `seq_at` is the offset of the GRE sequence number in `prefix`
-    (-1: none), `gseq` the first one to use. The caller checked TTL > 1 and the sizes.
-    With `run`, the numpy path appends one `UdpRun` holding all the datagrams instead.
+    (-1: none), `gseq` the first one to use; `csum_at` the offset of the GRE checksum
+    (-1: none; whatever `prefix` holds there is ignored). The caller checked TTL > 1 and
+    the sizes. With `run`, the numpy path appends one `UdpRun` holding all the datagrams.
     """
+    if csum_at >= 0:
+        prefix = prefix[:csum_at] + b"\0\0" + prefix[csum_at + 2:]
     hl = ihl + doff
     plen = len(pkt) - hl
     hdr = bytearray(pkt[:hl])
@@ -179,7 +196,7 @@ def encap_segments(pkt: memoryview, v4: bool, ihl: int, doff: int, gso_size: int
         (bytes(hdr[8:24]), bytes(hdr[24:40]))
     if plen <= gso_size:
         out.append(_row(prefix, seq_at, gseq, hdr, pkt[hl:], v4, ihl, doff, ip_id, tseq,
-                        flags, src, dst))
+                        flags, src, dst, csum_at))
         return 1
     n_full, last_len = divmod(plen, gso_size)
     if last_len == 0:
@@ -190,9 +207,9 @@ def encap_segments(pkt: memoryview, v4: bool, ihl: int, doff: int, gso_size: int
         start = hl + n_full * gso_size
         last_row = _row(prefix, seq_at, gseq + n_full, bytearray(hdr), pkt[start:], v4, ihl,
                         doff, ip_id + n_full, tseq + n_full * gso_size,
-                        flags & ~_CWR, src, dst) if run else None
+                        flags & ~_CWR, src, dst, csum_at) if run else None
         _rows_numpy(pkt, v4, ihl, doff, gso_size, n_full, prefix, seq_at, gseq, hdr, tseq,
-                    flags, ip_id, src, dst, out, last_row)
+                    flags, ip_id, src, dst, out, last_row, csum_at)
         if last_row is not None and type(out[-1]) is UdpRun:
             return n_full + 1
         first = n_full
@@ -204,14 +221,15 @@ def encap_segments(pkt: memoryview, v4: bool, ihl: int, doff: int, gso_size: int
             f &= ~_CWR
         out.append(_row(prefix, seq_at, gseq + i, bytearray(hdr),
                         pkt[start:start + (last_len if last else gso_size)], v4, ihl, doff,
-                        ip_id + i, tseq + i * gso_size, f, src, dst))
+                        ip_id + i, tseq + i * gso_size, f, src, dst, csum_at))
     return n_full + 1
 
 
 def _rows_numpy(pkt: memoryview, v4: bool, ihl: int, doff: int, g: int, rows: int,
                 prefix: bytes, seq_at: int, gseq: int, hdr0: bytearray, tseq: int,
                 flags: int, ip_id: int, src: bytes, dst: bytes,
-                out: list[bytes | bytearray], last_row: bytes | None = None) -> None:
+                out: list[bytes | bytearray], last_row: bytes | None = None,
+                csum_at: int = -1) -> None:
     """The `rows` full-size datagrams at once, one numpy row each (see the module doc).
     With `last_row` (the short last datagram) and even-size rows, one UdpRun of all."""
     np = _np
@@ -262,9 +280,12 @@ def _rows_numpy(pkt: memoryview, v4: bool, ihl: int, doff: int, g: int, rows: in
         a[:, p + 8] = hdr[8] - 1
     else:
         a[:, p + 7] = hdr[7] - 1
+    gs = None
     if seq_at >= 0:
-        a[:, seq_at:seq_at + 4] = ((idx + gseq) & 0xFFFFFFFF).astype(">u4").view(np.uint8) \
-            .reshape(rows, 4)
+        gs = (idx + gseq) & 0xFFFFFFFF
+        a[:, seq_at:seq_at + 4] = gs.astype(">u4").view(np.uint8).reshape(rows, 4)
+    if csum_at >= 0:
+        _gre_csums(a, prefix, seq_at, gs, csum_at, v4, hdr, ps)
     if flat_run:
         r = UdpRun(buf.data)  # the one copy out of numpy
         r.seg = width
@@ -272,6 +293,29 @@ def _rows_numpy(pkt: memoryview, v4: bool, ihl: int, doff: int, g: int, rows: in
         return
     flat = a.tobytes()  # one copy out of numpy, then one slice per datagram
     out.extend([flat[i:i + width] for i in range(0, rows * w4, w4)])
+
+
+def _gre_csums(a: Any, prefix: bytes, seq_at: int, gs: Any, csum_at: int, v4: bool,
+               hdr: bytearray, ps: int) -> None:
+    """Fill the GRE checksum column of the finished rows `a` (RFC 2784 §2.5) by the
+    identity of the module doc: row sum = prefix (sequence number apart) + IP header (0 for
+    IPv4, the same for every row for IPv6) + TCP segment (-ps) + the row's sequence number.
+    The field gets (-sum) mod 0xFFFF, which is what `GreEncoder.seal` stores."""
+    np = _np
+    pre = bytearray(prefix)
+    if seq_at >= 0:
+        pre[seq_at:seq_at + 4] = bytes(4)
+    k = partial(pre) + 0xFFFF - ps
+    if not v4:  # the IPv6 header as on the wire: the hop limit decremented
+        h6 = bytearray(hdr[:40])
+        h6[7] -= 1
+        k += partial(h6)
+    if gs is None:
+        a[:, csum_at:csum_at + 2] = np.frombuffer(_U16.pack((0xFFFF - k % 0xFFFF) % 0xFFFF),
+                                                  dtype=np.uint8)
+        return
+    c = (0xFFFF - (gs + k) % 0xFFFF) % 0xFFFF
+    a[:, csum_at:csum_at + 2] = c.astype(">u2").view(np.uint8).reshape(len(c), 2)
 
 
 # ------------------------------------------------------------------ receive: GRO batches
@@ -300,7 +344,8 @@ class GroBatch:
 
 
 def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_at: int,
-                  v4: bool, ihl: int, doff: int) -> tuple[TunFrame, int, int, int] | None:
+                  v4: bool, ihl: int, doff: int, csum_at: int = -1
+                  ) -> tuple[TunFrame, int, int, int] | None:
     """Merge the longest run of datagrams of `seg` bytes from `buf[start:]` (encapsulation
     header of `off` bytes, then one TCP segment each) into one TUN frame (bridge/tunframe.py:
     virtio-net header, GSO TCPV4/TCPV6 with gso_size = the segments' payload, NEEDS_CSUM,
@@ -311,7 +356,8 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
 
     The rules of the per-packet path plus TUN coalescing, checked over all rows at once (a
     row breaking one ends the run before it): encapsulation headers equal but for the GRE
-    sequence number, which must count up by one (RFC 2890 §2.2); inner headers equal but for
+    sequence number, which must count up by one (RFC 2890 §2.2), and the GRE checksum at
+    `csum_at` (-1: none), which must be intact (RFC 2784 §2.5); inner headers equal but for
     IPv4 identification and checksum, TCP sequence number and checksum (like Linux GRO, so
     a changed window or timestamp ends a run); exact IP lengths (no padding); contiguous TCP
     sequence numbers; ACK-only segments, PSH ends a run (it is kept on the merged packet);
@@ -334,6 +380,8 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
     mask = np.full(off + hl, 0xFF, dtype=np.uint8)
     if gseq_at >= 0:
         mask[gseq_at:gseq_at + 4] = 0
+    if csum_at >= 0:
+        mask[csum_at:csum_at + 2] = 0
     t = off + ihl
     mask[t + 4:t + 8] = 0
     mask[t + 13] = 0
@@ -362,6 +410,11 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
         ps = pseudo_sum_v6(src, dst, _TCP, seg - t)
     sums = a[:, t:].view("<u2").sum(axis=1, dtype=np.uint64) + swap16(ps)
     bad |= sums % 0xFFFF != 0  # intact: the sum is "negative zero" (RFC 1071)
+    if csum_at >= 0:  # a row whose IP and TCP sums pass sums to prefix + IPv6 header - ps
+        k = 0xFFFF - swap16(ps) % 0xFFFF
+        if not v4:
+            k += swap16(partial(buf[start + off:start + t]))
+        bad |= (a[:, :off].view("<u2").sum(axis=1, dtype=np.uint64) + k) % 0xFFFF != 0
     k = int(bad.argmax()) if bad.any() else rows
     psh = np.flatnonzero(fl[:k] & 0x08)
     if psh.size:
@@ -377,7 +430,7 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
     tplen = tail - off - hl
     if k == rows and tail and last_flags == _ACK and 0 < tplen < plen and _tail_ok(
             buf, end_at, h[0], mask, v4, off, ihl, tail, src, dst,
-            (int(tseq[0]) + k * plen) & 0xFFFFFFFF, last_gseq):
+            (int(tseq[0]) + k * plen) & 0xFFFFFFFF, last_gseq, csum_at >= 0):
         last_flags = buf[end_at + t + 13]
         if last_gseq >= 0:
             last_gseq = (last_gseq + 1) & 0xFFFFFFFF
@@ -410,9 +463,11 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
 
 
 def _tail_ok(buf: bytes | bytearray, at: int, h0: Any, mask: Any, v4: bool, off: int, ihl: int,
-             tail: int, src: bytes, dst: bytes, tseq: int, last_gseq: int) -> bool:
+             tail: int, src: bytes, dst: bytes, tseq: int, last_gseq: int,
+             gre_csum: bool = False) -> bool:
     """The short last datagram at `buf[at:]` continues the run: same headers under `mask`,
-    exact length, the next TCP (and GRE) sequence number, intact checksums, ACK or ACK+PSH."""
+    exact length, the next TCP (and GRE) sequence number, intact checksums (GRE's too, with
+    `gre_csum`, by the identity of `coalesce_rows`), ACK or ACK+PSH."""
     np = _np
     n = len(h0)
     th = np.frombuffer(buf, dtype=np.uint8, count=n, offset=at)
@@ -438,4 +493,6 @@ def _tail_ok(buf: bytes | bytearray, at: int, h0: Any, mask: Any, v4: bool, off:
         return False
     if last_gseq >= 0 and _U32.unpack_from(buf, at + off - 4)[0] != (last_gseq + 1) & 0xFFFFFFFF:
         return False
+    if gre_csum and (partial(buf[at:t]) + 0xFFFF - ps) % 0xFFFF:
+        return False  # the tail's prefix + IP header: for IPv4 the header adds 0
     return partial(buf[t:], ps) == 0xFFFF

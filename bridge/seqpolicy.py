@@ -30,6 +30,12 @@ be delivered now to `deliver` (the pipeline passes `out.tun`) and returns -1, or
 reason. The reorder buffer is a dict seq -> packet plus the time its oldest entry arrived;
 `deadline()` is that time + OUTOFORDER_TIMER; `expire(now, deliver)` flushes when due.
 Sorting happens only on a flush (at most MAX_PACKETS_HELD entries).
+
+Runs (the GRO fast path, bridge/fastpath.py): `run_may_start(seq)` says whether a run of
+packets numbered seq, seq + 1, ... would each be delivered at once by `receive` (off; drop-late
+when seq is not late; reorder when seq == last + 1 and nothing is held, so that the run neither
+releases nor holds anything and no timer or MAX_PACKETS_HELD limit is touched);
+`run_received(last)` then leaves exactly the state those `receive` calls would have left.
 """
 
 from __future__ import annotations
@@ -96,6 +102,29 @@ class SeqReceiver:
             deliver.append(packet)
             return -1
         return self._reorder(seq, packet, now, deliver)
+
+    def run_may_start(self, seq: int) -> bool:
+        """May a run of consecutive sequence numbers from `seq` skip `receive`? (module doc)"""
+        policy = self.policy
+        if policy is SeqPolicy.OFF:
+            return True
+        if seq < 0:
+            return False  # no S bit: receive() drops it
+        if policy is SeqPolicy.DROP_LATE:  # Linux iseq: not behind the expected number
+            return not self.started or seq_diff(seq, (self.last + 1) & 0xFFFFFFFF) >= 0
+        # RFC 2890 §2.2: exactly the next one, and no held packet a run could release
+        return not self.held and seq == (self.last + 1) & 0xFFFFFFFF
+
+    def run_received(self, last: int) -> None:
+        """A run that `run_may_start` allowed, numbered consecutively up to `last`, was
+        delivered: the state `receive` would have left after taking them one by one."""
+        policy = self.policy
+        if policy is SeqPolicy.OFF:
+            return
+        if policy is SeqPolicy.DROP_LATE:
+            self.started = True
+        self.last = last
+        self.late_run = 0  # an accepted packet ends a run of late ones (resynchronisation)
 
     def _resync(self, deliver: list[bytes | bytearray]) -> bool:
         """Count one late packet; True when it is the RESYNC_AFTER-th in a row: the state
