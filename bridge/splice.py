@@ -12,6 +12,14 @@ Rules of this module (pure, sans-I/O: segments and `now` in, segments and deadli
   with the RST a closed port gives, <SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK> (RFC 9293
   §3.10.7.1), CloseReason.CONNECT_FAILED. The client leg takes the server's ISN as its own ISS,
   and the server leg the client's ISN, so both ends see the sequence numbers they would have seen.
+- ICMP errors about the server leg (`server_icmp`: from the tunnel, or our own "no route")
+  go to its connection (RFC 9293 §3.9.1.4, RFC 5927 §4.1 sequence check there). While it
+  is connecting, a Destination Unreachable of any code aborts the attempt like a refusal:
+  a hard error resets the leg in the stack, and the soft ones (net/host unreachable, which
+  RFC 9293 MUST-56 has the stack only report, SoftError) are acted on here, by the
+  application, as RFC 5461 §4 describes for connection attempts; so the client gets the
+  closed port's RST at once instead of after the server leg's SYN retries (~1 min).
+  `flow.metadata["connect_error"]` says which ("unreachable", "icmp unreachable 1").
 - flow_start runs on the SYN, before the server leg opens: Deny -> the same RST to the client,
   nothing sent upstream (CloseReason.DENIED), like the kernel backend (bridge/tproxy.py).
 - Data: every chunk a leg delivers passes the rule's InspectorChain (pass, rewrite, drop,
@@ -63,7 +71,15 @@ from bridge.flows import FlowKey, InspectRule
 from bridge.inspect.api import C2S, RESET, S2C, CloseReason, Deny, Direction, Flow
 from bridge.inspect.manager import InspectorChain
 from stack.connection import TcpConnection
-from stack.events import Closed, Connected, ConnectionReset, DataReceived, PeerFinished
+from stack.events import (
+    Closed,
+    Connected,
+    ConnectionReset,
+    DataReceived,
+    IcmpKind,
+    PeerFinished,
+    SoftError,
+)
 from stack.seq import MASK
 from stack.state import State
 from stack.tcp_config import TcpConfig
@@ -166,6 +182,12 @@ class Splice:
         """A segment from the server (decapsulated from the tunnel)."""
         self.last_seen = now
         self.server.receive_segment(seg, now)
+
+    def server_icmp(self, kind: IcmpKind, code: int, mtu: int | None, seq: int | None,
+                    now: float) -> None:
+        """An ICMP error quoting a server-leg segment (`seq`: the quoted sequence number, or
+        None for our own errors); acted on at the next step."""
+        self.server.icmp_error(kind, code, mtu, now, seq=seq)
 
     def step(self, now: float) -> None:
         """Act on what the legs received since the last step (once per batch, so that the
@@ -288,6 +310,12 @@ class Splice:
                     self._refuse(CloseReason.CONNECT_FAILED, now)
                 else:
                     self._abort_both(CloseReason.SERVER_RESET, now)
+            elif isinstance(ev, SoftError):
+                if (not self._server_up and ev.kind is IcmpKind.UNREACHABLE
+                        and not self.finished):  # RFC 5461 §4: a failed attempt
+                    self.flow.metadata["connect_error"] = f"icmp unreachable {ev.code}"
+                    self.server.abort()
+                    self._refuse(CloseReason.CONNECT_FAILED, now)
             elif isinstance(ev, Closed):
                 pass
             if self.finished and self.phase is Phase.CONNECTING:

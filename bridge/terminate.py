@@ -28,6 +28,13 @@ Rules of this module (pure, sans-I/O: inner IP packets and `now` in, packets and
   `max_splices` bounds the number of flows: a SYN beyond it is answered with a RST (counted).
 - A packet for a terminated 4-tuple whose splice is gone and that is not a SYN gets the RST of
   a closed connection (RFC 9293 §3.10.7.1); an RST is never answered.
+- ICMP errors from the tunnel (RFC 792 type 3/4/11/12, RFC 4443 type 1-4) addressed to a
+  client of a live splice and quoting one of its server leg's TCP segments go to that leg
+  (`Splice.server_icmp`; the client never sees them: its connection is with the client
+  leg), and so does our own "no route" for a server leg's packet (Destination Unreachable
+  code 0, RFC 1812 §5.2.7.1, RFC 4443 §3.1): a connection attempt that cannot succeed
+  ends with the RST to the client at once (bridge/splice.py), counted in `drops`
+  ("icmp_to_server_leg", "no_peer").
 - Reaping: a splice whose legs are both CLOSED is forgotten; one idle for `idle_timeout` is
   aborted (CloseReason.TIMEOUT). TIME-WAIT uses `msl` (default 15 s, not the 2 minutes of RFC
   9293 §3.6.1: the splice is a middlebox whose legs both see the real endpoints' TIME-WAIT).
@@ -59,6 +66,7 @@ keep-warm hook: one hop of a throw-away connection through a private shadow
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -77,13 +85,22 @@ from bridge.legwire import (
 )
 from bridge.splice import Splice
 from bridge.tunframe import TunFrame
+from stack.events import IcmpKind
 from stack.tcp_config import TcpConfig
 from stack.tcp_core import reset_reply
+from stack.wire.icmp import parse_icmp_error
 from stack.wire.tcp import ACK, RST, SYN, TcpSegment, parse_tcp
 
 __all__ = ["Terminator", "SendToPeer", "TSO_MAX_SEGMENT"]
 
+_QUOTE = struct.Struct("!HHI")  # the quoted TCP header's ports and sequence number
+
 SendToPeer = Callable[[bytes, float, Any], bool]  # (inner packet, now, out) -> sent
+_ICMP_KINDS = {  # (IP version, ICMP type) -> what it says (RFC 792, RFC 4443 §2.1)
+    (4, 3): IcmpKind.UNREACHABLE, (4, 4): IcmpKind.SOURCE_QUENCH, (4, 11): IcmpKind.TIME_EXCEEDED,
+    (4, 12): IcmpKind.PARAMETER_PROBLEM, (6, 1): IcmpKind.UNREACHABLE,
+    (6, 2): IcmpKind.PACKET_TOO_BIG, (6, 3): IcmpKind.TIME_EXCEEDED,
+    (6, 4): IcmpKind.PARAMETER_PROBLEM}
 WARM_WINDOW = 1.0  # warm() works while a splice is live or for this long after one opened
 def _has_userspace(rules: Iterable[InspectRule]) -> bool:
     return any(r.backend is Backend.USERSPACE and r.action is not Verdict.FORWARD for r in rules)
@@ -321,7 +338,8 @@ class Terminator:
                 n = len(pkt)
                 found = self._server_side(pkt, n)
                 if found is None:
-                    tun.append(pkt)  # another flow's: order against ours does not matter
+                    if not self._leg_icmp(pkt, n, now):
+                        tun.append(pkt)  # another flow's: order against ours does not matter
                     continue
                 sp, ck, key, off, flags = found
                 r = run_part(pkt, n, off, flags)
@@ -356,6 +374,35 @@ class Terminator:
                 self._server_run(run, run_sp, run_off, now)
         if self.touched or self._pending_rst:
             self.flush(now, out)
+
+    def _leg_icmp(self, pkt: bytes, n: int, now: float) -> bool:
+        """An ICMP error about a server leg's segment: hand it to the leg, True (consumed)."""
+        v6 = pkt[0] >> 4 == 6
+        if v6:
+            if n < 48 or pkt[6] != 58:
+                return False  # not ICMPv6 (RFC 4443): the common case
+        elif n < 28 or pkt[9] != 1:
+            return False  # not ICMP (RFC 792)
+        if bytes(pkt[24:40] if v6 else pkt[16:20]) not in self._clients:
+            return False
+        err = parse_icmp_error(memoryview(pkt)[:n])
+        if err is None:
+            return False
+        q = err.quoted
+        off = 40 if v6 else (q[0] & 0x0F) * 4 if q else 0
+        if len(q) < off + 8 or q[0] >> 4 != err.version or q[6 if v6 else 9] != 6:
+            return False  # RFC 792: the quote holds the IP header and 8 bytes of TCP
+        src, dst = (q[8:24], q[24:40]) if v6 else (q[12:16], q[16:20])
+        sport, dport, seq = _QUOTE.unpack_from(q, off)
+        sp = self.splices.get((err.version, bytes(src), bytes(dst), sport, dport))
+        kind = _ICMP_KINDS.get((err.version, err.type))
+        if sp is None or kind is None or bytes(src) != err.dst:
+            return False
+        mtu = err.info & 0xFFFF if not v6 else err.info
+        self._drop("icmp_to_server_leg")
+        sp.server_icmp(kind, err.code, mtu or None, seq, now)
+        self.touched[sp.key] = sp
+        return True
 
     def _server_frame(self, frame: TunFrame, now: float) -> bool:
         """A `TunFrame` from the Bridge's receive fast path (bridge/gso.py coalesce_rows:
@@ -442,10 +489,18 @@ class Terminator:
         segs = sp.to_server(now)
         if segs:
             send = self.send_to_peer
+            lost = False
             for seg in segs:
                 if not send(self._packet(caddr, saddr, seg), now, out):
                     self._drop("no_peer")
+                    lost = True
             self.counters["to_server"] += len(segs)
+            if lost and not sp.finished:  # our own Destination Unreachable, code 0
+                sp.server_icmp(IcmpKind.UNREACHABLE, 0, None, None, now)
+                sp.step(now)
+                if sp.finished:
+                    self._emit(sp, now, out)  # the RST to the client
+                    return
         if sp.dead:
             self._forget(sp)
             return
