@@ -30,11 +30,13 @@ Rules of this module (pure, sans-I/O: inner IP packets and `now` in, packets and
   a closed connection (RFC 9293 §3.10.7.1); an RST is never answered.
 - ICMP errors from the tunnel (RFC 792 type 3/4/11/12, RFC 4443 type 1-4) addressed to a
   client of a live splice and quoting one of its server leg's TCP segments go to that leg
-  (`Splice.server_icmp`; the client never sees them: its connection is with the client
-  leg), and so does our own "no route" for a server leg's packet (Destination Unreachable
-  code 0, RFC 1812 §5.2.7.1, RFC 4443 §3.1): a connection attempt that cannot succeed
-  ends with the RST to the client at once (bridge/splice.py), counted in `drops`
-  ("icmp_to_server_leg", "no_peer").
+  (`Splice.server_icmp`), and so does our own "no route" for a server leg's packet
+  (Destination Unreachable code 0, RFC 1812 §5.2.7.1, RFC 4443 §3.1): a connection attempt
+  that cannot succeed ends with the RST to the client at once (bridge/splice.py), counted
+  in `drops` ("icmp_to_server_leg", "no_peer"). While the splice connects, the error also
+  goes on to the client, before that RST: it quotes the client's own SYN (same 4-tuple and
+  ISN), so the client's stack reports the real cause (RFC 1122 §4.2.3.9); once the client
+  leg exists, the client's connection is with it and the error stays with the server leg.
 - Reaping: a splice whose legs are both CLOSED is forgotten; one idle for `idle_timeout` is
   aborted (CloseReason.TIMEOUT). TIME-WAIT uses `msl` (default 15 s, not the 2 minutes of RFC
   9293 §3.6.1: the splice is a middlebox whose legs both see the real endpoints' TIME-WAIT).
@@ -376,7 +378,8 @@ class Terminator:
             self.flush(now, out)
 
     def _leg_icmp(self, pkt: bytes, n: int, now: float) -> bool:
-        """An ICMP error about a server leg's segment: hand it to the leg, True (consumed)."""
+        """An ICMP error about a server leg's segment: hand it to the leg; True when it
+        is consumed (not passed on to the client)."""
         v6 = pkt[0] >> 4 == 6
         if v6:
             if n < 48 or pkt[6] != 58:
@@ -400,9 +403,10 @@ class Terminator:
             return False
         mtu = err.info & 0xFFFF if not v6 else err.info
         self._drop("icmp_to_server_leg")
+        connecting = sp.client is None
         sp.server_icmp(kind, err.code, mtu or None, seq, now)
         self.touched[sp.key] = sp
-        return True
+        return not connecting  # connecting: the client gets it too (module docstring)
 
     def _server_frame(self, frame: TunFrame, now: float) -> bool:
         """A `TunFrame` from the Bridge's receive fast path (bridge/gso.py coalesce_rows:

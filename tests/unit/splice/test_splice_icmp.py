@@ -69,7 +69,7 @@ def unreachable(w: World, pkt: bytes, code: int) -> bytes:
 
 
 def assert_refused(w: World, out: _Out) -> None:
-    (rst,) = w.to_client(out)
+    rst = w.to_client(out)[-1]
     assert rst.flags == RST | ACK and rst.ack == (w.client._iss + 1) & 0xFFFFFFFF
     w.client.receive_segment(rst, 0.1)
     assert w.client.state is State.CLOSED     # the client's connect fails now, not in ~1 min
@@ -82,7 +82,10 @@ def test_unreachable_while_connecting_refuses_the_client_at_once(v6: bool, code:
     w = World(v6)
     w.syn()
     (syn,) = w.peer
-    out = w.from_tunnel([unreachable(w, syn, code)], 0.05)
+    icmp = unreachable(w, syn, code)
+    out = w.from_tunnel([icmp], 0.05)
+    # the error quotes the client's own SYN (same ISN): it goes on first, then the RST
+    assert len(out.tun) == 2 and out.tun[0] == icmp
     assert_refused(w, out)
     assert w.term.drops["icmp_to_server_leg"] == 1
 
@@ -90,6 +93,7 @@ def test_unreachable_while_connecting_refuses_the_client_at_once(v6: bool, code:
 def test_our_own_no_route_refuses_the_client_in_the_call_that_opened_the_splice() -> None:
     w = World(route=False)
     out = w.syn()
+    assert len(out.tun) == 1
     assert_refused(w, out)
     assert w.term.drops["no_peer"] == 1
 
@@ -101,8 +105,9 @@ def test_icmp_quoting_another_sequence_number_is_ignored() -> None:
     (syn,) = w.peer
     forged = bytearray(syn)
     forged[24:28] = ((int.from_bytes(syn[24:28], "big") + 10_000) & 0xFFFFFFFF).to_bytes(4, "big")
-    out = w.from_tunnel([unreachable(w, bytes(forged), 1)], 0.05)
-    assert out.tun == [] and len(w.term.splices) == 1   # consumed, not acted on
+    icmp = unreachable(w, bytes(forged), 1)
+    out = w.from_tunnel([icmp], 0.05)
+    assert out.tun == [icmp] and len(w.term.splices) == 1   # not acted on
     (sp,) = w.term.splices.values()
     assert sp.server.state is State.SYN_SENT and sp.server.drops["icmp_out_of_window"] == 1
 
