@@ -291,6 +291,29 @@ def test_grebe_flows_shows_both_legs(lab: Any) -> None:
         proc.kill()
 
 
+def test_unreachable_server_fails_the_connect_fast_and_ends_the_flow(lab: Any) -> None:
+    """The server answers SYNs to port 22 with ICMP host unreachable (an nft reject). The
+    server leg takes it (RFC 5461 §4): the client's connect fails at once, not after the
+    leg's SYN retries (~63 s), and the flow ends as connect_failed."""
+    import time
+
+    lab.nft("server", "table inet gbusin_reject {\n chain input {\n"
+                      "  type filter hook input priority 0;\n"
+                      "  tcp dport 22 ip saddr 198.18.1.10 reject with icmp type host-unreachable\n"
+                      " }\n}\n")
+    try:
+        t0 = time.monotonic()
+        cp = _curl(lab, f"telnet://{SERVER}:22", timeout=30, check=False)
+        took = time.monotonic() - t0
+    finally:
+        lab.run("server", ["nft", "delete", "table", "inet", "gbusin_reject"])
+    assert cp.returncode == 7, (cp.returncode, cp.stderr)   # could not connect
+    assert took < 5, took
+    rec = _wait_flow(lab, lambda f: f.get("connect_error") == "icmp unreachable 1",
+                     "the failed flow's log line")
+    assert rec["close"] == "connect_failed" and rec["dport"] == 22
+
+
 def test_zz_download_over_lossy_reordering_wan(lab: Any) -> None:
     from bridge.lab import impair
 
