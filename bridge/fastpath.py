@@ -20,8 +20,9 @@ packet held: `SeqReceiver.run_may_start`), a bad GRE checksum (RFC 2784 §2.5: t
 the run and is dropped and counted by the per-packet path), a spoofed inner source
 (AllowedIPs), TTL 0 (RFC 2003 §3.1), a tunnel endpoint as inner destination (RFC 2003 §4),
 and anything that is not a contiguous run of one TCP flow (see `coalesce_rows`).
-tests/unit/bridge/test_bridge_gso.py proves both paths put the same bytes on the wire and
-into the TUN, with the same counters.
+tests/unit/bridge/test_bridge_gso.py and test_fastpath_seq_csum.py (out-of-order, lost,
+replayed and damaged datagrams, batch after batch) prove both paths put the same bytes on the
+wire and into the TUN, with the same counters and sequence policy state.
 
 Theory of operation: sending, `send_super` checks route, peer state, TTL, MTU, flags and
 GRE options on the super-packet's header, then `encap_segments` builds every datagram
