@@ -275,7 +275,8 @@ class GreEncoder:
     def prefix(self, v6: bool) -> tuple[bytes, int]:
         """(header template, offset of its sequence number or -1) for a batch builder
         (bridge/gso.py) that patches consecutive sequence numbers itself; it must then call
-        `advance(count)`. Not for peers with checksums (the builder does not seal)."""
+        `advance(count)`. With checksums on, the builder fills the checksum field itself
+        (bridge/gso.py `encap_segments(..., csum_at=4)`: it does not call `seal`)."""
         return (self._tmpl6 if v6 else self._tmpl4), (self._seq_off if self.seq_on else -1)
 
     def advance(self, count: int) -> None:
