@@ -6,7 +6,9 @@ Site A (198.18.1.0/24, 2001:db8:1::/48) at 198.18.0.1, site B (198.18.2.0/24,
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -149,20 +151,35 @@ def test_peer_state_changes_are_logged_once(caplog: pytest.LogCaptureFixture) ->
     assert len(lines("peer")) == 2
 
 
-def test_threaded_runner_over_the_fakes() -> None:
-    """The real Runner (one thread per direction + timer thread) between two fake sites."""
+@contextlib.contextmanager
+def running(*engines: Engine, **kw: Any) -> Iterator[list[Any]]:
+    """The real threaded Runner (Runner(engine, **kw)) on each engine for the `with` body;
+    stopped and joined after it, and no thread may outlive it."""
     import threading
-    import time
 
     from bridge.io.loop import Runner
 
-    ea, eb, net, _ = _pair("gre")
-    ea.clock = eb.clock = time.monotonic  # real time: keepalives run on the timer thread
-    runners = [Runner(ea), Runner(eb)]
+    runners = [Runner(e, **kw) for e in engines]
     threads = [threading.Thread(target=r.run, daemon=True) for r in runners]
     for t in threads:
         t.start()
     try:
+        yield runners
+    finally:
+        for r in runners:
+            r.stop()
+        for t in threads:
+            t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads)
+
+
+def test_threaded_runner_over_the_fakes() -> None:
+    """The real Runner (one thread per direction + timer thread) between two fake sites."""
+    import time
+
+    ea, eb, net, _ = _pair("gre")
+    ea.clock = eb.clock = time.monotonic  # real time: keepalives run on the timer thread
+    with running(ea, eb):
         segs = [_ip("198.18.1.10", "198.18.2.10", 64, 1 + i * 1300) for i in range(300)]
         ea.tun.inject(*segs)  # type: ignore[attr-defined]
         want = [_ip("198.18.1.10", "198.18.2.10", 63, 1 + i * 1300) for i in range(300)]
@@ -177,9 +194,3 @@ def test_threaded_runner_over_the_fakes() -> None:
         # the timer thread sends keepalives (interval 1 s) without any traffic
         before = eb.status()["events"]["keepalive_rx"]
         wait_for(lambda: eb.status()["events"]["keepalive_rx"] > before, 10, "a keepalive")
-    finally:
-        for r in runners:
-            r.stop()
-        for t in threads:
-            t.join(timeout=10)
-    assert not any(t.is_alive() for t in threads)

@@ -4,12 +4,11 @@ and the Runner ticks only in the second after traffic."""
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 import pytest
 from scapy.layers.inet import ICMP, IP
-from test_loop_fake import _pair, wait_for  # same directory (pytest rootdir import)
+from test_loop_fake import _pair, running, wait_for  # same directory (pytest rootdir import)
 
 import bridge.io.loop as loop
 from bridge.io.fake import MemoryNet, MemoryTun
@@ -76,11 +75,7 @@ def test_runner_ticks_after_traffic_and_stops_when_idle(monkeypatch: pytest.Monk
     monkeypatch.setattr(loop, "WARM_TICK_MS", 1.0)
     ea, eb, _net, _ = _pair("gre")
     ea.clock = eb.clock = time.monotonic
-    runners = [Runner(ea, keep_warm=True), Runner(eb, keep_warm=True)]
-    threads = [threading.Thread(target=r.run, daemon=True) for r in runners]
-    for t in threads:
-        t.start()
-    try:
+    with running(ea, eb, keep_warm=True):
         wa = ea.warmer
         assert wa is not None
         time.sleep(0.05)  # an idle tunnel: nothing to keep warm
@@ -88,20 +83,13 @@ def test_runner_ticks_after_traffic_and_stops_when_idle(monkeypatch: pytest.Monk
         ea.tun.inject(PING)  # type: ignore[attr-defined]
         wait_for(lambda: eb.tun.take() != [], 5, "the ping at B")  # type: ignore[attr-defined]
         wait_for(lambda: wa.ticks >= 10, 5, "keep-warm ticks after traffic")
-        # WARM_FOR after the last packet the ticks stop (keepalives every 1 s restart them
-        # briefly: wait for a quiet stretch between two of them)
+        # WARM_FOR after the last packet the ticks stop (keepalives do not count as traffic)
         def quiet() -> bool:
             n = wa.ticks
             time.sleep(0.1)
             return wa.ticks == n
         wait_for(quiet, 5, "ticks to stop once idle")
         assert ea.status()["io"]["keep_warm_ticks"] == wa.ticks
-    finally:
-        for r in runners:
-            r.stop()
-        for t in threads:
-            t.join(timeout=10)
-    assert not any(t.is_alive() for t in threads)
 
 
 def test_keep_warm_off_by_default_in_the_runner_api() -> None:
