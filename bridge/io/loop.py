@@ -388,7 +388,9 @@ class Runner:
                     seen = wm.traffic
                     last = clock()
                 if clock() - last < WARM_FOR:  # keep-warm (bridge/io/warm.py)
-                    if not poller.poll(WARM_TICK_MS):
+                    # a tick only when neither direction moved during the wait: under load
+                    # the other thread keeps the code hot, and a tick would only cost CPU
+                    if not poller.poll(WARM_TICK_MS) and wm.traffic == seen:
                         warm()
                 else:
                     poller.poll()

@@ -2,6 +2,7 @@
 
 Rules:
 - Only while traffic flowed in the last `WARM_FOR` seconds: an idle tunnel ticks nothing.
+  And only when neither direction moved during the tick's wait: under load nothing ticks.
 - A tick runs the last small packet of one direction through a *shadow* Bridge (the same
   config without `[[inspect]]` rules, sequence policies off, the real peers' MTUs) and throws
   the output away. The real Bridge, its counters, sequence numbers and timers are untouched;
@@ -10,7 +11,8 @@ Rules:
 - With `[[inspect]]` rules of the userspace backend, the TUN thread's tick also moves one hop
   of a throw-away connection through the Terminator's private shadow (`Terminator.warm`,
   bridge/terminate_warm.py): a new inspected connection crosses that code four times.
-- `keep_warm = false` in the endpoint's TOML turns it off.
+- `keep_warm = false` in the endpoint's TOML turns it off (GREBE_WARM_TERMINATOR=0 only the
+  Terminator's part, for measurements).
 
 Theory of operation. Measured on this lab's machine (a 2-vCPU VM, `tests` and bench lab):
 `Bridge.from_tun` on one ping costs 4.5 µs in a tight loop and 13-16 µs run twice in a row,
@@ -40,6 +42,7 @@ log = logging.getLogger("grebe.warm")
 
 WARM_TICK_MS = float(os.environ.get("GREBE_WARM_TICK_MS", "0.5"))  # poll timeout while warm
 WARM_FOR = float(os.environ.get("GREBE_WARM_FOR", "1.0"))  # seconds after the last packet
+WARM_TERMINATOR = os.environ.get("GREBE_WARM_TERMINATOR", "1") == "1"
 MIN_INNER = 20  # shorter datagrams carry no inner packet: keepalives
 SMALL = 512  # only packets up to this size are kept as the warm-up sample (pings, ACKs)
 
@@ -101,7 +104,7 @@ class Warmer:
         if self.pkt is not None:
             self._run(self._t.from_tun, [self.pkt])
         term = self._real.terminator
-        if term is not None:
+        if term is not None and WARM_TERMINATOR:
             try:
                 term.warm(self._clock(), 0)
             except Exception:  # a bug of ours; the data plane must not notice
