@@ -394,3 +394,22 @@ def test_flow_hash_source_ports_on_the_wire(lab: Lab) -> None:
     assert all(len(v) == 1 for v in outer_by_flow.values()), outer_by_flow  # stable
     outer = [next(iter(v)) for v in outer_by_flow.values()]
     assert len(set(outer)) == 2 and all(49152 <= p <= 65535 for p in outer), outer
+
+
+@pytest.mark.parametrize("dst,src", [(SERVER4, "198.18.100.2"), (SERVER6, "2001:db8:100::2")])
+def test_icmp_errors_of_the_remote_gateway_reach_the_client(lab: Lab, dst: str,
+                                                            src: str) -> None:
+    """gw-b's kernel answers a packet whose TTL runs out there (traceroute's third hop) with
+    ICMP Time Exceeded from its TUN address. That source is inside site-b's prefixes only
+    because the topology lists gw-b's tunnel address among them, as WireGuard's AllowedIPs
+    must list a peer's: without it the inner-source check drops the error as spoofed."""
+    gw = Gateways(lab, *VARIANTS["gre-v4underlay"])
+    try:
+        ping(lab, dst)
+        cp = lab.run("client", ["ping", "-c", "1", "-W", "3", "-t", "3", dst], check=False,
+                     timeout=15)
+        assert f"From {src}" in cp.stdout and "exceeded" in cp.stdout, cp.stdout
+        st = gw.status("gw-a")
+        assert st is not None and st["drops"].get("spoofed_source", 0) == 0, st["drops"]
+    finally:
+        assert gw.stop() == {"gw-a": 0, "gw-b": 0}
