@@ -47,6 +47,9 @@ from stack.wire.tcp import ACK, FIN, PSH, SYN, URG, TcpSegment
 __all__ = ["OutputMixin"]
 
 _ACK_PSH = ACK | PSH
+# The fields every segment after the SYN carries (RFC 9293 §3.1, RFC 7323 §3.2, RFC 2018
+# §4): ACK number, window field, TSopt, SACK blocks; computed once per segments_to_send().
+AckFields = tuple[int, int, tuple[int, int] | None, tuple[tuple[int, int], ...]]
 _CLOSED = State.CLOSED
 _LISTEN = State.LISTEN
 _SYN_SENT = State.SYN_SENT
@@ -97,19 +100,21 @@ class OutputMixin(ConnectionCore):
             or self._cc.in_recovery
             or (self._fin_abs is not None and nxt <= self._fin_abs)
         ):
-            ack = (self._irs + self._rcv_nxt) & MASK
-            win = self._window_field()
-            ts = (self._ts_clock(now), self._ts_recent or 0) if self._ts_on else None
-            sack = self._sack_blocks() if self._sack_on and (self._ooo or self._dsack) else ()
+            af = (
+                (self._irs + self._rcv_nxt) & MASK,
+                self._window_field(),
+                (self._ts_clock(now), self._ts_recent or 0) if self._ts_on else None,
+                self._sack_blocks() if self._sack_on and (self._ooo or self._dsack) else (),
+            )
             if self._sack_on and self._cc.in_recovery:
-                self._sack_recovery(now, out, ack, win, ts, sack)
+                self._sack_recovery(now, out, af)
             else:
                 if self._retx_pending:
                     self._retx_pending = False
-                    self._retransmit_at(self._snd_una, now, out, ack, win, ts, sack)
+                    self._retransmit_at(self._snd_una, now, out, af)
                 if self._probe_pending:
-                    self._send_probe(now, out, ack, win, ts, sack)
-                self._send_data(now, out, ack, win, ts, sack)
+                    self._send_probe(now, out, af)
+                self._send_data(now, out, af)
         if self._ka_pending:
             # RFC 9293 §3.8.4: SEG.SEQ = SND.NXT - 1 makes the peer answer with an ACK.
             self._ka_pending = False
@@ -209,10 +214,7 @@ class OutputMixin(ConnectionCore):
         pos: int,
         flags: int,
         payload: bytes | memoryview,
-        ack: int,
-        win: int,
-        ts: tuple[int, int] | None,
-        sack: tuple[tuple[int, int], ...],
+        af: AckFields,
     ) -> TcpSegment:
         urg = self._snd_up - pos
         if urg > 0:  # RFC 9293 MUST-31: points at the first non-urgent octet
@@ -221,6 +223,7 @@ class OutputMixin(ConnectionCore):
                 urg = 0xFFFF  # further than 16 bits reach: "urgent data follows"
         else:
             urg = 0
+        ack, win, ts, sack = af
         return TcpSegment(
             self.local[1], self.remote[1], (self._iss + pos) & MASK, ack, flags, win,
             payload, urg, None, None, False, ts, sack,
@@ -237,10 +240,7 @@ class OutputMixin(ConnectionCore):
         self,
         now: float,
         out: list[TcpSegment],
-        ack: int,
-        win: int,
-        ts: tuple[int, int] | None,
-        sack: tuple[tuple[int, int], ...],
+        af: AckFields,
         budget: int = -1,
     ) -> None:
         """New data (and FIN) within the windows; `budget` >= 0 replaces the cwnd limit
@@ -258,6 +258,7 @@ class OutputMixin(ConnectionCore):
         cwnd_edge = self._snd_una + cc.cwnd + cc.limited_transmit
         lport, rport = self.local[1], self.remote[1]
         iss = self._iss
+        ack, win, ts, sack = af
         up = self._snd_up
         while True:
             nxt = self._snd_nxt
@@ -265,7 +266,7 @@ class OutputMixin(ConnectionCore):
             avail = buf.end - off
             if avail <= 0:
                 if fin_abs is not None and nxt == fin_abs:
-                    out.append(self._segment(nxt, ACK | FIN, b"", ack, win, ts, sack))
+                    out.append(self._segment(nxt, ACK | FIN, b"", af))
                     self._advance(nxt + 1, now)
                 return
             if budget >= 0:
@@ -295,7 +296,7 @@ class OutputMixin(ConnectionCore):
             else:
                 n1 = n
             if up > nxt:
-                out.append(self._segment(nxt, flags, payload, ack, win, ts, sack))
+                out.append(self._segment(nxt, flags, payload, af))
             else:  # _segment inlined for the common case (no urgent data)
                 out.append(TcpSegment(lport, rport, (iss + nxt) & MASK, ack, flags, win,
                                       payload, 0, None, None, False, ts, sack))
@@ -335,10 +336,7 @@ class OutputMixin(ConnectionCore):
         pos: int,
         now: float,
         out: list[TcpSegment],
-        ack: int,
-        win: int,
-        ts: tuple[int, int] | None,
-        sack: tuple[tuple[int, int], ...],
+        af: AckFields,
     ) -> bool:
         """Resend one segment from `pos` (fast retransmit, RFC 5681 §3.2; NewReno partial
         ACK, RFC 6582; an RFC 6675 hole): up to SMSS, stopping at the next SACKed range,
@@ -356,7 +354,7 @@ class OutputMixin(ConnectionCore):
         if n <= 0 and not fin:
             return False
         payload = buf.peek(off, n) if n > 0 else b""
-        out.append(self._segment(pos, ACK | FIN if fin else ACK, payload, ack, win, ts, sack))
+        out.append(self._segment(pos, ACK | FIN if fin else ACK, payload, af))
         self._recovery_pt = pos + n + fin
         self.retransmissions += 1
         self._rtt_abs = None
@@ -369,17 +367,14 @@ class OutputMixin(ConnectionCore):
         self,
         now: float,
         out: list[TcpSegment],
-        ack: int,
-        win: int,
-        ts: tuple[int, int] | None,
-        sack: tuple[tuple[int, int], ...],
+        af: AckFields,
     ) -> None:
         """RFC 6675 §5: on entry retransmit SND.UNA's segment (step 4.3), then while
         cwnd - pipe >= SMSS send what NextSeg() names (step 4.4 / rule C)."""
         smss = self._send_mss
         if self._retx_pending:
             self._retx_pending = False
-            self._retransmit_at(self._snd_una, now, out, ack, win, ts, sack)
+            self._retransmit_at(self._snd_una, now, out, af)
         for _ in range(1024):
             una, sacked = self._snd_una, self._sacked
             edge = lost_edge(una, sacked, smss)
@@ -390,24 +385,21 @@ class OutputMixin(ConnectionCore):
             pos = next_hole(start, edge, sacked)  # rule 1: a lost segment
             if pos is None:
                 n0 = len(out)
-                self._send_data(now, out, ack, win, ts, sack, budget=smss)  # rule 2
+                self._send_data(now, out, af, budget=smss)  # rule 2
                 if len(out) > n0:
                     continue
                 top = sacked[-1][1] if sacked else una
                 pos = next_hole(start, top, sacked)  # rule 3
                 if pos is None:
                     return
-            if not self._retransmit_at(pos, now, out, ack, win, ts, sack):
+            if not self._retransmit_at(pos, now, out, af):
                 return
 
     def _send_probe(
         self,
         now: float,
         out: list[TcpSegment],
-        ack: int,
-        win: int,
-        ts: tuple[int, int] | None,
-        sack: tuple[tuple[int, int], ...],
+        af: AckFields,
     ) -> None:
         """Zero-window probe (RFC 9293 §3.8.6.1, MUST-36) or SWS override: send one byte
         (or what the window allows) even though the window says no."""
@@ -416,10 +408,10 @@ class OutputMixin(ConnectionCore):
         if self._snd_una < self._snd_nxt:
             pos = self._snd_una  # resend the first unacknowledged byte
             if pos - 1 < buf.end:
-                out.append(self._segment(pos, ACK, buf.peek(pos - 1, 1), ack, win, ts, sack))
+                out.append(self._segment(pos, ACK, buf.peek(pos - 1, 1), af))
                 self.retransmissions += 1
             elif self._fin_abs is not None:
-                out.append(self._segment(pos, ACK | FIN, b"", ack, win, ts, sack))
+                out.append(self._segment(pos, ACK | FIN, b"", af))
             if self._rto_at is None:
                 self._rto_at = now + self._rto.rto
             return
@@ -429,5 +421,5 @@ class OutputMixin(ConnectionCore):
             return
         n = max(1, min(avail, self._snd_wl2 + self._snd_wnd - self._snd_nxt, self._send_mss))
         flags = ACK | PSH if n == avail else ACK
-        out.append(self._segment(self._snd_nxt, flags, buf.peek(off, n), ack, win, ts, sack))
+        out.append(self._segment(self._snd_nxt, flags, buf.peek(off, n), af))
         self._advance(self._snd_nxt + n, now)
