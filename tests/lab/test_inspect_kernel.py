@@ -232,7 +232,8 @@ def _plain_routes(lab: Any) -> None:
                 ipr.route("add", dst=dst, gateway=via, family=AF_INET6 if ":" in dst else AF_INET)
 
 
-def _start_servers(lab: Any, d: Path) -> None:
+def write_www(d: Path) -> None:
+    """nginx's document root d/www: big.bin (BIG random bytes), index.html, small.txt."""
     www = d / "www"
     www.mkdir()
     with open(www / "big.bin", "wb") as f:
@@ -240,14 +241,34 @@ def _start_servers(lab: Any, d: Path) -> None:
             f.write(os.urandom(1 << 20))
     (www / "index.html").write_text("<html><h1>Welcome to nginx!</h1></html>\n")
     (www / "small.txt").write_text("a small file\n")
+
+
+def big_sha256(d: Path) -> str:
+    return hashlib.sha256((d / "www" / "big.bin").read_bytes()).hexdigest()
+
+
+def make_ssh_keys(d: Path) -> None:
+    """d/host_key for sshd, d/client_key for ssh, and the client's key authorized."""
+    for key in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)],
+                       check=True)
+    shutil.copy(d / "client_key.pub", d / "authorized_keys")
+
+
+def start_abort_server(lab: Any, d: Path) -> None:
+    """ABORT_SERVER on the server node, port 9000; what it sees goes to lab.abort_log."""
+    (d / "abort_server.py").write_text(ABORT_SERVER)
+    lab.abort_log = d / "abort_server.log"
+    lab.popen("server", [sys.executable, "-u", str(d / "abort_server.py")],
+              log=str(lab.abort_log))
+
+
+def _start_servers(lab: Any, d: Path) -> None:
+    write_www(d)
     (d / "nginx.conf").write_text(NGINX.format(d=d))
     lab.popen("server", ["nginx", "-c", str(d / "nginx.conf"), "-g", "daemon off;"],
               log=str(d / "nginx.out"))
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key")],
-                   check=True)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "client_key")],
-                   check=True)
-    shutil.copy(d / "client_key.pub", d / "authorized_keys")
+    make_ssh_keys(d)
     lab.sshd = start_sshd(lab, "server", d)
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
                     "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=secure.example.test",
@@ -256,12 +277,9 @@ def _start_servers(lab: Any, d: Path) -> None:
     lab.popen("server", ["openssl", "s_server", "-quiet", "-accept", "198.18.2.10:443",
                          "-cert", str(d / "tls.crt"), "-key", str(d / "tls.key"), "-www"],
               log=str(d / "s_server.log"))
-    (d / "abort_server.py").write_text(ABORT_SERVER)
-    lab.abort_log = d / "abort_server.log"
-    lab.popen("server", [sys.executable, "-u", str(d / "abort_server.py")],
-              log=str(lab.abort_log))
+    start_abort_server(lab, d)
     for port in (80, 8080, 8081, 22, 9000, 443):
-        lab.wait_for(lambda p=port: _listening(lab, "server", p), 20, f"server port {port}")
+        lab.wait_for(lambda p=port: listening(lab, "server", p), 20, f"server port {port}")
 
 
 # sshd's privilege separation directory /run/sshd is compiled in; it must exist, owned by root.
@@ -293,25 +311,74 @@ def assert_sshd_mounts_private(p: subprocess.Popen[Any]) -> None:
     assert "grebe-sshd" not in Path("/proc/self/mountinfo").read_text()  # not in ours
 
 
-def _listening(lab: Any, node: str, port: int) -> bool:
+def listening(lab: Any, node: str, port: int) -> bool:
     out = lab.run(node, ["ss", "-Htln", f"sport = :{port}"]).stdout
     return bool(out.strip())
 
 
-def _flows(lab: Any) -> list[dict]:
+def flows(lab: Any) -> list[dict[str, Any]]:
+    """The log inspector's lines so far (lab.tmp/flows.jsonl)."""
     path = lab.tmp / "flows.jsonl"
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _wait_flow(lab: Any, pred, what: str) -> dict:
-    return lab.wait_for(lambda: next((f for f in _flows(lab) if pred(f)), None), 20, what)
+def wait_flow(lab: Any, pred: Any, what: str) -> dict[str, Any]:
+    found: dict[str, Any] = lab.wait_for(
+        lambda: next((f for f in flows(lab) if pred(f)), None), 20, what)
+    return found
 
 
-def _curl(lab: Any, url: str, *extra: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def curl(lab: Any, url: str, *extra: str, timeout: float = 120,
+         check: bool = True) -> subprocess.CompletedProcess[str]:
     return lab.run("client", ["curl", "-sS", "--max-time", str(int(timeout)), *extra, url],
-                   timeout=timeout + 10)
+                   timeout=timeout + 10, check=check)
+
+
+def small_gets_logged(lab: Any) -> int:
+    """How many logged flows carried a GET of /small.txt."""
+    return sum(1 for f in flows(lab) if any(h.get("target") == "/small.txt"
+                                            for h in f.get("http", [])))
+
+
+def check_abort_then_close(lab: Any, d: Path) -> dict[str, Any]:
+    """A client's RST reaches the server (and is logged as client_reset, 5 bytes sent), then
+    the server's data + FIN reach the client; returns the log line of that closed flow."""
+    (d / "abort_client.py").write_text(ABORT_CLIENT)
+    out = lab.run("client", [sys.executable, str(d / "abort_client.py"), "abort"]).stdout
+    assert "aborted" in out
+    lab.wait_for(lambda: f"reset {CLIENT}" in lab.abort_log.read_text(), 10,
+                 "the server to see the client's RST")
+    rec = wait_flow(lab, lambda f: f["dport"] == 9000 and f["close"] == "client_reset",
+                    "client_reset log line")
+    assert rec["bytes_c2s"] == 5
+    out = lab.run("client", [sys.executable, str(d / "abort_client.py"), "close"]).stdout
+    assert out.strip() == "got bye eof"
+    return wait_flow(lab, lambda f: f["dport"] == 9000 and f["close"] == "closed",
+                     "closed log line")
+
+
+def check_ssh(lab: Any, d: Path) -> dict[str, Any]:
+    """`ssh root@SERVER echo ok` works (sshd in its private mount namespace); returns the log
+    line of its flow."""
+    cp = lab.run("client", ["ssh", "-i", str(d / "client_key"), "-o", "BatchMode=yes",
+                            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                            "-o", "ConnectTimeout=10", f"root@{SERVER}", "echo", "ok"],
+                 timeout=60, check=False)
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout.strip() == "ok"
+    assert_sshd_mounts_private(lab.sshd)
+    return wait_flow(lab, lambda f: f["dport"] == 22, "ssh flow log line")
+
+
+def check_concurrent_gets(lab: Any, d: Path, n: int) -> None:
+    """n connections open at once, then each GETs /small.txt: all succeed and are logged."""
+    (d / "many.py").write_text(MANY_CLIENT)
+    before = small_gets_logged(lab)
+    out = lab.run("client", [sys.executable, str(d / "many.py"), str(n)], timeout=120).stdout
+    assert out.strip() == f"{n} ok of {n}"
+    lab.wait_for(lambda: small_gets_logged(lab) >= before + n, 20, f"{n} log lines")
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,14 +393,14 @@ def test_connection_from_before_the_backend_passes_untouched(lab: Any) -> None:
 
 def test_100mb_download_sha256_and_http_log(lab: Any) -> None:
     d: Path = lab.tmp
-    want = hashlib.sha256((d / "www" / "big.bin").read_bytes()).hexdigest()
+    want = big_sha256(d)
     t0 = time.monotonic()
     # curl writes binary: hash it inside the client node
     out = lab.run("client", ["sh", "-c", f"curl -sS --max-time 120 http://{SERVER}/big.bin"
                              " | sha256sum"], timeout=150).stdout.split()[0]
     elapsed = time.monotonic() - t0
     assert out == want
-    rec = _wait_flow(lab, lambda f: any(h.get("target") == "/big.bin" for h in f.get("http", [])),
+    rec = wait_flow(lab, lambda f: any(h.get("target") == "/big.bin" for h in f.get("http", [])),
                      "log line of the 100 MB download")
     assert rec["rule"] == "web" and rec["backend"] == "kernel" and rec["close"] == "closed"
     assert rec["src"] == CLIENT and rec["dst"] == SERVER and rec["dport"] == 80
@@ -350,25 +417,25 @@ def test_100mb_download_sha256_and_http_log(lab: Any) -> None:
 
 
 def test_replace_changes_the_response(lab: Any) -> None:
-    direct = _curl(lab, f"http://{SERVER}:8081/index.html").stdout    # not selected
-    rewritten = _curl(lab, f"http://{SERVER}:8080/index.html").stdout
+    direct = curl(lab, f"http://{SERVER}:8081/index.html").stdout    # not selected
+    rewritten = curl(lab, f"http://{SERVER}:8080/index.html").stdout
     assert "Welcome to nginx!" in direct
     assert "Welcome to grebe!" in rewritten and "nginx!" not in rewritten
-    rec = _wait_flow(lab, lambda f: f["rule"] == "rewrite", "log line of the rewritten flow")
+    rec = wait_flow(lab, lambda f: f["rule"] == "rewrite", "log line of the rewritten flow")
     assert rec["replaced"] == 1
 
 
 def test_ipv6_flow_is_inspected(lab: Any) -> None:
-    out = _curl(lab, f"http://[{SERVER6}]/small.txt").stdout
+    out = curl(lab, f"http://[{SERVER6}]/small.txt").stdout
     assert out == "a small file\n"
-    rec = _wait_flow(lab, lambda f: f["dst"] == SERVER6, "log line of the IPv6 flow")
+    rec = wait_flow(lab, lambda f: f["dst"] == SERVER6, "log line of the IPv6 flow")
     assert rec["http"][0]["target"] == "/small.txt" and rec["src"] == "2001:db8:1::10"
 
 
 def test_unselected_flow_passes_untouched(lab: Any) -> None:
     d: Path = lab.tmp
-    want = hashlib.sha256((d / "www" / "big.bin").read_bytes()).hexdigest()
-    before = len(_flows(lab))
+    want = big_sha256(d)
+    before = len(flows(lab))
     out = lab.run("client", ["sh", "-c", f"curl -sS --max-time 120 http://{SERVER}:8081/big.bin"
                              " | sha256sum"], timeout=150).stdout.split()[0]
     assert out == want
@@ -376,23 +443,12 @@ def test_unselected_flow_passes_untouched(lab: Any) -> None:
     ss = lab.run("gw-a", ["ss", "-Htn", "state", "all",
                           "( dport = :8081 or sport = :8081 )"]).stdout
     assert ss.strip() == ""
-    assert all(f["dport"] != 8081 for f in _flows(lab)) and len(_flows(lab)) >= before
+    assert all(f["dport"] != 8081 for f in flows(lab)) and len(flows(lab)) >= before
 
 
 def test_client_abort_reaches_server_and_server_close_reaches_client(lab: Any) -> None:
     d: Path = lab.tmp
-    (d / "abort_client.py").write_text(ABORT_CLIENT)
-    out = lab.run("client", [sys.executable, str(d / "abort_client.py"), "abort"]).stdout
-    assert "aborted" in out
-    lab.wait_for(lambda: "reset 198.18.1.10" in lab.abort_log.read_text(), 10,
-                 "the server to see the client's RST")
-    rec = _wait_flow(lab, lambda f: f["dport"] == 9000 and f["close"] == "client_reset",
-                     "client_reset log line")
-    assert rec["bytes_c2s"] == 5
-    out = lab.run("client", [sys.executable, str(d / "abort_client.py"), "close"]).stdout
-    assert out.strip() == "got bye eof"
-    rec = _wait_flow(lab, lambda f: f["dport"] == 9000 and f["close"] == "closed",
-                     "closed log line")
+    rec = check_abort_then_close(lab, d)
     # the pcap inspector's synthesized packets: Wireshark follows the stream of this flow
     pcap = d / "raw.pcap"
     lab.wait_for(lambda: pcap.exists() and pcap.stat().st_size > 24, 10, "pcap flushed")
@@ -407,34 +463,18 @@ def test_tls_client_hello_sni_and_alpn(lab: Any) -> None:
                             f"secure.example.test:443:{SERVER}",
                             "https://secure.example.test/"], check=False)
     assert cp.returncode == 0, cp.stderr
-    rec = _wait_flow(lab, lambda f: f["rule"] == "tls", "tls flow log line")
+    rec = wait_flow(lab, lambda f: f["rule"] == "tls", "tls flow log line")
     assert rec["tls"]["sni"] == "secure.example.test"
     assert "http/1.1" in rec["tls"]["alpn"] and rec["close"] in ("closed", "client_reset")
 
 
 def test_ssh_through_inspected_flow(lab: Any) -> None:
-    d: Path = lab.tmp
-    cp = lab.run("client", ["ssh", "-i", str(d / "client_key"), "-o", "BatchMode=yes",
-                            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                            "-o", "ConnectTimeout=10", f"root@{SERVER}", "echo", "ok"],
-                 timeout=60, check=False)
-    assert cp.returncode == 0, cp.stderr
-    assert cp.stdout.strip() == "ok"
-    assert_sshd_mounts_private(lab.sshd)
-    rec = _wait_flow(lab, lambda f: f["dport"] == 22, "ssh flow log line")
+    rec = check_ssh(lab, lab.tmp)
     assert rec["close"] == "closed" and "not HTTP" in rec["http_stopped"]
 
 
 def test_200_concurrent_inspected_connections(lab: Any) -> None:
-    d: Path = lab.tmp
-    (d / "many.py").write_text(MANY_CLIENT)
-    before = sum(1 for f in _flows(lab) if any(h.get("target") == "/small.txt"
-                                               for h in f.get("http", [])))
-    out = lab.run("client", [sys.executable, str(d / "many.py"), "200"], timeout=120).stdout
-    assert out.strip() == "200 ok of 200"
-    lab.wait_for(lambda: sum(1 for f in _flows(lab) if any(
-        h.get("target") == "/small.txt" for h in f.get("http", []))) >= before + 200, 20,
-        "200 log lines")
+    check_concurrent_gets(lab, lab.tmp, 200)
 
 
 def test_sighup_reloads_rules_and_refuses_a_bad_file(lab: Any) -> None:
@@ -444,10 +484,10 @@ def test_sighup_reloads_rules_and_refuses_a_bad_file(lab: Any) -> None:
     conf.write_text("[[inspect]]\nname = 'broken'\nsrc = ['not an address']\n")
     lab.tproxy.send_signal(signal.SIGHUP)
     lab.wait_for(lambda: "reload of" in (d / "tproxy.log").read_text(), 10, "refusal logged")
-    assert "Welcome to grebe!" in _curl(lab, f"http://{SERVER}:8080/index.html").stdout
+    assert "Welcome to grebe!" in curl(lab, f"http://{SERVER}:8080/index.html").stdout
     conf.write_text(good.replace("Welcome to grebe!", "Welcome to GREBE!"))
     lab.tproxy.send_signal(signal.SIGHUP)
-    lab.wait_for(lambda: "Welcome to GREBE!" in _curl(lab, f"http://{SERVER}:8080/index.html")
+    lab.wait_for(lambda: "Welcome to GREBE!" in curl(lab, f"http://{SERVER}:8080/index.html")
                  .stdout, 10, "the reloaded replace rule")
     conf.write_text(good)
     lab.tproxy.send_signal(signal.SIGHUP)
@@ -477,4 +517,4 @@ def test_zz_exit_removes_interception(lab: Any) -> None:
     rules = lab.run("gw-a", ["ip", "rule"]).stdout + lab.run("gw-a", ["ip", "-6", "rule"]).stdout
     assert "0x4754" not in rules
     # and the network still works, now without the relay
-    assert _curl(lab, f"http://{SERVER}/small.txt").stdout == "a small file\n"
+    assert curl(lab, f"http://{SERVER}/small.txt").stdout == "a small file\n"

@@ -10,13 +10,11 @@ backend's test). Throughput and time to first byte are printed, never asserted.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,12 +22,22 @@ from typing import Any
 
 import pytest
 from test_inspect_kernel import (
-    ABORT_CLIENT,
-    ABORT_SERVER,
-    MANY_CLIENT,
+    BIG,
+    CLIENT,
     NGINX,
-    assert_sshd_mounts_private,
+    SERVER,
+    SERVER6,
+    big_sha256,
+    check_abort_then_close,
+    check_concurrent_gets,
+    check_ssh,
+    curl,
+    listening,
+    make_ssh_keys,
+    start_abort_server,
     start_sshd,
+    wait_flow,
+    write_www,
 )
 
 pytestmark = [
@@ -42,8 +50,6 @@ pytestmark = [
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent / "userspace-inspect"
-SERVER, SERVER6, CLIENT = "198.18.2.10", "2001:db8:2::10", "198.18.1.10"
-BIG = 100 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +66,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
             lab.popen(node, [sys.executable, "-m", "bridge", "up", "-c", str(cfg)],
                       log=str(d / f"{node}.log"), cwd=str(ROOT))
         _start_servers(lab, d)
-        lab.wait_for(lambda: _curl(lab, f"http://{SERVER}:8081/small.txt", timeout=2,
+        lab.wait_for(lambda: curl(lab, f"http://{SERVER}:8081/small.txt", timeout=2,
                                    check=False).returncode == 0, 30, "HTTP through grebe")
         yield lab
     finally:
@@ -68,49 +74,17 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 
 def _start_servers(lab: Any, d: Path) -> None:
-    www = d / "www"
-    www.mkdir()
-    with open(www / "big.bin", "wb") as f:
-        for _ in range(BIG // (1 << 20)):
-            f.write(os.urandom(1 << 20))
-    (www / "index.html").write_text("<html><h1>Welcome to nginx!</h1></html>\n")
-    (www / "small.txt").write_text("a small file\n")
+    write_www(d)
     # port 8082: terminated with the `log` inspector only (the splice's own cost)
     (d / "nginx.conf").write_text(NGINX.format(d=d).replace("listen 8081;",
                                                             "listen 8081; listen 8082;"))
     lab.popen("server", ["nginx", "-c", str(d / "nginx.conf"), "-g", "daemon off;"],
               log=str(d / "nginx.out"))
-    for key in ("host_key", "client_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)],
-                       check=True)
-    shutil.copy(d / "client_key.pub", d / "authorized_keys")
+    make_ssh_keys(d)
     lab.sshd = start_sshd(lab, "server", d)  # own mount namespace: /run/sshd on tmpfs
-    (d / "abort_server.py").write_text(ABORT_SERVER)
-    lab.abort_log = d / "abort_server.log"
-    lab.popen("server", [sys.executable, "-u", str(d / "abort_server.py")],
-              log=str(lab.abort_log))
+    start_abort_server(lab, d)
     for port in (80, 8080, 8081, 8082, 22, 9000):
-        lab.wait_for(lambda p=port: lab.run("server", ["ss", "-Htln", f"sport = :{p}"])
-                     .stdout.strip(), 20, f"server port {port}")
-
-
-def _curl(lab: Any, url: str, *extra: str, timeout: float = 120,
-          check: bool = True) -> subprocess.CompletedProcess[str]:
-    return lab.run("client", ["curl", "-sS", "--max-time", str(int(timeout)), *extra, url],
-                   timeout=timeout + 10, check=check)
-
-
-def _flows(lab: Any) -> list[dict[str, Any]]:
-    path = lab.tmp / "flows.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _wait_flow(lab: Any, pred: Any, what: str) -> dict[str, Any]:
-    found: dict[str, Any] = lab.wait_for(
-        lambda: next((f for f in _flows(lab) if pred(f)), None), 20, what)
-    return found
+        lab.wait_for(lambda p=port: listening(lab, "server", p), 20, f"server port {port}")
 
 
 def _grebe_flows(lab: Any) -> dict[str, Any]:
@@ -124,7 +98,7 @@ def _grebe_flows(lab: Any) -> dict[str, Any]:
 
 def test_100mb_download_sha256_http_log_and_speed(lab: Any) -> None:
     d: Path = lab.tmp
-    want = hashlib.sha256((d / "www" / "big.bin").read_bytes()).hexdigest()
+    want = big_sha256(d)
     speeds = {}
     for port in (80, 8082, 8081):    # log+http, log only, then the plain tunnel
         out = lab.run("client", ["sh", "-c",
@@ -143,7 +117,7 @@ def test_100mb_download_sha256_http_log_and_speed(lab: Any) -> None:
     print(f"\n100 MB download: terminated with log+http {speeds[80]:.1f} MB/s, log only "
           f"{speeds[8082]:.1f} MB/s, plain grebe tunnel {speeds[8081]:.1f} MB/s "
           f"(ratios {speeds[80] / speeds[8081]:.2f}, {speeds[8082] / speeds[8081]:.2f})")
-    rec = _wait_flow(lab, lambda f: any(h.get("target") == "/big.bin"
+    rec = wait_flow(lab, lambda f: any(h.get("target") == "/big.bin"
                                         for h in f.get("http", [])), "big.bin log line")
     assert rec["backend"] == "userspace" and rec["rule"] == "web" and rec["src"] == CLIENT
     assert rec["close"] == "closed" and rec["bytes_s2c"] > BIG
@@ -158,7 +132,7 @@ def test_time_to_first_byte(lab: Any) -> None:
     times: dict[int, list[tuple[float, float]]] = {p: [] for p in ports}
     for _ in range(25):         # interleaved, so that the machine's load hits all three alike
         for port in ports:
-            out = _curl(lab, f"http://{SERVER}:{port}/small.txt", "-o", "/dev/null", "-w",
+            out = curl(lab, f"http://{SERVER}:{port}/small.txt", "-o", "/dev/null", "-w",
                         "%{time_connect} %{time_starttransfer}").stdout.split()
             times[port].append((float(out[0]), float(out[1])))
     res = {p: (statistics.median(t[0] for t in times[p]) * 1000,
@@ -169,17 +143,17 @@ def test_time_to_first_byte(lab: Any) -> None:
 
 
 def test_replace_changes_the_response(lab: Any) -> None:
-    out = _curl(lab, f"http://{SERVER}:8080/").stdout
+    out = curl(lab, f"http://{SERVER}:8080/").stdout
     assert "Welcome to grebe!" in out and "nginx!" not in out
-    assert "Welcome to nginx!" in _curl(lab, f"http://{SERVER}:8081/").stdout
-    rec = _wait_flow(lab, lambda f: f["rule"] == "rewrite", "rewrite log line")
+    assert "Welcome to nginx!" in curl(lab, f"http://{SERVER}:8081/").stdout
+    rec = wait_flow(lab, lambda f: f["rule"] == "rewrite", "rewrite log line")
     assert rec["replaced"] == 1
 
 
 def test_ipv6_flow_is_inspected(lab: Any) -> None:
-    out = _curl(lab, f"http://[{SERVER6}]/small.txt").stdout
+    out = curl(lab, f"http://[{SERVER6}]/small.txt").stdout
     assert out == "a small file\n"
-    rec = _wait_flow(lab, lambda f: f["dst"] == SERVER6, "IPv6 log line")
+    rec = wait_flow(lab, lambda f: f["dst"] == SERVER6, "IPv6 log line")
     assert rec["src"] == "2001:db8:1::10" and rec["http"][0]["status"] == 200
 
 
@@ -204,7 +178,7 @@ def test_unselected_flow_passes_untouched_inspected_is_terminated(lab: Any) -> N
         for node, _pcap, _p in caps:
             lab.wait_for(lambda n=node, p=port: "listening" in (
                 d / f"tcpdump-{n}-{p}.log").read_text(), 10, f"tcpdump on {node}")
-        assert _curl(lab, f"http://{SERVER}:{port}/small.txt").stdout == "a small file\n"
+        assert curl(lab, f"http://{SERVER}:{port}/small.txt").stdout == "a small file\n"
         for _node, _pcap, proc in caps:
             proc.wait(timeout=10)
         seen[port] = [_syn_line(lab, node, port, pcap) for node, pcap, _p in caps]
@@ -227,44 +201,16 @@ def test_unselected_flow_passes_untouched_inspected_is_terminated(lab: Any) -> N
 
 
 def test_client_abort_reaches_server_and_server_close_reaches_client(lab: Any) -> None:
-    d: Path = lab.tmp
-    (d / "abort_client.py").write_text(ABORT_CLIENT)
-    out = lab.run("client", [sys.executable, str(d / "abort_client.py"), "abort"]).stdout
-    assert "aborted" in out
-    lab.wait_for(lambda: f"reset {CLIENT}" in lab.abort_log.read_text(), 10,
-                 "the server to see the client's RST")
-    rec = _wait_flow(lab, lambda f: f["dport"] == 9000 and f["close"] == "client_reset",
-                     "client_reset log line")
-    assert rec["bytes_c2s"] == 5
-    out = lab.run("client", [sys.executable, str(d / "abort_client.py"), "close"]).stdout
-    assert out.strip() == "got bye eof"
-    _wait_flow(lab, lambda f: f["dport"] == 9000 and f["close"] == "closed", "closed log line")
+    check_abort_then_close(lab, lab.tmp)
 
 
 def test_ssh_through_inspected_flow(lab: Any) -> None:
-    d: Path = lab.tmp
-    cp = lab.run("client", ["ssh", "-i", str(d / "client_key"), "-o", "BatchMode=yes",
-                            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                            "-o", "ConnectTimeout=10", f"root@{SERVER}", "echo", "ok"],
-                 timeout=60, check=False)
-    assert cp.returncode == 0, cp.stderr
-    assert cp.stdout.strip() == "ok"
-    assert_sshd_mounts_private(lab.sshd)
-    rec = _wait_flow(lab, lambda f: f["dport"] == 22, "ssh flow log line")
+    rec = check_ssh(lab, lab.tmp)
     assert rec["close"] == "closed" and rec["backend"] == "userspace"
 
 
 def test_200_concurrent_inspected_connections(lab: Any) -> None:
-    d: Path = lab.tmp
-    (d / "many.py").write_text(MANY_CLIENT)
-
-    def small() -> int:
-        return sum(1 for f in _flows(lab) if any(h.get("target") == "/small.txt"
-                                                 for h in f.get("http", [])))
-    before = small()
-    out = lab.run("client", [sys.executable, str(d / "many.py"), "200"], timeout=120).stdout
-    assert out.strip() == "200 ok of 200"
-    lab.wait_for(lambda: small() >= before + 200, 20, "200 log lines")
+    check_concurrent_gets(lab, lab.tmp, 200)
 
 
 def test_grebe_flows_shows_both_legs(lab: Any) -> None:
@@ -303,13 +249,13 @@ def test_unreachable_server_fails_the_connect_fast_and_ends_the_flow(lab: Any) -
                       " }\n}\n")
     try:
         t0 = time.monotonic()
-        cp = _curl(lab, f"telnet://{SERVER}:22", timeout=30, check=False)
+        cp = curl(lab, f"telnet://{SERVER}:22", timeout=30, check=False)
         took = time.monotonic() - t0
     finally:
         lab.run("server", ["nft", "delete", "table", "inet", "gbusin_reject"])
     assert cp.returncode == 7, (cp.returncode, cp.stderr)   # could not connect
     assert took < 5, took
-    rec = _wait_flow(lab, lambda f: f.get("connect_error") == "icmp unreachable 1",
+    rec = wait_flow(lab, lambda f: f.get("connect_error") == "icmp unreachable 1",
                      "the failed flow's log line")
     assert rec["close"] == "connect_failed" and rec["dport"] == 22
 
@@ -318,7 +264,7 @@ def test_zz_download_over_lossy_reordering_wan(lab: Any) -> None:
     from bridge.lab import impair
 
     d: Path = lab.tmp
-    want = hashlib.sha256((d / "www" / "big.bin").read_bytes()).hexdigest()
+    want = big_sha256(d)
     impair.apply(lab, "wan-a", impair.parse_impairment(
         {"loss": "2%", "reorder": "5%", "seed": 4754}, "t"))
     try:
