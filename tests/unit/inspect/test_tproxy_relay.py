@@ -11,6 +11,8 @@ import asyncio
 import json
 import socket
 import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import pytest
 from helpers_inspect import rule
@@ -92,6 +94,32 @@ def port_of(b: TproxyBackend) -> int:
     return next(p for host, p in b.listening if host == "0.0.0.0")
 
 
+@asynccontextmanager
+async def relayed(
+    server: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]], body: str,
+) -> AsyncIterator[tuple[LoopbackBackend, asyncio.StreamReader, asyncio.StreamWriter]]:
+    """`server` on loopback, a backend with rule `body` relaying to it, and a client connected
+    to the backend; on exit the backend stops and the server closes."""
+    srv = await asyncio.start_server(server, "127.0.0.1", 0)
+    try:
+        b = await start_backend(body, srv.sockets[0].getsockname())
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port_of(b))
+            yield b, reader, writer
+        finally:
+            await b.stop()
+    finally:
+        srv.close()
+
+
+async def read_or_reset(reader: asyncio.StreamReader) -> bytes | ConnectionResetError:
+    """All the bytes up to EOF, or the ConnectionResetError that ended the stream."""
+    try:
+        return await reader.read()
+    except ConnectionResetError as exc:
+        return exc
+
+
 async def wait_until(pred, what: str, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
@@ -122,18 +150,14 @@ def test_half_close_both_ways_rewrite_and_log(tmp_path) -> None:  # type: ignore
             await writer.drain()
             writer.close()
 
-        srv = await asyncio.start_server(server, "127.0.0.1", 0)
-        b = await start_backend(f'inspectors = ["log", "http", "replace"]\n'
-                                f'replace = [["nginx", "grebe"]]\nlog_path = "{log_path}"',
-                                srv.sockets[0].getsockname())
-        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(b))
-        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        writer.write_eof()                                # half-close: we still read
-        seen["response"] = await reader.read()
-        writer.close()
-        await wait_until(lambda: not b.relays, "relay finished")
-        await b.stop()
-        srv.close()
+        async with relayed(server, f'inspectors = ["log", "http", "replace"]\n'
+                                   f'replace = [["nginx", "grebe"]]\nlog_path = "{log_path}"'
+                           ) as (b, reader, writer):
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            writer.write_eof()                            # half-close: we still read
+            seen["response"] = await reader.read()
+            writer.close()
+            await wait_until(lambda: not b.relays, "relay finished")
 
     run(main())
     assert seen["request"] == b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -153,37 +177,27 @@ def test_reset_propagates(who: str) -> None:
 
         async def server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             server_writer.append(writer)
-            try:
-                got["server_read"] = await reader.read()
-            except ConnectionResetError as exc:
-                got["server_exc"] = exc
+            got["server"] = await read_or_reset(reader)
             server_done.set()
 
-        srv = await asyncio.start_server(server, "127.0.0.1", 0)
-        b = await start_backend('inspectors = ["log"]', srv.sockets[0].getsockname())
-        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(b))
-        writer.write(b"ping")
-        await wait_until(lambda: server_writer, "server accepted")
-        if who == "client":
-            rst_close(writer)
-            await asyncio.wait_for(server_done.wait(), 5)
-        else:
-            rst_close(server_writer[0])
-            try:
-                got["client_read"] = await reader.read()
-            except ConnectionResetError as exc:
-                got["client_exc"] = exc
-        await wait_until(lambda: not b.relays, "relay finished")
-        got["counters"] = dict(b.counters)
-        await b.stop()
-        srv.close()
+        async with relayed(server, 'inspectors = ["log"]') as (b, reader, writer):
+            writer.write(b"ping")
+            await wait_until(lambda: server_writer, "server accepted")
+            if who == "client":
+                rst_close(writer)
+                await asyncio.wait_for(server_done.wait(), 5)
+            else:
+                rst_close(server_writer[0])
+                got["client"] = await read_or_reset(reader)
+            await wait_until(lambda: not b.relays, "relay finished")
+            got["counters"] = dict(b.counters)
 
     run(main())
     if who == "client":
-        assert isinstance(got.get("server_exc"), ConnectionResetError), got
+        assert isinstance(got.get("server"), ConnectionResetError), got
         assert got["counters"]["client_reset"] == 1   # type: ignore[index]
     else:
-        assert isinstance(got.get("client_exc"), ConnectionResetError), got
+        assert isinstance(got.get("client"), ConnectionResetError), got
         assert got["counters"]["server_reset"] == 1   # type: ignore[index]
 
 
@@ -195,10 +209,7 @@ def test_connect_refused_resets_client() -> None:
         s.close()                                        # nothing listens there now
         b = await start_backend('inspectors = ["log"]', dead)
         reader, writer = await asyncio.open_connection("127.0.0.1", port_of(b))
-        try:
-            res: object = await reader.read()
-        except ConnectionResetError as exc:
-            res = exc
+        res = await read_or_reset(reader)
         await wait_until(lambda: not b.relays, "relay finished")
         assert b.counters["connect_failed"] == 1
         await b.stop()
@@ -214,31 +225,21 @@ def test_block_resets_both_sides() -> None:
         done = asyncio.Event()
 
         async def server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                got["server_read"] = await reader.read()
-            except ConnectionResetError as exc:
-                got["server_exc"] = exc
+            got["server"] = await read_or_reset(reader)
             done.set()
 
-        srv = await asyncio.start_server(server, "127.0.0.1", 0)
-        b = await start_backend('inspectors = ["block"]\nblock = ["forbidden"]',
-                                srv.sockets[0].getsockname())
-        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(b))
-        writer.write(b"hello ")
-        await asyncio.sleep(0.05)
-        writer.write(b"forbidden words")
-        try:
-            got["client_read"] = await reader.read()
-        except ConnectionResetError as exc:
-            got["client_exc"] = exc
-        await asyncio.wait_for(done.wait(), 5)
-        await b.stop()
-        srv.close()
+        async with relayed(server, 'inspectors = ["block"]\nblock = ["forbidden"]'
+                           ) as (b, reader, writer):
+            writer.write(b"hello ")
+            await asyncio.sleep(0.05)
+            writer.write(b"forbidden words")
+            got["client"] = await read_or_reset(reader)
+            await asyncio.wait_for(done.wait(), 5)
 
     run(main())
-    assert isinstance(got.get("client_exc"), ConnectionResetError), got
+    assert isinstance(got.get("client"), ConnectionResetError), got
     # the server got "hello " and then the RST, never the forbidden bytes
-    assert isinstance(got.get("server_exc"), ConnectionResetError), got
+    assert isinstance(got.get("server"), ConnectionResetError), got
 
 
 def test_back_pressure_bounds_the_relay_buffer() -> None:
@@ -259,24 +260,20 @@ def test_back_pressure_bounds_the_relay_buffer() -> None:
             await stop.wait()
             writer.close()
 
-        srv = await asyncio.start_server(server, "127.0.0.1", 0)
-        b = await start_backend('inspectors = ["log"]\nmax_buffer = 65536',
-                                srv.sockets[0].getsockname())
-        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(b))
-        await asyncio.sleep(0.5)            # the client reads nothing meanwhile
-        relay = next(iter(b.relays.values()))
-        assert relay.client.transport is not None
-        buffered = relay.client.transport.get_write_buffer_size()
-        stop.set()
-        got = 0
-        while got < sent:
-            data = await reader.read(1 << 20)
-            if not data:
-                break
-            got += len(data)
-        writer.close()
-        await b.stop()
-        srv.close()
+        async with relayed(server, 'inspectors = ["log"]\nmax_buffer = 65536'
+                           ) as (b, reader, writer):
+            await asyncio.sleep(0.5)        # the client reads nothing meanwhile
+            relay = next(iter(b.relays.values()))
+            assert relay.client.transport is not None
+            buffered = relay.client.transport.get_write_buffer_size()
+            stop.set()
+            got = 0
+            while got < sent:
+                data = await reader.read(1 << 20)
+                if not data:
+                    break
+                got += len(data)
+            writer.close()
         return buffered, sent
 
     buffered, sent = run(main())
@@ -292,18 +289,11 @@ def test_deny_at_flow_start_resets_client_and_never_connects() -> None:
             accepted.append(1)
             writer.close()
 
-        srv = await asyncio.start_server(server, "127.0.0.1", 0)
-        b = await start_backend('inspectors = ["block"]\nblock_dst = ["127.0.0.0/8"]',
-                                srv.sockets[0].getsockname())
-        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(b))
-        try:
-            res: object = await reader.read()
-        except ConnectionResetError as exc:
-            res = exc
-        await wait_until(lambda: not b.relays, "relay finished")
-        assert b.counters["denied"] == 1
-        await b.stop()
-        srv.close()
+        async with relayed(server, 'inspectors = ["block"]\nblock_dst = ["127.0.0.0/8"]'
+                           ) as (b, reader, _writer):
+            res = await read_or_reset(reader)
+            await wait_until(lambda: not b.relays, "relay finished")
+            assert b.counters["denied"] == 1
         return res
 
     assert isinstance(run(main()), ConnectionResetError)
@@ -318,25 +308,21 @@ def test_reload_changes_new_flows_only() -> None:
                 await writer.drain()
             writer.close()
 
-        srv = await asyncio.start_server(server, "127.0.0.1", 0)
-        b = await start_backend('inspectors = ["replace"]\nreplace = [["cat", "dog"]]',
-                                srv.sockets[0].getsockname())
-        r1, w1 = await asyncio.open_connection("127.0.0.1", port_of(b))
-        w1.write(b"cat\n")
-        first = await r1.readline()
-        b.reload([rule('dst = ["127.0.0.0/8"]\nbackend = "kernel"\n'
-                       'inspectors = ["replace"]\nreplace = [["cat", "cow"]]')])
-        w1.write(b"cat\n")                       # the live flow keeps its old inspectors
-        old = await r1.readline()
-        r2, w2 = await asyncio.open_connection("127.0.0.1", port_of(b))
-        w2.write(b"cat\n")
-        new = await r2.readline()
-        for w in (w1, w2):
-            w.close()
-        await wait_until(lambda: not b.relays, "relays finished")
-        assert b.counters["reloads"] == 1
-        await b.stop()
-        srv.close()
+        async with relayed(server, 'inspectors = ["replace"]\nreplace = [["cat", "dog"]]'
+                           ) as (b, r1, w1):
+            w1.write(b"cat\n")
+            first = await r1.readline()
+            b.reload([rule('dst = ["127.0.0.0/8"]\nbackend = "kernel"\n'
+                           'inspectors = ["replace"]\nreplace = [["cat", "cow"]]')])
+            w1.write(b"cat\n")                   # the live flow keeps its old inspectors
+            old = await r1.readline()
+            r2, w2 = await asyncio.open_connection("127.0.0.1", port_of(b))
+            w2.write(b"cat\n")
+            new = await r2.readline()
+            for w in (w1, w2):
+                w.close()
+            await wait_until(lambda: not b.relays, "relays finished")
+            assert b.counters["reloads"] == 1
         return first, old, new
 
     assert run(main()) == (b"dog\n", b"dog\n", b"cow\n")
