@@ -64,12 +64,14 @@ def loss(request: pytest.FixtureRequest) -> Iterator[float]:
     yield request.param
 
 
-def test_linux_client_to_our_server_echo(loss: float) -> None:
+def linux_client_to_echo(addr: str, seed: int, loss: float = 0.0) -> tuple[Echo, bytes, bytes]:
+    """The Linux CLIENT sends SIZE bytes to our stack's Echo on `addr` port 8080 and checks
+    the echo; returns our one accepted Echo app and the client's stdout and stderr."""
     demux = TcpDemux(CFG)
     demux.listen(8080)
-    peer = LinuxPeer(demux, loss=loss, seed=11)
+    peer = LinuxPeer(demux, loss=loss, seed=seed)
     try:
-        client = peer.popen([sys.executable, "-c", CLIENT, str(SIZE), STACK_ADDR])
+        client = peer.popen([sys.executable, "-c", CLIENT, str(SIZE), addr])
         apps: list[Echo] = []
 
         def step(now: float) -> None:
@@ -80,15 +82,20 @@ def test_linux_client_to_our_server_echo(loss: float) -> None:
 
         peer.pump(step, lambda: client.poll() is not None, timeout=120)
         out, err = client.communicate(timeout=10)
-        [app] = apps
-        info = app.conn.info()
-        print(f"\nLinux client -> stack, loss {loss}: {info}")
-        print(f"packets in {peer.packets_in} out {peer.packets_out} dropped {peer.dropped}")
-        assert out.startswith(b"OK"), (out, err)
-        assert app.received == SIZE and not app.reset
-        assert info["ts"] and info["sack"] and info["wscale"] is not None
+        print(f"\npackets in {peer.packets_in} out {peer.packets_out} dropped {peer.dropped}")
     finally:
         peer.close()
+    [app] = apps
+    return app, out, err
+
+
+def test_linux_client_to_our_server_echo(loss: float) -> None:
+    app, out, err = linux_client_to_echo(STACK_ADDR, 11, loss)
+    info = app.conn.info()
+    print(f"Linux client -> stack, loss {loss}: {info}")
+    assert out.startswith(b"OK"), (out, err)
+    assert app.received == SIZE and not app.reset
+    assert info["ts"] and info["sack"] and info["wscale"] is not None
 
 
 def test_our_client_to_linux_server_echo(loss: float) -> None:
@@ -135,29 +142,12 @@ def test_our_client_to_linux_server_echo(loss: float) -> None:
 
 
 def test_linux_client_to_our_server_ipv6() -> None:
-    demux = TcpDemux(CFG)
-    demux.listen(8080)
-    peer = LinuxPeer(demux, seed=13)
-    try:
-        client = peer.popen([sys.executable, "-c", CLIENT, str(SIZE), STACK6_ADDR])
-        apps: list[Echo] = []
-
-        def step(now: float) -> None:
-            while (c := demux.accept()) is not None:
-                apps.append(Echo(c))
-            for app in apps:
-                app.step()
-
-        peer.pump(step, lambda: client.poll() is not None, timeout=120)
-        out, err = client.communicate(timeout=10)
-        [app] = apps
-        print(f"\nLinux client -> stack over IPv6: {app.conn.info()}")
-        assert out.startswith(b"OK"), (out, err)
-        assert app.conn.local[0] == STACK6 and app.conn.remote[0] == KERNEL6
-        assert app.conn.send_mss == 1440 - 12  # 1500 - 60 (MSS option) - 12 (TSopt)
-        assert app.conn.info()["rcv_mss"] == 1440  # what we advertised for IPv6
-    finally:
-        peer.close()
+    app, out, err = linux_client_to_echo(STACK6_ADDR, 13)
+    print(f"Linux client -> stack over IPv6: {app.conn.info()}")
+    assert out.startswith(b"OK"), (out, err)
+    assert app.conn.local[0] == STACK6 and app.conn.remote[0] == KERNEL6
+    assert app.conn.send_mss == 1440 - 12  # 1500 - 60 (MSS option) - 12 (TSopt)
+    assert app.conn.info()["rcv_mss"] == 1440  # what we advertised for IPv6
 
 
 def test_our_client_to_linux_server_ipv6() -> None:
