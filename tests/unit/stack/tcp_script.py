@@ -96,10 +96,38 @@ def events(conn: TcpConnection) -> list[Event]:
     return out
 
 
-def passive(config: TcpConfig = BASE, t: float = 0.0, **syn: Any) -> TcpConnection:
-    """A connection brought to ESTABLISHED by a scripted peer's SYN and ACK."""
+def listening(config: TcpConfig = BASE) -> TcpConnection:
+    """A connection in LISTEN, ISS = LOCAL_SEQ."""
     conn = TcpConnection(LOCAL, REMOTE, config, iss=LOCAL_SEQ)
     conn.listen()
+    return conn
+
+
+def syn_sent(config: TcpConfig = BASE, t: float = 0.0) -> TcpConnection:
+    """A connection in SYN-SENT (ISS = LOCAL_SEQ) whose SYN has been taken from it."""
+    conn = TcpConnection(LOCAL, REMOTE, config, iss=LOCAL_SEQ)
+    conn.connect(t)
+    syn = recv_one(conn, t)
+    assert syn.flags == SYN
+    return conn
+
+
+def run_timers_while(conn: TcpConnection, state: State) -> float:
+    """Fire each timer (taking what it sends) while `conn` stays in `state`; return the time
+    of the last one."""
+    last = 0.0
+    while conn.state is state:
+        t = conn.get_timer()
+        assert t is not None
+        conn.handle_timer(t)
+        recv(conn, t)
+        last = t
+    return last
+
+
+def passive(config: TcpConfig = BASE, t: float = 0.0, **syn: Any) -> TcpConnection:
+    """A connection brought to ESTABLISHED by a scripted peer's SYN and ACK."""
+    conn = listening(config)
     send(conn, t, flags=SYN, seq=REMOTE_SEQ, ack=0, mss=syn.pop("mss", 1460), **syn)
     synack = recv_one(conn, t)
     assert synack.flags == SYN | ACK
@@ -113,10 +141,7 @@ def passive(config: TcpConfig = BASE, t: float = 0.0, **syn: Any) -> TcpConnecti
 
 def active(config: TcpConfig = BASE, t: float = 0.0, **synack: Any) -> TcpConnection:
     """A connection brought to ESTABLISHED by connect() and a scripted SYN-ACK."""
-    conn = TcpConnection(LOCAL, REMOTE, config, iss=LOCAL_SEQ)
-    conn.connect(t)
-    syn = recv_one(conn, t)
-    assert syn.flags == SYN
+    conn = syn_sent(config, t)
     send(conn, t, flags=SYN | ACK, seq=REMOTE_SEQ, ack=lseq(1), mss=synack.pop("mss", 1460),
          **synack)
     ack = recv_one(conn, t)

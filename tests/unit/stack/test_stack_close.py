@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 from tcp_script import (
+    REMOTE_SEQ,
     active,
     cfg,
     events,
     expect,
+    listening,
     lseq,
     passive,
     recv,
@@ -17,6 +19,7 @@ from tcp_script import (
     send,
 )
 
+from stack.connection import TcpConnection
 from stack.events import (
     Closed,
     Connected,
@@ -26,7 +29,19 @@ from stack.events import (
     PeerFinished,
 )
 from stack.state import State
-from stack.wire.tcp import ACK, FIN, PSH
+from stack.wire.tcp import ACK, FIN, PSH, SYN
+
+
+def time_wait() -> TcpConnection:
+    """MSL 10 s; we close first (FIN at 1.0), the peer's ACK + FIN at 1.1 is acknowledged:
+    TIME-WAIT, ending at 21.1."""
+    conn = active(cfg(msl=10.0))
+    conn.close()
+    recv(conn, 1.0)
+    send(conn, 1.1, flags=ACK | FIN, seq=rseq(1), ack=lseq(2))
+    recv(conn, 1.1)
+    assert conn.state is State.TIME_WAIT
+    return conn
 
 
 def test_rfc9293_active_close_fin_wait_to_time_wait() -> None:
@@ -45,12 +60,7 @@ def test_rfc9293_active_close_fin_wait_to_time_wait() -> None:
 
 
 def test_rfc9293_must_13_time_wait_lasts_2msl_and_reacks_fin() -> None:
-    conn = active(cfg(msl=10.0))
-    conn.close()
-    recv(conn, 1.0)
-    send(conn, 1.1, flags=ACK | FIN, seq=rseq(1), ack=lseq(2))
-    recv(conn, 1.1)
-    assert conn.state is State.TIME_WAIT
+    conn = time_wait()
     assert conn.get_timer() == pytest.approx(21.1)
     # A retransmitted FIN is acknowledged again and restarts the 2*MSL timer.
     send(conn, 5.0, flags=ACK | FIN, seq=rseq(1), ack=lseq(2))
@@ -137,13 +147,7 @@ def test_fin_is_retransmitted_on_timeout() -> None:
 
 
 def test_close_in_syn_received_sends_fin_after_establishment() -> None:
-    from tcp_script import BASE, LOCAL, LOCAL_SEQ, REMOTE, REMOTE_SEQ
-
-    from stack.connection import TcpConnection
-    from stack.wire.tcp import SYN
-
-    conn = TcpConnection(LOCAL, REMOTE, BASE, iss=LOCAL_SEQ)
-    conn.listen()
+    conn = listening()
     send(conn, 0.0, flags=SYN, seq=REMOTE_SEQ)
     recv(conn, 0.0)
     conn.close()
@@ -154,12 +158,7 @@ def test_close_in_syn_received_sends_fin_after_establishment() -> None:
 
 
 def test_rfc9293_abort_in_time_wait_sends_no_rst() -> None:
-    conn = active(cfg(msl=10.0))
-    conn.close()
-    recv(conn, 1.0)
-    send(conn, 1.1, flags=ACK | FIN, seq=rseq(1), ack=lseq(2))
-    recv(conn, 1.1)
-    assert conn.state is State.TIME_WAIT
+    conn = time_wait()
     conn.abort()
     recv_nothing(conn, 1.2)
     assert conn.state is State.CLOSED

@@ -13,13 +13,16 @@ from tcp_script import (
     cfg,
     events,
     expect,
+    listening,
     lseq,
     passive,
     recv,
     recv_nothing,
     recv_one,
     rseq,
+    run_timers_while,
     send,
+    syn_sent,
 )
 
 from stack.connection import TcpConnection
@@ -30,8 +33,7 @@ from stack.wire.tcp import ACK, FIN, RST, SYN
 
 
 def test_rfc9293_passive_open_three_way_handshake() -> None:
-    conn = TcpConnection(LOCAL, REMOTE, BASE, iss=LOCAL_SEQ)
-    conn.listen()
+    conn = listening()
     send(conn, 0.0, flags=SYN, seq=REMOTE_SEQ, ack=0, mss=1400)
     assert conn.state is State.SYN_RECEIVED
     synack = recv_one(conn, 0.0)
@@ -56,9 +58,7 @@ def test_rfc9293_active_open_three_way_handshake() -> None:
 
 
 def test_rfc9293_must_10_simultaneous_open() -> None:
-    conn = TcpConnection(LOCAL, REMOTE, BASE, iss=LOCAL_SEQ)
-    conn.connect(0.0)
-    recv_one(conn, 0.0)  # our SYN
+    conn = syn_sent()  # our SYN
     send(conn, 0.01, flags=SYN, seq=REMOTE_SEQ, ack=0, mss=1460)  # their SYN crosses it
     assert conn.state is State.SYN_RECEIVED
     expect(recv_one(conn, 0.01), flags=SYN | ACK, seq=LOCAL_SEQ, ack=rseq(1))
@@ -68,8 +68,7 @@ def test_rfc9293_must_10_simultaneous_open() -> None:
 
 
 def test_rfc9293_must_11_rst_in_syn_received_returns_to_listen() -> None:
-    conn = TcpConnection(LOCAL, REMOTE, BASE, iss=LOCAL_SEQ)
-    conn.listen()
+    conn = listening()
     send(conn, 0.0, flags=SYN, seq=REMOTE_SEQ, ack=0)
     recv_one(conn, 0.0)
     send(conn, 0.1, flags=RST, seq=rseq(1), ack=0)
@@ -88,9 +87,7 @@ def test_rfc9293_must_12_rst_aborts_and_is_reported() -> None:
 
 
 def test_rfc9293_syn_sent_rst_acking_our_syn_is_refused() -> None:
-    conn = TcpConnection(LOCAL, REMOTE, BASE, iss=LOCAL_SEQ)
-    conn.connect(0.0)
-    recv_one(conn, 0.0)
+    conn = syn_sent()
     send(conn, 0.1, flags=RST, seq=0, ack=lseq(2))  # does not ack our SYN: ignored
     assert conn.state is State.SYN_SENT
     send(conn, 0.1, flags=RST | ACK, seq=0, ack=lseq(1))
@@ -99,17 +96,14 @@ def test_rfc9293_syn_sent_rst_acking_our_syn_is_refused() -> None:
 
 
 def test_rfc9293_syn_sent_bad_ack_gets_rst() -> None:
-    conn = TcpConnection(LOCAL, REMOTE, BASE, iss=LOCAL_SEQ)
-    conn.connect(0.0)
-    recv_one(conn, 0.0)
+    conn = syn_sent()
     send(conn, 0.1, flags=SYN | ACK, seq=REMOTE_SEQ, ack=lseq(5))
     expect(recv_one(conn, 0.1), flags=RST, seq=lseq(5))
     assert conn.state is State.SYN_SENT
 
 
 def test_rfc9293_listen_ack_gets_rst_and_rst_is_ignored() -> None:
-    conn = TcpConnection(LOCAL, REMOTE, BASE, iss=LOCAL_SEQ)
-    conn.listen()
+    conn = listening()
     send(conn, 0.0, flags=ACK, seq=123, ack=456)
     expect(recv_one(conn, 0.0), flags=RST, seq=456)
     send(conn, 0.0, flags=RST, seq=123)
@@ -119,8 +113,7 @@ def test_rfc9293_listen_ack_gets_rst_and_rst_is_ignored() -> None:
 
 
 def test_rfc9293_syn_received_bad_ack_gets_rst() -> None:
-    conn = TcpConnection(LOCAL, REMOTE, BASE, iss=LOCAL_SEQ)
-    conn.listen()
+    conn = listening()
     send(conn, 0.0, flags=SYN, seq=REMOTE_SEQ)
     recv_one(conn, 0.0)
     send(conn, 0.1, seq=rseq(1), ack=lseq(7))
@@ -129,8 +122,7 @@ def test_rfc9293_syn_received_bad_ack_gets_rst() -> None:
 
 
 def test_rfc9293_retransmitted_syn_gets_syn_ack_again() -> None:
-    conn = TcpConnection(LOCAL, REMOTE, BASE, iss=LOCAL_SEQ)
-    conn.listen()
+    conn = listening()
     send(conn, 0.0, flags=SYN, seq=REMOTE_SEQ)
     recv_one(conn, 0.0)
     send(conn, 0.5, flags=SYN, seq=REMOTE_SEQ)
@@ -138,9 +130,7 @@ def test_rfc9293_retransmitted_syn_gets_syn_ack_again() -> None:
 
 
 def test_rfc6298_syn_retransmission_backoff_and_must_22_give_up() -> None:
-    conn = TcpConnection(LOCAL, REMOTE, cfg(syn_retries=3), iss=LOCAL_SEQ)
-    conn.connect(0.0)
-    recv_one(conn, 0.0)
+    conn = syn_sent(cfg(syn_retries=3))
     deadlines = []
     for _ in range(3):
         t = conn.get_timer()
@@ -157,9 +147,7 @@ def test_rfc6298_syn_retransmission_backoff_and_must_22_give_up() -> None:
 
 
 def test_rfc6298_5_7_rto_is_3s_after_a_syn_timeout() -> None:
-    conn = TcpConnection(LOCAL, REMOTE, BASE, iss=LOCAL_SEQ)
-    conn.connect(0.0)
-    recv_one(conn, 0.0)
+    conn = syn_sent()
     conn.handle_timer(1.0)
     recv_one(conn, 1.0)
     send(conn, 1.01, flags=SYN | ACK, seq=REMOTE_SEQ, ack=lseq(1))
@@ -259,25 +247,15 @@ def test_closed_connection_answers_with_rst() -> None:
 
 
 def test_rfc9293_must_23_syn_retried_for_at_least_3_minutes() -> None:
-    conn = TcpConnection(LOCAL, REMOTE, cfg(), iss=LOCAL_SEQ)
-    conn.connect(0.0)
-    recv(conn, 0.0)
-    last = 0.0
-    while conn.state is State.SYN_SENT:
-        t = conn.get_timer()
-        assert t is not None
-        conn.handle_timer(t)
-        recv(conn, t)
-        last = t
-    assert last >= 180.0
+    conn = syn_sent(cfg())
+    assert run_timers_while(conn, State.SYN_SENT) >= 180.0
 
 
 def test_retransmitted_syn_then_ack_in_one_batch_establishes_at_snd_nxt_1() -> None:
     # Regression (commit 22b36ed): the client's SYN again, then its ACK, before any output.
     # The SYN asked for the SYN-ACK to be resent (SND.NXT = 0); the ACK then established the
     # connection with SND.NXT behind SND.UNA, and segments_to_send raised.
-    conn = TcpConnection(LOCAL, REMOTE, BASE, iss=LOCAL_SEQ)
-    conn.listen()
+    conn = listening()
     send(conn, 0.0, flags=SYN, seq=REMOTE_SEQ)
     expect(recv_one(conn, 0.0), flags=SYN | ACK)
     send(conn, 1.0, flags=SYN, seq=REMOTE_SEQ)
@@ -293,8 +271,7 @@ def test_retransmitted_syn_then_ack_in_one_batch_establishes_at_snd_nxt_1() -> N
 
 def test_syn_ack_rto_then_ack_before_output_establishes_at_snd_nxt_1() -> None:
     # The same hole by the other door: the SYN-ACK's RTO fires, the ACK arrives first.
-    conn = TcpConnection(LOCAL, REMOTE, BASE, iss=LOCAL_SEQ)
-    conn.listen()
+    conn = listening()
     send(conn, 0.0, flags=SYN, seq=REMOTE_SEQ)
     recv_one(conn, 0.0)
     t = conn.get_timer()

@@ -4,7 +4,16 @@ RFC 8201, RFC 5927 §4.1."""
 from __future__ import annotations
 
 import pytest
-from tcp_script import BASE, LOCAL, LOCAL_SEQ, REMOTE, events, lseq, passive, recv, recv_one
+from tcp_script import (
+    BASE,
+    LOCAL_SEQ,
+    events,
+    listening,
+    lseq,
+    passive,
+    recv,
+    syn_sent,
+)
 
 from stack.connection import TcpConnection
 from stack.events import Closed, ConnectionReset, IcmpKind, SoftError
@@ -46,9 +55,7 @@ def test_rfc9293_shld_26_unreachable_2_3_abort(code: int) -> None:
 
 
 def test_rfc9293_shld_26_hard_error_aborts_a_connecting_socket() -> None:
-    conn = TcpConnection(LOCAL, REMOTE, BASE, iss=LOCAL_SEQ)
-    conn.connect(0.0)
-    recv_one(conn, 0.0)
+    conn = syn_sent()
     conn.icmp_error(IcmpKind.UNREACHABLE, 3, now=0.2, seq=lseq(0))
     assert events(conn) == [ConnectionReset("unreachable"), Closed()]
 
@@ -99,8 +106,7 @@ def test_rfc5927_icmp_quoting_a_sequence_outside_the_flight_is_ignored() -> None
 
 
 def test_icmp_for_closed_or_listening_connection_is_dropped() -> None:
-    conn = TcpConnection(LOCAL, REMOTE, BASE, iss=LOCAL_SEQ)
-    conn.listen()
+    conn = listening()
     conn.icmp_error(IcmpKind.UNREACHABLE, 3, now=0.0)
     assert conn.state is State.LISTEN and conn.drops["icmp_no_connection"] == 1
 
