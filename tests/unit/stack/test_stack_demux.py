@@ -11,6 +11,7 @@ from stack.connection import TcpConnection
 from stack.demux import TcpDemux
 from stack.events import Connected, DataReceived
 from stack.state import State
+from stack.tcp_config import TcpConfig
 from stack.wire.tcp import ACK, FIN, RST, SYN, TcpSegment, emit_tcp
 
 SRV = bytes([198, 18, 1, 1])
@@ -28,15 +29,24 @@ def _pump(a: TcpDemux, b: TcpDemux, now: float) -> int:
     return n
 
 
-def test_demux_passive_open_and_data_both_ways() -> None:
-    server = TcpDemux(BASE)
+def _connected(server_cfg: TcpConfig = BASE, client_cfg: TcpConfig = BASE
+               ) -> tuple[TcpDemux, TcpDemux, TcpConnection, TcpConnection]:
+    """A server demux listening on port 80 and a client demux connected to it (handshake
+    pumped at time 0): (server, client, client's connection, server's accepted one)."""
+    server = TcpDemux(server_cfg)
     server.listen(80)
-    client = TcpDemux(BASE)
+    client = TcpDemux(client_cfg)
     c = client.connect((CLI, 40000), (SRV, 80), 0.0)
     while _pump(client, server, 0.0):
         pass
     s = server.accept()
-    assert s is not None and s.state is State.ESTABLISHED and server.accept() is None
+    assert s is not None
+    return server, client, c, s
+
+
+def test_demux_passive_open_and_data_both_ways() -> None:
+    server, client, c, s = _connected()
+    assert s.state is State.ESTABLISHED and server.accept() is None
     c.send(b"GET / HTTP/1.0\r\n\r\n")
     while _pump(client, server, 0.1):
         pass
@@ -79,14 +89,7 @@ def test_demux_table_is_bounded() -> None:
 
 
 def test_rfc9293_may_2_new_syn_in_time_wait_reopens() -> None:
-    server = TcpDemux(cfg(msl=30.0))
-    server.listen(80)
-    client = TcpDemux(BASE)
-    c = client.connect((CLI, 40000), (SRV, 80), 0.0)
-    while _pump(client, server, 0.0):
-        pass
-    s = server.accept()
-    assert s is not None
+    server, client, c, s = _connected(cfg(msl=30.0))
     s.close()  # the server closes first: it ends in TIME-WAIT
     while _pump(client, server, 0.1):
         pass
@@ -100,15 +103,8 @@ def test_rfc9293_may_2_new_syn_in_time_wait_reopens() -> None:
 
 
 def test_demux_timers_and_closed_connections_are_forgotten() -> None:
-    server = TcpDemux(cfg(msl=1.0))
-    server.listen(80)
-    client = TcpDemux(cfg(msl=1.0))
-    c = client.connect((CLI, 40000), (SRV, 80), 0.0)
-    while _pump(client, server, 0.0):
-        pass
+    server, client, c, s = _connected(cfg(msl=1.0), cfg(msl=1.0))
     c.close()
-    s = server.accept()
-    assert s is not None
     while _pump(client, server, 0.1):
         pass
     s.close()
@@ -227,14 +223,7 @@ def test_demux_output_follows_the_order_connections_were_touched() -> None:
 
 def test_demux_sees_a_window_reopened_by_the_application() -> None:
     # No segment arrives and no timer runs: only consumed() makes output (a window update).
-    server = TcpDemux(cfg(recv_buffer=8192, auto_consume=False))
-    server.listen(80)
-    client = TcpDemux(cfg(nagle=False))
-    c = client.connect((CLI, 40000), (SRV, 80), 0.0)
-    while _pump(client, server, 0.0):
-        pass
-    s = server.accept()
-    assert s is not None
+    server, client, c, s = _connected(cfg(recv_buffer=8192, auto_consume=False), cfg(nagle=False))
     c.send(bytes(20000))
     now = 0.0
     while _pump(client, server, now) or _pump(server, client, now):
