@@ -98,7 +98,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         def status(_req: dict[str, Any]) -> dict[str, Any]:
             st = engine.status()
             tun_info = st.setdefault("tun", {})
-            tun_info.update(name=cfg.tun.name, mtu=mtu, mtu_source=how, offload=offload)
+            tun_info.update(name=cfg.tun.name, mtu=bridge.tun_mtu, mtu_source=how,
+                            offload=offload)
             st["io"].update(tun_bad_frames=tun.bad_frames, tun_write_errors=tun.write_errors,
                             udp_send_errors=dict(udp.send_errors), udp_gso=udp.gso,
                             udp_gro=udp.gro)

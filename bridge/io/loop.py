@@ -163,7 +163,7 @@ class Engine:
         if hasattr(udp, "gro_batches") and GRO_BATCHES and getattr(tun, "vnet_hdr", False):
             udp.gro_batches = GroBatch  # from_udp then hands TunFrames to the (vnet) TUN
         self.stats = {"tun_reads": 0, "tun_packets": 0, "udp_recvs": 0, "udp_datagrams": 0,
-                      "udp_sends": 0, "tun_writes": 0}
+                      "udp_sends": 0, "tun_writes": 0, "pmtu_updates": 0}
 
     def pump_tun(self, limit: int = BATCH) -> int:
         """Read up to `limit` frames from the TUN, in chunks of CHUNK reads: run `from_tun`
@@ -280,6 +280,39 @@ class Engine:
                                                                sports)
         else:
             self.stats["udp_sends"] += self.udp.send_datagrams(addr, dgs)
+        if getattr(self.udp, "too_big", None):
+            self.learn_path_mtu()
+
+    def learn_path_mtu(self) -> None:
+        """A send met EMSGSIZE: the underlay path MTU toward that peer shrank (RFC 1191 /
+        RFC 8201, an ICMP error the kernel took). Tell the core (Bridge.set_path_mtu: the
+        peer's tunnel MTU, hence its ICMP Too Big and MSS clamping) and shrink the TUN."""
+        udp: Any = self.udp
+        while udp.too_big:
+            try:
+                addr = udp.too_big.pop()
+            except KeyError:  # another thread took it
+                return
+            mtu = udp.path_mtu(addr)
+            if mtu is None:
+                continue
+            with self.lock:
+                before = self.bridge.tun_mtu
+                try:
+                    after = self.bridge.set_path_mtu(mtu, addr)
+                except ValueError:  # below 576: an underlay we cannot use; keep the old one
+                    log.warning("path MTU %d toward %s is below 576; ignored", mtu, addr)
+                    continue
+            self.stats["pmtu_updates"] += 1
+            if after != before:
+                log.info("path MTU toward %s:%d is now %d: tunnel MTU %d (was %d)",
+                         addr[0], addr[1], mtu, after, before)
+                set_mtu = getattr(self.tun, "set_mtu", None)
+                if set_mtu is not None:
+                    try:
+                        set_mtu(after)
+                    except OSError as e:
+                        log.warning("could not set the TUN MTU to %d: %s", after, e)
 
     def _write(self, pkts: Sequence[bytes | bytearray | memoryview]) -> None:
         self.stats["tun_writes"] += self.tun.write_packets(pkts)

@@ -23,7 +23,8 @@ Rules:
   lets the peer's NIC RSS and ECMP in the underlay spread flows (RFC 8086 §3.2.1's aim).
 - Both are probed once: if setsockopt/sendmsg refuse them, plain sendto/recvfrom is used.
 - Send errors never raise: EAGAIN waits briefly for room, then drops; EMSGSIZE and
-  others are counted in `send_errors` by errno name.
+  others are counted in `send_errors` by errno name. An EMSGSIZE also puts its peer in
+  `too_big`, for the loop to learn the new path MTU (`path_mtu`, RFC 1191 / RFC 8201).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ SOL_UDP = 17
 UDP_SEGMENT = 103
 UDP_GRO = 104
 IP_MTU_DISCOVER = 10
+IP_MTU = 14  # getsockopt on a connected socket: the path MTU the kernel knows (ip(7))
+IPV6_MTU = 24  # the same for IPv6 (ipv6(7))
 IP_PMTUDISC_DO = 2
 IPV6_MTU_DISCOVER = 23
 IPV6_PMTUDISC_DO = 2
@@ -117,6 +120,7 @@ class UdpEndpoint:
         self._view = memoryview(self._buf)
         self._anc = socket.CMSG_SPACE(_GRO_SIZE.size)
         self.send_errors: dict[str, int] = {}
+        self.too_big: set[Addr] = set()  # peers that refused a datagram with EMSGSIZE
         self.max_payload = 65507 if not self.v6 else 65527
         self.address = address
         # Set by the loop when its core takes GroBatch payloads (bridge/gso.py): a GRO
@@ -136,9 +140,35 @@ class UdpEndpoint:
         self._pool.clear()
         self.sock.close()
 
-    def _err(self, e: OSError) -> None:
+    def _err(self, e: OSError, dest: Addr | None = None) -> None:
         name = errno.errorcode.get(e.errno or 0, "error").lower()
         self.send_errors[name] = self.send_errors.get(name, 0) + 1
+        if e.errno == errno.EMSGSIZE and dest is not None:
+            # RFC 1191 / RFC 8201: the kernel learned a smaller path MTU toward `dest` (an
+            # ICMP Fragmentation Needed / Packet Too Big on the underlay); the loop asks
+            # path_mtu() and tells the core (Engine.learn_path_mtu)
+            host = dest[0][7:] if dest[0].startswith("::ffff:") else dest[0]
+            self.too_big.add((host, dest[1]))
+
+    def _over_path_mtu(self, size: int, dest: Addr) -> bool:
+        """Would a `size`-byte datagram to `dest` exceed the kernel's path MTU?"""
+        host = dest[0][7:] if dest[0].startswith("::ffff:") else dest[0]
+        mtu = self.path_mtu((host, dest[1]))
+        return mtu is not None and size + (48 if ":" in host else 28) > mtu
+
+    def path_mtu(self, addr: Addr) -> int | None:
+        """The path MTU the kernel holds toward `addr` (IP_MTU / IPV6_MTU of a connected
+        socket: no packet is sent), or None if it cannot tell."""
+        v6 = ":" in addr[0]
+        try:
+            with socket.socket(socket.AF_INET6 if v6 else socket.AF_INET,
+                               socket.SOCK_DGRAM) as s:
+                s.connect(addr)
+                if v6:
+                    return int(s.getsockopt(socket.IPPROTO_IPV6, IPV6_MTU))
+                return int(s.getsockopt(socket.IPPROTO_IP, IP_MTU))
+        except OSError:
+            return None
 
     # -- receive ------------------------------------------------------------------------
 
@@ -327,6 +357,11 @@ class UdpEndpoint:
         try:
             self._retry(sock, lambda: sock.sendmsg(data, cmsg, 0, dest))
         except OSError as e:
+            if e.errno == errno.EINVAL and self._over_path_mtu(size, dest):
+                # udp(7): a GSO segment larger than the path MTU is EINVAL, not EMSGSIZE;
+                # it is a shrunken path, not a kernel without GSO
+                self._err(OSError(errno.EMSGSIZE, "segment above the path MTU"), dest)
+                return
             if e.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
                 log.info("UDP GSO refused (%s); plain sends from now on", e)
                 self.gso = False
@@ -334,14 +369,14 @@ class UdpEndpoint:
                     for o in range(0, len(d), size):  # a joined chunk: cut it again
                         self._send_one(memoryview(d)[o:o + size], dest, sock)
                 return
-            self._err(e)
+            self._err(e, dest)
 
     def _send_one(self, d: bytes | bytearray | memoryview, dest: Addr,
                   sock: socket.socket) -> None:
         try:
             self._retry(sock, lambda: sock.sendto(d, dest))
         except OSError as e:
-            self._err(e)
+            self._err(e, dest)
 
     def _retry(self, sock: socket.socket, fn: Callable[[], int]) -> None:
         """Call fn; on EAGAIN wait up to 50 ms for room in the socket buffer, once."""

@@ -413,3 +413,38 @@ def test_icmp_errors_of_the_remote_gateway_reach_the_client(lab: Lab, dst: str,
         assert st is not None and st["drops"].get("spoofed_source", 0) == 0, st["drops"]
     finally:
         assert gw.stop() == {"gw-a": 0, "gw-b": 0}
+
+
+def test_path_mtu_shrinks_while_running(lab: Lab, blob: str) -> None:
+    """RFC 1191 / RFC 8201 soft state: the WAN narrows under a running tunnel. The next big
+    send meets EMSGSIZE (or, for a GSO batch, EINVAL: udp(7)); grebe asks the kernel for the
+    new path MTU and lowers the peer's tunnel MTU and the TUN's, so a download on a new
+    connection completes, and GSO stays on."""
+    for node in ("client", "server"):  # forget PMTUs learned in earlier tests of this lab
+        lab.run(node, ["ip", "route", "flush", "cache"])
+        lab.run(node, ["ip", "tcp_metrics", "flush", "all"], check=False)
+    gw = Gateways(lab, *VARIANTS["gre-v4underlay"])
+    try:
+        before = gw.status("gw-b")
+        assert before is not None
+        assert before["tun"]["mtu"] == 1500 - 20 - 8 - 12
+        assert download(lab, SERVER4) == blob
+        for node in ("gw-a", "gw-b"):
+            with lab.iproute(node) as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname="wan0")[0], mtu=1400)
+        assert download(lab, SERVER4) == blob
+        st = gw.status("gw-b")
+        assert st is not None
+        assert st["io"]["pmtu_updates"] >= 1 and st["io"]["udp_gso"], st["io"]
+        assert st["tun"]["mtu"] == 1400 - 20 - 8 - 12
+        with lab.iproute("gw-b") as ipr:
+            assert ipr.link("get", ifname="grebe0")[0].get_attr("IFLA_MTU") == 1360
+        # (the server learns the smaller MTU from gw-b's kernel now, which forwards into a
+        # TUN of 1360; segments already on their way got grebe's ICMP, or a retransmission)
+    finally:
+        try:
+            assert gw.stop() == {"gw-a": 0, "gw-b": 0}
+        finally:
+            for node in ("gw-a", "gw-b"):
+                with lab.iproute(node) as ipr:
+                    ipr.link("set", index=ipr.link_lookup(ifname="wan0")[0], mtu=1500)

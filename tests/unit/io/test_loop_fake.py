@@ -226,3 +226,22 @@ def test_both_directions_at_once_through_threaded_runners() -> None:
     ka, kb = sa["events"]["keepalive_tx"], sb["events"]["keepalive_tx"]  # counted as tx too
     assert pa["tx_packets"] == n + ka and pb["rx_packets"] == n
     assert pb["tx_packets"] == n + kb and pa["rx_packets"] == n
+
+
+def test_a_shrunken_path_mtu_reaches_the_core_and_the_tun() -> None:
+    """Engine.learn_path_mtu: the peer that met EMSGSIZE gets the kernel's path MTU minus the
+    encapsulation overhead (Bridge.set_path_mtu), and the TUN follows; below 576 is ignored."""
+    ea, _eb, _net, _clock = _pair("gre")
+    mtus: list[int] = []
+    ea.tun.set_mtu = mtus.append  # type: ignore[attr-defined]
+    peer = ("198.18.0.2", 4754)
+    ea.udp.too_big = {peer}  # type: ignore[attr-defined]
+    ea.udp.path_mtu = lambda addr: 1400 if addr == peer else None  # type: ignore[attr-defined]
+    ea.learn_path_mtu()
+    overhead = 20 + 8 + 12  # IPv4 + UDP + GRE with key and sequence number
+    assert ea.bridge.peers[0].mtu == 1400 - overhead and mtus == [1400 - overhead]
+    assert ea.stats["pmtu_updates"] == 1 and not ea.udp.too_big  # type: ignore[attr-defined]
+    ea.udp.too_big = {peer}  # type: ignore[attr-defined]
+    ea.udp.path_mtu = lambda addr: 500  # type: ignore[attr-defined]
+    ea.learn_path_mtu()  # an unusable underlay: logged, the MTU stays
+    assert ea.bridge.peers[0].mtu == 1400 - overhead and mtus == [1400 - overhead]

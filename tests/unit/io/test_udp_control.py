@@ -236,3 +236,19 @@ def test_consecutive_gro_batches_of_one_source_are_joined(host: str) -> None:
     assert all(len(p.buf) <= JOIN_MAX for p in batches)
     for e in (a, b, c):
         e.close()
+
+
+def test_emsgsize_marks_the_peer_for_a_path_mtu_update() -> None:
+    """RFC 1191 / RFC 8201: EMSGSIZE (or a GSO batch's EINVAL above the path MTU) is counted
+    and puts the peer, unmapped, in `too_big`; path_mtu() reads the kernel's value."""
+    import errno
+
+    u = UdpEndpoint("127.0.0.1", 0)
+    u._err(OSError(errno.EMSGSIZE, "too long"), ("::ffff:198.18.0.2", 4754))  # noqa: SLF001
+    u._err(OSError(errno.ECONNREFUSED, "refused"), ("198.18.0.3", 4754))  # noqa: SLF001
+    assert u.too_big == {("198.18.0.2", 4754)}
+    assert u.send_errors == {"emsgsize": 1, "econnrefused": 1}
+    assert (u.path_mtu(("127.0.0.1", 9)) or 0) > 60000  # loopback: about 64 KB
+    assert u._over_path_mtu(65536, ("127.0.0.1", 9))  # noqa: SLF001
+    assert not u._over_path_mtu(1400, ("127.0.0.1", 9))  # noqa: SLF001
+    u.close()
