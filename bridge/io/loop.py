@@ -65,6 +65,7 @@ GRO_BATCHES = os.environ.get("GREBE_GRO_BATCHES", "1") == "1"  # bridge/gso.py r
 # drain round, as before. A knob for further measurement.
 CHUNK = int(os.environ.get("GREBE_CHUNK", str(BATCH)))
 INLINE_MAX = int(os.environ.get("GREBE_INLINE_MAX", "4"))  # see _small()
+PMTU_RECHECK = 30.0  # seconds between reads of the kernel's path MTU per peer (timer thread)
 
 
 class TunLike(Protocol):
@@ -156,6 +157,7 @@ class Engine:
         # Called with the lock held after each core call, with its Output: a hook for output
         # that must leave in the order the core made it across threads (bridge/terminate_cli.py)
         self.under_lock: Callable[[Output], None] | None = None
+        self._pmtu_next = clock() + PMTU_RECHECK
         self.warmer: Warmer | None = None  # keep-warm (bridge/io/warm.py); Runner sets it
         self._sports_ok = hasattr(udp, "sport_pool")  # an adapter that can choose ports
         if hasattr(tun, "super_packets") and SUPER_PACKETS:  # Bridge.from_tun takes them
@@ -225,7 +227,10 @@ class Engine:
                 self.under_lock(out)
             self._log_peer_changes(now)
         self._execute(out)
-        return t
+        if now >= self._pmtu_next:
+            self._pmtu_next = now + PMTU_RECHECK
+            self.recheck_path_mtu()
+        return self._pmtu_next if t is None else min(t, self._pmtu_next)
 
     def _peer_event_counts(self) -> tuple[int, int]:
         c = self.bridge.counters
@@ -293,17 +298,32 @@ class Engine:
                 addr = udp.too_big.pop()
             except KeyError:  # another thread took it
                 return
-            mtu = udp.path_mtu(addr)
-            if mtu is None:
-                continue
+            self._apply_path_mtu(addr)
+
+    def recheck_path_mtu(self) -> None:
+        """Every PMTU_RECHECK seconds (timer thread): the kernel's path MTU toward each peer,
+        which grows back when its learned value expires (RFC 1191 §6.3, RFC 8201 §4: Linux
+        ages it out after 10 minutes), so a tunnel MTU lowered by EMSGSIZE recovers."""
+        if getattr(self.udp, "path_mtu", None) is None:
+            return
+        for addr in {p.addr for p in self.bridge.peers}:
+            self._apply_path_mtu(addr)
+
+    def _apply_path_mtu(self, addr: Addr) -> None:
+        udp: Any = self.udp
+        mtu = udp.path_mtu(addr)
+        if mtu is not None:
             with self.lock:
                 before = self.bridge.tun_mtu
+                peer_before = [p.mtu for p in self.bridge.peers]
                 try:
                     after = self.bridge.set_path_mtu(mtu, addr)
                 except ValueError:  # below 576: an underlay we cannot use; keep the old one
                     log.warning("path MTU %d toward %s is below 576; ignored", mtu, addr)
-                    continue
-            self.stats["pmtu_updates"] += 1
+                    return
+                changed = peer_before != [p.mtu for p in self.bridge.peers]
+            if changed:
+                self.stats["pmtu_updates"] += 1
             if after != before:
                 log.info("path MTU toward %s:%d is now %d: tunnel MTU %d (was %d)",
                          addr[0], addr[1], mtu, after, before)

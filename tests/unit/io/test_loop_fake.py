@@ -245,3 +245,24 @@ def test_a_shrunken_path_mtu_reaches_the_core_and_the_tun() -> None:
     ea.udp.path_mtu = lambda addr: 500  # type: ignore[attr-defined]
     ea.learn_path_mtu()  # an unusable underlay: logged, the MTU stays
     assert ea.bridge.peers[0].mtu == 1400 - overhead and mtus == [1400 - overhead]
+
+
+def test_the_path_mtu_grows_back_on_the_timer() -> None:
+    """RFC 1191 §6.3: the kernel forgets a learned path MTU after a while; the timer thread
+    reads it again every PMTU_RECHECK seconds and the tunnel MTU (and the TUN) follow up."""
+    from bridge.io.loop import PMTU_RECHECK
+
+    ea, _eb, _net, clock = _pair("gre")
+    mtus: list[int] = []
+    ea.tun.set_mtu = mtus.append  # type: ignore[attr-defined]
+    path = {"mtu": 1300}
+    ea.udp.path_mtu = lambda addr: path["mtu"]  # type: ignore[attr-defined]
+    ea.udp.too_big = {("198.18.0.2", 4754)}  # type: ignore[attr-defined]
+    ea.learn_path_mtu()
+    path["mtu"] = 1500  # the learned value expired in the kernel
+    assert ea.pump_timer() is not None  # the recheck is a deadline of its own
+    assert ea.bridge.peers[0].mtu == 1300 - 40  # not yet: PMTU_RECHECK has not passed
+    clock.t += PMTU_RECHECK
+    ea.pump_timer()
+    assert ea.bridge.peers[0].mtu == 1400 and mtus == [1260, 1400]  # up to tun.mtu = 1400
+    assert ea.stats["pmtu_updates"] == 2
