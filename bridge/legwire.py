@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import struct
 
+from bridge.mss import v6_tcp_offset
 from bridge.tunframe import TunFrame
 from stack.wire.checksum import checksum, partial, pseudo_sum_v4, pseudo_sum_v6
 from stack.wire.ip import DF, IPV4_HEADER, IPV6_HEADER, PROTO_TCP
@@ -148,19 +149,33 @@ def merge_run(run: list[bytes], off: int, src: bytes, dst: bytes) -> TcpSegment 
 
 def tcp_key(pkt: bytes | bytearray | memoryview, n: int
             ) -> tuple[tuple[int, bytes, bytes, int, int], int, int] | None:
-    """((version, src, dst, sport, dport), TCP offset, flags) of a TCP packet, or None."""
+    """((version, src, dst, sport, dport), TCP offset, flags) of a TCP packet, or None.
+
+    Inspection must not be evaded by framing: a TCP header behind IPv6 extension headers
+    (RFC 8200 §4, walked by `bridge.mss.v6_tcp_offset`) and the first fragment of a TCP
+    datagram (IPv4 offset 0 with MF; an IPv6 Fragment header at offset 0) are keyed like
+    any segment, so a selected flow's packet goes to its splice or the rule's verdict and
+    never past it; a first fragment then fails the TCP checksum there and is dropped
+    (counted). Non-first fragments carry no TCP header: without their first fragment the
+    receiver cannot reassemble them."""
     if n < 40:
         return None
     b0 = pkt[0]
     if b0 >> 4 == 4:
-        if pkt[9] != PROTO_TCP or (pkt[6] & 0x3F) or pkt[7]:  # MF or offset: fragment
+        if pkt[9] != PROTO_TCP or (pkt[6] & 0x1F) or pkt[7]:  # not TCP, or not a first part
             return None
         off = (b0 & 0x0F) << 2
         src, dst, version = bytes(pkt[12:16]), bytes(pkt[16:20]), 4
     elif b0 >> 4 == 6:
-        if n < 60 or pkt[6] != PROTO_TCP:
+        if n < 60:
             return None
-        off, src, dst, version = 40, bytes(pkt[8:24]), bytes(pkt[24:40]), 6
+        if pkt[6] == PROTO_TCP:
+            off = 40
+        else:
+            off = v6_tcp_offset(pkt, 0)[0]
+            if off < 0:
+                return None
+        src, dst, version = bytes(pkt[8:24]), bytes(pkt[24:40]), 6
     else:
         return None
     if n < off + 20:

@@ -1,0 +1,75 @@
+"""Inspection is not evaded by framing: a TCP SYN behind IPv6 extension headers, or the first
+fragment of a TCP datagram, to a port an [[inspect]] rule selects never passes the Terminator
+uninspected (bridge/legwire.py tcp_key)."""
+
+from __future__ import annotations
+
+import struct
+
+from test_terminate_bridge import CLIENT, CLIENT6, SERVER, SERVER6, bridges, ip_packet
+
+from bridge.pipeline import Output
+from stack.wire.tcp import SYN, TcpSegment
+
+
+def _with_dest_opts(pkt: bytes) -> bytes:
+    """The IPv6 packet with an 8-byte Destination Options header (PadN) before its TCP."""
+    opts = bytes([6, 0, 1, 4, 0, 0, 0, 0])  # next header TCP, length 0 (8 bytes), PadN(4)
+    b = bytearray(pkt[:40]) + opts + pkt[40:]
+    struct.pack_into(">H", b, 4, len(b) - 40)
+    b[6] = 60  # Destination Options
+    return bytes(b)
+
+
+def _first_fragment_v4(pkt: bytes, cut: int) -> bytes:
+    """The first fragment (MF, offset 0) of an IPv4 packet: its header and `cut` bytes."""
+    from stack.wire.checksum import checksum
+
+    ihl = (pkt[0] & 15) * 4
+    b = bytearray(pkt[:ihl + cut])
+    struct.pack_into(">H", b, 2, len(b))
+    b[6] = 0x20  # MF, offset 0 (and no DF)
+    b[7] = 0
+    b[10:12] = b"\0\0"
+    struct.pack_into(">H", b, 10, checksum(bytes(b[:ihl])))
+    return bytes(b)
+
+
+def test_a_syn_behind_a_destination_options_header_is_terminated() -> None:
+    a, _b = bridges()
+    syn = ip_packet(a, CLIENT6, SERVER6, TcpSegment(40010, 80, 7, 0, SYN, 500, mss=1400))
+    out = Output()
+    a.from_tun([_with_dest_opts(syn)], 0.0, out)
+    assert len(a.flows(0.0)) == 1  # a splice: the flow is inspected like any other
+    # its server leg's SYN is ours, on a plain IPv6 header: nothing of the client's went out
+    (dgram,) = out.udp[("198.18.0.2", 4754)]
+    assert bytes(dgram).find(bytes([6, 0, 1, 4, 0, 0, 0, 0])) < 0
+
+
+def test_a_syn_behind_extension_headers_to_an_unselected_port_is_forwarded() -> None:
+    a, _b = bridges()
+    syn = ip_packet(a, CLIENT6, SERVER6, TcpSegment(40011, 8080, 7, 0, SYN, 500, mss=1400))
+    out = Output()
+    a.from_tun([_with_dest_opts(syn)], 0.0, out)
+    assert not a.flows(0.0)
+    (dgram,) = out.udp[("198.18.0.2", 4754)]
+    assert bytes(dgram).find(bytes([6, 0, 1, 4, 0, 0, 0, 0])) > 0  # as the client sent it
+
+
+def test_the_first_fragment_of_a_selected_syn_is_not_forwarded() -> None:
+    a, _b = bridges()
+    syn = ip_packet(a, CLIENT, SERVER, TcpSegment(40012, 80, 7, 0, SYN, 500, mss=1400,
+                                                 payload=bytes(64)))
+    out = Output()
+    a.from_tun([_first_fragment_v4(syn, 24)], 0.0, out)
+    assert not out.udp and not a.flows(0.0)  # incomplete: the TCP checksum fails; dropped
+    assert sum(a.terminator.drops.values()) == 1  # type: ignore[union-attr]
+
+
+def test_the_first_fragment_of_an_unselected_flow_is_forwarded() -> None:
+    a, _b = bridges()
+    syn = ip_packet(a, CLIENT, SERVER, TcpSegment(40013, 8080, 7, 0, SYN, 500, mss=1400,
+                                                 payload=bytes(64)))
+    out = Output()
+    a.from_tun([_first_fragment_v4(syn, 24)], 0.0, out)
+    assert len(out.udp[("198.18.0.2", 4754)]) == 1
