@@ -40,13 +40,14 @@ from bridge.mss import v6_tcp_offset
 from bridge.tunframe import TunFrame
 from stack.wire.checksum import checksum, partial, pseudo_sum_v4, pseudo_sum_v6
 from stack.wire.ip import DF, IPV4_HEADER, IPV6_HEADER, PROTO_TCP
-from stack.wire.tcp import ACK, PSH, TcpSegment, emit_tcp_parts
+from stack.wire.tcp import ACK, PSH, SYN, TcpSegment, emit_tcp_parts
 
 __all__ = ["LegFramer", "merge_run", "run_part", "tcp_key", "TSO_MAX_SEGMENT", "VNET",
            "NEEDS_CSUM", "DATA_VALID"]
 
 _LEN_ID = struct.Struct("!HH")
 _PORTS_FLAGS = struct.Struct("!HH8xxB")
+_PORTS = struct.Struct(">HH")
 _U32 = struct.Struct("!I")
 _NOT_PSH = 0xFF & ~PSH
 _V6_FIRST = 0x60000000
@@ -158,7 +159,7 @@ def tcp_key(pkt: bytes | bytearray | memoryview, n: int
     never past it; a first fragment then fails the TCP checksum there and is dropped
     (counted). Non-first fragments carry no TCP header: without their first fragment the
     receiver cannot reassemble them."""
-    if n < 40:
+    if n < 28:  # IPv4 header + the 8 bytes of TCP a first fragment carries at least
         return None
     b0 = pkt[0]
     if b0 >> 4 == 4:
@@ -179,6 +180,11 @@ def tcp_key(pkt: bytes | bytearray | memoryview, n: int
     else:
         return None
     if n < off + 20:
+        if version == 4 and pkt[6] & 0x20 and n >= off + 8:
+            # a first fragment too short for the flags (RFC 1858 §3 "tiny fragment"): RFC 791
+            # gives it at least 8 bytes, so the ports are here; judged as a connection attempt
+            sport, dport = _PORTS.unpack_from(pkt, off)
+            return (version, src, dst, sport, dport), off, SYN
         return None
     sport, dport, flags = _PORTS_FLAGS.unpack_from(pkt, off)
     return (version, src, dst, sport, dport), off, flags

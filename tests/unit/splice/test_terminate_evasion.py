@@ -73,3 +73,14 @@ def test_the_first_fragment_of_an_unselected_flow_is_forwarded() -> None:
     out = Output()
     a.from_tun([_first_fragment_v4(syn, 24)], 0.0, out)
     assert len(out.udp[("198.18.0.2", 4754)]) == 1
+
+
+def test_a_tiny_first_fragment_is_judged_by_its_ports() -> None:
+    """RFC 1858 §3: a first fragment with only 8 bytes of TCP (ports, no flags) to a selected
+    port is dropped; to an unselected one it passes."""
+    a, _b = bridges()
+    for port, forwarded in ((80, False), (8080, True)):
+        syn = ip_packet(a, CLIENT, SERVER, TcpSegment(40014, port, 7, 0, SYN, 500, mss=1400))
+        out = Output()
+        a.from_tun([_first_fragment_v4(syn, 8)], 0.0, out)
+        assert bool(out.udp) is forwarded and not a.flows(0.0)
