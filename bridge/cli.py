@@ -220,14 +220,22 @@ def _fmt_status(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def _ask(args: argparse.Namespace, cmd: str) -> dict[str, Any] | None:
+    """One request to the running endpoint's control socket; None (said) when none runs."""
     from bridge.io.control import request, socket_name
 
     name = args.socket or socket_name(args.interface)
     try:
-        st = request(name, "status")
+        answer: dict[str, Any] = request(name, cmd)
     except OSError as e:
         print(f"grebe: no grebe on {name}: {e.strerror or e}", file=sys.stderr)
+        return None
+    return answer
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    st = _ask(args, "status")
+    if st is None:
         return 1
     if args.json:
         print(json.dumps(st, indent=2, sort_keys=True))
@@ -278,14 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_flows(args: argparse.Namespace) -> int:
     """`grebe flows`: the userspace backend's table, then the kernel backend's flows."""
-    from bridge.io.control import request, socket_name
     from bridge.tproxy_info import format_flows
 
-    name = args.socket or socket_name(args.interface)
-    try:
-        answer = request(name, "flows")
-    except OSError as e:
-        print(f"grebe: no grebe on {name}: {e.strerror or e}", file=sys.stderr)
+    answer = _ask(args, "flows")
+    if answer is None:
         return 1
     if "error" in answer:
         msg = answer["error"]

@@ -158,6 +158,7 @@ class Engine:
         # that must leave in the order the core made it across threads (bridge/terminate_cli.py)
         self.under_lock: Callable[[Output], None] | None = None
         self._pmtu_next = clock() + PMTU_RECHECK
+        self._too_big: set[Addr] = getattr(udp, "too_big", set())  # filled in place
         self.warmer: Warmer | None = None  # keep-warm (bridge/io/warm.py); Runner sets it
         self._sports_ok = hasattr(udp, "sport_pool")  # an adapter that can choose ports
         if hasattr(tun, "super_packets") and SUPER_PACKETS:  # Bridge.from_tun takes them
@@ -170,42 +171,38 @@ class Engine:
     def pump_tun(self, limit: int = BATCH) -> int:
         """Read up to `limit` frames from the TUN, in chunks of CHUNK reads: run `from_tun`
         and execute per chunk. Returns frames read."""
-        pkts = self._pk_t
-        total = 0
-        while total < limit:
-            want = min(CHUNK, limit - total)
-            reads = self.tun.read_packets(pkts, want)
-            total += reads
-            if pkts:
-                self.stats["tun_reads"] += reads
-                self.stats["tun_packets"] += len(pkts)
-                out = self._out_t
-                if self.warmer is not None:
-                    self.warmer.note_tun(pkts)
-                self._call(self.bridge.from_tun, pkts, out)
-                pkts.clear()
-                self._execute(out)
-            if reads < want:
-                break
-        return total
+        w = self.warmer
+        return self._pump(self.tun.read_packets, self._pk_t, self.bridge.from_tun, self._out_t,
+                          w.note_tun if w is not None else None, "tun_reads", "tun_packets",
+                          limit)
 
     def pump_udp(self, limit: int = BATCH) -> int:
         """Read up to `limit` recvs (GRO batches or datagrams), in chunks of CHUNK: run
         `from_udp` and execute per chunk. Returns recvs."""
-        dgs = self._dg_u
+        w = self.warmer
+        return self._pump(self.udp.recv_datagrams, self._dg_u, self.bridge.from_udp,
+                          self._out_u, w.note_udp if w is not None else None, "udp_recvs",
+                          "udp_datagrams", limit)
+
+    def _pump(self, read: Callable[[list[Any], int], int], batch: list[Any],
+              core: Callable[[Any, float, Output], None], out: Output,
+              note: Callable[[list[Any]], None] | None, k_calls: str, k_items: str,
+              limit: int) -> int:
+        """One direction: read in chunks of CHUNK calls until EAGAIN or `limit`; per chunk
+        the keep-warm sample, the core call and the output. Returns read calls."""
+        stats = self.stats
         total = 0
         while total < limit:
             want = min(CHUNK, limit - total)
-            calls = self.udp.recv_datagrams(dgs, want)
+            calls = read(batch, want)
             total += calls
-            if dgs:
-                self.stats["udp_recvs"] += calls
-                self.stats["udp_datagrams"] += len(dgs)
-                out = self._out_u
-                if self.warmer is not None:
-                    self.warmer.note_udp(dgs)
-                self._call(self.bridge.from_udp, dgs, out)
-                dgs.clear()
+            if batch:
+                stats[k_calls] += calls
+                stats[k_items] += len(batch)
+                if note is not None:
+                    note(batch)
+                self._call(core, batch, out)
+                batch.clear()
                 self._execute(out)
             if calls < want:
                 break
@@ -285,7 +282,7 @@ class Engine:
                                                                sports)
         else:
             self.stats["udp_sends"] += self.udp.send_datagrams(addr, dgs)
-        if getattr(self.udp, "too_big", None):
+        if self._too_big:  # EMSGSIZE met (bridge/io/udp.py); the set is the adapter's own
             self.learn_path_mtu()
 
     def learn_path_mtu(self) -> None:

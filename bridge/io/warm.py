@@ -15,15 +15,16 @@ Rules:
   Terminator's part, for measurements).
 
 Theory of operation. Measured on this lab's machine (a 2-vCPU VM, `tests` and bench lab):
-`Bridge.from_tun` on one ping costs 4.5 µs in a tight loop and 13-16 µs run twice in a row,
-but 120-130 µs as the first thing a thread does after a 10 ms idle wait, 50 µs after 2 ms and
-30 µs after 1 ms: while a vCPU sleeps, the host runs other work on the core, and the
-interpreter's working set (bytecode, objects, dicts) leaves the caches. C tunnels touch far less
-memory per packet and pay far less for it. A ping through two gateways crosses four of these
-cold starts, which is most of grebe's added RTT at `ping -i 0.01`. So while a flow is live, an
-idle data thread wakes every `WARM_TICK_MS` (0.5 ms) and runs its direction's hot path once.
-Cost: one shadow call (10-30 µs) per tick per data thread, a few percent of a core per
-gateway, only in the second after traffic; the bench prints the RTT with and without it.
+`Bridge.from_tun` on one ping costs 4.5 µs in a tight loop and 13-16 µs run twice in a row, but
+120-130 µs as the first thing a thread does after a 10 ms idle wait, 50 µs after 2 ms and 30 µs
+after 1 ms (tests/unit/io/bench_cold.py): while a vCPU sleeps, the host runs other work on the
+core, and the interpreter's working set (bytecode, objects, dicts) leaves the caches. C tunnels
+touch far less memory per packet and pay far less for it. A ping through two gateways crosses
+four of these cold starts, which is most of grebe's added RTT at `ping -i 0.01`. So while a
+flow is live, an idle data thread wakes every `WARM_TICK_MS` (0.5 ms) and runs its direction's
+hot path once. Cost: one shadow call (10-30 µs) per tick per data thread, only in the second
+after traffic: 30 % of a core for both lab gateways under `ping -i 0.01` against 11 % without
+(tests/lab/keepwarm_cost.sh); the bench prints the RTT with and without it.
 """
 
 from __future__ import annotations
