@@ -31,13 +31,18 @@ path would send; tests/unit/bridge/test_bridge_gso.py proves it with hypothesis)
 
 Theory of operation: `parse_tcp` accepts only a plain TCP packet (IPv4 without fragment
 bits, IPv6 without extension headers) and returns its header lengths. `encap_segments`
-builds the full-size segments as rows of one numpy array (headers broadcast, payload one
-reshape, ids/sequence numbers/checksums as column vectors; 32-bit word sums folded modulo
-0xFFFF, the `stack.wire.checksum` arithmetic, RFC 1071 §2(B) byte-order independence), takes
-one copy out of numpy and slices it per datagram; the short last segment (and everything,
-with `use_numpy=False` or few segments) goes through the pure-Python row builder, which
-calls `stack.wire.checksum`. The numpy and Python paths give equal bytes (tested).
-Receiving (`coalesce_rows`) verifies GRE checksums per row by the same identity.
+builds the full-size segments as rows of one numpy array: one header template broadcast,
+the payload one reshape, and only the fields that differ between rows (sequence numbers,
+IPv4 ids, checksums) computed as short column vectors from per-frame constants and written
+through a record view of the rows (`_row_fields`). numpy costs microseconds per call and
+little per byte, so the call count is what is kept low; only the payload is summed, once
+(the `stack.wire.checksum` identities, RFC 1071 §2(B)). One copy comes out of numpy; the
+short last segment (and everything, with `use_numpy=False` or few segments) goes through
+the pure-Python row builder, which calls `stack.wire.checksum`. The numpy and Python paths
+give equal bytes (tested). Receiving (`coalesce_rows`) checks all rows with a handful of
+whole-array calls in the same way (a cached mask and record view per layout,
+`_coalesce_layout`); an IPv4 header is intact when its id + checksum equals row 0's, whose
+header was checked; GRE checksums by the identity above.
 """
 
 from __future__ import annotations
@@ -51,7 +56,6 @@ from stack.wire.checksum import (
     checksum,
     incremental_update16,
     partial,
-    partial_le_rows,
     pseudo_sum_v4,
     pseudo_sum_v6,
     swap16,
@@ -231,59 +235,78 @@ def _rows_numpy(pkt: memoryview, v4: bool, ihl: int, doff: int, g: int, rows: in
                 out: list[bytes | bytearray], last_row: bytes | None = None,
                 csum_at: int = -1) -> None:
     """The `rows` full-size datagrams at once, one numpy row each (see the module doc).
-    With `last_row` (the short last datagram) and even-size rows, one UdpRun of all."""
+    With `last_row` (the short last datagram) and even-size rows, one UdpRun of all.
+
+    numpy's cost here is per call (microseconds each), not per byte, so the rows share one
+    header template and only the fields that differ between rows are computed, as
+    46-element vectors, from per-frame constants (all sums modulo 0xFFFF, RFC 1071 §2):
+    - TCP checksum: pseudo-header + template header + the row's sequence number (2**16 = 1,
+      so its value) + the row's payload words. The payload is summed as little-endian
+      words straight from the rows, and a little-endian sum is 256 times the big-endian one
+      (a byte swap is a multiplication by 256 modulo 0xFFFF, and 256 * 256 = 1).
+    - IPv4 header checksum: the template's sum + the row's identification, then the TTL
+      decrement as RFC 1624 eqn. 3 applies it, folded into one constant.
+    A sum S > 0 folds to the `partial` value ((S - 1) mod 0xFFFF) + 1, so a field
+    ~partial reads 0xFFFE - (S - 1) mod 0xFFFF: the bytes of the per-packet path."""
     np = _np
     hl = ihl + doff
     p = len(prefix)  # 0 (IPIP) or 4..16 (GRE)
     width = p + hl + g
     w4 = width + (g & 1)  # TCP part summed in 16-bit words: pad an odd one with a zero
-    hdr = bytearray(hdr0)
+    t = p + ihl
+    hdr = bytearray(hdr0)  # the segments' header before the TTL decrement
     if v4:
         _U16.pack_into(hdr, 2, hl + g)
-        hdr[10] = hdr[11] = 0
+        hdr[4] = hdr[5] = hdr[10] = hdr[11] = 0
     else:
         _U16.pack_into(hdr, 4, hl - 40 + g)
+    hdr[ihl + 4:ihl + 8] = b"\0\0\0\0"
     hdr[ihl + 16] = hdr[ihl + 17] = 0
+    common = flags & _NOT_LAST & ~_CWR
+    hdr[ihl + 13] = common
+    ps = (pseudo_sum_v4 if v4 else pseudo_sum_v6)(src, dst, _TCP, doff + g)
+    kt = ps + partial(memoryview(hdr)[ihl:]) - 1  # TCP: all but sequence number and payload
+    tpl = bytearray(prefix) + hdr  # the row template, TTL / hop limit decremented
+    if v4:
+        k_ip = partial(memoryview(hdr)[:ihl]) - 1  # IPv4: all but the identification
+        old = (hdr[8] << 8) | hdr[9]
+        k_ip += ((~old) & 0xFFFF) + (old - 0x100)  # RFC 1624 eqn. 3, the TTL decrement
+        tpl[p + 8] -= 1
+    else:
+        tpl[p + 7] -= 1
     flat_run = last_row is not None and w4 == width
     if flat_run:
         assert last_row is not None
         buf = np.empty(rows * width + len(last_row), dtype=np.uint8)
         buf[rows * width:] = np.frombuffer(last_row, dtype=np.uint8)
-        a = buf[:rows * width].reshape(rows, width)
+        flat = buf[:rows * width]
     else:
-        a = np.zeros((rows, w4), dtype=np.uint8)
-    if p:
-        a[:, :p] = np.frombuffer(prefix, dtype=np.uint8)
-    a[:, p:p + hl] = np.frombuffer(hdr, dtype=np.uint8)
+        flat = np.zeros(rows * w4, dtype=np.uint8)
+    a = flat.reshape(rows, w4)
+    f = flat.view(_row_fields(w4, p, ihl, seq_at, v4))  # the varying fields, by name
+    a[:, :p + hl] = np.frombuffer(tpl, dtype=np.uint8)
     a[:, p + hl:width] = np.frombuffer(pkt, dtype=np.uint8, count=rows * g,
                                        offset=hl).reshape(rows, g)
-    idx = np.arange(rows, dtype=np.uint64)
-    t = p + ihl
-    a[:, t + 4:t + 8] = ((idx * g + tseq) & 0xFFFFFFFF).astype(">u4").view(np.uint8) \
-        .reshape(rows, 4)
-    a[:, t + 13] = flags & _NOT_LAST & ~_CWR
-    a[0, t + 13] = flags & _NOT_LAST
-    ps = (pseudo_sum_v4 if v4 else pseudo_sum_v6)(src, dst, _TCP, doff + g)
-    tsum = partial_le_rows(a[:, t:].view("<u2").sum(axis=1, dtype=np.uint64)
-                 + swap16(ps))
-    a[:, t + 16:t + 18] = ((~tsum) & 0xFFFF).astype(">u2").view(np.uint8).reshape(rows, 2)
+    idx = _counts(rows)  # uint32: sums below wrap modulo 2**32 as sequence numbers do
+    seq = _counts(rows, g) + tseq
+    f["ts"] = seq
+    tsum = np.multiply(a[:, p + hl:w4].view("<u2").sum(axis=1, dtype=np.uint32), 256,
+                        dtype=np.uint64)
+    tsum += seq
+    tsum += kt
+    if flags & _CWR:
+        tsum[0] += _CWR  # CWR stays on the first segment only
+        a[0, t + 13] = common | _CWR
+    f["tc"] = 0xFFFE - tsum % 0xFFFF
     if v4:
-        a[:, p + 4:p + 6] = ((idx + ip_id) & 0xFFFF).astype(">u2").view(np.uint8) \
-            .reshape(rows, 2)
-        ipc = (~partial_le_rows(a[:, p:p + ihl].view("<u4").sum(axis=1, dtype=np.uint64))
-               ) & 0xFFFF
-        old = (hdr[8] << 8) | hdr[9]  # RFC 1624 eqn. 3 for the TTL decrement
-        s = ((~ipc) & 0xFFFF) + ((~old) & 0xFFFF) + (old - 0x100)
-        s = (s & 0xFFFF) + (s >> 16)
-        s = (s & 0xFFFF) + (s >> 16)
-        a[:, p + 10:p + 12] = ((~s) & 0xFFFF).astype(">u2").view(np.uint8).reshape(rows, 2)
-        a[:, p + 8] = hdr[8] - 1
-    else:
-        a[:, p + 7] = hdr[7] - 1
+        ids = (idx + ip_id) & 0xFFFF
+        f["id"] = ids
+        ids += k_ip
+        f["ic"] = 0xFFFE - ids % 0xFFFF
     gs = None
     if seq_at >= 0:
-        gs = (idx + gseq) & 0xFFFFFFFF
-        a[:, seq_at:seq_at + 4] = gs.astype(">u4").view(np.uint8).reshape(rows, 4)
+        gs = idx + (gseq & 0xFFFFFFFF)
+        f["gs"] = gs
     if csum_at >= 0:
         _gre_csums(a, prefix, seq_at, gs, csum_at, v4, hdr, ps)
     if flat_run:
@@ -291,8 +314,42 @@ def _rows_numpy(pkt: memoryview, v4: bool, ihl: int, doff: int, g: int, rows: in
         r.seg = width
         out.append(r)
         return
-    flat = a.tobytes()  # one copy out of numpy, then one slice per datagram
-    out.extend([flat[i:i + width] for i in range(0, rows * w4, w4)])
+    b = flat.tobytes()  # one copy out of numpy, then one slice per datagram
+    out.extend([b[i:i + width] for i in range(0, rows * w4, w4)])
+
+
+_COUNTS: dict[tuple[int, int], Any] = {}
+_FIELDS: dict[tuple[int, int, int, int, bool], Any] = {}
+
+
+def _counts(rows: int, step: int = 1) -> Any:
+    """0, step, 2 * step, ... (rows of them) as uint32, made once per (rows, step)."""
+    a = _COUNTS.get((rows, step))
+    if a is None:
+        a = _COUNTS[(rows, step)] = (_np.arange(rows, dtype=_np.uint64) * step
+                                     ).astype(_np.uint32)
+        a.flags.writeable = False
+    return a
+
+
+def _row_fields(width: int, p: int, ihl: int, seq_at: int, v4: bool) -> Any:
+    """A numpy record type over one datagram row naming the fields that differ between
+    rows, so each is written with one call: TCP sequence number and checksum, IPv4
+    identification and header checksum, GRE sequence number (RFC 2890 §2.2)."""
+    key = (width, p, ihl, seq_at, v4)
+    dt = _FIELDS.get(key)
+    if dt is None:
+        t = p + ihl
+        fields = {"ts": (">u4", t + 4), "tc": (">u2", t + 16)}
+        if v4:
+            fields.update(id=(">u2", p + 4), ic=(">u2", p + 10))
+        if seq_at >= 0:
+            fields["gs"] = (">u4", seq_at)
+        dt = _FIELDS[key] = _np.dtype({"names": list(fields),
+                                       "formats": [v[0] for v in fields.values()],
+                                       "offsets": [v[1] for v in fields.values()],
+                                       "itemsize": width})
+    return dt
 
 
 def _gre_csums(a: Any, prefix: bytes, seq_at: int, gs: Any, csum_at: int, v4: bool,
@@ -314,8 +371,46 @@ def _gre_csums(a: Any, prefix: bytes, seq_at: int, gs: Any, csum_at: int, v4: bo
         a[:, csum_at:csum_at + 2] = np.frombuffer(_U16.pack((0xFFFF - k % 0xFFFF) % 0xFFFF),
                                                   dtype=np.uint8)
         return
-    c = (0xFFFF - (gs + k) % 0xFFFF) % 0xFFFF
+    c = (0xFFFF - (gs.astype(np.uint64) + k) % 0xFFFF) % 0xFFFF  # gs: uint32, k: up to 2**18
     a[:, csum_at:csum_at + 2] = c.astype(">u2").view(np.uint8).reshape(len(c), 2)
+
+
+def _coalesce_layout(seg: int, off: int, ihl: int, doff: int, gseq_at: int, csum_at: int,
+                     v4: bool) -> tuple[Any, Any]:
+    """For `coalesce_rows`, made once per layout: the mask of the header bytes that must be
+    equal in every row, and a record type naming the per-row fields (TCP sequence number,
+    IPv4 identification and checksum, GRE sequence number)."""
+    key = (seg, off, ihl, doff, gseq_at, csum_at, v4)
+    got = _LAYOUTS.get(key)
+    if got is None:
+        np = _np
+        t = off + ihl
+        n8 = -(-(t + doff) // 8) * 8  # compared as 64-bit words; the payload bytes masked
+        mask = np.zeros(n8, dtype=np.uint8)
+        mask[:t + doff] = 0xFF
+        if gseq_at >= 0:
+            mask[gseq_at:gseq_at + 4] = 0
+        if csum_at >= 0:
+            mask[csum_at:csum_at + 2] = 0
+        mask[t + 4:t + 8] = 0
+        mask[t + 13] = 0
+        mask[t + 16:t + 18] = 0
+        if v4:
+            mask[off + 4:off + 6] = 0
+            mask[off + 10:off + 12] = 0
+        mask.flags.writeable = False
+        fields = {"ts": (">u4", t + 4)}
+        if v4:
+            fields.update(id=(">u2", off + 4), ic=(">u2", off + 10))
+        if gseq_at >= 0:
+            fields["gs"] = (">u4", gseq_at)
+        dt = np.dtype({"names": list(fields), "formats": [v[0] for v in fields.values()],
+                       "offsets": [v[1] for v in fields.values()], "itemsize": seg})
+        got = _LAYOUTS[key] = (mask, dt)
+    return got
+
+
+_LAYOUTS: dict[tuple[int, int, int, int, int, int, bool], tuple[Any, Any]] = {}
 
 
 # ------------------------------------------------------------------ receive: GRO batches
@@ -375,40 +470,42 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
     ln_at = start + off + (2 if v4 else 4)
     if int.from_bytes(buf[ln_at:ln_at + 2], "big") != (seg - off if v4 else seg - off - 40):
         return None  # padded or short: the per-packet path decides
-    a = np.frombuffer(buf, dtype=np.uint8, count=rows * seg, offset=start).reshape(rows, seg)
-    h = a[:, :off + hl]
-    mask = np.full(off + hl, 0xFF, dtype=np.uint8)
-    if gseq_at >= 0:
-        mask[gseq_at:gseq_at + 4] = 0
-    if csum_at >= 0:
-        mask[csum_at:csum_at + 2] = 0
+    if v4 and partial(buf[start + off:start + off + ihl]) != 0xFFFF:
+        return None  # the first row's IPv4 header checksum (the others: below)
+    flat = np.frombuffer(buf, dtype=np.uint8, count=rows * seg, offset=start)
+    a = flat.reshape(rows, seg)
+    mask, dt = _coalesce_layout(seg, off, ihl, doff, gseq_at, csum_at, v4)
+    f = flat.view(dt)  # the fields that differ between rows, by name
     t = off + ihl
-    mask[t + 4:t + 8] = 0
-    mask[t + 13] = 0
-    mask[t + 16:t + 18] = 0
-    if v4:
-        mask[off + 4:off + 6] = 0
-        mask[off + 10:off + 12] = 0
-    bad = ((h ^ h[0]) & mask).any(axis=1)
+    if len(mask) <= seg:  # headers as 64-bit words (the mask padded with zeros)
+        h = a[:, :len(mask)].view("<u8")
+        bad = ((h ^ h[0]) & mask.view("<u8")).any(axis=1)
+    else:  # segments of a few bytes
+        h = a[:, :off + hl]
+        bad = ((h ^ h[0]) & mask[:off + hl]).any(axis=1)
     fl = a[:, t + 13]
     bad |= (fl & 0xF7) != _ACK
-    idx = np.arange(rows, dtype=np.uint64)
-    tseq = a[:, t + 4:t + 8].copy().view(">u4").reshape(rows).astype(np.uint64)
-    bad |= ((tseq - tseq[0] - idx * plen) & 0xFFFFFFFF) != 0
+    idx = _counts(rows)
+    ts = f["ts"]
+    tseq0 = int(ts[0])
+    bad |= (ts - _counts(rows, plen)) != tseq0  # uint32: modulo 2**32
     gs = None
     if gseq_at >= 0:
-        gs = a[:, gseq_at:gseq_at + 4].copy().view(">u4").reshape(rows).astype(np.uint64)
-        bad |= ((gs - gs[0] - idx) & 0xFFFFFFFF) != 0
-    if v4:
+        gs = f["gs"]
+        bad |= (gs - idx) != int(gs[0])
+    if v4:  # equal headers but for id and checksum: intact iff id + checksum is row 0's
+        ic = f["id"].astype(np.uint32)
+        ic += f["ic"]
+        bad |= ic % 0xFFFF != int(ic[0]) % 0xFFFF
         src, dst = bytes(buf[start + off + 12:start + off + 16]), \
             bytes(buf[start + off + 16:start + off + 20])
-        bad |= a[:, off:t].view("<u2").sum(axis=1, dtype=np.uint64) % 0xFFFF != 0
         ps = pseudo_sum_v4(src, dst, _TCP, seg - t)
     else:
         src, dst = bytes(buf[start + off + 8:start + off + 24]), \
             bytes(buf[start + off + 24:start + off + 40])
         ps = pseudo_sum_v6(src, dst, _TCP, seg - t)
-    sums = a[:, t:].view("<u2").sum(axis=1, dtype=np.uint64) + swap16(ps)
+    sums = a[:, t:].view("<u2").sum(axis=1, dtype=np.uint32)  # < 2**31: a row is < 64 KB
+    sums += swap16(ps)
     bad |= sums % 0xFFFF != 0  # intact: the sum is "negative zero" (RFC 1071)
     if csum_at >= 0:  # a row whose IP and TCP sums pass sums to prefix + IPv6 header - ps
         k = 0xFFFF - swap16(ps) % 0xFFFF
@@ -429,8 +526,8 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
     tail = len(buf) - end_at
     tplen = tail - off - hl
     if k == rows and tail and last_flags == _ACK and 0 < tplen < plen and _tail_ok(
-            buf, end_at, h[0], mask, v4, off, ihl, tail, src, dst,
-            (int(tseq[0]) + k * plen) & 0xFFFFFFFF, last_gseq, csum_at >= 0):
+            buf, end_at, a[0, :off + hl], mask[:off + hl], v4, off, ihl, tail, src, dst,
+            (tseq0 + k * plen) & 0xFFFFFFFF, last_gseq, csum_at >= 0):
         last_flags = buf[end_at + t + 13]
         if last_gseq >= 0:
             last_gseq = (last_gseq + 1) & 0xFFFFFFFF
@@ -443,7 +540,7 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
     out = bytearray(_VNET_LEN + total)
     o = np.frombuffer(out, dtype=np.uint8)
     end = _VNET_LEN + hl + rows * plen
-    o[_VNET_LEN + hl:end] = a[:, off + hl:].reshape(-1)
+    o[_VNET_LEN + hl:end].reshape(rows, plen)[:] = a[:, off + hl:]  # one strided copy
     if tplen:
         out[end:] = buf[len(buf) - tplen:]
     hdr = bytearray(buf[start + off:start + off + hl])

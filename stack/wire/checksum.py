@@ -17,9 +17,11 @@ callers can add headers and payload separately (incremental updates, RFC 1624).
 Batches (numpy, for the offload and super-packet paths): RFC 1071 §2(B) makes the sum
 independent of byte order, so a caller may sum each row of a 2-D uint8 array viewed as
 little-endian 16- or 32-bit words (2**16 = 1 mod 0xFFFF: a 32-bit word folds like two
-16-bit ones) and hand the per-row sums to `partial_le_rows`, which folds and byte-swaps
-them exactly as `partial` would for each row. This module imports no numpy: it only
-applies operators to what it is given.
+16-bit ones). A byte swap is a multiplication by 256 modulo 0xFFFF (256 * 256 = 1), so such
+a little-endian sum times 256 is congruent to the big-endian sum `partial` folds; a sum
+S > 0 folds to ((S - 1) mod 0xFFFF) + 1, the value `partial` returns; `partial_le_rows`
+folds and byte-swaps such row sums. This module imports no numpy: it only applies
+operators to what it is given (bridge/gso.py applies the identities to whole columns).
 """
 
 from __future__ import annotations

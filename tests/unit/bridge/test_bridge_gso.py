@@ -290,7 +290,8 @@ def _rx_same(fast: Bridge, ff: list[bytes], ref: Bridge, rf: list[bytes]) -> Non
 
 @pytest.mark.parametrize("extra", RX_VARIANTS)
 @pytest.mark.parametrize("v6", [False, True])
-@pytest.mark.parametrize("size,mss", [(20000, 1388), (13880, 1388), (5000, 1000)])
+@pytest.mark.parametrize("size,mss", [(20000, 1388), (13880, 1388), (5000, 1000), (60, 6),
+                                      (40, 2)])
 def test_gro_batch_equals_per_datagram_then_coalesce(extra: str, v6: bool, size: int,
                                                      mss: int) -> None:
     _pair, dgrams = _sent(extra, _super(v6, size), v6, mss)
