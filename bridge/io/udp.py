@@ -121,6 +121,8 @@ class UdpEndpoint:
         self._anc = socket.CMSG_SPACE(_GRO_SIZE.size)
         self.send_errors: dict[str, int] = {}
         self.too_big: set[Addr] = set()  # peers that refused a datagram with EMSGSIZE
+        # One GSO send's UDP payload: IPv4 total length 65,535 - 20 - 8; IPv6 payload
+        # length 65,535 - 8. A dual-stack socket's IPv4 peers keep the IPv4 limit.
         self.max_payload = 65507 if not self.v6 else 65527
         self.address = address
         # Set by the loop when its core takes GroBatch payloads (bridge/gso.py): a GRO
@@ -225,6 +227,9 @@ class UdpEndpoint:
 
     # -- send ---------------------------------------------------------------------------
 
+    def _max_payload(self, dest: Addr) -> int:
+        return 65507 if self.dual and dest[0].startswith("::ffff:") else self.max_payload
+
     def _dest(self, addr: Addr) -> Addr:
         if self.dual and ":" not in addr[0]:
             return ("::ffff:" + addr[0], addr[1])
@@ -296,7 +301,7 @@ class UdpEndpoint:
             for o in range(0, n, max(seg, 1)):
                 self._send_one(mv[o:o + seg], dest, sock)
             return (n + seg - 1) // seg if seg > 0 else 1
-        per = min(GSO_MAX_SEGMENTS, self.max_payload // seg) * seg
+        per = min(GSO_MAX_SEGMENTS, self._max_payload(dest) // seg) * seg
         calls = 0
         for o in range(0, n, per):
             chunk = mv[o:o + per]
@@ -321,7 +326,7 @@ class UdpEndpoint:
         calls = 0
         i = 0
         n = len(datagrams)
-        maxp = self.max_payload
+        maxp = self._max_payload(dest)
         while i < n:
             first = datagrams[i]
             if type(first) is UdpRun:

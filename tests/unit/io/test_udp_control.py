@@ -202,6 +202,24 @@ def test_dual_stack_socket_speaks_plain_ipv4_addresses() -> None:
     v4.close()
 
 
+def test_dual_stack_gso_to_ipv4_keeps_the_ipv4_size_limit() -> None:
+    """A "::" socket sending to an IPv4 peer: one GSO send may carry 65,507 bytes (IPv4 total
+    length), not IPv6's 65,527. 44 datagrams of 1,489 bytes are 65,516: they must be split."""
+    from bridge.gso import UdpRun
+
+    dual = UdpEndpoint("::", 0)
+    v4 = UdpEndpoint("127.0.0.1", 0, gro=False)
+    dgrams = [bytes([i]) * 1489 for i in range(45)]
+    run = UdpRun(b"".join(dgrams))
+    run.seg = 1489
+    for payload in ([run], dgrams):
+        dual.send_datagrams(v4.sock.getsockname()[:2], payload)
+        assert [d for d, _ in _drain(v4, 45)] == dgrams
+    assert dual.send_errors == {} and not dual.too_big
+    dual.close()
+    v4.close()
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 def test_consecutive_gro_batches_of_one_source_are_joined(host: str) -> None:
     """Several GSO sends of equal datagrams queue several GRO buffers; one recv_datagrams call
