@@ -165,9 +165,6 @@ class Engine:
             tun.super_packets = SuperPacket
         if hasattr(udp, "gro_batches") and GRO_BATCHES and getattr(tun, "vnet_hdr", False):
             udp.gro_batches = GroBatch  # from_udp then hands TunFrames to the (vnet) TUN
-        fit = getattr(tun, "fit_gso", None)  # TSO frames of one UDP GSO send (io/tun.py)
-        if fit is not None:
-            fit([(p.encoder.hlen if p.gre else 0, ":" in p.addr[0]) for p in bridge.peers])
         self.stats = {"tun_reads": 0, "tun_packets": 0, "udp_recvs": 0, "udp_datagrams": 0,
                       "udp_sends": 0, "tun_writes": 0, "pmtu_updates": 0}
 
