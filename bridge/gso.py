@@ -283,15 +283,15 @@ def _rows_numpy(pkt: memoryview, v4: bool, ihl: int, doff: int, g: int, rows: in
     else:
         flat = np.zeros(rows * w4, dtype=np.uint8)
     a = flat.reshape(rows, w4)
-    f = flat.view(_row_fields(w4, p, ihl, seq_at, v4))  # the varying fields, by name
+    f = np.ndarray((rows,), _row_fields(w4, p, ihl, seq_at, v4), flat)  # the varying fields
     a[:, :p + hl] = np.frombuffer(tpl, dtype=np.uint8)
     a[:, p + hl:width] = np.frombuffer(pkt, dtype=np.uint8, count=rows * g,
                                        offset=hl).reshape(rows, g)
     idx = _counts(rows)  # uint32: sums below wrap modulo 2**32 as sequence numbers do
     seq = _counts(rows, g) + tseq
     f["ts"] = seq
-    tsum = np.multiply(a[:, p + hl:w4].view("<u2").sum(axis=1, dtype=np.uint32), 256,
-                        dtype=np.uint64)
+    words = np.add.reduce(a[:, p + hl:w4].view("<u2"), axis=1, dtype=np.uint32)
+    tsum = np.multiply(words, 256, dtype=np.uint64)
     tsum += seq
     tsum += kt
     if flags & _CWR:
@@ -475,14 +475,14 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
     flat = np.frombuffer(buf, dtype=np.uint8, count=rows * seg, offset=start)
     a = flat.reshape(rows, seg)
     mask, dt = _coalesce_layout(seg, off, ihl, doff, gseq_at, csum_at, v4)
-    f = flat.view(dt)  # the fields that differ between rows, by name
+    f = np.ndarray((rows,), dt, flat)  # the fields that differ between rows, by name
     t = off + ihl
     if len(mask) <= seg:  # headers as 64-bit words (the mask padded with zeros)
         h = a[:, :len(mask)].view("<u8")
-        bad = ((h ^ h[0]) & mask.view("<u8")).any(axis=1)
+        bad = np.logical_or.reduce((h ^ h[0]) & mask.view("<u8"), axis=1)
     else:  # segments of a few bytes
         h = a[:, :off + hl]
-        bad = ((h ^ h[0]) & mask[:off + hl]).any(axis=1)
+        bad = np.logical_or.reduce((h ^ h[0]) & mask[:off + hl], axis=1)
     fl = a[:, t + 13]
     bad |= (fl & 0xF7) != _ACK
     idx = _counts(rows)
@@ -504,7 +504,7 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
         src, dst = bytes(buf[start + off + 8:start + off + 24]), \
             bytes(buf[start + off + 24:start + off + 40])
         ps = pseudo_sum_v6(src, dst, _TCP, seg - t)
-    sums = a[:, t:].view("<u2").sum(axis=1, dtype=np.uint32)  # < 2**31: a row is < 64 KB
+    sums = np.add.reduce(a[:, t:].view("<u2"), axis=1, dtype=np.uint32)  # < 2**31 (< 64 KB)
     sums += swap16(ps)
     bad |= sums % 0xFFFF != 0  # intact: the sum is "negative zero" (RFC 1071)
     if csum_at >= 0:  # a row whose IP and TCP sums pass sums to prefix + IPv6 header - ps
@@ -512,10 +512,13 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
         if not v4:
             k += swap16(partial(buf[start + off:start + t]))
         bad |= (a[:, :off].view("<u2").sum(axis=1, dtype=np.uint64) + k) % 0xFFFF != 0
-    k = int(bad.argmax()) if bad.any() else rows
-    psh = np.flatnonzero(fl[:k] & 0x08)
-    if psh.size:
-        k = int(psh[0]) + 1
+    k = int(bad.argmax())  # the first bad row (numpy's .any() and flatnonzero cost more)
+    if not bad[k]:
+        k = rows
+    psh = fl[:k] & 0x08
+    j = int(psh.argmax()) if k else 0
+    if k and psh[j]:
+        k = j + 1  # PSH ends the run with its row
     if k < 2:
         return None
     last_flags = int(fl[k - 1])
