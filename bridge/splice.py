@@ -46,9 +46,11 @@ Rules of this module (pure, sans-I/O: segments and `now` in, segments and deadli
   The tap is due TAP_DELAY after its first chunk arrived (`get_timer()`; the owner's timer
   runs `drain`): the interpreter runs one thread at a time, so a request parsed at once
   would hold up its own response, which a LAN server sends within a millisecond or two;
-  parsed a few ms later, both go through in one drain. The tap is also drained before
-  `chain.eof` and before `flow_end`, so the inspectors see every byte, in order, with
-  `flow.last_seen` at the chunk's arrival.
+  parsed a few ms later, both go through in one drain. A FIN is passed on at once too (an
+  observer holds back no tail) and `chain.eof` joins the tap behind the chunks before it, so a
+  response that carries the FIN (nginx with keepalive_timeout 0) is not held up by parsing.
+  The tap is drained before `flow_end`, so the inspectors see every byte and each eof, in
+  order, with `flow.last_seen` at the chunk's arrival.
 - Never raises on account of either peer: bad segments are the legs' business (dropped and
   counted there). Only misuse of this API raises (LocalProtocolError from the stack).
 
@@ -137,7 +139,7 @@ class Splice:
         self._rst_client: list[TcpSegment] = []
         # observer chains: chunks forwarded before inspection, (arrival, direction, bytes)
         self._observe = chain is not None and chain.observe_only
-        self._tap: deque[tuple[float, Direction, bytes]] = deque()
+        self._tap: deque[tuple[float, Direction, bytes | None]] = deque()  # None: EOF
         self._tap_bytes = 0
         self.created = now
         self.last_seen = now
@@ -228,9 +230,13 @@ class Splice:
         last = flow.last_seen
         while tap:
             t, d, data = tap.popleft()
-            self._tap_bytes -= len(data)
             flow.last_seen = t
-            if chain.data(flow, d, data) is RESET and not self.finished:
+            if data is None:  # the sender's FIN (_on_eof); an observer's tail is ignored
+                res: Any = chain.eof(flow, d)
+            else:
+                self._tap_bytes -= len(data)
+                res = chain.data(flow, d, data)
+            if res is RESET and not self.finished:
                 tap.clear()
                 self._tap_bytes = 0
                 flow.last_seen = last
@@ -368,6 +374,12 @@ class Splice:
         if self._eof[d] or self.finished:
             return
         self._eof[d] = True
+        if self._observe:
+            # an observer holds nothing back (bridge/inspect/api.py), so its eof() cannot add
+            # bytes before the FIN: the FIN goes on now and chain.eof runs in drain(), after
+            # the tapped chunks (a response that carries the FIN is not held up by parsing)
+            self._tap.append((now, d, None))
+            return
         if self.chain is not None:
             if self._tap:
                 self.drain(now)  # the inspectors see every byte before the end of stream

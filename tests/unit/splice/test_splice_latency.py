@@ -135,6 +135,31 @@ def test_observer_chain_forwards_the_response_in_the_divert_call() -> None:
     assert sp.flow.metadata["http"][0]["status"] == 200
 
 
+def test_a_response_that_carries_the_fin_is_forwarded_with_it_before_any_parse() -> None:
+    """nginx with keepalive_timeout 0 and tcp_nopush: headers, body and FIN in one segment.
+    The observers' eof runs in the drain, after the data, not before forwarding."""
+    w = Watch()
+    h = established([HttpInspector(), w])
+    now = h.now + 0.01
+    client_sends(h, REQUEST, now)
+    assert h.server is not None
+    h.server.conn.send(RESPONSE)
+    h.server.conn.close()
+    out = _Out()
+    segs = h.server.conn.segments_to_send(now + 0.001)
+    assert len(segs) == 1 and segs[0].flags & 0x01  # FIN on the data segment
+    out.tun.append(h.term._packet(S_ADDR, C_ADDR, segs[0]))
+    h.term.divert(out, 0, now + 0.001)
+    assert payloads(out.tun) == RESPONSE          # to the client within the divert call ...
+    fins = [p for p in out.tun if parse_tcp(_tcp_of(p)[2], S_ADDR, C_ADDR).flags & 0x01]
+    assert fins                                   # ... with the FIN
+    assert w.calls == []                          # nothing parsed yet
+    h.term.handle_timer(now + TAP_DELAY, _Out())
+    assert [(c[0], c[1]) for c in w.calls] == [("data", C2S), ("data", S2C), ("eof", S2C)]
+    (sp,) = h.term.splices.values()
+    assert sp.flow.metadata["http"][0]["status"] == 200
+
+
 def test_inspection_runs_later_but_sees_the_arrival_time() -> None:
     """pcap and log take flow.last_seen as the chunk's time: drain restores the arrival."""
     w = Watch()
