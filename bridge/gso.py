@@ -167,16 +167,21 @@ def _row(prefix: bytes, seq_at: int, gseq: int, hdr: bytearray, payload: memoryv
     return b"".join((prefix, h, payload))
 
 
-class UdpRun(bytes):
-    """bytes: equal-size datagrams of `seg` bytes back to back (the last may be shorter),
-    one item of `Output.udp` standing for all of them: the I/O layer sends it with UDP GSO
-    as it is (no per-datagram bytes objects, no join). `datagrams()` cuts it."""
+class UdpRun(bytearray):
+    """Equal-size datagrams of `seg` bytes back to back (the last may be shorter), one item
+    of `Output.udp` standing for all of them: the I/O layer sends it with UDP GSO as it is
+    (no per-datagram objects, no join). `datagrams()` cuts it. A bytearray so that numpy
+    builds the rows in it directly (no copy out); nothing changes it after the core."""
 
-    seg: int
+    __slots__ = ("seg",)
+
+    def __init__(self, data: int | bytes | bytearray = 0, seg: int = 0) -> None:
+        super().__init__(data)
+        self.seg = seg
 
     def datagrams(self) -> list[bytes]:
         s = self.seg
-        return [self[o:o + s] for o in range(0, len(self), s)]
+        return [bytes(self[o:o + s]) for o in range(0, len(self), s)]
 
 
 def encap_segments(pkt: memoryview, v4: bool, ihl: int, doff: int, gso_size: int,
@@ -277,9 +282,9 @@ def _rows_numpy(pkt: memoryview, v4: bool, ihl: int, doff: int, g: int, rows: in
     flat_run = last_row is not None and w4 == width
     if flat_run:
         assert last_row is not None
-        buf = np.empty(rows * width + len(last_row), dtype=np.uint8)
-        buf[rows * width:] = np.frombuffer(last_row, dtype=np.uint8)
-        flat = buf[:rows * width]
+        run = UdpRun(rows * width + len(last_row), width)  # numpy writes the rows in it
+        run[rows * width:] = last_row
+        flat = np.frombuffer(run, dtype=np.uint8, count=rows * width)
     else:
         flat = np.zeros(rows * w4, dtype=np.uint8)
     a = flat.reshape(rows, w4)
@@ -310,9 +315,8 @@ def _rows_numpy(pkt: memoryview, v4: bool, ihl: int, doff: int, g: int, rows: in
     if csum_at >= 0:
         _gre_csums(a, prefix, seq_at, gs, csum_at, v4, hdr, ps)
     if flat_run:
-        r = UdpRun(buf.data)  # the one copy out of numpy
-        r.seg = width
-        out.append(r)
+        del a, f, flat  # no numpy view of the run outlives this call
+        out.append(run)
         return
     b = flat.tobytes()  # one copy out of numpy, then one slice per datagram
     out.extend([b[i:i + width] for i in range(0, rows * w4, w4)])
