@@ -54,6 +54,10 @@ class Direction(Enum):
     CLIENT_TO_SERVER = "c2s"
     SERVER_TO_CLIENT = "s2c"
 
+    # Members are singletons compared by identity: hash them so too, in C (Enum.__hash__ is
+    # Python code; a splice keys its per-direction state by Direction on every segment).
+    __hash__ = object.__hash__
+
     @property
     def other(self) -> Direction:
         return (Direction.SERVER_TO_CLIENT if self is Direction.CLIENT_TO_SERVER
@@ -113,16 +117,17 @@ DataResult = bytes | None | _Marker
 class Flow:
     """One inspected TCP connection as the inspectors see it (mutable, one per connection)."""
 
-    __slots__ = ("id", "key", "src", "sport", "dst", "dport", "rule", "backend", "start",
+    __slots__ = ("id", "key", "_src", "sport", "_dst", "dport", "rule", "backend", "start",
                  "last_seen", "end", "bytes_c2s", "bytes_s2c", "metadata", "state",
                  "close_reason")
 
     def __init__(self, key: FlowKey, rule: str, backend: str, start: float) -> None:
         self.id = next(_ids)
         self.key = key
-        version, src, dst, self.sport, self.dport = key
-        self.src = str(ipaddress.ip_address(src))
-        self.dst = str(ipaddress.ip_address(dst))
+        self.sport = key[3]
+        self.dport = key[4]
+        self._src: str | None = None  # the text forms, made when first read (ipaddress
+        self._dst: str | None = None  # costs ~3 µs each, on a new connection's SYN)
         self.rule = rule
         self.backend = backend
         self.start = start
@@ -133,6 +138,20 @@ class Flow:
         self.metadata: dict[str, Any] = {}
         self.state: dict[object, Any] = {}
         self.close_reason: CloseReason | None = None
+
+    @property
+    def src(self) -> str:
+        """The client's address as text ("198.18.1.10", "2001:db8:1::10")."""
+        if self._src is None:
+            self._src = str(ipaddress.ip_address(self.key[1]))
+        return self._src
+
+    @property
+    def dst(self) -> str:
+        """The server's address as text."""
+        if self._dst is None:
+            self._dst = str(ipaddress.ip_address(self.key[2]))
+        return self._dst
 
     @property
     def version(self) -> int:

@@ -22,10 +22,12 @@ The steps on the first-byte path, in order (what curl's time_starttransfer spans
 and after it: drain (the observer tap, TAP_DELAY later), close (FINs and their ACKs both
 ways, the delayed ACKs), reap (TIME-WAIT over: the splice is forgotten).
 
-Printed: median and p90 µs per step, and the first-byte sum (syn+synack+ack+get+resp).
+Printed: p10, median and p90 µs per step (p10 is the steadiest on a shared machine), and
+the first-byte sum (syn+synack+ack+get+resp).
 --cold runs a cache-evicting workload between hops (the lab's gateway sleeps between the
 packets of one connection, so the code is cold there); --profile prints cProfile's top
-functions of the timed calls, or of one step's (without it only the perf counter runs).
+functions of the timed calls, or of some steps' (--profile=syn,get; BENCH_SORT=cumulative
+sorts by cumulative time; without --profile only the perf counter runs).
 """
 
 from __future__ import annotations
@@ -113,7 +115,8 @@ class World:
     def _timed(self, step: str, fn: Any, *args: Any) -> None:
         if self.cold is not None:
             self.cold()
-        prof = self.profile if self.profile_step in (None, step) else None
+        ps = self.profile_step
+        prof = self.profile if ps is None or step in ps.split(",") else None
         t0 = time.perf_counter_ns()
         if prof is not None:
             prof.enable()
@@ -285,24 +288,25 @@ def main() -> None:
     assert term is not None
     print(f"{n} connections, {'cold' if w.cold else 'warm'} caches, "
           f"{'IPv6' if '--v6' in sys.argv else 'IPv4'}; gw-a core calls, µs:")
-    print(f"{'step':>8} {'median':>8} {'p90':>8} {'calls':>6}")
+    print(f"{'step':>8} {'p10':>8} {'median':>8} {'p90':>8} {'calls':>6}")
     fb = []
     for k in STEPS:
         xs = w.times[k]
         if not xs:
             continue
         xs2 = sorted(xs)
-        print(f"{k:>8} {statistics.median(xs):8.1f} {xs2[int(len(xs2) * 0.9)]:8.1f} "
-              f"{len(xs):6d}")
+        print(f"{k:>8} {xs2[len(xs2) // 10]:8.1f} {statistics.median(xs):8.1f} "
+              f"{xs2[int(len(xs2) * 0.9)]:8.1f} {len(xs):6d}")
     for i in range(n):
         fb.append(sum(w.times[k][i] for k in FIRST_BYTE))
     fb.sort()
-    print(f"first byte (syn+synack+ack+get+resp): median {statistics.median(fb):.1f} µs, "
-          f"p90 {fb[int(len(fb) * 0.9)]:.1f} µs")
+    print(f"first byte (syn+synack+ack+get+resp): p10 {fb[len(fb) // 10]:.1f} µs, median "
+          f"{statistics.median(fb):.1f} µs, p90 {fb[int(len(fb) * 0.9)]:.1f} µs")
     print(f"splices opened {term.counters['splices']}, ended {term.ended}, drops {term.drops}")
     if prof is not None:
         s = io.StringIO()
-        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(40)
+        order = os.environ.get("BENCH_SORT", "tottime")
+        pstats.Stats(prof, stream=s).sort_stats(order).print_stats(40)
         print(s.getvalue())
 
 
