@@ -1,6 +1,7 @@
 """Time to first byte of a new inspected connection, per core call (prints, never asserts).
 
-    .venv/bin/python tests/unit/splice/bench_first_byte.py [N] [--cold] [--profile[=STEP]] [--v6]
+    .venv/bin/python tests/unit/splice/bench_first_byte.py [N] [--cold] [--profile[=STEPS]] [--v6]
+        [--plain-tun]
 
 One complete new connection, N times: client SYN .. first response byte .. close, through a
 Bridge built from topologies/two-sites-inspect/gw-a.toml (the `log` + `http` rule, userspace
@@ -10,7 +11,8 @@ TcpConnections; the server answers as the bench's nginx does (`keepalive_timeout
 `tcp_nopush on`: headers and the 1 KB file in one segment that carries the FIN too). Only
 gw-a's core calls are timed (time.perf_counter_ns around each `from_tun` / `from_udp` /
 `handle_timer` that moves the connection); gw-b and the ends run
-outside the clock. Virtual time advances 50 µs per hop, as on the lab's veths.
+outside the clock. Virtual time advances 50 µs per hop, as on the lab's veths. gw-a's TUN
+takes vnet writes as in the lab (`Terminator.use_tun_offload`; --plain-tun: without).
 
 The steps on the first-byte path, in order (what curl's time_starttransfer spans):
   syn      client SYN from the TUN: flow verdict, Splice, server leg's SYN to the tunnel
@@ -48,7 +50,9 @@ ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
 
 from bridge.config import load_config  # noqa: E402
+from bridge.io.offload import split_frame  # noqa: E402
 from bridge.pipeline import Bridge, Output  # noqa: E402
+from bridge.tunframe import TunFrame  # noqa: E402
 from stack.connection import TcpConnection  # noqa: E402
 from stack.events import DataReceived  # noqa: E402
 from stack.state import State  # noqa: E402
@@ -94,12 +98,15 @@ class _Cold:
 
 
 class World:
-    def __init__(self, v6: bool, cold: bool, profile: cProfile.Profile | None) -> None:
+    def __init__(self, v6: bool, cold: bool, profile: cProfile.Profile | None,
+                 offload: bool = True) -> None:
         self.logdir = tempfile.mkdtemp(prefix="gb-bench-")
         os.environ["GREBE_LAB_DIR"] = self.logdir
         self.a = Bridge(load_config(str(ROOT / "topologies/two-sites-inspect/gw-a.toml")), 0.0)
         self.b = Bridge(load_config(str(ROOT / "topologies/two-sites/gw-b.toml")), 0.0)
         assert self.a.terminator is not None
+        if offload:  # as in the lab: a vnet TUN, client-leg segments as TunFrames
+            self.a.terminator.use_tun_offload()
         self.c, self.s = (CLIENT6, SERVER6) if v6 else (CLIENT4, SERVER4)
         self.now = 0.0
         self.oa, self.ob = Output(), Output()
@@ -143,7 +150,7 @@ class World:
             self._a_out()
 
     def _a_out(self) -> None:
-        self.to_client = [bytes(p) for p in self.oa.tun]
+        self.to_client = [p if type(p) is TunFrame else bytes(p) for p in self.oa.tun]
         self.to_b = [bytes(d) for dgs in self.oa.udp.values() for d in dgs]
 
     # ------------------------------------------------------------------ the rest (untimed)
@@ -153,6 +160,12 @@ class World:
 
     def deliver_client(self) -> None:
         for p in self.to_client:
+            if type(p) is TunFrame:  # what the kernel makes of a vnet write
+                segs: list[bytes] = []
+                assert split_frame(p, segs)
+                for q in segs:
+                    self.client.receive_segment(tcp_of(q), self.now)
+                continue
             self.client.receive_segment(tcp_of(p), self.now)
         self.to_client = []
 
@@ -270,7 +283,7 @@ def main() -> None:
     n = int(args[0]) if args else 300
     popt = [a for a in sys.argv if a.startswith("--profile")]
     prof = cProfile.Profile() if popt else None
-    w = World("--v6" in sys.argv, "--cold" in sys.argv, prof)
+    w = World("--v6" in sys.argv, "--cold" in sys.argv, prof, "--plain-tun" not in sys.argv)
     for _ in range(20):  # warm-up, not counted
         w.connection()
     w.reap()
