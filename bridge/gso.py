@@ -213,13 +213,8 @@ def encap_segments(pkt: memoryview, v4: bool, ihl: int, doff: int, gso_size: int
         last_len = gso_size
     first = 0
     if use_numpy and _np is not None and n_full >= NUMPY_MIN_SEGMENTS:
-        start = hl + n_full * gso_size
-        last_row = _row(prefix, seq_at, gseq + n_full, bytearray(hdr), pkt[start:], v4, ihl,
-                        doff, ip_id + n_full, tseq + n_full * gso_size,
-                        flags & ~_CWR, src, dst, csum_at) if run else None
-        _rows_numpy(pkt, v4, ihl, doff, gso_size, n_full, prefix, seq_at, gseq, hdr, tseq,
-                    flags, ip_id, src, dst, out, last_row, csum_at)
-        if last_row is not None and type(out[-1]) is UdpRun:
+        if _rows_numpy(pkt, v4, ihl, doff, gso_size, n_full, prefix, seq_at, gseq, hdr, tseq,
+                       flags, ip_id, src, dst, out, last_len if run else 0, csum_at):
             return n_full + 1
         first = n_full
     for i in range(first, n_full + 1):
@@ -237,10 +232,11 @@ def encap_segments(pkt: memoryview, v4: bool, ihl: int, doff: int, gso_size: int
 def _rows_numpy(pkt: memoryview, v4: bool, ihl: int, doff: int, g: int, rows: int,
                 prefix: bytes, seq_at: int, gseq: int, hdr0: bytearray, tseq: int,
                 flags: int, ip_id: int, src: bytes, dst: bytes,
-                out: list[bytes | bytearray], last_row: bytes | None = None,
-                csum_at: int = -1) -> None:
+                out: list[bytes | bytearray], last_len: int = 0,
+                csum_at: int = -1) -> bool:
     """The `rows` full-size datagrams at once, one numpy row each (see the module doc).
-    With `last_row` (the short last datagram) and even-size rows, one UdpRun of all.
+    With `last_len` (the last segment's payload) and even-size rows, one UdpRun of all,
+    the last datagram included (`_last_row`): returns True then, else False.
 
     numpy's cost here is per call (microseconds each), not per byte, so the rows share one
     header template and only the fields that differ between rows are computed, as
@@ -279,11 +275,9 @@ def _rows_numpy(pkt: memoryview, v4: bool, ihl: int, doff: int, g: int, rows: in
         tpl[p + 8] -= 1
     else:
         tpl[p + 7] -= 1
-    flat_run = last_row is not None and w4 == width
+    flat_run = last_len > 0 and w4 == width
     if flat_run:
-        assert last_row is not None
-        run = UdpRun(rows * width + len(last_row), width)  # numpy writes the rows in it
-        run[rows * width:] = last_row
+        run = UdpRun(rows * width + p + hl + last_len, width)  # numpy writes the rows in it
         flat = np.frombuffer(run, dtype=np.uint8, count=rows * width)
     else:
         flat = np.zeros(rows * w4, dtype=np.uint8)
@@ -316,10 +310,48 @@ def _rows_numpy(pkt: memoryview, v4: bool, ihl: int, doff: int, g: int, rows: in
         _gre_csums(a, prefix, seq_at, gs, csum_at, v4, hdr, ps)
     if flat_run:
         del a, f, flat  # no numpy view of the run outlives this call
+        _last_row(run, rows * width, tpl, pkt[hl + rows * g:], v4, p, ihl, doff, seq_at,
+                  (gseq + rows) & 0xFFFFFFFF, (tseq + rows * g) & 0xFFFFFFFF,
+                  flags & ~_CWR, (ip_id + rows) & 0xFFFF, src, dst, csum_at)
         out.append(run)
-        return
+        return True
     b = flat.tobytes()  # one copy out of numpy, then one slice per datagram
     out.extend([b[i:i + width] for i in range(0, rows * w4, w4)])
+    return False
+
+
+def _last_row(run: UdpRun, at: int, tpl: bytearray, payload: memoryview, v4: bool, p: int,
+              ihl: int, doff: int, seq_at: int, gseq: int, tseq: int, flags: int, ip_id: int,
+              src: bytes, dst: bytes, csum_at: int) -> None:
+    """The last datagram of a run, written at `run[at:]` from the rows' template (prefix +
+    header, TTL already decremented): its own lengths, sequence numbers, flags, id and
+    checksums, the bytes `_row` would build (the per-packet path's, RFC 1624 included)."""
+    n = len(payload)
+    hl = ihl + doff
+    t = at + p + ihl
+    run[at:at + p + hl] = tpl
+    run[at + p + hl:] = payload
+    if seq_at >= 0:
+        _U32.pack_into(run, at + seq_at, gseq)
+    _U32.pack_into(run, t + 4, tseq)
+    run[t + 13] = flags
+    mv = memoryview(run)
+    if v4:
+        _U16.pack_into(run, at + p + 2, hl + n)
+        _U16.pack_into(run, at + p + 4, ip_id)
+        # the checksum of the header before the TTL decrement (TTL is the high byte of the
+        # word at 8: + 0x100), then RFC 1624 eqn. 3 for the decrement, as `_row` does
+        old = ((run[at + p + 8] + 1) << 8) | run[at + p + 9]
+        s = partial(mv[at + p:t]) + 0x100 - 1
+        s = s % 0xFFFF + 1 + ((~old) & 0xFFFF) + (old - 0x100)
+        _U16.pack_into(run, at + p + 10, 0xFFFE - (s - 1) % 0xFFFF)
+        ps = pseudo_sum_v4(src, dst, _TCP, doff + n)
+    else:
+        _U16.pack_into(run, at + p + 4, hl - 40 + n)
+        ps = pseudo_sum_v6(src, dst, _TCP, doff + n)
+    _U16.pack_into(run, t + 16, checksum(mv[t:], ps))
+    if csum_at >= 0:  # RFC 2784 §2.5: over the whole datagram, the field zero
+        _U16.pack_into(run, at + csum_at, checksum(mv[at:]))
 
 
 _COUNTS: dict[tuple[int, int], Any] = {}
