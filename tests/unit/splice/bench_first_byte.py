@@ -1,7 +1,7 @@
 """Time to first byte of a new inspected connection, per core call (prints, never asserts).
 
     .venv/bin/python tests/unit/splice/bench_first_byte.py [N] [--cold] [--profile[=STEPS]] [--v6]
-        [--plain-tun]
+        [--plain-tun] [--plain-flow]
 
 One complete new connection, N times: client SYN .. first response byte .. close, through a
 Bridge built from topologies/two-sites-inspect/gw-a.toml (the `log` + `http` rule, userspace
@@ -13,6 +13,8 @@ gw-a's core calls are timed (time.perf_counter_ns around each `from_tun` / `from
 `handle_timer` that moves the connection); gw-b and the ends run
 outside the clock. Virtual time advances 50 µs per hop, as on the lab's veths. gw-a's TUN
 takes vnet writes as in the lab (`Terminator.use_tun_offload`; --plain-tun: without).
+--plain-flow: server port 8081, which no rule selects: the same steps as plain tunnel
+crossings (the ack step is then the client's ACK forwarded), the floor to compare with.
 
 The steps on the first-byte path, in order (what curl's time_starttransfer spans):
   syn      client SYN from the TUN: flow verdict, Splice, server leg's SYN to the tunnel
@@ -115,6 +117,7 @@ class World:
         self.profile = profile
         self.profile_step: str | None = None
         self.port = 30000
+        self.server_port = 80  # 8081: no rule matches, the plain tunnel (--plain-flow)
         self.packet = self.a.terminator._packet
 
     # ------------------------------------------------------------------ gw-a (timed)
@@ -209,8 +212,9 @@ class World:
         """SYN .. first response byte .. close; returns the response bytes the client got."""
         self.acc: dict[str, int] = {}
         self.port = self.port + 1 if self.port < 60000 else 30000
-        self.client = TcpConnection((self.c, self.port), (self.s, 80), TcpConfig(msl=1.0))
-        self.server = TcpConnection((self.s, 80), (self.c, self.port), TcpConfig(msl=1.0))
+        sport = self.server_port
+        self.client = TcpConnection((self.c, self.port), (self.s, sport), TcpConfig(msl=1.0))
+        self.server = TcpConnection((self.s, sport), (self.c, self.port), TcpConfig(msl=1.0))
         self.server.listen()
         self.client.connect(self.now)
         self.a_from_tun("syn", self.client_pkts())
@@ -284,6 +288,8 @@ def main() -> None:
     popt = [a for a in sys.argv if a.startswith("--profile")]
     prof = cProfile.Profile() if popt else None
     w = World("--v6" in sys.argv, "--cold" in sys.argv, prof, "--plain-tun" not in sys.argv)
+    if "--plain-flow" in sys.argv:
+        w.server_port = 8081
     for _ in range(20):  # warm-up, not counted
         w.connection()
     w.reap()
