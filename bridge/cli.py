@@ -122,8 +122,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         extra = [(ctl.fileno(), ctl.on_readable)]
         if cfg.metrics_listen:
             def render() -> str:
-                with engine.lock:
-                    text: str = bridge.metrics_text()
+                text = engine.metrics_text()
                 text += io_prometheus(status({}))
                 if kernel is not None:
                     from bridge.tproxy_info import prometheus
@@ -134,7 +133,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             metrics = MetricsServer(cfg.metrics_listen, render)
             extra.append((metrics.fileno(), metrics.on_readable))
         warm = cfg.keep_warm and os.environ.get("GREBE_KEEP_WARM", "1") == "1"
-        runner = Runner(engine, extra, keep_warm=warm)
+        split = cfg.split_directions and not cfg.inspect \
+            and os.environ.get("GREBE_SPLIT", "1") == "1"
+        runner = Runner(engine, extra, keep_warm=warm, split=split)
 
         def on_signal(signum: int, _frame: Any) -> None:
             log.info("%s: stopping", signal.Signals(signum).name)

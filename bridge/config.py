@@ -135,6 +135,7 @@ class Config:
     peers: tuple[PeerConfig, ...]
     mss_clamp: bool = True
     keep_warm: bool = True  # bridge/io/warm.py: low RTT for sparse traffic, a little CPU
+    split_directions: bool = True  # bridge/io/split.py: UDP->TUN in its own process
     pmtu: PmtuConfig = field(default_factory=PmtuConfig)
     control_socket: str | None = None
     metrics_listen: str | None = None
@@ -156,6 +157,7 @@ EXAMPLE = """\
 # grebe endpoint configuration (site A)
 mss_clamp = true                      # clamp TCP MSS in SYN / SYN-ACK, both directions
 keep_warm = true                      # keep the packet path in CPU cache for 1 s after traffic
+split_directions = true               # UDP->TUN in its own process (not with [[inspect]])
 control_socket = "@grebe/grebe0"      # optional; default: abstract @grebe/<tun name>
 metrics_listen = "127.0.0.1:9108"     # optional Prometheus text endpoint
 
@@ -461,6 +463,7 @@ def parse_config(data: dict[str, Any], file: str | None = None) -> tuple[Config 
     pmtu = _parse_pmtu(r, data)
     mss = r.get(data, "mss_clamp", "", bool, True)
     keep_warm = r.get(data, "keep_warm", "", bool, True)
+    split = r.get(data, "split_directions", "", bool, True)
     control = r.get(data, "control_socket", "", str, None)
     metrics = r.get(data, "metrics_listen", "", str, None)
     if metrics is not None:
@@ -497,7 +500,8 @@ def parse_config(data: dict[str, Any], file: str | None = None) -> tuple[Config 
     if r.errors:
         return None, r.errors
     cfg = Config(tun=tun, listen=listen, peers=tuple(p for _, p in peers), mss_clamp=mss,
-                 keep_warm=keep_warm, pmtu=pmtu, control_socket=control, metrics_listen=metrics,
+                 keep_warm=keep_warm, split_directions=split, pmtu=pmtu, control_socket=control,
+                 metrics_listen=metrics,
                  inspect=tuple(inspect), path=file)
     return cfg, []
 

@@ -119,6 +119,9 @@ _PEER_METRICS = (
 )
 
 
+_LISTS = ("drops", "events", "rx_packets", "rx_bytes", "tx_packets", "tx_bytes")
+
+
 def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
@@ -152,6 +155,20 @@ class Counters:
             return self.events[EVENTS.index(name)]
         except ValueError:
             raise KeyError(name) from None
+
+    def export(self) -> dict[str, list[int]]:
+        """The raw lists, JSON-able (bridge/io/split.py sends them between processes)."""
+        return {k: list(getattr(self, k)) for k in _LISTS}
+
+    def merged(self, other: dict[str, list[int]]) -> Counters:
+        """A new Counters: these plus `other` (an `export()` of the same peers)."""
+        m = Counters(self.peer_names)
+        for k in _LISTS:
+            mine: list[int] = getattr(self, k)
+            theirs = other.get(k) or []
+            setattr(m, k, [a + (theirs[i] if i < len(theirs) else 0)
+                           for i, a in enumerate(mine)])
+        return m
 
     @property
     def total_drops(self) -> int:

@@ -6,6 +6,7 @@ Contract (docs/DESIGN.md):
     bridge.from_tun(packets, now, out)    # inner IP packets read from the TUN
     bridge.from_udp(datagrams, now, out)  # [(payload, (host, port)), ...]
     bridge.handle_timer(now, out); bridge.get_timer() -> float | None
+    bridge.rx_only; bridge.note_heard(i, t)  (one process per direction, bridge/io/split.py)
     out.udp: dict[(host, port), list[bytes | bytearray]]  datagrams per peer, in order;
         an item may be a `bridge.gso.UdpRun` (bytes: equal-size datagrams back to back,
         `.seg` bytes each, the last maybe shorter) from a TSO super-packet (see `_tso`)
@@ -157,6 +158,9 @@ class Bridge:
             elif a.version == 6 and not self._src6:
                 self._src6 = a.ip.packed
         self.started = now
+        # Set by the receiving process of a split endpoint (bridge/io/split.py): its timer
+        # only flushes the reorder buffers; keepalives and liveness are the other process's.
+        self.rx_only = False
         # issue 4: flows an [[inspect]] rule terminates in userspace (bridge/terminate.py);
         # None without such a rule, and then nothing below looks at TCP (nor imports it).
         self.terminator: Terminator | None = None
@@ -490,6 +494,13 @@ class Bridge:
                 return self.peers[i]
         return self.peers[cands[0]]
 
+    def note_heard(self, index: int, when: float) -> None:
+        """Peer `index` was heard at `when` by another process (bridge/io/split.py: the
+        receiving direction's); a later time than ours counts as hearing it then."""
+        peer = self.peers[index]
+        if when > peer.last_rx:
+            self._heard(peer, when)
+
     def _heard(self, peer: PeerState, now: float) -> None:
         peer.last_rx = now
         peer.heard = True
@@ -502,6 +513,12 @@ class Bridge:
     def get_timer(self) -> float | None:
         """The next deadline (keepalive, liveness, reorder flush), or None."""
         best: float | None = None
+        if self.rx_only:  # the receiving process of a split endpoint: reorder flushes only
+            for p in self.peers:
+                t = p.seq.deadline()
+                if t is not None and (best is None or t < best):
+                    best = t
+            return best
         for p in self.peers:
             for t in (
                 p.last_tx + p.keepalive if p.keepalive > 0 else None,
@@ -526,6 +543,8 @@ class Bridge:
                 released = p.seq.expire(now, out.tun)
                 if released:
                     ev[C.E_REORDER_FLUSHED] += 1
+            if self.rx_only:
+                continue  # keepalives and liveness are the sending process's
             if p.keepalive > 0 and now >= p.last_tx + p.keepalive:
                 self._emit(p, p.keepalive_payload, now, out)
                 ev[C.E_KEEPALIVE_TX] += 1

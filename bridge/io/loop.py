@@ -160,6 +160,12 @@ class Engine:
         self._pmtu_next = clock() + PMTU_RECHECK
         self._too_big: set[Addr] = getattr(udp, "too_big", set())  # filled in place
         self.warmer: Warmer | None = None  # keep-warm (bridge/io/warm.py); Runner sets it
+        # One process per direction (bridge/io/split.py), set by Runner: the receiving
+        # process's last-heard times folded in (called with the lock held), its counters
+        # asked for, and a learned path MTU handed over.
+        self.before_timer: Callable[[], None] | None = None
+        self.remote: Callable[[], dict[str, Any] | None] | None = None
+        self.on_path_mtu: Callable[[Addr, int], None] | None = None
         self._sports_ok = hasattr(udp, "sport_pool")  # an adapter that can choose ports
         if hasattr(tun, "super_packets") and SUPER_PACKETS:  # Bridge.from_tun takes them
             tun.super_packets = SuperPacket
@@ -213,6 +219,8 @@ class Engine:
         now = self.clock()
         out = self._out_timer
         with self.lock:
+            if self.before_timer is not None:
+                self.before_timer()
             t = self.bridge.get_timer()
             if t is not None and t <= now:
                 try:
@@ -249,12 +257,37 @@ class Engine:
                 log.info("peer %s (%s) is %s", p.get("name"), p.get("endpoint"), state)
 
     def status(self) -> dict[str, Any]:
+        child = self.remote() if self.remote is not None else None
         with self.lock:
+            if self.before_timer is not None:
+                self.before_timer()
             st = self.bridge.status(self.clock())
         st["io"] = dict(self.stats, internal_errors=self.internal_errors)
         w = self.warmer  # keep-warm shadow calls (bridge/io/warm.py); 0 when off
         st["io"]["keep_warm_ticks"] = w.ticks if w is not None else 0
+        if child is not None:
+            from bridge.io.split import merge_status
+
+            merge_status(st, child)
         return st
+
+    def metrics_text(self) -> str:
+        """The Bridge's Prometheus counters, the receiving process's added when split."""
+        child = self.remote() if self.remote is not None else None
+        with self.lock:
+            if self.before_timer is not None:
+                self.before_timer()
+            c = self.bridge.counters
+            if child is not None:
+                c = c.merged(child.get("counters", {}))
+            return c.prometheus(peer_up=[p.up for p in self.bridge.peers])
+
+    def new_output(self) -> Output:
+        return Output()
+
+    def execute(self, out: Output) -> None:
+        """Send and write what a core call put in `out`, then clear it."""
+        self._execute(out)
 
     def _call(self, fn: Callable[[Any, float, Output], None], batch: Any, out: Output) -> None:
         with self.lock:
@@ -321,6 +354,8 @@ class Engine:
                 changed = peer_before != [p.mtu for p in self.bridge.peers]
             if changed:
                 self.stats["pmtu_updates"] += 1
+                if self.on_path_mtu is not None:
+                    self.on_path_mtu(addr, mtu)
             if after != before:
                 log.info("path MTU toward %s:%d is now %d: tunnel MTU %d (was %d)",
                          addr[0], addr[1], mtu, after, before)
@@ -375,8 +410,11 @@ class Runner:
 
     def __init__(self, engine: Engine,
                  extra: list[tuple[int, Callable[[], None]]] | None = None,
-                 writer_threads: bool = WRITER_THREADS, keep_warm: bool = False) -> None:
+                 writer_threads: bool = WRITER_THREADS, keep_warm: bool = False,
+                 split: bool = False) -> None:
         self.engine = engine
+        # One process per direction (bridge/io/split.py); never with userspace inspection
+        self.split = split and engine.bridge.terminator is None
         if keep_warm and engine.warmer is None:
             engine.warmer = Warmer(engine.bridge, engine.clock)
         self.writer_threads = writer_threads
@@ -401,7 +439,7 @@ class Runner:
                 os.eventfd_write(self._wake, 1)
 
     def _data(self, fd: int, pump: Callable[[int], int], name: str,
-              warm: Callable[[], None] | None = None) -> None:
+              warm: Callable[[], None] | None = None, stop_fd: int | None = None) -> None:
         prof_dir = os.environ.get("GREBE_PROFILE")  # developer aid: cProfile per data thread
         if prof_dir:
             import cProfile
@@ -409,19 +447,19 @@ class Runner:
             prof = cProfile.Profile()
             prof.enable()
             try:
-                self._data_loop(fd, pump, name, warm)
+                self._data_loop(fd, pump, name, warm, stop_fd)
             finally:
                 prof.disable()
                 tag = f"{os.getpid()}-{name.replace('>', '')}"
                 prof.dump_stats(os.path.join(prof_dir, f"{tag}.prof"))
         else:
-            self._data_loop(fd, pump, name, warm)
+            self._data_loop(fd, pump, name, warm, stop_fd)
 
     def _data_loop(self, fd: int, pump: Callable[[int], int], name: str,
-                   warm: Callable[[], None] | None = None) -> None:
+                   warm: Callable[[], None] | None = None, stop_fd: int | None = None) -> None:
         poller = select.poll()
         poller.register(fd, select.POLLIN)
-        poller.register(self._stop_fd, select.POLLIN)
+        poller.register(self._stop_fd if stop_fd is None else stop_fd, select.POLLIN)
         errors: set[str] = set()
         clock = time.monotonic
         wm = self.engine.warmer
@@ -460,11 +498,20 @@ class Runner:
         # queued behind a busy opposite direction would add that to every RTT.
         sys.setswitchinterval(float(os.environ.get("GREBE_SWITCH_INTERVAL", SWITCH_INTERVAL)))
         e = self.engine
-        writers = e.use_writers() if self.writer_threads else []
         wm = e.warmer
-        for fd, pump, name, warm in (
-                (e.tun.fileno(), e.pump_tun, "tun->udp", wm.tun if wm else None),
-                (e.udp.fileno(), e.pump_udp, "udp->tun", wm.udp if wm else None)):
+        dirs = [(e.tun.fileno(), e.pump_tun, "tun->udp", wm.tun if wm else None),
+                (e.udp.fileno(), e.pump_udp, "udp->tun", wm.udp if wm else None)]
+        rx = None
+        if self.split:  # before any thread starts: the child runs UDP->TUN
+            from bridge.io.split import SYNC_S, RxProcess
+
+            rx = RxProcess(e, self._data, self.writer_threads)
+            rx.start()
+            e.before_timer, e.remote, e.on_path_mtu = rx.sync, rx.query, rx.publish_mtu
+            dirs = dirs[:1]
+        cap = SYNC_S * 1000 if rx is not None else None  # liveness from the child
+        writers = e.use_writers() if self.writer_threads else []
+        for fd, pump, name, warm in dirs:
             th = threading.Thread(target=self._data, args=(fd, pump, name, warm), name=name,
                                   daemon=True)
             th.start()
@@ -481,6 +528,8 @@ class Runner:
                 t = e.pump_timer()
                 self._armed = t if t is not None else float("inf")
                 timeout = None if t is None else max(0.0, t - e.clock()) * 1000
+                if cap is not None:
+                    timeout = cap if timeout is None else min(timeout, cap)
                 for fd, _ev in poller.poll(timeout):
                     if fd == self._wake:
                         with contextlib.suppress(OSError):
@@ -499,5 +548,8 @@ class Runner:
             for w in writers:
                 w.stop()
             e.writers = {}
+            if rx is not None:
+                rx.stop()
+                e.before_timer = e.remote = e.on_path_mtu = None
             os.close(self._wake)
             os.close(self._stop_fd)

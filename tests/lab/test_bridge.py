@@ -9,6 +9,7 @@ Waits are wait-for-condition (Lab.wait_for), never bare sleeps.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -336,6 +337,39 @@ def test_sigterm_cleans_up_and_a_second_instance_fails(lab: Lab) -> None:
         assert gw.stop() == {"gw-a": 0, "gw-b": 0}
     assert _tun_and_routes(lab) == (False, [])
     assert "grebe down" in gw.log("gw-a")
+
+
+def _grebe_pids(lab: Lab, node: str) -> list[int]:
+    pids = []
+    for pid, ns in lab.pids().items():
+        with contextlib.suppress(OSError):
+            if ns == lab.ns_path(node) and b"grebe" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+    return pids
+
+
+def test_split_directions_two_processes_one_view(lab: Lab) -> None:
+    """bridge/io/split.py: UDP->TUN runs in a child of `grebe up`; status and the metrics
+    show what both processes counted; a SIGTERM to the parent ends both."""
+    gw = Gateways(lab, *VARIANTS["gre-v4underlay"])
+    try:
+        pids = _grebe_pids(lab, "gw-a")
+        parent = gw.procs["gw-a"].pid
+        assert len(pids) == 2 and parent in pids, pids
+        child = next(p for p in pids if p != parent)
+        assert int(Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[1]) \
+            == parent
+        ping(lab, SERVER4, count=3)
+        st = gw.status("gw-a")
+        assert st is not None and st["io"]["processes"] == 2
+        peer = st["peers"][0]
+        assert peer["rx_packets"] >= 3 and peer["tx_packets"] >= 3  # child's and parent's
+        assert st["io"]["udp_recvs"] >= 3 and st["io"]["tun_reads"] >= 3
+        metrics = lab.run("gw-a", ["curl", "-sf", "http://127.0.0.1:9108/metrics"]).stdout
+        assert re.search(r'grebe_peer_rx_packets_total\{peer="site-b"\} [1-9]', metrics)
+    finally:
+        assert gw.stop() == {"gw-a": 0, "gw-b": 0}
+    lab.wait_for(lambda: not _grebe_pids(lab, "gw-a"), timeout=10, what="no grebe left")
 
 
 SEND_UDP = r"""

@@ -61,6 +61,11 @@ def test_defaults() -> None:
     assert p.port == 4754 and p.encapsulation is Encapsulation.GRE and p.key_in is None
     assert p.sequence is SeqPolicy.OFF and not p.checksum
     assert cfg.pmtu.fragment and cfg.control_socket is None
+    assert cfg.split_directions and cfg.keep_warm
+    assert not loads_config("split_directions = false\n" + MIN).split_directions
+    with pytest.raises(ConfigErrors) as info:
+        loads_config('split_directions = "yes"\n' + MIN)
+    assert [e.path for e in info.value.errors] == ["split_directions"]
 
 
 EXPECTED_BAD = {

@@ -1,0 +1,270 @@
+"""One process per direction: an endpoint's UDP->TUN half runs in a child process.
+
+Why: both directions of one endpoint share one interpreter lock (GIL). Under a bulk
+transfer one direction carries the data (numpy segmenting or coalescing, bridge/gso.py) and
+the other its ACKs; an ACK that waits for the lock waits behind a whole batch, and the
+sender's TCP sees that as RTT. With the receiving direction in its own process each half
+has its own lock and its own core. Paired iperf3 runs in the lab: +18 to +35 % single-stream
+(docs/DESIGN.md). `split_directions = false` keeps one process.
+
+Rules:
+- The parent keeps everything that is not the UDP->TUN data path: the TUN->UDP thread,
+  timers (keepalives, liveness), the control socket and the metrics, signals, and the
+  routes and the TUN, which it removes on exit. The child only reads the UDP socket, runs
+  `Bridge.from_udp` on its own copy of the Bridge (`rx_only`: its timer only flushes the
+  reorder buffers), and writes the TUN. `from_udp` never sends a datagram (its ICMP errors
+  go to the TUN), so the GRE sequence numbers the parent sends stay the parent's alone.
+- Each direction's state lives in one process; what the other needs crosses over:
+  * when a peer was last heard (liveness, `grebe status`): the child writes it to a shared
+    page after each batch, the parent reads it before each timer run, each status and at
+    least every SYNC_S (`Bridge.note_heard`: a peer that comes back is up again within
+    that time);
+  * the underlay path MTU the parent learns (EMSGSIZE, IP_MTU): the parent writes it to the
+    shared page, the child applies it within SYNC_S (MSS clamping of SYN-ACKs from the peer);
+  * counters: `grebe status` and the metrics ask the child over a socket pair for its
+    counters, reorder state and I/O counts, and add them to the parent's
+    (`Counters.merged`). The child's peer_up / peer_down events are not counted: liveness
+    is the parent's.
+- With [[inspect]] rules an endpoint stays one process: a terminated flow's two legs are
+  one TCP state machine, fed by both directions.
+- The child dies with the parent (PR_SET_PDEATHSIG) and on SIGTERM; it never removes
+  anything.
+
+Theory of operation: `Runner.run` forks before it starts any thread; the child gets fresh
+eventfds (a shared one would wake both processes) and runs the UDP->TUN data thread plus a
+small loop for its timer, the MTU sync and the parent's status queries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import mmap
+import os
+import select
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from bridge.counters import DROP_REASONS, E_PEER_DOWN, E_PEER_UP, EVENTS
+
+log = logging.getLogger("grebe.split")
+
+SYNC_S = 0.1  # the longest the two halves go without exchanging liveness and MTU
+QUERY_TIMEOUT_S = 1.0
+PR_SET_PDEATHSIG = 1
+
+
+class SharedPeers:
+    """Two float64 slots per peer in an anonymous shared mapping made before the fork:
+    [2i] when the child last heard peer i, [2i+1] the underlay path MTU the parent learned
+    for it (0: none). One writer per slot; aligned 8-byte stores are atomic on Linux."""
+
+    def __init__(self, peers: int) -> None:
+        self._mm = mmap.mmap(-1, 16 * max(peers, 1))
+        self.v = memoryview(self._mm).cast("d")
+
+
+class RxProcess:
+    """The parent's handle on the child that runs the UDP->TUN direction."""
+
+    def __init__(self, engine: Any, run_data: Callable[..., None],
+                 writer_threads: bool) -> None:
+        self.engine = engine
+        self._run_data = run_data  # Runner._data
+        self._writers = writer_threads
+        self.shared = SharedPeers(len(engine.bridge.peers))
+        self.pid = 0
+        self._sock: socket.socket | None = None
+        self._qlock = threading.Lock()
+
+    # -- parent ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Fork. Returns in the parent; the child never returns."""
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ppid = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child (lab tests exercise it)
+            parent.close()
+            code = 0
+            try:
+                self._child(child, ppid)
+            except BaseException:
+                log.exception("receiving process failed")
+                code = 1
+            os._exit(code)
+        child.close()
+        self._sock = parent
+        self.pid = pid
+        log.info("UDP->TUN runs in process %d (split_directions)", pid)
+
+    def sync(self) -> None:
+        """Fold the child's last-heard times into the parent's Bridge (with the lock)."""
+        v = self.shared.v
+        b = self.engine.bridge
+        for i in range(len(b.peers)):
+            t = v[2 * i]
+            if t > b.peers[i].last_rx:
+                b.note_heard(i, t)
+
+    def publish_mtu(self, addr: tuple[str, int], mtu: int) -> None:
+        for i, p in enumerate(self.engine.bridge.peers):
+            if p.addr == addr:
+                self.shared.v[2 * i + 1] = float(mtu)
+
+    def query(self) -> dict[str, Any] | None:
+        """The child's counters (`_export`), or None if it does not answer in time."""
+        s = self._sock
+        if s is None:
+            return None
+        with self._qlock:
+            try:
+                s.send(b"?")
+                if not select.select([s], [], [], QUERY_TIMEOUT_S)[0]:
+                    log.warning("receiving process %d did not answer", self.pid)
+                    return None
+                data = s.recv(1 << 20)
+            except OSError as e:
+                log.warning("receiving process %d: %s", self.pid, e)
+                return None
+        try:
+            got: dict[str, Any] = json.loads(data)
+        except ValueError:
+            return None
+        return got
+
+    def stop(self) -> None:
+        if not self.pid:
+            return
+        with contextlib.suppress(OSError):
+            os.kill(self.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(self.pid, os.WNOHANG)[0]:
+                    break
+            time.sleep(0.01)
+        else:
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+        self.pid = 0
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    # -- child ----------------------------------------------------------------------------
+
+    def _child(self, sock: socket.socket, ppid: int) -> None:  # pragma: no cover
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != ppid:
+            return  # the parent died before the line above
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        e = self.engine
+        e.bridge.rx_only = True
+        wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        armed = [float("inf")]
+
+        def timer_changed(t: float) -> None:
+            if t < armed[0]:
+                armed[0] = t
+                with contextlib.suppress(OSError):
+                    os.eventfd_write(wake, 1)
+
+        e.on_timer_change = timer_changed
+        if self._writers:
+            e.use_writers()
+        v = self.shared.v
+        peers = e.bridge.peers
+        n = len(peers)
+
+        def pump(limit: int) -> int:
+            got: int = e.pump_udp(limit)
+            if got:
+                for i in range(n):
+                    v[2 * i] = peers[i].last_rx
+            return got
+
+        wm = e.warmer
+        stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        th = threading.Thread(target=self._run_data,
+                              args=(e.udp.fileno(), pump, "udp->tun", wm.udp if wm else None),
+                              kwargs={"stop_fd": stop_fd}, name="udp->tun", daemon=True)
+        th.start()
+        mtus = [0.0] * n
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        poller.register(wake, select.POLLIN)
+        out = e.new_output()
+        while True:
+            now = e.clock()
+            with e.lock:
+                t = e.bridge.get_timer()
+                if t is not None and t <= now:
+                    e.bridge.handle_timer(now, out)
+                    t = e.bridge.get_timer()
+                for i in range(n):
+                    m = v[2 * i + 1]
+                    if m and m != mtus[i]:
+                        mtus[i] = m
+                        with contextlib.suppress(ValueError):
+                            e.bridge.set_path_mtu(int(m), peers[i].addr)
+            e.execute(out)
+            armed[0] = t if t is not None else float("inf")
+            timeout = SYNC_S if t is None else min(SYNC_S, max(0.0, t - e.clock()))
+            for fd, ev in poller.poll(timeout * 1000):
+                if fd == wake:
+                    with contextlib.suppress(OSError):
+                        os.eventfd_read(wake)
+                    continue
+                if ev & (select.POLLHUP | select.POLLERR):
+                    return  # the parent is gone
+                try:
+                    req = sock.recv(64)
+                except OSError:
+                    return
+                if not req:
+                    return
+                sock.send(json.dumps(self._export()).encode())
+
+    def _export(self) -> dict[str, Any]:  # pragma: no cover - the child's side of query()
+        e = self.engine
+        with e.lock:
+            c = e.bridge.counters.export()
+            seq = [[len(p.seq.held), p.seq.flushes] for p in e.bridge.peers]
+        c["events"][E_PEER_UP] = c["events"][E_PEER_DOWN] = 0  # liveness is the parent's
+        w = e.warmer
+        io = dict(e.stats, internal_errors=e.internal_errors,
+                  keep_warm_ticks=w.ticks if w is not None else 0)
+        return {"counters": c, "seq": seq, "io": io}
+
+
+def merge_status(st: dict[str, Any], child: dict[str, Any]) -> None:
+    """Add the child's counters (`RxProcess._export`) to the parent's status, in place."""
+    c = child.get("counters", {})
+    for name, n in zip(DROP_REASONS, c.get("drops", []), strict=False):
+        st["drops"][name] = st["drops"].get(name, 0) + n
+    for name, n in zip(EVENTS, c.get("events", []), strict=False):
+        st["events"][name] = st["events"].get(name, 0) + n
+    seq = child.get("seq", [])
+    for i, p in enumerate(st.get("peers", [])):
+        for k in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes"):
+            vals = c.get(k, [])
+            if i < len(vals):
+                p[k] = p.get(k, 0) + vals[i]
+        if i < len(seq) and isinstance(p.get("sequence"), dict):
+            p["sequence"]["held"], p["sequence"]["flushes"] = seq[i]
+    io = st.setdefault("io", {})
+    for k, n in child.get("io", {}).items():
+        if isinstance(n, int) and not isinstance(n, bool):
+            io[k] = io.get(k, 0) + n
+    io["processes"] = 2
