@@ -12,8 +12,8 @@ Rules:
   timers (keepalives, liveness), the control socket and the metrics, signals, and the
   routes and the TUN, which it removes on exit. The child only reads the UDP socket, runs
   `Bridge.from_udp` on its own copy of the Bridge (`rx_only`: its timer only flushes the
-  reorder buffers), and writes the TUN. `from_udp` never sends a datagram (its ICMP errors
-  go to the TUN), so the GRE sequence numbers the parent sends stay the parent's alone.
+  reorder buffers), and writes the TUN. `from_udp` only ever writes to the TUN, so the
+  GRE sequence numbers (and ICMP rate limit) the parent uses stay the parent's alone.
 - Each direction's state lives in one process; what the other needs crosses over:
   * when a peer was last heard (liveness, `grebe status`): the child writes it to a shared
     page after each batch, the parent reads it before each timer run, each status and at
