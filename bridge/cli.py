@@ -89,6 +89,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         log.error("%s", e.strerror)
         return 1
     ctl = metrics = udp = kernel = None
+    failed = False
     try:
         tun.configure([str(a) for a in cfg.tun.addresses], mtu,
                       [str(n) for p in cfg.peers for n in p.prefixes])
@@ -175,6 +176,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         gc.freeze()
         runner.run()
         detach()  # reset the userspace-terminated flows, final flush of the inspectors
+        failed = runner.failed
     finally:
         if kernel is not None:
             kernel.stop()   # relays reset, nft table + policy routing removed
@@ -183,7 +185,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 x.close()
         tun.close()
         log.info("grebe down: %s removed", cfg.tun.name)
-    return 0
+    return 1 if failed else 0
 
 
 # -- status -----------------------------------------------------------------------------

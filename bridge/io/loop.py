@@ -425,6 +425,7 @@ class Runner:
         self._armed = float("inf")
         engine.on_timer_change = self._timer_changed
         self._threads: list[threading.Thread] = []
+        self.failed = False  # run() ended because a part of the endpoint died
 
     def stop(self) -> None:
         """Ask every thread to finish (safe from a signal handler)."""
@@ -530,6 +531,10 @@ class Runner:
                 timeout = None if t is None else max(0.0, t - e.clock()) * 1000
                 if cap is not None:
                     timeout = cap if timeout is None else min(timeout, cap)
+                    if rx is not None and rx.exited():
+                        log.error("the UDP->TUN process ended; stopping")
+                        self.failed = True
+                        break
                 for fd, _ev in poller.poll(timeout):
                     if fd == self._wake:
                         with contextlib.suppress(OSError):

@@ -28,7 +28,8 @@ Rules:
 - With [[inspect]] rules an endpoint stays one process: a terminated flow's two legs are
   one TCP state machine, fed by both directions.
 - The child dies with the parent (PR_SET_PDEATHSIG) and on SIGTERM; it never removes
-  anything.
+  anything. If it ends on its own (a bug), the parent logs it and stops with exit code 1,
+  so that whatever supervises `grebe up` restarts the endpoint whole.
 
 Theory of operation: `Runner.run` forks before it starts any thread; the child gets fresh
 eventfds (a shared one would wake both processes) and runs the UDP->TUN data thread plus a
@@ -112,6 +113,18 @@ class RxProcess:
             t = v[2 * i]
             if t > b.peers[i].last_rx:
                 b.note_heard(i, t)
+
+    def exited(self) -> bool:
+        """The child ended (it should live as long as the parent): reaped here."""
+        if not self.pid:
+            return False
+        try:
+            done = os.waitpid(self.pid, os.WNOHANG)[0] != 0
+        except ChildProcessError:
+            done = True
+        if done:
+            self.pid = 0
+        return done
 
     def publish_mtu(self, addr: tuple[str, int], mtu: int) -> None:
         for i, p in enumerate(self.engine.bridge.peers):

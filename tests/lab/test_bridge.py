@@ -372,6 +372,22 @@ def test_split_directions_two_processes_one_view(lab: Lab) -> None:
     lab.wait_for(lambda: not _grebe_pids(lab, "gw-a"), timeout=10, what="no grebe left")
 
 
+def test_split_child_death_stops_the_endpoint_cleanly(lab: Lab) -> None:
+    """If the UDP->TUN process dies, `grebe up` does not run on half-deaf: it stops with
+    exit code 1 and removes its routes and TUN, for its supervisor to restart it."""
+    gw = Gateways(lab, *VARIANTS["gre-v4underlay"])
+    try:
+        parent = gw.procs["gw-a"].pid
+        child = next(p for p in _grebe_pids(lab, "gw-a") if p != parent)
+        os.kill(child, signal.SIGKILL)
+        assert gw.procs["gw-a"].wait(timeout=15) == 1
+        assert "the UDP->TUN process ended" in gw.log("gw-a")
+        assert _tun_and_routes(lab) == (False, [])
+    finally:
+        codes = gw.stop()
+    assert codes == {"gw-a": 1, "gw-b": 0}
+
+
 SEND_UDP = r"""
 import socket, sys
 dst, ports = sys.argv[1], [int(p) for p in sys.argv[2:]]
