@@ -282,9 +282,6 @@ class Engine:
                 c = c.merged(child.get("counters", {}))
             return c.prometheus(peer_up=[p.up for p in self.bridge.peers])
 
-    def new_output(self) -> Output:
-        return Output()
-
     def execute(self, out: Output) -> None:
         """Send and write what a core call put in `out`, then clear it."""
         self._execute(out)

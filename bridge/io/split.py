@@ -53,6 +53,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bridge.counters import DROP_REASONS, E_PEER_DOWN, E_PEER_UP, EVENTS
+from bridge.pipeline import Output
 
 log = logging.getLogger("grebe.split")
 
@@ -217,7 +218,7 @@ class RxProcess:
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         poller.register(wake, select.POLLIN)
-        out = e.new_output()
+        out = Output()
         while True:
             now = e.clock()
             with e.lock:
