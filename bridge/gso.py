@@ -414,8 +414,9 @@ def _gre_csums(a: Any, prefix: bytes, seq_at: int, gs: Any, csum_at: int, v4: bo
 def _coalesce_layout(seg: int, off: int, ihl: int, doff: int, gseq_at: int, csum_at: int,
                      v4: bool) -> tuple[Any, Any]:
     """For `coalesce_rows`, made once per layout: the mask of the header bytes that must be
-    equal in every row, and a record type naming the per-row fields (TCP sequence number,
-    IPv4 identification and checksum, GRE sequence number)."""
+    equal in every row, and the sending side's record type of the per-row fields
+    (`_row_fields`: TCP sequence number, IPv4 identification and checksum, GRE sequence
+    number; the TCP checksum field goes unused here)."""
     key = (seg, off, ihl, doff, gseq_at, csum_at, v4)
     got = _LAYOUTS.get(key)
     if got is None:
@@ -435,14 +436,7 @@ def _coalesce_layout(seg: int, off: int, ihl: int, doff: int, gseq_at: int, csum
             mask[off + 4:off + 6] = 0
             mask[off + 10:off + 12] = 0
         mask.flags.writeable = False
-        fields = {"ts": (">u4", t + 4)}
-        if v4:
-            fields.update(id=(">u2", off + 4), ic=(">u2", off + 10))
-        if gseq_at >= 0:
-            fields["gs"] = (">u4", gseq_at)
-        dt = np.dtype({"names": list(fields), "formats": [v[0] for v in fields.values()],
-                       "offsets": [v[1] for v in fields.values()], "itemsize": seg})
-        got = _LAYOUTS[key] = (mask, dt)
+        got = _LAYOUTS[key] = (mask, _row_fields(seg, off, ihl, gseq_at, v4))
     return got
 
 
