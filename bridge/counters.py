@@ -37,6 +37,7 @@ __all__ = [
     "R_LOOP",
     "R_PEER_DOWN",
     "R_LINK_LOCAL",
+    "R_UNINSPECTABLE",
     "E_ICMP_SENT",
     "E_ICMP_RATE_LIMITED",
     "E_KEEPALIVE_TX",
@@ -66,6 +67,7 @@ DROP_REASONS: tuple[str, ...] = (
     "loop",  # destination is a tunnel endpoint (RFC 2003 §4)
     "peer_down",  # peer is down and its down_action is "withdraw"
     "link_local",  # no route, link-scope destination (the kernel's own RS/MLD on the TUN)
+    "uninspectable",  # IPv6 chain not walkable to its end, addresses an [[inspect]] rule covers
 )
 (
     R_MALFORMED,
@@ -83,6 +85,7 @@ DROP_REASONS: tuple[str, ...] = (
     R_LOOP,
     R_PEER_DOWN,
     R_LINK_LOCAL,
+    R_UNINSPECTABLE,
 ) = range(len(DROP_REASONS))
 
 # Things that happen and are worth counting, but are not drops.

@@ -344,6 +344,21 @@ class FlowSelector:
             verdict, found = self.hook(key, verdict, found)
         return verdict, found
 
+    def covers(self, version: int, src: bytes, dst: bytes) -> bool:
+        """True when a rule that does not forward (inspect or drop, either backend) covers
+        these addresses whatever the ports: for packets whose ports cannot be read
+        (bridge/mss.py `uninspectable`). Forward carve-outs are not trusted without ports."""
+        s, d = int.from_bytes(src, "big"), int.from_bytes(dst, "big")
+        for rule, _ports, srcs, dsts in self._match:
+            if rule.action is Verdict.FORWARD:
+                continue
+            if srcs and not any(v == version and s & m == n for v, m, n in srcs):
+                continue
+            if dsts and not any(v == version and d & m == n for v, m, n in dsts):
+                continue
+            return True
+        return False
+
 
 def selector_for(rules: tuple[InspectRule, ...], backend: Backend,
                  hook: SelectHook | None = None) -> FlowSelector:

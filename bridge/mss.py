@@ -19,6 +19,19 @@ Rules:
   + 2) * 4 bytes. No Next Header (59), ESP (50) and anything else end the walk: no TCP
   header to see. The walk is bounded by `MAX_EXT_HEADERS` and by the IPv6 payload length
   (and the buffer); a header running past the end is malformed: the packet is left alone.
+- A chain that cannot be walked to its end is told apart from one that ends in something
+  other than TCP (`v6_tcp_offset` returns `V6_UNWALKABLE`, not `V6_NO_TCP`): more than
+  `MAX_EXT_HEADERS` headers, a header or TCP header running past the payload, Hop-by-Hop
+  anywhere but first (§4.3), or an extension header of IANA's registry that we do not walk
+  (Mobility 135, HIP 139, Shim6 140, experimental 253/254: RFC 8200 §4, RFC 7045 §4: a
+  middlebox must not assume what they hide). Behind such a chain a TCP SYN may reach a host
+  that walks further than we do.
+- The inspection rule, for both termination backends (issue 9): a packet whose header chain
+  cannot be walked to its end and whose addresses an `[[inspect]]` rule covers is never
+  forwarded. Our terminator cannot key it, so it cannot be inspected: the Bridge drops it
+  and counts "uninspectable" (`uninspectable` below is the one test; bridge/pipeline.py
+  applies it in both directions, before the terminator, and so also to packets that the
+  kernel backend's nftables TPROXY rule did not catch and the kernel routed to the TUN).
 - A SYN behind AH is found but never rewritten: AH's ICV covers the TCP header (RFC 4302
   §3.3.3.1), so a clamped SYN would fail authentication and be dropped at the receiver.
 
@@ -29,18 +42,20 @@ the pipeline can count "mss_clamped". `clamp_packet` finds the TCP header: IPv4'
 IPv6's fixed header plus the extension chain (`v6_tcp_offset`, a loop over at most eight
 headers reading two bytes each, so the common case of TCP directly after the IPv6 header
 costs one comparison). `V6_EXT_HEADERS` lets a caller's cheap SYN pre-check send such
-packets here.
+packets here; `V6_CHAIN_HEADS` is every next-header value that starts a chain `uninspectable`
+must look at (the common TCP/UDP/ICMPv6 packet costs one set lookup).
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 from stack.wire.checksum import incremental_update16
 from stack.wire.ip import OFFSET_MASK, PROTO_TCP, V4_FLAGS, V4_PROTO, V6_NXT, V6_PLEN
 
-__all__ = ["clamp", "clamp_packet", "mss_for_mtu", "v6_tcp_offset", "TCP_SYN",
-           "V6_EXT_HEADERS", "MAX_EXT_HEADERS"]
+__all__ = ["clamp", "clamp_packet", "mss_for_mtu", "v6_tcp_offset", "uninspectable", "TCP_SYN",
+           "V6_EXT_HEADERS", "V6_CHAIN_HEADS", "V6_NO_TCP", "V6_UNWALKABLE", "MAX_EXT_HEADERS"]
 
 TCP_SYN = 0x02
 _TCP_FLAGS = 13
@@ -57,7 +72,13 @@ _FRAGMENT = 44
 _AH = 51
 _DEST_OPTS = 60
 V6_EXT_HEADERS = frozenset((_HOP_BY_HOP, _ROUTING, _FRAGMENT, _AH, _DEST_OPTS))
+# IANA "IPv6 Extension Header Types" we do not walk: Mobility (RFC 6275), HIP (RFC 7401),
+# Shim6 (RFC 5533), experimentation (RFC 3692, RFC 4727)
+_UNWALKED = frozenset((135, 139, 140, 253, 254))
+V6_CHAIN_HEADS = V6_EXT_HEADERS | _UNWALKED
 MAX_EXT_HEADERS = 8  # §4.1 allows each once (Destination Options twice): 6 in a sane chain
+V6_NO_TCP = -1  # the chain ends in another upper layer, ESP, No Next Header, a later fragment
+V6_UNWALKABLE = -2  # the chain cannot be walked to its end (module rules)
 _FRAG_OFFSET_MASK = 0xFFF8  # RFC 8200 §4.5: 13-bit fragment offset, then 2 reserved, M
 
 
@@ -104,44 +125,64 @@ def clamp(buf: bytearray, tcp: int, mss_max: int) -> bool:
 
 
 def v6_tcp_offset(buf: bytes | bytearray | memoryview, start: int) -> tuple[int, bool]:
-    """(offset of the TCP header, behind AH) of the IPv6 packet at `buf[start]`; offset -1
-    when there is none to see: another upper layer, ESP, No Next Header, a non-first
-    fragment, a malformed or over-long chain (RFC 8200 §4; rules in the module docstring).
+    """(offset of the TCP header, behind AH) of the IPv6 packet at `buf[start]`; offset
+    `V6_NO_TCP` (-1) when the chain ends in something else (another upper layer, ESP, No
+    Next Header, a non-first fragment), `V6_UNWALKABLE` (-2) when it cannot be walked to its
+    end (over-long, truncated, malformed, an extension header we do not walk: RFC 8200 §4;
+    rules in the module docstring). Every negative offset means "no TCP header to use".
 
     Never raises: every read is checked against the packet's end first.
     """
     n = len(buf)
     if n < start + 40:
-        return -1, False
+        return V6_UNWALKABLE, False
     end = start + 40 + ((buf[start + V6_PLEN] << 8) | buf[start + V6_PLEN + 1])
     if end > n:
-        return -1, False  # truncated (or a jumbogram, RFC 2675: not for us)
+        return V6_UNWALKABLE, False  # truncated (or a jumbogram, RFC 2675: not for us)
     nxt = buf[start + V6_NXT]
     i = start + 40
     ah = False
     for hops in range(MAX_EXT_HEADERS + 1):
         if nxt == PROTO_TCP:
-            return (i, ah) if i + 20 <= end else (-1, False)
-        if hops == MAX_EXT_HEADERS or i + 8 > end:
-            return -1, False  # every extension header is at least 8 bytes
+            return (i, ah) if i + 20 <= end else (V6_UNWALKABLE, False)
+        if nxt not in V6_CHAIN_HEADS:
+            return V6_NO_TCP, False  # ESP (50), No Next Header (59), another upper layer
+        if hops == MAX_EXT_HEADERS or i + 8 > end or nxt in _UNWALKED:
+            return V6_UNWALKABLE, False  # every extension header is at least 8 bytes
         if nxt == _ROUTING or nxt == _DEST_OPTS:
             size = (buf[i + 1] + 1) * 8  # RFC 8200 §4.4, §4.6
         elif nxt == _HOP_BY_HOP:
             if hops:
-                return -1, False  # §4.3: only immediately after the IPv6 header
+                return V6_UNWALKABLE, False  # §4.3: only immediately after the IPv6 header
             size = (buf[i + 1] + 1) * 8
         elif nxt == _FRAGMENT:
             if ((buf[i + 2] << 8) | buf[i + 3]) & _FRAG_OFFSET_MASK:
-                return -1, False  # §4.5: not the first fragment, no TCP header here
+                return V6_NO_TCP, False  # §4.5: not the first fragment, no TCP header here
             size = 8
-        elif nxt == _AH:
+        else:  # AH
             size = (buf[i + 1] + 2) * 4  # RFC 4302 §2.2: 32-bit words, minus 2
             ah = True
-        else:
-            return -1, False  # ESP (50), No Next Header (59), another upper layer, unknown
         nxt = buf[i]
         i += size
-    return -1, False  # not reached: the loop returns at hops == MAX_EXT_HEADERS
+    return V6_UNWALKABLE, False  # not reached: the loop returns at hops == MAX_EXT_HEADERS
+
+
+Covers = Callable[[int, bytes, bytes], bool]
+
+
+def uninspectable(buf: bytes | bytearray | memoryview, start: int, covers: Covers) -> bool:
+    """True when the IP packet at `buf[start]` must be dropped rather than forwarded: an
+    IPv6 packet whose header chain cannot be walked to its end (`V6_UNWALKABLE`) and whose
+    (version, source, destination) `covers` says an `[[inspect]]` rule covers, ports
+    unknown (the inspection rule in the module docstring). IPv4 has no chain: False.
+
+    The caller has checked the IP header lengths. Never raises.
+    """
+    if buf[start] >> 4 != 6 or buf[start + V6_NXT] not in V6_CHAIN_HEADS:
+        return False  # IPv4, or TCP/UDP/ICMPv6 directly after the fixed header
+    if v6_tcp_offset(buf, start)[0] != V6_UNWALKABLE:
+        return False
+    return covers(6, bytes(buf[start + 8:start + 24]), bytes(buf[start + 24:start + 40]))
 
 
 def clamp_packet(buf: bytearray, start: int, mtu: int) -> bool:

@@ -60,8 +60,9 @@ from bridge.config import Config, DownAction, Encapsulation, SeqPolicy, SourcePo
 from bridge.counters import Counters
 from bridge.encap import KEEPALIVE, GreEncoder, decode_gre, flow_source_port, overhead
 from bridge.fastpath import receive_run, send_super
+from bridge.flows import FlowSelector
 from bridge.gso import GroBatch, SuperPacket
-from bridge.mss import V6_EXT_HEADERS, clamp_packet
+from bridge.mss import V6_CHAIN_HEADS, V6_EXT_HEADERS, clamp_packet, uninspectable
 from bridge.peers import LOOP, PeerTable, link_scope
 from bridge.seqpolicy import SeqReceiver
 from stack.wire import icmp
@@ -164,6 +165,9 @@ class Bridge:
         # issue 4: flows an [[inspect]] rule terminates in userspace (bridge/terminate.py);
         # None without such a rule, and then nothing below looks at TCP (nor imports it).
         self.terminator: Terminator | None = None
+        # issue 9: the addresses an [[inspect]] rule covers, for packets whose IPv6 header
+        # chain cannot be walked (bridge/mss.py `uninspectable`); None without rules
+        self._covers = FlowSelector(config.inspect_rules()).covers if config.inspect else None
         if config.inspect:
             from bridge.terminate import Terminator
 
@@ -220,6 +224,7 @@ class Bridge:
         table = self.table
         peers = self.peers
         term = self.terminator
+        covers = self._covers
         for pkt in packets:
             if type(pkt) is SuperPacket:
                 if term is not None and term.from_tun_super(pkt, now):
@@ -235,9 +240,13 @@ class Bridge:
             if not n:
                 drops[C.R_MALFORMED] += 1
                 continue
+            v6 = pkt[0] >> 4 == 6
+            if covers is not None and v6 and pkt[6] in V6_CHAIN_HEADS \
+                    and uninspectable(pkt, 0, covers):
+                drops[C.R_UNINSPECTABLE] += 1  # never forwarded past a rule (bridge/mss.py)
+                continue
             if term is not None and term.from_tun(pkt, n, now):
                 continue  # a flow terminated in userspace (bridge/terminate.py)
-            v6 = pkt[0] >> 4 == 6
             if v6:
                 dst = pkt[24:40]
                 ttl = pkt[7]
@@ -431,6 +440,9 @@ class Bridge:
                 continue
             if table.is_endpoint(dst):
                 drops[C.R_LOOP] += 1
+                continue
+            if self._covers is not None and uninspectable(payload, off, self._covers):
+                drops[C.R_UNINSPECTABLE] += 1  # never forwarded past a rule (bridge/mss.py)
                 continue
             pkt: bytes | bytearray
             if self.mss_clamp and _maybe_syn(payload, off, tot):

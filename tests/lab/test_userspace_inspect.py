@@ -260,6 +260,63 @@ def test_unreachable_server_fails_the_connect_fast_and_ends_the_flow(lab: Any) -
     assert rec["close"] == "connect_failed" and rec["dport"] == 22
 
 
+EXT_SYNS = r"""
+import sys
+from scapy.all import IPv6, IPv6ExtHdrDestOpt, PadN, TCP, send
+srv = sys.argv[1]
+for count, sport in ((1, 41001), (8, 41008), (9, 41009), (12, 41012)):
+    chain = None
+    for _ in range(count):
+        h = IPv6ExtHdrDestOpt(options=[PadN(optdata=b"\x00" * 4)])
+        chain = h if chain is None else chain / h
+    syn = TCP(sport=sport, dport=80, flags="S", seq=1000, options=[("MSS", 1400)])
+    send(IPv6(src="2001:db8:1::10", dst=srv) / chain / syn, verbose=0)
+"""
+
+
+def test_syns_behind_extension_headers_never_reach_the_server_as_sent(lab: Any) -> None:
+    """Issue 9: an attacker in site A sends SYNs to the inspected [server]:80 behind 1, 8, 9
+    and 12 Destination Options headers. Behind 1 and 8 grebe terminates them (the server sees
+    grebe's own SYN, no extension header); behind 9 and 12 the chain is longer than grebe
+    walks, so gw-a drops them ("uninspectable"). No SYN reaches the server as sent."""
+    import subprocess
+
+    from scapy.layers.inet import TCP
+    from scapy.layers.inet6 import IPv6ExtHdrDestOpt
+    from scapy.utils import rdpcap
+
+    d: Path = lab.tmp
+    script, pcap = d / "ext_syns.py", str(d / "server-ext.pcap")
+    script.write_text(EXT_SYNS)
+    log = str(d / "tcpdump-ext.log")
+    cap = lab.popen("server", ["tcpdump", "-i", "eth0", "-n", "-U", "-w", pcap,
+                               "ip6 and dst host " + SERVER6], log=log)
+    try:
+        lab.wait_for(lambda: "listening on" in Path(log).read_text(), 10, "tcpdump on server")
+        before = json.loads(lab.run("gw-a", ["grebe", "status", "--json"]).stdout)["drops"]
+        lab.run("client", ["python", str(script), SERVER6], timeout=60)
+
+        def seen() -> set[int]:
+            try:
+                return {p[TCP].sport for p in rdpcap(pcap) if TCP in p and p[TCP].flags & 0x02}
+            except Exception:  # the capture's last record may be half written
+                return set()
+
+        lab.wait_for(lambda: {41001, 41008} <= seen(), 20, "grebe's SYNs for 1 and 8 headers")
+        lab.wait_for(lambda: json.loads(lab.run("gw-a", ["grebe", "status", "--json"]).stdout)
+                     ["drops"].get("uninspectable", 0) >= before.get("uninspectable", 0) + 2, 20,
+                     "gw-a counting the 9- and 12-header SYNs as uninspectable")
+    finally:
+        cap.send_signal(2)
+        try:
+            cap.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            cap.kill()
+    pkts = [p for p in rdpcap(pcap) if TCP in p]
+    assert not [p for p in pkts if IPv6ExtHdrDestOpt in p], "a SYN reached the server as sent"
+    assert not {41009, 41012} & {p[TCP].sport for p in pkts}
+
+
 def test_zz_download_over_lossy_reordering_wan(lab: Any) -> None:
     from bridge.lab import impair
 

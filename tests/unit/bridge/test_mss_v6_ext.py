@@ -169,7 +169,7 @@ def test_random_chains_never_raise(data: bytes, nh: int, plen: int | None) -> No
     ip = IPv6(src=SRC, dst=DST, nh=nh, plen=len(data) if plen is None else plen)
     pkt = bytearray(bytes(ip) + data)
     tcp, _ah = v6_tcp_offset(pkt, 0)
-    assert tcp == -1 or 40 <= tcp <= len(pkt) - 20
+    assert tcp < 0 or 40 <= tcp <= len(pkt) - 20
     clamp_packet(pkt, 0, MTU)  # whatever it decides, it does not raise
     assert len(pkt) == 40 + len(data)
 
