@@ -10,7 +10,7 @@ Subcommands are registered with `register(name, setup, run)`:
 
 Logs go through `logging` to stderr, one line per state change (never per packet).
 SIGTERM and SIGINT stop `up` cleanly: routes and the TUN are removed, exit status 0.
-With kernel-backend `[[inspect]]` rules `up` also runs the TPROXY backend (bridge/tproxy_run.py)
+With kernel-backend `[[inspect]]` rules `up` also runs the TPROXY backend (bridge/kernel/run.py)
 and removes its nft table and policy rules on exit; SIGHUP reloads those rules.
 """
 
@@ -108,11 +108,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             return st
 
         ctl.register("status", status)
-        from bridge.terminate_cli import attach  # `flows` + inspector flushing (issue 4)
+        from bridge.io.flows import attach  # `flows` + inspector flushing (issue 4)
 
         detach = attach(engine, ctl)
         # kernel-backend [[inspect]] rules: TPROXY + relay on their own loop (bridge/tproxy_run)
-        from bridge.tproxy_run import start_for_config
+        from bridge.kernel.run import start_for_config
 
         try:
             kernel = start_for_config(cfg, ctl)
@@ -126,7 +126,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 text = engine.metrics_text()
                 text += io_prometheus(status({}))
                 if kernel is not None:
-                    from bridge.tproxy_info import prometheus
+                    from bridge.kernel.info import prometheus
 
                     text += prometheus(kernel.status(with_flows=False))
                 return text
@@ -222,7 +222,7 @@ def _fmt_status(st: dict[str, Any]) -> str:
     if io:
         lines.append("io: " + ", ".join(f"{k}={v}" for k, v in io.items()))
     if "inspect_kernel" in st:
-        from bridge.tproxy_info import format_status
+        from bridge.kernel.info import format_status
 
         lines.append(format_status(st["inspect_kernel"]))
     return "\n".join(lines)
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_flows(args: argparse.Namespace) -> int:
     """`grebe flows`: the userspace backend's table, then the kernel backend's flows."""
-    from bridge.tproxy_info import format_flows
+    from bridge.kernel.info import format_flows
 
     answer = _ask(args, "flows")
     if answer is None:

@@ -77,7 +77,7 @@ class Backend(Enum):
     """Where an inspected flow is terminated."""
 
     USERSPACE = "userspace"   # grebe's own TCP stack (stack/), on the TUN path
-    KERNEL = "kernel"         # nftables TPROXY + kernel sockets (bridge/tproxy.py)
+    KERNEL = "kernel"         # nftables TPROXY + kernel sockets (bridge/kernel/relay.py)
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

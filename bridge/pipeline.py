@@ -69,7 +69,7 @@ from stack.wire import icmp
 from stack.wire.ip import DF, OFFSET_MASK, PROTO_TCP, decrement_ttl_v4, fragment_v4, packet_length
 
 if TYPE_CHECKING:
-    from bridge.terminate import Terminator
+    from bridge.userspace.terminator import Terminator
 
 __all__ = ["Bridge", "Output", "PeerState"]
 
@@ -162,14 +162,14 @@ class Bridge:
         # Set by the receiving process of a split endpoint (bridge/io/split.py): its timer
         # only flushes the reorder buffers; keepalives and liveness are the other process's.
         self.rx_only = False
-        # issue 4: flows an [[inspect]] rule terminates in userspace (bridge/terminate.py);
+        # flows an [[inspect]] rule terminates in userspace (bridge/userspace/terminator.py);
         # None without such a rule, and then nothing below looks at TCP (nor imports it).
         self.terminator: Terminator | None = None
         # issue 9: the addresses an [[inspect]] rule covers, for packets whose IPv6 header
         # chain cannot be walked (bridge/mss.py `uninspectable`); None without rules
         self._covers = FlowSelector(config.inspect_rules()).covers if config.inspect else None
         if config.inspect:
-            from bridge.terminate import Terminator
+            from bridge.userspace.terminator import Terminator
 
             self.terminator = Terminator.for_bridge(self, now)
 
@@ -246,7 +246,7 @@ class Bridge:
                 drops[C.R_UNINSPECTABLE] += 1  # never forwarded past a rule (bridge/mss.py)
                 continue
             if term is not None and term.from_tun(pkt, n, now):
-                continue  # a flow terminated in userspace (bridge/terminate.py)
+                continue  # a flow terminated in userspace (bridge/userspace/terminator.py)
             if v6:
                 dst = pkt[24:40]
                 ttl = pkt[7]

@@ -168,7 +168,7 @@ class Inspector:
     runs_last = False
     #: only watches: data() always returns None and eof() returns nothing (no rewrite, drop,
     #: RESET, nor held-back bytes), so a backend may pass a chunk on first and run the hook on
-    #: it afterwards, off the latency path (bridge/splice.py "observer chains")
+    #: it afterwards, off the latency path (bridge/userspace/splice.py "observer chains")
     observer = False
 
     def flow_start(self, flow: Flow) -> Allow | Deny:

@@ -91,7 +91,7 @@ class InspectorChain:
         order = [i for i, x in enumerate(inspectors) if not getattr(x, "runs_last", False)]
         self._end_order = order + [i for i in range(len(inspectors)) if i not in order]
         # every inspector only watches, and an error cannot reset the flow: a backend may
-        # forward a chunk before the chain sees it (bridge/splice.py "observer chains")
+        # forward a chunk before the chain sees it (bridge/userspace/splice.py "observer chains")
         self.observe_only = bool(inspectors) and rule.fail_open and all(
             getattr(i, "observer", False) is True for i in inspectors)
 

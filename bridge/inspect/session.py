@@ -2,7 +2,7 @@
 
 Rules of this module
 - Sans-I/O: bytes, end-of-stream and resets go in with `now`; actions come out. The kernel
-  backend (bridge/tproxy.py) executes them on sockets, the userspace splice executes them on
+  backend (bridge/kernel/relay.py) executes them on sockets, the userspace splice executes them on
   two TcpConnections (`conn.send`, `conn.close`, `conn.abort`). No clock, no sockets, no logging.
 - Each direction is a byte stream through the rule's InspectorChain (bridge/inspect/manager.py).
   Bytes are counted as received, before any rewrite (`flow.bytes_c2s` / `flow.bytes_s2c`).

@@ -155,7 +155,7 @@ class Engine:
             for p in bridge.status(clock()).get("peers", [])}
         self.writers: dict[int, Writer] = {}  # id(Output) -> its writer (Runner sets them)
         # Called with the lock held after each core call, with its Output: a hook for output
-        # that must leave in the order the core made it across threads (bridge/terminate_cli.py)
+        # that must leave in the order the core made it across threads (bridge/io/flows.py)
         self.under_lock: Callable[[Output], None] | None = None
         self._pmtu_next = clock() + PMTU_RECHECK
         self._too_big: set[Addr] = getattr(udp, "too_big", set())  # filled in place

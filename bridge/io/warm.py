@@ -10,7 +10,7 @@ Rules:
 - A shadow that raises is a bug of ours: it is logged once and keep-warm turns itself off.
 - With `[[inspect]]` rules of the userspace backend, the TUN thread's tick also moves one hop
   of a throw-away connection through the Terminator's private shadow (`Terminator.warm`,
-  bridge/terminate_warm.py): a new inspected connection crosses that code four times.
+  bridge/userspace/warm.py): a new inspected connection crosses that code four times.
 - `keep_warm = false` in the endpoint's TOML turns it off (GREBE_WARM_TERMINATOR=0 only the
   Terminator's part, for measurements).
 
@@ -99,7 +99,7 @@ class Warmer:
 
     def tun(self) -> None:
         """One warm-up of the TUN -> peers path, and one hop of the Terminator's own
-        throw-away connection when flows are terminated here (bridge/terminate_warm.py)."""
+        throw-away connection when flows are terminated here (bridge/userspace/warm.py)."""
         if not self.enabled:
             return
         if self.pkt is not None:

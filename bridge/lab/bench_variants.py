@@ -413,14 +413,14 @@ class GrebeInspect(Variant):
 
 
 class InspectUserspace(GrebeInspect):
-    """The flow is terminated inside grebe by stack/, our own TCP (bridge/terminate.py)."""
+    """The flow is terminated inside grebe by stack/, our own TCP (bridge/userspace/)."""
 
     name, label = "inspect-userspace", "grebe, flow terminated in stack/ (userspace TCP), http"
     backend = "userspace"
 
 
 class InspectKernel(GrebeInspect):
-    """The kernel terminates the flow (`python -m bridge.tproxy`: nftables TPROXY and an
+    """The kernel terminates the flow (`python -m bridge.kernel`: nftables TPROXY and an
     asyncio relay); the same inspectors run on the byte streams."""
 
     name, label = "inspect-kernel", "grebe + TPROXY kernel relay, http inspector"
@@ -432,10 +432,10 @@ class InspectKernel(GrebeInspect):
     def setup(self, b: Bench) -> None:
         super().setup(b)
         ready = b.tmp / "tproxy.ready"
-        b.spawn("gw-a", [sys.executable, "-m", "bridge.tproxy", "-c",
+        b.spawn("gw-a", [sys.executable, "-m", "bridge.kernel", "-c",
                          str(self.configs["gw-a"][0]), "--iif", "lan0", "--ready-file",
                          str(ready)], "tproxy-gw-a")
-        b.wait_for(ready.exists, 20, "bridge.tproxy listening on gw-a")
+        b.wait_for(ready.exists, 20, "bridge.kernel.relay listening on gw-a")
 
 
 TUNNEL_VARIANTS: list[Variant] = [

@@ -8,7 +8,7 @@ Rules:
   for IPv4, RFC 8200 §8.1 for IPv6), the header and the payload; the sender computes it
   and the receiver verifies it (a bad one is dropped as "bad_checksum"). The address
   length (4 or 16 bytes) chooses the pseudo-header. Only stack/wire/checksum.py sums.
-- Options follow stack/options.py (MUST-4..7): garbage in options never raises.
+- Options follow stack/wire/options.py (MUST-4..7): garbage in options never raises.
 - The payload is a memoryview into the caller's buffer (no copy); a segment may carry more
   than one MSS of payload (TSO/GRO super-segments from a TUN).
 
@@ -25,8 +25,8 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from stack.options import build_options, parse_options
 from stack.wire.checksum import checksum, partial, pseudo_sum_v4, pseudo_sum_v6
+from stack.wire.options import build_options, parse_options
 
 __all__ = [
     "FIN",

@@ -193,10 +193,10 @@ def test_sighup_reloads_the_kernel_rules_and_grebe_keeps_running(lab: Any) -> No
 
 
 def test_standalone_tool_stands_by_beside_grebe(lab: Any) -> None:
-    """`python -m bridge.tproxy` (still started by older scripts, e.g. the bench) must not
+    """`python -m bridge.kernel` (still started by older scripts, e.g. the bench) must not
     replace or, failing to bind, delete the interception grebe up runs."""
     d = Path(lab.state_dir)
-    tool = lab.popen("gw-a", ["python", "-m", "bridge.tproxy", "-c",
+    tool = lab.popen("gw-a", ["python", "-m", "bridge.kernel", "-c",
                               "./two-sites-inspect-kernel/gw-a.toml", "--ready-file",
                               str(d / "standby.ready")], cwd=str(ROOT / "topologies"),
                      log=str(d / "standby.log"))
@@ -277,7 +277,7 @@ def _measure(lab: Any, argvs: list[list[str]]) -> float:
 
 def test_zzz_bench_backend_in_grebe_vs_separate_process(lab: Any) -> None:
     """Benchmark (prints, never asserts on time): the kernel backend on a thread of grebe up
-    (one GIL with the data plane) against `python -m bridge.tproxy` beside a grebe without
+    (one GIL with the data plane) against `python -m bridge.kernel` beside a grebe without
     inspect rules, 20 MB GETs through the relay and the tunnel, best of 3 each."""
     for node in ("gw-a", "gw-b"):       # gw-a's is gone unless this test runs alone (-k)
         topo_grebe = _grebe_up(lab, node)
@@ -285,7 +285,7 @@ def test_zzz_bench_backend_in_grebe_vs_separate_process(lab: Any) -> None:
             _stop(topo_grebe)
     separate = _measure(lab, [
         ["grebe", "up", "-c", "./two-sites/gw-a.toml"],
-        ["python", "-m", "bridge.tproxy", "-c", "./two-sites-inspect-kernel/gw-a.toml"]])
+        ["python", "-m", "bridge.kernel", "-c", "./two-sites-inspect-kernel/gw-a.toml"]])
     inside = _measure(lab, [["grebe", "up", "-c", "./two-sites-inspect-kernel/gw-a.toml"]])
     print(f"\n20 MB GET through TPROXY relay + grebe tunnel, best of 3: separate process "
           f"{separate:.0f} MB/s, thread of grebe up {inside:.0f} MB/s, ratio "

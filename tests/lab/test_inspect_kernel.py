@@ -1,4 +1,4 @@
-"""The kernel termination backend (bridge/tproxy.py) end to end, in a plain routed two-sites lab.
+"""The kernel termination backend (bridge/kernel/) end to end, in a plain routed two-sites lab.
 
 gw-a intercepts, with nftables TPROXY on its LAN side, TCP from the client to the server's ports
 80 and 22 (log + http), 8080 (log + http + replace) and 9000 (log); port 8081 is not selected.
@@ -213,7 +213,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         conf = d / "gw-a.toml"
         conf.write_text(RULES.format(state=d))
         lab.tproxy = lab.popen(
-            "gw-a", [sys.executable, "-m", "bridge.tproxy", "-c", str(conf), "--iif", "lan0",
+            "gw-a", [sys.executable, "-m", "bridge.kernel", "-c", str(conf), "--iif", "lan0",
                      "--ready-file", str(d / "tproxy.ready")],
             log=str(d / "tproxy.log"), cwd=str(ROOT))
         lab.wait_for(lambda: (d / "tproxy.ready").exists(), 20, "tproxy listening")

@@ -1,4 +1,4 @@
-"""The userspace termination backend (bridge/terminate.py) end to end, through grebe.
+"""The userspace termination backend (bridge/userspace/terminator.py) end to end, through grebe.
 
 Lab: `two-sites` (client - gw-a =grebe= gw-b - server), with gw-a running grebe with the rules of
 tests/lab/userspace-inspect/gw-a.toml: TCP from site A to the server's ports 80/22 (log, http),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bridge import bench_pipeline
+import bench_pipeline
 
 
 def test_bench_runs_every_variant(capsys: object) -> None:

@@ -35,7 +35,7 @@ def test_topology_runs_what_its_backend_needs_on_gw_a(name: str, backend: Backen
     gw_a = next(n for n in topo.nodes if n.name == "gw-a")
     argvs = [" ".join(r.argv) for r in gw_a.run]
     assert any(a.startswith("grebe up -c") and a.endswith(f"{name}/gw-a.toml") for a in argvs)
-    # `grebe up` runs the kernel backend itself (bridge/tproxy_run.py): nothing else on gw-a
+    # `grebe up` runs the kernel backend itself (bridge/kernel/run.py): nothing else on gw-a
     assert len(argvs) == 1
     if backend is Backend.KERNEL:
         rules = parse_rules(tomllib.loads((TOPO / name / "gw-a.toml").read_text())["inspect"])

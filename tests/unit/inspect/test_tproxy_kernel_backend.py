@@ -25,7 +25,7 @@ from bridge.config import check_config, load_config
 from bridge.errors import ConfigError
 from bridge.flows import parse_rules
 from bridge.inspect.api import CloseReason
-from bridge.tproxy_info import (
+from bridge.kernel.info import (
     TCP_INFO_LEN,
     format_flows,
     parse_tcp_info,
@@ -33,8 +33,8 @@ from bridge.tproxy_info import (
     summary,
     tcp_info,
 )
-from bridge.tproxy_run import KernelBackendThread, needs_kernel_backend, start_for_config
-from bridge.tproxy_setup import TproxySettings, nft_ruleset
+from bridge.kernel.run import KernelBackendThread, needs_kernel_backend, start_for_config
+from bridge.kernel.setup import TproxySettings, nft_ruleset
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -335,7 +335,7 @@ def test_reload_from_the_endpoint_file_and_refusal(tmp_path: Path, caplog: Any) 
 
 
 def test_flows_table_without_kernel_backend_is_the_userspace_one() -> None:
-    from bridge.terminate_cli import format_flows as user_table
+    from bridge.io.flows import format_flows as user_table
 
     answer: dict[str, Any] = {"flows": [], "inspect": {"ended": {"closed": 2}}}
     assert format_flows(answer) == user_table(answer)

@@ -1,4 +1,4 @@
-"""bridge/tproxy.py without privileges: the nft ruleset text, and the relay on loopback.
+"""bridge/kernel/relay.py without privileges: the nft ruleset text, and the relay on loopback.
 
 The relay tests run the real asyncio relay with `transparent=False` and the original destination
 overridden (no TPROXY on loopback): half-close, RST propagation both ways, connect failure,
@@ -18,7 +18,7 @@ import pytest
 from helpers_inspect import rule
 
 from bridge.flows import parse_rules
-from bridge.tproxy import TproxyBackend, TproxySettings, nft_ruleset
+from bridge.kernel.relay import TproxyBackend, TproxySettings, nft_ruleset
 
 # --- the ruleset ---------------------------------------------------------------------------
 

@@ -26,8 +26,8 @@ from bridge.flows import InspectRule  # noqa: E402
 from bridge.inspect.http import HttpInspector  # noqa: E402
 from bridge.inspect.manager import InspectorChain, InspectorManager  # noqa: E402
 from bridge.io.offload import split_frame  # noqa: E402
-from bridge.terminate import Terminator  # noqa: E402
 from bridge.tunframe import TunFrame  # noqa: E402
+from bridge.userspace.terminator import Terminator  # noqa: E402
 from stack.connection import TcpConnection  # noqa: E402
 from stack.events import DataReceived  # noqa: E402
 from stack.tcp_config import TcpConfig  # noqa: E402

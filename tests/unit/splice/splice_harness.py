@@ -18,8 +18,8 @@ from bridge.flows import InspectRule
 from bridge.gso import SuperPacket
 from bridge.inspect.manager import InspectorChain, InspectorManager
 from bridge.io.offload import split_frame
-from bridge.terminate import Terminator
 from bridge.tunframe import TunFrame
+from bridge.userspace.terminator import Terminator
 from stack.connection import TcpConnection
 from stack.events import Closed, ConnectionReset, DataReceived, Event, PeerFinished
 from stack.state import State

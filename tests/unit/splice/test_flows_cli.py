@@ -8,8 +8,8 @@ from typing import Any
 
 from test_terminate_bridge import World
 
+from bridge.io.flows import attach, format_flows
 from bridge.pipeline import Output
-from bridge.terminate_cli import attach, format_flows
 from stack.events import ConnectionReset
 from stack.state import State
 

@@ -11,7 +11,7 @@ from splice_harness import TUN_MTU, _Out, _tcp_of
 
 from bridge.flows import InspectRule
 from bridge.inspect.manager import InspectorChain, InspectorManager
-from bridge.terminate import Terminator
+from bridge.userspace.terminator import Terminator
 from stack.connection import TcpConnection
 from stack.state import State
 from stack.tcp_config import TcpConfig

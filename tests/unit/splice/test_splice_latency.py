@@ -15,7 +15,7 @@ from splice_harness import C_ADDR, S_ADDR, Harness, _Out, _tcp_of
 from bridge.flows import InspectRule
 from bridge.inspect.api import RESET, CloseReason, Direction, Flow, Inspector
 from bridge.inspect.http import HttpInspector
-from bridge.splice import TAP_DELAY, TAP_MAX, Phase
+from bridge.userspace.splice import TAP_DELAY, TAP_MAX, Phase
 from stack.state import State
 from stack.wire.tcp import parse_tcp
 

@@ -11,8 +11,8 @@ from splice_harness import Harness
 
 from bridge.flows import InspectRule
 from bridge.inspect.api import CloseReason, Direction, Flow, Inspector
-from bridge.terminate import WARM_WINDOW
-from bridge.terminate_warm import WarmCycle
+from bridge.userspace.terminator import WARM_WINDOW
+from bridge.userspace.warm import WarmCycle
 from stack.state import State
 
 REQUEST = b"GET / HTTP/1.1\r\n\r\n"

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stack.buffers import ReassemblyBuffer, SendBuffer
-from stack.options import build_options, parse_options
 from stack.seq import seq_add, seq_ge, seq_gt, seq_in, seq_le, seq_lt, seq_sub, unwrap
+from stack.wire.options import build_options, parse_options
 from stack.wire.tcp import ACK, FIN, PSH, SYN, TcpSegment, emit_tcp, parse_tcp
 
 V4_SRC, V4_DST = bytes([198, 18, 0, 2]), bytes([198, 18, 0, 1])

@@ -24,7 +24,7 @@ Rules of this module (pure, sans-I/O: inner IP packets and `now` in, packets and
   toward that server less 40 (IPv4) or 60 (IPv6) bytes; the client leg the TUN MTU less the
   same. `tx_max_segment` asks the client leg for larger output segments when the TUN takes TSO
   super-packets (0: one MSS per segment; the TUN adapter coalesces them, GRO-style).
-- Memory per flow: the rule's `max_buffer` split over the four leg buffers (bridge/splice.py).
+- Memory per flow: the rule's `max_buffer` split over the four leg buffers (splice.py).
   `max_splices` bounds the number of flows: a SYN beyond it is answered with a RST (counted).
 - A packet for a terminated 4-tuple whose splice is gone and that is not a SYN gets the RST of
   a closed connection (RFC 9293 §3.10.7.1); an RST is never answered.
@@ -32,7 +32,7 @@ Rules of this module (pure, sans-I/O: inner IP packets and `now` in, packets and
   client of a live splice and quoting one of its server leg's TCP segments go to that leg
   (`Splice.server_icmp`), and so does our own "no route" for a server leg's packet
   (Destination Unreachable code 0, RFC 1812 §5.2.7.1, RFC 4443 §3.1): a connection attempt
-  that cannot succeed ends with the RST to the client at once (bridge/splice.py), counted
+  that cannot succeed ends with the RST to the client at once (bridge/userspace/splice.py), counted
   in `drops` ("icmp_to_server_leg", "no_peer"). While the splice connects, the error also
   goes on to the client, before that RST: it quotes the client's own SYN (same 4-tuple and
   ISN), so the client's stack reports the real cause (RFC 1122 §4.2.3.9); once the client
@@ -56,14 +56,14 @@ emits both legs' segments. `divert(out, start, now)` takes back, from `out.tun[s
 decapsulated packets that belong to a splice's server leg (the Bridge calls it after its
 sequence policy delivered them): consecutive in-order data segments of one server leg, and a
 `TunFrame` the Bridge's GRO path merged (and checked), reach the leg as one segment
-(bridge/legwire.py merge_run: every checksum still checked, by one sum over the run), and
+(bridge/userspace/legwire.py merge_run: every checksum still checked, by one sum over the run), and
 `from_tun_super(sp, now)` gives a client's TSO frame to its leg whole (the kernel built it;
-nothing is summed). The legs' IP framing (plain packets, TunFrames) is bridge/legwire.py.
+nothing is summed). The legs' IP framing (plain packets, TunFrames) is bridge/userspace/legwire.py.
 Timers: each splice's deadline is recorded when it is
 emitted (every change to a splice ends in `flush`); `get_timer()` is the minimum of those and
 of the next reap scan; `handle_timer(now, out)` runs the due ones. `warm(now, lane)` is the
 keep-warm hook: one hop of a throw-away connection through a private shadow
-(bridge/terminate_warm.py), never this Terminator's own state.
+(bridge/userspace/warm.py), never this Terminator's own state.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ from typing import Any
 from bridge.flows import Backend, FlowKey, FlowTable, InspectRule, Verdict, selector_for
 from bridge.inspect.api import CloseReason
 from bridge.inspect.manager import InspectorManager
-from bridge.legwire import (
+from bridge.tunframe import TunFrame
+from bridge.userspace.legwire import (
     DATA_VALID,
     NEEDS_CSUM,
     TSO_MAX_SEGMENT,
@@ -85,8 +86,7 @@ from bridge.legwire import (
     run_part,
     tcp_key,
 )
-from bridge.splice import Splice
-from bridge.tunframe import TunFrame
+from bridge.userspace.splice import Splice
 from stack.events import IcmpKind
 from stack.tcp_config import TcpConfig
 from stack.tcp_core import reset_reply
@@ -136,7 +136,7 @@ class Terminator:
                                          "server_runs": 0}
         self.ended: dict[str, int] = {}
         framer = LegFramer()
-        self._packet = framer.packet  # IP framing of the legs' segments (bridge/legwire.py)
+        self._packet = framer.packet  # IP framing of the legs' segments (legwire.py)
         self._frame = framer.frame
         self._pending_rst: list[tuple[FlowKey, TcpSegment]] = []
         self._clients: dict[bytes, int] = {}  # client address -> live splices (divert filter)
@@ -144,7 +144,7 @@ class Terminator:
         self._next_scan: float | None = None
         self._configs: dict[tuple[int, int, int, int], tuple[TcpConfig, TcpConfig]] = {}
         self.tun_offload = False
-        self._warm: dict[int, Any] = {}  # lane -> WarmCycle (bridge/terminate_warm.py)
+        self._warm: dict[int, Any] = {}  # lane -> WarmCycle (bridge/userspace/warm.py)
         self._last_new = float("-inf")  # when the last splice was opened (warm)
 
     def use_tun_offload(self, on: bool = True) -> None:
@@ -433,7 +433,7 @@ class Terminator:
 
     def _server_run(self, run: list[bytes], sp: Splice | None, off: int, now: float) -> None:
         """Hand a run of contiguous data segments of one server leg to it as one segment
-        (bridge/legwire.py merge_run checks every checksum); packet by packet when the run
+        (bridge/userspace/legwire.py merge_run checks every checksum); packet by packet when the run
         is one packet or does not merge (each then checked on its own, a bad one dropped)."""
         assert sp is not None
         key = sp.key
@@ -572,7 +572,7 @@ class Terminator:
 
     def warm(self, now: float, lane: int = 0) -> None:
         """Keep-warm hook (bridge/io/warm.py): one hop of a throw-away connection through a
-        private shadow of this Terminator (bridge/terminate_warm.py), so that the next real
+        private shadow of this Terminator (bridge/userspace/warm.py), so that the next real
         new connection finds this code in the CPU caches. A no-op unless a splice is live or
         one was opened in the last WARM_WINDOW seconds. Touches no real splice, counter,
         timer or inspector; each `lane` (one per calling thread) has its own shadow."""
@@ -580,7 +580,7 @@ class Terminator:
             return
         w = self._warm.get(lane)
         if w is None:
-            from bridge.terminate_warm import WarmCycle
+            from bridge.userspace.warm import WarmCycle
 
             w = self._warm[lane] = WarmCycle(self)
         w.step(now)

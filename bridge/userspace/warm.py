@@ -35,8 +35,8 @@ from typing import Any
 from bridge.flows import FlowTable, InspectRule
 from bridge.inspect.api import Inspector
 from bridge.inspect.manager import InspectorChain, InspectorManager
-from bridge.legwire import VNET
 from bridge.tunframe import TunFrame
+from bridge.userspace.legwire import VNET
 from stack.connection import TcpConnection
 from stack.state import State
 from stack.wire.tcp import parse_tcp
@@ -69,7 +69,7 @@ class WarmCycle:
 
     def __init__(self, real: Any) -> None:
         from bridge.flows import Backend, selector_for
-        from bridge.terminate import Terminator
+        from bridge.userspace.terminator import Terminator
 
         rule = InspectRule(name="warm", dst_ports=((_PORT, _PORT),))
         mgr = InspectorManager(())

@@ -11,8 +11,8 @@ Rules
 - A kernel `action = "drop"` rule answers the SYN with `reject with tcp reset` (RFC 9293
   §3.10.7.1, as a closed port would) and counts it in the named counter `rejected`.
 - A rule's `iif` list limits it to those input interfaces; without one, the settings' `iifnames`
-  (`--iif` of `python -m bridge.tproxy`) apply; with neither, every interface.
-- `nft_ruleset` is pure and keeps the first-match order of `[[inspect]]` (see bridge/tproxy.py).
+  (`--iif` of `python -m bridge.kernel`) apply; with neither, every interface.
+- `nft_ruleset` is pure and keeps the first-match order of `[[inspect]]` (see relay.py).
 """
 
 from __future__ import annotations

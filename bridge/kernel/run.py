@@ -4,7 +4,7 @@ Rules
 - `grebe up` starts it when the endpoint's `[[inspect]]` rules include a kernel-backend rule
   that is not a plain `forward` carve-out (`needs_kernel_backend`), after the TUN is up, and
   stops it before the TUN goes: the nft table, the policy rules and the `local` routes of
-  bridge/tproxy_setup.py are removed on every exit path (SIGTERM, SIGINT, an error).
+  bridge/kernel/setup.py are removed on every exit path (SIGTERM, SIGINT, an error).
 - A thread, not a child process: the backend's counters and live flows are read directly by
   the control socket (`grebe status`, `grebe flows`) and the metrics endpoint, there is one
   process to signal and supervise, and its cleanup shares `grebe up`'s lifetime (a crashed
@@ -14,7 +14,7 @@ Rules
 - Every call from other threads goes through the loop (`run_coroutine_threadsafe`,
   `call_soon_threadsafe`): the backend's state is only touched on its own loop.
 - SIGHUP (`reload()`, safe from a signal handler) re-reads the `[[inspect]]` rules of the
-  endpoint file as `python -m bridge.tproxy` does: new flows follow the new rules, live flows
+  endpoint file as `python -m bridge.kernel` does: new flows follow the new rules, live flows
   keep theirs, a bad file is refused and logged and the old rules stay.
 
 Theory of operation
@@ -34,8 +34,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from bridge.flows import Backend, InspectRule, Verdict
-from bridge.tproxy import TproxyBackend, _reload
-from bridge.tproxy_setup import TproxySettings, nft_rejected
+from bridge.kernel.relay import TproxyBackend, _reload
+from bridge.kernel.setup import TproxySettings, nft_rejected
 
 log = logging.getLogger("grebe.tproxy")
 T = TypeVar("T")

@@ -8,12 +8,12 @@ Rules
   seconds. A short or empty buffer (an old kernel, a closed socket) gives None, never raises.
 - `tcp_info(sock)` is the one system call; a closed or failing socket gives None.
 - `flow_record(relay, now)` is one kernel flow in the shape of the userspace flows of
-  bridge/splice.py (`Splice.info`) plus `"backend": "kernel"`.
+  bridge/userspace/splice.py (`Splice.info`) plus `"backend": "kernel"`.
 - `summary(counters, live, bytes)` gives the counters `grebe status` and the Prometheus endpoint
   show; `format_status` / `prometheus` render them. All of these are pure.
 
 Theory of operation
-The relay (bridge/tproxy.py) owns two kernel sockets per flow: the client leg (the accepted
+The relay (bridge/kernel/relay.py) owns two kernel sockets per flow: the client leg (the accepted
 transparent socket) and the server leg (the transparent upstream socket). The kernel keeps the
 TCP state of both, so unlike the userspace backend there is nothing of ours to report about
 the legs but what TCP_INFO says: the kernel's state, its smoothed RTT (tcpi_rtt, RFC 6298 SRTT),
@@ -167,7 +167,7 @@ def format_flows(answer: dict[str, Any]) -> str:
     kern = [f for f in flows if f.get("backend") == "kernel"]
     parts = []
     if user or "inspect_kernel" not in answer:
-        from bridge.terminate_cli import format_flows as user_table
+        from bridge.io.flows import format_flows as user_table
 
         parts.append(user_table({"flows": user, "inspect": answer.get("inspect", {})}))
     if "inspect_kernel" in answer:

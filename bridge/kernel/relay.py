@@ -34,8 +34,8 @@ Rules
 - A flow idle in both directions for its rule's `idle_timeout` (default 300 s) is reset both
   ways and ends with close reason "idle" (counted, logged).
 - Writers (log, pcap) flush on a timer in a worker thread, never in a hook.
-- `grebe up` runs this backend on a thread for its kernel rules (bridge/tproxy_run.py);
-  `python -m bridge.tproxy` stays as a standalone tool and stands by, installing nothing, when
+- `grebe up` runs this backend on a thread for its kernel rules (bridge/kernel/run.py);
+  `python -m bridge.kernel` stays as a standalone tool and stands by, installing nothing, when
   the namespace already has the table (a second instance must not replace or delete it).
 - SIGHUP reloads the rules without dropping flows: new flows follow the new rules, live ones
   keep their inspectors; a bad file is refused and logged, the old rules stay.
@@ -47,7 +47,7 @@ Theory of operation
 sans-I/O stream life shared with the userspace splice), whose actions it performs on the
 sockets. The client side is paused until flow_start allowed the flow and the upstream
 connected. `status()` gives the counters and the live flows with both sockets' TCP_INFO
-(bridge/tproxy_info.py). `stop()` closes the listeners, ends every relay
+(bridge/kernel/info.py). `stop()` closes the listeners, ends every relay
 (CloseReason.SHUTDOWN), closes the inspectors and removes the interception.
 """
 
@@ -79,8 +79,8 @@ from bridge.flows import selector_for as _selector_for
 from bridge.inspect.api import CloseReason, Direction, Flow
 from bridge.inspect.manager import InspectorChain, InspectorManager
 from bridge.inspect.session import Abort, Action, Deliver, HalfClose, InspectSession
-from bridge.tproxy_info import flow_record, summary
-from bridge.tproxy_setup import (
+from bridge.kernel.info import flow_record, summary
+from bridge.kernel.setup import (
     TproxySettings,
     _nft,
     _routing,
@@ -440,7 +440,7 @@ class TproxyBackend:
     def status(self, rejected: int | None = None) -> dict[str, Any]:
         """JSON-able state: summary, counters, per-rule chain counters, live flows with the
         kernel's TCP_INFO of both legs. Call it on the backend's loop (it reads live state).
-        `rejected` is the nft drop rules' counter (bridge.tproxy_setup.nft_rejected)."""
+        `rejected` is the nft drop rules' counter (bridge.kernel.setup.nft_rejected)."""
         now = time.monotonic()
         live = list(self.relays.values())
         return {"summary": summary(self.counters, len(live),
@@ -479,7 +479,7 @@ class TproxyBackend:
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line: python -m bridge.tproxy -c endpoint.toml
+# Command line: python -m bridge.kernel -c endpoint.toml
 # ---------------------------------------------------------------------------------------------
 
 def load_rules(path: str) -> tuple[InspectRule, ...]:
@@ -494,7 +494,7 @@ def load_rules(path: str) -> tuple[InspectRule, ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bridge.tproxy",
+    p = argparse.ArgumentParser(prog="python -m bridge.kernel",
                                 description="grebe kernel termination backend (TPROXY)")
     p.add_argument("-c", "--config", required=True, help="endpoint TOML with [[inspect]] rules")
     defaults = TproxySettings()
@@ -537,7 +537,7 @@ async def _serve(rules: Sequence[InspectRule], settings: TproxySettings,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if await loop.run_in_executor(None, nft_table_exists, settings):
-        # `grebe up` runs the backend for its kernel rules (bridge/tproxy_run.py): a second
+        # `grebe up` runs the backend for its kernel rules (bridge/kernel/run.py): a second
         # instance must neither replace its rules nor, failing to bind, delete them. Stand by
         # until told to stop, so that scripts which still start this tool keep working.
         log.warning("tproxy: table inet %s exists: the kernel backend already runs in this "

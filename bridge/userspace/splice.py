@@ -21,7 +21,7 @@ Rules of this module (pure, sans-I/O: segments and `now` in, segments and deadli
   closed port's RST at once instead of after the server leg's SYN retries (~1 min).
   `flow.metadata["connect_error"]` says which ("unreachable", "icmp unreachable 1").
 - flow_start runs on the SYN, before the server leg opens: Deny -> the same RST to the client,
-  nothing sent upstream (CloseReason.DENIED), like the kernel backend (bridge/tproxy.py).
+  nothing sent upstream (CloseReason.DENIED), like the kernel backend (bridge/kernel/relay.py).
 - Data: every chunk a leg delivers passes the rule's InspectorChain (pass, rewrite, drop,
   RESET). RESET, or an inspector error with fail_open false, aborts both legs (RFC 9293
   §3.10.5 ABORT: RST) with CloseReason.INSPECTOR_RESET / INSPECTOR_ERROR.
@@ -61,7 +61,7 @@ batch, and `handle_timer(now)` drain both legs' events and move queued bytes: pe
 deque of [bytes still to hand to the destination leg, source bytes to consume when handed over].
 `to_client(now)` / `to_server(now)` pull the legs' segments. `finished` is set once the flow
 ended (flow_end called); `dead` once both legs are CLOSED and nothing remains to send, when the
-owner (bridge/terminate.py) forgets the splice.
+owner (bridge/userspace/terminator.py) forgets the splice.
 """
 
 from __future__ import annotations

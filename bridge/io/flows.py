@@ -1,4 +1,4 @@
-"""`grebe flows` and the running endpoint's side of it (an I/O adapter for bridge/terminate.py).
+"""`grebe flows` and the running endpoint's side of it (I/O adapter of bridge/userspace/).
 
 Rules
 - `attach(engine, ctl)` (called by `grebe up` when the Bridge has a Terminator) registers the

@@ -1,6 +1,6 @@
 """Micro-benchmark of the sans-I/O data plane: packets/s to encapsulate and decapsulate.
 
-    .venv/bin/python -m bridge.bench_pipeline [--packets N] [--batch B] [--size BYTES]
+    .venv/bin/python tests/unit/bridge/bench_pipeline.py [--packets N] [--batch B] [--size BYTES]
 
 Prints packets/s (and the inner Gb/s that would be) for `Bridge.from_tun` (encapsulate)
 and `Bridge.from_udp` (decapsulate) on 1400-byte IPv4/UDP packets, for several

@@ -1,4 +1,4 @@
-"""IP framing of the splice legs' segments (bridge/terminate.py): what the legs send, what
+"""IP framing of the splice legs' segments (terminator.py): what the legs send, what
 they take in runs. Pure: segments and bytes in, bytes and segments out.
 
 Rules:
