@@ -25,7 +25,7 @@ def say(msg: str = "") -> None:
     print(msg, flush=True)
 
 
-def _grebe_ready(lab: Lab) -> bool:
+def grebe_ready(lab: Lab) -> bool:
     try:
         for node in ("gw-a", "gw-b"):
             def answers(n: str = node) -> bool:
@@ -86,7 +86,7 @@ def _status(lab: Lab, node: str) -> bool:
 def checks(lab: Lab) -> list[Callable[[], bool]]:
     """The steps of the bridge demo, each returning True when it went as expected."""
     return [
-        lambda: _grebe_ready(lab),
+        lambda: grebe_ready(lab),
         lambda: _ping(lab, SERVER4, "IPv4 through grebe"),
         lambda: _ping(lab, SERVER6, "IPv6 through grebe"),
         lambda: _download(lab, SERVER4),

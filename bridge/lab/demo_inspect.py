@@ -18,7 +18,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from bridge.lab.demo_bridge import _grebe_ready, say
+from bridge.lab.demo_bridge import grebe_ready, say
 from bridge.lab.netlink import Lab
 
 SERVER = "198.18.2.10"
@@ -110,7 +110,7 @@ def checks(lab: Lab) -> list[Callable[[], bool]]:
     userspace = "kernel" not in (lab.topology.name if lab.topology else "")
     digest: list[str] = []
     return [
-        lambda: _grebe_ready(lab),
+        lambda: grebe_ready(lab),
         lambda: digest.append(_blob(lab)) is None,
         lambda: _live_flow(lab, userspace),
         lambda: _download(lab, digest[0]),
