@@ -4,6 +4,7 @@
     grebe status [--json] [-i TUN | -s SOCKET]   peers, traffic, drops by reason
     grebe check-config FILE                every error with its key path; exit 1 if any
     grebe flows [--json] [-i TUN | -s SOCKET]    inspected TCP flows, both backends
+    grebe pair DESCRIPTION [--out DIR]     every site's endpoint file from one description
 
 Subcommands are registered with `register(name, setup, run)`:
 `setup(parser)` declares its arguments, `run(args) -> int` is the exit status.
@@ -26,6 +27,8 @@ import sys
 import time
 from collections.abc import Callable
 from typing import Any
+
+from bridge import pair
 
 log = logging.getLogger("grebe")
 
@@ -314,6 +317,8 @@ def cmd_flows(args: argparse.Namespace) -> int:
 
 register("flows", "show inspected TCP flows (both backends) of a running endpoint",
          _setup_status, cmd_flows)
+register("pair", "write the matching endpoint files of every site from one description",
+         pair.setup, pair.run)
 
 
 def main(argv: list[str] | None = None) -> int:
