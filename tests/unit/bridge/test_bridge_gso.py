@@ -473,7 +473,7 @@ def _cap_case(draw: st.DrawFn) -> tuple[bool, str, int, list, int, int]:
     return v6, variant, mss, opts, rows, min(max(tail, 0), mss - 1)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(case=_cap_case())
 def test_coalesce_rows_at_the_length_cap_hypothesis(
         case: tuple[bool, str, int, list, int, int]) -> None:
