@@ -109,19 +109,20 @@ class SuperPacket:
 
 
 def parse_tcp(pkt: memoryview) -> tuple[bool, int, int] | None:
-    """(is IPv4, IP header length, TCP header length) of a plain TCP packet, else None."""
+    """(is IPv4, IP header length, TCP header length) of a plain TCP packet, else None
+    (also for one longer than its length field can say: RFC 791 §3.1, RFC 8200 §3)."""
     n = len(pkt)
     if n < 40:
         return None
     version = pkt[0] >> 4
     if version == 4:
         ihl = (pkt[0] & 0x0F) * 4
-        if ihl < 20 or pkt[9] != _TCP or pkt[6] & 0x3F or pkt[7]:
-            return None  # not TCP, or a fragment (MF or offset set)
+        if ihl < 20 or pkt[9] != _TCP or pkt[6] & 0x3F or pkt[7] or n > 0xFFFF:
+            return None  # not TCP, or a fragment (MF or offset set), or too long
         v4 = True
     elif version == 6:
-        if n < 60 or pkt[6] != _TCP:
-            return None  # extension headers: leave those to the per-packet path
+        if n < 60 or pkt[6] != _TCP or n - 40 > 0xFFFF:
+            return None  # extension headers (the per-packet path takes them), or too long
         ihl = 40
         v4 = False
     else:

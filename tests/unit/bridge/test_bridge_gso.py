@@ -220,6 +220,28 @@ def test_bad_super_packet_counted_malformed() -> None:
     assert b.counters.drop("malformed") == 1 and not out
 
 
+@pytest.mark.parametrize("v6", [False, True])
+@pytest.mark.parametrize("gso_size", [1000, 65535])
+@pytest.mark.parametrize("beyond", [1, 64])
+def test_super_packet_longer_than_an_ip_packet_counted_malformed(v6: bool, gso_size: int,
+                                                                 beyond: int) -> None:
+    """A TSO frame longer than its IP length field can say (IPv4 65,535 bytes in all,
+    IPv6 65,535 after the fixed header; a TUN read holds a few bytes more) is malformed on
+    both paths: neither cut into segments of a packet that cannot exist, nor a length
+    that overflows the field when split."""
+    ihl = 40 if v6 else 20
+    hdr = _super(v6, 0, "A")
+    pkt = hdr + bytes(0xFFFF + (40 if v6 else 0) + beyond - len(hdr))
+    frame = ol.build_vnet(ol.F_NEEDS_CSUM, ol.GSO_TCPV6 if v6 else ol.GSO_TCPV4, ihl + 20,
+                          gso_size, ihl, 16) + pkt
+    b = Bridge(site_config("a"), 0)
+    out = Output()
+    b.from_tun([_sp(frame)], 0, out)
+    assert b.counters.drop("malformed") == 1 and not out and not CALLS
+    segs: list[bytes] = []
+    assert not ol.split_frame(frame, segs) and not segs
+
+
 def test_decapsulated_at_the_peer() -> None:
     """What the fast path sends, B decapsulates into valid TCP segments (TTL - 1)."""
     pair = Pair('key = 3\nsequence = "drop-late"')
