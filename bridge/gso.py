@@ -473,6 +473,8 @@ class GroBatch:
 
     def split(self) -> list[bytes | bytearray]:
         b, s = self.buf, self.seg
+        if s <= 0:  # no segment size: one datagram, as `Bridge.from_udp` takes it
+            return [b]
         return [b[o:o + s] for o in range(0, len(b), s)]
 
 
