@@ -477,6 +477,10 @@ class GroBatch:
             return [b]
         return [b[o:o + s] for o in range(0, len(b), s)]
 
+    def count(self) -> int:
+        """How many datagrams `split()` gives, without cutting them."""
+        return 1 if self.seg <= 0 else -(-len(self.buf) // self.seg)
+
 
 def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_at: int,
                   v4: bool, ihl: int, doff: int, csum_at: int = -1
