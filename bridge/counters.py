@@ -38,6 +38,7 @@ __all__ = [
     "R_PEER_DOWN",
     "R_LINK_LOCAL",
     "R_UNINSPECTABLE",
+    "R_INTERNAL_ERROR",
     "E_ICMP_SENT",
     "E_ICMP_RATE_LIMITED",
     "E_KEEPALIVE_TX",
@@ -68,6 +69,10 @@ DROP_REASONS: tuple[str, ...] = (
     "peer_down",  # peer is down and its down_action is "withdraw"
     "link_local",  # no route, link-scope destination (the kernel's own RS/MLD on the TUN)
     "uninspectable",  # IPv6 chain not walkable to its end, addresses an [[inspect]] rule covers
+    # a bug raised out of the core during a batch (counted by the I/O loop, never the core):
+    # each datagram / TUN packet of that batch; those handled before the exception are
+    # also counted under their own outcome, the rest were lost
+    "internal_error",
 )
 (
     R_MALFORMED,
@@ -86,6 +91,7 @@ DROP_REASONS: tuple[str, ...] = (
     R_PEER_DOWN,
     R_LINK_LOCAL,
     R_UNINSPECTABLE,
+    R_INTERNAL_ERROR,
 ) = range(len(DROP_REASONS))
 
 # Things that happen and are worth counting, but are not drops.

@@ -28,6 +28,9 @@ path would send; tests/unit/bridge/test_bridge_gso.py proves it with hypothesis)
   builder sums the datagram directly, and the tests compare the two.
 - The wire stays one GRE/IPIP packet per UDP datagram; the I/O layer sends the equal-size
   datagrams with one UDP GSO sendmsg.
+- Receiving, a merged packet is at most MAX_MERGED (65,535) bytes, its IP header included
+  (RFC 791 §3.1: the IPv4 total length is 16 bits; IPv6 held to the same): datagrams that
+  would not fit are left to the next run or the per-packet path, never a wrapped length.
 
 Theory of operation: `parse_tcp` accepts only a plain TCP packet (IPv4 without fragment
 bits, IPv6 without extension headers) and returns its header lengths. `encap_segments`
@@ -67,7 +70,7 @@ except ImportError:  # pragma: no cover
     _np = None  # type: ignore[assignment]
 
 __all__ = ["SuperPacket", "GroBatch", "UdpRun", "parse_tcp", "encap_segments", "coalesce_rows",
-           "NUMPY_MIN_SEGMENTS"]
+           "NUMPY_MIN_SEGMENTS", "MAX_MERGED"]
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -75,6 +78,10 @@ _TCP = 6
 _FIN, _PSH, _CWR = 0x01, 0x08, 0x80
 _NOT_LAST = 0xFF & ~(_FIN | _PSH)
 NUMPY_MIN_SEGMENTS = 4  # below this, numpy's per-call overhead costs more than it saves
+# The longest packet `coalesce_rows` merges, IP header included: an IPv4 total length is 16
+# bits (RFC 791 §3.1); IPv6 (whose payload length alone is 16 bits, RFC 8200 §3) is held
+# to the same, as the TUN coalescer does (bridge/io/offload.py), so both paths group alike.
+MAX_MERGED = 0xFFFF
 
 
 @final
@@ -102,19 +109,20 @@ class SuperPacket:
 
 
 def parse_tcp(pkt: memoryview) -> tuple[bool, int, int] | None:
-    """(is IPv4, IP header length, TCP header length) of a plain TCP packet, else None."""
+    """(is IPv4, IP header length, TCP header length) of a plain TCP packet, else None
+    (also for one longer than its length field can say: RFC 791 §3.1, RFC 8200 §3)."""
     n = len(pkt)
     if n < 40:
         return None
     version = pkt[0] >> 4
     if version == 4:
         ihl = (pkt[0] & 0x0F) * 4
-        if ihl < 20 or pkt[9] != _TCP or pkt[6] & 0x3F or pkt[7]:
-            return None  # not TCP, or a fragment (MF or offset set)
+        if ihl < 20 or pkt[9] != _TCP or pkt[6] & 0x3F or pkt[7] or n > 0xFFFF:
+            return None  # not TCP, or a fragment (MF or offset set), or too long
         v4 = True
     elif version == 6:
-        if n < 60 or pkt[6] != _TCP:
-            return None  # extension headers: leave those to the per-packet path
+        if n < 60 or pkt[6] != _TCP or n - 40 > 0xFFFF:
+            return None  # extension headers (the per-packet path takes them), or too long
         ihl = 40
         v4 = False
     else:
@@ -465,7 +473,13 @@ class GroBatch:
 
     def split(self) -> list[bytes | bytearray]:
         b, s = self.buf, self.seg
+        if s <= 0:  # no segment size: one datagram, as `Bridge.from_udp` takes it
+            return [b]
         return [b[o:o + s] for o in range(0, len(b), s)]
+
+    def count(self) -> int:
+        """How many datagrams `split()` gives, without cutting them."""
+        return 1 if self.seg <= 0 else -(-len(self.buf) // self.seg)
 
 
 def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_at: int,
@@ -477,7 +491,9 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
     then the merged packet with the lengths of the whole and the pseudo-header sum in the TCP
     checksum field). Returns (frame, datagrams merged, last GRE sequence number or -1, bytes
     consumed), or None when not even the first two datagrams make a run. A shorter datagram
-    after all the rows (GRO's run end) joins if it continues the run.
+    after all the rows (GRO's run end) joins if it continues the run. The merged packet is
+    at most MAX_MERGED bytes: the rows are capped to fit, and a tail that would not fit is
+    left (for the next run, or the per-packet path).
 
     The rules of the per-packet path plus TUN coalescing, checked over all rows at once (a
     row breaking one ends the run before it): encapsulation headers equal but for the GRE
@@ -494,7 +510,7 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
     np = _np
     hl = ihl + doff
     plen = seg - off - hl
-    rows = min((len(buf) - start) // seg, (0xFFFF - hl) // max(plen, 1))
+    rows = min((len(buf) - start) // seg, (MAX_MERGED - hl) // max(plen, 1))
     if rows < 2 or plen <= 0 or (seg - off - ihl) & 1 or ihl & 1:
         return None
     ln_at = start + off + (2 if v4 else 4)
@@ -554,11 +570,13 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
     last_flags = int(fl[k - 1])
     last_gseq = int(gs[k - 1]) if gs is not None else -1
     used = k * seg
-    # A shorter last datagram (GRO ends a run with it) joins if it continues the run.
+    # A shorter last datagram (GRO ends a run with it) joins if it continues the run and
+    # the merged packet still fits MAX_MERGED; else it goes on alone (the per-packet path).
     end_at = start + used
     tail = len(buf) - end_at
     tplen = tail - off - hl
-    if k == rows and tail and last_flags == _ACK and 0 < tplen < plen and _tail_ok(
+    if k == rows and tail and last_flags == _ACK and 0 < tplen < plen and \
+            hl + k * plen + tplen <= MAX_MERGED and _tail_ok(
             buf, end_at, a[0, :off + hl], mask[:off + hl], v4, off, ihl, tail, src, dst,
             (tseq0 + k * plen) & 0xFFFFFFFF, last_gseq, csum_at >= 0):
         last_flags = buf[end_at + t + 13]

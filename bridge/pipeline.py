@@ -471,10 +471,14 @@ class Bridge:
     def _expand(self, datagrams: Iterable[tuple[Buf | GroBatch, Addr]], now: float,
                 out: Output) -> Iterator[tuple[Buf, Addr]]:
         """The datagrams one by one; a `GroBatch` goes through `_gro` first, and what that
-        leaves (all of it, or a short last datagram) comes out one by one, in order."""
+        leaves (all of it, or a short last datagram) comes out one by one, in order. One
+        without a segment size (an adapter's mistake) is one datagram."""
         for payload, addr in datagrams:
             if type(payload) is GroBatch:
                 buf, seg = payload.buf, payload.seg
+                if seg <= 0:
+                    yield buf, addr
+                    continue
                 pos, n = 0, len(buf)
                 while pos < n:
                     used = self._gro(payload, pos, addr, now, out)

@@ -8,7 +8,9 @@ Rules:
 - One timer: the earliest `Bridge.get_timer()`. A data thread that moves the deadline
   earlier wakes the timer thread through an eventfd.
 - A bug in the core must not kill the bridge: an exception from a Bridge call is logged
-  once per exception type, counted in `internal_errors`, and that batch is dropped.
+  once per exception type and counted in `internal_errors`; the rest of that batch is lost,
+  but not silently: each of its datagrams (each one in a GRO batch) and TUN packets is
+  counted under the drop reason internal_error (work done only when it happens).
 
 Fast paths (bridge/gso.py): the TUN hands TCP TSO frames to `Bridge.from_tun` whole
 (`SuperPacket`), and the UDP socket hands GRO buffers to `Bridge.from_udp` whole
@@ -46,6 +48,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from bridge.counters import R_INTERNAL_ERROR
 from bridge.gso import GroBatch, SuperPacket
 from bridge.io.warm import WARM_FOR, WARM_TICK_MS, Warmer
 from bridge.pipeline import Bridge, Output
@@ -290,20 +293,28 @@ class Engine:
         with self.lock:
             try:
                 fn(batch, self.clock(), out)
-            except Exception as e:  # a core bug: drop this batch, keep the bridge running
-                self._internal(e)
+            except Exception as e:  # a core bug: keep the bridge running, count the batch
+                self._internal(e, batch)
             if self.under_lock is not None:
                 self.under_lock(out)
             t = self.bridge.get_timer()
         if t is not None and self.on_timer_change is not None:
             self.on_timer_change(t)
 
-    def _internal(self, e: Exception) -> None:
+    def _internal(self, e: Exception, batch: Sequence[Any] = ()) -> None:
+        """A core call raised (called with the lock held): count it, and each datagram or
+        TUN packet of its `batch` under internal_error; log once per exception type."""
         self.internal_errors += 1
+        n = 0
+        for item in batch:  # (payload, addr) from the UDP socket; a packet from the TUN
+            p = item[0] if type(item) is tuple else item
+            n += p.count() if type(p) is GroBatch else 1
+        self.bridge.counters.drops[R_INTERNAL_ERROR] += n
         name = type(e).__name__
         if name not in self._seen_errors:
             self._seen_errors.add(name)
-            log.exception("internal error in the data plane (%s); batch dropped", name)
+            log.exception("internal error in the data plane (%s); the rest of the batch is "
+                          "lost, counted as internal_error", name)
 
     def _send(self, addr: Addr, dgs: Sequence[bytes | bytearray],
               sports: list[int] | None = None) -> None:

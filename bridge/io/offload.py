@@ -168,7 +168,7 @@ def tso_split(pkt: memoryview, gso_size: int, csum_start: int, out: list[bytes],
 
     Appends the segments to `out` and returns True; returns False (appending nothing) when
     the packet is not a well-formed IPv4/IPv6 TCP packet with the transport header at
-    `csum_start`.
+    `csum_start`, or is longer than its IP length field can say.
     """
     n = len(pkt)
     if n < 20 or gso_size <= 0:
@@ -176,13 +176,13 @@ def tso_split(pkt: memoryview, gso_size: int, csum_start: int, out: list[bytes],
     version = pkt[0] >> 4
     if version == 4:
         ihl = (pkt[0] & 0x0F) * 4
-        if ihl < 20 or pkt[9] != _TCP or ihl != csum_start:
-            return False
+        if ihl < 20 or pkt[9] != _TCP or ihl != csum_start or n > _MAX_IP_LEN:
+            return False  # longer than a total length can say (RFC 791 §3.1)
         v4 = True
     elif version == 6:
         ihl = csum_start
-        if ihl < 40 or n < 40:
-            return False
+        if ihl < 40 or n < 40 or n - 40 > _MAX_IP_LEN:
+            return False  # longer than a payload length can say (RFC 8200 §3)
         v4 = False
     else:
         return False

@@ -5,8 +5,10 @@ from __future__ import annotations
 from grebe_sites import A_ADDR, site_config, v4, v6
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_bridge_gso import TS_OPTS, _bulk  # same directory (pytest rootdir import)
 
 from bridge.encap import GreHeader, build_gre
+from bridge.gso import GroBatch
 from bridge.pipeline import Bridge, Output
 
 CONFIGS = [
@@ -82,3 +84,57 @@ def test_random_ipv4_headers_from_tun(data: list[bytes]) -> None:
     pkts = [b"\x45" + d[1:2] + len(d).to_bytes(2, "big") + d[4:] for d in data]
     b.from_tun(pkts, 0.0, out)
     assert b.counters.total_drops + sum(b.counters.tx_packets) == len(pkts)
+
+
+# GRO batches (bridge/gso.py GroBatch): random, and real runs damaged, cut and re-sized.
+# Every datagram the batch holds (one without a segment size: one) has exactly one outcome.
+
+def _gro_count(buf: bytes, seg: int) -> int:
+    return 1 if seg <= 0 else -(-len(buf) // seg)
+
+
+@settings(max_examples=300, deadline=None)
+@given(which=st.integers(0, len(CONFIGS) - 1), buf=st.binary(max_size=600),
+       seg=st.integers(-2, 200))
+def test_random_gro_batches(which: int, buf: bytes, seg: int) -> None:
+    b = BRIDGES[which]
+    before = _state(b)
+    out = Output()
+    b.from_udp([(GroBatch(bytearray(buf), seg), A_ADDR)], 1.0, out)
+    _accounted(b, before, out, _gro_count(buf, seg))
+
+
+_RUNS: dict[tuple[int, bool], list[bytes]] = {}
+
+
+def _run(which: int, v6: bool) -> list[bytes]:
+    """Site A's datagrams of one TCP flow near the 64 KB cap (test_bridge_gso.py `_bulk`):
+    the most one merged packet holds, and a short last one."""
+    got = _RUNS.get((which, v6))
+    if got is None:
+        hl = (40 if v6 else 20) + 32
+        got = _RUNS[(which, v6)] = _bulk(CONFIGS[which], v6, 1408, (0xFFFF - hl) // 1408,
+                                         1000, TS_OPTS)
+    return got
+
+
+@settings(max_examples=150, deadline=None)
+@given(which=st.integers(0, len(CONFIGS) - 1), v6=st.booleans(), skip=st.integers(0, 46),
+       cut=st.integers(0, 3000), flips=st.lists(st.integers(0, 70000), max_size=3),
+       reseg=st.one_of(st.none(), st.integers(-1, 3000)))
+def test_damaged_gro_runs(which: int, v6: bool, skip: int, cut: int, flips: list[int],
+                          reseg: int | None) -> None:
+    """Real runs at the length cap, damaged anywhere, cut short, started mid-run or
+    handed over with a wrong segment size: from_udp never raises and counts every one."""
+    dgrams = _run(which, v6)
+    seg = len(dgrams[0]) if reseg is None else reseg
+    buf = bytearray(b"".join(dgrams[skip:]))
+    for f in flips:
+        if buf:
+            buf[f % len(buf)] ^= 0x5A
+    del buf[max(0, len(buf) - cut):]
+    b = Bridge(site_config("b", CONFIGS[which]), 0)
+    before = _state(b)
+    out = Output()
+    b.from_udp([(GroBatch(buf, seg), A_ADDR)], 1.0, out)
+    _accounted(b, before, out, _gro_count(bytes(buf), seg))

@@ -220,6 +220,28 @@ def test_bad_super_packet_counted_malformed() -> None:
     assert b.counters.drop("malformed") == 1 and not out
 
 
+@pytest.mark.parametrize("v6", [False, True])
+@pytest.mark.parametrize("gso_size", [1000, 65535])
+@pytest.mark.parametrize("beyond", [1, 64])
+def test_super_packet_longer_than_an_ip_packet_counted_malformed(v6: bool, gso_size: int,
+                                                                 beyond: int) -> None:
+    """A TSO frame longer than its IP length field can say (IPv4 65,535 bytes in all,
+    IPv6 65,535 after the fixed header; a TUN read holds a few bytes more) is malformed on
+    both paths: neither cut into segments of a packet that cannot exist, nor a length
+    that overflows the field when split."""
+    ihl = 40 if v6 else 20
+    hdr = _super(v6, 0, "A")
+    pkt = hdr + bytes(0xFFFF + (40 if v6 else 0) + beyond - len(hdr))
+    frame = ol.build_vnet(ol.F_NEEDS_CSUM, ol.GSO_TCPV6 if v6 else ol.GSO_TCPV4, ihl + 20,
+                          gso_size, ihl, 16) + pkt
+    b = Bridge(site_config("a"), 0)
+    out = Output()
+    b.from_tun([_sp(frame)], 0, out)
+    assert b.counters.drop("malformed") == 1 and not out and not CALLS
+    segs: list[bytes] = []
+    assert not ol.split_frame(frame, segs) and not segs
+
+
 def test_decapsulated_at_the_peer() -> None:
     """What the fast path sends, B decapsulates into valid TCP segments (TTL - 1)."""
     pair = Pair('key = 3\nsequence = "drop-late"')
@@ -388,3 +410,122 @@ def test_gro_batch_of_two_bursts_makes_two_runs(v6: bool) -> None:
     fast, ff, ref, rf = _rx_both("", dgrams, len(dgrams[0]))
     _rx_same(fast, ff, ref, rf)
     assert len(ff) == 2 and all(ol.parse_vnet(f)[1] for f in ff)  # two GSO frames
+
+
+# ------------------------------------------------------------------ receive: the 64 KB cap
+
+TS_OPTS = [("NOP", None), ("NOP", None), ("Timestamp", (5, 9))]
+
+
+def _bulk(extra: str, v6: bool, mss: int, rows: int, tail: int, opts: list | None = None
+          ) -> list[bytes]:
+    """Site A's datagrams to B for one TCP flow: `rows` full segments of `mss` (sent as TSO
+    frames of at most 40 segments, no PSH: a bulk sender's middle), then, with `tail`, one
+    segment of `tail` payload bytes with PSH (the end of the write). IPv4 identification and
+    TCP sequence numbers run on across frames, as one sender's would. A's tunnel MTU is set
+    high enough for IPv6 too (the receiver does not care)."""
+    pair = Pair(extra, mtu="9000")
+    frames: list[bytes] = []
+    seq, ip_id, left = 1000, 7, rows * mss
+    while left:
+        n = min(left, 40 * mss)
+        frames.append(_frame(_super(v6, n, "A", seq, ip_id, opts=opts, seed=seq), v6, mss))
+        seq, ip_id, left = seq + n, ip_id + n // mss, left - n
+    if tail:
+        frames.append(_frame(_super(v6, tail, "PA", seq, ip_id, opts=opts, seed=seq), v6,
+                             mss))
+    oa = Output()
+    pair.a.from_tun([_sp(f) for f in frames], 0, oa)
+    return _flat(oa.udp[pair.b_addr])
+
+
+def _ip_len(frame: bytes) -> int:
+    """The IP packet length of a TUN frame (vnet header + packet)."""
+    return len(frame) - ol.VNET_HDR_LEN
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_gro_44_plus_3_stays_within_the_ip_length(v6: bool) -> None:
+    """Issue 9 (2): GRE with key and drop-late, MSS 1408 with timestamps: a 64 KB TSO frame
+    (46 segments, the most one merged packet can hold: (65535 - 52) // 1408) and then a
+    1,000-byte segment are 47 datagrams; the receiver's UDP GRO hands them over as 44 + 3
+    (44 datagrams of 1,472 bytes fill a 64 KB GRO buffer), and the UDP adapter joins the two
+    (bridge/io/udp.py `recv_datagrams`). The short one cannot join the run: merged, the
+    packet would be longer than an IP length field holds. It must take the per-packet path,
+    and every datagram be delivered and counted, the same as one by one."""
+    from bridge.gso import GroBatch
+
+    extra = 'key = 7\nsequence = "drop-late"'
+    dgrams = _bulk(extra, v6, 1408, 46, 1000, TS_OPTS)
+    seg = len(dgrams[0])
+    assert len(dgrams) == 47 and len(dgrams[-1]) < seg
+    if not v6:
+        assert seg == 1472 and 65535 // seg == 44  # the GRO buffers: 44, then 3
+    batch = GroBatch(bytearray(b"".join(dgrams[:44])), seg)
+    batch.buf += b"".join(dgrams[44:])  # what recv_datagrams does with the second buffer
+    fast = Bridge(site_config("b", extra), 0)
+    out = Output()
+    fast.from_udp([(batch, ("198.18.0.1", 4754))], 1.0, out)  # must not raise
+    assert fast.counters.rx_packets == [47] and not any(fast.counters.drops)
+    ff: list[bytes] = []
+    ol.coalesce(out.tun, ff)
+    assert all(_ip_len(f) <= 0xFFFF for f in ff)
+    assert ol.parse_vnet(ff[0])[1] & 0x7F  # the 46 rows still went as one GSO frame
+    fast2, ff2, ref, rf = _rx_both(extra, dgrams, seg)
+    _rx_same(fast2, ff2, ref, rf)
+    assert [bytes(f) for f in ff] == [bytes(f) for f in rf]
+
+
+@st.composite
+def _cap_case(draw: st.DrawFn) -> tuple[bool, str, int, list, int, int]:
+    """(v6, variant, mss, TCP options, full rows, tail bytes) at and around the largest run
+    one packet holds: rows = cap - 2 .. cap + 2, tail sizes where the merged length crosses
+    65,535 (IPv4 total length; IPv6 whole packet) and 65,535 + 40 (IPv6 payload length),
+    or anywhere, or none."""
+    v6 = draw(st.booleans())
+    variant = draw(st.sampled_from(RX_VARIANTS))
+    mss = 2 * draw(st.integers(268, 730))  # even: an odd TCP length never takes numpy rows
+    opts = draw(st.sampled_from([[], TS_OPTS]))
+    hl = (40 if v6 else 20) + (32 if opts else 20)
+    cap = (0xFFFF - hl) // mss
+    rows = cap + draw(st.integers(-2, 2))
+    room = 0xFFFF - hl - min(rows, cap) * mss  # what a tail may add to a full-cap run
+    tail = draw(st.one_of(st.just(0), st.integers(1, mss - 1),
+                          st.integers(room - 3, room + 3), st.integers(room + 37, room + 43)))
+    return v6, variant, mss, opts, rows, min(max(tail, 0), mss - 1)
+
+
+@settings(max_examples=150, deadline=None)
+@given(case=_cap_case())
+def test_coalesce_rows_at_the_length_cap_hypothesis(
+        case: tuple[bool, str, int, list, int, int]) -> None:
+    """Runs as long as one packet can hold, and longer, with short tails around the limit:
+    `coalesce_rows` never builds a packet longer than 65,535 bytes, and through
+    `Bridge.from_udp` the TUN gets exactly the bytes of the per-datagram path plus the TUN
+    coalescer, every datagram counted."""
+    from bridge.gso import coalesce_rows
+
+    v6, variant, mss, opts, rows, tail = case
+    dgrams = _bulk(variant, v6, mss, rows, tail, opts)
+    assert len(dgrams) == rows + (tail > 0)
+    seg = len(dgrams[0])
+    fast, ff, ref, rf = _rx_both(variant, dgrams, seg)
+    _rx_same(fast, ff, ref, rf)
+    assert fast.counters.rx_packets == [len(dgrams)]
+    assert all(_ip_len(f) <= 0xFFFF for f in ff)
+    # coalesce_rows itself, on the first run (so the fast path took it): the merged length
+    # fits and adds up
+    peer = fast.peers[0]
+    off = peer.encoder.hlen if peer.gre else 0
+    ihl = 40 if v6 else 20
+    doff = 32 if opts else 20
+    buf = bytearray(b"".join(dgrams))
+    gseq_at = off - 4 if "sequence" in variant else -1
+    csum_at = 4 if "checksum" in variant else -1
+    r = coalesce_rows(buf, 0, seg, off, gseq_at, not v6, ihl, doff, csum_at)
+    assert r is not None
+    frame, merged, _last, used = r
+    assert _ip_len(frame) <= 0xFFFF
+    assert used == sum(map(len, dgrams[:merged]))
+    assert _ip_len(frame) == ihl + doff + sum(len(d) - off - ihl - doff
+                                              for d in dgrams[:merged])

@@ -151,6 +151,36 @@ def test_peer_state_changes_are_logged_once(caplog: pytest.LogCaptureFixture) ->
     assert len(lines("peer")) == 2
 
 
+def test_a_core_exception_still_counts_every_datagram(monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Should a bug ever raise out of the core, the batch it was working on is not lost
+    silently: each of its datagrams (a GRO batch: each datagram in it) and TUN packets is
+    counted under the drop reason internal_error, in status and metrics; the exception is
+    logged once per type and counted in io.internal_errors."""
+    from bridge.gso import GroBatch
+
+    ea, eb, net, _ = _pair("gre")
+    ea.tun.inject(*_packets(64))  # type: ignore[attr-defined]
+    ea.pump_tun()  # three datagrams wait at B
+    eb.udp.inject(GroBatch(bytearray(2500), 1000), ("198.18.0.1", 4754))  # type: ignore
+    caplog.set_level("ERROR", logger="grebe.loop")
+
+    def boom(*_a: object) -> None:
+        raise RuntimeError("a core bug")
+
+    monkeypatch.setattr(eb.bridge, "from_udp", boom)
+    monkeypatch.setattr(eb.bridge, "from_tun", boom)
+    eb.pump_udp()  # 3 + 3
+    eb.udp.inject(b"\x00", ("198.18.0.1", 4754))  # type: ignore[attr-defined]
+    eb.pump_udp()  # 1
+    eb.tun.inject(*_packets(64)[:2])  # type: ignore[attr-defined]
+    eb.pump_tun()  # 2
+    st = eb.status()
+    assert st["drops"]["internal_error"] == 9 and st["io"]["internal_errors"] == 3
+    assert 'grebe_drops_total{reason="internal_error"} 9' in eb.metrics_text()
+    assert len([r for r in caplog.records if "internal error" in r.getMessage()]) == 1
+
+
 @contextlib.contextmanager
 def running(*engines: Engine, **kw: Any) -> Iterator[list[Any]]:
     """The real threaded Runner (Runner(engine, **kw)) on each engine for the `with` body;
