@@ -173,6 +173,7 @@ def test_no_module_uses_another_modules_private_names() -> None:
         for node in ast.walk(tree(mod)):
             if (isinstance(node, ast.Attribute) and _private(node.attr)
                     and node.attr not in own
-                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+                    and not (isinstance(node.value, ast.Name)
+                             and node.value.id in ("self", "cls"))):
                 found.append(f"{mod}:{node.lineno}: .{node.attr}")
     assert not found, "\n".join(found)
