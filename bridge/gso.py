@@ -364,12 +364,18 @@ def _last_row(run: UdpRun, at: int, tpl: bytearray, payload: memoryview, v4: boo
 
 _COUNTS: dict[tuple[int, int], Any] = {}
 _FIELDS: dict[tuple[int, int, int, int, bool], Any] = {}
+# The layout caches are keyed by sizes a peer chooses (segment size, header lengths): each is
+# emptied when it reaches this many entries, so a peer cycling through sizes costs us CPU to
+# rebuild entries, never memory (a handful of layouts is live in real traffic).
+CACHE_MAX = 256
 
 
 def _counts(rows: int, step: int = 1) -> Any:
     """0, step, 2 * step, ... (rows of them) as uint32, made once per (rows, step)."""
     a = _COUNTS.get((rows, step))
     if a is None:
+        if len(_COUNTS) >= CACHE_MAX:
+            _COUNTS.clear()
         a = _COUNTS[(rows, step)] = (_np.arange(rows, dtype=_np.uint64) * step
                                      ).astype(_np.uint32)
         a.flags.writeable = False
@@ -383,6 +389,8 @@ def _row_fields(width: int, p: int, ihl: int, seq_at: int, v4: bool) -> Any:
     key = (width, p, ihl, seq_at, v4)
     dt = _FIELDS.get(key)
     if dt is None:
+        if len(_FIELDS) >= CACHE_MAX:
+            _FIELDS.clear()
         t = p + ihl
         fields = {"ts": (">u4", t + 4), "tc": (">u2", t + 16)}
         if v4:
@@ -428,6 +436,8 @@ def _coalesce_layout(seg: int, off: int, ihl: int, doff: int, gseq_at: int, csum
     key = (seg, off, ihl, doff, gseq_at, csum_at, v4)
     got = _LAYOUTS.get(key)
     if got is None:
+        if len(_LAYOUTS) >= CACHE_MAX:
+            _LAYOUTS.clear()
         np = _np
         t = off + ihl
         n8 = -(-(t + doff) // 8) * 8  # compared as 64-bit words; the payload bytes masked

@@ -529,3 +529,15 @@ def test_coalesce_rows_at_the_length_cap_hypothesis(
     assert used == sum(map(len, dgrams[:merged]))
     assert _ip_len(frame) == ihl + doff + sum(len(d) - off - ihl - doff
                                               for d in dgrams[:merged])
+
+
+def test_layout_caches_stay_bounded_whatever_sizes_a_peer_sends() -> None:
+    """The layout caches are keyed by sizes the peer picks; cycling through 2,000 of them
+    leaves each cache at most CACHE_MAX entries (issue 12: state bounded under attack)."""
+    from bridge import gso
+
+    for seg in range(100, 2100):
+        gso._coalesce_layout(seg, 8, 20, 32, 4, -1, True)
+        gso._counts(seg % 50 + 2, seg)
+    assert len(gso._LAYOUTS) <= gso.CACHE_MAX and len(gso._FIELDS) <= gso.CACHE_MAX
+    assert len(gso._COUNTS) <= gso.CACHE_MAX
