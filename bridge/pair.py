@@ -206,8 +206,9 @@ def endpoint_files(desc: Description) -> dict[str, str]:
         for j, carried in _peers_of(desc, i):
             peer = desc.sites[j]
             prefixes = [p for k in carried for p in desc.sites[k].prefixes]
-            prefixes += [f"{net.network_address + j + 1}/{net.max_prefixlen}"
-                         for net in desc.tunnel]  # the far gateway's own ICMP errors
+            # the gateways' own tunnel addresses (their ICMP errors come from them)
+            prefixes += [f"{net.network_address + k + 1}/{net.max_prefixlen}"
+                         for k in sorted({j, *carried}) for net in desc.tunnel]
             lines += ["", "[[peers]]", f'name = "{peer.name}"',
                       f'endpoint = "{_endpoint(peer.endpoint, desc.port)}"',
                       f"prefixes = {_q(prefixes)}",
