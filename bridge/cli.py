@@ -5,6 +5,7 @@
     grebe check-config FILE                every error with its key path; exit 1 if any
     grebe flows [--json] [-i TUN | -s SOCKET]    inspected TCP flows, both backends
     grebe pair DESCRIPTION [--out DIR]     every site's endpoint file from one description
+    grebe deploy INVENTORY [ACTION]        up|push|start|stop|restart|status on N hosts (SSH)
 
 Subcommands are registered with `register(name, setup, run)`:
 `setup(parser)` declares its arguments, `run(args) -> int` is the exit status.
@@ -28,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bridge import pair
+from bridge import deploy, pair
 
 log = logging.getLogger("grebe")
 
@@ -319,6 +320,8 @@ register("flows", "show inspected TCP flows (both backends) of a running endpoin
          _setup_status, cmd_flows)
 register("pair", "write the matching endpoint files of every site from one description",
          pair.setup, pair.run)
+register("deploy", "push, start, stop and show grebe on the hosts of an inventory (SSH)",
+         deploy.setup, deploy.run)
 
 
 def main(argv: list[str] | None = None) -> int:

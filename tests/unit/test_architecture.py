@@ -3,9 +3,9 @@
 Rules (docs/DESIGN.md "The house"):
 - Layers, lowest first: `stack.wire` (header formats) < the rest of `stack` (TCP) < the bridge
   core (bridge/*.py, bridge/userspace/, bridge/inspect/) < the adapters (bridge/io/,
-  bridge/kernel/, bridge/cli.py, bridge/__main__.py) < the lab (bridge/lab/). A module imports
-  only from its own layer or below: stack imports nothing of bridge, stack.wire nothing of
-  the rest of stack, the core nothing of an adapter or the lab.
+  bridge/kernel/, bridge/deploy/, bridge/cli.py, bridge/__main__.py) < the lab (bridge/lab/).
+  A module imports only from its own layer or below: stack imports nothing of bridge,
+  stack.wire nothing of the rest of stack, the core nothing of an adapter or the lab.
 - No import cycles between modules. Every import counts: at module level, inside a function
   (which hides a cycle from Python, not from a reader) or under `TYPE_CHECKING`.
 - No module uses another's private names: neither `from x import _name` nor `x._name` on an
@@ -93,7 +93,7 @@ def layer(mod: str) -> int:
         return 1
     if mod.startswith("bridge.lab"):
         return 4
-    if mod.startswith(("bridge.io", "bridge.kernel", "bridge.ebpf")) or mod in (
+    if mod.startswith(("bridge.io", "bridge.kernel", "bridge.ebpf", "bridge.deploy")) or mod in (
             "bridge.cli", "bridge.__main__"):
         return 3
     return 2
