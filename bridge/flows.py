@@ -9,9 +9,9 @@ Rules of this module
   started before a rule existed (or before grebe started) pass untouched.
 - FORWARD decisions are not stored either (the absence of an entry *is* FORWARD), so a flood of
   forwarded flows can never evict the entry of an inspected one from the bounded table.
-- Malformed, truncated, fragmented or non-TCP packets are FORWARD and counted by reason; nothing
-  that arrives from the network raises. Only a bad configuration raises (ConfigError with the key
-  path, e.g. "inspect[2].dst_ports[1]").
+- Packets are parsed by the caller (the terminator): this table sees flow keys and TCP flags,
+  never packet bytes; nothing that arrives from the network raises here. Only a bad
+  configuration raises (ConfigError with the key path, e.g. "inspect[2].dst_ports[1]").
 - Rules are first-match in file order. `action = "inspect"` (default) gives INSPECT, `"forward"`
   carves out an exception before a broader rule, `"drop"` gives DROP: the flow's SYN is answered
   with an RST, as a closed port would (RFC 9293 §3.10.7.1), by whichever backend owns the rule.
@@ -22,8 +22,8 @@ Theory of operation
 `parse_rules(raw, path)` turns the TOML list of tables into frozen `InspectRule`s. `FlowSelector`
 matches a `FlowKey` = (ip version, src bytes, dst bytes, sport, dport) against them: prefixes are
 kept as (network int, mask int) pairs per family, ports as inclusive ranges. `FlowTable` wraps a
-selector for the data plane: `classify_packet(pkt, now)` reads the IP version, protocol, the two
-addresses, the ports and the TCP flags with `unpack_from`, looks the key up once, and only on a
+selector for the data plane: `classify(key, flags, now)` takes the key and TCP flags the
+terminator read from the packet (its one header parse), looks the key up once, and only on a
 pure SYN asks the selector. Entries live in an OrderedDict kept in last-seen order: a hit moves
 the entry to the end, `expire(now)` pops idle ones from the front, and inserting past `max_flows`
 evicts the least recently used flow (counted). An RST removes the entry after it is classified
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import struct
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -47,10 +46,6 @@ from bridge.errors import ConfigError
 # (version, src address bytes, dst address bytes, src port, dst port): a plain tuple for speed.
 FlowKey = tuple[int, bytes, bytes, int, int]
 
-IPPROTO_TCP = 6
-# TCP header from the source port to the flags byte (RFC 9293 §3.1).
-_TCP_PORTS_FLAGS = struct.Struct("!HH8xxB")
-_V4_FRAG = struct.Struct("!H")
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
 
 BUILTIN_INSPECTORS = frozenset({"log", "http", "tls", "pcap", "block", "replace"})
@@ -400,8 +395,8 @@ class FlowTable:
         self.fin_timeout = fin_timeout
         self._table: OrderedDict[FlowKey, list[Any]] = OrderedDict()
         self.counters: dict[str, int] = dict.fromkeys(
-            ("syn_classified", "forward", "inspect", "drop", "midstream", "not_tcp",
-             "malformed", "fragment", "expired", "evicted", "reset"), 0)
+            ("syn_classified", "forward", "inspect", "drop", "midstream", "expired", "evicted",
+             "reset"), 0)
 
     def __len__(self) -> int:
         """Number of cached flows (each flow is stored under both directions)."""
@@ -456,49 +451,6 @@ class FlowTable:
         table[key] = entry
         table[reverse_key(key)] = entry
         return verdict
-
-    def classify_packet(self, pkt: memoryview | bytes, now: float) -> Verdict:
-        """Fast path: the verdict for one inner IP packet. Never raises on packet content."""
-        n = len(pkt)
-        if n < 20:
-            self.counters["malformed"] += 1
-            return Verdict.FORWARD
-        b0 = pkt[0]
-        version = b0 >> 4
-        if version == 4:
-            off = (b0 & 0x0F) << 2
-            if pkt[9] != IPPROTO_TCP:
-                self.counters["not_tcp"] += 1
-                return Verdict.FORWARD
-            if _V4_FRAG.unpack_from(pkt, 6)[0] & 0x1FFF:
-                self.counters["fragment"] += 1    # RFC 791: only offset 0 carries the ports
-                return Verdict.FORWARD
-            src, dst = bytes(pkt[12:16]), bytes(pkt[16:20])
-        elif version == 6:
-            if n < 40:
-                self.counters["malformed"] += 1
-                return Verdict.FORWARD
-            if pkt[6] != IPPROTO_TCP:   # extension headers are not walked: forwarded as-is
-                self.counters["not_tcp"] += 1
-                return Verdict.FORWARD
-            off = 40
-            src, dst = bytes(pkt[8:24]), bytes(pkt[24:40])
-        else:
-            self.counters["malformed"] += 1
-            return Verdict.FORWARD
-        if off < 20 or n < off + 14:
-            self.counters["malformed"] += 1
-            return Verdict.FORWARD
-        sport, dport, flags = _TCP_PORTS_FLAGS.unpack_from(pkt, off)
-        key = (version, src, dst, sport, dport)
-        # Inlined from classify(): most packets are a hit or a forwarded flow's non-SYN.
-        entry = self._table.get(key)
-        if entry is not None:
-            return self._hit(key, entry, flags, now)
-        if flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN:
-            self.counters["midstream"] += 1
-            return Verdict.FORWARD
-        return self._new(key, now)
 
     def expire(self, now: float) -> int:
         """Drop entries idle past their timeout; returns how many flows expired."""

@@ -145,7 +145,7 @@ def start_for_config(cfg: Any, ctl: Any, settings: TproxySettings | None = None,
     userspace answer (`"backend": "userspace"`). Returns None when there is nothing to run.
     Raises ConfigError for bad rules and what TproxyBackend.start raises (nft, netlink).
     """
-    rules = cfg.inspect_rules() or ()
+    rules = cfg.inspect_rules()
     if not needs_kernel_backend(rules):
         return None
     kb = KernelBackendThread(rules, settings, cfg.path, install=install)
