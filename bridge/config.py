@@ -12,7 +12,7 @@ Rules:
   encapsulation = "gre"; IPIP (RFC 2003, Linux FOU layout) has no header of its own.
 - Sequence policy: "off" | "drop-late" (Linux iseq: gaps accepted, late packets dropped)
   | "reorder" (RFC 2890 §2.2 buffer with max_packets_held / outoforder_timer_ms).
-- `[[inspect]]` tables are kept raw; `bridge.flows.parse_rules(raw, "inspect")` checks them
+- `[[inspect]]` tables are kept raw; `bridge.inspect.rules.parse_rules(raw, "inspect")` checks them
   (its errors join this file's list) and `Config.inspect_rules()` returns its rules.
 
 Theory of operation: `parse_config(data)` walks the TOML dict with a small `_Reader` that
@@ -32,7 +32,8 @@ from enum import Enum
 from typing import Any
 
 from bridge.errors import ConfigError, ConfigErrors
-from bridge.flows import InspectRule, parse_rules
+from bridge.flows import InspectRule
+from bridge.inspect.rules import parse_rules
 
 __all__ = [
     "Encapsulation",
@@ -143,7 +144,7 @@ class Config:
     path: str | None = None
 
     def inspect_rules(self) -> tuple[InspectRule, ...]:
-        """The `[[inspect]]` rules, checked: `bridge.flows.parse_rules(inspect, "inspect")`.
+        """The `[[inspect]]` rules, checked (bridge/inspect/rules.py `parse_rules`).
 
         Raises whatever parse_rules raises for bad rules (ConfigError / ConfigErrors).
         """

@@ -74,11 +74,11 @@ from bridge.flows import (
     InspectRule,
     Verdict,
     flow_key,
-    parse_rules,
 )
 from bridge.flows import selector_for as _selector_for
 from bridge.inspect.api import CloseReason, Direction, Flow
 from bridge.inspect.manager import InspectorChain, InspectorManager
+from bridge.inspect.rules import parse_rules
 from bridge.inspect.session import Abort, InspectSession
 from bridge.kernel.info import flow_record, summary
 from bridge.kernel.setup import (

@@ -1,4 +1,5 @@
-"""bridge/flows.py: [[inspect]] rule parsing, first-match selection, the verdict cache."""
+"""bridge/inspect/rules.py and bridge/flows.py: [[inspect]] rule parsing, first-match selection,
+the verdict cache."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from bridge.flows import (
     InspectRule,
     Verdict,
     flow_key,
-    parse_rules,
     reverse_key,
 )
+from bridge.inspect.rules import parse_rules
 
 GOOD = """
 [[inspect]]
@@ -58,10 +59,12 @@ def test_good_config_parses_every_field() -> None:
     assert web.src == (ipaddress.ip_network("198.18.1.0/24"),)
     assert web.dst_ports == ((80, 80), (8000, 8080), (22, 22))
     assert web.inspectors == ("log", "http", "mymod:MyClass")
-    assert web.log_path == "/tmp/x.jsonl" and web.max_buffer == 65536
+    assert web.options["log_path"] == "/tmp/x.jsonl" and web.max_buffer == 65536
     assert web.options["colour"] == "blue"
     assert deny.action is Verdict.DROP and deny.backend is Backend.USERSPACE and deny.fail_open
-    assert tls.block == (rb"evil\.example",) and tls.replace == ((b"foo", b"bar"),)
+    assert tls.options["block"] == (rb"evil\.example",)
+    assert tls.options["replace"] == ((b"foo", b"bar"),)
+    assert tls.options["block_window"] == 4096 and tls.options["pcap_mss"] == 1460  # defaults
 
 
 @pytest.mark.parametrize(("text", "where"), [

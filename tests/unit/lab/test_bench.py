@@ -371,7 +371,7 @@ def test_inspect_rule_selects_the_servers_http_in_its_backend(variant: str) -> N
     assert parsed.backend.value == variant.removeprefix("inspect-")
     assert parsed.dst_ports == ((80, 80),)
     assert [str(n) for n in parsed.dst] == ["198.18.2.10/32"] and "http" in parsed.inspectors
-    assert parsed.log_path == "/tmp/flows.jsonl"
+    assert parsed.options["log_path"] == "/tmp/flows.jsonl"
 
 
 def test_grebe_unavailable_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
