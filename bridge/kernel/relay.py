@@ -74,8 +74,8 @@ from bridge.flows import (
     InspectRule,
     Verdict,
     flow_key,
+    selector_for,
 )
-from bridge.flows import selector_for as _selector_for
 from bridge.inspect.api import CloseReason, Direction, Flow
 from bridge.inspect.manager import InspectorChain, InspectorManager
 from bridge.inspect.rules import parse_rules
@@ -83,11 +83,11 @@ from bridge.inspect.session import Abort, InspectSession
 from bridge.kernel.info import flow_record, summary
 from bridge.kernel.setup import (
     TproxySettings,
-    _nft,
-    _routing,
+    nft_apply,
     nft_delete,
     nft_ruleset,
     nft_table_exists,
+    policy_routing,
 )
 
 __all__ = ["TproxyBackend", "TproxySettings", "Relay", "load_rules", "main", "nft_delete",
@@ -298,7 +298,7 @@ class TproxyBackend:
         self.rules = tuple(rules)
         self.settings = settings or TproxySettings()
         self.install = install
-        self.selector: FlowSelector = _selector_for(self.rules, Backend.KERNEL)
+        self.selector: FlowSelector = selector_for(self.rules, Backend.KERNEL)
         self.manager = InspectorManager(self.rules)
         self._retired: list[InspectorManager] = []
         self.relays: dict[int, Relay] = {}
@@ -319,9 +319,9 @@ class TproxyBackend:
         try:
             if self.install:
                 # pyroute2's sync IPRoute runs its own event loop: give it a thread.
-                await loop.run_in_executor(None, _routing, "add", s)
+                await loop.run_in_executor(None, policy_routing, "add", s)
                 self._installed = True
-                _nft(nft_ruleset(self.rules, s))
+                nft_apply(nft_ruleset(self.rules, s))
             for family, addr, opt_level, opt in (
                     (socket.AF_INET, "0.0.0.0", socket.SOL_IP, IP_TRANSPARENT),
                     (socket.AF_INET6, "::", socket.IPPROTO_IPV6, IPV6_TRANSPARENT)):
@@ -447,10 +447,10 @@ class TproxyBackend:
         """
         manager = InspectorManager(rules)
         if self._installed:
-            _nft(nft_ruleset(tuple(rules), self.settings))
+            nft_apply(nft_ruleset(tuple(rules), self.settings))
         self._retired.append(self.manager)
         self.rules = tuple(rules)
-        self.selector = _selector_for(self.rules, Backend.KERNEL)
+        self.selector = selector_for(self.rules, Backend.KERNEL)
         self.manager = manager
         self.counters["reloads"] = self.counters.get("reloads", 0) + 1
         log.info("tproxy: reloaded %d rule(s)", len(self.rules))
@@ -493,10 +493,10 @@ class TproxyBackend:
         if self._installed:
             self._installed = False
             try:
-                _nft(nft_delete(self.settings))
+                nft_apply(nft_delete(self.settings))
             except RuntimeError as exc:
                 log.warning("%s", exc)
-            await asyncio.get_running_loop().run_in_executor(None, _routing, "del",
+            await asyncio.get_running_loop().run_in_executor(None, policy_routing, "del",
                                                              self.settings)
 
 
@@ -544,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return asyncio.run(_serve(rules, settings, args.ready_file, args.config))
 
 
-def _reload(backend: TproxyBackend, path: str) -> None:
+def reload_rules(backend: TproxyBackend, path: str) -> None:
     """SIGHUP: re-read the rules; a bad file is reported and the old rules stay."""
     try:
         backend.reload(load_rules(path))
@@ -573,7 +573,7 @@ async def _serve(rules: Sequence[InspectRule], settings: TproxySettings,
     backend = TproxyBackend(rules, settings)
     await backend.start()
     if config_path is not None:
-        loop.add_signal_handler(signal.SIGHUP, _reload, backend, config_path)
+        loop.add_signal_handler(signal.SIGHUP, reload_rules, backend, config_path)
     if ready_file:
         with open(ready_file, "w") as f:
             f.write(f"{settings.port}\n")
