@@ -38,7 +38,7 @@ in `load`, and may check them together in the classmethod `check_options(values)
 key path, and the inspector reads the values in `rule.options[name]`.
 
 Built-ins: a class with its own `name` ("log", "block", ...) in a module of this package is a
-built-in, found by bridge/inspect/registry.py: adding one is adding its module (and its test).
+built-in, found by bridge/inspect/rules.py: adding one is adding its module (and its test).
 Its options may be keys of the `[[inspect]]` table itself (`table=True`: `log_path`, `block`).
 
 Constructor: `cls(rule)` where `rule` is the `bridge.flows.InspectRule` (settings in

@@ -2,7 +2,7 @@
 
 Rules of this module
 - `InspectorManager(rules)` instantiates each rule's inspectors once, in the order the rule lists
-  them: built-in names ("log", "http", ...) or "package.module:Class" (bridge/inspect/registry.py
+  them: built-in names ("log", "http", ...) or "package.module:Class" (bridge/inspect/rules.py
   `load_inspector`). A name that does not import is a ConfigError at start-up
   ("inspect[0].inspectors[2]: ..."), never a data-path error; so is a bad declared option.
 - `InspectorChain` calls the hooks in order and owns the error policy (mitmproxy's `safecall`):
@@ -47,7 +47,7 @@ from bridge.inspect.api import (
     Inspector,
     Marker,
 )
-from bridge.inspect.registry import load_inspector
+from bridge.inspect.rules import load_inspector
 
 log = logging.getLogger("grebe.inspect")
 

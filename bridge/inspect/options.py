@@ -12,15 +12,15 @@ Rules of this module
 - A parser takes the TOML value and its key path and returns the value the inspector reads
   (`rule.options[name]`), or raises ConfigError naming the key path ("inspect[1].block[0]").
   Parsers are pure; the common ones are here, an inspector's own ones live beside it.
-- Names are unique among the built-ins (bridge/inspect/registry.py checks it): a key means
+- Names are unique among the built-ins (bridge/inspect/rules.py checks it): a key means
   one thing in every rule.
 
 Theory of operation
 `resolve(options, table, raw_options, path, needed)` reads each declared option from the rule's
 table or its `options` table, parses it, fills in defaults, checks `required` for the
 inspectors in use (`needed`), and returns {name: value}. bridge/inspect/rules.py calls it for
-the built-ins when it parses the rules (errors at configuration time), and
-bridge/inspect/registry.py for a `module:Class` inspector when it loads it.
+the built-ins when it parses the rules (errors at configuration time), and for a
+`module:Class` inspector when it loads it (`load_inspector`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The `[[inspect]]` tables: TOML -> validated `InspectRule`s (bridge/flows.py).
+"""The `[[inspect]]` tables and the inspectors they name: rules, built-ins, loading.
 
 Rules of this module
 - Pure; only a bad configuration raises: ConfigError naming the key path of the first problem
@@ -6,33 +6,52 @@ Rules of this module
 - A rule's own keys are fixed here: name, src, dst, dst_ports, inspectors, fail_open, backend,
   action, max_buffer, iif, idle_timeout, options. Every other key of the table belongs to an
   inspector: the built-ins declare theirs (`Inspector.options`, bridge/inspect/options.py) and
-  are found by bridge/inspect/registry.py; an unknown key is an error (a typo must not fall
-  back to a default). Settings of `module:Class` inspectors go in the `options` table; their
-  declared options are checked when the class is loaded (bridge/inspect/registry.py).
+  are found by `builtins()` below; an unknown key is an error (a typo must not fall back to a
+  default). Settings of `module:Class` inspectors go in the `options` table; their declared
+  options are checked when the class is loaded (`load_inspector`).
 - A built-in's options are parsed wherever they are given, and when the inspector is in the
   rule's `inspectors`, defaults are filled in, `required` ones checked and the class's
   `check_options` run. The values land in `rule.options` under the option's name.
 - Rules are first-match in file order (bridge/flows.py); names are unique.
+- A built-in inspector is an `Inspector` subclass defined in a module of this package with a
+  `name` of its own ("log", "http", ...). `builtins()` finds them by importing the package's
+  modules: adding a built-in is adding its module (and its test), no list to extend.
+  Two built-ins with one name, or two declaring one option name, are a programming error
+  (RuntimeError at the first use), since a key must mean one thing in every rule.
+- `load_inspector(ref, rule, path)` instantiates a built-in by name or "package.module:Class":
+  `cls(rule)`, or `cls()` when its __init__ takes no argument. A `module:Class` that declares
+  `options` gets them resolved from the rule's `options` table first (ConfigError naming
+  "inspect[0].options.<name>"), and may not reuse a built-in's option name. Import errors
+  are the caller's to report (bridge/inspect/manager.py names the rule and position).
 
 Theory of operation
 `parse_rules(raw, path)` walks the list of tables; `_parse_rule` checks the rule's own keys,
 then asks each built-in inspector class to resolve its options from the table, and returns
 the frozen `InspectRule` with `options` = the `options` table as written, updated with the
-built-ins' parsed values.
+built-ins' parsed values. `builtins()` lists the modules next to this file with pkgutil,
+imports each (Python caches them) and keeps the classes whose own `name` is set; the manager
+asks `load_inspector` for the inspector objects.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect as pyinspect
+import pkgutil
 import re
+from dataclasses import replace
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from bridge.errors import ConfigError
 from bridge.flows import DEFAULT_IDLE_TIMEOUT, Backend, InspectRule, Verdict
+from bridge.inspect.api import Inspector
 from bridge.inspect.options import check, prefixes, resolve, str_list
-from bridge.inspect.registry import CLASS_REF, builtins
 
-__all__ = ["parse_rules"]
+__all__ = ["builtins", "load_inspector", "parse_rules"]
+
+CLASS_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 _RULE_KEYS = frozenset({
     "name", "src", "dst", "dst_ports", "inspectors", "fail_open", "backend", "action",
@@ -153,3 +172,56 @@ def _ports(value: Any, p: str) -> tuple[tuple[int, int], ...]:
             raise ConfigError(f"{p}[{j}]", f"{item!r}: ports are 1-65535 and lo <= hi")
         out.append((lo, hi))
     return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The inspectors: built-ins by name, module:Class by import
+# ---------------------------------------------------------------------------------------------
+
+def builtins() -> dict[str, type[Inspector]]:
+    """name -> class of every built-in inspector (see the module docstring)."""
+    found: dict[str, type[Inspector]] = {}
+    owner: dict[str, str] = {}
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        module = importlib.import_module(f"{__package__}.{info.name}")
+        for obj in vars(module).values():
+            if (not isinstance(obj, type) or not issubclass(obj, Inspector)
+                    or obj.__module__ != module.__name__ or not obj.__dict__.get("name")):
+                continue
+            if obj.name in found:
+                raise RuntimeError(f"two built-in inspectors named {obj.name!r}")
+            found[obj.name] = obj
+            for opt in obj.options:
+                if opt.name in owner:
+                    raise RuntimeError(f"option {opt.name!r} of {obj.name!r} is also "
+                                       f"{owner[opt.name]!r}'s")
+                owner[opt.name] = obj.name
+    return dict(sorted(found.items()))
+
+
+def load_inspector(ref: str, rule: InspectRule, path: str = "inspect[?]") -> Any:
+    """Instantiate the inspector named `ref` for `rule` (`path`: the rule's key path).
+
+    Raises ImportError, AttributeError or TypeError when `ref` cannot be loaded, ConfigError
+    when its declared options are wrong.
+    """
+    known = builtins()
+    cls: Any = known.get(ref)
+    if cls is None:
+        module_name, _, class_name = ref.partition(":")
+        cls = getattr(importlib.import_module(module_name), class_name)
+        # read from the rule's `options` table (the table's own keys are the built-ins')
+        declared = tuple(replace(o, table=False) for o in getattr(cls, "options", ()))
+        if declared:
+            taken = {o.name for b in known.values() for o in b.options}
+            for opt in declared:
+                if opt.name in taken:
+                    raise TypeError(f"option {opt.name!r} is a built-in inspector's option")
+            values = resolve(declared, {}, rule.options, path, True)
+            check(cls, values, declared, path)
+            rule = replace(rule, options=MappingProxyType({**rule.options, **values}))
+    try:
+        params = pyinspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        params = {}     # type: ignore[assignment]
+    return cls(rule) if params else cls()

@@ -1,4 +1,4 @@
-"""Inspector options and the registry: declared, validated with the configuration, found by name."""
+"""Inspector options and the built-ins: declared, checked with the configuration, found by name."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from helpers_inspect import rule
 from bridge.errors import ConfigError
 from bridge.inspect.api import Inspector
 from bridge.inspect.manager import InspectorManager
-from bridge.inspect.registry import builtins
+from bridge.inspect.rules import builtins
 
 
 def test_the_builtins_are_found_in_their_modules() -> None:
