@@ -24,7 +24,7 @@ Rules of this module
   chain sees it later, in `drain(now)`: the transport forwards it in the call that received
   it. The tap holds at most TAP_MAX bytes, in arrival order; a chunk that would overflow it
   drains the tap and is inspected inline. It is due TAP_DELAY after its first chunk
-  (`get_timer()`; the owner's timer calls `drain`). An end of stream passes at once too (an
+  (`tap_due`; the owner's timer calls `drain`). An end of stream passes at once too (an
   observer holds back no tail) and `chain.eof` joins the tap behind the chunks before it.
   The tap is drained before `flow_end`, each chunk with `flow.last_seen` at its arrival.
 
@@ -75,7 +75,8 @@ class Phase:
 class InspectSession:
     """One inspected flow's streams; see the module docstring. `chain=None` relays untouched."""
 
-    __slots__ = ("flow", "chain", "finished", "phase", "_eof", "_observe", "_tap", "_tap_bytes")
+    __slots__ = ("flow", "chain", "finished", "phase", "tap_due", "_eof", "_observe", "_tap",
+                 "_tap_bytes")
 
     def __init__(self, flow: Flow, chain: InspectorChain | None, *, tap: bool = False) -> None:
         self.flow = flow
@@ -87,6 +88,7 @@ class InspectSession:
         # chunks forwarded before the chain saw them: (arrival, direction, bytes or None = EOF)
         self._tap: deque[tuple[float, Direction, bytes | None]] = deque()
         self._tap_bytes = 0
+        self.tap_due: float | None = None   # when the tap's inspection is due (None: empty)
 
     # ------------------------------------------------------------------ the life
 
@@ -119,6 +121,8 @@ class InspectSession:
             return data
         if self._observe:
             if self._tap_bytes + n <= TAP_MAX:  # forward now, inspect in drain()
+                if not self._tap:
+                    self.tap_due = now + TAP_DELAY
                 self._tap.append((now, d, data))
                 self._tap_bytes += n
                 return data
@@ -143,6 +147,8 @@ class InspectSession:
             # an observer holds nothing back (bridge/inspect/api.py), so its eof() cannot add
             # bytes before the FIN: the FIN goes on now and chain.eof runs in drain(), after
             # the tapped chunks (a response that carries the FIN is not held up by parsing)
+            if not self._tap:
+                self.tap_due = now + TAP_DELAY
             self._tap.append((now, d, None))
             return b""
         tail = chain.eof(self.flow, d)
@@ -175,10 +181,6 @@ class InspectSession:
 
     # ------------------------------------------------------------------ the observer tap
 
-    def get_timer(self) -> float | None:
-        """When the tap's inspection is due, or None when it holds nothing."""
-        return self._tap[0][0] + TAP_DELAY if self._tap else None
-
     @property
     def tapped(self) -> int:
         """Bytes forwarded that the chain has not seen yet."""
@@ -193,6 +195,7 @@ class InspectSession:
             return None
         flow = self.flow
         last = flow.last_seen
+        self.tap_due = None
         while tap:
             t, d, data = tap.popleft()
             flow.last_seen = t

@@ -43,9 +43,9 @@ Rules of this module (pure, sans-I/O: segments and `now` in, segments and deadli
 - Observer chains (time to first byte): the session is made with `tap=True`, so when every
   inspector of the rule only watches, a chunk a leg delivers is handed to the other leg at
   once and the chain sees it TAP_DELAY later (session.py "observer tap"; the splice's
-  `get_timer()` includes that deadline and `handle_timer` drains it): the request and the
-  response then leave in the core call that received them, and h11 parsing (~0.3 ms a
-  message warm, more cold) runs after the output left. The interpreter runs one thread at
+  `get_timer()` includes that deadline, `tap_due`, and `handle_timer` drains it): the
+  request and the response then leave in the core call that received them, and h11 parsing
+  (~0.3 ms a message warm, more cold) runs after the output left. The interpreter runs one thread at
   a time, so a request parsed at once would hold up its own response, which a LAN server
   sends within a millisecond or two; parsed a few ms later, both go through in one drain.
 - Never raises on account of either peer: bad segments are the legs' business (dropped and
@@ -193,7 +193,7 @@ class Splice:
             c = self.client.get_timer()
             if c is not None and (t is None or c < t):
                 t = c
-        d = self.life.get_timer()
+        d = self.life.tap_due
         if d is not None and (t is None or d < t):
             t = d
         return t
@@ -201,7 +201,7 @@ class Splice:
     def handle_timer(self, now: float) -> None:
         """Inspect what the tap holds once due, then run both legs' expired timers
         (retransmission, delayed ACK, persist, TIME-WAIT)."""
-        due = self.life.get_timer()
+        due = self.life.tap_due
         if due is not None and now >= due:
             self.drain(now)
         self.server.handle_timer(now)

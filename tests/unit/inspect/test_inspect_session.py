@@ -102,13 +102,13 @@ def tapped() -> tuple[InspectSession, Seen]:
 def test_tap_forwards_first_and_inspects_at_the_deadline_in_order() -> None:
     s, w = tapped()
     assert s.received(C2S, b"GET", 1.0) == b"GET" and w.log == []
-    assert s.get_timer() == 1.0 + TAP_DELAY and s.tapped == 3
+    assert s.tap_due == 1.0 + TAP_DELAY and s.tapped == 3
     assert s.received(S2C, b"200", 1.001) == b"200"
     assert s.eof(S2C, 1.002) == b""                    # the FIN passes at once
     assert s.drain(1.0 + TAP_DELAY) is None
     assert [(k, d, b, t) for k, d, b, t in w.log] == [
         ("data", C2S, b"GET", 1.0), ("data", S2C, b"200", 1.001), ("eof", S2C, b"", 1.002)]
-    assert s.get_timer() is None and s.tapped == 0
+    assert s.tap_due is None and s.tapped == 0
 
 
 def test_tap_overflow_drains_then_inspects_inline() -> None:

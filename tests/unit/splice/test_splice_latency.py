@@ -191,7 +191,7 @@ def test_a_chunk_beyond_the_tap_drains_it_first_and_is_inspected_inline() -> Non
     (sp,) = h.term.splices.values()
     assert sp.life.received(C2S, big, now + 0.001) == big  # one chunk, as a leg hands it over
     assert w.seen(C2S) == REQUEST + big           # in order, inline, nothing left behind
-    assert sp.life.tapped == 0 and sp.life.get_timer() is None
+    assert sp.life.tapped == 0 and sp.life.tap_due is None
 
 
 def test_eof_and_flow_end_come_after_every_byte() -> None:
