@@ -12,8 +12,8 @@ Rules:
   encapsulation = "gre"; IPIP (RFC 2003, Linux FOU layout) has no header of its own.
 - Sequence policy: "off" | "drop-late" (Linux iseq: gaps accepted, late packets dropped)
   | "reorder" (RFC 2890 §2.2 buffer with max_packets_held / outoforder_timer_ms).
-- `[[inspect]]` tables are kept raw; `bridge.flows.parse_rules(raw, "inspect")` checks them
-  when that module exists (imported lazily, so this file works without it).
+- `[[inspect]]` tables are kept raw; `bridge.inspect.rules.parse_rules(raw, "inspect")` checks them
+  (its errors join this file's list) and `Config.inspect_rules()` returns its rules.
 
 Theory of operation: `parse_config(data)` walks the TOML dict with a small `_Reader` that
 pops known keys, converts and range-checks them, and records errors with their key path
@@ -24,7 +24,6 @@ frozen `Config` is returned. `EXAMPLE` below is the reference file, every key co
 
 from __future__ import annotations
 
-import importlib
 import ipaddress
 import tomllib
 from collections.abc import Callable
@@ -33,6 +32,8 @@ from enum import Enum
 from typing import Any
 
 from bridge.errors import ConfigError, ConfigErrors
+from bridge.flows import InspectRule
+from bridge.inspect.rules import parse_rules
 
 __all__ = [
     "Encapsulation",
@@ -142,14 +143,11 @@ class Config:
     inspect: tuple[dict[str, Any], ...] = ()
     path: str | None = None
 
-    def inspect_rules(self) -> Any:
-        """Return `bridge.flows.parse_rules(inspect, "inspect")`, or None without bridge.flows.
+    def inspect_rules(self) -> tuple[InspectRule, ...]:
+        """The `[[inspect]]` rules, checked (bridge/inspect/rules.py `parse_rules`).
 
         Raises whatever parse_rules raises for bad rules (ConfigError / ConfigErrors).
         """
-        parse_rules = _flows_parse_rules()
-        if parse_rules is None:
-            return None
         return parse_rules(list(self.inspect), "inspect")
 
 
@@ -191,15 +189,6 @@ dead_after = 30                       # seconds of silence before the peer is do
 down_action = "none"                  # "none" | "withdraw"
 source_port = "flow-hash"             # RFC 8086 §3.2.1 entropy per inner flow; or "fixed"
 """
-
-
-def _flows_parse_rules() -> Callable[..., Any] | None:
-    try:  # lazy: bridge/flows.py is written by another engineer and may not exist yet
-        flows = importlib.import_module("bridge.flows")
-    except ImportError:
-        return None
-    fn = getattr(flows, "parse_rules", None)
-    return fn if callable(fn) else None
 
 
 def parse_endpoint(text: str, default_port: int = GRE_IN_UDP_PORT) -> tuple[str, int]:
@@ -487,8 +476,7 @@ def parse_config(data: dict[str, Any], file: str | None = None) -> tuple[Config 
             r.error(f"inspect[{i}]", "must be a table ([[inspect]])")
     r.unknown(data, "")
     if not r.errors:
-        parse_rules = _flows_parse_rules()
-        if parse_rules is not None and inspect:
+        if inspect:
             try:
                 parse_rules(list(inspect), "inspect")  # its path argument is the key path
             except ConfigErrors as e:

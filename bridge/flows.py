@@ -9,9 +9,9 @@ Rules of this module
   started before a rule existed (or before grebe started) pass untouched.
 - FORWARD decisions are not stored either (the absence of an entry *is* FORWARD), so a flood of
   forwarded flows can never evict the entry of an inspected one from the bounded table.
-- Malformed, truncated, fragmented or non-TCP packets are FORWARD and counted by reason; nothing
-  that arrives from the network raises. Only a bad configuration raises (ConfigError with the key
-  path, e.g. "inspect[2].dst_ports[1]").
+- Packets are parsed by the caller (the terminator): this table sees flow keys and TCP flags,
+  never packet bytes; nothing that arrives from the network raises here. The rules come
+  validated from bridge/inspect/rules.py (`parse_rules`, errors name the key path).
 - Rules are first-match in file order. `action = "inspect"` (default) gives INSPECT, `"forward"`
   carves out an exception before a broader rule, `"drop"` gives DROP: the flow's SYN is answered
   with an RST, as a closed port would (RFC 9293 §3.10.7.1), by whichever backend owns the rule.
@@ -19,11 +19,11 @@ Rules of this module
   `idle_timeout` (seconds, default 300) ends a terminated flow idle in both directions.
 
 Theory of operation
-`parse_rules(raw, path)` turns the TOML list of tables into frozen `InspectRule`s. `FlowSelector`
+An `InspectRule` is one `[[inspect]]` table, validated. `FlowSelector`
 matches a `FlowKey` = (ip version, src bytes, dst bytes, sport, dport) against them: prefixes are
 kept as (network int, mask int) pairs per family, ports as inclusive ranges. `FlowTable` wraps a
-selector for the data plane: `classify_packet(pkt, now)` reads the IP version, protocol, the two
-addresses, the ports and the TCP flags with `unpack_from`, looks the key up once, and only on a
+selector for the data plane: `classify(key, flags, now)` takes the key and TCP flags the
+terminator read from the packet (its one header parse), looks the key up once, and only on a
 pure SYN asks the selector. Entries live in an OrderedDict kept in last-seen order: a hit moves
 the entry to the end, `expire(now)` pops idle ones from the front, and inserting past `max_flows`
 evicts the least recently used flow (counted). An RST removes the entry after it is classified
@@ -33,8 +33,6 @@ evicts the least recently used flow (counted). An RST removes the entry after it
 from __future__ import annotations
 
 import ipaddress
-import re
-import struct
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -42,26 +40,11 @@ from enum import Enum
 from types import MappingProxyType
 from typing import Any
 
-from bridge.errors import ConfigError
-
 # (version, src address bytes, dst address bytes, src port, dst port): a plain tuple for speed.
 FlowKey = tuple[int, bytes, bytes, int, int]
 
-IPPROTO_TCP = 6
-# TCP header from the source port to the flags byte (RFC 9293 §3.1).
-_TCP_PORTS_FLAGS = struct.Struct("!HH8xxB")
-_V4_FRAG = struct.Struct("!H")
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
 
-BUILTIN_INSPECTORS = frozenset({"log", "http", "tls", "pcap", "block", "replace"})
-_CLASS_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-_KNOWN_KEYS = frozenset({
-    "name", "src", "dst", "dst_ports", "inspectors", "fail_open", "backend", "action",
-    "log_path", "pcap_path", "block", "block_dst", "replace", "max_buffer", "options",
-    "iif", "idle_timeout",
-})
-# Interface names go into nft rule text: Linux IFNAMSIZ (15 chars), no quotes or blanks.
-_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 DEFAULT_IDLE_TIMEOUT = 300.0
 
 
@@ -85,7 +68,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 @dataclass(frozen=True, slots=True)
 class InspectRule:
-    """One `[[inspect]]` table, validated."""
+    """One `[[inspect]]` table, validated (bridge/inspect/rules.py `parse_rules`)."""
 
     name: str
     src: tuple[Network, ...] = ()
@@ -95,14 +78,11 @@ class InspectRule:
     fail_open: bool = True
     backend: Backend = Backend.USERSPACE
     action: Verdict = Verdict.INSPECT
-    log_path: str | None = None
-    pcap_path: str | None = None
-    block: tuple[bytes, ...] = ()
-    block_dst: tuple[Network, ...] = ()
-    replace: tuple[tuple[bytes, bytes], ...] = ()
     max_buffer: int = 1 << 20
     iif: tuple[str, ...] = ()               # kernel backend: intercept only on these interfaces
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # no byte either way for this long: reset
+    # every setting of the rule's inspectors: the values of the options they declare (parsed,
+    # defaults filled in; bridge/inspect/options.py) and the rule's `options` table as written
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     def matches(self, key: FlowKey) -> bool:
@@ -126,175 +106,6 @@ def _in_any(version: int, addr: bytes, nets: tuple[Network, ...]) -> bool:
         if net.version == version and value & int(net.netmask) == int(net.network_address):
             return True
     return False
-
-
-# ---------------------------------------------------------------------------------------------
-# Parsing the TOML tables
-# ---------------------------------------------------------------------------------------------
-
-def parse_rules(raw: list[dict[str, Any]], path: str = "inspect") -> tuple[InspectRule, ...]:
-    """Validate the `[[inspect]]` tables.
-
-    Returns the rules in file order. Raises ConfigError naming the key path ("inspect[1].src[0]")
-    on the first problem: unknown key, wrong type, bad prefix, port or range, bad regex, unknown
-    backend/action, an inspector name that is neither built in nor `module:Class`, duplicate names.
-    """
-    if not isinstance(raw, list):
-        raise ConfigError(path, "must be an array of tables ([[inspect]])")
-    rules: list[InspectRule] = []
-    seen: set[str] = set()
-    for i, table in enumerate(raw):
-        rule = _parse_rule(table, f"{path}[{i}]")
-        if rule.name in seen:
-            raise ConfigError(f"{path}[{i}].name", f"duplicate rule name {rule.name!r}")
-        seen.add(rule.name)
-        rules.append(rule)
-    return tuple(rules)
-
-
-def _parse_rule(t: Any, p: str) -> InspectRule:
-    if not isinstance(t, dict):
-        raise ConfigError(p, "must be a table")
-    for k in t:
-        if k not in _KNOWN_KEYS:
-            raise ConfigError(f"{p}.{k}", "unknown key (custom inspector settings go in options)")
-    name = t.get("name")
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"{p}.name", "required, a non-empty string")
-    inspectors = tuple(_str_list(t.get("inspectors", []), f"{p}.inspectors"))
-    for j, ref in enumerate(inspectors):
-        if ref not in BUILTIN_INSPECTORS and not _CLASS_REF.match(ref):
-            raise ConfigError(f"{p}.inspectors[{j}]",
-                              f"{ref!r} is not a built-in ({', '.join(sorted(BUILTIN_INSPECTORS))})"
-                              " nor module:Class")
-    if len(set(inspectors)) != len(inspectors):
-        raise ConfigError(f"{p}.inspectors", "an inspector is listed twice")
-    try:
-        backend = Backend(_typed(t, "backend", str, p, "userspace"))
-    except ValueError:
-        raise ConfigError(f"{p}.backend", "must be \"userspace\" or \"kernel\"") from None
-    try:
-        action = Verdict(_typed(t, "action", str, p, "inspect"))
-    except ValueError:
-        raise ConfigError(f"{p}.action", "must be \"inspect\", \"forward\" or \"drop\"") from None
-    max_buffer = _typed(t, "max_buffer", int, p, 1 << 20)
-    if not 4096 <= max_buffer <= 1 << 30:
-        raise ConfigError(f"{p}.max_buffer", "must be between 4096 and 2**30 bytes")
-    idle = t.get("idle_timeout", DEFAULT_IDLE_TIMEOUT)
-    if (not isinstance(idle, int | float) or isinstance(idle, bool)
-            or not 0 < idle <= 7 * 86400):
-        raise ConfigError(f"{p}.idle_timeout", "must be a number of seconds, 0 < t <= 604800")
-    iif = tuple(_str_list(t.get("iif", []), f"{p}.iif"))
-    for j, name_ in enumerate(iif):
-        if not _IFNAME.match(name_):
-            raise ConfigError(f"{p}.iif[{j}]", f"{name_!r} is not an interface name")
-    options = t.get("options", {})
-    if not isinstance(options, dict):
-        raise ConfigError(f"{p}.options", "must be a table")
-    rule = InspectRule(
-        name=name,
-        src=_prefixes(t.get("src", []), f"{p}.src"),
-        dst=_prefixes(t.get("dst", []), f"{p}.dst"),
-        dst_ports=_ports(t.get("dst_ports", []), f"{p}.dst_ports"),
-        inspectors=inspectors,
-        fail_open=_typed(t, "fail_open", bool, p, True),
-        backend=backend,
-        action=action,
-        log_path=_typed(t, "log_path", str, p, None),
-        pcap_path=_typed(t, "pcap_path", str, p, None),
-        block=_patterns(t.get("block", []), f"{p}.block"),
-        block_dst=_prefixes(t.get("block_dst", []), f"{p}.block_dst"),
-        replace=_pairs(t.get("replace", []), f"{p}.replace"),
-        max_buffer=max_buffer,
-        iif=iif,
-        idle_timeout=float(idle),
-        options=MappingProxyType(dict(options)),
-    )
-    _check_needs(rule, p)
-    return rule
-
-
-def _check_needs(rule: InspectRule, p: str) -> None:
-    if "block" in rule.inspectors and not (rule.block or rule.block_dst):
-        raise ConfigError(f"{p}.block", "the block inspector needs block patterns or block_dst")
-    if "replace" in rule.inspectors and not rule.replace:
-        raise ConfigError(f"{p}.replace", "the replace inspector needs replace pairs")
-    if "pcap" in rule.inspectors and not rule.pcap_path:
-        raise ConfigError(f"{p}.pcap_path", "the pcap inspector needs pcap_path")
-    if rule.action is Verdict.INSPECT and not rule.inspectors:
-        raise ConfigError(f"{p}.inspectors", "an inspect rule needs at least one inspector")
-
-
-def _typed(t: dict[str, Any], key: str, kind: type, p: str, default: Any) -> Any:
-    value = t.get(key, default)
-    if value is None and default is None:
-        return None
-    # bool is a subclass of int: reject true/false where a number is wanted, and vice versa.
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{p}.{key}", f"must be a {kind.__name__}")
-    return value
-
-
-def _str_list(value: Any, p: str) -> list[str]:
-    if not isinstance(value, list):
-        raise ConfigError(p, "must be a list of strings")
-    for j, item in enumerate(value):
-        if not isinstance(item, str):
-            raise ConfigError(f"{p}[{j}]", "must be a string")
-    return value
-
-
-def _prefixes(value: Any, p: str) -> tuple[Network, ...]:
-    nets: list[Network] = []
-    for j, item in enumerate(_str_list(value, p)):
-        try:
-            nets.append(ipaddress.ip_network(item, strict=True))
-        except ValueError as exc:
-            raise ConfigError(f"{p}[{j}]", f"not an IP prefix: {exc}") from None
-    return tuple(nets)
-
-
-def _ports(value: Any, p: str) -> tuple[tuple[int, int], ...]:
-    if not isinstance(value, list):
-        raise ConfigError(p, "must be a list of ports and \"lo-hi\" ranges")
-    out: list[tuple[int, int]] = []
-    for j, item in enumerate(value):
-        if isinstance(item, int) and not isinstance(item, bool):
-            lo = hi = item
-        elif isinstance(item, str) and re.fullmatch(r"\d{1,5}-\d{1,5}", item):
-            lo, hi = (int(x) for x in item.split("-"))
-        else:
-            raise ConfigError(f"{p}[{j}]", f"{item!r} is not a port or \"lo-hi\" range")
-        if not (1 <= lo <= hi <= 65535):
-            raise ConfigError(f"{p}[{j}]", f"{item!r}: ports are 1-65535 and lo <= hi")
-        out.append((lo, hi))
-    return tuple(out)
-
-
-def _patterns(value: Any, p: str) -> tuple[bytes, ...]:
-    out: list[bytes] = []
-    for j, item in enumerate(_str_list(value, p)):
-        pat = item.encode("utf-8", "surrogateescape")
-        try:
-            re.compile(pat)
-        except re.error as exc:
-            raise ConfigError(f"{p}[{j}]", f"bad regular expression: {exc}") from None
-        out.append(pat)
-    return tuple(out)
-
-
-def _pairs(value: Any, p: str) -> tuple[tuple[bytes, bytes], ...]:
-    if not isinstance(value, list):
-        raise ConfigError(p, "must be a list of [pattern, replacement] pairs")
-    out: list[tuple[bytes, bytes]] = []
-    for j, item in enumerate(value):
-        if (not isinstance(item, list) or len(item) != 2
-                or not all(isinstance(s, str) for s in item)):
-            raise ConfigError(f"{p}[{j}]", "must be a [pattern, replacement] pair of strings")
-        if not item[0]:
-            raise ConfigError(f"{p}[{j}][0]", "the pattern must not be empty")
-        out.append((item[0].encode(), item[1].encode()))
-    return tuple(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,8 +211,8 @@ class FlowTable:
         self.fin_timeout = fin_timeout
         self._table: OrderedDict[FlowKey, list[Any]] = OrderedDict()
         self.counters: dict[str, int] = dict.fromkeys(
-            ("syn_classified", "forward", "inspect", "drop", "midstream", "not_tcp",
-             "malformed", "fragment", "expired", "evicted", "reset"), 0)
+            ("syn_classified", "forward", "inspect", "drop", "midstream", "expired", "evicted",
+             "reset"), 0)
 
     def __len__(self) -> int:
         """Number of cached flows (each flow is stored under both directions)."""
@@ -456,49 +267,6 @@ class FlowTable:
         table[key] = entry
         table[reverse_key(key)] = entry
         return verdict
-
-    def classify_packet(self, pkt: memoryview | bytes, now: float) -> Verdict:
-        """Fast path: the verdict for one inner IP packet. Never raises on packet content."""
-        n = len(pkt)
-        if n < 20:
-            self.counters["malformed"] += 1
-            return Verdict.FORWARD
-        b0 = pkt[0]
-        version = b0 >> 4
-        if version == 4:
-            off = (b0 & 0x0F) << 2
-            if pkt[9] != IPPROTO_TCP:
-                self.counters["not_tcp"] += 1
-                return Verdict.FORWARD
-            if _V4_FRAG.unpack_from(pkt, 6)[0] & 0x1FFF:
-                self.counters["fragment"] += 1    # RFC 791: only offset 0 carries the ports
-                return Verdict.FORWARD
-            src, dst = bytes(pkt[12:16]), bytes(pkt[16:20])
-        elif version == 6:
-            if n < 40:
-                self.counters["malformed"] += 1
-                return Verdict.FORWARD
-            if pkt[6] != IPPROTO_TCP:   # extension headers are not walked: forwarded as-is
-                self.counters["not_tcp"] += 1
-                return Verdict.FORWARD
-            off = 40
-            src, dst = bytes(pkt[8:24]), bytes(pkt[24:40])
-        else:
-            self.counters["malformed"] += 1
-            return Verdict.FORWARD
-        if off < 20 or n < off + 14:
-            self.counters["malformed"] += 1
-            return Verdict.FORWARD
-        sport, dport, flags = _TCP_PORTS_FLAGS.unpack_from(pkt, off)
-        key = (version, src, dst, sport, dport)
-        # Inlined from classify(): most packets are a hit or a forwarded flow's non-SYN.
-        entry = self._table.get(key)
-        if entry is not None:
-            return self._hit(key, entry, flags, now)
-        if flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN:
-            self.counters["midstream"] += 1
-            return Verdict.FORWARD
-        return self._new(key, now)
 
     def expire(self, now: float) -> int:
         """Drop entries idle past their timeout; returns how many flows expired."""

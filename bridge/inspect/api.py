@@ -31,7 +31,17 @@ Class attributes: `runs_last` (flow_end after the others: the log writer), `obse
 inspector never changes, holds back or stops a byte; a backend may then run data() just after
 the chunk moved on instead of before: http, tls, pcap and log are observers).
 
-Constructor: `cls(rule)` where `rule` is the `bridge.flows.InspectRule` (options in
+Options (bridge/inspect/options.py): a class declares the settings it reads in
+`options = (Option(name, parser, default, help), ...)`, as a mitmproxy addon adds its options
+in `load`, and may check them together in the classmethod `check_options(values)` (raise
+`OptionError(name, problem)`). They are validated with the configuration, errors naming the
+key path, and the inspector reads the values in `rule.options[name]`.
+
+Built-ins: a class with its own `name` ("log", "block", ...) in a module of this package is a
+built-in, found by bridge/inspect/rules.py: adding one is adding its module (and its test).
+Its options may be keys of the `[[inspect]]` table itself (`table=True`: `log_path`, `block`).
+
+Constructor: `cls(rule)` where `rule` is the `bridge.flows.InspectRule` (settings in
 `rule.options`); a class whose __init__ takes no argument is called as `cls()`.
 """
 
@@ -39,11 +49,16 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 from bridge.flows import FlowKey
+from bridge.inspect.options import Option, OptionError
+
+__all__ = ["ALLOW", "C2S", "DROP", "RESET", "S2C", "Allow", "CloseReason", "DataResult", "Deny",
+           "Direction", "Flow", "Inspector", "Marker", "Option", "OptionError"]
 
 _ids = itertools.count(1)
 
@@ -79,7 +94,7 @@ class CloseReason(Enum):
     INSPECTOR_RESET = "inspector_reset"  # an inspector returned RESET (e.g. block matched)
     INSPECTOR_ERROR = "inspector_error"  # an inspector raised and fail_open is false
     IDLE = "idle"                        # no byte either way for the rule's idle_timeout
-    TIMEOUT = "idle"                     # alias of IDLE (the userspace backend's older name)
+    TIMEOUT = "idle"                     # alias of IDLE (bridge/userspace/terminator.py)
     SHUTDOWN = "shutdown"                # grebe stopped
 
 
@@ -98,7 +113,9 @@ class Deny:
 ALLOW: Final = Allow()
 
 
-class _Marker:
+class Marker:
+    """DROP and RESET: the data() results that are not bytes."""
+
     __slots__ = ("name",)
 
     def __init__(self, name: str) -> None:
@@ -108,10 +125,10 @@ class _Marker:
         return self.name
 
 
-DROP: Final = _Marker("DROP")     # data(): swallow this chunk, the flow goes on
-RESET: Final = _Marker("RESET")   # data(): abort the flow both ways (RST)
+DROP: Final = Marker("DROP")     # data(): swallow this chunk, the flow goes on
+RESET: Final = Marker("RESET")   # data(): abort the flow both ways (RST)
 
-DataResult = bytes | None | _Marker
+DataResult = bytes | None | Marker
 
 
 class Flow:
@@ -164,12 +181,23 @@ class Flow:
 class Inspector:
     """Base class with pass-through hooks; subclass and override what you need."""
 
+    #: a built-in's name in `inspectors = [...]` (set only by the built-ins of this package)
+    name: ClassVar[str] = ""
+    #: the settings this inspector reads from its rule (bridge/inspect/options.py)
+    options: ClassVar[tuple[Option, ...]] = ()
+
     #: run flow_end after every other inspector of the chain (the log writer sets this)
     runs_last = False
     #: only watches: data() always returns None and eof() returns nothing (no rewrite, drop,
     #: RESET, nor held-back bytes), so a backend may pass a chunk on first and run the hook on
     #: it afterwards, off the latency path (bridge/userspace/splice.py "observer chains")
     observer = False
+
+    @classmethod
+    def check_options(cls, values: Mapping[str, Any]) -> None:
+        """Check the options together (each alone is checked by its parser); raise
+        OptionError(option name, problem). Runs when the inspector is in a rule."""
+        return None
 
     def flow_start(self, flow: Flow) -> Allow | Deny:
         return ALLOW

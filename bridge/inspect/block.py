@@ -15,20 +15,51 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Mapping
+from typing import Any
 
+from bridge.errors import ConfigError
 from bridge.flows import InspectRule
-from bridge.inspect.api import RESET, Allow, Deny, Direction, Flow, Inspector, _Marker
+from bridge.inspect.api import RESET, Allow, Deny, Direction, Flow, Inspector, Marker
+from bridge.inspect.options import Option, OptionError, integer, prefixes, str_list
+
+
+def patterns(value: Any, p: str) -> tuple[bytes, ...]:
+    """A list of regular expressions, as bytes patterns (UTF-8, surrogates kept)."""
+    out: list[bytes] = []
+    for j, item in enumerate(str_list(value, p)):
+        pat = item.encode("utf-8", "surrogateescape")
+        try:
+            re.compile(pat)
+        except re.error as exc:
+            raise ConfigError(f"{p}[{j}]", f"bad regular expression: {exc}") from None
+        out.append(pat)
+    return tuple(out)
 
 
 class BlockInspector(Inspector):
     """See the module docstring."""
 
+    name = "block"
+    options = (
+        Option("block", patterns, (), "byte regexes: a match either way resets the flow",
+               table=True),
+        Option("block_dst", prefixes, (), "destination prefixes denied at flow start",
+               table=True),
+        Option("block_window", integer(1, 1 << 30), 4096,
+               "bytes kept per direction to find a match split across reads"),
+    )
+
+    @classmethod
+    def check_options(cls, values: Mapping[str, Any]) -> None:
+        if not (values["block"] or values["block_dst"]):
+            raise OptionError("block", "the block inspector needs block patterns or block_dst")
+
     def __init__(self, rule: InspectRule) -> None:
-        self.dst = rule.block_dst
-        self.patterns = [re.compile(p, re.DOTALL) for p in rule.block]
-        self.window = int(rule.options.get("block_window", 4096))
-        if self.window < 1:
-            raise ValueError("options.block_window must be positive")
+        o = rule.options
+        self.dst = o["block_dst"]
+        self.patterns = [re.compile(p, re.DOTALL) for p in o["block"]]
+        self.window = o["block_window"]
 
     def flow_start(self, flow: Flow) -> Allow | Deny:
         addr = ipaddress.ip_address(flow.dst)
@@ -38,7 +69,7 @@ class BlockInspector(Inspector):
                 return Deny(f"destination {flow.dst} in {net}")
         return Allow()
 
-    def data(self, flow: Flow, direction: Direction, data: bytes) -> _Marker | None:
+    def data(self, flow: Flow, direction: Direction, data: bytes) -> Marker | None:
         if not self.patterns:
             return None
         tails: dict[Direction, bytes] | None = flow.state.get(self)

@@ -108,6 +108,8 @@ class _HttpFlow:
 class HttpInspector(Inspector):
     """See the module docstring."""
 
+    name = "http"
+
     observer = True  # only watches (bridge/inspect/api.py)
 
     def __init__(self, rule: object = None) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 
 from bridge.flows import InspectRule
 from bridge.inspect.api import CloseReason, Flow, Inspector
+from bridge.inspect.options import Option, text
 
 flow_log = logging.getLogger("grebe.inspect.flows")
 
@@ -47,12 +48,18 @@ def flow_record(flow: Flow, reason: CloseReason) -> dict[str, Any]:
 class LogInspector(Inspector):
     """Buffers one JSON line per finished flow; see the module docstring."""
 
+    name = "log"
+    options = (
+        Option("log_path", text, None, "append the JSON lines to this file ($VARS expanded); "
+               "without it they go to the logger grebe.inspect.flows", table=True),
+    )
     observer = True  # only watches (bridge/inspect/api.py)
 
     runs_last = True
 
     def __init__(self, rule: InspectRule, max_buffered: int = 1 << 20) -> None:
-        self.path = os.path.expandvars(rule.log_path) if rule.log_path else None
+        path = rule.options["log_path"]
+        self.path = os.path.expandvars(path) if path else None
         self.max_buffered = max_buffered
         self._records: list[dict[str, Any]] = []
         self._size = 0

@@ -2,8 +2,9 @@
 
 Rules of this module
 - `InspectorManager(rules)` instantiates each rule's inspectors once, in the order the rule lists
-  them: built-in names ("log", "http", ...) or "package.module:Class". A name that does not
-  import is a ConfigError at start-up ("inspect[0].inspectors[2]: ..."), never a data-path error.
+  them: built-in names ("log", "http", ...) or "package.module:Class" (bridge/inspect/rules.py
+  `load_inspector`). A name that does not import is a ConfigError at start-up
+  ("inspect[0].inspectors[2]: ..."), never a data-path error; so is a bad declared option.
 - `InspectorChain` calls the hooks in order and owns the error policy (mitmproxy's `safecall`):
   an exception in a hook is logged once with a short traceback, counted, and recorded in
   `flow.metadata["errors"]`; then `fail_open = true` keeps the flow going with the data
@@ -27,8 +28,6 @@ with `runs_last` (the log writer) after the others so they see the complete meta
 
 from __future__ import annotations
 
-import importlib
-import inspect as pyinspect
 import logging
 import traceback
 from collections.abc import Iterable
@@ -46,35 +45,11 @@ from bridge.inspect.api import (
     Direction,
     Flow,
     Inspector,
-    _Marker,
+    Marker,
 )
+from bridge.inspect.rules import load_inspector
 
 log = logging.getLogger("grebe.inspect")
-
-BUILTINS = {
-    "log": "bridge.inspect.log:LogInspector",
-    "http": "bridge.inspect.http:HttpInspector",
-    "tls": "bridge.inspect.tls:TlsInspector",
-    "pcap": "bridge.inspect.pcap:PcapInspector",
-    "block": "bridge.inspect.block:BlockInspector",
-    "replace": "bridge.inspect.replace:ReplaceInspector",
-}
-
-
-def load_inspector(ref: str, rule: InspectRule) -> Any:
-    """Instantiate the inspector named `ref` for `rule`.
-
-    Raises ImportError, AttributeError or TypeError when `ref` cannot be loaded.
-    """
-    target = BUILTINS.get(ref, ref)
-    module_name, _, class_name = target.partition(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    try:
-        params = pyinspect.signature(cls).parameters
-    except (TypeError, ValueError):
-        params = {}     # type: ignore[assignment]
-    return cls(rule) if params else cls()
-
 
 class InspectorChain:
     """The inspectors of one rule, with its fail_open policy. Shared by all flows of the rule."""
@@ -134,7 +109,7 @@ class InspectorChain:
         return ALLOW
 
     def data(self, flow: Flow, direction: Direction, data: bytes,
-             first: int = 0) -> bytes | _Marker:
+             first: int = 0) -> bytes | Marker:
         """Pass one chunk through the inspectors from index `first`. Returns bytes or RESET."""
         off = flow.state.get(self)
         inspectors = self.inspectors
@@ -153,12 +128,12 @@ class InspectorChain:
                 flow.close_reason = CloseReason.INSPECTOR_RESET
                 self.counters["resets"] += 1
                 return RESET
-            if isinstance(res, _Marker) or not res:
+            if isinstance(res, Marker) or not res:
                 return b""     # DROP or b"": nothing to deliver
             data = bytes(res)
         return data
 
-    def eof(self, flow: Flow, direction: Direction) -> bytes | _Marker:
+    def eof(self, flow: Flow, direction: Direction) -> bytes | Marker:
         """The sender half-closed: bytes still to deliver before the FIN (maybe b""), or RESET."""
         out = b""
         for i, insp in enumerate(self.inspectors):
@@ -200,7 +175,9 @@ class InspectorManager:
             made = []
             for j, ref in enumerate(rule.inspectors):
                 try:
-                    made.append(load_inspector(ref, rule))
+                    made.append(load_inspector(ref, rule, f"{path}[{r}]"))
+                except ConfigError:
+                    raise
                 except Exception as exc:  # noqa: BLE001 - reported as a config error
                     raise ConfigError(f"{path}[{r}].inspectors[{j}]",
                                       f"cannot load {ref!r}: {exc!r}") from exc
@@ -234,4 +211,4 @@ class InspectorManager:
         return {name: dict(c.counters) for name, c in self.chains.items()}
 
 
-__all__ = ["InspectorChain", "InspectorManager", "load_inspector", "Inspector"]
+__all__ = ["InspectorChain", "InspectorManager", "Inspector"]

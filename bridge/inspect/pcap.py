@@ -27,6 +27,7 @@ import struct
 
 from bridge.flows import InspectRule
 from bridge.inspect.api import Allow, CloseReason, Deny, Direction, Flow, Inspector
+from bridge.inspect.options import Option, integer, text
 from stack.wire.checksum import checksum, pseudo_sum_v4, pseudo_sum_v6, udp_fixup
 
 LINKTYPE_RAW = 101
@@ -138,14 +139,22 @@ class TcpStreamSynth:
 class PcapInspector(Inspector):
     """Records inspected flows (synthesized from the streams) into `pcap_path`."""
 
+    name = "pcap"
+    options = (
+        Option("pcap_path", text, None, "the pcap file records are appended to ($VARS "
+               "expanded)", table=True, required=True),
+        Option("pcap_mss", integer(1, 65535), 1460,
+               "payload bytes per synthesized segment (kernel backend's streams)"),
+        Option("pcap_max_buffer", integer(0, 1 << 40), 64 << 20,
+               "bytes buffered between flushes; beyond it a flow's records are cut"),
+    )
     observer = True  # only watches (bridge/inspect/api.py)
 
     def __init__(self, rule: InspectRule) -> None:
-        if not rule.pcap_path:
-            raise ValueError("the pcap inspector needs pcap_path")
-        self.path = os.path.expandvars(rule.pcap_path)
-        self.mss = int(rule.options.get("pcap_mss", 1460))
-        self.max_buffered = int(rule.options.get("pcap_max_buffer", 64 << 20))
+        o = rule.options
+        self.path = os.path.expandvars(o["pcap_path"])
+        self.mss = o["pcap_mss"]
+        self.max_buffered = o["pcap_max_buffer"]
         self.writer = PcapWriter(with_header=False)
         self.truncated_flows = 0
         self._header_written = False

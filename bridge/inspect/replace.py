@@ -19,23 +19,48 @@ Rules
 from __future__ import annotations
 
 import re
+from typing import Any
 
+from bridge.errors import ConfigError
 from bridge.flows import InspectRule
 from bridge.inspect.api import Direction, Flow, Inspector
+from bridge.inspect.options import Option
+
+
+def pairs(value: Any, p: str) -> tuple[tuple[bytes, bytes], ...]:
+    """A list of [pattern, replacement] string pairs (UTF-8), patterns not empty."""
+    if not isinstance(value, list):
+        raise ConfigError(p, "must be a list of [pattern, replacement] pairs")
+    out: list[tuple[bytes, bytes]] = []
+    for j, item in enumerate(value):
+        if (not isinstance(item, list) or len(item) != 2
+                or not all(isinstance(s, str) for s in item)):
+            raise ConfigError(f"{p}[{j}]", "must be a [pattern, replacement] pair of strings")
+        if not item[0]:
+            raise ConfigError(f"{p}[{j}][0]", "the pattern must not be empty")
+        out.append((item[0].encode(), item[1].encode()))
+    return tuple(out)
 
 
 class ReplaceInspector(Inspector):
     """See the module docstring."""
 
+    name = "replace"
+    options = (
+        Option("replace", pairs, (), "[pattern, replacement] literal byte strings",
+               table=True, required=True),
+    )
+
     def __init__(self, rule: InspectRule) -> None:
-        if not rule.replace:
+        table: tuple[tuple[bytes, bytes], ...] = rule.options["replace"]
+        if not table:
             raise ValueError("the replace inspector needs replace pairs")
         self.table: dict[bytes, bytes] = {}
-        for pat, rep in rule.replace:
+        for pat, rep in table:
             self.table.setdefault(pat, rep)
-        self.regex = re.compile(b"|".join(re.escape(p) for p, _ in rule.replace))
-        self.prefixes = {p[:i] for p, _ in rule.replace for i in range(1, len(p))}
-        self.hold = max(len(p) for p, _ in rule.replace) - 1
+        self.regex = re.compile(b"|".join(re.escape(p) for p, _ in table))
+        self.prefixes = {p[:i] for p, _ in table for i in range(1, len(p))}
+        self.hold = max(len(p) for p, _ in table) - 1
 
     def _held(self, flow: Flow) -> dict[Direction, bytes]:
         held: dict[Direction, bytes] | None = flow.state.get(self)

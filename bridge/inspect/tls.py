@@ -114,6 +114,8 @@ class _TlsFlow:
 class TlsInspector(Inspector):
     """See the module docstring."""
 
+    name = "tls"
+
     observer = True  # only watches (bridge/inspect/api.py)
 
     def __init__(self, rule: object = None) -> None:

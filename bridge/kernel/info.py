@@ -7,8 +7,8 @@ Rules
   so that `grebe flows` prints both alike. Times are converted from the kernel's microseconds to
   seconds. A short or empty buffer (an old kernel, a closed socket) gives None, never raises.
 - `tcp_info(sock)` is the one system call; a closed or failing socket gives None.
-- `flow_record(relay, now)` is one kernel flow in the shape of the userspace flows of
-  bridge/userspace/splice.py (`Splice.info`) plus `"backend": "kernel"`.
+- `flow_record(relay, now)` is one kernel flow: the flow's part that both backends share
+  (`InspectSession.info`, bridge/inspect/session.py) plus `"backend": "kernel"` and the legs.
 - `summary(counters, live, bytes)` gives the counters `grebe status` and the Prometheus endpoint
   show; `format_status` / `prometheus` render them. All of these are pure.
 
@@ -83,25 +83,11 @@ def _sock(transport: Any) -> socket.socket | None:
 
 def flow_record(relay: Any, now: float) -> dict[str, Any]:
     """One relayed flow for `grebe flows` (the userspace record's keys, backend "kernel")."""
-    flow = relay.flow
-    server = relay.server.transport
-    if relay.finished:
-        phase = "ended"
-    elif server is None:
-        phase = "connecting"
-    else:
-        phase = "open"
-    return {
-        "id": flow.id, "src": flow.src, "sport": flow.sport, "dst": flow.dst,
-        "dport": flow.dport, "ip": flow.version, "proto": "tcp", "rule": flow.rule,
-        "backend": "kernel", "phase": phase, "age": round(now - relay.created, 3),
-        "idle": round(now - flow.last_seen, 3),
-        "inspectors": list(relay.chain.names) if relay.chain is not None else [],
-        "bytes_c2s": flow.bytes_c2s, "bytes_s2c": flow.bytes_s2c,
-        "close": flow.close_reason.value if flow.close_reason is not None else None,
-        "client_leg": tcp_info(_sock(relay.client.transport)),
-        "server_leg": tcp_info(_sock(server)),
-    }
+    rec: dict[str, Any] = relay.session.info(now, relay.created, relay.flow.last_seen)
+    rec["backend"] = "kernel"
+    rec["client_leg"] = tcp_info(_sock(relay.client.transport))
+    rec["server_leg"] = tcp_info(_sock(relay.server.transport))
+    return rec
 
 
 # Reasons a relay ends that are resets (an RST went out to at least one side).

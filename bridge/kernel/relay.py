@@ -44,9 +44,10 @@ Theory of operation
 `TproxyBackend.start()` installs the interception, opens the listeners with
 `loop.create_server(sock=...)` and starts the flush timer. Each accepted connection gets a
 `Relay`: two `_Side` protocols around an `InspectSession` (bridge/inspect/session.py, the
-sans-I/O stream life shared with the userspace splice), whose actions it performs on the
-sockets. The client side is paused until flow_start allowed the flow and the upstream
-connected. `status()` gives the counters and the live flows with both sockets' TCP_INFO
+sans-I/O flow life shared with the userspace splice), whose answers it performs on the
+sockets: write the bytes, shutdown(SHUT_WR) after them, close both, or reset both. The
+client side is paused until flow_start allowed the flow and the upstream connected.
+`status()` gives the counters and the live flows with both sockets' TCP_INFO
 (bridge/kernel/info.py). `stop()` closes the listeners, ends every relay
 (CloseReason.SHUTDOWN), closes the inspectors and removes the interception.
 """
@@ -73,20 +74,20 @@ from bridge.flows import (
     InspectRule,
     Verdict,
     flow_key,
-    parse_rules,
+    selector_for,
 )
-from bridge.flows import selector_for as _selector_for
 from bridge.inspect.api import CloseReason, Direction, Flow
 from bridge.inspect.manager import InspectorChain, InspectorManager
-from bridge.inspect.session import Abort, Action, Deliver, HalfClose, InspectSession
+from bridge.inspect.rules import parse_rules
+from bridge.inspect.session import Abort, InspectSession
 from bridge.kernel.info import flow_record, summary
 from bridge.kernel.setup import (
     TproxySettings,
-    _nft,
-    _routing,
+    nft_apply,
     nft_delete,
     nft_ruleset,
     nft_table_exists,
+    policy_routing,
 )
 
 __all__ = ["TproxyBackend", "TproxySettings", "Relay", "load_rules", "main", "nft_delete",
@@ -182,38 +183,58 @@ class Relay:
         return self.server if direction is Direction.CLIENT_TO_SERVER else self.client
 
     def on_data(self, side: _Side, data: bytes) -> None:
-        self.execute(self.session.received(side.incoming, data, time.monotonic()))
+        out = self.session.received(side.incoming, data, time.monotonic())
+        if isinstance(out, Abort):
+            self.reset_both(out.reason)
+        elif out:
+            self.deliver(side.incoming, out)
 
     def on_eof(self, side: _Side) -> None:
-        self.execute(self.session.eof(side.incoming, time.monotonic()))
+        now = time.monotonic()
+        session = self.session
+        tail = session.eof(side.incoming, now)
+        if isinstance(tail, Abort):
+            self.reset_both(tail.reason)
+            return
+        if tail is None:
+            return
+        if tail:
+            self.deliver(side.incoming, tail)
+        dst = self.receiver(side.incoming).transport
+        if dst is not None and not dst.is_closing() and dst.can_write_eof():
+            dst.write_eof()     # RFC 9293 §3.6: half-close, the other way stays open
+        if session.both_ended:
+            # both FINs passed on: close() flushes what is still buffered, then the flow ends
+            for s in (self.client, self.server):
+                if s.transport is not None and not s.transport.is_closing():
+                    s.transport.close()
+            stop = session.close(now)
+            if stop is not None:
+                self.reset_both(stop.reason)
+            else:
+                self.ended(CloseReason.CLOSED)
 
     def on_lost(self, side: _Side, exc: Exception | None) -> None:
         # Lost before the session finished: the peer reset, or the socket failed.
-        self.execute(self.session.reset(side.incoming, time.monotonic()))
+        stop = self.session.reset(side.incoming, time.monotonic())
+        if stop is not None:
+            self.reset_both(stop.reason)
 
     def abort(self, reason: CloseReason) -> None:
-        self.execute(self.session.abort(reason, time.monotonic()))
+        stop = self.session.abort(reason, time.monotonic())
+        if stop is not None:
+            self.reset_both(stop.reason)
 
-    def execute(self, actions: list[Action]) -> None:
-        """Perform the session's actions on the two sockets."""
-        for act in actions:
-            if isinstance(act, Deliver):
-                dst = self.receiver(act.direction).transport
-                if dst is not None and not dst.is_closing():
-                    dst.write(act.data)
-            elif isinstance(act, HalfClose):
-                dst = self.receiver(act.direction).transport
-                if dst is not None and not dst.is_closing() and dst.can_write_eof():
-                    dst.write_eof()     # RFC 9293 §3.6: half-close, the other way stays open
-            elif isinstance(act, Abort):
-                _abort(self.client.transport)
-                _abort(self.server.transport)
-                self.ended(act.reason)
-            else:   # Closed: both FINs exchanged; close() flushes what is still buffered
-                for side in (self.client, self.server):
-                    if side.transport is not None and not side.transport.is_closing():
-                        side.transport.close()
-                self.ended(CloseReason.CLOSED)
+    def deliver(self, direction: Direction, data: bytes) -> None:
+        dst = self.receiver(direction).transport
+        if dst is not None and not dst.is_closing():
+            dst.write(data)
+
+    def reset_both(self, reason: CloseReason) -> None:
+        """The session ended the flow with an abort: RST both sockets."""
+        _abort(self.client.transport)
+        _abort(self.server.transport)
+        self.ended(reason)
 
     def ended(self, reason: CloseReason) -> None:
         if self._done:
@@ -277,7 +298,7 @@ class TproxyBackend:
         self.rules = tuple(rules)
         self.settings = settings or TproxySettings()
         self.install = install
-        self.selector: FlowSelector = _selector_for(self.rules, Backend.KERNEL)
+        self.selector: FlowSelector = selector_for(self.rules, Backend.KERNEL)
         self.manager = InspectorManager(self.rules)
         self._retired: list[InspectorManager] = []
         self.relays: dict[int, Relay] = {}
@@ -298,9 +319,9 @@ class TproxyBackend:
         try:
             if self.install:
                 # pyroute2's sync IPRoute runs its own event loop: give it a thread.
-                await loop.run_in_executor(None, _routing, "add", s)
+                await loop.run_in_executor(None, policy_routing, "add", s)
                 self._installed = True
-                _nft(nft_ruleset(self.rules, s))
+                nft_apply(nft_ruleset(self.rules, s))
             for family, addr, opt_level, opt in (
                     (socket.AF_INET, "0.0.0.0", socket.SOL_IP, IP_TRANSPARENT),
                     (socket.AF_INET6, "::", socket.IPPROTO_IPV6, IPV6_TRANSPARENT)):
@@ -379,6 +400,7 @@ class TproxyBackend:
         if relay.finished:      # the client went away meanwhile
             _abort(relay.server.transport)
             return
+        relay.session.opened()
         relay.client.resume()
 
     async def _flush_loop(self) -> None:
@@ -425,10 +447,10 @@ class TproxyBackend:
         """
         manager = InspectorManager(rules)
         if self._installed:
-            _nft(nft_ruleset(tuple(rules), self.settings))
+            nft_apply(nft_ruleset(tuple(rules), self.settings))
         self._retired.append(self.manager)
         self.rules = tuple(rules)
-        self.selector = _selector_for(self.rules, Backend.KERNEL)
+        self.selector = selector_for(self.rules, Backend.KERNEL)
         self.manager = manager
         self.counters["reloads"] = self.counters.get("reloads", 0) + 1
         log.info("tproxy: reloaded %d rule(s)", len(self.rules))
@@ -471,10 +493,10 @@ class TproxyBackend:
         if self._installed:
             self._installed = False
             try:
-                _nft(nft_delete(self.settings))
+                nft_apply(nft_delete(self.settings))
             except RuntimeError as exc:
                 log.warning("%s", exc)
-            await asyncio.get_running_loop().run_in_executor(None, _routing, "del",
+            await asyncio.get_running_loop().run_in_executor(None, policy_routing, "del",
                                                              self.settings)
 
 
@@ -522,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return asyncio.run(_serve(rules, settings, args.ready_file, args.config))
 
 
-def _reload(backend: TproxyBackend, path: str) -> None:
+def reload_rules(backend: TproxyBackend, path: str) -> None:
     """SIGHUP: re-read the rules; a bad file is reported and the old rules stay."""
     try:
         backend.reload(load_rules(path))
@@ -551,7 +573,7 @@ async def _serve(rules: Sequence[InspectRule], settings: TproxySettings,
     backend = TproxyBackend(rules, settings)
     await backend.start()
     if config_path is not None:
-        loop.add_signal_handler(signal.SIGHUP, _reload, backend, config_path)
+        loop.add_signal_handler(signal.SIGHUP, reload_rules, backend, config_path)
     if ready_file:
         with open(ready_file, "w") as f:
             f.write(f"{settings.port}\n")

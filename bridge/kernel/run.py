@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from bridge.flows import Backend, InspectRule, Verdict
-from bridge.kernel.relay import TproxyBackend, _reload
+from bridge.kernel.relay import TproxyBackend, reload_rules
 from bridge.kernel.setup import TproxySettings, nft_rejected
 
 log = logging.getLogger("grebe.tproxy")
@@ -107,7 +107,7 @@ class KernelBackendThread:
         """SIGHUP: re-read the rules from the endpoint file (safe from a signal handler)."""
         if self._loop is None or self.config_path is None:
             return
-        self._loop.call_soon_threadsafe(_reload, self.backend, self.config_path)
+        self._loop.call_soon_threadsafe(reload_rules, self.backend, self.config_path)
 
     def stop(self, timeout: float = 30.0) -> None:
         """End every relay, remove the interception, stop the thread. Idempotent and safe
@@ -145,7 +145,7 @@ def start_for_config(cfg: Any, ctl: Any, settings: TproxySettings | None = None,
     userspace answer (`"backend": "userspace"`). Returns None when there is nothing to run.
     Raises ConfigError for bad rules and what TproxyBackend.start raises (nft, netlink).
     """
-    rules = cfg.inspect_rules() or ()
+    rules = cfg.inspect_rules()
     if not needs_kernel_backend(rules):
         return None
     kb = KernelBackendThread(rules, settings, cfg.path, install=install)

@@ -137,7 +137,7 @@ def nft_delete(s: TproxySettings) -> str:
     return f"table inet {s.nft_table}\ndelete table inet {s.nft_table}\n"
 
 
-def _nft(script: str) -> None:
+def nft_apply(script: str) -> None:
     cp = subprocess.run(["nft", "-f", "-"], input=script, text=True, capture_output=True,
                         timeout=30, check=False)
     if cp.returncode != 0:
@@ -148,7 +148,7 @@ def _nft(script: str) -> None:
 # Policy routing (pyroute2)
 # ---------------------------------------------------------------------------------------------
 
-def _routing(action: str, s: TproxySettings) -> None:
+def policy_routing(action: str, s: TproxySettings) -> None:
     from pyroute2 import IPRoute  # type: ignore[import-untyped]
     from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 

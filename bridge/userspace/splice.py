@@ -36,21 +36,18 @@ Rules of this module (pure, sans-I/O: segments and `now` in, segments and deadli
   the other leg's send buffer, then the first leg's receive buffer, and its sender sees a zero
   window (RFC 9293 §3.8.6.1). Per flow: four buffers of `max_buffer // 4` (the rule's
   max_buffer), plus at most one inspector-expanded chunk per direction.
-- Observer chains (time to first byte): when every inspector of the rule only watches
-  (`InspectorChain.observe_only`: `observer = True` on each, fail_open), a chunk a leg delivers
-  is handed to the other leg at once, and the chain sees it just after, in `drain(now)`:
-  the request and the response then leave in the core call that received them, and h11
-  parsing (~0.3 ms a message warm, more cold) runs after the output left. The chunks wait
-  in a tap, in arrival order, at most TAP_MAX bytes; a chunk that would overflow it drains
-  the tap and is inspected inline (bulk transfers keep today's path and bounded memory).
-  The tap is due TAP_DELAY after its first chunk arrived (`get_timer()`; the owner's timer
-  runs `drain`): the interpreter runs one thread at a time, so a request parsed at once
-  would hold up its own response, which a LAN server sends within a millisecond or two;
-  parsed a few ms later, both go through in one drain. A FIN is passed on at once too (an
-  observer holds back no tail) and `chain.eof` joins the tap behind the chunks before it, so a
-  response that carries the FIN (nginx with keepalive_timeout 0) is not held up by parsing.
-  The tap is drained before `flow_end`, so the inspectors see every byte and each eof, in
-  order, with `flow.last_seen` at the chunk's arrival.
+- The flow's life (flow_start, the chain on every chunk, verdicts, half-close ordering,
+  close reasons, flow_end once) is bridge/inspect/session.py's `InspectSession`, shared with
+  the kernel backend; this module executes what it answers on the two legs: bytes to queue
+  for the other leg, a FIN after them, or an abort of both legs.
+- Observer chains (time to first byte): the session is made with `tap=True`, so when every
+  inspector of the rule only watches, a chunk a leg delivers is handed to the other leg at
+  once and the chain sees it TAP_DELAY later (session.py "observer tap"; the splice's
+  `get_timer()` includes that deadline, `tap_due`, and `handle_timer` drains it): the
+  request and the response then leave in the core call that received them, and h11 parsing
+  (~0.3 ms a message warm, more cold) runs after the output left. The interpreter runs one thread at
+  a time, so a request parsed at once would hold up its own response, which a LAN server
+  sends within a millisecond or two; parsed a few ms later, both go through in one drain.
 - Never raises on account of either peer: bad segments are the legs' business (dropped and
   counted there). Only misuse of this API raises (LocalProtocolError from the stack).
 
@@ -59,7 +56,7 @@ Theory of operation
 starts the server leg. Inputs (`from_client`, `from_server`) update a leg; `step(now)`, once per
 batch, and `handle_timer(now)` drain both legs' events and move queued bytes: per direction a
 deque of [bytes still to hand to the destination leg, source bytes to consume when handed over].
-`to_client(now)` / `to_server(now)` pull the legs' segments. `finished` is set once the flow
+`to_client(now)` / `to_server(now)` pull the legs' segments. `finished` is true once the flow
 ended (flow_end called); `dead` once both legs are CLOSED and nothing remains to send, when the
 owner (bridge/userspace/terminator.py) forgets the splice.
 """
@@ -70,8 +67,9 @@ from collections import deque
 from typing import Any
 
 from bridge.flows import FlowKey, InspectRule
-from bridge.inspect.api import C2S, RESET, S2C, CloseReason, Deny, Direction, Flow
+from bridge.inspect.api import C2S, S2C, CloseReason, Direction, Flow
 from bridge.inspect.manager import InspectorChain
+from bridge.inspect.session import TAP_DELAY, TAP_MAX, Abort, InspectSession, Phase
 from stack.connection import TcpConnection
 from stack.events import (
     Closed,
@@ -90,29 +88,17 @@ from stack.wire.tcp import TcpSegment
 
 __all__ = ["Splice", "Phase", "TAP_MAX", "TAP_DELAY"]
 
-TAP_MAX = 16 * 1024  # bytes an observer chain may be behind the forwarded stream (per flow)
-TAP_DELAY = 0.005  # seconds from a tap's first chunk to its inspection (drain)
-
 _CAN_SEND = frozenset({State.SYN_SENT, State.SYN_RECEIVED, State.ESTABLISHED,
                        State.CLOSE_WAIT})
 _DONE = frozenset({State.CLOSED, State.TIME_WAIT})
 
 
-class Phase:
-    """Where a splice is in its life (plain strings for `grebe flows`)."""
-
-    CONNECTING = "connecting"       # SYN kept, server leg opening
-    OPEN = "open"                   # both legs exist
-    ENDED = "ended"                 # flow_end called; legs finishing (TIME-WAIT, RSTs out)
-
-
 class Splice:
-    """One terminated flow: client leg <-> InspectorChain <-> server leg."""
+    """One terminated flow: client leg <-> InspectSession (chain) <-> server leg."""
 
-    __slots__ = ("key", "flow", "chain", "client", "server", "syn", "phase", "finished",
-                 "_client_cfg", "_server_cfg", "_q", "_eof", "_fin_sent", "_rst_client",
-                 "_client_addr", "_server_addr", "created", "last_seen", "_server_up",
-                 "_observe", "_tap", "_tap_bytes")
+    __slots__ = ("key", "flow", "chain", "life", "client", "server", "syn", "_client_cfg",
+                 "_server_cfg", "_q", "_eof", "_fin_sent", "_rst_client", "_client_addr",
+                 "_server_addr", "created", "last_seen", "_server_up", "_broken")
 
     def __init__(self, key: FlowKey, syn: TcpSegment, rule: InspectRule | None,
                  chain: InspectorChain | None, client_cfg: TcpConfig, server_cfg: TcpConfig,
@@ -122,6 +108,7 @@ class Splice:
         self.syn = syn
         self.chain = chain
         self.flow = Flow(key, rule.name if rule is not None else "-", "userspace", now)
+        self.life = InspectSession(self.flow, chain, tap=True)
         self._client_cfg = client_cfg
         self._server_cfg = server_cfg
         self._client_addr = (csrc, cport)
@@ -129,37 +116,40 @@ class Splice:
         self.client: TcpConnection | None = None
         self.server = TcpConnection(self._client_addr, self._server_addr, server_cfg,
                                     iss=syn.seq)
-        self.phase = Phase.CONNECTING
-        self.finished = False
         self._server_up = False
+        self._broken = False    # a leg could not even be aborted (fail): count it closed
         # per direction: deque of [bytes to hand over, source bytes to consume then]
         self._q: dict[Direction, deque[list[Any]]] = {C2S: deque(), S2C: deque()}
-        self._eof = {C2S: False, S2C: False}        # the sender's FIN arrived
-        self._fin_sent = {C2S: False, S2C: False}   # ... and was passed on (close())
+        self._eof = {C2S: False, S2C: False}        # a FIN to pass on after the queue
+        self._fin_sent = {C2S: False, S2C: False}   # ... and passed on (close())
         self._rst_client: list[TcpSegment] = []
-        # observer chains: chunks forwarded before inspection, (arrival, direction, bytes)
-        self._observe = chain is not None and chain.observe_only
-        self._tap: deque[tuple[float, Direction, bytes | None]] = deque()  # None: EOF
-        self._tap_bytes = 0
         self.created = now
         self.last_seen = now
+
+    @property
+    def finished(self) -> bool:
+        """The flow ended (flow_end ran); the legs may still be finishing."""
+        return self.life.finished
+
+    @property
+    def phase(self) -> str:
+        return self.life.phase
 
     # ------------------------------------------------------------------ opening
 
     def open(self, now: float) -> bool:
         """Run flow_start and, if allowed, send the server leg's SYN. False when denied."""
-        if self.chain is not None and isinstance(self.chain.start(self.flow), Deny):
-            self._refuse(CloseReason.DENIED, now)
+        if not self.life.start(now):
+            self._refuse()
             return False
         self.server.connect(now)
         return True
 
-    def _refuse(self, reason: CloseReason, now: float) -> None:
-        """Answer the kept SYN like a closed port (RFC 9293 §3.10.7.1) and end the flow."""
+    def _refuse(self) -> None:
+        """Answer the kept SYN like a closed port (RFC 9293 §3.10.7.1)."""
         rst = reset_reply(self.syn)
         if rst is not None:
             self._rst_client.append(rst)
-        self._finish(reason, now)
 
     def _accept_client(self, now: float) -> None:
         """The server leg is up: open the client leg on the kept SYN (deferred accept)."""
@@ -168,7 +158,7 @@ class Splice:
         conn.listen()
         conn.receive_segment(self.syn, now)
         self.client = conn
-        self.phase = Phase.OPEN
+        self.life.opened()
 
     # ------------------------------------------------------------------ input
 
@@ -203,16 +193,16 @@ class Splice:
             c = self.client.get_timer()
             if c is not None and (t is None or c < t):
                 t = c
-        if self._tap:
-            d = self._tap[0][0] + TAP_DELAY
-            if t is None or d < t:
-                t = d
+        d = self.life.tap_due
+        if d is not None and (t is None or d < t):
+            t = d
         return t
 
     def handle_timer(self, now: float) -> None:
         """Inspect what the tap holds once due, then run both legs' expired timers
         (retransmission, delayed ACK, persist, TIME-WAIT)."""
-        if self._tap and now >= self._tap[0][0] + TAP_DELAY:
+        due = self.life.tap_due
+        if due is not None and now >= due:
             self.drain(now)
         self.server.handle_timer(now)
         if self.client is not None:
@@ -220,29 +210,9 @@ class Splice:
         self._step(now)
 
     def drain(self, now: float) -> None:
-        """Run the observer chain on the chunks that were forwarded before it saw them, in
-        arrival order. A RESET (an observer that broke its word) aborts both legs."""
-        tap = self._tap
-        chain = self.chain
-        if not tap or chain is None:
-            return
-        flow = self.flow
-        last = flow.last_seen
-        while tap:
-            t, d, data = tap.popleft()
-            flow.last_seen = t
-            if data is None:  # the sender's FIN (_on_eof); an observer's tail is ignored
-                res: Any = chain.eof(flow, d)
-            else:
-                self._tap_bytes -= len(data)
-                res = chain.data(flow, d, data)
-            if res is RESET and not self.finished:
-                tap.clear()
-                self._tap_bytes = 0
-                flow.last_seen = last
-                self._abort_both(flow.close_reason or CloseReason.INSPECTOR_RESET, now)
-                return
-        flow.last_seen = last
+        """Run the observer chain on the chunks forwarded before it saw them."""
+        if self.life.drain(now) is not None:
+            self._abort_legs()
 
     def fail(self, exc: BaseException, now: float) -> None:
         """A bug of ours broke this flow: abort both legs, record it, end the flow (SHUTDOWN)."""
@@ -254,16 +224,18 @@ class Splice:
                 try:
                     conn.abort()
                 except Exception:  # noqa: BLE001 - nothing more can be done for this leg
-                    conn._state = State.CLOSED
-        self._finish(CloseReason.SHUTDOWN, now)
+                    self._broken = True
+        self.life.abort(CloseReason.SHUTDOWN, now)
 
     def abort(self, reason: CloseReason, now: float) -> None:
         """End the flow now: RST both legs (idle timeout, shutdown)."""
         if self.client is None and not self.finished:
             self.server.abort()
-            self._refuse(reason, now)
+            self._refuse()
+            self.life.abort(reason, now)
             return
-        self._abort_both(reason, now)
+        self._abort_legs()
+        self.life.abort(reason, now)
 
     # ------------------------------------------------------------------ output
 
@@ -287,8 +259,10 @@ class Splice:
     @property
     def dead(self) -> bool:
         """Both legs closed (TIME-WAIT over or aborted) and nothing left to send."""
-        if not self.finished or self._rst_client:
+        if not self.life.finished or self._rst_client:
             return False
+        if self._broken:
+            return True
         if self.server.state is not State.CLOSED:
             return False
         return self.client is None or self.client.state is State.CLOSED
@@ -300,97 +274,73 @@ class Splice:
     # ------------------------------------------------------------------ the machine
 
     def _step(self, now: float) -> None:
+        life = self.life
         server = self.server
         while (ev := server.next_event()) is not None:
             if isinstance(ev, DataReceived):
-                self._inspect(S2C, ev.data, now)
+                self._received(S2C, ev.data, now)
             elif isinstance(ev, Connected):
                 self._server_up = True
-                if self.client is None and not self.finished:
+                if self.client is None and not life.finished:
                     self._accept_client(now)
             elif isinstance(ev, PeerFinished):
                 self._on_eof(S2C, now)
             elif isinstance(ev, ConnectionReset):
                 if not self._server_up:
                     self.flow.metadata["connect_error"] = ev.reason
-                    self._refuse(CloseReason.CONNECT_FAILED, now)
+                    self._refuse()
+                    life.abort(CloseReason.CONNECT_FAILED, now)
                 else:
-                    self._abort_both(CloseReason.SERVER_RESET, now)
+                    self._abort_legs()  # an RST from one side aborts the other leg
+                    life.reset(S2C, now)
             elif isinstance(ev, SoftError):
                 if (not self._server_up and ev.kind is IcmpKind.UNREACHABLE
-                        and not self.finished):  # RFC 5461 §4: a failed attempt
+                        and not life.finished):  # RFC 5461 §4: a failed attempt
                     self.flow.metadata["connect_error"] = f"icmp unreachable {ev.code}"
                     self.server.abort()
-                    self._refuse(CloseReason.CONNECT_FAILED, now)
+                    self._refuse()
+                    life.abort(CloseReason.CONNECT_FAILED, now)
             elif isinstance(ev, Closed):
                 pass
-            if self.finished and self.phase is Phase.CONNECTING:
-                break
         client = self.client
         if client is not None:
             while (ev := client.next_event()) is not None:
                 if isinstance(ev, DataReceived):
-                    self._inspect(C2S, ev.data, now)
+                    self._received(C2S, ev.data, now)
                 elif isinstance(ev, PeerFinished):
                     self._on_eof(C2S, now)
                 elif isinstance(ev, ConnectionReset):
-                    self._abort_both(CloseReason.CLIENT_RESET, now)
-        if not self.finished:
+                    self._abort_legs()
+                    life.reset(C2S, now)
+        if not life.finished:
             self._move(C2S)
             self._move(S2C)
             if (self._fin_sent[C2S] and self._fin_sent[S2C] and client is not None
                     and client.state in _DONE and server.state in _DONE):
-                self._finish(CloseReason.CLOSED, now)
+                if life.close(now) is not None:
+                    self._abort_legs()
 
-    def _inspect(self, d: Direction, data: bytes, now: float) -> None:
-        flow = self.flow
-        flow.last_seen = now
-        n = len(data)
-        if d is C2S:
-            flow.bytes_c2s += n
-        else:
-            flow.bytes_s2c += n
-        if self.finished:
-            self._release(d, n)
+    def _received(self, d: Direction, data: bytes, now: float) -> None:
+        """A leg delivered bytes: queue what the session passes on, or release them."""
+        out = self.life.received(d, data, now)
+        if out is None or out.__class__ is Abort:
+            self._release(d, len(data))
+            if out is not None:
+                self._abort_legs()
             return
-        if self._observe:
-            if self._tap_bytes + n <= TAP_MAX:  # forward now, inspect in drain()
-                self._tap.append((now, d, data))
-                self._tap_bytes += n
-                self._q[d].append([data, n])
-                return
-            self.drain(now)  # order: the tapped chunks first
-            if self.finished:
-                self._release(d, n)
-                return
-        out: Any = data if self.chain is None else self.chain.data(flow, d, data)
-        if out is RESET:
-            self._release(d, n)
-            self._abort_both(flow.close_reason or CloseReason.INSPECTOR_RESET, now)
-            return
-        self._q[d].append([out, n])
+        self._q[d].append([out, len(data)])
 
     def _on_eof(self, d: Direction, now: float) -> None:
-        if self._eof[d] or self.finished:
+        """A leg's peer half-closed: queue the session's tail, then the FIN (in _move)."""
+        tail = self.life.eof(d, now)
+        if tail is None:
+            return
+        if tail.__class__ is Abort:
+            self._abort_legs()
             return
         self._eof[d] = True
-        if self._observe:
-            # an observer holds nothing back (bridge/inspect/api.py), so its eof() cannot add
-            # bytes before the FIN: the FIN goes on now and chain.eof runs in drain(), after
-            # the tapped chunks (a response that carries the FIN is not held up by parsing)
-            self._tap.append((now, d, None))
-            return
-        if self.chain is not None:
-            if self._tap:
-                self.drain(now)  # the inspectors see every byte before the end of stream
-                if self.finished:
-                    return
-            tail: Any = self.chain.eof(self.flow, d)
-            if tail is RESET:
-                self._abort_both(self.flow.close_reason or CloseReason.INSPECTOR_RESET, now)
-                return
-            if tail:
-                self._q[d].append([tail, 0])
+        if tail:
+            self._q[d].append([tail, 0])
 
     def _release(self, d: Direction, n: int) -> None:
         src = self.client if d is C2S else self.server
@@ -428,46 +378,20 @@ class Splice:
             self._fin_sent[d] = True
             dst.close()     # RFC 9293 §3.6 half-close, after every queued byte
 
-    def _abort_both(self, reason: CloseReason, now: float) -> None:
+    def _abort_legs(self) -> None:
+        """RST both legs (RFC 9293 §3.10.5 ABORT) and drop what was queued between them."""
         if self.client is not None:
             self.client.abort()
         self.server.abort()
         for q in self._q.values():
             q.clear()
-        self._finish(reason, now)
-
-    def _finish(self, reason: CloseReason, now: float) -> None:
-        if self.finished:
-            return
-        if self._tap:
-            self.drain(now)  # flow_end after the inspectors saw every forwarded byte
-            if self.finished:
-                return
-        self.finished = True
-        self.phase = Phase.ENDED
-        flow = self.flow
-        flow.end = now
-        if self.chain is not None:
-            if reason in (CloseReason.INSPECTOR_RESET, CloseReason.INSPECTOR_ERROR):
-                reason = flow.close_reason or reason
-            self.chain.end(flow, reason)
-        else:
-            flow.close_reason = reason
 
     # ------------------------------------------------------------------ introspection
 
     def info(self, now: float) -> dict[str, Any]:
         """JSON-able state for `grebe flows`."""
-        flow = self.flow
-        return {
-            "id": flow.id, "src": flow.src, "sport": flow.sport, "dst": flow.dst,
-            "dport": flow.dport, "ip": flow.version, "proto": "tcp", "rule": flow.rule,
-            "phase": self.phase, "age": round(now - self.created, 3),
-            "idle": round(now - self.last_seen, 3),
-            "inspectors": list(self.chain.names) if self.chain is not None else [],
-            "bytes_c2s": flow.bytes_c2s, "bytes_s2c": flow.bytes_s2c,
-            "held": self.held_bytes(),
-            "close": flow.close_reason.value if flow.close_reason is not None else None,
-            "client_leg": self.client.info() if self.client is not None else None,
-            "server_leg": self.server.info(),
-        }
+        rec = self.life.info(now, self.created, self.last_seen)
+        rec["held"] = self.held_bytes()
+        rec["client_leg"] = self.client.info() if self.client is not None else None
+        rec["server_leg"] = self.server.info()
+        return rec

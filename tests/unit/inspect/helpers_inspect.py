@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import tomllib
 
-from bridge.flows import InspectRule, flow_key, parse_rules
+from bridge.flows import InspectRule, flow_key
 from bridge.inspect.api import Flow
+from bridge.inspect.rules import parse_rules
 
 
 def rule(toml_body: str) -> InspectRule:

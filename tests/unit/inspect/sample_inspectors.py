@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from bridge.inspect.api import Direction, Flow, Inspector
+from bridge.inspect.api import Direction, Flow, Inspector, Option, OptionError
+from bridge.inspect.options import integer, text
 
 
 class Boom(Inspector):
@@ -76,3 +77,26 @@ class EndNote(Inspector):
 
     def flow_end(self, flow, reason):  # type: ignore[no-untyped-def]
         flow.metadata["end_note"] = reason.value
+
+
+class Greeter(Inspector):
+    """A custom inspector that declares options (read from the rule's `options` table)."""
+
+    options = (
+        Option("greeting", text, "hello", "what to say"),
+        Option("times", integer(1, 3), 1, "how often", required=True),
+    )
+
+    @classmethod
+    def check_options(cls, values):  # type: ignore[no-untyped-def]
+        if values["greeting"] == "boo" and values["times"] > 1:
+            raise OptionError("times", "one boo is enough")
+
+    def __init__(self, rule) -> None:  # type: ignore[no-untyped-def]
+        self.said = rule.options["greeting"] * rule.options["times"]
+
+
+class Thief(Inspector):
+    """Declares an option name a built-in owns: refused at load."""
+
+    options = (Option("block_window", integer(1, 9), 1),)

@@ -9,9 +9,9 @@ import pytest
 from helpers_inspect import flow, rule
 
 from bridge.errors import ConfigError
-from bridge.flows import parse_rules
 from bridge.inspect.api import C2S, RESET, S2C, CloseReason, Deny
 from bridge.inspect.manager import InspectorManager
+from bridge.inspect.rules import parse_rules
 
 
 def manager(body: str) -> InspectorManager:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge.flows import Backend, parse_rules
+from bridge.flows import Backend
+from bridge.inspect.rules import parse_rules
 from bridge.lab.topology import load
 
 TOPO = Path(__file__).resolve().parents[3] / "topologies"
@@ -26,7 +27,7 @@ def test_gw_a_config_is_two_sites_plus_inspect_rules(name: str, backend: Backend
     assert all(r.backend is backend for r in rules)
     assert rule.backend is backend and rule.inspectors == ("log", "http")
     assert {lo for lo, _ in rule.dst_ports} == {80, 22}
-    assert rule.log_path == "${GREBE_LAB_DIR}/inspect-gw-a.jsonl"
+    assert rule.options["log_path"] == "${GREBE_LAB_DIR}/inspect-gw-a.jsonl"
 
 
 @pytest.mark.parametrize(("name", "backend"), CASES)

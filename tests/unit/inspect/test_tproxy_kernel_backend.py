@@ -23,8 +23,8 @@ from test_tproxy_relay import LoopbackBackend, port_of
 from bridge.cli import _fmt_status
 from bridge.config import check_config, load_config
 from bridge.errors import ConfigError
-from bridge.flows import parse_rules
 from bridge.inspect.api import CloseReason
+from bridge.inspect.rules import parse_rules
 from bridge.kernel.info import (
     TCP_INFO_LEN,
     format_flows,

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 import pytest
 from helpers_inspect import rule
 
-from bridge.flows import parse_rules
+from bridge.inspect.rules import parse_rules
 from bridge.kernel.relay import TproxyBackend, TproxySettings, nft_ruleset
 
 # --- the ruleset ---------------------------------------------------------------------------

@@ -7,8 +7,9 @@ import ipaddress
 import random
 import tomllib
 
-from bridge.flows import FlowSelector, InspectRule, Verdict, parse_rules
+from bridge.flows import FlowSelector, InspectRule, Verdict
 from bridge.inspect.api import C2S, S2C, Direction, Flow
+from bridge.inspect.rules import parse_rules
 
 RULES = """
 [[inspect]]

@@ -10,6 +10,7 @@ from splice_harness import C_ADDR, S_ADDR, Harness, finished
 from bridge.flows import InspectRule
 from bridge.inspect.api import RESET, CloseReason, Deny, Direction, Flow, Inspector
 from bridge.inspect.replace import ReplaceInspector
+from bridge.inspect.rules import parse_rules
 from stack.events import Closed, ConnectionReset, PeerFinished
 from stack.state import State
 from stack.tcp_config import TcpConfig
@@ -55,6 +56,11 @@ def rule(**kw: Any) -> InspectRule:
     return InspectRule(name="t", inspectors=("x",), **kw)
 
 
+def replace_rule(pairs: list[list[str]], **kw: Any) -> InspectRule:
+    """A `replace` rule as the configuration gives it (options parsed by the rule parser)."""
+    return parse_rules([{"name": "t", "inspectors": ["replace"], "replace": pairs, **kw}])[0]
+
+
 def both_done(h: Harness) -> bool:
     assert h.server is not None
     return finished(h.client) and finished(h.server)
@@ -96,7 +102,7 @@ def test_half_close_keeps_other_direction_open() -> None:
 
 
 def test_rewrite_by_replace() -> None:
-    r = InspectRule(name="t", inspectors=("replace",), replace=((b"hello", b"HOWDY"),))
+    r = replace_rule([["hello", "HOWDY"]])
     body = b"hello world, " * 5000 + b"hel"
     h = Harness(r, [ReplaceInspector(r)], server_data=body, server_close=True,
                 client_close=True)
@@ -105,8 +111,7 @@ def test_rewrite_by_replace() -> None:
 
 
 def test_growing_rewrite_is_byte_exact() -> None:
-    r = InspectRule(name="t", inspectors=("replace",), replace=((b"a", b"aaaa"),),
-                    max_buffer=16384)
+    r = replace_rule([["a", "aaaa"]], max_buffer=16384)
     body = os.urandom(20_000) + b"a" * 50_000
     h = Harness(r, [ReplaceInspector(r)], server_data=body, server_close=True,
                 client_close=True)
@@ -307,7 +312,7 @@ def test_idle_flow_is_reset_after_idle_timeout() -> None:
     assert h.run(both_done, max_time=30)
     assert h.client.has(ConnectionReset)
     assert h.server is not None and h.server.has(ConnectionReset)
-    assert rec.ends == [CloseReason.TIMEOUT] and 5.0 <= h.now < 8.0
+    assert rec.ends == [CloseReason.IDLE] and 5.0 <= h.now < 8.0
 
 
 def test_client_syn_retransmit_and_ack_in_one_batch() -> None:

@@ -7,12 +7,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from splice_harness import C_ADDR, C_PORT, S_ADDR, S_PORT, Harness
 
-from bridge.flows import InspectRule
 from bridge.inspect.api import CloseReason
 from bridge.inspect.replace import ReplaceInspector
+from bridge.inspect.rules import parse_rules
 from stack.wire.tcp import TcpSegment
 
-RULE = InspectRule(name="t", inspectors=("replace",), replace=((b"ab", b"xyz"),))
+RULE = parse_rules([{"name": "t", "inspectors": ["replace"], "replace": [["ab", "xyz"]]}])[0]
 
 segments = st.builds(
     TcpSegment,

@@ -189,9 +189,9 @@ def test_a_chunk_beyond_the_tap_drains_it_first_and_is_inspected_inline() -> Non
     big = bytes(range(256)) * (TAP_MAX // 256 + 1)
     assert len(REQUEST) + len(big) > TAP_MAX
     (sp,) = h.term.splices.values()
-    sp._inspect(C2S, big, now + 0.001)  # one delivered chunk, as a leg hands it over
+    assert sp.life.received(C2S, big, now + 0.001) == big  # one chunk, as a leg hands it over
     assert w.seen(C2S) == REQUEST + big           # in order, inline, nothing left behind
-    assert not sp._tap and sp._tap_bytes == 0
+    assert sp.life.tapped == 0 and sp.life.tap_due is None
 
 
 def test_eof_and_flow_end_come_after_every_byte() -> None:

@@ -1,0 +1,227 @@
+"""The `[[inspect]]` tables and the inspectors they name: rules, built-ins, loading.
+
+Rules of this module
+- Pure; only a bad configuration raises: ConfigError naming the key path of the first problem
+  ("inspect[2].dst_ports[1]", "inspect[1].block[0]", "inspect[0].options.block_window").
+- A rule's own keys are fixed here: name, src, dst, dst_ports, inspectors, fail_open, backend,
+  action, max_buffer, iif, idle_timeout, options. Every other key of the table belongs to an
+  inspector: the built-ins declare theirs (`Inspector.options`, bridge/inspect/options.py) and
+  are found by `builtins()` below; an unknown key is an error (a typo must not fall back to a
+  default). Settings of `module:Class` inspectors go in the `options` table; their declared
+  options are checked when the class is loaded (`load_inspector`).
+- A built-in's options are parsed wherever they are given, and when the inspector is in the
+  rule's `inspectors`, defaults are filled in, `required` ones checked and the class's
+  `check_options` run. The values land in `rule.options` under the option's name.
+- Rules are first-match in file order (bridge/flows.py); names are unique.
+- A built-in inspector is an `Inspector` subclass defined in a module of this package with a
+  `name` of its own ("log", "http", ...). `builtins()` finds them by importing the package's
+  modules: adding a built-in is adding its module (and its test), no list to extend.
+  Two built-ins with one name, or two declaring one option name, are a programming error
+  (RuntimeError at the first use), since a key must mean one thing in every rule.
+- `load_inspector(ref, rule, path)` instantiates a built-in by name or "package.module:Class":
+  `cls(rule)`, or `cls()` when its __init__ takes no argument. A `module:Class` that declares
+  `options` gets them resolved from the rule's `options` table first (ConfigError naming
+  "inspect[0].options.<name>"), and may not reuse a built-in's option name. Import errors
+  are the caller's to report (bridge/inspect/manager.py names the rule and position).
+
+Theory of operation
+`parse_rules(raw, path)` walks the list of tables; `_parse_rule` checks the rule's own keys,
+then asks each built-in inspector class to resolve its options from the table, and returns
+the frozen `InspectRule` with `options` = the `options` table as written, updated with the
+built-ins' parsed values. `builtins()` lists the modules next to this file with pkgutil,
+imports each (Python caches them) and keeps the classes whose own `name` is set; the manager
+asks `load_inspector` for the inspector objects.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect as pyinspect
+import pkgutil
+import re
+from dataclasses import replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from bridge.errors import ConfigError
+from bridge.flows import DEFAULT_IDLE_TIMEOUT, Backend, InspectRule, Verdict
+from bridge.inspect.api import Inspector
+from bridge.inspect.options import check, prefixes, resolve, str_list
+
+__all__ = ["builtins", "load_inspector", "parse_rules"]
+
+CLASS_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+_RULE_KEYS = frozenset({
+    "name", "src", "dst", "dst_ports", "inspectors", "fail_open", "backend", "action",
+    "max_buffer", "options", "iif", "idle_timeout",
+})
+# Interface names go into nft rule text: Linux IFNAMSIZ (15 chars), no quotes or blanks.
+_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+
+
+def parse_rules(raw: list[dict[str, Any]], path: str = "inspect") -> tuple[InspectRule, ...]:
+    """Validate the `[[inspect]]` tables.
+
+    Returns the rules in file order. Raises ConfigError naming the key path ("inspect[1].src[0]")
+    on the first problem: unknown key, wrong type, bad prefix, port or range, an inspector
+    option its inspector rejects, unknown backend/action, an inspector name that is neither
+    built in nor `module:Class`, duplicate names.
+    """
+    if not isinstance(raw, list):
+        raise ConfigError(path, "must be an array of tables ([[inspect]])")
+    if not raw:
+        return ()
+    known = builtins()
+    table_keys = _RULE_KEYS | {o.name for cls in known.values() for o in cls.options if o.table}
+    rules: list[InspectRule] = []
+    seen: set[str] = set()
+    for i, table in enumerate(raw):
+        rule = _parse_rule(table, f"{path}[{i}]", known, table_keys)
+        if rule.name in seen:
+            raise ConfigError(f"{path}[{i}].name", f"duplicate rule name {rule.name!r}")
+        seen.add(rule.name)
+        rules.append(rule)
+    return tuple(rules)
+
+
+def _parse_rule(t: Any, p: str, known: dict[str, Any], table_keys: frozenset[str]
+                ) -> InspectRule:
+    if not isinstance(t, dict):
+        raise ConfigError(p, "must be a table")
+    for k in t:
+        if k not in table_keys:
+            raise ConfigError(f"{p}.{k}", "unknown key (custom inspector settings go in options)")
+    name = t.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{p}.name", "required, a non-empty string")
+    inspectors = tuple(str_list(t.get("inspectors", []), f"{p}.inspectors"))
+    for j, ref in enumerate(inspectors):
+        if ref not in known and not CLASS_REF.match(ref):
+            raise ConfigError(f"{p}.inspectors[{j}]",
+                              f"{ref!r} is not a built-in ({', '.join(sorted(known))})"
+                              " nor module:Class")
+    if len(set(inspectors)) != len(inspectors):
+        raise ConfigError(f"{p}.inspectors", "an inspector is listed twice")
+    try:
+        backend = Backend(_typed(t, "backend", str, p, "userspace"))
+    except ValueError:
+        raise ConfigError(f"{p}.backend", "must be \"userspace\" or \"kernel\"") from None
+    try:
+        action = Verdict(_typed(t, "action", str, p, "inspect"))
+    except ValueError:
+        raise ConfigError(f"{p}.action", "must be \"inspect\", \"forward\" or \"drop\"") from None
+    max_buffer = _typed(t, "max_buffer", int, p, 1 << 20)
+    if not 4096 <= max_buffer <= 1 << 30:
+        raise ConfigError(f"{p}.max_buffer", "must be between 4096 and 2**30 bytes")
+    idle = t.get("idle_timeout", DEFAULT_IDLE_TIMEOUT)
+    if (not isinstance(idle, int | float) or isinstance(idle, bool)
+            or not 0 < idle <= 7 * 86400):
+        raise ConfigError(f"{p}.idle_timeout", "must be a number of seconds, 0 < t <= 604800")
+    iif = tuple(str_list(t.get("iif", []), f"{p}.iif"))
+    for j, name_ in enumerate(iif):
+        if not _IFNAME.match(name_):
+            raise ConfigError(f"{p}.iif[{j}]", f"{name_!r} is not an interface name")
+    raw_options = t.get("options", {})
+    if not isinstance(raw_options, dict):
+        raise ConfigError(f"{p}.options", "must be a table")
+    fail_open = _typed(t, "fail_open", bool, p, True)
+    src = prefixes(t.get("src", []), f"{p}.src")
+    dst = prefixes(t.get("dst", []), f"{p}.dst")
+    dst_ports = _ports(t.get("dst_ports", []), f"{p}.dst_ports")
+    settings = dict(raw_options)
+    for ref, cls in known.items():
+        used = ref in inspectors
+        values = resolve(cls.options, t, raw_options, p, used)
+        if used:
+            check(cls, values, cls.options, p)
+            settings.update(values)
+        else:   # given for an inspector the rule does not use: checked, kept, no defaults
+            settings.update((o.name, values[o.name]) for o in cls.options
+                            if o.name in (t if o.table else raw_options))
+    if action is Verdict.INSPECT and not inspectors:
+        raise ConfigError(f"{p}.inspectors", "an inspect rule needs at least one inspector")
+    return InspectRule(
+        name=name, src=src, dst=dst, dst_ports=dst_ports, inspectors=inspectors,
+        fail_open=fail_open, backend=backend, action=action, max_buffer=max_buffer, iif=iif,
+        idle_timeout=float(idle), options=MappingProxyType(settings),
+    )
+
+
+def _typed(t: dict[str, Any], key: str, kind: type, p: str, default: Any) -> Any:
+    value = t.get(key, default)
+    # bool is a subclass of int: reject true/false where a number is wanted, and vice versa.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{p}.{key}", f"must be a {kind.__name__}")
+    return value
+
+
+def _ports(value: Any, p: str) -> tuple[tuple[int, int], ...]:
+    if not isinstance(value, list):
+        raise ConfigError(p, "must be a list of ports and \"lo-hi\" ranges")
+    out: list[tuple[int, int]] = []
+    for j, item in enumerate(value):
+        if isinstance(item, int) and not isinstance(item, bool):
+            lo = hi = item
+        elif isinstance(item, str) and re.fullmatch(r"\d{1,5}-\d{1,5}", item):
+            lo, hi = (int(x) for x in item.split("-"))
+        else:
+            raise ConfigError(f"{p}[{j}]", f"{item!r} is not a port or \"lo-hi\" range")
+        if not (1 <= lo <= hi <= 65535):
+            raise ConfigError(f"{p}[{j}]", f"{item!r}: ports are 1-65535 and lo <= hi")
+        out.append((lo, hi))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The inspectors: built-ins by name, module:Class by import
+# ---------------------------------------------------------------------------------------------
+
+def builtins() -> dict[str, type[Inspector]]:
+    """name -> class of every built-in inspector (see the module docstring)."""
+    found: dict[str, type[Inspector]] = {}
+    owner: dict[str, str] = {}
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        module = importlib.import_module(f"{__package__}.{info.name}")
+        for obj in vars(module).values():
+            if (not isinstance(obj, type) or not issubclass(obj, Inspector)
+                    or obj.__module__ != module.__name__ or not obj.__dict__.get("name")):
+                continue
+            if obj.name in found:
+                raise RuntimeError(f"two built-in inspectors named {obj.name!r}")
+            found[obj.name] = obj
+            for opt in obj.options:
+                if opt.name in owner:
+                    raise RuntimeError(f"option {opt.name!r} of {obj.name!r} is also "
+                                       f"{owner[opt.name]!r}'s")
+                owner[opt.name] = obj.name
+    return dict(sorted(found.items()))
+
+
+def load_inspector(ref: str, rule: InspectRule, path: str = "inspect[?]") -> Any:
+    """Instantiate the inspector named `ref` for `rule` (`path`: the rule's key path).
+
+    Raises ImportError, AttributeError or TypeError when `ref` cannot be loaded, ConfigError
+    when its declared options are wrong.
+    """
+    known = builtins()
+    cls: Any = known.get(ref)
+    if cls is None:
+        module_name, _, class_name = ref.partition(":")
+        cls = getattr(importlib.import_module(module_name), class_name)
+        # read from the rule's `options` table (the table's own keys are the built-ins')
+        declared = tuple(replace(o, table=False) for o in getattr(cls, "options", ()))
+        if declared:
+            taken = {o.name for b in known.values() for o in b.options}
+            for opt in declared:
+                if opt.name in taken:
+                    raise TypeError(f"option {opt.name!r} is a built-in inspector's option")
+            values = resolve(declared, {}, rule.options, path, True)
+            check(cls, values, declared, path)
+            rule = replace(rule, options=MappingProxyType({**rule.options, **values}))
+    try:
+        params = pyinspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        params = {}     # type: ignore[assignment]
+    return cls(rule) if params else cls()
