@@ -18,8 +18,8 @@ Rules (the wire and the reasons are in docs/SECURE.md):
 - Every drop increments exactly one `drops[reason]`; `events[name]` counts the rest.
 
 Theory of operation: `indices` maps our 32-bit receiver indices (random) to (peer, keypair),
-or (peer, None) for our pending initiation; a peer holds at most three keypairs and one
-pending handshake, so the table is bounded by 4 x peers and only an authenticated handshake
+or (peer, None) for our pending initiation; a peer holds at most current, next, RETIRED_MAX retired keypairs and one
+pending handshake, so the table is bounded by (2 + RETIRED_MAX + 1) x peers and only an authenticated handshake
 adds to it. Output datagrams (handshakes, cookie replies, staged data sealed late,
 keepalives) queue in `out` for `datagrams_to_send`. Load is a one-second count of handshake
 messages that passed mac1. The cookie secret is rotated lazily when older than
@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.constant_time import bytes_eq
 from bridge.secure import noise
 from bridge.secure.keys import PeerSpec
 from bridge.secure.limits import DROP_REASONS, EVENTS, Limits, RateLimiter, new_counts
-from bridge.secure.session import Keypair, PeerSession, Pending
+from bridge.secure.session import RETIRED_MAX, Keypair, PeerSession, Pending
 from bridge.secure.wire import (
     COOKIE_BOX_AT,
     COOKIE_HEAD,
@@ -296,8 +296,7 @@ class SecureEndpoint:
 
     def _received_on(self, p: PeerSession, kp: Keypair, now: float) -> None:
         if kp is p.next:  # the initiator proved it holds the new keys: switch to them
-            self._forget(p.previous)
-            p.previous = p.current
+            self._retire(p, p.current)
             p.current = kp
             p.next = None
             self.events["session_confirmed"] += 1
@@ -338,13 +337,23 @@ class SecureEndpoint:
         if kp is not None:
             self.indices.pop(kp.local, None)
 
+    def _retire(self, p: PeerSession, kp: Keypair | None) -> None:
+        if kp is not None:
+            p.retired.append(kp)
+            if len(p.retired) > RETIRED_MAX:
+                self._forget(p.retired.pop(0))
+
     def _expire(self, p: PeerSession, now: float) -> None:
         life = self.limits.reject_after_time
-        for slot in ("current", "previous", "next"):
-            kp = getattr(p, slot)
-            if kp is not None and now - kp.created >= life:
-                self._forget(kp)
-                setattr(p, slot, None)
+        if p.current is not None and now - p.current.created >= life:
+            self._forget(p.current)
+            p.current = None
+        if p.next is not None and now - p.next.created >= life:
+            self._forget(p.next)
+            p.next = None
+        for kp in [k for k in p.retired if now - k.created >= life]:
+            self._forget(kp)
+            p.retired.remove(kp)
 
     # ---- handshake --------------------------------------------------------------------
 
@@ -531,13 +540,9 @@ class SecureEndpoint:
         kp = Keypair(k_send, k_recv, receiver, sender, now, True, p.msg_type)
         self.indices[receiver] = (p, kp)
         p.pending = None
-        if p.next is not None:
-            self._forget(p.previous)
-            p.previous = p.next
-            p.next = None
-        else:
-            self._forget(p.previous)
-            p.previous = p.current
+        self._retire(p, p.current)
+        self._retire(p, p.next)  # a crossed rekey: the peer may still send on it
+        p.next = None
         p.current = kp
         self.events["handshake_completed"] += 1
         self.events_q.append(SessionStarted(p.index, True))

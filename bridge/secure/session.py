@@ -1,14 +1,18 @@
-"""Per-peer session state: keypairs (current, previous, next), the pending handshake, timers.
+"""Per-peer session state: keypairs (current, next, retired), the pending handshake, timers.
 
 Rules:
-- Keypair slots follow WireGuard (whitepaper §6.2, wireguard-go device/keypair.go):
-  `current` is what we send with; `previous` is still accepted on receive (packets in
-  flight across a rekey are not lost); `next` is a responder's new keypair that it may not
+- Keypair slots after WireGuard (whitepaper §6.2, wireguard-go device/keypair.go):
+  `current` is what we send with; `next` is a responder's new keypair that it may not
   send with until the initiator proves it has it: the first transport datagram that
-  verifies under `next` confirms it (then previous <- current <- next). An initiator's new
-  keypair becomes `current` as soon as the response verifies (the response proves the
-  responder has it), and the initiator sends at once (a keepalive if nothing is staged), so
-  the responder confirms within one one-way trip.
+  verifies under `next` confirms it (current is retired, next becomes current). An
+  initiator's new keypair becomes `current` as soon as the response verifies (the response
+  proves the responder has it), and the initiator sends at once (a keepalive if nothing is
+  staged), so the responder confirms within one one-way trip.
+- One change from WireGuard, which keeps a single `previous` and deletes the current
+  keypair when an initiator completes while a `next` is pending (both sides rekeying at
+  once): here every displaced keypair is *retired*, still accepted on receive, up to
+  RETIRED_MAX of them (oldest forgotten first) and each only until its reject time, so a
+  datagram in flight across any rekey, crossed ones included, is not lost.
 - A keypair is refused, in both directions, `reject_after_time` after its handshake or at
   `reject_after_messages`; a new handshake starts before, at `rekey_after_time` (initiator;
   the responder `responder_rekey_delay` later, so both do not rekey at once) or at
@@ -40,7 +44,9 @@ from bridge.secure.noise import Handshake, Identity, dh, mac1_key
 from bridge.secure.replay import ReplayWindow
 from bridge.secure.wire import HEADER_LEN, MSG_AUTHENTICATED, TAG_LEN, TRANSPORT, nonce
 
-__all__ = ["Keypair", "Pending", "PeerSession"]
+__all__ = ["Keypair", "Pending", "PeerSession", "RETIRED_MAX"]
+
+RETIRED_MAX = 3
 
 Addr = tuple[str, int]
 _INF = float("inf")
@@ -95,7 +101,7 @@ class PeerSession:
     """Everything the endpoint knows about one non-plain peer."""
 
     __slots__ = ("index", "name", "msg_type", "identities", "remote_publics", "psks",
-                 "endpoint", "current", "previous", "next", "last_ts", "pending",
+                 "endpoint", "current", "retired", "next", "last_ts", "pending",
                  "next_attempt", "last_mac1", "last_mac1_public", "cookie", "cookie_at",
                  "staged", "ss_cache", "mac1_keys", "last_rx")
 
@@ -110,7 +116,7 @@ class PeerSession:
         self.psks = sec.psks or (bytes(32),)
         self.endpoint: Addr | None = spec.endpoint
         self.current: Keypair | None = None
-        self.previous: Keypair | None = None
+        self.retired: list[Keypair] = []  # displaced, still accepted; oldest first
         self.next: Keypair | None = None
         self.last_ts = b""  # greatest TAI64N accepted from this peer
         self.pending: Pending | None = None
@@ -133,7 +139,7 @@ class PeerSession:
         return v
 
     def keypairs(self) -> tuple[Keypair, ...]:
-        return tuple(k for k in (self.current, self.previous, self.next) if k is not None)
+        return tuple(k for k in (self.current, self.next, *self.retired) if k is not None)
 
     def sendable(self, now: float, limits: Limits, count: int = 1) -> Keypair | None:
         """The current keypair if `count` more datagrams may be sealed with it now."""
@@ -170,9 +176,8 @@ class PeerSession:
                 t = self.next_attempt
             else:
                 t = kp.created + self.rekey_age(kp, limits)
-        for kp in (self.current, self.previous, self.next):
-            if kp is not None:
-                t = min(t, kp.created + limits.reject_after_time)
+        for kp in self.keypairs():
+            t = min(t, kp.created + limits.reject_after_time)
         return t
 
     def stage(self, payload: bytes | bytearray | memoryview, limits: Limits) -> bool:

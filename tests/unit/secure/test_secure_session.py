@@ -1,0 +1,232 @@
+"""Handshakes (either side first, both at once), data both ways in both modes, rekeying by
+messages and by time without loss, key rotation, restart, roaming only when verified."""
+
+from __future__ import annotations
+
+import pytest
+from secure_pair import ADDR, Keys, Pair, keypair, make_keys
+
+from bridge.secure import Limits, Roamed, SecurityMode, SessionStarted
+from bridge.secure.wire import HEADER_LEN, OVERHEAD
+
+MODES = [SecurityMode.AUTHENTICATED, SecurityMode.ENCRYPTED]
+INNER = bytes(range(256)) * 5 + b"inner-ip-packet"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("first", ["a", "b"])
+def test_handshake_either_side_then_data_both_ways(mode: SecurityMode, first: str) -> None:
+    known = (first,)  # only `first` knows the other's address: it must initiate
+    p = Pair(mode, known=known)
+    p.pump(0.0)
+    for side in ("a", "b"):
+        assert p.ep[side].peers[0].current is not None
+    other = "b" if first == "a" else "a"
+    assert p.ep[other].endpoint(0) == ADDR[first]  # learned from a verified datagram
+    for i in range(10):
+        assert p.send("a", INNER + bytes([i]), 0.1)
+        assert p.send("b", bytes([i]) + INNER, 0.1)
+    assert p.got["b"] == [INNER + bytes([i]) for i in range(10)]
+    assert p.got["a"] == [bytes([i]) + INNER for i in range(10)]
+    for side in ("a", "b"):
+        assert sum(p.ep[side].drops.values()) == 0, p.ep[side].drops
+
+
+def test_authenticated_mode_leaves_the_inner_packet_readable_encrypted_does_not() -> None:
+    for mode, readable in ((SecurityMode.AUTHENTICATED, True), (SecurityMode.ENCRYPTED, False)):
+        p = Pair(mode)
+        p.up()
+        dgram = p.ep["a"].seal(0, INNER, 0.1)
+        assert dgram is not None and len(dgram) == len(INNER) + OVERHEAD
+        assert (bytes(dgram[HEADER_LEN:HEADER_LEN + len(INNER)]) == INNER) is readable
+
+
+def test_simultaneous_initiation_ends_with_working_sessions() -> None:
+    p = Pair()
+    # both initiate at once: the initiations cross on the wire
+    p.ep["a"].handle_timer(0.0)
+    p.ep["b"].handle_timer(0.0)
+    ia = p.ep["a"].datagrams_to_send(0.0)
+    ib = p.ep["b"].datagrams_to_send(0.0)
+    for d, _ in ia:
+        p.deliver("b", bytes(d), 0.01)
+    for d, _ in ib:
+        p.deliver("a", bytes(d), 0.01)
+    p.pump(0.02)
+    for i in range(5):
+        assert p.send("a", b"x%d" % i, 0.1 + i)
+        assert p.send("b", b"y%d" % i, 0.1 + i)
+    assert p.got["b"] == [b"x%d" % i for i in range(5)]
+    assert p.got["a"] == [b"y%d" % i for i in range(5)]
+    assert p.ep["a"].drops["bad_mac"] == p.ep["b"].drops["bad_mac"] == 0
+
+
+def test_data_sent_before_the_handshake_is_staged_not_lost() -> None:
+    p = Pair(known=("a",))
+    assert p.ep["a"].seal(0, b"early-1", 0.0) is None
+    assert p.ep["a"].seal(0, b"early-2", 0.0) is None
+    assert p.ep["a"].events["staged"] == 2
+    p.pump(0.0)
+    assert p.got["b"] == [b"early-1", b"early-2"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_rekey_by_messages_without_loss(mode: SecurityMode) -> None:
+    lim = Limits(rekey_after_messages=50, reject_after_messages=80)
+    p = Pair(mode, limits=lim)
+    p.up()
+    sent = []
+    for i in range(400):
+        now = 1.0 + i * 0.001
+        payload = b"m%05d" % i
+        sent.append(payload)
+        if p.send("a", payload, now):
+            p.pump(now)  # the rekey handshake runs in the gaps between datagrams
+        else:
+            p.pump(now)
+    assert p.got["b"] == sent
+    assert p.ep["a"].events["rekey"] >= 400 // 50 - 1
+    assert p.ep["b"].drops["replay"] == 0 and p.ep["b"].drops["bad_mac"] == 0
+
+
+def test_rekey_by_time_keeps_old_packets_in_flight_and_nothing_is_lost() -> None:
+    p = Pair()
+    p.up()
+    delivered = 0
+    late: list[bytes] = []
+    now = 0.0
+    for step in range(400):  # 400 s: three rekeys at 120 s, keys refused after 180 s
+        now = step * 1.0
+        p.pump(now)
+        d = p.ep["a"].seal(0, b"t%d" % step, now)
+        assert d is not None, f"no session at {now}"
+        if step % 7 == 0:
+            late.append(bytes(d))  # held in the network across the next rekey
+        else:
+            assert p.deliver("b", bytes(d), now + 0.01)
+            delivered += 1
+        if late and step % 7 == 3:
+            assert p.deliver("b", late.pop(), now + 0.02)  # delayed 3 s: still accepted
+            delivered += 1
+    assert p.ep["a"].events["rekey"] >= 3
+    assert len(p.got["b"]) == delivered
+    assert p.ep["b"].drops["expired_session"] == 0
+
+
+@pytest.mark.parametrize("restarted", ["a", "b"])
+@pytest.mark.parametrize("mode", MODES)
+def test_a_restarted_peer_talks_again_within_one_round_trip(restarted: str,
+                                                            mode: SecurityMode) -> None:
+    p = Pair(mode)
+    p.up()
+    assert p.send("a", b"before", 1.0)
+    p.restart(restarted, 5.0)  # a fresh process, same keys: it initiates at once
+    p.pump(5.0)
+    assert p.send("a", b"after-a", 5.1)
+    assert p.send("b", b"after-b", 5.1)
+    assert p.got["b"][-1] == b"after-a" and p.got["a"][-1] == b"after-b"
+
+
+def test_responder_keeps_its_own_initiation_when_an_old_initiation_is_replayed() -> None:
+    p = Pair()
+    p.up(0.0)
+    old_init = next(d for to, d, _ in p.wire if to == "b" and d[0] == 1)
+    p.restart("b", 10.0)
+    b = p.ep["b"]
+    b.handle_timer(10.0)  # b's own initiation is now in flight
+    mine = b.datagrams_to_send(10.0)
+    p.deliver("b", old_init, 10.0)  # replayed: b has no timestamp stored after its restart
+    b.datagrams_to_send(10.0)  # its answer goes to the attacker; nothing confirms it
+    for d, _ in mine:
+        p.deliver("a", bytes(d), 10.01)
+    p.pump(10.02)
+    assert p.send("b", b"ok", 10.1) and p.got["a"][-1] == b"ok"
+    assert p.send("a", b"ok2", 10.1) and p.got["b"][-1] == b"ok2"
+
+
+def test_roaming_only_after_a_verified_datagram() -> None:
+    p = Pair()
+    p.up()
+    b = p.ep["b"]
+    while b.next_event() is not None:
+        pass
+    new = ("198.19.7.7", 40000)
+    forged = bytearray(p.ep["a"].seal(0, b"x", 1.0) or b"")
+    forged[-1] ^= 1
+    assert b.receive_datagram(bytes(forged), new, 1.0) is None
+    assert b.endpoint(0) == ADDR["a"] and b.next_event() is None
+    good = p.ep["a"].seal(0, b"y", 1.1)
+    assert good is not None
+    res = b.receive_datagram(bytes(good), new, 1.1)
+    assert res is not None and bytes(res[1]) == b"y"
+    assert b.endpoint(0) == new
+    assert b.next_event() == Roamed(0, new)
+    assert b.events["roamed"] == 1
+
+
+def test_session_started_events() -> None:
+    p = Pair()
+    p.up()
+    assert SessionStarted(0, True) in (p.ep["a"].next_event(), p.ep["a"].next_event())
+
+
+def test_static_key_rotation_accepts_both_keys_during_the_change() -> None:
+    keys = make_keys()
+    p = Pair(keys=keys)
+    p.up(0.0)
+    old_priv_b = keys.priv["b"][0]
+    new_priv_b, new_pub_b = keypair()
+    # step 1: a accepts b's new public key beside the old one
+    keys.pub["b"] = (keys.pub["b"][0], new_pub_b)
+    p.restart("a", 10.0)
+    p.pump(10.0)
+    assert p.send("b", b"s1", 10.1)
+    # step 2: b switches to its new key and still answers to the old one
+    keys.priv["b"] = (new_priv_b, old_priv_b)
+    p.restart("b", 20.0)
+    p.pump(20.0)
+    assert p.send("b", b"s2", 20.1) and p.send("a", b"s2a", 20.1)
+    # step 3: a forgets b's old key
+    keys.pub["b"] = (new_pub_b,)
+    p.restart("a", 30.0)
+    p.pump(30.0)
+    assert p.send("b", b"s3", 30.1) and p.send("a", b"s3a", 30.1)
+    assert p.got["a"][-3:] == [b"s1", b"s2", b"s3"]
+
+
+def test_psk_rotation_and_psk_mismatch() -> None:
+    keys = make_keys(psk=b"\x01" * 32)
+    p = Pair(keys=keys)
+    p.up(0.0)
+    new = b"\x02" * 32
+    keys.psk = {"a": (b"\x01" * 32, new), "b": (b"\x01" * 32, new)}  # step 1: accept both
+    p.restart("a", 10.0)
+    p.restart("b", 10.5)
+    p.pump(10.5)
+    assert p.send("a", b"p1", 10.6)
+    keys.psk["b"] = (new, b"\x01" * 32)  # step 2: b responds with the new one first
+    p.restart("b", 20.0)
+    p.pump(20.0)
+    assert p.send("a", b"p2", 20.1) and p.send("b", b"p2b", 20.1)
+    q = Pair(keys=Keys(keys.priv, keys.pub, {"a": (b"\x03" * 32,), "b": (new,)}))
+    q.pump(0.0)
+    assert q.ep["a"].peers[0].current is None and q.ep["b"].peers[0].current is None
+    assert q.ep["a"].drops["bad_handshake"] + q.ep["b"].drops["bad_handshake"] >= 1
+
+
+def test_mode_mismatch_never_forms_a_session() -> None:
+    p = Pair(modes={"a": SecurityMode.AUTHENTICATED, "b": SecurityMode.ENCRYPTED})
+    p.pump(0.0)
+    assert p.ep["a"].peers[0].current is None
+    assert p.ep["b"].drops["mode_mismatch"] >= 1 and p.ep["a"].drops["mode_mismatch"] >= 1
+
+
+def test_unreachable_peer_is_retried_every_second() -> None:
+    p = Pair(known=("a",))
+    a = p.ep["a"]
+    sent = 0
+    for t in range(0, 10):
+        if (tm := a.get_timer()) is not None and tm <= t:
+            a.handle_timer(float(t))
+        sent += len(a.datagrams_to_send(float(t)))
+    assert sent == 10 and a.events["handshake_initiated"] == 10
