@@ -18,12 +18,12 @@ Rules (the wire and the reasons are in docs/SECURE.md):
 - Every drop increments exactly one `drops[reason]`; `events[name]` counts the rest.
 
 Theory of operation: `indices` maps our 32-bit receiver indices (random) to (peer, keypair),
-or (peer, None) for our pending initiation; a peer holds at most current, next, RETIRED_MAX retired keypairs and one
-pending handshake, so the table is bounded by (2 + RETIRED_MAX + 1) x peers and only an authenticated handshake
-adds to it. Output datagrams (handshakes, cookie replies, staged data sealed late,
-keepalives) queue in `out` for `datagrams_to_send`. Load is a one-second count of handshake
-messages that passed mac1. The cookie secret is rotated lazily when older than
-`cookie_secret_age`.
+or (peer, None) for our pending initiation; a peer holds at most current, next,
+RETIRED_MAX retired keypairs and one pending handshake, so the table is bounded by
+(3 + RETIRED_MAX) x peers, and only a handshake authenticated by a configured key adds to
+it. Output datagrams (handshakes, cookie replies, staged data sealed late, keepalives)
+queue in `out` for `datagrams_to_send`. Load is a one-second count of handshake messages
+that passed mac1. The cookie secret is rotated lazily when older than `cookie_secret_age`.
 """
 
 from __future__ import annotations
