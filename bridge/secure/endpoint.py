@@ -178,10 +178,13 @@ class SecureEndpoint:
         return buf
 
     def seal_batch(self, peer: int, run: Buf, seg: int, now: float,
+                   alloc: Callable[[int], bytearray] = bytearray,
                    ) -> tuple[bytearray, int] | None:
         """Protect equal-size datagrams of `seg` bytes back to back in `run` (the last may
         be shorter: a UdpRun). Returns (datagrams of seg + OVERHEAD bytes back to back,
-        that new segment size), or None if they were staged for lack of a session."""
+        that new segment size), or None if they were staged for lack of a session.
+        `alloc(n)` makes the output buffer (e.g. `lambda n: UdpRun(n, seg + OVERHEAD)`, so
+        the result is sent with UDP GSO as it is, without a copy)."""
         total = len(run)
         count = (total + seg - 1) // seg if seg > 0 else 0
         p = self.peers[peer]
@@ -191,7 +194,7 @@ class SecureEndpoint:
             for off in range(0, total, max(seg, 1)):
                 self._stage(p, src[off:off + seg], now)
             return None
-        out = bytearray(total + OVERHEAD * count)
+        out = alloc(total + OVERHEAD * count)
         dst = memoryview(out)
         first = kp.send_n
         kp.send_n = first + count
@@ -245,6 +248,17 @@ class SecureEndpoint:
             "peers": {p.name: {"endpoint": p.endpoint, "session": p.current is not None}
                       for p in self.peers.values()},
         }
+
+    def prometheus(self, prefix: str = "grebe_secure") -> str:
+        """Prometheus text (format 0.0.4) of the drop and event counters."""
+        snap_events = dict(self.events) | {"ratelimit_evicted": self.ratelimit.evicted}
+        lines = [f"# HELP {prefix}_drops_total Secure-mode datagrams dropped, by reason.",
+                 f"# TYPE {prefix}_drops_total counter"]
+        lines += [f'{prefix}_drops_total{{reason="{k}"}} {v}' for k, v in self.drops.items()]
+        lines += [f"# HELP {prefix}_events_total Secure-mode events that are not drops.",
+                  f"# TYPE {prefix}_events_total counter"]
+        lines += [f'{prefix}_events_total{{event="{k}"}} {v}' for k, v in snap_events.items()]
+        return "\n".join(lines) + "\n"
 
     # ---- transport --------------------------------------------------------------------
 

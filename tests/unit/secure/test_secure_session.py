@@ -230,3 +230,43 @@ def test_unreachable_peer_is_retried_every_second() -> None:
             a.handle_timer(float(t))
         sent += len(a.datagrams_to_send(float(t)))
     assert sent == 10 and a.events["handshake_initiated"] == 10
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_seal_batch_of_a_udprun_round_trips_every_datagram(mode: SecurityMode) -> None:
+    from bridge.gso import UdpRun
+
+    p = Pair(mode)
+    p.up()
+    seg = 1400
+    rows = [bytes([i]) * seg for i in range(45)] + [b"tail" * 10]  # the last is shorter
+    run = UdpRun(b"".join(rows), seg)
+    res = p.ep["a"].seal_batch(0, run, run.seg, 1.0,
+                               alloc=lambda n: UdpRun(n, seg + OVERHEAD))
+    assert res is not None
+    out, oseg = res
+    assert isinstance(out, UdpRun) and oseg == seg + OVERHEAD and out.seg == oseg
+    assert len(out) == len(run) + OVERHEAD * len(rows)
+    for d in UdpRun(out, oseg).datagrams():
+        assert p.deliver("b", d, 1.0)
+    assert p.got["b"] == rows
+
+
+def test_seal_batch_without_a_session_stages_each_datagram() -> None:
+    p = Pair(known=("a",))
+    a = p.ep["a"]
+    assert a.seal_batch(0, b"x" * 250, 100, 0.0) is None
+    assert a.events["staged"] == 3
+    p.pump(0.0)
+    assert p.got["b"] == [b"x" * 100, b"x" * 100, b"x" * 50]
+
+
+def test_status_snapshot_and_metrics_name_every_reason() -> None:
+    from bridge.secure import DROP_REASONS
+
+    p = Pair()
+    p.up()
+    snap = p.ep["a"].snapshot()
+    assert set(snap["drops"]) == set(DROP_REASONS)  # type: ignore[arg-type]
+    text = p.ep["a"].prometheus()
+    assert all(f'reason="{r}"' in text for r in DROP_REASONS)
