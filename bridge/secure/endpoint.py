@@ -77,6 +77,7 @@ Addr = tuple[str, int]
 Buf = bytes | bytearray | memoryview
 _ZERO12 = bytes(12)
 _ZERO_MAC = bytes(MAC_LEN)
+_INF = float("inf")
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +174,9 @@ class SecureEndpoint:
         kp.send_n = n + 1
         buf = bytearray(len(payload) + OVERHEAD)
         kp.seal_into(payload, memoryview(buf), 0, n)
+        p.keepalive_at = _INF
+        if p.unanswered_at == _INF and len(payload):
+            p.unanswered_at = now
         if n + 1 == self.limits.rekey_after_messages:
             self._rekey(p, now)
         return buf
@@ -202,6 +206,9 @@ class SecureEndpoint:
         seal_into = kp.seal_into
         for i in range(count):
             at += seal_into(src[i * seg:i * seg + seg], dst, at, first + i)
+        p.keepalive_at = _INF
+        if p.unanswered_at == _INF:
+            p.unanswered_at = now
         lim = self.limits.rekey_after_messages
         if first < lim <= first + count:
             self._rekey(p, now)
@@ -229,6 +236,14 @@ class SecureEndpoint:
         lim = self.limits
         for p in self.peers.values():
             self._expire(p, now)
+            if now >= p.keepalive_at:
+                self._keepalive(p, now)
+            if now >= p.unanswered_at + lim.silence_after:
+                p.unanswered_at = _INF
+                if p.pending is None and p.endpoint is not None:
+                    self.events["silence_handshake"] += 1
+                    self._initiate(p, now)
+                    continue
             pend = p.pending
             if pend is not None:
                 if now >= pend.sent_at + lim.retry_after:
@@ -301,11 +316,14 @@ class SecureEndpoint:
         if kp is not p.current:
             self._received_on(p, kp, now)
         p.last_rx = now
+        p.unanswered_at = _INF
         if addr != p.endpoint:
             self._roam(p, addr)
         if not len(payload):
             self.events["keepalive_rx"] += 1
             return p.index, b""
+        if p.keepalive_at == _INF:
+            p.keepalive_at = now + lim.keepalive_after
         return p.index, payload
 
     def _received_on(self, p: PeerSession, kp: Keypair, now: float) -> None:
@@ -342,8 +360,11 @@ class SecureEndpoint:
             self.out.append((dgram, dest))
 
     def _keepalive(self, p: PeerSession, now: float) -> None:
+        p.keepalive_at = _INF
+        if p.endpoint is None or p.sendable(now, self.limits) is None:
+            return
         dgram = self.seal(p.index, b"", now)
-        if dgram is not None and p.endpoint is not None:
+        if dgram is not None:
             self.out.append((dgram, p.endpoint))
             self.events["keepalive_tx"] += 1
 
@@ -554,6 +575,8 @@ class SecureEndpoint:
         kp = Keypair(k_send, k_recv, receiver, sender, now, True, p.msg_type)
         self.indices[receiver] = (p, kp)
         p.pending = None
+        p.last_rx = now
+        p.unanswered_at = _INF
         self._retire(p, p.current)
         self._retire(p, p.next)  # a crossed rekey: the peer may still send on it
         p.next = None

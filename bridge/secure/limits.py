@@ -13,6 +13,14 @@ Rules:
   retried after 1 s, not 5 s (REKEY_TIMEOUT), so that a restarted peer is reachable again
   within 2 s (issue 12) even if the first initiation is lost; the price is one 152-byte
   datagram per second towards a peer that is down.
+- Liveness (WireGuard's passive keepalive and "new handshake" timers, whitepaper §6.5,
+  with shorter times): a peer that received data and sent nothing for `keepalive_after`
+  sends an empty transport message; a peer that sent data and verified nothing for
+  `silence_after` starts a new handshake. So when the other side restarted (and lost its
+  keys) a handshake starts within `silence_after` of the first unanswered datagram, even if
+  the restarted side cannot initiate (it does not know our address). The 1 s between the
+  two is the slack for loss and round-trip time; a sparse one-way flow that loses a
+  datagram may start a spare handshake, which costs two DHs and loses nothing.
 - Load: a responder that handled more than `load_handshakes` handshake messages in the last
   second is under load for `load_hold` seconds; then an initiation or response without a
   valid mac2 gets a cookie reply instead of a DH (WireGuard's rule, whitepaper §5.3).
@@ -59,6 +67,7 @@ EVENTS: tuple[str, ...] = (
     "cookie_suppressed",  # cookie replies over the global budget (not sent)
     "cookie_received",
     "rekey",  # a handshake started because a keypair aged or hit the message limit
+    "silence_handshake",  # a handshake started because sent data went unanswered
     "roamed",
     "keepalive_rx",
     "keepalive_tx",
@@ -89,6 +98,8 @@ class Limits:
     ratelimit_entries: int = 4096
     cookie_replies_per_second: float = 2000.0
     staged_max: int = 128  # datagrams held per peer while a handshake is in flight
+    keepalive_after: float = 0.5  # received data, sent nothing this long: send a keepalive
+    silence_after: float = 1.5  # sent data, heard nothing verified this long: new handshake
 
 
 class RateLimiter:

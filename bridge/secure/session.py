@@ -103,7 +103,7 @@ class PeerSession:
     __slots__ = ("index", "name", "msg_type", "identities", "remote_publics", "psks",
                  "endpoint", "current", "retired", "next", "last_ts", "pending",
                  "next_attempt", "last_mac1", "last_mac1_public", "cookie", "cookie_at",
-                 "staged", "ss_cache", "mac1_keys", "last_rx")
+                 "staged", "ss_cache", "mac1_keys", "last_rx", "keepalive_at", "unanswered_at")
 
     def __init__(self, spec: PeerSpec, now: float) -> None:
         sec = spec.security
@@ -129,6 +129,8 @@ class PeerSession:
         self.ss_cache: dict[tuple[bytes, bytes], bytes] = {}
         self.mac1_keys = {pub: mac1_key(pub) for pub in self.remote_publics}
         self.last_rx = -_INF
+        self.keepalive_at = _INF  # armed by received data, disarmed by anything we send
+        self.unanswered_at = _INF  # armed by data we send, disarmed by anything verified
 
     def ss(self, me: Identity, remote: bytes) -> bytes:
         """DH(our static, its static), computed once per pair (at most 4 per peer)."""
@@ -178,7 +180,7 @@ class PeerSession:
                 t = kp.created + self.rekey_age(kp, limits)
         for kp in self.keypairs():
             t = min(t, kp.created + limits.reject_after_time)
-        return t
+        return min(t, self.keepalive_at, self.unanswered_at + limits.silence_after)
 
     def stage(self, payload: bytes | bytearray | memoryview, limits: Limits) -> bool:
         """Hold one datagram for later; False if the oldest had to be dropped for it."""

@@ -95,12 +95,18 @@ class Pair:
                 self.deliver(to, bytes(data), now, src=ADDR[side])
         return len(out)
 
-    def pump(self, now: float, rounds: int = 20) -> None:
+    def pump(self, now: float, rounds: int = 1000) -> None:
+        """Run every timer due by `now` at its own deadline, in order (as an event loop
+        would), moving datagrams after each; then move what is left at `now`."""
         for _ in range(rounds):
-            for side in ("a", "b"):
-                t = self.ep[side].get_timer()
-                if t is not None and t <= now:
-                    self.ep[side].handle_timer(now)
+            due = [(t, side) for side in ("a", "b")
+                   if (t := self.ep[side].get_timer()) is not None and t <= now]
+            if due:
+                t, side = min(due)
+                self.ep[side].handle_timer(t)
+                while self.flush("a", t) + self.flush("b", t):
+                    pass
+                continue
             if not (self.flush("a", now) + self.flush("b", now)):
                 return
 
