@@ -10,12 +10,14 @@ Exit status 1 if there was any finding, so a script can run it.
 
 Theory of operation: two endpoints in one process (`make_pair`) complete a handshake; the
 simulated clock advances 1 ms per input, so rekeys, cookie secret rotation and keypair expiry
-happen during a long run. The corpus is every datagram the two exchanged (handshakes,
-keepalives, transport). Each input is one of: random bytes, a corpus entry with bit flips,
-byte overwrites, truncation, extension or a far-ahead counter, a verbatim replay, or a
-splice of two entries; its source is the real peer's address or a random one, and it goes
-to either endpoint. Every LEGIT_EVERY inputs the real peers exchange a fresh datagram each
-way. Not run in CI beyond a tiny N (tests/unit/secure/test_secure_fuzz.py).
+happen during a long run; keys live 15 s (rekey every 5 s) so that handshakes are frequent,
+and for a quarter of the run the responder is forced under load (cookie replies). The
+corpus is every datagram the two exchanged (handshakes, keepalives, transport). Each input
+is one of: random bytes, a corpus entry with bit flips, byte overwrites, truncation,
+extension or a far-ahead counter, a verbatim replay, or a splice of two entries; its source
+is the real peer's address or a random one, and it goes to either endpoint. Every
+LEGIT_EVERY inputs the real peers exchange a fresh datagram each way. Not run in CI beyond
+a tiny N (tests/unit/secure/test_secure_fuzz.py).
 """
 
 from __future__ import annotations
@@ -121,7 +123,10 @@ def fuzz(inputs: int, mode: SecurityMode, seed: int = 0, limits: Limits | None =
          ) -> dict[str, Any]:
     """Run the fuzzer; returns the report (see module docstring)."""
     rnd = random.Random(seed)
-    a, b, corpus = make_pair(mode, 0.0, limits)
+    # short key lifetimes: a handshake every 5 simulated seconds (5000 inputs) feeds the
+    # corpus with initiations, responses and (under forced load) cookie replies
+    a, b, corpus = make_pair(mode, 0.0, limits or Limits(rekey_after_time=5.0,
+                                                          reject_after_time=15.0))
     eps = (a, b)
     exceptions = 0
     violations: list[str] = []
@@ -132,6 +137,7 @@ def fuzz(inputs: int, mode: SecurityMode, seed: int = 0, limits: Limits | None =
     for i in range(inputs):
         now += 0.001
         if i % LEGIT_EVERY == 0:
+            b.force_load = (i // 5000) % 4 == 3  # a quarter of the time: cookies required
             exchange(a, b, now, corpus)
             for src, dst, addr, tag in ((a, b, ADDR_A, 1), (b, a, ADDR_B, 0)):
                 payload = b"legit %d" % i
@@ -167,14 +173,18 @@ def fuzz(inputs: int, mode: SecurityMode, seed: int = 0, limits: Limits | None =
             ep.peers[0].endpoint = real
     secs = time.perf_counter() - start
     drops: dict[str, int] = {}
+    events: dict[str, int] = {}
     for ep in eps:
         for k, v in ep.drops.items():
             drops[k] = drops.get(k, 0) + v
+        for k, v in ep.events.items():
+            events[k] = events.get(k, 0) + v
     return {"mode": mode.value, "inputs": inputs, "seconds": round(secs, 3),
             "inputs_per_s": round(inputs / secs) if secs else 0, "exceptions": exceptions,
             "violations": len(violations), "violation_examples": violations[:5],
             "legit_sent": legit_sent, "legit_lost": legit_lost,
-            "drops": {k: v for k, v in drops.items() if v}, "first_exception": first_trace}
+            "drops": {k: v for k, v in drops.items() if v},
+            "events": {k: v for k, v in events.items() if v}, "first_exception": first_trace}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
               f" exceptions {r['exceptions']}, policy violations {r['violations']};"
               f" legitimate {r['legit_sent']} sent, {r['legit_lost']} lost")
         print(f"  drops: {r['drops']}")
+        print(f"  events: {r['events']}")
         for v in r["violation_examples"]:
             print(f"  violation: {v}")
         if r["first_exception"]:
