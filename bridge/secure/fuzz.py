@@ -43,6 +43,7 @@ __all__ = ["make_pair", "fuzz", "main", "ADDR_A", "ADDR_B"]
 ADDR_A = ("198.18.0.1", 24754)
 ADDR_B = ("198.18.0.2", 24754)
 LEGIT_EVERY = 50
+CORPUS_MAX = 512
 WALL = 1.8e9
 
 
@@ -151,8 +152,8 @@ def fuzz(inputs: int, mode: SecurityMode, seed: int = 0, limits: Limits | None =
                 if res is None or bytes(res[1]) != payload:
                     legit_lost += 1
                     violations.append(f"input {i}: legitimate datagram not delivered")
-            if len(corpus) > 4096:
-                del corpus[: len(corpus) - 4096]
+            if len(corpus) > CORPUS_MAX:  # a few key generations: most entries still
+                del corpus[: len(corpus) - CORPUS_MAX]  # reach a live keypair
         to, data = _mutate(rnd, corpus)
         addr = (ADDR_A, ADDR_B)[1 - to] if rnd.random() < 0.7 else (
             f"198.19.{rnd.randrange(256)}.{rnd.randrange(256)}", rnd.randrange(1, 65536))
