@@ -23,7 +23,8 @@ leak.
 
 Theory of operation: `parse_security(table, read)` reads one `[[peer]]` TOML table (a dict)
 and returns a `PeerSecurity`; `read` reads a file (injectable for tests). `genkey()` and
-`public_key_of()` are the `grebe genkey` / `grebe pubkey` helpers.
+`public_key_of()` are the `grebe genkey` / `grebe pubkey` helpers; `write_private_key(path)`
+creates a key file the way the loader wants it (0600, never overwriting one).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ from bridge.secure.noise import public_bytes
 from bridge.secure.wire import KEY_LEN, MSG_AUTHENTICATED, MSG_ENCRYPTED
 
 __all__ = ["SecurityMode", "PeerSecurity", "PeerSpec", "parse_security", "decode_key",
-           "genkey", "public_key_of", "read_key_file", "check_permissions"]
+           "genkey", "write_private_key", "public_key_of", "read_key_file",
+           "check_permissions"]
 
 
 class SecurityMode(Enum):
@@ -98,6 +100,16 @@ def genkey() -> tuple[str, str]:
     )
     raw = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
     return base64.b64encode(raw).decode(), base64.b64encode(public_bytes(key)).decode()
+
+
+def write_private_key(path: str) -> str:
+    """`grebe genkey PATH`: create PATH (mode 0600, must not exist) holding a new private
+    key in base64; return the public key (base64) to give to the peer. Raises OSError."""
+    priv, pub = genkey()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(priv + "\n")
+    return pub
 
 
 def public_key_of(private_b64: str) -> str | None:

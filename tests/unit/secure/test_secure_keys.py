@@ -6,8 +6,10 @@ import base64
 import os
 from pathlib import Path
 
+import pytest
+
 from bridge.secure import PeerSecurity, SecurityMode, genkey, parse_security
-from bridge.secure.keys import decode_key, public_key_of, read_key_file
+from bridge.secure.keys import decode_key, public_key_of, read_key_file, write_private_key
 
 
 def _write(tmp: Path, name: str, text: str, mode: int = 0o600) -> str:
@@ -75,3 +77,14 @@ def test_own_public_key_as_peer_key_is_refused(tmp_path: Path) -> None:
 def test_read_key_file_reports_missing(tmp_path: Path) -> None:
     key, err = read_key_file(str(tmp_path / "nope"))
     assert key is None and err is not None
+
+
+def test_write_private_key_makes_a_file_the_loader_accepts(tmp_path: Path) -> None:
+    path = str(tmp_path / "site.key")
+    pub = write_private_key(path)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    key, err = read_key_file(path)
+    assert err is None and key is not None
+    assert public_key_of(base64.b64encode(key).decode()) == pub
+    with pytest.raises(FileExistsError):
+        write_private_key(path)  # never overwrites a key
