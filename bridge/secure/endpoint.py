@@ -22,8 +22,8 @@ or (peer, None) for our pending initiation; a peer holds at most current, next,
 RETIRED_MAX retired keypairs and one pending handshake, so the table is bounded by
 (3 + RETIRED_MAX) x peers, and only a handshake authenticated by a configured key adds to
 it. Output datagrams (handshakes, cookie replies, staged data sealed late, keepalives)
-queue in `out` for `datagrams_to_send`. Load is a one-second count of handshake messages
-that passed mac1. The cookie secret is rotated lazily when older than `cookie_secret_age`.
+queue in `out` for `datagrams_to_send`. The load rule and cookies are bridge/secure/cookie.py's
+`Guard`, which shares the counters and the output queue.
 """
 
 from __future__ import annotations
@@ -34,18 +34,16 @@ from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.constant_time import bytes_eq
 
 from bridge.secure import noise
+from bridge.secure.cookie import Guard, open_cookie_reply
 from bridge.secure.keys import PeerSpec
-from bridge.secure.limits import DROP_REASONS, EVENTS, Limits, RateLimiter, new_counts
+from bridge.secure.limits import DROP_REASONS, EVENTS, Limits, new_counts
 from bridge.secure.session import RETIRED_MAX, Keypair, PeerSession, Pending
 from bridge.secure.wire import (
-    COOKIE_BOX_AT,
     COOKIE_HEAD,
     COOKIE_LEN,
-    COOKIE_NONCE_AT,
     HEADER_LEN,
     INIT_EPH_AT,
     INIT_HEAD,
@@ -75,7 +73,6 @@ __all__ = ["SecureEndpoint", "Roamed", "SessionStarted", "Event"]
 
 Addr = tuple[str, int]
 Buf = bytes | bytearray | memoryview
-_ZERO12 = bytes(12)
 _ZERO_MAC = bytes(MAC_LEN)
 _INF = float("inf")
 
@@ -128,16 +125,16 @@ class SecureEndpoint:
         self.drops = new_counts(DROP_REASONS)
         self.events = new_counts(EVENTS)
         lim = self.limits
-        self.ratelimit = RateLimiter(lim.per_source_rate, lim.per_source_burst,
-                                     lim.ratelimit_entries)
-        self.cookie_secret = rng(32)
-        self.cookie_secret_at = now
-        self.load_start = now
-        self.load_count = 0
-        self.load_until = -1.0
-        self.force_load = False  # the Bridge may set it (e.g. its receive queue is long)
-        self.cookie_tokens = lim.cookie_replies_per_second
-        self.cookie_tokens_at = now
+        self.guard = Guard(lim, now, rng, self.drops, self.events, self.out)
+
+    @property
+    def force_load(self) -> bool:
+        """Set by the Bridge to require cookies at once (e.g. its receive queue is long)."""
+        return self.guard.force_load
+
+    @force_load.setter
+    def force_load(self, value: bool) -> None:
+        self.guard.force_load = value
 
     # ---- the API the Bridge calls -----------------------------------------------------
 
@@ -221,8 +218,8 @@ class SecureEndpoint:
     def datagrams_to_send(self, now: float) -> list[tuple[bytes | bytearray, Addr]]:
         """Handshake messages, cookie replies, keepalives and late-sealed staged datagrams
         produced since the last call, with their destinations."""
-        out = self.out
-        self.out = []
+        out = list(self.out)
+        self.out.clear()  # the same list object: the guard appends cookie replies to it
         return out
 
     def next_event(self) -> Event | None:
@@ -257,8 +254,8 @@ class SecureEndpoint:
         """Counters and table sizes for `grebe status` / metrics (JSON-able)."""
         return {
             "drops": dict(self.drops),
-            "events": dict(self.events) | {"ratelimit_evicted": self.ratelimit.evicted},
-            "tables": {"indices": len(self.indices), "ratelimit": len(self.ratelimit),
+            "events": dict(self.events) | {"ratelimit_evicted": self.guard.ratelimit.evicted},
+            "tables": {"indices": len(self.indices), "ratelimit": len(self.guard.ratelimit),
                        "staged": sum(len(p.staged) for p in self.peers.values())},
             "peers": {p.name: {"endpoint": p.endpoint, "session": p.current is not None}
                       for p in self.peers.values()},
@@ -266,7 +263,7 @@ class SecureEndpoint:
 
     def prometheus(self, prefix: str = "grebe_secure") -> str:
         """Prometheus text (format 0.0.4) of the drop and event counters."""
-        snap_events = dict(self.events) | {"ratelimit_evicted": self.ratelimit.evicted}
+        snap_events = dict(self.events) | {"ratelimit_evicted": self.guard.ratelimit.evicted}
         lines = [f"# HELP {prefix}_drops_total Secure-mode datagrams dropped, by reason.",
                  f"# TYPE {prefix}_drops_total counter"]
         lines += [f'{prefix}_drops_total{{reason="{k}"}} {v}' for k, v in self.drops.items()]
@@ -447,51 +444,6 @@ class SecureEndpoint:
                 return ident
         return None
 
-    def _admit(self, mv: memoryview, mac1_at: int, sender: int, ident: noise.Identity,
-               addr: Addr, now: float) -> bool:
-        """The load rule for a handshake message whose mac1 verified."""
-        lim = self.limits
-        if now - self.load_start >= 1.0:
-            self.load_start = now
-            self.load_count = 0
-        self.load_count += 1
-        if self.load_count > lim.load_handshakes:
-            if now >= self.load_until:
-                self.events["under_load"] += 1
-            self.load_until = now + lim.load_hold
-        if not (self.force_load or now < self.load_until):
-            return True
-        mac2_at = mac1_at + MAC_LEN
-        cookie = self._cookie_for(addr, now)
-        if not bytes_eq(noise.mac(cookie, mv[:mac2_at]), bytes(mv[mac2_at:mac2_at + MAC_LEN])):
-            self.drops["cookie_required"] += 1
-            self._send_cookie(cookie, bytes(mv[mac1_at:mac2_at]), sender, ident, addr, now)
-            return False
-        if not self.ratelimit.allow(addr[0], now):
-            self.drops["rate_limited"] += 1
-            return False
-        return True
-
-    def _cookie_for(self, addr: Addr, now: float) -> bytes:
-        if now - self.cookie_secret_at >= self.limits.cookie_secret_age:
-            self.cookie_secret = self.rng(32)
-            self.cookie_secret_at = now
-        return noise.mac(self.cookie_secret, f"{addr[0]}|{addr[1]}".encode())
-
-    def _send_cookie(self, cookie: bytes, mac1: bytes, sender: int, ident: noise.Identity,
-                     addr: Addr, now: float) -> None:
-        rate = self.limits.cookie_replies_per_second
-        self.cookie_tokens = min(rate, self.cookie_tokens + (now - self.cookie_tokens_at) * rate)
-        self.cookie_tokens_at = now
-        if self.cookie_tokens < 1.0:
-            self.events["cookie_suppressed"] += 1
-            return
-        self.cookie_tokens -= 1.0
-        rnd = self.rng(COOKIE_BOX_AT - COOKIE_NONCE_AT)
-        box = AESGCM(noise.full_mac(ident.cookie_key, rnd)).encrypt(_ZERO12, cookie, mac1)
-        self.out.append((COOKIE_HEAD.pack(MSG_COOKIE, sender) + rnd + box, addr))
-        self.events["cookie_sent"] += 1
-
     def _initiation(self, data: Buf, addr: Addr, now: float) -> None:
         drops = self.drops
         if len(data) != INITIATION_LEN:
@@ -503,7 +455,7 @@ class SecureEndpoint:
             drops["bad_mac1"] += 1
             return
         sender = INIT_HEAD.unpack_from(mv)[1]
-        if not self._admit(mv, INIT_MAC1_AT, sender, ident, addr, now):
+        if not self.guard.admit(mv, INIT_MAC1_AT, sender, ident, addr, now):
             return
         e_i = bytes(mv[INIT_EPH_AT:INIT_STATIC_AT])
         try:
@@ -563,7 +515,7 @@ class SecureEndpoint:
                         bytes(mv[RESP_MAC1_AT:RESP_MAC1_AT + MAC_LEN])):
             drops["bad_mac1"] += 1
             return
-        if not self._admit(mv, RESP_MAC1_AT, sender, pend.identity, addr, now):
+        if not self.guard.admit(mv, RESP_MAC1_AT, sender, pend.identity, addr, now):
             return
         try:
             k_send, k_recv = noise.consume_response(
@@ -596,15 +548,13 @@ class SecureEndpoint:
             return
         mv = memoryview(data)
         entry = self.indices.get(COOKIE_HEAD.unpack_from(mv)[1])
-        if entry is None or entry[0].last_mac1 is None:
+        mac1 = entry[0].last_mac1 if entry is not None else None
+        if entry is None or mac1 is None:
             self.drops["unknown_session"] += 1
             return
         p = entry[0]
-        key = noise.full_mac(noise.cookie_key(p.last_mac1_public),
-                             mv[COOKIE_NONCE_AT:COOKIE_BOX_AT])
-        try:
-            cookie = AESGCM(key).decrypt(_ZERO12, bytes(mv[COOKIE_BOX_AT:]), p.last_mac1)
-        except InvalidTag:
+        cookie = open_cookie_reply(mv, p.last_mac1_public, mac1)
+        if cookie is None:
             self.drops["bad_cookie"] += 1
             return
         p.cookie = cookie

@@ -64,13 +64,13 @@ def test_per_source_limiter_is_bounded_evicts_and_counts() -> None:
     m = bytearray(_attacker_initiation(p.keys.pub["b"][0], 0.0))
     for i in range(50):
         addr = (f"198.19.2.{i}", 4000)
-        cookie = noise.mac(b.cookie_secret, f"{addr[0]}|{addr[1]}".encode())
+        cookie = noise.mac(b.guard.cookie_secret, f"{addr[0]}|{addr[1]}".encode())
         mac2_at = INIT_MAC1_AT + MAC_LEN
         m[mac2_at:] = noise.mac(cookie, bytes(m[:mac2_at]))
         b.receive_datagram(bytes(m), addr, 0.0)
         b.receive_datagram(bytes(m), addr, 0.0)  # second from the same host: over its rate
-    assert len(b.ratelimit) == 8
-    assert b.ratelimit.evicted == 42
+    assert len(b.guard.ratelimit) == 8
+    assert b.guard.ratelimit.evicted == 42
     assert b.drops["rate_limited"] == 50
     assert b.snapshot()["events"]["ratelimit_evicted"] == 42  # type: ignore[index]
 
