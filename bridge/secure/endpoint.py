@@ -125,6 +125,7 @@ class SecureEndpoint:
         self.drops = new_counts(DROP_REASONS)
         self.events = new_counts(EVENTS)
         lim = self.limits
+        self.reject_msgs = lim.reject_after_messages
         self.guard = Guard(lim, now, rng, self.drops, self.events, self.out)
 
     @property
@@ -163,8 +164,8 @@ class SecureEndpoint:
         """Protect one datagram for `peer`; send it to `endpoint(peer)`. None: no session
         yet, the datagram is staged (it comes out of `datagrams_to_send` later)."""
         p = self.peers[peer]
-        kp = p.sendable(now, self.limits)
-        if kp is None:
+        kp = p.current
+        if kp is None or now >= kp.expires or kp.send_n >= self.reject_msgs:
             self._stage(p, payload, now)
             return None
         n = kp.send_n
@@ -290,12 +291,11 @@ class SecureEndpoint:
         if kp.msg_type != t:
             drops["wrong_mode"] += 1
             return None
-        lim = self.limits
-        if now - kp.created >= lim.reject_after_time or ctr >= lim.reject_after_messages:
+        if now >= kp.expires or ctr >= self.reject_msgs:
             drops["expired_session"] += 1
             return None
         win = kp.window
-        if not win.check(ctr):
+        if ctr <= win.top and not win.check(ctr):  # in order: no call
             drops["replay"] += 1
             return None
         mv = memoryview(data)
@@ -320,7 +320,7 @@ class SecureEndpoint:
             self.events["keepalive_rx"] += 1
             return p.index, b""
         if p.keepalive_at == _INF:
-            p.keepalive_at = now + lim.keepalive_after
+            p.keepalive_at = now + self.limits.keepalive_after
         return p.index, payload
 
     def _received_on(self, p: PeerSession, kp: Keypair, now: float) -> None:
@@ -487,7 +487,8 @@ class SecureEndpoint:
         except ValueError:
             drops["bad_handshake"] += 1
             return
-        kp = Keypair(k_send, k_recv, 0, sender, now, False, p.msg_type)
+        kp = Keypair(k_send, k_recv, 0, sender, now, False, p.msg_type,
+                     now + self.limits.reject_after_time)
         kp.local = self._new_index(p, kp)
         self._forget(p.next)
         p.next = kp
@@ -524,7 +525,8 @@ class SecureEndpoint:
         except (InvalidTag, ValueError):
             drops["bad_handshake"] += 1
             return
-        kp = Keypair(k_send, k_recv, receiver, sender, now, True, p.msg_type)
+        kp = Keypair(k_send, k_recv, receiver, sender, now, True, p.msg_type,
+                     now + self.limits.reject_after_time)
         self.indices[receiver] = (p, kp)
         p.pending = None
         p.last_rx = now

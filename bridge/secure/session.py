@@ -55,17 +55,18 @@ _INF = float("inf")
 class Keypair:
     """One session: a key and counter per direction, the receive window."""
 
-    __slots__ = ("send", "recv", "send_n", "local", "remote", "created", "initiator",
-                 "msg_type", "window")
+    __slots__ = ("send", "recv", "send_n", "local", "remote", "created", "expires",
+                 "initiator", "msg_type", "window")
 
     def __init__(self, send_key: bytes, recv_key: bytes, local: int, remote: int,
-                 created: float, initiator: bool, msg_type: int) -> None:
+                 created: float, initiator: bool, msg_type: int, expires: float) -> None:
         self.send = AESGCM(send_key)
         self.recv = AESGCM(recv_key)
         self.send_n = 0
         self.local = local  # our receiver index (what the peer writes in its header)
         self.remote = remote  # the peer's receiver index (what we write)
         self.created = created
+        self.expires = expires  # created + reject_after_time: refused from then on
         self.initiator = initiator
         self.msg_type = msg_type
         self.window = ReplayWindow()
