@@ -51,6 +51,10 @@ After every from_tun / from_udp / handle_timer call:
     while (ev := sec.next_event()) is not None:
         Roamed(i, addr)        -> the peer's send address becomes addr (status shows it)
         SessionStarted(i, ini) -> optional: mark the peer up / log it
+        PeerRestarted(i)       -> the peer process started afresh: reset its sequence
+                                  receiver (SeqReceiver.reset()), so drop-late / reorder
+                                  do not wait for 32 late packets (issue 12's 33.7 s);
+                                  a replay cannot fake it (it needs a confirmed session)
 Timers: Bridge.get_timer() = min(its own, sec.get_timer()); Bridge.handle_timer(now) calls
 sec.handle_timer(now) (handshake retries every 1 s, rekeys, key expiry).
 
@@ -80,7 +84,7 @@ counters, rate limiter), session (per-peer keypairs), endpoint (the API above), 
 (key files and config), fuzz (the fuzz command).
 """
 
-from bridge.secure.endpoint import Event, Roamed, SecureEndpoint, SessionStarted
+from bridge.secure.endpoint import Event, PeerRestarted, Roamed, SecureEndpoint, SessionStarted
 from bridge.secure.keys import (
     PeerSecurity,
     PeerSpec,
@@ -92,6 +96,6 @@ from bridge.secure.keys import (
 from bridge.secure.limits import DROP_REASONS, EVENTS, Limits
 from bridge.secure.wire import OVERHEAD, SECURE_PORT
 
-__all__ = ["SecureEndpoint", "Event", "Roamed", "SessionStarted", "PeerSecurity", "PeerSpec",
-           "SecurityMode", "genkey", "public_key_of", "parse_security", "DROP_REASONS",
-           "EVENTS", "Limits", "OVERHEAD", "SECURE_PORT"]
+__all__ = ["SecureEndpoint", "Event", "Roamed", "SessionStarted", "PeerRestarted",
+           "PeerSecurity", "PeerSpec", "SecurityMode", "genkey", "public_key_of",
+           "parse_security", "DROP_REASONS", "EVENTS", "Limits", "OVERHEAD", "SECURE_PORT"]

@@ -44,6 +44,7 @@ from bridge.secure.session import RETIRED_MAX, Keypair, PeerSession, Pending
 from bridge.secure.wire import (
     COOKIE_HEAD,
     COOKIE_LEN,
+    FLAG_FRESH,
     HEADER_LEN,
     INIT_EPH_AT,
     INIT_HEAD,
@@ -58,10 +59,10 @@ from bridge.secure.wire import (
     MSG_INITIATION,
     MSG_RESPONSE,
     OVERHEAD,
-    RESP_EMPTY_AT,
     RESP_EPH_AT,
     RESP_HEAD,
     RESP_MAC1_AT,
+    RESP_PAYLOAD_AT,
     RESPONSE_LEN,
     TAG_LEN,
     TRANSPORT,
@@ -69,7 +70,7 @@ from bridge.secure.wire import (
     tai64n,
 )
 
-__all__ = ["SecureEndpoint", "Roamed", "SessionStarted", "Event"]
+__all__ = ["SecureEndpoint", "Roamed", "SessionStarted", "PeerRestarted", "Event"]
 
 Addr = tuple[str, int]
 Buf = bytes | bytearray | memoryview
@@ -93,7 +94,16 @@ class SessionStarted:
     initiator: bool
 
 
-Event = Roamed | SessionStarted
+@dataclass(frozen=True, slots=True)
+class PeerRestarted:
+    """`peer` started afresh (its handshake said FLAG_FRESH) and the new session is
+    confirmed: reset per-peer state keyed to its old life (the GRE sequence receiver).
+    A replayed handshake cannot produce it: confirmation needs the new keys."""
+
+    peer: int
+
+
+Event = Roamed | SessionStarted | PeerRestarted
 
 
 class SecureEndpoint:
@@ -329,8 +339,15 @@ class SecureEndpoint:
             p.current = kp
             p.next = None
             self.events["session_confirmed"] += 1
-            self.events_q.append(SessionStarted(p.index, False))
+            self._established(p, kp, False)
             self._flush(p, now)
+
+    def _established(self, p: PeerSession, kp: Keypair, initiator: bool) -> None:
+        self.events_q.append(SessionStarted(p.index, initiator))
+        if kp.peer_fresh:
+            self.events["peer_restarted"] += 1
+            self.events_q.append(PeerRestarted(p.index))
+        p.fresh = False
 
     def _roam(self, p: PeerSession, addr: Addr) -> None:
         p.endpoint = addr
@@ -411,7 +428,8 @@ class SecureEndpoint:
         me = p.identities[0]
         remote = p.remote_publics[0]
         eph = X25519PrivateKey.generate()
-        payload = tai64n(now + self.wall_offset) + bytes((p.msg_type, 0, 0, 0))
+        flags = FLAG_FRESH if p.fresh else 0
+        payload = tai64n(now + self.wall_offset) + bytes((p.msg_type, flags, 0, 0))
         st, e_pub, enc_static, enc_payload = noise.initiation(me, remote, p.ss(me, remote), eph,
                                                               payload)
         local = self._new_index(p, None)
@@ -473,7 +491,7 @@ class SecureEndpoint:
         except (InvalidTag, ValueError):
             drops["bad_handshake"] += 1
             return
-        ts, mode = payload[:12], payload[12]
+        ts, mode, flags = payload[:12], payload[12], payload[13]
         if ts <= p.last_ts:
             drops["stale_handshake"] += 1
             return
@@ -483,18 +501,20 @@ class SecureEndpoint:
         p.last_ts = ts
         eph = X25519PrivateKey.generate()
         try:
-            e_r, empty, k_send, k_recv = noise.response(st, e_i, static, eph, p.psks[0])
+            e_r, enc, k_send, k_recv = noise.response(
+                st, e_i, static, eph, p.psks[0], bytes((FLAG_FRESH if p.fresh else 0, 0, 0, 0)))
         except ValueError:
             drops["bad_handshake"] += 1
             return
         kp = Keypair(k_send, k_recv, 0, sender, now, False, p.msg_type,
                      now + self.limits.reject_after_time)
         kp.local = self._new_index(p, kp)
+        kp.peer_fresh = bool(flags & FLAG_FRESH)
         self._forget(p.next)
         p.next = kp
         msg = bytearray(RESP_HEAD.pack(MSG_RESPONSE, kp.local, sender))
         msg += e_r
-        msg += empty
+        msg += enc
         self._macs(p, msg, static, now)
         self.out.append((msg, addr))
         self.events["handshake_responded"] += 1
@@ -519,9 +539,10 @@ class SecureEndpoint:
         if not self.guard.admit(mv, RESP_MAC1_AT, sender, pend.identity, addr, now):
             return
         try:
-            k_send, k_recv = noise.consume_response(
-                pend.state, pend.identity, pend.ephemeral, bytes(mv[RESP_EPH_AT:RESP_EMPTY_AT]),
-                bytes(mv[RESP_EMPTY_AT:RESP_MAC1_AT]), p.psks)
+            k_send, k_recv, payload = noise.consume_response(
+                pend.state, pend.identity, pend.ephemeral,
+                bytes(mv[RESP_EPH_AT:RESP_PAYLOAD_AT]), bytes(mv[RESP_PAYLOAD_AT:RESP_MAC1_AT]),
+                p.psks)
         except (InvalidTag, ValueError):
             drops["bad_handshake"] += 1
             return
@@ -535,8 +556,9 @@ class SecureEndpoint:
         self._retire(p, p.next)  # a crossed rekey: the peer may still send on it
         p.next = None
         p.current = kp
+        kp.peer_fresh = bool(payload[:1]) and bool(payload[0] & FLAG_FRESH)
         self.events["handshake_completed"] += 1
-        self.events_q.append(SessionStarted(p.index, True))
+        self._established(p, kp, True)
         if addr != p.endpoint:
             self._roam(p, addr)
         if p.staged:

@@ -69,6 +69,7 @@ EVENTS: tuple[str, ...] = (
     "rekey",  # a handshake started because a keypair aged or hit the message limit
     "silence_handshake",  # a handshake started because sent data went unanswered
     "roamed",
+    "peer_restarted",  # a confirmed new session whose handshake said FLAG_FRESH
     "keepalive_rx",
     "keepalive_tx",
     "staged",

@@ -4,8 +4,9 @@ Rules:
 - Pattern IKpsk2 (Noise Protocol Framework rev. 34, §7.5 and §9): the initiator knows the
   responder's static key beforehand (`<- s`); message 1 `-> e, es, s, ss` carries the
   initiator's ephemeral key, its static key encrypted, and an encrypted payload (TAI64N
-  timestamp and the security mode); message 2 `<- e, ee, se, psk` carries the responder's
-  ephemeral key and an empty encrypted payload. Both sides contribute a fresh ephemeral
+  timestamp, security mode, flags); message 2 `<- e, ee, se, psk` carries the responder's
+  ephemeral key and a 4-byte encrypted payload (flags; WireGuard's is empty). Both sides
+  contribute a fresh ephemeral
   X25519 key, so every session key is new (nothing recorded before can be decrypted or
   accepted under it) and compromise of the static keys later does not reveal past traffic
   (forward secrecy).
@@ -197,10 +198,11 @@ def consume_initiation_payload(st: Handshake, ss: bytes, enc_payload: bytes,
 
 
 def response(st: Handshake, initiator_e: bytes, initiator_static: bytes,
-             ephemeral: X25519PrivateKey, psk: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+             ephemeral: X25519PrivateKey, psk: bytes, payload: bytes,
+             ) -> tuple[bytes, bytes, bytes, bytes]:
     """Message 2 from the responder's state after message 1.
 
-    Returns (ephemeral public, encrypted empty payload, key responder->initiator,
+    Returns (ephemeral public, encrypted payload, key responder->initiator,
     key initiator->responder).
     """
     e_pub = public_bytes(ephemeral)
@@ -210,16 +212,17 @@ def response(st: Handshake, initiator_e: bytes, initiator_static: bytes,
     (ck,) = kdf(ck, dh(ephemeral, initiator_static), 1)
     ck, tau, k = kdf(ck, psk, 3)
     h = hash_(h, tau)
-    empty = aead_seal(k, 0, b"", h)
+    enc = aead_seal(k, 0, payload, h)
     t_i2r, t_r2i = kdf(ck, b"", 2)
-    return e_pub, empty, t_r2i, t_i2r
+    return e_pub, enc, t_r2i, t_i2r
 
 
 def consume_response(st: Handshake, me: Identity, ephemeral: X25519PrivateKey, e_pub: bytes,
-                     empty: bytes, psks: tuple[bytes, ...]) -> tuple[bytes, bytes]:
+                     enc: bytes, psks: tuple[bytes, ...]) -> tuple[bytes, bytes, bytes]:
     """Consume message 2 trying each psk in turn (rotation: two may be configured).
 
-    Returns (key initiator->responder, key responder->initiator). Raises if none verifies.
+    Returns (key initiator->responder, key responder->initiator, payload). Raises if none
+    verifies.
     """
     (ck,) = kdf(st.ck, e_pub, 1)
     h = hash_(st.h, e_pub)
@@ -229,10 +232,10 @@ def consume_response(st: Handshake, me: Identity, ephemeral: X25519PrivateKey, e
     for psk in psks:
         ck2, tau, k = kdf(ck, psk, 3)
         try:
-            aead_open(k, 0, empty, hash_(h, tau))
+            payload = aead_open(k, 0, enc, hash_(h, tau))
         except Exception as exc:  # InvalidTag: try the next psk
             last = exc
             continue
         t_i2r, t_r2i = kdf(ck2, b"", 2)
-        return t_i2r, t_r2i
+        return t_i2r, t_r2i, payload
     raise last

@@ -56,7 +56,7 @@ class Keypair:
     """One session: a key and counter per direction, the receive window."""
 
     __slots__ = ("send", "recv", "send_n", "local", "remote", "created", "expires",
-                 "initiator", "msg_type", "window")
+                 "initiator", "msg_type", "window", "peer_fresh")
 
     def __init__(self, send_key: bytes, recv_key: bytes, local: int, remote: int,
                  created: float, initiator: bool, msg_type: int, expires: float) -> None:
@@ -70,6 +70,7 @@ class Keypair:
         self.initiator = initiator
         self.msg_type = msg_type
         self.window = ReplayWindow()
+        self.peer_fresh = False  # the peer said FLAG_FRESH in this keypair's handshake
 
     def seal_into(self, payload: bytes | bytearray | memoryview, out: memoryview, at: int,
                   counter: int) -> int:
@@ -104,7 +105,8 @@ class PeerSession:
     __slots__ = ("index", "name", "msg_type", "identities", "remote_publics", "psks",
                  "endpoint", "current", "retired", "next", "last_ts", "pending",
                  "next_attempt", "last_mac1", "last_mac1_public", "cookie", "cookie_at",
-                 "staged", "ss_cache", "mac1_keys", "last_rx", "keepalive_at", "unanswered_at")
+                 "staged", "ss_cache", "mac1_keys", "last_rx", "keepalive_at", "unanswered_at",
+                 "fresh")
 
     def __init__(self, spec: PeerSpec, now: float) -> None:
         sec = spec.security
@@ -132,6 +134,7 @@ class PeerSession:
         self.last_rx = -_INF
         self.keepalive_at = _INF  # armed by received data, disarmed by anything we send
         self.unanswered_at = _INF  # armed by data we send, disarmed by anything verified
+        self.fresh = True  # no session with this peer since we started (FLAG_FRESH)
 
     def ss(self, me: Identity, remote: bytes) -> bytes:
         """DH(our static, its static), computed once per pair (at most 4 per peer)."""

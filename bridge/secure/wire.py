@@ -16,6 +16,9 @@ Rules (docs/SECURE.md §3 has the byte diagrams):
   Framework's AESGCM nonce rule), so a counter never reused under one key means a nonce
   never reused.
 - Integers are in network byte order (big-endian).
+- Both handshake messages carry an encrypted flags byte; FLAG_FRESH says the sender has
+  had no session with this peer since it started (a restart), so the receiver can reset
+  per-peer state (the GRE sequence receiver) once the new session is confirmed.
 - TAI64N (the handshake timestamp, as in WireGuard): 8 bytes of 2**62 + seconds and 4 bytes
   of nanoseconds, big-endian; byte-wise comparison is time order.
 
@@ -45,6 +48,7 @@ __all__ = [
     "COOKIE_LEN",
     "COOKIE_NONCE_LEN",
     "INIT_MAC1_AT",
+    "FLAG_FRESH",
     "RESP_MAC1_AT",
     "TRANSPORT",
     "INIT_HEAD",
@@ -88,16 +92,21 @@ INIT_HEAD = struct.Struct("!B3xI")
 INIT_EPH_AT = INIT_HEAD.size  # 8
 INIT_STATIC_AT = INIT_EPH_AT + KEY_LEN  # 40
 INIT_TS_AT = INIT_STATIC_AT + KEY_LEN + TAG_LEN  # 88
-INIT_PAYLOAD_LEN = TS_LEN + 4  # timestamp + flags (byte 0: the security mode)
+INIT_PAYLOAD_LEN = TS_LEN + 4  # timestamp, mode (1 byte), flags (1 byte), 2 zero bytes
 INIT_MAC1_AT = INIT_TS_AT + INIT_PAYLOAD_LEN + TAG_LEN  # 120
 INITIATION_LEN = INIT_MAC1_AT + 2 * MAC_LEN  # 152
 
-# Response: type, reserved, sender index, receiver index, ephemeral(32), {}+16, mac1, mac2
+# Response: type, reserved, sender index, receiver index, ephemeral(32),
+# {flags (1 byte), 3 zero bytes}+16, mac1, mac2
 RESP_HEAD = struct.Struct("!B3xII")
 RESP_EPH_AT = RESP_HEAD.size  # 12
-RESP_EMPTY_AT = RESP_EPH_AT + KEY_LEN  # 44
-RESP_MAC1_AT = RESP_EMPTY_AT + TAG_LEN  # 60
-RESPONSE_LEN = RESP_MAC1_AT + 2 * MAC_LEN  # 92
+RESP_PAYLOAD_AT = RESP_EPH_AT + KEY_LEN  # 44
+RESP_PAYLOAD_LEN = 4
+RESP_MAC1_AT = RESP_PAYLOAD_AT + RESP_PAYLOAD_LEN + TAG_LEN  # 64
+RESPONSE_LEN = RESP_MAC1_AT + 2 * MAC_LEN  # 96
+
+# Handshake flags (initiation byte 13 and response byte 0 of the encrypted payloads)
+FLAG_FRESH = 0x01  # the sender has had no session with this peer since it started
 
 # Cookie reply: type, reserved, receiver index, nonce(24), {cookie(16)}+16
 COOKIE_HEAD = struct.Struct("!B3xI")

@@ -99,7 +99,8 @@ def test_malformed_input_is_counted_never_raised() -> None:
     b = p.ep["b"]
     cases = [b"", b"\x01", b"\x04\x00\x00", b"\x04\x01\x00\x00" + bytes(40),
              b"\x09\x00\x00\x00" + bytes(40), b"\x01\x00\x00\x00" + bytes(10),
-             b"\x02\x00\x00\x00" + bytes(91), b"\x03\x00\x00\x00" + bytes(59),
+             b"\x02\x00\x00\x00" + bytes(91), b"\x02\x00\x00\x00" + bytes(88),
+             b"\x03\x00\x00\x00" + bytes(59),
              b"\x05\x00\x00\x00" + bytes(27)]
     for c in cases:
         assert b.receive_datagram(c, ADDR["a"], 1.0) is None
@@ -111,7 +112,7 @@ def test_unknown_indices_and_forged_cookie_replies() -> None:
     p.up(0.0)
     b = p.ep["b"]
     assert b.receive_datagram(b"\x05\x00\x00\x00" + bytes(40), ADDR["a"], 1.0) is None
-    assert b.receive_datagram(b"\x02\x00\x00\x00" + bytes(88), ADDR["a"], 1.0) is None
+    assert b.receive_datagram(b"\x02\x00\x00\x00" + bytes(92), ADDR["a"], 1.0) is None
     assert b.drops["unknown_session"] == 2
     a = p.ep["a"]
     idx = a.peers[0].current.local if a.peers[0].current else 0

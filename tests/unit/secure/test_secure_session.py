@@ -303,3 +303,40 @@ def test_traffic_flows_again_within_2s_of_a_restart(known: tuple[str, ...],
             back = t
     assert back is not None and back - restart_at <= 2.0, back
     assert p.got["b"][-1] == b"s%.2f" % t  # and it keeps flowing
+
+
+def _drain(ep: object) -> list[object]:
+    out = []
+    while (ev := ep.next_event()) is not None:  # type: ignore[attr-defined]
+        out.append(ev)
+    return out
+
+
+def test_peer_restarted_is_signalled_once_per_restart_never_for_rekeys_or_replays() -> None:
+    from bridge.secure import PeerRestarted
+
+    p = Pair()
+    p.up(0.0)
+    # first start: each side is fresh for the other
+    assert PeerRestarted(0) in _drain(p.ep["a"]) and PeerRestarted(0) in _drain(p.ep["b"])
+    first_boot_init_from_a = next(d for to, d, _ in p.wire if to == "b" and d[0] == 1)
+    for t in range(1, 400, 2):  # rekeys (120 s) and silence: no restart signal
+        p.pump(float(t))
+        assert p.send("a", b"x", float(t)) and p.send("b", b"y", float(t))
+    assert p.ep["a"].events["rekey"] + p.ep["b"].events["rekey"] >= 3
+    assert PeerRestarted(0) not in _drain(p.ep["a"]) + _drain(p.ep["b"])
+    p.restart("b", 500.0)
+    p.pump(500.0)
+    assert p.send("a", b"after", 500.1) and p.send("b", b"after", 500.1)
+    assert _drain(p.ep["a"]).count(PeerRestarted(0)) == 1  # b restarted
+    assert PeerRestarted(0) not in _drain(p.ep["b"])  # a did not
+    # b restarts again; a's first-boot initiation (FRESH) replayed to it is consumed (b has
+    # no timestamp stored any more) but never confirmed: no restart signal from it
+    p.restart("b", 600.0)
+    p.deliver("b", first_boot_init_from_a, 600.0, record=False)
+    assert p.ep["b"].events["handshake_responded"] == 1
+    p.ep["b"].datagrams_to_send(600.0)  # its answer goes to the attacker
+    p.pump(600.0)
+    assert p.send("a", b"x", 600.1) and p.send("b", b"y", 600.1)
+    assert PeerRestarted(0) not in _drain(p.ep["b"])
+    assert _drain(p.ep["a"]).count(PeerRestarted(0)) == 1
