@@ -38,6 +38,8 @@ Send (from_tun, after encapsulation, where `_send` / `_emit` now append `dgram`)
 Receive (datagrams from the secure socket; never the by-host lookup: roaming):
     res = sec.receive_datagram(payload, addr, now)
     if res is None: continue                      # counted inside sec, or a handshake step
+    if sec.events_q: apply the events (below) now, before `inner`: the datagram that
+                     confirms a restarted peer's session carries its first new packet
     i, inner = res                                # inner: a memoryview in authenticated mode
     if not inner: self._heard(peer i); continue   # a keepalive of the secure layer
     then the existing GRE/IPIP decode of `inner` for peer i (keys, checksum, keepalive),
@@ -46,7 +48,9 @@ Receive (datagrams from the secure socket; never the by-host lookup: roaming):
   same call. Only a verified datagram may call `_heard`: in secure modes spoofed keepalives
   cannot keep a dead peer up.
 
-After every from_tun / from_udp / handle_timer call:
+After every from_tun / from_udp / handle_timer call (every one: a response received in
+from_udp releases the datagrams staged during the handshake, and they must leave before
+anything sealed later, or a sequence policy would see them late):
     for d, addr in sec.datagrams_to_send(now): append d to out.udp[addr]
     while (ev := sec.next_event()) is not None:
         Roamed(i, addr)        -> the peer's send address becomes addr (status shows it)
