@@ -198,12 +198,14 @@ class SecureEndpoint:
         `alloc(n)` makes the output buffer (e.g. `lambda n: UdpRun(n, seg + OVERHEAD)`, so
         the result is sent with UDP GSO as it is, without a copy)."""
         total = len(run)
-        count = (total + seg - 1) // seg if seg > 0 else 0
+        if seg <= 0 or seg > total:
+            seg = max(total, 1)  # one datagram
+        count = (total + seg - 1) // seg
         p = self.peers[peer]
         kp = p.sendable(now, self.limits, count)
         src = memoryview(run)
         if kp is None or count == 0:
-            for off in range(0, total, max(seg, 1)):
+            for off in range(0, total, seg):
                 self._stage(p, src[off:off + seg], now)
             return None
         out = alloc(total + OVERHEAD * count)
@@ -393,14 +395,13 @@ class SecureEndpoint:
                 self._forget(p.retired.pop(0))
 
     def _expire(self, p: PeerSession, now: float) -> None:
-        life = self.limits.reject_after_time
-        if p.current is not None and now - p.current.created >= life:
+        if p.current is not None and now >= p.current.expires:
             self._forget(p.current)
             p.current = None
-        if p.next is not None and now - p.next.created >= life:
+        if p.next is not None and now >= p.next.expires:
             self._forget(p.next)
             p.next = None
-        for kp in [k for k in p.retired if now - k.created >= life]:
+        for kp in [k for k in p.retired if now >= k.expires]:
             self._forget(kp)
             p.retired.remove(kp)
 

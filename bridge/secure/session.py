@@ -150,7 +150,7 @@ class PeerSession:
     def sendable(self, now: float, limits: Limits, count: int = 1) -> Keypair | None:
         """The current keypair if `count` more datagrams may be sealed with it now."""
         kp = self.current
-        if kp is None or now - kp.created >= limits.reject_after_time:
+        if kp is None or now >= kp.expires:
             return None
         if kp.send_n + count > limits.reject_after_messages:
             return None
@@ -161,11 +161,12 @@ class PeerSession:
         if self.pending is not None or self.endpoint is None:
             return False
         kp = self.current
-        if kp is None or now - kp.created >= limits.reject_after_time:
+        if kp is None or now >= kp.expires:
             return now >= self.next_attempt
         if kp.send_n >= limits.rekey_after_messages:
             return True
-        return now - kp.created >= self.rekey_age(kp, limits)
+        # the same expression as deadline(): a due timer always finds its work
+        return now >= kp.created + self.rekey_age(kp, limits)
 
     @staticmethod
     def rekey_age(kp: Keypair, limits: Limits) -> float:
@@ -183,7 +184,7 @@ class PeerSession:
             else:
                 t = kp.created + self.rekey_age(kp, limits)
         for kp in self.keypairs():
-            t = min(t, kp.created + limits.reject_after_time)
+            t = min(t, kp.expires)
         return min(t, self.keepalive_at, self.unanswered_at + limits.silence_after)
 
     def stage(self, payload: bytes | bytearray | memoryview, limits: Limits) -> bool:

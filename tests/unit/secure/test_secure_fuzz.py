@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from secure_pair import Pair
 
-from bridge.secure import SecurityMode
+from bridge.secure import Limits, SecurityMode
 from bridge.secure.fuzz import ADDR_A, ADDR_B, exchange, fuzz, main, make_pair
 from bridge.secure.wire import TRANSPORT
 
@@ -70,3 +71,35 @@ def test_hostile_datagrams_never_deliver_and_never_cost_legitimate_ones(
         assert b.endpoint(0) == ADDR_A
         b.datagrams_to_send(now)
     assert exchange(a, b, now) >= 0 and a.endpoint(0) == ADDR_B
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(st.tuples(st.sampled_from(["a", "b", "tick", "drop", "restart"]),
+                                st.floats(0.001, 40.0)), max_size=40))
+def test_a_due_timer_always_finds_work(steps: list[tuple[str, float]]) -> None:
+    """No busy loop: after handle_timer(t) at the deadline t, the next deadline is later.
+    (A sans-I/O loop that sees get_timer() <= now and calls handle_timer must progress.)"""
+    p = Pair(limits=Limits(rekey_after_time=30.0, reject_after_time=45.0))
+    now = 0.0
+    for action, dt in steps:
+        now += dt
+        for side in "ab":  # run every due timer at its deadline, checking progress
+            for _ in range(1000):
+                t = p.ep[side].get_timer()
+                if t is None or t > now:
+                    break
+                p.ep[side].handle_timer(t)
+                t2 = p.ep[side].get_timer()
+                assert t2 is None or t2 > t, (side, t, t2)
+                if action != "drop":
+                    p.flush("a", t)
+                    p.flush("b", t)
+                else:
+                    p.ep["a"].datagrams_to_send(t)
+                    p.ep["b"].datagrams_to_send(t)
+            else:
+                raise AssertionError("timer loop did not settle")
+        if action in "ab":
+            p.send(action, b"data", now)
+        elif action == "restart":
+            p.restart("b", now)
