@@ -5,7 +5,8 @@ Rules (what counts as a finding):
 - A policy violation: a hostile input that delivers a payload (every input here is random,
   mutated, or a replay of something already delivered, so none may deliver); a legitimate
   datagram, sent between the hostile ones, that does not deliver (the attack cost real
-  traffic); the peer's endpoint moving to an address only hostile inputs came from.
+  traffic); the peer's endpoint moving to an address only hostile inputs came from; a
+  PeerRestarted event after the first start (neither side restarts here).
 Exit status 1 if there was any finding, so a script can run it.
 
 Theory of operation: two endpoints in one process (`make_pair`) complete a handshake; the
@@ -173,6 +174,9 @@ def fuzz(inputs: int, mode: SecurityMode, seed: int = 0, limits: Limits | None =
             violations.append(f"input {i}: endpoint moved to {ep.endpoint(0)}")
             ep.peers[0].endpoint = real
     secs = time.perf_counter() - start
+    restarts = a.events["peer_restarted"] + b.events["peer_restarted"]
+    if restarts != 2:  # one per side at the first start; a hostile input faked one
+        violations.append(f"peer_restarted {restarts} times (expected 2: the first start)")
     drops: dict[str, int] = {}
     events: dict[str, int] = {}
     for ep in eps:

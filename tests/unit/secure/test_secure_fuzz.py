@@ -40,7 +40,7 @@ _hostile = st.lists(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mode=st.sampled_from([SecurityMode.AUTHENTICATED, SecurityMode.ENCRYPTED]),
        hostile=_hostile)
 def test_hostile_datagrams_never_deliver_and_never_cost_legitimate_ones(
