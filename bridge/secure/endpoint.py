@@ -263,14 +263,22 @@ class SecureEndpoint:
                     self.events["rekey"] += 1
                 self._initiate(p, now)
 
-    def snapshot(self) -> dict[str, object]:
-        """Counters and table sizes for `grebe status` / metrics (JSON-able)."""
+    def snapshot(self, now: float | None = None) -> dict[str, object]:
+        """Counters and table sizes for `grebe status` / metrics (JSON-able). With `now`,
+        each peer also shows the age of its session and of the last verified datagram
+        (seconds, None if never), as `wg show` shows "latest handshake"."""
+        def age(t: float) -> float | None:
+            return None if now is None or t == -_INF else round(now - t, 3)
+
         return {
             "drops": dict(self.drops),
             "events": dict(self.events) | {"ratelimit_evicted": self.guard.ratelimit.evicted},
             "tables": {"indices": len(self.indices), "ratelimit": len(self.guard.ratelimit),
                        "staged": sum(len(p.staged) for p in self.peers.values())},
-            "peers": {p.name: {"endpoint": p.endpoint, "session": p.current is not None}
+            "peers": {p.name: {"endpoint": p.endpoint, "session": p.current is not None,
+                               "session_age": age(p.current.created) if p.current else None,
+                               "last_rx_age": age(p.last_rx),
+                               "handshake_pending": p.pending is not None}
                       for p in self.peers.values()},
         }
 

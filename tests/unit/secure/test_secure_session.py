@@ -270,6 +270,10 @@ def test_status_snapshot_and_metrics_name_every_reason() -> None:
     p.up()
     snap = p.ep["a"].snapshot()
     assert set(snap["drops"]) == set(DROP_REASONS)  # type: ignore[arg-type]
+    assert p.send("b", b"x", 2.0)
+    peer = p.ep["a"].snapshot(now=3.5)["peers"]["b"]  # type: ignore[index]
+    assert peer["session"] and peer["last_rx_age"] == 1.5 and not peer["handshake_pending"]
+    assert peer["session_age"] is not None and peer["session_age"] >= 3.5
     text = p.ep["a"].prometheus()
     assert all(f'reason="{r}"' in text for r in DROP_REASONS)
 
