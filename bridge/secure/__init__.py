@@ -71,9 +71,10 @@ first initiation is lost, the next goes 1 s later, so traffic flows within 2 s o
 restart unless two handshakes in a row are lost. Nothing recorded before the restart is
 accepted after it: every key is derived from both sides' fresh ephemeral keys.
 
-Counters: `sec.snapshot()` -> {"drops": {reason: n}, "events": {name: n},
-"tables": {"indices", "ratelimit", "staged"}, "peers": {name: {"endpoint", "session"}}} for
-`grebe status` (a "secure" key beside the existing ones); `sec.prometheus()` renders
+Counters: `sec.snapshot(now)` -> {"drops": {reason: n}, "events": {name: n},
+"tables": {"indices", "ratelimit", "staged"}, "peers": {name: {"endpoint", "session",
+"session_age", "last_rx_age", "handshake_pending"}}} for `grebe status` (a "secure" key
+beside the existing ones); `sec.prometheus()` renders
 `grebe_secure_drops_total{reason=...}` and `grebe_secure_events_total{event=...}` for the
 metrics endpoint. `sec.force_load = True` lets the Bridge declare load (e.g. a long receive
 queue) so handshakes need cookies at once.
