@@ -50,14 +50,12 @@ class ReplayWindow:
         top = self.top
         ring = self.ring
         if n > top:
-            cur = top >> 6 if top >= 0 else -1
-            diff = (n >> 6) - cur
-            if diff > BLOCKS:
-                diff = BLOCKS
-            for i in range(1, diff + 1):
-                ring[(cur + i) & _MASK] = 0
+            if (n ^ top) >> 6 or top < 0:  # n opens a new block: clear the ones passed
+                self.advance(n)
             self.top = n
-        elif top - n >= WINDOW:
+            ring[(n >> 6) & _MASK] |= 1 << (n & 63)  # above top: cannot be set yet
+            return True
+        if top - n >= WINDOW:
             return False
         idx = (n >> 6) & _MASK
         bit = 1 << (n & 63)
@@ -66,3 +64,11 @@ class ReplayWindow:
             return False
         ring[idx] = word | bit
         return True
+
+    def advance(self, n: int) -> None:
+        """Zero the blocks after top's up to n's (at most all of them), RFC 6479 §2."""
+        cur = self.top >> 6 if self.top >= 0 else -1
+        diff = min((n >> 6) - cur, BLOCKS)
+        ring = self.ring
+        for i in range(1, diff + 1):
+            ring[(cur + i) & _MASK] = 0
