@@ -45,8 +45,10 @@ Receive (datagrams from the secure socket; never the by-host lookup: roaming):
     then the existing GRE/IPIP decode of `inner` for peer i (keys, checksum, keepalive),
     the inner-source check, TTL, loop, sequence policy, exactly as for plain peers.
   A GroBatch from the secure socket is cut into its datagrams and each goes through the
-  same call. Only a verified datagram may call `_heard`: in secure modes spoofed keepalives
-  cannot keep a dead peer up.
+  same call. `addr` is compared as given: pass it as (canonical host, port) (e.g.
+  bridge.peers.canonical_host for a dual-stack socket's IPv4-mapped or 4-tuple
+  addresses), or the first datagram reports a spurious Roamed. Only a verified datagram
+  may call `_heard`: in secure modes spoofed keepalives cannot keep a dead peer up.
 
 After every from_tun / from_udp / handle_timer call (every one: a response received in
 from_udp releases the datagrams staged during the handshake, and they must leave before
