@@ -212,10 +212,7 @@ class SecureEndpoint:
         dst = memoryview(out)
         first = kp.send_n
         kp.send_n = first + count
-        at = 0
-        seal_into = kp.seal_into
-        for i in range(count):
-            at += seal_into(src[i * seg:i * seg + seg], dst, at, first + i)
+        kp.seal_run(src, seg, dst, first)
         p.keepalive_at = _INF
         if p.unanswered_at == _INF:
             p.unanswered_at = now

@@ -86,6 +86,31 @@ class Keypair:
                                    out[at + HEADER_LEN:end + TAG_LEN])
         return HEADER_LEN + n + TAG_LEN
 
+    def seal_run(self, src: memoryview, seg: int, out: memoryview, first: int) -> None:
+        """`seal_into` for every `seg`-byte datagram of `src` (the last may be shorter),
+        counters first, first + 1, ...; out has room for len(src) + OVERHEAD per datagram.
+        One loop with everything bound to locals: the per-datagram cost of a 64 KB run."""
+        total = len(src)
+        pack_into = TRANSPORT.pack_into
+        enc = self.send.encrypt_into
+        t = self.msg_type
+        remote = self.remote
+        auth = t == MSG_AUTHENTICATED
+        at = 0
+        ctr = first
+        for off in range(0, total, seg):
+            n = min(seg, total - off)
+            end = at + HEADER_LEN + n
+            pack_into(out, at, t, remote, ctr)
+            if auth:
+                out[at + HEADER_LEN:end] = src[off:off + n]
+                enc(nonce(ctr), b"", out[at:end], out[end:end + TAG_LEN])
+            else:
+                enc(nonce(ctr), src[off:off + n], out[at:at + HEADER_LEN],
+                    out[at + HEADER_LEN:end + TAG_LEN])
+            at = end + TAG_LEN
+            ctr += 1
+
 
 @dataclass(frozen=True, slots=True)
 class Pending:
