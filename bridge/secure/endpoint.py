@@ -1,0 +1,592 @@
+"""SecureEndpoint: the sans-I/O secure layer of one grebe endpoint (all its non-plain peers).
+
+Rules (the wire and the reasons are in docs/SECURE.md):
+- Receive, cheapest test first: prefix and exact length ("malformed"); for transport
+  datagrams the receiver index ("unknown_session"), the mode ("wrong_mode"), age and counter
+  limits ("expired_session"), the replay window ("replay"), then one AEAD ("bad_mac"); only
+  a datagram that verified updates the window, confirms a `next` keypair or moves the peer's
+  endpoint (roaming, event `Roamed`). For handshakes: mac1 (one HMAC per local identity,
+  "bad_mac1"), then the load rule (mac2 or a cookie reply, "cookie_required"; per-source
+  token bucket, "rate_limited"), then the DHs ("bad_handshake", "unknown_peer",
+  "stale_handshake", "mode_mismatch").
+- An initiation is answered at the address it came from, but that address is not learned:
+  an initiation can be a replay (after a restart of ours, when no timestamp is stored), so
+  only a response (bound to our fresh ephemeral key) or a transport datagram moves the
+  endpoint. Cookie replies never move it (boringtun PR #489).
+- Nothing a peer sends raises: every branch ends in a counted drop, a delivery, or a
+  handshake step; the cryptography calls that can raise on hostile input are wrapped.
+- Every drop increments exactly one `drops[reason]`; `events[name]` counts the rest.
+
+Theory of operation: `indices` maps our 32-bit receiver indices (random) to (peer, keypair),
+or (peer, None) for our pending initiation; a peer holds at most current, next,
+RETIRED_MAX retired keypairs and one pending handshake, so the table is bounded by
+(3 + RETIRED_MAX) x peers, and only a handshake authenticated by a configured key adds to
+it. Output datagrams (handshakes, cookie replies, staged data sealed late, keepalives)
+queue in `out` for `datagrams_to_send`. The load rule and cookies are bridge/secure/cookie.py's
+`Guard`, which shares the counters and the output queue.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.constant_time import bytes_eq
+
+from bridge.secure import noise
+from bridge.secure.cookie import Guard, open_cookie_reply
+from bridge.secure.keys import PeerSpec
+from bridge.secure.limits import DROP_REASONS, EVENTS, Limits, new_counts
+from bridge.secure.session import RETIRED_MAX, Keypair, PeerSession, Pending
+from bridge.secure.wire import (
+    COOKIE_HEAD,
+    COOKIE_LEN,
+    FLAG_FRESH,
+    HEADER_LEN,
+    INIT_EPH_AT,
+    INIT_HEAD,
+    INIT_MAC1_AT,
+    INIT_STATIC_AT,
+    INIT_TS_AT,
+    INITIATION_LEN,
+    MAC_LEN,
+    MSG_AUTHENTICATED,
+    MSG_COOKIE,
+    MSG_ENCRYPTED,
+    MSG_INITIATION,
+    MSG_RESPONSE,
+    OVERHEAD,
+    RESP_EPH_AT,
+    RESP_HEAD,
+    RESP_MAC1_AT,
+    RESP_PAYLOAD_AT,
+    RESPONSE_LEN,
+    TAG_LEN,
+    TRANSPORT,
+    nonce,
+    tai64n,
+)
+
+__all__ = ["SecureEndpoint", "Roamed", "SessionStarted", "PeerRestarted", "Event"]
+
+Addr = tuple[str, int]
+Buf = bytes | bytearray | memoryview
+_ZERO_MAC = bytes(MAC_LEN)
+_INF = float("inf")
+
+
+@dataclass(frozen=True, slots=True)
+class Roamed:
+    """A verified datagram of `peer` came from `addr`: send to it from now on."""
+
+    peer: int
+    addr: Addr
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStarted:
+    """A new keypair with `peer` is in use (after a handshake, either role)."""
+
+    peer: int
+    initiator: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRestarted:
+    """`peer` started afresh (its handshake said FLAG_FRESH) and the new session is
+    confirmed: reset per-peer state keyed to its old life (the GRE sequence receiver).
+    A replayed handshake cannot produce it: confirmation needs the new keys."""
+
+    peer: int
+
+
+Event = Roamed | SessionStarted | PeerRestarted
+
+
+class SecureEndpoint:
+    """All secure peers of one endpoint; one UDP port. Pure: no sockets, no clock."""
+
+    def __init__(self, peers: Sequence[PeerSpec], now: float, wall_offset: float = 0.0,
+                 limits: Limits | None = None,
+                 rng: Callable[[int], bytes] = os.urandom) -> None:
+        self.limits = limits or Limits()
+        self.wall_offset = wall_offset  # UNIX time minus `now`, for TAI64N timestamps
+        self.rng = rng
+        self.peers: dict[int, PeerSession] = {}
+        self.by_public: dict[bytes, PeerSession] = {}
+        self.identities: dict[bytes, noise.Identity] = {}
+        for spec in peers:
+            p = PeerSession(spec, now)
+            if not p.identities or not p.remote_publics or not p.msg_type:
+                raise ValueError(f"peer {spec.name}: not a secure peer with keys")
+            self.peers[spec.index] = p
+            for pub in p.remote_publics:
+                if pub in self.by_public:
+                    raise ValueError(f"peer {spec.name}: public key used by two peers")
+                self.by_public[pub] = p
+            for ident in p.identities:
+                self.identities.setdefault(ident.public, ident)
+        self.indices: dict[int, tuple[PeerSession, Keypair | None]] = {}
+        self.out: list[tuple[bytes | bytearray, Addr]] = []
+        self.events_q: list[Event] = []
+        self.drops = new_counts(DROP_REASONS)
+        self.events = new_counts(EVENTS)
+        lim = self.limits
+        self.reject_msgs = lim.reject_after_messages
+        self.guard = Guard(lim, now, rng, self.drops, self.events, self.out)
+
+    @property
+    def force_load(self) -> bool:
+        """Set by the Bridge to require cookies at once (e.g. its receive queue is long)."""
+        return self.guard.force_load
+
+    @force_load.setter
+    def force_load(self, value: bool) -> None:
+        self.guard.force_load = value
+
+    # ---- the API the Bridge calls -----------------------------------------------------
+
+    def receive_datagram(self, data: Buf, addr: Addr, now: float) -> tuple[int, Buf] | None:
+        """One datagram from the secure port. Returns (peer index, inner payload) for a
+        transport datagram that verified (payload b"" for a keepalive; for authenticated
+        mode a memoryview into `data`), else None (a handshake step or a counted drop)."""
+        n = len(data)
+        if n < 4 or data[1] or data[2] or data[3]:
+            self.drops["malformed"] += 1
+            return None
+        t = data[0]
+        if t == MSG_ENCRYPTED or t == MSG_AUTHENTICATED:
+            return self._transport(data, n, t, addr, now)
+        if t == MSG_INITIATION:
+            self._initiation(data, addr, now)
+        elif t == MSG_RESPONSE:
+            self._response(data, addr, now)
+        elif t == MSG_COOKIE:
+            self._cookie_reply(data, now)
+        else:
+            self.drops["malformed"] += 1
+        return None
+
+    def seal(self, peer: int, payload: Buf, now: float) -> bytearray | None:
+        """Protect one datagram for `peer`; send it to `endpoint(peer)`. None: no session
+        yet, the datagram is staged (it comes out of `datagrams_to_send` later)."""
+        p = self.peers[peer]
+        kp = p.current
+        if kp is None or now >= kp.expires or kp.send_n >= self.reject_msgs:
+            self._stage(p, payload, now)
+            return None
+        n = kp.send_n
+        kp.send_n = n + 1
+        buf = bytearray(len(payload) + OVERHEAD)
+        kp.seal_into(payload, memoryview(buf), 0, n)
+        p.keepalive_at = _INF
+        if p.unanswered_at == _INF and len(payload):
+            p.unanswered_at = now
+        if n + 1 == self.limits.rekey_after_messages:
+            self._rekey(p, now)
+        return buf
+
+    def seal_batch(self, peer: int, run: Buf, seg: int, now: float,
+                   alloc: Callable[[int], bytearray] = bytearray,
+                   ) -> tuple[bytearray, int] | None:
+        """Protect equal-size datagrams of `seg` bytes back to back in `run` (the last may
+        be shorter: a UdpRun). Returns (datagrams of seg + OVERHEAD bytes back to back,
+        that new segment size), or None if they were staged for lack of a session.
+        `alloc(n)` makes the output buffer (e.g. `lambda n: UdpRun(n, seg + OVERHEAD)`, so
+        the result is sent with UDP GSO as it is, without a copy)."""
+        total = len(run)
+        if seg <= 0 or seg > total:
+            seg = max(total, 1)  # one datagram
+        count = (total + seg - 1) // seg
+        p = self.peers[peer]
+        kp = p.sendable(now, self.limits, count)
+        src = memoryview(run)
+        if kp is None or count == 0:
+            for off in range(0, total, seg):
+                self._stage(p, src[off:off + seg], now)
+            return None
+        out = alloc(total + OVERHEAD * count)
+        dst = memoryview(out)
+        first = kp.send_n
+        kp.send_n = first + count
+        kp.seal_run(src, seg, dst, first)
+        p.keepalive_at = _INF
+        if p.unanswered_at == _INF:
+            p.unanswered_at = now
+        lim = self.limits.rekey_after_messages
+        if first < lim <= first + count:
+            self._rekey(p, now)
+        return out, seg + OVERHEAD
+
+    def endpoint(self, peer: int) -> Addr | None:
+        """Where datagrams for `peer` go now (configured, or learned from a verified one)."""
+        return self.peers[peer].endpoint
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes | bytearray, Addr]]:
+        """Handshake messages, cookie replies, keepalives and late-sealed staged datagrams
+        produced since the last call, with their destinations."""
+        out = list(self.out)
+        self.out.clear()  # the same list object: the guard appends cookie replies to it
+        return out
+
+    def next_event(self) -> Event | None:
+        return self.events_q.pop(0) if self.events_q else None
+
+    def get_timer(self) -> float | None:
+        t = min((p.deadline(self.limits) for p in self.peers.values()), default=float("inf"))
+        return None if t == float("inf") else t
+
+    def handle_timer(self, now: float) -> None:
+        lim = self.limits
+        for p in self.peers.values():
+            self._expire(p, now)
+            if now >= p.keepalive_at:
+                self._keepalive(p, now)
+            if now >= p.unanswered_at + lim.silence_after:
+                p.unanswered_at = _INF
+                if p.pending is None and p.endpoint is not None:
+                    self.events["silence_handshake"] += 1
+                    self._initiate(p, now)
+                    continue
+            pend = p.pending
+            if pend is not None:
+                if now >= pend.sent_at + lim.retry_after:
+                    self._initiate(p, now)
+            elif p.rekey_due(now, lim):
+                if p.current is not None:
+                    self.events["rekey"] += 1
+                self._initiate(p, now)
+
+    def snapshot(self, now: float | None = None) -> dict[str, object]:
+        """Counters and table sizes for `grebe status` / metrics (JSON-able). With `now`,
+        each peer also shows the age of its session and of the last verified datagram
+        (seconds, None if never), as `wg show` shows "latest handshake"."""
+        def age(t: float) -> float | None:
+            return None if now is None or t == -_INF else round(now - t, 3)
+
+        return {
+            "drops": dict(self.drops),
+            "events": dict(self.events) | {"ratelimit_evicted": self.guard.ratelimit.evicted},
+            "tables": {"indices": len(self.indices), "ratelimit": len(self.guard.ratelimit),
+                       "staged": sum(len(p.staged) for p in self.peers.values())},
+            "peers": {p.name: {"endpoint": p.endpoint, "session": p.current is not None,
+                               "session_age": age(p.current.created) if p.current else None,
+                               "last_rx_age": age(p.last_rx),
+                               "handshake_pending": p.pending is not None}
+                      for p in self.peers.values()},
+        }
+
+    def prometheus(self, prefix: str = "grebe_secure") -> str:
+        """Prometheus text (format 0.0.4) of the drop and event counters."""
+        snap_events = dict(self.events) | {"ratelimit_evicted": self.guard.ratelimit.evicted}
+        lines = [f"# HELP {prefix}_drops_total Secure-mode datagrams dropped, by reason.",
+                 f"# TYPE {prefix}_drops_total counter"]
+        lines += [f'{prefix}_drops_total{{reason="{k}"}} {v}' for k, v in self.drops.items()]
+        lines += [f"# HELP {prefix}_events_total Secure-mode events that are not drops.",
+                  f"# TYPE {prefix}_events_total counter"]
+        lines += [f'{prefix}_events_total{{event="{k}"}} {v}' for k, v in snap_events.items()]
+        return "\n".join(lines) + "\n"
+
+    # ---- transport --------------------------------------------------------------------
+
+    def _transport(self, data: Buf, n: int, t: int, addr: Addr, now: float,
+                   ) -> tuple[int, Buf] | None:
+        drops = self.drops
+        if n < OVERHEAD:
+            drops["malformed"] += 1
+            return None
+        _, idx, ctr = TRANSPORT.unpack_from(data)
+        entry = self.indices.get(idx)
+        kp = entry[1] if entry is not None else None
+        if kp is None or entry is None:
+            drops["unknown_session"] += 1
+            return None
+        p = entry[0]
+        if kp.msg_type != t:
+            drops["wrong_mode"] += 1
+            return None
+        if now >= kp.expires or ctr >= self.reject_msgs:
+            drops["expired_session"] += 1
+            return None
+        win = kp.window
+        if ctr <= win.top and not win.check(ctr):  # in order: no call
+            drops["replay"] += 1
+            return None
+        mv = memoryview(data)
+        payload: Buf
+        try:
+            if t == MSG_ENCRYPTED:
+                payload = kp.recv.decrypt(nonce(ctr), mv[HEADER_LEN:], mv[:HEADER_LEN])
+            else:
+                kp.recv.decrypt(nonce(ctr), mv[n - TAG_LEN:], mv[:n - TAG_LEN])
+                payload = mv[HEADER_LEN:n - TAG_LEN]
+        except InvalidTag:
+            drops["bad_mac"] += 1
+            return None
+        win.accept(ctr)
+        if kp is not p.current:
+            self._received_on(p, kp, now)
+        p.last_rx = now
+        p.unanswered_at = _INF
+        if addr != p.endpoint:
+            self._roam(p, addr)
+        if not len(payload):
+            self.events["keepalive_rx"] += 1
+            return p.index, b""
+        if p.keepalive_at == _INF:
+            p.keepalive_at = now + self.limits.keepalive_after
+        return p.index, payload
+
+    def _received_on(self, p: PeerSession, kp: Keypair, now: float) -> None:
+        if kp is p.next:  # the initiator proved it holds the new keys: switch to them
+            self._retire(p, p.current)
+            p.current = kp
+            p.next = None
+            self.events["session_confirmed"] += 1
+            self._established(p, kp, False)
+            self._flush(p, now)
+
+    def _established(self, p: PeerSession, kp: Keypair, initiator: bool) -> None:
+        self.events_q.append(SessionStarted(p.index, initiator))
+        if kp.peer_fresh:
+            self.events["peer_restarted"] += 1
+            self.events_q.append(PeerRestarted(p.index))
+        p.fresh = False
+
+    def _roam(self, p: PeerSession, addr: Addr) -> None:
+        p.endpoint = addr
+        self.events["roamed"] += 1
+        self.events_q.append(Roamed(p.index, addr))
+
+    def _stage(self, p: PeerSession, payload: Buf, now: float) -> None:
+        if p.stage(payload, self.limits):
+            self.events["staged"] += 1
+        else:
+            self.drops["tx_no_session"] += 1
+        if p.pending is None and p.endpoint is not None:
+            self._initiate(p, now)
+
+    def _flush(self, p: PeerSession, now: float) -> None:
+        """Seal what was staged (the keypair is now current); a keepalive if nothing."""
+        dest = p.endpoint
+        if dest is None:
+            return
+        while p.staged:
+            dgram = self.seal(p.index, p.staged.popleft(), now)
+            if dgram is None:  # cannot happen right after a switch; never loop forever
+                break
+            self.out.append((dgram, dest))
+
+    def _keepalive(self, p: PeerSession, now: float) -> None:
+        p.keepalive_at = _INF
+        if p.endpoint is None or p.sendable(now, self.limits) is None:
+            return
+        dgram = self.seal(p.index, b"", now)
+        if dgram is not None:
+            self.out.append((dgram, p.endpoint))
+            self.events["keepalive_tx"] += 1
+
+    def _forget(self, kp: Keypair | None) -> None:
+        if kp is not None:
+            self.indices.pop(kp.local, None)
+
+    def _retire(self, p: PeerSession, kp: Keypair | None) -> None:
+        if kp is not None:
+            p.retired.append(kp)
+            if len(p.retired) > RETIRED_MAX:
+                self._forget(p.retired.pop(0))
+
+    def _expire(self, p: PeerSession, now: float) -> None:
+        if p.current is not None and now >= p.current.expires:
+            self._forget(p.current)
+            p.current = None
+        if p.next is not None and now >= p.next.expires:
+            self._forget(p.next)
+            p.next = None
+        for kp in [k for k in p.retired if now >= k.expires]:
+            self._forget(kp)
+            p.retired.remove(kp)
+
+    # ---- handshake --------------------------------------------------------------------
+
+    def _new_index(self, p: PeerSession, kp: Keypair | None) -> int:
+        while True:
+            idx = int.from_bytes(self.rng(4), "big")
+            if idx not in self.indices:
+                self.indices[idx] = (p, kp)
+                return idx
+
+    def _rekey(self, p: PeerSession, now: float) -> None:
+        if p.pending is None and p.endpoint is not None:
+            self.events["rekey"] += 1
+            self._initiate(p, now)
+
+    def _initiate(self, p: PeerSession, now: float) -> None:
+        dest = p.endpoint
+        if dest is None:
+            return
+        if p.pending is not None:
+            self.indices.pop(p.pending.local, None)
+            p.pending = None
+        me = p.identities[0]
+        remote = p.remote_publics[0]
+        eph = X25519PrivateKey.generate()
+        flags = FLAG_FRESH if p.fresh else 0
+        payload = tai64n(now + self.wall_offset) + bytes((p.msg_type, flags, 0, 0))
+        st, e_pub, enc_static, enc_payload = noise.initiation(me, remote, p.ss(me, remote), eph,
+                                                              payload)
+        local = self._new_index(p, None)
+        msg = bytearray(INIT_HEAD.pack(MSG_INITIATION, local))
+        msg += e_pub
+        msg += enc_static
+        msg += enc_payload
+        self._macs(p, msg, remote, now)
+        p.pending = Pending(st, eph, local, now, me, remote)
+        p.next_attempt = now + self.limits.retry_after
+        self.out.append((msg, dest))
+        self.events["handshake_initiated"] += 1
+
+    def _macs(self, p: PeerSession, msg: bytearray, remote: bytes, now: float) -> None:
+        """Append mac1 (and mac2 if we hold a fresh cookie from that peer)."""
+        m1 = noise.mac(p.mac1_keys.get(remote) or noise.mac1_key(remote), msg)
+        msg += m1
+        p.last_mac1 = m1
+        p.last_mac1_public = remote
+        cookie = p.cookie
+        if cookie is not None and now - p.cookie_at < self.limits.cookie_valid:
+            msg += noise.mac(cookie, msg)
+        else:
+            msg += _ZERO_MAC
+
+    def _mac1_identity(self, mv: memoryview, at: int) -> noise.Identity | None:
+        got = mv[at:at + MAC_LEN]
+        for ident in self.identities.values():
+            if bytes_eq(noise.mac(ident.mac1_key, mv[:at]), bytes(got)):
+                return ident
+        return None
+
+    def _initiation(self, data: Buf, addr: Addr, now: float) -> None:
+        drops = self.drops
+        if len(data) != INITIATION_LEN:
+            drops["malformed"] += 1
+            return
+        mv = memoryview(data)
+        ident = self._mac1_identity(mv, INIT_MAC1_AT)
+        if ident is None:
+            drops["bad_mac1"] += 1
+            return
+        sender = INIT_HEAD.unpack_from(mv)[1]
+        if not self.guard.admit(mv, INIT_MAC1_AT, sender, ident, addr, now):
+            return
+        e_i = bytes(mv[INIT_EPH_AT:INIT_STATIC_AT])
+        try:
+            st, static = noise.consume_initiation(ident, e_i, bytes(mv[INIT_STATIC_AT:INIT_TS_AT]))
+        except (InvalidTag, ValueError):
+            drops["bad_handshake"] += 1
+            return
+        p = self.by_public.get(static)
+        if p is None or ident not in p.identities:
+            drops["unknown_peer"] += 1
+            return
+        try:
+            st, payload = noise.consume_initiation_payload(
+                st, p.ss(ident, static), bytes(mv[INIT_TS_AT:INIT_MAC1_AT]))
+        except (InvalidTag, ValueError):
+            drops["bad_handshake"] += 1
+            return
+        ts, mode, flags = payload[:12], payload[12], payload[13]
+        if ts <= p.last_ts:
+            drops["stale_handshake"] += 1
+            return
+        if mode != p.msg_type:
+            drops["mode_mismatch"] += 1
+            return
+        p.last_ts = ts
+        eph = X25519PrivateKey.generate()
+        try:
+            e_r, enc, k_send, k_recv = noise.response(
+                st, e_i, static, eph, p.psks[0], bytes((FLAG_FRESH if p.fresh else 0, 0, 0, 0)))
+        except ValueError:
+            drops["bad_handshake"] += 1
+            return
+        kp = Keypair(k_send, k_recv, 0, sender, now, False, p.msg_type,
+                     now + self.limits.reject_after_time)
+        kp.local = self._new_index(p, kp)
+        kp.peer_fresh = bool(flags & FLAG_FRESH)
+        self._forget(p.next)
+        p.next = kp
+        msg = bytearray(RESP_HEAD.pack(MSG_RESPONSE, kp.local, sender))
+        msg += e_r
+        msg += enc
+        self._macs(p, msg, static, now)
+        self.out.append((msg, addr))
+        self.events["handshake_responded"] += 1
+
+    def _response(self, data: Buf, addr: Addr, now: float) -> None:
+        drops = self.drops
+        if len(data) != RESPONSE_LEN:
+            drops["malformed"] += 1
+            return
+        mv = memoryview(data)
+        _, sender, receiver = RESP_HEAD.unpack_from(mv)
+        entry = self.indices.get(receiver)
+        p = entry[0] if entry is not None and entry[1] is None else None
+        pend = p.pending if p is not None else None
+        if p is None or pend is None or pend.local != receiver:
+            drops["unknown_session"] += 1
+            return
+        if not bytes_eq(noise.mac(pend.identity.mac1_key, mv[:RESP_MAC1_AT]),
+                        bytes(mv[RESP_MAC1_AT:RESP_MAC1_AT + MAC_LEN])):
+            drops["bad_mac1"] += 1
+            return
+        if not self.guard.admit(mv, RESP_MAC1_AT, sender, pend.identity, addr, now):
+            return
+        try:
+            k_send, k_recv, payload = noise.consume_response(
+                pend.state, pend.identity, pend.ephemeral,
+                bytes(mv[RESP_EPH_AT:RESP_PAYLOAD_AT]), bytes(mv[RESP_PAYLOAD_AT:RESP_MAC1_AT]),
+                p.psks)
+        except (InvalidTag, ValueError):
+            drops["bad_handshake"] += 1
+            return
+        kp = Keypair(k_send, k_recv, receiver, sender, now, True, p.msg_type,
+                     now + self.limits.reject_after_time)
+        self.indices[receiver] = (p, kp)
+        p.pending = None
+        p.last_rx = now
+        p.unanswered_at = _INF
+        self._retire(p, p.current)
+        self._retire(p, p.next)  # a crossed rekey: the peer may still send on it
+        p.next = None
+        p.current = kp
+        kp.peer_fresh = bool(payload[:1]) and bool(payload[0] & FLAG_FRESH)
+        self.events["handshake_completed"] += 1
+        self._established(p, kp, True)
+        if addr != p.endpoint:
+            self._roam(p, addr)
+        if p.staged:
+            self._flush(p, now)
+        else:
+            self._keepalive(p, now)
+
+    def _cookie_reply(self, data: Buf, now: float) -> None:
+        if len(data) != COOKIE_LEN:
+            self.drops["malformed"] += 1
+            return
+        mv = memoryview(data)
+        entry = self.indices.get(COOKIE_HEAD.unpack_from(mv)[1])
+        mac1 = entry[0].last_mac1 if entry is not None else None
+        if entry is None or mac1 is None:
+            self.drops["unknown_session"] += 1
+            return
+        p = entry[0]
+        cookie = open_cookie_reply(mv, p.last_mac1_public, mac1)
+        if cookie is None:
+            self.drops["bad_cookie"] += 1
+            return
+        p.cookie = cookie
+        p.cookie_at = now
+        self.events["cookie_received"] += 1
