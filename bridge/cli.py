@@ -66,7 +66,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from bridge.config import load_config
     from bridge.errors import ConfigErrors
     from bridge.io.control import ControlServer, MetricsServer, io_prometheus, socket_name
-    from bridge.io.loop import Engine, Runner
+    from bridge.io.loop import Engine, Runner, core_batches
     from bridge.io.tun import TunBusyError, TunDevice
     from bridge.io.udp import UdpEndpoint
     from bridge.pipeline import Bridge
@@ -83,8 +83,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     mtu = bridge.tun_mtu
     how = "configured" if cfg.tun.mtu else f"auto: underlay {underlay or cfg.pmtu.underlay_mtu}" \
         f" from {source}, minus encapsulation overhead"
+    tso_frame, gro_batch = core_batches(offload)  # the core takes TSO frames, GRO buffers
     try:
-        tun = TunDevice(cfg.tun.name, vnet_hdr=offload)
+        tun = TunDevice(cfg.tun.name, vnet_hdr=offload, tso_frame=tso_frame)
     except TunBusyError as e:
         log.error("%s", e.strerror)
         return 1
@@ -93,8 +94,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         tun.configure([str(a) for a in cfg.tun.addresses], mtu,
                       [str(n) for p in cfg.peers for n in p.prefixes])
-        udp = UdpEndpoint(cfg.listen.address, cfg.listen.port, gso=offload, gro=offload)
-        engine = Engine(bridge, tun, udp)
+        udp = UdpEndpoint(cfg.listen.address, cfg.listen.port, gso=offload, gro=offload,
+                          gro_batch=gro_batch)
+        warm = cfg.keep_warm and os.environ.get("GREBE_KEEP_WARM", "1") == "1"
+        # one process per direction (bridge/io/split.py); never with [[inspect]] rules
+        split = cfg.split_directions and not cfg.inspect \
+            and os.environ.get("GREBE_SPLIT", "1") == "1"
+        sibling = None
+        if split:
+            from bridge.io.split import RxProcess
+
+            sibling = RxProcess(bridge)
+        engine = Engine(bridge, tun, udp, keep_warm=warm, sibling=sibling)
         ctl = ControlServer(socket_name(cfg.tun.name, cfg.control_socket))
 
         def status(_req: dict[str, Any]) -> dict[str, Any]:
@@ -133,10 +144,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
             metrics = MetricsServer(cfg.metrics_listen, render)
             extra.append((metrics.fileno(), metrics.on_readable))
-        warm = cfg.keep_warm and os.environ.get("GREBE_KEEP_WARM", "1") == "1"
-        split = cfg.split_directions and not cfg.inspect \
-            and os.environ.get("GREBE_SPLIT", "1") == "1"
-        runner = Runner(engine, extra, keep_warm=warm, split=split)
+        runner = Runner(engine, extra)
 
         def on_signal(signum: int, _frame: Any) -> None:
             log.info("%s: stopping", signal.Signals(signum).name)
