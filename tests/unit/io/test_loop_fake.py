@@ -15,6 +15,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 
 from bridge.config import loads_config
+from bridge.io.adapters import UdpCaps
 from bridge.io.fake import MemoryNet, MemoryTun, MemoryUdp, drive
 from bridge.io.loop import Engine
 from bridge.pipeline import Bridge
@@ -268,3 +269,39 @@ def test_the_path_mtu_grows_back_on_the_timer() -> None:
     ea.pump_timer()
     assert ea.bridge.peers[0].mtu == 1400 and tun.mtus == [1260, 1400]  # up to tun.mtu 1400
     assert ea.stats["pmtu_updates"] == 2
+
+
+class _PortsUdp(MemoryUdp):
+    """A UDP fake that records the source ports the engine passes with each send."""
+
+    def __init__(self, net: MemoryNet, addr: tuple[str, int], caps: UdpCaps) -> None:
+        super().__init__(net, addr)
+        self.caps = caps
+        self.ports: list[Any] = []
+
+    def send_datagrams(self, addr: Any, datagrams: Any, sports: Any = None) -> int:
+        self.ports.append(sports)
+        return super().send_datagrams(addr, datagrams, sports)
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_source_ports_are_passed_only_to_an_adapter_that_declares_them(declared: bool) -> None:
+    """RFC 8086 §3.2.1 flow-hash ports (the peer's default): the engine reads
+    `UdpCaps.source_ports` once; an adapter without it gets no ports."""
+    ea, _eb, net, clock = _pair("gre")
+    udp = _PortsUdp(net, ("198.18.0.7", 4754), UdpCaps(source_ports=declared))
+    e = Engine(ea.bridge, MemoryTun("p"), udp, clock)
+    e.tun.inject(*_packets(64))  # type: ignore[attr-defined]
+    e.pump_tun()
+    assert udp.ports and all((p is not None) == declared for p in udp.ports)
+
+
+def test_declared_capabilities_that_do_not_fit_are_refused() -> None:
+    """GRO batches are answered with TunFrames: a UDP adapter that hands them over needs a
+    TUN with the vnet header. One process per direction never runs a terminating Bridge."""
+    ea, _eb, net, clock = _pair("gre")
+    gro = _PortsUdp(net, ("198.18.0.8", 4754), UdpCaps(gro_batches=True))
+    with pytest.raises(ValueError, match="vnet header"):
+        Engine(ea.bridge, MemoryTun("g"), gro, clock)
+    assert not MemoryTun.caps.vnet_hdr and not MemoryUdp.caps.gro_batches
+    assert MemoryUdp.caps.path_mtu and not MemoryUdp.caps.source_ports
