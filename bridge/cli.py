@@ -27,7 +27,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from bridge.io.adapters import GroBatchFactory, TsoFrameFactory
+
 log = logging.getLogger("grebe")
+
+SUPER_PACKETS = os.environ.get("GREBE_SUPER_PACKETS", "1") == "1"  # bridge/gso.py fast path
+GRO_BATCHES = os.environ.get("GREBE_GRO_BATCHES", "1") == "1"  # bridge/gso.py receive path
 
 Setup = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
@@ -62,11 +67,22 @@ def _underlay_mtu(cfg: Any) -> tuple[int | None, str]:
     return best
 
 
+def core_batches(offload: bool) -> tuple[TsoFrameFactory | None, GroBatchFactory | None]:
+    """The factories `grebe up` gives its adapters so that the core takes TSO frames and GRO
+    buffers whole (bridge/gso.py SuperPacket, GroBatch): none without offload, and each off
+    with GREBE_SUPER_PACKETS=0 / GREBE_GRO_BATCHES=0. GRO batches need the vnet-header TUN
+    that offload opens: the core answers them with TunFrames."""
+    from bridge.gso import GroBatch, SuperPacket
+
+    return (SuperPacket if offload and SUPER_PACKETS else None,
+            GroBatch if offload and GRO_BATCHES else None)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from bridge.config import load_config
     from bridge.errors import ConfigErrors
     from bridge.io.control import ControlServer, MetricsServer, io_prometheus, socket_name
-    from bridge.io.loop import Engine, Runner, core_batches
+    from bridge.io.loop import Engine, Runner
     from bridge.io.tun import TunBusyError, TunDevice
     from bridge.io.udp import UdpEndpoint
     from bridge.pipeline import Bridge

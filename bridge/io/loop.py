@@ -9,7 +9,6 @@ Rules:
   earlier wakes the timer thread through an eventfd.
 - A bug in the core must not kill the bridge: an exception from a Bridge call is logged
   once per exception type, counted in `internal_errors`, and that batch is dropped.
-
 - The adapters declare what they do in `caps` (bridge/io/adapters.py), read once when the
   Engine is built; everything else the Engine calls is given to its constructor (keep-warm,
   the UDP->TUN process of bridge/io/split.py, TUN writes in core order). Other parts of
@@ -18,8 +17,9 @@ Rules:
 Fast paths (bridge/gso.py): the TUN hands TCP TSO frames to `Bridge.from_tun` whole
 (`SuperPacket`), and the UDP socket hands GRO buffers to `Bridge.from_udp` whole
 (`GroBatch`, only with a vnet-header TUN since the core answers with `TunFrame`s): the
-adapters build them with the factories `core_batches` gives `grebe up`;
-GREBE_SUPER_PACKETS=0 / GREBE_GRO_BATCHES=0 turn them off. Latency: a batch of at most
+adapters build them with the factories `grebe up` gives them (bridge/cli.py
+`core_batches`; GREBE_SUPER_PACKETS=0 / GREBE_GRO_BATCHES=0 turn them off). The Writer
+threads and the timer's Wakeup are bridge/io/threads.py. Latency: a batch of at most
 INLINE_MAX (4) packets runs on the data thread itself when its writer is idle (nothing
 queued or running, so order is kept): waking the writer was a thread switch added to every
 ping and lone ACK.
@@ -42,7 +42,6 @@ in-memory fakes (`bridge/io/fake.py`).
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import os
@@ -52,8 +51,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from bridge.gso import GroBatch, SuperPacket
-from bridge.io.adapters import Addr, GroBatchFactory, TsoFrameFactory, TunLike, UdpLike
+from bridge.io.adapters import Addr, TunLike, UdpLike
+from bridge.io.threads import Wakeup, Writer
 from bridge.io.warm import WARM_FOR, WARM_TICK_MS, Warmer
 from bridge.pipeline import Bridge, Output
 
@@ -62,8 +61,6 @@ log = logging.getLogger("grebe.loop")
 SWITCH_INTERVAL = "0.005"
 WRITER_THREADS = os.environ.get("GREBE_WRITER_THREADS", "1") == "1"
 BATCH = int(os.environ.get("GREBE_BATCH", "64"))  # reads per drain round
-SUPER_PACKETS = os.environ.get("GREBE_SUPER_PACKETS", "1") == "1"  # bridge/gso.py fast path
-GRO_BATCHES = os.environ.get("GREBE_GRO_BATCHES", "1") == "1"  # bridge/gso.py receive path
 # Reads per Bridge call. The Bridge lock (and the GIL) is held for one call, so a call over
 # 64 GRO batches (4 MB) can keep the other direction's ACKs waiting for milliseconds; but
 # paired iperf3 runs with 2, 8 and 64 on the loaded lab machine showed no reliable
@@ -72,41 +69,6 @@ GRO_BATCHES = os.environ.get("GREBE_GRO_BATCHES", "1") == "1"  # bridge/gso.py r
 CHUNK = int(os.environ.get("GREBE_CHUNK", str(BATCH)))
 INLINE_MAX = int(os.environ.get("GREBE_INLINE_MAX", "4"))  # see _small()
 PMTU_RECHECK = 30.0  # seconds between reads of the kernel's path MTU per peer (timer thread)
-
-
-class Wakeup:
-    """The timer thread sleeps in poll(2) toward the core's earliest deadline (`armed`); a data
-    thread whose core call moved that deadline earlier writes this eventfd. The fd is made on
-    the first `fileno()` (the Runner's): an Engine that no Runner runs, as in the tests, has
-    none and `moved` does nothing."""
-
-    def __init__(self) -> None:
-        self.fd = -1
-        self.armed = float("inf")
-
-    def fileno(self) -> int:
-        if self.fd < 0:
-            self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        return self.fd
-
-    def arm(self, t: float | None) -> None:
-        """The timer thread is about to sleep toward `t` (None: no deadline)."""
-        self.armed = float("inf") if t is None else t
-
-    def moved(self, t: float) -> None:
-        if t < self.armed and self.fd >= 0:
-            self.armed = t
-            with contextlib.suppress(OSError):
-                os.eventfd_write(self.fd, 1)
-
-    def clear(self) -> None:
-        with contextlib.suppress(OSError):
-            os.eventfd_read(self.fd)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 DataRunner = Callable[..., None]  # Runner.data: (engine, fd, pump, name, warm, stop_fd=)
@@ -125,68 +87,6 @@ class Sibling(Protocol):
     def publish_mtu(self, addr: Addr, mtu: int) -> None: ...
     def exited(self) -> bool: ...
     def stop(self) -> None: ...
-
-
-def core_batches(offload: bool) -> tuple[TsoFrameFactory | None, GroBatchFactory | None]:
-    """The factories `grebe up` gives its adapters so that the core takes TSO frames and GRO
-    buffers whole (bridge/gso.py SuperPacket, GroBatch): none without offload, and each off
-    with GREBE_SUPER_PACKETS=0 / GREBE_GRO_BATCHES=0. GRO batches need the vnet-header TUN
-    that offload opens: the core answers them with TunFrames."""
-    return (SuperPacket if offload and SUPER_PACKETS else None,
-            GroBatch if offload and GRO_BATCHES else None)
-
-
-class Writer:
-    """A thread that runs output batches in order (bounded queue: the producer waits when
-    `depth` batches are pending). A TUN write or a GSO sendmsg does the downstream kernel work
-    (forwarding, the peer namespace's receive path) synchronously in the calling thread, with
-    the GIL released; done here, it overlaps the Python work on the next batch."""
-
-    def __init__(self, name: str, depth: int = 8) -> None:
-        self._q: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = \
-            collections.deque()
-        self._cv = threading.Condition()
-        self._depth = depth
-        self._stopping = False
-        self._busy = False  # an item is running (set and cleared under _cv)
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def put(self, fn: Callable[..., Any], *args: Any) -> None:
-        with self._cv:
-            while len(self._q) >= self._depth and not self._stopping:
-                self._cv.wait()
-            self._q.append((fn, args))
-            self._cv.notify_all()
-
-    def idle(self) -> bool:
-        """Nothing queued and nothing running: the (single) producer may then run a batch
-        itself without reordering anything (no lock: a stale True is impossible, since
-        only the producer adds work)."""
-        return not self._q and not self._busy
-
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                self._busy = False
-                while not self._q and not self._stopping:
-                    self._cv.wait()
-                if not self._q:
-                    return
-                fn, args = self._q.popleft()
-                self._busy = True
-                self._cv.notify_all()
-            try:
-                fn(*args)
-            except Exception:
-                log.exception("writer %s", self._thread.name)
-
-    def stop(self) -> None:
-        """Finish what is queued, then end the thread."""
-        with self._cv:
-            self._stopping = True
-            self._cv.notify_all()
-        self._thread.join(timeout=5)
 
 
 class Engine:
