@@ -503,6 +503,7 @@ class Runner:
             rx.start(e, self.data, self.writer_threads)
             dirs = dirs[:1]
         cap = rx.sync_interval * 1000 if rx is not None else None  # liveness from the child
+        wake = e.wakeup.fileno()  # before the data threads: none of their wake-ups is lost
         if self.writer_threads:
             e.start_writers()
         for fd, pump, name, warm in dirs:
@@ -515,7 +516,6 @@ class Runner:
         for fd, cb in self.extra:
             poller.register(fd, select.POLLIN)
             handlers[fd] = cb
-        wake = e.wakeup.fileno()
         poller.register(wake, select.POLLIN)
         poller.register(self._stop_fd, select.POLLIN)
         try:
