@@ -30,8 +30,12 @@ from collections.abc import Callable
 from typing import Any
 
 from bridge import deploy, pair
+from bridge.io.adapters import GroBatchFactory, TsoFrameFactory
 
 log = logging.getLogger("grebe")
+
+SUPER_PACKETS = os.environ.get("GREBE_SUPER_PACKETS", "1") == "1"  # bridge/gso.py fast path
+GRO_BATCHES = os.environ.get("GREBE_GRO_BATCHES", "1") == "1"  # bridge/gso.py receive path
 
 Setup = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
@@ -66,6 +70,17 @@ def _underlay_mtu(cfg: Any) -> tuple[int | None, str]:
     return best
 
 
+def core_batches(offload: bool) -> tuple[TsoFrameFactory | None, GroBatchFactory | None]:
+    """The factories `grebe up` gives its adapters so that the core takes TSO frames and GRO
+    buffers whole (bridge/gso.py SuperPacket, GroBatch): none without offload, and each off
+    with GREBE_SUPER_PACKETS=0 / GREBE_GRO_BATCHES=0. GRO batches need the vnet-header TUN
+    that offload opens: the core answers them with TunFrames."""
+    from bridge.gso import GroBatch, SuperPacket
+
+    return (SuperPacket if offload and SUPER_PACKETS else None,
+            GroBatch if offload and GRO_BATCHES else None)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from bridge.config import load_config
     from bridge.errors import ConfigErrors
@@ -87,8 +102,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     mtu = bridge.tun_mtu
     how = "configured" if cfg.tun.mtu else f"auto: underlay {underlay or cfg.pmtu.underlay_mtu}" \
         f" from {source}, minus encapsulation overhead"
+    tso_frame, gro_batch = core_batches(offload)  # the core takes TSO frames, GRO buffers
     try:
-        tun = TunDevice(cfg.tun.name, vnet_hdr=offload)
+        tun = TunDevice(cfg.tun.name, vnet_hdr=offload, tso_frame=tso_frame)
     except TunBusyError as e:
         log.error("%s", e.strerror)
         return 1
@@ -97,8 +113,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         tun.configure([str(a) for a in cfg.tun.addresses], mtu,
                       [str(n) for p in cfg.peers for n in p.prefixes])
-        udp = UdpEndpoint(cfg.listen.address, cfg.listen.port, gso=offload, gro=offload)
-        engine = Engine(bridge, tun, udp)
+        udp = UdpEndpoint(cfg.listen.address, cfg.listen.port, gso=offload, gro=offload,
+                          gro_batch=gro_batch)
+        warm = cfg.keep_warm and os.environ.get("GREBE_KEEP_WARM", "1") == "1"
+        # one process per direction (bridge/io/split.py); never with [[inspect]] rules
+        split = cfg.split_directions and not cfg.inspect \
+            and os.environ.get("GREBE_SPLIT", "1") == "1"
+        sibling = None
+        if split:
+            from bridge.io.split import RxProcess
+
+            sibling = RxProcess(bridge)
+        engine = Engine(bridge, tun, udp, keep_warm=warm, sibling=sibling)
         ctl = ControlServer(socket_name(cfg.tun.name, cfg.control_socket))
 
         def status(_req: dict[str, Any]) -> dict[str, Any]:
@@ -137,10 +163,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
             metrics = MetricsServer(cfg.metrics_listen, render)
             extra.append((metrics.fileno(), metrics.on_readable))
-        warm = cfg.keep_warm and os.environ.get("GREBE_KEEP_WARM", "1") == "1"
-        split = cfg.split_directions and not cfg.inspect \
-            and os.environ.get("GREBE_SPLIT", "1") == "1"
-        runner = Runner(engine, extra, keep_warm=warm, split=split)
+        runner = Runner(engine, extra)
 
         def on_signal(signum: int, _frame: Any) -> None:
             log.info("%s: stopping", signal.Signals(signum).name)

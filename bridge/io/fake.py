@@ -1,8 +1,12 @@
 """In-memory fakes of the TUN and the UDP socket, for tests (wireguard-go tuntest/bindtest).
 
 Rules:
-- Same data API as `TunDevice` / `UdpEndpoint` (read_packets, write_packets,
-  recv_datagrams, send_datagrams), so `loop.Engine` runs over them unchanged.
+- The same protocols as `TunDevice` / `UdpEndpoint` (bridge/io/adapters.py: read_packets,
+  write_packets, set_mtu; recv_datagrams, send_datagrams, path_mtu, too_big), so
+  `loop.Engine` runs over them unchanged. Their capabilities are declared like the real
+  adapters': no vnet header, no TSO frames or GRO batches (plain packets and datagrams), no
+  source-port choice (the engine then passes no ports); the path MTU is read from
+  `path_mtus`, which a test sets as the kernel would learn it.
 - Deterministic: no threads, no clock. `MemoryNet` delivers a datagram to the endpoint bound
   at its destination immediately, through an optional `impair(payload, src, dst)` hook that
   returns the datagrams to deliver (empty list = lost, two = duplicated).
@@ -16,8 +20,10 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
-Addr = tuple[str, int]
+from bridge.io.adapters import Addr, TunCaps, UdpCaps
+
 Impair = Callable[[bytes, Addr, Addr], list[bytes]]
 
 
@@ -41,10 +47,13 @@ class _Ready:
 class MemoryTun:
     """A TUN whose kernel side is two queues: `inject()` to it, `written` from it."""
 
+    caps = TunCaps()
+
     def __init__(self, name: str = "mem0") -> None:
         self.name = name
         self.inbound: deque[bytes] = deque()  # packets the "kernel" routes into the TUN
         self.written: list[bytes] = []  # packets the bridge wrote
+        self.mtus: list[int] = []  # every MTU the bridge set, in order
         self._ready = _Ready()
 
     def inject(self, *packets: bytes) -> None:
@@ -54,7 +63,7 @@ class MemoryTun:
     def fileno(self) -> int:
         return self._ready.fd
 
-    def read_packets(self, out: list[bytes], limit: int = 64) -> int:
+    def read_packets(self, out: list[Any], limit: int = 64) -> int:
         self._ready.clear()  # before draining: a packet injected meanwhile sets it again
         n = 0
         while self.inbound and n < limit:
@@ -67,6 +76,9 @@ class MemoryTun:
     def write_packets(self, packets: Sequence[bytes | bytearray | memoryview]) -> int:
         self.written.extend(bytes(p) for p in packets)
         return len(packets)
+
+    def set_mtu(self, mtu: int) -> None:
+        self.mtus.append(mtu)
 
     def take(self) -> list[bytes]:
         """Return and forget what the bridge wrote."""
@@ -103,11 +115,15 @@ class MemoryNet:
 class MemoryUdp:
     """A UDP socket on a MemoryNet. `inject()` lets a test play an attacker."""
 
+    caps = UdpCaps(path_mtu=True)
+
     def __init__(self, net: MemoryNet, addr: Addr) -> None:
         self.net = net
         self.addr = addr
         self.inbound: deque[tuple[bytes, Addr]] = deque()
         self.sent = 0
+        self.too_big: set[Addr] = set()  # a test plays a send that met EMSGSIZE
+        self.path_mtus: dict[Addr, int] = {}  # the underlay path MTU the "kernel" knows
         self._ready = _Ready()
 
     def inject(self, payload: bytes, src: Addr) -> None:
@@ -117,7 +133,7 @@ class MemoryUdp:
     def fileno(self) -> int:
         return self._ready.fd
 
-    def recv_datagrams(self, out: list[tuple[bytes, Addr]], limit: int = 64) -> int:
+    def recv_datagrams(self, out: list[tuple[Any, Addr]], limit: int = 64) -> int:
         self._ready.clear()  # before draining: a datagram delivered meanwhile sets it again
         n = 0
         while self.inbound and n < limit:
@@ -127,17 +143,26 @@ class MemoryUdp:
             self._ready.set()
         return n
 
-    def send_datagrams(self, addr: Addr, datagrams: Sequence[bytes | bytearray]) -> int:
+    def send_datagrams(self, addr: Addr, datagrams: Sequence[bytes | bytearray],
+                       sports: Sequence[int] | None = None) -> int:
         for d in datagrams:
             self.sent += 1
             self.net.deliver(bytes(d), self.addr, addr)
         return len(datagrams)
 
+    def path_mtu(self, addr: Addr) -> int | None:
+        return self.path_mtus.get(addr)
+
     def close(self) -> None:
         self._ready.close()
 
 
-def drive(engines: list, rounds: int = 100) -> int:  # type: ignore[type-arg]
+class Pumps(Protocol):
+    def pump_tun(self) -> int: ...
+    def pump_udp(self) -> int: ...
+
+
+def drive(engines: Sequence[Pumps], rounds: int = 100) -> int:
     """Pump every engine's TUN and UDP until nothing moves (or `rounds`); return rounds used."""
     for r in range(rounds):
         moved = 0

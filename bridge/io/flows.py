@@ -5,10 +5,12 @@ Rules
   control-socket command `flows` -> {"flows": [...], "inspect": {...}}, read under the engine's
   lock, and starts a daemon thread that flushes the inspectors' buffered output (log lines,
   pcap) every `interval` seconds, off the data path (bridge/inspect/api.py: hooks never do
-  I/O). The returned `detach(now)` stops the thread, resets every live flow (CloseReason
-  SHUTDOWN, the RSTs written through the engine) and closes the inspectors (final flush).
-  On a TUN opened with the vnet header (`tun.vnet_hdr`: checksum and TSO offload) it tells
-  the Terminator so (`use_tun_offload`): client-leg segments then go out as TunFrames.
+  I/O). The returned `detach()` stops the thread, resets every live flow (CloseReason
+  SHUTDOWN, the RSTs written through `Engine.call_core`) and closes the inspectors (final
+  flush). On a TUN that declares the vnet header (`caps.vnet_hdr`: checksum and TSO
+  offload) it tells the Terminator so (`use_tun_offload`): client-leg segments then go out
+  as TunFrames. The Engine itself keeps the Terminator's TUN writes in core order across
+  threads (`ordered_tun`, bridge/io/loop.py).
 - `format_flows(answer)` is the userspace part of the `grebe flows` table (bridge/cli.py owns
   the subcommand): one line per terminated flow, 5-tuple, rule, phase, age, bytes each way,
   and both legs' state / SRTT / RTO / cwnd / retransmissions, then the inspectors attached.
@@ -16,23 +18,25 @@ Rules
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
+
+from bridge.io.loop import Engine
 
 
-def attach(engine: Any, ctl: Any, interval: float = 1.0) -> Callable[[], None]:
+class Commands(Protocol):
+    def register(self, name: str, fn: Callable[[dict[str, Any]], Any]) -> None: ...
+
+
+def attach(engine: Engine, ctl: Commands, interval: float = 1.0) -> Callable[[], None]:
     """Wire a running Engine's Terminator to the control socket; returns `detach()`."""
-    bridge = engine.bridge
-    term = bridge.terminator
+    term = engine.bridge.terminator
     if term is None:
         return lambda: None
-    if getattr(getattr(engine, "tun", None), "vnet_hdr", False):  # TUN_F_CSUM|TSO4|TSO6 (tun.py)
+    if engine.tun.caps.vnet_hdr:  # TUN_F_CSUM|TSO4|TSO6 (bridge/io/tun.py)
         with engine.lock:
             term.use_tun_offload()
-    if hasattr(engine, "under_lock"):
-        engine.under_lock = _tun_in_order(engine)
 
     def flows(_req: dict[str, Any]) -> dict[str, Any]:
         with engine.lock:
@@ -52,37 +56,9 @@ def attach(engine: Any, ctl: Any, interval: float = 1.0) -> Callable[[], None]:
     def detach() -> None:
         stop.set()
         th.join(timeout=5)
-        out = engine._out_timer
-        with engine.lock:
-            term.shutdown(engine.clock(), out)
-        engine._execute(out)
+        engine.call_core(term.shutdown)
 
     return detach
-
-
-def _tun_in_order(engine: Any) -> Callable[[Any], None]:
-    """Every TUN write leaves in the order the core produced it, whichever thread ran the
-    core. A terminated flow's client leg sends from all of them (its data when the server's
-    segments arrive, on udp->tun; more data when the client's ACKs open the window, on
-    tun->udp; retransmissions on the timer thread); two writer threads writing to one TUN
-    reordered those segments, and the client's duplicate ACKs then made the leg retransmit
-    (901 retransmissions in a clean 100 MB download). Called with the engine's lock held:
-    the packets go to the udp->tun writer in core order, or are written right here when
-    that writer is idle and the batch is small (a thread wake-up costs more than an ACK)."""
-    inline_max = getattr(sys.modules.get("bridge.io.loop"), "INLINE_MAX", 4)
-
-    def in_order(out: Any) -> None:
-        if not out.tun:
-            return
-        pkts = list(out.tun)
-        out.tun.clear()
-        w = engine.writers.get(id(engine._out_u))
-        if w is None or (w.idle() and len(pkts) <= inline_max):
-            engine._write(pkts)
-        else:
-            w.put(engine._write, pkts)
-
-    return in_order
 
 
 def _leg(info: dict[str, Any] | None) -> str:

@@ -11,11 +11,17 @@ Rules:
   once per exception type and counted in `internal_errors`; the rest of that batch is lost,
   but not silently: each of its datagrams (each one in a GRO batch) and TUN packets is
   counted under the drop reason internal_error (work done only when it happens).
+- The adapters declare what they do in `caps` (bridge/io/adapters.py), read once when the
+  Engine is built; everything else the Engine calls is given to its constructor (keep-warm,
+  the UDP->TUN process of bridge/io/split.py, TUN writes in core order). Other parts of
+  `grebe up` reach the core through `call_core` (bridge/io/flows.py).
 
 Fast paths (bridge/gso.py): the TUN hands TCP TSO frames to `Bridge.from_tun` whole
 (`SuperPacket`), and the UDP socket hands GRO buffers to `Bridge.from_udp` whole
-(`GroBatch`, only with a vnet-header TUN since the core answers with `TunFrame`s);
-GREBE_SUPER_PACKETS=0 / GREBE_GRO_BATCHES=0 turn them off. Latency: a batch of at most
+(`GroBatch`, only with a vnet-header TUN since the core answers with `TunFrame`s): the
+adapters build them with the factories `grebe up` gives them (bridge/cli.py
+`core_batches`; GREBE_SUPER_PACKETS=0 / GREBE_GRO_BATCHES=0 turn them off). The Writer
+threads and the timer's Wakeup are bridge/io/threads.py. Latency: a batch of at most
 INLINE_MAX (4) packets runs on the data thread itself when its writer is idle (nothing
 queued or running, so order is kept): waking the writer was a thread switch added to every
 ping and lone ACK.
@@ -38,7 +44,6 @@ in-memory fakes (`bridge/io/fake.py`).
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import os
@@ -49,18 +54,17 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from bridge.counters import R_INTERNAL_ERROR
-from bridge.gso import GroBatch, SuperPacket
+from bridge.gso import GroBatch
+from bridge.io.adapters import Addr, TunLike, UdpLike
+from bridge.io.threads import Wakeup, Writer
 from bridge.io.warm import WARM_FOR, WARM_TICK_MS, Warmer
 from bridge.pipeline import Bridge, Output
 
 log = logging.getLogger("grebe.loop")
 
-Addr = tuple[str, int]
 SWITCH_INTERVAL = "0.005"
 WRITER_THREADS = os.environ.get("GREBE_WRITER_THREADS", "1") == "1"
 BATCH = int(os.environ.get("GREBE_BATCH", "64"))  # reads per drain round
-SUPER_PACKETS = os.environ.get("GREBE_SUPER_PACKETS", "1") == "1"  # bridge/gso.py fast path
-GRO_BATCHES = os.environ.get("GREBE_GRO_BATCHES", "1") == "1"  # bridge/gso.py receive path
 # Reads per Bridge call. The Bridge lock (and the GIL) is held for one call, so a call over
 # 64 GRO batches (4 MB) can keep the other direction's ACKs waiting for milliseconds; but
 # paired iperf3 runs with 2, 8 and 64 on the loaded lab machine showed no reliable
@@ -71,111 +75,74 @@ INLINE_MAX = int(os.environ.get("GREBE_INLINE_MAX", "4"))  # see _small()
 PMTU_RECHECK = 30.0  # seconds between reads of the kernel's path MTU per peer (timer thread)
 
 
-class TunLike(Protocol):
-    def fileno(self) -> int: ...
-    def read_packets(self, out: list[bytes], limit: int = ...) -> int: ...
-    def write_packets(self, packets: Sequence[bytes | bytearray | memoryview]) -> int: ...
+DataRunner = Callable[..., None]  # Runner.data: (engine, fd, pump, name, warm, stop_fd=)
 
 
-class UdpLike(Protocol):
-    def fileno(self) -> int: ...
-    def recv_datagrams(self, out: list[tuple[bytes, Addr]], limit: int = ...) -> int: ...
-    def send_datagrams(self, addr: Addr, datagrams: Sequence[bytes | bytearray]) -> int: ...
+class Sibling(Protocol):
+    """The process that runs this endpoint's UDP->TUN direction (bridge/io/split.py
+    RxProcess, one process per direction): what the parent's Engine and Runner ask of it."""
 
+    sync_interval: float  # the longest the two go without exchanging liveness and MTU (s)
 
-class Writer:
-    """A thread that runs output batches in order (bounded queue: the producer waits when
-    `depth` batches are pending). A TUN write or a GSO sendmsg does the downstream kernel work
-    (forwarding, the peer namespace's receive path) synchronously in the calling thread, with
-    the GIL released; done here, it overlaps the Python work on the next batch."""
-
-    def __init__(self, name: str, depth: int = 8) -> None:
-        self._q: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = \
-            collections.deque()
-        self._cv = threading.Condition()
-        self._depth = depth
-        self._stopping = False
-        self._busy = False  # an item is running (set and cleared under _cv)
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def put(self, fn: Callable[..., Any], *args: Any) -> None:
-        with self._cv:
-            while len(self._q) >= self._depth and not self._stopping:
-                self._cv.wait()
-            self._q.append((fn, args))
-            self._cv.notify_all()
-
-    def idle(self) -> bool:
-        """Nothing queued and nothing running: the (single) producer may then run a batch
-        itself without reordering anything (no lock: a stale True is impossible, since
-        only the producer adds work)."""
-        return not self._q and not self._busy
-
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                self._busy = False
-                while not self._q and not self._stopping:
-                    self._cv.wait()
-                if not self._q:
-                    return
-                fn, args = self._q.popleft()
-                self._busy = True
-                self._cv.notify_all()
-            try:
-                fn(*args)
-            except Exception:
-                log.exception("writer %s", self._thread.name)
-
-    def stop(self) -> None:
-        """Finish what is queued, then end the thread."""
-        with self._cv:
-            self._stopping = True
-            self._cv.notify_all()
-        self._thread.join(timeout=5)
+    def start(self, engine: Engine, run_data: DataRunner, writer_threads: bool) -> None: ...
+    def sync(self) -> None: ...  # lock held: fold its last-heard times into the Bridge
+    def query(self) -> dict[str, Any] | None: ...  # its counters, or None (no answer)
+    def merge_status(self, st: dict[str, Any], child: dict[str, Any]) -> None: ...
+    def publish_mtu(self, addr: Addr, mtu: int) -> None: ...
+    def exited(self) -> bool: ...
+    def stop(self) -> None: ...
 
 
 class Engine:
-    """One Bridge with its TUN and UDP adapters: the pumps, and nothing that blocks."""
+    """One Bridge with its TUN and UDP adapters: the pumps, and nothing that blocks.
+
+    Everything it calls besides the core and the adapters is given here: `keep_warm` (a
+    Warmer, bridge/io/warm.py), `sibling` (the UDP->TUN process, bridge/io/split.py),
+    `ordered_tun` (TUN writes in core order across threads: on by default when the Bridge
+    terminates flows, see `_tun_in_order`). What the adapters do is read from their `caps`.
+    """
 
     def __init__(self, bridge: Bridge, tun: TunLike, udp: UdpLike,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *, keep_warm: bool = False,
+                 sibling: Sibling | None = None, ordered_tun: bool | None = None) -> None:
+        if udp.caps.gro_batches and not tun.caps.vnet_hdr:
+            raise ValueError("GRO batches need a TUN with the vnet header (the core answers "
+                             "them with TunFrames)")
+        if sibling is not None and bridge.terminator is not None:
+            raise ValueError("one process per direction cannot terminate flows: a flow's "
+                             "two legs are one state machine fed by both directions")
         self.bridge = bridge
         self.tun = tun
         self.udp = udp
         self.clock = clock
+        self.sibling = sibling
         self.lock = threading.Lock()
         self.internal_errors = 0
-        self.on_timer_change: Callable[[float], None] | None = None
+        self.wakeup = Wakeup()  # the Runner's timer thread polls it
+        self.warmer = Warmer(bridge, clock) if keep_warm else None
+        self._ordered_tun = bridge.terminator is not None if ordered_tun is None \
+            else ordered_tun
         self._seen_errors: set[str] = set()
         self._out_t, self._out_u, self._out_timer = Output(), Output(), Output()
-        self._pk_t: list[bytes] = []
-        self._dg_u: list[tuple[bytes, Addr]] = []
+        self._pk_t: list[Any] = []
+        self._dg_u: list[tuple[Any, Addr]] = []
         self._peer_events = self._peer_event_counts()
         self._peer_state: dict[str, str] = {
             p.get("name"): "up" if p.get("up") else "down"
             for p in bridge.status(clock()).get("peers", [])}
-        self.writers: dict[int, Writer] = {}  # id(Output) -> its writer (Runner sets them)
-        # Called with the lock held after each core call, with its Output: a hook for output
-        # that must leave in the order the core made it across threads (bridge/io/flows.py)
-        self.under_lock: Callable[[Output], None] | None = None
+        self._writers: dict[int, Writer] = {}  # id(Output) -> its writer (start_writers)
+        self._u_writer: Writer | None = None
         self._pmtu_next = clock() + PMTU_RECHECK
-        self._too_big: set[Addr] = getattr(udp, "too_big", set())  # filled in place
-        self.warmer: Warmer | None = None  # keep-warm (bridge/io/warm.py); Runner sets it
-        # One process per direction (bridge/io/split.py), set by Runner: the receiving
-        # process's last-heard times folded in (called with the lock held), its counters
-        # asked for, and a learned path MTU handed over.
-        self.before_timer: Callable[[], None] | None = None
-        self.remote: Callable[[], dict[str, Any] | None] | None = None
-        self.on_path_mtu: Callable[[Addr, int], None] | None = None
-        self._sports_ok = hasattr(udp, "sport_pool")  # an adapter that can choose ports
-        if hasattr(tun, "super_packets") and SUPER_PACKETS:  # Bridge.from_tun takes them
-            tun.super_packets = SuperPacket
-        if hasattr(udp, "gro_batches") and GRO_BATCHES and getattr(tun, "vnet_hdr", False):
-            udp.gro_batches = GroBatch  # from_udp then hands TunFrames to the (vnet) TUN
+        self._too_big = udp.too_big  # the adapter's own set, filled in place
+        self._sports_ok = udp.caps.source_ports  # RFC 8086 §3.2.1 flow-hash ports
         self.stats = {"tun_reads": 0, "tun_packets": 0, "udp_recvs": 0, "udp_datagrams": 0,
                       "udp_sends": 0, "tun_writes": 0, "pmtu_updates": 0}
+
+    def twin(self) -> Engine:
+        """A fresh Engine over the same Bridge and adapters, with the same keep-warm: the
+        UDP->TUN process's own (bridge/io/split.py; its own wakeup fd and counters)."""
+        return Engine(self.bridge, self.tun, self.udp, self.clock,
+                      keep_warm=self.warmer is not None, ordered_tun=self._ordered_tun)
 
     def pump_tun(self, limit: int = BATCH) -> int:
         """Read up to `limit` frames from the TUN, in chunks of CHUNK reads: run `from_tun`
@@ -221,9 +188,10 @@ class Engine:
         """Run the Bridge's timer if due; return the next deadline (or None)."""
         now = self.clock()
         out = self._out_timer
+        sib = self.sibling
         with self.lock:
-            if self.before_timer is not None:
-                self.before_timer()
+            if sib is not None:
+                sib.sync()
             t = self.bridge.get_timer()
             if t is not None and t <= now:
                 try:
@@ -231,14 +199,31 @@ class Engine:
                 except Exception as e:  # a core bug: keep the bridge running
                     self._internal(e)
                 t = self.bridge.get_timer()
-            if self.under_lock is not None:
-                self.under_lock(out)
+            if self._ordered_tun:
+                self._tun_in_order(out)
             self._log_peer_changes(now)
         self._execute(out)
         if now >= self._pmtu_next:
             self._pmtu_next = now + PMTU_RECHECK
             self.recheck_path_mtu()
         return self._pmtu_next if t is None else min(t, self._pmtu_next)
+
+    def call_core(self, fn: Callable[[float, Output], object]) -> None:
+        """Run `fn(now, out)` on the core from any thread, with the lock and an Output of its
+        own, then execute that output: for parts of `grebe up` beside the data path
+        (bridge/io/flows.py resets the terminated flows on shutdown)."""
+        out = Output()
+        with self.lock:
+            try:
+                fn(self.clock(), out)
+            except Exception as e:  # a core bug: keep the bridge running
+                self._internal(e)
+            if self._ordered_tun:
+                self._tun_in_order(out)
+            t = self.bridge.get_timer()
+        if t is not None:
+            self.wakeup.moved(t)
+        self._execute(out)
 
     def _peer_event_counts(self) -> tuple[int, int]:
         c = self.bridge.counters
@@ -260,26 +245,26 @@ class Engine:
                 log.info("peer %s (%s) is %s", p.get("name"), p.get("endpoint"), state)
 
     def status(self) -> dict[str, Any]:
-        child = self.remote() if self.remote is not None else None
+        sib = self.sibling
+        child = sib.query() if sib is not None else None  # not under the lock: it may wait
         with self.lock:
-            if self.before_timer is not None:
-                self.before_timer()
+            if sib is not None:
+                sib.sync()
             st = self.bridge.status(self.clock())
         st["io"] = dict(self.stats, internal_errors=self.internal_errors)
         w = self.warmer  # keep-warm shadow calls (bridge/io/warm.py); 0 when off
         st["io"]["keep_warm_ticks"] = w.ticks if w is not None else 0
-        if child is not None:
-            from bridge.io.split import merge_status
-
-            merge_status(st, child)
+        if sib is not None and child is not None:
+            sib.merge_status(st, child)
         return st
 
     def metrics_text(self) -> str:
         """The Bridge's Prometheus counters, the receiving process's added when split."""
-        child = self.remote() if self.remote is not None else None
+        sib = self.sibling
+        child = sib.query() if sib is not None else None
         with self.lock:
-            if self.before_timer is not None:
-                self.before_timer()
+            if sib is not None:
+                sib.sync()
             c = self.bridge.counters
             if child is not None:
                 c = c.merged(child.get("counters", {}))
@@ -295,11 +280,31 @@ class Engine:
                 fn(batch, self.clock(), out)
             except Exception as e:  # a core bug: keep the bridge running, count the batch
                 self._internal(e, batch)
-            if self.under_lock is not None:
-                self.under_lock(out)
+            if self._ordered_tun:
+                self._tun_in_order(out)
             t = self.bridge.get_timer()
-        if t is not None and self.on_timer_change is not None:
-            self.on_timer_change(t)
+        if t is not None:
+            self.wakeup.moved(t)
+
+    def _tun_in_order(self, out: Output) -> None:
+        """Every TUN write leaves in the order the core produced it, whichever thread ran
+        the core (`ordered_tun`). A terminated flow's client leg sends from all of them (its
+        data when the server's segments arrive, on udp->tun; more data when the client's
+        ACKs open the window, on tun->udp; retransmissions on the timer thread); two writer
+        threads writing to one TUN reordered those segments, and the client's duplicate ACKs
+        then made the leg retransmit (901 retransmissions in a clean 100 MB download).
+        Called with the lock held: the packets go to the udp->tun writer in core order, or
+        are written right here when that writer is idle and the batch is small (a thread
+        wake-up costs more than an ACK)."""
+        if not out.tun:
+            return
+        pkts = list(out.tun)
+        out.tun.clear()
+        w = self._u_writer
+        if w is None or (w.idle() and len(pkts) <= INLINE_MAX):
+            self._write(pkts)
+        else:
+            w.put(self._write, pkts)
 
     def _internal(self, e: Exception, batch: Sequence[Any] = ()) -> None:
         """A core call raised (called with the lock held): count it, and each datagram or
@@ -319,8 +324,7 @@ class Engine:
     def _send(self, addr: Addr, dgs: Sequence[bytes | bytearray],
               sports: list[int] | None = None) -> None:
         if sports and self._sports_ok:  # RFC 8086 §3.2.1 flow-hash ports (udp.py pool)
-            self.stats["udp_sends"] += self.udp.send_datagrams(addr, dgs,  # type: ignore[call-arg]
-                                                               sports)
+            self.stats["udp_sends"] += self.udp.send_datagrams(addr, dgs, sports)
         else:
             self.stats["udp_sends"] += self.udp.send_datagrams(addr, dgs)
         if self._too_big:  # EMSGSIZE met (bridge/io/udp.py); the set is the adapter's own
@@ -330,10 +334,10 @@ class Engine:
         """A send met EMSGSIZE: the underlay path MTU toward that peer shrank (RFC 1191 /
         RFC 8201, an ICMP error the kernel took). Tell the core (Bridge.set_path_mtu: the
         peer's tunnel MTU, hence its ICMP Too Big and MSS clamping) and shrink the TUN."""
-        udp: Any = self.udp
-        while udp.too_big:
+        too_big = self._too_big
+        while too_big:
             try:
-                addr = udp.too_big.pop()
+                addr = too_big.pop()
             except KeyError:  # another thread took it
                 return
             self._apply_path_mtu(addr)
@@ -341,15 +345,15 @@ class Engine:
     def recheck_path_mtu(self) -> None:
         """Every PMTU_RECHECK seconds (timer thread): the kernel's path MTU toward each peer,
         which grows back when its learned value expires (RFC 1191 §6.3, RFC 8201 §4: Linux
-        ages it out after 10 minutes), so a tunnel MTU lowered by EMSGSIZE recovers."""
-        if getattr(self.udp, "path_mtu", None) is None:
+        ages it out after 10 minutes), so a tunnel MTU lowered by EMSGSIZE recovers. Only
+        with an adapter that reads it (`UdpCaps.path_mtu`)."""
+        if not self.udp.caps.path_mtu:
             return
         for addr in {p.addr for p in self.bridge.peers}:
             self._apply_path_mtu(addr)
 
     def _apply_path_mtu(self, addr: Addr) -> None:
-        udp: Any = self.udp
-        mtu = udp.path_mtu(addr)
+        mtu = self.udp.path_mtu(addr)
         if mtu is not None:
             with self.lock:
                 before = self.bridge.tun_mtu
@@ -362,29 +366,35 @@ class Engine:
                 changed = peer_before != [p.mtu for p in self.bridge.peers]
             if changed:
                 self.stats["pmtu_updates"] += 1
-                if self.on_path_mtu is not None:
-                    self.on_path_mtu(addr, mtu)
+                if self.sibling is not None:
+                    self.sibling.publish_mtu(addr, mtu)
             if after != before:
                 log.info("path MTU toward %s:%d is now %d: tunnel MTU %d (was %d)",
                          addr[0], addr[1], mtu, after, before)
-                set_mtu = getattr(self.tun, "set_mtu", None)
-                if set_mtu is not None:
-                    try:
-                        set_mtu(after)
-                    except OSError as e:
-                        log.warning("could not set the TUN MTU to %d: %s", after, e)
+                try:
+                    self.tun.set_mtu(after)
+                except OSError as e:
+                    log.warning("could not set the TUN MTU to %d: %s", after, e)
 
     def _write(self, pkts: Sequence[bytes | bytearray | memoryview]) -> None:
         self.stats["tun_writes"] += self.tun.write_packets(pkts)
 
-    def use_writers(self) -> list[Writer]:
-        """Execute each direction's output on its own Writer thread; returns them."""
-        self.writers = {id(self._out_t): Writer("tun->udp writer"),
-                        id(self._out_u): Writer("udp->tun writer")}
-        return list(self.writers.values())
+    def start_writers(self) -> None:
+        """Execute each direction's output on its own Writer thread (Runner.run)."""
+        self._u_writer = Writer("udp->tun writer")
+        self._writers = {id(self._out_t): Writer("tun->udp writer"),
+                         id(self._out_u): self._u_writer}
+
+    def stop_writers(self) -> None:
+        """Finish what the writers hold, end them; output is executed inline again."""
+        writers = list(self._writers.values())
+        self._writers = {}
+        self._u_writer = None
+        for w in writers:
+            w.stop()
 
     def _execute(self, out: Output) -> None:
-        w = self.writers.get(id(out))
+        w = self._writers.get(id(out))
         if w is not None and w.idle() and _small(out):
             w = None  # latency: a handoff to a sleeping writer costs a thread wake-up
         sports = out.udp_sport
@@ -414,24 +424,17 @@ class Runner:
     """Runs an Engine with one thread per direction; the caller's thread does the rest.
 
     `extra` are (fd, callback) pairs the main thread polls too (control socket, metrics).
+    With the engine's `sibling` the UDP->TUN direction runs in that child process instead.
     """
 
     def __init__(self, engine: Engine,
                  extra: list[tuple[int, Callable[[], None]]] | None = None,
-                 writer_threads: bool = WRITER_THREADS, keep_warm: bool = False,
-                 split: bool = False) -> None:
+                 writer_threads: bool = WRITER_THREADS) -> None:
         self.engine = engine
-        # One process per direction (bridge/io/split.py); never with userspace inspection
-        self.split = split and engine.bridge.terminator is None
-        if keep_warm and engine.warmer is None:
-            engine.warmer = Warmer(engine.bridge, engine.clock)
         self.writer_threads = writer_threads
         self.extra = extra or []
         self._stop = threading.Event()
-        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._armed = float("inf")
-        engine.on_timer_change = self._timer_changed
         self._threads: list[threading.Thread] = []
         self.failed = False  # run() ended because a part of the endpoint died
 
@@ -441,14 +444,11 @@ class Runner:
         with contextlib.suppress(OSError):
             os.eventfd_write(self._stop_fd, 1)
 
-    def _timer_changed(self, t: float) -> None:
-        if t < self._armed:
-            self._armed = t
-            with contextlib.suppress(OSError):
-                os.eventfd_write(self._wake, 1)
-
-    def _data(self, fd: int, pump: Callable[[int], int], name: str,
-              warm: Callable[[], None] | None = None, stop_fd: int | None = None) -> None:
+    def data(self, engine: Engine, fd: int, pump: Callable[[int], int], name: str,
+             warm: Callable[[], None] | None = None, stop_fd: int | None = None) -> None:
+        """One data thread's body: drain `fd` with `pump` until stop; errors are counted in
+        `engine`, and keep-warm follows its warmer (also the body of the UDP->TUN process's
+        thread, bridge/io/split.py, with that process's own Engine)."""
         prof_dir = os.environ.get("GREBE_PROFILE")  # developer aid: cProfile per data thread
         if prof_dir:
             import cProfile
@@ -456,22 +456,22 @@ class Runner:
             prof = cProfile.Profile()
             prof.enable()
             try:
-                self._data_loop(fd, pump, name, warm, stop_fd)
+                self._data_loop(engine, fd, pump, name, warm, stop_fd)
             finally:
                 prof.disable()
                 tag = f"{os.getpid()}-{name.replace('>', '')}"
                 prof.dump_stats(os.path.join(prof_dir, f"{tag}.prof"))
         else:
-            self._data_loop(fd, pump, name, warm, stop_fd)
+            self._data_loop(engine, fd, pump, name, warm, stop_fd)
 
-    def _data_loop(self, fd: int, pump: Callable[[int], int], name: str,
+    def _data_loop(self, engine: Engine, fd: int, pump: Callable[[int], int], name: str,
                    warm: Callable[[], None] | None = None, stop_fd: int | None = None) -> None:
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         poller.register(self._stop_fd if stop_fd is None else stop_fd, select.POLLIN)
         errors: set[str] = set()
         clock = time.monotonic
-        wm = self.engine.warmer
+        wm = engine.warmer
         seen = 0  # wm.traffic when this thread last looked
         last = -WARM_FOR  # when traffic (either direction) was last seen
         while not self._stop.is_set():
@@ -492,7 +492,7 @@ class Runner:
                 else:
                     poller.poll()
             except Exception as e:  # never let a data thread die silently, nor log a flood
-                self.engine.internal_errors += 1
+                engine.internal_errors += 1
                 if type(e).__name__ not in errors:
                     errors.add(type(e).__name__)
                     log.exception("%s thread error (logged once per kind; counted in "
@@ -510,18 +510,16 @@ class Runner:
         wm = e.warmer
         dirs = [(e.tun.fileno(), e.pump_tun, "tun->udp", wm.tun if wm else None),
                 (e.udp.fileno(), e.pump_udp, "udp->tun", wm.udp if wm else None)]
-        rx = None
-        if self.split:  # before any thread starts: the child runs UDP->TUN
-            from bridge.io.split import SYNC_S, RxProcess
-
-            rx = RxProcess(e, self._data, self.writer_threads)
-            rx.start()
-            e.before_timer, e.remote, e.on_path_mtu = rx.sync, rx.query, rx.publish_mtu
+        rx = e.sibling
+        if rx is not None:  # before any thread starts: the child runs UDP->TUN
+            rx.start(e, self.data, self.writer_threads)
             dirs = dirs[:1]
-        cap = SYNC_S * 1000 if rx is not None else None  # liveness from the child
-        writers = e.use_writers() if self.writer_threads else []
+        cap = rx.sync_interval * 1000 if rx is not None else None  # liveness from the child
+        wake = e.wakeup.fileno()  # before the data threads: none of their wake-ups is lost
+        if self.writer_threads:
+            e.start_writers()
         for fd, pump, name, warm in dirs:
-            th = threading.Thread(target=self._data, args=(fd, pump, name, warm), name=name,
+            th = threading.Thread(target=self.data, args=(e, fd, pump, name, warm), name=name,
                                   daemon=True)
             th.start()
             self._threads.append(th)
@@ -530,12 +528,12 @@ class Runner:
         for fd, cb in self.extra:
             poller.register(fd, select.POLLIN)
             handlers[fd] = cb
-        poller.register(self._wake, select.POLLIN)
+        poller.register(wake, select.POLLIN)
         poller.register(self._stop_fd, select.POLLIN)
         try:
             while not self._stop.is_set():
                 t = e.pump_timer()
-                self._armed = t if t is not None else float("inf")
+                e.wakeup.arm(t)
                 timeout = None if t is None else max(0.0, t - e.clock()) * 1000
                 if cap is not None:
                     timeout = cap if timeout is None else min(timeout, cap)
@@ -544,9 +542,8 @@ class Runner:
                         self.failed = True
                         break
                 for fd, _ev in poller.poll(timeout):
-                    if fd == self._wake:
-                        with contextlib.suppress(OSError):
-                            os.eventfd_read(self._wake)
+                    if fd == wake:
+                        e.wakeup.clear()
                     elif fd in handlers:
                         try:
                             handlers[fd]()
@@ -558,11 +555,8 @@ class Runner:
                 os.eventfd_write(self._stop_fd, 1)
             for th in self._threads:
                 th.join(timeout=5)
-            for w in writers:
-                w.stop()
-            e.writers = {}
+            e.stop_writers()
             if rx is not None:
                 rx.stop()
-                e.before_timer = e.remote = e.on_path_mtu = None
-            os.close(self._wake)
+            e.wakeup.close()
             os.close(self._stop_fd)

@@ -31,9 +31,12 @@ Rules:
   anything. If it ends on its own (a bug), the parent logs it and stops with exit code 1,
   so that whatever supervises `grebe up` restarts the endpoint whole.
 
-Theory of operation: `Runner.run` forks before it starts any thread; the child gets fresh
-eventfds (a shared one would wake both processes) and runs the UDP->TUN data thread plus a
-small loop for its timer, the MTU sync and the parent's status queries.
+Theory of operation: `grebe up` gives the parent's Engine an `RxProcess` as its `sibling`
+(the `Sibling` protocol of bridge/io/loop.py); `Runner.run` starts it, which forks before
+any thread starts. The child builds its own Engine over the same Bridge and adapters
+(`Engine.twin`: fresh eventfds, since a shared one would wake both processes, and counters
+of its own) and runs the UDP->TUN data thread plus a small loop for its timer, the MTU sync
+and the parent's status queries.
 """
 
 from __future__ import annotations
@@ -49,11 +52,12 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from bridge.counters import DROP_REASONS, E_PEER_DOWN, E_PEER_UP, EVENTS
-from bridge.pipeline import Output
+from bridge.io.adapters import Addr
+from bridge.io.loop import DataRunner, Engine
+from bridge.pipeline import Bridge, Output
 
 log = logging.getLogger("grebe.split")
 
@@ -73,22 +77,23 @@ class SharedPeers:
 
 
 class RxProcess:
-    """The parent's handle on the child that runs the UDP->TUN direction."""
+    """The parent's handle on the child that runs the UDP->TUN direction: the parent
+    Engine's `sibling` (bridge/io/loop.py `Sibling`)."""
 
-    def __init__(self, engine: Any, run_data: Callable[..., None],
-                 writer_threads: bool) -> None:
-        self.engine = engine
-        self._run_data = run_data  # Runner._data
-        self._writers = writer_threads
-        self.shared = SharedPeers(len(engine.bridge.peers))
+    sync_interval = SYNC_S
+
+    def __init__(self, bridge: Bridge) -> None:
+        self.bridge = bridge  # the parent's
+        self.shared = SharedPeers(len(bridge.peers))
         self.pid = 0
         self._sock: socket.socket | None = None
         self._qlock = threading.Lock()
 
     # -- parent ---------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Fork. Returns in the parent; the child never returns."""
+    def start(self, engine: Engine, run_data: DataRunner, writer_threads: bool) -> None:
+        """Fork. Returns in the parent; the child runs `engine`'s UDP->TUN direction on an
+        Engine of its own with `run_data` (Runner.data) and never returns."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ppid = os.getpid()
         pid = os.fork()
@@ -96,7 +101,7 @@ class RxProcess:
             parent.close()
             code = 0
             try:
-                self._child(child, ppid)
+                self._child(child, ppid, engine.twin(), run_data, writer_threads)
             except BaseException:
                 log.exception("receiving process failed")
                 code = 1
@@ -109,7 +114,7 @@ class RxProcess:
     def sync(self) -> None:
         """Fold the child's last-heard times into the parent's Bridge (with the lock)."""
         v = self.shared.v
-        b = self.engine.bridge
+        b = self.bridge
         for i in range(len(b.peers)):
             t = v[2 * i]
             if t > b.peers[i].last_rx:
@@ -127,8 +132,8 @@ class RxProcess:
             self.pid = 0
         return done
 
-    def publish_mtu(self, addr: tuple[str, int], mtu: int) -> None:
-        for i, p in enumerate(self.engine.bridge.peers):
+    def publish_mtu(self, addr: Addr, mtu: int) -> None:
+        for i, p in enumerate(self.bridge.peers):
             if p.addr == addr:
                 self.shared.v[2 * i + 1] = float(mtu)
 
@@ -153,6 +158,9 @@ class RxProcess:
             return None
         return got
 
+    def merge_status(self, st: dict[str, Any], child: dict[str, Any]) -> None:
+        merge_status(st, child)
+
     def stop(self) -> None:
         if not self.pid:
             return
@@ -176,27 +184,18 @@ class RxProcess:
 
     # -- child ----------------------------------------------------------------------------
 
-    def _child(self, sock: socket.socket, ppid: int) -> None:  # pragma: no cover
+    def _child(self, sock: socket.socket, ppid: int, e: Engine, run_data: DataRunner,
+               writer_threads: bool) -> None:  # pragma: no cover
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != ppid:
             return  # the parent died before the line above
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
-        e = self.engine
         e.bridge.rx_only = True
-        wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        armed = [float("inf")]
-
-        def timer_changed(t: float) -> None:
-            if t < armed[0]:
-                armed[0] = t
-                with contextlib.suppress(OSError):
-                    os.eventfd_write(wake, 1)
-
-        e.on_timer_change = timer_changed
-        if self._writers:
-            e.use_writers()
+        wake = e.wakeup.fileno()
+        if writer_threads:
+            e.start_writers()
         v = self.shared.v
         peers = e.bridge.peers
         n = len(peers)
@@ -210,8 +209,9 @@ class RxProcess:
 
         wm = e.warmer
         stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        th = threading.Thread(target=self._run_data,
-                              args=(e.udp.fileno(), pump, "udp->tun", wm.udp if wm else None),
+        th = threading.Thread(target=run_data,
+                              args=(e, e.udp.fileno(), pump, "udp->tun",
+                                    wm.udp if wm else None),
                               kwargs={"stop_fd": stop_fd}, name="udp->tun", daemon=True)
         th.start()
         mtus = [0.0] * n
@@ -233,12 +233,11 @@ class RxProcess:
                         with contextlib.suppress(ValueError):
                             e.bridge.set_path_mtu(int(m), peers[i].addr)
             e.execute(out)
-            armed[0] = t if t is not None else float("inf")
+            e.wakeup.arm(t)
             timeout = SYNC_S if t is None else min(SYNC_S, max(0.0, t - e.clock()))
             for fd, ev in poller.poll(timeout * 1000):
                 if fd == wake:
-                    with contextlib.suppress(OSError):
-                        os.eventfd_read(wake)
+                    e.wakeup.clear()
                     continue
                 if ev & (select.POLLHUP | select.POLLERR):
                     return  # the parent is gone
@@ -248,22 +247,22 @@ class RxProcess:
                     return
                 if not req:
                     return
-                sock.send(json.dumps(self._export()).encode())
+                sock.send(json.dumps(_export(e)).encode())
 
-    def _export(self) -> dict[str, Any]:  # pragma: no cover - the child's side of query()
-        e = self.engine
-        with e.lock:
-            c = e.bridge.counters.export()
-            seq = [[len(p.seq.held), p.seq.flushes] for p in e.bridge.peers]
-        c["events"][E_PEER_UP] = c["events"][E_PEER_DOWN] = 0  # liveness is the parent's
-        w = e.warmer
-        io = dict(e.stats, internal_errors=e.internal_errors,
-                  keep_warm_ticks=w.ticks if w is not None else 0)
-        return {"counters": c, "seq": seq, "io": io}
+
+def _export(e: Engine) -> dict[str, Any]:  # pragma: no cover - the child's side of query()
+    with e.lock:
+        c = e.bridge.counters.export()
+        seq = [[len(p.seq.held), p.seq.flushes] for p in e.bridge.peers]
+    c["events"][E_PEER_UP] = c["events"][E_PEER_DOWN] = 0  # liveness is the parent's
+    w = e.warmer
+    io = dict(e.stats, internal_errors=e.internal_errors,
+              keep_warm_ticks=w.ticks if w is not None else 0)
+    return {"counters": c, "seq": seq, "io": io}
 
 
 def merge_status(st: dict[str, Any], child: dict[str, Any]) -> None:
-    """Add the child's counters (`RxProcess._export`) to the parent's status, in place."""
+    """Add the child's counters (`_export`) to the parent's status, in place."""
     c = child.get("counters", {})
     for name, n in zip(DROP_REASONS, c.get("drops", []), strict=False):
         st["drops"][name] = st["drops"].get(name, 0) + n

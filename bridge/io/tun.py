@@ -3,8 +3,10 @@
 Rules:
 - Opened with TUNSETIFF IFF_TUN|IFF_NO_PI (Linux Documentation/networking/tuntap.rst), and
   by default IFF_VNET_HDR with TUNSETVNETHDRSZ 10 and TUNSETOFFLOAD TUN_F_CSUM|TSO4|TSO6:
-  the kernel then hands us TCP super-packets of up to 64 KB (split by `offload.split_frame`)
-  and accepts coalesced GSO writes (`offload.coalesce`).
+  the kernel then hands us TCP super-packets of up to 64 KB (split by `offload.split_frame`,
+  or handed to the core whole when a `tso_frame` factory is given at construction) and
+  accepts coalesced GSO writes (`offload.coalesce`). `caps` (bridge/io/adapters.py)
+  declares both.
 - The fd is non-blocking; reads go into one preallocated buffer until EAGAIN (or a batch
   limit), writes go out one frame per write(2) (the TUN has no batch write).
 - A second process on the same TUN gets EBUSY from TUNSETIFF; that becomes
@@ -31,8 +33,8 @@ import struct
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from bridge.gso import SuperPacket
 from bridge.io import offload
+from bridge.io.adapters import TsoFrameFactory, TunCaps
 
 _TSO = (offload.GSO_TCPV4, offload.GSO_TCPV6)
 
@@ -60,12 +62,14 @@ class TunBusyError(OSError):
 class TunDevice:
     """One TUN queue. `read_packets`/`write_packets` are the whole data API."""
 
-    def __init__(self, name: str, vnet_hdr: bool = True, multi_queue: bool = False) -> None:
+    def __init__(self, name: str, vnet_hdr: bool = True, multi_queue: bool = False,
+                 tso_frame: TsoFrameFactory | None = None) -> None:
         self.name = name
         self.vnet_hdr = vnet_hdr
-        # Set by the loop when its core takes SuperPackets: TSO frames are then handed over
-        # whole (bridge/gso.py) instead of being split here.
-        self.super_packets: type[SuperPacket] | None = None
+        # With the vnet header and a factory (bridge/gso.py SuperPacket in `grebe up`), TSO
+        # frames are handed to the core whole instead of being split here.
+        self._tso_frame = tso_frame if vnet_hdr else None
+        self.caps = TunCaps(vnet_hdr=vnet_hdr, tso_frames=self._tso_frame is not None)
         self.bad_frames = 0  # frames from the kernel that offload could not split
         self.write_errors = 0  # packets the kernel refused (EINVAL, EIO, ...)
         self._routes: list[tuple[str, int]] = []
@@ -160,7 +164,7 @@ class TunDevice:
 
     # -- data ---------------------------------------------------------------------------
 
-    def read_packets(self, out: list[bytes], limit: int = 64) -> int:
+    def read_packets(self, out: list[Any], limit: int = 64) -> int:
         """Read up to `limit` frames (until EAGAIN); append the inner packets to `out`.
 
         Returns the number of frames read. Never raises for EAGAIN.
@@ -170,7 +174,7 @@ class TunDevice:
         bufs = [self._buf]
         reads = 0
         split = offload.split_frame
-        sp = self.super_packets
+        sp = self._tso_frame
         while reads < limit:
             try:
                 n = os.readv(fd, bufs)
@@ -182,7 +186,7 @@ class TunDevice:
             if self.vnet_hdr:
                 if sp is not None and view[1] & ~offload.GSO_ECN in _TSO and n > 64:
                     # one copy of the whole frame; the core segments it (bridge/gso.py)
-                    out.append(sp(bytes(view[:n]), offload.VNET_HDR_LEN,  # type: ignore[arg-type]
+                    out.append(sp(bytes(view[:n]), offload.VNET_HDR_LEN,
                                   view[4] | view[5] << 8, split))
                 elif not split(view[:n], out):
                     self.bad_frames += 1

@@ -11,7 +11,9 @@ Rules:
   kernel cuts it into ordinary datagrams, so the wire still carries one GRE/IPIP packet
   per UDP datagram. UDP GRO (UDP_GRO): one recvmsg may return several datagrams of one
   source glued together; the cmsg gives their size, and they are cut here, or handed to
-  the core whole as a `bridge.gso.GroBatch` when the loop sets `gro_batches`. A core-built
+  the core whole when a `gro_batch` factory (bridge/gso.py GroBatch) is given at
+  construction. `caps` (bridge/io/adapters.py) declares that, the source-port choice below
+  and the path-MTU reading. A core-built
   `bridge.gso.UdpRun` (equal datagrams back to back) is sent straight from its buffer.
 - RFC 8086 §3.2.1 flow-hash source ports (peer `source_port = "flow-hash"`): the core gives
   one port per datagram (out.udp_sport); they select one of `sport_pool` (8) send-only
@@ -40,7 +42,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from bridge.gso import GroBatch, UdpRun
+from bridge.gso import UdpRun
+from bridge.io.adapters import GroBatchFactory, UdpCaps
 
 log = logging.getLogger("grebe.udp")
 
@@ -86,7 +89,8 @@ class UdpEndpoint:
     """The bridge's UDP socket. `recv_datagrams`/`send_datagrams` are the whole data API."""
 
     def __init__(self, address: str, port: int, reuseport: bool = False,
-                 gso: bool = True, gro: bool = True, sport_pool: int = SPORT_POOL) -> None:
+                 gso: bool = True, gro: bool = True, sport_pool: int = SPORT_POOL,
+                 gro_batch: GroBatchFactory | None = None) -> None:
         self.v6 = ":" in address
         fam = socket.AF_INET6 if self.v6 else socket.AF_INET
         s = socket.socket(fam, socket.SOCK_DGRAM)
@@ -125,12 +129,14 @@ class UdpEndpoint:
         # length 65,535 - 8. A dual-stack socket's IPv4 peers keep the IPv4 limit.
         self.max_payload = 65507 if not self.v6 else 65527
         self.address = address
-        # Set by the loop when its core takes GroBatch payloads (bridge/gso.py): a GRO
-        # buffer is then handed over whole instead of being cut into datagrams here.
-        self.gro_batches: type[GroBatch] | None = None
+        # With UDP GRO and a factory (bridge/gso.py GroBatch in `grebe up`), a GRO buffer
+        # is handed to the core whole instead of being cut into datagrams here.
+        self._gro_batch = gro_batch if self.gro else None
         # RFC 8086 §3.2.1 flow-hash source ports: send-only sockets, created on first use
         self.sport_pool = sport_pool
         self._pool: dict[int, socket.socket] = {}
+        self.caps = UdpCaps(gro_batches=self._gro_batch is not None,
+                            source_ports=sport_pool > 0, path_mtu=True)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -174,7 +180,7 @@ class UdpEndpoint:
 
     # -- receive ------------------------------------------------------------------------
 
-    def recv_datagrams(self, out: list[tuple[bytes, Addr]], limit: int = 64) -> int:
+    def recv_datagrams(self, out: list[tuple[Any, Addr]], limit: int = 64) -> int:
         """recvmsg until EAGAIN (or `limit` calls); append (payload, (host, port)) to `out`."""
         sock = self.sock
         view = self._view
@@ -182,8 +188,10 @@ class UdpEndpoint:
         anc = self._anc
         calls = 0
         dual = self.dual
-        gb = self.gro_batches
-        first = len(out)  # join only what this call appends
+        gb = self._gro_batch
+        prev: bytearray | None = None  # the buffer of the GRO batch this call appended last,
+        prev_seg = 0  # while that batch is out[-1]
+        prev_addr: Addr | None = None
         while calls < limit:
             try:
                 n, ancdata, _flags, addr = sock.recvmsg_into(bufs, anc)
@@ -203,25 +211,26 @@ class UdpEndpoint:
             for level, typ, data in ancdata:
                 if level == SOL_UDP and typ == UDP_GRO:
                     seg = _GRO_SIZE.unpack_from(data.ljust(4, b"\0"))[0]
-            if gb is not None and len(out) > first and JOIN_MAX:
+            if prev is not None and JOIN_MAX:
                 # Join this recv onto the previous GRO batch when it simply continues it:
                 # same source, same datagram size, the previous one ending on a whole
                 # datagram. The core then coalesces up to 64 KB per call instead of one
                 # GRO buffer (~20 datagrams here) per call: numpy's per-call cost is paid
-                # half as often (see JOIN_MAX).
-                pb: Any = out[-1][0]  # a GroBatch we appended, or bytes
-                pa = out[-1][1]
-                if (type(pb) is gb and pa == a and len(pb.buf) + n <= JOIN_MAX
-                        and (seg == pb.seg if seg and seg < n else 0 < n <= pb.seg)
-                        and not len(pb.buf) % pb.seg):
-                    pb.buf += view[:n]
+                # half as often (see JOIN_MAX). The batch holds `prev` itself.
+                if (prev_addr == a and len(prev) + n <= JOIN_MAX
+                        and (seg == prev_seg if seg and seg < n else 0 < n <= prev_seg)
+                        and not len(prev) % prev_seg):
+                    prev += view[:n]
                     continue
             if seg and seg < n and gb is not None:  # one copy; the core takes it whole
-                out.append((gb(bytearray(view[:n]), seg), a))  # type: ignore[arg-type]
+                prev, prev_seg, prev_addr = bytearray(view[:n]), seg, a
+                out.append((gb(prev, seg), a))
             elif seg and seg < n:
+                prev = None
                 for off in range(0, n, seg):
                     out.append((bytes(view[off:min(off + seg, n)]), a))
             else:
+                prev = None
                 out.append((bytes(view[:n]), a))
         return calls
 

@@ -1,6 +1,6 @@
 """The house rules that tools can check: ruff clean everywhere, mypy --strict on the core.
 
-The mypy scope (stack/ and bridge/ except bridge/io and bridge/lab) is pyproject.toml's
+The mypy scope (stack/ and bridge/ except bridge/lab) is pyproject.toml's
 [tool.mypy] section; these tests fail the run when either tool finds anything.
 """
 

@@ -15,7 +15,8 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 
 from bridge.config import loads_config
-from bridge.io.fake import MemoryNet, MemoryTun, drive
+from bridge.io.adapters import UdpCaps
+from bridge.io.fake import MemoryNet, MemoryTun, MemoryUdp, drive
 from bridge.io.loop import Engine
 from bridge.pipeline import Bridge
 
@@ -57,16 +58,20 @@ class Clock:
         return self.t
 
 
-def _pair(encap: str) -> tuple[Engine, Engine, MemoryNet, Clock]:
-    clock = Clock()
+def _pair(encap: str, clock: Callable[[], float] | None = None,
+          **kw: Any) -> tuple[Engine, Engine, MemoryNet, Clock]:
+    """Two Engines over the fakes; `clock` (default: a Clock a test moves) and Engine
+    keywords (keep_warm, ...) for both."""
+    fake = Clock()
     net = MemoryNet()
     ca = loads_config(_cfg("198.18.0.1", "198.18.0.2", "a",
                            ["198.18.2.0/24", "2001:db8:2::/48"], encap))
     cb = loads_config(_cfg("198.18.0.2", "198.18.0.1", "b",
                            ["198.18.1.0/24", "2001:db8:1::/48"], encap))
-    ea = Engine(Bridge(ca, clock()), MemoryTun("a"), net.endpoint("198.18.0.1"), clock)
-    eb = Engine(Bridge(cb, clock()), MemoryTun("b"), net.endpoint("198.18.0.2"), clock)
-    return ea, eb, net, clock
+    c = clock or fake
+    ea = Engine(Bridge(ca, c()), MemoryTun("a"), net.endpoint("198.18.0.1"), c, **kw)
+    eb = Engine(Bridge(cb, c()), MemoryTun("b"), net.endpoint("198.18.0.2"), c, **kw)
+    return ea, eb, net, fake
 
 
 def _packets(ttl: int) -> list[bytes]:
@@ -207,8 +212,7 @@ def test_threaded_runner_over_the_fakes() -> None:
     """The real Runner (one thread per direction + timer thread) between two fake sites."""
     import time
 
-    ea, eb, net, _ = _pair("gre")
-    ea.clock = eb.clock = time.monotonic  # real time: keepalives run on the timer thread
+    ea, eb, net, _ = _pair("gre", time.monotonic)  # real time: keepalives on the timer thread
     with running(ea, eb):
         segs = [_ip("198.18.1.10", "198.18.2.10", 64, 1 + i * 1300) for i in range(300)]
         ea.tun.inject(*segs)  # type: ignore[attr-defined]
@@ -231,8 +235,7 @@ def test_both_directions_at_once_through_threaded_runners() -> None:
     intact and in order, and the per-peer counters are exact."""
     import time
 
-    ea, eb, _net, _ = _pair("gre")
-    ea.clock = eb.clock = time.monotonic
+    ea, eb, _net, _ = _pair("gre", time.monotonic)
     n = 400
     fwd = [_ip("198.18.1.10", "198.18.2.10", 64, 1 + i * 1300) for i in range(n)]
     rev = [_ip("198.18.2.10", "198.18.1.10", 64, 1 + i * 1300) for i in range(n)]
@@ -262,19 +265,19 @@ def test_a_shrunken_path_mtu_reaches_the_core_and_the_tun() -> None:
     """Engine.learn_path_mtu: the peer that met EMSGSIZE gets the kernel's path MTU minus the
     encapsulation overhead (Bridge.set_path_mtu), and the TUN follows; below 576 is ignored."""
     ea, _eb, _net, _clock = _pair("gre")
-    mtus: list[int] = []
-    ea.tun.set_mtu = mtus.append  # type: ignore[attr-defined]
+    tun, udp = ea.tun, ea.udp
+    assert isinstance(tun, MemoryTun) and isinstance(udp, MemoryUdp)
     peer = ("198.18.0.2", 4754)
-    ea.udp.too_big = {peer}  # type: ignore[attr-defined]
-    ea.udp.path_mtu = lambda addr: 1400 if addr == peer else None  # type: ignore[attr-defined]
+    udp.too_big.add(peer)
+    udp.path_mtus[peer] = 1400
     ea.learn_path_mtu()
     overhead = 20 + 8 + 12  # IPv4 + UDP + GRE with key and sequence number
-    assert ea.bridge.peers[0].mtu == 1400 - overhead and mtus == [1400 - overhead]
-    assert ea.stats["pmtu_updates"] == 1 and not ea.udp.too_big  # type: ignore[attr-defined]
-    ea.udp.too_big = {peer}  # type: ignore[attr-defined]
-    ea.udp.path_mtu = lambda addr: 500  # type: ignore[attr-defined]
+    assert ea.bridge.peers[0].mtu == 1400 - overhead and tun.mtus == [1400 - overhead]
+    assert ea.stats["pmtu_updates"] == 1 and not udp.too_big
+    udp.too_big.add(peer)
+    udp.path_mtus[peer] = 500
     ea.learn_path_mtu()  # an unusable underlay: logged, the MTU stays
-    assert ea.bridge.peers[0].mtu == 1400 - overhead and mtus == [1400 - overhead]
+    assert ea.bridge.peers[0].mtu == 1400 - overhead and tun.mtus == [1400 - overhead]
 
 
 def test_the_path_mtu_grows_back_on_the_timer() -> None:
@@ -283,16 +286,52 @@ def test_the_path_mtu_grows_back_on_the_timer() -> None:
     from bridge.io.loop import PMTU_RECHECK
 
     ea, _eb, _net, clock = _pair("gre")
-    mtus: list[int] = []
-    ea.tun.set_mtu = mtus.append  # type: ignore[attr-defined]
-    path = {"mtu": 1300}
-    ea.udp.path_mtu = lambda addr: path["mtu"]  # type: ignore[attr-defined]
-    ea.udp.too_big = {("198.18.0.2", 4754)}  # type: ignore[attr-defined]
+    tun, udp = ea.tun, ea.udp
+    assert isinstance(tun, MemoryTun) and isinstance(udp, MemoryUdp)
+    peer = ("198.18.0.2", 4754)
+    udp.path_mtus[peer] = 1300
+    udp.too_big.add(peer)
     ea.learn_path_mtu()
-    path["mtu"] = 1500  # the learned value expired in the kernel
+    udp.path_mtus[peer] = 1500  # the learned value expired in the kernel
     assert ea.pump_timer() is not None  # the recheck is a deadline of its own
     assert ea.bridge.peers[0].mtu == 1300 - 40  # not yet: PMTU_RECHECK has not passed
     clock.t += PMTU_RECHECK
     ea.pump_timer()
-    assert ea.bridge.peers[0].mtu == 1400 and mtus == [1260, 1400]  # up to tun.mtu = 1400
+    assert ea.bridge.peers[0].mtu == 1400 and tun.mtus == [1260, 1400]  # up to tun.mtu 1400
     assert ea.stats["pmtu_updates"] == 2
+
+
+class _PortsUdp(MemoryUdp):
+    """A UDP fake that records the source ports the engine passes with each send."""
+
+    def __init__(self, net: MemoryNet, addr: tuple[str, int], caps: UdpCaps) -> None:
+        super().__init__(net, addr)
+        self.caps = caps
+        self.ports: list[Any] = []
+
+    def send_datagrams(self, addr: Any, datagrams: Any, sports: Any = None) -> int:
+        self.ports.append(sports)
+        return super().send_datagrams(addr, datagrams, sports)
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_source_ports_are_passed_only_to_an_adapter_that_declares_them(declared: bool) -> None:
+    """RFC 8086 §3.2.1 flow-hash ports (the peer's default): the engine reads
+    `UdpCaps.source_ports` once; an adapter without it gets no ports."""
+    ea, _eb, net, clock = _pair("gre")
+    udp = _PortsUdp(net, ("198.18.0.7", 4754), UdpCaps(source_ports=declared))
+    e = Engine(ea.bridge, MemoryTun("p"), udp, clock)
+    e.tun.inject(*_packets(64))  # type: ignore[attr-defined]
+    e.pump_tun()
+    assert udp.ports and all((p is not None) == declared for p in udp.ports)
+
+
+def test_declared_capabilities_that_do_not_fit_are_refused() -> None:
+    """GRO batches are answered with TunFrames: a UDP adapter that hands them over needs a
+    TUN with the vnet header. One process per direction never runs a terminating Bridge."""
+    ea, _eb, net, clock = _pair("gre")
+    gro = _PortsUdp(net, ("198.18.0.8", 4754), UdpCaps(gro_batches=True))
+    with pytest.raises(ValueError, match="vnet header"):
+        Engine(ea.bridge, MemoryTun("g"), gro, clock)
+    assert not MemoryTun.caps.vnet_hdr and not MemoryUdp.caps.gro_batches
+    assert MemoryUdp.caps.path_mtu and not MemoryUdp.caps.source_ports

@@ -12,7 +12,7 @@ from test_loop_fake import _pair, running, wait_for  # same directory (pytest ro
 
 import bridge.io.loop as loop
 from bridge.io.fake import MemoryNet, MemoryTun
-from bridge.io.loop import Engine, Runner
+from bridge.io.loop import Engine
 from bridge.io.warm import Warmer
 from bridge.pipeline import Bridge, Output
 
@@ -73,9 +73,8 @@ def test_a_shadow_that_raises_turns_keep_warm_off(caplog: pytest.LogCaptureFixtu
 def test_runner_ticks_after_traffic_and_stops_when_idle(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(loop, "WARM_FOR", 0.3)
     monkeypatch.setattr(loop, "WARM_TICK_MS", 1.0)
-    ea, eb, _net, _ = _pair("gre")
-    ea.clock = eb.clock = time.monotonic
-    with running(ea, eb, keep_warm=True):
+    ea, eb, _net, _ = _pair("gre", time.monotonic, keep_warm=True)
+    with running(ea, eb):
         wa = ea.warmer
         assert wa is not None
         time.sleep(0.05)  # an idle tunnel: nothing to keep warm
@@ -92,13 +91,14 @@ def test_runner_ticks_after_traffic_and_stops_when_idle(monkeypatch: pytest.Monk
         assert ea.status()["io"]["keep_warm_ticks"] == wa.ticks
 
 
-def test_keep_warm_off_by_default_in_the_runner_api() -> None:
+def test_keep_warm_off_by_default_in_the_engine_api() -> None:
     tun = MemoryTun("x")
     net = MemoryNet()
     ea, _eb, _n, clock = _pair("gre")
     e = Engine(ea.bridge, tun, net.endpoint("198.18.0.9"), clock)
-    Runner(e)
     assert e.warmer is None and e.status()["io"]["keep_warm_ticks"] == 0
+    warm = Engine(ea.bridge, tun, net.endpoint("198.18.0.10"), clock, keep_warm=True)
+    assert warm.warmer is not None and warm.twin().warmer is not None
 
 
 def test_the_tun_tick_also_warms_the_terminator() -> None:

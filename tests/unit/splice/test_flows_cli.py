@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from typing import Any
 
 from test_terminate_bridge import World
 
+from bridge.io.fake import MemoryNet, MemoryTun
 from bridge.io.flows import attach, format_flows
+from bridge.io.loop import Engine
 from bridge.pipeline import Output
 from stack.events import ConnectionReset
 from stack.state import State
@@ -22,16 +25,19 @@ class _Ctl:
         self.commands[name] = fn
 
 
-class _Engine:
-    def __init__(self, w: World) -> None:
-        self.bridge = w.a
-        self.lock = threading.Lock()
-        self.clock = lambda: w.now
-        self._out_timer = Output()
-        self.executed: list[Output] = []
+def _engine(w: World, tun: MemoryTun | None = None) -> tuple[Engine, MemoryTun, MemoryNet]:
+    """The real Engine over the in-memory fakes, on the World's Bridge A and clock."""
+    tun, net = tun or MemoryTun("a"), MemoryNet()
+    return Engine(w.a, tun, net.endpoint("198.18.0.1"), lambda: w.now), tun, net
 
-    def _execute(self, out: Output) -> None:
-        self.executed.append(out)
+
+class _SlowTun(MemoryTun):
+    """A TUN whose write takes a while before the packets land (as a 64 KB GSO write
+    does): two threads writing at once would interleave."""
+
+    def write_packets(self, packets: Any) -> int:
+        time.sleep(0.0002)
+        return super().write_packets(packets)
 
 
 def test_flows_command_table_and_shutdown() -> None:
@@ -39,7 +45,7 @@ def test_flows_command_table_and_shutdown() -> None:
     assert w.run(lambda: w.server.state is State.ESTABLISHED)
     w.server.send(b"secret" * 1000)
     assert w.run(lambda: len(w.client_rx) >= 6000)
-    eng, ctl = _Engine(w), _Ctl()
+    (eng, tun, net), ctl = _engine(w), _Ctl()
     detach = attach(eng, ctl, interval=3600)
     answer = ctl.commands["flows"]({})
     json.dumps(answer)      # JSON-able for the control socket
@@ -49,9 +55,8 @@ def test_flows_command_table_and_shutdown() -> None:
     assert "198.18.10.5:40001" in text and "198.18.20.7:80" in text
     assert "client leg: ESTABLISHED" in text and "ReplaceInspector" in text
     detach()    # shutdown: every live flow is reset toward both sides
-    out = eng.executed[0]
-    assert out.tun and out.udp
-    w.client.receive_segment(_tcp(out.tun[0]), w.now)
+    assert tun.written and net.log  # the client's RST into the TUN, the server's to B
+    w.client.receive_segment(_tcp(tun.written[0]), w.now)
     events = list(iter(w.client.next_event, None))
     assert any(isinstance(e, ConnectionReset) for e in events), events
 
@@ -66,60 +71,36 @@ def test_attach_without_terminator_is_a_no_op() -> None:
     w = World(80)
     w.a.terminator = None
     ctl = _Ctl()
-    attach(_Engine(w), ctl)()
+    attach(_engine(w)[0], ctl)()
     assert "flows" not in ctl.commands
 
 
-class _OrderEngine(_Engine):
-    """An engine with the loop's hook and writers: records what reaches the TUN."""
-
-    def __init__(self, w: World, writer: bool) -> None:
-        super().__init__(w)
-        from bridge.io.loop import Writer
-
-        self.tun = None
-        self.under_lock: Any = None
-        self._out_u = Output()
-        self.written: list[bytes] = []
-        self.writers = {id(self._out_u): Writer("test udp->tun")} if writer else {}
-
-    def _write(self, pkts: list[bytes]) -> None:
-        self.written.extend(pkts)
-
-
 def test_tun_writes_leave_in_core_order_from_every_thread() -> None:
-    """Two threads run the core in turn (the lock orders them) and each batch's TUN output
-    goes through the hook under that lock: the TUN sees exactly the core's order."""
+    """An Engine whose Bridge terminates flows keeps the TUN writes in core order: three
+    threads run the core in turn (the lock orders them) and each call's TUN output goes to
+    the TUN in that order, through the udp->tun writer or inline (bridge/io/loop.py
+    `_tun_in_order`)."""
     w = World(80)
-    for writer in (True, False):
-        eng, ctl = _OrderEngine(w, writer), _Ctl()
-        detach = attach(eng, ctl, interval=3600)
-        assert eng.under_lock is not None
+    for writers in (True, False):
+        eng, tun, _net = _engine(w, _SlowTun("a"))
+        if writers:
+            eng.start_writers()
         counter = iter(range(10**9))
 
-        def produce(eng: _OrderEngine = eng, counter: Any = counter) -> None:
-            out = Output()
-            for i in range(300):
-                with eng.lock:
-                    n = 1 + i % 7  # small batches go inline, larger ones to the writer
+        def produce(eng: Engine = eng, counter: Any = counter) -> None:
+            for i in range(150):
+                n = 1 + i % 7  # small batches go inline, larger ones to the writer
+
+                def core(_now: float, out: Output, n: int = n) -> None:
                     out.tun.extend(next(counter).to_bytes(4, "big") for _ in range(n))
-                    eng.under_lock(out)
-                    assert not out.tun
+
+                eng.call_core(core)
 
         threads = [threading.Thread(target=produce) for _ in range(3)]
         for th in threads:
             th.start()
         for th in threads:
             th.join()
-        for wr in eng.writers.values():
-            wr.stop()  # finishes what is queued
-        seq = [int.from_bytes(p, "big") for p in eng.written]
-        assert seq == list(range(len(seq))) and len(seq) == 3 * sum(1 + i % 7 for i in range(300))
-        detach()
-
-
-def test_attach_leaves_an_engine_without_the_hook_alone() -> None:
-    w = World(80)
-    eng = _Engine(w)
-    attach(eng, _Ctl(), interval=3600)()
-    assert not hasattr(eng, "under_lock")
+        eng.stop_writers()  # finishes what is queued
+        seq = [int.from_bytes(p, "big") for p in tun.written]
+        assert seq == list(range(len(seq))) and len(seq) == 3 * sum(1 + i % 7 for i in range(150))
