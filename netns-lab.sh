@@ -54,6 +54,31 @@ bootstrap_apt() {
     rm -f /usr/sbin/policy-rc.d.grebe
 }
 
+# Only for `kind = "linux-vm"` nodes (bridge/lab/vmimage.py runs `netns-lab.sh bootstrap-vm` on
+# first use, so the plain lab never pays for these): software-emulated x86 guests, a static
+# busybox for their initramfs, and a Debian kernel package with fou/ip_gre/ipip/sit modules,
+# only downloaded into the image cache (never installed as the host's kernel).
+VM_APT_PACKAGES=(qemu-system-x86 busybox-static)
+VM_KERNEL_PACKAGE=linux-image-cloud-amd64
+
+bootstrap_vm() {
+    local cache="${GREBE_VM_CACHE:-$venv/grebe-vm}" pkg
+    if ! command -v qemu-system-x86_64 >/dev/null 2>&1 || [ ! -x /bin/busybox ]; then
+        echo "netns-lab: installing Debian packages for linux-vm nodes: ${VM_APT_PACKAGES[*]}" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -qq --no-install-recommends "${VM_APT_PACKAGES[@]}" >&2 || {
+            apt-get update -qq && apt-get install -y -qq --no-install-recommends "${VM_APT_PACKAGES[@]}" >&2; }
+    fi
+    mkdir -p "$cache"
+    if ! ls "$cache"/linux-image-*-cloud-amd64_*.deb >/dev/null 2>&1; then
+        # The metapackage names the current kernel package; download that one file only.
+        pkg="$(apt-cache depends "$VM_KERNEL_PACKAGE" | awk '/Depends: linux-image-/ {print $2; exit}')"
+        [ -n "$pkg" ] || die "cannot resolve $VM_KERNEL_PACKAGE (apt-get update?)"
+        echo "netns-lab: downloading $pkg into $cache (guest kernel, not installed)" >&2
+        (cd "$cache" && apt-get download -q "$pkg" >&2) || die "apt-get download $pkg failed"
+    fi
+}
+
 bootstrap_venv() {
     local stamp="$venv/.grebe-stamp" want
     want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
@@ -81,6 +106,8 @@ bootstrap_venv
 export PATH="$venv/bin:$PATH"
 
 case "$cmd" in
+    bootstrap-vm)
+        bootstrap_vm ;;
     test)
         shift
         exec "$py" -m bridge.lab test "$@" ;;
