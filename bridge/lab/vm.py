@@ -334,8 +334,14 @@ def start(lab: Lab, nodes: list[Node]) -> None:
 
 def run(lab: Lab, node: str, argv: list[str] | str, timeout: float | None = 30,
         input: bytes | str | None = None) -> subprocess.CompletedProcess[Any]:
-    """Lab.run for a linux-vm node: argv (or a shell line) in the guest, text unless bytes in."""
+    """Lab.run for a linux-vm node: argv (or a shell line) in the guest, text unless bytes in.
+
+    `["sh", "-c", SCRIPT]` runs SCRIPT in the agent's own shell: a nested busybox shell
+    would run busybox's `ip` applet instead of iproute2's (see vmimage.PRELUDE).
+    """
     line = argv if isinstance(argv, str) else shlex.join(argv)
+    if not isinstance(argv, str) and len(argv) == 3 and argv[:2] == ["sh", "-c"]:
+        line = argv[2]
     data = input.encode() if isinstance(input, str) else input
     res = Agent(agent_path(lab.state_dir, node), node).run(line, timeout=timeout, input=data)
     if isinstance(input, bytes):

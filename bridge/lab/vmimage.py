@@ -89,7 +89,8 @@ done
 
 
 # Busybox's shell runs its own applets before $PATH ("standalone shell"): a function is the
-# one thing that comes first, so `ip` is iproute2's (fou, gre, sit), not busybox's.
+# one thing that comes first, so `ip` is iproute2's (fou, gre, sit), not busybox's, in every
+# script the agent runs. A nested `sh -c` does not inherit functions: use /sbin/ip there.
 PRELUDE = 'ip() { /sbin/ip "$@"; }\n'
 
 
