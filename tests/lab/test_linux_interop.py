@@ -71,7 +71,9 @@ class Cell:
     underlay: int = 4
 
     @property
-    def ipproto(self) -> int:
+    def ipproto(self) -> int:  # what FOU hands its payload to (one protocol per port)
+        if self.kind == "ip6tnl":
+            return 4 if self.inner == (4,) else 41
         return {"gre": 47, "ip6gre": 47, "ipip": 4, "sit": 41}[self.kind]
 
 
@@ -84,6 +86,10 @@ CELLS = {
     "sit": Cell("sit", "", (("encapsulation", "ipip"),), inner=(6,)),
     # RFC 8086 §3.2.2: over IPv6 the UDP checksum is needed; ip6gre's default `encap-csum6`.
     "gre-v6underlay": Cell("ip6gre", "key 42", (("key", 42),), underlay=6),
+    "ipip-v6underlay": Cell("ip6tnl", "mode ipip6", (("encapsulation", "ipip"),), inner=(4,),
+                            underlay=6),
+    "ip6ip6-v6underlay": Cell("ip6tnl", "mode ip6ip6", (("encapsulation", "ipip"),),
+                              inner=(6,), underlay=6),
 }
 
 
