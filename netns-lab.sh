@@ -10,6 +10,8 @@
 #   ./netns-lab.sh impair LINK ...      change a link's impairment on a running lab
 #   ./netns-lab.sh clean                remove every gb-* namespace and lab process, whatever left them
 #   ./netns-lab.sh bench [--quick] [--only NAME...]   throughput / RTT table against the anchors
+#   ./netns-lab.sh bootstrap-vm         qemu, busybox and a Debian kernel for linux-vm nodes
+#                                       (done by the lab itself the first time one boots)
 #
 # It checks for root, bootstraps on first use (.venv, pip, Debian packages), then hands over
 # to Python: `python -m bridge.lab`. Nothing here touches the root namespace's addresses,
@@ -97,7 +99,7 @@ bootstrap_venv() {
 cmd="${1:-help}"
 case "$cmd" in
     help|-h|--help)
-        sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
         exit 0 ;;
 esac
 
