@@ -77,7 +77,7 @@ bootstrap_vm() {
         pkg="$(apt-cache depends "$VM_KERNEL_PACKAGE" | awk '/Depends: linux-image-/ {print $2; exit}')"
         [ -n "$pkg" ] || die "cannot resolve $VM_KERNEL_PACKAGE (apt-get update?)"
         echo "netns-lab: downloading $pkg into $cache (guest kernel, not installed)" >&2
-        (cd "$cache" && apt-get download -q "$pkg" >&2) || die "apt-get download $pkg failed"
+        (cd "$cache" && apt-get download -q -o APT::Sandbox::User=root "$pkg" >&2) || die "apt-get download $pkg failed"
     fi
 }
 
