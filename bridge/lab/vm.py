@@ -42,6 +42,7 @@ import shlex
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -145,14 +146,21 @@ class Agent:
     def __init__(self, path: Path | str, node: str = "guest") -> None:
         self.path = str(path)
         self.node = node
+        self.alive: Callable[[], bool] | None = None
+
+    def _check_alive(self) -> None:
+        if self.alive is not None and not self.alive():
+            raise GuestError(f"{self.node}: qemu exited before its agent answered")
 
     def run(self, script: str, timeout: float | None = 30, input: bytes | None = None,
-            connect_timeout: float = 10.0) -> Result:
+            connect_timeout: float = 10.0, alive: Callable[[], bool] | None = None) -> Result:
         """Run a shell `script` in the guest; return its status and output.
 
         Raises subprocess.TimeoutExpired after `timeout` (the guest kills the command),
-        GuestError if the agent cannot be reached.
+        GuestError if the agent cannot be reached within `connect_timeout` or `alive()`
+        (qemu still running, while booting) turns false.
         """
+        self.alive = alive
         limit = 3600 if timeout is None else max(1, int(timeout + 0.999))
         with open(self.path + ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -174,6 +182,7 @@ class Agent:
                 return sock
             except OSError as e:
                 sock.close()
+                self._check_alive()
                 if time.monotonic() >= deadline:
                     raise GuestError(f"{self.node}: agent socket {self.path}: {e}") from e
                 time.sleep(0.05)  # bounded retry: qemu creates the socket as it starts
@@ -184,6 +193,7 @@ class Agent:
         sock.setblocking(False)
         n = 0
         while time.monotonic() < deadline:
+            self._check_alive()
             n += 1
             try:
                 sock.send(f"SYNC {tag}.{n}\n".encode())
@@ -277,22 +287,23 @@ def prepare(lab: Lab, node: Node) -> list[tuple[str, str]]:
     return taps
 
 
-def boot(lab: Lab, node: Node, taps: list[tuple[str, str]]) -> Agent:
-    """Start qemu in the node's namespace; return the guest's Agent (not yet answering)."""
+def boot(lab: Lab, node: Node, taps: list[tuple[str, str]]) -> subprocess.Popen[Any]:
+    """Start qemu in the node's namespace; return its Popen (the agent is not up yet)."""
     image = vmimage.ensure_image()
     sock = agent_path(lab.state_dir, node.name)
     log = lab.state_dir / f"{node.name}.console.log"
-    lab.popen(node.name, qemu_argv(image, taps, sock), log=str(log))
+    qemu = lab.popen(node.name, qemu_argv(image, taps, sock), log=str(log))
     (lab.state_dir / f"{node.name}.kernel").write_text(f"{image.version} ({image.package})\n")
-    return Agent(sock, node.name)
+    return qemu
 
 
-def configure(lab: Lab, node: Node, agent: Agent, macs: dict[str, str]) -> None:
+def configure(lab: Lab, node: Node, qemu: subprocess.Popen[Any], macs: dict[str, str]) -> None:
     """Wait for the agent, then give the guest its interfaces, addresses, routes, sysctls."""
     assert lab.topology is not None
+    agent = Agent(agent_path(lab.state_dir, node.name), node.name)
     try:
         res = agent.run(netconfig_script(lab.topology, node, macs), timeout=60,
-                        connect_timeout=BOOT_TIMEOUT)
+                        connect_timeout=BOOT_TIMEOUT, alive=lambda: qemu.poll() is None)
     except GuestError as e:
         raise GuestError(f"{e}; console: {console_tail(lab, node.name)}") from e
     if res.returncode != 0:
@@ -325,11 +336,11 @@ def start(lab: Lab, nodes: list[Node]) -> None:
     booted = []
     for node in nodes:
         taps = prepare(lab, node)
-        agent = boot(lab, node, taps)
-        booted.append((node, agent, dict(zip(node.interfaces, (m for _, m in taps),
-                                             strict=True))))
-    for node, agent, macs in booted:
-        configure(lab, node, agent, macs)
+        qemu = boot(lab, node, taps)
+        booted.append((node, qemu, dict(zip(node.interfaces, (m for _, m in taps),
+                                            strict=True))))
+    for node, qemu, macs in booted:
+        configure(lab, node, qemu, macs)
 
 
 def run(lab: Lab, node: str, argv: list[str] | str, timeout: float | None = 30,

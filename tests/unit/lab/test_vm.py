@@ -170,3 +170,15 @@ def test_agent_turns_a_guest_side_kill_into_timeout_expired(tmp_path: Path) -> N
 def test_agent_without_a_guest_is_a_guest_error(tmp_path: Path) -> None:
     with pytest.raises(vm.GuestError, match="agent socket"):
         vm.Agent(tmp_path / "none.agent", "g").run("true", connect_timeout=0.2)
+
+
+def test_agent_gives_up_at_once_when_qemu_is_gone(tmp_path: Path) -> None:
+    path = tmp_path / "g.agent"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)  # accepts (the kernel does) but never answers, like a guest not booted
+    try:
+        with pytest.raises(vm.GuestError, match="qemu exited"):
+            vm.Agent(path, "g").run("true", connect_timeout=60, alive=lambda: False)
+    finally:
+        server.close()
