@@ -15,8 +15,9 @@ Rules
   emulation an uncompressed image boots faster than a gzip one the guest must inflate.
 - Cache: `<venv>/grebe-vm/` (or $GREBE_VM_CACHE), outside git. The image is rebuilt only when
   a stamp over its inputs (package file names and sizes, busybox and `ip` hashes, the init
-  and agent scripts, the module list) changes. Builds write to a temp file and rename, under
-  a lock, so concurrent labs share one image.
+  and agent scripts, the module list) changes; images of older stamps are then removed.
+  Builds write to a temp directory and rename, under a lock, so concurrent labs share one
+  image.
 
 Theory of operation
 -------------------
@@ -288,5 +289,8 @@ def ensure_image(cache: Path | None = None) -> Image:
             (tmp / "release").write_text(release)
             shutil.rmtree(out, ignore_errors=True)
             os.replace(tmp, out)
+            for old in cache.iterdir():  # images of earlier inputs (qemu loads its copy at boot)
+                if old != out and re.fullmatch(r"[0-9a-f]{16}", old.name):
+                    shutil.rmtree(old, ignore_errors=True)
     return Image(kernel=out / "vmlinuz", initrd=out / "initrd",
                  version=(out / "release").read_text().strip(), package=deb.name)
