@@ -21,7 +21,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,8 +179,8 @@ def kernel_stats(lab: Lab) -> dict[str, int]:
     return out
 
 
-def pings(lab: Lab, src: str, dst: str, count: int = 3) -> bool:
-    cp = lab.run(src, ["ping", "-n", "-c", str(count), "-i", "0.2", "-W", "2", dst],
+def pings(lab: Lab, src: str, dst: str, count: int = 3, wait: int = 2) -> bool:
+    cp = lab.run(src, ["ping", "-n", "-c", str(count), "-i", "0.2", "-W", str(wait), dst],
                  check=False, timeout=30)
     return cp.returncode == 0
 
@@ -261,30 +261,50 @@ def test_interop_cell(lab: Lab, blob: tuple[Path, str], name: str) -> None:
         print(f"\n{name}: {TIMES[name]:.1f}s")
 
 
-MISMATCH_SAMPLES = 3  # pings per direction in a mismatch half
+MISMATCH_SAMPLES = N = 2  # pings per direction in a mismatch half (expected to fail: -W 1)
 
 
-def _half(lab: Lab, name: str, cell: Cell, grebe_extra: dict[str, Any]
+Deltas = tuple[dict[str, int], dict[str, int]]
+
+
+def _half(lab: Lab, name: str, cell: Cell, grebe_extra: dict[str, Any],
+          settled: Callable[[dict[str, int], dict[str, int]], bool]
           ) -> tuple[dict[str, int], dict[str, int], bool, bool]:
-    """One grebe config against the current kernel tunnel: ping both ways (expected to
-    fail), return (grebe drop deltas, kernel counter deltas, client->server ok, reverse ok)."""
+    """One grebe config against the current kernel tunnel: ping both ways (expected to fail),
+    wait until `settled(grebe drop deltas, kernel counter deltas)` (packets still in flight
+    when ping gives up), return (grebe drop deltas, kernel deltas, client->server ok, reverse
+    ok)."""
     gw = Grebe(lab, name, grebe_config(cell, grebe_extra))
     try:
         d0, k0 = gw.drops(), kernel_stats(lab)
-        fwd = pings(lab, "client", SERVER4, MISMATCH_SAMPLES)
-        rev = pings(lab, "server", CLIENT4, MISMATCH_SAMPLES)
-        d1, k1 = gw.drops(), kernel_stats(lab)
+        fwd = pings(lab, "client", SERVER4, MISMATCH_SAMPLES, wait=1)
+        rev = pings(lab, "server", CLIENT4, MISMATCH_SAMPLES, wait=1)
+
+        def deltas() -> Deltas:
+            d1, k1 = gw.drops(), kernel_stats(lab)
+            return ({k: d1[k] - d0[k] for k in d1 if d1[k] != d0[k]},
+                    {k: k1[k] - k0[k] for k in k1 if k1[k] != k0[k]})
+
+        def done() -> Deltas | None:
+            d = deltas()
+            return d if settled(*d) else None
+
+        try:
+            drops, kern = lab.wait_for(done, timeout=10, what=f"{name}: the expected counters")
+        except TimeoutError:
+            drops, kern = deltas()  # the assertions below say which one is missing
     finally:
         assert gw.stop() == 0
-    return ({k: d1[k] - d0[k] for k in d1 if d1[k] != d0[k]},
-            {k: k1[k] - k0[k] for k in k1 if k1[k] != k0[k]}, fwd, rev)
+    return drops, kern, fwd, rev
 
 
 def test_mismatch_wrong_key(lab: Lab) -> None:
     """Linux key 43, grebe key 42: each side drops the other's packets."""
     cell = Cell("gre", "key 43", inner=(4,))
     lab.run("gw-b", ["sh", "-c", kernel_script(cell)])
-    drops, kern, fwd, rev = _half(lab, "wrong-key", cell, {"key": 42})
+    drops, kern, fwd, rev = _half(
+        lab, "wrong-key", cell, {"key": 42},
+        lambda d, k: d.get("wrong_key", 0) >= N and k.get("icmp_out_dest_unreachs", 0) >= N)
     print(f"\nwrong key: grebe drops {drops}; Linux counters {kern}")
     assert not fwd and not rev
     assert drops.get("wrong_key", 0) >= MISMATCH_SAMPLES  # Linux's echo requests
@@ -300,7 +320,9 @@ def test_mismatch_checksum_absent(lab: Lab) -> None:
     # grebe expects checksums and sends them; Linux neither sends nor expects them.
     cell = Cell("gre", "key 42", inner=(4,))
     lab.run("gw-b", ["sh", "-c", kernel_script(cell)])
-    drops, kern, fwd, rev = _half(lab, "csum-absent-a", cell, {"key": 42, "checksum": True})
+    drops, kern, fwd, rev = _half(
+        lab, "csum-absent-a", cell, {"key": 42, "checksum": True},
+        lambda d, k: d.get("checksum", 0) >= N and k.get("rx_crc_errors", 0) >= N)
     print(f"\nchecksum absent (grebe expects): grebe drops {drops}; Linux counters {kern}")
     assert not fwd and not rev
     assert drops.get("checksum", 0) >= MISMATCH_SAMPLES  # Linux's echo requests
@@ -308,7 +330,8 @@ def test_mismatch_checksum_absent(lab: Lab) -> None:
     # Linux expects checksums (icsum), grebe sends none.
     cell = Cell("gre", "key 42 icsum", inner=(4,))
     lab.run("gw-b", ["sh", "-c", kernel_script(cell)])
-    drops, kern, fwd, rev = _half(lab, "csum-absent-b", cell, {"key": 42, "checksum": False})
+    drops, kern, fwd, rev = _half(lab, "csum-absent-b", cell, {"key": 42, "checksum": False},
+                                  lambda d, k: k.get("rx_crc_errors", 0) >= N)
     print(f"checksum absent (Linux expects): grebe drops {drops}; Linux counters {kern}")
     assert not fwd and not rev
     assert kern.get("rx_crc_errors", 0) >= MISMATCH_SAMPLES  # ip_tunnel_rcv: csum missing
@@ -319,15 +342,17 @@ def test_mismatch_sequence_absent(lab: Lab) -> None:
     """S bit expected but absent, both ways round."""
     cell = Cell("gre", "key 42", inner=(4,))
     lab.run("gw-b", ["sh", "-c", kernel_script(cell)])
-    drops, kern, fwd, rev = _half(lab, "seq-absent-a", cell,
-                                  {"key": 42, "sequence": "drop-late"})
+    drops, kern, fwd, rev = _half(
+        lab, "seq-absent-a", cell, {"key": 42, "sequence": "drop-late"},
+        lambda d, k: d.get("sequence", 0) >= 2 * N and k.get("rx_packets", 0) >= N)
     print(f"\nsequence absent (grebe expects): grebe drops {drops}; Linux counters {kern}")
     assert not fwd and not rev
     assert drops.get("sequence", 0) >= 2 * MISMATCH_SAMPLES
     assert kern.get("rx_packets", 0) >= MISMATCH_SAMPLES and not kern.get("rx_errors")
     cell = Cell("gre", "key 42 iseq", inner=(4,))
     lab.run("gw-b", ["sh", "-c", kernel_script(cell)])
-    drops, kern, fwd, rev = _half(lab, "seq-absent-b", cell, {"key": 42, "sequence": "off"})
+    drops, kern, fwd, rev = _half(lab, "seq-absent-b", cell, {"key": 42, "sequence": "off"},
+                                  lambda d, k: k.get("rx_fifo_errors", 0) >= N)
     print(f"sequence absent (Linux expects): grebe drops {drops}; Linux counters {kern}")
     assert not fwd and not rev
     assert kern.get("rx_fifo_errors", 0) >= MISMATCH_SAMPLES  # ip_tunnel_rcv: seq missing
