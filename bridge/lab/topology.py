@@ -8,7 +8,8 @@ Rules
   "bridge": a Linux bridge br0 enslaves all its link ports; "linux-vm": a Linux kernel in a
   qemu guest, bridge/lab/vm.py), `addresses = {ifname = [prefixes]}`,
   `routes = [{dst = "default" | prefix, via = addr, dev = ifname}]`, `sysctl = {"net.x" = v}`,
-  `mtu = {ifname = n}` (over the link's), `run = ["cmd args"]` (processes living until `down`);
+  `mtu = {ifname = n}` (over the link's), `run = ["cmd args"]` (processes living until `down`;
+  on a linux-vm node, shell lines run in order in the guest, each to completion);
   a link has `endpoints = ["a:ifa", "b:ifb"]`, `name` (default "a:ifa--b:ifb"), `mtu`, and
   `impair = {...}` (given to bridge.lab.impair.parse_impairment(table, path) when it exists).
   topologies/two-sites-plain.toml is the worked example.

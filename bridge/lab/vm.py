@@ -21,7 +21,10 @@ Rules
   ignores lines with other ids (a previous client's leftovers). One client at a time:
   qemu accepts one connection, and clients take an flock on `<socket>.lock`.
 - `run` lines of a linux-vm node are shell lines run in order in the guest, each to
-  completion (a daemon forks itself or ends in `&`); a failing line fails `up`.
+  completion (a daemon forks itself or ends in `&`); a failing line fails `up`. Lab.run on
+  the node goes to the guest (`vm.run`); Lab.popen stays on the host side, in the node's
+  namespace (that is how qemu starts).
+- Busybox's `ip` applet would shadow iproute2's in the guest shell: see vmimage.PRELUDE.
 
 Theory of operation
 -------------------
