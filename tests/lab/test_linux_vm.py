@@ -12,11 +12,14 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import pytest
 from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
-from bridge.lab import procs
-from bridge.lab.netlink import STATE_ROOT, lab_namespaces
+from bridge.lab import procs, vm
+from bridge.lab.netlink import STATE_ROOT, Lab, lab_namespaces
 
 
 def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -63,3 +66,28 @@ def test_up_exec_down_two_sites_linux(lab_instance_names: Callable[[], str]) -> 
     for p in qemu:  # the very process (not a recycled pid), dead (a zombie awaits its reaper)
         pid = int(str(p["pid"]))
         assert procs.start_time(pid) != p["start_time"] or procs.is_zombie(pid), "qemu lives"
+
+
+def test_a_failing_guest_run_line_fails_up_and_leaves_nothing(
+        lab_instance_names: Callable[[], str], tmp_path: Path) -> None:
+    topo = tmp_path / "vm-fails.toml"
+    topo.write_text('[nodes.vm]\nkind = "linux-vm"\naddresses = { eth0 = ["198.18.9.2/24"] }\n'
+                    'run = ["ip link show eth0", "echo broken >&2; exit 3"]\n'
+                    '[nodes.h]\naddresses = { eth0 = ["198.18.9.1/24"] }\n'
+                    '[[links]]\nendpoints = ["vm:eth0", "h:eth0"]\n')
+    inst = lab_instance_names()
+    seen: list[int] = []
+    real_popen = Lab.popen
+
+    def popen(self: Lab, node: str, argv: Any, **kw: Any) -> Any:
+        p = real_popen(self, node, argv, **kw)
+        seen.append(p.pid)
+        return p
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Lab, "popen", popen)
+        with pytest.raises(vm.GuestError, match="exited 3: broken"):
+            Lab.up(topo, instance=inst)
+    assert len(seen) == 1  # qemu
+    assert lab_namespaces(inst) == [] and not (STATE_ROOT / inst).exists()
+    assert procs.start_time(seen[0]) is None or procs.is_zombie(seen[0])
