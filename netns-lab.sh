@@ -10,6 +10,8 @@
 #   ./netns-lab.sh impair LINK ...      change a link's impairment on a running lab
 #   ./netns-lab.sh clean                remove every gb-* namespace and lab process, whatever left them
 #   ./netns-lab.sh bench [--quick] [--only NAME...]   throughput / RTT table against the anchors
+#   ./netns-lab.sh bootstrap-vm         qemu, busybox and a Debian kernel for linux-vm nodes
+#                                       (done by the lab itself the first time one boots)
 #
 # It checks for root, bootstraps on first use (.venv, pip, Debian packages), then hands over
 # to Python: `python -m bridge.lab`. Nothing here touches the root namespace's addresses,
@@ -54,6 +56,31 @@ bootstrap_apt() {
     rm -f /usr/sbin/policy-rc.d.grebe
 }
 
+# Only for `kind = "linux-vm"` nodes (bridge/lab/vmimage.py runs `netns-lab.sh bootstrap-vm` on
+# first use, so the plain lab never pays for these): software-emulated x86 guests, a static
+# busybox for their initramfs, and a Debian kernel package with fou/ip_gre/ipip/sit modules,
+# only downloaded into the image cache (never installed as the host's kernel).
+VM_APT_PACKAGES=(qemu-system-x86 busybox-static)
+VM_KERNEL_PACKAGE=linux-image-cloud-amd64
+
+bootstrap_vm() {
+    local cache="${GREBE_VM_CACHE:-$venv/grebe-vm}" pkg
+    if ! command -v qemu-system-x86_64 >/dev/null 2>&1 || [ ! -x /bin/busybox ]; then
+        echo "netns-lab: installing Debian packages for linux-vm nodes: ${VM_APT_PACKAGES[*]}" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -qq --no-install-recommends "${VM_APT_PACKAGES[@]}" >&2 || {
+            apt-get update -qq && apt-get install -y -qq --no-install-recommends "${VM_APT_PACKAGES[@]}" >&2; }
+    fi
+    mkdir -p "$cache"
+    if ! ls "$cache"/linux-image-*-cloud-amd64_*.deb >/dev/null 2>&1; then
+        # The metapackage names the current kernel package; download that one file only.
+        pkg="$(apt-cache depends "$VM_KERNEL_PACKAGE" | awk '/Depends: linux-image-/ {print $2; exit}')"
+        [ -n "$pkg" ] || die "cannot resolve $VM_KERNEL_PACKAGE (apt-get update?)"
+        echo "netns-lab: downloading $pkg into $cache (guest kernel, not installed)" >&2
+        (cd "$cache" && apt-get download -q -o APT::Sandbox::User=root "$pkg" >&2) || die "apt-get download $pkg failed"
+    fi
+}
+
 bootstrap_venv() {
     local stamp="$venv/.grebe-stamp" want
     want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
@@ -72,7 +99,7 @@ bootstrap_venv() {
 cmd="${1:-help}"
 case "$cmd" in
     help|-h|--help)
-        sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
         exit 0 ;;
 esac
 
@@ -81,6 +108,8 @@ bootstrap_venv
 export PATH="$venv/bin:$PATH"
 
 case "$cmd" in
+    bootstrap-vm)
+        bootstrap_vm ;;
     test)
         shift
         exec "$py" -m bridge.lab test "$@" ;;

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -61,7 +62,8 @@ def describe(lab: Lab) -> str:
         return "\n".join(f"  {n:10} {lab.ns(n)}" for n in lab.nodes)
     lines = [f"lab {lab.instance!r}: topology {topo.name} ({topo.file})", "nodes:"]
     for node in topo.nodes:
-        kind = " (bridge br0)" if node.kind is NodeKind.BRIDGE else ""
+        kind = {NodeKind.BRIDGE: " (bridge br0)",
+                NodeKind.LINUX_VM: " (linux-vm: a Linux kernel in qemu)"}.get(node.kind, "")
         lines.append(f"  {node.name:9} {lab.ns(node.name)}{kind}")
         for ifname in (*node.interfaces, "br0", "lo"):
             addrs = [str(a.address) for a in node.addresses if a.interface == ifname]
@@ -132,6 +134,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if not path.exists():
         say(f"no node {args.node!r} in lab {args.instance!r} ({path} missing)")
         return 2
+    if args.node in _vms(args.instance):
+        return _exec_guest(args.instance, args.node, list(args.argv))
     procs.setns_path(str(path))  # single-threaded here: moves the whole process
     os.environ["GREBE_LAB_DIR"] = str(STATE_ROOT / args.instance)
     os.environ["GREBE_LAB_INSTANCE"] = args.instance
@@ -142,6 +146,28 @@ def cmd_exec(args: argparse.Namespace) -> int:
     except OSError as e:
         say(f"exec {argv[0]}: {e.strerror}")
         return 127
+
+
+def _vms(instance: str) -> list[str]:
+    try:
+        return Lab.attach(instance).vms
+    except GrebeError:
+        return []
+
+
+def _exec_guest(instance: str, node: str, argv: list[str]) -> int:
+    """exec on a linux-vm node: the command runs in the guest, through its agent."""
+    from bridge.lab import vm
+
+    argv = argv[1:] if argv and argv[0] == "--" else argv
+    sock = vm.agent_path(STATE_ROOT / instance, node)
+    if not argv:
+        return vm.shell(sock, node)
+    res = vm.Agent(sock, node).run(argv[0] if len(argv) == 1 else shlex.join(argv),
+                                   timeout=None)
+    os.write(1, res.stdout)
+    os.write(2, res.stderr)
+    return res.returncode
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -161,6 +161,7 @@ class Lab:
         self.processes: list[procs.TrackedProcess] = []
         self._popens: list[subprocess.Popen[Any]] = []
         self.owner_pid = os.getpid()  # the process that built it (leak checks in tests)
+        self.vms: list[str] = []  # linux-vm nodes (bridge/lab/vm.py): run() goes to the guest
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ building
@@ -207,17 +208,25 @@ class Lab:
                                           peer={"ifname": link.b.interface,
                                                 "net_ns_fd": self.ns(link.b.node)})
             for node in topo.nodes:
-                self._configure_node(ipr[node.name], node.name, topo)
+                if node.kind is not NodeKind.LINUX_VM:  # the guest configures itself
+                    self._configure_node(ipr[node.name], node.name, topo)
             for node in topo.nodes:
-                if node.sysctl:
+                if node.sysctl and node.kind is not NodeKind.LINUX_VM:
                     _write_sysctls(self.ns_path(node.name), node.sysctl)
+            if vms := [n for n in topo.nodes if n.kind is NodeKind.LINUX_VM]:
+                from bridge.lab import vm  # qemu guests: prepare, boot, configure
+
+                self.vms = [n.name for n in vms]
+                self._save()
+                with _step("linux-vm nodes: boot"):
+                    vm.start(self, vms)
             for node in topo.nodes:
                 for ifname in node.interfaces:
                     with _step(f"{node.name}: waiting for carrier on {ifname}"):
                         ipr[node.name].poll(ipr[node.name].link, "dump", ifname=ifname,
                                             operstate="UP", timeout=10, interval=0.01)
             for node in topo.nodes:
-                for route in node.routes:
+                for route in node.routes if node.kind is not NodeKind.LINUX_VM else ():
                     self._add_route(ipr[node.name], node.name, route)
         self._apply_impairments(topo)
 
@@ -275,6 +284,11 @@ class Lab:
 
     def _start_runs(self, topo: Topology) -> None:
         for node in topo.nodes:
+            if node.kind is NodeKind.LINUX_VM:
+                from bridge.lab import vm
+
+                vm.run_lines(self, node)
+                continue
             for i, cmd in enumerate(node.run):
                 log = self.state_dir / f"{node.name}.run{i}.log"
                 self.popen(node.name, list(cmd.resolve(str(self.state_dir))), cwd=cmd.cwd,
@@ -330,6 +344,13 @@ class Lab:
         Returns the CompletedProcess; raises LabCommandError if `check` and it fails, and
         subprocess.TimeoutExpired after `timeout` seconds (the command is killed).
         """
+        if node in self.vms:
+            from bridge.lab import vm
+
+            cp = vm.run(self, node, list(argv), timeout=timeout, input=input)
+            if check and cp.returncode != 0:
+                raise LabCommandError(node, cp)
+            return cp
         kw.setdefault("capture_output", "stdout" not in kw and "stderr" not in kw)
         kw.setdefault("text", not isinstance(input, bytes))
         kw["env"] = self.env(node, kw.get("env"))
@@ -396,6 +417,7 @@ class Lab:
             "topology_file": self.topology_file,
             "topology": self.topology.name if self.topology else None,
             "nodes": list(self.nodes),
+            "vms": self.vms,
             "namespaces": {n: ns_name(self.instance, n) for n in self.nodes},
             "processes": [
                 {"node": p.node, "pid": p.pid, "start_time": p.start_time,
@@ -425,6 +447,7 @@ class Lab:
                 topo = None
         lab = cls(topo, instance, state["nodes"], topology_file=state.get("topology_file"))
         lab.owner_pid = int(state.get("owner_pid", 0))
+        lab.vms = list(state.get("vms", []))
         lab.processes = [
             procs.TrackedProcess(p["node"], p["pid"], p["start_time"], tuple(p["argv"]), p["log"])
             for p in state.get("processes", [])

@@ -4,10 +4,12 @@ Rules
 -----
 - A topology is data, separate from building it (mininet `topo.py` vs `net.py`; containerlab's
   `"node:iface"` endpoints). Only `bridge/lab/netlink.py` applies one to the kernel. Keys: top
-  `name`, `description`, `extends`, `[nodes.X]`, `[[links]]`; a node has `kind` ("host", or
-  "bridge": a Linux bridge br0 enslaves all its link ports), `addresses = {ifname = [prefixes]}`,
+  `name`, `description`, `extends`, `[nodes.X]`, `[[links]]`; a node has `kind` ("host";
+  "bridge": a Linux bridge br0 enslaves all its link ports; "linux-vm": a Linux kernel in a
+  qemu guest, bridge/lab/vm.py), `addresses = {ifname = [prefixes]}`,
   `routes = [{dst = "default" | prefix, via = addr, dev = ifname}]`, `sysctl = {"net.x" = v}`,
-  `mtu = {ifname = n}` (over the link's), `run = ["cmd args"]` (processes living until `down`);
+  `mtu = {ifname = n}` (over the link's), `run = ["cmd args"]` (processes living until `down`;
+  on a linux-vm node, shell lines run in order in the guest, each to completion);
   a link has `endpoints = ["a:ifa", "b:ifb"]`, `name` (default "a:ifa--b:ifb"), `mtu`, and
   `impair = {...}` (given to bridge.lab.impair.parse_impairment(table, path) when it exists).
   topologies/two-sites-plain.toml is the worked example.
@@ -76,6 +78,7 @@ IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 class NodeKind(Enum):
     HOST = "host"
     BRIDGE = "bridge"
+    LINUX_VM = "linux-vm"  # a Linux kernel in a qemu guest (bridge/lab/vm.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +104,7 @@ class RunCommand:
 
     argv: tuple[str, ...]
     cwd: str
+    line: str = ""  # as written: a linux-vm node runs it with the guest's shell
 
     def resolve(self, lab_dir: str) -> tuple[str, ...]:
         """Return argv with `{lab}` replaced by `lab_dir`."""
@@ -288,7 +292,7 @@ def _check_run(
         if not argv:
             errors.add(f"{where}[{i}]", "must be a non-empty command string", file)
             continue
-        cmds.append(RunCommand(tuple(_absolute(a, directory) for a in argv), directory))
+        cmds.append(RunCommand(tuple(_absolute(a, directory) for a in argv), directory, line))
     return cmds
 
 
@@ -467,7 +471,8 @@ def _build_node(name: str, table: dict[str, Any], ports: list[str], seen_addr: d
     try:
         kind = NodeKind(kind_text)
     except ValueError:
-        err("kind")(f"{where}.kind", f"must be 'host' or 'bridge', not {kind_text!r}")
+        err("kind")(f"{where}.kind",
+                    f"must be 'host', 'bridge' or 'linux-vm', not {kind_text!r}")
         kind, ok = NodeKind.HOST, False
     if kind is NodeKind.BRIDGE and not ports:
         err("kind")(f"{where}.kind", "a bridge node needs at least one link")

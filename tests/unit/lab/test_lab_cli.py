@@ -57,4 +57,4 @@ def test_up_with_a_bad_topology_exits_2(tmp_path: Path, capsys: pytest.CaptureFi
     bad = tmp_path / "bad.toml"
     bad.write_text("[nodes.a]\nkind = 'switch'\n")
     assert labcli.main(["up", str(bad), "--instance", "never"]) == 2
-    assert f"{bad}: nodes.a.kind: must be 'host' or 'bridge'" in capsys.readouterr().out
+    assert f"{bad}: nodes.a.kind: must be 'host', 'bridge' or 'linux-vm'" in capsys.readouterr().out
