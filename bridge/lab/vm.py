@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
@@ -56,8 +56,18 @@ from bridge.errors import GrebeError
 from bridge.lab import procs, vmimage
 from bridge.lab.topology import Node, Topology
 
-if TYPE_CHECKING:
-    from bridge.lab.netlink import Lab
+
+class Lab(Protocol):
+    """What this module uses of a bridge/lab/netlink.py Lab (which imports this module, so
+    it names the interface rather than the class)."""
+
+    instance: str
+    state_dir: Path
+    topology: Topology
+
+    def ns_path(self, node: str) -> str: ...
+
+    def popen(self, node: str, argv: Any, **kw: Any) -> subprocess.Popen[Any]: ...
 
 BOOT_TIMEOUT = 120.0  # seconds: a TCG boot takes ~4 s alone, far longer on a busy machine
 MEMORY_MB = 256
