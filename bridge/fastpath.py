@@ -39,7 +39,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from bridge.encap import decode_gre, flow_source_port
-from bridge.gso import GroBatch, SuperPacket, coalesce_rows, encap_segments, parse_tcp
+from bridge.gso import GroBatch, SuperPacket, coalesce_rows, encap_segments
+from stack.wire.ip import V4_DST, V4_SRC, V4_TTL, V6_DST, V6_HLIM, V6_SRC
+from stack.wire.prelude import (
+    V4_DST_AT,
+    V4_DST_END,
+    V4_SRC_END,
+    V6_DST_AT,
+    V6_DST_END,
+    V6_SRC_END,
+    plain_tcp,
+)
 
 if TYPE_CHECKING:
     from bridge.pipeline import Addr, Bridge, Output
@@ -56,7 +66,7 @@ def send_super(bridge: Bridge, sp: SuperPacket, now: float, out: Output) -> bool
     if bridge.terminator is not None:
         return False
     pkt = sp.packet()
-    parsed = parse_tcp(pkt)
+    parsed = plain_tcp(pkt)
     g = sp.gso_size
     if parsed is None or g <= 0:
         return False
@@ -64,11 +74,11 @@ def send_super(bridge: Bridge, sp: SuperPacket, now: float, out: Output) -> bool
     if pkt[ihl + 13] & 0x06:  # SYN or RST
         return False
     if v4:
-        idx = bridge.table.route(pkt[16:20])
-        ttl = pkt[8]
+        idx = bridge.table.route(pkt[V4_DST_AT])
+        ttl = pkt[V4_TTL]
     else:
-        idx = bridge.table.route(pkt[24:40])
-        ttl = pkt[7]
+        idx = bridge.table.route(pkt[V6_DST_AT])
+        ttl = pkt[V6_HLIM]
     if idx < 0 or ttl <= 1:
         return False
     peer = bridge.peers[idx]
@@ -133,14 +143,16 @@ def receive_run(bridge: Bridge, b: GroBatch, start: int, addr: Addr, now: float,
         csum_at = 4 if peer.csum_in else -1  # RFC 2784 §2.1
     if not sr.run_may_start(gseq):
         return 0
-    parsed = parse_tcp(first[off:])
+    parsed = plain_tcp(first[off:])
     if parsed is None:
         return 0
     v4, ihl, doff = parsed
     if v4:
-        src, dst, ttl = first[off + 12:off + 16], first[off + 16:off + 20], first[off + 8]
+        src, dst = first[off + V4_SRC:off + V4_SRC_END], first[off + V4_DST:off + V4_DST_END]
+        ttl = first[off + V4_TTL]
     else:
-        src, dst, ttl = first[off + 8:off + 24], first[off + 24:off + 40], first[off + 7]
+        src, dst = first[off + V6_SRC:off + V6_SRC_END], first[off + V6_DST:off + V6_DST_END]
+        ttl = first[off + V6_HLIM]
     table = bridge.table
     if ttl == 0 or not table.allowed(peer.index, src) or table.is_endpoint(dst):
         return 0

@@ -30,7 +30,7 @@ Outbound flow (TUN -> peer), per packet, in this order:
     IPv4 with DF: ICMP Fragmentation Needed with the tunnel MTU (RFC 1191 §4); IPv4
     without DF: fragmented before encapsulation (RFC 4459 §3, "inner fragmentation", the
     end host reassembles; `pmtu.fragment = false` drops "too_big" instead).
- 7. MSS clamp of SYN / SYN-ACK (bridge/mss.py), then encapsulate (bridge/encap.py) and
+ 7. MSS clamp of SYN / SYN-ACK (prelude.py), then encapsulate (bridge/encap.py) and
     append to out.udp[peer endpoint]. Per-peer tx counters.
 Inbound flow (peer -> TUN):
  1. Source address -> peer (no roaming; port ignored, RFC 8086 §3.2.1) else "unknown_peer".
@@ -62,11 +62,34 @@ from bridge.encap import KEEPALIVE, GreEncoder, decode_gre, flow_source_port, ov
 from bridge.fastpath import receive_run, send_super
 from bridge.flows import FlowSelector
 from bridge.gso import GroBatch, SuperPacket
-from bridge.mss import V6_CHAIN_HEADS, V6_EXT_HEADERS, clamp_packet, uninspectable
+from bridge.mss import clamp_packet
 from bridge.peers import LOOP, PeerTable, link_scope
 from bridge.seqpolicy import SeqReceiver
 from stack.wire import icmp
-from stack.wire.ip import DF, OFFSET_MASK, PROTO_TCP, decrement_ttl_v4, fragment_v4, packet_length
+from stack.wire.ip import (
+    DF,
+    V4_DST,
+    V4_SRC,
+    V4_TTL,
+    V6_DST,
+    V6_HLIM,
+    V6_NXT,
+    V6_SRC,
+    decrement_ttl_v4,
+    fragment_v4,
+    packet_length,
+)
+from stack.wire.prelude import (
+    V4_DST_AT,
+    V4_DST_END,
+    V4_SRC_END,
+    V6_CHAIN_HEADS,
+    V6_DST_AT,
+    V6_DST_END,
+    V6_SRC_END,
+    syn_candidate,
+    uninspectable,
+)
 
 if TYPE_CHECKING:
     from bridge.userspace.terminator import Terminator
@@ -166,7 +189,7 @@ class Bridge:
         # None without such a rule, and then nothing below looks at TCP (nor imports it).
         self.terminator: Terminator | None = None
         # issue 9: the addresses an [[inspect]] rule covers, for packets whose IPv6 header
-        # chain cannot be walked (bridge/mss.py `uninspectable`); None without rules
+        # chain cannot be walked (stack/wire/prelude.py `uninspectable`); None without rules
         self._covers = FlowSelector(config.inspect_rules()).covers if config.inspect else None
         if config.inspect:
             from bridge.userspace.terminator import Terminator
@@ -197,7 +220,7 @@ class Bridge:
         userspace-terminated flow) toward the peer its destination routes to; False (and
         counted) when there is no usable route. The caller sizes it to the tunnel MTU."""
         v6 = pkt[0] >> 4 == 6
-        idx = self.table.route(pkt[24:40] if v6 else pkt[16:20])
+        idx = self.table.route(pkt[V6_DST_AT] if v6 else pkt[V4_DST_AT])
         if idx < 0:
             self.counters.drops[C.R_LOOP if idx == LOOP else C.R_NO_ROUTE] += 1
             return False
@@ -241,18 +264,18 @@ class Bridge:
                 drops[C.R_MALFORMED] += 1
                 continue
             v6 = pkt[0] >> 4 == 6
-            if covers is not None and v6 and pkt[6] in V6_CHAIN_HEADS \
+            if covers is not None and v6 and pkt[V6_NXT] in V6_CHAIN_HEADS \
                     and uninspectable(pkt, 0, covers):
-                drops[C.R_UNINSPECTABLE] += 1  # never forwarded past a rule (bridge/mss.py)
+                drops[C.R_UNINSPECTABLE] += 1  # never forwarded past a rule (prelude.py)
                 continue
             if term is not None and term.from_tun(pkt, n, now):
                 continue  # a flow terminated in userspace (bridge/userspace/terminator.py)
             if v6:
-                dst = pkt[24:40]
-                ttl = pkt[7]
+                dst = pkt[V6_DST_AT]
+                ttl = pkt[V6_HLIM]
             else:
-                dst = pkt[16:20]
-                ttl = pkt[8]
+                dst = pkt[V4_DST_AT]
+                ttl = pkt[V4_TTL]
             idx = table.route(dst)
             if idx < 0:
                 if idx == LOOP:
@@ -296,7 +319,7 @@ class Bridge:
             dgram = bytearray(pkt)
             off = 0
         if v6:
-            dgram[off + 7] -= 1  # hop limit: not covered by any checksum
+            dgram[off + V6_HLIM] -= 1  # hop limit: not covered by any checksum
         else:
             decrement_ttl_v4(dgram, off)
         if self.mss_clamp and clamp_packet(dgram, off, peer.mtu):
@@ -425,13 +448,13 @@ class Bridge:
                 continue
             self._heard(peer, now)
             if payload[off] >> 4 == 4:
-                src = bytes(payload[off + 12 : off + 16])
-                dst = bytes(payload[off + 16 : off + 20])
-                ttl = payload[off + 8]
+                src = bytes(payload[off + V4_SRC:off + V4_SRC_END])
+                dst = bytes(payload[off + V4_DST:off + V4_DST_END])
+                ttl = payload[off + V4_TTL]
             else:
-                src = bytes(payload[off + 8 : off + 24])
-                dst = bytes(payload[off + 24 : off + 40])
-                ttl = payload[off + 7]
+                src = bytes(payload[off + V6_SRC:off + V6_SRC_END])
+                dst = bytes(payload[off + V6_DST:off + V6_DST_END])
+                ttl = payload[off + V6_HLIM]
             if not table.allowed(peer.index, src):
                 drops[C.R_SPOOFED_SOURCE] += 1
                 continue
@@ -442,10 +465,10 @@ class Bridge:
                 drops[C.R_LOOP] += 1
                 continue
             if self._covers is not None and uninspectable(payload, off, self._covers):
-                drops[C.R_UNINSPECTABLE] += 1  # never forwarded past a rule (bridge/mss.py)
+                drops[C.R_UNINSPECTABLE] += 1  # never forwarded past a rule (prelude.py)
                 continue
             pkt: bytes | bytearray
-            if self.mss_clamp and _maybe_syn(payload, off, tot):
+            if self.mss_clamp and syn_candidate(payload, off, tot):
                 pkt = bytearray(payload[off : off + tot])
                 if clamp_packet(pkt, 0, peer.mtu):
                     c.events[C.E_MSS_CLAMPED] += 1
@@ -602,16 +625,3 @@ class Bridge:
     def metrics_text(self) -> str:
         """Prometheus text exposition of the counters plus per-peer up gauges."""
         return self.counters.prometheus(peer_up=[p.up for p in self.peers])
-
-
-def _maybe_syn(buf: Buf, off: int, tot: int) -> bool:
-    """Cheap test: could this be a TCP SYN whose MSS needs clamping (RFC 9293 §3.7.1)?"""
-    if buf[off] >> 4 == 4:
-        if buf[off + 9] != PROTO_TCP or ((buf[off + 6] << 8) | buf[off + 7]) & OFFSET_MASK:
-            return False
-        t = (buf[off] & 0x0F) * 4
-    else:
-        if buf[off + 6] != PROTO_TCP:
-            return buf[off + 6] in V6_EXT_HEADERS  # RFC 8200 §4: clamp_packet walks them
-        t = 40
-    return tot > t + 20 and bool(buf[off + t + 13] & 0x02)

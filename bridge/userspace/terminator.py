@@ -76,22 +76,16 @@ from bridge.flows import Backend, FlowKey, FlowTable, InspectRule, Verdict, sele
 from bridge.inspect.api import CloseReason
 from bridge.inspect.manager import InspectorManager
 from bridge.tunframe import TunFrame
-from bridge.userspace.legwire import (
-    DATA_VALID,
-    NEEDS_CSUM,
-    TSO_MAX_SEGMENT,
-    VNET,
-    LegFramer,
-    merge_run,
-    run_part,
-    tcp_key,
-)
+from bridge.userspace.legwire import TSO_MAX_SEGMENT, LegFramer, merge_run, run_part
 from bridge.userspace.splice import Splice
 from stack.events import IcmpKind
 from stack.tcp_config import TcpConfig
 from stack.tcp_core import reset_reply
 from stack.wire.icmp import parse_icmp_error
+from stack.wire.ip import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, V4_PROTO, V6_NXT
+from stack.wire.prelude import V4_DST_AT, V4_SRC_AT, V6_DST_AT, V6_SRC_AT, tcp_key
 from stack.wire.tcp import ACK, RST, SYN, TcpSegment, parse_tcp
+from stack.wire.vnet import F_DATA_VALID, F_NEEDS_CSUM, GSO_SIZE_AT, VNET_HDR_LEN
 
 __all__ = ["Terminator", "SendToPeer", "TSO_MAX_SEGMENT"]
 
@@ -225,7 +219,7 @@ class Terminator:
         pseudo-header sum; or DATA_VALID), so no byte is summed. False, having done
         nothing, for anything else: the caller splits it and takes the per-packet path."""
         frame = sp.frame
-        if not frame[0] & (NEEDS_CSUM | DATA_VALID):
+        if not frame[0] & (F_NEEDS_CSUM | F_DATA_VALID):
             return False
         pkt = memoryview(frame)[sp.offset:]
         n = len(pkt)
@@ -293,7 +287,8 @@ class Terminator:
     def _server_side(self, pkt: bytes | bytearray | memoryview, n: int
                      ) -> tuple[Splice, FlowKey, FlowKey, int, int] | None:
         """(splice, its key, the packet's key, TCP offset, flags) of a server leg's packet."""
-        if n < 40 or bytes(pkt[16:20] if pkt[0] >> 4 == 4 else pkt[24:40]) not in self._clients:
+        if n < 40 or bytes(pkt[V4_DST_AT] if pkt[0] >> 4 == 4 else pkt[V6_DST_AT]) \
+                not in self._clients:
             return None  # not addressed to a client of a live splice: the fast path
         k = self._key(pkt, n)
         if k is None:
@@ -327,7 +322,7 @@ class Terminator:
         if len(tun) > start and self.splices:
             pkts = tun[start:]
             del tun[start:]
-            run: list[bytes] = []
+            run: list[bytes | bytearray] = []
             run_sp: Splice | None = None
             run_tmpl = b""
             run_next = 0
@@ -377,25 +372,26 @@ class Terminator:
         if self.touched or self._pending_rst:
             self.flush(now, out)
 
-    def _leg_icmp(self, pkt: bytes, n: int, now: float) -> bool:
+    def _leg_icmp(self, pkt: bytes | bytearray, n: int, now: float) -> bool:
         """An ICMP error about a server leg's segment: hand it to the leg; True when it
         is consumed (not passed on to the client)."""
         v6 = pkt[0] >> 4 == 6
         if v6:
-            if n < 48 or pkt[6] != 58:
+            if n < 48 or pkt[V6_NXT] != PROTO_ICMPV6:
                 return False  # not ICMPv6 (RFC 4443): the common case
-        elif n < 28 or pkt[9] != 1:
+        elif n < 28 or pkt[V4_PROTO] != PROTO_ICMP:
             return False  # not ICMP (RFC 792)
-        if bytes(pkt[24:40] if v6 else pkt[16:20]) not in self._clients:
+        if bytes(pkt[V6_DST_AT] if v6 else pkt[V4_DST_AT]) not in self._clients:
             return False
         err = parse_icmp_error(memoryview(pkt)[:n])
         if err is None:
             return False
         q = err.quoted
         off = 40 if v6 else (q[0] & 0x0F) * 4 if q else 0
-        if len(q) < off + 8 or q[0] >> 4 != err.version or q[6 if v6 else 9] != 6:
+        if len(q) < off + 8 or q[0] >> 4 != err.version or \
+                q[V6_NXT if v6 else V4_PROTO] != PROTO_TCP:
             return False  # RFC 792: the quote holds the IP header and 8 bytes of TCP
-        src, dst = (q[8:24], q[24:40]) if v6 else (q[12:16], q[16:20])
+        src, dst = (q[V6_SRC_AT], q[V6_DST_AT]) if v6 else (q[V4_SRC_AT], q[V4_DST_AT])
         sport, dport, seq = _QUOTE.unpack_from(q, off)
         sp = self.splices.get((err.version, bytes(src), bytes(dst), sport, dport))
         kind = _ICMP_KINDS.get((err.version, err.type))
@@ -413,9 +409,9 @@ class Terminator:
         one contiguous TCP run, every segment's checksum checked there, the merged packet's
         checksum field holding the pseudo-header sum, NEEDS_CSUM). When it is a server leg's,
         the leg takes it as one segment (no second checksum pass) and True is returned."""
-        mv = memoryview(frame)[VNET.size:]
+        mv = memoryview(frame)[VNET_HDR_LEN:]
         n = len(mv)
-        if frame[0] != NEEDS_CSUM:
+        if frame[0] != F_NEEDS_CSUM:
             return False
         found = self._server_side(mv, n)
         if found is None:
@@ -423,7 +419,7 @@ class Terminator:
         sp, ck, key, off, _flags = found
         seg = parse_tcp(mv[off:n], key[1], key[2], drops=self.drops, verify_checksum=False)
         if seg is not None:
-            gso_size = frame[4] | frame[5] << 8  # virtio_net_hdr.gso_size
+            gso_size = frame[GSO_SIZE_AT] | frame[GSO_SIZE_AT + 1] << 8  # little-endian
             k = -(-len(seg.payload) // gso_size) if gso_size else 1
             self.counters["from_server"] += k
             self.counters["server_runs"] += 1
@@ -431,7 +427,8 @@ class Terminator:
             self.touched[ck] = sp
         return True
 
-    def _server_run(self, run: list[bytes], sp: Splice | None, off: int, now: float) -> None:
+    def _server_run(self, run: list[bytes | bytearray], sp: Splice | None, off: int,
+                    now: float) -> None:
         """Hand a run of contiguous data segments of one server leg to it as one segment
         (bridge/userspace/legwire.py merge_run checks every checksum); packet by packet when the run
         is one packet or does not merge (each then checked on its own, a bad one dropped)."""

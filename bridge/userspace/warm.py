@@ -36,10 +36,10 @@ from bridge.flows import FlowTable, InspectRule
 from bridge.inspect.api import Inspector
 from bridge.inspect.manager import InspectorChain, InspectorManager
 from bridge.tunframe import TunFrame
-from bridge.userspace.legwire import VNET
 from stack.connection import TcpConnection
 from stack.state import State
 from stack.wire.tcp import parse_tcp
+from stack.wire.vnet import VNET_HDR_LEN
 
 __all__ = ["WarmCycle", "WARM_CLIENT", "WARM_SERVER"]
 
@@ -158,7 +158,7 @@ class WarmCycle:
 
     def _client_in(self, client: TcpConnection, now: float) -> None:
         for pkt in self.to_client:
-            mv = memoryview(pkt)[VNET.size:] if type(pkt) is TunFrame else memoryview(pkt)
+            mv = memoryview(pkt)[VNET_HDR_LEN:] if type(pkt) is TunFrame else memoryview(pkt)
             seg = parse_tcp(mv[20:], WARM_SERVER, WARM_CLIENT, verify_checksum=False)
             if seg is not None:
                 client.receive_segment(seg, now)
