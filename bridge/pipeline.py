@@ -30,7 +30,7 @@ Outbound flow (TUN -> peer), per packet, in this order:
     IPv4 with DF: ICMP Fragmentation Needed with the tunnel MTU (RFC 1191 §4); IPv4
     without DF: fragmented before encapsulation (RFC 4459 §3, "inner fragmentation", the
     end host reassembles; `pmtu.fragment = false` drops "too_big" instead).
- 7. MSS clamp of SYN / SYN-ACK (prelude.py), then encapsulate (bridge/encap.py) and
+ 7. MSS clamp of SYN / SYN-ACK (bridge/mss.py), then encapsulate (bridge/encap.py) and
     append to out.udp[peer endpoint]. Per-peer tx counters.
 Inbound flow (peer -> TUN):
  1. Source address -> peer (no roaming; port ignored, RFC 8086 §3.2.1) else "unknown_peer".
@@ -56,15 +56,24 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from bridge import counters as C
-from bridge.config import Config, DownAction, Encapsulation, SeqPolicy, SourcePort
+from bridge.config import Config, Encapsulation, SeqPolicy
 from bridge.counters import Counters
-from bridge.encap import KEEPALIVE, GreEncoder, decode_gre, flow_source_port, overhead
-from bridge.fastpath import receive_run, send_super
+from bridge.encap import KEEPALIVE, decode_gre, flow_source_port, overhead
+from bridge.fastpath import FastPath
 from bridge.flows import FlowSelector
 from bridge.gso import GroBatch, SuperPacket
 from bridge.mss import clamp_packet
-from bridge.peers import LOOP, PeerTable, link_scope
-from bridge.seqpolicy import SeqReceiver
+from bridge.output import Addr, Output, emit
+from bridge.peers import (
+    LOOP,
+    NO_ROUTE,
+    PEER_DOWN,
+    TOO_BIG,
+    TTL_EXPIRED,
+    PeerState,
+    PeerTable,
+    link_scope,
+)
 from stack.wire import icmp
 from stack.wire.ip import (
     DF,
@@ -94,61 +103,10 @@ from stack.wire.prelude import (
 if TYPE_CHECKING:
     from bridge.userspace.terminator import Terminator
 
-__all__ = ["Bridge", "Output", "PeerState"]
+__all__ = ["Bridge", "Output", "PeerState", "Addr"]
 
-Addr = tuple[str, int]
 Buf = bytes | bytearray | memoryview
 IPV6_MIN_MTU = 1280  # RFC 8200 §5
-
-
-class Output:
-    """What one call produced. Reuse it: `clear()` between batches."""
-
-    __slots__ = ("udp", "udp_sport", "tun")
-
-    def __init__(self) -> None:
-        self.udp: dict[Addr, list[bytes | bytearray]] = {}
-        self.udp_sport: dict[Addr, list[int]] = {}
-        self.tun: list[bytes | bytearray] = []
-
-    def clear(self) -> None:
-        self.udp.clear()
-        self.udp_sport.clear()
-        self.tun.clear()
-
-    def __bool__(self) -> bool:
-        return bool(self.udp or self.tun)
-
-
-class PeerState:
-    """Runtime state of one peer (one object per peer, not per packet)."""
-
-    __slots__ = ("index", "name", "addr", "gre", "encoder", "key_in", "csum_in", "mtu", "overhead",
-                 "seq", "reorder", "up", "heard", "last_rx", "last_tx", "keepalive",
-                 "dead_after", "withdraw", "flow_sport", "keepalive_payload")
-
-    def __init__(self, index: int, cfg: Any, mtu: int, now: float) -> None:
-        self.index = index
-        self.name: str = cfg.name
-        self.addr: Addr = (cfg.host, cfg.port)
-        self.gre = cfg.encapsulation is Encapsulation.GRE
-        self.encoder = GreEncoder(cfg.key_out, cfg.sequence is not SeqPolicy.OFF, cfg.checksum)
-        self.key_in: int | None = cfg.key_in
-        self.csum_in: bool = cfg.checksum
-        self.mtu = mtu
-        self.overhead = 0
-        self.seq = SeqReceiver(cfg.sequence, cfg.max_packets_held,
-                               cfg.outoforder_timer_ms / 1000.0)
-        self.reorder = cfg.sequence is SeqPolicy.REORDER
-        self.up = True  # until dead_after passes without a word from it
-        self.heard = False
-        self.last_rx = now
-        self.last_tx = now
-        self.keepalive: float = cfg.keepalive
-        self.dead_after: float = cfg.dead_after
-        self.withdraw = cfg.down_action is DownAction.WITHDRAW
-        self.flow_sport = cfg.source_port is SourcePort.FLOW_HASH
-        self.keepalive_payload = self.encoder.keepalive() if self.gre else b""
 
 
 class Bridge:
@@ -158,7 +116,6 @@ class Bridge:
         self.config = config
         underlay = underlay_mtu or config.pmtu.underlay_mtu
         self.underlay_mtu = underlay
-        self.table = PeerTable(config.peers, local=[config.listen.address])
         self.counters = Counters([p.name for p in config.peers])
         self.peers: list[PeerState] = []
         for i, p in enumerate(config.peers):
@@ -167,6 +124,9 @@ class Bridge:
                            p.checksum)
             self.peers.append(PeerState(i, p, config.tun.mtu or underlay - ovh, now))
             self.peers[-1].overhead = ovh
+        self.table = PeerTable(config.peers, local=[config.listen.address], states=self.peers)
+        # the fast paths get what they need, not the Bridge (bridge/fastpath.py)
+        self.fast = FastPath(self.table, self.counters, self.heard)
         mtus = [p.mtu for p in self.peers]
         self.tun_mtu: int = config.tun.mtu or (min(mtus) if mtus else underlay - 28)
         self.mss_clamp = config.mss_clamp
@@ -189,7 +149,7 @@ class Bridge:
         # None without such a rule, and then nothing below looks at TCP (nor imports it).
         self.terminator: Terminator | None = None
         # issue 9: the addresses an [[inspect]] rule covers, for packets whose IPv6 header
-        # chain cannot be walked (stack/wire/prelude.py `uninspectable`); None without rules
+        # chain cannot be walked (bridge/mss.py `uninspectable`); None without rules
         self._covers = FlowSelector(config.inspect_rules()).covers if config.inspect else None
         if config.inspect:
             from bridge.userspace.terminator import Terminator
@@ -220,15 +180,12 @@ class Bridge:
         userspace-terminated flow) toward the peer its destination routes to; False (and
         counted) when there is no usable route. The caller sizes it to the tunnel MTU."""
         v6 = pkt[0] >> 4 == 6
-        idx = self.table.route(pkt[V6_DST_AT] if v6 else pkt[V4_DST_AT])
+        idx = self.table.forward(pkt[V6_DST_AT] if v6 else pkt[V4_DST_AT], 255, 0)
         if idx < 0:
-            self.counters.drops[C.R_LOOP if idx == LOOP else C.R_NO_ROUTE] += 1
+            self.counters.drops[C.R_LOOP if idx == LOOP else C.R_PEER_DOWN
+                                if idx == PEER_DOWN else C.R_NO_ROUTE] += 1
             return False
-        peer = self.peers[idx]
-        if peer.withdraw and not peer.up:
-            self.counters.drops[C.R_PEER_DOWN] += 1
-            return False
-        self._send(peer, pkt, v6, now, out)
+        self._send(self.peers[idx], pkt, v6, now, out)
         return True
 
     def flows(self, now: float) -> list[dict[str, Any]]:
@@ -244,20 +201,23 @@ class Bridge:
         packets: each drop is counted by reason.
         """
         drops = self.counters.drops
-        table = self.table
+        forward = self.table.forward
         peers = self.peers
         term = self.terminator
         covers = self._covers
+        send_super = self.fast.send_super
         for pkt in packets:
             if type(pkt) is SuperPacket:
-                if term is not None and term.from_tun_super(pkt, now):
-                    continue  # a terminated flow's client leg takes it whole
-                if not self._tso(pkt, now, out):
-                    segs: list[bytes] = []
-                    if pkt.split(segs):
-                        self.from_tun(segs, now, out)  # the per-packet path, segment by segment
-                    else:
-                        drops[C.R_MALFORMED] += 1
+                if term is not None:
+                    if term.from_tun_super(pkt, now):
+                        continue  # a terminated flow's client leg takes it whole
+                elif send_super(pkt, now, out):  # bridge/fastpath.py
+                    continue
+                segs: list[bytes] = []
+                if pkt.split(segs):
+                    self.from_tun(segs, now, out)  # the per-packet path, segment by segment
+                else:
+                    drops[C.R_MALFORMED] += 1
                 continue
             n = packet_length(pkt)
             if not n:
@@ -270,45 +230,40 @@ class Bridge:
                 continue
             if term is not None and term.from_tun(pkt, n, now):
                 continue  # a flow terminated in userspace (bridge/userspace/terminator.py)
-            if v6:
-                dst = pkt[V6_DST_AT]
-                ttl = pkt[V6_HLIM]
-            else:
-                dst = pkt[V4_DST_AT]
-                ttl = pkt[V4_TTL]
-            idx = table.route(dst)
+            # route, peer state, TTL, MTU: bridge/peers.py `forward`, in one call
+            idx = forward(pkt[V6_DST_AT], pkt[V6_HLIM], n) if v6 else \
+                forward(pkt[V4_DST_AT], pkt[V4_TTL], n)
             if idx < 0:
-                if idx == LOOP:
-                    drops[C.R_LOOP] += 1  # RFC 2003 §4: never tunnel to a tunnel endpoint
-                    continue
-                if link_scope(dst):  # the host's own RS/MLD on the TUN: not a routing failure
-                    drops[C.R_LINK_LOCAL] += 1
-                    continue
-                drops[C.R_NO_ROUTE] += 1
-                self._unreachable(pkt, v6, now, out)
+                self._not_forwarded(idx, pkt, n, v6, now, out)
                 continue
-            peer = peers[idx]
-            if peer.withdraw and not peer.up:
-                drops[C.R_PEER_DOWN] += 1
-                self._unreachable(pkt, v6, now, out)
-                continue
-            if ttl <= 1:  # RFC 2003 §3.1, RFC 1812 §5.3.1
-                drops[C.R_TTL] += 1
-                if v6:
-                    self._icmp(pkt, True, icmp.ICMP6_TIME_EXCEEDED, 0, 0, now, out)
-                else:
-                    self._icmp(pkt, False, icmp.ICMP4_TIME_EXCEEDED, 0, 0, now, out)
-                continue
-            if n > peer.mtu:
-                self._too_big(peer, pkt, n, v6, now, out)
-                continue
-            self._send(peer, pkt if n == len(pkt) else memoryview(pkt)[:n], v6, now, out)
+            self._send(peers[idx], pkt if n == len(pkt) else memoryview(pkt)[:n], v6, now, out)
         if term is not None:
             term.flush(now, out)
 
-    def _tso(self, sp: SuperPacket, now: float, out: Output) -> bool:
-        """The super-packet fast path (bridge/fastpath.py `send_super`)."""
-        return send_super(self, sp, now, out)
+    def _not_forwarded(self, why: int, pkt: Buf, n: int, v6: bool, now: float,
+                       out: Output) -> None:
+        """Count (and answer with ICMP) a packet `forward` refused for reason `why`."""
+        drops = self.counters.drops
+        dst = pkt[V6_DST_AT] if v6 else pkt[V4_DST_AT]
+        if why == LOOP:
+            drops[C.R_LOOP] += 1  # RFC 2003 §4: never tunnel to a tunnel endpoint
+        elif why == NO_ROUTE:
+            if link_scope(dst):  # the host's own RS/MLD on the TUN: not a routing failure
+                drops[C.R_LINK_LOCAL] += 1
+            else:
+                drops[C.R_NO_ROUTE] += 1
+                self._unreachable(pkt, v6, now, out)
+        elif why == PEER_DOWN:
+            drops[C.R_PEER_DOWN] += 1
+            self._unreachable(pkt, v6, now, out)
+        elif why == TTL_EXPIRED:  # RFC 2003 §3.1, RFC 1812 §5.3.1
+            drops[C.R_TTL] += 1
+            if v6:
+                self._icmp(pkt, True, icmp.ICMP6_TIME_EXCEEDED, 0, 0, now, out)
+            else:
+                self._icmp(pkt, False, icmp.ICMP4_TIME_EXCEEDED, 0, 0, now, out)
+        elif why == TOO_BIG:
+            self._too_big(self.peers[self.table.route(dst)], pkt, n, v6, now, out)
 
     def _send(self, peer: PeerState, pkt: Buf, v6: bool, now: float, out: Output) -> None:
         if peer.gre:
@@ -326,29 +281,8 @@ class Bridge:
             self.counters.events[C.E_MSS_CLAMPED] += 1
         if peer.gre:
             peer.encoder.seal(dgram)
-        lst = out.udp.get(peer.addr)
-        if lst is None:
-            lst = out.udp[peer.addr] = []
-        lst.append(dgram)
-        c = self.counters
-        c.tx_packets[peer.index] += 1
-        c.tx_bytes[peer.index] += len(dgram)
-        peer.last_tx = now
-        if peer.flow_sport:
-            sports = out.udp_sport.get(peer.addr)
-            if sports is None:
-                sports = out.udp_sport[peer.addr] = []
-            sports.append(flow_source_port(pkt))
-
-    def _emit(self, peer: PeerState, dgram: bytes | bytearray, now: float, out: Output) -> None:
-        lst = out.udp.get(peer.addr)
-        if lst is None:
-            lst = out.udp[peer.addr] = []
-        lst.append(dgram)
-        c = self.counters
-        c.tx_packets[peer.index] += 1
-        c.tx_bytes[peer.index] += len(dgram)
-        peer.last_tx = now
+        emit(out, self.counters, peer, dgram, 1, now,
+             flow_source_port(pkt) if peer.flow_sport else -1)
 
     def _too_big(self, peer: PeerState, pkt: Buf, n: int, v6: bool, now: float,
                  out: Output) -> None:
@@ -418,8 +352,10 @@ class Bridge:
         drops = c.drops
         table = self.table
         peers = self.peers
-        start = len(out.tun)
-        for payload, addr in self._expand(datagrams, now, out):
+        tun = out.tun
+        start = len(tun)
+        heard = self.heard
+        for payload, addr in self._expand(datagrams, now, tun):
             cands = table.by_host(addr[0]) if isinstance(addr, tuple) and addr else ()
             if not cands:
                 drops[C.R_UNKNOWN_PEER] += 1
@@ -430,14 +366,14 @@ class Bridge:
                 status, off, seq = decode_gre(payload, peer.key_in, peer.csum_in)
                 if status != -1:
                     if status == KEEPALIVE:
-                        self._heard(peer, now)
+                        heard(peer, now)
                         c.events[C.E_KEEPALIVE_RX] += 1
                     else:
                         drops[status] += 1
                     continue
             else:
                 if n == 0:  # IPIP keepalive: an empty datagram
-                    self._heard(peer, now)
+                    heard(peer, now)
                     c.events[C.E_KEEPALIVE_RX] += 1
                     continue
                 off = 0
@@ -446,23 +382,18 @@ class Bridge:
             if not tot:
                 drops[C.R_MALFORMED] += 1
                 continue
-            self._heard(peer, now)
+            heard(peer, now)
+            # AllowedIPs, TTL 0, loop guard: bridge/peers.py `accept`, in one call
             if payload[off] >> 4 == 4:
-                src = bytes(payload[off + V4_SRC:off + V4_SRC_END])
-                dst = bytes(payload[off + V4_DST:off + V4_DST_END])
-                ttl = payload[off + V4_TTL]
+                reason = table.accept(peer.index, payload[off + V4_SRC:off + V4_SRC_END],
+                                      payload[off + V4_DST:off + V4_DST_END],
+                                      payload[off + V4_TTL])
             else:
-                src = bytes(payload[off + V6_SRC:off + V6_SRC_END])
-                dst = bytes(payload[off + V6_DST:off + V6_DST_END])
-                ttl = payload[off + V6_HLIM]
-            if not table.allowed(peer.index, src):
-                drops[C.R_SPOOFED_SOURCE] += 1
-                continue
-            if ttl == 0:
-                drops[C.R_TTL] += 1  # RFC 2003 §3.1: MUST discard, do not decrement
-                continue
-            if table.is_endpoint(dst):
-                drops[C.R_LOOP] += 1
+                reason = table.accept(peer.index, payload[off + V6_SRC:off + V6_SRC_END],
+                                      payload[off + V6_DST:off + V6_DST_END],
+                                      payload[off + V6_HLIM])
+            if reason >= 0:
+                drops[reason] += 1
                 continue
             if self._covers is not None and uninspectable(payload, off, self._covers):
                 drops[C.R_UNINSPECTABLE] += 1  # never forwarded past a rule (prelude.py)
@@ -475,11 +406,11 @@ class Bridge:
             else:
                 pkt = bytes(payload[off : off + tot])  # a copy: the I/O layer reuses buffers
             if peer.seq.policy is SeqPolicy.OFF:
-                out.tun.append(pkt)
+                tun.append(pkt)
             else:
                 flushes = peer.seq.flushes
                 held = len(peer.seq.held)
-                reason = peer.seq.receive(seq, pkt, now, out.tun)
+                reason = peer.seq.receive(seq, pkt, now, tun)
                 if reason >= 0:
                     drops[reason] += 1
                     continue
@@ -492,15 +423,17 @@ class Bridge:
             self.terminator.divert(out, start, now)
 
     def _expand(self, datagrams: Iterable[tuple[Buf | GroBatch, Addr]], now: float,
-                out: Output) -> Iterator[tuple[Buf, Addr]]:
-        """The datagrams one by one; a `GroBatch` goes through `_gro` first, and what that
+                tun: list[bytes | bytearray]) -> Iterator[tuple[Buf, Addr]]:
+        """The datagrams one by one; a `GroBatch` goes through the receive fast path
+        (bridge/fastpath.py `receive_run`, its TunFrames to `tun`) first, and what that
         leaves (all of it, or a short last datagram) comes out one by one, in order."""
+        receive_run = self.fast.receive_run
         for payload, addr in datagrams:
             if type(payload) is GroBatch:
                 buf, seg = payload.buf, payload.seg
                 pos, n = 0, len(buf)
                 while pos < n:
-                    used = self._gro(payload, pos, addr, now, out)
+                    used = receive_run(payload, pos, addr, now, tun)
                     if used > 0:
                         pos += used
                         continue
@@ -512,10 +445,6 @@ class Bridge:
                     pos += seg
             else:
                 yield payload, addr
-
-    def _gro(self, b: GroBatch, start: int, addr: Addr, now: float, out: Output) -> int:
-        """The receive fast path (bridge/fastpath.py `receive_run`)."""
-        return receive_run(self, b, start, addr, now, out)
 
     def _pick(self, cands: tuple[int, ...], payload: Buf) -> PeerState:
         """Several peers share the source host: the GRE key tells them apart (RFC 2890 §2.1)."""
@@ -534,9 +463,10 @@ class Bridge:
         receiving direction's); a later time than ours counts as hearing it then."""
         peer = self.peers[index]
         if when > peer.last_rx:
-            self._heard(peer, when)
+            self.heard(peer, when)
 
-    def _heard(self, peer: PeerState, now: float) -> None:
+    def heard(self, peer: PeerState, now: float) -> None:
+        """Liveness: `peer` was heard at `now` (a datagram passed its GRE/IPIP checks)."""
         peer.last_rx = now
         peer.heard = True
         if not peer.up:
@@ -572,16 +502,17 @@ class Bridge:
         """Run everything due at `now`: reorder flushes to out.tun, keepalives to out.udp,
         peers going down. Safe to call early or often."""
         ev = self.counters.events
-        start = len(out.tun)
+        tun = out.tun
+        start = len(tun)
         for p in self.peers:
             if p.reorder:
-                released = p.seq.expire(now, out.tun)
+                released = p.seq.expire(now, tun)
                 if released:
                     ev[C.E_REORDER_FLUSHED] += 1
             if self.rx_only:
                 continue  # keepalives and liveness are the sending process's
             if p.keepalive > 0 and now >= p.last_tx + p.keepalive:
-                self._emit(p, p.keepalive_payload, now, out)
+                emit(out, self.counters, p, p.keepalive_payload, 1, now)
                 ev[C.E_KEEPALIVE_TX] += 1
             if p.up and p.dead_after > 0 and now >= p.last_rx + p.dead_after:
                 p.up = False
