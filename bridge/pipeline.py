@@ -7,6 +7,7 @@ Contract (docs/DESIGN.md):
     bridge.from_udp(datagrams, now, out)  # [(payload, (host, port)), ...]
     bridge.handle_timer(now, out); bridge.get_timer() -> float | None
     bridge.rx_only; bridge.note_heard(i, t)  (one process per direction, bridge/io/split.py)
+    Output, Addr and `emit` (append and count a datagram) are bridge/output.py's:
     out.udp: dict[(host, port), list[bytes | bytearray]]  datagrams per peer, in order;
         an item may be a `bridge.gso.UdpRun` (bytes: equal-size datagrams back to back,
         `.seg` bytes each, the last maybe shorter) from a TSO super-packet (see `_tso`)
@@ -39,8 +40,15 @@ Inbound flow (peer -> TUN):
  3. Inner IP length checks; inner source must route back to that peer ("spoofed_source",
     WireGuard AllowedIPs); inner TTL 0 -> "ttl" (RFC 2003 §3.1: MUST discard; the
     decapsulator does not decrement); inner destination a tunnel endpoint -> "loop".
- 4. MSS clamp, then the peer's sequence policy (bridge/seqpolicy.py) delivers to out.tun.
-Every drop increments exactly one reason; nothing a peer sends can raise.
+ 4. MSS clamp, then the peer's sequence policy (bridge/seqpolicy.py) delivers to out.tun;
+    with userspace-terminated flows, what it delivers (a batch's, or its reorder buffer's
+    on the timer) and the GRO fast path's TunFrames are first handed, in order, to
+    `Terminator.from_peer` in one call: the server legs take theirs, the rest goes to
+    out.tun in the same order (nothing rewrites out.tun afterwards).
+Every drop increments exactly one reason; nothing a peer sends can raise. The checks of
+steps 3-6 (out) and 3 (in) are bridge/peers.py's `forward` and `accept`, shared with the
+fast paths (bridge/fastpath.py `FastPath`, which gets the peer table, the counters and the
+liveness callback `heard`, never the Bridge).
 
 Liveness: each peer gets a keepalive (bridge/encap.py) when nothing was sent to it for
 `keepalive` seconds; a peer not heard from for `dead_after` seconds is down (up again on
@@ -346,14 +354,17 @@ class Bridge:
         """Decapsulate datagrams; inner packets go to out.tun. Never raises for bad input.
 
         Inner packets are copied out of the datagram, so the I/O layer may reuse its
-        receive buffers as soon as this returns.
+        receive buffers as soon as this returns. With a terminator, the packets the
+        sequence policy delivers (and the GRO path's TunFrames) are handed to it in one
+        call (`Terminator.from_peer`), which keeps its server legs' and puts the others in
+        out.tun in order.
         """
         c = self.counters
         drops = c.drops
         table = self.table
         peers = self.peers
-        tun = out.tun
-        start = len(tun)
+        term = self.terminator
+        tun: list[bytes | bytearray] = out.tun if term is None else []
         heard = self.heard
         for payload, addr in self._expand(datagrams, now, tun):
             cands = table.by_host(addr[0]) if isinstance(addr, tuple) and addr else ()
@@ -419,8 +430,8 @@ class Bridge:
                 c.events[C.E_REORDER_FLUSHED] += peer.seq.flushes - flushes
             c.rx_packets[peer.index] += 1
             c.rx_bytes[peer.index] += n
-        if self.terminator is not None:  # server legs of terminated flows take theirs back
-            self.terminator.divert(out, start, now)
+        if term is not None:  # server legs of terminated flows take theirs, in one call
+            term.from_peer(tun, now, out)
 
     def _expand(self, datagrams: Iterable[tuple[Buf | GroBatch, Addr]], now: float,
                 tun: list[bytes | bytearray]) -> Iterator[tuple[Buf, Addr]]:
@@ -502,8 +513,8 @@ class Bridge:
         """Run everything due at `now`: reorder flushes to out.tun, keepalives to out.udp,
         peers going down. Safe to call early or often."""
         ev = self.counters.events
-        tun = out.tun
-        start = len(tun)
+        term = self.terminator
+        tun: list[bytes | bytearray] = out.tun if term is None else []
         for p in self.peers:
             if p.reorder:
                 released = p.seq.expire(now, tun)
@@ -517,9 +528,9 @@ class Bridge:
             if p.up and p.dead_after > 0 and now >= p.last_rx + p.dead_after:
                 p.up = False
                 ev[C.E_PEER_DOWN] += 1
-        if self.terminator is not None:
-            self.terminator.divert(out, start, now)
-            self.terminator.handle_timer(now, out)
+        if term is not None:  # reorder flushes reach the terminator like from_udp's packets
+            term.from_peer(tun, now, out)
+            term.handle_timer(now, out)
 
     # ---------------------------------------------------------------- status
 

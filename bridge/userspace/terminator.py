@@ -49,14 +49,16 @@ Rules of this module (pure, sans-I/O: inner IP packets and `now` in, packets and
   (`flush_inspectors`), off this path.
 
 Theory of operation
-`from_tun(pkt, n, now)` and `from_peer(pkt, n, now)` route one inner packet to its splice's leg
-and mark the splice touched; `flush(now, out)` (end of each batch) steps every touched splice
-once (so a batch's data crosses the inspector chain as one chunk and its ACKs aggregate) and
-emits both legs' segments. `divert(out, start, now)` takes back, from `out.tun[start:]`, the
-decapsulated packets that belong to a splice's server leg (the Bridge calls it after its
-sequence policy delivered them): consecutive in-order data segments of one server leg, and a
-`TunFrame` the Bridge's GRO path merged (and checked), reach the leg as one segment
-(bridge/userspace/legwire.py merge_run: every checksum still checked, by one sum over the run), and
+`from_tun(pkt, n, now)` routes one inner packet from the local site to its splice's client
+leg and marks the splice touched; `flush(now, out)` (end of each batch) steps every touched
+splice once (so a batch's data crosses the inspector chain as one chunk and its ACKs
+aggregate) and emits both legs' segments. `from_peer(pkts, now, out)` is the one entry from
+the tunnel: the Bridge hands it the decapsulated packets its sequence policy delivered (a
+batch's, or the reorder buffers' flushed by the timer) before any reach the TUN; the server
+legs take theirs, every other packet goes on to `out.tun` in order, then it flushes.
+Consecutive in-order data segments of one server leg, and a `TunFrame` the Bridge's GRO path
+merged (and checked), reach the leg as one segment (bridge/userspace/legwire.py merge_run:
+every checksum still checked, by one sum over the run), and
 `from_tun_super(sp, now)` gives a client's TSO frame to its leg whole (the kernel built it;
 nothing is summed). The legs' IP framing (plain packets, TunFrames) is bridge/userspace/legwire.py.
 Timers: each splice's deadline is recorded when it is
@@ -69,7 +71,7 @@ keep-warm hook: one hop of a throw-away connection through a private shadow
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from bridge.flows import Backend, FlowKey, FlowTable, InspectRule, Verdict, selector_for
@@ -166,8 +168,6 @@ class Terminator:
     def _drop(self, reason: str) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
 
-    _key = staticmethod(tcp_key)
-
     def _segment(self, pkt: bytes | bytearray | memoryview, n: int, off: int,
                  key: FlowKey) -> TcpSegment | None:
         mv = pkt if isinstance(pkt, memoryview) else memoryview(pkt)
@@ -175,7 +175,7 @@ class Terminator:
 
     def from_tun(self, pkt: bytes | bytearray | memoryview, n: int, now: float) -> bool:
         """An inner packet from the local site. True when it was ours (consumed)."""
-        k = self._key(pkt, n)
+        k = tcp_key(pkt, n)
         if k is None:
             return False
         key, off, flags = k
@@ -223,7 +223,7 @@ class Terminator:
             return False
         pkt = memoryview(frame)[sp.offset:]
         n = len(pkt)
-        k = self._key(pkt, n)
+        k = tcp_key(pkt, n)
         if k is None:
             return False
         key, off, flags = k
@@ -246,6 +246,8 @@ class Terminator:
             self._pending_rst.append((key, rst))
 
     def _configs_for(self, key: FlowKey, rule: InspectRule | None) -> tuple[TcpConfig, TcpConfig]:
+        """(client leg, server leg) TCP settings of a new splice on `key` under `rule`
+        (MSS from the tunnel and TUN MTUs, buffers from the rule), cached per shape."""
         v6 = key[0] == 6
         hdr = 60 if v6 else 40
         server_mss = max(self.mtu_for(key[2]) - hdr, 88)
@@ -290,7 +292,7 @@ class Terminator:
         if n < 40 or bytes(pkt[V4_DST_AT] if pkt[0] >> 4 == 4 else pkt[V6_DST_AT]) \
                 not in self._clients:
             return None  # not addressed to a client of a live splice: the fast path
-        k = self._key(pkt, n)
+        k = tcp_key(pkt, n)
         if k is None:
             return None
         key, off, flags = k
@@ -300,28 +302,18 @@ class Terminator:
             return None
         return sp, ck, key, off, flags
 
-    def from_peer(self, pkt: bytes | bytearray | memoryview, n: int, now: float) -> bool:
-        """A decapsulated packet from the tunnel. True when it belonged to a server leg."""
-        found = self._server_side(pkt, n)
-        if found is None:
-            return False
-        sp, ck, key, off, _flags = found
-        seg = self._segment(pkt, n, off, key)
-        if seg is not None:
-            self.counters["from_server"] += 1
-            sp.from_server(seg, now)
-            self.touched[ck] = sp
-        return True
-
-    def divert(self, out: Any, start: int, now: float) -> None:
-        """Take the server legs' packets back from `out.tun[start:]`, then flush.
+    def from_peer(self, pkts: Sequence[bytes | bytearray], now: float, out: Any) -> None:
+        """The decapsulated packets from the tunnel, in the order the Bridge's sequence
+        policy delivered them (TunFrames of its GRO path among them): the server legs take
+        theirs and the ICMP errors about their segments; every other packet is appended to
+        `out.tun`, in order. Then the touched splices are stepped (`flush`).
 
         Consecutive in-order data segments of one server leg (a GRO batch of the tunnel)
         reach the leg as one segment (`_server_run`)."""
         tun = out.tun
-        if len(tun) > start and self.splices:
-            pkts = tun[start:]
-            del tun[start:]
+        if not self.splices:
+            tun.extend(pkts)
+        elif pkts:
             run: list[bytes | bytearray] = []
             run_sp: Splice | None = None
             run_tmpl = b""
@@ -375,6 +367,8 @@ class Terminator:
     def _leg_icmp(self, pkt: bytes | bytearray, n: int, now: float) -> bool:
         """An ICMP error about a server leg's segment: hand it to the leg; True when it
         is consumed (not passed on to the client)."""
+        if n < 28:
+            return False  # not even an IPv4 header and 8 bytes: nothing to look at
         v6 = pkt[0] >> 4 == 6
         if v6:
             if n < 48 or pkt[V6_NXT] != PROTO_ICMPV6:
@@ -512,6 +506,7 @@ class Terminator:
             self._deadlines[key] = t
 
     def _forget(self, sp: Splice) -> None:
+        """Drop `sp` from every table (its legs are done, or it gives way to a new SYN)."""
         if self.splices.get(sp.key) is sp:
             del self.splices[sp.key]
             self._deadlines.pop(sp.key, None)

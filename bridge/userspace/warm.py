@@ -10,9 +10,9 @@ Rules of this module (pure, sans-I/O: `now` in, nothing out)
 - `step(now)` moves one hop of a connection between a client and a server TcpConnection (our
   own stack) on either side of the shadow, in turn: the client's SYN from the TUN (a new
   splice: flow table, Splice, both legs' set-up), the server's SYN-ACK from the tunnel
-  (divert, the deferred accept), the client's ACK and request, the server's response, then
-  both ends' RSTs, a drain and the reap. Every hop is one call of the real path's code:
-  `from_tun`, `flush`, `divert`, the legs' input and output, the IP framing.
+  (`from_peer`, the deferred accept), the client's ACK and request, the server's response,
+  then both ends' RSTs, a drain and the reap. Every hop is one call of the real path's code:
+  `from_tun`, `flush`, `from_peer`, the legs' input and output, the IP framing.
 - Never raises on account of the shadow's traffic (it is our own); a bug of ours raises to
   the caller, whose keep-warm turns itself off (bridge/io/warm.py).
 
@@ -150,11 +150,8 @@ class WarmCycle:
 
     def _server_out(self, server: TcpConnection, now: float) -> None:
         term = self.term
-        tun = self.to_client
-        start = len(tun)
-        for seg in server.segments_to_send(now):
-            tun.append(term._packet(WARM_SERVER, WARM_CLIENT, seg))
-        term.divert(_Out(tun), start, now)
+        pkts = [term._packet(WARM_SERVER, WARM_CLIENT, seg) for seg in server.segments_to_send(now)]
+        term.from_peer(pkts, now, _Out(self.to_client))
 
     def _client_in(self, client: TcpConnection, now: float) -> None:
         for pkt in self.to_client:

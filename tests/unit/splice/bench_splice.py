@@ -86,9 +86,7 @@ def run(total: int, inspectors: list[Any], offload: bool = False) -> tuple[int, 
         for p in up:
             term.from_tun(p, len(p), now)
         term.flush(now, out)
-        start = len(out.tun)
-        out.tun.extend(down)
-        term.divert(out, start, now)
+        term.from_peer(down, now, out)
         t = term.get_timer()
         if t is not None and t <= now:
             term.handle_timer(now, out)

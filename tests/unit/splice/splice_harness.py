@@ -210,11 +210,8 @@ class Harness:
             if not term.from_tun(pkt, len(pkt), now):
                 self.forwarded.append(pkt)
         term.flush(now, self.out)
-        start = len(self.out.tun)
-        for pkt in self.s2t.due(now):
-            self.out.tun.append(pkt)
-        term.divert(self.out, start, now)
-        # what divert left in out.tun past `start` would go to the TUN: in this harness every
+        term.from_peer(list(self.s2t.due(now)), now, self.out)
+        # what from_peer passed on to out.tun would go to the TUN: in this harness every
         # server packet belongs to the splice, anything else is recorded as forwarded
         t = term.get_timer()
         if t is not None and t <= now:

@@ -295,9 +295,13 @@ def test_from_peer_leaves_other_flows_alone_while_a_splice_lives() -> None:
     other_client = bytes([198, 18, 1, 11])
     for dst, dport in ((other_client, 40000), (C_ADDR, 40001)):
         pkt = h.term._packet(S_ADDR, dst, TcpSegment(80, dport, 1, 2, ACK, 100, b"data"))
-        assert not h.term.from_peer(pkt, len(pkt), h.now)
+        h.out.tun.clear()
+        h.term.from_peer([pkt], h.now, h.out)
+        assert h.out.tun == [pkt]  # not a server leg's: passed on to the TUN as it is
     mine = h.term._packet(S_ADDR, C_ADDR, TcpSegment(80, 40000, 1, 2, ACK, 100))
-    assert h.term.from_peer(mine, len(mine), h.now)
+    h.out.tun.clear()
+    h.term.from_peer([mine], h.now, h.out)
+    assert mine not in h.out.tun  # the server leg took it
 
 
 def test_idle_flow_is_reset_after_idle_timeout() -> None:

@@ -54,8 +54,7 @@ class World:
 
     def from_tunnel(self, pkts: list[bytes], now: float) -> _Out:
         out = _Out()
-        out.tun.extend(pkts)
-        self.term.divert(out, 0, now)
+        self.term.from_peer(pkts, now, out)
         return out
 
     def to_client(self, out: _Out) -> list[Any]:
