@@ -80,6 +80,7 @@ from bridge.inspect.manager import InspectorManager
 from bridge.tunframe import TunFrame
 from bridge.userspace.legwire import TSO_MAX_SEGMENT, LegFramer, merge_run, run_part
 from bridge.userspace.splice import Splice
+from bridge.userspace.warm import WarmCycle
 from stack.events import IcmpKind
 from stack.tcp_config import TcpConfig
 from stack.tcp_core import reset_reply
@@ -132,7 +133,7 @@ class Terminator:
                                          "server_runs": 0}
         self.ended: dict[str, int] = {}
         framer = LegFramer()
-        self._packet = framer.packet  # IP framing of the legs' segments (legwire.py)
+        self.packet = framer.packet  # IP framing of the legs' segments (legwire.py)
         self._frame = framer.frame
         self._pending_rst: list[tuple[FlowKey, TcpSegment]] = []
         self._clients: dict[bytes, int] = {}  # client address -> live splices (divert filter)
@@ -140,7 +141,7 @@ class Terminator:
         self._next_scan: float | None = None
         self._configs: dict[tuple[int, int, int, int], tuple[TcpConfig, TcpConfig]] = {}
         self.tun_offload = False
-        self._warm: dict[int, Any] = {}  # lane -> WarmCycle (bridge/userspace/warm.py)
+        self._warm: dict[int, WarmCycle] = {}  # lane -> shadow (bridge/userspace/warm.py)
         self._last_new = float("-inf")  # when the last splice was opened (warm)
 
     def use_tun_offload(self, on: bool = True) -> None:
@@ -187,7 +188,7 @@ class Terminator:
             if sp.finished and flags & (SYN | ACK | RST) == SYN and seg.seq != sp.syn.seq:
                 # a new connection on the 4-tuple of an ended one whose legs linger in
                 # TIME-WAIT (RFC 9293 §3.6.1 MAY-2, RFC 6191): the old splice gives way
-                self._forget(sp)
+                self.forget(sp)
             else:
                 self.counters["from_client"] += 1
                 sp.from_client(seg, now)
@@ -245,7 +246,7 @@ class Terminator:
         if rst is not None:
             self._pending_rst.append((key, rst))
 
-    def _configs_for(self, key: FlowKey, rule: InspectRule | None) -> tuple[TcpConfig, TcpConfig]:
+    def configs_for(self, key: FlowKey, rule: InspectRule | None) -> tuple[TcpConfig, TcpConfig]:
         """(client leg, server leg) TCP settings of a new splice on `key` under `rule`
         (MSS from the tunnel and TUN MTUs, buffers from the rule), cached per shape."""
         v6 = key[0] == 6
@@ -275,7 +276,7 @@ class Terminator:
         found = self.table.lookup(key)
         rule = found[1] if found is not None else None
         chain = self.manager.chains.get(rule.name) if rule is not None else None
-        ccfg, scfg = self._configs_for(key, rule)
+        ccfg, scfg = self.configs_for(key, rule)
         sp = Splice(key, syn, rule, chain, ccfg, scfg, now)
         self.counters["splices"] += 1
         self._last_new = now
@@ -447,7 +448,7 @@ class Terminator:
     def flush(self, now: float, out: Any) -> None:
         """Step every touched splice once and emit both legs' segments."""
         for key, rst in self._pending_rst:
-            out.tun.append(self._packet(key[2], key[1], rst))
+            out.tun.append(self.packet(key[2], key[1], rst))
             self.counters["refused_rst"] += 1
         self._pending_rst.clear()
         touched = self.touched
@@ -464,7 +465,7 @@ class Terminator:
                 try:
                     self._emit(sp, now, out)     # the RSTs of the aborted legs
                 except Exception:  # noqa: BLE001
-                    self._forget(sp)
+                    self.forget(sp)
 
     def _emit(self, sp: Splice, now: float, out: Any) -> None:
         key = sp.key
@@ -479,14 +480,14 @@ class Terminator:
                     tun.append(self._frame(saddr, caddr, seg, mss))
             else:
                 for seg in segs:
-                    tun.append(self._packet(saddr, caddr, seg))
+                    tun.append(self.packet(saddr, caddr, seg))
             self.counters["to_client"] += len(segs)
         segs = sp.to_server(now)
         if segs:
             send = self.send_to_peer
             lost = False
             for seg in segs:
-                if not send(self._packet(caddr, saddr, seg), now, out):
+                if not send(self.packet(caddr, saddr, seg), now, out):
                     self._drop("no_peer")
                     lost = True
             self.counters["to_server"] += len(segs)
@@ -497,7 +498,7 @@ class Terminator:
                     self._emit(sp, now, out)  # the RST to the client
                     return
         if sp.dead:
-            self._forget(sp)
+            self.forget(sp)
             return
         t = sp.get_timer()  # every change to a splice's timers ends here (flush)
         if t is None:
@@ -505,7 +506,7 @@ class Terminator:
         else:
             self._deadlines[key] = t
 
-    def _forget(self, sp: Splice) -> None:
+    def forget(self, sp: Splice) -> None:
         """Drop `sp` from every table (its legs are done, or it gives way to a new SYN)."""
         if self.splices.get(sp.key) is sp:
             del self.splices[sp.key]
@@ -542,7 +543,7 @@ class Terminator:
                     sp.abort(CloseReason.TIMEOUT, now)
                     self.touched[sp.key] = sp
                 elif sp.dead:
-                    self._forget(sp)
+                    self.forget(sp)
             self.table.expire(now)
         self.flush(now, out)
 
@@ -572,8 +573,6 @@ class Terminator:
             return
         w = self._warm.get(lane)
         if w is None:
-            from bridge.userspace.warm import WarmCycle
-
             w = self._warm[lane] = WarmCycle(self)
         w.step(now)
 

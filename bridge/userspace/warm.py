@@ -13,6 +13,9 @@ Rules of this module (pure, sans-I/O: `now` in, nothing out)
   (`from_peer`, the deferred accept), the client's ACK and request, the server's response,
   then both ends' RSTs, a drain and the reap. Every hop is one call of the real path's code:
   `from_tun`, `flush`, `from_peer`, the legs' input and output, the IP framing.
+- One direction: the Terminator imports this module; this module uses only the public names
+  of the Terminator it is given (`packet`, `configs_for`, `forget`, ...) and builds the
+  shadow with that object's own class, so it imports nothing of terminator.py.
 - Never raises on account of the shadow's traffic (it is our own); a bug of ours raises to
   the caller, whose keep-warm turns itself off (bridge/io/warm.py).
 
@@ -32,7 +35,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridge.flows import FlowTable, InspectRule
+from bridge.flows import Backend, FlowTable, InspectRule, selector_for
 from bridge.inspect.api import Inspector
 from bridge.inspect.manager import InspectorChain, InspectorManager
 from bridge.tunframe import TunFrame
@@ -68,15 +71,12 @@ class WarmCycle:
     """One shadow Terminator with a client and a server; `step` moves one hop."""
 
     def __init__(self, real: Any) -> None:
-        from bridge.flows import Backend, selector_for
-        from bridge.userspace.terminator import Terminator
-
         rule = InspectRule(name="warm", dst_ports=((_PORT, _PORT),))
         mgr = InspectorManager(())
         mgr.chains[rule.name] = InspectorChain(rule, [_Nothing()])
         self.to_server: list[bytes] = []
         self.to_client: list[Any] = []
-        self.term = Terminator((rule,), self._send, lambda dst: int(real.tun_mtu()),
+        self.term = type(real)((rule,), self._send, lambda dst: int(real.tun_mtu()),
                                real.tun_mtu, manager=mgr)
         self.term.table = FlowTable(selector_for((rule,), Backend.USERSPACE), max_flows=8)
         self.term.tun_offload = real.tun_offload
@@ -123,14 +123,14 @@ class WarmCycle:
             term = self.term
             term.handle_timer(now + 1.0, _Out(self.to_client))
             for sp in list(term.splices.values()):
-                term._forget(sp)
+                term.forget(sp)
             self.to_client.clear()
             self.to_server.clear()
             self.client = self.server = None
 
     def _open(self, now: float) -> None:
         self.port = self.port + 1 if self.port < 65000 else 1025
-        ccfg, _scfg = self.term._configs_for((4, WARM_CLIENT, WARM_SERVER, self.port, _PORT),
+        ccfg, _scfg = self.term.configs_for((4, WARM_CLIENT, WARM_SERVER, self.port, _PORT),
                                              None)
         client = TcpConnection((WARM_CLIENT, self.port), (WARM_SERVER, _PORT), ccfg)
         server = TcpConnection((WARM_SERVER, _PORT), (WARM_CLIENT, self.port), ccfg)
@@ -144,13 +144,13 @@ class WarmCycle:
     def _client_out(self, client: TcpConnection, now: float) -> None:
         term = self.term
         for seg in client.segments_to_send(now):
-            pkt = term._packet(WARM_CLIENT, WARM_SERVER, seg)
+            pkt = term.packet(WARM_CLIENT, WARM_SERVER, seg)
             term.from_tun(pkt, len(pkt), now)
         term.flush(now, _Out(self.to_client))
 
     def _server_out(self, server: TcpConnection, now: float) -> None:
         term = self.term
-        pkts = [term._packet(WARM_SERVER, WARM_CLIENT, seg) for seg in server.segments_to_send(now)]
+        pkts = [term.packet(WARM_SERVER, WARM_CLIENT, seg) for seg in server.segments_to_send(now)]
         term.from_peer(pkts, now, _Out(self.to_client))
 
     def _client_in(self, client: TcpConnection, now: float) -> None:

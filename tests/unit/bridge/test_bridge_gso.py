@@ -1,6 +1,6 @@
-"""The super-packet fast path (bridge/gso.py, Bridge._tso) sends exactly what TSO splitting
-followed by the per-packet path sends: same datagrams, GRE sequence numbers, counters, flow
-source ports; and it steps aside (falls back) wherever per-packet treatment is needed."""
+"""The super-packet fast path (bridge/fastpath.py `FastPath.send_super`) sends exactly what TSO
+splitting followed by the per-packet path sends: same datagrams, GRE sequence numbers, counters,
+flow source ports; and it steps aside (falls back) wherever per-packet treatment is needed."""
 
 from __future__ import annotations
 

@@ -170,10 +170,10 @@ class Harness:
     def _endpoint_out(self) -> None:
         t = self.term
         for seg in self.client.conn.segments_to_send(self.now):
-            self.c2t.put(t._packet(C_ADDR, S_ADDR, seg), self.now)
+            self.c2t.put(t.packet(C_ADDR, S_ADDR, seg), self.now)
         if self.server is not None:
             for seg in self.server.conn.segments_to_send(self.now):
-                self.s2t.put(t._packet(S_ADDR, C_ADDR, seg), self.now)
+                self.s2t.put(t.packet(S_ADDR, C_ADDR, seg), self.now)
 
     def _term_out(self) -> None:
         out = self.out
@@ -233,7 +233,7 @@ class Harness:
             if self.server is None:
                 rst = reset_reply(seg)   # a closed port (RFC 9293 §3.10.7.1)
                 if rst is not None:
-                    self.s2t.put(term._packet(S_ADDR, C_ADDR, rst), now)
+                    self.s2t.put(term.packet(S_ADDR, C_ADDR, rst), now)
             else:
                 self.server.conn.receive_segment(seg, now)
         for app in (self.client, self.server):

@@ -81,7 +81,7 @@ def client_sends(h: Harness, data: bytes, now: float, fin: bool = False) -> _Out
         h.client.conn.close()
     out = _Out()
     for seg in h.client.conn.segments_to_send(now):
-        pkt = h.term._packet(C_ADDR, S_ADDR, seg)
+        pkt = h.term.packet(C_ADDR, S_ADDR, seg)
         assert h.term.from_tun(pkt, len(pkt), now)
     h.term.flush(now, out)
     return out
@@ -92,7 +92,7 @@ def server_sends(h: Harness, data: bytes, now: float) -> _Out:
     assert h.server is not None
     h.server.conn.send(data)
     out = _Out()
-    h.term.from_peer([h.term._packet(S_ADDR, C_ADDR, seg)
+    h.term.from_peer([h.term.packet(S_ADDR, C_ADDR, seg)
                       for seg in h.server.conn.segments_to_send(now)], now, out)
     return out
 
@@ -147,7 +147,7 @@ def test_a_response_that_carries_the_fin_is_forwarded_with_it_before_any_parse()
     out = _Out()
     segs = h.server.conn.segments_to_send(now + 0.001)
     assert len(segs) == 1 and segs[0].flags & 0x01  # FIN on the data segment
-    h.term.from_peer([h.term._packet(S_ADDR, C_ADDR, segs[0])], now + 0.001, out)
+    h.term.from_peer([h.term.packet(S_ADDR, C_ADDR, segs[0])], now + 0.001, out)
     assert payloads(out.tun) == RESPONSE          # to the client within the from_peer call ...
     fins = [p for p in out.tun if parse_tcp(_tcp_of(p)[2], S_ADDR, C_ADDR).flags & 0x01]
     assert fins                                   # ... with the FIN
