@@ -3,8 +3,9 @@
 The TUN (IFF_VNET_HDR + TUNSETOFFLOAD TSO) hands the bridge up to 64 KB of one TCP flow in
 one read. Every segment cut from it has the same addresses, ports, TTL, DSCP and flow, so
 the per-flow work of `Bridge.from_tun` (route lookup, loop guard, peer state, TTL check, MTU
-check, flow hash) is done once for the super-packet (`Bridge._tso`), and this module builds
-all the datagrams: outer prefix (GRE header, or nothing for IPIP) + inner segment.
+check, flow hash) is done once for the super-packet (bridge/fastpath.py
+`FastPath.send_super`), and this module builds all the datagrams: outer prefix (GRE header,
+or nothing for IPIP) + inner segment.
 
 Rules (each segment must be byte-for-byte what TSO splitting followed by the per-packet
 path would send; tests/unit/bridge/test_bridge_gso.py proves it with hypothesis):

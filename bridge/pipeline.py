@@ -10,7 +10,7 @@ Contract (docs/DESIGN.md):
     Output, Addr and `emit` (append and count a datagram) are bridge/output.py's:
     out.udp: dict[(host, port), list[bytes | bytearray]]  datagrams per peer, in order;
         an item may be a `bridge.gso.UdpRun` (bytes: equal-size datagrams back to back,
-        `.seg` bytes each, the last maybe shorter) from a TSO super-packet (see `_tso`)
+        `.seg` bytes each, the last maybe shorter) from a TSO super-packet (bridge/fastpath.py)
     out.udp_sport: dict[(host, port), list[int]]  only for peers with source_port =
         "flow-hash": the RFC 8086 §3.2.1 source port of each item in out.udp[dest]
         (same index). An I/O layer that cannot choose source ports may ignore it.
@@ -157,7 +157,7 @@ class Bridge:
         # None without such a rule, and then nothing below looks at TCP (nor imports it).
         self.terminator: Terminator | None = None
         # issue 9: the addresses an [[inspect]] rule covers, for packets whose IPv6 header
-        # chain cannot be walked (bridge/mss.py `uninspectable`); None without rules
+        # chain cannot be walked (stack/wire/prelude.py `uninspectable`); None without rules
         self._covers = FlowSelector(config.inspect_rules()).covers if config.inspect else None
         if config.inspect:
             from bridge.userspace.terminator import Terminator
@@ -205,8 +205,8 @@ class Bridge:
     def from_tun(self, packets: Iterable[Buf | SuperPacket], now: float, out: Output) -> None:
         """Encapsulate inner packets toward their peers (out.udp); ICMP errors to out.tun.
 
-        `packets` may hold `SuperPacket`s (TCP TSO frames): see `_tso`. Never raises for bad
-        packets: each drop is counted by reason.
+        `packets` may hold `SuperPacket`s (TCP TSO frames, bridge/fastpath.py). Never raises
+        for bad packets: each drop is counted by reason.
         """
         drops = self.counters.drops
         forward = self.table.forward

@@ -136,7 +136,7 @@ class Terminator:
         self.packet = framer.packet  # IP framing of the legs' segments (legwire.py)
         self._frame = framer.frame
         self._pending_rst: list[tuple[FlowKey, TcpSegment]] = []
-        self._clients: dict[bytes, int] = {}  # client address -> live splices (divert filter)
+        self._clients: dict[bytes, int] = {}  # client address -> live splices (from_peer filter)
         self._deadlines: dict[FlowKey, float] = {}  # each splice's timer, as of its last emit
         self._next_scan: float | None = None
         self._configs: dict[tuple[int, int, int, int], tuple[TcpConfig, TcpConfig]] = {}

@@ -125,7 +125,7 @@ def test_observer_chain_forwards_the_response_in_the_divert_call() -> None:
     now = h.now + 0.01
     client_sends(h, REQUEST, now)
     out = server_sends(h, RESPONSE, now + 0.001)
-    assert payloads(out.tun) == RESPONSE          # to the client within the divert call
+    assert payloads(out.tun) == RESPONSE          # to the client within the from_peer call
     assert w.calls == []                          # the request is not parsed yet either
     h.term.handle_timer(now + TAP_DELAY, _Out())  # one drain: request, then response
     assert [c[1] for c in w.calls] == [C2S, S2C]
