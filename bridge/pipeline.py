@@ -274,8 +274,8 @@ class Bridge:
             self._too_big(self.peers[self.table.route(dst)], pkt, n, v6, now, out)
 
     def _send(self, peer: PeerState, pkt: Buf, v6: bool, now: float, out: Output) -> None:
+        enc = peer.encoder
         if peer.gre:
-            enc = peer.encoder
             dgram = enc.wrap(pkt, v6)
             off = enc.hlen
         else:
@@ -287,8 +287,8 @@ class Bridge:
             decrement_ttl_v4(dgram, off)
         if self.mss_clamp and clamp_packet(dgram, off, peer.mtu):
             self.counters.events[C.E_MSS_CLAMPED] += 1
-        if peer.gre:
-            peer.encoder.seal(dgram)
+        if peer.gre and enc.csum:  # seal() is a no-op without GRE checksums: no call
+            enc.seal(dgram)
         emit(out, self.counters, peer, dgram, 1, now,
              flow_source_port(pkt) if peer.flow_sport else -1)
 
