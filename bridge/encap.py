@@ -64,6 +64,7 @@ from bridge.counters import (
     R_WRONG_KEY,
 )
 from stack.wire.checksum import checksum, partial, verify
+from stack.wire.prelude import V4_ADDRS_AT, V6_ADDRS_AT
 
 __all__ = [
     "GRE_C",
@@ -310,13 +311,14 @@ def flow_source_port(packet: bytes | bytearray | memoryview) -> int:
     if packet[0] >> 4 == 4:
         ihl = (packet[0] & 0x0F) * 4
         proto = packet[9]
-        key = bytes(packet[12:20])
+        key = bytes(packet[V4_ADDRS_AT])
         frag = ((packet[6] & 0x1F) << 8) | packet[7]
         if proto in _L4_PORTS and not frag and n >= ihl + 4:
             key += bytes(packet[ihl : ihl + 4])
     elif n >= 40:
         proto = packet[6]
-        key = bytes(packet[8:40]) + bytes((packet[1] & 0x0F, packet[2], packet[3]))  # + flow label
+        # addresses + flow label
+        key = bytes(packet[V6_ADDRS_AT]) + bytes((packet[1] & 0x0F, packet[2], packet[3]))
         if proto in _L4_PORTS and n >= 44:
             key += bytes(packet[40:44])
     else:

@@ -24,8 +24,15 @@ tests/unit/bridge/test_bridge_gso.py and test_fastpath_seq_csum.py (out-of-order
 replayed and damaged datagrams, batch after batch) prove both paths put the same bytes on the
 wire and into the TUN, with the same counters and sequence policy state.
 
-Theory of operation: sending, `send_super` checks route, peer state, TTL, MTU, flags and
-GRE options on the super-packet's header, then `encap_segments` builds every datagram
+Seams: a `FastPath` is built by the Bridge with what it needs and nothing else: the peer
+table (bridge/peers.py, whose `forward` / `accept` are the same route, peer state, TTL, MTU,
+AllowedIPs and loop checks the per-packet path makes), the counters, and the liveness
+callback (`Bridge.heard`). Datagrams enter `Output` through `bridge.output.emit`, as the
+per-packet path's do; a GRO run goes to the list the Bridge names (`tun`: the TUN's, or the
+packets it hands to its terminator).
+
+Theory of operation: sending, `send_super` checks route, peer state, TTL, MTU (`forward`),
+flags and GRE options on the super-packet's header, then `encap_segments` builds every datagram
 (one `UdpRun`, GRE checksums included), GRE sequence numbers advance by the count,
 counters and flow-hash ports are updated once. Receiving, `receive_run` checks peer, GRE
 header, sequence policy (RFC 2890 §2.2), AllowedIPs, TTL (RFC 2003 §3.1) and loop guard
@@ -36,122 +43,132 @@ rows had come one by one.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
+from bridge.counters import Counters
 from bridge.encap import decode_gre, flow_source_port
-from bridge.gso import GroBatch, SuperPacket, coalesce_rows, encap_segments, parse_tcp
+from bridge.gso import GroBatch, SuperPacket, UdpRun, coalesce_rows, encap_segments
+from bridge.output import Output, emit
+from bridge.peers import Addr, PeerState, PeerTable
+from stack.wire.ip import V4_DST, V4_SRC, V4_TTL, V6_DST, V6_HLIM, V6_SRC
+from stack.wire.prelude import (
+    V4_DST_AT,
+    V4_DST_END,
+    V4_SRC_END,
+    V6_DST_AT,
+    V6_DST_END,
+    V6_SRC_END,
+    plain_tcp,
+)
 
-if TYPE_CHECKING:
-    from bridge.pipeline import Addr, Bridge, Output
-
-__all__ = ["send_super", "receive_run"]
-
-
-def send_super(bridge: Bridge, sp: SuperPacket, now: float, out: Output) -> bool:
-    """The super-packet fast path: the per-flow decisions of `from_tun` once, then every
-    segment segmented and encapsulated at once (bridge/gso.py). False, having done
-    nothing, whenever a segment could need per-packet treatment: a userspace-terminated
-    flow, no route / peer down / TTL <= 1 (per-segment drops and ICMP), segments above
-    the tunnel MTU, SYN or RST (MSS clamping, never TSO'd anyway)."""
-    if bridge.terminator is not None:
-        return False
-    pkt = sp.packet()
-    parsed = parse_tcp(pkt)
-    g = sp.gso_size
-    if parsed is None or g <= 0:
-        return False
-    v4, ihl, doff = parsed
-    if pkt[ihl + 13] & 0x06:  # SYN or RST
-        return False
-    if v4:
-        idx = bridge.table.route(pkt[16:20])
-        ttl = pkt[8]
-    else:
-        idx = bridge.table.route(pkt[24:40])
-        ttl = pkt[7]
-    if idx < 0 or ttl <= 1:
-        return False
-    peer = bridge.peers[idx]
-    if (peer.withdraw and not peer.up) or ihl + doff + g > peer.mtu:
-        return False
-    enc = peer.encoder
-    csum_at = -1
-    if peer.gre:
-        prefix, seq_at = enc.prefix(not v4)
-        if enc.csum:
-            csum_at = 4  # RFC 2784 §2.1: the checksum follows flags and protocol type
-    else:
-        prefix, seq_at = b"", -1
-    lst = out.udp.get(peer.addr)
-    if lst is None:
-        lst = out.udp[peer.addr] = []
-    start = len(lst)
-    k = encap_segments(pkt, v4, ihl, doff, g, prefix, seq_at, enc.seq, lst, run=True,
-                       csum_at=csum_at)
-    if peer.gre:
-        enc.advance(k)
-    c = bridge.counters
-    c.tx_packets[peer.index] += k
-    c.tx_bytes[peer.index] += sum(map(len, lst[start:]))
-    peer.last_tx = now
-    if peer.flow_sport:
-        sports = out.udp_sport.get(peer.addr)
-        if sports is None:
-            sports = out.udp_sport[peer.addr] = []
-        sports.extend([flow_source_port(pkt)] * (len(lst) - start))  # one per item
-    return True
+__all__ = ["FastPath"]
 
 
-def receive_run(bridge: Bridge, b: GroBatch, start: int, addr: Addr, now: float,
-                out: Output) -> int:
-    """The receive fast path: a GRO batch of one TCP flow becomes one InnerSuper in
-    out.tun (bridge/gso.py `coalesce_rows` checks every row at once). The per-peer
-    decisions of `from_udp` (peer, GRE header, sequence policy, AllowedIPs, TTL, loop)
-    are made once, on the first datagram of a run. Starts at `buf[start:]`; returns
-    the bytes consumed (a run), 0 when the datagram at `start` must go alone through the
-    per-packet path (a sequence number the policy would not deliver at once, packets held
-    for reordering, a bad GRE checksum, not the start of a contiguous TCP run, ...), -1
-    when no datagram of this batch can take the fast path (unknown or ambiguous peer). A
-    terminated flow's run is taken back from out.tun by `Terminator.divert` (one segment
-    for its server leg). Only an I/O layer whose TUN takes TunFrames (vnet header) hands
-    GroBatches in."""
-    cands = bridge.table.by_host(addr[0]) if isinstance(addr, tuple) and addr else ()
-    if len(cands) != 1:
-        return -1
-    peer = bridge.peers[cands[0]]
-    sr = peer.seq
-    buf, seg = b.buf, b.seg
-    if sr.held or len(buf) - start < 2 * seg:
-        return 0  # held packets: only receive() knows what the next ones release
-    first = memoryview(buf)[start:start + seg]
-    off, gseq, gseq_at, csum_at = 0, -1, -1, -1
-    if peer.gre:
-        status, off, gseq = decode_gre(first, peer.key_in, peer.csum_in)
-        if status != -1:
+class FastPath:
+    """The super-packet (send) and GRO batch (receive) fast paths of one Bridge."""
+
+    __slots__ = ("table", "peers", "counters", "heard")
+
+    def __init__(self, table: PeerTable, counters: Counters,
+                 heard: Callable[[PeerState, float], None]) -> None:
+        self.table = table
+        self.peers = table.states
+        self.counters = counters
+        self.heard = heard
+
+    def send_super(self, sp: SuperPacket, now: float, out: Output) -> bool:
+        """The super-packet fast path: the per-flow decisions of `from_tun` once, then every
+        segment segmented and encapsulated at once (bridge/gso.py). False, having done
+        nothing, whenever a segment could need per-packet treatment: no route / peer down /
+        TTL <= 1 (per-segment drops and ICMP), segments above the tunnel MTU, SYN or RST
+        (MSS clamping, never TSO'd anyway). The caller keeps terminated flows away."""
+        pkt = sp.packet()
+        parsed = plain_tcp(pkt)
+        g = sp.gso_size
+        if parsed is None or g <= 0:
+            return False
+        v4, ihl, doff = parsed
+        if pkt[ihl + 13] & 0x06:  # SYN or RST
+            return False
+        if v4:
+            idx = self.table.forward(pkt[V4_DST_AT], pkt[V4_TTL], ihl + doff + g)
+        else:
+            idx = self.table.forward(pkt[V6_DST_AT], pkt[V6_HLIM], ihl + doff + g)
+        if idx < 0:
+            return False
+        peer = self.peers[idx]
+        enc = peer.encoder
+        csum_at = -1
+        if peer.gre:
+            prefix, seq_at = enc.prefix(not v4)
+            if enc.csum:
+                csum_at = 4  # RFC 2784 §2.1: the checksum follows flags and protocol type
+        else:
+            prefix, seq_at = b"", -1
+        items: list[bytes | bytearray] = []
+        k = encap_segments(pkt, v4, ihl, doff, g, prefix, seq_at, enc.seq, items, run=True,
+                           csum_at=csum_at)
+        if peer.gre:
+            enc.advance(k)
+        sport = flow_source_port(pkt) if peer.flow_sport else -1
+        c = self.counters
+        for item in items:  # one per item: a UdpRun stands for all its datagrams
+            emit(out, c, peer, item, -(-len(item) // item.seg) if type(item) is UdpRun else 1,
+                 now, sport)
+        return True
+
+    def receive_run(self, b: GroBatch, start: int, addr: Addr, now: float,
+                    tun: list[bytes | bytearray]) -> int:
+        """The receive fast path: a GRO batch of one TCP flow becomes one TunFrame appended
+        to `tun` (bridge/gso.py `coalesce_rows` checks every row at once). The per-peer
+        decisions of `from_udp` (peer, GRE header, sequence policy, `accept`) are made once,
+        on the first datagram of a run. Starts at `buf[start:]`; returns the bytes consumed
+        (a run), 0 when the datagram at `start` must go alone through the per-packet path
+        (a sequence number the policy would not deliver at once, packets held for
+        reordering, a bad GRE checksum, not the start of a contiguous TCP run, ...), -1
+        when no datagram of this batch can take the fast path (unknown or ambiguous peer).
+        A terminated flow's run reaches its server leg as one segment
+        (`Terminator.from_peer`). Only an I/O layer whose TUN takes TunFrames (vnet header)
+        hands GroBatches in."""
+        table = self.table
+        cands = table.by_host(addr[0]) if isinstance(addr, tuple) and addr else ()
+        if len(cands) != 1:
+            return -1
+        peer = self.peers[cands[0]]
+        sr = peer.seq
+        buf, seg = b.buf, b.seg
+        if sr.held or len(buf) - start < 2 * seg:
+            return 0  # held packets: only receive() knows what the next ones release
+        first = memoryview(buf)[start:start + seg]
+        off, gseq, gseq_at, csum_at = 0, -1, -1, -1
+        if peer.gre:
+            status, off, gseq = decode_gre(first, peer.key_in, peer.csum_in)
+            if status != -1:
+                return 0
+            gseq_at = off - 4 if gseq >= 0 else -1
+            csum_at = 4 if peer.csum_in else -1  # RFC 2784 §2.1
+        if not sr.run_may_start(gseq):
             return 0
-        gseq_at = off - 4 if gseq >= 0 else -1
-        csum_at = 4 if peer.csum_in else -1  # RFC 2784 §2.1
-    if not sr.run_may_start(gseq):
-        return 0
-    parsed = parse_tcp(first[off:])
-    if parsed is None:
-        return 0
-    v4, ihl, doff = parsed
-    if v4:
-        src, dst, ttl = first[off + 12:off + 16], first[off + 16:off + 20], first[off + 8]
-    else:
-        src, dst, ttl = first[off + 8:off + 24], first[off + 24:off + 40], first[off + 7]
-    table = bridge.table
-    if ttl == 0 or not table.allowed(peer.index, src) or table.is_endpoint(dst):
-        return 0
-    r = coalesce_rows(buf, start, seg, off, gseq_at, v4, ihl, doff, csum_at)
-    if r is None:
-        return 0
-    sup, merged, last, used = r
-    sr.run_received(last)
-    bridge._heard(peer, now)
-    out.tun.append(sup)  # a TunFrame: the TUN adapter writes it whole
-    c = bridge.counters
-    c.rx_packets[peer.index] += merged
-    c.rx_bytes[peer.index] += used
-    return used
+        parsed = plain_tcp(first[off:])
+        if parsed is None:
+            return 0
+        v4, ihl, doff = parsed
+        if v4:
+            reason = table.accept(peer.index, first[off + V4_SRC:off + V4_SRC_END],
+                                  first[off + V4_DST:off + V4_DST_END], first[off + V4_TTL])
+        else:
+            reason = table.accept(peer.index, first[off + V6_SRC:off + V6_SRC_END],
+                                  first[off + V6_DST:off + V6_DST_END], first[off + V6_HLIM])
+        if reason >= 0:
+            return 0
+        r = coalesce_rows(buf, start, seg, off, gseq_at, v4, ihl, doff, csum_at)
+        if r is None:
+            return 0
+        sup, merged, last, used = r
+        sr.run_received(last)
+        self.heard(peer, now)
+        tun.append(sup)  # a TunFrame: the TUN adapter writes it whole
+        c = self.counters
+        c.rx_packets[peer.index] += merged
+        c.rx_bytes[peer.index] += used
+        return used

@@ -3,8 +3,9 @@
 The TUN (IFF_VNET_HDR + TUNSETOFFLOAD TSO) hands the bridge up to 64 KB of one TCP flow in
 one read. Every segment cut from it has the same addresses, ports, TTL, DSCP and flow, so
 the per-flow work of `Bridge.from_tun` (route lookup, loop guard, peer state, TTL check, MTU
-check, flow hash) is done once for the super-packet (`Bridge._tso`), and this module builds
-all the datagrams: outer prefix (GRE header, or nothing for IPIP) + inner segment.
+check, flow hash) is done once for the super-packet (bridge/fastpath.py
+`FastPath.send_super`), and this module builds all the datagrams: outer prefix (GRE header,
+or nothing for IPIP) + inner segment.
 
 Rules (each segment must be byte-for-byte what TSO splitting followed by the per-packet
 path would send; tests/unit/bridge/test_bridge_gso.py proves it with hypothesis):
@@ -32,8 +33,9 @@ path would send; tests/unit/bridge/test_bridge_gso.py proves it with hypothesis)
   (RFC 791 §3.1: the IPv4 total length is 16 bits; IPv6 held to the same): datagrams that
   would not fit are left to the next run or the per-packet path, never a wrapped length.
 
-Theory of operation: `parse_tcp` accepts only a plain TCP packet (IPv4 without fragment
-bits, IPv6 without extension headers) and returns its header lengths. `encap_segments`
+Theory of operation: the callers (bridge/fastpath.py) take only a plain TCP packet
+(stack/wire/prelude.py `plain_tcp`: IPv4 without fragment bits, IPv6 without extension
+headers) with its header lengths. `encap_segments`
 builds the full-size segments as rows of one numpy array: one header template broadcast,
 the payload one reshape, and only the fields that differ between rows (sequence numbers,
 IPv4 ids, checksums) computed as short column vectors from per-frame constants and written
@@ -63,13 +65,25 @@ from stack.wire.checksum import (
     pseudo_sum_v6,
     swap16,
 )
+from stack.wire.ip import V4_DST, V4_SRC, V6_DST, V6_SRC
+from stack.wire.prelude import (
+    V4_DST_AT,
+    V4_DST_END,
+    V4_SRC_AT,
+    V4_SRC_END,
+    V6_DST_AT,
+    V6_DST_END,
+    V6_SRC_AT,
+    V6_SRC_END,
+)
+from stack.wire.vnet import F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, VNET, VNET_HDR_LEN
 
 try:  # numpy is a declared dependency; without it everything takes the Python path
     import numpy as _np
 except ImportError:  # pragma: no cover
     _np = None  # type: ignore[assignment]
 
-__all__ = ["SuperPacket", "GroBatch", "UdpRun", "parse_tcp", "encap_segments", "coalesce_rows",
+__all__ = ["SuperPacket", "GroBatch", "UdpRun", "encap_segments", "coalesce_rows",
            "NUMPY_MIN_SEGMENTS", "MAX_MERGED"]
 
 _U16 = struct.Struct(">H")
@@ -106,33 +120,6 @@ class SuperPacket:
 
     def split(self, out: list[bytes]) -> bool:
         return self.splitter(self.frame, out)
-
-
-def parse_tcp(pkt: memoryview) -> tuple[bool, int, int] | None:
-    """(is IPv4, IP header length, TCP header length) of a plain TCP packet, else None
-    (also for one longer than its length field can say: RFC 791 §3.1, RFC 8200 §3)."""
-    n = len(pkt)
-    if n < 40:
-        return None
-    version = pkt[0] >> 4
-    if version == 4:
-        ihl = (pkt[0] & 0x0F) * 4
-        if ihl < 20 or pkt[9] != _TCP or pkt[6] & 0x3F or pkt[7] or n > 0xFFFF:
-            return None  # not TCP, or a fragment (MF or offset set), or too long
-        v4 = True
-    elif version == 6:
-        if n < 60 or pkt[6] != _TCP or n - 40 > 0xFFFF:
-            return None  # extension headers (the per-packet path takes them), or too long
-        ihl = 40
-        v4 = False
-    else:
-        return None
-    if n < ihl + 20:
-        return None
-    doff = (pkt[ihl + 12] >> 4) * 4
-    if doff < 20 or n < ihl + doff:
-        return None
-    return v4, ihl, doff
 
 
 def _row(prefix: bytes, seq_at: int, gseq: int, hdr: bytearray, payload: memoryview,
@@ -209,8 +196,8 @@ def encap_segments(pkt: memoryview, v4: bool, ihl: int, doff: int, gso_size: int
     tseq = _U32.unpack_from(hdr, ihl + 4)[0]
     flags = hdr[ihl + 13]
     ip_id = _U16.unpack_from(hdr, 4)[0] if v4 else 0
-    src, dst = (bytes(hdr[12:16]), bytes(hdr[16:20])) if v4 else \
-        (bytes(hdr[8:24]), bytes(hdr[24:40]))
+    src, dst = (bytes(hdr[V4_SRC_AT]), bytes(hdr[V4_DST_AT])) if v4 else \
+        (bytes(hdr[V6_SRC_AT]), bytes(hdr[V6_DST_AT]))
     if plen <= gso_size:
         out.append(_row(prefix, seq_at, gseq, hdr, pkt[hl:], v4, ihl, doff, ip_id, tseq,
                         flags, src, dst, csum_at))
@@ -463,9 +450,6 @@ _LAYOUTS: dict[tuple[int, int, int, int, int, int, bool], tuple[Any, Any]] = {}
 
 # ------------------------------------------------------------------ receive: GRO batches
 
-_VNET = struct.Struct("<BBHHHH")  # virtio 1.x §5.1.6 struct virtio_net_hdr (TUN byte order)
-_VNET_LEN = 10
-_NEEDS_CSUM, _GSO_TCPV4, _GSO_TCPV6 = 1, 1, 4
 _ACK = 0x10
 
 
@@ -553,12 +537,12 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
         ic = f["id"].astype(np.uint32)
         ic += f["ic"]
         bad |= ic % 0xFFFF != int(ic[0]) % 0xFFFF
-        src, dst = bytes(buf[start + off + 12:start + off + 16]), \
-            bytes(buf[start + off + 16:start + off + 20])
+        ip = start + off
+        src, dst = bytes(buf[ip + V4_SRC:ip + V4_SRC_END]), bytes(buf[ip + V4_DST:ip + V4_DST_END])
         ps = pseudo_sum_v4(src, dst, _TCP, seg - t)
     else:
-        src, dst = bytes(buf[start + off + 8:start + off + 24]), \
-            bytes(buf[start + off + 24:start + off + 40])
+        ip = start + off
+        src, dst = bytes(buf[ip + V6_SRC:ip + V6_SRC_END]), bytes(buf[ip + V6_DST:ip + V6_DST_END])
         ps = pseudo_sum_v6(src, dst, _TCP, seg - t)
     sums = np.add.reduce(a[:, t:].view("<u2"), axis=1, dtype=np.uint32)  # < 2**31 (< 64 KB)
     sums += swap16(ps)
@@ -598,10 +582,10 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
     rows = k
     a = a[:k]
     total = hl + rows * plen + tplen
-    out = bytearray(_VNET_LEN + total)
+    out = bytearray(VNET_HDR_LEN + total)
     o = np.frombuffer(out, dtype=np.uint8)
-    end = _VNET_LEN + hl + rows * plen
-    o[_VNET_LEN + hl:end].reshape(rows, plen)[:] = a[:, off + hl:]  # one strided copy
+    end = VNET_HDR_LEN + hl + rows * plen
+    o[VNET_HDR_LEN + hl:end].reshape(rows, plen)[:] = a[:, off + hl:]  # one strided copy
     if tplen:
         out[end:] = buf[len(buf) - tplen:]
     hdr = bytearray(buf[start + off:start + off + hl])
@@ -615,8 +599,8 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
         _U16.pack_into(hdr, 4, total - 40)
         tps = pseudo_sum_v6(src, dst, _TCP, total - ihl)
     _U16.pack_into(hdr, ihl + 16, tps)  # NEEDS_CSUM: the folded pseudo-header sum
-    out[_VNET_LEN:_VNET_LEN + hl] = hdr
-    _VNET.pack_into(out, 0, _NEEDS_CSUM, _GSO_TCPV4 if v4 else _GSO_TCPV6, hl, plen, ihl, 16)
+    out[VNET_HDR_LEN:VNET_HDR_LEN + hl] = hdr
+    VNET.pack_into(out, 0, F_NEEDS_CSUM, GSO_TCPV4 if v4 else GSO_TCPV6, hl, plen, ihl, 16)
     return TunFrame(out), k + (tplen > 0), last_gseq, used
 
 

@@ -14,6 +14,17 @@ Rules:
   is unauthenticated (RFC 2890 §3) and learning endpoints would be an injection vector.
 - Loop guard (RFC 2003 §4): `is_endpoint(dst)` tells the pipeline that an inner address is
   one of the tunnel endpoints (a peer's or our own listen address).
+- The forwarding decisions are written once, here, for every path that uses them:
+  `forward(dst, ttl, size)` for a packet to send (the pipeline's per-packet path,
+  `Bridge.send_inner`, the TSO fast path), in this order: route (none -> NO_ROUTE, a tunnel
+  endpoint -> LOOP, RFC 2003 §4), the peer down with down_action "withdraw" -> PEER_DOWN,
+  TTL / hop limit <= 1 -> TTL_EXPIRED (RFC 2003 §3.1, RFC 1812 §5.3.1), larger than the
+  peer's tunnel MTU -> TOO_BIG (RFC 2003 §5.1); `accept(peer, src, dst, ttl)` for a
+  decapsulated one (the per-packet path and the GRO fast path): the inner source must route
+  back to that peer ("spoofed_source", AllowedIPs), TTL 0 -> "ttl" (RFC 2003 §3.1: MUST
+  discard), a tunnel endpoint as destination -> "loop".
+- `PeerState` is the runtime state of one peer (encoder, sequence receiver, liveness, MTU);
+  the table reads it for `forward` (`states`, one per configured peer, same index).
 - `link_scope(dst)`: a destination no router forwards off its link: IPv6 multicast of
   interface- or link-local scope (RFC 4291 §2.7, e.g. MLD reports to ff02::16, router
   solicitations to ff02::2) and link-local unicast fe80::/10 (§2.5.6), IPv4 224.0.0.0/24
@@ -24,20 +35,62 @@ Theory of operation: per family, a dict {prefix length: {masked network int: pee
 lengths probed longest first. Results are cached per address (bytes -> index, -1 for no
 route) in a dict bounded to CACHE_MAX entries and cleared when full, so a flood of random
 addresses costs memory no larger than the bound. Lookups take the raw 4- or 16-byte
-address slice from the packet: no ipaddress objects on the hot path.
+address slice from the packet: no ipaddress objects on the hot path. `forward` reads the
+route cache itself, so a cached destination costs one call for all five checks.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from typing import Any
 
-from bridge.config import PeerConfig
+from bridge import counters as C
+from bridge.config import DownAction, Encapsulation, PeerConfig, SeqPolicy, SourcePort
+from bridge.encap import GreEncoder
+from bridge.seqpolicy import SeqReceiver
 
-__all__ = ["PeerTable", "CACHE_MAX", "LOOP", "canonical_host", "link_scope"]
+__all__ = ["PeerTable", "PeerState", "Addr", "CACHE_MAX", "NO_ROUTE", "LOOP", "PEER_DOWN",
+           "TTL_EXPIRED", "TOO_BIG", "canonical_host", "link_scope"]
 
+Addr = tuple[str, int]
 CACHE_MAX = 65536
-LOOP = -2  # route(): the destination is a tunnel endpoint
+NO_ROUTE = -1  # route(), forward(): no prefix matches the destination
+LOOP = -2  # route(), forward(): the destination is a tunnel endpoint
+PEER_DOWN = -3  # forward(): the peer is down and withdrawn
+TTL_EXPIRED = -4  # forward(): TTL / hop limit <= 1
+TOO_BIG = -5  # forward(): above the peer's tunnel MTU
+
+
+class PeerState:
+    """Runtime state of one peer (one object per peer, not per packet)."""
+
+    __slots__ = ("index", "name", "addr", "gre", "encoder", "key_in", "csum_in", "mtu", "overhead",
+                 "seq", "reorder", "up", "heard", "last_rx", "last_tx", "keepalive",
+                 "dead_after", "withdraw", "flow_sport", "keepalive_payload")
+
+    def __init__(self, index: int, cfg: Any, mtu: int, now: float) -> None:
+        self.index = index
+        self.name: str = cfg.name
+        self.addr: Addr = (cfg.host, cfg.port)
+        self.gre = cfg.encapsulation is Encapsulation.GRE
+        self.encoder = GreEncoder(cfg.key_out, cfg.sequence is not SeqPolicy.OFF, cfg.checksum)
+        self.key_in: int | None = cfg.key_in
+        self.csum_in: bool = cfg.checksum
+        self.mtu = mtu
+        self.overhead = 0
+        self.seq = SeqReceiver(cfg.sequence, cfg.max_packets_held,
+                               cfg.outoforder_timer_ms / 1000.0)
+        self.reorder = cfg.sequence is SeqPolicy.REORDER
+        self.up = True  # until dead_after passes without a word from it
+        self.heard = False
+        self.last_rx = now
+        self.last_tx = now
+        self.keepalive: float = cfg.keepalive
+        self.dead_after: float = cfg.dead_after
+        self.withdraw = cfg.down_action is DownAction.WITHDRAW
+        self.flow_sport = cfg.source_port is SourcePort.FLOW_HASH
+        self.keepalive_payload = self.encoder.keepalive() if self.gre else b""
 
 
 def link_scope(dst: bytes | bytearray | memoryview) -> bool:
@@ -66,11 +119,13 @@ def canonical_host(host: str) -> str | None:
 class PeerTable:
     """Routing and identification of the configured peers (indices into `peers`)."""
 
-    __slots__ = ("peers", "_v4", "_v6", "_cache", "_route_cache", "_hosts", "_host_cache",
-                 "_endpoints")
+    __slots__ = ("peers", "states", "_v4", "_v6", "_cache", "_route_cache", "_hosts",
+                 "_host_cache", "_endpoints")
 
-    def __init__(self, peers: Sequence[PeerConfig], local: Sequence[str] = ()) -> None:
+    def __init__(self, peers: Sequence[PeerConfig], local: Sequence[str] = (),
+                 states: Sequence[PeerState] = ()) -> None:
         self.peers = tuple(peers)
+        self.states = tuple(states)  # for forward(); empty: route() and accept() only
         v4: dict[int, dict[int, int]] = {}
         v6: dict[int, dict[int, int]] = {}
         for i, peer in enumerate(self.peers):
@@ -129,6 +184,38 @@ class PeerTable:
                 self._route_cache.clear()
             self._route_cache[key] = idx
         return idx
+
+    def forward(self, dst: bytes | bytearray | memoryview, ttl: int, size: int) -> int:
+        """The outbound decision for an inner packet to `dst` with `ttl` of `size` bytes: the
+        peer index, or why not (NO_ROUTE, LOOP, PEER_DOWN, TTL_EXPIRED, TOO_BIG, checked in
+        that order: module docstring)."""
+        key = bytes(dst)
+        idx = self._route_cache.get(key)
+        if idx is None:
+            idx = self.route(key)
+        if idx < 0:
+            return idx
+        peer = self.states[idx]
+        if peer.withdraw and not peer.up:
+            return PEER_DOWN
+        if ttl <= 1:
+            return TTL_EXPIRED
+        if size > peer.mtu:
+            return TOO_BIG
+        return idx
+
+    def accept(self, peer: int, src: bytes | bytearray | memoryview,
+               dst: bytes | bytearray | memoryview, ttl: int) -> int:
+        """The inbound decision for an inner packet decapsulated from `peer`: -1 when it may
+        go to the TUN, else the drop reason (bridge/counters.py: spoofed_source, ttl, loop;
+        module docstring)."""
+        if self.lookup(src) != peer:
+            return C.R_SPOOFED_SOURCE  # WireGuard AllowedIPs
+        if ttl == 0:
+            return C.R_TTL  # RFC 2003 §3.1: MUST discard, do not decrement
+        if bytes(dst) in self._endpoints:
+            return C.R_LOOP  # RFC 2003 §4
+        return -1
 
     def allowed(self, peer: int, src: bytes | bytearray | memoryview) -> bool:
         """True if `src` may come from `peer` (its longest match is that peer)."""

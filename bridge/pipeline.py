@@ -7,9 +7,10 @@ Contract (docs/DESIGN.md):
     bridge.from_udp(datagrams, now, out)  # [(payload, (host, port)), ...]
     bridge.handle_timer(now, out); bridge.get_timer() -> float | None
     bridge.rx_only; bridge.note_heard(i, t)  (one process per direction, bridge/io/split.py)
+    Output, Addr and `emit` (append and count a datagram) are bridge/output.py's:
     out.udp: dict[(host, port), list[bytes | bytearray]]  datagrams per peer, in order;
         an item may be a `bridge.gso.UdpRun` (bytes: equal-size datagrams back to back,
-        `.seg` bytes each, the last maybe shorter) from a TSO super-packet (see `_tso`)
+        `.seg` bytes each, the last maybe shorter) from a TSO super-packet (bridge/fastpath.py)
     out.udp_sport: dict[(host, port), list[int]]  only for peers with source_port =
         "flow-hash": the RFC 8086 §3.2.1 source port of each item in out.udp[dest]
         (same index). An I/O layer that cannot choose source ports may ignore it.
@@ -39,8 +40,15 @@ Inbound flow (peer -> TUN):
  3. Inner IP length checks; inner source must route back to that peer ("spoofed_source",
     WireGuard AllowedIPs); inner TTL 0 -> "ttl" (RFC 2003 §3.1: MUST discard; the
     decapsulator does not decrement); inner destination a tunnel endpoint -> "loop".
- 4. MSS clamp, then the peer's sequence policy (bridge/seqpolicy.py) delivers to out.tun.
-Every drop increments exactly one reason; nothing a peer sends can raise.
+ 4. MSS clamp, then the peer's sequence policy (bridge/seqpolicy.py) delivers to out.tun;
+    with userspace-terminated flows, what it delivers (a batch's, or its reorder buffer's
+    on the timer) and the GRO fast path's TunFrames are first handed, in order, to
+    `Terminator.from_peer` in one call: the server legs take theirs, the rest goes to
+    out.tun in the same order (nothing rewrites out.tun afterwards).
+Every drop increments exactly one reason; nothing a peer sends can raise. The checks of
+steps 3-6 (out) and 3 (in) are bridge/peers.py's `forward` and `accept`, shared with the
+fast paths (bridge/fastpath.py `FastPath`, which gets the peer table, the counters and the
+liveness callback `heard`, never the Bridge).
 
 Liveness: each peer gets a keepalive (bridge/encap.py) when nothing was sent to it for
 `keepalive` seconds; a peer not heard from for `dead_after` seconds is down (up again on
@@ -56,76 +64,57 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from bridge import counters as C
-from bridge.config import Config, DownAction, Encapsulation, SeqPolicy, SourcePort
+from bridge.config import Config, Encapsulation, SeqPolicy
 from bridge.counters import Counters
-from bridge.encap import KEEPALIVE, GreEncoder, decode_gre, flow_source_port, overhead
-from bridge.fastpath import receive_run, send_super
+from bridge.encap import KEEPALIVE, decode_gre, flow_source_port, overhead
+from bridge.fastpath import FastPath
 from bridge.flows import FlowSelector
 from bridge.gso import GroBatch, SuperPacket
-from bridge.mss import V6_CHAIN_HEADS, V6_EXT_HEADERS, clamp_packet, uninspectable
-from bridge.peers import LOOP, PeerTable, link_scope
-from bridge.seqpolicy import SeqReceiver
+from bridge.mss import clamp_packet
+from bridge.output import Addr, Output, emit
+from bridge.peers import (
+    LOOP,
+    NO_ROUTE,
+    PEER_DOWN,
+    TOO_BIG,
+    TTL_EXPIRED,
+    PeerState,
+    PeerTable,
+    link_scope,
+)
 from stack.wire import icmp
-from stack.wire.ip import DF, OFFSET_MASK, PROTO_TCP, decrement_ttl_v4, fragment_v4, packet_length
+from stack.wire.ip import (
+    DF,
+    V4_DST,
+    V4_SRC,
+    V4_TTL,
+    V6_DST,
+    V6_HLIM,
+    V6_NXT,
+    V6_SRC,
+    decrement_ttl_v4,
+    fragment_v4,
+    packet_length,
+)
+from stack.wire.prelude import (
+    V4_DST_AT,
+    V4_DST_END,
+    V4_SRC_END,
+    V6_CHAIN_HEADS,
+    V6_DST_AT,
+    V6_DST_END,
+    V6_SRC_END,
+    syn_candidate,
+    uninspectable,
+)
 
 if TYPE_CHECKING:
     from bridge.userspace.terminator import Terminator
 
-__all__ = ["Bridge", "Output", "PeerState"]
+__all__ = ["Bridge", "Output", "PeerState", "Addr"]
 
-Addr = tuple[str, int]
 Buf = bytes | bytearray | memoryview
 IPV6_MIN_MTU = 1280  # RFC 8200 §5
-
-
-class Output:
-    """What one call produced. Reuse it: `clear()` between batches."""
-
-    __slots__ = ("udp", "udp_sport", "tun")
-
-    def __init__(self) -> None:
-        self.udp: dict[Addr, list[bytes | bytearray]] = {}
-        self.udp_sport: dict[Addr, list[int]] = {}
-        self.tun: list[bytes | bytearray] = []
-
-    def clear(self) -> None:
-        self.udp.clear()
-        self.udp_sport.clear()
-        self.tun.clear()
-
-    def __bool__(self) -> bool:
-        return bool(self.udp or self.tun)
-
-
-class PeerState:
-    """Runtime state of one peer (one object per peer, not per packet)."""
-
-    __slots__ = ("index", "name", "addr", "gre", "encoder", "key_in", "csum_in", "mtu", "overhead",
-                 "seq", "reorder", "up", "heard", "last_rx", "last_tx", "keepalive",
-                 "dead_after", "withdraw", "flow_sport", "keepalive_payload")
-
-    def __init__(self, index: int, cfg: Any, mtu: int, now: float) -> None:
-        self.index = index
-        self.name: str = cfg.name
-        self.addr: Addr = (cfg.host, cfg.port)
-        self.gre = cfg.encapsulation is Encapsulation.GRE
-        self.encoder = GreEncoder(cfg.key_out, cfg.sequence is not SeqPolicy.OFF, cfg.checksum)
-        self.key_in: int | None = cfg.key_in
-        self.csum_in: bool = cfg.checksum
-        self.mtu = mtu
-        self.overhead = 0
-        self.seq = SeqReceiver(cfg.sequence, cfg.max_packets_held,
-                               cfg.outoforder_timer_ms / 1000.0)
-        self.reorder = cfg.sequence is SeqPolicy.REORDER
-        self.up = True  # until dead_after passes without a word from it
-        self.heard = False
-        self.last_rx = now
-        self.last_tx = now
-        self.keepalive: float = cfg.keepalive
-        self.dead_after: float = cfg.dead_after
-        self.withdraw = cfg.down_action is DownAction.WITHDRAW
-        self.flow_sport = cfg.source_port is SourcePort.FLOW_HASH
-        self.keepalive_payload = self.encoder.keepalive() if self.gre else b""
 
 
 class Bridge:
@@ -135,7 +124,6 @@ class Bridge:
         self.config = config
         underlay = underlay_mtu or config.pmtu.underlay_mtu
         self.underlay_mtu = underlay
-        self.table = PeerTable(config.peers, local=[config.listen.address])
         self.counters = Counters([p.name for p in config.peers])
         self.peers: list[PeerState] = []
         for i, p in enumerate(config.peers):
@@ -144,6 +132,9 @@ class Bridge:
                            p.checksum)
             self.peers.append(PeerState(i, p, config.tun.mtu or underlay - ovh, now))
             self.peers[-1].overhead = ovh
+        self.table = PeerTable(config.peers, local=[config.listen.address], states=self.peers)
+        # the fast paths get what they need, not the Bridge (bridge/fastpath.py)
+        self.fast = FastPath(self.table, self.counters, self.heard)
         mtus = [p.mtu for p in self.peers]
         self.tun_mtu: int = config.tun.mtu or (min(mtus) if mtus else underlay - 28)
         self.mss_clamp = config.mss_clamp
@@ -166,7 +157,7 @@ class Bridge:
         # None without such a rule, and then nothing below looks at TCP (nor imports it).
         self.terminator: Terminator | None = None
         # issue 9: the addresses an [[inspect]] rule covers, for packets whose IPv6 header
-        # chain cannot be walked (bridge/mss.py `uninspectable`); None without rules
+        # chain cannot be walked (stack/wire/prelude.py `uninspectable`); None without rules
         self._covers = FlowSelector(config.inspect_rules()).covers if config.inspect else None
         if config.inspect:
             from bridge.userspace.terminator import Terminator
@@ -197,15 +188,12 @@ class Bridge:
         userspace-terminated flow) toward the peer its destination routes to; False (and
         counted) when there is no usable route. The caller sizes it to the tunnel MTU."""
         v6 = pkt[0] >> 4 == 6
-        idx = self.table.route(pkt[24:40] if v6 else pkt[16:20])
+        idx = self.table.forward(pkt[V6_DST_AT] if v6 else pkt[V4_DST_AT], 255, 0)
         if idx < 0:
-            self.counters.drops[C.R_LOOP if idx == LOOP else C.R_NO_ROUTE] += 1
+            self.counters.drops[C.R_LOOP if idx == LOOP else C.R_PEER_DOWN
+                                if idx == PEER_DOWN else C.R_NO_ROUTE] += 1
             return False
-        peer = self.peers[idx]
-        if peer.withdraw and not peer.up:
-            self.counters.drops[C.R_PEER_DOWN] += 1
-            return False
-        self._send(peer, pkt, v6, now, out)
+        self._send(self.peers[idx], pkt, v6, now, out)
         return True
 
     def flows(self, now: float) -> list[dict[str, Any]]:
@@ -217,115 +205,92 @@ class Bridge:
     def from_tun(self, packets: Iterable[Buf | SuperPacket], now: float, out: Output) -> None:
         """Encapsulate inner packets toward their peers (out.udp); ICMP errors to out.tun.
 
-        `packets` may hold `SuperPacket`s (TCP TSO frames): see `_tso`. Never raises for bad
-        packets: each drop is counted by reason.
+        `packets` may hold `SuperPacket`s (TCP TSO frames, bridge/fastpath.py). Never raises
+        for bad packets: each drop is counted by reason.
         """
         drops = self.counters.drops
-        table = self.table
+        forward = self.table.forward
         peers = self.peers
         term = self.terminator
         covers = self._covers
+        send_super = self.fast.send_super
         for pkt in packets:
             if type(pkt) is SuperPacket:
-                if term is not None and term.from_tun_super(pkt, now):
-                    continue  # a terminated flow's client leg takes it whole
-                if not self._tso(pkt, now, out):
-                    segs: list[bytes] = []
-                    if pkt.split(segs):
-                        self.from_tun(segs, now, out)  # the per-packet path, segment by segment
-                    else:
-                        drops[C.R_MALFORMED] += 1
+                if term is not None:
+                    if term.from_tun_super(pkt, now):
+                        continue  # a terminated flow's client leg takes it whole
+                elif send_super(pkt, now, out):  # bridge/fastpath.py
+                    continue
+                segs: list[bytes] = []
+                if pkt.split(segs):
+                    self.from_tun(segs, now, out)  # the per-packet path, segment by segment
+                else:
+                    drops[C.R_MALFORMED] += 1
                 continue
             n = packet_length(pkt)
             if not n:
                 drops[C.R_MALFORMED] += 1
                 continue
             v6 = pkt[0] >> 4 == 6
-            if covers is not None and v6 and pkt[6] in V6_CHAIN_HEADS \
+            if covers is not None and v6 and pkt[V6_NXT] in V6_CHAIN_HEADS \
                     and uninspectable(pkt, 0, covers):
-                drops[C.R_UNINSPECTABLE] += 1  # never forwarded past a rule (bridge/mss.py)
+                drops[C.R_UNINSPECTABLE] += 1  # never forwarded past a rule (prelude.py)
                 continue
             if term is not None and term.from_tun(pkt, n, now):
                 continue  # a flow terminated in userspace (bridge/userspace/terminator.py)
-            if v6:
-                dst = pkt[24:40]
-                ttl = pkt[7]
-            else:
-                dst = pkt[16:20]
-                ttl = pkt[8]
-            idx = table.route(dst)
+            # route, peer state, TTL, MTU: bridge/peers.py `forward`, in one call
+            idx = forward(pkt[V6_DST_AT], pkt[V6_HLIM], n) if v6 else \
+                forward(pkt[V4_DST_AT], pkt[V4_TTL], n)
             if idx < 0:
-                if idx == LOOP:
-                    drops[C.R_LOOP] += 1  # RFC 2003 §4: never tunnel to a tunnel endpoint
-                    continue
-                if link_scope(dst):  # the host's own RS/MLD on the TUN: not a routing failure
-                    drops[C.R_LINK_LOCAL] += 1
-                    continue
-                drops[C.R_NO_ROUTE] += 1
-                self._unreachable(pkt, v6, now, out)
+                self._not_forwarded(idx, pkt, n, v6, now, out)
                 continue
-            peer = peers[idx]
-            if peer.withdraw and not peer.up:
-                drops[C.R_PEER_DOWN] += 1
-                self._unreachable(pkt, v6, now, out)
-                continue
-            if ttl <= 1:  # RFC 2003 §3.1, RFC 1812 §5.3.1
-                drops[C.R_TTL] += 1
-                if v6:
-                    self._icmp(pkt, True, icmp.ICMP6_TIME_EXCEEDED, 0, 0, now, out)
-                else:
-                    self._icmp(pkt, False, icmp.ICMP4_TIME_EXCEEDED, 0, 0, now, out)
-                continue
-            if n > peer.mtu:
-                self._too_big(peer, pkt, n, v6, now, out)
-                continue
-            self._send(peer, pkt if n == len(pkt) else memoryview(pkt)[:n], v6, now, out)
+            self._send(peers[idx], pkt if n == len(pkt) else memoryview(pkt)[:n], v6, now, out)
         if term is not None:
             term.flush(now, out)
 
-    def _tso(self, sp: SuperPacket, now: float, out: Output) -> bool:
-        """The super-packet fast path (bridge/fastpath.py `send_super`)."""
-        return send_super(self, sp, now, out)
+    def _not_forwarded(self, why: int, pkt: Buf, n: int, v6: bool, now: float,
+                       out: Output) -> None:
+        """Count (and answer with ICMP) a packet `forward` refused for reason `why`."""
+        drops = self.counters.drops
+        dst = pkt[V6_DST_AT] if v6 else pkt[V4_DST_AT]
+        if why == LOOP:
+            drops[C.R_LOOP] += 1  # RFC 2003 §4: never tunnel to a tunnel endpoint
+        elif why == NO_ROUTE:
+            if link_scope(dst):  # the host's own RS/MLD on the TUN: not a routing failure
+                drops[C.R_LINK_LOCAL] += 1
+            else:
+                drops[C.R_NO_ROUTE] += 1
+                self._unreachable(pkt, v6, now, out)
+        elif why == PEER_DOWN:
+            drops[C.R_PEER_DOWN] += 1
+            self._unreachable(pkt, v6, now, out)
+        elif why == TTL_EXPIRED:  # RFC 2003 §3.1, RFC 1812 §5.3.1
+            drops[C.R_TTL] += 1
+            if v6:
+                self._icmp(pkt, True, icmp.ICMP6_TIME_EXCEEDED, 0, 0, now, out)
+            else:
+                self._icmp(pkt, False, icmp.ICMP4_TIME_EXCEEDED, 0, 0, now, out)
+        elif why == TOO_BIG:
+            self._too_big(self.peers[self.table.route(dst)], pkt, n, v6, now, out)
 
     def _send(self, peer: PeerState, pkt: Buf, v6: bool, now: float, out: Output) -> None:
+        enc = peer.encoder
         if peer.gre:
-            enc = peer.encoder
             dgram = enc.wrap(pkt, v6)
             off = enc.hlen
         else:
             dgram = bytearray(pkt)
             off = 0
         if v6:
-            dgram[off + 7] -= 1  # hop limit: not covered by any checksum
+            dgram[off + V6_HLIM] -= 1  # hop limit: not covered by any checksum
         else:
             decrement_ttl_v4(dgram, off)
         if self.mss_clamp and clamp_packet(dgram, off, peer.mtu):
             self.counters.events[C.E_MSS_CLAMPED] += 1
-        if peer.gre:
-            peer.encoder.seal(dgram)
-        lst = out.udp.get(peer.addr)
-        if lst is None:
-            lst = out.udp[peer.addr] = []
-        lst.append(dgram)
-        c = self.counters
-        c.tx_packets[peer.index] += 1
-        c.tx_bytes[peer.index] += len(dgram)
-        peer.last_tx = now
-        if peer.flow_sport:
-            sports = out.udp_sport.get(peer.addr)
-            if sports is None:
-                sports = out.udp_sport[peer.addr] = []
-            sports.append(flow_source_port(pkt))
-
-    def _emit(self, peer: PeerState, dgram: bytes | bytearray, now: float, out: Output) -> None:
-        lst = out.udp.get(peer.addr)
-        if lst is None:
-            lst = out.udp[peer.addr] = []
-        lst.append(dgram)
-        c = self.counters
-        c.tx_packets[peer.index] += 1
-        c.tx_bytes[peer.index] += len(dgram)
-        peer.last_tx = now
+        if peer.gre and enc.csum:  # seal() is a no-op without GRE checksums: no call
+            enc.seal(dgram)
+        emit(out, self.counters, peer, dgram, 1, now,
+             flow_source_port(pkt) if peer.flow_sport else -1)
 
     def _too_big(self, peer: PeerState, pkt: Buf, n: int, v6: bool, now: float,
                  out: Output) -> None:
@@ -389,14 +354,19 @@ class Bridge:
         """Decapsulate datagrams; inner packets go to out.tun. Never raises for bad input.
 
         Inner packets are copied out of the datagram, so the I/O layer may reuse its
-        receive buffers as soon as this returns.
+        receive buffers as soon as this returns. With a terminator, the packets the
+        sequence policy delivers (and the GRO path's TunFrames) are handed to it in one
+        call (`Terminator.from_peer`), which keeps its server legs' and puts the others in
+        out.tun in order.
         """
         c = self.counters
         drops = c.drops
         table = self.table
         peers = self.peers
-        start = len(out.tun)
-        for payload, addr in self._expand(datagrams, now, out):
+        term = self.terminator
+        tun: list[bytes | bytearray] = out.tun if term is None else []
+        heard = self.heard
+        for payload, addr in self._expand(datagrams, now, tun):
             cands = table.by_host(addr[0]) if isinstance(addr, tuple) and addr else ()
             if not cands:
                 drops[C.R_UNKNOWN_PEER] += 1
@@ -407,14 +377,14 @@ class Bridge:
                 status, off, seq = decode_gre(payload, peer.key_in, peer.csum_in)
                 if status != -1:
                     if status == KEEPALIVE:
-                        self._heard(peer, now)
+                        heard(peer, now)
                         c.events[C.E_KEEPALIVE_RX] += 1
                     else:
                         drops[status] += 1
                     continue
             else:
                 if n == 0:  # IPIP keepalive: an empty datagram
-                    self._heard(peer, now)
+                    heard(peer, now)
                     c.events[C.E_KEEPALIVE_RX] += 1
                     continue
                 off = 0
@@ -423,40 +393,35 @@ class Bridge:
             if not tot:
                 drops[C.R_MALFORMED] += 1
                 continue
-            self._heard(peer, now)
+            heard(peer, now)
+            # AllowedIPs, TTL 0, loop guard: bridge/peers.py `accept`, in one call
             if payload[off] >> 4 == 4:
-                src = bytes(payload[off + 12 : off + 16])
-                dst = bytes(payload[off + 16 : off + 20])
-                ttl = payload[off + 8]
+                reason = table.accept(peer.index, payload[off + V4_SRC:off + V4_SRC_END],
+                                      payload[off + V4_DST:off + V4_DST_END],
+                                      payload[off + V4_TTL])
             else:
-                src = bytes(payload[off + 8 : off + 24])
-                dst = bytes(payload[off + 24 : off + 40])
-                ttl = payload[off + 7]
-            if not table.allowed(peer.index, src):
-                drops[C.R_SPOOFED_SOURCE] += 1
-                continue
-            if ttl == 0:
-                drops[C.R_TTL] += 1  # RFC 2003 §3.1: MUST discard, do not decrement
-                continue
-            if table.is_endpoint(dst):
-                drops[C.R_LOOP] += 1
+                reason = table.accept(peer.index, payload[off + V6_SRC:off + V6_SRC_END],
+                                      payload[off + V6_DST:off + V6_DST_END],
+                                      payload[off + V6_HLIM])
+            if reason >= 0:
+                drops[reason] += 1
                 continue
             if self._covers is not None and uninspectable(payload, off, self._covers):
-                drops[C.R_UNINSPECTABLE] += 1  # never forwarded past a rule (bridge/mss.py)
+                drops[C.R_UNINSPECTABLE] += 1  # never forwarded past a rule (prelude.py)
                 continue
             pkt: bytes | bytearray
-            if self.mss_clamp and _maybe_syn(payload, off, tot):
+            if self.mss_clamp and syn_candidate(payload, off, tot):
                 pkt = bytearray(payload[off : off + tot])
                 if clamp_packet(pkt, 0, peer.mtu):
                     c.events[C.E_MSS_CLAMPED] += 1
             else:
                 pkt = bytes(payload[off : off + tot])  # a copy: the I/O layer reuses buffers
             if peer.seq.policy is SeqPolicy.OFF:
-                out.tun.append(pkt)
+                tun.append(pkt)
             else:
                 flushes = peer.seq.flushes
                 held = len(peer.seq.held)
-                reason = peer.seq.receive(seq, pkt, now, out.tun)
+                reason = peer.seq.receive(seq, pkt, now, tun)
                 if reason >= 0:
                     drops[reason] += 1
                     continue
@@ -465,14 +430,16 @@ class Bridge:
                 c.events[C.E_REORDER_FLUSHED] += peer.seq.flushes - flushes
             c.rx_packets[peer.index] += 1
             c.rx_bytes[peer.index] += n
-        if self.terminator is not None:  # server legs of terminated flows take theirs back
-            self.terminator.divert(out, start, now)
+        if term is not None:  # server legs of terminated flows take theirs, in one call
+            term.from_peer(tun, now, out)
 
     def _expand(self, datagrams: Iterable[tuple[Buf | GroBatch, Addr]], now: float,
-                out: Output) -> Iterator[tuple[Buf, Addr]]:
-        """The datagrams one by one; a `GroBatch` goes through `_gro` first, and what that
+                tun: list[bytes | bytearray]) -> Iterator[tuple[Buf, Addr]]:
+        """The datagrams one by one; a `GroBatch` goes through the receive fast path
+        (bridge/fastpath.py `receive_run`, its TunFrames to `tun`) first, and what that
         leaves (all of it, or a short last datagram) comes out one by one, in order. One
         without a segment size (an adapter's mistake) is one datagram."""
+        receive_run = self.fast.receive_run
         for payload, addr in datagrams:
             if type(payload) is GroBatch:
                 buf, seg = payload.buf, payload.seg
@@ -481,7 +448,7 @@ class Bridge:
                     continue
                 pos, n = 0, len(buf)
                 while pos < n:
-                    used = self._gro(payload, pos, addr, now, out)
+                    used = receive_run(payload, pos, addr, now, tun)
                     if used > 0:
                         pos += used
                         continue
@@ -493,10 +460,6 @@ class Bridge:
                     pos += seg
             else:
                 yield payload, addr
-
-    def _gro(self, b: GroBatch, start: int, addr: Addr, now: float, out: Output) -> int:
-        """The receive fast path (bridge/fastpath.py `receive_run`)."""
-        return receive_run(self, b, start, addr, now, out)
 
     def _pick(self, cands: tuple[int, ...], payload: Buf) -> PeerState:
         """Several peers share the source host: the GRE key tells them apart (RFC 2890 §2.1)."""
@@ -515,9 +478,10 @@ class Bridge:
         receiving direction's); a later time than ours counts as hearing it then."""
         peer = self.peers[index]
         if when > peer.last_rx:
-            self._heard(peer, when)
+            self.heard(peer, when)
 
-    def _heard(self, peer: PeerState, now: float) -> None:
+    def heard(self, peer: PeerState, now: float) -> None:
+        """Liveness: `peer` was heard at `now` (a datagram passed its GRE/IPIP checks)."""
         peer.last_rx = now
         peer.heard = True
         if not peer.up:
@@ -553,23 +517,24 @@ class Bridge:
         """Run everything due at `now`: reorder flushes to out.tun, keepalives to out.udp,
         peers going down. Safe to call early or often."""
         ev = self.counters.events
-        start = len(out.tun)
+        term = self.terminator
+        tun: list[bytes | bytearray] = out.tun if term is None else []
         for p in self.peers:
             if p.reorder:
-                released = p.seq.expire(now, out.tun)
+                released = p.seq.expire(now, tun)
                 if released:
                     ev[C.E_REORDER_FLUSHED] += 1
             if self.rx_only:
                 continue  # keepalives and liveness are the sending process's
             if p.keepalive > 0 and now >= p.last_tx + p.keepalive:
-                self._emit(p, p.keepalive_payload, now, out)
+                emit(out, self.counters, p, p.keepalive_payload, 1, now)
                 ev[C.E_KEEPALIVE_TX] += 1
             if p.up and p.dead_after > 0 and now >= p.last_rx + p.dead_after:
                 p.up = False
                 ev[C.E_PEER_DOWN] += 1
-        if self.terminator is not None:
-            self.terminator.divert(out, start, now)
-            self.terminator.handle_timer(now, out)
+        if term is not None:  # reorder flushes reach the terminator like from_udp's packets
+            term.from_peer(tun, now, out)
+            term.handle_timer(now, out)
 
     # ---------------------------------------------------------------- status
 
@@ -606,16 +571,3 @@ class Bridge:
     def metrics_text(self) -> str:
         """Prometheus text exposition of the counters plus per-peer up gauges."""
         return self.counters.prometheus(peer_up=[p.up for p in self.peers])
-
-
-def _maybe_syn(buf: Buf, off: int, tot: int) -> bool:
-    """Cheap test: could this be a TCP SYN whose MSS needs clamping (RFC 9293 §3.7.1)?"""
-    if buf[off] >> 4 == 4:
-        if buf[off + 9] != PROTO_TCP or ((buf[off + 6] << 8) | buf[off + 7]) & OFFSET_MASK:
-            return False
-        t = (buf[off] & 0x0F) * 4
-    else:
-        if buf[off + 6] != PROTO_TCP:
-            return buf[off + 6] in V6_EXT_HEADERS  # RFC 8200 §4: clamp_packet walks them
-        t = 40
-    return tot > t + 20 and bool(buf[off + t + 13] & 0x02)

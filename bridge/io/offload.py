@@ -3,12 +3,9 @@
 Pure functions (bytes in, bytes out); the TUN adapter (`tun.py`) and the loop call them.
 
 Rules:
-- virtio 1.x §5.1.6 (struct virtio_net_hdr, 10 bytes, little-endian on a TUN opened with
-  IFF_VNET_HDR and TUNSETVNETHDRSZ 10): flags (NEEDS_CSUM=1, DATA_VALID=2), gso_type
-  (NONE=0, TCPV4=1, TCPV6=4, ECN bit 0x80), hdr_len, gso_size, csum_start, csum_offset.
-- NEEDS_CSUM without GSO (virtio §5.1.6.2): the checksum field at csum_start+csum_offset holds
-  the pseudo-header sum; the checksum over [csum_start:] is completed here before the packet
-  leaves the machine.
+- The virtio-net header (virtio 1.x §5.1.6) is stack/wire/vnet.py's (re-exported here for the
+  TUN adapter). NEEDS_CSUM without GSO (virtio §5.1.6.2): the checksum over [csum_start:] is
+  completed (`complete_checksum`) before the packet leaves the machine.
 - TSO split (RFC 9293 §3.1, RFC 791 §3.1, RFC 8200 §3): every segment gets the headers of the
   super-packet with its own IPv4 total length / IPv6 payload length, IPv4 identification
   incremented per segment (RFC 6864 §4.1 leaves it to the sender; Linux does +1 per segment),
@@ -54,6 +51,27 @@ from stack.wire.checksum import (
     swap16,
     verify,
 )
+from stack.wire.prelude import (
+    V4_DST_AT,
+    V4_SRC_AT,
+    V6_DST_AT,
+    V6_SRC_AT,
+    plain_tcp,
+)
+from stack.wire.vnet import (
+    F_DATA_VALID,
+    F_NEEDS_CSUM,
+    GSO_ECN,
+    GSO_NONE,
+    GSO_TCPV4,
+    GSO_TCPV6,
+    VNET,
+    VNET_HDR_LEN,
+    VNET_NONE,
+    build_vnet,
+    complete_checksum,
+    parse_vnet,
+)
 
 try:  # numpy is a declared dependency; the fallback keeps the module importable without it
     import numpy as _np
@@ -77,17 +95,6 @@ __all__ = [
     "coalesce",
 ]
 
-VNET = struct.Struct("<BBHHHH")
-VNET_HDR_LEN = VNET.size  # 10
-VNET_NONE = bytes(VNET_HDR_LEN)
-
-F_NEEDS_CSUM = 1
-F_DATA_VALID = 2
-GSO_NONE = 0
-GSO_TCPV4 = 1
-GSO_TCPV6 = 4
-GSO_ECN = 0x80
-
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _V4_ID_LEN = struct.Struct(">HH")  # total length at 2, identification at 4
@@ -98,32 +105,6 @@ _FIN, _PSH, _ACK, _CWR = 0x01, 0x08, 0x10, 0x80
 _NOT_LAST_MASK = 0xFF & ~(_FIN | _PSH)
 _MAX_IP_LEN = 65535
 NUMPY_MIN_SEGMENTS = 4  # below this, numpy's call overhead costs more than it saves
-
-
-def parse_vnet(buf: bytes | bytearray | memoryview) -> tuple[int, int, int, int, int, int]:
-    """Return (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset).
-
-    Raises struct.error if `buf` is shorter than 10 bytes (our own reads never are).
-    """
-    return VNET.unpack_from(buf, 0)
-
-
-def build_vnet(flags: int = 0, gso_type: int = GSO_NONE, hdr_len: int = 0, gso_size: int = 0,
-               csum_start: int = 0, csum_offset: int = 0) -> bytes:
-    """Return the 10-byte virtio-net header."""
-    return VNET.pack(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset)
-
-
-def complete_checksum(pkt: bytearray, csum_start: int, csum_offset: int) -> bool:
-    """Finish a NEEDS_CSUM checksum in place (virtio §5.1.6.2). False if the offsets are bad."""
-    at = csum_start + csum_offset
-    if csum_start >= len(pkt) or at + 2 > len(pkt):
-        return False
-    initial = _U16.unpack_from(pkt, at)[0]
-    pkt[at] = 0
-    pkt[at + 1] = 0
-    _U16.pack_into(pkt, at, checksum(memoryview(pkt)[csum_start:], initial))
-    return True
 
 
 def _fold_le_to_csum(sums: Any) -> Any:
@@ -207,10 +188,10 @@ def tso_split(pkt: memoryview, gso_size: int, csum_start: int, out: list[bytes],
     flags = hdr[ihl + 13]
     ip_id = _U16.unpack_from(hdr, 4)[0] if v4 else 0
     if v4:
-        src, dst = bytes(hdr[12:16]), bytes(hdr[16:20])
+        src, dst = bytes(hdr[V4_SRC_AT]), bytes(hdr[V4_DST_AT])
         pseudo = pseudo_sum_v4
     else:
-        src, dst = bytes(hdr[8:24]), bytes(hdr[24:40])
+        src, dst = bytes(hdr[V6_SRC_AT]), bytes(hdr[V6_DST_AT])
         pseudo = pseudo_sum_v6
     n_full, last_len = divmod(plen, gso_size)
     if last_len == 0:
@@ -269,9 +250,9 @@ def _finish_tcp(pkt: bytearray, v4: bool, ihl: int, initial: int) -> None:
     pkt[ihl + 17] = 0
     tlen = len(pkt) - ihl
     if v4:
-        ps = pseudo_sum_v4(bytes(pkt[12:16]), bytes(pkt[16:20]), _TCP, tlen)
+        ps = pseudo_sum_v4(bytes(pkt[V4_SRC_AT]), bytes(pkt[V4_DST_AT]), _TCP, tlen)
     else:
-        ps = pseudo_sum_v6(bytes(pkt[8:24]), bytes(pkt[24:40]), _TCP, tlen)
+        ps = pseudo_sum_v6(bytes(pkt[V6_SRC_AT]), bytes(pkt[V6_DST_AT]), _TCP, tlen)
     _U16.pack_into(pkt, ihl + 16, checksum(memoryview(pkt)[ihl:], ps))
 
 
@@ -301,38 +282,6 @@ def split_frame(frame: bytes | bytearray | memoryview, out: list[bytes],
     if gso in (GSO_TCPV4, GSO_TCPV6):
         return tso_split(pkt, gso_size, csum_start, out, use_numpy)
     return False
-
-
-def _tcp_key(p: bytes) -> tuple[bytes, int, int] | None:
-    """Return (flow and header key, ihl, doff) for a coalescing candidate, else None.
-
-    The key holds every header byte that must be equal across the segments of a group:
-    version, TOS/traffic class, fragment field (DF only), TTL/hop limit, protocol,
-    addresses, ports, ack number, data offset, window, urgent pointer and options.
-    """
-    n = len(p)
-    if n < 40:
-        return None
-    b0 = p[0]
-    if b0 == 0x45:
-        # Options in the IP header, fragments (MF or offset) and non-TCP are never merged.
-        if p[9] != _TCP or p[6] & 0xBF or p[7] or (p[2] << 8 | p[3]) != n:
-            return None
-        ihl = 20
-        doff = (p[32] >> 4) * 4
-        hl = 20 + doff
-        if doff < 20 or n < hl or p[33] & 0xF7 != _ACK:
-            return None  # ACK (and PSH) only: SYN/FIN/RST/URG/ECE/CWR go alone
-        return p[0:2] + p[6:10] + p[12:24] + p[28:33] + p[34:36] + p[38:hl], ihl, doff
-    if b0 >> 4 == 6:
-        if n < 60 or p[6] != _TCP or (p[4] << 8 | p[5]) != n - 40:
-            return None
-        doff = (p[52] >> 4) * 4
-        hl = 40 + doff
-        if doff < 20 or n < hl or p[53] & 0xF7 != _ACK:
-            return None
-        return p[0:2] + p[6:44] + p[48:53] + p[54:56] + p[58:hl], 40, doff
-    return None
 
 
 def _mask(ihl: int, doff: int) -> int:
@@ -425,12 +374,31 @@ def coalesce(packets: Sequence[bytes | bytearray | memoryview], out: list[bytes]
             if size:
                 last.add(p, size)
                 continue
-        k = _tcp_key(p)
-        if k is None:
+        # A group starts at a plain TCP packet (stack/wire/prelude.py) that also has no IPv4
+        # options or reserved bit, its exact IP length, and ACK (and PSH) only: SYN, FIN,
+        # RST, URG, ECE and CWR go alone. The key holds every header byte that must be equal
+        # across a group's segments: version, TOS/traffic class, fragment field (DF only),
+        # TTL/hop limit, protocol, addresses, ports, ack number, data offset, window, urgent
+        # pointer and options.
+        t = plain_tcp(p)
+        if t is None:
             groups.append(p)
             last = None
             continue
-        key, ihl, doff = k
+        v4, ihl, doff = t
+        hl = ihl + doff
+        if p[ihl + 13] & 0xF7 != _ACK:
+            key = None
+        elif v4:
+            key = p[0:2] + p[6:10] + p[12:24] + p[28:33] + p[34:36] + p[38:hl] if ihl == 20 \
+                and not p[6] & 0x80 and (p[2] << 8 | p[3]) == len(p) else None
+        else:
+            key = p[0:2] + p[6:44] + p[48:53] + p[54:56] + p[58:hl] \
+                if (p[4] << 8 | p[5]) == len(p) - 40 else None
+        if key is None:
+            groups.append(p)
+            last = None
+            continue
         g = open_by_key.get(key)
         if g is not None and not g.closed:
             size = g.extends(p)
@@ -470,11 +438,11 @@ def _emit_group(g: _Group, out: list[bytes]) -> None:
     h[ihl + 13] |= g.pkts[-1][ihl + 13] & _PSH
     if v4:
         _fix_lengths(h, True, ihl, total)
-        ps = pseudo_sum_v4(first[12:16], first[16:20], _TCP, total - ihl)
+        ps = pseudo_sum_v4(first[V4_SRC_AT], first[V4_DST_AT], _TCP, total - ihl)
         gso_type = GSO_TCPV4
     else:
         _U16.pack_into(h, 4, total - 40)
-        ps = pseudo_sum_v6(first[8:24], first[24:40], _TCP, total - ihl)
+        ps = pseudo_sum_v6(first[V6_SRC_AT], first[V6_DST_AT], _TCP, total - ihl)
         gso_type = GSO_TCPV6
     # NEEDS_CSUM: the field holds the folded pseudo-header sum, not its complement.
     _U16.pack_into(h, ihl + 16, ps)
@@ -488,7 +456,7 @@ def _emit_group(g: _Group, out: list[bytes]) -> None:
     else:
         n = len(g.pkts)
         pseudo = pseudo_sum_v4 if v4 else pseudo_sum_v6
-        a, b = (first[12:16], first[16:20]) if v4 else (first[8:24], first[24:40])
+        a, b = (first[V4_SRC_AT], first[V4_DST_AT]) if v4 else (first[V6_SRC_AT], first[V6_DST_AT])
         s = (_sum(memoryview(frame)[VNET_HDR_LEN + hl:])
              + _sum(b"".join([p[ihl:hl] for p in g.pkts]))
              + (n - 1) * pseudo(a, b, _TCP, doff + g.size)
@@ -504,9 +472,9 @@ def _emit_group(g: _Group, out: list[bytes]) -> None:
 def _tcp_ok(p: bytes, v4: bool, ihl: int) -> bool:
     tlen = len(p) - ihl
     if v4:
-        ps = pseudo_sum_v4(p[12:16], p[16:20], _TCP, tlen)
+        ps = pseudo_sum_v4(p[V4_SRC_AT], p[V4_DST_AT], _TCP, tlen)
     else:
-        ps = pseudo_sum_v6(p[8:24], p[24:40], _TCP, tlen)
+        ps = pseudo_sum_v6(p[V6_SRC_AT], p[V6_DST_AT], _TCP, tlen)
     return partial(memoryview(p)[ihl:], ps) == 0xFFFF
 
 

@@ -12,9 +12,8 @@ Rules:
   it), and, when the payload exceeds the MSS, gso_type TCPV4/TCPV6 (ECN bit with CWR) and
   gso_size = the MSS: the kernel cuts it like TSO, numbering the IPv4 identification one per
   segment (RFC 6864 §4.1), so the counter advances by the segment count.
-- `tcp_key()` reads the flow key of a plain TCP packet: IPv4 without fragment bits (MF or an
-  offset: never TCP-parsed, RFC 791 §3.2), IPv6 whose next header is TCP (extension headers
-  are left to the ordinary path), at least a fixed TCP header.
+- The legs' packets are keyed by stack/wire/prelude.py `tcp_key` (the keyed-TCP view) and
+  framed for a vnet TUN with stack/wire/vnet.py's header.
 - `run_part()` says whether a packet may join a run (ACK-only flags but PSH, a payload, a
   header of 20 bytes or 20 + TSopt) and gives what must be equal within a run: every TCP
   header byte but seq, the PSH bit and the checksum (what Linux GRO compares).
@@ -36,29 +35,21 @@ from __future__ import annotations
 
 import struct
 
-from bridge.mss import v6_tcp_offset
 from bridge.tunframe import TunFrame
 from stack.wire.checksum import checksum, partial, pseudo_sum_v4, pseudo_sum_v6
 from stack.wire.ip import DF, IPV4_HEADER, IPV6_HEADER, PROTO_TCP
-from stack.wire.tcp import ACK, PSH, SYN, TcpSegment, emit_tcp_parts
+from stack.wire.tcp import ACK, PSH, TcpSegment, emit_tcp_parts
+from stack.wire.vnet import F_NEEDS_CSUM, GSO_ECN, GSO_TCPV4, GSO_TCPV6, VNET
 
-__all__ = ["LegFramer", "merge_run", "run_part", "tcp_key", "TSO_MAX_SEGMENT", "VNET",
-           "NEEDS_CSUM", "DATA_VALID"]
+__all__ = ["LegFramer", "merge_run", "run_part", "TSO_MAX_SEGMENT"]
 
 _LEN_ID = struct.Struct("!HH")
-_PORTS_FLAGS = struct.Struct("!HH8xxB")
-_PORTS = struct.Struct(">HH")
 _U32 = struct.Struct("!I")
 _NOT_PSH = 0xFF & ~PSH
 _V6_FIRST = 0x60000000
 _TCP_HDR = struct.Struct("!HHIIBBHHH")  # RFC 9293 §3.1 fixed header
 _TS = struct.Struct("!II")
 _NOP_NOP_TS = b"\x01\x01\x08\x0a"
-# virtio 1.x §5.1.6 struct virtio_net_hdr: flags, gso_type, hdr_len, gso_size, csum_start,
-# csum_offset (little-endian on a TUN with TUNSETVNETHDRSZ 10)
-VNET = struct.Struct("<BBHHHH")
-NEEDS_CSUM, DATA_VALID = 1, 2
-_GSO_TCPV4, _GSO_TCPV6, _GSO_ECN = 1, 4, 0x80
 _CWR = 0x80
 # the largest client-leg output segment with a TUN that takes GSO writes: an IPv4 total
 # length fits 16 bits with a 20-byte IP header and 60 bytes of TCP header
@@ -105,26 +96,26 @@ class LegFramer:
             ihl = 20
             ident = (self.ident + 1) & 0xFFFF
             ip = self.ip4(src, dst, tl, ident)
-            gso = _GSO_TCPV4
+            gso = GSO_TCPV4
         else:
             ihl = 40
             ident = 0
             ip = IPV6_HEADER.pack(_V6_FIRST, tl, PROTO_TCP, 64, src, dst)
-            gso = _GSO_TCPV6
+            gso = GSO_TCPV6
         if pl > mss:
             nseg = -(-pl // mss)
             if seg.flags & _CWR:
-                gso |= _GSO_ECN
-            vh = VNET.pack(NEEDS_CSUM, gso, ihl + hl, mss, ihl, 16)
+                gso |= GSO_ECN
+            vh = VNET.pack(F_NEEDS_CSUM, gso, ihl + hl, mss, ihl, 16)
         else:
             nseg = 1
-            vh = VNET.pack(NEEDS_CSUM, 0, 0, 0, ihl, 16)
+            vh = VNET.pack(F_NEEDS_CSUM, 0, 0, 0, ihl, 16)
         if ihl == 20:
             self.ident = (ident + nseg - 1) & 0xFFFF
         return TunFrame(b"".join((vh, ip, hdr, payload)))
 
 
-def merge_run(run: list[bytes], off: int, src: bytes, dst: bytes) -> TcpSegment | None:
+def merge_run(run: list[bytes | bytearray], off: int, src: bytes, dst: bytes) -> TcpSegment | None:
     """One segment for a checked run of segments from `src` to `dst` (TCP header at `off`
     in each packet), or None: a checksum is off, or options other than NOP NOP TSopt."""
     first = run[0]
@@ -146,48 +137,6 @@ def merge_run(run: list[bytes], off: int, src: bytes, dst: bytes) -> TcpSegment 
     sport, dport, seq, ack, _o, _f, window, _c, urg = _TCP_HDR.unpack_from(first, off)
     ts = _TS.unpack_from(first, off + 24) if hl == 32 else None
     return TcpSegment(sport, dport, seq, ack, flags, window, pay, urg, ts=ts)
-
-
-def tcp_key(pkt: bytes | bytearray | memoryview, n: int
-            ) -> tuple[tuple[int, bytes, bytes, int, int], int, int] | None:
-    """((version, src, dst, sport, dport), TCP offset, flags) of a TCP packet, or None.
-
-    Inspection must not be evaded by framing: a TCP header behind IPv6 extension headers
-    (RFC 8200 §4, walked by `bridge.mss.v6_tcp_offset`) and the first fragment of a TCP
-    datagram (IPv4 offset 0 with MF; an IPv6 Fragment header at offset 0) are keyed like
-    any segment, so a selected flow's packet goes to its splice or the rule's verdict and
-    never past it; a first fragment then fails the TCP checksum there and is dropped
-    (counted). Non-first fragments carry no TCP header: without their first fragment the
-    receiver cannot reassemble them."""
-    if n < 28:  # IPv4 header + the 8 bytes of TCP a first fragment carries at least
-        return None
-    b0 = pkt[0]
-    if b0 >> 4 == 4:
-        if pkt[9] != PROTO_TCP or (pkt[6] & 0x1F) or pkt[7]:  # not TCP, or not a first part
-            return None
-        off = (b0 & 0x0F) << 2
-        src, dst, version = bytes(pkt[12:16]), bytes(pkt[16:20]), 4
-    elif b0 >> 4 == 6:
-        if n < 60:
-            return None
-        if pkt[6] == PROTO_TCP:
-            off = 40
-        else:
-            off = v6_tcp_offset(pkt, 0)[0]
-            if off < 0:
-                return None
-        src, dst, version = bytes(pkt[8:24]), bytes(pkt[24:40]), 6
-    else:
-        return None
-    if n < off + 20:
-        if version == 4 and pkt[6] & 0x20 and n >= off + 8:
-            # a first fragment too short for the flags (RFC 1858 §3 "tiny fragment"): RFC 791
-            # gives it at least 8 bytes, so the ports are here; judged as a connection attempt
-            sport, dport = _PORTS.unpack_from(pkt, off)
-            return (version, src, dst, sport, dport), off, SYN
-        return None
-    sport, dport, flags = _PORTS_FLAGS.unpack_from(pkt, off)
-    return (version, src, dst, sport, dport), off, flags
 
 
 def run_part(pkt: bytes | bytearray | memoryview, n: int, off: int, flags: int

@@ -49,14 +49,16 @@ Rules of this module (pure, sans-I/O: inner IP packets and `now` in, packets and
   (`flush_inspectors`), off this path.
 
 Theory of operation
-`from_tun(pkt, n, now)` and `from_peer(pkt, n, now)` route one inner packet to its splice's leg
-and mark the splice touched; `flush(now, out)` (end of each batch) steps every touched splice
-once (so a batch's data crosses the inspector chain as one chunk and its ACKs aggregate) and
-emits both legs' segments. `divert(out, start, now)` takes back, from `out.tun[start:]`, the
-decapsulated packets that belong to a splice's server leg (the Bridge calls it after its
-sequence policy delivered them): consecutive in-order data segments of one server leg, and a
-`TunFrame` the Bridge's GRO path merged (and checked), reach the leg as one segment
-(bridge/userspace/legwire.py merge_run: every checksum still checked, by one sum over the run), and
+`from_tun(pkt, n, now)` routes one inner packet from the local site to its splice's client
+leg and marks the splice touched; `flush(now, out)` (end of each batch) steps every touched
+splice once (so a batch's data crosses the inspector chain as one chunk and its ACKs
+aggregate) and emits both legs' segments. `from_peer(pkts, now, out)` is the one entry from
+the tunnel: the Bridge hands it the decapsulated packets its sequence policy delivered (a
+batch's, or the reorder buffers' flushed by the timer) before any reach the TUN; the server
+legs take theirs, every other packet goes on to `out.tun` in order, then it flushes.
+Consecutive in-order data segments of one server leg, and a `TunFrame` the Bridge's GRO path
+merged (and checked), reach the leg as one segment (bridge/userspace/legwire.py merge_run:
+every checksum still checked, by one sum over the run), and
 `from_tun_super(sp, now)` gives a client's TSO frame to its leg whole (the kernel built it;
 nothing is summed). The legs' IP framing (plain packets, TunFrames) is bridge/userspace/legwire.py.
 Timers: each splice's deadline is recorded when it is
@@ -69,29 +71,24 @@ keep-warm hook: one hop of a throw-away connection through a private shadow
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from bridge.flows import Backend, FlowKey, FlowTable, InspectRule, Verdict, selector_for
 from bridge.inspect.api import CloseReason
 from bridge.inspect.manager import InspectorManager
 from bridge.tunframe import TunFrame
-from bridge.userspace.legwire import (
-    DATA_VALID,
-    NEEDS_CSUM,
-    TSO_MAX_SEGMENT,
-    VNET,
-    LegFramer,
-    merge_run,
-    run_part,
-    tcp_key,
-)
+from bridge.userspace.legwire import TSO_MAX_SEGMENT, LegFramer, merge_run, run_part
 from bridge.userspace.splice import Splice
+from bridge.userspace.warm import WarmCycle
 from stack.events import IcmpKind
 from stack.tcp_config import TcpConfig
 from stack.tcp_core import reset_reply
 from stack.wire.icmp import parse_icmp_error
+from stack.wire.ip import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, V4_PROTO, V6_NXT
+from stack.wire.prelude import V4_DST_AT, V4_SRC_AT, V6_DST_AT, V6_SRC_AT, tcp_key
 from stack.wire.tcp import ACK, RST, SYN, TcpSegment, parse_tcp
+from stack.wire.vnet import F_DATA_VALID, F_NEEDS_CSUM, GSO_SIZE_AT, VNET_HDR_LEN
 
 __all__ = ["Terminator", "SendToPeer", "TSO_MAX_SEGMENT"]
 
@@ -136,15 +133,15 @@ class Terminator:
                                          "server_runs": 0}
         self.ended: dict[str, int] = {}
         framer = LegFramer()
-        self._packet = framer.packet  # IP framing of the legs' segments (legwire.py)
+        self.packet = framer.packet  # IP framing of the legs' segments (legwire.py)
         self._frame = framer.frame
         self._pending_rst: list[tuple[FlowKey, TcpSegment]] = []
-        self._clients: dict[bytes, int] = {}  # client address -> live splices (divert filter)
+        self._clients: dict[bytes, int] = {}  # client address -> live splices (from_peer filter)
         self._deadlines: dict[FlowKey, float] = {}  # each splice's timer, as of its last emit
         self._next_scan: float | None = None
         self._configs: dict[tuple[int, int, int, int], tuple[TcpConfig, TcpConfig]] = {}
         self.tun_offload = False
-        self._warm: dict[int, Any] = {}  # lane -> WarmCycle (bridge/userspace/warm.py)
+        self._warm: dict[int, WarmCycle] = {}  # lane -> shadow (bridge/userspace/warm.py)
         self._last_new = float("-inf")  # when the last splice was opened (warm)
 
     def use_tun_offload(self, on: bool = True) -> None:
@@ -172,8 +169,6 @@ class Terminator:
     def _drop(self, reason: str) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
 
-    _key = staticmethod(tcp_key)
-
     def _segment(self, pkt: bytes | bytearray | memoryview, n: int, off: int,
                  key: FlowKey) -> TcpSegment | None:
         mv = pkt if isinstance(pkt, memoryview) else memoryview(pkt)
@@ -181,7 +176,7 @@ class Terminator:
 
     def from_tun(self, pkt: bytes | bytearray | memoryview, n: int, now: float) -> bool:
         """An inner packet from the local site. True when it was ours (consumed)."""
-        k = self._key(pkt, n)
+        k = tcp_key(pkt, n)
         if k is None:
             return False
         key, off, flags = k
@@ -193,7 +188,7 @@ class Terminator:
             if sp.finished and flags & (SYN | ACK | RST) == SYN and seg.seq != sp.syn.seq:
                 # a new connection on the 4-tuple of an ended one whose legs linger in
                 # TIME-WAIT (RFC 9293 §3.6.1 MAY-2, RFC 6191): the old splice gives way
-                self._forget(sp)
+                self.forget(sp)
             else:
                 self.counters["from_client"] += 1
                 sp.from_client(seg, now)
@@ -225,11 +220,11 @@ class Terminator:
         pseudo-header sum; or DATA_VALID), so no byte is summed. False, having done
         nothing, for anything else: the caller splits it and takes the per-packet path."""
         frame = sp.frame
-        if not frame[0] & (NEEDS_CSUM | DATA_VALID):
+        if not frame[0] & (F_NEEDS_CSUM | F_DATA_VALID):
             return False
         pkt = memoryview(frame)[sp.offset:]
         n = len(pkt)
-        k = self._key(pkt, n)
+        k = tcp_key(pkt, n)
         if k is None:
             return False
         key, off, flags = k
@@ -251,7 +246,9 @@ class Terminator:
         if rst is not None:
             self._pending_rst.append((key, rst))
 
-    def _configs_for(self, key: FlowKey, rule: InspectRule | None) -> tuple[TcpConfig, TcpConfig]:
+    def configs_for(self, key: FlowKey, rule: InspectRule | None) -> tuple[TcpConfig, TcpConfig]:
+        """(client leg, server leg) TCP settings of a new splice on `key` under `rule`
+        (MSS from the tunnel and TUN MTUs, buffers from the rule), cached per shape."""
         v6 = key[0] == 6
         hdr = 60 if v6 else 40
         server_mss = max(self.mtu_for(key[2]) - hdr, 88)
@@ -279,7 +276,7 @@ class Terminator:
         found = self.table.lookup(key)
         rule = found[1] if found is not None else None
         chain = self.manager.chains.get(rule.name) if rule is not None else None
-        ccfg, scfg = self._configs_for(key, rule)
+        ccfg, scfg = self.configs_for(key, rule)
         sp = Splice(key, syn, rule, chain, ccfg, scfg, now)
         self.counters["splices"] += 1
         self._last_new = now
@@ -293,9 +290,10 @@ class Terminator:
     def _server_side(self, pkt: bytes | bytearray | memoryview, n: int
                      ) -> tuple[Splice, FlowKey, FlowKey, int, int] | None:
         """(splice, its key, the packet's key, TCP offset, flags) of a server leg's packet."""
-        if n < 40 or bytes(pkt[16:20] if pkt[0] >> 4 == 4 else pkt[24:40]) not in self._clients:
+        if n < 40 or bytes(pkt[V4_DST_AT] if pkt[0] >> 4 == 4 else pkt[V6_DST_AT]) \
+                not in self._clients:
             return None  # not addressed to a client of a live splice: the fast path
-        k = self._key(pkt, n)
+        k = tcp_key(pkt, n)
         if k is None:
             return None
         key, off, flags = k
@@ -305,29 +303,19 @@ class Terminator:
             return None
         return sp, ck, key, off, flags
 
-    def from_peer(self, pkt: bytes | bytearray | memoryview, n: int, now: float) -> bool:
-        """A decapsulated packet from the tunnel. True when it belonged to a server leg."""
-        found = self._server_side(pkt, n)
-        if found is None:
-            return False
-        sp, ck, key, off, _flags = found
-        seg = self._segment(pkt, n, off, key)
-        if seg is not None:
-            self.counters["from_server"] += 1
-            sp.from_server(seg, now)
-            self.touched[ck] = sp
-        return True
-
-    def divert(self, out: Any, start: int, now: float) -> None:
-        """Take the server legs' packets back from `out.tun[start:]`, then flush.
+    def from_peer(self, pkts: Sequence[bytes | bytearray], now: float, out: Any) -> None:
+        """The decapsulated packets from the tunnel, in the order the Bridge's sequence
+        policy delivered them (TunFrames of its GRO path among them): the server legs take
+        theirs and the ICMP errors about their segments; every other packet is appended to
+        `out.tun`, in order. Then the touched splices are stepped (`flush`).
 
         Consecutive in-order data segments of one server leg (a GRO batch of the tunnel)
         reach the leg as one segment (`_server_run`)."""
         tun = out.tun
-        if len(tun) > start and self.splices:
-            pkts = tun[start:]
-            del tun[start:]
-            run: list[bytes] = []
+        if not self.splices:
+            tun.extend(pkts)
+        elif pkts:
+            run: list[bytes | bytearray] = []
             run_sp: Splice | None = None
             run_tmpl = b""
             run_next = 0
@@ -377,25 +365,28 @@ class Terminator:
         if self.touched or self._pending_rst:
             self.flush(now, out)
 
-    def _leg_icmp(self, pkt: bytes, n: int, now: float) -> bool:
+    def _leg_icmp(self, pkt: bytes | bytearray, n: int, now: float) -> bool:
         """An ICMP error about a server leg's segment: hand it to the leg; True when it
         is consumed (not passed on to the client)."""
+        if n < 28:
+            return False  # not even an IPv4 header and 8 bytes: nothing to look at
         v6 = pkt[0] >> 4 == 6
         if v6:
-            if n < 48 or pkt[6] != 58:
+            if n < 48 or pkt[V6_NXT] != PROTO_ICMPV6:
                 return False  # not ICMPv6 (RFC 4443): the common case
-        elif n < 28 or pkt[9] != 1:
+        elif n < 28 or pkt[V4_PROTO] != PROTO_ICMP:
             return False  # not ICMP (RFC 792)
-        if bytes(pkt[24:40] if v6 else pkt[16:20]) not in self._clients:
+        if bytes(pkt[V6_DST_AT] if v6 else pkt[V4_DST_AT]) not in self._clients:
             return False
         err = parse_icmp_error(memoryview(pkt)[:n])
         if err is None:
             return False
         q = err.quoted
         off = 40 if v6 else (q[0] & 0x0F) * 4 if q else 0
-        if len(q) < off + 8 or q[0] >> 4 != err.version or q[6 if v6 else 9] != 6:
+        if len(q) < off + 8 or q[0] >> 4 != err.version or \
+                q[V6_NXT if v6 else V4_PROTO] != PROTO_TCP:
             return False  # RFC 792: the quote holds the IP header and 8 bytes of TCP
-        src, dst = (q[8:24], q[24:40]) if v6 else (q[12:16], q[16:20])
+        src, dst = (q[V6_SRC_AT], q[V6_DST_AT]) if v6 else (q[V4_SRC_AT], q[V4_DST_AT])
         sport, dport, seq = _QUOTE.unpack_from(q, off)
         sp = self.splices.get((err.version, bytes(src), bytes(dst), sport, dport))
         kind = _ICMP_KINDS.get((err.version, err.type))
@@ -413,9 +404,9 @@ class Terminator:
         one contiguous TCP run, every segment's checksum checked there, the merged packet's
         checksum field holding the pseudo-header sum, NEEDS_CSUM). When it is a server leg's,
         the leg takes it as one segment (no second checksum pass) and True is returned."""
-        mv = memoryview(frame)[VNET.size:]
+        mv = memoryview(frame)[VNET_HDR_LEN:]
         n = len(mv)
-        if frame[0] != NEEDS_CSUM:
+        if frame[0] != F_NEEDS_CSUM:
             return False
         found = self._server_side(mv, n)
         if found is None:
@@ -423,7 +414,7 @@ class Terminator:
         sp, ck, key, off, _flags = found
         seg = parse_tcp(mv[off:n], key[1], key[2], drops=self.drops, verify_checksum=False)
         if seg is not None:
-            gso_size = frame[4] | frame[5] << 8  # virtio_net_hdr.gso_size
+            gso_size = frame[GSO_SIZE_AT] | frame[GSO_SIZE_AT + 1] << 8  # little-endian
             k = -(-len(seg.payload) // gso_size) if gso_size else 1
             self.counters["from_server"] += k
             self.counters["server_runs"] += 1
@@ -431,7 +422,8 @@ class Terminator:
             self.touched[ck] = sp
         return True
 
-    def _server_run(self, run: list[bytes], sp: Splice | None, off: int, now: float) -> None:
+    def _server_run(self, run: list[bytes | bytearray], sp: Splice | None, off: int,
+                    now: float) -> None:
         """Hand a run of contiguous data segments of one server leg to it as one segment
         (bridge/userspace/legwire.py merge_run checks every checksum); packet by packet when the run
         is one packet or does not merge (each then checked on its own, a bad one dropped)."""
@@ -456,7 +448,7 @@ class Terminator:
     def flush(self, now: float, out: Any) -> None:
         """Step every touched splice once and emit both legs' segments."""
         for key, rst in self._pending_rst:
-            out.tun.append(self._packet(key[2], key[1], rst))
+            out.tun.append(self.packet(key[2], key[1], rst))
             self.counters["refused_rst"] += 1
         self._pending_rst.clear()
         touched = self.touched
@@ -473,7 +465,7 @@ class Terminator:
                 try:
                     self._emit(sp, now, out)     # the RSTs of the aborted legs
                 except Exception:  # noqa: BLE001
-                    self._forget(sp)
+                    self.forget(sp)
 
     def _emit(self, sp: Splice, now: float, out: Any) -> None:
         key = sp.key
@@ -488,14 +480,14 @@ class Terminator:
                     tun.append(self._frame(saddr, caddr, seg, mss))
             else:
                 for seg in segs:
-                    tun.append(self._packet(saddr, caddr, seg))
+                    tun.append(self.packet(saddr, caddr, seg))
             self.counters["to_client"] += len(segs)
         segs = sp.to_server(now)
         if segs:
             send = self.send_to_peer
             lost = False
             for seg in segs:
-                if not send(self._packet(caddr, saddr, seg), now, out):
+                if not send(self.packet(caddr, saddr, seg), now, out):
                     self._drop("no_peer")
                     lost = True
             self.counters["to_server"] += len(segs)
@@ -506,7 +498,7 @@ class Terminator:
                     self._emit(sp, now, out)  # the RST to the client
                     return
         if sp.dead:
-            self._forget(sp)
+            self.forget(sp)
             return
         t = sp.get_timer()  # every change to a splice's timers ends here (flush)
         if t is None:
@@ -514,7 +506,8 @@ class Terminator:
         else:
             self._deadlines[key] = t
 
-    def _forget(self, sp: Splice) -> None:
+    def forget(self, sp: Splice) -> None:
+        """Drop `sp` from every table (its legs are done, or it gives way to a new SYN)."""
         if self.splices.get(sp.key) is sp:
             del self.splices[sp.key]
             self._deadlines.pop(sp.key, None)
@@ -550,7 +543,7 @@ class Terminator:
                     sp.abort(CloseReason.TIMEOUT, now)
                     self.touched[sp.key] = sp
                 elif sp.dead:
-                    self._forget(sp)
+                    self.forget(sp)
             self.table.expire(now)
         self.flush(now, out)
 
@@ -580,8 +573,6 @@ class Terminator:
             return
         w = self._warm.get(lane)
         if w is None:
-            from bridge.userspace.warm import WarmCycle
-
             w = self._warm[lane] = WarmCycle(self)
         w.step(now)
 

@@ -10,9 +10,12 @@ Rules of this module (pure, sans-I/O: `now` in, nothing out)
 - `step(now)` moves one hop of a connection between a client and a server TcpConnection (our
   own stack) on either side of the shadow, in turn: the client's SYN from the TUN (a new
   splice: flow table, Splice, both legs' set-up), the server's SYN-ACK from the tunnel
-  (divert, the deferred accept), the client's ACK and request, the server's response, then
-  both ends' RSTs, a drain and the reap. Every hop is one call of the real path's code:
-  `from_tun`, `flush`, `divert`, the legs' input and output, the IP framing.
+  (`from_peer`, the deferred accept), the client's ACK and request, the server's response,
+  then both ends' RSTs, a drain and the reap. Every hop is one call of the real path's code:
+  `from_tun`, `flush`, `from_peer`, the legs' input and output, the IP framing.
+- One direction: the Terminator imports this module; this module uses only the public names
+  of the Terminator it is given (`packet`, `configs_for`, `forget`, ...) and builds the
+  shadow with that object's own class, so it imports nothing of terminator.py.
 - Never raises on account of the shadow's traffic (it is our own); a bug of ours raises to
   the caller, whose keep-warm turns itself off (bridge/io/warm.py).
 
@@ -32,14 +35,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridge.flows import FlowTable, InspectRule
+from bridge.flows import Backend, FlowTable, InspectRule, selector_for
 from bridge.inspect.api import Inspector
 from bridge.inspect.manager import InspectorChain, InspectorManager
 from bridge.tunframe import TunFrame
-from bridge.userspace.legwire import VNET
 from stack.connection import TcpConnection
 from stack.state import State
 from stack.wire.tcp import parse_tcp
+from stack.wire.vnet import VNET_HDR_LEN
 
 __all__ = ["WarmCycle", "WARM_CLIENT", "WARM_SERVER"]
 
@@ -68,15 +71,12 @@ class WarmCycle:
     """One shadow Terminator with a client and a server; `step` moves one hop."""
 
     def __init__(self, real: Any) -> None:
-        from bridge.flows import Backend, selector_for
-        from bridge.userspace.terminator import Terminator
-
         rule = InspectRule(name="warm", dst_ports=((_PORT, _PORT),))
         mgr = InspectorManager(())
         mgr.chains[rule.name] = InspectorChain(rule, [_Nothing()])
         self.to_server: list[bytes] = []
         self.to_client: list[Any] = []
-        self.term = Terminator((rule,), self._send, lambda dst: int(real.tun_mtu()),
+        self.term = type(real)((rule,), self._send, lambda dst: int(real.tun_mtu()),
                                real.tun_mtu, manager=mgr)
         self.term.table = FlowTable(selector_for((rule,), Backend.USERSPACE), max_flows=8)
         self.term.tun_offload = real.tun_offload
@@ -123,14 +123,14 @@ class WarmCycle:
             term = self.term
             term.handle_timer(now + 1.0, _Out(self.to_client))
             for sp in list(term.splices.values()):
-                term._forget(sp)
+                term.forget(sp)
             self.to_client.clear()
             self.to_server.clear()
             self.client = self.server = None
 
     def _open(self, now: float) -> None:
         self.port = self.port + 1 if self.port < 65000 else 1025
-        ccfg, _scfg = self.term._configs_for((4, WARM_CLIENT, WARM_SERVER, self.port, _PORT),
+        ccfg, _scfg = self.term.configs_for((4, WARM_CLIENT, WARM_SERVER, self.port, _PORT),
                                              None)
         client = TcpConnection((WARM_CLIENT, self.port), (WARM_SERVER, _PORT), ccfg)
         server = TcpConnection((WARM_SERVER, _PORT), (WARM_CLIENT, self.port), ccfg)
@@ -144,21 +144,18 @@ class WarmCycle:
     def _client_out(self, client: TcpConnection, now: float) -> None:
         term = self.term
         for seg in client.segments_to_send(now):
-            pkt = term._packet(WARM_CLIENT, WARM_SERVER, seg)
+            pkt = term.packet(WARM_CLIENT, WARM_SERVER, seg)
             term.from_tun(pkt, len(pkt), now)
         term.flush(now, _Out(self.to_client))
 
     def _server_out(self, server: TcpConnection, now: float) -> None:
         term = self.term
-        tun = self.to_client
-        start = len(tun)
-        for seg in server.segments_to_send(now):
-            tun.append(term._packet(WARM_SERVER, WARM_CLIENT, seg))
-        term.divert(_Out(tun), start, now)
+        pkts = [term.packet(WARM_SERVER, WARM_CLIENT, seg) for seg in server.segments_to_send(now)]
+        term.from_peer(pkts, now, _Out(self.to_client))
 
     def _client_in(self, client: TcpConnection, now: float) -> None:
         for pkt in self.to_client:
-            mv = memoryview(pkt)[VNET.size:] if type(pkt) is TunFrame else memoryview(pkt)
+            mv = memoryview(pkt)[VNET_HDR_LEN:] if type(pkt) is TunFrame else memoryview(pkt)
             seg = parse_tcp(mv[20:], WARM_SERVER, WARM_CLIENT, verify_checksum=False)
             if seg is not None:
                 client.receive_segment(seg, now)

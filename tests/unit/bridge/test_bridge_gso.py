@@ -1,6 +1,6 @@
-"""The super-packet fast path (bridge/gso.py, Bridge._tso) sends exactly what TSO splitting
-followed by the per-packet path sends: same datagrams, GRE sequence numbers, counters, flow
-source ports; and it steps aside (falls back) wherever per-packet treatment is needed."""
+"""The super-packet fast path (bridge/fastpath.py `FastPath.send_super`) sends exactly what TSO
+splitting followed by the per-packet path sends: same datagrams, GRE sequence numbers, counters,
+flow source ports; and it steps aside (falls back) wherever per-packet treatment is needed."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 
-from bridge.gso import SuperPacket, UdpRun, encap_segments, parse_tcp
+from bridge.gso import SuperPacket, UdpRun, encap_segments
 from bridge.io import offload as ol
 from bridge.pipeline import Bridge, Output
 from bridge.seqpolicy import SeqReceiver
 from stack.wire.checksum import pseudo_sum_v4, pseudo_sum_v6, verify
+from stack.wire.prelude import plain_tcp
 
 SRC4, DST4 = "198.18.10.5", "198.18.20.7"
 SRC6, DST6 = "2001:db8:10::5", "2001:db8:20::7"
@@ -139,7 +140,7 @@ def test_fast_path_equals_split_hypothesis(size: int, mss: int, v6: bool, seed: 
     CALLS.clear()
     fast, of, ref, orf = _both(variant, [_frame(pkt, v6, mss)])
     _same(fast, of, ref, orf)
-    parsed = parse_tcp(memoryview(pkt))
+    parsed = plain_tcp(memoryview(pkt))
     assert parsed is not None
     fits = parsed[1] + parsed[2] + mss <= fast.peers[0].mtu
     assert len(CALLS) == (1 if fits else 0)  # the fast path whenever segments fit
@@ -156,7 +157,7 @@ def test_numpy_and_python_rows_equal(size: int, mss: int, v6: bool, seed: int,
     """The numpy rows (GRE checksum by the pseudo-header identity) equal the Python rows
     (GRE checksum summed over the datagram)."""
     pkt = memoryview(_super(v6, size, seed=seed))
-    parsed = parse_tcp(pkt)
+    parsed = plain_tcp(pkt)
     assert parsed is not None
     a: list[bytes | bytearray] = []
     b: list[bytes | bytearray] = []

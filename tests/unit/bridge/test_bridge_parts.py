@@ -10,7 +10,7 @@ from scapy.layers.inet6 import IPv6
 
 from bridge import peers as peers_mod
 from bridge.config import PeerConfig
-from bridge.counters import DROP_REASONS, R_TTL, Counters
+from bridge.counters import DROP_REASONS, R_LOOP, R_SPOOFED_SOURCE, R_TTL, Counters
 from bridge.mss import clamp, clamp_packet, mss_for_mtu
 from bridge.peers import PeerTable, canonical_host
 
@@ -52,6 +52,38 @@ def test_allowed_sources() -> None:
     assert TABLE.allowed(1, _a("198.18.20.8"))
     assert not TABLE.allowed(0, _a("198.18.20.8"))  # a more specific prefix is peer 1's
     assert not TABLE.allowed(1, _a("198.18.21.1"))
+
+
+class _State:
+    """What `forward` reads of a peer's runtime state (bridge/peers.py PeerState)."""
+
+    def __init__(self, mtu: int = 1400, up: bool = True, withdraw: bool = False) -> None:
+        self.mtu, self.up, self.withdraw = mtu, up, withdraw
+
+
+def test_forward_checks_in_order() -> None:
+    """Route, peer down (withdrawn), TTL, MTU: one call, the first failing check's code."""
+    cfg = [_peer("a", "198.18.0.2", "198.18.10.0/24"), _peer("b", "198.18.0.3", "198.18.20.0/24")]
+    states = [_State(), _State(up=False, withdraw=True)]
+    t = PeerTable(cfg, local=["198.18.0.1"], states=states)  # type: ignore[arg-type]
+    fwd = t.forward
+    assert fwd(_a("198.18.10.5"), 64, 1400) == 0
+    assert fwd(_a("198.18.10.5"), 64, 1401) == peers_mod.TOO_BIG
+    assert fwd(_a("198.18.10.5"), 1, 1401) == peers_mod.TTL_EXPIRED  # TTL before MTU
+    assert fwd(_a("198.18.20.5"), 1, 9000) == peers_mod.PEER_DOWN  # peer state before TTL
+    assert fwd(_a("198.18.0.1"), 1, 9000) == peers_mod.LOOP
+    assert fwd(_a("203.0.113.1"), 1, 9000) == peers_mod.NO_ROUTE
+    states[1].up = True
+    assert fwd(_a("198.18.20.5"), 64, 100) == 1  # the route cache does not cache the state
+
+
+def test_accept_checks_in_order() -> None:
+    """AllowedIPs, TTL 0, loop guard: -1 when the packet may go to the TUN."""
+    a, b = TABLE.accept, _a("198.18.20.8")
+    assert a(1, b, _a("198.18.10.1"), 64) == -1
+    assert a(0, b, _a("198.18.10.1"), 0) == R_SPOOFED_SOURCE
+    assert a(1, b, _a("198.18.0.1"), 0) == R_TTL
+    assert a(1, b, _a("198.18.0.1"), 1) == R_LOOP
 
 
 def test_hosts_and_endpoints() -> None:

@@ -21,8 +21,9 @@ from scapy.layers.ipsec import AH
 from scapy.packet import Packet, Raw
 
 from bridge.config import loads_config
-from bridge.mss import MAX_EXT_HEADERS, V6_EXT_HEADERS, clamp_packet, v6_tcp_offset
+from bridge.mss import clamp_packet
 from bridge.pipeline import Bridge, Output
+from stack.wire.prelude import MAX_EXT_HEADERS, V6_EXT_HEADERS, v6_tcp_offset
 
 SRC, DST = "2001:db8:1::10", "2001:db8:2::10"
 MTU = 1400  # -> MSS 1340 for IPv6

@@ -118,7 +118,7 @@ class World:
         self.profile_step: str | None = None
         self.port = 30000
         self.server_port = 80  # 8081: no rule matches, the plain tunnel (--plain-flow)
-        self.packet = self.a.terminator._packet
+        self.packet = self.a.terminator.packet
 
     # ------------------------------------------------------------------ gw-a (timed)
 

@@ -78,17 +78,15 @@ def run(total: int, inspectors: list[Any], offload: bool = False) -> tuple[int, 
                 conn.handle_timer(now)
         if sent < total and server.state.name == "ESTABLISHED":
             sent += server.send(memoryview(data)[sent:sent + 262144])
-        up = [term._packet(C[0], S[0], s) for s in client.segments_to_send(now)]
-        down = [term._packet(S[0], C[0], s) for s in server.segments_to_send(now)]
+        up = [term.packet(C[0], S[0], s) for s in client.segments_to_send(now)]
+        down = [term.packet(S[0], C[0], s) for s in server.segments_to_send(now)]
         segments += len(down)
         t0 = time.perf_counter()
         out = _Out()
         for p in up:
             term.from_tun(p, len(p), now)
         term.flush(now, out)
-        start = len(out.tun)
-        out.tun.extend(down)
-        term.divert(out, start, now)
+        term.from_peer(down, now, out)
         t = term.get_timer()
         if t is not None and t <= now:
             term.handle_timer(now, out)

@@ -170,10 +170,10 @@ class Harness:
     def _endpoint_out(self) -> None:
         t = self.term
         for seg in self.client.conn.segments_to_send(self.now):
-            self.c2t.put(t._packet(C_ADDR, S_ADDR, seg), self.now)
+            self.c2t.put(t.packet(C_ADDR, S_ADDR, seg), self.now)
         if self.server is not None:
             for seg in self.server.conn.segments_to_send(self.now):
-                self.s2t.put(t._packet(S_ADDR, C_ADDR, seg), self.now)
+                self.s2t.put(t.packet(S_ADDR, C_ADDR, seg), self.now)
 
     def _term_out(self) -> None:
         out = self.out
@@ -210,11 +210,8 @@ class Harness:
             if not term.from_tun(pkt, len(pkt), now):
                 self.forwarded.append(pkt)
         term.flush(now, self.out)
-        start = len(self.out.tun)
-        for pkt in self.s2t.due(now):
-            self.out.tun.append(pkt)
-        term.divert(self.out, start, now)
-        # what divert left in out.tun past `start` would go to the TUN: in this harness every
+        term.from_peer(list(self.s2t.due(now)), now, self.out)
+        # what from_peer passed on to out.tun would go to the TUN: in this harness every
         # server packet belongs to the splice, anything else is recorded as forwarded
         t = term.get_timer()
         if t is not None and t <= now:
@@ -236,7 +233,7 @@ class Harness:
             if self.server is None:
                 rst = reset_reply(seg)   # a closed port (RFC 9293 §3.10.7.1)
                 if rst is not None:
-                    self.s2t.put(term._packet(S_ADDR, C_ADDR, rst), now)
+                    self.s2t.put(term.packet(S_ADDR, C_ADDR, rst), now)
             else:
                 self.server.conn.receive_segment(seg, now)
         for app in (self.client, self.server):

@@ -263,7 +263,7 @@ def test_stray_segment_of_reaped_flow_gets_rst() -> None:
     from stack.wire.tcp import ACK, TcpSegment
 
     late = TcpSegment(40000, 80, 12345, 678, ACK, 100)
-    pkt = h.term._packet(C_ADDR, S_ADDR, late)
+    pkt = h.term.packet(C_ADDR, S_ADDR, late)
     assert h.term.from_tun(pkt, len(pkt), h.now)
     h.term.flush(h.now, h.out)
     assert len(h.out.tun) == 1 and h.out.tun[0][33] & 0x04  # RST
@@ -299,10 +299,14 @@ def test_from_peer_leaves_other_flows_alone_while_a_splice_lives() -> None:
     assert h.run(lambda h: len(h.client.rx) == 1000)
     other_client = bytes([198, 18, 1, 11])
     for dst, dport in ((other_client, 40000), (C_ADDR, 40001)):
-        pkt = h.term._packet(S_ADDR, dst, TcpSegment(80, dport, 1, 2, ACK, 100, b"data"))
-        assert not h.term.from_peer(pkt, len(pkt), h.now)
-    mine = h.term._packet(S_ADDR, C_ADDR, TcpSegment(80, 40000, 1, 2, ACK, 100))
-    assert h.term.from_peer(mine, len(mine), h.now)
+        pkt = h.term.packet(S_ADDR, dst, TcpSegment(80, dport, 1, 2, ACK, 100, b"data"))
+        h.out.tun.clear()
+        h.term.from_peer([pkt], h.now, h.out)
+        assert h.out.tun == [pkt]  # not a server leg's: passed on to the TUN as it is
+    mine = h.term.packet(S_ADDR, C_ADDR, TcpSegment(80, 40000, 1, 2, ACK, 100))
+    h.out.tun.clear()
+    h.term.from_peer([mine], h.now, h.out)
+    assert mine not in h.out.tun  # the server leg took it
 
 
 def test_idle_flow_is_reset_after_idle_timeout() -> None:
@@ -321,7 +325,7 @@ def test_client_syn_retransmit_and_ack_in_one_batch() -> None:
     while the server's first bytes (an SSH banner) are already queued on the client leg."""
     h = Harness(rule(), [Recorder()], server_data=b"SSH-2.0-banner\r\n", client_close=True,
                 server_close=True)
-    syn_pkt = h.term._packet(C_ADDR, S_ADDR, h.client.conn.segments_to_send(0.0)[0])
+    syn_pkt = h.term.packet(C_ADDR, S_ADDR, h.client.conn.segments_to_send(0.0)[0])
     h.client.conn._snd_nxt = 0  # the harness sends this SYN (again) as usual
     assert h.run(lambda h: bool(h.client_syns))   # the client has our SYN-ACK
     h.step()                                        # ... and its ACK is on the wire: hold it

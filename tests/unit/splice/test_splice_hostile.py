@@ -43,16 +43,16 @@ def test_random_segments_and_bytes_never_raise(attack: list[tuple[bool, TcpSegme
     for from_client, seg in attack:
         if from_client:
             seg = TcpSegment(C_PORT, S_PORT, *_rest(seg))
-            pkt = term._packet(C_ADDR, S_ADDR, seg)
+            pkt = term.packet(C_ADDR, S_ADDR, seg)
             term.from_tun(pkt, len(pkt), h.now)
         else:
             seg = TcpSegment(S_PORT, C_PORT, *_rest(seg))
-            pkt = term._packet(S_ADDR, C_ADDR, seg)
-            term.from_peer(pkt, len(pkt), h.now)
+            pkt = term.packet(S_ADDR, C_ADDR, seg)
+            term.from_peer([pkt], h.now, h.out)
         term.flush(h.now, h.out)
     for b in junk:
         term.from_tun(b, len(b), h.now)
-        term.from_peer(b, len(b), h.now)
+        term.from_peer([b], h.now, h.out)
     term.flush(h.now, h.out)
     h.out.tun.clear()
     h.out.peer.clear()

@@ -47,15 +47,14 @@ class World:
     def syn(self, now: float = 0.0) -> _Out:
         out = _Out()
         for seg in self.client.segments_to_send(now):
-            pkt = self.term._packet(self.c, self.s, seg)
+            pkt = self.term.packet(self.c, self.s, seg)
             assert self.term.from_tun(pkt, len(pkt), now)
         self.term.flush(now, out)
         return out
 
     def from_tunnel(self, pkts: list[bytes], now: float) -> _Out:
         out = _Out()
-        out.tun.extend(pkts)
-        self.term.divert(out, 0, now)
+        self.term.from_peer(pkts, now, out)
         return out
 
     def to_client(self, out: _Out) -> list[Any]:
@@ -119,7 +118,7 @@ def test_soft_error_on_an_established_leg_does_not_end_the_flow() -> None:
     server = TcpConnection((S4, 80), (C4, 40000), TcpConfig())
     server.listen()
     server.receive_segment(parse_tcp(_tcp_of(syn)[2], C4, S4), 0.0)
-    w.from_tunnel([w.term._packet(S4, C4, s) for s in server.segments_to_send(0.0)], 0.01)
+    w.from_tunnel([w.term.packet(S4, C4, s) for s in server.segments_to_send(0.0)], 0.01)
     (sp,) = w.term.splices.values()
     assert sp.server.state is State.ESTABLISHED and sp.client is not None
     w.peer.clear()
@@ -138,7 +137,7 @@ def test_icmp_about_other_flows_passes_through() -> None:
     other = TcpConnection((C4, 40001), (S4, 81), TcpConfig())
     other.connect(0.0)
     (seg,) = other.segments_to_send(0.0)
-    icmp = unreachable(w, w.term._packet(C4, S4, seg), 1)
+    icmp = unreachable(w, w.term.packet(C4, S4, seg), 1)
     out = w.from_tunnel([icmp], 0.05)
     assert out.tun == [icmp] and len(w.term.splices) == 1
 

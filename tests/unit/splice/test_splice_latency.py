@@ -81,20 +81,19 @@ def client_sends(h: Harness, data: bytes, now: float, fin: bool = False) -> _Out
         h.client.conn.close()
     out = _Out()
     for seg in h.client.conn.segments_to_send(now):
-        pkt = h.term._packet(C_ADDR, S_ADDR, seg)
+        pkt = h.term.packet(C_ADDR, S_ADDR, seg)
         assert h.term.from_tun(pkt, len(pkt), now)
     h.term.flush(now, out)
     return out
 
 
 def server_sends(h: Harness, data: bytes, now: float) -> _Out:
-    """The server's segments come back from the tunnel as one batch: divert at `now`."""
+    """The server's segments come back from the tunnel as one batch: from_peer at `now`."""
     assert h.server is not None
     h.server.conn.send(data)
     out = _Out()
-    for seg in h.server.conn.segments_to_send(now):
-        out.tun.append(h.term._packet(S_ADDR, C_ADDR, seg))
-    h.term.divert(out, 0, now)
+    h.term.from_peer([h.term.packet(S_ADDR, C_ADDR, seg)
+                      for seg in h.server.conn.segments_to_send(now)], now, out)
     return out
 
 
@@ -126,7 +125,7 @@ def test_observer_chain_forwards_the_response_in_the_divert_call() -> None:
     now = h.now + 0.01
     client_sends(h, REQUEST, now)
     out = server_sends(h, RESPONSE, now + 0.001)
-    assert payloads(out.tun) == RESPONSE          # to the client within the divert call
+    assert payloads(out.tun) == RESPONSE          # to the client within the from_peer call
     assert w.calls == []                          # the request is not parsed yet either
     h.term.handle_timer(now + TAP_DELAY, _Out())  # one drain: request, then response
     assert [c[1] for c in w.calls] == [C2S, S2C]
@@ -148,9 +147,8 @@ def test_a_response_that_carries_the_fin_is_forwarded_with_it_before_any_parse()
     out = _Out()
     segs = h.server.conn.segments_to_send(now + 0.001)
     assert len(segs) == 1 and segs[0].flags & 0x01  # FIN on the data segment
-    out.tun.append(h.term._packet(S_ADDR, C_ADDR, segs[0]))
-    h.term.divert(out, 0, now + 0.001)
-    assert payloads(out.tun) == RESPONSE          # to the client within the divert call ...
+    h.term.from_peer([h.term.packet(S_ADDR, C_ADDR, segs[0])], now + 0.001, out)
+    assert payloads(out.tun) == RESPONSE          # to the client within the from_peer call ...
     fins = [p for p in out.tun if parse_tcp(_tcp_of(p)[2], S_ADDR, C_ADDR).flags & 0x01]
     assert fins                                   # ... with the FIN
     assert w.calls == []                          # nothing parsed yet

@@ -133,7 +133,7 @@ def test_coalesce_writes_tun_frames_unchanged_and_in_order() -> None:
     t = _term()
     seg = TcpSegment(80, 40000, 1, 1, ACK, 500, os.urandom(3000), ts=(1, 2))
     frame = t._frame(S_ADDR, C_ADDR, seg, 1000)
-    plain = t._packet(S_ADDR, C_ADDR, seg._replace(payload=b"x" * 100, seq=3001))
+    plain = t.packet(S_ADDR, C_ADDR, seg._replace(payload=b"x" * 100, seq=3001))
     out: list[bytes] = []
     assert coalesce([plain, frame, plain], out) == 3
     assert out[1] is frame

@@ -59,7 +59,7 @@ def bridges(seq: str = "drop-late") -> tuple[Bridge, Bridge]:
 
 def ip_packet(bridge: Bridge, src: bytes, dst: bytes, seg: Any) -> bytes:
     assert bridge.terminator is not None
-    return bridge.terminator._packet(src, dst, seg)
+    return bridge.terminator.packet(src, dst, seg)
 
 
 def tcp_of(pkt: bytes) -> Any:

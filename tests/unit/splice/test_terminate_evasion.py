@@ -1,6 +1,6 @@
 """Inspection is not evaded by framing: a TCP SYN behind IPv6 extension headers, or the first
 fragment of a TCP datagram, to a port an [[inspect]] rule selects never passes the Terminator
-uninspected (bridge/userspace/legwire.py tcp_key)."""
+uninspected (stack/wire/prelude.py tcp_key)."""
 
 from __future__ import annotations
 

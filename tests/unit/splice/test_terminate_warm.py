@@ -91,7 +91,7 @@ def test_each_lane_has_its_own_shadow_and_warm_stops_after_the_window() -> None:
     assert isinstance(h.term._warm[0], WarmCycle) and h.term._warm[0] is not h.term._warm[1]
     # the real flow ends; warm goes on for WARM_WINDOW after the last splice opened
     for sp in list(h.term.splices.values()):
-        h.term._forget(sp)
+        h.term.forget(sp)
     w = h.term._warm[0]
     phase = w.phase
     h.term.warm(h.term._last_new + WARM_WINDOW / 2)

@@ -1,7 +1,7 @@
 """Issue 9, defect 1: a packet whose IPv6 header chain cannot be walked to its end (more than
 MAX_EXT_HEADERS headers, truncated, an extension header we do not walk) and whose addresses an
 [[inspect]] rule covers is never forwarded, by either backend: it is dropped and counted as
-"uninspectable" (bridge/mss.py `uninspectable`, applied by the Bridge in both directions).
+"uninspectable" (stack/wire/prelude.py `uninspectable`, applied by the Bridge in both directions).
 
 On main before the fix, a SYN to an inspected port behind 9 or 12 Destination Options headers
 was not keyed by the Terminator and went out through the tunnel as sent."""
@@ -15,8 +15,8 @@ from test_terminate_bridge import CLIENT6, SERVER6, SITE, bridges, ip_packet
 
 from bridge.config import loads_config
 from bridge.encap import GreEncoder
-from bridge.mss import MAX_EXT_HEADERS, V6_NO_TCP, V6_UNWALKABLE, v6_tcp_offset
 from bridge.pipeline import Bridge, Output
+from stack.wire.prelude import MAX_EXT_HEADERS, V6_NO_TCP, V6_UNWALKABLE, v6_tcp_offset
 from stack.wire.tcp import SYN, TcpSegment
 
 PEER = ("198.18.0.2", 4754)
