@@ -40,7 +40,7 @@ from stack.events import (
     UrgentData,
 )
 from stack.seq import HALF, MASK
-from stack.state import CAN_RECEIVE, CAN_SEND, State
+from stack.state import CAN_RECEIVE, CAN_SEND, Ev, State
 from stack.tcp_core import DATA_MARK, Endpoint
 from stack.tcp_open import OpenMixin
 from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, URG, TcpSegment
@@ -124,13 +124,11 @@ class TcpConnection(OpenMixin):
         if self._watch is not None:
             self._watch(self)
         if st is State.LISTEN or st is State.SYN_SENT:
-            self._enter_closed()
+            self._enter_closed(Ev.CLOSE)
             return
         self._fin_abs = 1 + self._sendbuf.end
-        if st is State.ESTABLISHED:
-            self._state = State.FIN_WAIT_1
-        elif st is State.CLOSE_WAIT:
-            self._state = State.LAST_ACK
+        if st is State.ESTABLISHED or st is State.CLOSE_WAIT:
+            self._move(Ev.CLOSE)  # FIN-WAIT-1 or LAST-ACK
         # SYN-RECEIVED: the FIN goes out once ESTABLISHED (RFC 9293 §3.10.4).
 
     def abort(self) -> None:
@@ -143,7 +141,7 @@ class TcpConnection(OpenMixin):
             self._watch(self)
         if st in _ABORT_SENDS_RST:
             self._queue_rst(self._seq_of(self._snd_nxt), None)
-        self._enter_closed()
+        self._enter_closed(Ev.ABORT)
 
     # ------------------------------------------------------------------ input
 
@@ -254,7 +252,7 @@ class TcpConnection(OpenMixin):
                 self._rtt_sample_syn(seg, now)
                 self._snd_wnd = seg.window
                 self._snd_wl1, self._snd_wl2 = 0, 1
-                self._establish()
+                self._establish(Ev.RCV_ACK_OF_SYN)
                 return
         # RFC 7323 §3.2 / §5.3: timestamps, then PAWS, before the sequence test.
         ts = seg.ts
@@ -326,7 +324,7 @@ class TcpConnection(OpenMixin):
             self._snd_wnd = seg.window << self._snd_wscale
             self._snd_wl1, self._snd_wl2 = seg_abs, 1
             self._max_snd_wnd = self._snd_wnd
-            self._establish()
+            self._establish(Ev.RCV_ACK_OF_SYN)
             st = self._state
         if not self._process_ack(seg, seg_abs, now):
             return
@@ -402,11 +400,11 @@ class TcpConnection(OpenMixin):
         st = self._state
         if self._fin_abs is not None and self._snd_una > self._fin_abs:
             if st is State.FIN_WAIT_1:
-                self._state = State.FIN_WAIT_2
+                self._move(Ev.RCV_ACK_OF_FIN)
             elif st is State.CLOSING:
-                self._enter_time_wait(now)
+                self._enter_time_wait(Ev.RCV_ACK_OF_FIN, now)
             elif st is State.LAST_ACK:
-                self._enter_closed()
+                self._enter_closed(Ev.RCV_ACK_OF_FIN)
                 return False
         return True
 
@@ -503,14 +501,15 @@ class TcpConnection(OpenMixin):
         self._events.append(PeerFinished())
         st = self._state
         if st is State.ESTABLISHED or st is State.SYN_RECEIVED:
-            self._state = State.CLOSE_WAIT
+            self._move(Ev.RCV_FIN)  # CLOSE-WAIT
         elif st is State.FIN_WAIT_1:
             if self._fin_abs is not None and self._snd_una > self._fin_abs:
-                self._enter_time_wait(now)
+                self._move(Ev.RCV_ACK_OF_FIN)  # our FIN is acknowledged too: FIN-WAIT-2 ...
+                self._enter_time_wait(Ev.RCV_FIN, now)  # ... and on to TIME-WAIT
             else:
-                self._state = State.CLOSING
+                self._move(Ev.RCV_FIN)  # CLOSING
         elif st is State.FIN_WAIT_2:
-            self._enter_time_wait(now)
+            self._enter_time_wait(Ev.RCV_FIN, now)
 
     def _unwrap_rcv(self, seq: int) -> int:
         d = (seq - self._irs - self._rcv_nxt) & MASK

@@ -12,7 +12,9 @@ Rules:
   caller enforces it by timing one segment at a time and forgetting the timing on a
   retransmission, unless timestamps disambiguate (RFC 7323 §4, RTTM).
 - RFC 6298 §5.5 / RFC 9293 MUST-19: on expiry the RTO doubles (`backoff`), up to the
-  maximum; a new sample after new data is acknowledged ends the backoff.
+  maximum. Only a new RTT sample ends the backoff (`sample`; the note after RFC 6298 §5:
+  the RTO "collapses" back once a measurement is taken, which Karn's rule allows only for
+  a segment not retransmitted); an ACK of new data alone keeps the doubled RTO.
 - RFC 6298 §5.7: if the SYN timed out and RTO < 3 s, RTO is reset to 3 s when data transfer
   begins (`syn_timed_out`).
 
@@ -72,10 +74,6 @@ class RtoEstimator:
         """The timer expired: double the RTO (RFC 6298 §5.5), up to the maximum."""
         if self.base_rto * (1 << self.backoffs) < self.maximum:
             self.backoffs += 1
-
-    def reset_backoff(self) -> None:
-        """New data was acknowledged: keep the estimate, drop the doubling (RFC 6298 §5.7 note)."""
-        self.backoffs = 0
 
     def syn_timed_out(self) -> None:
         """RFC 6298 §5.7: the SYN was retransmitted and no sample exists: use 3 s."""

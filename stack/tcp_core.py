@@ -56,7 +56,7 @@ from stack.events import (
 )
 from stack.rto import RtoEstimator
 from stack.seq import MASK, ts_offset
-from stack.state import State
+from stack.state import Ev, State, next_state
 from stack.tcp_config import TcpConfig
 from stack.wire.tcp import ACK, RST, TcpSegment
 
@@ -291,7 +291,7 @@ class ConnectionCore:
         if k is IcmpKind.UNREACHABLE and (code in (2, 3) if v4 else code == 4):
             self._drop("icmp_hard_error")  # SHLD-26: abort
             self._events.append(ConnectionReset("unreachable"))
-            self._enter_closed()
+            self._enter_closed(Ev.GIVE_UP)
             return
         self._soft_error = (k.value, code, now)
         ev = SoftError(k, code)
@@ -361,7 +361,7 @@ class ConnectionCore:
         """Act on every deadline at or before `now`; call segments_to_send(now) after."""
         if self._timewait_at is not None and now >= self._timewait_at:
             self._timewait_at = None
-            self._enter_closed()  # MUST-13: 2*MSL elapsed
+            self._enter_closed(Ev.TIMEOUT_2MSL)  # MUST-13: 2*MSL elapsed
             return
         if self._delack_at is not None and now >= self._delack_at:
             self._delack_at = None
@@ -378,7 +378,7 @@ class ConnectionCore:
             if t is not None and now >= t:
                 if self._ka_sent >= self.config.keepalive_probes:  # MUST-29: not one loss
                     self._events.append(ConnectionReset("timeout"))
-                    self._enter_closed()
+                    self._enter_closed(Ev.GIVE_UP)
                     return
                 self._ka_sent += 1
                 self._ka_at = now + self.config.keepalive_interval
@@ -390,7 +390,7 @@ class ConnectionCore:
             self._retries += 1
             if self._retries > self.config.syn_retries:  # MUST-22/23
                 self._events.append(ConnectionReset("timeout"))
-                self._enter_closed()
+                self._enter_closed(Ev.GIVE_UP)
                 return
             self._rto.backoff()
             self._snd_nxt = 0  # send the SYN (or SYN-ACK) again
@@ -407,7 +407,7 @@ class ConnectionCore:
         self._retries += 1
         if self._retries > self.config.max_retries:  # MUST-20: R2
             self._events.append(ConnectionReset("timeout"))
-            self._enter_closed()
+            self._enter_closed(Ev.GIVE_UP)
             return
         self._cc.on_timeout(self._snd_max, self._snd_max - self._snd_una, self._retries == 1)
         if self._ts_on:
@@ -468,15 +468,19 @@ class ConnectionCore:
                 out.append((s, e))
         self._sacked = out[:32]
 
-    def _enter_time_wait(self, now: float) -> None:
-        self._state = State.TIME_WAIT
+    def _move(self, ev: Ev) -> None:
+        """The one place the state changes: along the edge `ev` of the table (stack/state.py)."""
+        self._state = next_state(self._state, ev)
+
+    def _enter_time_wait(self, ev: Ev, now: float) -> None:
+        self._move(ev)
+        assert self._state is State.TIME_WAIT
         self._timewait_at = now + 2 * self.config.msl  # MUST-13
         self._rto_at = self._persist_at = None
 
-    def _enter_closed(self) -> None:
-        if self._state is State.CLOSED:
-            return
-        self._state = State.CLOSED
+    def _enter_closed(self, ev: Ev) -> None:
+        self._move(ev)
+        assert self._state is State.CLOSED
         self._rto_at = self._persist_at = self._timewait_at = self._delack_at = None
         self._ack_now = self._retx_pending = self._probe_pending = self._ka_pending = False
         self._ooo.clear()

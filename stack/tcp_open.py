@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from stack.events import Connected, ConnectionReset, LocalProtocolError
 from stack.seq import MASK, isn_rfc6528
-from stack.state import State
+from stack.state import Ev, State
 from stack.tcp_output import OutputMixin
 from stack.wire.tcp import ACK, RST, SYN, TcpSegment
 
@@ -40,14 +40,14 @@ class OpenMixin(OutputMixin):
         if self._state is not State.CLOSED or self._snd_max:
             raise LocalProtocolError(f"connect() in state {self._state}")
         self._choose_iss(now)
-        self._state = State.SYN_SENT
+        self._move(Ev.ACTIVE_OPEN)
         self._snd_una = self._snd_nxt = 0
 
     def listen(self) -> None:
         """Passive OPEN (RFC 9293 §3.10.1): wait for a SYN. Raises unless CLOSED."""
         if self._state is not State.CLOSED or self._snd_max:
             raise LocalProtocolError(f"listen() in state {self._state}")
-        self._state = State.LISTEN
+        self._move(Ev.PASSIVE_OPEN)
         self._passive = True
 
     def _choose_iss(self, now: float) -> None:
@@ -72,7 +72,7 @@ class OpenMixin(OutputMixin):
         self._snd_wnd = seg.window  # never scaled in a SYN (RFC 7323 §2.2)
         self._snd_wl1, self._snd_wl2 = 0, 0
         self._max_snd_wnd = self._snd_wnd
-        self._state = State.SYN_RECEIVED
+        self._move(Ev.RCV_SYN)
         self._snd_una = self._snd_nxt = 0  # the SYN-ACK is produced by the output
 
     def _take_syn(self, seg: TcpSegment, now: float) -> None:
@@ -116,7 +116,7 @@ class OpenMixin(OutputMixin):
         if f & RST:
             if acceptable:  # RFC 5961 §3: only an RST that acknowledges our SYN
                 self._events.append(ConnectionReset("refused"))
-                self._enter_closed()
+                self._enter_closed(Ev.RCV_RST)
             else:
                 self._drop("rst_in_syn_sent")
             return
@@ -132,11 +132,11 @@ class OpenMixin(OutputMixin):
             self._snd_wnd = seg.window  # a SYN's window is never scaled (RFC 7323 §2.2)
             self._snd_wl1, self._snd_wl2 = 0, 1
             self._max_snd_wnd = self._snd_wnd
-            self._establish()
+            self._establish(Ev.RCV_SYN_ACK)
             self._ack_now = True
         else:
             # MUST-10: simultaneous open; answer <SEQ=ISS><ACK=RCV.NXT><CTL=SYN,ACK>.
-            self._state = State.SYN_RECEIVED
+            self._move(Ev.RCV_SYN)
             self._snd_wnd = seg.window
             self._max_snd_wnd = seg.window
             self._snd_nxt = 0
@@ -152,16 +152,16 @@ class OpenMixin(OutputMixin):
             self._rto.syn_timed_out()  # RFC 6298 §5.7
         self._retries = 0
 
-    def _establish(self) -> None:
+    def _establish(self, ev: Ev) -> None:
         # A SYN(-ACK) resend still pending (SND.NXT = 0 after the peer's SYN again or our
         # RTO) is obsolete once the SYN is acknowledged: SND.NXT never trails SND.UNA.
         if self._snd_nxt < self._snd_una:
             self._snd_nxt = self._snd_una
-        self._state = State.ESTABLISHED
+        self._move(ev)  # ESTABLISHED
         self._events.append(Connected())
         if self._close_requested:
             self._fin_abs = 1 + self._sendbuf.end
-            self._state = State.FIN_WAIT_1
+            self._move(Ev.CLOSE)  # FIN-WAIT-1 (RFC 9293 §3.10.4: the deferred CLOSE)
 
     def _on_reset(self) -> None:
         st = self._state
@@ -173,10 +173,10 @@ class OpenMixin(OutputMixin):
             self._events.append(
                 ConnectionReset("refused" if st is State.SYN_RECEIVED else "reset")
             )
-        self._enter_closed()
+        self._enter_closed(Ev.RCV_RST)
 
     def _reset_to_listen(self) -> None:
-        self._state = State.LISTEN
+        self._move(Ev.RCV_RST_PASSIVE)  # MUST-11
         self._snd_una = self._snd_nxt = self._snd_max = 0
         self._rto_at = None
         self._retries = 0
