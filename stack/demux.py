@@ -38,10 +38,10 @@ from collections import deque
 
 from stack.connection import TcpConnection
 from stack.events import LocalProtocolError
+from stack.handshake import reset_reply
 from stack.seq import seq_gt
 from stack.state import State
 from stack.tcp_config import TcpConfig
-from stack.tcp_core import reset_reply
 from stack.wire.tcp import ACK, RST, SYN, TcpSegment, parse_tcp
 
 __all__ = ["TcpDemux", "FlowKey", "is_unicast"]

@@ -72,7 +72,7 @@ from typing import Any
 from bridge.flows import FlowKey, InspectRule
 from bridge.inspect.api import C2S, RESET, S2C, CloseReason, Deny, Direction, Flow
 from bridge.inspect.manager import InspectorChain
-from stack.connection import TcpConnection
+from stack.connection import TcpConnection, reset_reply
 from stack.events import (
     Closed,
     Connected,
@@ -85,7 +85,6 @@ from stack.events import (
 from stack.seq import MASK
 from stack.state import State
 from stack.tcp_config import TcpConfig
-from stack.tcp_core import reset_reply
 from stack.wire.tcp import TcpSegment
 
 __all__ = ["Splice", "Phase", "TAP_MAX", "TAP_DELAY"]

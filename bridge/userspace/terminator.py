@@ -87,9 +87,9 @@ from bridge.userspace.legwire import (
     tcp_key,
 )
 from bridge.userspace.splice import Splice
+from stack.connection import reset_reply
 from stack.events import IcmpKind
 from stack.tcp_config import TcpConfig
-from stack.tcp_core import reset_reply
 from stack.wire.icmp import parse_icmp_error
 from stack.wire.tcp import ACK, RST, SYN, TcpSegment, parse_tcp
 
