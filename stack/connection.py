@@ -11,48 +11,30 @@ Rules (each handler cites the clause it implements):
 - Input follows RFC 9293 §3.10.7 ("SEGMENT ARRIVES") state by state: CLOSED here, LISTEN
   and SYN-SENT in stack/handshake.py, SYN-RECEIVED and the synchronized states here, with
   RFC 5961 (RST and SYN challenge ACKs, ACK range check), RFC 7323 (PAWS, TS.Recent) and
-  RFC 2018 (SACK) woven in.
-- Timers (RFC 9293 §3.8): retransmission (RFC 6298, the Sender's `rto_at`), persist
-  (MUST-35..37, the Sender's `persist_at`), delayed ACK (MUST-40, the Receiver's
-  `delack_at`), TIME-WAIT 2*MSL (MUST-13) and keep-alive (§3.8.4, off by default; MUST-29:
-  several unanswered probes, not one, end the connection) here. `get_timer()` is the
-  earliest deadline; `handle_timer(now)` acts on every expired one.
-- RFC 9293 §3.9.1.4 (`icmp_error`): MUST-54, act on ICMP errors for this connection.
-  Destination Unreachable codes 0, 1, 5, Time Exceeded and Parameter Problem are soft
-  errors: never abort (MUST-56), report a SoftError event (SHLD-25). Unreachable codes 2
-  and 3 (protocol, port) abort with ConnectionReset("unreachable") (SHLD-26); so does
-  ICMPv6 code 4 (port unreachable, RFC 4443 §3.1), the other ICMPv6 codes are soft.
-  IPv4 code 4 is Fragmentation Needed: with an MTU it is path MTU discovery (`path_mtu`,
-  RFC 1191 §6.3 / RFC 8201 §5.2), never an abort. Source Quench is ignored (MUST-55,
-  RFC 6633). RFC 5927 §4.1: an error quoting a sequence number outside [SND.UNA, SND.NXT]
-  is dropped.
-- Urgent data (RFC 9293 §3.8.5, MUST-30..33): `send(data, urgent=True)` moves SND.UP
-  (MUST-31, RFC 6093 semantics); received urgent data is reported and stays inline.
-  Not done: no out-of-band byte (SO_OOBINLINE is the only mode), and urgent data does
-  not bypass Nagle or the windows.
+  RFC 2018 (SACK) woven in. ICMP errors: RFC 9293 §3.9.1.4 (MUST-54..56, `icmp_effect` in
+  stack/events.py) and RFC 5927 §4.1 (an error quoting a sequence number outside
+  [SND.UNA, SND.NXT] is dropped). Urgent data: RFC 9293 §3.8.5 (MUST-30..33, inline only:
+  no out-of-band byte; urgent data does not bypass Nagle or the windows).
 
-Theory of operation: one class holds the state and routes; the work is done by four
-components it builds and passes to each other explicitly: the Sender (stack/send.py: SND.*,
-output, retransmission; with its CongestionControl, Scoreboard and RtoEstimator), the
-Receiver (stack/receive.py: RCV.*, reassembly, ACK policy, window), the Handshake
-(stack/handshake.py: ISS, options, LISTEN and SYN-SENT input) and the events queue. The
-components report what happened (an event of the table, "the FIN took effect", "give up")
-and the connection makes the transition. Positions are absolute ints (stack/seq.py); a
-32-bit number from a segment is unwrapped once against RCV.NXT or SND.UNA.
-`receive_segment` first tries header prediction (RFC 9293 §3.10 note, Van Jacobson):
-ESTABLISHED, only ACK (and PSH) set, the expected sequence number, nothing out of order,
-an ACK within range; then either in-order data or a pure ACK of new data, inline on the
-components' fields (this is the per-segment cost: locals, no extra calls). Everything else
-takes the per-state slow path. Output is pulled: input only updates state and sets flags
-(ACK now, retransmit, RST to send); `segments_to_send` turns them into segments, so ACKs
-for a whole batch of input are aggregated (MUST-58/59).
+Theory of operation: one class holds the state and routes; the work is done by components
+it builds and hands to each other explicitly: the Sender (stack/send.py: SND.*, output,
+retransmission; with its CongestionControl, Scoreboard and RtoEstimator), the Receiver
+(stack/receive.py: RCV.*, reassembly, ACK policy, window), the Handshake
+(stack/handshake.py: ISS, options, LISTEN and SYN-SENT input), the Timers
+(stack/timers.py) and the events queue. Components report what happened (an event of the
+table, "the FIN took effect", "give up"); the connection makes the transition. Positions
+are absolute ints (stack/seq.py). `receive_segment` first tries header prediction (RFC
+9293 §3.10 note, Van Jacobson): ESTABLISHED, only ACK (and PSH), the expected sequence
+number, nothing out of order, an ACK in range; then in-order data or a pure ACK of new
+data is handled inline on the components' fields (the per-segment cost: locals, no extra
+calls). Everything else takes the per-state slow path. Output is pulled: input only
+updates state and sets flags; `segments_to_send` turns them into segments, so the ACKs for
+a whole batch of input are aggregated (MUST-58/59).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
-from typing import Any
 
 from stack.congestion import NewReno
 from stack.events import (
@@ -61,13 +43,15 @@ from stack.events import (
     ConnectionReset,
     DataReceived,
     Event,
+    IcmpEffect,
     IcmpKind,
     LocalProtocolError,
     SoftError,
+    icmp_effect,
 )
 from stack.handshake import Endpoint, Handshake, reset_reply
 from stack.loss import RtoEstimator, Scoreboard
-from stack.receive import DATA_MARK, Receiver
+from stack.receive import DATA_MARK, Acceptable, Receiver
 from stack.send import AckResult, Sender
 from stack.seq import HALF, MASK, ts_offset
 from stack.state import CAN_RECEIVE, CAN_SEND, Ev, State, next_state
@@ -115,13 +99,8 @@ class TcpConnection:
         self._hs = Handshake(cfg, local, remote, iss, self._snd, self._rcv, self.drops)
         self._rst_out: list[TcpSegment] = []
         self._timers = Timers(cfg)
-        self._chal_start = 0.0
-        self._chal_count = 0
         self._close_requested = False
         self._soft_error: tuple[str, int, float] | None = None  # the last ICMP soft error
-        # Called with this connection when an API call may have made output or moved a
-        # deadline (a TcpDemux's dirty set); None when nobody watches.
-        self._watch: Callable[[Any], None] | None = None
 
     # ------------------------------------------------------------------ API: state
 
@@ -205,8 +184,6 @@ class TcpConnection:
         if self._close_requested or st is State.CLOSED:
             raise LocalProtocolError(f"close() in state {st}")
         self._close_requested = True
-        if self._watch is not None:
-            self._watch(self)
         if st is State.LISTEN or st is State.SYN_SENT:
             self._enter_closed(Ev.CLOSE)
             return
@@ -221,10 +198,8 @@ class TcpConnection:
         st = self._state
         if st is State.CLOSED:
             return
-        if self._watch is not None:
-            self._watch(self)
         if st in _ABORT_SENDS_RST:
-            self._queue_rst(self._snd.iss + self._snd.nxt, None)
+            self._rst_out.append(self._snd.rst())  # <SEQ=SND.NXT><CTL=RST>
         self._enter_closed(Ev.ABORT)
 
     def _establish(self, ev: Ev) -> None:
@@ -267,8 +242,6 @@ class TcpConnection:
             st in CAN_SEND or st is State.SYN_SENT or st is State.SYN_RECEIVED
         ):
             raise LocalProtocolError(f"send() in state {st}")
-        if self._watch is not None:
-            self._watch(self)
         buf = self._snd.buf
         n = buf.append(data)
         if urgent and n:
@@ -308,8 +281,6 @@ class TcpConnection:
         amount (RFC 9293 §3.8.6.2.2: by min(RCV.BUFF/2, 2 MSS), so no silly updates)."""
         if self._rcv.window_grew() and self._state in CAN_RECEIVE:
             self._rcv.ack_now = True
-            if self._watch is not None:
-                self._watch(self)
 
     # ------------------------------------------------------------------ output
 
@@ -334,23 +305,6 @@ class TcpConnection:
         else:
             out = []
         return snd.output(now, self._state, out)
-
-    def _queue_rst(self, seq: int, ack: int | None) -> None:
-        flags = RST if ack is None else RST | ACK
-        self._rst_out.append(
-            TcpSegment(self.local[1], self.remote[1], seq & MASK, (ack or 0) & MASK, flags, 0)
-        )
-
-    def _challenge_ack(self, now: float) -> None:
-        """RFC 5961 §3.2/§4.2/§5.2 challenge ACK, rate limited (§7)."""
-        if now - self._chal_start >= 1.0:
-            self._chal_start = now
-            self._chal_count = 0
-        if self._chal_count < self.config.challenge_ack_limit:
-            self._chal_count += 1
-            self._rcv.ack_now = True
-        else:
-            self._drop("challenge_ack_limited")
 
     def _drop(self, reason: str) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
@@ -417,18 +371,8 @@ class TcpConnection:
                 if ts is not None and rcv_nxt <= rcv.last_ack_sent:
                     rcv.ts_recent = ts[0]  # RFC 7323 §4.3
                     rcv.ts_recent_at = now
-                ack_abs = una + d
-                snd.new_ack(ack_abs, d, ts, now)
-                # SND.WND update (WL1 <= RCV.NXT, WL2 < ack), Sender.update_window inlined.
-                wnd = window << snd.wscale
-                snd.wnd = wnd
-                snd.wl1 = rcv_nxt
-                snd.wl2 = ack_abs
-                if wnd > snd.max_wnd:
-                    snd.max_wnd = wnd
-                if wnd:
-                    snd.persist_at = None
-                    snd.persist_backoff = 0
+                # New data acknowledged, and the window (WL1 <= RCV.NXT, WL2 < SEG.ACK).
+                snd.new_ack(una + d, d, ts, now, window << snd.wscale, rcv_nxt)
                 return
         self._slow_path(seg, now)
 
@@ -472,53 +416,35 @@ class TcpConnection:
                 return
         # RFC 7323 §3.2 / §5.3: timestamps, then PAWS, before the sequence test.
         ts = seg.ts
-        if rcv.ts_on and not f & RST:
-            if ts is None:
-                self._drop("missing_timestamp")  # SHOULD silently drop
-                return
-            if rcv.ts_recent is not None and (ts[0] - rcv.ts_recent) & MASK >= HALF:
-                if now - rcv.ts_recent_at <= 24 * 86400:
-                    self._drop("paws")
-                    rcv.ack_now = True  # R1: send an ACK, drop the segment
-                    return
-        rcv_nxt = rcv.nxt
+        if rcv.ts_on and not f & RST and rcv.paws_rejects(ts, now):
+            return
         seg_abs = rcv.unwrap(seg.seq)
         payload = seg.payload
         seg_len = len(payload) + (1 if f & SYN else 0) + (1 if f & FIN else 0)
-        wnd = max(rcv.adv - rcv_nxt, 0)
-        # First: the acceptability test, four cases (RFC 9293 §3.10.7.4 table).
-        if seg_len == 0:
-            ok = seg_abs == rcv_nxt if wnd == 0 else rcv_nxt <= seg_abs < rcv_nxt + wnd
-        elif wnd == 0:
-            ok = False
-        else:
-            end = seg_abs + seg_len - 1
-            ok = rcv_nxt <= seg_abs < rcv_nxt + wnd or rcv_nxt <= end < rcv_nxt + wnd
-        zero_wnd_ack = not ok and wnd == 0 and seg_abs == rcv_nxt and bool(f & ACK)
-        if not ok and not zero_wnd_ack:
+        # First: the acceptability test (RFC 9293 §3.10.7.4).
+        verdict = rcv.acceptable(seg_abs, seg_len, bool(f & ACK))
+        if verdict is Acceptable.NO:
             if f & RST:
                 self._drop("rst_out_of_window")
                 return
-            self._drop("unacceptable")
-            rcv.ack_now = True  # "<SEQ=SND.NXT><ACK=RCV.NXT><CTL=ACK>"
-            if payload and seg_abs + len(payload) <= rcv_nxt and rcv.sack_on:
-                rcv.dsack = (seg_abs, seg_abs + len(payload))  # RFC 2883 §4: duplicate
-            if st is State.TIME_WAIT and f & FIN and seg_abs + seg_len == rcv_nxt:
+            rcv.unacceptable(seg_abs, len(payload))
+            if st is State.TIME_WAIT and f & FIN and seg_abs + seg_len == rcv.nxt:
                 # RFC 9293 §3.10.7.4 TIME-WAIT: the peer's FIN again: ACK, restart 2 MSL.
                 self._timers.time_wait(now)
             return
+        text = verdict is Acceptable.YES  # else an ACK at RCV.NXT in a zero window
         # Second: RST (RFC 9293 §3.10.7.4 with RFC 5961 §3.2).
         if f & RST:
-            if seg_abs != rcv_nxt:
+            if seg_abs != rcv.nxt:
                 self._drop("rst_challenged")
-                self._challenge_ack(now)
+                rcv.challenge(now)
                 return
             self._on_reset()
             return
         # Fourth: SYN in a synchronized state gets a challenge ACK (RFC 5961 §4.2).
         if f & SYN:
             self._drop("syn_challenged")
-            self._challenge_ack(now)
+            rcv.challenge(now)
             return
         # Fifth: the ACK field.
         if not f & ACK:
@@ -537,28 +463,10 @@ class TcpConnection:
         st = self._state
         if st is State.CLOSED:
             return
-        # Sixth: the URG bit (RFC 9293 §3.10.7.4; §3.8.5 MUST-30..32).
-        if f & URG and seg.urg and st in CAN_RECEIVE and not zero_wnd_ack:  # 0: none
-            rcv.urgent(seg_abs + seg.urg - 1)  # the first non-urgent octet's offset
-        # Seventh: segment text (RFC 9293 §3.10.7.4).
-        if payload and not zero_wnd_ack:
-            if st in CAN_RECEIVE:
-                if rcv.text(seg_abs, payload, now):
-                    self._on_fin(now)  # a FIN held beyond a gap that just filled
-            else:
-                self._drop("data_after_fin")
-        elif zero_wnd_ack and payload:
-            self._drop("zero_window")
-            rcv.ack_now = True
-        # Eighth: FIN.
-        if f & FIN and not zero_wnd_ack:
-            fin_pos = seg_abs + len(payload)
-            if fin_pos < rcv.adv or fin_pos == rcv.nxt:
-                if fin_pos == rcv.nxt:
-                    self._on_fin(now)
-                elif st in CAN_RECEIVE:
-                    rcv.ooo_fin = fin_pos  # FIN after a gap: take it when the gap fills
-                    rcv.ack_now = True
+        # Sixth to eighth: URG, the text, FIN (RFC 9293 §3.10.7.4), by the Receiver.
+        urg = seg.urg if f & URG else 0
+        if rcv.urg_text_fin(seg_abs, urg, payload, bool(f & FIN), text, st in CAN_RECEIVE, now):
+            self._on_fin(now)
 
     def _on_ack(self, seg: TcpSegment, seg_abs: int, now: float) -> bool:
         """Fifth step: the Sender takes the ACK; an ACK of our FIN moves the state.
@@ -571,11 +479,10 @@ class TcpConnection:
                 return False
             if res is AckResult.TOO_OLD:
                 self._drop("ack_too_old")  # RFC 5961 §5.2: challenge ACK, drop
-                self._challenge_ack(now)
+                self._rcv.challenge(now)
                 return False
             return True  # an old duplicate ACK: ignored, the text still counts
-        snd = self._snd
-        if snd.fin is not None and snd.una > snd.fin:
+        if self._snd.fin_acked:
             st = self._state
             if st is State.FIN_WAIT_1:
                 self._move(Ev.RCV_ACK_OF_FIN)
@@ -587,15 +494,12 @@ class TcpConnection:
         return True
 
     def _on_fin(self, now: float) -> None:
-        """RFC 9293 §3.10.7.4 eighth step: the peer's FIN at RCV.NXT."""
-        if not self._rcv.take_fin():
-            return
+        """RFC 9293 §3.10.7.4 eighth step: the peer's FIN took effect (the Receiver said)."""
         st = self._state
         if st is State.ESTABLISHED or st is State.SYN_RECEIVED:
             self._move(Ev.RCV_FIN)  # CLOSE-WAIT
         elif st is State.FIN_WAIT_1:
-            snd = self._snd
-            if snd.fin is not None and snd.una > snd.fin:
+            if self._snd.fin_acked:
                 self._move(Ev.RCV_ACK_OF_FIN)  # our FIN is acknowledged too: FIN-WAIT-2 ...
                 self._enter_time_wait(Ev.RCV_FIN, now)  # ... and on to TIME-WAIT
             else:
@@ -639,58 +543,40 @@ class TcpConnection:
         Lowers the send MSS (never below the RFC 9293 MUST-15 defaults 536 / 1220 less
         options) and resends what is in flight with the new size. Larger values are
         ignored (an attacker cannot raise the MSS above what the peer offered)."""
-        snd = self._snd
-        hdr = 40 if len(self.local[0]) == 4 else 60
-        opts = 12 if snd.ts_on else 0
-        new = max(mtu - hdr - opts, (536 if hdr == 40 else 1220) - opts)
-        if new >= snd.mss:
-            return
-        if self._watch is not None:
-            self._watch(self)
-        snd.path_mtu(new, self._state is State.SYN_SENT)
+        self._snd.path_mtu(mtu, len(self.local[0]) == 4, self._state is State.SYN_SENT)
 
-    def icmp_error(
-        self,
-        kind: IcmpKind | str,
-        code: int,
-        mtu: int | None = None,
-        now: float = 0.0,
-        *,
-        seq: int | None = None,
-    ) -> None:
-        """An ICMP error for this connection (RFC 9293 §3.9.1.4, MUST-54). Never raises for
-        what the ICMP says; an unknown `kind` is our caller's error (ValueError)."""
+    def icmp_error(self, kind: IcmpKind | str, code: int, mtu: int | None = None,
+                   now: float = 0.0, *, seq: int | None = None) -> None:
+        """An ICMP error for this connection (RFC 9293 §3.9.1.4, MUST-54; what each kind and
+        code means: stack/events.py `icmp_effect`). Never raises for what the ICMP says; an
+        unknown `kind` is our caller's error (ValueError). RFC 5927 §4.1: an error quoting
+        a sequence number `seq` outside [SND.UNA, SND.NXT] is dropped."""
         k = IcmpKind(kind)
-        if self._watch is not None:
-            self._watch(self)
         st = self._state
         if st is State.CLOSED or st is State.LISTEN:
             self._drop("icmp_no_connection")
             return
-        if k is IcmpKind.SOURCE_QUENCH:
+        effect = icmp_effect(k, code, len(self.local[0]) == 4)
+        if effect is IcmpEffect.IGNORE:
             self._drop("icmp_source_quench")  # MUST-55: silently discarded
             return
         snd = self._snd
-        if seq is not None:
-            d = (seq - snd.iss - snd.una) & MASK
-            if d > max(snd.max - snd.una, 1):  # RFC 5927 §4.1
-                self._drop("icmp_out_of_window")
-                return
-        v4 = len(self.local[0]) == 4
-        if k is IcmpKind.PACKET_TOO_BIG or (k is IcmpKind.UNREACHABLE and v4 and code == 4):
+        if seq is not None and (seq - snd.iss - snd.una) & MASK > max(snd.max - snd.una, 1):
+            self._drop("icmp_out_of_window")  # RFC 5927 §4.1
+            return
+        if effect is IcmpEffect.PATH_MTU:
             if mtu:
                 self.path_mtu(mtu)
-            return
-        if k is IcmpKind.UNREACHABLE and (code in (2, 3) if v4 else code == 4):
+        elif effect is IcmpEffect.HARD:
             self._drop("icmp_hard_error")  # SHLD-26: abort
             self._events.append(ConnectionReset("unreachable"))
             self._enter_closed(Ev.GIVE_UP)
-            return
-        self._soft_error = (k.value, code, now)
-        ev = SoftError(k, code)
-        events = self._events
-        if not events or events[-1] != ev:  # a burst of the same error is one event
-            events.append(ev)  # MUST-56 / SHLD-25
+        else:
+            self._soft_error = (k.value, code, now)
+            ev = SoftError(k, code)
+            events = self._events
+            if not events or events[-1] != ev:  # a burst of the same error is one event
+                events.append(ev)  # MUST-56 / SHLD-25
 
     # ------------------------------------------------------------------ introspection
 
@@ -699,26 +585,14 @@ class TcpConnection:
         snd, rcv = self._snd, self._rcv
         rto, cc = snd.rto, snd.cc
         return {
-            "state": str(self._state),
-            "srtt": rto.srtt,
-            "rto": rto.rto,
-            "cwnd": cc.cwnd,
-            "ssthresh": cc.ssthresh,
-            "in_recovery": cc.in_recovery,
-            "retransmissions": snd.retransmissions,
-            "fast_path": self.fast_path,
-            "bytes_in": rcv.bytes_in,
-            "bytes_out": snd.bytes_out,
-            "mss": snd.mss,
-            "rcv_mss": rcv.mss,
-            "wscale": (snd.wscale, rcv.wscale) if rcv.ws_on else None,
-            "sack": snd.sack_on,
-            "ts": snd.ts_on,
-            "snd_wnd": snd.wnd,
+            "state": str(self._state), "srtt": rto.srtt, "rto": rto.rto, "cwnd": cc.cwnd,
+            "ssthresh": cc.ssthresh, "in_recovery": cc.in_recovery,
+            "retransmissions": snd.retransmissions, "fast_path": self.fast_path,
+            "bytes_in": rcv.bytes_in, "bytes_out": snd.bytes_out, "mss": snd.mss,
+            "rcv_mss": rcv.mss, "wscale": (snd.wscale, rcv.wscale) if rcv.ws_on else None,
+            "sack": snd.sack_on, "ts": snd.ts_on, "snd_wnd": snd.wnd,
             "rcv_wnd": max(rcv.adv - rcv.nxt, 0),
             "unsent": max(snd.buf.end - max(snd.nxt - 1, 0), 0),
-            "in_flight": snd.nxt - snd.una,
-            "out_of_order": rcv.ooo.nbytes,
-            "drops": dict(self.drops),
-            "soft_error": self._soft_error,
+            "in_flight": snd.nxt - snd.una, "out_of_order": rcv.ooo.nbytes,
+            "drops": dict(self.drops), "soft_error": self._soft_error,
         }

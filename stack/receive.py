@@ -18,6 +18,16 @@ Rules:
   window shifted right by Rcv.Wind.Shift, rounded up.
 - SACK blocks (RFC 2018 §4): the most recent first, 3 next to a TSopt, 4 without, led once
   by a D-SACK block for a duplicate just received (RFC 2883 §4).
+- RFC 9293 §3.10.7.4 first step, the acceptability test (four cases by SEG.LEN and
+  RCV.WND): an unacceptable segment is dropped and ACKed (a duplicate with SACK is reported
+  as D-SACK, RFC 2883 §4). An ACK exactly at RCV.NXT while the window is zero is not
+  acceptable text but its ACK, URG and RST are processed (RFC 9293 §3.10.7.4, "If the
+  RCV.WND is zero, no segments will be acceptable, but special allowance should be made
+  to accept valid ACKs, URGs, and RSTs").
+- RFC 7323 §3.2 / §5.3 before that test: with timestamps on, a non-RST segment without a
+  TSopt is dropped; PAWS drops a segment whose TSval is older than TS.Recent (unless
+  TS.Recent is older than 24 days) and sends an ACK (R1).
+- RFC 5961 §7: challenge ACKs are limited to `challenge_ack_limit` per second.
 - RFC 7323 §4.3: TS.Recent takes a segment's TSval when the segment covers the last ACK
   sent (SEG.SEQ <= Last.ACK.sent) and the TSval is not older.
 - Urgent data (RFC 9293 §3.8.5, MUST-30..33): RCV.UP (`up`, a stream offset) only moves
@@ -39,15 +49,24 @@ effect, and the connection makes the transition.
 from __future__ import annotations
 
 from collections import deque
+from enum import Enum
 
 from stack.buffers import ReassemblyBuffer
 from stack.events import LocalProtocolError, PeerFinished, UrgentData
 from stack.seq import HALF, MASK
 from stack.tcp_config import TcpConfig
 
-__all__ = ["Receiver", "DATA_MARK"]
+__all__ = ["Receiver", "DATA_MARK", "Acceptable"]
 
 DATA_MARK = object()  # in the event queue: "deliver the receive queue here"
+
+
+class Acceptable(Enum):
+    """The first step's verdict on a segment (RFC 9293 §3.10.7.4)."""
+
+    YES = "acceptable"
+    ZERO_WINDOW_ACK = "not acceptable text, but its ACK, URG and RST count"
+    NO = "unacceptable: drop, ACK"
 
 
 class Receiver:
@@ -57,7 +76,8 @@ class Receiver:
         "irs", "nxt", "adv", "wscale", "cap", "sws_min", "wu_min", "mss", "rx", "rx_len",
         "rx_held", "auto_consume", "ooo", "ooo_fin", "up", "fin", "ack_now", "delack_at",
         "delay", "unacked", "big", "last_ack_sent", "dsack", "ts_on", "sack_on", "ws_on",
-        "ts_recent", "ts_recent_at", "bytes_in", "last_rx", "events", "drops",
+        "ts_recent", "ts_recent_at", "bytes_in", "last_rx", "chal_limit", "chal_start",
+        "chal_count", "events", "drops",
     )
 
     def __init__(
@@ -93,10 +113,65 @@ class Receiver:
         self.ts_recent_at = 0.0
         self.bytes_in = 0
         self.last_rx = 0.0  # when the peer's last segment arrived (keep-alive idle time)
+        self.chal_limit = cfg.challenge_ack_limit
+        self.chal_start = 0.0
+        self.chal_count = 0
         self.events = events
         self.drops = drops
 
     # ------------------------------------------------------------------ input
+
+    def _drop(self, reason: str) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+
+    def paws_rejects(self, ts: tuple[int, int] | None, now: float) -> bool:
+        """RFC 7323 §3.2 / §5.3 for a non-RST segment: True when it must be dropped."""
+        if ts is None:
+            self._drop("missing_timestamp")  # SHOULD silently drop
+            return True
+        recent = self.ts_recent
+        if recent is not None and (ts[0] - recent) & MASK >= HALF:
+            if now - self.ts_recent_at <= 24 * 86400:
+                self._drop("paws")
+                self.ack_now = True  # R1: send an ACK, drop the segment
+                return True
+        return False
+
+    def acceptable(self, seg_abs: int, seg_len: int, ack: bool) -> Acceptable:
+        """The acceptability test, four cases (RFC 9293 §3.10.7.4 table)."""
+        nxt = self.nxt
+        wnd = max(self.adv - nxt, 0)
+        if seg_len == 0:
+            ok = seg_abs == nxt if wnd == 0 else nxt <= seg_abs < nxt + wnd
+        elif wnd == 0:
+            ok = False
+        else:
+            end = seg_abs + seg_len - 1
+            ok = nxt <= seg_abs < nxt + wnd or nxt <= end < nxt + wnd
+        if ok:
+            return Acceptable.YES
+        if wnd == 0 and seg_abs == nxt and ack:
+            return Acceptable.ZERO_WINDOW_ACK
+        return Acceptable.NO
+
+    def unacceptable(self, seg_abs: int, n: int) -> None:
+        """An unacceptable segment with `n` bytes of text: drop it, send
+        <SEQ=SND.NXT><ACK=RCV.NXT><CTL=ACK>, report a duplicate (RFC 2883 §4)."""
+        self._drop("unacceptable")
+        self.ack_now = True
+        if n and seg_abs + n <= self.nxt and self.sack_on:
+            self.dsack = (seg_abs, seg_abs + n)
+
+    def challenge(self, now: float) -> None:
+        """RFC 5961 §3.2/§4.2/§5.2 challenge ACK, rate limited (§7)."""
+        if now - self.chal_start >= 1.0:
+            self.chal_start = now
+            self.chal_count = 0
+        if self.chal_count < self.chal_limit:
+            self.chal_count += 1
+            self.ack_now = True
+        else:
+            self._drop("challenge_ack_limited")
 
     def unwrap(self, seq: int) -> int:
         """The absolute position of the 32-bit `seq`, the nearest one to RCV.NXT."""
@@ -115,8 +190,9 @@ class Receiver:
                 self.ts_recent = tsval
                 self.ts_recent_at = now
 
-    def urgent(self, end: int) -> None:
-        """The peer's urgent pointer names stream offset `end` (MUST-32: report advances)."""
+    def urgent(self, seg_abs: int, urg: int) -> None:
+        """The sixth step: SEG.UP names the first non-urgent octet (MUST-32: report advances)."""
+        end = seg_abs + urg - 1  # as a stream offset
         if end > self.up:
             self.up = end
             self.events.append(UrgentData(end))
@@ -169,9 +245,37 @@ class Receiver:
             return False
         # Out of order: queue it (SHLD-31) and send a duplicate ACK at once (RFC 5681 §4.2).
         if self.ooo.insert(seg_abs, payload) < 0:
-            self.drops["reassembly_full"] = self.drops.get("reassembly_full", 0) + 1
+            self._drop("reassembly_full")
         self.ack_now = True
         return False
+
+    def urg_text_fin(self, seg_abs: int, urg: int, payload: bytes | memoryview, fin: bool,
+                     text: bool, open_: bool, now: float) -> bool:
+        """RFC 9293 §3.10.7.4 sixth to eighth steps for a segment that passed the ACK step:
+        SEG.UP `urg` (0: none), the text, the FIN. `text` is False for an ACK in a zero
+        window (only its ACK counted); `open_` says the state still takes text. Returns
+        True when the peer's FIN took effect now (the caller changes the state)."""
+        if urg and open_ and text:
+            self.urgent(seg_abs, urg)
+        fin_now = False
+        if payload and text:
+            if open_:
+                if self.text(seg_abs, payload, now):  # a FIN held beyond a gap is due
+                    fin_now = self.take_fin()
+            else:
+                self._drop("data_after_fin")
+        elif payload:
+            self._drop("zero_window")
+            self.ack_now = True
+        if fin and text:
+            fin_pos = seg_abs + len(payload)
+            if fin_pos < self.adv or fin_pos == self.nxt:
+                if fin_pos == self.nxt:
+                    fin_now = self.take_fin() or fin_now
+                elif open_:
+                    self.ooo_fin = fin_pos  # FIN after a gap: take it when the gap fills
+                    self.ack_now = True
+        return fin_now
 
     def take_fin(self) -> bool:
         """The peer's FIN at RCV.NXT (eighth step): ACK it; True the first time only

@@ -34,13 +34,12 @@ Rules:
   for a TUN); its size is a whole number of SMSS, so the kernel cuts wire-sized pieces.
 
 Theory of operation: a Sender is owned by one TcpConnection (stack/connection.py), with
-three parts of its own passed in at construction: a CongestionControl (stack/congestion.py),
-a Scoreboard and an RtoEstimator (stack/loss.py). The connection decides
-which ACK fields every segment carries (`AckFields`, computed once per output call by the
-Receiver's numbers) and calls `send_data`, `retransmit_at`, `sack_recovery` and
-`send_probe`, which append TcpSegments whose payloads are zero-copy slices of the
-SendBuffer. Input calls `new_ack` (header prediction calls it too), `dupack` and
-`update_window`. The Sender never changes the connection's state.
+parts of its own passed in at construction: a CongestionControl (stack/congestion.py), a
+Scoreboard and an RtoEstimator (stack/loss.py), and the Receiver whose numbers every
+segment acknowledges. `output` computes those ACK fields once per call (`AckFields`) and
+appends TcpSegments whose payloads are zero-copy slices of the SendBuffer. Input calls
+`on_ack` (header prediction calls `new_ack` directly) and timers call `expire`. The Sender
+never changes the connection's state: `on_ack` and `expire` report, the connection acts.
 """
 
 from __future__ import annotations
@@ -51,12 +50,12 @@ from stack.buffers import SendBuffer
 from stack.congestion import CongestionControl
 from stack.loss import RtoEstimator, Scoreboard
 from stack.receive import Receiver
-from stack.seq import HALF, MASK
+from stack.seq import HALF, MASK, ts_clock
 from stack.state import State
 from stack.tcp_config import TcpConfig
-from stack.wire.tcp import ACK, FIN, PSH, SYN, URG, TcpSegment
+from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, URG, TcpSegment
 
-__all__ = ["Sender", "AckFields", "AckResult", "ts_clock"]
+__all__ = ["Sender", "AckFields", "AckResult"]
 
 _ACK_PSH = ACK | PSH
 _CLOSED = State.CLOSED
@@ -78,11 +77,6 @@ class AckResult(Enum):
 # The fields every segment after the SYN carries (RFC 9293 §3.1, RFC 7323 §3.2, RFC 2018
 # §4): ACK number, window field, TSopt, SACK blocks; computed once per segments_to_send().
 AckFields = tuple[int, int, tuple[int, int] | None, tuple[tuple[int, int], ...]]
-
-
-def ts_clock(now: float, offset: int) -> int:
-    """TSval clock: 1 ms ticks from `now`, offset per connection (RFC 7323 §5.4)."""
-    return (int(now * 1000) + offset) & MASK
 
 
 class Sender:
@@ -475,8 +469,10 @@ class Sender:
             self.update_window(wnd, seg_abs, ack_abs)
         return AckResult.OK
 
-    def new_ack(self, ack_abs: int, acked: int, ts: tuple[int, int] | None, now: float) -> None:
-        """New data acknowledged (RFC 9293 §3.10.7.4; RFC 6298 §5.2-5.3; RFC 5681)."""
+    def new_ack(self, ack_abs: int, acked: int, ts: tuple[int, int] | None, now: float,
+                wnd: int = -1, wl1: int = 0) -> None:
+        """New data acknowledged (RFC 9293 §3.10.7.4; RFC 6298 §5.2-5.3; RFC 5681); with
+        `wnd` >= 0 also the window update for SND.WL1 = `wl1` (header prediction)."""
         buf = self.buf
         buf.release(min(ack_abs - 1, buf.end))
         self.una = ack_abs
@@ -499,6 +495,15 @@ class Sender:
             self.rto_at = None  # RFC 6298 §5.2
         else:
             self.rto_at = now + self.rto.rto  # RFC 6298 §5.3
+        if wnd >= 0:  # update_window() inlined
+            self.wnd = wnd
+            self.wl1 = wl1
+            self.wl2 = ack_abs
+            if wnd > self.max_wnd:
+                self.max_wnd = wnd
+            if wnd:
+                self.persist_at = None
+                self.persist_backoff = 0
 
     def dupack(self, ts: tuple[int, int] | None) -> None:
         """An RFC 5681 §2 duplicate ACK; congestion control decides on fast retransmit,
@@ -564,14 +569,29 @@ class Sender:
         self.rtt_abs = None  # Karn (MUST-18)
         return False
 
+    @property
+    def fin_acked(self) -> bool:
+        """Our FIN was sent and acknowledged."""
+        return self.fin is not None and self.una > self.fin
+
+    def rst(self) -> TcpSegment:
+        """<SEQ=SND.NXT><CTL=RST> (RFC 9293 §3.10.5 ABORT)."""
+        return TcpSegment(self.lport, self.rport, (self.iss + self.nxt) & MASK, 0, RST, 0)
+
     def idle(self) -> bool:
         """Nothing in flight and nothing queued (keep-alive may probe, RFC 9293 §3.8.4)."""
         return self.max == self.una and self.buf.end < self.nxt
 
-    def path_mtu(self, mss: int, syn_sent: bool) -> None:
-        """A smaller send MSS (RFC 1191 §6.3): what is in flight is sent again."""
-        self.mss = mss
-        self.cc.on_path_mtu(mss)
+    def path_mtu(self, mtu: int, v4: bool, syn_sent: bool) -> None:
+        """A path MTU of `mtu` (RFC 1191 §6.3, RFC 8201 §5.2): lower the send MSS, never below
+        the MUST-15 defaults less options, and send again what is in flight. A larger value
+        is ignored (the peer's MSS option bounds the MSS)."""
+        opts = 12 if self.ts_on else 0
+        new = max(mtu - (40 if v4 else 60) - opts, (536 if v4 else 1220) - opts)
+        if new >= self.mss:
+            return
+        self.mss = new
+        self.cc.on_path_mtu(new)
         if self.nxt > self.una and not syn_sent:
             self.nxt = self.una  # retransmit with the smaller size
             self.rtt_abs = None

@@ -14,10 +14,10 @@ import math
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from tcp_demux import TcpDemux
 from tcp_script import LOCAL, LOCAL_SEQ, REMOTE, REMOTE_SEQ, active, cfg, passive
 
 from stack.connection import TcpConnection
-from stack.demux import TcpDemux
 from stack.events import Closed, Event, LocalProtocolError
 from stack.state import State
 from stack.tcp_config import TcpConfig

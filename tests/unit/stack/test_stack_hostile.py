@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tcp_demux import TcpDemux
 from tcp_script import (
     ALL_OPTIONS,
     BASE,
@@ -19,7 +20,6 @@ from tcp_script import (
 )
 
 from stack.connection import TcpConnection
-from stack.demux import TcpDemux
 from stack.wire.tcp import ACK, FIN, TcpSegment, emit_tcp
 
 U32 = st.integers(0, 0xFFFFFFFF)
