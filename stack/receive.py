@@ -38,12 +38,13 @@ Rules:
   `auto_consume`, bytes taken count as held until `consumed(n)` frees window.
 
 Theory of operation: a Receiver is owned by one TcpConnection (stack/connection.py), which
-runs the RFC 9293 §3.10.7 checks and hands the accepted text here (`text`, or the header-
-prediction fast path inline). The event queue is shared with the connection: a DATA_MARK
-entry says where the bytes in `rx` are delivered, so DataReceived keeps its place between
-Connected and PeerFinished while read() can take the same bytes directly. The Receiver
-never changes the connection's state: `fin` and `text` return whether the peer's FIN took
-effect, and the connection makes the transition.
+runs the RFC 9293 §3.10.7 steps in order and asks the Receiver for the receive-side ones
+(`paws_rejects`, `acceptable`, `urg_text_fin`; header prediction works on the fields
+inline). The event queue is shared with the connection: a DATA_MARK entry says where the
+bytes in `rx` are delivered, so DataReceived keeps its place between Connected and
+PeerFinished while read() can take the same bytes directly. The Receiver never changes
+the connection's state: `urg_text_fin` returns whether the peer's FIN took effect, and
+the connection makes the transition.
 """
 
 from __future__ import annotations
