@@ -23,18 +23,46 @@ Rules:
   be sent beyond cwnd (`limited_transmit` gives the allowance in bytes).
 - RFC 6675 §5 (when SACK is in use, `sack`): entering recovery sets cwnd = ssthresh with
   no inflation, and partial ACKs change nothing here: the sender's pipe estimate
-  (stack/tcp_sack.py) decides what may be sent.
+  (stack/loss.py) decides what may be sent.
 - RFC 5681 §4.1: after an idle period longer than the RTO, cwnd = min(cwnd, IW).
 
-Theory of operation: `NewReno` keeps cwnd and ssthresh in bytes and the recovery point in
-absolute positions (stack/seq.py). The connection tells it what happened (`on_ack`,
-`on_dupack`, `on_timeout`, `on_idle`) and asks what to do: `on_dupack` and `on_ack` return
-True when a segment must be retransmitted at SND.UNA now.
+- RFC 1191 §6.3 / RFC 8201 §5.2: a smaller path MTU lowers SMSS; cwnd is cut to at most
+  ssthresh (no burst of the old size) but kept at 2 SMSS or more (`on_path_mtu`).
+
+Theory of operation: `CongestionControl` is the small interface the sender (stack/send.py)
+uses; `NewReno` is its one implementation, keeping cwnd and ssthresh in bytes and the
+recovery point in absolute positions (stack/seq.py). The sender tells it what happened
+(`on_ack`, `on_dupack`, `on_timeout`, `on_idle`, `on_path_mtu`) and asks what it may send
+(`cwnd`, `limited_transmit`, `in_recovery`): `on_dupack` and `on_ack` return True when a
+segment must be retransmitted at SND.UNA now. Another algorithm (CUBIC, RFC 9438) is
+another class with these members, chosen where the Sender is built (stack/connection.py).
 """
 
 from __future__ import annotations
 
-__all__ = ["NewReno", "initial_window"]
+from typing import Protocol
+
+__all__ = ["CongestionControl", "NewReno", "initial_window"]
+
+
+class CongestionControl(Protocol):
+    """What the sender asks of a congestion controller (byte counts, absolute positions)."""
+
+    smss: int
+    cwnd: int
+    ssthresh: int
+    in_recovery: bool
+    sack: bool  # RFC 6675 recovery: the sender's pipe estimate decides, no inflation
+
+    @property
+    def limited_transmit(self) -> int: ...
+    def set_smss(self, smss: int) -> None: ...
+    def on_ack(self, acked: int, snd_una: int, flight: int) -> bool: ...
+    def on_dupack(self, snd_una: int, snd_max: int, flight: int, new_loss: bool = False
+                  ) -> bool: ...
+    def on_timeout(self, snd_max: int, flight: int, first: bool) -> None: ...
+    def on_idle(self) -> None: ...
+    def on_path_mtu(self, smss: int) -> None: ...
 
 DUPTHRESH = 3
 
@@ -143,3 +171,8 @@ class NewReno:
     def on_idle(self) -> None:
         """Idle for more than an RTO: restart from at most the initial window (RFC 5681 §4.1)."""
         self.cwnd = min(self.cwnd, initial_window(self.smss))
+
+    def on_path_mtu(self, smss: int) -> None:
+        """A smaller path MTU: new SMSS, cwnd cut to ssthresh, at least 2 SMSS (RFC 1191 §6.3)."""
+        self.smss = smss
+        self.cwnd = max(min(self.cwnd, self.ssthresh), 2 * smss)

@@ -6,46 +6,60 @@ Rules (each handler cites the clause it implements):
   `get_timer()`). No sockets, threads, globals or clock inside (aioquic's shape).
 - A misbehaving peer never raises: its segment is dropped and counted in `drops`, or
   answered with an ACK or a RST, or ends the connection with an event. Misuse of this API
-  raises LocalProtocolError.
-- Input follows RFC 9293 §3.10.7 ("SEGMENT ARRIVES") state by state (CLOSED here, LISTEN
-  and SYN-SENT in stack/tcp_open.py, the synchronized states here), with RFC 5961 (RST
-  and SYN challenge ACKs, ACK range check), RFC 7323 (PAWS, TS.Recent) and RFC 2018 (SACK)
-  woven in; output is built by stack/tcp_output.py (SWS avoidance, Nagle, window
-  advertisement, retransmission, RFC 6675 recovery) and timers live in stack/tcp_core.py.
-- Urgent data (RFC 9293 §3.8.5, MUST-30..33): the sixth step keeps RCV.UP (a stream
-  offset, only moving forward) and queues UrgentData(end) whenever it advances (MUST-32);
-  the urgent bytes are delivered inline, in order; `urgent_remaining` counts those not yet
-  read (MUST-33); `send(data, urgent=True)` moves SND.UP (MUST-31, RFC 6093 semantics).
-  Not done: no out-of-band byte (SO_OOBINLINE is the only mode), and urgent data does
-  not bypass Nagle or the windows.
-- The payload a connection keeps is copied on receipt: callers may reuse their buffers.
+  raises LocalProtocolError; a state change the table lacks raises TransitionError (a bug).
+- The state changes only in `_move`, along an edge of the table in stack/state.py.
+- Input follows RFC 9293 §3.10.7 ("SEGMENT ARRIVES") state by state: CLOSED here, LISTEN
+  and SYN-SENT in stack/handshake.py, SYN-RECEIVED and the synchronized states here, with
+  RFC 5961 (RST and SYN challenge ACKs, ACK range check), RFC 7323 (PAWS, TS.Recent) and
+  RFC 2018 (SACK) woven in. ICMP errors: RFC 9293 §3.9.1.4 (MUST-54..56, `icmp_effect` in
+  stack/events.py) and RFC 5927 §4.1 (an error quoting a sequence number outside
+  [SND.UNA, SND.NXT] is dropped). Urgent data: RFC 9293 §3.8.5 (MUST-30..33, inline only:
+  no out-of-band byte; urgent data does not bypass Nagle or the windows).
 
-Theory of operation: positions are absolute ints (stack/seq.py): our SYN is 0, our first
-data byte 1, our FIN 1 + stream length; likewise for the peer from IRS. A 32-bit number
-from a segment is unwrapped once against RCV.NXT or SND.UNA, so that the acceptability
-tests, windows and buffers need no modular arithmetic. `receive_segment` first tries the
-header-prediction fast path (RFC 9293 §3.10 note, Van Jacobson): ESTABLISHED, only ACK
-(and PSH) set, the expected sequence number, nothing out of order, an ACK within range;
-then either in-order data (appended to the receive queue, ACK delayed) or a pure ACK of
-new data. Everything else takes the per-state slow path. Output is pulled: receiving only
-updates state and sets flags (ACK now, retransmit, RST to send); `segments_to_send`
-turns state into segments, so ACKs for a whole batch of input are aggregated (MUST-58/59).
+Theory of operation: one class holds the state and routes; the work is done by components
+it builds and hands to each other explicitly: the Sender (stack/send.py: SND.*, output,
+retransmission; with its CongestionControl, Scoreboard and RtoEstimator), the Receiver
+(stack/receive.py: RCV.*, reassembly, ACK policy, window), the Handshake
+(stack/handshake.py: ISS, options, LISTEN and SYN-SENT input), the Timers
+(stack/timers.py) and the events queue. Components report what happened (an event of the
+table, "the FIN took effect", "give up"); the connection makes the transition. Positions
+are absolute ints (stack/seq.py). `receive_segment` first tries header prediction (RFC
+9293 §3.10 note, Van Jacobson): ESTABLISHED, only ACK (and PSH), the expected sequence
+number, nothing out of order, an ACK in range; then in-order data or a pure ACK of new
+data is handled inline on the components' fields (the per-segment cost: locals, no extra
+calls). Everything else takes the per-state slow path. Output is pulled: input only
+updates state and sets flags; `segments_to_send` turns them into segments, so the ACKs for
+a whole batch of input are aggregated (MUST-58/59).
 """
 
 from __future__ import annotations
 
+from collections import deque
+
+from stack.congestion import NewReno
 from stack.events import (
+    Closed,
+    Connected,
+    ConnectionReset,
+    DataReceived,
+    Event,
+    IcmpEffect,
+    IcmpKind,
     LocalProtocolError,
-    PeerFinished,
-    UrgentData,
+    SoftError,
+    icmp_effect,
 )
-from stack.seq import HALF, MASK
-from stack.state import CAN_RECEIVE, CAN_SEND, State
-from stack.tcp_core import DATA_MARK, Endpoint
-from stack.tcp_open import OpenMixin
+from stack.handshake import Endpoint, Handshake, reset_reply
+from stack.loss import RtoEstimator, Scoreboard
+from stack.receive import DATA_MARK, Acceptable, Receiver
+from stack.send import AckResult, Sender
+from stack.seq import HALF, MASK, ts_offset
+from stack.state import CAN_RECEIVE, CAN_SEND, Ev, State, next_state
+from stack.tcp_config import TcpConfig
+from stack.timers import Timers
 from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, URG, TcpSegment
 
-__all__ = ["TcpConnection", "Endpoint"]
+__all__ = ["TcpConnection", "Endpoint", "reset_reply"]
 
 _ACK_PSH = ACK | PSH
 _ESTABLISHED = State.ESTABLISHED
@@ -55,10 +69,40 @@ _ABORT_SENDS_RST = frozenset(
 )
 
 
-class TcpConnection(OpenMixin):
+class TcpConnection:
     """One TCP connection between `local` and `remote` (packed address, port)."""
 
-    # ------------------------------------------------------------------ API: opening
+    def __init__(
+        self,
+        local: Endpoint,
+        remote: Endpoint,
+        config: TcpConfig | None = None,
+        *,
+        iss: int | None = None,
+    ) -> None:
+        cfg = config if config is not None else TcpConfig()
+        self.config = cfg
+        self.local = local
+        self.remote = remote
+        self._state = State.CLOSED
+        self.drops: dict[str, int] = {}
+        self.fast_path = 0  # segments handled by header prediction
+        self._events: deque[object] = deque()
+        my_mss = cfg.mss_for(len(local[0]))  # MMS_R and MMS_S (MUST-67)
+        mss = min(536 if len(local[0]) == 4 else 1220, my_mss)  # MUST-15 until the SYN
+        self._rcv = Receiver(cfg, my_mss, self._events, self.drops)
+        self._snd = Sender(
+            cfg, (local[1], remote[1]), mss, ts_offset(cfg.isn_key, local, remote), self._rcv,
+            NewReno(mss, cfg.initial_cwnd or None), Scoreboard(),
+            RtoEstimator(cfg.rto_initial, cfg.rto_min, cfg.rto_max),
+        )
+        self._hs = Handshake(cfg, local, remote, iss, self._snd, self._rcv, self.drops)
+        self._rst_out: list[TcpSegment] = []
+        self._timers = Timers(cfg)
+        self._close_requested = False
+        self._soft_error: tuple[str, int, float] | None = None  # the last ICMP soft error
+
+    # ------------------------------------------------------------------ API: state
 
     @property
     def state(self) -> State:
@@ -68,22 +112,120 @@ class TcpConnection(OpenMixin):
     @property
     def passive(self) -> bool:
         """True if this connection was opened by listen() (a SYN created it)."""
-        return self._passive
+        return self._hs.passive
 
     @property
     def rcv_nxt_seq(self) -> int:
         """RCV.NXT as a 32-bit sequence number."""
-        return (self._irs + self._rcv_nxt) & MASK
+        return (self._rcv.irs + self._rcv.nxt) & MASK
 
     @property
     def receive_window(self) -> int:
         """Bytes of window we last advertised beyond RCV.NXT (RCV.WND)."""
-        return max(self._rcv_adv - self._rcv_nxt, 0)
+        return max(self._rcv.adv - self._rcv.nxt, 0)
 
     @property
     def send_mss(self) -> int:
         """Payload bytes per wire segment (RFC 9293 MUST-16); the adapter's GSO size."""
-        return self._send_mss
+        return self._snd.mss
+
+    @property
+    def send_buffer_free(self) -> int:
+        """Bytes send() would accept now."""
+        return self._snd.buf.free
+
+    @property
+    def bytes_in(self) -> int:
+        """Bytes of the peer's stream received in order."""
+        return self._rcv.bytes_in
+
+    @property
+    def bytes_out(self) -> int:
+        """Bytes of our stream the peer acknowledged."""
+        return self._snd.bytes_out
+
+    @property
+    def retransmissions(self) -> int:
+        """Segments sent again (RTO, fast retransmit, recovery, probes of sent data)."""
+        return self._snd.retransmissions
+
+    @property
+    def urgent_remaining(self) -> int:
+        """Bytes of the peer's urgent data not yet read by the application (MUST-33)."""
+        return self._rcv.urgent_remaining
+
+    def _move(self, ev: Ev) -> None:
+        """The one place the state changes: along the edge `ev` of the table (stack/state.py)."""
+        self._state = next_state(self._state, ev)
+
+    # ------------------------------------------------------------------ API: open and close
+
+    def connect(self, now: float) -> None:
+        """Active OPEN (RFC 9293 §3.10.1): send a SYN. Raises LocalProtocolError unless CLOSED."""
+        if self._state is not State.CLOSED or self._snd.max:
+            raise LocalProtocolError(f"connect() in state {self._state}")
+        self._hs.choose_iss(now)
+        self._move(Ev.ACTIVE_OPEN)
+        self._snd.una = self._snd.nxt = 0
+
+    def listen(self) -> None:
+        """Passive OPEN (RFC 9293 §3.10.1): wait for a SYN. Raises unless CLOSED."""
+        if self._state is not State.CLOSED or self._snd.max:
+            raise LocalProtocolError(f"listen() in state {self._state}")
+        self._move(Ev.PASSIVE_OPEN)
+        self._hs.passive = True
+
+    def close(self) -> None:
+        """CLOSE (RFC 9293 §3.10.4): send FIN after the queued data (half-close).
+
+        Raises LocalProtocolError if close() was already called or the connection is closed.
+        """
+        st = self._state
+        if self._close_requested or st is State.CLOSED:
+            raise LocalProtocolError(f"close() in state {st}")
+        self._close_requested = True
+        if st is State.LISTEN or st is State.SYN_SENT:
+            self._enter_closed(Ev.CLOSE)
+            return
+        self._snd.fin = 1 + self._snd.buf.end
+        if st is State.ESTABLISHED or st is State.CLOSE_WAIT:
+            self._move(Ev.CLOSE)  # FIN-WAIT-1 or LAST-ACK
+        # SYN-RECEIVED: the FIN goes out once ESTABLISHED (RFC 9293 §3.10.4).
+
+    def abort(self) -> None:
+        """ABORT (RFC 9293 §3.10.5): send RST <SEQ=SND.NXT> in SYN-RECEIVED, ESTABLISHED,
+        FIN-WAIT-1/2 and CLOSE-WAIT; in the other states just delete the TCB. Then CLOSED."""
+        st = self._state
+        if st is State.CLOSED:
+            return
+        if st in _ABORT_SENDS_RST:
+            self._rst_out.append(self._snd.rst())  # <SEQ=SND.NXT><CTL=RST>
+        self._enter_closed(Ev.ABORT)
+
+    def _establish(self, ev: Ev) -> None:
+        # A SYN(-ACK) resend still pending (SND.NXT = 0 after the peer's SYN again or our
+        # RTO) is obsolete once the SYN is acknowledged: SND.NXT never trails SND.UNA.
+        snd = self._snd
+        if snd.nxt < snd.una:
+            snd.nxt = snd.una
+        self._move(ev)  # ESTABLISHED
+        self._events.append(Connected())
+        if self._close_requested:
+            snd.fin = 1 + snd.buf.end
+            self._move(Ev.CLOSE)  # FIN-WAIT-1 (RFC 9293 §3.10.4: the deferred CLOSE)
+
+    def _enter_time_wait(self, ev: Ev, now: float) -> None:
+        self._move(ev)
+        self._timers.time_wait(now)  # MUST-13
+        self._snd.rto_at = self._snd.persist_at = None
+
+    def _enter_closed(self, ev: Ev) -> None:
+        self._move(ev)
+        snd, rcv = self._snd, self._rcv
+        snd.rto_at = snd.persist_at = self._timers.timewait_at = rcv.delack_at = None
+        rcv.ack_now = snd.retx_pending = snd.probe_pending = snd.ka_pending = False
+        rcv.ooo.clear()
+        self._events.append(Closed())
 
     # ------------------------------------------------------------------ API: data
 
@@ -100,50 +242,72 @@ class TcpConnection(OpenMixin):
             st in CAN_SEND or st is State.SYN_SENT or st is State.SYN_RECEIVED
         ):
             raise LocalProtocolError(f"send() in state {st}")
-        if self._watch is not None:
-            self._watch(self)
-        n = self._sendbuf.append(data)
+        buf = self._snd.buf
+        n = buf.append(data)
         if urgent and n:
-            self._snd_up = 1 + self._sendbuf.end  # SND.UP (MUST-31)
+            self._snd.up = 1 + buf.end  # SND.UP (MUST-31)
         return n
 
-    @property
-    def send_buffer_free(self) -> int:
-        """Bytes send() would accept now."""
-        return self._sendbuf.free
+    def read(self, max_bytes: int = -1) -> bytes:
+        """Take up to `max_bytes` (all if negative) of in-order received bytes."""
+        if not self._rcv.rx:
+            return b""
+        data = self._rcv.read(max_bytes)
+        self._maybe_window_update()
+        return data
 
-    def close(self) -> None:
-        """CLOSE (RFC 9293 §3.10.4): send FIN after the queued data (half-close).
+    def consumed(self, n: int) -> None:
+        """The application processed `n` delivered bytes: reopen that much window."""
+        self._rcv.consumed(n)
+        self._maybe_window_update()
 
-        Raises LocalProtocolError if close() was already called or the connection is closed.
-        """
-        st = self._state
-        if self._close_requested or st is State.CLOSED:
-            raise LocalProtocolError(f"close() in state {st}")
-        self._close_requested = True
-        if self._watch is not None:
-            self._watch(self)
-        if st is State.LISTEN or st is State.SYN_SENT:
-            self._enter_closed()
-            return
-        self._fin_abs = 1 + self._sendbuf.end
-        if st is State.ESTABLISHED:
-            self._state = State.FIN_WAIT_1
-        elif st is State.CLOSE_WAIT:
-            self._state = State.LAST_ACK
-        # SYN-RECEIVED: the FIN goes out once ESTABLISHED (RFC 9293 §3.10.4).
+    def next_event(self) -> Event | None:
+        """Return the next event, or None when there is none for now."""
+        events = self._events
+        while events:
+            ev = events.popleft()
+            if ev is DATA_MARK:
+                data = self._rcv.take()
+                if not data:
+                    continue
+                self._maybe_window_update()
+                return DataReceived(data)
+            assert isinstance(ev, Event)
+            return ev
+        return None
 
-    def abort(self) -> None:
-        """ABORT (RFC 9293 §3.10.5): send RST <SEQ=SND.NXT> in SYN-RECEIVED, ESTABLISHED,
-        FIN-WAIT-1/2 and CLOSE-WAIT; in the other states just delete the TCB. Then CLOSED."""
-        st = self._state
-        if st is State.CLOSED:
-            return
-        if self._watch is not None:
-            self._watch(self)
-        if st in _ABORT_SENDS_RST:
-            self._queue_rst(self._seq_of(self._snd_nxt), None)
-        self._enter_closed()
+    def _maybe_window_update(self) -> None:
+        """After the application freed space, announce a window that grew by a useful
+        amount (RFC 9293 §3.8.6.2.2: by min(RCV.BUFF/2, 2 MSS), so no silly updates)."""
+        if self._rcv.window_grew() and self._state in CAN_RECEIVE:
+            self._rcv.ack_now = True
+
+    # ------------------------------------------------------------------ output
+
+    def segments_to_send(self, now: float) -> list[TcpSegment]:
+        """Return the segments to transmit now, in order (possibly empty). Never raises.
+
+        The RSTs input queued come first; the Sender builds the rest (Sender.output)."""
+        out = self._rst_out
+        snd = self._snd
+        if (
+            self._state is _ESTABLISHED
+            and not out
+            and not self._rcv.ack_now
+            and snd.buf.end < snd.nxt
+            and not (snd.retx_pending or snd.probe_pending or snd.ka_pending)
+            and snd.fin is None
+            and not snd.cc.in_recovery
+        ):
+            return []  # the common "nothing due" case, without the general checks
+        if out:
+            self._rst_out = []
+        else:
+            out = []
+        return snd.output(now, self._state, out)
+
+    def _drop(self, reason: str) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
 
     # ------------------------------------------------------------------ input
 
@@ -153,75 +317,62 @@ class TcpConnection(OpenMixin):
         What the connection keeps of the payload is copied, so the caller may reuse the
         buffer behind `seg.payload` as soon as this returns.
         """
-        self._last_rx = now
-        self._ka_sent = 0
         # Header prediction (RFC 9293 §3.10 note; Van Jacobson). One unpack of the tuple
         # and locals instead of repeated attribute lookups: this is the per-segment cost.
         (_sp, _dp, seq, ack, flags, window, payload, _urg, _mss, _ws, _sp2, ts, sack) = seg
-        rcv_nxt = self._rcv_nxt
+        rcv = self._rcv
+        rcv.last_rx = now
+        rcv_nxt = rcv.nxt
         if (
             self._state is _ESTABLISHED
             and (flags == ACK or flags == _ACK_PSH)
-            and seq == (self._irs + rcv_nxt) & MASK
+            and seq == (rcv.irs + rcv_nxt) & MASK
             and not sack  # SACK information goes to the scoreboard (slow path)
-            and not self._ooo.nbytes
+            and not rcv.ooo.nbytes
         ):
-            if self._ts_on:
+            if rcv.ts_on:
                 if ts is None:
                     self._slow_path(seg, now)
                     return
-                recent = self._ts_recent
+                recent = rcv.ts_recent
                 if recent is not None and (ts[0] - recent) & MASK >= HALF:
                     self._slow_path(seg, now)
                     return
-            una = self._snd_una
-            d = (ack - self._iss - una) & MASK
+            snd = self._snd
+            una = snd.una
+            d = (ack - snd.iss - una) & MASK
             n = len(payload)
             if n:
-                if (
-                    d == 0
-                    and window << self._snd_wscale == self._snd_wnd
-                    and n <= self._rcv_adv - rcv_nxt
-                ):
+                if d == 0 and window << snd.wscale == snd.wnd and n <= rcv.adv - rcv_nxt:
                     self.fast_path += 1
-                    if ts is not None and rcv_nxt <= self._last_ack_sent:
-                        self._ts_recent = ts[0]  # RFC 7323 §4.3
-                        self._ts_recent_at = now
-                    # In-order text (§3.10.7.4 seventh step), _accept_in_order inlined.
-                    self._rcv_nxt = rcv_nxt + n
-                    self.bytes_in += n
-                    self._rx.append(payload if type(payload) is bytes else bytes(payload))
-                    self._rx_len += n
+                    if ts is not None and rcv_nxt <= rcv.last_ack_sent:
+                        rcv.ts_recent = ts[0]  # RFC 7323 §4.3
+                        rcv.ts_recent_at = now
+                    # In-order text (§3.10.7.4 seventh step), Receiver.accept inlined.
+                    rcv.nxt = rcv_nxt + n
+                    rcv.bytes_in += n
+                    rcv.rx.append(payload if type(payload) is bytes else bytes(payload))
+                    rcv.rx_len += n
                     ev = self._events
                     if not ev or ev[-1] is not DATA_MARK:
                         ev.append(DATA_MARK)
-                    u = self._unacked_bytes + n
-                    self._unacked_bytes = u
-                    big = self._rcv_big
+                    u = rcv.unacked + n
+                    rcv.unacked = u
+                    big = rcv.big
                     if n > big:  # estimate the peer's full segment size (Linux rcv_mss)
-                        big = self._rcv_big = min(n, self._rcv_mss())
+                        big = rcv.big = min(n, rcv.full_mss())
                     if u >= 2 * big:  # SHLD-19: ACK every second full segment
-                        self._ack_now = True
-                    elif self._delack_at is None:
-                        self._delack_at = now + self.config.delayed_ack  # MUST-40: < 0.5 s
+                        rcv.ack_now = True
+                    elif rcv.delack_at is None:
+                        rcv.delack_at = now + rcv.delay  # MUST-40: < 0.5 s
                     return
-            elif 0 < d <= self._snd_max - una:
+            elif 0 < d <= snd.max - una:
                 self.fast_path += 1
-                if ts is not None and rcv_nxt <= self._last_ack_sent:
-                    self._ts_recent = ts[0]  # RFC 7323 §4.3
-                    self._ts_recent_at = now
-                ack_abs = una + d
-                self._new_ack(ack_abs, d, ts, now)
-                # SND.WND update (WL1 <= RCV.NXT, WL2 < ack), _update_window inlined.
-                wnd = window << self._snd_wscale
-                self._snd_wnd = wnd
-                self._snd_wl1 = rcv_nxt
-                self._snd_wl2 = ack_abs
-                if wnd > self._max_snd_wnd:
-                    self._max_snd_wnd = wnd
-                if wnd:
-                    self._persist_at = None
-                    self._persist_backoff = 0
+                if ts is not None and rcv_nxt <= rcv.last_ack_sent:
+                    rcv.ts_recent = ts[0]  # RFC 7323 §4.3
+                    rcv.ts_recent_at = now
+                # New data acknowledged, and the window (WL1 <= RCV.NXT, WL2 < SEG.ACK).
+                snd.new_ack(una + d, d, ts, now, window << snd.wscale, rcv_nxt)
                 return
         self._slow_path(seg, now)
 
@@ -229,289 +380,219 @@ class TcpConnection(OpenMixin):
         st = self._state
         if st is State.CLOSED:
             self._drop("closed")
-            if not seg.flags & RST:
-                self._reset_for(seg)  # RFC 9293 §3.10.7.1
-        elif st is State.LISTEN:
-            self._on_listen(seg, now)
-        elif st is State.SYN_SENT:
-            self._on_syn_sent(seg, now)
-        else:
+            rst = reset_reply(seg)  # RFC 9293 §3.10.7.1
+            if rst is not None:
+                self._rst_out.append(rst)
+            return
+        if st is not State.LISTEN and st is not State.SYN_SENT:
             self._on_synchronized(seg, now)
+            return
+        hs = self._hs
+        res = hs.on_listen(seg, now) if st is State.LISTEN else hs.on_syn_sent(seg, now)
+        if res is None:
+            return
+        if isinstance(res, TcpSegment):
+            self._rst_out.append(res)
+        elif res is Ev.RCV_SYN_ACK:
+            self._establish(res)
+            self._rcv.ack_now = True
+        elif res is Ev.RCV_RST:
+            self._events.append(ConnectionReset("refused"))
+            self._enter_closed(res)
+        else:
+            self._move(res)  # a SYN: SYN-RECEIVED
 
     def _on_synchronized(self, seg: TcpSegment, now: float) -> None:
         """RFC 9293 §3.10.7.4, SYN-RECEIVED and every synchronized state."""
         f = seg.flags
         st = self._state
-        if st is State.SYN_RECEIVED and f & SYN and not f & RST and seg.seq == self._irs:
+        rcv = self._rcv
+        if st is State.SYN_RECEIVED and f & SYN and not f & RST and seg.seq == rcv.irs:
             if not f & ACK:
-                self._snd_nxt = 0  # the peer lost our SYN-ACK: send it again
+                self._snd.nxt = 0  # the peer lost our SYN-ACK: send it again
                 return
-            if seg.ack == (self._iss + 1) & MASK and not self._passive:
-                # MUST-10, RFC 9293 Figure 8 line 6: the crossing SYN-ACK of a simultaneous
-                # open (its SYN is old news; Linux tcp_validate_incoming lets it pass too).
-                self._snd_una = 1
-                self._rto_at = None
-                self._rtt_sample_syn(seg, now)
-                self._snd_wnd = seg.window
-                self._snd_wl1, self._snd_wl2 = 0, 1
-                self._establish()
+            if self._hs.crossing_syn_ack(seg, now):
+                self._establish(Ev.RCV_ACK_OF_SYN)
                 return
         # RFC 7323 §3.2 / §5.3: timestamps, then PAWS, before the sequence test.
         ts = seg.ts
-        if self._ts_on and not f & RST:
-            if ts is None:
-                self._drop("missing_timestamp")  # SHOULD silently drop
-                return
-            if self._ts_recent is not None and (ts[0] - self._ts_recent) & MASK >= HALF:
-                if now - self._ts_recent_at <= 24 * 86400:
-                    self._drop("paws")
-                    self._ack_now = True  # R1: send an ACK, drop the segment
-                    return
-        rcv_nxt = self._rcv_nxt
-        seg_abs = self._unwrap_rcv(seg.seq)
+        if rcv.ts_on and not f & RST and rcv.paws_rejects(ts, now):
+            return
+        seg_abs = rcv.unwrap(seg.seq)
         payload = seg.payload
         seg_len = len(payload) + (1 if f & SYN else 0) + (1 if f & FIN else 0)
-        wnd = max(self._rcv_adv - rcv_nxt, 0)
-        # First: the acceptability test, four cases (RFC 9293 §3.10.7.4 table).
-        if seg_len == 0:
-            ok = seg_abs == rcv_nxt if wnd == 0 else rcv_nxt <= seg_abs < rcv_nxt + wnd
-        elif wnd == 0:
-            ok = False
-        else:
-            end = seg_abs + seg_len - 1
-            ok = rcv_nxt <= seg_abs < rcv_nxt + wnd or rcv_nxt <= end < rcv_nxt + wnd
-        zero_wnd_ack = not ok and wnd == 0 and seg_abs == rcv_nxt and bool(f & ACK)
-        if not ok and not zero_wnd_ack:
+        # First: the acceptability test (RFC 9293 §3.10.7.4).
+        verdict = rcv.acceptable(seg_abs, seg_len, bool(f & ACK))
+        if verdict is Acceptable.NO:
             if f & RST:
                 self._drop("rst_out_of_window")
                 return
-            self._drop("unacceptable")
-            self._ack_now = True  # "<SEQ=SND.NXT><ACK=RCV.NXT><CTL=ACK>"
-            if payload and seg_abs + len(payload) <= rcv_nxt and self._sack_on:
-                self._dsack = (seg_abs, seg_abs + len(payload))  # RFC 2883 §4: duplicate
-            if st is State.TIME_WAIT and f & FIN and seg_abs + seg_len == rcv_nxt:
+            rcv.unacceptable(seg_abs, len(payload))
+            if st is State.TIME_WAIT and f & FIN and seg_abs + seg_len == rcv.nxt:
                 # RFC 9293 §3.10.7.4 TIME-WAIT: the peer's FIN again: ACK, restart 2 MSL.
-                self._timewait_at = now + 2 * self.config.msl
+                self._timers.time_wait(now)
             return
+        text = verdict is Acceptable.YES  # else an ACK at RCV.NXT in a zero window
         # Second: RST (RFC 9293 §3.10.7.4 with RFC 5961 §3.2).
         if f & RST:
-            if seg_abs != rcv_nxt:
+            if seg_abs != rcv.nxt:
                 self._drop("rst_challenged")
-                self._challenge_ack(now)
+                rcv.challenge(now)
                 return
             self._on_reset()
             return
         # Fourth: SYN in a synchronized state gets a challenge ACK (RFC 5961 §4.2).
         if f & SYN:
             self._drop("syn_challenged")
-            self._challenge_ack(now)
+            rcv.challenge(now)
             return
         # Fifth: the ACK field.
         if not f & ACK:
             self._drop("no_ack")
             return
-        if ts is not None and ts[0] != self._ts_recent and seg_abs <= self._last_ack_sent:
-            if self._ts_recent is None or (ts[0] - self._ts_recent) & MASK < HALF:
-                self._ts_recent = ts[0]  # RFC 7323 §4.3 (TS.Recent update rule)
-                self._ts_recent_at = now
+        if ts is not None:
+            rcv.take_ts(ts[0], seg_abs, now)  # RFC 7323 §4.3
         if st is State.SYN_RECEIVED:
-            d = (seg.ack - self._iss) & MASK
-            if d == 0 or d > self._snd_max:
-                self._drop("bad_ack_in_syn_received")
-                self._queue_rst(seg.ack, None)
+            rst = self._hs.syn_acked(seg, seg_abs, now)
+            if rst is not None:
+                self._rst_out.append(rst)
                 return
-            self._snd_una = 1
-            self._rto_at = None
-            self._rtt_sample_syn(seg, now)
-            self._snd_wnd = seg.window << self._snd_wscale
-            self._snd_wl1, self._snd_wl2 = seg_abs, 1
-            self._max_snd_wnd = self._snd_wnd
-            self._establish()
-            st = self._state
-        if not self._process_ack(seg, seg_abs, now):
+            self._establish(Ev.RCV_ACK_OF_SYN)
+        if not self._on_ack(seg, seg_abs, now):
             return
         st = self._state
         if st is State.CLOSED:
             return
-        # Sixth: the URG bit (RFC 9293 §3.10.7.4; §3.8.5 MUST-30..32). RCV.UP only moves
-        # forward; each advance is an event; the bytes stay inline (any length, MUST-30).
-        if f & URG and seg.urg and st in CAN_RECEIVE and not zero_wnd_ack:  # 0: none
-            end = seg_abs + seg.urg - 1  # the first non-urgent octet, as a stream offset
-            if end > self._rcv_up:
-                self._rcv_up = end
-                self._events.append(UrgentData(end))
-        # Seventh: segment text (RFC 9293 §3.10.7.4).
-        if payload and not zero_wnd_ack:
-            if st in CAN_RECEIVE:
-                self._receive_text(seg_abs, payload, now)
-            else:
-                self._drop("data_after_fin")
-        elif zero_wnd_ack and payload:
-            self._drop("zero_window")
-            self._ack_now = True
-        # Eighth: FIN.
-        if f & FIN and not zero_wnd_ack:
-            fin_pos = seg_abs + len(payload)
-            if fin_pos < self._rcv_adv or fin_pos == self._rcv_nxt:
-                if fin_pos == self._rcv_nxt:
-                    self._on_fin(now)
-                elif st in CAN_RECEIVE:
-                    self._ooo_fin = fin_pos  # FIN after a gap: take it when the gap fills
-                    self._ack_now = True
+        # Sixth to eighth: URG, the text, FIN (RFC 9293 §3.10.7.4), by the Receiver.
+        urg = seg.urg if f & URG else 0
+        if rcv.urg_text_fin(seg_abs, urg, payload, bool(f & FIN), text, st in CAN_RECEIVE, now):
+            self._on_fin(now)
 
-    def _process_ack(self, seg: TcpSegment, seg_abs: int, now: float) -> bool:
-        """RFC 9293 §3.10.7.4 fifth step. Returns False when the segment is finished."""
-        d = (seg.ack - self._iss - self._snd_una) & MASK
-        outstanding = self._snd_max - self._snd_una
-        wnd = seg.window << self._snd_wscale
-        if d > outstanding:
-            if d < HALF:
-                # Acknowledges something not yet sent (RFC 9293; RFC 5961 §5.2).
-                self._drop("ack_of_unsent")
-                self._ack_now = True
+    def _on_ack(self, seg: TcpSegment, seg_abs: int, now: float) -> bool:
+        """Fifth step: the Sender takes the ACK; an ACK of our FIN moves the state.
+        Returns False when the segment is finished."""
+        res = self._snd.on_ack(seg, seg_abs, now)
+        if res is not AckResult.OK:
+            if res is AckResult.UNSENT:
+                self._drop("ack_of_unsent")  # RFC 9293: drop, send an ACK
+                self._rcv.ack_now = True
                 return False
-            behind = 0x100000000 - d
-            if behind > self._max_snd_wnd:
+            if res is AckResult.TOO_OLD:
                 self._drop("ack_too_old")  # RFC 5961 §5.2: challenge ACK, drop
-                self._challenge_ack(now)
+                self._rcv.challenge(now)
                 return False
-            return True  # an old duplicate ACK: ignore it, keep the text
-        ack_abs = self._snd_una + d
-        if self._sack_on and seg.sack:
-            self._update_scoreboard(seg.sack)
-        if d:
-            self._new_ack(ack_abs, d, seg.ts, now)
-        elif (
-            outstanding
-            and wnd  # a zero-window probe's ACK is not a loss signal
-            and not seg.payload
-            and not seg.flags & (SYN | FIN)
-            and wnd == self._snd_wnd
-        ):
-            # RFC 5681 §2 duplicate ACK.
-            flight = self._snd_nxt - self._snd_una
-            rto_ts = self._rto_tsval
-            new_loss = (
-                rto_ts is not None and seg.ts is not None and (seg.ts[1] - rto_ts) & MASK < HALF
-            )
-            if self._cc.on_dupack(self._snd_una, self._snd_max, flight, new_loss):
-                self._retx_pending = True
-                self._recovery_pt = self._snd_una  # HighRxt (RFC 6675 §5 step 4)
-        if self._snd_wl1 < seg_abs or (self._snd_wl1 == seg_abs and self._snd_wl2 <= ack_abs):
-            self._update_window(wnd, seg_abs, ack_abs)
-        st = self._state
-        if self._fin_abs is not None and self._snd_una > self._fin_abs:
+            return True  # an old duplicate ACK: ignored, the text still counts
+        if self._snd.fin_acked:
+            st = self._state
             if st is State.FIN_WAIT_1:
-                self._state = State.FIN_WAIT_2
+                self._move(Ev.RCV_ACK_OF_FIN)
             elif st is State.CLOSING:
-                self._enter_time_wait(now)
+                self._enter_time_wait(Ev.RCV_ACK_OF_FIN, now)
             elif st is State.LAST_ACK:
-                self._enter_closed()
+                self._enter_closed(Ev.RCV_ACK_OF_FIN)
                 return False
         return True
 
-    def _new_ack(self, ack_abs: int, acked: int, ts: tuple[int, int] | None, now: float) -> None:
-        """New data acknowledged (RFC 9293 §3.10.7.4; RFC 6298 §5.2-5.3; RFC 5681)."""
-        buf = self._sendbuf
-        buf.release(min(ack_abs - 1, buf.end))
-        self._snd_una = ack_abs
-        if self._snd_nxt < ack_abs:
-            self._snd_nxt = ack_abs
-        if self._ts_on and ts is not None and ts[1]:  # RTTM (_ts_clock inlined)
-            self._rto.sample((((int(now * 1000) + self._ts_off) - ts[1]) & MASK) / 1000.0)
-        elif self._rtt_abs is not None and ack_abs >= self._rtt_abs:
-            self._rto.sample(now - self._rtt_at)
-            self._rtt_abs = None
-        self._retries = 0  # (the RTO backoff ends only with a valid sample: RFC 6298 §5.7)
-        self.bytes_out = buf.base
-        if self._sacked and self._sacked[0][0] < ack_abs:
-            self._sacked = [(max(s, ack_abs), e) for s, e in self._sacked if e > ack_abs]
-        if self._cc.on_ack(acked, ack_abs, self._snd_nxt - ack_abs):
-            if not (self._sack_on and self._sacked):
-                self._retx_pending = True  # RFC 6582 partial ACK (or SACK without blocks)
-        if ack_abs >= self._snd_max:
-            self._rto_at = None  # RFC 6298 §5.2
-        else:
-            self._rto_at = now + self._rto.rto  # RFC 6298 §5.3
-
-    def _update_window(self, wnd: int, seg_abs: int, ack_abs: int) -> None:
-        """SND.WND update (RFC 9293 §3.10.7.4: SND.WL1/SND.WL2 rule); MUST-34 shrink-safe."""
-        self._snd_wnd = wnd
-        self._snd_wl1 = seg_abs
-        self._snd_wl2 = ack_abs
-        if wnd > self._max_snd_wnd:
-            self._max_snd_wnd = wnd
-        if wnd:
-            self._persist_at = None
-            self._persist_backoff = 0
-
-    def _accept_in_order(self, payload: bytes | memoryview, n: int, now: float) -> None:
-        """In-order text (RFC 9293 §3.10.7.4 seventh step) and the ACK policy (§3.8.6.3)."""
-        self._rcv_nxt += n
-        self.bytes_in += n
-        # Keep a copy: the caller may reuse its receive buffer once we return.
-        self._rx.append(payload if type(payload) is bytes else bytes(payload))
-        self._rx_len += n
-        if not self._events or self._events[-1] is not DATA_MARK:
-            self._events.append(DATA_MARK)
-        self._unacked_bytes += n
-        if n > self._rcv_big:  # estimate the peer's full segment size (Linux rcv_mss)
-            self._rcv_big = min(n, self._rcv_mss())
-        if self._unacked_bytes >= 2 * self._rcv_big:  # SHLD-19: every second full segment
-            self._ack_now = True
-        elif self._delack_at is None:
-            self._delack_at = now + self.config.delayed_ack  # MUST-40: < 0.5 s
-
-    def _receive_text(self, seg_abs: int, payload: bytes | memoryview, now: float) -> None:
-        rcv_nxt = self._rcv_nxt
-        if seg_abs < rcv_nxt:  # trim what we already have
-            if self._sack_on:
-                self._dsack = (seg_abs, rcv_nxt)  # RFC 2883 §4: report the duplicate part
-            payload = memoryview(payload)[rcv_nxt - seg_abs :]
-            seg_abs = rcv_nxt
-        room = self._rcv_adv - seg_abs
-        if len(payload) > room:  # trim to the window
-            payload = memoryview(payload)[: max(room, 0)]
-        if not payload:
-            self._ack_now = True
-            return
-        if seg_abs == rcv_nxt:
-            had_gap = bool(self._ooo)
-            self._accept_in_order(payload, len(payload), now)
-            if had_gap:
-                nxt, pieces = self._ooo.pop_ready(self._rcv_nxt)
-                for piece in pieces:
-                    self._accept_in_order(piece, len(piece), now)
-                self._rcv_nxt = nxt
-                self._ack_now = True  # RFC 5681 §4.2: ACK at once when a gap fills
-                if self._ooo_fin is not None and self._ooo_fin == self._rcv_nxt:
-                    self._ooo_fin = None
-                    self._on_fin(now)
-            return
-        # Out of order: queue it (SHLD-31) and send a duplicate ACK at once (RFC 5681 §4.2).
-        if self._ooo.insert(seg_abs, payload) < 0:
-            self._drop("reassembly_full")
-        self._ack_now = True
-
     def _on_fin(self, now: float) -> None:
-        """RFC 9293 §3.10.7.4 eighth step: the peer's FIN at RCV.NXT."""
-        self._rcv_nxt += 1
-        self._ack_now = True
-        if self._peer_fin:
-            return
-        self._peer_fin = True
-        self._events.append(PeerFinished())
+        """RFC 9293 §3.10.7.4 eighth step: the peer's FIN took effect (the Receiver said)."""
         st = self._state
         if st is State.ESTABLISHED or st is State.SYN_RECEIVED:
-            self._state = State.CLOSE_WAIT
+            self._move(Ev.RCV_FIN)  # CLOSE-WAIT
         elif st is State.FIN_WAIT_1:
-            if self._fin_abs is not None and self._snd_una > self._fin_abs:
-                self._enter_time_wait(now)
+            if self._snd.fin_acked:
+                self._move(Ev.RCV_ACK_OF_FIN)  # our FIN is acknowledged too: FIN-WAIT-2 ...
+                self._enter_time_wait(Ev.RCV_FIN, now)  # ... and on to TIME-WAIT
             else:
-                self._state = State.CLOSING
+                self._move(Ev.RCV_FIN)  # CLOSING
         elif st is State.FIN_WAIT_2:
-            self._enter_time_wait(now)
+            self._enter_time_wait(Ev.RCV_FIN, now)
 
-    def _unwrap_rcv(self, seq: int) -> int:
-        d = (seq - self._irs - self._rcv_nxt) & MASK
-        return self._rcv_nxt + (d - 0x100000000 if d >= HALF else d)
+    def _on_reset(self) -> None:
+        """Second step, an acceptable RST: MUST-11 back to LISTEN, else reported (MUST-12)."""
+        st = self._state
+        if st is State.SYN_RECEIVED and self._hs.passive:
+            self._move(Ev.RCV_RST_PASSIVE)
+            self._hs.back_to_listen()
+            return
+        if st is not State.TIME_WAIT:
+            self._events.append(
+                ConnectionReset("refused" if st is State.SYN_RECEIVED else "reset")
+            )
+        self._enter_closed(Ev.RCV_RST)
+
+    # ------------------------------------------------------------------ timers
+
+    def get_timer(self) -> float | None:
+        """The earliest deadline (seconds, the caller's clock) or None when idle."""
+        return self._timers.earliest(self._state, self._snd, self._rcv)
+
+    def handle_timer(self, now: float) -> None:
+        """Act on every deadline at or before `now`; call segments_to_send(now) after."""
+        ev = self._timers.fire(now, self._state, self._snd, self._rcv)
+        if ev is not None:
+            if ev is Ev.GIVE_UP:
+                self._events.append(ConnectionReset("timeout"))  # R2 or keep-alive
+            self._enter_closed(ev)
+
+    # ------------------------------------------------------------------ ICMP
+
+    def path_mtu(self, mtu: int) -> None:
+        """An ICMP Fragmentation Needed / Packet Too Big reported `mtu` for this path
+        (RFC 1191 §6.3, RFC 8201 §5.2; RFC 9293 MUST-54/56: act on it, never abort).
+
+        Lowers the send MSS (never below the RFC 9293 MUST-15 defaults 536 / 1220 less
+        options) and resends what is in flight with the new size. Larger values are
+        ignored (an attacker cannot raise the MSS above what the peer offered)."""
+        self._snd.path_mtu(mtu, len(self.local[0]) == 4, self._state is State.SYN_SENT)
+
+    def icmp_error(self, kind: IcmpKind | str, code: int, mtu: int | None = None,
+                   now: float = 0.0, *, seq: int | None = None) -> None:
+        """An ICMP error for this connection (RFC 9293 §3.9.1.4, MUST-54; what each kind and
+        code means: stack/events.py `icmp_effect`). Never raises for what the ICMP says; an
+        unknown `kind` is our caller's error (ValueError). RFC 5927 §4.1: an error quoting
+        a sequence number `seq` outside [SND.UNA, SND.NXT] is dropped."""
+        k = IcmpKind(kind)
+        st = self._state
+        if st is State.CLOSED or st is State.LISTEN:
+            self._drop("icmp_no_connection")
+            return
+        effect = icmp_effect(k, code, len(self.local[0]) == 4)
+        if effect is IcmpEffect.IGNORE:
+            self._drop("icmp_source_quench")  # MUST-55: silently discarded
+            return
+        snd = self._snd
+        if seq is not None and (seq - snd.iss - snd.una) & MASK > max(snd.max - snd.una, 1):
+            self._drop("icmp_out_of_window")  # RFC 5927 §4.1
+            return
+        if effect is IcmpEffect.PATH_MTU:
+            if mtu:
+                self.path_mtu(mtu)
+        elif effect is IcmpEffect.HARD:
+            self._drop("icmp_hard_error")  # SHLD-26: abort
+            self._events.append(ConnectionReset("unreachable"))
+            self._enter_closed(Ev.GIVE_UP)
+        else:
+            self._soft_error = (k.value, code, now)
+            ev = SoftError(k, code)
+            events = self._events
+            if not events or events[-1] != ev:  # a burst of the same error is one event
+                events.append(ev)  # MUST-56 / SHLD-25
+
+    # ------------------------------------------------------------------ introspection
+
+    def info(self) -> dict[str, object]:
+        """A JSON-able snapshot: state, RTT, windows, counters and negotiated options."""
+        snd, rcv = self._snd, self._rcv
+        rto, cc = snd.rto, snd.cc
+        return {
+            "state": str(self._state), "srtt": rto.srtt, "rto": rto.rto, "cwnd": cc.cwnd,
+            "ssthresh": cc.ssthresh, "in_recovery": cc.in_recovery,
+            "retransmissions": snd.retransmissions, "fast_path": self.fast_path,
+            "bytes_in": rcv.bytes_in, "bytes_out": snd.bytes_out, "mss": snd.mss,
+            "rcv_mss": rcv.mss, "wscale": (snd.wscale, rcv.wscale) if rcv.ws_on else None,
+            "sack": snd.sack_on, "ts": snd.ts_on, "snd_wnd": snd.wnd,
+            "rcv_wnd": max(rcv.adv - rcv.nxt, 0),
+            "unsent": max(snd.buf.end - max(snd.nxt - 1, 0), 0),
+            "in_flight": snd.nxt - snd.una, "out_of_order": rcv.ooo.nbytes,
+            "drops": dict(self.drops), "soft_error": self._soft_error,
+        }

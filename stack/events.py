@@ -12,6 +12,13 @@ Rules:
   carries those bytes; the bytes themselves stay inline in the stream.
 - `SoftError` reports an ICMP soft error (RFC 9293 §3.9.1.4 SHLD-25: make the information
   available to the application); the connection goes on (MUST-56).
+- What an ICMP error means for a connection (RFC 9293 §3.9.1.4, `icmp_effect`):
+  Destination Unreachable codes 0, 1, 5, Time Exceeded and Parameter Problem are soft
+  errors: never abort (MUST-56). Unreachable codes 2 and 3 (protocol, port) are hard and
+  abort (SHLD-26); so is ICMPv6 code 4 (port unreachable, RFC 4443 §3.1), the other
+  ICMPv6 codes are soft. IPv4 code 4 is Fragmentation Needed: path MTU discovery
+  (RFC 1191), never an abort (aborting would let PMTUD kill the connection), as is
+  ICMPv6 Packet Too Big (RFC 8201). Source Quench is ignored (MUST-55, RFC 6633).
 - `LocalProtocolError` is raised only for misuse of our own API (sending after close,
   connecting twice, ...); a misbehaving peer never raises (h11 `LocalProtocolError`).
 """
@@ -19,7 +26,7 @@ Rules:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import Enum, StrEnum
 
 __all__ = [
     "Event",
@@ -31,6 +38,8 @@ __all__ = [
     "SoftError",
     "UrgentData",
     "IcmpKind",
+    "IcmpEffect",
+    "icmp_effect",
     "LocalProtocolError",
 ]
 
@@ -83,6 +92,26 @@ class IcmpKind(StrEnum):
     TIME_EXCEEDED = "time_exceeded"  # ICMP type 11 / ICMPv6 type 3
     PARAMETER_PROBLEM = "parameter_problem"  # ICMP type 12 / ICMPv6 type 4
     SOURCE_QUENCH = "source_quench"  # ICMP type 4 (deprecated, RFC 6633)
+
+
+class IcmpEffect(Enum):
+    """What an ICMP error does to a connection (RFC 9293 §3.9.1.4)."""
+
+    IGNORE = "ignored (Source Quench, MUST-55)"
+    PATH_MTU = "path MTU discovery (RFC 1191, RFC 8201)"
+    HARD = "abort (SHLD-26)"
+    SOFT = "report, go on (MUST-56, SHLD-25)"
+
+
+def icmp_effect(kind: IcmpKind, code: int, v4: bool) -> IcmpEffect:
+    """Classify one ICMP (`v4`) or ICMPv6 error by kind and code."""
+    if kind is IcmpKind.SOURCE_QUENCH:
+        return IcmpEffect.IGNORE
+    if kind is IcmpKind.PACKET_TOO_BIG or (kind is IcmpKind.UNREACHABLE and v4 and code == 4):
+        return IcmpEffect.PATH_MTU
+    if kind is IcmpKind.UNREACHABLE and (code in (2, 3) if v4 else code == 4):
+        return IcmpEffect.HARD
+    return IcmpEffect.SOFT
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,7 @@ __all__ = [
     "unwrap",
     "isn_rfc6528",
     "ts_offset",
+    "ts_clock",
 ]
 
 MASK = 0xFFFFFFFF
@@ -117,3 +118,8 @@ def isn_rfc6528(
 def ts_offset(key: bytes, local: tuple[bytes, int], remote: tuple[bytes, int]) -> int:
     """A per-connection random offset for TSval (RFC 7323 §5.4: do not leak the clock)."""
     return _prf(key, local, remote, b"tsval")
+
+
+def ts_clock(now: float, offset: int) -> int:
+    """TSval clock: 1 ms ticks from `now`, offset per connection (RFC 7323 §5.4)."""
+    return (int(now * 1000) + offset) & MASK

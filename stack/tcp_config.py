@@ -1,4 +1,4 @@
-"""TcpConfig: the frozen settings of one TcpConnection (or of every one a TcpDemux makes).
+"""TcpConfig: the frozen settings of one TcpConnection (or of every one a listener makes).
 
 Rules (the defaults and the RFC clause each one honours):
 - `mtu` and `mss` (RFC 9293 §3.7.1, MUST-14/MUST-67): the MSS we advertise in our SYN and

@@ -70,7 +70,7 @@ from bridge.flows import FlowKey, InspectRule
 from bridge.inspect.api import C2S, S2C, CloseReason, Direction, Flow
 from bridge.inspect.manager import InspectorChain
 from bridge.inspect.session import TAP_DELAY, TAP_MAX, Abort, InspectSession, Phase
-from stack.connection import TcpConnection
+from stack.connection import TcpConnection, reset_reply
 from stack.events import (
     Closed,
     Connected,
@@ -83,7 +83,6 @@ from stack.events import (
 from stack.seq import MASK
 from stack.state import State
 from stack.tcp_config import TcpConfig
-from stack.tcp_core import reset_reply
 from stack.wire.tcp import TcpSegment
 
 __all__ = ["Splice", "Phase", "TAP_MAX", "TAP_DELAY"]

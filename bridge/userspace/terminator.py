@@ -81,9 +81,9 @@ from bridge.tunframe import TunFrame
 from bridge.userspace.legwire import TSO_MAX_SEGMENT, LegFramer, merge_run, run_part
 from bridge.userspace.splice import Splice
 from bridge.userspace.warm import WarmCycle
+from stack.connection import reset_reply
 from stack.events import IcmpKind
 from stack.tcp_config import TcpConfig
-from stack.tcp_core import reset_reply
 from stack.wire.icmp import parse_icmp_error
 from stack.wire.ip import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, V4_PROTO, V6_NXT
 from stack.wire.prelude import V4_DST_AT, V4_SRC_AT, V6_DST_AT, V6_SRC_AT, tcp_key

@@ -19,10 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: tcp_demux
 
 from linux_peer import KERNEL, KERNEL_ADDR, STACK, STACK_ADDR, LinuxPeer  # noqa: E402
+from tcp_demux import TcpDemux  # noqa: E402
 
-from stack.demux import TcpDemux  # noqa: E402
 from stack.events import Closed, ConnectionReset, DataReceived, PeerFinished  # noqa: E402
 from stack.tcp_config import TcpConfig  # noqa: E402
 

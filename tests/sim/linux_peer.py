@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable
 
 from pyroute2 import IPRoute, netns
+from tcp_demux import TcpDemux
 
-from stack.demux import TcpDemux
 from stack.wire.ip import Ipv4Header, Ipv6Header, build_ipv4, build_ipv6, parse_ipv4, parse_ipv6
 from stack.wire.tcp import emit_tcp
 

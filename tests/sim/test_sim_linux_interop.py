@@ -26,8 +26,8 @@ from linux_peer import (
     available,
 )
 from replay import CLIENT, Echo
+from tcp_demux import TcpDemux
 
-from stack.demux import TcpDemux
 from stack.events import Closed, ConnectionReset, DataReceived, PeerFinished
 from stack.tcp_config import TcpConfig
 

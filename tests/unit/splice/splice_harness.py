@@ -20,11 +20,10 @@ from bridge.inspect.manager import InspectorChain, InspectorManager
 from bridge.io.offload import split_frame
 from bridge.tunframe import TunFrame
 from bridge.userspace.terminator import Terminator
-from stack.connection import TcpConnection
+from stack.connection import TcpConnection, reset_reply
 from stack.events import Closed, ConnectionReset, DataReceived, Event, PeerFinished
 from stack.state import State
 from stack.tcp_config import TcpConfig
-from stack.tcp_core import reset_reply
 from stack.wire.tcp import parse_tcp
 
 C_ADDR = ipaddress.ip_address("198.18.1.10").packed

@@ -81,8 +81,8 @@ def test_data_both_ways_byte_exact_and_half_close() -> None:
     flow = rec.flows[0]
     assert (flow.bytes_c2s, flow.bytes_s2c) == (len(up), len(down))
     # the server saw the client's own address and ISN, the client the server's ISN
-    assert h.server_syns[0].seq == h.client.conn._iss
-    assert h.client_syns[0].seq == h.server.conn._iss
+    assert h.server_syns[0].seq == h.client.conn._snd.iss
+    assert h.client_syns[0].seq == h.server.conn._snd.iss
     # both legs reaped once CLOSED (TIME-WAIT of msl)
     assert h.run(lambda h: not h.term.splices, max_time=200)
     assert h.term.ended == {"closed": 1}
@@ -214,9 +214,9 @@ def test_back_pressure_bounds_memory_and_closes_client_window() -> None:
                 if leg is not None:
                     i = leg.info()
                     held += int(i["unsent"]) + int(i["in_flight"])  # type: ignore[call-overload]
-                    held += leg._rx_len + leg._rx_held + leg._ooo.nbytes
+                    held += leg._rcv.rx_len + leg._rcv.rx_held + leg._rcv.ooo.nbytes
             peak[0] = max(peak[0], held)
-        if h.client.conn._snd_wnd == 0 and h.client.conn.state is State.ESTABLISHED:
+        if h.client.conn._snd.wnd == 0 and h.client.conn.state is State.ESTABLISHED:
             zero_window_seen[0] = True
 
     h.hooks.append(watch)
@@ -229,7 +229,7 @@ def test_back_pressure_bounds_memory_and_closes_client_window() -> None:
     assert peak[0] <= max_buffer + 2 * 1500, peak[0]
     # the reader wakes up: everything arrives byte-exact
     h.server.reading = True
-    h.server.conn.consumed(h.server.conn._rx_held)
+    h.server.conn.consumed(h.server.conn._rcv.rx_held)
     h.client.close_after = True
     h.server.close_after = True
     assert h.run(both_done, max_time=200)
@@ -326,7 +326,7 @@ def test_client_syn_retransmit_and_ack_in_one_batch() -> None:
     h = Harness(rule(), [Recorder()], server_data=b"SSH-2.0-banner\r\n", client_close=True,
                 server_close=True)
     syn_pkt = h.term.packet(C_ADDR, S_ADDR, h.client.conn.segments_to_send(0.0)[0])
-    h.client.conn._snd_nxt = 0  # the harness sends this SYN (again) as usual
+    h.client.conn._snd.nxt = 0  # the harness sends this SYN (again) as usual
     assert h.run(lambda h: bool(h.client_syns))   # the client has our SYN-ACK
     h.step()                                        # ... and its ACK is on the wire: hold it
     held = [p for _, _, p in h.c2t.q]

@@ -69,7 +69,7 @@ def unreachable(w: World, pkt: bytes, code: int) -> bytes:
 
 def assert_refused(w: World, out: _Out) -> None:
     rst = w.to_client(out)[-1]
-    assert rst.flags == RST | ACK and rst.ack == (w.client._iss + 1) & 0xFFFFFFFF
+    assert rst.flags == RST | ACK and rst.ack == (w.client._snd.iss + 1) & 0xFFFFFFFF
     w.client.receive_segment(rst, 0.1)
     assert w.client.state is State.CLOSED     # the client's connect fails now, not in ~1 min
     assert not w.term.splices and w.term.ended == {"connect_failed": 1}

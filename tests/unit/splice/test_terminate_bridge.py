@@ -159,7 +159,7 @@ def test_inspected_flow_is_terminated_and_rewritten_v4() -> None:
     assert w.a.status(w.now)["inspect"]["live"] == 1
     # the server's SYN came from the server leg: the client's ISN, our options
     syn = w.at_server[0]
-    assert syn.flags & SYN and syn.seq == w.client._iss
+    assert syn.flags & SYN and syn.seq == w.client._snd.iss
     w.client.close()
     w.server.close()
     assert w.run(lambda: not w.a.flows(w.now), limit=60)

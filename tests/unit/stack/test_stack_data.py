@@ -55,7 +55,7 @@ def test_rfc9293_acceptability_test_four_cases(
     # Fill the buffer so that exactly `window` bytes of window remain at RCV.NXT.
     send(conn, 1.0, seq=rseq(1), ack=lseq(1), payload=b"f" * (200 - window))
     recv(conn, 1.0)
-    conn._rcv_adv = conn._rcv_nxt + window  # the window we advertised last (white box)
+    conn._rcv.adv = conn._rcv.nxt + window  # the window we advertised last (white box)
     def refused() -> int:  # a zero window refuses text but still takes the ACK (MUST-66)
         return conn.drops.get("unacceptable", 0) + conn.drops.get("zero_window", 0)
 

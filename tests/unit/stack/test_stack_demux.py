@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from tcp_demux import TcpDemux
 from tcp_script import BASE, cfg
 
 from stack.connection import TcpConnection
-from stack.demux import TcpDemux
 from stack.events import Connected, DataReceived
 from stack.state import State
 from stack.tcp_config import TcpConfig

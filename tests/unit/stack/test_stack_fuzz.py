@@ -14,10 +14,10 @@ import math
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from tcp_demux import TcpDemux
 from tcp_script import LOCAL, LOCAL_SEQ, REMOTE, REMOTE_SEQ, active, cfg, passive
 
 from stack.connection import TcpConnection
-from stack.demux import TcpDemux
 from stack.events import Closed, Event, LocalProtocolError
 from stack.state import State
 from stack.tcp_config import TcpConfig
@@ -50,21 +50,21 @@ CONFIGS = [
 
 def check_invariants(conn: TcpConnection, now: float) -> None:
     """The variables a trace can never break, whatever the peer sent."""
-    assert conn._snd_una <= conn._snd_nxt or conn.state in (State.CLOSED, State.LISTEN,
+    assert conn._snd.una <= conn._snd.nxt or conn.state in (State.CLOSED, State.LISTEN,
                                                              State.SYN_SENT,
                                                              State.SYN_RECEIVED)
-    assert conn._snd_nxt <= conn._snd_max or conn._snd_max == 0
-    assert conn._snd_una <= conn._snd_max or conn._snd_max == 0
+    assert conn._snd.nxt <= conn._snd.max or conn._snd.max == 0
+    assert conn._snd.una <= conn._snd.max or conn._snd.max == 0
     if conn.state not in (State.CLOSED, State.LISTEN, State.SYN_SENT, State.SYN_RECEIVED):
-        assert conn._snd_una >= 1  # our SYN is acknowledged in every synchronized state
-        assert conn._snd_nxt >= 1
-    assert conn._rcv_adv >= conn._rcv_nxt or conn._rcv_adv == 0
-    assert 0 <= conn._ooo.nbytes <= conn._ooo.cap_bytes
-    assert len(conn._ooo) <= conn._ooo.cap_ranges
-    assert 0 <= len(conn._sendbuf) <= conn._sendbuf.capacity
+        assert conn._snd.una >= 1  # our SYN is acknowledged in every synchronized state
+        assert conn._snd.nxt >= 1
+    assert conn._rcv.adv >= conn._rcv.nxt or conn._rcv.adv == 0
+    assert 0 <= conn._rcv.ooo.nbytes <= conn._rcv.ooo.cap_bytes
+    assert len(conn._rcv.ooo) <= conn._rcv.ooo.cap_ranges
+    assert 0 <= len(conn._snd.buf) <= conn._snd.buf.capacity
     # What we hold for the application stays within what we advertised.
-    assert conn._rx_len + conn._rx_held <= conn.config.recv_buffer + 65535
-    assert len(conn._sacked) <= 32
+    assert conn._rcv.rx_len + conn._rcv.rx_held <= conn.config.recv_buffer + 65535
+    assert len(conn._snd.board.sacked) <= 32
     assert conn.urgent_remaining >= 0
     t = conn.get_timer()
     assert t is None or math.isfinite(t)
@@ -110,8 +110,8 @@ class ConnectionMachine(RuleBasedStateMachine):
     def _base(self, frac: float = 0.0) -> tuple[int, int]:
         c = self.conn
         seq = c.rcv_nxt_seq if c.state not in (State.LISTEN, State.SYN_SENT) else REMOTE_SEQ
-        una = c._snd_una
-        pos = una + int(frac * max(c._snd_nxt - una, 0))
+        una = c._snd.una
+        pos = una + int(frac * max(c._snd.nxt - una, 0))
         if c.state in (State.SYN_SENT, State.SYN_RECEIVED):
             pos = 1
         return seq, (LOCAL_SEQ + pos) & MASK
@@ -169,7 +169,7 @@ class ConnectionMachine(RuleBasedStateMachine):
     def sack_ack(self, dack: int, blocks: list[tuple[int, int]]) -> None:
         """A (duplicate) ACK with SACK blocks near what is in flight."""
         seq, ack = self._base()
-        una = LOCAL_SEQ + self.conn._snd_una
+        una = LOCAL_SEQ + self.conn._snd.una
         sack = tuple(((una + s) & MASK, (una + s + ln) & MASK) for s, ln in blocks)
         ts = self._ts(0)
         seg = TcpSegment(REMOTE[1], LOCAL[1], seq, (ack + dack) & MASK, ACK, 65535, b"", 0,
@@ -220,7 +220,7 @@ class ConnectionMachine(RuleBasedStateMachine):
         """Duplicate ACKs for SND.UNA (fast retransmit, recovery), SACKing beyond a gap."""
         c = self.conn
         seq, ack = self._base()
-        una = LOCAL_SEQ + c._snd_una
+        una = LOCAL_SEQ + c._snd.una
         for i in range(k):
             blocks = (((una + gap) & MASK, (una + gap + 1460 * (i + 1)) & MASK),) if sack else ()
             c.receive_segment(TcpSegment(REMOTE[1], LOCAL[1], seq, ack, ACK, 65535, b"", 0,
@@ -269,7 +269,7 @@ class DemuxMachine(RuleBasedStateMachine):
         conn = self.demux.connections.get((LOCAL[0], LOCAL[1], REMOTE[0], port))
         seq, ack = REMOTE_SEQ, LOCAL_SEQ
         if conn is not None:
-            seq, ack = conn.rcv_nxt_seq, (conn._iss + conn._snd_una) & MASK
+            seq, ack = conn.rcv_nxt_seq, (conn._snd.iss + conn._snd.una) & MASK
         seg = TcpSegment(port, LOCAL[1], (seq + dseq) & MASK, (ack + dack) & MASK, flags,
                          65535, b"d" * n, 0, 1460 if flags & SYN else None, None, False, ts)
         self.demux.receive(REMOTE[0], LOCAL[0], seg, self.now)

@@ -261,7 +261,7 @@ def test_retransmitted_syn_then_ack_in_one_batch_establishes_at_snd_nxt_1() -> N
     send(conn, 1.0, flags=SYN, seq=REMOTE_SEQ)
     send(conn, 1.0, seq=rseq(1), ack=lseq(1), payload=b"hi")
     assert conn.state is State.ESTABLISHED
-    assert conn._snd_una == conn._snd_nxt == 1
+    assert conn._snd.una == conn._snd.nxt == 1
     assert conn.send(b"data") == 4
     out = recv(conn, 1.0)
     assert [s.flags & SYN for s in out] == [0]  # no stale SYN-ACK once established

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tcp_demux import TcpDemux
 from tcp_script import (
     ALL_OPTIONS,
     BASE,
@@ -19,7 +20,6 @@ from tcp_script import (
 )
 
 from stack.connection import TcpConnection
-from stack.demux import TcpDemux
 from stack.wire.tcp import ACK, FIN, TcpSegment, emit_tcp
 
 U32 = st.integers(0, 0xFFFFFFFF)
@@ -43,10 +43,10 @@ def segments(draw: st.DrawFn) -> TcpSegment:
 
 
 def _invariants(conn: TcpConnection) -> None:
-    assert conn._snd_una <= conn._snd_nxt <= conn._snd_max or conn._snd_max == 0
-    assert conn._rcv_adv >= conn._rcv_nxt or conn._rcv_adv == 0
-    assert conn._ooo.nbytes <= conn._ooo.cap_bytes
-    assert len(conn._sendbuf) <= conn._sendbuf.capacity
+    assert conn._snd.una <= conn._snd.nxt <= conn._snd.max or conn._snd.max == 0
+    assert conn._rcv.adv >= conn._rcv.nxt or conn._rcv.adv == 0
+    assert conn._rcv.ooo.nbytes <= conn._rcv.ooo.cap_bytes
+    assert len(conn._snd.buf) <= conn._snd.buf.capacity
 
 
 @settings(max_examples=150, deadline=None)

@@ -20,7 +20,7 @@ from tcp_script import (
 
 from stack.congestion import NewReno, initial_window
 from stack.events import Closed, ConnectionReset
-from stack.rto import RtoEstimator
+from stack.loss import RtoEstimator
 from stack.state import State
 
 MSS = 1460
@@ -195,9 +195,9 @@ def test_rfc2018_8_sack_information_is_forgotten_after_rto() -> None:
     recv(conn, 0.0)
     send(conn, 0.1, seq=rseq(1), ack=lseq(1), window=65535,
          sack=((lseq(1 + MSS), lseq(1 + 2 * MSS)),))
-    assert conn._sacked
+    assert conn._snd.board.sacked
     conn.handle_timer(conn.get_timer() or 0.0)
-    assert conn._sacked == []
+    assert conn._snd.board.sacked == []
     expect(recv_one(conn, 2.0), seq=lseq(1))
 
 
@@ -211,7 +211,7 @@ def test_rfc5681_4_1_idle_restart_window() -> None:
 
 
 def test_rfc6675_islost_setpipe_nextseg_arithmetic() -> None:
-    from stack.tcp_sack import lost_edge, next_hole, pipe, sacked_between
+    from stack.loss import lost_edge, next_hole, pipe, sacked_between
 
     m = 1000
     sacked = [(2 * m, 3 * m), (4 * m, 7 * m)]  # holes: [0,2m) [3m,4m) [7m,10m)
@@ -263,7 +263,7 @@ def test_rfc2018_sack_blocks_on_a_new_ack_reach_the_scoreboard() -> None:
     # A cumulative ACK of one segment that also SACKs segments 3-4 (2 is missing).
     send(conn, 0.1, seq=rseq(1), ack=lseq(1 + MSS), window=65535,
          sack=((lseq(1 + 2 * MSS), lseq(1 + 4 * MSS)),))
-    assert conn._sacked == [(1 + 2 * MSS, 1 + 4 * MSS)]
+    assert conn._snd.board.sacked == [(1 + 2 * MSS, 1 + 4 * MSS)]
 
 
 def test_sack_negotiated_but_no_blocks_falls_back_to_newreno_partial_acks() -> None:

@@ -1,4 +1,8 @@
-"""TcpDemux: many TcpConnections behind one address set, keyed by the 4-tuple.
+"""TcpDemux: many TcpConnections behind one address set, keyed by the 4-tuple (test support).
+
+The product never needs it (the userspace terminator keys its own splices); the stack's
+tests and the simulations use it as a host's TCP layer: many connections, listeners,
+RSTs for strangers. It drives TcpConnection through its public API only.
 
 Rules:
 - RFC 9293 §3.10.7.1: a segment that belongs to no connection and is not a SYN we accept
@@ -22,8 +26,9 @@ demux's own RSTs, and forgets connections that reached CLOSED (the application k
 reference for the last events). Only touched connections can have output: a connection is
 touched when the demux routes a segment to it, runs its timer, or opens it, and when the
 application calls one of its API methods that may produce output (send, close, abort,
-read/consumed/next_event reopening the window, icmp_error, path_mtu: each calls the
-connection's `_watch` hook, which adds it to the dirty set). Deadlines sit in a heap of
+read/consumed/next_event reopening the window, icmp_error, path_mtu: the demux's
+connections are WatchedConnections, which add themselves to the dirty set on those
+calls). Deadlines sit in a heap of
 (deadline, n, connection) with the current deadline of each connection in a dict; a heap
 entry that no longer matches is stale and skipped when it reaches the top. A touched
 connection's deadline is re-read before the heap is consulted. So one batch costs
@@ -35,16 +40,17 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
+from collections.abc import Callable
+from typing import Any
 
-from stack.connection import TcpConnection
-from stack.events import LocalProtocolError
+from stack.connection import Endpoint, TcpConnection, reset_reply
+from stack.events import Event, IcmpKind, LocalProtocolError
 from stack.seq import seq_gt
 from stack.state import State
 from stack.tcp_config import TcpConfig
-from stack.tcp_core import reset_reply
 from stack.wire.tcp import ACK, RST, SYN, TcpSegment, parse_tcp
 
-__all__ = ["TcpDemux", "FlowKey", "is_unicast"]
+__all__ = ["TcpDemux", "WatchedConnection", "FlowKey", "is_unicast"]
 
 FlowKey = tuple[bytes, int, bytes, int]  # local addr, local port, remote addr, remote port
 Outgoing = tuple[bytes, bytes, TcpSegment]  # src addr, dst addr, segment
@@ -55,6 +61,53 @@ def is_unicast(addr: bytes) -> bool:
     if len(addr) == 4:
         return addr[0] < 224 and addr != b"\x00\x00\x00\x00"
     return addr[0] != 0xFF and any(addr)
+
+
+class WatchedConnection(TcpConnection):
+    """A TcpConnection that tells its demux (`watch`) when an application call may have
+    made output or moved its deadline. Over-approximates: any such call counts."""
+
+    def __init__(self, local: Endpoint, remote: Endpoint, config: TcpConfig | None = None,
+                 *, iss: int | None = None) -> None:
+        super().__init__(local, remote, config, iss=iss)
+        self.watch: Callable[[Any], object] | None = None
+
+    def _touch(self) -> None:
+        if self.watch is not None:
+            self.watch(self)
+
+    def send(self, data: bytes | bytearray | memoryview, *, urgent: bool = False) -> int:
+        self._touch()
+        return super().send(data, urgent=urgent)
+
+    def close(self) -> None:
+        self._touch()
+        super().close()
+
+    def abort(self) -> None:
+        self._touch()
+        super().abort()
+
+    def read(self, max_bytes: int = -1) -> bytes:
+        self._touch()
+        return super().read(max_bytes)
+
+    def consumed(self, n: int) -> None:
+        self._touch()
+        super().consumed(n)
+
+    def next_event(self) -> Event | None:
+        self._touch()
+        return super().next_event()
+
+    def path_mtu(self, mtu: int) -> None:
+        self._touch()
+        super().path_mtu(mtu)
+
+    def icmp_error(self, kind: IcmpKind | str, code: int, mtu: int | None = None,
+                   now: float = 0.0, *, seq: int | None = None) -> None:
+        self._touch()
+        super().icmp_error(kind, code, mtu, now, seq=seq)
 
 
 class TcpDemux:
@@ -71,16 +124,16 @@ class TcpDemux:
         self.accept_any = accept_any
         self.max_connections = max_connections
         self.listening: set[int] = set()
-        self.connections: dict[FlowKey, TcpConnection] = {}
+        self.connections: dict[FlowKey, WatchedConnection] = {}
         self.drops: dict[str, int] = {}
-        self._accepted: deque[TcpConnection] = deque()
+        self._accepted: deque[WatchedConnection] = deque()
         self._out: list[Outgoing] = []
         # May have output or a new deadline; a dict, so output order is the order of touch
         # (deterministic, unlike a set of objects hashed by address).
-        self._touched: dict[TcpConnection, None] = {}
-        self._retime: list[TcpConnection] = []  # output taken; deadline to re-read
-        self._deadline: dict[TcpConnection, float] = {}  # current deadline per connection
-        self._heap: list[tuple[float, int, TcpConnection]] = []
+        self._touched: dict[WatchedConnection, None] = {}
+        self._retime: list[WatchedConnection] = []  # output taken; deadline to re-read
+        self._deadline: dict[WatchedConnection, float] = {}  # current deadline per connection
+        self._heap: list[tuple[float, int, WatchedConnection]] = []
         self._tick = 0  # heap tie-breaker (connections do not compare)
 
     def listen(self, port: int) -> None:
@@ -90,23 +143,23 @@ class TcpDemux:
     def connect(
         self, local: tuple[bytes, int], remote: tuple[bytes, int], now: float,
         *, iss: int | None = None, config: TcpConfig | None = None,
-    ) -> TcpConnection:
+    ) -> WatchedConnection:
         """Active open of a new connection. Raises LocalProtocolError if the 4-tuple is used."""
         key = (local[0], local[1], remote[0], remote[1])
         old = self.connections.get(key)
         if old is not None and old.state is not State.CLOSED:
             raise LocalProtocolError(f"4-tuple {key!r} is in use")
-        conn = TcpConnection(local, remote, config or self.config, iss=iss)
+        conn = WatchedConnection(local, remote, config or self.config, iss=iss)
         conn.connect(now)
         self._adopt(key, conn)
         return conn
 
-    def _adopt(self, key: FlowKey, conn: TcpConnection) -> None:
+    def _adopt(self, key: FlowKey, conn: WatchedConnection) -> None:
         self.connections[key] = conn
-        conn._watch = self._touched.setdefault
+        conn.watch = self._touched.setdefault
         self._touched[conn] = None
 
-    def accept(self) -> TcpConnection | None:
+    def accept(self) -> WatchedConnection | None:
         """The next connection created by an incoming SYN, or None."""
         return self._accepted.popleft() if self._accepted else None
 
@@ -115,7 +168,7 @@ class TcpDemux:
 
     def receive_packet(
         self, src: bytes, dst: bytes, tcp: bytes | memoryview, now: float
-    ) -> TcpConnection | None:
+    ) -> WatchedConnection | None:
         """Parse a TCP segment (bad ones are counted in `drops`) and route it."""
         seg = parse_tcp(tcp, src, dst, drops=self.drops)
         if seg is None:
@@ -124,7 +177,7 @@ class TcpDemux:
 
     def receive(
         self, src: bytes, dst: bytes, seg: TcpSegment, now: float
-    ) -> TcpConnection | None:
+    ) -> WatchedConnection | None:
         """Route one segment from src to dst; return the connection that took it, if any."""
         key = (dst, seg.dst_port, src, seg.src_port)
         conn = self.connections.get(key)
@@ -149,7 +202,7 @@ class TcpDemux:
             if len(self.connections) >= self.max_connections:
                 self._drop("table_full")
                 return None
-            conn = TcpConnection((dst, seg.dst_port), (src, seg.src_port), self.config)
+            conn = WatchedConnection((dst, seg.dst_port), (src, seg.src_port), self.config)
             conn.listen()
             conn.receive_segment(seg, now)
             self._adopt(key, conn)
@@ -182,7 +235,7 @@ class TcpDemux:
                 key = (la, conn.local[1], ra, conn.remote[1])
                 if table.get(key) is conn:
                     del table[key]
-                conn._watch = None
+                conn.watch = None
                 self._deadline.pop(conn, None)
             else:
                 retime.append(conn)
@@ -194,7 +247,7 @@ class TcpDemux:
         heap = self._heap
         for group in (self._retime, self._touched):
             for conn in group:
-                if conn._watch is None:
+                if conn.watch is None:
                     continue  # forgotten (closed)
                 t = conn.get_timer()
                 if t is None:
@@ -209,7 +262,7 @@ class TcpDemux:
             self._heap = heap = [(t, i, c) for i, (c, t) in enumerate(dl.items())]
             heapq.heapify(heap)
 
-    def _top(self) -> tuple[float, TcpConnection] | None:
+    def _top(self) -> tuple[float, WatchedConnection] | None:
         heap = self._heap
         dl = self._deadline
         while heap:

@@ -1,0 +1,374 @@
+"""Receiver: the receive side of one connection (RCV.*, reassembly, ACK policy, window).
+
+Rules:
+- RFC 9293 §3.3.1: RCV.NXT (`nxt`), RCV.WND as the right edge last advertised (`adv`),
+  IRS (`irs`), kept as absolute positions (stack/seq.py): the peer's SYN is 0, its first
+  data byte 1. `unwrap` turns a 32-bit number into a position near RCV.NXT.
+- RFC 9293 §3.10.7.4 seventh step: in-order text is delivered; text beyond RCV.NXT inside
+  the window is kept for later (SHLD-31, bounded by the ReassemblyBuffer caps: what does
+  not fit is dropped and counted); a duplicate part is trimmed. When a gap fills, the
+  pieces behind it follow at once, and a FIN that came after the gap takes effect then.
+- ACK policy (RFC 9293 §3.8.6.3, RFC 5681 §4.2): ACK at least every second full-sized
+  segment (SHLD-19; "full" is the largest segment seen, at most one MSS, as Linux's
+  rcv_mss), otherwise within `delayed_ack` (MUST-40: < 0.5 s); ACK at once for
+  out-of-order data and when a gap fills.
+- Receiver SWS avoidance (RFC 9293 §3.8.6.2.2, MUST-39): the right edge moves by at least
+  min(RCV.BUFF/2, MSS); it never moves left (no window shrinking); a window update is worth
+  sending when the window grew by min(RCV.BUFF/2, 2 MSS). RFC 7323 §2.3: the field is the
+  window shifted right by Rcv.Wind.Shift, rounded up.
+- SACK blocks (RFC 2018 §4): the most recent first, 3 next to a TSopt, 4 without, led once
+  by a D-SACK block for a duplicate just received (RFC 2883 §4).
+- RFC 9293 §3.10.7.4 first step, the acceptability test (four cases by SEG.LEN and
+  RCV.WND): an unacceptable segment is dropped and ACKed (a duplicate with SACK is reported
+  as D-SACK, RFC 2883 §4). An ACK exactly at RCV.NXT while the window is zero is not
+  acceptable text but its ACK, URG and RST are processed (RFC 9293 §3.10.7.4, "If the
+  RCV.WND is zero, no segments will be acceptable, but special allowance should be made
+  to accept valid ACKs, URGs, and RSTs").
+- RFC 7323 §3.2 / §5.3 before that test: with timestamps on, a non-RST segment without a
+  TSopt is dropped; PAWS drops a segment whose TSval is older than TS.Recent (unless
+  TS.Recent is older than 24 days) and sends an ACK (R1).
+- RFC 5961 §7: challenge ACKs are limited to `challenge_ack_limit` per second.
+- RFC 7323 §4.3: TS.Recent takes a segment's TSval when the segment covers the last ACK
+  sent (SEG.SEQ <= Last.ACK.sent) and the TSval is not older.
+- Urgent data (RFC 9293 §3.8.5, MUST-30..33): RCV.UP (`up`, a stream offset) only moves
+  forward; each advance queues UrgentData(end) before the bytes (MUST-32); the bytes stay
+  inline. `urgent_remaining` counts those the application has not read (MUST-33).
+- The application side: in-order bytes wait in `rx` (chunks, copied on receipt so that the
+  caller may reuse its buffers) until `read` or the DataReceived event takes them; without
+  `auto_consume`, bytes taken count as held until `consumed(n)` frees window.
+
+Theory of operation: a Receiver is owned by one TcpConnection (stack/connection.py), which
+runs the RFC 9293 §3.10.7 steps in order and asks the Receiver for the receive-side ones
+(`paws_rejects`, `acceptable`, `urg_text_fin`; header prediction works on the fields
+inline). The event queue is shared with the connection: a DATA_MARK entry says where the
+bytes in `rx` are delivered, so DataReceived keeps its place between Connected and
+PeerFinished while read() can take the same bytes directly. The Receiver never changes
+the connection's state: `urg_text_fin` returns whether the peer's FIN took effect, and
+the connection makes the transition.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from enum import Enum
+
+from stack.buffers import ReassemblyBuffer
+from stack.events import LocalProtocolError, PeerFinished, UrgentData
+from stack.seq import HALF, MASK
+from stack.tcp_config import TcpConfig
+
+__all__ = ["Receiver", "DATA_MARK", "Acceptable"]
+
+DATA_MARK = object()  # in the event queue: "deliver the receive queue here"
+
+
+class Acceptable(Enum):
+    """The first step's verdict on a segment (RFC 9293 §3.10.7.4)."""
+
+    YES = "acceptable"
+    ZERO_WINDOW_ACK = "not acceptable text, but its ACK, URG and RST count"
+    NO = "unacceptable: drop, ACK"
+
+
+class Receiver:
+    """RCV.* variables, the receive queue, reassembly and the ACK owed to the peer."""
+
+    __slots__ = (
+        "irs", "nxt", "adv", "wscale", "cap", "sws_min", "wu_min", "mss", "rx", "rx_len",
+        "rx_held", "auto_consume", "ooo", "ooo_fin", "up", "fin", "ack_now", "delack_at",
+        "delay", "unacked", "big", "last_ack_sent", "dsack", "ts_on", "sack_on", "ws_on",
+        "ts_recent", "ts_recent_at", "bytes_in", "last_rx", "chal_limit", "chal_start",
+        "chal_count", "events", "drops",
+    )
+
+    def __init__(
+        self, cfg: TcpConfig, my_mss: int, events: deque[object], drops: dict[str, int]
+    ) -> None:
+        self.irs = 0
+        self.nxt = 0  # RCV.NXT
+        self.adv = 0  # the right edge of the window last advertised (RCV.NXT + RCV.WND)
+        self.wscale = 0  # Rcv.Wind.Shift (RFC 7323 §2.2)
+        self.ws_on = False  # window scaling negotiated (both SYNs carried WSopt)
+        self.cap = cfg.recv_buffer  # RCV.BUFF
+        self.sws_min = min(cfg.recv_buffer // 2, my_mss)  # smallest opening (MUST-39)
+        self.wu_min = min(cfg.recv_buffer // 2, 2 * my_mss)  # growth worth an update
+        self.mss = my_mss  # our MSS option (MMS_R)
+        self.rx: list[bytes | memoryview] = []
+        self.rx_len = 0
+        self.rx_held = 0
+        self.auto_consume = cfg.auto_consume
+        self.ooo = ReassemblyBuffer(cfg.reassembly_cap or cfg.recv_buffer, cfg.reassembly_ranges)
+        self.ooo_fin: int | None = None  # a FIN seen beyond a gap
+        self.up = 0  # RCV.UP: stream offset where the peer's urgent data ends
+        self.fin = False  # the peer's FIN was accepted
+        self.ack_now = False
+        self.delack_at: float | None = None
+        self.delay = cfg.delayed_ack
+        self.unacked = 0  # bytes received since the last ACK
+        self.big = 536  # largest in-order segment seen, at most one MSS
+        self.last_ack_sent = 0  # RFC 7323 Last.ACK.sent
+        self.dsack: tuple[int, int] | None = None  # a duplicate to report (RFC 2883)
+        self.ts_on = False
+        self.sack_on = False
+        self.ts_recent: int | None = None  # RFC 7323 TS.Recent
+        self.ts_recent_at = 0.0
+        self.bytes_in = 0
+        self.last_rx = 0.0  # when the peer's last segment arrived (keep-alive idle time)
+        self.chal_limit = cfg.challenge_ack_limit
+        self.chal_start = 0.0
+        self.chal_count = 0
+        self.events = events
+        self.drops = drops
+
+    # ------------------------------------------------------------------ input
+
+    def _drop(self, reason: str) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+
+    def paws_rejects(self, ts: tuple[int, int] | None, now: float) -> bool:
+        """RFC 7323 §3.2 / §5.3 for a non-RST segment: True when it must be dropped."""
+        if ts is None:
+            self._drop("missing_timestamp")  # SHOULD silently drop
+            return True
+        recent = self.ts_recent
+        if recent is not None and (ts[0] - recent) & MASK >= HALF:
+            if now - self.ts_recent_at <= 24 * 86400:
+                self._drop("paws")
+                self.ack_now = True  # R1: send an ACK, drop the segment
+                return True
+        return False
+
+    def acceptable(self, seg_abs: int, seg_len: int, ack: bool) -> Acceptable:
+        """The acceptability test, four cases (RFC 9293 §3.10.7.4 table)."""
+        nxt = self.nxt
+        wnd = max(self.adv - nxt, 0)
+        if seg_len == 0:
+            ok = seg_abs == nxt if wnd == 0 else nxt <= seg_abs < nxt + wnd
+        elif wnd == 0:
+            ok = False
+        else:
+            end = seg_abs + seg_len - 1
+            ok = nxt <= seg_abs < nxt + wnd or nxt <= end < nxt + wnd
+        if ok:
+            return Acceptable.YES
+        if wnd == 0 and seg_abs == nxt and ack:
+            return Acceptable.ZERO_WINDOW_ACK
+        return Acceptable.NO
+
+    def unacceptable(self, seg_abs: int, n: int) -> None:
+        """An unacceptable segment with `n` bytes of text: drop it, send
+        <SEQ=SND.NXT><ACK=RCV.NXT><CTL=ACK>, report a duplicate (RFC 2883 §4)."""
+        self._drop("unacceptable")
+        self.ack_now = True
+        if n and seg_abs + n <= self.nxt and self.sack_on:
+            self.dsack = (seg_abs, seg_abs + n)
+
+    def challenge(self, now: float) -> None:
+        """RFC 5961 §3.2/§4.2/§5.2 challenge ACK, rate limited (§7)."""
+        if now - self.chal_start >= 1.0:
+            self.chal_start = now
+            self.chal_count = 0
+        if self.chal_count < self.chal_limit:
+            self.chal_count += 1
+            self.ack_now = True
+        else:
+            self._drop("challenge_ack_limited")
+
+    def unwrap(self, seq: int) -> int:
+        """The absolute position of the 32-bit `seq`, the nearest one to RCV.NXT."""
+        d = (seq - self.irs - self.nxt) & MASK
+        return self.nxt + (d - 0x100000000 if d >= HALF else d)
+
+    def full_mss(self) -> int:
+        """Full-sized segment from the peer: our MSS less the options it sends."""
+        return self.mss - (12 if self.ts_on else 0)
+
+    def take_ts(self, tsval: int, seg_abs: int, now: float) -> None:
+        """RFC 7323 §4.3 TS.Recent update for an acceptable segment."""
+        recent = self.ts_recent
+        if tsval != recent and seg_abs <= self.last_ack_sent:
+            if recent is None or (tsval - recent) & MASK < HALF:
+                self.ts_recent = tsval
+                self.ts_recent_at = now
+
+    def urgent(self, seg_abs: int, urg: int) -> None:
+        """The sixth step: SEG.UP names the first non-urgent octet (MUST-32: report advances)."""
+        end = seg_abs + urg - 1  # as a stream offset
+        if end > self.up:
+            self.up = end
+            self.events.append(UrgentData(end))
+
+    def accept(self, payload: bytes | memoryview, n: int, now: float) -> None:
+        """In-order text (RFC 9293 §3.10.7.4 seventh step) and the ACK policy (§3.8.6.3)."""
+        self.nxt += n
+        self.bytes_in += n
+        # Keep a copy: the caller may reuse its receive buffer once we return.
+        self.rx.append(payload if type(payload) is bytes else bytes(payload))
+        self.rx_len += n
+        events = self.events
+        if not events or events[-1] is not DATA_MARK:
+            events.append(DATA_MARK)
+        self.unacked += n
+        if n > self.big:  # estimate the peer's full segment size (Linux rcv_mss)
+            self.big = min(n, self.full_mss())
+        if self.unacked >= 2 * self.big:  # SHLD-19: every second full segment
+            self.ack_now = True
+        elif self.delack_at is None:
+            self.delack_at = now + self.delay  # MUST-40: < 0.5 s
+
+    def text(self, seg_abs: int, payload: bytes | memoryview, now: float) -> bool:
+        """Acceptable text at `seg_abs`. Returns True when a FIN held beyond a gap is now
+        at RCV.NXT (the caller then processes it as the eighth step does)."""
+        nxt = self.nxt
+        if seg_abs < nxt:  # trim what we already have
+            if self.sack_on:
+                self.dsack = (seg_abs, nxt)  # RFC 2883 §4: report the duplicate part
+            payload = memoryview(payload)[nxt - seg_abs :]
+            seg_abs = nxt
+        room = self.adv - seg_abs
+        if len(payload) > room:  # trim to the window
+            payload = memoryview(payload)[: max(room, 0)]
+        if not payload:
+            self.ack_now = True
+            return False
+        if seg_abs == nxt:
+            had_gap = bool(self.ooo)
+            self.accept(payload, len(payload), now)
+            if had_gap:
+                nxt, pieces = self.ooo.pop_ready(self.nxt)
+                for piece in pieces:
+                    self.accept(piece, len(piece), now)
+                self.nxt = nxt
+                self.ack_now = True  # RFC 5681 §4.2: ACK at once when a gap fills
+                if self.ooo_fin is not None and self.ooo_fin == nxt:
+                    self.ooo_fin = None
+                    return True
+            return False
+        # Out of order: queue it (SHLD-31) and send a duplicate ACK at once (RFC 5681 §4.2).
+        if self.ooo.insert(seg_abs, payload) < 0:
+            self._drop("reassembly_full")
+        self.ack_now = True
+        return False
+
+    def urg_text_fin(self, seg_abs: int, urg: int, payload: bytes | memoryview, fin: bool,
+                     text: bool, open_: bool, now: float) -> bool:
+        """RFC 9293 §3.10.7.4 sixth to eighth steps for a segment that passed the ACK step:
+        SEG.UP `urg` (0: none), the text, the FIN. `text` is False for an ACK in a zero
+        window (only its ACK counted); `open_` says the state still takes text. Returns
+        True when the peer's FIN took effect now (the caller changes the state)."""
+        if urg and open_ and text:
+            self.urgent(seg_abs, urg)
+        fin_now = False
+        if payload and text:
+            if open_:
+                if self.text(seg_abs, payload, now):  # a FIN held beyond a gap is due
+                    fin_now = self.take_fin()
+            else:
+                self._drop("data_after_fin")
+        elif payload:
+            self._drop("zero_window")
+            self.ack_now = True
+        if fin and text:
+            fin_pos = seg_abs + len(payload)
+            if fin_pos < self.adv or fin_pos == self.nxt:
+                if fin_pos == self.nxt:
+                    fin_now = self.take_fin() or fin_now
+                elif open_:
+                    self.ooo_fin = fin_pos  # FIN after a gap: take it when the gap fills
+                    self.ack_now = True
+        return fin_now
+
+    def take_fin(self) -> bool:
+        """The peer's FIN at RCV.NXT (eighth step): ACK it; True the first time only
+        (PeerFinished is queued after all preceding text)."""
+        self.nxt += 1
+        self.ack_now = True
+        if self.fin:
+            return False
+        self.fin = True
+        self.events.append(PeerFinished())
+        return True
+
+    # ------------------------------------------------------------------ output fields
+
+    def window_field(self) -> int:
+        """The 16-bit window to advertise; moves RCV.ADV (RFC 9293 §3.8.6.2.2, RFC 7323 §2.3)."""
+        nxt = self.nxt
+        space = self.cap - self.rx_len - self.rx_held
+        if space < self.sws_min:
+            space = 0  # MUST-39: no small window increments
+        edge = nxt + space
+        if edge < self.adv:
+            edge = self.adv  # never shrink the window
+        s = self.wscale
+        field = (edge - nxt + (1 << s) - 1) >> s
+        if field > 0xFFFF:
+            field = 0xFFFF
+        self.adv = nxt + (field << s)
+        return field
+
+    def sack_blocks(self) -> tuple[tuple[int, int], ...]:
+        """SACK blocks, most recent first (RFC 2018 §4), behind a D-SACK block naming a
+        duplicate just received (RFC 2883 §4: first, reported once)."""
+        irs = self.irs
+        limit = 3 if self.ts_on else 4
+        blocks = []
+        if self.dsack is not None:
+            blocks.append(self.dsack)
+            self.dsack = None
+            limit -= 1
+        blocks.extend(self.ooo.blocks(limit))
+        return tuple(((irs + s) & MASK, (irs + e) & MASK) for s, e in blocks)
+
+    def ack_sent(self) -> None:
+        """A segment carrying our ACK went out: nothing is owed any more."""
+        self.ack_now = False
+        self.delack_at = None
+        self.unacked = 0
+        self.last_ack_sent = self.nxt
+
+    # ------------------------------------------------------------------ application side
+
+    def window_grew(self) -> bool:
+        """True when freed space makes a window update worth sending (§3.8.6.2.2)."""
+        return self.nxt + self.cap - self.rx_len - self.rx_held - self.adv >= self.wu_min
+
+    def take(self) -> bytes:
+        """All queued in-order bytes (for a DataReceived event); b"" when none."""
+        rx = self.rx
+        if not rx:
+            return b""
+        data = rx[0] if len(rx) == 1 and type(rx[0]) is bytes else b"".join(rx)
+        self.rx = []
+        self.rx_len = 0
+        if not self.auto_consume:
+            self.rx_held += len(data)
+        return data
+
+    def read(self, max_bytes: int) -> bytes:
+        """Up to `max_bytes` (all if negative) of the queued in-order bytes."""
+        if not self.rx:
+            return b""
+        data = b"".join(self.rx)
+        if 0 <= max_bytes < len(data):
+            rest = data[max_bytes:]
+            data = data[:max_bytes]
+            self.rx = [rest]
+        else:
+            self.rx = []
+        self.rx_len -= len(data)
+        if not self.auto_consume:
+            self.rx_held += len(data)
+        return data
+
+    def consumed(self, n: int) -> None:
+        """The application processed `n` delivered bytes. Raises LocalProtocolError for
+        more than it holds."""
+        if n < 0 or n > self.rx_held:
+            raise LocalProtocolError(f"consumed({n}) but {self.rx_held} bytes are held")
+        self.rx_held -= n
+
+    @property
+    def urgent_remaining(self) -> int:
+        """Bytes of the peer's urgent data not yet read by the application (MUST-33)."""
+        return max(self.up - (self.bytes_in - self.rx_len), 0)

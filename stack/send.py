@@ -1,0 +1,597 @@
+"""Sender: the send side of one connection (SND.*, data segments, retransmission, RTO).
+
+Rules:
+- RFC 9293 §3.3.1: SND.UNA, SND.NXT, SND.WND, SND.WL1, SND.WL2, ISS as absolute positions
+  (stack/seq.py): our SYN is 0, our first data byte 1, our FIN 1 + stream length (`fin`);
+  `max` is the highest position sent (HighData). SND.WND follows the SND.WL1/WL2 rule
+  (§3.10.7.4 fifth step) and is never assumed to shrink safely (MUST-34).
+- Flow and congestion control: nothing beyond SND.WL2 + SND.WND (RFC 9293 §3.8.6) or
+  SND.UNA + cwnd (RFC 5681 §3.1; + 2 SMSS of RFC 3042 limited transmit) is sent, except a
+  fast retransmission (RFC 5681 §3.2) and a one-byte zero-window probe (MUST-36).
+- Sender SWS avoidance (§3.8.6.2.1, MUST-38): send a segment if it is full (>= SMSS), or
+  if it is all the data queued and Nagle allows, or if it is at least half the largest
+  window the peer ever offered; otherwise wait (for an ACK or the persist timer).
+- Nagle (§3.7.4, SHLD-7, MUST-17 can be disabled): a short segment waits while data is
+  unacknowledged.
+- With SACK, loss recovery follows RFC 6675 §5: retransmit SND.UNA's segment on entry, then
+  send while cwnd - pipe >= SMSS: lost holes first, then new data, then other holes
+  (NextSeg rules 1-3, stack/loss.py). Without SACK it is NewReno (RFC 6582).
+- Urgent data (RFC 9293 §3.8.5, MUST-31): every data segment before SND.UP (`up`) carries
+  URG and SEG.UP = SND.UP - SEG.SEQ (the first non-urgent octet), capped at 0xFFFF.
+- RFC 6298: the retransmission timer (`rto_at`) is started when a segment is sent and it
+  is not running (§5.1), stopped when everything is acknowledged (§5.2), restarted on new
+  data acknowledged (§5.3); on expiry (`expire`) the earliest unacknowledged segment is
+  sent again (§5.4), the RTO doubles (§5.5) and SACK information is forgotten (RFC 2018
+  §8); RFC 5681 §3.1: cwnd = 1 SMSS. Karn (MUST-18): a retransmitted segment is not
+  timed; with timestamps every ACK echoing a TSval is a sample (RFC 7323 §4, RTTM).
+- R2 (`max_retries`, `syn_retries`, MUST-20..23): `expire` reports when to give up.
+  MUST-37: while the window is zero the probing goes on without counting toward R2.
+- Persist timer (§3.8.6.1, MUST-35/36): nothing can be sent and nothing is in flight with
+  a zero (or too small) window: probe after max(RTO, 200 ms), backing off.
+- RFC 5681 §4.1: after idling more than one RTO, restart from at most the initial window.
+- RFC 1191 §6.3 / RFC 8201 §5.2 (`path_mtu`): a smaller MSS resends what is in flight.
+- `tx_max_segment` lets one output segment carry several SMSS (a TSO/GSO super-segment
+  for a TUN); its size is a whole number of SMSS, so the kernel cuts wire-sized pieces.
+
+Theory of operation: a Sender is owned by one TcpConnection (stack/connection.py), with
+parts of its own passed in at construction: a CongestionControl (stack/congestion.py), a
+Scoreboard and an RtoEstimator (stack/loss.py), and the Receiver whose numbers every
+segment acknowledges. `output` computes those ACK fields once per call (`AckFields`) and
+appends TcpSegments whose payloads are zero-copy slices of the SendBuffer. Input calls
+`on_ack` (header prediction calls `new_ack` directly) and timers call `expire`. The Sender
+never changes the connection's state: `on_ack` and `expire` report, the connection acts.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from stack.buffers import SendBuffer
+from stack.congestion import CongestionControl
+from stack.loss import RtoEstimator, Scoreboard
+from stack.receive import Receiver
+from stack.seq import HALF, MASK, ts_clock
+from stack.state import State
+from stack.tcp_config import TcpConfig
+from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, URG, TcpSegment
+
+__all__ = ["Sender", "AckFields", "AckResult"]
+
+_ACK_PSH = ACK | PSH
+_CLOSED = State.CLOSED
+_LISTEN = State.LISTEN
+_SYN_SENT = State.SYN_SENT
+_SYN_RECEIVED = State.SYN_RECEIVED
+_SENDING = frozenset(
+    {State.ESTABLISHED, State.CLOSE_WAIT, State.FIN_WAIT_1, State.CLOSING, State.LAST_ACK}
+)
+
+
+class AckResult(Enum):
+    """What the ACK field of an acceptable segment was (Sender.on_ack)."""
+
+    OK = "processed"
+    OLD = "an old duplicate: ignored, the text still counts"
+    UNSENT = "beyond SND.MAX: drop, send an ACK (RFC 9293 §3.10.7.4)"
+    TOO_OLD = "older than the largest window: drop, challenge ACK (RFC 5961 §5.2)"
+# The fields every segment after the SYN carries (RFC 9293 §3.1, RFC 7323 §3.2, RFC 2018
+# §4): ACK number, window field, TSopt, SACK blocks; computed once per segments_to_send().
+AckFields = tuple[int, int, tuple[int, int] | None, tuple[tuple[int, int], ...]]
+
+
+class Sender:
+    """SND.* variables, the send buffer, what may be sent now, and retransmission."""
+
+    __slots__ = (
+        "lport", "rport", "iss", "una", "nxt", "max", "wnd", "wl1", "wl2", "max_wnd",
+        "wscale", "buf", "fin", "up", "mss", "nagle", "tx_max", "ts_on", "ts_off",
+        "sack_on", "rto_at", "persist_at", "persist_backoff", "retx_pending",
+        "probe_pending", "last_send_at", "rtt_abs", "rtt_at", "retries", "rto_tsval",
+        "max_retries", "syn_retries", "retransmissions", "bytes_out", "ka_pending",
+        "syn_opts", "rcv", "cc", "board", "rto",
+    )
+
+    def __init__(
+        self,
+        cfg: TcpConfig,
+        ports: tuple[int, int],
+        mss: int,
+        ts_off: int,
+        rcv: Receiver,
+        cc: CongestionControl,
+        board: Scoreboard,
+        rto: RtoEstimator,
+    ) -> None:
+        self.lport, self.rport = ports
+        self.iss = 0
+        self.una = 0  # SND.UNA
+        self.nxt = 0  # SND.NXT
+        self.max = 0  # the highest position sent (HighData)
+        self.wnd = 0  # SND.WND
+        self.wl1 = 0  # SND.WL1
+        self.wl2 = 0  # SND.WL2
+        self.max_wnd = 0  # the largest window the peer offered (MUST-38)
+        self.wscale = 0  # Snd.Wind.Shift (RFC 7323 §2.2)
+        self.buf = SendBuffer(cfg.send_buffer)
+        self.fin: int | None = None  # the position of our FIN once close() was called
+        self.up = 0  # SND.UP: position of our first non-urgent octet; 0: none
+        self.mss = mss  # effective send MSS (MUST-16)
+        self.nagle = cfg.nagle
+        self.tx_max = cfg.tx_max_segment
+        self.ts_on = False
+        self.ts_off = ts_off
+        self.sack_on = False
+        self.rto_at: float | None = None  # RFC 6298 retransmission timer
+        self.persist_at: float | None = None  # zero-window probe timer (MUST-35)
+        self.persist_backoff = 0
+        self.retx_pending = False  # retransmit SND.UNA's segment at the next output
+        self.probe_pending = False  # send a window probe at the next output
+        self.last_send_at: float | None = None
+        self.rtt_abs: int | None = None  # the position whose ACK ends the timed segment
+        self.rtt_at = 0.0
+        self.retries = 0  # consecutive expiries (R2)
+        self.rto_tsval: int | None = None  # our TSval when the last RTO fired
+        self.max_retries = cfg.max_retries
+        self.syn_retries = cfg.syn_retries
+        self.retransmissions = 0
+        self.bytes_out = 0
+        self.ka_pending = False  # send a keep-alive probe at the next output (§3.8.4)
+        # Our SYN's window and options as configured: (window, WSopt, SACK-perm, TSopt).
+        self.syn_opts = (min(cfg.recv_buffer, 0xFFFF),
+                         cfg.rcv_wscale if cfg.window_scaling else None, cfg.sack,
+                         cfg.timestamps)
+        self.rcv = rcv  # whose numbers every segment acknowledges
+        self.cc = cc
+        self.board = board
+        self.rto = rto
+
+    # ------------------------------------------------------------------ output
+
+    def output(self, now: float, st: State, out: list[TcpSegment]) -> list[TcpSegment]:
+        """Append to `out` (the RSTs input queued) what state `st` sends now, in order: the
+        SYN or SYN-ACK, then retransmissions, probes and new data, then a keep-alive or a
+        pure ACK if one is owed and no other segment carried it (MUST-58 aggregate).
+        Every segment after the SYN carries ACK, RCV.NXT, the window, TSopt when
+        negotiated (RFC 7323 §3.2: in every non-RST segment, TSecr = TS.Recent) and SACK
+        blocks while data is held out of order (RFC 2018 §4)."""
+        if st is _CLOSED or st is _LISTEN:
+            return out
+        rcv = self.rcv
+        nxt = self.nxt
+        if nxt == 0 and (st is _SYN_SENT or st is _SYN_RECEIVED):
+            out.append(self.syn_segment(st is _SYN_RECEIVED, now))
+            if st is _SYN_SENT:
+                return out
+            rcv.ack_sent()
+            nxt = self.nxt
+        if st is _SYN_SENT:
+            return out
+        n0 = len(out)
+        if st in _SENDING and (
+            self.buf.end >= nxt  # unsent data (data byte k is at position k + 1)
+            or self.retx_pending
+            or self.probe_pending
+            or self.cc.in_recovery
+            or (self.fin is not None and nxt <= self.fin)
+        ):
+            af = (
+                (rcv.irs + rcv.nxt) & MASK,
+                rcv.window_field(),
+                (ts_clock(now, self.ts_off), rcv.ts_recent or 0) if rcv.ts_on else None,
+                rcv.sack_blocks() if rcv.sack_on and (rcv.ooo or rcv.dsack) else (),
+            )
+            if self.sack_on and self.cc.in_recovery:
+                self.sack_recovery(now, out, af)
+            else:
+                if self.retx_pending:
+                    self.retx_pending = False
+                    self.retransmit_at(self.una, now, out, af)
+                if self.probe_pending:
+                    self.send_probe(now, out, af)
+                self.send_data(now, out, af)
+        if self.ka_pending:
+            # RFC 9293 §3.8.4: SEG.SEQ = SND.NXT - 1 makes the peer answer with an ACK.
+            self.ka_pending = False
+            ka = self.pure_ack(now)
+            out.append(ka._replace(seq=(ka.seq - 1) & MASK))
+            rcv.ack_sent()
+        elif len(out) > n0:
+            rcv.ack_sent()
+        elif rcv.ack_now:
+            out.append(self.pure_ack(now))
+            rcv.ack_now = False  # rcv.ack_sent() inlined
+            rcv.delack_at = None
+            rcv.unacked = 0
+            rcv.last_ack_sent = rcv.nxt
+        return out
+
+    def pure_ack(self, now: float) -> TcpSegment:
+        """<SEQ=SND.NXT><ACK=RCV.NXT><CTL=ACK> with the window, TSopt and SACK blocks."""
+        rcv = self.rcv
+        return TcpSegment(
+            self.lport, self.rport, (self.iss + self.nxt) & MASK,
+            (rcv.irs + rcv.nxt) & MASK, ACK, rcv.window_field(), b"", 0,
+            None, None, False,
+            ((int(now * 1000) + self.ts_off) & MASK, rcv.ts_recent or 0)
+            if rcv.ts_on else None,  # ts_clock inlined
+            rcv.sack_blocks() if rcv.sack_on and (rcv.ooo.nbytes or rcv.dsack) else (),
+        )
+
+    def syn_segment(self, synack: bool, now: float) -> TcpSegment:
+        """Our SYN (SYN-SENT) or SYN-ACK (SYN-RECEIVED), sent or sent again (RFC 9293 §3.5):
+        MSS (MUST-14), WSopt and TSopt (RFC 7323 §2.2/§3.2), SACK-permitted (RFC 2018 §2)
+        as configured or as negotiated; the window of a SYN is never scaled; a resent SYN
+        is not timed (Karn)."""
+        rcv = self.rcv
+        if self.max:
+            self.retransmissions += 1
+            self.rtt_abs = None  # Karn
+        else:
+            self.rtt_abs = 1
+            self.rtt_at = now
+        self.nxt = 1
+        if self.max < 1:
+            self.max = 1
+        if self.rto_at is None:
+            self.rto_at = now + self.rto.rto
+        win, wscale, sack, ts = self.syn_opts
+        rcv.adv = max(rcv.adv, 1 + win)
+        if synack:
+            return TcpSegment(
+                self.lport, self.rport, self.iss, (rcv.irs + 1) & MASK, SYN | ACK, win, b"",
+                0, rcv.mss, rcv.wscale if rcv.ws_on else None, rcv.sack_on,
+                (ts_clock(now, self.ts_off), rcv.ts_recent or 0) if rcv.ts_on else None,
+            )
+        return TcpSegment(
+            self.lport, self.rport, self.iss, 0, SYN, win, b"", 0, rcv.mss, wscale, sack,
+            (ts_clock(now, self.ts_off), 0) if ts else None,
+        )
+
+    # ------------------------------------------------------------------ building
+
+    def segment(self, pos: int, flags: int, payload: bytes | memoryview, af: AckFields
+                ) -> TcpSegment:
+        """A segment starting at `pos`, with URG while urgent data is ahead (MUST-31)."""
+        urg = self.up - pos
+        if urg > 0:  # RFC 9293 MUST-31: points at the first non-urgent octet
+            flags |= URG
+            if urg > 0xFFFF:
+                urg = 0xFFFF  # further than 16 bits reach: "urgent data follows"
+        else:
+            urg = 0
+        ack, win, ts, sack = af
+        return TcpSegment(
+            self.lport, self.rport, (self.iss + pos) & MASK, ack, flags, win,
+            payload, urg, None, None, False, ts, sack,
+        )
+
+    def max_segment(self) -> int:
+        """The most payload one output segment carries (a multiple of SMSS)."""
+        mss = self.mss
+        tx = self.tx_max
+        return mss if tx <= mss else tx - tx % mss
+
+    # ------------------------------------------------------------------ sending
+
+    def send_data(self, now: float, out: list[TcpSegment], af: AckFields, budget: int = -1
+                  ) -> None:
+        """New data (and FIN) within the windows; `budget` >= 0 replaces the cwnd limit
+        by that many bytes from SND.NXT (one segment for the RFC 6675 loop)."""
+        buf = self.buf
+        mss = self.mss
+        maxseg = self.max_segment()
+        fin_abs = self.fin
+        cc = self.cc
+        last = self.last_send_at
+        if last is not None and self.una == self.max and now - last > self.rto.rto:
+            cc.on_idle()  # RFC 5681 §4.1
+        # Loop invariants in locals: the windows do not move while we send.
+        wnd_edge = self.wl2 + self.wnd
+        cwnd_edge = self.una + cc.cwnd + cc.limited_transmit
+        lport, rport = self.lport, self.rport
+        iss = self.iss
+        ack, win, ts, sack = af
+        up = self.up
+        while True:
+            nxt = self.nxt
+            off = nxt - 1
+            avail = buf.end - off
+            if avail <= 0:
+                if fin_abs is not None and nxt == fin_abs:
+                    out.append(self.segment(nxt, ACK | FIN, b"", af))
+                    self.advance(nxt + 1, now)
+                return
+            if budget >= 0:
+                usable = min(wnd_edge - nxt, budget)
+                budget = 0
+            else:
+                usable = (wnd_edge if wnd_edge < cwnd_edge else cwnd_edge) - nxt
+            n = avail if avail < usable else usable
+            if n > maxseg:
+                n = maxseg
+            if n <= 0:
+                if wnd_edge <= nxt:
+                    self.arm_persist(now)
+                return
+            if n < mss:
+                if n < avail:  # window- or cwnd-limited with more queued (MUST-38)
+                    if n < self.max_wnd // 2 or wnd_edge - nxt > usable:
+                        self.arm_persist(now)
+                        return
+                elif self.nagle and nxt > self.una and fin_abs is None:
+                    return  # Nagle: wait for the outstanding data to be acknowledged
+            payload = buf.peek(off, n)
+            flags = _ACK_PSH if n == avail else ACK
+            if fin_abs is not None and off + n == buf.end:
+                flags |= FIN
+                n1 = n + 1
+            else:
+                n1 = n
+            if up > nxt:
+                out.append(self.segment(nxt, flags, payload, af))
+            else:  # segment() inlined for the common case (no urgent data)
+                out.append(TcpSegment(lport, rport, (iss + nxt) & MASK, ack, flags, win,
+                                      payload, 0, None, None, False, ts, sack))
+            new_nxt = nxt + n1
+            if nxt < self.max or (self.rtt_abs is None and not self.ts_on):
+                self.advance(new_nxt, now)
+            else:  # advance() for new data, already timed or timed by TSopt
+                self.max = self.nxt = new_nxt
+                self.last_send_at = now
+                if self.rto_at is None:
+                    self.rto_at = now + self.rto.rto  # RFC 6298 §5.1
+
+    def advance(self, new_nxt: int, now: float) -> None:
+        """SND.NXT moves to `new_nxt` after a transmission; time it and arm the timer."""
+        if self.nxt < self.max:
+            self.retransmissions += 1
+            if self.rtt_abs is not None and self.rtt_abs > self.nxt:
+                self.rtt_abs = None  # Karn: the timed segment is being resent
+        elif self.rtt_abs is None and not self.ts_on:
+            self.rtt_abs = new_nxt
+            self.rtt_at = now
+        if new_nxt > self.max:
+            self.max = new_nxt
+        self.nxt = new_nxt
+        self.last_send_at = now
+        if self.rto_at is None:
+            self.rto_at = now + self.rto.rto  # RFC 6298 §5.1
+
+    def arm_persist(self, now: float) -> None:
+        """Nothing can be sent and nothing is in flight: the persist timer will probe."""
+        if self.nxt == self.una and self.rto_at is None and self.persist_at is None:
+            delay = max(self.rto.rto, 0.2) * (1 << min(self.persist_backoff, 8))
+            self.persist_at = now + min(delay, self.rto.maximum)
+
+    def retransmit_at(self, pos: int, now: float, out: list[TcpSegment], af: AckFields
+                      ) -> bool:
+        """Resend one segment from `pos` (fast retransmit, RFC 5681 §3.2; NewReno partial
+        ACK, RFC 6582; an RFC 6675 hole): up to SMSS, stopping at the next SACKed range,
+        not timed (Karn). Moves HighRxt. Returns False if there was nothing to send."""
+        if pos >= self.max:
+            return False
+        buf = self.buf
+        off = pos - 1
+        n = max(min(buf.end - off, self.mss), 0)
+        stop = self.board.first_sacked_after(pos)
+        if stop is not None:
+            n = min(n, stop - pos)
+        fin = self.fin is not None and pos + n == self.fin
+        if n <= 0 and not fin:
+            return False
+        payload = buf.peek(off, n) if n > 0 else b""
+        out.append(self.segment(pos, ACK | FIN if fin else ACK, payload, af))
+        self.board.high_rxt = pos + n + fin
+        self.retransmissions += 1
+        self.rtt_abs = None
+        self.last_send_at = now
+        if self.rto_at is None:
+            self.rto_at = now + self.rto.rto
+        return True
+
+    def sack_recovery(self, now: float, out: list[TcpSegment], af: AckFields) -> None:
+        """RFC 6675 §5: on entry retransmit SND.UNA's segment (step 4.3), then while
+        cwnd - pipe >= SMSS send what NextSeg() names (step 4.4 / rule C)."""
+        smss = self.mss
+        board = self.board
+        if self.retx_pending:
+            self.retx_pending = False
+            self.retransmit_at(self.una, now, out, af)
+        for _ in range(1024):
+            una = self.una
+            if self.cc.cwnd - board.pipe_now(una, self.max, smss) < smss:
+                return
+            pos = board.next_seg(una, smss, 1)  # rule 1: a lost segment
+            if pos is None:
+                n0 = len(out)
+                self.send_data(now, out, af, budget=smss)  # rule 2: new data
+                if len(out) > n0:
+                    continue
+                pos = board.next_seg(una, smss, 3)  # rule 3: any hole
+                if pos is None:
+                    return
+            if not self.retransmit_at(pos, now, out, af):
+                return
+
+    def send_probe(self, now: float, out: list[TcpSegment], af: AckFields) -> None:
+        """Zero-window probe (RFC 9293 §3.8.6.1, MUST-36) or SWS override: send one byte
+        (or what the window allows) even though the window says no."""
+        self.probe_pending = False
+        buf = self.buf
+        if self.una < self.nxt:
+            pos = self.una  # resend the first unacknowledged byte
+            if pos - 1 < buf.end:
+                out.append(self.segment(pos, ACK, buf.peek(pos - 1, 1), af))
+                self.retransmissions += 1
+            elif self.fin is not None:
+                out.append(self.segment(pos, ACK | FIN, b"", af))
+            if self.rto_at is None:
+                self.rto_at = now + self.rto.rto
+            return
+        off = self.nxt - 1
+        avail = buf.end - off
+        if avail <= 0:
+            return
+        n = max(1, min(avail, self.wl2 + self.wnd - self.nxt, self.mss))
+        flags = ACK | PSH if n == avail else ACK
+        out.append(self.segment(self.nxt, flags, buf.peek(off, n), af))
+        self.advance(self.nxt + n, now)
+
+    # ------------------------------------------------------------------ acknowledgments
+
+    def on_ack(self, seg: TcpSegment, seg_abs: int, now: float) -> AckResult:
+        """RFC 9293 §3.10.7.4 fifth step for an acceptable segment: the ACK field, the SACK
+        blocks (RFC 2018), a duplicate ACK (RFC 5681 §2), the window."""
+        una = self.una
+        d = (seg.ack - self.iss - una) & MASK
+        outstanding = self.max - una
+        wnd = seg.window << self.wscale
+        if d > outstanding:
+            if d < HALF:
+                return AckResult.UNSENT  # acknowledges something not yet sent (RFC 5961 §5.2)
+            if 0x100000000 - d > self.max_wnd:
+                return AckResult.TOO_OLD
+            return AckResult.OLD  # an old duplicate ACK: ignore it, keep the text
+        ack_abs = una + d
+        if self.sack_on and seg.sack:
+            self.board.update(seg.sack, una, self.max, self.iss)
+        if d:
+            self.new_ack(ack_abs, d, seg.ts, now)
+        elif (
+            outstanding
+            and wnd  # a zero-window probe's ACK is not a loss signal
+            and not seg.payload
+            and not seg.flags & (SYN | FIN)
+            and wnd == self.wnd
+        ):
+            self.dupack(seg.ts)
+        if self.wl1 < seg_abs or (self.wl1 == seg_abs and self.wl2 <= ack_abs):
+            self.update_window(wnd, seg_abs, ack_abs)
+        return AckResult.OK
+
+    def new_ack(self, ack_abs: int, acked: int, ts: tuple[int, int] | None, now: float,
+                wnd: int = -1, wl1: int = 0) -> None:
+        """New data acknowledged (RFC 9293 §3.10.7.4; RFC 6298 §5.2-5.3; RFC 5681); with
+        `wnd` >= 0 also the window update for SND.WL1 = `wl1` (header prediction)."""
+        buf = self.buf
+        buf.release(min(ack_abs - 1, buf.end))
+        self.una = ack_abs
+        if self.nxt < ack_abs:
+            self.nxt = ack_abs
+        if self.ts_on and ts is not None and ts[1]:  # RTTM (ts_clock inlined)
+            self.rto.sample((((int(now * 1000) + self.ts_off) - ts[1]) & MASK) / 1000.0)
+        elif self.rtt_abs is not None and ack_abs >= self.rtt_abs:
+            self.rto.sample(now - self.rtt_at)
+            self.rtt_abs = None
+        self.retries = 0  # (the RTO backoff ends only with a valid sample: RFC 6298 §5)
+        self.bytes_out = buf.base
+        board = self.board
+        if board.sacked:
+            board.acked(ack_abs)
+        if self.cc.on_ack(acked, ack_abs, self.nxt - ack_abs):
+            if not (self.sack_on and board.sacked):
+                self.retx_pending = True  # RFC 6582 partial ACK (or SACK without blocks)
+        if ack_abs >= self.max:
+            self.rto_at = None  # RFC 6298 §5.2
+        else:
+            self.rto_at = now + self.rto.rto  # RFC 6298 §5.3
+        if wnd >= 0:  # update_window() inlined
+            self.wnd = wnd
+            self.wl1 = wl1
+            self.wl2 = ack_abs
+            if wnd > self.max_wnd:
+                self.max_wnd = wnd
+            if wnd:
+                self.persist_at = None
+                self.persist_backoff = 0
+
+    def dupack(self, ts: tuple[int, int] | None) -> None:
+        """An RFC 5681 §2 duplicate ACK; congestion control decides on fast retransmit,
+        with the RFC 6582 §4.2 timestamp proof that the loss is not an old one."""
+        rto_ts = self.rto_tsval
+        new_loss = rto_ts is not None and ts is not None and (ts[1] - rto_ts) & MASK < HALF
+        if self.cc.on_dupack(self.una, self.max, self.nxt - self.una, new_loss):
+            self.retx_pending = True
+            self.board.high_rxt = self.una  # HighRxt (RFC 6675 §5 step 4)
+
+    def update_window(self, wnd: int, seg_abs: int, ack_abs: int) -> None:
+        """SND.WND update (RFC 9293 §3.10.7.4: SND.WL1/SND.WL2 rule); MUST-34 shrink-safe."""
+        self.wnd = wnd
+        self.wl1 = seg_abs
+        self.wl2 = ack_abs
+        if wnd > self.max_wnd:
+            self.max_wnd = wnd
+        if wnd:
+            self.persist_at = None
+            self.persist_backoff = 0
+
+    def sample_syn(self, ts: tuple[int, int] | None, now: float) -> None:
+        """Our SYN is acknowledged: its RTT sample, and RFC 6298 §5.7 after SYN timeouts."""
+        if self.ts_on and ts is not None and ts[1]:
+            self.rto.sample(((ts_clock(now, self.ts_off) - ts[1]) & MASK) / 1000.0)
+        elif self.rtt_abs is not None:
+            self.rto.sample(now - self.rtt_at)
+        self.rtt_abs = None
+        if self.retries:
+            self.rto.syn_timed_out()  # RFC 6298 §5.7
+        self.retries = 0
+
+    # ------------------------------------------------------------------ timers
+
+    def expire(self, now: float, handshake: bool) -> bool:
+        """The retransmission timer fired (RFC 6298 §5.4-5.6). Returns True when R2 is
+        exceeded and the connection must give up (MUST-20..23)."""
+        if handshake:
+            self.retries += 1
+            if self.retries > self.syn_retries:  # MUST-22/23
+                return True
+            self.rto.backoff()
+            self.nxt = 0  # send the SYN (or SYN-ACK) again
+            self.rtt_abs = None  # Karn
+            self.retransmissions += 1
+            return False
+        if self.max <= self.una:
+            return False
+        if self.wnd == 0:
+            # MUST-37: the window may stay zero indefinitely; probe, never give up.
+            self.rto.backoff()
+            self.probe_pending = True
+            return False
+        self.retries += 1
+        if self.retries > self.max_retries:  # MUST-20: R2
+            return True
+        self.cc.on_timeout(self.max, self.max - self.una, self.retries == 1)
+        if self.ts_on:
+            self.rto_tsval = ts_clock(now, self.ts_off)
+        self.rto.backoff()  # RFC 6298 §5.5
+        self.board.forget(self.una)  # RFC 2018 §8: forget SACK information after an RTO
+        self.nxt = self.una  # RFC 6298 §5.4: go back to the earliest unACKed
+        self.rtt_abs = None  # Karn (MUST-18)
+        return False
+
+    @property
+    def fin_acked(self) -> bool:
+        """Our FIN was sent and acknowledged."""
+        return self.fin is not None and self.una > self.fin
+
+    def rst(self) -> TcpSegment:
+        """<SEQ=SND.NXT><CTL=RST> (RFC 9293 §3.10.5 ABORT)."""
+        return TcpSegment(self.lport, self.rport, (self.iss + self.nxt) & MASK, 0, RST, 0)
+
+    def idle(self) -> bool:
+        """Nothing in flight and nothing queued (keep-alive may probe, RFC 9293 §3.8.4)."""
+        return self.max == self.una and self.buf.end < self.nxt
+
+    def path_mtu(self, mtu: int, v4: bool, syn_sent: bool) -> None:
+        """A path MTU of `mtu` (RFC 1191 §6.3, RFC 8201 §5.2): lower the send MSS, never below
+        the MUST-15 defaults less options, and send again what is in flight. A larger value
+        is ignored (the peer's MSS option bounds the MSS)."""
+        opts = 12 if self.ts_on else 0
+        new = max(mtu - (40 if v4 else 60) - opts, (536 if v4 else 1220) - opts)
+        if new >= self.mss:
+            return
+        self.mss = new
+        self.cc.on_path_mtu(new)
+        if self.nxt > self.una and not syn_sent:
+            self.nxt = self.una  # retransmit with the smaller size
+            self.rtt_abs = None
