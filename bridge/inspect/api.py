@@ -94,7 +94,6 @@ class CloseReason(Enum):
     INSPECTOR_RESET = "inspector_reset"  # an inspector returned RESET (e.g. block matched)
     INSPECTOR_ERROR = "inspector_error"  # an inspector raised and fail_open is false
     IDLE = "idle"                        # no byte either way for the rule's idle_timeout
-    TIMEOUT = "idle"                     # alias of IDLE (bridge/userspace/terminator.py)
     SHUTDOWN = "shutdown"                # grebe stopped
 
 

@@ -38,7 +38,7 @@ Rules of this module (pure, sans-I/O: inner IP packets and `now` in, packets and
   ISN), so the client's stack reports the real cause (RFC 1122 §4.2.3.9); once the client
   leg exists, the client's connection is with it and the error stays with the server leg.
 - Reaping: a splice whose legs are both CLOSED is forgotten; one idle for `idle_timeout` is
-  aborted (CloseReason.TIMEOUT). TIME-WAIT uses `msl` (default 15 s, not the 2 minutes of RFC
+  aborted (CloseReason.IDLE). TIME-WAIT uses `msl` (default 15 s, not the 2 minutes of RFC
   9293 §3.6.1: the splice is a middlebox whose legs both see the real endpoints' TIME-WAIT).
 - RTO floor `rto_min` 0.2 s (Linux's TCP_RTO_MIN) instead of RFC 6298 §2.4's 1 s SHOULD: both
   legs face real stacks a few ms away, and a 1 s floor turns every tail loss into a stall.
@@ -540,7 +540,7 @@ class Terminator:
             limit = now - self.idle_timeout
             for sp in list(self.splices.values()):
                 if not sp.finished and sp.last_seen < limit:
-                    sp.abort(CloseReason.TIMEOUT, now)
+                    sp.abort(CloseReason.IDLE, now)
                     self.touched[sp.key] = sp
                 elif sp.dead:
                     self.forget(sp)
