@@ -59,7 +59,6 @@ from stack.wire.prelude import (
     plain_tcp,
 )
 from stack.wire.vnet import (
-    F_DATA_VALID,
     F_NEEDS_CSUM,
     GSO_ECN,
     GSO_NONE,
@@ -68,9 +67,7 @@ from stack.wire.vnet import (
     VNET,
     VNET_HDR_LEN,
     VNET_NONE,
-    build_vnet,
     complete_checksum,
-    parse_vnet,
 )
 
 try:  # numpy is a declared dependency; the fallback keeps the module importable without it
@@ -79,17 +76,6 @@ except ImportError:  # pragma: no cover
     _np = None  # type: ignore[assignment]
 
 __all__ = [
-    "VNET_HDR_LEN",
-    "VNET_NONE",
-    "F_NEEDS_CSUM",
-    "F_DATA_VALID",
-    "GSO_NONE",
-    "GSO_TCPV4",
-    "GSO_TCPV6",
-    "GSO_ECN",
-    "parse_vnet",
-    "build_vnet",
-    "complete_checksum",
     "tso_split",
     "split_frame",
     "coalesce",

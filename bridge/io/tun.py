@@ -35,8 +35,9 @@ from typing import Any
 
 from bridge.io import offload
 from bridge.io.adapters import TsoFrameFactory, TunCaps
+from stack.wire import vnet
 
-_TSO = (offload.GSO_TCPV4, offload.GSO_TCPV6)
+_TSO = (vnet.GSO_TCPV4, vnet.GSO_TCPV6)
 
 log = logging.getLogger("grebe.tun")
 
@@ -52,7 +53,7 @@ TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
 
-READ_BUF = 65536 + offload.VNET_HDR_LEN + 64
+READ_BUF = 65536 + vnet.VNET_HDR_LEN + 64
 
 
 class TunBusyError(OSError):
@@ -85,7 +86,7 @@ class TunDevice:
         try:
             fcntl.ioctl(self.fd, TUNSETIFF, ifr)
             if vnet_hdr:
-                fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", offload.VNET_HDR_LEN))
+                fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", vnet.VNET_HDR_LEN))
                 fcntl.ioctl(self.fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
         except OSError as e:
             os.close(self.fd)
@@ -184,9 +185,9 @@ class TunDevice:
                 continue
             reads += 1
             if self.vnet_hdr:
-                if sp is not None and view[1] & ~offload.GSO_ECN in _TSO and n > 64:
+                if sp is not None and view[1] & ~vnet.GSO_ECN in _TSO and n > 64:
                     # one copy of the whole frame; the core segments it (bridge/gso.py)
-                    out.append(sp(bytes(view[:n]), offload.VNET_HDR_LEN,
+                    out.append(sp(bytes(view[:n]), vnet.VNET_HDR_LEN,
                                   view[4] | view[5] << 8, split))
                 elif not split(view[:n], out):
                     self.bad_frames += 1

@@ -14,6 +14,7 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 
 from bridge.io import offload as ol
+from stack.wire import vnet
 from stack.wire.checksum import partial, pseudo_sum_v4, pseudo_sum_v6
 
 SRC4, DST4 = "198.18.1.10", "198.18.2.10"
@@ -42,8 +43,8 @@ def _as_tso_frame(pkt: bytes, v6: bool, mss: int) -> bytes:
     ps = pseudo_sum_v6(b[8:24], b[24:40], 6, 0) if v6 else pseudo_sum_v4(b[12:16], b[16:20], 6, 0)
     b[ihl + 16:ihl + 18] = ps.to_bytes(2, "big")
     doff = (b[ihl + 12] >> 4) * 4
-    gso = ol.GSO_TCPV6 if v6 else ol.GSO_TCPV4
-    return ol.build_vnet(ol.F_NEEDS_CSUM, gso, ihl + doff, mss, ihl, 16) + bytes(b)
+    gso = vnet.GSO_TCPV6 if v6 else vnet.GSO_TCPV4
+    return vnet.build_vnet(vnet.F_NEEDS_CSUM, gso, ihl + doff, mss, ihl, 16) + bytes(b)
 
 
 def _check_segments(segs: list[bytes], orig: bytes, v6: bool, mss: int) -> None:
@@ -85,8 +86,8 @@ VNET_CASES = [
 
 @pytest.mark.parametrize("fields,wire", VNET_CASES)
 def test_vnet_round_trip(fields: tuple[int, ...], wire: bytes) -> None:
-    assert ol.build_vnet(*fields) == wire
-    assert ol.parse_vnet(wire) == fields
+    assert vnet.build_vnet(*fields) == wire
+    assert vnet.parse_vnet(wire) == fields
 
 
 SPLIT_CASES = [
@@ -139,19 +140,20 @@ def test_needs_csum_completion(v6: bool) -> None:
           else pseudo_sum_v4(b[12:16], b[16:20], 17, ulen))
     b[ihl + 6:ihl + 8] = ps.to_bytes(2, "big")
     out: list[bytes] = []
-    assert ol.split_frame(ol.build_vnet(ol.F_NEEDS_CSUM, 0, 0, 0, ihl, 6) + bytes(b), out)
+    assert ol.split_frame(vnet.build_vnet(vnet.F_NEEDS_CSUM, 0, 0, 0, ihl, 6) + bytes(b), out)
     assert out == [good]
 
 
 @pytest.mark.parametrize("frame", [
     b"",
     bytes(10),
-    ol.build_vnet(ol.F_NEEDS_CSUM, 0, 0, 0, 200, 16) + _super(False, 10),  # offsets past end
-    ol.build_vnet(1, ol.GSO_TCPV4, 40, 1448, 20, 16) + b"\x45" + bytes(30),  # truncated
-    ol.build_vnet(1, ol.GSO_TCPV4, 40, 1448, 20, 16) + bytes(IP(dst=DST4) / UDP() / bytes(3000)),
-    ol.build_vnet(1, 3, 40, 1448, 20, 6) + bytes(IP(dst=DST4) / UDP() / bytes(3000)),  # UFO
-    ol.build_vnet(1, ol.GSO_TCPV4, 40, 0, 20, 16) + _super(False, 3000),  # gso_size 0
-    ol.build_vnet(1, ol.GSO_TCPV4, 40, 1448, 20, 16) + b"\x75" + bytes(3000),  # version 7
+    vnet.build_vnet(vnet.F_NEEDS_CSUM, 0, 0, 0, 200, 16) + _super(False, 10),  # offsets past end
+    vnet.build_vnet(1, vnet.GSO_TCPV4, 40, 1448, 20, 16) + b"\x45" + bytes(30),  # truncated
+    vnet.build_vnet(1, vnet.GSO_TCPV4, 40, 1448, 20, 16)
+    + bytes(IP(dst=DST4) / UDP() / bytes(3000)),
+    vnet.build_vnet(1, 3, 40, 1448, 20, 6) + bytes(IP(dst=DST4) / UDP() / bytes(3000)),  # UFO
+    vnet.build_vnet(1, vnet.GSO_TCPV4, 40, 0, 20, 16) + _super(False, 3000),  # gso_size 0
+    vnet.build_vnet(1, vnet.GSO_TCPV4, 40, 1448, 20, 16) + b"\x75" + bytes(3000),  # version 7
 ])
 def test_malformed_frames_are_refused(frame: bytes) -> None:
     out: list[bytes] = []
@@ -162,7 +164,7 @@ def test_malformed_frames_are_refused(frame: bytes) -> None:
 def test_plain_frame_passes() -> None:
     pkt = bytes(IP(dst=DST4) / UDP() / b"x")
     out: list[bytes] = []
-    assert ol.split_frame(ol.VNET_NONE + pkt, out)
+    assert ol.split_frame(vnet.VNET_NONE + pkt, out)
     assert out == [pkt]
 
 
@@ -180,9 +182,9 @@ def test_coalesce_then_split_round_trip(v6: bool, size: int, mss: int) -> None:
     segs = _segments(v6, size, mss, "PA")
     frames: list[bytes] = []
     assert ol.coalesce(segs, frames) == 1
-    fl, gso, hdr_len, gso_size, cs, co = ol.parse_vnet(frames[0])
+    fl, gso, hdr_len, gso_size, cs, co = vnet.parse_vnet(frames[0])
     assert (fl, gso, gso_size, cs, co) == (
-        ol.F_NEEDS_CSUM, ol.GSO_TCPV6 if v6 else ol.GSO_TCPV4, mss, 40 if v6 else 20, 16)
+        vnet.F_NEEDS_CSUM, vnet.GSO_TCPV6 if v6 else vnet.GSO_TCPV4, mss, 40 if v6 else 20, 16)
     # what the kernel will do with it: segment it again, computing checksums from scratch
     again: list[bytes] = []
     assert ol.split_frame(frames[0], again)
@@ -232,7 +234,7 @@ def test_coalesce_bad_checksum_sends_every_packet_alone() -> None:
     bad = bytearray(segs[1])
     bad[-1] ^= 0xFF
     frames = _frames_of([segs[0], bytes(bad), *segs[2:]])
-    assert frames == [ol.VNET_NONE + p for p in (segs[0], bytes(bad), *segs[2:])]
+    assert frames == [vnet.VNET_NONE + p for p in (segs[0], bytes(bad), *segs[2:])]
 
 
 def test_coalesce_odd_sizes_verified_one_by_one() -> None:
@@ -247,7 +249,7 @@ def test_coalesce_keeps_non_tcp_and_order_within_flows() -> None:
     udp = bytes(IPv6(src=SRC6, dst=DST6) / UDP() / b"hi")
     segs = _segments(True, 2856, 1428, "A")
     frames = _frames_of([udp, *segs])
-    assert frames[0] == ol.VNET_NONE + udp
+    assert frames[0] == vnet.VNET_NONE + udp
     assert _n_segments(frames[1]) == 2
     assert partial(b"") == 0
 
@@ -272,13 +274,13 @@ def test_coalesce_never_merges_a_damaged_ipv4_header(k: int, at: int, xor: int) 
     assert partial(bytes(bad[:20])) != 0xFFFF  # the header checksum no longer holds
     pkts = [*segs[:k], bytes(bad), *segs[k + 1:]]
     frames = _frames_of(pkts)
-    assert frames.count(ol.VNET_NONE + bytes(bad)) == 1  # alone and unchanged
+    assert frames.count(vnet.VNET_NONE + bytes(bad)) == 1  # alone and unchanged
     # every other packet still reaches the kernel, the intact ones on each side merged
     again: list[bytes] = []
     for f in frames:
         assert ol.split_frame(f, again)
     assert again == pkts
-    merged = [f for f in frames if ol.parse_vnet(f)[1]]
+    merged = [f for f in frames if vnet.parse_vnet(f)[1]]
     assert sum(map(_n_segments, merged)) + len(frames) - len(merged) == 5
     before, after = k, 4 - k
     assert len(merged) == (before >= 2) + (after >= 2)
@@ -292,7 +294,7 @@ def test_coalesce_damaged_ipv4_header_in_another_flow_between() -> None:
     other[10] ^= 0x01  # ... and its IPv4 header checksum is broken
     # TCP checksum no longer matters: the packet must go alone before any grouping
     frames = _frames_of([a[0], bytes(other), a[1], a[2]])
-    assert frames[1] == ol.VNET_NONE + bytes(other)
+    assert frames[1] == vnet.VNET_NONE + bytes(other)
     assert _n_segments(frames[0]) == 3 and len(frames) == 2
 
 
@@ -309,7 +311,7 @@ def test_coalesce_ipv4_header_damage_hypothesis(k: int, at: int, xor: int,
     bad[at] ^= xor
     pkts = [*segs[:k], bytes(bad), *segs[k + 1:]]
     frames = _frames_of(pkts)
-    assert ol.VNET_NONE + bytes(bad) in frames
+    assert vnet.VNET_NONE + bytes(bad) in frames
     again: list[bytes] = []  # what the kernel gets: a merged frame is split as TSO would
     for f in frames:
         assert ol.split_frame(f, again)

@@ -16,10 +16,11 @@ from splice_harness import C_ADDR, S_ADDR, Harness, finished
 
 from bridge.flows import InspectRule
 from bridge.gso import SuperPacket
-from bridge.io.offload import VNET, coalesce, split_frame
+from bridge.io.offload import coalesce, split_frame
 from bridge.tunframe import TunFrame
 from bridge.userspace.terminator import TSO_MAX_SEGMENT, Terminator
 from stack.wire.tcp import ACK, PSH, TcpSegment, parse_tcp
+from stack.wire.vnet import VNET
 
 
 def rule(**kw: Any) -> InspectRule:

@@ -244,8 +244,9 @@ class _TsoWorld(World):
 
     def step(self) -> bool:
         from bridge.gso import SuperPacket
-        from bridge.io.offload import VNET, split_frame
+        from bridge.io.offload import split_frame
         from stack.wire.checksum import pseudo_sum_v4
+        from stack.wire.vnet import VNET
 
         segs = self.client.segments_to_send(self.now)
         data = [s for s in segs if s.payload and not s.flags & SYN]
