@@ -17,6 +17,7 @@ from bridge.gso import SuperPacket, UdpRun, encap_segments
 from bridge.io import offload as ol
 from bridge.pipeline import Bridge, Output
 from bridge.seqpolicy import SeqReceiver
+from stack.wire import vnet
 from stack.wire.checksum import pseudo_sum_v4, pseudo_sum_v6, verify
 from stack.wire.prelude import plain_tcp
 
@@ -48,12 +49,12 @@ def _frame(pkt: bytes, v6: bool, mss: int) -> bytes:
         pseudo_sum_v4(b[12:16], b[16:20], 6, 0)
     b[ihl + 16:ihl + 18] = ps.to_bytes(2, "big")
     doff = (b[ihl + 12] >> 4) * 4
-    gso = ol.GSO_TCPV6 if v6 else ol.GSO_TCPV4
-    return ol.build_vnet(ol.F_NEEDS_CSUM, gso, ihl + doff, mss, ihl, 16) + bytes(b)
+    gso = vnet.GSO_TCPV6 if v6 else vnet.GSO_TCPV4
+    return vnet.build_vnet(vnet.F_NEEDS_CSUM, gso, ihl + doff, mss, ihl, 16) + bytes(b)
 
 
 def _sp(frame: bytes) -> SuperPacket:
-    return SuperPacket(frame, ol.VNET_HDR_LEN, ol.parse_vnet(frame)[3], ol.split_frame)
+    return SuperPacket(frame, vnet.VNET_HDR_LEN, vnet.parse_vnet(frame)[3], ol.split_frame)
 
 
 CALLS: list[int] = []
@@ -216,7 +217,7 @@ def test_terminated_flows_take_the_per_packet_path() -> None:
 def test_bad_super_packet_counted_malformed() -> None:
     b = Bridge(site_config("a"), 0)
     out = Output()
-    junk = ol.build_vnet(0, ol.GSO_TCPV4, 40, 1000, 20, 16) + b"\x45" + bytes(30)
+    junk = vnet.build_vnet(0, vnet.GSO_TCPV4, 40, 1000, 20, 16) + b"\x45" + bytes(30)
     b.from_tun([_sp(junk)], 0, out)
     assert b.counters.drop("malformed") == 1 and not out
 
@@ -233,7 +234,7 @@ def test_super_packet_longer_than_an_ip_packet_counted_malformed(v6: bool, gso_s
     ihl = 40 if v6 else 20
     hdr = _super(v6, 0, "A")
     pkt = hdr + bytes(0xFFFF + (40 if v6 else 0) + beyond - len(hdr))
-    frame = ol.build_vnet(ol.F_NEEDS_CSUM, ol.GSO_TCPV6 if v6 else ol.GSO_TCPV4, ihl + 20,
+    frame = vnet.build_vnet(vnet.F_NEEDS_CSUM, vnet.GSO_TCPV6 if v6 else vnet.GSO_TCPV4, ihl + 20,
                           gso_size, ihl, 16) + pkt
     b = Bridge(site_config("a"), 0)
     out = Output()
@@ -320,7 +321,7 @@ def test_gro_batch_equals_per_datagram_then_coalesce(extra: str, v6: bool, size:
     _pair, dgrams = _sent(extra, _super(v6, size), v6, mss)
     fast, ff, ref, rf = _rx_both(extra, dgrams, len(dgrams[0]))
     _rx_same(fast, ff, ref, rf)
-    assert any(ol.parse_vnet(f)[1] & 0x7F for f in ff)  # a GSO frame was written
+    assert any(vnet.parse_vnet(f)[1] & 0x7F for f in ff)  # a GSO frame was written
     assert fast.counters.rx_packets == [len(dgrams)]
 
 
@@ -410,7 +411,7 @@ def test_gro_batch_of_two_bursts_makes_two_runs(v6: bool) -> None:
     dgrams = d1 + _flat(oa.udp[pair.b_addr])
     fast, ff, ref, rf = _rx_both("", dgrams, len(dgrams[0]))
     _rx_same(fast, ff, ref, rf)
-    assert len(ff) == 2 and all(ol.parse_vnet(f)[1] for f in ff)  # two GSO frames
+    assert len(ff) == 2 and all(vnet.parse_vnet(f)[1] for f in ff)  # two GSO frames
 
 
 # ------------------------------------------------------------------ receive: the 64 KB cap
@@ -442,7 +443,7 @@ def _bulk(extra: str, v6: bool, mss: int, rows: int, tail: int, opts: list | Non
 
 def _ip_len(frame: bytes) -> int:
     """The IP packet length of a TUN frame (vnet header + packet)."""
-    return len(frame) - ol.VNET_HDR_LEN
+    return len(frame) - vnet.VNET_HDR_LEN
 
 
 @pytest.mark.parametrize("v6", [False, True])
@@ -471,7 +472,7 @@ def test_gro_44_plus_3_stays_within_the_ip_length(v6: bool) -> None:
     ff: list[bytes] = []
     ol.coalesce(out.tun, ff)
     assert all(_ip_len(f) <= 0xFFFF for f in ff)
-    assert ol.parse_vnet(ff[0])[1] & 0x7F  # the 46 rows still went as one GSO frame
+    assert vnet.parse_vnet(ff[0])[1] & 0x7F  # the 46 rows still went as one GSO frame
     fast2, ff2, ref, rf = _rx_both(extra, dgrams, seg)
     _rx_same(fast2, ff2, ref, rf)
     assert [bytes(f) for f in ff] == [bytes(f) for f in rf]

@@ -20,6 +20,7 @@ from bridge.io import offload as ol
 from bridge.pipeline import Bridge, Output
 from bridge.seqpolicy import SeqReceiver
 from bridge.tunframe import TunFrame
+from stack.wire import vnet
 from stack.wire.checksum import pseudo_sum_v4, pseudo_sum_v6
 
 SRC = ("198.18.0.1", 4754)
@@ -51,10 +52,10 @@ def _datagrams(extra: str, v6: bool, rows: int, bursts: int = 1, tail: int = 0
         ps = pseudo_sum_v6(pkt[8:24], pkt[24:40], 6, 0) if v6 else \
             pseudo_sum_v4(pkt[12:16], pkt[16:20], 6, 0)
         pkt[ihl + 16:ihl + 18] = ps.to_bytes(2, "big")
-        frame = ol.build_vnet(ol.F_NEEDS_CSUM, ol.GSO_TCPV6 if v6 else ol.GSO_TCPV4,
+        frame = vnet.build_vnet(vnet.F_NEEDS_CSUM, vnet.GSO_TCPV6 if v6 else vnet.GSO_TCPV4,
                               ihl + 20, MSS, ihl, 16) + bytes(pkt)
         oa = Output()
-        pair.a.from_tun([SuperPacket(frame, ol.VNET_HDR_LEN, MSS, ol.split_frame)], 0, oa)
+        pair.a.from_tun([SuperPacket(frame, vnet.VNET_HDR_LEN, MSS, ol.split_frame)], 0, oa)
         for d in oa.udp[pair.b_addr]:
             out += d.datagrams() if isinstance(d, UdpRun) else [bytes(d)]
         seq += rows * MSS

@@ -14,6 +14,7 @@ from scapy.layers.inet import IP, TCP
 from bridge.config import loads_config
 from bridge.io import offload as ol
 from bridge.pipeline import Bridge, Output
+from stack.wire import vnet
 from stack.wire.checksum import pseudo_sum_v4
 
 CFG = """
@@ -36,7 +37,7 @@ def _frame(mss: int = 1400, size: int = 63000) -> bytes:
     pkt = bytearray(bytes(IP(src="198.18.1.10", dst="198.18.2.10", flags="DF") /
                           TCP(sport=4000, dport=80, flags="A") / payload))
     pkt[36:38] = pseudo_sum_v4(pkt[12:16], pkt[16:20], 6, 0).to_bytes(2, "big")
-    return ol.build_vnet(ol.F_NEEDS_CSUM, ol.GSO_TCPV4, 52, mss, 20, 16) + bytes(pkt)
+    return vnet.build_vnet(vnet.F_NEEDS_CSUM, vnet.GSO_TCPV4, 52, mss, 20, 16) + bytes(pkt)
 
 
 def _per_segment(fn, n_segments: int, rounds: int = 30) -> float:  # type: ignore[no-untyped-def]
