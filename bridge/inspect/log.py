@@ -22,11 +22,12 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from bridge.flows import InspectRule
 from bridge.inspect.api import CloseReason, Flow, Inspector
-from bridge.inspect.options import Option, text
+from bridge.inspect.options import Option, OptionError, text
 
 flow_log = logging.getLogger("grebe.inspect.flows")
 
@@ -56,6 +57,17 @@ class LogInspector(Inspector):
     observer = True  # only watches (bridge/inspect/api.py)
 
     runs_last = True
+
+    @classmethod
+    def check_options(cls, values: Mapping[str, Any]) -> None:
+        """A log_path whose directory is missing would lose every record at each flush: the
+        configuration is refused instead (check-config and up)."""
+        path = os.path.expandvars(values.get("log_path") or "")
+        if path and "$" not in path:    # an unset $VAR: only `up`'s environment can tell
+            folder = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(folder):
+                raise OptionError("log_path", f"directory {folder} does not exist "
+                                  "(the flow records could not be written)")
 
     def __init__(self, rule: InspectRule, max_buffered: int = 1 << 20) -> None:
         path = rule.options["log_path"]
