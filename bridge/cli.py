@@ -2,7 +2,11 @@
 
     grebe up -c FILE                       run an endpoint in the foreground
     grebe status [--json] [-i TUN | -s SOCKET]   peers, traffic, drops by reason
-    grebe check-config FILE                every error with its key path; exit 1 if any
+    grebe check-config FILE                every error with its key path; exit 2 if any
+    grebe --version
+
+Exit status: 0 fine, 1 could not run (permissions, an address in use or missing: one line
+naming the key, never a traceback), 2 the configuration is wrong (`check-config` and `up`).
     grebe flows [--json] [-i TUN | -s SOCKET]    inspected TCP flows, both backends
     grebe pair DESCRIPTION [--out DIR]     every site's endpoint file from one description
     grebe deploy INVENTORY [ACTION]        up|push|start|stop|restart|status on N hosts (SSH)
@@ -36,6 +40,9 @@ log = logging.getLogger("grebe")
 
 SUPER_PACKETS = os.environ.get("GREBE_SUPER_PACKETS", "1") == "1"  # bridge/gso.py fast path
 GRO_BATCHES = os.environ.get("GREBE_GRO_BATCHES", "1") == "1"  # bridge/gso.py receive path
+
+EXIT_FAILED = 1  # could not run (permissions, a busy port, a missing address...)
+EXIT_CONFIG = 2  # the configuration file is wrong: `check-config` and `up` alike
 
 Setup = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
@@ -84,18 +91,49 @@ def core_batches(offload: bool) -> tuple[TsoFrameFactory | None, GroBatchFactory
 def cmd_up(args: argparse.Namespace) -> int:
     from bridge.config import load_config
     from bridge.errors import ConfigErrors
-    from bridge.io.control import ControlServer, MetricsServer, io_prometheus, socket_name
-    from bridge.io.loop import Engine, Runner
-    from bridge.io.tun import TunBusyError, TunDevice
-    from bridge.io.udp import UdpEndpoint
-    from bridge.pipeline import Bridge
 
     try:
         cfg = load_config(args.config)
     except ConfigErrors as e:
         for err in e.errors:
             log.error("%s", err)
-        return 2
+        return EXIT_CONFIG
+    try:
+        return _run_up(args, cfg)
+    except OSError as e:   # everyday mistakes: one line naming what failed, no traceback
+        log.error("%s", _os_error_line(e, cfg))
+        return EXIT_FAILED
+
+
+def _os_error_line(e: OSError, cfg: Any) -> str:
+    """One clear line for an OSError of `grebe up` (what failed, the key to look at)."""
+    import errno
+
+    what = str(e.filename) if e.filename else ""
+    text = e.strerror or str(e)
+    if e.errno in (errno.EPERM, errno.EACCES):
+        return (f"{what or 'setup'}: {text}: grebe up needs root or CAP_NET_ADMIN "
+                "(and read/write access to /dev/net/tun)")
+    return f"{what + ': ' if what else ''}{text}"
+
+
+def _bind_error(e: OSError, key: str, value: str) -> OSError:
+    """The OSError of a bind(), rewritten to name the configuration key at fault."""
+    import errno
+
+    hint = {errno.EADDRINUSE: "address already in use (another grebe, or another program?)",
+            errno.EADDRNOTAVAIL: "this host has no such address"}.get(e.errno or 0,
+                                                                    e.strerror or str(e))
+    return OSError(e.errno, f"{key} {value}: {hint}")
+
+
+def _run_up(args: argparse.Namespace, cfg: Any) -> int:
+    from bridge.io.control import ControlServer, MetricsServer, io_prometheus, socket_name
+    from bridge.io.loop import Engine, Runner
+    from bridge.io.tun import TunBusyError, TunDevice
+    from bridge.io.udp import UdpEndpoint
+    from bridge.pipeline import Bridge
+
     offload = not args.no_offload
     underlay, source = _underlay_mtu(cfg)
     bridge = Bridge(cfg, time.monotonic(), underlay_mtu=underlay)
@@ -107,18 +145,28 @@ def cmd_up(args: argparse.Namespace) -> int:
         tun = TunDevice(cfg.tun.name, vnet_hdr=offload, tso_frame=tso_frame)
     except TunBusyError as e:
         log.error("%s", e.strerror)
-        return 1
+        return EXIT_FAILED
+    except PermissionError as e:
+        log.error("cannot open /dev/net/tun (%s): grebe up needs root or CAP_NET_ADMIN and "
+                  "read/write access to /dev/net/tun", e.strerror)
+        return EXIT_FAILED
     ctl = metrics = udp = kernel = None
     failed = False
     try:
         tun.configure([str(a) for a in cfg.tun.addresses], mtu,
                       [str(n) for p in cfg.peers for n in p.prefixes])
-        udp = UdpEndpoint(cfg.listen.address, cfg.listen.port, gso=offload, gro=offload,
-                          gro_batch=gro_batch)
+        try:
+            udp = UdpEndpoint(cfg.listen.address, cfg.listen.port, gso=offload, gro=offload,
+                              gro_batch=gro_batch)
+        except OSError as e:
+            raise _bind_error(e, "listen", f"{cfg.listen.address} port {cfg.listen.port}"
+                              ) from None
         warm = cfg.keep_warm and os.environ.get("GREBE_KEEP_WARM", "1") == "1"
         # one process per direction (bridge/io/split.py); never with [[inspect]] rules
         split = cfg.split_directions and not cfg.inspect \
             and os.environ.get("GREBE_SPLIT", "1") == "1"
+        if cfg.split_directions and cfg.inspect:
+            log.info("split_directions: one process, since [[inspect]] rules are set")
         sibling = None
         if split:
             from bridge.io.split import RxProcess
@@ -149,7 +197,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         except (RuntimeError, OSError) as e:
             log.error("kernel inspection backend: %s", e)
             detach()
-            return 1
+            return EXIT_FAILED
         extra = [(ctl.fileno(), ctl.on_readable)]
         if cfg.metrics_listen:
             def render() -> str:
@@ -161,7 +209,10 @@ def cmd_up(args: argparse.Namespace) -> int:
                     text += prometheus(kernel.status(with_flows=False))
                 return text
 
-            metrics = MetricsServer(cfg.metrics_listen, render)
+            try:
+                metrics = MetricsServer(cfg.metrics_listen, render)
+            except OSError as e:
+                raise _bind_error(e, "metrics_listen", cfg.metrics_listen) from None
             extra.append((metrics.fileno(), metrics.on_readable))
         runner = Runner(engine, extra)
 
@@ -212,7 +263,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 x.close()
         tun.close()
         log.info("grebe down: %s removed", cfg.tun.name)
-    return 1 if failed else 0
+    return EXIT_FAILED if failed else 0
 
 
 # -- status -----------------------------------------------------------------------------
@@ -230,13 +281,13 @@ def _fmt_status(st: dict[str, Any]) -> str:
     tun = st.get("tun", {})
     lines = [f"tun {tun.get('name', '?')}  mtu {tun.get('mtu', '?')}"
              f"  ({tun.get('mtu_source', '')})"]
-    lines.append(f"{'peer':<14} {'endpoint':<22} {'state':<5} {'seen':>8} {'rx pkts':>9}"
+    lines.append(f"{'peer':<14} {'endpoint':<22} {'state':<7} {'seen':>8} {'rx pkts':>9}"
                  f" {'rx bytes':>13} {'tx pkts':>9} {'tx bytes':>13}")
     for p in st.get("peers", []):
         seen = p.get("last_seen_s")
         seen_s = "never" if seen is None else f"{seen:.1f}s"
         lines.append(f"{p.get('name', '?'):<14} {p.get('endpoint', ''):<22}"
-                     f" {'up' if p.get('up') else 'down':<5} {seen_s:>8}"
+                     f" {p.get('state', 'up' if p.get('up') else 'down'):<7} {seen_s:>8}"
                      f" {p.get('rx_packets', 0):>9} {p.get('rx_bytes', 0):>13}"
                      f" {p.get('tx_packets', 0):>9} {p.get('tx_bytes', 0):>13}")
     drops = {k: v for k, v in st.get("drops", {}).items() if v}
@@ -274,7 +325,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         print(json.dumps(st, indent=2, sort_keys=True))
-    elif "error" in st:
+        return 1 if "error" in st else 0
+    if "error" in st:
         print(f"grebe: {st['error']}", file=sys.stderr)
         return 1
     else:
@@ -297,7 +349,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(str(e), file=sys.stderr)
     if errors:
         print(f"{args.file}: {len(errors)} error(s)", file=sys.stderr)
-        return 1
+        return EXIT_CONFIG
     print(f"{args.file}: OK")
     return 0
 
@@ -309,8 +361,20 @@ register("check-config", "validate an endpoint configuration file", _setup_check
          cmd_check_config)
 
 
+def version() -> str:
+    """The installed package's version (pyproject.toml), or the source tree's."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("grebe")
+    except PackageNotFoundError:
+        return "0.1.0+source"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grebe", description="GRE/IPIP-over-UDP site bridge")
+    parser.add_argument("--version", action="version", version=f"grebe {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, setup, run) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)

@@ -164,7 +164,7 @@ EXAMPLE = """\
 # grebe endpoint configuration (site A)
 mss_clamp = true                      # clamp TCP MSS in SYN / SYN-ACK, both directions
 keep_warm = true                      # keep the packet path in CPU cache for 1 s after traffic
-split_directions = true               # UDP->TUN in its own process (not with [[inspect]])
+split_directions = true               # UDP->TUN in its own process (off with [[inspect]])
 control_socket = "@grebe/grebe0"      # optional; default: abstract @grebe/<tun name>
 metrics_listen = "127.0.0.1:9108"     # optional Prometheus text endpoint
 

@@ -549,7 +549,9 @@ class Bridge:
                 else f"{p.addr[0]}:{p.addr[1]}",
                 "encapsulation": cfg.encapsulation.value,
                 "prefixes": [str(n) for n in cfg.prefixes],
-                "up": p.up,
+                "up": p.up and p.heard,   # never heard: not up, whatever the liveness timer
+                # "waiting": not heard yet, dead_after not yet passed (traffic still sent)
+                "state": "down" if not p.up else "up" if p.heard else "waiting",
                 "last_seen_s": round(now - p.last_rx, 3) if p.heard else None,
                 "mtu": p.mtu,
                 "sequence": {"policy": cfg.sequence.value, "held": len(p.seq.held),
@@ -570,4 +572,4 @@ class Bridge:
 
     def metrics_text(self) -> str:
         """Prometheus text exposition of the counters plus per-peer up gauges."""
-        return self.counters.prometheus(peer_up=[p.up for p in self.peers])
+        return self.counters.prometheus(peer_up=[p.up and p.heard for p in self.peers])

@@ -70,9 +70,11 @@ CASES: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("gre-and-ipip-peer-one-host",
      BASE + PEER_C + 'endpoint = "198.18.0.2"\nencapsulation = "ipip"\n',
      [("peers[1].endpoint", "an ipip peer cannot share its host")]),
-    ("log-path-directory-missing",
-     BASE + RULE + 'log_path = "/nonexistent-i13/flows.jsonl"\n',
-     [("inspect[0].log_path", "directory /nonexistent-i13 does not exist")]),
+    ("log-path-under-a-file",
+     BASE + RULE + 'log_path = "/etc/hostname/flows/x.jsonl"\n',
+     [("inspect[0].log_path", "/etc/hostname is not a directory")]),
+    ("log-path-is-a-directory", BASE + RULE + 'log_path = "/tmp"\n',
+     [("inspect[0].log_path", "/tmp is a directory")]),
 ]
 
 
@@ -116,3 +118,20 @@ def test_utf8_bom_is_skipped(tmp_path: Path) -> None:
     f.write_bytes(b"\xef\xbb\xbf" + BASE.encode())
     assert check_config(str(f)) == []
     assert load_config(str(f)).peers[0].name == "b"
+
+
+def test_a_missing_log_directory_is_created_and_records_kept(tmp_path: Path) -> None:
+    """log_path in a directory that does not exist yet: accepted, created at start, and the
+    flush writes the records (it used to drop them: "records left after failed flush: 0")."""
+    from bridge.inspect.log import LogInspector
+
+    path = tmp_path / "new" / "deeper" / "flows.jsonl"
+    text = BASE + RULE + f'log_path = "{path}"\n'
+    f = tmp_path / "g.toml"
+    f.write_text(text)
+    assert check_config(str(f)) == []
+    rule = load_config(str(f)).inspect_rules()[0]
+    log = LogInspector(rule)
+    log._records.append({"start": 0.0, "n": 1})
+    log.flush()
+    assert path.read_text().count("\n") == 1
