@@ -2,6 +2,7 @@
 
     grebe up -c FILE                       run an endpoint in the foreground
     grebe status [--json] [-i TUN | -s SOCKET]   peers, traffic, drops by reason
+    grebe reload [-i TUN | -s SOCKET]      re-read the file (as SIGHUP); exit 2 if refused
     grebe check-config FILE                every error with its key path; exit 2 if any
     grebe --version
 
@@ -17,7 +18,10 @@ Subcommands are registered with `register(name, setup, run)`:
 Logs go through `logging` to stderr, one line per state change (never per packet).
 SIGTERM and SIGINT stop `up` cleanly: routes and the TUN are removed, exit status 0.
 With kernel-backend `[[inspect]]` rules `up` also runs the TPROXY backend (bridge/kernel/run.py)
-and removes its nft table and policy rules on exit; SIGHUP reloads those rules.
+and removes its nft table and policy rules on exit.
+SIGHUP (and `grebe reload`) re-reads the file and never stops the endpoint (bridge/reload.py):
+a bad file is refused with its errors; kernel-backend rules are applied; every other change
+is logged as needing a restart.
 """
 
 from __future__ import annotations
@@ -235,14 +239,18 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        if kernel is not None:
-            reload_rules = kernel.reload
+        running = [cfg]
 
-            def on_hup(_signum: int, _frame: Any) -> None:
-                log.info("SIGHUP: reloading the kernel-backend [[inspect]] rules")
-                reload_rules()
+        def reload(_req: dict[str, Any]) -> dict[str, Any]:
+            answer, running[0] = reload_config(args.config, running[0], kernel)
+            return answer
 
-            signal.signal(signal.SIGHUP, on_hup)
+        def on_hup(_signum: int, _frame: Any) -> None:
+            log.info("SIGHUP: reloading %s", args.config)
+            reload({})
+
+        ctl.register("reload", reload)
+        signal.signal(signal.SIGHUP, on_hup)   # always: SIGHUP's default would kill us
         listen = (f"[{cfg.listen.address}]" if ":" in cfg.listen.address
                   else cfg.listen.address) + f":{cfg.listen.port}"
         log.info("grebe up: %s, listening %s, %d peer(s), tun mtu %d (%s), control %s%s",
@@ -264,6 +272,39 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
         tun.close()
         log.info("grebe down: %s removed", cfg.tun.name)
     return EXIT_FAILED if failed else 0
+
+
+def reload_config(path: str, running: Any, kernel: Any) -> tuple[dict[str, Any], Any]:
+    """`grebe reload` / SIGHUP (bridge/reload.py): re-read `path`; refuse it with its errors
+    (the running configuration stays) or apply what can be applied and name the rest.
+    Returns (the answer for `grebe reload`, the configuration now running)."""
+    from dataclasses import replace
+
+    from bridge import reload as rl
+    from bridge.config import load_config
+    from bridge.errors import ConfigErrors
+    from bridge.flows import Backend
+
+    try:
+        new = load_config(path)
+    except ConfigErrors as e:
+        for err in e.errors:
+            log.error("%s", err)
+        log.error("reload %s refused (%d error(s)): the running configuration stays",
+                  path, len(e.errors))
+        return {"ok": False, "errors": [str(x) for x in e.errors]}, running
+    changes = rl.diff(running, new)
+
+    def userspace(c: Any) -> list[Any]:
+        return [r for r in c.inspect_rules() if r.backend is Backend.USERSPACE]
+
+    kernel_ok = kernel is not None and userspace(running) == userspace(new)
+    applied, restart = rl.plan(changes, kernel_ok)
+    if "inspect" in applied:
+        kernel.reload()     # re-reads the file's rules on the backend's own loop
+        running = replace(running, inspect=new.inspect)
+    log.info("%s", rl.summary(path, applied, restart))
+    return {"ok": True, "applied": applied, "needs_restart": restart}, running
 
 
 # -- status -----------------------------------------------------------------------------
@@ -403,6 +444,28 @@ def cmd_flows(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    """`grebe reload`: the running endpoint re-reads its file (as SIGHUP does) and answers
+    what it applied, what needs a restart, or the errors it refused the file for."""
+    answer = _ask(args, "reload")
+    if answer is None:
+        return EXIT_FAILED
+    if "error" in answer:
+        print(f"grebe: {answer['error']}", file=sys.stderr)
+        return EXIT_FAILED
+    if not answer.get("ok"):
+        for err in answer.get("errors", []):
+            print(err, file=sys.stderr)
+        print("grebe: reload refused, the running configuration stays", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"applied: {', '.join(answer.get('applied', [])) or 'nothing'}")
+    if answer.get("needs_restart"):
+        print(f"not applied, restart to apply: {', '.join(answer['needs_restart'])}")
+    return 0
+
+
+register("reload", "re-read the configuration file of a running endpoint (as SIGHUP)",
+         _setup_status, cmd_reload)
 register("flows", "show inspected TCP flows (both backends) of a running endpoint",
          _setup_status, cmd_flows)
 register("pair", "write the matching endpoint files of every site from one description",
