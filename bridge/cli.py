@@ -1,6 +1,7 @@
 """`grebe`: the command line. One function per subcommand, registered in `COMMANDS`.
 
-    grebe up -c FILE                       run an endpoint in the foreground
+    grebe up NAME | -c FILE                run an endpoint in the foreground (NAME:
+                                           /etc/grebe/NAME.toml); systemd: Type=notify
     grebe status [--json] [-i TUN | -s SOCKET]   peers, traffic, drops by reason
     grebe reload [-i TUN | -s SOCKET]      re-read the file (as SIGHUP); exit 2 if refused
     grebe check-config FILE                every error with its key path; exit 2 if any
@@ -61,8 +62,13 @@ def register(name: str, help_text: str, setup: Setup, run: Run) -> None:
 # -- up ---------------------------------------------------------------------------------
 
 
+CONFIG_DIR = os.environ.get("GREBE_CONFIG_DIR", "/etc/grebe")  # `grebe up NAME`
+
+
 def _setup_up(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", required=True, help="endpoint TOML file")
+    p.add_argument("name", nargs="?", help=f"NAME for {CONFIG_DIR}/NAME.toml (as wg-quick "
+                   "up wg0), or a path to the endpoint file")
+    p.add_argument("-c", "--config", help="endpoint TOML file")
     p.add_argument("--no-offload", action="store_true",
                    help="no TUN vnet header/TSO and no UDP GSO/GRO (for comparison)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -92,10 +98,26 @@ def core_batches(offload: bool) -> tuple[TsoFrameFactory | None, GroBatchFactory
             GroBatch if offload and GRO_BATCHES else None)
 
 
+def config_path(name: str) -> str:
+    """`grebe up NAME`: a path as given when it looks like one (a "/", a ".toml" suffix or an
+    existing file), else CONFIG_DIR/NAME.toml."""
+    if "/" in name or name.endswith(".toml") or os.path.exists(name):
+        return name
+    return os.path.join(CONFIG_DIR, f"{name}.toml")
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from bridge.config import load_config
     from bridge.errors import ConfigErrors
 
+    if args.config is None:
+        if args.name is None:
+            log.error("grebe up: give a NAME (%s/NAME.toml) or -c FILE", CONFIG_DIR)
+            return EXIT_CONFIG
+        args.config = config_path(args.name)
+    elif args.name is not None:
+        log.error("grebe up: give a NAME or -c FILE, not both")
+        return EXIT_CONFIG
     try:
         cfg = load_config(args.config)
     except ConfigErrors as e:
@@ -134,6 +156,7 @@ def _bind_error(e: OSError, key: str, value: str) -> OSError:
 def _run_up(args: argparse.Namespace, cfg: Any) -> int:
     from bridge.io.control import ControlServer, MetricsServer, io_prometheus, socket_name
     from bridge.io.loop import Engine, Runner
+    from bridge.io.notify import notify, reloading
     from bridge.io.tun import TunBusyError, TunDevice
     from bridge.io.udp import UdpEndpoint
     from bridge.pipeline import Bridge
@@ -247,7 +270,9 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
 
         def on_hup(_signum: int, _frame: Any) -> None:
             log.info("SIGHUP: reloading %s", args.config)
+            reloading()
             reload({})
+            notify("READY=1")
 
         ctl.register("reload", reload)
         signal.signal(signal.SIGHUP, on_hup)   # always: SIGHUP's default would kill us
@@ -260,7 +285,9 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
         # collector's walks (a full collection over it took 6 ms here, a pause on the
         # packet path; frozen, ~0).
         gc.freeze()
+        notify(f"READY=1\nSTATUS={cfg.tun.name}: {len(cfg.peers)} peer(s), listening {listen}")
         runner.run()
+        notify("STOPPING=1")
         detach()  # reset the userspace-terminated flows, final flush of the inspectors
         failed = runner.failed
     finally:

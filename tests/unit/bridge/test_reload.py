@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -97,8 +98,8 @@ def test_good_file_applies_kernel_rules_and_names_the_rest(tmp_path: Path,
 
 def test_sighup_is_handled_by_a_running_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                            caplog: pytest.LogCaptureFixture) -> None:
-    """`grebe up` (in-memory TUN, loopback UDP) survives SIGHUP and logs the reload; SIGTERM
-    then stops it with exit 0."""
+    """`grebe up` (in-memory TUN, loopback UDP) tells systemd it is ready after setup, survives
+    SIGHUP and logs the reload (RELOADING=1 then READY=1); SIGTERM stops it with exit 0."""
     from bridge.io import tun as tun_mod
 
     monkeypatch.setattr(tun_mod, "TunDevice", _MemTun)
@@ -119,6 +120,10 @@ def test_sighup_is_handled_by_a_running_up(tmp_path: Path, monkeypatch: pytest.M
             os.kill(os.getpid(), sig)
 
     saved = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)}
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)   # systemd's end
+    manager.bind(str(tmp_path / "notify"))
+    manager.settimeout(5)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
     t = threading.Thread(target=signals, daemon=True)
     t.start()
     try:
@@ -128,3 +133,6 @@ def test_sighup_is_handled_by_a_running_up(tmp_path: Path, monkeypatch: pytest.M
             signal.signal(sig, handler)
     t.join(5)
     assert any("SIGHUP: reloading" in r.getMessage() for r in caplog.records)
+    with manager:
+        got = [manager.recv(4096).decode().split("\n")[0] for _ in range(4)]
+    assert got == ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"]
