@@ -230,12 +230,24 @@ def parse_endpoint(text: str, default_port: int = GRE_IN_UDP_PORT) -> tuple[str,
         addr = ipaddress.ip_address(text)  # bare v4; a bare v6 is refused below
         if addr.version == 6:
             # "2001:db8::2:4754" is a valid address too: the port would be silently lost
-            raise ValueError(f"an IPv6 endpoint needs brackets: \"[{addr}]\" or "
-                             f"\"[{addr}]:{default_port}\" (a trailing \":port\" without "
-                             "brackets is read as part of the address)")
+            raise ValueError("an IPv6 endpoint needs brackets: " + _bracket_hint(text, addr))
     if addr.is_unspecified or addr.is_multicast:
         raise ValueError("endpoint must be a unicast address")
     return str(addr), port
+
+
+def _bracket_hint(text: str, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """What a bare IPv6 endpoint may have meant, both readings when the last group could be
+    a port ("2001:db8::2:4754": address 2001:db8::2 and port 4754, or one address)."""
+    alone = f"\"[{addr}]\" (one address, port {GRE_IN_UDP_PORT})"
+    head, _, tail = text.rpartition(":")
+    if tail.isdigit() and 1 <= int(tail) <= 65535:
+        try:
+            host = ipaddress.IPv6Address(head)
+        except ValueError:
+            return alone
+        return f"\"[{host}]:{int(tail)}\" (address and port) or {alone}"
+    return alone
 
 
 def _port(text: str) -> int:

@@ -33,7 +33,7 @@ CASES: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("v6-endpoint-without-brackets",
      BASE.replace('address = "198.18.0.1"', 'address = "::"')
      .replace('"198.18.0.2"', '"2001:db8::2:4754"'),
-     [("peers[0].endpoint", "needs brackets")]),
+     [("peers[0].endpoint", "needs brackets: \"[2001:db8::2]:4754\" (address and port)")]),
     ("prefix-not-a-string", BASE.replace('["198.18.20.0/24"]', "[42]"),
      [("peers[0].prefixes[0]", "must be a prefix string")]),
     ("empty-file", "", [("peers", "needs at least one peer")]),
