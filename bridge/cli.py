@@ -327,8 +327,9 @@ def reload_config(path: str, running: Any, kernel: Any) -> tuple[dict[str, Any],
 
     kernel_ok = kernel is not None and userspace(running) == userspace(new)
     applied, restart = rl.plan(changes, kernel_ok)
+    if kernel_ok:
+        kernel.reload()     # re-reads the file's rules on the backend's own loop (as ever)
     if "inspect" in applied:
-        kernel.reload()     # re-reads the file's rules on the backend's own loop
         running = replace(running, inspect=new.inspect)
     log.info("%s", rl.summary(path, applied, restart))
     return {"ok": True, "applied": applied, "needs_restart": restart}, running

@@ -94,6 +94,10 @@ def test_good_file_applies_kernel_rules_and_names_the_rest(tmp_path: Path,
     # without a kernel backend nothing is applied, and the answer says so
     answer, now = cli.reload_config(str(f), running, None)
     assert answer["applied"] == [] and "inspect" in answer["needs_restart"] and now is running
+    # an unchanged file still has the kernel backend re-read its rules (SIGHUP as before)
+    f.write_text(BASE + RULE)
+    answer, now = cli.reload_config(str(f), running, k)
+    assert answer == {"ok": True, "applied": [], "needs_restart": []} and k.reloads == 2
 
 
 def test_sighup_is_handled_by_a_running_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
