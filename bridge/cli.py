@@ -265,7 +265,7 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
         running = [cfg]
 
         def reload(_req: dict[str, Any]) -> dict[str, Any]:
-            answer, running[0] = reload_config(args.config, running[0], kernel)
+            answer, running[0] = reload_config(args.config, running[0], kernel, engine)
             return answer
 
         def on_hup(_signum: int, _frame: Any) -> None:
@@ -301,7 +301,8 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
     return EXIT_FAILED if failed else 0
 
 
-def reload_config(path: str, running: Any, kernel: Any) -> tuple[dict[str, Any], Any]:
+def reload_config(path: str, running: Any, kernel: Any, engine: Any = None
+                  ) -> tuple[dict[str, Any], Any]:
     """`grebe reload` / SIGHUP (bridge/reload.py): re-read `path`; refuse it with its errors
     (the running configuration stays) or apply what can be applied and name the rest.
     Returns (the answer for `grebe reload`, the configuration now running)."""
@@ -326,7 +327,10 @@ def reload_config(path: str, running: Any, kernel: Any) -> tuple[dict[str, Any],
         return [r for r in c.inspect_rules() if r.backend is Backend.USERSPACE]
 
     kernel_ok = kernel is not None and userspace(running) == userspace(new)
-    applied, restart = rl.plan(changes, kernel_ok)
+    applied, restart = rl.plan(changes, kernel_ok, live=engine is not None)
+    if engine is not None and any(c.endswith(rl.LIVENESS) for c in applied):
+        engine.apply(lambda: engine.bridge.apply_liveness(new.peers))
+        running = replace(running, peers=engine.bridge.config.peers)
     if kernel_ok:
         kernel.reload()     # re-reads the file's rules on the backend's own loop (as ever)
     if "inspect" in applied:

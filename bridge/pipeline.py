@@ -61,10 +61,11 @@ pmtu.icmp_burst) refilled from `now`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from bridge import counters as C
-from bridge.config import Config, Encapsulation, SeqPolicy
+from bridge.config import Config, DownAction, Encapsulation, PeerConfig, SeqPolicy
 from bridge.counters import Counters
 from bridge.encap import KEEPALIVE, decode_gre, flow_source_port, overhead
 from bridge.fastpath import FastPath
@@ -472,6 +473,26 @@ class Bridge:
             if self.peers[i].gre and self.peers[i].key_in == key:
                 return self.peers[i]
         return self.peers[cands[0]]
+
+    def apply_liveness(self, peers: Iterable[PeerConfig]) -> list[str]:
+        """Reload (bridge/reload.py): take keepalive, dead_after and down_action of the peers
+        named in `peers` from now on; the rest of each peer's state (sequence numbers,
+        last heard, counters) is kept. Returns the names of the peers changed."""
+        by_name = {p.name: p for p in peers}
+        changed: list[str] = []
+        cfgs = list(self.config.peers)
+        for i, (state, old) in enumerate(zip(self.peers, cfgs, strict=True)):
+            new = by_name.get(old.name)
+            if new is None or (new.keepalive, new.dead_after, new.down_action) == \
+                    (old.keepalive, old.dead_after, old.down_action):
+                continue
+            state.keepalive, state.dead_after = new.keepalive, new.dead_after
+            state.withdraw = new.down_action is DownAction.WITHDRAW
+            cfgs[i] = replace(old, keepalive=new.keepalive, dead_after=new.dead_after,
+                              down_action=new.down_action)
+            changed.append(old.name)
+        self.config = replace(self.config, peers=tuple(cfgs))
+        return changed
 
     def note_heard(self, index: int, when: float) -> None:
         """Peer `index` was heard at `when` by another process (bridge/io/split.py: the

@@ -8,7 +8,8 @@ Rules of this module
   configuration stays as it was.
 - A good file is compared with the running one key by key (`diff`), peers matched by name.
   What the running endpoint can take without touching other traffic is applied: today the
-  kernel-backend `[[inspect]]` rules (bridge/kernel/run.py re-reads them). Every other change
+  kernel-backend `[[inspect]]` rules (bridge/kernel/run.py re-reads them) and an existing
+  peer's keepalive, dead_after and down_action (its other state kept). Every other change
   is named, one key path each, as "needs a restart" in the log line and in the answer of
   `grebe reload`; nothing is applied half-way.
 
@@ -62,11 +63,19 @@ def diff(old: Config, new: Config) -> list[str]:
     return out
 
 
-def plan(changes: list[str], kernel_rules: bool) -> tuple[list[str], list[str]]:
+LIVENESS = (".keepalive", ".dead_after", ".down_action")  # a peer's, applied in place
+
+
+def plan(changes: list[str], kernel_rules: bool, live: bool = True
+         ) -> tuple[list[str], list[str]]:
     """(applied, needs_restart): `[[inspect]]` changes are applied when `kernel_rules` (the
     caller's word: the kernel backend runs and the userspace rules are unchanged, since the
-    running userspace terminator keeps its rules); everything else needs a restart."""
-    applied = [c for c in changes if c == "inspect" and kernel_rules]
+    running userspace terminator keeps its rules); an existing peer's keepalive, dead_after
+    and down_action when `live` (the running Bridge takes them, `Bridge.apply_liveness`:
+    timers and liveness are the parent process's alone, bridge/io/split.py); everything
+    else needs a restart."""
+    applied = [c for c in changes if (c == "inspect" and kernel_rules)
+               or (live and c.startswith("peers[") and c.endswith(LIVENESS))]
     return applied, [c for c in changes if c not in applied]
 
 

@@ -244,6 +244,16 @@ class Engine:
                 self._peer_state[p.get("name")] = state
                 log.info("peer %s (%s) is %s", p.get("name"), p.get("endpoint"), state)
 
+    def apply(self, change: Callable[[], Any]) -> Any:
+        """Run `change` (a reload's update of the Bridge) under the lock, between batches, and
+        re-arm the timer for the deadlines it moved. Returns what `change` returns."""
+        with self.lock:
+            result = change()
+            t = self.bridge.get_timer()
+        if t is not None:
+            self.wakeup.moved(t)
+        return result
+
     def status(self) -> dict[str, Any]:
         sib = self.sibling
         child = sib.query() if sib is not None else None  # not under the lock: it may wait

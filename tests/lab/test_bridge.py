@@ -392,9 +392,11 @@ def test_sighup_and_reload_never_stop_the_endpoint(lab: Lab, tmp_path: Path) -> 
         cp = lab.run("gw-a", ["grebe", "reload"], check=False)
         assert cp.returncode == 2, cp
         assert "colour: unknown key" in cp.stderr and "running configuration stays" in cp.stderr
-        cfg.write_text(text.replace("keepalive = 2", "keepalive = 3"))
+        cfg.write_text(text.replace("keepalive = 2", "keepalive = 3").replace("key = 42",
+                                                                              "key = 43"))
         cp = lab.run("gw-a", ["grebe", "reload"])
-        assert "restart to apply: peers[site-b].keepalive" in cp.stdout
+        assert "applied: peers[site-b].keepalive\n" in cp.stdout, cp.stdout
+        assert "restart to apply: peers[site-b].key_in, peers[site-b].key_out" in cp.stdout
         assert sorted(_grebe_pids(lab, "gw-a")) == sorted(pids)
         ping(lab, SERVER4, count=2)
     finally:

@@ -17,6 +17,7 @@ import pytest
 from bridge import cli
 from bridge.config import loads_config
 from bridge.io.fake import MemoryTun
+from bridge.output import Output
 from bridge.reload import diff, plan, summary
 
 BASE = """\
@@ -43,6 +44,9 @@ def test_diff_names_every_changed_key() -> None:
     assert diff(old, old) == []
     assert plan(["inspect", "tun.name"], kernel_rules=True) == (["inspect"], ["tun.name"])
     assert plan(["inspect"], kernel_rules=False) == ([], ["inspect"])
+    assert plan(["peers[a].keepalive", "peers[a].key_in"], False) == (["peers[a].keepalive"],
+                                                                      ["peers[a].key_in"])
+    assert plan(["peers[a].keepalive"], False, live=False) == ([], ["peers[a].keepalive"])
     assert summary("f", [], []) == "f".join(["reload ", ": no change"])
     assert "NOT applied, restart to apply: tun.name" in summary("f", ["inspect"], ["tun.name"])
 
@@ -140,3 +144,46 @@ def test_sighup_is_handled_by_a_running_up(tmp_path: Path, monkeypatch: pytest.M
     with manager:
         got = [manager.recv(4096).decode().split("\n")[0] for _ in range(4)]
     assert got == ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"]
+
+
+class _Engine:
+    """The part of bridge/io/loop.py Engine a reload uses: the Bridge, and `apply`."""
+
+    def __init__(self, bridge: Any) -> None:
+        self.bridge = bridge
+        self.applied = 0
+
+    def apply(self, change: Any) -> Any:
+        self.applied += 1
+        return change()
+
+
+def test_liveness_changes_are_applied_in_place(tmp_path: Path) -> None:
+    """keepalive / dead_after / down_action of a running peer change without touching its
+    other state (last heard, counters); a key change is named as needing a restart."""
+    from bridge.config import DownAction
+    from bridge.pipeline import Bridge
+
+    running = loads_config(BASE)
+    bridge = Bridge(running, 0.0)
+    peer = bridge.peers[0]
+    bridge.heard(peer, 5.0)
+    bridge.counters.rx_bytes[0] += 99
+    f = tmp_path / "g.toml"
+    f.write_text(BASE.replace("key = 1", 'key = 2\nkeepalive = 1\ndead_after = 4\n'
+                              'down_action = "withdraw"'))
+    engine = _Engine(bridge)
+    answer, now = cli.reload_config(str(f), running, None, engine)
+    assert answer["applied"] == ["peers[a].keepalive", "peers[a].dead_after",
+                                 "peers[a].down_action"]
+    assert answer["needs_restart"] == ["peers[a].key_in", "peers[a].key_out"]
+    assert engine.applied == 1 and bridge.peers[0] is peer
+    assert (peer.keepalive, peer.dead_after, peer.withdraw) == (1.0, 4.0, True)
+    assert peer.last_rx == 5.0 and bridge.counters.rx_bytes[0] == 99 and peer.key_in == 1
+    assert now.peers[0].keepalive == 1.0 and now.peers[0].key_in == 1   # what runs
+    assert now.peers[0].down_action is DownAction.WITHDRAW
+    assert bridge.get_timer() == 1.0                  # keepalive due 1 s after the start
+    st = bridge.status(8.0)["peers"][0]
+    assert st["up"] is True
+    bridge.handle_timer(9.0, Output())
+    assert bridge.status(9.0)["peers"][0]["up"] is False   # dead 4 s after last heard at 5
