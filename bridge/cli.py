@@ -1,8 +1,14 @@
 """`grebe`: the command line. One function per subcommand, registered in `COMMANDS`.
 
-    grebe up -c FILE                       run an endpoint in the foreground
+    grebe up NAME | -c FILE                run an endpoint in the foreground (NAME:
+                                           /etc/grebe/NAME.toml); systemd: Type=notify
     grebe status [--json] [-i TUN | -s SOCKET]   peers, traffic, drops by reason
-    grebe check-config FILE                every error with its key path; exit 1 if any
+    grebe reload [-i TUN | -s SOCKET]      re-read the file (as SIGHUP); exit 2 if refused
+    grebe check-config FILE                every error with its key path; exit 2 if any
+    grebe --version
+
+Exit status: 0 fine, 1 could not run (permissions, an address in use or missing: one line
+naming the key, never a traceback), 2 the configuration is wrong (`check-config` and `up`).
     grebe flows [--json] [-i TUN | -s SOCKET]    inspected TCP flows, both backends
     grebe pair DESCRIPTION [--out DIR]     every site's endpoint file from one description
     grebe deploy INVENTORY [ACTION]        up|push|start|stop|restart|status on N hosts (SSH)
@@ -13,7 +19,10 @@ Subcommands are registered with `register(name, setup, run)`:
 Logs go through `logging` to stderr, one line per state change (never per packet).
 SIGTERM and SIGINT stop `up` cleanly: routes and the TUN are removed, exit status 0.
 With kernel-backend `[[inspect]]` rules `up` also runs the TPROXY backend (bridge/kernel/run.py)
-and removes its nft table and policy rules on exit; SIGHUP reloads those rules.
+and removes its nft table and policy rules on exit.
+SIGHUP (and `grebe reload`) re-reads the file and never stops the endpoint (bridge/reload.py):
+a bad file is refused with its errors; kernel-backend rules are applied; every other change
+is logged as needing a restart.
 """
 
 from __future__ import annotations
@@ -37,6 +46,9 @@ log = logging.getLogger("grebe")
 SUPER_PACKETS = os.environ.get("GREBE_SUPER_PACKETS", "1") == "1"  # bridge/gso.py fast path
 GRO_BATCHES = os.environ.get("GREBE_GRO_BATCHES", "1") == "1"  # bridge/gso.py receive path
 
+EXIT_FAILED = 1  # could not run (permissions, a busy port, a missing address...)
+EXIT_CONFIG = 2  # the configuration file is wrong: `check-config` and `up` alike
+
 Setup = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[str, Setup, Run]] = {}
@@ -50,8 +62,13 @@ def register(name: str, help_text: str, setup: Setup, run: Run) -> None:
 # -- up ---------------------------------------------------------------------------------
 
 
+CONFIG_DIR = os.environ.get("GREBE_CONFIG_DIR", "/etc/grebe")  # `grebe up NAME`
+
+
 def _setup_up(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", required=True, help="endpoint TOML file")
+    p.add_argument("name", nargs="?", help=f"NAME for {CONFIG_DIR}/NAME.toml (as wg-quick "
+                   "up wg0), or a path to the endpoint file")
+    p.add_argument("-c", "--config", help="endpoint TOML file")
     p.add_argument("--no-offload", action="store_true",
                    help="no TUN vnet header/TSO and no UDP GSO/GRO (for comparison)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -81,21 +98,69 @@ def core_batches(offload: bool) -> tuple[TsoFrameFactory | None, GroBatchFactory
             GroBatch if offload and GRO_BATCHES else None)
 
 
+def config_path(name: str) -> str:
+    """`grebe up NAME`: a path as given when it looks like one (a "/", a ".toml" suffix or an
+    existing file), else CONFIG_DIR/NAME.toml."""
+    if "/" in name or name.endswith(".toml") or os.path.exists(name):
+        return name
+    return os.path.join(CONFIG_DIR, f"{name}.toml")
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from bridge.config import load_config
     from bridge.errors import ConfigErrors
-    from bridge.io.control import ControlServer, MetricsServer, io_prometheus, socket_name
-    from bridge.io.loop import Engine, Runner
-    from bridge.io.tun import TunBusyError, TunDevice
-    from bridge.io.udp import UdpEndpoint
-    from bridge.pipeline import Bridge
 
+    if args.config is None:
+        if args.name is None:
+            log.error("grebe up: give a NAME (%s/NAME.toml) or -c FILE", CONFIG_DIR)
+            return EXIT_CONFIG
+        args.config = config_path(args.name)
+    elif args.name is not None:
+        log.error("grebe up: give a NAME or -c FILE, not both")
+        return EXIT_CONFIG
     try:
         cfg = load_config(args.config)
     except ConfigErrors as e:
         for err in e.errors:
             log.error("%s", err)
-        return 2
+        return EXIT_CONFIG
+    try:
+        return _run_up(args, cfg)
+    except OSError as e:   # everyday mistakes: one line naming what failed, no traceback
+        log.error("%s", _os_error_line(e, cfg))
+        return EXIT_FAILED
+
+
+def _os_error_line(e: OSError, cfg: Any) -> str:
+    """One clear line for an OSError of `grebe up` (what failed, the key to look at)."""
+    import errno
+
+    what = str(e.filename) if e.filename else ""
+    text = e.strerror or str(e)
+    if e.errno in (errno.EPERM, errno.EACCES):
+        return (f"{what or 'setup'}: {text}: grebe up needs root or CAP_NET_ADMIN "
+                "(and read/write access to /dev/net/tun)")
+    return f"{what + ': ' if what else ''}{text}"
+
+
+def _bind_error(e: OSError, key: str, value: str) -> OSError:
+    """The OSError of a bind(), rewritten to name the configuration key at fault."""
+    import errno
+
+    hint = {errno.EADDRINUSE: "address already in use (another grebe, or another program?)",
+            errno.EADDRNOTAVAIL: "this host has no such address"}.get(e.errno or 0,
+                                                                    e.strerror or str(e))
+    return OSError(e.errno, f"{key} {value}: {hint}")
+
+
+def _run_up(args: argparse.Namespace, cfg: Any) -> int:
+    from bridge.io.control import ControlServer, MetricsServer, io_prometheus, socket_name
+    from bridge.io.loop import Engine, Runner
+    from bridge.io.notify import notify, reloading
+    from bridge.io.tun import TunBusyError, TunDevice
+    from bridge.io.udp import UdpEndpoint
+    from bridge.pipeline import Bridge
+
     offload = not args.no_offload
     underlay, source = _underlay_mtu(cfg)
     bridge = Bridge(cfg, time.monotonic(), underlay_mtu=underlay)
@@ -107,18 +172,28 @@ def cmd_up(args: argparse.Namespace) -> int:
         tun = TunDevice(cfg.tun.name, vnet_hdr=offload, tso_frame=tso_frame)
     except TunBusyError as e:
         log.error("%s", e.strerror)
-        return 1
+        return EXIT_FAILED
+    except PermissionError as e:
+        log.error("cannot open /dev/net/tun (%s): grebe up needs root or CAP_NET_ADMIN and "
+                  "read/write access to /dev/net/tun", e.strerror)
+        return EXIT_FAILED
     ctl = metrics = udp = kernel = None
     failed = False
     try:
         tun.configure([str(a) for a in cfg.tun.addresses], mtu,
                       [str(n) for p in cfg.peers for n in p.prefixes])
-        udp = UdpEndpoint(cfg.listen.address, cfg.listen.port, gso=offload, gro=offload,
-                          gro_batch=gro_batch)
+        try:
+            udp = UdpEndpoint(cfg.listen.address, cfg.listen.port, gso=offload, gro=offload,
+                              gro_batch=gro_batch)
+        except OSError as e:
+            raise _bind_error(e, "listen", f"{cfg.listen.address} port {cfg.listen.port}"
+                              ) from None
         warm = cfg.keep_warm and os.environ.get("GREBE_KEEP_WARM", "1") == "1"
         # one process per direction (bridge/io/split.py); never with [[inspect]] rules
         split = cfg.split_directions and not cfg.inspect \
             and os.environ.get("GREBE_SPLIT", "1") == "1"
+        if cfg.split_directions and cfg.inspect:
+            log.info("split_directions: one process, since [[inspect]] rules are set")
         sibling = None
         if split:
             from bridge.io.split import RxProcess
@@ -149,7 +224,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         except (RuntimeError, OSError) as e:
             log.error("kernel inspection backend: %s", e)
             detach()
-            return 1
+            return EXIT_FAILED
         extra = [(ctl.fileno(), ctl.on_readable)]
         if cfg.metrics_listen:
             def render() -> str:
@@ -161,7 +236,10 @@ def cmd_up(args: argparse.Namespace) -> int:
                     text += prometheus(kernel.status(with_flows=False))
                 return text
 
-            metrics = MetricsServer(cfg.metrics_listen, render)
+            try:
+                metrics = MetricsServer(cfg.metrics_listen, render)
+            except OSError as e:
+                raise _bind_error(e, "metrics_listen", cfg.metrics_listen) from None
             extra.append((metrics.fileno(), metrics.on_readable))
         runner = Runner(engine, extra)
 
@@ -184,14 +262,20 @@ def cmd_up(args: argparse.Namespace) -> int:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        if kernel is not None:
-            reload_rules = kernel.reload
+        running = [cfg]
 
-            def on_hup(_signum: int, _frame: Any) -> None:
-                log.info("SIGHUP: reloading the kernel-backend [[inspect]] rules")
-                reload_rules()
+        def reload(_req: dict[str, Any]) -> dict[str, Any]:
+            answer, running[0] = reload_config(args.config, running[0], kernel, engine)
+            return answer
 
-            signal.signal(signal.SIGHUP, on_hup)
+        def on_hup(_signum: int, _frame: Any) -> None:
+            log.info("SIGHUP: reloading %s", args.config)
+            reloading()
+            reload({})
+            notify("READY=1")
+
+        ctl.register("reload", reload)
+        signal.signal(signal.SIGHUP, on_hup)   # always: SIGHUP's default would kill us
         listen = (f"[{cfg.listen.address}]" if ":" in cfg.listen.address
                   else cfg.listen.address) + f":{cfg.listen.port}"
         log.info("grebe up: %s, listening %s, %d peer(s), tun mtu %d (%s), control %s%s",
@@ -201,7 +285,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         # collector's walks (a full collection over it took 6 ms here, a pause on the
         # packet path; frozen, ~0).
         gc.freeze()
+        notify(f"READY=1\nSTATUS={cfg.tun.name}: {len(cfg.peers)} peer(s), listening {listen}")
         runner.run()
+        notify("STOPPING=1")
         detach()  # reset the userspace-terminated flows, final flush of the inspectors
         failed = runner.failed
     finally:
@@ -212,7 +298,45 @@ def cmd_up(args: argparse.Namespace) -> int:
                 x.close()
         tun.close()
         log.info("grebe down: %s removed", cfg.tun.name)
-    return 1 if failed else 0
+    return EXIT_FAILED if failed else 0
+
+
+def reload_config(path: str, running: Any, kernel: Any, engine: Any = None
+                  ) -> tuple[dict[str, Any], Any]:
+    """`grebe reload` / SIGHUP (bridge/reload.py): re-read `path`; refuse it with its errors
+    (the running configuration stays) or apply what can be applied and name the rest.
+    Returns (the answer for `grebe reload`, the configuration now running)."""
+    from dataclasses import replace
+
+    from bridge import reload as rl
+    from bridge.config import load_config
+    from bridge.errors import ConfigErrors
+    from bridge.flows import Backend
+
+    try:
+        new = load_config(path)
+    except ConfigErrors as e:
+        for err in e.errors:
+            log.error("%s", err)
+        log.error("reload %s refused (%d error(s)): the running configuration stays",
+                  path, len(e.errors))
+        return {"ok": False, "errors": [str(x) for x in e.errors]}, running
+    changes = rl.diff(running, new)
+
+    def userspace(c: Any) -> list[Any]:
+        return [r for r in c.inspect_rules() if r.backend is Backend.USERSPACE]
+
+    kernel_ok = kernel is not None and userspace(running) == userspace(new)
+    applied, restart = rl.plan(changes, kernel_ok, live=engine is not None)
+    if engine is not None and any(c.endswith(rl.LIVENESS) for c in applied):
+        engine.apply(lambda: engine.bridge.apply_liveness(new.peers))
+        running = replace(running, peers=engine.bridge.config.peers)
+    if kernel_ok:
+        kernel.reload()     # re-reads the file's rules on the backend's own loop (as ever)
+    if "inspect" in applied:
+        running = replace(running, inspect=new.inspect)
+    log.info("%s", rl.summary(path, applied, restart))
+    return {"ok": True, "applied": applied, "needs_restart": restart}, running
 
 
 # -- status -----------------------------------------------------------------------------
@@ -230,13 +354,13 @@ def _fmt_status(st: dict[str, Any]) -> str:
     tun = st.get("tun", {})
     lines = [f"tun {tun.get('name', '?')}  mtu {tun.get('mtu', '?')}"
              f"  ({tun.get('mtu_source', '')})"]
-    lines.append(f"{'peer':<14} {'endpoint':<22} {'state':<5} {'seen':>8} {'rx pkts':>9}"
+    lines.append(f"{'peer':<14} {'endpoint':<22} {'state':<7} {'seen':>8} {'rx pkts':>9}"
                  f" {'rx bytes':>13} {'tx pkts':>9} {'tx bytes':>13}")
     for p in st.get("peers", []):
         seen = p.get("last_seen_s")
         seen_s = "never" if seen is None else f"{seen:.1f}s"
         lines.append(f"{p.get('name', '?'):<14} {p.get('endpoint', ''):<22}"
-                     f" {'up' if p.get('up') else 'down':<5} {seen_s:>8}"
+                     f" {p.get('state', 'up' if p.get('up') else 'down'):<7} {seen_s:>8}"
                      f" {p.get('rx_packets', 0):>9} {p.get('rx_bytes', 0):>13}"
                      f" {p.get('tx_packets', 0):>9} {p.get('tx_bytes', 0):>13}")
     drops = {k: v for k, v in st.get("drops", {}).items() if v}
@@ -274,7 +398,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         print(json.dumps(st, indent=2, sort_keys=True))
-    elif "error" in st:
+        return 1 if "error" in st else 0
+    if "error" in st:
         print(f"grebe: {st['error']}", file=sys.stderr)
         return 1
     else:
@@ -297,7 +422,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(str(e), file=sys.stderr)
     if errors:
         print(f"{args.file}: {len(errors)} error(s)", file=sys.stderr)
-        return 1
+        return EXIT_CONFIG
     print(f"{args.file}: OK")
     return 0
 
@@ -309,8 +434,20 @@ register("check-config", "validate an endpoint configuration file", _setup_check
          cmd_check_config)
 
 
+def version() -> str:
+    """The installed package's version (pyproject.toml), or the source tree's."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("grebe")
+    except PackageNotFoundError:
+        return "0.1.0+source"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grebe", description="GRE/IPIP-over-UDP site bridge")
+    parser.add_argument("--version", action="version", version=f"grebe {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, setup, run) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
@@ -339,6 +476,28 @@ def cmd_flows(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    """`grebe reload`: the running endpoint re-reads its file (as SIGHUP does) and answers
+    what it applied, what needs a restart, or the errors it refused the file for."""
+    answer = _ask(args, "reload")
+    if answer is None:
+        return EXIT_FAILED
+    if "error" in answer:
+        print(f"grebe: {answer['error']}", file=sys.stderr)
+        return EXIT_FAILED
+    if not answer.get("ok"):
+        for err in answer.get("errors", []):
+            print(err, file=sys.stderr)
+        print("grebe: reload refused, the running configuration stays", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"applied: {', '.join(answer.get('applied', [])) or 'nothing'}")
+    if answer.get("needs_restart"):
+        print(f"not applied, restart to apply: {', '.join(answer['needs_restart'])}")
+    return 0
+
+
+register("reload", "re-read the configuration file of a running endpoint (as SIGHUP)",
+         _setup_status, cmd_reload)
 register("flows", "show inspected TCP flows (both backends) of a running endpoint",
          _setup_status, cmd_flows)
 register("pair", "write the matching endpoint files of every site from one description",

@@ -6,7 +6,16 @@ Rules:
 - `check_config(path)` returns *every* problem as a `ConfigError` naming its key path
   ("peers[1].endpoint"); `load_config(path)` raises `ConfigErrors` with the same list.
 - Addresses are IP literals only (no DNS in the core). Endpoints are "host:port" or
-  "[v6]:port"; the port defaults to 4754 (RFC 8086 §3.3, GRE-in-UDP).
+  "[v6]:port"; the port defaults to 4754 (RFC 8086 §3.3, GRE-in-UDP). A bare IPv6 endpoint is
+  an error: in "2001:db8::2:4754" the port cannot be told from the address.
+- What would break traffic silently is an error here, not at run time: no peer; a prefix
+  that is not a string (`42` would be 0.0.0.42/32); a peer of the other address family than
+  `listen.address` ("::" takes both); an IPv6 TUN address with mtu < 1280 (RFC 8200 §5); a
+  peer prefix covering the peer's own endpoint (RFC 2003 §4 loop); dead_after not above
+  keepalive; two peers on one host unless both are GRE with different keys (receive matches
+  source address + GRE key, RFC 2890 §2.1, never the UDP source port, which is entropy,
+  RFC 8086 §3.2.1); `[[inspect]]` errors (all of them, with the other keys' errors) and
+  custom inspectors that do not import (`check_imports`). A UTF-8 BOM is skipped.
 - `key` sets both GRE key directions; `key_in` / `key_out` set them separately
   (Linux `ikey`/`okey`). Keys, sequence numbers and the GRE checksum exist only for
   encapsulation = "gre"; IPIP (RFC 2003, Linux FOU layout) has no header of its own.
@@ -33,7 +42,7 @@ from typing import Any
 
 from bridge.errors import ConfigError, ConfigErrors
 from bridge.flows import InspectRule
-from bridge.inspect.rules import parse_rules
+from bridge.inspect.rules import check_imports, parse_rules
 
 __all__ = [
     "Encapsulation",
@@ -155,7 +164,7 @@ EXAMPLE = """\
 # grebe endpoint configuration (site A)
 mss_clamp = true                      # clamp TCP MSS in SYN / SYN-ACK, both directions
 keep_warm = true                      # keep the packet path in CPU cache for 1 s after traffic
-split_directions = true               # UDP->TUN in its own process (not with [[inspect]])
+split_directions = true               # UDP->TUN in its own process (off with [[inspect]])
 control_socket = "@grebe/grebe0"      # optional; default: abstract @grebe/<tun name>
 metrics_listen = "127.0.0.1:9108"     # optional Prometheus text endpoint
 
@@ -192,9 +201,10 @@ source_port = "flow-hash"             # RFC 8086 §3.2.1 entropy per inner flow;
 
 
 def parse_endpoint(text: str, default_port: int = GRE_IN_UDP_PORT) -> tuple[str, int]:
-    """Parse "host:port", "[v6]:port", "host" or "v6" into (canonical host, port).
+    """Parse "host:port", "[v6]:port", "host" or "[v6]" into (canonical host, port).
 
-    Raises ValueError naming the problem.
+    Raises ValueError naming the problem; a bare IPv6 address is one (is "2001:db8::2:4754"
+    an address or an address and a port?).
     """
     text = text.strip()
     host: str
@@ -217,10 +227,27 @@ def parse_endpoint(text: str, default_port: int = GRE_IN_UDP_PORT) -> tuple[str,
         port = _port(p)
         addr = ipaddress.ip_address(host)
     else:
-        addr = ipaddress.ip_address(text)  # bare v4 or bare v6
+        addr = ipaddress.ip_address(text)  # bare v4; a bare v6 is refused below
+        if addr.version == 6:
+            # "2001:db8::2:4754" is a valid address too: the port would be silently lost
+            raise ValueError("an IPv6 endpoint needs brackets: " + _bracket_hint(text, addr))
     if addr.is_unspecified or addr.is_multicast:
         raise ValueError("endpoint must be a unicast address")
     return str(addr), port
+
+
+def _bracket_hint(text: str, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """What a bare IPv6 endpoint may have meant, both readings when the last group could be
+    a port ("2001:db8::2:4754": address 2001:db8::2 and port 4754, or one address)."""
+    alone = f"\"[{addr}]\" (one address, port {GRE_IN_UDP_PORT})"
+    head, _, tail = text.rpartition(":")
+    if tail.isdigit() and 1 <= int(tail) <= 65535:
+        try:
+            host = ipaddress.IPv6Address(head)
+        except ValueError:
+            return alone
+        return f"\"[{host}]:{int(tail)}\" (address and port) or {alone}"
+    return alone
 
 
 def _port(text: str) -> int:
@@ -238,9 +265,11 @@ class _Reader:
     def __init__(self, file: str | None) -> None:
         self.file = file
         self.errors: list[ConfigError] = []
+        self.seen_bad: set[str] = set()  # key paths already reported
 
     def error(self, path: str, message: str) -> None:
         self.errors.append(ConfigError(path, message, self.file))
+        self.seen_bad.add(path)
 
     def table(self, data: dict[str, Any], key: str, prefix: str) -> dict[str, Any]:
         value = data.pop(key, {})
@@ -381,6 +410,10 @@ def _parse_peer(r: _Reader, i: int, t: dict[str, Any]) -> PeerConfig | None:
                 r.error(f"{p}.endpoint", f"{ep!r}: {e}")
     prefixes: list[IPNetwork] = []
     for j, s in enumerate(r.get(t, "prefixes", p, list, [])):
+        if not isinstance(s, str):
+            r.error(f"{p}.prefixes[{j}]", f"{s!r}: must be a prefix string such as "
+                    "\"198.18.20.0/24\" (a bare number would be read as an address)")
+            continue
         try:
             prefixes.append(ipaddress.ip_network(s, strict=True))
         except (ValueError, TypeError) as e:
@@ -410,6 +443,14 @@ def _parse_peer(r: _Reader, i: int, t: dict[str, Any]) -> PeerConfig | None:
             if bad:
                 r.error(f"{p}.{k}", "only encapsulation = \"gre\" has keys, sequence numbers "
                         "and checksums (IPIP has no header of its own, RFC 2003)")
+    if 0 < dead <= keepalive:
+        r.error(f"{p}.dead_after", f"{dead:g} s is not above keepalive ({keepalive:g} s): the "
+                "peer would be declared down between two keepalives")
+    own = ipaddress.ip_address(host)
+    for j, net in enumerate(prefixes):
+        if not own.is_unspecified and own.version == net.version and own in net:
+            r.error(f"{p}.prefixes[{j}]", f"{net} covers the peer's own endpoint {host}: "
+                    "its tunnel datagrams would be routed into the tunnel (RFC 2003 §4)")
     if down is DownAction.WITHDRAW and dead <= 0:
         r.error(f"{p}.down_action", "\"withdraw\" needs dead_after > 0 (or a keepalive)")
     r.unknown(t, p)
@@ -426,7 +467,7 @@ def _parse_peer(r: _Reader, i: int, t: dict[str, Any]) -> PeerConfig | None:
 def _check_peers(r: _Reader, peers: list[tuple[int, PeerConfig]]) -> None:
     names: dict[str, int] = {}
     owners: dict[IPNetwork, int] = {}
-    endpoints: dict[tuple[str, int, int | None], int] = {}
+    hosts: dict[str, list[tuple[int, PeerConfig]]] = {}
     for i, peer in peers:
         if peer.name in names:
             r.error(f"peers[{i}].name", f"{peer.name!r} already used by peers[{names[peer.name]}]")
@@ -435,11 +476,42 @@ def _check_peers(r: _Reader, peers: list[tuple[int, PeerConfig]]) -> None:
             if net in owners and owners[net] != i:
                 r.error(f"peers[{i}].prefixes[{j}]", f"{net} also belongs to peers[{owners[net]}]")
             owners.setdefault(net, i)
-        # Two peers on one endpoint can only be told apart by their GRE key (RFC 2890 §2.1).
-        ek = (peer.host, peer.port, peer.key_in)
-        if ek in endpoints:
-            r.error(f"peers[{i}].endpoint", f"same endpoint and key as peers[{endpoints[ek]}]")
-        endpoints.setdefault(ek, i)
+        # Receive tells peers on one host apart by the GRE key (RFC 2890 §2.1) only, never by
+        # the UDP port: the sender's source port is flow entropy (RFC 8086 §3.2.1), so it
+        # cannot name a peer. A second peer on a host needs a GRE key of its own.
+        for k, other in hosts.get(peer.host, []):
+            if Encapsulation.IPIP in (peer.encapsulation, other.encapsulation):
+                r.error(f"peers[{i}].endpoint", f"same host {peer.host} as peers[{k}], and "
+                        "an ipip peer cannot share its host: received datagrams are matched "
+                        "to peers by source address and GRE key, never by UDP port "
+                        "(RFC 8086 §3.2.1)")
+                break
+            if other.key_in == peer.key_in:
+                r.error(f"peers[{i}].endpoint", f"same host {peer.host} and key as "
+                        f"peers[{k}]: peers on one host are told apart by their GRE key "
+                        "(RFC 2890 §2.1), not by UDP port (RFC 8086 §3.2.1); give each a "
+                        "different key")
+                break
+        hosts.setdefault(peer.host, []).append((i, peer))
+
+
+def _check_families(r: _Reader, tun: TunConfig, listen: ListenConfig,
+                    peers: list[tuple[int, PeerConfig]]) -> None:
+    """The listen socket's family must reach every peer; IPv6 on the TUN needs 1280 bytes."""
+    try:
+        laddr = ipaddress.ip_address(listen.address)
+    except ValueError:
+        return
+    dual = laddr.version == 6 and laddr.is_unspecified  # "::" also takes IPv4 (V6ONLY off)
+    for i, peer in peers:
+        v = 6 if peer.ipv6 else 4
+        if v != laddr.version and not dual:
+            r.error(f"peers[{i}].endpoint", f"IPv{v} peer {peer.host} but listen.address "
+                    f"{listen.address} is IPv{laddr.version}: datagrams to it could not be "
+                    "sent (listen.address = \"::\" takes both families)")
+    if tun.mtu is not None and tun.mtu < 1280 and any(a.version == 6 for a in tun.addresses):
+        r.error("tun.mtu", f"{tun.mtu} is below 1280, the IPv6 minimum link MTU "
+                "(RFC 8200 §5), and tun.addresses has an IPv6 address")
 
 
 def parse_config(data: dict[str, Any], file: str | None = None) -> tuple[Config | None,
@@ -469,22 +541,25 @@ def parse_config(data: dict[str, Any], file: str | None = None) -> tuple[Config 
         peer = _parse_peer(r, i, dict(t))
         if peer is not None:
             peers.append((i, peer))
+    if not raw_peers and "peers" not in r.seen_bad:
+        r.error("peers", "no [[peers]] table: an endpoint needs at least one peer")
     _check_peers(r, peers)
+    _check_families(r, tun, listen, peers)
     inspect = r.get(data, "inspect", "", list, [])
     for i, t in enumerate(inspect):
         if not isinstance(t, dict):
             r.error(f"inspect[{i}]", "must be a table ([[inspect]])")
     r.unknown(data, "")
-    if not r.errors:
-        if inspect:
-            try:
-                parse_rules(list(inspect), "inspect")  # its path argument is the key path
-            except ConfigErrors as e:
-                r.errors.extend(e.errors)
-            except ConfigError as e:
-                r.errors.append(e)
-            for err in r.errors:
-                err.file = err.file or file
+    if inspect and all(isinstance(t, dict) for t in inspect):
+        try:
+            # its path argument is the key path; custom inspectors are imported here too
+            r.errors.extend(check_imports(parse_rules(list(inspect), "inspect"), "inspect"))
+        except ConfigErrors as e:
+            r.errors.extend(e.errors)
+        except ConfigError as e:
+            r.errors.append(e)
+        for err in r.errors:
+            err.file = err.file or file
     if r.errors:
         return None, r.errors
     cfg = Config(tun=tun, listen=listen, peers=tuple(p for _, p in peers), mss_clamp=mss,
@@ -497,9 +572,15 @@ def parse_config(data: dict[str, Any], file: str | None = None) -> tuple[Config 
 def _read(path: str) -> tuple[dict[str, Any] | None, list[ConfigError]]:
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f), []
+            raw = f.read()
     except OSError as e:
         return None, [ConfigError("", f"cannot read: {e.strerror or e}", path)]
+    try:
+        text = raw.decode("utf-8-sig")  # a UTF-8 BOM (Windows editors) is not TOML, drop it
+    except UnicodeDecodeError as e:
+        return None, [ConfigError("", f"not UTF-8 text: {e}", path)]
+    try:
+        return tomllib.loads(text), []
     except tomllib.TOMLDecodeError as e:
         return None, [ConfigError("", f"not valid TOML: {e}", path)]
 
@@ -515,7 +596,7 @@ def check_config(path: str) -> list[ConfigError]:
 def loads_config(text: str, file: str | None = None) -> Config:
     """Parse TOML text. Raises ConfigErrors listing every problem."""
     try:
-        data = tomllib.loads(text)
+        data = tomllib.loads(text.removeprefix("\ufeff"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigErrors([ConfigError("", f"not valid TOML: {e}", file)]) from None
     cfg, errors = parse_config(data, file)

@@ -224,7 +224,8 @@ class Counters:
             lines += [f'{metric}{{peer="{_label(name)}"}} {values[i]}'
                       for i, name in enumerate(self.peer_names)]
         if peer_up is not None:
-            lines.append("# HELP grebe_peer_up 1 if the peer was heard from recently.")
+            lines.append("# HELP grebe_peer_up 1 if the peer was heard from within dead_after"
+                         " (0 until it is first heard).")
             lines.append("# TYPE grebe_peer_up gauge")
             lines += [f'grebe_peer_up{{peer="{_label(name)}"}} {int(peer_up[i])}'
                       for i, name in enumerate(self.peer_names)]

@@ -61,10 +61,11 @@ pmtu.icmp_burst) refilled from `now`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from bridge import counters as C
-from bridge.config import Config, Encapsulation, SeqPolicy
+from bridge.config import Config, DownAction, Encapsulation, PeerConfig, SeqPolicy
 from bridge.counters import Counters
 from bridge.encap import KEEPALIVE, decode_gre, flow_source_port, overhead
 from bridge.fastpath import FastPath
@@ -473,6 +474,26 @@ class Bridge:
                 return self.peers[i]
         return self.peers[cands[0]]
 
+    def apply_liveness(self, peers: Iterable[PeerConfig]) -> list[str]:
+        """Reload (bridge/reload.py): take keepalive, dead_after and down_action of the peers
+        named in `peers` from now on; the rest of each peer's state (sequence numbers,
+        last heard, counters) is kept. Returns the names of the peers changed."""
+        by_name = {p.name: p for p in peers}
+        changed: list[str] = []
+        cfgs = list(self.config.peers)
+        for i, (state, old) in enumerate(zip(self.peers, cfgs, strict=True)):
+            new = by_name.get(old.name)
+            if new is None or (new.keepalive, new.dead_after, new.down_action) == \
+                    (old.keepalive, old.dead_after, old.down_action):
+                continue
+            state.keepalive, state.dead_after = new.keepalive, new.dead_after
+            state.withdraw = new.down_action is DownAction.WITHDRAW
+            cfgs[i] = replace(old, keepalive=new.keepalive, dead_after=new.dead_after,
+                              down_action=new.down_action)
+            changed.append(old.name)
+        self.config = replace(self.config, peers=tuple(cfgs))
+        return changed
+
     def note_heard(self, index: int, when: float) -> None:
         """Peer `index` was heard at `when` by another process (bridge/io/split.py: the
         receiving direction's); a later time than ours counts as hearing it then."""
@@ -549,7 +570,9 @@ class Bridge:
                 else f"{p.addr[0]}:{p.addr[1]}",
                 "encapsulation": cfg.encapsulation.value,
                 "prefixes": [str(n) for n in cfg.prefixes],
-                "up": p.up,
+                "up": p.up and p.heard,   # never heard: not up, whatever the liveness timer
+                # "waiting": not heard yet, dead_after not yet passed (traffic still sent)
+                "state": "down" if not p.up else "up" if p.heard else "waiting",
                 "last_seen_s": round(now - p.last_rx, 3) if p.heard else None,
                 "mtu": p.mtu,
                 "sequence": {"policy": cfg.sequence.value, "held": len(p.seq.held),
@@ -570,4 +593,4 @@ class Bridge:
 
     def metrics_text(self) -> str:
         """Prometheus text exposition of the counters plus per-peer up gauges."""
-        return self.counters.prometheus(peer_up=[p.up for p in self.peers])
+        return self.counters.prometheus(peer_up=[p.up and p.heard for p in self.peers])

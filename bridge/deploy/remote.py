@@ -226,7 +226,8 @@ class _Host:
         peers = (self.res.status or {}).get("peers", [])
         if peers:
             state += "; peers " + ", ".join(
-                f"{p.get('name')} {'up' if p.get('up') else 'down'}" for p in peers)
+                f"{p.get('name')} {p.get('state', 'up' if p.get('up') else 'down')}"
+                for p in peers)
         self.res.summary = f"{'; '.join(self.res.changes) or 'unchanged'}; {state}"
 
 

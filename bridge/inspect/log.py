@@ -22,11 +22,12 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from bridge.flows import InspectRule
 from bridge.inspect.api import CloseReason, Flow, Inspector
-from bridge.inspect.options import Option, text
+from bridge.inspect.options import Option, OptionError, text
 
 flow_log = logging.getLogger("grebe.inspect.flows")
 
@@ -57,9 +58,28 @@ class LogInspector(Inspector):
 
     runs_last = True
 
+    @classmethod
+    def check_options(cls, values: Mapping[str, Any]) -> None:
+        """A log_path that can never be a file is refused (check-config and up): a directory,
+        or under something that is not one. A missing directory is created at start."""
+        path = os.path.expandvars(values.get("log_path") or "")
+        if not path or "$" in path:     # an unset $VAR: only `up`'s environment can tell
+            return
+        path = os.path.abspath(path)
+        if os.path.isdir(path):
+            raise OptionError("log_path", f"{path} is a directory (name a file in it)")
+        folder = os.path.dirname(path)
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder):
+            raise OptionError("log_path", f"{folder} is not a directory (the flow records "
+                              "could not be written)")
+
     def __init__(self, rule: InspectRule, max_buffered: int = 1 << 20) -> None:
         path = rule.options["log_path"]
         self.path = os.path.expandvars(path) if path else None
+        if self.path:   # created now: a missing directory would lose every flush's records
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o750, exist_ok=True)
         self.max_buffered = max_buffered
         self._records: list[dict[str, Any]] = []
         self._size = 0

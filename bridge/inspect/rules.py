@@ -1,8 +1,13 @@
 """The `[[inspect]]` tables and the inspectors they name: rules, built-ins, loading.
 
 Rules of this module
-- Pure; only a bad configuration raises: ConfigError naming the key path of the first problem
-  ("inspect[2].dst_ports[1]", "inspect[1].block[0]", "inspect[0].options.block_window").
+- Pure; only a bad configuration raises: ConfigError (ConfigErrors when several) naming the
+  key path of each problem ("inspect[2].dst_ports[1]", "inspect[1].block[0]",
+  "inspect[0].options.block_window"); every rule and every independent key is checked.
+- `iif` (the incoming interface) is matched by the kernel backend's nft rules only: on a
+  userspace rule it is an error, not a silently ignored key.
+- `check_imports(rules)` imports the `module:Class` inspectors and checks their declared
+  options without instantiating them, so `check-config` finds what `up` would fail on.
 - A rule's own keys are fixed here: name, src, dst, dst_ports, inspectors, fail_open, backend,
   action, max_buffer, iif, idle_timeout, options. Every other key of the table belongs to an
   inspector: the built-ins declare theirs (`Inspector.options`, bridge/inspect/options.py) and
@@ -44,12 +49,12 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from bridge.errors import ConfigError
+from bridge.errors import ConfigError, ConfigErrors
 from bridge.flows import DEFAULT_IDLE_TIMEOUT, Backend, InspectRule, Verdict
 from bridge.inspect.api import Inspector
 from bridge.inspect.options import check, prefixes, resolve, str_list
 
-__all__ = ["builtins", "load_inspector", "parse_rules"]
+__all__ = ["builtins", "check_imports", "load_inspector", "parse_rules"]
 
 CLASS_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -64,10 +69,11 @@ _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 def parse_rules(raw: list[dict[str, Any]], path: str = "inspect") -> tuple[InspectRule, ...]:
     """Validate the `[[inspect]]` tables.
 
-    Returns the rules in file order. Raises ConfigError naming the key path ("inspect[1].src[0]")
-    on the first problem: unknown key, wrong type, bad prefix, port or range, an inspector
-    option its inspector rejects, unknown backend/action, an inspector name that is neither
-    built in nor `module:Class`, duplicate names.
+    Returns the rules in file order. Raises ConfigError, or ConfigErrors when there are several,
+    naming each problem's key path ("inspect[1].src[0]"): unknown key, wrong type, bad prefix,
+    port or range, an inspector option its inspector rejects, unknown backend/action, an
+    inspector name that is neither built in nor `module:Class`, `iif` on a userspace rule,
+    duplicate names. Every rule is checked, and every independent key of a rule.
     """
     if not isinstance(raw, list):
         raise ConfigError(path, "must be an array of tables ([[inspect]])")
@@ -76,74 +82,136 @@ def parse_rules(raw: list[dict[str, Any]], path: str = "inspect") -> tuple[Inspe
     known = builtins()
     table_keys = _RULE_KEYS | {o.name for cls in known.values() for o in cls.options if o.table}
     rules: list[InspectRule] = []
+    errors: list[ConfigError] = []
     seen: set[str] = set()
     for i, table in enumerate(raw):
-        rule = _parse_rule(table, f"{path}[{i}]", known, table_keys)
+        rule = _parse_rule(table, f"{path}[{i}]", known, table_keys, errors)
+        if rule is None:
+            continue
         if rule.name in seen:
-            raise ConfigError(f"{path}[{i}].name", f"duplicate rule name {rule.name!r}")
+            errors.append(ConfigError(f"{path}[{i}].name", f"duplicate rule name {rule.name!r}"))
         seen.add(rule.name)
         rules.append(rule)
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ConfigErrors(errors)
     return tuple(rules)
 
 
-def _parse_rule(t: Any, p: str, known: dict[str, Any], table_keys: frozenset[str]
-                ) -> InspectRule:
+class _Grab:
+    """`with grab:` records a ConfigError raised in the block and goes on (one pass, every
+    error); `ConfigErrors` are unpacked."""
+
+    __slots__ = ("errors",)
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        self.errors = errors
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: Any, _tb: Any) -> bool:
+        if isinstance(exc, ConfigErrors):
+            self.errors.extend(exc.errors)
+            return True
+        if isinstance(exc, ConfigError):
+            self.errors.append(exc)
+            return True
+        return False
+
+
+def _parse_rule(t: Any, p: str, known: dict[str, Any], table_keys: frozenset[str],
+                errors: list[ConfigError]) -> InspectRule | None:
     if not isinstance(t, dict):
-        raise ConfigError(p, "must be a table")
+        errors.append(ConfigError(p, "must be a table"))
+        return None
+    before = len(errors)
+    grab = _Grab(errors)
     for k in t:
         if k not in table_keys:
-            raise ConfigError(f"{p}.{k}", "unknown key (custom inspector settings go in options)")
+            errors.append(ConfigError(f"{p}.{k}",
+                                      "unknown key (custom inspector settings go in options)"))
     name = t.get("name")
     if not isinstance(name, str) or not name:
-        raise ConfigError(f"{p}.name", "required, a non-empty string")
-    inspectors = tuple(str_list(t.get("inspectors", []), f"{p}.inspectors"))
-    for j, ref in enumerate(inspectors):
-        if ref not in known and not CLASS_REF.match(ref):
-            raise ConfigError(f"{p}.inspectors[{j}]",
-                              f"{ref!r} is not a built-in ({', '.join(sorted(known))})"
-                              " nor module:Class")
-    if len(set(inspectors)) != len(inspectors):
-        raise ConfigError(f"{p}.inspectors", "an inspector is listed twice")
-    try:
-        backend = Backend(_typed(t, "backend", str, p, "userspace"))
-    except ValueError:
-        raise ConfigError(f"{p}.backend", "must be \"userspace\" or \"kernel\"") from None
-    try:
-        action = Verdict(_typed(t, "action", str, p, "inspect"))
-    except ValueError:
-        raise ConfigError(f"{p}.action", "must be \"inspect\", \"forward\" or \"drop\"") from None
-    max_buffer = _typed(t, "max_buffer", int, p, 1 << 20)
-    if not 4096 <= max_buffer <= 1 << 30:
-        raise ConfigError(f"{p}.max_buffer", "must be between 4096 and 2**30 bytes")
+        errors.append(ConfigError(f"{p}.name", "required, a non-empty string"))
+    inspectors: tuple[str, ...] = ()
+    with grab:
+        inspectors = tuple(str_list(t.get("inspectors", []), f"{p}.inspectors"))
+        for j, ref in enumerate(inspectors):
+            if ref not in known and not CLASS_REF.match(ref):
+                errors.append(ConfigError(f"{p}.inspectors[{j}]",
+                                          f"{ref!r} is not a built-in ({', '.join(sorted(known))})"
+                                          " nor module:Class"))
+        if len(set(inspectors)) != len(inspectors):
+            raise ConfigError(f"{p}.inspectors", "an inspector is listed twice")
+    backend = Backend.USERSPACE
+    with grab:
+        try:
+            backend = Backend(_typed(t, "backend", str, p, "userspace"))
+        except ValueError:
+            raise ConfigError(f"{p}.backend", "must be \"userspace\" or \"kernel\"") from None
+    action = Verdict.INSPECT
+    with grab:
+        try:
+            action = Verdict(_typed(t, "action", str, p, "inspect"))
+        except ValueError:
+            raise ConfigError(f"{p}.action",
+                              "must be \"inspect\", \"forward\" or \"drop\"") from None
+    max_buffer = 1 << 20
+    with grab:
+        max_buffer = _typed(t, "max_buffer", int, p, 1 << 20)
+        if not 4096 <= max_buffer <= 1 << 30:
+            raise ConfigError(f"{p}.max_buffer", "must be between 4096 and 2**30 bytes")
     idle = t.get("idle_timeout", DEFAULT_IDLE_TIMEOUT)
     if (not isinstance(idle, int | float) or isinstance(idle, bool)
             or not 0 < idle <= 7 * 86400):
-        raise ConfigError(f"{p}.idle_timeout", "must be a number of seconds, 0 < t <= 604800")
-    iif = tuple(str_list(t.get("iif", []), f"{p}.iif"))
-    for j, name_ in enumerate(iif):
-        if not _IFNAME.match(name_):
-            raise ConfigError(f"{p}.iif[{j}]", f"{name_!r} is not an interface name")
+        errors.append(ConfigError(f"{p}.idle_timeout",
+                                  "must be a number of seconds, 0 < t <= 604800"))
+    iif: tuple[str, ...] = ()
+    with grab:
+        iif = tuple(str_list(t.get("iif", []), f"{p}.iif"))
+        for j, name_ in enumerate(iif):
+            if not _IFNAME.match(name_):
+                errors.append(ConfigError(f"{p}.iif[{j}]", f"{name_!r} is not an interface name"))
+        if iif and backend is Backend.USERSPACE:
+            raise ConfigError(f"{p}.iif", "only backend = \"kernel\" rules match the incoming "
+                              "interface; this rule is userspace (the default)")
     raw_options = t.get("options", {})
     if not isinstance(raw_options, dict):
-        raise ConfigError(f"{p}.options", "must be a table")
-    fail_open = _typed(t, "fail_open", bool, p, True)
-    src = prefixes(t.get("src", []), f"{p}.src")
-    dst = prefixes(t.get("dst", []), f"{p}.dst")
-    dst_ports = _ports(t.get("dst_ports", []), f"{p}.dst_ports")
+        errors.append(ConfigError(f"{p}.options", "must be a table"))
+        raw_options = {}
+    fail_open = True
+    with grab:
+        fail_open = _typed(t, "fail_open", bool, p, True)
+    src: Any = ()
+    dst: Any = ()
+    dst_ports: tuple[tuple[int, int], ...] = ()
+    with grab:
+        src = prefixes(t.get("src", []), f"{p}.src")
+    with grab:
+        dst = prefixes(t.get("dst", []), f"{p}.dst")
+    with grab:
+        dst_ports = _ports(t.get("dst_ports", []), f"{p}.dst_ports")
     settings = dict(raw_options)
     for ref, cls in known.items():
-        used = ref in inspectors
-        values = resolve(cls.options, t, raw_options, p, used)
-        if used:
-            check(cls, values, cls.options, p)
-            settings.update(values)
-        else:   # given for an inspector the rule does not use: checked, kept, no defaults
-            settings.update((o.name, values[o.name]) for o in cls.options
-                            if o.name in (t if o.table else raw_options))
-    if action is Verdict.INSPECT and not inspectors:
-        raise ConfigError(f"{p}.inspectors", "an inspect rule needs at least one inspector")
+        with grab:
+            used = ref in inspectors
+            values = resolve(cls.options, t, raw_options, p, used)
+            if used:
+                check(cls, values, cls.options, p)
+                settings.update(values)
+            else:   # given for an inspector the rule does not use: checked, kept, no defaults
+                settings.update((o.name, values[o.name]) for o in cls.options
+                                if o.name in (t if o.table else raw_options))
+    if action is Verdict.INSPECT and not inspectors and not any(
+            e.path.startswith(f"{p}.inspectors") for e in errors[before:]):
+        errors.append(ConfigError(f"{p}.inspectors",
+                                  "an inspect rule needs at least one inspector"))
+    if len(errors) != before:
+        return None
     return InspectRule(
-        name=name, src=src, dst=dst, dst_ports=dst_ports, inspectors=inspectors,
+        name=str(name), src=src, dst=dst, dst_ports=dst_ports, inspectors=inspectors,
         fail_open=fail_open, backend=backend, action=action, max_buffer=max_buffer, iif=iif,
         idle_timeout=float(idle), options=MappingProxyType(settings),
     )
@@ -199,6 +267,46 @@ def builtins() -> dict[str, type[Inspector]]:
     return dict(sorted(found.items()))
 
 
+def _custom_class(ref: str, rule: InspectRule, path: str, known: dict[str, type[Inspector]]
+                  ) -> tuple[Any, InspectRule]:
+    """Import `module:Class` and resolve its declared options from the rule's `options`
+    table: (class, rule with the values). Raises like `load_inspector`."""
+    module_name, _, class_name = ref.partition(":")
+    cls: Any = getattr(importlib.import_module(module_name), class_name)
+    if not callable(cls):
+        raise TypeError(f"{ref} is not a class")
+    # read from the rule's `options` table (the table's own keys are the built-ins')
+    declared = tuple(replace(o, table=False) for o in getattr(cls, "options", ()))
+    if declared:
+        taken = {o.name for b in known.values() for o in b.options}
+        for opt in declared:
+            if opt.name in taken:
+                raise TypeError(f"option {opt.name!r} is a built-in inspector's option")
+        values = resolve(declared, {}, rule.options, path, True)
+        check(cls, values, declared, path)
+        rule = replace(rule, options=MappingProxyType({**rule.options, **values}))
+    return cls, rule
+
+
+def check_imports(rules: tuple[InspectRule, ...], path: str = "inspect") -> list[ConfigError]:
+    """Import every `module:Class` inspector of `rules` and check its declared options, without
+    instantiating it: the errors `grebe up` would meet, each naming its key path."""
+    known = builtins()
+    errors: list[ConfigError] = []
+    for i, rule in enumerate(rules):
+        for j, ref in enumerate(rule.inspectors):
+            if ref in known:
+                continue
+            try:
+                _custom_class(ref, rule, f"{path}[{i}]", known)
+            except ConfigError as e:
+                errors.append(e)
+            except Exception as e:  # noqa: BLE001 - any import failure is the user's to fix
+                errors.append(ConfigError(f"{path}[{i}].inspectors[{j}]",
+                                          f"cannot load {ref!r}: {type(e).__name__}: {e}"))
+    return errors
+
+
 def load_inspector(ref: str, rule: InspectRule, path: str = "inspect[?]") -> Any:
     """Instantiate the inspector named `ref` for `rule` (`path`: the rule's key path).
 
@@ -208,18 +316,7 @@ def load_inspector(ref: str, rule: InspectRule, path: str = "inspect[?]") -> Any
     known = builtins()
     cls: Any = known.get(ref)
     if cls is None:
-        module_name, _, class_name = ref.partition(":")
-        cls = getattr(importlib.import_module(module_name), class_name)
-        # read from the rule's `options` table (the table's own keys are the built-ins')
-        declared = tuple(replace(o, table=False) for o in getattr(cls, "options", ()))
-        if declared:
-            taken = {o.name for b in known.values() for o in b.options}
-            for opt in declared:
-                if opt.name in taken:
-                    raise TypeError(f"option {opt.name!r} is a built-in inspector's option")
-            values = resolve(declared, {}, rule.options, path, True)
-            check(cls, values, declared, path)
-            rule = replace(rule, options=MappingProxyType({**rule.options, **values}))
+        cls, rule = _custom_class(ref, rule, path, known)
     try:
         params = pyinspect.signature(cls).parameters
     except (TypeError, ValueError):

@@ -128,7 +128,7 @@ class Engine:
         self._dg_u: list[tuple[Any, Addr]] = []
         self._peer_events = self._peer_event_counts()
         self._peer_state: dict[str, str] = {
-            p.get("name"): "up" if p.get("up") else "down"
+            p.get("name"): p.get("state", "up" if p.get("up") else "down")
             for p in bridge.status(clock()).get("peers", [])}
         self._writers: dict[int, Writer] = {}  # id(Output) -> its writer (start_writers)
         self._u_writer: Writer | None = None
@@ -239,10 +239,20 @@ class Engine:
             return
         self._peer_events = counts
         for p in self.bridge.status(now).get("peers", []):
-            state = "up" if p.get("up") else "down"
+            state = p.get("state", "up" if p.get("up") else "down")
             if self._peer_state.get(p.get("name")) != state:
                 self._peer_state[p.get("name")] = state
                 log.info("peer %s (%s) is %s", p.get("name"), p.get("endpoint"), state)
+
+    def apply(self, change: Callable[[], Any]) -> Any:
+        """Run `change` (a reload's update of the Bridge) under the lock, between batches, and
+        re-arm the timer for the deadlines it moved. Returns what `change` returns."""
+        with self.lock:
+            result = change()
+            t = self.bridge.get_timer()
+        if t is not None:
+            self.wakeup.moved(t)
+        return result
 
     def status(self) -> dict[str, Any]:
         sib = self.sibling
@@ -268,7 +278,7 @@ class Engine:
             c = self.bridge.counters
             if child is not None:
                 c = c.merged(child.get("counters", {}))
-            return c.prometheus(peer_up=[p.up for p in self.bridge.peers])
+            return c.prometheus(peer_up=[p.up and p.heard for p in self.bridge.peers])
 
     def execute(self, out: Output) -> None:
         """Send and write what a core call put in `out`, then clear it."""

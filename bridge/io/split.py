@@ -190,8 +190,11 @@ class RxProcess:
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != ppid:
             return  # the parent died before the line above
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
+        # a hang-up of the process group (or `kill -HUP -PGID`) is the parent's to handle
+        # (`grebe up` reloads): by default it would kill this child, and with it the endpoint
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         e.bridge.rx_only = True
         wake = e.wakeup.fileno()
         if writer_threads:

@@ -78,7 +78,8 @@ def _bind(s: socket.socket, address: str, port: int, patience: float = 5.0) -> N
             s.bind((address, port))
             return
         except OSError as e:
-            if e.errno != errno.EADDRNOTAVAIL or time.monotonic() >= deadline:
+            if (e.errno != errno.EADDRNOTAVAIL or ":" not in address   # DAD is IPv6's only
+                    or time.monotonic() >= deadline):
                 s.close()
                 raise OSError(e.errno, f"cannot listen on {address} port {port}: "
                               f"{e.strerror}") from None

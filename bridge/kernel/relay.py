@@ -66,7 +66,7 @@ import tomllib
 from collections.abc import Sequence
 from typing import Any
 
-from bridge.errors import ConfigError
+from bridge.errors import ConfigError, ConfigErrors
 from bridge.flows import (
     DEFAULT_IDLE_TIMEOUT,
     Backend,
@@ -505,7 +505,7 @@ class TproxyBackend:
 # ---------------------------------------------------------------------------------------------
 
 def load_rules(path: str) -> tuple[InspectRule, ...]:
-    """The `[[inspect]]` rules of an endpoint TOML file. Raises ConfigError."""
+    """The `[[inspect]]` rules of an endpoint TOML file. Raises ConfigError(s)."""
     with open(path, "rb") as f:
         data = tomllib.load(f)
     try:
@@ -513,6 +513,10 @@ def load_rules(path: str) -> tuple[InspectRule, ...]:
     except ConfigError as exc:
         exc.file = path
         raise
+    except ConfigErrors as exc:   # several, reported together
+        for e in exc.errors:
+            e.file = path
+        raise ConfigErrors(exc.errors) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -533,7 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("grebe").setLevel(logging.DEBUG)
     try:
         rules = load_rules(args.config)
-    except (ConfigError, OSError, tomllib.TOMLDecodeError) as exc:
+    except (ConfigError, ConfigErrors, OSError, tomllib.TOMLDecodeError) as exc:
         print(f"grebe tproxy: {exc}", file=sys.stderr)
         return 2
     if not any(r.backend is Backend.KERNEL and r.action is Verdict.INSPECT for r in rules):
@@ -548,7 +552,7 @@ def reload_rules(backend: TproxyBackend, path: str) -> None:
     """SIGHUP: re-read the rules; a bad file is reported and the old rules stay."""
     try:
         backend.reload(load_rules(path))
-    except (ConfigError, OSError, tomllib.TOMLDecodeError, RuntimeError) as exc:
+    except (ConfigError, ConfigErrors, OSError, tomllib.TOMLDecodeError, RuntimeError) as exc:
         log.error("tproxy: reload of %s refused, keeping the old rules: %s", path, exc)
 
 

@@ -3,7 +3,8 @@
 Covers: ping and a 100 MB HTTP download (sha256 checked) over IPv4 and IPv6 inside, for GRE
 and IPIP, over an IPv4 and an IPv6 underlay; the wire format seen by tshark and scapy; hostile
 datagrams from the attacker (each dropped, counted by reason, none reaching site B's LAN,
-forwarding unharmed); PMTU with a narrowed WAN; SIGTERM cleanup; a second instance refused.
+forwarding unharmed); PMTU with a narrowed WAN; SIGTERM cleanup; a second instance refused;
+SIGHUP and `grebe reload` never stop an endpoint (a bad file refused, exit 2).
 Waits are wait-for-condition (Lab.wait_for), never bare sleeps.
 """
 
@@ -370,6 +371,36 @@ def test_split_directions_two_processes_one_view(lab: Lab) -> None:
     finally:
         assert gw.stop() == {"gw-a": 0, "gw-b": 0}
     lab.wait_for(lambda: not _grebe_pids(lab, "gw-a"), timeout=10, what="no grebe left")
+
+
+def test_sighup_and_reload_never_stop_the_endpoint(lab: Lab, tmp_path: Path) -> None:
+    """SIGHUP to both processes of `grebe up` (split directions) and `grebe reload`: the
+    endpoint keeps forwarding; a bad file is refused with its error and exit 2; a good one
+    with a change the running endpoint cannot take says so (needs a restart)."""
+    text = (TOPO / VARIANTS["gre-v4underlay"][0]).read_text()
+    cfg = tmp_path / "gw-a.toml"
+    cfg.write_text(text)
+    gw = Gateways(lab, cfg, VARIANTS["gre-v4underlay"][1])
+    try:
+        pids = _grebe_pids(lab, "gw-a")
+        assert len(pids) == 2, pids
+        for pid in pids:
+            os.kill(pid, signal.SIGHUP)
+        lab.wait_for(lambda: "no change" in gw.log("gw-a"), timeout=10, what="reload logged")
+        ping(lab, SERVER4, count=2)
+        cfg.write_text("colour = 1\n" + text)
+        cp = lab.run("gw-a", ["grebe", "reload"], check=False)
+        assert cp.returncode == 2, cp
+        assert "colour: unknown key" in cp.stderr and "running configuration stays" in cp.stderr
+        cfg.write_text(text.replace("keepalive = 2", "keepalive = 3").replace("key = 42",
+                                                                              "key = 43"))
+        cp = lab.run("gw-a", ["grebe", "reload"])
+        assert "applied: peers[site-b].keepalive\n" in cp.stdout, cp.stdout
+        assert "restart to apply: peers[site-b].key_in, peers[site-b].key_out" in cp.stdout
+        assert sorted(_grebe_pids(lab, "gw-a")) == sorted(pids)
+        ping(lab, SERVER4, count=2)
+    finally:
+        assert gw.stop() == {"gw-a": 0, "gw-b": 0}
 
 
 def test_split_child_death_stops_the_endpoint_cleanly(lab: Lab) -> None:

@@ -184,7 +184,7 @@ def test_fallbacks_still_do_per_packet_work(case: str) -> None:
     elif case == "no_route":
         pkt = _super(False, 6000, dst="198.18.99.1")
     elif case == "mtu":
-        kw = {"mtu": "1200"}  # segments too big for the tunnel: per-packet ICMP / frag
+        kw = {"mtu": "1280"}  # segments too big for the tunnel: per-packet ICMP / frag
     elif case == "syn":
         pkt = _super(False, 3000, flags="S", opts=[("MSS", 1460)])
     fast, of, ref, orf = _both(extra, [_frame(pkt, False, mss)], **kw)

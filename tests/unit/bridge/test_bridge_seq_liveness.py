@@ -160,7 +160,8 @@ def test_peer_down_withdraw_and_recovery() -> None:
     out = Output()
     for t in (2.0, 4.0):
         a.handle_timer(t, out)
-    assert a.status(5.9)["peers"][0]["up"] is True
+    st = a.status(5.9)["peers"][0]   # never heard: not up, but not yet given up on
+    assert st["up"] is False and st["state"] == "waiting"
     a.handle_timer(6.0, out)
     assert a.status(6.0)["peers"][0]["up"] is False
     assert a.counters.event("peer_down") == 1

@@ -69,7 +69,7 @@ def test_check_config_reports_the_key_path(tmp_path: Path) -> None:
     bad.write_text(base.replace('iif = ["lan0"]', 'iif = ["lan 0"]'))
     assert base != bad.read_text()
     errors = check_config(str(bad))
-    assert [e.path for e in errors] == ["inspect[0].iif[0]"]
+    assert [e.path for e in errors] == ["inspect[0].iif[0]", "inspect[1].iif[0]"]  # every one
 
 
 # --- nft: drop answers with an RST, per-rule iif --------------------------------------------

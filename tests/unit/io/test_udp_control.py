@@ -157,7 +157,7 @@ def test_check_config_reports_every_error(tmp_path: object, capsys: pytest.Captu
     p = pathlib.Path(str(tmp_path)) / "bad.toml"
     p.write_text('[tun]\nname = "x"\nmtu = 5\n[listen]\naddress = "nope"\n'
                  '[[peers]]\nname = "b"\nendpoint = "198.18.0.2:4754"\nprefixes = ["1.2.3.4/8"]\n')
-    assert cli.main(["check-config", str(p)]) == 1
+    assert cli.main(["check-config", str(p)]) == 2
     err = capsys.readouterr().err
     for key in ("tun.mtu", "listen.address", "peers[0].prefixes[0]"):
         assert key in err
