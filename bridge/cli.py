@@ -88,13 +88,19 @@ def cmd_up(args: argparse.Namespace) -> int:
     except TunBusyError as e:
         log.error("%s", e.strerror)
         return 1
-    ctl = metrics = udp = kernel = None
+    ctl = metrics = udp = kernel = fast = None
     failed = False
     try:
         tun.configure([str(a) for a in cfg.tun.addresses], mtu,
                       [str(n) for p in cfg.peers for n in p.prefixes])
         udp = UdpEndpoint(cfg.listen.address, cfg.listen.port, gso=offload, gro=offload)
         engine = Engine(bridge, tun, udp)
+        from bridge.ebpf.hook import start_for_endpoint  # issue 14: the eBPF fast path
+
+        fast, fatal = start_for_endpoint(cfg, bridge, engine)
+        if fatal is not None:
+            log.error("%s", fatal)
+            return 1
         ctl = ControlServer(socket_name(cfg.tun.name, cfg.control_socket))
 
         def status(_req: dict[str, Any]) -> dict[str, Any]:
@@ -178,6 +184,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         detach()  # reset the userspace-terminated flows, final flush of the inspectors
         failed = runner.failed
     finally:
+        if fast is not None:
+            fast.close()  # issue 14: the eBPF filters detached
         if kernel is not None:
             kernel.stop()   # relays reset, nft table + policy routing removed
         for x in (metrics, ctl, udp):

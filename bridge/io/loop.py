@@ -167,6 +167,9 @@ class Engine:
         self.remote: Callable[[], dict[str, Any] | None] | None = None
         self.on_path_mtu: Callable[[Addr, int], None] | None = None
         self._sports_ok = hasattr(udp, "sport_pool")  # an adapter that can choose ports
+        # issue 14: the eBPF fast path (bridge/ebpf/datapath.py FastPath) when it runs; its
+        # counters are added to status and metrics
+        self.fast_path: Any = None
         if hasattr(tun, "super_packets") and SUPER_PACKETS:  # Bridge.from_tun takes them
             tun.super_packets = SuperPacket
         if hasattr(udp, "gro_batches") and GRO_BATCHES and getattr(tun, "vnet_hdr", False):
@@ -269,6 +272,10 @@ class Engine:
             from bridge.io.split import merge_status
 
             merge_status(st, child)
+        if self.fast_path is not None:  # issue 14: the eBPF program's counters
+            self.fast_path.merge_status(st)
+        else:
+            st["datapath"] = "python"
         return st
 
     def metrics_text(self) -> str:
@@ -280,6 +287,8 @@ class Engine:
             c = self.bridge.counters
             if child is not None:
                 c = c.merged(child.get("counters", {}))
+            if self.fast_path is not None:  # issue 14: the eBPF program's counters
+                c = c.merged(self.fast_path.counters())
             return c.prometheus(peer_up=[p.up for p in self.bridge.peers])
 
     def execute(self, out: Output) -> None:

@@ -1,0 +1,46 @@
+"""The one call `grebe up` makes for the eBPF fast path (issue 14), and the one it undoes.
+
+`start_for_endpoint(cfg, bridge, engine)` returns (FastPath or None, fatal error or None):
+- datapath "python": (None, None), nothing loaded.
+- "auto": the fast path if it starts; otherwise one INFO line naming the reason, e.g.
+  "datapath auto: eBPF fast path unavailable (load ...: Operation not permitted); using the
+  Python path", and (None, None).
+- "ebpf": the fast path, or (None, reason) and `grebe up` exits 1.
+On success the engine's status and metrics include the program's counters, the Python
+path's GRE encoders share its sequence numbers, and its control thread runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from bridge.config import Config, Datapath
+
+log = logging.getLogger("grebe.ebpf")
+
+__all__ = ["start_for_endpoint"]
+
+
+def start_for_endpoint(cfg: Config, bridge: Any, engine: Any) -> tuple[Any, str | None]:
+    mode = cfg.datapath
+    if mode is Datapath.PYTHON:
+        log.info("datapath python: the Python data plane only")
+        return None, None
+    try:
+        from bridge.ebpf.datapath import start
+
+        fast = start(cfg, bridge)
+    except Exception as e:  # noqa: BLE001 - every reason is reported the same way
+        why = f"{type(e).__name__}: {e}" if not isinstance(e, OSError) else str(e)
+        if mode is Datapath.EBPF:
+            return None, f"datapath ebpf: the eBPF fast path cannot start ({why})"
+        log.info("datapath auto: eBPF fast path unavailable (%s); using the Python path", why)
+        return None, None
+    fast.share_sequence_numbers(bridge)
+    fast.bind(bridge, engine.lock)
+    engine.fast_path = fast
+    fast.start_thread()
+    log.info("datapath %s: eBPF fast path attached at the ingress of %s", mode.value,
+             ", ".join(sorted(fast.attachment.ifnames.values())))
+    return fast, None
