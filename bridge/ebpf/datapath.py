@@ -230,7 +230,9 @@ class FastPath:
         st["datapath"] = "ebpf"
         st["ebpf"] = {"interfaces": sorted(self.attachment.ifnames.values()),
                       **self.stats(),
-                      "seq_collisions": sum(e.collisions for e in self.encoders)}
+                      "seq_collisions": sum(e.collisions for e in self.encoders),
+                      "drops": {name: n for name, n in zip(DROP_REASONS, c["drops"],
+                                                           strict=False) if n}}
 
     # -- the end
 

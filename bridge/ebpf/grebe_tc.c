@@ -48,6 +48,9 @@
 #define BPF_F_ADJ_ROOM_DECAP_L3_IPV6 (1ULL << 8)
 #endif
 
+/* one read of a context field into a register (clang must not keep a pointer into ctx) */
+#define READ_CTX(x) ({ __u32 __v = (x); asm volatile("" : "+r"(__v)); __v; })
+
 /* drop reasons: the indices of bridge/counters.py DROP_REASONS (checked by a unit test) */
 enum {
 	R_MALFORMED = 0,
@@ -424,6 +427,7 @@ struct outer {
 static __always_inline int encap(struct __sk_buff *skb, struct gb_global *g, int v6)
 {
 	struct bpf_fib_lookup fib = {};
+	__u32 iif = READ_CTX(skb->ingress_ifindex);
 	__u32 hlen, tot, l4off, idx, *pidx;
 	__u8 ttl, proto;
 	__u32 why = 0;
@@ -491,7 +495,7 @@ static __always_inline int encap(struct __sk_buff *skb, struct gb_global *g, int
 
 	/* the kernel would forward this into the TUN (also: forwarding on, TUN MTU) */
 	fib.l4_protocol = proto;
-	fib.ifindex = skb->ingress_ifindex;
+	fib.ifindex = iif;
 	fib.tot_len = skb->gso_segs > 1 ? 0 : tot;
 	int rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH);
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
@@ -520,7 +524,7 @@ static __always_inline int encap(struct __sk_buff *skb, struct gb_global *g, int
 	/* the outer route: WAN egress and its neighbour */
 	struct bpf_fib_lookup of = {};
 	int ov6 = p->flags & PF_OUTER_V6;
-	of.ifindex = skb->ingress_ifindex;
+	of.ifindex = iif;
 	if (ov6) {
 		of.family = AF_INET6;
 		__builtin_memcpy(of.ipv6_src, p->local, 16);
@@ -691,6 +695,7 @@ static __always_inline int decap(struct __sk_buff *skb, struct gb_global *g, int
 				 __u32 iplen, __u8 *src16, __u8 *dst16)
 {
 	struct udphdr udp;
+	__u32 iif = READ_CTX(skb->ingress_ifindex);
 	__u32 uoff = ETH_HLEN + iplen;
 	if (bpf_skb_load_bytes(skb, uoff, &udp, sizeof(udp)))
 		return TC_ACT_OK;
@@ -869,9 +874,25 @@ static __always_inline int decap(struct __sk_buff *skb, struct gb_global *g, int
 		__builtin_memcpy(fib.ipv6_src, &ip.saddr, 16);
 		__builtin_memcpy(fib.ipv6_dst, &ip.daddr, 16);
 	}
+	/* the way back: the inner source must route into our TUN, as for a packet the Python
+	 * path writes to it (and when the TUN is gone with its owner, nothing is forwarded) */
+	struct bpf_fib_lookup rp = {};
+	rp.family = fib.family;
+	rp.ifindex = iif;
+	if (!iv6) {
+		rp.ipv4_src = fib.ipv4_dst;
+		rp.ipv4_dst = fib.ipv4_src;
+	} else {
+		__builtin_memcpy(rp.ipv6_src, fib.ipv6_dst, 16);
+		__builtin_memcpy(rp.ipv6_dst, fib.ipv6_src, 16);
+	}
+	if (bpf_fib_lookup(skb, &rp, sizeof(rp), BPF_FIB_LOOKUP_SKIP_NEIGH) !=
+		    BPF_FIB_LKUP_RET_SUCCESS ||
+	    rp.ifindex != g->tun_ifindex)
+		return pass(S_PASS_ROUTE);
 	int gso = skb->gso_segs > 1 || skb->gso_size;
 	fib.l4_protocol = proto;
-	fib.ifindex = skb->ingress_ifindex;
+	fib.ifindex = iif;
 	fib.tot_len = gso ? 0 : tot;
 	int rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
