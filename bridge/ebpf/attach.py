@@ -43,7 +43,7 @@ class Attachment:
 
 
 def _ipr() -> Any:
-    from pyroute2 import IPRoute
+    from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
     return IPRoute()
 

@@ -67,7 +67,7 @@ class SharedSeqEncoder(GreEncoder):
         self._next = 0
         self.collisions = 0
 
-    @property  # type: ignore[override]
+    @property
     def seq(self) -> int:  # the next number (a super-packet builder reads it, then advances)
         self._next = self._reserve(self._peer, 0)
         return self._next
@@ -261,7 +261,7 @@ def _source_for(host: str, listen: str) -> str:
     hip = ipaddress.ip_address(host)
     if not lip.is_unspecified and lip.version == hip.version:
         return str(lip)
-    from pyroute2 import IPRoute
+    from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
     with IPRoute() as ipr:
         routes = ipr.route("get", dst=host)

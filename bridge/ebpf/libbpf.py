@@ -131,7 +131,7 @@ class Map:
     def delete(self, key: bytes) -> bool:
         lib = _load()
         ctypes.set_errno(0)
-        return lib.bpf_map_delete_elem(self.fd, ctypes.c_char_p(key)) == 0
+        return bool(lib.bpf_map_delete_elem(self.fd, ctypes.c_char_p(key)) == 0)
 
 
 class BpfObject:
