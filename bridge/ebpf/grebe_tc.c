@@ -85,7 +85,10 @@ enum {
 	S_PASS_PEER,
 	S_PASS_ROUTE,
 	S_PASS_HELPER,
-	N_STATS = 16,
+	S_PASS_UNDERLAY,
+	S_PASS_WAY_BACK,
+	S_CSUM_FILLED,
+	N_STATS = 24,
 };
 
 /* gb_peer.flags */
@@ -319,33 +322,28 @@ static __always_inline void map4(__u8 *out, __u32 addr)
 	__builtin_memcpy(out + 12, &addr, 4);
 }
 
-/* The IPv6 UDP checksum (RFC 8200 §8.1) of the `len` bytes at `off` (UDP header with its
- * checksum field as it is, and payload): 0xffff for a zero result (RFC 768), 0 if `len` is
- * longer than this sums (10240 bytes). Over a datagram whose field holds the right checksum,
- * the fold of everything is 0: the caller checks with `verify`. */
-static __always_inline __u16 udp6_sum(struct __sk_buff *skb, __u32 off, __u32 len,
-				      const __u8 *src, const __u8 *dst, int verify)
+/* Add the 16-bit words of the `len` bytes at `off` to *s (ones' complement, unfolded).
+ * -1 if they cannot be read or `len` is over SUM_MAX. */
+#define SUM_MAX 10240
+/* global (not static): the verifier checks it once, not at every call site with its loop */
+__attribute__((noinline)) int sum_bytes(struct __sk_buff *skb, __u32 off, __u32 len, __u32 *s)
 {
-	__u32 s = 0;
 	__u32 n = len;
-	const __u16 *a = (const __u16 *)src, *b = (const __u16 *)dst;
-#pragma unroll
-	for (int i = 0; i < 8; i++)
-		s += a[i] + b[i];
-	s += bpf_htons((__u16)len) + bpf_htons(IPPROTO_UDP);
 	__u32 zero = 0;
+	if (!skb || !s)
+		return -1;
 	__u8 *buf = bpf_map_lookup_elem(&gb_scratch, &zero);
-	if (!buf)
-		return 0;
-	for (int i = 0; i < 40; i++) {
+	if (!buf || len > SUM_MAX)
+		return -1;
+	for (int i = 0; i < SUM_MAX / 256; i++) {
 		if (n == 0)
 			break;
 		__u32 chunk = n > 256 ? 256 : n;
 		__u32 whole = chunk & ~3u;
 		if (whole > 0 && whole <= 256) {
 			if (bpf_skb_load_bytes(skb, off, buf, whole))
-				return 0;
-			s = bpf_csum_diff(0, 0, (__be32 *)buf, whole, s);
+				return -1;
+			*s = bpf_csum_diff(0, 0, (__be32 *)buf, whole, *s);
 		}
 		if (chunk != whole) { /* a tail of 1-3 bytes, zero padded */
 			__u32 t = 0;
@@ -358,13 +356,28 @@ static __always_inline __u16 udp6_sum(struct __sk_buff *skb, __u32 off, __u32 le
 			else
 				e = bpf_skb_load_bytes(skb, off + whole, &t, 3);
 			if (e)
-				return 0;
-			s = bpf_csum_diff(0, 0, (__be32 *)&t, 4, s);
+				return -1;
+			*s = bpf_csum_diff(0, 0, (__be32 *)&t, 4, *s);
 		}
 		off += chunk;
 		n -= chunk;
 	}
-	if (n)
+	return n ? -1 : 0;
+}
+
+/* The IPv6 UDP checksum (RFC 8200 §8.1) of the `len` bytes at `off` (UDP header with its
+ * checksum field as it is, and payload): 0xffff for a zero result (RFC 768), 0 if they
+ * cannot be summed. With `verify`: 0xffff if the field holds the right checksum. */
+static __always_inline __u16 udp6_sum(struct __sk_buff *skb, __u32 off, __u32 len,
+				      const __u8 *src, const __u8 *dst, int verify)
+{
+	__u32 s = 0;
+	const __u16 *a = (const __u16 *)src, *b = (const __u16 *)dst;
+#pragma unroll
+	for (int i = 0; i < 8; i++)
+		s += a[i] + b[i];
+	s += bpf_htons((__u16)len) + bpf_htons(IPPROTO_UDP);
+	if (sum_bytes(skb, off, len, &s))
 		return 0;
 	__u16 c = csum_fold(s);
 	if (verify)
@@ -376,6 +389,56 @@ static __always_inline __u16 udp6_csum(struct __sk_buff *skb, __u32 off, __u32 l
 				       const __u8 *src, const __u8 *dst)
 {
 	return udp6_sum(skb, off, len, src, dst, 0);
+}
+
+/* The inner TCP/UDP checksum of the IP packet at `ip` (header `hlen`, length `tot`):
+ * CS_OK (right, or none to check), CS_PARTIAL (the field holds only the pseudo-header sum: a
+ * sender on this host left it to "hardware", CHECKSUM_PARTIAL, and a veth never fills it in),
+ * CS_BAD (wrong), CS_UNKNOWN (not summed). With CS_PARTIAL, *fixed is the right value. */
+enum { CS_OK = 0, CS_PARTIAL, CS_BAD, CS_UNKNOWN };
+struct l4pkt {
+	__u32 ip;   /* offset of the IP header */
+	__u32 hlen; /* its length */
+	__u32 tot;  /* the IP packet's length */
+	__u8 proto;
+	__u8 v6;
+	__u16 fixed; /* out: the right checksum (CS_PARTIAL) */
+};
+
+static __noinline int l4_csum_state(struct __sk_buff *skb, struct l4pkt *k)
+{
+	__u32 ip = k->ip, hlen = k->hlen, tot = k->tot;
+	__u8 proto = k->proto;
+	int v6 = k->v6;
+	__u32 coff;
+	if (proto == IPPROTO_TCP)
+		coff = 16;
+	else if (proto == IPPROTO_UDP)
+		coff = 6;
+	else
+		return CS_OK;
+	__u32 l4len = tot - hlen;
+	if (tot < hlen + coff + 2)
+		return CS_UNKNOWN;
+	__u16 field;
+	if (bpf_skb_load_bytes(skb, ip + hlen + coff, &field, 2))
+		return CS_UNKNOWN;
+	if (proto == IPPROTO_UDP && field == 0 && !v6)
+		return CS_OK; /* no checksum (IPv4) */
+	__u32 ps = bpf_htons((__u16)l4len) + bpf_htons(proto);
+	if (sum_bytes(skb, v6 ? ip + 8 : ip + 12, v6 ? 32 : 8, &ps)) /* the two addresses */
+		return CS_UNKNOWN;
+	__u32 s = 0;
+	if (sum_bytes(skb, ip + hlen, l4len, &s))
+		return CS_UNKNOWN;
+	if (csum_fold(ps + s) == 0)
+		return CS_OK;
+	if (field == (__u16)~csum_fold(ps)) {
+		__u16 c = csum_fold(s); /* the field holds the pseudo-header sum already */
+		k->fixed = (proto == IPPROTO_UDP && c == 0) ? 0xffff : c;
+		return CS_PARTIAL;
+	}
+	return CS_BAD;
 }
 
 static __always_inline int eq4(const void *a, const void *b)
@@ -424,7 +487,7 @@ struct outer {
 	__u8 gre[16];
 };
 
-static __always_inline int encap(struct __sk_buff *skb, struct gb_global *g, int v6)
+static __noinline int encap(struct __sk_buff *skb, struct gb_global *g, int v6)
 {
 	struct bpf_fib_lookup fib = {};
 	__u32 iif = READ_CTX(skb->ingress_ifindex);
@@ -521,6 +584,12 @@ static __always_inline int encap(struct __sk_buff *skb, struct gb_global *g, int
 		return pass(S_PASS_TOO_BIG);
 	}
 
+	/* IPv6 outside: the outer UDP checksum covers the inner packet, so an inner checksum
+	 * still to be filled in (CHECKSUM_PARTIAL) would make it wrong: the Python path */
+	struct l4pkt k4 = {.ip = ETH_HLEN, .hlen = hlen, .tot = tot, .proto = proto, .v6 = v6};
+	if ((p->flags & PF_OUTER_V6) && l4_csum_state(skb, &k4) != CS_OK)
+		return pass(S_PASS_CHECKSUM);
+
 	/* the outer route: WAN egress and its neighbour */
 	struct bpf_fib_lookup of = {};
 	int ov6 = p->flags & PF_OUTER_V6;
@@ -537,7 +606,7 @@ static __always_inline int encap(struct __sk_buff *skb, struct gb_global *g, int
 	of.l4_protocol = IPPROTO_UDP;
 	int orc = bpf_fib_lookup(skb, &of, sizeof(of), 0);
 	if (orc != BPF_FIB_LKUP_RET_SUCCESS && orc != BPF_FIB_LKUP_RET_NO_NEIGH)
-		return pass(S_PASS_ROUTE);
+		return pass(S_PASS_UNDERLAY);
 
 	/* build the outer headers */
 	__u32 grelen = 0;
@@ -675,6 +744,22 @@ static __always_inline int encap(struct __sk_buff *skb, struct gb_global *g, int
 
 /* ------------------------------------------------------------------ decapsulation */
 
+/* Pass a decapsulation candidate to the Python path; first fill in an inner checksum the
+ * sending host left partial (l4_csum_state), which nothing on the way to grebe's UDP socket
+ * would: the Python path writes the inner packet to the TUN as it got it. */
+static __always_inline int pass_inner(struct __sk_buff *skb, __u32 why, __u32 ip, __u32 hlen,
+				      __u8 proto, __u32 tot, int v6, int gso)
+{
+	struct l4pkt k = {.ip = ip, .hlen = hlen, .tot = tot, .proto = proto, .v6 = v6};
+	if (!gso && l4_csum_state(skb, &k) == CS_PARTIAL) {
+		__u32 coff = proto == IPPROTO_TCP ? 16 : 6;
+		__u16 fixed = k.fixed;
+		if (!bpf_skb_store_bytes(skb, ip + hlen + coff, &fixed, 2, 0))
+			bump(&gb_stats, S_CSUM_FILLED);
+	}
+	return pass(why);
+}
+
 static __always_inline int seq_accept(__u32 idx, __u32 seq)
 {
 	/* Linux iseq (drop-late) with grebe's resynchronisation (bridge/seqpolicy.py) */
@@ -691,9 +776,18 @@ static __always_inline int seq_accept(__u32 idx, __u32 seq)
 	return 1;
 }
 
-static __always_inline int decap(struct __sk_buff *skb, struct gb_global *g, int ov6,
-				 __u32 iplen, __u8 *src16, __u8 *dst16)
+struct outer_in {
+	__u8 src[16]; /* IPv4 as ::ffff:a.b.c.d */
+	__u8 dst[16];
+	__u32 iplen;
+	__u32 v6;
+};
+
+static __noinline int decap(struct __sk_buff *skb, struct gb_global *g, struct outer_in *o)
 {
+	int ov6 = o->v6;
+	__u32 iplen = o->iplen;
+	__u8 *src16 = o->src, *dst16 = o->dst;
 	struct udphdr udp;
 	__u32 iif = READ_CTX(skb->ingress_ifindex);
 	__u32 uoff = ETH_HLEN + iplen;
@@ -848,11 +942,12 @@ static __always_inline int decap(struct __sk_buff *skb, struct gb_global *g, int
 		hlen = 40;
 		ttl = ip.hop_limit;
 	}
-	if (ttl == 1)
-		return pass(S_PASS_TTL); /* the kernel answers Time Exceeded from the TUN side */
+	int gso = skb->gso_segs > 1 || skb->gso_size;
+	if (ttl == 1) /* the kernel answers Time Exceeded from the TUN side */
+		return pass_inner(skb, S_PASS_TTL, ioff, hlen, proto, tot, iv6, gso);
 	__u32 why = 0;
 	if (proto == IPPROTO_TCP && tcp_needs_python(skb, g, ioff + hlen, &why))
-		return pass(why);
+		return pass_inner(skb, why, ioff, hlen, proto, tot, iv6, gso);
 	if ((p->flags & PF_DROP_LATE) && !has_seq)
 		return drop(R_SEQUENCE);
 
@@ -879,6 +974,8 @@ static __always_inline int decap(struct __sk_buff *skb, struct gb_global *g, int
 	struct bpf_fib_lookup rp = {};
 	rp.family = fib.family;
 	rp.ifindex = iif;
+	rp.tot_len = 20; /* route only: with 0 the kernel checks this (outer) skb's length
+			  * against the TUN's MTU and answers FRAG_NEEDED */
 	if (!iv6) {
 		rp.ipv4_src = fib.ipv4_dst;
 		rp.ipv4_dst = fib.ipv4_src;
@@ -889,17 +986,16 @@ static __always_inline int decap(struct __sk_buff *skb, struct gb_global *g, int
 	if (bpf_fib_lookup(skb, &rp, sizeof(rp), BPF_FIB_LOOKUP_SKIP_NEIGH) !=
 		    BPF_FIB_LKUP_RET_SUCCESS ||
 	    rp.ifindex != g->tun_ifindex)
-		return pass(S_PASS_ROUTE);
-	int gso = skb->gso_segs > 1 || skb->gso_size;
+		return pass_inner(skb, S_PASS_WAY_BACK, ioff, hlen, proto, tot, iv6, gso);
 	fib.l4_protocol = proto;
 	fib.ifindex = iif;
 	fib.tot_len = gso ? 0 : tot;
 	int rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
-		return pass(S_PASS_TOO_BIG);
+		return pass_inner(skb, S_PASS_TOO_BIG, ioff, hlen, proto, tot, iv6, gso);
 	if ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) ||
 	    fib.ifindex == g->tun_ifindex)
-		return pass(S_PASS_ROUTE);
+		return pass_inner(skb, S_PASS_ROUTE, ioff, hlen, proto, tot, iv6, gso);
 	if ((p->flags & PF_DROP_LATE) && !seq_accept(idx, seq))
 		return drop(R_SEQUENCE);
 
@@ -980,11 +1076,10 @@ int grebe_ingress(struct __sk_buff *skb)
 			     eq4(&ip.daddr, g->listen4))) {
 				if (ip.frag_off & bpf_htons(0x3fff))
 					return pass(S_PASS_FRAGMENT);
-				__u8 src[16];
-				map4(src, ip.saddr);
-				__u8 dst[16];
-				map4(dst, ip.daddr);
-				return decap(skb, g, 0, 20, src, dst);
+				struct outer_in o = {.iplen = 20, .v6 = 0};
+				map4(o.src, ip.saddr);
+				map4(o.dst, ip.daddr);
+				return decap(skb, g, &o);
 			}
 		}
 		return encap(skb, g, 0);
@@ -999,8 +1094,12 @@ int grebe_ingress(struct __sk_buff *skb)
 				return TC_ACT_OK;
 			if (bpf_ntohs(dport) == g->listen_port &&
 			    ((g->flags & GF_LISTEN_ANY6) ||
-			     eq16(&ip.daddr, g->listen6)))
-				return decap(skb, g, 1, 40, (__u8 *)&ip.saddr, (__u8 *)&ip.daddr);
+			     eq16(&ip.daddr, g->listen6))) {
+				struct outer_in o = {.iplen = 40, .v6 = 1};
+				__builtin_memcpy(o.src, &ip.saddr, 16);
+				__builtin_memcpy(o.dst, &ip.daddr, 16);
+				return decap(skb, g, &o);
+			}
 		}
 		return encap(skb, g, 1);
 	}

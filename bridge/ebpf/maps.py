@@ -40,7 +40,7 @@ __all__ = [
 
 MAX_PEERS = 64
 N_REASONS = 16
-N_STATS = 16
+N_STATS = 24
 MAX_INSPECT_PORTS = 1024
 # The reasons grebe_tc.c counts, by the same index as bridge/counters.py DROP_REASONS.
 C_DROP_REASONS = DROP_REASONS[:13]
@@ -48,7 +48,8 @@ C_DROP_REASONS = DROP_REASONS[:13]
 STATS: tuple[str, ...] = (
     "encap", "decap", "pass_fragment", "pass_options", "pass_ttl", "pass_too_big",
     "pass_syn", "pass_inspect", "pass_keepalive", "pass_checksum", "pass_gso",
-    "pass_peer", "pass_route", "pass_helper",
+    "pass_peer", "pass_route", "pass_helper", "pass_underlay", "pass_way_back",
+    "csum_filled",
 )
 
 PF = {  # gb_peer.flags (grebe_tc.c PF_*)
