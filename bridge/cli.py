@@ -211,6 +211,11 @@ def _fmt_status(st: dict[str, Any]) -> str:
     tun = st.get("tun", {})
     lines = [f"tun {tun.get('name', '?')}  mtu {tun.get('mtu', '?')}"
              f"  ({tun.get('mtu_source', '')})"]
+    if "datapath" in st:  # issue 14: which data path runs (bridge/ebpf/)
+        fast = st.get("ebpf") or {}
+        lines.append(f"datapath {st['datapath']}" + (
+            f"  (program: encap {fast.get('encap', 0)}, decap {fast.get('decap', 0)},"
+            f" on {', '.join(fast.get('interfaces', []))})" if fast else ""))
     lines.append(f"{'peer':<14} {'endpoint':<22} {'state':<5} {'seen':>8} {'rx pkts':>9}"
                  f" {'rx bytes':>13} {'tx pkts':>9} {'tx bytes':>13}")
     for p in st.get("peers", []):
