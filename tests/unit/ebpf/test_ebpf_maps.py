@@ -240,3 +240,18 @@ def test_the_object_builds_from_source(tmp_path: Path) -> None:
     data = out.read_bytes()
     assert data[:4] == b"\x7fELF" and b"grebe_ingress" in data and b"gb_peers" in data
     assert not list(REPO.glob("bridge/ebpf/*.o"))  # nothing compiled beside the source
+
+
+def test_bench_rows_pair_python_and_ebpf(tmp_path: Path) -> None:
+    """The bench's eBPF rows run the same endpoints as the Python rows, datapath aside."""
+    from bridge.lab.bench_variants import ALL_VARIANTS, write_grebe_configs
+
+    for py, fast in (("grebe-gre", "grebe-gre-ebpf"), ("grebe-ipip", "grebe-ipip-ebpf")):
+        a = write_grebe_configs(tmp_path / py, ALL_VARIANTS[py].mode,  # type: ignore[attr-defined]
+                                top=ALL_VARIANTS[py].top)  # type: ignore[attr-defined]
+        b = write_grebe_configs(tmp_path / fast, ALL_VARIANTS[fast].mode,  # type: ignore[attr-defined]
+                                top=ALL_VARIANTS[fast].top)  # type: ignore[attr-defined]
+        for gw in a:
+            ca, cb = loads_config(a[gw][0].read_text()), loads_config(b[gw][0].read_text())
+            assert ca.datapath is Datapath.PYTHON and cb.datapath is Datapath.EBPF
+            assert ca.peers == cb.peers and ca.tun == cb.tun
