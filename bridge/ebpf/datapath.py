@@ -24,10 +24,14 @@ Rules:
   both paths can send for one peer and never send one number twice. A TSO super-packet
   (bridge/fastpath.py) reads the next number, builds its rows, then reserves them; if the
   program took numbers in between, the rows repeat some (counted, "seq_collisions").
-  Receive windows (drop-late) stay one per path: a packet sent by the peer's Python path
+  Receive windows (drop-late) are one per path: a packet sent by the peer's Python path
   reaches our Python path, one sent by its program reaches our program (the UDP checksum
   tells them apart, grebe_tc.c), each stream in order; one shared window would count the
-  slower path's packets late.
+  slower path's packets late. But they start once: the program passes a peer's packets
+  to the Python path until its window is started, and the Python path's window
+  (`SeededSeqReceiver`) starts from the program's if that one runs, else on its first
+  packet (Linux iseq), and then starts the program's. So neither path takes a late
+  (replayed, forged) number just because it saw nothing before.
 - Counters: the program's drops (same reasons), per-peer packets and bytes are added to the
   Python counters in `grebe status` and the metrics; its own decisions (encap, decap, and
   each reason to pass a packet to Python) show under status "ebpf".
@@ -42,10 +46,11 @@ import threading
 import time
 from typing import Any
 
-from bridge.config import Config, DownAction, Encapsulation, SeqPolicy
+from bridge.config import Config, DownAction, Encapsulation, PeerConfig, SeqPolicy
 from bridge.counters import DROP_REASONS, EVENTS
 from bridge.ebpf import maps as M
 from bridge.encap import GreEncoder
+from bridge.seqpolicy import SeqReceiver
 
 log = logging.getLogger("grebe.ebpf")
 
@@ -90,6 +95,57 @@ class SharedSeqEncoder(GreEncoder):
                 self.collisions += 1
 
 
+class SeededSeqReceiver(SeqReceiver):
+    """A drop-late receive window of the Python path that starts where the program's is,
+    and starts the program's (module docstring: one start for both paths' windows)."""
+
+    __slots__ = ("_rxseq", "_key", "_seeded")
+
+    def __init__(self, cfg: PeerConfig, rxseq: Any, peer: int) -> None:
+        super().__init__(cfg.sequence, cfg.max_packets_held, cfg.outoforder_timer_ms / 1000.0)
+        self._rxseq = rxseq
+        self._key = M.U32.pack(peer)
+        self._seeded = False
+
+    def _from_program(self) -> None:
+        try:
+            raw = self._rxseq.lookup(self._key)
+        except OSError:
+            return
+        if raw:
+            expected, started, _run, _ = M.RXSEQ.unpack(raw)
+            if started:
+                self.started = True
+                self.last = (expected - 1) & 0xFFFFFFFF
+                self._seeded = True
+
+    def _to_program(self) -> None:
+        try:
+            self._rxseq.update(self._key, M.RXSEQ.pack((self.last + 1) & 0xFFFFFFFF, 1, 0, 0))
+            self._seeded = True
+        except OSError:
+            pass
+
+    def receive(self, seq: int, packet: bytes | bytearray, now: float,
+                deliver: list[bytes | bytearray]) -> int:
+        if not self.started:
+            self._from_program()
+        r = super().receive(seq, packet, now, deliver)
+        if not self._seeded and self.started:
+            self._to_program()
+        return r
+
+    def run_may_start(self, seq: int) -> bool:
+        if not self.started:
+            self._from_program()
+        return super().run_may_start(seq)
+
+    def run_received(self, last: int) -> None:
+        super().run_received(last)
+        if not self._seeded:
+            self._to_program()
+
+
 class FastPath:
     """A loaded, attached program and its maps, for one endpoint."""
 
@@ -122,13 +178,16 @@ class FastPath:
         return int(self.obj.test_run(self._reserve_fd, data))
 
     def share_sequence_numbers(self, bridge: Any) -> None:
-        """Give the Python path's GRE encoders of sequenced peers the shared counter."""
+        """Give the Python path's GRE encoders of sequenced peers the shared counter, and
+        its drop-late windows the start of the program's (one start for both)."""
         for i, (p, st) in enumerate(zip(self.cfg.peers, bridge.peers, strict=True)):
             if p.encapsulation is Encapsulation.GRE and p.sequence is not SeqPolicy.OFF:
                 enc = SharedSeqEncoder(p.key_out, p.checksum, self.reserve, i)
                 st.encoder = enc
                 st.keepalive_payload = enc.keepalive()
                 self.encoders.append(enc)
+            if p.sequence is SeqPolicy.DROP_LATE:
+                st.seq = SeededSeqReceiver(p, self.maps["gb_rxseq"], i)
 
     # -- liveness and per-peer state
 

@@ -88,6 +88,7 @@ enum {
 	S_PASS_UNDERLAY,
 	S_PASS_WAY_BACK,
 	S_CSUM_FILLED,
+	S_PASS_SEQ_START,
 	N_STATS = 24,
 };
 
@@ -762,11 +763,12 @@ static __always_inline int pass_inner(struct __sk_buff *skb, __u32 why, __u32 ip
 
 static __always_inline int seq_accept(__u32 idx, __u32 seq)
 {
-	/* Linux iseq (drop-late) with grebe's resynchronisation (bridge/seqpolicy.py) */
+	/* Linux iseq (drop-late) with grebe's resynchronisation (bridge/seqpolicy.py); the
+	 * window was started by the Python path (seq_started) */
 	struct gb_rxseq *r = bpf_map_lookup_elem(&gb_rxseq, &idx);
 	if (!r)
 		return 0;
-	if (r->started && (__s32)(seq - r->expected) < 0) {
+	if ((__s32)(seq - r->expected) < 0) {
 		if (++r->late_run < 32)
 			return 0;
 	}
@@ -950,6 +952,14 @@ static __noinline int decap(struct __sk_buff *skb, struct gb_global *g, struct o
 		return pass_inner(skb, why, ioff, hlen, proto, tot, iv6, gso);
 	if ((p->flags & PF_DROP_LATE) && !has_seq)
 		return drop(R_SEQUENCE);
+	if (p->flags & PF_DROP_LATE) {
+		/* the window starts on the Python path (the first packet is accepted whatever
+		 * its number, Linux iseq), which then starts ours where its own is
+		 * (bridge/ebpf/datapath.py SeededSeqReceiver): one start for both paths */
+		struct gb_rxseq *r = bpf_map_lookup_elem(&gb_rxseq, &idx);
+		if (!r || !r->started)
+			return pass_inner(skb, S_PASS_SEQ_START, ioff, hlen, proto, tot, iv6, gso);
+	}
 
 	/* the inner route: the kernel's forwarding decision for it */
 	struct bpf_fib_lookup fib = {};

@@ -49,7 +49,7 @@ STATS: tuple[str, ...] = (
     "encap", "decap", "pass_fragment", "pass_options", "pass_ttl", "pass_too_big",
     "pass_syn", "pass_inspect", "pass_keepalive", "pass_checksum", "pass_gso",
     "pass_peer", "pass_route", "pass_helper", "pass_underlay", "pass_way_back",
-    "csum_filled",
+    "csum_filled", "pass_seq_start",
 )
 
 PF = {  # gb_peer.flags (grebe_tc.c PF_*)

@@ -255,3 +255,34 @@ def test_bench_rows_pair_python_and_ebpf(tmp_path: Path) -> None:
             ca, cb = loads_config(a[gw][0].read_text()), loads_config(b[gw][0].read_text())
             assert ca.datapath is Datapath.PYTHON and cb.datapath is Datapath.EBPF
             assert ca.peers == cb.peers and ca.tun == cb.tun
+
+
+class FakeMap:
+    def __init__(self) -> None:
+        self.d: dict[bytes, bytes] = {}
+
+    def lookup(self, key: bytes) -> bytes | None:
+        return self.d.get(key)
+
+    def update(self, key: bytes, value: bytes) -> None:
+        self.d[key] = value
+
+
+def test_drop_late_windows_start_once_for_both_paths() -> None:
+    from bridge.counters import R_SEQUENCE
+    from bridge.ebpf.datapath import SeededSeqReceiver
+
+    cfg = loads_config(BASE).peers[0]
+    rx = FakeMap()
+    r = SeededSeqReceiver(cfg, rx, 0)
+    out: list[bytes | bytearray] = []
+    assert r.receive(100, b"a", 0.0, out) == -1  # the first packet starts it (Linux iseq)
+    assert M.RXSEQ.unpack(rx.d[M.U32.pack(0)])[:2] == (101, 1)  # ... and the program's
+    assert r.receive(50, b"late", 0.0, out) == R_SEQUENCE
+    # a window that starts after the program's starts where the program's is
+    rx.d[M.U32.pack(1)] = M.RXSEQ.pack(5000, 1, 0, 0)
+    r2 = SeededSeqReceiver(cfg, rx, 1)
+    assert r2.receive(0xF0000000, b"forged", 0.0, out) == R_SEQUENCE
+    assert r2.receive(5003, b"ok", 0.0, out) == -1
+    assert out == [b"a", b"ok"]
+    assert M.RXSEQ.unpack(rx.d[M.U32.pack(1)])[:2] == (5000, 1)  # the program's left alone
