@@ -286,3 +286,75 @@ def test_drop_late_windows_start_once_for_both_paths() -> None:
     assert r2.receive(5003, b"ok", 0.0, out) == -1
     assert out == [b"a", b"ok"]
     assert M.RXSEQ.unpack(rx.d[M.U32.pack(1)])[:2] == (5000, 1)  # the program's left alone
+
+
+class FakeObj:
+    def prog_fd(self, name: str) -> int:
+        return 99
+
+    def test_run(self, fd: int, data: bytes) -> int:
+        return 7
+
+    def close(self) -> None:
+        pass
+
+
+def _fast_path(cfg: Any) -> Any:
+    from bridge.ebpf.attach import Attachment
+    from bridge.ebpf.datapath import FastPath
+
+    maps: dict[str, Any] = {name: FakeMap() for name in M.SIZES}
+    maps["gb_global_all_tcp"] = False
+    att = Attachment("grebe:gbt0", {}, {3: "lan0", 4: "wan0"})
+    return FastPath(cfg, FakeObj(), maps, att, 7, ["198.18.0.1", "2001:db8::1"]), maps
+
+
+def test_program_counters_merge_into_status_and_metrics() -> None:
+    from bridge.counters import Counters
+    from bridge.pipeline import Bridge
+
+    cfg = loads_config(BASE)
+    fp, maps = _fast_path(cfg)
+    maps["gb_drops"].d[M.U32.pack(DROP_REASONS.index("wrong_key"))] = \
+        M.U64.pack(2) + M.U64.pack(3)  # two CPUs
+    maps["gb_peerstats"].d[M.U32.pack(0)] = M.PEERSTAT.pack(10, 1000, 20, 2000)
+    maps["gb_stats"].d[M.U32.pack(M.STATS.index("encap"))] = M.U64.pack(20)
+    bridge = Bridge(cfg, 0.0)
+    st = bridge.status(0.0)
+    fp.merge_status(st)
+    assert st["datapath"] == "ebpf" and st["drops"]["wrong_key"] == 5
+    assert st["ebpf"]["drops"] == {"wrong_key": 5} and st["ebpf"]["encap"] == 20
+    assert st["ebpf"]["interfaces"] == ["lan0", "wan0"]
+    peer = st["peers"][0]
+    assert (peer["rx_packets"], peer["rx_bytes"], peer["tx_packets"], peer["tx_bytes"]) == \
+        (10, 1000, 20, 2000)
+    assert peer["sequence"]["next_tx"] == 7  # from the shared counter
+    text = Counters(["site-b", "site-c"]).merged(fp.counters()).prometheus()
+    assert 'grebe_drops_total{reason="wrong_key"} 5' in text
+    assert 'grebe_peer_tx_packets_total{peer="site-b"} 20' in text
+
+
+def test_tick_keeps_the_program_live_and_syncs_peers() -> None:
+    from bridge.pipeline import Bridge
+
+    cfg = loads_config(BASE.replace('source_port = "fixed"',
+                                    'source_port = "fixed"\nkeepalive = 1\n'
+                                    'down_action = "withdraw"'))
+    fp, maps = _fast_path(cfg)
+    bridge = Bridge(cfg, 0.0)
+    fp.bind(bridge, None)
+    maps["gb_heard"].d[M.U32.pack(0)] = M.U64.pack(5_000_000_000)  # heard at t = 5 s
+    fp.tick()
+    live = M.GLOBAL.unpack(maps["gb_global"].d[M.U32.pack(0)])[0]
+    import time
+
+    assert live > time.monotonic() * 1e9  # the deadline is ahead
+    assert bridge.peers[0].last_rx == 5.0 and bridge.peers[0].heard
+    bridge.peers[1].up = False  # withdraw + down: the program stops sending to it
+    bridge.peers[1].mtu = 1300
+    fp.tick()
+    flags, *_r = M.PEER.unpack(maps["gb_peers"].d[M.U32.pack(1)])
+    assert not flags & M.PF["TX"] and flags & M.PF["RX"]
+    assert M.PEER.unpack(maps["gb_peers"].d[M.U32.pack(1)])[3] == 1300
+    fp.close()
+    fp.tick()  # after close: nothing, no error
