@@ -32,6 +32,13 @@ Rules:
   (`SeededSeqReceiver`) starts from the program's if that one runs, else on its first
   packet (Linux iseq), and then starts the program's. So neither path takes a late
   (replayed, forged) number just because it saw nothing before.
+- Netfilter: packets the program forwards never meet the gateway's nftables or iptables
+  (prerouting, forward, input, postrouting). So under "auto" the program steps aside while
+  the namespace has any nftables base chain or legacy iptables table that is not grebe's
+  own (its kernel inspection backend's, `grebe_*`, which only sees [[inspect]] ports, and
+  those the program passes): at start-up `grebe up` then runs the Python path, and chains that
+  appear later suspend the program (its deadline set to 0; `grebe status` says why) until
+  they are gone. With "ebpf" the operator chose it: one warning, and the program forwards.
 - Counters: the program's drops (same reasons), per-peer packets and bytes are added to the
   Python counters in `grebe status` and the metrics; its own decisions (encap, decap, and
   each reason to pass a packet to Python) show under status "ebpf".
@@ -46,7 +53,7 @@ import threading
 import time
 from typing import Any
 
-from bridge.config import Config, DownAction, Encapsulation, PeerConfig, SeqPolicy
+from bridge.config import Config, Datapath, DownAction, Encapsulation, PeerConfig, SeqPolicy
 from bridge.counters import DROP_REASONS, EVENTS
 from bridge.ebpf import maps as M
 from bridge.encap import GreEncoder
@@ -58,6 +65,34 @@ __all__ = ["FastPath", "start", "SharedSeqEncoder", "LIVE_S", "TICK_S"]
 
 LIVE_S = 3.0
 TICK_S = 0.5
+
+
+def netfilter_chains() -> list[str]:
+    """Netfilter hooks in this namespace the program would bypass: nftables base chains
+    ("family table/chain") not in a grebe_* table, and loaded legacy iptables tables."""
+    found: list[str] = []
+    try:
+        from pyroute2.nftables.main import NFTables  # type: ignore[import-untyped]
+
+        with NFTables(nfgen_family=0) as nft:
+            for c in nft.get_chains():
+                table = c.get_attr("NFTA_CHAIN_TABLE") or ""
+                if c.get_attr("NFTA_CHAIN_HOOK") is not None and not table.startswith("grebe"):
+                    fam = _NFPROTO.get(c["nfgen_family"], str(c["nfgen_family"]))
+                    found.append(f"{fam} {table}/{c.get_attr('NFTA_CHAIN_NAME')}")
+    except Exception as e:  # noqa: BLE001 - no nf_tables: nothing of it to bypass
+        log.debug("nftables chains not listed: %s", e)
+    for path, fam in (("/proc/net/ip_tables_names", "iptables"),
+                      ("/proc/net/ip6_tables_names", "ip6tables")):
+        try:
+            with open(path) as f:
+                found += [f"{fam} {t.strip()}" for t in f if t.strip()]
+        except OSError:
+            continue
+    return found
+
+
+_NFPROTO = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip6"}
 
 
 class SharedSeqEncoder(GreEncoder):
@@ -168,6 +203,8 @@ class FastPath:
         self.engine_lock: Any = None
         self.encoders: list[SharedSeqEncoder] = []
         self.closed = False
+        self.watch_netfilter = cfg.datapath is Datapath.AUTO
+        self.suspended = ""  # why the program steps aside (netfilter chains), or ""
 
     # -- sequence numbers shared with the Python path
 
@@ -213,11 +250,21 @@ class FastPath:
         Lock order: never the engine's lock while holding ours (status and metrics hold the
         engine's lock and then ask for our counters)."""
         heard: list[tuple[int, float]] = []
+        chains = netfilter_chains() if self.watch_netfilter else []
         with self._lock:
             if self.closed:
                 return
             now = time.monotonic()
-            g = M.global_value(self.cfg, self.tun_ifindex, int((now + LIVE_S) * 1e9),
+            why = ("netfilter chains the program would bypass: " + ", ".join(chains[:5])
+                   if chains else "")
+            if why != self.suspended:
+                if why:
+                    log.warning("eBPF fast path suspended (%s); the Python path forwards", why)
+                else:
+                    log.info("eBPF fast path resumed (no netfilter chains to bypass)")
+                self.suspended = why
+            live = 0 if why else int((now + LIVE_S) * 1e9)
+            g = M.global_value(self.cfg, self.tun_ifindex, live,
                                self.maps["gb_global_all_tcp"])
             self.maps["gb_global"].update(M.U32.pack(0), g)
             b = self.bridge
@@ -288,6 +335,7 @@ class FastPath:
                 p["sequence"]["next_tx"] = self.reserve(i, 0)
         st["datapath"] = "ebpf"
         st["ebpf"] = {"interfaces": sorted(self.attachment.ifnames.values()),
+                      "suspended": self.suspended,
                       **self.stats(),
                       "seq_collisions": sum(e.collisions for e in self.encoders),
                       "drops": {name: n for name, n in zip(DROP_REASONS, c["drops"],
@@ -351,6 +399,12 @@ def start(cfg: Config, bridge: Any) -> FastPath:
     from bridge.ebpf.build import object_path
     from bridge.ebpf.libbpf import BpfObject, Map
 
+    chains = netfilter_chains()
+    if chains:
+        what = "netfilter chains here would not see its packets: " + ", ".join(chains[:5])
+        if cfg.datapath is not Datapath.EBPF:
+            raise RuntimeError(what)
+        log.warning("datapath ebpf: %s (forwarded tunnel traffic bypasses them)", what)
     path = object_path()
     remove_stale(cfg.tun.name)
     obj = BpfObject(str(path), quiet=os.environ.get("GREBE_EBPF_VERBOSE") != "1")

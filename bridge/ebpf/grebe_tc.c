@@ -15,7 +15,7 @@
  *    IP + UDP (+ GRE) pushed with bpf_skb_adjust_room(ENCAP flags, so GSO packets stay
  *    GSO), RFC 8086 §3.2.1 flow-hash source port, redirected to the WAN egress the FIB
  *    gives for the peer's address.
- *  - pass (TC_ACT_OK, packet untouched): everything else, and everything the fast path
+ *  - pass (TC_ACT_UNSPEC: the next filter or the normal path; packet untouched): everything else, and everything the fast path
  *    does not do: fragments, IPv4 options, TTL/hop limit that needs an ICMP error, too big
  *    for the tunnel, TCP SYNs when MSS clamping is on, TCP of [[inspect]] ports (both
  *    directions), keepalives, GRE checksums, peers with the reorder policy, GSO packets that
@@ -111,6 +111,7 @@ enum {
 #define GF_LISTEN_V6 0x08
 #define GF_LISTEN_ANY4 0x10
 #define GF_LISTEN_ANY6 0x20
+#define GF_INSPECT 0x40 /* [[inspect]] rules exist: ICMP errors go to the Python path */
 
 struct gb_global {
 	__u64 live_until_ns;
@@ -286,10 +287,14 @@ static __always_inline void bump(void *map, __u32 i)
 		*v += 1;
 }
 
+/* "not for us": the next tc filter, if any, then the kernel's normal path (TC_ACT_UNSPEC
+ * continues the filter chain; TC_ACT_OK would end it) */
+#define PASS TC_ACT_UNSPEC
+
 static __always_inline int pass(__u32 why)
 {
 	bump(&gb_stats, why);
-	return TC_ACT_OK;
+	return PASS;
 }
 
 static __always_inline int drop(__u32 reason)
@@ -477,6 +482,18 @@ static __always_inline int tcp_needs_python(struct __sk_buff *skb, struct gb_glo
 	return 0;
 }
 
+/* An ICMP or ICMPv6 error (it may be about an [[inspect]] flow, whose other leg lives in the
+ * Python path: bridge/terminate.py takes such errors back) */
+static __always_inline int icmp_error(struct __sk_buff *skb, __u32 off, __u8 proto)
+{
+	__u8 type;
+	if (bpf_skb_load_bytes(skb, off, &type, 1))
+		return 0;
+	if (proto == IPPROTO_ICMP)
+		return type == 3 || type == 4 || type == 5 || type == 11 || type == 12;
+	return type < 128; /* ICMPv6 errors, RFC 4443 §2.1 */
+}
+
 /* ------------------------------------------------------------------ encapsulation */
 
 struct outer {
@@ -499,14 +516,14 @@ static __noinline int encap(struct __sk_buff *skb, struct gb_global *g, int v6)
 	if (!v6) {
 		struct iphdr ip;
 		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)))
-			return TC_ACT_OK;
+			return PASS;
 		if (ip.version != 4)
-			return TC_ACT_OK;
+			return PASS;
 		struct lpm4 k = {.plen = 32};
 		__builtin_memcpy(k.addr, &ip.daddr, 4);
 		pidx = bpf_map_lookup_elem(&gb_pfx4, &k);
 		if (!pidx)
-			return TC_ACT_OK; /* not for a peer: not ours */
+			return PASS; /* not for a peer: not ours */
 		if (ip.ihl != 5)
 			return pass(S_PASS_OPTIONS);
 		if (ip.frag_off & bpf_htons(0x3fff))
@@ -526,14 +543,14 @@ static __noinline int encap(struct __sk_buff *skb, struct gb_global *g, int v6)
 	} else {
 		struct ipv6hdr ip;
 		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)))
-			return TC_ACT_OK;
+			return PASS;
 		if (ip.version != 6)
-			return TC_ACT_OK;
+			return PASS;
 		struct lpm6 k = {.plen = 128};
 		__builtin_memcpy(k.addr, &ip.daddr, 16);
 		pidx = bpf_map_lookup_elem(&gb_pfx6, &k);
 		if (!pidx)
-			return TC_ACT_OK;
+			return PASS;
 		proto = ip.nexthdr;
 		if (proto == 44)
 			return pass(S_PASS_FRAGMENT);
@@ -551,11 +568,14 @@ static __noinline int encap(struct __sk_buff *skb, struct gb_global *g, int v6)
 	idx = *pidx;
 	l4off = ETH_HLEN + hlen;
 	if (tot < hlen || tot > skb->len - ETH_HLEN)
-		return TC_ACT_OK; /* malformed: the kernel drops it */
+		return PASS; /* malformed: the kernel drops it */
 	if (ttl <= 2)
 		return pass(S_PASS_TTL); /* the kernel or grebe sends Time Exceeded */
 	if (proto == IPPROTO_TCP && tcp_needs_python(skb, g, l4off, &why))
 		return pass(why);
+	if ((g->flags & GF_INSPECT) && (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6) &&
+	    icmp_error(skb, l4off, proto))
+		return pass(S_PASS_INSPECT);
 
 	/* the kernel would forward this into the TUN (also: forwarding on, TUN MTU) */
 	fib.l4_protocol = proto;
@@ -568,7 +588,7 @@ static __noinline int encap(struct __sk_buff *skb, struct gb_global *g, int v6)
 		return pass(S_PASS_ROUTE);
 
 	if (idx >= MAX_PEERS)
-		return TC_ACT_OK;
+		return PASS;
 	struct gb_peer *p = bpf_map_lookup_elem(&gb_peers, &idx);
 	if (!p || !(p->flags & PF_TX))
 		return pass(S_PASS_PEER);
@@ -578,7 +598,7 @@ static __noinline int encap(struct __sk_buff *skb, struct gb_global *g, int v6)
 			return pass(S_PASS_GSO);
 		__u8 doff;
 		if (bpf_skb_load_bytes(skb, l4off + 12, &doff, 1))
-			return TC_ACT_OK;
+			return PASS;
 		if (hlen + (doff >> 4) * 4 + skb->gso_size > p->mtu)
 			return pass(S_PASS_TOO_BIG);
 	} else if (tot > p->mtu) {
@@ -626,7 +646,7 @@ static __noinline int encap(struct __sk_buff *skb, struct gb_global *g, int v6)
 			fl |= 0x1000;
 			__u32 *sq = bpf_map_lookup_elem(&gb_txseq, &idx);
 			if (!sq)
-				return TC_ACT_OK;
+				return PASS;
 			__u32 seq = bpf_htonl(__sync_fetch_and_add(sq, 1));
 			if (grelen == 4)
 				__builtin_memcpy(o.gre + 4, &seq, 4);
@@ -657,7 +677,7 @@ static __noinline int encap(struct __sk_buff *skb, struct gb_global *g, int v6)
 	if (!v6) {
 		__u16 oldw, neww;
 		if (bpf_skb_load_bytes(skb, ETH_HLEN + 8, &oldw, 2))
-			return TC_ACT_OK;
+			return PASS;
 		__u8 nt = ttl - 2;
 		neww = oldw;
 		__builtin_memcpy(&neww, &nt, 1);
@@ -794,10 +814,10 @@ static __noinline int decap(struct __sk_buff *skb, struct gb_global *g, struct o
 	__u32 iif = READ_CTX(skb->ingress_ifindex);
 	__u32 uoff = ETH_HLEN + iplen;
 	if (bpf_skb_load_bytes(skb, uoff, &udp, sizeof(udp)))
-		return TC_ACT_OK;
+		return PASS;
 	__u32 ulen = bpf_ntohs(udp.len);
 	if (ulen < 8 || ulen > skb->len - uoff)
-		return TC_ACT_OK; /* the kernel drops it */
+		return PASS; /* the kernel drops it */
 	if (ov6) {
 		/* RFC 8200 §8.1: zero is invalid (the kernel drops it), a wrong one too; a
 		 * checksum the sender's NIC is still to fill (a local sender on a veth) looks
@@ -816,10 +836,10 @@ static __noinline int decap(struct __sk_buff *skb, struct gb_global *g, struct o
 	__u32 poff = uoff + 8;
 	__u32 plen = ulen - 8;
 	if (idx >= MAX_PEERS)
-		return TC_ACT_OK;
+		return PASS;
 	struct gb_peer *p = bpf_map_lookup_elem(&gb_peers, &idx);
 	if (!p)
-		return TC_ACT_OK;
+		return PASS;
 	__u32 off = 0; /* of the inner packet in the payload */
 	__u32 seq = 0;
 	int has_seq = 0;
@@ -829,7 +849,7 @@ static __noinline int decap(struct __sk_buff *skb, struct gb_global *g, struct o
 		if (plen < 4)
 			return drop(R_MALFORMED);
 		if (bpf_skb_load_bytes(skb, poff, h, 4))
-			return TC_ACT_OK;
+			return PASS;
 		__u16 fl = ((__u16)h[0] << 8) | h[1];
 		__u16 pr = ((__u16)h[2] << 8) | h[3];
 		if (fl & 0x0007)
@@ -844,7 +864,7 @@ static __noinline int decap(struct __sk_buff *skb, struct gb_global *g, struct o
 			if (plen < off + 4)
 				return drop(R_MALFORMED);
 			if (bpf_skb_load_bytes(skb, poff + 4, &key, 4))
-				return TC_ACT_OK;
+				return PASS;
 			key = bpf_ntohl(key);
 			struct rxkey rk = {.key = key, .has_key = 1};
 			__builtin_memcpy(rk.addr, src16, 16);
@@ -853,7 +873,7 @@ static __noinline int decap(struct __sk_buff *skb, struct gb_global *g, struct o
 				idx = *kidx;
 				p = bpf_map_lookup_elem(&gb_peers, &idx);
 				if (!p)
-					return TC_ACT_OK;
+					return PASS;
 			}
 			if (!(p->flags & PF_KEY_IN) || key != p->key_in)
 				return drop(R_WRONG_KEY);
@@ -865,7 +885,7 @@ static __noinline int decap(struct __sk_buff *skb, struct gb_global *g, struct o
 			if (plen < off + 4)
 				return drop(R_MALFORMED);
 			if (bpf_skb_load_bytes(skb, poff + off, &seq, 4))
-				return TC_ACT_OK;
+				return PASS;
 			seq = bpf_ntohl(seq);
 			has_seq = 1;
 			off += 4;
@@ -950,6 +970,9 @@ static __noinline int decap(struct __sk_buff *skb, struct gb_global *g, struct o
 	__u32 why = 0;
 	if (proto == IPPROTO_TCP && tcp_needs_python(skb, g, ioff + hlen, &why))
 		return pass_inner(skb, why, ioff, hlen, proto, tot, iv6, gso);
+	if ((g->flags & GF_INSPECT) && (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6) &&
+	    icmp_error(skb, ioff + hlen, proto))
+		return pass_inner(skb, S_PASS_INSPECT, ioff, hlen, proto, tot, iv6, gso);
 	if ((p->flags & PF_DROP_LATE) && !has_seq)
 		return drop(R_SEQUENCE);
 	if (p->flags & PF_DROP_LATE) {
@@ -966,7 +989,7 @@ static __noinline int decap(struct __sk_buff *skb, struct gb_global *g, struct o
 	if (!iv6) {
 		struct iphdr ip;
 		if (bpf_skb_load_bytes(skb, ioff, &ip, sizeof(ip)))
-			return TC_ACT_OK;
+			return PASS;
 		fib.family = AF_INET;
 		fib.tos = ip.tos;
 		fib.ipv4_src = ip.saddr;
@@ -974,7 +997,7 @@ static __noinline int decap(struct __sk_buff *skb, struct gb_global *g, struct o
 	} else {
 		struct ipv6hdr ip;
 		if (bpf_skb_load_bytes(skb, ioff, &ip, sizeof(ip)))
-			return TC_ACT_OK;
+			return PASS;
 		fib.family = AF_INET6;
 		__builtin_memcpy(fib.ipv6_src, &ip.saddr, 16);
 		__builtin_memcpy(fib.ipv6_dst, &ip.daddr, 16);
@@ -1066,21 +1089,21 @@ int grebe_ingress(struct __sk_buff *skb)
 	__u32 zero = 0;
 	struct gb_global *g = bpf_map_lookup_elem(&gb_global, &zero);
 	if (!g || bpf_ktime_get_ns() > g->live_until_ns)
-		return TC_ACT_OK; /* no live owner: the normal path */
+		return PASS; /* no live owner: the normal path */
 	if (skb->pkt_type != 0 /* PACKET_HOST */)
-		return TC_ACT_OK;
+		return PASS;
 	__u16 eproto;
 	if (bpf_skb_load_bytes(skb, 12, &eproto, 2))
-		return TC_ACT_OK;
+		return PASS;
 	if (eproto == bpf_htons(ETH_P_IP)) {
 		struct iphdr ip;
 		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)))
-			return TC_ACT_OK;
+			return PASS;
 		if (ip.protocol == IPPROTO_UDP && ip.version == 4 && ip.ihl == 5 &&
 		    (g->flags & GF_LISTEN_V4)) {
 			__u16 dport;
 			if (bpf_skb_load_bytes(skb, ETH_HLEN + 22, &dport, 2))
-				return TC_ACT_OK;
+				return PASS;
 			if (bpf_ntohs(dport) == g->listen_port &&
 			    ((g->flags & GF_LISTEN_ANY4) ||
 			     eq4(&ip.daddr, g->listen4))) {
@@ -1097,11 +1120,11 @@ int grebe_ingress(struct __sk_buff *skb)
 	if (eproto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr ip;
 		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)))
-			return TC_ACT_OK;
+			return PASS;
 		if (ip.nexthdr == IPPROTO_UDP && (g->flags & GF_LISTEN_V6)) {
 			__u16 dport;
 			if (bpf_skb_load_bytes(skb, ETH_HLEN + 42, &dport, 2))
-				return TC_ACT_OK;
+				return PASS;
 			if (bpf_ntohs(dport) == g->listen_port &&
 			    ((g->flags & GF_LISTEN_ANY6) ||
 			     eq16(&ip.daddr, g->listen6))) {
@@ -1113,7 +1136,7 @@ int grebe_ingress(struct __sk_buff *skb)
 		}
 		return encap(skb, g, 1);
 	}
-	return TC_ACT_OK;
+	return PASS;
 }
 
 /* The Python path takes GRE sequence numbers from the shared counter: BPF_PROG_TEST_RUN with

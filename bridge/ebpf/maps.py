@@ -59,7 +59,7 @@ PF = {  # gb_peer.flags (grebe_tc.c PF_*)
 }
 GF = {  # gb_global.flags (grebe_tc.c GF_*)
     "MSS_CLAMP": 0x01, "INSPECT_ALL_TCP": 0x02, "LISTEN_V4": 0x04, "LISTEN_V6": 0x08,
-    "LISTEN_ANY4": 0x10, "LISTEN_ANY6": 0x20,
+    "LISTEN_ANY4": 0x10, "LISTEN_ANY6": 0x20, "INSPECT": 0x40,
 }
 
 GLOBAL = struct.Struct("<QIHH4s16sI")  # struct gb_global
@@ -131,10 +131,12 @@ def _slot(host: str) -> bytes:
 
 def global_value(cfg: Config, tun_ifindex: int, live_until_ns: int,
                  inspect_all_tcp: bool = False) -> bytes:
-    """struct gb_global."""
+    """struct gb_global (live_until_ns 0: the program passes everything)."""
     flags = GF["MSS_CLAMP"] if cfg.mss_clamp else 0
     if inspect_all_tcp:
         flags |= GF["INSPECT_ALL_TCP"]
+    if cfg.inspect:  # ICMP errors may belong to an inspected flow: the Python path
+        flags |= GF["INSPECT"]
     ip = ipaddress.ip_address(cfg.listen.address)
     l4, l6 = b"\x00" * 4, b"\x00" * 16
     if ip.version == 4:

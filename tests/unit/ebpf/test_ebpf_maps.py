@@ -306,7 +306,9 @@ def _fast_path(cfg: Any) -> Any:
     maps: dict[str, Any] = {name: FakeMap() for name in M.SIZES}
     maps["gb_global_all_tcp"] = False
     att = Attachment("grebe:gbt0", {}, {3: "lan0", 4: "wan0"})
-    return FastPath(cfg, FakeObj(), maps, att, 7, ["198.18.0.1", "2001:db8::1"]), maps
+    fp = FastPath(cfg, FakeObj(), maps, att, 7, ["198.18.0.1", "2001:db8::1"])
+    fp.watch_netfilter = False  # this host's own rules are not the test's
+    return fp, maps
 
 
 def test_program_counters_merge_into_status_and_metrics() -> None:
@@ -358,3 +360,25 @@ def test_tick_keeps_the_program_live_and_syncs_peers() -> None:
     assert M.PEER.unpack(maps["gb_peers"].d[M.U32.pack(1)])[3] == 1300
     fp.close()
     fp.tick()  # after close: nothing, no error
+
+
+def test_netfilter_chains_keep_auto_on_python_and_suspend_a_running_program(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import bridge.ebpf.datapath as D
+
+    monkeypatch.setattr(D, "netfilter_chains", lambda: ["inet fw/forward"])
+    with pytest.raises(RuntimeError, match="inet fw/forward"):
+        D.start(loads_config(BASE), None)  # auto: before anything is loaded
+    fp, maps = _fast_path(loads_config(BASE))
+    fp.watch_netfilter = True
+    with caplog.at_level(logging.INFO, logger="grebe.ebpf"):
+        fp.tick()
+        assert M.GLOBAL.unpack(maps["gb_global"].d[M.U32.pack(0)])[0] == 0  # passes all
+        assert "inet fw/forward" in fp.suspended and "suspended" in caplog.text
+        monkeypatch.setattr(D, "netfilter_chains", lambda: [])
+        fp.tick()
+        assert M.GLOBAL.unpack(maps["gb_global"].d[M.U32.pack(0)])[0] > 0
+        assert not fp.suspended and "resumed" in caplog.text
+    flags = M.GLOBAL.unpack(M.global_value(loads_config(
+        BASE + '[[inspect]]\nname = "w"\ndst_ports = [80]\ninspectors = ["log"]\n'), 1, 0))[3]
+    assert flags & M.GF["INSPECT"]  # ICMP errors then go to the Python path
