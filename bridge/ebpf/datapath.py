@@ -24,6 +24,11 @@ Rules:
   both paths can send for one peer and never send one number twice. A TSO super-packet
   (bridge/fastpath.py) reads the next number, builds its rows, then reserves them; if the
   program took numbers in between, the rows repeat some (counted, "seq_collisions").
+  One order on the wire: for SEQ_HOLD (5 ms) after the Python path took numbers for a peer
+  (its datagrams may still be on their way out), the program passes that peer's packets to
+  the Python path instead of sending a higher number ahead of them ("pass_seq_order"); so a
+  receiver that sees both streams on one path (a Python-only peer, a suspended program)
+  finds them in order.
   Receive windows (drop-late) are one per path: a packet sent by the peer's Python path
   reaches our Python path, one sent by its program reaches our program (the UDP checksum
   tells them apart, grebe_tc.c), each stream in order; one shared window would count the
@@ -36,7 +41,8 @@ Rules:
   (prerouting, forward, input, postrouting). So under "auto" the program steps aside while
   the namespace has any nftables base chain or legacy iptables table that is not grebe's
   own (its kernel inspection backend's, `grebe_*`, which only sees [[inspect]] ports, and
-  those the program passes): at start-up `grebe up` then runs the Python path, and chains that
+  those the program passes, when this endpoint has [[inspect]] rules): at start-up
+  `grebe up` then runs the Python path, and chains that
   appear later suspend the program (its deadline set to 0; `grebe status` says why) until
   they are gone. With "ebpf" the operator chose it: one warning, and the program forwards.
 - Counters: the program's drops (same reasons), per-peer packets and bytes are added to the
@@ -67,9 +73,10 @@ LIVE_S = 3.0
 TICK_S = 0.5
 
 
-def netfilter_chains() -> list[str]:
+def netfilter_chains(own_tables: bool = False) -> list[str]:
     """Netfilter hooks in this namespace the program would bypass: nftables base chains
-    ("family table/chain") not in a grebe_* table, and loaded legacy iptables tables."""
+    ("family table/chain") and loaded legacy iptables tables. `own_tables`: leave out
+    grebe_* tables (this endpoint's kernel inspection backend: its flows' ports pass)."""
     found: list[str] = []
     try:
         from pyroute2.nftables.main import NFTables  # type: ignore[import-untyped]
@@ -77,7 +84,8 @@ def netfilter_chains() -> list[str]:
         with NFTables(nfgen_family=0) as nft:
             for c in nft.get_chains():
                 table = c.get_attr("NFTA_CHAIN_TABLE") or ""
-                if c.get_attr("NFTA_CHAIN_HOOK") is not None and not table.startswith("grebe"):
+                if c.get_attr("NFTA_CHAIN_HOOK") is not None and not (
+                        own_tables and table.startswith("grebe")):
                     fam = _NFPROTO.get(c["nfgen_family"], str(c["nfgen_family"]))
                     found.append(f"{fam} {table}/{c.get_attr('NFTA_CHAIN_NAME')}")
     except Exception as e:  # noqa: BLE001 - no nf_tables: nothing of it to bypass
@@ -250,7 +258,7 @@ class FastPath:
         Lock order: never the engine's lock while holding ours (status and metrics hold the
         engine's lock and then ask for our counters)."""
         heard: list[tuple[int, float]] = []
-        chains = netfilter_chains() if self.watch_netfilter else []
+        chains = netfilter_chains(bool(self.cfg.inspect)) if self.watch_netfilter else []
         with self._lock:
             if self.closed:
                 return
@@ -399,7 +407,7 @@ def start(cfg: Config, bridge: Any) -> FastPath:
     from bridge.ebpf.build import object_path
     from bridge.ebpf.libbpf import BpfObject, Map
 
-    chains = netfilter_chains()
+    chains = netfilter_chains(bool(cfg.inspect))
     if chains:
         what = "netfilter chains here would not see its packets: " + ", ".join(chains[:5])
         if cfg.datapath is not Datapath.EBPF:

@@ -89,6 +89,7 @@ enum {
 	S_PASS_WAY_BACK,
 	S_CSUM_FILLED,
 	S_PASS_SEQ_START,
+	S_PASS_SEQ_ORDER,
 	N_STATS = 24,
 };
 
@@ -235,6 +236,17 @@ struct {
 	__type(key, __u32);
 	__type(value, __u32);
 } gb_txseq SEC(".maps");
+
+/* when the Python path last took sequence numbers for a peer (bpf_ktime_get_ns): its
+ * datagrams may still be on their way out, and a number the program sends now must not
+ * overtake them (a drop-late receiver would count theirs late) */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_PEERS);
+	__type(key, __u32);
+	__type(value, __u64);
+} gb_pytx SEC(".maps");
+#define SEQ_HOLD_NS 5000000ULL /* 5 ms */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -592,6 +604,13 @@ static __noinline int encap(struct __sk_buff *skb, struct gb_global *g, int v6)
 	struct gb_peer *p = bpf_map_lookup_elem(&gb_peers, &idx);
 	if (!p || !(p->flags & PF_TX))
 		return pass(S_PASS_PEER);
+	if (p->flags & PF_SEQ_TX) {
+		/* one order for both senders: while the Python path's numbered datagrams may be
+		 * in flight, this one queues behind them on the Python path */
+		__u64 *pt = bpf_map_lookup_elem(&gb_pytx, &idx);
+		if (pt && bpf_ktime_get_ns() - *pt < SEQ_HOLD_NS)
+			return pass(S_PASS_SEQ_ORDER);
+	}
 	int gso = skb->gso_segs > 1 || skb->gso_size;
 	if (gso) {
 		if ((p->flags & (PF_SEQ_TX | PF_OUTER_V6)) || proto != IPPROTO_TCP)
@@ -1152,6 +1171,11 @@ int grebe_seq_reserve(struct __sk_buff *skb)
 	__u32 *sq = bpf_map_lookup_elem(&gb_txseq, &idx);
 	if (!sq)
 		return 0;
+	if (req[1]) {
+		__u64 *pt = bpf_map_lookup_elem(&gb_pytx, &idx);
+		if (pt)
+			*pt = bpf_ktime_get_ns();
+	}
 	return __sync_fetch_and_add(sq, req[1]);
 }
 

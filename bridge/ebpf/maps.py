@@ -49,7 +49,7 @@ STATS: tuple[str, ...] = (
     "encap", "decap", "pass_fragment", "pass_options", "pass_ttl", "pass_too_big",
     "pass_syn", "pass_inspect", "pass_keepalive", "pass_checksum", "pass_gso",
     "pass_peer", "pass_route", "pass_helper", "pass_underlay", "pass_way_back",
-    "csum_filled", "pass_seq_start",
+    "csum_filled", "pass_seq_start", "pass_seq_order",
 )
 
 PF = {  # gb_peer.flags (grebe_tc.c PF_*)
@@ -78,7 +78,8 @@ SIZES = {
     "gb_global": (4, GLOBAL.size), "gb_peers": (4, PEER.size), "gb_pfx4": (LPM4.size, 4),
     "gb_pfx6": (LPM6.size, 4), "gb_endpoints": (16, 4), "gb_hosts": (16, 4),
     "gb_rxkeys": (RXKEY.size, 4), "gb_inspect_ports": (2, 4), "gb_txseq": (4, 4),
-    "gb_rxseq": (4, RXSEQ.size), "gb_heard": (4, 8), "gb_peerstats": (4, PEERSTAT.size),
+    "gb_rxseq": (4, RXSEQ.size), "gb_heard": (4, 8),
+    "gb_pytx": (4, 8), "gb_peerstats": (4, PEERSTAT.size),
     "gb_drops": (4, 8), "gb_stats": (4, 8),
 }
 PERCPU = frozenset({"gb_peerstats", "gb_drops", "gb_stats"})

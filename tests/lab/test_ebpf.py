@@ -232,12 +232,12 @@ def test_auto_steps_aside_for_netfilter_chains(lab: Lab) -> None:
     b = Endpoint(lab, "gw-b", GRE[1], tag="n")
     try:
         assert pings(lab, "client", SERVER4)
-        lab.nft("gw-a", "table inet gbeb_fw {\n chain fwd {\n"
+        lab.nft("gw-a", "table inet gbeb_fw {\n chain forward_filter {\n"
                         "  type filter hook forward priority 0; policy accept;\n"
                         "  ip daddr 198.18.2.10 icmp type echo-request counter drop\n }\n}\n")
         try:
             lab.wait_for(lambda: a.ebpf()["suspended"], timeout=10, what="the program suspended")
-            assert "inet gbeb_fw/fwd" in a.ebpf()["suspended"]
+            assert "inet gbeb_fw/forward_filter" in a.ebpf()["suspended"]
             assert not pings(lab, "client", SERVER4)  # the firewall's drop rule holds
         finally:
             lab.run("gw-a", ["nft", "delete", "table", "inet", "gbeb_fw"])

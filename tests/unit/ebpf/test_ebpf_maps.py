@@ -366,7 +366,7 @@ def test_netfilter_chains_keep_auto_on_python_and_suspend_a_running_program(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     import bridge.ebpf.datapath as D
 
-    monkeypatch.setattr(D, "netfilter_chains", lambda: ["inet fw/forward"])
+    monkeypatch.setattr(D, "netfilter_chains", lambda own=False: ["inet fw/forward"])
     with pytest.raises(RuntimeError, match="inet fw/forward"):
         D.start(loads_config(BASE), None)  # auto: before anything is loaded
     fp, maps = _fast_path(loads_config(BASE))
@@ -375,7 +375,7 @@ def test_netfilter_chains_keep_auto_on_python_and_suspend_a_running_program(
         fp.tick()
         assert M.GLOBAL.unpack(maps["gb_global"].d[M.U32.pack(0)])[0] == 0  # passes all
         assert "inet fw/forward" in fp.suspended and "suspended" in caplog.text
-        monkeypatch.setattr(D, "netfilter_chains", lambda: [])
+        monkeypatch.setattr(D, "netfilter_chains", lambda own=False: [])
         fp.tick()
         assert M.GLOBAL.unpack(maps["gb_global"].d[M.U32.pack(0)])[0] > 0
         assert not fp.suspended and "resumed" in caplog.text
