@@ -39,12 +39,13 @@ Rules:
   (replayed, forged) number just because it saw nothing before.
 - Netfilter: packets the program forwards never meet the gateway's nftables or iptables
   (prerouting, forward, input, postrouting). So under "auto" the program steps aside while
-  the namespace has any nftables base chain or legacy iptables table that is not grebe's
-  own (its kernel inspection backend's, `grebe_*`, which only sees [[inspect]] ports, and
-  those the program passes, when this endpoint has [[inspect]] rules): at start-up
-  `grebe up` then runs the Python path, and chains that
-  appear later suspend the program (its deadline set to 0; `grebe status` says why) until
-  they are gone. With "ebpf" the operator chose it: one warning, and the program forwards.
+  the namespace has any nftables base chain or legacy iptables table (but grebe_* tables
+  of an endpoint with [[inspect]] rules: its kernel inspection backend's, which only needs
+  the [[inspect]] ports the program passes anyway): at start-up `grebe up` then runs the
+  Python path, and chains that appear later suspend the program (`grebe status` says why)
+  until they are gone. A suspended program forwards and drops nothing; it only fills in
+  partial inner checksums of the datagrams it passes (the peer's program may still send
+  them, grebe_tc.c). With "ebpf" the operator chose it: one warning, and it forwards.
 - Counters: the program's drops (same reasons), per-peer packets and bytes are added to the
   Python counters in `grebe status` and the metrics; its own decisions (encap, decap, and
   each reason to pass a packet to Python) show under status "ebpf".
@@ -271,9 +272,8 @@ class FastPath:
                 else:
                     log.info("eBPF fast path resumed (no netfilter chains to bypass)")
                 self.suspended = why
-            live = 0 if why else int((now + LIVE_S) * 1e9)
-            g = M.global_value(self.cfg, self.tun_ifindex, live,
-                               self.maps["gb_global_all_tcp"])
+            g = M.global_value(self.cfg, self.tun_ifindex, int((now + LIVE_S) * 1e9),
+                               self.maps["gb_global_all_tcp"], suspended=bool(why))
             self.maps["gb_global"].update(M.U32.pack(0), g)
             b = self.bridge
             if b is None:

@@ -90,6 +90,7 @@ enum {
 	S_CSUM_FILLED,
 	S_PASS_SEQ_START,
 	S_PASS_SEQ_ORDER,
+	S_PASS_SUSPENDED,
 	N_STATS = 24,
 };
 
@@ -113,6 +114,7 @@ enum {
 #define GF_LISTEN_ANY4 0x10
 #define GF_LISTEN_ANY6 0x20
 #define GF_INSPECT 0x40 /* [[inspect]] rules exist: ICMP errors go to the Python path */
+#define GF_SUSPENDED 0x80 /* netfilter chains: pass all, only fill partial checksums */
 
 struct gb_global {
 	__u64 live_until_ns;
@@ -821,8 +823,14 @@ struct outer_in {
 	__u8 src[16]; /* IPv4 as ::ffff:a.b.c.d */
 	__u8 dst[16];
 	__u32 iplen;
-	__u32 v6;
+	__u16 v6;
+	__u16 suspended; /* GF_SUSPENDED: judge nothing, drop nothing, fill checksums, pass */
 };
+
+static __always_inline int decap_drop(struct outer_in *o, __u32 reason)
+{
+	return o->suspended ? PASS : drop(reason);
+}
 
 static __noinline int decap(struct __sk_buff *skb, struct gb_global *g, struct outer_in *o)
 {
@@ -850,7 +858,7 @@ static __noinline int decap(struct __sk_buff *skb, struct gb_global *g, struct o
 
 	__u32 *hidx = bpf_map_lookup_elem(&gb_hosts, src16);
 	if (!hidx)
-		return drop(R_UNKNOWN_PEER);
+		return decap_drop(o, R_UNKNOWN_PEER);
 	__u32 idx = *hidx;
 	__u32 poff = uoff + 8;
 	__u32 plen = ulen - 8;
@@ -866,22 +874,22 @@ static __noinline int decap(struct __sk_buff *skb, struct gb_global *g, struct o
 	if (p->flags & PF_GRE) {
 		__u8 h[16];
 		if (plen < 4)
-			return drop(R_MALFORMED);
+			return decap_drop(o, R_MALFORMED);
 		if (bpf_skb_load_bytes(skb, poff, h, 4))
 			return PASS;
 		__u16 fl = ((__u16)h[0] << 8) | h[1];
 		__u16 pr = ((__u16)h[2] << 8) | h[3];
 		if (fl & 0x0007)
-			return drop(R_BAD_VERSION);
+			return decap_drop(o, R_BAD_VERSION);
 		if (fl & 0x4c00)
-			return drop(R_BAD_FLAGS);
+			return decap_drop(o, R_BAD_FLAGS);
 		if ((fl & 0x8000) || (p->flags & PF_CSUM))
 			return pass(S_PASS_CHECKSUM);
 		off = 4;
 		if (fl & 0x2000) {
 			__u32 key;
 			if (plen < off + 4)
-				return drop(R_MALFORMED);
+				return decap_drop(o, R_MALFORMED);
 			if (bpf_skb_load_bytes(skb, poff + 4, &key, 4))
 				return PASS;
 			key = bpf_ntohl(key);
@@ -895,14 +903,14 @@ static __noinline int decap(struct __sk_buff *skb, struct gb_global *g, struct o
 					return PASS;
 			}
 			if (!(p->flags & PF_KEY_IN) || key != p->key_in)
-				return drop(R_WRONG_KEY);
+				return decap_drop(o, R_WRONG_KEY);
 			off = 8;
 		} else if (p->flags & PF_KEY_IN) {
-			return drop(R_WRONG_KEY);
+			return decap_drop(o, R_WRONG_KEY);
 		}
 		if (fl & 0x1000) {
 			if (plen < off + 4)
-				return drop(R_MALFORMED);
+				return decap_drop(o, R_MALFORMED);
 			if (bpf_skb_load_bytes(skb, poff + off, &seq, 4))
 				return PASS;
 			seq = bpf_ntohl(seq);
@@ -916,7 +924,7 @@ static __noinline int decap(struct __sk_buff *skb, struct gb_global *g, struct o
 		else if (pr == ETH_P_IPV6)
 			want = 6;
 		else
-			return drop(R_BAD_PROTO);
+			return decap_drop(o, R_BAD_PROTO);
 	} else if (plen == 0) {
 		return pass(S_PASS_KEEPALIVE);
 	}
@@ -927,31 +935,31 @@ static __noinline int decap(struct __sk_buff *skb, struct gb_global *g, struct o
 	__u32 room = plen - off;
 	__u8 first;
 	if (room < 20 || bpf_skb_load_bytes(skb, ioff, &first, 1))
-		return drop(R_MALFORMED);
+		return decap_drop(o, R_MALFORMED);
 	__u8 ver = first >> 4;
 	if ((want && ver != want) || (ver != 4 && ver != 6))
-		return drop(R_MALFORMED);
+		return decap_drop(o, R_MALFORMED);
 	__u32 tot, hlen, *sidx;
 	__u8 ttl, proto;
 	int iv6 = ver == 6;
 	if (!iv6) {
 		struct iphdr ip;
 		if (bpf_skb_load_bytes(skb, ioff, &ip, sizeof(ip)))
-			return drop(R_MALFORMED);
+			return decap_drop(o, R_MALFORMED);
 		tot = bpf_ntohs(ip.tot_len);
 		if (ip.ihl < 5 || tot < ip.ihl * 4u || tot > room)
-			return drop(R_MALFORMED);
+			return decap_drop(o, R_MALFORMED);
 		struct lpm4 k = {.plen = 32};
 		__builtin_memcpy(k.addr, &ip.saddr, 4);
 		sidx = bpf_map_lookup_elem(&gb_pfx4, &k);
 		if (!sidx || *sidx != idx)
-			return drop(R_SPOOFED_SOURCE);
+			return decap_drop(o, R_SPOOFED_SOURCE);
 		if (ip.ttl == 0)
-			return drop(R_TTL);
+			return decap_drop(o, R_TTL);
 		__u8 ep[16];
 		map4(ep, ip.daddr);
 		if (bpf_map_lookup_elem(&gb_endpoints, ep))
-			return drop(R_LOOP);
+			return decap_drop(o, R_LOOP);
 		if (ip.ihl != 5)
 			return pass(S_PASS_OPTIONS);
 		if (ip.frag_off & bpf_htons(0x3fff))
@@ -962,19 +970,19 @@ static __noinline int decap(struct __sk_buff *skb, struct gb_global *g, struct o
 	} else {
 		struct ipv6hdr ip;
 		if (room < 40 || bpf_skb_load_bytes(skb, ioff, &ip, sizeof(ip)))
-			return drop(R_MALFORMED);
+			return decap_drop(o, R_MALFORMED);
 		tot = 40 + bpf_ntohs(ip.payload_len);
 		if (tot > room)
-			return drop(R_MALFORMED);
+			return decap_drop(o, R_MALFORMED);
 		struct lpm6 k = {.plen = 128};
 		__builtin_memcpy(k.addr, &ip.saddr, 16);
 		sidx = bpf_map_lookup_elem(&gb_pfx6, &k);
 		if (!sidx || *sidx != idx)
-			return drop(R_SPOOFED_SOURCE);
+			return decap_drop(o, R_SPOOFED_SOURCE);
 		if (ip.hop_limit == 0)
-			return drop(R_TTL);
+			return decap_drop(o, R_TTL);
 		if (bpf_map_lookup_elem(&gb_endpoints, &ip.daddr))
-			return drop(R_LOOP);
+			return decap_drop(o, R_LOOP);
 		proto = ip.nexthdr;
 		if (proto == 44)
 			return pass(S_PASS_FRAGMENT);
@@ -993,7 +1001,9 @@ static __noinline int decap(struct __sk_buff *skb, struct gb_global *g, struct o
 	    icmp_error(skb, ioff + hlen, proto))
 		return pass_inner(skb, S_PASS_INSPECT, ioff, hlen, proto, tot, iv6, gso);
 	if ((p->flags & PF_DROP_LATE) && !has_seq)
-		return drop(R_SEQUENCE);
+		return decap_drop(o, R_SEQUENCE);
+	if (o->suspended) /* netfilter must see it: the Python path, checksum filled in */
+		return pass_inner(skb, S_PASS_SUSPENDED, ioff, hlen, proto, tot, iv6, gso);
 	if (p->flags & PF_DROP_LATE) {
 		/* the window starts on the Python path (the first packet is accepted whatever
 		 * its number, Linux iseq), which then starts ours where its own is
@@ -1049,7 +1059,7 @@ static __noinline int decap(struct __sk_buff *skb, struct gb_global *g, struct o
 	    fib.ifindex == g->tun_ifindex)
 		return pass_inner(skb, S_PASS_ROUTE, ioff, hlen, proto, tot, iv6, gso);
 	if ((p->flags & PF_DROP_LATE) && !seq_accept(idx, seq))
-		return drop(R_SEQUENCE);
+		return decap_drop(o, R_SEQUENCE);
 
 	__u64 segs = skb->gso_segs > 1 ? skb->gso_segs : 1;
 	/* inner TTL / hop limit - 1: the forwarding the kernel does from the TUN */
@@ -1073,7 +1083,7 @@ static __noinline int decap(struct __sk_buff *skb, struct gb_global *g, struct o
 	if (iv6 != ov6)
 		fl |= iv6 ? BPF_F_ADJ_ROOM_DECAP_L3_IPV6 : BPF_F_ADJ_ROOM_DECAP_L3_IPV4;
 	if (bpf_skb_adjust_room(skb, -(__s32)olen, BPF_ADJ_ROOM_MAC, fl))
-		return drop(R_MALFORMED);
+		return decap_drop(o, R_MALFORMED);
 	if (!gso && skb->len > ETH_HLEN + tot)
 		bpf_skb_change_tail(skb, ETH_HLEN + tot, 0);
 	__u16 eproto = bpf_htons(iv6 ? ETH_P_IPV6 : ETH_P_IP);
@@ -1128,12 +1138,15 @@ int grebe_ingress(struct __sk_buff *skb)
 			     eq4(&ip.daddr, g->listen4))) {
 				if (ip.frag_off & bpf_htons(0x3fff))
 					return pass(S_PASS_FRAGMENT);
-				struct outer_in o = {.iplen = 20, .v6 = 0};
+				struct outer_in o = {.iplen = 20, .v6 = 0,
+						     .suspended = !!(g->flags & GF_SUSPENDED)};
 				map4(o.src, ip.saddr);
 				map4(o.dst, ip.daddr);
 				return decap(skb, g, &o);
 			}
 		}
+		if (g->flags & GF_SUSPENDED)
+			return PASS;
 		return encap(skb, g, 0);
 	}
 	if (eproto == bpf_htons(ETH_P_IPV6)) {
@@ -1147,12 +1160,15 @@ int grebe_ingress(struct __sk_buff *skb)
 			if (bpf_ntohs(dport) == g->listen_port &&
 			    ((g->flags & GF_LISTEN_ANY6) ||
 			     eq16(&ip.daddr, g->listen6))) {
-				struct outer_in o = {.iplen = 40, .v6 = 1};
+				struct outer_in o = {.iplen = 40, .v6 = 1,
+						     .suspended = !!(g->flags & GF_SUSPENDED)};
 				__builtin_memcpy(o.src, &ip.saddr, 16);
 				__builtin_memcpy(o.dst, &ip.daddr, 16);
 				return decap(skb, g, &o);
 			}
 		}
+		if (g->flags & GF_SUSPENDED)
+			return PASS;
 		return encap(skb, g, 1);
 	}
 	return PASS;

@@ -6,13 +6,16 @@
   "datapath auto: eBPF fast path unavailable (load ...: Operation not permitted); using the
   Python path", and (None, None).
 - "ebpf": the fast path, or (None, reason) and `grebe up` exits 1.
+GREBE_DATAPATH=auto|python|ebpf in the environment overrides the file's key.
 On success the engine's status and metrics include the program's counters, the Python
 path's GRE encoders share its sequence numbers, and its control thread runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 from typing import Any
 
 from bridge.config import Config, Datapath
@@ -24,6 +27,13 @@ __all__ = ["start_for_endpoint"]
 
 def start_for_endpoint(cfg: Config, bridge: Any, engine: Any) -> tuple[Any, str | None]:
     mode = cfg.datapath
+    forced = os.environ.get("GREBE_DATAPATH")  # an override for comparisons (bench, tests)
+    if forced:
+        try:
+            mode = Datapath(forced)
+        except ValueError:
+            return None, f"GREBE_DATAPATH={forced!r} is not auto, python or ebpf"
+        cfg = dataclasses.replace(cfg, datapath=mode)
     if mode is Datapath.PYTHON:
         log.info("datapath python: the Python data plane only")
         return None, None

@@ -49,7 +49,7 @@ STATS: tuple[str, ...] = (
     "encap", "decap", "pass_fragment", "pass_options", "pass_ttl", "pass_too_big",
     "pass_syn", "pass_inspect", "pass_keepalive", "pass_checksum", "pass_gso",
     "pass_peer", "pass_route", "pass_helper", "pass_underlay", "pass_way_back",
-    "csum_filled", "pass_seq_start", "pass_seq_order",
+    "csum_filled", "pass_seq_start", "pass_seq_order", "pass_suspended",
 )
 
 PF = {  # gb_peer.flags (grebe_tc.c PF_*)
@@ -60,6 +60,7 @@ PF = {  # gb_peer.flags (grebe_tc.c PF_*)
 GF = {  # gb_global.flags (grebe_tc.c GF_*)
     "MSS_CLAMP": 0x01, "INSPECT_ALL_TCP": 0x02, "LISTEN_V4": 0x04, "LISTEN_V6": 0x08,
     "LISTEN_ANY4": 0x10, "LISTEN_ANY6": 0x20, "INSPECT": 0x40,
+    "SUSPENDED": 0x80,
 }
 
 GLOBAL = struct.Struct("<QIHH4s16sI")  # struct gb_global
@@ -131,9 +132,12 @@ def _slot(host: str) -> bytes:
 
 
 def global_value(cfg: Config, tun_ifindex: int, live_until_ns: int,
-                 inspect_all_tcp: bool = False) -> bytes:
-    """struct gb_global (live_until_ns 0: the program passes everything)."""
+                 inspect_all_tcp: bool = False, suspended: bool = False) -> bytes:
+    """struct gb_global (live_until_ns 0: the program passes everything; `suspended`: it
+    passes everything but fills in partial inner checksums first, grebe_tc.c)."""
     flags = GF["MSS_CLAMP"] if cfg.mss_clamp else 0
+    if suspended:
+        flags |= GF["SUSPENDED"]
     if inspect_all_tcp:
         flags |= GF["INSPECT_ALL_TCP"]
     if cfg.inspect:  # ICMP errors may belong to an inspected flow: the Python path

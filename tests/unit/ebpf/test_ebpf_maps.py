@@ -373,11 +373,12 @@ def test_netfilter_chains_keep_auto_on_python_and_suspend_a_running_program(
     fp.watch_netfilter = True
     with caplog.at_level(logging.INFO, logger="grebe.ebpf"):
         fp.tick()
-        assert M.GLOBAL.unpack(maps["gb_global"].d[M.U32.pack(0)])[0] == 0  # passes all
+        g = M.GLOBAL.unpack(maps["gb_global"].d[M.U32.pack(0)])
+        assert g[3] & M.GF["SUSPENDED"] and g[0] > 0  # passes all, owner alive
         assert "inet fw/forward" in fp.suspended and "suspended" in caplog.text
         monkeypatch.setattr(D, "netfilter_chains", lambda own=False: [])
         fp.tick()
-        assert M.GLOBAL.unpack(maps["gb_global"].d[M.U32.pack(0)])[0] > 0
+        assert not M.GLOBAL.unpack(maps["gb_global"].d[M.U32.pack(0)])[3] & M.GF["SUSPENDED"]
         assert not fp.suspended and "resumed" in caplog.text
     flags = M.GLOBAL.unpack(M.global_value(loads_config(
         BASE + '[[inspect]]\nname = "w"\ndst_ports = [80]\ninspectors = ["log"]\n'), 1, 0))[3]
