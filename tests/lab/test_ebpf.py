@@ -188,8 +188,8 @@ def test_inspected_flow_reaches_python_other_flows_stay_in_the_kernel(lab: Lab) 
         after = a.ebpf()
         # port 81's download: the client's ACKs are the program's (the data, GSO with GRE
         # sequence numbers, comes through gw-b's Python path: grebe_tc.c passes it)
-        assert after["encap"] > mid["encap"] + 20
-        assert after["pass_inspect"] - mid["pass_inspect"] < 10
+        assert after["encap"] >= mid["encap"] + 5  # (how many ACKs: the client's GRO decides)
+        assert after["pass_inspect"] - mid["pass_inspect"] < 5
     finally:
         assert a.stop() == 0
         b.stop()
