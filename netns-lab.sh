@@ -29,15 +29,20 @@ die() { echo "netns-lab: $*" >&2; exit 2; }
 
 # Debian packages the lab, its tests and the benchmark use as real peers and dissectors.
 APT_PACKAGES=(iproute2 nftables iperf3 tshark tcpdump nginx-light curl openssh-server openssh-client
-              wireguard-go wireguard-tools openvpn procps psmisc iputils-ping openssl python3-venv)
+              wireguard-go wireguard-tools openvpn procps psmisc iputils-ping openssl python3-venv
+              clang llvm libbpf-dev libbpf1)
 # One command each package provides, to tell quickly whether it is installed.
-APT_PROBES=(ip nft iperf3 tshark tcpdump nginx curl sshd ssh wireguard-go wg openvpn pkill fuser ping openssl)
+APT_PROBES=(ip nft iperf3 tshark tcpdump nginx curl sshd ssh wireguard-go wg openvpn pkill fuser ping openssl
+            clang llc)
+# ...and files for packages without a command (libbpf-dev, libbpf1: the eBPF fast path).
+APT_FILES=(/usr/include/bpf/bpf_helpers.h)
 
 bootstrap_apt() {
     local missing=0 c
     for c in "${APT_PROBES[@]}"; do
         command -v "$c" >/dev/null 2>&1 || [ -x "/usr/sbin/$c" ] || { missing=1; break; }
     done
+    for c in "${APT_FILES[@]}"; do [ -e "$c" ] || missing=1; done
     [ "$missing" -eq 1 ] || return 0
     command -v apt-get >/dev/null 2>&1 || die "missing lab tools and no apt-get to install them: ${APT_PACKAGES[*]}"
     echo "netns-lab: installing Debian packages: ${APT_PACKAGES[*]}" >&2
@@ -103,8 +108,15 @@ case "$cmd" in
         exit 0 ;;
 esac
 
+# The eBPF fast path's object (bridge/ebpf/grebe_tc.c), built here from source with the
+# distribution's clang; `grebe up` with datapath "auto" runs the Python path without it.
+bootstrap_ebpf() {
+    "$py" -m bridge.ebpf.build >/dev/null || echo "netns-lab: eBPF object not built (see above)" >&2
+}
+
 bootstrap_apt
 bootstrap_venv
+bootstrap_ebpf
 export PATH="$venv/bin:$PATH"
 
 case "$cmd" in

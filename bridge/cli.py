@@ -177,7 +177,7 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
         log.error("cannot open /dev/net/tun (%s): grebe up needs root or CAP_NET_ADMIN and "
                   "read/write access to /dev/net/tun", e.strerror)
         return EXIT_FAILED
-    ctl = metrics = udp = kernel = None
+    ctl = metrics = udp = kernel = fast = None
     failed = False
     try:
         tun.configure([str(a) for a in cfg.tun.addresses], mtu,
@@ -199,7 +199,15 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
             from bridge.io.split import RxProcess
 
             sibling = RxProcess(bridge)
-        engine = Engine(bridge, tun, udp, keep_warm=warm, sibling=sibling)
+        from bridge.ebpf.hook import run_with, start_for_endpoint  # issue 14
+
+        fast, fatal = start_for_endpoint(cfg, bridge)  # the eBPF fast path, or None
+        if fatal is not None:
+            log.error("%s", fatal)
+            return EXIT_FAILED
+        engine = Engine(bridge, tun, udp, keep_warm=warm, sibling=sibling, fast_path=fast)
+        if fast is not None:
+            run_with(fast, bridge, engine)
         ctl = ControlServer(socket_name(cfg.tun.name, cfg.control_socket))
 
         def status(_req: dict[str, Any]) -> dict[str, Any]:
@@ -291,6 +299,8 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
         detach()  # reset the userspace-terminated flows, final flush of the inspectors
         failed = runner.failed
     finally:
+        if fast is not None:
+            fast.close()  # issue 14: the eBPF filters detached
         if kernel is not None:
             kernel.stop()   # relays reset, nft table + policy routing removed
         for x in (metrics, ctl, udp):
@@ -354,6 +364,11 @@ def _fmt_status(st: dict[str, Any]) -> str:
     tun = st.get("tun", {})
     lines = [f"tun {tun.get('name', '?')}  mtu {tun.get('mtu', '?')}"
              f"  ({tun.get('mtu_source', '')})"]
+    if "datapath" in st:  # issue 14: which data path runs (bridge/ebpf/)
+        fast = st.get("ebpf") or {}
+        lines.append(f"datapath {st['datapath']}" + (
+            f"  (program: encap {fast.get('encap', 0)}, decap {fast.get('decap', 0)},"
+            f" on {', '.join(fast.get('interfaces', []))})" if fast else ""))
     lines.append(f"{'peer':<14} {'endpoint':<22} {'state':<7} {'seen':>8} {'rx pkts':>9}"
                  f" {'rx bytes':>13} {'tx pkts':>9} {'tx bytes':>13}")
     for p in st.get("peers", []):

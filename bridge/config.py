@@ -49,6 +49,7 @@ __all__ = [
     "SeqPolicy",
     "DownAction",
     "SourcePort",
+    "Datapath",
     "TunConfig",
     "ListenConfig",
     "PmtuConfig",
@@ -83,6 +84,12 @@ class SeqPolicy(Enum):
 class DownAction(Enum):
     NONE = "none"  # keep sending to a silent peer
     WITHDRAW = "withdraw"  # drop traffic to it (counted "peer_down") + ICMP unreachable
+
+
+class Datapath(Enum):  # issue 14: bridge/ebpf/datapath.py
+    AUTO = "auto"  # the eBPF fast path where the kernel and capabilities allow, else python
+    PYTHON = "python"  # the Python data plane only
+    EBPF = "ebpf"  # the eBPF fast path, or `grebe up` fails
 
 
 class SourcePort(Enum):
@@ -151,6 +158,7 @@ class Config:
     metrics_listen: str | None = None
     inspect: tuple[dict[str, Any], ...] = ()
     path: str | None = None
+    datapath: Datapath = Datapath.AUTO  # issue 14: the eBPF fast path (bridge/ebpf/)
 
     def inspect_rules(self) -> tuple[InspectRule, ...]:
         """The `[[inspect]]` rules, checked (bridge/inspect/rules.py `parse_rules`).
@@ -165,6 +173,7 @@ EXAMPLE = """\
 mss_clamp = true                      # clamp TCP MSS in SYN / SYN-ACK, both directions
 keep_warm = true                      # keep the packet path in CPU cache for 1 s after traffic
 split_directions = true               # UDP->TUN in its own process (off with [[inspect]])
+datapath = "auto"                     # "auto" | "python" | "ebpf": kernel fast path (eBPF)
 control_socket = "@grebe/grebe0"      # optional; default: abstract @grebe/<tun name>
 metrics_listen = "127.0.0.1:9108"     # optional Prometheus text endpoint
 
@@ -525,6 +534,7 @@ def parse_config(data: dict[str, Any], file: str | None = None) -> tuple[Config 
     mss = r.get(data, "mss_clamp", "", bool, True)
     keep_warm = r.get(data, "keep_warm", "", bool, True)
     split = r.get(data, "split_directions", "", bool, True)
+    datapath = r.enum(data, "datapath", "", Datapath, Datapath.AUTO)
     control = r.get(data, "control_socket", "", str, None)
     metrics = r.get(data, "metrics_listen", "", str, None)
     if metrics is not None:
@@ -565,7 +575,7 @@ def parse_config(data: dict[str, Any], file: str | None = None) -> tuple[Config 
     cfg = Config(tun=tun, listen=listen, peers=tuple(p for _, p in peers), mss_clamp=mss,
                  keep_warm=keep_warm, split_directions=split, pmtu=pmtu, control_socket=control,
                  metrics_listen=metrics,
-                 inspect=tuple(inspect), path=file)
+                 inspect=tuple(inspect), path=file, datapath=datapath)
     return cfg, []
 
 

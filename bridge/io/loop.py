@@ -99,12 +99,15 @@ class Engine:
     Everything it calls besides the core and the adapters is given here: `keep_warm` (a
     Warmer, bridge/io/warm.py), `sibling` (the UDP->TUN process, bridge/io/split.py),
     `ordered_tun` (TUN writes in core order across threads: on by default when the Bridge
-    terminates flows, see `_tun_in_order`). What the adapters do is read from their `caps`.
+    terminates flows, see `_tun_in_order`), `fast_path` (the eBPF fast path,
+    bridge/ebpf/datapath.py, whose counters status and metrics merge). What the adapters do
+    is read from their `caps`.
     """
 
     def __init__(self, bridge: Bridge, tun: TunLike, udp: UdpLike,
                  clock: Callable[[], float] = time.monotonic, *, keep_warm: bool = False,
-                 sibling: Sibling | None = None, ordered_tun: bool | None = None) -> None:
+                 sibling: Sibling | None = None, ordered_tun: bool | None = None,
+                 fast_path: Any = None) -> None:
         if udp.caps.gro_batches and not tun.caps.vnet_hdr:
             raise ValueError("GRO batches need a TUN with the vnet header (the core answers "
                              "them with TunFrames)")
@@ -116,6 +119,7 @@ class Engine:
         self.udp = udp
         self.clock = clock
         self.sibling = sibling
+        self.fast_path = fast_path
         self.lock = threading.Lock()
         self.internal_errors = 0
         self.wakeup = Wakeup()  # the Runner's timer thread polls it
@@ -266,6 +270,10 @@ class Engine:
         st["io"]["keep_warm_ticks"] = w.ticks if w is not None else 0
         if sib is not None and child is not None:
             sib.merge_status(st, child)
+        if self.fast_path is not None:  # issue 14: the eBPF program's counters
+            self.fast_path.merge_status(st)
+        else:
+            st["datapath"] = "python"
         return st
 
     def metrics_text(self) -> str:
@@ -278,6 +286,8 @@ class Engine:
             c = self.bridge.counters
             if child is not None:
                 c = c.merged(child.get("counters", {}))
+            if self.fast_path is not None:  # issue 14: the eBPF program's counters
+                c = c.merged(self.fast_path.counters())
             return c.prometheus(peer_up=[p.up and p.heard for p in self.bridge.peers])
 
     def execute(self, out: Output) -> None:

@@ -278,17 +278,57 @@ class Grebe(Variant):
 
 class GrebeGre(Grebe):
     name, label, mode = "grebe-gre", "grebe, GRE-in-UDP (RFC 8086)", "gre"
+    top = 'datapath = "python"'  # issue 14: the Python rows stay Python under datapath auto
 
 
 class GrebeGreCold(Grebe):
     """grebe-gre without keep-warm (bridge/io/warm.py): what it buys, in the same run."""
 
     name, label, mode = "grebe-gre-cold", "grebe, GRE-in-UDP, keep_warm = false", "gre"
-    top = "keep_warm = false"
+    top = 'keep_warm = false\ndatapath = "python"'
 
 
 class GrebeIpip(Grebe):
     name, label, mode = "grebe-ipip", "grebe, IPIP-in-UDP", "ipip"
+    top = 'datapath = "python"'
+
+
+class GrebeEbpf(Grebe):
+    """issue 14: the same configs with the eBPF fast path (bridge/ebpf/) forwarding."""
+
+    top = 'datapath = "ebpf"'
+
+    def unavailable(self, b: Bench) -> str | None:
+        reason = grebe_unavailable(self.mode)
+        if reason:
+            return reason
+        try:
+            from bridge.ebpf.build import object_path
+
+            object_path()
+        except Exception as e:  # no clang/libbpf: say so in the row
+            return f"eBPF object not built: {e}"
+        return None
+
+    def verify(self, b: Bench, flows: int) -> str | None:
+        cp = b.run("gw-a", ["grebe", "status", "--json", "-i", ENDPOINTS["gw-a"][0]],
+                   check=False)
+        try:
+            st = json.loads(cp.stdout)
+        except ValueError:
+            return f"grebe status on gw-a failed: {cp.stderr.strip()}"
+        fast = st.get("ebpf") or {}
+        if st.get("datapath") != "ebpf" or not fast.get("encap") or not fast.get("decap"):
+            return f"the eBPF program did not carry the traffic: {fast}"
+        return None
+
+
+class GrebeGreEbpf(GrebeEbpf):
+    name, label, mode = "grebe-gre-ebpf", "grebe, GRE-in-UDP, eBPF fast path", "gre"
+
+
+class GrebeIpipEbpf(GrebeEbpf):
+    name, label, mode = "grebe-ipip-ebpf", "grebe, IPIP-in-UDP, eBPF fast path", "ipip"
 
 
 # ---------------------------------------------------------------- inspection table
@@ -426,7 +466,7 @@ class InspectKernel(GrebeInspect):
 
 TUNNEL_VARIANTS: list[Variant] = [
     Plain(), Vxlan(), WireguardGo(), OpenVpnNone(), OpenVpnGcm(), GrebeGre(), GrebeGreCold(),
-    GrebeIpip(),
+    GrebeIpip(), GrebeGreEbpf(), GrebeIpipEbpf(),
 ]
 INSPECT_VARIANTS: list[Variant] = [
     Direct(), MitmproxyWg(), InspectUserspace(), InspectKernel(),

@@ -46,13 +46,27 @@ VARIANTS = {  # name: (config of gw-a, config of gw-b)
 }
 
 
+DATAPATHS = ["python", "ebpf"]  # issue 14: each test below that takes `datapath` runs on both
+
+
+def with_datapath(lab: Lab, cfg: str | Path, datapath: str) -> Path:
+    """A copy of `cfg` (relative to topologies/) with `datapath = ...` on top."""
+    src = TOPO / cfg
+    p = lab.state_dir / f"{datapath}-{src.parent.name}-{src.name}"
+    p.write_text(f'datapath = "{datapath}"\n' + src.read_text())
+    return p
+
+
 class Gateways:
-    """`grebe up` on gw-a and gw-b of a lab; stop() sends SIGTERM and checks exit 0."""
+    """`grebe up` on gw-a and gw-b of a lab; stop() sends SIGTERM and checks exit 0.
+    `datapath` (issue 14) sets the configs' datapath key; None keeps the files' own."""
 
     def __init__(self, lab: Lab, cfg_a: str | Path, cfg_b: str | Path,
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), datapath: str | None = None) -> None:
         self.lab = lab
         self.procs: dict[str, subprocess.Popen[Any]] = {}
+        if datapath is not None:
+            cfg_a, cfg_b = with_datapath(lab, cfg_a, datapath), with_datapath(lab, cfg_b, datapath)
         for node, cfg in (("gw-a", cfg_a), ("gw-b", cfg_b)):
             log = str(lab.state_dir / f"grebe-{node}.log")
             self.procs[node] = lab.popen(node, ["grebe", "up", "-c", str(TOPO / cfg), *extra],
@@ -60,6 +74,9 @@ class Gateways:
         for node in self.procs:
             lab.wait_for(lambda n=node: self._alive(n) and self.status(n, check=False),
                          timeout=15, what=f"grebe control socket on {node}")
+            if datapath is not None:
+                st = self.status(node)
+                assert st is not None and st["datapath"] == datapath, self.log(node)
 
     def _alive(self, node: str) -> bool:
         p = self.procs[node]
@@ -120,9 +137,10 @@ def download(lab: Lab, host: str, limit: int = 120) -> str:
     return cp.stdout.split()[0]
 
 
+@pytest.mark.parametrize("datapath", DATAPATHS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_ping_and_100mb_download(lab: Lab, blob: str, variant: str) -> None:
-    gw = Gateways(lab, *VARIANTS[variant])
+def test_ping_and_100mb_download(lab: Lab, blob: str, variant: str, datapath: str) -> None:
+    gw = Gateways(lab, *VARIANTS[variant], datapath=datapath)
     try:
         ping(lab, SERVER4)
         ping(lab, SERVER6)
@@ -133,6 +151,8 @@ def test_ping_and_100mb_download(lab: Lab, blob: str, variant: str) -> None:
         peer = st["peers"][0]
         assert peer["up"] and peer["rx_bytes"] > 2 * BLOB_MB * 1_000_000
         assert st["io"]["internal_errors"] == 0
+        if datapath == "ebpf":  # the program carried traffic both ways
+            assert st["ebpf"]["encap"] > 0 and st["ebpf"]["decap"] > 0, st["ebpf"]
     finally:
         assert gw.stop() == {"gw-a": 0, "gw-b": 0}
 
@@ -159,12 +179,16 @@ def _capture(lab: Lab, node: str, iface: str, bpf: str, path: str,
     return p
 
 
-def test_wire_format_tshark_and_scapy(lab: Lab) -> None:
+@pytest.mark.parametrize("datapath", DATAPATHS)
+def test_wire_format_tshark_and_scapy(lab: Lab, datapath: str) -> None:
     from scapy.layers.inet import IP, UDP
     from scapy.layers.l2 import GRE
     from scapy.utils import rdpcap
 
-    gw = Gateways(lab, *with_gre_checksum(lab))
+    # the eBPF path leaves GRE checksums to the Python path: its wire is tested without
+    csum = datapath == "python"
+    gw = Gateways(lab, *(with_gre_checksum(lab) if csum else VARIANTS["gre-v4underlay"]),
+                  datapath=datapath)
     pcap = str(lab.state_dir / "wire.pcap")
     try:
         # GRE protocol type IPv4 (keepalives carry none)
@@ -172,6 +196,8 @@ def test_wire_format_tshark_and_scapy(lab: Lab) -> None:
                        "and udp[10:2] = 0x0800", pcap, 4)
         ping(lab, SERVER4, count=4)
         cap.wait(timeout=20)
+        if datapath == "ebpf":
+            assert gw.status("gw-a")["ebpf"]["encap"] >= 4  # type: ignore[index]
     finally:
         gw.stop()
     fields = ["gre.flags.checksum", "gre.flags.key", "gre.flags.sequence_number",
@@ -184,10 +210,12 @@ def test_wire_format_tshark_and_scapy(lab: Lab) -> None:
     assert len(rows) == 4
     seqs = []
     for r in rows:
-        assert r["gre.flags.checksum"] in ("1", "True") and r["gre.flags.key"] in ("1", "True")
+        assert r["gre.flags.checksum"] in (("1", "True") if csum else ("0", "False"))
+        assert r["gre.flags.key"] in ("1", "True")
         assert r["gre.flags.version"] == "0"
         assert int(r["gre.key"], 0) == 42
-        assert r["gre.checksum.status"] in ("1", "Good")
+        if csum:
+            assert r["gre.checksum.status"] in ("1", "Good")
         assert int(r["gre.proto"], 0) == 0x0800
         # outer, then inner addresses
         assert r["ip.src"] == f"198.18.0.1,{CLIENT4}"
@@ -199,7 +227,7 @@ def test_wire_format_tshark_and_scapy(lab: Lab) -> None:
         udp = pkt[UDP]
         assert udp.dport == 4754
         gre = GRE(bytes(udp.payload))
-        assert (gre.chksum_present, gre.key_present, gre.seqnum_present) == (1, 1, 1)
+        assert (gre.chksum_present, gre.key_present, gre.seqnum_present) == (int(csum), 1, 1)
         assert gre.key == 42 and gre.proto == 0x0800
         inner = gre[IP]
         assert (inner.src, inner.dst) == (CLIENT4, SERVER4)
@@ -211,11 +239,15 @@ from scapy.all import GRE, IP, UDP, Raw, send
 peer, gwb, srv = "198.18.0.1", "198.18.0.2", "198.18.2.10"
 def inner(src="198.18.1.10"):
     return bytes(IP(src=src, dst=srv) / UDP(sport=7, dport=9999) / b"HOSTILE")
+# argv[2] "plain": no GRE checksum and a zero UDP checksum (RFC 8086 §3.2.2 allows it over
+# IPv4), which is what the eBPF path parses itself (tests of datapath "ebpf")
+plain = sys.argv[2:] == ["plain"]
 def gre(**kw):  # a sequence number 2**28 behind: late, never moves the receiver's window
-    return GRE(**{"chksum_present": 1, "key_present": 1, "seqnum_present": 1,
+    return GRE(**{"chksum_present": 0 if plain else 1, "key_present": 1, "seqnum_present": 1,
                   "key": 42, "seqence_number": 0xF0000000, "proto": 0x0800, **kw})
 def out(payload, src=peer):
-    send(IP(src=src, dst=gwb) / UDP(sport=4754, dport=4754) / payload, verbose=0)
+    udp = UDP(sport=4754, dport=4754, chksum=0) if plain else UDP(sport=4754, dport=4754)
+    send(IP(src=src, dst=gwb) / udp / payload, verbose=0)
 case = sys.argv[1]
 if case == "non_peer":
     out(bytes(gre() / Raw(inner())), src="198.18.0.66")
@@ -247,8 +279,12 @@ EXPECTED = {  # case: drop reason in `grebe status --json` of gw-b
 }
 
 
-def test_hostile_datagrams_are_dropped_and_counted(lab: Lab) -> None:
-    gw = Gateways(lab, *with_gre_checksum(lab))
+@pytest.mark.parametrize("datapath", DATAPATHS)
+def test_hostile_datagrams_are_dropped_and_counted(lab: Lab, datapath: str) -> None:
+    # eBPF: no GRE checksum and zero UDP checksums, so the program itself judges each one
+    plain = ["plain"] if datapath == "ebpf" else []
+    gw = Gateways(lab, *(VARIANTS["gre-v4underlay"] if plain else with_gre_checksum(lab)),
+                  datapath=datapath)
     script = str(lab.state_dir / "hostile.py")
     Path(script).write_text(HOSTILE)
     pcap = str(lab.state_dir / "lan-b.pcap")
@@ -257,12 +293,14 @@ def test_hostile_datagrams_are_dropped_and_counted(lab: Lab) -> None:
         cap = _capture(lab, "gw-b", "lan0", "udp port 9999", pcap, 50)
         for case, reason in EXPECTED.items():
             before = gw.status("gw-b")["drops"][reason]  # type: ignore[index]
-            lab.run("attacker", ["python", script, case], timeout=60)
+            lab.run("attacker", ["python", script, case, *plain], timeout=60)
             lab.wait_for(lambda r=reason, b=before: gw.status("gw-b")["drops"][r] > b,  # type: ignore[index]
                          timeout=10, what=f"{case} counted as {reason}")
+            if plain:  # dropped by the program, under the same reason
+                assert gw.status("gw-b")["ebpf"]["drops"].get(reason, 0) > 0, reason  # type: ignore[index]
         total = sum(gw.status("gw-b")["drops"].values())  # type: ignore[index]
         for case in ("random", "oversized"):
-            lab.run("attacker", ["python", script, case], timeout=60)
+            lab.run("attacker", ["python", script, case, *plain], timeout=60)
         lab.wait_for(lambda: sum(gw.status("gw-b")["drops"].values()) >= total + 20,  # type: ignore[index]
                      timeout=10, what="random datagrams counted")
         # the bridge keeps forwarding; a legitimate packet is the only one to reach lan0
@@ -281,12 +319,16 @@ def test_hostile_datagrams_are_dropped_and_counted(lab: Lab) -> None:
         assert gw.stop() == {"gw-a": 0, "gw-b": 0}
 
 
-def test_pmtu_with_a_narrow_wan(lab: Lab, blob: str) -> None:
+@pytest.mark.parametrize("datapath", DATAPATHS)
+def test_pmtu_with_a_narrow_wan(lab: Lab, blob: str, datapath: str) -> None:
+    for node in ("client", "server"):  # forget PMTUs learned in earlier tests of this lab
+        lab.run(node, ["ip", "route", "flush", "cache"])
+        lab.run(node, ["ip", "-6", "route", "flush", "cache"])
     with lab.iproute("gw-a") as ipr_a, lab.iproute("gw-b") as ipr_b:
         for ipr in (ipr_a, ipr_b):
             ipr.link("set", index=ipr.link_lookup(ifname="wan0")[0], mtu=1400)
     try:
-        gw = Gateways(lab, *VARIANTS["gre-v4underlay"])
+        gw = Gateways(lab, *VARIANTS["gre-v4underlay"], datapath=datapath)
         try:
             st = gw.status("gw-a")
             assert st is not None
@@ -351,8 +393,9 @@ def _grebe_pids(lab: Lab, node: str) -> list[int]:
 
 def test_split_directions_two_processes_one_view(lab: Lab) -> None:
     """bridge/io/split.py: UDP->TUN runs in a child of `grebe up`; status and the metrics
-    show what both processes counted; a SIGTERM to the parent ends both."""
-    gw = Gateways(lab, *VARIANTS["gre-v4underlay"])
+    show what both processes counted; a SIGTERM to the parent ends both. (On the Python
+    path: with the eBPF program the pings would not pass through either process.)"""
+    gw = Gateways(lab, *VARIANTS["gre-v4underlay"], datapath="python")
     try:
         pids = _grebe_pids(lab, "gw-a")
         parent = gw.procs["gw-a"].pid
@@ -477,14 +520,16 @@ def test_flow_hash_source_ports_on_the_wire(lab: Lab) -> None:
     assert len(set(outer)) == 2 and all(49152 <= p <= 65535 for p in outer), outer
 
 
+@pytest.mark.parametrize("datapath", DATAPATHS)
 @pytest.mark.parametrize("dst,src", [(SERVER4, "198.18.100.2"), (SERVER6, "2001:db8:100::2")])
 def test_icmp_errors_of_the_remote_gateway_reach_the_client(lab: Lab, dst: str,
-                                                            src: str) -> None:
+                                                            src: str, datapath: str) -> None:
     """gw-b's kernel answers a packet whose TTL runs out there (traceroute's third hop) with
     ICMP Time Exceeded from its TUN address. That source is inside site-b's prefixes only
     because the topology lists gw-b's tunnel address among them, as WireGuard's AllowedIPs
-    must list a peer's: without it the inner-source check drops the error as spoofed."""
-    gw = Gateways(lab, *VARIANTS["gre-v4underlay"])
+    must list a peer's: without it the inner-source check drops the error as spoofed.
+    The eBPF path must take off the same hops (TTL - 2 at encapsulation, - 1 after)."""
+    gw = Gateways(lab, *VARIANTS["gre-v4underlay"], datapath=datapath)
     try:
         ping(lab, dst)
         cp = lab.run("client", ["ping", "-c", "1", "-W", "3", "-t", "3", dst], check=False,

@@ -1,0 +1,259 @@
+"""The eBPF fast path (issue 14) in the lab, beyond what tests/lab/test_bridge.py runs for
+both datapaths: a `grebe up` killed with SIGKILL leaves nothing that forwards and the next
+start removes its filters; an endpoint without CAP_BPF falls back to the Python path and
+says so; an [[inspect]] flow still reaches the Python path while other flows do not; IPIP
+and an IPv6 underlay through the program. Waits are wait-for-condition, never sleeps."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.ebpf.attach import filter_name, ours
+from bridge.lab.netlink import Lab
+from bridge.lab.topology import load
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
+                       reason="the lab needs root and /dev/net/tun"),
+]
+
+TOPO = Path(__file__).resolve().parents[2] / "topologies"
+CLIENT4, SERVER4 = "198.18.1.10", "198.18.2.10"
+SERVER6 = "2001:db8:2::10"
+GRE = ("two-sites/gw-a.toml", "two-sites/gw-b.toml")
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    lab = Lab.up(load("two-sites-plain"), instance=f"eb{os.getpid()}", start=False)
+    try:
+        yield lab
+    finally:
+        lab.destroy()
+
+
+class Endpoint:
+    """One `grebe up` on a lab node (config from topologies/, datapath set on top)."""
+
+    def __init__(self, lab: Lab, node: str, cfg: str, datapath: str = "ebpf",
+                 prefix: tuple[str, ...] = (), tag: str = "") -> None:
+        self.lab, self.node = lab, node
+        src = TOPO / cfg
+        self.cfg = lab.state_dir / f"eb-{tag}{datapath}-{src.parent.name}-{src.name}"
+        self.cfg.write_text(f'datapath = "{datapath}"\n' + src.read_text())
+        self.logfile = lab.state_dir / f"eb-{tag}{node}.log"
+        self.proc = lab.popen(node, [*prefix, "grebe", "up", "-c", str(self.cfg)],
+                              log=str(self.logfile))
+        lab.wait_for(lambda: self.alive() and self.status(check=False) is not None,
+                     timeout=20, what=f"grebe control socket on {node}")
+
+    def alive(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"grebe on {self.node} exited {self.proc.returncode}: "
+                                 f"{self.log()}")
+        return True
+
+    def log(self) -> str:
+        return self.logfile.read_text()
+
+    def status(self, check: bool = True) -> dict[str, Any] | None:
+        cp = self.lab.run(self.node, ["grebe", "status", "--json"], check=check)
+        return json.loads(cp.stdout) if cp.returncode == 0 else None
+
+    def ebpf(self) -> dict[str, Any]:
+        st = self.status()
+        assert st is not None and st["datapath"] == "ebpf", st
+        e: dict[str, Any] = st["ebpf"]
+        return e
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=15)
+
+
+def pings(lab: Lab, src: str, dst: str, count: int = 2) -> bool:
+    cp = lab.run(src, ["ping", "-c", str(count), "-i", "0.2", "-W", "1", dst], check=False,
+                 timeout=30)
+    return cp.returncode == 0
+
+
+def our_filters(lab: Lab, node: str) -> int:
+    with lab.iproute(node) as ipr:
+        return sum(len(ours(ipr, link["index"], filter_name("grebe0")))
+                   for link in ipr.get_links())
+
+
+def grebe_pids(lab: Lab, node: str) -> list[int]:
+    out = []
+    for pid, ns in lab.pids().items():
+        try:
+            if ns == lab.ns_path(node) and b"grebe" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.append(pid)
+        except OSError:
+            continue
+    return out
+
+
+def test_sigkill_leaves_no_forwarding_program_and_the_next_start_cleans_up(lab: Lab) -> None:
+    a = Endpoint(lab, "gw-a", GRE[0], tag="k")
+    b = Endpoint(lab, "gw-b", GRE[1], tag="k")
+    try:
+        assert pings(lab, "client", SERVER4) and pings(lab, "server", CLIENT4)
+        assert a.ebpf()["encap"] > 0 and a.ebpf()["decap"] > 0
+        assert our_filters(lab, "gw-a") == 2  # lan0 and wan0 ingress
+        os.kill(a.proc.pid, signal.SIGKILL)
+        a.proc.wait(timeout=10)
+        lab.wait_for(lambda: not grebe_pids(lab, "gw-a"), timeout=10, what="gw-a's grebe gone")
+        assert our_filters(lab, "gw-a") == 2  # netlink gives a tc filter no owner
+        # ... but it forwards nothing, in either direction: gw-b still encapsulates toward
+        # gw-a, whose stale program must not decapsulate for a dead endpoint
+        assert not pings(lab, "client", SERVER4)
+        assert not pings(lab, "server", CLIENT4)
+        a2 = Endpoint(lab, "gw-a", GRE[0], tag="k2")
+        try:
+            assert "removed 2 stale eBPF filter(s)" in a2.log()
+            assert our_filters(lab, "gw-a") == 2
+            lab.wait_for(lambda: pings(lab, "client", SERVER4), timeout=20,
+                         what="forwarding again after the restart")
+        finally:
+            assert a2.stop() == 0
+        assert our_filters(lab, "gw-a") == 0  # a clean stop removes them
+    finally:
+        b.stop()
+
+
+def test_without_cap_bpf_auto_falls_back_to_python_with_a_log_line(lab: Lab) -> None:
+    # root without CAP_BPF and CAP_SYS_ADMIN in its bounding set: bpf() is refused
+    drop = ("setpriv", "--bounding-set", "-bpf,-sys_admin,-perfmon", "--")
+    a = Endpoint(lab, "gw-a", GRE[0], datapath="auto", prefix=drop, tag="c")
+    b = Endpoint(lab, "gw-b", GRE[1], datapath="auto", tag="c")
+    try:
+        st = a.status()
+        assert st is not None and st["datapath"] == "python" and "ebpf" not in st
+        assert "datapath auto: eBPF fast path unavailable (" in a.log()
+        assert "Operation not permitted" in a.log() and "using the Python path" in a.log()
+        assert b.status()["datapath"] == "ebpf"  # type: ignore[index]
+        assert pings(lab, "client", SERVER4) and pings(lab, "client", SERVER6)
+        assert our_filters(lab, "gw-a") == 0
+    finally:
+        assert a.stop() == 0
+        b.stop()
+    # datapath "ebpf" without the capability is an error, not a silent fallback
+    cfg = lab.state_dir / "eb-forced.toml"
+    cfg.write_text('datapath = "ebpf"\n' + (TOPO / GRE[0]).read_text())
+    cp = lab.run("gw-a", [*drop, "grebe", "up", "-c", str(cfg)], check=False, timeout=30)
+    assert cp.returncode == 1 and "datapath ebpf: the eBPF fast path cannot start" in cp.stderr
+
+
+def test_inspected_flow_reaches_python_other_flows_stay_in_the_kernel(lab: Lab) -> None:
+    """two-sites-inspect's gw-a terminates TCP to the server's port 80 in stack/: with the
+    fast path on, that flow's packets pass to the Python path (both directions) and the
+    flow shows in `grebe flows`; a flow to another port is encapsulated by the program."""
+    www = lab.state_dir / "www-eb"
+    www.mkdir(exist_ok=True)
+    (www / "index.html").write_text("grebe inspected page\n")
+    (www / "big").write_bytes(os.urandom(4 << 20))
+    http80 = lab.popen("server", ["python", "-m", "http.server", "80", "--bind", "::",
+                                  "--directory", str(www)], log=str(lab.state_dir / "h80.log"))
+    http81 = lab.popen("server", ["python", "-m", "http.server", "81", "--bind", "::",
+                                  "--directory", str(www)], log=str(lab.state_dir / "h81.log"))
+    a = Endpoint(lab, "gw-a", "two-sites-inspect/gw-a.toml", tag="i")
+    b = Endpoint(lab, "gw-b", GRE[1], tag="i")
+    try:
+        lab.wait_for(lambda: lab.run("client", ["curl", "-sf", "--max-time", "3",
+                                                f"http://{SERVER4}:81/index.html"],
+                                     check=False).returncode == 0, timeout=20,
+                     what="http on port 81 through the tunnel")
+        before = a.ebpf()
+        cp = lab.run("client", ["curl", "-sf", "--max-time", "20", f"http://{SERVER4}/big",
+                                "-o", "/dev/null", "-w", "%{size_download}"])
+        assert cp.stdout == str(4 << 20)
+        mid = a.ebpf()
+        assert mid["pass_inspect"] > before["pass_inspect"] + 10  # both directions
+        flow_log = lab.state_dir / "inspect-gw-a.jsonl"  # the rule's log inspector
+        lab.wait_for(lambda: flow_log.exists() and SERVER4 in flow_log.read_text(),
+                     timeout=10, what="the inspected flow in gw-a's flow log")
+        cp = lab.run("client", ["curl", "-sf", "--max-time", "20", f"http://{SERVER4}:81/big",
+                                "-o", "/dev/null", "-w", "%{size_download}"])
+        assert cp.stdout == str(4 << 20)
+        after = a.ebpf()
+        # port 81's download: the client's ACKs are the program's (the data, GSO with GRE
+        # sequence numbers, comes through gw-b's Python path: grebe_tc.c passes it)
+        assert after["encap"] >= mid["encap"] + 5  # (how many ACKs: the client's GRO decides)
+        assert after["pass_inspect"] - mid["pass_inspect"] < 5
+    finally:
+        assert a.stop() == 0
+        b.stop()
+        for p in (http80, http81):
+            p.terminate()
+            p.wait(timeout=10)
+
+
+@pytest.mark.parametrize("cfgs", [("two-sites-ipip/gw-a.toml", "two-sites-ipip/gw-b.toml"),
+                                  ("two-sites/gw-a-v6.toml", "two-sites/gw-b-v6.toml"),
+                                  ("two-sites-ipip/gw-a-v6.toml",
+                                   "two-sites-ipip/gw-b-v6.toml")],
+                         ids=["ipip-v4underlay", "gre-v6underlay", "ipip-v6underlay"])
+def test_ipip_and_ipv6_underlay_through_the_program(lab: Lab, cfgs: tuple[str, str]) -> None:
+    a = Endpoint(lab, "gw-a", cfgs[0], tag="u")
+    b = Endpoint(lab, "gw-b", cfgs[1], tag="u")
+    try:
+        for dst in (SERVER4, SERVER6):
+            assert pings(lab, "client", dst, count=3)
+        ea, eb = a.ebpf(), b.ebpf()
+        # pings and their replies: encapsulated by one program, decapsulated by the other
+        # (with drop-late, a peer's first sequenced packet starts the windows on the Python
+        # path: pass_seq_start)
+        assert ea["encap"] >= 6 and eb["encap"] >= 6
+        assert eb["decap"] + eb["pass_seq_start"] >= 6 and ea["decap"] + ea["pass_seq_start"] >= 6
+        assert eb["decap"] >= 4 and ea["decap"] >= 4
+        st = a.status()
+        assert st is not None and st["peers"][0]["rx_packets"] >= 6
+        assert sum(st["drops"].values()) - st["drops"]["link_local"] == 0, st["drops"]
+    finally:
+        assert a.stop() == 0
+        b.stop()
+
+
+def test_auto_steps_aside_for_netfilter_chains(lab: Lab) -> None:
+    """Packets the program forwards never meet the gateway's nftables: under "auto" it
+    suspends while a base chain exists (not grebe's own), the Python path then forwarding
+    through the chain, and resumes when it is gone; at start-up it is not loaded at all."""
+    a = Endpoint(lab, "gw-a", GRE[0], datapath="auto", tag="n")
+    b = Endpoint(lab, "gw-b", GRE[1], tag="n")
+    try:
+        assert pings(lab, "client", SERVER4)
+        lab.nft("gw-a", "table inet gbeb_fw {\n chain forward_filter {\n"
+                        "  type filter hook forward priority 0; policy accept;\n"
+                        "  ip daddr 198.18.2.10 icmp type echo-request counter drop\n }\n}\n")
+        try:
+            lab.wait_for(lambda: a.ebpf()["suspended"], timeout=10, what="the program suspended")
+            assert "inet gbeb_fw/forward_filter" in a.ebpf()["suspended"]
+            assert not pings(lab, "client", SERVER4)  # the firewall's drop rule holds
+        finally:
+            lab.run("gw-a", ["nft", "delete", "table", "inet", "gbeb_fw"])
+        lab.wait_for(lambda: not a.ebpf()["suspended"], timeout=10, what="the program back")
+        before = a.ebpf()["encap"]
+        assert pings(lab, "client", SERVER4) and a.ebpf()["encap"] > before
+        assert "eBPF fast path suspended" in a.log() and "eBPF fast path resumed" in a.log()
+    finally:
+        assert a.stop() == 0
+        b.stop()
+
+
+def test_grebe_status_shows_the_datapath(lab: Lab) -> None:
+    a = Endpoint(lab, "gw-a", GRE[0], tag="s")
+    try:
+        out = lab.run("gw-a", ["grebe", "status"]).stdout
+        assert "datapath ebpf" in out, out
+    finally:
+        assert a.stop() == 0
