@@ -98,7 +98,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 2
     offload = not args.no_offload
     underlay, source = _underlay_mtu(cfg)
-    bridge = Bridge(cfg, time.monotonic(), underlay_mtu=underlay)
+    now = time.monotonic()  # wall_offset dates secure handshakes across restarts
+    bridge = Bridge(cfg, now, underlay_mtu=underlay, wall_offset=time.time() - now)
     mtu = bridge.tun_mtu
     how = "configured" if cfg.tun.mtu else f"auto: underlay {underlay or cfg.pmtu.underlay_mtu}" \
         f" from {source}, minus encapsulation overhead"
@@ -108,23 +109,27 @@ def cmd_up(args: argparse.Namespace) -> int:
     except TunBusyError as e:
         log.error("%s", e.strerror)
         return 1
-    ctl = metrics = udp = kernel = None
+    ctl = metrics = udp = sudp = kernel = None
     failed = False
     try:
         tun.configure([str(a) for a in cfg.tun.addresses], mtu,
                       [str(n) for p in cfg.peers for n in p.prefixes])
         udp = UdpEndpoint(cfg.listen.address, cfg.listen.port, gso=offload, gro=offload,
                           gro_batch=gro_batch)
+        if bridge.secure is not None:  # issue 12: the secure peers' own port
+            sudp = UdpEndpoint(cfg.listen.address, cfg.listen.secure_port, gso=offload,
+                               gro=False, sport_pool=0)
         warm = cfg.keep_warm and os.environ.get("GREBE_KEEP_WARM", "1") == "1"
         # one process per direction (bridge/io/split.py); never with [[inspect]] rules
-        split = cfg.split_directions and not cfg.inspect \
+        # nor secure peers (a session serves both directions)
+        split = cfg.split_directions and not cfg.inspect and bridge.secure is None \
             and os.environ.get("GREBE_SPLIT", "1") == "1"
         sibling = None
         if split:
             from bridge.io.split import RxProcess
 
             sibling = RxProcess(bridge)
-        engine = Engine(bridge, tun, udp, keep_warm=warm, sibling=sibling)
+        engine = Engine(bridge, tun, udp, keep_warm=warm, sibling=sibling, secure_udp=sudp)
         ctl = ControlServer(socket_name(cfg.tun.name, cfg.control_socket))
 
         def status(_req: dict[str, Any]) -> dict[str, Any]:
@@ -207,7 +212,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     finally:
         if kernel is not None:
             kernel.stop()   # relays reset, nft table + policy routing removed
-        for x in (metrics, ctl, udp):
+        for x in (metrics, ctl, udp, sudp):
             if x is not None:
                 x.close()
         tun.close()
@@ -302,11 +307,62 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- genkey, pubkey (issue 12) -----------------------------------------------------------
+
+
+def _setup_genkey(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", nargs="?", help="write the private key here (mode 0600, must not "
+                   "exist) and print the public key; without it, print the private key")
+
+
+def cmd_genkey(args: argparse.Namespace) -> int:
+    """`grebe genkey [FILE]`: a new X25519 private key (as `wg genkey`)."""
+    from bridge.secure.keys import genkey, write_private_key
+
+    if args.file is None:
+        print(genkey()[0])
+        return 0
+    try:
+        print(write_private_key(args.file))
+    except OSError as e:
+        print(f"grebe: {args.file}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _setup_pubkey(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", nargs="?", help="private key file (default: standard input)")
+
+
+def cmd_pubkey(args: argparse.Namespace) -> int:
+    """`grebe pubkey [FILE]`: the public key of a private key (as `wg pubkey`)."""
+    from bridge.secure.keys import public_key_of
+
+    try:
+        if args.file is None:
+            text = sys.stdin.read()
+        else:
+            with open(args.file, encoding="ascii") as f:
+                text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        print(f"grebe: {args.file}: {e}", file=sys.stderr)
+        return 1
+    pub = public_key_of(text)
+    if pub is None:
+        print("grebe: not a base64 32-byte private key", file=sys.stderr)
+        return 1
+    print(pub)
+    return 0
+
+
 register("up", "run an endpoint in the foreground", _setup_up, cmd_up)
 register("status", "show peers, traffic and drops of a running endpoint", _setup_status,
          cmd_status)
 register("check-config", "validate an endpoint configuration file", _setup_check,
          cmd_check_config)
+register("genkey", "new private key for a secure peer (file: write it, print the public key)",
+         _setup_genkey, cmd_genkey)
+register("pubkey", "print the public key of a private key", _setup_pubkey, cmd_pubkey)
 
 
 def build_parser() -> argparse.ArgumentParser:
