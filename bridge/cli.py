@@ -250,6 +250,20 @@ def _fmt_status(st: dict[str, Any]) -> str:
     events = {k: v for k, v in st.get("events", {}).items() if v}
     if events:
         lines.append("events: " + ", ".join(f"{k}={v}" for k, v in sorted(events.items())))
+    sec = st.get("secure")
+    if sec:  # issue 12: the secure peers' session, drops and handshake events
+        for p in st.get("peers", []):
+            if p.get("security", "plain") != "plain":
+                ses = p.get("session") or {}
+                lines.append(f"secure {p.get('name')}: {p['security']}, session "
+                             f"{'up' if ses.get('session') else 'none'}, age "
+                             f"{ses.get('session_age')}s, last rx {ses.get('last_rx_age')}s")
+        sd = {k: v for k, v in sec.get("drops", {}).items() if v}
+        lines.append("secure drops: " + (", ".join(f"{k}={v}" for k, v in sorted(sd.items()))
+                                         if sd else "none"))
+        se = {k: v for k, v in sec.get("events", {}).items() if v}
+        if se:
+            lines.append("secure events: " + ", ".join(f"{k}={v}" for k, v in sorted(se.items())))
     io = st.get("io", {})
     if io:
         lines.append("io: " + ", ".join(f"{k}={v}" for k, v in io.items()))
