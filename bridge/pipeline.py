@@ -17,11 +17,9 @@ Contract (docs/DESIGN.md):
     out.tun: list[bytes | bytearray]      inner packets and ICMP errors for the TUN
     bridge.counters; bridge.status(now) -> dict; bridge.metrics_text(now) -> str
     bridge.tun_mtu -> int                 the MTU to set on the TUN device
-    bridge.from_secure(datagrams, now, out)  datagrams from the secure port (issue 12);
-    out.secure: dict[(host, port), list]  sealed datagrams to send from the secure port
-    Secure peers (security = "authenticated" | "encrypted") are bridge/securelink.py's:
-    `self.secure` (None without them: the plain path pays one check per call) seals what
-    they were sent at the end of every call and opens what the secure port received.
+    bridge.from_secure(datagrams, now, out); out.secure: the secure port's datagrams in and
+    out (issue 12); secure peers are bridge/securelink.py's `self.secure` (None without
+    them: one check per call), which seals at the end of every call and opens.
 
 Outbound flow (TUN -> peer), per packet, in this order:
  1. IP length checks (`packet_length`); malformed -> drop "malformed".
@@ -141,8 +139,7 @@ class Bridge:
             self.peers.append(PeerState(i, p, config.tun.mtu or underlay - ovh, now))
             self.peers[-1].overhead = ovh
         self.table = PeerTable(config.peers, local=[config.listen.address], states=self.peers)
-        # issue 12: the secure peers' seal/open seam (bridge/securelink.py); `wall_offset`
-        # (UNIX time - now, from the I/O layer) dates handshakes across restarts
+        # issue 12; `wall_offset` (UNIX time - now) dates handshakes across restarts
         specs = [PeerSpec(i, p.name, p.security, p.endpoint)
                  for i, p in enumerate(config.peers) if p.secure]
         self.secure: SecureLink | None = SecureLink(
@@ -453,9 +450,8 @@ class Bridge:
 
     def from_secure(self, datagrams: Iterable[tuple[Buf | GroBatch, Addr]], now: float,
                     out: Output) -> None:
-        """Datagrams from the secure port: verified and opened by bridge/securelink.py, then
-        decapsulated like `from_udp`'s; handshake replies to out.secure. Without secure
-        peers everything is counted as "unknown_peer"."""
+        """Datagrams from the secure port: opened by bridge/securelink.py, then `from_udp`'s
+        path; without secure peers each is "unknown_peer"."""
         if self.secure is not None:
             self.secure.receive(datagrams, now, out)
         else:
@@ -540,9 +536,7 @@ class Bridge:
             if t is not None and (best is None or t < best):
                 best = t
         if self.secure is not None:
-            t = self.secure.get_timer()
-            if t is not None and (best is None or t < best):
-                best = t
+            best = self.secure.earliest(best)
         return best
 
     def handle_timer(self, now: float, out: Output) -> None:

@@ -29,7 +29,7 @@ Rules:
   Roamed is shown by `status` (the send address is the SecureEndpoint's already).
 
 Theory of operation: one SecureEndpoint for all secure peers of the Bridge (one UDP
-port); peer indices are the Bridge's. `get_timer` / `handle_timer` are merged into the
+port); peer indices are the Bridge's. `earliest` / `handle_timer` are merged into the
 Bridge's. `status` adds a "secure" section and each secure peer's mode and current
 endpoint; `prometheus` adds grebe_secure_drops_total / grebe_secure_events_total.
 """
@@ -165,8 +165,10 @@ class SecureLink:
 
     # ---------------------------------------------------------------- timers, status
 
-    def get_timer(self) -> float | None:
-        return self.ep.get_timer()
+    def earliest(self, best: float | None) -> float | None:
+        """The earlier of `best` (the Bridge's own deadline) and the secure layer's."""
+        t = self.ep.get_timer()
+        return t if t is not None and (best is None or t < best) else best
 
     def handle_timer(self, now: float, out: Output) -> None:
         t = self.ep.get_timer()
