@@ -53,7 +53,7 @@ from bridge.encap import GreEncoder
 from bridge.seqpolicy import SeqReceiver
 
 __all__ = ["PeerTable", "PeerState", "Addr", "CACHE_MAX", "NO_ROUTE", "LOOP", "PEER_DOWN",
-           "TTL_EXPIRED", "TOO_BIG", "canonical_host", "link_scope", "secure_key"]
+           "TTL_EXPIRED", "TOO_BIG", "canonical_host", "link_scope"]
 
 Addr = tuple[str, int]
 CACHE_MAX = 65536

@@ -139,13 +139,13 @@ class Bridge:
             self.peers.append(PeerState(i, p, config.tun.mtu or underlay - ovh, now))
             self.peers[-1].overhead = ovh
         self.table = PeerTable(config.peers, local=[config.listen.address], states=self.peers)
+        # the fast paths get what they need, not the Bridge (bridge/fastpath.py)
+        self.fast = FastPath(self.table, self.counters, self.heard)
         # issue 12; `wall_offset` (UNIX time - now) dates handshakes across restarts
         specs = [PeerSpec(i, p.name, p.security, p.endpoint)
                  for i, p in enumerate(config.peers) if p.secure]
         self.secure: SecureLink | None = SecureLink(
             self.peers, specs, now, self.from_udp, self.heard, wall_offset) if specs else None
-        # the fast paths get what they need, not the Bridge (bridge/fastpath.py)
-        self.fast = FastPath(self.table, self.counters, self.heard)
         mtus = [p.mtu for p in self.peers]
         self.tun_mtu: int = config.tun.mtu or (min(mtus) if mtus else underlay - 28)
         self.mss_clamp = config.mss_clamp
