@@ -124,6 +124,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         # nor secure peers (a session serves both directions)
         split = cfg.split_directions and not cfg.inspect and bridge.secure is None \
             and os.environ.get("GREBE_SPLIT", "1") == "1"
+        if cfg.split_directions and bridge.secure is not None:
+            log.info("secure peers: both directions in one process (split_directions ignored)")
         sibling = None
         if split:
             from bridge.io.split import RxProcess
