@@ -1,9 +1,10 @@
-"""Encrypted peers in the lab (issue 12): two-sites-plain with `grebe up` on both gateways,
-`security = "encrypted"`, keys written with the genkey helper into the lab's state dir.
+"""Secure peers in the lab (issue 12): two-sites-plain with `grebe up` on both gateways,
+`security = "authenticated"` or `"encrypted"`, keys written with the genkey helper into the
+lab's state dir.
 
-Ping (v4 and v6 inside) and a curl download pass; the attacker on the WAN replays
-datagrams captured on gw-b's WAN interface (handshakes and data), sends them with bits
-flipped and with forged counters, floods forged handshake initiations and sends plain
+In both modes ping (v4 and v6 inside) and a curl download pass; the attacker on the WAN
+replays datagrams captured on gw-b's WAN interface (handshakes and data), sends them with
+bits flipped and with forged counters, floods forged handshake initiations and sends plain
 GRE-in-UDP from gw-a's address: nothing reaches site B, each is counted under its reason in
 `grebe status`, forwarding goes on. A gateway killed with SIGKILL and started again is
 heard again at once. Waits are wait-for-condition (Lab.wait_for), never bare sleeps.
@@ -44,18 +45,22 @@ def lab() -> Iterator[Lab]:
 
 
 @pytest.fixture(scope="module")
-def configs(lab: Lab) -> tuple[Path, Path]:
-    """The two-sites GRE configs made encrypted, keys from the genkey helper."""
+def pubs(lab: Lab) -> dict[str, str]:
+    """Key pairs of both gateways from the genkey helper, in the lab state dir."""
+    return {n: write_private_key(str(lab.state_dir / f"{n}.key")) for n in ("gw-a", "gw-b")}
+
+
+def secure_configs(lab: Lab, pubs: dict[str, str], mode: str) -> tuple[Path, Path]:
+    """The two-sites GRE configs with security = `mode`."""
     d = lab.state_dir
-    pubs = {n: write_private_key(str(d / f"{n}.key")) for n in ("gw-a", "gw-b")}
     out = []
     for node, other, ep in (("gw-a", "gw-b", "198.18.0.2"), ("gw-b", "gw-a", "198.18.0.1")):
         text = (TOPO / "two-sites" / f"{node}.toml").read_text()
         assert f'endpoint = "{ep}:4754"' in text
         text = text.replace(f'endpoint = "{ep}:4754"', f'endpoint = "{ep}"')
-        text += (f'security = "encrypted"\nprivate_key_file = "{d / (node + ".key")}"\n'
+        text += (f'security = "{mode}"\nprivate_key_file = "{d / (node + ".key")}"\n'
                  f'public_key = "{pubs[other]}"\n')
-        p = d / f"secure-{node}.toml"
+        p = d / f"{mode}-{node}.toml"
         p.write_text(text)
         out.append(p)
     return out[0], out[1]
@@ -121,34 +126,52 @@ def _drops(gw: Gateways, where: str, reason: str) -> int:
     return int(st["secure"]["drops"][reason] if where == "secure" else st["drops"][reason])
 
 
-def _send_udp(lab: Lab, text: str, count: int = 1) -> None:
+def _sealed_markers(pcap: str) -> int:
+    """Datagrams in `pcap` from gw-a of a sealed marker's size: inner 20 + 8 + 6, GRE
+    with key and sequence 12, secure overhead 32."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.utils import rdpcap
+
+    try:
+        pkts = rdpcap(pcap)
+    except Exception:  # not written yet, or a packet half written
+        return 0
+    return sum(1 for p in pkts if UDP in p and p[IP].src == "198.18.0.1"
+               and len(p[UDP].payload) == 34 + 12 + 32)
+
+
+def _send_udp(lab: Lab, text: str) -> None:
     lab.run("client", ["python", "-c", "import socket; s=socket.socket(2, 2); "
-                       f"[s.sendto(b'{text}', ('{SERVER4}', 9999)) for _ in range({count})]"])
+                       f"s.sendto(b'{text}', ('{SERVER4}', 9999))"])
 
 
-def test_ping_download_and_attacks(lab: Lab, configs: tuple[Path, Path], blob: str) -> None:
-    gw = Gateways(lab, *configs)
+@pytest.mark.parametrize("mode", ["authenticated", "encrypted"])
+def test_ping_download_and_attacks(lab: Lab, pubs: dict[str, str], blob: str, mode: str
+                                   ) -> None:
+    gw = Gateways(lab, *secure_configs(lab, pubs, mode))
     d = lab.state_dir
     try:
         ping(lab, SERVER4)
         ping(lab, SERVER6)
         assert download(lab, SERVER4) == blob
         st = gw.status("gw-a")
-        assert st is not None and st["peers"][0]["security"] == "encrypted"
+        assert st is not None and st["peers"][0]["security"] == mode
         assert st["peers"][0]["rx_bytes"] > BLOB_MB * 1_000_000
         assert sum(st["secure"]["drops"].values()) == 0
         # record what the attacker will replay: the markers, as gw-b's WAN sees them
-        wan = str(d / "wan-b.pcap")
+        wan = str(d / f"wan-b-{mode}.pcap")
         cap = _capture(lab, "gw-b", "wan0", "udp port 24754", wan, 1000)
-        before = gw.status("gw-b")["peers"][0]["rx_packets"]  # type: ignore[index]
-        _send_udp(lab, "MARKER", 5)
-        lab.wait_for(lambda: gw.status("gw-b")["peers"][0]["rx_packets"] >= before + 5,  # type: ignore[index]
-                     timeout=10, what="the markers at gw-b")
+        for _ in range(5):  # one at a time: a burst leaves gw-a as one UDP GSO packet,
+            _send_udp(lab, "MARKER")  # which tcpdump records unsegmented
+        lab.wait_for(lambda: _sealed_markers(wan) >= 5, timeout=10,
+                     what="the sealed markers in the capture")
         cap.send_signal(signal.SIGINT)
         cap.wait(timeout=10)
-        lan = str(d / "lan-b-secure.pcap")
+        lan = str(d / f"lan-b-{mode}.pcap")
         lan_cap = _capture(lab, "gw-b", "lan0", "udp port 9999", lan, 100)
         script = str(d / "attack.py")
+        if mode == "authenticated":  # in clear on the wire, and still refused when replayed
+            assert b"MARKER" in Path(wan).read_bytes()
         Path(script).write_text(ATTACK)
         for case, (where, reason) in EXPECTED.items():
             n0 = _drops(gw, where, reason)
@@ -171,9 +194,9 @@ def test_ping_download_and_attacks(lab: Lab, configs: tuple[Path, Path], blob: s
         assert gw.stop() == {"gw-a": 0, "gw-b": 0}
 
 
-def test_a_gateway_killed_and_started_again_is_heard_at_once(lab: Lab,
-                                                             configs: tuple[Path, Path]
+def test_a_gateway_killed_and_started_again_is_heard_at_once(lab: Lab, pubs: dict[str, str]
                                                              ) -> None:
+    configs = secure_configs(lab, pubs, "encrypted")
     gw = Gateways(lab, *configs)
     try:
         ping(lab, SERVER4)
