@@ -163,7 +163,8 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
 
     offload = not args.no_offload
     underlay, source = _underlay_mtu(cfg)
-    bridge = Bridge(cfg, time.monotonic(), underlay_mtu=underlay)
+    now = time.monotonic()  # wall_offset dates secure handshakes across restarts
+    bridge = Bridge(cfg, now, underlay_mtu=underlay, wall_offset=time.time() - now)
     mtu = bridge.tun_mtu
     how = "configured" if cfg.tun.mtu else f"auto: underlay {underlay or cfg.pmtu.underlay_mtu}" \
         f" from {source}, minus encapsulation overhead"
@@ -177,7 +178,7 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
         log.error("cannot open /dev/net/tun (%s): grebe up needs root or CAP_NET_ADMIN and "
                   "read/write access to /dev/net/tun", e.strerror)
         return EXIT_FAILED
-    ctl = metrics = udp = kernel = fast = None
+    ctl = metrics = udp = sudp = kernel = fast = None
     failed = False
     try:
         tun.configure([str(a) for a in cfg.tun.addresses], mtu,
@@ -188,12 +189,22 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
         except OSError as e:
             raise _bind_error(e, "listen", f"{cfg.listen.address} port {cfg.listen.port}"
                               ) from None
+        if bridge.secure is not None:  # issue 12: the secure peers' own port
+            try:
+                sudp = UdpEndpoint(cfg.listen.address, cfg.listen.secure_port, gso=offload,
+                                   gro=False, sport_pool=0)
+            except OSError as e:
+                raise _bind_error(e, "listen.secure_port",
+                                  f"{cfg.listen.address} port {cfg.listen.secure_port}") from None
         warm = cfg.keep_warm and os.environ.get("GREBE_KEEP_WARM", "1") == "1"
         # one process per direction (bridge/io/split.py); never with [[inspect]] rules
-        split = cfg.split_directions and not cfg.inspect \
+        # nor secure peers (a session serves both directions)
+        split = cfg.split_directions and not cfg.inspect and bridge.secure is None \
             and os.environ.get("GREBE_SPLIT", "1") == "1"
         if cfg.split_directions and cfg.inspect:
             log.info("split_directions: one process, since [[inspect]] rules are set")
+        if cfg.split_directions and bridge.secure is not None:
+            log.info("secure peers: both directions in one process (split_directions ignored)")
         sibling = None
         if split:
             from bridge.io.split import RxProcess
@@ -205,7 +216,8 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
         if fatal is not None:
             log.error("%s", fatal)
             return EXIT_FAILED
-        engine = Engine(bridge, tun, udp, keep_warm=warm, sibling=sibling, fast_path=fast)
+        engine = Engine(bridge, tun, udp, keep_warm=warm, sibling=sibling, fast_path=fast,
+                        secure_udp=sudp)
         if fast is not None:
             run_with(fast, bridge, engine)
         ctl = ControlServer(socket_name(cfg.tun.name, cfg.control_socket))
@@ -303,7 +315,7 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
             fast.close()  # issue 14: the eBPF filters detached
         if kernel is not None:
             kernel.stop()   # relays reset, nft table + policy routing removed
-        for x in (metrics, ctl, udp):
+        for x in (metrics, ctl, udp, sudp):
             if x is not None:
                 x.close()
         tun.close()
@@ -384,6 +396,20 @@ def _fmt_status(st: dict[str, Any]) -> str:
     events = {k: v for k, v in st.get("events", {}).items() if v}
     if events:
         lines.append("events: " + ", ".join(f"{k}={v}" for k, v in sorted(events.items())))
+    sec = st.get("secure")
+    if sec:  # issue 12: the secure peers' session, drops and handshake events
+        for p in st.get("peers", []):
+            if p.get("security", "plain") != "plain":
+                ses = p.get("session") or {}
+                lines.append(f"secure {p.get('name')}: {p['security']}, session "
+                             f"{'up' if ses.get('session') else 'none'}, age "
+                             f"{ses.get('session_age')}s, last rx {ses.get('last_rx_age')}s")
+        sd = {k: v for k, v in sec.get("drops", {}).items() if v}
+        lines.append("secure drops: " + (", ".join(f"{k}={v}" for k, v in sorted(sd.items()))
+                                         if sd else "none"))
+        se = {k: v for k, v in sec.get("events", {}).items() if v}
+        if se:
+            lines.append("secure events: " + ", ".join(f"{k}={v}" for k, v in sorted(se.items())))
     io = st.get("io", {})
     if io:
         lines.append("io: " + ", ".join(f"{k}={v}" for k, v in io.items()))
@@ -442,11 +468,62 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- genkey, pubkey (issue 12) -----------------------------------------------------------
+
+
+def _setup_genkey(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", nargs="?", help="write the private key here (mode 0600, must not "
+                   "exist) and print the public key; without it, print the private key")
+
+
+def cmd_genkey(args: argparse.Namespace) -> int:
+    """`grebe genkey [FILE]`: a new X25519 private key (as `wg genkey`)."""
+    from bridge.secure.keys import genkey, write_private_key
+
+    if args.file is None:
+        print(genkey()[0])
+        return 0
+    try:
+        print(write_private_key(args.file))
+    except OSError as e:
+        print(f"grebe: {args.file}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _setup_pubkey(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", nargs="?", help="private key file (default: standard input)")
+
+
+def cmd_pubkey(args: argparse.Namespace) -> int:
+    """`grebe pubkey [FILE]`: the public key of a private key (as `wg pubkey`)."""
+    from bridge.secure.keys import public_key_of
+
+    try:
+        if args.file is None:
+            text = sys.stdin.read()
+        else:
+            with open(args.file, encoding="ascii") as f:
+                text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        print(f"grebe: {args.file}: {e}", file=sys.stderr)
+        return 1
+    pub = public_key_of(text)
+    if pub is None:
+        print("grebe: not a base64 32-byte private key", file=sys.stderr)
+        return 1
+    print(pub)
+    return 0
+
+
 register("up", "run an endpoint in the foreground", _setup_up, cmd_up)
 register("status", "show peers, traffic and drops of a running endpoint", _setup_status,
          cmd_status)
 register("check-config", "validate an endpoint configuration file", _setup_check,
          cmd_check_config)
+register("genkey", "new private key for a secure peer (file: write it, print the public key)",
+         _setup_genkey, cmd_genkey)
+register("pubkey", "print the public key of a private key", _setup_pubkey, cmd_pubkey)
 
 
 def version() -> str:

@@ -21,6 +21,12 @@ Rules:
   encapsulation = "gre"; IPIP (RFC 2003, Linux FOU layout) has no header of its own.
 - Sequence policy: "off" | "drop-late" (Linux iseq: gaps accepted, late packets dropped)
   | "reorder" (RFC 2890 §2.2 buffer with max_packets_held / outoforder_timer_ms).
+- Security (issue 12, docs/SECURE.md): `security = "plain" | "authenticated" | "encrypted"`
+  per peer (default plain, today's wire format) with `private_key_file`, `public_key`,
+  `preshared_key_file`, read by bridge/secure/keys.py `parse_security` (key file paths
+  relative to the config file's directory). Secure peers speak on `listen.secure_port`
+  (default 24754, docs/SECURE.md §2), which is also their endpoint's default port; each has
+  an endpoint of its own (the seal is per peer), and never shares one with a plain peer.
 - `[[inspect]]` tables are kept raw; `bridge.inspect.rules.parse_rules(raw, "inspect")` checks them
   (its errors join this file's list) and `Config.inspect_rules()` returns its rules.
 
@@ -34,6 +40,7 @@ frozen `Config` is returned. `EXAMPLE` below is the reference file, every key co
 from __future__ import annotations
 
 import ipaddress
+import os
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +50,8 @@ from typing import Any
 from bridge.errors import ConfigError, ConfigErrors
 from bridge.flows import InspectRule
 from bridge.inspect.rules import check_imports, parse_rules
+from bridge.secure.keys import PeerSecurity, SecurityMode, parse_security
+from bridge.secure.wire import SECURE_PORT
 
 __all__ = [
     "Encapsulation",
@@ -108,6 +117,7 @@ class TunConfig:
 class ListenConfig:
     address: str
     port: int
+    secure_port: int = SECURE_PORT  # the authenticated / encrypted peers' port
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +145,12 @@ class PeerConfig:
     dead_after: float = 30.0  # seconds without any datagram -> down
     down_action: DownAction = DownAction.NONE
     source_port: SourcePort = SourcePort.FLOW_HASH  # RFC 8086 §3.2.1: entropy per flow
+    security: PeerSecurity = field(default_factory=PeerSecurity)  # plain unless configured
+
+    @property
+    def secure(self) -> bool:
+        """True for an authenticated or encrypted peer (bridge/secure)."""
+        return self.security.mode is not SecurityMode.PLAIN
 
     @property
     def endpoint(self) -> tuple[str, int]:
@@ -386,8 +402,12 @@ def _parse_listen(r: _Reader, data: dict[str, Any]) -> ListenConfig:
     except ValueError as e:
         r.error("listen.address", str(e))
     port = r.get(t, "port", "listen", int, GRE_IN_UDP_PORT, _range(1, 65535))
+    sport = r.get(t, "secure_port", "listen", int, SECURE_PORT, _range(1, 65535))
+    if sport == port:
+        r.error("listen.secure_port", f"{sport} is also listen.port: the secure modes need "
+                "a port of their own (docs/SECURE.md §2)")
     r.unknown(t, "listen")
-    return ListenConfig(address=address, port=port)
+    return ListenConfig(address=address, port=port, secure_port=sport)
 
 
 def _parse_pmtu(r: _Reader, data: dict[str, Any]) -> PmtuConfig:
@@ -403,18 +423,45 @@ def _parse_pmtu(r: _Reader, data: dict[str, Any]) -> PmtuConfig:
     return cfg
 
 
-def _parse_peer(r: _Reader, i: int, t: dict[str, Any]) -> PeerConfig | None:
+def _parse_security(r: _Reader, p: str, t: dict[str, Any],
+                    base: str | None) -> PeerSecurity:
+    """The peer's security keys (bridge/secure/keys.py), popped from `t`; key file paths
+    are relative to the directory of the config file `base`."""
+    keys = ("security", "private_key_file", "public_key", "preshared_key_file")
+    sub = {k: t.pop(k) for k in keys if k in t}
+    if base is not None:
+        d = os.path.dirname(os.path.abspath(base))
+        for k in ("private_key_file", "preshared_key_file"):
+            v = sub.get(k)
+            if isinstance(v, str):
+                sub[k] = os.path.join(d, v)
+            elif isinstance(v, list):
+                sub[k] = [os.path.join(d, x) if isinstance(x, str) else x for x in v]
+    sec, errors = parse_security(sub)
+    for e in errors:
+        key, _, msg = e.partition(": ")
+        if key in keys:
+            r.error(f"{p}.{key}", msg)
+        else:
+            r.error(f"{p}.security", e)
+    return sec or PeerSecurity()
+
+
+def _parse_peer(r: _Reader, i: int, t: dict[str, Any], secure_port: int = SECURE_PORT,
+                ) -> PeerConfig | None:
     p = f"peers[{i}]"
     ok = len(r.errors)
     name = r.get(t, "name", p, str, f"peer{i}")
-    host, port = "0.0.0.0", GRE_IN_UDP_PORT
+    security = _parse_security(r, p, t, r.file)
+    default_port = secure_port if security.mode is not SecurityMode.PLAIN else GRE_IN_UDP_PORT
+    host, port = "0.0.0.0", default_port
     if "endpoint" not in t:
         r.error(f"{p}.endpoint", "missing (\"host:port\" or \"[v6]:port\")")
     else:
         ep = r.get(t, "endpoint", p, str, None)
         if ep is not None:
             try:
-                host, port = parse_endpoint(ep)
+                host, port = parse_endpoint(ep, default_port)
             except ValueError as e:
                 r.error(f"{p}.endpoint", f"{ep!r}: {e}")
     prefixes: list[IPNetwork] = []
@@ -469,7 +516,7 @@ def _parse_peer(r: _Reader, i: int, t: dict[str, Any]) -> PeerConfig | None:
         name=name, host=host, port=port, prefixes=tuple(prefixes), encapsulation=encap,
         key_in=key_in, key_out=key_out, sequence=seq, max_packets_held=held,
         outoforder_timer_ms=timer, checksum=csum, keepalive=keepalive, dead_after=dead,
-        down_action=down, source_port=sport,
+        down_action=down, source_port=sport, security=security,
     )
 
 
@@ -488,7 +535,7 @@ def _check_peers(r: _Reader, peers: list[tuple[int, PeerConfig]]) -> None:
         # Receive tells peers on one host apart by the GRE key (RFC 2890 §2.1) only, never by
         # the UDP port: the sender's source port is flow entropy (RFC 8086 §3.2.1), so it
         # cannot name a peer. A second peer on a host needs a GRE key of its own.
-        for k, other in hosts.get(peer.host, []):
+        for k, other in hosts.get(peer.host, []) if not peer.secure else ():
             if Encapsulation.IPIP in (peer.encapsulation, other.encapsulation):
                 r.error(f"peers[{i}].endpoint", f"same host {peer.host} as peers[{k}], and "
                         "an ipip peer cannot share its host: received datagrams are matched "
@@ -501,7 +548,16 @@ def _check_peers(r: _Reader, peers: list[tuple[int, PeerConfig]]) -> None:
                         "(RFC 2890 §2.1), not by UDP port (RFC 8086 §3.2.1); give each a "
                         "different key")
                 break
-        hosts.setdefault(peer.host, []).append((i, peer))
+        if not peer.secure:  # a secure peer is found by its session, not its address
+            hosts.setdefault(peer.host, []).append((i, peer))
+    # A secure peer's datagrams are sealed per peer, found by their endpoint: one each.
+    ends: dict[tuple[str, int], tuple[int, bool]] = {}
+    for i, peer in peers:
+        prev = ends.get(peer.endpoint)
+        if prev is not None and (peer.secure or prev[1]):
+            r.error(f"peers[{i}].endpoint", f"secure peers need an endpoint of their own; "
+                    f"{peer.host}:{peer.port} is also peers[{prev[0]}]'s")
+        ends.setdefault(peer.endpoint, (i, peer.secure))
 
 
 def _check_families(r: _Reader, tun: TunConfig, listen: ListenConfig,
@@ -548,7 +604,7 @@ def parse_config(data: dict[str, Any], file: str | None = None) -> tuple[Config 
         if not isinstance(t, dict):
             r.error(f"peers[{i}]", "must be a table ([[peers]])")
             continue
-        peer = _parse_peer(r, i, dict(t))
+        peer = _parse_peer(r, i, dict(t), listen.secure_port)
         if peer is not None:
             peers.append((i, peer))
     if not raw_peers and "peers" not in r.seen_bad:

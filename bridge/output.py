@@ -5,7 +5,8 @@ Rules:
   `bridge.gso.UdpRun` standing for several equal-size datagrams. `Output.udp_sport[addr]`
   holds, only for peers with source_port = "flow-hash", the RFC 8086 §3.2.1 source port of
   each item (same index). `Output.tun` holds inner packets, ICMP errors and `TunFrame`s for
-  the TUN, in order.
+  the TUN, in order. `Output.secure[addr]` holds sealed datagrams for secure peers
+  (bridge/securelink.py), sent from the secure port; items may be `UdpRun`s too.
 - Every datagram for a peer enters through `emit`, which also counts it (the peer's tx
   packets and bytes) and marks the peer as sent to (`last_tx`, the keepalive clock): the
   per-packet path, keepalives and the TSO fast path all use it, so the counters cannot
@@ -27,20 +28,22 @@ __all__ = ["Output", "Addr", "emit"]
 class Output:
     """What one call produced. Reuse it: `clear()` between batches."""
 
-    __slots__ = ("udp", "udp_sport", "tun")
+    __slots__ = ("udp", "udp_sport", "tun", "secure")
 
     def __init__(self) -> None:
         self.udp: dict[Addr, list[bytes | bytearray]] = {}
         self.udp_sport: dict[Addr, list[int]] = {}
         self.tun: list[bytes | bytearray] = []
+        self.secure: dict[Addr, list[bytes | bytearray]] = {}
 
     def clear(self) -> None:
         self.udp.clear()
         self.udp_sport.clear()
         self.tun.clear()
+        self.secure.clear()
 
     def __bool__(self) -> bool:
-        return bool(self.udp or self.tun)
+        return bool(self.udp or self.tun or self.secure)
 
 
 def emit(out: Output, counters: Counters, peer: PeerState, item: bytes | bytearray,

@@ -12,6 +12,8 @@ Rules:
   part of the match; several peers behind one host are told apart by the GRE key
   (RFC 2890 §2.1). No roaming: an unknown address is dropped ("unknown_peer"), since GRE
   is unauthenticated (RFC 2890 §3) and learning endpoints would be an injection vector.
+  Secure peers (bridge/securelink.py) are not found by address at all: only under
+  "secure:<index>", the key their verified payloads carry into the pipeline.
 - Loop guard (RFC 2003 §4): `is_endpoint(dst)` tells the pipeline that an inner address is
   one of the tunnel endpoints (a peer's or our own listen address).
 - The forwarding decisions are written once, here, for every path that uses them:
@@ -93,6 +95,12 @@ class PeerState:
         self.keepalive_payload = self.encoder.keepalive() if self.gre else b""
 
 
+def secure_key(index: int) -> Addr:
+    """The address under which secure peer `index`'s verified payloads enter the pipeline
+    (bridge/securelink.py): not an IP literal, so no datagram from a socket carries it."""
+    return (f"secure:{index}", 0)
+
+
 def link_scope(dst: bytes | bytearray | memoryview) -> bool:
     """True for a 4- or 16-byte destination of link (or interface) scope (module docstring)."""
     if len(dst) == 16:
@@ -140,7 +148,8 @@ class PeerTable:
         self._route_cache: dict[bytes, int] = {}
         hosts: dict[str, list[int]] = {}
         for i, peer in enumerate(self.peers):
-            hosts.setdefault(peer.host, []).append(i)
+            # a secure peer is found by its session, never by its address (securelink.py)
+            hosts.setdefault(secure_key(i)[0] if peer.secure else peer.host, []).append(i)
         self._hosts = {h: tuple(ix) for h, ix in hosts.items()}
         self._host_cache: dict[str, tuple[int, ...]] = {}
         endpoints = {ipaddress.ip_address(p.host).packed for p in self.peers}
@@ -227,7 +236,7 @@ class PeerTable:
         if hit is not None:
             return hit
         canon = canonical_host(host)
-        hit = self._hosts.get(canon, ()) if canon is not None else ()
+        hit = self._hosts.get(canon if canon is not None else host, ())
         if len(self._host_cache) >= CACHE_MAX:
             self._host_cache.clear()
         self._host_cache[host] = hit

@@ -17,6 +17,9 @@ Contract (docs/DESIGN.md):
     out.tun: list[bytes | bytearray]      inner packets and ICMP errors for the TUN
     bridge.counters; bridge.status(now) -> dict; bridge.metrics_text(now) -> str
     bridge.tun_mtu -> int                 the MTU to set on the TUN device
+    bridge.from_secure(datagrams, now, out); out.secure: the secure port's datagrams in and
+    out (issue 12); secure peers are bridge/securelink.py's `self.secure` (None without
+    them: one check per call), which seals at the end of every call and opens.
 
 Outbound flow (TUN -> peer), per packet, in this order:
  1. IP length checks (`packet_length`); malformed -> drop "malformed".
@@ -83,6 +86,8 @@ from bridge.peers import (
     PeerTable,
     link_scope,
 )
+from bridge.secure import OVERHEAD, PeerSpec
+from bridge.securelink import SecureLink
 from stack.wire import icmp
 from stack.wire.ip import (
     DF,
@@ -121,7 +126,8 @@ IPV6_MIN_MTU = 1280  # RFC 8200 §5
 class Bridge:
     """The data plane of one endpoint. Pure: no sockets, no clock (`now` is passed in)."""
 
-    def __init__(self, config: Config, now: float, underlay_mtu: int | None = None) -> None:
+    def __init__(self, config: Config, now: float, underlay_mtu: int | None = None,
+                 wall_offset: float = 0.0) -> None:
         self.config = config
         underlay = underlay_mtu or config.pmtu.underlay_mtu
         self.underlay_mtu = underlay
@@ -130,12 +136,17 @@ class Bridge:
         for i, p in enumerate(config.peers):
             gre = p.encapsulation is Encapsulation.GRE
             ovh = overhead(gre, p.ipv6, p.key_out is not None, p.sequence is not SeqPolicy.OFF,
-                           p.checksum)
+                           p.checksum) + (OVERHEAD if p.secure else 0)
             self.peers.append(PeerState(i, p, config.tun.mtu or underlay - ovh, now))
             self.peers[-1].overhead = ovh
         self.table = PeerTable(config.peers, local=[config.listen.address], states=self.peers)
         # the fast paths get what they need, not the Bridge (bridge/fastpath.py)
         self.fast = FastPath(self.table, self.counters, self.heard)
+        # issue 12; `wall_offset` (UNIX time - now) dates handshakes across restarts
+        specs = [PeerSpec(i, p.name, p.security, p.endpoint)
+                 for i, p in enumerate(config.peers) if p.secure]
+        self.secure: SecureLink | None = SecureLink(
+            self.peers, specs, now, self.from_udp, self.heard, wall_offset) if specs else None
         mtus = [p.mtu for p in self.peers]
         self.tun_mtu: int = config.tun.mtu or (min(mtus) if mtus else underlay - 28)
         self.mss_clamp = config.mss_clamp
@@ -248,6 +259,8 @@ class Bridge:
             self._send(peers[idx], pkt if n == len(pkt) else memoryview(pkt)[:n], v6, now, out)
         if term is not None:
             term.flush(now, out)
+        if self.secure is not None:
+            self.secure.seal_output(out, now)
 
     def _not_forwarded(self, why: int, pkt: Buf, n: int, v6: bool, now: float,
                        out: Output) -> None:
@@ -433,6 +446,17 @@ class Bridge:
             c.rx_bytes[peer.index] += n
         if term is not None:  # server legs of terminated flows take theirs, in one call
             term.from_peer(tun, now, out)
+        if self.secure is not None:
+            self.secure.seal_output(out, now)
+
+    def from_secure(self, datagrams: Iterable[tuple[Buf | GroBatch, Addr]], now: float,
+                    out: Output) -> None:
+        """Datagrams from the secure port: opened by bridge/securelink.py, then `from_udp`'s
+        path; without secure peers each is "unknown_peer"."""
+        if self.secure is not None:
+            self.secure.receive(datagrams, now, out)
+        else:
+            self.counters.drops[C.R_UNKNOWN_PEER] += sum(1 for _ in datagrams)
 
     def _expand(self, datagrams: Iterable[tuple[Buf | GroBatch, Addr]], now: float,
                 tun: list[bytes | bytearray]) -> Iterator[tuple[Buf, Addr]]:
@@ -532,6 +556,8 @@ class Bridge:
             t = self.terminator.get_timer()
             if t is not None and (best is None or t < best):
                 best = t
+        if self.secure is not None:
+            best = self.secure.earliest(best)
         return best
 
     def handle_timer(self, now: float, out: Output) -> None:
@@ -556,6 +582,8 @@ class Bridge:
         if term is not None:  # reorder flushes reach the terminator like from_udp's packets
             term.from_peer(tun, now, out)
             term.handle_timer(now, out)
+        if self.secure is not None:  # handshake retries, rekeys; seals the keepalives
+            self.secure.handle_timer(now, out)
 
     # ---------------------------------------------------------------- status
 
@@ -579,7 +607,7 @@ class Bridge:
                              "flushes": p.seq.flushes, "next_tx": p.encoder.seq},
                 **snap["peers"][p.name],
             })
-        return {
+        st = {
             "tun": {"name": self.config.tun.name, "mtu": self.tun_mtu},
             "tun_mtu": self.tun_mtu,
             "underlay_mtu": self.underlay_mtu,
@@ -590,7 +618,11 @@ class Bridge:
             "events": snap["events"],
             **({"inspect": self.terminator.status()} if self.terminator is not None else {}),
         }
+        if self.secure is not None:
+            self.secure.status(st, now)
+        return st
 
     def metrics_text(self) -> str:
         """Prometheus text exposition of the counters plus per-peer up gauges."""
-        return self.counters.prometheus(peer_up=[p.up and p.heard for p in self.peers])
+        text = self.counters.prometheus(peer_up=[p.up and p.heard for p in self.peers])
+        return text + self.secure.prometheus() if self.secure is not None else text

@@ -112,6 +112,8 @@ def peer_flags(p: PeerConfig) -> int:
         f |= PF["OUTER_V6"]
     if p.checksum:
         f |= PF["CSUM"]  # GRE checksums: the Python path, both directions
+    elif p.secure:
+        pass  # authenticated/encrypted peers (bridge/secure): only the Python path seals
     else:
         f |= PF["TX"]
         if p.sequence is not SeqPolicy.REORDER:

@@ -15,6 +15,11 @@ Rules:
   Engine is built; everything else the Engine calls is given to its constructor (keep-warm,
   the UDP->TUN process of bridge/io/split.py, TUN writes in core order). Other parts of
   `grebe up` reach the core through `call_core` (bridge/io/flows.py).
+- Secure peers (issue 12): a second UDP adapter, `secure_udp`, bound to the secure port,
+  is given to the constructor when the Bridge has secure peers; `pump_secure` feeds what it
+  receives to `Bridge.from_secure`, and every Output's `secure` datagrams leave from it
+  (one emptiness check per batch). Not with one process per direction (a session's keys
+  and counters are one state fed by both directions).
 
 Fast paths (bridge/gso.py): the TUN hands TCP TSO frames to `Bridge.from_tun` whole
 (`SuperPacket`), and the UDP socket hands GRO buffers to `Bridge.from_udp` whole
@@ -107,13 +112,19 @@ class Engine:
     def __init__(self, bridge: Bridge, tun: TunLike, udp: UdpLike,
                  clock: Callable[[], float] = time.monotonic, *, keep_warm: bool = False,
                  sibling: Sibling | None = None, ordered_tun: bool | None = None,
-                 fast_path: Any = None) -> None:
+                 fast_path: Any = None, secure_udp: UdpLike | None = None) -> None:
         if udp.caps.gro_batches and not tun.caps.vnet_hdr:
             raise ValueError("GRO batches need a TUN with the vnet header (the core answers "
                              "them with TunFrames)")
         if sibling is not None and bridge.terminator is not None:
             raise ValueError("one process per direction cannot terminate flows: a flow's "
                              "two legs are one state machine fed by both directions")
+        if sibling is not None and bridge.secure is not None:
+            raise ValueError("one process per direction cannot run secure peers: a "
+                             "session's keys and counters serve both directions")
+        if (bridge.secure is not None) != (secure_udp is not None):
+            raise ValueError("secure peers need the secure UDP socket, and only they do")
+        self.secure_udp = secure_udp
         self.bridge = bridge
         self.tun = tun
         self.udp = udp
@@ -130,6 +141,8 @@ class Engine:
         self._out_t, self._out_u, self._out_timer = Output(), Output(), Output()
         self._pk_t: list[Any] = []
         self._dg_u: list[tuple[Any, Addr]] = []
+        self._out_s = Output()
+        self._dg_s: list[tuple[Any, Addr]] = []
         self._peer_events = self._peer_event_counts()
         self._peer_state: dict[str, str] = {
             p.get("name"): p.get("state", "up" if p.get("up") else "down")
@@ -162,6 +175,16 @@ class Engine:
         w = self.warmer
         return self._pump(self.udp.recv_datagrams, self._dg_u, self.bridge.from_udp,
                           self._out_u, w.note_udp if w is not None else None, "udp_recvs",
+                          "udp_datagrams", limit)
+
+    def pump_secure(self, limit: int = BATCH) -> int:
+        """Like `pump_udp`, for the secure port: `from_secure`. 0 without secure peers."""
+        sec = self.secure_udp
+        if sec is None:
+            return 0
+        w = self.warmer
+        return self._pump(sec.recv_datagrams, self._dg_s, self.bridge.from_secure,
+                          self._out_s, w.note_udp if w is not None else None, "udp_recvs",
                           "udp_datagrams", limit)
 
     def _pump(self, read: Callable[[list[Any], int], int], batch: list[Any],
@@ -288,7 +311,9 @@ class Engine:
                 c = c.merged(child.get("counters", {}))
             if self.fast_path is not None:  # issue 14: the eBPF program's counters
                 c = c.merged(self.fast_path.counters())
-            return c.prometheus(peer_up=[p.up and p.heard for p in self.bridge.peers])
+            text = c.prometheus(peer_up=[p.up and p.heard for p in self.bridge.peers])
+            sec = self.bridge.secure
+            return text + sec.prometheus() if sec is not None else text
 
     def execute(self, out: Output) -> None:
         """Send and write what a core call put in `out`, then clear it."""
@@ -348,6 +373,18 @@ class Engine:
         else:
             self.stats["udp_sends"] += self.udp.send_datagrams(addr, dgs)
         if self._too_big:  # EMSGSIZE met (bridge/io/udp.py); the set is the adapter's own
+            self.learn_path_mtu()
+
+    def _send_secure(self, secure: dict[Addr, list[bytes | bytearray]]) -> None:
+        """Sealed datagrams (Output.secure) from the secure port."""
+        sock = self.secure_udp
+        if sock is None:
+            return
+        for addr, dgs in secure.items():
+            self.stats["udp_sends"] += sock.send_datagrams(addr, dgs)
+        if sock.too_big:  # EMSGSIZE: the same path MTU logic as the plain socket's
+            self._too_big.update(sock.too_big)
+            sock.too_big.clear()
             self.learn_path_mtu()
 
     def learn_path_mtu(self) -> None:
@@ -419,11 +456,15 @@ class Engine:
             w = None  # latency: a handoff to a sleeping writer costs a thread wake-up
         sports = out.udp_sport
         if w is None:
+            if out.secure:
+                self._send_secure(out.secure)
             for addr, dgs in out.udp.items():
                 self._send(addr, dgs, sports.get(addr))
             if out.tun:
                 self._write(out.tun)
         else:  # the core makes new lists per batch: out.udp's lists can be handed over
+            if out.secure:
+                w.put(self._send_secure, dict(out.secure))
             for addr, dgs in out.udp.items():
                 w.put(self._send, addr, dgs, sports.get(addr))
             if out.tun:
@@ -436,6 +477,8 @@ def _small(out: Output) -> bool:
     Overlap only pays for big batches; for small ones the wake-up is the added RTT."""
     n = len(out.tun)
     for dgs in out.udp.values():
+        n += len(dgs)
+    for dgs in out.secure.values():
         n += len(dgs)
     return n <= INLINE_MAX
 
@@ -530,6 +573,9 @@ class Runner:
         wm = e.warmer
         dirs = [(e.tun.fileno(), e.pump_tun, "tun->udp", wm.tun if wm else None),
                 (e.udp.fileno(), e.pump_udp, "udp->tun", wm.udp if wm else None)]
+        if e.secure_udp is not None:
+            dirs.append((e.secure_udp.fileno(), e.pump_secure, "secure->tun",
+                         wm.udp if wm else None))
         rx = e.sibling
         if rx is not None:  # before any thread starts: the child runs UDP->TUN
             rx.start(e, self.data, self.writer_threads)

@@ -377,3 +377,17 @@ def test_netfilter_chains_keep_auto_on_python_and_suspend_a_running_program(
     flags = M.GLOBAL.unpack(M.global_value(loads_config(
         BASE + '[[inspect]]\nname = "w"\ndst_ports = [80]\ninspectors = ["log"]\n'), 1, 0))[3]
     assert flags & M.GF["INSPECT"]  # ICMP errors then go to the Python path
+
+
+def test_secure_peers_are_left_to_the_python_path() -> None:
+    """An authenticated or encrypted peer must never be sent plain GRE by the program: its
+    entry has neither TX nor RX, so its packets go up to the Python path, which seals them."""
+    from dataclasses import replace
+
+    from bridge.secure.keys import SecurityMode
+
+    p = loads_config(BASE).peers[0]
+    sec = replace(p, security=replace(p.security, mode=SecurityMode.ENCRYPTED))
+    assert sec.secure
+    assert not M.peer_flags(sec) & (M.PF["TX"] | M.PF["RX"])
+    assert M.peer_flags(p) & M.PF["TX"]

@@ -1,0 +1,197 @@
+"""SecureLink: the Bridge's seam to the secure modes (bridge/secure, docs/SECURE.md).
+
+Rules:
+- Only peers with `security = "authenticated"` or `"encrypted"` pass here; a Bridge
+  without such peers has no SecureLink (`Bridge.secure is None`), and its plain path pays
+  one `is None` check per batch, never one per packet.
+- Send: every datagram for a secure peer enters `Output.udp` through `bridge.output.emit`
+  like a plain peer's (so the tx counters and the keepalive clock are the same code), under
+  the peer's configured endpoint; `seal_output`, run once at the end of every Bridge call
+  (from_tun, from_udp, from_secure, handle_timer), takes those lists out of `Output.udp`,
+  seals them (`seal` per datagram, `seal_batch` per TSO `UdpRun`) and puts the results in
+  `Output.secure[current endpoint]`, which the I/O layer sends from the secure socket.
+  The endpoint is the SecureEndpoint's, which follows a peer that roamed (learned only from
+  a datagram that verified). Flow-hash source ports are not kept: every secure datagram
+  leaves from the secure port (docs/SECURE.md §2).
+- Staged first: datagrams the SecureEndpoint staged during a handshake, and handshake
+  messages, come out of `datagrams_to_send` before anything sealed later in the same call,
+  so a sequence policy never sees them late (the bridge/secure docstring's contract).
+- Receive (`receive`, for datagrams from the secure socket only): `receive_datagram`
+  verifies and opens each one; what verified goes through the Bridge's ordinary
+  `from_udp` under a per-peer key (bridge/peers.py `secure_key`) that `by_host` maps to
+  that peer alone, so the GRE/IPIP checks, AllowedIPs, TTL, loop guard and sequence policy are
+  the plain path's, unchanged. A secure peer is never found by its host address: a plain
+  datagram from its address to the plain port is "unknown_peer". Only a verified datagram
+  marks a peer heard; a secure-layer keepalive (empty payload) does so directly.
+- Events are applied at once, before the payload of the datagram that produced them (what
+  verified before them is delivered first): PeerRestarted resets the peer's sequence
+  receiver (issue 12: no 32-packet wait after a restart); SessionStarted marks it heard;
+  Roamed is shown by `status` (the send address is the SecureEndpoint's already).
+
+Theory of operation: one SecureEndpoint for all secure peers of the Bridge (one UDP
+port); peer indices are the Bridge's. `earliest` / `handle_timer` are merged into the
+Bridge's. `status` adds a "secure" section and each secure peer's mode and current
+endpoint; `prometheus` adds grebe_secure_drops_total / grebe_secure_events_total.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from bridge.gso import GroBatch, UdpRun
+from bridge.output import Addr, Output
+from bridge.peers import PeerState, secure_key
+from bridge.secure import (
+    OVERHEAD,
+    PeerRestarted,
+    PeerSpec,
+    Roamed,
+    SecureEndpoint,
+    SessionStarted,
+)
+
+__all__ = ["SecureLink"]
+
+Buf = bytes | bytearray | memoryview
+Deliver = Callable[[list[tuple[Buf, Addr]], float, Output], None]
+
+
+def _alloc(seg: int) -> Callable[[int], bytearray]:
+    return lambda n: UdpRun(n, seg)
+
+
+class SecureLink:
+    """The secure peers of one Bridge: sealing, opening, events, timers, counters."""
+
+    __slots__ = ("ep", "peers", "addrs", "keys", "modes", "deliver", "heard", "roamed")
+
+    def __init__(self, peers: list[PeerState], specs: list[PeerSpec], now: float,
+                 deliver: Deliver, heard: Callable[[PeerState, float], None],
+                 wall_offset: float = 0.0) -> None:
+        self.ep = SecureEndpoint(specs, now, wall_offset=wall_offset)
+        self.peers = peers
+        self.addrs = [(s.index, peers[s.index].addr) for s in specs]
+        self.keys = {s.index: secure_key(s.index) for s in specs}
+        self.modes = {peers[s.index].name: (s.index, s.security.mode.value) for s in specs}
+        self.deliver = deliver  # Bridge.from_udp
+        self.heard = heard  # Bridge.heard
+        self.roamed = 0
+
+    # ---------------------------------------------------------------- send
+
+    def seal_output(self, out: Output, now: float) -> None:
+        """Seal what this call put in out.udp for secure peers into out.secure."""
+        udp = out.udp
+        ep = self.ep
+        self._drain(out, now)
+        for i, addr in self.addrs:
+            items = udp.pop(addr, None)
+            if items is None:
+                continue
+            out.udp_sport.pop(addr, None)
+            sealed: list[bytes | bytearray] = []
+            for item in items:
+                if type(item) is UdpRun:
+                    seg = item.seg
+                    r = ep.seal_batch(i, item, seg, now, alloc=_alloc(seg + OVERHEAD))
+                    if r is not None:
+                        sealed.append(r[0])
+                else:
+                    d = ep.seal(i, item, now)
+                    if d is not None:
+                        sealed.append(d)
+            dest = ep.endpoint(i)
+            if sealed and dest is not None:
+                lst = out.secure.get(dest)
+                if lst is None:
+                    out.secure[dest] = sealed
+                else:
+                    lst.extend(sealed)
+        self._drain(out, now)
+
+    def _drain(self, out: Output, now: float) -> None:
+        """Handshake messages, cookie replies, keepalives and released staged datagrams."""
+        for d, addr in self.ep.datagrams_to_send(now):
+            lst = out.secure.get(addr)
+            if lst is None:
+                out.secure[addr] = [d]
+            else:
+                lst.append(d)
+
+    # ---------------------------------------------------------------- receive
+
+    def receive(self, datagrams: Iterable[tuple[Buf | GroBatch, Addr]], now: float,
+                out: Output) -> None:
+        """Datagrams from the secure socket: verify, apply events, deliver what verified."""
+        ep = self.ep
+        keys = self.keys
+        batch: list[tuple[Buf, Addr]] = []
+        for payload, addr in datagrams:
+            if type(payload) is GroBatch:  # cut: each datagram is verified on its own
+                buf, seg = payload.buf, payload.seg
+                step = seg if seg > 0 else max(len(buf), 1)
+                parts: list[Buf] = [memoryview(buf)[o:o + step]
+                                    for o in range(0, len(buf), step)]
+            else:
+                parts = [payload]
+            for d in parts:
+                res = ep.receive_datagram(d, addr, now)
+                if ep.events_q:
+                    if batch:  # what verified before the event goes first
+                        self.deliver(batch, now, out)
+                        batch = []
+                    self._events(now)
+                if res is None:
+                    continue
+                i, inner = res
+                if len(inner):
+                    batch.append((inner, keys[i]))
+                else:
+                    self.heard(self.peers[i], now)  # a keepalive of the secure layer
+        if batch:
+            self.deliver(batch, now, out)
+        self.seal_output(out, now)
+
+    def _events(self, now: float) -> None:
+        ep = self.ep
+        while (ev := ep.next_event()) is not None:
+            if isinstance(ev, PeerRestarted):
+                self.peers[ev.peer].seq.reset()
+            elif isinstance(ev, SessionStarted):
+                self.heard(self.peers[ev.peer], now)
+            elif isinstance(ev, Roamed):
+                self.roamed += 1
+
+    # ---------------------------------------------------------------- timers, status
+
+    def earliest(self, best: float | None) -> float | None:
+        """The earlier of `best` (the Bridge's own deadline) and the secure layer's."""
+        t = self.ep.get_timer()
+        return t if t is not None and (best is None or t < best) else best
+
+    def handle_timer(self, now: float, out: Output) -> None:
+        t = self.ep.get_timer()
+        if t is not None and t <= now:
+            self.ep.handle_timer(now)
+        self.seal_output(out, now)
+
+    def status(self, st: dict[str, Any], now: float) -> None:
+        """Add the secure counters and each secure peer's mode and endpoint to `st`."""
+        snap = self.ep.snapshot(now)
+        st["secure"] = snap
+        sessions: Any = snap["peers"]
+        for p in st["peers"]:
+            hit = self.modes.get(p["name"])
+            if hit is None:
+                p["security"] = "plain"
+                continue
+            i, p["security"] = hit
+            dest = self.ep.endpoint(i)
+            if dest is not None:
+                p["endpoint"] = f"[{dest[0]}]:{dest[1]}" if ":" in dest[0] \
+                    else f"{dest[0]}:{dest[1]}"
+            p["session"] = sessions.get(p["name"])
+
+    def prometheus(self) -> str:
+        return self.ep.prometheus()
