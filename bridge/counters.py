@@ -49,6 +49,7 @@ __all__ = [
     "E_REORDER_FLUSHED",
     "E_PEER_UP",
     "E_PEER_DOWN",
+    "E_SEQ_RESYNC",
 ]
 
 # Drop reasons; the index of each is its R_* constant below.
@@ -106,6 +107,7 @@ EVENTS: tuple[str, ...] = (
     "reorder_flushed",
     "peer_up",
     "peer_down",
+    "seq_resync",  # a peer's numbering started anew (bridge/seqpolicy.py: a restart)
 )
 (
     E_ICMP_SENT,
@@ -118,6 +120,7 @@ EVENTS: tuple[str, ...] = (
     E_REORDER_FLUSHED,
     E_PEER_UP,
     E_PEER_DOWN,
+    E_SEQ_RESYNC,
 ) = range(len(EVENTS))
 
 _PEER_METRICS = (

@@ -421,6 +421,7 @@ class Bridge:
             else:
                 flushes = peer.seq.flushes
                 held = len(peer.seq.held)
+                resyncs = peer.seq.resyncs
                 reason = peer.seq.receive(seq, pkt, now, tun)
                 if reason >= 0:
                     drops[reason] += 1
@@ -428,6 +429,7 @@ class Bridge:
                 if len(peer.seq.held) > held:
                     c.events[C.E_REORDER_HELD] += 1
                 c.events[C.E_REORDER_FLUSHED] += peer.seq.flushes - flushes
+                c.events[C.E_SEQ_RESYNC] += peer.seq.resyncs - resyncs
             c.rx_packets[peer.index] += 1
             c.rx_bytes[peer.index] += n
         if term is not None:  # server legs of terminated flows take theirs, in one call
@@ -553,7 +555,8 @@ class Bridge:
                 "last_seen_s": round(now - p.last_rx, 3) if p.heard else None,
                 "mtu": p.mtu,
                 "sequence": {"policy": cfg.sequence.value, "held": len(p.seq.held),
-                             "flushes": p.seq.flushes, "next_tx": p.encoder.seq},
+                             "flushes": p.seq.flushes, "resyncs": p.seq.resyncs,
+                             "next_tx": p.encoder.seq},
                 **snap["peers"][p.name],
             })
         return {
