@@ -52,8 +52,13 @@ liveness callback `heard`, never the Bridge).
 
 Liveness: each peer gets a keepalive (bridge/encap.py) when nothing was sent to it for
 `keepalive` seconds; a peer not heard from for `dead_after` seconds is down (up again on
-the next datagram that passes the GRE/IPIP checks). A peer starts up: the dead_after clock
-starts at construction, so a peer never heard from goes down after dead_after.
+the next keepalive that passes the GRE/IPIP checks, or inner packet that passes every check
+of inbound steps 1-4: spoofed inner sources, dropped sequence numbers never count). Plain
+keepalives carry nothing to authenticate (RFC 2890 §3), so anyone who can send from the
+peer's address (with its key, which travels in clear) keeps a dead peer up and defeats
+down_action "withdraw"; the secure modes (bridge/secure/) are the answer. A peer starts
+up: the dead_after clock starts at construction, so a peer never heard from goes down after
+dead_after.
 ICMP errors to the TUN share one token bucket (pmtu.icmp_rate,
 pmtu.icmp_burst) refilled from `now`.
 """
@@ -393,7 +398,6 @@ class Bridge:
             if not tot:
                 drops[C.R_MALFORMED] += 1
                 continue
-            heard(peer, now)
             # AllowedIPs, TTL 0, loop guard: bridge/peers.py `accept`, in one call
             if payload[off] >> 4 == 4:
                 reason = table.accept(peer.index, payload[off + V4_SRC:off + V4_SRC_END],
@@ -430,6 +434,7 @@ class Bridge:
                     c.events[C.E_REORDER_HELD] += 1
                 c.events[C.E_REORDER_FLUSHED] += peer.seq.flushes - flushes
                 c.events[C.E_SEQ_RESYNC] += peer.seq.resyncs - resyncs
+            heard(peer, now)  # only a datagram that passed every check (issue 12)
             c.rx_packets[peer.index] += 1
             c.rx_bytes[peer.index] += n
         if term is not None:  # server legs of terminated flows take theirs, in one call
@@ -483,7 +488,8 @@ class Bridge:
             self.heard(peer, when)
 
     def heard(self, peer: PeerState, now: float) -> None:
-        """Liveness: `peer` was heard at `now` (a datagram passed its GRE/IPIP checks)."""
+        """Liveness: `peer` was heard at `now` (a keepalive passed its GRE/IPIP checks, or an
+        inner packet passed every check: module docstring)."""
         peer.last_rx = now
         peer.heard = True
         if not peer.up:
