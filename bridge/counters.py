@@ -38,6 +38,8 @@ __all__ = [
     "R_PEER_DOWN",
     "R_LINK_LOCAL",
     "R_UNINSPECTABLE",
+    "R_BAD_DESTINATION",
+    "R_HAIRPIN",
     "R_INTERNAL_ERROR",
     "E_ICMP_SENT",
     "E_ICMP_RATE_LIMITED",
@@ -70,6 +72,10 @@ DROP_REASONS: tuple[str, ...] = (
     "peer_down",  # peer is down and its down_action is "withdraw"
     "link_local",  # no route, link-scope destination (the kernel's own RS/MLD on the TUN)
     "uninspectable",  # IPv6 chain not walkable to its end, addresses an [[inspect]] rule covers
+    # inner destination from a peer that is no unicast host of a site: multicast, broadcast,
+    # loopback, unspecified, link-local, reserved (bridge/peers.py `martian`)
+    "bad_destination",
+    "hairpin",  # inner destination from a peer routes back to that same peer
     # a bug raised out of the core during a batch (counted by the I/O loop, never the core):
     # each datagram / TUN packet of that batch; those handled before the exception are
     # also counted under their own outcome, the rest were lost
@@ -92,6 +98,8 @@ DROP_REASONS: tuple[str, ...] = (
     R_PEER_DOWN,
     R_LINK_LOCAL,
     R_UNINSPECTABLE,
+    R_BAD_DESTINATION,
+    R_HAIRPIN,
     R_INTERNAL_ERROR,
 ) = range(len(DROP_REASONS))
 

@@ -39,7 +39,9 @@ Inbound flow (peer -> TUN):
     keepalives end here (liveness only).
  3. Inner IP length checks; inner source must route back to that peer ("spoofed_source",
     WireGuard AllowedIPs); inner TTL 0 -> "ttl" (RFC 2003 §3.1: MUST discard; the
-    decapsulator does not decrement); inner destination a tunnel endpoint -> "loop".
+    decapsulator does not decrement); inner destination a tunnel endpoint -> "loop", one no
+    site host has (multicast, broadcast, loopback, ...) -> "bad_destination", one routed
+    back to the same peer -> "hairpin" (bridge/peers.py).
  4. MSS clamp, then the peer's sequence policy (bridge/seqpolicy.py) delivers to out.tun;
     with userspace-terminated flows, what it delivers (a batch's, or its reorder buffer's
     on the timer) and the GRO fast path's TunFrames are first handed, in order, to
@@ -137,7 +139,8 @@ class Bridge:
                            p.checksum)
             self.peers.append(PeerState(i, p, config.tun.mtu or underlay - ovh, now))
             self.peers[-1].overhead = ovh
-        self.table = PeerTable(config.peers, local=[config.listen.address], states=self.peers)
+        self.table = PeerTable(config.peers, local=[config.listen.address], states=self.peers,
+                               tun=config.tun.addresses)
         # the fast paths get what they need, not the Bridge (bridge/fastpath.py)
         self.fast = FastPath(self.table, self.counters, self.heard)
         mtus = [p.mtu for p in self.peers]
