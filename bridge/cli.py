@@ -134,7 +134,9 @@ def cmd_up(args: argparse.Namespace) -> int:
                             offload=offload)
             st["io"].update(tun_bad_frames=tun.bad_frames, tun_write_errors=tun.write_errors,
                             udp_send_errors=dict(udp.send_errors), udp_gso=udp.gso,
-                            udp_gro=udp.gro)
+                            udp_gro=udp.gro, control=dict(ctl.stats))
+            if metrics is not None:
+                st["io"]["metrics"] = dict(metrics.stats)
             return st
 
         ctl.register("status", status)
