@@ -99,8 +99,9 @@ class _Listener:
             try:
                 if self.allowed(conn):
                     self.serve(client)
-                else:
+                else:  # read the request first: a client never writes into a closed socket
                     self.stats["rejected"] += 1
+                    _read_line(client)
                     client.sendall(b'{"error": "permission denied"}\n')
             except TimeoutError:
                 self.stats["timeouts"] += 1
