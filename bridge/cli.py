@@ -229,7 +229,9 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
                             offload=offload)
             st["io"].update(tun_bad_frames=tun.bad_frames, tun_write_errors=tun.write_errors,
                             udp_send_errors=dict(udp.send_errors), udp_gso=udp.gso,
-                            udp_gro=udp.gro)
+                            udp_gro=udp.gro, control=dict(ctl.stats))
+            if metrics is not None:
+                st["io"]["metrics"] = dict(metrics.stats)
             return st
 
         ctl.register("status", status)

@@ -38,6 +38,8 @@ __all__ = [
     "R_PEER_DOWN",
     "R_LINK_LOCAL",
     "R_UNINSPECTABLE",
+    "R_BAD_DESTINATION",
+    "R_HAIRPIN",
     "R_INTERNAL_ERROR",
     "E_ICMP_SENT",
     "E_ICMP_RATE_LIMITED",
@@ -49,6 +51,7 @@ __all__ = [
     "E_REORDER_FLUSHED",
     "E_PEER_UP",
     "E_PEER_DOWN",
+    "E_SEQ_RESYNC",
 ]
 
 # Drop reasons; the index of each is its R_* constant below.
@@ -69,6 +72,10 @@ DROP_REASONS: tuple[str, ...] = (
     "peer_down",  # peer is down and its down_action is "withdraw"
     "link_local",  # no route, link-scope destination (the kernel's own RS/MLD on the TUN)
     "uninspectable",  # IPv6 chain not walkable to its end, addresses an [[inspect]] rule covers
+    # inner destination from a peer that is no unicast host of a site: multicast, broadcast,
+    # loopback, unspecified, link-local, reserved (bridge/peers.py `martian`)
+    "bad_destination",
+    "hairpin",  # inner destination from a peer routes back to that same peer
     # a bug raised out of the core during a batch (counted by the I/O loop, never the core):
     # each datagram / TUN packet of that batch; those handled before the exception are
     # also counted under their own outcome, the rest were lost
@@ -91,6 +98,8 @@ DROP_REASONS: tuple[str, ...] = (
     R_PEER_DOWN,
     R_LINK_LOCAL,
     R_UNINSPECTABLE,
+    R_BAD_DESTINATION,
+    R_HAIRPIN,
     R_INTERNAL_ERROR,
 ) = range(len(DROP_REASONS))
 
@@ -106,6 +115,7 @@ EVENTS: tuple[str, ...] = (
     "reorder_flushed",
     "peer_up",
     "peer_down",
+    "seq_resync",  # a peer's numbering started anew (bridge/seqpolicy.py: a restart)
 )
 (
     E_ICMP_SENT,
@@ -118,6 +128,7 @@ EVENTS: tuple[str, ...] = (
     E_REORDER_FLUSHED,
     E_PEER_UP,
     E_PEER_DOWN,
+    E_SEQ_RESYNC,
 ) = range(len(EVENTS))
 
 _PEER_METRICS = (

@@ -15,11 +15,13 @@ GRE checksums (RFC 2784 §2.5) and every sequence policy stay on the fast path: 
 builds and verifies the checksums per row.
 Receiving steps aside for: userspace-terminated flows, several peers behind one host (the
 GRE key picks, RFC 2890 §2.1), a first sequence number the policy would not deliver at once
-(RFC 2890 §2.2: late for drop-late; for reorder anything but exactly the next one, or any
-packet held: `SeqReceiver.run_may_start`), a bad GRE checksum (RFC 2784 §2.5: the row ends
-the run and is dropped and counted by the per-packet path), a spoofed inner source
-(AllowedIPs), TTL 0 (RFC 2003 §3.1), a tunnel endpoint as inner destination (RFC 2003 §4),
-and anything that is not a contiguous run of one TCP flow (see `coalesce_rows`).
+(RFC 2890 §2.2: out of the window for drop-late; for reorder anything but exactly the next
+one, or any packet held: `SeqReceiver.run_may_start`), a bad GRE checksum (RFC 2784 §2.5:
+the row ends the run and is dropped and counted by the per-packet path), a spoofed inner
+source (AllowedIPs), TTL 0 (RFC 2003 §3.1), a tunnel endpoint (RFC 2003 §4), a martian or a
+hairpin as inner destination (bridge/peers.py `accept`), and anything that is not a
+contiguous run of one TCP flow (see `coalesce_rows`). Liveness (`heard`) only after all
+of them, as on the per-packet path.
 tests/unit/bridge/test_bridge_gso.py and test_fastpath_seq_csum.py (out-of-order, lost,
 replayed and damaged datagrams, batch after batch) prove both paths put the same bytes on the
 wire and into the TUN, with the same counters and sequence policy state.

@@ -24,7 +24,22 @@ Rules:
   peer's tunnel MTU -> TOO_BIG (RFC 2003 §5.1); `accept(peer, src, dst, ttl)` for a
   decapsulated one (the per-packet path and the GRO fast path): the inner source must route
   back to that peer ("spoofed_source", AllowedIPs), TTL 0 -> "ttl" (RFC 2003 §3.1: MUST
-  discard), a tunnel endpoint as destination -> "loop".
+  discard), a tunnel endpoint as destination -> "loop", a destination no site host can have
+  -> "bad_destination" (`martian`), a destination routed back to the peer it came from ->
+  "hairpin".
+- Inner destinations from a peer (issue 12): a decapsulated packet goes to the TUN, and the
+  kernel forwards it on; a peer must not use us to reach what a site host never is:
+  `martian(dst, broadcasts)`: IPv4 0.0.0.0/8 ("this network", RFC 1122 §3.2.1.3), loopback
+  127.0.0.0/8 (same section), link-local 169.254.0.0/16 (RFC 3927 §2.7), multicast
+  224.0.0.0/4 (RFC 5771) and reserved 240.0.0.0/4 with the limited broadcast
+  255.255.255.255 (RFC 1812 §5.3.5.1, §5.3.7), and the directed broadcast of each TUN
+  subnet (RFC 1812 §5.3.5.2, `broadcasts`); IPv6 :: and ::1 (RFC 4291 §2.5.2, §2.5.3),
+  link-local fe80::/10 (§2.5.6) and multicast ff00::/8 (§2.7). grebe carries unicast only:
+  routing protocols that speak multicast over the tunnel are not supported. A destination
+  inside a peer's prefixes is not of this site: back to the same peer it is a hairpin
+  (the kernel would reflect it into the tunnel); to another peer it is forwarded, since an
+  endpoint with several peers is a hub (topologies/three-sites-hub.toml) and that is how
+  its spokes reach each other.
 - `PeerState` is the runtime state of one peer (encoder, sequence receiver, liveness, MTU);
   the table reads it for `forward` (`states`, one per configured peer, same index).
 - `link_scope(dst)`: a destination no router forwards off its link: IPv6 multicast of
@@ -32,6 +47,9 @@ Rules:
   solicitations to ff02::2) and link-local unicast fe80::/10 (§2.5.6), IPv4 224.0.0.0/24
   (RFC 5771 §4) and 169.254.0.0/16 (RFC 3927 §2.7). Unrouted, the pipeline counts them
   "link_local" instead of "no_route": they are the host's own link chatter on the TUN.
+
+The verdict on an inner destination (`_dest`: a peer index, -1 for this site, LOOP or
+MARTIAN) is cached per address like routes, so `accept` costs two dict lookups.
 
 Theory of operation: per family, a dict {prefix length: {masked network int: peer index}},
 lengths probed longest first. Results are cached per address (bytes -> index, -1 for no
@@ -53,7 +71,7 @@ from bridge.encap import GreEncoder
 from bridge.seqpolicy import SeqReceiver
 
 __all__ = ["PeerTable", "PeerState", "Addr", "CACHE_MAX", "NO_ROUTE", "LOOP", "PEER_DOWN",
-           "TTL_EXPIRED", "TOO_BIG", "canonical_host", "link_scope"]
+           "TTL_EXPIRED", "TOO_BIG", "canonical_host", "link_scope", "martian"]
 
 Addr = tuple[str, int]
 CACHE_MAX = 65536
@@ -62,6 +80,7 @@ LOOP = -2  # route(), forward(): the destination is a tunnel endpoint
 PEER_DOWN = -3  # forward(): the peer is down and withdrawn
 TTL_EXPIRED = -4  # forward(): TTL / hop limit <= 1
 TOO_BIG = -5  # forward(): above the peer's tunnel MTU
+MARTIAN = -6  # the inner-destination cache: no site host has this address
 
 
 class PeerState:
@@ -110,6 +129,16 @@ def link_scope(dst: bytes | bytearray | memoryview) -> bool:
                                                                 and dst[1] == 254)
 
 
+def martian(dst: bytes, broadcasts: frozenset[bytes] = frozenset()) -> bool:
+    """True for a 4- or 16-byte destination no unicast host of a site has (module
+    docstring): unspecified, loopback, link-local, multicast, reserved, broadcast."""
+    if len(dst) == 16:
+        return dst[0] == 0xFF or (dst[0] == 0xFE and dst[1] & 0xC0 == 0x80) or (
+            not any(dst[:15]) and dst[15] <= 1)
+    a = dst[0]
+    return a in (0, 127) or a >= 224 or (a == 169 and dst[1] == 254) or dst in broadcasts
+
+
 def canonical_host(host: str) -> str | None:
     """The canonical text of an IP literal (IPv4-mapped IPv6 -> IPv4), or None if not one.
 
@@ -128,10 +157,12 @@ class PeerTable:
     """Routing and identification of the configured peers (indices into `peers`)."""
 
     __slots__ = ("peers", "states", "_v4", "_v6", "_cache", "_route_cache", "_hosts",
-                 "_host_cache", "_endpoints")
+                 "_host_cache", "_endpoints", "_broadcasts", "_dest_cache")
 
     def __init__(self, peers: Sequence[PeerConfig], local: Sequence[str] = (),
-                 states: Sequence[PeerState] = ()) -> None:
+                 states: Sequence[PeerState] = (),
+                 tun: Sequence[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = (),
+                 ) -> None:
         self.peers = tuple(peers)
         self.states = tuple(states)  # for forward(); empty: route() and accept() only
         v4: dict[int, dict[int, int]] = {}
@@ -161,6 +192,10 @@ class PeerTable:
             if not ip.is_unspecified:
                 endpoints.add(ip.packed)
         self._endpoints = frozenset(endpoints)
+        # RFC 1812 §5.3.5.2: the directed broadcast of each TUN subnet (not /31, RFC 3021)
+        self._broadcasts = frozenset(i.network.broadcast_address.packed for i in tun
+                                     if i.version == 4 and i.network.prefixlen < 31)
+        self._dest_cache: dict[bytes, int] = {}
 
     def lookup(self, addr: bytes | bytearray | memoryview) -> int:
         """Return the index of the peer whose prefix best matches `addr` (4 or 16 bytes),
@@ -216,15 +251,36 @@ class PeerTable:
     def accept(self, peer: int, src: bytes | bytearray | memoryview,
                dst: bytes | bytearray | memoryview, ttl: int) -> int:
         """The inbound decision for an inner packet decapsulated from `peer`: -1 when it may
-        go to the TUN, else the drop reason (bridge/counters.py: spoofed_source, ttl, loop;
-        module docstring)."""
+        go to the TUN, else the drop reason (bridge/counters.py: spoofed_source, ttl, loop,
+        bad_destination, hairpin; module docstring)."""
         if self.lookup(src) != peer:
             return C.R_SPOOFED_SOURCE  # WireGuard AllowedIPs
         if ttl == 0:
             return C.R_TTL  # RFC 2003 §3.1: MUST discard, do not decrement
-        if bytes(dst) in self._endpoints:
-            return C.R_LOOP  # RFC 2003 §4
-        return -1
+        key = bytes(dst)
+        where = self._dest_cache.get(key)
+        if where is None:
+            where = self._dest(key)
+        if where == -1:
+            return -1  # a destination of this site
+        if where >= 0:  # another peer's prefix: a hub forwards, the same peer is a hairpin
+            return C.R_HAIRPIN if where == peer else -1
+        return C.R_LOOP if where == LOOP else C.R_BAD_DESTINATION  # RFC 2003 §4; martian
+
+    def _dest(self, key: bytes) -> int:
+        """Where an inner destination from a peer leads (module docstring), cached: LOOP,
+        MARTIAN, the peer whose prefix covers it, or -1 (this site)."""
+        if key in self._endpoints:
+            where = LOOP
+        elif martian(key, self._broadcasts):
+            where = MARTIAN
+        else:
+            where = self.lookup(key)
+        cache = self._dest_cache
+        if len(cache) >= CACHE_MAX:
+            cache.clear()
+        cache[key] = where
+        return where
 
     def allowed(self, peer: int, src: bytes | bytearray | memoryview) -> bool:
         """True if `src` may come from `peer` (its longest match is that peer)."""

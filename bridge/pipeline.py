@@ -42,7 +42,9 @@ Inbound flow (peer -> TUN):
     keepalives end here (liveness only).
  3. Inner IP length checks; inner source must route back to that peer ("spoofed_source",
     WireGuard AllowedIPs); inner TTL 0 -> "ttl" (RFC 2003 §3.1: MUST discard; the
-    decapsulator does not decrement); inner destination a tunnel endpoint -> "loop".
+    decapsulator does not decrement); inner destination a tunnel endpoint -> "loop", one no
+    site host has (multicast, broadcast, loopback, ...) -> "bad_destination", one routed
+    back to the same peer -> "hairpin" (bridge/peers.py).
  4. MSS clamp, then the peer's sequence policy (bridge/seqpolicy.py) delivers to out.tun;
     with userspace-terminated flows, what it delivers (a batch's, or its reorder buffer's
     on the timer) and the GRO fast path's TunFrames are first handed, in order, to
@@ -55,8 +57,13 @@ liveness callback `heard`, never the Bridge).
 
 Liveness: each peer gets a keepalive (bridge/encap.py) when nothing was sent to it for
 `keepalive` seconds; a peer not heard from for `dead_after` seconds is down (up again on
-the next datagram that passes the GRE/IPIP checks). A peer starts up: the dead_after clock
-starts at construction, so a peer never heard from goes down after dead_after.
+the next keepalive that passes the GRE/IPIP checks, or inner packet that passes every check
+of inbound steps 1-4: spoofed inner sources, dropped sequence numbers never count). Plain
+keepalives carry nothing to authenticate (RFC 2890 §3), so anyone who can send from the
+peer's address (with its key, which travels in clear) keeps a dead peer up and defeats
+down_action "withdraw"; the secure modes (bridge/secure/) are the answer. A peer starts
+up: the dead_after clock starts at construction, so a peer never heard from goes down after
+dead_after.
 ICMP errors to the TUN share one token bucket (pmtu.icmp_rate,
 pmtu.icmp_burst) refilled from `now`.
 """
@@ -139,7 +146,8 @@ class Bridge:
                            p.checksum) + (OVERHEAD if p.secure else 0)
             self.peers.append(PeerState(i, p, config.tun.mtu or underlay - ovh, now))
             self.peers[-1].overhead = ovh
-        self.table = PeerTable(config.peers, local=[config.listen.address], states=self.peers)
+        self.table = PeerTable(config.peers, local=[config.listen.address], states=self.peers,
+                               tun=config.tun.addresses)
         # the fast paths get what they need, not the Bridge (bridge/fastpath.py)
         self.fast = FastPath(self.table, self.counters, self.heard)
         # issue 12; `wall_offset` (UNIX time - now) dates handshakes across restarts
@@ -407,7 +415,6 @@ class Bridge:
             if not tot:
                 drops[C.R_MALFORMED] += 1
                 continue
-            heard(peer, now)
             # AllowedIPs, TTL 0, loop guard: bridge/peers.py `accept`, in one call
             if payload[off] >> 4 == 4:
                 reason = table.accept(peer.index, payload[off + V4_SRC:off + V4_SRC_END],
@@ -435,6 +442,7 @@ class Bridge:
             else:
                 flushes = peer.seq.flushes
                 held = len(peer.seq.held)
+                resyncs = peer.seq.resyncs
                 reason = peer.seq.receive(seq, pkt, now, tun)
                 if reason >= 0:
                     drops[reason] += 1
@@ -442,6 +450,8 @@ class Bridge:
                 if len(peer.seq.held) > held:
                     c.events[C.E_REORDER_HELD] += 1
                 c.events[C.E_REORDER_FLUSHED] += peer.seq.flushes - flushes
+                c.events[C.E_SEQ_RESYNC] += peer.seq.resyncs - resyncs
+            heard(peer, now)  # only a datagram that passed every check (issue 12)
             c.rx_packets[peer.index] += 1
             c.rx_bytes[peer.index] += n
         if term is not None:  # server legs of terminated flows take theirs, in one call
@@ -526,7 +536,8 @@ class Bridge:
             self.heard(peer, when)
 
     def heard(self, peer: PeerState, now: float) -> None:
-        """Liveness: `peer` was heard at `now` (a datagram passed its GRE/IPIP checks)."""
+        """Liveness: `peer` was heard at `now` (a keepalive passed its GRE/IPIP checks, or an
+        inner packet passed every check: module docstring)."""
         peer.last_rx = now
         peer.heard = True
         if not peer.up:
@@ -604,7 +615,8 @@ class Bridge:
                 "last_seen_s": round(now - p.last_rx, 3) if p.heard else None,
                 "mtu": p.mtu,
                 "sequence": {"policy": cfg.sequence.value, "held": len(p.seq.held),
-                             "flushes": p.seq.flushes, "next_tx": p.encoder.seq},
+                             "flushes": p.seq.flushes, "resyncs": p.seq.resyncs,
+                             "next_tx": p.encoder.seq},
                 **snap["peers"][p.name],
             })
         st = {

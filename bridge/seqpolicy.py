@@ -15,14 +15,37 @@ Rules:
   limit trips the whole buffer is delivered in order, ignoring gaps, and last = the last
   delivered. A duplicate of a held packet is discarded. Packets without S are dropped
   (the receiver asked for sequencing, like Linux iseq).
-- Resynchronisation (grebe's, not in RFC 2890 nor Linux): after RESYNC_AFTER consecutive
-  packets that are all "late", the sender has restarted its numbering (a restarted peer
-  starts at 0 again); the packet is accepted as a new start (held packets are delivered
-  first) and `resyncs` counts it. Without this a peer restarted within `dead_after` stays
-  black-holed until its numbers pass the old ones, which may be never (Linux `iseq` has
-  exactly that failure). Stray late duplicates or reordered packets never come 32 in a row
-  without an accepted one between them; a replayed burst shorter than RESYNC_AFTER is still
-  dropped whole (GRE has no authentication, so this is tidiness, not security).
+- Window (grebe's, not in RFC 2890 nor Linux): a packet at most JUMP_MAX - 1 ahead of the
+  expected number is in the window and follows the rules above (a gap is a loss). A packet
+  further ahead, or late, is "out of the window": it never moves the window by itself.
+  A receiver that has taken no packet yet (or has just resynchronised) takes the first
+  whatever its number under both policies (for reorder: when out of the window; within it
+  RFC 2890 §2.2 holds it), so a receiver restarted while its peer kept counting never waits.
+- Resynchronisation (grebe's): out-of-window packets that follow one another (each within
+  JUMP_MAX of the previous one) with no packet taken in the window meanwhile form a run;
+  the run becomes the new numbering (held packets delivered first, `resyncs` counts it, the
+  packet that completes the run is taken as a new start, the earlier ones were dropped):
+  - a run ahead of the window, or one that resumes the numbering left at the previous
+    resynchronisation, after CONFIRM packets (a loss longer than JUMP_MAX; a false jump
+    undone), so it costs CONFIRM - 1 packets;
+  - any other run (late numbers: a peer that restarted counts from 0 again) once it has
+    lasted RESYNC_TIME seconds (two packets RESYNC_TIME apart suffice), so a restarted
+    peer is heard again RESYNC_TIME after its first packet, whatever its traffic rate.
+  Linux `iseq` has no such rule: a peer restarted within `dead_after` stays black-holed
+  until its numbers pass the old ones, which may be never.
+- Plain GRE has no authentication (RFC 2890 §3): anyone who can send from the peer's
+  address with its key can inject packets, replay recorded ones, and read the numbers on
+  the wire, and nothing here can prevent that; the authenticated and encrypted modes are
+  the answer (docs/). What this policy does guarantee against such a sender: a forged or
+  replayed packet out of the window is dropped and moves nothing, and while the real peer
+  sends at least one packet per RESYNC_TIME (per CONFIRM forged packets for a forged run
+  ahead) no run completes, so a trickle of forged far-ahead or late packets (the
+  "injected sequence" and replay attacks of issue 12) costs no legitimate packet. Still
+  possible: a forged packet inside the window (costs at most JUMP_MAX - 1 legitimate
+  packets under drop-late, which drops what a jump skipped; under reorder what the
+  OUTOFORDER_TIMER flush skips), and a sender that out-talks the peer (CONFIRM forged
+  packets in a row ahead, or a forged late run lasting RESYNC_TIME while the peer is
+  silent) moves the numbering until the peer's own packets move it back the same way.
 
 Theory of operation: one `SeqReceiver` per peer (one key per peer, so the RFC's
 per-key sequence space is per peer). `receive(seq, packet, now, deliver)` appends what may
@@ -33,8 +56,9 @@ Sorting happens only on a flush (at most MAX_PACKETS_HELD entries).
 
 Runs (the GRO fast path, bridge/fastpath.py): `run_may_start(seq)` says whether a run of
 packets numbered seq, seq + 1, ... would each be delivered at once by `receive` (off; drop-late
-when seq is not late; reorder when seq == last + 1 and nothing is held, so that the run neither
-releases nor holds anything and no timer or MAX_PACKETS_HELD limit is touched);
+when seq is in the window; reorder when seq == last + 1 and nothing is held, or a first
+packet out of the window, so that the run neither releases nor holds anything and no timer
+or MAX_PACKETS_HELD limit is touched);
 `run_received(last)` then leaves exactly the state those `receive` calls would have left.
 """
 
@@ -43,11 +67,14 @@ from __future__ import annotations
 from bridge.config import SeqPolicy
 from bridge.counters import R_SEQUENCE
 
-__all__ = ["SeqReceiver", "seq_after", "seq_diff"]
+__all__ = ["CONFIRM", "JUMP_MAX", "RESYNC_TIME", "SeqReceiver", "seq_after", "seq_diff"]
 
 _MOD = 1 << 32
+_MASK = _MOD - 1
 _HALF = 1 << 31
-RESYNC_AFTER = 32
+JUMP_MAX = 16  # packets ahead of the expected number still in the window
+CONFIRM = 3  # packets of a run ahead (or resuming the old numbering) that resynchronise
+RESYNC_TIME = 1.0  # seconds a late run lasts before it resynchronises
 
 
 def seq_diff(a: int, b: int) -> int:
@@ -65,7 +92,7 @@ class SeqReceiver:
     """Receive-side sequence policy of one peer."""
 
     __slots__ = ("policy", "max_held", "timer", "last", "started", "held", "held_since",
-                 "flushes", "late_run", "resyncs")
+                 "flushes", "resyncs", "run_n", "run_last", "run_since", "run_fast", "prev")
 
     def __init__(self, policy: SeqPolicy, max_held: int = 5, timer_s: float = 0.1) -> None:
         if max_held < 1 or timer_s <= 0:
@@ -74,12 +101,18 @@ class SeqReceiver:
         self.max_held = max_held
         self.timer = timer_s
         self.last = 0xFFFFFFFF  # RFC 2890 §2.2: initialised to 2**32 - 1
-        self.started = False  # drop-late: Linux accepts the first packet whatever its seq
+        self.started = False  # Linux accepts the first packet whatever its seq
         self.held: dict[int, bytes | bytearray] = {}
         self.held_since = 0.0
         self.flushes = 0
-        self.late_run = 0  # consecutive late packets (resynchronisation, module docstring)
         self.resyncs = 0
+        # the run of out-of-window packets (resynchronisation, module docstring): its
+        # length, highest number, start time, whether CONFIRM packets complete it
+        self.run_n = 0
+        self.run_last = 0
+        self.run_since = 0.0
+        self.run_fast = False
+        self.prev = -1  # `last` before the latest resynchronisation (-1: none yet)
 
     def receive(
         self, seq: int, packet: bytes | bytearray, now: float,
@@ -93,12 +126,13 @@ class SeqReceiver:
         if seq < 0:
             return R_SEQUENCE
         if policy is SeqPolicy.DROP_LATE:
-            if self.started and seq_diff(seq, (self.last + 1) & 0xFFFFFFFF) < 0:
-                if not self._resync(deliver):
+            if self.started:
+                d = (seq - self.last - 1) & _MASK  # late: >= 2**31; far ahead: >= JUMP_MAX
+                if d >= JUMP_MAX and not self._out_of_window(seq, d, now, deliver):
                     return R_SEQUENCE
             self.started = True
             self.last = seq
-            self.late_run = 0
+            self.run_n = 0
             deliver.append(packet)
             return -1
         return self._reorder(seq, packet, now, deliver)
@@ -110,30 +144,48 @@ class SeqReceiver:
             return True
         if seq < 0:
             return False  # no S bit: receive() drops it
-        if policy is SeqPolicy.DROP_LATE:  # Linux iseq: not behind the expected number
-            return not self.started or seq_diff(seq, (self.last + 1) & 0xFFFFFFFF) >= 0
+        if policy is SeqPolicy.DROP_LATE:  # Linux iseq: not behind, and within the window
+            return not self.started or (seq - self.last - 1) & _MASK < JUMP_MAX
         # RFC 2890 §2.2: exactly the next one, and no held packet a run could release
-        return not self.held and seq == (self.last + 1) & 0xFFFFFFFF
+        d = (seq - self.last) & _MASK
+        if not self.started:  # nothing held; out of the window: a first packet starts anew
+            return d == 1 or d == 0 or d > JUMP_MAX
+        return d == 1 and not self.held
 
     def run_received(self, last: int) -> None:
         """A run that `run_may_start` allowed, numbered consecutively up to `last`, was
         delivered: the state `receive` would have left after taking them one by one."""
-        policy = self.policy
-        if policy is SeqPolicy.OFF:
+        if self.policy is SeqPolicy.OFF:
             return
-        if policy is SeqPolicy.DROP_LATE:
-            self.started = True
+        self.started = True
         self.last = last
-        self.late_run = 0  # an accepted packet ends a run of late ones (resynchronisation)
+        self.run_n = 0  # a packet taken in the window ends a run of out-of-window ones
 
-    def _resync(self, deliver: list[bytes | bytearray]) -> bool:
-        """Count one late packet; True when it is the RESYNC_AFTER-th in a row: the state
-        is then reset (held packets delivered first) so that this packet starts afresh."""
-        self.late_run += 1
-        if self.late_run < RESYNC_AFTER:
+    def _out_of_window(self, seq: int, d: int, now: float,
+                       deliver: list[bytes | bytearray]) -> bool:
+        """Count one packet out of the window (`d`: its distance from the expected number,
+        mod 2**32) into the current run, or start a new run with it. True when it completes
+        the run (module docstring): held packets are delivered and the state reset, so
+        that this packet starts afresh."""
+        n = self.run_n
+        diff = (seq - self.run_last) & _MASK
+        if n and (diff <= JUMP_MAX or diff >= _MOD - JUMP_MAX):  # follows the run
+            n += 1
+            if 0 < diff <= JUMP_MAX:
+                self.run_last = seq
+        else:
+            n = 1
+            self.run_last = seq
+            self.run_since = now
+            prev = self.prev
+            self.run_fast = d < _HALF or (prev >= 0 and 0 < (seq - prev) & _MASK <= JUMP_MAX)
+        self.run_n = n
+        if n < 2 or (n < CONFIRM if self.run_fast else now - self.run_since < RESYNC_TIME):
             return False
         self.flush(deliver)
+        prev = self.last
         self.reset()
+        self.prev = prev
         self.resyncs += 1
         return True
 
@@ -141,22 +193,23 @@ class SeqReceiver:
         self, seq: int, packet: bytes | bytearray, now: float,
         deliver: list[bytes | bytearray],
     ) -> int:
-        d = (seq - self.last) & 0xFFFFFFFF
-        if d == 0 or d >= _HALF:  # RFC 2890 §2.2: not after last -> silently discard
-            if not self._resync(deliver):
-                return R_SEQUENCE
-            self.last = (seq - 1) & 0xFFFFFFFF
+        d = (seq - self.last) & _MASK
+        if d == 0 or d > JUMP_MAX:  # RFC 2890 §2.2: not after last -> silently discard
+            if self.started and not self._out_of_window(seq, (d - 1) & _MASK, now, deliver):
+                return R_SEQUENCE  # (or far ahead: out of the window)
+            self.last = (seq - 1) & _MASK  # a new start (or the first packet)
             d = 1
-        self.late_run = 0
+        self.started = True
+        self.run_n = 0
         held = self.held
         if d == 1:
             deliver.append(packet)
             self.last = seq
-            nxt = (seq + 1) & 0xFFFFFFFF
+            nxt = (seq + 1) & _MASK
             while nxt in held:  # the gap closed: release held successors in order
                 deliver.append(held.pop(nxt))
                 self.last = nxt
-                nxt = (nxt + 1) & 0xFFFFFFFF
+                nxt = (nxt + 1) & _MASK
             # Packets still held keep held_since: the oldest remaining one arrived no earlier,
             # so the deadline can only be early, never late (RFC 2890 §2.2 bounds the wait).
             return -1
@@ -173,7 +226,7 @@ class SeqReceiver:
         """Forget all state, as at tunnel establishment (held packets are discarded)."""
         self.last = 0xFFFFFFFF
         self.started = False
-        self.late_run = 0
+        self.run_n = 0
         self.held.clear()
 
     def flush(self, deliver: list[bytes | bytearray]) -> int:

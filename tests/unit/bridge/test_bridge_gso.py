@@ -302,8 +302,8 @@ def _rx_both(extra: str, dgrams: list[bytes], seg: int) -> tuple[Bridge, list[by
 
 def seq_state(sr: SeqReceiver) -> tuple[object, ...]:
     """Everything of a sequence policy's state that later packets depend on."""
-    return sr.last, sr.started, sr.late_run, sorted(sr.held), sr.held_since, sr.flushes, \
-        sr.resyncs
+    return sr.last, sr.started, sr.run_n, sr.run_last, sr.run_since, sr.run_fast, sr.prev, \
+        sorted(sr.held), sr.held_since, sr.flushes, sr.resyncs
 
 
 def _rx_same(fast: Bridge, ff: list[bytes], ref: Bridge, rf: list[bytes]) -> None:

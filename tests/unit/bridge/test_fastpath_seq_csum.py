@@ -64,8 +64,8 @@ def _datagrams(extra: str, v6: bool, rows: int, bursts: int = 1, tail: int = 0
 
 
 def _seq_state(sr: SeqReceiver) -> tuple[object, ...]:
-    return sr.last, sr.started, sr.late_run, sorted(sr.held), sr.held_since, sr.flushes, \
-        sr.resyncs
+    return sr.last, sr.started, sr.run_n, sr.run_last, sr.run_since, sr.run_fast, sr.prev, \
+        sorted(sr.held), sr.held_since, sr.flushes, sr.resyncs
 
 
 def _packets(items: list[bytes | bytearray]) -> list[bytes]:

@@ -11,12 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.config import SeqPolicy
-from bridge.seqpolicy import RESYNC_AFTER, SeqReceiver
+from bridge.seqpolicy import JUMP_MAX, RESYNC_TIME, SeqReceiver
 
 
 def _state(sr: SeqReceiver) -> tuple[object, ...]:
-    return sr.last, sr.started, sr.late_run, sorted(sr.held), sr.held_since, sr.flushes, \
-        sr.resyncs
+    return sr.last, sr.started, sr.run_n, sr.run_last, sr.run_since, sr.run_fast, sr.prev, \
+        sorted(sr.held), sr.held_since, sr.flushes, sr.resyncs
 
 
 @settings(max_examples=400, deadline=None)
@@ -51,8 +51,9 @@ def test_run_equals_receive_one_by_one(policy: SeqPolicy, max_held: int,
             assert _state(sr) == _state(ref)
     else:
         assert policy is not SeqPolicy.OFF
-        # refused: receive() holds, releases, flushes, drops or resynchronises (a late run
-        # that completes RESYNC_AFTER is accepted anew: the per-packet path must see it)
+        # refused: receive() holds, releases, flushes, drops or resynchronises (a run of
+        # out-of-window packets that completes is accepted anew: the per-packet path must
+        # see it)
         assert not at_once or ref.resyncs > sr.resyncs
 
 
@@ -68,14 +69,17 @@ def test_reorder_refuses_the_next_number_while_packets_are_held() -> None:
 
 
 def test_drop_late_run_clears_the_late_count() -> None:
-    """An accepted run ends a streak of late packets, as an accepted packet does: the
-    resynchronisation needs RESYNC_AFTER late ones in a row after it."""
+    """An accepted run ends a run of out-of-window packets, as an accepted packet does: the
+    resynchronisation needs a run with no packet taken in the window meanwhile."""
     sr = SeqReceiver(SeqPolicy.DROP_LATE)
     out: list[bytes | bytearray] = []
     sr.receive(100, b"x", 0.0, out)
-    for _ in range(RESYNC_AFTER - 1):
-        sr.receive(5, b"late", 0.0, out)
-    assert sr.late_run == RESYNC_AFTER - 1 and sr.run_may_start(101)
+    for i in range(5):
+        sr.receive(5 + i, b"late", RESYNC_TIME * i / 10, out)
+    assert sr.run_n == 5 and sr.run_may_start(101)
     sr.run_received(110)
-    assert sr.late_run == 0 and sr.last == 110 and sr.started
-    assert not sr.run_may_start(110) and sr.run_may_start(111) and sr.run_may_start(500)
+    assert sr.run_n == 0 and sr.last == 110 and sr.started
+    assert not sr.run_may_start(110) and sr.run_may_start(111)
+    assert sr.run_may_start(110 + JUMP_MAX) and not sr.run_may_start(111 + JUMP_MAX)
+    sr.receive(10, b"late", RESYNC_TIME, out)  # a new run starts: the old one was ended
+    assert out == [b"x"] and sr.resyncs == 0 and sr.run_n == 1
