@@ -46,6 +46,7 @@ from stack.events import (
     IcmpEffect,
     IcmpKind,
     LocalProtocolError,
+    ResetToListen,
     SoftError,
     icmp_effect,
 )
@@ -513,6 +514,7 @@ class TcpConnection:
         if st is State.SYN_RECEIVED and self._hs.passive:
             self._move(Ev.RCV_RST_PASSIVE)
             self._hs.back_to_listen()
+            self._events.append(ResetToListen())
             return
         if st is not State.TIME_WAIT:
             self._events.append(
