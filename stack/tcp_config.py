@@ -15,7 +15,9 @@ Rules (the defaults and the RFC clause each one honours):
 - `syn_retries`/`max_retries`: R2 for SYN and data (RFC 9293 §3.8.3 MUST-20..23: with
   RFC 6298 backoff capped at 60 s, 8 SYN retries last 243 s >= 3 minutes (MUST-23) and
   15 data retries far more than 100 s (SHLD-11)).
-- `nagle` (RFC 9293 §3.7.4 SHLD-7, MUST-17 may be disabled).
+- `nagle` (RFC 9293 §3.7.4 SHLD-7, MUST-17 may be disabled): False is TCP_NODELAY, a
+  short segment goes out even while data is unacknowledged (the receiver-side SWS rules
+  and the windows still apply).
 - `window_scaling`, `timestamps` (RFC 7323), `sack` (RFC 2018): offered in our SYN and
   used only when the peer offers them too.
 - `challenge_ack_limit` per second (RFC 5961 §7 rate limit).
