@@ -226,6 +226,8 @@ class TcpConnection:
         snd.rto_at = snd.persist_at = self._timers.timewait_at = rcv.delack_at = None
         rcv.ack_now = snd.retx_pending = snd.probe_pending = snd.ka_pending = False
         rcv.ooo.clear()
+        rcv.ooo_fin = None
+        rcv.gap = False
         self._events.append(Closed())
 
     # ------------------------------------------------------------------ API: data
@@ -329,7 +331,7 @@ class TcpConnection:
             and (flags == ACK or flags == _ACK_PSH)
             and seq == (rcv.irs + rcv_nxt) & MASK
             and not sack  # SACK information goes to the scoreboard (slow path)
-            and not rcv.ooo.nbytes
+            and not rcv.gap  # nothing (bytes or a FIN) held beyond RCV.NXT
         ):
             if rcv.ts_on:
                 if ts is None:

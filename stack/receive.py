@@ -7,7 +7,9 @@ Rules:
 - RFC 9293 §3.10.7.4 seventh step: in-order text is delivered; text beyond RCV.NXT inside
   the window is kept for later (SHLD-31, bounded by the ReassemblyBuffer caps: what does
   not fit is dropped and counted); a duplicate part is trimmed. When a gap fills, the
-  pieces behind it follow at once, and a FIN that came after the gap takes effect then.
+  pieces behind it follow at once, and a FIN that came after the gap takes effect then
+  (also a bare FIN, with no bytes held: `gap` covers both, and keeps header prediction off
+  until the gap fills).
 - ACK policy (RFC 9293 §3.8.6.3, RFC 5681 §4.2): ACK at least every second full-sized
   segment (SHLD-19; "full" is the largest segment seen, at most one MSS, as Linux's
   rcv_mss), otherwise within `delayed_ack` (MUST-40: < 0.5 s); ACK at once for
@@ -75,7 +77,7 @@ class Receiver:
 
     __slots__ = (
         "irs", "nxt", "adv", "wscale", "cap", "sws_min", "wu_min", "mss", "rx", "rx_len",
-        "rx_held", "auto_consume", "ooo", "ooo_fin", "up", "fin", "ack_now", "delack_at",
+        "rx_held", "auto_consume", "ooo", "ooo_fin", "gap", "up", "fin", "ack_now", "delack_at",
         "delay", "unacked", "big", "last_ack_sent", "dsack", "ts_on", "sack_on", "ws_on",
         "ts_recent", "ts_recent_at", "bytes_in", "last_rx", "chal_limit", "chal_start",
         "chal_count", "events", "drops",
@@ -99,6 +101,7 @@ class Receiver:
         self.auto_consume = cfg.auto_consume
         self.ooo = ReassemblyBuffer(cfg.reassembly_cap or cfg.recv_buffer, cfg.reassembly_ranges)
         self.ooo_fin: int | None = None  # a FIN seen beyond a gap
+        self.gap = False  # bytes or a FIN held beyond RCV.NXT (header prediction is off)
         self.up = 0  # RCV.UP: stream offset where the peer's urgent data ends
         self.fin = False  # the peer's FIN was accepted
         self.ack_now = False
@@ -232,21 +235,23 @@ class Receiver:
             self.ack_now = True
             return False
         if seg_abs == nxt:
-            had_gap = bool(self.ooo)
             self.accept(payload, len(payload), now)
-            if had_gap:
+            if self.gap:  # bytes or a FIN wait beyond this segment
                 nxt, pieces = self.ooo.pop_ready(self.nxt)
                 for piece in pieces:
                     self.accept(piece, len(piece), now)
                 self.nxt = nxt
                 self.ack_now = True  # RFC 5681 §4.2: ACK at once when a gap fills
-                if self.ooo_fin is not None and self.ooo_fin == nxt:
-                    self.ooo_fin = None
-                    return True
+                fin = self.ooo_fin
+                if fin is not None and fin <= nxt:
+                    self.ooo_fin = None  # due now (or overtaken by text: not a FIN)
+                self.gap = bool(self.ooo.nbytes) or self.ooo_fin is not None
+                return fin == nxt
             return False
         # Out of order: queue it (SHLD-31) and send a duplicate ACK at once (RFC 5681 §4.2).
         if self.ooo.insert(seg_abs, payload) < 0:
             self._drop("reassembly_full")
+        self.gap = bool(self.ooo.nbytes) or self.ooo_fin is not None
         self.ack_now = True
         return False
 
@@ -275,6 +280,7 @@ class Receiver:
                     fin_now = self.take_fin() or fin_now
                 elif open_:
                     self.ooo_fin = fin_pos  # FIN after a gap: take it when the gap fills
+                    self.gap = True  # (the in-order segment that fills it takes the slow path)
                     self.ack_now = True
         return fin_now
 
