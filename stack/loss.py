@@ -27,9 +27,16 @@ Rules:
   so a retransmitted octet that is not yet lost counts twice, as the RFC says.
 - RFC 6675 §4 NextSeg(): rule 1, the first unSACKed octet at or above HighRxt that is
   lost; rule 2, new data; rule 3, the first unSACKed octet at or above HighRxt below the
-  highest SACKed octet. (Rule 4, the rescue retransmission, is not done.)
-- RFC 6675 §5 step 4: entering recovery sets HighRxt = SND.UNA; every retransmission moves
-  HighRxt past what it resent (`high_rxt`).
+  highest SACKed octet; rule 4, the rescue retransmission (`rescue`): once per recovery,
+  when rules 1-3 give nothing, the segment ending at the highest unSACKed octet, so that a
+  loss at the tail with no new data to send does not wait for the RTO; it moves
+  RescueRxt to the recovery point and never HighRxt.
+- RFC 6675 §5 step 4: entering recovery sets HighRxt = SND.UNA (and RescueRxt undefined);
+  every retransmission moves HighRxt past what it resent (`high_rxt`).
+- RFC 6675 §2 (DupAck) and §5: with SACK, an ACK that SACKs new data is a duplicate
+  acknowledgment whatever its window and even if it also acknowledges new data
+  cumulatively (`update` returns the bytes newly SACKed), and IsLost(HighACK + 1)
+  (`is_lost`) starts recovery before DupThresh duplicates (§5 step 2).
 
 Theory of operation: a connection's Sender (stack/send.py) owns one RtoEstimator and one
 Scoreboard. The estimator holds numbers only; the Sender keeps the deadline. The Sender
@@ -60,16 +67,19 @@ Ranges = list[tuple[int, int]]
 class Scoreboard:
     """SACKed ranges above SND.UNA and HighRxt, in absolute positions."""
 
-    __slots__ = ("sacked", "high_rxt")
+    __slots__ = ("sacked", "high_rxt", "rescue_rxt")
 
     def __init__(self) -> None:
         self.sacked: Ranges = []
         self.high_rxt = 0  # RFC 6675 HighRxt: one past the last octet retransmitted
+        self.rescue_rxt: int | None = None  # RFC 6675 RescueRxt (None: undefined)
 
-    def update(self, blocks: tuple[tuple[int, int], ...], una: int, top: int, iss: int) -> None:
+    def update(self, blocks: tuple[tuple[int, int], ...], una: int, top: int, iss: int) -> int:
         """Record the SACK blocks of one ACK (RFC 2018 §5): 32-bit edges, unwrapped against
-        SND.UNA; blocks not inside (SND.UNA, SND.MAX] are ignored."""
+        SND.UNA; blocks not inside (SND.UNA, SND.MAX] are ignored. Returns how many bytes
+        are newly SACKed (> 0: the ACK is an RFC 6675 §2 duplicate acknowledgment)."""
         base = (iss + una) & MASK
+        before = sacked_between(self.sacked, una, top)
         merged = list(self.sacked)
         for left, right in blocks[:4]:
             s = una + ((left - base) & MASK)
@@ -85,6 +95,30 @@ class Scoreboard:
             else:
                 out.append((s, e))
         self.sacked = out[:MAX_RANGES]
+        return sacked_between(self.sacked, una, top) - before
+
+    def is_lost(self, una: int, smss: int) -> bool:
+        """RFC 6675 §4 IsLost(HighACK + 1): the first unacknowledged octet is lost."""
+        return lost_edge(una, self.sacked, smss) > una
+
+    def rescue(self, una: int, high: int, smss: int) -> int | None:
+        """RFC 6675 §4 NextSeg rule (4): once per recovery (HighACK > RescueRxt or RescueRxt
+        undefined), the start of the segment of up to SMSS that ends at the highest
+        unSACKed octet below HighData; None when it is not allowed or nothing is unSACKed."""
+        r = self.rescue_rxt
+        if r is not None and una <= r:
+            return None
+        top = high
+        for s, e in reversed(self.sacked):
+            if e >= top and s < top:
+                top = s  # SACKed up to HighData: the highest unSACKed octet is below
+        if top <= una:
+            return None
+        start = max(top - smss, una)
+        for _s, e in self.sacked:
+            if start < e <= top:
+                start = e  # stay within the unSACKed run that ends at `top`
+        return start
 
     def acked(self, ack_abs: int) -> None:
         """The cumulative ACK moved to `ack_abs`: drop what it covers (RFC 2018 §8)."""

@@ -14,8 +14,11 @@ Rules:
 - Nagle (§3.7.4, SHLD-7, MUST-17 can be disabled): a short segment waits while data is
   unacknowledged.
 - With SACK, loss recovery follows RFC 6675 §5: retransmit SND.UNA's segment on entry, then
-  send while cwnd - pipe >= SMSS: lost holes first, then new data, then other holes
-  (NextSeg rules 1-3, stack/loss.py). Without SACK it is NewReno (RFC 6582).
+  send while cwnd - pipe >= SMSS: lost holes first, then new data, then other holes, then
+  once the rescue retransmission (NextSeg rules 1-4, stack/loss.py). A duplicate ACK is
+  the RFC 6675 §2 one when the ACK carries SACK blocks (new data SACKed, any window), and
+  IsLost(SND.UNA) starts recovery without DupThresh duplicates (§5 step 2); without SACK
+  blocks it is RFC 5681 §2's (unchanged window) and recovery is NewReno (RFC 6582).
 - Urgent data (RFC 9293 §3.8.5, MUST-31): every data segment before SND.UP (`up`) carries
   URG and SEG.UP = SND.UP - SEG.SEQ (the first non-urgent octet), capped at 0xFFFF.
 - RFC 6298: the retransmission timer (`rto_at`) is started when a segment is sent and it
@@ -409,6 +412,13 @@ class Sender:
                     continue
                 pos = board.next_seg(una, smss, 3)  # rule 3: any hole
                 if pos is None:
+                    pos = board.rescue(una, self.max, smss)  # rule 4: rescue retransmission
+                    if pos is None:
+                        return
+                    high_rxt = board.high_rxt
+                    self.retransmit_at(pos, now, out, af)
+                    board.high_rxt = high_rxt  # "HighRxt MUST NOT be updated"
+                    board.rescue_rxt = self.cc.recover  # RescueRxt = RecoveryPoint
                     return
             if not self.retransmit_at(pos, now, out, af):
                 return
@@ -453,18 +463,18 @@ class Sender:
                 return AckResult.TOO_OLD
             return AckResult.OLD  # an old duplicate ACK: ignore it, keep the text
         ack_abs = una + d
-        if self.sack_on and seg.sack:
-            self.board.update(seg.sack, una, self.max, self.iss)
+        board = self.board
+        newly = board.update(seg.sack, una, self.max, self.iss) if self.sack_on and seg.sack else 0
         if d:
             self.new_ack(ack_abs, d, seg.ts, now)
-        elif (
-            outstanding
-            and wnd  # a zero-window probe's ACK is not a loss signal
-            and not seg.payload
-            and not seg.flags & (SYN | FIN)
-            and wnd == self.wnd
-        ):
-            self.dupack(seg.ts)
+            if newly and not self.cc.in_recovery and board.is_lost(ack_abs, self.mss):
+                self.dupack(seg.ts, True)  # RFC 6675 §5: a DupAck "regardless of ... cumulative"
+        elif outstanding and not seg.payload and not seg.flags & (SYN | FIN):
+            if newly:  # RFC 6675 §2 DupAck: SACKs new data; no window condition
+                self.dupack(seg.ts, board.is_lost(una, self.mss))
+            elif wnd and wnd == self.wnd and not seg.sack:
+                # RFC 5681 §2 (no SACK information; a zero-window probe's ACK does not count)
+                self.dupack(seg.ts)
         if self.wl1 < seg_abs or (self.wl1 == seg_abs and self.wl2 <= ack_abs):
             self.update_window(wnd, seg_abs, ack_abs)
         return AckResult.OK
@@ -505,14 +515,16 @@ class Sender:
                 self.persist_at = None
                 self.persist_backoff = 0
 
-    def dupack(self, ts: tuple[int, int] | None) -> None:
-        """An RFC 5681 §2 duplicate ACK; congestion control decides on fast retransmit,
-        with the RFC 6582 §4.2 timestamp proof that the loss is not an old one."""
+    def dupack(self, ts: tuple[int, int] | None, lost: bool = False) -> None:
+        """A duplicate ACK (RFC 5681 §2, or RFC 6675 §2 with SACK; `lost`: IsLost(HighACK+1)
+        holds, RFC 6675 §5 step 2); congestion control decides on fast retransmit, with the
+        RFC 6582 §4.2 timestamp proof that the loss is not an old one."""
         rto_ts = self.rto_tsval
         new_loss = rto_ts is not None and ts is not None and (ts[1] - rto_ts) & MASK < HALF
-        if self.cc.on_dupack(self.una, self.max, self.nxt - self.una, new_loss):
+        if self.cc.on_dupack(self.una, self.max, self.nxt - self.una, new_loss, lost):
             self.retx_pending = True
             self.board.high_rxt = self.una  # HighRxt (RFC 6675 §5 step 4)
+            self.board.rescue_rxt = None  # RescueRxt undefined
 
     def update_window(self, wnd: int, seg_abs: int, ack_abs: int) -> None:
         """SND.WND update (RFC 9293 §3.10.7.4: SND.WL1/SND.WL2 rule); MUST-34 shrink-safe."""

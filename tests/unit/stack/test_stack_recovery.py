@@ -19,6 +19,7 @@ from tcp_script import (
 )
 
 from stack.congestion import NewReno, initial_window
+from stack.connection import TcpConnection
 from stack.events import Closed, ConnectionReset
 from stack.loss import RtoEstimator
 from stack.state import State
@@ -277,3 +278,55 @@ def test_sack_negotiated_but_no_blocks_falls_back_to_newreno_partial_acks() -> N
     assert recv(conn, 0.14)[0].seq == lseq(1 + MSS)
     send(conn, 0.2, seq=rseq(1), ack=lseq(1 + 4 * MSS), window=65535)  # partial ACK
     assert recv(conn, 0.2)[0].seq == lseq(1 + 4 * MSS)  # the next hole, no RTO needed
+
+
+def _sack_flight(n: int) -> TcpConnection:
+    conn = active(cfg(nagle=False, initial_cwnd=20 * MSS, sack=True), window=65535,
+                  sack_perm=True)
+    conn.send(bytes(n * MSS))
+    assert len(recv(conn, 0.0)) == n
+    return conn
+
+
+def _sacks(conn: TcpConnection, t: float, una: int, window: int,
+           *blocks: tuple[int, int]) -> None:
+    send(conn, t, seq=rseq(1), ack=lseq(1 + una * MSS), window=window,
+         sack=tuple((lseq(1 + a * MSS), lseq(1 + b * MSS)) for a, b in blocks))
+
+
+def test_rfc6675_dupack_with_sack_needs_no_unchanged_window() -> None:
+    """Issue 11 #4: the receiver's window grows with every ACK (its application reads);
+    an ACK SACKing new data is a duplicate ACK all the same (RFC 6675 §2, "DupAck"), so
+    the third one starts recovery (§5) instead of waiting for the RTO."""
+    conn = _sack_flight(10)
+    for i in range(3):  # segment 0 lost; 1, 2, 3 SACKed one by one, the window growing
+        _sacks(conn, 0.1 + i / 100, 0, 20000 + 1000 * i, (1, 2 + i))
+        if i < 2:
+            assert all(s.seq != lseq(1) for s in recv(conn, 0.1 + i / 100))
+    segs = recv(conn, 0.13)
+    assert segs and segs[0].seq == lseq(1) and len(segs[0].payload) == MSS
+    assert conn.info()["in_recovery"]
+
+
+def test_rfc6675_islost_starts_recovery_before_three_dupacks() -> None:
+    """RFC 6675 §5 step (2): IsLost(HighACK + 1), more than (DupThresh - 1) * SMSS SACKed
+    above SND.UNA, starts recovery even on the first duplicate ACK (the others were lost
+    or stretched into one)."""
+    conn = _sack_flight(10)
+    _sacks(conn, 0.1, 0, 65535, (1, 5))
+    segs = recv(conn, 0.1)
+    assert segs and segs[0].seq == lseq(1)
+    assert conn.info()["in_recovery"]
+
+
+def test_rfc6675_rescue_retransmission_of_the_tail() -> None:
+    """RFC 6675 §4 NextSeg rule (4): the first and the last segment are lost and there is
+    no new data; the last one is neither lost by IsLost nor below a SACKed block, so only
+    the rescue retransmission (once per recovery) resends it before the RTO."""
+    conn = _sack_flight(6)
+    _sacks(conn, 0.1, 0, 65535, (1, 5))  # segments 0 and 5 lost
+    segs = recv(conn, 0.1)
+    assert [s.seq for s in segs] == [lseq(1), lseq(1 + 5 * MSS)]
+    assert len(segs[1].payload) == MSS
+    _sacks(conn, 0.11, 0, 65535, (1, 5))
+    recv_nothing(conn, 0.11)  # once per recovery
