@@ -95,7 +95,7 @@ class TcpConnection:
         self._snd = Sender(
             cfg, (local[1], remote[1]), mss, ts_offset(cfg.isn_key, local, remote), self._rcv,
             NewReno(mss, cfg.initial_cwnd or None), Scoreboard(),
-            RtoEstimator(cfg.rto_initial, cfg.rto_min, cfg.rto_max),
+            RtoEstimator(cfg.rto_initial, cfg.rto_min, cfg.rto_max, var_min=cfg.rto_var_min),
         )
         self._hs = Handshake(cfg, local, remote, iss, self._snd, self._rcv, self.drops)
         self._rst_out: list[TcpSegment] = []

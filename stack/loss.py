@@ -4,8 +4,13 @@ Rules:
 - RFC 6298 §2.1: until a first RTT sample, RTO = 1 s (`initial`). §2.2: first sample R:
   SRTT = R, RTTVAR = R/2, RTO = SRTT + max(G, K*RTTVAR), K = 4. §2.3: later samples:
   RTTVAR = 3/4 RTTVAR + 1/4 |SRTT - R|, then SRTT = 7/8 SRTT + 1/8 R (RTTVAR first).
-- RFC 6298 §2.4: RTO below 1 s SHOULD be rounded up to 1 s (`minimum`, configurable:
-  Linux uses 200 ms); §2.5: a maximum of at least 60 s MAY be imposed (`maximum`).
+- RFC 6298 §2.4: RTO below 1 s SHOULD be rounded up to 1 s (`minimum`, configurable);
+  §2.5: a maximum of at least 60 s MAY be imposed (`maximum`).
+- Linux instead keeps RTTVAR at or above TCP_RTO_MIN (200 ms): RTO = SRTT + max(4*RTTVAR,
+  rto_min), a margin on top of the RTT rather than a floor on the sum (`var_min`, 0: off).
+  A peer's delayed ACK (up to 200 ms: Linux, Windows) a LAN RTT away then never races the
+  timer, where a floor on the sum fires at exactly 200 ms and turns every lone small write
+  into a spurious timeout (cwnd 1 SMSS, ssthresh halved).
 - RFC 6298 §3 / RFC 9293 MUST-18 (Karn): no RTT sample from a retransmitted segment; the
   Sender enforces it by timing one segment at a time and forgetting the timing on a
   retransmission, unless timestamps disambiguate (RFC 7323 §4, RTTM).
@@ -206,7 +211,8 @@ _K = 4.0
 class RtoEstimator:
     """RFC 6298 estimator. `rto` is the current timeout in seconds, backoff included."""
 
-    __slots__ = ("srtt", "rttvar", "base_rto", "backoffs", "minimum", "maximum", "granularity")
+    __slots__ = ("srtt", "rttvar", "base_rto", "backoffs", "minimum", "maximum", "granularity",
+                 "var_min")
 
     def __init__(
         self,
@@ -214,7 +220,9 @@ class RtoEstimator:
         minimum: float = 1.0,
         maximum: float = 60.0,
         granularity: float = 0.001,
+        var_min: float = 0.0,
     ) -> None:
+        self.var_min = var_min  # Linux's rto_min: a floor on K*RTTVAR, added to SRTT
         self.srtt: float | None = None
         self.rttvar = 0.0
         self.base_rto = initial
@@ -238,7 +246,7 @@ class RtoEstimator:
         else:
             self.rttvar = (1 - _BETA) * self.rttvar + _BETA * abs(self.srtt - r)
             self.srtt = (1 - _ALPHA) * self.srtt + _ALPHA * r
-        rto = self.srtt + max(self.granularity, _K * self.rttvar)
+        rto = self.srtt + max(self.granularity, _K * self.rttvar, self.var_min)
         self.base_rto = min(max(rto, self.minimum), self.maximum)
         self.backoffs = 0
 

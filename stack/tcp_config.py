@@ -11,7 +11,9 @@ Rules (the defaults and the RFC clause each one honours):
 - `delayed_ack` < 0.5 s (RFC 9293 §3.8.6.3 MUST-40); an ACK is sent at least for every
   second full-sized segment (SHLD-19).
 - `msl`: TIME-WAIT lasts 2*MSL (RFC 9293 §3.6.1 MUST-13; MSL = 2 minutes by default).
-- `rto_initial`/`rto_min`/`rto_max`: RFC 6298 §2 (1 s, 1 s, 60 s).
+- `rto_initial`/`rto_min`/`rto_max`: RFC 6298 §2 (1 s, 1 s, 60 s). `rto_var_min`: Linux's
+  rto_min, a floor on the variance term added to SRTT (RTO = SRTT + max(4*RTTVAR,
+  rto_var_min)); 0 keeps RFC 6298 exactly.
 - `syn_retries`/`max_retries`: R2 for SYN and data (RFC 9293 §3.8.3 MUST-20..23: with
   RFC 6298 backoff capped at 60 s, 8 SYN retries last 243 s >= 3 minutes (MUST-23) and
   15 data retries far more than 100 s (SHLD-11)).
@@ -64,6 +66,7 @@ class TcpConfig:
     msl: float = 120.0
     rto_initial: float = 1.0
     rto_min: float = 1.0
+    rto_var_min: float = 0.0
     rto_max: float = 60.0
     syn_retries: int = 8
     max_retries: int = 15
@@ -89,6 +92,8 @@ class TcpConfig:
             raise ValueError("recv_buffer must hold one MSS and send_buffer one byte")
         if self.recv_buffer > (1 << 30):
             raise ValueError("recv_buffer above 2**30 (RFC 7323 §2.3 window limit)")
+        if not 0 <= self.rto_var_min <= self.rto_max:
+            raise ValueError("need 0 <= rto_var_min <= rto_max")
         if not 0 < self.rto_min <= self.rto_initial <= self.rto_max:
             raise ValueError("need 0 < rto_min <= rto_initial <= rto_max")
         if self.msl <= 0 or self.syn_retries < 1 or self.max_retries < 1:

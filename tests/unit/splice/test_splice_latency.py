@@ -238,3 +238,15 @@ def test_second_small_write_is_forwarded_at_once_both_ways() -> None:
     assert payloads(client_sends(h, b"2" * 20, now + 0.001).peer) == b"2" * 20
     assert payloads(server_sends(h, b"3" * 20, now + 0.002).tun) == b"3" * 20
     assert payloads(server_sends(h, b"4" * 20, now + 0.003).tun) == b"4" * 20
+
+
+def test_legs_run_without_nagle_and_with_linux_rto() -> None:
+    """Issue 11 #2/#3: both legs' settings: TCP_NODELAY, and RTO = SRTT + max(4*RTTVAR,
+    200 ms) so a real peer's 200 ms delayed ACK does not race the timer."""
+    from bridge.userspace.terminator import Terminator
+
+    term = Terminator((), lambda *a: None, lambda dst: 1500, lambda: 1500)
+    key = (4, C_ADDR, S_ADDR, 40000, 80)
+    for leg in term.configs_for(key, None):
+        assert not leg.nagle
+        assert leg.rto_var_min == 0.2 and leg.rto_min == 0.2

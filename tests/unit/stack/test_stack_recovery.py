@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from tcp_script import (
+    REMOTE_SEQ,
     active,
     cfg,
     events,
@@ -16,6 +17,7 @@ from tcp_script import (
     rseq,
     run_timers_while,
     send,
+    syn_sent,
 )
 
 from stack.congestion import NewReno, initial_window
@@ -23,6 +25,7 @@ from stack.connection import TcpConnection
 from stack.events import Closed, ConnectionReset
 from stack.loss import RtoEstimator
 from stack.state import State
+from stack.wire.tcp import ACK, SYN
 
 MSS = 1460
 
@@ -330,3 +333,29 @@ def test_rfc6675_rescue_retransmission_of_the_tail() -> None:
     assert len(segs[1].payload) == MSS
     _sacks(conn, 0.11, 0, 65535, (1, 5))
     recv_nothing(conn, 0.11)  # once per recovery
+
+
+def test_linux_rto_min_is_added_to_srtt_not_a_floor_on_the_sum() -> None:
+    """Issue 11 #2: Linux computes RTO = SRTT + max(4 * RTTVAR, rto_min) (its RTTVAR never
+    drops below TCP_RTO_MIN), so a peer's 200 ms delayed ACK a LAN RTT away never meets a
+    timer set to exactly 200 ms; RFC 6298 §2.4's floor on the sum would fire first."""
+    est = RtoEstimator(initial=1.0, minimum=0.2, var_min=0.2)
+    for _ in range(20):
+        est.sample(0.001)
+    assert est.rto == pytest.approx(0.201)
+    rfc = RtoEstimator(initial=1.0, minimum=0.2)
+    rfc.sample(0.001)
+    assert rfc.rto == pytest.approx(0.2)  # the RFC 6298 floor, unchanged without var_min
+
+
+def test_one_small_write_to_a_200ms_delayed_ack_peer_is_not_retransmitted() -> None:
+    conn = syn_sent(cfg(nagle=False, rto_min=0.2, rto_var_min=0.2), 0.0)
+    send(conn, 0.001, flags=SYN | ACK, seq=REMOTE_SEQ, ack=lseq(1), mss=1460)
+    recv(conn, 0.001)
+    conn.send(b"x" * 100)
+    assert _sizes(recv(conn, 1.0)) == [100]
+    timer = conn.get_timer()
+    assert timer is not None and timer > 1.2005
+    send(conn, 1.2005, seq=rseq(1), ack=lseq(101), window=65535)  # 200 ms delayed ACK
+    assert conn.info()["retransmissions"] == 0
+    assert conn.info()["cwnd"] >= 3 * MSS
