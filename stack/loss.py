@@ -22,8 +22,14 @@ Rules:
   begins (`syn_timed_out`).
 - RFC 2018 §5 / §8: the SACK blocks of an ACK are recorded as SACKed ranges above SND.UNA
   (at most 4 per ACK, at most 32 ranges kept); they are forgotten as the cumulative ACK
-  passes them, and all at once after a retransmission timeout (§8: the receiver may
-  renege). SACKed data stays in the send buffer until cumulatively acknowledged.
+  passes them, and all at once when the receiver reneges (§8: a cumulative ACK that stops
+  at a SACKed octet; Linux tcp_check_sack_reneging). SACKed data stays in the send buffer
+  until cumulatively acknowledged.
+- After a retransmission timeout the SACKed ranges are kept and the resending skips them
+  (`skip`). RFC 2018 §8 says a sender SHOULD expunge them then; RFC 6675 §5.1 leaves that
+  rule as it is, notes that SACK information may be kept across a timeout where robust
+  reneging tests exist, and has the sender use the SACK information of the ACKs after the
+  RTO; Linux keeps its scoreboard unless it sees reneging, and so do we (with its test).
 - RFC 6675 §4 IsLost(SeqNum): an octet not yet SACKed is lost when more than
   (DupThresh - 1) * SMSS bytes above it are SACKed (the byte form of "DupThresh
   discontiguous SACKed sequences"), DupThresh = 3.
@@ -126,15 +132,30 @@ class Scoreboard:
         return start
 
     def acked(self, ack_abs: int) -> None:
-        """The cumulative ACK moved to `ack_abs`: drop what it covers (RFC 2018 §8)."""
+        """The cumulative ACK moved to `ack_abs`: drop what it covers. If it stops at or
+        inside a SACKed range, the receiver discarded what it SACKed (reneging, RFC 2018
+        §8): forget all SACK information (Linux tcp_check_sack_reneging)."""
         sacked = self.sacked
-        if sacked and sacked[0][0] < ack_abs:
-            self.sacked = [(max(s, ack_abs), e) for s, e in sacked if e > ack_abs]
+        if sacked and sacked[0][0] <= ack_abs:
+            kept = [(max(s, ack_abs), e) for s, e in sacked if e > ack_abs]
+            self.sacked = [] if kept and kept[0][0] == ack_abs else kept
 
     def forget(self, una: int) -> None:
-        """After an RTO: no SACK information (RFC 2018 §8), HighRxt back to SND.UNA."""
+        """No SACK information any more (RFC 2018 §8), HighRxt back to SND.UNA."""
         self.sacked = []
         self.high_rxt = una
+
+    def skip(self, pos: int) -> tuple[int, int | None]:
+        """Resending from `pos` after an RTO: where the next unSACKed octet is (past the
+        SACKed range holding `pos`, if any) and where the next SACKed range starts."""
+        for s, e in self.sacked:
+            if e <= pos:
+                continue
+            if s <= pos:
+                pos = e
+                continue
+            return pos, s
+        return pos, None
 
     def first_sacked_after(self, pos: int) -> int | None:
         """Start of the first SACKed range above `pos` (a retransmission stops there)."""

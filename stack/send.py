@@ -24,9 +24,10 @@ Rules:
 - RFC 6298: the retransmission timer (`rto_at`) is started when a segment is sent and it
   is not running (§5.1), stopped when everything is acknowledged (§5.2), restarted on new
   data acknowledged (§5.3); on expiry (`expire`) the earliest unacknowledged segment is
-  sent again (§5.4), the RTO doubles (§5.5) and SACK information is forgotten (RFC 2018
-  §8); RFC 5681 §3.1: cwnd = 1 SMSS. Karn (MUST-18): a retransmitted segment is not
-  timed; with timestamps every ACK echoing a TSval is a sample (RFC 7323 §4, RTTM).
+  sent again (§5.4), the RTO doubles (§5.5); RFC 5681 §3.1: cwnd = 1 SMSS. SACK
+  information is kept (RFC 6675 §5.1, stack/loss.py) and the resending skips SACKed
+  data. Karn (MUST-18): a retransmitted segment is not timed; with timestamps every ACK
+  echoing a TSval is a sample (RFC 7323 §4, RTTM).
 - R2 (`max_retries`, `syn_retries`, MUST-20..23): `expire` reports when to give up.
   MUST-37: while the window is zero the probing goes on without counting toward R2.
 - Persist timer (§3.8.6.1, MUST-35/36): nothing can be sent and nothing is in flight with
@@ -295,10 +296,22 @@ class Sender:
         iss = self.iss
         ack, win, ts, sack = af
         up = self.up
+        board = self.board
+        # Going back after an RTO with SACK information kept: skip what was SACKed.
+        sacked_top = self.max if board.sacked and self.nxt < self.max else 0
         while True:
             nxt = self.nxt
             off = nxt - 1
             avail = buf.end - off
+            hole = False
+            if nxt < sacked_top:
+                nxt2, stop = board.skip(nxt)
+                if nxt2 != nxt:
+                    self.nxt = nxt2
+                    continue
+                if stop is not None and stop - nxt < avail:
+                    avail = stop - nxt  # up to the next SACKed range (stop > nxt)
+                    hole = True
             if avail <= 0:
                 if fin_abs is not None and nxt == fin_abs:
                     out.append(self.segment(nxt, ACK | FIN, b"", af))
@@ -321,7 +334,7 @@ class Sender:
                     if n < self.max_wnd // 2 or wnd_edge - nxt > usable:
                         self.arm_persist(now)
                         return
-                elif self.nagle and nxt > self.una and fin_abs is None:
+                elif self.nagle and nxt > self.una and fin_abs is None and not hole:
                     return  # Nagle: wait for the outstanding data to be acknowledged
             payload = buf.peek(off, n)
             flags = _ACK_PSH if n == avail else ACK
@@ -576,7 +589,9 @@ class Sender:
         if self.ts_on:
             self.rto_tsval = ts_clock(now, self.ts_off)
         self.rto.backoff()  # RFC 6298 §5.5
-        self.board.forget(self.una)  # RFC 2018 §8: forget SACK information after an RTO
+        # SACK information is kept (stack/loss.py: RFC 6675 §5.1, reneging test); resending
+        # from SND.UNA skips what it covers (send_data).
+        self.board.high_rxt = self.una
         self.nxt = self.una  # RFC 6298 §5.4: go back to the earliest unACKed
         self.rtt_abs = None  # Karn (MUST-18)
         return False
