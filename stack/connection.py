@@ -419,18 +419,18 @@ class TcpConnection:
                 return
         # RFC 7323 §3.2 / §5.3: timestamps, then PAWS, before the sequence test.
         ts = seg.ts
-        if rcv.ts_on and not f & RST and rcv.paws_rejects(ts, now):
-            return
-        seg_abs = rcv.unwrap(seg.seq)
         payload = seg.payload
         seg_len = len(payload) + (1 if f & SYN else 0) + (1 if f & FIN else 0)
+        if rcv.ts_on and not f & RST and rcv.paws_rejects(ts, now, seg_len):
+            return
+        seg_abs = rcv.unwrap(seg.seq)
         # First: the acceptability test (RFC 9293 §3.10.7.4).
         verdict = rcv.acceptable(seg_abs, seg_len, bool(f & ACK))
         if verdict is Acceptable.NO:
             if f & RST:
                 self._drop("rst_out_of_window")
                 return
-            rcv.unacceptable(seg_abs, len(payload))
+            rcv.unacceptable(seg_abs, len(payload), seg_len, now)
             if st is State.TIME_WAIT and f & FIN and seg_abs + seg_len == rcv.nxt:
                 # RFC 9293 §3.10.7.4 TIME-WAIT: the peer's FIN again: ACK, restart 2 MSL.
                 self._timers.time_wait(now)
@@ -477,8 +477,8 @@ class TcpConnection:
         res = self._snd.on_ack(seg, seg_abs, now)
         if res is not AckResult.OK:
             if res is AckResult.UNSENT:
-                self._drop("ack_of_unsent")  # RFC 9293: drop, send an ACK
-                self._rcv.ack_now = True
+                self._drop("ack_of_unsent")  # RFC 9293: drop, send an ACK (rate limited)
+                self._rcv.invalid_ack(len(seg.payload) or seg.flags & (SYN | FIN), now)
                 return False
             if res is AckResult.TOO_OLD:
                 self._drop("ack_too_old")  # RFC 5961 §5.2: challenge ACK, drop

@@ -22,7 +22,9 @@ Rules (the defaults and the RFC clause each one honours):
   and the windows still apply).
 - `window_scaling`, `timestamps` (RFC 7323), `sack` (RFC 2018): offered in our SYN and
   used only when the peer offers them too.
-- `challenge_ack_limit` per second (RFC 5961 §7 rate limit).
+- `challenge_ack_limit` per second (RFC 5961 §7 rate limit); `invalid_ack_interval`: at
+  most one ACK per interval answers an empty unacceptable segment or an ACK of unsent
+  data (RFC 5961 §7; Linux tcp_invalid_ratelimit, 500 ms).
 - Keep-alives (RFC 9293 §3.8.4, MAY-5): off unless `keepalive` (MUST-24/26); sent only
   after `keepalive_idle` seconds without any segment from the peer (MUST-25), default two
   hours (MUST-28), configurable (MUST-27); `keepalive_probes` unanswered probes, one per
@@ -72,6 +74,7 @@ class TcpConfig:
     max_retries: int = 15
     initial_cwnd: int = 0  # 0: RFC 5681 IW
     challenge_ack_limit: int = 10
+    invalid_ack_interval: float = 0.5
     keepalive: bool = False
     keepalive_idle: float = 7200.0
     keepalive_interval: float = 75.0
@@ -96,6 +99,8 @@ class TcpConfig:
             raise ValueError("need 0 <= rto_var_min <= rto_max")
         if not 0 < self.rto_min <= self.rto_initial <= self.rto_max:
             raise ValueError("need 0 < rto_min <= rto_initial <= rto_max")
+        if self.invalid_ack_interval < 0:
+            raise ValueError("invalid_ack_interval must not be negative")
         if self.msl <= 0 or self.syn_retries < 1 or self.max_retries < 1:
             raise ValueError("msl, syn_retries and max_retries must be positive")
         if self.keepalive_idle <= 0 or self.keepalive_interval <= 0 or self.keepalive_probes < 1:
