@@ -28,6 +28,10 @@ Rules:
   information is kept (RFC 6675 §5.1, stack/loss.py) and the resending skips SACKed
   data. Karn (MUST-18): a retransmitted segment is not timed; with timestamps every ACK
   echoing a TSval is a sample (RFC 7323 §4, RTTM).
+- Spurious timeouts (RFC 3522 Eifel detection with timestamps, RFC 4015 response): when
+  the first ACK of new data after one expiry echoes a TSval older than the
+  retransmission's, the original transmission arrived: ssthresh and cwnd are restored
+  and sending resumes at SND.MAX (`after_timeout`; counted in `spurious_rtos`).
 - R2 (`max_retries`, `syn_retries`, MUST-20..23): `expire` reports when to give up.
   MUST-37: while the window is zero the probing goes on without counting toward R2.
 - Persist timer (§3.8.6.1, MUST-35/36): nothing can be sent and nothing is in flight with
@@ -51,7 +55,7 @@ from __future__ import annotations
 from enum import Enum
 
 from stack.buffers import SendBuffer
-from stack.congestion import CongestionControl
+from stack.congestion import CongestionControl, initial_window
 from stack.loss import RtoEstimator, Scoreboard
 from stack.receive import Receiver
 from stack.seq import HALF, MASK, ts_clock
@@ -90,7 +94,8 @@ class Sender:
         "lport", "rport", "iss", "una", "nxt", "max", "wnd", "wl1", "wl2", "max_wnd",
         "wscale", "buf", "fin", "up", "mss", "nagle", "tx_max", "ts_on", "ts_off",
         "sack_on", "rto_at", "persist_at", "persist_backoff", "retx_pending",
-        "probe_pending", "last_send_at", "rtt_abs", "rtt_at", "retries", "rto_tsval",
+        "probe_pending", "last_send_at", "rtt_abs", "rtt_at", "retries", "rto_tsval", "undo",
+        "spurious_rtos",
         "max_retries", "syn_retries", "retransmissions", "bytes_out", "ka_pending",
         "syn_opts", "rcv", "cc", "board", "rto",
     )
@@ -135,6 +140,8 @@ class Sender:
         self.rtt_at = 0.0
         self.retries = 0  # consecutive expiries (R2)
         self.rto_tsval: int | None = None  # our TSval when the last RTO fired
+        self.undo: int | None = None  # RFC 4015 pipe_prev, while an RTO may be undone
+        self.spurious_rtos = 0  # timeouts found spurious and undone (RFC 3522, RFC 4015)
         self.max_retries = cfg.max_retries
         self.syn_retries = cfg.syn_retries
         self.retransmissions = 0
@@ -506,7 +513,8 @@ class Sender:
         elif self.rtt_abs is not None and ack_abs >= self.rtt_abs:
             self.rto.sample(now - self.rtt_at)
             self.rtt_abs = None
-        self.retries = 0  # (the RTO backoff ends only with a valid sample: RFC 6298 §5)
+        if self.retries:  # the first ACK of new data after a timeout
+            self.after_timeout(ack_abs, acked, ts)
         self.bytes_out = buf.base
         board = self.board
         if board.sacked:
@@ -527,6 +535,27 @@ class Sender:
             if wnd:
                 self.persist_at = None
                 self.persist_backoff = 0
+
+    def after_timeout(self, ack_abs: int, acked: int, ts: tuple[int, int] | None) -> None:
+        """The first ACK of new data after a retransmission timeout (the RTO backoff ends
+        only with a valid sample, RFC 6298 §5). RFC 3522 Eifel detection: when it echoes
+        a TSval older than the retransmission's, it was caused by the original
+        transmission and the timeout was spurious (checked after one expiry only). RFC
+        4015 §3 response: ssthresh back to pipe_prev, cwnd = FlightSize + min(acked, IW),
+        and SND.NXT = SND.MAX: go on with new data instead of resending the flight."""
+        self.retries = 0
+        undo = self.undo
+        self.undo = None
+        rto_ts = self.rto_tsval
+        if undo is None or ts is None or not ts[1] or rto_ts is None:
+            return
+        if (ts[1] - rto_ts) & MASK < HALF:
+            return  # echoes the retransmission (or later): a real loss
+        cc = self.cc
+        cc.ssthresh = undo
+        cc.cwnd = max(cc.cwnd, self.max - ack_abs + min(acked, initial_window(self.mss)))
+        self.nxt = self.max
+        self.spurious_rtos += 1
 
     def dupack(self, ts: tuple[int, int] | None, lost: bool = False) -> None:
         """A duplicate ACK (RFC 5681 §2, or RFC 6675 §2 with SACK; `lost`: IsLost(HighACK+1)
@@ -585,7 +614,11 @@ class Sender:
         self.retries += 1
         if self.retries > self.max_retries:  # MUST-20: R2
             return True
-        self.cc.on_timeout(self.max, self.max - self.una, self.retries == 1)
+        # RFC 4015 §3 step 1: pipe_prev = max(FlightSize, ssthresh), kept to undo a
+        # spurious timeout (detectable with timestamps, after the first expiry only).
+        first = self.retries == 1
+        self.undo = max(self.max - self.una, self.cc.ssthresh) if first and self.ts_on else None
+        self.cc.on_timeout(self.max, self.max - self.una, first)
         if self.ts_on:
             self.rto_tsval = ts_clock(now, self.ts_off)
         self.rto.backoff()  # RFC 6298 §5.5

@@ -371,3 +371,49 @@ def test_one_small_write_to_a_200ms_delayed_ack_peer_is_not_retransmitted() -> N
     send(conn, 1.2005, seq=rseq(1), ack=lseq(101), window=65535)  # 200 ms delayed ACK
     assert conn.info()["retransmissions"] == 0
     assert conn.info()["cwnd"] >= 3 * MSS
+
+
+def test_rfc4015_spurious_rto_detected_by_timestamps_is_undone() -> None:
+    """Issue 11 #2: the peer's ACK was only late (a 200 ms delayed ACK, a delay spike):
+    the first ACK after the timeout echoes the TSval of the original transmission, not of
+    the retransmission (RFC 3522 Eifel detection), so the timeout was spurious: ssthresh
+    and cwnd come back (RFC 4015 §3 response) and the sender goes on with new data
+    instead of resending the whole flight (SND.NXT = SND.MAX)."""
+    conn = active(cfg(nagle=False, timestamps=True, rto_min=0.2, rto_var_min=0.2),
+                  0.0, window=65535, ts=(1000, 0))
+    m = conn.send_mss  # 1460 less the TSopt
+    conn.send(bytes(6 * m))
+    first = recv(conn, 1.0)
+    assert len(first) == 3 and first[0].ts is not None
+    before = conn.info()
+    t = conn.get_timer()
+    assert t is not None
+    conn.handle_timer(t)
+    rx = recv(conn, t)
+    assert [s.seq for s in rx] == [lseq(1)]
+    assert conn.info()["cwnd"] == m
+    # The late ACK of the whole first flight, echoing the original segments' TSval.
+    send(conn, t + 0.05, seq=rseq(1), ack=lseq(1 + 3 * m), window=65535,
+         ts=(1001, first[2].ts[0]))
+    info = conn.info()
+    assert info["ssthresh"] == before["ssthresh"]
+    assert info["cwnd"] >= 3 * m  # type: ignore[operator]
+    nxt = recv(conn, t + 0.05)
+    assert [s.seq for s in nxt] == [lseq(1 + 3 * m), lseq(1 + 4 * m), lseq(1 + 5 * m)]
+
+
+def test_rfc3522_a_real_loss_is_not_undone() -> None:
+    conn = active(cfg(nagle=False, timestamps=True, rto_min=0.2, rto_var_min=0.2),
+                  0.0, window=65535, ts=(1000, 0))
+    conn.send(bytes(6 * MSS))
+    recv(conn, 1.0)
+    t = conn.get_timer()
+    assert t is not None
+    conn.handle_timer(t)
+    (rx,) = recv(conn, t)
+    assert rx.ts is not None
+    # The ACK the retransmission caused: it echoes the retransmission's TSval.
+    send(conn, t + 0.05, seq=rseq(1), ack=lseq(1 + 3 * MSS), window=65535,
+         ts=(1001, rx.ts[0]))
+    info = conn.info()
+    assert info["ssthresh"] < 1 << 30  # type: ignore[operator]
