@@ -83,3 +83,23 @@ def test_client_rst_in_syn_received_resets_server_leg() -> None:
         server.receive_segment(seg, 0.011)
     assert server.state is State.CLOSED
     assert sp.dead
+
+
+def test_client_rst_answering_a_late_synack_is_forwarded_to_the_server() -> None:
+    """The client gave up while the server leg connected (the flow ended, the splice is
+    gone); the server's SYN-ACK, arriving late, reaches the client, whose stack answers
+    with a RST (RFC 9293 §3.10.7.1). That RST must reach the server, which would otherwise
+    keep its half-open connection: the Terminator, holding no state for the flow any more,
+    passes it on (a regression guard: this already held)."""
+    from splice_harness import C_ADDR, S_ADDR, Harness
+
+    h = Harness(InspectRule(name="t", inspectors=()), [])
+    h.s2t.delay = 0.01  # the server's SYN-ACK comes back after the client's RST
+    assert h.run(lambda h: bool(h.term.splices))
+    (sp,) = h.term.splices.values()
+    h.client.conn.abort()  # SYN-SENT: the TCB goes, nothing is sent (RFC 9293 §3.10.5)
+    rst = TcpSegment(C[1], S[1], (sp.syn.seq + 1) & 0xFFFFFFFF, 0, RST, 0)
+    h.c2t.put(h.term.packet(C_ADDR, S_ADDR, rst), h.now)
+    assert h.run(lambda h: sp.finished)
+    assert sp.flow.close_reason is CloseReason.CLIENT_RESET
+    assert h.run(lambda h: any(p[33] & RST for p in h.forwarded))  # not swallowed
