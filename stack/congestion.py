@@ -21,9 +21,10 @@ Rules:
   timestamp heuristic (§4.2) shows them caused by a segment sent after the RTO.
 - RFC 3042 (limited transmit): on the first two duplicate ACKs one new segment each may
   be sent beyond cwnd (`limited_transmit` gives the allowance in bytes).
-- RFC 6675 §5 (when SACK is in use, `sack`): entering recovery sets cwnd = ssthresh with
-  no inflation, and partial ACKs change nothing here: the sender's pipe estimate
-  (stack/loss.py) decides what may be sent.
+- RFC 6675 §5 (when SACK is in use, `sack`): recovery starts on the DupThresh-th
+  duplicate ACK or at once when the sender reports IsLost(HighACK + 1) (§5 step 2, `lost`);
+  entering it sets cwnd = ssthresh with no inflation, and partial ACKs change nothing
+  here: the sender's pipe estimate (stack/loss.py) decides what may be sent.
 - RFC 5681 §4.1: after an idle period longer than the RTO, cwnd = min(cwnd, IW).
 
 - RFC 1191 §6.3 / RFC 8201 §5.2: a smaller path MTU lowers SMSS; cwnd is cut to at most
@@ -52,14 +53,15 @@ class CongestionControl(Protocol):
     cwnd: int
     ssthresh: int
     in_recovery: bool
+    recover: int  # RecoveryPoint (RFC 6675 §5) / `recover` (RFC 6582): HighData at entry
     sack: bool  # RFC 6675 recovery: the sender's pipe estimate decides, no inflation
 
     @property
     def limited_transmit(self) -> int: ...
     def set_smss(self, smss: int) -> None: ...
     def on_ack(self, acked: int, snd_una: int, flight: int) -> bool: ...
-    def on_dupack(self, snd_una: int, snd_max: int, flight: int, new_loss: bool = False
-                  ) -> bool: ...
+    def on_dupack(self, snd_una: int, snd_max: int, flight: int, new_loss: bool = False,
+                  lost: bool = False) -> bool: ...
     def on_timeout(self, snd_max: int, flight: int, first: bool) -> None: ...
     def on_idle(self) -> None: ...
     def on_path_mtu(self, smss: int) -> None: ...
@@ -124,19 +126,22 @@ class NewReno:
         return False
 
     def on_dupack(
-        self, snd_una: int, snd_max: int, flight: int, new_loss: bool = False
+        self, snd_una: int, snd_max: int, flight: int, new_loss: bool = False,
+        lost: bool = False,
     ) -> bool:
         """A duplicate ACK (RFC 5681 §2 definition). Returns True to fast-retransmit now.
 
         `new_loss` is the caller's proof (RFC 6582 §4.2 timestamp heuristic: the ACK echoes
-        a segment sent after the last RTO) that the loss is not an old one.
+        a segment sent after the last RTO) that the loss is not an old one. `lost` (with
+        SACK): IsLost(HighACK + 1) holds, which starts recovery before DupThresh duplicates
+        (RFC 6675 §5 step 2).
         """
         self.dupacks += 1
         if self.in_recovery:
             if not self.sack:
                 self.cwnd += self.smss  # RFC 5681 §3.2 step 4 (inflation)
             return False
-        if self.dupacks == DUPTHRESH:
+        if self.dupacks == DUPTHRESH or (lost and self.sack and self.dupacks < DUPTHRESH):
             if snd_una < self.recover and not new_loss:
                 return False  # RFC 6582 §3.2 step 2: ACK does not cover `recover`
             self.ssthresh = max(flight // 2, 2 * self.smss)

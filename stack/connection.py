@@ -46,6 +46,7 @@ from stack.events import (
     IcmpEffect,
     IcmpKind,
     LocalProtocolError,
+    ResetToListen,
     SoftError,
     icmp_effect,
 )
@@ -94,7 +95,7 @@ class TcpConnection:
         self._snd = Sender(
             cfg, (local[1], remote[1]), mss, ts_offset(cfg.isn_key, local, remote), self._rcv,
             NewReno(mss, cfg.initial_cwnd or None), Scoreboard(),
-            RtoEstimator(cfg.rto_initial, cfg.rto_min, cfg.rto_max),
+            RtoEstimator(cfg.rto_initial, cfg.rto_min, cfg.rto_max, var_min=cfg.rto_var_min),
         )
         self._hs = Handshake(cfg, local, remote, iss, self._snd, self._rcv, self.drops)
         self._rst_out: list[TcpSegment] = []
@@ -225,6 +226,8 @@ class TcpConnection:
         snd.rto_at = snd.persist_at = self._timers.timewait_at = rcv.delack_at = None
         rcv.ack_now = snd.retx_pending = snd.probe_pending = snd.ka_pending = False
         rcv.ooo.clear()
+        rcv.ooo_fin = None
+        rcv.gap = False
         self._events.append(Closed())
 
     # ------------------------------------------------------------------ API: data
@@ -328,7 +331,7 @@ class TcpConnection:
             and (flags == ACK or flags == _ACK_PSH)
             and seq == (rcv.irs + rcv_nxt) & MASK
             and not sack  # SACK information goes to the scoreboard (slow path)
-            and not rcv.ooo.nbytes
+            and not rcv.gap  # nothing (bytes or a FIN) held beyond RCV.NXT
         ):
             if rcv.ts_on:
                 if ts is None:
@@ -416,18 +419,18 @@ class TcpConnection:
                 return
         # RFC 7323 §3.2 / §5.3: timestamps, then PAWS, before the sequence test.
         ts = seg.ts
-        if rcv.ts_on and not f & RST and rcv.paws_rejects(ts, now):
-            return
-        seg_abs = rcv.unwrap(seg.seq)
         payload = seg.payload
         seg_len = len(payload) + (1 if f & SYN else 0) + (1 if f & FIN else 0)
+        if rcv.ts_on and not f & RST and rcv.paws_rejects(ts, now, seg_len):
+            return
+        seg_abs = rcv.unwrap(seg.seq)
         # First: the acceptability test (RFC 9293 §3.10.7.4).
         verdict = rcv.acceptable(seg_abs, seg_len, bool(f & ACK))
         if verdict is Acceptable.NO:
             if f & RST:
                 self._drop("rst_out_of_window")
                 return
-            rcv.unacceptable(seg_abs, len(payload))
+            rcv.unacceptable(seg_abs, len(payload), seg_len, now)
             if st is State.TIME_WAIT and f & FIN and seg_abs + seg_len == rcv.nxt:
                 # RFC 9293 §3.10.7.4 TIME-WAIT: the peer's FIN again: ACK, restart 2 MSL.
                 self._timers.time_wait(now)
@@ -474,8 +477,8 @@ class TcpConnection:
         res = self._snd.on_ack(seg, seg_abs, now)
         if res is not AckResult.OK:
             if res is AckResult.UNSENT:
-                self._drop("ack_of_unsent")  # RFC 9293: drop, send an ACK
-                self._rcv.ack_now = True
+                self._drop("ack_of_unsent")  # RFC 9293: drop, send an ACK (rate limited)
+                self._rcv.invalid_ack(len(seg.payload) or seg.flags & (SYN | FIN), now)
                 return False
             if res is AckResult.TOO_OLD:
                 self._drop("ack_too_old")  # RFC 5961 §5.2: challenge ACK, drop
@@ -513,6 +516,7 @@ class TcpConnection:
         if st is State.SYN_RECEIVED and self._hs.passive:
             self._move(Ev.RCV_RST_PASSIVE)
             self._hs.back_to_listen()
+            self._events.append(ResetToListen())
             return
         if st is not State.TIME_WAIT:
             self._events.append(
@@ -588,6 +592,7 @@ class TcpConnection:
             "state": str(self._state), "srtt": rto.srtt, "rto": rto.rto, "cwnd": cc.cwnd,
             "ssthresh": cc.ssthresh, "in_recovery": cc.in_recovery,
             "retransmissions": snd.retransmissions, "fast_path": self.fast_path,
+            "spurious_rtos": snd.spurious_rtos,
             "bytes_in": rcv.bytes_in, "bytes_out": snd.bytes_out, "mss": snd.mss,
             "rcv_mss": rcv.mss, "wscale": (snd.wscale, rcv.wscale) if rcv.ws_on else None,
             "sack": snd.sack_on, "ts": snd.ts_on, "snd_wnd": snd.wnd,

@@ -7,6 +7,7 @@ Rules:
   byte of the peer's stream (RFC 9293 §3.10.7.4 "eighth, check the FIN bit": the FIN is
   signalled after all preceding text); `ConnectionReset` when the peer reset or the
   connection timed out (RFC 9293 MUST-12: aborts are reported); `Closed` is always last.
+  `ResetToListen`: a passive open's SYN-RECEIVED was reset back to LISTEN (MUST-11).
 - `UrgentData` marks urgent data (RFC 9293 §3.8.5, MUST-30..33): it is queued when the
   peer's urgent pointer first appears or advances (MUST-32), before the DataReceived that
   carries those bytes; the bytes themselves stay inline in the stream.
@@ -34,6 +35,7 @@ __all__ = [
     "DataReceived",
     "PeerFinished",
     "ConnectionReset",
+    "ResetToListen",
     "Closed",
     "SoftError",
     "UrgentData",
@@ -77,6 +79,14 @@ class ConnectionReset(Event):
     error, RFC 9293 §3.9.1.4 SHLD-26)."""
 
     reason: str = "reset"
+
+
+@dataclass(frozen=True, slots=True)
+class ResetToListen(Event):
+    """An acceptable RST in SYN-RECEIVED of a passive open: the connection is back in
+    LISTEN (RFC 9293 §3.10.7.4 second step, MUST-11). The RFC says the user "need not be
+    informed"; a user that listens for one given SYN (the splice's client leg) must be,
+    or it waits for a client that already gave up."""
 
 
 @dataclass(frozen=True, slots=True)

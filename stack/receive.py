@@ -7,7 +7,9 @@ Rules:
 - RFC 9293 §3.10.7.4 seventh step: in-order text is delivered; text beyond RCV.NXT inside
   the window is kept for later (SHLD-31, bounded by the ReassemblyBuffer caps: what does
   not fit is dropped and counted); a duplicate part is trimmed. When a gap fills, the
-  pieces behind it follow at once, and a FIN that came after the gap takes effect then.
+  pieces behind it follow at once, and a FIN that came after the gap takes effect then
+  (also a bare FIN, with no bytes held: `gap` covers both, and keeps header prediction off
+  until the gap fills).
 - ACK policy (RFC 9293 §3.8.6.3, RFC 5681 §4.2): ACK at least every second full-sized
   segment (SHLD-19; "full" is the largest segment seen, at most one MSS, as Linux's
   rcv_mss), otherwise within `delayed_ack` (MUST-40: < 0.5 s); ACK at once for
@@ -27,7 +29,11 @@ Rules:
 - RFC 7323 §3.2 / §5.3 before that test: with timestamps on, a non-RST segment without a
   TSopt is dropped; PAWS drops a segment whose TSval is older than TS.Recent (unless
   TS.Recent is older than 24 days) and sends an ACK (R1).
-- RFC 5961 §7: challenge ACKs are limited to `challenge_ack_limit` per second.
+- RFC 5961 §7: challenge ACKs are limited to `challenge_ack_limit` per second. The ACKs
+  answering an unacceptable or PAWS-rejected segment, or an ACK of unsent data, are
+  limited to one per `invalid_ack_interval` (500 ms, Linux tcp_invalid_ratelimit) when the
+  segment carried no data, SYN or FIN: else two stacks whose views of the sequence space
+  were desynchronised by one injected segment answer each other's ACKs forever.
 - RFC 7323 §4.3: TS.Recent takes a segment's TSval when the segment covers the last ACK
   sent (SEG.SEQ <= Last.ACK.sent) and the TSval is not older.
 - Urgent data (RFC 9293 §3.8.5, MUST-30..33): RCV.UP (`up`, a stream offset) only moves
@@ -75,10 +81,10 @@ class Receiver:
 
     __slots__ = (
         "irs", "nxt", "adv", "wscale", "cap", "sws_min", "wu_min", "mss", "rx", "rx_len",
-        "rx_held", "auto_consume", "ooo", "ooo_fin", "up", "fin", "ack_now", "delack_at",
+        "rx_held", "auto_consume", "ooo", "ooo_fin", "gap", "up", "fin", "ack_now", "delack_at",
         "delay", "unacked", "big", "last_ack_sent", "dsack", "ts_on", "sack_on", "ws_on",
         "ts_recent", "ts_recent_at", "bytes_in", "last_rx", "chal_limit", "chal_start",
-        "chal_count", "events", "drops",
+        "chal_count", "oow_gap", "oow_at", "events", "drops",
     )
 
     def __init__(
@@ -99,6 +105,7 @@ class Receiver:
         self.auto_consume = cfg.auto_consume
         self.ooo = ReassemblyBuffer(cfg.reassembly_cap or cfg.recv_buffer, cfg.reassembly_ranges)
         self.ooo_fin: int | None = None  # a FIN seen beyond a gap
+        self.gap = False  # bytes or a FIN held beyond RCV.NXT (header prediction is off)
         self.up = 0  # RCV.UP: stream offset where the peer's urgent data ends
         self.fin = False  # the peer's FIN was accepted
         self.ack_now = False
@@ -117,6 +124,8 @@ class Receiver:
         self.chal_limit = cfg.challenge_ack_limit
         self.chal_start = 0.0
         self.chal_count = 0
+        self.oow_gap = cfg.invalid_ack_interval  # RFC 5961 §7 / Linux tcp_invalid_ratelimit
+        self.oow_at = -cfg.invalid_ack_interval  # when the last such ACK was allowed
         self.events = events
         self.drops = drops
 
@@ -125,8 +134,9 @@ class Receiver:
     def _drop(self, reason: str) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
 
-    def paws_rejects(self, ts: tuple[int, int] | None, now: float) -> bool:
-        """RFC 7323 §3.2 / §5.3 for a non-RST segment: True when it must be dropped."""
+    def paws_rejects(self, ts: tuple[int, int] | None, now: float, seg_len: int = 0) -> bool:
+        """RFC 7323 §3.2 / §5.3 for a non-RST segment of `seg_len`: True when it must be
+        dropped."""
         if ts is None:
             self._drop("missing_timestamp")  # SHOULD silently drop
             return True
@@ -134,7 +144,7 @@ class Receiver:
         if recent is not None and (ts[0] - recent) & MASK >= HALF:
             if now - self.ts_recent_at <= 24 * 86400:
                 self._drop("paws")
-                self.ack_now = True  # R1: send an ACK, drop the segment
+                self.invalid_ack(seg_len, now)  # R1: send an ACK (rate limited), drop it
                 return True
         return False
 
@@ -155,13 +165,28 @@ class Receiver:
             return Acceptable.ZERO_WINDOW_ACK
         return Acceptable.NO
 
-    def unacceptable(self, seg_abs: int, n: int) -> None:
-        """An unacceptable segment with `n` bytes of text: drop it, send
-        <SEQ=SND.NXT><ACK=RCV.NXT><CTL=ACK>, report a duplicate (RFC 2883 §4)."""
+    def unacceptable(self, seg_abs: int, n: int, seg_len: int, now: float) -> None:
+        """An unacceptable segment with `n` bytes of text (`seg_len` with SYN and FIN):
+        drop it, send <SEQ=SND.NXT><ACK=RCV.NXT><CTL=ACK> (rate limited when it carried
+        nothing: `invalid_ack`), report a duplicate (RFC 2883 §4)."""
         self._drop("unacceptable")
-        self.ack_now = True
+        self.invalid_ack(seg_len, now)
         if n and seg_abs + n <= self.nxt and self.sack_on:
             self.dsack = (seg_abs, seg_abs + n)
+
+    def invalid_ack(self, seg_len: int, now: float) -> None:
+        """The ACK owed for an invalid segment (unacceptable, PAWS, an ACK of unsent data).
+        A segment that occupies sequence space (data, SYN, FIN: a retransmission wants its
+        ACK, or D-SACK) always gets it; an empty one at most once per `invalid_ack_interval`
+        (RFC 5961 §7 rate limiting; Linux tcp_invalid_ratelimit and its exemption of data
+        and SYNs), so two stacks cannot answer each other's answers forever."""
+        if seg_len:
+            self.ack_now = True
+        elif now - self.oow_at >= self.oow_gap:
+            self.oow_at = now
+            self.ack_now = True
+        else:
+            self._drop("invalid_ack_limited")
 
     def challenge(self, now: float) -> None:
         """RFC 5961 §3.2/§4.2/§5.2 challenge ACK, rate limited (§7)."""
@@ -232,21 +257,23 @@ class Receiver:
             self.ack_now = True
             return False
         if seg_abs == nxt:
-            had_gap = bool(self.ooo)
             self.accept(payload, len(payload), now)
-            if had_gap:
+            if self.gap:  # bytes or a FIN wait beyond this segment
                 nxt, pieces = self.ooo.pop_ready(self.nxt)
                 for piece in pieces:
                     self.accept(piece, len(piece), now)
                 self.nxt = nxt
                 self.ack_now = True  # RFC 5681 §4.2: ACK at once when a gap fills
-                if self.ooo_fin is not None and self.ooo_fin == nxt:
-                    self.ooo_fin = None
-                    return True
+                fin = self.ooo_fin
+                if fin is not None and fin <= nxt:
+                    self.ooo_fin = None  # due now (or overtaken by text: not a FIN)
+                self.gap = bool(self.ooo.nbytes) or self.ooo_fin is not None
+                return fin == nxt
             return False
         # Out of order: queue it (SHLD-31) and send a duplicate ACK at once (RFC 5681 §4.2).
         if self.ooo.insert(seg_abs, payload) < 0:
             self._drop("reassembly_full")
+        self.gap = bool(self.ooo.nbytes) or self.ooo_fin is not None
         self.ack_now = True
         return False
 
@@ -275,6 +302,7 @@ class Receiver:
                     fin_now = self.take_fin() or fin_now
                 elif open_:
                     self.ooo_fin = fin_pos  # FIN after a gap: take it when the gap fills
+                    self.gap = True  # (the in-order segment that fills it takes the slow path)
                     self.ack_now = True
         return fin_now
 

@@ -14,16 +14,24 @@ Rules:
 - Nagle (§3.7.4, SHLD-7, MUST-17 can be disabled): a short segment waits while data is
   unacknowledged.
 - With SACK, loss recovery follows RFC 6675 §5: retransmit SND.UNA's segment on entry, then
-  send while cwnd - pipe >= SMSS: lost holes first, then new data, then other holes
-  (NextSeg rules 1-3, stack/loss.py). Without SACK it is NewReno (RFC 6582).
+  send while cwnd - pipe >= SMSS: lost holes first, then new data, then other holes, then
+  once the rescue retransmission (NextSeg rules 1-4, stack/loss.py). A duplicate ACK is
+  the RFC 6675 §2 one when the ACK carries SACK blocks (new data SACKed, any window), and
+  IsLost(SND.UNA) starts recovery without DupThresh duplicates (§5 step 2); without SACK
+  blocks it is RFC 5681 §2's (unchanged window) and recovery is NewReno (RFC 6582).
 - Urgent data (RFC 9293 §3.8.5, MUST-31): every data segment before SND.UP (`up`) carries
   URG and SEG.UP = SND.UP - SEG.SEQ (the first non-urgent octet), capped at 0xFFFF.
 - RFC 6298: the retransmission timer (`rto_at`) is started when a segment is sent and it
   is not running (§5.1), stopped when everything is acknowledged (§5.2), restarted on new
   data acknowledged (§5.3); on expiry (`expire`) the earliest unacknowledged segment is
-  sent again (§5.4), the RTO doubles (§5.5) and SACK information is forgotten (RFC 2018
-  §8); RFC 5681 §3.1: cwnd = 1 SMSS. Karn (MUST-18): a retransmitted segment is not
-  timed; with timestamps every ACK echoing a TSval is a sample (RFC 7323 §4, RTTM).
+  sent again (§5.4), the RTO doubles (§5.5); RFC 5681 §3.1: cwnd = 1 SMSS. SACK
+  information is kept (RFC 6675 §5.1, stack/loss.py) and the resending skips SACKed
+  data. Karn (MUST-18): a retransmitted segment is not timed; with timestamps every ACK
+  echoing a TSval is a sample (RFC 7323 §4, RTTM).
+- Spurious timeouts (RFC 3522 Eifel detection with timestamps, RFC 4015 response): when
+  the first ACK of new data after one expiry echoes a TSval older than the
+  retransmission's, the original transmission arrived: ssthresh and cwnd are restored
+  and sending resumes at SND.MAX (`after_timeout`; counted in `spurious_rtos`).
 - R2 (`max_retries`, `syn_retries`, MUST-20..23): `expire` reports when to give up.
   MUST-37: while the window is zero the probing goes on without counting toward R2.
 - Persist timer (§3.8.6.1, MUST-35/36): nothing can be sent and nothing is in flight with
@@ -47,7 +55,7 @@ from __future__ import annotations
 from enum import Enum
 
 from stack.buffers import SendBuffer
-from stack.congestion import CongestionControl
+from stack.congestion import CongestionControl, initial_window
 from stack.loss import RtoEstimator, Scoreboard
 from stack.receive import Receiver
 from stack.seq import HALF, MASK, ts_clock
@@ -86,7 +94,8 @@ class Sender:
         "lport", "rport", "iss", "una", "nxt", "max", "wnd", "wl1", "wl2", "max_wnd",
         "wscale", "buf", "fin", "up", "mss", "nagle", "tx_max", "ts_on", "ts_off",
         "sack_on", "rto_at", "persist_at", "persist_backoff", "retx_pending",
-        "probe_pending", "last_send_at", "rtt_abs", "rtt_at", "retries", "rto_tsval",
+        "probe_pending", "last_send_at", "rtt_abs", "rtt_at", "retries", "rto_tsval", "undo",
+        "spurious_rtos",
         "max_retries", "syn_retries", "retransmissions", "bytes_out", "ka_pending",
         "syn_opts", "rcv", "cc", "board", "rto",
     )
@@ -131,6 +140,8 @@ class Sender:
         self.rtt_at = 0.0
         self.retries = 0  # consecutive expiries (R2)
         self.rto_tsval: int | None = None  # our TSval when the last RTO fired
+        self.undo: int | None = None  # RFC 4015 pipe_prev, while an RTO may be undone
+        self.spurious_rtos = 0  # timeouts found spurious and undone (RFC 3522, RFC 4015)
         self.max_retries = cfg.max_retries
         self.syn_retries = cfg.syn_retries
         self.retransmissions = 0
@@ -292,10 +303,22 @@ class Sender:
         iss = self.iss
         ack, win, ts, sack = af
         up = self.up
+        board = self.board
+        # Going back after an RTO with SACK information kept: skip what was SACKed.
+        sacked_top = self.max if board.sacked and self.nxt < self.max else 0
         while True:
             nxt = self.nxt
             off = nxt - 1
             avail = buf.end - off
+            hole = False
+            if nxt < sacked_top:
+                nxt2, stop = board.skip(nxt)
+                if nxt2 != nxt:
+                    self.nxt = nxt2
+                    continue
+                if stop is not None and stop - nxt < avail:
+                    avail = stop - nxt  # up to the next SACKed range (stop > nxt)
+                    hole = True
             if avail <= 0:
                 if fin_abs is not None and nxt == fin_abs:
                     out.append(self.segment(nxt, ACK | FIN, b"", af))
@@ -318,7 +341,7 @@ class Sender:
                     if n < self.max_wnd // 2 or wnd_edge - nxt > usable:
                         self.arm_persist(now)
                         return
-                elif self.nagle and nxt > self.una and fin_abs is None:
+                elif self.nagle and nxt > self.una and fin_abs is None and not hole:
                     return  # Nagle: wait for the outstanding data to be acknowledged
             payload = buf.peek(off, n)
             flags = _ACK_PSH if n == avail else ACK
@@ -409,6 +432,13 @@ class Sender:
                     continue
                 pos = board.next_seg(una, smss, 3)  # rule 3: any hole
                 if pos is None:
+                    pos = board.rescue(una, self.max, smss)  # rule 4: rescue retransmission
+                    if pos is None:
+                        return
+                    high_rxt = board.high_rxt
+                    self.retransmit_at(pos, now, out, af)
+                    board.high_rxt = high_rxt  # "HighRxt MUST NOT be updated"
+                    board.rescue_rxt = self.cc.recover  # RescueRxt = RecoveryPoint
                     return
             if not self.retransmit_at(pos, now, out, af):
                 return
@@ -453,18 +483,18 @@ class Sender:
                 return AckResult.TOO_OLD
             return AckResult.OLD  # an old duplicate ACK: ignore it, keep the text
         ack_abs = una + d
-        if self.sack_on and seg.sack:
-            self.board.update(seg.sack, una, self.max, self.iss)
+        board = self.board
+        newly = board.update(seg.sack, una, self.max, self.iss) if self.sack_on and seg.sack else 0
         if d:
             self.new_ack(ack_abs, d, seg.ts, now)
-        elif (
-            outstanding
-            and wnd  # a zero-window probe's ACK is not a loss signal
-            and not seg.payload
-            and not seg.flags & (SYN | FIN)
-            and wnd == self.wnd
-        ):
-            self.dupack(seg.ts)
+            if newly and not self.cc.in_recovery and board.is_lost(ack_abs, self.mss):
+                self.dupack(seg.ts, True)  # RFC 6675 §5: a DupAck "regardless of ... cumulative"
+        elif outstanding and not seg.payload and not seg.flags & (SYN | FIN):
+            if newly:  # RFC 6675 §2 DupAck: SACKs new data; no window condition
+                self.dupack(seg.ts, board.is_lost(una, self.mss))
+            elif wnd and wnd == self.wnd and not seg.sack:
+                # RFC 5681 §2 (no SACK information; a zero-window probe's ACK does not count)
+                self.dupack(seg.ts)
         if self.wl1 < seg_abs or (self.wl1 == seg_abs and self.wl2 <= ack_abs):
             self.update_window(wnd, seg_abs, ack_abs)
         return AckResult.OK
@@ -483,7 +513,8 @@ class Sender:
         elif self.rtt_abs is not None and ack_abs >= self.rtt_abs:
             self.rto.sample(now - self.rtt_at)
             self.rtt_abs = None
-        self.retries = 0  # (the RTO backoff ends only with a valid sample: RFC 6298 §5)
+        if self.retries:  # the first ACK of new data after a timeout
+            self.after_timeout(ack_abs, acked, ts)
         self.bytes_out = buf.base
         board = self.board
         if board.sacked:
@@ -505,14 +536,37 @@ class Sender:
                 self.persist_at = None
                 self.persist_backoff = 0
 
-    def dupack(self, ts: tuple[int, int] | None) -> None:
-        """An RFC 5681 §2 duplicate ACK; congestion control decides on fast retransmit,
-        with the RFC 6582 §4.2 timestamp proof that the loss is not an old one."""
+    def after_timeout(self, ack_abs: int, acked: int, ts: tuple[int, int] | None) -> None:
+        """The first ACK of new data after a retransmission timeout (the RTO backoff ends
+        only with a valid sample, RFC 6298 §5). RFC 3522 Eifel detection: when it echoes
+        a TSval older than the retransmission's, it was caused by the original
+        transmission and the timeout was spurious (checked after one expiry only). RFC
+        4015 §3 response: ssthresh back to pipe_prev, cwnd = FlightSize + min(acked, IW),
+        and SND.NXT = SND.MAX: go on with new data instead of resending the flight."""
+        self.retries = 0
+        undo = self.undo
+        self.undo = None
+        rto_ts = self.rto_tsval
+        if undo is None or ts is None or not ts[1] or rto_ts is None:
+            return
+        if (ts[1] - rto_ts) & MASK < HALF:
+            return  # echoes the retransmission (or later): a real loss
+        cc = self.cc
+        cc.ssthresh = undo
+        cc.cwnd = max(cc.cwnd, self.max - ack_abs + min(acked, initial_window(self.mss)))
+        self.nxt = self.max
+        self.spurious_rtos += 1
+
+    def dupack(self, ts: tuple[int, int] | None, lost: bool = False) -> None:
+        """A duplicate ACK (RFC 5681 §2, or RFC 6675 §2 with SACK; `lost`: IsLost(HighACK+1)
+        holds, RFC 6675 §5 step 2); congestion control decides on fast retransmit, with the
+        RFC 6582 §4.2 timestamp proof that the loss is not an old one."""
         rto_ts = self.rto_tsval
         new_loss = rto_ts is not None and ts is not None and (ts[1] - rto_ts) & MASK < HALF
-        if self.cc.on_dupack(self.una, self.max, self.nxt - self.una, new_loss):
+        if self.cc.on_dupack(self.una, self.max, self.nxt - self.una, new_loss, lost):
             self.retx_pending = True
             self.board.high_rxt = self.una  # HighRxt (RFC 6675 §5 step 4)
+            self.board.rescue_rxt = None  # RescueRxt undefined
 
     def update_window(self, wnd: int, seg_abs: int, ack_abs: int) -> None:
         """SND.WND update (RFC 9293 §3.10.7.4: SND.WL1/SND.WL2 rule); MUST-34 shrink-safe."""
@@ -560,11 +614,17 @@ class Sender:
         self.retries += 1
         if self.retries > self.max_retries:  # MUST-20: R2
             return True
-        self.cc.on_timeout(self.max, self.max - self.una, self.retries == 1)
+        # RFC 4015 §3 step 1: pipe_prev = max(FlightSize, ssthresh), kept to undo a
+        # spurious timeout (detectable with timestamps, after the first expiry only).
+        first = self.retries == 1
+        self.undo = max(self.max - self.una, self.cc.ssthresh) if first and self.ts_on else None
+        self.cc.on_timeout(self.max, self.max - self.una, first)
         if self.ts_on:
             self.rto_tsval = ts_clock(now, self.ts_off)
         self.rto.backoff()  # RFC 6298 §5.5
-        self.board.forget(self.una)  # RFC 2018 §8: forget SACK information after an RTO
+        # SACK information is kept (stack/loss.py: RFC 6675 §5.1, reneging test); resending
+        # from SND.UNA skips what it covers (send_data).
+        self.board.high_rxt = self.una
         self.nxt = self.una  # RFC 6298 §5.4: go back to the earliest unACKed
         self.rtt_abs = None  # Karn (MUST-18)
         return False

@@ -11,14 +11,20 @@ Rules (the defaults and the RFC clause each one honours):
 - `delayed_ack` < 0.5 s (RFC 9293 §3.8.6.3 MUST-40); an ACK is sent at least for every
   second full-sized segment (SHLD-19).
 - `msl`: TIME-WAIT lasts 2*MSL (RFC 9293 §3.6.1 MUST-13; MSL = 2 minutes by default).
-- `rto_initial`/`rto_min`/`rto_max`: RFC 6298 §2 (1 s, 1 s, 60 s).
+- `rto_initial`/`rto_min`/`rto_max`: RFC 6298 §2 (1 s, 1 s, 60 s). `rto_var_min`: Linux's
+  rto_min, a floor on the variance term added to SRTT (RTO = SRTT + max(4*RTTVAR,
+  rto_var_min)); 0 keeps RFC 6298 exactly.
 - `syn_retries`/`max_retries`: R2 for SYN and data (RFC 9293 §3.8.3 MUST-20..23: with
   RFC 6298 backoff capped at 60 s, 8 SYN retries last 243 s >= 3 minutes (MUST-23) and
   15 data retries far more than 100 s (SHLD-11)).
-- `nagle` (RFC 9293 §3.7.4 SHLD-7, MUST-17 may be disabled).
+- `nagle` (RFC 9293 §3.7.4 SHLD-7, MUST-17 may be disabled): False is TCP_NODELAY, a
+  short segment goes out even while data is unacknowledged (the receiver-side SWS rules
+  and the windows still apply).
 - `window_scaling`, `timestamps` (RFC 7323), `sack` (RFC 2018): offered in our SYN and
   used only when the peer offers them too.
-- `challenge_ack_limit` per second (RFC 5961 §7 rate limit).
+- `challenge_ack_limit` per second (RFC 5961 §7 rate limit); `invalid_ack_interval`: at
+  most one ACK per interval answers an empty unacceptable segment or an ACK of unsent
+  data (RFC 5961 §7; Linux tcp_invalid_ratelimit, 500 ms).
 - Keep-alives (RFC 9293 §3.8.4, MAY-5): off unless `keepalive` (MUST-24/26); sent only
   after `keepalive_idle` seconds without any segment from the peer (MUST-25), default two
   hours (MUST-28), configurable (MUST-27); `keepalive_probes` unanswered probes, one per
@@ -62,11 +68,13 @@ class TcpConfig:
     msl: float = 120.0
     rto_initial: float = 1.0
     rto_min: float = 1.0
+    rto_var_min: float = 0.0
     rto_max: float = 60.0
     syn_retries: int = 8
     max_retries: int = 15
     initial_cwnd: int = 0  # 0: RFC 5681 IW
     challenge_ack_limit: int = 10
+    invalid_ack_interval: float = 0.5
     keepalive: bool = False
     keepalive_idle: float = 7200.0
     keepalive_interval: float = 75.0
@@ -87,8 +95,12 @@ class TcpConfig:
             raise ValueError("recv_buffer must hold one MSS and send_buffer one byte")
         if self.recv_buffer > (1 << 30):
             raise ValueError("recv_buffer above 2**30 (RFC 7323 §2.3 window limit)")
+        if not 0 <= self.rto_var_min <= self.rto_max:
+            raise ValueError("need 0 <= rto_var_min <= rto_max")
         if not 0 < self.rto_min <= self.rto_initial <= self.rto_max:
             raise ValueError("need 0 < rto_min <= rto_initial <= rto_max")
+        if self.invalid_ack_interval < 0:
+            raise ValueError("invalid_ack_interval must not be negative")
         if self.msl <= 0 or self.syn_retries < 1 or self.max_retries < 1:
             raise ValueError("msl, syn_retries and max_retries must be positive")
         if self.keepalive_idle <= 0 or self.keepalive_interval <= 0 or self.keepalive_probes < 1:

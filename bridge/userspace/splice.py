@@ -29,7 +29,11 @@ Rules of this module (pure, sans-I/O: segments and `now` in, segments and deadli
   every byte queued before it, plus what `chain.eof()` still held back. The other direction
   stays open. FIN both ways -> CloseReason.CLOSED.
 - Abort: an RST from one side (ConnectionReset "reset", or a data timeout) aborts the other leg
-  (CLIENT_RESET / SERVER_RESET).
+  (CLIENT_RESET / SERVER_RESET). So does a client RST before its side is established: at the
+  kept SYN's RCV.NXT while the server leg connects, or the client leg's SYN-RECEIVED going
+  back to LISTEN (RFC 9293 §3.10.7.4 second step, MUST-11: ResetToListen): the client gave
+  up, so the server leg is aborted at once (happy-eyeballs losers, connect timeouts, SYN
+  scans would otherwise hold a server connection and a splice until the idle timeout).
 - Back-pressure and bounded memory: both legs run with auto_consume off. Bytes a leg delivered
   stay counted in its receive window until the other leg's bounded send buffer took them
   (then `consumed()` reopens the window, RFC 9293 §3.8.6.2.2). A slow reader therefore fills
@@ -78,12 +82,13 @@ from stack.events import (
     DataReceived,
     IcmpKind,
     PeerFinished,
+    ResetToListen,
     SoftError,
 )
 from stack.seq import MASK
 from stack.state import State
 from stack.tcp_config import TcpConfig
-from stack.wire.tcp import TcpSegment
+from stack.wire.tcp import RST, TcpSegment
 
 __all__ = ["Splice", "Phase", "TAP_MAX", "TAP_DELAY"]
 
@@ -166,8 +171,22 @@ class Splice:
         self.last_seen = now
         client = self.client
         if client is None:
-            return      # a retransmitted SYN while the server leg opens: the kept one answers
+            # A retransmitted SYN while the server leg opens: the kept one answers. A RST
+            # at the kept SYN's RCV.NXT (RFC 9293 §3.10.7.4 second step, exactly in window
+            # as RFC 5961 §3.2 asks) means the client gave up: end the attempt now.
+            if seg.flags & RST and seg.seq == (self.syn.seq + 1) & MASK:
+                self._client_gave_up(now)
+            return
         client.receive_segment(seg, now)
+
+    def _client_gave_up(self, now: float) -> None:
+        """The client reset a connection that is not established on its side (while the
+        server leg connects, or in the client leg's SYN-RECEIVED): abort the server leg
+        (RST if it is synchronized, RFC 9293 §3.10.5) and end the flow (CLIENT_RESET)."""
+        if self.life.finished:
+            return
+        self._abort_legs()
+        self.life.reset(C2S, now)
 
     def from_server(self, seg: TcpSegment, now: float) -> None:
         """A segment from the server (decapsulated from the tunnel)."""
@@ -311,6 +330,8 @@ class Splice:
                 elif isinstance(ev, ConnectionReset):
                     self._abort_legs()
                     life.reset(C2S, now)
+                elif isinstance(ev, ResetToListen):
+                    self._client_gave_up(now)  # MUST-11 LISTEN: nobody else will come
         if not life.finished:
             self._move(C2S)
             self._move(S2C)

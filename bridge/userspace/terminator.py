@@ -40,8 +40,13 @@ Rules of this module (pure, sans-I/O: inner IP packets and `now` in, packets and
 - Reaping: a splice whose legs are both CLOSED is forgotten; one idle for `idle_timeout` is
   aborted (CloseReason.IDLE). TIME-WAIT uses `msl` (default 15 s, not the 2 minutes of RFC
   9293 §3.6.1: the splice is a middlebox whose legs both see the real endpoints' TIME-WAIT).
-- RTO floor `rto_min` 0.2 s (Linux's TCP_RTO_MIN) instead of RFC 6298 §2.4's 1 s SHOULD: both
-  legs face real stacks a few ms away, and a 1 s floor turns every tail loss into a stall.
+- RTO as Linux computes it: SRTT + max(4*RTTVAR, `rto_min`), `rto_min` 0.2 s (TCP_RTO_MIN),
+  instead of RFC 6298 §2.4's 1 s floor on the sum: both legs face real stacks a few ms away,
+  a 1 s floor turns every tail loss into a stall, and a 0.2 s floor on the sum races the
+  peers' 200 ms delayed ACKs (stack/loss.py).
+- Nagle off on both legs (TCP_NODELAY, RFC 9293 §3.7.4 MUST-17 lets the application disable
+  it): each leg sends as soon as the other side's bytes arrive, so the splice adds no Nagle
+  wait behind a peer's delayed ACK; whoever sent the bytes already chose how to segment them.
 - Malformed packets (bad lengths, checksums) are dropped and counted in `drops`; nothing a peer
   sends raises. An exception from a splice (a bug of ours) resets that flow only, counted as
   "internal_error" and recorded in the flow's metadata, so one broken flow cannot make every
@@ -260,7 +265,8 @@ class Terminator:
             rbuf = max(buf, server_mss, client_mss)
             common: dict[str, Any] = dict(recv_buffer=rbuf, send_buffer=max(buf, 1),
                                           auto_consume=False, msl=self.msl,
-                                          rto_min=self.rto_min)
+                                          rto_min=self.rto_min, rto_var_min=self.rto_min,
+                                          nagle=False)
             cached = (TcpConfig(mss=client_mss, tx_max_segment=self.tx_max_segment, **common),
                       TcpConfig(mss=server_mss, syn_retries=self.syn_retries, **common))
             self._configs[ck] = cached

@@ -218,3 +218,35 @@ def test_an_observer_that_answers_reset_in_drain_aborts_the_flow() -> None:
     rst_client = [p for p in out.tun if parse_tcp(_tcp_of(p)[2], S_ADDR, C_ADDR).flags & 0x04]
     rst_server = [p for p in out.peer if parse_tcp(_tcp_of(p)[2], C_ADDR, S_ADDR).flags & 0x04]
     assert rst_client and rst_server
+
+
+def test_second_small_write_is_forwarded_at_once_both_ways() -> None:
+    """Issue 11 #3: the legs mirror a TCP_NODELAY endpoint (RFC 9293 §3.7.4: the application
+    may disable Nagle). A second small write, sent while the first is still unacknowledged
+    (the peer delays its ACK, 200 ms like Windows), leaves the splice in the same call."""
+    from stack.tcp_config import TcpConfig
+
+    nodelay = TcpConfig(mss=1400, msl=1.0, nagle=False, delayed_ack=0.2)
+    h = Harness(rule(), [NotObserver()], client_cfg=nodelay, server_cfg=nodelay)
+    assert h.run(lambda h: h.server is not None and h.server.conn.state is State.ESTABLISHED
+                 and bool(h.term.splices)
+                 and next(iter(h.term.splices.values())).phase == Phase.OPEN)
+    assert h.run(lambda h: not any(x.q for x in (h.c2t, h.t2c, h.t2s, h.s2t)))
+    now = h.now + 0.01
+    assert payloads(client_sends(h, b"1" * 20, now).peer) == b"1" * 20
+    # the server has not acknowledged: Nagle on the server leg would hold this back
+    assert payloads(client_sends(h, b"2" * 20, now + 0.001).peer) == b"2" * 20
+    assert payloads(server_sends(h, b"3" * 20, now + 0.002).tun) == b"3" * 20
+    assert payloads(server_sends(h, b"4" * 20, now + 0.003).tun) == b"4" * 20
+
+
+def test_legs_run_without_nagle_and_with_linux_rto() -> None:
+    """Issue 11 #2/#3: both legs' settings: TCP_NODELAY, and RTO = SRTT + max(4*RTTVAR,
+    200 ms) so a real peer's 200 ms delayed ACK does not race the timer."""
+    from bridge.userspace.terminator import Terminator
+
+    term = Terminator((), lambda *a: None, lambda dst: 1500, lambda: 1500)
+    key = (4, C_ADDR, S_ADDR, 40000, 80)
+    for leg in term.configs_for(key, None):
+        assert not leg.nagle
+        assert leg.rto_var_min == 0.2 and leg.rto_min == 0.2

@@ -201,3 +201,20 @@ def test_rfc9293_must_29_late_keepalive_timer_probes_once_then_waits_an_interval
     conn.handle_timer(30.0)
     recv_nothing(conn, 30.0)
     assert conn.state is State.ESTABLISHED
+
+
+@pytest.mark.parametrize("flags", [ACK, ACK | PSH])
+def test_rfc9293_bare_fin_after_a_gap_is_kept_and_acked_when_the_gap_fills(flags: int) -> None:
+    """Issue 11 #5: the last data segment is lost, the bare FIN behind it arrives; the
+    retransmission (in order, header-prediction shaped) fills the gap: the FIN takes
+    effect then (RFC 9293 §3.10.7.4 eighth step, the FIN kept beyond the gap) and the ACK
+    covering both goes out at once (RFC 5681 §4.2), not after the peer's FIN timeout."""
+    conn = passive()
+    events(conn)
+    send(conn, 1.0, flags=ACK | FIN, seq=rseq(4), ack=lseq(1), payload=b"")
+    assert conn.state is State.ESTABLISHED
+    expect(recv_one(conn, 1.0), ack=rseq(1))  # a duplicate ACK at once
+    send(conn, 1.1, flags=flags, seq=rseq(1), ack=lseq(1), payload=b"abc")
+    assert conn.state is State.CLOSE_WAIT
+    assert events(conn) == [DataReceived(b"abc"), PeerFinished()]
+    expect(recv_one(conn, 1.1), ack=rseq(5))  # at once, covering the FIN

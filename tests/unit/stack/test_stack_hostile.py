@@ -20,6 +20,7 @@ from tcp_script import (
 )
 
 from stack.connection import TcpConnection
+from stack.state import State
 from stack.wire.tcp import ACK, FIN, TcpSegment, emit_tcp
 
 U32 = st.integers(0, 0xFFFFFFFF)
@@ -107,3 +108,49 @@ def test_demux_random_bytes_never_raise(packets: list[bytes]) -> None:
             TcpSegment(1, 80, len(raw), 0, raw[0] if raw else 2, 100, raw), REMOTE[0],
             LOCAL[0]), 0.0)
     demux.segments_to_send(0.0)
+
+
+def _pair() -> tuple[TcpConnection, TcpConnection, TcpSegment]:
+    a = TcpConnection(LOCAL, REMOTE, ALL_OPTIONS)
+    b = TcpConnection(REMOTE, LOCAL, ALL_OPTIONS)
+    b.listen()
+    a.connect(0.0)
+    last = None
+    for _ in range(4):
+        for seg in a.segments_to_send(0.0):
+            b.receive_segment(seg, 0.0)
+            last = seg
+        for seg in b.segments_to_send(0.0):
+            a.receive_segment(seg, 0.0)
+    assert last is not None
+    return a, b, last
+
+
+def test_rfc5961_7_an_injected_segment_does_not_start_an_endless_ack_exchange() -> None:
+    """Issue 11 #9: one spoofed data segment into b (in its window, as if from a) makes b
+    acknowledge bytes a never sent; a answers that ACK of unsent data with an ACK whose
+    sequence number is now old for b; b answers that unacceptable segment with its ACK
+    again, and so on forever. The ACKs answering unacceptable segments and ACKs of unsent
+    data are rate limited per connection (RFC 5961 §7; Linux tcp_invalid_ratelimit,
+    500 ms; data segments and SYNs are never limited), so the exchange dies out."""
+    a, b, last = _pair()
+    assert a.state is State.ESTABLISHED and b.state is State.ESTABLISHED
+    assert last.ts is not None
+    spoof = last._replace(payload=b"evil", ts=(last.ts[0] + 1, last.ts[1]))
+    b.receive_segment(spoof, 1.0)
+    exchanged = 0
+    t = 1.0
+    for _ in range(200):  # 200 round trips of 1 ms
+        for conn in (a, b):
+            due = conn.get_timer()
+            if due is not None and due <= t:
+                conn.handle_timer(t)
+        out_b = b.segments_to_send(t)
+        for seg in out_b:
+            a.receive_segment(seg, t)
+        out_a = a.segments_to_send(t)
+        for seg in out_a:
+            b.receive_segment(seg, t)
+        exchanged += len(out_a) + len(out_b)
+        t += 0.001
+    assert 1 <= exchanged <= 4

@@ -5,23 +5,25 @@ from __future__ import annotations
 
 import pytest
 from tcp_script import (
+    REMOTE_SEQ,
     active,
     cfg,
     events,
-    expect,
     lseq,
     recv,
     recv_nothing,
-    recv_one,
     rseq,
     run_timers_while,
     send,
+    syn_sent,
 )
 
 from stack.congestion import NewReno, initial_window
+from stack.connection import TcpConnection
 from stack.events import Closed, ConnectionReset
 from stack.loss import RtoEstimator
 from stack.state import State
+from stack.wire.tcp import ACK, SYN
 
 MSS = 1460
 
@@ -188,17 +190,31 @@ def test_rfc6675_sack_holes_are_retransmitted_one_per_dupack() -> None:
     assert conn.info()["retransmissions"] == 2
 
 
-def test_rfc2018_8_sack_information_is_forgotten_after_rto() -> None:
-    conn = active(cfg(nagle=False, initial_cwnd=20 * MSS, sack=True), window=65535,
-                  sack_perm=True)
-    conn.send(bytes(4 * MSS))
-    recv(conn, 0.0)
-    send(conn, 0.1, seq=rseq(1), ack=lseq(1), window=65535,
-         sack=((lseq(1 + MSS), lseq(1 + 2 * MSS)),))
+def test_rfc6675_5_1_sack_information_is_kept_across_an_rto() -> None:
+    """Issue 11 #2: after a timeout the sender resends the holes, not what the receiver
+    already SACKed (RFC 6675 §5.1: use the SACK information in the slow start after an
+    RTO; Linux keeps its scoreboard unless the receiver reneges)."""
+    conn = _sack_flight(4)
+    _sacks(conn, 0.1, 0, 65535, (2, 4))  # segments 0 and 1 lost; 2 SMSS SACKed: not lost
+    recv_nothing(conn, 0.1)
+    t = conn.get_timer() or 0.0
+    conn.handle_timer(t)
+    assert [s.seq for s in recv(conn, t)] == [lseq(1)]  # cwnd = 1 SMSS
     assert conn._snd.board.sacked
-    conn.handle_timer(conn.get_timer() or 0.0)
+    _sacks(conn, t + 0.01, 1, 65535, (2, 4))
+    # cwnd = 2 SMSS: the second hole only, not the SACKed segments 2 and 3
+    assert [s.seq for s in recv(conn, t + 0.01)] == [lseq(1 + MSS)]
+
+
+def test_rfc2018_8_sack_reneging_forgets_the_scoreboard() -> None:
+    """A cumulative ACK that stops at the start of a SACKed range: the receiver discarded
+    what it SACKed (RFC 2018 §8); its SACK information is forgotten (Linux
+    tcp_check_sack_reneging)."""
+    conn = _sack_flight(4)
+    _sacks(conn, 0.1, 0, 65535, (2, 4))
+    assert conn._snd.board.sacked
+    _sacks(conn, 0.11, 2, 65535)  # up to segment 2, which was SACKed, and no further
     assert conn._snd.board.sacked == []
-    expect(recv_one(conn, 2.0), seq=lseq(1))
 
 
 def test_rfc5681_4_1_idle_restart_window() -> None:
@@ -277,3 +293,127 @@ def test_sack_negotiated_but_no_blocks_falls_back_to_newreno_partial_acks() -> N
     assert recv(conn, 0.14)[0].seq == lseq(1 + MSS)
     send(conn, 0.2, seq=rseq(1), ack=lseq(1 + 4 * MSS), window=65535)  # partial ACK
     assert recv(conn, 0.2)[0].seq == lseq(1 + 4 * MSS)  # the next hole, no RTO needed
+
+
+def _sack_flight(n: int) -> TcpConnection:
+    conn = active(cfg(nagle=False, initial_cwnd=20 * MSS, sack=True), window=65535,
+                  sack_perm=True)
+    conn.send(bytes(n * MSS))
+    assert len(recv(conn, 0.0)) == n
+    return conn
+
+
+def _sacks(conn: TcpConnection, t: float, una: int, window: int,
+           *blocks: tuple[int, int]) -> None:
+    send(conn, t, seq=rseq(1), ack=lseq(1 + una * MSS), window=window,
+         sack=tuple((lseq(1 + a * MSS), lseq(1 + b * MSS)) for a, b in blocks))
+
+
+def test_rfc6675_dupack_with_sack_needs_no_unchanged_window() -> None:
+    """Issue 11 #4: the receiver's window grows with every ACK (its application reads);
+    an ACK SACKing new data is a duplicate ACK all the same (RFC 6675 §2, "DupAck"), so
+    the third one starts recovery (§5) instead of waiting for the RTO."""
+    conn = _sack_flight(10)
+    for i in range(3):  # segment 0 lost; 1, 2, 3 SACKed one by one, the window growing
+        _sacks(conn, 0.1 + i / 100, 0, 20000 + 1000 * i, (1, 2 + i))
+        if i < 2:
+            assert all(s.seq != lseq(1) for s in recv(conn, 0.1 + i / 100))
+    segs = recv(conn, 0.13)
+    assert segs and segs[0].seq == lseq(1) and len(segs[0].payload) == MSS
+    assert conn.info()["in_recovery"]
+
+
+def test_rfc6675_islost_starts_recovery_before_three_dupacks() -> None:
+    """RFC 6675 §5 step (2): IsLost(HighACK + 1), more than (DupThresh - 1) * SMSS SACKed
+    above SND.UNA, starts recovery even on the first duplicate ACK (the others were lost
+    or stretched into one)."""
+    conn = _sack_flight(10)
+    _sacks(conn, 0.1, 0, 65535, (1, 5))
+    segs = recv(conn, 0.1)
+    assert segs and segs[0].seq == lseq(1)
+    assert conn.info()["in_recovery"]
+
+
+def test_rfc6675_rescue_retransmission_of_the_tail() -> None:
+    """RFC 6675 §4 NextSeg rule (4): the first and the last segment are lost and there is
+    no new data; the last one is neither lost by IsLost nor below a SACKed block, so only
+    the rescue retransmission (once per recovery) resends it before the RTO."""
+    conn = _sack_flight(6)
+    _sacks(conn, 0.1, 0, 65535, (1, 5))  # segments 0 and 5 lost
+    segs = recv(conn, 0.1)
+    assert [s.seq for s in segs] == [lseq(1), lseq(1 + 5 * MSS)]
+    assert len(segs[1].payload) == MSS
+    _sacks(conn, 0.11, 0, 65535, (1, 5))
+    recv_nothing(conn, 0.11)  # once per recovery
+
+
+def test_linux_rto_min_is_added_to_srtt_not_a_floor_on_the_sum() -> None:
+    """Issue 11 #2: Linux computes RTO = SRTT + max(4 * RTTVAR, rto_min) (its RTTVAR never
+    drops below TCP_RTO_MIN), so a peer's 200 ms delayed ACK a LAN RTT away never meets a
+    timer set to exactly 200 ms; RFC 6298 §2.4's floor on the sum would fire first."""
+    est = RtoEstimator(initial=1.0, minimum=0.2, var_min=0.2)
+    for _ in range(20):
+        est.sample(0.001)
+    assert est.rto == pytest.approx(0.201)
+    rfc = RtoEstimator(initial=1.0, minimum=0.2)
+    rfc.sample(0.001)
+    assert rfc.rto == pytest.approx(0.2)  # the RFC 6298 floor, unchanged without var_min
+
+
+def test_one_small_write_to_a_200ms_delayed_ack_peer_is_not_retransmitted() -> None:
+    conn = syn_sent(cfg(nagle=False, rto_min=0.2, rto_var_min=0.2), 0.0)
+    send(conn, 0.001, flags=SYN | ACK, seq=REMOTE_SEQ, ack=lseq(1), mss=1460)
+    recv(conn, 0.001)
+    conn.send(b"x" * 100)
+    assert _sizes(recv(conn, 1.0)) == [100]
+    timer = conn.get_timer()
+    assert timer is not None and timer > 1.2005
+    send(conn, 1.2005, seq=rseq(1), ack=lseq(101), window=65535)  # 200 ms delayed ACK
+    assert conn.info()["retransmissions"] == 0
+    assert conn.info()["cwnd"] >= 3 * MSS
+
+
+def test_rfc4015_spurious_rto_detected_by_timestamps_is_undone() -> None:
+    """Issue 11 #2: the peer's ACK was only late (a 200 ms delayed ACK, a delay spike):
+    the first ACK after the timeout echoes the TSval of the original transmission, not of
+    the retransmission (RFC 3522 Eifel detection), so the timeout was spurious: ssthresh
+    and cwnd come back (RFC 4015 §3 response) and the sender goes on with new data
+    instead of resending the whole flight (SND.NXT = SND.MAX)."""
+    conn = active(cfg(nagle=False, timestamps=True, rto_min=0.2, rto_var_min=0.2),
+                  0.0, window=65535, ts=(1000, 0))
+    m = conn.send_mss  # 1460 less the TSopt
+    conn.send(bytes(6 * m))
+    first = recv(conn, 1.0)
+    assert len(first) == 3 and first[0].ts is not None
+    before = conn.info()
+    t = conn.get_timer()
+    assert t is not None
+    conn.handle_timer(t)
+    rx = recv(conn, t)
+    assert [s.seq for s in rx] == [lseq(1)]
+    assert conn.info()["cwnd"] == m
+    # The late ACK of the whole first flight, echoing the original segments' TSval.
+    send(conn, t + 0.05, seq=rseq(1), ack=lseq(1 + 3 * m), window=65535,
+         ts=(1001, first[2].ts[0]))
+    info = conn.info()
+    assert info["ssthresh"] == before["ssthresh"]
+    assert info["cwnd"] >= 3 * m  # type: ignore[operator]
+    nxt = recv(conn, t + 0.05)
+    assert [s.seq for s in nxt] == [lseq(1 + 3 * m), lseq(1 + 4 * m), lseq(1 + 5 * m)]
+
+
+def test_rfc3522_a_real_loss_is_not_undone() -> None:
+    conn = active(cfg(nagle=False, timestamps=True, rto_min=0.2, rto_var_min=0.2),
+                  0.0, window=65535, ts=(1000, 0))
+    conn.send(bytes(6 * MSS))
+    recv(conn, 1.0)
+    t = conn.get_timer()
+    assert t is not None
+    conn.handle_timer(t)
+    (rx,) = recv(conn, t)
+    assert rx.ts is not None
+    # The ACK the retransmission caused: it echoes the retransmission's TSval.
+    send(conn, t + 0.05, seq=rseq(1), ack=lseq(1 + 3 * MSS), window=65535,
+         ts=(1001, rx.ts[0]))
+    info = conn.info()
+    assert info["ssthresh"] < 1 << 30  # type: ignore[operator]
