@@ -142,7 +142,7 @@ struct gb_rxseq {
 	__u32 expected;
 	__u32 started;
 	__u32 late_run;
-	__u32 pad;
+	__u32 pad; /* seq_accept: when the current run of late packets began (ms) */
 };
 
 struct gb_peerstat {
@@ -802,6 +802,8 @@ static __always_inline int pass_inner(struct __sk_buff *skb, __u32 why, __u32 ip
 	return pass(why);
 }
 
+#define RESYNC_MS 1000 /* bridge/seqpolicy.py RESYNC_TIME */
+
 static __always_inline int seq_accept(__u32 idx, __u32 seq)
 {
 	/* Linux iseq (drop-late) with grebe's resynchronisation (bridge/seqpolicy.py); the
@@ -810,7 +812,13 @@ static __always_inline int seq_accept(__u32 idx, __u32 seq)
 	if (!r)
 		return 0;
 	if ((__s32)(seq - r->expected) < 0) {
-		if (++r->late_run < 32)
+		/* late: dropped, unless late packets alone have kept coming for RESYNC_MS with
+		 * nothing in order between them: the peer restarted and counts from 0 again
+		 * (bridge/seqpolicy.py RESYNC_TIME). `pad` holds when this late run began (ms). */
+		__u32 now_ms = (__u32)(bpf_ktime_get_ns() / 1000000);
+		if (r->late_run++ == 0)
+			r->pad = now_ms;
+		if ((__u32)(now_ms - r->pad) < RESYNC_MS)
 			return 0;
 	}
 	r->started = 1;
