@@ -181,10 +181,14 @@ def _capture(lab: Lab, node: str, iface: str, bpf: str, path: str,
 
 
 @pytest.mark.parametrize("datapath", DATAPATHS)
-def test_wire_format_tshark_and_scapy(lab: Lab, datapath: str) -> None:
+def test_wire_format_tshark_and_scapy(lab_factory: Any, datapath: str) -> None:
     from scapy.layers.inet import IP, UDP
     from scapy.layers.l2 import GRE
     from scapy.utils import rdpcap
+
+    # a lab of its own: after the Python variant in the module's lab, the eBPF variant's
+    # capture at gw-b sometimes saw none of the program's datagrams (not understood yet)
+    lab: Lab = lab_factory("two-sites-plain", start=False)
 
     # the eBPF path leaves GRE checksums to the Python path: its wire is tested without
     csum = datapath == "python"
