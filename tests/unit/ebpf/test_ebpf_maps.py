@@ -198,7 +198,7 @@ def test_shared_sequence_numbers_interleave_without_repeats() -> None:
 
 
 def test_datapath_key() -> None:
-    assert loads_config(BASE).datapath is Datapath.AUTO
+    assert loads_config(BASE).datapath is Datapath.PYTHON  # opt-in (closing note, session 4)
     assert loads_config('datapath = "ebpf"\n' + BASE).datapath is Datapath.EBPF
     with pytest.raises(ConfigErrors) as e:
         loads_config('datapath = "xdp"\n' + BASE)
@@ -213,7 +213,7 @@ def test_auto_falls_back_with_a_log_line(monkeypatch: pytest.MonkeyPatch,
         raise PermissionError(1, "load grebe_tc.o: Operation not permitted")
 
     monkeypatch.setattr(D, "start", refuse)
-    cfg = loads_config(BASE)
+    cfg = loads_config('datapath = "auto"\n' + BASE)
     with caplog.at_level(logging.INFO, logger="grebe.ebpf"):
         assert start_for_endpoint(cfg, None) == (None, None)
     assert "datapath auto: eBPF fast path unavailable" in caplog.text
