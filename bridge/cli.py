@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bridge import deploy, pair
+from bridge import configdocs, deploy, pair
 from bridge.io.adapters import GroBatchFactory, TsoFrameFactory
 
 log = logging.getLogger("grebe")
@@ -598,6 +598,8 @@ register("pair", "write the matching endpoint files of every site from one descr
          pair.setup, pair.run)
 register("deploy", "push, start, stop and show grebe on the hosts of an inventory (SSH)",
          deploy.setup, deploy.run)
+register("docs", "write docs/config/ (a page per config key) from the key table",
+         configdocs.setup, configdocs.run)
 
 
 def main(argv: list[str] | None = None) -> int:
