@@ -154,8 +154,9 @@ def _bind_error(e: OSError, key: str, value: str) -> OSError:
 
 
 def _run_up(args: argparse.Namespace, cfg: Any) -> int:
-    from bridge.io.control import ControlServer, MetricsServer, io_prometheus, socket_name
+    from bridge.io.control import ControlServer, MetricsServer, socket_name
     from bridge.io.loop import Engine, Runner
+    from bridge.io.metrics import io_prometheus
     from bridge.io.notify import notify, reloading
     from bridge.io.tun import TunBusyError, TunDevice
     from bridge.io.udp import UdpEndpoint
@@ -251,7 +252,7 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
         if cfg.metrics_listen:
             def render() -> str:
                 text = engine.metrics_text()
-                text += io_prometheus(status({}))
+                text += io_prometheus(status({}), version())
                 if kernel is not None:
                     from bridge.kernel.info import prometheus
 

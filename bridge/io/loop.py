@@ -311,7 +311,12 @@ class Engine:
                 c = c.merged(child.get("counters", {}))
             if self.fast_path is not None:  # issue 14: the eBPF program's counters
                 c = c.merged(self.fast_path.counters())
-            text = c.prometheus(peer_up=[p.up and p.heard for p in self.bridge.peers])
+            peers = self.bridge.peers
+            # the core's clock is monotonic: the last datagram's Unix time is now minus its age
+            wall, now = time.time(), self.clock()
+            text = c.prometheus(peer_up=[p.up and p.heard for p in peers],
+                                last_seen=[wall - (now - p.last_rx) if p.heard else None
+                                           for p in peers])
             sec = self.bridge.secure
             return text + sec.prometheus() if sec is not None else text
 
