@@ -39,6 +39,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bridge import configdocs, deploy, pair
+from bridge.io import capture
 from bridge.io.adapters import GroBatchFactory, TsoFrameFactory
 
 log = logging.getLogger("grebe")
@@ -236,6 +237,7 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
             return st
 
         ctl.register("status", status)
+        capture.register(ctl, engine, cfg)  # `grebe capture` (bridge/io/capture.py)
         from bridge.io.flows import attach  # `flows` + inspector flushing (issue 4)
 
         detach = attach(engine, ctl)
@@ -599,6 +601,8 @@ register("pair", "write the matching endpoint files of every site from one descr
          pair.setup, pair.run)
 register("deploy", "push, start, stop and show grebe on the hosts of an inventory (SSH)",
          deploy.setup, deploy.run)
+register("capture", "write what one peer sends and receives, outer and inner, to pcapng",
+         capture.setup, capture.run)
 register("docs", "write docs/config/ (a page per config key) from the key table",
          configdocs.setup, configdocs.run)
 
