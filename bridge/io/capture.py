@@ -61,6 +61,7 @@ class Tap:
         self.local = local
         self.left = [count, count]  # inbound, outbound
         self.until = until  # time.monotonic(): one clock for both processes
+        self.lock = threading.Lock()  # the send path runs on several threads
 
     def _live(self) -> bool:
         if self.fd >= 0 and (time.monotonic() >= self.until or self.left == [0, 0]):
@@ -75,9 +76,10 @@ class Tap:
 
     def _one(self, direction: int, src: Addr, dst: Addr, payload: Any, micros: int) -> None:
         i = 0 if direction == pcapng.INBOUND else 1
-        if self.left[i] <= 0:
-            return
-        self.left[i] -= 1
+        with self.lock:
+            if self.left[i] <= 0:
+                return
+            self.left[i] -= 1
         block = pcapng.epb(pcapng.IF_OUTER, micros, pcapng.outer_packet(src, dst, payload),
                            direction)
         inner = pcapng.inner_packet(payload, self.gre)

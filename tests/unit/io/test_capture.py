@@ -4,6 +4,7 @@ the inner ICMP, both directions, only the chosen peer's, and nothing once the ta
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 import subprocess
@@ -153,3 +154,23 @@ def test_requests_are_checked(tmp_path: Path) -> None:
     spec = _spec({"peer": "site-b", "path": str(not_pcap)}, ca)
     assert "pcapng header" in arm(ea, spec)["error"]
     assert not_pcap.read_text() == "keep me" and ea.tap is None
+
+
+def test_a_gro_batch_is_captured_datagram_by_datagram(tmp_path: Path) -> None:
+    """UDP GRO hands the core runs of datagrams glued together (bridge/gso.py GroBatch): the
+    tap writes each one, and ignores what another host sent."""
+    from bridge.gso import GroBatch
+
+    path = tmp_path / "g.pcapng"
+    path.write_bytes(pcapng.header())
+    inner = bytes(IP(src="198.18.2.5", dst="198.18.1.5") / ICMP(type=0) / bytes(32))
+    dg = b"\x00\x00\x08\x00" + inner  # GRE without options, IPv4 inside
+    fd = os.open(str(path), os.O_WRONLY | os.O_APPEND)
+    tap = Tap(fd, "198.18.0.2", ("198.18.0.2", 4754), True, ("198.18.0.1", 4754), 10,
+              time.monotonic() + 30)
+    peer, stranger = ("198.18.0.2", 50000), ("198.18.0.66", 4754)
+    assert tap.received([(GroBatch(bytearray(dg * 3), len(dg)), peer), (dg, stranger)])
+    tap.close()
+    assert _counts(str(path)) == (3, 0, 3)
+    epbs = [b for k, b in pcapng.read_blocks(path.read_bytes()) if k == pcapng.EPB]
+    assert inner in epbs[1]  # the inner interface's block holds the packet itself
