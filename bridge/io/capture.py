@@ -132,13 +132,12 @@ def _local(listen: Addr, peer: Addr) -> Addr:
 
 def _open(path: str) -> int:
     """Open an existing pcapng file for appending; OSError / ValueError when it is not one."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:  # checked on the descriptor itself, not by name again
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError("not a regular file")
-        with open(path, "rb") as f:
-            if f.read(4) != b"\x0a\x0d\x0d\x0a":
-                raise ValueError("does not start with a pcapng header (grebe capture writes it)")
+        if os.pread(fd, 4, 0) != b"\x0a\x0d\x0d\x0a":
+            raise ValueError("does not start with a pcapng header (grebe capture writes it)")
     except BaseException:
         os.close(fd)
         raise
