@@ -154,6 +154,12 @@ def test_requests_are_checked(tmp_path: Path) -> None:
     spec = _spec({"peer": "site-b", "path": str(not_pcap)}, ca)
     assert "pcapng header" in arm(ea, spec)["error"]
     assert not_pcap.read_text() == "keep me" and ea.tap is None
+    real = tmp_path / "real.pcapng"
+    real.write_bytes(pcapng.header())
+    link = tmp_path / "link.pcapng"
+    link.symlink_to(real)
+    assert "error" in arm(ea, _spec({"peer": "site-b", "path": str(link)}, ca))
+    assert ea.tap is None
 
 
 def test_a_gro_batch_is_captured_datagram_by_datagram(tmp_path: Path) -> None:
