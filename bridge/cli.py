@@ -38,7 +38,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bridge import deploy, pair
+from bridge import configdocs, deploy, pair
+from bridge.io import capture
 from bridge.io.adapters import GroBatchFactory, TsoFrameFactory
 
 log = logging.getLogger("grebe")
@@ -154,8 +155,9 @@ def _bind_error(e: OSError, key: str, value: str) -> OSError:
 
 
 def _run_up(args: argparse.Namespace, cfg: Any) -> int:
-    from bridge.io.control import ControlServer, MetricsServer, io_prometheus, socket_name
+    from bridge.io.control import ControlServer, MetricsServer, socket_name
     from bridge.io.loop import Engine, Runner
+    from bridge.io.metrics import io_prometheus
     from bridge.io.notify import notify, reloading
     from bridge.io.tun import TunBusyError, TunDevice
     from bridge.io.udp import UdpEndpoint
@@ -235,6 +237,7 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
             return st
 
         ctl.register("status", status)
+        capture.register(ctl, engine, cfg)  # `grebe capture` (bridge/io/capture.py)
         from bridge.io.flows import attach  # `flows` + inspector flushing (issue 4)
 
         detach = attach(engine, ctl)
@@ -251,7 +254,7 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
         if cfg.metrics_listen:
             def render() -> str:
                 text = engine.metrics_text()
-                text += io_prometheus(status({}))
+                text += io_prometheus(status({}), version())
                 if kernel is not None:
                     from bridge.kernel.info import prometheus
 
@@ -598,6 +601,10 @@ register("pair", "write the matching endpoint files of every site from one descr
          pair.setup, pair.run)
 register("deploy", "push, start, stop and show grebe on the hosts of an inventory (SSH)",
          deploy.setup, deploy.run)
+register("capture", "write what one peer sends and receives, outer and inner, to pcapng",
+         capture.setup, capture.run)
+register("docs", "write docs/config/ (a page per config key) from the key table",
+         configdocs.setup, configdocs.run)
 
 
 def main(argv: list[str] | None = None) -> int:

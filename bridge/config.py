@@ -30,9 +30,11 @@ Rules:
 - `[[inspect]]` tables are kept raw; `bridge.inspect.rules.parse_rules(raw, "inspect")` checks them
   (its errors join this file's list) and `Config.inspect_rules()` returns its rules.
 
-Theory of operation: `parse_config(data)` walks the TOML dict with a small `_Reader` that
-pops known keys, converts and range-checks them, and records errors with their key path
-instead of raising, so that one pass reports everything. If no error was recorded the
+Theory of operation: `parse_config(data)` walks the TOML dict with a `Reader`
+(bridge/configkeys.py) that pops the keys of the table `KEYS` there (every key's type,
+default, range, choices and doc; docs/config/ is generated from it), checks them, and records
+errors with their key path instead of raising, so that one pass reports everything; the
+checks across keys are here. If no error was recorded the
 frozen `Config` is returned. `EXAMPLE` below is the reference file, every key commented
 (tests/unit/bridge/fixtures/site-a.toml is a copy, checked equal by the tests).
 """
@@ -42,11 +44,18 @@ from __future__ import annotations
 import ipaddress
 import os
 import tomllib
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
+from bridge.configkeys import (
+    GRE_IN_UDP_PORT,
+    Datapath,
+    DownAction,
+    Encapsulation,
+    Reader,
+    SeqPolicy,
+    SourcePort,
+)
 from bridge.errors import ConfigError, ConfigErrors
 from bridge.flows import InspectRule
 from bridge.inspect.rules import check_imports, parse_rules
@@ -73,37 +82,8 @@ __all__ = [
     "GRE_IN_UDP_PORT",
 ]
 
-GRE_IN_UDP_PORT = 4754  # RFC 8086 §3.3 / IANA "GRE-in-UDP"
-
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-class Encapsulation(Enum):
-    GRE = "gre"  # GRE-in-UDP, RFC 8086 (GRE header per RFC 2784/2890)
-    IPIP = "ipip"  # IPIP-in-UDP, Linux FOU layout (inner version nibble picks v4/v6)
-
-
-class SeqPolicy(Enum):
-    OFF = "off"
-    DROP_LATE = "drop-late"
-    REORDER = "reorder"
-
-
-class DownAction(Enum):
-    NONE = "none"  # keep sending to a silent peer
-    WITHDRAW = "withdraw"  # drop traffic to it (counted "peer_down") + ICMP unreachable
-
-
-class Datapath(Enum):  # issue 14: bridge/ebpf/datapath.py
-    AUTO = "auto"  # the eBPF fast path where the kernel and capabilities allow, else python
-    PYTHON = "python"  # the Python data plane only
-    EBPF = "ebpf"  # the eBPF fast path, or `grebe up` fails
-
-
-class SourcePort(Enum):
-    FIXED = "fixed"  # the socket's own port (RFC 8086 §3.2.1: one constant port is allowed)
-    FLOW_HASH = "flow-hash"  # 49152-65535 from a hash of the inner flow (RFC 8086 §3.2.1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,151 +264,67 @@ def _port(text: str) -> int:
     return port
 
 
-class _Reader:
-    """Pops typed values out of TOML tables, recording errors with their key path."""
-
-    def __init__(self, file: str | None) -> None:
-        self.file = file
-        self.errors: list[ConfigError] = []
-        self.seen_bad: set[str] = set()  # key paths already reported
-
-    def error(self, path: str, message: str) -> None:
-        self.errors.append(ConfigError(path, message, self.file))
-        self.seen_bad.add(path)
-
-    def table(self, data: dict[str, Any], key: str, prefix: str) -> dict[str, Any]:
-        value = data.pop(key, {})
-        if not isinstance(value, dict):
-            self.error(_join(prefix, key), "must be a table")
-            return {}
-        return value
-
-    def get(
-        self,
-        data: dict[str, Any],
-        key: str,
-        prefix: str,
-        kind: type | tuple[type, ...],
-        default: Any,
-        check: Callable[[Any], str | None] | None = None,
-    ) -> Any:
-        if key not in data:
-            return default
-        value = data.pop(key)
-        path = _join(prefix, key)
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if isinstance(value, bool) and bool not in kinds:
-            self.error(path, f"must be {_kind_name(kinds)}, not a boolean")
-            return default
-        if not isinstance(value, kinds):
-            self.error(path, f"must be {_kind_name(kinds)}, not {type(value).__name__}")
-            return default
-        if check is not None:
-            problem = check(value)
-            if problem:
-                self.error(path, problem)
-                return default
-        return value
-
-    def enum(
-        self, data: dict[str, Any], key: str, prefix: str, enum: type[Enum], default: Any
-    ) -> Any:
-        value = self.get(data, key, prefix, str, None)
-        if value is None:
-            return default
-        try:
-            return enum(value)
-        except ValueError:
-            choices = " | ".join(repr(m.value) for m in enum)
-            self.error(_join(prefix, key), f"{value!r} is not one of {choices}")
-            return default
-
-    def unknown(self, data: dict[str, Any], prefix: str) -> None:
-        for key in data:
-            self.error(_join(prefix, key), "unknown key")
-
-
-def _join(prefix: str, key: str) -> str:
-    return f"{prefix}.{key}" if prefix else key
-
-
-def _kind_name(kinds: tuple[type, ...]) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean",
-             list: "an array", dict: "a table"}
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
-
-
-def _range(lo: float, hi: float) -> Callable[[Any], str | None]:
-    def check(v: Any) -> str | None:
-        return None if lo <= v <= hi else f"{v} out of range {lo}..{hi}"
-
-    return check
-
-
-def _u32(v: Any) -> str | None:
-    return None if 0 <= v <= 0xFFFFFFFF else f"{v} is not a 32-bit unsigned key"
-
-
-def _parse_tun(r: _Reader, data: dict[str, Any]) -> TunConfig:
-    t = r.table(data, "tun", "")
-    name = r.get(t, "name", "tun", str, "grebe0")
+def _parse_tun(r: Reader, data: dict[str, Any]) -> TunConfig:
+    t = r.table(data, "tun")
+    name = r.take(t, "tun.name", "tun")
     if not 1 <= len(name) <= 15 or "/" in name or " " in name:
         r.error("tun.name", f"{name!r} is not a valid interface name (1-15 chars)")
     addrs: list[IPInterface] = []
-    raw = r.get(t, "addresses", "tun", list, [])
+    raw = r.take(t, "tun.addresses", "tun") or []
     for i, a in enumerate(raw):
         try:
             addrs.append(ipaddress.ip_interface(a))
         except (ValueError, TypeError) as e:
             r.error(f"tun.addresses[{i}]", str(e))
-    mtu_raw = r.get(t, "mtu", "tun", (int, str), "auto")
+    mtu_raw = r.take(t, "tun.mtu", "tun")  # range checked by the table
     mtu: int | None = None
     if isinstance(mtu_raw, str):
         if mtu_raw != "auto":
             r.error("tun.mtu", f"{mtu_raw!r}: must be an integer or \"auto\"")
-    elif not 576 <= mtu_raw <= 65535:
-        r.error("tun.mtu", f"{mtu_raw} out of range 576..65535")
     else:
         mtu = mtu_raw
-    r.unknown(t, "tun")
+    r.unknown(t, "tun", "tun")
     return TunConfig(name=name, addresses=tuple(addrs), mtu=mtu)
 
 
-def _parse_listen(r: _Reader, data: dict[str, Any]) -> ListenConfig:
-    t = r.table(data, "listen", "")
-    address = r.get(t, "address", "listen", str, "0.0.0.0")
+def _parse_listen(r: Reader, data: dict[str, Any]) -> ListenConfig:
+    t = r.table(data, "listen")
+    address = r.take(t, "listen.address", "listen")
     try:
         address = str(ipaddress.ip_address(address))
     except ValueError as e:
         r.error("listen.address", str(e))
-    port = r.get(t, "port", "listen", int, GRE_IN_UDP_PORT, _range(1, 65535))
-    sport = r.get(t, "secure_port", "listen", int, SECURE_PORT, _range(1, 65535))
+    port = r.take(t, "listen.port", "listen")
+    sport = r.take(t, "listen.secure_port", "listen")
     if sport == port:
         r.error("listen.secure_port", f"{sport} is also listen.port: the secure modes need "
                 "a port of their own (docs/SECURE.md §2)")
-    r.unknown(t, "listen")
+    r.unknown(t, "listen", "listen")
     return ListenConfig(address=address, port=port, secure_port=sport)
 
 
-def _parse_pmtu(r: _Reader, data: dict[str, Any]) -> PmtuConfig:
-    t = r.table(data, "pmtu", "")
-    d = PmtuConfig()
+def _parse_pmtu(r: Reader, data: dict[str, Any]) -> PmtuConfig:
+    t = r.table(data, "pmtu")
     cfg = PmtuConfig(
-        underlay_mtu=r.get(t, "underlay_mtu", "pmtu", int, d.underlay_mtu, _range(576, 65535)),
-        icmp_rate=float(r.get(t, "icmp_rate", "pmtu", (int, float), d.icmp_rate, _range(0, 1e6))),
-        icmp_burst=r.get(t, "icmp_burst", "pmtu", int, d.icmp_burst, _range(0, 1_000_000)),
-        fragment=r.get(t, "fragment", "pmtu", bool, d.fragment),
+        underlay_mtu=r.take(t, "pmtu.underlay_mtu", "pmtu"),
+        icmp_rate=float(r.take(t, "pmtu.icmp_rate", "pmtu")),
+        icmp_burst=r.take(t, "pmtu.icmp_burst", "pmtu"),
+        fragment=r.take(t, "pmtu.fragment", "pmtu"),
     )
-    r.unknown(t, "pmtu")
+    r.unknown(t, "pmtu", "pmtu")
     return cfg
 
 
-def _parse_security(r: _Reader, p: str, t: dict[str, Any],
+def _parse_security(r: Reader, p: str, t: dict[str, Any],
                     base: str | None) -> PeerSecurity:
     """The peer's security keys (bridge/secure/keys.py), popped from `t`; key file paths
     are relative to the directory of the config file `base`."""
     keys = ("security", "private_key_file", "public_key", "preshared_key_file")
-    sub = {k: t.pop(k) for k in keys if k in t}
+    sub = {}
+    for k in keys:
+        present, value = r.take_raw(t, f"peers.{k}")
+        if present:
+            sub[k] = value
     if base is not None:
         d = os.path.dirname(os.path.abspath(base))
         for k in ("private_key_file", "preshared_key_file"):
@@ -447,25 +343,26 @@ def _parse_security(r: _Reader, p: str, t: dict[str, Any],
     return sec or PeerSecurity()
 
 
-def _parse_peer(r: _Reader, i: int, t: dict[str, Any], secure_port: int = SECURE_PORT,
+def _parse_peer(r: Reader, i: int, t: dict[str, Any], secure_port: int = SECURE_PORT,
                 ) -> PeerConfig | None:
     p = f"peers[{i}]"
     ok = len(r.errors)
-    name = r.get(t, "name", p, str, f"peer{i}")
+    name = r.take(t, "peers.name", p)
+    name = f"peer{i}" if name is None else name
     security = _parse_security(r, p, t, r.file)
     default_port = secure_port if security.mode is not SecurityMode.PLAIN else GRE_IN_UDP_PORT
     host, port = "0.0.0.0", default_port
     if "endpoint" not in t:
         r.error(f"{p}.endpoint", "missing (\"host:port\" or \"[v6]:port\")")
     else:
-        ep = r.get(t, "endpoint", p, str, None)
+        ep = r.take(t, "peers.endpoint", p)
         if ep is not None:
             try:
                 host, port = parse_endpoint(ep, default_port)
             except ValueError as e:
                 r.error(f"{p}.endpoint", f"{ep!r}: {e}")
     prefixes: list[IPNetwork] = []
-    for j, s in enumerate(r.get(t, "prefixes", p, list, [])):
+    for j, s in enumerate(r.take(t, "peers.prefixes", p) or []):
         if not isinstance(s, str):
             r.error(f"{p}.prefixes[{j}]", f"{s!r}: must be a prefix string such as "
                     "\"198.18.20.0/24\" (a bare number would be read as an address)")
@@ -474,25 +371,23 @@ def _parse_peer(r: _Reader, i: int, t: dict[str, Any], secure_port: int = SECURE
             prefixes.append(ipaddress.ip_network(s, strict=True))
         except (ValueError, TypeError) as e:
             r.error(f"{p}.prefixes[{j}]", str(e))
-    d = PeerConfig(name="", host="", port=0, prefixes=())
-    encap = r.enum(t, "encapsulation", p, Encapsulation, d.encapsulation)
-    key = r.get(t, "key", p, int, None, _u32)
-    key_in = r.get(t, "key_in", p, int, None, _u32)
-    key_out = r.get(t, "key_out", p, int, None, _u32)
+    encap = Encapsulation(r.take(t, "peers.encapsulation", p))
+    key = r.take(t, "peers.key", p)
+    key_in = r.take(t, "peers.key_in", p)
+    key_out = r.take(t, "peers.key_out", p)
     if key is not None:
         if key_in is not None or key_out is not None:
             r.error(f"{p}.key", "use either key or key_in/key_out, not both")
         key_in = key_out = key
-    seq = r.enum(t, "sequence", p, SeqPolicy, d.sequence)
-    held = r.get(t, "max_packets_held", p, int, d.max_packets_held, _range(1, 4096))
-    timer = float(r.get(t, "outoforder_timer_ms", p, (int, float), d.outoforder_timer_ms,
-                        _range(0.001, 60_000)))
-    csum = r.get(t, "checksum", p, bool, d.checksum)
-    keepalive = float(r.get(t, "keepalive", p, (int, float), d.keepalive, _range(0, 86400)))
-    dead = float(r.get(t, "dead_after", p, (int, float), 3 * keepalive if keepalive else 0.0,
-                       _range(0, 86400 * 7)))
-    down = r.enum(t, "down_action", p, DownAction, d.down_action)
-    sport = r.enum(t, "source_port", p, SourcePort, d.source_port)
+    seq = SeqPolicy(r.take(t, "peers.sequence", p))
+    held = r.take(t, "peers.max_packets_held", p)
+    timer = float(r.take(t, "peers.outoforder_timer_ms", p))
+    csum = r.take(t, "peers.checksum", p)
+    keepalive = float(r.take(t, "peers.keepalive", p))
+    dead_raw = r.take(t, "peers.dead_after", p)  # default: 3 x keepalive
+    dead = float(3 * keepalive if dead_raw is None else dead_raw)
+    down = DownAction(r.take(t, "peers.down_action", p))
+    sport = SourcePort(r.take(t, "peers.source_port", p))
     if encap is Encapsulation.IPIP:
         for k, bad in (("key", key_in is not None or key_out is not None),
                        ("sequence", seq is not SeqPolicy.OFF), ("checksum", csum)):
@@ -509,7 +404,7 @@ def _parse_peer(r: _Reader, i: int, t: dict[str, Any], secure_port: int = SECURE
                     "its tunnel datagrams would be routed into the tunnel (RFC 2003 §4)")
     if down is DownAction.WITHDRAW and dead <= 0:
         r.error(f"{p}.down_action", "\"withdraw\" needs dead_after > 0 (or a keepalive)")
-    r.unknown(t, p)
+    r.unknown(t, p, "peers")
     if len(r.errors) != ok:
         return None
     return PeerConfig(
@@ -520,7 +415,7 @@ def _parse_peer(r: _Reader, i: int, t: dict[str, Any], secure_port: int = SECURE
     )
 
 
-def _check_peers(r: _Reader, peers: list[tuple[int, PeerConfig]]) -> None:
+def _check_peers(r: Reader, peers: list[tuple[int, PeerConfig]]) -> None:
     names: dict[str, int] = {}
     owners: dict[IPNetwork, int] = {}
     hosts: dict[str, list[tuple[int, PeerConfig]]] = {}
@@ -560,7 +455,7 @@ def _check_peers(r: _Reader, peers: list[tuple[int, PeerConfig]]) -> None:
         ends.setdefault(peer.endpoint, (i, peer.secure))
 
 
-def _check_families(r: _Reader, tun: TunConfig, listen: ListenConfig,
+def _check_families(r: Reader, tun: TunConfig, listen: ListenConfig,
                     peers: list[tuple[int, PeerConfig]]) -> None:
     """The listen socket's family must reach every peer; IPv6 on the TUN needs 1280 bytes."""
     try:
@@ -583,22 +478,22 @@ def parse_config(data: dict[str, Any], file: str | None = None) -> tuple[Config 
                                                                             list[ConfigError]]:
     """Validate a TOML dict. Returns (Config, []) or (None, every error found)."""
     data = dict(data)
-    r = _Reader(file)
+    r = Reader(file)
     tun = _parse_tun(r, data)
     listen = _parse_listen(r, data)
     pmtu = _parse_pmtu(r, data)
-    mss = r.get(data, "mss_clamp", "", bool, True)
-    keep_warm = r.get(data, "keep_warm", "", bool, True)
-    split = r.get(data, "split_directions", "", bool, True)
-    datapath = r.enum(data, "datapath", "", Datapath, Datapath.PYTHON)
-    control = r.get(data, "control_socket", "", str, None)
-    metrics = r.get(data, "metrics_listen", "", str, None)
+    mss = r.take(data, "mss_clamp", "")
+    keep_warm = r.take(data, "keep_warm", "")
+    split = r.take(data, "split_directions", "")
+    datapath = Datapath(r.take(data, "datapath", ""))
+    control = r.take(data, "control_socket", "")
+    metrics = r.take(data, "metrics_listen", "")
     if metrics is not None:
         try:
             parse_endpoint(metrics, default_port=9108)
         except ValueError as e:
             r.error("metrics_listen", f"{metrics!r}: {e}")
-    raw_peers = r.get(data, "peers", "", list, [])
+    raw_peers = r.take(data, "peers", "") or []
     peers: list[tuple[int, PeerConfig]] = []
     for i, t in enumerate(raw_peers):
         if not isinstance(t, dict):
@@ -611,11 +506,11 @@ def parse_config(data: dict[str, Any], file: str | None = None) -> tuple[Config 
         r.error("peers", "no [[peers]] table: an endpoint needs at least one peer")
     _check_peers(r, peers)
     _check_families(r, tun, listen, peers)
-    inspect = r.get(data, "inspect", "", list, [])
+    inspect = r.take(data, "inspect", "") or []
     for i, t in enumerate(inspect):
         if not isinstance(t, dict):
             r.error(f"inspect[{i}]", "must be a table ([[inspect]])")
-    r.unknown(data, "")
+    r.unknown(data, "", "")
     if inspect and all(isinstance(t, dict) for t in inspect):
         try:
             # its path argument is the key path; custom inspectors are imported here too

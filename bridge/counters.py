@@ -21,6 +21,7 @@ from typing import Any
 __all__ = [
     "DROP_REASONS",
     "EVENTS",
+    "EVENT_METRICS",
     "Counters",
     "R_MALFORMED",
     "R_BAD_VERSION",
@@ -131,6 +132,39 @@ EVENTS: tuple[str, ...] = (
     E_SEQ_RESYNC,
 ) = range(len(EVENTS))
 
+# Prometheus: one meaning per metric. Each event is a sample of the metric that says what it
+# counts (the label, when there is one, tells the two sides of one meaning apart); every
+# event is in exactly one (tests/unit/bridge/test_metrics_names.py).
+EVENT_METRICS: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
+    "grebe_icmp_errors_sent_total": (
+        "ICMP errors (unreachable, fragmentation needed, packet too big) sent toward the TUN.",
+        (("icmp_sent", ""),)),
+    "grebe_icmp_errors_rate_limited_total": (
+        "ICMP errors not sent because of the rate limit (pmtu.icmp_rate).",
+        (("icmp_rate_limited", ""),)),
+    "grebe_keepalives_total": (
+        "GRE keepalives, by direction.",
+        (("keepalive_tx", 'direction="sent"'), ("keepalive_rx", 'direction="received"'))),
+    "grebe_fragmented_packets_total": (
+        "Inner IPv4 packets fragmented before encapsulation (RFC 4459 §3).",
+        (("fragmented", ""),)),
+    "grebe_mss_clamped_segments_total": (
+        "TCP SYN and SYN-ACK segments whose MSS option was lowered.",
+        (("mss_clamped", ""),)),
+    "grebe_reorder_held_packets_total": (
+        "Packets held by sequence = \"reorder\" waiting for a gap (RFC 2890 §2.2).",
+        (("reorder_held", ""),)),
+    "grebe_reorder_flushes_total": (
+        "Reorder buffer flushes (a gap given up on after outoforder_timer_ms).",
+        (("reorder_flushed", ""),)),
+    "grebe_peer_transitions_total": (
+        "Peer liveness changes, by the state entered.",
+        (("peer_up", 'state="up"'), ("peer_down", 'state="down"'))),
+    "grebe_sequence_resyncs_total": (
+        "Peers whose GRE sequence numbering started anew (a restart).",
+        (("seq_resync", ""),)),
+}
+
 _PEER_METRICS = (
     ("rx_packets", "grebe_peer_rx_packets_total", "Inner packets received from the peer"),
     ("rx_bytes", "grebe_peer_rx_bytes_total", "UDP payload bytes received from the peer"),
@@ -211,10 +245,13 @@ class Counters:
             "peers": peers,
         }
 
-    def prometheus(self, peer_up: list[bool] | None = None) -> str:
+    def prometheus(self, peer_up: list[bool] | None = None,
+                   last_seen: list[float | None] | None = None) -> str:
         """Render the Prometheus text exposition (format 0.0.4), ending in a newline.
 
-        `peer_up`, if given (one bool per peer), adds the `grebe_peer_up` gauge.
+        `peer_up`, if given (one bool per peer), adds the `grebe_peer_up` gauge (0 until the
+        peer is first heard); `last_seen` (Unix time of the last datagram per peer, None
+        when never heard) adds `grebe_peer_last_seen_timestamp_seconds` for heard peers.
         """
         lines = [
             "# HELP grebe_drops_total Packets dropped by the data plane, by reason.",
@@ -222,12 +259,12 @@ class Counters:
         ]
         lines += [f'grebe_drops_total{{reason="{r}"}} {n}'
                   for r, n in zip(DROP_REASONS, self.drops, strict=True)]
-        lines += [
-            "# HELP grebe_events_total Data-plane events that are not drops.",
-            "# TYPE grebe_events_total counter",
-        ]
-        lines += [f'grebe_events_total{{event="{e}"}} {n}'
-                  for e, n in zip(EVENTS, self.events, strict=True)]
+        for metric, (help_text, members) in EVENT_METRICS.items():
+            lines.append(f"# HELP {metric} {help_text}")
+            lines.append(f"# TYPE {metric} counter")
+            for event, labels in members:
+                n = self.events[EVENTS.index(event)]
+                lines.append(f"{metric}{{{labels}}} {n}" if labels else f"{metric} {n}")
         for attr, metric, help_text in _PEER_METRICS:
             values: list[int] = getattr(self, attr)
             lines.append(f"# HELP {metric} {help_text}.")
@@ -240,4 +277,11 @@ class Counters:
             lines.append("# TYPE grebe_peer_up gauge")
             lines += [f'grebe_peer_up{{peer="{_label(name)}"}} {int(peer_up[i])}'
                       for i, name in enumerate(self.peer_names)]
+        if last_seen is not None:
+            lines.append("# HELP grebe_peer_last_seen_timestamp_seconds Unix time of the last "
+                         "datagram from the peer (absent until it is first heard).")
+            lines.append("# TYPE grebe_peer_last_seen_timestamp_seconds gauge")
+            lines += [f'grebe_peer_last_seen_timestamp_seconds{{peer="{_label(name)}"}} '
+                      f"{last_seen[i]:.3f}"
+                      for i, name in enumerate(self.peer_names) if last_seen[i] is not None]
         return "\n".join(lines) + "\n"

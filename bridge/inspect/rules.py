@@ -49,6 +49,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from bridge.configkeys import section_keys
 from bridge.errors import ConfigError, ConfigErrors
 from bridge.flows import DEFAULT_IDLE_TIMEOUT, Backend, InspectRule, Verdict
 from bridge.inspect.api import Inspector
@@ -58,10 +59,8 @@ __all__ = ["builtins", "check_imports", "load_inspector", "parse_rules"]
 
 CLASS_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
-_RULE_KEYS = frozenset({
-    "name", "src", "dst", "dst_ports", "inspectors", "fail_open", "backend", "action",
-    "max_buffer", "options", "iif", "idle_timeout",
-})
+# The rule's own keys, documented in bridge/configkeys.py (docs/config/inspect.*.md).
+_RULE_KEYS = section_keys("inspect")
 # Interface names go into nft rule text: Linux IFNAMSIZ (15 chars), no quotes or blanks.
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 

@@ -20,8 +20,8 @@ Rules (docs/DESIGN.md "Control socket"):
   (SO_PEERCRED, unix(7)) and answers only uid 0 and the endpoint's own effective uid (others
   get {"error": "permission denied"}). A filesystem socket is also made mode 0600.
 - Counted per listener (`stats`, shown in `grebe status` under io.control / io.metrics and
-  in the metrics as grebe_io_total{what="control_..."}): clients, timeouts (cut at the
-  deadline), rejected (wrong uid).
+  in the metrics as grebe_listener_<what>_total{listener=...}, bridge/io/metrics.py):
+  clients, timeouts (cut at the deadline), rejected (wrong uid).
 """
 
 from __future__ import annotations
@@ -235,29 +235,3 @@ class MetricsServer(_Listener):
             head = (f"HTTP/1.0 405 Method Not Allowed\r\nContent-Length: {len(body)}"
                     "\r\nConnection: close\r\n\r\n")
         conn.sendall(head.encode() + body)
-
-
-def io_prometheus(status: dict[str, Any]) -> str:
-    """Prometheus lines for the I/O layer's own counters (from Engine.status()["io"])."""
-    io = status.get("io", {})
-    lines = ["# HELP grebe_io_total I/O layer counters (system calls, packets, errors).",
-             "# TYPE grebe_io_total counter"]
-    flags = []
-    for k in sorted(io):
-        v = io[k]
-        if isinstance(v, bool):
-            flags.append(f'grebe_io_offload{{what="{k}"}} {int(v)}')
-        elif isinstance(v, int):
-            lines.append(f'grebe_io_total{{what="{k}"}} {v}')
-        elif isinstance(v, dict):
-            for kk, vv in sorted(v.items()):
-                if isinstance(vv, int):
-                    lines.append(f'grebe_io_total{{what="{k}_{kk}"}} {vv}')
-    if flags:
-        lines += ["# HELP grebe_io_offload 1 if the offload (UDP GSO/GRO) is in use.",
-                  "# TYPE grebe_io_offload gauge", *flags]
-    mtu = status.get("tun", {}).get("mtu")
-    if isinstance(mtu, int):
-        lines += ["# HELP grebe_tun_mtu MTU of the TUN device.", "# TYPE grebe_tun_mtu gauge",
-                  f"grebe_tun_mtu {mtu}"]
-    return "\n".join(lines) + "\n"

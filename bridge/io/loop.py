@@ -131,6 +131,7 @@ class Engine:
         self.clock = clock
         self.sibling = sibling
         self.fast_path = fast_path
+        self.tap: Any = None  # `grebe capture` (bridge/io/capture.py): one check per batch
         self.lock = threading.Lock()
         self.internal_errors = 0
         self.wakeup = Wakeup()  # the Runner's timer thread polls it
@@ -173,9 +174,10 @@ class Engine:
         """Read up to `limit` recvs (GRO batches or datagrams), in chunks of CHUNK: run
         `from_udp` and execute per chunk. Returns recvs."""
         w = self.warmer
+        tap = self.tap
         return self._pump(self.udp.recv_datagrams, self._dg_u, self.bridge.from_udp,
                           self._out_u, w.note_udp if w is not None else None, "udp_recvs",
-                          "udp_datagrams", limit)
+                          "udp_datagrams", limit, tap.received if tap is not None else None)
 
     def pump_secure(self, limit: int = BATCH) -> int:
         """Like `pump_udp`, for the secure port: `from_secure`. 0 without secure peers."""
@@ -190,7 +192,7 @@ class Engine:
     def _pump(self, read: Callable[[list[Any], int], int], batch: list[Any],
               core: Callable[[Any, float, Output], None], out: Output,
               note: Callable[[list[Any]], None] | None, k_calls: str, k_items: str,
-              limit: int) -> int:
+              limit: int, tap: Callable[[list[Any]], bool] | None = None) -> int:
         """One direction: read in chunks of CHUNK calls until EAGAIN or `limit`; per chunk
         the keep-warm sample, the core call and the output. Returns read calls."""
         stats = self.stats
@@ -204,6 +206,8 @@ class Engine:
                 stats[k_items] += len(batch)
                 if note is not None:
                     note(batch)
+                if tap is not None and not tap(batch):  # `grebe capture` over: drop the tap
+                    self.tap = tap = None
                 self._call(core, batch, out)
                 batch.clear()
                 self._execute(out)
@@ -311,7 +315,12 @@ class Engine:
                 c = c.merged(child.get("counters", {}))
             if self.fast_path is not None:  # issue 14: the eBPF program's counters
                 c = c.merged(self.fast_path.counters())
-            text = c.prometheus(peer_up=[p.up and p.heard for p in self.bridge.peers])
+            peers = self.bridge.peers
+            # the core's clock is monotonic: the last datagram's Unix time is now minus its age
+            wall, now = time.time(), self.clock()
+            text = c.prometheus(peer_up=[p.up and p.heard for p in peers],
+                                last_seen=[wall - (now - p.last_rx) if p.heard else None
+                                           for p in peers])
             sec = self.bridge.secure
             return text + sec.prometheus() if sec is not None else text
 
@@ -368,6 +377,9 @@ class Engine:
 
     def _send(self, addr: Addr, dgs: Sequence[bytes | bytearray],
               sports: list[int] | None = None) -> None:
+        tap = self.tap
+        if tap is not None and not tap.sent(addr, dgs, sports if self._sports_ok else None):
+            self.tap = None  # `grebe capture` is over
         if sports and self._sports_ok:  # RFC 8086 §3.2.1 flow-hash ports (udp.py pool)
             self.stats["udp_sends"] += self.udp.send_datagrams(addr, dgs, sports)
         else:

@@ -139,12 +139,15 @@ class RxProcess:
 
     def query(self) -> dict[str, Any] | None:
         """The child's counters (`_export`), or None if it does not answer in time."""
+        return self._ask(b"?")
+
+    def _ask(self, msg: bytes) -> dict[str, Any] | None:
         s = self._sock
         if s is None:
             return None
         with self._qlock:
             try:
-                s.send(b"?")
+                s.send(msg)
                 if not select.select([s], [], [], QUERY_TIMEOUT_S)[0]:
                     log.warning("receiving process %d did not answer", self.pid)
                     return None
@@ -157,6 +160,10 @@ class RxProcess:
         except ValueError:
             return None
         return got
+
+    def control(self, msg: dict[str, Any]) -> dict[str, Any] | None:
+        """A request to the child (`grebe capture` arms its tap): its JSON answer, or None."""
+        return self._ask(b"C" + json.dumps(msg).encode())
 
     def merge_status(self, st: dict[str, Any], child: dict[str, Any]) -> None:
         merge_status(st, child)
@@ -245,11 +252,17 @@ class RxProcess:
                 if ev & (select.POLLHUP | select.POLLERR):
                     return  # the parent is gone
                 try:
-                    req = sock.recv(64)
+                    req = sock.recv(65536)
                 except OSError:
                     return
                 if not req:
                     return
+                if req[:1] == b"C":  # bridge/io/capture.py: arm or disarm this side's tap
+                    from bridge.io.capture import arm
+
+                    answer = arm(e, json.loads(req[1:])["capture"])
+                    sock.send(json.dumps(answer).encode())
+                    continue
                 sock.send(json.dumps(_export(e)).encode())
 
 

@@ -72,7 +72,7 @@ class TunDevice:
         self._tso_frame = tso_frame if vnet_hdr else None
         self.caps = TunCaps(vnet_hdr=vnet_hdr, tso_frames=self._tso_frame is not None)
         self.bad_frames = 0  # frames from the kernel that offload could not split
-        self.write_errors = 0  # packets the kernel refused (EINVAL, EIO, ...)
+        self.write_errors: dict[str, int] = {}  # frames the kernel refused, by errno name
         self._routes: list[tuple[str, int]] = []
         self._buf = bytearray(READ_BUF)
         self._view = memoryview(self._buf)
@@ -210,10 +210,9 @@ class TunDevice:
         for f in frames:
             try:
                 os.write(fd, f)
-            except BlockingIOError:
-                self.write_errors += 1
-            except OSError as e:
-                self.write_errors += 1
+            except OSError as e:  # BlockingIOError is EAGAIN: the queue is full
+                name = errno.errorcode.get(e.errno or 0, "error").lower()
+                self.write_errors[name] = self.write_errors.get(name, 0) + 1
                 log.debug("TUN write refused: %s", e)
         return len(frames)
 

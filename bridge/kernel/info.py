@@ -119,16 +119,45 @@ def format_status(kernel: dict[str, Any]) -> str:
     return "inspect kernel (tproxy): " + ", ".join(f"{k}={v}" for k, v in s.items())
 
 
+# summary key -> (metric, labels, help); one meaning per metric (bridge/io/metrics.py)
+_TPROXY_METRICS: dict[str, tuple[str, str, str]] = {
+    "accepted": ("grebe_tproxy_flows_total", 'outcome="accepted"',
+                 "Connections the kernel backend intercepted, by what it did with them."),
+    "denied": ("grebe_tproxy_flows_total", 'outcome="denied"', ""),
+    "rejected": ("grebe_tproxy_flows_total", 'outcome="rejected"', ""),
+    "reset": ("grebe_tproxy_flow_ends_total", 'cause="reset"',
+              "Relayed flows that ended, by cause."),
+    "idle": ("grebe_tproxy_flow_ends_total", 'cause="idle"', ""),
+    "closed": ("grebe_tproxy_flow_ends_total", 'cause="closed"', ""),
+    "relay_errors": ("grebe_tproxy_relay_errors_total", "",
+                     "Socket errors of the kernel backend's relay."),
+    "bytes_c2s": ("grebe_tproxy_bytes_total", 'direction="client_to_server"',
+                  "Bytes relayed by the kernel backend, by direction."),
+    "bytes_s2c": ("grebe_tproxy_bytes_total", 'direction="server_to_client"', ""),
+    "reloads": ("grebe_tproxy_reloads_total", "", "Rule reloads of the kernel backend."),
+}
+
+
 def prometheus(kernel: dict[str, Any]) -> str:
     """Prometheus text for the kernel backend's summary (counters, and `active` as a gauge)."""
     s = kernel.get("summary", {})
-    lines = ["# HELP grebe_tproxy_active Flows the kernel backend relays now.",
-             "# TYPE grebe_tproxy_active gauge",
-             f"grebe_tproxy_active {int(s.get('active', 0))}",
-             "# HELP grebe_tproxy_total Kernel backend (TPROXY) counters.",
-             "# TYPE grebe_tproxy_total counter"]
-    lines += [f'grebe_tproxy_total{{what="{k}"}} {int(v)}'
-              for k, v in s.items() if k != "active"]
+    lines = ["# HELP grebe_tproxy_active_flows Flows the kernel backend relays now.",
+             "# TYPE grebe_tproxy_active_flows gauge",
+             f"grebe_tproxy_active_flows {int(s.get('active', 0))}"]
+    done: set[str] = set()
+    for metric, _labels, help_text in _TPROXY_METRICS.values():
+        if metric in done or not help_text:
+            continue
+        done.add(metric)
+        lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} counter"]
+        for k, (m, labels, _h) in _TPROXY_METRICS.items():
+            if m == metric:
+                n = int(s.get(k, 0))
+                lines.append(f"{metric}{{{labels}}} {n}" if labels else f"{metric} {n}")
+    for k, v in s.items():  # a summary key not named above is still exported
+        if k != "active" and k not in _TPROXY_METRICS:
+            lines += [f"# HELP grebe_tproxy_{k}_total Kernel backend counter {k}.",
+                      f"# TYPE grebe_tproxy_{k}_total counter", f"grebe_tproxy_{k}_total {int(v)}"]
     return "\n".join(lines) + "\n"
 
 

@@ -86,7 +86,8 @@ def describe(lab: Lab) -> str:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    lab = Lab.up(args.topology, instance=args.instance, start=not args.no_run)
+    lab = Lab.up(args.topology, instance=args.instance, start=not args.no_run,
+                 progress=lambda m: print(m, file=sys.stderr, flush=True))
     say(describe(lab))
     flag = "" if args.instance == "lab" else f" --instance {args.instance}"
     say(f"\nup. state: {lab.state_dir}   enter a node: ./netns-lab.sh exec{flag} NODE")
@@ -313,7 +314,7 @@ def demo(topology: str = DEMO_TOPOLOGY, instance: str = "demo",
     lab: Lab | None = None
     try:
         say(f"== bringing up {topology} as lab {instance!r}")
-        lab = Lab.up(topology, instance=instance)
+        lab = Lab.up(topology, instance=instance, progress=say)
         say(describe(lab))
         say("\n== reachability")
         results = [check() for check in checks(lab)]

@@ -1,7 +1,7 @@
 """`./netns-lab.sh bench`: throughput and RTT of grebe against the anchors, in one lab run.
 
 Usage: ./netns-lab.sh bench [--quick] [--only NAME...] [--json PATH] [--repeat N]
-                            [--keep-logs] [--instance NAME] [--list]
+                            [--keep-logs] [--instance NAME] [--list] [--chart JSON...]
 (the same as `python -m bridge.lab bench ...` as root)
 
 Rules:
@@ -18,7 +18,9 @@ Rules:
   (inspection). A variant that cannot run is a row "unavailable: why"; one that breaks is
   "failed: why" and its logs stay in the printed temp dir. Neither stops the run.
 - Progress lines go to stderr while it runs (minutes); the tables go to stdout; the same
-  figures are written as JSON (bench-results/bench-<UTC timestamp>.json or --json PATH).
+  figures are written as JSON (bench-results/bench-<UTC timestamp>.json or --json PATH),
+  and a bar chart of the ratios beside it (the same name, .svg; `--chart JSON...` draws it
+  again from written results without measuring, no root needed).
 
 Theory of operation: `main()` parses the options and opens the lab (`open_lab`). For each
 selected tunnel variant it starts a fresh iperf3 server on the server node, calls `setup()`,
@@ -55,14 +57,17 @@ from bridge.lab.bench_report import (
     InspectRow,
     Status,
     TunnelRow,
+    chart_title,
     median,
     merge_rounds,
     parse_curl,
     parse_iperf3_json,
     parse_ping,
     render_inspect_table,
+    render_ratio_svg,
     render_tunnel_table,
     results_document,
+    rows_from_document,
 )
 from bridge.lab.bench_variants import (
     ALL_VARIANTS,
@@ -84,6 +89,7 @@ class Options(argparse.Namespace):
     instance: str
     keep_logs: bool
     repeat: int
+    chart: list[str]
 
     @property
     def seconds(self) -> int:
@@ -112,6 +118,8 @@ def parse_args(argv: list[str]) -> Options:
     p.add_argument("--instance", default="bench", help="lab instance name (gb-INSTANCE-*)")
     p.add_argument("--repeat", type=int, default=1, metavar="N",
                    help="measure every variant in N interleaved rounds; report medians")
+    p.add_argument("--chart", nargs="+", default=[], metavar="JSON",
+                   help="only draw the ratio chart (JSON -> .svg beside it) of written results")
     p.add_argument("--keep-logs", action="store_true",
                    help="keep the scratch dir (configs, process logs) even if all went well")
     opts = p.parse_args(argv, namespace=Options())
@@ -289,6 +297,14 @@ def main(argv: list[str]) -> int:
         for v in ALL_VARIANTS.values():
             print(f"{v.name:20} {v.table:8} {v.label}")
         return 0
+    if opts.chart:
+        for name in opts.chart:
+            doc = json.loads(Path(name).read_text())
+            tunnels, inspects = rows_from_document(doc)
+            svg = Path(name).with_suffix(".svg")
+            svg.write_text(render_ratio_svg(tunnels, inspects, chart_title(doc["meta"])))
+            log(f"chart written to {svg}")
+        return 0
     variants = select(opts)
     if os.geteuid() != 0:
         print("bench: must run as root (network namespaces)", file=sys.stderr)
@@ -310,7 +326,7 @@ def main(argv: list[str]) -> int:
     b: Bench | None = None
     try:
         log(f"bringing the lab up (instance {opts.instance!r}); scratch dir {tmp}")
-        b = Bench(open_lab(opts.instance), tmp, REPO)
+        b = Bench(open_lab(opts.instance, log), tmp, REPO)
         b.keep_tmp = opts.keep_logs
         b.log = log
         tunnel_v = [v for v in variants if v.table == "tunnel"]
@@ -400,6 +416,9 @@ def report(opts: Options, started: dt.datetime, tunnels: list[TunnelRow],
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results_document(meta, tunnels, inspects), indent=2) + "\n")
     log(f"results written to {path}")
+    chart = path.with_suffix(".svg")
+    chart.write_text(render_ratio_svg(tunnels, inspects, chart_title(meta)))
+    log(f"chart of the ratios written to {chart}")
     if interrupted:
         return 130
     statuses = [r.status for r in tunnels] + [r.status for r in inspects]

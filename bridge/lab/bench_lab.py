@@ -49,9 +49,11 @@ class LabLike(Protocol):
     def destroy(self) -> None: ...
 
 
-def open_lab(instance: str) -> LabLike:
-    """The lab engine's Lab on two-sites-plain (raises the engine's LabError/ConfigErrors)."""
-    lab: LabLike = netlink.Lab.up(topology.load(TOPOLOGY), instance=instance, start=False)
+def open_lab(instance: str, progress: Callable[[str], None] | None = None) -> LabLike:
+    """The lab engine's Lab on two-sites-plain (raises the engine's LabError/ConfigErrors);
+    `progress` is told each step of the bring-up."""
+    lab: LabLike = netlink.Lab.up(topology.load(TOPOLOGY), instance=instance, start=False,
+                                  progress=progress)
     return lab
 
 

@@ -355,3 +355,99 @@ def results_document(
         "inspection": [_row_dict(r) for r in inspects],
         "inspection_ratios": inspect_ratios(inspects),
     }
+
+
+# ---------------------------------------------------------------- chart (SVG, by hand)
+
+# (title, table, reference, metric, lower is better)
+CHART_PANELS = (
+    ("1-stream throughput × wireguard-go", "tunnel", "wireguard-go", "mbps_1", False),
+    ("1-stream throughput × kernel VXLAN", "tunnel", "vxlan", "mbps_1", False),
+    ("RTT × kernel VXLAN (lower is better)", "tunnel", "vxlan", "rtt_ms", True),
+    ("inspected download × mitmproxy-wg", "inspect", "mitmproxy-wg", "mbytes_per_s", False),
+    ("time to first byte × mitmproxy-wg (lower is better)", "inspect", "mitmproxy-wg",
+     "ttfb_ms", True),
+)
+_BAR_H, _GAP, _LABEL_W, _PLOT_W, _MARGIN = 16, 4, 250, 420, 12
+
+
+def _esc(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def render_ratio_svg(tunnels: Sequence[TunnelRow], inspects: Sequence[InspectRow],
+                     title: str = "") -> str:
+    """A bar chart of the run's ratios, one panel per `CHART_PANELS` entry that has data:
+    each measured variant's value / the reference's on a log scale centred on 1× (the
+    reference), grebe's rows in another colour. Plain SVG 1.1, no dependency."""
+    ratios = {"tunnel": tunnel_ratios(tunnels), "inspect": inspect_ratios(inspects)}
+    labels = {r.name: r.label for r in [*tunnels, *inspects]}
+    panels: list[tuple[str, bool, list[tuple[str, float]]]] = []
+    for head, table, ref, metric, lower in CHART_PANELS:
+        bars = [(name, v) for name, refs in ratios[table].items()
+                if (v := refs.get(ref, {}).get(metric)) is not None and v > 0 and name != ref]
+        if bars:
+            panels.append((head, lower, bars))
+    every = [v for _, _, bars in panels for _, v in bars] or [1.0]
+    lo = math.floor(math.log10(min(min(every), 1.0)))
+    hi = math.ceil(math.log10(max(max(every), 1.0)))
+    hi = hi if hi > lo else lo + 1
+    x0 = _MARGIN + _LABEL_W
+
+    def x(v: float) -> float:
+        return x0 + _PLOT_W * (math.log10(v) - lo) / (hi - lo)
+
+    width = x0 + _PLOT_W + 70
+    out: list[str] = []
+    y = _MARGIN + (22 if title else 0)
+    if title:
+        out.append(f'<text x="{_MARGIN}" y="{_MARGIN + 12}" font-weight="bold">'
+                   f"{_esc(title)}</text>")
+    for head, lower, bars in panels:
+        out.append(f'<text x="{_MARGIN}" y="{y + 12}" font-weight="bold">{_esc(head)}</text>')
+        y += 20
+        top = y
+        for name, v in bars:
+            grebe = name.startswith("grebe")
+            good = v <= 1 if lower else v >= 1
+            fill = ("#1f6f43" if good else "#b5452f") if grebe else "#8a8f98"
+            a, b = sorted((x(1.0), x(v)))
+            out.append(f'<text x="{x0 - 6}" y="{y + 12}" text-anchor="end">'
+                       f"{_esc(labels.get(name, name))}</text>")
+            out.append(f'<rect x="{a:.1f}" y="{y + 2}" width="{max(b - a, 1):.1f}" '
+                       f'height="{_BAR_H - 4}" fill="{fill}"><title>{_esc(name)}: '
+                       f"{v:.3g}×</title></rect>")
+            tx = b + 4  # the figure right of the bar's outer end (or of 1× for v < 1)
+            out.append(f'<text x="{tx:.1f}" y="{y + 12}" font-size="11">{v:.2f}×</text>')
+            y += _BAR_H + _GAP
+        for p in range(lo, hi + 1):  # grid lines at powers of ten, 1× darker
+            gx = x(10.0 ** p)
+            out.append(f'<line x1="{gx:.1f}" y1="{top}" x2="{gx:.1f}" y2="{y}" '
+                       f'stroke="{"#333" if p == 0 else "#ccc"}" stroke-width="1"/>')
+            out.append(f'<text x="{gx:.1f}" y="{y + 11}" text-anchor="middle" font-size="10">'
+                       f"{10.0 ** p:g}×</text>")
+        y += 26
+    if not panels:
+        out.append(f'<text x="{_MARGIN}" y="{y + 12}">no ratios in this run</text>')
+        y += 20
+    height = y + _MARGIN
+    return "\n".join([
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height}" '
+        f'viewBox="0 0 {width:.0f} {height}" font-family="sans-serif" font-size="12">',
+        f'<rect width="{width:.0f}" height="{height}" fill="white"/>', *out, "</svg>", ""])
+
+
+def rows_from_document(doc: Mapping[str, Any]) -> tuple[list[TunnelRow], list[InspectRow]]:
+    """The rows of a results JSON (`results_document`) read back."""
+    def row(cls: Any, d: Mapping[str, Any]) -> Any:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: Status(v) if k == "status" else v for k, v in d.items() if k in names})
+    return ([row(TunnelRow, d) for d in doc.get("tunnels", [])],
+            [row(InspectRow, d) for d in doc.get("inspection", [])])
+
+
+def chart_title(meta: Mapping[str, Any]) -> str:
+    """"grebe bench 2026-12-06, commit 0b480e9, 2 CPUs, load 7.8": the run in one line."""
+    return (f"grebe bench {str(meta.get('started', ''))[:10]}, commit {meta.get('commit')}, "
+            f"{meta.get('cpus')} CPUs, load {meta.get('loadavg_1m_start', 0):.1f} "
+            "(ratios within this run)")

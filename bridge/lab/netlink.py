@@ -162,23 +162,28 @@ class Lab:
         self._popens: list[subprocess.Popen[Any]] = []
         self.owner_pid = os.getpid()  # the process that built it (leak checks in tests)
         self.vms: list[str] = []  # linux-vm nodes (bridge/lab/vm.py): run() goes to the guest
+        self.progress: Callable[[str], None] | None = None  # Lab.up's running commentary
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ building
 
     @classmethod
     def up(cls, topology: Topology | str | Path, instance: str = "lab",
-           *, start: bool = True) -> Lab:
+           *, start: bool = True, progress: Callable[[str], None] | None = None) -> Lab:
         """Build `topology` as lab `instance`; return the Lab.
 
-        `start=False` skips the nodes' `run` processes. Raises LabError if the instance is
-        already up; on any failure, destroys what it built and re-raises.
+        `start=False` skips the nodes' `run` processes. `progress`, if given, is told each
+        step as it begins (namespaces, links, addresses, carrier, processes) and the time
+        taken. Raises LabError if the instance is already up; on any failure, destroys what
+        it built and re-raises.
         """
+        t0 = time.monotonic()
         topo = topology if isinstance(topology, Topology) else load(topology)
         check_instance(instance)
         if lab_namespaces(instance) or (STATE_ROOT / instance).exists():
             raise LabError(f"lab instance {instance!r} is already up (down or clean it first)")
         lab = cls(topo, instance, [n.name for n in topo.nodes])
+        lab.progress = progress
         try:
             lab.state_dir.mkdir(parents=True, exist_ok=False)
         except FileExistsError:  # another process won the race for this instance
@@ -189,11 +194,19 @@ class Lab:
             if start:
                 lab._start_runs(topo)
         except BaseException:
+            lab._say("failed: tearing down what was built")
             lab.destroy()
             raise
+        lab._say(f"up in {time.monotonic() - t0:.1f} s")
         return lab
 
+    def _say(self, msg: str) -> None:
+        if self.progress is not None:
+            self.progress(f"lab {self.instance}: {msg}")
+
     def _build(self, topo: Topology) -> None:
+        self._say(f"creating {len(topo.nodes)} namespaces: "
+                  f"{', '.join(n.name for n in topo.nodes)}")
         for node in topo.nodes:
             with _step(f"{node.name}: create namespace {self.ns(node.name)}"):
                 netns.create(self.ns(node.name))
@@ -202,11 +215,13 @@ class Lab:
             for node in topo.nodes:
                 lo = ipr[node.name].link_lookup(ifname="lo")[0]
                 ipr[node.name].link("set", index=lo, state="up")
+            self._say(f"{len(topo.links)} links (veth pairs)")
             for link in topo.links:
                 with _step(f"link {link.name}: veth {link.a} -- {link.b}"):
                     ipr[link.a.node].link("add", ifname=link.a.interface, kind="veth",
                                           peer={"ifname": link.b.interface,
                                                 "net_ns_fd": self.ns(link.b.node)})
+            self._say("addresses, bridges and sysctls")
             for node in topo.nodes:
                 if node.kind is not NodeKind.LINUX_VM:  # the guest configures itself
                     self._configure_node(ipr[node.name], node.name, topo)
@@ -218,13 +233,16 @@ class Lab:
 
                 self.vms = [n.name for n in vms]
                 self._save()
+                self._say(f"booting {len(vms)} linux-vm node(s) in qemu (this takes a while)")
                 with _step("linux-vm nodes: boot"):
                     vm.start(self, vms)
+            self._say("waiting for carrier on every interface")
             for node in topo.nodes:
                 for ifname in node.interfaces:
                     with _step(f"{node.name}: waiting for carrier on {ifname}"):
                         ipr[node.name].poll(ipr[node.name].link, "dump", ifname=ifname,
                                             operstate="UP", timeout=10, interval=0.01)
+            self._say("routes")
             for node in topo.nodes:
                 for route in node.routes if node.kind is not NodeKind.LINUX_VM else ():
                     self._add_route(ipr[node.name], node.name, route)
@@ -279,10 +297,14 @@ class Lab:
             return
         from bridge.lab import impair  # optional module (written separately)
 
+        self._say(f"impairments on {', '.join(lk.name for lk in links)}")
         for link in links:
             impair.apply(self, link.name, link.impair)
 
     def _start_runs(self, topo: Topology) -> None:
+        n = sum(len(node.run) for node in topo.nodes)
+        if n:
+            self._say(f"starting {n} node process(es)")
         for node in topo.nodes:
             if node.kind is NodeKind.LINUX_VM:
                 from bridge.lab import vm

@@ -379,8 +379,11 @@ def test_sigterm_cleans_up_and_a_second_instance_fails(lab: Lab) -> None:
         metrics = lab.run("gw-a", ["curl", "-sf", "http://127.0.0.1:9108/metrics"]).stdout
         assert 'grebe_drops_total{reason="wrong_key"} 0' in metrics
         assert re.search(r'grebe_peer_tx_packets_total\{peer="site-b"\} [1-9]', metrics)
-        assert 'grebe_io_offload{what="udp_gso"} 1' in metrics
-        assert re.search(r"^grebe_tun_mtu \d+$", metrics, re.M)
+        assert 'grebe_udp_offload_enabled{feature="gso"} 1' in metrics
+        assert re.search(r"^grebe_tun_mtu_bytes \d+$", metrics, re.M)
+        assert re.search(r'^grebe_build_info\{version="[^"]+",python="[^"]+"\} 1$', metrics, re.M)
+        assert re.search(r'^grebe_peer_last_seen_timestamp_seconds\{peer="site-b"\} 1\d{9}\.',
+                         metrics, re.M)
     finally:
         assert gw.stop() == {"gw-a": 0, "gw-b": 0}
     assert _tun_and_routes(lab) == (False, [])

@@ -162,8 +162,8 @@ def test_status_table_and_metrics_carry_the_kernel_counters(lab: Any) -> None:
     st = grebe_json(lab, "status")["inspect_kernel"]["summary"]
     assert st["accepted"] >= 1 and st["bytes_s2c"] > 0
     metrics = lab.run("gw-a", ["curl", "-sS", "-m", "10", "http://127.0.0.1:9108/metrics"]).stdout
-    assert "grebe_tproxy_active " in metrics
-    assert 'grebe_tproxy_total{what="accepted"}' in metrics
+    assert "grebe_tproxy_active_flows " in metrics
+    assert 'grebe_tproxy_flows_total{outcome="accepted"}' in metrics
 
 
 def _grebe_up(lab: Any, node: str = "gw-a") -> subprocess.Popen[Any]:

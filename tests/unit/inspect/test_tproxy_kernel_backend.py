@@ -154,8 +154,9 @@ def test_summary_status_line_and_prometheus() -> None:
     text = _fmt_status({"tun": {}, "inspect_kernel": {"summary": s}})
     assert "inspect kernel (tproxy): accepted=7, active=2, denied=1, rejected=4" in text
     prom = prometheus({"summary": s})
-    assert "grebe_tproxy_active 2" in prom and 'grebe_tproxy_total{what="idle"} 2' in prom
-    assert 'grebe_tproxy_total{what="bytes_s2c"} 920' in prom
+    assert "grebe_tproxy_active_flows 2" in prom
+    assert 'grebe_tproxy_flow_ends_total{cause="idle"} 2' in prom
+    assert 'grebe_tproxy_bytes_total{direction="server_to_client"} 920' in prom
 
 
 # --- the backend on its own thread, wired like `grebe up` -----------------------------------

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from bridge.io import control
-from bridge.io.control import ControlServer, MetricsServer, _address, io_prometheus, request
+from bridge.io.control import ControlServer, MetricsServer, _address, request
+from bridge.io.metrics import io_prometheus
 
 
 def _dribble(connect: socket.socket, stop: threading.Event) -> None:
@@ -93,6 +94,6 @@ def test_a_filesystem_control_socket_is_private(tmp_path: Path) -> None:
 def test_listener_counters_reach_the_metrics() -> None:
     text = io_prometheus({"io": {"control": {"clients": 3, "timeouts": 1, "rejected": 2},
                                  "metrics": {"clients": 4, "timeouts": 0, "rejected": 0}}})
-    assert 'grebe_io_total{what="control_timeouts"} 1' in text
-    assert 'grebe_io_total{what="control_rejected"} 2' in text
-    assert 'grebe_io_total{what="metrics_clients"} 4' in text
+    assert 'grebe_listener_timeouts_total{listener="control"} 1' in text
+    assert 'grebe_listener_rejected_total{listener="control"} 2' in text
+    assert 'grebe_listener_clients_total{listener="metrics"} 4' in text

@@ -178,14 +178,14 @@ def test_subcommand_table_is_extensible() -> None:
 
 
 def test_io_prometheus_renders_counters_and_flags() -> None:
-    from bridge.io.control import io_prometheus
+    from bridge.io.metrics import io_prometheus
 
     text = io_prometheus({"tun": {"mtu": 1400}, "io": {"udp_sends": 3, "udp_gso": True,
                                                       "udp_send_errors": {"emsgsize": 2}}})
-    assert 'grebe_io_total{what="udp_sends"} 3' in text
-    assert 'grebe_io_total{what="udp_send_errors_emsgsize"} 2' in text
-    assert 'grebe_io_offload{what="udp_gso"} 1' in text
-    assert "grebe_tun_mtu 1400" in text
+    assert 'grebe_io_syscalls_total{op="udp_send"} 3' in text
+    assert 'grebe_io_errors_total{op="udp_send",errno_name="EMSGSIZE"} 2' in text
+    assert 'grebe_udp_offload_enabled{feature="gso"} 1' in text
+    assert "grebe_tun_mtu_bytes 1400" in text
     assert "True" not in text
 
 

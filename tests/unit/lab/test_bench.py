@@ -27,8 +27,10 @@ from bridge.lab.bench_report import (
     parse_proc_stat,
     ratio,
     render_inspect_table,
+    render_ratio_svg,
     render_tunnel_table,
     results_document,
+    rows_from_document,
     tunnel_ratios,
 )
 from bridge.lab.bench_variants import (
@@ -248,6 +250,33 @@ def test_results_document_is_json_and_matches_the_table() -> None:
     assert back["inspection"] == [] and back["inspection_ratios"] == {}
 
 
+def test_ratio_chart_is_svg_with_a_bar_per_ratio_on_a_log_scale() -> None:
+    import xml.etree.ElementTree as ET
+
+    grebe = TunnelRow("grebe-gre", "grebe GRE", Status.OK, mbps_1=1200, mbps_4=1200,
+                      mbps_rev=1200, rtt_ms=0.8)
+    tunnels = [*rows()[:3], grebe]
+    svg = render_ratio_svg(tunnels, [], "a run")
+    root = ET.fromstring(svg)  # well-formed XML
+    ns = "{http://www.w3.org/2000/svg}"
+    bars = {r.find(f"{ns}title").text: r for r in root.iter(f"{ns}rect")  # type: ignore[union-attr]
+            if r.find(f"{ns}title") is not None}
+    # x wireguard-go (1 stream): plain, vxlan, grebe (the reference itself has no bar);
+    # x vxlan (1 stream and RTT): plain, wireguard-go, grebe
+    assert sorted(bars) == sorted(["plain: 30×", "vxlan: 25×", "grebe-gre: 2×",
+                                   "plain: 1.2×", "wireguard-go: 0.04×", "grebe-gre: 0.08×",
+                                   "plain: 0.75×", "wireguard-go: 5×", "grebe-gre: 10×"])
+    assert bars["grebe-gre: 2×"].get("fill") != bars["plain: 30×"].get("fill")
+    # log scale: 30x is twice as far from 1x as ~5.5x; widths ~ log10(ratio)
+    w30, w2 = (float(bars[k].get("width", 0)) for k in ("plain: 30×", "grebe-gre: 2×"))
+    assert w30 / w2 == pytest.approx(1.4771 / 0.3010, rel=0.02)
+    assert "no ratios" in render_ratio_svg([], [])
+    doc = json.loads(json.dumps(results_document({"started": "2026-12-06T00:00:00"},
+                                                 tunnels, [])))
+    back, _ = rows_from_document(doc)
+    assert back == tunnels and render_ratio_svg(back, [], "a run") == svg
+
+
 # ---------------------------------------------------------------- options and variants
 
 
@@ -300,7 +329,7 @@ def test_repeat_interleaves_rounds_and_asks_unavailable_variants_once(
 
     lab = FakeLab()
     monkeypatch.setattr(bench, "select", lambda opts: [Measured("a"), Missing(), Measured("b")])
-    monkeypatch.setattr(bench, "open_lab", lambda instance: lab)
+    monkeypatch.setattr(bench, "open_lab", lambda instance, progress=None: lab)
     monkeypatch.setattr(bench, "start_iperf_server", lambda b: None)
     monkeypatch.setattr(bench, "measure_tunnel", fake_measure)
     monkeypatch.setattr(bench.os, "geteuid", lambda: 0)
@@ -312,6 +341,8 @@ def test_repeat_interleaves_rounds_and_asks_unavailable_variants_once(
     assert {r["name"]: r["mbps_1"] for r in doc["tunnels"]} == {
         "a": 150.0, "missing": None, "b": 175.0}
     assert doc["meta"]["repeat"] == 2 and lab.destroyed
+    chart = out.with_suffix(".svg")  # the ratio chart beside the JSON
+    assert chart.read_text().startswith("<svg")
 
 
 def test_repeat_must_be_positive() -> None:
