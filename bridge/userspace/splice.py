@@ -5,13 +5,28 @@ Rules of this module (pure, sans-I/O: segments and `now` in, segments and deadli
   (local = the server's address and port); the *server leg* impersonates the client toward the
   server (local = the client's own address and port, so the server sees the client; its
   segments go through the tunnel like any other packet).
-- Deferred accept: the client's SYN is kept, and the client leg is only created (passive open,
-  RFC 9293 §3.10.7.2, answering the kept SYN) once the server leg is ESTABLISHED (RFC 9293
-  §3.5). The client therefore sees the server's own answer to its connection attempt: a refused
-  or timed-out upstream (ConnectionReset "refused"/"timeout", RFC 9293 §3.8.3 R2) is answered
+- Accept first (the default, as Linux TPROXY and mitmproxy behave): the client leg answers
+  the client's SYN itself (passive open, RFC 9293 §3.10.7.2, its own RFC 6528 ISS), and the
+  server leg opens only once the client leg is ESTABLISHED, i.e. the client completed its
+  three-way handshake (RFC 9293 §3.5). A spoofed SYN, or a client that resets or goes silent
+  after our SYN-ACK, therefore never reaches the server: no upstream SYN, no server
+  connection (RFC 4987 §2: the flood's state stays here, bounded by the Terminator's
+  half-open caps, bridge/userspace/admission.py). Bytes the client sends meanwhile wait in the
+  server leg's send buffer and leave after its handshake. The trade-off: a server that
+  refuses or does not answer (ConnectionReset "refused"/"timeout", RFC 9293 §3.8.3 R2, or an
+  ICMP unreachable) is seen by the client as an accepted connection that is then reset
+  (<SEQ=SND.NXT><CTL=RST>, CloseReason.CONNECT_FAILED), not as "connection refused"; a
+  client that tries several addresses moves on after the RST instead of after the refusal.
+- `connect_first` (a rule option) keeps the deferred accept: the client's SYN is kept, and the
+  client leg is only created (answering the kept SYN) once the server leg is ESTABLISHED.
+  The client then sees the server's own answer: a refused or timed-out upstream is answered
   with the RST a closed port gives, <SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK> (RFC 9293
-  §3.10.7.1), CloseReason.CONNECT_FAILED. The client leg takes the server's ISN as its own ISS,
-  and the server leg the client's ISN, so both ends see the sequence numbers they would have seen.
+  §3.10.7.1), and the client leg takes the server's ISN as its own ISS. Its cost: every SYN,
+  spoofed or not, opens a server connection (bounded by the half-open caps all the same).
+  In both modes the server leg takes the client's ISN as its ISS.
+- A splice opened from a SYN cookie (`open_cookie`) builds its client leg from the cookie
+  ACK directly in ESTABLISHED (only the MSS negotiated, RFC 4987 §3.6), then opens the server
+  leg as in accept-first.
 - ICMP errors about the server leg (`server_icmp`: from the tunnel, or our own "no route")
   go to its connection (RFC 9293 §3.9.1.4, RFC 5927 §4.1 sequence check there). While it
   is connecting, a Destination Unreachable of any code aborts the attempt like a refusal:
@@ -95,6 +110,7 @@ __all__ = ["Splice", "Phase", "TAP_MAX", "TAP_DELAY"]
 _CAN_SEND = frozenset({State.SYN_SENT, State.SYN_RECEIVED, State.ESTABLISHED,
                        State.CLOSE_WAIT})
 _DONE = frozenset({State.CLOSED, State.TIME_WAIT})
+_HALF = frozenset({State.LISTEN, State.SYN_RECEIVED})
 
 
 class Splice:
@@ -102,11 +118,12 @@ class Splice:
 
     __slots__ = ("key", "flow", "chain", "life", "client", "server", "syn", "_client_cfg",
                  "_server_cfg", "_q", "_eof", "_fin_sent", "_rst_client", "_client_addr",
-                 "_server_addr", "created", "last_seen", "_server_up", "_broken")
+                 "_server_addr", "created", "last_seen", "_server_up", "_broken", "connect_first",
+                 "idle_timeout")
 
     def __init__(self, key: FlowKey, syn: TcpSegment, rule: InspectRule | None,
                  chain: InspectorChain | None, client_cfg: TcpConfig, server_cfg: TcpConfig,
-                 now: float) -> None:
+                 now: float, *, connect_first: bool = False) -> None:
         version, csrc, sdst, cport, sport = key
         self.key = key
         self.syn = syn
@@ -129,6 +146,8 @@ class Splice:
         self._rst_client: list[TcpSegment] = []
         self.created = now
         self.last_seen = now
+        self.connect_first = connect_first
+        self.idle_timeout = rule.idle_timeout if rule is not None else 7200.0
 
     @property
     def finished(self) -> bool:
@@ -142,12 +161,36 @@ class Splice:
     # ------------------------------------------------------------------ opening
 
     def open(self, now: float) -> bool:
-        """Run flow_start and, if allowed, send the server leg's SYN. False when denied."""
+        """Run flow_start and, if allowed, answer the SYN (accept first) or send the server
+        leg's SYN (connect first). False when denied."""
         if not self.life.start(now):
             self._refuse()
             return False
-        self.server.connect(now)
+        if self.connect_first:
+            self.server.connect(now)
+        else:
+            self._accept_client(now, None)
         return True
+
+    def open_cookie(self, cookie: int, ack: TcpSegment, now: float) -> bool:
+        """Open from a valid SYN cookie (`cookie` our ISS, `ack` the client's ACK of it): the
+        client leg goes through LISTEN and SYN-RECEIVED on the kept (rebuilt) SYN, its
+        SYN-ACK (already sent, statelessly) discarded, and takes the ACK. False when denied."""
+        if not self.life.start(now):
+            self._refuse()
+            return False
+        self._accept_client(now, cookie)
+        client = self.client
+        assert client is not None
+        client.segments_to_send(now)  # the SYN-ACK the cookie already answered with
+        client.receive_segment(ack, now)
+        return True
+
+    @property
+    def half_open(self) -> bool:
+        """The client has not completed its handshake with us (and the flow is live)."""
+        c = self.client
+        return not self.life.finished and (c is None or c.state in _HALF)
 
     def _refuse(self) -> None:
         """Answer the kept SYN like a closed port (RFC 9293 §3.10.7.1)."""
@@ -155,14 +198,17 @@ class Splice:
         if rst is not None:
             self._rst_client.append(rst)
 
-    def _accept_client(self, now: float) -> None:
-        """The server leg is up: open the client leg on the kept SYN (deferred accept)."""
-        irs = (self.server.rcv_nxt_seq - 1) & MASK
-        conn = TcpConnection(self._server_addr, self._client_addr, self._client_cfg, iss=irs)
+    def _accept_client(self, now: float, iss: int | None) -> None:
+        """Open the client leg on the kept SYN: at once (accept first, its own ISS or the
+        cookie's), or once the server leg is up (connect first: the server's ISN)."""
+        if self.connect_first:
+            iss = (self.server.rcv_nxt_seq - 1) & MASK
+        conn = TcpConnection(self._server_addr, self._client_addr, self._client_cfg, iss=iss)
         conn.listen()
         conn.receive_segment(self.syn, now)
         self.client = conn
-        self.life.opened()
+        if self.connect_first:
+            self.life.opened()
 
     # ------------------------------------------------------------------ input
 
@@ -300,14 +346,13 @@ class Splice:
             elif isinstance(ev, Connected):
                 self._server_up = True
                 if self.client is None and not life.finished:
-                    self._accept_client(now)
+                    self._accept_client(now, None)
             elif isinstance(ev, PeerFinished):
                 self._on_eof(S2C, now)
             elif isinstance(ev, ConnectionReset):
                 if not self._server_up:
                     self.flow.metadata["connect_error"] = ev.reason
-                    self._refuse()
-                    life.abort(CloseReason.CONNECT_FAILED, now)
+                    self._connect_failed(now)
                 else:
                     self._abort_legs()  # an RST from one side aborts the other leg
                     life.reset(S2C, now)
@@ -316,8 +361,7 @@ class Splice:
                         and not life.finished):  # RFC 5461 §4: a failed attempt
                     self.flow.metadata["connect_error"] = f"icmp unreachable {ev.code}"
                     self.server.abort()
-                    self._refuse()
-                    life.abort(CloseReason.CONNECT_FAILED, now)
+                    self._connect_failed(now)
             elif isinstance(ev, Closed):
                 pass
         client = self.client
@@ -325,6 +369,10 @@ class Splice:
             while (ev := client.next_event()) is not None:
                 if isinstance(ev, DataReceived):
                     self._received(C2S, ev.data, now)
+                elif isinstance(ev, Connected):
+                    if not self.connect_first and not life.finished:
+                        life.opened()
+                        server.connect(now)  # accept first: the client is real, go upstream
                 elif isinstance(ev, PeerFinished):
                     self._on_eof(C2S, now)
                 elif isinstance(ev, ConnectionReset):
@@ -339,6 +387,17 @@ class Splice:
                     and client.state in _DONE and server.state in _DONE):
                 if life.close(now) is not None:
                     self._abort_legs()
+
+    def _connect_failed(self, now: float) -> None:
+        """The server leg could not be opened: the client gets the closed port's RST (connect
+        first), or its accepted connection is reset (accept first); CONNECT_FAILED."""
+        if self.client is None:
+            self._refuse()
+        else:
+            self.client.abort()
+            for q in self._q.values():
+                q.clear()
+        self.life.abort(CloseReason.CONNECT_FAILED, now)
 
     def _received(self, d: Direction, data: bytes, now: float) -> None:
         """A leg delivered bytes: queue what the session passes on, or release them."""
@@ -395,6 +454,8 @@ class Splice:
             if item[1]:
                 src.consumed(item[1])
         if self._eof[d]:
+            if dst.state is State.SYN_SENT:
+                return  # CLOSE in SYN-SENT would delete the TCB (RFC 9293 §3.10.4): after it
             self._fin_sent[d] = True
             dst.close()     # RFC 9293 §3.6 half-close, after every queued byte
 
