@@ -304,8 +304,8 @@ class Terminator:
                 self._pending_rst.append((key, self.admission.cookie_syn_ack(
                     key, syn, ccfg.mss, ccfg.recv_buffer, now)))
                 return
-            self._drop("too_many_splices" if self.admission.half_open < self.limits.max_half_open
-                       or not self.limits.syn_cookies else "half_open_refused")
+            full = len(self.splices) - len(self._done) >= self.limits.max_splices
+            self._drop("too_many_splices" if full else "half_open_refused")
             rst = reset_reply(syn)
             if rst is not None:
                 self._pending_rst.append((key, rst))
