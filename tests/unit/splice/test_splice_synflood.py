@@ -10,14 +10,13 @@ import os
 import random
 from typing import Any
 
-from splice_harness import C_ADDR, S_ADDR, Harness, _Out, finished
+from splice_harness import C_ADDR, Harness, _Out, finished
 
 from bridge.flows import InspectRule
 from bridge.inspect.api import CloseReason
 from bridge.inspect.manager import InspectorChain, InspectorManager
 from bridge.userspace.admission import SpliceLimits
 from bridge.userspace.terminator import Terminator
-from stack.connection import TcpConnection
 from stack.state import State
 from stack.tcp_config import TcpConfig
 from stack.wire.tcp import ACK, RST, SYN, TcpSegment, parse_tcp
