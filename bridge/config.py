@@ -48,7 +48,7 @@ from enum import Enum
 from typing import Any
 
 from bridge.errors import ConfigError, ConfigErrors
-from bridge.flows import InspectRule
+from bridge.flows import InspectRule, SpliceLimits
 from bridge.inspect.rules import check_imports, parse_rules
 from bridge.secure.keys import PeerSecurity, SecurityMode, parse_security
 from bridge.secure.wire import SECURE_PORT
@@ -175,6 +175,7 @@ class Config:
     inspect: tuple[dict[str, Any], ...] = ()
     path: str | None = None
     datapath: Datapath = Datapath.PYTHON  # issue 14: the eBPF fast path (bridge/ebpf/), opt-in
+    userspace: SpliceLimits = field(default_factory=SpliceLimits)  # bridge/userspace/admission.py
 
     def inspect_rules(self) -> tuple[InspectRule, ...]:
         """The `[[inspect]]` rules, checked (bridge/inspect/rules.py `parse_rules`).
@@ -207,6 +208,15 @@ underlay_mtu = 1500                   # fallback for mtu = "auto"
 icmp_rate = 10.0                      # ICMP errors per second toward the TUN
 icmp_burst = 20
 fragment = true                       # IPv4 without DF, too big: fragment inner packet
+
+[userspace]                           # limits of [[inspect]] backend = "userspace"
+max_splices = 10000                   # terminated flows (TIME-WAIT ones hold no slot)
+max_half_open = 2048                  # SYN seen, client handshake not done; past it: cookies
+max_half_open_per_prefix = 512        # ... per source /prefix4 (IPv4) or /prefix6 (IPv6)
+prefix4 = 24
+prefix6 = 64
+syn_cookies = true                    # false: refuse (RST) past the half-open caps
+memory_budget = 1073741824            # bytes buffered by all splices; back-pressure past it
 
 [[peers]]
 name = "site-b"
@@ -423,6 +433,26 @@ def _parse_pmtu(r: _Reader, data: dict[str, Any]) -> PmtuConfig:
     return cfg
 
 
+def _parse_userspace(r: _Reader, data: dict[str, Any]) -> SpliceLimits:
+    """`[userspace]`: the limits of the userspace termination backend (admission.py)."""
+    t = r.table(data, "userspace", "")
+    d = SpliceLimits()
+    p = "userspace"
+    cfg = SpliceLimits(
+        max_splices=r.get(t, "max_splices", p, int, d.max_splices, _range(1, 10_000_000)),
+        max_half_open=r.get(t, "max_half_open", p, int, d.max_half_open, _range(0, 10_000_000)),
+        max_half_open_per_prefix=r.get(t, "max_half_open_per_prefix", p, int,
+                                       d.max_half_open_per_prefix, _range(0, 10_000_000)),
+        prefix4=r.get(t, "prefix4", p, int, d.prefix4, _range(0, 32)),
+        prefix6=r.get(t, "prefix6", p, int, d.prefix6, _range(0, 128)),
+        syn_cookies=r.get(t, "syn_cookies", p, bool, d.syn_cookies),
+        memory_budget=r.get(t, "memory_budget", p, int, d.memory_budget,
+                            _range(1 << 20, 1 << 40)),
+    )
+    r.unknown(t, p)
+    return cfg
+
+
 def _parse_security(r: _Reader, p: str, t: dict[str, Any],
                     base: str | None) -> PeerSecurity:
     """The peer's security keys (bridge/secure/keys.py), popped from `t`; key file paths
@@ -587,6 +617,7 @@ def parse_config(data: dict[str, Any], file: str | None = None) -> tuple[Config 
     tun = _parse_tun(r, data)
     listen = _parse_listen(r, data)
     pmtu = _parse_pmtu(r, data)
+    userspace = _parse_userspace(r, data)
     mss = r.get(data, "mss_clamp", "", bool, True)
     keep_warm = r.get(data, "keep_warm", "", bool, True)
     split = r.get(data, "split_directions", "", bool, True)
@@ -631,7 +662,7 @@ def parse_config(data: dict[str, Any], file: str | None = None) -> tuple[Config 
     cfg = Config(tun=tun, listen=listen, peers=tuple(p for _, p in peers), mss_clamp=mss,
                  keep_warm=keep_warm, split_directions=split, pmtu=pmtu, control_socket=control,
                  metrics_listen=metrics,
-                 inspect=tuple(inspect), path=file, datapath=datapath)
+                 inspect=tuple(inspect), path=file, datapath=datapath, userspace=userspace)
     return cfg, []
 
 

@@ -50,6 +50,20 @@ TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
 DEFAULT_IDLE_TIMEOUT = 7200.0
 
 
+@dataclass(frozen=True, slots=True)
+class SpliceLimits:
+    """The endpoint's `[userspace]` limits (bridge/config.py parses them;
+    bridge/userspace/admission.py enforces them)."""
+
+    max_splices: int = 10_000
+    max_half_open: int = 2048
+    max_half_open_per_prefix: int = 512
+    prefix4: int = 24
+    prefix6: int = 64
+    syn_cookies: bool = True
+    memory_budget: int = 1 << 30  # bytes buffered in all splices together (back-pressure)
+
+
 class Verdict(Enum):
     """What the data plane does with a TCP flow."""
 

@@ -33,32 +33,19 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
-from bridge.flows import FlowKey
+from bridge.flows import FlowKey, SpliceLimits
 from stack.seq import MASK
 from stack.wire.tcp import ACK, SYN, TcpSegment
 
-__all__ = ["Admission", "Admit", "SpliceLimits", "COOKIE_MSS"]
+__all__ = ["Admission", "Admit", "SpliceLimits", "COOKIE_MSS", "prometheus"]
 
 # MSS values a cookie can carry (3 bits); the largest one not above what both ends allow is used
 COOKIE_MSS = (536, 1200, 1220, 1360, 1400, 1440, 1452, 1460)
 COOKIE_PERIOD = 64.0  # seconds per counter tick (RFC 4987 §3.6 "t")
 _HDR = struct.Struct("!IIHHB")  # counter, client ISN, ports, MSS index
-
-
-@dataclass(frozen=True, slots=True)
-class SpliceLimits:
-    """The endpoint's `[userspace]` limits (bridge/userspace/limits.py parses them)."""
-
-    max_splices: int = 10_000
-    max_half_open: int = 2048
-    max_half_open_per_prefix: int = 512
-    prefix4: int = 24
-    prefix6: int = 64
-    syn_cookies: bool = True
-    memory_budget: int = 1 << 30  # bytes buffered in all splices together (back-pressure)
 
 
 class Admit(Enum):
@@ -185,3 +172,22 @@ class Admission:
 def _mask(nbytes: int, bits: int) -> bytes:
     v = ((1 << bits) - 1) << (nbytes * 8 - bits) if bits else 0
     return v.to_bytes(nbytes, "big")
+
+
+def prometheus(status: dict[str, Any], prefix: str = "grebe_inspect") -> str:
+    """Prometheus text (format 0.0.4) of a Terminator's `status()`: the live, half-open and
+    TIME-WAIT gauges, and its counters, drops, admission outcomes and ended flows by reason."""
+    lines = []
+    for gauge, text in (("live", "Terminated flows held (splices)."),
+                        ("half_open", "Splices whose client has not completed its handshake."),
+                        ("time_wait", "Ended splices whose legs linger in TIME-WAIT.")):
+        lines += [f"# HELP {prefix}_{gauge} {text}", f"# TYPE {prefix}_{gauge} gauge",
+                  f"{prefix}_{gauge} {status.get(gauge, 0)}"]
+    for name, label, src, text in (
+            ("events", "event", {**status["counters"], **status["admission"]},
+             "Userspace termination events (segments, splices, SYN cookies, caps)."),
+            ("drops", "reason", status["drops"], "Segments or flows refused, by reason."),
+            ("ended", "reason", status["ended"], "Splices forgotten, by close reason.")):
+        lines += [f"# HELP {prefix}_{name}_total {text}", f"# TYPE {prefix}_{name}_total counter"]
+        lines += [f'{prefix}_{name}_total{{{label}="{k}"}} {v}' for k, v in sorted(src.items())]
+    return "\n".join(lines) + "\n"

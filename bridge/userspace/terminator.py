@@ -92,11 +92,19 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from bridge.flows import Backend, FlowKey, FlowTable, InspectRule, Verdict, selector_for
+from bridge.flows import (
+    Backend,
+    FlowKey,
+    FlowTable,
+    InspectRule,
+    SpliceLimits,
+    Verdict,
+    selector_for,
+)
 from bridge.inspect.api import CloseReason
 from bridge.inspect.manager import InspectorManager
 from bridge.tunframe import TunFrame
-from bridge.userspace.admission import Admission, Admit, SpliceLimits
+from bridge.userspace.admission import Admission, Admit
 from bridge.userspace.deadlines import Deadlines
 from bridge.userspace.legicmp import quoted_leg
 from bridge.userspace.legwire import TSO_MAX_SEGMENT, LegFramer, merge_run, run_part
@@ -183,7 +191,8 @@ class Terminator:
             idx = bridge.table.route(dst)
             return int(bridge.peers[idx].mtu) if idx >= 0 else int(bridge.tun_mtu)
 
-        return cls(tuple(rules), bridge.send_inner, mtu_for, lambda: int(bridge.tun_mtu))
+        return cls(tuple(rules), bridge.send_inner, mtu_for, lambda: int(bridge.tun_mtu),
+                   limits=bridge.config.userspace)
 
     # ------------------------------------------------------------------ input
 

@@ -12,10 +12,9 @@ from typing import Any
 
 from splice_harness import C_ADDR, Harness, _Out, finished
 
-from bridge.flows import InspectRule
+from bridge.flows import InspectRule, SpliceLimits
 from bridge.inspect.api import CloseReason
 from bridge.inspect.manager import InspectorChain, InspectorManager
-from bridge.userspace.admission import SpliceLimits
 from bridge.userspace.terminator import Terminator
 from stack.state import State
 from stack.tcp_config import TcpConfig
@@ -266,3 +265,34 @@ def test_keepalive_detects_a_dead_client_and_resets_the_server() -> None:
     assert h.run(lambda h: h.server is not None and finished(h.server), max_time=9000)
     assert 7200 < h.now < 7200 + 10 * 75 + 60
     assert h.term.ended == {CloseReason.CLIENT_RESET.value: 1}
+
+
+def test_userspace_limits_are_configurable_and_counted_in_status_and_metrics() -> None:
+    """`max_splices` was fixed at 10,000: `[userspace]` sets it and the half-open caps; the
+    admission counters reach `grebe status` (Bridge.status) and the metrics text."""
+    import pytest
+    from test_terminate_bridge import INSPECT, SITE
+
+    from bridge.config import loads_config
+    from bridge.errors import ConfigErrors
+    from bridge.pipeline import Bridge
+
+    site = SITE.format(side="a", tun4="198.18.100.1/30", tun6="2001:db8:100::1/64",
+                       listen="198.18.0.1", endpoint="198.18.0.2", seq="off",
+                       prefixes='"198.18.20.0/24"')
+    cfg = loads_config(site + INSPECT + "[userspace]\nmax_splices = 3\nmax_half_open = 0\n"
+                       "prefix4 = 16\n")
+    assert cfg.userspace == SpliceLimits(max_splices=3, max_half_open=0, prefix4=16)
+    b = Bridge(cfg, 0.0)
+    assert b.terminator is not None and b.terminator.max_splices == 3
+    t = b.terminator
+    out = _Out()
+    _syn(t, _src(0), 40000, 1, 0.0, out)   # past max_half_open = 0: a cookie
+    assert b.status(0.0)["inspect"]["admission"]["cookies_sent"] == 1
+    text = b.metrics_text()
+    assert 'grebe_inspect_events_total{event="cookies_sent"} 1' in text
+    assert "grebe_inspect_half_open 0" in text
+    with pytest.raises(ConfigErrors) as e:
+        loads_config(site + "[userspace]\nprefix6 = 129\nmax_splice = 1\n")
+    paths = {err.path for err in e.value.errors}
+    assert {"userspace.prefix6", "userspace.max_splice"} <= paths
