@@ -216,6 +216,7 @@ max_half_open_per_prefix = 512        # ... per source /prefix4 (IPv4) or /prefi
 prefix4 = 24
 prefix6 = 64
 syn_cookies = true                    # false: refuse (RST) past the half-open caps
+synack_retries = 5                    # a silent half-open client ends after ~63 s (Linux)
 memory_budget = 1073741824            # bytes buffered by all splices; back-pressure past it
 
 [[peers]]
@@ -446,6 +447,7 @@ def _parse_userspace(r: _Reader, data: dict[str, Any]) -> SpliceLimits:
         prefix4=r.get(t, "prefix4", p, int, d.prefix4, _range(0, 32)),
         prefix6=r.get(t, "prefix6", p, int, d.prefix6, _range(0, 128)),
         syn_cookies=r.get(t, "syn_cookies", p, bool, d.syn_cookies),
+        synack_retries=r.get(t, "synack_retries", p, int, d.synack_retries, _range(1, 10)),
         memory_budget=r.get(t, "memory_budget", p, int, d.memory_budget,
                             _range(1 << 20, 1 << 40)),
     )

@@ -61,6 +61,7 @@ class SpliceLimits:
     prefix4: int = 24
     prefix6: int = 64
     syn_cookies: bool = True
+    synack_retries: int = 5  # client leg: SYN-ACK retransmissions before a half-open ends
     memory_budget: int = 1 << 30  # bytes buffered in all splices together (back-pressure)
 
 

@@ -294,10 +294,10 @@ class Terminator:
             common: dict[str, Any] = dict(recv_buffer=rbuf, send_buffer=max(buf, 1),
                                           auto_consume=False, msl=self.msl,
                                           rto_min=self.rto_min, rto_var_min=self.rto_min,
-                                          nagle=False, keepalive=True,
-                                          syn_retries=self.syn_retries)
-            cached = (TcpConfig(mss=client_mss, tx_max_segment=self.tx_max_segment, **common),
-                      TcpConfig(mss=server_mss, **common))
+                                          nagle=False, keepalive=True)
+            cached = (TcpConfig(mss=client_mss, tx_max_segment=self.tx_max_segment,
+                                syn_retries=self.limits.synack_retries, **common),
+                      TcpConfig(mss=server_mss, syn_retries=self.syn_retries, **common))
             self._configs[ck] = cached
         return cached
 
