@@ -1,0 +1,44 @@
+"""Issue 11 #10: what the splice must carry or bound between its legs (persist give-up,
+urgent data). Each test fails on the code before the fix."""
+
+from __future__ import annotations
+
+from splice_harness import Harness, finished
+
+from bridge.flows import InspectRule
+from bridge.inspect.api import CloseReason
+from stack.events import ConnectionReset
+from stack.state import State
+from stack.tcp_config import TcpConfig
+
+RULE = InspectRule(name="t", inspectors=())
+
+
+def _zero_window_client(data: int = 4_000_000) -> Harness:
+    """A download to a client that stopped reading: its window closes, the client leg's
+    sender probes it (persist), and the server's side fills up behind it."""
+    h = Harness(RULE, [], server_data=b"z" * data,
+                client_cfg=TcpConfig(mss=1400, msl=1.0, auto_consume=False,
+                                     recv_buffer=65536))
+    h.client.reading = False
+    assert h.run(lambda h: any(sp.client is not None and sp.client.info()["snd_wnd"] == 0
+                               for sp in h.term.splices.values()), max_time=30)
+    return h
+
+
+def test_persist_gives_up_on_a_dead_zero_window_client_and_resets_the_server() -> None:
+    h = _zero_window_client()
+    h.t2c.loss = h.c2t.loss = 1.0   # the client host is gone: its window stays zero forever
+    assert h.run(lambda h: h.server is not None and finished(h.server), max_time=3600)
+    assert h.server is not None and h.server.has(ConnectionReset)
+    assert h.term.ended == {CloseReason.CLIENT_RESET.value: 1}
+    assert not h.term.splices
+
+
+def test_persist_keeps_probing_a_live_zero_window_client() -> None:
+    """MUST-36: a peer that answers the probes keeps the connection, however long."""
+    h = _zero_window_client()
+    h.run(lambda h: False, max_time=3600)
+    (sp,) = h.term.splices.values()
+    assert sp.client is not None and sp.client.state is State.ESTABLISHED
+    assert not finished(h.client)
