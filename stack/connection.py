@@ -151,6 +151,13 @@ class TcpConnection:
         return self._snd.retransmissions
 
     @property
+    def urgent_up(self) -> int:
+        """RCV.UP as a stream offset: the peer's urgent data ends with its `urgent_up`-th
+        byte (0: it never sent any; RFC 9293 §3.8.5, RFC 6093 §2: SEG.UP points at the
+        first non-urgent octet)."""
+        return self._rcv.up
+
+    @property
     def urgent_remaining(self) -> int:
         """Bytes of the peer's urgent data not yet read by the application (MUST-33)."""
         return self._rcv.urgent_remaining

@@ -400,12 +400,24 @@ class Splice:
         self.life.abort(CloseReason.CONNECT_FAILED, now)
 
     def _received(self, d: Direction, data: bytes, now: float) -> None:
-        """A leg delivered bytes: queue what the session passes on, or release them."""
+        """A leg delivered bytes: queue what the session passes on, or release them.
+        Urgent data (the source leg's RCV.UP inside this chunk) stays urgent on the other
+        leg: the queued item carries how many of its first bytes are urgent (all of a
+        rewritten chunk that held some)."""
+        flow = self.flow
+        before = flow.bytes_c2s if d is C2S else flow.bytes_s2c
         out = self.life.received(d, data, now)
-        if out is None or out.__class__ is Abort:
+        if out is None or isinstance(out, Abort):
             self._release(d, len(data))
             if out is not None:
                 self._abort_legs()
+            return
+        src = self.client if d is C2S else self.server
+        up = src.urgent_up if src is not None else 0
+        if up > before:
+            n = len(data)
+            u = min(up - before, n) if len(out) == n else len(out)
+            self._q[d].append([out, n, u])
             return
         self._q[d].append([out, len(data)])
 
@@ -442,7 +454,20 @@ class Splice:
         while q:
             item = q[0]
             data = item[0]
-            k = dst.send(data) if data else 0
+            u = item[2] if len(item) > 2 else 0
+            if u:  # the urgent part first, its end marked (RFC 9293 §3.8.5 MUST-31)
+                k = dst.send(memoryview(data)[:u], urgent=True)
+                item[2] = u - k
+                if k < u:
+                    item[0] = memoryview(data)[k:]
+                    give = min(k, item[1])
+                    if give:
+                        item[1] -= give
+                        src.consumed(give)
+                    return
+                k += dst.send(memoryview(data)[u:]) if len(data) > u else 0
+            else:
+                k = dst.send(data) if data else 0
             if k < len(data):
                 item[0] = memoryview(data)[k:]
                 give = min(k, item[1])      # reopen the window as bytes move on

@@ -42,3 +42,17 @@ def test_persist_keeps_probing_a_live_zero_window_client() -> None:
     (sp,) = h.term.splices.values()
     assert sp.client is not None and sp.client.state is State.ESTABLISHED
     assert not finished(h.client)
+
+
+def test_urgent_data_is_relayed_with_its_pointer() -> None:
+    """RFC 9293 §3.8.5 / RFC 6093: the client's urgent byte (telnet/FTP "synch") reaches
+    the server still urgent, the pointer at the same place in the stream."""
+    h = Harness(RULE, [], client_close=False)
+    assert h.run(lambda h: h.client.conn.state is State.ESTABLISHED and h.server is not None
+                 and h.server.conn.state is State.ESTABLISHED)
+    h.client.conn.send(b"A" * 100)
+    h.client.conn.send(b"!", urgent=True)
+    h.client.conn.send(b"tail")
+    assert h.run(lambda h: h.server is not None and len(h.server.rx) == 105)
+    assert h.server is not None and bytes(h.server.rx) == b"A" * 100 + b"!tail"
+    assert h.server.conn.urgent_up == 101      # the urgent data ends with byte 101
