@@ -136,6 +136,13 @@ class TcpConnection:
         return self._snd.buf.free
 
     @property
+    def buffered(self) -> int:
+        """Payload bytes this connection holds in memory: its send buffer (unsent and
+        unacknowledged) and its receive side (in order, not yet taken, and out of order)."""
+        rcv = self._rcv
+        return len(self._snd.buf) + rcv.rx_len + rcv.ooo.nbytes
+
+    @property
     def bytes_in(self) -> int:
         """Bytes of the peer's stream received in order."""
         return self._rcv.bytes_in

@@ -179,6 +179,7 @@ def prometheus(status: dict[str, Any], prefix: str = "grebe_inspect") -> str:
     TIME-WAIT gauges, and its counters, drops, admission outcomes and ended flows by reason."""
     lines = []
     for gauge, text in (("live", "Terminated flows held (splices)."),
+                        ("memory", "Payload bytes all splices hold (the memory budget's measure)."),
                         ("half_open", "Splices whose client has not completed its handshake."),
                         ("time_wait", "Ended splices whose legs linger in TIME-WAIT.")):
         lines += [f"# HELP {prefix}_{gauge} {text}", f"# TYPE {prefix}_{gauge} gauge",

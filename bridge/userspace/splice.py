@@ -119,7 +119,7 @@ class Splice:
     __slots__ = ("key", "flow", "chain", "life", "client", "server", "syn", "_client_cfg",
                  "_server_cfg", "_q", "_eof", "_fin_sent", "_rst_client", "_client_addr",
                  "_server_addr", "created", "last_seen", "_server_up", "_broken", "connect_first",
-                 "idle_timeout")
+                 "idle_timeout", "allow", "_owed")
 
     def __init__(self, key: FlowKey, syn: TcpSegment, rule: InspectRule | None,
                  chain: InspectorChain | None, client_cfg: TcpConfig, server_cfg: TcpConfig,
@@ -147,6 +147,9 @@ class Splice:
         self.created = now
         self.last_seen = now
         self.connect_first = connect_first
+        # memory budget (the Terminator's): None, or the window bytes we may reopen now
+        self.allow: int | None = None
+        self._owed = {C2S: 0, S2C: 0}   # consumed() held back under memory pressure
         self.idle_timeout = rule.idle_timeout if rule is not None else 7200.0
 
     @property
@@ -435,8 +438,33 @@ class Splice:
 
     def _release(self, d: Direction, n: int) -> None:
         src = self.client if d is C2S else self.server
-        if src is not None and n and src.state is not State.CLOSED:
+        if src is not None and n:
+            self._give(src, d, n)
+
+    def _give(self, src: TcpConnection, d: Direction, n: int) -> None:
+        """Reopen `n` bytes of `src`'s receive window (consumed), as far as the memory
+        budget allows (`allow`); the rest is owed and given back once it does."""
+        if src.state is State.CLOSED:
+            return
+        allow = self.allow
+        if allow is None:
+            owed = self._owed[d]
+            if owed:
+                self._owed[d] = 0
+                n += owed
             src.consumed(n)
+            return
+        n += self._owed[d]
+        g = min(n, allow)
+        self._owed[d] = n - g
+        if g:
+            self.allow = allow - g
+            src.consumed(g)
+
+    def buffered(self) -> int:
+        """Payload bytes this flow holds: both legs' buffers and the queues between them."""
+        n = self.server.buffered + self.held_bytes()
+        return n + self.client.buffered if self.client is not None else n
 
     def _move(self, d: Direction) -> None:
         """Hand queued bytes to the destination leg as far as its send buffer takes them."""
@@ -449,6 +477,8 @@ class Splice:
             src, dst = self.server, self.client
         if dst is None or src is None:
             return          # the client leg does not exist yet: keep the server's bytes
+        if self._owed[d] and (self.allow is None or self.allow > 0):
+            self._give(src, d, 0)   # the memory budget allows more again
         if self._fin_sent[d] or dst.state not in _CAN_SEND:
             return
         while q:
@@ -463,7 +493,7 @@ class Splice:
                     give = min(k, item[1])
                     if give:
                         item[1] -= give
-                        src.consumed(give)
+                        self._give(src, d, give)
                     return
                 k += dst.send(memoryview(data)[u:]) if len(data) > u else 0
             else:
@@ -473,11 +503,11 @@ class Splice:
                 give = min(k, item[1])      # reopen the window as bytes move on
                 if give:
                     item[1] -= give
-                    src.consumed(give)
+                    self._give(src, d, give)
                 return
             q.popleft()
             if item[1]:
-                src.consumed(item[1])
+                self._give(src, d, item[1])
         if self._eof[d]:
             if dst.state is State.SYN_SENT:
                 return  # CLOSE in SYN-SENT would delete the TCB (RFC 9293 §3.10.4): after it

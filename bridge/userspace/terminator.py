@@ -158,7 +158,8 @@ class Terminator:
         self.drops: dict[str, int] = {}
         self.counters: dict[str, int] = {"splices": 0, "to_client": 0, "to_server": 0,
                                          "from_client": 0, "from_server": 0, "refused_rst": 0,
-                                         "server_runs": 0, "idle_aborts": 0}
+                                         "server_runs": 0, "idle_aborts": 0,
+                                         "memory_pressure": 0}
         self.ended: dict[str, int] = {}
         framer = LegFramer()
         self.packet = framer.packet  # IP framing of the legs' segments (legwire.py)
@@ -168,6 +169,9 @@ class Terminator:
         self._deadlines = Deadlines()  # each splice's timer, as of its last emit (a heap)
         self._idle = Deadlines()  # each splice's idle check (re-armed from last_seen)
         self._done: set[FlowKey] = set()
+        self._mem: dict[FlowKey, int] = {}  # bytes each splice held at its last emit
+        self.memory = 0  # ... all together (the budget's measure)
+        self._pressed: set[FlowKey] = set()  # splices held back by the memory budget
         self._configs: dict[tuple[int, int, int, int], tuple[TcpConfig, TcpConfig]] = {}
         self.tun_offload = False
         self._warm: dict[int, WarmCycle] = {}  # lane -> shadow (bridge/userspace/warm.py)
@@ -511,21 +515,22 @@ class Terminator:
             if rst.flags & RST:
                 self.counters["refused_rst"] += 1
         self._pending_rst.clear()
-        touched = self.touched
-        if not touched:
-            return
-        self.touched = {}
-        for sp in touched.values():
-            try:
-                sp.step(now)
-                self._emit(sp, now, out)
-            except Exception as exc:  # noqa: BLE001 - a bug of ours costs this flow only
-                self._drop("internal_error")
-                sp.fail(exc, now)
+        for _round in range(2):  # a second round: splices the memory budget let go (_account)
+            touched = self.touched
+            if not touched:
+                return
+            self.touched = {}
+            for sp in touched.values():
                 try:
-                    self._emit(sp, now, out)     # the RSTs of the aborted legs
-                except Exception:  # noqa: BLE001
-                    self.forget(sp)
+                    sp.step(now)
+                    self._emit(sp, now, out)
+                except Exception as exc:  # noqa: BLE001 - a bug of ours costs this flow only
+                    self._drop("internal_error")
+                    sp.fail(exc, now)
+                    try:
+                        self._emit(sp, now, out)     # the RSTs of the aborted legs
+                    except Exception:  # noqa: BLE001
+                        self.forget(sp)
 
     def _emit(self, sp: Splice, now: float, out: Any) -> None:
         key = sp.key
@@ -561,10 +566,38 @@ class Terminator:
             self.forget(sp)
             return
         self._deadlines.set(key, sp.get_timer())  # every change to a splice's timers ends here
+        self._account(sp)
         if not sp.half_open:
             self.admission.settled(key)  # the client completed its handshake, or it ended
             if sp.finished:
                 self._done.add(key)  # TIME-WAIT legs hold no max_splices slot
+
+    def _account(self, sp: Splice) -> None:
+        """The global memory budget (`memory_budget`): back-pressure, never a failure.
+        Over it, a splice reopens no receive window (Splice.allow = 0: its peers see the
+        window close as its buffers fill, RFC 9293 §3.8.6.1); below it, the splices held
+        back share the headroom, and 1/8 below it they are all let go."""
+        key = sp.key
+        m = sp.buffered()
+        self.memory += m - self._mem.get(key, 0)
+        self._mem[key] = m
+        over = self.memory - self.limits.memory_budget
+        pressed = self._pressed
+        if over > 0:
+            if key not in pressed:
+                pressed.add(key)
+                self.counters["memory_pressure"] += 1
+            sp.allow = 0
+        elif pressed:
+            if -over > self.limits.memory_budget >> 3:
+                for k in pressed:
+                    p = self.splices.get(k)
+                    if p is not None:
+                        p.allow = None
+                        self.touched[k] = p  # give back what it owes
+                pressed.clear()
+            elif key in pressed:
+                sp.allow = -over // len(pressed)
 
     def forget(self, sp: Splice) -> None:
         """Drop `sp` from every table (its legs are done, or it gives way to a new SYN)."""
@@ -574,6 +607,8 @@ class Terminator:
             self._idle.set(sp.key, None)
             self._done.discard(sp.key)
             self.admission.settled(sp.key)
+            self.memory -= self._mem.pop(sp.key, 0)
+            self._pressed.discard(sp.key)
             left = self._clients.pop(sp.key[1], 1) - 1
             if left:
                 self._clients[sp.key[1]] = left
@@ -652,6 +687,7 @@ class Terminator:
     def status(self) -> dict[str, Any]:
         """Counters of the backend, the flow table and the inspector chains."""
         return {"live": len(self.splices), "half_open": self.admission.half_open,
+                "memory": self.memory, "memory_pressed": len(self._pressed),
                 "time_wait": len(self._done), "counters": dict(self.counters),
                 "admission": dict(self.admission.counters),
                 "ended": dict(self.ended), "drops": dict(self.drops),

@@ -1,5 +1,5 @@
-"""Issue 11 #10: what the splice must carry or bound between its legs (persist give-up,
-urgent data). Each test fails on the code before the fix."""
+"""Issue 11 #10 and #7: what the splice must carry or bound between its legs (persist
+give-up, urgent data, the global memory budget). Each test fails on the code before the fix."""
 
 from __future__ import annotations
 
@@ -56,3 +56,38 @@ def test_urgent_data_is_relayed_with_its_pointer() -> None:
     assert h.run(lambda h: h.server is not None and len(h.server.rx) == 105)
     assert h.server is not None and bytes(h.server.rx) == b"A" * 100 + b"!tail"
     assert h.server.conn.urgent_up == 101      # the urgent data ends with byte 101
+
+
+def _slow_download(budget: int | None) -> tuple[Harness, int, bytes]:
+    import os
+
+    from bridge.flows import SpliceLimits
+
+    data = os.urandom(2_000_000)
+    kw = {"limits": SpliceLimits(memory_budget=budget)} if budget else {}
+    h = Harness(RULE, [], server_data=data, client_close=True, server_close=True,
+                terminator_kw=kw)
+    h.t2c.rate = 1.0e6   # the client's side is slow: the splice buffers what it cannot pass on
+    late = [0]
+
+    def sample(h: Harness) -> None:
+        if h.now > 1.0:   # after the windows first granted (before any pressure) are used
+            late[0] = max(late[0], h.term.memory)
+
+    h.hooks.append(sample)
+    assert h.run(lambda h: h.server is not None and finished(h.client) and finished(h.server),
+                 max_time=60)
+    return h, late[0], data
+
+
+def test_global_memory_budget_applies_back_pressure_not_failures() -> None:
+    """#7: past `memory_budget` the splices reopen no receive window (the sender sees it
+    close) instead of failing; the download still completes byte-exact. The same transfer
+    without a budget, in the same test, is the anchor (about 520 KB held)."""
+    _h0, free_run, _d0 = _slow_download(None)
+    h, held, data = _slow_download(100_000)
+    assert bytes(h.client.rx) == data
+    (sp,) = h.term.splices.values()   # its legs in TIME-WAIT
+    assert sp.flow.close_reason is CloseReason.CLOSED
+    assert h.term.counters["memory_pressure"] >= 1
+    assert held <= 100_000 * 1.3 < free_run / 3
