@@ -67,6 +67,14 @@ Rules of this module (pure, sans-I/O: segments and `now` in, segments and deadli
   (~0.3 ms a message warm, more cold) runs after the output left. The interpreter runs one thread at
   a time, so a request parsed at once would hold up its own response, which a LAN server
   sends within a millisecond or two; parsed a few ms later, both go through in one drain.
+- Urgent data (RFC 9293 §3.8.5, RFC 6093): bytes a leg delivered before its RCV.UP are sent
+  urgent on the other leg (`send(urgent=True)`), so the pointer lands at the same stream
+  offset (at the end of a chunk an inspector rewrote).
+- Memory budget (the Terminator's `memory_budget`): `allow` bounds the receive window this
+  flow may reopen now (None: no bound); what it may not is owed and given back later, so
+  back-pressure reaches the peers as a closing window, never as a failure.
+- ECN (RFC 3168 §6.1.1): neither leg offers it (no ECE/CWR in the SYNs), so both ends run
+  non-ECN connections and no router marks their packets CE: there is no mark to mirror.
 - Never raises on account of either peer: bad segments are the legs' business (dropped and
   counted there). Only misuse of this API raises (LocalProtocolError from the stack).
 
