@@ -175,7 +175,7 @@ class Config:
     inspect: tuple[dict[str, Any], ...] = ()
     path: str | None = None
     datapath: Datapath = Datapath.PYTHON  # issue 14: the eBPF fast path (bridge/ebpf/), opt-in
-    userspace: SpliceLimits = field(default_factory=SpliceLimits)  # bridge/userspace/admission.py
+    userspace: SpliceLimits = field(default_factory=SpliceLimits)  # bridge/userspace/bounds.py
 
     def inspect_rules(self) -> tuple[InspectRule, ...]:
         """The `[[inspect]]` rules, checked (bridge/inspect/rules.py `parse_rules`).

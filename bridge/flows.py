@@ -53,7 +53,7 @@ DEFAULT_IDLE_TIMEOUT = 7200.0
 @dataclass(frozen=True, slots=True)
 class SpliceLimits:
     """The endpoint's `[userspace]` limits (bridge/config.py parses them;
-    bridge/userspace/admission.py enforces them)."""
+    bridge/userspace/bounds.py enforces them)."""
 
     max_splices: int = 10_000
     max_half_open: int = 2048

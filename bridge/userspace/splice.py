@@ -11,7 +11,7 @@ Rules of this module (pure, sans-I/O: segments and `now` in, segments and deadli
   three-way handshake (RFC 9293 §3.5). A spoofed SYN, or a client that resets or goes silent
   after our SYN-ACK, therefore never reaches the server: no upstream SYN, no server
   connection (RFC 4987 §2: the flood's state stays here, bounded by the Terminator's
-  half-open caps, bridge/userspace/admission.py). Bytes the client sends meanwhile wait in the
+  half-open caps, bridge/userspace/bounds.py). Bytes the client sends meanwhile wait in the
   server leg's send buffer and leave after its handshake. The trade-off: a server that
   refuses or does not answer (ConnectionReset "refused"/"timeout", RFC 9293 §3.8.3 R2, or an
   ICMP unreachable) is seen by the client as an accepted connection that is then reset

@@ -25,7 +25,7 @@ Rules of this module (pure, sans-I/O: inner IP packets and `now` in, packets and
   same. `tx_max_segment` asks the client leg for larger output segments when the TUN takes TSO
   super-packets (0: one MSS per segment; the TUN adapter coalesces them, GRO-style).
 - Memory per flow: the rule's `max_buffer` split over the four leg buffers (splice.py).
-- Admission (bridge/userspace/admission.py, the endpoint's `[userspace]` limits): a SYN is
+- Admission (bridge/userspace/bounds.py, the endpoint's `[userspace]` limits): a SYN is
   refused with a RST past `max_splices` live flows (a flow whose legs only linger in
   TIME-WAIT holds no slot); past the half-open caps (in total, and per /24 or /64 source
   prefix) it is answered with a stateless SYN cookie (RFC 4987 §3.6), and a bare ACK that
@@ -77,7 +77,7 @@ every checksum still checked, by one sum over the run), and
 `from_tun_super(sp, now)` gives a client's TSO frame to its leg whole (the kernel built it;
 nothing is summed). The legs' IP framing (plain packets, TunFrames) is bridge/userspace/legwire.py.
 Timers: each splice's deadline is recorded when it is
-emitted (every change to a splice ends in `flush`) in a heap (bridge/userspace/deadlines.py),
+emitted (every change to a splice ends in `flush`) in a heap (bridge/userspace/bounds.py),
 next to one idle check per splice (re-armed from `last_seen` when it comes due);
 `get_timer()` is the earliest of those and of the flow table's expiry, `handle_timer(now,
 out)` runs the due ones: both cost O(log n) per due timer, not O(n) per batch.
@@ -88,7 +88,7 @@ out)` runs the due ones: both cost O(log n) per due timer, not O(n) per batch.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -103,20 +103,18 @@ from bridge.flows import (
 )
 from bridge.inspect.api import CloseReason
 from bridge.inspect.manager import InspectorManager
-from bridge.tunframe import TunFrame
-from bridge.userspace.admission import Admission, Admit
-from bridge.userspace.deadlines import Deadlines
-from bridge.userspace.legicmp import quoted_leg
-from bridge.userspace.legwire import TSO_MAX_SEGMENT, LegFramer, merge_run, run_part
+from bridge.userspace.bounds import Admission, Admit, Deadlines, MemoryBudget
+from bridge.userspace.legwire import TSO_MAX_SEGMENT, LegFramer
 from bridge.userspace.splice import Splice
+from bridge.userspace.tunnel import TunnelSide
 from bridge.userspace.warm import WarmCycle
 from stack.connection import reset_reply
 from stack.events import IcmpKind
 from stack.seq import MASK
 from stack.tcp_config import TcpConfig
-from stack.wire.prelude import V4_DST_AT, V6_DST_AT, tcp_key
+from stack.wire.prelude import tcp_key
 from stack.wire.tcp import ACK, RST, SYN, TcpSegment, parse_tcp
-from stack.wire.vnet import F_DATA_VALID, F_NEEDS_CSUM, GSO_SIZE_AT, VNET_HDR_LEN
+from stack.wire.vnet import F_DATA_VALID, F_NEEDS_CSUM
 
 __all__ = ["Terminator", "SendToPeer", "TSO_MAX_SEGMENT"]
 
@@ -126,7 +124,7 @@ def _has_userspace(rules: Iterable[InspectRule]) -> bool:
     return any(r.backend is Backend.USERSPACE and r.action is not Verdict.FORWARD for r in rules)
 
 
-class Terminator:
+class Terminator(TunnelSide):
     """All userspace-terminated flows of one endpoint."""
 
     def __init__(self, rules: tuple[InspectRule, ...], send_to_peer: SendToPeer,
@@ -158,8 +156,7 @@ class Terminator:
         self.drops: dict[str, int] = {}
         self.counters: dict[str, int] = {"splices": 0, "to_client": 0, "to_server": 0,
                                          "from_client": 0, "from_server": 0, "refused_rst": 0,
-                                         "server_runs": 0, "idle_aborts": 0,
-                                         "memory_pressure": 0}
+                                         "server_runs": 0, "idle_aborts": 0}
         self.ended: dict[str, int] = {}
         framer = LegFramer()
         self.packet = framer.packet  # IP framing of the legs' segments (legwire.py)
@@ -169,9 +166,7 @@ class Terminator:
         self._deadlines = Deadlines()  # each splice's timer, as of its last emit (a heap)
         self._idle = Deadlines()  # each splice's idle check (re-armed from last_seen)
         self._done: set[FlowKey] = set()
-        self._mem: dict[FlowKey, int] = {}  # bytes each splice held at its last emit
-        self.memory = 0  # ... all together (the budget's measure)
-        self._pressed: set[FlowKey] = set()  # splices held back by the memory budget
+        self.budget = MemoryBudget(lim.memory_budget)  # bytes all splices hold (bounds.py)
         self._configs: dict[tuple[int, int, int, int], tuple[TcpConfig, TcpConfig]] = {}
         self.tun_offload = False
         self._warm: dict[int, WarmCycle] = {}  # lane -> shadow (bridge/userspace/warm.py)
@@ -199,14 +194,6 @@ class Terminator:
                    limits=bridge.config.userspace)
 
     # ------------------------------------------------------------------ input
-
-    def _drop(self, reason: str) -> None:
-        self.drops[reason] = self.drops.get(reason, 0) + 1
-
-    def _segment(self, pkt: bytes | bytearray | memoryview, n: int, off: int,
-                 key: FlowKey) -> TcpSegment | None:
-        mv = pkt if isinstance(pkt, memoryview) else memoryview(pkt)
-        return parse_tcp(mv[off:n], key[1], key[2], drops=self.drops)
 
     def from_tun(self, pkt: bytes | bytearray | memoryview, n: int, now: float) -> bool:
         """An inner packet from the local site. True when it was ours (consumed)."""
@@ -368,144 +355,6 @@ class Terminator:
         self.counters["from_client"] += 1
         return True
 
-    def _server_side(self, pkt: bytes | bytearray | memoryview, n: int
-                     ) -> tuple[Splice, FlowKey, FlowKey, int, int] | None:
-        """(splice, its key, the packet's key, TCP offset, flags) of a server leg's packet."""
-        if n < 40 or bytes(pkt[V4_DST_AT] if pkt[0] >> 4 == 4 else pkt[V6_DST_AT]) \
-                not in self._clients:
-            return None  # not addressed to a client of a live splice: the fast path
-        k = tcp_key(pkt, n)
-        if k is None:
-            return None
-        key, off, flags = k
-        ck = (key[0], key[2], key[1], key[4], key[3])
-        sp = self.splices.get(ck)
-        if sp is None:
-            return None
-        return sp, ck, key, off, flags
-
-    def from_peer(self, pkts: Sequence[bytes | bytearray], now: float, out: Any) -> None:
-        """The decapsulated packets from the tunnel, in the order the Bridge's sequence
-        policy delivered them (TunFrames of its GRO path among them): the server legs take
-        theirs and the ICMP errors about their segments; every other packet is appended to
-        `out.tun`, in order. Then the touched splices are stepped (`flush`).
-
-        Consecutive in-order data segments of one server leg (a GRO batch of the tunnel)
-        reach the leg as one segment (`_server_run`)."""
-        tun = out.tun
-        if not self.splices:
-            tun.extend(pkts)
-        elif pkts:
-            run: list[bytes | bytearray] = []
-            run_sp: Splice | None = None
-            run_tmpl = b""
-            run_next = 0
-            run_off = 0
-            for pkt in pkts:
-                if type(pkt) is TunFrame:  # a run the Bridge merged and checked (bridge/gso.py)
-                    if not self._server_frame(pkt, now):
-                        tun.append(pkt)
-                    continue
-                n = len(pkt)
-                found = self._server_side(pkt, n)
-                if found is None:
-                    if not self._leg_icmp(pkt, n, now):
-                        tun.append(pkt)  # another flow's: order against ours does not matter
-                    continue
-                sp, ck, key, off, flags = found
-                r = run_part(pkt, n, off, flags)
-                if r is not None:
-                    seq, pl, tmpl = r
-                    if run and run_sp is sp and seq == run_next and tmpl == run_tmpl and \
-                            off == run_off:
-                        run.append(pkt)
-                        run_next = (seq + pl) & 0xFFFFFFFF
-                        if pl & 1:  # only a run's last payload may be odd (word alignment)
-                            self._server_run(run, run_sp, off, now)
-                            run = []
-                        continue
-                    if run:
-                        self._server_run(run, run_sp, run_off, now)
-                    run = [pkt]
-                    run_sp, run_tmpl, run_off = sp, tmpl, off
-                    run_next = (seq + pl) & 0xFFFFFFFF
-                    if pl & 1:
-                        self._server_run(run, run_sp, off, now)
-                        run = []
-                    continue
-                if run:
-                    self._server_run(run, run_sp, run_off, now)
-                    run = []
-                seg = self._segment(pkt, n, off, key)
-                if seg is not None:
-                    self.counters["from_server"] += 1
-                    sp.from_server(seg, now)
-                    self.touched[ck] = sp
-            if run:
-                self._server_run(run, run_sp, run_off, now)
-        if self.touched or self._pending_rst:
-            self.flush(now, out)
-
-    def _leg_icmp(self, pkt: bytes | bytearray, n: int, now: float) -> bool:
-        """An ICMP error about a server leg's segment (bridge/userspace/legicmp.py): hand it
-        to the leg; True when it is consumed (not passed on to the client)."""
-        found = quoted_leg(pkt, n, self._clients)
-        if found is None:
-            return False
-        key, kind, code, mtu, seq = found
-        sp = self.splices.get(key)
-        if sp is None:
-            return False
-        self._drop("icmp_to_server_leg")
-        connecting = sp.client is None
-        sp.server_icmp(kind, code, mtu, seq, now)
-        self.touched[sp.key] = sp
-        return not connecting  # connecting: the client gets it too (module docstring)
-
-    def _server_frame(self, frame: TunFrame, now: float) -> bool:
-        """A `TunFrame` from the Bridge's receive fast path (bridge/gso.py coalesce_rows:
-        one contiguous TCP run, every segment's checksum checked there, the merged packet's
-        checksum field holding the pseudo-header sum, NEEDS_CSUM). When it is a server leg's,
-        the leg takes it as one segment (no second checksum pass) and True is returned."""
-        mv = memoryview(frame)[VNET_HDR_LEN:]
-        n = len(mv)
-        if frame[0] != F_NEEDS_CSUM:
-            return False
-        found = self._server_side(mv, n)
-        if found is None:
-            return False
-        sp, ck, key, off, _flags = found
-        seg = parse_tcp(mv[off:n], key[1], key[2], drops=self.drops, verify_checksum=False)
-        if seg is not None:
-            gso_size = frame[GSO_SIZE_AT] | frame[GSO_SIZE_AT + 1] << 8  # little-endian
-            k = -(-len(seg.payload) // gso_size) if gso_size else 1
-            self.counters["from_server"] += k
-            self.counters["server_runs"] += 1
-            sp.from_server(seg, now)
-            self.touched[ck] = sp
-        return True
-
-    def _server_run(self, run: list[bytes | bytearray], sp: Splice | None, off: int,
-                    now: float) -> None:
-        """Hand a run of contiguous data segments of one server leg to it as one segment
-        (bridge/userspace/legwire.py merge_run checks every checksum); packet by packet when the run
-        is one packet or does not merge (each then checked on its own, a bad one dropped)."""
-        assert sp is not None
-        key = sp.key
-        seg = merge_run(run, off, key[2], key[1]) if len(run) > 1 else None
-        if seg is None:
-            skey = (key[0], key[2], key[1], key[4], key[3])
-            for pkt in run:
-                s1 = self._segment(pkt, len(pkt), off, skey)
-                if s1 is not None:
-                    self.counters["from_server"] += 1
-                    sp.from_server(s1, now)
-        else:
-            self.counters["from_server"] += len(run)
-            self.counters["server_runs"] += 1
-            sp.from_server(seg, now)
-        self.touched[key] = sp
-
     # ------------------------------------------------------------------ output
 
     def flush(self, now: float, out: Any) -> None:
@@ -566,38 +415,15 @@ class Terminator:
             self.forget(sp)
             return
         self._deadlines.set(key, sp.get_timer())  # every change to a splice's timers ends here
-        self._account(sp)
+        for k in self.budget.account(key, sp.buffered(), sp):  # memory budget: let go
+            p = self.splices.get(k)
+            if p is not None:
+                p.allow = None
+                self.touched[k] = p  # gives back what it owes (flush's second round)
         if not sp.half_open:
             self.admission.settled(key)  # the client completed its handshake, or it ended
             if sp.finished:
                 self._done.add(key)  # TIME-WAIT legs hold no max_splices slot
-
-    def _account(self, sp: Splice) -> None:
-        """The global memory budget (`memory_budget`): back-pressure, never a failure.
-        Over it, a splice reopens no receive window (Splice.allow = 0: its peers see the
-        window close as its buffers fill, RFC 9293 §3.8.6.1); below it, the splices held
-        back share the headroom, and 1/8 below it they are all let go."""
-        key = sp.key
-        m = sp.buffered()
-        self.memory += m - self._mem.get(key, 0)
-        self._mem[key] = m
-        over = self.memory - self.limits.memory_budget
-        pressed = self._pressed
-        if over > 0:
-            if key not in pressed:
-                pressed.add(key)
-                self.counters["memory_pressure"] += 1
-            sp.allow = 0
-        elif pressed:
-            if -over > self.limits.memory_budget >> 3:
-                for k in pressed:
-                    p = self.splices.get(k)
-                    if p is not None:
-                        p.allow = None
-                        self.touched[k] = p  # give back what it owes
-                pressed.clear()
-            elif key in pressed:
-                sp.allow = -over // len(pressed)
 
     def forget(self, sp: Splice) -> None:
         """Drop `sp` from every table (its legs are done, or it gives way to a new SYN)."""
@@ -607,8 +433,7 @@ class Terminator:
             self._idle.set(sp.key, None)
             self._done.discard(sp.key)
             self.admission.settled(sp.key)
-            self.memory -= self._mem.pop(sp.key, 0)
-            self._pressed.discard(sp.key)
+            self.budget.forget(sp.key)
             left = self._clients.pop(sp.key[1], 1) - 1
             if left:
                 self._clients[sp.key[1]] = left
@@ -687,8 +512,9 @@ class Terminator:
     def status(self) -> dict[str, Any]:
         """Counters of the backend, the flow table and the inspector chains."""
         return {"live": len(self.splices), "half_open": self.admission.half_open,
-                "memory": self.memory, "memory_pressed": len(self._pressed),
-                "time_wait": len(self._done), "counters": dict(self.counters),
+                "memory": self.budget.total, "memory_pressed": len(self.budget.pressed),
+                "time_wait": len(self._done),
+                "counters": {**self.counters, "memory_pressure": self.budget.events},
                 "admission": dict(self.admission.counters),
                 "ended": dict(self.ended), "drops": dict(self.drops),
                 "flow_table": dict(self.table.counters), "rules": self.manager.counters()}

@@ -1,6 +1,7 @@
-"""Admission of new terminated flows: half-open caps per source prefix and in total, SYN cookies.
+"""Bounds of the userspace backend: half-open caps and SYN cookies, the memory budget, timers.
 
-Rules of this module (pure, sans-I/O: keys, segments and `now` in; verdicts and segments out)
+Rules of this module (pure, sans-I/O: keys, segments, byte counts and `now` in; verdicts,
+segments and due keys out; nothing here reads a clock)
 - A splice is *half-open* from the client's SYN until the client leg is ESTABLISHED (the
   client completed its three-way handshake, RFC 9293 §3.5). Half-open splices are counted in
   total and per source prefix (`prefix4` bits of an IPv4 source, default /24; `prefix6` of an
@@ -16,23 +17,36 @@ Rules of this module (pure, sans-I/O: keys, segments and `now` in; verdicts and 
   4-tuple and counter; the key is a per-Terminator random secret) over the counter, the
   4-tuple, the client's ISN and the MSS index. The returning ACK (SEG.ACK - 1 = cookie,
   SEG.SEQ - 1 = the client's ISN) is accepted for two counter periods (64-128 s), like Linux.
-  No clock is read here: `now` comes in.
 - What a cookie loses (RFC 4987 §3.6): only the MSS is carried; window scaling, SACK and
   timestamps are not offered in the cookie SYN-ACK, so that leg runs without them (64 KB
   window). Cookies only appear past a half-open cap, i.e. under a flood.
+- Memory budget (`memory_budget`, bytes payload held by all splices: both legs' send and
+  receive buffers, out-of-order bytes, the queues between the legs): back-pressure, never a
+  failure. Over it, a splice reopens no receive window (Splice.allow = 0), so its peers see
+  the window close as its buffers fill (RFC 9293 §3.8.6.1, never shrinking the right edge);
+  below it the held-back splices share the headroom, and 1/8 below it they are all let go.
+- Timers (`Deadlines`): one deadline per key; `set`, `earliest` and `pop_due` cost O(log n)
+  per changed or due entry, never O(n) per call (the Terminator asks after every batch).
+  Lazy deletion: a replaced deadline stays in the heap until it reaches the top, where it no
+  longer equals the key's current one and is dropped; the heap is rebuilt from the current
+  deadlines when stale entries outnumber live ones, so memory stays proportional to the keys.
 
 Theory of operation
-`admit(key, now)` says NEW, COOKIE or REFUSE for a SYN; the Terminator reports a stateful
-splice with `opened(key)` and its end of half-open life with `settled(key)` (client leg
-ESTABLISHED, or the splice forgotten); both are O(1). `cookie_syn_ack(syn, our_mss, now)`
-builds the stateless answer; `check_cookie(ack, now)` returns the MSS of a valid cookie ACK,
-or None (counted), so the Terminator can build the client leg directly in ESTABLISHED.
+`Admission.admit(key, live, now)` says NEW, COOKIE or REFUSE for a SYN; the Terminator reports
+a stateful splice with `opened(key)` and its end of half-open life with `settled(key)` (client
+leg ESTABLISHED, or the splice forgotten); both O(1). `cookie_syn_ack` builds the stateless
+answer; `check_cookie` returns the MSS of a valid cookie ACK, or None (counted), so the
+Terminator can build the client leg directly in ESTABLISHED. `MemoryBudget.account(key, held,
+sp)` is called at each emit of a splice with what it holds now and returns the keys to let go.
+`prometheus(status)` renders the Terminator's status for the metrics endpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import struct
+from collections.abc import Hashable
 from enum import Enum
 from typing import Any
 
@@ -40,7 +54,7 @@ from bridge.flows import FlowKey, SpliceLimits
 from stack.seq import MASK
 from stack.wire.tcp import ACK, SYN, TcpSegment
 
-__all__ = ["Admission", "Admit", "SpliceLimits", "COOKIE_MSS", "prometheus"]
+__all__ = ["Admission", "Admit", "COOKIE_MSS", "Deadlines", "MemoryBudget", "prometheus"]
 
 # MSS values a cookie can carry (3 bits); the largest one not above what both ends allow is used
 COOKIE_MSS = (536, 1200, 1220, 1360, 1400, 1440, 1452, 1460)
@@ -167,6 +181,101 @@ class Admission:
                 return COOKIE_MSS[idx]
         self.counters["cookies_bad"] += 1
         return None
+
+
+class Deadlines:
+    """key -> deadline, with the earliest found in O(log n)."""
+
+    __slots__ = ("_at", "_heap", "_tie")
+
+    def __init__(self) -> None:
+        self._at: dict[Hashable, float] = {}
+        self._heap: list[tuple[float, int, Any]] = []
+        self._tie = 0
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+    def get(self, key: Hashable) -> float | None:
+        return self._at.get(key)
+
+    def set(self, key: Hashable, t: float | None) -> None:
+        """Replace `key`'s deadline (None: remove it)."""
+        at = self._at
+        if t is None:
+            at.pop(key, None)
+            return
+        if at.get(key) == t:
+            return
+        at[key] = t
+        self._tie += 1
+        heap = self._heap
+        heapq.heappush(heap, (t, self._tie, key))
+        if len(heap) > 2 * len(at) + 64:
+            self._compact()
+
+    def _compact(self) -> None:
+        self._heap = [(t, i, k) for i, (k, t) in enumerate(self._at.items())]
+        self._tie = len(self._heap)
+        heapq.heapify(self._heap)
+
+    def earliest(self) -> float | None:
+        heap, at = self._heap, self._at
+        while heap:
+            t, _i, key = heap[0]
+            if at.get(key) == t:
+                return t
+            heapq.heappop(heap)
+        return None
+
+    def pop_due(self, now: float) -> list[Any]:
+        """The keys whose deadline is at or before `now`, earliest first (now forgotten)."""
+        heap, at = self._heap, self._at
+        out: list[Any] = []
+        while heap and heap[0][0] <= now:
+            t, _i, key = heapq.heappop(heap)
+            if at.get(key) == t:
+                del at[key]
+                out.append(key)
+        return out
+
+
+class MemoryBudget:
+    """What all splices hold, and which of them the budget holds back (module docstring)."""
+
+    __slots__ = ("budget", "total", "_held", "pressed", "events")
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.total = 0
+        self._held: dict[FlowKey, int] = {}
+        self.pressed: set[FlowKey] = set()
+        self.events = 0  # splices held back (counted once per episode)
+
+    def account(self, key: FlowKey, held: int, sp: Any) -> list[FlowKey]:
+        """`sp` (with an `allow` attribute) on `key` holds `held` bytes now: set its
+        allowance; return the keys to let go (their `allow` to reset, to be stepped)."""
+        self.total += held - self._held.get(key, 0)
+        self._held[key] = held
+        over = self.total - self.budget
+        pressed = self.pressed
+        if over > 0:
+            if key not in pressed:
+                pressed.add(key)
+                self.events += 1
+            sp.allow = 0
+        elif pressed:
+            if -over > self.budget >> 3:
+                gone = list(pressed)
+                pressed.clear()
+                return gone
+            if key in pressed:
+                sp.allow = -over // len(pressed)
+        return []
+
+    def forget(self, key: FlowKey) -> None:
+        self.total -= self._held.pop(key, 0)
+        self.pressed.discard(key)
 
 
 def _mask(nbytes: int, bits: int) -> bytes:
