@@ -54,7 +54,8 @@ from bridge.flows import FlowKey, SpliceLimits
 from stack.seq import MASK
 from stack.wire.tcp import ACK, SYN, TcpSegment
 
-__all__ = ["Admission", "Admit", "COOKIE_MSS", "Deadlines", "MemoryBudget", "prometheus"]
+__all__ = ["Admission", "Admit", "COOKIE_MSS", "Deadlines", "MemoryBudget", "format_status",
+           "prometheus"]
 
 # MSS values a cookie can carry (3 bits); the largest one not above what both ends allow is used
 COOKIE_MSS = (536, 1200, 1220, 1360, 1400, 1440, 1452, 1460)
@@ -281,6 +282,21 @@ class MemoryBudget:
 def _mask(nbytes: int, bits: int) -> bytes:
     v = ((1 << bits) - 1) << (nbytes * 8 - bits) if bits else 0
     return v.to_bytes(nbytes, "big")
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """The text `grebe status` shows for a Terminator's `status()`: gauges, then the non-zero
+    admission counters, drops and ended flows by reason."""
+    def nz(d: dict[str, int]) -> str:
+        items = [f"{k}={v}" for k, v in sorted(d.items()) if v]
+        return ", ".join(items) if items else "none"
+
+    return (f"inspect (userspace): live={status.get('live', 0)} "
+            f"half_open={status.get('half_open', 0)} time_wait={status.get('time_wait', 0)} "
+            f"memory={status.get('memory', 0)}\n"
+            f"inspect admission: {nz(status.get('admission', {}))}\n"
+            f"inspect drops: {nz(status.get('drops', {}))}\n"
+            f"inspect ended: {nz(status.get('ended', {}))}")
 
 
 def prometheus(status: dict[str, Any], prefix: str = "grebe_inspect") -> str:

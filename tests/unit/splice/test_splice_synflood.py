@@ -296,3 +296,13 @@ def test_userspace_limits_are_configurable_and_counted_in_status_and_metrics() -
         loads_config(site + "[userspace]\nprefix6 = 129\nmax_splice = 1\n")
     paths = {err.path for err in e.value.errors}
     assert {"userspace.prefix6", "userspace.max_splice"} <= paths
+
+
+def test_grebe_status_text_shows_the_userspace_backend() -> None:
+    from bridge.cli import _fmt_status as cli_status
+
+    t, _up = _term(SpliceLimits(max_half_open=0))
+    _syn(t, _src(0), 40000, 1, 0.0, _Out())
+    text = cli_status({"inspect": t.status()})
+    assert "inspect (userspace): live=0 half_open=0" in text
+    assert "cookies_sent=1" in text
