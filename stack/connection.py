@@ -158,6 +158,11 @@ class TcpConnection:
         return self._snd.retransmissions
 
     @property
+    def ts_recent(self) -> int | None:
+        """TS.Recent: the peer's last timestamp value we took (RFC 7323 §4.3), or None."""
+        return self._rcv.ts_recent
+
+    @property
     def urgent_up(self) -> int:
         """RCV.UP as a stream offset: the peer's urgent data ends with its `urgent_up`-th
         byte (0: it never sent any; RFC 9293 §3.8.5, RFC 6093 §2: SEG.UP points at the

@@ -108,7 +108,7 @@ from stack.events import (
     ResetToListen,
     SoftError,
 )
-from stack.seq import MASK
+from stack.seq import MASK, seq_gt
 from stack.state import State
 from stack.tcp_config import TcpConfig
 from stack.wire.tcp import RST, TcpSegment
@@ -196,6 +196,20 @@ class Splice:
         client.segments_to_send(now)  # the SYN-ACK the cookie already answered with
         client.receive_segment(ack, now)
         return True
+
+    def reusable(self, syn: TcpSegment) -> bool:
+        """A new SYN on this ended flow's 4-tuple may replace it (its legs in TIME-WAIT): its
+        TSval is newer than the old connection's TS.Recent (RFC 6191 §2), or, without
+        timestamps, its ISN lies beyond the old connection's last sequence number (RFC 9293
+        §3.6.1 MAY-2, Linux tw_reuse). An old duplicate SYN is not (the TIME-WAIT leg answers
+        it)."""
+        c = self.client
+        if c is None:
+            return syn.seq != self.syn.seq
+        recent = c.ts_recent
+        if syn.ts is not None and recent is not None:
+            return seq_gt(syn.ts[0], recent)
+        return seq_gt(syn.seq, c.rcv_nxt_seq)
 
     @property
     def half_open(self) -> bool:

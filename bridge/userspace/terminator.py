@@ -206,7 +206,7 @@ class Terminator(TunnelSide):
             seg = self._segment(pkt, n, off, key)
             if seg is None:
                 return True
-            if sp.finished and flags & (SYN | ACK | RST) == SYN and seg.seq != sp.syn.seq:
+            if sp.finished and flags & (SYN | ACK | RST) == SYN and sp.reusable(seg):
                 # a new connection on the 4-tuple of an ended one whose legs linger in
                 # TIME-WAIT (RFC 9293 §3.6.1 MAY-2, RFC 6191): the old splice gives way
                 self.forget(sp)

@@ -10,7 +10,7 @@ import os
 import random
 from typing import Any
 
-from splice_harness import C_ADDR, Harness, _Out, finished
+from splice_harness import C_ADDR, S_ADDR, Harness, _Out, finished
 
 from bridge.flows import InspectRule, SpliceLimits
 from bridge.inspect.api import CloseReason
@@ -306,3 +306,31 @@ def test_grebe_status_text_shows_the_userspace_backend() -> None:
     text = cli_status({"inspect": t.status()})
     assert "inspect (userspace): live=0 half_open=0" in text
     assert "cookies_sent=1" in text
+
+
+def test_time_wait_reuse_needs_a_newer_syn_rfc6191() -> None:
+    """#7: a SYN on the 4-tuple of an ended flow replaces it only when it is newer (TSval
+    above TS.Recent, RFC 6191; or ISN beyond the old sequence space): an old duplicate SYN
+    must not end the TIME-WAIT protection (it used to: any other ISN was taken)."""
+    h = Harness(RULE, [], server_data=b"x", client_close=True, server_close=True,
+                terminator_kw={"msl": 60.0})
+    assert h.run(lambda h: h.server is not None and finished(h.client) and finished(h.server))
+    (old,) = h.term.splices.values()
+    assert old.finished and old.client is not None
+    recent = old.client._rcv.ts_recent   # (the private field: the test also runs on old code)
+    assert recent is not None
+    port = h.client.conn.local[1]
+    out = _Out()
+    stale = TcpSegment(port, 80, 12345, 0, SYN, 64240, b"", 0, 1400, 7, True,
+                       ((recent - 1000) & 0xFFFFFFFF, 0))
+    pkt = h.term.packet(C_ADDR, S_ADDR, stale)
+    h.term.from_tun(pkt, len(pkt), h.now)
+    h.term.flush(h.now, out)
+    assert list(h.term.splices.values()) == [old]          # still the old, lingering one
+    fresh = stale._replace(ts=((recent + 1000) & 0xFFFFFFFF, 0))
+    pkt = h.term.packet(C_ADDR, S_ADDR, fresh)
+    h.term.from_tun(pkt, len(pkt), h.now)
+    h.term.flush(h.now, out)
+    (new,) = h.term.splices.values()
+    assert new is not old and new.syn.ts == fresh.ts
+    assert old.client.ts_recent == recent
