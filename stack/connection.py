@@ -270,6 +270,24 @@ class TcpConnection:
             self._snd.up = 1 + buf.end  # SND.UP (MUST-31)
         return n
 
+    def keepalive_now(self) -> bool:
+        """Send one keep-alive probe <SEQ=SND.NXT-1><CTL=ACK> at the next output (RFC 9293
+        §3.8.4), when ESTABLISHED or CLOSE-WAIT with nothing in flight or queued. True if
+        one will go. It does not count against `keepalive_probes` (the application's own
+        probe, e.g. a middlebox passing on its other peer's)."""
+        st = self._state
+        if (st is State.ESTABLISHED or st is State.CLOSE_WAIT) and self._snd.idle():
+            self._snd.ka_pending = True
+            return True
+        return False
+
+    def is_keepalive(self, seg: TcpSegment) -> bool:
+        """`seg` is a keep-alive probe for this connection (RFC 9293 §3.8.4): no SYN, FIN or
+        RST, at most one byte, at RCV.NXT - 1 (checked before it is received)."""
+        return (len(seg.payload) <= 1 and not seg.flags & (SYN | FIN | RST)
+                and seg.seq == (self._rcv.irs + self._rcv.nxt - 1) & MASK
+                and self._state in CAN_RECEIVE)
+
     def read(self, max_bytes: int = -1) -> bytes:
         """Take up to `max_bytes` (all if negative) of in-order received bytes."""
         if not self._rcv.rx:

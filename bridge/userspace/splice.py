@@ -67,6 +67,10 @@ Rules of this module (pure, sans-I/O: segments and `now` in, segments and deadli
   (~0.3 ms a message warm, more cold) runs after the output left. The interpreter runs one thread at
   a time, so a request parsed at once would hold up its own response, which a LAN server
   sends within a millisecond or two; parsed a few ms later, both go through in one drain.
+- Keep-alives (RFC 9293 §3.8.4) are mirrored: a probe from one peer (at its leg's RCV.NXT
+  - 1) makes the other leg send one probe to its peer, so the NAT and firewall state on both
+  paths sees the endpoints' keep-alive traffic; each leg also probes on its own after 2 h
+  of silence (the Terminator's configuration) and a dead peer resets both legs.
 - Urgent data (RFC 9293 §3.8.5, RFC 6093): bytes a leg delivered before its RCV.UP are sent
   urgent on the other leg (`send(urgent=True)`), so the pointer lands at the same stream
   offset (at the end of a chunk an inspector rewrote).
@@ -248,6 +252,8 @@ class Splice:
             if seg.flags & RST and seg.seq == (self.syn.seq + 1) & MASK:
                 self._client_gave_up(now)
             return
+        if len(seg.payload) <= 1 and client.is_keepalive(seg) and self._server_up:
+            self.server.keepalive_now()  # mirrored: the server's path sees it too
         client.receive_segment(seg, now)
 
     def _client_gave_up(self, now: float) -> None:
@@ -262,7 +268,10 @@ class Splice:
     def from_server(self, seg: TcpSegment, now: float) -> None:
         """A segment from the server (decapsulated from the tunnel)."""
         self.last_seen = now
-        self.server.receive_segment(seg, now)
+        server = self.server
+        if len(seg.payload) <= 1 and self.client is not None and server.is_keepalive(seg):
+            self.client.keepalive_now()  # mirrored: the client's path sees it too
+        server.receive_segment(seg, now)
 
     def server_icmp(self, kind: IcmpKind, code: int, mtu: int | None, seq: int | None,
                     now: float) -> None:

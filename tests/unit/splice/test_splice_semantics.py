@@ -91,3 +91,29 @@ def test_global_memory_budget_applies_back_pressure_not_failures() -> None:
     assert sp.flow.close_reason is CloseReason.CLOSED
     assert h.term.status()["counters"]["memory_pressure"] >= 1
     assert held <= 100_000 * 1.3 < free_run / 3
+
+
+def test_a_clients_keepalive_probe_is_mirrored_to_the_server() -> None:
+    """#10: the client's keep-alive probe (RFC 9293 §3.8.4) makes the server leg probe the
+    server, so state on the server's path (NAT, firewalls) sees it too."""
+    from stack.wire.tcp import ACK, TcpSegment
+
+    h = Harness(RULE, [], server_data=b"hi")
+    assert h.run(lambda h: len(h.client.rx) == 2)
+    h.run(lambda h: False, max_time=h.now + 1.0)     # all acknowledged, quiet
+    assert h.server is not None
+    seen: list[TcpSegment] = []
+    real = h.server.conn.receive_segment
+
+    def spy(seg: TcpSegment, now: float) -> None:
+        seen.append(seg)
+        real(seg, now)
+
+    h.server.conn.receive_segment = spy  # type: ignore[method-assign]
+    c = h.client.conn
+    probe = TcpSegment(c.local[1], c.remote[1], (c._snd.iss + c._snd.nxt - 1) & 0xFFFFFFFF,
+                       c.rcv_nxt_seq, ACK, 1000)
+    h.c2t.put(h.term.packet(c.local[0], c.remote[0], probe), h.now)
+    h.run(lambda h: bool(seen), max_time=h.now + 1.0)
+    srv = h.server.conn
+    assert [s for s in seen if s.seq == (srv.rcv_nxt_seq - 1) & 0xFFFFFFFF and not s.payload]
