@@ -188,6 +188,9 @@ def _parse_rule(t: Any, p: str, known: dict[str, Any], table_keys: frozenset[str
     connect_first = False
     with grab:
         connect_first = _typed(t, "connect_first", bool, p, False)
+        if connect_first and backend is Backend.KERNEL:
+            raise ConfigError(f"{p}.connect_first", "only backend = \"userspace\" rules choose "
+                              "when the server leg opens; the kernel backend accepts first")
     src: Any = ()
     dst: Any = ()
     dst_ports: tuple[tuple[int, int], ...] = ()

@@ -334,3 +334,18 @@ def test_time_wait_reuse_needs_a_newer_syn_rfc6191() -> None:
     (new,) = h.term.splices.values()
     assert new is not old and new.syn.ts == fresh.ts
     assert old.client.ts_recent == recent
+
+
+def test_connect_first_parses_and_is_refused_on_a_kernel_rule() -> None:
+    import pytest
+
+    from bridge.errors import ConfigError, ConfigErrors
+    from bridge.inspect.rules import parse_rules
+
+    (r,) = parse_rules([{"name": "a", "inspectors": ["log"], "connect_first": True}])
+    assert r.connect_first is True
+    assert parse_rules([{"name": "a", "inspectors": ["log"]}])[0].connect_first is False
+    for bad in ({"connect_first": "yes"}, {"connect_first": True, "backend": "kernel"}):
+        with pytest.raises((ConfigError, ConfigErrors)) as e:
+            parse_rules([{"name": "a", "inspectors": ["log"], **bad}])
+        assert "inspect[0].connect_first" in str(e.value)
