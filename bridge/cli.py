@@ -418,6 +418,10 @@ def _fmt_status(st: dict[str, Any]) -> str:
     io = st.get("io", {})
     if io:
         lines.append("io: " + ", ".join(f"{k}={v}" for k, v in io.items()))
+    if "inspect" in st:  # the userspace backend (bridge/userspace/bounds.py)
+        from bridge.userspace.bounds import format_status as userspace_status
+
+        lines.append(userspace_status(st["inspect"]))
     if "inspect_kernel" in st:
         from bridge.kernel.info import format_status
 

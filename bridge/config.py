@@ -57,7 +57,7 @@ from bridge.configkeys import (
     SourcePort,
 )
 from bridge.errors import ConfigError, ConfigErrors
-from bridge.flows import InspectRule
+from bridge.flows import InspectRule, SpliceLimits
 from bridge.inspect.rules import check_imports, parse_rules
 from bridge.secure.keys import PeerSecurity, SecurityMode, parse_security
 from bridge.secure.wire import SECURE_PORT
@@ -155,6 +155,7 @@ class Config:
     inspect: tuple[dict[str, Any], ...] = ()
     path: str | None = None
     datapath: Datapath = Datapath.PYTHON  # issue 14: the eBPF fast path (bridge/ebpf/), opt-in
+    userspace: SpliceLimits = field(default_factory=SpliceLimits)  # bridge/userspace/bounds.py
 
     def inspect_rules(self) -> tuple[InspectRule, ...]:
         """The `[[inspect]]` rules, checked (bridge/inspect/rules.py `parse_rules`).
@@ -187,6 +188,16 @@ underlay_mtu = 1500                   # fallback for mtu = "auto"
 icmp_rate = 10.0                      # ICMP errors per second toward the TUN
 icmp_burst = 20
 fragment = true                       # IPv4 without DF, too big: fragment inner packet
+
+[userspace]                           # limits of [[inspect]] backend = "userspace"
+max_splices = 10000                   # terminated flows (TIME-WAIT ones hold no slot)
+max_half_open = 2048                  # SYN seen, client handshake not done; past it: cookies
+max_half_open_per_prefix = 512        # ... per source /prefix4 (IPv4) or /prefix6 (IPv6)
+prefix4 = 24
+prefix6 = 64
+syn_cookies = true                    # false: refuse (RST) past the half-open caps
+synack_retries = 5                    # a silent half-open client ends after ~63 s (Linux)
+memory_budget = 1073741824            # bytes buffered by all splices; back-pressure past it
 
 [[peers]]
 name = "site-b"
@@ -312,6 +323,16 @@ def _parse_pmtu(r: Reader, data: dict[str, Any]) -> PmtuConfig:
         fragment=r.take(t, "pmtu.fragment", "pmtu"),
     )
     r.unknown(t, "pmtu", "pmtu")
+    return cfg
+
+
+def _parse_userspace(r: Reader, data: dict[str, Any]) -> SpliceLimits:
+    """`[userspace]`: the limits of the userspace termination backend (bridge/userspace/bounds.py)."""
+    t = r.table(data, "userspace")
+    names = ("max_splices", "max_half_open", "max_half_open_per_prefix", "prefix4", "prefix6",
+             "syn_cookies", "synack_retries", "memory_budget")
+    cfg = SpliceLimits(**{n: r.take(t, f"userspace.{n}", "userspace") for n in names})
+    r.unknown(t, "userspace", "userspace")
     return cfg
 
 
@@ -482,6 +503,7 @@ def parse_config(data: dict[str, Any], file: str | None = None) -> tuple[Config 
     tun = _parse_tun(r, data)
     listen = _parse_listen(r, data)
     pmtu = _parse_pmtu(r, data)
+    userspace = _parse_userspace(r, data)
     mss = r.take(data, "mss_clamp", "")
     keep_warm = r.take(data, "keep_warm", "")
     split = r.take(data, "split_directions", "")
@@ -526,7 +548,7 @@ def parse_config(data: dict[str, Any], file: str | None = None) -> tuple[Config 
     cfg = Config(tun=tun, listen=listen, peers=tuple(p for _, p in peers), mss_clamp=mss,
                  keep_warm=keep_warm, split_directions=split, pmtu=pmtu, control_socket=control,
                  metrics_listen=metrics,
-                 inspect=tuple(inspect), path=file, datapath=datapath)
+                 inspect=tuple(inspect), path=file, datapath=datapath, userspace=userspace)
     return cfg, []
 
 

@@ -78,6 +78,8 @@ SECTIONS = {  # section -> (how it is written, what it is)
     "listen": ("[listen]", "The UDP socket the outer datagrams use."),
     "pmtu": ("[pmtu]", "Path MTU handling: ICMP errors and fragmentation of inner packets."),
     "peers": ("[[peers]]", "One table per remote endpoint (site)."),
+    "userspace": ("[userspace]", "Limits of the userspace termination backend (bridge/userspace/): "
+                  "how many flows it holds, half-open caps and SYN cookies, memory."),
     "inspect": ("[[inspect]]", "One table per rule selecting TCP flows for inspection; "
                 "first match wins."),
 }
@@ -239,8 +241,35 @@ KEYS: tuple[Key, ...] = (
         "sender is flow-controlled.", lo=4096, hi=1 << 30, unit="bytes"),
     Key("inspect", "iif", _L, None, "Incoming interface names matched (backend = \"kernel\" "
         "only).", example="[\"veth0\"]"),
-    Key("inspect", "idle_timeout", _N, 300.0, "Seconds without traffic after which an "
-        "inspected flow is closed.", lo=0, hi=7 * 86400, unit="seconds"),
+    Key("inspect", "idle_timeout", _N, 7200.0, "Seconds without traffic after which an "
+        "inspected flow is closed (both backends). Userspace legs also send TCP keep-alives "
+        "after this long idle, and a keep-alive probe from one endpoint is passed on to the "
+        "other side.", lo=0, hi=7 * 86400, unit="seconds", rfc="RFC 9293 §3.8.4"),
+    Key("inspect", "connect_first", _B, False, "Userspace rules only: open the server leg "
+        "before answering the client's SYN, so the client sees the server's own answer (a "
+        "refusal as RST to its SYN). Costs one upstream connection per SYN, which the half-open "
+        "caps bound. Default: accept first, so a spoofed SYN never reaches the server; a "
+        "refusing server then resets the accepted connection."),
+    # ---- [userspace]
+    Key("userspace", "max_splices", _I, 10_000, "Terminated flows held at once; flows whose "
+        "legs are only in TIME-WAIT do not count.", lo=1, hi=10_000_000, unit="flows"),
+    Key("userspace", "max_half_open", _I, 2048, "Flows whose client has not completed its "
+        "handshake, in total; past it, SYN cookies (or RST when syn_cookies = false).",
+        lo=0, hi=10_000_000, unit="flows", rfc="RFC 4987 §3.6"),
+    Key("userspace", "max_half_open_per_prefix", _I, 512, "The half-open cap per source "
+        "prefix (see prefix4/prefix6).", lo=0, hi=10_000_000, unit="flows"),
+    Key("userspace", "prefix4", _I, 24, "Prefix length that groups IPv4 sources for the "
+        "per-prefix half-open cap.", lo=0, hi=32, unit="bits"),
+    Key("userspace", "prefix6", _I, 64, "Prefix length that groups IPv6 sources for the "
+        "per-prefix half-open cap.", lo=0, hi=128, unit="bits"),
+    Key("userspace", "syn_cookies", _B, True, "Past the half-open caps, answer SYNs with SYN "
+        "cookies (no state kept); false: answer them with an RST. A cookie connection keeps "
+        "only its MSS (no window scale, SACK or timestamps).", rfc="RFC 4987 §3.6"),
+    Key("userspace", "synack_retries", _I, 5, "SYN-ACK retransmissions before a silent "
+        "half-open flow ends (5: about 63 s).", lo=1, hi=10),
+    Key("userspace", "memory_budget", _I, 1 << 30, "Bytes buffered across all terminated "
+        "flows before back-pressure (receive windows not reopened) sets in.",
+        lo=1 << 20, hi=1 << 40, unit="bytes"),
     Key("inspect", "options", (dict,), None, "Settings of `module:Class` inspectors, by the "
         "names they declare.", example="{ block_window = 8192 }"),
 )

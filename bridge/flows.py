@@ -16,7 +16,9 @@ Rules of this module
   carves out an exception before a broader rule, `"drop"` gives DROP: the flow's SYN is answered
   with an RST, as a closed port would (RFC 9293 §3.10.7.1), by whichever backend owns the rule.
 - `iif` (kernel backend) limits a rule to packets arriving on those interfaces (the LAN side);
-  `idle_timeout` (seconds, default 300) ends a terminated flow idle in both directions.
+  `idle_timeout` (seconds, default 7200, Linux's keep-alive idle time, RFC 9293 §3.8.4 MUST-28)
+  ends a terminated flow idle in both directions; `connect_first` (userspace) keeps the
+  deferred accept (bridge/userspace/splice.py).
 
 Theory of operation
 An `InspectRule` is one `[[inspect]]` table, validated. `FlowSelector`
@@ -45,7 +47,22 @@ FlowKey = tuple[int, bytes, bytes, int, int]
 
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
 
-DEFAULT_IDLE_TIMEOUT = 300.0
+DEFAULT_IDLE_TIMEOUT = 7200.0
+
+
+@dataclass(frozen=True, slots=True)
+class SpliceLimits:
+    """The endpoint's `[userspace]` limits (bridge/config.py parses them;
+    bridge/userspace/bounds.py enforces them)."""
+
+    max_splices: int = 10_000
+    max_half_open: int = 2048
+    max_half_open_per_prefix: int = 512
+    prefix4: int = 24
+    prefix6: int = 64
+    syn_cookies: bool = True
+    synack_retries: int = 5  # client leg: SYN-ACK retransmissions before a half-open ends
+    memory_budget: int = 1 << 30  # bytes buffered in all splices together (back-pressure)
 
 
 class Verdict(Enum):
@@ -81,6 +98,7 @@ class InspectRule:
     max_buffer: int = 1 << 20
     iif: tuple[str, ...] = ()               # kernel backend: intercept only on these interfaces
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # no byte either way for this long: reset
+    connect_first: bool = False  # userspace: open the server leg before answering the SYN
     # every setting of the rule's inspectors: the values of the options they declare (parsed,
     # defaults filled in; bridge/inspect/options.py) and the rule's `options` table as written
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))

@@ -637,4 +637,7 @@ class Bridge:
     def metrics_text(self) -> str:
         """Prometheus text exposition of the counters plus per-peer up gauges."""
         text = self.counters.prometheus(peer_up=[p.up and p.heard for p in self.peers])
+        if self.terminator is not None:  # the userspace backend's (bridge/userspace/bounds.py)
+            from bridge.userspace.bounds import prometheus
+            text += prometheus(self.terminator.status())
         return text + self.secure.prometheus() if self.secure is not None else text

@@ -29,7 +29,7 @@ from bridge.config import Config, PeerConfig
 __all__ = ["diff", "plan", "summary"]
 
 _TOP = ("tun", "listen", "pmtu", "mss_clamp", "keep_warm", "split_directions",
-        "control_socket", "metrics_listen")
+        "control_socket", "metrics_listen", "userspace")
 
 
 def _fields(prefix: str, old: Any, new: Any) -> list[str]:

@@ -136,6 +136,13 @@ class TcpConnection:
         return self._snd.buf.free
 
     @property
+    def buffered(self) -> int:
+        """Payload bytes this connection holds in memory: its send buffer (unsent and
+        unacknowledged) and its receive side (in order, not yet taken, and out of order)."""
+        rcv = self._rcv
+        return len(self._snd.buf) + rcv.rx_len + rcv.ooo.nbytes
+
+    @property
     def bytes_in(self) -> int:
         """Bytes of the peer's stream received in order."""
         return self._rcv.bytes_in
@@ -149,6 +156,18 @@ class TcpConnection:
     def retransmissions(self) -> int:
         """Segments sent again (RTO, fast retransmit, recovery, probes of sent data)."""
         return self._snd.retransmissions
+
+    @property
+    def ts_recent(self) -> int | None:
+        """TS.Recent: the peer's last timestamp value we took (RFC 7323 §4.3), or None."""
+        return self._rcv.ts_recent
+
+    @property
+    def urgent_up(self) -> int:
+        """RCV.UP as a stream offset: the peer's urgent data ends with its `urgent_up`-th
+        byte (0: it never sent any; RFC 9293 §3.8.5, RFC 6093 §2: SEG.UP points at the
+        first non-urgent octet)."""
+        return self._rcv.up
 
     @property
     def urgent_remaining(self) -> int:
@@ -250,6 +269,24 @@ class TcpConnection:
         if urgent and n:
             self._snd.up = 1 + buf.end  # SND.UP (MUST-31)
         return n
+
+    def keepalive_now(self) -> bool:
+        """Send one keep-alive probe <SEQ=SND.NXT-1><CTL=ACK> at the next output (RFC 9293
+        §3.8.4), when ESTABLISHED or CLOSE-WAIT with nothing in flight or queued. True if
+        one will go. It does not count against `keepalive_probes` (the application's own
+        probe, e.g. a middlebox passing on its other peer's)."""
+        st = self._state
+        if (st is State.ESTABLISHED or st is State.CLOSE_WAIT) and self._snd.idle():
+            self._snd.ka_pending = True
+            return True
+        return False
+
+    def is_keepalive(self, seg: TcpSegment) -> bool:
+        """`seg` is a keep-alive probe for this connection (RFC 9293 §3.8.4): no SYN, FIN or
+        RST, at most one byte, at RCV.NXT - 1 (checked before it is received)."""
+        return (len(seg.payload) <= 1 and not seg.flags & (SYN | FIN | RST)
+                and seg.seq == (self._rcv.irs + self._rcv.nxt - 1) & MASK
+                and self._state in CAN_RECEIVE)
 
     def read(self, max_bytes: int = -1) -> bytes:
         """Take up to `max_bytes` (all if negative) of in-order received bytes."""

@@ -8,6 +8,11 @@ Rules:
   ESTABLISHED or CLOSE-WAIT connection, a first probe after `keepalive_idle` without a
   segment from the peer, then one every `keepalive_interval`; MUST-29: only
   `keepalive_probes` unanswered probes, not one lost, end the connection).
+- Zero-window probes (RFC 9293 §3.8.6.1 MUST-36: keep probing as long as the peer answers,
+  however long its window stays closed) give up after `max_retries` probes in a row that
+  drew no segment at all from the peer (R2, §3.8.3 MUST-20; Linux tcp_probe_timer with
+  tcp_retries2): a peer that vanished behind a zero window would otherwise hold the
+  connection, and its buffers, forever. Any segment from the peer restarts the count.
 
 Theory of operation: `Timers` belongs to one TcpConnection (stack/connection.py) and owns
 the deadlines that are not the Sender's or the Receiver's; `earliest` merges all of them
@@ -33,7 +38,7 @@ class Timers:
     """TIME-WAIT and keep-alive deadlines; the earliest of all a connection's deadlines."""
 
     __slots__ = ("timewait_at", "msl", "keepalive", "ka_idle", "ka_interval", "ka_probes",
-                 "ka_sent", "ka_from", "ka_at")
+                 "ka_sent", "ka_from", "ka_at", "zw_max", "zw_sent", "zw_from")
 
     def __init__(self, cfg: TcpConfig) -> None:
         self.timewait_at: float | None = None
@@ -45,6 +50,9 @@ class Timers:
         self.ka_sent = 0  # probes sent since the peer's segment at `ka_from`
         self.ka_from = 0.0
         self.ka_at = 0.0  # when the next probe is due (after the first)
+        self.zw_max = cfg.max_retries  # unanswered zero-window probes before giving up
+        self.zw_sent = 0  # zero-window probes sent since the peer's segment at `zw_from`
+        self.zw_from = 0.0
 
     def time_wait(self, now: float) -> None:
         """Enter or restart TIME-WAIT: 2*MSL from now (MUST-13)."""
@@ -70,6 +78,16 @@ class Timers:
                 best = t
         return best
 
+    def _unanswered_probes(self, rcv: Receiver) -> bool:
+        """Count one more zero-window probe; True when `zw_max` went unanswered in a row."""
+        if self.zw_from != rcv.last_rx:  # the peer spoke since the last probes
+            self.zw_sent = 0
+            self.zw_from = rcv.last_rx
+        if self.zw_sent >= self.zw_max:
+            return True
+        self.zw_sent += 1
+        return False
+
     def fire(self, now: float, st: State, snd: Sender, rcv: Receiver) -> Ev | None:
         """Act on every deadline at or before `now`. Returns Ev.TIMEOUT_2MSL or Ev.GIVE_UP
         when the connection ends (the caller reports GIVE_UP as a timeout), else None."""
@@ -81,11 +99,18 @@ class Timers:
             rcv.ack_now = True
         if snd.persist_at is not None and now >= snd.persist_at:
             snd.persist_at = None
+            if self._unanswered_probes(rcv):
+                return Ev.GIVE_UP  # R2: not one answer to max_retries probes (Linux)
             snd.persist_backoff += 1
             snd.probe_pending = True  # MUST-35/36: zero-window probe
         if snd.rto_at is not None and now >= snd.rto_at:
             snd.rto_at = None
-            if snd.expire(now, st is State.SYN_SENT or st is State.SYN_RECEIVED):
+            hs = st is State.SYN_SENT or st is State.SYN_RECEIVED
+            # a probe byte in flight against a zero window: the same bound as the persist
+            # timer's probes (the Sender probes, never giving up on its own, MUST-37)
+            if not hs and snd.wnd == 0 and snd.max > snd.una and self._unanswered_probes(rcv):
+                return Ev.GIVE_UP
+            if snd.expire(now, hs):
                 return Ev.GIVE_UP  # R2 (MUST-20..23)
         if self.keepalive:
             t = self._keepalive_at(st, snd, rcv)

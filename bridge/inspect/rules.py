@@ -9,7 +9,8 @@ Rules of this module
 - `check_imports(rules)` imports the `module:Class` inspectors and checks their declared
   options without instantiating them, so `check-config` finds what `up` would fail on.
 - A rule's own keys are fixed here: name, src, dst, dst_ports, inspectors, fail_open, backend,
-  action, max_buffer, iif, idle_timeout, options. Every other key of the table belongs to an
+  action, max_buffer, iif, idle_timeout, connect_first, options. Every other key of the table
+  belongs to an
   inspector: the built-ins declare theirs (`Inspector.options`, bridge/inspect/options.py) and
   are found by `builtins()` below; an unknown key is an error (a typo must not fall back to a
   default). Settings of `module:Class` inspectors go in the `options` table; their declared
@@ -183,6 +184,12 @@ def _parse_rule(t: Any, p: str, known: dict[str, Any], table_keys: frozenset[str
     fail_open = True
     with grab:
         fail_open = _typed(t, "fail_open", bool, p, True)
+    connect_first = False
+    with grab:
+        connect_first = _typed(t, "connect_first", bool, p, False)
+        if connect_first and backend is Backend.KERNEL:
+            raise ConfigError(f"{p}.connect_first", "only backend = \"userspace\" rules choose "
+                              "when the server leg opens; the kernel backend accepts first")
     src: Any = ()
     dst: Any = ()
     dst_ports: tuple[tuple[int, int], ...] = ()
@@ -212,7 +219,8 @@ def _parse_rule(t: Any, p: str, known: dict[str, Any], table_keys: frozenset[str
     return InspectRule(
         name=str(name), src=src, dst=dst, dst_ports=dst_ports, inspectors=inspectors,
         fail_open=fail_open, backend=backend, action=action, max_buffer=max_buffer, iif=iif,
-        idle_timeout=float(idle), options=MappingProxyType(settings),
+        idle_timeout=float(idle), connect_first=connect_first,
+        options=MappingProxyType(settings),
     )
 
 

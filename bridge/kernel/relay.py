@@ -31,7 +31,7 @@ Rules
   `max_buffer`; when it fills, we stop reading from the other side until it drains.
 - A failed upstream connect (refused, unreachable, timeout) resets the client: the client
   sees what it would have seen without us (RST), a little later.
-- A flow idle in both directions for its rule's `idle_timeout` (default 300 s) is reset both
+- A flow idle in both directions for its rule's `idle_timeout` (default 7200 s) is reset both
   ways and ends with close reason "idle" (counted, logged).
 - Writers (log, pcap) flush on a timer in a worker thread, never in a hook.
 - `grebe up` runs this backend on a thread for its kernel rules (bridge/kernel/run.py);

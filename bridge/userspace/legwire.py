@@ -17,6 +17,12 @@ Rules:
 - `run_part()` says whether a packet may join a run (ACK-only flags but PSH, a payload, a
   header of 20 bytes or 20 + TSopt) and gives what must be equal within a run: every TCP
   header byte but seq, the PSH bit and the checksum (what Linux GRO compares).
+- ICMP errors about a leg's segment (`quoted_leg`): only ICMP (RFC 792) or ICMPv6 (RFC 4443)
+  errors addressed to a client of a live splice are looked at; the quote must hold the IP
+  header and at least 8 bytes of TCP (RFC 792), of the error's own IP version, sent from the
+  address the error is addressed to (our server leg's segment); else the packet is not ours
+  and goes on to the client. (IP version, type) -> IcmpKind (RFC 792 type 3/4/11/12, RFC
+  4443 type 1-4), with the Packet Too Big / Fragmentation Needed MTU.
 - `merge_run()` turns a run of contiguous data segments of one flow (the caller checked:
   same addresses, ports and TCP header but for seq, PSH and checksum; ACK-only flags;
   every payload but the last even-sized) into one segment, as Linux GRO does before TCP
@@ -29,15 +35,31 @@ Rules:
 Theory of operation: one `LegFramer` per Terminator holds the identification counter and
 the per-address header sums; `packet`/`frame` prepend the IP header to `emit_tcp_parts`'s
 output with one join. `merge_run` joins payloads once (the leg copies what it keeps).
+`quoted_leg` parses an ICMP error once (stack/wire/icmp.py) and returns the quoted segment's
+flow key, kind, code, MTU and quoted sequence number for the server leg (RFC 5927 §4.1 there).
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Container
 
+from bridge.flows import FlowKey
 from bridge.tunframe import TunFrame
+from stack.events import IcmpKind
 from stack.wire.checksum import checksum, partial, pseudo_sum_v4, pseudo_sum_v6
-from stack.wire.ip import DF, IPV4_HEADER, IPV6_HEADER, PROTO_TCP
+from stack.wire.icmp import parse_icmp_error
+from stack.wire.ip import (
+    DF,
+    IPV4_HEADER,
+    IPV6_HEADER,
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    PROTO_TCP,
+    V4_PROTO,
+    V6_NXT,
+)
+from stack.wire.prelude import V4_DST_AT, V4_SRC_AT, V6_DST_AT, V6_SRC_AT
 from stack.wire.tcp import ACK, PSH, TcpSegment, emit_tcp_parts
 from stack.wire.vnet import F_NEEDS_CSUM, GSO_ECN, GSO_TCPV4, GSO_TCPV6, VNET
 
@@ -150,3 +172,42 @@ def run_part(pkt: bytes | bytearray | memoryview, n: int, off: int, flags: int
     tmpl = bytes(pkt[off + 8:off + 13]) + bytes(pkt[off + 14:off + 16]) + \
         bytes(pkt[off + 18:off + hl])
     return seq, pl, tmpl
+
+
+_QUOTE = struct.Struct("!HHI")  # the quoted TCP header's ports and sequence number
+_ICMP_KINDS = {  # (IP version, ICMP type) -> what it says (RFC 792, RFC 4443 §2.1)
+    (4, 3): IcmpKind.UNREACHABLE, (4, 4): IcmpKind.SOURCE_QUENCH, (4, 11): IcmpKind.TIME_EXCEEDED,
+    (4, 12): IcmpKind.PARAMETER_PROBLEM, (6, 1): IcmpKind.UNREACHABLE,
+    (6, 2): IcmpKind.PACKET_TOO_BIG, (6, 3): IcmpKind.TIME_EXCEEDED,
+    (6, 4): IcmpKind.PARAMETER_PROBLEM}
+
+
+def quoted_leg(pkt: bytes | bytearray, n: int, clients: Container[bytes]
+               ) -> tuple[FlowKey, IcmpKind, int, int | None, int] | None:
+    """(splice key, kind, code, MTU or None, quoted seq) of an ICMP error about one of our
+    server legs' segments, or None when the packet is anything else."""
+    if n < 28:
+        return None  # not even an IPv4 header and 8 bytes: nothing to look at
+    v6 = pkt[0] >> 4 == 6
+    if v6:
+        if n < 48 or pkt[V6_NXT] != PROTO_ICMPV6:
+            return None  # not ICMPv6 (RFC 4443): the common case
+    elif pkt[V4_PROTO] != PROTO_ICMP:
+        return None  # not ICMP (RFC 792)
+    if bytes(pkt[V6_DST_AT] if v6 else pkt[V4_DST_AT]) not in clients:
+        return None
+    err = parse_icmp_error(memoryview(pkt)[:n])
+    if err is None:
+        return None
+    q = err.quoted
+    off = 40 if v6 else (q[0] & 0x0F) * 4 if q else 0
+    if len(q) < off + 8 or q[0] >> 4 != err.version or \
+            q[V6_NXT if v6 else V4_PROTO] != PROTO_TCP:
+        return None  # RFC 792: the quote holds the IP header and 8 bytes of TCP
+    src, dst = (q[V6_SRC_AT], q[V6_DST_AT]) if v6 else (q[V4_SRC_AT], q[V4_DST_AT])
+    sport, dport, seq = _QUOTE.unpack_from(q, off)
+    kind = _ICMP_KINDS.get((err.version, err.type))
+    if kind is None or bytes(src) != err.dst:
+        return None
+    mtu = err.info & 0xFFFF if not v6 else err.info
+    return (err.version, bytes(src), bytes(dst), sport, dport), kind, err.code, mtu or None, seq

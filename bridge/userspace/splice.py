@@ -5,13 +5,28 @@ Rules of this module (pure, sans-I/O: segments and `now` in, segments and deadli
   (local = the server's address and port); the *server leg* impersonates the client toward the
   server (local = the client's own address and port, so the server sees the client; its
   segments go through the tunnel like any other packet).
-- Deferred accept: the client's SYN is kept, and the client leg is only created (passive open,
-  RFC 9293 §3.10.7.2, answering the kept SYN) once the server leg is ESTABLISHED (RFC 9293
-  §3.5). The client therefore sees the server's own answer to its connection attempt: a refused
-  or timed-out upstream (ConnectionReset "refused"/"timeout", RFC 9293 §3.8.3 R2) is answered
+- Accept first (the default, as Linux TPROXY and mitmproxy behave): the client leg answers
+  the client's SYN itself (passive open, RFC 9293 §3.10.7.2, its own RFC 6528 ISS), and the
+  server leg opens only once the client leg is ESTABLISHED, i.e. the client completed its
+  three-way handshake (RFC 9293 §3.5). A spoofed SYN, or a client that resets or goes silent
+  after our SYN-ACK, therefore never reaches the server: no upstream SYN, no server
+  connection (RFC 4987 §2: the flood's state stays here, bounded by the Terminator's
+  half-open caps, bridge/userspace/bounds.py). Bytes the client sends meanwhile wait in the
+  server leg's send buffer and leave after its handshake. The trade-off: a server that
+  refuses or does not answer (ConnectionReset "refused"/"timeout", RFC 9293 §3.8.3 R2, or an
+  ICMP unreachable) is seen by the client as an accepted connection that is then reset
+  (<SEQ=SND.NXT><CTL=RST>, CloseReason.CONNECT_FAILED), not as "connection refused"; a
+  client that tries several addresses moves on after the RST instead of after the refusal.
+- `connect_first` (a rule option) keeps the deferred accept: the client's SYN is kept, and the
+  client leg is only created (answering the kept SYN) once the server leg is ESTABLISHED.
+  The client then sees the server's own answer: a refused or timed-out upstream is answered
   with the RST a closed port gives, <SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK> (RFC 9293
-  §3.10.7.1), CloseReason.CONNECT_FAILED. The client leg takes the server's ISN as its own ISS,
-  and the server leg the client's ISN, so both ends see the sequence numbers they would have seen.
+  §3.10.7.1), and the client leg takes the server's ISN as its own ISS. Its cost: every SYN,
+  spoofed or not, opens a server connection (bounded by the half-open caps all the same).
+  In both modes the server leg takes the client's ISN as its ISS.
+- A splice opened from a SYN cookie (`open_cookie`) builds its client leg from the cookie
+  ACK directly in ESTABLISHED (only the MSS negotiated, RFC 4987 §3.6), then opens the server
+  leg as in accept-first.
 - ICMP errors about the server leg (`server_icmp`: from the tunnel, or our own "no route")
   go to its connection (RFC 9293 §3.9.1.4, RFC 5927 §4.1 sequence check there). While it
   is connecting, a Destination Unreachable of any code aborts the attempt like a refusal:
@@ -52,6 +67,18 @@ Rules of this module (pure, sans-I/O: segments and `now` in, segments and deadli
   (~0.3 ms a message warm, more cold) runs after the output left. The interpreter runs one thread at
   a time, so a request parsed at once would hold up its own response, which a LAN server
   sends within a millisecond or two; parsed a few ms later, both go through in one drain.
+- Keep-alives (RFC 9293 §3.8.4) are mirrored: a probe from one peer (at its leg's RCV.NXT
+  - 1) makes the other leg send one probe to its peer, so the NAT and firewall state on both
+  paths sees the endpoints' keep-alive traffic; each leg also probes on its own after 2 h
+  of silence (the Terminator's configuration) and a dead peer resets both legs.
+- Urgent data (RFC 9293 §3.8.5, RFC 6093): bytes a leg delivered before its RCV.UP are sent
+  urgent on the other leg (`send(urgent=True)`), so the pointer lands at the same stream
+  offset (at the end of a chunk an inspector rewrote).
+- Memory budget (the Terminator's `memory_budget`): `allow` bounds the receive window this
+  flow may reopen now (None: no bound); what it may not is owed and given back later, so
+  back-pressure reaches the peers as a closing window, never as a failure.
+- ECN (RFC 3168 §6.1.1): neither leg offers it (no ECE/CWR in the SYNs), so both ends run
+  non-ECN connections and no router marks their packets CE: there is no mark to mirror.
 - Never raises on account of either peer: bad segments are the legs' business (dropped and
   counted there). Only misuse of this API raises (LocalProtocolError from the stack).
 
@@ -85,7 +112,7 @@ from stack.events import (
     ResetToListen,
     SoftError,
 )
-from stack.seq import MASK
+from stack.seq import MASK, seq_gt
 from stack.state import State
 from stack.tcp_config import TcpConfig
 from stack.wire.tcp import RST, TcpSegment
@@ -95,6 +122,7 @@ __all__ = ["Splice", "Phase", "TAP_MAX", "TAP_DELAY"]
 _CAN_SEND = frozenset({State.SYN_SENT, State.SYN_RECEIVED, State.ESTABLISHED,
                        State.CLOSE_WAIT})
 _DONE = frozenset({State.CLOSED, State.TIME_WAIT})
+_HALF = frozenset({State.LISTEN, State.SYN_RECEIVED})
 
 
 class Splice:
@@ -102,11 +130,12 @@ class Splice:
 
     __slots__ = ("key", "flow", "chain", "life", "client", "server", "syn", "_client_cfg",
                  "_server_cfg", "_q", "_eof", "_fin_sent", "_rst_client", "_client_addr",
-                 "_server_addr", "created", "last_seen", "_server_up", "_broken")
+                 "_server_addr", "created", "last_seen", "_server_up", "_broken", "connect_first",
+                 "idle_timeout", "allow", "_owed")
 
     def __init__(self, key: FlowKey, syn: TcpSegment, rule: InspectRule | None,
                  chain: InspectorChain | None, client_cfg: TcpConfig, server_cfg: TcpConfig,
-                 now: float) -> None:
+                 now: float, *, connect_first: bool = False) -> None:
         version, csrc, sdst, cport, sport = key
         self.key = key
         self.syn = syn
@@ -129,6 +158,11 @@ class Splice:
         self._rst_client: list[TcpSegment] = []
         self.created = now
         self.last_seen = now
+        self.connect_first = connect_first
+        # memory budget (the Terminator's): None, or the window bytes we may reopen now
+        self.allow: int | None = None
+        self._owed = {C2S: 0, S2C: 0}   # consumed() held back under memory pressure
+        self.idle_timeout = rule.idle_timeout if rule is not None else 7200.0
 
     @property
     def finished(self) -> bool:
@@ -142,12 +176,50 @@ class Splice:
     # ------------------------------------------------------------------ opening
 
     def open(self, now: float) -> bool:
-        """Run flow_start and, if allowed, send the server leg's SYN. False when denied."""
+        """Run flow_start and, if allowed, answer the SYN (accept first) or send the server
+        leg's SYN (connect first). False when denied."""
         if not self.life.start(now):
             self._refuse()
             return False
-        self.server.connect(now)
+        if self.connect_first:
+            self.server.connect(now)
+        else:
+            self._accept_client(now, None)
         return True
+
+    def open_cookie(self, cookie: int, ack: TcpSegment, now: float) -> bool:
+        """Open from a valid SYN cookie (`cookie` our ISS, `ack` the client's ACK of it): the
+        client leg goes through LISTEN and SYN-RECEIVED on the kept (rebuilt) SYN, its
+        SYN-ACK (already sent, statelessly) discarded, and takes the ACK. False when denied."""
+        if not self.life.start(now):
+            self._refuse()
+            return False
+        self._accept_client(now, cookie)
+        client = self.client
+        assert client is not None
+        client.segments_to_send(now)  # the SYN-ACK the cookie already answered with
+        client.receive_segment(ack, now)
+        return True
+
+    def reusable(self, syn: TcpSegment) -> bool:
+        """A new SYN on this ended flow's 4-tuple may replace it (its legs in TIME-WAIT): its
+        TSval is newer than the old connection's TS.Recent (RFC 6191 §2), or, without
+        timestamps, its ISN lies beyond the old connection's last sequence number (RFC 9293
+        §3.6.1 MAY-2, Linux tw_reuse). An old duplicate SYN is not (the TIME-WAIT leg answers
+        it)."""
+        c = self.client
+        if c is None:
+            return syn.seq != self.syn.seq
+        recent = c.ts_recent
+        if syn.ts is not None and recent is not None:
+            return seq_gt(syn.ts[0], recent)
+        return seq_gt(syn.seq, c.rcv_nxt_seq)
+
+    @property
+    def half_open(self) -> bool:
+        """The client has not completed its handshake with us (and the flow is live)."""
+        c = self.client
+        return not self.life.finished and (c is None or c.state in _HALF)
 
     def _refuse(self) -> None:
         """Answer the kept SYN like a closed port (RFC 9293 §3.10.7.1)."""
@@ -155,14 +227,17 @@ class Splice:
         if rst is not None:
             self._rst_client.append(rst)
 
-    def _accept_client(self, now: float) -> None:
-        """The server leg is up: open the client leg on the kept SYN (deferred accept)."""
-        irs = (self.server.rcv_nxt_seq - 1) & MASK
-        conn = TcpConnection(self._server_addr, self._client_addr, self._client_cfg, iss=irs)
+    def _accept_client(self, now: float, iss: int | None) -> None:
+        """Open the client leg on the kept SYN: at once (accept first, its own ISS or the
+        cookie's), or once the server leg is up (connect first: the server's ISN)."""
+        if self.connect_first:
+            iss = (self.server.rcv_nxt_seq - 1) & MASK
+        conn = TcpConnection(self._server_addr, self._client_addr, self._client_cfg, iss=iss)
         conn.listen()
         conn.receive_segment(self.syn, now)
         self.client = conn
-        self.life.opened()
+        if self.connect_first:
+            self.life.opened()
 
     # ------------------------------------------------------------------ input
 
@@ -177,6 +252,8 @@ class Splice:
             if seg.flags & RST and seg.seq == (self.syn.seq + 1) & MASK:
                 self._client_gave_up(now)
             return
+        if len(seg.payload) <= 1 and client.is_keepalive(seg) and self._server_up:
+            self.server.keepalive_now()  # mirrored: the server's path sees it too
         client.receive_segment(seg, now)
 
     def _client_gave_up(self, now: float) -> None:
@@ -191,7 +268,10 @@ class Splice:
     def from_server(self, seg: TcpSegment, now: float) -> None:
         """A segment from the server (decapsulated from the tunnel)."""
         self.last_seen = now
-        self.server.receive_segment(seg, now)
+        server = self.server
+        if len(seg.payload) <= 1 and self.client is not None and server.is_keepalive(seg):
+            self.client.keepalive_now()  # mirrored: the client's path sees it too
+        server.receive_segment(seg, now)
 
     def server_icmp(self, kind: IcmpKind, code: int, mtu: int | None, seq: int | None,
                     now: float) -> None:
@@ -300,14 +380,13 @@ class Splice:
             elif isinstance(ev, Connected):
                 self._server_up = True
                 if self.client is None and not life.finished:
-                    self._accept_client(now)
+                    self._accept_client(now, None)
             elif isinstance(ev, PeerFinished):
                 self._on_eof(S2C, now)
             elif isinstance(ev, ConnectionReset):
                 if not self._server_up:
                     self.flow.metadata["connect_error"] = ev.reason
-                    self._refuse()
-                    life.abort(CloseReason.CONNECT_FAILED, now)
+                    self._connect_failed(now)
                 else:
                     self._abort_legs()  # an RST from one side aborts the other leg
                     life.reset(S2C, now)
@@ -316,8 +395,7 @@ class Splice:
                         and not life.finished):  # RFC 5461 §4: a failed attempt
                     self.flow.metadata["connect_error"] = f"icmp unreachable {ev.code}"
                     self.server.abort()
-                    self._refuse()
-                    life.abort(CloseReason.CONNECT_FAILED, now)
+                    self._connect_failed(now)
             elif isinstance(ev, Closed):
                 pass
         client = self.client
@@ -325,6 +403,10 @@ class Splice:
             while (ev := client.next_event()) is not None:
                 if isinstance(ev, DataReceived):
                     self._received(C2S, ev.data, now)
+                elif isinstance(ev, Connected):
+                    if not self.connect_first and not life.finished:
+                        life.opened()
+                        server.connect(now)  # accept first: the client is real, go upstream
                 elif isinstance(ev, PeerFinished):
                     self._on_eof(C2S, now)
                 elif isinstance(ev, ConnectionReset):
@@ -340,13 +422,36 @@ class Splice:
                 if life.close(now) is not None:
                     self._abort_legs()
 
+    def _connect_failed(self, now: float) -> None:
+        """The server leg could not be opened: the client gets the closed port's RST (connect
+        first), or its accepted connection is reset (accept first); CONNECT_FAILED."""
+        if self.client is None:
+            self._refuse()
+        else:
+            self.client.abort()
+            for q in self._q.values():
+                q.clear()
+        self.life.abort(CloseReason.CONNECT_FAILED, now)
+
     def _received(self, d: Direction, data: bytes, now: float) -> None:
-        """A leg delivered bytes: queue what the session passes on, or release them."""
+        """A leg delivered bytes: queue what the session passes on, or release them.
+        Urgent data (the source leg's RCV.UP inside this chunk) stays urgent on the other
+        leg: the queued item carries how many of its first bytes are urgent (all of a
+        rewritten chunk that held some)."""
+        flow = self.flow
+        before = flow.bytes_c2s if d is C2S else flow.bytes_s2c
         out = self.life.received(d, data, now)
-        if out is None or out.__class__ is Abort:
+        if out is None or isinstance(out, Abort):
             self._release(d, len(data))
             if out is not None:
                 self._abort_legs()
+            return
+        src = self.client if d is C2S else self.server
+        up = src.urgent_up if src is not None else 0
+        if up > before:
+            n = len(data)
+            u = min(up - before, n) if len(out) == n else len(out)
+            self._q[d].append([out, n, u])
             return
         self._q[d].append([out, len(data)])
 
@@ -364,8 +469,33 @@ class Splice:
 
     def _release(self, d: Direction, n: int) -> None:
         src = self.client if d is C2S else self.server
-        if src is not None and n and src.state is not State.CLOSED:
+        if src is not None and n:
+            self._give(src, d, n)
+
+    def _give(self, src: TcpConnection, d: Direction, n: int) -> None:
+        """Reopen `n` bytes of `src`'s receive window (consumed), as far as the memory
+        budget allows (`allow`); the rest is owed and given back once it does."""
+        if src.state is State.CLOSED:
+            return
+        allow = self.allow
+        if allow is None:
+            owed = self._owed[d]
+            if owed:
+                self._owed[d] = 0
+                n += owed
             src.consumed(n)
+            return
+        n += self._owed[d]
+        g = min(n, allow)
+        self._owed[d] = n - g
+        if g:
+            self.allow = allow - g
+            src.consumed(g)
+
+    def buffered(self) -> int:
+        """Payload bytes this flow holds: both legs' buffers and the queues between them."""
+        n = self.server.buffered + self.held_bytes()
+        return n + self.client.buffered if self.client is not None else n
 
     def _move(self, d: Direction) -> None:
         """Hand queued bytes to the destination leg as far as its send buffer takes them."""
@@ -378,23 +508,40 @@ class Splice:
             src, dst = self.server, self.client
         if dst is None or src is None:
             return          # the client leg does not exist yet: keep the server's bytes
+        if self._owed[d] and (self.allow is None or self.allow > 0):
+            self._give(src, d, 0)   # the memory budget allows more again
         if self._fin_sent[d] or dst.state not in _CAN_SEND:
             return
         while q:
             item = q[0]
             data = item[0]
-            k = dst.send(data) if data else 0
+            u = item[2] if len(item) > 2 else 0
+            if u:  # the urgent part first, its end marked (RFC 9293 §3.8.5 MUST-31)
+                k = dst.send(memoryview(data)[:u], urgent=True)
+                item[2] = u - k
+                if k < u:
+                    item[0] = memoryview(data)[k:]
+                    give = min(k, item[1])
+                    if give:
+                        item[1] -= give
+                        self._give(src, d, give)
+                    return
+                k += dst.send(memoryview(data)[u:]) if len(data) > u else 0
+            else:
+                k = dst.send(data) if data else 0
             if k < len(data):
                 item[0] = memoryview(data)[k:]
                 give = min(k, item[1])      # reopen the window as bytes move on
                 if give:
                     item[1] -= give
-                    src.consumed(give)
+                    self._give(src, d, give)
                 return
             q.popleft()
             if item[1]:
-                src.consumed(item[1])
+                self._give(src, d, item[1])
         if self._eof[d]:
+            if dst.state is State.SYN_SENT:
+                return  # CLOSE in SYN-SENT would delete the TCB (RFC 9293 §3.10.4): after it
             self._fin_sent[d] = True
             dst.close()     # RFC 9293 §3.6 half-close, after every queued byte
 

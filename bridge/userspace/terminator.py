@@ -25,7 +25,16 @@ Rules of this module (pure, sans-I/O: inner IP packets and `now` in, packets and
   same. `tx_max_segment` asks the client leg for larger output segments when the TUN takes TSO
   super-packets (0: one MSS per segment; the TUN adapter coalesces them, GRO-style).
 - Memory per flow: the rule's `max_buffer` split over the four leg buffers (splice.py).
-  `max_splices` bounds the number of flows: a SYN beyond it is answered with a RST (counted).
+- Admission (bridge/userspace/bounds.py, the endpoint's `[userspace]` limits): a SYN is
+  refused with a RST past `max_splices` live flows (a flow whose legs only linger in
+  TIME-WAIT holds no slot); past the half-open caps (in total, and per /24 or /64 source
+  prefix) it is answered with a stateless SYN cookie (RFC 4987 §3.6), and a bare ACK that
+  returns a valid cookie opens the splice with its client leg ESTABLISHED. A splice is
+  half-open until its client leg is ESTABLISHED; by default (accept first, splice.py) the
+  server leg only opens then, so no spoofed SYN ever reaches a server.
+- Keep-alives (RFC 9293 §3.8.4): both legs probe their peer after 2 h of silence (Linux's
+  defaults: 9 probes 75 s apart); a dead peer resets its leg and the other leg with it.
+  Idle flows are aborted after the rule's `idle_timeout` (default 2 h).
 - A packet for a terminated 4-tuple whose splice is gone and that is not a SYN gets the RST of
   a closed connection (RFC 9293 §3.10.7.1); an RST is never answered.
 - ICMP errors from the tunnel (RFC 792 type 3/4/11/12, RFC 4443 type 1-4) addressed to a
@@ -37,9 +46,10 @@ Rules of this module (pure, sans-I/O: inner IP packets and `now` in, packets and
   goes on to the client, before that RST: it quotes the client's own SYN (same 4-tuple and
   ISN), so the client's stack reports the real cause (RFC 1122 §4.2.3.9); once the client
   leg exists, the client's connection is with it and the error stays with the server leg.
-- Reaping: a splice whose legs are both CLOSED is forgotten; one idle for `idle_timeout` is
-  aborted (CloseReason.IDLE). TIME-WAIT uses `msl` (default 15 s, not the 2 minutes of RFC
-  9293 §3.6.1: the splice is a middlebox whose legs both see the real endpoints' TIME-WAIT).
+- Reaping: a splice whose legs are both CLOSED is forgotten; one idle for its rule's
+  `idle_timeout` is aborted (CloseReason.IDLE, counted `idle_aborts`). TIME-WAIT uses `msl`
+  (default 15 s, not the 2 minutes of RFC 9293 §3.6.1: the splice is a middlebox whose legs
+  both see the real endpoints' TIME-WAIT).
 - RTO as Linux computes it: SRTT + max(4*RTTVAR, `rto_min`), `rto_min` 0.2 s (TCP_RTO_MIN),
   instead of RFC 6298 §2.4's 1 s floor on the sum: both legs face real stacks a few ms away,
   a 1 s floor turns every tail loss into a stall, and a 0.2 s floor on the sum races the
@@ -67,59 +77,70 @@ every checksum still checked, by one sum over the run), and
 `from_tun_super(sp, now)` gives a client's TSO frame to its leg whole (the kernel built it;
 nothing is summed). The legs' IP framing (plain packets, TunFrames) is bridge/userspace/legwire.py.
 Timers: each splice's deadline is recorded when it is
-emitted (every change to a splice ends in `flush`); `get_timer()` is the minimum of those and
-of the next reap scan; `handle_timer(now, out)` runs the due ones. `warm(now, lane)` is the
-keep-warm hook: one hop of a throw-away connection through a private shadow
+emitted (every change to a splice ends in `flush`) in a heap (bridge/userspace/bounds.py),
+next to one idle check per splice (re-armed from `last_seen` when it comes due);
+`get_timer()` is the earliest of those and of the flow table's expiry, `handle_timer(now,
+out)` runs the due ones: both cost O(log n) per due timer, not O(n) per batch.
+`warm(now, lane)` is the keep-warm hook: one hop of a throw-away connection through a private shadow
 (bridge/userspace/warm.py), never this Terminator's own state.
 """
 
 from __future__ import annotations
 
-import struct
-from collections.abc import Callable, Iterable, Sequence
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
-from bridge.flows import Backend, FlowKey, FlowTable, InspectRule, Verdict, selector_for
+from bridge.flows import (
+    Backend,
+    FlowKey,
+    FlowTable,
+    InspectRule,
+    SpliceLimits,
+    Verdict,
+    selector_for,
+)
 from bridge.inspect.api import CloseReason
 from bridge.inspect.manager import InspectorManager
-from bridge.tunframe import TunFrame
-from bridge.userspace.legwire import TSO_MAX_SEGMENT, LegFramer, merge_run, run_part
+from bridge.userspace.bounds import Admission, Admit, Deadlines, MemoryBudget
+from bridge.userspace.legwire import TSO_MAX_SEGMENT, LegFramer
 from bridge.userspace.splice import Splice
+from bridge.userspace.tunnel import TunnelSide
 from bridge.userspace.warm import WarmCycle
 from stack.connection import reset_reply
 from stack.events import IcmpKind
+from stack.seq import MASK
 from stack.tcp_config import TcpConfig
-from stack.wire.icmp import parse_icmp_error
-from stack.wire.ip import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, V4_PROTO, V6_NXT
-from stack.wire.prelude import V4_DST_AT, V4_SRC_AT, V6_DST_AT, V6_SRC_AT, tcp_key
+from stack.wire.prelude import tcp_key
 from stack.wire.tcp import ACK, RST, SYN, TcpSegment, parse_tcp
-from stack.wire.vnet import F_DATA_VALID, F_NEEDS_CSUM, GSO_SIZE_AT, VNET_HDR_LEN
+from stack.wire.vnet import F_DATA_VALID, F_NEEDS_CSUM
 
 __all__ = ["Terminator", "SendToPeer", "TSO_MAX_SEGMENT"]
 
-_QUOTE = struct.Struct("!HHI")  # the quoted TCP header's ports and sequence number
-
 SendToPeer = Callable[[bytes, float, Any], bool]  # (inner packet, now, out) -> sent
-_ICMP_KINDS = {  # (IP version, ICMP type) -> what it says (RFC 792, RFC 4443 §2.1)
-    (4, 3): IcmpKind.UNREACHABLE, (4, 4): IcmpKind.SOURCE_QUENCH, (4, 11): IcmpKind.TIME_EXCEEDED,
-    (4, 12): IcmpKind.PARAMETER_PROBLEM, (6, 1): IcmpKind.UNREACHABLE,
-    (6, 2): IcmpKind.PACKET_TOO_BIG, (6, 3): IcmpKind.TIME_EXCEEDED,
-    (6, 4): IcmpKind.PARAMETER_PROBLEM}
 WARM_WINDOW = 1.0  # warm() works while a splice is live or for this long after one opened
 def _has_userspace(rules: Iterable[InspectRule]) -> bool:
     return any(r.backend is Backend.USERSPACE and r.action is not Verdict.FORWARD for r in rules)
 
 
-class Terminator:
+class Terminator(TunnelSide):
     """All userspace-terminated flows of one endpoint."""
 
     def __init__(self, rules: tuple[InspectRule, ...], send_to_peer: SendToPeer,
                  mtu_for: Callable[[bytes], int], tun_mtu: Callable[[], int], *,
                  manager: InspectorManager | None = None, tx_max_segment: int = 0,
-                 idle_timeout: float = 300.0, msl: float = 15.0, max_splices: int = 10_000,
-                 syn_retries: int = 5, rto_min: float = 0.2) -> None:
+                 idle_timeout: float | None = None, msl: float = 15.0,
+                 max_splices: int | None = None, syn_retries: int = 5, rto_min: float = 0.2,
+                 limits: SpliceLimits | None = None, secret: bytes | None = None) -> None:
         self.rules = rules
-        self.table = FlowTable(selector_for(rules, Backend.USERSPACE), idle_timeout=idle_timeout)
+        self.table = FlowTable(selector_for(rules, Backend.USERSPACE))
+        lim = limits if limits is not None else SpliceLimits()
+        if max_splices is not None:
+            lim = replace(lim, max_splices=max_splices)
+        self.limits = lim
+        # half-open caps and SYN cookies (admission.py); the cookie key: a random secret
+        self.admission = Admission(lim, secret if secret is not None else secrets.token_bytes(16))
         self.manager = manager if manager is not None else InspectorManager(rules)
         self.send_to_peer = send_to_peer
         self.mtu_for = mtu_for
@@ -127,7 +148,7 @@ class Terminator:
         self.tx_max_segment = tx_max_segment
         self.idle_timeout = idle_timeout
         self.msl = msl
-        self.max_splices = max_splices
+        self.max_splices = lim.max_splices
         self.syn_retries = syn_retries
         self.rto_min = rto_min
         self.splices: dict[FlowKey, Splice] = {}
@@ -135,15 +156,17 @@ class Terminator:
         self.drops: dict[str, int] = {}
         self.counters: dict[str, int] = {"splices": 0, "to_client": 0, "to_server": 0,
                                          "from_client": 0, "from_server": 0, "refused_rst": 0,
-                                         "server_runs": 0}
+                                         "server_runs": 0, "idle_aborts": 0}
         self.ended: dict[str, int] = {}
         framer = LegFramer()
         self.packet = framer.packet  # IP framing of the legs' segments (legwire.py)
         self._frame = framer.frame
         self._pending_rst: list[tuple[FlowKey, TcpSegment]] = []
         self._clients: dict[bytes, int] = {}  # client address -> live splices (from_peer filter)
-        self._deadlines: dict[FlowKey, float] = {}  # each splice's timer, as of its last emit
-        self._next_scan: float | None = None
+        self._deadlines = Deadlines()  # each splice's timer, as of its last emit (a heap)
+        self._idle = Deadlines()  # each splice's idle check (re-armed from last_seen)
+        self._done: set[FlowKey] = set()
+        self.budget = MemoryBudget(lim.memory_budget)  # bytes all splices hold (bounds.py)
         self._configs: dict[tuple[int, int, int, int], tuple[TcpConfig, TcpConfig]] = {}
         self.tun_offload = False
         self._warm: dict[int, WarmCycle] = {}  # lane -> shadow (bridge/userspace/warm.py)
@@ -167,17 +190,10 @@ class Terminator:
             idx = bridge.table.route(dst)
             return int(bridge.peers[idx].mtu) if idx >= 0 else int(bridge.tun_mtu)
 
-        return cls(tuple(rules), bridge.send_inner, mtu_for, lambda: int(bridge.tun_mtu))
+        return cls(tuple(rules), bridge.send_inner, mtu_for, lambda: int(bridge.tun_mtu),
+                   limits=bridge.config.userspace)
 
     # ------------------------------------------------------------------ input
-
-    def _drop(self, reason: str) -> None:
-        self.drops[reason] = self.drops.get(reason, 0) + 1
-
-    def _segment(self, pkt: bytes | bytearray | memoryview, n: int, off: int,
-                 key: FlowKey) -> TcpSegment | None:
-        mv = pkt if isinstance(pkt, memoryview) else memoryview(pkt)
-        return parse_tcp(mv[off:n], key[1], key[2], drops=self.drops)
 
     def from_tun(self, pkt: bytes | bytearray | memoryview, n: int, now: float) -> bool:
         """An inner packet from the local site. True when it was ours (consumed)."""
@@ -190,7 +206,7 @@ class Terminator:
             seg = self._segment(pkt, n, off, key)
             if seg is None:
                 return True
-            if sp.finished and flags & (SYN | ACK | RST) == SYN and seg.seq != sp.syn.seq:
+            if sp.finished and flags & (SYN | ACK | RST) == SYN and sp.reusable(seg):
                 # a new connection on the 4-tuple of an ended one whose legs linger in
                 # TIME-WAIT (RFC 9293 §3.6.1 MAY-2, RFC 6191): the old splice gives way
                 self.forget(sp)
@@ -199,6 +215,9 @@ class Terminator:
                 sp.from_client(seg, now)
                 self.touched[key] = sp
                 return True
+        elif flags & (SYN | ACK | RST) == ACK and self.admission.cookies_recent(now) and \
+                self._cookie_ack(key, pkt, n, off, now):
+            return True
         verdict = self.table.classify(key, flags, now)
         if verdict is Verdict.FORWARD:
             return False
@@ -266,212 +285,101 @@ class Terminator:
             common: dict[str, Any] = dict(recv_buffer=rbuf, send_buffer=max(buf, 1),
                                           auto_consume=False, msl=self.msl,
                                           rto_min=self.rto_min, rto_var_min=self.rto_min,
-                                          nagle=False)
-            cached = (TcpConfig(mss=client_mss, tx_max_segment=self.tx_max_segment, **common),
+                                          nagle=False, keepalive=True)
+            cached = (TcpConfig(mss=client_mss, tx_max_segment=self.tx_max_segment,
+                                syn_retries=self.limits.synack_retries, **common),
                       TcpConfig(mss=server_mss, syn_retries=self.syn_retries, **common))
             self._configs[ck] = cached
         return cached
 
     def _new_splice(self, key: FlowKey, syn: TcpSegment, now: float) -> None:
-        if len(self.splices) >= self.max_splices:
-            self._drop("too_many_splices")
+        """A SYN: a stateful splice, a SYN cookie, or the closed port's RST (admission.py)."""
+        adm = self.admission.admit(key, len(self.splices) - len(self._done), now)
+        found = self.table.lookup(key)
+        rule = found[1] if found is not None else None
+        if adm is not Admit.NEW:
+            self.table.remove(key)  # nothing of this SYN is kept
+            if adm is Admit.COOKIE:
+                ccfg = self.configs_for(key, rule)[0]
+                self._pending_rst.append((key, self.admission.cookie_syn_ack(
+                    key, syn, ccfg.mss, ccfg.recv_buffer, now)))
+                return
+            full = len(self.splices) - len(self._done) >= self.limits.max_splices
+            self._drop("too_many_splices" if full else "half_open_refused")
             rst = reset_reply(syn)
             if rst is not None:
                 self._pending_rst.append((key, rst))
             return
-        found = self.table.lookup(key)
-        rule = found[1] if found is not None else None
-        chain = self.manager.chains.get(rule.name) if rule is not None else None
-        ccfg, scfg = self.configs_for(key, rule)
-        sp = Splice(key, syn, rule, chain, ccfg, scfg, now)
+        self._register(Splice(key, syn, rule, self._chain(rule), *self.configs_for(key, rule),
+                              now, connect_first=rule is not None and rule.connect_first), now)
+        self.splices[key].open(now)
+        self.admission.opened(key)
+
+    def _chain(self, rule: InspectRule | None) -> Any:
+        return self.manager.chains.get(rule.name) if rule is not None else None
+
+    def _register(self, sp: Splice, now: float) -> None:
+        key = sp.key
+        if self.idle_timeout is not None:  # the Terminator's cap on every rule's
+            sp.idle_timeout = min(sp.idle_timeout, self.idle_timeout)
         self.counters["splices"] += 1
         self._last_new = now
-        sp.open(now)
         self.splices[key] = sp
         self._clients[key[1]] = self._clients.get(key[1], 0) + 1
-        if self._next_scan is None:
-            self._next_scan = now + 1.0
+        self._idle.set(key, now + sp.idle_timeout)
         self.touched[key] = sp
 
-    def _server_side(self, pkt: bytes | bytearray | memoryview, n: int
-                     ) -> tuple[Splice, FlowKey, FlowKey, int, int] | None:
-        """(splice, its key, the packet's key, TCP offset, flags) of a server leg's packet."""
-        if n < 40 or bytes(pkt[V4_DST_AT] if pkt[0] >> 4 == 4 else pkt[V6_DST_AT]) \
-                not in self._clients:
-            return None  # not addressed to a client of a live splice: the fast path
-        k = tcp_key(pkt, n)
-        if k is None:
-            return None
-        key, off, flags = k
-        ck = (key[0], key[2], key[1], key[4], key[3])
-        sp = self.splices.get(ck)
-        if sp is None:
-            return None
-        return sp, ck, key, off, flags
-
-    def from_peer(self, pkts: Sequence[bytes | bytearray], now: float, out: Any) -> None:
-        """The decapsulated packets from the tunnel, in the order the Bridge's sequence
-        policy delivered them (TunFrames of its GRO path among them): the server legs take
-        theirs and the ICMP errors about their segments; every other packet is appended to
-        `out.tun`, in order. Then the touched splices are stepped (`flush`).
-
-        Consecutive in-order data segments of one server leg (a GRO batch of the tunnel)
-        reach the leg as one segment (`_server_run`)."""
-        tun = out.tun
-        if not self.splices:
-            tun.extend(pkts)
-        elif pkts:
-            run: list[bytes | bytearray] = []
-            run_sp: Splice | None = None
-            run_tmpl = b""
-            run_next = 0
-            run_off = 0
-            for pkt in pkts:
-                if type(pkt) is TunFrame:  # a run the Bridge merged and checked (bridge/gso.py)
-                    if not self._server_frame(pkt, now):
-                        tun.append(pkt)
-                    continue
-                n = len(pkt)
-                found = self._server_side(pkt, n)
-                if found is None:
-                    if not self._leg_icmp(pkt, n, now):
-                        tun.append(pkt)  # another flow's: order against ours does not matter
-                    continue
-                sp, ck, key, off, flags = found
-                r = run_part(pkt, n, off, flags)
-                if r is not None:
-                    seq, pl, tmpl = r
-                    if run and run_sp is sp and seq == run_next and tmpl == run_tmpl and \
-                            off == run_off:
-                        run.append(pkt)
-                        run_next = (seq + pl) & 0xFFFFFFFF
-                        if pl & 1:  # only a run's last payload may be odd (word alignment)
-                            self._server_run(run, run_sp, off, now)
-                            run = []
-                        continue
-                    if run:
-                        self._server_run(run, run_sp, run_off, now)
-                    run = [pkt]
-                    run_sp, run_tmpl, run_off = sp, tmpl, off
-                    run_next = (seq + pl) & 0xFFFFFFFF
-                    if pl & 1:
-                        self._server_run(run, run_sp, off, now)
-                        run = []
-                    continue
-                if run:
-                    self._server_run(run, run_sp, run_off, now)
-                    run = []
-                seg = self._segment(pkt, n, off, key)
-                if seg is not None:
-                    self.counters["from_server"] += 1
-                    sp.from_server(seg, now)
-                    self.touched[ck] = sp
-            if run:
-                self._server_run(run, run_sp, run_off, now)
-        if self.touched or self._pending_rst:
-            self.flush(now, out)
-
-    def _leg_icmp(self, pkt: bytes | bytearray, n: int, now: float) -> bool:
-        """An ICMP error about a server leg's segment: hand it to the leg; True when it
-        is consumed (not passed on to the client)."""
-        if n < 28:
-            return False  # not even an IPv4 header and 8 bytes: nothing to look at
-        v6 = pkt[0] >> 4 == 6
-        if v6:
-            if n < 48 or pkt[V6_NXT] != PROTO_ICMPV6:
-                return False  # not ICMPv6 (RFC 4443): the common case
-        elif n < 28 or pkt[V4_PROTO] != PROTO_ICMP:
-            return False  # not ICMP (RFC 792)
-        if bytes(pkt[V6_DST_AT] if v6 else pkt[V4_DST_AT]) not in self._clients:
+    def _cookie_ack(self, key: FlowKey, pkt: bytes | bytearray | memoryview, n: int, off: int,
+                    now: float) -> bool:
+        """A bare ACK of an unknown flow while cookies are out: when it returns a valid
+        cookie of a flow a userspace rule inspects, open its splice (client leg ESTABLISHED,
+        RFC 4987 §3.6) and return True; else False (it takes the ordinary path)."""
+        verdict, rule = self.table.selector.classify(key)
+        if verdict is not Verdict.INSPECT:
             return False
-        err = parse_icmp_error(memoryview(pkt)[:n])
-        if err is None:
-            return False
-        q = err.quoted
-        off = 40 if v6 else (q[0] & 0x0F) * 4 if q else 0
-        if len(q) < off + 8 or q[0] >> 4 != err.version or \
-                q[V6_NXT if v6 else V4_PROTO] != PROTO_TCP:
-            return False  # RFC 792: the quote holds the IP header and 8 bytes of TCP
-        src, dst = (q[V6_SRC_AT], q[V6_DST_AT]) if v6 else (q[V4_SRC_AT], q[V4_DST_AT])
-        sport, dport, seq = _QUOTE.unpack_from(q, off)
-        sp = self.splices.get((err.version, bytes(src), bytes(dst), sport, dport))
-        kind = _ICMP_KINDS.get((err.version, err.type))
-        if sp is None or kind is None or bytes(src) != err.dst:
-            return False
-        mtu = err.info & 0xFFFF if not v6 else err.info
-        self._drop("icmp_to_server_leg")
-        connecting = sp.client is None
-        sp.server_icmp(kind, err.code, mtu or None, seq, now)
-        self.touched[sp.key] = sp
-        return not connecting  # connecting: the client gets it too (module docstring)
-
-    def _server_frame(self, frame: TunFrame, now: float) -> bool:
-        """A `TunFrame` from the Bridge's receive fast path (bridge/gso.py coalesce_rows:
-        one contiguous TCP run, every segment's checksum checked there, the merged packet's
-        checksum field holding the pseudo-header sum, NEEDS_CSUM). When it is a server leg's,
-        the leg takes it as one segment (no second checksum pass) and True is returned."""
-        mv = memoryview(frame)[VNET_HDR_LEN:]
-        n = len(mv)
-        if frame[0] != F_NEEDS_CSUM:
-            return False
-        found = self._server_side(mv, n)
-        if found is None:
-            return False
-        sp, ck, key, off, _flags = found
-        seg = parse_tcp(mv[off:n], key[1], key[2], drops=self.drops, verify_checksum=False)
-        if seg is not None:
-            gso_size = frame[GSO_SIZE_AT] | frame[GSO_SIZE_AT + 1] << 8  # little-endian
-            k = -(-len(seg.payload) // gso_size) if gso_size else 1
-            self.counters["from_server"] += k
-            self.counters["server_runs"] += 1
-            sp.from_server(seg, now)
-            self.touched[ck] = sp
-        return True
-
-    def _server_run(self, run: list[bytes | bytearray], sp: Splice | None, off: int,
-                    now: float) -> None:
-        """Hand a run of contiguous data segments of one server leg to it as one segment
-        (bridge/userspace/legwire.py merge_run checks every checksum); packet by packet when the run
-        is one packet or does not merge (each then checked on its own, a bad one dropped)."""
-        assert sp is not None
-        key = sp.key
-        seg = merge_run(run, off, key[2], key[1]) if len(run) > 1 else None
+        seg = self._segment(pkt, n, off, key)
         if seg is None:
-            skey = (key[0], key[2], key[1], key[4], key[3])
-            for pkt in run:
-                s1 = self._segment(pkt, len(pkt), off, skey)
-                if s1 is not None:
-                    self.counters["from_server"] += 1
-                    sp.from_server(s1, now)
-        else:
-            self.counters["from_server"] += len(run)
-            self.counters["server_runs"] += 1
-            sp.from_server(seg, now)
-        self.touched[key] = sp
+            return True
+        mss = self.admission.check_cookie(key, seg, now)
+        if mss is None:
+            return False
+        if len(self.splices) - len(self._done) >= self.limits.max_splices:
+            self._drop("too_many_splices")
+            self._stray(key, seg)
+            return True
+        syn = TcpSegment(seg.src_port, seg.dst_port, (seg.seq - 1) & MASK, 0, SYN, seg.window,
+                         b"", 0, mss)
+        sp = Splice(key, syn, rule, self._chain(rule), *self.configs_for(key, rule), now)
+        self._register(sp, now)
+        sp.open_cookie((seg.ack - 1) & MASK, seg, now)
+        self.counters["from_client"] += 1
+        return True
 
     # ------------------------------------------------------------------ output
 
     def flush(self, now: float, out: Any) -> None:
         """Step every touched splice once and emit both legs' segments."""
-        for key, rst in self._pending_rst:
+        for key, rst in self._pending_rst:  # RSTs, and SYN-ACKs carrying cookies
             out.tun.append(self.packet(key[2], key[1], rst))
-            self.counters["refused_rst"] += 1
+            if rst.flags & RST:
+                self.counters["refused_rst"] += 1
         self._pending_rst.clear()
-        touched = self.touched
-        if not touched:
-            return
-        self.touched = {}
-        for sp in touched.values():
-            try:
-                sp.step(now)
-                self._emit(sp, now, out)
-            except Exception as exc:  # noqa: BLE001 - a bug of ours costs this flow only
-                self._drop("internal_error")
-                sp.fail(exc, now)
+        for _round in range(2):  # a second round: splices the memory budget let go (_account)
+            touched = self.touched
+            if not touched:
+                return
+            self.touched = {}
+            for sp in touched.values():
                 try:
-                    self._emit(sp, now, out)     # the RSTs of the aborted legs
-                except Exception:  # noqa: BLE001
-                    self.forget(sp)
+                    sp.step(now)
+                    self._emit(sp, now, out)
+                except Exception as exc:  # noqa: BLE001 - a bug of ours costs this flow only
+                    self._drop("internal_error")
+                    sp.fail(exc, now)
+                    try:
+                        self._emit(sp, now, out)     # the RSTs of the aborted legs
+                    except Exception:  # noqa: BLE001
+                        self.forget(sp)
 
     def _emit(self, sp: Splice, now: float, out: Any) -> None:
         key = sp.key
@@ -506,17 +414,26 @@ class Terminator:
         if sp.dead:
             self.forget(sp)
             return
-        t = sp.get_timer()  # every change to a splice's timers ends here (flush)
-        if t is None:
-            self._deadlines.pop(key, None)
-        else:
-            self._deadlines[key] = t
+        self._deadlines.set(key, sp.get_timer())  # every change to a splice's timers ends here
+        for k in self.budget.account(key, sp.buffered(), sp):  # memory budget: let go
+            p = self.splices.get(k)
+            if p is not None:
+                p.allow = None
+                self.touched[k] = p  # gives back what it owes (flush's second round)
+        if not sp.half_open:
+            self.admission.settled(key)  # the client completed its handshake, or it ended
+            if sp.finished:
+                self._done.add(key)  # TIME-WAIT legs hold no max_splices slot
 
     def forget(self, sp: Splice) -> None:
         """Drop `sp` from every table (its legs are done, or it gives way to a new SYN)."""
         if self.splices.get(sp.key) is sp:
             del self.splices[sp.key]
-            self._deadlines.pop(sp.key, None)
+            self._deadlines.set(sp.key, None)
+            self._idle.set(sp.key, None)
+            self._done.discard(sp.key)
+            self.admission.settled(sp.key)
+            self.budget.forget(sp.key)
             left = self._clients.pop(sp.key[1], 1) - 1
             if left:
                 self._clients[sp.key[1]] = left
@@ -527,29 +444,35 @@ class Terminator:
     # ------------------------------------------------------------------ timers
 
     def get_timer(self) -> float | None:
-        """The earliest deadline of any splice, or of the next idle scan; None when idle."""
-        if not self.splices:
-            return None
-        best = min(self._deadlines.values(), default=None)
-        scan = self._next_scan
-        return scan if best is None or (scan is not None and scan < best) else best
+        """The earliest deadline of any splice, idle check or flow-table expiry; None when
+        there is none. O(1) amortised, whatever the number of splices (deadlines.py)."""
+        best = self._deadlines.earliest()
+        for t in (self._idle.earliest(), self.table.next_expiry()):
+            if t is not None and (best is None or t < best):
+                best = t
+        return best
 
     def handle_timer(self, now: float, out: Any) -> None:
-        """Run expired splice timers, reap dead and idle splices, emit what they produced."""
-        due = [k for k, t in self._deadlines.items() if t <= now]
-        for key in due:
-            sp = self.splices[key]
-            sp.handle_timer(now)
+        """Run expired splice timers and idle checks, expire the flow table, emit."""
+        splices = self.splices
+        for key in self._deadlines.pop_due(now):
+            sp = splices.get(key)
+            if sp is not None:
+                sp.handle_timer(now)
+                self.touched[key] = sp
+        for key in self._idle.pop_due(now):
+            sp = splices.get(key)
+            if sp is None or sp.finished:
+                continue  # an ended flow's legs finish on their own timers
+            due = sp.last_seen + sp.idle_timeout
+            if due > now:
+                self._idle.set(key, due)  # it spoke since: check again then
+                continue
+            sp.abort(CloseReason.IDLE, now)
+            self.counters["idle_aborts"] += 1
             self.touched[key] = sp
-        if self._next_scan is None or now >= self._next_scan:
-            self._next_scan = now + 1.0
-            limit = now - self.idle_timeout
-            for sp in list(self.splices.values()):
-                if not sp.finished and sp.last_seen < limit:
-                    sp.abort(CloseReason.IDLE, now)
-                    self.touched[sp.key] = sp
-                elif sp.dead:
-                    self.forget(sp)
+        t = self.table.next_expiry()
+        if t is not None and t <= now:
             self.table.expire(now)
         self.flush(now, out)
 
@@ -588,7 +511,11 @@ class Terminator:
 
     def status(self) -> dict[str, Any]:
         """Counters of the backend, the flow table and the inspector chains."""
-        return {"live": len(self.splices), "counters": dict(self.counters),
+        return {"live": len(self.splices), "half_open": self.admission.half_open,
+                "memory": self.budget.total, "memory_pressed": len(self.budget.pressed),
+                "time_wait": len(self._done),
+                "counters": {**self.counters, "memory_pressure": self.budget.events},
+                "admission": dict(self.admission.counters),
                 "ended": dict(self.ended), "drops": dict(self.drops),
                 "flow_table": dict(self.table.counters), "rules": self.manager.counters()}
 

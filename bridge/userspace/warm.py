@@ -71,7 +71,8 @@ class WarmCycle:
     """One shadow Terminator with a client and a server; `step` moves one hop."""
 
     def __init__(self, real: Any) -> None:
-        rule = InspectRule(name="warm", dst_ports=((_PORT, _PORT),))
+        # connect first: the hops below follow the deferred accept's packet order
+        rule = InspectRule(name="warm", dst_ports=((_PORT, _PORT),), connect_first=True)
         mgr = InspectorManager(())
         mgr.chains[rule.name] = InspectorChain(rule, [_Nothing()])
         self.to_server: list[bytes] = []

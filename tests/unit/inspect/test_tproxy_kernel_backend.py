@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[3]
 def test_iif_and_idle_timeout_parse_with_defaults() -> None:
     r = rule('backend = "kernel"\niif = ["lan0", "lan1"]\nidle_timeout = 2.5\ninspectors = ["log"]')
     assert r.iif == ("lan0", "lan1") and r.idle_timeout == 2.5
-    assert rule('inspectors = ["log"]').idle_timeout == 300.0
+    assert rule('inspectors = ["log"]').idle_timeout == 7200.0  # RFC 9293 MUST-28: 2 h
 
 
 @pytest.mark.parametrize(("body", "path"), [

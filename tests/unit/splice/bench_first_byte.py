@@ -17,11 +17,11 @@ takes vnet writes as in the lab (`Terminator.use_tun_offload`; --plain-tun: with
 crossings (the ack step is then the client's ACK forwarded), the floor to compare with.
 
 The steps on the first-byte path, in order (what curl's time_starttransfer spans):
-  syn      client SYN from the TUN: flow verdict, Splice, server leg's SYN to the tunnel
-  synack   server SYN-ACK from the tunnel: server leg up, client leg made (deferred accept),
-           SYN-ACK to the client, server leg's ACK to the tunnel
-  ack      client's ACK of its SYN-ACK from the TUN
-  get      client's request from the TUN: to the server leg, out to the tunnel
+  syn      client SYN from the TUN: flow verdict, Splice, the client leg's SYN-ACK to the TUN
+           (accept first, bridge/userspace/splice.py)
+  ack      client's ACK of its SYN-ACK from the TUN: client leg up, server leg's SYN out
+  get      client's request from the TUN: queued in the server leg (still connecting)
+  synack   server SYN-ACK from the tunnel: server leg up, its ACK and the request out
   resp     server's response from the tunnel: to the client leg, out to the TUN
 and after it: drain (the observer tap, TAP_DELAY later), close (FINs and their ACKs both
 ways, the delayed ACKs), reap (TIME-WAIT over: the splice is forgotten).
@@ -217,19 +217,18 @@ class World:
         self.server = TcpConnection((self.s, sport), (self.c, self.port), TcpConfig(msl=1.0))
         self.server.listen()
         self.client.connect(self.now)
-        self.a_from_tun("syn", self.client_pkts())
+        self.a_from_tun("syn", self.client_pkts())   # accept first: the client leg answers
         self.tick()
-        self.via_b_to_server()
-        self.tick()
-        self.a_from_udp("synack", self.server_to_a())
-        self.tick()
-        self.via_b_to_server()          # the server leg's ACK
+        self.via_b_to_server()          # nothing goes upstream for a SYN alone
         self.deliver_client()           # the SYN-ACK
         assert self.client.state is State.ESTABLISHED, self.client.state
-        self.a_from_tun("ack", self.client_pkts())
+        self.a_from_tun("ack", self.client_pkts())   # the server leg's SYN goes out
         self.tick()
+        self.via_b_to_server()
         self.client.send(REQUEST)
-        self.a_from_tun("get", self.client_pkts())
+        self.a_from_tun("get", self.client_pkts())   # queued in the server leg
+        self.tick()
+        self.a_from_udp("synack", self.server_to_a())   # the server leg's ACK and the request
         self.tick()
         self.via_b_to_server()
         self.server.next_event()  # Connected

@@ -70,7 +70,7 @@ def test_data_both_ways_byte_exact_and_half_close() -> None:
     up = os.urandom(300_000)
     down = os.urandom(700_000)
     rec = Recorder()
-    h = Harness(rule(), [rec], client_data=up, server_data=down,
+    h = Harness(rule(connect_first=True), [rec], client_data=up, server_data=down,
                 client_close=True, server_close=True)
     assert h.run(both_done, max_time=30)
     assert h.server is not None
@@ -130,7 +130,7 @@ def test_deny_resets_client_and_never_reaches_server() -> None:
 
 def test_connect_refused_upstream_resets_client() -> None:
     rec = Recorder()
-    h = Harness(rule(), [rec], server_cfg=None, client_data=b"x")
+    h = Harness(rule(connect_first=True), [rec], server_cfg=None, client_data=b"x")
     assert h.run(lambda h: finished(h.client))
     assert [type(e).__name__ for e in h.client.events] == ["ConnectionReset", "Closed"]
     assert h.client.events[0] == ConnectionReset("refused")
@@ -168,7 +168,7 @@ def test_server_rst_reaches_client() -> None:
 
 
 def test_inspector_reset_aborts_both() -> None:
-    h = Harness(rule(), [ResetOn(b"EVIL")], client_data=b"fine " * 100 + b"EVIL")
+    h = Harness(rule(connect_first=True), [ResetOn(b"EVIL")], client_data=b"fine " * 100 + b"EVIL")
     assert h.run(both_done)
     assert h.server is not None
     assert h.client.has(ConnectionReset) and h.server.has(ConnectionReset)
@@ -188,7 +188,7 @@ def test_inspector_raises_fail_open_passes_data() -> None:
 
 def test_inspector_raises_fail_closed_resets() -> None:
     rec = Recorder()
-    h = Harness(rule(fail_open=False), [Boom(), rec], client_data=b"z" * 5000)
+    h = Harness(rule(fail_open=False, connect_first=True), [Boom(), rec], client_data=b"z" * 5000)
     assert h.run(both_done)
     assert h.client.has(ConnectionReset)
     assert h.server is not None and h.server.has(ConnectionReset)
@@ -323,8 +323,8 @@ def test_client_syn_retransmit_and_ack_in_one_batch() -> None:
     """Under load the client retransmits its SYN (our SYN-ACK waits for the server) and the
     retransmission reaches the client leg in the same batch as the client's ACK of our SYN-ACK,
     while the server's first bytes (an SSH banner) are already queued on the client leg."""
-    h = Harness(rule(), [Recorder()], server_data=b"SSH-2.0-banner\r\n", client_close=True,
-                server_close=True)
+    h = Harness(rule(connect_first=True), [Recorder()], server_data=b"SSH-2.0-banner\r\n",
+                client_close=True, server_close=True)
     syn_pkt = h.term.packet(C_ADDR, S_ADDR, h.client.conn.segments_to_send(0.0)[0])
     h.client.conn._snd.nxt = 0  # the harness sends this SYN (again) as usual
     assert h.run(lambda h: bool(h.client_syns))   # the client has our SYN-ACK

@@ -22,7 +22,8 @@ CISN = 1000
 def _splice() -> tuple[Splice, TcpSegment]:
     syn = TcpSegment(C[1], S[1], CISN, 0, SYN, 65535, b"", 0, 1460, 7, True, (1, 0))
     cfg = TcpConfig(auto_consume=False, rto_min=0.2)
-    sp = Splice(KEY, syn, InspectRule(name="t", inspectors=()), None, cfg, cfg, 0.0)
+    sp = Splice(KEY, syn, InspectRule(name="t", inspectors=()), None, cfg, cfg, 0.0,
+                connect_first=True)  # these tests are about the upstream leg connecting
     assert sp.open(0.0)
     return sp, syn
 
@@ -93,7 +94,7 @@ def test_client_rst_answering_a_late_synack_is_forwarded_to_the_server() -> None
     passes it on (a regression guard: this already held)."""
     from splice_harness import C_ADDR, S_ADDR, Harness
 
-    h = Harness(InspectRule(name="t", inspectors=()), [])
+    h = Harness(InspectRule(name="t", inspectors=(), connect_first=True), [])
     h.s2t.delay = 0.01  # the server's SYN-ACK comes back after the client's RST
     assert h.run(lambda h: bool(h.term.splices))
     (sp,) = h.term.splices.values()

@@ -29,7 +29,7 @@ class World:
 
     def __init__(self, v6: bool = False, route: bool = True) -> None:
         self.c, self.s = (C6, S6) if v6 else (C4, S4)
-        rule = InspectRule(name="t", inspectors=())
+        rule = InspectRule(name="t", inspectors=(), connect_first=True)
         mgr = InspectorManager(())
         mgr.chains["t"] = InspectorChain(rule, [])
         self.route = route

@@ -45,7 +45,7 @@ def live(tun_offload: bool = False) -> tuple[Harness, Count]:
 
 def snapshot(h: Harness) -> str:
     t = h.term
-    return json.dumps([t.status(), t.flows(h.now), sorted(t._deadlines.items()), t.get_timer(),
+    return json.dumps([t.status(), t.flows(h.now), sorted(t._deadlines._at.items()), t.get_timer(),
                        len(t.table), sorted(t._clients.items())], default=repr, sort_keys=True)
 
 
