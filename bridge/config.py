@@ -327,7 +327,7 @@ def _parse_pmtu(r: Reader, data: dict[str, Any]) -> PmtuConfig:
 
 
 def _parse_userspace(r: Reader, data: dict[str, Any]) -> SpliceLimits:
-    """`[userspace]`: the limits of the userspace termination backend (bridge/userspace/bounds.py)."""
+    """`[userspace]`: the userspace backend's limits (enforced in bridge/userspace/bounds.py)."""
     t = r.table(data, "userspace")
     names = ("max_splices", "max_half_open", "max_half_open_per_prefix", "prefix4", "prefix6",
              "syn_cookies", "synack_retries", "memory_budget")
