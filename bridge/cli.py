@@ -109,6 +109,7 @@ def config_path(name: str) -> str:
 def cmd_up(args: argparse.Namespace) -> int:
     from bridge.config import load_config
     from bridge.errors import ConfigErrors
+    from bridge.io.resolve import resolve
 
     if args.config is None:
         if args.name is None:
@@ -119,7 +120,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         log.error("grebe up: give a NAME or -c FILE, not both")
         return EXIT_CONFIG
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, resolve)  # endpoint host names: bridge/io/resolve.py
     except ConfigErrors as e:
         for err in e.errors:
             log.error("%s", err)
@@ -155,6 +156,7 @@ def _bind_error(e: OSError, key: str, value: str) -> OSError:
 
 def _run_up(args: argparse.Namespace, cfg: Any) -> int:
     from bridge.io.control import ControlServer, MetricsServer, io_prometheus, socket_name
+    from bridge.io.live import full_tunnel
     from bridge.io.loop import Engine, Runner
     from bridge.io.notify import notify, reloading
     from bridge.io.tun import TunBusyError, TunDevice
@@ -181,6 +183,7 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
     ctl = metrics = udp = sudp = kernel = fast = None
     failed = False
     try:
+        tun.full_tunnel = (cfg.tun.table, cfg.tun.fwmark)  # a /0 prefix: bridge/io/policy.py
         tun.configure([str(a) for a in cfg.tun.addresses], mtu,
                       [str(n) for p in cfg.peers for n in p.prefixes])
         try:
@@ -189,6 +192,8 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
         except OSError as e:
             raise _bind_error(e, "listen", f"{cfg.listen.address} port {cfg.listen.port}"
                               ) from None
+        if full_tunnel(cfg):  # bridge/io/policy.py: the tunnel's datagrams skip its route
+            udp.set_mark(cfg.tun.fwmark)
         if bridge.secure is not None:  # issue 12: the secure peers' own port
             try:
                 sudp = UdpEndpoint(cfg.listen.address, cfg.listen.secure_port, gso=offload,
@@ -287,7 +292,8 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
         running = [cfg]
 
         def reload(_req: dict[str, Any]) -> dict[str, Any]:
-            answer, running[0] = reload_config(args.config, running[0], kernel, engine)
+            answer, running[0] = reload_config(args.config, running[0], kernel, engine, tun,
+                                               [udp, sudp])
             return answer
 
         def on_hup(_signum: int, _frame: Any) -> None:
@@ -325,20 +331,23 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
     return EXIT_FAILED if failed else 0
 
 
-def reload_config(path: str, running: Any, kernel: Any, engine: Any = None
-                  ) -> tuple[dict[str, Any], Any]:
+def reload_config(path: str, running: Any, kernel: Any, engine: Any = None, tun: Any = None,
+                  udps: list[Any] | None = None) -> tuple[dict[str, Any], Any]:
     """`grebe reload` / SIGHUP (bridge/reload.py): re-read `path`; refuse it with its errors
-    (the running configuration stays) or apply what can be applied and name the rest.
-    Returns (the answer for `grebe reload`, the configuration now running)."""
+    (the running configuration stays) or apply what can be applied (bridge/io/live.py) and
+    name the rest. Returns (the answer for `grebe reload`, the configuration now running)."""
     from dataclasses import replace
 
     from bridge import reload as rl
     from bridge.config import load_config
     from bridge.errors import ConfigErrors
     from bridge.flows import Backend
+    from bridge.io.live import apply_reload
+    from bridge.io.resolve import resolve
+    from bridge.reconfig import needs_terminator, secure_unchanged
 
     try:
-        new = load_config(path)
+        new = load_config(path, resolve)
     except ConfigErrors as e:
         for err in e.errors:
             log.error("%s", err)
@@ -347,20 +356,32 @@ def reload_config(path: str, running: Any, kernel: Any, engine: Any = None
         return {"ok": False, "errors": [str(x) for x in e.errors]}, running
     changes = rl.diff(running, new)
 
-    def userspace(c: Any) -> list[Any]:
-        return [r for r in c.inspect_rules() if r.backend is Backend.USERSPACE]
+    def rules(c: Any, backend: Backend) -> list[Any]:
+        return [r for r in c.inspect_rules() if r.backend is backend]
 
-    kernel_ok = kernel is not None and userspace(running) == userspace(new)
-    applied, restart = rl.plan(changes, kernel_ok, live=engine is not None)
-    if engine is not None and any(c.endswith(rl.LIVENESS) for c in applied):
-        engine.apply(lambda: engine.bridge.apply_liveness(new.peers))
-        running = replace(running, peers=engine.bridge.config.peers)
-    if kernel_ok:
+    bridge = engine.bridge if engine is not None else None
+    kernel_same = rules(running, Backend.KERNEL) == rules(new, Backend.KERNEL)
+    user_same = rules(running, Backend.USERSPACE) == rules(new, Backend.USERSPACE)
+    user_ok = user_same or (bridge is not None and (bridge.terminator is not None
+                                                    or not needs_terminator(running, new)))
+    inspect_live = user_ok and (kernel_same or kernel is not None)
+    sib = engine.sibling if engine is not None else None
+    peers_live = (engine is not None and secure_unchanged(running, new)
+                  and getattr(engine, "fast_path", None) is None
+                  and (sib is None or len(new.peers) <= sib.shared.capacity))
+    applied, restart = rl.plan(changes, inspect_live, peers_live)
+    effective = replace(running, peers=new.peers if peers_live else running.peers,
+                        mss_clamp=new.mss_clamp if peers_live else running.mss_clamp,
+                        inspect=new.inspect if inspect_live else running.inspect)
+    problems: list[str] = []
+    if engine is not None and effective != running:
+        _done, problems = apply_reload(engine, tun, udps or [], running, effective)
+    if kernel is not None and (inspect_live or kernel_same):
         kernel.reload()     # re-reads the file's rules on the backend's own loop (as ever)
-    if "inspect" in applied:
-        running = replace(running, inspect=new.inspect)
     log.info("%s", rl.summary(path, applied, restart))
-    return {"ok": True, "applied": applied, "needs_restart": restart}, running
+    return {"ok": True, "applied": applied, "needs_restart": restart,
+            **({"problems": problems} if problems else {})}, \
+        running if effective == running else effective
 
 
 # -- status -----------------------------------------------------------------------------
@@ -459,8 +480,9 @@ def _setup_check(p: argparse.ArgumentParser) -> None:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from bridge.config import check_config
+    from bridge.io.resolve import resolve
 
-    errors = check_config(args.file)
+    errors = check_config(args.file, resolve)
     for e in errors:
         print(str(e), file=sys.stderr)
     if errors:
@@ -587,7 +609,9 @@ def cmd_reload(args: argparse.Namespace) -> int:
     print(f"applied: {', '.join(answer.get('applied', [])) or 'nothing'}")
     if answer.get("needs_restart"):
         print(f"not applied, restart to apply: {', '.join(answer['needs_restart'])}")
-    return 0
+    for problem in answer.get("problems", []):  # applied to the core, not all around it
+        print(f"grebe: reload: {problem}", file=sys.stderr)
+    return EXIT_FAILED if answer.get("problems") else 0
 
 
 register("reload", "re-read the configuration file of a running endpoint (as SIGHUP)",

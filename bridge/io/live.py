@@ -1,0 +1,86 @@
+"""Applying a reload to a running endpoint: the core, the routes, the TUN MTU, the sockets'
+mark and the UDP->TUN process, in that order (bridge/reload.py decides what is applied).
+
+Rules:
+- The core first, under the Engine's lock (`Engine.apply`, bridge/reconfig.py): a packet
+  sees the old Bridge or the new one, never half of each. Then the routes of the prefixes
+  that came and went (bridge/io/tun.py `update_routes`, pyroute2; a /0 by policy routing,
+  bridge/io/policy.py): a route added after the core knows its peer (packets it brings are
+  routed), removed after the core forgot it (its packets were counted "no_route" in the
+  meantime, never sent to the wrong peer).
+- A first full-tunnel prefix marks the UDP sockets (SO_MARK `tun.fwmark`) before its
+  route exists, so the tunnel's own datagrams never loop into it.
+- Split endpoints (bridge/io/split.py): the child is told after the parent
+  (`RxProcess.reload`); until it answers it decapsulates with the old peers, as it would
+  have a moment before the reload.
+- Nothing here raises for a part that fails after the core took the change: it is logged
+  and returned as a line of the answer (`grebe reload` shows it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from bridge.config import Config
+from bridge.reconfig import Reconfigured, reconfigure
+
+log = logging.getLogger("grebe.reload")
+
+__all__ = ["apply_reload", "full_tunnel", "prefixes"]
+
+
+def prefixes(c: Config) -> set[str]:
+    """Every peer prefix of `c`, as route destinations."""
+    return {str(n) for p in c.peers for n in p.prefixes}
+
+
+def full_tunnel(c: Config) -> bool:
+    """Some peer owns a /0 (bridge/io/policy.py)."""
+    return any(n.prefixlen == 0 for p in c.peers for n in p.prefixes)
+
+
+def apply_reload(engine: Any, tun: Any, udps: list[Any], old: Config, new: Config
+                 ) -> tuple[Reconfigured, list[str]]:
+    """Make the running endpoint (`engine`, its `tun`, its UDP sockets `udps`) take the
+    peers, [[inspect]] rules and mss_clamp of `new` (the other keys as `old`: the caller
+    merged them). Returns what the core did and the problems met after it."""
+    problems: list[str] = []
+    if full_tunnel(new) and not full_tunnel(old):
+        for u in udps:
+            if u is not None and hasattr(u, "set_mark"):
+                u.set_mark(new.tun.fwmark)
+    rx = engine.sibling
+    if rx is not None:
+        rx.pause()
+    now = engine.clock()
+    mtu_before = engine.bridge.tun_mtu
+    try:
+        done: Reconfigured = engine.apply(lambda: reconfigure(engine.bridge, new, now))
+    except BaseException:
+        if rx is not None:
+            rx.resume()
+        raise
+    before, after = prefixes(old), prefixes(new)
+    if before != after and hasattr(tun, "update_routes"):
+        try:
+            tun.update_routes(sorted(after - before), sorted(before - after))
+        except Exception as e:  # noqa: BLE001 - pyroute2 NetlinkError, named in the answer
+            problems.append(f"routes: {e}")
+    if rx is not None:
+        err = rx.reload(new, now)
+        if err is not None:
+            problems.append(err)
+    if done.tun_mtu != mtu_before and hasattr(tun, "set_mtu"):
+        try:
+            tun.set_mtu(done.tun_mtu)
+        except OSError as e:
+            problems.append(f"TUN MTU {done.tun_mtu}: {e}")
+    for p in problems:
+        log.error("reload: %s", p)
+    log.info("reload: peers kept %s, renewed %s, added %s, removed %s (%.1f ms)",
+             ",".join(done.kept) or "-", ",".join(done.renewed) or "-",
+             ",".join(done.added) or "-", ",".join(done.removed) or "-",
+             (time.monotonic() - now) * 1000 if engine.clock is time.monotonic else 0.0)
+    return done, problems
