@@ -157,8 +157,9 @@ def _bind_error(e: OSError, key: str, value: str) -> OSError:
 def _run_up(args: argparse.Namespace, cfg: Any) -> int:
     from bridge.io.control import ControlServer, MetricsServer, io_prometheus, socket_name
     from bridge.io.live import full_tunnel
-    from bridge.io.loop import Engine, Runner
+    from bridge.io.loop import Engine
     from bridge.io.notify import notify, reloading
+    from bridge.io.runner import Runner
     from bridge.io.tun import TunBusyError, TunDevice
     from bridge.io.udp import UdpEndpoint
     from bridge.pipeline import Bridge

@@ -35,7 +35,7 @@ lock held, so no packet sees a half-built Bridge.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bridge.config import Config, DownAction, Encapsulation, PeerConfig, SeqPolicy
 from bridge.encap import overhead
@@ -45,7 +45,6 @@ from bridge.secure import OVERHEAD
 
 if TYPE_CHECKING:
     from bridge.flows import InspectRule
-    from bridge.pipeline import Bridge
     from bridge.userspace.terminator import Terminator
 
 __all__ = ["Reconfigured", "new_state", "reconfigure", "same_wire", "secure_unchanged",
@@ -103,9 +102,10 @@ def new_state(index: int, p: PeerConfig, now: float, underlay: int,
     return st
 
 
-def reconfigure(bridge: Bridge, new: Config, now: float) -> Reconfigured:
+def reconfigure(bridge: Any, new: Config, now: float) -> Reconfigured:
     """Apply `new`'s peers, [[inspect]] rules and mss_clamp to the running `bridge` (module
-    docstring). Raises ValueError, touching nothing, for what needs a restart."""
+    docstring). Raises ValueError, touching nothing, for what needs a restart. `bridge` is
+    a bridge/pipeline.py Bridge (typed Any: the pipeline imports this module)."""
     old = bridge.config
     if not secure_unchanged(old, new):
         raise ValueError("secure peers changed: restart to apply")

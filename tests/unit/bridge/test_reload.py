@@ -17,7 +17,6 @@ import pytest
 from bridge import cli
 from bridge.config import loads_config
 from bridge.io.fake import MemoryTun
-from bridge.output import Output
 from bridge.reload import diff, plan, summary
 
 BASE = """\
