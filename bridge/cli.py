@@ -373,7 +373,8 @@ def reload_config(path: str, running: Any, kernel: Any, engine: Any = None, tun:
     applied, restart = rl.plan(changes, inspect_live, peers_live)
     effective = replace(running, peers=new.peers if peers_live else running.peers,
                         mss_clamp=new.mss_clamp if peers_live else running.mss_clamp,
-                        inspect=new.inspect if inspect_live else running.inspect)
+                        inspect=new.inspect if inspect_live else running.inspect,
+                        hosts_file=new.hosts_file)
     problems: list[str] = []
     if engine is not None and effective != running:
         _done, problems = apply_reload(engine, tun, udps or [], running, effective)

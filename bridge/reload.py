@@ -15,7 +15,7 @@ Rules of this module
   kernel backend: bridge/kernel/run.py re-reads them). What truly needs a restart is named,
   one key path each, as "NOT applied, restart to apply" in the log line and in the answer
   of `grebe reload`: the TUN (name, addresses, MTU), the listen sockets, the process layout
-  (split_directions, keep_warm, datapath), control_socket, metrics_listen, pmtu, hosts_file;
+  (split_directions, keep_warm, datapath), control_socket, metrics_listen, pmtu;
   any change to a secure peer or the set of secure peers (their sessions are keyed by peer
   index: `secure_unchanged`), peers of an endpoint on the eBPF fast path, and the first
   userspace [[inspect]] rule of an endpoint that had none (one process, ordered TUN
@@ -79,8 +79,9 @@ def plan(changes: list[str], inspect_live: bool, peers_live: bool = True
     """(applied, needs_restart): `[[inspect]]` changes when `inspect_live` (the caller's
     word: the backends that run can take the new rules, module docstring), every peer
     change and mss_clamp when `peers_live` (the running Bridge takes them,
-    bridge/reconfig.py), all peers or none; everything else needs a restart."""
-    applied = [c for c in changes if (c == "inspect" and inspect_live)
+    bridge/reconfig.py), all peers or none; hosts_file always (the names were looked up
+    in it as the file was read); everything else needs a restart."""
+    applied = [c for c in changes if (c == "inspect" and inspect_live) or c == "hosts_file"
                or (peers_live and (c.startswith("peers") or c in LIVE_TOP))]
     return applied, [c for c in changes if c not in applied]
 
