@@ -193,8 +193,6 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
         except OSError as e:
             raise _bind_error(e, "listen", f"{cfg.listen.address} port {cfg.listen.port}"
                               ) from None
-        if full_tunnel(cfg):  # bridge/io/policy.py: the tunnel's datagrams skip its route
-            udp.set_mark(cfg.tun.fwmark)
         if bridge.secure is not None:  # issue 12: the secure peers' own port
             try:
                 sudp = UdpEndpoint(cfg.listen.address, cfg.listen.secure_port, gso=offload,
@@ -202,6 +200,10 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
             except OSError as e:
                 raise _bind_error(e, "listen.secure_port",
                                   f"{cfg.listen.address} port {cfg.listen.secure_port}") from None
+        if full_tunnel(cfg):  # bridge/io/policy.py: the tunnel's datagrams skip its route
+            for sock in (udp, sudp):
+                if sock is not None:
+                    sock.set_mark(cfg.tun.fwmark)
         warm = cfg.keep_warm and os.environ.get("GREBE_KEEP_WARM", "1") == "1"
         # one process per direction (bridge/io/split.py); never with [[inspect]] rules
         # nor secure peers (a session serves both directions)

@@ -81,8 +81,7 @@ class FullTunnel:
                     f.write("1")
         self.families.add(family)
         log.info("full tunnel %s: table %d, rules 'not fwmark %#x lookup %d' and 'lookup "
-                 "main suppress_prefixlength 0'", net, self.table, self.fwmark, self.fwmark,
-                 self.table)
+                 "main suppress_prefixlength 0'", net, self.table, self.fwmark, self.table)
 
     def remove(self, ipr: Any, net: str) -> None:
         """Undo `add` for the family of `net`."""

@@ -84,3 +84,28 @@ def test_a_full_tunnel_prefix_may_cover_the_endpoint(tmp_path: Path) -> None:
     cfg = loads_config(FILE.format(endpoint="198.18.0.2", prefixes='"0.0.0.0/0"', hosts="h",
                                    tun="table = 100\nfwmark = 0x51820"))
     assert (cfg.tun.table, cfg.tun.fwmark) == (100, 0x51820)
+
+
+def test_a_full_tunnel_peer_delivers_to_this_site() -> None:
+    """Inbound from a /0 peer: a destination only the /0 covers is this site's (the host's
+    specific routes win over the full tunnel), not a hairpin; one inside another peer's
+    prefix is still forwarded, and one inside the same peer's specific prefix a hairpin."""
+    import ipaddress
+
+    from bridge import counters as C
+    from bridge.peers import PeerTable
+
+    cfg = loads_config(FILE.format(endpoint="198.18.0.2", hosts="h", tun="",
+                                   prefixes='"0.0.0.0/0", "198.18.9.0/24"')
+                       + '[[peers]]\nname = "c"\nendpoint = "198.18.0.3"\n'
+                         'prefixes = ["198.18.3.0/24"]\n')
+    t = PeerTable(cfg.peers)
+
+    def ip(a: str) -> bytes:
+        return ipaddress.ip_address(a).packed
+
+    src = ip("198.19.0.10")   # the internet, behind the full-tunnel peer
+    assert t.accept(0, src, ip("198.18.1.10"), 64) == -1
+    assert t.accept(0, src, ip("198.18.3.10"), 64) == -1           # to peer c: forwarded
+    assert t.accept(0, src, ip("198.18.9.1"), 64) == C.R_HAIRPIN
+    assert t.accept(1, ip("198.18.3.10"), ip("198.18.1.10"), 64) == -1
