@@ -34,6 +34,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -278,8 +279,6 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
             if kernel is not None:
                 # the relays' RSTs to servers leave through the TUN: reset them (off the
                 # signal handler, it waits on the backend's loop) while the data plane runs
-                import threading
-
                 stopping = kernel
 
                 def stop_kernel_first() -> None:
@@ -293,17 +292,27 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         running = [cfg]
+        one_reload = threading.Lock()  # `grebe reload` and SIGHUP, one at a time
 
         def reload(_req: dict[str, Any]) -> dict[str, Any]:
-            answer, running[0] = reload_config(args.config, running[0], kernel, engine, tun,
-                                               [udp, sudp])
+            with one_reload:
+                answer, running[0] = reload_config(args.config, running[0], kernel, engine,
+                                                   tun, [udp, sudp])
             return answer
 
-        def on_hup(_signum: int, _frame: Any) -> None:
-            log.info("SIGHUP: reloading %s", args.config)
+        def hup_reload() -> None:
             reloading()
-            reload({})
+            try:
+                reload({})
+            except Exception:  # a bug must not end the endpoint: logged, the old config runs
+                log.exception("reload failed")
             notify("READY=1")
+
+        def on_hup(_signum: int, _frame: Any) -> None:
+            # Off the handler: it runs on the main thread between two bytecodes, maybe while
+            # that thread holds the Engine's lock, which the reload takes.
+            log.info("SIGHUP: reloading %s", args.config)
+            threading.Thread(target=hup_reload, name="reload", daemon=True).start()
 
         ctl.register("reload", reload)
         signal.signal(signal.SIGHUP, on_hup)   # always: SIGHUP's default would kill us
