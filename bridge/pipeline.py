@@ -583,6 +583,7 @@ class Bridge:
                 "name": p.name,
                 "endpoint": f"[{p.addr[0]}]:{p.addr[1]}" if ":" in p.addr[0]
                 else f"{p.addr[0]}:{p.addr[1]}",
+                **({"hostname": cfg.hostname} if cfg.hostname else {}),  # as configured
                 "encapsulation": cfg.encapsulation.value,
                 "prefixes": [str(n) for n in cfg.prefixes],
                 "up": p.up and p.heard,   # never heard: not up, whatever the liveness timer

@@ -94,6 +94,8 @@ def test_reload_adds_and_changes_peers_while_a_download_runs(lab_factory: Any,
     # gw-d, known by name: reachable from h-a
     lab.wait_for(lambda: _ping(lab, "h-a", "198.18.100.4"), 15, "h-a -> gw-d")
     assert _peer(_status(lab, "gw-a"), "gw-d")["endpoint"] == "198.18.0.4:4754"
+    assert _peer(_status(lab, "gw-a"), "gw-d")["hostname"] == "gw-d.lab"
+    assert _peer(_status(lab, "gw-d"), "gw-a")["endpoint"] == "198.18.0.1:4754"  # by name
     # gw-c's new key is in force: its old-key keepalives are refused until it reloads too
     lab.wait_for(lambda: _status(lab, "gw-a")["drops"].get("wrong_key", 0) > 0, 10,
                  "gw-c's key-42 datagrams refused")
