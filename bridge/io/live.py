@@ -62,6 +62,8 @@ def apply_reload(engine: Any, tun: Any, udps: list[Any], old: Config, new: Confi
         if rx is not None:
             rx.resume()
         raise
+    if engine.warmer is not None:  # keep-warm's shadow Bridges follow (bridge/io/warm.py)
+        engine.warmer.rebuild()
     before, after = prefixes(old), prefixes(new)
     if before != after and hasattr(tun, "update_routes"):
         try:

@@ -313,6 +313,8 @@ def _reload(e: Engine, data: bytes, v: memoryview[float], mtus: list[float]
         config, now = pickle.loads(data)  # noqa: S301 - our own parent, over a socketpair
         with e.lock:
             reconfigure(e.bridge, config, now)
+            if e.warmer is not None:
+                e.warmer.rebuild()
             for i, p in enumerate(e.bridge.peers):
                 v[2 * i] = p.last_rx
                 mtus[i] = 0.0

@@ -159,8 +159,11 @@ class _Engine:
     fast_path = None
 
     def __init__(self, bridge: Any) -> None:
+        from bridge.io.warm import Warmer
+
         self.bridge = bridge
         self.applied = 0
+        self.warmer = Warmer(bridge)
 
     def clock(self) -> float:
         return 7.0
@@ -208,6 +211,7 @@ def test_peer_changes_are_applied_and_the_rest_named(tmp_path: Path) -> None:
     assert (peer.keepalive, peer.dead_after, peer.withdraw, peer.key_in) == (1.0, 4.0, True, 2)
     assert peer.last_rx == 7.0 and bridge.counters.rx_bytes[0] == 99  # renewed: new key
     assert [p.name for p in bridge.peers] == ["a", "c"]
+    assert [p.name for p in engine.warmer._t.peers] == ["a", "c"]   # keep-warm's shadows
     assert routes.calls == [(["0.0.0.0/0", "198.18.21.0/24"], [])]
     assert now.tun.name == "gb0" and now.peers[0].key_in == 2   # what runs
     assert now.peers[0].down_action is DownAction.WITHDRAW
