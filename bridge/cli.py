@@ -157,7 +157,7 @@ def _bind_error(e: OSError, key: str, value: str) -> OSError:
 
 def _run_up(args: argparse.Namespace, cfg: Any) -> int:
     from bridge.io.control import ControlServer, MetricsServer, io_prometheus, socket_name
-    from bridge.io.live import full_tunnel
+    from bridge.io.live import full_tunnel, reload_config
     from bridge.io.loop import Engine
     from bridge.io.notify import notify, reloading
     from bridge.io.runner import Runner
@@ -297,7 +297,7 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
         def reload(_req: dict[str, Any]) -> dict[str, Any]:
             with one_reload:
                 answer, running[0] = reload_config(args.config, running[0], kernel, engine,
-                                                   tun, [udp, sudp])
+                                                   tun, [udp, sudp])  # bridge/io/live.py
             return answer
 
         def hup_reload() -> None:
@@ -341,60 +341,6 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
         tun.close()
         log.info("grebe down: %s removed", cfg.tun.name)
     return EXIT_FAILED if failed else 0
-
-
-def reload_config(path: str, running: Any, kernel: Any, engine: Any = None, tun: Any = None,
-                  udps: list[Any] | None = None) -> tuple[dict[str, Any], Any]:
-    """`grebe reload` / SIGHUP (bridge/reload.py): re-read `path`; refuse it with its errors
-    (the running configuration stays) or apply what can be applied (bridge/io/live.py) and
-    name the rest. Returns (the answer for `grebe reload`, the configuration now running)."""
-    from dataclasses import replace
-
-    from bridge import reload as rl
-    from bridge.config import load_config
-    from bridge.errors import ConfigErrors
-    from bridge.flows import Backend
-    from bridge.io.live import apply_reload
-    from bridge.io.resolve import resolve
-    from bridge.reconfig import needs_terminator, secure_unchanged
-
-    try:
-        new = load_config(path, resolve)
-    except ConfigErrors as e:
-        for err in e.errors:
-            log.error("%s", err)
-        log.error("reload %s refused (%d error(s)): the running configuration stays",
-                  path, len(e.errors))
-        return {"ok": False, "errors": [str(x) for x in e.errors]}, running
-    changes = rl.diff(running, new)
-
-    def rules(c: Any, backend: Backend) -> list[Any]:
-        return [r for r in c.inspect_rules() if r.backend is backend]
-
-    bridge = engine.bridge if engine is not None else None
-    kernel_same = rules(running, Backend.KERNEL) == rules(new, Backend.KERNEL)
-    user_same = rules(running, Backend.USERSPACE) == rules(new, Backend.USERSPACE)
-    user_ok = user_same or (bridge is not None and (bridge.terminator is not None
-                                                    or not needs_terminator(running, new)))
-    inspect_live = user_ok and (kernel_same or kernel is not None)
-    sib = engine.sibling if engine is not None else None
-    peers_live = (engine is not None and secure_unchanged(running, new)
-                  and getattr(engine, "fast_path", None) is None
-                  and (sib is None or len(new.peers) <= sib.shared.capacity))
-    applied, restart = rl.plan(changes, inspect_live, peers_live)
-    effective = replace(running, peers=new.peers if peers_live else running.peers,
-                        mss_clamp=new.mss_clamp if peers_live else running.mss_clamp,
-                        inspect=new.inspect if inspect_live else running.inspect,
-                        hosts_file=new.hosts_file)
-    problems: list[str] = []
-    if engine is not None and effective != running:
-        _done, problems = apply_reload(engine, tun, udps or [], running, effective)
-    if kernel is not None and (inspect_live or kernel_same):
-        kernel.reload()     # re-reads the file's rules on the backend's own loop (as ever)
-    log.info("%s", rl.summary(path, applied, restart))
-    return {"ok": True, "applied": applied, "needs_restart": restart,
-            **({"problems": problems} if problems else {})}, \
-        running if effective == running else effective
 
 
 # -- status -----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Applying a reload to a running endpoint: the core, the routes, the TUN MTU, the sockets'
-mark and the UDP->TUN process, in that order (bridge/reload.py decides what is applied).
+"""Applying a reload to a running endpoint (`grebe reload`, SIGHUP; `reload_config` reads
+the file, bridge/reload.py decides what is applied): the core, the routes, the TUN MTU, the
+sockets' mark and the UDP->TUN process, in that order.
 
 Rules:
 - The core first, under the Engine's lock (`Engine.apply`, bridge/reconfig.py): a packet
@@ -21,14 +22,19 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
-from bridge.config import Config
-from bridge.reconfig import Reconfigured, reconfigure
+from bridge import reload as rl
+from bridge.config import Config, load_config
+from bridge.errors import ConfigErrors
+from bridge.flows import Backend
+from bridge.io.resolve import resolve
+from bridge.reconfig import Reconfigured, needs_terminator, reconfigure, secure_unchanged
 
 log = logging.getLogger("grebe.reload")
 
-__all__ = ["apply_reload", "full_tunnel", "prefixes"]
+__all__ = ["apply_reload", "full_tunnel", "prefixes", "reload_config"]
 
 
 def prefixes(c: Config) -> set[str]:
@@ -86,3 +92,47 @@ def apply_reload(engine: Any, tun: Any, udps: list[Any], old: Config, new: Confi
              ",".join(done.added) or "-", ",".join(done.removed) or "-",
              (time.monotonic() - now) * 1000 if engine.clock is time.monotonic else 0.0)
     return done, problems
+
+
+def reload_config(path: str, running: Any, kernel: Any, engine: Any = None, tun: Any = None,
+                  udps: list[Any] | None = None) -> tuple[dict[str, Any], Any]:
+    """`grebe reload` / SIGHUP (bridge/reload.py): re-read `path`; refuse it with its errors
+    (the running configuration stays) or apply what can be applied (bridge/io/live.py) and
+    name the rest. Returns (the answer for `grebe reload`, the configuration now running)."""
+    try:
+        new = load_config(path, resolve)
+    except ConfigErrors as e:
+        for err in e.errors:
+            log.error("%s", err)
+        log.error("reload %s refused (%d error(s)): the running configuration stays",
+                  path, len(e.errors))
+        return {"ok": False, "errors": [str(x) for x in e.errors]}, running
+    changes = rl.diff(running, new)
+
+    def rules(c: Any, backend: Backend) -> list[Any]:
+        return [r for r in c.inspect_rules() if r.backend is backend]
+
+    bridge = engine.bridge if engine is not None else None
+    kernel_same = rules(running, Backend.KERNEL) == rules(new, Backend.KERNEL)
+    user_same = rules(running, Backend.USERSPACE) == rules(new, Backend.USERSPACE)
+    user_ok = user_same or (bridge is not None and (bridge.terminator is not None
+                                                    or not needs_terminator(running, new)))
+    inspect_live = user_ok and (kernel_same or kernel is not None)
+    sib = engine.sibling if engine is not None else None
+    peers_live = (engine is not None and secure_unchanged(running, new)
+                  and getattr(engine, "fast_path", None) is None
+                  and (sib is None or len(new.peers) <= sib.shared.capacity))
+    applied, restart = rl.plan(changes, inspect_live, peers_live)
+    effective = replace(running, peers=new.peers if peers_live else running.peers,
+                        mss_clamp=new.mss_clamp if peers_live else running.mss_clamp,
+                        inspect=new.inspect if inspect_live else running.inspect,
+                        hosts_file=new.hosts_file)
+    problems: list[str] = []
+    if engine is not None and effective != running:
+        _done, problems = apply_reload(engine, tun, udps or [], running, effective)
+    if kernel is not None and (inspect_live or kernel_same):
+        kernel.reload()     # re-reads the file's rules on the backend's own loop (as ever)
+    log.info("%s", rl.summary(path, applied, restart))
+    return {"ok": True, "applied": applied, "needs_restart": restart,
+            **({"problems": problems} if problems else {})}, \
+        running if effective == running else effective

@@ -16,6 +16,7 @@ import pytest
 
 from bridge import cli
 from bridge.config import loads_config
+from bridge.io import live
 from bridge.io.fake import MemoryTun
 from bridge.reload import diff, plan, summary
 
@@ -78,7 +79,7 @@ def test_bad_file_is_refused_and_the_running_config_stays(tmp_path: Path) -> Non
     f = tmp_path / "g.toml"
     running = loads_config(BASE + RULE)
     f.write_text(BASE.replace('"198.18.0.2"', '"2001:db8::2:4754"') + "colour = 1\n")
-    answer, now = cli.reload_config(str(f), running, _Kernel())
+    answer, now = live.reload_config(str(f), running, _Kernel())
     assert answer["ok"] is False and now is running
     assert len(answer["errors"]) == 2 and "needs brackets" in answer["errors"][0]
 
@@ -91,18 +92,18 @@ def test_good_file_applies_kernel_rules_and_names_the_rest(tmp_path: Path,
     f.write_text(BASE.replace("key = 1", "key = 7") + RULE.replace("[80]", "[80, 443]"))
     k = _Kernel()
     caplog.set_level("INFO", logger="grebe")
-    answer, now = cli.reload_config(str(f), running, k)
+    answer, now = live.reload_config(str(f), running, k)
     assert answer == {"ok": True, "applied": ["inspect"],
                       "needs_restart": ["peers[a].key_in", "peers[a].key_out"]}
     assert k.reloads == 1 and now.inspect != running.inspect and now.peers == running.peers
     assert any("NOT applied, restart to apply: peers[a].key_in" in r.getMessage()
                for r in caplog.records)
     # without a kernel backend nothing is applied, and the answer says so
-    answer, now = cli.reload_config(str(f), running, None)
+    answer, now = live.reload_config(str(f), running, None)
     assert answer["applied"] == [] and "inspect" in answer["needs_restart"] and now is running
     # an unchanged file still has the kernel backend re-read its rules (SIGHUP as before)
     f.write_text(BASE + RULE)
-    answer, now = cli.reload_config(str(f), running, k)
+    answer, now = live.reload_config(str(f), running, k)
     assert answer == {"ok": True, "applied": [], "needs_restart": []} and k.reloads == 2
 
 
@@ -202,7 +203,7 @@ def test_peer_changes_are_applied_and_the_rest_named(tmp_path: Path) -> None:
                  .replace('"198.18.20.0/24"', '"198.18.20.0/24", "198.18.21.0/24"')
                  + '[[peers]]\nname = "c"\nendpoint = "198.18.0.3"\nprefixes = ["0.0.0.0/0"]\n')
     engine, routes = _Engine(bridge), _Routes()
-    answer, now = cli.reload_config(str(f), running, None, engine, routes)
+    answer, now = live.reload_config(str(f), running, None, engine, routes)
     assert answer["applied"] == ["peers[c] (added)", "peers[a].prefixes", "peers[a].key_in",
                                  "peers[a].key_out", "peers[a].keepalive",
                                  "peers[a].dead_after", "peers[a].down_action"]
@@ -216,12 +217,12 @@ def test_peer_changes_are_applied_and_the_rest_named(tmp_path: Path) -> None:
     assert now.tun.name == "gb0" and now.peers[0].key_in == 2   # what runs
     assert now.peers[0].down_action is DownAction.WITHDRAW
     # the same file again: nothing left to apply but the TUN name
-    answer, again = cli.reload_config(str(f), now, None, engine, routes)
+    answer, again = live.reload_config(str(f), now, None, engine, routes)
     assert answer["applied"] == [] and answer["needs_restart"] == ["tun.name"]
     assert engine.applied == 1
     # a peer removed: its route goes
     f.write_text(BASE)
-    answer, now = cli.reload_config(str(f), again, None, engine, routes)
+    answer, now = live.reload_config(str(f), again, None, engine, routes)
     assert "peers[c] (removed)" in answer["applied"]
     assert routes.calls[-1] == ([], ["0.0.0.0/0", "198.18.21.0/24"])
     assert [p.name for p in bridge.peers] == ["a"] and bridge.peers[0].key_in == 1
@@ -245,12 +246,12 @@ def test_secure_peers_keep_their_sessions_or_ask_for_a_restart(tmp_path: Path) -
     link, state = bridge.secure, bridge.peers[0]
     f = tmp_path / "g.toml"
     f.write_text(secure.replace('"198.18.20.0/24"', '"198.18.21.0/24"') + plain)
-    answer, now = cli.reload_config(str(f), running, None, _Engine(bridge))
+    answer, now = live.reload_config(str(f), running, None, _Engine(bridge))
     assert answer["needs_restart"] == [] and "peers[p] (added)" in answer["applied"]
     assert bridge.secure is link and bridge.peers[0] is state and len(bridge.peers) == 2
     moved = secure.replace('name = "s"', 'name = "q"\nendpoint = "198.18.0.9"\nprefixes = []'
                            '\n[[peers]]\nname = "s"', 1)
     for text in (moved, secure.replace(pub, write_private_key(str(tmp_path / "c.key")))):
         f.write_text(text)
-        answer, after = cli.reload_config(str(f), now, None, _Engine(bridge))
+        answer, after = live.reload_config(str(f), now, None, _Engine(bridge))
         assert answer["applied"] == [] and answer["needs_restart"] and after is now
