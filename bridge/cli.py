@@ -20,9 +20,9 @@ Logs go through `logging` to stderr, one line per state change (never per packet
 SIGTERM and SIGINT stop `up` cleanly: routes and the TUN are removed, exit status 0.
 With kernel-backend `[[inspect]]` rules `up` also runs the TPROXY backend (bridge/kernel/run.py)
 and removes its nft table and policy rules on exit.
-SIGHUP (and `grebe reload`) re-reads the file and never stops the endpoint (bridge/reload.py):
-a bad file is refused with its errors; kernel-backend rules are applied; every other change
-is logged as needing a restart.
+SIGHUP (and `grebe reload`) re-reads the file and never stops the endpoint (bridge/reload.py,
+bridge/io/live.py, on a thread of its own for SIGHUP): a bad file is refused with its errors;
+peers, [[inspect]] rules and mss_clamp are applied live; what truly needs a restart is named.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ Rules of this module
 Theory of operation: `diff(old, new)` walks the frozen dataclasses of bridge/config.py and
 returns sorted key paths ("peers[site-b].key_in", "peers[site-c] (added)", "inspect");
 `plan(changes, inspect_live, peers_live)` splits them into (applied, needs_restart).
-Pure: no I/O here; bridge/cli.py reads the file, bridge/io/live.py applies, cli logs.
+Pure: no I/O here; bridge/io/live.py `reload_config` reads the file, applies and logs.
 """
 
 from __future__ import annotations
