@@ -13,9 +13,12 @@ Rules of this module
 - Peers are renumbered to the new order; the counters' per-peer lists, the peer table
   (longest-prefix match, AllowedIPs, loop guard) and the fast paths follow. The list
   `bridge.peers` is changed in place: the SecureLink and the split child's closures hold it.
-- Secure peers (bridge/securelink.py, sessions keyed by peer index) are not renumbered:
-  `secure_unchanged(old, new)` must hold (the same secure peers, same index, same wire
-  identity); the caller (bridge/reload.py `plan`) asks for a restart otherwise.
+- Secure peers (bridge/securelink.py, bridge/secure/endpoint.py: sessions keyed by peer
+  index) follow the same rule: an unchanged secure peer keeps its PeerSession (keys of the
+  current session, replay window, roamed endpoint), renumbered; a new or changed one gets
+  a fresh PeerSession and handshakes (as at start-up); a removed one's session and its
+  receiver indices go. `needs_secure_socket(old, new)`: the first secure peer of an
+  endpoint that had none needs the secure UDP socket, a restart (bridge/reload.py).
 - Userspace [[inspect]] rules: new SYNs follow the new rules, flows already terminated
   keep their decision and their inspector chain (`set_rules`): an unchanged rule keeps its
   chain, a new or changed one gets a new chain (its inspectors loaded again), a retired
@@ -40,14 +43,15 @@ from typing import TYPE_CHECKING, Any
 from bridge.config import Config, DownAction, Encapsulation, PeerConfig, SeqPolicy
 from bridge.encap import overhead
 from bridge.flows import Backend, FlowSelector
-from bridge.peers import PeerState, PeerTable
+from bridge.peers import PeerState, PeerTable, secure_key
 from bridge.secure import OVERHEAD
 
 if TYPE_CHECKING:
     from bridge.flows import InspectRule
+    from bridge.securelink import SecureLink
     from bridge.userspace.terminator import Terminator
 
-__all__ = ["Reconfigured", "new_state", "reconfigure", "same_wire", "secure_unchanged",
+__all__ = ["Reconfigured", "new_state", "reconfigure", "same_wire", "needs_secure_socket",
            "needs_terminator", "set_rules"]
 
 _LIVE_FIELDS = {"prefixes": (), "keepalive": 0.0, "dead_after": 0.0,
@@ -74,11 +78,9 @@ def same_wire(a: PeerConfig, b: PeerConfig) -> bool:
     return _wire(a) == _wire(b)
 
 
-def secure_unchanged(old: Config, new: Config) -> bool:
-    """The secure peers are the same, at the same index, with the same wire identity."""
-    def key(c: Config) -> list[tuple[int, PeerConfig]]:
-        return [(i, _wire(p)) for i, p in enumerate(c.peers) if p.secure]
-    return key(old) == key(new)
+def needs_secure_socket(old: Config, new: Config) -> bool:
+    """`new` has secure peers and `old` (what the endpoint was started with) none."""
+    return any(p.secure for p in new.peers) and not any(p.secure for p in old.peers)
 
 
 def _userspace(c: Config) -> bool:
@@ -107,8 +109,11 @@ def reconfigure(bridge: Any, new: Config, now: float) -> Reconfigured:
     docstring). Raises ValueError, touching nothing, for what needs a restart. `bridge` is
     a bridge/pipeline.py Bridge (typed Any: the pipeline imports this module)."""
     old = bridge.config
-    if not secure_unchanged(old, new):
-        raise ValueError("secure peers changed: restart to apply")
+    if bridge.secure is None and any(p.secure for p in new.peers):
+        raise ValueError("the first secure peer: restart to apply (the secure socket)")
+    pubs = [k for p in new.peers if p.secure for k in p.security.public_keys]
+    if len(pubs) != len(set(pubs)):
+        raise ValueError("a public key used by two secure peers")
     if needs_terminator(old, new) and bridge.terminator is None:
         raise ValueError("the first userspace [[inspect]] rule: restart to apply")
     before = {p.name: (st, p) for st, p in zip(bridge.peers, old.peers, strict=True)}
@@ -138,6 +143,8 @@ def reconfigure(bridge: Any, new: Config, now: float) -> Reconfigured:
     c.rx_packets, c.rx_bytes, c.tx_packets, c.tx_bytes = (
         [r[k] for r in rows] for k in range(4))
     bridge.peers[:] = states
+    if bridge.secure is not None:
+        _secure(bridge.secure, old, new, states, now)
     bridge.table = PeerTable(new.peers, local=[new.listen.address], states=bridge.peers,
                              tun=new.tun.addresses)
     bridge.fast.table = bridge.table
@@ -152,6 +159,42 @@ def reconfigure(bridge: Any, new: Config, now: float) -> Reconfigured:
             set_rules(bridge.terminator, tuple(rules))
     bridge.config = new
     return Reconfigured(tuple(kept), tuple(renewed), tuple(added), removed, bridge.tun_mtu)
+
+
+def _secure(link: SecureLink, old: Config, new: Config, states: list[PeerState],
+            now: float) -> None:
+    """Renumber the secure peers' sessions (module docstring)."""
+    from bridge.secure import PeerSpec
+    from bridge.secure.session import PeerSession
+
+    ep = link.ep
+    before = {p.name: (i, p) for i, p in enumerate(old.peers) if p.secure}
+    sessions: dict[int, PeerSession] = {}
+    for i, p in enumerate(new.peers):
+        if not p.secure:
+            continue
+        hit = before.get(p.name)
+        if hit is not None and same_wire(hit[1], p) and hit[0] in ep.peers:
+            sess = ep.peers[hit[0]]
+            sess.index = i
+        else:
+            sess = PeerSession(PeerSpec(i, p.name, p.security, p.endpoint), now)
+        sessions[i] = sess
+    by_public: dict[bytes, PeerSession] = {}
+    for sess in sessions.values():
+        for pub in sess.remote_publics:
+            by_public[pub] = sess  # unique: checked before anything changed
+    live = set(map(id, sessions.values()))
+    ep.indices = {k: v for k, v in ep.indices.items() if id(v[0]) in live}
+    ep.peers = sessions
+    ep.by_public = by_public
+    ep.identities = {}
+    for sess in sessions.values():
+        for ident in sess.identities:
+            ep.identities.setdefault(ident.public, ident)
+    link.addrs = [(i, states[i].addr) for i in sessions]
+    link.keys = {i: secure_key(i) for i in sessions}
+    link.modes = {new.peers[i].name: (i, new.peers[i].security.mode.value) for i in sessions}
 
 
 def set_rules(term: Terminator, rules: tuple[InspectRule, ...]) -> None:

@@ -10,14 +10,15 @@ Rules of this module
   What the running endpoint can take without touching other traffic is applied
   (bridge/reconfig.py for the core, bridge/io/live.py for routes, the TUN MTU and the
   UDP->TUN process): peers added, removed or changed (endpoint, keys, prefixes,
-  encapsulation, sequence, liveness; an unchanged peer keeps its sequence numbers and
-  liveness), mss_clamp, and [[inspect]] rules (userspace: new flows follow the new rules;
-  kernel backend: bridge/kernel/run.py re-reads them). What truly needs a restart is named,
+  encapsulation, sequence, liveness, security mode and keys; an unchanged peer keeps its
+  sequence numbers, liveness and secure session), mss_clamp, and [[inspect]] rules
+  (userspace: new flows follow the new rules; kernel backend: bridge/kernel/run.py re-reads
+  them). What truly needs a restart is named,
   one key path each, as "NOT applied, restart to apply" in the log line and in the answer
   of `grebe reload`: the TUN (name, addresses, MTU), the listen sockets, the process layout
   (split_directions, keep_warm, datapath), control_socket, metrics_listen, pmtu;
-  any change to a secure peer or the set of secure peers (their sessions are keyed by peer
-  index: `secure_unchanged`), peers of an endpoint on the eBPF fast path, and the first
+  the first secure peer of an endpoint started without one (the secure socket), peers of an
+  endpoint on the eBPF fast path, and the first
   userspace [[inspect]] rule of an endpoint that had none (one process, ordered TUN
   writes). The peers are applied all or none: never half a set of peers.
 

@@ -30,7 +30,7 @@ from bridge.config import Config, load_config
 from bridge.errors import ConfigErrors
 from bridge.flows import Backend
 from bridge.io.resolve import resolve
-from bridge.reconfig import Reconfigured, needs_terminator, reconfigure, secure_unchanged
+from bridge.reconfig import Reconfigured, needs_secure_socket, needs_terminator, reconfigure
 
 log = logging.getLogger("grebe.reload")
 
@@ -119,7 +119,8 @@ def reload_config(path: str, running: Any, kernel: Any, engine: Any = None, tun:
                                                     or not needs_terminator(running, new)))
     inspect_live = user_ok and (kernel_same or kernel is not None)
     sib = engine.sibling if engine is not None else None
-    peers_live = (engine is not None and secure_unchanged(running, new)
+    peers_live = (engine is not None and not (engine.bridge.secure is None
+                                              and needs_secure_socket(running, new))
                   and getattr(engine, "fast_path", None) is None
                   and (sib is None or len(new.peers) <= sib.shared.capacity))
     applied, restart = rl.plan(changes, inspect_live, peers_live)

@@ -13,7 +13,7 @@ from grebe_sites import A_ADDR, B_ADDR, Pair, v4
 from bridge.config import Config, loads_config
 from bridge.encap import decode_gre
 from bridge.pipeline import Output
-from bridge.reconfig import needs_terminator, reconfigure, same_wire, secure_unchanged
+from bridge.reconfig import needs_secure_socket, needs_terminator, reconfigure, same_wire
 
 C_ADDR = ("198.18.0.3", 4754)
 PEER_C = '''
@@ -135,7 +135,7 @@ def test_secure_and_terminator_changes_are_refused_untouched() -> None:
     pair = Pair()
     a = pair.a
     cfg = a.config
-    assert secure_unchanged(cfg, cfg)
+    assert not needs_secure_socket(cfg, cfg)
     rule = loads_config(_text() + '[[inspect]]\nname = "u"\nbackend = "userspace"\n'
                         'dst_ports = [80]\ninspectors = ["log"]\n')
     assert needs_terminator(cfg, rule)
