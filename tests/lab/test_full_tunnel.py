@@ -3,13 +3,15 @@
 IPv6, byte-exact over TCP; gw-a's own default route stays (the /0 lives in table 4754 by
 policy routing, bridge/io/policy.py), and the tunnel keeps working although its endpoint
 is reachable only by that default route: grebe's socket carries the fwmark, so its
-datagrams are not looped into the TUN (gw-a counts no "loop" drop). On exit the rules and
-the table's route are gone."""
+datagrams are not looped into the TUN (gw-a counts no "loop" drop). gw-a starts as a split
+tunnel (gw-a.split.toml) and becomes a full tunnel by `grebe reload`, then back: the rules
+come and go with the /0, and on exit nothing is left."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -32,15 +34,27 @@ def _rules(lab: Lab, v: str) -> str:
     return str(lab.run("gw-a", ["ip", v, "rule", "show"]).stdout)
 
 
-def test_full_tunnel_reaches_the_internet_behind_gw_b(lab_factory: Any) -> None:
+def _ping(lab: Lab, node: str, addr: str) -> bool:
+    return lab.run(node, ["ping", "-c", "1", "-W", "1", addr], check=False).returncode == 0
+
+
+def test_full_tunnel_reaches_the_internet_behind_gw_b(lab_factory: Any, tmp_path: Path) -> None:
     lab = lab_factory("full-tunnel")
-    assert not lab.run("client", ["ping", "-c", "1", "-W", "1", INET[0]],
-                       check=False).returncode == 0   # no tunnel: gw-b's WAN drops it
-    procs = {gw: lab.popen(gw, ["grebe", "up", "-c", str(CFG / f"{gw}.toml")],
+    cfg = tmp_path / "gw-a.toml"
+    shutil.copy(CFG / "gw-a.split.toml", cfg)
+    procs = {gw: lab.popen(gw, ["grebe", "up", "-c", str(cfg if gw == "gw-a" else
+                                                         CFG / f"{gw}.toml")],
                            log=str(lab.state_dir / f"grebe-{gw}.log"))
              for gw in ("gw-a", "gw-b")}
     for gw in procs:
         lab.wait_for(lambda gw=gw: _status(lab, gw), 20, f"grebe on {gw}")
+    # a split tunnel first: site b through gw-b, the internet host not (gw-b's WAN drops it)
+    lab.wait_for(lambda: _ping(lab, "client", "198.18.2.10"), 20, "client -> server")
+    assert not _ping(lab, "client", INET[0])
+    assert "4754" not in _rules(lab, "-4")
+    shutil.copy(CFG / "gw-a.toml", cfg)
+    cp = lab.run("gw-a", ["grebe", "reload"])
+    assert "peers[gw-b].prefixes" in cp.stdout and "restart" not in cp.stdout, cp.stdout
     for addr in INET:
         lab.wait_for(lambda addr=addr: lab.run("client", ["ping", "-c", "1", "-W", "1", addr],
                                                check=False).returncode == 0, 20,
@@ -70,6 +84,15 @@ def test_full_tunnel_reaches_the_internet_behind_gw_b(lab_factory: Any) -> None:
     assert peer["up"] and peer["rx_packets"] > 0 and st["drops"].get("loop", 0) == 0, st
     # the host's own traffic follows the full tunnel too (no mark), from its TUN address
     assert lab.run("gw-a", ["ping", "-c", "1", "-W", "2", INET[0]], check=False).returncode == 0
+    assert _ping(lab, "client", "198.18.2.10")
+    # back to the split tunnel: the rules and the table's route go, gw-b's LAN stays
+    shutil.copy(CFG / "gw-a.split.toml", cfg)
+    lab.run("gw-a", ["grebe", "reload"])
+    assert "4754" not in _rules(lab, "-4") and "4754" not in _rules(lab, "-6")
+    assert not _ping(lab, "client", INET[0]) and _ping(lab, "client", "198.18.2.10")
+    shutil.copy(CFG / "gw-a.toml", cfg)   # and full again, for the exit below
+    lab.run("gw-a", ["grebe", "reload"])
+    lab.wait_for(lambda: _ping(lab, "client", INET[1]), 10, "full tunnel again")
     procs["gw-a"].send_signal(signal.SIGTERM)
     assert procs["gw-a"].wait(timeout=15) == 0
     for v in ("-4", "-6"):

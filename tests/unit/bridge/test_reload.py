@@ -203,7 +203,16 @@ def test_peer_changes_are_applied_and_the_rest_named(tmp_path: Path) -> None:
                  .replace('"198.18.20.0/24"', '"198.18.20.0/24", "198.18.21.0/24"')
                  + '[[peers]]\nname = "c"\nendpoint = "198.18.0.3"\nprefixes = ["0.0.0.0/0"]\n')
     engine, routes = _Engine(bridge), _Routes()
-    answer, now = live.reload_config(str(f), running, None, engine, routes)
+
+    class _Udp:
+        mark = 0
+
+        def set_mark(self, mark: int) -> None:
+            self.mark = mark
+
+    udp = _Udp()
+    answer, now = live.reload_config(str(f), running, None, engine, routes, [udp, None])
+    assert udp.mark == 4754   # the first /0: grebe's datagrams skip the full tunnel
     assert answer["applied"] == ["peers[c] (added)", "peers[a].prefixes", "peers[a].key_in",
                                  "peers[a].key_out", "peers[a].keepalive",
                                  "peers[a].dead_after", "peers[a].down_action"]
