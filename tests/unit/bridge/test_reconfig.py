@@ -12,7 +12,7 @@ from grebe_sites import A_ADDR, B_ADDR, Pair, v4
 
 from bridge.config import Config, loads_config
 from bridge.encap import decode_gre
-from bridge.pipeline import Output
+from bridge.pipeline import Bridge, Output
 from bridge.reconfig import needs_secure_socket, needs_terminator, reconfigure, same_wire
 
 C_ADDR = ("198.18.0.3", 4754)
@@ -143,3 +143,24 @@ def test_secure_and_terminator_changes_are_refused_untouched() -> None:
     with pytest.raises(ValueError, match="userspace"):
         reconfigure(a, rule, 1.0)
     assert a.peers == before and a.config is cfg
+
+
+def test_userspace_rules_change_for_new_flows_only() -> None:
+    """A changed userspace rule: new SYNs follow it (the flow table's selector), the old
+    chain is retired under another name (flows still using it keep it), an unchanged rule
+    keeps its chain."""
+    rules = ('[[inspect]]\nname = "web"\nbackend = "userspace"\ndst_ports = [80]\n'
+             'inspectors = ["log"]\n[[inspect]]\nname = "ssh"\nbackend = "userspace"\n'
+             'dst_ports = [22]\ninspectors = ["log"]\n')
+    old = loads_config(_text() + rules)
+    a = Bridge(old, 0.0)
+    term = a.terminator
+    assert term is not None
+    ssh, web = term.manager.chains["ssh"], term.manager.chains["web"]
+    selector = term.table.selector
+    new = loads_config(_text() + rules.replace("[80]", "[80, 8080]"))
+    reconfigure(a, new, 1.0)
+    assert a.terminator is term and term.table.selector is not selector
+    chains = term.manager.chains
+    assert chains["ssh"] is ssh and chains["web~1"] is web and chains["web"] is not web
+    assert [r.dst_ports for r in term.rules if r.name == "web"] == [((80, 80), (8080, 8080))]
