@@ -43,6 +43,9 @@ Rules:
   default route) is of this site: the host's more specific routes win over the full
   tunnel's table (bridge/io/policy.py `suppress_prefixlength 0`), so the kernel delivers
   it locally, and treating it as a hairpin would drop every reply of the full tunnel.
+  Outbound, a link-scope destination (`link_scope`: MLD reports, router solicitations) that
+  only a /0 covers is not routed either: "link_local", as without a full tunnel (no ICMP
+  Time Exceeded for the TUN's own hop-limit-1 multicast).
 - `PeerState` is the runtime state of one peer (encoder, sequence receiver, liveness, MTU);
   the table reads it for `forward` (`states`, one per configured peer, same index).
 - `link_scope(dst)`: a destination no router forwards off its link: IPv6 multicast of
@@ -227,6 +230,8 @@ class PeerTable:
         idx = self._route_cache.get(key)
         if idx is None:
             idx = LOOP if key in self._endpoints else self.lookup(key)
+            if idx >= 0 and link_scope(key) and self._only_default(key):
+                idx = NO_ROUTE  # a full tunnel's /0 never takes the link's own chatter
             if len(self._route_cache) >= CACHE_MAX:
                 self._route_cache.clear()
             self._route_cache[key] = idx

@@ -109,3 +109,8 @@ def test_a_full_tunnel_peer_delivers_to_this_site() -> None:
     assert t.accept(0, src, ip("198.18.3.10"), 64) == -1           # to peer c: forwarded
     assert t.accept(0, src, ip("198.18.9.1"), 64) == C.R_HAIRPIN
     assert t.accept(1, ip("198.18.3.10"), ip("198.18.1.10"), 64) == -1
+
+    # outbound, the link's own chatter is not the full tunnel's (MLD reports, hop limit 1)
+    assert t.route(ip("ff02::16")) == -1 and t.route(ip("224.0.0.22")) == -1
+    assert t.route(ip("2001:db8:99::10")) == -1   # no ::/0 in this file
+    assert t.route(ip("198.19.0.10")) == 0
