@@ -207,11 +207,14 @@ split_directions = true               # UDP->TUN in its own process (off with [[
 datapath = "python"                   # "python" (default) | "auto" | "ebpf": kernel fast path
 control_socket = "@grebe/grebe0"      # optional; default: abstract @grebe/<tun name>
 metrics_listen = "127.0.0.1:9108"     # optional Prometheus text endpoint
+hosts_file = "/etc/grebe/hosts"       # optional: endpoint host names looked up here first
 
 [tun]
 name = "grebe0"
 addresses = ["198.18.100.1/30", "2001:db8:100::1/64"]
 mtu = "auto"                          # or an integer; auto = underlay MTU - overhead
+table = 4754                          # a peer owning 0.0.0.0/0 or ::/0: its routing table
+fwmark = 4754                         # and the mark of grebe's sockets, which skip that table
 
 [listen]
 address = "198.18.0.1"
@@ -225,8 +228,8 @@ fragment = true                       # IPv4 without DF, too big: fragment inner
 
 [[peers]]
 name = "site-b"
-endpoint = "198.18.0.2:4754"          # "[2001:db8::2]:4754" for IPv6
-prefixes = ["198.18.20.0/24", "2001:db8:20::/48"]
+endpoint = "198.18.0.2:4754"          # "[2001:db8::2]:4754" for IPv6; or "host.name:4754"
+prefixes = ["198.18.20.0/24", "2001:db8:20::/48"]  # "0.0.0.0/0", "::/0": a full tunnel
 encapsulation = "gre"                 # "gre" (GRE-in-UDP) | "ipip" (IPIP-in-UDP, FOU)
 key = 42                              # or key_in = 1 / key_out = 2
 sequence = "off"                      # "off" | "drop-late" | "reorder"
