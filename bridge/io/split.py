@@ -29,8 +29,9 @@ Rules:
   the parent its own first (lock held), then the child over the socket pair (the new
   Config and the parent's `now`, pickled; the child answers "ok" or what failed). Peers
   are renumbered, so the parent reads no last-heard slot (`pause`) until the child has
-  rewritten them in the new numbering; the MTU slots are cleared (a kept peer keeps the
-  MTU it learned in both processes). The shared page has room for PEER_ROOM peers.
+  rewritten them in the new numbering; the MTU slots are cleared before and written after,
+  from the parent's peers (the child's copies end with the parent's MTUs). The shared
+  page has room for PEER_ROOM peers.
 - With [[inspect]] rules an endpoint stays one process: a terminated flow's two legs are
   one TCP state machine, fed by both directions.
 - The child dies with the parent (PR_SET_PDEATHSIG) and on SIGTERM; it never removes
@@ -149,6 +150,8 @@ class RxProcess:
         return done
 
     def publish_mtu(self, addr: Addr, mtu: int) -> None:
+        if self._paused:
+            return  # a reload is renumbering the slots; it publishes every MTU when done
         for i, p in enumerate(self.bridge.peers):
             if p.addr == addr:
                 self.shared.v[2 * i + 1] = float(mtu)
@@ -207,7 +210,11 @@ class RxProcess:
                     got = s.recv(1 << 16).decode(errors="replace")
                 except OSError as e:
                     return f"receiving process {self.pid}: {e}"
-            return None if got == "ok" else got
+            if got != "ok":
+                return got
+            for i, p in enumerate(self.bridge.peers):  # the MTUs in the new numbering
+                v[2 * i + 1] = float(p.mtu + p.overhead)
+            return None
         finally:
             self._paused = False
 
