@@ -81,7 +81,10 @@ __all__ = [
 ]
 
 GRE_IN_UDP_PORT = 4754  # RFC 8086 §3.3 / IANA "GRE-in-UDP"
-FULL_TUNNEL_TABLE = 4754  # tun.table and tun.fwmark by default (a full tunnel's, /0 prefix)
+FULL_TUNNEL_TABLE = 4755  # tun.table by default (a full tunnel's, /0 prefix): not 4754,
+# the kernel inspection backend's table (bridge/kernel/setup.py), which a full tunnel may
+# run beside
+FULL_TUNNEL_MARK = 4754  # tun.fwmark by default (0x1292; the backend marks 0x4754)
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 # (name, IP version or 0 for either, hosts_file) -> the address; ValueError if none
 Resolver = Callable[[str, int, "str | None"], str]
@@ -123,7 +126,7 @@ class TunConfig:
     addresses: tuple[IPInterface, ...]
     mtu: int | None  # None = "auto": underlay MTU minus the largest peer overhead
     table: int = FULL_TUNNEL_TABLE  # full tunnel (a /0 prefix): its routing table
-    fwmark: int = FULL_TUNNEL_TABLE  # full tunnel: SO_MARK of the tunnel's own sockets
+    fwmark: int = FULL_TUNNEL_MARK  # full tunnel: SO_MARK of the tunnel's own sockets
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +216,7 @@ hosts_file = "/etc/grebe/hosts"       # optional: endpoint host names looked up 
 name = "grebe0"
 addresses = ["198.18.100.1/30", "2001:db8:100::1/64"]
 mtu = "auto"                          # or an integer; auto = underlay MTU - overhead
-table = 4754                          # a peer owning 0.0.0.0/0 or ::/0: its routing table
+table = 4755                          # a peer owning 0.0.0.0/0 or ::/0: its routing table
 fwmark = 4754                         # and the mark of grebe's sockets, which skip that table
 
 [listen]
@@ -442,7 +445,7 @@ def _parse_tun(r: _Reader, data: dict[str, Any]) -> TunConfig:
     if table in (253, 254, 255):
         r.error("tun.table", f"{table} is a kernel table (default, main, local): full-tunnel "
                 "routes need a table of their own")
-    fwmark = r.get(t, "fwmark", "tun", int, FULL_TUNNEL_TABLE, _range(1, 0xFFFFFFFF))
+    fwmark = r.get(t, "fwmark", "tun", int, FULL_TUNNEL_MARK, _range(1, 0xFFFFFFFF))
     r.unknown(t, "tun")
     return TunConfig(name=name, addresses=tuple(addrs), mtu=mtu, table=table, fwmark=fwmark)
 

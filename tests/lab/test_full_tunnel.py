@@ -1,6 +1,6 @@
 """Full tunnel (issue 13), topologies/full-tunnel.toml: gw-a's peer gw-b owns 0.0.0.0/0 and
 ::/0. The client behind gw-a reaches an "internet" host only gw-b routes to, over IPv4 and
-IPv6, byte-exact over TCP; gw-a's own default route stays (the /0 lives in table 4754 by
+IPv6, byte-exact over TCP; gw-a's own default route stays (the /0 lives in table 4755 by
 policy routing, bridge/io/policy.py), and the tunnel keeps working although its endpoint
 is reachable only by that default route: grebe's socket carries the fwmark, so its
 datagrams are not looped into the TUN (gw-a counts no "loop" drop). gw-a starts as a split
@@ -51,7 +51,7 @@ def test_full_tunnel_reaches_the_internet_behind_gw_b(lab_factory: Any, tmp_path
     # a split tunnel first: site b through gw-b, the internet host not (gw-b's WAN drops it)
     lab.wait_for(lambda: _ping(lab, "client", "198.18.2.10"), 20, "client -> server")
     assert not _ping(lab, "client", INET[0])
-    assert "4754" not in _rules(lab, "-4")
+    assert "0x1292" not in _rules(lab, "-4")
     shutil.copy(CFG / "gw-a.toml", cfg)
     cp = lab.run("gw-a", ["grebe", "reload"])
     assert "peers[gw-b].prefixes" in cp.stdout and "restart" not in cp.stdout, cp.stdout
@@ -62,9 +62,9 @@ def test_full_tunnel_reaches_the_internet_behind_gw_b(lab_factory: Any, tmp_path
     for v in ("-4", "-6"):
         rules = _rules(lab, v)
         assert "32760:\tfrom all lookup main suppress_prefixlength 0" in rules, rules
-        assert "32761:\tnot from all fwmark 0x1292 lookup 4754" in rules, rules
+        assert "32761:\tnot from all fwmark 0x1292 lookup 4755" in rules, rules
         assert "default dev grebe0" in lab.run("gw-a", ["ip", v, "route", "show", "table",
-                                                        "4754"]).stdout
+                                                        "4755"]).stdout
         assert "default via" in lab.run("gw-a", ["ip", v, "route", "show"]).stdout  # its own
     # TCP, byte-exact, from the internet host to the client
     size = 4 * 1024 * 1024
@@ -89,7 +89,7 @@ def test_full_tunnel_reaches_the_internet_behind_gw_b(lab_factory: Any, tmp_path
     # back to the split tunnel: the rules and the table's route go, gw-b's LAN stays
     shutil.copy(CFG / "gw-a.split.toml", cfg)
     lab.run("gw-a", ["grebe", "reload"])
-    assert "4754" not in _rules(lab, "-4") and "4754" not in _rules(lab, "-6")
+    assert "0x1292" not in _rules(lab, "-4") and "0x1292" not in _rules(lab, "-6")
     assert not _ping(lab, "client", INET[0]) and _ping(lab, "client", "198.18.2.10")
     shutil.copy(CFG / "gw-a.toml", cfg)   # and full again, for the exit below
     lab.run("gw-a", ["grebe", "reload"])
@@ -97,7 +97,7 @@ def test_full_tunnel_reaches_the_internet_behind_gw_b(lab_factory: Any, tmp_path
     procs["gw-a"].send_signal(signal.SIGTERM)
     assert procs["gw-a"].wait(timeout=15) == 0
     for v in ("-4", "-6"):
-        assert "4754" not in _rules(lab, v)
-        assert not lab.run("gw-a", ["ip", v, "route", "show", "table", "4754"],
+        assert "0x1292" not in _rules(lab, v) and "4755" not in _rules(lab, v)
+        assert not lab.run("gw-a", ["ip", v, "route", "show", "table", "4755"],
                            check=False).stdout.strip()
         assert "default via" in lab.run("gw-a", ["ip", v, "route", "show"]).stdout
