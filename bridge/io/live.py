@@ -130,7 +130,11 @@ def reload_config(path: str, running: Any, kernel: Any, engine: Any = None, tun:
                         hosts_file=new.hosts_file)
     problems: list[str] = []
     if engine is not None and effective != running:
-        _done, problems = apply_reload(engine, tun, udps or [], running, effective)
+        try:
+            _done, problems = apply_reload(engine, tun, udps or [], running, effective)
+        except ValueError as e:  # bridge/reconfig.py refused it, touching nothing
+            log.error("reload %s refused: %s; the running configuration stays", path, e)
+            return {"ok": False, "errors": [str(e)]}, running
     if kernel is not None and (inspect_live or kernel_same):
         kernel.reload()     # re-reads the file's rules on the backend's own loop (as ever)
     log.info("%s", rl.summary(path, applied, restart))
