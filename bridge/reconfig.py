@@ -4,12 +4,13 @@ Rules of this module
 - `reconfigure(bridge, config, now)` makes the running Bridge behave as if built from
   `config`, keeping every state the change does not concern: a peer whose wire identity is
   unchanged (`same_wire`: endpoint, encapsulation, keys, sequence, checksum, source port,
-  security) keeps its PeerState object: GRE sequence numbers (RFC 2890 §2.2: a receiver
-  that saw its sender restart numbering would drop until it resynchronises), reorder buffer,
-  liveness, learned path MTU, counters. Its prefixes and its keepalive, dead_after and
-  down_action are taken in place. A peer whose wire identity changed starts afresh, as at
-  start-up (new encoder, sequence from 0, liveness clock from `now`); its counters stay
-  (counters are per peer name). Removed peers go, with their counters.
+  security; a host name only by the address it resolves to) keeps its PeerState object:
+  GRE sequence numbers (RFC 2890 §2.2: a receiver that saw its sender restart numbering
+  would drop until it resynchronises), reorder buffer, liveness, learned path MTU, counters.
+  Its prefixes and its keepalive, dead_after and down_action are taken in place. A peer
+  whose wire identity changed starts afresh, as at start-up (new encoder, sequence from 0,
+  liveness clock from `now`); its counters stay (counters are per peer name). Removed peers
+  go, with their counters.
 - Peers are renumbered to the new order; the counters' per-peer lists, the peer table
   (longest-prefix match, AllowedIPs, loop guard) and the fast paths follow. The list
   `bridge.peers` is changed in place: the SecureLink and the split child's closures hold it.
@@ -55,7 +56,7 @@ __all__ = ["Reconfigured", "new_state", "reconfigure", "same_wire", "needs_secur
            "needs_terminator", "set_rules"]
 
 _LIVE_FIELDS = {"prefixes": (), "keepalive": 0.0, "dead_after": 0.0,
-                "down_action": DownAction.NONE}
+                "down_action": DownAction.NONE, "hostname": None}  # the address is `host`
 
 
 @dataclass(frozen=True, slots=True)
