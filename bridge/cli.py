@@ -20,9 +20,9 @@ Logs go through `logging` to stderr, one line per state change (never per packet
 SIGTERM and SIGINT stop `up` cleanly: routes and the TUN are removed, exit status 0.
 With kernel-backend `[[inspect]]` rules `up` also runs the TPROXY backend (bridge/kernel/run.py)
 and removes its nft table and policy rules on exit.
-SIGHUP (and `grebe reload`) re-reads the file and never stops the endpoint (bridge/reload.py):
-a bad file is refused with its errors; kernel-backend rules are applied; every other change
-is logged as needing a restart.
+SIGHUP (and `grebe reload`) re-reads the file and never stops the endpoint (bridge/reload.py,
+bridge/io/live.py, on a thread of its own for SIGHUP): a bad file is refused with its errors;
+peers, [[inspect]] rules and mss_clamp are applied live; what truly needs a restart is named.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -110,6 +111,7 @@ def config_path(name: str) -> str:
 def cmd_up(args: argparse.Namespace) -> int:
     from bridge.config import load_config
     from bridge.errors import ConfigErrors
+    from bridge.io.resolve import resolve
 
     if args.config is None:
         if args.name is None:
@@ -120,7 +122,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         log.error("grebe up: give a NAME or -c FILE, not both")
         return EXIT_CONFIG
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, resolve)  # endpoint host names: bridge/io/resolve.py
     except ConfigErrors as e:
         for err in e.errors:
             log.error("%s", err)
@@ -156,9 +158,11 @@ def _bind_error(e: OSError, key: str, value: str) -> OSError:
 
 def _run_up(args: argparse.Namespace, cfg: Any) -> int:
     from bridge.io.control import ControlServer, MetricsServer, socket_name
-    from bridge.io.loop import Engine, Runner
+    from bridge.io.live import full_tunnel, reload_config
+    from bridge.io.loop import Engine
     from bridge.io.metrics import io_prometheus
     from bridge.io.notify import notify, reloading
+    from bridge.io.runner import Runner
     from bridge.io.tun import TunBusyError, TunDevice
     from bridge.io.udp import UdpEndpoint
     from bridge.pipeline import Bridge
@@ -183,6 +187,7 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
     ctl = metrics = udp = sudp = kernel = fast = None
     failed = False
     try:
+        tun.full_tunnel = (cfg.tun.table, cfg.tun.fwmark)  # a /0 prefix: bridge/io/policy.py
         tun.configure([str(a) for a in cfg.tun.addresses], mtu,
                       [str(n) for p in cfg.peers for n in p.prefixes])
         try:
@@ -198,6 +203,10 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
             except OSError as e:
                 raise _bind_error(e, "listen.secure_port",
                                   f"{cfg.listen.address} port {cfg.listen.secure_port}") from None
+        if full_tunnel(cfg):  # bridge/io/policy.py: the tunnel's datagrams skip its route
+            for sock in (udp, sudp):
+                if sock is not None:
+                    sock.set_mark(cfg.tun.fwmark)
         warm = cfg.keep_warm and os.environ.get("GREBE_KEEP_WARM", "1") == "1"
         # one process per direction (bridge/io/split.py); never with [[inspect]] rules
         # nor secure peers (a session serves both directions)
@@ -273,8 +282,6 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
             if kernel is not None:
                 # the relays' RSTs to servers leave through the TUN: reset them (off the
                 # signal handler, it waits on the backend's loop) while the data plane runs
-                import threading
-
                 stopping = kernel
 
                 def stop_kernel_first() -> None:
@@ -288,16 +295,27 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         running = [cfg]
+        one_reload = threading.Lock()  # `grebe reload` and SIGHUP, one at a time
 
         def reload(_req: dict[str, Any]) -> dict[str, Any]:
-            answer, running[0] = reload_config(args.config, running[0], kernel, engine)
+            with one_reload:
+                answer, running[0] = reload_config(args.config, running[0], kernel, engine,
+                                                   tun, [udp, sudp])  # bridge/io/live.py
             return answer
 
-        def on_hup(_signum: int, _frame: Any) -> None:
-            log.info("SIGHUP: reloading %s", args.config)
+        def hup_reload() -> None:
             reloading()
-            reload({})
+            try:
+                reload({})
+            except Exception:  # a bug must not end the endpoint: logged, the old config runs
+                log.exception("reload failed")
             notify("READY=1")
+
+        def on_hup(_signum: int, _frame: Any) -> None:
+            # Off the handler: it runs on the main thread between two bytecodes, maybe while
+            # that thread holds the Engine's lock, which the reload takes.
+            log.info("SIGHUP: reloading %s", args.config)
+            threading.Thread(target=hup_reload, name="reload", daemon=True).start()
 
         ctl.register("reload", reload)
         signal.signal(signal.SIGHUP, on_hup)   # always: SIGHUP's default would kill us
@@ -326,44 +344,6 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
         tun.close()
         log.info("grebe down: %s removed", cfg.tun.name)
     return EXIT_FAILED if failed else 0
-
-
-def reload_config(path: str, running: Any, kernel: Any, engine: Any = None
-                  ) -> tuple[dict[str, Any], Any]:
-    """`grebe reload` / SIGHUP (bridge/reload.py): re-read `path`; refuse it with its errors
-    (the running configuration stays) or apply what can be applied and name the rest.
-    Returns (the answer for `grebe reload`, the configuration now running)."""
-    from dataclasses import replace
-
-    from bridge import reload as rl
-    from bridge.config import load_config
-    from bridge.errors import ConfigErrors
-    from bridge.flows import Backend
-
-    try:
-        new = load_config(path)
-    except ConfigErrors as e:
-        for err in e.errors:
-            log.error("%s", err)
-        log.error("reload %s refused (%d error(s)): the running configuration stays",
-                  path, len(e.errors))
-        return {"ok": False, "errors": [str(x) for x in e.errors]}, running
-    changes = rl.diff(running, new)
-
-    def userspace(c: Any) -> list[Any]:
-        return [r for r in c.inspect_rules() if r.backend is Backend.USERSPACE]
-
-    kernel_ok = kernel is not None and userspace(running) == userspace(new)
-    applied, restart = rl.plan(changes, kernel_ok, live=engine is not None)
-    if engine is not None and any(c.endswith(rl.LIVENESS) for c in applied):
-        engine.apply(lambda: engine.bridge.apply_liveness(new.peers))
-        running = replace(running, peers=engine.bridge.config.peers)
-    if kernel_ok:
-        kernel.reload()     # re-reads the file's rules on the backend's own loop (as ever)
-    if "inspect" in applied:
-        running = replace(running, inspect=new.inspect)
-    log.info("%s", rl.summary(path, applied, restart))
-    return {"ok": True, "applied": applied, "needs_restart": restart}, running
 
 
 # -- status -----------------------------------------------------------------------------
@@ -466,8 +446,9 @@ def _setup_check(p: argparse.ArgumentParser) -> None:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from bridge.config import check_config
+    from bridge.io.resolve import resolve
 
-    errors = check_config(args.file)
+    errors = check_config(args.file, resolve)
     for e in errors:
         print(str(e), file=sys.stderr)
     if errors:
@@ -594,7 +575,9 @@ def cmd_reload(args: argparse.Namespace) -> int:
     print(f"applied: {', '.join(answer.get('applied', [])) or 'nothing'}")
     if answer.get("needs_restart"):
         print(f"not applied, restart to apply: {', '.join(answer['needs_restart'])}")
-    return 0
+    for problem in answer.get("problems", []):  # applied to the core, not all around it
+        print(f"grebe: reload: {problem}", file=sys.stderr)
+    return EXIT_FAILED if answer.get("problems") else 0
 
 
 register("reload", "re-read the configuration file of a running endpoint (as SIGHUP)",

@@ -5,13 +5,18 @@ Rules:
   silently fall back to a default).
 - `check_config(path)` returns *every* problem as a `ConfigError` naming its key path
   ("peers[1].endpoint"); `load_config(path)` raises `ConfigErrors` with the same list.
-- Addresses are IP literals only (no DNS in the core). Endpoints are "host:port" or
-  "[v6]:port"; the port defaults to 4754 (RFC 8086 §3.3, GRE-in-UDP). A bare IPv6 endpoint is
-  an error: in "2001:db8::2:4754" the port cannot be told from the address.
+- Addresses are IP literals in the Config (no DNS in the core). Endpoints are "host:port"
+  or "[v6]:port"; the port defaults to 4754 (RFC 8086 §3.3, GRE-in-UDP). A bare IPv6 endpoint
+  is an error: in "2001:db8::2:4754" the port cannot be told from the address. An endpoint
+  may name its host ("gw-b.example:4754", RFC 1123 §2.1): the caller's resolver (I/O layer,
+  bridge/io/resolve.py; `hosts_file` first) turns it into the address `host` holds
+  (`hostname` keeps the name); no resolver, or no address, is an error of that key.
 - What would break traffic silently is an error here, not at run time: no peer; a prefix
   that is not a string (`42` would be 0.0.0.42/32); a peer of the other address family than
   `listen.address` ("::" takes both); an IPv6 TUN address with mtu < 1280 (RFC 8200 §5); a
-  peer prefix covering the peer's own endpoint (RFC 2003 §4 loop); dead_after not above
+  peer prefix covering the peer's own endpoint (RFC 2003 §4 loop; not a /0, a full tunnel:
+  policy routing with `tun.table` and `tun.fwmark` keeps the tunnel's datagrams out of it,
+  bridge/io/policy.py); dead_after not above
   keepalive; two peers on one host unless both are GRE with different keys (receive matches
   source address + GRE key, RFC 2890 §2.1, never the UDP source port, which is entropy,
   RFC 8086 §3.2.1); `[[inspect]]` errors (all of them, with the other keys' errors) and
@@ -41,9 +46,12 @@ frozen `Config` is returned. `EXAMPLE` below is the reference file, every key co
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +90,14 @@ __all__ = [
     "GRE_IN_UDP_PORT",
 ]
 
+FULL_TUNNEL_TABLE = 4755  # tun.table by default (a full tunnel's, /0 prefix): not 4754,
+# the kernel inspection backend's table (bridge/kernel/setup.py), which a full tunnel may
+# run beside
+FULL_TUNNEL_MARK = 4754  # tun.fwmark by default (0x1292; the backend marks 0x4754)
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+# (name, IP version or 0 for either, hosts_file) -> the address; ValueError if none
+Resolver = Callable[[str, int, "str | None"], str]
+
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -91,6 +107,8 @@ class TunConfig:
     name: str
     addresses: tuple[IPInterface, ...]
     mtu: int | None  # None = "auto": underlay MTU minus the largest peer overhead
+    table: int = FULL_TUNNEL_TABLE  # full tunnel (a /0 prefix): its routing table
+    fwmark: int = FULL_TUNNEL_MARK  # full tunnel: SO_MARK of the tunnel's own sockets
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +144,7 @@ class PeerConfig:
     down_action: DownAction = DownAction.NONE
     source_port: SourcePort = SourcePort.FLOW_HASH  # RFC 8086 §3.2.1: entropy per flow
     security: PeerSecurity = field(default_factory=PeerSecurity)  # plain unless configured
+    hostname: str | None = None  # as written in endpoint; `host`: its address
 
     @property
     def secure(self) -> bool:
@@ -154,6 +173,7 @@ class Config:
     metrics_listen: str | None = None
     inspect: tuple[dict[str, Any], ...] = ()
     path: str | None = None
+    hosts_file: str | None = None  # names of endpoints looked up here first (then DNS)
     datapath: Datapath = Datapath.PYTHON  # issue 14: the eBPF fast path (bridge/ebpf/), opt-in
     userspace: SpliceLimits = field(default_factory=SpliceLimits)  # bridge/userspace/bounds.py
 
@@ -173,11 +193,14 @@ split_directions = true               # UDP->TUN in its own process (off with [[
 datapath = "python"                   # "python" (default) | "auto" | "ebpf": kernel fast path
 control_socket = "@grebe/grebe0"      # optional; default: abstract @grebe/<tun name>
 metrics_listen = "127.0.0.1:9108"     # optional Prometheus text endpoint
+hosts_file = "/etc/grebe/hosts"       # optional: endpoint host names looked up here first
 
 [tun]
 name = "grebe0"
 addresses = ["198.18.100.1/30", "2001:db8:100::1/64"]
 mtu = "auto"                          # or an integer; auto = underlay MTU - overhead
+table = 4755                          # a peer owning 0.0.0.0/0 or ::/0: its routing table
+fwmark = 4754                         # and the mark of grebe's sockets, which skip that table
 
 [listen]
 address = "198.18.0.1"
@@ -201,8 +224,8 @@ memory_budget = 1073741824            # bytes buffered by all splices; back-pres
 
 [[peers]]
 name = "site-b"
-endpoint = "198.18.0.2:4754"          # "[2001:db8::2]:4754" for IPv6
-prefixes = ["198.18.20.0/24", "2001:db8:20::/48"]
+endpoint = "198.18.0.2:4754"          # "[2001:db8::2]:4754" for IPv6; or "host.name:4754"
+prefixes = ["198.18.20.0/24", "2001:db8:20::/48"]  # "0.0.0.0/0", "::/0": a full tunnel
 encapsulation = "gre"                 # "gre" (GRE-in-UDP) | "ipip" (IPIP-in-UDP, FOU)
 key = 42                              # or key_in = 1 / key_out = 2
 sequence = "off"                      # "off" | "drop-late" | "reorder"
@@ -214,6 +237,20 @@ dead_after = 30                       # seconds of silence before the peer is do
 down_action = "none"                  # "none" | "withdraw"
 source_port = "flow-hash"             # RFC 8086 §3.2.1 entropy per inner flow; or "fixed"
 """
+
+
+def host_name(text: str, default_port: int = GRE_IN_UDP_PORT) -> tuple[str, int] | None:
+    """("name", port) when `text` is "name" or "name:port" with a DNS host name (RFC 1123
+    §2.1: letters, digits, hyphens, dots; not all digits), else None."""
+    name, _, p = text.strip().partition(":")
+    labels = name.rstrip(".").split(".")
+    if not name or len(name) > 253 or not all(_LABEL.fullmatch(x) for x in labels) \
+            or labels[-1].isdigit():
+        return None
+    try:
+        return name, _port(p) if p else default_port
+    except ValueError:
+        return None
 
 
 def parse_endpoint(text: str, default_port: int = GRE_IN_UDP_PORT) -> tuple[str, int]:
@@ -275,6 +312,31 @@ def _port(text: str) -> int:
     return port
 
 
+class _Reader(Reader):
+    """The table's Reader, plus how endpoint host names resolve (bridge/io/resolve.py)."""
+
+    __slots__ = ("resolve", "family", "hosts_file")
+
+    def __init__(self, file: str | None, resolve: Resolver | None = None) -> None:
+        super().__init__(file)
+        self.resolve = resolve
+        self.family = 0  # the listen address's IP version (0: "::", either)
+        self.hosts_file: str | None = None
+
+    def resolve_host(self, path: str, name: str) -> str:
+        """The address an endpoint's host name resolves to (the caller's resolver: names
+        are the I/O layer's, bridge/io/resolve.py), or "0.0.0.0" and an error."""
+        if self.resolve is None:
+            self.error(path, f"{name!r} is a host name: only `grebe up`, `grebe reload` and "
+                       "`grebe check-config` resolve names")
+            return "0.0.0.0"
+        try:
+            return self.resolve(name, self.family, self.hosts_file)
+        except ValueError as e:
+            self.error(path, f"{name!r}: cannot resolve the host name: {e}")
+            return "0.0.0.0"
+
+
 def _parse_tun(r: Reader, data: dict[str, Any]) -> TunConfig:
     t = r.table(data, "tun")
     name = r.take(t, "tun.name", "tun")
@@ -294,8 +356,14 @@ def _parse_tun(r: Reader, data: dict[str, Any]) -> TunConfig:
             r.error("tun.mtu", f"{mtu_raw!r}: must be an integer or \"auto\"")
     else:
         mtu = mtu_raw
+    table = r.take(t, "tun.table", "tun")
+    if table in (253, 254, 255):
+        r.error("tun.table", f"{table} is a kernel table (default, main, local): full-tunnel "
+                "routes need a table of their own")
+        table = FULL_TUNNEL_TABLE
+    fwmark = r.take(t, "tun.fwmark", "tun")
     r.unknown(t, "tun", "tun")
-    return TunConfig(name=name, addresses=tuple(addrs), mtu=mtu)
+    return TunConfig(name=name, addresses=tuple(addrs), mtu=mtu, table=table, fwmark=fwmark)
 
 
 def _parse_listen(r: Reader, data: dict[str, Any]) -> ListenConfig:
@@ -364,7 +432,7 @@ def _parse_security(r: Reader, p: str, t: dict[str, Any],
     return sec or PeerSecurity()
 
 
-def _parse_peer(r: Reader, i: int, t: dict[str, Any], secure_port: int = SECURE_PORT,
+def _parse_peer(r: _Reader, i: int, t: dict[str, Any], secure_port: int = SECURE_PORT,
                 ) -> PeerConfig | None:
     p = f"peers[{i}]"
     ok = len(r.errors)
@@ -373,6 +441,7 @@ def _parse_peer(r: Reader, i: int, t: dict[str, Any], secure_port: int = SECURE_
     security = _parse_security(r, p, t, r.file)
     default_port = secure_port if security.mode is not SecurityMode.PLAIN else GRE_IN_UDP_PORT
     host, port = "0.0.0.0", default_port
+    hostname: str | None = None
     if "endpoint" not in t:
         r.error(f"{p}.endpoint", "missing (\"host:port\" or \"[v6]:port\")")
     else:
@@ -381,7 +450,12 @@ def _parse_peer(r: Reader, i: int, t: dict[str, Any], secure_port: int = SECURE_
             try:
                 host, port = parse_endpoint(ep, default_port)
             except ValueError as e:
-                r.error(f"{p}.endpoint", f"{ep!r}: {e}")
+                named = host_name(ep, default_port)
+                if named is None:
+                    r.error(f"{p}.endpoint", f"{ep!r}: {e}")
+                else:
+                    hostname, port = named
+                    host = r.resolve_host(f"{p}.endpoint", hostname)
     prefixes: list[IPNetwork] = []
     for j, s in enumerate(r.take(t, "peers.prefixes", p) or []):
         if not isinstance(s, str):
@@ -420,7 +494,10 @@ def _parse_peer(r: Reader, i: int, t: dict[str, Any], secure_port: int = SECURE_
                 "peer would be declared down between two keepalives")
     own = ipaddress.ip_address(host)
     for j, net in enumerate(prefixes):
-        if not own.is_unspecified and own.version == net.version and own in net:
+        # a /0 is a full tunnel: policy routing keeps the tunnel's own datagrams out of it
+        # (the fwmark, bridge/io/policy.py), so it may cover the endpoint
+        if not own.is_unspecified and own.version == net.version and own in net \
+                and net.prefixlen:
             r.error(f"{p}.prefixes[{j}]", f"{net} covers the peer's own endpoint {host}: "
                     "its tunnel datagrams would be routed into the tunnel (RFC 2003 §4)")
     if down is DownAction.WITHDRAW and dead <= 0:
@@ -432,7 +509,7 @@ def _parse_peer(r: Reader, i: int, t: dict[str, Any], secure_port: int = SECURE_
         name=name, host=host, port=port, prefixes=tuple(prefixes), encapsulation=encap,
         key_in=key_in, key_out=key_out, sequence=seq, max_packets_held=held,
         outoforder_timer_ms=timer, checksum=csum, keepalive=keepalive, dead_after=dead,
-        down_action=down, source_port=sport, security=security,
+        down_action=down, source_port=sport, security=security, hostname=hostname,
     )
 
 
@@ -495,13 +572,20 @@ def _check_families(r: Reader, tun: TunConfig, listen: ListenConfig,
                 "(RFC 8200 §5), and tun.addresses has an IPv6 address")
 
 
-def parse_config(data: dict[str, Any], file: str | None = None) -> tuple[Config | None,
-                                                                            list[ConfigError]]:
-    """Validate a TOML dict. Returns (Config, []) or (None, every error found)."""
+def parse_config(data: dict[str, Any], file: str | None = None,
+                 resolve: Resolver | None = None) -> tuple[Config | None, list[ConfigError]]:
+    """Validate a TOML dict. Returns (Config, []) or (None, every error found). Endpoint host
+    names are looked up with `resolve` (name, IP version or 0, hosts_file) -> address."""
     data = dict(data)
-    r = Reader(file)
+    r = _Reader(file, resolve)
     tun = _parse_tun(r, data)
     listen = _parse_listen(r, data)
+    r.hosts_file = r.take(data, "hosts_file", "")
+    if r.hosts_file and file and not os.path.isabs(r.hosts_file):  # as key files: beside it
+        r.hosts_file = os.path.join(os.path.dirname(file), r.hosts_file)
+    with contextlib.suppress(ValueError):
+        la = ipaddress.ip_address(listen.address)
+        r.family = 0 if la.version == 6 and la.is_unspecified else la.version
     pmtu = _parse_pmtu(r, data)
     userspace = _parse_userspace(r, data)
     mss = r.take(data, "mss_clamp", "")
@@ -548,7 +632,8 @@ def parse_config(data: dict[str, Any], file: str | None = None) -> tuple[Config 
     cfg = Config(tun=tun, listen=listen, peers=tuple(p for _, p in peers), mss_clamp=mss,
                  keep_warm=keep_warm, split_directions=split, pmtu=pmtu, control_socket=control,
                  metrics_listen=metrics,
-                 inspect=tuple(inspect), path=file, datapath=datapath, userspace=userspace)
+                 inspect=tuple(inspect), path=file, datapath=datapath, userspace=userspace,
+                 hosts_file=r.hosts_file)
     return cfg, []
 
 
@@ -568,12 +653,12 @@ def _read(path: str) -> tuple[dict[str, Any] | None, list[ConfigError]]:
         return None, [ConfigError("", f"not valid TOML: {e}", path)]
 
 
-def check_config(path: str) -> list[ConfigError]:
+def check_config(path: str, resolve: Resolver | None = None) -> list[ConfigError]:
     """Return every error in the file at `path` (empty list: the file is good)."""
     data, errors = _read(path)
     if data is None:
         return errors
-    return parse_config(data, path)[1]
+    return parse_config(data, path, resolve)[1]
 
 
 def loads_config(text: str, file: str | None = None) -> Config:
@@ -588,12 +673,12 @@ def loads_config(text: str, file: str | None = None) -> Config:
     return cfg
 
 
-def load_config(path: str) -> Config:
+def load_config(path: str, resolve: Resolver | None = None) -> Config:
     """Read and validate the file at `path`. Raises ConfigErrors listing every problem."""
     data, errors = _read(path)
     if data is None:
         raise ConfigErrors(errors)
-    cfg, errors = parse_config(data, path)
+    cfg, errors = parse_config(data, path, resolve)
     if cfg is None:
         raise ConfigErrors(errors)
     return cfg

@@ -133,6 +133,10 @@ KEYS: tuple[Key, ...] = (
         example="\"@grebe/grebe0\""),
     Key("", "metrics_listen", _S, None, "\"host:port\" where the Prometheus text exposition "
         "is served (any GET). Unset: no metrics listener.", example="\"127.0.0.1:9108\""),
+    Key("", "hosts_file", _S, None, "A hosts(5)-format file (relative to the config file) "
+        "searched first for endpoint host names, before the system resolver; names are "
+        "resolved at start, `grebe reload` and `grebe check-config`.",
+        example="\"hosts\""),
     Key("", "peers", _L, None, "The array of `[[peers]]` tables; at least one is required.",
         required=True),
     Key("", "inspect", _L, None, "The array of `[[inspect]]` rules selecting TCP flows for "
@@ -147,6 +151,13 @@ KEYS: tuple[Key, ...] = (
         "IPv6 address it must be at least 1280.", rfc="RFC 8200 §5; RFC 8086 §5",
         lo=576, hi=65535, unit="bytes"),
     # ---- [listen]
+    Key("tun", "table", _I, 4755, "Routing table of a full tunnel's default route (a peer "
+        "owning 0.0.0.0/0 or ::/0), used by the rule `not fwmark <tun.fwmark> lookup "
+        "<tun.table>`, as wg-quick does it; not 253-255 (the kernel's tables) and not 4754 "
+        "when kernel-backend [[inspect]] rules run (their table).", lo=1, hi=0xFFFFFFFF),
+    Key("tun", "fwmark", _I, 4754, "Firewall mark (SO_MARK) on grebe's own UDP sockets, so "
+        "the tunnel's datagrams skip the full-tunnel table and leave by the main table.",
+        lo=1, hi=0xFFFFFFFF),
     Key("listen", "address", _S, "0.0.0.0", "Local address of the UDP socket (an IP literal; "
         "\"::\" takes both families). Every peer must be reachable from its family."),
     Key("listen", "port", _I, GRE_IN_UDP_PORT, "UDP port of the plain GRE/IPIP-in-UDP "
@@ -169,11 +180,14 @@ KEYS: tuple[Key, ...] = (
         default_text="\"peer<i>\"", example="\"site-b\""),
     Key("peers", "endpoint", _S, None, "Where the peer's datagrams go: \"host:port\" or "
         "\"[v6]:port\"; a bare IPv6 address is refused (its last group could be a port). The "
-        "port defaults to 4754 (24754 for secure peers).", rfc="RFC 8086 §3.3",
+        "host may be a name, resolved (hosts_file first, then the system resolver) at start, "
+        "reload and check-config. The port defaults to 4754 (24754 for secure peers).",
+        rfc="RFC 8086 §3.3",
         required=True, example="\"198.18.0.2:4754\""),
     Key("peers", "prefixes", _L, None, "Inner destination prefixes routed to this peer (strings "
         "\"net/len\"); each prefix belongs to one peer, and none may cover the peer's own "
-        "endpoint.", rfc="RFC 2003 §4", example="[\"198.18.20.0/24\", \"2001:db8:20::/48\"]"),
+        "endpoint, except 0.0.0.0/0 and ::/0: a full tunnel, by policy routing (tun.table, "
+        "tun.fwmark).", rfc="RFC 2003 §4", example="[\"198.18.20.0/24\", \"2001:db8:20::/48\"]"),
     Key("peers", "encapsulation", _S, Encapsulation.GRE.value, "\"gre\": GRE-in-UDP (RFC 8086, "
         "GRE header per RFC 2784/2890); \"ipip\": IPIP-in-UDP in the Linux FOU layout, no "
         "header of its own (RFC 2003).", choices=_choices(Encapsulation),

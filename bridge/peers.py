@@ -39,7 +39,13 @@ Rules:
   inside a peer's prefixes is not of this site: back to the same peer it is a hairpin
   (the kernel would reflect it into the tunnel); to another peer it is forwarded, since an
   endpoint with several peers is a hub (topologies/three-sites-hub.toml) and that is how
-  its spokes reach each other.
+  its spokes reach each other. A destination that only a /0 covers (a full-tunnel peer's
+  default route) is of this site: the host's more specific routes win over the full
+  tunnel's table (bridge/io/policy.py `suppress_prefixlength 0`), so the kernel delivers
+  it locally, and treating it as a hairpin would drop every reply of the full tunnel.
+  Outbound, a link-scope destination (`link_scope`: MLD reports, router solicitations) that
+  only a /0 covers is not routed either: "link_local", as without a full tunnel (no ICMP
+  Time Exceeded for the TUN's own hop-limit-1 multicast).
 - `PeerState` is the runtime state of one peer (encoder, sequence receiver, liveness, MTU);
   the table reads it for `forward` (`states`, one per configured peer, same index).
 - `link_scope(dst)`: a destination no router forwards off its link: IPv6 multicast of
@@ -224,6 +230,8 @@ class PeerTable:
         idx = self._route_cache.get(key)
         if idx is None:
             idx = LOOP if key in self._endpoints else self.lookup(key)
+            if idx >= 0 and link_scope(key) and self._only_default(key):
+                idx = NO_ROUTE  # a full tunnel's /0 never takes the link's own chatter
             if len(self._route_cache) >= CACHE_MAX:
                 self._route_cache.clear()
             self._route_cache[key] = idx
@@ -276,11 +284,19 @@ class PeerTable:
             where = MARTIAN
         else:
             where = self.lookup(key)
+            if where >= 0 and self._only_default(key):
+                where = -1  # only a full tunnel's /0 covers it: this site's (docstring)
         cache = self._dest_cache
         if len(cache) >= CACHE_MAX:
             cache.clear()
         cache[key] = where
         return where
+
+    def _only_default(self, key: bytes) -> bool:
+        """No prefix but a /0 covers `key` (not on the hot path: `_dest` is cached)."""
+        value = int.from_bytes(key, "big")
+        return not any(plen and nets.get(value & mask) is not None
+                       for plen, mask, nets in (self._v4 if len(key) == 4 else self._v6))
 
     def allowed(self, peer: int, src: bytes | bytearray | memoryview) -> bool:
         """True if `src` may come from `peer` (its longest match is that peer)."""

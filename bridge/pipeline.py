@@ -71,13 +71,12 @@ pmtu.icmp_burst) refilled from `now`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from bridge import counters as C
-from bridge.config import Config, DownAction, Encapsulation, PeerConfig, SeqPolicy
+from bridge.config import Config, SeqPolicy
 from bridge.counters import Counters
-from bridge.encap import KEEPALIVE, decode_gre, flow_source_port, overhead
+from bridge.encap import KEEPALIVE, decode_gre, flow_source_port
 from bridge.fastpath import FastPath
 from bridge.flows import FlowSelector
 from bridge.gso import GroBatch, SuperPacket
@@ -93,7 +92,8 @@ from bridge.peers import (
     PeerTable,
     link_scope,
 )
-from bridge.secure import OVERHEAD, PeerSpec
+from bridge.reconfig import new_state
+from bridge.secure import PeerSpec
 from bridge.securelink import SecureLink
 from stack.wire import icmp
 from stack.wire.ip import (
@@ -140,12 +140,8 @@ class Bridge:
         self.underlay_mtu = underlay
         self.counters = Counters([p.name for p in config.peers])
         self.peers: list[PeerState] = []
-        for i, p in enumerate(config.peers):
-            gre = p.encapsulation is Encapsulation.GRE
-            ovh = overhead(gre, p.ipv6, p.key_out is not None, p.sequence is not SeqPolicy.OFF,
-                           p.checksum) + (OVERHEAD if p.secure else 0)
-            self.peers.append(PeerState(i, p, config.tun.mtu or underlay - ovh, now))
-            self.peers[-1].overhead = ovh
+        for i, p in enumerate(config.peers):  # bridge/reconfig.py builds them on reload too
+            self.peers.append(new_state(i, p, now, underlay, config.tun.mtu))
         self.table = PeerTable(config.peers, local=[config.listen.address], states=self.peers,
                                tun=config.tun.addresses)
         # the fast paths get what they need, not the Bridge (bridge/fastpath.py)
@@ -508,26 +504,6 @@ class Bridge:
                 return self.peers[i]
         return self.peers[cands[0]]
 
-    def apply_liveness(self, peers: Iterable[PeerConfig]) -> list[str]:
-        """Reload (bridge/reload.py): take keepalive, dead_after and down_action of the peers
-        named in `peers` from now on; the rest of each peer's state (sequence numbers,
-        last heard, counters) is kept. Returns the names of the peers changed."""
-        by_name = {p.name: p for p in peers}
-        changed: list[str] = []
-        cfgs = list(self.config.peers)
-        for i, (state, old) in enumerate(zip(self.peers, cfgs, strict=True)):
-            new = by_name.get(old.name)
-            if new is None or (new.keepalive, new.dead_after, new.down_action) == \
-                    (old.keepalive, old.dead_after, old.down_action):
-                continue
-            state.keepalive, state.dead_after = new.keepalive, new.dead_after
-            state.withdraw = new.down_action is DownAction.WITHDRAW
-            cfgs[i] = replace(old, keepalive=new.keepalive, dead_after=new.dead_after,
-                              down_action=new.down_action)
-            changed.append(old.name)
-        self.config = replace(self.config, peers=tuple(cfgs))
-        return changed
-
     def note_heard(self, index: int, when: float) -> None:
         """Peer `index` was heard at `when` by another process (bridge/io/split.py: the
         receiving direction's); a later time than ours counts as hearing it then."""
@@ -607,6 +583,7 @@ class Bridge:
                 "name": p.name,
                 "endpoint": f"[{p.addr[0]}]:{p.addr[1]}" if ":" in p.addr[0]
                 else f"{p.addr[0]}:{p.addr[1]}",
+                **({"hostname": cfg.hostname} if cfg.hostname else {}),  # as configured
                 "encapsulation": cfg.encapsulation.value,
                 "prefixes": [str(n) for n in cfg.prefixes],
                 "up": p.up and p.heard,   # never heard: not up, whatever the liveness timer

@@ -7,16 +7,25 @@ Rules of this module
   `check-config`); a file with any error is refused, every error is reported, and the running
   configuration stays as it was.
 - A good file is compared with the running one key by key (`diff`), peers matched by name.
-  What the running endpoint can take without touching other traffic is applied: today the
-  kernel-backend `[[inspect]]` rules (bridge/kernel/run.py re-reads them) and an existing
-  peer's keepalive, dead_after and down_action (its other state kept). Every other change
-  is named, one key path each, as "needs a restart" in the log line and in the answer of
-  `grebe reload`; nothing is applied half-way.
+  What the running endpoint can take without touching other traffic is applied
+  (bridge/reconfig.py for the core, bridge/io/live.py for routes, the TUN MTU and the
+  UDP->TUN process): peers added, removed or changed (endpoint, keys, prefixes,
+  encapsulation, sequence, liveness, security mode and keys; an unchanged peer keeps its
+  sequence numbers, liveness and secure session), mss_clamp, and [[inspect]] rules
+  (userspace: new flows follow the new rules; kernel backend: bridge/kernel/run.py re-reads
+  them). What truly needs a restart is named,
+  one key path each, as "NOT applied, restart to apply" in the log line and in the answer
+  of `grebe reload`: the TUN (name, addresses, MTU), the listen sockets, the process layout
+  (split_directions, keep_warm, datapath), control_socket, metrics_listen, pmtu;
+  the first secure peer of an endpoint started without one (the secure socket), peers of an
+  endpoint on the eBPF fast path, and the first
+  userspace [[inspect]] rule of an endpoint that had none (one process, ordered TUN
+  writes). The peers are applied all or none: never half a set of peers.
 
 Theory of operation: `diff(old, new)` walks the frozen dataclasses of bridge/config.py and
 returns sorted key paths ("peers[site-b].key_in", "peers[site-c] (added)", "inspect");
-`plan(changes, kernel_rules)` splits them into (applied, needs_restart). Pure: no I/O here;
-bridge/cli.py reads the file, calls these, applies and logs.
+`plan(changes, inspect_live, peers_live)` splits them into (applied, needs_restart).
+Pure: no I/O here; bridge/io/live.py `reload_config` reads the file, applies and logs.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ from bridge.config import Config, PeerConfig
 __all__ = ["diff", "plan", "summary"]
 
 _TOP = ("tun", "listen", "pmtu", "mss_clamp", "keep_warm", "split_directions",
-        "control_socket", "metrics_listen", "userspace")
+        "control_socket", "metrics_listen", "userspace", "datapath", "hosts_file")
 
 
 def _fields(prefix: str, old: Any, new: Any) -> list[str]:
@@ -63,19 +72,18 @@ def diff(old: Config, new: Config) -> list[str]:
     return out
 
 
-LIVENESS = (".keepalive", ".dead_after", ".down_action")  # a peer's, applied in place
+LIVE_TOP = ("mss_clamp",)  # applied by bridge/reconfig.py besides peers and rules
 
 
-def plan(changes: list[str], kernel_rules: bool, live: bool = True
+def plan(changes: list[str], inspect_live: bool, peers_live: bool = True
          ) -> tuple[list[str], list[str]]:
-    """(applied, needs_restart): `[[inspect]]` changes are applied when `kernel_rules` (the
-    caller's word: the kernel backend runs and the userspace rules are unchanged, since the
-    running userspace terminator keeps its rules); an existing peer's keepalive, dead_after
-    and down_action when `live` (the running Bridge takes them, `Bridge.apply_liveness`:
-    timers and liveness are the parent process's alone, bridge/io/split.py); everything
-    else needs a restart."""
-    applied = [c for c in changes if (c == "inspect" and kernel_rules)
-               or (live and c.startswith("peers[") and c.endswith(LIVENESS))]
+    """(applied, needs_restart): `[[inspect]]` changes when `inspect_live` (the caller's
+    word: the backends that run can take the new rules, module docstring), every peer
+    change and mss_clamp when `peers_live` (the running Bridge takes them,
+    bridge/reconfig.py), all peers or none; hosts_file always (the names were looked up
+    in it as the file was read); everything else needs a restart."""
+    applied = [c for c in changes if (c == "inspect" and inspect_live) or c == "hosts_file"
+               or (peers_live and (c.startswith("peers") or c in LIVE_TOP))]
     return applied, [c for c in changes if c not in applied]
 
 

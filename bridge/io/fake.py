@@ -11,7 +11,7 @@ Rules:
   at its destination immediately, through an optional `impair(payload, src, dst)` hook that
   returns the datagrams to deliver (empty list = lost, two = duplicated).
 - `fileno()` returns an eventfd that is readable while something is queued, so the threaded
-  `loop.Runner` runs over them too (deques are thread-safe for append/popleft); Engine-driven
+  `runner.Runner` runs over them too (deques are thread-safe for append/popleft); Engine-driven
   tests just call the pumps.
 """
 

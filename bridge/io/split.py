@@ -25,6 +25,13 @@ Rules:
     counters, reorder state and I/O counts, and add them to the parent's
     (`Counters.merged`). The child's peer_up / peer_down events are not counted: liveness
     is the parent's.
+- A reload (bridge/io/live.py) reconfigures both copies of the Bridge (bridge/reconfig.py):
+  the parent its own first (lock held), then the child over the socket pair (the new
+  Config and the parent's `now`, pickled; the child answers "ok" or what failed). Peers
+  are renumbered, so the parent reads no last-heard slot (`pause`) until the child has
+  rewritten them in the new numbering; the MTU slots are cleared before and written after,
+  from the parent's peers (the child's copies end with the parent's MTUs). The shared
+  page has room for PEER_ROOM peers.
 - With [[inspect]] rules an endpoint stays one process: a terminated flow's two legs are
   one TCP state machine, fed by both directions.
 - The child dies with the parent (PR_SET_PDEATHSIG) and on SIGTERM; it never removes
@@ -47,6 +54,7 @@ import json
 import logging
 import mmap
 import os
+import pickle
 import select
 import signal
 import socket
@@ -54,25 +62,31 @@ import threading
 import time
 from typing import Any
 
+from bridge.config import Config
 from bridge.counters import DROP_REASONS, E_PEER_DOWN, E_PEER_UP, EVENTS
 from bridge.io.adapters import Addr
 from bridge.io.loop import DataRunner, Engine
 from bridge.pipeline import Bridge, Output
+from bridge.reconfig import reconfigure
 
 log = logging.getLogger("grebe.split")
 
 SYNC_S = 0.1  # the longest the two halves go without exchanging liveness and MTU
 QUERY_TIMEOUT_S = 1.0
+RELOAD_TIMEOUT_S = 5.0
+PEER_ROOM = 256  # peers the shared page holds at least (a reload beyond: restart)
 PR_SET_PDEATHSIG = 1
 
 
 class SharedPeers:
     """Two float64 slots per peer in an anonymous shared mapping made before the fork:
     [2i] when the child last heard peer i, [2i+1] the underlay path MTU the parent learned
-    for it (0: none). One writer per slot; aligned 8-byte stores are atomic on Linux."""
+    for it (0: none). One writer per slot; aligned 8-byte stores are atomic on Linux.
+    Room for `capacity` peers, so that a reload can add some (PEER_ROOM at least)."""
 
     def __init__(self, peers: int) -> None:
-        self._mm = mmap.mmap(-1, 16 * max(peers, 1))
+        self.capacity = max(peers * 2, PEER_ROOM)
+        self._mm = mmap.mmap(-1, 16 * self.capacity)
         self.v = memoryview(self._mm).cast("d")
 
 
@@ -88,6 +102,7 @@ class RxProcess:
         self.pid = 0
         self._sock: socket.socket | None = None
         self._qlock = threading.Lock()
+        self._paused = False  # a reload renumbers the peers: no sync until the child did
 
     # -- parent ---------------------------------------------------------------------------
 
@@ -113,6 +128,8 @@ class RxProcess:
 
     def sync(self) -> None:
         """Fold the child's last-heard times into the parent's Bridge (with the lock)."""
+        if self._paused:
+            return
         v = self.shared.v
         b = self.bridge
         for i in range(len(b.peers)):
@@ -133,6 +150,8 @@ class RxProcess:
         return done
 
     def publish_mtu(self, addr: Addr, mtu: int) -> None:
+        if self._paused:
+            return  # a reload is renumbering the slots; it publishes every MTU when done
         for i, p in enumerate(self.bridge.peers):
             if p.addr == addr:
                 self.shared.v[2 * i + 1] = float(mtu)
@@ -167,6 +186,44 @@ class RxProcess:
 
     def merge_status(self, st: dict[str, Any], child: dict[str, Any]) -> None:
         merge_status(st, child)
+
+    def pause(self) -> None:
+        """A reload begins (bridge/io/live.py): the parent renumbers its peers next; the
+        shared slots are in the child's numbering until `reload` returns."""
+        self._paused = True
+
+    def resume(self) -> None:
+        """The reload did not happen: the slots are still in the current numbering."""
+        self._paused = False
+
+    def reload(self, config: Config, now: float) -> str | None:
+        """Have the child take `config` (bridge/reconfig.py, with the parent's `now`, so a
+        new peer's liveness clock is the same in both); None when done, else what failed.
+        The parent has reconfigured itself (with the lock, after `pause`)."""
+        s = self._sock
+        try:
+            if s is None:
+                return "no receiving process"
+            if len(config.peers) > self.shared.capacity:
+                return f"more than {self.shared.capacity} peers"
+            v = self.shared.v
+            for i in range(self.shared.capacity):  # MTUs in the new numbering: none yet
+                v[2 * i + 1] = 0.0
+            with self._qlock:
+                try:
+                    s.send(b"R" + pickle.dumps((config, now)))
+                    if not select.select([s], [], [], RELOAD_TIMEOUT_S)[0]:
+                        return f"receiving process {self.pid} did not answer"
+                    got = s.recv(1 << 16).decode(errors="replace")
+                except OSError as e:
+                    return f"receiving process {self.pid}: {e}"
+            if got != "ok":
+                return got
+            for i, p in enumerate(self.bridge.peers):  # the MTUs in the new numbering
+                v[2 * i + 1] = float(p.mtu + p.overhead)
+            return None
+        finally:
+            self._paused = False
 
     def stop(self) -> None:
         if not self.pid:
@@ -207,14 +264,13 @@ class RxProcess:
         if writer_threads:
             e.start_writers()
         v = self.shared.v
-        peers = e.bridge.peers
-        n = len(peers)
+        peers = e.bridge.peers  # changed in place by a reload (bridge/reconfig.py)
 
         def pump(limit: int) -> int:
             got: int = e.pump_udp(limit)
             if got:
-                for i in range(n):
-                    v[2 * i] = peers[i].last_rx
+                for i, p in enumerate(list(peers)):
+                    v[2 * i] = p.last_rx
             return got
 
         wm = e.warmer
@@ -224,7 +280,7 @@ class RxProcess:
                                     wm.udp if wm else None),
                               kwargs={"stop_fd": stop_fd}, name="udp->tun", daemon=True)
         th.start()
-        mtus = [0.0] * n
+        mtus = [0.0] * self.shared.capacity
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         poller.register(wake, select.POLLIN)
@@ -236,7 +292,7 @@ class RxProcess:
                 if t is not None and t <= now:
                     e.bridge.handle_timer(now, out)
                     t = e.bridge.get_timer()
-                for i in range(n):
+                for i in range(len(peers)):
                     m = v[2 * i + 1]
                     if m and m != mtus[i]:
                         mtus[i] = m
@@ -252,7 +308,7 @@ class RxProcess:
                 if ev & (select.POLLHUP | select.POLLERR):
                     return  # the parent is gone
                 try:
-                    req = sock.recv(65536)
+                    req = sock.recv(1 << 20)
                 except OSError:
                     return
                 if not req:
@@ -263,7 +319,28 @@ class RxProcess:
                     answer = arm(e, json.loads(req[1:])["capture"])
                     sock.send(json.dumps(answer).encode())
                     continue
+                if req[:1] == b"R":  # a reload: the parent's config and clock
+                    sock.send(_reload(e, req[1:], v, mtus).encode())
+                    continue
                 sock.send(json.dumps(_export(e)).encode())
+
+
+def _reload(e: Engine, data: bytes, v: memoryview[float], mtus: list[float]
+            ) -> str:  # pragma: no cover - the child's side of reload()
+    """Reconfigure the child's Bridge as the parent did its own, then write each peer's
+    last-heard time in the new numbering; "ok" or what failed."""
+    try:
+        config, now = pickle.loads(data)  # noqa: S301 - our own parent, over a socketpair
+        with e.lock:
+            reconfigure(e.bridge, config, now)
+            if e.warmer is not None:
+                e.warmer.rebuild()
+            for i, p in enumerate(e.bridge.peers):
+                v[2 * i] = p.last_rx
+                mtus[i] = 0.0
+    except Exception as ex:  # noqa: BLE001 - reported to the parent, which logs it
+        return f"receiving process: {type(ex).__name__}: {ex}"
+    return "ok"
 
 
 def _export(e: Engine) -> dict[str, Any]:  # pragma: no cover - the child's side of query()

@@ -24,6 +24,7 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import ipaddress
@@ -35,6 +36,7 @@ from typing import Any
 
 from bridge.io import offload
 from bridge.io.adapters import TsoFrameFactory, TunCaps
+from bridge.io.policy import FullTunnel
 from stack.wire import vnet
 
 _TSO = (vnet.GSO_TCPV4, vnet.GSO_TCPV6)
@@ -74,6 +76,8 @@ class TunDevice:
         self.bad_frames = 0  # frames from the kernel that offload could not split
         self.write_errors: dict[str, int] = {}  # frames the kernel refused, by errno name
         self._routes: list[tuple[str, int]] = []
+        self.full: FullTunnel | None = None  # the /0 prefixes' policy routing (policy.py)
+        self.full_tunnel = (0, 0)  # (tun.table, tun.fwmark) for it; (0, 0): main table
         self._buf = bytearray(READ_BUF)
         self._view = memoryview(self._buf)
         self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
@@ -105,7 +109,9 @@ class TunDevice:
 
     def configure(self, addresses: Sequence[str], mtu: int,
                   routes: Iterable[str] = ()) -> None:
-        """Set MTU, addresses, link up, and one route per prefix into the TUN."""
+        """Set MTU, addresses, link up, and one route per prefix into the TUN; a /0 prefix
+        by policy routing in table `full_tunnel[0]` for packets without fwmark
+        `full_tunnel[1]` (bridge/io/policy.py; set the attribute first)."""
         from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
         with IPRoute() as ipr:
@@ -117,18 +123,46 @@ class TunDevice:
                 ipr.addr("add", index=self.index, address=str(iface.ip),
                          prefixlen=iface.network.prefixlen)
             ipr.link("set", index=self.index, state="up")
-            for r in routes:
-                net = ipaddress.ip_network(r, strict=False)
-                try:
-                    ipr.route("add", dst=str(net), oif=self.index)
-                except Exception as e:  # pyroute2 NetlinkError: an existing route is kept
-                    if getattr(e, "code", None) != errno.EEXIST:
-                        raise
-                    log.warning("route %s exists already; left as it is", net)
-                    continue
-                self._routes.append((str(net), self.index))
+            self._add_routes(ipr, routes)
         log.info("TUN %s up: mtu %d, addresses %s, routes %s", self.name, mtu,
                  ", ".join(addresses) or "-", ", ".join(r for r, _ in self._routes) or "-")
+
+    def _add_routes(self, ipr: Any, routes: Iterable[str]) -> None:
+        for r in routes:
+            net = ipaddress.ip_network(r, strict=False)
+            if net.prefixlen == 0 and self.full_tunnel[0]:
+                if self.full is None:
+                    self.full = FullTunnel(self.index, *self.full_tunnel)
+                self.full.add(ipr, str(net))
+                continue
+            try:
+                ipr.route("add", dst=str(net), oif=self.index)
+            except Exception as e:  # pyroute2 NetlinkError: an existing route is kept
+                if getattr(e, "code", None) != errno.EEXIST:
+                    raise
+                log.warning("route %s exists already; left as it is", net)
+                continue
+            self._routes.append((str(net), self.index))
+
+    def update_routes(self, add: Iterable[str], remove: Iterable[str]) -> None:
+        """A reload (bridge/io/live.py): routes of prefixes added, and of prefixes gone."""
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            for r in remove:
+                net = str(ipaddress.ip_network(r, strict=False))
+                if net in ("0.0.0.0/0", "::/0") and self.full is not None:
+                    self.full.remove(ipr, net)
+                    continue
+                if (net, self.index) not in self._routes:
+                    continue
+                self._routes.remove((net, self.index))
+                with contextlib.suppress(Exception):  # gone already: nothing to undo
+                    ipr.route("del", dst=net, oif=self.index)
+            self._add_routes(ipr, add)
+        log.info("TUN %s routes now: %s%s", self.name,
+                 ", ".join(r for r, _ in self._routes) or "-",
+                 " + full tunnel" if self.full is not None and self.full.families else "")
 
     def _quiet(self, ipr: Any) -> None:
         """IPv6 address generation mode none: no link-local address (module docstring)."""
@@ -146,7 +180,12 @@ class TunDevice:
             ipr.link("set", index=self.index, mtu=mtu)
 
     def close(self) -> None:
-        """Remove our routes, then close the fd (the kernel deletes the device)."""
+        """Remove our rules and routes, then close the fd (the kernel deletes the device)."""
+        if self.full is not None and self.full.families:
+            from pyroute2 import IPRoute
+
+            with contextlib.suppress(Exception), IPRoute() as ipr:
+                self.full.close(ipr)
         if self._routes:
             try:
                 from pyroute2 import IPRoute

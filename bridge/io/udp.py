@@ -136,11 +136,19 @@ class UdpEndpoint:
         # RFC 8086 §3.2.1 flow-hash source ports: send-only sockets, created on first use
         self.sport_pool = sport_pool
         self._pool: dict[int, socket.socket] = {}
+        self.mark = 0  # SO_MARK of every socket (a full tunnel's fwmark, bridge/io/policy.py)
         self.caps = UdpCaps(gro_batches=self._gro_batch is not None,
                             source_ports=sport_pool > 0, path_mtu=True)
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    def set_mark(self, mark: int) -> None:
+        """SO_MARK `mark` on this socket and its flow-hash sockets, now and later: a full
+        tunnel's policy rule sends marked datagrams by the main table, not into the TUN."""
+        self.mark = mark
+        for s in {id(x): x for x in (self.sock, *self._pool.values())}.values():
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
 
     def close(self) -> None:
         for s in self._pool.values():
@@ -278,6 +286,8 @@ class UdpEndpoint:
         fam = socket.AF_INET6 if self.v6 else socket.AF_INET
         s = socket.socket(fam, socket.SOCK_DGRAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFSIZE)
+        if self.mark:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.mark)
         with contextlib.suppress(OSError, AttributeError):
             s.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_SNDBUFFORCE", 32), BUFSIZE)
         if self.v6:

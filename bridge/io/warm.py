@@ -62,21 +62,26 @@ class Warmer:
     called by that direction's data thread only; `note_*` by the pumps (cheap)."""
 
     def __init__(self, real: Bridge, clock: Callable[[], float] = time.monotonic) -> None:
-        cfg = _shadow_config(real.config)
         self._real = real
         self._clock = clock
-        self._t = Bridge(cfg, 0.0)
-        self._u = Bridge(cfg, 0.0)
+        self.rebuild()
         self.enabled = True
-        self.pkt: Any = None  # last small inner packet from the TUN (bytes)
-        self.dgram: Any = None  # last small (payload, addr) from the UDP socket
         self.ticks = 0
         self.traffic = 0  # batches of real traffic seen (the Runner watches it move)
         self._sync_mtu()
 
+    def rebuild(self) -> None:
+        """Shadows of the real Bridge's configuration (at start, and after a reload,
+        bridge/io/live.py: the peers changed)."""
+        cfg = _shadow_config(self._real.config)
+        self._t = Bridge(cfg, 0.0)
+        self._u = Bridge(cfg, 0.0)
+        self.pkt: Any = None  # last small inner packet from the TUN (bytes)
+        self.dgram: Any = None  # last small (payload, addr) from the UDP socket
+
     def _sync_mtu(self) -> None:
         for sh in (self._t, self._u):
-            for sp, rp in zip(sh.peers, self._real.peers, strict=True):
+            for sp, rp in zip(sh.peers, self._real.peers, strict=False):
                 sp.mtu = rp.mtu
 
     def note_tun(self, pkts: list[Any]) -> None:

@@ -443,11 +443,11 @@ def test_sighup_and_reload_never_stop_the_endpoint(lab: Lab, tmp_path: Path) -> 
         cp = lab.run("gw-a", ["grebe", "reload"], check=False)
         assert cp.returncode == 2, cp
         assert "colour: unknown key" in cp.stderr and "running configuration stays" in cp.stderr
-        cfg.write_text(text.replace("keepalive = 2", "keepalive = 3").replace("key = 42",
-                                                                              "key = 43"))
+        cfg.write_text(text.replace("keepalive = 2", "keepalive = 3").replace(
+            'metrics_listen = "127.0.0.1:9108"', 'metrics_listen = "127.0.0.1:9109"'))
         cp = lab.run("gw-a", ["grebe", "reload"])
         assert "applied: peers[site-b].keepalive\n" in cp.stdout, cp.stdout
-        assert "restart to apply: peers[site-b].key_in, peers[site-b].key_out" in cp.stdout
+        assert "restart to apply: metrics_listen" in cp.stdout
         assert sorted(_grebe_pids(lab, "gw-a")) == sorted(pids)
         ping(lab, SERVER4, count=2)
     finally:

@@ -192,7 +192,7 @@ def running(*engines: Engine, **kw: Any) -> Iterator[list[Any]]:
     stopped and joined after it, and no thread may outlive it."""
     import threading
 
-    from bridge.io.loop import Runner
+    from bridge.io.runner import Runner
 
     runners = [Runner(e, **kw) for e in engines]
     threads = [threading.Thread(target=r.run, daemon=True) for r in runners]

@@ -108,3 +108,42 @@ def test_engine_refuses_a_secure_bridge_without_its_socket(tmp_path: Any) -> Non
     br = e["a"].bridge
     with pytest.raises(ValueError, match="secure UDP socket"):
         Engine(br, MemoryTun("x"), net.endpoint("198.18.0.9"), clock)
+
+
+def test_a_reload_renumbers_secure_peers_and_keeps_their_session(tmp_path: Any) -> None:
+    """Reload (bridge/reconfig.py) of a with a plain peer put before the secure one and a
+    second secure peer added: the secure peer, renumbered, keeps its session (no new
+    handshake, traffic both ways at once); the new secure peer starts its own handshake."""
+    from dataclasses import replace
+
+    from bridge.reconfig import reconfigure
+
+    e, _net, clock = _engines(str(tmp_path))
+    _drive(e)
+    e["a"].tun.inject(_ping(1))  # type: ignore[attr-defined]
+    _drive(e)
+    assert len(e["b"].tun.take()) == 1  # type: ignore[attr-defined]
+    a = e["a"].bridge
+    started = dict(e["a"].status()["secure"]["events"])
+    pub_c = write_private_key(os.path.join(str(tmp_path), "c.key"))
+    extra = loads_config(_cfg("a", str(tmp_path), {"b": pub_c}).replace('"to-b"', '"to-c"')
+                         .replace(HOST["b"], "198.18.0.9").replace(NET["b"], "198.18.9.0/24")
+                         + '[[peers]]\nname = "plain"\nendpoint = "198.18.0.7"\n'
+                           'prefixes = ["198.18.7.0/24"]\n')
+    new = replace(a.config, peers=(extra.peers[1], *a.config.peers, extra.peers[0]))
+    done = e["a"].apply(lambda: reconfigure(a, new, clock()))
+    assert done.kept == ("to-b",) and set(done.added) == {"plain", "to-c"}
+    assert a.secure is not None and a.secure.ep.peers[1].name == "to-b"
+    clock.t += 0.5
+    e["a"].tun.inject(_ping(2))  # type: ignore[attr-defined]
+    e["b"].tun.inject(_ping(3, fwd=False))  # type: ignore[attr-defined]
+    _drive(e)
+    assert len(e["b"].tun.take()) == 1  # type: ignore[attr-defined]
+    assert len(e["a"].tun.take()) == 1  # type: ignore[attr-defined]
+    ev = e["a"].status()["secure"]["events"]
+    # one handshake more: to-c's (no one answers it); none for to-b
+    assert ev["handshake_initiated"] == started["handshake_initiated"] + 1
+    assert ev["handshake_completed"] == started["handshake_completed"]
+    st = {p["name"]: p for p in e["a"].status()["peers"]}
+    assert st["to-b"]["security"] == "encrypted" and st["plain"]["security"] == "plain"
+    assert st["to-b"]["rx_packets"] == 1 and st["to-b"]["session"]["session"] is True

@@ -10,7 +10,7 @@ import pytest
 from scapy.layers.inet import ICMP, IP
 from test_loop_fake import _pair, running, wait_for  # same directory (pytest rootdir import)
 
-import bridge.io.loop as loop
+import bridge.io.runner as runner
 from bridge.io.fake import MemoryNet, MemoryTun
 from bridge.io.loop import Engine
 from bridge.io.warm import Warmer
@@ -71,8 +71,8 @@ def test_a_shadow_that_raises_turns_keep_warm_off(caplog: pytest.LogCaptureFixtu
 
 
 def test_runner_ticks_after_traffic_and_stops_when_idle(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loop, "WARM_FOR", 0.3)
-    monkeypatch.setattr(loop, "WARM_TICK_MS", 1.0)
+    monkeypatch.setattr(runner, "WARM_FOR", 0.3)
+    monkeypatch.setattr(runner, "WARM_TICK_MS", 1.0)
     ea, eb, _net, _ = _pair("gre", time.monotonic, keep_warm=True)
     with running(ea, eb):
         wa = ea.warmer
