@@ -50,6 +50,7 @@ from typing import Any
 from bridge.errors import ConfigError, ConfigErrors
 from bridge.flows import InspectRule
 from bridge.inspect.rules import check_imports, parse_rules
+from bridge.scrub import ScrubRule, parse_scrub
 from bridge.secure.keys import PeerSecurity, SecurityMode, parse_security
 from bridge.secure.wire import SECURE_PORT
 
@@ -175,6 +176,7 @@ class Config:
     inspect: tuple[dict[str, Any], ...] = ()
     path: str | None = None
     datapath: Datapath = Datapath.PYTHON  # issue 14: the eBPF fast path (bridge/ebpf/), opt-in
+    scrub: tuple[ScrubRule, ...] = ()  # issue 12: [[scrub]] rules, in order (bridge/scrub.py)
 
     def inspect_rules(self) -> tuple[InspectRule, ...]:
         """The `[[inspect]]` rules, checked (bridge/inspect/rules.py `parse_rules`).
@@ -579,6 +581,18 @@ def _check_families(r: _Reader, tun: TunConfig, listen: ListenConfig,
                 "(RFC 8200 §5), and tun.addresses has an IPv6 address")
 
 
+def _parse_scrub(r: _Reader, data: dict[str, Any], peers: list[str],
+                 datapath: Datapath) -> tuple[ScrubRule, ...]:
+    """The `[[scrub]]` rules (bridge/scrub.py `parse_scrub`), popped from `data`."""
+    raw = data.pop("scrub", None)
+    rules, errors = parse_scrub(raw, peers)
+    for key, msg in errors:
+        r.error(key, msg)
+    if rules and datapath is Datapath.EBPF:  # the eBPF program knows no [[scrub]] rules
+        r.error("scrub", 'needs the Python data path (datapath = "python" or "auto")')
+    return rules
+
+
 def parse_config(data: dict[str, Any], file: str | None = None) -> tuple[Config | None,
                                                                             list[ConfigError]]:
     """Validate a TOML dict. Returns (Config, []) or (None, every error found)."""
@@ -611,6 +625,7 @@ def parse_config(data: dict[str, Any], file: str | None = None) -> tuple[Config 
         r.error("peers", "no [[peers]] table: an endpoint needs at least one peer")
     _check_peers(r, peers)
     _check_families(r, tun, listen, peers)
+    scrub = _parse_scrub(r, data, [p.name for _, p in peers], datapath)
     inspect = r.get(data, "inspect", "", list, [])
     for i, t in enumerate(inspect):
         if not isinstance(t, dict):
@@ -631,7 +646,7 @@ def parse_config(data: dict[str, Any], file: str | None = None) -> tuple[Config 
     cfg = Config(tun=tun, listen=listen, peers=tuple(p for _, p in peers), mss_clamp=mss,
                  keep_warm=keep_warm, split_directions=split, pmtu=pmtu, control_socket=control,
                  metrics_listen=metrics,
-                 inspect=tuple(inspect), path=file, datapath=datapath)
+                 inspect=tuple(inspect), path=file, datapath=datapath, scrub=scrub)
     return cfg, []
 
 
