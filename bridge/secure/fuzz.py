@@ -1,4 +1,6 @@
-"""Fuzz the secure receive path: `python -m bridge.secure.fuzz --inputs N [--mode M] [--seed S]`.
+"""Fuzz the receive path of every mode: `python -m bridge.secure.fuzz --inputs N [--mode M]
+[--seed S]` (M: plain, authenticated, encrypted, all (default) or both (the secure two);
+plain mode is bridge/secure/fuzz_plain.py's).
 
 Rules (what counts as a finding):
 - An exception escaping `receive_datagram` (the rule: nothing a peer sends raises).
@@ -196,14 +198,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bridge.secure.fuzz", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--inputs", type=int, default=1_000_000, help="inputs per mode")
-    ap.add_argument("--mode", choices=("authenticated", "encrypted", "both"), default="both")
+    ap.add_argument("--mode", choices=("plain", "authenticated", "encrypted", "all", "both"),
+                    default="all", help="all: every mode; both: the two secure ones")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    modes = ([SecurityMode.AUTHENTICATED, SecurityMode.ENCRYPTED] if args.mode == "both"
-             else [SecurityMode(args.mode)])
+    names = {"all": ["plain", "authenticated", "encrypted"],
+             "both": ["authenticated", "encrypted"]}.get(args.mode, [args.mode])
     bad = False
-    for mode in modes:
-        r = fuzz(args.inputs, mode, args.seed)
+    for name in names:
+        if name == "plain":  # bridge/secure/fuzz_plain.py: the Bridge's plain receive path
+            from bridge.secure.fuzz_plain import fuzz_plain
+
+            r = fuzz_plain(args.inputs, args.seed)
+        else:
+            r = fuzz(args.inputs, SecurityMode(name), args.seed)
         print(f"{r['mode']}: {r['inputs']} inputs in {r['seconds']} s = {r['inputs_per_s']}/s;"
               f" exceptions {r['exceptions']}, policy violations {r['violations']};"
               f" legitimate {r['legit_sent']} sent, {r['legit_lost']} lost")
