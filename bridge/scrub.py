@@ -29,7 +29,8 @@ Theory of operation: `parse_scrub` turns the TOML list into `ScrubRule`s (errors
 (key path, message) pairs, as bridge/config.py reports them); `Scrubber` compiles them into
 tuples of ints (prefix value, mask) per family and evaluates them in order per packet:
 `outbound` filters a batch from the TUN, `inbound` decides one decapsulated packet.
-Counters per rule (matched, dropped) are shown by `status()` and `prometheus()`.
+Counters per rule (matched, dropped) are shown by `status()` and `prometheus()`; with one
+process per direction (bridge/io/split.py) the receiving process's are added (`export`).
 """
 
 from __future__ import annotations
@@ -267,8 +268,21 @@ class Scrubber:
                 kept.append(pkt)
         return kept
 
-    def status(self) -> list[dict[str, Any]]:
-        """Per rule: what it matches and its counters (for `grebe status`)."""
+    def export(self) -> dict[str, list[int]]:
+        """The per-rule counters, for another process to add (bridge/io/split.py)."""
+        return {"matched": list(self.matched), "dropped": list(self.dropped)}
+
+    def _plus(self, other: dict[str, list[int]] | None) -> tuple[list[int], list[int]]:
+        m, d = list(self.matched), list(self.dropped)
+        for mine, key in ((m, "matched"), (d, "dropped")):
+            for k, v in enumerate((other or {}).get(key, [])[:len(mine)]):
+                mine[k] += int(v)
+        return m, d
+
+    def status(self, other: dict[str, list[int]] | None = None) -> list[dict[str, Any]]:
+        """Per rule: what it matches and its counters (for `grebe status`), plus `other`
+        (`export()` of the receiving process's Scrubber, when split)."""
+        matched, dropped = self._plus(other)
         out: list[dict[str, Any]] = []
         for k, r in enumerate(self.rules):
             d: dict[str, Any] = {"action": r.action.value, "direction": r.direction.value}
@@ -280,19 +294,21 @@ class Scrubber:
                 d["dst"] = [str(n) for n in r.dst]
             if r.rate is not None:
                 d.update(rate=r.rate, burst=r.burst, bucket=r.bucket.value)
-            d.update(matched=self.matched[k], dropped=self.dropped[k])
+            d.update(matched=matched[k], dropped=dropped[k])
             out.append(d)
         return out
 
-    def prometheus(self, prefix: str = "grebe_scrub") -> str:
+    def prometheus(self, other: dict[str, list[int]] | None = None,
+                   prefix: str = "grebe_scrub") -> str:
+        matched, dropped = self._plus(other)
         lines = [f"# HELP {prefix}_matched_total Packets a [[scrub]] rule matched.",
                  f"# TYPE {prefix}_matched_total counter"]
         lines += [f'{prefix}_matched_total{{rule="{k}"}} {v}'
-                  for k, v in enumerate(self.matched)]
+                  for k, v in enumerate(matched)]
         lines += [f"# HELP {prefix}_dropped_total Packets a [[scrub]] rule dropped.",
                   f"# TYPE {prefix}_dropped_total counter"]
         lines += [f'{prefix}_dropped_total{{rule="{k}"}} {v}'
-                  for k, v in enumerate(self.dropped)]
+                  for k, v in enumerate(dropped)]
         return "\n".join(lines) + "\n"
 
 

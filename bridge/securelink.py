@@ -23,8 +23,9 @@ Rules:
   the plain path's, unchanged. A UDP GRO batch is verified datagram by datagram too; when
   every one verified for the same peer (no event, no keepalive, equal sizes), the inner
   datagrams are glued again into one `GroBatch` (`_open_run`), so the Bridge's receive
-  fast path makes one TunFrame of a TCP run exactly as for a plain peer. A secure peer is never found by its host address: a plain
-  datagram from its address to the plain port is "unknown_peer". Only a verified datagram
+  fast path makes one TunFrame of a TCP run exactly as for a plain peer. A secure peer is
+  never found by its host address: a plain datagram from its address to the plain port is
+  "unknown_peer". Only a verified datagram
   marks a peer heard; a secure-layer keepalive (empty payload) does so directly.
 - Events are applied at once, before the payload of the datagram that produced them (what
   verified before them is delivered first): PeerRestarted resets the peer's sequence

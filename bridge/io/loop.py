@@ -312,6 +312,8 @@ class Engine:
             if self.fast_path is not None:  # issue 14: the eBPF program's counters
                 c = c.merged(self.fast_path.counters())
             text = c.prometheus(peer_up=[p.up and p.heard for p in self.bridge.peers])
+            if self.bridge.scrub is not None:  # issue 12: per-rule counters, both processes
+                text += self.bridge.scrub.prometheus((child or {}).get("scrub"))
             sec = self.bridge.secure
             return text + sec.prometheus() if sec is not None else text
 
