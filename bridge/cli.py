@@ -191,8 +191,10 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
                               ) from None
         if bridge.secure is not None:  # issue 12: the secure peers' own port
             try:
+                # GRO batches too: each datagram is verified alone, and a batch that verified
+                # whole takes the receive fast path (bridge/securelink.py `_open_run`)
                 sudp = UdpEndpoint(cfg.listen.address, cfg.listen.secure_port, gso=offload,
-                                   gro=False, sport_pool=0)
+                                   gro=offload, gro_batch=gro_batch, sport_pool=0)
             except OSError as e:
                 raise _bind_error(e, "listen.secure_port",
                                   f"{cfg.listen.address} port {cfg.listen.secure_port}") from None

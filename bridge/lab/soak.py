@@ -6,7 +6,8 @@ Rules:
   `--loss`, `--reorder`, `--delay`), mixed traffic for `--minutes`: TCP downloads (curl
   from an http.server), ping v4 and v6, bursts of UDP datagrams to changing ports (new
   flows all the time), and in the secure modes an attacker replaying traffic recorded
-  after the warm-up, once a minute (so also after real rekeys: rekey_after_time 120 s).
+  after the warm-up, at once and then once a minute (so also after real rekeys:
+  rekey_after_time is 120 s).
   Everything bounded: one transfer at a time, at most --mb MB each.
 - Measured per gateway after `--warmup` seconds and at the end: RSS (kB, VmRSS summed
   over grebe and its children, the split receive process included), open fds (the same
@@ -254,7 +255,7 @@ def run(minutes: float, mode: str, instance: str, warmup: float, loss: str, reor
         t1 = time.monotonic()
         failures: list[str] = []
         replays = replayed = 0
-        last_replay = t1
+        last_replay = t1 - 60  # the first replay at once, then one a minute
         last_print = t1
         while time.monotonic() - t1 < minutes * 60:
             if not _traffic_step(lab, i, mb):

@@ -30,7 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "bridge"))
 from bench_pipeline import SITE, _packet, _secure_pair  # noqa: E402
 
 from bridge.config import loads_config  # noqa: E402
+from bridge.gso import GroBatch, SuperPacket, UdpRun  # noqa: E402
+from bridge.io import offload as ol  # noqa: E402
 from bridge.pipeline import Bridge, Output  # noqa: E402
+from stack.wire import vnet  # noqa: E402
+from stack.wire.checksum import pseudo_sum_v4  # noqa: E402
 
 EXTRA = 'key = 1\nsequence = "drop-late"'
 A_ADDR = ("198.18.0.1", 4754)
@@ -57,6 +61,40 @@ class Variant:
             return [(d, A_ADDR) for items in out.udp.values() for d in items]
         return [(d, A_SECURE) for items in out.secure.values() for d in items]
 
+    def bulk_round(self, frames: list[bytes], batches: int, now: float) -> None:
+        """TSO super-packets out (`send_super`, `seal_batch`), the UdpRuns back in as GRO
+        batches (`receive_run`, for secure peers after `_open_run`): a bulk TCP stream."""
+        out = Output()
+        made = []
+        rows = 0
+        t0 = time.process_time()
+        for _ in range(batches):
+            out.clear()
+            self.a.from_tun([SuperPacket(f, vnet.VNET_HDR_LEN, vnet.parse_vnet(f)[3],
+                                         ol.split_frame) for f in frames], now, out)
+            items = out.udp if self.mode == "plain" else out.secure
+            got = []
+            for lst in items.values():
+                for it in lst:
+                    assert type(it) is UdpRun
+                    rows += -(-len(it) // it.seg)
+                    got.append((GroBatch(bytearray(it), it.seg),
+                                A_ADDR if self.mode == "plain" else A_SECURE))
+            made.append(got)
+        self.send_us.append((time.process_time() - t0) / rows * 1e6)
+        recv = self.b.from_udp if self.mode == "plain" else self.b.from_secure
+        ob = Output()
+        t0 = time.process_time()
+        delivered = 0
+        for dgrams in made:
+            ob.clear()
+            recv(dgrams, now, ob)
+            delivered += len(ob.tun)
+        self.recv_us.append((time.process_time() - t0) / rows * 1e6)
+        if delivered != len(made) * len(frames):  # one TunFrame per run
+            raise RuntimeError(f"{self.name}: {delivered} TUN writes for "
+                               f"{len(made) * len(frames)} runs")
+
     def one_round(self, pkts: list[bytes], batches: int, now: float) -> None:
         out = Output()
         made = []
@@ -78,6 +116,25 @@ class Variant:
             raise RuntimeError(f"{self.name}: {len(ob.tun)} of {len(pkts)} delivered")
 
 
+def _tso_frames(count: int, rows: int, mss: int) -> list[bytes]:
+    """`count` TSO frames (vnet header + 64 KB TCP packet) of one flow, 198.18.10.5 ->
+    198.18.20.7, as a TUN with offloads hands them in (pseudo-header sum, NEEDS_CSUM)."""
+    from scapy.layers.inet import IP, TCP
+
+    out = []
+    seq = 1
+    for _ in range(count):
+        data = bytes(range(256)) * (rows * mss // 256 + 1)
+        pkt = bytearray(bytes(IP(src="198.18.10.5", dst="198.18.20.7", flags="DF", id=1)
+                              / TCP(sport=40000, dport=80, seq=seq, ack=1, flags="A",
+                                    window=500) / data[:rows * mss]))
+        pkt[36:38] = pseudo_sum_v4(pkt[12:16], pkt[16:20], 6, 0).to_bytes(2, "big")
+        out.append(vnet.build_vnet(vnet.F_NEEDS_CSUM, vnet.GSO_TCPV4, 40, mss, 20, 16)
+                   + bytes(pkt))
+        seq += rows * mss
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,8 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--size", type=int, default=1400)
     ap.add_argument("--profile", choices=("plain", "authenticated", "encrypted"))
+    ap.add_argument("--bulk", action="store_true",
+                    help="TSO super-packets of one TCP flow out, GRO batches in")
     a = ap.parse_args(argv)
     pkts = [_packet(i, a.size) for i in range(a.batch)]
+    frames = _tso_frames(4, 44, a.size - 40)
+    if a.bulk:
+        Variant.one_round = (lambda self, _p, n, now:  # type: ignore[method-assign]
+                             Variant.bulk_round(self, frames, max(1, n // 4), now))
     with tempfile.TemporaryDirectory() as tmp:
         vs = [Variant("plain (gre key+seq)", "plain", tmp),
               Variant("authenticated", "authenticated", tmp),
@@ -106,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         del v.send_us[0], v.recv_us[0]
     base_s = statistics.median(vs[0].send_us)
     base_r = statistics.median(vs[0].recv_us)
-    print(f"{a.size}-byte inner IPv4/UDP, batches of {a.batch}, {a.rounds} paired rounds; "
-          "median CPU µs per packet (process time)")
+    what = (f"bulk TCP: TSO frames of 44 x {a.size - 40} bytes out, GRO batches in"
+            if a.bulk else f"{a.size}-byte inner IPv4/UDP, batches of {a.batch}")
+    print(f"{what}, {a.rounds} paired rounds; median CPU µs per packet (process time)")
     print(f"{'variant':22} {'send µs':>8} {'x plain':>8} {'recv µs':>8} {'x plain':>8} "
           f"{'both x plain':>13}")
     for v in vs:
