@@ -35,6 +35,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -42,7 +43,7 @@ from bridge.secure.keys import PeerSpec
 from bridge.secure.limits import Limits
 from bridge.secure.noise import Handshake, Identity, dh, mac1_key
 from bridge.secure.replay import ReplayWindow
-from bridge.secure.wire import HEADER_LEN, MSG_AUTHENTICATED, TAG_LEN, TRANSPORT, nonce
+from bridge.secure.wire import HEADER_LEN, MSG_AUTHENTICATED, OVERHEAD, TAG_LEN, TRANSPORT, nonce
 
 __all__ = ["Keypair", "Pending", "PeerSession", "RETIRED_MAX"]
 
@@ -110,6 +111,46 @@ class Keypair:
                     out[at + HEADER_LEN:end + TAG_LEN])
             at = end + TAG_LEN
             ctr += 1
+
+
+    def open_run(self, src: memoryview, seg: int, out: memoryview, reject: int) -> int:
+        """Verify and open the transport datagrams of `seg` bytes back to back in `src` (a
+        UDP GRO batch; the last may be shorter) into `out`, payloads back to back (seg -
+        OVERHEAD each). Every datagram must carry the first one's type and receiver index
+        (this keypair's: the caller checked the first). Stops, having changed nothing for
+        it, at the first that is not, is too short, is at or over the `reject` counter, is
+        a replay (the window) or fails its tag: the per-datagram path then takes it from
+        there and counts it. Returns how many were opened (the window accepted them). For
+        encrypted mode `decrypt_into` writes the plaintext in place: no copy per datagram."""
+        total = len(src)
+        head = bytes(src[:8])  # type, three zero bytes, receiver index
+        win = self.window
+        auth = self.msg_type == MSG_AUTHENTICATED
+        dec = self.recv.decrypt
+        dec_into = self.recv.decrypt_into
+        unpack = TRANSPORT.unpack_from
+        done = at = 0
+        for off in range(0, total, seg):
+            n = min(seg, total - off)
+            if n <= OVERHEAD or src[off:off + 8] != head:
+                break
+            ctr = unpack(src, off)[2]
+            if ctr >= reject or (ctr <= win.top and not win.check(ctr)):
+                break
+            end = at + n - OVERHEAD
+            try:
+                if auth:  # the tag covers header and payload as associated data
+                    dec(nonce(ctr), src[off + n - TAG_LEN:off + n], src[off:off + n - TAG_LEN])
+                    out[at:end] = src[off + HEADER_LEN:off + n - TAG_LEN]
+                else:
+                    dec_into(nonce(ctr), src[off + HEADER_LEN:off + n],
+                             src[off:off + HEADER_LEN], out[at:end])
+            except InvalidTag:
+                break
+            win.accept(ctr)
+            at = end
+            done += 1
+        return done
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +252,15 @@ class PeerSession:
         for kp in self.keypairs():
             t = min(t, kp.expires)
         return min(t, self.keepalive_at, self.unanswered_at + limits.silence_after)
+
+    def verified(self, now: float, limits: Limits) -> None:
+        """Data datagrams of the current keypair verified at `now` (`Keypair.open_run`):
+        what `SecureEndpoint` does for each one (heard; answer with a keepalive if we
+        send nothing within keepalive_after)."""
+        self.last_rx = now
+        self.unanswered_at = _INF
+        if self.keepalive_at == _INF:
+            self.keepalive_at = now + limits.keepalive_after
 
     def stage(self, payload: bytes | bytearray | memoryview, limits: Limits) -> bool:
         """Hold one datagram for later; False if the oldest had to be dropped for it."""
