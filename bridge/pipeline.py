@@ -72,6 +72,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from bridge import counters as C
@@ -97,6 +98,7 @@ from bridge.peers import (
 from bridge.scrub import Scrubber
 from bridge.secure import OVERHEAD, PeerSpec
 from bridge.securelink import SecureLink
+from bridge.seqpolicy import FilteredReceiver
 from stack.wire import icmp
 from stack.wire.ip import (
     DF,
@@ -168,6 +170,13 @@ class Bridge:
         # issue 12: [[scrub]] rules (bridge/scrub.py); None without: one branch per batch
         self.scrub = Scrubber(config.scrub, [p.name for p in config.peers], now,
                               self.counters.drops) if config.scrub else None
+        # per peer: no sequence policy and no inbound rules, so a packet goes to the TUN at
+        # once; with rules every peer's delivery passes them (bridge/seqpolicy.py)
+        self._seq_off = [ps.seq.policy is SeqPolicy.OFF and self.scrub is None
+                         for ps in self.peers]
+        if self.scrub is not None:
+            for ps in self.peers:
+                ps.seq = FilteredReceiver(ps.seq, partial(self.scrub.passes_in, ps.index))
         self.started = now
         # Set by the receiving process of a split endpoint (bridge/io/split.py): its timer
         # only flushes the reorder buffers; keepalives and liveness are the other process's.
@@ -358,9 +367,8 @@ class Bridge:
         term = self.terminator
         tun: list[bytes | bytearray] = out.tun if term is None else []
         heard = self.heard
-        scrub = self.scrub
-        extra = scrub is not None or self._covers is not None
-        for payload, addr in self.fast.expand(datagrams, now, tun, scrub is None):
+        seq_off = self._seq_off
+        for payload, addr in self.fast.expand(datagrams, now, tun, self.scrub is None):
             cands = table.by_host(addr[0]) if isinstance(addr, tuple) and addr else ()
             if not cands:
                 drops[C.R_UNKNOWN_PEER] += 1
@@ -399,13 +407,9 @@ class Bridge:
             if reason >= 0:
                 drops[reason] += 1
                 continue
-            if extra:  # [[inspect]] coverage, [[scrub]] rules: one branch for both
-                if self._covers is not None and uninspectable(payload, off, self._covers):
-                    drops[C.R_UNINSPECTABLE] += 1  # never forwarded past a rule (prelude.py)
-                    continue
-                if scrub is not None and scrub.decide(True, peer.index, payload, off, 1,
-                                                      now) >= 0:
-                    continue  # counted by the Scrubber
+            if self._covers is not None and uninspectable(payload, off, self._covers):
+                drops[C.R_UNINSPECTABLE] += 1  # never forwarded past a rule (prelude.py)
+                continue
             pkt: bytes | bytearray
             if self.mss_clamp and syn_candidate(payload, off, tot):
                 pkt = bytearray(payload[off : off + tot])
@@ -413,7 +417,7 @@ class Bridge:
                     c.events[C.E_MSS_CLAMPED] += 1
             else:
                 pkt = bytes(payload[off : off + tot])  # a copy: the I/O layer reuses buffers
-            if peer.seq.policy is SeqPolicy.OFF:
+            if seq_off[peer.index]:
                 tun.append(pkt)
             else:
                 flushes = peer.seq.flushes

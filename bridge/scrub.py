@@ -17,18 +17,25 @@ Rules:
   (`bucket = "peer"`, the default: each peer gets the rate) or one for the rule
   (`bucket = "rule"`: all peers share it). Buckets are preallocated: rules x (peers + 1),
   nothing an attacker sends creates state.
+- Inbound, the rules see what a peer's sequence policy (bridge/seqpolicy.py, RFC 2890
+  §2.2) delivers, in the order it delivers it: a dropped packet has still taken its place
+  in the sequence, so a rate limit never makes the packets after it look late or far
+  ahead (which would make drop-late discard legitimate traffic and resynchronise).
+  With rules, each peer's sequence receiver is a bridge/seqpolicy.py `FilteredReceiver`
+  whose filter is `Scrubber.passes_in`.
 - A TSO super-packet (bridge/gso.py) is decided on its header and weighs its segment count
   in a bucket; if the bucket lacks that many tokens the whole super-packet is dropped.
 - Cost: a Bridge without `[[scrub]]` has `scrub = None` and pays one branch per batch
-  outbound, none per packet inbound (the check shares the branch of the [[inspect]]
-  coverage check, bridge/pipeline.py). With rules, the receive GRO fast path steps aside
-  (every datagram takes the per-packet path, where the inbound check runs).
+  outbound and nothing per packet inbound (its peers keep their plain sequence receivers).
+  With rules, the receive GRO fast path steps aside (every datagram takes the per-packet
+  path, whose delivery the `FilteredReceiver` filters).
 - Sans-I/O: `now` comes in; no clock, no per-packet objects (ints and preallocated lists).
 
 Theory of operation: `parse_scrub` turns the TOML list into `ScrubRule`s (errors as
 (key path, message) pairs, as bridge/config.py reports them); `Scrubber` compiles them into
 tuples of ints (prefix value, mask) per family and evaluates them in order per packet:
-`outbound` filters a batch from the TUN, `inbound` decides one decapsulated packet.
+`outbound` filters a batch from the TUN; `passes_in` decides what a peer's sequence
+policy delivers (from a datagram, or from its reorder buffer on the timer).
 Counters per rule (matched, dropped) are shown by `status()` and `prometheus()`; with one
 process per direction (bridge/io/split.py) the receiving process's are added (`export`).
 """
@@ -244,6 +251,10 @@ class Scrubber:
                 self.tokens[slot] = tokens - weight
             return -1
         return -1
+
+    def passes_in(self, peer: int, pkt: Buf, now: float) -> bool:
+        """True if the inner packet `pkt` from peer index `peer` may go to the TUN."""
+        return self.decide(True, peer, pkt, 0, 1, now) < 0
 
     def outbound(self, packets: Iterable[Buf | SuperPacket], now: float,
                  route: Callable[[bytes], int]) -> list[Buf | SuperPacket]:

@@ -176,3 +176,25 @@ def test_parse_errors_and_defaults() -> None:
     assert "scrub[0].peer" in str(e.value)
     with pytest.raises(ConfigErrors):
         loads_config(_config_text("peer").replace('[tun]', 'datapath = "ebpf"\n[tun]'))
+
+
+@pytest.mark.parametrize("policy", ["drop-late", "reorder"])
+def test_rate_limited_packets_keep_their_place_in_the_sequence(policy: str) -> None:
+    """A flood the rate limit drops must not make the packets after it look late or far
+    ahead to the sequence policy (RFC 2890 §2.2): the rules see what the policy delivers,
+    and every packet to an unlimited destination is delivered, in order."""
+    extra = f'key = 1\nsequence = "{policy}"\n' + _rules(
+        '[[scrub]]\ndirection = "in"\ndst = ["198.18.20.7/32"]\naction = "allow"\n'
+        'rate = 10\nburst = 2\n')
+    a = Bridge(site_config("a", f'key = 1\nsequence = "{policy}"'), 0)
+    b = Bridge(site_config("b", extra), 0)
+    got = 0
+    for i in range(40):  # a flood of 100 to the limited host, then one to another host
+        oa = Output()
+        a.from_tun([v4(dst="198.18.20.7")] * 100 + [v4(dst="198.18.20.8")], i * 0.01, oa)
+        ob = Output()
+        b.from_udp([(d, A_ADDR) for d in oa.udp[B_ADDR]], i * 0.01, ob)
+        got += sum(1 for p in ob.tun if p[19] == 8)
+    assert got == 40
+    assert b.counters.drop("sequence") == 0 and b.counters.event("seq_resync") == 0
+    assert b.counters.drop("scrub_rate") >= 40 * 100 - 2 - 10
