@@ -36,10 +36,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from bridge.secure.endpoint import SecureEndpoint
+from bridge.secure.fuzz_plain import mutate
 from bridge.secure.keys import PeerSecurity, PeerSpec, SecurityMode
 from bridge.secure.limits import Limits
 from bridge.secure.noise import public_bytes
-from bridge.secure.wire import TRANSPORT
 
 __all__ = ["make_pair", "fuzz", "main", "ADDR_A", "ADDR_B"]
 
@@ -91,38 +91,6 @@ def exchange(a: SecureEndpoint, b: SecureEndpoint, now: float,
     return delivered
 
 
-def _mutate(rnd: random.Random, corpus: list[tuple[int, bytes]]) -> tuple[int, bytes]:
-    kind = rnd.randrange(9)
-    if kind == 0 or not corpus:
-        return rnd.randrange(2), rnd.randbytes(rnd.randrange(0, 200 if rnd.random() < .8
-                                                             else 1600))
-    to, base = corpus[rnd.randrange(len(corpus))]
-    d = bytearray(base)
-    if kind == 1 and d:  # bit flips
-        for _ in range(rnd.randrange(1, 4)):
-            i = rnd.randrange(len(d) * 8)
-            d[i // 8] ^= 1 << (i % 8)
-    elif kind == 2 and d:  # byte overwrites
-        for _ in range(rnd.randrange(1, 4)):
-            d[rnd.randrange(len(d))] = rnd.randrange(256)
-    elif kind == 3:  # truncation
-        del d[rnd.randrange(len(d) + 1):]
-    elif kind == 4:  # extension
-        d += rnd.randbytes(rnd.randrange(1, 64))
-    elif kind == 5 and len(d) >= TRANSPORT.size:  # counter far ahead or anywhere
-        t, idx, ctr = TRANSPORT.unpack_from(d)
-        TRANSPORT.pack_into(d, 0, t, idx, rnd.choice((ctr + 1, ctr + 10**6, 0,
-                                                      rnd.getrandbits(64))))
-    elif kind == 6:  # splice two entries
-        _, other = corpus[rnd.randrange(len(corpus))]
-        cut = rnd.randrange(len(d) + 1)
-        d = d[:cut] + bytearray(other[cut:])
-    elif kind == 7 and d:  # change the type byte
-        d[0] = rnd.randrange(7)
-    # kind 8 (or a no-op above): verbatim replay
-    return to, bytes(d)
-
-
 def fuzz(inputs: int, mode: SecurityMode, seed: int = 0, limits: Limits | None = None,
          ) -> dict[str, Any]:
     """Run the fuzzer; returns the report (see module docstring)."""
@@ -157,7 +125,7 @@ def fuzz(inputs: int, mode: SecurityMode, seed: int = 0, limits: Limits | None =
                     violations.append(f"input {i}: legitimate datagram not delivered")
             if len(corpus) > CORPUS_MAX:  # a few key generations: most entries still
                 del corpus[: len(corpus) - CORPUS_MAX]  # reach a live keypair
-        to, data = _mutate(rnd, corpus)
+        to, data = mutate(rnd, corpus)
         addr = (ADDR_A, ADDR_B)[1 - to] if rnd.random() < 0.7 else (
             f"198.19.{rnd.randrange(256)}.{rnd.randrange(256)}", rnd.randrange(1, 65536))
         ep = eps[to]

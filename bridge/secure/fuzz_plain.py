@@ -13,6 +13,11 @@ delivered, and that is not a finding):
 Legitimate datagrams are interleaved; how many of them a far-ahead forged sequence number
 cost (issue 12: plain mode cannot stop it) is reported, not a finding.
 
+`mutate` makes the hostile inputs of every mode (bridge/secure/fuzz.py uses it too):
+random bytes, or a recorded datagram with bit flips, byte overwrites, truncation,
+extension, a secure transport counter far ahead or anywhere, a splice of two, another
+type byte, or verbatim (a replay).
+
 Theory of operation: site A's Bridge encapsulates a few inner packets (the corpus) for
 site B's Bridge, which receives one input per call; B's out.tun after each call is compared
 with the input. Two configurations, each for half of the inputs: GRE with key 42 and
@@ -29,8 +34,9 @@ from typing import Any
 
 from bridge.config import Config, loads_config
 from bridge.pipeline import Bridge, Output
+from bridge.secure.wire import TRANSPORT
 
-__all__ = ["fuzz_plain", "PEER_A"]
+__all__ = ["fuzz_plain", "mutate", "PEER_A"]
 
 PEER_A = ("198.18.0.1", 4754)
 LEGIT_EVERY = 50
@@ -50,6 +56,38 @@ keepalive = 0
 """
 CONFIGS = ('encapsulation = "gre"\nkey = 42\nsequence = "drop-late"', 'encapsulation = "ipip"')
 A_PREFIXES = (ipaddress.ip_network("198.18.10.0/24"), ipaddress.ip_network("2001:db8:10::/48"))
+
+
+def mutate(rnd: random.Random, corpus: list[tuple[int, bytes]]) -> tuple[int, bytes]:
+    kind = rnd.randrange(9)
+    if kind == 0 or not corpus:
+        return rnd.randrange(2), rnd.randbytes(rnd.randrange(0, 200 if rnd.random() < .8
+                                                             else 1600))
+    to, base = corpus[rnd.randrange(len(corpus))]
+    d = bytearray(base)
+    if kind == 1 and d:  # bit flips
+        for _ in range(rnd.randrange(1, 4)):
+            i = rnd.randrange(len(d) * 8)
+            d[i // 8] ^= 1 << (i % 8)
+    elif kind == 2 and d:  # byte overwrites
+        for _ in range(rnd.randrange(1, 4)):
+            d[rnd.randrange(len(d))] = rnd.randrange(256)
+    elif kind == 3:  # truncation
+        del d[rnd.randrange(len(d) + 1):]
+    elif kind == 4:  # extension
+        d += rnd.randbytes(rnd.randrange(1, 64))
+    elif kind == 5 and len(d) >= TRANSPORT.size:  # counter far ahead or anywhere
+        t, idx, ctr = TRANSPORT.unpack_from(d)
+        TRANSPORT.pack_into(d, 0, t, idx, rnd.choice((ctr + 1, ctr + 10**6, 0,
+                                                      rnd.getrandbits(64))))
+    elif kind == 6:  # splice two entries
+        _, other = corpus[rnd.randrange(len(corpus))]
+        cut = rnd.randrange(len(d) + 1)
+        d = d[:cut] + bytearray(other[cut:])
+    elif kind == 7 and d:  # change the type byte
+        d[0] = rnd.randrange(7)
+    # kind 8 (or a no-op above): verbatim replay
+    return to, bytes(d)
 
 
 def _config(side: str, extra: str) -> Config:
@@ -103,8 +141,6 @@ def _carried(data: bytes, pkt: bytes, gre: bool) -> tuple[bool, bool]:
 
 def fuzz_plain(inputs: int, seed: int = 0) -> dict[str, Any]:
     """Run the plain-mode fuzzer; returns a report shaped like `fuzz.fuzz`'s."""
-    from bridge.secure.fuzz import _mutate  # the secure fuzzer's mutations
-
     rnd = random.Random(seed)
     exceptions = 0
     violations: list[str] = []
@@ -131,7 +167,7 @@ def fuzz_plain(inputs: int, seed: int = 0) -> dict[str, Any]:
                     b.from_udp([(d, PEER_A)], now, out)
                     legit_lost += 0 if out.tun else 1
                 del corpus[:-256]
-            _, data = _mutate(rnd, corpus)
+            _, data = mutate(rnd, corpus)
             addr = PEER_A if rnd.random() < 0.8 else (
                 f"198.19.{rnd.randrange(256)}.{rnd.randrange(256)}", rnd.randrange(1, 65536))
             c0 = b.counters
