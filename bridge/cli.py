@@ -397,6 +397,13 @@ def _fmt_status(st: dict[str, Any]) -> str:
     drops = {k: v for k, v in st.get("drops", {}).items() if v}
     lines.append("drops: " + (", ".join(f"{k}={v}" for k, v in sorted(drops.items()))
                               if drops else "none"))
+    for k, r in enumerate(st.get("scrub", [])):  # issue 12: [[scrub]] rules, in order
+        match = " ".join(f"{f} {','.join(r[f])}" for f in ("src", "dst") if f in r)
+        rate = f" rate {r['rate']:g}/s burst {r['burst']} per {r['bucket']}" if "rate" in r \
+            else ""
+        lines.append(f"scrub[{k}] {r.get('direction')} {r.get('peer', 'any peer')} "
+                     f"{match or 'any'} -> {r.get('action')}{rate}: matched "
+                     f"{r.get('matched', 0)}, dropped {r.get('dropped', 0)}")
     events = {k: v for k, v in st.get("events", {}).items() if v}
     if events:
         lines.append("events: " + ", ".join(f"{k}={v}" for k, v in sorted(events.items())))
