@@ -198,8 +198,10 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
                               ) from None
         if bridge.secure is not None:  # issue 12: the secure peers' own port
             try:
+                # GRO batches too: each datagram is verified alone, and a batch that verified
+                # whole takes the receive fast path (bridge/securelink.py `_open_run`)
                 sudp = UdpEndpoint(cfg.listen.address, cfg.listen.secure_port, gso=offload,
-                                   gro=False, sport_pool=0)
+                                   gro=offload, gro_batch=gro_batch, sport_pool=0)
             except OSError as e:
                 raise _bind_error(e, "listen.secure_port",
                                   f"{cfg.listen.address} port {cfg.listen.secure_port}") from None
@@ -378,6 +380,13 @@ def _fmt_status(st: dict[str, Any]) -> str:
     drops = {k: v for k, v in st.get("drops", {}).items() if v}
     lines.append("drops: " + (", ".join(f"{k}={v}" for k, v in sorted(drops.items()))
                               if drops else "none"))
+    for k, r in enumerate(st.get("scrub", [])):  # issue 12: [[scrub]] rules, in order
+        match = " ".join(f"{f} {','.join(r[f])}" for f in ("src", "dst") if f in r)
+        rate = f" rate {r['rate']:g}/s burst {r['burst']} per {r['bucket']}" if "rate" in r \
+            else ""
+        lines.append(f"scrub[{k}] {r.get('direction')} {r.get('peer', 'any peer')} "
+                     f"{match or 'any'} -> {r.get('action')}{rate}: matched "
+                     f"{r.get('matched', 0)}, dropped {r.get('dropped', 0)}")
     events = {k: v for k, v in st.get("events", {}).items() if v}
     if events:
         lines.append("events: " + ", ".join(f"{k}={v}" for k, v in sorted(events.items())))

@@ -67,6 +67,7 @@ from bridge.endpoint import ResolvingReader as _Reader
 from bridge.errors import ConfigError, ConfigErrors
 from bridge.flows import InspectRule, SpliceLimits
 from bridge.inspect.rules import check_imports, parse_rules
+from bridge.scrub import ScrubRule, parse_scrub
 from bridge.secure.keys import PeerSecurity, SecurityMode, parse_security
 from bridge.secure.wire import SECURE_PORT
 
@@ -175,6 +176,7 @@ class Config:
     hosts_file: str | None = None  # names of endpoints looked up here first (then DNS)
     datapath: Datapath = Datapath.PYTHON  # issue 14: the eBPF fast path (bridge/ebpf/), opt-in
     userspace: SpliceLimits = field(default_factory=SpliceLimits)  # bridge/userspace/bounds.py
+    scrub: tuple[ScrubRule, ...] = ()  # issue 12: [[scrub]] rules, in order (bridge/scrub.py)
 
     def inspect_rules(self) -> tuple[InspectRule, ...]:
         """The `[[inspect]]` rules, checked (bridge/inspect/rules.py `parse_rules`).
@@ -473,6 +475,18 @@ def _check_families(r: Reader, tun: TunConfig, listen: ListenConfig,
                 "(RFC 8200 §5), and tun.addresses has an IPv6 address")
 
 
+def _parse_scrub(r: Reader, data: dict[str, Any], peers: list[str],
+                 datapath: Datapath) -> tuple[ScrubRule, ...]:
+    """The `[[scrub]]` rules (bridge/scrub.py `parse_scrub`), popped from `data`."""
+    raw = r.take(data, "scrub", "")
+    rules, errors = parse_scrub(raw, peers)
+    for key, msg in errors:
+        r.error(key, msg)
+    if rules and datapath is Datapath.EBPF:  # the eBPF program knows no [[scrub]] rules
+        r.error("scrub", 'needs the Python data path (datapath = "python" or "auto")')
+    return rules
+
+
 def parse_config(data: dict[str, Any], file: str | None = None,
                  resolve: Resolver | None = None) -> tuple[Config | None, list[ConfigError]]:
     """Validate a TOML dict. Returns (Config, []) or (None, every error found). Endpoint host
@@ -513,6 +527,7 @@ def parse_config(data: dict[str, Any], file: str | None = None,
         r.error("peers", "no [[peers]] table: an endpoint needs at least one peer")
     _check_peers(r, peers)
     _check_families(r, tun, listen, peers)
+    scrub = _parse_scrub(r, data, [p.name for _, p in peers], datapath)
     inspect = r.take(data, "inspect", "") or []
     for i, t in enumerate(inspect):
         if not isinstance(t, dict):
@@ -534,7 +549,7 @@ def parse_config(data: dict[str, Any], file: str | None = None,
                  keep_warm=keep_warm, split_directions=split, pmtu=pmtu, control_socket=control,
                  metrics_listen=metrics,
                  inspect=tuple(inspect), path=file, datapath=datapath, userspace=userspace,
-                 hosts_file=r.hosts_file)
+                 hosts_file=r.hosts_file, scrub=scrub)
     return cfg, []
 
 

@@ -80,6 +80,9 @@ SECTIONS = {  # section -> (how it is written, what it is)
     "peers": ("[[peers]]", "One table per remote endpoint (site)."),
     "userspace": ("[userspace]", "Limits of the userspace termination backend (bridge/userspace/): "
                   "how many flows it holds, half-open caps and SYN cookies, memory."),
+    "scrub": ("[[scrub]]", "One table per scrubbing rule, in order; the first rule that "
+              "matches a packet decides, and a packet no rule matches passes. Applied to inner "
+              "packets before encapsulation (out) and after decapsulation (in)."),
     "inspect": ("[[inspect]]", "One table per rule selecting TCP flows for inspection; "
                 "first match wins."),
 }
@@ -139,6 +142,9 @@ KEYS: tuple[Key, ...] = (
         example="\"hosts\""),
     Key("", "peers", _L, None, "The array of `[[peers]]` tables; at least one is required.",
         required=True),
+    Key("", "scrub", _L, None, "The array of `[[scrub]]` rules: prefix allow/deny lists and "
+        "token-bucket rate limits per peer and per inner prefix (bridge/scrub.py); not with "
+        "datapath = \"ebpf\"."),
     Key("", "inspect", _L, None, "The array of `[[inspect]]` rules selecting TCP flows for "
         "the userspace (or kernel TPROXY) inspection path."),
     # ---- [tun]
@@ -264,6 +270,25 @@ KEYS: tuple[Key, ...] = (
         "refusal as RST to its SYN). Costs one upstream connection per SYN, which the half-open "
         "caps bound. Default: accept first, so a spoofed SYN never reaches the server; a "
         "refusing server then resets the accepted connection."),
+    # ---- [[scrub]] (read by bridge/scrub.py)
+    Key("scrub", "action", _S, None, "\"deny\" drops a matching packet (counted "
+        "`scrub_denied`); \"allow\" passes it, subject to `rate` (the excess counted "
+        "`scrub_rate`).", choices=("allow", "deny"), required=True),
+    Key("scrub", "direction", _S, "both", "\"in\": packets from a peer, after "
+        "decapsulation; \"out\": packets to a peer, before encapsulation; \"both\".",
+        choices=("both", "in", "out")),
+    Key("scrub", "peer", _S, None, "Only packets from, or routed to, this peer (a [[peers]] "
+        "name); absent: any peer.", example="\"site-b\""),
+    Key("scrub", "src", _L, None, "Inner source prefixes matched; a packet of the other "
+        "address family does not match. Absent: any.", example="[\"198.18.20.0/24\"]"),
+    Key("scrub", "dst", _L, None, "Inner destination prefixes matched. Absent: any.",
+        example="[\"198.18.10.0/24\"]"),
+    Key("scrub", "rate", _N, None, "Allow rules only: packets per second admitted by a token "
+        "bucket; the excess is dropped.", lo=0, hi=1e9, unit="packets per second"),
+    Key("scrub", "burst", _I, None, "Depth of the token bucket (default: one second's worth "
+        "of `rate`).", default_text="max(1, rate)", lo=1, hi=1e9, unit="packets"),
+    Key("scrub", "bucket", _S, "peer", "\"peer\": one bucket per rule and peer; \"rule\": "
+        "one bucket shared by every peer the rule matches.", choices=("peer", "rule")),
     # ---- [userspace]
     Key("userspace", "max_splices", _I, 10_000, "Terminated flows held at once; flows whose "
         "legs are only in TIME-WAIT do not count.", lo=1, hi=10_000_000, unit="flows"),

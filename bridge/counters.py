@@ -42,6 +42,8 @@ __all__ = [
     "R_BAD_DESTINATION",
     "R_HAIRPIN",
     "R_INTERNAL_ERROR",
+    "R_SCRUB_DENIED",
+    "R_SCRUB_RATE",
     "E_ICMP_SENT",
     "E_ICMP_RATE_LIMITED",
     "E_KEEPALIVE_TX",
@@ -81,6 +83,8 @@ DROP_REASONS: tuple[str, ...] = (
     # each datagram / TUN packet of that batch; those handled before the exception are
     # also counted under their own outcome, the rest were lost
     "internal_error",
+    "scrub_denied",  # a [[scrub]] deny rule matched (bridge/scrub.py)
+    "scrub_rate",  # over a [[scrub]] allow rule's rate (token bucket, bridge/scrub.py)
 )
 (
     R_MALFORMED,
@@ -102,6 +106,8 @@ DROP_REASONS: tuple[str, ...] = (
     R_BAD_DESTINATION,
     R_HAIRPIN,
     R_INTERNAL_ERROR,
+    R_SCRUB_DENIED,
+    R_SCRUB_RATE,
 ) = range(len(DROP_REASONS))
 
 # Things that happen and are worth counting, but are not drops.

@@ -45,7 +45,7 @@ rows had come one by one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 from bridge.counters import Counters
 from bridge.encap import decode_gre, flow_source_port
@@ -64,6 +64,8 @@ from stack.wire.prelude import (
 )
 
 __all__ = ["FastPath"]
+
+Buf = bytes | bytearray | memoryview
 
 
 class FastPath:
@@ -174,3 +176,36 @@ class FastPath:
         c.rx_packets[peer.index] += merged
         c.rx_bytes[peer.index] += used
         return used
+
+    def expand(self, datagrams: Iterable[tuple[Buf | GroBatch, Addr]], now: float,
+               tun: list[bytes | bytearray], fast: bool = True) -> Iterator[tuple[Buf, Addr]]:
+        """The datagrams one by one, for `Bridge.from_udp`'s per-packet loop; a `GroBatch`
+        goes through `receive_run` (its TunFrames to `tun`) first, and what that leaves (all
+        of it, or a short last datagram) comes out one by one, in order. One without a
+        segment size (an adapter's mistake) is one datagram. `fast` False (the Bridge has
+        [[scrub]] rules, bridge/scrub.py): every datagram comes out, none takes a run."""
+        receive_run = self.receive_run
+        for payload, addr in datagrams:
+            if type(payload) is GroBatch:
+                buf, seg = payload.buf, payload.seg
+                if seg <= 0 or not fast:
+                    if seg > 0:
+                        for o in range(0, len(buf), seg):
+                            yield buf[o:o + seg], addr
+                        continue
+                    yield buf, addr
+                    continue
+                pos, n = 0, len(buf)
+                while pos < n:
+                    used = receive_run(payload, pos, addr, now, tun)
+                    if used > 0:
+                        pos += used
+                        continue
+                    if used < 0:  # nothing in this batch can take the fast path
+                        for o in range(pos, n, seg):
+                            yield buf[o:o + seg], addr
+                        break
+                    yield buf[pos:pos + seg], addr  # one by one until a run starts
+                    pos += seg
+            else:
+                yield payload, addr

@@ -70,7 +70,8 @@ pmtu.icmp_burst) refilled from `now`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from bridge import counters as C
@@ -80,6 +81,7 @@ from bridge.encap import KEEPALIVE, decode_gre, flow_source_port
 from bridge.fastpath import FastPath
 from bridge.flows import FlowSelector
 from bridge.gso import GroBatch, SuperPacket
+from bridge.icmperr import IcmpErrors
 from bridge.mss import clamp_packet
 from bridge.output import Addr, Output, emit
 from bridge.peers import (
@@ -93,8 +95,10 @@ from bridge.peers import (
     link_scope,
 )
 from bridge.reconfig import new_state
+from bridge.scrub import Scrubber
 from bridge.secure import PeerSpec
 from bridge.securelink import SecureLink
+from bridge.seqpolicy import filtered
 from stack.wire import icmp
 from stack.wire.ip import (
     DF,
@@ -155,16 +159,13 @@ class Bridge:
         self.tun_mtu: int = config.tun.mtu or (min(mtus) if mtus else underlay - 28)
         self.mss_clamp = config.mss_clamp
         self.fragment = config.pmtu.fragment
-        self.icmp_rate = config.pmtu.icmp_rate
-        self.icmp_burst = float(config.pmtu.icmp_burst)
-        self._tokens = self.icmp_burst
-        self._tokens_at = now
-        self._src4 = self._src6 = b""
-        for a in config.tun.addresses:
-            if a.version == 4 and not self._src4:
-                self._src4 = a.ip.packed
-            elif a.version == 6 and not self._src6:
-                self._src6 = a.ip.packed
+        self.icmp = IcmpErrors(self.counters.events, config.pmtu.icmp_rate,
+                               config.pmtu.icmp_burst, config.tun.addresses, now)
+        self._icmp = self.icmp.send  # ICMP errors to the TUN, rate limited (bridge/icmperr.py)
+        self._unreachable = self.icmp.unreachable
+        self.scrub: Scrubber | None = None
+        self._seq_off: list[bool] = []
+        self.bind_scrub(config, now)
         self.started = now
         # Set by the receiving process of a split endpoint (bridge/io/split.py): its timer
         # only flushes the reorder buffers; keepalives and liveness are the other process's.
@@ -230,6 +231,8 @@ class Bridge:
         term = self.terminator
         covers = self._covers
         send_super = self.fast.send_super
+        if self.scrub is not None:  # [[scrub]] rules, before anything else (bridge/scrub.py)
+            packets = self.scrub.outbound(packets, now, self.table.route)
         for pkt in packets:
             if type(pkt) is SuperPacket:
                 if term is not None:
@@ -334,37 +337,6 @@ class Bridge:
         for frag in fragment_v4(memoryview(pkt)[:n], peer.mtu):
             self._send(peer, frag, False, now, out)
 
-    # ---------------------------------------------------------------- ICMP errors
-
-    def _unreachable(self, pkt: Buf, v6: bool, now: float, out: Output) -> None:
-        if v6:
-            self._icmp(pkt, True, icmp.ICMP6_UNREACH, icmp.UNREACH6_NO_ROUTE, 0, now, out)
-        else:
-            self._icmp(pkt, False, icmp.ICMP4_UNREACH, icmp.UNREACH_HOST, 0, now, out)
-
-    def _icmp(self, pkt: Buf, v6: bool, typ: int, code: int, info: int, now: float,
-              out: Output) -> None:
-        """Write an ICMP error about `pkt` to the TUN, if allowed and within the rate."""
-        ev = self.counters.events
-        src = self._src6 if v6 else self._src4
-        if not src:
-            return  # no address of that family on the TUN to speak from
-        if v6:
-            if not icmp.error_allowed_v6(pkt, typ == icmp.ICMP6_PACKET_TOO_BIG):
-                return
-        elif not icmp.error_allowed_v4(pkt):
-            return
-        tokens = min(self.icmp_burst, self._tokens + (now - self._tokens_at) * self.icmp_rate)
-        self._tokens_at = now
-        if tokens < 1.0:
-            self._tokens = tokens
-            ev[C.E_ICMP_RATE_LIMITED] += 1
-            return
-        self._tokens = tokens - 1.0
-        build = icmp.icmp6_error if v6 else icmp.icmp4_error
-        out.tun.append(build(pkt, typ, code, src, info))
-        ev[C.E_ICMP_SENT] += 1
-
     # ---------------------------------------------------------------- peers -> TUN
 
     def from_udp(self, datagrams: Iterable[tuple[Buf | GroBatch, Addr]], now: float,
@@ -384,7 +356,8 @@ class Bridge:
         term = self.terminator
         tun: list[bytes | bytearray] = out.tun if term is None else []
         heard = self.heard
-        for payload, addr in self._expand(datagrams, now, tun):
+        seq_off = self._seq_off
+        for payload, addr in self.fast.expand(datagrams, now, tun, self.scrub is None):
             cands = table.by_host(addr[0]) if isinstance(addr, tuple) and addr else ()
             if not cands:
                 drops[C.R_UNKNOWN_PEER] += 1
@@ -433,7 +406,7 @@ class Bridge:
                     c.events[C.E_MSS_CLAMPED] += 1
             else:
                 pkt = bytes(payload[off : off + tot])  # a copy: the I/O layer reuses buffers
-            if peer.seq.policy is SeqPolicy.OFF:
+            if seq_off[peer.index]:
                 tun.append(pkt)
             else:
                 flushes = peer.seq.flushes
@@ -463,34 +436,6 @@ class Bridge:
             self.secure.receive(datagrams, now, out)
         else:
             self.counters.drops[C.R_UNKNOWN_PEER] += sum(1 for _ in datagrams)
-
-    def _expand(self, datagrams: Iterable[tuple[Buf | GroBatch, Addr]], now: float,
-                tun: list[bytes | bytearray]) -> Iterator[tuple[Buf, Addr]]:
-        """The datagrams one by one; a `GroBatch` goes through the receive fast path
-        (bridge/fastpath.py `receive_run`, its TunFrames to `tun`) first, and what that
-        leaves (all of it, or a short last datagram) comes out one by one, in order. One
-        without a segment size (an adapter's mistake) is one datagram."""
-        receive_run = self.fast.receive_run
-        for payload, addr in datagrams:
-            if type(payload) is GroBatch:
-                buf, seg = payload.buf, payload.seg
-                if seg <= 0:
-                    yield buf, addr
-                    continue
-                pos, n = 0, len(buf)
-                while pos < n:
-                    used = receive_run(payload, pos, addr, now, tun)
-                    if used > 0:
-                        pos += used
-                        continue
-                    if used < 0:  # nothing in this batch can take the fast path
-                        for o in range(pos, n, seg):
-                            yield buf[o:o + seg], addr
-                        break
-                    yield buf[pos:pos + seg], addr  # one by one until a run starts
-                    pos += seg
-            else:
-                yield payload, addr
 
     def _pick(self, cands: tuple[int, ...], payload: Buf) -> PeerState:
         """Several peers share the source host: the GRE key tells them apart (RFC 2890 §2.1)."""
@@ -609,7 +554,21 @@ class Bridge:
         }
         if self.secure is not None:
             self.secure.status(st, now)
+        if self.scrub is not None:
+            st["scrub"] = self.scrub.status()
         return st
+
+    def bind_scrub(self, config: Config, now: float) -> None:
+        """(Re)build what follows from the peer list and the [[scrub]] rules: the Scrubber
+        (issue 12, bridge/scrub.py; None without rules: one branch per batch), each peer's
+        inbound filter and the per-peer flag "no sequence policy and no inbound rules, so a
+        packet goes to the TUN at once". At start and after a reload (bridge/reconfig.py);
+        the peers' sequence state is carried over (bridge/seqpolicy.py `filtered`)."""
+        scrub = self.scrub = Scrubber(config.scrub, [p.name for p in config.peers], now,
+                                      self.counters.drops) if config.scrub else None
+        for ps in self.peers:
+            ps.seq = filtered(ps.seq, partial(scrub.passes_in, ps.index) if scrub else None)
+        self._seq_off = [ps.seq.policy is SeqPolicy.OFF and scrub is None for ps in self.peers]
 
     def metrics_text(self) -> str:
         """Prometheus text exposition of the counters plus per-peer up gauges."""
@@ -617,4 +576,6 @@ class Bridge:
         if self.terminator is not None:  # the userspace backend's (bridge/userspace/bounds.py)
             from bridge.userspace.bounds import prometheus
             text += prometheus(self.terminator.status())
+        if self.scrub is not None:
+            text += self.scrub.prometheus()
         return text + self.secure.prometheus() if self.secure is not None else text

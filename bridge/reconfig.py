@@ -153,6 +153,7 @@ def reconfigure(bridge: Any, new: Config, now: float) -> Reconfigured:
     if states and not new.tun.mtu:
         bridge.tun_mtu = min(s.mtu for s in states)
     bridge.mss_clamp = new.mss_clamp
+    bridge.bind_scrub(new, now)  # [[scrub]] rules index peers by position: rebuilt
     if new.inspect != old.inspect:
         rules = new.inspect_rules()
         bridge._covers = FlowSelector(rules).covers if new.inspect else None

@@ -38,7 +38,7 @@ from bridge.config import Config, PeerConfig
 __all__ = ["diff", "plan", "summary"]
 
 _TOP = ("tun", "listen", "pmtu", "mss_clamp", "keep_warm", "split_directions",
-        "control_socket", "metrics_listen", "userspace", "datapath", "hosts_file")
+        "control_socket", "metrics_listen", "userspace", "datapath", "hosts_file", "scrub")
 
 
 def _fields(prefix: str, old: Any, new: Any) -> list[str]:
@@ -72,7 +72,7 @@ def diff(old: Config, new: Config) -> list[str]:
     return out
 
 
-LIVE_TOP = ("mss_clamp",)  # applied by bridge/reconfig.py besides peers and rules
+LIVE_TOP = ("mss_clamp", "scrub")  # applied by bridge/reconfig.py besides peers and rules
 
 
 def plan(changes: list[str], inspect_live: bool, peers_live: bool = True

@@ -20,8 +20,12 @@ Rules:
   verifies and opens each one; what verified goes through the Bridge's ordinary
   `from_udp` under a per-peer key (bridge/peers.py `secure_key`) that `by_host` maps to
   that peer alone, so the GRE/IPIP checks, AllowedIPs, TTL, loop guard and sequence policy are
-  the plain path's, unchanged. A secure peer is never found by its host address: a plain
-  datagram from its address to the plain port is "unknown_peer". Only a verified datagram
+  the plain path's, unchanged. A UDP GRO batch is verified datagram by datagram too; when
+  every one verified for the same peer (no event, no keepalive, equal sizes), the inner
+  datagrams are glued again into one `GroBatch` (`_open_run`), so the Bridge's receive
+  fast path makes one TunFrame of a TCP run exactly as for a plain peer. A secure peer is
+  never found by its host address: a plain datagram from its address to the plain port is
+  "unknown_peer". Only a verified datagram
   marks a peer heard; a secure-layer keepalive (empty payload) does so directly.
 - Events are applied at once, before the payload of the datagram that produced them (what
   verified before them is delivered first): PeerRestarted resets the peer's sequence
@@ -50,11 +54,12 @@ from bridge.secure import (
     SecureEndpoint,
     SessionStarted,
 )
+from bridge.secure.wire import TRANSPORT
 
 __all__ = ["SecureLink"]
 
 Buf = bytes | bytearray | memoryview
-Deliver = Callable[[list[tuple[Buf, Addr]], float, Output], None]
+Deliver = Callable[[list[tuple[Buf | GroBatch, Addr]], float, Output], None]
 
 
 def _alloc(seg: int) -> Callable[[int], bytearray]:
@@ -126,13 +131,18 @@ class SecureLink:
         """Datagrams from the secure socket: verify, apply events, deliver what verified."""
         ep = self.ep
         keys = self.keys
-        batch: list[tuple[Buf, Addr]] = []
+        batch: list[tuple[Buf | GroBatch, Addr]] = []
         for payload, addr in datagrams:
             if type(payload) is GroBatch:  # cut: each datagram is verified on its own
                 buf, seg = payload.buf, payload.seg
                 step = seg if seg > 0 else max(len(buf), 1)
-                parts: list[Buf] = [memoryview(buf)[o:o + step]
-                                    for o in range(0, len(buf), step)]
+                mv = memoryview(buf)
+                parts: list[Buf] = [mv[o:o + step] for o in range(0, len(buf), step)]
+                if seg > OVERHEAD and len(parts) > 1:
+                    k = self._open_fast(mv, seg, addr, now, batch)
+                    if k < len(parts):  # the rest, or all of it, datagram by datagram
+                        batch = self._open_run(parts[k:], seg, addr, now, out, batch)
+                    continue
             else:
                 parts = [payload]
             for d in parts:
@@ -152,6 +162,85 @@ class SecureLink:
         if batch:
             self.deliver(batch, now, out)
         self.seal_output(out, now)
+
+    def _open_fast(self, mv: memoryview, seg: int, addr: Addr, now: float,
+                   batch: list[tuple[Buf | GroBatch, Addr]]) -> int:
+        """A GRO batch of one keypair of one peer (current or retired; not a `next` one
+        still to be confirmed), from the peer's current endpoint, opened
+        in one loop (`Keypair.open_run`: the per-datagram checks without the per-datagram
+        calls) into one GroBatch of the inner datagrams appended to `batch`. Returns how many
+        datagrams it took from the front (0: none; the caller takes the rest one by one, so
+        drops, events, roaming and keepalives are the per-datagram path's)."""
+        ep = self.ep
+        if mv[1] or mv[2] or mv[3]:
+            return 0
+        entry = ep.indices.get(TRANSPORT.unpack_from(mv)[1])
+        if entry is None:
+            return 0
+        p, kp = entry
+        # a `next` keypair is confirmed by its first datagram: the per-datagram path's event
+        if kp is None or kp is p.next or kp.msg_type != mv[0] or now >= kp.expires \
+                or addr != p.endpoint:
+            return 0
+        count = -(-len(mv) // seg)
+        inner = bytearray(len(mv) - OVERHEAD * count)
+        k = kp.open_run(mv, seg, memoryview(inner), ep.reject_msgs)
+        if k == 0:
+            return 0
+        p.verified(now, ep.limits)
+        if k < count:
+            del inner[k * (seg - OVERHEAD):]
+        batch.append((GroBatch(inner, seg - OVERHEAD) if k > 1 else inner, self.keys[p.index]))
+        return k
+
+    def _open_run(self, parts: list[Buf], seg: int, addr: Addr, now: float, out: Output,
+                  batch: list[tuple[Buf | GroBatch, Addr]],
+                  ) -> list[tuple[Buf | GroBatch, Addr]]:
+        """The datagrams of one GRO batch: each verified on its own; when all of them
+        verified for one peer, carried data, caused no event and all but the last have the
+        full size, their inner payloads are glued again into one `GroBatch` of seg -
+        OVERHEAD, so the Bridge's receive fast path (bridge/fastpath.py `receive_run`) can
+        make one TunFrame of them as it does for a plain peer. Otherwise each goes on alone,
+        in order. Returns the pending batch."""
+        ep = self.ep
+        keys = self.keys
+        opened: list[tuple[int, Buf]] = []
+        whole = True
+        last = len(parts) - 1
+        inner_seg = seg - OVERHEAD
+        for n, d in enumerate(parts):
+            res = ep.receive_datagram(d, addr, now)
+            if ep.events_q:
+                whole = False
+                for i, inner in opened:  # what verified before the event goes first
+                    batch.append((inner, keys[i]))
+                opened = []
+                if batch:
+                    self.deliver(batch, now, out)
+                    batch = []
+                self._events(now)
+            if res is None:
+                whole = False
+                continue
+            i, inner = res
+            if not len(inner):
+                self.heard(self.peers[i], now)  # a keepalive of the secure layer
+                whole = False
+                continue
+            if (opened and opened[0][0] != i) or (n < last and len(inner) != inner_seg):
+                whole = False
+            opened.append((i, inner))
+        if whole and len(opened) > 1:
+            glued = bytearray(inner_seg * (len(opened) - 1) + len(opened[-1][1]))
+            at = 0
+            for _, inner in opened:
+                glued[at:at + len(inner)] = inner
+                at += len(inner)
+            batch.append((GroBatch(glued, inner_seg), keys[opened[0][0]]))
+        else:
+            for i, inner in opened:
+                batch.append((inner, keys[i]))
+        return batch
 
     def _events(self, now: float) -> None:
         ep = self.ep

@@ -60,14 +60,19 @@ when seq is in the window; reorder when seq == last + 1 and nothing is held, or 
 packet out of the window, so that the run neither releases nor holds anything and no timer
 or MAX_PACKETS_HELD limit is touched);
 `run_received(last)` then leaves exactly the state those `receive` calls would have left.
+`FilteredReceiver` (with [[scrub]] rules, bridge/scrub.py) runs the policy first and
+filters what it delivers, so a filtered packet still takes its place in the sequence.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from bridge.config import SeqPolicy
 from bridge.counters import R_SEQUENCE
 
-__all__ = ["CONFIRM", "JUMP_MAX", "RESYNC_TIME", "SeqReceiver", "seq_after", "seq_diff"]
+__all__ = ["CONFIRM", "JUMP_MAX", "RESYNC_TIME", "FilteredReceiver", "SeqReceiver", "seq_after",
+           "seq_diff"]
 
 _MOD = 1 << 32
 _MASK = _MOD - 1
@@ -252,3 +257,57 @@ class SeqReceiver:
         if self.held and now >= self.held_since + self.timer:
             return self.flush(deliver)
         return 0
+
+
+class FilteredReceiver(SeqReceiver):
+    """A sequence receiver whose deliveries pass `keep(packet, now)` first (the inbound
+    [[scrub]] rules, bridge/scrub.py): the policy runs unchanged on every packet, so a
+    packet the filter drops has still taken its place in the sequence (nothing after it
+    looks late or far ahead); what the policy delivers, this packet or packets it
+    releases, is then filtered into the caller's list, in order."""
+
+    __slots__ = ("keep", "tmp")
+
+    def __init__(self, base: SeqReceiver,
+                 keep: Callable[[bytes | bytearray, float], bool]) -> None:
+        super().__init__(base.policy, base.max_held, base.timer)
+        carry(base, self)  # a reload that adds rules keeps the peer's sequence state
+        self.keep = keep
+        self.tmp: list[bytes | bytearray] = []
+
+    def _pass(self, now: float, deliver: list[bytes | bytearray]) -> None:
+        keep = self.keep
+        for pkt in self.tmp:
+            if keep(pkt, now):
+                deliver.append(pkt)
+        self.tmp.clear()
+
+    def receive(self, seq: int, packet: bytes | bytearray, now: float,
+                deliver: list[bytes | bytearray]) -> int:
+        reason = super().receive(seq, packet, now, self.tmp)
+        self._pass(now, deliver)
+        return reason
+
+    def expire(self, now: float, deliver: list[bytes | bytearray]) -> int:
+        n = super().expire(now, self.tmp)
+        self._pass(now, deliver)
+        return n
+
+
+def carry(src: SeqReceiver, dst: SeqReceiver) -> None:
+    """Copy `src`'s sequence state into `dst` (same policy), so that wrapping a running
+    receiver in a filter, or unwrapping it, loses no sequence number (RFC 2890 §2.2)."""
+    for name in SeqReceiver.__slots__:
+        setattr(dst, name, getattr(src, name))
+
+
+def filtered(rx: SeqReceiver, keep: Callable[[bytes | bytearray, float], bool] | None
+             ) -> SeqReceiver:
+    """`rx` with its deliveries passing `keep` (None: no filter), its state carried over."""
+    if keep is None:
+        if type(rx) is SeqReceiver:
+            return rx
+        plain = SeqReceiver(rx.policy, rx.max_held, rx.timer)
+        carry(rx, plain)
+        return plain
+    return FilteredReceiver(rx, keep)

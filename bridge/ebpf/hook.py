@@ -48,6 +48,9 @@ def start_for_endpoint(cfg: Config, bridge: Any) -> tuple[Any, str | None]:
         log.info("datapath auto: the Python path, since this endpoint terminates flows in "
                  "userspace ([[inspect]] backend = \"userspace\")")
         return None, None
+    if mode is Datapath.AUTO and cfg.scrub:  # the program knows no [[scrub]] rules
+        log.info("datapath auto: the Python path, since [[scrub]] rules are configured")
+        return None, None
     try:
         from bridge.ebpf.datapath import start
 

@@ -308,6 +308,8 @@ class Engine:
             text = c.prometheus(peer_up=[p.up and p.heard for p in peers],
                                 last_seen=[wall - (now - p.last_rx) if p.heard else None
                                            for p in peers])
+            if self.bridge.scrub is not None:  # issue 12: per-rule counters, both processes
+                text += self.bridge.scrub.prometheus((child or {}).get("scrub"))
             sec = self.bridge.secure
             return text + sec.prometheus() if sec is not None else text
 

@@ -347,11 +347,12 @@ def _export(e: Engine) -> dict[str, Any]:  # pragma: no cover - the child's side
     with e.lock:
         c = e.bridge.counters.export()
         seq = [[len(p.seq.held), p.seq.flushes] for p in e.bridge.peers]
+        scrub = e.bridge.scrub.export() if e.bridge.scrub is not None else None
     c["events"][E_PEER_UP] = c["events"][E_PEER_DOWN] = 0  # liveness is the parent's
     w = e.warmer
     io = dict(e.stats, internal_errors=e.internal_errors,
               keep_warm_ticks=w.ticks if w is not None else 0)
-    return {"counters": c, "seq": seq, "io": io}
+    return {"counters": c, "seq": seq, "io": io, "scrub": scrub}
 
 
 def merge_status(st: dict[str, Any], child: dict[str, Any]) -> None:
@@ -369,6 +370,12 @@ def merge_status(st: dict[str, Any], child: dict[str, Any]) -> None:
                 p[k] = p.get(k, 0) + vals[i]
         if i < len(seq) and isinstance(p.get("sequence"), dict):
             p["sequence"]["held"], p["sequence"]["flushes"] = seq[i]
+    scrub = child.get("scrub")  # issue 12: inbound [[scrub]] rules run in the child
+    if scrub and st.get("scrub"):
+        for rule, m, d in zip(st["scrub"], scrub.get("matched", []), scrub.get("dropped", []),
+                              strict=False):
+            rule["matched"] += m
+            rule["dropped"] += d
     io = st.setdefault("io", {})
     for k, n in child.get("io", {}).items():
         if isinstance(n, int) and not isinstance(n, bool):

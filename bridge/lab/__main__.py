@@ -411,6 +411,8 @@ def parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("bench", help="throughput/RTT of grebe against the anchors (--quick, --only)",
                    add_help=False)
+    sub.add_parser("soak", help="minutes of mixed traffic under loss and reordering; RSS, fds "
+                   "and tables must not grow (--minutes 30, --mode)", add_help=False)
     return p
 
 
@@ -420,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_test(argv[1:])
     if argv and argv[0] == "bench":  # everything after `bench` belongs to the bench
         return cmd_bench(argv[1:])
+    if argv and argv[0] == "soak":  # issue 12: bridge/lab/soak.py parses its own arguments
+        from bridge.lab import soak
+
+        return soak.main(argv[1:])
     args = parser().parse_args(argv)
     if os.geteuid() != 0 and args.cmd != "list":
         say("netns-lab: must run as root (network namespaces need it)")

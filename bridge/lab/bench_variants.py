@@ -212,6 +212,8 @@ def config_text(gw: str, mode: str, extra: str = "", top: str = "") -> str:
     """The TOML endpoint config of one gateway, encapsulation `mode` ("gre" or "ipip"),
     followed by `extra` TOML (e.g. [[inspect]] rules); `top`: more top-level keys."""
     tun, tun_addr, listen, endpoint, prefixes = ENDPOINTS[gw]
+    if "security = " in extra:  # a secure peer: its endpoint's port is the secure port
+        endpoint = endpoint.rpartition(":")[0]
     peer = "site-b" if gw == "gw-a" else "site-a"
     plist = ", ".join(f'"{p}"' for p in prefixes)
     return (
@@ -286,6 +288,37 @@ class GrebeGreCold(Grebe):
 
     name, label, mode = "grebe-gre-cold", "grebe, GRE-in-UDP, keep_warm = false", "gre"
     top = 'keep_warm = false\ndatapath = "python"'
+
+
+class GrebeSecure(Grebe):
+    """issue 12: GRE-in-UDP with `security = MODE` (docs/SECURE.md), keys made per run."""
+
+    security = ""
+
+    def setup(self, b: Bench) -> None:
+        from bridge.secure.keys import write_private_key
+
+        d = b.tmp / self.name
+        d.mkdir(parents=True, exist_ok=True)
+        pubs = {}
+        for gw in ENDPOINTS:
+            key = d / f"{gw}.key"
+            key.unlink(missing_ok=True)
+            pubs[gw] = write_private_key(str(key))
+        extra = {gw: f'security = "{self.security}"\nprivate_key_file = "{d / f"{gw}.key"}"\n'
+                 f'public_key = "{pubs["gw-b" if gw == "gw-a" else "gw-a"]}"\n'
+                 for gw in ENDPOINTS}
+        start_grebe(b, self.name, self.mode, extra=extra, top=self.top)
+
+
+class GrebeAuth(GrebeSecure):
+    name, label, mode = "grebe-auth", "grebe, GRE-in-UDP, authenticated (AES-GCM tag)", "gre"
+    top, security = 'datapath = "python"', "authenticated"
+
+
+class GrebeEncrypt(GrebeSecure):
+    name, label, mode = "grebe-encrypt", "grebe, GRE-in-UDP, encrypted (AES-256-GCM)", "gre"
+    top, security = 'datapath = "python"', "encrypted"
 
 
 class GrebeIpip(Grebe):
@@ -466,7 +499,7 @@ class InspectKernel(GrebeInspect):
 
 TUNNEL_VARIANTS: list[Variant] = [
     Plain(), Vxlan(), WireguardGo(), OpenVpnNone(), OpenVpnGcm(), GrebeGre(), GrebeGreCold(),
-    GrebeIpip(), GrebeGreEbpf(), GrebeIpipEbpf(),
+    GrebeIpip(), GrebeGreEbpf(), GrebeIpipEbpf(), GrebeAuth(), GrebeEncrypt(),
 ]
 INSPECT_VARIANTS: list[Variant] = [
     Direct(), MitmproxyWg(), InspectUserspace(), InspectKernel(),

@@ -1,4 +1,6 @@
-"""Fuzz the secure receive path: `python -m bridge.secure.fuzz --inputs N [--mode M] [--seed S]`.
+"""Fuzz the receive path of every mode: `python -m bridge.secure.fuzz --inputs N [--mode M]
+[--seed S]` (M: plain, authenticated, encrypted, all (default) or both (the secure two);
+plain mode is bridge/secure/fuzz_plain.py's).
 
 Rules (what counts as a finding):
 - An exception escaping `receive_datagram` (the rule: nothing a peer sends raises).
@@ -34,10 +36,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from bridge.secure.endpoint import SecureEndpoint
+from bridge.secure.fuzz_plain import mutate
 from bridge.secure.keys import PeerSecurity, PeerSpec, SecurityMode
 from bridge.secure.limits import Limits
 from bridge.secure.noise import public_bytes
-from bridge.secure.wire import TRANSPORT
 
 __all__ = ["make_pair", "fuzz", "main", "ADDR_A", "ADDR_B"]
 
@@ -89,38 +91,6 @@ def exchange(a: SecureEndpoint, b: SecureEndpoint, now: float,
     return delivered
 
 
-def _mutate(rnd: random.Random, corpus: list[tuple[int, bytes]]) -> tuple[int, bytes]:
-    kind = rnd.randrange(9)
-    if kind == 0 or not corpus:
-        return rnd.randrange(2), rnd.randbytes(rnd.randrange(0, 200 if rnd.random() < .8
-                                                             else 1600))
-    to, base = corpus[rnd.randrange(len(corpus))]
-    d = bytearray(base)
-    if kind == 1 and d:  # bit flips
-        for _ in range(rnd.randrange(1, 4)):
-            i = rnd.randrange(len(d) * 8)
-            d[i // 8] ^= 1 << (i % 8)
-    elif kind == 2 and d:  # byte overwrites
-        for _ in range(rnd.randrange(1, 4)):
-            d[rnd.randrange(len(d))] = rnd.randrange(256)
-    elif kind == 3:  # truncation
-        del d[rnd.randrange(len(d) + 1):]
-    elif kind == 4:  # extension
-        d += rnd.randbytes(rnd.randrange(1, 64))
-    elif kind == 5 and len(d) >= TRANSPORT.size:  # counter far ahead or anywhere
-        t, idx, ctr = TRANSPORT.unpack_from(d)
-        TRANSPORT.pack_into(d, 0, t, idx, rnd.choice((ctr + 1, ctr + 10**6, 0,
-                                                      rnd.getrandbits(64))))
-    elif kind == 6:  # splice two entries
-        _, other = corpus[rnd.randrange(len(corpus))]
-        cut = rnd.randrange(len(d) + 1)
-        d = d[:cut] + bytearray(other[cut:])
-    elif kind == 7 and d:  # change the type byte
-        d[0] = rnd.randrange(7)
-    # kind 8 (or a no-op above): verbatim replay
-    return to, bytes(d)
-
-
 def fuzz(inputs: int, mode: SecurityMode, seed: int = 0, limits: Limits | None = None,
          ) -> dict[str, Any]:
     """Run the fuzzer; returns the report (see module docstring)."""
@@ -155,7 +125,7 @@ def fuzz(inputs: int, mode: SecurityMode, seed: int = 0, limits: Limits | None =
                     violations.append(f"input {i}: legitimate datagram not delivered")
             if len(corpus) > CORPUS_MAX:  # a few key generations: most entries still
                 del corpus[: len(corpus) - CORPUS_MAX]  # reach a live keypair
-        to, data = _mutate(rnd, corpus)
+        to, data = mutate(rnd, corpus)
         addr = (ADDR_A, ADDR_B)[1 - to] if rnd.random() < 0.7 else (
             f"198.19.{rnd.randrange(256)}.{rnd.randrange(256)}", rnd.randrange(1, 65536))
         ep = eps[to]
@@ -196,14 +166,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bridge.secure.fuzz", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--inputs", type=int, default=1_000_000, help="inputs per mode")
-    ap.add_argument("--mode", choices=("authenticated", "encrypted", "both"), default="both")
+    ap.add_argument("--mode", choices=("plain", "authenticated", "encrypted", "all", "both"),
+                    default="all", help="all: every mode; both: the two secure ones")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    modes = ([SecurityMode.AUTHENTICATED, SecurityMode.ENCRYPTED] if args.mode == "both"
-             else [SecurityMode(args.mode)])
+    names = {"all": ["plain", "authenticated", "encrypted"],
+             "both": ["authenticated", "encrypted"]}.get(args.mode, [args.mode])
     bad = False
-    for mode in modes:
-        r = fuzz(args.inputs, mode, args.seed)
+    for name in names:
+        if name == "plain":  # bridge/secure/fuzz_plain.py: the Bridge's plain receive path
+            from bridge.secure.fuzz_plain import fuzz_plain
+
+            r = fuzz_plain(args.inputs, args.seed)
+        else:
+            r = fuzz(args.inputs, SecurityMode(name), args.seed)
         print(f"{r['mode']}: {r['inputs']} inputs in {r['seconds']} s = {r['inputs_per_s']}/s;"
               f" exceptions {r['exceptions']}, policy violations {r['violations']};"
               f" legitimate {r['legit_sent']} sent, {r['legit_lost']} lost")

@@ -222,3 +222,60 @@ def test_a_gateway_killed_and_started_again_is_heard_at_once(lab: Lab, pubs: dic
     finally:
         codes = gw.stop()
         assert codes["gw-a"] == 0
+
+
+@pytest.mark.parametrize("mode", ["authenticated", "encrypted"])
+def test_replays_after_a_restart_of_either_gateway_deliver_nothing(lab: Lab, pubs: dict[str, str],
+                                                                   mode: str) -> None:
+    """Traffic recorded on the WAN, replayed after gw-a was killed and started again, then
+    after gw-b was: 0 replayed markers reach site B, and the legitimate datagrams sent
+    after each replay all do (each exactly once)."""
+    configs = secure_configs(lab, pubs, mode)
+    gw = Gateways(lab, *configs)
+    d = lab.state_dir
+    script = str(d / "attack.py")
+    Path(script).write_text(ATTACK)
+    lan = str(d / f"lan-b-restart-{mode}.pcap")
+    lan_cap = None
+    try:
+        ping(lab, SERVER4)
+        wan = str(d / f"wan-b-restart-{mode}.pcap")
+        cap = _capture(lab, "gw-b", "wan0", "udp port 24754", wan, 1000)
+        for _ in range(5):
+            _send_udp(lab, "MARKER")
+        lab.wait_for(lambda: _sealed_markers(wan) >= 5, timeout=10,
+                     what="the sealed markers in the capture")
+        cap.send_signal(signal.SIGINT)
+        cap.wait(timeout=10)
+        lan_cap = _capture(lab, "gw-b", "lan0", "udp port 9999", lan, 1000)
+        legit = 0
+        for node, cfg in (("gw-a", configs[0]), ("gw-b", configs[1])):
+            old = gw.procs[node]
+            old.send_signal(signal.SIGKILL)
+            old.wait(timeout=10)
+            gw.procs[node] = lab.popen(node, ["grebe", "up", "-c", str(cfg)],
+                                       log=str(d / f"grebe-{node}-replay-{mode}.log"))
+            lab.wait_for(lambda n=node: gw.status(n, check=False), timeout=15,
+                         what=f"the restarted {node}'s control socket")
+            ping(lab, SERVER4, count=2)
+            n0 = _drops(gw, "secure", "replay") + _drops(gw, "secure", "unknown_session")
+            lab.run("attacker", ["python", script, "replay", wan], timeout=120)
+            lab.wait_for(lambda n=n0: _drops(gw, "secure", "replay")
+                         + _drops(gw, "secure", "unknown_session") > n, timeout=10,
+                         what=f"the replay after restarting {node} counted")
+            for _ in range(3):
+                _send_udp(lab, "LEGIT")
+                legit += 1
+        lab.wait_for(lambda: Path(lan).exists() and Path(lan).read_bytes().count(b"LEGIT")
+                     >= legit, timeout=10, what="every legitimate datagram on gw-b lan0")
+        lan_cap.send_signal(signal.SIGINT)
+        lan_cap.wait(timeout=10)
+        data = Path(lan).read_bytes()
+        assert data.count(b"MARKER") == 0 and data.count(b"LEGIT") == legit
+        st = gw.status("gw-b")
+        assert st is not None and st["io"]["internal_errors"] == 0
+    finally:
+        if lan_cap is not None and lan_cap.poll() is None:
+            lan_cap.send_signal(signal.SIGINT)
+        codes = gw.stop()
+        assert codes["gw-a"] == 0 and codes["gw-b"] == 0

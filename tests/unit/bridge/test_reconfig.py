@@ -164,3 +164,33 @@ def test_userspace_rules_change_for_new_flows_only() -> None:
     chains = term.manager.chains
     assert chains["ssh"] is ssh and chains["web~1"] is web and chains["web"] is not web
     assert [r.dst_ports for r in term.rules if r.name == "web"] == [((80, 80), (8080, 8080))]
+
+
+def test_scrub_rules_added_by_a_reload_apply_and_keep_the_sequence_state() -> None:
+    """A reload that adds a [[scrub]] deny rule and a peer: the rule applies at once to
+    the kept peer's inbound packets, and that peer's drop-late receiver keeps its place
+    (bridge/seqpolicy.py `filtered` carries the state), so nothing after looks late."""
+    pair = Pair('key = 5\nsequence = "drop-late"')
+    a = pair.a
+
+    def back(t: float, src: str) -> int:
+        out = Output()
+        pair.b.from_tun([v4(src=src, dst="198.18.10.5")], t, out)
+        got = Output()
+        a.from_udp([(d, B_ADDR) for d in out.udp[A_ADDR]], t, got)
+        return len(got.tun)
+
+    assert [back(float(t), "198.18.20.5") for t in range(3)] == [1, 1, 1]
+    last = a.peers[0].seq.last
+    new = loads_config(_text() + PEER_C + '[[scrub]]\naction = "deny"\ndirection = "in"\n'
+                       'src = ["198.18.20.66/32"]\n')
+    done = reconfigure(a, new, 10.0)
+    assert done.kept == ("site-b",) and a.scrub is not None
+    assert a.peers[0].seq.last == last  # the sequence state survived the new filter
+    assert back(11.0, "198.18.20.66") == 0  # denied by the new rule
+    assert back(12.0, "198.18.20.5") == 1  # the next one is in order, delivered
+    assert a.counters.drop("scrub_denied") == 1 and a.counters.drop("sequence") == 0
+    # and a reload that removes the rule unwraps the filter, again keeping the state
+    done = reconfigure(a, _with_c(), 20.0)
+    assert a.scrub is None and back(21.0, "198.18.20.66") == 1
+    assert a.counters.drop("sequence") == 0

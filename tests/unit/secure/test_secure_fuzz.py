@@ -26,6 +26,28 @@ def test_fuzz_short_run_finds_nothing(mode: SecurityMode) -> None:
 def test_fuzz_command_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--inputs", "200", "--mode", "encrypted"]) == 0
     assert "policy violations 0" in capsys.readouterr().out
+    assert main(["--inputs", "200"]) == 0  # every mode, plain included
+    out = capsys.readouterr().out
+    assert all(f"{m}: 200 inputs" in out for m in ("plain", "authenticated", "encrypted"))
+
+
+def test_fuzz_plain_mode_finds_nothing_and_can_find_something(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain mode (bridge/secure/fuzz_plain.py): mutated GRE/IPIP with the peer's key are
+    delivered (RFC 2890 §3), which is no finding; a Bridge that let a spoofed inner
+    source through would be."""
+    from bridge.peers import PeerTable
+    from bridge.secure.fuzz_plain import fuzz_plain
+
+    r = fuzz_plain(4000, seed=3)
+    assert r["exceptions"] == 0, r["first_exception"]
+    assert r["violations"] == 0, r["violation_examples"]
+    assert r["events"]["delivered_hostile_or_mutated"] > 0
+    assert r["drops"]["spoofed_source"] > 0 and r["drops"]["unknown_peer"] > 0
+    monkeypatch.setattr(PeerTable, "accept", lambda *a: -1)  # AllowedIPs broken on purpose
+    r = fuzz_plain(4000, seed=3)
+    assert r["violations"] > 0
+    assert any("spoofed inner source" in v for v in r["violation_examples"])
 
 
 _hostile = st.lists(
