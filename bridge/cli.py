@@ -605,9 +605,12 @@ register("docs", "write docs/config/ (a page per config key) from the key table"
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from bridge.io.notify import log_format
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(log_format(sys.stderr.fileno()))  # journald's own under systemd
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
+                        handlers=[handler])
     rc: int = args.func(args)
     return rc
 
