@@ -48,6 +48,8 @@ segment acknowledges. `output` computes those ACK fields once per call (`AckFiel
 appends TcpSegments whose payloads are zero-copy slices of the SendBuffer. Input calls
 `on_ack` (header prediction calls `new_ack` directly) and timers call `expire`. The Sender
 never changes the connection's state: `on_ack` and `expire` report, the connection acts.
+The recovery half (timer expiry, fast and SACK retransmission, persist probes, PMTU) is
+the base class `Retransmitter` in stack/retransmit.py; this module keeps the common path.
 """
 
 from __future__ import annotations
@@ -55,9 +57,10 @@ from __future__ import annotations
 from enum import Enum
 
 from stack.buffers import SendBuffer
-from stack.congestion import CongestionControl, initial_window
+from stack.congestion import CongestionControl
 from stack.loss import RtoEstimator, Scoreboard
 from stack.receive import Receiver
+from stack.retransmit import Retransmitter
 from stack.seq import HALF, MASK, ts_clock
 from stack.state import State
 from stack.tcp_config import TcpConfig
@@ -87,7 +90,7 @@ class AckResult(Enum):
 AckFields = tuple[int, int, tuple[int, int] | None, tuple[tuple[int, int], ...]]
 
 
-class Sender:
+class Sender(Retransmitter):
     """SND.* variables, the send buffer, what may be sent now, and retransmission."""
 
     __slots__ = (
@@ -380,93 +383,6 @@ class Sender:
         if self.rto_at is None:
             self.rto_at = now + self.rto.rto  # RFC 6298 §5.1
 
-    def arm_persist(self, now: float) -> None:
-        """Nothing can be sent and nothing is in flight: the persist timer will probe."""
-        if self.nxt == self.una and self.rto_at is None and self.persist_at is None:
-            delay = max(self.rto.rto, 0.2) * (1 << min(self.persist_backoff, 8))
-            self.persist_at = now + min(delay, self.rto.maximum)
-
-    def retransmit_at(self, pos: int, now: float, out: list[TcpSegment], af: AckFields
-                      ) -> bool:
-        """Resend one segment from `pos` (fast retransmit, RFC 5681 §3.2; NewReno partial
-        ACK, RFC 6582; an RFC 6675 hole): up to SMSS, stopping at the next SACKed range,
-        not timed (Karn). Moves HighRxt. Returns False if there was nothing to send."""
-        if pos >= self.max:
-            return False
-        buf = self.buf
-        off = pos - 1
-        n = max(min(buf.end - off, self.mss), 0)
-        stop = self.board.first_sacked_after(pos)
-        if stop is not None:
-            n = min(n, stop - pos)
-        fin = self.fin is not None and pos + n == self.fin
-        if n <= 0 and not fin:
-            return False
-        payload = buf.peek(off, n) if n > 0 else b""
-        out.append(self.segment(pos, ACK | FIN if fin else ACK, payload, af))
-        self.board.high_rxt = pos + n + fin
-        self.retransmissions += 1
-        self.rtt_abs = None
-        self.last_send_at = now
-        if self.rto_at is None:
-            self.rto_at = now + self.rto.rto
-        return True
-
-    def sack_recovery(self, now: float, out: list[TcpSegment], af: AckFields) -> None:
-        """RFC 6675 §5: on entry retransmit SND.UNA's segment (step 4.3), then while
-        cwnd - pipe >= SMSS send what NextSeg() names (step 4.4 / rule C)."""
-        smss = self.mss
-        board = self.board
-        if self.retx_pending:
-            self.retx_pending = False
-            self.retransmit_at(self.una, now, out, af)
-        for _ in range(1024):
-            una = self.una
-            if self.cc.cwnd - board.pipe_now(una, self.max, smss) < smss:
-                return
-            pos = board.next_seg(una, smss, 1)  # rule 1: a lost segment
-            if pos is None:
-                n0 = len(out)
-                self.send_data(now, out, af, budget=smss)  # rule 2: new data
-                if len(out) > n0:
-                    continue
-                pos = board.next_seg(una, smss, 3)  # rule 3: any hole
-                if pos is None:
-                    pos = board.rescue(una, self.max, smss)  # rule 4: rescue retransmission
-                    if pos is None:
-                        return
-                    high_rxt = board.high_rxt
-                    self.retransmit_at(pos, now, out, af)
-                    board.high_rxt = high_rxt  # "HighRxt MUST NOT be updated"
-                    board.rescue_rxt = self.cc.recover  # RescueRxt = RecoveryPoint
-                    return
-            if not self.retransmit_at(pos, now, out, af):
-                return
-
-    def send_probe(self, now: float, out: list[TcpSegment], af: AckFields) -> None:
-        """Zero-window probe (RFC 9293 §3.8.6.1, MUST-36) or SWS override: send one byte
-        (or what the window allows) even though the window says no."""
-        self.probe_pending = False
-        buf = self.buf
-        if self.una < self.nxt:
-            pos = self.una  # resend the first unacknowledged byte
-            if pos - 1 < buf.end:
-                out.append(self.segment(pos, ACK, buf.peek(pos - 1, 1), af))
-                self.retransmissions += 1
-            elif self.fin is not None:
-                out.append(self.segment(pos, ACK | FIN, b"", af))
-            if self.rto_at is None:
-                self.rto_at = now + self.rto.rto
-            return
-        off = self.nxt - 1
-        avail = buf.end - off
-        if avail <= 0:
-            return
-        n = max(1, min(avail, self.wl2 + self.wnd - self.nxt, self.mss))
-        flags = ACK | PSH if n == avail else ACK
-        out.append(self.segment(self.nxt, flags, buf.peek(off, n), af))
-        self.advance(self.nxt + n, now)
-
     # ------------------------------------------------------------------ acknowledgments
 
     def on_ack(self, seg: TcpSegment, seg_abs: int, now: float) -> AckResult:
@@ -536,38 +452,6 @@ class Sender:
                 self.persist_at = None
                 self.persist_backoff = 0
 
-    def after_timeout(self, ack_abs: int, acked: int, ts: tuple[int, int] | None) -> None:
-        """The first ACK of new data after a retransmission timeout (the RTO backoff ends
-        only with a valid sample, RFC 6298 §5). RFC 3522 Eifel detection: when it echoes
-        a TSval older than the retransmission's, it was caused by the original
-        transmission and the timeout was spurious (checked after one expiry only). RFC
-        4015 §3 response: ssthresh back to pipe_prev, cwnd = FlightSize + min(acked, IW),
-        and SND.NXT = SND.MAX: go on with new data instead of resending the flight."""
-        self.retries = 0
-        undo = self.undo
-        self.undo = None
-        rto_ts = self.rto_tsval
-        if undo is None or ts is None or not ts[1] or rto_ts is None:
-            return
-        if (ts[1] - rto_ts) & MASK < HALF:
-            return  # echoes the retransmission (or later): a real loss
-        cc = self.cc
-        cc.ssthresh = undo
-        cc.cwnd = max(cc.cwnd, self.max - ack_abs + min(acked, initial_window(self.mss)))
-        self.nxt = self.max
-        self.spurious_rtos += 1
-
-    def dupack(self, ts: tuple[int, int] | None, lost: bool = False) -> None:
-        """A duplicate ACK (RFC 5681 §2, or RFC 6675 §2 with SACK; `lost`: IsLost(HighACK+1)
-        holds, RFC 6675 §5 step 2); congestion control decides on fast retransmit, with the
-        RFC 6582 §4.2 timestamp proof that the loss is not an old one."""
-        rto_ts = self.rto_tsval
-        new_loss = rto_ts is not None and ts is not None and (ts[1] - rto_ts) & MASK < HALF
-        if self.cc.on_dupack(self.una, self.max, self.nxt - self.una, new_loss, lost):
-            self.retx_pending = True
-            self.board.high_rxt = self.una  # HighRxt (RFC 6675 §5 step 4)
-            self.board.rescue_rxt = None  # RescueRxt undefined
-
     def update_window(self, wnd: int, seg_abs: int, ack_abs: int) -> None:
         """SND.WND update (RFC 9293 §3.10.7.4: SND.WL1/SND.WL2 rule); MUST-34 shrink-safe."""
         self.wnd = wnd
@@ -592,43 +476,6 @@ class Sender:
 
     # ------------------------------------------------------------------ timers
 
-    def expire(self, now: float, handshake: bool) -> bool:
-        """The retransmission timer fired (RFC 6298 §5.4-5.6). Returns True when R2 is
-        exceeded and the connection must give up (MUST-20..23)."""
-        if handshake:
-            self.retries += 1
-            if self.retries > self.syn_retries:  # MUST-22/23
-                return True
-            self.rto.backoff()
-            self.nxt = 0  # send the SYN (or SYN-ACK) again
-            self.rtt_abs = None  # Karn
-            self.retransmissions += 1
-            return False
-        if self.max <= self.una:
-            return False
-        if self.wnd == 0:
-            # MUST-37: the window may stay zero indefinitely; probe, never give up.
-            self.rto.backoff()
-            self.probe_pending = True
-            return False
-        self.retries += 1
-        if self.retries > self.max_retries:  # MUST-20: R2
-            return True
-        # RFC 4015 §3 step 1: pipe_prev = max(FlightSize, ssthresh), kept to undo a
-        # spurious timeout (detectable with timestamps, after the first expiry only).
-        first = self.retries == 1
-        self.undo = max(self.max - self.una, self.cc.ssthresh) if first and self.ts_on else None
-        self.cc.on_timeout(self.max, self.max - self.una, first)
-        if self.ts_on:
-            self.rto_tsval = ts_clock(now, self.ts_off)
-        self.rto.backoff()  # RFC 6298 §5.5
-        # SACK information is kept (stack/loss.py: RFC 6675 §5.1, reneging test); resending
-        # from SND.UNA skips what it covers (send_data).
-        self.board.high_rxt = self.una
-        self.nxt = self.una  # RFC 6298 §5.4: go back to the earliest unACKed
-        self.rtt_abs = None  # Karn (MUST-18)
-        return False
-
     @property
     def fin_acked(self) -> bool:
         """Our FIN was sent and acknowledged."""
@@ -641,17 +488,3 @@ class Sender:
     def idle(self) -> bool:
         """Nothing in flight and nothing queued (keep-alive may probe, RFC 9293 §3.8.4)."""
         return self.max == self.una and self.buf.end < self.nxt
-
-    def path_mtu(self, mtu: int, v4: bool, syn_sent: bool) -> None:
-        """A path MTU of `mtu` (RFC 1191 §6.3, RFC 8201 §5.2): lower the send MSS, never below
-        the MUST-15 defaults less options, and send again what is in flight. A larger value
-        is ignored (the peer's MSS option bounds the MSS)."""
-        opts = 12 if self.ts_on else 0
-        new = max(mtu - (40 if v4 else 60) - opts, (536 if v4 else 1220) - opts)
-        if new >= self.mss:
-            return
-        self.mss = new
-        self.cc.on_path_mtu(new)
-        if self.nxt > self.una and not syn_sent:
-            self.nxt = self.una  # retransmit with the smaller size
-            self.rtt_abs = None
