@@ -81,6 +81,7 @@ class Retransmitter:
         def segment(self, pos: int, flags: int, payload: bytes | memoryview, af: AckFields
                     ) -> TcpSegment: ...
         def advance(self, new_nxt: int, now: float) -> None: ...
+        def room(self, af: AckFields) -> int: ...
         def send_data(self, now: float, out: list[TcpSegment], af: AckFields,
                       budget: int = -1) -> None: ...
 
@@ -99,7 +100,7 @@ class Retransmitter:
             return False
         buf = self.buf
         off = pos - 1
-        n = max(min(buf.end - off, self.mss), 0)
+        n = max(min(buf.end - off, self.room(af)), 0)
         stop = self.board.first_sacked_after(pos)
         if stop is not None:
             n = min(n, stop - pos)
@@ -166,7 +167,7 @@ class Retransmitter:
         avail = buf.end - off
         if avail <= 0:
             return
-        n = max(1, min(avail, self.wl2 + self.wnd - self.nxt, self.mss))
+        n = max(1, min(avail, self.wl2 + self.wnd - self.nxt, self.room(af)))
         flags = ACK | PSH if n == avail else ACK
         out.append(self.segment(self.nxt, flags, buf.peek(off, n), af))
         self.advance(self.nxt + n, now)

@@ -90,6 +90,12 @@ class AckResult(Enum):
 AckFields = tuple[int, int, tuple[int, int] | None, tuple[tuple[int, int], ...]]
 
 
+def sack_room(blocks: tuple[tuple[int, int], ...]) -> int:
+    """Option bytes of `blocks` as build_options lays them out: NOP, NOP, kind, length,
+    8 bytes per block (RFC 2018 §3)."""
+    return 4 + 8 * len(blocks)
+
+
 class Sender(Retransmitter):
     """SND.* variables, the send buffer, what may be sent now, and retransmission."""
 
@@ -279,6 +285,11 @@ class Sender(Retransmitter):
             payload, urg, None, None, False, ts, sack,
         )
 
+    def room(self, af: AckFields) -> int:
+        """Payload bytes of one wire segment carrying `af`'s options (RFC 9293 §3.7.1,
+        RFC 6691): SMSS already leaves room for the TSopt; SACK blocks take theirs."""
+        return self.mss - sack_room(af[3]) if af[3] else self.mss
+
     def max_segment(self) -> int:
         """The most payload one output segment carries (a multiple of SMSS)."""
         mss = self.mss
@@ -294,6 +305,8 @@ class Sender(Retransmitter):
         buf = self.buf
         mss = self.mss
         maxseg = self.max_segment()
+        if af[3]:  # SACK blocks ride along: smaller wire segments, no super-segments
+            mss = maxseg = mss - sack_room(af[3])
         fin_abs = self.fin
         cc = self.cc
         last = self.last_send_at

@@ -524,6 +524,16 @@ class Terminator:
             reason = sp.flow.close_reason.value if sp.flow.close_reason else "closed"
             self.ended[reason] = self.ended.get(reason, 0) + 1
 
+    def path_mtu_changed(self) -> None:
+        """A tunnel or TUN MTU shrank (Bridge.set_path_mtu): every live leg lowers its send
+        MSS to it (RFC 1191 §6.3, RFC 8201 §5.2) and resends in-flight data at the next flush."""
+        tun = self.tun_mtu()
+        for key, sp in self.splices.items():
+            sp.server.path_mtu(self.mtu_for(key[2]))
+            if sp.client is not None:
+                sp.client.path_mtu(tun)
+            self.touched[key] = sp
+
     # ------------------------------------------------------------------ timers
 
     def get_timer(self) -> float | None:
