@@ -270,9 +270,9 @@ def _append(back: list[Chunk], piece: bytes | memoryview) -> None:
     if len(piece) < _TINY and back:
         last = back[-1]
         if len(last) + len(piece) <= _COALESCE:
-            if type(last) is bytes:
-                last = back[-1] = bytearray(last)
-            last += piece
+            grown = last if isinstance(last, bytearray) else bytearray(last)
+            grown += piece
+            back[-1] = grown
             return
     back.append(bytes(piece))
 
@@ -283,8 +283,8 @@ def _prepend(front: list[Chunk], piece: bytes | memoryview) -> None:
     if len(piece) < _TINY and front:
         first = front[-1]
         if len(first) + len(piece) <= _COALESCE:
-            if type(first) is bytes:
-                first = front[-1] = bytearray(first)
-            first[0:0] = piece
+            grown = first if isinstance(first, bytearray) else bytearray(first)
+            grown[0:0] = piece
+            front[-1] = grown
             return
     front.append(bytes(piece))
