@@ -81,6 +81,7 @@ class InspectRule:
     max_buffer: int = 1 << 20
     iif: tuple[str, ...] = ()               # kernel backend: intercept only on these interfaces
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # no byte either way for this long: reset
+    congestion: str = "cubic"               # userspace legs: "cubic" (RFC 9438) or "newreno"
     # every setting of the rule's inspectors: the values of the options they declare (parsed,
     # defaults filled in; bridge/inspect/options.py) and the rule's `options` table as written
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from stack.congestion import NewReno
+from stack.cubic import make_cc
 from stack.events import (
     Closed,
     Connected,
@@ -94,7 +94,7 @@ class TcpConnection:
         self._rcv = Receiver(cfg, my_mss, self._events, self.drops)
         self._snd = Sender(
             cfg, (local[1], remote[1]), mss, ts_offset(cfg.isn_key, local, remote), self._rcv,
-            NewReno(mss, cfg.initial_cwnd or None), Scoreboard(),
+            make_cc(cfg.congestion, mss, cfg.initial_cwnd or None), Scoreboard(),
             RtoEstimator(cfg.rto_initial, cfg.rto_min, cfg.rto_max, var_min=cfg.rto_var_min),
         )
         self._hs = Handshake(cfg, local, remote, iss, self._snd, self._rcv, self.drops)

@@ -37,10 +37,11 @@ from stack.loss import RtoEstimator, Scoreboard
 from stack.seq import HALF, MASK, ts_clock
 from stack.wire.tcp import ACK, FIN, PSH, TcpSegment
 
-if TYPE_CHECKING:
-    from stack.send import AckFields
+__all__ = ["Retransmitter", "AckFields"]
 
-__all__ = ["Retransmitter"]
+# The fields every segment after the SYN carries (RFC 9293 §3.1, RFC 7323 §3.2, RFC 2018
+# §4): ACK number, window field, TSopt, SACK blocks; computed once per segments_to_send().
+AckFields = tuple[int, int, tuple[int, int] | None, tuple[tuple[int, int], ...]]
 
 
 class Retransmitter:

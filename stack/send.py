@@ -60,7 +60,7 @@ from stack.buffers import SendBuffer
 from stack.congestion import CongestionControl
 from stack.loss import RtoEstimator, Scoreboard
 from stack.receive import Receiver
-from stack.retransmit import Retransmitter
+from stack.retransmit import AckFields, Retransmitter
 from stack.seq import HALF, MASK, ts_clock
 from stack.state import State
 from stack.tcp_config import TcpConfig
@@ -85,9 +85,6 @@ class AckResult(Enum):
     OLD = "an old duplicate: ignored, the text still counts"
     UNSENT = "beyond SND.MAX: drop, send an ACK (RFC 9293 §3.10.7.4)"
     TOO_OLD = "older than the largest window: drop, challenge ACK (RFC 5961 §5.2)"
-# The fields every segment after the SYN carries (RFC 9293 §3.1, RFC 7323 §3.2, RFC 2018
-# §4): ACK number, window field, TSopt, SACK blocks; computed once per segments_to_send().
-AckFields = tuple[int, int, tuple[int, int] | None, tuple[tuple[int, int], ...]]
 
 
 def sack_room(blocks: tuple[tuple[int, int], ...]) -> int:
@@ -448,7 +445,7 @@ class Sender(Retransmitter):
         board = self.board
         if board.sacked:
             board.acked(ack_abs)
-        if self.cc.on_ack(acked, ack_abs, self.nxt - ack_abs):
+        if self.cc.on_ack(acked, ack_abs, self.nxt - ack_abs, now, self.rto.srtt):
             if not (self.sack_on and board.sacked):
                 self.retx_pending = True  # RFC 6582 partial ACK (or SACK without blocks)
         if ack_abs >= self.max:

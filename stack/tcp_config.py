@@ -29,6 +29,8 @@ Rules (the defaults and the RFC clause each one honours):
   after `keepalive_idle` seconds without any segment from the peer (MUST-25), default two
   hours (MUST-28), configurable (MUST-27); `keepalive_probes` unanswered probes, one per
   `keepalive_interval`, end the connection, so one lost ACK is no failure (MUST-29).
+- `congestion`: "cubic" (RFC 9438, the default, as Linux) or "newreno" (RFC 5681 +
+  RFC 6582), stack/cubic.py.
 - `isn_key`: the RFC 6528 secret; a fresh random one per config unless given.
 - `auto_consume`: when True, delivering data (DataReceived or read()) reopens the window;
   when False the application calls `consumed(n)` (back-pressure).
@@ -73,6 +75,7 @@ class TcpConfig:
     syn_retries: int = 8
     max_retries: int = 15
     initial_cwnd: int = 0  # 0: RFC 5681 IW
+    congestion: str = "cubic"
     challenge_ack_limit: int = 10
     invalid_ack_interval: float = 0.5
     keepalive: bool = False
@@ -83,6 +86,8 @@ class TcpConfig:
     isn_key: bytes = field(default_factory=_random_key, repr=False)
 
     def __post_init__(self) -> None:
+        if self.congestion not in ("cubic", "newreno"):
+            raise ValueError(f"congestion {self.congestion!r}: cubic or newreno")
         if self.mss and not 88 <= self.mss <= 65495:
             raise ValueError(f"mss {self.mss} outside 88..65495")
         if not 1280 <= self.mtu <= 65535 and not self.mss:

@@ -144,7 +144,7 @@ class Terminator:
         self._clients: dict[bytes, int] = {}  # client address -> live splices (from_peer filter)
         self._deadlines: dict[FlowKey, float] = {}  # each splice's timer, as of its last emit
         self._next_scan: float | None = None
-        self._configs: dict[tuple[int, int, int, int], tuple[TcpConfig, TcpConfig]] = {}
+        self._configs: dict[tuple[int, int, int, int, str], tuple[TcpConfig, TcpConfig]] = {}
         self.tun_offload = False
         self._warm: dict[int, WarmCycle] = {}  # lane -> shadow (bridge/userspace/warm.py)
         self._last_new = float("-inf")  # when the last splice was opened (warm)
@@ -259,14 +259,15 @@ class Terminator:
         server_mss = max(self.mtu_for(key[2]) - hdr, 88)
         client_mss = max(self.tun_mtu() - hdr, 88)
         buf = (rule.max_buffer if rule is not None else 1 << 20) // 4
-        ck = (server_mss, client_mss, buf, self.tx_max_segment)
+        cc = rule.congestion if rule is not None else "cubic"
+        ck = (server_mss, client_mss, buf, self.tx_max_segment, cc)
         cached = self._configs.get(ck)
         if cached is None:
             rbuf = max(buf, server_mss, client_mss)
             common: dict[str, Any] = dict(recv_buffer=rbuf, send_buffer=max(buf, 1),
                                           auto_consume=False, msl=self.msl,
                                           rto_min=self.rto_min, rto_var_min=self.rto_min,
-                                          nagle=False)
+                                          nagle=False, congestion=cc)
             cached = (TcpConfig(mss=client_mss, tx_max_segment=self.tx_max_segment, **common),
                       TcpConfig(mss=server_mss, syn_retries=self.syn_retries, **common))
             self._configs[ck] = cached
