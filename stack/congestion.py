@@ -27,6 +27,9 @@ Rules:
   here: the sender's pipe estimate (stack/loss.py) decides what may be sent.
 - RFC 5681 §4.1: after an idle period longer than the RTO, cwnd = min(cwnd, IW).
 
+- RFC 8985 §3.4 (`rack`, with SACK): recovery starts only when the sender reports a lost
+  segment (RACK's time-based edge, stack/loss.py), never on the DupThresh-th duplicate
+  ACK alone, so reordering within RACK's window causes no fast retransmit.
 - RFC 1191 §6.3 / RFC 8201 §5.2: a smaller path MTU lowers SMSS; cwnd is cut to at most
   ssthresh (no burst of the old size) but kept at 2 SMSS or more (`on_path_mtu`).
 
@@ -56,6 +59,7 @@ class CongestionControl(Protocol):
     in_recovery: bool
     recover: int  # RecoveryPoint (RFC 6675 §5) / `recover` (RFC 6582): HighData at entry
     sack: bool  # RFC 6675 recovery: the sender's pipe estimate decides, no inflation
+    rack: bool  # RFC 8985: with SACK, duplicate ACKs alone never start recovery
 
     @property
     def limited_transmit(self) -> int: ...
@@ -67,6 +71,7 @@ class CongestionControl(Protocol):
     def on_timeout(self, snd_max: int, flight: int, first: bool) -> None: ...
     def on_idle(self) -> None: ...
     def on_path_mtu(self, smss: int) -> None: ...
+    def reduce(self, flight: int) -> int: ...
 
 DUPTHRESH = 3
 
@@ -80,7 +85,8 @@ class NewReno:
     """Per-connection RFC 5681 + RFC 6582 state in bytes."""
 
     __slots__ = (
-        "smss", "cwnd", "ssthresh", "recover", "in_recovery", "dupacks", "_ca_acc", "sack"
+        "smss", "cwnd", "ssthresh", "recover", "in_recovery", "dupacks", "_ca_acc", "sack",
+        "rack",
     )
 
     def __init__(self, smss: int, initial_cwnd: int | None = None) -> None:
@@ -92,6 +98,7 @@ class NewReno:
         self.dupacks = 0
         self._ca_acc = 0
         self.sack = False  # RFC 6675 recovery: no inflation, the sender's pipe decides
+        self.rack = False  # with SACK: only a lost segment starts recovery (RFC 8985 §3.4)
 
     def set_smss(self, smss: int) -> None:
         """The handshake fixed SMSS: recompute the initial window (RFC 5681 §3.1)."""
@@ -153,7 +160,11 @@ class NewReno:
             if not self.sack:
                 self.cwnd += self.smss  # RFC 5681 §3.2 step 4 (inflation)
             return False
-        if self.dupacks == DUPTHRESH or (lost and self.sack and self.dupacks < DUPTHRESH):
+        if self.rack and self.sack:
+            start = lost  # RACK: time decides, not the count of duplicates
+        else:
+            start = self.dupacks == DUPTHRESH or (lost and self.sack and self.dupacks < DUPTHRESH)
+        if start:
             if snd_una < self.recover and not new_loss:
                 return False  # RFC 6582 §3.2 step 2: ACK does not cover `recover`
             self.ssthresh = self.reduce(flight)

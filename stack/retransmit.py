@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from stack.buffers import SendBuffer
 from stack.congestion import CongestionControl, initial_window
-from stack.loss import RtoEstimator, Scoreboard
+from stack.loss import Rack, RtoEstimator, Scoreboard
 from stack.seq import HALF, MASK, ts_clock
 from stack.wire.tcp import ACK, FIN, PSH, TcpSegment
 
@@ -77,6 +77,17 @@ class Retransmitter:
     cc: CongestionControl
     board: Scoreboard
     rto: RtoEstimator
+    rack: Rack
+    rack_on: bool
+    sack_on: bool
+    early_at: float | None
+    reo_at: float | None
+    pto_at: float | None
+    tlp_end: int | None
+    tlp_retx: bool
+    tlp_pending: bool
+    tlp_probes: int
+    tlp_at: float
 
     if TYPE_CHECKING:  # the Sender's own methods (stack/send.py)
         def segment(self, pos: int, flags: int, payload: bytes | memoryview, af: AckFields
@@ -111,6 +122,8 @@ class Retransmitter:
         payload = buf.peek(off, n) if n > 0 else b""
         out.append(self.segment(pos, ACK | FIN if fin else ACK, payload, af))
         self.board.high_rxt = pos + n + fin
+        if self.sack_on and self.rack_on:
+            self.rack.retransmitted(pos, pos + n + fin, now)
         self.retransmissions += 1
         self.rtt_abs = None
         self.last_send_at = now
@@ -149,10 +162,96 @@ class Retransmitter:
             if not self.retransmit_at(pos, now, out, af):
                 return
 
+    # ------------------------------------------------------------------ RACK-TLP timers
+
+    def arm_early(self, now: float) -> None:
+        """RFC 8985 §7.2: (re)start the probe timeout after new data was sent or
+        acknowledged, while not in recovery, data is in flight and no probe is out:
+        PTO = 2 SRTT, plus WCDelAckT (200 ms) when one segment is in flight, never later
+        than the RTO. The early timer is the sooner of it and the reordering timer."""
+        pto = None
+        srtt = self.rto.srtt
+        flight = self.max - self.una
+        if (flight > 0 and srtt is not None and self.tlp_end is None
+                and not self.cc.in_recovery and not self.retries):
+            p = 2 * srtt + (0.2 if flight <= self.mss else 0.0)
+            if p < 0.01:
+                p = 0.01
+            pto = now + p
+            if self.rto_at is not None and pto >= self.rto_at:
+                pto = None
+        self.pto_at = pto
+        r = self.reo_at
+        self.early_at = pto if r is None or (pto is not None and pto < r) else r
+
+    def early_timer(self, now: float) -> None:
+        """The reordering timer (RFC 8985 §6.3: mark what became lost, start recovery)
+        or the probe timeout (§7.3: send a tail loss probe at the next output) fired."""
+        self.early_at = None
+        board = self.board
+        if self.reo_at is not None and now >= self.reo_at:
+            self.reo_at = None
+            rack = self.rack
+            rack.timeout(now)
+            if board.sacked:
+                n = 0
+                for a, b in board.sacked:
+                    n += b - a
+                edge = rack.edge(self.una, self.rto.srtt, self.cc.in_recovery, n // self.mss)
+                board.rack = edge
+                self.reo_at = rack.deadline(edge, now)
+                if edge > self.una and not self.cc.in_recovery:
+                    self.dupack(None, True)
+        if self.pto_at is not None and now >= self.pto_at:
+            self.pto_at = None
+            if self.max > self.una and not self.cc.in_recovery and self.tlp_end is None:
+                self.tlp_pending = True
+                self.probe_pending = True  # output() sends probes; send_probe sees TLP
+        r, p = self.reo_at, self.pto_at
+        self.early_at = p if r is None or (p is not None and p < r) else r
+
+    def tail_probe(self, now: float, out: list[TcpSegment], af: AckFields) -> None:
+        """RFC 8985 §7.3: new data if the peer's window allows one segment (not cwnd),
+        else the highest segment again; then TLPRxtOut and the RTO (§7.3 step 3)."""
+        self.tlp_pending = False
+        self.tlp_end = self.max
+        n0 = len(out)
+        if self.buf.end >= self.max and self.nxt == self.max:
+            self.send_data(now, out, af, budget=self.room(af))
+        self.tlp_retx = len(out) == n0
+        if self.tlp_retx:
+            room = self.room(af)
+            top = self.max - (1 if self.fin is not None and self.max > self.fin else 0)
+            pos = max(top - room, self.una)
+            for _s, e in self.board.sacked:
+                if pos < e <= top:
+                    pos = e
+            if not self.retransmit_at(pos, now, out, af):
+                self.tlp_end = None
+                return
+        self.tlp_probes += 1
+        self.tlp_at = now
+        self.rto_at = now + self.rto.rto
+
+    def tlp_done(self) -> None:
+        """RFC 8985 §7.4: the probe's episode ended. A retransmitted probe that repaired a
+        loss (no D-SACK said it was a duplicate) gets the congestion response of a loss."""
+        self.tlp_end = None
+        if self.tlp_retx and self.rack.last_dsack < self.tlp_at:
+            cc = self.cc
+            cc.ssthresh = cc.reduce(cc.cwnd)
+            if cc.cwnd > cc.ssthresh:
+                cc.cwnd = cc.ssthresh
+        self.tlp_retx = False
+
     def send_probe(self, now: float, out: list[TcpSegment], af: AckFields) -> None:
         """Zero-window probe (RFC 9293 §3.8.6.1, MUST-36) or SWS override: send one byte
-        (or what the window allows) even though the window says no."""
+        (or what the window allows) even though the window says no; or the tail loss
+        probe (RFC 8985 §7.3) when that is what the timer asked for."""
         self.probe_pending = False
+        if self.tlp_pending:
+            self.tail_probe(now, out, af)
+            return
         buf = self.buf
         if self.una < self.nxt:
             pos = self.una  # resend the first unacknowledged byte
@@ -238,6 +337,8 @@ class Retransmitter:
         # SACK information is kept (stack/loss.py: RFC 6675 §5.1, reneging test); resending
         # from SND.UNA skips what it covers (send_data).
         self.board.high_rxt = self.una
+        self.tlp_end = None  # RFC 8985 §7: the RTO supersedes a probe
+        self.pto_at = self.early_at = self.reo_at = None
         self.nxt = self.una  # RFC 6298 §5.4: go back to the earliest unACKed
         self.rtt_abs = None  # Karn (MUST-18)
         return False

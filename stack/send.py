@@ -58,7 +58,7 @@ from enum import Enum
 
 from stack.buffers import SendBuffer
 from stack.congestion import CongestionControl
-from stack.loss import RtoEstimator, Scoreboard
+from stack.loss import Rack, RtoEstimator, Scoreboard
 from stack.receive import Receiver
 from stack.retransmit import AckFields, Retransmitter
 from stack.seq import HALF, MASK, ts_clock
@@ -103,7 +103,8 @@ class Sender(Retransmitter):
         "probe_pending", "last_send_at", "rtt_abs", "rtt_at", "retries", "rto_tsval", "undo",
         "spurious_rtos",
         "max_retries", "syn_retries", "retransmissions", "bytes_out", "ka_pending",
-        "syn_opts", "rcv", "cc", "board", "rto",
+        "syn_opts", "rcv", "cc", "board", "rto", "rack", "rack_on", "early_at", "reo_at",
+        "pto_at", "tlp_end", "tlp_retx", "tlp_pending", "tlp_probes", "tlp_at",
     )
 
     def __init__(
@@ -157,6 +158,17 @@ class Sender(Retransmitter):
         self.syn_opts = (min(cfg.recv_buffer, 0xFFFF),
                          cfg.rcv_wscale if cfg.window_scaling else None, cfg.sack,
                          cfg.timestamps)
+        self.early_at: float | None = None  # min(reo_at, pto_at), for stack/timers.py
+        self.reo_at: float | None = None  # RFC 8985 §6.3 reordering timer
+        self.pto_at: float | None = None  # RFC 8985 §7.2 probe timeout (TLP)
+        self.tlp_end: int | None = None  # TLPRxtOut: SND.MAX when the probe went out
+        self.tlp_retx = False  # ... and the probe was a retransmission
+        self.tlp_pending = False  # send the loss probe at the next output
+        self.tlp_probes = 0  # tail loss probes sent
+        self.tlp_at = 0.0  # when the last one was sent
+        self.rack = Rack()  # RFC 8985, used while SACK is on (`rack_on`)
+        self.rack_on = cfg.rack
+        cc.rack = cfg.rack
         self.rcv = rcv  # whose numbers every segment acknowledges
         self.cc = cc
         self.board = board
@@ -206,6 +218,8 @@ class Sender(Retransmitter):
                 if self.probe_pending:
                     self.send_probe(now, out, af)
                 self.send_data(now, out, af)
+                if self.sack_on and self.rack_on and self.pto_at is None and len(out) > n0:
+                    self.arm_early(now)
         if self.ka_pending:
             # RFC 9293 §3.8.4: SEG.SEQ = SND.NXT - 1 makes the peer answer with an ACK.
             self.ka_pending = False
@@ -317,6 +331,7 @@ class Sender(Retransmitter):
         ack, win, ts, sack = af
         up = self.up
         board = self.board
+        rack = self.rack if self.sack_on and self.rack_on else None
         # Going back after an RTO with SACK information kept: skip what was SACKed.
         sacked_top = self.max if board.sacked and self.nxt < self.max else 0
         while True:
@@ -373,6 +388,8 @@ class Sender(Retransmitter):
                 self.advance(new_nxt, now)
             else:  # advance() for new data, already timed or timed by TSopt
                 self.max = self.nxt = new_nxt
+                if rack is not None:
+                    rack.sent(new_nxt, now)
                 self.last_send_at = now
                 if self.rto_at is None:
                     self.rto_at = now + self.rto.rto  # RFC 6298 §5.1
@@ -388,6 +405,8 @@ class Sender(Retransmitter):
             self.rtt_at = now
         if new_nxt > self.max:
             self.max = new_nxt
+            if self.sack_on and self.rack_on:
+                self.rack.sent(new_nxt, now)
         self.nxt = new_nxt
         self.last_send_at = now
         if self.rto_at is None:
@@ -411,6 +430,8 @@ class Sender(Retransmitter):
         ack_abs = una + d
         board = self.board
         newly = board.update(seg.sack, una, self.max, self.iss) if self.sack_on and seg.sack else 0
+        if self.sack_on and self.rack_on:
+            self.rack_ack(seg, ack_abs, now)
         if d:
             self.new_ack(ack_abs, d, seg.ts, now)
             if newly and not self.cc.in_recovery and board.is_lost(ack_abs, self.mss):
@@ -424,6 +445,40 @@ class Sender(Retransmitter):
         if self.wl1 < seg_abs or (self.wl1 == seg_abs and self.wl2 <= ack_abs):
             self.update_window(wnd, seg_abs, ack_abs)
         return AckResult.OK
+
+    def rack_ack(self, seg: TcpSegment, ack_abs: int, now: float) -> None:
+        """RFC 8985 on one ACK: D-SACK (RFC 2883 §4: a first block at or below the
+        cumulative ACK), what was delivered, and the scoreboard's lost edge."""
+        rack = self.rack
+        board = self.board
+        sack = seg.sack
+        srtt = self.rto.srtt
+        if sack and ((sack[0][1] - self.iss - ack_abs - 1) & MASK) >= HALF - 1:
+            rack.dsack(now, srtt)  # right edge - ack in (-HALF, 0]
+        ts = seg.ts
+        rtt = (((int(now * 1000) + self.ts_off) - ts[1]) & MASK) / 1000.0 \
+            if self.ts_on and ts is not None and ts[1] else None
+        sacked = board.sacked
+        top = sacked[-1][1] if sacked and sacked[-1][1] > ack_abs else ack_abs
+        rack.delivered(ack_abs, top, board.high_rxt, rtt, now)
+        if rack.rxt:
+            rack.rxt_delivered(ack_abs, sacked, now)
+        if sacked:
+            n = 0
+            for a, b in sacked:
+                n += b - a
+            edge = rack.edge(ack_abs, srtt, self.cc.in_recovery, n // self.mss)
+            board.rack = edge
+            self.reo_at = rack.deadline(edge, now)
+            if rack.rxt:
+                low = rack.relost()
+                if low is not None and low < board.high_rxt:
+                    board.high_rxt = low  # lost again: NextSeg may name it once more
+        else:
+            board.rack = None
+            self.reo_at = None
+        r, p = self.reo_at, self.pto_at
+        self.early_at = p if r is None or (p is not None and p < r) else r
 
     def new_ack(self, ack_abs: int, acked: int, ts: tuple[int, int] | None, now: float,
                 wnd: int = -1, wl1: int = 0) -> None:
@@ -445,6 +500,8 @@ class Sender(Retransmitter):
         board = self.board
         if board.sacked:
             board.acked(ack_abs)
+        if self.sack_on:
+            self.rack.acked(ack_abs)
         if self.cc.on_ack(acked, ack_abs, self.nxt - ack_abs, now, self.rto.srtt):
             if not (self.sack_on and board.sacked):
                 self.retx_pending = True  # RFC 6582 partial ACK (or SACK without blocks)
@@ -452,6 +509,10 @@ class Sender(Retransmitter):
             self.rto_at = None  # RFC 6298 §5.2
         else:
             self.rto_at = now + self.rto.rto  # RFC 6298 §5.3
+        if self.sack_on and self.rack_on:
+            if self.tlp_end is not None and ack_abs >= self.tlp_end:
+                self.tlp_done()
+            self.arm_early(now)
         if wnd >= 0:  # update_window() inlined
             self.wnd = wnd
             self.wl1 = wl1

@@ -29,6 +29,8 @@ Rules (the defaults and the RFC clause each one honours):
   after `keepalive_idle` seconds without any segment from the peer (MUST-25), default two
   hours (MUST-28), configurable (MUST-27); `keepalive_probes` unanswered probes, one per
   `keepalive_interval`, end the connection, so one lost ACK is no failure (MUST-29).
+- `rack`: RACK-TLP (RFC 8985) loss detection while SACK is on; False keeps RFC 6675's
+  DupThresh / IsLost alone.
 - `congestion`: "cubic" (RFC 9438, the default, as Linux) or "newreno" (RFC 5681 +
   RFC 6582), stack/cubic.py.
 - `isn_key`: the RFC 6528 secret; a fresh random one per config unless given.
@@ -76,6 +78,7 @@ class TcpConfig:
     max_retries: int = 15
     initial_cwnd: int = 0  # 0: RFC 5681 IW
     congestion: str = "cubic"
+    rack: bool = True
     challenge_ack_limit: int = 10
     invalid_ack_interval: float = 0.5
     keepalive: bool = False

@@ -7,8 +7,8 @@ Whatever the kernel in that namespace sends to 198.18.77.2 or 2001:db8:77::2 com
 the TUN; `pump()` parses it, gives the TCP segments to a TcpDemux (our stack) and writes
 the stack's answers
 back, optionally dropping a seeded fraction of packets both ways and delaying and
-reordering them (the lossy-WAN profile of bridge/lab/impair.py, `delay`/`reorder`). Real tools run inside
-the namespace with `popen()`. Only needs root and /dev/net/tun; the bridge is not involved.
+reordering them (the lossy-WAN profile of bridge/lab/impair.py, `delay`/`reorder`).
+Real tools run inside the namespace with `popen()`. Only needs root and /dev/net/tun; the bridge is not involved.
 """
 
 from __future__ import annotations
