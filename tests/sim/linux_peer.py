@@ -8,7 +8,8 @@ the TUN; `pump()` parses it, gives the TCP segments to a TcpDemux (our stack) an
 the stack's answers
 back, optionally dropping a seeded fraction of packets both ways and delaying and
 reordering them (the lossy-WAN profile of bridge/lab/impair.py, `delay`/`reorder`).
-Real tools run inside the namespace with `popen()`. Only needs root and /dev/net/tun; the bridge is not involved.
+Real tools run inside the namespace with `popen()`. Only needs root and /dev/net/tun; the
+bridge is not involved.
 """
 
 from __future__ import annotations
