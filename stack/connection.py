@@ -599,5 +599,6 @@ class TcpConnection:
             "rcv_wnd": max(rcv.adv - rcv.nxt, 0),
             "unsent": max(snd.buf.end - max(snd.nxt - 1, 0), 0),
             "in_flight": snd.nxt - snd.una, "out_of_order": rcv.ooo.nbytes,
+            "rcv_buff": rcv.cap, "snd_buff": snd.buf.capacity, "tlp": snd.tlp_probes,
             "drops": dict(self.drops), "soft_error": self._soft_error,
         }

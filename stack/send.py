@@ -38,6 +38,8 @@ Rules:
   a zero (or too small) window: probe after max(RTO, 200 ms), backing off.
 - RFC 5681 §4.1: after idling more than one RTO, restart from at most the initial window.
 - RFC 1191 §6.3 / RFC 8201 §5.2 (`path_mtu`): a smaller MSS resends what is in flight.
+- Send-buffer growth (`send_buffer_max`, Linux tcp_sndbuf_expand): on each ACK of new
+  data the buffer may grow to twice min(cwnd, the largest window offered).
 - `tx_max_segment` lets one output segment carry several SMSS (a TSO/GSO super-segment
   for a TUN); its size is a whole number of SMSS, so the kernel cuts wire-sized pieces.
 
@@ -104,7 +106,7 @@ class Sender(Retransmitter):
         "spurious_rtos",
         "max_retries", "syn_retries", "retransmissions", "bytes_out", "ka_pending",
         "syn_opts", "rcv", "cc", "board", "rto", "rack", "rack_on", "early_at", "reo_at",
-        "pto_at", "tlp_end", "tlp_retx", "tlp_pending", "tlp_probes", "tlp_at",
+        "pto_at", "tlp_end", "tlp_retx", "tlp_pending", "tlp_probes", "tlp_at", "sndbuf_max",
     )
 
     def __init__(
@@ -170,6 +172,8 @@ class Sender(Retransmitter):
         self.rack_on = cfg.rack
         cc.rack = cfg.rack
         self.rcv = rcv  # whose numbers every segment acknowledges
+        rcv.rtt_est = rto  # receive-buffer autotuning measures per SRTT
+        self.sndbuf_max = max(cfg.send_buffer_max, cfg.send_buffer)
         self.cc = cc
         self.board = board
         self.rto = rto
@@ -497,6 +501,12 @@ class Sender(Retransmitter):
         if self.retries:  # the first ACK of new data after a timeout
             self.after_timeout(ack_abs, acked, ts)
         self.bytes_out = buf.base
+        if buf.capacity < self.sndbuf_max:
+            # Send-buffer growth (Linux tcp_sndbuf_expand): room for twice what the
+            # windows let us have in flight, so the buffer never limits the window.
+            want = 2 * (self.cc.cwnd if self.cc.cwnd < self.max_wnd else self.max_wnd)
+            if want > buf.capacity:
+                buf.capacity = want if want < self.sndbuf_max else self.sndbuf_max
         board = self.board
         if board.sacked:
             board.acked(ack_abs)

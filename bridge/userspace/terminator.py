@@ -263,11 +263,15 @@ class Terminator:
         ck = (server_mss, client_mss, buf, self.tx_max_segment, cc)
         cached = self._configs.get(ck)
         if cached is None:
-            rbuf = max(buf, server_mss, client_mss)
-            common: dict[str, Any] = dict(recv_buffer=rbuf, send_buffer=max(buf, 1),
+            # Each leg's buffers start at Linux's tcp_rmem default (128 KiB) and autotune up
+            # to their quarter of the rule's max_buffer (the splice's memory bound).
+            rmax = max(buf, server_mss, client_mss)
+            rbuf = max(min(rmax, 128 << 10), server_mss, client_mss)
+            common: dict[str, Any] = dict(recv_buffer=rbuf, send_buffer=max(min(buf, 128 << 10), 1),
                                           auto_consume=False, msl=self.msl,
                                           rto_min=self.rto_min, rto_var_min=self.rto_min,
-                                          nagle=False, congestion=cc)
+                                          nagle=False, congestion=cc, recv_buffer_max=rmax,
+                                          send_buffer_max=max(buf, 1))
             cached = (TcpConfig(mss=client_mss, tx_max_segment=self.tx_max_segment, **common),
                       TcpConfig(mss=server_mss, syn_retries=self.syn_retries, **common))
             self._configs[ck] = cached
