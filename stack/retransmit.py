@@ -6,6 +6,10 @@ Rules:
   is kept (RFC 6675 §5.1, stack/loss.py) and the resending skips SACKed data.
 - R2 (`max_retries`, `syn_retries`, MUST-20..23): `expire` reports when to give up.
   MUST-37: while the window is zero the probing goes on without counting toward R2.
+- Without timestamps, F-RTO (RFC 5682 §2): after the timeout's retransmission is
+  acknowledged (not all of the flight), new data goes out instead of the rest of the
+  flight; an ACK of new data next means the timeout was spurious (RFC 4015 response), a
+  duplicate ACK means a real loss and the flight is resent in slow start.
 - Spurious timeouts (RFC 3522 Eifel detection with timestamps, RFC 4015 response): when
   the first ACK of new data after one expiry echoes a TSval older than the
   retransmission's, the original transmission arrived: ssthresh and cwnd are restored
@@ -88,6 +92,7 @@ class Retransmitter:
     tlp_pending: bool
     tlp_probes: int
     tlp_at: float
+    frto: int | None
 
     if TYPE_CHECKING:  # the Sender's own methods (stack/send.py)
         def segment(self, pos: int, flags: int, payload: bytes | memoryview, af: AckFields
@@ -282,6 +287,15 @@ class Retransmitter:
         self.retries = 0
         undo = self.undo
         self.undo = None
+        if undo is not None and not self.ts_on:
+            # RFC 5682 F-RTO step 2b: without timestamps, send new data now; the next ACK
+            # tells a spurious timeout (it acknowledges that) from a real one (`frto_ack`).
+            if ack_abs < self.max and self.buf.end >= self.max:
+                self.frto = undo
+                self.nxt = self.max
+                cc = self.cc  # room for up to two new segments (step 2b)
+                cc.cwnd = max(cc.cwnd, self.max - ack_abs + 2 * self.mss)
+            return
         rto_ts = self.rto_tsval
         if undo is None or ts is None or not ts[1] or rto_ts is None:
             return
@@ -292,6 +306,24 @@ class Retransmitter:
         cc.cwnd = max(cc.cwnd, self.max - ack_abs + min(acked, initial_window(self.mss)))
         self.nxt = self.max
         self.spurious_rtos += 1
+
+    def frto_ack(self, acked: int, ack_abs: int) -> None:
+        """RFC 5682 §2 step 3, the ACK after F-RTO sent new data: one acknowledging new
+        data (3b) shows the timeout spurious: the RFC 4015 response as with Eifel; a
+        duplicate ACK (3a) means a real loss: resend from SND.UNA in slow start."""
+        undo = self.frto
+        self.frto = None
+        if undo is None:
+            return
+        if acked:
+            cc = self.cc
+            cc.ssthresh = undo
+            cc.cwnd = max(cc.cwnd, self.max - ack_abs + min(acked, initial_window(self.mss)))
+            self.spurious_rtos += 1
+        else:
+            self.nxt = self.una
+            self.rtt_abs = None
+            self.cc.cwnd = min(self.cc.cwnd, 3 * self.mss)  # step 3a: cwnd <= 3 SMSS
 
     def dupack(self, ts: tuple[int, int] | None, lost: bool = False) -> None:
         """A duplicate ACK (RFC 5681 §2, or RFC 6675 §2 with SACK; `lost`: IsLost(HighACK+1)
@@ -329,7 +361,9 @@ class Retransmitter:
         # RFC 4015 §3 step 1: pipe_prev = max(FlightSize, ssthresh), kept to undo a
         # spurious timeout (detectable with timestamps, after the first expiry only).
         first = self.retries == 1
-        self.undo = max(self.max - self.una, self.cc.ssthresh) if first and self.ts_on else None
+        # Without timestamps F-RTO (RFC 5682) decides instead, at the next ACKs.
+        self.undo = max(self.max - self.una, self.cc.ssthresh) if first else None
+        self.frto = None
         self.cc.on_timeout(self.max, self.max - self.una, first)
         if self.ts_on:
             self.rto_tsval = ts_clock(now, self.ts_off)

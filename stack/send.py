@@ -107,6 +107,7 @@ class Sender(Retransmitter):
         "max_retries", "syn_retries", "retransmissions", "bytes_out", "ka_pending",
         "syn_opts", "rcv", "cc", "board", "rto", "rack", "rack_on", "early_at", "reo_at",
         "pto_at", "tlp_end", "tlp_retx", "tlp_pending", "tlp_probes", "tlp_at", "sndbuf_max",
+        "frto",
     )
 
     def __init__(
@@ -168,6 +169,7 @@ class Sender(Retransmitter):
         self.tlp_pending = False  # send the loss probe at the next output
         self.tlp_probes = 0  # tail loss probes sent
         self.tlp_at = 0.0  # when the last one was sent
+        self.frto: int | None = None  # F-RTO (RFC 5682) waits for its second ACK: pipe_prev
         self.rack = Rack()  # RFC 8985, used while SACK is on (`rack_on`)
         self.rack_on = cfg.rack
         cc.rack = cfg.rack
@@ -432,6 +434,8 @@ class Sender(Retransmitter):
                 return AckResult.TOO_OLD
             return AckResult.OLD  # an old duplicate ACK: ignore it, keep the text
         ack_abs = una + d
+        if self.frto is not None and not d and outstanding and not seg.payload:
+            self.frto_ack(0, ack_abs)  # F-RTO step 3a: a duplicate ACK
         board = self.board
         newly = board.update(seg.sack, una, self.max, self.iss) if self.sack_on and seg.sack else 0
         if self.sack_on and self.rack_on:
@@ -488,6 +492,8 @@ class Sender(Retransmitter):
                 wnd: int = -1, wl1: int = 0) -> None:
         """New data acknowledged (RFC 9293 §3.10.7.4; RFC 6298 §5.2-5.3; RFC 5681); with
         `wnd` >= 0 also the window update for SND.WL1 = `wl1` (header prediction)."""
+        if self.frto is not None:
+            self.frto_ack(acked, ack_abs)  # F-RTO step 3b (RFC 5682 §2)
         buf = self.buf
         buf.release(min(ack_abs - 1, buf.end))
         self.una = ack_abs
