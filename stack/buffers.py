@@ -139,6 +139,11 @@ class ReassemblyBuffer:
     def __len__(self) -> int:
         return len(self._starts)
 
+    @property
+    def tail(self) -> int | None:
+        """The end of the highest range held (where the next segment of a run goes)."""
+        return self._ends[-1] if self._ends else None
+
     def insert(self, start: int, data: bytes | memoryview) -> int:
         """Store `data` at absolute position `start`; return the count of new bytes kept.
 

@@ -377,6 +377,13 @@ class TcpConnection:
                 # New data acknowledged, and the window (WL1 <= RCV.NXT, WL2 < SEG.ACK).
                 snd.new_ack(una + d, d, ts, now, window << snd.wscale, rcv_nxt)
                 return
+        elif (rcv.gap and payload and not sack and (flags == ACK or flags == _ACK_PSH)
+              and self._state is _ESTABLISHED):
+            snd = self._snd  # the run above a hole: no new ACK, same window (Receiver)
+            if (ack == (snd.iss + snd.una) & MASK and window << snd.wscale == snd.wnd
+                    and rcv.ooo_tail(seq, payload, ts)):
+                self.fast_path += 1
+                return
         self._slow_path(seg, now)
 
     def _slow_path(self, seg: TcpSegment, now: float) -> None:

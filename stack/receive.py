@@ -290,6 +290,24 @@ class Receiver:
         self.ack_now = True
         return False
 
+    def ooo_tail(self, seq: int, payload: bytes | memoryview,
+                 ts: tuple[int, int] | None) -> bool:
+        """Header prediction for the common segment while a hole is open: the next one of
+        the run above it (SEG.SEQ = the end of the highest range held, inside the window,
+        TSval not older than TS.Recent). Queued as the slow path would (SHLD-31) with an
+        immediate ACK (RFC 5681 §4.2); False: let the slow path decide."""
+        tail = self.ooo.tail
+        if tail is None or seq != (self.irs + tail) & MASK or tail + len(payload) > self.adv:
+            return False
+        if self.ts_on:
+            recent = self.ts_recent
+            if ts is None or (recent is not None and (ts[0] - recent) & MASK >= HALF):
+                return False
+        if self.ooo.insert(tail, payload) < 0:
+            return False
+        self.ack_now = True
+        return True
+
     def urg_text_fin(self, seg_abs: int, urg: int, payload: bytes | memoryview, fin: bool,
                      text: bool, open_: bool, now: float) -> bool:
         """RFC 9293 §3.10.7.4 sixth to eighth steps for a segment that passed the ACK step:
