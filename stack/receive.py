@@ -15,8 +15,8 @@ Rules:
   rcv_mss), otherwise within `delayed_ack` (MUST-40: < 0.5 s); ACK at once for
   out-of-order data and when a gap fills.
 - Receive-buffer autotuning (`recv_buffer_max` > `recv_buffer`; Linux tcp_rmem and
-  tcp_rcv_space_adjust): once per SRTT, RCV.BUFF grows to twice what arrived in the last
-  SRTT plus 16 MSS while that exceeds half of it, up to `recv_buffer_max`; the window
+  tcp_rcv_space_adjust): once per SRTT, RCV.BUFF grows to four times what arrived in the
+  last SRTT plus 16 MSS when that is more, up to `recv_buffer_max`; the window
   scale is chosen for the maximum (TcpConfig.rcv_wscale, RFC 7323 §2.3).
 - Receiver SWS avoidance (RFC 9293 §3.8.6.2.2, MUST-39): the right edge moves by at least
   min(RCV.BUFF/2, MSS); it never moves left (no window shrinking); a window update is worth
@@ -369,10 +369,11 @@ class Receiver:
         return field
 
     def autotune(self) -> None:
-        """Once per smoothed RTT: when the peer delivered more than half of RCV.BUFF in
-        the last one, RCV.BUFF = 2 * delivered + 16 MSS, up to `cap_max` (as Linux's
-        tcp_rcv_space_adjust), so the advertised window keeps ahead of the sender's
-        bandwidth-delay product. The window never shrinks (MUST-39 aside, it only grows)."""
+        """Once per smoothed RTT: RCV.BUFF grows to 4 * what arrived in the last one + 16
+        MSS, up to `cap_max` (Linux's tcp_rcv_space_adjust: twice the data per RTT, and
+        twice again for what a loss holds out of order for the RTT recovery takes), so the
+        advertised window keeps ahead of the sender's bandwidth-delay product. It never
+        shrinks."""
         est = self.rtt_est
         srtt = est.srtt if est is not None else None
         now = self.last_rx
@@ -381,8 +382,8 @@ class Receiver:
         got = self.bytes_in - self.space_mark
         self.space_at = now
         self.space_mark = self.bytes_in
-        if 2 * got > self.cap:
-            cap = 2 * got + 16 * self.mss
+        cap = 4 * got + 16 * self.mss
+        if cap > self.cap:
             self.cap = cap if cap < self.cap_max else self.cap_max
             if self.ooo_auto and self.ooo.cap_bytes < self.cap:
                 self.ooo.cap_bytes = self.cap
