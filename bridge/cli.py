@@ -608,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     from bridge.io.notify import log_format
 
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(log_format(sys.stderr.fileno()))  # journald's own under systemd
+    handler.setFormatter(log_format(sys.stderr))  # journald's own under systemd
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         handlers=[handler])
     rc: int = args.func(args)

@@ -270,6 +270,9 @@ KEYS: tuple[Key, ...] = (
         "refusal as RST to its SYN). Costs one upstream connection per SYN, which the half-open "
         "caps bound. Default: accept first, so a spoofed SYN never reaches the server; a "
         "refusing server then resets the accepted connection."),
+    Key("inspect", "congestion", _S, "cubic", "Congestion control of the userspace backend's "
+        "legs: \"cubic\" (RFC 9438, Linux's default) or \"newreno\" (RFC 6582).",
+        choices=("cubic", "newreno"), rfc="RFC 9438"),
     # ---- [[scrub]] (read by bridge/scrub.py)
     Key("scrub", "action", _S, None, "\"deny\" drops a matching packet (counted "
         "`scrub_denied`); \"allow\" passes it, subject to `rate` (the excess counted "

@@ -99,6 +99,7 @@ class InspectRule:
     iif: tuple[str, ...] = ()               # kernel backend: intercept only on these interfaces
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # no byte either way for this long: reset
     connect_first: bool = False  # userspace: open the server leg before answering the SYN
+    congestion: str = "cubic"               # userspace legs: "cubic" (RFC 9438) or "newreno"
     # every setting of the rule's inspectors: the values of the options they declare (parsed,
     # defaults filled in; bridge/inspect/options.py) and the rule's `options` table as written
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))

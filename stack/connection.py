@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from stack.congestion import NewReno
+from stack.cubic import make_cc
 from stack.events import (
     Closed,
     Connected,
@@ -94,7 +94,7 @@ class TcpConnection:
         self._rcv = Receiver(cfg, my_mss, self._events, self.drops)
         self._snd = Sender(
             cfg, (local[1], remote[1]), mss, ts_offset(cfg.isn_key, local, remote), self._rcv,
-            NewReno(mss, cfg.initial_cwnd or None), Scoreboard(),
+            make_cc(cfg.congestion, mss, cfg.initial_cwnd or None), Scoreboard(),
             RtoEstimator(cfg.rto_initial, cfg.rto_min, cfg.rto_max, var_min=cfg.rto_var_min),
         )
         self._hs = Handshake(cfg, local, remote, iss, self._snd, self._rcv, self.drops)
@@ -414,6 +414,13 @@ class TcpConnection:
                 # New data acknowledged, and the window (WL1 <= RCV.NXT, WL2 < SEG.ACK).
                 snd.new_ack(una + d, d, ts, now, window << snd.wscale, rcv_nxt)
                 return
+        elif (rcv.gap and payload and not sack and (flags == ACK or flags == _ACK_PSH)
+              and self._state is _ESTABLISHED):
+            snd = self._snd  # the run above a hole: no new ACK, same window (Receiver)
+            if (ack == (snd.iss + snd.una) & MASK and window << snd.wscale == snd.wnd
+                    and rcv.ooo_tail(seq, payload, ts)):
+                self.fast_path += 1
+                return
         self._slow_path(seg, now)
 
     def _slow_path(self, seg: TcpSegment, now: float) -> None:
@@ -636,5 +643,6 @@ class TcpConnection:
             "rcv_wnd": max(rcv.adv - rcv.nxt, 0),
             "unsent": max(snd.buf.end - max(snd.nxt - 1, 0), 0),
             "in_flight": snd.nxt - snd.una, "out_of_order": rcv.ooo.nbytes,
+            "rcv_buff": rcv.cap, "snd_buff": snd.buf.capacity, "tlp": snd.tlp_probes,
             "drops": dict(self.drops), "soft_error": self._soft_error,
         }

@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import time
+from typing import IO
 
 __all__ = ["notify", "reloading", "log_format", "JournalFormatter"]
 
@@ -70,10 +71,15 @@ def _on_journal(fd: int, environ: dict[str, str]) -> bool:
     return (st.st_dev, st.st_ino) == (dev, ino)
 
 
-def log_format(fd: int = 2, environ: dict[str, str] | None = None) -> logging.Formatter:
-    """The formatter for log lines written to `fd` (stderr): journald's when it is the
-    journal's stream, else one with the time."""
+def log_format(stream: int | IO[str] = 2, environ: dict[str, str] | None = None
+               ) -> logging.Formatter:
+    """The formatter for log lines written to `stream` (stderr, or its fd): journald's when
+    it is the journal's stream, else one with the time (also for a stream with no fd)."""
     env = os.environ if environ is None else environ
-    if _on_journal(fd, dict(env)):
+    try:
+        fd = stream if isinstance(stream, int) else stream.fileno()
+    except (OSError, ValueError):  # io.UnsupportedOperation is both
+        fd = -1
+    if fd >= 0 and _on_journal(fd, dict(env)):
         return JournalFormatter("%(message)s")
     return logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")

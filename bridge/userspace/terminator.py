@@ -167,7 +167,7 @@ class Terminator(TunnelSide):
         self._idle = Deadlines()  # each splice's idle check (re-armed from last_seen)
         self._done: set[FlowKey] = set()
         self.budget = MemoryBudget(lim.memory_budget)  # bytes all splices hold (bounds.py)
-        self._configs: dict[tuple[int, int, int, int], tuple[TcpConfig, TcpConfig]] = {}
+        self._configs: dict[tuple[int, int, int, int, str], tuple[TcpConfig, TcpConfig]] = {}
         self.tun_offload = False
         self._warm: dict[int, WarmCycle] = {}  # lane -> shadow (bridge/userspace/warm.py)
         self._last_new = float("-inf")  # when the last splice was opened (warm)
@@ -278,14 +278,19 @@ class Terminator(TunnelSide):
         server_mss = max(self.mtu_for(key[2]) - hdr, 88)
         client_mss = max(self.tun_mtu() - hdr, 88)
         buf = (rule.max_buffer if rule is not None else 1 << 20) // 4
-        ck = (server_mss, client_mss, buf, self.tx_max_segment)
+        cc = rule.congestion if rule is not None else "cubic"
+        ck = (server_mss, client_mss, buf, self.tx_max_segment, cc)
         cached = self._configs.get(ck)
         if cached is None:
-            rbuf = max(buf, server_mss, client_mss)
-            common: dict[str, Any] = dict(recv_buffer=rbuf, send_buffer=max(buf, 1),
+            # Each leg's buffers start at Linux's tcp_rmem default (128 KiB) and autotune up
+            # to their quarter of the rule's max_buffer (the splice's memory bound).
+            rmax = max(buf, server_mss, client_mss)
+            rbuf = max(min(rmax, 128 << 10), server_mss, client_mss)
+            common: dict[str, Any] = dict(recv_buffer=rbuf, send_buffer=max(min(buf, 128 << 10), 1),
                                           auto_consume=False, msl=self.msl,
                                           rto_min=self.rto_min, rto_var_min=self.rto_min,
-                                          nagle=False, keepalive=True)
+                                          nagle=False, keepalive=True, congestion=cc,
+                                          recv_buffer_max=rmax, send_buffer_max=max(buf, 1))
             cached = (TcpConfig(mss=client_mss, tx_max_segment=self.tx_max_segment,
                                 syn_retries=self.limits.synack_retries, **common),
                       TcpConfig(mss=server_mss, syn_retries=self.syn_retries, **common))
@@ -440,6 +445,16 @@ class Terminator(TunnelSide):
             self.touched.pop(sp.key, None)
             reason = sp.flow.close_reason.value if sp.flow.close_reason else "closed"
             self.ended[reason] = self.ended.get(reason, 0) + 1
+
+    def path_mtu_changed(self) -> None:
+        """A tunnel or TUN MTU shrank (Bridge.set_path_mtu): every live leg lowers its send
+        MSS to it (RFC 1191 §6.3, RFC 8201 §5.2) and resends in-flight data at the next flush."""
+        tun = self.tun_mtu()
+        for key, sp in self.splices.items():
+            sp.server.path_mtu(self.mtu_for(key[2]))
+            if sp.client is not None:
+                sp.client.path_mtu(tun)
+            self.touched[key] = sp
 
     # ------------------------------------------------------------------ timers
 
