@@ -257,8 +257,11 @@ KEYS: tuple[Key, ...] = (
         choices=("userspace", "kernel")),
     Key("inspect", "action", _S, "inspect", "\"inspect\", \"forward\" (pass untouched) or "
         "\"drop\".", choices=("inspect", "forward", "drop")),
-    Key("inspect", "max_buffer", _I, 1 << 20, "Bytes buffered per direction before the "
-        "sender is flow-controlled.", lo=4096, hi=1 << 30, unit="bytes"),
+    Key("inspect", "max_buffer", _I, 8 << 20, "Bytes buffered per direction before the "
+        "sender is flow-controlled. The userspace backend's legs start at 128 KiB and "
+        "autotune up to a quarter of it each (the window a lossy, long path needs); all "
+        "terminated flows together stay under `[userspace] memory_budget`.",
+        lo=4096, hi=1 << 30, unit="bytes"),
     Key("inspect", "iif", _L, None, "Incoming interface names matched (backend = \"kernel\" "
         "only).", example="[\"veth0\"]"),
     Key("inspect", "idle_timeout", _N, 7200.0, "Seconds without traffic after which an "

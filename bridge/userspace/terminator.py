@@ -93,6 +93,7 @@ from dataclasses import replace
 from typing import Any
 
 from bridge.flows import (
+    DEFAULT_MAX_BUFFER,
     Backend,
     FlowKey,
     FlowTable,
@@ -277,7 +278,7 @@ class Terminator(TunnelSide):
         hdr = 60 if v6 else 40
         server_mss = max(self.mtu_for(key[2]) - hdr, 88)
         client_mss = max(self.tun_mtu() - hdr, 88)
-        buf = (rule.max_buffer if rule is not None else 1 << 20) // 4
+        buf = (rule.max_buffer if rule is not None else DEFAULT_MAX_BUFFER) // 4
         cc = rule.congestion if rule is not None else "cubic"
         ck = (server_mss, client_mss, buf, self.tx_max_segment, cc)
         cached = self._configs.get(ck)
