@@ -283,12 +283,12 @@ def test_config_errors_name_their_keys(tmp_path: Any) -> None:
 
 
 def test_grebe_status_text_shows_the_secure_section(tmp_path: Any) -> None:
-    from bridge.cli import _fmt_status
+    from bridge.ctl import format_status
 
     s = Sites("authenticated", str(tmp_path))
     s.pump(0.0)
     s.deliver("b", [b"\x05\x00\x00\x00" + bytes(60)], 0.5)  # a forgery: unknown_session
-    text = _fmt_status(s.br["b"].status(1.0))
+    text = format_status(s.br["b"].status(1.0))
     assert "secure peer: authenticated, session up" in text
     assert "secure drops: unknown_session=1" in text
     assert "handshake_responded=1" in text
