@@ -83,6 +83,7 @@ from bridge.flows import Backend, FlowKey, FlowTable, InspectRule, Verdict, sele
 from bridge.inspect.api import CloseReason
 from bridge.inspect.manager import InspectorManager
 from bridge.tunframe import TunFrame
+from bridge.userspace import legwire
 from bridge.userspace.legwire import TSO_MAX_SEGMENT, LegFramer, merge_run, run_part
 from bridge.userspace.splice import Splice
 from bridge.userspace.warm import WarmCycle
@@ -135,7 +136,7 @@ class Terminator:
         self.drops: dict[str, int] = {}
         self.counters: dict[str, int] = {"splices": 0, "to_client": 0, "to_server": 0,
                                          "from_client": 0, "from_server": 0, "refused_rst": 0,
-                                         "server_runs": 0}
+                                         "server_runs": 0, "checksum_completed": 0}
         self.ended: dict[str, int] = {}
         framer = LegFramer()
         self.packet = framer.packet  # IP framing of the legs' segments (legwire.py)
@@ -177,7 +178,11 @@ class Terminator:
     def _segment(self, pkt: bytes | bytearray | memoryview, n: int, off: int,
                  key: FlowKey) -> TcpSegment | None:
         mv = pkt if isinstance(pkt, memoryview) else memoryview(pkt)
-        return parse_tcp(mv[off:n], key[1], key[2], drops=self.drops)
+        if (seg := parse_tcp(mv[off:n], key[1], key[2])) is None:  # left partial? else counted
+            fixed = legwire.completed_partial(mv[off:n], key[1], key[2])
+            self.counters["checksum_completed"] += fixed is not None
+            seg = parse_tcp(fixed or mv[off:n], key[1], key[2], drops=self.drops)
+        return seg
 
     def from_tun(self, pkt: bytes | bytearray | memoryview, n: int, now: float) -> bool:
         """An inner packet from the local site. True when it was ours (consumed)."""
