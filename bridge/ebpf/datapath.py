@@ -36,7 +36,11 @@ Rules:
   to the Python path until its window is started, and the Python path's window
   (`SeededSeqReceiver`) starts from the program's if that one runs, else on its first
   packet (Linux iseq), and then starts the program's. So neither path takes a late
-  (replayed, forged) number just because it saw nothing before.
+  (replayed, forged) number just because it saw nothing before. The program keeps
+  bridge/seqpolicy.py's window: a number JUMP_MAX or more ahead moves nothing by itself
+  but goes to the Python path ("pass_seq_jump"), whose window drops it if forged (its
+  stream shares the numbers, so a real one is usually in it); CONFIRM such packets in a
+  run move the program's window (grebe_tc.c seq_accept).
 - Netfilter: packets the program forwards never meet the gateway's nftables or iptables
   (prerouting, forward, input, postrouting). So under "auto" the program steps aside while
   the namespace has any nftables base chain or legacy iptables table (but grebe_* tables
@@ -157,7 +161,7 @@ class SeededSeqReceiver(SeqReceiver):
         except OSError:
             return
         if raw:
-            expected, started, _run, _ = M.RXSEQ.unpack(raw)
+            expected, started = M.RXSEQ.unpack(raw)[:2]
             if started:
                 self.started = True
                 self.last = (expected - 1) & 0xFFFFFFFF
@@ -165,7 +169,7 @@ class SeededSeqReceiver(SeqReceiver):
 
     def _to_program(self) -> None:
         try:
-            self._rxseq.update(self._key, M.RXSEQ.pack((self.last + 1) & 0xFFFFFFFF, 1, 0, 0))
+            self._rxseq.update(self._key, M.RXSEQ.pack((self.last + 1) & 0xFFFFFFFF, 1, 0, 0, 0, 0))
             self._seeded = True
         except OSError:
             pass

@@ -276,6 +276,62 @@ def test_ipip_and_ipv6_underlay_through_the_program(lab: Lab, cfgs: tuple[str, s
         b.stop()
 
 
+FORGE = """
+import socket, struct, sys
+def csum(b):
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    s = (s & 0xFFFF) + (s >> 16)
+    s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+icmp = bytearray(struct.pack("!BBHHH", 8, 0, 0, 0x6762, 1) + b"forged-seq" * 4)
+icmp[2:4] = struct.pack("!H", csum(bytes(icmp)))
+ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 1, 0, 64, 1, 0,
+                           socket.inet_aton("198.18.2.10"), socket.inet_aton("198.18.1.10")))
+ip[10:12] = struct.pack("!H", csum(bytes(ip)))
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, 11, 1)  # SO_NO_CHECK: a zero UDP checksum, as the program sends
+s.bind(("198.18.0.2", 0))
+for seq in map(int, sys.argv[1:]):
+    gre = struct.pack("!HHII", 0x3000, 0x0800, 42, seq)
+    s.sendto(gre + bytes(ip) + bytes(icmp), ("198.18.0.1", 4754))
+"""
+
+
+def received(lab: Lab, count: int) -> int:
+    cp = lab.run("client", ["ping", "-c", str(count), "-i", "0.1", "-W", "2", SERVER4],
+                 check=False, timeout=30)
+    for part in cp.stdout.split(","):
+        if part.strip().endswith("received"):
+            return int(part.split()[0])
+    raise AssertionError(cp.stdout + cp.stderr)
+
+
+def test_forged_far_ahead_sequence_numbers_do_not_move_the_programs_window(lab: Lab) -> None:
+    """drop-late on the program (issue 14, the Python path's rule of bridge/seqpolicy.py):
+    a number JUMP_MAX or more ahead of the window goes to the Python path, which drops a
+    forged one; two in a row (a run short of CONFIRM) move nothing. Before the rule the
+    program took any number ahead, every real packet after it counted late: the pings'
+    replies were dropped until RESYNC_TIME had passed."""
+    a = Endpoint(lab, "gw-a", GRE[0], tag="f")
+    b = Endpoint(lab, "gw-b", GRE[1], tag="f")
+    try:
+        lab.wait_for(lambda: pings(lab, "client", SERVER4) and a.ebpf()["decap"] > 0,
+                     timeout=20, what="replies decapsulated by gw-a's program")
+        before, drops = a.ebpf(), a.status()
+        assert drops is not None
+        # gw-b's counter started at 0 and has sent a few dozen numbers: these are far ahead
+        lab.run("gw-b", ["python", "-c", FORGE, str(0x10000000), str(0x10000001)])
+        assert received(lab, 5) == 5
+        after, st = a.ebpf(), a.status()
+        assert st is not None
+        assert after["pass_seq_jump"] - before["pass_seq_jump"] == 2
+        assert st["drops"]["sequence"] - drops["drops"]["sequence"] == 2
+        assert after["decap"] >= before["decap"] + 5  # the replies stayed on the program
+    finally:
+        assert a.stop() == 0
+        b.stop()
+
+
 def test_auto_steps_aside_for_netfilter_chains(lab: Lab) -> None:
     """Packets the program forwards never meet the gateway's nftables: under "auto" it
     suspends while a base chain exists (not grebe's own), the Python path then forwarding

@@ -274,7 +274,7 @@ def test_drop_late_windows_start_once_for_both_paths() -> None:
     assert M.RXSEQ.unpack(rx.d[M.U32.pack(0)])[:2] == (101, 1)  # ... and the program's
     assert r.receive(50, b"late", 0.0, out) == R_SEQUENCE
     # a window that starts after the program's starts where the program's is
-    rx.d[M.U32.pack(1)] = M.RXSEQ.pack(5000, 1, 0, 0)
+    rx.d[M.U32.pack(1)] = M.RXSEQ.pack(5000, 1, 0, 0, 0, 0)
     r2 = SeededSeqReceiver(cfg, rx, 1)
     assert r2.receive(0xF0000000, b"forged", 0.0, out) == R_SEQUENCE
     assert r2.receive(5003, b"ok", 0.0, out) == -1
