@@ -157,9 +157,9 @@ def test_without_cap_bpf_auto_falls_back_to_python_with_a_log_line(lab: Lab) -> 
 def test_inspected_flow_reaches_python_other_flows_stay_in_the_kernel(lab_factory: Any) -> None:
     """two-sites-inspect's gw-a terminates TCP to the server's port 80 in stack/: with the
     fast path on, that flow's packets pass to the Python path (both directions) and the
-    flow shows in `grebe flows`; a flow to another port is encapsulated by the program.
-    In a lab of its own: after the module's other endpoints it once counted no client ACK
-    encapsulated (as the wire-format test in test_bridge.py; not understood yet)."""
+    flow shows in `grebe flows`; a flow to another port is encapsulated by the program
+    (or held for the wire's order, see below). In a lab of its own since session 4; the
+    order dependence that caused that is explained below and no longer asserted against."""
     lab: Lab = lab_factory("two-sites-plain", start=False)
     www = lab.state_dir / "www-eb"
     www.mkdir(exist_ok=True)
@@ -191,10 +191,18 @@ def test_inspected_flow_reaches_python_other_flows_stay_in_the_kernel(lab_factor
         after = a.ebpf()
         # port 81's download is not the inspected flow's: its packets are not passed to the
         # Python path as inspected (the data, GSO with GRE sequence numbers, comes through
-        # gw-b's Python path: grebe_tc.c passes it). That the client's ACKs are the program's
-        # is not asserted: after the module's other tests it counted none (alone: dozens);
-        # the cause is not found yet (closing note of session 4).
-        assert after["encap"] >= mid["encap"]
+        # gw-b's Python path: grebe_tc.c passes it). The client's ACKs (~70: the client
+        # gets GSO super-packets) are encapsulated by gw-a's program, or, while gw-a's
+        # Python path has just taken sequence numbers for the peer, passed to it to keep
+        # one order on the wire (SEQ_HOLD). That hold renews itself: the Python path takes
+        # a number for each ACK it was passed, so once a keepalive (every 2 s) or another
+        # Python-path packet lands in the download, every ACK 5 ms apart or less goes to
+        # Python until a gap. That was the order dependence (after the module's other
+        # tests, 34 of 67 ACKs held; the phase of the keepalive timer decides), not the
+        # lab. So the two together are counted, and each ACK is one or the other.
+        acks = after["encap"] - mid["encap"]
+        held = after["pass_seq_order"] - mid["pass_seq_order"]
+        assert acks + held > 20, (mid, after)
         assert after["pass_inspect"] - mid["pass_inspect"] < 5
     finally:
         assert a.stop() == 0
@@ -204,7 +212,7 @@ def test_inspected_flow_reaches_python_other_flows_stay_in_the_kernel(lab_factor
             p.wait(timeout=10)
 
 
-@pytest.mark.parametrize("dp_a", ["ebpf", "python"])
+@pytest.mark.parametrize("dp_a", ["ebpf", "python", "auto"])
 def test_inspected_download_with_tso_from_a_program_is_byte_exact(lab_factory: Any,
                                                                   dp_a: str) -> None:
     """gw-b's program encapsulates the server's TSO super-packets whole (sequence "off":
@@ -213,7 +221,8 @@ def test_inspected_download_with_tso_from_a_program_is_byte_exact(lab_factory: A
     it, and gw-a's UDP socket gets one datagram up to 64 KB with an unfilled checksum. gw-a
     terminates the flow in stack/ (on its program, which passes the flow, or on the Python
     path alone): before bridge/userspace/legwire.py completed_partial, the stack dropped
-    every such segment as "bad_checksum" and the download stalled after ~0.5 MB."""
+    every such segment as "bad_checksum" and the download stalled after ~0.5 MB. "auto"
+    runs the program also on an endpoint with [[inspect]] rules (bridge/ebpf/hook.py)."""
     lab: Lab = lab_factory("two-sites-plain", start=False)
     www = lab.state_dir / "www-tso"
     www.mkdir(exist_ok=True)
@@ -241,6 +250,7 @@ def test_inspected_download_with_tso_from_a_program_is_byte_exact(lab_factory: A
         assert cp.returncode == 0 and got.read_bytes() == body, (
             cp.returncode, cp.stdout, st["inspect"])
         assert st["inspect"]["flow_table"]["inspect"] == 1  # the flow was terminated
+        assert st["datapath"] == ("python" if dp_a == "python" else "ebpf")
         assert st["inspect"]["counters"]["checksum_completed"] > 0  # TSO and partial came
         assert b.ebpf()["encap"] > 100  # the server's data went through gw-b's program
     finally:
