@@ -411,7 +411,7 @@ class Terminator:
         return not connecting  # connecting: the client gets it too (module docstring)
 
     def _server_frame(self, frame: TunFrame, now: float) -> bool:
-        """A `TunFrame` from the Bridge's receive fast path (bridge/gso.py coalesce_rows:
+        """A `TunFrame` from the Bridge's receive fast path (bridge/gro.py coalesce_rows:
         one contiguous TCP run, every segment's checksum checked there, the merged packet's
         checksum field holding the pseudo-header sum, NEEDS_CSUM). When it is a server leg's,
         the leg takes it as one segment (no second checksum pass) and True is returned."""
