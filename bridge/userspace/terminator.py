@@ -54,23 +54,22 @@ Rules of this module (pure, sans-I/O: inner IP packets and `now` in, packets and
   (`flush_inspectors`), off this path.
 
 Theory of operation
-`from_tun(pkt, n, now)` routes one inner packet from the local site to its splice's client
-leg and marks the splice touched; `flush(now, out)` (end of each batch) steps every touched
-splice once (so a batch's data crosses the inspector chain as one chunk and its ACKs
-aggregate) and emits both legs' segments. `from_peer(pkts, now, out)` is the one entry from
-the tunnel: the Bridge hands it the decapsulated packets its sequence policy delivered (a
-batch's, or the reorder buffers' flushed by the timer) before any reach the TUN; the server
-legs take theirs, every other packet goes on to `out.tun` in order, then it flushes.
-Consecutive in-order data segments of one server leg, and a `TunFrame` the Bridge's GRO path
-merged (and checked), reach the leg as one segment (bridge/userspace/legwire.py merge_run:
-every checksum still checked, by one sum over the run), and
-`from_tun_super(sp, now)` gives a client's TSO frame to its leg whole (the kernel built it;
-nothing is summed). The legs' IP framing (plain packets, TunFrames) is bridge/userspace/legwire.py.
-Timers: each splice's deadline is recorded when it is
-emitted (every change to a splice ends in `flush`); `get_timer()` is the minimum of those and
-of the next reap scan; `handle_timer(now, out)` runs the due ones. `warm(now, lane)` is the
-keep-warm hook: one hop of a throw-away connection through a private shadow
-(bridge/userspace/warm.py), never this Terminator's own state.
+`from_tun(pkt, n, now)` routes one inner packet from the local site to its splice's client leg
+and marks the splice touched; `flush(now, out)` (end of each batch) steps every touched splice
+once (so a batch's data crosses the inspector chain as one chunk and its ACKs aggregate) and
+emits both legs' segments. `from_peer(pkts, now, out)` is the one entry from the tunnel: the
+Bridge hands it the decapsulated packets its sequence policy delivered (a batch's, or the
+reorder buffers' flushed by the timer) before any reach the TUN; the server legs take theirs,
+every other packet goes on to `out.tun` in order, then it flushes. Consecutive in-order data
+segments of one server leg, and a `TunFrame` the Bridge's GRO path merged (and checked), reach
+the leg as one segment (bridge/userspace/legwire.py merge_run: every checksum still checked, by
+one sum over the run), and `from_tun_super(sp, now)` gives a client's TSO frame to its leg whole
+(the kernel built it; nothing is summed). The legs' IP framing (plain packets, TunFrames) is
+bridge/userspace/legwire.py. Timers: each splice's deadline is recorded when it is emitted
+(every change to a splice ends in `flush`); `get_timer()` is the minimum of those and of the
+next reap scan; `handle_timer(now, out)` runs the due ones. `warm(now, lane)` is the keep-warm
+hook: one hop of a throw-away connection through a private shadow (bridge/userspace/warm.py),
+never this Terminator's own state.
 """
 
 from __future__ import annotations
@@ -181,7 +180,8 @@ class Terminator:
         if (seg := parse_tcp(mv[off:n], key[1], key[2])) is None:  # left partial? else counted
             fixed = legwire.completed_partial(mv[off:n], key[1], key[2])
             self.counters["checksum_completed"] += fixed is not None
-            seg = parse_tcp(fixed or mv[off:n], key[1], key[2], drops=self.drops)
+            seg = parse_tcp(fixed or mv[off:n], key[1], key[2], drops=self.drops,
+                            verify_checksum=fixed is None)  # completed: right by making
         return seg
 
     def from_tun(self, pkt: bytes | bytearray | memoryview, n: int, now: float) -> bool:
