@@ -174,7 +174,7 @@ class Config:
     metrics_listen: str | None = None
     inspect: tuple[dict[str, Any], ...] = ()
     path: str | None = None
-    datapath: Datapath = Datapath.PYTHON  # issue 14: the eBPF fast path (bridge/ebpf/), opt-in
+    datapath: Datapath = Datapath.AUTO  # issue 14: the eBPF fast path where it can run
 
     def inspect_rules(self) -> tuple[InspectRule, ...]:
         """The `[[inspect]]` rules, checked (bridge/inspect/rules.py `parse_rules`).
@@ -189,7 +189,7 @@ EXAMPLE = """\
 mss_clamp = true                      # clamp TCP MSS in SYN / SYN-ACK, both directions
 keep_warm = true                      # keep the packet path in CPU cache for 1 s after traffic
 split_directions = true               # UDP->TUN in its own process (off with [[inspect]])
-datapath = "python"                   # "python" (default) | "auto" | "ebpf": kernel fast path
+datapath = "auto"                     # "auto" (default) | "python" | "ebpf": kernel fast path
 control_socket = "@grebe/grebe0"      # optional; default: abstract @grebe/<tun name>
 metrics_listen = "127.0.0.1:9108"     # optional Prometheus text endpoint
 
@@ -590,7 +590,7 @@ def parse_config(data: dict[str, Any], file: str | None = None) -> tuple[Config 
     mss = r.get(data, "mss_clamp", "", bool, True)
     keep_warm = r.get(data, "keep_warm", "", bool, True)
     split = r.get(data, "split_directions", "", bool, True)
-    datapath = r.enum(data, "datapath", "", Datapath, Datapath.PYTHON)
+    datapath = r.enum(data, "datapath", "", Datapath, Datapath.AUTO)
     control = r.get(data, "control_socket", "", str, None)
     metrics = r.get(data, "metrics_listen", "", str, None)
     if metrics is not None:
