@@ -93,7 +93,8 @@ def core_batches(offload: bool) -> tuple[TsoFrameFactory | None, GroBatchFactory
     buffers whole (bridge/gso.py SuperPacket, GroBatch): none without offload, and each off
     with GREBE_SUPER_PACKETS=0 / GREBE_GRO_BATCHES=0. GRO batches need the vnet-header TUN
     that offload opens: the core answers them with TunFrames."""
-    from bridge.gso import GroBatch, SuperPacket
+    from bridge.gro import GroBatch
+    from bridge.gso import SuperPacket
 
     return (SuperPacket if offload and SUPER_PACKETS else None,
             GroBatch if offload and GRO_BATCHES else None)

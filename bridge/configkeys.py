@@ -126,10 +126,13 @@ KEYS: tuple[Key, ...] = (
     Key("", "split_directions", _B, True, "Run the UDP-to-TUN direction in a process of its "
         "own (bridge/io/split.py), using a second core. It does not combine with "
         "`[[inspect]]` rules: with inspection the endpoint runs as one process."),
-    Key("", "datapath", _S, Datapath.PYTHON.value, "Which data plane forwards plain GRE/IPIP "
-        "traffic: \"python\" (the Python data plane), \"auto\" (the tc eBPF fast path where "
-        "the kernel and capabilities allow, else python) or \"ebpf\" (the fast path or "
-        "`grebe up` fails).", choices=_choices(Datapath)),
+    Key("", "datapath", _S, Datapath.AUTO.value, "Which data plane forwards plain GRE/IPIP "
+        "traffic: \"auto\" (the tc eBPF fast path where the kernel and capabilities allow, "
+        "else python; `grebe status` and the log say which), \"python\" (the Python data "
+        "plane only) or \"ebpf\" (the fast path or `grebe up` fails). What the program does "
+        "not handle (inspected flows, ICMP errors, fragments, keepalives, the reorder policy, "
+        "secure peers, [[scrub]] rules) takes the Python path either way.",
+        choices=_choices(Datapath)),
     Key("", "control_socket", _S, None, "The control socket `grebe status`, `reload` and "
         "`capture` talk to: \"@name\" is an abstract unix socket (per network namespace), "
         "anything else a filesystem path (mode 0600).", default_text="\"@grebe/<tun.name>\"",

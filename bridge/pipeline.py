@@ -80,7 +80,8 @@ from bridge.counters import Counters
 from bridge.encap import KEEPALIVE, decode_gre, flow_source_port
 from bridge.fastpath import FastPath
 from bridge.flows import FlowSelector
-from bridge.gso import GroBatch, SuperPacket
+from bridge.gro import GroBatch
+from bridge.gso import SuperPacket
 from bridge.icmperr import IcmpErrors
 from bridge.mss import clamp_packet
 from bridge.output import Addr, Output, emit

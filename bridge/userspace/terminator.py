@@ -157,7 +157,8 @@ class Terminator(TunnelSide):
         self.drops: dict[str, int] = {}
         self.counters: dict[str, int] = {"splices": 0, "to_client": 0, "to_server": 0,
                                          "from_client": 0, "from_server": 0, "refused_rst": 0,
-                                         "server_runs": 0, "idle_aborts": 0}
+                                         "server_runs": 0, "idle_aborts": 0,
+                                         "checksum_completed": 0}
         self.ended: dict[str, int] = {}
         framer = LegFramer()
         self.packet = framer.packet  # IP framing of the legs' segments (legwire.py)

@@ -9,7 +9,7 @@ from grebe_sites import A_ADDR, B_ADDR, site_config, v4, v6
 
 from bridge.config import ConfigErrors, loads_config
 from bridge.encap import GreHeader, build_gre
-from bridge.gso import GroBatch
+from bridge.gro import GroBatch
 from bridge.pipeline import Bridge, Output
 from bridge.scrub import Action, Bucket, Direction, parse_scrub
 
