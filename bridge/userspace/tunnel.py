@@ -46,6 +46,7 @@ class TunnelSide:
     drops: dict[str, int]
     _clients: dict[bytes, int]
     _pending_rst: list[tuple[FlowKey, TcpSegment]]
+    _bulk_at: float  # when a server leg last took a merged run (Terminator.warm)
 
     def flush(self, now: float, out: Any) -> None:  # the Terminator's
         raise NotImplementedError
@@ -171,6 +172,7 @@ class TunnelSide:
             k = -(-len(seg.payload) // gso_size) if gso_size else 1
             self.counters["from_server"] += k
             self.counters["server_runs"] += 1
+            self._bulk_at = now
             sp.from_server(seg, now)
             self.touched[ck] = sp
         return True
@@ -193,5 +195,6 @@ class TunnelSide:
         else:
             self.counters["from_server"] += len(run)
             self.counters["server_runs"] += 1
+            self._bulk_at = now
             sp.from_server(seg, now)
         self.touched[key] = sp
