@@ -121,7 +121,7 @@ __all__ = ["Terminator", "SendToPeer", "TSO_MAX_SEGMENT"]
 
 SendToPeer = Callable[[bytes, float, Any], bool]  # (inner packet, now, out) -> sent
 WARM_WINDOW = 1.0  # warm() works while a splice is live or for this long after one opened
-WARM_BULK_QUIET = 0.01  # ... but not this soon after a server leg took a merged run (bulk)
+WARM_BULK_QUIET = 0.1  # ... but not this soon after a server leg took a merged run (bulk)
 def _has_userspace(rules: Iterable[InspectRule]) -> bool:
     return any(r.backend is Backend.USERSPACE and r.action is not Verdict.FORWARD for r in rules)
 
