@@ -515,10 +515,11 @@ class Terminator(TunnelSide):
         private shadow of this Terminator (bridge/userspace/warm.py), so that the next real
         new connection finds this code in the CPU caches. A no-op unless a splice is live or
         one was opened in the last WARM_WINDOW seconds, and none while a bulk transfer runs
-        (a server leg took a merged run in the last WARM_BULK_QUIET seconds: the real
-        segments keep the code hot, and a 0.3-0.6 ms hop only holds the GIL the busy data
-        thread waits for). Touches no real splice, counter, timer or inspector; each
-        `lane` (one per calling thread) has its own shadow."""
+        (a server leg took a merged run of BULK_RUN segments or more in the last
+        WARM_BULK_QUIET seconds, tunnel.py): the real segments keep the code hot, and a
+        0.3-0.6 ms hop only holds the GIL the busy data thread waits for. Touches no real
+        splice, counter, timer or inspector; each `lane` (one per calling thread) has its
+        own shadow."""
         if not self.splices and now - self._last_new > WARM_WINDOW:
             return
         if now - self._bulk_at < WARM_BULK_QUIET:

@@ -121,9 +121,14 @@ def test_no_warm_hop_while_a_server_leg_takes_bulk_runs() -> None:
     h, _ = live()
     assert h.server is not None
     h.s2t.rate = float("inf")  # its bursts arrive at once, in one batch: they merge
+    h.server.to_send = memoryview(bytes(8 * 1400))  # a small response: a short run
+    assert h.run(lambda h: len(h.client.rx) >= 8 * 1400)
+    assert h.term.counters["server_runs"] > 0
+    h.term.warm(h.now)
+    assert isinstance(h.term._warm.get(0), WarmCycle)  # not a bulk transfer: warm goes on
+    h.term._warm.clear()
     h.server.to_send = memoryview(bytes(200_000))
-    assert h.run(lambda h: len(h.client.rx) >= 200_000)
-    assert h.term.counters["server_runs"] > 0  # the download arrived in merged runs
+    assert h.run(lambda h: len(h.client.rx) >= 8 * 1400 + 200_000)  # in long runs
     bulk = h.term._bulk_at
     h.term.warm(bulk + WARM_BULK_QUIET / 2)
     assert h.term._warm == {}
