@@ -50,7 +50,7 @@ from stack.events import (
 )
 from stack.handshake import Endpoint, Handshake, reset_reply
 from stack.loss import RtoEstimator, Scoreboard
-from stack.receive import DATA_MARK, Receiver
+from stack.receive import DATA_MARK, Receiver, keep
 from stack.send import Sender
 from stack.seq import HALF, MASK, ts_offset
 from stack.state import CAN_RECEIVE, CAN_SEND, Ev, State
@@ -318,8 +318,9 @@ class TcpConnection(SegmentArrives):
     def receive_segment(self, seg: TcpSegment, now: float) -> None:
         """Process one segment addressed to this connection (RFC 9293 §3.10.7). Never raises.
 
-        What the connection keeps of the payload is copied, so the caller may reuse the
-        buffer behind `seg.payload` as soon as this returns.
+        What the connection keeps of the payload is copied (a view into an immutable
+        `bytes` frame is kept as it is: stack/receive.py `keep`), so the caller may reuse
+        the buffer behind `seg.payload` as soon as this returns.
         """
         # Header prediction (RFC 9293 §3.10 note; Van Jacobson). One unpack of the tuple
         # and locals instead of repeated attribute lookups: this is the per-segment cost.
@@ -355,7 +356,7 @@ class TcpConnection(SegmentArrives):
                     # In-order text (§3.10.7.4 seventh step), Receiver.accept inlined.
                     rcv.nxt = rcv_nxt + n
                     rcv.bytes_in += n
-                    rcv.rx.append(payload if type(payload) is bytes else bytes(payload))
+                    rcv.rx.append(payload if type(payload) is bytes else keep(payload))
                     rcv.rx_len += n
                     ev = self._events
                     if not ev or ev[-1] is not DATA_MARK:
