@@ -261,10 +261,9 @@ class Rack:
         if self.rxt and self.rxt[0][1] <= una:
             self.rxt = [r for r in self.rxt if r[1] > una]
         h = self.head
-        n = len(ends)
-        while h < n and ends[h] <= una:
-            h += 1
-        if h > 64 and 2 * h > n:
+        if h < len(ends) and ends[h] <= una:  # the ends ascend: one search, not a walk
+            h = bisect_right(ends, una, h)
+        if h > 64 and 2 * h > len(ends):
             del ends[:h], self.times[:h]
             h = 0
         self.head = h

@@ -43,9 +43,13 @@ Rules:
 - Urgent data (RFC 9293 §3.8.5, MUST-30..33): RCV.UP (`up`, a stream offset) only moves
   forward; each advance queues UrgentData(end) before the bytes (MUST-32); the bytes stay
   inline. `urgent_remaining` counts those the application has not read (MUST-33).
-- The application side: in-order bytes wait in `rx` (chunks, copied on receipt so that the
-  caller may reuse its buffers) until `read` or the DataReceived event takes them; without
-  `auto_consume`, bytes taken count as held until `consumed(n)` frees window.
+- The application side: in-order bytes wait in `rx` until `read` or the DataReceived event
+  takes them (joined: one copy); without `auto_consume`, bytes taken count as held until
+  `consumed(n)` frees window. A chunk is copied on receipt so that the caller may reuse its
+  buffer (`keep`), unless that buffer is immutable and mostly this payload: a memoryview
+  into a `bytes` object of at most twice its length (a TSO/GRO frame from a TUN) is kept
+  as it is. A copy there costs more than the bytes: each 64 KB copy alive when `take`
+  joins them made that join's allocation page-fault (300 us against 20 us for four).
 
 Theory of operation: a Receiver is owned by one TcpConnection (stack/connection.py), which
 runs the RFC 9293 §3.10.7 steps in order and asks the Receiver for the receive-side ones
@@ -68,7 +72,18 @@ from stack.loss import RtoEstimator
 from stack.seq import HALF, MASK
 from stack.tcp_config import TcpConfig
 
-__all__ = ["Receiver", "DATA_MARK", "Acceptable"]
+__all__ = ["Receiver", "DATA_MARK", "Acceptable", "keep"]
+
+
+def keep(payload: bytes | memoryview) -> bytes | memoryview:
+    """What `rx` holds of an in-order payload (module rules): the payload itself when no
+    caller can change it and it pins no much larger buffer, else a copy."""
+    if isinstance(payload, memoryview):
+        obj = payload.obj
+        if isinstance(obj, bytes) and 2 * payload.nbytes >= len(obj):
+            return payload
+        return bytes(payload)
+    return payload if type(payload) is bytes else bytes(payload)  # a bytearray: copied
 
 DATA_MARK = object()  # in the event queue: "deliver the receive queue here"
 
@@ -240,8 +255,7 @@ class Receiver:
         """In-order text (RFC 9293 §3.10.7.4 seventh step) and the ACK policy (§3.8.6.3)."""
         self.nxt += n
         self.bytes_in += n
-        # Keep a copy: the caller may reuse its receive buffer once we return.
-        self.rx.append(payload if type(payload) is bytes else bytes(payload))
+        self.rx.append(keep(payload))  # a copy unless nobody can change it (module rules)
         self.rx_len += n
         events = self.events
         if not events or events[-1] is not DATA_MARK:

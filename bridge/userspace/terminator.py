@@ -121,6 +121,7 @@ __all__ = ["Terminator", "SendToPeer", "TSO_MAX_SEGMENT"]
 
 SendToPeer = Callable[[bytes, float, Any], bool]  # (inner packet, now, out) -> sent
 WARM_WINDOW = 1.0  # warm() works while a splice is live or for this long after one opened
+WARM_BULK_QUIET = 0.1  # ... but not this soon after a server leg took a merged run (bulk)
 def _has_userspace(rules: Iterable[InspectRule]) -> bool:
     return any(r.backend is Backend.USERSPACE and r.action is not Verdict.FORWARD for r in rules)
 
@@ -173,6 +174,7 @@ class Terminator(TunnelSide):
         self.tun_offload = False
         self._warm: dict[int, WarmCycle] = {}  # lane -> shadow (bridge/userspace/warm.py)
         self._last_new = float("-inf")  # when the last splice was opened (warm)
+        self._bulk_at = float("-inf")  # when a server leg last took a merged run (warm)
 
     def use_tun_offload(self, on: bool = True) -> None:
         """The TUN takes vnet-header writes with checksum and TSO offload (the I/O adapter
@@ -513,10 +515,16 @@ class Terminator(TunnelSide):
         """Keep-warm hook (bridge/io/warm.py): one hop of a throw-away connection through a
         private shadow of this Terminator (bridge/userspace/warm.py), so that the next real
         new connection finds this code in the CPU caches. A no-op unless a splice is live or
-        one was opened in the last WARM_WINDOW seconds. Touches no real splice, counter,
-        timer or inspector; each `lane` (one per calling thread) has its own shadow."""
+        one was opened in the last WARM_WINDOW seconds, and none while a bulk transfer runs
+        (a server leg took a merged run of BULK_RUN segments or more in the last
+        WARM_BULK_QUIET seconds, tunnel.py): the real segments keep the code hot, and a
+        0.3-0.6 ms hop only holds the GIL the busy data thread waits for. Touches no real
+        splice, counter, timer or inspector; each `lane` (one per calling thread) has its
+        own shadow."""
         if not self.splices and now - self._last_new > WARM_WINDOW:
             return
+        if now - self._bulk_at < WARM_BULK_QUIET:
+            return  # a bulk transfer keeps this code hot; a hop would only take the GIL
         w = self._warm.get(lane)
         if w is None:
             w = self._warm[lane] = WarmCycle(self)

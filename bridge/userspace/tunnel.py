@@ -15,6 +15,8 @@ Rules of this module (pure, sans-I/O: decapsulated inner packets and `now` in; l
   "icmp_to_server_leg"); while the splice has no client leg (connect first) the error also
   goes on to the client, whose own SYN it quotes (RFC 1122 §4.2.3.9).
 - Malformed packets are dropped and counted by parse_tcp (`drops`); nothing raises.
+- A merged run of at least BULK_RUN segments marks a bulk transfer (`_bulk_at`): the
+  Terminator's keep-warm hop then pauses (terminator.py `warm`).
 
 Theory of operation: `TunnelSide` is a mixin of the Terminator (terminator.py), which owns
 the tables it reads and writes (`splices`, `touched`, `counters`, `drops`, `_clients`) and
@@ -34,7 +36,11 @@ from stack.wire.prelude import V4_DST_AT, V6_DST_AT, tcp_key
 from stack.wire.tcp import TcpSegment, parse_tcp
 from stack.wire.vnet import F_NEEDS_CSUM, GSO_SIZE_AT, VNET_HDR_LEN
 
-__all__ = ["TunnelSide"]
+__all__ = ["TunnelSide", "BULK_RUN"]
+
+# A merged run of this many segments is a bulk transfer (`_bulk_at`, Terminator.warm): more
+# than a Linux initial window (RFC 6928: 10 segments), so the sender's window has grown.
+BULK_RUN = 16
 
 
 class TunnelSide:
@@ -46,6 +52,7 @@ class TunnelSide:
     drops: dict[str, int]
     _clients: dict[bytes, int]
     _pending_rst: list[tuple[FlowKey, TcpSegment]]
+    _bulk_at: float  # when a server leg last took a merged run (Terminator.warm)
 
     def flush(self, now: float, out: Any) -> None:  # the Terminator's
         raise NotImplementedError
@@ -176,6 +183,8 @@ class TunnelSide:
             k = -(-len(seg.payload) // gso_size) if gso_size else 1
             self.counters["from_server"] += k
             self.counters["server_runs"] += 1
+            if k >= BULK_RUN:
+                self._bulk_at = now
             sp.from_server(seg, now)
             self.touched[ck] = sp
         return True
@@ -198,5 +207,7 @@ class TunnelSide:
         else:
             self.counters["from_server"] += len(run)
             self.counters["server_runs"] += 1
+            if len(run) >= BULK_RUN:
+                self._bulk_at = now
             sp.from_server(seg, now)
         self.touched[key] = sp
