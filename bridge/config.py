@@ -174,7 +174,7 @@ class Config:
     inspect: tuple[dict[str, Any], ...] = ()
     path: str | None = None
     hosts_file: str | None = None  # names of endpoints looked up here first (then DNS)
-    datapath: Datapath = Datapath.AUTO  # issue 14: the eBPF fast path where it can run
+    datapath: Datapath = Datapath.PYTHON  # issue 14: the eBPF fast path (bridge/ebpf/), opt-in
     userspace: SpliceLimits = field(default_factory=SpliceLimits)  # bridge/userspace/bounds.py
     scrub: tuple[ScrubRule, ...] = ()  # issue 12: [[scrub]] rules, in order (bridge/scrub.py)
 
@@ -191,7 +191,7 @@ EXAMPLE = """\
 mss_clamp = true                      # clamp TCP MSS in SYN / SYN-ACK, both directions
 keep_warm = true                      # keep the packet path in CPU cache for 1 s after traffic
 split_directions = true               # UDP->TUN in its own process (off with [[inspect]])
-datapath = "auto"                     # "auto" (default) | "python" | "ebpf": kernel fast path
+datapath = "python"                   # "python" (default) | "auto" | "ebpf": kernel fast path
 control_socket = "@grebe/grebe0"      # optional; default: abstract @grebe/<tun name>
 metrics_listen = "127.0.0.1:9108"     # optional Prometheus text endpoint
 hosts_file = "/etc/grebe/hosts"       # optional: endpoint host names looked up here first

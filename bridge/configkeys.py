@@ -126,10 +126,11 @@ KEYS: tuple[Key, ...] = (
     Key("", "split_directions", _B, True, "Run the UDP-to-TUN direction in a process of its "
         "own (bridge/io/split.py), using a second core. It does not combine with "
         "`[[inspect]]` rules: with inspection the endpoint runs as one process."),
-    Key("", "datapath", _S, Datapath.AUTO.value, "Which data plane forwards plain GRE/IPIP "
-        "traffic: \"auto\" (the tc eBPF fast path where the kernel and capabilities allow, "
-        "else python; `grebe status` and the log say which), \"python\" (the Python data "
-        "plane only) or \"ebpf\" (the fast path or `grebe up` fails). What the program does "
+    Key("", "datapath", _S, Datapath.PYTHON.value, "Which data plane forwards plain GRE/IPIP "
+        "traffic: \"python\" (the Python data plane only), \"auto\" (the tc eBPF fast path "
+        "where the kernel and capabilities allow, else python; `grebe status` and the log say "
+        "which) or \"ebpf\" (the fast path or `grebe up` fails). While the program runs, a "
+        "reload that changes peers needs a restart. What the program does "
         "not handle (inspected flows, ICMP errors, fragments, keepalives, the reorder policy, "
         "secure peers, [[scrub]] rules) takes the Python path either way.",
         choices=_choices(Datapath)),

@@ -198,8 +198,7 @@ def test_shared_sequence_numbers_interleave_without_repeats() -> None:
 
 
 def test_datapath_key() -> None:
-    assert loads_config(BASE).datapath is Datapath.AUTO  # session 5: the default
-    assert loads_config('datapath = "python"\n' + BASE).datapath is Datapath.PYTHON
+    assert loads_config(BASE).datapath is Datapath.PYTHON  # opt-in (closing note, session 4)
     assert loads_config('datapath = "ebpf"\n' + BASE).datapath is Datapath.EBPF
     with pytest.raises(ConfigErrors) as e:
         loads_config('datapath = "xdp"\n' + BASE)
