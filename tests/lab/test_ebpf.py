@@ -383,7 +383,9 @@ def test_new_connections_after_a_bulk_transfer_lose_no_syn_to_the_window(lab: La
             for _ in range(2):
                 lab.run("client", ["curl", "-sf", "--max-time", "10",
                                    f"http://{SERVER4}:81/small", "-o", "/dev/null"])
-        assert a.ebpf()["encap"] > 100 and b.ebpf()["pass_syn"] >= 4  # both paths sent
+        # both paths sent: the client's ACKs went out by gw-a's program (their count falls
+        # when a loaded host coalesces more: 92 in one run, so the bound is loose)
+        assert a.ebpf()["encap"] > 20 and b.ebpf()["pass_syn"] >= 4
         for n, e in (("a", a), ("b", b)):
             st, st0 = e.status(), before[n]
             assert st is not None and st0 is not None
