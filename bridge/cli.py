@@ -210,14 +210,12 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
                 if sock is not None:
                     sock.set_mark(cfg.tun.fwmark)
         warm = cfg.keep_warm and os.environ.get("GREBE_KEEP_WARM", "1") == "1"
-        # one process per direction (bridge/io/split.py); never with [[inspect]] rules
-        # nor secure peers (a session serves both directions)
-        split = cfg.split_directions and not cfg.inspect and bridge.secure is None \
+        # one process per direction (bridge/io/split.py); never with [[inspect]] rules.
+        # Secure peers too: the child opens, the parent handshakes (bridge/secure/mirror.py)
+        split = cfg.split_directions and not cfg.inspect \
             and os.environ.get("GREBE_SPLIT", "1") == "1"
         if cfg.split_directions and cfg.inspect:
             log.info("split_directions: one process, since [[inspect]] rules are set")
-        if cfg.split_directions and bridge.secure is not None:
-            log.info("secure peers: both directions in one process (split_directions ignored)")
         sibling = None
         if split:
             from bridge.io.split import RxProcess

@@ -68,6 +68,7 @@ from bridge.io.adapters import Addr
 from bridge.io.loop import DataRunner, Engine
 from bridge.pipeline import Bridge, Output
 from bridge.reconfig import reconfigure
+from bridge.securelink import CHILD, PARENT
 
 log = logging.getLogger("grebe.split")
 
@@ -103,6 +104,11 @@ class RxProcess:
         self._sock: socket.socket | None = None
         self._qlock = threading.Lock()
         self._paused = False  # a reload renumbers the peers: no sync until the child did
+        # secure peers (bridge/secure/mirror.py): [2i] when the child last verified a
+        # datagram of peer i, [2i+1] when it first had data from it since its last write
+        self.sec_shared = SharedPeers(len(bridge.peers)) if bridge.secure is not None else None
+        self._chan: socket.socket | None = None  # keys down, handshakes and events up
+        self._engine: Engine | None = None
 
     # -- parent ---------------------------------------------------------------------------
 
@@ -110,20 +116,31 @@ class RxProcess:
         """Fork. Returns in the parent; the child runs `engine`'s UDP->TUN direction on an
         Engine of its own with `run_data` (Runner.data) and never returns."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        chan_p, chan_c = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ppid = os.getpid()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child (lab tests exercise it)
             parent.close()
+            chan_p.close()
             code = 0
             try:
-                self._child(child, ppid, engine.twin(), run_data, writer_threads)
+                self._child(child, ppid, engine.twin(), run_data, writer_threads, chan_c)
             except BaseException:
                 log.exception("receiving process failed")
                 code = 1
             os._exit(code)
         child.close()
+        chan_c.close()
         self._sock = parent
         self.pid = pid
+        self._engine = engine
+        link = engine.bridge.secure
+        if link is not None:
+            self._chan = chan_p
+            chan_p.setblocking(False)
+            link.split(PARENT, lambda m: _send(chan_p, m))
+        else:
+            chan_p.close()
         log.info("UDP->TUN runs in process %d (split_directions)", pid)
 
     def sync(self) -> None:
@@ -136,6 +153,29 @@ class RxProcess:
             t = v[2 * i]
             if t > b.peers[i].last_rx:
                 b.note_heard(i, t)
+        link = b.secure
+        if link is not None and self.sec_shared is not None:
+            sv = self.sec_shared.v
+            for i in link.ep.peers:
+                link.note_child(i, sv[2 * i], sv[2 * i + 1])
+
+    def handlers(self, engine: Engine) -> list[tuple[int, Any]]:
+        """The secure channel (parent's timer thread): the child's forwarded handshakes,
+        confirmations and roaming, handled by the parent's SecureLink."""
+        chan = self._chan
+        if chan is None:
+            return []
+
+        def on_chan() -> None:
+            out = Output()
+            link = engine.bridge.secure
+            for msg in _drain(chan):
+                with engine.lock:
+                    if link is not None:
+                        link.from_child(msg, engine.clock(), out)
+                engine.execute(out)
+
+        return [(chan.fileno(), on_chan)]
 
     def exited(self) -> bool:
         """The child ended (it should live as long as the parent): reaped here."""
@@ -245,11 +285,14 @@ class RxProcess:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        if self._chan is not None:
+            self._chan.close()
+            self._chan = None
 
     # -- child ----------------------------------------------------------------------------
 
     def _child(self, sock: socket.socket, ppid: int, e: Engine, run_data: DataRunner,
-               writer_threads: bool) -> None:  # pragma: no cover
+               writer_threads: bool, chan: socket.socket) -> None:  # pragma: no cover
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != ppid:
@@ -280,10 +323,46 @@ class RxProcess:
                                     wm.udp if wm else None),
                               kwargs={"stop_fd": stop_fd}, name="udp->tun", daemon=True)
         th.start()
+        link = e.bridge.secure
+        take_keys: Any = None
+        if link is not None and e.secure_udp is not None and self.sec_shared is not None:
+            chan.setblocking(False)
+            link.split(CHILD, lambda m: _send(chan, m))
+            sv = self.sec_shared.v
+
+            def take_keys_() -> None:
+                with e.lock:  # drained and applied under the lock: in order
+                    for msg in _drain(chan):
+                        if msg[0] == "K":
+                            link.apply_keys(msg[1])
+
+            take_keys = take_keys_
+
+            def pump_secure(limit: int) -> int:
+                take_keys_()  # what the parent handed over before this batch left it
+                got: int = e.pump_secure(limit)
+                if got:
+                    with e.lock:
+                        times = link.rx_times()
+                        for i, p in enumerate(list(peers)):
+                            v[2 * i] = p.last_rx
+                    for i, last, data in times:
+                        sv[2 * i] = last
+                        if data > sv[2 * i + 1]:
+                            sv[2 * i + 1] = data
+                return got
+
+            ts = threading.Thread(target=run_data,
+                                  args=(e, e.secure_udp.fileno(), pump_secure, "secure->tun",
+                                        wm.udp if wm else None),
+                                  kwargs={"stop_fd": stop_fd}, name="secure->tun", daemon=True)
+            ts.start()
         mtus = [0.0] * self.shared.capacity
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         poller.register(wake, select.POLLIN)
+        if take_keys is not None:
+            poller.register(chan, select.POLLIN)
         out = Output()
         while True:
             now = e.clock()
@@ -305,6 +384,12 @@ class RxProcess:
                 if fd == wake:
                     e.wakeup.clear()
                     continue
+                if fd == chan.fileno():  # keys while no secure datagram comes
+                    if ev & (select.POLLHUP | select.POLLERR):
+                        return
+                    if take_keys is not None:
+                        take_keys()
+                    continue
                 if ev & (select.POLLHUP | select.POLLERR):
                     return  # the parent is gone
                 try:
@@ -323,6 +408,34 @@ class RxProcess:
                     sock.send(_reload(e, req[1:], v, mtus).encode())
                     continue
                 sock.send(json.dumps(_export(e)).encode())
+
+
+def _send(chan: socket.socket, msg: Any) -> None:
+    """One message on the secure channel (a socket pair between our own two processes)."""
+    data = pickle.dumps(msg)
+    while True:
+        try:
+            chan.send(data)
+            return
+        except BlockingIOError:  # the other side is behind: wait for room, never drop keys
+            select.select([], [chan], [], QUERY_TIMEOUT_S)
+        except OSError:
+            return  # the other process is gone; the parent notices and stops
+
+
+def _drain(chan: socket.socket) -> list[Any]:
+    """Every message waiting on the secure channel (non-blocking)."""
+    got: list[Any] = []
+    while True:
+        try:
+            data = chan.recv(1 << 20)
+        except (BlockingIOError, InterruptedError):
+            return got
+        except OSError:
+            return got
+        if not data:
+            return got
+        got.append(pickle.loads(data))  # noqa: S301 - our own other process, a socketpair
 
 
 def _reload(e: Engine, data: bytes, v: memoryview[float], mtus: list[float]
@@ -352,7 +465,9 @@ def _export(e: Engine) -> dict[str, Any]:  # pragma: no cover - the child's side
     w = e.warmer
     io = dict(e.stats, internal_errors=e.internal_errors,
               keep_warm_ticks=w.ticks if w is not None else 0)
-    return {"counters": c, "seq": seq, "io": io, "scrub": scrub}
+    sec = e.bridge.secure
+    return {"counters": c, "seq": seq, "io": io, "scrub": scrub,
+            "secure": sec.counts() if sec is not None else None}
 
 
 def merge_status(st: dict[str, Any], child: dict[str, Any]) -> None:
@@ -376,6 +491,12 @@ def merge_status(st: dict[str, Any], child: dict[str, Any]) -> None:
                               strict=False):
             rule["matched"] += m
             rule["dropped"] += d
+    sec = child.get("secure")  # secure peers: the child opens, so it counts most drops
+    if sec and isinstance(st.get("secure"), dict):
+        for part in ("drops", "events"):
+            mine = st["secure"].setdefault(part, {})
+            for k, n in sec.get(part, {}).items():
+                mine[k] = mine.get(k, 0) + n
     io = st.setdefault("io", {})
     for k, n in child.get("io", {}).items():
         if isinstance(n, int) and not isinstance(n, bool):

@@ -279,12 +279,17 @@ class SecureEndpoint:
                       for p in self.peers.values()},
         }
 
-    def prometheus(self, prefix: str = "grebe_secure") -> str:
-        """Prometheus text (format 0.0.4) of the drop and event counters."""
-        snap_events = dict(self.events) | {"ratelimit_evicted": self.guard.ratelimit.evicted}
+    def prometheus(self, prefix: str = "grebe_secure", more: dict[str, dict[str, int]] | None
+                   = None) -> str:
+        """Prometheus text (format 0.0.4) of the drop and event counters (plus `more`:
+        a receiving process's "drops" and "events", bridge/io/split.py)."""
+        m = more or {}
+        snap_events = {k: v + m.get("events", {}).get(k, 0) for k, v in self.events.items()
+                       } | {"ratelimit_evicted": self.guard.ratelimit.evicted}
+        drops = {k: v + m.get("drops", {}).get(k, 0) for k, v in self.drops.items()}
         lines = [f"# HELP {prefix}_drops_total Secure-mode datagrams dropped, by reason.",
                  f"# TYPE {prefix}_drops_total counter"]
-        lines += [f'{prefix}_drops_total{{reason="{k}"}} {v}' for k, v in self.drops.items()]
+        lines += [f'{prefix}_drops_total{{reason="{k}"}} {v}' for k, v in drops.items()]
         lines += [f"# HELP {prefix}_events_total Secure-mode events that are not drops.",
                   f"# TYPE {prefix}_events_total counter"]
         lines += [f'{prefix}_events_total{{event="{k}"}} {v}' for k, v in snap_events.items()]

@@ -57,13 +57,14 @@ _INF = float("inf")
 class Keypair:
     """One session: a key and counter per direction, the receive window."""
 
-    __slots__ = ("send", "recv", "send_n", "local", "remote", "created", "expires",
-                 "initiator", "msg_type", "window", "peer_fresh")
+    __slots__ = ("send", "recv", "recv_key", "send_n", "local", "remote", "created",
+                 "expires", "initiator", "msg_type", "window", "peer_fresh")
 
     def __init__(self, send_key: bytes, recv_key: bytes, local: int, remote: int,
                  created: float, initiator: bool, msg_type: int, expires: float) -> None:
         self.send = AESGCM(send_key)
         self.recv = AESGCM(recv_key)
+        self.recv_key = recv_key  # handed to a receiving process (bridge/secure/mirror.py)
         self.send_n = 0
         self.local = local  # our receiver index (what the peer writes in its header)
         self.remote = remote  # the peer's receiver index (what we write)
