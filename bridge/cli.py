@@ -171,6 +171,14 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
     underlay, source = _underlay_mtu(cfg)
     now = time.monotonic()  # wall_offset dates secure handshakes across restarts
     bridge = Bridge(cfg, now, underlay_mtu=underlay, wall_offset=time.time() - now)
+    rekey = os.environ.get("GREBE_REKEY_AFTER")  # developer aid: short sessions (lab tests)
+    if rekey and bridge.secure is not None:
+        import dataclasses
+
+        lim = bridge.secure.ep.limits
+        bridge.secure.ep.limits = dataclasses.replace(
+            lim, rekey_after_time=float(rekey), reject_after_time=float(rekey) * 1.5,
+            responder_rekey_delay=min(lim.responder_rekey_delay, float(rekey) / 4))
     mtu = bridge.tun_mtu
     how = "configured" if cfg.tun.mtu else f"auto: underlay {underlay or cfg.pmtu.underlay_mtu}" \
         f" from {source}, minus encapsulation overhead"
