@@ -34,6 +34,18 @@ Rules:
   page has room for PEER_ROOM peers.
 - With [[inspect]] rules an endpoint stays one process: a terminated flow's two legs are
   one TCP state machine, fed by both directions.
+- Secure peers (issue 12) split as WireGuard separates handshake from data path
+  (bridge/secure/mirror.py): the child reads the secure socket and opens transport
+  datagrams with receive keys and replay windows that live only in it; it forwards
+  handshake messages, the confirmation of a responder's new keypair and a verified
+  roaming to the parent over a second socket pair (the "secure channel", pickled tuples);
+  the parent answers handshakes, seals and sends, runs the secure timers, and hands each
+  new or changed keyset to the child over the same channel before the Output that lets
+  the peer use it is sent. The child applies what waits on the channel before each batch
+  (and when idle). When it last verified a datagram of each peer, and first had data
+  since, go to the parent through a second shared page (`sec_shared`), which
+  `sync` folds into the parent's keepalive and silence timers. The child's secure drop
+  and event counters are added to the parent's in `grebe status` and the metrics.
 - The child dies with the parent (PR_SET_PDEATHSIG) and on SIGTERM; it never removes
   anything. If it ends on its own (a bug), the parent logs it and stops with exit code 1,
   so that whatever supervises `grebe up` restarts the endpoint whole.

@@ -119,11 +119,11 @@ def confirm(ep: SecureEndpoint, i: int, local: int, now: float) -> bool:
     kp = p.next if p is not None else None
     if p is None or kp is None or kp.local != local:
         return False
-    ep._retire(p, p.current)
+    ep.retire(p, p.current)
     p.current = kp
     p.next = None
     p.fresh = False
-    ep._flush(p, now)
+    ep.flush(p, now)
     return True
 
 
