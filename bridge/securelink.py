@@ -143,30 +143,12 @@ class SecureLink:
         self.seal_output(out, now)
 
     def rx_times(self) -> list[tuple[int, float, float]]:
-        """Child: per secure peer (index, last verified, first data since the last call,
-        or -inf): what the parent's timers need (keepalive, silence)."""
-        got = []
-        for i, p in self.ep.peers.items():
-            data = -_INF
-            if p.keepalive_at != _INF:  # armed by data (a keepalive does not arm it)
-                data = p.keepalive_at - self.ep.limits.keepalive_after
-                p.keepalive_at = _INF
-            got.append((i, p.last_rx, data))
-        return got
+        """Child: what the parent's timers need (mirror.rx_times)."""
+        return mirror.rx_times(self.ep)
 
     def note_child(self, i: int, last: float, data: float) -> None:
-        """Parent: the child's `rx_times` for peer i, as if it had received them here."""
-        p = self.ep.peers.get(i)
-        if p is None:
-            return
-        if last > p.last_rx:
-            p.last_rx = last
-            if last >= p.unanswered_at:
-                p.unanswered_at = _INF
-        if data > self.data_seen.get(i, -_INF):
-            self.data_seen[i] = data
-            if p.keepalive_at == _INF:
-                p.keepalive_at = data + self.ep.limits.keepalive_after
+        """Parent: the child's `rx_times` for peer i (mirror.note_child)."""
+        mirror.note_child(self.ep, self.data_seen, i, last, data)
 
     # ---------------------------------------------------------------- send
 

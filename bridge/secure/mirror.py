@@ -27,6 +27,10 @@ Rules:
 - PeerRestarted for an initiator happens in the parent (the response verified); `export`
   carries it as a `reset` flag, applied before the child opens anything on the new keys.
 
+- The parent's timers need what the child hears: `rx_times` (child) and `note_child`
+  (parent) carry when each peer last verified and first sent data, so keepalives answer
+  data and the silence timer (a new handshake when nothing verifies) stops.
+
 Theory of operation: `signature(p)` is the receiver indices of a peer's keypairs by slot;
 `export(ep, seen, resets)` returns the peers whose signature changed since `seen` (updated)
 as plain tuples, `apply(ep, peers)` installs them in the child's SecureEndpoint, keeping the
@@ -38,7 +42,10 @@ from __future__ import annotations
 from bridge.secure.endpoint import SecureEndpoint
 from bridge.secure.session import Keypair, PeerSession
 
-__all__ = ["signature", "export", "apply", "KeyRow", "PeerKeys"]
+__all__ = ["signature", "export", "apply", "confirm", "roam_to", "rx_times", "note_child",
+           "KeyRow", "PeerKeys"]
+
+_INF = float("inf")
 
 # (receiver index, receive key, message type, created, expires, slot, peer_fresh); slot
 # "c" current, "n" next, "r" retired
@@ -132,3 +139,35 @@ def roam_to(ep: SecureEndpoint, i: int, addr: tuple[str, int]) -> None:
     p = ep.peers.get(i)
     if p is not None:
         p.endpoint = addr
+
+
+def rx_times(ep: SecureEndpoint) -> list[tuple[int, float, float]]:
+    """Child: per secure peer (index, when a datagram last verified, when data first
+    verified since the last call or -inf). The child's keepalive clock is only a marker
+    here: armed by data (a keepalive does not arm it), read and disarmed."""
+    got = []
+    for i, p in ep.peers.items():
+        data = -_INF
+        if p.keepalive_at != _INF:
+            data = p.keepalive_at - ep.limits.keepalive_after
+            p.keepalive_at = _INF
+        got.append((i, p.last_rx, data))
+    return got
+
+
+def note_child(ep: SecureEndpoint, data_seen: dict[int, float], i: int, last: float,
+               data: float) -> None:
+    """Parent: the child's `rx_times` for peer i, applied as if received here: heard (the
+    silence timer stops if it started before), and data answered with a keepalive unless
+    we send first (`data_seen`: the data times already applied)."""
+    p = ep.peers.get(i)
+    if p is None:
+        return
+    if last > p.last_rx:
+        p.last_rx = last
+        if last >= p.unanswered_at:
+            p.unanswered_at = _INF
+    if data > data_seen.get(i, -_INF):
+        data_seen[i] = data
+        if p.keepalive_at == _INF:
+            p.keepalive_at = data + ep.limits.keepalive_after
