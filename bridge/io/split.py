@@ -150,7 +150,11 @@ class RxProcess:
         if link is not None:
             self._chan = chan_p
             chan_p.setblocking(False)
-            link.split(PARENT, lambda m: _send(chan_p, m))
+
+            def down(msg: Any) -> None:
+                _send(chan_p, msg)  # keysets: wait for room, never dropped
+
+            link.split(PARENT, down)
         else:
             chan_p.close()
         log.info("UDP->TUN runs in process %d (split_directions)", pid)
@@ -339,7 +343,13 @@ class RxProcess:
         take_keys: Any = None
         if link is not None and e.secure_udp is not None and self.sec_shared is not None:
             chan.setblocking(False)
-            link.split(CHILD, lambda m: _send(chan, m))
+            drops = link.ep.drops
+
+            def up(msg: Any) -> None:
+                if not _send(chan, msg, block=msg[0] != "H"):
+                    drops["rate_limited"] += 1  # the parent is behind on handshakes
+
+            link.split(CHILD, up)
             sv = self.sec_shared.v
 
             def take_keys_() -> None:
@@ -422,17 +432,25 @@ class RxProcess:
                 sock.send(json.dumps(_export(e)).encode())
 
 
-def _send(chan: socket.socket, msg: Any) -> None:
-    """One message on the secure channel (a socket pair between our own two processes)."""
+def _send(chan: socket.socket, msg: Any, block: bool = True) -> bool:
+    """One message on the secure channel (a socket pair between our own two processes).
+    Keys, confirmations and roaming wait for room (up to RELOAD_TIMEOUT_S: the other
+    side drains the channel before every batch); forwarded handshakes (`block` False) do
+    not: a handshake flood must not stall the child's data path. False: not sent."""
     data = pickle.dumps(msg)
+    deadline = time.monotonic() + RELOAD_TIMEOUT_S
     while True:
         try:
             chan.send(data)
-            return
-        except BlockingIOError:  # the other side is behind: wait for room, never drop keys
+            return True
+        except BlockingIOError:
+            if not block or time.monotonic() > deadline:
+                if block:
+                    log.warning("secure channel full for %.0f s: message lost", RELOAD_TIMEOUT_S)
+                return False
             select.select([], [chan], [], QUERY_TIMEOUT_S)
         except OSError:
-            return  # the other process is gone; the parent notices and stops
+            return False  # the other process is gone; the parent notices and stops
 
 
 def _drain(chan: socket.socket) -> list[Any]:
