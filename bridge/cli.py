@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import os
 import signal
@@ -39,7 +38,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bridge import configdocs, deploy, pair
+from bridge import configdocs, ctl, deploy, pair
+from bridge.errors import EXIT_CONFIG, EXIT_FAILED
 from bridge.io import capture
 from bridge.io.adapters import GroBatchFactory, TsoFrameFactory
 
@@ -48,8 +48,7 @@ log = logging.getLogger("grebe")
 SUPER_PACKETS = os.environ.get("GREBE_SUPER_PACKETS", "1") == "1"  # bridge/gso.py fast path
 GRO_BATCHES = os.environ.get("GREBE_GRO_BATCHES", "1") == "1"  # bridge/gso.py receive path
 
-EXIT_FAILED = 1  # could not run (permissions, a busy port, a missing address...)
-EXIT_CONFIG = 2  # the configuration file is wrong: `check-config` and `up` alike
+__all__ = ["main", "register", "COMMANDS", "EXIT_CONFIG", "EXIT_FAILED", "version"]
 
 Setup = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
@@ -94,7 +93,8 @@ def core_batches(offload: bool) -> tuple[TsoFrameFactory | None, GroBatchFactory
     buffers whole (bridge/gso.py SuperPacket, GroBatch): none without offload, and each off
     with GREBE_SUPER_PACKETS=0 / GREBE_GRO_BATCHES=0. GRO batches need the vnet-header TUN
     that offload opens: the core answers them with TunFrames."""
-    from bridge.gso import GroBatch, SuperPacket
+    from bridge.gro import GroBatch
+    from bridge.gso import SuperPacket
 
     return (SuperPacket if offload and SUPER_PACKETS else None,
             GroBatch if offload and GRO_BATCHES else None)
@@ -192,7 +192,7 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
         log.error("cannot open /dev/net/tun (%s): grebe up needs root or CAP_NET_ADMIN and "
                   "read/write access to /dev/net/tun", e.strerror)
         return EXIT_FAILED
-    ctl = metrics = udp = sudp = kernel = fast = None
+    server = metrics = udp = sudp = kernel = fast = None
     failed = False
     try:
         tun.full_tunnel = (cfg.tun.table, cfg.tun.fwmark)  # a /0 prefix: bridge/io/policy.py
@@ -239,7 +239,7 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
                         secure_udp=sudp)
         if fast is not None:
             run_with(fast, bridge, engine)
-        ctl = ControlServer(socket_name(cfg.tun.name, cfg.control_socket))
+        server = ControlServer(socket_name(cfg.tun.name, cfg.control_socket))
 
         def status(_req: dict[str, Any]) -> dict[str, Any]:
             st = engine.status()
@@ -248,26 +248,26 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
                             offload=offload)
             st["io"].update(tun_bad_frames=tun.bad_frames, tun_write_errors=tun.write_errors,
                             udp_send_errors=dict(udp.send_errors), udp_gso=udp.gso,
-                            udp_gro=udp.gro, control=dict(ctl.stats))
+                            udp_gro=udp.gro, control=dict(server.stats))
             if metrics is not None:
                 st["io"]["metrics"] = dict(metrics.stats)
             return st
 
-        ctl.register("status", status)
-        capture.register(ctl, engine, cfg)  # `grebe capture` (bridge/io/capture.py)
+        server.register("status", status)
+        capture.register(server, engine, cfg)  # `grebe capture` (bridge/io/capture.py)
         from bridge.io.flows import attach  # `flows` + inspector flushing (issue 4)
 
-        detach = attach(engine, ctl)
+        detach = attach(engine, server)
         # kernel-backend [[inspect]] rules: TPROXY + relay on their own loop (bridge/tproxy_run)
         from bridge.kernel.run import start_for_config
 
         try:
-            kernel = start_for_config(cfg, ctl)
+            kernel = start_for_config(cfg, server)
         except (RuntimeError, OSError) as e:
             log.error("kernel inspection backend: %s", e)
             detach()
             return EXIT_FAILED
-        extra = [(ctl.fileno(), ctl.on_readable)]
+        extra = [(server.fileno(), server.on_readable)]
         if cfg.metrics_listen:
             def render() -> str:
                 text = engine.metrics_text()
@@ -325,13 +325,13 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
             log.info("SIGHUP: reloading %s", args.config)
             threading.Thread(target=hup_reload, name="reload", daemon=True).start()
 
-        ctl.register("reload", reload)
+        server.register("reload", reload)
         signal.signal(signal.SIGHUP, on_hup)   # always: SIGHUP's default would kill us
         listen = (f"[{cfg.listen.address}]" if ":" in cfg.listen.address
                   else cfg.listen.address) + f":{cfg.listen.port}"
         log.info("grebe up: %s, listening %s, %d peer(s), tun mtu %d (%s), control %s%s",
                  cfg.tun.name, listen, len(cfg.peers), mtu, how,
-                 ctl.name, f", metrics {cfg.metrics_listen}" if metrics else "")
+                 server.name, f", metrics {cfg.metrics_listen}" if metrics else "")
         # What start-up built lives as long as the process: keep it out of the cyclic
         # collector's walks (a full collection over it took 6 ms here, a pause on the
         # packet path; frozen, ~0).
@@ -346,110 +346,12 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
             fast.close()  # issue 14: the eBPF filters detached
         if kernel is not None:
             kernel.stop()   # relays reset, nft table + policy routing removed
-        for x in (metrics, ctl, udp, sudp):
+        for x in (metrics, server, udp, sudp):
             if x is not None:
                 x.close()
         tun.close()
         log.info("grebe down: %s removed", cfg.tun.name)
     return EXIT_FAILED if failed else 0
-
-
-# -- status -----------------------------------------------------------------------------
-
-
-def _setup_status(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print the raw JSON")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("-i", "--interface", default="grebe0", help="TUN name (default grebe0)")
-    g.add_argument("-s", "--socket", help="control socket (@abstract or path)")
-
-
-def _fmt_status(st: dict[str, Any]) -> str:
-    """The human table of `grebe status` from the JSON answer."""
-    tun = st.get("tun", {})
-    lines = [f"tun {tun.get('name', '?')}  mtu {tun.get('mtu', '?')}"
-             f"  ({tun.get('mtu_source', '')})"]
-    if "datapath" in st:  # issue 14: which data path runs (bridge/ebpf/)
-        fast = st.get("ebpf") or {}
-        lines.append(f"datapath {st['datapath']}" + (
-            f"  (program: encap {fast.get('encap', 0)}, decap {fast.get('decap', 0)},"
-            f" on {', '.join(fast.get('interfaces', []))})" if fast else ""))
-    lines.append(f"{'peer':<14} {'endpoint':<22} {'state':<7} {'seen':>8} {'rx pkts':>9}"
-                 f" {'rx bytes':>13} {'tx pkts':>9} {'tx bytes':>13}")
-    for p in st.get("peers", []):
-        seen = p.get("last_seen_s")
-        seen_s = "never" if seen is None else f"{seen:.1f}s"
-        lines.append(f"{p.get('name', '?'):<14} {p.get('endpoint', ''):<22}"
-                     f" {p.get('state', 'up' if p.get('up') else 'down'):<7} {seen_s:>8}"
-                     f" {p.get('rx_packets', 0):>9} {p.get('rx_bytes', 0):>13}"
-                     f" {p.get('tx_packets', 0):>9} {p.get('tx_bytes', 0):>13}")
-    drops = {k: v for k, v in st.get("drops", {}).items() if v}
-    lines.append("drops: " + (", ".join(f"{k}={v}" for k, v in sorted(drops.items()))
-                              if drops else "none"))
-    for k, r in enumerate(st.get("scrub", [])):  # issue 12: [[scrub]] rules, in order
-        match = " ".join(f"{f} {','.join(r[f])}" for f in ("src", "dst") if f in r)
-        rate = f" rate {r['rate']:g}/s burst {r['burst']} per {r['bucket']}" if "rate" in r \
-            else ""
-        lines.append(f"scrub[{k}] {r.get('direction')} {r.get('peer', 'any peer')} "
-                     f"{match or 'any'} -> {r.get('action')}{rate}: matched "
-                     f"{r.get('matched', 0)}, dropped {r.get('dropped', 0)}")
-    events = {k: v for k, v in st.get("events", {}).items() if v}
-    if events:
-        lines.append("events: " + ", ".join(f"{k}={v}" for k, v in sorted(events.items())))
-    sec = st.get("secure")
-    if sec:  # issue 12: the secure peers' session, drops and handshake events
-        for p in st.get("peers", []):
-            if p.get("security", "plain") != "plain":
-                ses = p.get("session") or {}
-                lines.append(f"secure {p.get('name')}: {p['security']}, session "
-                             f"{'up' if ses.get('session') else 'none'}, age "
-                             f"{ses.get('session_age')}s, last rx {ses.get('last_rx_age')}s")
-        sd = {k: v for k, v in sec.get("drops", {}).items() if v}
-        lines.append("secure drops: " + (", ".join(f"{k}={v}" for k, v in sorted(sd.items()))
-                                         if sd else "none"))
-        se = {k: v for k, v in sec.get("events", {}).items() if v}
-        if se:
-            lines.append("secure events: " + ", ".join(f"{k}={v}" for k, v in sorted(se.items())))
-    io = st.get("io", {})
-    if io:
-        lines.append("io: " + ", ".join(f"{k}={v}" for k, v in io.items()))
-    if "inspect" in st:  # the userspace backend (bridge/userspace/bounds.py)
-        from bridge.userspace.bounds import format_status as userspace_status
-
-        lines.append(userspace_status(st["inspect"]))
-    if "inspect_kernel" in st:
-        from bridge.kernel.info import format_status
-
-        lines.append(format_status(st["inspect_kernel"]))
-    return "\n".join(lines)
-
-
-def _ask(args: argparse.Namespace, cmd: str) -> dict[str, Any] | None:
-    """One request to the running endpoint's control socket; None (said) when none runs."""
-    from bridge.io.control import request, socket_name
-
-    name = args.socket or socket_name(args.interface)
-    try:
-        answer: dict[str, Any] = request(name, cmd)
-    except OSError as e:
-        print(f"grebe: no grebe on {name}: {e.strerror or e}", file=sys.stderr)
-        return None
-    return answer
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    st = _ask(args, "status")
-    if st is None:
-        return 1
-    if args.json:
-        print(json.dumps(st, indent=2, sort_keys=True))
-        return 1 if "error" in st else 0
-    if "error" in st:
-        print(f"grebe: {st['error']}", file=sys.stderr)
-        return 1
-    else:
-        print(_fmt_status(st))
-    return 0
 
 
 # -- check-config -----------------------------------------------------------------------
@@ -522,8 +424,8 @@ def cmd_pubkey(args: argparse.Namespace) -> int:
 
 
 register("up", "run an endpoint in the foreground", _setup_up, cmd_up)
-register("status", "show peers, traffic and drops of a running endpoint", _setup_status,
-         cmd_status)
+register("status", "show peers, traffic and drops of a running endpoint", ctl.setup,
+         ctl.cmd_status)
 register("check-config", "validate an endpoint configuration file", _setup_check,
          cmd_check_config)
 register("genkey", "new private key for a secure peer (file: write it, print the public key)",
@@ -553,52 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_flows(args: argparse.Namespace) -> int:
-    """`grebe flows`: the userspace backend's table, then the kernel backend's flows."""
-    from bridge.kernel.info import format_flows
-
-    answer = _ask(args, "flows")
-    if answer is None:
-        return 1
-    if "error" in answer:
-        msg = answer["error"]
-        if "unknown command" in msg:
-            msg = "this endpoint has no [[inspect]] rule"
-        print(f"grebe: {msg}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(answer, indent=2, sort_keys=True))
-    else:
-        print(format_flows(answer))
-    return 0
-
-
-def cmd_reload(args: argparse.Namespace) -> int:
-    """`grebe reload`: the running endpoint re-reads its file (as SIGHUP does) and answers
-    what it applied, what needs a restart, or the errors it refused the file for."""
-    answer = _ask(args, "reload")
-    if answer is None:
-        return EXIT_FAILED
-    if "error" in answer:
-        print(f"grebe: {answer['error']}", file=sys.stderr)
-        return EXIT_FAILED
-    if not answer.get("ok"):
-        for err in answer.get("errors", []):
-            print(err, file=sys.stderr)
-        print("grebe: reload refused, the running configuration stays", file=sys.stderr)
-        return EXIT_CONFIG
-    print(f"applied: {', '.join(answer.get('applied', [])) or 'nothing'}")
-    if answer.get("needs_restart"):
-        print(f"not applied, restart to apply: {', '.join(answer['needs_restart'])}")
-    for problem in answer.get("problems", []):  # applied to the core, not all around it
-        print(f"grebe: reload: {problem}", file=sys.stderr)
-    return EXIT_FAILED if answer.get("problems") else 0
-
-
 register("reload", "re-read the configuration file of a running endpoint (as SIGHUP)",
-         _setup_status, cmd_reload)
+         ctl.setup, ctl.cmd_reload)
 register("flows", "show inspected TCP flows (both backends) of a running endpoint",
-         _setup_status, cmd_flows)
+         ctl.setup, ctl.cmd_flows)
 register("pair", "write the matching endpoint files of every site from one description",
          pair.setup, pair.run)
 register("deploy", "push, start, stop and show grebe on the hosts of an inventory (SSH)",
@@ -611,9 +471,12 @@ register("docs", "write docs/config/ (a page per config key) from the key table"
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from bridge.io.notify import log_format
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(log_format(sys.stderr))  # journald's own under systemd
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
+                        handlers=[handler])
     rc: int = args.func(args)
     return rc
 

@@ -127,9 +127,13 @@ KEYS: tuple[Key, ...] = (
         "own (bridge/io/split.py), using a second core. It does not combine with "
         "`[[inspect]]` rules: with inspection the endpoint runs as one process."),
     Key("", "datapath", _S, Datapath.PYTHON.value, "Which data plane forwards plain GRE/IPIP "
-        "traffic: \"python\" (the Python data plane), \"auto\" (the tc eBPF fast path where "
-        "the kernel and capabilities allow, else python) or \"ebpf\" (the fast path or "
-        "`grebe up` fails).", choices=_choices(Datapath)),
+        "traffic: \"python\" (the Python data plane only), \"auto\" (the tc eBPF fast path "
+        "where the kernel and capabilities allow, else python; `grebe status` and the log say "
+        "which) or \"ebpf\" (the fast path or `grebe up` fails). While the program runs, a "
+        "reload that changes peers needs a restart. What the program does "
+        "not handle (inspected flows, ICMP errors, fragments, keepalives, the reorder policy, "
+        "secure peers, [[scrub]] rules) takes the Python path either way.",
+        choices=_choices(Datapath)),
     Key("", "control_socket", _S, None, "The control socket `grebe status`, `reload` and "
         "`capture` talk to: \"@name\" is an abstract unix socket (per network namespace), "
         "anything else a filesystem path (mode 0600).", default_text="\"@grebe/<tun.name>\"",
@@ -257,8 +261,11 @@ KEYS: tuple[Key, ...] = (
         choices=("userspace", "kernel")),
     Key("inspect", "action", _S, "inspect", "\"inspect\", \"forward\" (pass untouched) or "
         "\"drop\".", choices=("inspect", "forward", "drop")),
-    Key("inspect", "max_buffer", _I, 1 << 20, "Bytes buffered per direction before the "
-        "sender is flow-controlled.", lo=4096, hi=1 << 30, unit="bytes"),
+    Key("inspect", "max_buffer", _I, 8 << 20, "Bytes buffered per direction before the "
+        "sender is flow-controlled. The userspace backend's legs start at 128 KiB and "
+        "autotune up to a quarter of it each (the window a lossy, long path needs); all "
+        "terminated flows together stay under `[userspace] memory_budget`.",
+        lo=4096, hi=1 << 30, unit="bytes"),
     Key("inspect", "iif", _L, None, "Incoming interface names matched (backend = \"kernel\" "
         "only).", example="[\"veth0\"]"),
     Key("inspect", "idle_timeout", _N, 7200.0, "Seconds without traffic after which an "
@@ -270,6 +277,9 @@ KEYS: tuple[Key, ...] = (
         "refusal as RST to its SYN). Costs one upstream connection per SYN, which the half-open "
         "caps bound. Default: accept first, so a spoofed SYN never reaches the server; a "
         "refusing server then resets the accepted connection."),
+    Key("inspect", "congestion", _S, "cubic", "Congestion control of the userspace backend's "
+        "legs: \"cubic\" (RFC 9438, Linux's default) or \"newreno\" (RFC 6582).",
+        choices=("cubic", "newreno"), rfc="RFC 9438"),
     # ---- [[scrub]] (read by bridge/scrub.py)
     Key("scrub", "action", _S, None, "\"deny\" drops a matching packet (counted "
         "`scrub_denied`); \"allow\" passes it, subject to `rate` (the excess counted "

@@ -35,3 +35,7 @@ class ConfigErrors(GrebeError):
     def __init__(self, errors: list[ConfigError]) -> None:
         self.errors = errors
         super().__init__("\n".join(str(e) for e in errors))
+
+
+EXIT_FAILED = 1  # `grebe`: could not run (permissions, a busy port, a missing address...)
+EXIT_CONFIG = 2  # `grebe`: the configuration file is wrong (`check-config`, `up`, `reload`)

@@ -49,7 +49,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 from bridge.counters import Counters
 from bridge.encap import decode_gre, flow_source_port
-from bridge.gso import GroBatch, SuperPacket, UdpRun, coalesce_rows, encap_segments
+from bridge.gro import GroBatch, coalesce_rows
+from bridge.gso import SuperPacket, UdpRun, encap_segments
 from bridge.output import Output, emit
 from bridge.peers import Addr, PeerState, PeerTable
 from stack.wire.ip import V4_DST, V4_SRC, V4_TTL, V6_DST, V6_HLIM, V6_SRC

@@ -48,6 +48,10 @@ FlowKey = tuple[int, bytes, bytes, int, int]
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
 
 DEFAULT_IDLE_TIMEOUT = 7200.0
+# Bytes a flow buffers per direction. 8 MiB: the userspace legs autotune up to a quarter
+# each (2 MiB, about Linux's tcp_rmem autotuning reach), which a 2 %-loss WAN needs; all
+# splices together stay under [userspace] memory_budget (bridge/userspace/bounds.py).
+DEFAULT_MAX_BUFFER = 8 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,10 +99,11 @@ class InspectRule:
     fail_open: bool = True
     backend: Backend = Backend.USERSPACE
     action: Verdict = Verdict.INSPECT
-    max_buffer: int = 1 << 20
+    max_buffer: int = DEFAULT_MAX_BUFFER
     iif: tuple[str, ...] = ()               # kernel backend: intercept only on these interfaces
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # no byte either way for this long: reset
     connect_first: bool = False  # userspace: open the server leg before answering the SYN
+    congestion: str = "cubic"               # userspace legs: "cubic" (RFC 9438) or "newreno"
     # every setting of the rule's inspectors: the values of the options they declare (parsed,
     # defaults filled in; bridge/inspect/options.py) and the rule's `options` table as written
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))

@@ -29,9 +29,8 @@ path would send; tests/unit/bridge/test_bridge_gso.py proves it with hypothesis)
   builder sums the datagram directly, and the tests compare the two.
 - The wire stays one GRE/IPIP packet per UDP datagram; the I/O layer sends the equal-size
   datagrams with one UDP GSO sendmsg.
-- Receiving, a merged packet is at most MAX_MERGED (65,535) bytes, its IP header included
-  (RFC 791 §3.1: the IPv4 total length is 16 bits; IPv6 held to the same): datagrams that
-  would not fit are left to the next run or the per-packet path, never a wrapped length.
+- The receive side (a GRO run of datagrams merged into one TUN frame) is bridge/gro.py; it
+  shares this module's record layouts (`row_fields`, `counts`) and MAX_MERGED.
 
 Theory of operation: the callers (bridge/fastpath.py) take only a plain TCP packet
 (stack/wire/prelude.py `plain_tcp`: IPv4 without fragment bits, IPv6 without extension
@@ -39,15 +38,12 @@ headers) with its header lengths. `encap_segments`
 builds the full-size segments as rows of one numpy array: one header template broadcast,
 the payload one reshape, and only the fields that differ between rows (sequence numbers,
 IPv4 ids, checksums) computed as short column vectors from per-frame constants and written
-through a record view of the rows (`_row_fields`). numpy costs microseconds per call and
+through a record view of the rows (`row_fields`). numpy costs microseconds per call and
 little per byte, so the call count is what is kept low; only the payload is summed, once
 (the `stack.wire.checksum` identities, RFC 1071 §2(B)). One copy comes out of numpy; the
 short last segment (and everything, with `use_numpy=False` or few segments) goes through
 the pure-Python row builder, which calls `stack.wire.checksum`. The numpy and Python paths
-give equal bytes (tested). Receiving (`coalesce_rows`) checks all rows with a handful of
-whole-array calls in the same way (a cached mask and record view per layout,
-`_coalesce_layout`); an IPv4 header is intact when its id + checksum equals row 0's, whose
-header was checked; GRE checksums by the identity above.
+give equal bytes (tested).
 """
 
 from __future__ import annotations
@@ -56,35 +52,27 @@ import struct
 from collections.abc import Callable
 from typing import Any, final
 
-from bridge.tunframe import TunFrame
 from stack.wire.checksum import (
     checksum,
     incremental_update16,
     partial,
     pseudo_sum_v4,
     pseudo_sum_v6,
-    swap16,
 )
-from stack.wire.ip import V4_DST, V4_SRC, V6_DST, V6_SRC
 from stack.wire.prelude import (
     V4_DST_AT,
-    V4_DST_END,
     V4_SRC_AT,
-    V4_SRC_END,
     V6_DST_AT,
-    V6_DST_END,
     V6_SRC_AT,
-    V6_SRC_END,
 )
-from stack.wire.vnet import F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, VNET, VNET_HDR_LEN
 
 try:  # numpy is a declared dependency; without it everything takes the Python path
     import numpy as _np
 except ImportError:  # pragma: no cover
     _np = None  # type: ignore[assignment]
 
-__all__ = ["SuperPacket", "GroBatch", "UdpRun", "encap_segments", "coalesce_rows",
-           "NUMPY_MIN_SEGMENTS", "MAX_MERGED"]
+__all__ = ["SuperPacket", "UdpRun", "encap_segments", "row_fields", "counts",
+           "NUMPY_MIN_SEGMENTS", "MAX_MERGED", "CACHE_MAX"]
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -277,12 +265,12 @@ def _rows_numpy(pkt: memoryview, v4: bool, ihl: int, doff: int, g: int, rows: in
     else:
         flat = np.zeros(rows * w4, dtype=np.uint8)
     a = flat.reshape(rows, w4)
-    f = np.ndarray((rows,), _row_fields(w4, p, ihl, seq_at, v4), flat)  # the varying fields
+    f = np.ndarray((rows,), row_fields(w4, p, ihl, seq_at, v4), flat)  # the varying fields
     a[:, :p + hl] = np.frombuffer(tpl, dtype=np.uint8)
     a[:, p + hl:width] = np.frombuffer(pkt, dtype=np.uint8, count=rows * g,
                                        offset=hl).reshape(rows, g)
-    idx = _counts(rows)  # uint32: sums below wrap modulo 2**32 as sequence numbers do
-    seq = _counts(rows, g) + tseq
+    idx = counts(rows)  # uint32: sums below wrap modulo 2**32 as sequence numbers do
+    seq = counts(rows, g) + tseq
     f["ts"] = seq
     words = np.add.reduce(a[:, p + hl:w4].view("<u2"), axis=1, dtype=np.uint32)
     tsum = np.multiply(words, 256, dtype=np.uint64)
@@ -357,7 +345,7 @@ _FIELDS: dict[tuple[int, int, int, int, bool], Any] = {}
 CACHE_MAX = 256
 
 
-def _counts(rows: int, step: int = 1) -> Any:
+def counts(rows: int, step: int = 1) -> Any:
     """0, step, 2 * step, ... (rows of them) as uint32, made once per (rows, step)."""
     a = _COUNTS.get((rows, step))
     if a is None:
@@ -369,7 +357,7 @@ def _counts(rows: int, step: int = 1) -> Any:
     return a
 
 
-def _row_fields(width: int, p: int, ihl: int, seq_at: int, v4: bool) -> Any:
+def row_fields(width: int, p: int, ihl: int, seq_at: int, v4: bool) -> Any:
     """A numpy record type over one datagram row naming the fields that differ between
     rows, so each is written with one call: TCP sequence number and checksum, IPv4
     identification and header checksum, GRE sequence number (RFC 2890 §2.2)."""
@@ -412,229 +400,3 @@ def _gre_csums(a: Any, prefix: bytes, seq_at: int, gs: Any, csum_at: int, v4: bo
         return
     c = (0xFFFF - (gs.astype(np.uint64) + k) % 0xFFFF) % 0xFFFF  # gs: uint32, k: up to 2**18
     a[:, csum_at:csum_at + 2] = c.astype(">u2").view(np.uint8).reshape(len(c), 2)
-
-
-def _coalesce_layout(seg: int, off: int, ihl: int, doff: int, gseq_at: int, csum_at: int,
-                     v4: bool) -> tuple[Any, Any]:
-    """For `coalesce_rows`, made once per layout: the mask of the header bytes that must be
-    equal in every row, and the sending side's record type of the per-row fields
-    (`_row_fields`: TCP sequence number, IPv4 identification and checksum, GRE sequence
-    number; the TCP checksum field goes unused here)."""
-    key = (seg, off, ihl, doff, gseq_at, csum_at, v4)
-    got = _LAYOUTS.get(key)
-    if got is None:
-        if len(_LAYOUTS) >= CACHE_MAX:
-            _LAYOUTS.clear()
-        np = _np
-        t = off + ihl
-        n8 = -(-(t + doff) // 8) * 8  # compared as 64-bit words; the payload bytes masked
-        mask = np.zeros(n8, dtype=np.uint8)
-        mask[:t + doff] = 0xFF
-        if gseq_at >= 0:
-            mask[gseq_at:gseq_at + 4] = 0
-        if csum_at >= 0:
-            mask[csum_at:csum_at + 2] = 0
-        mask[t + 4:t + 8] = 0
-        mask[t + 13] = 0
-        mask[t + 16:t + 18] = 0
-        if v4:
-            mask[off + 4:off + 6] = 0
-            mask[off + 10:off + 12] = 0
-        mask.flags.writeable = False
-        got = _LAYOUTS[key] = (mask, _row_fields(seg, off, ihl, gseq_at, v4))
-    return got
-
-
-_LAYOUTS: dict[tuple[int, int, int, int, int, int, bool], tuple[Any, Any]] = {}
-
-
-# ------------------------------------------------------------------ receive: GRO batches
-
-_ACK = 0x10
-
-
-@final
-class GroBatch:
-    """Datagrams of one source glued by UDP GRO (udp(7) UDP_GRO): `buf` holds equal-size
-    datagrams of `seg` bytes (the last may be shorter). Handed to `Bridge.from_udp` as the
-    payload of a (payload, addr) pair; `split()` gives the datagrams one by one."""
-
-    __slots__ = ("buf", "seg")
-
-    def __init__(self, buf: bytes | bytearray, seg: int) -> None:
-        self.buf = buf  # a bytearray from the UDP adapter, which may join consecutive batches
-        self.seg = seg
-
-    def split(self) -> list[bytes | bytearray]:
-        b, s = self.buf, self.seg
-        if s <= 0:  # no segment size: one datagram, as `Bridge.from_udp` takes it
-            return [b]
-        return [b[o:o + s] for o in range(0, len(b), s)]
-
-    def count(self) -> int:
-        """How many datagrams `split()` gives, without cutting them."""
-        return 1 if self.seg <= 0 else -(-len(self.buf) // self.seg)
-
-
-def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_at: int,
-                  v4: bool, ihl: int, doff: int, csum_at: int = -1
-                  ) -> tuple[TunFrame, int, int, int] | None:
-    """Merge the longest run of datagrams of `seg` bytes from `buf[start:]` (encapsulation
-    header of `off` bytes, then one TCP segment each) into one TUN frame (bridge/tunframe.py:
-    virtio-net header, GSO TCPV4/TCPV6 with gso_size = the segments' payload, NEEDS_CSUM,
-    then the merged packet with the lengths of the whole and the pseudo-header sum in the TCP
-    checksum field). Returns (frame, datagrams merged, last GRE sequence number or -1, bytes
-    consumed), or None when not even the first two datagrams make a run. A shorter datagram
-    after all the rows (GRO's run end) joins if it continues the run. The merged packet is
-    at most MAX_MERGED bytes: the rows are capped to fit, and a tail that would not fit is
-    left (for the next run, or the per-packet path).
-
-    The rules of the per-packet path plus TUN coalescing, checked over all rows at once (a
-    row breaking one ends the run before it): encapsulation headers equal but for the GRE
-    sequence number, which must count up by one (RFC 2890 §2.2), and the GRE checksum at
-    `csum_at` (-1: none), which must be intact (RFC 2784 §2.5); inner headers equal but for
-    IPv4 identification and checksum, TCP sequence number and checksum (like Linux GRO, so
-    a changed window or timestamp ends a run); exact IP lengths (no padding); contiguous TCP
-    sequence numbers; ACK-only segments, PSH ends a run (it is kept on the merged packet);
-    every IPv4 header checksum and every TCP checksum (with pseudo-header, RFC 9293 §3.1)
-    intact, since the kernel will not check a NEEDS_CSUM packet.
-    """
-    if _np is None:
-        return None
-    np = _np
-    hl = ihl + doff
-    plen = seg - off - hl
-    rows = min((len(buf) - start) // seg, (MAX_MERGED - hl) // max(plen, 1))
-    if rows < 2 or plen <= 0 or (seg - off - ihl) & 1 or ihl & 1:
-        return None
-    ln_at = start + off + (2 if v4 else 4)
-    if int.from_bytes(buf[ln_at:ln_at + 2], "big") != (seg - off if v4 else seg - off - 40):
-        return None  # padded or short: the per-packet path decides
-    if v4 and partial(buf[start + off:start + off + ihl]) != 0xFFFF:
-        return None  # the first row's IPv4 header checksum (the others: below)
-    flat = np.frombuffer(buf, dtype=np.uint8, count=rows * seg, offset=start)
-    a = flat.reshape(rows, seg)
-    mask, dt = _coalesce_layout(seg, off, ihl, doff, gseq_at, csum_at, v4)
-    f = np.ndarray((rows,), dt, flat)  # the fields that differ between rows, by name
-    t = off + ihl
-    if len(mask) <= seg:  # headers as 64-bit words (the mask padded with zeros)
-        h = a[:, :len(mask)].view("<u8")
-        bad = np.logical_or.reduce((h ^ h[0]) & mask.view("<u8"), axis=1)
-    else:  # segments of a few bytes
-        h = a[:, :off + hl]
-        bad = np.logical_or.reduce((h ^ h[0]) & mask[:off + hl], axis=1)
-    fl = a[:, t + 13]
-    bad |= (fl & 0xF7) != _ACK
-    idx = _counts(rows)
-    ts = f["ts"]
-    tseq0 = int(ts[0])
-    bad |= (ts - _counts(rows, plen)) != tseq0  # uint32: modulo 2**32
-    gs = None
-    if gseq_at >= 0:
-        gs = f["gs"]
-        bad |= (gs - idx) != int(gs[0])
-    if v4:  # equal headers but for id and checksum: intact iff id + checksum is row 0's
-        ic = f["id"].astype(np.uint32)
-        ic += f["ic"]
-        bad |= ic % 0xFFFF != int(ic[0]) % 0xFFFF
-        ip = start + off
-        src, dst = bytes(buf[ip + V4_SRC:ip + V4_SRC_END]), bytes(buf[ip + V4_DST:ip + V4_DST_END])
-        ps = pseudo_sum_v4(src, dst, _TCP, seg - t)
-    else:
-        ip = start + off
-        src, dst = bytes(buf[ip + V6_SRC:ip + V6_SRC_END]), bytes(buf[ip + V6_DST:ip + V6_DST_END])
-        ps = pseudo_sum_v6(src, dst, _TCP, seg - t)
-    sums = np.add.reduce(a[:, t:].view("<u2"), axis=1, dtype=np.uint32)  # < 2**31 (< 64 KB)
-    sums += swap16(ps)
-    bad |= sums % 0xFFFF != 0  # intact: the sum is "negative zero" (RFC 1071)
-    if csum_at >= 0:  # a row whose IP and TCP sums pass sums to prefix + IPv6 header - ps
-        k = 0xFFFF - swap16(ps) % 0xFFFF
-        if not v4:
-            k += swap16(partial(buf[start + off:start + t]))
-        bad |= (a[:, :off].view("<u2").sum(axis=1, dtype=np.uint64) + k) % 0xFFFF != 0
-    k = int(bad.argmax())  # the first bad row (numpy's .any() and flatnonzero cost more)
-    if not bad[k]:
-        k = rows
-    psh = fl[:k] & 0x08
-    j = int(psh.argmax()) if k else 0
-    if k and psh[j]:
-        k = j + 1  # PSH ends the run with its row
-    if k < 2:
-        return None
-    last_flags = int(fl[k - 1])
-    last_gseq = int(gs[k - 1]) if gs is not None else -1
-    used = k * seg
-    # A shorter last datagram (GRO ends a run with it) joins if it continues the run and
-    # the merged packet still fits MAX_MERGED; else it goes on alone (the per-packet path).
-    end_at = start + used
-    tail = len(buf) - end_at
-    tplen = tail - off - hl
-    if k == rows and tail and last_flags == _ACK and 0 < tplen < plen and \
-            hl + k * plen + tplen <= MAX_MERGED and _tail_ok(
-            buf, end_at, a[0, :off + hl], mask[:off + hl], v4, off, ihl, tail, src, dst,
-            (tseq0 + k * plen) & 0xFFFFFFFF, last_gseq, csum_at >= 0):
-        last_flags = buf[end_at + t + 13]
-        if last_gseq >= 0:
-            last_gseq = (last_gseq + 1) & 0xFFFFFFFF
-        used += tail
-    else:
-        tplen = 0
-    rows = k
-    a = a[:k]
-    total = hl + rows * plen + tplen
-    out = bytearray(VNET_HDR_LEN + total)
-    o = np.frombuffer(out, dtype=np.uint8)
-    end = VNET_HDR_LEN + hl + rows * plen
-    o[VNET_HDR_LEN + hl:end].reshape(rows, plen)[:] = a[:, off + hl:]  # one strided copy
-    if tplen:
-        out[end:] = buf[len(buf) - tplen:]
-    hdr = bytearray(buf[start + off:start + off + hl])
-    hdr[ihl + 13] = last_flags
-    if v4:
-        _U16.pack_into(hdr, 2, total)
-        hdr[10] = hdr[11] = 0
-        _U16.pack_into(hdr, 10, checksum(memoryview(hdr)[:ihl]))
-        tps = pseudo_sum_v4(src, dst, _TCP, total - ihl)
-    else:
-        _U16.pack_into(hdr, 4, total - 40)
-        tps = pseudo_sum_v6(src, dst, _TCP, total - ihl)
-    _U16.pack_into(hdr, ihl + 16, tps)  # NEEDS_CSUM: the folded pseudo-header sum
-    out[VNET_HDR_LEN:VNET_HDR_LEN + hl] = hdr
-    VNET.pack_into(out, 0, F_NEEDS_CSUM, GSO_TCPV4 if v4 else GSO_TCPV6, hl, plen, ihl, 16)
-    return TunFrame(out), k + (tplen > 0), last_gseq, used
-
-
-def _tail_ok(buf: bytes | bytearray, at: int, h0: Any, mask: Any, v4: bool, off: int, ihl: int,
-             tail: int, src: bytes, dst: bytes, tseq: int, last_gseq: int,
-             gre_csum: bool = False) -> bool:
-    """The short last datagram at `buf[at:]` continues the run: same headers under `mask`,
-    exact length, the next TCP (and GRE) sequence number, intact checksums (GRE's too, with
-    `gre_csum`, by the identity of `coalesce_rows`), ACK or ACK+PSH."""
-    np = _np
-    n = len(h0)
-    th = np.frombuffer(buf, dtype=np.uint8, count=n, offset=at)
-    mask = mask.copy()
-    ln = off + 2 if v4 else off + 4
-    mask[ln:ln + 2] = 0  # its own length, checked below
-    if ((th ^ h0) & mask).any():
-        return False
-    t = at + off + ihl
-    if (buf[t + 13] & ~0x08) != _ACK:
-        return False
-    if v4:
-        if _U16.unpack_from(buf, at + off + 2)[0] != tail - off:
-            return False
-        if partial(buf[at + off:t]) != 0xFFFF:
-            return False
-        ps = pseudo_sum_v4(src, dst, _TCP, tail - off - ihl)
-    else:
-        if _U16.unpack_from(buf, at + off + 4)[0] != tail - off - 40:
-            return False
-        ps = pseudo_sum_v6(src, dst, _TCP, tail - off - ihl)
-    if _U32.unpack_from(buf, t + 4)[0] != tseq:
-        return False
-    if last_gseq >= 0 and _U32.unpack_from(buf, at + off - 4)[0] != (last_gseq + 1) & 0xFFFFFFFF:
-        return False
-    if gre_csum and (partial(buf[at:t]) + 0xFFFF - ps) % 0xFFFF:
-        return False  # the tail's prefix + IP header: for IPv4 the header adds 0
-    return partial(buf[t:], ps) == 0xFFFF

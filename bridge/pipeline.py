@@ -80,7 +80,8 @@ from bridge.counters import Counters
 from bridge.encap import KEEPALIVE, decode_gre, flow_source_port
 from bridge.fastpath import FastPath
 from bridge.flows import FlowSelector
-from bridge.gso import GroBatch, SuperPacket
+from bridge.gro import GroBatch
+from bridge.gso import SuperPacket
 from bridge.icmperr import IcmpErrors
 from bridge.mss import clamp_packet
 from bridge.output import Addr, Output, emit
@@ -198,19 +199,27 @@ class Bridge:
                 p.mtu = min(mtu, self.config.tun.mtu) if self.config.tun.mtu else mtu
         if self.peers:
             self.tun_mtu = min(p.mtu for p in self.peers)
+        if self.terminator is not None:
+            self.terminator.path_mtu_changed()  # the live legs too, not only new ones
         return self.tun_mtu
 
     def send_inner(self, pkt: bytes, now: float, out: Output) -> bool:
         """Encapsulate one inner packet this endpoint originated (the server leg of a
         userspace-terminated flow) toward the peer its destination routes to; False (and
-        counted) when there is no usable route. The caller sizes it to the tunnel MTU."""
+        counted) when there is no usable route. The caller sizes it to the tunnel MTU; a
+        packet larger (a bug, or sent before a path MTU drop reached the leg) is dropped and
+        counted as too_big, as the local EMSGSIZE would be, and the leg retransmits it."""
         v6 = pkt[0] >> 4 == 6
         idx = self.table.forward(pkt[V6_DST_AT] if v6 else pkt[V4_DST_AT], 255, 0)
         if idx < 0:
             self.counters.drops[C.R_LOOP if idx == LOOP else C.R_PEER_DOWN
                                 if idx == PEER_DOWN else C.R_NO_ROUTE] += 1
             return False
-        self._send(self.peers[idx], pkt, v6, now, out)
+        peer = self.peers[idx]
+        if len(pkt) > (max(peer.mtu, IPV6_MIN_MTU) if v6 else peer.mtu):
+            self.counters.drops[C.R_TOO_BIG] += 1
+            return True
+        self._send(peer, pkt, v6, now, out)
         return True
 
     def flows(self, now: float) -> list[dict[str, Any]]:

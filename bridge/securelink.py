@@ -43,7 +43,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from bridge.gso import GroBatch, UdpRun
+from bridge.gro import GroBatch
+from bridge.gso import UdpRun
 from bridge.output import Addr, Output
 from bridge.peers import PeerState, secure_key
 from bridge.secure import (

@@ -18,8 +18,15 @@ finds a chunk with `bisect` and usually returns a zero-copy memoryview slice; re
 acknowledged data advances a head index and compacts lazily. `ReassemblyBuffer` keeps a
 sorted list of disjoint [start, end) ranges with their bytes; an insert trims the new data
 against the ranges it overlaps, so duplicates cost nothing, and `pop_ready` hands back
-the pieces that became contiguous with RCV.NXT. Adjacent ranges merge (each range keeps
-a list of chunks), so a long run of segments after one hole is one range, one SACK block.
+the pieces that became contiguous with RCV.NXT. Adjacent ranges merge, so a long run of
+segments after one hole is one range, one SACK block. Each range keeps its bytes as two
+chunk lists, `front` (prepended chunks, newest last) and `back` (appended chunks): adding
+at either end is amortised O(1), never a shift of the whole list (segments that arrive in
+descending order, as holes are refilled backwards, cost no more than ascending ones).
+Small chunks (< `_TINY` bytes) are coalesced into a bytearray of at most `_COALESCE` bytes
+at the end they join, so a stream of tiny segments costs about its payload, not one
+Python object of ~40 bytes of overhead per segment. The range lists are bounded by
+`cap_ranges`; inserts find their place by bisection.
 """
 
 from __future__ import annotations
@@ -28,7 +35,11 @@ from bisect import bisect_left, bisect_right
 
 __all__ = ["SendBuffer", "ReassemblyBuffer"]
 
+Chunk = bytes | bytearray
+
 _SMALL = 2048
+_TINY = 512  # reassembly chunks below this size are coalesced
+_COALESCE = 4096  # ... into bytearrays of at most this size
 
 
 class SendBuffer:
@@ -119,7 +130,7 @@ class ReassemblyBuffer:
         self.nbytes = 0
         self._starts: list[int] = []
         self._ends: list[int] = []
-        self._data: list[list[bytes]] = []  # per range, its chunks in order
+        self._data: list[tuple[list[Chunk], list[Chunk]]] = []  # per range: (front, back)
         self._recent: list[int] = []  # starts of recently touched blocks, newest last
 
     def __bool__(self) -> bool:
@@ -127,6 +138,11 @@ class ReassemblyBuffer:
 
     def __len__(self) -> int:
         return len(self._starts)
+
+    @property
+    def tail(self) -> int | None:
+        """The end of the highest range held (where the next segment of a run goes)."""
+        return self._ends[-1] if self._ends else None
 
     def insert(self, start: int, data: bytes | memoryview) -> int:
         """Store `data` at absolute position `start`; return the count of new bytes kept.
@@ -162,25 +178,28 @@ class ReassemblyBuffer:
             return -1
         blobs = self._data
         for s, e in pieces:
-            chunk = bytes(data[s - start : e - start])
+            piece = data[s - start : e - start]
             k = bisect_right(starts, s)
             left = k > 0 and ends[k - 1] == s
             right = k < len(starts) and starts[k] == e
             if left and right:
                 ends[k - 1] = ends[k]
-                blobs[k - 1].append(chunk)
-                blobs[k - 1].extend(blobs[k])
+                _append(blobs[k - 1][1], piece)
+                front, back = blobs[k]
+                lb = blobs[k - 1][1]
+                lb.extend(reversed(front))
+                lb.extend(back)
                 del starts[k], ends[k], blobs[k]
             elif left:
                 ends[k - 1] = e
-                blobs[k - 1].append(chunk)
+                _append(blobs[k - 1][1], piece)
             elif right:
                 starts[k] = s
-                blobs[k].insert(0, chunk)
+                _prepend(blobs[k][0], piece)
             else:
                 starts.insert(k, s)
                 ends.insert(k, e)
-                blobs.insert(k, [chunk])
+                blobs.insert(k, ([], [bytes(piece)]))
         self.nbytes += new
         self._touch(start)
         return new
@@ -197,19 +216,26 @@ class ReassemblyBuffer:
         """Remove the ranges now contiguous with `rcv_nxt`; return (new rcv_nxt, pieces)."""
         out: list[bytes] = []
         starts, ends, data = self._starts, self._ends, self._data
-        while starts and starts[0] <= rcv_nxt:
-            s, e, chunks = starts.pop(0), ends.pop(0), data.pop(0)
+        n = 0
+        while n < len(starts) and starts[n] <= rcv_nxt:
+            s, e, (front, back) = starts[n], ends[n], data[n]
+            n += 1
             self.nbytes -= e - s
             if e <= rcv_nxt:
                 continue
             skip = rcv_nxt - s
-            for chunk in chunks:
-                if skip >= len(chunk):
-                    skip -= len(chunk)
-                    continue
-                out.append(chunk[skip:] if skip else chunk)
-                skip = 0
+            front.reverse()
+            for chunks in (front, back):
+                for chunk in chunks:
+                    if skip >= len(chunk):
+                        skip -= len(chunk)
+                        continue
+                    out.append(bytes(chunk[skip:]) if skip or type(chunk) is not bytes
+                               else chunk)
+                    skip = 0
             rcv_nxt = e
+        if n:
+            del starts[:n], ends[:n], data[:n]
         return rcv_nxt, out
 
     def blocks(self, limit: int) -> list[tuple[int, int]]:
@@ -242,3 +268,28 @@ class ReassemblyBuffer:
         self._data.clear()
         self._recent.clear()
         self.nbytes = 0
+
+
+def _append(back: list[Chunk], piece: bytes | memoryview) -> None:
+    """Add `piece` at the end of a range (tiny pieces coalesce into a bytearray)."""
+    if len(piece) < _TINY and back:
+        last = back[-1]
+        if len(last) + len(piece) <= _COALESCE:
+            grown = last if isinstance(last, bytearray) else bytearray(last)
+            grown += piece
+            back[-1] = grown
+            return
+    back.append(bytes(piece))
+
+
+def _prepend(front: list[Chunk], piece: bytes | memoryview) -> None:
+    """Add `piece` at the start of a range: `front` holds such chunks newest last, so this
+    is an append; a tiny piece joins the newest one (a shift of at most _COALESCE bytes)."""
+    if len(piece) < _TINY and front:
+        first = front[-1]
+        if len(first) + len(piece) <= _COALESCE:
+            grown = first if isinstance(first, bytearray) else bytearray(first)
+            grown[0:0] = piece
+            front[-1] = grown
+            return
+    front.append(bytes(piece))

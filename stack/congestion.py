@@ -27,6 +27,9 @@ Rules:
   here: the sender's pipe estimate (stack/loss.py) decides what may be sent.
 - RFC 5681 §4.1: after an idle period longer than the RTO, cwnd = min(cwnd, IW).
 
+- RFC 8985 §3.4 (`rack`, with SACK): recovery starts only when the sender reports a lost
+  segment (RACK's time-based edge, stack/loss.py), never on the DupThresh-th duplicate
+  ACK alone, so reordering within RACK's window causes no fast retransmit.
 - RFC 1191 §6.3 / RFC 8201 §5.2: a smaller path MTU lowers SMSS; cwnd is cut to at most
   ssthresh (no burst of the old size) but kept at 2 SMSS or more (`on_path_mtu`).
 
@@ -35,8 +38,9 @@ uses; `NewReno` is its one implementation, keeping cwnd and ssthresh in bytes an
 recovery point in absolute positions (stack/seq.py). The sender tells it what happened
 (`on_ack`, `on_dupack`, `on_timeout`, `on_idle`, `on_path_mtu`) and asks what it may send
 (`cwnd`, `limited_transmit`, `in_recovery`): `on_dupack` and `on_ack` return True when a
-segment must be retransmitted at SND.UNA now. Another algorithm (CUBIC, RFC 9438) is
-another class with these members, chosen where the Sender is built (stack/connection.py).
+segment must be retransmitted at SND.UNA now. Another algorithm overrides `avoid` (the
+growth in congestion avoidance) and `reduce` (ssthresh after a loss): CUBIC (RFC 9438,
+stack/cubic.py, the default) does; `make_cc` there picks one by TcpConfig.congestion.
 """
 
 from __future__ import annotations
@@ -55,16 +59,19 @@ class CongestionControl(Protocol):
     in_recovery: bool
     recover: int  # RecoveryPoint (RFC 6675 §5) / `recover` (RFC 6582): HighData at entry
     sack: bool  # RFC 6675 recovery: the sender's pipe estimate decides, no inflation
+    rack: bool  # RFC 8985: with SACK, duplicate ACKs alone never start recovery
 
     @property
     def limited_transmit(self) -> int: ...
     def set_smss(self, smss: int) -> None: ...
-    def on_ack(self, acked: int, snd_una: int, flight: int) -> bool: ...
+    def on_ack(self, acked: int, snd_una: int, flight: int, now: float = 0.0,
+               srtt: float | None = None) -> bool: ...
     def on_dupack(self, snd_una: int, snd_max: int, flight: int, new_loss: bool = False,
                   lost: bool = False) -> bool: ...
     def on_timeout(self, snd_max: int, flight: int, first: bool) -> None: ...
     def on_idle(self) -> None: ...
     def on_path_mtu(self, smss: int) -> None: ...
+    def reduce(self, flight: int) -> int: ...
 
 DUPTHRESH = 3
 
@@ -78,7 +85,8 @@ class NewReno:
     """Per-connection RFC 5681 + RFC 6582 state in bytes."""
 
     __slots__ = (
-        "smss", "cwnd", "ssthresh", "recover", "in_recovery", "dupacks", "_ca_acc", "sack"
+        "smss", "cwnd", "ssthresh", "recover", "in_recovery", "dupacks", "_ca_acc", "sack",
+        "rack",
     )
 
     def __init__(self, smss: int, initial_cwnd: int | None = None) -> None:
@@ -90,14 +98,17 @@ class NewReno:
         self.dupacks = 0
         self._ca_acc = 0
         self.sack = False  # RFC 6675 recovery: no inflation, the sender's pipe decides
+        self.rack = False  # with SACK: only a lost segment starts recovery (RFC 8985 §3.4)
 
     def set_smss(self, smss: int) -> None:
         """The handshake fixed SMSS: recompute the initial window (RFC 5681 §3.1)."""
         self.smss = smss
         self.cwnd = initial_window(smss)
 
-    def on_ack(self, acked: int, snd_una: int, flight: int) -> bool:
-        """New data acknowledged up to `snd_una` (absolute); `flight` is what remains out.
+    def on_ack(self, acked: int, snd_una: int, flight: int, now: float = 0.0,
+               srtt: float | None = None) -> bool:
+        """New data acknowledged up to `snd_una` (absolute); `flight` is what remains out;
+        `now` and `srtt` (None: no sample yet) are for time-based growth (CUBIC).
 
         Returns True for a partial ACK in recovery: NewReno retransmits at SND.UNA; with
         SACK the sender does so only if it holds no SACK information (a peer or middlebox
@@ -119,11 +130,19 @@ class NewReno:
         if self.cwnd < self.ssthresh:
             self.cwnd += min(acked, 2 * smss)  # RFC 5681 eq. 2 with RFC 3465 L = 2*SMSS
         else:
-            self._ca_acc += acked
-            if self._ca_acc >= self.cwnd:  # RFC 5681 eq. 3 by byte counting
-                self._ca_acc -= self.cwnd
-                self.cwnd += smss
+            self.avoid(acked, now, srtt)
         return False
+
+    def avoid(self, acked: int, now: float, srtt: float | None) -> None:
+        """Congestion avoidance growth for `acked` new bytes (RFC 5681 eq. 3)."""
+        self._ca_acc += acked
+        if self._ca_acc >= self.cwnd:  # RFC 5681 eq. 3 by byte counting
+            self._ca_acc -= self.cwnd
+            self.cwnd += self.smss
+
+    def reduce(self, flight: int) -> int:
+        """The ssthresh after a congestion event with `flight` bytes out (RFC 5681 eq. 4)."""
+        return max(flight // 2, 2 * self.smss)
 
     def on_dupack(
         self, snd_una: int, snd_max: int, flight: int, new_loss: bool = False,
@@ -141,10 +160,14 @@ class NewReno:
             if not self.sack:
                 self.cwnd += self.smss  # RFC 5681 §3.2 step 4 (inflation)
             return False
-        if self.dupacks == DUPTHRESH or (lost and self.sack and self.dupacks < DUPTHRESH):
+        if self.rack and self.sack:
+            start = lost  # RACK: time decides, not the count of duplicates
+        else:
+            start = self.dupacks == DUPTHRESH or (lost and self.sack and self.dupacks < DUPTHRESH)
+        if start:
             if snd_una < self.recover and not new_loss:
                 return False  # RFC 6582 §3.2 step 2: ACK does not cover `recover`
-            self.ssthresh = max(flight // 2, 2 * self.smss)
+            self.ssthresh = self.reduce(flight)
             self.recover = snd_max
             self.in_recovery = True
             # RFC 6675 §5 step 4.2: cwnd = ssthresh; RFC 5681 §3.2 step 3: + 3 SMSS.
@@ -166,7 +189,7 @@ class NewReno:
         (RFC 5681 §3.1, "ssthresh is held constant" on a retransmission's loss).
         """
         if first:
-            self.ssthresh = max(flight // 2, 2 * self.smss)
+            self.ssthresh = self.reduce(flight)
         self.cwnd = self.smss
         self.in_recovery = False
         self.recover = snd_max

@@ -8,13 +8,13 @@ Rules (each handler cites the clause it implements):
   answered with an ACK or a RST, or ends the connection with an event. Misuse of this API
   raises LocalProtocolError; a state change the table lacks raises TransitionError (a bug).
 - The state changes only in `_move`, along an edge of the table in stack/state.py.
-- Input follows RFC 9293 §3.10.7 ("SEGMENT ARRIVES") state by state: CLOSED here, LISTEN
-  and SYN-SENT in stack/handshake.py, SYN-RECEIVED and the synchronized states here, with
-  RFC 5961 (RST and SYN challenge ACKs, ACK range check), RFC 7323 (PAWS, TS.Recent) and
-  RFC 2018 (SACK) woven in. ICMP errors: RFC 9293 §3.9.1.4 (MUST-54..56, `icmp_effect` in
-  stack/events.py) and RFC 5927 §4.1 (an error quoting a sequence number outside
-  [SND.UNA, SND.NXT] is dropped). Urgent data: RFC 9293 §3.8.5 (MUST-30..33, inline only:
-  no out-of-band byte; urgent data does not bypass Nagle or the windows).
+- Input follows RFC 9293 §3.10.7 ("SEGMENT ARRIVES"): header prediction here, every other
+  segment state by state in stack/arrives.py (SegmentArrives, this class's base: CLOSED,
+  SYN-RECEIVED and the synchronized states, with RFC 5961, RFC 7323 and RFC 2018) and
+  stack/handshake.py (LISTEN, SYN-SENT). ICMP errors: RFC 9293 §3.9.1.4 (MUST-54..56,
+  `icmp_effect` in stack/events.py) and RFC 5927 §4.1 (an error quoting a sequence number
+  outside [SND.UNA, SND.NXT] is dropped). Urgent data: RFC 9293 §3.8.5 (MUST-30..33,
+  inline only: no out-of-band byte; urgent data does not bypass Nagle or the windows).
 
 Theory of operation: one class holds the state and routes; the work is done by components
 it builds and hands to each other explicitly: the Sender (stack/send.py: SND.*, output,
@@ -27,38 +27,36 @@ are absolute ints (stack/seq.py). `receive_segment` first tries header predictio
 9293 §3.10 note, Van Jacobson): ESTABLISHED, only ACK (and PSH), the expected sequence
 number, nothing out of order, an ACK in range; then in-order data or a pure ACK of new
 data is handled inline on the components' fields (the per-segment cost: locals, no extra
-calls). Everything else takes the per-state slow path. Output is pulled: input only
-updates state and sets flags; `segments_to_send` turns them into segments, so the ACKs for
-a whole batch of input are aggregated (MUST-58/59).
+calls). Everything else takes the per-state slow path (stack/arrives.py). Output is
+pulled: input only updates state and sets flags; `segments_to_send` turns them into
+segments, so the ACKs for a whole batch of input are aggregated (MUST-58/59).
 """
 
 from __future__ import annotations
 
 from collections import deque
 
-from stack.congestion import NewReno
+from stack.arrives import SegmentArrives
+from stack.cubic import make_cc
 from stack.events import (
-    Closed,
-    Connected,
     ConnectionReset,
     DataReceived,
     Event,
     IcmpEffect,
     IcmpKind,
     LocalProtocolError,
-    ResetToListen,
     SoftError,
     icmp_effect,
 )
 from stack.handshake import Endpoint, Handshake, reset_reply
 from stack.loss import RtoEstimator, Scoreboard
-from stack.receive import DATA_MARK, Acceptable, Receiver
-from stack.send import AckResult, Sender
+from stack.receive import DATA_MARK, Receiver, keep
+from stack.send import Sender
 from stack.seq import HALF, MASK, ts_offset
-from stack.state import CAN_RECEIVE, CAN_SEND, Ev, State, next_state
+from stack.state import CAN_RECEIVE, CAN_SEND, Ev, State
 from stack.tcp_config import TcpConfig
 from stack.timers import Timers
-from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, URG, TcpSegment
+from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpSegment
 
 __all__ = ["TcpConnection", "Endpoint", "reset_reply"]
 
@@ -70,7 +68,7 @@ _ABORT_SENDS_RST = frozenset(
 )
 
 
-class TcpConnection:
+class TcpConnection(SegmentArrives):
     """One TCP connection between `local` and `remote` (packed address, port)."""
 
     def __init__(
@@ -94,7 +92,7 @@ class TcpConnection:
         self._rcv = Receiver(cfg, my_mss, self._events, self.drops)
         self._snd = Sender(
             cfg, (local[1], remote[1]), mss, ts_offset(cfg.isn_key, local, remote), self._rcv,
-            NewReno(mss, cfg.initial_cwnd or None), Scoreboard(),
+            make_cc(cfg.congestion, mss, cfg.initial_cwnd or None), Scoreboard(),
             RtoEstimator(cfg.rto_initial, cfg.rto_min, cfg.rto_max, var_min=cfg.rto_var_min),
         )
         self._hs = Handshake(cfg, local, remote, iss, self._snd, self._rcv, self.drops)
@@ -174,10 +172,6 @@ class TcpConnection:
         """Bytes of the peer's urgent data not yet read by the application (MUST-33)."""
         return self._rcv.urgent_remaining
 
-    def _move(self, ev: Ev) -> None:
-        """The one place the state changes: along the edge `ev` of the table (stack/state.py)."""
-        self._state = next_state(self._state, ev)
-
     # ------------------------------------------------------------------ API: open and close
 
     def connect(self, now: float) -> None:
@@ -221,33 +215,6 @@ class TcpConnection:
         if st in _ABORT_SENDS_RST:
             self._rst_out.append(self._snd.rst())  # <SEQ=SND.NXT><CTL=RST>
         self._enter_closed(Ev.ABORT)
-
-    def _establish(self, ev: Ev) -> None:
-        # A SYN(-ACK) resend still pending (SND.NXT = 0 after the peer's SYN again or our
-        # RTO) is obsolete once the SYN is acknowledged: SND.NXT never trails SND.UNA.
-        snd = self._snd
-        if snd.nxt < snd.una:
-            snd.nxt = snd.una
-        self._move(ev)  # ESTABLISHED
-        self._events.append(Connected())
-        if self._close_requested:
-            snd.fin = 1 + snd.buf.end
-            self._move(Ev.CLOSE)  # FIN-WAIT-1 (RFC 9293 §3.10.4: the deferred CLOSE)
-
-    def _enter_time_wait(self, ev: Ev, now: float) -> None:
-        self._move(ev)
-        self._timers.time_wait(now)  # MUST-13
-        self._snd.rto_at = self._snd.persist_at = None
-
-    def _enter_closed(self, ev: Ev) -> None:
-        self._move(ev)
-        snd, rcv = self._snd, self._rcv
-        snd.rto_at = snd.persist_at = self._timers.timewait_at = rcv.delack_at = None
-        rcv.ack_now = snd.retx_pending = snd.probe_pending = snd.ka_pending = False
-        rcv.ooo.clear()
-        rcv.ooo_fin = None
-        rcv.gap = False
-        self._events.append(Closed())
 
     # ------------------------------------------------------------------ API: data
 
@@ -346,16 +313,14 @@ class TcpConnection:
             out = []
         return snd.output(now, self._state, out)
 
-    def _drop(self, reason: str) -> None:
-        self.drops[reason] = self.drops.get(reason, 0) + 1
-
     # ------------------------------------------------------------------ input
 
     def receive_segment(self, seg: TcpSegment, now: float) -> None:
         """Process one segment addressed to this connection (RFC 9293 §3.10.7). Never raises.
 
-        What the connection keeps of the payload is copied, so the caller may reuse the
-        buffer behind `seg.payload` as soon as this returns.
+        What the connection keeps of the payload is copied (a view into an immutable
+        `bytes` frame is kept as it is: stack/receive.py `keep`), so the caller may reuse
+        the buffer behind `seg.payload` as soon as this returns.
         """
         # Header prediction (RFC 9293 §3.10 note; Van Jacobson). One unpack of the tuple
         # and locals instead of repeated attribute lookups: this is the per-segment cost.
@@ -391,7 +356,7 @@ class TcpConnection:
                     # In-order text (§3.10.7.4 seventh step), Receiver.accept inlined.
                     rcv.nxt = rcv_nxt + n
                     rcv.bytes_in += n
-                    rcv.rx.append(payload if type(payload) is bytes else bytes(payload))
+                    rcv.rx.append(payload if type(payload) is bytes else keep(payload))
                     rcv.rx_len += n
                     ev = self._events
                     if not ev or ev[-1] is not DATA_MARK:
@@ -414,152 +379,15 @@ class TcpConnection:
                 # New data acknowledged, and the window (WL1 <= RCV.NXT, WL2 < SEG.ACK).
                 snd.new_ack(una + d, d, ts, now, window << snd.wscale, rcv_nxt)
                 return
+        elif (rcv.gap and payload and not sack and (flags == ACK or flags == _ACK_PSH)
+              and self._state is _ESTABLISHED):
+            snd = self._snd  # the run above a hole: no new ACK, same window (Receiver)
+            if (ack == (snd.iss + snd.una) & MASK and window << snd.wscale == snd.wnd
+                    and rcv.ooo_tail(seq, payload, ts)):
+                self.fast_path += 1
+                return
         self._slow_path(seg, now)
 
-    def _slow_path(self, seg: TcpSegment, now: float) -> None:
-        st = self._state
-        if st is State.CLOSED:
-            self._drop("closed")
-            rst = reset_reply(seg)  # RFC 9293 §3.10.7.1
-            if rst is not None:
-                self._rst_out.append(rst)
-            return
-        if st is not State.LISTEN and st is not State.SYN_SENT:
-            self._on_synchronized(seg, now)
-            return
-        hs = self._hs
-        res = hs.on_listen(seg, now) if st is State.LISTEN else hs.on_syn_sent(seg, now)
-        if res is None:
-            return
-        if isinstance(res, TcpSegment):
-            self._rst_out.append(res)
-        elif res is Ev.RCV_SYN_ACK:
-            self._establish(res)
-            self._rcv.ack_now = True
-        elif res is Ev.RCV_RST:
-            self._events.append(ConnectionReset("refused"))
-            self._enter_closed(res)
-        else:
-            self._move(res)  # a SYN: SYN-RECEIVED
-
-    def _on_synchronized(self, seg: TcpSegment, now: float) -> None:
-        """RFC 9293 §3.10.7.4, SYN-RECEIVED and every synchronized state."""
-        f = seg.flags
-        st = self._state
-        rcv = self._rcv
-        if st is State.SYN_RECEIVED and f & SYN and not f & RST and seg.seq == rcv.irs:
-            if not f & ACK:
-                self._snd.nxt = 0  # the peer lost our SYN-ACK: send it again
-                return
-            if self._hs.crossing_syn_ack(seg, now):
-                self._establish(Ev.RCV_ACK_OF_SYN)
-                return
-        # RFC 7323 §3.2 / §5.3: timestamps, then PAWS, before the sequence test.
-        ts = seg.ts
-        payload = seg.payload
-        seg_len = len(payload) + (1 if f & SYN else 0) + (1 if f & FIN else 0)
-        if rcv.ts_on and not f & RST and rcv.paws_rejects(ts, now, seg_len):
-            return
-        seg_abs = rcv.unwrap(seg.seq)
-        # First: the acceptability test (RFC 9293 §3.10.7.4).
-        verdict = rcv.acceptable(seg_abs, seg_len, bool(f & ACK))
-        if verdict is Acceptable.NO:
-            if f & RST:
-                self._drop("rst_out_of_window")
-                return
-            rcv.unacceptable(seg_abs, len(payload), seg_len, now)
-            if st is State.TIME_WAIT and f & FIN and seg_abs + seg_len == rcv.nxt:
-                # RFC 9293 §3.10.7.4 TIME-WAIT: the peer's FIN again: ACK, restart 2 MSL.
-                self._timers.time_wait(now)
-            return
-        text = verdict is Acceptable.YES  # else an ACK at RCV.NXT in a zero window
-        # Second: RST (RFC 9293 §3.10.7.4 with RFC 5961 §3.2).
-        if f & RST:
-            if seg_abs != rcv.nxt:
-                self._drop("rst_challenged")
-                rcv.challenge(now)
-                return
-            self._on_reset()
-            return
-        # Fourth: SYN in a synchronized state gets a challenge ACK (RFC 5961 §4.2).
-        if f & SYN:
-            self._drop("syn_challenged")
-            rcv.challenge(now)
-            return
-        # Fifth: the ACK field.
-        if not f & ACK:
-            self._drop("no_ack")
-            return
-        if ts is not None:
-            rcv.take_ts(ts[0], seg_abs, now)  # RFC 7323 §4.3
-        if st is State.SYN_RECEIVED:
-            rst = self._hs.syn_acked(seg, seg_abs, now)
-            if rst is not None:
-                self._rst_out.append(rst)
-                return
-            self._establish(Ev.RCV_ACK_OF_SYN)
-        if not self._on_ack(seg, seg_abs, now):
-            return
-        st = self._state
-        if st is State.CLOSED:
-            return
-        # Sixth to eighth: URG, the text, FIN (RFC 9293 §3.10.7.4), by the Receiver.
-        urg = seg.urg if f & URG else 0
-        if rcv.urg_text_fin(seg_abs, urg, payload, bool(f & FIN), text, st in CAN_RECEIVE, now):
-            self._on_fin(now)
-
-    def _on_ack(self, seg: TcpSegment, seg_abs: int, now: float) -> bool:
-        """Fifth step: the Sender takes the ACK; an ACK of our FIN moves the state.
-        Returns False when the segment is finished."""
-        res = self._snd.on_ack(seg, seg_abs, now)
-        if res is not AckResult.OK:
-            if res is AckResult.UNSENT:
-                self._drop("ack_of_unsent")  # RFC 9293: drop, send an ACK (rate limited)
-                self._rcv.invalid_ack(len(seg.payload) or seg.flags & (SYN | FIN), now)
-                return False
-            if res is AckResult.TOO_OLD:
-                self._drop("ack_too_old")  # RFC 5961 §5.2: challenge ACK, drop
-                self._rcv.challenge(now)
-                return False
-            return True  # an old duplicate ACK: ignored, the text still counts
-        if self._snd.fin_acked:
-            st = self._state
-            if st is State.FIN_WAIT_1:
-                self._move(Ev.RCV_ACK_OF_FIN)
-            elif st is State.CLOSING:
-                self._enter_time_wait(Ev.RCV_ACK_OF_FIN, now)
-            elif st is State.LAST_ACK:
-                self._enter_closed(Ev.RCV_ACK_OF_FIN)
-                return False
-        return True
-
-    def _on_fin(self, now: float) -> None:
-        """RFC 9293 §3.10.7.4 eighth step: the peer's FIN took effect (the Receiver said)."""
-        st = self._state
-        if st is State.ESTABLISHED or st is State.SYN_RECEIVED:
-            self._move(Ev.RCV_FIN)  # CLOSE-WAIT
-        elif st is State.FIN_WAIT_1:
-            if self._snd.fin_acked:
-                self._move(Ev.RCV_ACK_OF_FIN)  # our FIN is acknowledged too: FIN-WAIT-2 ...
-                self._enter_time_wait(Ev.RCV_FIN, now)  # ... and on to TIME-WAIT
-            else:
-                self._move(Ev.RCV_FIN)  # CLOSING
-        elif st is State.FIN_WAIT_2:
-            self._enter_time_wait(Ev.RCV_FIN, now)
-
-    def _on_reset(self) -> None:
-        """Second step, an acceptable RST: MUST-11 back to LISTEN, else reported (MUST-12)."""
-        st = self._state
-        if st is State.SYN_RECEIVED and self._hs.passive:
-            self._move(Ev.RCV_RST_PASSIVE)
-            self._hs.back_to_listen()
-            self._events.append(ResetToListen())
-            return
-        if st is not State.TIME_WAIT:
-            self._events.append(
-                ConnectionReset("refused" if st is State.SYN_RECEIVED else "reset")
-            )
-        self._enter_closed(Ev.RCV_RST)
 
     # ------------------------------------------------------------------ timers
 
@@ -636,5 +464,6 @@ class TcpConnection:
             "rcv_wnd": max(rcv.adv - rcv.nxt, 0),
             "unsent": max(snd.buf.end - max(snd.nxt - 1, 0), 0),
             "in_flight": snd.nxt - snd.una, "out_of_order": rcv.ooo.nbytes,
+            "rcv_buff": rcv.cap, "snd_buff": snd.buf.capacity, "tlp": snd.tlp_probes,
             "drops": dict(self.drops), "soft_error": self._soft_error,
         }

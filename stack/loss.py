@@ -59,15 +59,39 @@ lost edge: unSACKed octets below it are lost, those above are in flight. The fun
 below the class are pure and walk at most the 32 ranges kept. Whether a duplicate ACK
 starts recovery is congestion control's call (stack/congestion.py); a time-based loss
 detector (RACK-TLP, RFC 8985) would live here beside IsLost and the RTO, and answer
-`next_seg` the same way.
+`next_seg` the same way: `Rack` below does, by setting the scoreboard's lost edge.
+
+RACK (RFC 8985, `Rack`): time-based loss detection. Rules:
+- §6.1-6.2: RACK.xmit_ts is the send time of the most recently sent segment the peer
+  delivered (ACKed or SACKed); a segment sent RACK.reo_wnd or more before it, and still
+  not delivered, is lost. Original transmissions are sent in sequence order, so the lost
+  ones form a prefix: the scoreboard's lost edge is the end of the last one (`edge`);
+  unSACKed octets below it are lost (RFC 6675's pipe and NextSeg then work unchanged).
+- §6.2 step 2: reordering is seen when a segment never retransmitted is delivered below
+  RACK.fack (the highest position delivered), or a D-SACK arrives (RFC 2883).
+- §6.2 step 4: RACK.reo_wnd = 0 while no reordering was seen and either recovery is on
+  or DupThresh segments are SACKed (RACK then acts like RFC 6675's IsLost); otherwise
+  min(reo_wnd_mult * min_RTT / 4, SRTT). Each D-SACK (at most once per round trip)
+  raises reo_wnd_mult, up to 16, so a path that reorders by more than a quarter RTT stops
+  causing spurious fast retransmits.
+- With RACK on, three duplicate ACKs alone do not start recovery (RFC 8985 §3.4): only a
+  lost segment does (stack/congestion.py `rack`).
+- §6.3: the reordering timer (`deadline`, `timeout`) marks segments lost when no more
+  ACKs come: send time + RACK.rtt + reo_wnd.
+- Retransmissions are logged with their send time (`retransmitted`): a delivered one moves
+  RACK.xmit_ts unless it came back faster than min_RTT (then the original arrived,
+  §6.2 step 1); one sent reo_wnd before RACK.xmit_ts and still undelivered is lost again
+  (`relost`) and resent without waiting for the RTO.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
+
 from stack.seq import MASK
 
-__all__ = ["DUPTHRESH", "RtoEstimator", "Scoreboard", "sacked_between", "lost_edge", "pipe",
-           "next_hole"]
+__all__ = ["DUPTHRESH", "Rack", "RtoEstimator", "Scoreboard", "sacked_between", "lost_edge",
+           "pipe", "next_hole"]
 
 DUPTHRESH = 3
 MAX_RANGES = 32
@@ -78,9 +102,10 @@ Ranges = list[tuple[int, int]]
 class Scoreboard:
     """SACKed ranges above SND.UNA and HighRxt, in absolute positions."""
 
-    __slots__ = ("sacked", "high_rxt", "rescue_rxt")
+    __slots__ = ("sacked", "high_rxt", "rescue_rxt", "rack")
 
     def __init__(self) -> None:
+        self.rack: int | None = None  # RACK's lost edge; None: RFC 6675 IsLost decides
         self.sacked: Ranges = []
         self.high_rxt = 0  # RFC 6675 HighRxt: one past the last octet retransmitted
         self.rescue_rxt: int | None = None  # RFC 6675 RescueRxt (None: undefined)
@@ -110,7 +135,14 @@ class Scoreboard:
 
     def is_lost(self, una: int, smss: int) -> bool:
         """RFC 6675 §4 IsLost(HighACK + 1): the first unacknowledged octet is lost."""
-        return lost_edge(una, self.sacked, smss) > una
+        return self.edge(una, smss) > una
+
+    def edge(self, una: int, smss: int) -> int:
+        """Below this position unSACKed octets are lost (RACK's edge, else IsLost's)."""
+        r = self.rack
+        if r is not None:
+            return r if r > una else una
+        return lost_edge(una, self.sacked, smss)
 
     def rescue(self, una: int, high: int, smss: int) -> int | None:
         """RFC 6675 §4 NextSeg rule (4): once per recovery (HighACK > RescueRxt or RescueRxt
@@ -166,8 +198,7 @@ class Scoreboard:
 
     def pipe_now(self, una: int, high: int, smss: int) -> int:
         """RFC 6675 SetPipe() for the current scoreboard."""
-        sacked = self.sacked
-        return pipe(una, high, self.high_rxt, sacked, lost_edge(una, sacked, smss))
+        return pipe(una, high, self.high_rxt, self.sacked, self.edge(una, smss))
 
     def next_seg(self, una: int, smss: int, rule: int) -> int | None:
         """RFC 6675 NextSeg() rule 1 (`rule` 1: a lost hole) or rule 3 (`rule` 3: any hole
@@ -175,9 +206,153 @@ class Scoreboard:
         sacked = self.sacked
         start = una if una > self.high_rxt else self.high_rxt
         if rule == 1:
-            return next_hole(start, lost_edge(una, sacked, smss), sacked)
+            return next_hole(start, self.edge(una, smss), sacked)
         top = sacked[-1][1] if sacked else una
         return next_hole(start, top, sacked)
+
+
+class Rack:
+    """RFC 8985 RACK state: the send times of original transmissions and what was delivered."""
+
+    __slots__ = ("ends", "times", "head", "fack", "xmit_ts", "reordering", "min_rtt",
+                 "mult", "dsack_at", "rtt", "reo", "last_dsack", "rxt")
+
+    def __init__(self) -> None:
+        self.ends: list[int] = []  # end position of each original transmission, in order
+        self.times: list[float] = []  # ... and when it was sent
+        self.head = 0  # first entry not yet cumulatively acknowledged
+        self.fack = 0  # RACK.fack: the highest position delivered
+        self.xmit_ts = float("-inf")  # RACK.xmit_ts
+        self.reordering = False  # RACK.reordering_seen
+        self.min_rtt = float("inf")
+        self.mult = 1  # RACK.reo_wnd_mult
+        self.dsack_at = float("-inf")  # when reo_wnd_mult last grew
+        self.rtt = 0.0  # RACK.rtt: the RTT of the segment that set RACK.xmit_ts
+        self.reo = 0.0  # the reo_wnd of the last `edge`
+        self.last_dsack = float("-inf")  # when the last D-SACK arrived
+        self.rxt: list[tuple[int, int, float]] = []  # retransmissions not yet delivered
+
+    def sent(self, end: int, now: float) -> None:
+        """New data up to `end` was sent for the first time at `now`."""
+        self.ends.append(end)
+        self.times.append(now)
+
+    def delivered(self, una: int, top: int, high_rxt: int, rtt: float | None,
+                  now: float) -> None:
+        """The peer holds everything below `una` and up to `top` (the highest SACKed end,
+        or `una`); `rtt` is this ACK's RTT sample. Updates RACK.fack, RACK.xmit_ts and
+        reordering_seen (§6.2 steps 1-2: data delivered below RACK.fack that was not
+        retransmitted, here what lies at or above HighRxt)."""
+        if rtt is not None and 0 < rtt < self.min_rtt:
+            self.min_rtt = rtt
+        ends = self.ends
+        if top > self.fack:
+            self.fack = top
+            i = bisect_right(ends, top - 1, self.head)
+            if i < len(ends) and self.times[i] > self.xmit_ts:
+                self.xmit_ts = self.times[i]
+                self.rtt = now - self.xmit_ts
+        elif una > high_rxt and una < self.fack:
+            self.reordering = True  # a hole we did not resend filled by itself
+
+    def acked(self, una: int) -> None:
+        """The cumulative ACK reached `una`: forget the send times below it."""
+        ends = self.ends
+        if self.rxt and self.rxt[0][1] <= una:
+            self.rxt = [r for r in self.rxt if r[1] > una]
+        h = self.head
+        if h < len(ends) and ends[h] <= una:  # the ends ascend: one search, not a walk
+            h = bisect_right(ends, una, h)
+        if h > 64 and 2 * h > len(ends):
+            del ends[:h], self.times[:h]
+            h = 0
+        self.head = h
+
+    def retransmitted(self, start: int, end: int, now: float) -> None:
+        """[start, end) was sent again at `now` (its send time counts from now on)."""
+        rxt = self.rxt
+        for i, (s, _e, _t) in enumerate(rxt):
+            if s == start:
+                rxt[i] = (start, end, now)
+                return
+        if len(rxt) < 256:
+            rxt.append((start, end, now))
+
+    def rxt_delivered(self, una: int, sacked: Ranges, now: float) -> None:
+        """RFC 8985 §6.2 step 1 for retransmissions: one now ACKed or SACKed, and not
+        delivered faster than min_RTT (which would mean the original arrived), moves
+        RACK.xmit_ts to its retransmission time."""
+        keep: list[tuple[int, int, float]] = []
+        for s, e, t in self.rxt:
+            if e <= una or any(a <= s and e <= b for a, b in sacked):
+                if now - t >= self.min_rtt - 0.001:  # (ms timestamp granularity)
+                    if t > self.xmit_ts:
+                        self.xmit_ts = t
+                        self.rtt = now - t
+            else:
+                keep.append((s, e, t))
+        self.rxt = keep
+
+    def relost(self) -> int | None:
+        """RFC 8985 §6.2 step 5 for retransmissions: the start of the lowest retransmission
+        sent reo_wnd or more before RACK.xmit_ts and not delivered (lost again: it must be
+        resent, so HighRxt goes back to it); None when there is none."""
+        thr = self.xmit_ts - self.reo
+        low: int | None = None
+        keep: list[tuple[int, int, float]] = []
+        for s, e, t in self.rxt:
+            if t <= thr:
+                if low is None or s < low:
+                    low = s
+            else:
+                keep.append((s, e, t))
+        self.rxt = keep
+        return low
+
+    def dsack(self, now: float, srtt: float | None) -> None:
+        """A D-SACK arrived (RFC 2883): reordering seen; reo_wnd_mult grows (once per RTT)."""
+        self.reordering = True
+        self.last_dsack = now
+        if now - self.dsack_at >= (srtt or 0.0):
+            self.dsack_at = now
+            if self.mult < 16:
+                self.mult += 1
+
+    def edge(self, una: int, srtt: float | None, recovery: bool, sacked_segs: int) -> int:
+        """RFC 8985 §6.2 step 5 as a position: original segments sent at least reo_wnd
+        before RACK.xmit_ts are lost; returns the end of the last of them (>= `una`)."""
+        if not self.reordering and (recovery or sacked_segs >= DUPTHRESH):
+            reo = 0.0
+        else:
+            base = self.min_rtt if self.min_rtt < float("inf") else (srtt or 0.0)
+            reo = self.mult * base / 4
+            if srtt is not None and reo > srtt:
+                reo = srtt
+        self.reo = reo
+        i = bisect_right(self.times, self.xmit_ts - reo, self.head) - 1
+        if i < self.head:
+            return una
+        e = self.ends[i]
+        if e > self.fack:
+            e = self.fack
+        return e if e > una else una
+
+
+    def deadline(self, edge: int, now: float) -> float | None:
+        """RFC 8985 §6.3 reordering timer: when the first segment at or above `edge` sent
+        before RACK.xmit_ts becomes lost (its send time + RACK.rtt + reo_wnd); None: none."""
+        i = bisect_right(self.ends, edge, self.head)
+        if i >= len(self.ends) or self.ends[i] > self.fack or self.times[i] > self.xmit_ts:
+            return None
+        t = self.times[i] + self.rtt + self.reo
+        return t if t > now + 0.0005 else now + 0.0005  # never again at once (rounding)
+
+    def timeout(self, now: float) -> None:
+        """The reordering timer fired: time passed counts as if a segment sent RACK.rtt
+        ago had been delivered (§6.3: lost when xmit + RACK.rtt + reo_wnd <= now)."""
+        t = now - self.rtt
+        if t > self.xmit_ts:
+            self.xmit_ts = t
 
 
 def sacked_between(sacked: Ranges, a: int, b: int) -> int:

@@ -38,6 +38,8 @@ Rules:
   a zero (or too small) window: probe after max(RTO, 200 ms), backing off.
 - RFC 5681 §4.1: after idling more than one RTO, restart from at most the initial window.
 - RFC 1191 §6.3 / RFC 8201 §5.2 (`path_mtu`): a smaller MSS resends what is in flight.
+- Send-buffer growth (`send_buffer_max`, Linux tcp_sndbuf_expand): on each ACK of new
+  data the buffer may grow to twice min(cwnd, the largest window offered).
 - `tx_max_segment` lets one output segment carry several SMSS (a TSO/GSO super-segment
   for a TUN); its size is a whole number of SMSS, so the kernel cuts wire-sized pieces.
 
@@ -48,6 +50,8 @@ segment acknowledges. `output` computes those ACK fields once per call (`AckFiel
 appends TcpSegments whose payloads are zero-copy slices of the SendBuffer. Input calls
 `on_ack` (header prediction calls `new_ack` directly) and timers call `expire`. The Sender
 never changes the connection's state: `on_ack` and `expire` report, the connection acts.
+The recovery half (timer expiry, fast and SACK retransmission, persist probes, PMTU) is
+the base class `Retransmitter` in stack/retransmit.py; this module keeps the common path.
 """
 
 from __future__ import annotations
@@ -55,9 +59,10 @@ from __future__ import annotations
 from enum import Enum
 
 from stack.buffers import SendBuffer
-from stack.congestion import CongestionControl, initial_window
-from stack.loss import RtoEstimator, Scoreboard
+from stack.congestion import CongestionControl
+from stack.loss import Rack, RtoEstimator, Scoreboard
 from stack.receive import Receiver
+from stack.retransmit import AckFields, Retransmitter
 from stack.seq import HALF, MASK, ts_clock
 from stack.state import State
 from stack.tcp_config import TcpConfig
@@ -82,12 +87,15 @@ class AckResult(Enum):
     OLD = "an old duplicate: ignored, the text still counts"
     UNSENT = "beyond SND.MAX: drop, send an ACK (RFC 9293 §3.10.7.4)"
     TOO_OLD = "older than the largest window: drop, challenge ACK (RFC 5961 §5.2)"
-# The fields every segment after the SYN carries (RFC 9293 §3.1, RFC 7323 §3.2, RFC 2018
-# §4): ACK number, window field, TSopt, SACK blocks; computed once per segments_to_send().
-AckFields = tuple[int, int, tuple[int, int] | None, tuple[tuple[int, int], ...]]
 
 
-class Sender:
+def sack_room(blocks: tuple[tuple[int, int], ...]) -> int:
+    """Option bytes of `blocks` as build_options lays them out: NOP, NOP, kind, length,
+    8 bytes per block (RFC 2018 §3)."""
+    return 4 + 8 * len(blocks)
+
+
+class Sender(Retransmitter):
     """SND.* variables, the send buffer, what may be sent now, and retransmission."""
 
     __slots__ = (
@@ -97,7 +105,9 @@ class Sender:
         "probe_pending", "last_send_at", "rtt_abs", "rtt_at", "retries", "rto_tsval", "undo",
         "spurious_rtos",
         "max_retries", "syn_retries", "retransmissions", "bytes_out", "ka_pending",
-        "syn_opts", "rcv", "cc", "board", "rto",
+        "syn_opts", "rcv", "cc", "board", "rto", "rack", "rack_on", "early_at", "reo_at",
+        "pto_at", "tlp_end", "tlp_retx", "tlp_pending", "tlp_probes", "tlp_at", "sndbuf_max",
+        "frto",
     )
 
     def __init__(
@@ -151,7 +161,21 @@ class Sender:
         self.syn_opts = (min(cfg.recv_buffer, 0xFFFF),
                          cfg.rcv_wscale if cfg.window_scaling else None, cfg.sack,
                          cfg.timestamps)
+        self.early_at: float | None = None  # min(reo_at, pto_at), for stack/timers.py
+        self.reo_at: float | None = None  # RFC 8985 §6.3 reordering timer
+        self.pto_at: float | None = None  # RFC 8985 §7.2 probe timeout (TLP)
+        self.tlp_end: int | None = None  # TLPRxtOut: SND.MAX when the probe went out
+        self.tlp_retx = False  # ... and the probe was a retransmission
+        self.tlp_pending = False  # send the loss probe at the next output
+        self.tlp_probes = 0  # tail loss probes sent
+        self.tlp_at = 0.0  # when the last one was sent
+        self.frto: int | None = None  # F-RTO (RFC 5682) waits for its second ACK: pipe_prev
+        self.rack = Rack()  # RFC 8985, used while SACK is on (`rack_on`)
+        self.rack_on = cfg.rack
+        cc.rack = cfg.rack
         self.rcv = rcv  # whose numbers every segment acknowledges
+        rcv.rtt_est = rto  # receive-buffer autotuning measures per SRTT
+        self.sndbuf_max = max(cfg.send_buffer_max, cfg.send_buffer)
         self.cc = cc
         self.board = board
         self.rto = rto
@@ -200,6 +224,8 @@ class Sender:
                 if self.probe_pending:
                     self.send_probe(now, out, af)
                 self.send_data(now, out, af)
+                if self.sack_on and self.rack_on and self.pto_at is None and len(out) > n0:
+                    self.arm_early(now)
         if self.ka_pending:
             # RFC 9293 §3.8.4: SEG.SEQ = SND.NXT - 1 makes the peer answer with an ACK.
             self.ka_pending = False
@@ -276,6 +302,11 @@ class Sender:
             payload, urg, None, None, False, ts, sack,
         )
 
+    def room(self, af: AckFields) -> int:
+        """Payload bytes of one wire segment carrying `af`'s options (RFC 9293 §3.7.1,
+        RFC 6691): SMSS already leaves room for the TSopt; SACK blocks take theirs."""
+        return self.mss - sack_room(af[3]) if af[3] else self.mss
+
     def max_segment(self) -> int:
         """The most payload one output segment carries (a multiple of SMSS)."""
         mss = self.mss
@@ -291,6 +322,8 @@ class Sender:
         buf = self.buf
         mss = self.mss
         maxseg = self.max_segment()
+        if af[3]:  # SACK blocks ride along: smaller wire segments, no super-segments
+            mss = maxseg = mss - sack_room(af[3])
         fin_abs = self.fin
         cc = self.cc
         last = self.last_send_at
@@ -304,6 +337,7 @@ class Sender:
         ack, win, ts, sack = af
         up = self.up
         board = self.board
+        rack = self.rack if self.sack_on and self.rack_on else None
         # Going back after an RTO with SACK information kept: skip what was SACKed.
         sacked_top = self.max if board.sacked and self.nxt < self.max else 0
         while True:
@@ -360,6 +394,8 @@ class Sender:
                 self.advance(new_nxt, now)
             else:  # advance() for new data, already timed or timed by TSopt
                 self.max = self.nxt = new_nxt
+                if rack is not None:
+                    rack.sent(new_nxt, now)
                 self.last_send_at = now
                 if self.rto_at is None:
                     self.rto_at = now + self.rto.rto  # RFC 6298 §5.1
@@ -375,97 +411,12 @@ class Sender:
             self.rtt_at = now
         if new_nxt > self.max:
             self.max = new_nxt
+            if self.sack_on and self.rack_on:
+                self.rack.sent(new_nxt, now)
         self.nxt = new_nxt
         self.last_send_at = now
         if self.rto_at is None:
             self.rto_at = now + self.rto.rto  # RFC 6298 §5.1
-
-    def arm_persist(self, now: float) -> None:
-        """Nothing can be sent and nothing is in flight: the persist timer will probe."""
-        if self.nxt == self.una and self.rto_at is None and self.persist_at is None:
-            delay = max(self.rto.rto, 0.2) * (1 << min(self.persist_backoff, 8))
-            self.persist_at = now + min(delay, self.rto.maximum)
-
-    def retransmit_at(self, pos: int, now: float, out: list[TcpSegment], af: AckFields
-                      ) -> bool:
-        """Resend one segment from `pos` (fast retransmit, RFC 5681 §3.2; NewReno partial
-        ACK, RFC 6582; an RFC 6675 hole): up to SMSS, stopping at the next SACKed range,
-        not timed (Karn). Moves HighRxt. Returns False if there was nothing to send."""
-        if pos >= self.max:
-            return False
-        buf = self.buf
-        off = pos - 1
-        n = max(min(buf.end - off, self.mss), 0)
-        stop = self.board.first_sacked_after(pos)
-        if stop is not None:
-            n = min(n, stop - pos)
-        fin = self.fin is not None and pos + n == self.fin
-        if n <= 0 and not fin:
-            return False
-        payload = buf.peek(off, n) if n > 0 else b""
-        out.append(self.segment(pos, ACK | FIN if fin else ACK, payload, af))
-        self.board.high_rxt = pos + n + fin
-        self.retransmissions += 1
-        self.rtt_abs = None
-        self.last_send_at = now
-        if self.rto_at is None:
-            self.rto_at = now + self.rto.rto
-        return True
-
-    def sack_recovery(self, now: float, out: list[TcpSegment], af: AckFields) -> None:
-        """RFC 6675 §5: on entry retransmit SND.UNA's segment (step 4.3), then while
-        cwnd - pipe >= SMSS send what NextSeg() names (step 4.4 / rule C)."""
-        smss = self.mss
-        board = self.board
-        if self.retx_pending:
-            self.retx_pending = False
-            self.retransmit_at(self.una, now, out, af)
-        for _ in range(1024):
-            una = self.una
-            if self.cc.cwnd - board.pipe_now(una, self.max, smss) < smss:
-                return
-            pos = board.next_seg(una, smss, 1)  # rule 1: a lost segment
-            if pos is None:
-                n0 = len(out)
-                self.send_data(now, out, af, budget=smss)  # rule 2: new data
-                if len(out) > n0:
-                    continue
-                pos = board.next_seg(una, smss, 3)  # rule 3: any hole
-                if pos is None:
-                    pos = board.rescue(una, self.max, smss)  # rule 4: rescue retransmission
-                    if pos is None:
-                        return
-                    high_rxt = board.high_rxt
-                    self.retransmit_at(pos, now, out, af)
-                    board.high_rxt = high_rxt  # "HighRxt MUST NOT be updated"
-                    board.rescue_rxt = self.cc.recover  # RescueRxt = RecoveryPoint
-                    return
-            if not self.retransmit_at(pos, now, out, af):
-                return
-
-    def send_probe(self, now: float, out: list[TcpSegment], af: AckFields) -> None:
-        """Zero-window probe (RFC 9293 §3.8.6.1, MUST-36) or SWS override: send one byte
-        (or what the window allows) even though the window says no."""
-        self.probe_pending = False
-        buf = self.buf
-        if self.una < self.nxt:
-            pos = self.una  # resend the first unacknowledged byte
-            if pos - 1 < buf.end:
-                out.append(self.segment(pos, ACK, buf.peek(pos - 1, 1), af))
-                self.retransmissions += 1
-            elif self.fin is not None:
-                out.append(self.segment(pos, ACK | FIN, b"", af))
-            if self.rto_at is None:
-                self.rto_at = now + self.rto.rto
-            return
-        off = self.nxt - 1
-        avail = buf.end - off
-        if avail <= 0:
-            return
-        n = max(1, min(avail, self.wl2 + self.wnd - self.nxt, self.mss))
-        flags = ACK | PSH if n == avail else ACK
-        out.append(self.segment(self.nxt, flags, buf.peek(off, n), af))
-        self.advance(self.nxt + n, now)
 
     # ------------------------------------------------------------------ acknowledgments
 
@@ -483,8 +434,12 @@ class Sender:
                 return AckResult.TOO_OLD
             return AckResult.OLD  # an old duplicate ACK: ignore it, keep the text
         ack_abs = una + d
+        if self.frto is not None and not d and outstanding and not seg.payload:
+            self.frto_ack(0, ack_abs)  # F-RTO step 3a: a duplicate ACK
         board = self.board
         newly = board.update(seg.sack, una, self.max, self.iss) if self.sack_on and seg.sack else 0
+        if self.sack_on and self.rack_on:
+            self.rack_ack(seg, ack_abs, now)
         if d:
             self.new_ack(ack_abs, d, seg.ts, now)
             if newly and not self.cc.in_recovery and board.is_lost(ack_abs, self.mss):
@@ -499,10 +454,46 @@ class Sender:
             self.update_window(wnd, seg_abs, ack_abs)
         return AckResult.OK
 
+    def rack_ack(self, seg: TcpSegment, ack_abs: int, now: float) -> None:
+        """RFC 8985 on one ACK: D-SACK (RFC 2883 §4: a first block at or below the
+        cumulative ACK), what was delivered, and the scoreboard's lost edge."""
+        rack = self.rack
+        board = self.board
+        sack = seg.sack
+        srtt = self.rto.srtt
+        if sack and ((sack[0][1] - self.iss - ack_abs - 1) & MASK) >= HALF - 1:
+            rack.dsack(now, srtt)  # right edge - ack in (-HALF, 0]
+        ts = seg.ts
+        rtt = (((int(now * 1000) + self.ts_off) - ts[1]) & MASK) / 1000.0 \
+            if self.ts_on and ts is not None and ts[1] else None
+        sacked = board.sacked
+        top = sacked[-1][1] if sacked and sacked[-1][1] > ack_abs else ack_abs
+        rack.delivered(ack_abs, top, board.high_rxt, rtt, now)
+        if rack.rxt:
+            rack.rxt_delivered(ack_abs, sacked, now)
+        if sacked:
+            n = 0
+            for a, b in sacked:
+                n += b - a
+            edge = rack.edge(ack_abs, srtt, self.cc.in_recovery, n // self.mss)
+            board.rack = edge
+            self.reo_at = rack.deadline(edge, now)
+            if rack.rxt:
+                low = rack.relost()
+                if low is not None and low < board.high_rxt:
+                    board.high_rxt = low  # lost again: NextSeg may name it once more
+        else:
+            board.rack = None
+            self.reo_at = None
+        r, p = self.reo_at, self.pto_at
+        self.early_at = p if r is None or (p is not None and p < r) else r
+
     def new_ack(self, ack_abs: int, acked: int, ts: tuple[int, int] | None, now: float,
                 wnd: int = -1, wl1: int = 0) -> None:
         """New data acknowledged (RFC 9293 §3.10.7.4; RFC 6298 §5.2-5.3; RFC 5681); with
         `wnd` >= 0 also the window update for SND.WL1 = `wl1` (header prediction)."""
+        if self.frto is not None:
+            self.frto_ack(acked, ack_abs)  # F-RTO step 3b (RFC 5682 §2)
         buf = self.buf
         buf.release(min(ack_abs - 1, buf.end))
         self.una = ack_abs
@@ -516,16 +507,28 @@ class Sender:
         if self.retries:  # the first ACK of new data after a timeout
             self.after_timeout(ack_abs, acked, ts)
         self.bytes_out = buf.base
+        if buf.capacity < self.sndbuf_max:
+            # Send-buffer growth (Linux tcp_sndbuf_expand): room for twice what the
+            # windows let us have in flight, so the buffer never limits the window.
+            want = 2 * (self.cc.cwnd if self.cc.cwnd < self.max_wnd else self.max_wnd)
+            if want > buf.capacity:
+                buf.capacity = want if want < self.sndbuf_max else self.sndbuf_max
         board = self.board
         if board.sacked:
             board.acked(ack_abs)
-        if self.cc.on_ack(acked, ack_abs, self.nxt - ack_abs):
+        if self.sack_on:
+            self.rack.acked(ack_abs)
+        if self.cc.on_ack(acked, ack_abs, self.nxt - ack_abs, now, self.rto.srtt):
             if not (self.sack_on and board.sacked):
                 self.retx_pending = True  # RFC 6582 partial ACK (or SACK without blocks)
         if ack_abs >= self.max:
             self.rto_at = None  # RFC 6298 §5.2
         else:
             self.rto_at = now + self.rto.rto  # RFC 6298 §5.3
+        if self.sack_on and self.rack_on:
+            if self.tlp_end is not None and ack_abs >= self.tlp_end:
+                self.tlp_done()
+            self.arm_early(now)
         if wnd >= 0:  # update_window() inlined
             self.wnd = wnd
             self.wl1 = wl1
@@ -535,38 +538,6 @@ class Sender:
             if wnd:
                 self.persist_at = None
                 self.persist_backoff = 0
-
-    def after_timeout(self, ack_abs: int, acked: int, ts: tuple[int, int] | None) -> None:
-        """The first ACK of new data after a retransmission timeout (the RTO backoff ends
-        only with a valid sample, RFC 6298 §5). RFC 3522 Eifel detection: when it echoes
-        a TSval older than the retransmission's, it was caused by the original
-        transmission and the timeout was spurious (checked after one expiry only). RFC
-        4015 §3 response: ssthresh back to pipe_prev, cwnd = FlightSize + min(acked, IW),
-        and SND.NXT = SND.MAX: go on with new data instead of resending the flight."""
-        self.retries = 0
-        undo = self.undo
-        self.undo = None
-        rto_ts = self.rto_tsval
-        if undo is None or ts is None or not ts[1] or rto_ts is None:
-            return
-        if (ts[1] - rto_ts) & MASK < HALF:
-            return  # echoes the retransmission (or later): a real loss
-        cc = self.cc
-        cc.ssthresh = undo
-        cc.cwnd = max(cc.cwnd, self.max - ack_abs + min(acked, initial_window(self.mss)))
-        self.nxt = self.max
-        self.spurious_rtos += 1
-
-    def dupack(self, ts: tuple[int, int] | None, lost: bool = False) -> None:
-        """A duplicate ACK (RFC 5681 §2, or RFC 6675 §2 with SACK; `lost`: IsLost(HighACK+1)
-        holds, RFC 6675 §5 step 2); congestion control decides on fast retransmit, with the
-        RFC 6582 §4.2 timestamp proof that the loss is not an old one."""
-        rto_ts = self.rto_tsval
-        new_loss = rto_ts is not None and ts is not None and (ts[1] - rto_ts) & MASK < HALF
-        if self.cc.on_dupack(self.una, self.max, self.nxt - self.una, new_loss, lost):
-            self.retx_pending = True
-            self.board.high_rxt = self.una  # HighRxt (RFC 6675 §5 step 4)
-            self.board.rescue_rxt = None  # RescueRxt undefined
 
     def update_window(self, wnd: int, seg_abs: int, ack_abs: int) -> None:
         """SND.WND update (RFC 9293 §3.10.7.4: SND.WL1/SND.WL2 rule); MUST-34 shrink-safe."""
@@ -592,43 +563,6 @@ class Sender:
 
     # ------------------------------------------------------------------ timers
 
-    def expire(self, now: float, handshake: bool) -> bool:
-        """The retransmission timer fired (RFC 6298 §5.4-5.6). Returns True when R2 is
-        exceeded and the connection must give up (MUST-20..23)."""
-        if handshake:
-            self.retries += 1
-            if self.retries > self.syn_retries:  # MUST-22/23
-                return True
-            self.rto.backoff()
-            self.nxt = 0  # send the SYN (or SYN-ACK) again
-            self.rtt_abs = None  # Karn
-            self.retransmissions += 1
-            return False
-        if self.max <= self.una:
-            return False
-        if self.wnd == 0:
-            # MUST-37: the window may stay zero indefinitely; probe, never give up.
-            self.rto.backoff()
-            self.probe_pending = True
-            return False
-        self.retries += 1
-        if self.retries > self.max_retries:  # MUST-20: R2
-            return True
-        # RFC 4015 §3 step 1: pipe_prev = max(FlightSize, ssthresh), kept to undo a
-        # spurious timeout (detectable with timestamps, after the first expiry only).
-        first = self.retries == 1
-        self.undo = max(self.max - self.una, self.cc.ssthresh) if first and self.ts_on else None
-        self.cc.on_timeout(self.max, self.max - self.una, first)
-        if self.ts_on:
-            self.rto_tsval = ts_clock(now, self.ts_off)
-        self.rto.backoff()  # RFC 6298 §5.5
-        # SACK information is kept (stack/loss.py: RFC 6675 §5.1, reneging test); resending
-        # from SND.UNA skips what it covers (send_data).
-        self.board.high_rxt = self.una
-        self.nxt = self.una  # RFC 6298 §5.4: go back to the earliest unACKed
-        self.rtt_abs = None  # Karn (MUST-18)
-        return False
-
     @property
     def fin_acked(self) -> bool:
         """Our FIN was sent and acknowledged."""
@@ -641,17 +575,3 @@ class Sender:
     def idle(self) -> bool:
         """Nothing in flight and nothing queued (keep-alive may probe, RFC 9293 §3.8.4)."""
         return self.max == self.una and self.buf.end < self.nxt
-
-    def path_mtu(self, mtu: int, v4: bool, syn_sent: bool) -> None:
-        """A path MTU of `mtu` (RFC 1191 §6.3, RFC 8201 §5.2): lower the send MSS, never below
-        the MUST-15 defaults less options, and send again what is in flight. A larger value
-        is ignored (the peer's MSS option bounds the MSS)."""
-        opts = 12 if self.ts_on else 0
-        new = max(mtu - (40 if v4 else 60) - opts, (536 if v4 else 1220) - opts)
-        if new >= self.mss:
-            return
-        self.mss = new
-        self.cc.on_path_mtu(new)
-        if self.nxt > self.una and not syn_sent:
-            self.nxt = self.una  # retransmit with the smaller size
-            self.rtt_abs = None

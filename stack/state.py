@@ -23,7 +23,7 @@ Rules:
 
 Theory of operation: the connection keeps one `State` member and changes it only through
 `next_state(state, event)` (h11 keeps its transitions as data the same way). Reading the
-table below is reading the state diagram; the per-state handlers of stack/connection.py
+table below is reading the state diagram; the per-state handlers of stack/arrives.py
 and stack/handshake.py decide *which* event a segment or a call is, and consult the sets
 at the end for the rules that depend on the state.
 """

@@ -5,6 +5,9 @@ Rules (the defaults and the RFC clause each one honours):
   the cap on the MSS we send with (MMS_S) is `mss` if set, else MTU - 40 for IPv4 and
   MTU - 60 for IPv6 (the fixed headers). The peer's MSS option, or 536 (IPv4) / 1220
   (IPv6) without one (MUST-15), bounds what we send.
+- `recv_buffer_max` / `send_buffer_max` (0: fixed buffers): autotuning limits, as
+  Linux's tcp_rmem[2] / tcp_wmem[2]: the receive buffer grows with the data delivered per
+  RTT, the send buffer to twice the usable window (stack/receive.py, stack/send.py).
 - `tx_max_segment`: the largest payload in one *output* segment. 0 means one send MSS.
   An adapter that writes to a TUN with GSO may ask for 64 KB super-segments; congestion
   and flow control stay in bytes and SMSS, so the wire sees MSS-sized segments.
@@ -29,6 +32,10 @@ Rules (the defaults and the RFC clause each one honours):
   after `keepalive_idle` seconds without any segment from the peer (MUST-25), default two
   hours (MUST-28), configurable (MUST-27); `keepalive_probes` unanswered probes, one per
   `keepalive_interval`, end the connection, so one lost ACK is no failure (MUST-29).
+- `rack`: RACK-TLP (RFC 8985) loss detection while SACK is on; False keeps RFC 6675's
+  DupThresh / IsLost alone.
+- `congestion`: "cubic" (RFC 9438, the default, as Linux) or "newreno" (RFC 5681 +
+  RFC 6582), stack/cubic.py.
 - `isn_key`: the RFC 6528 secret; a fresh random one per config unless given.
 - `auto_consume`: when True, delivering data (DataReceived or read()) reopens the window;
   when False the application calls `consumed(n)` (back-pressure).
@@ -58,6 +65,8 @@ class TcpConfig:
     tx_max_segment: int = 0
     recv_buffer: int = 1 << 20
     send_buffer: int = 1 << 20
+    recv_buffer_max: int = 0  # > recv_buffer: autotune RCV.BUFF up to it
+    send_buffer_max: int = 0  # > send_buffer: grow the send buffer with cwnd up to it
     reassembly_cap: int = 0  # 0: recv_buffer
     reassembly_ranges: int = 64
     window_scaling: bool = True
@@ -73,6 +82,8 @@ class TcpConfig:
     syn_retries: int = 8
     max_retries: int = 15
     initial_cwnd: int = 0  # 0: RFC 5681 IW
+    congestion: str = "cubic"
+    rack: bool = True
     challenge_ack_limit: int = 10
     invalid_ack_interval: float = 0.5
     keepalive: bool = False
@@ -83,6 +94,8 @@ class TcpConfig:
     isn_key: bytes = field(default_factory=_random_key, repr=False)
 
     def __post_init__(self) -> None:
+        if self.congestion not in ("cubic", "newreno"):
+            raise ValueError(f"congestion {self.congestion!r}: cubic or newreno")
         if self.mss and not 88 <= self.mss <= 65495:
             raise ValueError(f"mss {self.mss} outside 88..65495")
         if not 1280 <= self.mtu <= 65535 and not self.mss:
@@ -93,7 +106,7 @@ class TcpConfig:
             raise ValueError("delayed_ack must be in (0, 0.5) s (RFC 9293 MUST-40)")
         if self.recv_buffer < self.mss_for(16) or self.send_buffer < 1:
             raise ValueError("recv_buffer must hold one MSS and send_buffer one byte")
-        if self.recv_buffer > (1 << 30):
+        if max(self.recv_buffer, self.recv_buffer_max, self.send_buffer_max) > (1 << 30):
             raise ValueError("recv_buffer above 2**30 (RFC 7323 §2.3 window limit)")
         if not 0 <= self.rto_var_min <= self.rto_max:
             raise ValueError("need 0 <= rto_var_min <= rto_max")
@@ -116,8 +129,10 @@ class TcpConfig:
 
     @property
     def rcv_wscale(self) -> int:
-        """Our window shift: the smallest that lets recv_buffer fit 16 bits (max 14)."""
+        """Our window shift: the smallest that lets the largest receive buffer (autotuning
+        included) fit 16 bits (max 14)."""
         s = 0
-        while (self.recv_buffer >> s) > 0xFFFF and s < 14:
+        buf = max(self.recv_buffer, self.recv_buffer_max)
+        while (buf >> s) > 0xFFFF and s < 14:
             s += 1
         return s

@@ -69,7 +69,7 @@ class Timers:
     def earliest(self, st: State, snd: Sender, rcv: Receiver) -> float | None:
         """The earliest deadline (seconds, the caller's clock) or None when idle."""
         best: float | None = None
-        for t in (snd.rto_at, rcv.delack_at, snd.persist_at, self.timewait_at):
+        for t in (snd.rto_at, rcv.delack_at, snd.persist_at, self.timewait_at, snd.early_at):
             if t is not None and (best is None or t < best):
                 best = t
         if self.keepalive:
@@ -103,6 +103,8 @@ class Timers:
                 return Ev.GIVE_UP  # R2: not one answer to max_retries probes (Linux)
             snd.persist_backoff += 1
             snd.probe_pending = True  # MUST-35/36: zero-window probe
+        if snd.early_at is not None and now >= snd.early_at:
+            snd.early_timer(now)  # RACK-TLP (RFC 8985): reordering timer, loss probe
         if snd.rto_at is not None and now >= snd.rto_at:
             snd.rto_at = None
             hs = st is State.SYN_SENT or st is State.SYN_RECEIVED

@@ -36,7 +36,16 @@ Rules:
   to the Python path until its window is started, and the Python path's window
   (`SeededSeqReceiver`) starts from the program's if that one runs, else on its first
   packet (Linux iseq), and then starts the program's. So neither path takes a late
-  (replayed, forged) number just because it saw nothing before.
+  (replayed, forged) number just because it saw nothing before. The program keeps
+  bridge/seqpolicy.py's window: a number JUMP_MAX or more ahead moves nothing by itself
+  but goes to the Python path ("pass_seq_jump"), whose window drops it if forged (its
+  stream shares the numbers, so a real one is usually in it); CONFIRM such packets in a
+  run move the program's window (grebe_tc.c seq_accept). And the other way: the Python
+  path's window skips the numbers the program's stream took (a SYN passed for MSS
+  clamping after a bulk transfer by the program is ~1,000 numbers ahead of it, and was
+  dropped twice, 2 s for every new connection, before CONFIRM moved it): a number far
+  ahead of it but within JUMP_MAX of the program's window moves it there
+  (`SeededSeqReceiver._catch_up`, one map read, only for such a number).
 - Netfilter: packets the program forwards never meet the gateway's nftables or iptables
   (prerouting, forward, input, postrouting). So under "auto" the program steps aside while
   the namespace has any nftables base chain or legacy iptables table (but grebe_* tables
@@ -64,7 +73,7 @@ from bridge.config import Config, Datapath, DownAction, Encapsulation, PeerConfi
 from bridge.counters import DROP_REASONS, EVENTS
 from bridge.ebpf import maps as M
 from bridge.encap import GreEncoder
-from bridge.seqpolicy import SeqReceiver
+from bridge.seqpolicy import JUMP_MAX, SeqReceiver
 
 log = logging.getLogger("grebe.ebpf")
 
@@ -143,13 +152,14 @@ class SeededSeqReceiver(SeqReceiver):
     """A drop-late receive window of the Python path that starts where the program's is,
     and starts the program's (module docstring: one start for both paths' windows)."""
 
-    __slots__ = ("_rxseq", "_key", "_seeded")
+    __slots__ = ("_rxseq", "_key", "_seeded", "caught_up")
 
     def __init__(self, cfg: PeerConfig, rxseq: Any, peer: int) -> None:
         super().__init__(cfg.sequence, cfg.max_packets_held, cfg.outoforder_timer_ms / 1000.0)
         self._rxseq = rxseq
         self._key = M.U32.pack(peer)
         self._seeded = False
+        self.caught_up = 0
 
     def _from_program(self) -> None:
         try:
@@ -157,7 +167,7 @@ class SeededSeqReceiver(SeqReceiver):
         except OSError:
             return
         if raw:
-            expected, started, _run, _ = M.RXSEQ.unpack(raw)
+            expected, started = M.RXSEQ.unpack(raw)[:2]
             if started:
                 self.started = True
                 self.last = (expected - 1) & 0xFFFFFFFF
@@ -165,15 +175,34 @@ class SeededSeqReceiver(SeqReceiver):
 
     def _to_program(self) -> None:
         try:
-            self._rxseq.update(self._key, M.RXSEQ.pack((self.last + 1) & 0xFFFFFFFF, 1, 0, 0))
+            self._rxseq.update(self._key, M.RXSEQ.pack((self.last + 1) & 0xFFFFFFFF, 1, 0, 0, 0, 0))
             self._seeded = True
         except OSError:
             pass
+
+    def _catch_up(self, seq: int) -> None:
+        """A number JUMP_MAX or more ahead of this window: the numbers in between were
+        the program's stream (one counter per peer on the sending side) when `seq` is
+        near the program's window; then this window moves up to it (module docstring)."""
+        if (seq - self.last - 1) & 0xFFFFFFFF < JUMP_MAX:
+            return
+        try:
+            raw = self._rxseq.lookup(self._key)
+        except OSError:
+            return
+        if raw:
+            expected, started = M.RXSEQ.unpack(raw)[:2]
+            ahead = (seq - self.last - 1) & 0xFFFFFFFF < 0x80000000
+            if started and ahead and (seq - expected + JUMP_MAX) & 0xFFFFFFFF < 2 * JUMP_MAX:
+                self.last = (seq - 1) & 0xFFFFFFFF
+                self.caught_up += 1
 
     def receive(self, seq: int, packet: bytes | bytearray, now: float,
                 deliver: list[bytes | bytearray]) -> int:
         if not self.started:
             self._from_program()
+        else:
+            self._catch_up(seq)
         r = super().receive(seq, packet, now, deliver)
         if not self._seeded and self.started:
             self._to_program()
@@ -182,6 +211,8 @@ class SeededSeqReceiver(SeqReceiver):
     def run_may_start(self, seq: int) -> bool:
         if not self.started:
             self._from_program()
+        else:
+            self._catch_up(seq)
         return super().run_may_start(seq)
 
     def run_received(self, last: int) -> None:

@@ -91,6 +91,7 @@ enum {
 	S_PASS_SEQ_START,
 	S_PASS_SEQ_ORDER,
 	S_PASS_SUSPENDED,
+	S_PASS_SEQ_JUMP,
 	N_STATS = 24,
 };
 
@@ -143,6 +144,8 @@ struct gb_rxseq {
 	__u32 started;
 	__u32 late_run;
 	__u32 pad; /* seq_accept: when the current run of late packets began (ms) */
+	__u32 ahead_run;  /* packets in the current run out of the window ahead */
+	__u32 ahead_next; /* the number after that run's last */
 };
 
 struct gb_peerstat {
@@ -803,15 +806,35 @@ static __always_inline int pass_inner(struct __sk_buff *skb, __u32 why, __u32 ip
 }
 
 #define RESYNC_MS 1000 /* bridge/seqpolicy.py RESYNC_TIME */
+#define SEQ_JUMP_MAX 16 /* bridge/seqpolicy.py JUMP_MAX */
+#define SEQ_CONFIRM 3   /* bridge/seqpolicy.py CONFIRM */
+#define SEQ_PASS 2
 
+/* 1: take it; 0: drop it (late); SEQ_PASS: the Python path judges it (far ahead) */
 static __always_inline int seq_accept(__u32 idx, __u32 seq)
 {
-	/* Linux iseq (drop-late) with grebe's resynchronisation (bridge/seqpolicy.py); the
-	 * window was started by the Python path (seq_started) */
+	/* Linux iseq (drop-late) with grebe's window and resynchronisation
+	 * (bridge/seqpolicy.py); the window was started by the Python path (seq_started).
+	 * A number JUMP_MAX or more ahead is out of the window and moves nothing by itself
+	 * (a forged far-ahead packet would otherwise make every real one late): it goes to
+	 * the Python path, whose own window (its stream shares the peer's numbers, so it is
+	 * often near them) delivers it or drops it; a run of CONFIRM such packets, each
+	 * within JUMP_MAX of the one before, moves this window (a loss, or numbers the
+	 * Python path's stream took meanwhile), as bridge/seqpolicy.py resynchronises. */
 	struct gb_rxseq *r = bpf_map_lookup_elem(&gb_rxseq, &idx);
 	if (!r)
 		return 0;
-	if ((__s32)(seq - r->expected) < 0) {
+	__s32 d = (__s32)(seq - r->expected);
+	if (d >= SEQ_JUMP_MAX) {
+		r->late_run = 0;
+		if (r->ahead_run == 0 || (__u32)(seq - r->ahead_next) >= SEQ_JUMP_MAX)
+			r->ahead_run = 0; /* not a continuation: a new run */
+		r->ahead_run++;
+		r->ahead_next = seq + 1;
+		if (r->ahead_run < SEQ_CONFIRM)
+			return SEQ_PASS;
+	} else if (d < 0) {
+		r->ahead_run = 0;
 		/* late: dropped, unless late packets alone have kept coming for RESYNC_MS with
 		 * nothing in order between them: the peer restarted and counts from 0 again
 		 * (bridge/seqpolicy.py RESYNC_TIME). `pad` holds when this late run began (ms). */
@@ -823,6 +846,7 @@ static __always_inline int seq_accept(__u32 idx, __u32 seq)
 	}
 	r->started = 1;
 	r->late_run = 0;
+	r->ahead_run = 0;
 	r->expected = seq + 1;
 	return 1;
 }
@@ -1066,8 +1090,13 @@ static __noinline int decap(struct __sk_buff *skb, struct gb_global *g, struct o
 	if ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) ||
 	    fib.ifindex == g->tun_ifindex)
 		return pass_inner(skb, S_PASS_ROUTE, ioff, hlen, proto, tot, iv6, gso);
-	if ((p->flags & PF_DROP_LATE) && !seq_accept(idx, seq))
-		return decap_drop(o, R_SEQUENCE);
+	if (p->flags & PF_DROP_LATE) {
+		int sa = seq_accept(idx, seq);
+		if (sa == SEQ_PASS)
+			return pass_inner(skb, S_PASS_SEQ_JUMP, ioff, hlen, proto, tot, iv6, gso);
+		if (!sa)
+			return decap_drop(o, R_SEQUENCE);
+	}
 
 	__u64 segs = skb->gso_segs > 1 ? skb->gso_segs : 1;
 	/* inner TTL / hop limit - 1: the forwarding the kernel does from the TUN */

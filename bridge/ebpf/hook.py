@@ -7,7 +7,11 @@ its `fast_path`) returns (FastPath or None, fatal error or None):
   "datapath auto: eBPF fast path unavailable (load ...: Operation not permitted); using the
   Python path", and (None, None).
 - "ebpf": the fast path, or (None, reason) and `grebe up` exits 1.
-GREBE_DATAPATH=auto|python|ebpf in the environment overrides the file's key.
+GREBE_DATAPATH=auto|python|ebpf in the environment overrides the file's key. Endpoints with
+[[inspect]] rules run the program too: it passes the inspected flows' packets (both
+directions) to the Python path and forwards the rest. (Session 4 kept them on the Python
+path under "auto" while their downloads stalled; the cause, TSO super-packets and partial
+checksums from a local program reaching the userspace stack, is in docs/DESIGN.md.)
 On success the Python path's GRE encoders share its sequence numbers; `run_with(fast,
 bridge, engine)` then binds it to the engine's lock and starts its control thread, and the
 engine's status and metrics include the program's counters.
@@ -38,15 +42,6 @@ def start_for_endpoint(cfg: Config, bridge: Any) -> tuple[Any, str | None]:
         cfg = dataclasses.replace(cfg, datapath=mode)
     if mode is Datapath.PYTHON:
         log.info("datapath python: the Python data plane only")
-        return None, None
-    if mode is Datapath.AUTO and any(
-            r.backend.value == "userspace" and r.action.value != "forward"
-            for r in cfg.inspect_rules()):
-        # a 100 MB download through a userspace-terminated flow stalls with the program on
-        # (bench inspect-userspace: 0.3-0.8 MB then nothing; fine on the Python path): until
-        # that is understood, auto leaves such endpoints on the Python path
-        log.info("datapath auto: the Python path, since this endpoint terminates flows in "
-                 "userspace ([[inspect]] backend = \"userspace\")")
         return None, None
     if mode is Datapath.AUTO and cfg.scrub:  # the program knows no [[scrub]] rules
         log.info("datapath auto: the Python path, since [[scrub]] rules are configured")

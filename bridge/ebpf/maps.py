@@ -49,7 +49,7 @@ STATS: tuple[str, ...] = (
     "encap", "decap", "pass_fragment", "pass_options", "pass_ttl", "pass_too_big",
     "pass_syn", "pass_inspect", "pass_keepalive", "pass_checksum", "pass_gso",
     "pass_peer", "pass_route", "pass_helper", "pass_underlay", "pass_way_back",
-    "csum_filled", "pass_seq_start", "pass_seq_order", "pass_suspended",
+    "csum_filled", "pass_seq_start", "pass_seq_order", "pass_suspended", "pass_seq_jump",
 )
 
 PF = {  # gb_peer.flags (grebe_tc.c PF_*)
@@ -71,7 +71,7 @@ RXKEY = struct.Struct("<16sII")
 U16 = struct.Struct("<H")
 U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
-RXSEQ = struct.Struct("<IIII")
+RXSEQ = struct.Struct("<IIIIII")  # struct gb_rxseq
 PEERSTAT = struct.Struct("<QQQQ")
 
 # map name: (key size, value size)

@@ -9,8 +9,9 @@ Rules of this module
 - `check_imports(rules)` imports the `module:Class` inspectors and checks their declared
   options without instantiating them, so `check-config` finds what `up` would fail on.
 - A rule's own keys are fixed here: name, src, dst, dst_ports, inspectors, fail_open, backend,
-  action, max_buffer, iif, idle_timeout, connect_first, options. Every other key of the table
-  belongs to an
+  action, max_buffer, iif, idle_timeout, connect_first, congestion, options. `congestion`
+  ("cubic", the default, or "newreno") is the congestion control of the userspace backend's
+  legs (stack/cubic.py). Every other key of the table belongs to an
   inspector: the built-ins declare theirs (`Inspector.options`, bridge/inspect/options.py) and
   are found by `builtins()` below; an unknown key is an error (a typo must not fall back to a
   default). Settings of `module:Class` inspectors go in the `options` table; their declared
@@ -52,9 +53,10 @@ from typing import Any
 
 from bridge.configkeys import section_keys
 from bridge.errors import ConfigError, ConfigErrors
-from bridge.flows import DEFAULT_IDLE_TIMEOUT, Backend, InspectRule, Verdict
+from bridge.flows import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BUFFER, Backend, InspectRule, Verdict
 from bridge.inspect.api import Inspector
 from bridge.inspect.options import check, prefixes, resolve, str_list
+from stack.cubic import ALGORITHMS
 
 __all__ = ["builtins", "check_imports", "load_inspector", "parse_rules"]
 
@@ -158,11 +160,16 @@ def _parse_rule(t: Any, p: str, known: dict[str, Any], table_keys: frozenset[str
         except ValueError:
             raise ConfigError(f"{p}.action",
                               "must be \"inspect\", \"forward\" or \"drop\"") from None
-    max_buffer = 1 << 20
+    max_buffer = DEFAULT_MAX_BUFFER
     with grab:
-        max_buffer = _typed(t, "max_buffer", int, p, 1 << 20)
+        max_buffer = _typed(t, "max_buffer", int, p, DEFAULT_MAX_BUFFER)
         if not 4096 <= max_buffer <= 1 << 30:
             raise ConfigError(f"{p}.max_buffer", "must be between 4096 and 2**30 bytes")
+    congestion = "cubic"
+    with grab:
+        congestion = _typed(t, "congestion", str, p, "cubic")
+        if congestion not in ALGORITHMS:
+            raise ConfigError(f"{p}.congestion", f"must be one of {', '.join(ALGORITHMS)}")
     idle = t.get("idle_timeout", DEFAULT_IDLE_TIMEOUT)
     if (not isinstance(idle, int | float) or isinstance(idle, bool)
             or not 0 < idle <= 7 * 86400):
@@ -219,7 +226,7 @@ def _parse_rule(t: Any, p: str, known: dict[str, Any], table_keys: frozenset[str
     return InspectRule(
         name=str(name), src=src, dst=dst, dst_ports=dst_ports, inspectors=inspectors,
         fail_open=fail_open, backend=backend, action=action, max_buffer=max_buffer, iif=iif,
-        idle_timeout=float(idle), connect_first=connect_first,
+        idle_timeout=float(idle), connect_first=connect_first, congestion=congestion,
         options=MappingProxyType(settings),
     )
 

@@ -43,7 +43,7 @@ TsoFrameFactory = Callable[[bytes, int, int, Splitter], object]
 
 
 # (buffer, datagram size) -> what the core takes whole; the adapter keeps the bytearray and
-# may append the next GRO buffer of the same run to it (bridge/gso.py GroBatch)
+# may append the next GRO buffer of the same run to it (bridge/gro.py GroBatch)
 GroBatchFactory = Callable[[bytearray, int], object]
 
 

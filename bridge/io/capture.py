@@ -38,7 +38,7 @@ import time
 from typing import Any
 
 from bridge import pcapng
-from bridge.gso import GroBatch
+from bridge.gro import GroBatch
 
 __all__ = ["Tap", "arm", "register", "setup", "run", "MAX_COUNT", "MAX_DURATION"]
 

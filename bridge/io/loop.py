@@ -48,7 +48,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from bridge.counters import R_INTERNAL_ERROR
-from bridge.gso import GroBatch
+from bridge.gro import GroBatch
 from bridge.io.adapters import Addr, TunLike, UdpLike
 from bridge.io.threads import Wakeup, Writer
 from bridge.io.warm import Warmer

@@ -9,15 +9,25 @@ Rules of this module
   Type=notify, contrib/systemd/grebe@.service), "RELOADING=1" + "MONOTONIC_USEC=" then
   "READY=1" around a reload (systemd >= 253 waits for that pair), and "STOPPING=1" on the way
   out; "STATUS=" carries the one-line summary `systemctl status` shows.
+- Logs under journald: when stderr is the journal's stream ($JOURNAL_STREAM names its
+  device and inode, systemd.exec(5)), each line is "<priority>logger: message" with the
+  syslog priority of its level (sd-daemon(3) prefixes, which journald parses) and no
+  timestamp of its own (the journal keeps one); elsewhere lines carry their time.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
+from typing import IO
 
-__all__ = ["notify", "reloading"]
+__all__ = ["notify", "reloading", "log_format", "JournalFormatter"]
+
+# sd-daemon(3): <3> error, <4> warning, <6> info, <7> debug
+_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,
+             logging.DEBUG: 7}
 
 
 def notify(state: str, environ: dict[str, str] | None = None) -> bool:
@@ -40,3 +50,36 @@ def reloading(environ: dict[str, str] | None = None) -> bool:
     """The start of a reload, as systemd's Type=notify-reload expects it."""
     usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     return notify(f"RELOADING=1\nMONOTONIC_USEC={usec}", environ)
+
+
+class JournalFormatter(logging.Formatter):
+    """"<priority>logger: message", one journal entry per line of a multi-line message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = _PRIORITY.get(record.levelno, 6)
+        text = super().format(record)
+        return "\n".join(f"<{prio}>{record.name}: {line}" for line in text.splitlines())
+
+
+def _on_journal(fd: int, environ: dict[str, str]) -> bool:
+    dev_ino = environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(x) for x in dev_ino.split(":"))
+        st = os.fstat(fd)
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+def log_format(stream: int | IO[str] = 2, environ: dict[str, str] | None = None
+               ) -> logging.Formatter:
+    """The formatter for log lines written to `stream` (stderr, or its fd): journald's when
+    it is the journal's stream, else one with the time (also for a stream with no fd)."""
+    env = os.environ if environ is None else environ
+    try:
+        fd = stream if isinstance(stream, int) else stream.fileno()
+    except (OSError, ValueError):  # io.UnsupportedOperation is both
+        fd = -1
+    if fd >= 0 and _on_journal(fd, dict(env)):
+        return JournalFormatter("%(message)s")
+    return logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -33,6 +33,15 @@ integer; the IPv4 header checksum of the first is checked with `stack.wire.check
 that of a continuing one on the same integer (its top 20 bytes modulo 0xFFFF, the RFC 1071
 arithmetic of checksum.py: zero when intact), which costs ~6 % of the coalescer's time.
 Nothing here raises on malformed input: `split_frame` returns False and the caller counts it.
+
+Partial checksums from a local eBPF sender (docs/DESIGN.md "The inspected-flow stall"): a
+TCP packet written alone (not merged: a group of one, a failed group, SYN/FIN/RST) whose
+checksum field holds exactly the pseudo-header sum is written with NEEDS_CSUM (the kernel
+completes it, or a receiver on this host trusts it, as it would the sender's skb), and one
+longer than the TUN's MTU (an unsegmented TSO super-packet) also with TCP GSO, gso_size the
+MTU less its headers. A program on the same host leaves both so (its offload is done by the
+egress device, and a veth does neither); a damaged packet matches with odds of 1 in 65,535,
+and a complete checksum that happens to equal the pattern is completed to itself.
 """
 
 from __future__ import annotations
@@ -336,13 +345,15 @@ class _Group:
             self.closed = True
 
 
-def coalesce(packets: Sequence[bytes | bytearray | memoryview], out: list[bytes]) -> int:
+def coalesce(packets: Sequence[bytes | bytearray | memoryview], out: list[bytes],
+             mtu: int = 0) -> int:
     """Append TUN frames (vnet header + packet) for `packets` to `out`; return frames written.
 
     Consecutive segments of one TCP flow become one GSO frame (rules in the module
     docstring); everything else becomes a frame with an empty vnet header. The relative
     order of the packets of each flow is kept. Fast path: a segment that continues the
     group of the previous one is recognised by one masked integer comparison of headers.
+    `mtu`: the TUN's, for a partial-checksum super-packet's gso_size (module docstring).
     """
     groups: list[_Group | bytes] = []
     open_by_key: dict[bytes, _Group] = {}
@@ -405,15 +416,36 @@ def coalesce(packets: Sequence[bytes | bytearray | memoryview], out: list[bytes]
         if type(item) is TunFrame:
             out.append(item)
         elif isinstance(item, bytes):
-            out.append(VNET_NONE + item)
+            out.append(_alone(item, mtu))
         elif len(item.pkts) == 1:
-            out.append(VNET_NONE + item.pkts[0])
+            out.append(_alone(item.pkts[0], mtu))
         else:
-            _emit_group(item, out)
+            _emit_group(item, out, mtu)
     return len(out) - before
 
 
-def _emit_group(g: _Group, out: list[bytes]) -> None:
+def _alone(p: bytes, mtu: int) -> bytes:
+    """The frame of a packet written on its own: an empty vnet header, or NEEDS_CSUM (and
+    TCP GSO above `mtu`) when its TCP checksum was left partial (module docstring)."""
+    t = plain_tcp(p)
+    if t is None:
+        return VNET_NONE + p
+    v4, ihl, doff = t
+    if v4:
+        ps = pseudo_sum_v4(p[V4_SRC_AT], p[V4_DST_AT], _TCP, len(p) - ihl)
+    else:
+        ps = pseudo_sum_v6(p[V6_SRC_AT], p[V6_DST_AT], _TCP, len(p) - ihl)
+    field = p[ihl + 16] << 8 | p[ihl + 17]
+    if field != ps and field != (ps or 0xFFFF):
+        return VNET_NONE + p
+    hl = ihl + doff
+    if hl < mtu < len(p):
+        return VNET.pack(F_NEEDS_CSUM, GSO_TCPV4 if v4 else GSO_TCPV6, hl, mtu - hl, ihl,
+                         16) + p
+    return VNET.pack(F_NEEDS_CSUM, GSO_NONE, hl, 0, ihl, 16) + p
+
+
+def _emit_group(g: _Group, out: list[bytes], mtu: int) -> None:
     """Append one GSO frame for the group, or its packets one by one if a checksum is bad."""
     ihl, doff = g.ihl, g.doff
     hl = ihl + doff
@@ -452,7 +484,7 @@ def _emit_group(g: _Group, out: list[bytes]) -> None:
         out.append(frame)
     else:
         for p in g.pkts:
-            out.append(VNET_NONE + p)
+            out.append(_alone(p, mtu))
 
 
 def _tcp_ok(p: bytes, v4: bool, ihl: int) -> bool:

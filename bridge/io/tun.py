@@ -101,6 +101,7 @@ class TunDevice:
             raise
         os.set_blocking(self.fd, False)
         self.index = 0
+        self.mtu = 0  # set by configure/set_mtu (offload.coalesce: partial super-packets)
 
     def fileno(self) -> int:
         return self.fd
@@ -117,6 +118,7 @@ class TunDevice:
         with IPRoute() as ipr:
             self.index = ipr.link_lookup(ifname=self.name)[0]
             ipr.link("set", index=self.index, mtu=mtu)
+            self.mtu = mtu
             self._quiet(ipr)
             for a in addresses:
                 iface = ipaddress.ip_interface(a)
@@ -178,6 +180,7 @@ class TunDevice:
 
         with IPRoute() as ipr:
             ipr.link("set", index=self.index, mtu=mtu)
+        self.mtu = mtu
 
     def close(self) -> None:
         """Remove our rules and routes, then close the fd (the kernel deletes the device)."""
@@ -241,7 +244,7 @@ class TunDevice:
         frames: Sequence[bytes | bytearray | memoryview]
         if self.vnet_hdr:
             coalesced: list[bytes] = []
-            offload.coalesce(packets, coalesced)
+            offload.coalesce(packets, coalesced, self.mtu)
             frames = coalesced
         else:
             frames = packets

@@ -11,7 +11,7 @@ Rules:
   kernel cuts it into ordinary datagrams, so the wire still carries one GRE/IPIP packet
   per UDP datagram. UDP GRO (UDP_GRO): one recvmsg may return several datagrams of one
   source glued together; the cmsg gives their size, and they are cut here, or handed to
-  the core whole when a `gro_batch` factory (bridge/gso.py GroBatch) is given at
+  the core whole when a `gro_batch` factory (bridge/gro.py GroBatch) is given at
   construction. `caps` (bridge/io/adapters.py) declares that, the source-port choice below
   and the path-MTU reading. A core-built
   `bridge.gso.UdpRun` (equal datagrams back to back) is sent straight from its buffer.
@@ -130,7 +130,7 @@ class UdpEndpoint:
         # length 65,535 - 8. A dual-stack socket's IPv4 peers keep the IPv4 limit.
         self.max_payload = 65507 if not self.v6 else 65527
         self.address = address
-        # With UDP GRO and a factory (bridge/gso.py GroBatch in `grebe up`), a GRO buffer
+        # With UDP GRO and a factory (bridge/gro.py GroBatch in `grebe up`), a GRO buffer
         # is handed to the core whole instead of being cut into datagrams here.
         self._gro_batch = gro_batch if self.gro else None
         # RFC 8086 §3.2.1 flow-hash source ports: send-only sockets, created on first use

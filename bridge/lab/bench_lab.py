@@ -175,6 +175,10 @@ class Bench:
                 ip.route("del", **spec)
         self._undo.append(undo)
 
+    def on_undo(self, undo: Callable[[], None]) -> None:
+        """Run `undo` at the variant's teardown (last registered, first run)."""
+        self._undo.append(undo)
+
     def undo_all(self) -> None:
         stop_processes([p for p, _ in self._procs])
         self._procs.clear()

@@ -97,6 +97,11 @@ TUNNEL_METRICS = ("mbps_1", "mbps_4", "mbps_rev", "rtt_ms")
 INSPECT_METRICS = ("mbytes_per_s", "ttfb_ms")
 TUNNEL_REFERENCES = ("wireguard-go", "vxlan")
 INSPECT_REFERENCES = ("mitmproxy-wg",)
+# Pairs measured in the same run whose ratio is a goal of its own (issue 11): the inspected
+# download under the lossy WAN against the same bridge without inspection (>= 0.8), and the
+# userspace backend against the kernel backend (>= 1.0, first byte sooner).
+INSPECT_PAIRS = (("inspect-lossy", "direct-lossy", 0.8), ("inspect-userspace", "inspect-kernel",
+                                                           1.0))
 
 
 # ---------------------------------------------------------------- parsing
@@ -335,7 +340,24 @@ def render_inspect_table(rows: Sequence[InspectRow]) -> str:
                for ref in INSPECT_REFERENCES]
         body.append([r.name, f"{r.mbytes_per_s:,.1f}" if r.mbytes_per_s is not None else "-",
                      fmt_ms(r.ttfb_ms), *rel])
+    for (a, b, goal), rel_ab in zip(INSPECT_PAIRS, pair_ratios(rows), strict=True):
+        if rel_ab is not None:
+            notes.append(f"{a} / {b}: download {fmt_ratio(rel_ab['mbytes_per_s'])}x "
+                         f"(goal >= {goal:.1f}), TTFB {fmt_ratio(rel_ab['ttfb_ms'])}x")
     return _grid(header, body, notes)
+
+
+def pair_ratios(rows: Sequence[InspectRow]) -> list[dict[str, float | None] | None]:
+    """For each of INSPECT_PAIRS: {metric: first / second}, or None unless both are OK."""
+    by_name = {r.name: r for r in rows}
+    out: list[dict[str, float | None] | None] = []
+    for a, b, _goal in INSPECT_PAIRS:
+        ra, rb = by_name.get(a), by_name.get(b)
+        if ra is None or rb is None or ra.status is not Status.OK or rb.status is not Status.OK:
+            out.append(None)
+            continue
+        out.append({m: ratio(getattr(ra, m), getattr(rb, m)) for m in INSPECT_METRICS})
+    return out
 
 
 def _row_dict(row: TunnelRow | InspectRow) -> dict[str, Any]:
@@ -354,6 +376,8 @@ def results_document(
         "tunnel_ratios": tunnel_ratios(tunnels),
         "inspection": [_row_dict(r) for r in inspects],
         "inspection_ratios": inspect_ratios(inspects),
+        "inspection_pairs": {f"{a}/{b}": rel for (a, b, _g), rel in
+                             zip(INSPECT_PAIRS, pair_ratios(inspects), strict=True)},
     }
 
 

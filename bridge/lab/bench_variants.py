@@ -27,9 +27,10 @@ import shutil
 import sys
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bridge.config import loads_config
+from bridge.lab import impair
 
 if TYPE_CHECKING:
     from bridge.lab.bench_lab import Bench
@@ -511,12 +512,49 @@ class InspectKernel(GrebeInspect):
         b.wait_for(ready.exists, 20, "bridge.kernel.relay listening on gw-a")
 
 
+# Issue 11's lossy WAN, on the WAN link of gateway A (bridge/lab/impair.py; each direction).
+LOSSY_WAN = {"loss": "2%", "reorder": "3%", "delay": "2ms"}
+LOSSY_LINK = "wan-a"
+
+
+def impair_wan(b: Bench) -> None:
+    """Apply LOSSY_WAN to wan-a until the variant's teardown."""
+    lab: Any = b.lab
+    impair.apply(lab, LOSSY_LINK, impair.parse_impairment(LOSSY_WAN, "bench.lossy"))
+    b.on_undo(lambda: impair.clear(lab, LOSSY_LINK))
+
+
+class InspectLossy(InspectUserspace):
+    """inspect-userspace with the lossy WAN: the stack's loss recovery on the server leg."""
+
+    name = "inspect-lossy"
+    label = "inspect-userspace, wan-a loss=2% reorder=3% delay=2ms"
+
+    def setup(self, b: Bench) -> None:
+        super().setup(b)
+        impair_wan(b)
+
+
+class DirectLossy(Variant):
+    """The same grebe tunnel without an inspect rule (kernel TCP end to end), same WAN."""
+
+    name, table = "direct-lossy", "inspect"
+    label = "grebe GRE, no inspection, wan-a loss=2% reorder=3% delay=2ms"
+
+    def unavailable(self, b: Bench) -> str | None:
+        return grebe_unavailable("gre")
+
+    def setup(self, b: Bench) -> None:
+        start_grebe(b, self.name, "gre")
+        impair_wan(b)
+
+
 TUNNEL_VARIANTS: list[Variant] = [
     Plain(), Vxlan(), WireguardGo(), OpenVpnNone(), OpenVpnGcm(), GrebeGre(), GrebeGreCold(),
     GrebeIpip(), GrebeGreEbpf(), GrebeIpipEbpf(), GrebeAuth(), GrebeEncrypt(),
     GrebeAuth1p(), GrebeEncrypt1p(),
 ]
 INSPECT_VARIANTS: list[Variant] = [
-    Direct(), MitmproxyWg(), InspectUserspace(), InspectKernel(),
+    Direct(), MitmproxyWg(), InspectUserspace(), InspectKernel(), DirectLossy(), InspectLossy(),
 ]
 ALL_VARIANTS = {v.name: v for v in (*TUNNEL_VARIANTS, *INSPECT_VARIANTS)}

@@ -31,6 +31,16 @@ Rules:
   n * base + the lengths; headers and payloads are summed joined (16-bit words stay
   aligned). None when the sum is off (the caller then checks packet by packet and drops
   the bad one) or the options are other than the timestamps (RFC 7323 Appendix A layout).
+- `completed_partial()`: a segment whose checksum field holds only the pseudo-header sum
+  (a checksum left to "hardware", Linux CHECKSUM_PARTIAL) gets its complete checksum
+  (RFC 9293 §3.1) in a copy. Why: an eBPF fast path on the same host (ours, a peer's,
+  bridge/ebpf/grebe_tc.c) encapsulates a local sender's packets with the checksum and TSO
+  segmentation left to the egress device; over a veth nothing does either, and the UDP
+  datagram reaches grebe's socket as sent, inner checksum unfilled, a TSO super-packet
+  unsegmented (one datagram up to 64 KB). The Linux receiver would have trusted the skb's
+  CHECKSUM_PARTIAL state; a UDP socket loses it. Only a segment that failed its check is
+  looked at, so the normal path pays nothing; a damaged segment matches the pattern with
+  odds of 1 in 65,535 (the field is compared with the pseudo-header sum).
 
 Theory of operation: one `LegFramer` per Terminator holds the identification counter and
 the per-address header sums; `packet`/`frame` prepend the IP header to `emit_tcp_parts`'s
@@ -63,7 +73,7 @@ from stack.wire.prelude import V4_DST_AT, V4_SRC_AT, V6_DST_AT, V6_SRC_AT
 from stack.wire.tcp import ACK, PSH, TcpSegment, emit_tcp_parts
 from stack.wire.vnet import F_NEEDS_CSUM, GSO_ECN, GSO_TCPV4, GSO_TCPV6, VNET
 
-__all__ = ["LegFramer", "merge_run", "run_part", "TSO_MAX_SEGMENT"]
+__all__ = ["LegFramer", "merge_run", "run_part", "completed_partial", "TSO_MAX_SEGMENT"]
 
 _LEN_ID = struct.Struct("!HH")
 _U32 = struct.Struct("!I")
@@ -211,3 +221,21 @@ def quoted_leg(pkt: bytes | bytearray, n: int, clients: Container[bytes]
         return None
     mtu = err.info & 0xFFFF if not v6 else err.info
     return (err.version, bytes(src), bytes(dst), sport, dport), kind, err.code, mtu or None, seq
+
+
+def completed_partial(seg: memoryview, src: bytes, dst: bytes) -> bytearray | None:
+    """A copy of TCP segment `seg` (src -> dst, packed addresses) with its checksum
+    completed, if the field holds exactly the pseudo-header sum (module docstring), else
+    None. The caller parses the copy again, which checks it."""
+    n = len(seg)
+    if n < 20:
+        return None
+    ps = (pseudo_sum_v4 if len(src) == 4 else pseudo_sum_v6)(src, dst, PROTO_TCP, n)
+    field = seg[16] << 8 | seg[17]
+    if field != (ps or 0xFFFF) and field != ps:
+        return None
+    out = bytearray(seg)
+    out[16] = out[17] = 0
+    c = checksum(out, ps)
+    out[16], out[17] = c >> 8, c & 0xFF
+    return out

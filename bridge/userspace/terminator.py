@@ -93,6 +93,7 @@ from dataclasses import replace
 from typing import Any
 
 from bridge.flows import (
+    DEFAULT_MAX_BUFFER,
     Backend,
     FlowKey,
     FlowTable,
@@ -120,6 +121,7 @@ __all__ = ["Terminator", "SendToPeer", "TSO_MAX_SEGMENT"]
 
 SendToPeer = Callable[[bytes, float, Any], bool]  # (inner packet, now, out) -> sent
 WARM_WINDOW = 1.0  # warm() works while a splice is live or for this long after one opened
+WARM_BULK_QUIET = 0.1  # ... but not this soon after a server leg took a merged run (bulk)
 def _has_userspace(rules: Iterable[InspectRule]) -> bool:
     return any(r.backend is Backend.USERSPACE and r.action is not Verdict.FORWARD for r in rules)
 
@@ -156,7 +158,8 @@ class Terminator(TunnelSide):
         self.drops: dict[str, int] = {}
         self.counters: dict[str, int] = {"splices": 0, "to_client": 0, "to_server": 0,
                                          "from_client": 0, "from_server": 0, "refused_rst": 0,
-                                         "server_runs": 0, "idle_aborts": 0}
+                                         "server_runs": 0, "idle_aborts": 0,
+                                         "checksum_completed": 0}
         self.ended: dict[str, int] = {}
         framer = LegFramer()
         self.packet = framer.packet  # IP framing of the legs' segments (legwire.py)
@@ -167,10 +170,11 @@ class Terminator(TunnelSide):
         self._idle = Deadlines()  # each splice's idle check (re-armed from last_seen)
         self._done: set[FlowKey] = set()
         self.budget = MemoryBudget(lim.memory_budget)  # bytes all splices hold (bounds.py)
-        self._configs: dict[tuple[int, int, int, int], tuple[TcpConfig, TcpConfig]] = {}
+        self._configs: dict[tuple[int, int, int, int, str], tuple[TcpConfig, TcpConfig]] = {}
         self.tun_offload = False
         self._warm: dict[int, WarmCycle] = {}  # lane -> shadow (bridge/userspace/warm.py)
         self._last_new = float("-inf")  # when the last splice was opened (warm)
+        self._bulk_at = float("-inf")  # when a server leg last took a merged run (warm)
 
     def use_tun_offload(self, on: bool = True) -> None:
         """The TUN takes vnet-header writes with checksum and TSO offload (the I/O adapter
@@ -277,15 +281,20 @@ class Terminator(TunnelSide):
         hdr = 60 if v6 else 40
         server_mss = max(self.mtu_for(key[2]) - hdr, 88)
         client_mss = max(self.tun_mtu() - hdr, 88)
-        buf = (rule.max_buffer if rule is not None else 1 << 20) // 4
-        ck = (server_mss, client_mss, buf, self.tx_max_segment)
+        buf = (rule.max_buffer if rule is not None else DEFAULT_MAX_BUFFER) // 4
+        cc = rule.congestion if rule is not None else "cubic"
+        ck = (server_mss, client_mss, buf, self.tx_max_segment, cc)
         cached = self._configs.get(ck)
         if cached is None:
-            rbuf = max(buf, server_mss, client_mss)
-            common: dict[str, Any] = dict(recv_buffer=rbuf, send_buffer=max(buf, 1),
+            # Each leg's buffers start at Linux's tcp_rmem default (128 KiB) and autotune up
+            # to their quarter of the rule's max_buffer (the splice's memory bound).
+            rmax = max(buf, server_mss, client_mss)
+            rbuf = max(min(rmax, 128 << 10), server_mss, client_mss)
+            common: dict[str, Any] = dict(recv_buffer=rbuf, send_buffer=max(min(buf, 128 << 10), 1),
                                           auto_consume=False, msl=self.msl,
                                           rto_min=self.rto_min, rto_var_min=self.rto_min,
-                                          nagle=False, keepalive=True)
+                                          nagle=False, keepalive=True, congestion=cc,
+                                          recv_buffer_max=rmax, send_buffer_max=max(buf, 1))
             cached = (TcpConfig(mss=client_mss, tx_max_segment=self.tx_max_segment,
                                 syn_retries=self.limits.synack_retries, **common),
                       TcpConfig(mss=server_mss, syn_retries=self.syn_retries, **common))
@@ -441,6 +450,16 @@ class Terminator(TunnelSide):
             reason = sp.flow.close_reason.value if sp.flow.close_reason else "closed"
             self.ended[reason] = self.ended.get(reason, 0) + 1
 
+    def path_mtu_changed(self) -> None:
+        """A tunnel or TUN MTU shrank (Bridge.set_path_mtu): every live leg lowers its send
+        MSS to it (RFC 1191 §6.3, RFC 8201 §5.2) and resends in-flight data at the next flush."""
+        tun = self.tun_mtu()
+        for key, sp in self.splices.items():
+            sp.server.path_mtu(self.mtu_for(key[2]))
+            if sp.client is not None:
+                sp.client.path_mtu(tun)
+            self.touched[key] = sp
+
     # ------------------------------------------------------------------ timers
 
     def get_timer(self) -> float | None:
@@ -496,10 +515,16 @@ class Terminator(TunnelSide):
         """Keep-warm hook (bridge/io/warm.py): one hop of a throw-away connection through a
         private shadow of this Terminator (bridge/userspace/warm.py), so that the next real
         new connection finds this code in the CPU caches. A no-op unless a splice is live or
-        one was opened in the last WARM_WINDOW seconds. Touches no real splice, counter,
-        timer or inspector; each `lane` (one per calling thread) has its own shadow."""
+        one was opened in the last WARM_WINDOW seconds, and none while a bulk transfer runs
+        (a server leg took a merged run of BULK_RUN segments or more in the last
+        WARM_BULK_QUIET seconds, tunnel.py): the real segments keep the code hot, and a
+        0.3-0.6 ms hop only holds the GIL the busy data thread waits for. Touches no real
+        splice, counter, timer or inspector; each `lane` (one per calling thread) has its
+        own shadow."""
         if not self.splices and now - self._last_new > WARM_WINDOW:
             return
+        if now - self._bulk_at < WARM_BULK_QUIET:
+            return  # a bulk transfer keeps this code hot; a hop would only take the GIL
         w = self._warm.get(lane)
         if w is None:
             w = self._warm[lane] = WarmCycle(self)

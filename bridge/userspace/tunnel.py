@@ -10,11 +10,13 @@ Rules of this module (pure, sans-I/O: decapsulated inner packets and `now` in; l
 - Consecutive in-order data segments of one server leg (a GRO batch of the tunnel) reach the
   leg as one segment (legwire.py `merge_run`: every checksum still checked, by one sum over
   the run; a bad one is dropped alone); a `TunFrame` the Bridge's GRO path merged and
-  checked (bridge/gso.py, NEEDS_CSUM) is taken whole without a second checksum pass.
+  checked (bridge/gro.py, NEEDS_CSUM) is taken whole without a second checksum pass.
 - ICMP errors quoting a server leg's segment go to that leg (legwire.py `quoted_leg`, counted
   "icmp_to_server_leg"); while the splice has no client leg (connect first) the error also
   goes on to the client, whose own SYN it quotes (RFC 1122 §4.2.3.9).
 - Malformed packets are dropped and counted by parse_tcp (`drops`); nothing raises.
+- A merged run of at least BULK_RUN segments marks a bulk transfer (`_bulk_at`): the
+  Terminator's keep-warm hop then pauses (terminator.py `warm`).
 
 Theory of operation: `TunnelSide` is a mixin of the Terminator (terminator.py), which owns
 the tables it reads and writes (`splices`, `touched`, `counters`, `drops`, `_clients`) and
@@ -28,13 +30,17 @@ from typing import Any
 
 from bridge.flows import FlowKey
 from bridge.tunframe import TunFrame
-from bridge.userspace.legwire import merge_run, quoted_leg, run_part
+from bridge.userspace.legwire import completed_partial, merge_run, quoted_leg, run_part
 from bridge.userspace.splice import Splice
 from stack.wire.prelude import V4_DST_AT, V6_DST_AT, tcp_key
 from stack.wire.tcp import TcpSegment, parse_tcp
 from stack.wire.vnet import F_NEEDS_CSUM, GSO_SIZE_AT, VNET_HDR_LEN
 
-__all__ = ["TunnelSide"]
+__all__ = ["TunnelSide", "BULK_RUN"]
+
+# A merged run of this many segments is a bulk transfer (`_bulk_at`, Terminator.warm): more
+# than a Linux initial window (RFC 6928: 10 segments), so the sender's window has grown.
+BULK_RUN = 16
 
 
 class TunnelSide:
@@ -46,6 +52,7 @@ class TunnelSide:
     drops: dict[str, int]
     _clients: dict[bytes, int]
     _pending_rst: list[tuple[FlowKey, TcpSegment]]
+    _bulk_at: float  # when a server leg last took a merged run (Terminator.warm)
 
     def flush(self, now: float, out: Any) -> None:  # the Terminator's
         raise NotImplementedError
@@ -56,7 +63,12 @@ class TunnelSide:
     def _segment(self, pkt: bytes | bytearray | memoryview, n: int, off: int,
                  key: FlowKey) -> TcpSegment | None:
         mv = pkt if isinstance(pkt, memoryview) else memoryview(pkt)
-        return parse_tcp(mv[off:n], key[1], key[2], drops=self.drops)
+        if (seg := parse_tcp(mv[off:n], key[1], key[2])) is None:  # left partial? else counted
+            fixed = completed_partial(mv[off:n], key[1], key[2])
+            self.counters["checksum_completed"] += fixed is not None
+            seg = parse_tcp(fixed or mv[off:n], key[1], key[2], drops=self.drops,
+                            verify_checksum=fixed is None)  # completed: right by making
+        return seg
 
     def _server_side(self, pkt: bytes | bytearray | memoryview, n: int
                      ) -> tuple[Splice, FlowKey, FlowKey, int, int] | None:
@@ -92,7 +104,7 @@ class TunnelSide:
             run_next = 0
             run_off = 0
             for pkt in pkts:
-                if type(pkt) is TunFrame:  # a run the Bridge merged and checked (bridge/gso.py)
+                if type(pkt) is TunFrame:  # a run the Bridge merged and checked (bridge/gro.py)
                     if not self._server_frame(pkt, now):
                         tun.append(pkt)
                     continue
@@ -153,7 +165,7 @@ class TunnelSide:
         return not connecting  # connecting: the client gets it too (module docstring)
 
     def _server_frame(self, frame: TunFrame, now: float) -> bool:
-        """A `TunFrame` from the Bridge's receive fast path (bridge/gso.py coalesce_rows:
+        """A `TunFrame` from the Bridge's receive fast path (bridge/gro.py coalesce_rows:
         one contiguous TCP run, every segment's checksum checked there, the merged packet's
         checksum field holding the pseudo-header sum, NEEDS_CSUM). When it is a server leg's,
         the leg takes it as one segment (no second checksum pass) and True is returned."""
@@ -171,6 +183,8 @@ class TunnelSide:
             k = -(-len(seg.payload) // gso_size) if gso_size else 1
             self.counters["from_server"] += k
             self.counters["server_runs"] += 1
+            if k >= BULK_RUN:
+                self._bulk_at = now
             sp.from_server(seg, now)
             self.touched[ck] = sp
         return True
@@ -193,5 +207,7 @@ class TunnelSide:
         else:
             self.counters["from_server"] += len(run)
             self.counters["server_runs"] += 1
+            if len(run) >= BULK_RUN:
+                self._bulk_at = now
             sp.from_server(seg, now)
         self.touched[key] = sp

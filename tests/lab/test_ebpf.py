@@ -157,9 +157,9 @@ def test_without_cap_bpf_auto_falls_back_to_python_with_a_log_line(lab: Lab) -> 
 def test_inspected_flow_reaches_python_other_flows_stay_in_the_kernel(lab_factory: Any) -> None:
     """two-sites-inspect's gw-a terminates TCP to the server's port 80 in stack/: with the
     fast path on, that flow's packets pass to the Python path (both directions) and the
-    flow shows in `grebe flows`; a flow to another port is encapsulated by the program.
-    In a lab of its own: after the module's other endpoints it once counted no client ACK
-    encapsulated (as the wire-format test in test_bridge.py; not understood yet)."""
+    flow shows in `grebe flows`; a flow to another port is encapsulated by the program
+    (or held for the wire's order, see below). In a lab of its own since session 4; the
+    order dependence that caused that is explained below and no longer asserted against."""
     lab: Lab = lab_factory("two-sites-plain", start=False)
     www = lab.state_dir / "www-eb"
     www.mkdir(exist_ok=True)
@@ -191,10 +191,18 @@ def test_inspected_flow_reaches_python_other_flows_stay_in_the_kernel(lab_factor
         after = a.ebpf()
         # port 81's download is not the inspected flow's: its packets are not passed to the
         # Python path as inspected (the data, GSO with GRE sequence numbers, comes through
-        # gw-b's Python path: grebe_tc.c passes it). That the client's ACKs are the program's
-        # is not asserted: after the module's other tests it counted none (alone: dozens);
-        # the cause is not found yet (closing note of session 4).
-        assert after["encap"] >= mid["encap"]
+        # gw-b's Python path: grebe_tc.c passes it). The client's ACKs (~70: the client
+        # gets GSO super-packets) are encapsulated by gw-a's program, or, while gw-a's
+        # Python path has just taken sequence numbers for the peer, passed to it to keep
+        # one order on the wire (SEQ_HOLD). That hold renews itself: the Python path takes
+        # a number for each ACK it was passed, so once a keepalive (every 2 s) or another
+        # Python-path packet lands in the download, every ACK 5 ms apart or less goes to
+        # Python until a gap. That was the order dependence (after the module's other
+        # tests, 34 of 67 ACKs held; the phase of the keepalive timer decides), not the
+        # lab. So the two together are counted, and each ACK is one or the other.
+        acks = after["encap"] - mid["encap"]
+        held = after["pass_seq_order"] - mid["pass_seq_order"]
+        assert acks + held > 20, (mid, after)
         assert after["pass_inspect"] - mid["pass_inspect"] < 5
     finally:
         assert a.stop() == 0
@@ -202,6 +210,69 @@ def test_inspected_flow_reaches_python_other_flows_stay_in_the_kernel(lab_factor
         for p in (http80, http81):
             p.terminate()
             p.wait(timeout=10)
+
+
+@pytest.mark.parametrize(("dp_a", "dp_b"), [("ebpf", "ebpf"), ("python", "ebpf"),
+                                            ("auto", "ebpf"), ("ebpf", "python")])
+def test_downloads_with_tso_from_a_program_are_byte_exact(lab_factory: Any, dp_a: str,
+                                                          dp_b: str) -> None:
+    """gw-b's program encapsulates the server's TSO super-packets whole (sequence "off":
+    no GRE sequence numbers to keep it from GSO) and leaves the inner TCP checksum to the
+    egress device (CHECKSUM_PARTIAL); over the lab's veth nothing segments or completes
+    it, and gw-a's UDP socket gets one datagram up to 64 KB with an unfilled checksum. gw-a
+    terminates the flow in stack/ (on its program, which passes the flow, or on the Python
+    path alone): before bridge/userspace/legwire.py completed_partial, the stack dropped
+    every such segment as "bad_checksum" and the download stalled after ~0.5 MB. "auto"
+    runs the program also on an endpoint with [[inspect]] rules (bridge/ebpf/hook.py).
+    A download on port 81 (not inspected) crosses a Python-path gateway's TUN the same
+    way: before bridge/io/offload.py wrote such packets with NEEDS_CSUM (and GSO), nothing
+    of it arrived (the client's, or the server's, kernel dropped every segment)."""
+    lab: Lab = lab_factory("two-sites-plain", start=False)
+    www = lab.state_dir / "www-tso"
+    www.mkdir(exist_ok=True)
+    body = os.urandom(32 << 20)
+    (www / "big").write_bytes(body)
+    http = [lab.popen("server", ["python", "-m", "http.server", port, "--bind", "::",
+                                 "--directory", str(www)], log=str(lab.state_dir / f"h{port}.log"))
+            for port in ("80", "81")]
+    no_seq = 'sequence = "off"\n'
+    cfgs = {}
+    for node, src in (("gw-a", "two-sites-inspect/gw-a.toml"), ("gw-b", GRE[1])):
+        cfgs[node] = lab.state_dir / f"tso-{node}.toml"
+        cfgs[node].write_text((TOPO / src).read_text().replace('sequence = "drop-late"\n',
+                                                               no_seq))
+        assert no_seq in cfgs[node].read_text()
+    a = Endpoint(lab, "gw-a", str(cfgs["gw-a"]), datapath=dp_a, tag="t")
+    b = Endpoint(lab, "gw-b", str(cfgs["gw-b"]), datapath=dp_b, tag="t")
+    got = lab.state_dir / "got"
+    try:
+        assert pings(lab, "client", SERVER4)
+        cp = lab.run("client", ["curl", "-s", "--max-time", "90", f"http://{SERVER4}/big",
+                                "-o", str(got), "-w", "%{size_download}"], check=False,
+                     timeout=120)
+        st = a.status()
+        assert st is not None
+        assert cp.returncode == 0 and got.read_bytes() == body, (
+            cp.returncode, cp.stdout, st["inspect"])
+        assert st["inspect"]["flow_table"]["inspect"] == 1  # the flow was terminated
+        assert st["datapath"] == ("python" if dp_a == "python" else "ebpf")
+        if dp_b == "ebpf":  # TSO super-packets with partial checksums came
+            assert st["inspect"]["counters"]["checksum_completed"] > 0
+        got.unlink()
+        cp = lab.run("client", ["curl", "-s", "--max-time", "90", f"http://{SERVER4}:81/big",
+                                "-o", str(got), "-w", "%{size_download}"], check=False,
+                     timeout=120)
+        assert cp.returncode == 0 and got.read_bytes() == body, (cp.returncode, cp.stdout)
+        if dp_b == "ebpf":  # the server's data went through gw-b's program
+            assert b.ebpf()["encap"] > 100
+        else:  # the client's requests and ACKs through gw-a's
+            assert a.ebpf()["encap"] > 20
+    finally:
+        assert a.stop() == 0
+        b.stop()
+        for h in http:
+            h.terminate()
+            h.wait(timeout=10)
 
 
 @pytest.mark.parametrize("cfgs", [("two-sites-ipip/gw-a.toml", "two-sites-ipip/gw-b.toml"),
@@ -228,6 +299,101 @@ def test_ipip_and_ipv6_underlay_through_the_program(lab: Lab, cfgs: tuple[str, s
     finally:
         assert a.stop() == 0
         b.stop()
+
+
+FORGE = """
+import socket, struct, sys
+def csum(b):
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    s = (s & 0xFFFF) + (s >> 16)
+    s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+icmp = bytearray(struct.pack("!BBHHH", 8, 0, 0, 0x6762, 1) + b"forged-seq" * 4)
+icmp[2:4] = struct.pack("!H", csum(bytes(icmp)))
+ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 1, 0, 64, 1, 0,
+                           socket.inet_aton("198.18.2.10"), socket.inet_aton("198.18.1.10")))
+ip[10:12] = struct.pack("!H", csum(bytes(ip)))
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, 11, 1)  # SO_NO_CHECK: a zero UDP checksum, as the program sends
+s.bind(("198.18.0.2", 0))
+for seq in map(int, sys.argv[1:]):
+    gre = struct.pack("!HHII", 0x3000, 0x0800, 42, seq)
+    s.sendto(gre + bytes(ip) + bytes(icmp), ("198.18.0.1", 4754))
+"""
+
+
+def received(lab: Lab, count: int) -> int:
+    cp = lab.run("client", ["ping", "-c", str(count), "-i", "0.1", "-W", "2", SERVER4],
+                 check=False, timeout=30)
+    for part in cp.stdout.split(","):
+        if part.strip().endswith("received"):
+            return int(part.split()[0])
+    raise AssertionError(cp.stdout + cp.stderr)
+
+
+def test_forged_far_ahead_sequence_numbers_do_not_move_the_programs_window(lab: Lab) -> None:
+    """drop-late on the program (issue 14, the Python path's rule of bridge/seqpolicy.py):
+    a number JUMP_MAX or more ahead of the window goes to the Python path, which drops a
+    forged one; two in a row (a run short of CONFIRM) move nothing. Before the rule the
+    program took any number ahead, every real packet after it counted late: the pings'
+    replies were dropped until RESYNC_TIME had passed."""
+    a = Endpoint(lab, "gw-a", GRE[0], tag="f")
+    b = Endpoint(lab, "gw-b", GRE[1], tag="f")
+    try:
+        lab.wait_for(lambda: pings(lab, "client", SERVER4) and a.ebpf()["decap"] > 0,
+                     timeout=20, what="replies decapsulated by gw-a's program")
+        before, drops = a.ebpf(), a.status()
+        assert drops is not None
+        # gw-b's counter started at 0 and has sent a few dozen numbers: these are far ahead
+        lab.run("gw-b", ["python", "-c", FORGE, str(0x10000000), str(0x10000001)])
+        assert received(lab, 5) == 5
+        after, st = a.ebpf(), a.status()
+        assert st is not None
+        assert after["pass_seq_jump"] - before["pass_seq_jump"] == 2
+        assert st["drops"]["sequence"] - drops["drops"]["sequence"] == 2
+        assert after["decap"] >= before["decap"] + 5  # the replies stayed on the program
+    finally:
+        assert a.stop() == 0
+        b.stop()
+
+
+def test_new_connections_after_a_bulk_transfer_lose_no_syn_to_the_window(lab: Lab) -> None:
+    """drop-late with both paths sending for one peer: a SYN (passed to the Python path for
+    MSS clamping) after a download the programs carried is ~1,000 numbers ahead of the
+    receiving Python path's window. It must be taken (the numbers in between were the
+    program's stream): before SeededSeqReceiver._catch_up each new connection lost two SYNs
+    ("sequence" drops, "seq_resync") and connected after 2 s."""
+    www = lab.state_dir / "www-syn"
+    www.mkdir(exist_ok=True)
+    (www / "big").write_bytes(os.urandom(8 << 20))
+    (www / "small").write_bytes(b"small\n")
+    http = lab.popen("server", ["python", "-m", "http.server", "81", "--bind", "::",
+                                "--directory", str(www)], log=str(lab.state_dir / "hs.log"))
+    a = Endpoint(lab, "gw-a", GRE[0], tag="y")
+    b = Endpoint(lab, "gw-b", GRE[1], tag="y")
+    try:
+        lab.wait_for(lambda: lab.run("client", ["curl", "-sf", "--max-time", "3",
+                                                f"http://{SERVER4}:81/small"],
+                                     check=False).returncode == 0, timeout=20,
+                     what="http on port 81 through the tunnel")
+        before = {n: e.status() for n, e in (("a", a), ("b", b))}
+        for _ in range(2):
+            lab.run("client", ["curl", "-sf", "--max-time", "30", f"http://{SERVER4}:81/big",
+                               "-o", "/dev/null"], timeout=60)
+            for _ in range(2):
+                lab.run("client", ["curl", "-sf", "--max-time", "10",
+                                   f"http://{SERVER4}:81/small", "-o", "/dev/null"])
+        assert a.ebpf()["encap"] > 100 and b.ebpf()["pass_syn"] >= 4  # both paths sent
+        for n, e in (("a", a), ("b", b)):
+            st, st0 = e.status(), before[n]
+            assert st is not None and st0 is not None
+            assert st["drops"]["sequence"] == st0["drops"]["sequence"], (n, st["drops"])
+            assert st["events"]["seq_resync"] == st0["events"]["seq_resync"], n
+    finally:
+        assert a.stop() == 0
+        b.stop()
+        http.terminate()
+        http.wait(timeout=10)
 
 
 def test_auto_steps_aside_for_netfilter_chains(lab: Lab) -> None:

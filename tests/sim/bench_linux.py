@@ -1,6 +1,6 @@
 """Throughput of the stack terminating a real Linux TCP flow through a plain TUN (root).
 
-Run: sudo .venv/bin/python tests/sim/bench_linux.py [--mb 50]
+Run: sudo .venv/bin/python tests/sim/bench_linux.py [--mb 50] [--profile lossy]
 
 Linux (in a private gb-h6-* namespace) sends N MB to our sink over a TUN without offloads
 (one packet per read/write), then our stack sends N MB to a Linux sink. Prints MB/s for
@@ -52,10 +52,14 @@ print(total, flush=True); c.close()
 """
 
 
-def linux_to_stack(mb: int) -> tuple[float, float]:
+# The lossy-WAN profile of issue 11 (bridge/lab/impair.py keys, each way).
+LOSSY_WAN = {"loss": 0.02, "reorder": 0.03, "delay": 0.002}
+
+
+def linux_to_stack(mb: int, **wan: float) -> tuple[float, float]:
     demux = TcpDemux(CFG)
     demux.listen(8080)
-    peer = LinuxPeer(demux)
+    peer = LinuxPeer(demux, **wan)
     got = [0]
     conns = []
     try:
@@ -80,9 +84,9 @@ def linux_to_stack(mb: int) -> tuple[float, float]:
         peer.close()
 
 
-def stack_to_linux(mb: int) -> tuple[float, float]:
+def stack_to_linux(mb: int, **wan: float) -> tuple[float, float]:
     demux = TcpDemux(CFG)
-    peer = LinuxPeer(demux)
+    peer = LinuxPeer(demux, **wan)
     try:
         sink = peer.popen([sys.executable, "-u", "-c", LINUX_SINK, KERNEL_ADDR])
         assert sink.stdout is not None and sink.stdout.readline().strip() == b"LISTENING"
@@ -117,12 +121,18 @@ def stack_to_linux(mb: int) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=int, default=50)
-    mb = ap.parse_args().mb
-    a = linux_to_stack(mb)
-    b = stack_to_linux(mb)
+    ap.add_argument("--profile", choices=("clean", "lossy"), default="clean",
+                    help="lossy: loss=2%% reorder=3%% delay=2ms each way (issue 11)")
+    args = ap.parse_args()
+    mb = args.mb
+    wan = LOSSY_WAN if args.profile == "lossy" else {}
+    a = linux_to_stack(mb, **wan)
+    b = stack_to_linux(mb, **wan)
     print(f"Linux -> stack: {a[0]:6.1f} MB/s wall, {a[1]:6.1f} MB per CPU-second of this "
           f"process (TUN I/O included)")
     print(f"stack -> Linux: {b[0]:6.1f} MB/s wall, {b[1]:6.1f} MB per CPU-second")
+    print(f"sender ratio stack/Linux ({args.profile}): {b[0] / a[0]:.2f}x wall "
+          "(each sender against the other's receiver, same pump and impairment)")
     print(f"(goal 66-73 MB/s for one terminated flow; plain TUN, no offloads, {mb} MB; the "
           "machine's load decides the wall numbers)")
 

@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "bridge"))
 from bench_pipeline import SITE, _packet, _secure_pair  # noqa: E402
 
 from bridge.config import loads_config  # noqa: E402
-from bridge.gso import GroBatch, SuperPacket, UdpRun  # noqa: E402
+from bridge.gro import GroBatch  # noqa: E402
+from bridge.gso import SuperPacket, UdpRun  # noqa: E402
 from bridge.io import offload as ol  # noqa: E402
 from bridge.pipeline import Bridge, Output  # noqa: E402
 from stack.wire import vnet  # noqa: E402

@@ -6,13 +6,16 @@ LinuxPeer creates a network namespace `gb-h6-<pid>-<hex>` (lab rules: gb- prefix
 Whatever the kernel in that namespace sends to 198.18.77.2 or 2001:db8:77::2 comes out of
 the TUN; `pump()` parses it, gives the TCP segments to a TcpDemux (our stack) and writes
 the stack's answers
-back, optionally dropping a seeded fraction of packets both ways. Real tools run inside
-the namespace with `popen()`. Only needs root and /dev/net/tun; the bridge is not involved.
+back, optionally dropping a seeded fraction of packets both ways and delaying and
+reordering them (the lossy-WAN profile of bridge/lab/impair.py, `delay`/`reorder`).
+Real tools run inside the namespace with `popen()`. Only needs root and /dev/net/tun; the
+bridge is not involved.
 """
 
 from __future__ import annotations
 
 import fcntl
+import heapq
 import os
 import random
 import secrets
@@ -50,8 +53,17 @@ class LinuxPeer:
     """A namespace with a TUN whose far side is our TcpDemux."""
 
     def __init__(self, demux: TcpDemux, *, loss: float = 0.0, seed: int = 1,
-                 mtu: int = 1500, record: list[dict[str, object]] | None = None) -> None:
+                 mtu: int = 1500, record: list[dict[str, object]] | None = None,
+                 delay: float = 0.0, reorder: float = 0.0,
+                 reorder_delay: float = 0.004) -> None:
         self.demux = demux
+        # The lossy-WAN profile (bridge/lab/impair.py's keys, each way): `delay` one way,
+        # `reorder` the share of packets held back a random extra up to `reorder_delay`.
+        self.delay = delay
+        self.reorder = reorder
+        self.reorder_delay = reorder_delay
+        self._line: list[tuple[float, int, bool, bytes]] = []  # (due, n, inbound, packet)
+        self._n = 0
         self.record = record  # per pump round: t, segments in, timer run, segments out
         # Packets read per round before the stack's output is collected: the ACK clock of
         # a Linux sender needs ACKs more often than once per 256 segments.
@@ -101,20 +113,36 @@ class LinuxPeer:
         """
         demux, fd = self.demux, self.fd
         end = time.monotonic() + timeout
+        line = self._line
         while not done():
             now = time.monotonic()
             if now > end:
                 raise TimeoutError(f"interop did not finish in {timeout} s")
             t = demux.get_timer()
+            if line and (t is None or line[0][0] < t):
+                t = line[0][0]
             wait = 0.02 if t is None else min(max(t - now, 0.0), 0.02)
             select.select([fd], [], [], wait)
             now = time.monotonic()
             ins: list[str] = []
+            arrived: list[bytes] = []
+            while line and line[0][0] <= now:
+                _due, _n, inbound, held = heapq.heappop(line)
+                if inbound:
+                    arrived.append(held)
+                else:
+                    os.write(fd, held)
             for _ in range(self.batch):
                 try:
                     pkt = os.read(fd, 65536)
                 except BlockingIOError:
                     break
+                if self.loss and self.rng.random() < self.loss:
+                    self.dropped += 1
+                    continue
+                if not self._hold(now, True, pkt):
+                    arrived.append(pkt)
+            for pkt in arrived:
                 if pkt and pkt[0] >> 4 == 6:
                     p6 = parse_ipv6(pkt)
                     if p6 is None or p6[0].next_header != 6:
@@ -125,9 +153,6 @@ class LinuxPeer:
                     if p4 is None or p4[0].proto != 6:
                         continue
                     src, dst, tcp = p4[0].src, p4[0].dst, p4[1]
-                if self.loss and self.rng.random() < self.loss:
-                    self.dropped += 1
-                    continue
                 self.packets_in += 1
                 if self.record is not None:
                     ins.append(src.hex() + ":" + dst.hex() + ":" + tcp.hex())
@@ -146,12 +171,25 @@ class LinuxPeer:
                     self.dropped += 1
                     continue
                 if len(src) == 4:
-                    os.write(fd, build_ipv4(Ipv4Header(src, dst, 6, df=True), tcp))
+                    raw = build_ipv4(Ipv4Header(src, dst, 6, df=True), tcp)
                 else:
-                    os.write(fd, build_ipv6(Ipv6Header(src, dst, 6), tcp))
+                    raw = build_ipv6(Ipv6Header(src, dst, 6), tcp)
+                if not self._hold(now, False, raw):
+                    os.write(fd, raw)
                 self.packets_out += 1
             if self.record is not None and (ins or outs or timer):
                 self.record.append({"t": now, "in": ins, "timer": timer, "out": outs})
+
+    def _hold(self, now: float, inbound: bool, pkt: bytes) -> bool:
+        """Put `pkt` on the delay line (True), or leave it to go at once (False)."""
+        if not self.delay and not self.reorder:
+            return False
+        due = now + self.delay
+        if self.reorder and self.rng.random() < self.reorder:
+            due += self.rng.random() * self.reorder_delay
+        self._n += 1
+        heapq.heappush(self._line, (due, self._n, inbound, pkt))
+        return True
 
     def close(self) -> None:
         for p in self.procs:

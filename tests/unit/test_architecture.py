@@ -3,7 +3,8 @@
 Rules (docs/DESIGN.md "The house"):
 - Layers, lowest first: `stack.wire` (header formats) < the rest of `stack` (TCP) < the bridge
   core (bridge/*.py, bridge/userspace/, bridge/inspect/) < the adapters (bridge/io/,
-  bridge/kernel/, bridge/deploy/, bridge/cli.py, bridge/__main__.py) < the lab (bridge/lab/).
+  bridge/kernel/, bridge/deploy/, bridge/cli.py, bridge/ctl.py, bridge/__main__.py) < the lab
+  (bridge/lab/).
   A module imports only from its own layer or below: stack imports nothing of bridge,
   stack.wire nothing of the rest of stack, the core nothing of an adapter or the lab.
 - No import cycles between modules. Every import counts: at module level, inside a function
@@ -94,7 +95,7 @@ def layer(mod: str) -> int:
     if mod.startswith("bridge.lab"):
         return 4
     if mod.startswith(("bridge.io", "bridge.kernel", "bridge.ebpf", "bridge.deploy")) or mod in (
-            "bridge.cli", "bridge.__main__"):
+            "bridge.cli", "bridge.ctl", "bridge.__main__"):
         return 3
     return 2
 

@@ -29,3 +29,13 @@ def test_ruff_clean() -> None:
 def test_mypy_strict_on_the_core() -> None:
     res = subprocess.run([_tool("mypy")], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_test_file_names_are_unique() -> None:
+    """pytest imports test files by basename (tests/ has no packages): two files of one name
+    in different folders stop the whole run at collection, so the suite checks it here."""
+    root = Path(__file__).resolve().parents[2] / "tests"
+    names: dict[str, list[str]] = {}
+    for f in root.rglob("test_*.py"):
+        names.setdefault(f.name, []).append(str(f.relative_to(root)))
+    assert {k: v for k, v in names.items() if len(v) > 1} == {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -80,3 +81,27 @@ def test_up_without_a_file_or_with_a_missing_name(monkeypatch: pytest.MonkeyPatc
     assert cli.main(["up"]) == cli.EXIT_CONFIG
     assert cli.main(["up", "nosuch"]) == cli.EXIT_CONFIG   # /nonexistent-grebe-dir/nosuch.toml
     assert cli.config_path("nosuch") == "/nonexistent-grebe-dir/nosuch.toml"
+
+
+def test_logs_on_the_journal_stream_carry_priorities_and_no_time(tmp_path: Path) -> None:
+    """stderr is the journal's stream when $JOURNAL_STREAM names its device:inode
+    (systemd.exec(5)): lines are "<prio>logger: message" (sd-daemon(3)); elsewhere timed."""
+    import logging
+
+    from bridge.io.notify import JournalFormatter, log_format
+
+    f = tmp_path / "stream"
+    f.write_text("")
+    with f.open("w") as out:
+        st = os.fstat(out.fileno())
+        env = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        fmt = log_format(out.fileno(), env)
+        assert isinstance(fmt, JournalFormatter)
+        rec = logging.LogRecord("grebe.loop", logging.WARNING, __file__, 1, "peer b down\nx",
+                                None, None)
+        assert fmt.format(rec) == "<4>grebe.loop: peer b down\n<4>grebe.loop: x"
+        rec.levelno = logging.INFO
+        assert fmt.format(rec).startswith("<6>grebe.loop: ")
+        other = log_format(out.fileno(), {"JOURNAL_STREAM": "1:2"})
+        assert not isinstance(other, JournalFormatter)
+        assert not isinstance(log_format(out.fileno(), {}), JournalFormatter)

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from test_bridge_gso import TS_OPTS, _bulk  # same directory (pytest rootdir import)
 
 from bridge.encap import GreHeader, build_gre
-from bridge.gso import GroBatch
+from bridge.gro import GroBatch
 from bridge.pipeline import Bridge, Output
 
 CONFIGS = [
@@ -86,7 +86,7 @@ def test_random_ipv4_headers_from_tun(data: list[bytes]) -> None:
     assert b.counters.total_drops + sum(b.counters.tx_packets) == len(pkts)
 
 
-# GRO batches (bridge/gso.py GroBatch): random, and real runs damaged, cut and re-sized.
+# GRO batches (bridge/gro.py GroBatch): random, and real runs damaged, cut and re-sized.
 # Every datagram the batch holds (one without a segment size: one) has exactly one outcome.
 
 def _gro_count(buf: bytes, seg: int) -> int:

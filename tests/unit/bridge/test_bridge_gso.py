@@ -285,7 +285,7 @@ def _rx_both(extra: str, dgrams: list[bytes], seg: int) -> tuple[Bridge, list[by
                                                                  list[bytes]]:
     """B `fast` gets one GroBatch; `ref` the datagrams one by one; both outputs go through
     the TUN coalescer as the I/O layer would write them."""
-    from bridge.gso import GroBatch
+    from bridge.gro import GroBatch
 
     fast = Bridge(site_config("b", extra), 0)
     ref = Bridge(site_config("b", extra), 0)
@@ -370,7 +370,7 @@ def _packets(frames: list[bytes]) -> list[bytes]:
 
 
 def test_gro_batch_late_sequence_falls_back_to_drops() -> None:
-    from bridge.gso import GroBatch
+    from bridge.gro import GroBatch
 
     extra = 'sequence = "drop-late"'
     _pair, dgrams = _sent(extra, _super(False, 10000), False, 1000)
@@ -385,7 +385,7 @@ def test_gro_batch_late_sequence_falls_back_to_drops() -> None:
 
 
 def test_gro_batch_spoofed_inner_source_dropped_per_packet() -> None:
-    from bridge.gso import GroBatch
+    from bridge.gro import GroBatch
 
     _pair, dgrams = _sent("", _super(False, 10000), False, 1000)
     b = Bridge(site_config("a"), 0)  # site A does not accept 198.18.10.0/24 from its peer
@@ -455,7 +455,7 @@ def test_gro_44_plus_3_stays_within_the_ip_length(v6: bool) -> None:
     (bridge/io/udp.py `recv_datagrams`). The short one cannot join the run: merged, the
     packet would be longer than an IP length field holds. It must take the per-packet path,
     and every datagram be delivered and counted, the same as one by one."""
-    from bridge.gso import GroBatch
+    from bridge.gro import GroBatch
 
     extra = 'key = 7\nsequence = "drop-late"'
     dgrams = _bulk(extra, v6, 1408, 46, 1000, TS_OPTS)
@@ -505,7 +505,7 @@ def test_coalesce_rows_at_the_length_cap_hypothesis(
     `coalesce_rows` never builds a packet longer than 65,535 bytes, and through
     `Bridge.from_udp` the TUN gets exactly the bytes of the per-datagram path plus the TUN
     coalescer, every datagram counted."""
-    from bridge.gso import coalesce_rows
+    from bridge.gro import coalesce_rows
 
     v6, variant, mss, opts, rows, tail = case
     dgrams = _bulk(variant, v6, mss, rows, tail, opts)
@@ -536,10 +536,10 @@ def test_coalesce_rows_at_the_length_cap_hypothesis(
 def test_layout_caches_stay_bounded_whatever_sizes_a_peer_sends() -> None:
     """The layout caches are keyed by sizes the peer picks; cycling through 2,000 of them
     leaves each cache at most CACHE_MAX entries (issue 12: state bounded under attack)."""
-    from bridge import gso
+    from bridge import gro, gso
 
     for seg in range(100, 2100):
-        gso._coalesce_layout(seg, 8, 20, 32, 4, -1, True)
-        gso._counts(seg % 50 + 2, seg)
-    assert len(gso._LAYOUTS) <= gso.CACHE_MAX and len(gso._FIELDS) <= gso.CACHE_MAX
+        gro._coalesce_layout(seg, 8, 20, 32, 4, -1, True)
+        gso.counts(seg % 50 + 2, seg)
+    assert len(gro._LAYOUTS) <= gso.CACHE_MAX and len(gso._FIELDS) <= gso.CACHE_MAX
     assert len(gso._COUNTS) <= gso.CACHE_MAX

@@ -392,3 +392,15 @@ def test_memoryviews_of_a_reused_buffer(extra: str) -> None:
     assert len(out_b.tun) == 2, _drops(pair.b)
     assert IP(bytes(out_b.tun[0])).ttl == 8
     assert IPv6(bytes(out_b.tun[1]))[TCP].flags == "S"
+
+
+def test_send_inner_drops_a_packet_over_the_tunnel_mtu() -> None:
+    """Issue 11 #6: the terminator's own packets are sized by the legs; one over the
+    tunnel MTU is dropped and counted (too_big), never sent to be fragmented."""
+    b = Bridge(site_config("a"), 0)
+    out = Output()
+    assert b.send_inner(v4(size=b.tun_mtu), 0.0, out)
+    assert sum(map(len, out.udp.values())) == 1
+    assert b.send_inner(v4(size=b.tun_mtu + 1), 0.0, out)  # a route exists: not "no peer"
+    assert sum(map(len, out.udp.values())) == 1
+    assert b.counters.drop("too_big") == 1

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from bridge import cli
+from bridge import cli, ctl
 from bridge.io import tun as tun_mod
 from bridge.io.fake import MemoryTun
 
@@ -130,10 +130,10 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_status_json_error_exits_non_zero(monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(cli, "_ask", lambda _a, _c: {"error": "boom"})
+    monkeypatch.setattr(ctl, "ask", lambda _a, _c: {"error": "boom"})
     assert cli.main(["status", "--json"]) == 1
     assert json.loads(capsys.readouterr().out) == {"error": "boom"}
-    monkeypatch.setattr(cli, "_ask", lambda _a, _c: {"peers": []})
+    monkeypatch.setattr(ctl, "ask", lambda _a, _c: {"peers": []})
     assert cli.main(["status", "--json"]) == 0
 
 
@@ -145,4 +145,4 @@ def test_a_never_heard_peer_is_not_up() -> None:
     peer = b.status(1.0)["peers"][0]
     assert peer["up"] is False and peer["last_seen_s"] is None and peer["state"] == "waiting"
     assert 'grebe_peer_up{peer="b"} 0' in b.metrics_text()
-    assert "never" in cli._fmt_status(b.status(1.0))
+    assert "never" in ctl.format_status(b.status(1.0))

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 
-from bridge.gso import GroBatch, SuperPacket, UdpRun
+from bridge.gro import GroBatch
+from bridge.gso import SuperPacket, UdpRun
 from bridge.io import offload as ol
 from bridge.pipeline import Bridge, Output
 from bridge.seqpolicy import SeqReceiver

@@ -9,7 +9,7 @@ from grebe_sites import A_ADDR, B_ADDR, site_config, v4, v6
 
 from bridge.config import ConfigErrors, loads_config
 from bridge.encap import GreHeader, build_gre
-from bridge.gso import GroBatch
+from bridge.gro import GroBatch
 from bridge.pipeline import Bridge, Output
 from bridge.scrub import Action, Bucket, Direction, parse_scrub
 
@@ -201,13 +201,13 @@ def test_rate_limited_packets_keep_their_place_in_the_sequence(policy: str) -> N
 
 
 def test_grebe_status_text_lists_the_rules_with_their_counters() -> None:
-    from bridge.cli import _fmt_status
+    from bridge.ctl import format_status
 
     b = Bridge(site_config("b", _rules(
         '[[scrub]]\ndirection = "in"\nsrc = ["198.18.10.6/32"]\naction = "deny"\n'
         '[[scrub]]\naction = "allow"\nrate = 5\nburst = 2\n')), 0)
     _to_b(b, [v4(src="198.18.10.6")] + [v4()] * 4, 0.0)
-    text = _fmt_status(b.status(0.0))
+    text = format_status(b.status(0.0))
     assert "scrub_denied=1" in text and "scrub_rate=2" in text
     assert "scrub[0] in any peer src 198.18.10.6/32 -> deny: matched 1, dropped 1" in text
     assert "scrub[1] both any peer any -> allow rate 5/s burst 2 per peer: matched 4, " \

@@ -283,12 +283,12 @@ def test_config_errors_name_their_keys(tmp_path: Any) -> None:
 
 
 def test_grebe_status_text_shows_the_secure_section(tmp_path: Any) -> None:
-    from bridge.cli import _fmt_status
+    from bridge.ctl import format_status
 
     s = Sites("authenticated", str(tmp_path))
     s.pump(0.0)
     s.deliver("b", [b"\x05\x00\x00\x00" + bytes(60)], 0.5)  # a forgery: unknown_session
-    text = _fmt_status(s.br["b"].status(1.0))
+    text = format_status(s.br["b"].status(1.0))
     assert "secure peer: authenticated, session up" in text
     assert "secure drops: unknown_session=1" in text
     assert "handshake_responded=1" in text
@@ -300,7 +300,7 @@ def test_a_gro_batch_of_sealed_datagrams_becomes_one_tun_frame(tmp_path: Any, mo
     """A GRO batch from the secure socket: every datagram verified on its own, then the
     inner datagrams glued again so the receive fast path makes one TunFrame of the run, as
     for a plain peer; the bytes into the TUN are those of the per-datagram path."""
-    from bridge.gso import GroBatch
+    from bridge.gro import GroBatch
     from bridge.tunframe import TunFrame
 
     s = Sites(mode, str(tmp_path), 'key = 9\nsequence = "drop-late"')
@@ -336,7 +336,7 @@ def test_a_gro_batch_with_a_replayed_or_damaged_datagram_delivers_the_rest_once(
     """The batched open (bridge/securelink.py `_open_fast`, `Keypair.open_run`) stops at a
     replay or a bad tag inside a GRO batch; the per-datagram path counts it and delivers
     the rest; nothing is delivered twice, the same datagrams again are all replays."""
-    from bridge.gso import GroBatch
+    from bridge.gro import GroBatch
 
     s = Sites(mode, str(tmp_path), 'key = 9\nsequence = "drop-late"')
     s.pump(0.0)

@@ -274,7 +274,7 @@ def test_drop_late_windows_start_once_for_both_paths() -> None:
     assert M.RXSEQ.unpack(rx.d[M.U32.pack(0)])[:2] == (101, 1)  # ... and the program's
     assert r.receive(50, b"late", 0.0, out) == R_SEQUENCE
     # a window that starts after the program's starts where the program's is
-    rx.d[M.U32.pack(1)] = M.RXSEQ.pack(5000, 1, 0, 0)
+    rx.d[M.U32.pack(1)] = M.RXSEQ.pack(5000, 1, 0, 0, 0, 0)
     r2 = SeededSeqReceiver(cfg, rx, 1)
     assert r2.receive(0xF0000000, b"forged", 0.0, out) == R_SEQUENCE
     assert r2.receive(5003, b"ok", 0.0, out) == -1
@@ -391,3 +391,24 @@ def test_secure_peers_are_left_to_the_python_path() -> None:
     assert sec.secure
     assert not M.peer_flags(sec) & (M.PF["TX"] | M.PF["RX"])
     assert M.peer_flags(p) & M.PF["TX"]
+
+
+def test_the_python_window_skips_the_numbers_of_the_programs_stream() -> None:
+    """A SYN passed for MSS clamping after a bulk transfer by the peer's program comes
+    ~1,000 numbers after the Python path's last: within JUMP_MAX of the program's window it
+    is taken (it was dropped until CONFIRM, 2 s per new connection); a forged number far
+    from both windows is still dropped and moves neither."""
+    from bridge.counters import R_SEQUENCE
+    from bridge.ebpf.datapath import SeededSeqReceiver
+
+    cfg = loads_config(BASE).peers[0]
+    rx = FakeMap()
+    r = SeededSeqReceiver(cfg, rx, 0)
+    out: list[bytes | bytearray] = []
+    assert r.receive(100, b"a", 0.0, out) == -1  # starts both windows at 101
+    rx.d[M.U32.pack(0)] = M.RXSEQ.pack(1101, 1, 0, 0, 0, 0)  # the program took 101..1100
+    assert r.receive(0x10000000, b"forged", 0.0, out) == R_SEQUENCE
+    assert r.receive(1103, b"syn", 0.0, out) == -1
+    assert r.caught_up == 1 and out == [b"a", b"syn"]
+    assert r.receive(1104, b"next", 0.0, out) == -1 and r.caught_up == 1
+    assert r.receive(1090, b"late", 0.0, out) == R_SEQUENCE

@@ -20,8 +20,8 @@ import pytest
 from helpers_inspect import rule
 from test_tproxy_relay import LoopbackBackend, port_of
 
-from bridge.cli import _fmt_status
 from bridge.config import check_config, load_config
+from bridge.ctl import format_status
 from bridge.errors import ConfigError
 from bridge.inspect.api import CloseReason
 from bridge.inspect.rules import parse_rules
@@ -151,7 +151,7 @@ def test_summary_status_line_and_prometheus() -> None:
     s = summary(counters, 2, 10, 20, 4)
     assert s["active"] == 2 and s["reset"] == 3 and s["rejected"] == 4
     assert s["bytes_c2s"] == 110 and s["bytes_s2c"] == 920 and s["relay_errors"] == 1
-    text = _fmt_status({"tun": {}, "inspect_kernel": {"summary": s}})
+    text = format_status({"tun": {}, "inspect_kernel": {"summary": s}})
     assert "inspect kernel (tproxy): accepted=7, active=2, denied=1, rejected=4" in text
     prom = prometheus({"summary": s})
     assert "grebe_tproxy_active_flows 2" in prom

@@ -165,7 +165,7 @@ def test_requests_are_checked(tmp_path: Path) -> None:
 def test_a_gro_batch_is_captured_datagram_by_datagram(tmp_path: Path) -> None:
     """UDP GRO hands the core runs of datagrams glued together (bridge/gso.py GroBatch): the
     tap writes each one, and ignores what another host sent."""
-    from bridge.gso import GroBatch
+    from bridge.gro import GroBatch
 
     path = tmp_path / "g.pcapng"
     path.write_bytes(pcapng.header())

@@ -162,7 +162,7 @@ def test_a_core_exception_still_counts_every_datagram(monkeypatch: pytest.Monkey
     silently: each of its datagrams (a GRO batch: each datagram in it) and TUN packets is
     counted under the drop reason internal_error, in status and metrics; the exception is
     logged once per type and counted in io.internal_errors."""
-    from bridge.gso import GroBatch
+    from bridge.gro import GroBatch
 
     ea, eb, net, _ = _pair("gre")
     ea.tun.inject(*_packets(64))  # type: ignore[attr-defined]

@@ -320,9 +320,9 @@ def test_coalesce_ipv4_header_damage_hypothesis(k: int, at: int, xor: int,
 
 @pytest.mark.parametrize("at", [4, 5, 10, 11])
 def test_gro_batch_rows_stop_before_a_damaged_ipv4_header(at: int) -> None:
-    """bridge/gso.py coalesce_rows (the GRO-batch path) checks every row's IPv4 header
+    """bridge/gro.py coalesce_rows (the GRO-batch path) checks every row's IPv4 header
     checksum too: a run ends before the damaged row, which never starts one."""
-    from bridge.gso import coalesce_rows
+    from bridge.gro import coalesce_rows
 
     segs = _segments(False, 5 * 1448, 1448, "A")
     seg = len(segs[0])

@@ -225,7 +225,7 @@ def test_consecutive_gro_batches_of_one_source_are_joined(host: str) -> None:
     """Several GSO sends of equal datagrams queue several GRO buffers; one recv_datagrams call
     hands them to the core as one GroBatch (datagrams intact, in order), up to JOIN_MAX, and
     never joins across a short datagram or another source."""
-    from bridge.gso import GroBatch
+    from bridge.gro import GroBatch
     from bridge.io.udp import JOIN_MAX
 
     a = UdpEndpoint(host, 0)

@@ -606,3 +606,21 @@ def test_keep_warm_pair_differs_only_in_keep_warm(tmp_path: Path) -> None:
         b = loads_config(cold[gw][0].read_text())
         assert a.keep_warm and not b.keep_warm
         assert a.peers == b.peers and a.tun == b.tun
+
+
+def test_lossy_and_backend_pairs_print_their_ratio() -> None:
+    """Issue 11: inspect-lossy / direct-lossy (goal >= 0.8) and inspect-userspace /
+    inspect-kernel (goal >= 1.0) are printed as ratios from the same run."""
+    from bridge.lab.bench_report import InspectRow, Status, pair_ratios, render_inspect_table
+    from bridge.lab.bench_variants import ALL_VARIANTS, LOSSY_WAN
+
+    rows = [InspectRow("direct-lossy", "d", Status.OK, mbytes_per_s=80.0, ttfb_ms=2.0),
+            InspectRow("inspect-lossy", "i", Status.OK, mbytes_per_s=60.0, ttfb_ms=3.0),
+            InspectRow("inspect-userspace", "u", Status.OK, mbytes_per_s=200.0, ttfb_ms=1.5),
+            InspectRow("inspect-kernel", "k", Status.FAILED, "x")]
+    lossy, backend = pair_ratios(rows)
+    assert lossy == {"mbytes_per_s": 0.75, "ttfb_ms": 1.5} and backend is None
+    assert "inspect-lossy / direct-lossy: download 0.75x (goal >= 0.8)" in \
+        render_inspect_table(rows)
+    assert {"inspect-lossy", "direct-lossy"} <= set(ALL_VARIANTS)
+    assert LOSSY_WAN == {"loss": "2%", "reorder": "3%", "delay": "2ms"}

@@ -181,7 +181,7 @@ def test_corrupt_segment_in_a_run_is_dropped_alone() -> None:
 
 
 def _merge(run: list[bytes]) -> TunFrame:
-    """What bridge/gso.py coalesce_rows hands on: one IPv4 packet for a contiguous run, the
+    """What bridge/gro.py coalesce_rows hands on: one IPv4 packet for a contiguous run, the
     pseudo-header sum in the TCP checksum field, behind a NEEDS_CSUM + GSO vnet header."""
     from stack.wire.checksum import pseudo_sum_v4
 

@@ -299,7 +299,7 @@ def test_userspace_limits_are_configurable_and_counted_in_status_and_metrics() -
 
 
 def test_grebe_status_text_shows_the_userspace_backend() -> None:
-    from bridge.cli import _fmt_status as cli_status
+    from bridge.ctl import format_status as cli_status
 
     t, _up = _term(SpliceLimits(max_half_open=0))
     _syn(t, _src(0), 40000, 1, 0.0, _Out())

@@ -11,7 +11,7 @@ from splice_harness import Harness
 
 from bridge.flows import InspectRule
 from bridge.inspect.api import CloseReason, Direction, Flow, Inspector
-from bridge.userspace.terminator import WARM_WINDOW
+from bridge.userspace.terminator import WARM_BULK_QUIET, WARM_WINDOW
 from bridge.userspace.warm import WarmCycle
 from stack.state import State
 
@@ -113,3 +113,24 @@ def test_a_shadow_client_really_gets_the_response() -> None:
     while (ev := w.client.next_event()) is not None:
         got += getattr(ev, "data", b"")
     assert got == b"HTTP/1.1 204 No Content\r\n\r\n"
+
+
+def test_no_warm_hop_while_a_server_leg_takes_bulk_runs() -> None:
+    """A hop holds the GIL for 0.3-0.6 ms: while a server leg takes merged runs (a bulk
+    transfer keeps the code hot) warm() does nothing, and it resumes after WARM_BULK_QUIET."""
+    h, _ = live()
+    assert h.server is not None
+    h.s2t.rate = float("inf")  # its bursts arrive at once, in one batch: they merge
+    h.server.to_send = memoryview(bytes(8 * 1400))  # a small response: a short run
+    assert h.run(lambda h: len(h.client.rx) >= 8 * 1400)
+    assert h.term.counters["server_runs"] > 0
+    h.term.warm(h.now)
+    assert isinstance(h.term._warm.get(0), WarmCycle)  # not a bulk transfer: warm goes on
+    h.term._warm.clear()
+    h.server.to_send = memoryview(bytes(200_000))
+    assert h.run(lambda h: len(h.client.rx) >= 8 * 1400 + 200_000)  # in long runs
+    bulk = h.term._bulk_at
+    h.term.warm(bulk + WARM_BULK_QUIET / 2)
+    assert h.term._warm == {}
+    h.term.warm(bulk + 2 * WARM_BULK_QUIET)
+    assert isinstance(h.term._warm.get(0), WarmCycle)

@@ -26,8 +26,12 @@ MASK = 0xFFFF_FFFF
 SEND_TEMPL = TcpSegment(REMOTE[1], LOCAL[1], 0, 0, ACK, 4096)
 RECV_TEMPL = TcpSegment(LOCAL[1], REMOTE[1], 0, 0, ACK, 0)
 
-# Scripted tests use no options by default, a 64 KB buffer (shift 0) and RFC timers.
+# Scripted tests use no options by default, a 64 KB buffer (shift 0), RFC timers and the
+# RFC 5681 / RFC 6582 congestion control and RFC 6675 loss detection (no RACK) their
+# window arithmetic is written for.
 BASE = TcpConfig(
+    congestion="newreno",
+    rack=False,
     mss=1460,
     recv_buffer=65535,
     send_buffer=65536,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from tcp_script import (
+    SEND_TEMPL,
     active,
     cfg,
     events,
@@ -19,6 +20,34 @@ from tcp_script import (
 
 from stack.events import Connected, DataReceived, LocalProtocolError
 from stack.wire.tcp import ACK, PSH
+
+
+def test_a_reused_buffer_is_copied_and_an_immutable_frame_is_kept() -> None:
+    """The caller may reuse its receive buffer (a bytearray) once receive_segment returns;
+    a view into an immutable bytes frame (a TUN's GRO frame) is kept without a copy, in the
+    fast path and in the slow path (stack/receive.py `keep`), and delivered joined once."""
+    conn = passive()
+    events(conn)
+    buf = bytearray(b"a" * 1000)
+    conn.receive_segment(SEND_TEMPL._replace(seq=rseq(1), ack=lseq(1),
+                                             payload=memoryview(buf)), 1.0)
+    buf[:] = b"b" * 1000  # reused at once
+    frame = bytes(40) + b"c" * 1000
+    conn.receive_segment(SEND_TEMPL._replace(seq=rseq(1001), ack=lseq(1),
+                                             payload=memoryview(frame)[40:]), 1.0)
+    assert conn.fast_path == 2
+    frame2 = bytes(40) + b"d" * 500
+    conn.receive_segment(SEND_TEMPL._replace(seq=rseq(2001), ack=lseq(1), flags=ACK | PSH,
+                                             window=1000,  # a new window: the slow path
+                                             payload=memoryview(frame2)[40:]), 1.0)
+    assert conn.fast_path == 2
+    rx = conn._rcv.rx  # white box: what the receive queue holds
+    assert [getattr(c, "obj", None) for c in rx] == [None, frame, frame2]
+    small = bytes(2000) + b"e" * 10  # a view that would pin a much larger buffer: copied
+    conn.receive_segment(SEND_TEMPL._replace(seq=rseq(2501), ack=lseq(1), window=1000,
+                                             payload=memoryview(small)[2000:]), 1.0)
+    assert type(rx[-1]) is bytes
+    assert events(conn) == [DataReceived(b"a" * 1000 + b"c" * 1000 + b"d" * 500 + b"e" * 10)]
 
 
 def test_rfc9293_in_order_data_is_delivered_across_the_wrap() -> None:

@@ -417,3 +417,40 @@ def test_rfc3522_a_real_loss_is_not_undone() -> None:
          ts=(1001, rx.ts[0]))
     info = conn.info()
     assert info["ssthresh"] < 1 << 30  # type: ignore[operator]
+
+
+def _frto_flight() -> tuple[TcpConnection, float]:
+    """No timestamps: six segments out, three in flight, the RTO fires and resends one."""
+    conn = active(cfg(nagle=False, rto_min=0.2, rto_var_min=0.2, initial_cwnd=3 * MSS),
+                  0.0, window=65535)
+    conn.send(bytes(8 * MSS))
+    assert len(recv(conn, 0.0)) == 3
+    t = conn.get_timer()
+    assert t is not None
+    conn.handle_timer(t)
+    assert [s.seq for s in recv(conn, t)] == [lseq(1)]
+    return conn, t
+
+
+def test_rfc5682_frto_detects_a_spurious_timeout_without_timestamps() -> None:
+    """The originals were only delayed: the ACK of the first two arrives, F-RTO sends new
+    data (not the rest of the flight), and the next ACK covers the third original too:
+    the timeout was spurious, ssthresh comes back (RFC 5682 §2 step 3b, RFC 4015)."""
+    conn, t = _frto_flight()
+    before_ss = 1 << 30
+    send(conn, t + 0.01, seq=rseq(1), ack=lseq(1 + 2 * MSS), window=65535)
+    nxt = [s.seq for s in recv(conn, t + 0.01)]
+    assert nxt and nxt[0] == lseq(1 + 3 * MSS)  # new data, not segment 2 again
+    send(conn, t + 0.02, seq=rseq(1), ack=lseq(1 + 4 * MSS), window=65535)
+    info = conn.info()
+    assert info["spurious_rtos"] == 1 and info["ssthresh"] == before_ss
+
+
+def test_rfc5682_frto_duplicate_ack_means_a_real_loss() -> None:
+    conn, t = _frto_flight()
+    send(conn, t + 0.01, seq=rseq(1), ack=lseq(1 + MSS), window=65535)
+    assert [s.seq for s in recv(conn, t + 0.01)][:1] == [lseq(1 + 3 * MSS)]
+    send(conn, t + 0.02, seq=rseq(1), ack=lseq(1 + MSS), window=65535)  # duplicate
+    again = [s.seq for s in recv(conn, t + 0.02)]
+    assert again[:1] == [lseq(1 + MSS)]  # resend the flight from SND.UNA
+    assert conn.info()["spurious_rtos"] == 0
