@@ -171,6 +171,14 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
     underlay, source = _underlay_mtu(cfg)
     now = time.monotonic()  # wall_offset dates secure handshakes across restarts
     bridge = Bridge(cfg, now, underlay_mtu=underlay, wall_offset=time.time() - now)
+    rekey = os.environ.get("GREBE_REKEY_AFTER")  # developer aid: short sessions (lab tests)
+    if rekey and bridge.secure is not None:
+        import dataclasses
+
+        lim = bridge.secure.ep.limits
+        bridge.secure.ep.limits = dataclasses.replace(
+            lim, rekey_after_time=float(rekey), reject_after_time=float(rekey) * 1.5,
+            responder_rekey_delay=min(lim.responder_rekey_delay, float(rekey) / 4))
     mtu = bridge.tun_mtu
     how = "configured" if cfg.tun.mtu else f"auto: underlay {underlay or cfg.pmtu.underlay_mtu}" \
         f" from {source}, minus encapsulation overhead"
@@ -210,14 +218,12 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
                 if sock is not None:
                     sock.set_mark(cfg.tun.fwmark)
         warm = cfg.keep_warm and os.environ.get("GREBE_KEEP_WARM", "1") == "1"
-        # one process per direction (bridge/io/split.py); never with [[inspect]] rules
-        # nor secure peers (a session serves both directions)
-        split = cfg.split_directions and not cfg.inspect and bridge.secure is None \
+        # one process per direction (bridge/io/split.py); never with [[inspect]] rules.
+        # Secure peers too: the child opens, the parent handshakes (bridge/secure/mirror.py)
+        split = cfg.split_directions and not cfg.inspect \
             and os.environ.get("GREBE_SPLIT", "1") == "1"
         if cfg.split_directions and cfg.inspect:
             log.info("split_directions: one process, since [[inspect]] rules are set")
-        if cfg.split_directions and bridge.secure is not None:
-            log.info("secure peers: both directions in one process (split_directions ignored)")
         sibling = None
         if split:
             from bridge.io.split import RxProcess

@@ -197,6 +197,7 @@ def _secure(link: SecureLink, old: Config, new: Config, states: list[PeerState],
     link.addrs = [(i, states[i].addr) for i in sessions]
     link.keys = {i: secure_key(i) for i in sessions}
     link.modes = {new.peers[i].name: (i, new.peers[i].security.mode.value) for i in sessions}
+    link.resync()  # split: the parent hands the child every keyset again
 
 
 def set_rules(term: Terminator, rules: tuple[InspectRule, ...]) -> None:

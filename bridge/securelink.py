@@ -54,12 +54,15 @@ from bridge.secure import (
     Roamed,
     SecureEndpoint,
     SessionStarted,
+    mirror,
 )
-from bridge.secure.wire import TRANSPORT
+from bridge.secure.wire import MSG_AUTHENTICATED, MSG_ENCRYPTED, TRANSPORT
 
 __all__ = ["SecureLink"]
 
 Buf = bytes | bytearray | memoryview
+WHOLE, PARENT, CHILD = "whole", "parent", "child"
+_INF = float("inf")
 Deliver = Callable[[list[tuple[Buf | GroBatch, Addr]], float, Output], None]
 
 
@@ -70,7 +73,8 @@ def _alloc(seg: int) -> Callable[[int], bytearray]:
 class SecureLink:
     """The secure peers of one Bridge: sealing, opening, events, timers, counters."""
 
-    __slots__ = ("ep", "peers", "addrs", "keys", "modes", "deliver", "heard", "roamed")
+    __slots__ = ("ep", "peers", "addrs", "keys", "modes", "deliver", "heard", "roamed",
+                 "role", "sink", "seen", "resets", "data_seen", "_recv")
 
     def __init__(self, peers: list[PeerState], specs: list[PeerSpec], now: float,
                  deliver: Deliver, heard: Callable[[PeerState, float], None],
@@ -83,6 +87,69 @@ class SecureLink:
         self.deliver = deliver  # Bridge.from_udp
         self.heard = heard  # Bridge.heard
         self.roamed = 0
+        # split_directions (bridge/io/split.py, bridge/secure/mirror.py): WHOLE, or the
+        # PARENT (handshakes, sending) or the CHILD (receiving) of a split endpoint; `sink`
+        # sends a message to the other process
+        self.role = WHOLE
+        self.sink: Callable[[Any], None] | None = None
+        self.seen: dict[int, Any] = {}  # parent: keysets the child has (mirror.export)
+        self.resets: set[int] = set()  # parent: peers whose restart the child must apply
+        self.data_seen: dict[int, float] = {}  # parent: the child's data times applied
+        self._recv = self.ep.receive_datagram
+
+    # ---------------------------------------------------------------- split
+
+    def split(self, role: str, sink: Callable[[Any], None]) -> None:
+        """Become the PARENT or the CHILD of a split endpoint (bridge/io/split.py)."""
+        self.role = role
+        self.sink = sink
+        if role == CHILD:
+            self._recv = self._child_recv
+
+    def resync(self) -> None:
+        """Peers were renumbered (a reload): the parent ships every keyset again."""
+        self.seen.clear()
+
+    def _ship(self) -> None:
+        """Parent: hand the child every keyset that changed (before this call's Output is
+        sent: bridge/secure/mirror.py)."""
+        got = mirror.export(self.ep, self.seen, self.resets)
+        if got and self.sink is not None:
+            self.sink(("K", got))
+
+    def _child_recv(self, data: Buf, addr: Addr, now: float) -> tuple[int, Buf] | None:
+        """Child: transport datagrams are opened here; handshakes go to the parent."""
+        if len(data) >= 4 and data[0] != MSG_ENCRYPTED and data[0] != MSG_AUTHENTICATED \
+                and self.sink is not None:
+            self.sink(("H", bytes(data), addr))
+            return None
+        return self.ep.receive_datagram(data, addr, now)
+
+    def apply_keys(self, peers: list[mirror.PeerKeys]) -> None:
+        """Child: keysets from the parent; a restarted peer's sequence receiver is reset."""
+        for i in mirror.apply(self.ep, peers):
+            self.peers[i].seq.reset()
+
+    def from_child(self, msg: Any, now: float, out: Output) -> None:
+        """Parent: a message of the child (`_child_recv`, `_events`)."""
+        kind = msg[0]
+        if kind == "H":
+            self.receive([(msg[1], tuple(msg[2]))], now, out)
+            return
+        if kind == "C":
+            mirror.confirm(self.ep, msg[1], msg[2], now)
+        elif kind == "R":
+            mirror.roam_to(self.ep, msg[1], tuple(msg[2]))
+            self.roamed += 1
+        self.seal_output(out, now)
+
+    def rx_times(self) -> list[tuple[int, float, float]]:
+        """Child: what the parent's timers need (mirror.rx_times)."""
+        return mirror.rx_times(self.ep)
+
+    def note_child(self, i: int, last: float, data: float) -> None:
+        """Parent: the child's `rx_times` for peer i (mirror.note_child)."""
+        mirror.note_child(self.ep, self.data_seen, i, last, data)
 
     # ---------------------------------------------------------------- send
 
@@ -90,6 +157,11 @@ class SecureLink:
         """Seal what this call put in out.udp for secure peers into out.secure."""
         udp = out.udp
         ep = self.ep
+        if self.role != WHOLE:
+            if self.role == CHILD:  # the child never sends (mirror.py)
+                ep.out.clear()
+                return
+            self._ship()
         self._drain(out, now)
         for i, addr in self.addrs:
             items = udp.pop(addr, None)
@@ -132,6 +204,7 @@ class SecureLink:
         """Datagrams from the secure socket: verify, apply events, deliver what verified."""
         ep = self.ep
         keys = self.keys
+        recv = self._recv
         batch: list[tuple[Buf | GroBatch, Addr]] = []
         for payload, addr in datagrams:
             if type(payload) is GroBatch:  # cut: each datagram is verified on its own
@@ -147,7 +220,7 @@ class SecureLink:
             else:
                 parts = [payload]
             for d in parts:
-                res = ep.receive_datagram(d, addr, now)
+                res = recv(d, addr, now)
                 if ep.events_q:
                     if batch:  # what verified before the event goes first
                         self.deliver(batch, now, out)
@@ -210,7 +283,7 @@ class SecureLink:
         last = len(parts) - 1
         inner_seg = seg - OVERHEAD
         for n, d in enumerate(parts):
-            res = ep.receive_datagram(d, addr, now)
+            res = self._recv(d, addr, now)
             if ep.events_q:
                 whole = False
                 for i, inner in opened:  # what verified before the event goes first
@@ -248,19 +321,31 @@ class SecureLink:
         while (ev := ep.next_event()) is not None:
             if isinstance(ev, PeerRestarted):
                 self.peers[ev.peer].seq.reset()
+                if self.role == PARENT:  # the child's receiver too (mirror.py)
+                    self.resets.add(ev.peer)
             elif isinstance(ev, SessionStarted):
                 self.heard(self.peers[ev.peer], now)
+                if self.role == CHILD and self.sink is not None:  # confirmed here
+                    cur = ep.peers[ev.peer].current
+                    if cur is not None:
+                        self.sink(("C", ev.peer, cur.local))
             elif isinstance(ev, Roamed):
                 self.roamed += 1
+                if self.role == CHILD and self.sink is not None:
+                    self.sink(("R", ev.peer, ev.addr))
 
     # ---------------------------------------------------------------- timers, status
 
     def earliest(self, best: float | None) -> float | None:
         """The earlier of `best` (the Bridge's own deadline) and the secure layer's."""
+        if self.role == CHILD:
+            return best
         t = self.ep.get_timer()
         return t if t is not None and (best is None or t < best) else best
 
     def handle_timer(self, now: float, out: Output) -> None:
+        if self.role == CHILD:
+            return  # timers are the parent's
         t = self.ep.get_timer()
         if t is not None and t <= now:
             self.ep.handle_timer(now)
@@ -283,5 +368,10 @@ class SecureLink:
                     else f"{dest[0]}:{dest[1]}"
             p["session"] = sessions.get(p["name"])
 
-    def prometheus(self) -> str:
-        return self.ep.prometheus()
+    def prometheus(self, child: dict[str, Any] | None = None) -> str:
+        """The secure counters; with `child`, a receiving process's added (its `counts`)."""
+        return self.ep.prometheus(more=child)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """The drop and event counters (a receiving process's, for the parent to add)."""
+        return {"drops": dict(self.ep.drops), "events": dict(self.ep.events)}

@@ -83,6 +83,8 @@ class Sibling(Protocol):
     def publish_mtu(self, addr: Addr, mtu: int) -> None: ...
     def exited(self) -> bool: ...
     def stop(self) -> None: ...
+    # fds the parent's timer thread polls, with their handlers (secure peers' channel)
+    def handlers(self, engine: Engine) -> list[tuple[int, Callable[[], None]]]: ...
 
 
 class Engine:
@@ -106,9 +108,6 @@ class Engine:
         if sibling is not None and bridge.terminator is not None:
             raise ValueError("one process per direction cannot terminate flows: a flow's "
                              "two legs are one state machine fed by both directions")
-        if sibling is not None and bridge.secure is not None:
-            raise ValueError("one process per direction cannot run secure peers: a "
-                             "session's keys and counters serve both directions")
         if (bridge.secure is not None) != (secure_udp is not None):
             raise ValueError("secure peers need the secure UDP socket, and only they do")
         self.secure_udp = secure_udp
@@ -147,7 +146,8 @@ class Engine:
         """A fresh Engine over the same Bridge and adapters, with the same keep-warm: the
         UDP->TUN process's own (bridge/io/split.py; its own wakeup fd and counters)."""
         return Engine(self.bridge, self.tun, self.udp, self.clock,
-                      keep_warm=self.warmer is not None, ordered_tun=self._ordered_tun)
+                      keep_warm=self.warmer is not None, ordered_tun=self._ordered_tun,
+                      secure_udp=self.secure_udp)
 
     def pump_tun(self, limit: int = BATCH) -> int:
         """Read up to `limit` frames from the TUN, in chunks of CHUNK reads: run `from_tun`
@@ -311,7 +311,8 @@ class Engine:
             if self.bridge.scrub is not None:  # issue 12: per-rule counters, both processes
                 text += self.bridge.scrub.prometheus((child or {}).get("scrub"))
             sec = self.bridge.secure
-            return text + sec.prometheus() if sec is not None else text
+            return text + sec.prometheus((child or {}).get("secure")) if sec is not None \
+                else text
 
     def execute(self, out: Output) -> None:
         """Send and write what a core call put in `out`, then clear it."""

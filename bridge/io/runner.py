@@ -156,7 +156,8 @@ class Runner:
             self._threads.append(th)
         poller = select.poll()
         handlers: dict[int, Callable[[], None]] = {}
-        for fd, cb in self.extra:
+        extra = list(self.extra) + (rx.handlers(e) if rx is not None else [])
+        for fd, cb in extra:
             poller.register(fd, select.POLLIN)
             handlers[fd] = cb
         poller.register(wake, select.POLLIN)

@@ -34,6 +34,18 @@ Rules:
   page has room for PEER_ROOM peers.
 - With [[inspect]] rules an endpoint stays one process: a terminated flow's two legs are
   one TCP state machine, fed by both directions.
+- Secure peers (issue 12) split as WireGuard separates handshake from data path
+  (bridge/secure/mirror.py): the child reads the secure socket and opens transport
+  datagrams with receive keys and replay windows that live only in it; it forwards
+  handshake messages, the confirmation of a responder's new keypair and a verified
+  roaming to the parent over a second socket pair (the "secure channel", pickled tuples);
+  the parent answers handshakes, seals and sends, runs the secure timers, and hands each
+  new or changed keyset to the child over the same channel before the Output that lets
+  the peer use it is sent. The child applies what waits on the channel before each batch
+  (and when idle). When it last verified a datagram of each peer, and first had data
+  since, go to the parent through a second shared page (`sec_shared`), which
+  `sync` folds into the parent's keepalive and silence timers. The child's secure drop
+  and event counters are added to the parent's in `grebe status` and the metrics.
 - The child dies with the parent (PR_SET_PDEATHSIG) and on SIGTERM; it never removes
   anything. If it ends on its own (a bug), the parent logs it and stops with exit code 1,
   so that whatever supervises `grebe up` restarts the endpoint whole.
@@ -68,6 +80,7 @@ from bridge.io.adapters import Addr
 from bridge.io.loop import DataRunner, Engine
 from bridge.pipeline import Bridge, Output
 from bridge.reconfig import reconfigure
+from bridge.securelink import CHILD, PARENT
 
 log = logging.getLogger("grebe.split")
 
@@ -103,6 +116,11 @@ class RxProcess:
         self._sock: socket.socket | None = None
         self._qlock = threading.Lock()
         self._paused = False  # a reload renumbers the peers: no sync until the child did
+        # secure peers (bridge/secure/mirror.py): [2i] when the child last verified a
+        # datagram of peer i, [2i+1] when it first had data from it since its last write
+        self.sec_shared = SharedPeers(len(bridge.peers)) if bridge.secure is not None else None
+        self._chan: socket.socket | None = None  # keys down, handshakes and events up
+        self._engine: Engine | None = None
 
     # -- parent ---------------------------------------------------------------------------
 
@@ -110,20 +128,35 @@ class RxProcess:
         """Fork. Returns in the parent; the child runs `engine`'s UDP->TUN direction on an
         Engine of its own with `run_data` (Runner.data) and never returns."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        chan_p, chan_c = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ppid = os.getpid()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child (lab tests exercise it)
             parent.close()
+            chan_p.close()
             code = 0
             try:
-                self._child(child, ppid, engine.twin(), run_data, writer_threads)
+                self._child(child, ppid, engine.twin(), run_data, writer_threads, chan_c)
             except BaseException:
                 log.exception("receiving process failed")
                 code = 1
             os._exit(code)
         child.close()
+        chan_c.close()
         self._sock = parent
         self.pid = pid
+        self._engine = engine
+        link = engine.bridge.secure
+        if link is not None:
+            self._chan = chan_p
+            chan_p.setblocking(False)
+
+            def down(msg: Any) -> None:
+                _send(chan_p, msg)  # keysets: wait for room, never dropped
+
+            link.split(PARENT, down)
+        else:
+            chan_p.close()
         log.info("UDP->TUN runs in process %d (split_directions)", pid)
 
     def sync(self) -> None:
@@ -136,6 +169,29 @@ class RxProcess:
             t = v[2 * i]
             if t > b.peers[i].last_rx:
                 b.note_heard(i, t)
+        link = b.secure
+        if link is not None and self.sec_shared is not None:
+            sv = self.sec_shared.v
+            for i in link.ep.peers:
+                link.note_child(i, sv[2 * i], sv[2 * i + 1])
+
+    def handlers(self, engine: Engine) -> list[tuple[int, Any]]:
+        """The secure channel (parent's timer thread): the child's forwarded handshakes,
+        confirmations and roaming, handled by the parent's SecureLink."""
+        chan = self._chan
+        if chan is None:
+            return []
+
+        def on_chan() -> None:
+            out = Output()
+            link = engine.bridge.secure
+            for msg in _drain(chan):
+                with engine.lock:
+                    if link is not None:
+                        link.from_child(msg, engine.clock(), out)
+                engine.execute(out)
+
+        return [(chan.fileno(), on_chan)]
 
     def exited(self) -> bool:
         """The child ended (it should live as long as the parent): reaped here."""
@@ -245,11 +301,14 @@ class RxProcess:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        if self._chan is not None:
+            self._chan.close()
+            self._chan = None
 
     # -- child ----------------------------------------------------------------------------
 
     def _child(self, sock: socket.socket, ppid: int, e: Engine, run_data: DataRunner,
-               writer_threads: bool) -> None:  # pragma: no cover
+               writer_threads: bool, chan: socket.socket) -> None:  # pragma: no cover
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != ppid:
@@ -280,10 +339,52 @@ class RxProcess:
                                     wm.udp if wm else None),
                               kwargs={"stop_fd": stop_fd}, name="udp->tun", daemon=True)
         th.start()
+        link = e.bridge.secure
+        take_keys: Any = None
+        if link is not None and e.secure_udp is not None and self.sec_shared is not None:
+            chan.setblocking(False)
+            drops = link.ep.drops
+
+            def up(msg: Any) -> None:
+                if not _send(chan, msg, block=msg[0] != "H"):
+                    drops["rate_limited"] += 1  # the parent is behind on handshakes
+
+            link.split(CHILD, up)
+            sv = self.sec_shared.v
+
+            def take_keys_() -> None:
+                with e.lock:  # drained and applied under the lock: in order
+                    for msg in _drain(chan):
+                        if msg[0] == "K":
+                            link.apply_keys(msg[1])
+
+            take_keys = take_keys_
+
+            def pump_secure(limit: int) -> int:
+                take_keys_()  # what the parent handed over before this batch left it
+                got: int = e.pump_secure(limit)
+                if got:
+                    with e.lock:
+                        times = link.rx_times()
+                        for i, p in enumerate(list(peers)):
+                            v[2 * i] = p.last_rx
+                    for i, last, data in times:
+                        sv[2 * i] = last
+                        if data > sv[2 * i + 1]:
+                            sv[2 * i + 1] = data
+                return got
+
+            ts = threading.Thread(target=run_data,
+                                  args=(e, e.secure_udp.fileno(), pump_secure, "secure->tun",
+                                        wm.udp if wm else None),
+                                  kwargs={"stop_fd": stop_fd}, name="secure->tun", daemon=True)
+            ts.start()
         mtus = [0.0] * self.shared.capacity
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         poller.register(wake, select.POLLIN)
+        if take_keys is not None:
+            poller.register(chan, select.POLLIN)
         out = Output()
         while True:
             now = e.clock()
@@ -305,6 +406,12 @@ class RxProcess:
                 if fd == wake:
                     e.wakeup.clear()
                     continue
+                if fd == chan.fileno():  # keys while no secure datagram comes
+                    if ev & (select.POLLHUP | select.POLLERR):
+                        return
+                    if take_keys is not None:
+                        take_keys()
+                    continue
                 if ev & (select.POLLHUP | select.POLLERR):
                     return  # the parent is gone
                 try:
@@ -323,6 +430,42 @@ class RxProcess:
                     sock.send(_reload(e, req[1:], v, mtus).encode())
                     continue
                 sock.send(json.dumps(_export(e)).encode())
+
+
+def _send(chan: socket.socket, msg: Any, block: bool = True) -> bool:
+    """One message on the secure channel (a socket pair between our own two processes).
+    Keys, confirmations and roaming wait for room (up to RELOAD_TIMEOUT_S: the other
+    side drains the channel before every batch); forwarded handshakes (`block` False) do
+    not: a handshake flood must not stall the child's data path. False: not sent."""
+    data = pickle.dumps(msg)
+    deadline = time.monotonic() + RELOAD_TIMEOUT_S
+    while True:
+        try:
+            chan.send(data)
+            return True
+        except BlockingIOError:
+            if not block or time.monotonic() > deadline:
+                if block:
+                    log.warning("secure channel full for %.0f s: message lost", RELOAD_TIMEOUT_S)
+                return False
+            select.select([], [chan], [], QUERY_TIMEOUT_S)
+        except OSError:
+            return False  # the other process is gone; the parent notices and stops
+
+
+def _drain(chan: socket.socket) -> list[Any]:
+    """Every message waiting on the secure channel (non-blocking)."""
+    got: list[Any] = []
+    while True:
+        try:
+            data = chan.recv(1 << 20)
+        except (BlockingIOError, InterruptedError):
+            return got
+        except OSError:
+            return got
+        if not data:
+            return got
+        got.append(pickle.loads(data))  # noqa: S301 - our own other process, a socketpair
 
 
 def _reload(e: Engine, data: bytes, v: memoryview[float], mtus: list[float]
@@ -352,7 +495,9 @@ def _export(e: Engine) -> dict[str, Any]:  # pragma: no cover - the child's side
     w = e.warmer
     io = dict(e.stats, internal_errors=e.internal_errors,
               keep_warm_ticks=w.ticks if w is not None else 0)
-    return {"counters": c, "seq": seq, "io": io, "scrub": scrub}
+    sec = e.bridge.secure
+    return {"counters": c, "seq": seq, "io": io, "scrub": scrub,
+            "secure": sec.counts() if sec is not None else None}
 
 
 def merge_status(st: dict[str, Any], child: dict[str, Any]) -> None:
@@ -376,6 +521,12 @@ def merge_status(st: dict[str, Any], child: dict[str, Any]) -> None:
                               strict=False):
             rule["matched"] += m
             rule["dropped"] += d
+    sec = child.get("secure")  # secure peers: the child opens, so it counts most drops
+    if sec and isinstance(st.get("secure"), dict):
+        for part in ("drops", "events"):
+            mine = st["secure"].setdefault(part, {})
+            for k, n in sec.get(part, {}).items():
+                mine[k] = mine.get(k, 0) + n
     io = st.setdefault("io", {})
     for k, n in child.get("io", {}).items():
         if isinstance(n, int) and not isinstance(n, bool):

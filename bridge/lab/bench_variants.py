@@ -322,6 +322,20 @@ class GrebeEncrypt(GrebeSecure):
     top, security = 'datapath = "python"', "encrypted"
 
 
+class GrebeEncrypt1p(GrebeSecure):
+    """grebe-encrypt with split_directions = false: what the split buys, in the same run."""
+
+    name, label, mode = "grebe-encrypt-1p", "grebe, encrypted, one process", "gre"
+    top, security = 'datapath = "python"\nsplit_directions = false', "encrypted"
+
+
+class GrebeAuth1p(GrebeSecure):
+    """grebe-auth with split_directions = false: what the split buys, in the same run."""
+
+    name, label, mode = "grebe-auth-1p", "grebe, authenticated, one process", "gre"
+    top, security = 'datapath = "python"\nsplit_directions = false', "authenticated"
+
+
 class GrebeIpip(Grebe):
     name, label, mode = "grebe-ipip", "grebe, IPIP-in-UDP", "ipip"
     top = 'datapath = "python"'
@@ -538,6 +552,7 @@ class DirectLossy(Variant):
 TUNNEL_VARIANTS: list[Variant] = [
     Plain(), Vxlan(), WireguardGo(), OpenVpnNone(), OpenVpnGcm(), GrebeGre(), GrebeGreCold(),
     GrebeIpip(), GrebeGreEbpf(), GrebeIpipEbpf(), GrebeAuth(), GrebeEncrypt(),
+    GrebeAuth1p(), GrebeEncrypt1p(),
 ]
 INSPECT_VARIANTS: list[Variant] = [
     Direct(), MitmproxyWg(), InspectUserspace(), InspectKernel(), DirectLossy(), InspectLossy(),

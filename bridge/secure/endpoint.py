@@ -279,12 +279,17 @@ class SecureEndpoint:
                       for p in self.peers.values()},
         }
 
-    def prometheus(self, prefix: str = "grebe_secure") -> str:
-        """Prometheus text (format 0.0.4) of the drop and event counters."""
-        snap_events = dict(self.events) | {"ratelimit_evicted": self.guard.ratelimit.evicted}
+    def prometheus(self, prefix: str = "grebe_secure", more: dict[str, dict[str, int]] | None
+                   = None) -> str:
+        """Prometheus text (format 0.0.4) of the drop and event counters (plus `more`:
+        a receiving process's "drops" and "events", bridge/io/split.py)."""
+        m = more or {}
+        snap_events = {k: v + m.get("events", {}).get(k, 0) for k, v in self.events.items()
+                       } | {"ratelimit_evicted": self.guard.ratelimit.evicted}
+        drops = {k: v + m.get("drops", {}).get(k, 0) for k, v in self.drops.items()}
         lines = [f"# HELP {prefix}_drops_total Secure-mode datagrams dropped, by reason.",
                  f"# TYPE {prefix}_drops_total counter"]
-        lines += [f'{prefix}_drops_total{{reason="{k}"}} {v}' for k, v in self.drops.items()]
+        lines += [f'{prefix}_drops_total{{reason="{k}"}} {v}' for k, v in drops.items()]
         lines += [f"# HELP {prefix}_events_total Secure-mode events that are not drops.",
                   f"# TYPE {prefix}_events_total counter"]
         lines += [f'{prefix}_events_total{{event="{k}"}} {v}' for k, v in snap_events.items()]
@@ -342,12 +347,12 @@ class SecureEndpoint:
 
     def _received_on(self, p: PeerSession, kp: Keypair, now: float) -> None:
         if kp is p.next:  # the initiator proved it holds the new keys: switch to them
-            self._retire(p, p.current)
+            self.retire(p, p.current)
             p.current = kp
             p.next = None
             self.events["session_confirmed"] += 1
             self._established(p, kp, False)
-            self._flush(p, now)
+            self.flush(p, now)
 
     def _established(self, p: PeerSession, kp: Keypair, initiator: bool) -> None:
         self.events_q.append(SessionStarted(p.index, initiator))
@@ -369,7 +374,7 @@ class SecureEndpoint:
         if p.pending is None and p.endpoint is not None:
             self._initiate(p, now)
 
-    def _flush(self, p: PeerSession, now: float) -> None:
+    def flush(self, p: PeerSession, now: float) -> None:
         """Seal what was staged (the keypair is now current); a keepalive if nothing."""
         dest = p.endpoint
         if dest is None:
@@ -393,7 +398,7 @@ class SecureEndpoint:
         if kp is not None:
             self.indices.pop(kp.local, None)
 
-    def _retire(self, p: PeerSession, kp: Keypair | None) -> None:
+    def retire(self, p: PeerSession, kp: Keypair | None) -> None:
         if kp is not None:
             p.retired.append(kp)
             if len(p.retired) > RETIRED_MAX:
@@ -558,8 +563,8 @@ class SecureEndpoint:
         p.pending = None
         p.last_rx = now
         p.unanswered_at = _INF
-        self._retire(p, p.current)
-        self._retire(p, p.next)  # a crossed rekey: the peer may still send on it
+        self.retire(p, p.current)
+        self.retire(p, p.next)  # a crossed rekey: the peer may still send on it
         p.next = None
         p.current = kp
         kp.peer_fresh = bool(payload[:1]) and bool(payload[0] & FLAG_FRESH)
@@ -568,7 +573,7 @@ class SecureEndpoint:
         if addr != p.endpoint:
             self._roam(p, addr)
         if p.staged:
-            self._flush(p, now)
+            self.flush(p, now)
         else:
             self._keepalive(p, now)
 

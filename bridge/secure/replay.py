@@ -65,6 +65,20 @@ class ReplayWindow:
         ring[idx] = word | bit
         return True
 
+    def accept_run(self, first: int, last: int) -> None:
+        """Mark first..last received, all above top (a batch in order): one update per
+        64-bit block instead of one per counter."""
+        first = max(first, last - WINDOW + 1)
+        if (last ^ self.top) >> 6 or self.top < 0:
+            self.advance(last)
+        ring = self.ring
+        n = first
+        while n <= last:
+            end = min(last, n | 63)
+            ring[(n >> 6) & _MASK] |= ((1 << (end - n + 1)) - 1) << (n & 63)
+            n = end + 1
+        self.top = last
+
     def advance(self, n: int) -> None:
         """Zero the blocks after top's up to n's (at most all of them), RFC 6479 §2."""
         cur = self.top >> 6 if self.top >= 0 else -1

@@ -378,3 +378,30 @@ def test_seal_run_and_open_run_match_the_per_datagram_calls(t: int) -> None:
     bad[3 * (1400 + OVERHEAD) - 1] ^= 1  # the third datagram's tag
     assert rx2.open_run(memoryview(bytes(bad)), 1400 + OVERHEAD, memoryview(inner), 1 << 60) == 2
     assert rx2.window.check(79) and not rx2.window.check(78)
+
+
+def test_accept_run_marks_what_accept_would_one_by_one() -> None:
+    """ReplayWindow.accept_run (open_run's in-order batches) is the per-counter loop."""
+    import random
+
+    from bridge.secure.replay import WINDOW, ReplayWindow
+
+    rnd = random.Random(12)
+    for _ in range(300):
+        a, b = ReplayWindow(), ReplayWindow()
+        top = rnd.choice([-1, 0, 5, 63, 64, 1000, 70_000])
+        for w in (a, b):
+            if top >= 0:
+                w.accept(top)
+                for n in rnd.sample(range(max(0, top - 300), top), min(top, 20)):
+                    w.accept(n)
+        first = top + 1 + rnd.choice([0, 1, 62, 63, 64, 200, WINDOW + 5])
+        last = first + rnd.choice([0, 1, 43, 63, 64, 130])
+        b.ring = list(a.ring)
+        b.top = a.top
+        a.accept_run(first, last)
+        for n in range(first, last + 1):
+            assert b.accept(n)
+        assert (a.top, a.ring) == (b.top, b.ring)
+        for n in range(max(0, last - WINDOW - 3), last + 3):
+            assert a.check(n) == b.check(n)
