@@ -52,6 +52,9 @@ DEFAULT_IDLE_TIMEOUT = 7200.0
 # each (2 MiB, about Linux's tcp_rmem autotuning reach), which a 2 %-loss WAN needs; all
 # splices together stay under [userspace] memory_budget (bridge/userspace/bounds.py).
 DEFAULT_MAX_BUFFER = 8 << 20
+# The kernel backend's relay (bridge/kernel/relay.py) keeps 1 MiB: kernel TCP autotunes its
+# own windows, and a larger relay buffer only lets a fast server finish long before a slow client.
+KERNEL_MAX_BUFFER = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)

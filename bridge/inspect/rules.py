@@ -53,7 +53,14 @@ from typing import Any
 
 from bridge.configkeys import section_keys
 from bridge.errors import ConfigError, ConfigErrors
-from bridge.flows import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BUFFER, Backend, InspectRule, Verdict
+from bridge.flows import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_BUFFER,
+    KERNEL_MAX_BUFFER,
+    Backend,
+    InspectRule,
+    Verdict,
+)
 from bridge.inspect.api import Inspector
 from bridge.inspect.options import check, prefixes, resolve, str_list
 from stack.cubic import ALGORITHMS
@@ -160,9 +167,10 @@ def _parse_rule(t: Any, p: str, known: dict[str, Any], table_keys: frozenset[str
         except ValueError:
             raise ConfigError(f"{p}.action",
                               "must be \"inspect\", \"forward\" or \"drop\"") from None
-    max_buffer = DEFAULT_MAX_BUFFER
+    default_buffer = KERNEL_MAX_BUFFER if backend is Backend.KERNEL else DEFAULT_MAX_BUFFER
+    max_buffer = default_buffer
     with grab:
-        max_buffer = _typed(t, "max_buffer", int, p, DEFAULT_MAX_BUFFER)
+        max_buffer = _typed(t, "max_buffer", int, p, default_buffer)
         if not 4096 <= max_buffer <= 1 << 30:
             raise ConfigError(f"{p}.max_buffer", "must be between 4096 and 2**30 bytes")
     congestion = "cubic"

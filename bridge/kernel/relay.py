@@ -69,7 +69,7 @@ from typing import Any
 from bridge.errors import ConfigError, ConfigErrors
 from bridge.flows import (
     DEFAULT_IDLE_TIMEOUT,
-    DEFAULT_MAX_BUFFER,
+    KERNEL_MAX_BUFFER,
     Backend,
     FlowSelector,
     InspectRule,
@@ -131,7 +131,7 @@ class _Side(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        high = self.relay.chain.rule.max_buffer if self.relay.chain else DEFAULT_MAX_BUFFER
+        high = self.relay.chain.rule.max_buffer if self.relay.chain else KERNEL_MAX_BUFFER
         transport.set_write_buffer_limits(high=high, low=high // 4)
 
     def data_received(self, data: bytes) -> None:

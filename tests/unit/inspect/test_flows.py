@@ -252,3 +252,20 @@ def test_v6_flow_is_selected_by_its_v6_prefix() -> None:
     ft = table()
     assert seg(ft, "2001:db8:1::5", "2001:db8:2::10", 5, 80, SYN, 0) is Verdict.INSPECT
     assert seg(ft, "2001:db8:1::5", "2001:db8:3::10", 5, 80, SYN, 0) is Verdict.FORWARD
+
+
+def test_max_buffer_defaults_by_backend() -> None:
+    """8 MiB for userspace rules (the legs autotune to a quarter each: the window a lossy
+    WAN needs), 1 MiB for kernel rules (kernel TCP autotunes its own windows; a larger relay
+    buffer only lets a fast server finish long before a slow client)."""
+    from bridge.flows import DEFAULT_MAX_BUFFER, KERNEL_MAX_BUFFER
+    from bridge.inspect.rules import parse_rules
+
+    user, kern, set_ = parse_rules([
+        {"name": "u", "dst_ports": [80], "inspectors": ["log"]},
+        {"name": "k", "dst_ports": [81], "backend": "kernel", "inspectors": ["log"]},
+        {"name": "s", "dst_ports": [82], "backend": "kernel", "inspectors": ["log"],
+         "max_buffer": 65536}])
+    assert (user.max_buffer, kern.max_buffer, set_.max_buffer) == (
+        DEFAULT_MAX_BUFFER, KERNEL_MAX_BUFFER, 65536)
+    assert DEFAULT_MAX_BUFFER == 8 << 20 and KERNEL_MAX_BUFFER == 1 << 20
