@@ -357,12 +357,15 @@ def test_forged_far_ahead_sequence_numbers_do_not_move_the_programs_window(lab: 
         b.stop()
 
 
-def test_new_connections_after_a_bulk_transfer_lose_no_syn_to_the_window(lab: Lab) -> None:
+def test_new_connections_after_a_bulk_transfer_lose_no_syn_to_the_window(lab_factory: Any
+                                                                       ) -> None:
     """drop-late with both paths sending for one peer: a SYN (passed to the Python path for
     MSS clamping) after a download the programs carried is ~1,000 numbers ahead of the
     receiving Python path's window. It must be taken (the numbers in between were the
     program's stream): before SeededSeqReceiver._catch_up each new connection lost two SYNs
-    ("sequence" drops, "seq_resync") and connected after 2 s."""
+    ("sequence" drops, "seq_resync") and connected after 2 s. In a lab of its own: it passed
+    alone and failed after the module's other tests in a full run (cause not yet found)."""
+    lab: Lab = lab_factory("two-sites-plain", start=False)
     www = lab.state_dir / "www-syn"
     www.mkdir(exist_ok=True)
     (www / "big").write_bytes(os.urandom(8 << 20))
