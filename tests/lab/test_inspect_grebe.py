@@ -117,8 +117,10 @@ def test_grebe_flows_shows_the_live_kernel_flow_with_tcp_info(lab: Any) -> None:
         assert f["src"] == "198.18.1.10" and f["dst"] == SERVER and f["dport"] == 80
         assert f["rule"] == "server-web-ssh" and f["phase"] == "open" and f["age"] > 0
         assert set(f["inspectors"]) == {"LogInspector", "HttpInspector"}, f["inspectors"]
-        # the server may have sent its FIN while the relay still holds bytes for the client
-        assert f["client_leg"]["state"] == "ESTABLISHED", f
+        # the relay may have read the whole file and shut down its write half while the
+        # client leg's kernel socket still holds bytes for the rate-limited client: FIN-WAIT-1
+        leg_states = ("ESTABLISHED", "FIN-WAIT-1")
+        assert f["client_leg"]["state"] in leg_states, f
         assert f["server_leg"]["state"] in ("ESTABLISHED", "CLOSE-WAIT"), f
         for leg in ("client_leg", "server_leg"):
             info = f[leg]
@@ -126,7 +128,8 @@ def test_grebe_flows_shows_the_live_kernel_flow_with_tcp_info(lab: Any) -> None:
             assert info["retransmissions"] >= 0
         assert f["client_leg"]["bytes_out"] > 100_000      # what the client acked so far
         table = lab.run("gw-a", ["grebe", "flows"]).stdout
-        assert "kernel" in table and "client leg (kernel TCP_INFO): ESTABLISHED" in table
+        assert "kernel" in table and any(f"client leg (kernel TCP_INFO): {s}" in table
+                                         for s in leg_states), table
         assert "198.18.1.10:" in table and f"{SERVER}:80" in table
         st = grebe_json(lab, "status")["inspect_kernel"]["summary"]
         assert st["active"] >= 1 and st["accepted"] >= 1
