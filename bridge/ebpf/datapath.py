@@ -24,11 +24,17 @@ Rules:
   both paths can send for one peer and never send one number twice. A TSO super-packet
   (bridge/fastpath.py) reads the next number, builds its rows, then reserves them; if the
   program took numbers in between, the rows repeat some (counted, "seq_collisions").
-  One order on the wire: for SEQ_HOLD (5 ms) after the Python path took numbers for a peer
-  (its datagrams may still be on their way out), the program passes that peer's packets to
-  the Python path instead of sending a higher number ahead of them ("pass_seq_order"); so a
-  receiver that sees both streams on one path (a Python-only peer, a suspended program)
-  finds them in order.
+  One order on the wire: after the Python path took numbers for a peer and until it has
+  sent them (its datagrams may still be on their way out), the program passes that peer's
+  packets to the Python path instead of sending a higher number ahead of them
+  ("pass_seq_order"); so a receiver that sees both streams on one path (a Python-only
+  peer, a suspended program) finds them in order. The Python path ends the hold after each
+  send to such a peer (`sent`, one more test run, only when it took numbers since the last);
+  SEQ_HOLD (5 ms) bounds it should that never come. Before the release, each packet passed
+  for order renewed the hold when Python sent it, so a flow whose ACKs once met the Python
+  path (a SYN passed for MSS clamping) stayed on it while it ran. The release is per peer,
+  not per thread: one thread's send may end a hold another thread's numbers still need
+  (that datagram may then arrive late at a one-path receiver: one drop, counted there).
   Receive windows (drop-late) are one per path: a packet sent by the peer's Python path
   reaches our Python path, one sent by its program reaches our program (the UDP checksum
   tells them apart, grebe_tc.c), each stream in order; one shared window would count the
@@ -116,18 +122,19 @@ _NFPROTO = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip6"}
 class SharedSeqEncoder(GreEncoder):
     """A GreEncoder whose sequence numbers come from the program's per-peer counter."""
 
-    __slots__ = ("_reserve", "_peer", "_next", "collisions")
+    __slots__ = ("_reserve", "peer", "_next", "collisions", "held")
 
     def __init__(self, key: int | None, csum: bool, reserve: Any, peer: int) -> None:
         super().__init__(key, True, csum)
         self._reserve = reserve
-        self._peer = peer
+        self.peer = peer
         self._next = 0
         self.collisions = 0
+        self.held = False  # numbers taken since the last release (module docstring)
 
     @property
     def seq(self) -> int:  # the next number (a super-packet builder reads it, then advances)
-        self._next = self._reserve(self._peer, 0)
+        self._next = self._reserve(self.peer, 0)
         return self._next
 
     @seq.setter
@@ -137,13 +144,15 @@ class SharedSeqEncoder(GreEncoder):
     def wrap(self, packet: Any, v6: bool) -> bytearray:
         dgram = bytearray(self._tmpl6 if v6 else self._tmpl4)
         dgram += packet
-        n = self._reserve(self._peer, 1)
+        n = self._reserve(self.peer, 1)
+        self.held = True
         dgram[self._seq_off:self._seq_off + 4] = n.to_bytes(4, "big")
         return dgram
 
     def advance(self, count: int) -> None:
         if count > 0:
-            got = self._reserve(self._peer, count)
+            got = self._reserve(self.peer, count)
+            self.held = True
             if got != self._next:
                 self.collisions += 1
 
@@ -242,6 +251,7 @@ class FastPath:
         self.bridge: Any = None
         self.engine_lock: Any = None
         self.encoders: list[SharedSeqEncoder] = []
+        self._seq_by_addr: dict[Any, SharedSeqEncoder] = {}
         self.closed = False
         self.watch_netfilter = cfg.datapath is Datapath.AUTO
         self.suspended = ""  # why the program steps aside (netfilter chains), or ""
@@ -254,6 +264,20 @@ class FastPath:
         data = peer.to_bytes(4, "little") + count.to_bytes(4, "little") + bytes(8)
         return int(self.obj.test_run(self._reserve_fd, data))
 
+    def sent(self, addr: Any) -> None:
+        """The Python path has sent its datagrams to `addr`: if that peer's encoder took
+        numbers since the last call, end the program's hold on it (module docstring)."""
+        enc = self._seq_by_addr.get(addr)
+        if enc is None or not enc.held:
+            return
+        enc.held = False
+        data = enc.peer.to_bytes(4, "little") + bytes(4) + (1).to_bytes(4, "little") \
+            + bytes(4)
+        try:
+            self.obj.test_run(self._reserve_fd, data)
+        except OSError:
+            pass  # SEQ_HOLD ends it
+
     def share_sequence_numbers(self, bridge: Any) -> None:
         """Give the Python path's GRE encoders of sequenced peers the shared counter, and
         its drop-late windows the start of the program's (one start for both)."""
@@ -261,6 +285,7 @@ class FastPath:
             if p.encapsulation is Encapsulation.GRE and p.sequence is not SeqPolicy.OFF:
                 enc = SharedSeqEncoder(p.key_out, p.checksum, self.reserve, i)
                 st.encoder = enc
+                self._seq_by_addr[st.addr] = enc
                 st.keepalive_payload = enc.keepalive()
                 self.encoders.append(enc)
             if p.sequence is SeqPolicy.DROP_LATE:

@@ -242,9 +242,11 @@ struct {
 	__type(value, __u32);
 } gb_txseq SEC(".maps");
 
-/* when the Python path last took sequence numbers for a peer (bpf_ktime_get_ns): its
- * datagrams may still be on their way out, and a number the program sends now must not
- * overtake them (a drop-late receiver would count theirs late) */
+/* when the Python path last took sequence numbers for a peer (bpf_ktime_get_ns), 0 once it
+ * has sent them: until then its datagrams may still be on their way out, and a number the
+ * program sends must not overtake them (a drop-late receiver would count theirs late). The
+ * release matters: without it every packet passed for order renewed the hold when Python
+ * sent it, and a flow that once touched the Python path stayed there */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, MAX_PEERS);
@@ -613,7 +615,7 @@ static __noinline int encap(struct __sk_buff *skb, struct gb_global *g, int v6)
 		/* one order for both senders: while the Python path's numbered datagrams may be
 		 * in flight, this one queues behind them on the Python path */
 		__u64 *pt = bpf_map_lookup_elem(&gb_pytx, &idx);
-		if (pt && bpf_ktime_get_ns() - *pt < SEQ_HOLD_NS)
+		if (pt && *pt && bpf_ktime_get_ns() - *pt < SEQ_HOLD_NS)
 			return pass(S_PASS_SEQ_ORDER);
 	}
 	int gso = skb->gso_segs > 1 || skb->gso_size;
@@ -1212,23 +1214,27 @@ int grebe_ingress(struct __sk_buff *skb)
 }
 
 /* The Python path takes GRE sequence numbers from the shared counter: BPF_PROG_TEST_RUN with
- * a 14+ byte "packet" whose first 8 bytes are (peer index, count), host order; the return
- * value is the first of `count` numbers reserved atomically. */
+ * a 14+ byte "packet" whose first 12 bytes are (peer index, count, op), host order. Op 0:
+ * the return value is the first of `count` numbers reserved atomically (count 0: the next
+ * one, nothing taken). Op 1: the Python path has sent what it took, the hold ends. */
 SEC("tc")
 int grebe_seq_reserve(struct __sk_buff *skb)
 {
-	__u32 req[2];
+	__u32 req[3];
 	if (bpf_skb_load_bytes(skb, 0, req, sizeof(req)))
 		return 0;
 	__u32 idx = req[0];
 	__u32 *sq = bpf_map_lookup_elem(&gb_txseq, &idx);
 	if (!sq)
 		return 0;
-	if (req[1]) {
-		__u64 *pt = bpf_map_lookup_elem(&gb_pytx, &idx);
+	__u64 *pt = bpf_map_lookup_elem(&gb_pytx, &idx);
+	if (req[2] == 1) {
 		if (pt)
-			*pt = bpf_ktime_get_ns();
+			*pt = 0;
+		return 0;
 	}
+	if (req[1] && pt)
+		*pt = bpf_ktime_get_ns();
 	return __sync_fetch_and_add(sq, req[1]);
 }
 

@@ -374,6 +374,8 @@ class Engine:
             self.stats["udp_sends"] += self.udp.send_datagrams(addr, dgs, sports)
         else:
             self.stats["udp_sends"] += self.udp.send_datagrams(addr, dgs)
+        if self.fast_path is not None:  # the program's sequence hold ends (datapath.py)
+            self.fast_path.sent(addr)
         if self._too_big:  # EMSGSIZE met (bridge/io/udp.py); the set is the adapter's own
             self.learn_path_mtu()
 
