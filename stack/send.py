@@ -42,16 +42,13 @@ Rules:
   data the buffer may grow to twice min(cwnd, the largest window offered).
 - `tx_max_segment` lets one output segment carry several SMSS (a TSO/GSO super-segment
   for a TUN); its size is a whole number of SMSS, so the kernel cuts wire-sized pieces.
-- ECN (RFC 3168), when negotiated (`ecn`, stack/handshake.py; `ecn_ask` is TcpConfig.ecn):
-  our SYN asks with ECE and CWR, our SYN-ACK accepts with ECE alone, and neither is
-  ECT-marked (§6.1.1). New data segments carry ECT(0) in `TcpSegment.ecn` (§6.1.1);
-  retransmissions (§6.1.5), window probes (§6.1.6), pure ACKs and keep-alives (§6.1.4)
-  never do. Every segment carries ECE while the Receiver owes an ECN-Echo (`rcv.ece`,
-  §6.1.3). An ACK with ECE (`ecn_echo`) reduces cwnd as a loss does (congestion.py
-  `on_ecn`, no retransmission) at most once per window of data: not again until SND.UNA
-  passed SND.MAX of the reduction (`ecn_high`), nor during loss recovery, which already
-  reduced (§6.1.2); the next new data segment then carries CWR (`cwr_pending`, §6.1.2).
-
+- ECN (RFC 3168), when negotiated (`ecn`, stack/handshake.py; `ecn_ask`: TcpConfig.ecn):
+  our SYN asks with ECE and CWR, our SYN-ACK accepts with ECE alone, neither ECT (§6.1.1).
+  New data segments carry ECT(0) in `TcpSegment.ecn`; retransmissions (§6.1.5), window
+  probes (§6.1.6), pure ACKs and keep-alives (§6.1.4) never do. Every segment carries
+  ECE while the Receiver owes an echo (`rcv.ece`, §6.1.3); the first new data segment
+  after a reduction for ECE carries CWR (`cwr_pending`, §6.1.2; the response to ECE is
+  `ecn_echo`, stack/retransmit.py).
 Theory of operation: a Sender is owned by one TcpConnection (stack/connection.py), with
 parts of its own passed in at construction: a CongestionControl (stack/congestion.py), a
 Scoreboard and an RtoEstimator (stack/loss.py), and the Receiver whose numbers every
@@ -575,21 +572,6 @@ class Sender(Retransmitter):
         if wnd:
             self.persist_at = None
             self.persist_backoff = 0
-
-    def ecn_echo(self) -> None:
-        """An acceptable ACK carried ECE (RFC 3168 §6.1.2): reduce cwnd as for a loss, once
-        per window of data (not until SND.UNA passed `ecn_high`, the SND.MAX of the last
-        reduction), and set CWR on the next new data segment. Loss recovery already
-        reduced for this window: only the CWR then, so that the peer stops echoing."""
-        if not self.ecn or self.una <= self.ecn_high:
-            return
-        self.ecn_high = self.max
-        self.cwr_pending = True
-        cc = self.cc
-        if cc.in_recovery:
-            return
-        cc.on_ecn(self.max - self.una)
-        self.ecn_cuts += 1
 
     def sample_syn(self, ts: tuple[int, int] | None, now: float) -> None:
         """Our SYN is acknowledged: its RTT sample, and RFC 6298 §5.7 after SYN timeouts."""
