@@ -10,7 +10,7 @@ Rules (each handler cites the clause it implements):
   challenge ACKs, ACK range check), RFC 7323 (PAWS, TS.Recent) and RFC 2018 (SACK) woven in.
 - ECN (RFC 3168 §6.1), on a connection that negotiated it: an acceptable segment's CWR
   and CE mark go to the Receiver (§6.1.3; a CE outside the window is ignored, §6.1.5,
-  except on a zero-window probe at RCV.NXT, §6.1.6), and an acceptable ACK's ECE to the
+  but a zero-window probe's at RCV.NXT counts, §6.1.6), and an acceptable ACK's ECE to the
   Sender (§6.1.2). Header prediction leaves every segment with ECE or CWR set or marked
   CE to this path.
 - A misbehaving peer never raises: its segment is dropped and counted in `drops` by reason,
@@ -139,8 +139,6 @@ class SegmentArrives:
             if f & RST:
                 self._drop("rst_out_of_window")
                 return
-            if seg.ecn == CE and rcv.ecn and payload and seg_abs == rcv.nxt:
-                rcv.ecn_input(0, CE, True)  # RFC 3168 §6.1.6: a window probe's CE counts
             rcv.unacceptable(seg_abs, len(payload), seg_len, now)
             if st is State.TIME_WAIT and f & FIN and seg_abs + seg_len == rcv.nxt:
                 # RFC 9293 §3.10.7.4 TIME-WAIT: the peer's FIN again: ACK, restart 2 MSL.
@@ -166,8 +164,8 @@ class SegmentArrives:
             return
         if ts is not None:
             rcv.take_ts(ts[0], seg_abs, now)  # RFC 7323 §4.3
-        if rcv.ecn and (f & CWR or seg.ecn == CE):  # RFC 3168 §6.1.3, §6.1.5
-            rcv.ecn_input(f, seg.ecn, text and bool(payload))
+        if rcv.ecn and (f & CWR or seg.ecn == CE):  # RFC 3168 §6.1.3, §6.1.5, §6.1.6:
+            rcv.ecn_input(f, seg.ecn, bool(payload))  # in the window, or a zero-window probe
         if st is State.SYN_RECEIVED:
             rst = self._hs.syn_acked(seg, seg_abs, now)
             if rst is not None:

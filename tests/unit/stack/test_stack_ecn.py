@@ -279,3 +279,14 @@ def test_rfc3168_6_1_2_ece_without_ecn_negotiated_changes_nothing() -> None:
     send(conn, 0.01, seq=rseq(1), ack=lseq(1 + 1460), flags=ACK | ECE, window=65535)
     assert conn.ecn_cuts == 0 and conn.info()["cwnd"] >= cwnd0  # type: ignore[operator]
     assert all(not s.flags & CWR for s in out(conn, 0.01))
+
+
+def test_rfc3168_6_1_6_a_ce_marked_window_probe_is_echoed() -> None:
+    """A zero-window probe is not acceptable text, but its CE mark counts (§6.1.6)."""
+    conn = passive_ecn(cfg(ecn=True, recv_buffer=4096, auto_consume=False))
+    send(conn, 0.0, seq=rseq(1), ack=lseq(1), payload=b"a" * 4096)
+    (ack,) = out(conn, 0.0)
+    assert ack.window == 0 and not ack.flags & ECE
+    send(conn, 0.5, seq=rseq(4097), ack=lseq(1), payload=b"p", ecn=CE)
+    (ack,) = out(conn, 0.5)
+    assert ack.flags & ECE and ack.ack == rseq(4097) and conn.ce_marks == 1
