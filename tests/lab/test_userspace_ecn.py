@@ -12,6 +12,11 @@ download (client and server eth0); tshark reads the SYNs' ECE/CWR and the IP ECN
 - `grebe flows --json` shows "ecn": true on both legs; the download is byte-exact.
 With the client's tcp_ecn=0 the client does not ask, and neither does the server leg
 (the legs mirror the client): no ECE/CWR in either SYN, no ECT anywhere.
+CE marks for real (this kernel has no marking qdisc: nftables' `ip ecn set ce` on one
+ECT(0) data packet in 50, in the server's output and on the client's input, past its
+capture): the server leg echoes the server's marks (ECE until the server's CWR), the
+client echoes the client leg's, which halves its window and sends CWR; counted in
+`grebe status`; the download stays byte-exact.
 """
 
 from __future__ import annotations
@@ -180,3 +185,46 @@ def test_no_ecn_on_either_leg_when_the_client_does_not_ask(lab: Any) -> None:
         assert all(p["ecn"] == 0 for p in pk[node])
     f = flows[-1]
     assert f["client_leg"]["ecn"] is False and f["server_leg"]["ecn"] is False
+
+
+MARK = """table inet ecnmark {{
+  chain cemark {{ type filter hook {hook} priority 0; policy accept;
+    ip ecn ect0 tcp sport {port} numgen random mod 50 == 0 ip ecn set ce counter
+  }}
+}}
+"""
+
+
+def test_ce_marks_on_both_paths_are_echoed_and_answered(lab: Any) -> None:
+    want = hashlib.sha256((lab.tmp / "www" / "ecn.bin").read_bytes()).hexdigest()
+    lab.sysctl("client", "net.ipv4.tcp_ecn", 1)
+    lab.nft("server", MARK.format(hook="output", port=PORT))  # the server's data
+    lab.nft("client", MARK.format(hook="prerouting", port=PORT))  # the client leg's data
+    try:
+        caps = _capture(lab, "ce")
+        assert _download(lab) == want
+        flows = _legs(lab)
+        pk = _stop(lab, caps)
+        cp = lab.run("gw-a", [sys.executable, "-m", "bridge", "status", "--json"], timeout=20)
+    finally:
+        lab.nft("server", "delete table inet ecnmark")
+        lab.nft("client", "delete table inet ecnmark")
+    client, server = pk["client"], pk["server"]
+    marked_s = [p for p in server if not p["to_server"] and p["ecn"] == 3]
+    assert marked_s  # (the client's marks are made after its capture point, on input)
+    # RFC 3168 §6.1.3: the server leg's ACKs echo the marks; §6.1.2: the server answers CWR
+    assert any(p["ece"] for p in server if p["to_server"] and not p["syn"])
+    assert any(p["cwr"] for p in server if not p["to_server"] and not p["syn"])
+    # the client echoes the client leg's marks; the client leg answers with CWR
+    assert any(p["ece"] for p in client if p["to_server"] and not p["syn"])
+    cwr = [p for p in client if not p["to_server"] and p["cwr"] and not p["syn"]]
+    assert cwr and all(p["len"] and p["ecn"] in (2, 3) for p in cwr)  # on new data
+    f = flows[-1]
+    assert f["server_leg"]["ce_marks"] == len(marked_s), f["server_leg"]
+    assert f["client_leg"]["ecn_cuts"] > 0, f["client_leg"]
+    counters = json.loads(cp.stdout)["inspect"]["counters"]
+    assert counters["ce_marks"] >= len(marked_s) and counters["ecn_cuts"] > 0, counters
+    print(f"\nCE-marked download {SIZE >> 20} MiB: {f['client_leg']['ecn_cuts']} reductions "
+          f"of the client leg for the client's echoes, "
+          f"{f['client_leg']['retransmissions']} retransmissions; {len(marked_s)} marks "
+          f"toward the server leg, echoed until the server's CWR")
