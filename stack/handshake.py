@@ -16,8 +16,9 @@ Rules:
   ECN-setup SYN) makes a passive open ECN-capable (its SYN-ACK carries ECE alone); an
   active open asked with ECE and CWR, and is ECN-capable only if the SYN-ACK has ECE and
   not CWR (an ECN-setup SYN-ACK; a SYN-ACK with both is a reflecting middlebox's and is
-  not one). A simultaneous open (MUST-10) is not ECN-capable. Otherwise neither end sets
-  ECT, as in a non-ECN connection (stack/send.py).
+  not one); once our SYN was resent without ECN (§6.1.1.1, stack/send.py) an ECE in the
+  SYN-ACK no longer counts. A simultaneous open (MUST-10) is not ECN-capable. Otherwise
+  neither end sets ECT, as in a non-ECN connection (stack/send.py).
 - Establishing (the ACK of our SYN, in SYN-SENT or SYN-RECEIVED) takes an RTT sample
   unless the SYN was resent (Karn, MUST-18), and RFC 6298 §5.7 after SYN timeouts.
 - RST in SYN-RECEIVED of a passive open returns to LISTEN (MUST-11): the TCB forgets what
@@ -175,7 +176,7 @@ class Handshake:
         snd.sack_on = rcv.sack_on = cfg.sack and seg.sack_perm
         # RFC 3168 §6.1.1: a SYN asks with ECE|CWR, the SYN-ACK answers with ECE alone.
         e = seg.flags & (ECE | CWR | ACK)
-        snd.ecn = rcv.ecn = cfg.ecn and (e == ECE | CWR or e == ECE | ACK)
+        snd.ecn = rcv.ecn = snd.ecn_ask and (e == ECE | CWR or e == ECE | ACK)
         rcv.ws_on = cfg.window_scaling and seg.wscale is not None
         if rcv.ws_on and seg.wscale is not None:
             snd.wscale = min(seg.wscale, 14)  # RFC 7323 §2.3

@@ -42,13 +42,13 @@ Rules:
   data the buffer may grow to twice min(cwnd, the largest window offered).
 - `tx_max_segment` lets one output segment carry several SMSS (a TSO/GSO super-segment
   for a TUN); its size is a whole number of SMSS, so the kernel cuts wire-sized pieces.
-- ECN (RFC 3168), when negotiated (`ecn`, stack/handshake.py; `ecn_ask`: TcpConfig.ecn):
-  our SYN asks with ECE and CWR, our SYN-ACK accepts with ECE alone, neither ECT (§6.1.1).
-  New data segments carry ECT(0) in `TcpSegment.ecn`; retransmissions (§6.1.5), window
-  probes (§6.1.6), pure ACKs and keep-alives (§6.1.4) never do. Every segment carries
-  ECE while the Receiver owes an echo (`rcv.ece`, §6.1.3); the first new data segment
-  after a reduction for ECE carries CWR (`cwr_pending`, §6.1.2; the response to ECE is
-  `ecn_echo`, stack/retransmit.py).
+- ECN (RFC 3168), if negotiated (`ecn`, stack/handshake.py; `ecn_ask`: TcpConfig.ecn): our
+  SYN asks with ECE and CWR (a resent one no longer, §6.1.1.1), our SYN-ACK accepts with ECE
+  alone, neither ECT (§6.1.1). New data carries ECT(0) (`TcpSegment.ecn`); resent data
+  (§6.1.5), window probes (§6.1.6), pure ACKs and keep-alives (§6.1.4) never do. Every
+  segment has ECE while the Receiver owes an echo (§6.1.3); the first new data segment
+  after a reduction for ECE has CWR (§6.1.2; the response to ECE: retransmit.py `ecn_echo`).
+
 Theory of operation: a Sender is owned by one TcpConnection (stack/connection.py), with
 parts of its own passed in at construction: a CongestionControl (stack/congestion.py), a
 Scoreboard and an RtoEstimator (stack/loss.py), and the Receiver whose numbers every
@@ -274,6 +274,7 @@ class Sender(Retransmitter):
         if self.max:
             self.retransmissions += 1
             self.rtt_abs = None  # Karn
+            self.ecn_ask = self.ecn_ask and synack  # RFC 3168 §6.1.1.1: SYN again without ECN
         else:
             self.rtt_abs = 1
             self.rtt_at = now
@@ -353,8 +354,7 @@ class Sender(Retransmitter):
         up = self.up
         board = self.board
         rack = self.rack if self.sack_on and self.rack_on else None
-        # RFC 3168: ECT(0) on new data only (§6.1.1, §6.1.5), ECE owed by the Receiver
-        # (§6.1.3) on every segment, CWR once on new data after a reduction (§6.1.2).
+        # RFC 3168: ECT(0) on new data (§6.1.1, §6.1.5), ECE while owed (§6.1.3), CWR (§6.1.2)
         ect = ECT0 if self.ecn else 0
         ece = ECE if self.rcv.ece else 0
         # Going back after an RTO with SACK information kept: skip what was SACKed.

@@ -290,3 +290,20 @@ def test_rfc3168_6_1_6_a_ce_marked_window_probe_is_echoed() -> None:
     send(conn, 0.5, seq=rseq(4097), ack=lseq(1), payload=b"p", ecn=CE)
     (ack,) = out(conn, 0.5)
     assert ack.flags & ECE and ack.ack == rseq(4097) and conn.ce_marks == 1
+
+
+def test_rfc3168_6_1_1_1_a_resent_syn_no_longer_asks_for_ecn() -> None:
+    """A middlebox may drop ECN-setup SYNs: the retransmitted SYN is a plain one (as
+    Linux's tcp_ecn_fallback), and an ECE in the SYN-ACK that follows does not count."""
+    conn = TcpConnection(LOCAL, REMOTE, ECN, iss=lseq(0))
+    conn.connect(0.0)
+    (syn,) = out(conn, 0.0)
+    assert syn.flags == SYN | ECE | CWR
+    t = conn.get_timer()
+    assert t is not None
+    conn.handle_timer(t)
+    (again,) = out(conn, t)
+    assert again.flags == SYN
+    send(conn, t, flags=SYN | ACK | ECE, seq=REMOTE_SEQ, ack=lseq(1), mss=1460)
+    out(conn, t)
+    assert conn.state is State.ESTABLISHED and not conn.ecn
