@@ -20,18 +20,18 @@ Rules (each handler cites the clause it implements):
   field comes in and goes out as `TcpSegment.ecn`; the adapter reads and writes the IP
   header.
 
-Theory of operation: one class holds the state and routes; the work is done by components
-it builds and hands to each other explicitly: the Sender (stack/send.py: SND.*, output,
+Theory of operation: one class holds the state and routes; the work is done by components it
+builds and hands to each other explicitly: the Sender (stack/send.py: SND.*, output,
 retransmission; with its CongestionControl, Scoreboard and RtoEstimator), the Receiver
 (stack/receive.py: RCV.*, reassembly, ACK policy, window), the Handshake
-(stack/handshake.py: ISS, options, LISTEN and SYN-SENT input), the Timers
-(stack/timers.py) and the events queue. Components report what happened (an event of the
-table, "the FIN took effect", "give up"); the connection makes the transition. Positions
-are absolute ints (stack/seq.py). `receive_segment` first tries header prediction (RFC
-9293 §3.10 note, Van Jacobson): ESTABLISHED, only ACK (and PSH), the expected sequence
-number, nothing out of order, an ACK in range; then in-order data or a pure ACK of new
-data is handled inline on the components' fields (the per-segment cost: locals, no extra
-calls). Everything else takes the per-state slow path (stack/arrives.py). Output is
+(stack/handshake.py: ISS, options, LISTEN and SYN-SENT input), the Timers (stack/timers.py)
+and the events queue. Components report what happened (an event of the table, "the FIN took
+effect", "give up"); the connection makes the transition. Positions are absolute ints
+(stack/seq.py). `receive_segment` first tries header prediction (RFC 9293 §3.10 note, Van
+Jacobson): ESTABLISHED, only ACK (and PSH; so no ECE or CWR), the expected sequence number,
+nothing out of order, no CE mark (RFC 3168), an ACK in range; then in-order data or a pure
+ACK of new data is handled inline on the components' fields (the per-segment cost: locals,
+no extra calls). Everything else takes the per-state slow path (stack/arrives.py). Output is
 pulled: input only updates state and sets flags; `segments_to_send` turns them into
 segments, so the ACKs for a whole batch of input are aggregated (MUST-58/59).
 """

@@ -48,11 +48,12 @@ Rules:
   looked at, so the normal path pays nothing; a damaged segment matches the pattern with
   odds of 1 in 65,535 (the field is compared with the pseudo-header sum).
 
-Theory of operation: one `LegFramer` per Terminator holds the identification counter and
-the per-address header sums; `packet`/`frame` prepend the IP header to `emit_tcp_parts`'s
-output with one join. `merge_run` joins payloads once (the leg copies what it keeps).
-`quoted_leg` parses an ICMP error once (stack/wire/icmp.py) and returns the quoted segment's
-flow key, kind, code, MTU and quoted sequence number for the server leg (RFC 5927 §4.1 there).
+Theory of operation: one `LegFramer` per Terminator holds the identification counter and the
+per-address header sums; `packet`/`frame` prepend the IP header (its ECN field the segment's
+`ecn`) to `emit_tcp_parts`'s output with one join. `merge_run` joins payloads once (the leg
+copies what it keeps). `quoted_leg` parses an ICMP error once (stack/wire/icmp.py) and
+returns the quoted segment's flow key, kind, code, MTU and quoted sequence number for the
+server leg (RFC 5927 §4.1 there).
 """
 
 from __future__ import annotations
