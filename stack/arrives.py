@@ -8,6 +8,11 @@ Rules (each handler cites the clause it implements):
   reply, §3.10.7.1), LISTEN and SYN-SENT in stack/handshake.py, SYN-RECEIVED and the
   synchronized states here (§3.10.7.4, first to eighth step), with RFC 5961 (RST and SYN
   challenge ACKs, ACK range check), RFC 7323 (PAWS, TS.Recent) and RFC 2018 (SACK) woven in.
+- ECN (RFC 3168 §6.1), on a connection that negotiated it: an acceptable segment's CWR
+  and CE mark go to the Receiver (§6.1.3; a CE outside the window is ignored, §6.1.5,
+  but a zero-window probe's at RCV.NXT counts, §6.1.6), and an acceptable ACK's ECE to the
+  Sender (§6.1.2). Header prediction leaves every segment with ECE or CWR set or marked
+  CE to this path.
 - A misbehaving peer never raises: its segment is dropped and counted in `drops` by reason,
   or answered with an ACK (challenge, unacceptable segment) or a RST, or ends the
   connection with an event (ConnectionReset, ResetToListen, Closed).
@@ -31,7 +36,7 @@ from stack.receive import Acceptable, Receiver
 from stack.send import AckResult, Sender
 from stack.state import CAN_RECEIVE, Ev, State, next_state
 from stack.timers import Timers
-from stack.wire.tcp import ACK, FIN, RST, SYN, URG, TcpSegment
+from stack.wire.tcp import ACK, CE, CWR, ECE, FIN, RST, SYN, URG, TcpSegment
 
 __all__ = ["SegmentArrives"]
 
@@ -159,6 +164,8 @@ class SegmentArrives:
             return
         if ts is not None:
             rcv.take_ts(ts[0], seg_abs, now)  # RFC 7323 §4.3
+        if rcv.ecn and (f & CWR or seg.ecn == CE):  # RFC 3168 §6.1.3, §6.1.5, §6.1.6:
+            rcv.ecn_input(f, seg.ecn, bool(payload))  # in the window, or a zero-window probe
         if st is State.SYN_RECEIVED:
             rst = self._hs.syn_acked(seg, seg_abs, now)
             if rst is not None:
@@ -189,6 +196,8 @@ class SegmentArrives:
                 self._rcv.challenge(now)
                 return False
             return True  # an old duplicate ACK: ignored, the text still counts
+        if seg.flags & ECE:
+            self._snd.ecn_echo()  # RFC 3168 §6.1.2 (a no-op unless ECN was negotiated)
         if self._snd.fin_acked:
             st = self._state
             if st is State.FIN_WAIT_1:

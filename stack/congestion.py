@@ -26,6 +26,10 @@ Rules:
   entering it sets cwnd = ssthresh with no inflation, and partial ACKs change nothing
   here: the sender's pipe estimate (stack/loss.py) decides what may be sent.
 - RFC 5681 §4.1: after an idle period longer than the RTO, cwnd = min(cwnd, IW).
+- RFC 3168 §6.1.2 (`on_ecn`): an ECN-Echo halves the window as a loss would (ssthresh
+  from `reduce`, at least 2 SMSS, cwnd = ssthresh) but with
+  no fast retransmit and no recovery: nothing was lost. The sender (stack/send.py) calls
+  it at most once per window of data.
 
 - RFC 8985 §3.4 (`rack`, with SACK): recovery starts only when the sender reports a lost
   segment (RACK's time-based edge, stack/loss.py), never on the DupThresh-th duplicate
@@ -71,6 +75,7 @@ class CongestionControl(Protocol):
     def on_timeout(self, snd_max: int, flight: int, first: bool) -> None: ...
     def on_idle(self) -> None: ...
     def on_path_mtu(self, smss: int) -> None: ...
+    def on_ecn(self, flight: int) -> None: ...
     def reduce(self, flight: int) -> int: ...
 
 DUPTHRESH = 3
@@ -194,6 +199,13 @@ class NewReno:
         self.in_recovery = False
         self.recover = snd_max
         self.dupacks = 0
+        self._ca_acc = 0
+
+    def on_ecn(self, flight: int) -> None:
+        """An ECN-Echo (RFC 3168 §6.1.2): reduce as for a loss (ssthresh = `reduce`, cwnd =
+        ssthresh), without entering recovery; congestion avoidance restarts from there."""
+        self.ssthresh = self.reduce(flight)
+        self.cwnd = self.ssthresh
         self._ca_acc = 0
 
     def on_idle(self) -> None:

@@ -15,19 +15,23 @@ Rules (each handler cites the clause it implements):
   `icmp_effect` in stack/events.py) and RFC 5927 §4.1 (an error quoting a sequence number
   outside [SND.UNA, SND.NXT] is dropped). Urgent data: RFC 9293 §3.8.5 (MUST-30..33,
   inline only: no out-of-band byte; urgent data does not bypass Nagle or the windows).
+  ECN: RFC 3168 §6.1 (negotiated in stack/handshake.py; the sender's marks, CWR and its
+  response to ECE in stack/send.py; the receiver's ECE in stack/receive.py). The IP ECN
+  field comes in and goes out as `TcpSegment.ecn`; the adapter reads and writes the IP
+  header.
 
-Theory of operation: one class holds the state and routes; the work is done by components
-it builds and hands to each other explicitly: the Sender (stack/send.py: SND.*, output,
+Theory of operation: one class holds the state and routes; the work is done by components it
+builds and hands to each other explicitly: the Sender (stack/send.py: SND.*, output,
 retransmission; with its CongestionControl, Scoreboard and RtoEstimator), the Receiver
 (stack/receive.py: RCV.*, reassembly, ACK policy, window), the Handshake
-(stack/handshake.py: ISS, options, LISTEN and SYN-SENT input), the Timers
-(stack/timers.py) and the events queue. Components report what happened (an event of the
-table, "the FIN took effect", "give up"); the connection makes the transition. Positions
-are absolute ints (stack/seq.py). `receive_segment` first tries header prediction (RFC
-9293 §3.10 note, Van Jacobson): ESTABLISHED, only ACK (and PSH), the expected sequence
-number, nothing out of order, an ACK in range; then in-order data or a pure ACK of new
-data is handled inline on the components' fields (the per-segment cost: locals, no extra
-calls). Everything else takes the per-state slow path (stack/arrives.py). Output is
+(stack/handshake.py: ISS, options, LISTEN and SYN-SENT input), the Timers (stack/timers.py)
+and the events queue. Components report what happened (an event of the table, "the FIN took
+effect", "give up"); the connection makes the transition. Positions are absolute ints
+(stack/seq.py). `receive_segment` first tries header prediction (RFC 9293 §3.10 note, Van
+Jacobson): ESTABLISHED, only ACK (and PSH; so no ECE or CWR), the expected sequence number,
+nothing out of order, no CE mark (RFC 3168), an ACK in range; then in-order data or a pure
+ACK of new data is handled inline on the components' fields (the per-segment cost: locals,
+no extra calls). Everything else takes the per-state slow path (stack/arrives.py). Output is
 pulled: input only updates state and sets flags; `segments_to_send` turns them into
 segments, so the ACKs for a whole batch of input are aggregated (MUST-58/59).
 """
@@ -154,6 +158,21 @@ class TcpConnection(SegmentArrives):
     def retransmissions(self) -> int:
         """Segments sent again (RTO, fast retransmit, recovery, probes of sent data)."""
         return self._snd.retransmissions
+
+    @property
+    def ecn(self) -> bool:
+        """ECN was negotiated on this connection (RFC 3168 §6.1.1)."""
+        return self._snd.ecn
+
+    @property
+    def ce_marks(self) -> int:
+        """CE-marked segments received while ECN is on (RFC 3168 §6.1.3)."""
+        return self._rcv.ce_marks
+
+    @property
+    def ecn_cuts(self) -> int:
+        """cwnd reductions made for an ECN-Echo (RFC 3168 §6.1.2)."""
+        return self._snd.ecn_cuts
 
     @property
     def ts_recent(self) -> int | None:
@@ -324,7 +343,7 @@ class TcpConnection(SegmentArrives):
         """
         # Header prediction (RFC 9293 §3.10 note; Van Jacobson). One unpack of the tuple
         # and locals instead of repeated attribute lookups: this is the per-segment cost.
-        (_sp, _dp, seq, ack, flags, window, payload, _urg, _mss, _ws, _sp2, ts, sack) = seg
+        (_sp, _dp, seq, ack, flags, window, payload, _urg, _mss, _ws, _sp2, ts, sack, ecn) = seg
         rcv = self._rcv
         rcv.last_rx = now
         rcv_nxt = rcv.nxt
@@ -334,6 +353,7 @@ class TcpConnection(SegmentArrives):
             and seq == (rcv.irs + rcv_nxt) & MASK
             and not sack  # SACK information goes to the scoreboard (slow path)
             and not rcv.gap  # nothing (bytes or a FIN) held beyond RCV.NXT
+            and ecn != 3  # a CE mark is the slow path's (RFC 3168 §6.1.3, stack/arrives.py)
         ):
             if rcv.ts_on:
                 if ts is None:
@@ -380,7 +400,7 @@ class TcpConnection(SegmentArrives):
                 snd.new_ack(una + d, d, ts, now, window << snd.wscale, rcv_nxt)
                 return
         elif (rcv.gap and payload and not sack and (flags == ACK or flags == _ACK_PSH)
-              and self._state is _ESTABLISHED):
+              and self._state is _ESTABLISHED and ecn != 3):
             snd = self._snd  # the run above a hole: no new ACK, same window (Receiver)
             if (ack == (snd.iss + snd.una) & MASK and window << snd.wscale == snd.wnd
                     and rcv.ooo_tail(seq, payload, ts)):
@@ -466,4 +486,5 @@ class TcpConnection(SegmentArrives):
             "in_flight": snd.nxt - snd.una, "out_of_order": rcv.ooo.nbytes,
             "rcv_buff": rcv.cap, "snd_buff": snd.buf.capacity, "tlp": snd.tlp_probes,
             "drops": dict(self.drops), "soft_error": self._soft_error,
+            "ecn": snd.ecn, "ce_marks": rcv.ce_marks, "ecn_cuts": snd.ecn_cuts,
         }

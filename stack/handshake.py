@@ -12,6 +12,13 @@ Rules:
 - SYN-SENT (§3.10.7.3): an unacceptable ACK gets a RST (unless it is one); an RST counts
   only when it acknowledges our SYN (RFC 5961 §3) and reports "refused"; a SYN-ACK
   establishes; a bare SYN is a simultaneous open (MUST-10) to SYN-RECEIVED.
+- ECN (RFC 3168 §6.1.1): with TcpConfig.ecn, a SYN carrying both ECE and CWR (an
+  ECN-setup SYN) makes a passive open ECN-capable (its SYN-ACK carries ECE alone); an
+  active open asked with ECE and CWR, and is ECN-capable only if the SYN-ACK has ECE and
+  not CWR (an ECN-setup SYN-ACK; a SYN-ACK with both is a reflecting middlebox's and is
+  not one); once our SYN was resent without ECN (§6.1.1.1, stack/send.py) an ECE in the
+  SYN-ACK no longer counts. A simultaneous open (MUST-10) is not ECN-capable. Otherwise
+  neither end sets ECT, as in a non-ECN connection (stack/send.py).
 - Establishing (the ACK of our SYN, in SYN-SENT or SYN-RECEIVED) takes an RTT sample
   unless the SYN was resent (Karn, MUST-18), and RFC 6298 §5.7 after SYN timeouts.
 - RST in SYN-RECEIVED of a passive open returns to LISTEN (MUST-11): the TCB forgets what
@@ -31,7 +38,7 @@ from stack.send import Sender
 from stack.seq import MASK, isn_rfc6528
 from stack.state import Ev
 from stack.tcp_config import TcpConfig
-from stack.wire.tcp import ACK, RST, SYN, TcpSegment
+from stack.wire.tcp import ACK, CWR, ECE, RST, SYN, TcpSegment
 
 __all__ = ["Handshake", "reset_reply", "Endpoint"]
 
@@ -145,6 +152,7 @@ class Handshake:
             snd.max_wnd = snd.wnd
             return Ev.RCV_SYN_ACK
         # MUST-10: simultaneous open; answer <SEQ=ISS><ACK=RCV.NXT><CTL=SYN,ACK>.
+        snd.ecn = self.rcv.ecn = False  # RFC 3168 §6.1.1 defines no ECN setup for it
         snd.wnd = seg.window
         snd.max_wnd = seg.window
         snd.nxt = 0
@@ -166,6 +174,9 @@ class Handshake:
             rcv.ts_recent = seg.ts[0]
             rcv.ts_recent_at = now
         snd.sack_on = rcv.sack_on = cfg.sack and seg.sack_perm
+        # RFC 3168 §6.1.1: a SYN asks with ECE|CWR, the SYN-ACK answers with ECE alone.
+        e = seg.flags & (ECE | CWR | ACK)
+        snd.ecn = rcv.ecn = snd.ecn_ask and (e == ECE | CWR or e == ECE | ACK)
         rcv.ws_on = cfg.window_scaling and seg.wscale is not None
         if rcv.ws_on and seg.wscale is not None:
             snd.wscale = min(seg.wscale, 14)  # RFC 7323 §2.3
@@ -216,4 +227,5 @@ class Handshake:
         snd.una = snd.nxt = snd.max = 0
         snd.rto_at = None
         snd.retries = 0
+        snd.ecn = self.rcv.ecn = self.rcv.ece = False
         self.rcv.ts_recent = None

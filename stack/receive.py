@@ -43,6 +43,12 @@ Rules:
 - Urgent data (RFC 9293 §3.8.5, MUST-30..33): RCV.UP (`up`, a stream offset) only moves
   forward; each advance queues UrgentData(end) before the bytes (MUST-32); the bytes stay
   inline. `urgent_remaining` counts those the application has not read (MUST-33).
+- ECN receiver (RFC 3168 §6.1.3), when negotiated (`ecn`): a CE-marked data segment
+  (or window probe, §6.1.6) inside the window (§6.1.5: marks outside it are ignored) sets
+  `ece`, and from then on every ACK we send carries ECE, until a segment with CWR
+  arrives; CWR is taken before the same segment's CE mark, so a CE on the CWR segment
+  starts a new echo (`ecn_input`). The first mark of an echo is ACKed at once, so the
+  sender hears of it within an RTT (as Linux's quick ACK on CE). `ce_marks` counts marks.
 - The application side: in-order bytes wait in `rx` until `read` or the DataReceived event
   takes them (joined: one copy); without `auto_consume`, bytes taken count as held until
   `consumed(n)` frees window. A chunk is copied on receipt so that the caller may reuse its
@@ -105,7 +111,7 @@ class Receiver:
         "delay", "unacked", "big", "last_ack_sent", "dsack", "ts_on", "sack_on", "ws_on",
         "ts_recent", "ts_recent_at", "bytes_in", "last_rx", "chal_limit", "chal_start",
         "chal_count", "oow_gap", "oow_at", "events", "drops", "cap_max", "space_at",
-        "space_mark", "ooo_auto", "rtt_est",
+        "space_mark", "ooo_auto", "rtt_est", "ecn", "ece", "ce_marks",
     )
 
     def __init__(
@@ -156,11 +162,25 @@ class Receiver:
         self.space_mark = 0  # bytes_in at its start
         self.ooo_auto = not cfg.reassembly_cap  # the reassembly cap follows RCV.BUFF
         self.rtt_est: RtoEstimator | None = None
+        self.ecn = False  # ECN negotiated (RFC 3168 §6.1.1, stack/handshake.py)
+        self.ece = False  # an ECN-Echo is owed: ECE on every ACK until CWR (§6.1.3)
+        self.ce_marks = 0  # CE-marked segments received on an ECN connection
 
     # ------------------------------------------------------------------ input
 
     def _drop(self, reason: str) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
+
+    def ecn_input(self, flags: int, ecn: int, text: bool) -> None:
+        """An acceptable segment of an ECN connection (RFC 3168 §6.1.3): its CWR ends the
+        echo, then a CE mark on its data (`text`: inside the window, §6.1.5) starts one."""
+        if flags & 0x80:  # CWR
+            self.ece = False
+        if ecn == 3 and text:  # CE
+            self.ce_marks += 1
+            if not self.ece:
+                self.ece = True
+                self.ack_now = True  # the sender hears of it within an RTT
 
     def paws_rejects(self, ts: tuple[int, int] | None, now: float, seg_len: int = 0) -> bool:
         """RFC 7323 §3.2 / §5.3 for a non-RST segment of `seg_len`: True when it must be

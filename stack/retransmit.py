@@ -23,6 +23,11 @@ Rules:
 - Persist timer (RFC 9293 §3.8.6.1, MUST-35/36): nothing can be sent and nothing is in
   flight with a zero (or too small) window: probe after max(RTO, 200 ms), backing off.
 - RFC 1191 §6.3 / RFC 8201 §5.2 (`path_mtu`): a smaller MSS resends what is in flight.
+- RFC 3168 §6.1.2 (`ecn_echo`): an acceptable ACK with ECE on an ECN connection reduces
+  cwnd as a loss does (stack/congestion.py `on_ecn`: no retransmission, no recovery), at
+  most once per window of data: not again until SND.UNA passed `ecn_high`, SND.MAX at
+  the reduction; during loss recovery, which already reduced, only CWR is owed. Either
+  way the next new data segment carries CWR (`cwr_pending`), so the peer stops echoing.
 
 Theory of operation: `Retransmitter` is the base class of stack/send.py's `Sender`: the
 methods here run when something went wrong (a timer fired, the peer reported a hole, the
@@ -93,6 +98,10 @@ class Retransmitter:
     tlp_probes: int
     tlp_at: float
     frto: int | None
+    ecn: bool
+    ecn_high: int
+    cwr_pending: bool
+    ecn_cuts: int
 
     if TYPE_CHECKING:  # the Sender's own methods (stack/send.py)
         def segment(self, pos: int, flags: int, payload: bytes | memoryview, af: AckFields
@@ -390,3 +399,18 @@ class Retransmitter:
         if self.nxt > self.una and not syn_sent:
             self.nxt = self.una  # retransmit with the smaller size
             self.rtt_abs = None
+
+    def ecn_echo(self) -> None:
+        """An acceptable ACK carried ECE (RFC 3168 §6.1.2): reduce cwnd as for a loss, once
+        per window of data (not until SND.UNA passed `ecn_high`, the SND.MAX of the last
+        reduction), and set CWR on the next new data segment. Loss recovery already
+        reduced for this window: only the CWR then, so that the peer stops echoing."""
+        if not self.ecn or self.una <= self.ecn_high:
+            return
+        self.ecn_high = self.max
+        self.cwr_pending = True
+        cc = self.cc
+        if cc.in_recovery:
+            return
+        cc.on_ecn(self.max - self.una)
+        self.ecn_cuts += 1

@@ -42,6 +42,12 @@ Rules:
   data the buffer may grow to twice min(cwnd, the largest window offered).
 - `tx_max_segment` lets one output segment carry several SMSS (a TSO/GSO super-segment
   for a TUN); its size is a whole number of SMSS, so the kernel cuts wire-sized pieces.
+- ECN (RFC 3168), if negotiated (`ecn`, stack/handshake.py; `ecn_ask`: TcpConfig.ecn): our
+  SYN asks with ECE and CWR (a resent one no longer, §6.1.1.1), our SYN-ACK accepts with ECE
+  alone, neither ECT (§6.1.1). New data carries ECT(0) (`TcpSegment.ecn`); resent data
+  (§6.1.5), window probes (§6.1.6), pure ACKs and keep-alives (§6.1.4) never do. Every
+  segment has ECE while the Receiver owes an echo (§6.1.3); the first new data segment
+  after a reduction for ECE has CWR (§6.1.2; the response to ECE: retransmit.py `ecn_echo`).
 
 Theory of operation: a Sender is owned by one TcpConnection (stack/connection.py), with
 parts of its own passed in at construction: a CongestionControl (stack/congestion.py), a
@@ -66,7 +72,7 @@ from stack.retransmit import AckFields, Retransmitter
 from stack.seq import HALF, MASK, ts_clock
 from stack.state import State
 from stack.tcp_config import TcpConfig
-from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, URG, TcpSegment
+from stack.wire.tcp import ACK, CWR, ECE, ECT0, FIN, PSH, RST, SYN, URG, TcpSegment
 
 __all__ = ["Sender", "AckFields", "AckResult"]
 
@@ -107,7 +113,7 @@ class Sender(Retransmitter):
         "max_retries", "syn_retries", "retransmissions", "bytes_out", "ka_pending",
         "syn_opts", "rcv", "cc", "board", "rto", "rack", "rack_on", "early_at", "reo_at",
         "pto_at", "tlp_end", "tlp_retx", "tlp_pending", "tlp_probes", "tlp_at", "sndbuf_max",
-        "frto",
+        "frto", "ecn", "ecn_ask", "cwr_pending", "ecn_high", "ecn_cuts",
     )
 
     def __init__(
@@ -170,6 +176,11 @@ class Sender(Retransmitter):
         self.tlp_probes = 0  # tail loss probes sent
         self.tlp_at = 0.0  # when the last one was sent
         self.frto: int | None = None  # F-RTO (RFC 5682) waits for its second ACK: pipe_prev
+        self.ecn = False  # ECN negotiated (RFC 3168 §6.1.1, stack/handshake.py)
+        self.ecn_ask = cfg.ecn  # ask for it in our SYN / accept a peer's request
+        self.cwr_pending = False  # set CWR on the next new data segment (§6.1.2)
+        self.ecn_high = 0  # SND.MAX at the last ECE reduction: once per window (§6.1.2)
+        self.ecn_cuts = 0  # cwnd reductions for an ECN-Echo
         self.rack = Rack()  # RFC 8985, used while SACK is on (`rack_on`)
         self.rack_on = cfg.rack
         cc.rack = cfg.rack
@@ -247,7 +258,7 @@ class Sender(Retransmitter):
         rcv = self.rcv
         return TcpSegment(
             self.lport, self.rport, (self.iss + self.nxt) & MASK,
-            (rcv.irs + rcv.nxt) & MASK, ACK, rcv.window_field(), b"", 0,
+            (rcv.irs + rcv.nxt) & MASK, ACK | ECE if rcv.ece else ACK, rcv.window_field(), b"", 0,
             None, None, False,
             ((int(now * 1000) + self.ts_off) & MASK, rcv.ts_recent or 0)
             if rcv.ts_on else None,  # ts_clock inlined
@@ -263,6 +274,7 @@ class Sender(Retransmitter):
         if self.max:
             self.retransmissions += 1
             self.rtt_abs = None  # Karn
+            self.ecn_ask = self.ecn_ask and synack  # RFC 3168 §6.1.1.1: SYN again without ECN
         else:
             self.rtt_abs = 1
             self.rtt_at = now
@@ -273,14 +285,16 @@ class Sender(Retransmitter):
             self.rto_at = now + self.rto.rto
         win, wscale, sack, ts = self.syn_opts
         rcv.adv = max(rcv.adv, 1 + win)
-        if synack:
+        if synack:  # RFC 3168 §6.1.1: an ECN-setup SYN-ACK has ECE and not CWR
             return TcpSegment(
-                self.lport, self.rport, self.iss, (rcv.irs + 1) & MASK, SYN | ACK, win, b"",
+                self.lport, self.rport, self.iss, (rcv.irs + 1) & MASK,
+                SYN | ACK | ECE if self.ecn else SYN | ACK, win, b"",
                 0, rcv.mss, rcv.wscale if rcv.ws_on else None, rcv.sack_on,
                 (ts_clock(now, self.ts_off), rcv.ts_recent or 0) if rcv.ts_on else None,
             )
-        return TcpSegment(
-            self.lport, self.rport, self.iss, 0, SYN, win, b"", 0, rcv.mss, wscale, sack,
+        return TcpSegment(  # RFC 3168 §6.1.1: an ECN-setup SYN has ECE and CWR
+            self.lport, self.rport, self.iss, 0, SYN | ECE | CWR if self.ecn_ask else SYN, win,
+            b"", 0, rcv.mss, wscale, sack,
             (ts_clock(now, self.ts_off), 0) if ts else None,
         )
 
@@ -296,6 +310,8 @@ class Sender(Retransmitter):
                 urg = 0xFFFF  # further than 16 bits reach: "urgent data follows"
         else:
             urg = 0
+        if self.rcv.ece:
+            flags |= ECE  # RFC 3168 §6.1.3: every segment until the peer's CWR
         ack, win, ts, sack = af
         return TcpSegment(
             self.lport, self.rport, (self.iss + pos) & MASK, ack, flags, win,
@@ -338,6 +354,9 @@ class Sender(Retransmitter):
         up = self.up
         board = self.board
         rack = self.rack if self.sack_on and self.rack_on else None
+        # RFC 3168: ECT(0) on new data (§6.1.1, §6.1.5), ECE while owed (§6.1.3), CWR (§6.1.2)
+        ect = ECT0 if self.ecn else 0
+        ece = ECE if self.rcv.ece else 0
         # Going back after an RTO with SACK information kept: skip what was SACKed.
         sacked_top = self.max if board.sacked and self.nxt < self.max else 0
         while True:
@@ -378,17 +397,21 @@ class Sender(Retransmitter):
                 elif self.nagle and nxt > self.una and fin_abs is None and not hole:
                     return  # Nagle: wait for the outstanding data to be acknowledged
             payload = buf.peek(off, n)
-            flags = _ACK_PSH if n == avail else ACK
+            flags = _ACK_PSH | ece if n == avail else ACK | ece
             if fin_abs is not None and off + n == buf.end:
                 flags |= FIN
                 n1 = n + 1
             else:
                 n1 = n
+            e = ect if nxt >= self.max else 0  # RFC 3168 §6.1.5: no ECT on a resend
+            if e and self.cwr_pending:
+                self.cwr_pending = False
+                flags |= CWR  # RFC 3168 §6.1.2: the first new data after the reduction
             if up > nxt:
-                out.append(self.segment(nxt, flags, payload, af))
+                out.append(self.segment(nxt, flags, payload, af)._replace(ecn=e))
             else:  # segment() inlined for the common case (no urgent data)
                 out.append(TcpSegment(lport, rport, (iss + nxt) & MASK, ack, flags, win,
-                                      payload, 0, None, None, False, ts, sack))
+                                      payload, 0, None, None, False, ts, sack, e))
             new_nxt = nxt + n1
             if nxt < self.max or (self.rtt_abs is None and not self.ts_on):
                 self.advance(new_nxt, now)

@@ -25,6 +25,9 @@ Rules (the defaults and the RFC clause each one honours):
   and the windows still apply).
 - `window_scaling`, `timestamps` (RFC 7323), `sack` (RFC 2018): offered in our SYN and
   used only when the peer offers them too.
+- `ecn` (RFC 3168 §6.1.1, off by default): an
+  active open asks for ECN (SYN with ECE and CWR), a passive one accepts a peer's request
+  (SYN-ACK with ECE); ECN is used only if both did. Off: neither asked nor accepted.
 - `challenge_ack_limit` per second (RFC 5961 §7 rate limit); `invalid_ack_interval`: at
   most one ACK per interval answers an empty unacceptable segment or an ACK of unsent
   data (RFC 5961 §7; Linux tcp_invalid_ratelimit, 500 ms).
@@ -72,6 +75,7 @@ class TcpConfig:
     window_scaling: bool = True
     timestamps: bool = True
     sack: bool = True
+    ecn: bool = False
     nagle: bool = True
     delayed_ack: float = 0.04
     msl: float = 120.0

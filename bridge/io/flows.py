@@ -68,7 +68,9 @@ def _leg(info: dict[str, Any] | None) -> str:
     srtt_s = f"{srtt * 1000:.1f}ms" if isinstance(srtt, float) and srtt else "-"
     return (f"{info.get('state', '?')} srtt={srtt_s} rto={info.get('rto', 0):.2f}s"
             f" cwnd={info.get('cwnd', 0)} retx={info.get('retransmissions', 0)}"
-            f" in={info.get('bytes_in', 0)} out={info.get('bytes_out', 0)}")
+            f" in={info.get('bytes_in', 0)} out={info.get('bytes_out', 0)}"
+            + (f" ecn ce={info.get('ce_marks', 0)} cuts={info.get('ecn_cuts', 0)}"
+               if info.get("ecn") else ""))
 
 
 def format_flows(answer: dict[str, Any]) -> str:

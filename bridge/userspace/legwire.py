@@ -6,6 +6,12 @@ Rules:
   TTL 64, identification counting up per packet, header checksum over the constant words
   cached per address pair, RFC 1071 §2) or an IPv6 header (RFC 8200 §3, hop limit 64, flow
   label 0). `packet()` carries a complete TCP checksum (RFC 9293 §3.1, MUST-2).
+- ECN (RFC 3168 §5): the IP ECN field is the segment's `ecn` (stack/wire/tcp.py: ECT(0)
+  on the new data of a leg that negotiated ECN, else Not-ECT): the IPv4 TOS byte's low
+  two bits (the header checksum adds it to the cached sum), the IPv6 traffic class's.
+  Coming in, the field goes to the leg with the segment (`ecn_of`); `merge_run` gives a
+  merged run CE if any of its packets was CE-marked (RFC 3168 §5: a mark is never lost;
+  what Linux GRO does by not merging across a TOS change, for the same effect).
 - `frame()` is for a TUN opened with IFF_VNET_HDR and TUN_F_CSUM|TSO4|TSO6: a `TunFrame`
   (virtio 1.x §5.1.6 header + packet) with VIRTIO_NET_HDR_F_NEEDS_CSUM (csum_start at the
   TCP header, csum_offset 16, the field holding the pseudo-header sum; the kernel completes
@@ -42,11 +48,12 @@ Rules:
   looked at, so the normal path pays nothing; a damaged segment matches the pattern with
   odds of 1 in 65,535 (the field is compared with the pseudo-header sum).
 
-Theory of operation: one `LegFramer` per Terminator holds the identification counter and
-the per-address header sums; `packet`/`frame` prepend the IP header to `emit_tcp_parts`'s
-output with one join. `merge_run` joins payloads once (the leg copies what it keeps).
-`quoted_leg` parses an ICMP error once (stack/wire/icmp.py) and returns the quoted segment's
-flow key, kind, code, MTU and quoted sequence number for the server leg (RFC 5927 §4.1 there).
+Theory of operation: one `LegFramer` per Terminator holds the identification counter and the
+per-address header sums; `packet`/`frame` prepend the IP header (its ECN field the segment's
+`ecn`) to `emit_tcp_parts`'s output with one join. `merge_run` joins payloads once (the leg
+copies what it keeps). `quoted_leg` parses an ICMP error once (stack/wire/icmp.py) and
+returns the quoted segment's flow key, kind, code, MTU and quoted sequence number for the
+server leg (RFC 5927 §4.1 there).
 """
 
 from __future__ import annotations
@@ -73,7 +80,8 @@ from stack.wire.prelude import V4_DST_AT, V4_SRC_AT, V6_DST_AT, V6_SRC_AT
 from stack.wire.tcp import ACK, PSH, TcpSegment, emit_tcp_parts
 from stack.wire.vnet import F_NEEDS_CSUM, GSO_ECN, GSO_TCPV4, GSO_TCPV6, VNET
 
-__all__ = ["LegFramer", "merge_run", "run_part", "completed_partial", "TSO_MAX_SEGMENT"]
+__all__ = ["LegFramer", "merge_run", "run_part", "completed_partial", "ecn_of",
+           "TSO_MAX_SEGMENT"]
 
 _LEN_ID = struct.Struct("!HH")
 _U32 = struct.Struct("!I")
@@ -88,6 +96,12 @@ _CWR = 0x80
 TSO_MAX_SEGMENT = 65535 - 20 - 60
 
 
+def ecn_of(pkt: bytes | bytearray | memoryview) -> int:
+    """The ECN field (RFC 3168 §5) of an IPv4 or IPv6 packet: TOS or traffic class & 3."""
+    b = pkt[1]
+    return (b >> 4 if pkt[0] >> 4 == 6 else b) & 3
+
+
 class LegFramer:
     """IP headers for the legs' segments (IPv4 identification counter, header sum cache)."""
 
@@ -97,25 +111,28 @@ class LegFramer:
         self.ident = 0
         self._v4sum: dict[tuple[bytes, bytes], int] = {}
 
-    def ip4(self, src: bytes, dst: bytes, tl: int, ident: int) -> bytes:
-        """IPv4 header (RFC 791 §3.1, no options, DF, TTL 64) for a TCP payload of `tl`."""
+    def ip4(self, src: bytes, dst: bytes, tl: int, ident: int, ecn: int = 0) -> bytes:
+        """IPv4 header (RFC 791 §3.1, no options, DF, TTL 64, the TOS byte's ECN field
+        `ecn`, RFC 3168 §5) for a TCP payload of `tl`."""
         base = self._v4sum.get((src, dst))
         if base is None:  # the sum of the header words that never change (RFC 1071 §2)
             if len(self._v4sum) > 4096:
                 self._v4sum.clear()
             base = self._v4sum[(src, dst)] = partial(
                 IPV4_HEADER.pack(0x45, 0, 0, 0, DF, 64, PROTO_TCP, 0, src, dst))
-        csum = checksum(_LEN_ID.pack(20 + tl, ident), base)
-        return IPV4_HEADER.pack(0x45, 0, 20 + tl, ident, DF, 64, PROTO_TCP, csum, src, dst)
+        csum = checksum(_LEN_ID.pack(20 + tl, ident), base + ecn)
+        return IPV4_HEADER.pack(0x45, ecn, 20 + tl, ident, DF, 64, PROTO_TCP, csum, src, dst)
 
     def packet(self, src: bytes, dst: bytes, seg: TcpSegment) -> bytes:
         """IP header (stack/wire/ip.py layout) + TCP header + payload."""
         hdr, payload = emit_tcp_parts(seg, src, dst)
         tl = len(hdr) + len(payload)
+        ecn = seg.ecn
         if len(src) == 4:
             ident = self.ident = (self.ident + 1) & 0xFFFF
-            return b"".join((self.ip4(src, dst, tl, ident), hdr, payload))
-        return b"".join((IPV6_HEADER.pack(_V6_FIRST, tl, PROTO_TCP, 64, src, dst), hdr, payload))
+            return b"".join((self.ip4(src, dst, tl, ident, ecn), hdr, payload))
+        return b"".join((IPV6_HEADER.pack(_V6_FIRST | ecn << 20, tl, PROTO_TCP, 64, src, dst),
+                         hdr, payload))
 
     def frame(self, src: bytes, dst: bytes, seg: TcpSegment, mss: int) -> TunFrame:
         """A segment as a vnet TUN write: NEEDS_CSUM, and GSO when it carries more than one
@@ -124,15 +141,16 @@ class LegFramer:
         hl = len(hdr)
         pl = len(payload)
         tl = hl + pl
+        ecn = seg.ecn  # GSO copies the IP header, ECN field included, to every segment
         if len(src) == 4:
             ihl = 20
             ident = (self.ident + 1) & 0xFFFF
-            ip = self.ip4(src, dst, tl, ident)
+            ip = self.ip4(src, dst, tl, ident, ecn)
             gso = GSO_TCPV4
         else:
             ihl = 40
             ident = 0
-            ip = IPV6_HEADER.pack(_V6_FIRST, tl, PROTO_TCP, 64, src, dst)
+            ip = IPV6_HEADER.pack(_V6_FIRST | ecn << 20, tl, PROTO_TCP, 64, src, dst)
             gso = GSO_TCPV6
         if pl > mss:
             nseg = -(-pl // mss)
@@ -164,11 +182,15 @@ def merge_run(run: list[bytes | bytearray], off: int, src: bytes, dst: bytes) ->
     if total % 0xFFFF:
         return None
     flags = ACK
+    ce = 0
     for p in run:
         flags |= p[off + 13] & PSH
+        ce |= p[1] & (p[1] >> 1)  # bit 0 (IPv4 TOS) or 4 (IPv6 class): an ECN field of CE
     sport, dport, seq, ack, _o, _f, window, _c, urg = _TCP_HDR.unpack_from(first, off)
     ts = _TS.unpack_from(first, off + 24) if hl == 32 else None
-    return TcpSegment(sport, dport, seq, ack, flags, window, pay, urg, ts=ts)
+    ecn = 3 if ce & (0x10 if off == 40 else 0x01) else ecn_of(first)  # CE if any was
+    return TcpSegment(sport, dport, seq, ack, flags, window, pay, urg, None, None, False, ts,
+                      (), ecn)
 
 
 def run_part(pkt: bytes | bytearray | memoryview, n: int, off: int, flags: int

@@ -77,8 +77,13 @@ Rules of this module (pure, sans-I/O: segments and `now` in, segments and deadli
 - Memory budget (the Terminator's `memory_budget`): `allow` bounds the receive window this
   flow may reopen now (None: no bound); what it may not is owed and given back later, so
   back-pressure reaches the peers as a closing window, never as a failure.
-- ECN (RFC 3168 §6.1.1): neither leg offers it (no ECE/CWR in the SYNs), so both ends run
-  non-ECN connections and no router marks their packets CE: there is no mark to mirror.
+- ECN (RFC 3168 §6.1.1) mirrors the endpoints: the client leg's config accepts an ECN-setup
+  SYN, so it is ECN-capable exactly when the client asked; the server leg's config asks the
+  server only when the client did (the Terminator's `configs_for`). Connect first, the
+  client leg is made after the server answered and accepts ECN only if the server leg got
+  it, so the client sees what the server said. ECN is per path: each leg marks its own new
+  data ECT(0), echoes the CE marks its path made and reduces its own window on an echo
+  (stack/send.py); no mark crosses the splice (the bytes are re-sent, not forwarded).
 - Never raises on account of either peer: bad segments are the legs' business (dropped and
   counted there). Only misuse of this API raises (LocalProtocolError from the stack).
 
@@ -95,6 +100,7 @@ owner (bridge/userspace/terminator.py) forgets the splice.
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import replace
 from typing import Any
 
 from bridge.flows import FlowKey, InspectRule
@@ -230,9 +236,12 @@ class Splice:
     def _accept_client(self, now: float, iss: int | None) -> None:
         """Open the client leg on the kept SYN: at once (accept first, its own ISS or the
         cookie's), or once the server leg is up (connect first: the server's ISN)."""
+        cfg = self._client_cfg
         if self.connect_first:
             iss = (self.server.rcv_nxt_seq - 1) & MASK
-        conn = TcpConnection(self._server_addr, self._client_addr, self._client_cfg, iss=iss)
+            if cfg.ecn and not self.server.ecn:  # the server said no: so do we (§6.1.1)
+                cfg = replace(cfg, ecn=False)
+        conn = TcpConnection(self._server_addr, self._client_addr, cfg, iss=iss)
         conn.listen()
         conn.receive_segment(self.syn, now)
         self.client = conn
@@ -560,5 +569,5 @@ class Splice:
         rec = self.life.info(now, self.created, self.last_seen)
         rec["held"] = self.held_bytes()
         rec["client_leg"] = self.client.info() if self.client is not None else None
-        rec["server_leg"] = self.server.info()
+        rec["server_leg"] = self.server.info()  # each with "ecn", "ce_marks", "ecn_cuts"
         return rec

@@ -54,6 +54,13 @@ Rules of this module (pure, sans-I/O: inner IP packets and `now` in, packets and
   instead of RFC 6298 §2.4's 1 s floor on the sum: both legs face real stacks a few ms away,
   a 1 s floor turns every tail loss into a stall, and a 0.2 s floor on the sum races the
   peers' 200 ms delayed ACKs (stack/loss.py).
+- ECN (RFC 3168 §6.1.1) mirrors the client: the client leg accepts an ECN-setup SYN (its
+  SYN-ACK then has ECE) and the server leg asks the server for ECN only if the client's
+  SYN did (`configs_for(..., ecn=)`). A SYN answered with a cookie is not ECN on either leg
+  (the cookie does not remember the request). Each leg that negotiated it marks its new
+  data ECT(0), echoes CE marks and halves its window on an echo (stack/send.py), on its
+  own path; `status()` counts the legs with ECN, the CE marks they received and their
+  reductions (summed over live splices and those forgotten).
 - Nagle off on both legs (TCP_NODELAY, RFC 9293 §3.7.4 MUST-17 lets the application disable
   it): each leg sends as soon as the other side's bytes arrive, so the splice adds no Nagle
   wait behind a peer's delayed ACK; whoever sent the bytes already chose how to segment them.
@@ -105,7 +112,7 @@ from bridge.flows import (
 from bridge.inspect.api import CloseReason
 from bridge.inspect.manager import InspectorManager
 from bridge.userspace.bounds import Admission, Admit, Deadlines, MemoryBudget
-from bridge.userspace.legwire import TSO_MAX_SEGMENT, LegFramer
+from bridge.userspace.legwire import TSO_MAX_SEGMENT, LegFramer, ecn_of
 from bridge.userspace.splice import Splice
 from bridge.userspace.tunnel import TunnelSide
 from bridge.userspace.warm import WarmCycle
@@ -114,7 +121,7 @@ from stack.events import IcmpKind
 from stack.seq import MASK
 from stack.tcp_config import TcpConfig
 from stack.wire.prelude import tcp_key
-from stack.wire.tcp import ACK, RST, SYN, TcpSegment, parse_tcp
+from stack.wire.tcp import ACK, CWR, ECE, RST, SYN, TcpSegment, parse_tcp
 from stack.wire.vnet import F_DATA_VALID, F_NEEDS_CSUM
 
 __all__ = ["Terminator", "SendToPeer", "TSO_MAX_SEGMENT"]
@@ -159,7 +166,8 @@ class Terminator(TunnelSide):
         self.counters: dict[str, int] = {"splices": 0, "to_client": 0, "to_server": 0,
                                          "from_client": 0, "from_server": 0, "refused_rst": 0,
                                          "server_runs": 0, "idle_aborts": 0,
-                                         "checksum_completed": 0}
+                                         "checksum_completed": 0, "ecn_legs": 0,
+                                         "ce_marks": 0, "ecn_cuts": 0}
         self.ended: dict[str, int] = {}
         framer = LegFramer()
         self.packet = framer.packet  # IP framing of the legs' segments (legwire.py)
@@ -170,7 +178,8 @@ class Terminator(TunnelSide):
         self._idle = Deadlines()  # each splice's idle check (re-armed from last_seen)
         self._done: set[FlowKey] = set()
         self.budget = MemoryBudget(lim.memory_budget)  # bytes all splices hold (bounds.py)
-        self._configs: dict[tuple[int, int, int, int, str], tuple[TcpConfig, TcpConfig]] = {}
+        self._configs: dict[tuple[int, int, int, int, str],
+                            tuple[TcpConfig, TcpConfig, TcpConfig]] = {}
         self.tun_offload = False
         self._warm: dict[int, WarmCycle] = {}  # lane -> shadow (bridge/userspace/warm.py)
         self._last_new = float("-inf")  # when the last splice was opened (warm)
@@ -259,7 +268,8 @@ class Terminator(TunnelSide):
         splice = self.splices.get(key)
         if splice is None or flags & (SYN | RST):
             return False
-        seg = parse_tcp(pkt[off:n], key[1], key[2], drops=self.drops, verify_checksum=False)
+        seg = parse_tcp(pkt[off:n], key[1], key[2], drops=self.drops, verify_checksum=False,
+                        ecn=ecn_of(pkt))  # RFC 3168 §5
         if seg is None:
             return True
         g = sp.gso_size
@@ -274,9 +284,12 @@ class Terminator(TunnelSide):
         if rst is not None:
             self._pending_rst.append((key, rst))
 
-    def configs_for(self, key: FlowKey, rule: InspectRule | None) -> tuple[TcpConfig, TcpConfig]:
+    def configs_for(self, key: FlowKey, rule: InspectRule | None, ecn: bool = False
+                    ) -> tuple[TcpConfig, TcpConfig]:
         """(client leg, server leg) TCP settings of a new splice on `key` under `rule`
-        (MSS from the tunnel and TUN MTUs, buffers from the rule), cached per shape."""
+        (MSS from the tunnel and TUN MTUs, buffers from the rule), cached per shape. The
+        client leg accepts ECN when asked; the server leg asks for it when `ecn` (the
+        client's SYN did, RFC 3168 §6.1.1)."""
         v6 = key[0] == 6
         hdr = 60 if v6 else 40
         server_mss = max(self.mtu_for(key[2]) - hdr, 88)
@@ -295,11 +308,12 @@ class Terminator(TunnelSide):
                                           rto_min=self.rto_min, rto_var_min=self.rto_min,
                                           nagle=False, keepalive=True, congestion=cc,
                                           recv_buffer_max=rmax, send_buffer_max=max(buf, 1))
+            server = TcpConfig(mss=server_mss, syn_retries=self.syn_retries, **common)
             cached = (TcpConfig(mss=client_mss, tx_max_segment=self.tx_max_segment,
-                                syn_retries=self.limits.synack_retries, **common),
-                      TcpConfig(mss=server_mss, syn_retries=self.syn_retries, **common))
+                                syn_retries=self.limits.synack_retries, ecn=True, **common),
+                      server, replace(server, ecn=True))
             self._configs[ck] = cached
-        return cached
+        return cached[0], cached[2] if ecn else cached[1]
 
     def _new_splice(self, key: FlowKey, syn: TcpSegment, now: float) -> None:
         """A SYN: a stateful splice, a SYN cookie, or the closed port's RST (admission.py)."""
@@ -319,8 +333,10 @@ class Terminator(TunnelSide):
             if rst is not None:
                 self._pending_rst.append((key, rst))
             return
-        self._register(Splice(key, syn, rule, self._chain(rule), *self.configs_for(key, rule),
-                              now, connect_first=rule is not None and rule.connect_first), now)
+        asks = syn.flags & (ECE | CWR) == ECE | CWR  # an ECN-setup SYN (RFC 3168 §6.1.1)
+        self._register(Splice(key, syn, rule, self._chain(rule),
+                              *self.configs_for(key, rule, asks), now,
+                              connect_first=rule is not None and rule.connect_first), now)
         self.splices[key].open(now)
         self.admission.opened(key)
 
@@ -447,6 +463,7 @@ class Terminator(TunnelSide):
             if left:
                 self._clients[sp.key[1]] = left
             self.touched.pop(sp.key, None)
+            self._count_ecn(sp, self.counters)
             reason = sp.flow.close_reason.value if sp.flow.close_reason else "closed"
             self.ended[reason] = self.ended.get(reason, 0) + 1
 
@@ -530,16 +547,29 @@ class Terminator(TunnelSide):
             w = self._warm[lane] = WarmCycle(self)
         w.step(now)
 
+    @staticmethod
+    def _count_ecn(sp: Splice, into: dict[str, int]) -> None:
+        """Add `sp`'s legs' ECN numbers (RFC 3168) to `into`: legs that negotiated it, CE
+        marks they received, window reductions for an echo."""
+        for leg in (sp.client, sp.server):
+            if leg is not None and leg.ecn:
+                into["ecn_legs"] += 1
+                into["ce_marks"] += leg.ce_marks
+                into["ecn_cuts"] += leg.ecn_cuts
+
     def flows(self, now: float) -> list[dict[str, Any]]:
         """One JSON-able record per live splice, for `grebe flows`."""
         return [sp.info(now) for sp in self.splices.values()]
 
     def status(self) -> dict[str, Any]:
         """Counters of the backend, the flow table and the inspector chains."""
+        counters = {**self.counters, "memory_pressure": self.budget.events}
+        for sp in self.splices.values():  # ECN numbers of the live legs (forget adds the rest)
+            self._count_ecn(sp, counters)
         return {"live": len(self.splices), "half_open": self.admission.half_open,
                 "memory": self.budget.total, "memory_pressed": len(self.budget.pressed),
                 "time_wait": len(self._done),
-                "counters": {**self.counters, "memory_pressure": self.budget.events},
+                "counters": counters,
                 "admission": dict(self.admission.counters),
                 "ended": dict(self.ended), "drops": dict(self.drops),
                 "flow_table": dict(self.table.counters), "rules": self.manager.counters()}

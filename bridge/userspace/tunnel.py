@@ -15,6 +15,8 @@ Rules of this module (pure, sans-I/O: decapsulated inner packets and `now` in; l
   "icmp_to_server_leg"); while the splice has no client leg (connect first) the error also
   goes on to the client, whose own SYN it quotes (RFC 1122 §4.2.3.9).
 - Malformed packets are dropped and counted by parse_tcp (`drops`); nothing raises.
+- Every segment reaches its leg with its IP header's ECN field (RFC 3168 §5, legwire.py
+  `ecn_of`, `TcpSegment.ecn`): a CE mark on either path is the leg's to echo.
 - A merged run of at least BULK_RUN segments marks a bulk transfer (`_bulk_at`): the
   Terminator's keep-warm hop then pauses (terminator.py `warm`).
 
@@ -30,7 +32,7 @@ from typing import Any
 
 from bridge.flows import FlowKey
 from bridge.tunframe import TunFrame
-from bridge.userspace.legwire import completed_partial, merge_run, quoted_leg, run_part
+from bridge.userspace.legwire import completed_partial, ecn_of, merge_run, quoted_leg, run_part
 from bridge.userspace.splice import Splice
 from stack.wire.prelude import V4_DST_AT, V6_DST_AT, tcp_key
 from stack.wire.tcp import TcpSegment, parse_tcp
@@ -63,11 +65,13 @@ class TunnelSide:
     def _segment(self, pkt: bytes | bytearray | memoryview, n: int, off: int,
                  key: FlowKey) -> TcpSegment | None:
         mv = pkt if isinstance(pkt, memoryview) else memoryview(pkt)
-        if (seg := parse_tcp(mv[off:n], key[1], key[2])) is None:  # left partial? else counted
+        b = pkt[1]  # RFC 3168 §5: the leg sees the IP ECN field (legwire.py ecn_of, inlined)
+        ecn = (b >> 4 if pkt[0] >> 4 == 6 else b) & 3
+        if (seg := parse_tcp(mv[off:n], key[1], key[2], ecn=ecn)) is None:  # partial? else counted
             fixed = completed_partial(mv[off:n], key[1], key[2])
             self.counters["checksum_completed"] += fixed is not None
             seg = parse_tcp(fixed or mv[off:n], key[1], key[2], drops=self.drops,
-                            verify_checksum=fixed is None)  # completed: right by making
+                            verify_checksum=fixed is None, ecn=ecn)  # completed: right by making
         return seg
 
     def _server_side(self, pkt: bytes | bytearray | memoryview, n: int
@@ -177,7 +181,8 @@ class TunnelSide:
         if found is None:
             return False
         sp, ck, key, off, _flags = found
-        seg = parse_tcp(mv[off:n], key[1], key[2], drops=self.drops, verify_checksum=False)
+        seg = parse_tcp(mv[off:n], key[1], key[2], drops=self.drops, verify_checksum=False,
+                        ecn=ecn_of(mv))  # GRO merged only equal IP headers (bridge/gro.py)
         if seg is not None:
             gso_size = frame[GSO_SIZE_AT] | frame[GSO_SIZE_AT + 1] << 8  # little-endian
             k = -(-len(seg.payload) // gso_size) if gso_size else 1

@@ -11,6 +11,11 @@ Rules:
 - Options follow stack/wire/options.py (MUST-4..7): garbage in options never raises.
 - The payload is a memoryview into the caller's buffer (no copy); a segment may carry more
   than one MSS of payload (TSO/GRO super-segments from a TUN).
+- ECN (RFC 3168 §5, §6.1): the IP header's ECN field travels with the segment as `ecn`
+  (0 Not-ECT, 1 ECT(1), 2 ECT(0), 3 CE): the adapter that parsed the IP header passes it
+  to `parse_tcp` (the codepoint as received), and the stack sets it on what it sends (the
+  codepoint for the adapter to write: ECT(0) on an ECN-capable connection's new data).
+  The TCP flags ECE and CWR are ordinary flag bits here; their meaning is stack/send.py's.
 
 Theory of operation: one `struct.Struct` for the fixed header, unpacked once from a
 memoryview. The options of nearly every data segment are NOP, NOP, TSopt (12 bytes,
@@ -38,6 +43,10 @@ __all__ = [
     "ECE",
     "CWR",
     "PROTO_TCP",
+    "NOT_ECT",
+    "ECT0",
+    "ECT1",
+    "CE",
     "TcpSegment",
     "parse_tcp",
     "emit_tcp",
@@ -54,6 +63,11 @@ URG = 0x20
 ECE = 0x40
 CWR = 0x80
 PROTO_TCP = 6
+# RFC 3168 §5: the ECN field of the IP header (IPv4 TOS / IPv6 traffic class, low 2 bits)
+NOT_ECT = 0
+ECT1 = 1
+ECT0 = 2
+CE = 3
 
 # RFC 9293 §3.1 Figure 1: ports, seq, ack, data offset<<4, flags, window, checksum, urgent.
 HEADER = struct.Struct("!HHIIBBHHH")
@@ -70,6 +84,7 @@ class TcpSegment(NamedTuple):
 
     `ts` is (TSval, TSecr) when a TSopt is present; `sack` holds SACK blocks (left, right)
     as 32-bit sequence numbers; `mss`, `wscale` and `sack_perm` come from SYN options.
+    `ecn` is the IP ECN codepoint (RFC 3168 §5): as received, or the one to send.
     A NamedTuple: immutable, no __dict__, and built at tuple speed (a frozen dataclass
     costs six times as much per segment on the hot path); `seg._replace(...)` makes a
     variant.
@@ -88,6 +103,7 @@ class TcpSegment(NamedTuple):
     sack_perm: bool = False
     ts: tuple[int, int] | None = None
     sack: tuple[tuple[int, int], ...] = ()
+    ecn: int = 0
 
     @property
     def seg_len(self) -> int:
@@ -106,6 +122,8 @@ class TcpSegment(NamedTuple):
             opts.append(f"ts={self.ts[0]}/{self.ts[1]}")
         if self.sack:
             opts.append(f"sack={list(self.sack)}")
+        if self.ecn:
+            opts.append(("", "ect1", "ect0", "ce")[self.ecn & 3])
         return (
             f"<TCP {self.src_port}>{self.dst_port} [{flags_str(self.flags)}] seq={self.seq} "
             f"ack={self.ack} win={self.window} len={len(self.payload)}"
@@ -141,13 +159,15 @@ def parse_tcp(
     *,
     drops: dict[str, int] | None = None,
     verify_checksum: bool = True,
+    ecn: int = 0,
 ) -> TcpSegment | None:
     """Parse a TCP segment (header + payload) carried between packed addresses src -> dst.
 
     Returns None for a malformed segment or a bad checksum (RFC 9293 MUST-3) and adds one
     to `drops[reason]` ("truncated", "bad_offset", "bad_checksum"). Never raises for any
     input bytes. `verify_checksum=False` is for a TUN that already vouched for it
-    (virtio-net VIRTIO_NET_HDR_F_DATA_VALID).
+    (virtio-net VIRTIO_NET_HDR_F_DATA_VALID). `ecn` is the IP header's ECN field (RFC 3168
+    §5), kept in the segment for the connection (`TcpSegment.ecn`).
     """
     mv = buf if isinstance(buf, memoryview) else memoryview(buf)
     n = len(mv)
@@ -163,16 +183,17 @@ def parse_tcp(
         _count(drops, "bad_checksum")
         return None
     if hlen == HEADER_LEN:
-        return TcpSegment(sport, dport, seq, ack, flags, window, mv[hlen:], urg)
+        return TcpSegment(sport, dport, seq, ack, flags, window, mv[hlen:], urg,
+                          None, None, False, None, (), ecn)
     if hlen == 32:
         head, tsval, tsecr = _TS_FAST.unpack_from(mv, HEADER_LEN)
         if head == _NOP_NOP_TS:
-            return TcpSegment(
-                sport, dport, seq, ack, flags, window, mv[hlen:], urg, ts=(tsval, tsecr)
-            )
+            return TcpSegment(sport, dport, seq, ack, flags, window, mv[hlen:], urg,
+                              None, None, False, (tsval, tsecr), (), ecn)
     mss, wscale, sack_perm, ts, sack = parse_options(mv, HEADER_LEN, hlen)
     return TcpSegment(
-        sport, dport, seq, ack, flags, window, mv[hlen:], urg, mss, wscale, sack_perm, ts, sack
+        sport, dport, seq, ack, flags, window, mv[hlen:], urg, mss, wscale, sack_perm, ts, sack,
+        ecn,
     )
 
 

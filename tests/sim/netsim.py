@@ -4,6 +4,9 @@ Every segment goes through emit_tcp() to bytes and parse_tcp() back, so checksum
 options are exercised on each hop. The link per direction has a one-way delay, a
 serialisation rate with a drop-tail queue, and seeded random loss, duplication and
 reordering (a random extra delay). Time is virtual: `run()` jumps from event to event.
+With `ce_queue`, the link is an ECN-marking AQM (RFC 3168 §5, RFC 7567): an ECT packet
+that finds that many packets queued is marked CE instead of waiting to be dropped; the
+receiver gets the IP ECN field as `parse_tcp(..., ecn=)`, as the bridge hands it over.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class LinkSpec:
     dup: float = 0.0
     reorder: float = 0.0  # probability of an extra delay
     reorder_delay: float = 0.004
+    ce_queue: int = 0  # > 0: mark ECT packets CE from this queue length on (RFC 3168 §5)
 
 
 @dataclass
@@ -42,6 +46,7 @@ class SimResult:
     segments: int
     dropped: int
     retransmissions: int
+    marked: int = 0  # packets the links marked CE
     sender_info: dict[str, object] = field(default_factory=dict)
     receiver_info: dict[str, object] = field(default_factory=dict)
 
@@ -71,9 +76,11 @@ class _Link:
         self.free_at = 0.0
         self.in_queue: list[float] = []  # departure times of queued packets
         self.dropped = 0
+        self.marked = 0
+        self.ce = False  # the last packet scheduled was CE-marked
 
-    def schedule(self, now: float, size: int) -> list[float]:
-        """Arrival times for one packet (0, 1 or 2 copies)."""
+    def schedule(self, now: float, size: int, ect: bool = False) -> list[float]:
+        """Arrival times for one packet (0, 1 or 2 copies); `ce` says if it was marked."""
         spec, rng = self.spec, self.rng
         q = self.in_queue
         while q and q[0] <= now:
@@ -81,6 +88,8 @@ class _Link:
         if len(q) >= spec.queue:
             self.dropped += 1
             return []
+        self.ce = ect and 0 < spec.ce_queue <= len(q)
+        self.marked += self.ce
         start = max(now, self.free_at)
         self.free_at = start + size / spec.rate
         q.append(self.free_at)
@@ -114,7 +123,7 @@ def transfer(
     links = {id(sender): _Link(spec, rng), id(receiver): _Link(spec, rng)}
     peer = {id(sender): receiver, id(receiver): sender}
     addrs = {id(sender): (A[0], B[0]), id(receiver): (B[0], A[0])}
-    heap: list[tuple[float, int, int, bytes]] = []
+    heap: list[tuple[float, int, int, bytes, int]] = []
     counter = 0
     segments = 0
     now = 0.0
@@ -136,9 +145,11 @@ def transfer(
             for seg in conn.segments_to_send(now):
                 raw = emit_tcp(seg, src, dst)
                 segments += 1
-                for at in links[id(conn)].schedule(now, len(raw) + 20):
+                link = links[id(conn)]
+                for at in link.schedule(now, len(raw) + 20, seg.ecn in (1, 2)):
                     counter += 1
-                    heapq.heappush(heap, (at, counter, id(peer[id(conn)]), raw))
+                    heapq.heappush(heap, (at, counter, id(peer[id(conn)]), raw,
+                                          3 if link.ce else seg.ecn))
         for conn in (sender, receiver):
             while (ev := conn.next_event()) is not None:
                 if isinstance(ev, DataReceived):
@@ -160,10 +171,10 @@ def transfer(
             break
         now = max(now, min(cands))
         while heap and heap[0][0] <= now:
-            _, _, dst_id, raw = heapq.heappop(heap)
+            _, _, dst_id, raw, ecn = heapq.heappop(heap)
             conn = sender if dst_id == id(sender) else receiver
             src, dst = addrs[id(peer[dst_id])]
-            seg = parse_tcp(raw, src, dst)
+            seg = parse_tcp(raw, src, dst, ecn=ecn)
             assert seg is not None
             conn.receive_segment(seg, now)
         for conn in (sender, receiver):
@@ -180,6 +191,7 @@ def transfer(
         segments=segments,
         dropped=sum(link.dropped for link in links.values()),
         retransmissions=sender.retransmissions,
+        marked=sum(link.marked for link in links.values()),
         sender_info=sender.info(),
         receiver_info=receiver.info(),
     )

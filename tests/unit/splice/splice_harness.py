@@ -3,7 +3,9 @@
 Every hop carries real IP packets: the endpoints' segments are wrapped with the Terminator's own
 packet builder and parsed back with parse_tcp, so checksums and options cross every link. Time
 is explicit and virtual: `run()` jumps from event to event. Links have a one-way delay and,
-for the simulation, seeded loss and reordering (an extra random delay).
+for the simulation, seeded loss and reordering (an extra random delay), and an ECN mark
+(`Link.mark`: an ECT packet becomes CE, RFC 3168 §5); the endpoints get each packet's IP
+ECN field with its segment, as the Terminator's legs do.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from bridge.gso import SuperPacket
 from bridge.inspect.manager import InspectorChain, InspectorManager
 from bridge.io.offload import split_frame
 from bridge.tunframe import TunFrame
+from bridge.userspace.legwire import ecn_of
 from bridge.userspace.terminator import Terminator
 from stack.connection import TcpConnection, reset_reply
 from stack.events import Closed, ConnectionReset, DataReceived, Event, PeerFinished
 from stack.state import State
 from stack.tcp_config import TcpConfig
+from stack.wire.checksum import checksum
 from stack.wire.tcp import parse_tcp
 
 C_ADDR = ipaddress.ip_address("198.18.1.10").packed
@@ -84,12 +88,17 @@ class Link:
         self.n = 0
         self.sent = 0
         self.dropped = 0
+        self.mark = 0.0  # probability that an ECT packet is marked CE (RFC 3168 §5)
+        self.marked = 0
 
     def put(self, pkt: bytes, now: float) -> None:
         self.sent += 1
         if self.loss and self.rng.random() < self.loss:
             self.dropped += 1
             return
+        if self.mark and ecn_of(pkt) in (1, 2) and self.rng.random() < self.mark:
+            pkt = with_ce(pkt)
+            self.marked += 1
         self.free_at = max(self.free_at, now) + len(pkt) / self.rate
         t = self.free_at + self.delay
         if self.reorder and self.rng.random() < self.reorder:
@@ -105,6 +114,20 @@ class Link:
 
     def head(self) -> float | None:
         return self.q[0][0] if self.q else None
+
+
+def with_ce(pkt: bytes) -> bytes:
+    """`pkt` with its IP ECN field set to CE (RFC 3168 §5; the IPv4 header checksum redone)."""
+    b = bytearray(pkt)
+    if b[0] >> 4 == 6:
+        b[1] |= 0x30
+        return bytes(b)
+    b[1] |= 3
+    ihl = (b[0] & 0x0F) * 4
+    b[10] = b[11] = 0
+    c = checksum(b[:ihl])
+    b[10], b[11] = c >> 8, c & 0xFF
+    return bytes(b)
 
 
 class _Out:
@@ -218,14 +241,14 @@ class Harness:
         self._term_out()
         for pkt in self.t2c.due(now):
             src, dst, tcp = _tcp_of(pkt)
-            seg = parse_tcp(tcp, src, dst)
+            seg = parse_tcp(tcp, src, dst, ecn=ecn_of(pkt))
             assert seg is not None, "bad packet toward the client"
             if seg.flags & 0x02:
                 self.client_syns.append(seg)
             self.client.conn.receive_segment(seg, now)
         for pkt in self.t2s.due(now):
             src, dst, tcp = _tcp_of(pkt)
-            seg = parse_tcp(tcp, src, dst)
+            seg = parse_tcp(tcp, src, dst, ecn=ecn_of(pkt))
             assert seg is not None, "bad packet toward the server"
             if seg.flags & 0x02:
                 self.server_syns.append(seg)
