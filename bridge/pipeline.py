@@ -94,8 +94,8 @@ from bridge.peers import (
     PeerState,
     PeerTable,
     link_scope,
+    new_state,
 )
-from bridge.reconfig import new_state
 from bridge.scrub import Scrubber
 from bridge.secure import PeerSpec
 from bridge.securelink import SecureLink
