@@ -42,7 +42,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from bridge.config import Config, DownAction, PeerConfig
-from bridge.flows import Backend, FlowSelector
+from bridge.flows import Backend
 from bridge.peers import PeerState, PeerTable, new_state, secure_key
 from bridge.pipeline import Bridge
 
@@ -141,10 +141,9 @@ def reconfigure(bridge: Bridge, new: Config, now: float) -> Reconfigured:
     bridge.mss_clamp = new.mss_clamp
     bridge.bind_scrub(new, now)  # [[scrub]] rules index peers by position: rebuilt
     if new.inspect != old.inspect:
-        rules = new.inspect_rules()
-        bridge._covers = FlowSelector(rules).covers if new.inspect else None
+        bridge.bind_covers(new)
         if bridge.terminator is not None:
-            set_rules(bridge.terminator, tuple(rules))
+            set_rules(bridge.terminator, new.inspect_rules())
     bridge.config = new
     return Reconfigured(tuple(kept), tuple(renewed), tuple(added), removed, bridge.tun_mtu)
 
