@@ -10,7 +10,8 @@
 Exit status: 0 fine, 1 could not run (permissions, an address in use or missing: one line
 naming the key, never a traceback), 2 the configuration is wrong (`check-config` and `up`).
     grebe flows [--json] [-i TUN | -s SOCKET]    inspected TCP flows, both backends
-    grebe pair DESCRIPTION [--out DIR]     every site's endpoint file from one description
+    grebe pair DESCRIPTION [--out DIR] [--endpoint SITE=HOST[:PORT]] [--full-tunnel SITE]
+                                           every site's endpoint file from one description
     grebe deploy INVENTORY [ACTION]        up|push|start|stop|restart|status on N hosts (SSH)
 
 Subcommands are registered with `register(name, setup, run)`:

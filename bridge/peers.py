@@ -48,6 +48,10 @@ Rules:
   Time Exceeded for the TUN's own hop-limit-1 multicast).
 - `PeerState` is the runtime state of one peer (encoder, sequence receiver, liveness, MTU);
   the table reads it for `forward` (`states`, one per configured peer, same index).
+  `new_state` is its one constructor for a configured peer, at start-up (bridge/pipeline.py)
+  and on reload (bridge/reconfig.py): the tunnel MTU is tun.mtu if configured, else the
+  underlay MTU minus the peer's encapsulation overhead (bridge/encap.py `overhead`, plus the
+  secure framing for a secure peer).
 - `link_scope(dst)`: a destination no router forwards off its link: IPv6 multicast of
   interface- or link-local scope (RFC 4291 §2.7, e.g. MLD reports to ff02::16, router
   solicitations to ff02::2) and link-local unicast fe80::/10 (§2.5.6), IPv4 224.0.0.0/24
@@ -73,11 +77,12 @@ from typing import Any
 
 from bridge import counters as C
 from bridge.config import DownAction, Encapsulation, PeerConfig, SeqPolicy, SourcePort
-from bridge.encap import GreEncoder
+from bridge.encap import GreEncoder, overhead
+from bridge.secure import OVERHEAD
 from bridge.seqpolicy import SeqReceiver
 
-__all__ = ["PeerTable", "PeerState", "Addr", "CACHE_MAX", "NO_ROUTE", "LOOP", "PEER_DOWN",
-           "TTL_EXPIRED", "TOO_BIG", "canonical_host", "link_scope", "martian"]
+__all__ = ["PeerTable", "PeerState", "Addr", "new_state", "CACHE_MAX", "NO_ROUTE", "LOOP",
+           "PEER_DOWN", "TTL_EXPIRED", "TOO_BIG", "canonical_host", "link_scope", "martian"]
 
 Addr = tuple[str, int]
 CACHE_MAX = 65536
@@ -118,6 +123,18 @@ class PeerState:
         self.withdraw = cfg.down_action is DownAction.WITHDRAW
         self.flow_sport = cfg.source_port is SourcePort.FLOW_HASH
         self.keepalive_payload = self.encoder.keepalive() if self.gre else b""
+
+
+def new_state(index: int, p: PeerConfig, now: float, underlay: int,
+              tun_mtu: int | None) -> PeerState:
+    """A fresh PeerState for peer `p` (start-up and reload): its tunnel MTU is the
+    configured tun.mtu, else the underlay MTU minus its encapsulation overhead."""
+    gre = p.encapsulation is Encapsulation.GRE
+    ovh = overhead(gre, p.ipv6, p.key_out is not None, p.sequence is not SeqPolicy.OFF,
+                   p.checksum) + (OVERHEAD if p.secure else 0)
+    st = PeerState(index, p, tun_mtu or underlay - ovh, now)
+    st.overhead = ovh
+    return st
 
 
 def secure_key(index: int) -> Addr:

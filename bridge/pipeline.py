@@ -70,7 +70,7 @@ pmtu.icmp_burst) refilled from `now`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -94,8 +94,8 @@ from bridge.peers import (
     PeerState,
     PeerTable,
     link_scope,
+    new_state,
 )
-from bridge.reconfig import new_state
 from bridge.scrub import Scrubber
 from bridge.secure import PeerSpec
 from bridge.securelink import SecureLink
@@ -174,9 +174,8 @@ class Bridge:
         # flows an [[inspect]] rule terminates in userspace (bridge/userspace/terminator.py);
         # None without such a rule, and then nothing below looks at TCP (nor imports it).
         self.terminator: Terminator | None = None
-        # issue 9: the addresses an [[inspect]] rule covers, for packets whose IPv6 header
-        # chain cannot be walked (stack/wire/prelude.py `uninspectable`); None without rules
-        self._covers = FlowSelector(config.inspect_rules()).covers if config.inspect else None
+        self._covers: Callable[[int, bytes, bytes], bool] | None = None
+        self.bind_covers(config)
         if config.inspect:
             from bridge.userspace.terminator import Terminator
 
@@ -578,6 +577,13 @@ class Bridge:
         for ps in self.peers:
             ps.seq = filtered(ps.seq, partial(scrub.passes_in, ps.index) if scrub else None)
         self._seq_off = [ps.seq.policy is SeqPolicy.OFF and scrub is None for ps in self.peers]
+
+    def bind_covers(self, config: Config) -> None:
+        """(Re)build, from `config`'s [[inspect]] rules, the test "an [[inspect]] rule covers
+        this address" (issue 9), for packets whose IPv6 header chain cannot be walked
+        (stack/wire/prelude.py `uninspectable`); None without rules. At start and after a
+        reload that changed the rules (bridge/reconfig.py)."""
+        self._covers = FlowSelector(config.inspect_rules()).covers if config.inspect else None
 
     def metrics_text(self) -> str:
         """Prometheus text exposition of the counters plus per-peer up gauges."""

@@ -30,29 +30,28 @@ Rules of this module
   (bridge/io/live.py), from the returned `Reconfigured`.
 
 Theory of operation: build the new PeerState list by name (kept objects re-indexed, new
-ones from `new_state`, the one constructor Bridge.__init__ uses too), swap the counters'
-per-peer lists, rebuild the PeerTable over the new list, point the fast path at it, then
-the selector of uncovered packets and the terminator's rules. Called with the I/O layer's
-lock held, so no packet sees a half-built Bridge.
+ones from bridge/peers.py `new_state`, the one constructor Bridge.__init__ uses too), swap
+the counters' per-peer lists, rebuild the PeerTable over the new list, point the fast path
+at it, then the selector of uncovered packets and the terminator's rules. Called with the
+I/O layer's lock held, so no packet sees a half-built Bridge.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from bridge.config import Config, DownAction, Encapsulation, PeerConfig, SeqPolicy
-from bridge.encap import overhead
-from bridge.flows import Backend, FlowSelector
-from bridge.peers import PeerState, PeerTable, secure_key
-from bridge.secure import OVERHEAD
+from bridge.config import Config, DownAction, PeerConfig
+from bridge.flows import Backend
+from bridge.peers import PeerState, PeerTable, new_state, secure_key
+from bridge.pipeline import Bridge
 
 if TYPE_CHECKING:
     from bridge.flows import InspectRule
     from bridge.securelink import SecureLink
     from bridge.userspace.terminator import Terminator
 
-__all__ = ["Reconfigured", "new_state", "reconfigure", "same_wire", "needs_secure_socket",
+__all__ = ["Reconfigured", "reconfigure", "same_wire", "needs_secure_socket",
            "needs_terminator", "set_rules"]
 
 _LIVE_FIELDS = {"prefixes": (), "keepalive": 0.0, "dead_after": 0.0,
@@ -93,22 +92,9 @@ def needs_terminator(old: Config, new: Config) -> bool:
     return _userspace(new) and not _userspace(old)
 
 
-def new_state(index: int, p: PeerConfig, now: float, underlay: int,
-              tun_mtu: int | None) -> PeerState:
-    """A fresh PeerState for peer `p` (start-up and reload): its tunnel MTU is the
-    configured tun.mtu, else the underlay MTU minus its encapsulation overhead."""
-    gre = p.encapsulation is Encapsulation.GRE
-    ovh = overhead(gre, p.ipv6, p.key_out is not None, p.sequence is not SeqPolicy.OFF,
-                   p.checksum) + (OVERHEAD if p.secure else 0)
-    st = PeerState(index, p, tun_mtu or underlay - ovh, now)
-    st.overhead = ovh
-    return st
-
-
-def reconfigure(bridge: Any, new: Config, now: float) -> Reconfigured:
+def reconfigure(bridge: Bridge, new: Config, now: float) -> Reconfigured:
     """Apply `new`'s peers, [[inspect]] rules and mss_clamp to the running `bridge` (module
-    docstring). Raises ValueError, touching nothing, for what needs a restart. `bridge` is
-    a bridge/pipeline.py Bridge (typed Any: the pipeline imports this module)."""
+    docstring). Raises ValueError, touching nothing, for what needs a restart."""
     old = bridge.config
     if bridge.secure is None and any(p.secure for p in new.peers):
         raise ValueError("the first secure peer: restart to apply (the secure socket)")
@@ -155,10 +141,9 @@ def reconfigure(bridge: Any, new: Config, now: float) -> Reconfigured:
     bridge.mss_clamp = new.mss_clamp
     bridge.bind_scrub(new, now)  # [[scrub]] rules index peers by position: rebuilt
     if new.inspect != old.inspect:
-        rules = new.inspect_rules()
-        bridge._covers = FlowSelector(rules).covers if new.inspect else None
+        bridge.bind_covers(new)
         if bridge.terminator is not None:
-            set_rules(bridge.terminator, tuple(rules))
+            set_rules(bridge.terminator, new.inspect_rules())
     bridge.config = new
     return Reconfigured(tuple(kept), tuple(renewed), tuple(added), removed, bridge.tun_mtu)
 

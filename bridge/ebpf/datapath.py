@@ -170,17 +170,24 @@ class SeededSeqReceiver(SeqReceiver):
         self._seeded = False
         self.caught_up = 0
 
-    def _from_program(self) -> None:
+    def _program_window(self) -> int | None:
+        """The next number the program's window expects for this peer; None while the
+        program has no started window for it (or its map cannot be read)."""
         try:
             raw = self._rxseq.lookup(self._key)
         except OSError:
-            return
-        if raw:
-            expected, started = M.RXSEQ.unpack(raw)[:2]
-            if started:
-                self.started = True
-                self.last = (expected - 1) & 0xFFFFFFFF
-                self._seeded = True
+            return None
+        if not raw:
+            return None
+        expected, started = M.RXSEQ.unpack(raw)[:2]
+        return int(expected) if started else None
+
+    def _from_program(self) -> None:
+        expected = self._program_window()
+        if expected is not None:
+            self.started = True
+            self.last = (expected - 1) & 0xFFFFFFFF
+            self._seeded = True
 
     def _to_program(self) -> None:
         try:
@@ -195,16 +202,12 @@ class SeededSeqReceiver(SeqReceiver):
         near the program's window; then this window moves up to it (module docstring)."""
         if (seq - self.last - 1) & 0xFFFFFFFF < JUMP_MAX:
             return
-        try:
-            raw = self._rxseq.lookup(self._key)
-        except OSError:
-            return
-        if raw:
-            expected, started = M.RXSEQ.unpack(raw)[:2]
-            ahead = (seq - self.last - 1) & 0xFFFFFFFF < 0x80000000
-            if started and ahead and (seq - expected + JUMP_MAX) & 0xFFFFFFFF < 2 * JUMP_MAX:
-                self.last = (seq - 1) & 0xFFFFFFFF
-                self.caught_up += 1
+        expected = self._program_window()
+        ahead = (seq - self.last - 1) & 0xFFFFFFFF < 0x80000000
+        if expected is not None and ahead \
+                and (seq - expected + JUMP_MAX) & 0xFFFFFFFF < 2 * JUMP_MAX:
+            self.last = (seq - 1) & 0xFFFFFFFF
+            self.caught_up += 1
 
     def receive(self, seq: int, packet: bytes | bytearray, now: float,
                 deliver: list[bytes | bytearray]) -> int:

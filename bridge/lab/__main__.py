@@ -44,7 +44,8 @@ from bridge.lab.netlink import (
     lab_owners,
     ns_name,
 )
-from bridge.lab.topology import TOPOLOGY_DIR, NodeKind
+from bridge.lab.topology import TOPOLOGY_DIR
+from bridge.lab.topomodel import NodeKind
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TOPOLOGY = "two-sites"

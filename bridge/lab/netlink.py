@@ -47,14 +47,14 @@ from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-unty
 
 from bridge.errors import GrebeError
 from bridge.lab import procs
-from bridge.lab.topology import (
+from bridge.lab.topology import load
+from bridge.lab.topomodel import (
     BRIDGE_IFNAME,
     MAX_INSTANCE_NAME,
     Link,
     NodeKind,
     Route,
     Topology,
-    load,
 )
 
 STATE_ROOT = Path("/run/grebe-lab")

@@ -1,5 +1,8 @@
 """Lab topologies: topologies/*.toml -> validated frozen dataclasses (pure, no netlink).
 
+The dataclasses, the lab address ranges and the name limits are bridge/lab/topomodel.py's;
+this module reads, merges and checks the files and builds them (`load`).
+
 Rules
 -----
 - A topology is data, separate from building it (mininet `topo.py` vs `net.py`; containerlab's
@@ -43,22 +46,28 @@ import shlex
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from bridge.errors import ConfigError, ConfigErrors
+from bridge.lab.topomodel import (
+    BRIDGE_IFNAME,
+    IFNAMSIZ,
+    LAB_NETS,
+    MAX_NODE_NAME,
+    MAX_NS_NAME,
+    Address,
+    Endpoint,
+    IpNetwork,
+    Link,
+    Node,
+    NodeKind,
+    Route,
+    RunCommand,
+    Topology,
+)
 
 TOPOLOGY_DIR = Path(__file__).resolve().parents[2] / "topologies"
-
-LAB_NETS: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
-    ipaddress.ip_network("198.18.0.0/15"),  # RFC 2544 §C.2.2 benchmarking range
-    ipaddress.ip_network("2001:db8::/32"),  # RFC 3849 documentation prefix
-)
-IFNAMSIZ = 16  # linux/if.h: names are at most 15 bytes plus NUL
-MAX_NODE_NAME, MAX_INSTANCE_NAME = 20, 16
-MAX_NS_NAME = 3 + MAX_INSTANCE_NAME + 1 + MAX_NODE_NAME  # "gb-" instance "-" node
-BRIDGE_IFNAME = "br0"
 
 _NODE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 _IFNAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
@@ -69,116 +78,6 @@ _NODE_KEYS = frozenset({"kind", "addresses", "routes", "sysctl", "run", "mtu", "
 _MERGED_NODE_KEYS = frozenset({"addresses", "sysctl", "mtu"})
 _LINK_KEYS = frozenset({"endpoints", "name", "mtu", "impair"})
 _ROUTE_KEYS = frozenset({"dst", "via", "dev"})
-
-IpInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
-IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-class NodeKind(Enum):
-    HOST = "host"
-    BRIDGE = "bridge"
-    LINUX_VM = "linux-vm"  # a Linux kernel in a qemu guest (bridge/lab/vm.py)
-
-
-@dataclass(frozen=True, slots=True)
-class Address:
-    """One address on one interface of a node."""
-
-    interface: str
-    address: IpInterface
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """A static route; `dst` is 0.0.0.0/0 or ::/0 for "default"."""
-
-    dst: IpNetwork
-    via: IpAddress | None = None
-    dev: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RunCommand:
-    """A process started in a node at `up`, killed at `down`; `cwd`: its file's directory."""
-
-    argv: tuple[str, ...]
-    cwd: str
-    line: str = ""  # as written: a linux-vm node runs it with the guest's shell
-
-    def resolve(self, lab_dir: str) -> tuple[str, ...]:
-        """Return argv with `{lab}` replaced by `lab_dir`."""
-        return tuple(a.replace("{lab}", lab_dir) for a in self.argv)
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    node: str
-    interface: str
-
-    def __str__(self) -> str:
-        return f"{self.node}:{self.interface}"
-
-
-@dataclass(frozen=True, slots=True)
-class Link:
-    """A veth pair between two node interfaces."""
-
-    name: str
-    a: Endpoint
-    b: Endpoint
-    mtu: int | None = None
-    impair: Any = None  # bridge.lab.impair's parsed value, or the raw table without that module
-
-    @property
-    def endpoints(self) -> tuple[Endpoint, Endpoint]:
-        return (self.a, self.b)
-
-
-@dataclass(frozen=True, slots=True)
-class Node:
-    name: str
-    kind: NodeKind = NodeKind.HOST
-    interfaces: tuple[str, ...] = ()  # link ports, in link order
-    addresses: tuple[Address, ...] = ()
-    routes: tuple[Route, ...] = ()
-    sysctl: tuple[tuple[str, str], ...] = ()
-    mtu: tuple[tuple[str, int], ...] = ()
-    run: tuple[RunCommand, ...] = ()
-
-    def address(self, interface: str, version: int = 4) -> IpAddress:
-        """Return the first address of `version` on `interface`; raises KeyError if none."""
-        for a in self.addresses:
-            if a.interface == interface and a.address.version == version:
-                return a.address.ip
-        raise KeyError(f"{self.name}:{interface} has no IPv{version} address")
-
-
-@dataclass(frozen=True, slots=True)
-class Topology:
-    name: str
-    file: str
-    nodes: tuple[Node, ...]
-    links: tuple[Link, ...]
-    description: str = ""
-
-    def node(self, name: str) -> Node:
-        """Return the node called `name`; raises KeyError."""
-        found = [n for n in self.nodes if n.name == name]
-        if not found:
-            raise KeyError(f"topology {self.name} has no node {name!r}")
-        return found[0]
-
-    def link(self, name: str) -> Link:
-        """Return the link called `name`; raises KeyError."""
-        found = [lk for lk in self.links if lk.name == name]
-        if not found:
-            raise KeyError(f"topology {self.name} has no link {name!r}")
-        return found[0]
-
-    def links_of(self, node: str) -> tuple[Link, ...]:
-        return tuple(lk for lk in self.links if node in (lk.a.node, lk.b.node))
-
 
 # ---------------------------------------------------------------- loading and merging
 

@@ -54,7 +54,7 @@ from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
 from bridge.errors import GrebeError
 from bridge.lab import procs, vmimage
-from bridge.lab.topology import Node, Topology
+from bridge.lab.topomodel import Node, Topology
 
 
 class Lab(Protocol):

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from bridge.lab.netlink import Lab
-from bridge.lab.topology import Topology, load
+from bridge.lab.topology import load
+from bridge.lab.topomodel import Topology
 
 HERE = Path(__file__).parent
 

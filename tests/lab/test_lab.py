@@ -25,7 +25,8 @@ from bridge.lab.netlink import (
     lab_namespaces,
     wait_for,
 )
-from bridge.lab.topology import Link, NodeKind, load
+from bridge.lab.topology import load
+from bridge.lab.topomodel import Link, NodeKind
 
 REPO = Path(__file__).resolve().parents[2]
 LabFactory = Callable[..., Lab]

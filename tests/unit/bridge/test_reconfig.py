@@ -8,7 +8,7 @@ from dataclasses import replace
 from ipaddress import ip_network
 
 import pytest
-from grebe_sites import A_ADDR, B_ADDR, Pair, v4
+from grebe_sites import A_ADDR, B_ADDR, Pair, syn6, v4
 
 from bridge.config import Config, loads_config
 from bridge.encap import decode_gre
@@ -143,6 +143,35 @@ def test_secure_and_terminator_changes_are_refused_untouched() -> None:
     with pytest.raises(ValueError, match="userspace"):
         reconfigure(a, rule, 1.0)
     assert a.peers == before and a.config is cfg
+
+
+def _behind_experimental_header(pkt: bytes) -> bytes:
+    """`pkt` (IPv6) behind one extension header of type 253 (RFC 3692), which the header
+    walker does not walk: its ports cannot be read (stack/wire/prelude.py `uninspectable`)."""
+    b = bytearray(pkt[:40]) + bytes([pkt[6], 0, 1, 4, 0, 0, 0, 0]) + pkt[40:]
+    b[4:6] = (len(b) - 40).to_bytes(2, "big")
+    b[6] = 253
+    return bytes(b)
+
+
+def test_a_reload_moves_the_uninspectable_guard_with_the_rules() -> None:
+    """Issue 9's guard (a packet whose ports cannot be read is dropped when an [[inspect]]
+    rule covers its addresses) follows [[inspect]] rules added and removed by a reload."""
+    a = Bridge(loads_config(_text()), 0.0)
+    pkt = _behind_experimental_header(syn6())
+
+    def sent() -> bool:
+        out = Output()
+        a.from_tun([pkt], 1.0, out)
+        return bool(out.udp)
+
+    assert sent() and a.counters.drop("uninspectable") == 0
+    rule = loads_config(_text() + '[[inspect]]\nname = "k"\ndst_ports = [80]\n'
+                        'inspectors = ["log"]\nbackend = "kernel"\n')
+    reconfigure(a, rule, 1.0)
+    assert not sent() and a.counters.drop("uninspectable") == 1
+    reconfigure(a, loads_config(_text()), 2.0)
+    assert sent() and a.counters.drop("uninspectable") == 1
 
 
 def test_userspace_rules_change_for_new_flows_only() -> None:

@@ -9,7 +9,8 @@ import pytest
 
 from bridge.errors import ConfigErrors
 from bridge.lab import topology
-from bridge.lab.topology import Endpoint, NodeKind, load
+from bridge.lab.topology import load
+from bridge.lab.topomodel import Endpoint, NodeKind
 
 FIX = Path(__file__).parent / "fixtures"
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from bridge.lab import vm, vmimage
-from bridge.lab.topology import NodeKind, load
+from bridge.lab.topology import load
+from bridge.lab.topomodel import NodeKind
 
 
 def test_two_sites_linux_makes_gw_b_a_linux_vm_with_shell_run_lines() -> None:
