@@ -111,15 +111,22 @@ class Keypair:
                     src, np.uint8, full * seg).reshape(full, seg)
         at = 0
         ctr = first
-        for off in range(0, full * seg, seg):
-            end = at + HEADER_LEN + seg
-            if auth:
-                enc(nonce(ctr), b"", out[at:end], out[end:end + TAG_LEN])
-            else:
+        if auth and full:  # the tags (GMAC of header + payload) made as bytes and put in
+            # place with one numpy copy: one slice fewer per datagram than encrypt_into
+            mac = self.send.encrypt
+            inner = HEADER_LEN + seg
+            tags = b"".join([mac(nonce(first + i), b"", out[a:a + inner])
+                             for i, a in enumerate(range(0, full * row, row))])
+            rows[:, inner:] = np.frombuffer(tags, np.uint8).reshape(full, TAG_LEN)
+            at = full * row
+            ctr = first + full
+        else:
+            for off in range(0, full * seg, seg):
+                end = at + HEADER_LEN + seg
                 enc(nonce(ctr), src[off:off + seg], out[at:at + HEADER_LEN],
                     out[at + HEADER_LEN:end + TAG_LEN])
-            at = end + TAG_LEN
-            ctr += 1
+                at = end + TAG_LEN
+                ctr += 1
         if full * seg < total:  # the shorter last one
             self.seal_into(src[full * seg:], out, at, ctr)
 
