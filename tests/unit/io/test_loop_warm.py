@@ -146,7 +146,8 @@ libc.mallinfo2.restype = MI
 kept = keep_heap()
 bufs = [bytearray(64000) for _ in range(40)]  # 40 batch buffers, then all freed
 del bufs
-print(kept, libc.mallinfo2().keepcost)
+top = libc.mallinfo2().keepcost
+print(kept, top)
 """
 
 
