@@ -166,8 +166,10 @@ def _run_up(args: argparse.Namespace, cfg: Any) -> int:
     from bridge.io.runner import Runner
     from bridge.io.tun import TunBusyError, TunDevice
     from bridge.io.udp import UdpEndpoint
+    from bridge.io.warm import keep_heap
     from bridge.pipeline import Bridge
 
+    keep_heap()  # before the fork of the UDP->TUN process (bridge/io/warm.py)
     offload = not args.no_offload
     underlay, source = _underlay_mtu(cfg)
     now = time.monotonic()  # wall_offset dates secure handshakes across restarts

@@ -300,7 +300,14 @@ KEYS: tuple[Key, ...] = (
     Key("scrub", "burst", _I, None, "Depth of the token bucket (default: one second's worth "
         "of `rate`).", default_text="max(1, rate)", lo=1, hi=1e9, unit="packets"),
     Key("scrub", "bucket", _S, "peer", "\"peer\": one bucket per rule and peer; \"rule\": "
-        "one bucket shared by every peer the rule matches.", choices=("peer", "rule")),
+        "one bucket shared by every peer the rule matches; \"source\": one bucket per inner "
+        "source address (IPv6: per /64), from a fixed table of `buckets` indexed by a keyed "
+        "hash, so sources whose hashes collide share a bucket.",
+        choices=("peer", "rule", "source")),
+    Key("scrub", "buckets", _I, 1024, "With `bucket = \"source\"`: the size of the rule's "
+        "preallocated bucket table (a power of two). Nothing a sender does adds buckets; "
+        "with n busy sources each shares its bucket with about n / buckets others.",
+        lo=1, hi=1 << 20, unit="buckets"),
     # ---- [userspace]
     Key("userspace", "max_splices", _I, 10_000, "Terminated flows held at once; flows whose "
         "legs are only in TIME-WAIT do not count.", lo=1, hi=10_000_000, unit="flows"),

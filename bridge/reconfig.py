@@ -162,23 +162,10 @@ def _secure(link: SecureLink, old: Config, new: Config, states: list[PeerState],
             continue
         hit = before.get(p.name)
         if hit is not None and same_wire(hit[1], p) and hit[0] in ep.peers:
-            sess = ep.peers[hit[0]]
-            sess.index = i
+            sessions[i] = ep.peers[hit[0]]
         else:
-            sess = PeerSession(PeerSpec(i, p.name, p.security, p.endpoint), now)
-        sessions[i] = sess
-    by_public: dict[bytes, PeerSession] = {}
-    for sess in sessions.values():
-        for pub in sess.remote_publics:
-            by_public[pub] = sess  # unique: checked before anything changed
-    live = set(map(id, sessions.values()))
-    ep.indices = {k: v for k, v in ep.indices.items() if id(v[0]) in live}
-    ep.peers = sessions
-    ep.by_public = by_public
-    ep.identities = {}
-    for sess in sessions.values():
-        for ident in sess.identities:
-            ep.identities.setdefault(ident.public, ident)
+            sessions[i] = PeerSession(PeerSpec(i, p.name, p.security, p.endpoint), now)
+    ep.renumber(sessions)  # public keys are unique: checked before anything changed
     link.addrs = [(i, states[i].addr) for i in sessions]
     link.keys = {i: secure_key(i) for i in sessions}
     link.modes = {new.peers[i].name: (i, new.peers[i].security.mode.value) for i in sessions}

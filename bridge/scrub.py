@@ -14,9 +14,16 @@ Rules:
   `rate` (packets per second) and `burst` (packets, default one second's worth), only
   what conforms to a token bucket (RFC 2697's committed-rate bucket, packets for bytes)
   passes; the excess is dropped, counted "scrub_rate". One bucket per rule and peer
-  (`bucket = "peer"`, the default: each peer gets the rate) or one for the rule
-  (`bucket = "rule"`: all peers share it). Buckets are preallocated: rules x (peers + 1),
-  nothing an attacker sends creates state.
+  (`bucket = "peer"`, the default: each peer gets the rate), one for the rule
+  (`bucket = "rule"`: all peers share it), or one per inner source address (`bucket =
+  "source"`: each source gets the rate), from a fixed table of `buckets` buckets per rule
+  indexed by a keyed hash of the source (IPv4: the address; IPv6: its /64, which one host
+  can fill with addresses, RFC 4291 §2.5.4), so a source that changes its address does not
+  get a new bucket per address. Sources whose hashes collide share a bucket (and its
+  rate): with n busy sources and b buckets a given source shares with about n / b others;
+  the hash key is random per Scrubber, so an outsider cannot aim at another's bucket
+  without seeing the drops. Buckets are preallocated (rules x (peers + 1), or `buckets`
+  for a per-source rule): nothing an attacker sends creates state.
 - Inbound, the rules see what a peer's sequence policy (bridge/seqpolicy.py, RFC 2890
   §2.2) delivers, in the order it delivers it: a dropped packet has still taken its place
   in the sequence, so a rate limit never makes the packets after it look late or far
@@ -43,6 +50,7 @@ process per direction (bridge/io/split.py) the receiving process's are added (`e
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -74,6 +82,13 @@ class Direction(Enum):
 class Bucket(Enum):
     PEER = "peer"  # one token bucket per rule and peer
     RULE = "rule"  # one token bucket per rule, shared by all peers
+    SOURCE = "source"  # a fixed table per rule, indexed by a hash of the inner source
+
+
+BUCKETS = 1024  # default table size of a `bucket = "source"` rule
+BUCKETS_MAX = 1 << 20
+_W = 128  # the multiply-shift hash works on 128-bit words (an IPv6 address)
+_WMASK = (1 << _W) - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +101,7 @@ class ScrubRule:
     rate: float | None = None  # packets per second; None: no limit
     burst: int = 0  # bucket depth in packets (0 with no rate)
     bucket: Bucket = Bucket.PEER
+    buckets: int = BUCKETS  # table size of a per-source rule (a power of two)
 
 
 _KEYS = tuple(sorted(section_keys("scrub")))  # documented in bridge/configkeys.py
@@ -163,11 +179,21 @@ def parse_scrub(raw: Any, peers: Sequence[str]) -> tuple[tuple[ScrubRule, ...],
                 burst = None
             elif rate is None:
                 errors.append((f"{p}.burst", "burst needs a rate"))
+        buckets = t.get("buckets", BUCKETS)
+        if "buckets" in t:
+            if isinstance(buckets, bool) or not isinstance(buckets, int) \
+                    or not 1 <= buckets <= BUCKETS_MAX or buckets & (buckets - 1):
+                errors.append((f"{p}.buckets", f"{buckets!r}: expected a power of two from 1 "
+                                               f"to {BUCKETS_MAX}"))
+                buckets = BUCKETS
+            elif bucket is not Bucket.SOURCE or rate is None:
+                errors.append((f"{p}.buckets", 'buckets needs a rate and bucket = "source"'))
         rules.append(ScrubRule(
             action=action, direction=direction, peer=peer,
             src=_prefixes(t, "src", errors, p), dst=_prefixes(t, "dst", errors, p),
             rate=float(rate) if rate is not None else None,
-            burst=(burst or max(1, int(rate))) if rate is not None else 0, bucket=bucket))
+            burst=(burst or max(1, int(rate))) if rate is not None else 0, bucket=bucket,
+            buckets=buckets))
     return tuple(rules), errors
 
 
@@ -192,24 +218,34 @@ class Scrubber:
     """The compiled `[[scrub]]` rules of one Bridge, their buckets and counters."""
 
     __slots__ = ("rules", "compiled", "npeers", "tokens", "stamps", "matched", "dropped",
-                 "drops")
+                 "drops", "hash_mul", "hash_add")
 
     def __init__(self, rules: Sequence[ScrubRule], peer_names: Sequence[str], now: float,
-                 drops: list[int]) -> None:
+                 drops: list[int], rng: Callable[[int], bytes] = os.urandom) -> None:
         self.rules = tuple(rules)
         self.npeers = len(peer_names)
         index = {n: i for i, n in enumerate(peer_names)}
-        # (in?, out?, peer or -1, src4, src6, dst4, dst6, deny?, rate or 0, burst, shared?)
-        self.compiled = tuple(
-            (r.direction is not Direction.OUT, r.direction is not Direction.IN,
-             index[r.peer] if r.peer is not None else -1,
-             _compile(r.src, 4), _compile(r.src, 6), _compile(r.dst, 4), _compile(r.dst, 6),
-             r.action is Action.DENY, r.rate or 0.0, float(r.burst),
-             r.bucket is Bucket.RULE)
-            for r in self.rules)
-        slots = len(self.rules) * (self.npeers + 1)  # the +1: outbound without a route
-        self.tokens = [float(self.rules[k // (self.npeers + 1)].burst) for k in range(slots)]
-        self.stamps = [now] * slots
+        # the per-source hash: multiply-shift with a random odd multiplier (Dietzfelbinger
+        # et al. 1997), keyed per Scrubber
+        self.hash_mul = int.from_bytes(rng(_W // 8), "big") | 1
+        self.hash_add = int.from_bytes(rng(_W // 8), "big")
+        # (in?, out?, peer or -1, src4, src6, dst4, dst6, deny?, rate or 0, burst,
+        #  bucket kind, first slot, hash shift); kinds 0 peer, 1 rule, 2 source
+        compiled = []
+        tokens: list[float] = []
+        for r in self.rules:
+            kind = (Bucket.PEER, Bucket.RULE, Bucket.SOURCE).index(r.bucket)
+            width = (self.npeers + 1, 1, r.buckets)[kind] if r.rate else 0
+            compiled.append(
+                (r.direction is not Direction.OUT, r.direction is not Direction.IN,
+                 index[r.peer] if r.peer is not None else -1,
+                 _compile(r.src, 4), _compile(r.src, 6), _compile(r.dst, 4),
+                 _compile(r.dst, 6), r.action is Action.DENY, r.rate or 0.0, float(r.burst),
+                 kind, len(tokens), _W - (r.buckets.bit_length() - 1)))
+            tokens += [float(r.burst)] * width  # peer kind: the +1 is outbound, no route
+        self.compiled = tuple(compiled)
+        self.tokens = tokens
+        self.stamps = [now] * len(tokens)
         self.matched = [0] * len(self.rules)
         self.dropped = [0] * len(self.rules)
         self.drops = drops  # the Bridge's Counters.drops
@@ -225,7 +261,7 @@ class Scrubber:
         else:
             src = int.from_bytes(pkt[off + 8:off + 24], "big")
             dst = int.from_bytes(pkt[off + 24:off + 40], "big")
-        for k, (rin, rout, rpeer, s4, s6, d4, d6, deny, rate, burst, shared) in \
+        for k, (rin, rout, rpeer, s4, s6, d4, d6, deny, rate, burst, kind, base, shift) in \
                 enumerate(self.compiled):
             if not (rin if inbound else rout):
                 continue
@@ -239,7 +275,12 @@ class Scrubber:
                 self.drops[C.R_SCRUB_DENIED] += weight
                 return C.R_SCRUB_DENIED
             if rate:
-                slot = k * (self.npeers + 1) + (0 if shared else peer + 1)
+                if kind == 0:
+                    slot = base + peer + 1
+                elif kind == 1:
+                    slot = base
+                else:
+                    slot = base + self._hash(src if v == 4 else src >> 64, shift)
                 tokens = self.tokens[slot] + (now - self.stamps[slot]) * rate
                 if tokens > burst:
                     tokens = burst
@@ -252,6 +293,18 @@ class Scrubber:
                 self.tokens[slot] = tokens - weight
             return -1
         return -1
+
+    def _hash(self, key: int, shift: int) -> int:
+        """Multiply-shift: the top bits of (mul * key + add) mod 2**128."""
+        return ((self.hash_mul * key + self.hash_add) & _WMASK) >> shift
+
+    def source_bucket(self, k: int, pkt: Buf, off: int = 0) -> int:
+        """Which bucket of per-source rule `k`'s table the inner packet at pkt[off:] uses
+        (IPv6: by its source's /64). For `status` readers and tests."""
+        shift = self.compiled[k][12]
+        if pkt[off] >> 4 == 4:
+            return self._hash(int.from_bytes(pkt[off + 12:off + 16], "big"), shift)
+        return self._hash(int.from_bytes(pkt[off + 8:off + 16], "big"), shift)
 
     def passes_in(self, peer: int, pkt: Buf, now: float) -> bool:
         """True if the inner packet `pkt` from peer index `peer` may go to the TUN."""
@@ -306,6 +359,8 @@ class Scrubber:
                 d["dst"] = [str(n) for n in r.dst]
             if r.rate is not None:
                 d.update(rate=r.rate, burst=r.burst, bucket=r.bucket.value)
+                if r.bucket is Bucket.SOURCE:
+                    d["buckets"] = r.buckets
             d.update(matched=matched[k], dropped=dropped[k])
             out.append(d)
         return out

@@ -211,12 +211,14 @@ class SecureLink:
                 buf, seg = payload.buf, payload.seg
                 step = seg if seg > 0 else max(len(buf), 1)
                 mv = memoryview(buf)
-                parts: list[Buf] = [mv[o:o + step] for o in range(0, len(buf), step)]
-                if seg > OVERHEAD and len(parts) > 1:
-                    k = self._open_fast(mv, seg, addr, now, batch)
-                    if k < len(parts):  # the rest, or all of it, datagram by datagram
-                        batch = self._open_run(parts[k:], seg, addr, now, out, batch)
+                if seg > OVERHEAD and len(buf) > seg:
+                    k = self._open_fast(mv, seg, addr, now, batch) * seg
+                    if k < len(buf):  # the rest, or all of it, datagram by datagram (cut
+                        # only now: a slice costs 0.1 us, and the fast path takes them all)
+                        batch = self._open_run([mv[o:o + seg] for o in range(k, len(buf), seg)],
+                                               seg, addr, now, out, batch)
                     continue
+                parts: list[Buf] = [mv[o:o + step] for o in range(0, len(buf), step)]
             else:
                 parts = [payload]
             for d in parts:

@@ -29,7 +29,7 @@ queue in `out` for `datagrams_to_send`. The load rule and cookies are bridge/sec
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -294,6 +294,41 @@ class SecureEndpoint:
                   f"# TYPE {prefix}_events_total counter"]
         lines += [f'{prefix}_events_total{{event="{k}"}} {v}' for k, v in snap_events.items()]
         return "\n".join(lines) + "\n"
+
+    def renumber(self, sessions: Mapping[int, PeerSession]) -> None:
+        """A reload (bridge/reconfig.py): `sessions` maps the new peer indices to sessions,
+        kept ones (their keypairs, receiver indices and windows stay valid) or new ones.
+        Each session takes its new index; the receiver indices of sessions not kept are
+        forgotten; the public-key and identity tables are rebuilt. ValueError, with
+        nothing changed, if two sessions share a public key."""
+        by_public: dict[bytes, PeerSession] = {}
+        for p in sessions.values():
+            for pub in p.remote_publics:
+                if by_public.setdefault(pub, p) is not p:
+                    raise ValueError(f"peer {p.name}: public key used by two peers")
+        for i, p in sessions.items():
+            p.index = i
+        live = set(map(id, sessions.values()))
+        self.indices = {k: v for k, v in self.indices.items() if id(v[0]) in live}
+        self.peers = dict(sessions)
+        self.by_public = by_public
+        self.identities = {}
+        for p in sessions.values():
+            for ident in p.identities:
+                self.identities.setdefault(ident.public, ident)
+
+    def set_keypairs(self, p: PeerSession, current: Keypair | None, nxt: Keypair | None,
+                     retired: Sequence[Keypair]) -> None:
+        """Put these keypairs in `p`'s slots (a receiving process copying its parent's,
+        bridge/secure/mirror.py): the receiver indices of `p`'s keypairs not among them
+        are forgotten, theirs lead to `p`."""
+        keep = {kp.local for kp in (current, nxt, *retired) if kp is not None}
+        for kp in p.keypairs():
+            if kp.local not in keep:
+                self.indices.pop(kp.local, None)
+        p.current, p.next, p.retired = current, nxt, list(retired)
+        for kp in p.keypairs():
+            self.indices[kp.local] = (p, kp)
 
     # ---- transport --------------------------------------------------------------------
 

@@ -88,7 +88,7 @@ def apply(ep: SecureEndpoint, peers: list[PeerKeys]) -> list[int]:
         p = ep.peers.get(i)
         if p is None:
             continue
-        have = {kp.local: kp for kp in p.keypairs()}
+        have = {kp.local: kp for kp in p.keypairs()}  # reused: their windows go on
         mine = p.current  # confirmed here perhaps before the parent knew
         cur: Keypair | None = None
         nxt: Keypair | None = None
@@ -108,11 +108,7 @@ def apply(ep: SecureEndpoint, peers: list[PeerKeys]) -> list[int]:
             if cur is not None:
                 retired.append(cur)
             cur, nxt = mine, None
-        for kp in have.values():  # gone from the parent: forget the index
-            ep.indices.pop(kp.local, None)
-        p.current, p.next, p.retired = cur, nxt, retired
-        for kp in p.keypairs():
-            ep.indices[kp.local] = (p, kp)
+        ep.set_keypairs(p, cur, nxt, retired)  # what the parent dropped is forgotten
         if r:
             reset.append(i)
     return reset

@@ -92,36 +92,44 @@ class Keypair:
     def seal_run(self, src: memoryview, seg: int, out: memoryview, first: int) -> None:
         """`seal_into` for every `seg`-byte datagram of `src` (the last may be shorter),
         counters first, first + 1, ...; out has room for len(src) + OVERHEAD per datagram.
-        Headers (and, authenticated, the payloads) of the full-size datagrams are written
-        with one numpy copy each; the loop only makes the AEAD calls: the per-datagram
-        cost of a 64 KB run is then little more than the primitive's."""
+        Per datagram: one struct pack_into for the header (0.1 µs; numpy rows cost 6.5 µs
+        per batch of 8, more than packing them up to ~60 rows) and the AEAD call.
+        Authenticated: the payloads are copied with one numpy copy and the tags (GMAC of
+        header + payload, made as bytes: one output slice fewer per datagram) put in place
+        with another. The per-datagram cost of a 64 KB run is then little more than the
+        primitive's (tests/sim/bench_aead_floor.py)."""
         total = len(src)
-        enc = self.send.encrypt_into
         t = self.msg_type
-        auth = t == MSG_AUTHENTICATED
+        remote = self.remote
+        pack = TRANSPORT.pack_into
         full = total // seg
         row = seg + OVERHEAD
-        if full:
+        if t == MSG_AUTHENTICATED and full:
             rows = np.frombuffer(out, np.uint8, full * row).reshape(full, row)
-            rows[:, :8] = np.frombuffer(TRANSPORT.pack(t, self.remote, 0)[:8], np.uint8)
-            rows[:, 8:HEADER_LEN] = np.arange(first, first + full, dtype=">u8").view(
-                np.uint8).reshape(full, 8)
-            if auth:
-                rows[:, HEADER_LEN:HEADER_LEN + seg] = np.frombuffer(
-                    src, np.uint8, full * seg).reshape(full, seg)
-        at = 0
-        ctr = first
-        for off in range(0, full * seg, seg):
-            end = at + HEADER_LEN + seg
-            if auth:
-                enc(nonce(ctr), b"", out[at:end], out[end:end + TAG_LEN])
-            else:
+            rows[:, HEADER_LEN:HEADER_LEN + seg] = np.frombuffer(
+                src, np.uint8, full * seg).reshape(full, seg)
+            mac = self.send.encrypt
+            inner = HEADER_LEN + seg
+            tags = []
+            ctr = first
+            for at in range(0, full * row, row):
+                pack(out, at, t, remote, ctr)
+                tags.append(mac(nonce(ctr), b"", out[at:at + inner]))
+                ctr += 1
+            rows[:, inner:] = np.frombuffer(b"".join(tags), np.uint8).reshape(full, TAG_LEN)
+        else:
+            enc = self.send.encrypt_into
+            at = 0
+            ctr = first
+            for off in range(0, full * seg, seg):
+                pack(out, at, t, remote, ctr)
+                end = at + HEADER_LEN + seg
                 enc(nonce(ctr), src[off:off + seg], out[at:at + HEADER_LEN],
                     out[at + HEADER_LEN:end + TAG_LEN])
-            at = end + TAG_LEN
-            ctr += 1
+                at = end + TAG_LEN
+                ctr += 1
         if full * seg < total:  # the shorter last one
-            self.seal_into(src[full * seg:], out, at, ctr)
+            self.seal_into(src[full * seg:], out, full * row, first + full)
 
     def open_run(self, src: memoryview, seg: int, out: memoryview, reject: int) -> int:
         """Verify and open the transport datagrams of `seg` bytes back to back in `src` (a

@@ -11,7 +11,9 @@ The variants take turns, round after round (`--rounds`), so a neighbour's load h
 them alike; each prints the median CPU µs per packet (process time) and its ratio to plain
 measured in the same run. Issue 12's goal for the authenticated mode: within 20 % of
 plain. `--profile MODE` prints the cProfile of that mode's send and receive instead.
-No assertions on time: a tool, not a test.
+The process keeps its heap as `grebe up` does (bridge/io/warm.py `keep_heap`;
+GREBE_KEEP_HEAP=0 to see the cost of the page faults without it). No assertions on time:
+a tool, not a test.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from bridge.config import loads_config  # noqa: E402
 from bridge.gro import GroBatch  # noqa: E402
 from bridge.gso import SuperPacket, UdpRun  # noqa: E402
 from bridge.io import offload as ol  # noqa: E402
+from bridge.io.warm import keep_heap  # noqa: E402
 from bridge.pipeline import Bridge, Output  # noqa: E402
 from stack.wire import vnet  # noqa: E402
 from stack.wire.checksum import pseudo_sum_v4  # noqa: E402
@@ -147,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bulk", action="store_true",
                     help="TSO super-packets of one TCP flow out, GRO batches in")
     a = ap.parse_args(argv)
+    keep_heap()
     pkts = [_packet(i, a.size) for i in range(a.batch)]
     frames = _tso_frames(4, 44, a.size - 40)
     if a.bulk:

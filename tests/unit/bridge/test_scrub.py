@@ -212,3 +212,58 @@ def test_grebe_status_text_lists_the_rules_with_their_counters() -> None:
     assert "scrub[0] in any peer src 198.18.10.6/32 -> deny: matched 1, dropped 1" in text
     assert "scrub[1] both any peer any -> allow rate 5/s burst 2 per peer: matched 4, " \
         "dropped 2" in text
+
+
+def _source_rule(buckets: int) -> str:
+    return _rules('[[scrub]]\ndirection = "in"\naction = "allow"\nrate = 100\nburst = 3\n'
+                  f'bucket = "source"\nbuckets = {buckets}\n')
+
+
+def test_bucket_per_source_each_source_its_own_rate() -> None:
+    """Two IPv4 sources and one IPv6 /64 (two addresses in it) flood at once: each gets
+    the burst. The hash key is fixed here so that they do not collide (checked first)."""
+    from bridge.scrub import Scrubber
+
+    rules, errors = parse_scrub([{"action": "allow", "direction": "in", "rate": 100,
+                                  "burst": 3, "bucket": "source", "buckets": 64}], ["p"])
+    assert not errors and rules[0].bucket is Bucket.SOURCE and rules[0].buckets == 64
+    drops = [0] * 64
+    s = Scrubber(rules, ["p"], 0.0, drops, rng=lambda n: bytes(range(7, 7 + n)))
+    pkts = {"a": v4(src="198.18.10.5"), "b": v4(src="198.18.10.6"),
+            "c1": v6(src="2001:db8:10::5"), "c2": v6(src="2001:db8:10::ffff:6")}
+    slots = {k: s.source_bucket(0, p) for k, p in pkts.items()}
+    assert slots["c1"] == slots["c2"]  # one /64, one bucket
+    assert len({slots["a"], slots["b"], slots["c1"]}) == 3
+    passed = {k: sum(s.passes_in(0, p, 0.0) for _ in range(5)) for k, p in pkts.items()
+              if k != "c2"}
+    assert passed == {"a": 3, "b": 3, "c1": 3}
+    assert sum(s.passes_in(0, pkts["c2"], 0.0) for _ in range(5)) == 0  # c1's bucket: empty
+    assert s.passes_in(0, pkts["a"], 0.01)  # 10 ms later: one token back for each
+
+
+def test_bucket_per_source_table_is_fixed_and_collisions_share() -> None:
+    b = Bridge(site_config("b", _source_rule(1)), 0)  # one bucket: every source shares it
+    out = _to_b(b, [v4(src=f"198.18.10.{i}") for i in range(1, 11)], 0.0)
+    assert len(out.tun) == 3 and b.counters.drop("scrub_rate") == 7
+    b = Bridge(site_config("b", _source_rule(256)), 0)
+    scrub = b.scrub
+    assert scrub is not None
+    size = len(scrub.tokens)
+    assert size == 256
+    for n in range(40):  # 10,000 sources, each new: no state is made for any of them
+        _to_b(b, [v4(src=f"198.18.{10 + n % 2}.{i}") for i in range(250)], n * 0.001)
+    assert len(scrub.tokens) == size == len(scrub.stamps)
+    assert b.status(1.0)["scrub"][0]["buckets"] == 256
+
+
+def test_bucket_source_parse_errors() -> None:
+    _, errors = parse_scrub([{"action": "allow", "rate": 5, "bucket": "source",
+                              "buckets": 1000},
+                             {"action": "allow", "rate": 5, "buckets": 16},
+                             {"action": "allow", "bucket": "source", "buckets": 16},
+                             {"action": "allow", "rate": 5, "bucket": "source",
+                              "buckets": True}], ["p"])
+    assert {k for k, _ in errors} == {"scrub[0].buckets", "scrub[1].buckets",
+                                      "scrub[2].buckets", "scrub[3].buckets"}
+    rules, errors = parse_scrub([{"action": "allow", "rate": 5, "bucket": "source"}], ["p"])
+    assert not errors and rules[0].buckets == 1024

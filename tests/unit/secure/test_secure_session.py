@@ -405,3 +405,44 @@ def test_accept_run_marks_what_accept_would_one_by_one() -> None:
         assert (a.top, a.ring) == (b.top, b.ring)
         for n in range(max(0, last - WINDOW - 3), last + 3):
             assert a.check(n) == b.check(n)
+
+
+def test_renumber_moves_a_kept_session_and_forgets_the_indices_of_a_dropped_one() -> None:
+    p = Pair()
+    p.up()
+    ep = p.ep["a"]
+    sess = ep.peers[0]
+    old_local = sess.current.local if sess.current is not None else -1
+    ep.renumber({3: sess})  # a reload put the peer at index 3; its keys stay
+    assert ep.peers == {3: sess} and sess.index == 3
+    assert ep.indices[old_local][0] is sess
+    assert ep.by_public[p.keys.pub["b"][0]] is sess
+    assert p.send("b", b"x" * 40, 0.5)  # the session goes on across the renumbering
+    assert p.got["a"] == [b"x" * 40]
+    ep.renumber({})  # the peer removed: nothing of it can be looked up any more
+    assert ep.indices == {} and ep.by_public == {} and ep.identities == {}
+
+
+def test_renumber_refuses_a_public_key_of_two_peers_and_changes_nothing() -> None:
+    p = Pair()
+    p.up()
+    ep = p.ep["a"]
+    sess = ep.peers[0]
+    twin = Pair(keys=p.keys).ep["a"].peers[0]  # another session with the same peer key
+    before = (dict(ep.peers), dict(ep.indices), dict(ep.by_public))
+    with pytest.raises(ValueError):
+        ep.renumber({0: sess, 1: twin})
+    assert (ep.peers, ep.indices, ep.by_public) == before and sess.index == 0
+
+
+def test_set_keypairs_forgets_the_receiver_indices_of_keypairs_left_out() -> None:
+    p = Pair()
+    p.up()
+    ep = p.ep["a"]
+    sess = ep.peers[0]
+    kp = sess.current
+    assert kp is not None and ep.indices[kp.local] == (sess, kp)
+    ep.set_keypairs(sess, None, None, ())
+    assert kp.local not in ep.indices and sess.current is None
+    ep.set_keypairs(sess, None, kp, ())  # given back, as `next`
+    assert ep.indices[kp.local] == (sess, kp) and sess.next is kp
