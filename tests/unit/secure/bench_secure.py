@@ -23,8 +23,8 @@ from collections.abc import Callable
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from bridge.fuzz.modes import ADDR_A, make_pair
 from bridge.secure import OVERHEAD, SecurityMode
-from bridge.secure.fuzz import ADDR_A, make_pair
 
 BATCH = 65536
 NOW = 1.0

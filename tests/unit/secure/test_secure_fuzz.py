@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from secure_pair import Pair
 
+from bridge.fuzz.modes import ADDR_A, ADDR_B, exchange, fuzz, main, make_pair
 from bridge.secure import Limits, SecurityMode
-from bridge.secure.fuzz import ADDR_A, ADDR_B, exchange, fuzz, main, make_pair
 from bridge.secure.wire import TRANSPORT
 
 
@@ -33,11 +33,11 @@ def test_fuzz_command_line(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_fuzz_plain_mode_finds_nothing_and_can_find_something(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Plain mode (bridge/secure/fuzz_plain.py): mutated GRE/IPIP with the peer's key are
+    """Plain mode (bridge/fuzz/plain.py): mutated GRE/IPIP with the peer's key are
     delivered (RFC 2890 §3), which is no finding; a Bridge that let a spoofed inner
     source through would be."""
+    from bridge.fuzz.plain import fuzz_plain
     from bridge.peers import PeerTable
-    from bridge.secure.fuzz_plain import fuzz_plain
 
     r = fuzz_plain(4000, seed=3)
     assert r["exceptions"] == 0, r["first_exception"]

@@ -1,4 +1,4 @@
-"""The plain mode's part of the fuzz command (bridge/secure/fuzz.py): GRE-in-UDP and
+"""The plain mode's part of the fuzz command (bridge/fuzz/modes.py): GRE-in-UDP and
 IPIP-in-UDP datagrams, random and mutated, into a Bridge's receive path.
 
 Rules (what counts as a finding in plain mode; RFC 2890 §3: the key is no authentication,
@@ -13,7 +13,7 @@ delivered, and that is not a finding):
 Legitimate datagrams are interleaved; how many of them a far-ahead forged sequence number
 cost (issue 12: plain mode cannot stop it) is reported, not a finding.
 
-`mutate` makes the hostile inputs of every mode (bridge/secure/fuzz.py uses it too):
+`mutate` makes the hostile inputs of every mode (bridge/fuzz/modes.py uses it too):
 random bytes, or a recorded datagram with bit flips, byte overwrites, truncation,
 extension, a secure transport counter far ahead or anywhere, a splice of two, another
 type byte, or verbatim (a replay).

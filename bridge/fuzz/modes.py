@@ -1,6 +1,6 @@
-"""Fuzz the receive path of every mode: `python -m bridge.secure.fuzz --inputs N [--mode M]
+"""Fuzz the receive path of every mode: `python -m bridge.fuzz --inputs N [--mode M]
 [--seed S]` (M: plain, authenticated, encrypted, all (default) or both (the secure two);
-plain mode is bridge/secure/fuzz_plain.py's).
+plain mode is bridge/fuzz/plain.py's).
 
 Rules (what counts as a finding):
 - An exception escaping `receive_datagram` (the rule: nothing a peer sends raises).
@@ -35,8 +35,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
+from bridge.fuzz.plain import mutate
 from bridge.secure.endpoint import SecureEndpoint
-from bridge.secure.fuzz_plain import mutate
 from bridge.secure.keys import PeerSecurity, PeerSpec, SecurityMode
 from bridge.secure.limits import Limits
 from bridge.secure.noise import public_bytes
@@ -163,7 +163,7 @@ def fuzz(inputs: int, mode: SecurityMode, seed: int = 0, limits: Limits | None =
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bridge.secure.fuzz", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m bridge.fuzz", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--inputs", type=int, default=1_000_000, help="inputs per mode")
     ap.add_argument("--mode", choices=("plain", "authenticated", "encrypted", "all", "both"),
@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
              "both": ["authenticated", "encrypted"]}.get(args.mode, [args.mode])
     bad = False
     for name in names:
-        if name == "plain":  # bridge/secure/fuzz_plain.py: the Bridge's plain receive path
-            from bridge.secure.fuzz_plain import fuzz_plain
+        if name == "plain":  # bridge/fuzz/plain.py: the Bridge's plain receive path
+            from bridge.fuzz.plain import fuzz_plain
 
             r = fuzz_plain(args.inputs, args.seed)
         else:
