@@ -49,8 +49,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 from bridge.counters import Counters
 from bridge.encap import decode_gre, flow_source_port
-from bridge.gro import GroBatch, coalesce_rows
-from bridge.gso import SuperPacket, UdpRun, encap_segments
+from bridge.gro import LEG_RUN_MAX, GroBatch, coalesce_rows
+from bridge.gso import MAX_MERGED, SuperPacket, UdpRun, encap_segments
 from bridge.output import Output, emit
 from bridge.peers import Addr, PeerState, PeerTable
 from stack.wire.ip import V4_DST, V4_SRC, V4_TTL, V6_DST, V6_HLIM, V6_SRC
@@ -123,7 +123,8 @@ class FastPath:
         return True
 
     def receive_run(self, b: GroBatch, start: int, addr: Addr, now: float,
-                    tun: list[bytes | bytearray]) -> int:
+                    tun: list[bytes | bytearray],
+                    leg: Callable[[memoryview], bool] | None = None) -> int:
         """The receive fast path: a GRO batch of one TCP flow becomes one TunFrame appended
         to `tun` (bridge/gso.py `coalesce_rows` checks every row at once). The per-peer
         decisions of `from_udp` (peer, GRE header, sequence policy, `accept`) are made once,
@@ -133,8 +134,10 @@ class FastPath:
         reordering, a bad GRE checksum, not the start of a contiguous TCP run, ...), -1
         when no datagram of this batch can take the fast path (unknown or ambiguous peer).
         A terminated flow's run reaches its server leg as one segment
-        (`Terminator.from_peer`). Only an I/O layer whose TUN takes TunFrames (vnet header)
-        hands GroBatches in."""
+        (`Terminator.from_peer`): when `leg` (the Terminator's `leg_run`) says the first
+        datagram's inner packet is a live splice's, the run may go past 64 KB (up to
+        bridge/gro.py LEG_RUN_MAX: the leg takes it whole, it never reaches the TUN). Only
+        an I/O layer whose TUN takes TunFrames (vnet header) hands GroBatches in."""
         table = self.table
         cands = table.by_host(addr[0]) if isinstance(addr, tuple) and addr else ()
         if len(cands) != 1:
@@ -166,7 +169,9 @@ class FastPath:
                                   first[off + V6_DST:off + V6_DST_END], first[off + V6_HLIM])
         if reason >= 0:
             return 0
-        r = coalesce_rows(buf, start, seg, off, gseq_at, v4, ihl, doff, csum_at)
+        big = leg is not None and len(buf) - start > MAX_MERGED and leg(first[off:])
+        r = coalesce_rows(buf, start, seg, off, gseq_at, v4, ihl, doff, csum_at,
+                          LEG_RUN_MAX if big else MAX_MERGED)
         if r is None:
             return 0
         sup, merged, last, used = r
@@ -179,12 +184,14 @@ class FastPath:
         return used
 
     def expand(self, datagrams: Iterable[tuple[Buf | GroBatch, Addr]], now: float,
-               tun: list[bytes | bytearray], fast: bool = True) -> Iterator[tuple[Buf, Addr]]:
+               tun: list[bytes | bytearray], fast: bool = True,
+               leg: Callable[[memoryview], bool] | None = None) -> Iterator[tuple[Buf, Addr]]:
         """The datagrams one by one, for `Bridge.from_udp`'s per-packet loop; a `GroBatch`
         goes through `receive_run` (its TunFrames to `tun`) first, and what that leaves (all
         of it, or a short last datagram) comes out one by one, in order. One without a
         segment size (an adapter's mistake) is one datagram. `fast` False (the Bridge has
-        [[scrub]] rules, bridge/scrub.py): every datagram comes out, none takes a run."""
+        [[scrub]] rules, bridge/scrub.py): every datagram comes out, none takes a run.
+        `leg`: see `receive_run`."""
         receive_run = self.receive_run
         for payload, addr in datagrams:
             if type(payload) is GroBatch:
@@ -198,7 +205,7 @@ class FastPath:
                     continue
                 pos, n = 0, len(buf)
                 while pos < n:
-                    used = receive_run(payload, pos, addr, now, tun)
+                    used = receive_run(payload, pos, addr, now, tun, leg)
                     if used > 0:
                         pos += used
                         continue

@@ -18,6 +18,12 @@ Rules (what Linux GRO requires, and what the per-packet path would have checked)
 - A merged packet is at most MAX_MERGED (65,535) bytes, its IP header included (RFC 791
   §3.1: the IPv4 total length is 16 bits; IPv6 held to the same): datagrams that would not
   fit are left to the next run or the per-packet path, never a wrapped length.
+- Except a run for a terminated flow's server leg (`max_merged` up to LEG_RUN_MAX, given
+  only by a caller that checked the run's 4-tuple is a live splice's, bridge/fastpath.py):
+  it never reaches a TUN (the leg takes it whole, bridge/userspace/tunnel.py), so one call
+  merges a whole joined receive buffer and numpy's fixed cost per call is paid once per
+  buffer, not per 64 KB. Over 65,535 bytes its IPv4 total length (IPv6 payload length) is
+  0, as Linux marks a BIG TCP packet, and the frame's length is the packet's.
 - Nothing raises on a peer's bytes: a run that does not merge returns None and the caller
   takes the datagrams one by one.
 
@@ -52,7 +58,11 @@ try:  # numpy is a declared dependency; without it the per-packet path takes eve
 except ImportError:  # pragma: no cover
     _np = None  # type: ignore[assignment]
 
-__all__ = ["GroBatch", "coalesce_rows"]
+__all__ = ["GroBatch", "coalesce_rows", "LEG_RUN_MAX"]
+
+# The longest run merged for a terminated flow's server leg (module rules): a few joined
+# GRO buffers (bridge/io/udp.py JOIN_MAX), bounded so one call's arrays stay small.
+LEG_RUN_MAX = 1 << 20
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -119,8 +129,8 @@ class GroBatch:
 
 
 def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_at: int,
-                  v4: bool, ihl: int, doff: int, csum_at: int = -1
-                  ) -> tuple[TunFrame, int, int, int] | None:
+                  v4: bool, ihl: int, doff: int, csum_at: int = -1,
+                  max_merged: int = MAX_MERGED) -> tuple[TunFrame, int, int, int] | None:
     """Merge the longest run of datagrams of `seg` bytes from `buf[start:]` (encapsulation
     header of `off` bytes, then one TCP segment each) into one TUN frame (bridge/tunframe.py:
     virtio-net header, GSO TCPV4/TCPV6 with gso_size = the segments' payload, NEEDS_CSUM,
@@ -128,8 +138,9 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
     checksum field). Returns (frame, datagrams merged, last GRE sequence number or -1, bytes
     consumed), or None when not even the first two datagrams make a run. A shorter datagram
     after all the rows (GRO's run end) joins if it continues the run. The merged packet is
-    at most MAX_MERGED bytes: the rows are capped to fit, and a tail that would not fit is
-    left (for the next run, or the per-packet path).
+    at most `max_merged` bytes (MAX_MERGED; up to LEG_RUN_MAX for a server leg's run, module
+    rules): the rows are capped to fit, and a tail that would not fit is left (for the
+    next run, or the per-packet path).
 
     The rules of the per-packet path plus TUN coalescing, checked over all rows at once (a
     row breaking one ends the run before it): encapsulation headers equal but for the GRE
@@ -146,7 +157,8 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
     np = _np
     hl = ihl + doff
     plen = seg - off - hl
-    rows = min((len(buf) - start) // seg, (MAX_MERGED - hl) // max(plen, 1))
+    max_merged = min(max_merged, LEG_RUN_MAX)
+    rows = min((len(buf) - start) // seg, (max_merged - hl) // max(plen, 1))
     if rows < 2 or plen <= 0 or (seg - off - ihl) & 1 or ihl & 1:
         return None
     ln_at = start + off + (2 if v4 else 4)
@@ -212,7 +224,7 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
     tail = len(buf) - end_at
     tplen = tail - off - hl
     if k == rows and tail and last_flags == _ACK and 0 < tplen < plen and \
-            hl + k * plen + tplen <= MAX_MERGED and _tail_ok(
+            hl + k * plen + tplen <= max_merged and _tail_ok(
             buf, end_at, a[0, :off + hl], mask[:off + hl], v4, off, ihl, tail, src, dst,
             (tseq0 + k * plen) & 0xFFFFFFFF, last_gseq, csum_at >= 0):
         last_flags = buf[end_at + t + 13]
@@ -232,13 +244,14 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
         out[end:] = buf[len(buf) - tplen:]
     hdr = bytearray(buf[start + off:start + off + hl])
     hdr[ihl + 13] = last_flags
+    big = total > MAX_MERGED  # a server leg's run only: length 0, as BIG TCP (module rules)
     if v4:
-        _U16.pack_into(hdr, 2, total)
+        _U16.pack_into(hdr, 2, 0 if big else total)
         hdr[10] = hdr[11] = 0
         _U16.pack_into(hdr, 10, checksum(memoryview(hdr)[:ihl]))
         tps = pseudo_sum_v4(src, dst, _TCP, total - ihl)
     else:
-        _U16.pack_into(hdr, 4, total - 40)
+        _U16.pack_into(hdr, 4, 0 if big else total - 40)
         tps = pseudo_sum_v6(src, dst, _TCP, total - ihl)
     _U16.pack_into(hdr, ihl + 16, tps)  # NEEDS_CSUM: the folded pseudo-header sum
     out[VNET_HDR_LEN:VNET_HDR_LEN + hl] = hdr

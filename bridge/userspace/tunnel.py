@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bridge.flows import FlowKey
+from bridge.gso import MAX_MERGED
 from bridge.tunframe import TunFrame
 from bridge.userspace.legwire import completed_partial, merge_run, quoted_leg, run_part
 from bridge.userspace.splice import Splice
@@ -86,6 +87,12 @@ class TunnelSide:
             return None
         return sp, ck, key, off, flags
 
+    def leg_run(self, pkt: memoryview) -> bool:
+        """True when inner packet `pkt` (the first of a GRO run, bridge/fastpath.py) is a live
+        splice's server leg's: its run may then be merged past 64 KB (bridge/gro.py
+        LEG_RUN_MAX), since `from_peer` hands it to the leg whole, never to the TUN."""
+        return self._server_side(pkt, len(pkt)) is not None
+
     def from_peer(self, pkts: Sequence[bytes | bytearray], now: float, out: Any) -> None:
         """The decapsulated packets from the tunnel, in the order the Bridge's sequence
         policy delivered them (TunFrames of its GRO path among them): the server legs take
@@ -106,7 +113,10 @@ class TunnelSide:
             for pkt in pkts:
                 if type(pkt) is TunFrame:  # a run the Bridge merged and checked (bridge/gro.py)
                     if not self._server_frame(pkt, now):
-                        tun.append(pkt)
+                        if len(pkt) > VNET_HDR_LEN + MAX_MERGED:  # a leg's run: never the TUN's
+                            self._drop("leg_run_unclaimed")
+                        else:
+                            tun.append(pkt)
                     continue
                 n = len(pkt)
                 found = self._server_side(pkt, n)
