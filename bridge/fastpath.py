@@ -49,8 +49,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 from bridge.counters import Counters
 from bridge.encap import decode_gre, flow_source_port
-from bridge.gro import LEG_RUN_MAX, GroBatch, coalesce_rows
-from bridge.gso import MAX_MERGED, SuperPacket, UdpRun, encap_segments
+from bridge.gro import GroBatch, coalesce_rows
+from bridge.gso import SuperPacket, UdpRun, encap_segments
 from bridge.output import Output, emit
 from bridge.peers import Addr, PeerState, PeerTable
 from stack.wire.ip import V4_DST, V4_SRC, V4_TTL, V6_DST, V6_HLIM, V6_SRC
@@ -135,9 +135,9 @@ class FastPath:
         when no datagram of this batch can take the fast path (unknown or ambiguous peer).
         A terminated flow's run reaches its server leg as one segment
         (`Terminator.from_peer`): when `leg` (the Terminator's `leg_run`) says the first
-        datagram's inner packet is a live splice's, the run may go past 64 KB (up to
-        bridge/gro.py LEG_RUN_MAX: the leg takes it whole, it never reaches the TUN). Only
-        an I/O layer whose TUN takes TunFrames (vnet header) hands GroBatches in."""
+        datagram's inner packet is a live splice's, the run is a `LegRun` of up to
+        bridge/gro.py LEG_RUN_MAX bytes (the leg takes it whole, it never reaches the TUN).
+        Only an I/O layer whose TUN takes TunFrames (vnet header) hands GroBatches in."""
         table = self.table
         cands = table.by_host(addr[0]) if isinstance(addr, tuple) and addr else ()
         if len(cands) != 1:
@@ -169,15 +169,14 @@ class FastPath:
                                   first[off + V6_DST:off + V6_DST_END], first[off + V6_HLIM])
         if reason >= 0:
             return 0
-        big = leg is not None and len(buf) - start > MAX_MERGED and leg(first[off:])
         r = coalesce_rows(buf, start, seg, off, gseq_at, v4, ihl, doff, csum_at,
-                          LEG_RUN_MAX if big else MAX_MERGED)
+                          leg is not None and leg(first[off:]))
         if r is None:
             return 0
         sup, merged, last, used = r
         sr.run_received(last)
         self.heard(peer, now)
-        tun.append(sup)  # a TunFrame: the TUN adapter writes it whole
+        tun.append(sup)  # a TunFrame (the TUN adapter writes it whole) or a server leg's LegRun
         c = self.counters
         c.rx_packets[peer.index] += merged
         c.rx_bytes[peer.index] += used

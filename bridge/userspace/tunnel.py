@@ -10,7 +10,11 @@ Rules of this module (pure, sans-I/O: decapsulated inner packets and `now` in; l
 - Consecutive in-order data segments of one server leg (a GRO batch of the tunnel) reach the
   leg as one segment (legwire.py `merge_run`: every checksum still checked, by one sum over
   the run; a bad one is dropped alone); a `TunFrame` the Bridge's GRO path merged and
-  checked (bridge/gro.py, NEEDS_CSUM) is taken whole without a second checksum pass.
+  checked (bridge/gro.py, NEEDS_CSUM) is taken whole without a second checksum pass, and
+  so is a `LegRun` (bridge/tunframe.py), the run the GRO path merged for a server leg
+  because `leg_run` said the flow is a live splice's: its payload object goes to the leg
+  as it is; one that no leg claims is dropped and counted "leg_run_unclaimed", never
+  written to the TUN.
 - ICMP errors quoting a server leg's segment go to that leg (legwire.py `quoted_leg`, counted
   "icmp_to_server_leg"); while the splice has no client leg (connect first) the error also
   goes on to the client, whose own SYN it quotes (RFC 1122 §4.2.3.9).
@@ -29,8 +33,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bridge.flows import FlowKey
-from bridge.gso import MAX_MERGED
-from bridge.tunframe import TunFrame
+from bridge.tunframe import LegRun, TunFrame
 from bridge.userspace.legwire import completed_partial, merge_run, quoted_leg, run_part
 from bridge.userspace.splice import Splice
 from stack.wire.prelude import V4_DST_AT, V6_DST_AT, tcp_key
@@ -113,10 +116,11 @@ class TunnelSide:
             for pkt in pkts:
                 if type(pkt) is TunFrame:  # a run the Bridge merged and checked (bridge/gro.py)
                     if not self._server_frame(pkt, now):
-                        if len(pkt) > VNET_HDR_LEN + MAX_MERGED:  # a leg's run: never the TUN's
-                            self._drop("leg_run_unclaimed")
-                        else:
-                            tun.append(pkt)
+                        tun.append(pkt)
+                    continue
+                if type(pkt) is LegRun:  # the same, for a server leg only: never the TUN's
+                    if not self._server_leg_run(pkt, now):
+                        self._drop("leg_run_unclaimed")
                     continue
                 n = len(pkt)
                 found = self._server_side(pkt, n)
@@ -191,6 +195,28 @@ class TunnelSide:
         if seg is not None:
             gso_size = frame[GSO_SIZE_AT] | frame[GSO_SIZE_AT + 1] << 8  # little-endian
             k = -(-len(seg.payload) // gso_size) if gso_size else 1
+            self.counters["from_server"] += k
+            self.counters["server_runs"] += 1
+            if k >= BULK_RUN:
+                self._bulk_at = now
+            sp.from_server(seg, now)
+            self.touched[ck] = sp
+        return True
+
+    def _server_leg_run(self, run: LegRun, now: float) -> bool:
+        """A `LegRun` (bridge/gro.py: a run merged for a server leg, every segment's checksum
+        checked there): its leg takes header and payload as one segment, the payload object
+        as it is. False when no live splice claims it (the caller drops it)."""
+        n = len(run)
+        found = self._server_side(run, n)
+        if found is None:
+            return False
+        sp, ck, key, off, _flags = found
+        seg = parse_tcp(memoryview(run)[off:n], key[1], key[2], drops=self.drops,
+                        verify_checksum=False)
+        if seg is not None:
+            seg = seg._replace(payload=run.payload)
+            k = -(-len(run.payload) // run.gso_size) if run.gso_size else 1
             self.counters["from_server"] += k
             self.counters["server_runs"] += 1
             if k >= BULK_RUN:

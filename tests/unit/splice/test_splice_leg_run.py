@@ -5,7 +5,7 @@ datagrams reach Bridge A (userspace inspection, vnet TUN) glued into one receive
 the UDP adapter joins GRO buffers. A's server leg takes the whole buffer as one segment
 (one `server_runs`), nothing over 64 KB ever goes to the TUN, a flow A does not terminate
 still gets TUN frames of at most 64 KB, and a damaged datagram inside the long run still
-ends the run before it and is dropped.
+ends the run before it and is dropped; a LegRun no leg claims is dropped, never written.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from bridge.config import loads_config
 from bridge.gro import GroBatch
 from bridge.gso import MAX_MERGED, UdpRun
 from bridge.pipeline import Bridge, Output
-from bridge.tunframe import TunFrame
+from bridge.tunframe import LegRun, TunFrame
 from stack.connection import TcpConnection
 from stack.events import DataReceived
 from stack.state import State
@@ -82,7 +82,7 @@ class Pair:
         assert self.a.terminator is not None
         self.term = self.a.terminator
         self.term.use_tun_offload()
-        big = dict(recv_buffer=8 << 20, send_buffer=8 << 20, msl=1.0)
+        big: dict[str, Any] = dict(recv_buffer=8 << 20, send_buffer=8 << 20, msl=1.0)
         self.client = TcpConnection((CLIENT, 40001), (SERVER, port), TcpConfig(**big))
         self.server = TcpConnection((SERVER, port), (CLIENT, 40001),
                                     TcpConfig(mss=1400, initial_cwnd=1 << 20, **big))
@@ -197,3 +197,19 @@ def test_a_damaged_datagram_ends_a_long_run_and_is_dropped() -> None:
     for _ in range(400):  # the server resends the damaged segment (its RACK/RTO)
         p.step()
     assert bytes(p.got) == data
+
+
+def test_a_leg_run_no_leg_claims_is_dropped_never_written() -> None:
+    p = Pair(80)
+    p.established()
+    d = _run(p, 90)[0][0]
+    off = next(o for o in (4, 8, 12) if int.from_bytes(d[o + 2:o + 4], "big") == len(d) - o)
+    hdr = bytearray(d[off:off + 52])  # IP + TCP header (timestamps) of the first datagram
+    runs = p.term.counters["server_runs"]
+    out = Output()
+    p.term.from_peer([LegRun(hdr, d[off + 52:], len(d) - off - 52)], p.now, out)
+    assert p.term.counters["server_runs"] == runs + 1 and p.term.drops == {}  # its leg's
+    hdr[22:24] = (81).to_bytes(2, "big")  # another source port: no splice has this flow
+    out = Output()
+    p.term.from_peer([LegRun(hdr, d[off + 52:], len(d) - off - 52)], p.now, out)
+    assert out.tun == [] and p.term.drops == {"leg_run_unclaimed": 1}
