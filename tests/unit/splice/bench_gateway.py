@@ -1,6 +1,6 @@
 """Micro-benchmark of an inspecting gateway's whole data path (not a test: prints, never asserts).
 
-    .venv/bin/python tests/unit/splice/bench_gateway.py [MB] [--profile [--tottime|--cumtime]]
+    .venv/bin/python tests/unit/splice/bench_gateway.py [MB] [--lossy] [--profile [--cumtime]]
 
 What the lab's `inspect-userspace` download costs gateway A, in memory and on one core: a
 server TcpConnection sends MB megabytes through Bridge B (its encapsulation, as the far
@@ -12,7 +12,9 @@ takes a GSO packet from a TUN, and ACKs it through A's `from_tun`. Only the time
 Bridge A is counted (`from_udp`, `from_tun`, its timers), as this thread's CPU time
 (time.thread_time: other processes' load moves it less than wall time). Printed, the best
 of 3 runs: µs of A per 64 KB and the MB/s that CPU time allows; with --profile, one run
-under cProfile (A's calls only). Compare runs made one after the other.
+under cProfile (A's calls only). Compare runs made one after the other. --lossy: 2 % of
+the datagrams toward A lost and 3 % one place late (the lossy bench row's WAN, without its
+delay), so the per-packet paths (sequence policy, leg runs of single datagrams) are timed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import cProfile
 import ipaddress
 import os
 import pstats
+import random
 import sys
 import tempfile
 import time
@@ -44,6 +47,7 @@ from stack.wire.vnet import VNET_HDR_LEN  # noqa: E402
 
 CLIENT = ipaddress.ip_address("198.18.10.5").packed
 SERVER = ipaddress.ip_address("198.18.20.7").packed
+LOSS, REORDER = 0.02, 0.03  # --lossy, toward A only (the lab's wan-a impairment, in part)
 A_ADDR = ("198.18.0.1", 4754)
 B_ADDR = ("198.18.0.2", 4754)
 
@@ -107,8 +111,29 @@ def _gro(dgrams: list[bytes | bytearray]) -> list[GroBatch | bytes | bytearray]:
     return batches
 
 
-def run(total: int, log: str, prof: cProfile.Profile | None = None) -> tuple[int, float]:
+def _impair(dgrams: list[bytes | bytearray], rng: random.Random) -> list[bytes | bytearray]:
+    """--lossy: drop LOSS of the datagrams toward A, and move REORDER one place later."""
+    out: list[bytes | bytearray] = []
+    late: bytes | bytearray | None = None
+    for d in dgrams:
+        if rng.random() < LOSS:
+            continue
+        if late is None and rng.random() < REORDER:
+            late = d
+            continue
+        out.append(d)
+        if late is not None:
+            out.append(late)
+            late = None
+    if late is not None:
+        out.append(late)
+    return out
+
+
+def run(total: int, log: str, prof: cProfile.Profile | None = None,
+        lossy: bool = False) -> tuple[int, float]:
     """Returns (bytes the client got, seconds inside Bridge A)."""
+    rng = random.Random(11)
     a = Bridge(loads_config(SITE.format(side="a", tun4="198.18.100.1/30", listen=A_ADDR[0],
                                         endpoint=B_ADDR[0], prefixes='"198.18.20.0/24"')
                             + RULE.format(log=log)), 0.0)
@@ -142,7 +167,8 @@ def run(total: int, log: str, prof: cProfile.Profile | None = None) -> tuple[int
         up = [term.packet(CLIENT, SERVER, s) for s in client.segments_to_send(now)]
         b.from_tun([term.packet(SERVER, CLIENT, s) for s in server.segments_to_send(now)], now,
                    ob)
-        to_a = [(g, B_ADDR) for g in _gro(_datagrams(ob))]
+        dgrams = _datagrams(ob)
+        to_a = [(g, B_ADDR) for g in _gro(_impair(dgrams, rng) if lossy else dgrams)]
         if prof is not None:
             prof.enable()
         t0 = time.thread_time()
@@ -181,7 +207,8 @@ def main() -> None:
     best = float("inf")
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(rounds):  # the best of a few: the machine's load only adds time
-            got, t = run(int(mb * 1e6), os.path.join(tmp, "flows.jsonl"), prof)
+            got, t = run(int(mb * 1e6), os.path.join(tmp, "flows.jsonl"), prof,
+                         "--lossy" in sys.argv)
             best = min(best, t)
     inside = best
     print(f"gateway A: {got / 1e6:.1f} MB in {inside:.3f} s = {inside / got * 65536 * 1e6:.0f} µs "
