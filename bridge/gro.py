@@ -132,8 +132,8 @@ class GroBatch:
 
 
 def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_at: int,
-                  v4: bool, ihl: int, doff: int, csum_at: int = -1, leg: bool = False
-                  ) -> tuple[TunFrame | LegRun, int, int, int] | None:
+                  v4: bool, ihl: int, doff: int, csum_at: int = -1, leg: bool = False,
+                  max_rows: int = 0) -> tuple[TunFrame | LegRun, int, int, int] | None:
     """Merge the longest run of datagrams of `seg` bytes from `buf[start:]` (encapsulation
     header of `off` bytes, then one TCP segment each) into one TUN frame (bridge/tunframe.py:
     virtio-net header, GSO TCPV4/TCPV6 with gso_size = the segments' payload, NEEDS_CSUM,
@@ -143,7 +143,9 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
     after all the rows (GRO's run end) joins if it continues the run. The merged packet is
     at most MAX_MERGED bytes (`leg`: a `LegRun` of up to LEG_RUN_MAX, module rules): the
     rows are capped to fit, and a tail that would not fit is left (for the next run, or
-    the per-packet path).
+    the per-packet path). `max_rows` > 0 caps the rows looked at (bridge/fastpath.py
+    `expand`: after a run that broke early, the next call need not check the whole rest
+    of the buffer, which made a lossy path's many short runs cost quadratic work).
 
     The rules of the per-packet path plus TUN coalescing, checked over all rows at once (a
     row breaking one ends the run before it): encapsulation headers equal but for the GRE
@@ -162,6 +164,8 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
     plen = seg - off - hl
     max_merged = LEG_RUN_MAX if leg else MAX_MERGED
     rows = min((len(buf) - start) // seg, (max_merged - hl) // max(plen, 1))
+    if 0 < max_rows < rows:
+        rows = max(max_rows, 2)
     if rows < 2 or plen <= 0 or (seg - off - ihl) & 1 or ihl & 1:
         return None
     ln_at = start + off + (2 if v4 else 4)
