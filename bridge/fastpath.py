@@ -64,7 +64,9 @@ from stack.wire.prelude import (
     plain_tcp,
 )
 
-__all__ = ["FastPath"]
+__all__ = ["FastPath", "ROWS_PROBE"]
+
+ROWS_PROBE = 8  # the fewest rows a run looks at after one broke early (`expand`)
 
 Buf = bytes | bytearray | memoryview
 
@@ -123,7 +125,8 @@ class FastPath:
         return True
 
     def receive_run(self, b: GroBatch, start: int, addr: Addr, now: float,
-                    tun: list[bytes | bytearray]) -> int:
+                    tun: list[bytes | bytearray],
+                    leg: Callable[[memoryview], bool] | None = None, max_rows: int = 0) -> int:
         """The receive fast path: a GRO batch of one TCP flow becomes one TunFrame appended
         to `tun` (bridge/gso.py `coalesce_rows` checks every row at once). The per-peer
         decisions of `from_udp` (peer, GRE header, sequence policy, `accept`) are made once,
@@ -133,8 +136,11 @@ class FastPath:
         reordering, a bad GRE checksum, not the start of a contiguous TCP run, ...), -1
         when no datagram of this batch can take the fast path (unknown or ambiguous peer).
         A terminated flow's run reaches its server leg as one segment
-        (`Terminator.from_peer`). Only an I/O layer whose TUN takes TunFrames (vnet header)
-        hands GroBatches in."""
+        (`Terminator.from_peer`): when `leg` (the Terminator's `leg_run`) says the first
+        datagram's inner packet is a live splice's, the run is a `LegRun` of up to
+        bridge/gro.py LEG_RUN_MAX bytes (the leg takes it whole, it never reaches the TUN).
+        Only an I/O layer whose TUN takes TunFrames (vnet header) hands GroBatches in.
+        `max_rows` > 0: look at no more rows than that (`expand`)."""
         table = self.table
         cands = table.by_host(addr[0]) if isinstance(addr, tuple) and addr else ()
         if len(cands) != 1:
@@ -166,25 +172,32 @@ class FastPath:
                                   first[off + V6_DST:off + V6_DST_END], first[off + V6_HLIM])
         if reason >= 0:
             return 0
-        r = coalesce_rows(buf, start, seg, off, gseq_at, v4, ihl, doff, csum_at)
+        r = coalesce_rows(buf, start, seg, off, gseq_at, v4, ihl, doff, csum_at,
+                          leg is not None and leg(first[off:]), max_rows)
         if r is None:
             return 0
         sup, merged, last, used = r
         sr.run_received(last)
         self.heard(peer, now)
-        tun.append(sup)  # a TunFrame: the TUN adapter writes it whole
+        tun.append(sup)  # a TunFrame (the TUN adapter writes it whole) or a server leg's LegRun
         c = self.counters
         c.rx_packets[peer.index] += merged
         c.rx_bytes[peer.index] += used
         return used
 
     def expand(self, datagrams: Iterable[tuple[Buf | GroBatch, Addr]], now: float,
-               tun: list[bytes | bytearray], fast: bool = True) -> Iterator[tuple[Buf, Addr]]:
+               tun: list[bytes | bytearray], fast: bool = True,
+               leg: Callable[[memoryview], bool] | None = None) -> Iterator[tuple[Buf, Addr]]:
         """The datagrams one by one, for `Bridge.from_udp`'s per-packet loop; a `GroBatch`
         goes through `receive_run` (its TunFrames to `tun`) first, and what that leaves (all
         of it, or a short last datagram) comes out one by one, in order. One without a
         segment size (an adapter's mistake) is one datagram. `fast` False (the Bridge has
-        [[scrub]] rules, bridge/scrub.py): every datagram comes out, none takes a run."""
+        [[scrub]] rules, bridge/scrub.py): every datagram comes out, none takes a run.
+        `leg`: see `receive_run`. After a run that ended before the rows it was given
+        (loss or reordering in the batch), the next run of the batch looks at no more than
+        twice as many rows (at least ROWS_PROBE), doubling while runs fill what they look
+        at: without that cap each of a lossy batch's short runs checked the whole rest of
+        the buffer (quadratic in the batch)."""
         receive_run = self.receive_run
         for payload, addr in datagrams:
             if type(payload) is GroBatch:
@@ -197,9 +210,15 @@ class FastPath:
                     yield buf, addr
                     continue
                 pos, n = 0, len(buf)
+                cap = 0  # rows the next run may look at (0: all)
                 while pos < n:
-                    used = receive_run(payload, pos, addr, now, tun)
+                    used = receive_run(payload, pos, addr, now, tun, leg, cap)
                     if used > 0:
+                        k = used // seg
+                        if k < (cap or (n - pos) // seg):  # the run broke early
+                            cap = max(ROWS_PROBE, 2 * k)
+                        elif cap:
+                            cap *= 2
                         pos += used
                         continue
                     if used < 0:  # nothing in this batch can take the fast path

@@ -18,6 +18,15 @@ Rules (what Linux GRO requires, and what the per-packet path would have checked)
 - A merged packet is at most MAX_MERGED (65,535) bytes, its IP header included (RFC 791
   §3.1: the IPv4 total length is 16 bits; IPv6 held to the same): datagrams that would not
   fit are left to the next run or the per-packet path, never a wrapped length.
+- Except a run for a terminated flow's server leg (`leg`, given only by a caller that
+  checked the run's 4-tuple is a live splice's, bridge/fastpath.py): it never reaches a
+  TUN, so it is a `LegRun` (bridge/tunframe.py: the merged IP + TCP header, and the
+  payload as one `bytes` gathered from the rows in one copy, which the leg's receive queue
+  keeps as it is) of up to LEG_RUN_MAX bytes: one call merges a whole joined receive
+  buffer, so numpy's fixed cost per call is paid once per buffer, not per 64 KB, and the
+  payload is copied once instead of three times (frame, TunFrame, the leg's join). Over
+  65,535 bytes its IPv4 total length (IPv6 payload length) is 0, as Linux marks a BIG TCP
+  packet. A shorter last datagram does not join a LegRun (it follows on its own).
 - Nothing raises on a peer's bytes: a run that does not merge returns None and the caller
   takes the datagrams one by one.
 
@@ -36,7 +45,7 @@ import struct
 from typing import Any, final
 
 from bridge.gso import CACHE_MAX, MAX_MERGED, counts, row_fields
-from bridge.tunframe import TunFrame
+from bridge.tunframe import LegRun, TunFrame
 from stack.wire.checksum import checksum, partial, pseudo_sum_v4, pseudo_sum_v6, swap16
 from stack.wire.ip import V4_DST, V4_SRC, V6_DST, V6_SRC
 from stack.wire.prelude import (
@@ -52,7 +61,11 @@ try:  # numpy is a declared dependency; without it the per-packet path takes eve
 except ImportError:  # pragma: no cover
     _np = None  # type: ignore[assignment]
 
-__all__ = ["GroBatch", "coalesce_rows"]
+__all__ = ["GroBatch", "coalesce_rows", "LEG_RUN_MAX"]
+
+# The longest run merged for a terminated flow's server leg (module rules): a few joined
+# GRO buffers (bridge/io/udp.py JOIN_MAX), bounded so one call's arrays stay small.
+LEG_RUN_MAX = 1 << 20
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -119,8 +132,8 @@ class GroBatch:
 
 
 def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_at: int,
-                  v4: bool, ihl: int, doff: int, csum_at: int = -1
-                  ) -> tuple[TunFrame, int, int, int] | None:
+                  v4: bool, ihl: int, doff: int, csum_at: int = -1, leg: bool = False,
+                  max_rows: int = 0) -> tuple[TunFrame | LegRun, int, int, int] | None:
     """Merge the longest run of datagrams of `seg` bytes from `buf[start:]` (encapsulation
     header of `off` bytes, then one TCP segment each) into one TUN frame (bridge/tunframe.py:
     virtio-net header, GSO TCPV4/TCPV6 with gso_size = the segments' payload, NEEDS_CSUM,
@@ -128,8 +141,11 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
     checksum field). Returns (frame, datagrams merged, last GRE sequence number or -1, bytes
     consumed), or None when not even the first two datagrams make a run. A shorter datagram
     after all the rows (GRO's run end) joins if it continues the run. The merged packet is
-    at most MAX_MERGED bytes: the rows are capped to fit, and a tail that would not fit is
-    left (for the next run, or the per-packet path).
+    at most MAX_MERGED bytes (`leg`: a `LegRun` of up to LEG_RUN_MAX, module rules): the
+    rows are capped to fit, and a tail that would not fit is left (for the next run, or
+    the per-packet path). `max_rows` > 0 caps the rows looked at (bridge/fastpath.py
+    `expand`: after a run that broke early, the next call need not check the whole rest
+    of the buffer, which made a lossy path's many short runs cost quadratic work).
 
     The rules of the per-packet path plus TUN coalescing, checked over all rows at once (a
     row breaking one ends the run before it): encapsulation headers equal but for the GRE
@@ -146,7 +162,10 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
     np = _np
     hl = ihl + doff
     plen = seg - off - hl
-    rows = min((len(buf) - start) // seg, (MAX_MERGED - hl) // max(plen, 1))
+    max_merged = LEG_RUN_MAX if leg else MAX_MERGED
+    rows = min((len(buf) - start) // seg, (max_merged - hl) // max(plen, 1))
+    if 0 < max_rows < rows:
+        rows = max(max_rows, 2)
     if rows < 2 or plen <= 0 or (seg - off - ihl) & 1 or ihl & 1:
         return None
     ln_at = start + off + (2 if v4 else 4)
@@ -154,11 +173,15 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
         return None  # padded or short: the per-packet path decides
     if v4 and partial(buf[start + off:start + off + ihl]) != 0xFFFF:
         return None  # the first row's IPv4 header checksum (the others: below)
+    t = off + ihl  # before any numpy: do the first two rows make a run? (a lossy path's
+    f0 = start + t  # many one-row runs made a third of the calls cost the whole setup)
+    if buf[f0 + 13] != _ACK or (_U32.unpack_from(buf, f0 + seg + 4)[0]
+                                - _U32.unpack_from(buf, f0 + 4)[0]) & 0xFFFFFFFF != plen:
+        return None  # not ACK-only (PSH ends a run with its row), or row 1 does not follow
     flat = np.frombuffer(buf, dtype=np.uint8, count=rows * seg, offset=start)
     a = flat.reshape(rows, seg)
     mask, dt = _coalesce_layout(seg, off, ihl, doff, gseq_at, csum_at, v4)
     f = np.ndarray((rows,), dt, flat)  # the fields that differ between rows, by name
-    t = off + ihl
     if len(mask) <= seg:  # headers as 64-bit words (the mask padded with zeros)
         h = a[:, :len(mask)].view("<u8")
         bad = np.logical_or.reduce((h ^ h[0]) & mask.view("<u8"), axis=1)
@@ -211,8 +234,8 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
     end_at = start + used
     tail = len(buf) - end_at
     tplen = tail - off - hl
-    if k == rows and tail and last_flags == _ACK and 0 < tplen < plen and \
-            hl + k * plen + tplen <= MAX_MERGED and _tail_ok(
+    if k == rows and tail and not leg and last_flags == _ACK and 0 < tplen < plen and \
+            hl + k * plen + tplen <= max_merged and _tail_ok(
             buf, end_at, a[0, :off + hl], mask[:off + hl], v4, off, ihl, tail, src, dst,
             (tseq0 + k * plen) & 0xFFFFFFFF, last_gseq, csum_at >= 0):
         last_flags = buf[end_at + t + 13]
@@ -224,14 +247,23 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
     rows = k
     a = a[:k]
     total = hl + rows * plen + tplen
+    hdr = bytearray(buf[start + off:start + off + hl])
+    hdr[ihl + 13] = last_flags
+    big = total > MAX_MERGED  # a server leg's run only: length 0, as BIG TCP (module rules)
+    if leg:  # the header, and the payload gathered from the rows in one copy (module rules)
+        if v4:
+            _U16.pack_into(hdr, 2, 0 if big else total)
+            hdr[10] = hdr[11] = 0
+            _U16.pack_into(hdr, 10, checksum(memoryview(hdr)[:ihl]))
+        else:
+            _U16.pack_into(hdr, 4, 0 if big else total - 40)
+        return LegRun(hdr, a[:, off + hl:].tobytes(), plen), k, last_gseq, used
     out = bytearray(VNET_HDR_LEN + total)
     o = np.frombuffer(out, dtype=np.uint8)
     end = VNET_HDR_LEN + hl + rows * plen
     o[VNET_HDR_LEN + hl:end].reshape(rows, plen)[:] = a[:, off + hl:]  # one strided copy
     if tplen:
         out[end:] = buf[len(buf) - tplen:]
-    hdr = bytearray(buf[start + off:start + off + hl])
-    hdr[ihl + 13] = last_flags
     if v4:
         _U16.pack_into(hdr, 2, total)
         hdr[10] = hdr[11] = 0

@@ -365,7 +365,8 @@ class Bridge:
         tun: list[bytes | bytearray] = out.tun if term is None else []
         heard = self.heard
         seq_off = self._seq_off
-        for payload, addr in self.fast.expand(datagrams, now, tun, self.scrub is None):
+        leg = term.leg_run if term is not None and term.splices else None
+        for payload, addr in self.fast.expand(datagrams, now, tun, self.scrub is None, leg):
             cands = table.by_host(addr[0]) if isinstance(addr, tuple) and addr else ()
             if not cands:
                 drops[C.R_UNKNOWN_PEER] += 1

@@ -10,14 +10,34 @@ Rules:
   the checksum field holds the pseudo-header sum) and hand it one 64 KB super-segment
   (gso_type TCPV4/TCPV6, gso_size = MSS) for the kernel to segment, instead of summing
   every payload byte twice (emit, then the coalescer's check) and writing one packet per MSS.
+- A `LegRun` is never written to a TUN: bridge/gro.py makes it only for a run whose 4-tuple
+  the Terminator said is a live splice's server leg (bridge/fastpath.py `leg`), and the
+  Terminator's `from_peer` hands it to that leg (or drops and counts it), never to
+  `out.tun`. It is the merged packet's IP + TCP header as bytes (length field 0 over
+  64 KB, as BIG TCP) with the whole payload beside it (`payload`, one `bytes`): the
+  leg's receive queue keeps that object as it is, so the payload is copied once, from
+  the datagrams.
 """
 
 from __future__ import annotations
 
-__all__ = ["TunFrame"]
+__all__ = ["TunFrame", "LegRun"]
 
 
 class TunFrame(bytes):
     """bytes: virtio-net header + IP packet, written to the TUN unchanged."""
 
     __slots__ = ()
+
+
+class LegRun(bytes):
+    """bytes: the IP + TCP header of a merged run for a server leg; `payload` its data
+    (bytes), `gso_size` the payload of each datagram merged (for the segment counters)."""
+
+    def __init__(self, header: bytes | bytearray, payload: bytes, gso_size: int) -> None:
+        super().__init__()
+        self.payload = payload
+        self.gso_size = gso_size
+
+    def __new__(cls, header: bytes | bytearray, payload: bytes, gso_size: int) -> LegRun:
+        return super().__new__(cls, header)

@@ -175,13 +175,18 @@ def measure_inspect(b: Bench, v: Variant, opts: Options) -> InspectRow:
     b.wait_for(lambda: _get_ok(b), 30, f"{v.name}: client GETs from the server")
     ttfb = median([curl(b, "small").ttfb_s * 1000 for _ in range(opts.gets)])
     rates = []
+    ticks = b.cpu_ticks() if b.has_processes else 0
     for _ in range(opts.downloads):
         r = curl(b, "big")
         if r.size_bytes != BIG_FILE_BYTES:
             raise BenchParseError(f"download truncated: {r.size_bytes} bytes")
         rates.append(r.mbytes_per_s)
     mbs = median(rates)
-    log(f"{v.name}: download {mbs:,.1f} MB/s, TTFB {ttfb:.2f} ms")
+    cpu = ""  # the variant's processes (gateways, relay): CPU seconds per download
+    if b.has_processes:
+        per = (b.cpu_ticks() - ticks) / os.sysconf("SC_CLK_TCK") / max(opts.downloads, 1)
+        cpu = f", its processes {per:.2f} CPU s per download"
+    log(f"{v.name}: download {mbs:,.1f} MB/s, TTFB {ttfb:.2f} ms{cpu}")
     problem = v.verify(b, opts.gets + opts.downloads)
     if problem:
         raise RuntimeError(problem)

@@ -10,7 +10,11 @@ Rules of this module (pure, sans-I/O: decapsulated inner packets and `now` in; l
 - Consecutive in-order data segments of one server leg (a GRO batch of the tunnel) reach the
   leg as one segment (legwire.py `merge_run`: every checksum still checked, by one sum over
   the run; a bad one is dropped alone); a `TunFrame` the Bridge's GRO path merged and
-  checked (bridge/gro.py, NEEDS_CSUM) is taken whole without a second checksum pass.
+  checked (bridge/gro.py, NEEDS_CSUM) is taken whole without a second checksum pass, and
+  so is a `LegRun` (bridge/tunframe.py), the run the GRO path merged for a server leg
+  because `leg_run` said the flow is a live splice's: its payload object goes to the leg
+  as it is; one that no leg claims is dropped and counted "leg_run_unclaimed", never
+  written to the TUN.
 - ICMP errors quoting a server leg's segment go to that leg (legwire.py `quoted_leg`, counted
   "icmp_to_server_leg"); while the splice has no client leg (connect first) the error also
   goes on to the client, whose own SYN it quotes (RFC 1122 §4.2.3.9).
@@ -31,7 +35,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bridge.flows import FlowKey
-from bridge.tunframe import TunFrame
+from bridge.tunframe import LegRun, TunFrame
 from bridge.userspace.legwire import completed_partial, ecn_of, merge_run, quoted_leg, run_part
 from bridge.userspace.splice import Splice
 from stack.wire.prelude import V4_DST_AT, V6_DST_AT, tcp_key
@@ -90,6 +94,12 @@ class TunnelSide:
             return None
         return sp, ck, key, off, flags
 
+    def leg_run(self, pkt: memoryview) -> bool:
+        """True when inner packet `pkt` (the first of a GRO run, bridge/fastpath.py) is a live
+        splice's server leg's: its run may then be merged past 64 KB (bridge/gro.py
+        LEG_RUN_MAX), since `from_peer` hands it to the leg whole, never to the TUN."""
+        return self._server_side(pkt, len(pkt)) is not None
+
     def from_peer(self, pkts: Sequence[bytes | bytearray], now: float, out: Any) -> None:
         """The decapsulated packets from the tunnel, in the order the Bridge's sequence
         policy delivered them (TunFrames of its GRO path among them): the server legs take
@@ -111,6 +121,10 @@ class TunnelSide:
                 if type(pkt) is TunFrame:  # a run the Bridge merged and checked (bridge/gro.py)
                     if not self._server_frame(pkt, now):
                         tun.append(pkt)
+                    continue
+                if type(pkt) is LegRun:  # the same, for a server leg only: never the TUN's
+                    if not self._server_leg_run(pkt, now):
+                        self._drop("leg_run_unclaimed")
                     continue
                 n = len(pkt)
                 found = self._server_side(pkt, n)
@@ -186,6 +200,29 @@ class TunnelSide:
         if seg is not None:
             gso_size = frame[GSO_SIZE_AT] | frame[GSO_SIZE_AT + 1] << 8  # little-endian
             k = -(-len(seg.payload) // gso_size) if gso_size else 1
+            self.counters["from_server"] += k
+            self.counters["server_runs"] += 1
+            if k >= BULK_RUN:
+                self._bulk_at = now
+            sp.from_server(seg, now)
+            self.touched[ck] = sp
+        return True
+
+    def _server_leg_run(self, run: LegRun, now: float) -> bool:
+        """A `LegRun` (bridge/gro.py: a run merged for a server leg, every segment's checksum
+        checked there): its leg takes header and payload as one segment, the payload object
+        as it is. False when no live splice claims it (the caller drops it)."""
+        n = len(run)
+        found = self._server_side(run, n)
+        if found is None:
+            return False
+        sp, ck, key, off, _flags = found
+        mv = memoryview(run)
+        seg = parse_tcp(mv[off:n], key[1], key[2], drops=self.drops, verify_checksum=False,
+                        ecn=ecn_of(mv))  # GRO merged only equal IP headers (bridge/gro.py)
+        if seg is not None:
+            seg = seg._replace(payload=run.payload)
+            k = -(-len(run.payload) // run.gso_size) if run.gso_size else 1
             self.counters["from_server"] += k
             self.counters["server_runs"] += 1
             if k >= BULK_RUN:
