@@ -95,14 +95,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not args.wait:
         say(f"tear down: ./netns-lab.sh down{flag}")
         return 0
-    say("waiting; Ctrl-C (or SIGTERM) tears the lab down")
     return _hold(lab)
 
 
 def _hold(lab: Lab) -> int:
-    """Stay in the foreground until Ctrl-C or SIGTERM, then destroy `lab`."""
+    """Stay in the foreground until Ctrl-C or SIGTERM, then destroy `lab`. The handler is
+    in place before "waiting" is said: a SIGTERM sent on reading that line (a supervisor,
+    the lab tests) killed the process before it, and left the lab's namespaces behind."""
     old = _install_sigterm()
     try:
+        say("waiting; Ctrl-C (or SIGTERM) tears the lab down")
         signal.pause()
         return 0
     except KeyboardInterrupt:

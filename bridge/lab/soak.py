@@ -227,7 +227,8 @@ def run(minutes: float, mode: str, instance: str, warmup: float, loss: str, reor
         say(f"soak: {mode}, {minutes:g} min after {warmup:g} s warm-up, wan-a loss {loss} "
             f"reorder {reorder} delay {delay}")
         lan = d / "soak-lan-b.pcap"
-        lan_cap = lab.popen("gw-b", ["tcpdump", "-i", "lan0", "-n", "-U", "-w", str(lan),
+        lan_cap = lab.popen("gw-b", ["tcpdump", "-i", "lan0", "-n", "-U", "--immediate-mode",
+                                     "-w", str(lan),
                                      f"udp port {MARKER_PORT}"], log=str(d / "tcpdump-lan.log"))
         t0 = time.monotonic()
         i = 0
@@ -240,7 +241,8 @@ def run(minutes: float, mode: str, instance: str, warmup: float, loss: str, reor
         secure = mode != "plain"
         markers_sent = 0
         if secure:
-            cap = lab.popen("gw-b", ["tcpdump", "-i", "wan0", "-n", "-U", "-w", str(wan),
+            cap = lab.popen("gw-b", ["tcpdump", "-i", "wan0", "-n", "-U", "--immediate-mode",
+                                     "-w", str(wan),
                                      "udp and src host 198.18.0.1"],
                             log=str(d / "tcpdump-wan.log"))
             lab.wait_for(lambda: "listening on" in (d / "tcpdump-wan.log").read_text(), 10,

@@ -292,7 +292,7 @@ def test_syns_behind_extension_headers_never_reach_the_server_as_sent(lab: Any) 
     script, pcap = d / "ext_syns.py", str(d / "server-ext.pcap")
     script.write_text(EXT_SYNS)
     log = str(d / "tcpdump-ext.log")
-    cap = lab.popen("server", ["tcpdump", "-i", "eth0", "-n", "-U", "-w", pcap,
+    cap = lab.popen("server", ["tcpdump", "-i", "eth0", "-n", "-U", "--immediate-mode", "-w", pcap,
                                "ip6 and dst host " + SERVER6], log=log)
     try:
         lab.wait_for(lambda: "listening on" in Path(log).read_text(), 10, "tcpdump on server")
