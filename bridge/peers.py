@@ -123,7 +123,9 @@ class PeerState:
         self.keepalive: float = cfg.keepalive
         self.dead_after: float = cfg.dead_after
         self.withdraw = cfg.down_action is DownAction.WITHDRAW
-        self.flow_sport = cfg.source_port is SourcePort.FLOW_HASH
+        # a secure peer's datagrams all leave from the secure port (docs/SECURE.md §2): no
+        # flow hash is computed for them, per datagram, only to be dropped at sealing
+        self.flow_sport = cfg.source_port is SourcePort.FLOW_HASH and not cfg.secure
         self.keepalive_payload = self.encoder.keepalive() if self.gre else b""
         # an authenticated peer's TSO runs are built with room for the secure header and
         # tag around each datagram, sealed in place (bridge/gso.py, bridge/securelink.py)

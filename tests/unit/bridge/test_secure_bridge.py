@@ -405,3 +405,29 @@ def test_an_authenticated_run_sealed_in_place_is_the_seal_batch_run(tmp_path: An
     got = Output()
     s.br["b"].from_secure([(d, (HOST["a"], SECURE_PORT)) for d in run.datagrams()], 0.5, got)
     assert s.br["b"].counters.rx_packets[0] == count and len(got.tun) == count
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_secure_peers_compute_no_flow_hash_source_port(tmp_path: Any, mode: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every secure datagram leaves from the secure port (docs/SECURE.md §2), so the
+    per-datagram flow hash (source_port = "flow-hash", the default) is not computed for a
+    secure peer; data still flows."""
+    import bridge.pipeline as pl
+
+    calls: list[int] = []
+    real = pl.flow_source_port
+
+    def counted(pkt: Any) -> int:
+        calls.append(1)
+        return int(real(pkt))
+
+    monkeypatch.setattr(pl, "flow_source_port", counted)
+    s = Sites(mode, str(tmp_path))
+    s.pump(0.0)
+    assert s.br["a"].peers[0].flow_sport is False
+    out = Output()
+    s.br["a"].from_tun([_ping("198.18.10.5", "198.18.20.7", i) for i in range(3)], 0.5, out)
+    assert calls == []
+    s.deliver("b", s.carry("a", out), 0.5)
+    assert len(s.tun["b"]) == 3
