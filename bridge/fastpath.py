@@ -113,15 +113,20 @@ class FastPath:
         else:
             prefix, seq_at = b"", -1
         items: list[bytes | bytearray] = []
+        room = peer.room
         k = encap_segments(pkt, v4, ihl, doff, g, prefix, seq_at, enc.seq, items, run=True,
-                           csum_at=csum_at)
+                           csum_at=csum_at, room=room)
         if peer.gre:
             enc.advance(k)
         sport = flow_source_port(pkt) if peer.flow_sport else -1
         c = self.counters
         for item in items:  # one per item: a UdpRun stands for all its datagrams
-            emit(out, c, peer, item, -(-len(item) // item.seg) if type(item) is UdpRun else 1,
-                 now, sport)
+            if type(item) is UdpRun:
+                n = -(-len(item) // item.seg)
+                emit(out, c, peer, item, n, now, sport,
+                     len(item) - (room[0] + room[1]) * n if item.head else -1)
+            else:
+                emit(out, c, peer, item, 1, now, sport)
         return True
 
     def receive_run(self, b: GroBatch, start: int, addr: Addr, now: float,

@@ -154,13 +154,18 @@ class UdpRun(bytearray):
     """Equal-size datagrams of `seg` bytes back to back (the last may be shorter), one item
     of `Output.udp` standing for all of them: the I/O layer sends it with UDP GSO as it is
     (no per-datagram objects, no join). `datagrams()` cuts it. A bytearray so that numpy
-    builds the rows in it directly (no copy out); nothing changes it after the core."""
+    builds the rows in it directly (no copy out); nothing changes it after the core but
+    the sealing of a run built with room (`head` > 0, `encap_segments(room=...)`): each
+    row of `seg` bytes then holds its datagram at row[head:len - tail], the secure header
+    and tag around it to be written in place (bridge/securelink.py), and head is 0 again
+    once they are."""
 
-    __slots__ = ("seg",)
+    __slots__ = ("seg", "head")
 
-    def __init__(self, data: int | bytes | bytearray = 0, seg: int = 0) -> None:
+    def __init__(self, data: int | bytes | bytearray = 0, seg: int = 0, head: int = 0) -> None:
         super().__init__(data)
         self.seg = seg
+        self.head = head
 
     def datagrams(self) -> list[bytes]:
         s = self.seg
@@ -169,12 +174,16 @@ class UdpRun(bytearray):
 
 def encap_segments(pkt: memoryview, v4: bool, ihl: int, doff: int, gso_size: int,
                    prefix: bytes, seq_at: int, gseq: int, out: list[bytes | bytearray],
-                   use_numpy: bool = True, run: bool = False, csum_at: int = -1) -> int:
+                   use_numpy: bool = True, run: bool = False, csum_at: int = -1,
+                   room: tuple[int, int] = (0, 0)) -> int:
     """Append one datagram per segment of `pkt` (prefix + TSO segment, TTL decremented) to
     `out`; return how many. `seq_at` is the offset of the GRE sequence number in `prefix`
     (-1: none), `gseq` the first one to use; `csum_at` the offset of the GRE checksum
     (-1: none; whatever `prefix` holds there is ignored). The caller checked TTL > 1 and
-    the sizes. With `run`, the numpy path appends one `UdpRun` holding all the datagrams.
+    the sizes. With `run`, the numpy path appends one `UdpRun` holding all the datagrams;
+    `room` (head, tail) then leaves that many free bytes before and after each datagram
+    in it (`UdpRun.head`: a secure header and tag sealed in place, no second buffer).
+    Other items never have room.
     """
     if csum_at >= 0:
         prefix = prefix[:csum_at] + b"\0\0" + prefix[csum_at + 2:]
@@ -197,7 +206,7 @@ def encap_segments(pkt: memoryview, v4: bool, ihl: int, doff: int, gso_size: int
     first = 0
     if use_numpy and _np is not None and n_full >= NUMPY_MIN_SEGMENTS:
         if _rows_numpy(pkt, v4, ihl, doff, gso_size, n_full, prefix, seq_at, gseq, hdr, tseq,
-                       flags, ip_id, src, dst, out, last_len if run else 0, csum_at):
+                       flags, ip_id, src, dst, out, last_len if run else 0, csum_at, room):
             return n_full + 1
         first = n_full
     for i in range(first, n_full + 1):
@@ -216,10 +225,11 @@ def _rows_numpy(pkt: memoryview, v4: bool, ihl: int, doff: int, g: int, rows: in
                 prefix: bytes, seq_at: int, gseq: int, hdr0: bytearray, tseq: int,
                 flags: int, ip_id: int, src: bytes, dst: bytes,
                 out: list[bytes | bytearray], last_len: int = 0,
-                csum_at: int = -1) -> bool:
+                csum_at: int = -1, room: tuple[int, int] = (0, 0)) -> bool:
     """The `rows` full-size datagrams at once, one numpy row each (see the module doc).
     With `last_len` (the last segment's payload) and even-size rows, one UdpRun of all,
-    the last datagram included (`_last_row`): returns True then, else False.
+    the last datagram included (`_last_row`): returns True then, else False. `room`
+    (head, tail): the run's rows are head + width + tail bytes, each datagram at head.
 
     numpy's cost here is per call (microseconds each), not per byte, so the rows share one
     header template and only the fields that differ between rows are computed, as
@@ -259,13 +269,17 @@ def _rows_numpy(pkt: memoryview, v4: bool, ihl: int, doff: int, g: int, rows: in
     else:
         tpl[p + 7] -= 1
     flat_run = last_len > 0 and w4 == width
+    head, tail = room if flat_run else (0, 0)
+    full = head + width + tail  # a row of the run, room included
     if flat_run:
-        run = UdpRun(rows * width + p + hl + last_len, width)  # numpy writes the rows in it
-        flat = np.frombuffer(run, dtype=np.uint8, count=rows * width)
+        run = UdpRun(rows * full + head + p + hl + last_len + tail, full, head)
+        flat = np.frombuffer(run, dtype=np.uint8, count=rows * full)  # numpy writes in it
+        a = flat.reshape(rows, full)[:, head:head + width]
+        f = np.ndarray((rows,), row_fields(w4, p, ihl, seq_at, v4), run, head, (full,))
     else:
         flat = np.zeros(rows * w4, dtype=np.uint8)
-    a = flat.reshape(rows, w4)
-    f = np.ndarray((rows,), row_fields(w4, p, ihl, seq_at, v4), flat)  # the varying fields
+        a = flat.reshape(rows, w4)
+        f = np.ndarray((rows,), row_fields(w4, p, ihl, seq_at, v4), flat)  # varying fields
     a[:, :p + hl] = np.frombuffer(tpl, dtype=np.uint8)
     a[:, p + hl:width] = np.frombuffer(pkt, dtype=np.uint8, count=rows * g,
                                        offset=hl).reshape(rows, g)
@@ -293,7 +307,7 @@ def _rows_numpy(pkt: memoryview, v4: bool, ihl: int, doff: int, g: int, rows: in
         _gre_csums(a, prefix, seq_at, gs, csum_at, v4, hdr, ps)
     if flat_run:
         del a, f, flat  # no numpy view of the run outlives this call
-        _last_row(run, rows * width, tpl, pkt[hl + rows * g:], v4, p, ihl, doff, seq_at,
+        _last_row(run, rows * full + head, tpl, pkt[hl + rows * g:], v4, p, ihl, doff, seq_at,
                   (gseq + rows) & 0xFFFFFFFF, (tseq + rows * g) & 0xFFFFFFFF,
                   flags & ~_CWR, (ip_id + rows) & 0xFFFF, src, dst, csum_at)
         out.append(run)
@@ -312,8 +326,9 @@ def _last_row(run: UdpRun, at: int, tpl: bytearray, payload: memoryview, v4: boo
     n = len(payload)
     hl = ihl + doff
     t = at + p + ihl
+    end = at + p + hl + n  # the run may go on (room for a secure tag)
     run[at:at + p + hl] = tpl
-    run[at + p + hl:] = payload
+    run[at + p + hl:end] = payload
     if seq_at >= 0:
         _U32.pack_into(run, at + seq_at, gseq)
     _U32.pack_into(run, t + 4, tseq)
@@ -332,9 +347,9 @@ def _last_row(run: UdpRun, at: int, tpl: bytearray, payload: memoryview, v4: boo
     else:
         _U16.pack_into(run, at + p + 4, hl - 40 + n)
         ps = pseudo_sum_v6(src, dst, _TCP, doff + n)
-    _U16.pack_into(run, t + 16, checksum(mv[t:], ps))
+    _U16.pack_into(run, t + 16, checksum(mv[t:end], ps))
     if csum_at >= 0:  # RFC 2784 §2.5: over the whole datagram, the field zero
-        _U16.pack_into(run, at + csum_at, checksum(mv[at:]))
+        _U16.pack_into(run, at + csum_at, checksum(mv[at:end]))
 
 
 _COUNTS: dict[tuple[int, int], Any] = {}

@@ -47,16 +47,17 @@ class Output:
 
 
 def emit(out: Output, counters: Counters, peer: PeerState, item: bytes | bytearray,
-         packets: int, now: float, sport: int = -1) -> None:
-    """Append `item` (`packets` datagrams, `len(item)` bytes) for `peer` to `out` and count
-    it; `sport` >= 0 is its flow-hash source port (only peers with flow_sport keep one)."""
+         packets: int, now: float, sport: int = -1, size: int = -1) -> None:
+    """Append `item` (`packets` datagrams, `len(item)` bytes, or `size` >= 0: a UdpRun
+    with room for sealing) for `peer` to `out` and count it; `sport` >= 0 is its flow-hash
+    source port (only peers with flow_sport keep one)."""
     addr = peer.addr
     lst = out.udp.get(addr)
     if lst is None:
         lst = out.udp[addr] = []
     lst.append(item)
     counters.tx_packets[peer.index] += packets
-    counters.tx_bytes[peer.index] += len(item)
+    counters.tx_bytes[peer.index] += len(item) if size < 0 else size
     peer.last_tx = now
     if sport >= 0:
         sports = out.udp_sport.get(addr)

@@ -79,6 +79,8 @@ from bridge import counters as C
 from bridge.config import DownAction, Encapsulation, PeerConfig, SeqPolicy, SourcePort
 from bridge.encap import GreEncoder, overhead
 from bridge.secure import OVERHEAD
+from bridge.secure.keys import SecurityMode
+from bridge.secure.wire import HEADER_LEN, TAG_LEN
 from bridge.seqpolicy import SeqReceiver
 
 __all__ = ["PeerTable", "PeerState", "Addr", "new_state", "CACHE_MAX", "NO_ROUTE", "LOOP",
@@ -99,7 +101,7 @@ class PeerState:
 
     __slots__ = ("index", "name", "addr", "gre", "encoder", "key_in", "csum_in", "mtu", "overhead",
                  "seq", "reorder", "up", "heard", "last_rx", "last_tx", "keepalive",
-                 "dead_after", "withdraw", "flow_sport", "keepalive_payload")
+                 "dead_after", "withdraw", "flow_sport", "keepalive_payload", "room")
 
     def __init__(self, index: int, cfg: Any, mtu: int, now: float) -> None:
         self.index = index
@@ -121,8 +123,14 @@ class PeerState:
         self.keepalive: float = cfg.keepalive
         self.dead_after: float = cfg.dead_after
         self.withdraw = cfg.down_action is DownAction.WITHDRAW
-        self.flow_sport = cfg.source_port is SourcePort.FLOW_HASH
+        # a secure peer's datagrams all leave from the secure port (docs/SECURE.md §2): no
+        # flow hash is computed for them, per datagram, only to be dropped at sealing
+        self.flow_sport = cfg.source_port is SourcePort.FLOW_HASH and not cfg.secure
         self.keepalive_payload = self.encoder.keepalive() if self.gre else b""
+        # an authenticated peer's TSO runs are built with room for the secure header and
+        # tag around each datagram, sealed in place (bridge/gso.py, bridge/securelink.py)
+        self.room = (HEADER_LEN, TAG_LEN) \
+            if cfg.security.mode is SecurityMode.AUTHENTICATED else (0, 0)
 
 
 def new_state(index: int, p: PeerConfig, now: float, underlay: int,

@@ -8,7 +8,9 @@ Rules:
   like a plain peer's (so the tx counters and the keepalive clock are the same code), under
   the peer's configured endpoint; `seal_output`, run once at the end of every Bridge call
   (from_tun, from_udp, from_secure, handle_timer), takes those lists out of `Output.udp`,
-  seals them (`seal` per datagram, `seal_batch` per TSO `UdpRun`) and puts the results in
+  seals them (`seal` per datagram, `seal_batch` per TSO `UdpRun`; an authenticated peer's
+  runs are built with room for header and tag, `UdpRun.head`, and `seal_rows` writes
+  those in place: no second buffer, no payload copy) and puts the results in
   `Output.secure[current endpoint]`, which the I/O layer sends from the secure socket.
   The endpoint is the SecureEndpoint's, which follows a peer that roamed (learned only from
   a datagram that verified). Flow-hash source ports are not kept: every secure datagram
@@ -172,6 +174,11 @@ class SecureLink:
             for item in items:
                 if type(item) is UdpRun:
                     seg = item.seg
+                    if item.head:  # built with room: sealed in place (gso.py, authenticated)
+                        if ep.seal_rows(i, item, seg, now):
+                            item.head = 0
+                            sealed.append(item)
+                        continue
                     r = ep.seal_batch(i, item, seg, now, alloc=_alloc(seg + OVERHEAD))
                     if r is not None:
                         sealed.append(r[0])

@@ -443,8 +443,11 @@ class Engine:
     def start_writers(self) -> None:
         """Execute each direction's output on its own Writer thread (Runner.run)."""
         self._u_writer = Writer("udp->tun writer")
+        # the secure port's receive direction hands its TUN writes over like the plain
+        # port's (issue 12: executed inline, they took the secure->tun thread's time from
+        # opening the next batch); the same writer, as `_tun_in_order` uses for both
         self._writers = {id(self._out_t): Writer("tun->udp writer"),
-                         id(self._out_u): self._u_writer}
+                         id(self._out_u): self._u_writer, id(self._out_s): self._u_writer}
 
     def stop_writers(self) -> None:
         """Finish what the writers hold, end them; output is executed inline again."""

@@ -53,9 +53,10 @@ class Writer:
             self._cv.notify_all()
 
     def idle(self) -> bool:
-        """Nothing queued and nothing running: the (single) producer may then run a batch
-        itself without reordering anything (no lock: a stale True is impossible, since
-        only the producer adds work)."""
+        """Nothing queued and nothing running: a producer may then run a batch itself
+        without reordering anything of its own (no lock: a stale True only means another
+        producer added work since, which is not ordered against this one's; the udp->tun
+        writer has two, the plain and the secure port's receive directions)."""
         return not self._q and not self._busy
 
     def _run(self) -> None:

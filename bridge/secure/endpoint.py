@@ -213,13 +213,39 @@ class SecureEndpoint:
         first = kp.send_n
         kp.send_n = first + count
         kp.seal_run(src, seg, dst, first)
+        self._sent(p, first, count, now)
+        return out, seg + OVERHEAD
+
+    def seal_rows(self, peer: int, run: bytearray, row: int, now: float) -> bool:
+        """`seal_batch` in place for an authenticated peer: `run` holds rows of `row`
+        bytes (the last may be shorter), each a datagram with HEADER_LEN free bytes
+        before it and TAG_LEN after (bridge/gso.py `UdpRun.head`); on True they are
+        the sealed datagrams (what `seal_batch` returns for the datagrams alone). False:
+        no session, each datagram was staged (copied out)."""
+        total = len(run)
+        count = -(-total // row)
+        p = self.peers[peer]
+        kp = p.sendable(now, self.limits, count)
+        buf = memoryview(run)
+        if kp is None or kp.msg_type != MSG_AUTHENTICATED or count == 0:
+            for off in range(0, total, row):
+                self._stage(p, buf[off + HEADER_LEN:min(off + row, total) - TAG_LEN], now)
+            return False
+        first = kp.send_n
+        kp.send_n = first + count
+        kp.seal_rows(buf, row, first)
+        self._sent(p, first, count, now)
+        return True
+
+    def _sent(self, p: PeerSession, first: int, count: int, now: float) -> None:
+        """After sealing counters first .. first + count - 1 for `p`: no keepalive is due;
+        an answer is awaited; a rekey starts at rekey_after_messages."""
         p.keepalive_at = _INF
         if p.unanswered_at == _INF:
             p.unanswered_at = now
         lim = self.limits.rekey_after_messages
         if first < lim <= first + count:
             self._rekey(p, now)
-        return out, seg + OVERHEAD
 
     def endpoint(self, peer: int) -> Addr | None:
         """Where datagrams for `peer` go now (configured, or learned from a verified one)."""

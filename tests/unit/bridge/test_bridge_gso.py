@@ -175,6 +175,36 @@ def test_numpy_and_python_rows_equal(size: int, mss: int, v6: bool, seed: int,
         assert all(verify(d) for d in a)
 
 
+@settings(max_examples=60, deadline=None)
+@given(size=st.integers(1, 30000), mss=st.integers(536, 1400), v6=st.booleans(),
+       seed=st.integers(0, 2**16), gre=st.sampled_from([
+           (b"", -1, -1), (b"\x30\x00\x08\x00" + bytes(8), 8, -1),
+           (b"\xb0\x00\x86\xdd" + bytes(4) + b"\x00\x00\x00\x07" + bytes(4), 12, 4)]))
+def test_rows_with_room_hold_the_same_datagrams(size: int, mss: int, v6: bool, seed: int,
+                                                gre: tuple[bytes, int, int]) -> None:
+    """`room` (authenticated peers, sealed in place): a run's rows are head + datagram +
+    tail, the datagrams byte for byte those of the run without room, the room zero;
+    items that are not such a run have no room (head 0) and equal the plain ones."""
+    pkt = memoryview(_super(v6, size, seed=seed))
+    parsed = plain_tcp(pkt)
+    assert parsed is not None
+    pre, seq_at, csum_at = gre
+    ref: list[bytes | bytearray] = []
+    got: list[bytes | bytearray] = []
+    n1 = encap_segments(pkt, *parsed, mss, pre, seq_at, 7, ref, run=True, csum_at=csum_at)
+    n2 = encap_segments(pkt, *parsed, mss, pre, seq_at, 7, got, run=True, csum_at=csum_at,
+                        room=(16, 16))
+    assert n1 == n2 and len(ref) == len(got)
+    for r, g in zip(ref, got, strict=True):
+        if type(g) is UdpRun and g.head:
+            assert g.head == 16 and type(r) is UdpRun and g.seg == r.seg + 32
+            rows = [bytes(g[o:o + g.seg]) for o in range(0, len(g), g.seg)]
+            assert [x[16:-16] for x in rows] == r.datagrams()
+            assert all(x[:16] == bytes(16) and x[-16:] == bytes(16) for x in rows)
+        else:
+            assert g == r and getattr(g, "head", 0) == 0
+
+
 @pytest.mark.parametrize("case", ["ttl1", "no_route", "mtu", "syn"])
 def test_fallbacks_still_do_per_packet_work(case: str) -> None:
     extra, kw, pkt = "", {}, _super(False, 6000)

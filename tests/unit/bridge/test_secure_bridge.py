@@ -367,3 +367,67 @@ def test_a_gro_batch_with_a_replayed_or_damaged_datagram_delivers_the_rest_once(
     assert not got.tun and b.counters.rx_packets[0] == 9
     assert sec.ep.drops["replay"] == 1 + 9
     assert {k: v for k, v in b.counters.snapshot()["drops"].items() if v} == {"sequence": 1}
+
+
+@pytest.mark.parametrize("rows", [7, 20, 44])
+def test_an_authenticated_run_sealed_in_place_is_the_seal_batch_run(tmp_path: Any,
+                                                                    rows: int) -> None:
+    """Authenticated peers' TSO runs are built with room for header and tag and sealed
+    in place (bridge/gso.py `UdpRun.head`, SecureEndpoint.seal_rows): the datagrams are
+    byte for byte what `seal_batch` makes of the GRE datagrams under the same counters,
+    no room is left, tx_bytes counts the GRE datagrams as for any peer, and b opens them."""
+    from bridge.secure.session import Keypair
+
+    s = Sites("authenticated", str(tmp_path), 'key = 9\nsequence = "drop-late"')
+    s.pump(0.0)
+    sec = s.br["a"].secure
+    assert sec is not None
+    kp = sec.ep.peers[0].current
+    assert kp is not None
+    first = kp.send_n
+    tx = s.br["a"].counters.tx_bytes[0]
+    out = Output()
+    s.br["a"].from_tun([_tso_frame(rows)], 0.5, out)
+    (run,) = out.secure[(HOST["b"], SECURE_PORT)]
+    assert type(run) is UdpRun and run.head == 0
+    seg = run.seg - OVERHEAD
+    count = -(-len(run) // run.seg)
+    assert kp.send_n == first + count
+    gre = b"".join(bytes(run[o + 16:min(o + run.seg, len(run)) - 16])
+                   for o in range(0, len(run), run.seg))
+    assert s.br["a"].counters.tx_bytes[0] - tx == len(gre)
+    # the same key and counters, sealed the old way (a test-only second use of them)
+    twin = Keypair(b"\0" * 32, b"\0" * 32, kp.local, kp.remote, 0.0, True, kp.msg_type, 9.0)
+    twin.send = kp.send
+    ref = bytearray(len(gre) + OVERHEAD * count)
+    twin.seal_run(memoryview(gre), seg, memoryview(ref), first)
+    assert bytes(run) == bytes(ref)
+    got = Output()
+    s.br["b"].from_secure([(d, (HOST["a"], SECURE_PORT)) for d in run.datagrams()], 0.5, got)
+    assert s.br["b"].counters.rx_packets[0] == count and len(got.tun) == count
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_secure_peers_compute_no_flow_hash_source_port(tmp_path: Any, mode: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every secure datagram leaves from the secure port (docs/SECURE.md §2), so the
+    per-datagram flow hash (source_port = "flow-hash", the default) is not computed for a
+    secure peer; data still flows."""
+    import bridge.pipeline as pl
+
+    calls: list[int] = []
+    real = pl.flow_source_port
+
+    def counted(pkt: Any) -> int:
+        calls.append(1)
+        return int(real(pkt))
+
+    monkeypatch.setattr(pl, "flow_source_port", counted)
+    s = Sites(mode, str(tmp_path))
+    s.pump(0.0)
+    assert s.br["a"].peers[0].flow_sport is False
+    out = Output()
+    s.br["a"].from_tun([_ping("198.18.10.5", "198.18.20.7", i) for i in range(3)], 0.5, out)
+    assert calls == []
+    s.deliver("b", s.carry("a", out), 0.5)
+    assert len(s.tun["b"]) == 3
