@@ -23,7 +23,8 @@ RETIRED_MAX retired keypairs and one pending handshake, so the table is bounded 
 (3 + RETIRED_MAX) x peers, and only a handshake authenticated by a configured key adds to
 it. Output datagrams (handshakes, cookie replies, staged data sealed late, keepalives)
 queue in `out` for `datagrams_to_send`. The load rule and cookies are bridge/secure/cookie.py's
-`Guard`, which shares the counters and the output queue.
+`Guard`, which shares the counters and the output queue. The handshake steps are
+bridge/secure/handshakes.py's `Handshakes`, a mixin over this state.
 """
 
 from __future__ import annotations
@@ -33,48 +34,30 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.constant_time import bytes_eq
 
 from bridge.secure import noise
-from bridge.secure.cookie import Guard, open_cookie_reply
+from bridge.secure.cookie import Guard
+from bridge.secure.handshakes import Handshakes
 from bridge.secure.keys import PeerSpec
 from bridge.secure.limits import DROP_REASONS, EVENTS, Limits, new_counts
-from bridge.secure.session import RETIRED_MAX, Keypair, PeerSession, Pending
+from bridge.secure.session import RETIRED_MAX, Keypair, PeerSession
 from bridge.secure.wire import (
-    COOKIE_HEAD,
-    COOKIE_LEN,
-    FLAG_FRESH,
     HEADER_LEN,
-    INIT_EPH_AT,
-    INIT_HEAD,
-    INIT_MAC1_AT,
-    INIT_STATIC_AT,
-    INIT_TS_AT,
-    INITIATION_LEN,
-    MAC_LEN,
     MSG_AUTHENTICATED,
     MSG_COOKIE,
     MSG_ENCRYPTED,
     MSG_INITIATION,
     MSG_RESPONSE,
     OVERHEAD,
-    RESP_EPH_AT,
-    RESP_HEAD,
-    RESP_MAC1_AT,
-    RESP_PAYLOAD_AT,
-    RESPONSE_LEN,
     TAG_LEN,
     TRANSPORT,
     nonce,
-    tai64n,
 )
 
 __all__ = ["SecureEndpoint", "Roamed", "SessionStarted", "PeerRestarted", "Event"]
 
 Addr = tuple[str, int]
 Buf = bytes | bytearray | memoryview
-_ZERO_MAC = bytes(MAC_LEN)
 _INF = float("inf")
 
 
@@ -106,7 +89,7 @@ class PeerRestarted:
 Event = Roamed | SessionStarted | PeerRestarted
 
 
-class SecureEndpoint:
+class SecureEndpoint(Handshakes):
     """All secure peers of one endpoint; one UDP port. Pure: no sockets, no clock."""
 
     def __init__(self, peers: Sequence[PeerSpec], now: float, wall_offset: float = 0.0,
@@ -475,184 +458,3 @@ class SecureEndpoint:
         for kp in [k for k in p.retired if now >= k.expires]:
             self._forget(kp)
             p.retired.remove(kp)
-
-    # ---- handshake --------------------------------------------------------------------
-
-    def _new_index(self, p: PeerSession, kp: Keypair | None) -> int:
-        while True:
-            idx = int.from_bytes(self.rng(4), "big")
-            if idx not in self.indices:
-                self.indices[idx] = (p, kp)
-                return idx
-
-    def _rekey(self, p: PeerSession, now: float) -> None:
-        if p.pending is None and p.endpoint is not None:
-            self.events["rekey"] += 1
-            self._initiate(p, now)
-
-    def _initiate(self, p: PeerSession, now: float) -> None:
-        dest = p.endpoint
-        if dest is None:
-            return
-        if p.pending is not None:
-            self.indices.pop(p.pending.local, None)
-            p.pending = None
-        me = p.identities[0]
-        remote = p.remote_publics[0]
-        eph = X25519PrivateKey.generate()
-        flags = FLAG_FRESH if p.fresh else 0
-        payload = tai64n(now + self.wall_offset) + bytes((p.msg_type, flags, 0, 0))
-        st, e_pub, enc_static, enc_payload = noise.initiation(me, remote, p.ss(me, remote), eph,
-                                                              payload)
-        local = self._new_index(p, None)
-        msg = bytearray(INIT_HEAD.pack(MSG_INITIATION, local))
-        msg += e_pub
-        msg += enc_static
-        msg += enc_payload
-        self._macs(p, msg, remote, now)
-        p.pending = Pending(st, eph, local, now, me, remote)
-        p.next_attempt = now + self.limits.retry_after
-        self.out.append((msg, dest))
-        self.events["handshake_initiated"] += 1
-
-    def _macs(self, p: PeerSession, msg: bytearray, remote: bytes, now: float) -> None:
-        """Append mac1 (and mac2 if we hold a fresh cookie from that peer)."""
-        m1 = noise.mac(p.mac1_keys.get(remote) or noise.mac1_key(remote), msg)
-        msg += m1
-        p.last_mac1 = m1
-        p.last_mac1_public = remote
-        cookie = p.cookie
-        if cookie is not None and now - p.cookie_at < self.limits.cookie_valid:
-            msg += noise.mac(cookie, msg)
-        else:
-            msg += _ZERO_MAC
-
-    def _mac1_identity(self, mv: memoryview, at: int) -> noise.Identity | None:
-        got = mv[at:at + MAC_LEN]
-        for ident in self.identities.values():
-            if bytes_eq(noise.mac(ident.mac1_key, mv[:at]), bytes(got)):
-                return ident
-        return None
-
-    def _initiation(self, data: Buf, addr: Addr, now: float) -> None:
-        drops = self.drops
-        if len(data) != INITIATION_LEN:
-            drops["malformed"] += 1
-            return
-        mv = memoryview(data)
-        ident = self._mac1_identity(mv, INIT_MAC1_AT)
-        if ident is None:
-            drops["bad_mac1"] += 1
-            return
-        sender = INIT_HEAD.unpack_from(mv)[1]
-        if not self.guard.admit(mv, INIT_MAC1_AT, sender, ident, addr, now):
-            return
-        e_i = bytes(mv[INIT_EPH_AT:INIT_STATIC_AT])
-        try:
-            st, static = noise.consume_initiation(ident, e_i, bytes(mv[INIT_STATIC_AT:INIT_TS_AT]))
-        except (InvalidTag, ValueError):
-            drops["bad_handshake"] += 1
-            return
-        p = self.by_public.get(static)
-        if p is None or ident not in p.identities:
-            drops["unknown_peer"] += 1
-            return
-        try:
-            st, payload = noise.consume_initiation_payload(
-                st, p.ss(ident, static), bytes(mv[INIT_TS_AT:INIT_MAC1_AT]))
-        except (InvalidTag, ValueError):
-            drops["bad_handshake"] += 1
-            return
-        ts, mode, flags = payload[:12], payload[12], payload[13]
-        if ts <= p.last_ts:
-            drops["stale_handshake"] += 1
-            return
-        if mode != p.msg_type:
-            drops["mode_mismatch"] += 1
-            return
-        p.last_ts = ts
-        eph = X25519PrivateKey.generate()
-        try:
-            e_r, enc, k_send, k_recv = noise.response(
-                st, e_i, static, eph, p.psks[0], bytes((FLAG_FRESH if p.fresh else 0, 0, 0, 0)))
-        except ValueError:
-            drops["bad_handshake"] += 1
-            return
-        kp = Keypair(k_send, k_recv, 0, sender, now, False, p.msg_type,
-                     now + self.limits.reject_after_time)
-        kp.local = self._new_index(p, kp)
-        kp.peer_fresh = bool(flags & FLAG_FRESH)
-        self._forget(p.next)
-        p.next = kp
-        msg = bytearray(RESP_HEAD.pack(MSG_RESPONSE, kp.local, sender))
-        msg += e_r
-        msg += enc
-        self._macs(p, msg, static, now)
-        self.out.append((msg, addr))
-        self.events["handshake_responded"] += 1
-
-    def _response(self, data: Buf, addr: Addr, now: float) -> None:
-        drops = self.drops
-        if len(data) != RESPONSE_LEN:
-            drops["malformed"] += 1
-            return
-        mv = memoryview(data)
-        _, sender, receiver = RESP_HEAD.unpack_from(mv)
-        entry = self.indices.get(receiver)
-        p = entry[0] if entry is not None and entry[1] is None else None
-        pend = p.pending if p is not None else None
-        if p is None or pend is None or pend.local != receiver:
-            drops["unknown_session"] += 1
-            return
-        if not bytes_eq(noise.mac(pend.identity.mac1_key, mv[:RESP_MAC1_AT]),
-                        bytes(mv[RESP_MAC1_AT:RESP_MAC1_AT + MAC_LEN])):
-            drops["bad_mac1"] += 1
-            return
-        if not self.guard.admit(mv, RESP_MAC1_AT, sender, pend.identity, addr, now):
-            return
-        try:
-            k_send, k_recv, payload = noise.consume_response(
-                pend.state, pend.identity, pend.ephemeral,
-                bytes(mv[RESP_EPH_AT:RESP_PAYLOAD_AT]), bytes(mv[RESP_PAYLOAD_AT:RESP_MAC1_AT]),
-                p.psks)
-        except (InvalidTag, ValueError):
-            drops["bad_handshake"] += 1
-            return
-        kp = Keypair(k_send, k_recv, receiver, sender, now, True, p.msg_type,
-                     now + self.limits.reject_after_time)
-        self.indices[receiver] = (p, kp)
-        p.pending = None
-        p.last_rx = now
-        p.unanswered_at = _INF
-        self.retire(p, p.current)
-        self.retire(p, p.next)  # a crossed rekey: the peer may still send on it
-        p.next = None
-        p.current = kp
-        kp.peer_fresh = bool(payload[:1]) and bool(payload[0] & FLAG_FRESH)
-        self.events["handshake_completed"] += 1
-        self._established(p, kp, True)
-        if addr != p.endpoint:
-            self._roam(p, addr)
-        if p.staged:
-            self.flush(p, now)
-        else:
-            self._keepalive(p, now)
-
-    def _cookie_reply(self, data: Buf, now: float) -> None:
-        if len(data) != COOKIE_LEN:
-            self.drops["malformed"] += 1
-            return
-        mv = memoryview(data)
-        entry = self.indices.get(COOKIE_HEAD.unpack_from(mv)[1])
-        mac1 = entry[0].last_mac1 if entry is not None else None
-        if entry is None or mac1 is None:
-            self.drops["unknown_session"] += 1
-            return
-        p = entry[0]
-        cookie = open_cookie_reply(mv, p.last_mac1_public, mac1)
-        if cookie is None:
-            self.drops["bad_cookie"] += 1
-            return
-        p.cookie = cookie
-        p.cookie_at = now
-        self.events["cookie_received"] += 1
