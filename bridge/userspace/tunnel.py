@@ -199,14 +199,19 @@ class TunnelSide:
                         ecn=ecn_of(mv))  # GRO merged only equal IP headers (bridge/gro.py)
         if seg is not None:
             gso_size = frame[GSO_SIZE_AT] | frame[GSO_SIZE_AT + 1] << 8  # little-endian
-            k = -(-len(seg.payload) // gso_size) if gso_size else 1
-            self.counters["from_server"] += k
-            self.counters["server_runs"] += 1
-            if k >= BULK_RUN:
-                self._bulk_at = now
-            sp.from_server(seg, now)
-            self.touched[ck] = sp
+            self._leg_takes_run(sp, ck, seg, gso_size, now)
         return True
+
+    def _leg_takes_run(self, sp: Splice, ck: FlowKey, seg: TcpSegment, gso_size: int,
+                       now: float) -> None:
+        """Server leg `sp` takes merged run `seg` (its segments of `gso_size` counted)."""
+        k = -(-len(seg.payload) // gso_size) if gso_size else 1
+        self.counters["from_server"] += k
+        self.counters["server_runs"] += 1
+        if k >= BULK_RUN:
+            self._bulk_at = now
+        sp.from_server(seg, now)
+        self.touched[ck] = sp
 
     def _server_leg_run(self, run: LegRun, now: float) -> bool:
         """A `LegRun` (bridge/gro.py: a run merged for a server leg, every segment's checksum
@@ -221,14 +226,7 @@ class TunnelSide:
         seg = parse_tcp(mv[off:n], key[1], key[2], drops=self.drops, verify_checksum=False,
                         ecn=ecn_of(mv))  # GRO merged only equal IP headers (bridge/gro.py)
         if seg is not None:
-            seg = seg._replace(payload=run.payload)
-            k = -(-len(run.payload) // run.gso_size) if run.gso_size else 1
-            self.counters["from_server"] += k
-            self.counters["server_runs"] += 1
-            if k >= BULK_RUN:
-                self._bulk_at = now
-            sp.from_server(seg, now)
-            self.touched[ck] = sp
+            self._leg_takes_run(sp, ck, seg._replace(payload=run.payload), run.gso_size, now)
         return True
 
     def _server_run(self, run: list[bytes | bytearray], sp: Splice | None, off: int,
