@@ -250,13 +250,13 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
     hdr = bytearray(buf[start + off:start + off + hl])
     hdr[ihl + 13] = last_flags
     big = total > MAX_MERGED  # a server leg's run only: length 0, as BIG TCP (module rules)
+    if v4:
+        _U16.pack_into(hdr, 2, 0 if big else total)
+        hdr[10] = hdr[11] = 0
+        _U16.pack_into(hdr, 10, checksum(memoryview(hdr)[:ihl]))
+    else:
+        _U16.pack_into(hdr, 4, 0 if big else total - 40)
     if leg:  # the header, and the payload gathered from the rows in one copy (module rules)
-        if v4:
-            _U16.pack_into(hdr, 2, 0 if big else total)
-            hdr[10] = hdr[11] = 0
-            _U16.pack_into(hdr, 10, checksum(memoryview(hdr)[:ihl]))
-        else:
-            _U16.pack_into(hdr, 4, 0 if big else total - 40)
         return LegRun(hdr, a[:, off + hl:].tobytes(), plen), k, last_gseq, used
     out = bytearray(VNET_HDR_LEN + total)
     o = np.frombuffer(out, dtype=np.uint8)
@@ -264,14 +264,8 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
     o[VNET_HDR_LEN + hl:end].reshape(rows, plen)[:] = a[:, off + hl:]  # one strided copy
     if tplen:
         out[end:] = buf[len(buf) - tplen:]
-    if v4:
-        _U16.pack_into(hdr, 2, total)
-        hdr[10] = hdr[11] = 0
-        _U16.pack_into(hdr, 10, checksum(memoryview(hdr)[:ihl]))
-        tps = pseudo_sum_v4(src, dst, _TCP, total - ihl)
-    else:
-        _U16.pack_into(hdr, 4, total - 40)
-        tps = pseudo_sum_v6(src, dst, _TCP, total - ihl)
+    tps = pseudo_sum_v4(src, dst, _TCP, total - ihl) if v4 \
+        else pseudo_sum_v6(src, dst, _TCP, total - ihl)
     _U16.pack_into(hdr, ihl + 16, tps)  # NEEDS_CSUM: the folded pseudo-header sum
     out[VNET_HDR_LEN:VNET_HDR_LEN + hl] = hdr
     VNET.pack_into(out, 0, F_NEEDS_CSUM, GSO_TCPV4 if v4 else GSO_TCPV6, hl, plen, ihl, 16)

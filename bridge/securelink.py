@@ -64,7 +64,6 @@ __all__ = ["SecureLink"]
 
 Buf = bytes | bytearray | memoryview
 WHOLE, PARENT, CHILD = "whole", "parent", "child"
-_INF = float("inf")
 Deliver = Callable[[list[tuple[Buf | GroBatch, Addr]], float, Output], None]
 
 

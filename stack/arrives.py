@@ -164,8 +164,6 @@ class SegmentArrives:
             return
         if ts is not None:
             rcv.take_ts(ts[0], seg_abs, now)  # RFC 7323 §4.3
-        if rcv.ecn and (f & CWR or seg.ecn == CE):  # RFC 3168 §6.1.3, §6.1.5, §6.1.6:
-            rcv.ecn_input(f, seg.ecn, bool(payload))  # in the window, or a zero-window probe
         if st is State.SYN_RECEIVED:
             rst = self._hs.syn_acked(seg, seg_abs, now)
             if rst is not None:
@@ -174,6 +172,10 @@ class SegmentArrives:
             self._establish(Ev.RCV_ACK_OF_SYN)
         if not self._on_ack(seg, seg_abs, now):
             return
+        # RFC 3168 §6.1.3, §6.1.5, §6.1.6: in the window (or a zero-window probe), and past
+        # the ACK checks: a segment dropped there changes no echo state
+        if self._snd.ecn and (f & CWR or seg.ecn == CE):
+            rcv.ecn_input(f, seg.ecn, bool(payload))
         st = self._state
         if st is State.CLOSED:
             return

@@ -152,7 +152,7 @@ class Handshake:
             snd.max_wnd = snd.wnd
             return Ev.RCV_SYN_ACK
         # MUST-10: simultaneous open; answer <SEQ=ISS><ACK=RCV.NXT><CTL=SYN,ACK>.
-        snd.ecn = self.rcv.ecn = False  # RFC 3168 §6.1.1 defines no ECN setup for it
+        snd.ecn = False  # RFC 3168 §6.1.1 defines no ECN setup for it
         snd.wnd = seg.window
         snd.max_wnd = seg.window
         snd.nxt = 0
@@ -176,7 +176,7 @@ class Handshake:
         snd.sack_on = rcv.sack_on = cfg.sack and seg.sack_perm
         # RFC 3168 §6.1.1: a SYN asks with ECE|CWR, the SYN-ACK answers with ECE alone.
         e = seg.flags & (ECE | CWR | ACK)
-        snd.ecn = rcv.ecn = snd.ecn_ask and (e == ECE | CWR or e == ECE | ACK)
+        snd.ecn = snd.ecn_ask and (e == ECE | CWR or e == ECE | ACK)
         rcv.ws_on = cfg.window_scaling and seg.wscale is not None
         if rcv.ws_on and seg.wscale is not None:
             snd.wscale = min(seg.wscale, 14)  # RFC 7323 §2.3
@@ -227,5 +227,5 @@ class Handshake:
         snd.una = snd.nxt = snd.max = 0
         snd.rto_at = None
         snd.retries = 0
-        snd.ecn = self.rcv.ecn = self.rcv.ece = False
+        snd.ecn = self.rcv.ece = False
         self.rcv.ts_recent = None

@@ -43,7 +43,7 @@ Rules:
 - Urgent data (RFC 9293 §3.8.5, MUST-30..33): RCV.UP (`up`, a stream offset) only moves
   forward; each advance queues UrgentData(end) before the bytes (MUST-32); the bytes stay
   inline. `urgent_remaining` counts those the application has not read (MUST-33).
-- ECN receiver (RFC 3168 §6.1.3), when negotiated (`ecn`): a CE-marked data segment
+- ECN receiver (RFC 3168 §6.1.3), when negotiated (the Sender's `ecn`): a CE-marked data segment
   (or window probe, §6.1.6) inside the window (§6.1.5: marks outside it are ignored) sets
   `ece`, and from then on every ACK we send carries ECE, until a segment with CWR
   arrives; CWR is taken before the same segment's CE mark, so a CE on the CWR segment
@@ -111,7 +111,7 @@ class Receiver:
         "delay", "unacked", "big", "last_ack_sent", "dsack", "ts_on", "sack_on", "ws_on",
         "ts_recent", "ts_recent_at", "bytes_in", "last_rx", "chal_limit", "chal_start",
         "chal_count", "oow_gap", "oow_at", "events", "drops", "cap_max", "space_at",
-        "space_mark", "ooo_auto", "rtt_est", "ecn", "ece", "ce_marks",
+        "space_mark", "ooo_auto", "rtt_est", "ece", "ce_marks",
     )
 
     def __init__(
@@ -162,7 +162,6 @@ class Receiver:
         self.space_mark = 0  # bytes_in at its start
         self.ooo_auto = not cfg.reassembly_cap  # the reassembly cap follows RCV.BUFF
         self.rtt_est: RtoEstimator | None = None
-        self.ecn = False  # ECN negotiated (RFC 3168 §6.1.1, stack/handshake.py)
         self.ece = False  # an ECN-Echo is owed: ECE on every ACK until CWR (§6.1.3)
         self.ce_marks = 0  # CE-marked segments received on an ECN connection
 

@@ -264,8 +264,7 @@ class FastPath:
     def reserve(self, peer: int, count: int) -> int:
         """The first of `count` GRE sequence numbers taken from peer's counter (count 0:
         the next one, nothing taken)."""
-        data = peer.to_bytes(4, "little") + count.to_bytes(4, "little") + bytes(8)
-        return int(self.obj.test_run(self._reserve_fd, data))
+        return int(self.obj.test_run(self._reserve_fd, M.SEQ_REQ.pack(peer, count, 0)))
 
     def sent(self, addr: Any) -> None:
         """The Python path has sent its datagrams to `addr`: if that peer's encoder took
@@ -274,10 +273,8 @@ class FastPath:
         if enc is None or not enc.held:
             return
         enc.held = False
-        data = enc.peer.to_bytes(4, "little") + bytes(4) + (1).to_bytes(4, "little") \
-            + bytes(4)
         try:
-            self.obj.test_run(self._reserve_fd, data)
+            self.obj.test_run(self._reserve_fd, M.SEQ_REQ.pack(enc.peer, 0, 1))
         except OSError:
             pass  # SEQ_HOLD ends it
 

@@ -70,6 +70,9 @@ LPM6 = struct.Struct("<I16s")
 RXKEY = struct.Struct("<16sII")
 U16 = struct.Struct("<H")
 U32 = struct.Struct("<I")
+# grebe_seq_reserve's test-run "packet" (grebe_tc.c): peer index, count, op (0 reserve,
+# 1 release), padded to the 14 bytes a tc test run needs at least
+SEQ_REQ = struct.Struct("<III4x")
 U64 = struct.Struct("<Q")
 RXSEQ = struct.Struct("<IIIIII")  # struct gb_rxseq
 PEERSTAT = struct.Struct("<QQQQ")

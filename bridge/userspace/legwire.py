@@ -78,7 +78,14 @@ from stack.wire.ip import (
 )
 from stack.wire.prelude import V4_DST_AT, V4_SRC_AT, V6_DST_AT, V6_SRC_AT
 from stack.wire.tcp import ACK, PSH, TcpSegment, emit_tcp_parts
-from stack.wire.vnet import F_NEEDS_CSUM, GSO_ECN, GSO_TCPV4, GSO_TCPV6, VNET
+from stack.wire.vnet import (
+    F_NEEDS_CSUM,
+    GSO_ECN,
+    GSO_TCPV4,
+    GSO_TCPV6,
+    VNET,
+    complete_checksum,
+)
 
 __all__ = ["LegFramer", "merge_run", "run_part", "completed_partial", "ecn_of",
            "TSO_MAX_SEGMENT"]
@@ -257,7 +264,5 @@ def completed_partial(seg: memoryview, src: bytes, dst: bytes) -> bytearray | No
     if field != (ps or 0xFFFF) and field != ps:
         return None
     out = bytearray(seg)
-    out[16] = out[17] = 0
-    c = checksum(out, ps)
-    out[16], out[17] = c >> 8, c & 0xFF
+    complete_checksum(out, 0, 16)  # the field's own sum: ps (0xFFFF is the same sum as 0)
     return out

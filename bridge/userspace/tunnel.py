@@ -69,8 +69,7 @@ class TunnelSide:
     def _segment(self, pkt: bytes | bytearray | memoryview, n: int, off: int,
                  key: FlowKey) -> TcpSegment | None:
         mv = pkt if isinstance(pkt, memoryview) else memoryview(pkt)
-        b = pkt[1]  # RFC 3168 §5: the leg sees the IP ECN field (legwire.py ecn_of, inlined)
-        ecn = (b >> 4 if pkt[0] >> 4 == 6 else b) & 3
+        ecn = ecn_of(pkt)  # RFC 3168 §5: the leg sees the IP ECN field
         if (seg := parse_tcp(mv[off:n], key[1], key[2], ecn=ecn)) is None:  # partial? else counted
             fixed = completed_partial(mv[off:n], key[1], key[2])
             self.counters["checksum_completed"] += fixed is not None

@@ -84,11 +84,13 @@ def test_a_full_tunnel_spoke_is_reached_through_the_hub() -> None:
     assert "0.0.0.0/0" in hub["c"] and "0.0.0.0/0" not in hub["b"]
 
 
-def test_a_wildcard_listen_with_a_host_name_still_checks() -> None:
+def test_a_wildcard_listen_with_a_host_name_still_checks(tmp_path: Path) -> None:
     text = NAMED_B.replace('listen = "198.18.0.2"', 'listen = "0.0.0.0"')
     files = endpoint_files(parse_description(text))
     assert 'address = "0.0.0.0"' in files["b"]
     assert 'endpoint = "gw-b.example.net:4800"' in files["a"]
+    for f in _write(tmp_path, text).values():
+        assert check_config(str(f), fake_resolve) == [], f.read_text()
 
 
 @pytest.mark.parametrize("text,kw,path", [

@@ -253,6 +253,7 @@ def test_bucket_per_source_table_is_fixed_and_collisions_share() -> None:
     for n in range(40):  # 10,000 sources, each new: no state is made for any of them
         _to_b(b, [v4(src=f"198.18.{10 + n % 2}.{i}") for i in range(250)], n * 0.001)
     assert len(scrub.tokens) == size == len(scrub.stamps)
+    assert b.counters.drop("scrub_rate") > 0  # and the shared buckets still limit the flood
     assert b.status(1.0)["scrub"][0]["buckets"] == 256
 
 
