@@ -261,12 +261,13 @@ KEYS: tuple[Key, ...] = (
         choices=("userspace", "kernel")),
     Key("inspect", "action", _S, "inspect", "\"inspect\", \"forward\" (pass untouched) or "
         "\"drop\".", choices=("inspect", "forward", "drop")),
-    Key("inspect", "max_buffer", _I, 8 << 20, "Bytes buffered per direction before the "
+    Key("inspect", "max_buffer", _I, 16 << 20, "Bytes buffered per direction before the "
         "sender is flow-controlled. The userspace backend's legs start at 128 KiB and "
-        "autotune up to a quarter of it each (the window a lossy, long path needs); all "
+        "autotune: the receiving leg's window up to three quarters of it (the room a lossy, "
+        "long path needs above a hole), the other leg's send buffer up to a quarter; all "
         "terminated flows together stay under `[userspace] memory_budget`. Kernel-backend rules "
         "default to 1 MiB (kernel TCP autotunes its own windows).",
-        default_text="8 MiB (8388608) for userspace rules, 1 MiB for kernel rules",
+        default_text="16 MiB (16777216) for userspace rules, 1 MiB for kernel rules",
         lo=4096, hi=1 << 30, unit="bytes"),
     Key("inspect", "iif", _L, None, "Incoming interface names matched (backend = \"kernel\" "
         "only).", example="[\"veth0\"]"),

@@ -48,10 +48,13 @@ FlowKey = tuple[int, bytes, bytes, int, int]
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
 
 DEFAULT_IDLE_TIMEOUT = 7200.0
-# Bytes a flow buffers per direction. 8 MiB: the userspace legs autotune up to a quarter
-# each (2 MiB, about Linux's tcp_rmem autotuning reach), which a 2 %-loss WAN needs; all
-# splices together stay under [userspace] memory_budget (bridge/userspace/bounds.py).
-DEFAULT_MAX_BUFFER = 8 << 20
+# Bytes a flow buffers per direction. 16 MiB: in each direction the receiving userspace leg's
+# window autotunes up to three quarters (12 MiB) and the sending leg's send buffer up to a
+# quarter (4 MiB, Linux's tcp_wmem[2]). Linux autotunes a receive window up to tcp_rmem[2]
+# (32 MiB on current kernels); a 2 %-loss WAN at a gigabit keeps several MB above a hole
+# for a round trip, and a 2 MiB window held such a server back a fifth of its busy time.
+# All splices together stay under [userspace] memory_budget (bridge/userspace/bounds.py).
+DEFAULT_MAX_BUFFER = 16 << 20
 # The kernel backend's relay (bridge/kernel/relay.py) keeps 1 MiB: kernel TCP autotunes its
 # own windows, and a larger relay buffer only lets a fast server finish long before a slow client.
 KERNEL_MAX_BUFFER = 1 << 20

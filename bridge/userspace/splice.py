@@ -53,8 +53,9 @@ Rules of this module (pure, sans-I/O: segments and `now` in, segments and deadli
   stay counted in its receive window until the other leg's bounded send buffer took them
   (then `consumed()` reopens the window, RFC 9293 §3.8.6.2.2). A slow reader therefore fills
   the other leg's send buffer, then the first leg's receive buffer, and its sender sees a zero
-  window (RFC 9293 §3.8.6.1). Per flow: four buffers of `max_buffer // 4` (the rule's
-  max_buffer), plus at most one inspector-expanded chunk per direction.
+  window (RFC 9293 §3.8.6.1). Per direction: the receiving leg's window up to three
+  quarters of the rule's max_buffer and the other leg's send buffer up to a quarter (the
+  Terminator's `configs_for`), plus at most one inspector-expanded chunk.
 - The flow's life (flow_start, the chain on every chunk, verdicts, half-close ordering,
   close reasons, flow_end once) is bridge/inspect/session.py's `InspectSession`, shared with
   the kernel backend; this module executes what it answers on the two legs: bytes to queue

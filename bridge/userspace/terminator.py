@@ -24,7 +24,8 @@ Rules of this module (pure, sans-I/O: inner IP packets and `now` in, packets and
   toward that server less 40 (IPv4) or 60 (IPv6) bytes; the client leg the TUN MTU less the
   same. `tx_max_segment` asks the client leg for larger output segments when the TUN takes TSO
   super-packets (0: one MSS per segment; the TUN adapter coalesces them, GRO-style).
-- Memory per flow: the rule's `max_buffer` split over the four leg buffers (splice.py).
+- Memory per flow: the rule's `max_buffer` per direction, three quarters for the receiving
+  leg's window and a quarter for the other leg's send buffer (splice.py).
 - Admission (bridge/userspace/bounds.py, the endpoint's `[userspace]` limits): a SYN is
   refused with a RST past `max_splices` live flows (a flow whose legs only linger in
   TIME-WAIT holds no slot); past the half-open caps (in total, and per /24 or /64 source
@@ -294,20 +295,23 @@ class Terminator(TunnelSide):
         hdr = 60 if v6 else 40
         server_mss = max(self.mtu_for(key[2]) - hdr, 88)
         client_mss = max(self.tun_mtu() - hdr, 88)
-        buf = (rule.max_buffer if rule is not None else DEFAULT_MAX_BUFFER) // 4
+        buf = rule.max_buffer if rule is not None else DEFAULT_MAX_BUFFER
         cc = rule.congestion if rule is not None else "cubic"
         ck = (server_mss, client_mss, buf, self.tx_max_segment, cc)
         cached = self._configs.get(ck)
         if cached is None:
             # Each leg's buffers start at Linux's tcp_rmem default (128 KiB) and autotune up
-            # to their quarter of the rule's max_buffer (the splice's memory bound).
-            rmax = max(buf, server_mss, client_mss)
+            # to their share of the rule's max_buffer per direction (the splice's memory
+            # bound): three quarters for the receive window, whose room a lossy path needs
+            # above a hole for a round trip, a quarter for the send buffer on the other leg.
+            rmax = max(buf - buf // 4, server_mss, client_mss)
+            smax = max(buf // 4, 1)
             rbuf = max(min(rmax, 128 << 10), server_mss, client_mss)
-            common: dict[str, Any] = dict(recv_buffer=rbuf, send_buffer=max(min(buf, 128 << 10), 1),
+            common: dict[str, Any] = dict(recv_buffer=rbuf, send_buffer=min(smax, 128 << 10),
                                           auto_consume=False, msl=self.msl,
                                           rto_min=self.rto_min, rto_var_min=self.rto_min,
                                           nagle=False, keepalive=True, congestion=cc,
-                                          recv_buffer_max=rmax, send_buffer_max=max(buf, 1))
+                                          recv_buffer_max=rmax, send_buffer_max=smax)
             server = TcpConfig(mss=server_mss, syn_retries=self.syn_retries, **common)
             cached = (TcpConfig(mss=client_mss, tx_max_segment=self.tx_max_segment,
                                 syn_retries=self.limits.synack_retries, ecn=True, **common),

@@ -255,9 +255,10 @@ def test_v6_flow_is_selected_by_its_v6_prefix() -> None:
 
 
 def test_max_buffer_defaults_by_backend() -> None:
-    """8 MiB for userspace rules (the legs autotune to a quarter each: the window a lossy
-    WAN needs), 1 MiB for kernel rules (kernel TCP autotunes its own windows; a larger relay
-    buffer only lets a fast server finish long before a slow client)."""
+    """16 MiB per direction for userspace rules (the receiving leg's window autotunes up to
+    three quarters, 12 MiB: the room a lossy WAN needs above a hole), 1 MiB for kernel rules
+    (kernel TCP autotunes its own windows; a larger relay buffer only lets a fast server
+    finish long before a slow client)."""
     from bridge.flows import DEFAULT_MAX_BUFFER, KERNEL_MAX_BUFFER
     from bridge.inspect.rules import parse_rules
 
@@ -268,4 +269,4 @@ def test_max_buffer_defaults_by_backend() -> None:
          "max_buffer": 65536}])
     assert (user.max_buffer, kern.max_buffer, set_.max_buffer) == (
         DEFAULT_MAX_BUFFER, KERNEL_MAX_BUFFER, 65536)
-    assert DEFAULT_MAX_BUFFER == 8 << 20 and KERNEL_MAX_BUFFER == 1 << 20
+    assert DEFAULT_MAX_BUFFER == 16 << 20 and KERNEL_MAX_BUFFER == 1 << 20

@@ -90,7 +90,9 @@ def test_global_memory_budget_applies_back_pressure_not_failures() -> None:
     (sp,) = h.term.splices.values()   # its legs in TIME-WAIT
     assert sp.flow.close_reason is CloseReason.CLOSED
     assert h.term.status()["counters"]["memory_pressure"] >= 1
-    assert held <= 100_000 * 1.3 < free_run / 3
+    # Past the budget only what the peers were granted before it pressed still comes in:
+    # measured 129 KB with a 4 MiB max_buffer, 144 KB with the default 16 MiB.
+    assert held <= 100_000 * 1.5 < free_run / 3
 
 
 def test_a_clients_keepalive_probe_is_mirrored_to_the_server() -> None:
@@ -117,3 +119,25 @@ def test_a_clients_keepalive_probe_is_mirrored_to_the_server() -> None:
     h.run(lambda h: bool(seen), max_time=h.now + 1.0)
     srv = h.server.conn
     assert [s for s in seen if s.seq == (srv.rcv_nxt_seq - 1) & 0xFFFFFFFF and not s.payload]
+
+
+def test_a_directions_buffer_goes_mostly_to_the_receive_window() -> None:
+    """#7 under loss: per direction the receiving leg's window may autotune to three
+    quarters of the rule's max_buffer and the other leg's send buffer to a quarter. With
+    a quarter each (2 MiB of 8), a Linux BBR server over the lossy WAN (loss 2 %, reorder
+    3 %, delay 2 ms) was receive-window limited a fifth of its busy time (ss -ti
+    rwnd_limited: 20-22 %), since the bytes above a hole fill the window for a round trip."""
+    from dataclasses import replace
+
+    from bridge.flows import DEFAULT_MAX_BUFFER
+    from bridge.userspace.terminator import Terminator
+
+    term = Terminator((), lambda *a: None, lambda dst: 1500, lambda: 1500)
+    key = (4, bytes([198, 18, 1, 5]), bytes([198, 18, 2, 10]), 40000, 80)
+    assert DEFAULT_MAX_BUFFER == 16 << 20
+    for rule in (None, replace(RULE, max_buffer=1 << 20)):
+        mb = DEFAULT_MAX_BUFFER if rule is None else rule.max_buffer
+        for leg in term.configs_for(key, rule):
+            assert leg.recv_buffer_max == mb * 3 // 4
+            assert leg.send_buffer_max == mb // 4
+            assert leg.recv_buffer == leg.send_buffer == 128 << 10  # where autotuning starts
