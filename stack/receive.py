@@ -317,8 +317,13 @@ class Receiver:
                 return fin == nxt
             return False
         # Out of order: queue it (SHLD-31) and send a duplicate ACK at once (RFC 5681 §4.2).
-        if self.ooo.insert(seg_abs, payload) < 0:
+        kept = self.ooo.insert(seg_abs, payload)
+        if kept < 0:
             self._drop("reassembly_full")
+        elif kept == 0 and self.sack_on:
+            # All of it is held already, above a hole: a D-SACK names it (RFC 2883 §4 Example 3,
+            # as Linux does), so a sender that retransmitted too early learns of it.
+            self.dsack = (seg_abs, seg_abs + len(payload))
         self.gap = bool(self.ooo.nbytes) or self.ooo_fin is not None
         self.ack_now = True
         return False

@@ -197,3 +197,18 @@ def test_rfc2883_dsack_reports_a_duplicate_once() -> None:
     send(conn, 2.5, seq=rseq(151), ack=lseq(1), ts=(14, 0), payload=b"c" * 10)
     conn.handle_timer(3.0)
     assert recv_one(conn, 3.0).sack == ()  # reported once only
+
+
+def test_rfc2883_dsack_reports_a_duplicate_of_out_of_order_data() -> None:
+    """RFC 2883 §4 Example 3: a segment held already above a hole comes again (the sender
+    retransmitted it too early, or the network duplicated it): the ACK's first SACK block
+    names it, before the block that holds it. A Linux sender learns reordering from it."""
+    conn = passive(ALL, sack_perm=True, ts=(10, 0))
+    send(conn, 1.0, seq=rseq(101), ack=lseq(1), ts=(11, 0), payload=b"b" * 100)  # a hole
+    assert recv_one(conn, 1.0).sack == ((rseq(101), rseq(201)),)
+    send(conn, 1.1, seq=rseq(101), ack=lseq(1), ts=(12, 0), payload=b"b" * 100)  # again
+    dup = recv_one(conn, 1.1)
+    assert dup.ack == rseq(1)
+    assert dup.sack == ((rseq(101), rseq(201)), (rseq(101), rseq(201)))
+    send(conn, 1.2, seq=rseq(301), ack=lseq(1), ts=(13, 0), payload=b"d" * 10)
+    assert recv_one(conn, 1.2).sack == ((rseq(301), rseq(311)), (rseq(101), rseq(201)))
