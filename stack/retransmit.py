@@ -28,6 +28,13 @@ Rules:
   most once per window of data: not again until SND.UNA passed `ecn_high`, SND.MAX at
   the reduction; during loss recovery, which already reduced, only CWR is owed. Either
   way the next new data segment carries CWR (`cwr_pending`), so the peer stops echoing.
+- RFC 3168 §6.1.2 (`loss_reduced`): a loss reduction (entering fast recovery, by
+  duplicate ACKs, IsLost or RACK; an RTO expiry; a loss a TLP repaired) is also the
+  window's one reduction on an ECN connection: `ecn_high` = SND.MAX, so that an ECE for
+  data sent before it (the same congestion) does not cut cwnd again once recovery ended,
+  and CWR is owed, as it is after a reduction for ECE ("the TCP sender [...] reduces its
+  congestion window [...] sets the CWR bit" whatever the indication; Linux tcp_enter_cwr
+  and tcp_init_cwnd_reduction queue CWR for a loss as well).
 
 Theory of operation: `Retransmitter` is the base class of stack/send.py's `Sender`: the
 methods here run when something went wrong (a timer fired, the peer reported a hole, the
@@ -256,6 +263,7 @@ class Retransmitter:
             cc.ssthresh = cc.reduce(cc.cwnd)
             if cc.cwnd > cc.ssthresh:
                 cc.cwnd = cc.ssthresh
+            self.loss_reduced()
         self.tlp_retx = False
 
     def send_probe(self, now: float, out: list[TcpSegment], af: AckFields) -> None:
@@ -344,6 +352,7 @@ class Retransmitter:
             self.retx_pending = True
             self.board.high_rxt = self.una  # HighRxt (RFC 6675 §5 step 4)
             self.board.rescue_rxt = None  # RescueRxt undefined
+            self.loss_reduced()
 
     def expire(self, now: float, handshake: bool) -> bool:
         """The retransmission timer fired (RFC 6298 §5.4-5.6). Returns True when R2 is
@@ -374,6 +383,7 @@ class Retransmitter:
         self.undo = max(self.max - self.una, self.cc.ssthresh) if first else None
         self.frto = None
         self.cc.on_timeout(self.max, self.max - self.una, first)
+        self.loss_reduced()
         if self.ts_on:
             self.rto_tsval = ts_clock(now, self.ts_off)
         self.rto.backoff()  # RFC 6298 §5.5
@@ -399,6 +409,14 @@ class Retransmitter:
         if self.nxt > self.una and not syn_sent:
             self.nxt = self.una  # retransmit with the smaller size
             self.rtt_abs = None
+
+    def loss_reduced(self) -> None:
+        """A loss reduced cwnd (RFC 3168 §6.1.2): on an ECN connection it counts as this
+        window's reduction (no ECE cut until SND.UNA passes SND.MAX now) and the next new
+        data segment carries CWR."""
+        if self.ecn:
+            self.ecn_high = self.max
+            self.cwr_pending = True
 
     def ecn_echo(self) -> None:
         """An acceptable ACK carried ECE (RFC 3168 §6.1.2): reduce cwnd as for a loss, once
