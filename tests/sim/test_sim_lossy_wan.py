@@ -67,3 +67,18 @@ def test_header_prediction_covers_the_run_above_a_hole() -> None:
     segs = 5_000_000 / 1448
     print(f"\nfast path {r.receiver_info['fast_path']} of ~{segs:.0f} data segments")
     assert r.ok and r.receiver_info["fast_path"] >= 0.8 * segs  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_reordering_alone_costs_retransmissions_not_the_window(seed: int) -> None:
+    """3 % of packets up to 4 ms late on a 4 ms RTT, nothing lost: RACK's window starts at
+    min_RTT/4, so a late segment is retransmitted before D-SACKs widen it; the recovery
+    it started is proven spurious (Eifel timestamps, D-SACK) and undone, so the window
+    stays (before: each one a reduction, 8.7-8.9 MB/s simulated for these seeds; 34-36
+    with the undo). Prints goodput; asserts only that undos happened and the bytes."""
+    reo = replace(LOSSY, loss=0.0)
+    r = transfer(5_000_000, reo, seed=seed, config=BASE)
+    undone = r.sender_info["spurious_recoveries"]
+    print(f"\nreordering only, seed {seed}: {r.goodput_sim:.2f} MB/s simulated, "
+          f"{r.retransmissions} retransmissions, {undone} recoveries undone")
+    assert r.ok and r.dropped == 0 and isinstance(undone, int) and undone > 0
