@@ -399,8 +399,11 @@ class Retransmitter:
 
     def recovery_ended(self, ts: tuple[int, int] | None) -> None:
         """The ACK that ended a fast recovery (RFC 6675 §5 / RFC 6582: it covers the
-        recovery point): RFC 3522 Eifel detection with its timestamp echo, or every
-        retransmission already D-SACKed (Linux tcp_try_undo_recovery)."""
+        recovery point): RACK's reo_wnd_persist counts it (RFC 8985 §6.2 step 4); RFC
+        3522 Eifel detection with its timestamp echo, or every retransmission already
+        D-SACKed (Linux tcp_try_undo_recovery)."""
+        if self.sack_on and self.rack_on:
+            self.rack.recovery_over()
         u = self.rec_undo
         if u is None:
             return

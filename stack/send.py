@@ -542,8 +542,8 @@ class Sender(Retransmitter):
         if self.cc.on_ack(acked, ack_abs, self.nxt - ack_abs, now, self.rto.srtt):
             if not (self.sack_on and board.sacked):
                 self.retx_pending = True  # RFC 6582 partial ACK (or SACK without blocks)
-        elif rec and not self.cc.in_recovery and self.rec_undo is not None:
-            self.recovery_ended(ts)  # a spurious recovery? (RFC 3522 §3.2)
+        elif rec and not self.cc.in_recovery:
+            self.recovery_ended(ts)  # spurious? (RFC 3522 §3.2); RACK's persist
         if ack_abs >= self.max:
             self.rto_at = None  # RFC 6298 §5.2
         else:
