@@ -477,7 +477,7 @@ class TcpConnection(SegmentArrives):
             "state": str(self._state), "srtt": rto.srtt, "rto": rto.rto, "cwnd": cc.cwnd,
             "ssthresh": cc.ssthresh, "in_recovery": cc.in_recovery,
             "retransmissions": snd.retransmissions, "fast_path": self.fast_path,
-            "spurious_rtos": snd.spurious_rtos,
+            "spurious_rtos": snd.spurious_rtos, "spurious_recoveries": snd.spurious_recoveries,
             "bytes_in": rcv.bytes_in, "bytes_out": snd.bytes_out, "mss": snd.mss,
             "rcv_mss": rcv.mss, "wscale": (snd.wscale, rcv.wscale) if rcv.ws_on else None,
             "sack": snd.sack_on, "ts": snd.ts_on, "snd_wnd": snd.wnd,

@@ -7,7 +7,10 @@ Rules:
   just before the last reduction.
 - RFC 9438 §4.3: Reno-friendly region: W_est starts at cwnd_epoch and grows by
   alpha_cubic * acked / cwnd segments per ACK, alpha_cubic = 3 (1 - beta) / (1 + beta);
-  while W_cubic(t) < W_est, cwnd = W_est.
+  while W_cubic(t) < W_est, cwnd = W_est. Once W_est reached cwnd_prior, the window at
+  the last reduction (`w_prior`), alpha_cubic is 1 (the SHOULD of §4.3: Reno's own
+  AIMD(1, 0.5) increase from there on). On a lossy short path, where the cubic curve
+  (K of seconds) stays below W_est between losses, this is the growth that decides.
 - RFC 9438 §4.4-4.5: otherwise the target is W_cubic(t + RTT), clamped to
   [cwnd, 1.5 cwnd], and cwnd grows by (target - cwnd) / cwnd segments per segment ACKed.
 - RFC 9438 §4.6: on a congestion event (fast retransmit, RTO) ssthresh = cwnd * beta,
@@ -42,7 +45,7 @@ ALGORITHMS = ("cubic", "newreno")
 class Cubic(NewReno):
     """RFC 9438 CUBIC on top of NewReno's loss recovery."""
 
-    __slots__ = ("w_max", "w_last_max", "k", "epoch", "w_est", "_frac")
+    __slots__ = ("w_max", "w_last_max", "k", "epoch", "w_est", "_frac", "w_prior")
 
     def __init__(self, smss: int, initial_cwnd: int | None = None) -> None:
         super().__init__(smss, initial_cwnd)
@@ -52,11 +55,13 @@ class Cubic(NewReno):
         self.epoch: float | None = None  # when this congestion avoidance epoch began
         self.w_est = 0.0  # Reno-friendly estimate, segments
         self._frac = 0.0  # bytes of growth not yet added to cwnd
+        self.w_prior = 0.0  # cwnd_prior (RFC 9438 §4.3), segments
 
     def reduce(self, flight: int) -> int:
         """ssthresh = cwnd * beta (RFC 9438 §4.6) with fast convergence (§4.7)."""
         smss = self.smss
         cw = self.cwnd / smss
+        self.w_prior = cw
         if cw < self.w_last_max:
             self.w_last_max = cw
             self.w_max = cw * (1 + BETA) / 2
@@ -81,7 +86,7 @@ class Cubic(NewReno):
             self.w_est = cw
         t = now - self.epoch
         segs = acked / smss
-        self.w_est += ALPHA * segs / cw
+        self.w_est += (ALPHA if self.w_est < self.w_prior else 1.0) * segs / cw
         w_max, k = self.w_max, self.k
         if C * (t - k) ** 3 + w_max < self.w_est:
             grow = self.w_est - cw  # Reno-friendly region (§4.3)

@@ -73,7 +73,10 @@ RACK (RFC 8985, `Rack`): time-based loss detection. Rules:
   or DupThresh segments are SACKed (RACK then acts like RFC 6675's IsLost); otherwise
   min(reo_wnd_mult * min_RTT / 4, SRTT). Each D-SACK (at most once per round trip)
   raises reo_wnd_mult, up to 16, so a path that reorders by more than a quarter RTT stops
-  causing spurious fast retransmits.
+  causing spurious fast retransmits. Each such round sets RACK.reo_wnd_persist = 16; each
+  recovery that ends decrements it, and at 0 reo_wnd_mult is back to 1 (§6.2 step 4,
+  `recovery_over`; Linux TCP_RACK_RECOVERY_THRESH): a path that stopped reordering gets
+  its quick loss detection back after 16 recoveries without a D-SACK.
 - With RACK on, three duplicate ACKs alone do not start recovery (RFC 8985 §3.4): only a
   lost segment does (stack/congestion.py `rack`).
 - §6.3: the reordering timer (`deadline`, `timeout`) marks segments lost when no more
@@ -215,7 +218,7 @@ class Rack:
     """RFC 8985 RACK state: the send times of original transmissions and what was delivered."""
 
     __slots__ = ("ends", "times", "head", "fack", "xmit_ts", "reordering", "min_rtt",
-                 "mult", "dsack_at", "rtt", "reo", "last_dsack", "rxt")
+                 "mult", "dsack_at", "rtt", "reo", "last_dsack", "rxt", "persist")
 
     def __init__(self) -> None:
         self.ends: list[int] = []  # end position of each original transmission, in order
@@ -227,6 +230,7 @@ class Rack:
         self.min_rtt = float("inf")
         self.mult = 1  # RACK.reo_wnd_mult
         self.dsack_at = float("-inf")  # when reo_wnd_mult last grew
+        self.persist = 0  # RACK.reo_wnd_persist: recoveries left before mult goes back to 1
         self.rtt = 0.0  # RACK.rtt: the RTT of the segment that set RACK.xmit_ts
         self.reo = 0.0  # the reo_wnd of the last `edge`
         self.last_dsack = float("-inf")  # when the last D-SACK arrived
@@ -315,8 +319,16 @@ class Rack:
         self.last_dsack = now
         if now - self.dsack_at >= (srtt or 0.0):
             self.dsack_at = now
+            self.persist = 16
             if self.mult < 16:
                 self.mult += 1
+
+    def recovery_over(self) -> None:
+        """A loss recovery ended (§6.2 step 4): one fewer before reo_wnd_mult resets."""
+        self.persist -= 1
+        if self.persist <= 0:
+            self.persist = 0
+            self.mult = 1
 
     def edge(self, una: int, srtt: float | None, recovery: bool, sacked_segs: int) -> int:
         """RFC 8985 §6.2 step 5 as a position: original segments sent at least reo_wnd

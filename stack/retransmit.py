@@ -14,6 +14,21 @@ Rules:
   the first ACK of new data after one expiry echoes a TSval older than the
   retransmission's, the original transmission arrived: ssthresh and cwnd are restored
   and sending resumes at SND.MAX (`after_timeout`; counted in `spurious_rtos`).
+- Spurious fast recoveries are undone (`RecoveryUndo`; Linux tcp_try_undo_recovery and
+  tcp_try_undo_dsack). Entering recovery keeps cwnd and ssthresh as they were, the range
+  [SND.UNA, SND.MAX) it covers, and counts its retransmissions. Two proofs that none was
+  needed, as for a timeout: RFC 3522 §3.2 Eifel detection, which the RFC defines for fast
+  retransmits as well as timeouts: the ACK that ends the recovery echoes a TSval older
+  than the first retransmission's, so an original segment (delayed, not lost) completed
+  the window (`recovery_ended`); or RFC 3708 §3 / RFC 2883 §4: every retransmission came
+  back as a D-SACK, each a duplicate (`dsack_undo`, also after the recovery ended). The
+  response is RFC 4015 §3's to a spurious timeout, less the resend: ssthresh and cwnd
+  back to at least what they were before the recovery; the recovery ends; a CWR owed for
+  it is withdrawn (Linux tcp_ecn_withdraw_cwr) and the ECN window mark goes back. On a
+  reordering path (issue 11's profile: 3 % of packets up to 4 ms late over a 4 ms RTT)
+  RACK's window starts at min_RTT/4 and a late segment costs a reduction until D-SACKs
+  widen it; with the undo it costs a retransmission only. A timeout ends the record
+  (its own Eifel undo decides then).
 - RFC 6675 §5: on entering recovery retransmit SND.UNA's segment, then while
   cwnd - pipe >= SMSS send what NextSeg() names: lost holes, new data, other holes, then
   once the rescue retransmission (`sack_recovery`).
@@ -28,6 +43,13 @@ Rules:
   most once per window of data: not again until SND.UNA passed `ecn_high`, SND.MAX at
   the reduction; during loss recovery, which already reduced, only CWR is owed. Either
   way the next new data segment carries CWR (`cwr_pending`), so the peer stops echoing.
+- RFC 3168 §6.1.2 (`loss_reduced`): a loss reduction (entering fast recovery, by
+  duplicate ACKs, IsLost or RACK; an RTO expiry; a loss a TLP repaired) is also the
+  window's one reduction on an ECN connection: `ecn_high` = SND.MAX, so that an ECE for
+  data sent before it (the same congestion) does not cut cwnd again once recovery ended,
+  and CWR is owed, as it is after a reduction for ECE ("the TCP sender [...] reduces its
+  congestion window [...] sets the CWR bit" whatever the indication; Linux tcp_enter_cwr
+  and tcp_init_cwnd_reduction queue CWR for a loss as well).
 
 Theory of operation: `Retransmitter` is the base class of stack/send.py's `Sender`: the
 methods here run when something went wrong (a timer fired, the peer reported a hole, the
@@ -46,11 +68,28 @@ from stack.loss import Rack, RtoEstimator, Scoreboard
 from stack.seq import HALF, MASK, ts_clock
 from stack.wire.tcp import ACK, FIN, PSH, TcpSegment
 
-__all__ = ["Retransmitter", "AckFields"]
+__all__ = ["Retransmitter", "AckFields", "RecoveryUndo"]
 
 # The fields every segment after the SYN carries (RFC 9293 §3.1, RFC 7323 §3.2, RFC 2018
 # §4): ACK number, window field, TSopt, SACK blocks; computed once per segments_to_send().
 AckFields = tuple[int, int, tuple[int, int] | None, tuple[tuple[int, int], ...]]
+
+
+class RecoveryUndo:
+    """What undoing one fast recovery needs (Linux prior_cwnd, prior_ssthresh, undo_marker,
+    high_seq, undo_retrans, retrans_stamp), kept from its start until the next one or an
+    RTO."""
+
+    __slots__ = ("cwnd", "ssthresh", "ecn_high", "start", "end", "retrans", "stamp")
+
+    def __init__(self, cwnd: int, ssthresh: int, ecn_high: int, start: int, end: int) -> None:
+        self.cwnd = cwnd  # before the reduction
+        self.ssthresh = ssthresh
+        self.ecn_high = ecn_high
+        self.start = start  # SND.UNA at entry
+        self.end = end  # SND.MAX at entry (the recovery point)
+        self.retrans = -1  # retransmissions in [start, end) not D-SACKed; -1: none yet
+        self.stamp: int | None = None  # our TSval when the first of them went out
 
 
 class Retransmitter:
@@ -59,6 +98,7 @@ class Retransmitter:
     if not TYPE_CHECKING:
         __slots__ = ()
 
+    iss: int
     una: int
     nxt: int
     max: int
@@ -102,6 +142,8 @@ class Retransmitter:
     ecn_high: int
     cwr_pending: bool
     ecn_cuts: int
+    rec_undo: RecoveryUndo | None
+    spurious_recoveries: int
 
     if TYPE_CHECKING:  # the Sender's own methods (stack/send.py)
         def segment(self, pos: int, flags: int, payload: bytes | memoryview, af: AckFields
@@ -138,6 +180,11 @@ class Retransmitter:
         self.board.high_rxt = pos + n + fin
         if self.sack_on and self.rack_on:
             self.rack.retransmitted(pos, pos + n + fin, now)
+        u = self.rec_undo
+        if u is not None and u.start <= pos < u.end:
+            u.retrans = u.retrans + 1 if u.retrans > 0 else 1
+            if u.stamp is None and self.ts_on:
+                u.stamp = ts_clock(now, self.ts_off)
         self.retransmissions += 1
         self.rtt_abs = None
         self.last_send_at = now
@@ -256,6 +303,7 @@ class Retransmitter:
             cc.ssthresh = cc.reduce(cc.cwnd)
             if cc.cwnd > cc.ssthresh:
                 cc.cwnd = cc.ssthresh
+            self.loss_reduced()
         self.tlp_retx = False
 
     def send_probe(self, now: float, out: list[TcpSegment], af: AckFields) -> None:
@@ -340,10 +388,61 @@ class Retransmitter:
         RFC 6582 §4.2 timestamp proof that the loss is not an old one."""
         rto_ts = self.rto_tsval
         new_loss = rto_ts is not None and ts is not None and (ts[1] - rto_ts) & MASK < HALF
-        if self.cc.on_dupack(self.una, self.max, self.nxt - self.una, new_loss, lost):
+        cc = self.cc
+        cwnd, ssthresh = cc.cwnd, cc.ssthresh
+        if cc.on_dupack(self.una, self.max, self.nxt - self.una, new_loss, lost):
+            self.rec_undo = RecoveryUndo(cwnd, ssthresh, self.ecn_high, self.una, self.max)
             self.retx_pending = True
             self.board.high_rxt = self.una  # HighRxt (RFC 6675 §5 step 4)
             self.board.rescue_rxt = None  # RescueRxt undefined
+            self.loss_reduced()
+
+    def recovery_ended(self, ts: tuple[int, int] | None) -> None:
+        """The ACK that ended a fast recovery (RFC 6675 §5 / RFC 6582: it covers the
+        recovery point): RACK's reo_wnd_persist counts it (RFC 8985 §6.2 step 4); RFC
+        3522 Eifel detection with its timestamp echo, or every retransmission already
+        D-SACKed (Linux tcp_try_undo_recovery)."""
+        if self.sack_on and self.rack_on:
+            self.rack.recovery_over()
+        u = self.rec_undo
+        if u is None:
+            return
+        if u.retrans == 0 or (u.stamp is not None and ts is not None and ts[1]
+                              and 0 < (u.stamp - ts[1]) & MASK < HALF):
+            self.undo_recovery(u)
+
+    def dsack_undo(self, block: tuple[int, int], ack_abs: int) -> None:
+        """A D-SACK below the cumulative ACK (RFC 2883 §4): if it reports a retransmission
+        of the last recovery, that one was needless (RFC 3708 §3); when all of them were,
+        the recovery was spurious (Linux tcp_check_dsack, tcp_try_undo_dsack)."""
+        u = self.rec_undo
+        if u is None or u.retrans <= 0:
+            return
+        wire_ack = (self.iss + ack_abs) & MASK
+        left = ack_abs - ((wire_ack - block[0]) & MASK)
+        right = ack_abs - ((wire_ack - block[1]) & MASK)
+        if not u.start < right <= u.end or right <= left:
+            return
+        u.retrans -= min(u.retrans, -(-(right - left) // self.mss))  # segments duplicated
+        if u.retrans == 0:
+            self.undo_recovery(u)
+
+    def undo_recovery(self, u: RecoveryUndo) -> None:
+        """The RFC 4015 §3 response to a spurious recovery: cwnd and ssthresh back to at
+        least their values before it, the recovery (if still on) over, its CWR withdrawn."""
+        self.rec_undo = None
+        cc = self.cc
+        if cc.cwnd < u.cwnd:
+            cc.cwnd = u.cwnd
+        if cc.ssthresh < u.ssthresh:
+            cc.ssthresh = u.ssthresh
+        if cc.in_recovery:
+            cc.in_recovery = False
+            cc.recover = self.una  # a later loss may start a recovery of its own
+        if self.ecn:
+            self.cwr_pending = False
+            self.ecn_high = u.ecn_high
+        self.spurious_recoveries += 1
 
     def expire(self, now: float, handshake: bool) -> bool:
         """The retransmission timer fired (RFC 6298 §5.4-5.6). Returns True when R2 is
@@ -373,7 +472,9 @@ class Retransmitter:
         # Without timestamps F-RTO (RFC 5682) decides instead, at the next ACKs.
         self.undo = max(self.max - self.una, self.cc.ssthresh) if first else None
         self.frto = None
+        self.rec_undo = None  # the timeout's own undo (Eifel, F-RTO) decides from here
         self.cc.on_timeout(self.max, self.max - self.una, first)
+        self.loss_reduced()
         if self.ts_on:
             self.rto_tsval = ts_clock(now, self.ts_off)
         self.rto.backoff()  # RFC 6298 §5.5
@@ -399,6 +500,14 @@ class Retransmitter:
         if self.nxt > self.una and not syn_sent:
             self.nxt = self.una  # retransmit with the smaller size
             self.rtt_abs = None
+
+    def loss_reduced(self) -> None:
+        """A loss reduced cwnd (RFC 3168 §6.1.2): on an ECN connection it counts as this
+        window's reduction (no ECE cut until SND.UNA passes SND.MAX now) and the next new
+        data segment carries CWR."""
+        if self.ecn:
+            self.ecn_high = self.max
+            self.cwr_pending = True
 
     def ecn_echo(self) -> None:
         """An acceptable ACK carried ECE (RFC 3168 §6.1.2): reduce cwnd as for a loss, once

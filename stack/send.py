@@ -28,16 +28,10 @@ Rules:
   information is kept (RFC 6675 §5.1, stack/loss.py) and the resending skips SACKed
   data. Karn (MUST-18): a retransmitted segment is not timed; with timestamps every ACK
   echoing a TSval is a sample (RFC 7323 §4, RTTM).
-- Spurious timeouts (RFC 3522 Eifel detection with timestamps, RFC 4015 response): when
-  the first ACK of new data after one expiry echoes a TSval older than the
-  retransmission's, the original transmission arrived: ssthresh and cwnd are restored
-  and sending resumes at SND.MAX (`after_timeout`; counted in `spurious_rtos`).
-- R2 (`max_retries`, `syn_retries`, MUST-20..23): `expire` reports when to give up.
-  MUST-37: while the window is zero the probing goes on without counting toward R2.
-- Persist timer (§3.8.6.1, MUST-35/36): nothing can be sent and nothing is in flight with
-  a zero (or too small) window: probe after max(RTO, 200 ms), backing off.
+- In stack/retransmit.py, with their rules: the undo of spurious timeouts and fast
+  recoveries (RFC 3522, RFC 3708, RFC 4015), R2 (MUST-20..23, MUST-37), the persist timer
+  (§3.8.6.1, MUST-35/36), PMTU (RFC 1191 §6.3, RFC 8201 §5.2), RACK-TLP's timers.
 - RFC 5681 §4.1: after idling more than one RTO, restart from at most the initial window.
-- RFC 1191 §6.3 / RFC 8201 §5.2 (`path_mtu`): a smaller MSS resends what is in flight.
 - Send-buffer growth (`send_buffer_max`, Linux tcp_sndbuf_expand): on each ACK of new
   data the buffer may grow to twice min(cwnd, the largest window offered).
 - `tx_max_segment` lets one output segment carry several SMSS (a TSO/GSO super-segment
@@ -68,7 +62,7 @@ from stack.buffers import SendBuffer
 from stack.congestion import CongestionControl
 from stack.loss import Rack, RtoEstimator, Scoreboard
 from stack.receive import Receiver
-from stack.retransmit import AckFields, Retransmitter
+from stack.retransmit import AckFields, RecoveryUndo, Retransmitter
 from stack.seq import HALF, MASK, ts_clock
 from stack.state import State
 from stack.tcp_config import TcpConfig
@@ -105,15 +99,14 @@ class Sender(Retransmitter):
     """SND.* variables, the send buffer, what may be sent now, and retransmission."""
 
     __slots__ = (
-        "lport", "rport", "iss", "una", "nxt", "max", "wnd", "wl1", "wl2", "max_wnd",
-        "wscale", "buf", "fin", "up", "mss", "nagle", "tx_max", "ts_on", "ts_off",
-        "sack_on", "rto_at", "persist_at", "persist_backoff", "retx_pending",
-        "probe_pending", "last_send_at", "rtt_abs", "rtt_at", "retries", "rto_tsval", "undo",
-        "spurious_rtos",
-        "max_retries", "syn_retries", "retransmissions", "bytes_out", "ka_pending",
-        "syn_opts", "rcv", "cc", "board", "rto", "rack", "rack_on", "early_at", "reo_at",
-        "pto_at", "tlp_end", "tlp_retx", "tlp_pending", "tlp_probes", "tlp_at", "sndbuf_max",
-        "frto", "ecn", "ecn_ask", "cwr_pending", "ecn_high", "ecn_cuts",
+        "lport", "rport", "iss", "una", "nxt", "max", "wnd", "wl1", "wl2", "max_wnd", "wscale",
+        "buf", "fin", "up", "mss", "nagle", "tx_max", "ts_on", "ts_off", "sack_on", "rto_at",
+        "persist_at", "persist_backoff", "retx_pending", "probe_pending", "last_send_at", "rtt_abs",
+        "rtt_at", "retries", "rto_tsval", "undo", "spurious_rtos", "max_retries", "syn_retries",
+        "retransmissions", "bytes_out", "ka_pending", "syn_opts", "rcv", "cc", "board", "rto",
+        "rack", "rack_on", "early_at", "reo_at", "pto_at", "tlp_end", "tlp_retx", "tlp_pending",
+        "tlp_probes", "tlp_at", "sndbuf_max", "frto", "ecn", "ecn_ask", "cwr_pending", "ecn_high",
+        "ecn_cuts", "rec_undo", "spurious_recoveries",
     )
 
     def __init__(
@@ -158,6 +151,8 @@ class Sender(Retransmitter):
         self.rto_tsval: int | None = None  # our TSval when the last RTO fired
         self.undo: int | None = None  # RFC 4015 pipe_prev, while an RTO may be undone
         self.spurious_rtos = 0  # timeouts found spurious and undone (RFC 3522, RFC 4015)
+        self.rec_undo: RecoveryUndo | None = None  # to undo the last fast recovery
+        self.spurious_recoveries = 0  # fast recoveries found spurious and undone
         self.max_retries = cfg.max_retries
         self.syn_retries = cfg.syn_retries
         self.retransmissions = 0
@@ -463,6 +458,8 @@ class Sender(Retransmitter):
         newly = board.update(seg.sack, una, self.max, self.iss) if self.sack_on and seg.sack else 0
         if self.sack_on and self.rack_on:
             self.rack_ack(seg, ack_abs, now)
+        if self.rec_undo is not None and seg.sack:
+            self.dsack_undo(seg.sack[0], ack_abs)  # RFC 3708: a resend was needless?
         if d:
             self.new_ack(ack_abs, d, seg.ts, now)
             if newly and not self.cc.in_recovery and board.is_lost(ack_abs, self.mss):
@@ -541,9 +538,12 @@ class Sender(Retransmitter):
             board.acked(ack_abs)
         if self.sack_on:
             self.rack.acked(ack_abs)
+        rec = self.cc.in_recovery
         if self.cc.on_ack(acked, ack_abs, self.nxt - ack_abs, now, self.rto.srtt):
             if not (self.sack_on and board.sacked):
                 self.retx_pending = True  # RFC 6582 partial ACK (or SACK without blocks)
+        elif rec and not self.cc.in_recovery:
+            self.recovery_ended(ts)  # spurious? (RFC 3522 §3.2); RACK's persist
         if ack_abs >= self.max:
             self.rto_at = None  # RFC 6298 §5.2
         else:

@@ -82,7 +82,8 @@ Rules of this module (pure, sans-I/O: segments and `now` in, segments and deadli
   SYN, so it is ECN-capable exactly when the client asked; the server leg's config asks the
   server only when the client did (the Terminator's `configs_for`). Connect first, the
   client leg is made after the server answered and accepts ECN only if the server leg got
-  it, so the client sees what the server said. ECN is per path: each leg marks its own new
+  it (else it takes the Terminator's cached settings without ECN), so the client sees
+  what the server said. ECN is per path: each leg marks its own new
   data ECT(0), echoes the CE marks its path made and reduces its own window on an echo
   (stack/send.py); no mark crosses the splice (the bytes are re-sent, not forwarded).
 - Never raises on account of either peer: bad segments are the legs' business (dropped and
@@ -138,11 +139,12 @@ class Splice:
     __slots__ = ("key", "flow", "chain", "life", "client", "server", "syn", "_client_cfg",
                  "_server_cfg", "_q", "_eof", "_fin_sent", "_rst_client", "_client_addr",
                  "_server_addr", "created", "last_seen", "_server_up", "_broken", "connect_first",
-                 "idle_timeout", "allow", "_owed")
+                 "idle_timeout", "allow", "_owed", "_client_cfg_refused")
 
     def __init__(self, key: FlowKey, syn: TcpSegment, rule: InspectRule | None,
                  chain: InspectorChain | None, client_cfg: TcpConfig, server_cfg: TcpConfig,
-                 now: float, *, connect_first: bool = False) -> None:
+                 now: float, *, connect_first: bool = False,
+                 client_cfg_refused: TcpConfig | None = None) -> None:
         version, csrc, sdst, cport, sport = key
         self.key = key
         self.syn = syn
@@ -150,6 +152,7 @@ class Splice:
         self.flow = Flow(key, rule.name if rule is not None else "-", "userspace", now)
         self.life = InspectSession(self.flow, chain, tap=True)
         self._client_cfg = client_cfg
+        self._client_cfg_refused = client_cfg_refused  # connect first, server refused ECN
         self._server_cfg = server_cfg
         self._client_addr = (csrc, cport)
         self._server_addr = (sdst, sport)
@@ -241,7 +244,7 @@ class Splice:
         if self.connect_first:
             iss = (self.server.rcv_nxt_seq - 1) & MASK
             if cfg.ecn and not self.server.ecn:  # the server said no: so do we (§6.1.1)
-                cfg = replace(cfg, ecn=False)
+                cfg = self._client_cfg_refused or replace(cfg, ecn=False)  # (cached)
         conn = TcpConnection(self._server_addr, self._client_addr, cfg, iss=iss)
         conn.listen()
         conn.receive_segment(self.syn, now)

@@ -180,7 +180,7 @@ class Terminator(TunnelSide):
         self._done: set[FlowKey] = set()
         self.budget = MemoryBudget(lim.memory_budget)  # bytes all splices hold (bounds.py)
         self._configs: dict[tuple[int, int, int, int, str],
-                            tuple[TcpConfig, TcpConfig, TcpConfig]] = {}
+                            tuple[TcpConfig, TcpConfig, TcpConfig, TcpConfig]] = {}
         self.tun_offload = False
         self._warm: dict[int, WarmCycle] = {}  # lane -> shadow (bridge/userspace/warm.py)
         self._last_new = float("-inf")  # when the last splice was opened (warm)
@@ -291,6 +291,17 @@ class Terminator(TunnelSide):
         (MSS from the tunnel and TUN MTUs, buffers from the rule), cached per shape. The
         client leg accepts ECN when asked; the server leg asks for it when `ecn` (the
         client's SYN did, RFC 3168 §6.1.1)."""
+        cached = self._leg_configs(key, rule)
+        return cached[0], cached[2] if ecn else cached[1]
+
+    def client_config_without_ecn(self, key: FlowKey, rule: InspectRule | None) -> TcpConfig:
+        """The client leg's settings of a connect-first splice whose server refused ECN
+        (the client leg then refuses too, RFC 3168 §6.1.1), cached as the others are."""
+        return self._leg_configs(key, rule)[3]
+
+    def _leg_configs(self, key: FlowKey, rule: InspectRule | None
+                     ) -> tuple[TcpConfig, TcpConfig, TcpConfig, TcpConfig]:
+        """(client leg, server leg, server leg asking ECN, client leg without ECN)."""
         v6 = key[0] == 6
         hdr = 60 if v6 else 40
         server_mss = max(self.mtu_for(key[2]) - hdr, 88)
@@ -313,11 +324,11 @@ class Terminator(TunnelSide):
                                           nagle=False, keepalive=True, congestion=cc,
                                           recv_buffer_max=rmax, send_buffer_max=smax)
             server = TcpConfig(mss=server_mss, syn_retries=self.syn_retries, **common)
-            cached = (TcpConfig(mss=client_mss, tx_max_segment=self.tx_max_segment,
-                                syn_retries=self.limits.synack_retries, ecn=True, **common),
-                      server, replace(server, ecn=True))
+            client = TcpConfig(mss=client_mss, tx_max_segment=self.tx_max_segment,
+                               syn_retries=self.limits.synack_retries, ecn=True, **common)
+            cached = (client, server, replace(server, ecn=True), replace(client, ecn=False))
             self._configs[ck] = cached
-        return cached[0], cached[2] if ecn else cached[1]
+        return cached
 
     def _new_splice(self, key: FlowKey, syn: TcpSegment, now: float) -> None:
         """A SYN: a stateful splice, a SYN cookie, or the closed port's RST (admission.py)."""
@@ -338,9 +349,11 @@ class Terminator(TunnelSide):
                 self._pending_rst.append((key, rst))
             return
         asks = syn.flags & (ECE | CWR) == ECE | CWR  # an ECN-setup SYN (RFC 3168 §6.1.1)
+        first = rule is not None and rule.connect_first
         self._register(Splice(key, syn, rule, self._chain(rule),
-                              *self.configs_for(key, rule, asks), now,
-                              connect_first=rule is not None and rule.connect_first), now)
+                              *self.configs_for(key, rule, asks), now, connect_first=first,
+                              client_cfg_refused=self.client_config_without_ecn(key, rule)
+                              if first and asks else None), now)
         self.splices[key].open(now)
         self.admission.opened(key)
 

@@ -106,6 +106,11 @@ def test_connect_first_mirrors_the_servers_refusal_to_the_client() -> None:
     assert h.run(lambda h: len(h.client.rx) == 1000)
     client_leg, server_leg = legs(h)
     assert not server_leg.ecn and not client_leg.ecn and not h.client.conn.ecn
+    # The client leg's settings without ECN are the Terminator's cached ones, not a copy
+    # made for each splice.
+    (key,) = h.term.splices
+    assert client_leg.config is h.term.client_config_without_ecn(key, rule)
+    assert not client_leg.config.ecn
 
 
 def test_ce_marks_on_each_path_are_echoed_by_that_leg_and_counted() -> None:

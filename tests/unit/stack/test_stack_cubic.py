@@ -98,3 +98,19 @@ def test_rule_key_congestion_selects_the_legs_algorithm() -> None:
     key = (4, bytes(4), bytes(4), 1, 80)
     assert {c.congestion for c in term.configs_for(key, cubic)} == {"cubic"}
     assert {c.congestion for c in term.configs_for(key, reno)} == {"newreno"}
+
+
+def test_rfc9438_4_3_reno_friendly_alpha_is_1_once_w_est_regained_cwnd_prior() -> None:
+    """A short lossy path (RTT 4 ms, the cubic curve K = 2.5 s away): after a loss at 20
+    segments W_est climbs at alpha = 0.53 segments per RTT back to 20, then at Reno's 1
+    (RFC 9438 §4.3 SHOULD); before, it stayed at 0.53."""
+    cc = _cubic_at(20)
+    cc.reduce(20 * SMSS)
+    cc.cwnd = cc.ssthresh = 14 * SMSS
+    t = _grow(cc, 0.0, 0.04, 0.004)  # 10 RTTs
+    assert 18 * SMSS <= cc.cwnd <= 20 * SMSS  # ~0.53 a round: 14 + 5.3
+    t = _grow(cc, t, 0.06, 0.004)
+    assert cc.cwnd >= 20 * SMSS
+    w = cc.cwnd
+    _grow(cc, t, t + 0.04, 0.004)  # 10 more RTTs past cwnd_prior
+    assert cc.cwnd - w >= 9 * SMSS  # one segment a round (0.53 would give ~5)

@@ -308,3 +308,59 @@ def test_rfc3168_6_1_1_1_a_resent_syn_no_longer_asks_for_ecn() -> None:
     send(conn, t, flags=SYN | ACK | ECE, seq=REMOTE_SEQ, ack=lseq(1), mss=1460)
     out(conn, t)
     assert conn.state is State.ESTABLISHED and not conn.ecn
+
+
+def _ecn_flight() -> tuple[TcpConnection, list[TcpSegment]]:
+    conn = active_ecn(cfg(ecn=True, nagle=False, congestion="newreno",
+                          initial_cwnd=10 * 1460, send_buffer=1 << 20))
+    conn.send(b"z" * 100_000)
+    segs = out(conn, 0.0)
+    assert len(segs) == 10 and all(not s.flags & CWR for s in segs)
+    return conn, segs
+
+
+def _loss_by_rto(conn: TcpConnection) -> float:
+    t = conn.get_timer()
+    assert t is not None
+    conn.handle_timer(t)
+    (again,) = out(conn, t)
+    assert again.seq == lseq(1) and again.ecn == 0 and not again.flags & CWR
+    return t
+
+
+def _loss_by_dupacks(conn: TcpConnection) -> float:
+    for _ in range(3):  # RFC 5681 §3.2: the third duplicate ACK
+        send(conn, 0.01, seq=rseq(1), ack=lseq(1), window=65535)
+    again = out(conn, 0.01)
+    assert again and again[0].seq == lseq(1) and conn.info()["in_recovery"]
+    return 0.01
+
+
+@pytest.mark.parametrize("loss", [_loss_by_rto, _loss_by_dupacks])
+def test_rfc3168_6_1_2_a_loss_reduction_is_the_windows_one_and_owes_cwr(loss: Any) -> None:
+    """A loss reduced cwnd: the next new data carries CWR though no ECE came, and an ECE
+    for the data of that window (the same congestion) does not reduce a second time once
+    the recovery is over (before: no CWR, and a second cut)."""
+    conn, _segs = _ecn_flight()
+    t = loss(conn)
+    assert conn.ecn_cuts == 0
+    # The whole window is acknowledged (recovery over), the ACK echoing a CE mark of it.
+    send(conn, t + 0.01, seq=rseq(1), ack=lseq(1 + 14600), flags=ACK | ECE, window=65535)
+    assert conn.ecn_cuts == 0 and not conn.info()["in_recovery"]
+    new = out(conn, t + 0.01)
+    assert new and new[0].seq == lseq(1 + 14600) and new[0].ecn == ECT0
+    assert new[0].flags & CWR and all(not s.flags & CWR for s in new[1:])
+    # An echo for data sent after the reduction is a new congestion event.
+    end = (new[-1].seq + len(new[-1].payload)) & 0xFFFFFFFF
+    send(conn, t + 0.02, seq=rseq(1), ack=end, flags=ACK | ECE, window=65535)
+    assert conn.ecn_cuts == 1
+
+
+def test_rfc3168_6_1_2_a_loss_without_ecn_owes_no_cwr() -> None:
+    conn = active_ecn(cfg(nagle=False, congestion="newreno", initial_cwnd=10 * 1460))
+    conn.send(b"z" * 100_000)
+    out(conn, 0.0)
+    t = _loss_by_rto(conn)
+    send(conn, t + 0.01, seq=rseq(1), ack=lseq(1 + 14600), window=65535)
+    new = out(conn, t + 0.01)
+    assert new and all(not s.flags & (CWR | ECE) and s.ecn == 0 for s in new)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 from tcp_script import ALL_OPTIONS, REMOTE_SEQ, lseq, recv, rseq, send, syn_sent
 
 from stack.connection import TcpConnection
+from stack.loss import Rack
 from stack.wire.tcp import ACK, SYN
 
 MSS = 1460
@@ -92,3 +94,35 @@ def test_tail_loss_probe_resends_the_last_segment_before_the_rto() -> None:
     again = [s.seq for s in recv(conn, t + 0.1) if s.payload]
     assert again[:1] == [lseq(1 + m + 6 * m)]
     assert conn.info()["in_recovery"]
+
+
+def test_rfc8985_6_2_reo_wnd_mult_resets_after_16_recoveries_without_dsack() -> None:
+    """§6.2 step 4: a D-SACK round raises reo_wnd_mult and sets reo_wnd_persist = 16; each
+    recovery that ends counts down, and at 0 the window is back to min_RTT/4."""
+    rack = Rack()
+    rack.min_rtt = 0.04
+    rack.dsack(1.0, 0.04)
+    rack.dsack(1.1, 0.04)
+    assert rack.mult == 3
+    rack.edge(0, 0.05, False, 0)
+    assert rack.reo == pytest.approx(3 * 0.04 / 4)
+    for _ in range(15):
+        rack.recovery_over()
+    assert rack.mult == 3
+    rack.recovery_over()
+    assert rack.mult == 1
+    rack.edge(0, 0.05, False, 0)
+    assert rack.reo == pytest.approx(0.04 / 4)
+    rack.dsack(2.0, 0.04)  # reordering again: it grows again
+    assert rack.mult == 2
+
+
+def test_a_fast_recovery_that_ends_counts_down_reo_wnd_persist() -> None:
+    conn, m, tsv = _conn()
+    rack = conn._snd.rack
+    rack.persist, rack.mult = 2, 4
+    _ack(conn, 0.3, 0, m, tsv[5], (1, 6))
+    rx = [s for s in recv(conn, 0.3) if s.payload]
+    assert rx and conn.info()["in_recovery"]
+    _ack(conn, 0.41, 10, m, rx[0].ts[0] if rx[0].ts else 0)
+    assert not conn.info()["in_recovery"] and (rack.persist, rack.mult) == (1, 4)
