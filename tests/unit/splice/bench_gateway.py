@@ -1,7 +1,7 @@
 """Micro-benchmark of an inspecting gateway's whole data path (not a test: prints, never asserts).
 
-    .venv/bin/python tests/unit/splice/bench_gateway.py [MB] [--lossy] [--profile [--cumtime]]
-                                                        [--no-psh] [--ack-late]
+    .venv/bin/python tests/unit/splice/bench_gateway.py [MB] [--lossy | --lossy-each]
+                                       [--profile [--cumtime]] [--no-psh] [--ack-late]
 
 What the lab's `inspect-userspace` download costs gateway A, in memory and on one core: a
 server TcpConnection sends MB megabytes through Bridge B (its encapsulation, as the far
@@ -14,8 +14,10 @@ Bridge A is counted (`from_udp`, `from_tun`, its timers), as this thread's CPU t
 (time.thread_time: other processes' load moves it less than wall time). Printed, the best
 of 3 runs: µs of A per 64 KB and the MB/s that CPU time allows; with --profile, one run
 under cProfile (A's calls only). Compare runs made one after the other. --lossy: 2 % of
-the datagrams toward A lost and 3 % one place late (the lossy bench row's WAN, without its
-delay), so the per-packet paths (sequence policy, leg runs of single datagrams) are timed.
+B's sends toward A lost and 3 % one place late (the lossy bench row's WAN, without its
+delay; bridge/lab/impair.py takes the kernel's skb as its unit, so a GSO send of up to 64
+datagrams goes or stays whole); --lossy-each: the same per datagram, many more short runs,
+so the per-packet paths (sequence policy, leg runs of single datagrams) are timed.
 
 Two habits of the lab's Linux ends are modelled, since the lab's profile is shaped by them:
 the server marks the last segment of each TSO frame (PSH_EVERY segments) PSH, and the
@@ -120,10 +122,19 @@ def _gro(dgrams: list[bytes | bytearray]) -> list[GroBatch | bytes | bytearray]:
     return batches
 
 
-def _impair(dgrams: list[bytes | bytearray], rng: random.Random) -> list[bytes | bytearray]:
-    """--lossy: drop LOSS of the datagrams toward A, and move REORDER one place later."""
-    out: list[bytes | bytearray] = []
-    late: bytes | bytearray | None = None
+def _sends(out: Output) -> list[list[bytes | bytearray]]:
+    """The datagrams of `out` in groups as the lab's gateway B sends them: one GSO send
+    (one skb) per TSO frame of the server, PSH_EVERY datagrams (this bench's server hands
+    B single segments, so B's own output has no such groups)."""
+    d = _datagrams(out)
+    return [d[i:i + PSH_EVERY] for i in range(0, len(d), PSH_EVERY)]
+
+
+def _impair(dgrams: list[Any], rng: random.Random) -> list[Any]:
+    """--lossy: drop LOSS of the items toward A (sends, or datagrams with --lossy-each),
+    and move REORDER of them one place later."""
+    out: list[Any] = []
+    late: Any = None
     for d in dgrams:
         if rng.random() < LOSS:
             continue
@@ -140,7 +151,7 @@ def _impair(dgrams: list[bytes | bytearray], rng: random.Random) -> list[bytes |
 
 
 def run(total: int, log: str, prof: cProfile.Profile | None = None,
-        lossy: bool = False, psh: bool = True, ack_each: bool = True) -> tuple[int, float]:
+        lossy: str = "", psh: bool = True, ack_each: bool = True) -> tuple[int, float]:
     """Returns (bytes the client got, seconds inside Bridge A)."""
     rng = random.Random(11)
     a = Bridge(loads_config(SITE.format(side="a", tun4="198.18.100.1/30", listen=A_ADDR[0],
@@ -185,8 +196,13 @@ def run(total: int, log: str, prof: cProfile.Profile | None = None,
                     if nseg % PSH_EVERY == 0:
                         segs[i] = s._replace(flags=s.flags | PSH)
         b.from_tun([term.packet(SERVER, CLIENT, s) for s in segs], now, ob)
-        dgrams = _datagrams(ob)
-        to_a = [(g, B_ADDR) for g in _gro(_impair(dgrams, rng) if lossy else dgrams)]
+        if lossy == "each":
+            dgrams = _impair(_datagrams(ob), rng)
+        elif lossy:  # the lab's impairment takes a GSO send (one skb) as its unit
+            dgrams = [d for send in _impair(_sends(ob), rng) for d in send]
+        else:
+            dgrams = _datagrams(ob)
+        to_a = [(g, B_ADDR) for g in _gro(dgrams)]
         if prof is not None:
             prof.enable()
         t0 = time.thread_time()
@@ -229,7 +245,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(rounds):  # the best of a few: the machine's load only adds time
             got, t = run(int(mb * 1e6), os.path.join(tmp, "flows.jsonl"), prof,
-                         "--lossy" in sys.argv, "--no-psh" not in sys.argv,
+                         "each" if "--lossy-each" in sys.argv
+                         else "sends" if "--lossy" in sys.argv else "",
+                         "--no-psh" not in sys.argv,
                          "--ack-late" not in sys.argv)
             best = min(best, t)
     inside = best
