@@ -30,11 +30,13 @@ Rules (what Linux GRO requires, and what the per-packet path would have checked)
   LegRun is not ended by PSH (a Linux sender marks the last segment of every TSO frame, so
   ending there cut each receive buffer into 64 KB runs and paid the per-run work, numpy's
   fixed cost and the leg's, three times; the merged header keeps PSH if any row had it),
-  nor by newer timestamps (RFC 7323 §3, NOP NOP TS as the first option): TSval and TSecr
-  may differ between rows but never go back from one row to the next, so every row would
-  have passed PAWS (RFC 7323 §5.3) where the first does, and the merged header carries the
-  first row's, what the leg would have echoed anyway (§4.3: TS.Recent takes the TSval of
-  the first segment after the last ACK sent).
+  nor by newer timestamps (RFC 7323 §3, NOP NOP TS as the first option): TSval may differ
+  between rows but never go back from one row to the next, so every row would have passed
+  PAWS (RFC 7323 §5.3) where the first does, and the merged header carries the first row's,
+  what the leg would have echoed anyway (§4.3: TS.Recent takes the TSval of the first
+  segment after the last ACK sent). TSecr may differ too: the rows' ACK fields are equal,
+  so no row but the first could have given an RTT sample (§4.2: only an ACK of new data),
+  and the merged header carries the first row's.
 - Nothing raises on a peer's bytes: a run that does not merge returns None and the caller
   takes the datagrams one by one.
 
@@ -102,7 +104,7 @@ def _coalesce_layout(seg: int, off: int, ihl: int, doff: int, gseq_at: int, csum
         if csum_at >= 0:
             mask[csum_at:csum_at + 2] = 0
         mask[t + 4:t + 8] = 0
-        mask[t + 13] = 0
+        mask[t + 13] = 0xF7  # flags: row 0's (ACK, checked first) but for PSH
         mask[t + 16:t + 18] = 0
         if v4:
             mask[off + 4:off + 6] = 0
@@ -167,7 +169,7 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
     IPv4 identification and checksum, TCP sequence number and checksum (like Linux GRO, so
     a changed window or timestamp ends a run); exact IP lengths (no padding); contiguous TCP
     sequence numbers; ACK-only segments, PSH ends a run (it is kept on the merged packet;
-    a LegRun's rows may differ in PSH and, never going back, in TSval and TSecr: module rules);
+    a LegRun's rows may differ in PSH, TSecr and, never going back, TSval: module rules);
     every IPv4 header checksum and every TCP checksum (with pseudo-header, RFC 9293 §3.1)
     intact, since the kernel will not check a NEEDS_CSUM packet.
     """
@@ -203,8 +205,7 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
     else:  # segments of a few bytes
         h = a[:, :off + hl]
         bad = np.logical_or.reduce((h ^ h[0]) & mask[:off + hl], axis=1)
-    fl = a[:, t + 13]
-    bad |= (fl & 0xF7) != _ACK
+    fl = a[:, t + 13]  # ACK, or ACK + PSH: the mask held every other flag to row 0's
     idx = counts(rows)
     ts = f["ts"]
     tseq0 = int(ts[0])
@@ -213,9 +214,9 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
     if gseq_at >= 0:
         gs = f["gs"]
         bad |= (gs - idx) != int(gs[0])
-    if ts_at >= 0:  # TSval and TSecr never go back (RFC 7323 §5.3 PAWS holds row by row)
-        tv = a[:, ts_at:ts_at + 8].view(">u4")
-        bad[1:] |= np.logical_or.reduce((tv[1:] - tv[:-1]) >= 0x80000000, axis=1)
+    if ts_at >= 0:  # TSval never goes back (RFC 7323 §5.3 PAWS holds row by row)
+        tv = a[:, ts_at:ts_at + 4].view(">u4")[:, 0]
+        bad[1:] |= (tv[1:] - tv[:-1]) >= 0x80000000
     if v4:  # equal headers but for id and checksum: intact iff id + checksum is row 0's
         ic = f["id"].astype(np.uint32)
         ic += f["ic"]
