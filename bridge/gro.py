@@ -26,7 +26,17 @@ Rules (what Linux GRO requires, and what the per-packet path would have checked)
   buffer, so numpy's fixed cost per call is paid once per buffer, not per 64 KB, and the
   payload is copied once instead of three times (frame, TunFrame, the leg's join). Over
   65,535 bytes its IPv4 total length (IPv6 payload length) is 0, as Linux marks a BIG TCP
-  packet. A shorter last datagram does not join a LegRun (it follows on its own).
+  packet. A shorter last datagram does not join a LegRun (it follows on its own). A
+  LegRun is not ended by PSH (a Linux sender marks the last segment of every TSO frame, so
+  ending there cut each receive buffer into 64 KB runs and paid the per-run work, numpy's
+  fixed cost and the leg's, three times; the merged header keeps PSH if any row had it),
+  nor by newer timestamps (RFC 7323 §3, NOP NOP TS as the first option): TSval may differ
+  between rows but never go back from one row to the next, so every row would have passed
+  PAWS (RFC 7323 §5.3) where the first does, and the merged header carries the first row's,
+  what the leg would have echoed anyway (§4.3: TS.Recent takes the TSval of the first
+  segment after the last ACK sent). TSecr may differ too: the rows' ACK fields are equal,
+  so no row but the first could have given an RTT sample (§4.2: only an ACK of new data),
+  and the merged header carries the first row's.
 - Nothing raises on a peer's bytes: a run that does not merge returns None and the caller
   takes the datagrams one by one.
 
@@ -72,12 +82,14 @@ _U32 = struct.Struct(">I")
 _TCP = 6
 
 def _coalesce_layout(seg: int, off: int, ihl: int, doff: int, gseq_at: int, csum_at: int,
-                     v4: bool) -> tuple[Any, Any]:
+                     v4: bool, ts_at: int = -1) -> tuple[Any, Any]:
     """For `coalesce_rows`, made once per layout: the mask of the header bytes that must be
     equal in every row, and the sending side's record type of the per-row fields
     (`_row_fields`: TCP sequence number, IPv4 identification and checksum, GRE sequence
-    number; the TCP checksum field goes unused here)."""
-    key = (seg, off, ihl, doff, gseq_at, csum_at, v4)
+    number; the TCP checksum field goes unused here). `ts_at` >= 0 (a server leg's run
+    whose rows carry the timestamp option there, module rules): its TSval and TSecr are
+    left out of the mask (the caller checks that they never go back)."""
+    key = (seg, off, ihl, doff, gseq_at, csum_at, v4, ts_at)
     got = _LAYOUTS.get(key)
     if got is None:
         if len(_LAYOUTS) >= CACHE_MAX:
@@ -92,20 +104,23 @@ def _coalesce_layout(seg: int, off: int, ihl: int, doff: int, gseq_at: int, csum
         if csum_at >= 0:
             mask[csum_at:csum_at + 2] = 0
         mask[t + 4:t + 8] = 0
-        mask[t + 13] = 0
+        mask[t + 13] = 0xF7  # flags: row 0's (ACK, checked first) but for PSH
         mask[t + 16:t + 18] = 0
         if v4:
             mask[off + 4:off + 6] = 0
             mask[off + 10:off + 12] = 0
+        if ts_at >= 0:
+            mask[ts_at:ts_at + 8] = 0
         mask.flags.writeable = False
         got = _LAYOUTS[key] = (mask, row_fields(seg, off, ihl, gseq_at, v4))
     return got
 
 
-_LAYOUTS: dict[tuple[int, int, int, int, int, int, bool], tuple[Any, Any]] = {}
+_LAYOUTS: dict[tuple[int, int, int, int, int, int, bool, int], tuple[Any, Any]] = {}
 
 
 _ACK = 0x10
+_TS_FIRST = b"\x01\x01\x08\x0a"  # NOP, NOP, timestamps (RFC 7323 Appendix A layout)
 
 
 @final
@@ -153,7 +168,8 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
     `csum_at` (-1: none), which must be intact (RFC 2784 §2.5); inner headers equal but for
     IPv4 identification and checksum, TCP sequence number and checksum (like Linux GRO, so
     a changed window or timestamp ends a run); exact IP lengths (no padding); contiguous TCP
-    sequence numbers; ACK-only segments, PSH ends a run (it is kept on the merged packet);
+    sequence numbers; ACK-only segments, PSH ends a run (it is kept on the merged packet;
+    a LegRun's rows may differ in PSH, TSecr and, never going back, TSval: module rules);
     every IPv4 header checksum and every TCP checksum (with pseudo-header, RFC 9293 §3.1)
     intact, since the kernel will not check a NEEDS_CSUM packet.
     """
@@ -180,7 +196,8 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
         return None  # not ACK-only (PSH ends a run with its row), or row 1 does not follow
     flat = np.frombuffer(buf, dtype=np.uint8, count=rows * seg, offset=start)
     a = flat.reshape(rows, seg)
-    mask, dt = _coalesce_layout(seg, off, ihl, doff, gseq_at, csum_at, v4)
+    ts_at = f0 + 24 - start if leg and doff >= 32 and buf[f0 + 20:f0 + 24] == _TS_FIRST else -1
+    mask, dt = _coalesce_layout(seg, off, ihl, doff, gseq_at, csum_at, v4, ts_at)
     f = np.ndarray((rows,), dt, flat)  # the fields that differ between rows, by name
     if len(mask) <= seg:  # headers as 64-bit words (the mask padded with zeros)
         h = a[:, :len(mask)].view("<u8")
@@ -188,8 +205,7 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
     else:  # segments of a few bytes
         h = a[:, :off + hl]
         bad = np.logical_or.reduce((h ^ h[0]) & mask[:off + hl], axis=1)
-    fl = a[:, t + 13]
-    bad |= (fl & 0xF7) != _ACK
+    fl = a[:, t + 13]  # ACK, or ACK + PSH: the mask held every other flag to row 0's
     idx = counts(rows)
     ts = f["ts"]
     tseq0 = int(ts[0])
@@ -198,6 +214,9 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
     if gseq_at >= 0:
         gs = f["gs"]
         bad |= (gs - idx) != int(gs[0])
+    if ts_at >= 0:  # TSval never goes back (RFC 7323 §5.3 PAWS holds row by row)
+        tv = a[:, ts_at:ts_at + 4].view(">u4")[:, 0]
+        bad[1:] |= (tv[1:] - tv[:-1]) >= 0x80000000
     if v4:  # equal headers but for id and checksum: intact iff id + checksum is row 0's
         ic = f["id"].astype(np.uint32)
         ic += f["ic"]
@@ -220,13 +239,18 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
     k = int(bad.argmax())  # the first bad row (numpy's .any() and flatnonzero cost more)
     if not bad[k]:
         k = rows
-    psh = fl[:k] & 0x08
-    j = int(psh.argmax()) if k else 0
-    if k and psh[j]:
-        k = j + 1  # PSH ends the run with its row
-    if k < 2:
-        return None
-    last_flags = int(fl[k - 1])
+    if leg:  # PSH ends no server leg's run; the merged header keeps it if a row had it
+        if k < 2:
+            return None
+        last_flags = int(fl[:k].max())
+    else:
+        psh = fl[:k] & 0x08
+        j = int(psh.argmax()) if k else 0
+        if k and psh[j]:
+            k = j + 1  # PSH ends the run with its row
+        if k < 2:
+            return None
+        last_flags = int(fl[k - 1])
     last_gseq = int(gs[k - 1]) if gs is not None else -1
     used = k * seg
     # A shorter last datagram (GRO ends a run with it) joins if it continues the run and

@@ -1,6 +1,7 @@
 """Micro-benchmark of an inspecting gateway's whole data path (not a test: prints, never asserts).
 
-    .venv/bin/python tests/unit/splice/bench_gateway.py [MB] [--lossy] [--profile [--cumtime]]
+    .venv/bin/python tests/unit/splice/bench_gateway.py [MB] [--lossy | --lossy-each]
+                                       [--profile [--cumtime]] [--no-psh] [--ack-late]
 
 What the lab's `inspect-userspace` download costs gateway A, in memory and on one core: a
 server TcpConnection sends MB megabytes through Bridge B (its encapsulation, as the far
@@ -13,8 +14,17 @@ Bridge A is counted (`from_udp`, `from_tun`, its timers), as this thread's CPU t
 (time.thread_time: other processes' load moves it less than wall time). Printed, the best
 of 3 runs: µs of A per 64 KB and the MB/s that CPU time allows; with --profile, one run
 under cProfile (A's calls only). Compare runs made one after the other. --lossy: 2 % of
-the datagrams toward A lost and 3 % one place late (the lossy bench row's WAN, without its
-delay), so the per-packet paths (sequence policy, leg runs of single datagrams) are timed.
+B's sends toward A lost and 3 % one place late (the lossy bench row's WAN, without its
+delay; bridge/lab/impair.py takes the kernel's skb as its unit, so a GSO send of up to 64
+datagrams goes or stays whole); --lossy-each: the same per datagram, many more short runs,
+so the per-packet paths (sequence policy, leg runs of single datagrams) are timed.
+
+Two habits of the lab's Linux ends are modelled, since the lab's profile is shaped by them:
+the server marks the last segment of each TSO frame (PSH_EVERY segments) PSH, and the
+client ACKs each TunFrame at once (more than one full segment: an immediate ACK), each ACK
+a TUN read and a `from_tun` call of its own. --no-psh and --ack-late give the older model
+(no PSH; the client's ACKs gathered once per round), whose runs were three times longer
+and whose ACKs were a fifth as many as the lab's.
 """
 
 from __future__ import annotations
@@ -42,12 +52,13 @@ from stack.connection import TcpConnection  # noqa: E402
 from stack.events import DataReceived  # noqa: E402
 from stack.state import State  # noqa: E402
 from stack.tcp_config import TcpConfig  # noqa: E402
-from stack.wire.tcp import parse_tcp  # noqa: E402
+from stack.wire.tcp import PSH, parse_tcp  # noqa: E402
 from stack.wire.vnet import VNET_HDR_LEN  # noqa: E402
 
 CLIENT = ipaddress.ip_address("198.18.10.5").packed
 SERVER = ipaddress.ip_address("198.18.20.7").packed
 LOSS, REORDER = 0.02, 0.03  # --lossy, toward A only (the lab's wan-a impairment, in part)
+PSH_EVERY = 45  # segments of a Linux server's TSO frame (64 KB), the last one PSH
 A_ADDR = ("198.18.0.1", 4754)
 B_ADDR = ("198.18.0.2", 4754)
 
@@ -111,10 +122,19 @@ def _gro(dgrams: list[bytes | bytearray]) -> list[GroBatch | bytes | bytearray]:
     return batches
 
 
-def _impair(dgrams: list[bytes | bytearray], rng: random.Random) -> list[bytes | bytearray]:
-    """--lossy: drop LOSS of the datagrams toward A, and move REORDER one place later."""
-    out: list[bytes | bytearray] = []
-    late: bytes | bytearray | None = None
+def _sends(out: Output) -> list[list[bytes | bytearray]]:
+    """The datagrams of `out` in groups as the lab's gateway B sends them: one GSO send
+    (one skb) per TSO frame of the server, PSH_EVERY datagrams (this bench's server hands
+    B single segments, so B's own output has no such groups)."""
+    d = _datagrams(out)
+    return [d[i:i + PSH_EVERY] for i in range(0, len(d), PSH_EVERY)]
+
+
+def _impair(dgrams: list[Any], rng: random.Random) -> list[Any]:
+    """--lossy: drop LOSS of the items toward A (sends, or datagrams with --lossy-each),
+    and move REORDER of them one place later."""
+    out: list[Any] = []
+    late: Any = None
     for d in dgrams:
         if rng.random() < LOSS:
             continue
@@ -131,7 +151,7 @@ def _impair(dgrams: list[bytes | bytearray], rng: random.Random) -> list[bytes |
 
 
 def run(total: int, log: str, prof: cProfile.Profile | None = None,
-        lossy: bool = False) -> tuple[int, float]:
+        lossy: str = "", psh: bool = True, ack_each: bool = True) -> tuple[int, float]:
     """Returns (bytes the client got, seconds inside Bridge A)."""
     rng = random.Random(11)
     a = Bridge(loads_config(SITE.format(side="a", tun4="198.18.100.1/30", listen=A_ADDR[0],
@@ -152,6 +172,8 @@ def run(total: int, log: str, prof: cProfile.Profile | None = None,
     sent = got = 0
     now = inside = 0.0
     request = False
+    nseg = 0  # the server's data segments so far
+    acks: list[list[bytes]] = []  # the client's ACKs of each TunFrame, for A's next from_tun
     while got < total and now < 120.0:
         now += 0.0001
         for conn in (client, server):
@@ -164,15 +186,27 @@ def run(total: int, log: str, prof: cProfile.Profile | None = None,
         if request and sent < total:
             sent += server.send(memoryview(data)[:min(len(data), total - sent)])
         oa, ob = Output(), Output()
-        up = [term.packet(CLIENT, SERVER, s) for s in client.segments_to_send(now)]
-        b.from_tun([term.packet(SERVER, CLIENT, s) for s in server.segments_to_send(now)], now,
-                   ob)
-        dgrams = _datagrams(ob)
-        to_a = [(g, B_ADDR) for g in _gro(_impair(dgrams, rng) if lossy else dgrams)]
+        acks.append([term.packet(CLIENT, SERVER, s) for s in client.segments_to_send(now)])
+        ups, acks = [u for u in acks if u], []
+        segs = server.segments_to_send(now)
+        if psh:  # Linux's server marks the last segment of each TSO frame (~64 KB) PSH
+            for i, s in enumerate(segs):
+                if s.payload:
+                    nseg += 1
+                    if nseg % PSH_EVERY == 0:
+                        segs[i] = s._replace(flags=s.flags | PSH)
+        b.from_tun([term.packet(SERVER, CLIENT, s) for s in segs], now, ob)
+        if lossy == "each":
+            dgrams = _impair(_datagrams(ob), rng)
+        elif lossy:  # the lab's impairment takes a GSO send (one skb) as its unit
+            dgrams = [d for send in _impair(_sends(ob), rng) for d in send]
+        else:
+            dgrams = _datagrams(ob)
+        to_a = [(g, B_ADDR) for g in _gro(dgrams)]
         if prof is not None:
             prof.enable()
         t0 = time.thread_time()
-        if up:
+        for up in ups:  # each of the client's ACK bursts is a TUN read of its own
             a.from_tun(up, now, oa)
         if to_a:
             a.from_udp(to_a, now, oa)
@@ -189,6 +223,9 @@ def run(total: int, log: str, prof: cProfile.Profile | None = None,
         for p in oa.tun:
             if type(p) is TunFrame:  # the client's kernel takes a GSO packet whole
                 client.receive_segment(_tcp(memoryview(p)[VNET_HDR_LEN:], False), now)
+                if ack_each:  # and ACKs it at once (Linux: more than one full segment)
+                    acks.append([term.packet(CLIENT, SERVER, s)
+                                 for s in client.segments_to_send(now)])
             else:
                 client.receive_segment(_tcp(p), now)
         while (ev := client.next_event()) is not None:
@@ -208,7 +245,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(rounds):  # the best of a few: the machine's load only adds time
             got, t = run(int(mb * 1e6), os.path.join(tmp, "flows.jsonl"), prof,
-                         "--lossy" in sys.argv)
+                         "each" if "--lossy-each" in sys.argv
+                         else "sends" if "--lossy" in sys.argv else "",
+                         "--no-psh" not in sys.argv,
+                         "--ack-late" not in sys.argv)
             best = min(best, t)
     inside = best
     print(f"gateway A: {got / 1e6:.1f} MB in {inside:.3f} s = {inside / got * 65536 * 1e6:.0f} µs "

@@ -6,6 +6,9 @@ the UDP adapter joins GRO buffers. A's server leg takes the whole buffer as one 
 (one `server_runs`), nothing over 64 KB ever goes to the TUN, a flow A does not terminate
 still gets TUN frames of at most 64 KB, and a damaged datagram inside the long run still
 ends the run before it and is dropped; a LegRun no leg claims is dropped, never written.
+A Linux server's PSH (the last segment of each TSO frame) and its newer timestamps do not
+end a server leg's run (the leg takes one segment per receive buffer, not per 64 KB), but
+a timestamp that goes back does.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from stack.connection import TcpConnection
 from stack.events import DataReceived
 from stack.state import State
 from stack.tcp_config import TcpConfig
+from stack.wire.checksum import checksum, pseudo_sum_v4
 from stack.wire.tcp import parse_tcp
 from stack.wire.vnet import VNET_HDR_LEN
 
@@ -241,3 +245,66 @@ def test_a_reordered_batch_costs_rows_linear_in_its_size(monkeypatch: Any) -> No
     for _ in range(100):
         p.step()
     assert bytes(p.got) == data and p.term.drops == {}
+
+
+def _retouch(d: bytes, psh: bool = False, tsval: int = 0, tsecr: int = 0) -> bytes:
+    """Datagram `d` (no GRE checksum) with PSH set and TSval / TSecr moved by the given
+    amounts, its TCP checksum made right again: as a Linux sender's segments differ."""
+    b = bytearray(d)
+    off = next(o for o in (4, 8, 12) if int.from_bytes(b[o + 2:o + 4], "big") == len(b) - o)
+    t = off + 20
+    assert b[t + 20:t + 24] == b"\x01\x01\x08\x0a"  # NOP NOP timestamps
+    if psh:
+        b[t + 13] |= 0x08
+    for at, by in ((t + 24, tsval), (t + 28, tsecr)):
+        b[at:at + 4] = ((int.from_bytes(b[at:at + 4], "big") + by) & 0xFFFFFFFF).to_bytes(4, "big")
+    b[t + 16:t + 18] = b"\0\0"
+    ps = pseudo_sum_v4(bytes(b[off + 12:off + 16]), bytes(b[off + 16:off + 20]), 6, len(b) - t)
+    b[t + 16:t + 18] = checksum(b[t:], ps).to_bytes(2, "big")
+    return bytes(b)
+
+
+def _tsval(d: bytes) -> int:
+    off = next(o for o in (4, 8, 12) if int.from_bytes(d[o + 2:o + 4], "big") == len(d) - o)
+    return int.from_bytes(d[off + 44:off + 48], "big")
+
+
+def test_psh_and_newer_timestamps_do_not_end_a_server_legs_run() -> None:
+    """Rows 0-44 and 45-89 as two TSO frames of a Linux server: PSH on the last row of
+    each, the second frame's TSval and TSecr newer. One segment reaches the leg, carrying
+    the first row's TSval (RFC 7323 §4.3: the earliest of what the next ACK covers)."""
+    p = Pair(80)
+    p.established()
+    runs = p.term.counters["server_runs"]
+    dgrams, data = _run(p, 90)
+    first = _tsval(dgrams[0])
+    dgrams = [_retouch(d, psh=i in (44, 89), tsval=5 * (i >= 45), tsecr=3 * (i >= 45))
+              for i, d in enumerate(dgrams)]
+    p.to_a([GroBatch(bytearray(b"".join(dgrams)), len(dgrams[0]))])
+    assert p.term.counters["server_runs"] == runs + 1  # was three: PSH and TSval ended runs
+    (sp,) = p.term.splices.values()
+    assert sp.server.bytes_in == 90 * 1388 and sp.server.ts_recent == first
+    for _ in range(50):
+        p.step()
+    assert bytes(p.got) == data and p.term.drops == {}
+
+
+def test_a_timestamp_that_goes_back_ends_a_server_legs_run() -> None:
+    """Rows 60-89 carry an older TSval than rows 0-59: the run ends before row 60 (merged,
+    row 60 would have passed the leg's PAWS check, RFC 7323 §5.3, unseen); rows 60-89 are
+    then old to the leg, and the server's retransmission completes the data."""
+    p = Pair(80)
+    p.established()
+    runs = p.term.counters["server_runs"]
+    dgrams, data = _run(p, 90)
+    dgrams = [_retouch(d, tsval=-7 * (i >= 60)) for i, d in enumerate(dgrams)]
+    p.to_a([GroBatch(bytearray(b"".join(dgrams)), len(dgrams[0]))])
+    assert p.term.counters["server_runs"] == runs + 2  # rows 0-59, then 60-89
+    (sp,) = p.term.splices.values()
+    assert sp.server.bytes_in == 60 * 1388 and sp.server.info()["drops"] == {"paws": 1}
+    for _ in range(1500):  # no SACK to go by: the server's retransmission timer (RTO 1 s)
+        t = p.server.get_timer()
+        if t is not None and t <= p.now:
+            p.server.handle_timer(p.now)
+        p.step()
+    assert bytes(p.got) == data
