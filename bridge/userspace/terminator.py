@@ -4,10 +4,9 @@ Rules of this module (pure, sans-I/O: inner IP packets and `now` in, packets and
 - Which flows: the first SYN of a TCP flow from the local site (read from the TUN) is classified
   once by a `FlowTable` over `selector_for(rules, Backend.USERSPACE)` (bridge/flows.py): only
   INSPECT with backend "userspace" creates a Splice; DROP rules answer the SYN with an RST,
-  as a closed port would (counted); every
-  other packet, and every non-SYN packet of an unknown flow, is not ours (`from_tun` returns
-  False) and stays on the Bridge's fast path untouched. Flows that start on the far site (their
-  SYN arrives from the tunnel) are never terminated here.
+  as a closed port would (counted); every other packet, and every non-SYN packet of an unknown
+  flow, is not ours (`from_tun` returns False) and stays on the Bridge's fast path untouched.
+  Flows that start on the far site (their SYN arrives from the tunnel) are never terminated.
 - The client leg's segments are written to `out.tun` inside an IPv4 (RFC 791 §3.1, DF set, TTL
   64) or IPv6 (RFC 8200 §3, hop limit 64) header from the server's address to the client's; the
   server leg's go to `send_to_peer` (the Bridge's own encapsulation, `Bridge.send_inner`) from
@@ -24,8 +23,7 @@ Rules of this module (pure, sans-I/O: inner IP packets and `now` in, packets and
   toward that server less 40 (IPv4) or 60 (IPv6) bytes; the client leg the TUN MTU less the
   same. `tx_max_segment` asks the client leg for larger output segments when the TUN takes TSO
   super-packets (0: one MSS per segment; the TUN adapter coalesces them, GRO-style).
-- Memory per flow: the rule's `max_buffer` per direction, three quarters for the receiving
-  leg's window and a quarter for the other leg's send buffer (splice.py).
+- Memory per flow: the rule's `max_buffer` per direction (splice.py; `configs_for`).
 - Admission (bridge/userspace/bounds.py, the endpoint's `[userspace]` limits): a SYN is
   refused with a RST past `max_splices` live flows (a flow whose legs only linger in
   TIME-WAIT holds no slot); past the half-open caps (in total, and per /24 or /64 source
@@ -42,15 +40,15 @@ Rules of this module (pure, sans-I/O: inner IP packets and `now` in, packets and
   client of a live splice and quoting one of its server leg's TCP segments go to that leg
   (`Splice.server_icmp`), and so does our own "no route" for a server leg's packet
   (Destination Unreachable code 0, RFC 1812 §5.2.7.1, RFC 4443 §3.1): a connection attempt
-  that cannot succeed ends with the RST to the client at once (bridge/userspace/splice.py), counted
-  in `drops` ("icmp_to_server_leg", "no_peer"). While the splice connects, the error also
+  that cannot succeed ends with the RST to the client at once (splice.py), counted in `drops`
+  ("icmp_to_server_leg", "no_peer"). While the splice connects, the error also
   goes on to the client, before that RST: it quotes the client's own SYN (same 4-tuple and
   ISN), so the client's stack reports the real cause (RFC 1122 §4.2.3.9); once the client
   leg exists, the client's connection is with it and the error stays with the server leg.
-- Reaping: a splice whose legs are both CLOSED is forgotten; one idle for its rule's
-  `idle_timeout` is aborted (CloseReason.IDLE, counted `idle_aborts`). TIME-WAIT uses `msl`
-  (default 15 s, not the 2 minutes of RFC 9293 §3.6.1: the splice is a middlebox whose legs
-  both see the real endpoints' TIME-WAIT).
+- Reaping: a splice whose legs are both CLOSED is forgotten; one idle for its rule's `idle_timeout`
+  is aborted (CloseReason.IDLE, counted `idle_aborts`). TIME-WAIT uses `msl` (default 15 s, not the
+  2 minutes of RFC 9293 §3.6.1: the splice is a middlebox whose legs both see the real endpoints'
+  TIME-WAIT).
 - RTO as Linux computes it: SRTT + max(4*RTTVAR, `rto_min`), `rto_min` 0.2 s (TCP_RTO_MIN),
   instead of RFC 6298 §2.4's 1 s floor on the sum: both legs face real stacks a few ms away,
   a 1 s floor turns every tail loss into a stall, and a 0.2 s floor on the sum races the
@@ -130,6 +128,11 @@ __all__ = ["Terminator", "SendToPeer", "TSO_MAX_SEGMENT"]
 SendToPeer = Callable[[bytes, float, Any], bool]  # (inner packet, now, out) -> sent
 WARM_WINDOW = 1.0  # warm() works while a splice is live or for this long after one opened
 WARM_BULK_QUIET = 0.1  # ... but not this soon after a server leg took a merged run (bulk)
+# Status counters summed over the legs' TcpConnection.info(): resent segments, tail loss
+# probes, timeouts and fast recoveries undone as spurious.
+LOSS = ("retransmissions", "tlp", "spurious_rtos", "spurious_recoveries")
+
+
 def _has_userspace(rules: Iterable[InspectRule]) -> bool:
     return any(r.backend is Backend.USERSPACE and r.action is not Verdict.FORWARD for r in rules)
 
@@ -168,7 +171,7 @@ class Terminator(TunnelSide):
                                          "from_client": 0, "from_server": 0, "refused_rst": 0,
                                          "server_runs": 0, "idle_aborts": 0,
                                          "checksum_completed": 0, "ecn_legs": 0,
-                                         "ce_marks": 0, "ecn_cuts": 0}
+                                         "ce_marks": 0, "ecn_cuts": 0, **dict.fromkeys(LOSS, 0)}
         self.ended: dict[str, int] = {}
         framer = LegFramer()
         self.packet = framer.packet  # IP framing of the legs' segments (legwire.py)
@@ -480,7 +483,7 @@ class Terminator(TunnelSide):
             if left:
                 self._clients[sp.key[1]] = left
             self.touched.pop(sp.key, None)
-            self._count_ecn(sp, self.counters)
+            self._count_legs(sp, self.counters)
             reason = sp.flow.close_reason.value if sp.flow.close_reason else "closed"
             self.ended[reason] = self.ended.get(reason, 0) + 1
 
@@ -565,11 +568,14 @@ class Terminator(TunnelSide):
         w.step(now)
 
     @staticmethod
-    def _count_ecn(sp: Splice, into: dict[str, int]) -> None:
-        """Add `sp`'s legs' ECN numbers (RFC 3168) to `into`: legs that negotiated it, CE
-        marks they received, window reductions for an echo."""
-        for leg in (sp.client, sp.server):
-            if leg is not None and leg.ecn:
+    def _count_legs(sp: Splice, into: dict[str, int]) -> None:
+        """Add `sp`'s legs' loss recovery (LOSS) and ECN numbers (RFC 3168: legs that
+        negotiated it, CE marks received, window reductions for an echo) to `into`."""
+        for leg in filter(None, (sp.client, sp.server)):
+            info = leg.info()
+            for name in LOSS:
+                into[name] += int(info[name])  # type: ignore[call-overload]
+            if leg.ecn:
                 into["ecn_legs"] += 1
                 into["ce_marks"] += leg.ce_marks
                 into["ecn_cuts"] += leg.ecn_cuts
@@ -581,8 +587,8 @@ class Terminator(TunnelSide):
     def status(self) -> dict[str, Any]:
         """Counters of the backend, the flow table and the inspector chains."""
         counters = {**self.counters, "memory_pressure": self.budget.events}
-        for sp in self.splices.values():  # ECN numbers of the live legs (forget adds the rest)
-            self._count_ecn(sp, counters)
+        for sp in self.splices.values():  # the live legs' numbers (forget adds the rest)
+            self._count_legs(sp, counters)
         return {"live": len(self.splices), "half_open": self.admission.half_open,
                 "memory": self.budget.total, "memory_pressed": len(self.budget.pressed),
                 "time_wait": len(self._done),

@@ -141,3 +141,31 @@ def test_a_directions_buffer_goes_mostly_to_the_receive_window() -> None:
             assert leg.recv_buffer_max == mb * 3 // 4
             assert leg.send_buffer_max == mb // 4
             assert leg.recv_buffer == leg.send_buffer == 128 << 10  # where autotuning starts
+
+
+def test_the_legs_loss_recovery_is_counted_in_status_and_metrics() -> None:
+    """A download over a lossy, reordering path: the legs' resent segments, tail loss
+    probes and undone recoveries are not only in `grebe flows` per leg but summed in the
+    status counters and the metrics, while the flow lives and after it is forgotten."""
+    import os
+
+    from bridge.userspace.bounds import prometheus
+
+    names = ("retransmissions", "tlp", "spurious_rtos", "spurious_recoveries")
+    data = os.urandom(1_000_000)
+    h = Harness(RULE, [], server_data=data, client_close=True, server_close=True)
+    for link in (h.t2s, h.s2t, h.t2c, h.c2t):
+        link.loss, link.reorder = 0.03, 0.05
+    assert h.run(lambda h: h.server is not None and finished(h.client) and finished(h.server),
+                 max_time=60)
+    assert bytes(h.client.rx) == data
+    (sp,) = h.term.splices.values()
+    legs = [leg.info() for leg in (sp.client, sp.server) if leg is not None]
+    live = {n: sum(i[n] for i in legs) for n in names}  # type: ignore[misc]
+    assert live["retransmissions"] > 0  # the client leg resent what the client's path lost
+    assert {n: h.term.status()["counters"][n] for n in names} == live
+    assert h.run(lambda h: not h.term.splices, max_time=h.now + 120)  # TIME-WAIT over
+    assert {n: h.term.status()["counters"][n] for n in names} == live
+    text = prometheus(h.term.status())
+    assert f'grebe_inspect_events_total{{event="retransmissions"}} {live["retransmissions"]}' \
+        in text
