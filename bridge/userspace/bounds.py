@@ -286,7 +286,7 @@ def _mask(nbytes: int, bits: int) -> bytes:
 
 def format_status(status: dict[str, Any]) -> str:
     """The text `grebe status` shows for a Terminator's `status()`: gauges, then the non-zero
-    admission counters, drops and ended flows by reason."""
+    counters (traffic, loss recovery, ECN), admission counters, drops and ended flows."""
     def nz(d: dict[str, int]) -> str:
         items = [f"{k}={v}" for k, v in sorted(d.items()) if v]
         return ", ".join(items) if items else "none"
@@ -294,6 +294,7 @@ def format_status(status: dict[str, Any]) -> str:
     return (f"inspect (userspace): live={status.get('live', 0)} "
             f"half_open={status.get('half_open', 0)} time_wait={status.get('time_wait', 0)} "
             f"memory={status.get('memory', 0)}\n"
+            f"inspect counters: {nz(status.get('counters', {}))}\n"
             f"inspect admission: {nz(status.get('admission', {}))}\n"
             f"inspect drops: {nz(status.get('drops', {}))}\n"
             f"inspect ended: {nz(status.get('ended', {}))}")

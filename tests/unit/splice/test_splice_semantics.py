@@ -166,6 +166,10 @@ def test_the_legs_loss_recovery_is_counted_in_status_and_metrics() -> None:
     assert {n: h.term.status()["counters"][n] for n in names} == live
     assert h.run(lambda h: not h.term.splices, max_time=h.now + 120)  # TIME-WAIT over
     assert {n: h.term.status()["counters"][n] for n in names} == live
+    from bridge.ctl import format_status
+
+    assert f"retransmissions={live['retransmissions']}" in format_status(
+        {"inspect": h.term.status()})
     text = prometheus(h.term.status())
     assert f'grebe_inspect_events_total{{event="retransmissions"}} {live["retransmissions"]}' \
         in text
