@@ -68,11 +68,23 @@ class Timers:
 
     def earliest(self, st: State, snd: Sender, rcv: Receiver) -> float | None:
         """The earliest deadline (seconds, the caller's clock) or None when idle."""
-        best: float | None = None
-        for t in (snd.rto_at, rcv.delack_at, snd.persist_at, self.timewait_at, snd.early_at):
-            if t is not None and (best is None or t < best):
-                best = t
-        if self.keepalive:
+        # Called after every segment a connection takes or sends: unrolled, no tuple built,
+        # and the keep-alive's idle test (Sender.idle) inline, so a busy connection makes
+        # no further call (the result is the same minimum).
+        best = snd.rto_at
+        t = rcv.delack_at
+        if t is not None and (best is None or t < best):
+            best = t
+        t = snd.persist_at
+        if t is not None and (best is None or t < best):
+            best = t
+        t = self.timewait_at
+        if t is not None and (best is None or t < best):
+            best = t
+        t = snd.early_at
+        if t is not None and (best is None or t < best):
+            best = t
+        if self.keepalive and snd.max == snd.una and snd.buf.end < snd.nxt:
             t = self._keepalive_at(st, snd, rcv)
             if t is not None and (best is None or t < best):
                 best = t

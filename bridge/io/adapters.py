@@ -18,6 +18,9 @@ What the declarations mean to the engine:
   answers GRO batches with TunFrames, so `UdpCaps.gro_batches` needs it; the userspace
   Terminator sends TunFrames on such a TUN (bridge/io/flows.py).
 - `TunCaps.tso_frames`: `read_packets` hands TCP TSO frames to the core whole.
+- `TunCaps.frame_parts`: `write_packets` takes `TunFrameParts` (headers and payload apart,
+  one writev per frame), so the Terminator does not join its client leg's payload into
+  each frame (bridge/io/flows.py).
 - `UdpCaps.gro_batches`: `recv_datagrams` hands UDP GRO buffers to the core whole.
 - `UdpCaps.source_ports`: `send_datagrams` honours one source port per datagram (RFC 8086
   §3.2.1 flow-hash ports, `Output.udp_sport`); without it the engine does not pass them.
@@ -53,6 +56,7 @@ class TunCaps:
 
     vnet_hdr: bool = False
     tso_frames: bool = False
+    frame_parts: bool = False
 
 
 @dataclass(frozen=True, slots=True)

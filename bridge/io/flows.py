@@ -36,7 +36,7 @@ def attach(engine: Engine, ctl: Commands, interval: float = 1.0) -> Callable[[],
         return lambda: None
     if engine.tun.caps.vnet_hdr:  # TUN_F_CSUM|TSO4|TSO6 (bridge/io/tun.py)
         with engine.lock:
-            term.use_tun_offload()
+            term.use_tun_offload(parts=engine.tun.caps.frame_parts)  # writev: no join
 
     def flows(_req: dict[str, Any]) -> dict[str, Any]:
         with engine.lock:

@@ -50,7 +50,7 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
-from bridge.tunframe import TunFrame
+from bridge.tunframe import TunFrame, TunFrameParts
 from stack.wire.checksum import (
     checksum,
     partial,
@@ -359,7 +359,8 @@ def coalesce(packets: Sequence[bytes | bytearray | memoryview], out: list[bytes]
     open_by_key: dict[bytes, _Group] = {}
     last: _Group | None = None
     for p in packets:
-        if type(p) is TunFrame:  # framed by the core (bridge/tunframe.py): as it is, in order
+        if type(p) is TunFrame or type(p) is TunFrameParts:  # framed by the core
+            # (bridge/tunframe.py): as it is, in order
             groups.append(p)
             open_by_key.clear()
             last = None
@@ -413,7 +414,7 @@ def coalesce(packets: Sequence[bytes | bytearray | memoryview], out: list[bytes]
         last = g
     before = len(out)
     for item in groups:
-        if type(item) is TunFrame:
+        if type(item) is TunFrame or type(item) is TunFrameParts:
             out.append(item)
         elif isinstance(item, bytes):
             out.append(_alone(item, mtu))

@@ -8,7 +8,8 @@ Rules:
   accepts coalesced GSO writes (`offload.coalesce`). `caps` (bridge/io/adapters.py)
   declares both.
 - The fd is non-blocking; reads go into one preallocated buffer until EAGAIN (or a batch
-  limit), writes go out one frame per write(2) (the TUN has no batch write).
+  limit), writes go out one frame per write(2) (the TUN has no batch write); a
+  `TunFrameParts` (bridge/tunframe.py) is one frame too, its two pieces one writev(2).
 - A second process on the same TUN gets EBUSY from TUNSETIFF; that becomes
   TunBusyError("grebe: TUN grebe0 is already in use by another process").
 - Addresses, MTU, link up and the routes of the peers' prefixes are set with pyroute2 in
@@ -37,6 +38,7 @@ from typing import Any
 from bridge.io import offload
 from bridge.io.adapters import TsoFrameFactory, TunCaps
 from bridge.io.policy import FullTunnel
+from bridge.tunframe import TunFrameParts
 from stack.wire import vnet
 
 _TSO = (vnet.GSO_TCPV4, vnet.GSO_TCPV6)
@@ -72,7 +74,8 @@ class TunDevice:
         # With the vnet header and a factory (bridge/gso.py SuperPacket in `grebe up`), TSO
         # frames are handed to the core whole instead of being split here.
         self._tso_frame = tso_frame if vnet_hdr else None
-        self.caps = TunCaps(vnet_hdr=vnet_hdr, tso_frames=self._tso_frame is not None)
+        self.caps = TunCaps(vnet_hdr=vnet_hdr, tso_frames=self._tso_frame is not None,
+                            frame_parts=vnet_hdr)
         self.bad_frames = 0  # frames from the kernel that offload could not split
         self.write_errors: dict[str, int] = {}  # frames the kernel refused, by errno name
         self._routes: list[tuple[str, int]] = []
@@ -251,7 +254,10 @@ class TunDevice:
         fd = self.fd
         for f in frames:
             try:
-                os.write(fd, f)
+                if type(f) is TunFrameParts:  # headers and payload, one frame (tunframe.py)
+                    os.writev(fd, (f, f.payload))
+                else:
+                    os.write(fd, f)
             except OSError as e:  # BlockingIOError is EAGAIN: the queue is full
                 name = errno.errorcode.get(e.errno or 0, "error").lower()
                 self.write_errors[name] = self.write_errors.get(name, 0) + 1

@@ -62,7 +62,7 @@ import struct
 from collections.abc import Container
 
 from bridge.flows import FlowKey
-from bridge.tunframe import TunFrame
+from bridge.tunframe import TunFrame, TunFrameParts
 from stack.events import IcmpKind
 from stack.wire.checksum import checksum, partial, pseudo_sum_v4, pseudo_sum_v6
 from stack.wire.icmp import parse_icmp_error
@@ -141,9 +141,11 @@ class LegFramer:
         return b"".join((IPV6_HEADER.pack(_V6_FIRST | ecn << 20, tl, PROTO_TCP, 64, src, dst),
                          hdr, payload))
 
-    def frame(self, src: bytes, dst: bytes, seg: TcpSegment, mss: int) -> TunFrame:
+    def frame(self, src: bytes, dst: bytes, seg: TcpSegment, mss: int,
+              parts: bool = False) -> TunFrame | TunFrameParts:
         """A segment as a vnet TUN write: NEEDS_CSUM, and GSO when it carries more than one
-        `mss` of payload (rules in the module docstring)."""
+        `mss` of payload (rules in the module docstring). `parts`: a TunFrameParts, the
+        payload beside the headers (bridge/tunframe.py), not copied into a joined frame."""
         hdr, payload = emit_tcp_parts(seg, src, dst, partial_csum=True)
         hl = len(hdr)
         pl = len(payload)
@@ -169,6 +171,8 @@ class LegFramer:
             vh = VNET.pack(F_NEEDS_CSUM, 0, 0, 0, ihl, 16)
         if ihl == 20:
             self.ident = (ident + nseg - 1) & 0xFFFF
+        if parts:
+            return TunFrameParts(b"".join((vh, ip, hdr)), payload)
         return TunFrame(b"".join((vh, ip, hdr, payload)))
 
 

@@ -380,7 +380,11 @@ class Splice:
 
     def held_bytes(self) -> int:
         """Bytes queued between the legs (inspected, not yet in a send buffer)."""
-        return sum(len(item[0]) for q in self._q.values() for item in q)
+        n = 0
+        for q in self._q.values():  # once per emit: loops, not a nested generator
+            for item in q:
+                n += len(item[0])
+        return n
 
     # ------------------------------------------------------------------ the machine
 
@@ -513,6 +517,8 @@ class Splice:
     def _move(self, d: Direction) -> None:
         """Hand queued bytes to the destination leg as far as its send buffer takes them."""
         q = self._q[d]
+        if not q and not self._owed[d] and not self._eof[d]:
+            return  # nothing queued, owed or closing: every branch below would do nothing
         src: TcpConnection | None
         dst: TcpConnection | None
         if d is C2S:

@@ -17,8 +17,9 @@ Rules of this module (pure, sans-I/O: inner IP packets and `now` in, packets and
   the TCP header, csum_offset 16, the field holding the pseudo-header sum, RFC 9293 §3.1), and
   the leg sends super-segments of up to ~64 KB that the kernel cuts into MSS-sized ones
   (gso_type TCPV4/TCPV6, gso_size = the leg's send MSS; IPv4 identification advanced by the
-  segment count, as Linux TSO numbers them, RFC 6864 §4.1). The server leg's packets cross
-  the tunnel and always carry complete checksums.
+  segment count, as Linux TSO numbers them, RFC 6864 §4.1); with `parts`, as TunFrameParts
+  (the payload beside the headers, one writev: bridge/tunframe.py). The server leg's
+  packets cross the tunnel and always carry complete checksums.
 - MSS (RFC 9293 §3.7.1 MUST-14/16): the server leg advertises and sends at most the tunnel MTU
   toward that server less 40 (IPv4) or 60 (IPv6) bytes; the client leg the TUN MTU less the
   same. `tx_max_segment` asks the client leg for larger output segments when the TUN takes TSO
@@ -96,6 +97,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from bridge.flows import (
@@ -173,9 +175,9 @@ class Terminator(TunnelSide):
                                          "checksum_completed": 0, "ecn_legs": 0,
                                          "ce_marks": 0, "ecn_cuts": 0, **dict.fromkeys(LOSS, 0)}
         self.ended: dict[str, int] = {}
-        framer = LegFramer()
+        framer = self._framer = LegFramer()
         self.packet = framer.packet  # IP framing of the legs' segments (legwire.py)
-        self._frame = framer.frame
+        self._frame: Callable[..., bytes] = framer.frame
         self._pending_rst: list[tuple[FlowKey, TcpSegment]] = []
         self._clients: dict[bytes, int] = {}  # client address -> live splices (from_peer filter)
         self._deadlines = Deadlines()  # each splice's timer, as of its last emit (a heap)
@@ -189,11 +191,13 @@ class Terminator(TunnelSide):
         self._last_new = float("-inf")  # when the last splice was opened (warm)
         self._bulk_at = float("-inf")  # when a server leg last took a merged run (warm)
 
-    def use_tun_offload(self, on: bool = True) -> None:
+    def use_tun_offload(self, on: bool = True, parts: bool = False) -> None:
         """The TUN takes vnet-header writes with checksum and TSO offload (the I/O adapter
-        calls this): client-leg segments become `TunFrame`s, up to TSO_MAX_SEGMENT long.
-        Splices that exist keep their configuration."""
+        calls this): client-leg segments become `TunFrame`s, up to TSO_MAX_SEGMENT long;
+        with `parts` (the adapter writes them with writev) `TunFrameParts`, the payload not
+        joined. Splices that exist keep their configuration."""
         self.tun_offload = on
+        self._frame = partial(self._framer.frame, parts=True) if parts else self._framer.frame
         self.tx_max_segment = TSO_MAX_SEGMENT if on else 0
 
     @classmethod

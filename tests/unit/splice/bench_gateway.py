@@ -2,6 +2,7 @@
 
     .venv/bin/python tests/unit/splice/bench_gateway.py [MB] [--lossy | --lossy-each]
                                        [--profile [--cumtime]] [--no-psh] [--ack-late]
+                                       [--no-parts]
 
 What the lab's `inspect-userspace` download costs gateway A, in memory and on one core: a
 server TcpConnection sends MB megabytes through Bridge B (its encapsulation, as the far
@@ -25,6 +26,9 @@ client ACKs each TunFrame at once (more than one full segment: an immediate ACK)
 a TUN read and a `from_tun` call of its own. --no-psh and --ack-late give the older model
 (no PSH; the client's ACKs gathered once per round), whose runs were three times longer
 and whose ACKs were a fifth as many as the lab's.
+
+A's client leg writes `TunFrameParts` (headers and payload apart, one writev in the TUN
+adapter, as `grebe up` on a vnet TUN does); --no-parts: joined TunFrames, the older way.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from bridge.gro import GroBatch  # noqa: E402
 from bridge.gso import UdpRun  # noqa: E402
 from bridge.io.udp import JOIN_MAX  # noqa: E402
 from bridge.pipeline import Bridge, Output  # noqa: E402
-from bridge.tunframe import TunFrame  # noqa: E402
+from bridge.tunframe import TunFrame, TunFrameParts, joined  # noqa: E402
 from stack.connection import TcpConnection  # noqa: E402
 from stack.events import DataReceived  # noqa: E402
 from stack.state import State  # noqa: E402
@@ -151,7 +155,8 @@ def _impair(dgrams: list[Any], rng: random.Random) -> list[Any]:
 
 
 def run(total: int, log: str, prof: cProfile.Profile | None = None,
-        lossy: str = "", psh: bool = True, ack_each: bool = True) -> tuple[int, float]:
+        lossy: str = "", psh: bool = True, ack_each: bool = True, parts: bool = True
+        ) -> tuple[int, float]:
     """Returns (bytes the client got, seconds inside Bridge A)."""
     rng = random.Random(11)
     a = Bridge(loads_config(SITE.format(side="a", tun4="198.18.100.1/30", listen=A_ADDR[0],
@@ -160,7 +165,7 @@ def run(total: int, log: str, prof: cProfile.Profile | None = None,
     b = Bridge(loads_config(SITE.format(side="b", tun4="198.18.100.2/30", listen=B_ADDR[0],
                                         endpoint=A_ADDR[0], prefixes='"198.18.10.0/24"')), 0.0)
     assert a.terminator is not None
-    a.terminator.use_tun_offload()
+    a.terminator.use_tun_offload(parts=parts)
     term = a.terminator
     client = TcpConnection((CLIENT, 40001), (SERVER, 80), TcpConfig(mss=1460, msl=1.0,
                                                                    recv_buffer=6 << 20))
@@ -221,8 +226,9 @@ def run(total: int, log: str, prof: cProfile.Profile | None = None,
         for p in ib.tun:
             server.receive_segment(_tcp(p), now)
         for p in oa.tun:
-            if type(p) is TunFrame:  # the client's kernel takes a GSO packet whole
-                client.receive_segment(_tcp(memoryview(p)[VNET_HDR_LEN:], False), now)
+            if type(p) is TunFrame or type(p) is TunFrameParts:  # the client's kernel takes
+                f = joined(p)  # a GSO packet whole (a writev of the parts: one frame)
+                client.receive_segment(_tcp(memoryview(f)[VNET_HDR_LEN:], False), now)
                 if ack_each:  # and ACKs it at once (Linux: more than one full segment)
                     acks.append([term.packet(CLIENT, SERVER, s)
                                  for s in client.segments_to_send(now)])
@@ -248,7 +254,7 @@ def main() -> None:
                          "each" if "--lossy-each" in sys.argv
                          else "sends" if "--lossy" in sys.argv else "",
                          "--no-psh" not in sys.argv,
-                         "--ack-late" not in sys.argv)
+                         "--ack-late" not in sys.argv, "--no-parts" not in sys.argv)
             best = min(best, t)
     inside = best
     print(f"gateway A: {got / 1e6:.1f} MB in {inside:.3f} s = {inside / got * 65536 * 1e6:.0f} µs "

@@ -20,7 +20,7 @@ from bridge.flows import InspectRule
 from bridge.gso import SuperPacket
 from bridge.inspect.manager import InspectorChain, InspectorManager
 from bridge.io.offload import split_frame
-from bridge.tunframe import TunFrame
+from bridge.tunframe import TunFrame, TunFrameParts, joined
 from bridge.userspace.legwire import ecn_of
 from bridge.userspace.terminator import Terminator
 from stack.connection import TcpConnection, reset_reply
@@ -153,7 +153,7 @@ class Harness:
                  client_close: bool = False, server_close: bool = False,
                  server_reading: bool = True, delay: float = 0.001, loss: float = 0.0,
                  reorder: float = 0.0, seed: int = 1, terminator_kw: dict[str, Any] | None = None,
-                 tun_offload: bool = False) -> None:
+                 tun_offload: bool = False, frame_parts: bool = False) -> None:
         self.now = 0.0
         rng = random.Random(seed)
         rules = (rule,) if rule is not None else ()
@@ -163,8 +163,9 @@ class Harness:
         self.term = Terminator(rules, self._to_peer, lambda dst: TUN_MTU, lambda: TUN_MTU,
                                manager=mgr, **(terminator_kw or {}))
         if tun_offload:
-            self.term.use_tun_offload()
+            self.term.use_tun_offload(parts=frame_parts)
         self.tun_frames = 0       # TunFrames the Terminator wrote (tun_offload)
+        self.parts_frames = 0     # ... as TunFrameParts (frame_parts: the writev form)
         self.gso_frames = 0       # ... of which GSO super-segments
         self.out = _Out()
         self.c2t = Link(delay, rng, loss, reorder)
@@ -200,6 +201,9 @@ class Harness:
     def _term_out(self) -> None:
         out = self.out
         for p in out.tun:
+            if type(p) is TunFrameParts:  # the TUN adapter's writev: one frame of both parts
+                self.parts_frames += 1
+                p = joined(p)
             if type(p) is TunFrame:
                 # what the kernel does with a vnet TUN write: segment (GSO) and complete the
                 # checksum (NEEDS_CSUM); bridge/io/offload.py's splitter does exactly that

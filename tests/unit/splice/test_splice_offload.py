@@ -12,6 +12,7 @@ import ipaddress
 import os
 from typing import Any
 
+import pytest
 from splice_harness import C_ADDR, S_ADDR, Harness, finished
 
 from bridge.flows import InspectRule
@@ -38,11 +39,12 @@ def _term() -> Terminator:
     return t
 
 
-def test_download_through_gso_frames_is_byte_exact() -> None:
+@pytest.mark.parametrize("parts", [False, True])
+def test_download_through_gso_frames_is_byte_exact(parts: bool) -> None:
     up = b"GET / HTTP/1.1\r\n\r\n"
     down = os.urandom(2_000_000)
     h = Harness(rule(max_buffer=4 << 20), [], client_data=up, server_data=down,
-                client_close=True, server_close=True, tun_offload=True)
+                client_close=True, server_close=True, tun_offload=True, frame_parts=parts)
     # the client's side is the slower one: bytes queue in the client leg, which then sends
     # them in super-segments as its window opens
     h.t2c.rate = h.c2t.rate = 2.5e6
@@ -50,15 +52,18 @@ def test_download_through_gso_frames_is_byte_exact() -> None:
     assert h.server is not None
     assert bytes(h.client.rx) == down and bytes(h.server.rx) == up
     assert h.tun_frames > 0 and h.gso_frames > 0   # super-segments, not one write per MSS
+    assert h.parts_frames == (h.tun_frames if parts else 0)  # TunFrameParts: every one
     assert h.term.drops == {}
 
 
-def test_gso_frames_survive_loss_and_reordering() -> None:
+@pytest.mark.parametrize("parts", [False, True])
+def test_gso_frames_survive_loss_and_reordering(parts: bool) -> None:
     down = os.urandom(500_000)
     h = Harness(rule(), [], server_data=down, client_close=True, server_close=True,
-                loss=0.02, reorder=0.05, seed=7, tun_offload=True)
+                loss=0.02, reorder=0.05, seed=7, tun_offload=True, frame_parts=parts)
     assert h.run(both_done, max_time=120)
     assert bytes(h.client.rx) == down
+    assert h.parts_frames == (h.tun_frames if parts else 0)
 
 
 def test_without_offload_no_frames() -> None:
