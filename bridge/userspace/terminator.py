@@ -17,9 +17,8 @@ Rules of this module (pure, sans-I/O: inner IP packets and `now` in, packets and
   the TCP header, csum_offset 16, the field holding the pseudo-header sum, RFC 9293 §3.1), and
   the leg sends super-segments of up to ~64 KB that the kernel cuts into MSS-sized ones
   (gso_type TCPV4/TCPV6, gso_size = the leg's send MSS; IPv4 identification advanced by the
-  segment count, as Linux TSO numbers them, RFC 6864 §4.1); with `parts`, as TunFrameParts
-  (the payload beside the headers, one writev: bridge/tunframe.py). The server leg's
-  packets cross the tunnel and always carry complete checksums.
+  segment count, as Linux TSO numbers them, RFC 6864 §4.1); with `parts`, TunFrameParts (one
+  writev, bridge/tunframe.py). The server leg's packets always carry complete checksums.
 - MSS (RFC 9293 §3.7.1 MUST-14/16): the server leg advertises and sends at most the tunnel MTU
   toward that server less 40 (IPv4) or 60 (IPv6) bytes; the client leg the TUN MTU less the
   same. `tx_max_segment` asks the client leg for larger output segments when the TUN takes TSO
@@ -34,7 +33,6 @@ Rules of this module (pure, sans-I/O: inner IP packets and `now` in, packets and
   server leg only opens then, so no spoofed SYN ever reaches a server.
 - Keep-alives (RFC 9293 §3.8.4): both legs probe their peer after 2 h of silence (Linux's
   defaults: 9 probes 75 s apart); a dead peer resets its leg and the other leg with it.
-  Idle flows are aborted after the rule's `idle_timeout` (default 2 h).
 - A packet for a terminated 4-tuple whose splice is gone and that is not a SYN gets the RST of
   a closed connection (RFC 9293 §3.10.7.1); an RST is never answered.
 - ICMP errors from the tunnel (RFC 792 type 3/4/11/12, RFC 4443 type 1-4) addressed to a
@@ -42,14 +40,13 @@ Rules of this module (pure, sans-I/O: inner IP packets and `now` in, packets and
   (`Splice.server_icmp`), and so does our own "no route" for a server leg's packet
   (Destination Unreachable code 0, RFC 1812 §5.2.7.1, RFC 4443 §3.1): a connection attempt
   that cannot succeed ends with the RST to the client at once (splice.py), counted in `drops`
-  ("icmp_to_server_leg", "no_peer"). While the splice connects, the error also
-  goes on to the client, before that RST: it quotes the client's own SYN (same 4-tuple and
-  ISN), so the client's stack reports the real cause (RFC 1122 §4.2.3.9); once the client
-  leg exists, the client's connection is with it and the error stays with the server leg.
-- Reaping: a splice whose legs are both CLOSED is forgotten; one idle for its rule's `idle_timeout`
-  is aborted (CloseReason.IDLE, counted `idle_aborts`). TIME-WAIT uses `msl` (default 15 s, not the
-  2 minutes of RFC 9293 §3.6.1: the splice is a middlebox whose legs both see the real endpoints'
-  TIME-WAIT).
+  ("icmp_to_server_leg", "no_peer"). While the splice connects, the error also goes on to the
+  client, before that RST: it quotes the client's own SYN (same 4-tuple and ISN), so the
+  client's stack reports the real cause (RFC 1122 §4.2.3.9); once the client leg exists, the
+  client's connection is with it and the error stays with the server leg.
+- Reaping: a splice whose legs are both CLOSED is forgotten; one idle for its rule's
+  `idle_timeout` is aborted (CloseReason.IDLE, counted `idle_aborts`). TIME-WAIT uses `msl`
+  (default 15 s, not RFC 9293 §3.6.1's 2 minutes: both legs see the endpoints' TIME-WAIT).
 - RTO as Linux computes it: SRTT + max(4*RTTVAR, `rto_min`), `rto_min` 0.2 s (TCP_RTO_MIN),
   instead of RFC 6298 §2.4's 1 s floor on the sum: both legs face real stacks a few ms away,
   a 1 s floor turns every tail loss into a stall, and a 0.2 s floor on the sum races the
@@ -193,9 +190,8 @@ class Terminator(TunnelSide):
 
     def use_tun_offload(self, on: bool = True, parts: bool = False) -> None:
         """The TUN takes vnet-header writes with checksum and TSO offload (the I/O adapter
-        calls this): client-leg segments become `TunFrame`s, up to TSO_MAX_SEGMENT long;
-        with `parts` (the adapter writes them with writev) `TunFrameParts`, the payload not
-        joined. Splices that exist keep their configuration."""
+        calls this): client-leg segments become `TunFrame`s up to TSO_MAX_SEGMENT long (with
+        `parts`, `TunFrameParts` for writev). Splices that exist keep their configuration."""
         self.tun_offload = on
         self._frame = partial(self._framer.frame, parts=True) if parts else self._framer.frame
         self.tx_max_segment = TSO_MAX_SEGMENT if on else 0
