@@ -419,6 +419,8 @@ class Retransmitter:
         if u is None or u.retrans <= 0:
             return
         wire_ack = (self.iss + ack_abs) & MASK
+        if (wire_ack - block[1]) & MASK >= HALF:
+            return  # a right edge above the ACK: not this kind of D-SACK (no 2**32 alias)
         left = ack_abs - ((wire_ack - block[0]) & MASK)
         right = ack_abs - ((wire_ack - block[1]) & MASK)
         if not u.start < right <= u.end or right <= left:
@@ -514,7 +516,13 @@ class Retransmitter:
         per window of data (not until SND.UNA passed `ecn_high`, the SND.MAX of the last
         reduction), and set CWR on the next new data segment. Loss recovery already
         reduced for this window: only the CWR then, so that the peer stops echoing."""
-        if not self.ecn or self.una <= self.ecn_high:
+        if not self.ecn:
+            return
+        # ECE is congestion: a reduction it confirms is never undone (Linux: FLAG_ECE clears
+        # prior_ssthresh, tcp_enter_cwr its undo_marker), whatever D-SACKs or TSecr say later.
+        self.rec_undo = None
+        self.undo = None
+        if self.una <= self.ecn_high:
             return
         self.ecn_high = self.max
         self.cwr_pending = True

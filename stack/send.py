@@ -458,7 +458,7 @@ class Sender(Retransmitter):
         newly = board.update(seg.sack, una, self.max, self.iss) if self.sack_on and seg.sack else 0
         if self.sack_on and self.rack_on:
             self.rack_ack(seg, ack_abs, now)
-        if self.rec_undo is not None and seg.sack:
+        if self.rec_undo is not None and self.sack_on and seg.sack:
             self.dsack_undo(seg.sack[0], ack_abs)  # RFC 3708: a resend was needless?
         if d:
             self.new_ack(ack_abs, d, seg.ts, now)

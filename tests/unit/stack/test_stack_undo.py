@@ -8,10 +8,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from tcp_script import ALL_OPTIONS, REMOTE_SEQ, lseq, recv, rseq, send, syn_sent
+from tcp_script import (
+    ALL_OPTIONS, LOCAL, LOCAL_SEQ, REMOTE, REMOTE_SEQ, lseq, recv, rseq, send, syn_sent,
+)
 
 from stack.connection import TcpConnection
-from stack.wire.tcp import ACK, SYN
+from stack.wire.tcp import ACK, ECE, SYN
 
 
 def _flight(cc: str = "newreno", ts: bool = True, rack: bool = False
@@ -116,3 +118,79 @@ def test_a_recovery_with_a_real_loss_besides_the_late_segment_is_not_undone() ->
     info = conn.info()
     assert conn.retransmissions >= 2
     assert info["spurious_recoveries"] == 0 and info["cwnd"] < before[0]  # type: ignore[operator]
+
+
+def _ecn_flight() -> tuple[TcpConnection, int]:
+    """An ECN connection (RFC 3168 §6.1.1) with SACK, no timestamps, ten segments in flight."""
+    cfg = replace(ALL_OPTIONS, nagle=False, initial_cwnd=20 * 1460, rto_min=0.2,
+                  rto_var_min=0.2, congestion="newreno", timestamps=False, rack=False, ecn=True,
+                  send_buffer=1 << 20)
+    conn = TcpConnection(LOCAL, REMOTE, cfg, iss=LOCAL_SEQ)
+    conn.connect(0.0)
+    recv(conn, 0.0)  # the ECN-setup SYN
+    send(conn, 0.1, flags=SYN | ACK | ECE, seq=REMOTE_SEQ, ack=lseq(1), mss=1460,
+         window=65535, sack_perm=True)
+    assert conn.ecn
+    m = conn.send_mss
+    conn.send(bytes(m))
+    recv(conn, 0.1)
+    send(conn, 0.2, seq=rseq(1), ack=lseq(1 + m), window=65535)
+    conn.send(bytes(10 * m))
+    assert len([s for s in recv(conn, 0.2) if s.payload]) == 10
+    conn.send(bytes(40 * m))  # more to send: new data goes out during the recovery
+    return conn, m
+
+
+def test_an_ece_during_a_recovery_forbids_its_undo() -> None:
+    """RFC 3168 §6.1.2: a CE mark is congestion. An ECE that arrives while a recovery is on
+    is absorbed by that recovery's reduction, so that reduction must stay even if a D-SACK
+    later shows the retransmission needless (Linux: FLAG_ECE clears prior_ssthresh)."""
+    conn, m = _ecn_flight()
+    _ack(conn, 0.3, 0, m, None, (1, 10))  # segment 0 late: recovery, segment 0 resent
+    recv(conn, 0.3)
+    reduced = conn.info()["cwnd"]
+    _ack(conn, 0.31, 0, m, None, (1, 10))
+    send(conn, 0.32, seq=rseq(1), ack=lseq(1 + m), window=65535, flags=ACK | ECE,
+         sack=((lseq(1 + 2 * m), lseq(1 + 11 * m)),))
+    _ack(conn, 0.33, 10, m, None)   # the original arrived; recovery over
+    _ack(conn, 0.4, 10, m, None, (0, 1))  # D-SACK of the resend: needless, but CE was seen
+    info = conn.info()
+    assert info["spurious_recoveries"] == 0 and info["cwnd"] <= reduced
+
+
+def test_a_late_dsack_does_not_undo_an_ecn_reduction_made_since() -> None:
+    """The recovery's reduction was kept; an ECE then cut cwnd for newer data and owes a
+    CWR. A late D-SACK for the recovery's resend must not give that window back nor
+    withdraw the CWR (before: cwnd and ssthresh restored, cwr_pending cleared)."""
+    conn, m = _ecn_flight()
+    _ack(conn, 0.3, 0, m, None, (1, 6))
+    recv(conn, 0.3)
+    _ack(conn, 0.31, 10, m, None)
+    recv(conn, 0.31)
+    top = conn._snd.max
+    send(conn, 0.35, seq=rseq(1), ack=(lseq(0) + top) & 0xFFFFFFFF, window=65535,
+         flags=ACK | ECE)
+    assert conn._snd.ecn_cuts == 1 and conn._snd.cwr_pending
+    cut = (conn.info()["cwnd"], conn.info()["ssthresh"])
+    send(conn, 0.4, seq=rseq(1), ack=(lseq(0) + top) & 0xFFFFFFFF, window=65535,
+         sack=((lseq(1 + m), lseq(1 + 2 * m)),))
+    assert (conn.info()["cwnd"], conn.info()["ssthresh"]) == cut
+    assert conn._snd.cwr_pending and conn.info()["spurious_recoveries"] == 0
+
+
+def test_a_sack_block_4_gib_later_is_not_taken_for_a_dsack() -> None:
+    """dsack_undo maps a block's right edge below the ACK; a block above it must not alias
+    2**32 bytes down into an old recovery's range and undo it."""
+    from stack.retransmit import RecoveryUndo
+
+    conn, m, _tsv, _before = _flight()
+    snd = conn._snd
+    start = 1_000_000
+    u = RecoveryUndo(cwnd=100 * m, ssthresh=1 << 30, ecn_high=0, start=start,
+                     end=start + 10 * m)
+    u.retrans = 1
+    snd.rec_undo = u
+    ack_abs = start + (1 << 32) + 5 * m
+    wire_ack = (snd.iss + ack_abs) & 0xFFFFFFFF
+    snd.dsack_undo(((wire_ack + 2 * m) & 0xFFFFFFFF, (wire_ack + 3 * m) & 0xFFFFFFFF), ack_abs)
+    assert snd.rec_undo is u and snd.spurious_recoveries == 0
