@@ -9,7 +9,16 @@ from dataclasses import replace
 
 import pytest
 from tcp_script import (
-    ALL_OPTIONS, LOCAL, LOCAL_SEQ, REMOTE, REMOTE_SEQ, lseq, recv, rseq, send, syn_sent,
+    ALL_OPTIONS,
+    LOCAL,
+    LOCAL_SEQ,
+    REMOTE,
+    REMOTE_SEQ,
+    lseq,
+    recv,
+    rseq,
+    send,
+    syn_sent,
 )
 
 from stack.connection import TcpConnection
