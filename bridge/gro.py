@@ -31,12 +31,14 @@ Rules (what Linux GRO requires, and what the per-packet path would have checked)
   ending there cut each receive buffer into 64 KB runs and paid the per-run work, numpy's
   fixed cost and the leg's, three times; the merged header keeps PSH if any row had it),
   nor by newer timestamps (RFC 7323 §3, NOP NOP TS as the first option): TSval may differ
-  between rows but never go back from one row to the next, so every row would have passed
-  PAWS (RFC 7323 §5.3) where the first does, and the merged header carries the first row's,
-  what the leg would have echoed anyway (§4.3: TS.Recent takes the TSval of the first
-  segment after the last ACK sent). TSecr may differ too: the rows' ACK fields are equal,
-  so no row but the first could have given an RTT sample (§4.2: only an ACK of new data),
-  and the merged header carries the first row's.
+  between rows but never goes back from one row to the next and stays within 2**24 ticks
+  ahead of the first row's (steps that each look newer modulo 2**32 can add up to an older
+  one), so every row would have passed PAWS (RFC 7323 §5.3) where the first does, unless
+  the first is itself nearly 2**31 ahead of TS.Recent. The merged header carries the first
+  row's TSval, what the leg would have echoed anyway (§4.3: TS.Recent takes the TSval of
+  the first segment after the last ACK sent). TSecr may differ too: the rows' ACK fields are
+  equal, so no row but the first could have given an RTT sample (§4.2: only an ACK of new
+  data), and the merged header carries the first row's.
 - Nothing raises on a peer's bytes: a run that does not merge returns None and the caller
   takes the datagrams one by one.
 
@@ -214,9 +216,10 @@ def coalesce_rows(buf: bytes | bytearray, start: int, seg: int, off: int, gseq_a
     if gseq_at >= 0:
         gs = f["gs"]
         bad |= (gs - idx) != int(gs[0])
-    if ts_at >= 0:  # TSval never goes back (RFC 7323 §5.3 PAWS holds row by row)
+    if ts_at >= 0:  # TSval never goes back, and stays near row 0's (module rules: PAWS)
         tv = a[:, ts_at:ts_at + 4].view(">u4")[:, 0]
         bad[1:] |= (tv[1:] - tv[:-1]) >= 0x80000000
+        bad |= (tv - tv[0]) >= 1 << 24  # uint32: modulo 2**32
     if v4:  # equal headers but for id and checksum: intact iff id + checksum is row 0's
         ic = f["id"].astype(np.uint32)
         ic += f["ic"]

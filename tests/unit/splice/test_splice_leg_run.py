@@ -308,3 +308,21 @@ def test_a_timestamp_that_goes_back_ends_a_server_legs_run() -> None:
             p.server.handle_timer(p.now)
         p.step()
     assert bytes(p.got) == data
+
+
+def test_timestamps_that_each_step_forward_but_wrap_to_older_end_the_run() -> None:
+    """Rows 0/30/60 carry TSval offsets 0, +0x7FFFFFFF and +0xFFFFFFFE: each step looks newer
+    modulo 2**32, yet row 60 is older than row 0. Merged, rows 60-89 would pass the leg's
+    PAWS check (RFC 7323 §5.3) unseen; the leg must get what it gets one by one."""
+    got = []
+    for merged in (True, False):
+        p = Pair(80)
+        p.established()
+        dgrams, _data = _run(p, 90)
+        step = [0, 0x7FFFFFFF, 0xFFFFFFFE]
+        dgrams = [_retouch(d, tsval=step[i // 30]) for i, d in enumerate(dgrams)]
+        p.to_a([GroBatch(bytearray(b"".join(dgrams)), len(dgrams[0]))] if merged else dgrams)
+        (sp,) = p.term.splices.values()
+        assert sp.server is not None
+        got.append((sp.server.bytes_in, sp.server.info()["drops"]))
+    assert got[0] == got[1] == (60 * 1388, {"paws": 1})
