@@ -264,9 +264,9 @@ KEYS: tuple[Key, ...] = (
     Key("inspect", "max_buffer", _I, 16 << 20, "Bytes buffered per direction before the "
         "sender is flow-controlled. The userspace backend's legs start at 128 KiB and "
         "autotune: the receiving leg's window up to three quarters of it (the room a lossy, "
-        "long path needs above a hole), the other leg's send buffer up to a quarter; all "
-        "terminated flows together stay under `[userspace] memory_budget`. Kernel-backend rules "
-        "default to 1 MiB (kernel TCP autotunes its own windows).",
+        "long path needs above a hole), the other leg's send buffer up to a quarter; past "
+        "`[userspace] memory_budget` all terminated flows are held back. Kernel-backend "
+        "rules default to 1 MiB (kernel TCP autotunes its own windows).",
         default_text="16 MiB (16777216) for userspace rules, 1 MiB for kernel rules",
         lo=4096, hi=1 << 30, unit="bytes"),
     Key("inspect", "iif", _L, None, "Incoming interface names matched (backend = \"kernel\" "

@@ -53,7 +53,7 @@ DEFAULT_IDLE_TIMEOUT = 7200.0
 # quarter (4 MiB, Linux's tcp_wmem[2]). Linux autotunes a receive window up to tcp_rmem[2]
 # (32 MiB on current kernels); a 2 %-loss WAN at a gigabit keeps several MB above a hole
 # for a round trip, and a 2 MiB window held such a server back a fifth of its busy time.
-# All splices together stay under [userspace] memory_budget (bridge/userspace/bounds.py).
+# Past [userspace] memory_budget all splices are held back (bridge/userspace/bounds.py).
 DEFAULT_MAX_BUFFER = 16 << 20
 # The kernel backend's relay (bridge/kernel/relay.py) keeps 1 MiB: kernel TCP autotunes its
 # own windows, and a larger relay buffer only lets a fast server finish long before a slow client.

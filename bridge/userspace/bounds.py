@@ -25,6 +25,8 @@ segments and due keys out; nothing here reads a clock)
   failure. Over it, a splice reopens no receive window (Splice.allow = 0), so its peers see
   the window close as its buffers fill (RFC 9293 §3.8.6.1, never shrinking the right edge);
   below it the held-back splices share the headroom, and 1/8 below it they are all let go.
+  What a peer was granted before still arrives: the total can pass the budget by the
+  windows already advertised (each up to 3/4 of its rule's max_buffer, splice.py).
 - Timers (`Deadlines`): one deadline per key; `set`, `earliest` and `pop_due` cost O(log n)
   per changed or due entry, never O(n) per call (the Terminator asks after every batch).
   Lazy deletion: a replaced deadline stays in the heap until it reaches the top, where it no

@@ -144,8 +144,9 @@ class LegFramer:
     def frame(self, src: bytes, dst: bytes, seg: TcpSegment, mss: int,
               parts: bool = False) -> TunFrame | TunFrameParts:
         """A segment as a vnet TUN write: NEEDS_CSUM, and GSO when it carries more than one
-        `mss` of payload (rules in the module docstring). `parts`: a TunFrameParts, the
-        payload beside the headers (bridge/tunframe.py), not copied into a joined frame."""
+        `mss` of payload (rules in the module docstring). `parts`: a GSO frame becomes a
+        TunFrameParts, the payload beside the headers (bridge/tunframe.py), not copied into a
+        joined frame; a frame of one segment or less stays joined (cheaper, one write)."""
         hdr, payload = emit_tcp_parts(seg, src, dst, partial_csum=True)
         hl = len(hdr)
         pl = len(payload)
@@ -171,7 +172,7 @@ class LegFramer:
             vh = VNET.pack(F_NEEDS_CSUM, 0, 0, 0, ihl, 16)
         if ihl == 20:
             self.ident = (ident + nseg - 1) & 0xFFFF
-        if parts:
+        if parts and pl > mss:  # a GSO frame: its payload is not copied (a small one is)
             return TunFrameParts(b"".join((vh, ip, hdr)), payload)
         return TunFrame(b"".join((vh, ip, hdr, payload)))
 

@@ -356,7 +356,7 @@ class Terminator(TunnelSide):
         self._register(Splice(key, syn, rule, self._chain(rule),
                               *self.configs_for(key, rule, asks), now, connect_first=first,
                               client_cfg_refused=self.client_config_without_ecn(key, rule)
-                              if first and asks else None), now)
+                              if first else None), now)
         self.splices[key].open(now)
         self.admission.opened(key)
 

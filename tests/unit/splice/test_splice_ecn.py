@@ -132,3 +132,15 @@ def test_ce_marks_on_each_path_are_echoed_by_that_leg_and_counted() -> None:
     text = prometheus(h.term.status())
     assert 'grebe_inspect_events_total{event="ce_marks"}' in text
     assert 'grebe_inspect_events_total{event="ecn_cuts"}' in text
+
+
+def test_connect_first_without_ecn_asked_reuses_the_cached_settings() -> None:
+    """A client that does not ask for ECN (Linux's default, tcp_ecn = 2): its connect-first
+    client leg takes the Terminator's cached settings too, not a copy per splice."""
+    rule = InspectRule(name="t", inspectors=(), connect_first=True)
+    h = Harness(rule, [], client_cfg=TcpConfig(msl=1.0), server_cfg=TcpConfig(msl=1.0),
+                server_data=b"x" * 1000, client_close=True, server_close=True)
+    assert h.run(lambda h: len(h.client.rx) == 1000)
+    client_leg, _server_leg = legs(h)
+    (key,) = h.term.splices
+    assert client_leg.config is h.term.client_config_without_ecn(key, rule)
